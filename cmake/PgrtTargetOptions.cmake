@@ -1,0 +1,61 @@
+# Compiler options shared by every pgrt target. They are applied privately (never exported), so a
+# consumer of the installed package does not inherit our warning or sanitizer flags.
+
+add_library(pgrt_build_options INTERFACE)
+target_compile_options(
+  pgrt_build_options
+  INTERFACE -Wall
+            -Wextra
+            -Wpedantic
+            -Wshadow
+            -Wnon-virtual-dtor
+            -Wold-style-cast
+            -Wcast-align
+            -Woverloaded-virtual
+            -Wnull-dereference
+            -Wimplicit-fallthrough
+            # g++ < 14 warns about members left out of a designated initializer, which is exactly
+            # how pgrt's option aggregates are meant to be used.
+            -Wno-missing-field-initializers)
+if(PGRT_WARNINGS_AS_ERRORS)
+  target_compile_options(pgrt_build_options INTERFACE -Werror)
+endif()
+
+if(PGRT_SANITIZERS)
+  target_compile_options(pgrt_build_options INTERFACE -fsanitize=${PGRT_SANITIZERS}
+                                                      -fno-omit-frame-pointer)
+  target_link_options(pgrt_build_options INTERFACE -fsanitize=${PGRT_SANITIZERS})
+endif()
+
+# pgrt_apply_build_options(<target>...): warnings (and sanitizers) for code we own.
+function(pgrt_apply_build_options)
+  foreach(target IN LISTS ARGN)
+    target_link_libraries(${target} PRIVATE $<BUILD_INTERFACE:pgrt_build_options>)
+  endforeach()
+endfunction()
+
+# pgrt_add_library(<name> EXPORT_NAME <n> HEADERS <h>... SOURCES <s>... [LINK <dep>...]):
+# a pgrt layer library with public headers under include/, exported as pgrt::<n>.
+function(pgrt_add_library name)
+  cmake_parse_arguments(arg "" "EXPORT_NAME" "HEADERS;SOURCES;LINK" ${ARGN})
+  add_library(${name} ${arg_SOURCES})
+  add_library(pgrt::${arg_EXPORT_NAME} ALIAS ${name})
+  target_sources(
+    ${name}
+    PUBLIC FILE_SET
+           HEADERS
+           BASE_DIRS
+           ${CMAKE_CURRENT_SOURCE_DIR}/include
+           FILES
+           ${arg_HEADERS})
+  target_link_libraries(${name} PUBLIC ${arg_LINK})
+  target_compile_features(${name} PUBLIC cxx_std_20)
+  set_target_properties(
+    ${name}
+    PROPERTIES EXPORT_NAME ${arg_EXPORT_NAME}
+               POSITION_INDEPENDENT_CODE ON
+               # Each public header must compile on its own: CMake generates one translation
+               # unit per header (target <name>_verify_interface_header_sets).
+               VERIFY_INTERFACE_HEADER_SETS ON)
+  pgrt_apply_build_options(${name})
+endfunction()

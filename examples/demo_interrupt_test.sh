@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Interrupts the demo with SIGINT at several points (during start-up, while serving) and checks that
+# it exits with 130 and leaves no PostgreSQL process and no temporary directory behind.
+#   demo_interrupt_test.sh <path to pgrt_demo>
+set -euo pipefail
+demo=$1
+work=$(mktemp -d /tmp/pgrt-demo-test-XXXXXX)
+chmod 755 "$work"
+trap 'rm -rf "$work"' EXIT
+export PGRT_TEMP_DIR=$work
+unset DATABASE_URL
+
+leftovers() {
+  local found=0
+  if [[ -n $(ls -A "$work" | grep -v '^out$' || true) ]]; then
+    echo "left behind in $work: $(ls -A "$work")"; found=1
+  fi
+  if pgrep -f -- "$work/" >/dev/null; then
+    echo "processes left behind:"; pgrep -a -f -- "$work/"; found=1
+  fi
+  return $found
+}
+
+wait_for_output() {  # <text> <seconds>
+  for ((i = 0; i < $2 * 20; i++)); do
+    grep -q -- "$1" "$work/out" 2>/dev/null && return 0
+    sleep 0.05
+  done
+  echo "the demo never printed '$1'; it printed:"; cat "$work/out"; return 1
+}
+
+check_interrupt() {  # <description> <text to wait for> <extra delay> [text it must not print]
+  "$demo" --serve-seconds 60 >"$work/out" 2>&1 &
+  local pid=$!
+  wait_for_output "$2" 60
+  sleep "$3"
+  kill -INT "$pid"
+  local code=0
+  wait "$pid" || code=$?
+  if ((code != 130)); then
+    echo "FAIL ($1): exit code $code, expected 130. Output:"; cat "$work/out"; exit 1
+  fi
+  if [[ -n ${4:-} ]] && grep -q -- "$4" "$work/out"; then
+    echo "FAIL ($1): the interrupt came too late to test this case. Output:"; cat "$work/out"; exit 1
+  fi
+  if ! leftovers; then echo "FAIL ($1)"; exit 1; fi
+  rm -f "$work/out"
+  echo "ok: $1"
+}
+
+check_interrupt "interrupted during start-up" "starting a throwaway" 0.2 "cluster ready"
+check_interrupt "interrupted while serving" "serving for" 0
+
+"$demo" >"$work/out" 2>&1 || { echo "FAIL: plain run failed:"; cat "$work/out"; exit 1; }
+grep -q "server: PostgreSQL" "$work/out" || { echo "FAIL: no server version"; cat "$work/out"; exit 1; }
+if ! leftovers; then echo "FAIL (plain run)"; exit 1; fi
+echo "ok: plain run prints the version and cleans up"

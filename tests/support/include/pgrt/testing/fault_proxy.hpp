@@ -1,0 +1,55 @@
+#pragma once
+
+/// @file
+/// A TCP proxy that injects network faults between a client and a PostgreSQL server.
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+namespace pgrt::testing {
+
+/// Forwards every connection made to 127.0.0.1:port() to the upstream address, in both directions,
+/// and on command breaks the path the way real networks and proxies do:
+/// - pause(): a blackhole. Bytes are no longer delivered in either direction, yet no FIN or RST is
+///   sent; held bytes are delivered after resume().
+/// - drop_all(): every connection is reset (RST) on both sides at once.
+/// - keep_upstream(true): when a client goes away, its upstream connection is kept open, as a
+///   connection-holding proxy (a cloud SQL proxy, PgBouncer) does; release_held() closes those.
+///
+/// The proxy runs on its own thread. Each command takes effect before it returns.
+/// Thread safety: commands may be called from any thread, concurrently.
+class FaultProxy {
+ public:
+  /// Starts listening on a free 127.0.0.1 port. Throws std::system_error if it cannot.
+  FaultProxy(std::string upstream_host, std::uint16_t upstream_port);
+  /// Closes every connection (gracefully, or held ones too) and joins the proxy's thread.
+  ~FaultProxy();
+  FaultProxy(const FaultProxy&) = delete;
+  FaultProxy& operator=(const FaultProxy&) = delete;
+  FaultProxy(FaultProxy&&) = delete;
+  FaultProxy& operator=(FaultProxy&&) = delete;
+
+  [[nodiscard]] std::uint16_t port() const noexcept;
+  /// "host=127.0.0.1 port=<port>": append user, dbname and other keywords.
+  [[nodiscard]] std::string conninfo_prefix() const;
+
+  void pause();
+  void resume();
+  void drop_all();
+  void keep_upstream(bool enabled);
+  /// Closes the upstream connections kept open for clients that are gone.
+  void release_held();
+
+  /// Client connections being forwarded now.
+  [[nodiscard]] std::size_t active_connections() const;
+  /// Upstream connections kept open after their client left (keep_upstream mode).
+  [[nodiscard]] std::size_t held_upstreams() const;
+
+ private:
+  struct State;
+  std::shared_ptr<State> state_;
+};
+
+}  // namespace pgrt::testing

@@ -1,0 +1,219 @@
+#include "pgrt/testing/fault_proxy.hpp"
+
+#include <algorithm>
+#include <array>
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <boost/asio/write.hpp>
+#include <future>
+#include <map>
+#include <thread>
+#include <utility>
+
+namespace pgrt::testing {
+
+namespace asio = boost::asio;
+using asio::ip::tcp;
+
+namespace {
+constexpr auto no_throw = asio::as_tuple(asio::use_awaitable);
+
+struct Session {
+  Session(tcp::socket client_socket, tcp::socket upstream_socket)
+      : client(std::move(client_socket)), upstream(std::move(upstream_socket)) {}
+  tcp::socket client;
+  tcp::socket upstream;
+  bool held = false;  // the client left; the upstream stays open on purpose
+  bool ended = false;
+
+  void close_both(bool reset) {
+    for (tcp::socket* socket : {&client, &upstream}) {
+      boost::system::error_code ignored;
+      if (!socket->is_open()) continue;
+      if (reset) socket->set_option(asio::socket_base::linger(true, 0), ignored);
+      socket->close(ignored);
+    }
+  }
+};
+}  // namespace
+
+struct FaultProxy::State {
+  asio::io_context io;
+  tcp::acceptor acceptor{io};
+  tcp::endpoint upstream_endpoint;
+  std::string upstream_host;
+  std::uint16_t upstream_port = 0;
+  std::uint16_t port = 0;
+
+  // Touched only on the proxy's thread.
+  bool paused = false;
+  bool keep_upstream = false;
+  asio::steady_timer resumed{io, asio::steady_timer::time_point::max()};
+  std::uint64_t next_id = 0;
+  std::map<std::uint64_t, std::shared_ptr<Session>> sessions;
+  std::thread thread;
+
+  // Runs `work` on the proxy's thread and waits for it.
+  template <typename Work>
+  auto run(Work work) {
+    std::packaged_task<decltype(work())()> task(std::move(work));
+    auto result = task.get_future();
+    asio::post(io, std::move(task));
+    return result.get();
+  }
+
+  asio::awaitable<void> accept_loop() {
+    for (;;) {
+      auto [error, client] = co_await acceptor.async_accept(no_throw);
+      if (error == asio::error::operation_aborted || !acceptor.is_open()) co_return;
+      if (error) continue;
+      tcp::socket upstream(io);
+      auto [connect_error] = co_await upstream.async_connect(upstream_endpoint, no_throw);
+      if (connect_error) {
+        boost::system::error_code ignored;
+        client.close(ignored);
+        continue;
+      }
+      auto id = next_id++;
+      auto session = std::make_shared<Session>(std::move(client), std::move(upstream));
+      sessions.emplace(id, session);
+      asio::co_spawn(io, pump(id, session, /*from_client=*/true), asio::detached);
+      asio::co_spawn(io, pump(id, session, /*from_client=*/false), asio::detached);
+    }
+  }
+
+  asio::awaitable<void> pump(std::uint64_t id, std::shared_ptr<Session> session, bool from_client) {
+    tcp::socket& from = from_client ? session->client : session->upstream;
+    tcp::socket& to = from_client ? session->upstream : session->client;
+    std::array<char, 16384> buffer{};
+    bool client_side_failed = false;
+    for (;;) {
+      auto [read_error, size] = co_await from.async_read_some(asio::buffer(buffer), no_throw);
+      if (read_error) {
+        client_side_failed = from_client;
+        break;
+      }
+      while (paused && !session->ended) {
+        co_await resumed.async_wait(no_throw);
+      }
+      if (session->ended) co_return;
+      auto [write_error, written] =
+          co_await asio::async_write(to, asio::buffer(buffer, size), no_throw);
+      if (write_error) {
+        client_side_failed = !from_client;
+        break;
+      }
+    }
+    if (session->ended || session->held) co_return;
+    if (client_side_failed && keep_upstream) {
+      // The client is gone; keep the server's side open as a connection-holding proxy would.
+      session->held = true;
+      boost::system::error_code ignored;
+      session->client.close(ignored);
+      co_return;
+    }
+    session->ended = true;
+    session->close_both(/*reset=*/false);
+    sessions.erase(id);
+  }
+
+  void end_all(bool reset) {
+    for (auto& [id, session] : sessions) {
+      session->ended = true;
+      session->close_both(reset);
+    }
+    sessions.clear();
+    resumed.cancel();  // wakes pumps waiting for resume, which then see `ended`
+  }
+};
+
+FaultProxy::FaultProxy(std::string upstream_host, std::uint16_t upstream_port)
+    : state_(std::make_shared<State>()) {
+  state_->upstream_host = std::move(upstream_host);
+  state_->upstream_port = upstream_port;
+  tcp::resolver resolver(state_->io);
+  auto results = resolver.resolve(state_->upstream_host, std::to_string(upstream_port));
+  state_->upstream_endpoint = *results.begin();
+  tcp::endpoint listen(asio::ip::make_address("127.0.0.1"), 0);
+  state_->acceptor.open(listen.protocol());
+  state_->acceptor.set_option(tcp::acceptor::reuse_address(true));
+  state_->acceptor.bind(listen);
+  state_->acceptor.listen();
+  state_->port = state_->acceptor.local_endpoint().port();
+  asio::co_spawn(state_->io, state_->accept_loop(), asio::detached);
+  state_->thread = std::thread([state = state_] { state->io.run(); });
+}
+
+FaultProxy::~FaultProxy() {
+  try {
+    state_->run([state = state_.get()] {
+      boost::system::error_code ignored;
+      state->acceptor.close(ignored);
+      state->end_all(/*reset=*/false);
+    });
+  } catch (...) {  // NOLINT(bugprone-empty-catch): closing anyway below
+  }
+  state_->io.stop();
+  if (state_->thread.joinable()) state_->thread.join();
+}
+
+std::uint16_t FaultProxy::port() const noexcept {
+  return state_->port;
+}
+
+std::string FaultProxy::conninfo_prefix() const {
+  return "host=127.0.0.1 port=" + std::to_string(state_->port);
+}
+
+void FaultProxy::pause() {
+  state_->run([state = state_.get()] { state->paused = true; });
+}
+
+void FaultProxy::resume() {
+  state_->run([state = state_.get()] {
+    state->paused = false;
+    state->resumed.cancel();
+  });
+}
+
+void FaultProxy::drop_all() {
+  state_->run([state = state_.get()] { state->end_all(/*reset=*/true); });
+}
+
+void FaultProxy::keep_upstream(bool enabled) {
+  state_->run([state = state_.get(), enabled] { state->keep_upstream = enabled; });
+}
+
+void FaultProxy::release_held() {
+  state_->run([state = state_.get()] {
+    std::erase_if(state->sessions, [](auto& entry) {
+      auto& session = *entry.second;
+      if (!session.held) return false;
+      session.ended = true;
+      session.close_both(/*reset=*/false);
+      return true;
+    });
+  });
+}
+
+std::size_t FaultProxy::active_connections() const {
+  return state_->run([state = state_.get()] {
+    return static_cast<std::size_t>(std::count_if(state->sessions.begin(), state->sessions.end(),
+                                                  [](auto& e) { return !e.second->held; }));
+  });
+}
+
+std::size_t FaultProxy::held_upstreams() const {
+  return state_->run([state = state_.get()] {
+    return static_cast<std::size_t>(std::count_if(state->sessions.begin(), state->sessions.end(),
+                                                  [](auto& e) { return e.second->held; }));
+  });
+}
+
+}  // namespace pgrt::testing
