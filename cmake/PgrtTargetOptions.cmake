@@ -8,7 +8,6 @@ target_compile_options(
             -Wextra
             -Wpedantic
             -Wshadow
-            -Wnon-virtual-dtor
             -Wold-style-cast
             -Wcast-align
             -Woverloaded-virtual

@@ -1,0 +1,282 @@
+#pragma once
+
+/// @file
+/// An asynchronous PostgreSQL connection: libpq's async API driven by Boost.Asio C++20 coroutines.
+///
+/// Threading: a Connection is used by one coroutine at a time, on the executor it was connected on.
+/// Starting a second operation while one runs fails at once with client_errc::concurrent_use (the
+/// running one is not disturbed). Run the io_context that drives connections on one thread (the
+/// readiness of libpq's socket is awaited edge-triggered; a second thread calling run() on the
+/// same io_context could consume a wake-up meant for a connection).
+///
+/// Errors: throwing operations throw pgrt::Error (error code + server diagnostics). The token-based
+/// async_* forms report (error_code, value) instead; the diagnostics are then in last_error().
+///
+/// Cancellation: every operation supports per-operation cancellation of the terminal, partial and
+/// total types (for example from with_timeout(), or asio's awaitable operators). A running
+/// statement is cancelled on the server with a CancelRequest sent from a helper thread (libpq 15's
+/// PQcancel blocks, so it never runs on the io_context); the connection is then drained back to
+/// idle, for at most ConnectOptions::cancel_timeout. The operation ends with client_errc::cancelled
+/// (condition::query_canceled). If the drain does not finish in time, the connection is closed and
+/// reported broken (is_broken()).
+
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/associated_cancellation_slot.hpp>
+#include <boost/asio/async_result.hpp>
+#include <boost/asio/awaitable.hpp>
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <chrono>
+#include <cstdint>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "pgrt/db/error.hpp"
+#include "pgrt/db/result.hpp"
+#include "pgrt/db/types.hpp"
+
+struct pg_conn;
+
+namespace pgrt {
+
+/// TCP keepalive settings, passed to libpq (`keepalives_idle`, `keepalives_interval`,
+/// `keepalives_count`).
+struct TcpKeepalives {
+  std::chrono::seconds idle{30};
+  std::chrono::seconds interval{10};
+  int count = 3;
+};
+
+/// How to connect. An aggregate: use designated initializers.
+struct ConnectOptions {
+  /// A libpq URL ("postgresql://user@host/db?sslmode=require") or key=value string. Empty: libpq's
+  /// defaults and the standard PG* environment variables (PGHOST, PGUSER, PGPASSWORD, ...), which
+  /// also fill whatever the conninfo leaves out. TLS settings (sslmode, ...) go to libpq as given.
+  std::string conninfo;
+  /// Overrides any application_name in the conninfo when not empty.
+  std::string application_name;
+  /// The whole connect (name resolution, TCP, TLS, authentication) must finish within this.
+  std::chrono::milliseconds connect_timeout{std::chrono::seconds(10)};
+  /// Settings applied to the session at start-up (sent in the `options` startup parameter as
+  /// `-c name=value`, after any options in the conninfo). pgrt adds `DateStyle=ISO` unless one is
+  /// given here: timestamptz results are parsed in ISO format.
+  std::vector<std::pair<std::string, std::string>> session_settings;
+  /// TCP keepalives; std::nullopt leaves libpq's defaults.
+  std::optional<TcpKeepalives> keepalives = TcpKeepalives{};
+  /// `tcp_user_timeout`: how long sent data may stay unacknowledged before the kernel drops the
+  /// connection. Zero leaves the system default.
+  std::chrono::milliseconds tcp_user_timeout{0};
+  /// After a cancellation, how long to wait for the server to end the statement before the
+  /// connection is closed and reported broken.
+  std::chrono::milliseconds cancel_timeout{std::chrono::seconds(5)};
+  /// How many statements query_prepared()/execute_prepared() keep prepared (least recently used
+  /// ones are deallocated).
+  std::size_t statement_cache_size = 32;
+};
+
+/// What close() does.
+enum class CloseMode {
+  graceful,   ///< Send a Terminate message, then close the socket.
+  immediate,  ///< Shut the socket down without a word to the server.
+};
+
+/// The server-side transaction state of a connection (libpq's PQtransactionStatus).
+enum class TransactionStatus {
+  idle,            ///< Not in a transaction, no statement running.
+  active,          ///< A statement is running.
+  in_transaction,  ///< Inside a transaction block, idle.
+  in_error,        ///< Inside a failed transaction block: only ROLLBACK helps.
+  unknown,         ///< Closed or broken.
+};
+
+/// The isolation levels of BEGIN.
+enum class IsolationLevel { server_default, read_committed, repeatable_read, serializable };
+
+struct TransactionOptions {
+  IsolationLevel isolation = IsolationLevel::server_default;
+  bool read_only = false;
+  /// Only with serializable + read_only: wait for a snapshot that cannot fail.
+  bool deferrable = false;
+};
+
+class Pipeline;
+struct PipelineOutcome;
+
+/// One connection to a PostgreSQL server. Move-only; the destructor closes it gracefully.
+class Connection {
+ public:
+  using executor_type = boost::asio::any_io_executor;
+
+  /// Connects on the calling coroutine's executor. Throws pgrt::Error: client_errc::connect_failed
+  /// (refused, unreachable, malformed conninfo), client_errc::name_resolution,
+  /// client_errc::timeout, or a SQLSTATE code (28P01 wrong password, 3D000 unknown database, 53300
+  /// server full, ...). The message says what failed and what to check; it never contains the
+  /// password. Host names are resolved asynchronously (asio's resolver), not by libpq on the event
+  /// loop.
+  [[nodiscard]] static boost::asio::awaitable<Connection> connect(ConnectOptions options);
+
+  /// connect() for any completion token; completes with (error_code, Connection).
+  template <typename Token>
+  static auto async_connect(executor_type executor, ConnectOptions options, Token&& token) {
+    return spawn_with_error_code<Connection>(
+        executor,
+        [executor, options = std::move(options)]() mutable {
+          return try_connect(executor, std::move(options));
+        },
+        std::forward<Token>(token));
+  }
+
+  /// An empty connection: not open; every operation fails with client_errc::not_connected.
+  Connection() noexcept;
+  Connection(Connection&& other) noexcept;
+  Connection& operator=(Connection&& other) noexcept;
+  Connection(const Connection&) = delete;
+  Connection& operator=(const Connection&) = delete;
+  ~Connection();
+
+  /// Runs one statement with parameters bound to $1..$n (extended protocol: the values never
+  /// become SQL text) and returns its rows. `sql` must stay valid until the operation completes.
+  template <Encodable... Args>
+  [[nodiscard]] boost::asio::awaitable<Result> query(std::string_view sql, const Args&... args) {
+    ParamSink params;
+    encode_params(params, args...);
+    return query_with(sql, std::move(params));
+  }
+
+  /// Runs one statement that returns no rows; returns the affected row count.
+  template <Encodable... Args>
+  [[nodiscard]] boost::asio::awaitable<std::uint64_t> execute(std::string_view sql,
+                                                              const Args&... args) {
+    ParamSink params;
+    encode_params(params, args...);
+    return execute_with(sql, std::move(params));
+  }
+
+  /// query() through a named prepared statement, prepared on first use (per SQL text and parameter
+  /// types) and kept in a per-connection LRU cache of ConnectOptions::statement_cache_size.
+  template <Encodable... Args>
+  [[nodiscard]] boost::asio::awaitable<Result> query_prepared(std::string_view sql,
+                                                              const Args&... args) {
+    ParamSink params;
+    encode_params(params, args...);
+    return query_prepared_with(sql, std::move(params));
+  }
+
+  /// Runs a statement in single-row mode and calls `on_row(const Row&)` for each row as it arrives:
+  /// memory stays bounded by one row whatever the result size. Returns the number of rows. If
+  /// on_row throws, the statement is cancelled, the connection drained, and the exception rethrown.
+  template <typename OnRow, Encodable... Args>
+  requires std::invocable<OnRow&, const Row&>
+  [[nodiscard]] boost::asio::awaitable<std::uint64_t> stream(std::string_view sql, OnRow on_row,
+                                                             const Args&... args) {
+    ParamSink params;
+    encode_params(params, args...);
+    return stream_with(
+        sql, std::move(params),
+        std::function<void(const Row&)>(
+            [handler = std::move(on_row)](const Row& row) mutable { handler(row); }));
+  }
+
+  /// Sends every statement of the pipeline in one round trip (libpq pipeline mode) and returns one
+  /// outcome per statement, in order. See pgrt/db/pipeline.hpp.
+  [[nodiscard]] boost::asio::awaitable<std::vector<PipelineOutcome>> run(const Pipeline& pipeline);
+
+  /// Runs `copy_statement` (a `COPY ... FROM STDIN`) and sends `data` (in the format that COPY
+  /// statement declares; see copy_text_row()) as its input. Returns the number of rows copied.
+  [[nodiscard]] boost::asio::awaitable<std::uint64_t> copy_from(std::string_view copy_statement,
+                                                                std::string_view data);
+
+  /// BEGIN with the given options; COMMIT; ROLLBACK. See also pgrt::transaction().
+  [[nodiscard]] boost::asio::awaitable<void> begin(TransactionOptions options = {});
+  [[nodiscard]] boost::asio::awaitable<void> commit();
+  [[nodiscard]] boost::asio::awaitable<void> rollback();
+
+  /// query() for any completion token (as_tuple, deferred, callbacks): completes with
+  /// (error_code, Result); the server's diagnostics are in last_error().
+  template <typename Token>
+  auto async_query(std::string sql, ParamSink params, Token&& token) {
+    return spawn_with_error_code<Result>(
+        executor(),
+        [this, sql = std::move(sql), params = std::move(params)]() mutable {
+          return try_query(std::move(sql), std::move(params));
+        },
+        std::forward<Token>(token));
+  }
+
+  /// execute() for any completion token: completes with (error_code, affected rows).
+  template <typename Token>
+  auto async_execute(std::string sql, ParamSink params, Token&& token) {
+    return spawn_with_error_code<std::uint64_t>(
+        executor(),
+        [this, sql = std::move(sql), params = std::move(params)]() mutable {
+          return try_execute(std::move(sql), std::move(params));
+        },
+        std::forward<Token>(token));
+  }
+
+  /// Closes the connection now (synchronous, never blocks). Later operations fail with
+  /// client_errc::not_connected. Must not be called while an operation runs.
+  void close(CloseMode mode = CloseMode::graceful) noexcept;
+
+  /// Open and usable as far as the client knows.
+  [[nodiscard]] bool is_open() const noexcept;
+  /// Closed because of a failure (connection lost, a drain after cancellation that timed out).
+  [[nodiscard]] bool is_broken() const noexcept;
+  [[nodiscard]] TransactionStatus transaction_status() const noexcept;
+  /// The server process serving this connection (for pg_stat_activity, pg_terminate_backend).
+  [[nodiscard]] int backend_pid() const noexcept;
+  /// The diagnostics of the last failed operation.
+  [[nodiscard]] const Diagnostics& last_error() const noexcept;
+  [[nodiscard]] executor_type executor() const noexcept;
+  /// The libpq connection, for what pgrt does not wrap. Do not close it or change its mode.
+  [[nodiscard]] pg_conn* native_handle() const noexcept;
+
+  /// Implementation detail.
+  struct Impl;
+
+ private:
+  explicit Connection(std::unique_ptr<Impl> impl) noexcept;
+
+  boost::asio::awaitable<Result> query_with(std::string_view sql, ParamSink params);
+  boost::asio::awaitable<std::uint64_t> execute_with(std::string_view sql, ParamSink params);
+  boost::asio::awaitable<Result> query_prepared_with(std::string_view sql, ParamSink params);
+  boost::asio::awaitable<std::uint64_t> stream_with(std::string_view sql, ParamSink params,
+                                                    std::function<void(const Row&)> on_row);
+  static boost::asio::awaitable<std::pair<boost::system::error_code, Connection>> try_connect(
+      executor_type executor, ConnectOptions options);
+  boost::asio::awaitable<std::pair<boost::system::error_code, Result>> try_query(std::string sql,
+                                                                                 ParamSink params);
+  boost::asio::awaitable<std::pair<boost::system::error_code, std::uint64_t>> try_execute(
+      std::string sql, ParamSink params);
+
+  // Runs `make_operation()` (an awaitable of pair<error_code, Value>) as its own coroutine and
+  // completes `token` with (error_code, Value), forwarding per-operation cancellation.
+  template <typename Value, typename MakeOperation, typename Token>
+  static auto spawn_with_error_code(executor_type executor, MakeOperation make_operation,
+                                    Token&& token) {
+    return boost::asio::async_initiate<Token, void(boost::system::error_code, Value)>(
+        [executor, make_operation = std::move(make_operation)](auto handler) mutable {
+          auto slot = boost::asio::get_associated_cancellation_slot(handler);
+          boost::asio::co_spawn(
+              executor, make_operation(),
+              boost::asio::bind_cancellation_slot(
+                  slot, [handler = std::move(handler)](
+                            std::exception_ptr failure,
+                            std::pair<boost::system::error_code, Value> outcome) mutable {
+                    if (failure) outcome.first = make_error_code(client_errc::protocol_error);
+                    std::move(handler)(outcome.first, std::move(outcome.second));
+                  }));
+        },
+        token);
+  }
+
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace pgrt

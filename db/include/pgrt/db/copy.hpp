@@ -1,0 +1,69 @@
+#pragma once
+
+/// @file
+/// Building COPY FROM STDIN input in PostgreSQL's text format, for Connection::copy_from().
+
+#include <chrono>
+#include <concepts>
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <type_traits>
+
+#include "pgrt/db/types.hpp"
+
+namespace pgrt {
+
+/// Appends one field of COPY text format to `out` (escaped; NULL as \N). Overloads cover the
+/// built-in types of pgrt/db/types.hpp.
+void append_copy_field(std::string& out, std::string_view value);
+void append_copy_field(std::string& out, bool value);
+void append_copy_field(std::string& out, std::int64_t value);
+void append_copy_field(std::string& out, std::uint64_t value);
+void append_copy_field(std::string& out, double value);
+void append_copy_field(std::string& out, std::span<const std::byte> value);
+void append_copy_field(std::string& out, std::chrono::system_clock::time_point value);
+inline void append_copy_field(std::string& out, const char* value) {
+  append_copy_field(out, std::string_view(value));
+}
+inline void append_copy_field(std::string& out, const std::string& value) {
+  append_copy_field(out, std::string_view(value));
+}
+inline void append_copy_field(std::string& out, const Bytes& value) {
+  append_copy_field(out, std::span<const std::byte>(value));
+}
+template <std::integral Int>
+requires(!std::same_as<Int, bool>) void append_copy_field(std::string& out, Int value) {
+  if constexpr (std::is_signed_v<Int>) {
+    append_copy_field(out, static_cast<std::int64_t>(value));
+  } else {
+    append_copy_field(out, static_cast<std::uint64_t>(value));
+  }
+}
+inline void append_copy_field(std::string& out, float value) {
+  append_copy_field(out, static_cast<double>(value));
+}
+template <typename T>
+void append_copy_field(std::string& out, const std::optional<T>& value) {
+  if (value) {
+    append_copy_field(out, *value);
+  } else {
+    out += "\\N";
+  }
+}
+
+/// Appends one row (tab-separated fields, newline-terminated) to `out`:
+///
+///     std::string data;
+///     pgrt::copy_text_row(data, 1, "alice", std::optional<double>{});
+///     co_await conn.copy_from("COPY users (id, name, score) FROM STDIN", data);
+template <typename... Fields>
+void copy_text_row(std::string& out, const Fields&... fields) {
+  bool first = true;
+  ((out += first ? "" : "\t", first = false, append_copy_field(out, fields)), ...);
+  out += '\n';
+}
+
+}  // namespace pgrt

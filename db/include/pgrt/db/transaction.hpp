@@ -1,0 +1,59 @@
+#pragma once
+
+/// @file
+/// Run a body inside a transaction: commit when it returns, roll back when it throws or is
+/// cancelled.
+
+#include <boost/asio/awaitable.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <concepts>
+#include <exception>
+#include <type_traits>
+#include <utility>
+
+#include "pgrt/db/connection.hpp"
+
+namespace pgrt {
+
+namespace detail {
+// Rolls back after a failed or cancelled body, also when the calling coroutine was cancelled;
+// never throws (the body's exception matters more).
+boost::asio::awaitable<void> rollback_after_failure(Connection& connection);
+}  // namespace detail
+
+/// BEGIN (with `options`), then `co_await body(connection)`, then COMMIT; returns what the body
+/// returned. If the body throws, or the operation is cancelled while the body runs, the transaction
+/// is rolled back (when the connection is still usable) and the body's exception is rethrown.
+/// If COMMIT itself fails (for example a serialization failure at commit), its pgrt::Error is
+/// thrown; compare it with condition::serialization_failure to retry.
+///
+/// `body` is called as `body(Connection&)` and must return an awaitable.
+template <typename Body>
+requires std::invocable<Body&, Connection&>
+auto transaction(Connection& connection, Body body, TransactionOptions options = {})
+    -> std::invoke_result_t<Body&, Connection&> {
+  using Value = typename std::invoke_result_t<Body&, Connection&>::value_type;
+  co_await connection.begin(options);
+  std::exception_ptr failure;
+  try {
+    if constexpr (std::is_void_v<Value>) {
+      co_await body(connection);
+      co_await connection.commit();
+      co_return;
+    } else {
+      Value value = co_await body(connection);
+      co_await connection.commit();
+      co_return value;
+    }
+  } catch (...) {
+    failure = std::current_exception();
+  }
+  // A cancelled coroutine throws at its next co_await unless told otherwise: the rollback must run.
+  const bool throw_if_cancelled = co_await boost::asio::this_coro::throw_if_cancelled();
+  co_await boost::asio::this_coro::throw_if_cancelled(false);
+  co_await detail::rollback_after_failure(connection);
+  co_await boost::asio::this_coro::throw_if_cancelled(throw_if_cancelled);
+  std::rethrow_exception(failure);
+}
+
+}  // namespace pgrt

@@ -1,0 +1,981 @@
+#include "pgrt/db/connection.hpp"
+
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/experimental/awaitable_operators.hpp>
+#include <boost/asio/ip/address.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/posix/stream_descriptor.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <cstdlib>
+#include <libpq-fe.h>
+#include <list>
+#include <poll.h>
+#include <sys/socket.h>
+#include <system_error>
+#include <thread>
+#include <unordered_map>
+#include <variant>
+
+#include "pgrt/db/pipeline.hpp"
+#include "pgrt/db/transaction.hpp"
+
+namespace pgrt {
+
+namespace asio = boost::asio;
+using boost::system::error_code;
+
+namespace {
+
+constexpr auto no_throw = asio::as_tuple(asio::use_awaitable);
+constexpr std::size_t copy_chunk_size = 64 * 1024;
+
+std::string trimmed(std::string text) {
+  while (!text.empty() && (text.back() == '\n' || text.back() == ' ')) text.pop_back();
+  return text;
+}
+
+bool contains(std::string_view text, std::string_view part) {
+  return text.find(part) != std::string_view::npos;
+}
+
+// libpq's `options` startup parameter separates arguments by spaces; escape them.
+std::string escape_option_value(std::string_view value) {
+  std::string escaped;
+  for (char c : value) {
+    if (c == ' ' || c == '\\') escaped += '\\';
+    escaped += c;
+  }
+  return escaped;
+}
+
+std::vector<std::string> split_hosts(const std::string& hosts) {
+  std::vector<std::string> parts;
+  std::size_t start = 0;
+  for (;;) {
+    auto comma = hosts.find(',', start);
+    parts.push_back(hosts.substr(start, comma - start));
+    if (comma == std::string::npos) return parts;
+    start = comma + 1;
+  }
+}
+
+struct ParsedConninfo {
+  bool valid = false;
+  std::unordered_map<std::string, std::string> values;
+  [[nodiscard]] std::string get(const std::string& keyword, const char* env) const {
+    if (auto it = values.find(keyword); it != values.end()) return it->second;
+    const char* from_env = env != nullptr ? std::getenv(env) : nullptr;
+    return from_env != nullptr ? from_env : "";
+  }
+};
+
+ParsedConninfo parse_conninfo(const std::string& conninfo) {
+  ParsedConninfo parsed;
+  char* error = nullptr;
+  PQconninfoOption* options = PQconninfoParse(conninfo.c_str(), &error);
+  PQfreemem(error);  // may quote the password: never shown
+  if (options == nullptr) return parsed;
+  parsed.valid = true;
+  for (const PQconninfoOption* option = options; option->keyword != nullptr; ++option) {
+    if (option->val != nullptr) parsed.values.emplace(option->keyword, option->val);
+  }
+  PQconninfoFree(options);
+  return parsed;
+}
+
+bool mentions_password(std::string_view conninfo) {
+  if (contains(conninfo, "password")) return true;
+  auto scheme = conninfo.find("://");
+  if (scheme == std::string_view::npos) return false;
+  auto at = conninfo.find('@', scheme);
+  auto colon = conninfo.find(':', scheme + 3);
+  return at != std::string_view::npos && colon != std::string_view::npos && colon < at;
+}
+
+}  // namespace
+
+struct Connection::Impl {
+  Impl(executor_type executor_in, ConnectOptions options_in)
+      : executor(std::move(executor_in)), socket(executor), options(std::move(options_in)) {}
+  ~Impl() { close(CloseMode::graceful); }
+  Impl(const Impl&) = delete;
+  Impl& operator=(const Impl&) = delete;
+  Impl(Impl&&) = delete;
+  Impl& operator=(Impl&&) = delete;
+
+  struct CachedStatement {
+    std::string key;
+    std::string name;
+  };
+
+  executor_type executor;
+  asio::posix::stream_descriptor socket;  // wraps PQsocket() without owning it
+  ConnectOptions options;
+  PGconn* conn = nullptr;
+  Diagnostics last_error;
+  bool busy = false;
+  bool broken = false;
+  std::list<CachedStatement> statements;  // most recently used first
+  std::unordered_map<std::string, std::list<CachedStatement>::iterator> statement_index;
+  std::uint64_t next_statement_id = 0;
+
+  // --- state ----------------------------------------------------------------------------------
+
+  void close(CloseMode mode) noexcept {
+    if (socket.is_open()) {
+      // Deregister from the reactor without closing: the descriptor belongs to libpq.
+      [[maybe_unused]] auto descriptor = socket.release();
+    }
+    if (conn != nullptr) {
+      if (mode == CloseMode::immediate) ::shutdown(PQsocket(conn), SHUT_RDWR);
+      PQfinish(conn);
+      conn = nullptr;
+    }
+    statements.clear();
+    statement_index.clear();
+  }
+
+  error_code fail(client_errc code, std::string message, std::string_view statement = {},
+                  std::string hint = {}) {
+    last_error = Diagnostics{.message = std::move(message),
+                             .hint = std::move(hint),
+                             .statement = std::string(statement)};
+    return make_error_code(code);
+  }
+
+  // The connection is gone: close it and say why. A server error that came first (a FATAL such as
+  // 57P01 from pg_terminate_backend) stays the message; libpq's own words go to the detail.
+  error_code lost(std::string_view statement) {
+    std::string libpq_message = conn != nullptr ? trimmed(PQerrorMessage(conn)) : "";
+    broken = true;
+    close(CloseMode::immediate);
+    if (!last_error.sqlstate.empty() && last_error.severity != "ERROR") {
+      last_error.detail += (last_error.detail.empty() ? "" : "\n") + libpq_message;
+      return make_error_code(client_errc::connection_lost);
+    }
+    return fail(client_errc::connection_lost,
+                "the connection to the server was lost: " + libpq_message, statement,
+                "the server may have restarted or terminated the session, or the network failed; "
+                "open a new connection");
+  }
+
+  error_code server_error(const PGresult* result, std::string_view statement) {
+    auto field = [result](int code) {
+      const char* value = PQresultErrorField(result, code);
+      return std::string(value != nullptr ? value : "");
+    };
+    last_error = Diagnostics{.sqlstate = field(PG_DIAG_SQLSTATE),
+                             .severity = field(PG_DIAG_SEVERITY_NONLOCALIZED),
+                             .message = field(PG_DIAG_MESSAGE_PRIMARY),
+                             .detail = field(PG_DIAG_MESSAGE_DETAIL),
+                             .hint = field(PG_DIAG_MESSAGE_HINT),
+                             .statement = std::string(statement)};
+    if (last_error.message.empty()) last_error.message = trimmed(PQresultErrorMessage(result));
+    if (last_error.sqlstate.empty()) return make_error_code(client_errc::protocol_error);
+    return make_sqlstate_error(last_error.sqlstate);
+  }
+
+  error_code begin_operation() {
+    if (busy) {
+      // Not recorded in last_error: that belongs to the operation that is running.
+      return make_error_code(client_errc::concurrent_use);
+    }
+    if (conn == nullptr) {
+      return fail(client_errc::not_connected,
+                  broken ? "the connection was closed after a failure; open a new one"
+                         : "the connection is not open");
+    }
+    last_error = {};
+    return {};
+  }
+
+  // --- waiting ----------------------------------------------------------------------------------
+
+  // Waits until libpq's socket is readable. Data libpq left unread would not wake the reactor
+  // (readiness is edge-triggered), so a non-blocking poll() looks first.
+  asio::awaitable<error_code> wait_readable() {
+    pollfd descriptor{.fd = PQsocket(conn), .events = POLLIN, .revents = 0};
+    if (::poll(&descriptor, 1, 0) > 0) co_return error_code{};
+    auto [error] = co_await socket.async_wait(asio::posix::descriptor_base::wait_read, no_throw);
+    co_return error;
+  }
+
+  // Waits until the socket is writable or readable (reading meanwhile keeps a server that is
+  // blocked sending results from blocking us).
+  asio::awaitable<error_code> wait_writable_or_readable() {
+    using namespace asio::experimental::awaitable_operators;
+    try {
+      co_await (socket.async_wait(asio::posix::descriptor_base::wait_write, asio::use_awaitable) ||
+                socket.async_wait(asio::posix::descriptor_base::wait_read, asio::use_awaitable));
+    } catch (const boost::system::system_error& error) {
+      co_return error.code();
+    }
+    co_return error_code{};
+  }
+
+  // A wait ended early: the operation was cancelled, or the socket was closed under us.
+  asio::awaitable<error_code> interrupted(error_code error, std::string_view statement,
+                                          bool can_drain) {
+    auto state = co_await asio::this_coro::cancellation_state;
+    if (state.cancelled() == asio::cancellation_type::none) {
+      if (conn == nullptr) co_return make_error_code(client_errc::not_connected);
+      last_error.message = error.message();
+      co_return lost(statement);
+    }
+    co_await asio::this_coro::reset_cancellation_state();
+    if (!can_drain) {
+      broken = true;
+      close(CloseMode::immediate);
+      co_return fail(client_errc::cancelled,
+                     "the operation was cancelled; the connection was closed (a cancelled "
+                     "pipeline cannot be drained)",
+                     statement);
+    }
+    co_return co_await cancel_and_drain(statement);
+  }
+
+  // Asks the server to cancel the running statement. libpq 15's PQcancel blocks (it connects and
+  // waits for the server), so it runs on a thread of its own and never on the io_context.
+  void send_cancel_request() noexcept {
+    PGcancel* cancel = PQgetCancel(conn);
+    if (cancel == nullptr) return;
+    try {
+      std::thread([cancel] {
+        char error[256];
+        PQcancel(cancel, error, sizeof error);
+        PQfreeCancel(cancel);
+      }).detach();
+    } catch (const std::system_error&) {
+      PQfreeCancel(cancel);  // no thread: the drain below times out and closes the connection
+    }
+  }
+
+  // Reads and discards results until the connection is idle. False if it cannot get there.
+  asio::awaitable<bool> drain() {
+    for (;;) {
+      while (PQisBusy(conn) != 0) {
+        if (co_await wait_readable()) co_return false;
+        if (PQconsumeInput(conn) == 0) co_return false;
+      }
+      PGresult* result = PQgetResult(conn);
+      if (result == nullptr) co_return PQstatus(conn) == CONNECTION_OK;
+      const auto status = PQresultStatus(result);
+      PQclear(result);
+      if (status == PGRES_COPY_IN) {
+        PQputCopyEnd(conn, "cancelled by the client");
+        while (PQflush(conn) == 1) {
+          if (co_await wait_writable_or_readable()) co_return false;
+          PQconsumeInput(conn);
+        }
+      }
+    }
+  }
+
+  asio::awaitable<error_code> cancel_and_drain(std::string_view statement) {
+    using namespace asio::experimental::awaitable_operators;
+    send_cancel_request();
+    asio::steady_timer timer(executor, options.cancel_timeout);
+    auto outcome = co_await (drain() || timer.async_wait(no_throw));
+    if (outcome.index() == 0 && std::get<0>(outcome)) {
+      co_return fail(client_errc::cancelled,
+                     "the operation was cancelled; the statement was cancelled on the server and "
+                     "the connection is idle again",
+                     statement);
+    }
+    broken = true;
+    close(CloseMode::immediate);
+    co_return fail(client_errc::cancelled,
+                   "the operation was cancelled, and the server did not end the statement within " +
+                       std::to_string(options.cancel_timeout.count()) +
+                       " ms, so the connection was closed",
+                   statement, "the network or server may be unresponsive");
+  }
+
+  // --- sending and receiving
+  // ----------------------------------------------------------------------
+
+  asio::awaitable<error_code> flush(std::string_view statement, bool can_drain = true) {
+    for (;;) {
+      const int pending = PQflush(conn);
+      if (pending == 0) co_return error_code{};
+      if (pending < 0) co_return lost(statement);
+      if (auto error = co_await wait_writable_or_readable()) {
+        co_return co_await interrupted(error, statement, can_drain);
+      }
+      if (PQconsumeInput(conn) == 0) co_return lost(statement);
+    }
+  }
+
+  // The next result of the running statement, or nullptr when it has no more.
+  asio::awaitable<error_code> next_result(PGresult*& out, std::string_view statement,
+                                          bool can_drain = true) {
+    out = nullptr;
+    while (PQisBusy(conn) != 0) {
+      if (auto error = co_await wait_readable()) {
+        co_return co_await interrupted(error, statement, can_drain);
+      }
+      if (PQconsumeInput(conn) == 0) co_return lost(statement);
+    }
+    out = PQgetResult(conn);
+    co_return error_code{};
+  }
+
+  // Collects every result of a sent statement. Rows go to `out`, or to `on_row` one at a time in
+  // single-row mode.
+  asio::awaitable<error_code> collect(std::string_view statement, Result& out,
+                                      const std::function<void(const Row&)>* on_row,
+                                      std::uint64_t* streamed_rows) {
+    error_code first_error;
+    for (;;) {
+      PGresult* raw = nullptr;
+      if (auto error = co_await next_result(raw, statement)) co_return error;
+      if (raw == nullptr) break;
+      Result result(raw);
+      switch (PQresultStatus(raw)) {
+        case PGRES_TUPLES_OK:
+        case PGRES_COMMAND_OK:
+        case PGRES_EMPTY_QUERY:
+          out = std::move(result);
+          break;
+        case PGRES_SINGLE_TUPLE: {
+          std::exception_ptr failure;
+          try {
+            (*on_row)(result[0]);
+            ++*streamed_rows;
+          } catch (...) {
+            failure = std::current_exception();
+          }
+          if (failure) {
+            co_await cancel_and_drain(statement);
+            std::rethrow_exception(failure);
+          }
+          break;
+        }
+        case PGRES_COPY_IN:
+          PQputCopyEnd(conn, "COPY FROM STDIN needs Connection::copy_from()");
+          if (auto error = co_await flush(statement)) co_return error;
+          break;
+        case PGRES_COPY_OUT:
+        case PGRES_COPY_BOTH:
+          // Not supported: reading the copy data to its end gets the connection back to idle.
+          for (char* buffer = nullptr; PQgetCopyData(conn, &buffer, 0) > 0;) PQfreemem(buffer);
+          if (!first_error) {
+            first_error = fail(client_errc::protocol_error,
+                               "COPY TO STDOUT is not supported by pgrt; use a query", statement);
+          }
+          break;
+        default:
+          if (!first_error) first_error = server_error(raw, statement);
+          break;
+      }
+    }
+    if (PQstatus(conn) != CONNECTION_OK) co_return lost(statement);
+    co_return first_error;
+  }
+
+  asio::awaitable<error_code> send_and_collect(std::string_view sql, const ParamSink& params,
+                                               const std::string* prepared_name, Result& out,
+                                               const std::function<void(const Row&)>* on_row,
+                                               std::uint64_t* streamed_rows) {
+    const auto values = params.values();
+    const int count = static_cast<int>(params.size());
+    int sent = 0;
+    if (prepared_name != nullptr) {
+      sent = PQsendQueryPrepared(conn, prepared_name->c_str(), count, values.data(),
+                                 params.lengths(), params.formats(), 0);
+    } else {
+      const std::string text(sql);
+      sent = PQsendQueryParams(conn, text.c_str(), count, params.types(), values.data(),
+                               params.lengths(), params.formats(), 0);
+    }
+    if (sent == 0) co_return lost(sql);
+    if (on_row != nullptr) PQsetSingleRowMode(conn);
+    if (auto error = co_await flush(sql)) co_return error;
+    co_return co_await collect(sql, out, on_row, streamed_rows);
+  }
+
+  // A prepared statement for this SQL text and these parameter types, prepared on first use.
+  asio::awaitable<error_code> prepared_name_for(std::string_view sql, const ParamSink& params,
+                                                std::string& name) {
+    std::string key(sql);
+    key += '\0';
+    for (std::size_t i = 0; i < params.size(); ++i) key += std::to_string(params.types()[i]) + ',';
+    if (auto found = statement_index.find(key); found != statement_index.end()) {
+      statements.splice(statements.begin(), statements, found->second);
+      name = found->second->name;
+      co_return error_code{};
+    }
+    name = "pgrt_" + std::to_string(next_statement_id++);
+    const std::string text(sql);
+    if (PQsendPrepare(conn, name.c_str(), text.c_str(), static_cast<int>(params.size()),
+                      params.types()) == 0) {
+      co_return lost(sql);
+    }
+    if (auto error = co_await flush(sql)) co_return error;
+    Result ignored;
+    if (auto error = co_await collect(sql, ignored, nullptr, nullptr)) co_return error;
+    statements.push_front(CachedStatement{key, name});
+    statement_index.emplace(std::move(key), statements.begin());
+    while (statements.size() > std::max<std::size_t>(options.statement_cache_size, 1)) {
+      const std::string evicted = statements.back().name;
+      statement_index.erase(statements.back().key);
+      statements.pop_back();
+      const std::string deallocate = "DEALLOCATE " + evicted;
+      if (PQsendQuery(conn, deallocate.c_str()) == 0) co_return lost(deallocate);
+      if (auto error = co_await flush(deallocate)) co_return error;
+      if (auto error = co_await collect(deallocate, ignored, nullptr, nullptr)) co_return error;
+    }
+    co_return error_code{};
+  }
+
+  void forget_statement(const std::string& name) {
+    for (auto it = statements.begin(); it != statements.end(); ++it) {
+      if (it->name == name) {
+        statement_index.erase(it->key);
+        statements.erase(it);
+        return;
+      }
+    }
+  }
+
+  // --- connecting
+  // ---------------------------------------------------------------------------------
+
+  std::string target() const {
+    if (conn == nullptr) return "the server";
+    std::string host = PQhost(conn) != nullptr ? PQhost(conn) : "";
+    std::string port = PQport(conn) != nullptr ? PQport(conn) : "";
+    std::string where = host.empty() || host.front() != '/' ? host + ":" + port
+                                                            : "socket " + host + " port " + port;
+    return where + " (database \"" + (PQdb(conn) != nullptr ? PQdb(conn) : "") + "\", user \"" +
+           (PQuser(conn) != nullptr ? PQuser(conn) : "") + "\")";
+  }
+
+  error_code connect_error() {
+    const std::string message = trimmed(conn != nullptr ? PQerrorMessage(conn) : "out of memory");
+    std::string where = target();
+    close(CloseMode::immediate);
+    auto classify = [&](std::string_view sqlstate, std::string hint) {
+      last_error = Diagnostics{.sqlstate = std::string(sqlstate),
+                               .severity = "FATAL",
+                               .message = "could not connect to " + where + ": " + message,
+                               .hint = std::move(hint)};
+      return make_sqlstate_error(sqlstate);
+    };
+    if (contains(message, "password authentication failed")) {
+      return classify("28P01", "check the user name and password (conninfo or PGPASSWORD)");
+    }
+    if (contains(message, "database") && contains(message, "does not exist")) {
+      return classify("3D000", "check the database name, or create the database");
+    }
+    if (contains(message, "role") && contains(message, "does not exist")) {
+      return classify("28000", "check the user name, or create the role");
+    }
+    if (contains(message, "too many clients") || contains(message, "remaining connection slots")) {
+      return classify("53300",
+                      "the server is at max_connections: close idle connections elsewhere, lower "
+                      "pool sizes, or raise max_connections; retry with backoff");
+    }
+    if (contains(message, "the database system is")) {
+      return classify("57P03", "the server is starting up or shutting down; retry shortly");
+    }
+    if (contains(message, "could not translate host name")) {
+      return fail(client_errc::name_resolution, "could not connect to " + where + ": " + message,
+                  {}, "check the host name and DNS");
+    }
+    std::string hint =
+        "check that the server is running and accepts connections on that host "
+        "and port (listen_addresses, pg_hba.conf, firewalls)";
+    if (contains(message, "no password supplied")) {
+      hint = "the server wants a password: put it in the conninfo, PGPASSWORD or ~/.pgpass";
+    }
+    return fail(client_errc::connect_failed, "could not connect to " + where + ": " + message, {},
+                std::move(hint));
+  }
+
+  // Resolves host names with asio's resolver (a background thread), so that libpq, which would
+  // call getaddrinfo() on the event loop, gets numeric addresses in `hostaddr`.
+  asio::awaitable<error_code> resolve_hosts(const ParsedConninfo& parsed, std::string& hostaddr) {
+    const std::string hosts = parsed.get("host", "PGHOST");
+    if (hosts.empty() || !parsed.get("hostaddr", "PGHOSTADDR").empty()) co_return error_code{};
+    std::string joined;
+    bool any_resolved = false;
+    asio::ip::tcp::resolver resolver(executor);
+    for (const auto& host : split_hosts(hosts)) {
+      std::string address;
+      error_code numeric_error;
+      const bool is_path = !host.empty() && (host.front() == '/' || host.front() == '@');
+      if (!host.empty() && !is_path) {
+        asio::ip::make_address(host, numeric_error);
+        if (numeric_error) {
+          auto [error, results] = co_await resolver.async_resolve(host, "", no_throw);
+          if (error) {
+            co_return fail(client_errc::name_resolution,
+                           "could not resolve host name \"" + host + "\": " + error.message(), {},
+                           "check the host name and DNS");
+          }
+          address = results.begin()->endpoint().address().to_string();
+          any_resolved = true;
+        }
+      }
+      joined += address + ",";
+    }
+    joined.pop_back();
+    if (any_resolved) hostaddr = joined;
+    co_return error_code{};
+  }
+
+  asio::awaitable<error_code> connect() {
+    const ParsedConninfo parsed = parse_conninfo(options.conninfo);
+    if (!parsed.valid) {
+      std::string message = "the conninfo could not be parsed";
+      if (!mentions_password(options.conninfo)) {
+        message += ": \"" + options.conninfo + "\"";
+      }
+      co_return fail(client_errc::connect_failed, message, {},
+                     "use a URL (postgresql://user@host:5432/db) or key=value pairs "
+                     "(host=... dbname=...)");
+    }
+    std::string hostaddr;
+    if (auto error = co_await resolve_hosts(parsed, hostaddr)) co_return error;
+
+    std::vector<std::pair<std::string, std::string>> params;
+    if (!options.conninfo.empty()) params.emplace_back("dbname", options.conninfo);
+    std::string startup_options = parsed.get("options", "PGOPTIONS");
+    bool datestyle_given = false;
+    for (const auto& [name, value] : options.session_settings) {
+      std::string lowered;
+      for (char c : name) lowered += static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+      datestyle_given = datestyle_given || lowered == "datestyle";
+      startup_options += " -c " + escape_option_value(name) + "=" + escape_option_value(value);
+    }
+    if (!datestyle_given) startup_options += " -c DateStyle=ISO";
+    params.emplace_back("options", startup_options);
+    if (!options.application_name.empty()) {
+      params.emplace_back("application_name", options.application_name);
+    }
+    if (options.keepalives) {
+      params.emplace_back("keepalives", "1");
+      params.emplace_back("keepalives_idle", std::to_string(options.keepalives->idle.count()));
+      params.emplace_back("keepalives_interval",
+                          std::to_string(options.keepalives->interval.count()));
+      params.emplace_back("keepalives_count", std::to_string(options.keepalives->count));
+    }
+    if (options.tcp_user_timeout.count() > 0) {
+      params.emplace_back("tcp_user_timeout", std::to_string(options.tcp_user_timeout.count()));
+    }
+    if (!hostaddr.empty()) params.emplace_back("hostaddr", hostaddr);
+    std::vector<const char*> keywords;
+    std::vector<const char*> values;
+    for (const auto& [keyword, value] : params) {
+      keywords.push_back(keyword.c_str());
+      values.push_back(value.c_str());
+    }
+    keywords.push_back(nullptr);
+    values.push_back(nullptr);
+
+    conn = PQconnectStartParams(keywords.data(), values.data(), 1);
+    if (conn == nullptr || PQstatus(conn) == CONNECTION_BAD) co_return connect_error();
+    PostgresPollingStatusType polling = PGRES_POLLING_WRITING;
+    while (polling != PGRES_POLLING_OK) {
+      if (polling == PGRES_POLLING_FAILED) co_return connect_error();
+      // libpq may open a new socket at any step (next address, next host, SSL fallback): wrap the
+      // current one afresh each time.
+      if (socket.is_open()) [[maybe_unused]]
+        auto descriptor = socket.release();
+      error_code assign_error;
+      socket.assign(PQsocket(conn), assign_error);
+      if (assign_error) {
+        co_return fail(client_errc::connect_failed,
+                       "cannot watch the connection's socket: " + assign_error.message());
+      }
+      auto [error] = co_await socket.async_wait(polling == PGRES_POLLING_READING
+                                                    ? asio::posix::descriptor_base::wait_read
+                                                    : asio::posix::descriptor_base::wait_write,
+                                                no_throw);
+      if (error) {
+        std::string where = target();
+        close(CloseMode::immediate);
+        co_return fail(client_errc::cancelled, "connecting to " + where + " was cancelled");
+      }
+      polling = PQconnectPoll(conn);
+    }
+    if (PQsetnonblocking(conn, 1) != 0) co_return connect_error();
+    if (socket.is_open()) [[maybe_unused]]
+      auto descriptor = socket.release();
+    error_code assign_error;
+    socket.assign(PQsocket(conn), assign_error);
+    if (assign_error) {
+      close(CloseMode::immediate);
+      co_return fail(client_errc::connect_failed,
+                     "cannot watch the connection's socket: " + assign_error.message());
+    }
+    co_return error_code{};
+  }
+};
+
+// Marks an operation running for its whole duration, restoring the coroutine's throw-if-cancelled
+// setting (operations handle cancellation themselves and must keep awaiting after it).
+class Operation {
+ public:
+  explicit Operation(Connection::Impl& impl) noexcept : impl_(impl) { impl_.busy = true; }
+  ~Operation() { impl_.busy = false; }
+  Operation(const Operation&) = delete;
+  Operation& operator=(const Operation&) = delete;
+  Operation(Operation&&) = delete;
+  Operation& operator=(Operation&&) = delete;
+
+ private:
+  Connection::Impl& impl_;
+};
+
+namespace {
+
+[[noreturn]] void throw_not_connected() {
+  throw Error(make_error_code(client_errc::not_connected),
+              Diagnostics{.message = "the connection is not open"});
+}
+
+// Runs `body` as one connection operation; throws pgrt::Error on failure.
+template <typename Body>
+asio::awaitable<error_code> run_operation(Connection::Impl& impl, Body body) {
+  if (auto error = impl.begin_operation()) co_return error;
+  Operation operation(impl);
+  const bool throw_if_cancelled = co_await asio::this_coro::throw_if_cancelled();
+  co_await asio::this_coro::throw_if_cancelled(false);
+  error_code error = co_await body();
+  co_await asio::this_coro::throw_if_cancelled(throw_if_cancelled);
+  co_return error;
+}
+
+}  // namespace
+
+Connection::Connection() noexcept = default;
+Connection::Connection(std::unique_ptr<Impl> impl) noexcept : impl_(std::move(impl)) {}
+Connection::Connection(Connection&& other) noexcept = default;
+Connection& Connection::operator=(Connection&& other) noexcept = default;
+Connection::~Connection() = default;
+
+asio::awaitable<std::pair<error_code, Connection>> Connection::try_connect(executor_type executor,
+                                                                           ConnectOptions options) {
+  using namespace asio::experimental::awaitable_operators;
+  auto impl = std::make_unique<Impl>(executor, std::move(options));
+  asio::steady_timer timer(executor, impl->options.connect_timeout);
+  auto outcome = co_await (impl->connect() || timer.async_wait(no_throw));
+  error_code error;
+  if (outcome.index() == 0) {
+    error = std::get<0>(outcome);
+  } else if (std::get<0>(std::get<1>(outcome)) == asio::error::operation_aborted) {
+    std::string where = impl->target();
+    impl->close(CloseMode::immediate);
+    error = impl->fail(client_errc::cancelled, "connecting to " + where + " was cancelled");
+  } else {
+    std::string where = impl->target();
+    impl->close(CloseMode::immediate);
+    error = impl->fail(client_errc::timeout,
+                       "could not connect to " + where + " within " +
+                           std::to_string(impl->options.connect_timeout.count()) + " ms",
+                       {},
+                       "check that the server is reachable; a blackholed network or an "
+                       "overloaded server looks like this");
+  }
+  co_return std::pair{error, Connection(std::move(impl))};
+}
+
+asio::awaitable<Connection> Connection::connect(ConnectOptions options) {
+  auto executor = co_await asio::this_coro::executor;
+  auto [error, connection] = co_await try_connect(executor, std::move(options));
+  if (error) throw Error(error, connection.last_error());
+  co_return std::move(connection);
+}
+
+asio::awaitable<Result> Connection::query_with(std::string_view sql, ParamSink params) {
+  if (!impl_) throw_not_connected();
+  Result result;
+  Impl& impl = *impl_;
+  auto error = co_await run_operation(impl, [&]() -> asio::awaitable<error_code> {
+    co_return co_await impl.send_and_collect(sql, params, nullptr, result, nullptr, nullptr);
+  });
+  if (error) throw Error(error, impl.last_error);
+  co_return result;
+}
+
+asio::awaitable<std::uint64_t> Connection::execute_with(std::string_view sql, ParamSink params) {
+  Result result = co_await query_with(sql, std::move(params));
+  co_return result.affected_rows();
+}
+
+asio::awaitable<Result> Connection::query_prepared_with(std::string_view sql, ParamSink params) {
+  if (!impl_) throw_not_connected();
+  Result result;
+  Impl& impl = *impl_;
+  auto error = co_await run_operation(impl, [&]() -> asio::awaitable<error_code> {
+    for (int attempt = 0;; ++attempt) {
+      std::string name;
+      if (auto prepare_error = co_await impl.prepared_name_for(sql, params, name)) {
+        co_return prepare_error;
+      }
+      auto run_error = co_await impl.send_and_collect(sql, params, &name, result, nullptr, nullptr);
+      // Someone deallocated it (DISCARD ALL, a pooler): prepare again, once.
+      if (run_error == make_sqlstate_error("26000") && attempt == 0) {
+        impl.forget_statement(name);
+        continue;
+      }
+      co_return run_error;
+    }
+  });
+  if (error) throw Error(error, impl.last_error);
+  co_return result;
+}
+
+asio::awaitable<std::uint64_t> Connection::stream_with(std::string_view sql, ParamSink params,
+                                                       std::function<void(const Row&)> on_row) {
+  if (!impl_) throw_not_connected();
+  Result last;
+  std::uint64_t rows = 0;
+  Impl& impl = *impl_;
+  auto error = co_await run_operation(impl, [&]() -> asio::awaitable<error_code> {
+    co_return co_await impl.send_and_collect(sql, params, nullptr, last, &on_row, &rows);
+  });
+  if (error) throw Error(error, impl.last_error);
+  co_return rows;
+}
+
+asio::awaitable<std::vector<PipelineOutcome>> Connection::run(const Pipeline& pipeline) {
+  if (!impl_) throw_not_connected();
+  Impl& impl = *impl_;
+  std::vector<PipelineOutcome> outcomes(pipeline.size());
+  if (pipeline.size() == 0) co_return outcomes;
+  auto error = co_await run_operation(impl, [&]() -> asio::awaitable<error_code> {
+    PGconn* conn = impl.conn;
+    if (PQenterPipelineMode(conn) == 0) {
+      co_return impl.fail(client_errc::protocol_error,
+                          "cannot enter pipeline mode: " + trimmed(PQerrorMessage(conn)));
+    }
+    std::size_t syncs = 0;
+    const auto& statements = pipeline.statements();
+    for (std::size_t i = 0; i < statements.size(); ++i) {
+      const auto& statement = statements[i];
+      const auto values = statement.params.values();
+      if (PQsendQueryParams(conn, statement.sql.c_str(), static_cast<int>(statement.params.size()),
+                            statement.params.types(), values.data(), statement.params.lengths(),
+                            statement.params.formats(), 0) == 0) {
+        co_return impl.lost(statement.sql);
+      }
+      if (statement.sync_after || i + 1 == statements.size()) {
+        if (PQpipelineSync(conn) == 0) co_return impl.lost(statement.sql);
+        ++syncs;
+      }
+    }
+    if (auto flush_error = co_await impl.flush("pipeline", /*can_drain=*/false)) {
+      co_return flush_error;
+    }
+    std::size_t index = 0;
+    for (std::size_t syncs_seen = 0; syncs_seen < syncs;) {
+      PGresult* raw = nullptr;
+      const std::string_view current =
+          index < statements.size() ? std::string_view(statements[index].sql) : "pipeline";
+      if (auto read_error = co_await impl.next_result(raw, current, /*can_drain=*/false)) {
+        co_return read_error;
+      }
+      if (raw == nullptr) {
+        if (PQstatus(conn) != CONNECTION_OK) co_return impl.lost(current);
+        continue;  // the end of one statement's results
+      }
+      Result result(raw);
+      const auto status = PQresultStatus(raw);
+      if (status == PGRES_PIPELINE_SYNC) {
+        ++syncs_seen;
+        continue;
+      }
+      if (index >= outcomes.size()) continue;
+      PipelineOutcome& outcome = outcomes[index++];
+      if (status == PGRES_PIPELINE_ABORTED) {
+        outcome.error = make_error_code(client_errc::pipeline_aborted);
+        outcome.diagnostics.message =
+            "not run: an earlier statement of the same pipeline segment failed";
+        outcome.diagnostics.statement = std::string(current);
+      } else if (status == PGRES_TUPLES_OK || status == PGRES_COMMAND_OK) {
+        outcome.result = std::move(result);
+      } else {
+        outcome.error = impl.server_error(raw, current);
+        outcome.diagnostics = impl.last_error;
+      }
+    }
+    PQexitPipelineMode(conn);
+    impl.last_error = {};
+    co_return error_code{};
+  });
+  if (error) throw Error(error, impl.last_error);
+  co_return outcomes;
+}
+
+asio::awaitable<std::uint64_t> Connection::copy_from(std::string_view copy_statement,
+                                                     std::string_view data) {
+  if (!impl_) throw_not_connected();
+  Impl& impl = *impl_;
+  Result result;
+  auto error = co_await run_operation(impl, [&]() -> asio::awaitable<error_code> {
+    PGconn* conn = impl.conn;
+    const std::string statement(copy_statement);
+    if (PQsendQuery(conn, statement.c_str()) == 0) co_return impl.lost(statement);
+    if (auto flush_error = co_await impl.flush(statement)) co_return flush_error;
+    PGresult* raw = nullptr;
+    if (auto read_error = co_await impl.next_result(raw, statement)) co_return read_error;
+    Result first(raw);
+    if (raw == nullptr || PQresultStatus(raw) != PGRES_COPY_IN) {
+      error_code failure =
+          raw != nullptr && PQresultStatus(raw) == PGRES_FATAL_ERROR
+              ? impl.server_error(raw, statement)
+              : impl.fail(client_errc::protocol_error,
+                          "copy_from() needs a COPY ... FROM STDIN statement", statement);
+      Result rest;
+      if (auto collect_error = co_await impl.collect(statement, rest, nullptr, nullptr)) {
+        co_return collect_error;
+      }
+      co_return failure;
+    }
+    for (std::size_t offset = 0; offset < data.size();) {
+      const std::size_t size = std::min(copy_chunk_size, data.size() - offset);
+      const int put = PQputCopyData(conn, data.data() + offset, static_cast<int>(size));
+      if (put < 0) co_return impl.lost(statement);
+      if (put == 0) {  // libpq's buffer is full
+        if (auto flush_error = co_await impl.flush(statement)) co_return flush_error;
+        continue;
+      }
+      offset += size;
+    }
+    for (;;) {
+      const int ended = PQputCopyEnd(conn, nullptr);
+      if (ended < 0) co_return impl.lost(statement);
+      if (ended == 1) break;
+      if (auto flush_error = co_await impl.flush(statement)) co_return flush_error;
+    }
+    if (auto flush_error = co_await impl.flush(statement)) co_return flush_error;
+    co_return co_await impl.collect(statement, result, nullptr, nullptr);
+  });
+  if (error) throw Error(error, impl.last_error);
+  co_return result.affected_rows();
+}
+
+asio::awaitable<void> Connection::begin(TransactionOptions options) {
+  std::string sql = "BEGIN";
+  switch (options.isolation) {
+    case IsolationLevel::server_default:
+      break;
+    case IsolationLevel::read_committed:
+      sql += " ISOLATION LEVEL READ COMMITTED";
+      break;
+    case IsolationLevel::repeatable_read:
+      sql += " ISOLATION LEVEL REPEATABLE READ";
+      break;
+    case IsolationLevel::serializable:
+      sql += " ISOLATION LEVEL SERIALIZABLE";
+      break;
+  }
+  if (options.read_only) sql += " READ ONLY";
+  if (options.deferrable) sql += " DEFERRABLE";
+  co_await query_with(sql, {});
+}
+
+asio::awaitable<void> Connection::commit() {
+  Result result = co_await query_with("COMMIT", {});
+  // COMMIT of a failed transaction "succeeds" with the tag ROLLBACK: that is a failure to the
+  // caller.
+  if (result.command_tag() == "ROLLBACK") {
+    throw Error(make_sqlstate_error("25P02"),
+                Diagnostics{.sqlstate = "25P02",
+                            .severity = "ERROR",
+                            .message = "the transaction had failed, so COMMIT rolled it back",
+                            .statement = "COMMIT"});
+  }
+}
+
+asio::awaitable<void> Connection::rollback() {
+  co_await query_with("ROLLBACK", {});
+}
+
+asio::awaitable<std::pair<error_code, Result>> Connection::try_query(std::string sql,
+                                                                     ParamSink params) {
+  try {
+    Result result = co_await query_with(sql, std::move(params));
+    co_return std::pair{error_code{}, std::move(result)};
+  } catch (const Error& error) {
+    co_return std::pair{error.code(), Result()};
+  }
+}
+
+asio::awaitable<std::pair<error_code, std::uint64_t>> Connection::try_execute(std::string sql,
+                                                                              ParamSink params) {
+  try {
+    const std::uint64_t rows = co_await execute_with(sql, std::move(params));
+    co_return std::pair{error_code{}, rows};
+  } catch (const Error& error) {
+    co_return std::pair{error.code(), std::uint64_t{0}};
+  }
+}
+
+void Connection::close(CloseMode mode) noexcept {
+  if (impl_) impl_->close(mode);
+}
+
+bool Connection::is_open() const noexcept {
+  return impl_ && impl_->conn != nullptr;
+}
+
+bool Connection::is_broken() const noexcept {
+  return impl_ && impl_->broken;
+}
+
+TransactionStatus Connection::transaction_status() const noexcept {
+  if (!is_open()) return TransactionStatus::unknown;
+  switch (PQtransactionStatus(impl_->conn)) {
+    case PQTRANS_IDLE:
+      return TransactionStatus::idle;
+    case PQTRANS_ACTIVE:
+      return TransactionStatus::active;
+    case PQTRANS_INTRANS:
+      return TransactionStatus::in_transaction;
+    case PQTRANS_INERROR:
+      return TransactionStatus::in_error;
+    default:
+      return TransactionStatus::unknown;
+  }
+}
+
+int Connection::backend_pid() const noexcept {
+  return is_open() ? PQbackendPID(impl_->conn) : 0;
+}
+
+const Diagnostics& Connection::last_error() const noexcept {
+  static const Diagnostics none;
+  return impl_ ? impl_->last_error : none;
+}
+
+Connection::executor_type Connection::executor() const noexcept {
+  return impl_ ? impl_->executor : executor_type();
+}
+
+pg_conn* Connection::native_handle() const noexcept {
+  return impl_ ? impl_->conn : nullptr;
+}
+
+namespace detail {
+
+asio::awaitable<void> rollback_after_failure(Connection& connection) {
+  co_await asio::this_coro::reset_cancellation_state();
+  const auto status = connection.transaction_status();
+  if (status != TransactionStatus::in_transaction && status != TransactionStatus::in_error) {
+    co_return;  // broken or closed: the server rolls back when the session ends
+  }
+  try {
+    co_await connection.rollback();
+  } catch (const Error&) {  // NOLINT(bugprone-empty-catch): see above
+  }
+}
+
+}  // namespace detail
+
+}  // namespace pgrt

@@ -1,0 +1,99 @@
+#include "pgrt/db/copy.hpp"
+
+#include <charconv>
+#include <cmath>
+#include <cstdio>
+
+namespace pgrt {
+
+void append_copy_field(std::string& out, std::string_view value) {
+  for (char c : value) {
+    switch (c) {
+      case '\\':
+        out += "\\\\";
+        break;
+      case '\t':
+        out += "\\t";
+        break;
+      case '\n':
+        out += "\\n";
+        break;
+      case '\r':
+        out += "\\r";
+        break;
+      default:
+        out += c;
+    }
+  }
+}
+
+void append_copy_field(std::string& out, bool value) {
+  out += value ? 't' : 'f';
+}
+
+void append_copy_field(std::string& out, std::int64_t value) {
+  out += std::to_string(value);
+}
+
+void append_copy_field(std::string& out, std::uint64_t value) {
+  out += std::to_string(value);
+}
+
+void append_copy_field(std::string& out, double value) {
+  if (std::isnan(value)) {
+    out += "NaN";
+  } else if (std::isinf(value)) {
+    out += value > 0 ? "Infinity" : "-Infinity";
+  } else {
+    char buffer[32];
+    auto [end, error] = std::to_chars(buffer, buffer + sizeof buffer, value);
+    out.append(buffer, end);
+  }
+}
+
+void append_copy_field(std::string& out, std::span<const std::byte> value) {
+  constexpr std::string_view digits = "0123456789abcdef";
+  out += "\\\\x";  // the bytea hex prefix \x, with its backslash escaped for COPY
+  for (std::byte b : value) {
+    const auto v = static_cast<unsigned>(b);
+    out += digits[v >> 4U];
+    out += digits[v & 0xFU];
+  }
+}
+
+void append_copy_field(std::string& out, std::chrono::system_clock::time_point value) {
+  using namespace std::chrono;
+  const auto micros = duration_cast<microseconds>(value.time_since_epoch()).count();
+  // Epoch seconds with fraction, read by PostgreSQL as a timestamptz via to_timestamp-free
+  // ISO text: format as UTC "YYYY-MM-DD HH:MM:SS.ffffff+00".
+  const auto days =
+      static_cast<std::int64_t>(std::floor(static_cast<double>(micros) / 86'400'000'000.0));
+  std::int64_t rest = micros - days * 86'400'000'000;
+  // civil_from_days (Howard Hinnant)
+  std::int64_t z = days + 719468;
+  const std::int64_t era = (z >= 0 ? z : z - 146096) / 146097;
+  const auto day_of_era = static_cast<unsigned>(z - era * 146097);
+  const unsigned year_of_era =
+      (day_of_era - day_of_era / 1460 + day_of_era / 36524 - day_of_era / 146096) / 365;
+  std::int64_t year = static_cast<std::int64_t>(year_of_era) + era * 400;
+  const unsigned day_of_year =
+      day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+  const unsigned mp = (5 * day_of_year + 2) / 153;
+  const unsigned day = day_of_year - (153 * mp + 2) / 5 + 1;
+  const unsigned month = mp < 10 ? mp + 3 : mp - 9;
+  year += month <= 2 ? 1 : 0;
+  char buffer[64];
+  const auto hours = rest / 3'600'000'000;
+  rest %= 3'600'000'000;
+  const auto minutes = rest / 60'000'000;
+  rest %= 60'000'000;
+  const auto seconds = rest / 1'000'000;
+  const auto fraction = rest % 1'000'000;
+  std::snprintf(buffer, sizeof buffer, "%04lld-%02u-%02u %02lld:%02lld:%02lld.%06lld+00",
+                static_cast<long long>(year), month, day, static_cast<long long>(hours),
+                static_cast<long long>(minutes), static_cast<long long>(seconds),
+                static_cast<long long>(fraction));
+  out += buffer;
+}
+
+}  // namespace pgrt

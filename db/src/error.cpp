@@ -1,0 +1,271 @@
+#include "pgrt/db/error.hpp"
+
+#include <array>
+#include <libpq-fe.h>
+#include <memory>
+#include <utility>
+
+namespace pgrt {
+
+namespace {
+
+constexpr std::string_view sqlstate_alphabet = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ";
+
+// A SQLSTATE is five characters of [0-9A-Z]: base 36 fits an int.
+int pack_sqlstate(std::string_view sqlstate) noexcept {
+  if (sqlstate.size() != 5) return 0;
+  int packed = 0;
+  for (char c : sqlstate) {
+    auto digit = sqlstate_alphabet.find(c);
+    if (digit == std::string_view::npos) return 0;
+    packed = packed * 36 + static_cast<int>(digit);
+  }
+  return packed + 1;  // never 0, which means success
+}
+
+std::string unpack_sqlstate(int value) {
+  if (value <= 0) return {};
+  std::string sqlstate(5, '0');
+  value -= 1;
+  for (int i = 4; i >= 0; --i) {
+    sqlstate[static_cast<std::size_t>(i)] = sqlstate_alphabet[static_cast<std::size_t>(value % 36)];
+    value /= 36;
+  }
+  return sqlstate;
+}
+
+// Names of the SQLSTATEs services meet most; the rest are reported by code and class.
+constexpr std::array<std::pair<std::string_view, std::string_view>, 24> sqlstate_names{{
+    {"08000", "connection_exception"},
+    {"08003", "connection_does_not_exist"},
+    {"08006", "connection_failure"},
+    {"08001", "sqlclient_unable_to_establish_sqlconnection"},
+    {"08004", "sqlserver_rejected_establishment_of_sqlconnection"},
+    {"08P01", "protocol_violation"},
+    {"22012", "division_by_zero"},
+    {"22P02", "invalid_text_representation"},
+    {"23502", "not_null_violation"},
+    {"23503", "foreign_key_violation"},
+    {"23505", "unique_violation"},
+    {"25P02", "in_failed_sql_transaction"},
+    {"28000", "invalid_authorization_specification"},
+    {"28P01", "invalid_password"},
+    {"3D000", "invalid_catalog_name"},
+    {"40001", "serialization_failure"},
+    {"40P01", "deadlock_detected"},
+    {"42601", "syntax_error"},
+    {"42P01", "undefined_table"},
+    {"53300", "too_many_connections"},
+    {"57014", "query_canceled"},
+    {"57P01", "admin_shutdown"},
+    {"57P02", "crash_shutdown"},
+    {"57P03", "cannot_connect_now"},
+}};
+
+std::string_view sqlstate_name(std::string_view sqlstate) {
+  for (const auto& [code, name] : sqlstate_names) {
+    if (code == sqlstate) return name;
+  }
+  return {};
+}
+
+class ClientCategory final : public boost::system::error_category {
+ public:
+  const char* name() const noexcept override { return "pgrt.client"; }
+  std::string message(int value) const override {
+    switch (static_cast<client_errc>(value)) {
+      case client_errc::connect_failed:
+        return "could not connect to the server";
+      case client_errc::connection_lost:
+        return "the connection to the server was lost";
+      case client_errc::protocol_error:
+        return "protocol error";
+      case client_errc::timeout:
+        return "the operation timed out";
+      case client_errc::cancelled:
+        return "the operation was cancelled";
+      case client_errc::conversion:
+        return "a value could not be converted";
+      case client_errc::unexpected_null:
+        return "unexpected NULL";
+      case client_errc::concurrent_use:
+        return "a connection was used by two operations at once";
+      case client_errc::not_connected:
+        return "the connection is closed or broken";
+      case client_errc::pipeline_aborted:
+        return "skipped: an earlier statement of the pipeline segment failed";
+      case client_errc::name_resolution:
+        return "the host name could not be resolved";
+    }
+    return "unknown pgrt client error " + std::to_string(value);
+  }
+  boost::system::error_condition default_error_condition(int value) const noexcept override {
+    switch (static_cast<client_errc>(value)) {
+      case client_errc::connect_failed:
+      case client_errc::connection_lost:
+      case client_errc::not_connected:
+      case client_errc::name_resolution:
+        return make_error_condition(condition::connection_error);
+      case client_errc::timeout:
+        return make_error_condition(condition::timeout);
+      case client_errc::cancelled:
+        return make_error_condition(condition::query_canceled);
+      default:
+        return {value, *this};
+    }
+  }
+};
+
+class SqlstateCategory final : public boost::system::error_category {
+ public:
+  const char* name() const noexcept override { return "pgrt.sqlstate"; }
+  std::string message(int value) const override {
+    auto sqlstate = unpack_sqlstate(value);
+    auto name = sqlstate_name(sqlstate);
+    return "SQLSTATE " + sqlstate + (name.empty() ? "" : " " + std::string(name));
+  }
+};
+
+class ConditionCategory final : public boost::system::error_category {
+ public:
+  const char* name() const noexcept override { return "pgrt.condition"; }
+  std::string message(int value) const override {
+    switch (static_cast<condition>(value)) {
+      case condition::connection_error:
+        return "connection error";
+      case condition::too_many_connections:
+        return "too many connections";
+      case condition::admin_shutdown:
+        return "administrator shutdown";
+      case condition::serialization_failure:
+        return "serialization failure";
+      case condition::deadlock:
+        return "deadlock detected";
+      case condition::unique_violation:
+        return "unique violation";
+      case condition::query_canceled:
+        return "query canceled";
+      case condition::timeout:
+        return "timeout";
+    }
+    return "unknown pgrt condition " + std::to_string(value);
+  }
+  bool equivalent(const boost::system::error_code& code, int value) const noexcept override {
+    const auto wanted = static_cast<condition>(value);
+    if (code.category() == client_category()) {
+      return code.category().default_error_condition(code.value()) == make_error_condition(wanted);
+    }
+    if (code.category() != sqlstate_category()) return false;
+    const std::string sqlstate = unpack_sqlstate(code.value());
+    const std::string_view klass = std::string_view(sqlstate).substr(0, 2);
+    switch (wanted) {
+      case condition::connection_error:
+        return klass == "08" || sqlstate == "57P01" || sqlstate == "57P02" || sqlstate == "57P03";
+      case condition::too_many_connections:
+        return klass == "53";
+      case condition::admin_shutdown:
+        return sqlstate == "57P01";
+      case condition::serialization_failure:
+        return sqlstate == "40001";
+      case condition::deadlock:
+        return sqlstate == "40P01";
+      case condition::unique_violation:
+        return sqlstate == "23505";
+      case condition::query_canceled:
+        return sqlstate == "57014";
+      case condition::timeout:
+        return false;
+    }
+    return false;
+  }
+};
+
+std::string describe(const boost::system::error_code& code, const Diagnostics& diagnostics) {
+  std::string text = diagnostics.message.empty() ? code.message() : diagnostics.message;
+  if (code.category() == sqlstate_category()) {
+    auto name = sqlstate_name(diagnostics.sqlstate);
+    text += " [" + diagnostics.sqlstate + (name.empty() ? "" : " " + std::string(name)) + "]";
+  } else if (!diagnostics.message.empty()) {
+    text += " [" + code.message() + "]";
+  }
+  if (!diagnostics.detail.empty()) text += "\nDETAIL: " + diagnostics.detail;
+  if (!diagnostics.hint.empty()) text += "\nHINT: " + diagnostics.hint;
+  if (!diagnostics.statement.empty()) text += "\nSTATEMENT: " + diagnostics.statement;
+  return text;
+}
+
+}  // namespace
+
+const boost::system::error_category& client_category() noexcept {
+  static const ClientCategory instance;
+  return instance;
+}
+
+boost::system::error_code make_error_code(client_errc code) noexcept {
+  return {static_cast<int>(code), client_category()};
+}
+
+const boost::system::error_category& sqlstate_category() noexcept {
+  static const SqlstateCategory instance;
+  return instance;
+}
+
+boost::system::error_code make_sqlstate_error(std::string_view sqlstate) noexcept {
+  int packed = pack_sqlstate(sqlstate);
+  if (packed == 0) return make_error_code(client_errc::protocol_error);
+  return {packed, sqlstate_category()};
+}
+
+std::string sqlstate_of(const boost::system::error_code& code) {
+  if (code.category() != sqlstate_category()) return {};
+  return unpack_sqlstate(code.value());
+}
+
+const boost::system::error_category& condition_category() noexcept {
+  static const ConditionCategory instance;
+  return instance;
+}
+
+boost::system::error_condition make_error_condition(condition value) noexcept {
+  return {static_cast<int>(value), condition_category()};
+}
+
+Error::Error(boost::system::error_code code, Diagnostics diagnostics)
+    : boost::system::system_error(code),
+      diagnostics_(std::move(diagnostics)),
+      what_(describe(code, diagnostics_)) {}
+
+std::string mask_password(std::string_view conninfo) {
+  char* parse_error = nullptr;
+  std::unique_ptr<PQconninfoOption, void (*)(PQconninfoOption*)> options(
+      PQconninfoParse(std::string(conninfo).c_str(), &parse_error), PQconninfoFree);
+  // libpq's parse error may quote the text around the problem, password included: never show it.
+  PQfreemem(parse_error);
+  if (!options) return "<conninfo that could not be parsed>";
+  std::string masked;
+  for (const PQconninfoOption* option = options.get(); option->keyword != nullptr; ++option) {
+    if (option->val == nullptr) continue;
+    if (!masked.empty()) masked += ' ';
+    masked += option->keyword;
+    masked += '=';
+    if (std::string_view(option->keyword) == "password") {
+      masked += "****";
+      continue;
+    }
+    std::string value = option->val;
+    bool needs_quotes = value.empty() || value.find_first_of(" '\\") != std::string::npos;
+    if (!needs_quotes) {
+      masked += value;
+      continue;
+    }
+    masked += '\'';
+    for (char c : value) {
+      if (c == '\'' || c == '\\') masked += '\\';
+      masked += c;
+    }
+    masked += '\'';
+  }
+  return masked;
+}
+
+}  // namespace pgrt

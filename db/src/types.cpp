@@ -1,0 +1,269 @@
+#include "pgrt/db/types.hpp"
+
+#include <array>
+#include <charconv>
+#include <cmath>
+#include <cstring>
+
+#include "pgrt/db/error.hpp"
+
+namespace pgrt {
+
+namespace {
+
+constexpr std::array<std::pair<Oid, std::string_view>, 17> type_names{{
+    {oid::boolean, "bool"},
+    {oid::bytea, "bytea"},
+    {oid::int8, "int8"},
+    {oid::int2, "int2"},
+    {oid::int4, "int4"},
+    {oid::text, "text"},
+    {oid::json, "json"},
+    {oid::float4, "float4"},
+    {oid::float8, "float8"},
+    {oid::bpchar, "bpchar"},
+    {oid::varchar, "varchar"},
+    {oid::date, "date"},
+    {oid::timestamp, "timestamp"},
+    {oid::timestamptz, "timestamptz"},
+    {oid::numeric, "numeric"},
+    {oid::uuid, "uuid"},
+    {oid::jsonb, "jsonb"},
+}};
+
+// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01 00:00:00 UTC).
+constexpr std::int64_t postgres_epoch_offset_us = 946'684'800'000'000;
+
+[[noreturn]] void throw_conversion(std::string message) {
+  throw Error(make_error_code(client_errc::conversion), Diagnostics{.message = std::move(message)});
+}
+
+// Days from 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's days_from_civil).
+std::int64_t days_from_civil(std::int64_t year, unsigned month, unsigned day) {
+  year -= month <= 2 ? 1 : 0;
+  const std::int64_t era = (year >= 0 ? year : year - 399) / 400;
+  const auto year_of_era = static_cast<unsigned>(year - era * 400);
+  const unsigned day_of_year = (153 * (month > 2 ? month - 3 : month + 9) + 2) / 5 + day - 1;
+  const unsigned day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+  return era * 146097 + static_cast<std::int64_t>(day_of_era) - 719468;
+}
+
+// Parses exactly `digits` decimal digits at `text[position]`, advancing it.
+bool read_digits(std::string_view text, std::size_t& position, std::size_t digits, int& out) {
+  if (position + digits > text.size()) return false;
+  out = 0;
+  for (std::size_t i = 0; i < digits; ++i) {
+    char c = text[position + i];
+    if (c < '0' || c > '9') return false;
+    out = out * 10 + (c - '0');
+  }
+  position += digits;
+  return true;
+}
+
+}  // namespace
+
+std::string type_name(Oid type) {
+  for (const auto& [known, name] : type_names) {
+    if (known == type) return std::string(name);
+  }
+  return "oid " + std::to_string(type);
+}
+
+void ParamSink::append(std::string_view bytes, Oid type, int format, bool is_null) {
+  offsets_.push_back(storage_.size());
+  storage_.append(bytes);
+  types_.push_back(type);
+  lengths_.push_back(static_cast<int>(bytes.size()));
+  formats_.push_back(format);
+  nulls_.push_back(is_null);
+}
+
+void ParamSink::null(Oid type) {
+  append({}, type, 0, true);
+}
+
+void ParamSink::text(std::string_view value, Oid type) {
+  append(value, type, 0, false);
+}
+
+void ParamSink::binary(std::span<const std::byte> value, Oid type) {
+  append(std::string_view(reinterpret_cast<const char*>(value.data()), value.size()), type, 1,
+         false);
+}
+
+std::vector<const char*> ParamSink::values() const {
+  std::vector<const char*> pointers(types_.size());
+  for (std::size_t i = 0; i < pointers.size(); ++i) {
+    pointers[i] = nulls_[i] ? nullptr : storage_.data() + offsets_[i];
+  }
+  return pointers;
+}
+
+void Field::require_type(std::initializer_list<Oid> accepted, std::string_view cpp_type) const {
+  for (Oid type_ok : accepted) {
+    if (type_ok == type) return;
+  }
+  throw_conversion("column '" + std::string(column_name) + "' (index " +
+                   std::to_string(column_index) + ") has PostgreSQL type " + type_name(type) +
+                   ", which cannot be read as " + std::string(cpp_type));
+}
+
+void Field::fail(std::string_view cpp_type, std::string_view why) const {
+  throw_conversion("column '" + std::string(column_name) + "' (index " +
+                   std::to_string(column_index) + ", " + type_name(type) + ") value '" +
+                   std::string(text.substr(0, 64)) + "' cannot be read as " +
+                   std::string(cpp_type) + ": " + std::string(why));
+}
+
+bool Codec<bool>::decode(const Field& field) {
+  field.require_type({oid::boolean}, name);
+  if (field.text == "t") return true;
+  if (field.text == "f") return false;
+  field.fail(name, "expected 't' or 'f'");
+}
+
+namespace detail {
+
+std::int64_t decode_integer(const Field& field, std::int64_t min, std::int64_t max,
+                            std::string_view cpp_type) {
+  field.require_type({oid::int2, oid::int4, oid::int8, oid::numeric}, cpp_type);
+  std::int64_t value = 0;
+  auto [end, error] =
+      std::from_chars(field.text.data(), field.text.data() + field.text.size(), value);
+  if (error == std::errc::result_out_of_range) field.fail(cpp_type, "out of range");
+  if (error != std::errc() || end != field.text.data() + field.text.size()) {
+    field.fail(cpp_type, "not an integer");
+  }
+  if (value < min || value > max) field.fail(cpp_type, "out of range");
+  return value;
+}
+
+std::uint64_t decode_unsigned(const Field& field, std::uint64_t max, std::string_view cpp_type) {
+  field.require_type({oid::int2, oid::int4, oid::int8, oid::numeric}, cpp_type);
+  std::uint64_t value = 0;
+  if (!field.text.empty() && field.text.front() == '-') field.fail(cpp_type, "negative");
+  auto [end, error] =
+      std::from_chars(field.text.data(), field.text.data() + field.text.size(), value);
+  if (error == std::errc::result_out_of_range) field.fail(cpp_type, "out of range");
+  if (error != std::errc() || end != field.text.data() + field.text.size()) {
+    field.fail(cpp_type, "not an integer");
+  }
+  if (value > max) field.fail(cpp_type, "out of range");
+  return value;
+}
+
+double decode_floating(const Field& field, std::string_view cpp_type) {
+  field.require_type({oid::float4, oid::float8, oid::numeric, oid::int2, oid::int4, oid::int8},
+                     cpp_type);
+  if (field.text == "NaN") return std::nan("");
+  if (field.text == "Infinity") return HUGE_VAL;
+  if (field.text == "-Infinity") return -HUGE_VAL;
+  double value = 0;
+  auto [end, error] =
+      std::from_chars(field.text.data(), field.text.data() + field.text.size(), value);
+  if (error != std::errc() || end != field.text.data() + field.text.size()) {
+    field.fail(cpp_type, "not a number");
+  }
+  return value;
+}
+
+}  // namespace detail
+
+Bytes Codec<Bytes>::decode(const Field& field) {
+  field.require_type({oid::bytea}, name);
+  auto text = field.text;
+  if (text.size() < 2 || text[0] != '\\' || text[1] != 'x' || text.size() % 2 != 0) {
+    field.fail(name, "expected bytea in hex output format (bytea_output = 'hex')");
+  }
+  auto nibble = [&](char c) -> unsigned {
+    if (c >= '0' && c <= '9') return static_cast<unsigned>(c - '0');
+    if (c >= 'a' && c <= 'f') return static_cast<unsigned>(c - 'a' + 10);
+    if (c >= 'A' && c <= 'F') return static_cast<unsigned>(c - 'A' + 10);
+    field.fail(name, "invalid hex digit");
+  };
+  Bytes bytes((text.size() - 2) / 2);
+  for (std::size_t i = 0; i < bytes.size(); ++i) {
+    bytes[i] = static_cast<std::byte>(nibble(text[2 + 2 * i]) << 4U | nibble(text[3 + 2 * i]));
+  }
+  return bytes;
+}
+
+void Codec<std::chrono::system_clock::time_point>::encode(
+    std::chrono::system_clock::time_point value, ParamSink& sink) {
+  using namespace std::chrono;
+  if (value == system_clock::time_point::max()) {
+    sink.text("infinity", oid::timestamptz);
+  } else if (value == system_clock::time_point::min()) {
+    sink.text("-infinity", oid::timestamptz);
+  } else {
+    const auto micros = duration_cast<microseconds>(value.time_since_epoch()).count();
+    sink.binary_integer(static_cast<std::int64_t>(micros - postgres_epoch_offset_us),
+                        oid::timestamptz);
+  }
+}
+
+// Parses the ISO output of timestamptz: "YYYY-MM-DD HH:MM:SS[.ffffff]+HH[:MM[:SS]]".
+std::chrono::system_clock::time_point Codec<std::chrono::system_clock::time_point>::decode(
+    const Field& field) {
+  using namespace std::chrono;
+  field.require_type({oid::timestamptz}, name);
+  if (field.text == "infinity") return system_clock::time_point::max();
+  if (field.text == "-infinity") return system_clock::time_point::min();
+  const auto text = field.text;
+  std::size_t at = 0;
+  int year = 0, month = 0, day = 0, hour = 0, minute = 0, second = 0;
+  auto expect = [&](char c) {
+    if (at >= text.size() || text[at] != c) {
+      field.fail(name, "expected ISO format (DateStyle ISO) with a time zone offset");
+    }
+    ++at;
+  };
+  if (!read_digits(text, at, 4, year))
+    field.fail(name, "bad year (BC and 5-digit years unsupported)");
+  expect('-');
+  if (!read_digits(text, at, 2, month)) field.fail(name, "bad month");
+  expect('-');
+  if (!read_digits(text, at, 2, day)) field.fail(name, "bad day");
+  expect(' ');
+  if (!read_digits(text, at, 2, hour)) field.fail(name, "bad hour");
+  expect(':');
+  if (!read_digits(text, at, 2, minute)) field.fail(name, "bad minute");
+  expect(':');
+  if (!read_digits(text, at, 2, second)) field.fail(name, "bad second");
+  std::int64_t micros = 0;
+  if (at < text.size() && text[at] == '.') {
+    ++at;
+    int digits = 0;
+    while (at < text.size() && text[at] >= '0' && text[at] <= '9') {
+      if (digits < 6) {
+        micros = micros * 10 + (text[at] - '0');
+        ++digits;
+      }
+      ++at;
+    }
+    for (; digits < 6; ++digits) micros *= 10;
+  }
+  if (at >= text.size() || (text[at] != '+' && text[at] != '-')) field.fail(name, "no offset");
+  const int sign = text[at] == '-' ? -1 : 1;
+  ++at;
+  int offset_hours = 0, offset_minutes = 0, offset_seconds = 0;
+  if (!read_digits(text, at, 2, offset_hours)) field.fail(name, "bad offset");
+  if (at < text.size() && text[at] == ':') {
+    ++at;
+    if (!read_digits(text, at, 2, offset_minutes)) field.fail(name, "bad offset");
+    if (at < text.size() && text[at] == ':') {
+      ++at;
+      if (!read_digits(text, at, 2, offset_seconds)) field.fail(name, "bad offset");
+    }
+  }
+  if (at != text.size()) field.fail(name, "trailing characters");
+  const std::int64_t days =
+      days_from_civil(year, static_cast<unsigned>(month), static_cast<unsigned>(day));
+  const std::int64_t local_seconds = days * 86400 + hour * 3600 + minute * 60 + second;
+  const std::int64_t offset = sign * (offset_hours * 3600 + offset_minutes * 60 + offset_seconds);
+  const std::int64_t utc_micros = (local_seconds - offset) * 1'000'000 + micros;
+  return system_clock::time_point(duration_cast<system_clock::duration>(microseconds(utc_micros)));
+}
+
+}  // namespace pgrt

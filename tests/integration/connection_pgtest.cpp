@@ -1,0 +1,746 @@
+// The db layer against a real server: connect, types, errors, cancellation, pipelines,
+// transactions, COPY, and faults.
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/cancellation_signal.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <libpq-fe.h>
+#include <limits>
+#include <malloc.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <string>
+#include <sys/socket.h>
+#include <thread>
+
+#include <pgrt/db.hpp>
+
+#include "pgrt/testing/blocking_sql.hpp"
+#include "pgrt/testing/db_test.hpp"
+#include "pgrt/testing/fault_proxy.hpp"
+#include "pgrt/testing/run_coroutine.hpp"
+
+namespace pgrt {
+namespace {
+
+namespace asio = boost::asio;
+using namespace std::chrono_literals;
+using testing::BlockingConnection;
+using ::testing::HasSubstr;
+using ::testing::Not;
+using testing::run_coroutine;
+using awaitable_void = asio::awaitable<void>;
+
+class ConnectionTest : public testing::DbTest {
+ protected:
+  static ConnectOptions options() { return ConnectOptions{.conninfo = cluster().dsn()}; }
+  static asio::awaitable<Connection> open() { return Connection::connect(options()); }
+};
+
+// Note: option aggregates are built in named variables, never inside a co_await expression:
+// g++ 12 miscompiles a braced temporary with std::string members there (its SSO buffers end up
+// pointing into the wrong object).
+
+// Catches the pgrt::Error an awaitable throws, or fails the test.
+template <typename T>
+asio::awaitable<Error> expect_error(asio::awaitable<T> operation) {
+  try {
+    co_await std::move(operation);
+  } catch (const Error& error) {
+    co_return error;
+  }
+  ADD_FAILURE() << "expected a pgrt::Error";
+  co_return Error(make_error_code(client_errc::protocol_error), {});
+}
+
+// ---------------------------------------------------------------- types
+
+TEST_F(ConnectionTest, EveryParameterTypeRoundTripsIncludingNulls) {
+  run_coroutine([]() -> awaitable_void {
+    auto conn = co_await open();
+    auto echo = [&](std::string_view cast, const auto& value) -> asio::awaitable<Result> {
+      const std::string sql = "SELECT $1" + std::string(cast);
+      co_return co_await conn.query(sql, value);
+    };
+    EXPECT_TRUE((co_await echo("", true)).scalar<bool>());
+    EXPECT_FALSE((co_await echo("", false)).scalar<bool>());
+    EXPECT_EQ((co_await echo("", std::int16_t{-32768})).scalar<std::int16_t>(), -32768);
+    EXPECT_EQ((co_await echo("", std::int32_t{2147483647})).scalar<std::int32_t>(), 2147483647);
+    EXPECT_EQ((co_await echo("", std::numeric_limits<std::int64_t>::min())).scalar<std::int64_t>(),
+              std::numeric_limits<std::int64_t>::min());
+    EXPECT_EQ((co_await echo("", std::uint32_t{4000000000})).scalar<std::uint32_t>(), 4000000000U);
+    EXPECT_EQ(
+        (co_await echo("", std::numeric_limits<std::uint64_t>::max())).scalar<std::uint64_t>(),
+        std::numeric_limits<std::uint64_t>::max());
+    EXPECT_FLOAT_EQ((co_await echo("", 1.5F)).scalar<float>(), 1.5F);
+    EXPECT_DOUBLE_EQ((co_await echo("", 0.1)).scalar<double>(), 0.1);
+    EXPECT_EQ((co_await echo("::text", std::string("it's \"quoted\"; DROP TABLE x; --")))
+                  .scalar<std::string>(),
+              std::string_view("it's \"quoted\"; DROP TABLE x; --"));
+    EXPECT_EQ((co_await echo("::text", std::string_view("view"))).scalar<std::string>(),
+              std::string_view("view"));
+    EXPECT_EQ((co_await echo("::text", "literal")).scalar<std::string>(),
+              std::string_view("literal"));
+    const char* c_string = "c string";
+    EXPECT_EQ((co_await echo("::text", c_string)).scalar<std::string>(),
+              std::string_view("c string"));
+    const std::string unicode = "žluťoučký kůň 🐎 日本語";
+    EXPECT_EQ((co_await echo("::text", unicode)).scalar<std::string>(), unicode);
+    EXPECT_EQ((co_await conn.query("SELECT length($1::text)", unicode)).scalar<int>(), 19);
+
+    const auto now =
+        std::chrono::time_point_cast<std::chrono::microseconds>(std::chrono::system_clock::now());
+    EXPECT_EQ((co_await echo("", std::chrono::system_clock::time_point(now)))
+                  .scalar<std::chrono::system_clock::time_point>(),
+              now);
+    auto known = co_await conn.query(
+        "SELECT $1::timestamptz = '2024-02-29 12:34:56.789+00'",
+        std::chrono::system_clock::time_point(
+            std::chrono::sys_days(std::chrono::year(2024) / std::chrono::February / 29) + 12h +
+            34min + 56s + 789ms));
+    EXPECT_TRUE(known.scalar<bool>());
+    co_await conn.execute("SET TIME ZONE 'Asia/Kolkata'");
+    auto offset = co_await conn.query("SELECT '2024-01-01 00:00:00+00'::timestamptz");
+    EXPECT_EQ(offset.scalar<std::chrono::system_clock::time_point>(),
+              std::chrono::sys_days(std::chrono::year(2024) / 1 / 1));
+
+    Bytes mebibyte(1024 * 1024);
+    for (std::size_t i = 0; i < mebibyte.size(); ++i) {
+      mebibyte[i] = static_cast<std::byte>((i * 31 + 7) % 256);
+    }
+    EXPECT_EQ((co_await echo("", mebibyte)).scalar<Bytes>(), mebibyte);
+    EXPECT_EQ((co_await conn.query("SELECT length($1)", mebibyte)).scalar<int>(), 1024 * 1024);
+
+    auto nulls = co_await conn.query(
+        "SELECT $1::bool, $2::int2, $3::int4, $4::int8, $5::float8, $6::text, $7::bytea, "
+        "$8::timestamptz",
+        std::optional<bool>{}, std::optional<std::int16_t>{}, std::optional<std::int32_t>{},
+        std::optional<std::int64_t>{}, std::optional<double>{}, std::optional<std::string>{},
+        std::optional<Bytes>{}, std::optional<std::chrono::system_clock::time_point>{});
+    const Row row = nulls[0];
+    EXPECT_EQ(row.get<std::optional<bool>>(0), std::nullopt);
+    EXPECT_EQ(row.get<std::optional<std::int16_t>>(1), std::nullopt);
+    EXPECT_EQ(row.get<std::optional<std::int32_t>>(2), std::nullopt);
+    EXPECT_EQ(row.get<std::optional<std::int64_t>>(3), std::nullopt);
+    EXPECT_EQ(row.get<std::optional<double>>(4), std::nullopt);
+    EXPECT_EQ(row.get<std::optional<std::string>>(5), std::nullopt);
+    EXPECT_EQ(row.get<std::optional<Bytes>>(6), std::nullopt);
+    EXPECT_EQ(row.get<std::optional<std::chrono::system_clock::time_point>>(7), std::nullopt);
+    auto present = co_await conn.query("SELECT $1::int8", std::optional<std::int64_t>{42});
+    EXPECT_EQ(present.scalar<std::optional<std::int64_t>>(), 42);
+  });
+}
+
+TEST_F(ConnectionTest, ResultsExposeRowsColumnsAndCounts) {
+  run_coroutine([]() -> awaitable_void {
+    auto conn = co_await open();
+    auto rows = co_await conn.query(
+        "SELECT g AS id, 'n' || g AS name FROM generate_series(1, 3) g ORDER BY g");
+    EXPECT_EQ(rows.size(), 3U);
+    if (rows.size() != 3U) co_return;
+    EXPECT_EQ(rows.columns(), 2U);
+    EXPECT_EQ(rows.column(0).name, "id");
+    EXPECT_EQ(rows.column(0).type, oid::int4);
+    EXPECT_EQ(rows.column(1).type, oid::text);
+    EXPECT_EQ(rows.column_index("name"), 1U);
+    int expected = 1;
+    for (const Row row : rows) {
+      EXPECT_EQ(row.get<int>("id"), expected);
+      EXPECT_EQ(row.get<std::string_view>("name"), "n" + std::to_string(expected));
+      ++expected;
+    }
+    EXPECT_EQ(rows.command_tag(), "SELECT 3");
+    co_await conn.execute("CREATE TEMP TABLE counted (v int)");
+    EXPECT_EQ(co_await conn.execute("INSERT INTO counted SELECT generate_series(1, 5)"), 5U);
+    EXPECT_EQ(co_await conn.execute("UPDATE counted SET v = v + 1 WHERE v > $1", 2), 3U);
+  });
+}
+
+TEST_F(ConnectionTest, TypeMismatchAndUnexpectedNullNameColumnAndTypes) {
+  run_coroutine([]() -> awaitable_void {
+    auto conn = co_await open();
+    auto rows = co_await conn.query(
+        "SELECT 1.5::numeric AS total, NULL::int4 AS missing, "
+        "99999::int4 AS big");
+    try {
+      (void)rows[0].get<bool>("total");
+      ADD_FAILURE() << "numeric read as bool";
+    } catch (const Error& error) {
+      EXPECT_EQ(error.code(), client_errc::conversion);
+      EXPECT_THAT(error.what(), HasSubstr("'total'"));
+      EXPECT_THAT(error.what(), HasSubstr("numeric"));
+      EXPECT_THAT(error.what(), HasSubstr("bool"));
+    }
+    try {
+      (void)rows[0].get<int>("missing");
+      ADD_FAILURE() << "NULL read as int";
+    } catch (const Error& error) {
+      EXPECT_EQ(error.code(), client_errc::unexpected_null);
+      EXPECT_THAT(error.what(), HasSubstr("'missing'"));
+      EXPECT_THAT(error.what(), HasSubstr("std::optional"));
+    }
+    EXPECT_THROW((void)rows[0].get<std::int16_t>("big"), Error);
+    EXPECT_THROW((void)rows[0].get<int>("nope"), Error);
+    EXPECT_THROW((void)rows[0].get<int>(7), Error);
+  });
+}
+
+// ---------------------------------------------------------------- large results
+
+std::size_t heap_in_use() {
+  return mallinfo2().uordblks;
+}
+
+TEST_F(ConnectionTest, MillionRowResultIteratesAndStreamingStaysBounded) {
+  run_coroutine([]() -> awaitable_void {
+    auto conn = co_await open();
+    const std::size_t before = heap_in_use();
+    {
+      auto rows = co_await conn.query("SELECT g::int8 FROM generate_series(1, 1000000) g");
+      const std::size_t held = heap_in_use() - before;
+      std::int64_t sum = 0;
+      for (const Row row : rows) sum += row.get<std::int64_t>(0);
+      EXPECT_EQ(rows.size(), 1'000'000U);
+      EXPECT_EQ(sum, 500'000'500'000);
+      // docs/usage.md and result.hpp state about 35 MB for this result.
+      EXPECT_LT(held, 48U * 1024 * 1024) << "a materialized 1M-row result took " << held;
+      std::printf("materialized 1,000,000 x int8: %zu bytes of heap\n", held);
+    }
+    std::size_t peak = 0;
+    std::int64_t sum = 0;
+    const std::size_t stream_before = heap_in_use();
+    const auto count = co_await conn.stream(
+        "SELECT g::int8 FROM generate_series(1, $1) g",
+        [&](const Row& row) {
+          sum += row.get<std::int64_t>(0);
+          peak = std::max(peak, heap_in_use() - std::min(heap_in_use(), stream_before));
+        },
+        std::int64_t{1'000'000});
+    EXPECT_EQ(count, 1'000'000U);
+    EXPECT_EQ(sum, 500'000'500'000);
+    EXPECT_LT(peak, 1U * 1024 * 1024) << "streaming held " << peak << " bytes at its peak";
+    std::printf("streamed 1,000,000 x int8: peak %zu bytes of extra heap\n", peak);
+    EXPECT_EQ((co_await conn.query("SELECT 1")).scalar<int>(), 1);
+  });
+}
+
+TEST_F(ConnectionTest, StreamCallbackExceptionCancelsAndLeavesConnectionUsable) {
+  run_coroutine([]() -> awaitable_void {
+    auto conn = co_await open();
+    int seen = 0;
+    try {
+      co_await conn.stream("SELECT generate_series(1, 1000000)", [&](const Row&) {
+        if (++seen == 10) throw std::runtime_error("enough");
+      });
+      ADD_FAILURE() << "the callback's exception was lost";
+    } catch (const std::runtime_error& error) {
+      EXPECT_STREQ(error.what(), "enough");
+    }
+    EXPECT_EQ(seen, 10);
+    EXPECT_EQ((co_await conn.query("SELECT 2")).scalar<int>(), 2);
+  });
+}
+
+// ---------------------------------------------------------------- server errors
+
+TEST_F(ConnectionTest, ServerErrorsCarrySqlstateAndConnectionStillWorks) {
+  run_coroutine([]() -> awaitable_void {
+    auto conn = co_await open();
+    auto syntax = co_await expect_error(conn.query("SELEC 1"));
+    EXPECT_EQ(syntax.sqlstate(), "42601");
+    EXPECT_EQ(syntax.code(), make_sqlstate_error("42601"));
+    EXPECT_THAT(syntax.what(), HasSubstr("syntax error"));
+    EXPECT_EQ(syntax.diagnostics().statement, "SELEC 1");
+    EXPECT_EQ((co_await conn.query("SELECT 1")).scalar<int>(), 1);
+
+    co_await conn.execute("CREATE TEMP TABLE uniq (id int PRIMARY KEY)");
+    co_await conn.execute("INSERT INTO uniq VALUES ($1)", 1);
+    auto duplicate = co_await expect_error(conn.execute("INSERT INTO uniq VALUES ($1)", 1));
+    EXPECT_EQ(duplicate.sqlstate(), "23505");
+    EXPECT_TRUE(duplicate.code() == condition::unique_violation);
+    EXPECT_FALSE(duplicate.code() == condition::connection_error);
+    EXPECT_THAT(duplicate.diagnostics().detail, HasSubstr("Key (id)=(1) already exists"));
+    EXPECT_EQ((co_await conn.query("SELECT count(*) FROM uniq")).scalar<int>(), 1);
+
+    auto division = co_await expect_error(conn.query("SELECT 1 / $1", 0));
+    EXPECT_EQ(division.sqlstate(), "22012");
+    EXPECT_THAT(division.what(), HasSubstr("division by zero"));
+    EXPECT_EQ(conn.transaction_status(), TransactionStatus::idle);
+    EXPECT_EQ((co_await conn.query("SELECT 3")).scalar<int>(), 3);
+  });
+}
+
+TEST_F(ConnectionTest, NoThrowTokenReportsErrorCodeAndDiagnostics) {
+  run_coroutine([]() -> awaitable_void {
+    auto conn = co_await open();
+    ParamSink params;
+    encode_params(params, 0);
+    auto [error, result] = co_await conn.async_query("SELECT 1 / $1", std::move(params),
+                                                     asio::as_tuple(asio::use_awaitable));
+    EXPECT_EQ(error, make_sqlstate_error("22012"));
+    EXPECT_EQ(conn.last_error().sqlstate, "22012");
+    auto [ok, rows] =
+        co_await conn.async_execute("SELECT 1", {}, asio::as_tuple(asio::use_awaitable));
+    EXPECT_FALSE(ok);
+    EXPECT_EQ(rows, 1U);
+
+    auto executor = co_await asio::this_coro::executor;
+    ConnectOptions wrong_database{.conninfo = cluster().dsn() + " dbname=no_such_db"};
+    auto [connect_error, failed] = co_await Connection::async_connect(
+        executor, std::move(wrong_database), asio::as_tuple(asio::use_awaitable));
+    EXPECT_EQ(connect_error, make_sqlstate_error("3D000"));
+    EXPECT_FALSE(failed.is_open());
+    EXPECT_THAT(failed.last_error().message, HasSubstr("no_such_db"));
+  });
+}
+
+TEST_F(ConnectionTest, ConcurrentUseIsDetectedAndDoesNotDisturbTheRunningQuery) {
+  run_coroutine([]() -> awaitable_void {
+    auto conn = co_await open();
+    auto executor = co_await asio::this_coro::executor;
+    bool first_done = false;
+    asio::co_spawn(
+        executor,
+        [&]() -> awaitable_void {
+          auto rows = co_await conn.query("SELECT pg_sleep(0.2), 7");
+          EXPECT_EQ(rows[0].get<int>(1), 7);
+          first_done = true;
+        },
+        asio::detached);
+    asio::steady_timer pause(executor, 20ms);
+    co_await pause.async_wait(asio::use_awaitable);
+    auto misuse = co_await expect_error(conn.query("SELECT 1"));
+    EXPECT_EQ(misuse.code(), client_errc::concurrent_use);
+    while (!first_done) {
+      pause.expires_after(10ms);
+      co_await pause.async_wait(asio::use_awaitable);
+    }
+    EXPECT_EQ((co_await conn.query("SELECT 8")).scalar<int>(), 8);
+  });
+}
+
+// ---------------------------------------------------------------- connecting
+
+TEST_F(ConnectionTest, ConnectOptionsReachTheServerAndTheSocket) {
+  run_coroutine([]() -> awaitable_void {
+    // Built outside the co_await: g++ 12 rejects an initializer list inside a co_await expression.
+    ConnectOptions options{
+        .conninfo = "postgresql://postgres@127.0.0.1:" + std::to_string(cluster().port()) +
+                    "/postgres?application_name=ignored",
+        .application_name = "pgrt-test/options",
+        .session_settings = {{"statement_timeout", "4321ms"}, {"search_path", "\"a b\", public"}},
+        .keepalives = TcpKeepalives{.idle = 17s, .interval = 3s, .count = 4},
+        .tcp_user_timeout = 7000ms,
+    };
+    auto conn = co_await Connection::connect(std::move(options));
+    EXPECT_EQ((co_await conn.query("SHOW application_name")).scalar<std::string>(),
+              std::string_view("pgrt-test/options"));
+    EXPECT_EQ((co_await conn.query("SHOW statement_timeout")).scalar<std::string>(),
+              std::string_view("4321ms"));
+    EXPECT_EQ((co_await conn.query("SHOW search_path")).scalar<std::string>(),
+              std::string_view("\"a b\", public"));
+    EXPECT_EQ((co_await conn.query("SHOW DateStyle")).scalar<std::string>(),
+              std::string_view("ISO, MDY"));
+    const int fd = PQsocket(conn.native_handle());
+    int value = 0;
+    socklen_t size = sizeof value;
+    EXPECT_EQ(getsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &value, &size), 0);
+    EXPECT_EQ(value, 1);
+    EXPECT_EQ(getsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &value, &size), 0);
+    EXPECT_EQ(value, 17);
+    EXPECT_EQ(getsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &value, &size), 0);
+    EXPECT_EQ(value, 4);
+    EXPECT_EQ(getsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &value, &size), 0);
+    EXPECT_EQ(value, 7000);
+  });
+}
+
+TEST_F(ConnectionTest, EnvironmentVariablesFillAnEmptyConninfo) {
+  ::setenv("PGHOST", cluster().directory().c_str(), 1);
+  ::setenv("PGPORT", std::to_string(cluster().port()).c_str(), 1);
+  ::setenv("PGUSER", "postgres", 1);
+  ::setenv("PGDATABASE", "postgres", 1);
+  ::setenv("PGAPPNAME", "from-env", 1);
+  run_coroutine([]() -> awaitable_void {
+    ConnectOptions defaults;
+    auto conn = co_await Connection::connect(std::move(defaults));
+    EXPECT_EQ((co_await conn.query("SHOW application_name")).scalar<std::string>(),
+              std::string_view("from-env"));
+  });
+  for (const char* name : {"PGHOST", "PGPORT", "PGUSER", "PGDATABASE", "PGAPPNAME"})
+    ::unsetenv(name);
+}
+
+TEST_F(ConnectionTest, ConnectFailuresAreClearDistinctAndWithinTheTimeout) {
+  auto own = start_own_cluster({
+      .max_connections = 3,
+      .settings = {{"superuser_reserved_connections", "0"}},
+      .password_role = testing::PasswordRole{"app", "right-password"},
+  });
+  const std::string port = std::to_string(own->port());
+  auto attempt = [&](std::string conninfo) {
+    return run_coroutine([conninfo]() -> asio::awaitable<Error> {
+      ConnectOptions options{.conninfo = conninfo, .connect_timeout = 5s};
+      co_return co_await expect_error(Connection::connect(std::move(options)));
+    });
+  };
+  auto timed = [&](std::string conninfo) {
+    const auto start = std::chrono::steady_clock::now();
+    Error error = attempt(std::move(conninfo));
+    EXPECT_LT(std::chrono::steady_clock::now() - start, 5s);
+    EXPECT_THAT(error.what(), Not(HasSubstr("right-password")));
+    EXPECT_THAT(error.what(), Not(HasSubstr("wrong-password")));
+    return error;
+  };
+
+  auto wrong_password =
+      timed("host=127.0.0.1 port=" + port + " user=app password=wrong-password dbname=postgres");
+  EXPECT_EQ(wrong_password.sqlstate(), "28P01");
+  EXPECT_THAT(wrong_password.what(), HasSubstr("password authentication failed"));
+
+  auto unknown_database = timed(own->dsn() + " dbname=missing_db");
+  EXPECT_EQ(unknown_database.sqlstate(), "3D000");
+  EXPECT_THAT(unknown_database.what(), HasSubstr("missing_db"));
+
+  // Port 1 on loopback: nothing listens there.
+  auto refused = timed("host=127.0.0.1 port=1 user=postgres dbname=postgres");
+  EXPECT_EQ(refused.code(), client_errc::connect_failed);
+  EXPECT_TRUE(refused.code() == condition::connection_error);
+  EXPECT_THAT(refused.what(), HasSubstr("refused"));
+
+  auto unresolvable = timed("host=no-such-host.invalid port=5432 user=postgres");
+  EXPECT_EQ(unresolvable.code(), client_errc::name_resolution);
+  EXPECT_THAT(unresolvable.what(), HasSubstr("no-such-host.invalid"));
+
+  BlockingConnection first(own->dsn());
+  BlockingConnection second(own->dsn());
+  BlockingConnection third(own->dsn());
+  auto full = timed(own->dsn());
+  EXPECT_EQ(full.sqlstate(), "53300");
+  EXPECT_TRUE(full.code() == condition::too_many_connections);
+  EXPECT_THAT(full.diagnostics().hint, HasSubstr("max_connections"));
+
+  auto malformed = timed("host=127.0.0.1 password=wrong-password port");
+  EXPECT_EQ(malformed.code(), client_errc::connect_failed);
+  EXPECT_THAT(malformed.what(), HasSubstr("could not be parsed"));
+}
+
+TEST_F(ConnectionTest, ConnectToABlackholeTimesOut) {
+  testing::FaultProxy proxy("127.0.0.1", static_cast<std::uint16_t>(cluster().port()));
+  proxy.pause();
+  auto error = run_coroutine([&]() -> asio::awaitable<Error> {
+    ConnectOptions options{.conninfo = proxy.conninfo_prefix() + " user=postgres dbname=postgres",
+                           .connect_timeout = 300ms};
+    co_return co_await expect_error(Connection::connect(std::move(options)));
+  });
+  EXPECT_EQ(error.code(), client_errc::timeout);
+  EXPECT_THAT(error.what(), HasSubstr("within 300 ms"));
+}
+
+TEST_F(ConnectionTest, CloseGracefullyOrImmediatelyEndsTheBackend) {
+  for (CloseMode mode : {CloseMode::graceful, CloseMode::immediate}) {
+    int pid = run_coroutine([mode]() -> asio::awaitable<int> {
+      auto conn = co_await open();
+      const int backend = conn.backend_pid();
+      conn.close(mode);
+      EXPECT_FALSE(conn.is_open());
+      auto closed = co_await expect_error(conn.query("SELECT 1"));
+      EXPECT_EQ(closed.code(), client_errc::not_connected);
+      co_return backend;
+    });
+    bool gone = false;
+    for (int i = 0; i < 200 && !gone; ++i) {
+      gone = !testing::backend_exists(cluster().dsn(), pid);
+      if (!gone) std::this_thread::sleep_for(20ms);
+    }
+    EXPECT_TRUE(gone) << "the backend outlived close()";
+  }
+}
+
+TEST(ErrorText, MaskPasswordHidesPasswordsInUrlsAndKeyValueStrings) {
+  const std::string masked = mask_password("host=db user=app password=secret dbname=x");
+  EXPECT_THAT(masked, HasSubstr("password=****"));
+  EXPECT_THAT(masked, HasSubstr("host=db"));
+  EXPECT_THAT(masked, HasSubstr("user=app"));
+  EXPECT_THAT(masked, Not(HasSubstr("secret")));
+  EXPECT_THAT(mask_password("postgresql://app:secret@db:5432/x"), Not(HasSubstr("secret")));
+  EXPECT_THAT(mask_password("postgresql://app:secret@db:5432/x"), HasSubstr("password=****"));
+  EXPECT_THAT(mask_password("password=secret host"), Not(HasSubstr("secret")));
+}
+
+// ---------------------------------------------------------------- cancellation and faults
+
+TEST_F(ConnectionTest, CancelledSleepEndsQuicklyAndConnectionRunsAgain) {
+  run_coroutine([]() -> awaitable_void {
+    auto conn = co_await open();
+    auto executor = co_await asio::this_coro::executor;
+    asio::cancellation_signal cancel;
+    std::optional<Error> outcome;
+    bool done = false;
+    const auto start = std::chrono::steady_clock::now();
+    asio::co_spawn(
+        executor,
+        [&]() -> awaitable_void {
+          outcome = co_await expect_error(conn.query("SELECT pg_sleep(10)"));
+          done = true;
+        },
+        asio::bind_cancellation_slot(cancel.slot(), asio::detached));
+    asio::steady_timer timer(executor, 100ms);
+    co_await timer.async_wait(asio::use_awaitable);
+    cancel.emit(asio::cancellation_type::terminal);
+    while (!done) {
+      timer.expires_after(5ms);
+      co_await timer.async_wait(asio::use_awaitable);
+    }
+    EXPECT_LT(std::chrono::steady_clock::now() - start, 1s);
+    EXPECT_EQ(outcome->code(), client_errc::cancelled);
+    EXPECT_TRUE(outcome->code() == condition::query_canceled);
+    EXPECT_FALSE(conn.is_broken());
+    EXPECT_EQ((co_await conn.query("SELECT 1")).scalar<int>(), 1);
+
+    const auto again = std::chrono::steady_clock::now();
+    auto timeout = co_await expect_error(with_timeout(conn.query("SELECT pg_sleep(10)"), 100ms));
+    EXPECT_EQ(timeout.code(), client_errc::timeout);
+    EXPECT_TRUE(timeout.code() == condition::timeout);
+    EXPECT_LT(std::chrono::steady_clock::now() - again, 1s);
+    EXPECT_EQ((co_await conn.query("SELECT 1")).scalar<int>(), 1);
+  });
+}
+
+TEST_F(ConnectionTest, TerminatedBackendIsReportedAsConnectionLost) {
+  run_coroutine(
+      []() -> awaitable_void {
+        auto conn = co_await open();
+        auto executor = co_await asio::this_coro::executor;
+        const int pid = conn.backend_pid();
+        asio::co_spawn(
+            executor,
+            [pid]() -> awaitable_void {
+              auto killer = co_await open();
+              asio::steady_timer timer(co_await asio::this_coro::executor, 100ms);
+              co_await timer.async_wait(asio::use_awaitable);
+              co_await killer.query("SELECT pg_terminate_backend($1)", pid);
+            },
+            asio::detached);
+        auto lost = co_await expect_error(conn.query("SELECT pg_sleep(10)"));
+        EXPECT_EQ(lost.code(), client_errc::connection_lost);
+        EXPECT_TRUE(lost.code() == condition::connection_error);
+        EXPECT_EQ(lost.sqlstate(), "57P01");
+        EXPECT_THAT(lost.what(), HasSubstr("terminating connection"));
+        EXPECT_TRUE(conn.is_broken());
+        EXPECT_EQ((co_await expect_error(conn.query("SELECT 1"))).code(),
+                  client_errc::not_connected);
+      },
+      20s);
+}
+
+TEST_F(ConnectionTest, BlackholedQueryHitsTheDeadlineAndTheConnectionIsBroken) {
+  testing::FaultProxy proxy("127.0.0.1", static_cast<std::uint16_t>(cluster().port()));
+  run_coroutine(
+      [&]() -> awaitable_void {
+        ConnectOptions options{
+            .conninfo = proxy.conninfo_prefix() + " user=postgres dbname=postgres",
+            .cancel_timeout = 500ms};
+        auto conn = co_await Connection::connect(std::move(options));
+        EXPECT_EQ((co_await conn.query("SELECT 1")).scalar<int>(), 1);
+        proxy.pause();
+        const auto start = std::chrono::steady_clock::now();
+        auto error = co_await expect_error(with_timeout(conn.query("SELECT 2"), 200ms));
+        EXPECT_EQ(error.code(), client_errc::timeout);
+        EXPECT_LT(std::chrono::steady_clock::now() - start, 2s);
+        EXPECT_TRUE(conn.is_broken());
+        EXPECT_FALSE(conn.is_open());
+      },
+      20s);
+  proxy.resume();
+}
+
+TEST_F(ConnectionTest, DroppedConnectionIsReportedAsConnectionLost) {
+  testing::FaultProxy proxy("127.0.0.1", static_cast<std::uint16_t>(cluster().port()));
+  run_coroutine(
+      [&]() -> awaitable_void {
+        ConnectOptions options{.conninfo =
+                                   proxy.conninfo_prefix() + " user=postgres dbname=postgres"};
+        auto conn = co_await Connection::connect(std::move(options));
+        EXPECT_EQ((co_await conn.query("SELECT 1")).scalar<int>(), 1);
+        proxy.drop_all();
+        auto error = co_await expect_error(conn.query("SELECT 2"));
+        EXPECT_EQ(error.code(), client_errc::connection_lost);
+        EXPECT_TRUE(conn.is_broken());
+      },
+      20s);
+}
+
+// ---------------------------------------------------------------- prepared statements, pipelines
+
+TEST_F(ConnectionTest, PreparedStatementsAreCachedPerTextAndTypesWithLruEviction) {
+  run_coroutine([]() -> awaitable_void {
+    ConnectOptions options{.conninfo = cluster().dsn(), .statement_cache_size = 2};
+    auto conn = co_await Connection::connect(std::move(options));
+    auto prepared_count = [&]() -> asio::awaitable<int> {
+      co_return (co_await conn.query("SELECT count(*) FROM pg_prepared_statements")).scalar<int>();
+    };
+    for (int i = 0; i < 3; ++i) {
+      EXPECT_EQ((co_await conn.query_prepared("SELECT $1::int8 + 1", i)).scalar<int>(), i + 1);
+    }
+    EXPECT_EQ(co_await prepared_count(), 1);
+    EXPECT_EQ((co_await conn.query_prepared("SELECT $1::text", "x")).scalar<std::string>(),
+              std::string_view("x"));
+    EXPECT_EQ((co_await conn.query_prepared("SELECT 3")).scalar<int>(), 3);
+    EXPECT_EQ(co_await prepared_count(), 2) << "the least recently used one is deallocated";
+    co_await conn.execute("DEALLOCATE ALL");
+    EXPECT_EQ((co_await conn.query_prepared("SELECT 3")).scalar<int>(), 3)
+        << "a statement deallocated behind pgrt's back is prepared again";
+    auto error = co_await expect_error(conn.query_prepared("SELEC 1"));
+    EXPECT_EQ(error.sqlstate(), "42601");
+  });
+}
+
+TEST_F(ConnectionTest, PipelineReportsEachStatementWithAFailureInTheMiddle) {
+  run_coroutine([]() -> awaitable_void {
+    auto conn = co_await open();
+    co_await conn.execute("CREATE TEMP TABLE piped (v int)");
+
+    Pipeline one_segment;
+    for (int i = 0; i < 100; ++i) {
+      if (i == 50) {
+        one_segment.add("SELECT 1 / $1", 0);
+      } else {
+        one_segment.add("INSERT INTO piped VALUES ($1)", i);
+      }
+    }
+    auto outcomes = co_await conn.run(one_segment);
+    EXPECT_EQ(outcomes.size(), 100U);
+    if (outcomes.size() != 100U) co_return;
+    for (int i = 0; i < 50; ++i) EXPECT_TRUE(outcomes[i].ok()) << i;
+    EXPECT_EQ(sqlstate_of(outcomes[50].error), "22012");
+    EXPECT_EQ(outcomes[50].diagnostics.sqlstate, "22012");
+    for (int i = 51; i < 100; ++i) EXPECT_EQ(outcomes[i].error, client_errc::pipeline_aborted) << i;
+    EXPECT_EQ((co_await conn.query("SELECT count(*) FROM piped")).scalar<int>(), 0)
+        << "one sync segment is one implicit transaction";
+
+    Pipeline segments;
+    for (int i = 0; i < 100; ++i) {
+      if (i == 50) {
+        segments.add("SELECT 1 / $1", 0).sync();
+      } else {
+        segments.add("INSERT INTO piped VALUES ($1) RETURNING v", i).sync();
+      }
+    }
+    outcomes = co_await conn.run(segments);
+    for (int i = 0; i < 100; ++i) {
+      if (i == 50) {
+        EXPECT_EQ(sqlstate_of(outcomes[i].error), "22012");
+      } else {
+        EXPECT_TRUE(outcomes[i].ok()) << i;
+        EXPECT_EQ(outcomes[i].result.scalar<int>(), i);
+      }
+    }
+    EXPECT_EQ((co_await conn.query("SELECT count(*) FROM piped")).scalar<int>(), 99);
+    EXPECT_EQ((co_await conn.query("SELECT 1")).scalar<int>(), 1);
+  });
+}
+
+// ---------------------------------------------------------------- transactions
+
+TEST_F(ConnectionTest, TransactionHelperCommitsOrRollsBack) {
+  BlockingConnection observer(cluster().dsn());
+  observer.query("DROP TABLE IF EXISTS tx_outcome; CREATE TABLE tx_outcome (label text)");
+  auto count = [&](const std::string& label) {
+    return observer.scalar("SELECT count(*) FROM tx_outcome WHERE label = '" + label + "'");
+  };
+  run_coroutine([]() -> awaitable_void {
+    auto conn = co_await open();
+    const int value = co_await transaction(conn, [](Connection& c) -> asio::awaitable<int> {
+      co_await c.execute("INSERT INTO tx_outcome VALUES ($1)", "committed");
+      co_return 42;
+    });
+    EXPECT_EQ(value, 42);
+    EXPECT_EQ(conn.transaction_status(), TransactionStatus::idle);
+
+    try {
+      co_await transaction(conn, [](Connection& c) -> awaitable_void {
+        co_await c.execute("INSERT INTO tx_outcome VALUES ($1)", "thrown");
+        throw std::runtime_error("body failed");
+      });
+      ADD_FAILURE() << "the body's exception was swallowed";
+    } catch (const std::runtime_error& error) {
+      EXPECT_STREQ(error.what(), "body failed");
+    }
+    EXPECT_EQ(conn.transaction_status(), TransactionStatus::idle);
+
+    auto cancelled = co_await expect_error(with_timeout(
+        transaction(conn,
+                    [](Connection& c) -> awaitable_void {
+                      co_await c.execute("INSERT INTO tx_outcome VALUES ($1)", "cancelled");
+                      co_await c.query("SELECT pg_sleep(10)");
+                    }),
+        200ms));
+    EXPECT_EQ(cancelled.code(), client_errc::timeout);
+    EXPECT_EQ(conn.transaction_status(), TransactionStatus::idle);
+    EXPECT_EQ((co_await conn.query("SELECT 1")).scalar<int>(), 1);
+
+    co_await transaction(
+        conn,
+        [](Connection& c) -> awaitable_void {
+          EXPECT_EQ((co_await c.query("SHOW transaction_isolation")).scalar<std::string>(),
+                    std::string_view("serializable"));
+          EXPECT_EQ((co_await c.query("SHOW transaction_read_only")).scalar<std::string>(),
+                    std::string_view("on"));
+        },
+        TransactionOptions{.isolation = IsolationLevel::serializable, .read_only = true});
+  });
+  EXPECT_EQ(count("committed"), "1");
+  EXPECT_EQ(count("thrown"), "0");
+  EXPECT_EQ(count("cancelled"), "0");
+}
+
+// ---------------------------------------------------------------- COPY
+
+TEST_F(ConnectionTest, CopyFromStdinWritesEveryRowExactly) {
+  run_coroutine([]() -> awaitable_void {
+    auto conn = co_await open();
+    co_await conn.execute(
+        "CREATE TEMP TABLE copied (id int8, name text, score float8, ok bool, data bytea, "
+        "at timestamptz)");
+    std::string data;
+    const auto at = std::chrono::sys_days(std::chrono::year(2023) / 7 / 14) + 1h + 2min + 3s +
+                    std::chrono::microseconds(456789);
+    const auto at_point = std::chrono::system_clock::time_point(at);
+    for (int i = 0; i < 1000; ++i) {
+      copy_text_row(data, i, "name\t" + std::to_string(i) + "\\\n", i * 0.5, i % 2 == 0,
+                    Bytes{std::byte{0}, std::byte{0xFF}}, at_point);
+    }
+    copy_text_row(data, 1000, std::optional<std::string>{}, std::optional<double>{},
+                  std::optional<bool>{}, std::optional<Bytes>{},
+                  std::optional<std::chrono::system_clock::time_point>{});
+    EXPECT_EQ(co_await conn.copy_from("COPY copied FROM STDIN", data), 1001U);
+    auto seventh = co_await conn.query("SELECT * FROM copied WHERE id = 7");
+    const Row row = seventh[0];
+    EXPECT_EQ(row.get<std::string>("name"), "name\t7\\\n");
+    EXPECT_DOUBLE_EQ(row.get<double>("score"), 3.5);
+    EXPECT_FALSE(row.get<bool>("ok"));
+    EXPECT_EQ(row.get<Bytes>("data"), (Bytes{std::byte{0}, std::byte{0xFF}}));
+    EXPECT_EQ(row.get<std::chrono::system_clock::time_point>("at"), at_point);
+    auto last = co_await conn.query("SELECT * FROM copied WHERE id = 1000");
+    const Row nulls = last[0];
+    EXPECT_TRUE(nulls.is_null(1));
+    EXPECT_TRUE(nulls.is_null(5));
+
+    auto bad = co_await expect_error(conn.copy_from("COPY copied FROM STDIN", "not-a-number\n"));
+    EXPECT_EQ(bad.sqlstate(), "22P02");
+    EXPECT_EQ((co_await conn.query("SELECT count(*) FROM copied")).scalar<int>(), 1001);
+  });
+}
+
+}  // namespace
+}  // namespace pgrt
