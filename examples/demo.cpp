@@ -1,16 +1,19 @@
-// pgrt demo: connects to PostgreSQL, prints the server's version and exits.
+// pgrt demo: connects to PostgreSQL with pgrt::Connection, prints the server's version and exits.
 //
 // With DATABASE_URL unset it runs on a throwaway cluster that it starts and removes, also when it
 // is interrupted with Ctrl+C (SIGINT) or SIGTERM. With DATABASE_URL set it uses that server.
 //
 //   pgrt_demo [--serve-seconds N]   keep running N seconds after connecting, as a service would
 #include <atomic>
+#include <boost/asio/awaitable.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/io_context.hpp>
 #include <chrono>
 #include <condition_variable>
 #include <csignal>
 #include <cstdlib>
+#include <functional>
 #include <iostream>
-#include <libpq-fe.h>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -19,7 +22,7 @@
 #include <string_view>
 #include <thread>
 
-#include <pgrt/db/libpq_info.hpp>
+#include <pgrt/db.hpp>
 #include <pgrt/runtime/version.hpp>
 #include <pgrt/testing/temp_cluster.hpp>
 
@@ -77,12 +80,19 @@ class SignalStop {
           std::lock_guard lock(mutex_);
           source_.request_stop();
           woken_.notify_all();
+          if (callback_) callback_();
           return;
         }
       }
     });
   }
   [[nodiscard]] std::stop_token token() const { return source_.get_token(); }
+  // Also called (on the signal thread) when a signal arrives.
+  void on_signal(std::function<void()> callback) {
+    std::lock_guard lock(mutex_);
+    callback_ = std::move(callback);
+    if (source_.stop_requested() && callback_) callback_();
+  }
   [[nodiscard]] int received() const { return received_; }
   // Waits up to `duration`; false if a signal ended the wait.
   bool sleep_for(std::chrono::seconds duration) {
@@ -96,6 +106,7 @@ class SignalStop {
   std::atomic<int> received_{0};
   std::mutex mutex_;
   std::condition_variable woken_;
+  std::function<void()> callback_;
   std::jthread waiter_;
 };
 
@@ -113,23 +124,38 @@ int run(const Arguments& arguments, SignalStop& signal_stop) {
     conninfo = cluster->dsn();
   }
 
-  std::unique_ptr<PGconn, void (*)(PGconn*)> connection(PQconnectdb(conninfo.c_str()), PQfinish);
-  if (PQstatus(connection.get()) != CONNECTION_OK) {
-    // libpq's message never contains the password; the conninfo (which may) is not printed.
-    std::cerr << "pgrt_demo: cannot connect to PostgreSQL: " << PQerrorMessage(connection.get())
-              << "Check DATABASE_URL (a libpq URL or key=value string) and that the server is up."
-              << std::endl;
-    return exit_failure;
-  }
-  std::unique_ptr<PGresult, void (*)(PGresult*)> result(
-      PQexec(connection.get(), "SELECT version()"), PQclear);
-  if (PQresultStatus(result.get()) != PGRES_TUPLES_OK) {
-    std::cerr << "pgrt_demo: SELECT version() failed: " << PQerrorMessage(connection.get());
-    return exit_failure;
-  }
-  std::cout << "pgrt " << pgrt::version_string() << " (libpq " << pgrt::libpq_version()
-            << ") connected to " << PQdb(connection.get()) << " as " << PQuser(connection.get())
-            << "\nserver: " << PQgetvalue(result.get(), 0, 0) << std::endl;
+  // The query runs on an io_context; a signal stops it (the coroutine is then destroyed, which
+  // closes the connection).
+  boost::asio::io_context io;
+  signal_stop.on_signal([&io] { io.stop(); });
+  int code = exit_failure;
+  boost::asio::co_spawn(
+      io,
+      [&]() -> boost::asio::awaitable<void> {
+        // Options are built in a named variable: g++ 12 miscompiles braced temporaries with
+        // string members inside a co_await expression.
+        pgrt::ConnectOptions options{.conninfo = conninfo, .application_name = "pgrt-demo"};
+        auto connection = co_await pgrt::Connection::connect(std::move(options));
+        auto rows = co_await connection.query(
+            "SELECT version(), current_user, current_database(), $1::text", "hello from pgrt");
+        const pgrt::Row row = rows[0];
+        std::cout << "pgrt " << pgrt::version_string() << " (libpq " << pgrt::libpq_version()
+                  << ") connected to " << row.get<std::string_view>(2) << " as "
+                  << row.get<std::string_view>(1) << "\nserver: " << row.get<std::string_view>(0)
+                  << "\nparameter round trip: " << row.get<std::string_view>(3) << std::endl;
+        code = exit_ok;
+      },
+      [](std::exception_ptr failure) {
+        if (!failure) return;
+        try {
+          std::rethrow_exception(failure);
+        } catch (const std::exception& error) {
+          // pgrt's messages say what failed and what to check, and never contain a password.
+          std::cerr << "pgrt_demo: " << error.what() << std::endl;
+        }
+      });
+  io.run();
+  if (code != exit_ok) return code;
 
   if (arguments.serve_for.count() > 0) {
     std::cout << "serving for " << arguments.serve_for.count() << " s (Ctrl+C to stop)"

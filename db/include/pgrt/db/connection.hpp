@@ -12,13 +12,20 @@
 /// Errors: throwing operations throw pgrt::Error (error code + server diagnostics). The token-based
 /// async_* forms report (error_code, value) instead; the diagnostics are then in last_error().
 ///
-/// Cancellation: every operation supports per-operation cancellation of the terminal, partial and
-/// total types (for example from with_timeout(), or asio's awaitable operators). A running
-/// statement is cancelled on the server with a CancelRequest sent from a helper thread (libpq 15's
-/// PQcancel blocks, so it never runs on the io_context); the connection is then drained back to
-/// idle, for at most ConnectOptions::cancel_timeout. The operation ends with client_errc::cancelled
+/// Cancellation: every operation supports per-operation cancellation and treats terminal, partial
+/// and total alike (a coroutine passes on terminal cancellation only, unless its filter says
+/// otherwise; with_timeout() and asio's awaitable operators emit terminal). A running statement is
+/// cancelled on the server with a CancelRequest sent from a helper thread (libpq 15's PQcancel
+/// blocks, so it never runs on the io_context); the connection is then drained back to idle, for
+/// at most ConnectOptions::cancel_timeout. The operation ends with client_errc::cancelled
 /// (condition::query_canceled). If the drain does not finish in time, the connection is closed and
-/// reported broken (is_broken()).
+/// reported broken (is_broken()). A cancelled pipeline is not drained: its connection is closed.
+/// To keep working after a cancellation, an operation resets the calling coroutine's cancellation
+/// state (this_coro::reset_cancellation_state(), which restores the default filter).
+///
+/// Compiler note: g++ 12 miscompiles a braced temporary with std::string members inside a co_await
+/// expression (`co_await Connection::connect({.conninfo = ...})` corrupts the strings). Build
+/// ConnectOptions in a named variable first.
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/associated_cancellation_slot.hpp>

@@ -6,8 +6,9 @@
 /// Memory: a Result owns libpq's PGresult, which holds the whole result as received, once; rows and
 /// string_view fields point into it (nothing is copied until get<T>() converts a value). A result
 /// of R rows and C columns costs about R * (8 + 16 * C) bytes plus the text of the values: a
-/// 1,000,000-row single int8 column result is about 35 MB. For results that must not be held in
-/// memory at once, use Connection::stream(), which holds one row at a time.
+/// 1,000,000-row single int8 column result takes about 24 MB of heap (measured by the tests). For
+/// results that must not be held in memory at once, use Connection::stream(), which holds one row
+/// at a time.
 
 #include <cstddef>
 #include <cstdint>

@@ -1,0 +1,151 @@
+// Conversions, COPY encoding and error categories, without a server.
+#include <cmath>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <pgrt/db/copy.hpp>
+#include <pgrt/db/error.hpp>
+#include <pgrt/db/types.hpp>
+
+namespace pgrt {
+namespace {
+
+using std::chrono::system_clock;
+using ::testing::HasSubstr;
+
+Field field(std::string_view text, Oid type) {
+  return Field{.text = text, .type = type, .column_name = "col", .column_index = 2};
+}
+
+TEST(Codec, IntegersAreSentBigEndianWithTheirExactType) {
+  ParamSink sink;
+  encode_params(sink, std::int16_t{0x0102}, std::int32_t{-2}, std::int64_t{1}, std::uint32_t{7});
+  ASSERT_EQ(sink.size(), 4U);
+  EXPECT_EQ(sink.types()[0], oid::int2);
+  EXPECT_EQ(sink.types()[1], oid::int4);
+  EXPECT_EQ(sink.types()[2], oid::int8);
+  EXPECT_EQ(sink.types()[3], oid::int8) << "uint32 needs int8 to keep its range";
+  const auto values = sink.values();
+  EXPECT_EQ(sink.lengths()[0], 2);
+  EXPECT_EQ(values[0][0], 0x01);
+  EXPECT_EQ(values[0][1], 0x02);
+  EXPECT_EQ(static_cast<unsigned char>(values[1][3]), 0xFE);
+  EXPECT_EQ(sink.formats()[0], 1);
+}
+
+TEST(Codec, StringsAreTextOfUnspecifiedTypeAndNullIsANullPointer) {
+  ParamSink sink;
+  encode_params(sink, std::string("a"), "b", std::optional<int>{}, std::optional<int>{5});
+  EXPECT_EQ(sink.types()[0], oid::unspecified);
+  EXPECT_EQ(sink.formats()[0], 0);
+  const auto values = sink.values();
+  EXPECT_EQ(std::string_view(values[1], static_cast<std::size_t>(sink.lengths()[1])), "b");
+  EXPECT_EQ(values[2], nullptr);
+  EXPECT_NE(values[3], nullptr);
+  EXPECT_EQ(sink.types()[3], oid::int4);
+}
+
+TEST(Codec, IntegersDecodeWithRangeAndTypeChecks) {
+  EXPECT_EQ(Codec<std::int64_t>::decode(field("-9223372036854775808", oid::int8)),
+            std::numeric_limits<std::int64_t>::min());
+  EXPECT_EQ(Codec<std::int16_t>::decode(field("-32768", oid::int4)), -32768);
+  EXPECT_THROW(Codec<std::int16_t>::decode(field("40000", oid::int4)), Error);
+  EXPECT_THROW(Codec<std::uint32_t>::decode(field("-1", oid::int4)), Error);
+  EXPECT_THROW(Codec<int>::decode(field("1.5", oid::numeric)), Error);
+  try {
+    (void)Codec<int>::decode(field("t", oid::boolean));
+    FAIL();
+  } catch (const Error& error) {
+    EXPECT_EQ(error.code(), client_errc::conversion);
+    EXPECT_THAT(error.what(), HasSubstr("'col' (index 2)"));
+    EXPECT_THAT(error.what(), HasSubstr("bool"));
+    EXPECT_THAT(error.what(), HasSubstr("std::int32_t"));
+  }
+}
+
+TEST(Codec, FloatsBoolsAndBytea) {
+  EXPECT_DOUBLE_EQ(Codec<double>::decode(field("1.25", oid::float8)), 1.25);
+  EXPECT_TRUE(std::isinf(Codec<double>::decode(field("-Infinity", oid::float8))));
+  EXPECT_TRUE(std::isnan(Codec<double>::decode(field("NaN", oid::numeric))));
+  EXPECT_TRUE(Codec<bool>::decode(field("t", oid::boolean)));
+  EXPECT_THROW(Codec<bool>::decode(field("yes", oid::boolean)), Error);
+  EXPECT_EQ(Codec<Bytes>::decode(field("\\x00ff10", oid::bytea)),
+            (Bytes{std::byte{0}, std::byte{0xFF}, std::byte{0x10}}));
+  EXPECT_THROW(Codec<Bytes>::decode(field("\\x0g", oid::bytea)), Error);
+  EXPECT_THROW(Codec<Bytes>::decode(field("\\000", oid::bytea)), Error);
+}
+
+TEST(Codec, TimestamptzParsesIsoWithAnyOffset) {
+  using namespace std::chrono;
+  const auto expected = system_clock::time_point(sys_days(year(2024) / 1 / 1) + 1us);
+  EXPECT_EQ(Codec<system_clock::time_point>::decode(
+                field("2024-01-01 00:00:00.000001+00", oid::timestamptz)),
+            expected);
+  EXPECT_EQ(Codec<system_clock::time_point>::decode(
+                field("2024-01-01 05:30:00.000001+05:30", oid::timestamptz)),
+            expected);
+  EXPECT_EQ(Codec<system_clock::time_point>::decode(
+                field("2023-12-31 14:00:00.000001-10", oid::timestamptz)),
+            expected);
+  EXPECT_EQ(Codec<system_clock::time_point>::decode(
+                field("1900-01-01 00:00:00+00:00:00", oid::timestamptz)),
+            system_clock::time_point(sys_days(year(1900) / 1 / 1)));
+  EXPECT_EQ(Codec<system_clock::time_point>::decode(field("infinity", oid::timestamptz)),
+            system_clock::time_point::max());
+  EXPECT_THROW(Codec<system_clock::time_point>::decode(field("01/02/2024", oid::timestamptz)),
+               Error);
+  EXPECT_THROW(
+      Codec<system_clock::time_point>::decode(field("2024-01-01 00:00:00", oid::timestamp)), Error);
+}
+
+TEST(Copy, TextRowsEscapeSpecialCharactersAndNulls) {
+  std::string out;
+  copy_text_row(out, 1, "tab\there\\back\nline", std::optional<int>{}, true, 2.5,
+                Bytes{std::byte{0xAB}});
+  EXPECT_EQ(out, "1\ttab\\there\\\\back\\nline\t\\N\tt\t2.5\t\\\\xab\n");
+  std::string instant;
+  append_copy_field(
+      instant, system_clock::time_point(std::chrono::sys_days(std::chrono::year(1969) / 12 / 31) +
+                                        std::chrono::hours(23) + std::chrono::microseconds(5)));
+  EXPECT_EQ(instant, "1969-12-31 23:00:00.000005+00");
+}
+
+TEST(Errors, SqlstatesRoundTripAndMapToConditions) {
+  const auto unique = make_sqlstate_error("23505");
+  EXPECT_EQ(sqlstate_of(unique), "23505");
+  EXPECT_THAT(unique.message(), HasSubstr("unique_violation"));
+  EXPECT_TRUE(unique == condition::unique_violation);
+  EXPECT_FALSE(unique == condition::deadlock);
+  EXPECT_TRUE(make_sqlstate_error("53300") == condition::too_many_connections);
+  EXPECT_TRUE(make_sqlstate_error("53200") == condition::too_many_connections) << "class 53";
+  EXPECT_TRUE(make_sqlstate_error("57P01") == condition::admin_shutdown);
+  EXPECT_TRUE(make_sqlstate_error("57P01") == condition::connection_error);
+  EXPECT_TRUE(make_sqlstate_error("08006") == condition::connection_error);
+  EXPECT_TRUE(make_sqlstate_error("40001") == condition::serialization_failure);
+  EXPECT_TRUE(make_sqlstate_error("40P01") == condition::deadlock);
+  EXPECT_TRUE(make_sqlstate_error("57014") == condition::query_canceled);
+  EXPECT_EQ(sqlstate_of(make_sqlstate_error("ZZZZZ")), "ZZZZZ");
+  EXPECT_EQ(make_sqlstate_error("bad"), client_errc::protocol_error);
+
+  EXPECT_TRUE(make_error_code(client_errc::connection_lost) == condition::connection_error);
+  EXPECT_TRUE(make_error_code(client_errc::cancelled) == condition::query_canceled);
+  EXPECT_TRUE(make_error_code(client_errc::timeout) == condition::timeout);
+  EXPECT_FALSE(make_error_code(client_errc::conversion) == condition::connection_error);
+}
+
+TEST(Errors, ErrorMessageCarriesDiagnostics) {
+  const Error error(make_sqlstate_error("23505"),
+                    Diagnostics{.sqlstate = "23505",
+                                .severity = "ERROR",
+                                .message = "duplicate key",
+                                .detail = "Key (id)=(1) already exists.",
+                                .hint = "use ON CONFLICT",
+                                .statement = "INSERT"});
+  EXPECT_STREQ(error.what(),
+               "duplicate key [23505 unique_violation]\nDETAIL: Key (id)=(1) already exists.\n"
+               "HINT: use ON CONFLICT\nSTATEMENT: INSERT");
+  EXPECT_EQ(error.sqlstate(), "23505");
+}
+
+}  // namespace
+}  // namespace pgrt
