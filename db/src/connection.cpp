@@ -193,26 +193,43 @@ struct Connection::Impl {
 
   // --- waiting ----------------------------------------------------------------------------------
 
-  // Waits until libpq's socket is readable. Data libpq left unread would not wake the reactor
-  // (readiness is edge-triggered), so a non-blocking poll() looks first.
-  asio::awaitable<error_code> wait_readable() {
-    pollfd descriptor{.fd = PQsocket(conn), .events = POLLIN, .revents = 0};
-    if (::poll(&descriptor, 1, 0) > 0) co_return error_code{};
-    auto [error] = co_await socket.async_wait(asio::posix::descriptor_base::wait_read, no_throw);
+  // Waits until libpq's socket is ready for `wait`. Asio's epoll reactor is edge-triggered and
+  // async_wait never looks at the socket before waiting, so readiness that arrived before the wait
+  // was queued (bytes libpq left unread, or an edge consumed by another thread running the
+  // reactor) would never wake it. So, once the wait is queued, a zero-timeout poll() looks; if the
+  // socket is ready already the wait is cancelled at once and reported as ready.
+  asio::awaitable<error_code> wait_ready(asio::posix::descriptor_base::wait_type wait) {
+    const short events = wait == asio::posix::descriptor_base::wait_read ? POLLIN : POLLOUT;
+    auto [error] = co_await asio::async_initiate<decltype(no_throw), void(error_code)>(
+        [this, wait, events](auto handler) {
+          socket.async_wait(wait, std::move(handler));
+          pollfd descriptor{.fd = socket.native_handle(), .events = events, .revents = 0};
+          if (::poll(&descriptor, 1, 0) > 0) {
+            error_code ignored;
+            socket.cancel(ignored);
+          }
+        },
+        no_throw);
+    if (error == asio::error::operation_aborted) {
+      auto state = co_await asio::this_coro::cancellation_state;
+      if (state.cancelled() == asio::cancellation_type::none && socket.is_open()) {
+        co_return error_code{};  // our own cancel: the socket is ready
+      }
+    }
     co_return error;
+  }
+
+  asio::awaitable<error_code> wait_readable() {
+    return wait_ready(asio::posix::descriptor_base::wait_read);
   }
 
   // Waits until the socket is writable or readable (reading meanwhile keeps a server that is
   // blocked sending results from blocking us).
   asio::awaitable<error_code> wait_writable_or_readable() {
     using namespace asio::experimental::awaitable_operators;
-    try {
-      co_await (socket.async_wait(asio::posix::descriptor_base::wait_write, asio::use_awaitable) ||
-                socket.async_wait(asio::posix::descriptor_base::wait_read, asio::use_awaitable));
-    } catch (const boost::system::system_error& error) {
-      co_return error.code();
-    }
-    co_return error_code{};
+    auto outcome = co_await (wait_ready(asio::posix::descriptor_base::wait_write) ||
+                             wait_ready(asio::posix::descriptor_base::wait_read));
+    co_return std::visit([](error_code error) { return error; }, outcome);
   }
 
   // A wait ended early: the operation was cancelled, or the socket was closed under us.
@@ -496,34 +513,54 @@ struct Connection::Impl {
   }
 
   // Resolves host names with asio's resolver (a background thread), so that libpq, which would
-  // call getaddrinfo() on the event loop, gets numeric addresses in `hostaddr`.
-  asio::awaitable<error_code> resolve_hosts(const ParsedConninfo& parsed, std::string& hostaddr) {
+  // call getaddrinfo() on the event loop, gets numeric addresses in `hostaddr`. A name with several
+  // addresses becomes several host entries, one per address, tried in order as libpq would.
+  struct Targets {
+    std::string host;
+    std::string hostaddr;
+    std::string port;
+  };
+  asio::awaitable<error_code> resolve_hosts(const ParsedConninfo& parsed,
+                                            std::optional<Targets>& targets) {
     const std::string hosts = parsed.get("host", "PGHOST");
     if (hosts.empty() || !parsed.get("hostaddr", "PGHOSTADDR").empty()) co_return error_code{};
-    std::string joined;
+    const auto host_list = split_hosts(hosts);
+    const auto port_list = split_hosts(parsed.get("port", "PGPORT"));
+    const bool port_per_host = port_list.size() > 1;
+    Targets resolved;
     bool any_resolved = false;
     asio::ip::tcp::resolver resolver(executor);
-    for (const auto& host : split_hosts(hosts)) {
-      std::string address;
-      error_code numeric_error;
+    std::size_t entries = 0;
+    auto append = [&](const std::string& host, const std::string& address, std::size_t index) {
+      const std::string separator = entries++ == 0 ? "" : ",";
+      resolved.host += separator + host;
+      resolved.hostaddr += separator + address;
+      if (port_per_host) resolved.port += separator + port_list[index];
+    };
+    for (std::size_t index = 0; index < host_list.size(); ++index) {
+      const std::string& host = host_list[index];
       const bool is_path = !host.empty() && (host.front() == '/' || host.front() == '@');
-      if (!host.empty() && !is_path) {
-        asio::ip::make_address(host, numeric_error);
-        if (numeric_error) {
-          auto [error, results] = co_await resolver.async_resolve(host, "", no_throw);
-          if (error) {
-            co_return fail(client_errc::name_resolution,
-                           "could not resolve host name \"" + host + "\": " + error.message(), {},
-                           "check the host name and DNS");
-          }
-          address = results.begin()->endpoint().address().to_string();
-          any_resolved = true;
-        }
+      error_code numeric_error;
+      if (!host.empty() && !is_path) asio::ip::make_address(host, numeric_error);
+      if (host.empty() || is_path || !numeric_error) {
+        append(host, "", index);
+        continue;
       }
-      joined += address + ",";
+      auto [error, results] = co_await resolver.async_resolve(host, "", no_throw);
+      if (error) {
+        co_return fail(client_errc::name_resolution,
+                       "could not resolve host name \"" + host + "\": " + error.message(), {},
+                       "check the host name and DNS");
+      }
+      for (const auto& entry : results) {
+        append(host, entry.endpoint().address().to_string(), index);
+        any_resolved = true;
+      }
     }
-    joined.pop_back();
-    if (any_resolved) hostaddr = joined;
+    if (any_resolved) {
+      if (!port_per_host) resolved.port.clear();
+      targets = std::move(resolved);
+    }
     co_return error_code{};
   }
 
@@ -538,8 +575,8 @@ struct Connection::Impl {
                      "use a URL (postgresql://user@host:5432/db) or key=value pairs "
                      "(host=... dbname=...)");
     }
-    std::string hostaddr;
-    if (auto error = co_await resolve_hosts(parsed, hostaddr)) co_return error;
+    std::optional<Targets> targets;
+    if (auto error = co_await resolve_hosts(parsed, targets)) co_return error;
 
     std::vector<std::pair<std::string, std::string>> params;
     if (!options.conninfo.empty()) params.emplace_back("dbname", options.conninfo);
@@ -566,7 +603,11 @@ struct Connection::Impl {
     if (options.tcp_user_timeout.count() > 0) {
       params.emplace_back("tcp_user_timeout", std::to_string(options.tcp_user_timeout.count()));
     }
-    if (!hostaddr.empty()) params.emplace_back("hostaddr", hostaddr);
+    if (targets) {
+      params.emplace_back("host", targets->host);
+      params.emplace_back("hostaddr", targets->hostaddr);
+      if (!targets->port.empty()) params.emplace_back("port", targets->port);
+    }
     std::vector<const char*> keywords;
     std::vector<const char*> values;
     for (const auto& [keyword, value] : params) {

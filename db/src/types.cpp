@@ -73,6 +73,8 @@ std::string type_name(Oid type) {
 void ParamSink::append(std::string_view bytes, Oid type, int format, bool is_null) {
   offsets_.push_back(storage_.size());
   storage_.append(bytes);
+  // libpq reads text-format values up to their NUL and ignores their lengths.
+  if (format == 0) storage_.push_back('\0');
   types_.push_back(type);
   lengths_.push_back(static_cast<int>(bytes.size()));
   formats_.push_back(format);

@@ -403,6 +403,18 @@ TEST_F(ConnectionTest, ConnectOptionsReachTheServerAndTheSocket) {
   });
 }
 
+TEST_F(ConnectionTest, HostNamesAreResolvedAndEveryAddressAndHostIsTried) {
+  run_coroutine([]() -> awaitable_void {
+    // "localhost" may resolve to ::1 first, where the cluster does not listen: the next address
+    // must be tried. The first host of the list refuses; the second is the cluster.
+    ConnectOptions options{.conninfo = "host=localhost,localhost port=1," +
+                                       std::to_string(cluster().port()) +
+                                       " user=postgres dbname=postgres"};
+    auto conn = co_await Connection::connect(std::move(options));
+    EXPECT_EQ((co_await conn.query("SELECT inet_server_port()")).scalar<int>(), cluster().port());
+  });
+}
+
 TEST_F(ConnectionTest, EnvironmentVariablesFillAnEmptyConninfo) {
   ::setenv("PGHOST", cluster().directory().c_str(), 1);
   ::setenv("PGPORT", std::to_string(cluster().port()).c_str(), 1);
@@ -552,6 +564,29 @@ TEST_F(ConnectionTest, CancelledSleepEndsQuicklyAndConnectionRunsAgain) {
     EXPECT_TRUE(timeout.code() == condition::timeout);
     EXPECT_LT(std::chrono::steady_clock::now() - again, 1s);
     EXPECT_EQ((co_await conn.query("SELECT 1")).scalar<int>(), 1);
+  });
+}
+
+TEST_F(ConnectionTest, WithTimeoutReportsAFastFailureAtOnce) {
+  run_coroutine([]() -> awaitable_void {
+    auto conn = co_await open();
+    const auto start = std::chrono::steady_clock::now();
+    auto error = co_await expect_error(with_timeout(conn.query("SELECT 1 / 0"), 5s));
+    EXPECT_EQ(error.sqlstate(), "22012");
+    EXPECT_LT(std::chrono::steady_clock::now() - start, 1s);
+    EXPECT_EQ((co_await with_timeout(conn.query("SELECT 4"), 5s)).scalar<int>(), 4);
+  });
+}
+
+TEST_F(ConnectionTest, TextParametersDoNotRunIntoEachOther) {
+  run_coroutine([]() -> awaitable_void {
+    auto conn = co_await open();
+    auto rows = co_await conn.query("SELECT $1::text, $2::text, $3::int4, $4::text", "first",
+                                    std::string("second"), 3, std::string_view("fourth"));
+    EXPECT_EQ(rows[0].get<std::string>(0), "first");
+    EXPECT_EQ(rows[0].get<std::string>(1), "second");
+    EXPECT_EQ(rows[0].get<int>(2), 3);
+    EXPECT_EQ(rows[0].get<std::string>(3), "fourth");
   });
 }
 

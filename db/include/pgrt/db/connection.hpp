@@ -3,11 +3,11 @@
 /// @file
 /// An asynchronous PostgreSQL connection: libpq's async API driven by Boost.Asio C++20 coroutines.
 ///
-/// Threading: a Connection is used by one coroutine at a time, on the executor it was connected on.
-/// Starting a second operation while one runs fails at once with client_errc::concurrent_use (the
-/// running one is not disturbed). Run the io_context that drives connections on one thread (the
-/// readiness of libpq's socket is awaited edge-triggered; a second thread calling run() on the
-/// same io_context could consume a wake-up meant for a connection).
+/// Threading: a Connection is used by one coroutine at a time (operations one after another,
+/// never overlapping). Starting a second operation while one runs fails at once with
+/// client_errc::concurrent_use (the running one is not disturbed); this check is always on. The
+/// io_context may be run by several threads. Destroy or move a Connection only while no operation
+/// is running on it.
 ///
 /// Errors: throwing operations throw pgrt::Error (error code + server diagnostics). The token-based
 /// async_* forms report (error_code, value) instead; the diagnostics are then in last_error().
@@ -82,8 +82,8 @@ struct ConnectOptions {
   /// After a cancellation, how long to wait for the server to end the statement before the
   /// connection is closed and reported broken.
   std::chrono::milliseconds cancel_timeout{std::chrono::seconds(5)};
-  /// How many statements query_prepared()/execute_prepared() keep prepared (least recently used
-  /// ones are deallocated).
+  /// How many statements query_prepared() keeps prepared (least recently used ones are
+  /// deallocated).
   std::size_t statement_cache_size = 32;
 };
 
@@ -166,7 +166,9 @@ class Connection {
   }
 
   /// query() through a named prepared statement, prepared on first use (per SQL text and parameter
-  /// types) and kept in a per-connection LRU cache of ConnectOptions::statement_cache_size.
+  /// types) and kept in a per-connection LRU cache of ConnectOptions::statement_cache_size. If the
+  /// server no longer knows the statement (SQLSTATE 26000, e.g. after DISCARD ALL), it is prepared
+  /// again once.
   template <Encodable... Args>
   [[nodiscard]] boost::asio::awaitable<Result> query_prepared(std::string_view sql,
                                                               const Args&... args) {
@@ -199,7 +201,8 @@ class Connection {
   [[nodiscard]] boost::asio::awaitable<std::uint64_t> copy_from(std::string_view copy_statement,
                                                                 std::string_view data);
 
-  /// BEGIN with the given options; COMMIT; ROLLBACK. See also pgrt::transaction().
+  /// BEGIN with the given options; COMMIT; ROLLBACK. See also pgrt::transaction(). commit() of a
+  /// transaction that had already failed throws SQLSTATE 25P02: the server rolled it back.
   [[nodiscard]] boost::asio::awaitable<void> begin(TransactionOptions options = {});
   [[nodiscard]] boost::asio::awaitable<void> commit();
   [[nodiscard]] boost::asio::awaitable<void> rollback();

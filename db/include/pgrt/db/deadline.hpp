@@ -3,12 +3,15 @@
 /// @file
 /// Put a deadline on any awaitable operation (Boost 1.81 has no cancel_after).
 
+#include <boost/asio/as_tuple.hpp>
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/experimental/awaitable_operators.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <chrono>
+#include <exception>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -18,24 +21,52 @@
 
 namespace pgrt {
 
+namespace detail {
+// Runs `operation` and hands back its value or its exception, never throwing: asio's `||` waits
+// for the first operation that *succeeds*, so a failure must not look like one.
+template <typename T>
+boost::asio::awaitable<std::pair<std::exception_ptr, std::optional<T>>> capture_outcome(
+    boost::asio::awaitable<T> operation) {
+  try {
+    co_return std::pair{std::exception_ptr(), std::optional<T>(co_await std::move(operation))};
+  } catch (...) {
+    co_return std::pair{std::current_exception(), std::optional<T>()};
+  }
+}
+
+inline boost::asio::awaitable<std::exception_ptr> capture_outcome(
+    boost::asio::awaitable<void> operation) {
+  try {
+    co_await std::move(operation);
+  } catch (...) {
+    co_return std::current_exception();
+  }
+  co_return std::exception_ptr();
+}
+}  // namespace detail
+
 /// Runs `operation`; if it has not completed after `timeout`, cancels it (terminal cancellation)
 /// and, once it has wound down, throws pgrt::Error(client_errc::timeout). Otherwise returns its
-/// value or rethrows its exception.
+/// value or rethrows its exception (at once: a failure does not wait for the deadline).
 ///
 /// A cancelled pgrt connection operation winds down before with_timeout returns: the statement
 /// is cancelled on the server and the connection drained (at most ConnectOptions::cancel_timeout),
 /// or the connection is closed and reported broken. So with_timeout can return up to
 /// cancel_timeout after the deadline; the connection is then known to be either idle or broken.
 ///
-/// T must be default-constructible or void. Cancellation: with_timeout itself supports the same
-/// per-operation cancellation as the operation.
+/// Cancellation: with_timeout itself supports the same per-operation cancellation as the operation.
 template <typename T>
 boost::asio::awaitable<T> with_timeout(boost::asio::awaitable<T> operation,
                                        std::chrono::steady_clock::duration timeout) {
   using namespace boost::asio::experimental::awaitable_operators;
   boost::asio::steady_timer timer(co_await boost::asio::this_coro::executor, timeout);
-  auto outcome = co_await (std::move(operation) || timer.async_wait(boost::asio::use_awaitable));
+  auto outcome = co_await (detail::capture_outcome(std::move(operation)) ||
+                           timer.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable)));
   if (outcome.index() == 1) {
+    if (std::get<0>(std::get<1>(outcome)) == boost::asio::error::operation_aborted) {
+      throw Error(make_error_code(client_errc::cancelled),
+                  Diagnostics{.message = "the operation was cancelled"});
+    }
     throw Error(
         make_error_code(client_errc::timeout),
         Diagnostics{
@@ -44,7 +75,13 @@ boost::asio::awaitable<T> with_timeout(boost::asio::awaitable<T> operation,
                            std::chrono::duration_cast<std::chrono::milliseconds>(timeout).count()) +
                        " ms"});
   }
-  if constexpr (!std::is_void_v<T>) co_return std::get<0>(std::move(outcome));
+  auto& result = std::get<0>(outcome);
+  if constexpr (std::is_void_v<T>) {
+    if (result) std::rethrow_exception(result);
+  } else {
+    if (result.first) std::rethrow_exception(result.first);
+    co_return std::move(*result.second);
+  }
 }
 
 }  // namespace pgrt

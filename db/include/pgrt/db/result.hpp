@@ -101,7 +101,7 @@ class Result {
 
   class iterator {
    public:
-    using iterator_category = std::random_access_iterator_tag;
+    using iterator_category = std::input_iterator_tag;  // rows are made on the fly
     using value_type = Row;
     using difference_type = std::ptrdiff_t;
     using pointer = void;

@@ -137,6 +137,7 @@ concept Encodable = requires(const T& value, ParamSink& sink) {
 template <typename T>
 concept Decodable = requires(const Field& field) {
   { Codec<T>::decode(field) } -> std::convertible_to<T>;
+  { Codec<T>::name } -> std::convertible_to<std::string_view>;
 };
 
 // Built-in codecs. The definitions of decode() are in the library.
