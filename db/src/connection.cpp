@@ -254,19 +254,36 @@ struct Connection::Impl {
   }
 
   // Asks the server to cancel the running statement. libpq 15's PQcancel blocks (it connects and
-  // waits for the server), so it runs on a thread of its own and never on the io_context.
-  void send_cancel_request() noexcept {
+  // waits for the server), so it runs on a thread of its own and never on the io_context. The
+  // returned flag turns true once the server has taken the request: only then may the connection
+  // run another statement, or a late cancel would hit that one. nullptr if no request was sent.
+  std::shared_ptr<std::atomic<bool>> send_cancel_request() noexcept {
     PGcancel* cancel = PQgetCancel(conn);
-    if (cancel == nullptr) return;
+    if (cancel == nullptr) return nullptr;
     try {
-      std::thread([cancel] {
+      auto delivered = std::make_shared<std::atomic<bool>>(false);
+      std::thread([cancel, delivered] {
         char error[256];
         PQcancel(cancel, error, sizeof error);
         PQfreeCancel(cancel);
+        *delivered = true;
       }).detach();
-    } catch (const std::system_error&) {
-      PQfreeCancel(cancel);  // no thread: the drain below times out and closes the connection
+      return delivered;
+    } catch (const std::exception&) {
+      PQfreeCancel(cancel);  // no thread, no request: the drain alone decides
+      return nullptr;
     }
+  }
+
+  // Waits (polling: the helper thread must not touch the io_context) until the cancel request
+  // has been delivered.
+  asio::awaitable<bool> cancel_delivered(std::shared_ptr<std::atomic<bool>> delivered) {
+    asio::steady_timer timer(executor);
+    while (delivered && !*delivered) {
+      timer.expires_after(std::chrono::milliseconds(1));
+      if (auto [error] = co_await timer.async_wait(no_throw); error) co_return false;
+    }
+    co_return true;
   }
 
   // Reads and discards results until the connection is idle. False if it cannot get there.
@@ -292,10 +309,12 @@ struct Connection::Impl {
 
   asio::awaitable<error_code> cancel_and_drain(std::string_view statement) {
     using namespace asio::experimental::awaitable_operators;
-    send_cancel_request();
+    auto delivered = send_cancel_request();
     asio::steady_timer timer(executor, options.cancel_timeout);
-    auto outcome = co_await (drain() || timer.async_wait(no_throw));
-    if (outcome.index() == 0 && std::get<0>(outcome)) {
+    auto outcome = co_await ((drain() && cancel_delivered(std::move(delivered))) ||
+                             timer.async_wait(no_throw));
+    if (outcome.index() == 0 && std::get<0>(std::get<0>(outcome)) &&
+        std::get<1>(std::get<0>(outcome))) {
       co_return fail(client_errc::cancelled,
                      "the operation was cancelled; the statement was cancelled on the server and "
                      "the connection is idle again",

@@ -96,6 +96,18 @@ class ClientCategory final : public boost::system::error_category {
         return "skipped: an earlier statement of the pipeline segment failed";
       case client_errc::name_resolution:
         return "the host name could not be resolved";
+      case client_errc::pool_timeout:
+        return "timed out waiting for a pooled connection";
+      case client_errc::pool_queue_full:
+        return "the pool's wait queue is full";
+      case client_errc::pool_closed:
+        return "the pool is closed";
+      case client_errc::pool_not_configured:
+        return "the process-wide pool is not configured";
+      case client_errc::already_configured:
+        return "the process-wide pool is already configured";
+      case client_errc::invalid_config:
+        return "invalid configuration";
     }
     return "unknown pgrt client error " + std::to_string(value);
   }
@@ -107,6 +119,7 @@ class ClientCategory final : public boost::system::error_category {
       case client_errc::name_resolution:
         return make_error_condition(condition::connection_error);
       case client_errc::timeout:
+      case client_errc::pool_timeout:
         return make_error_condition(condition::timeout);
       case client_errc::cancelled:
         return make_error_condition(condition::query_canceled);

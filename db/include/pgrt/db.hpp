@@ -10,6 +10,7 @@
 #include "pgrt/db/error.hpp"
 #include "pgrt/db/libpq_info.hpp"
 #include "pgrt/db/pipeline.hpp"
+#include "pgrt/db/pool.hpp"
 #include "pgrt/db/result.hpp"
 #include "pgrt/db/transaction.hpp"
 #include "pgrt/db/types.hpp"

@@ -16,17 +16,23 @@ namespace pgrt {
 
 /// Failures detected on the client side (by pgrt or libpq). Category: client_category().
 enum class client_errc {
-  connect_failed = 1,  ///< The connection could not be established (see the message for why).
-  connection_lost,     ///< The server or network closed an established connection.
-  protocol_error,      ///< libpq reported a state pgrt cannot continue from.
-  timeout,             ///< A deadline passed (with_timeout(), the connect timeout).
-  cancelled,           ///< The operation was cancelled (per-operation cancellation).
-  conversion,          ///< A value could not be converted to or from the requested C++ type.
-  unexpected_null,     ///< A NULL was read into a type that cannot hold it; use std::optional.
-  concurrent_use,      ///< A second operation was started while one was running.
-  not_connected,       ///< The connection is closed or broken; open a new one.
-  pipeline_aborted,    ///< An earlier statement of the same pipeline segment failed.
-  name_resolution,     ///< The host name could not be resolved.
+  connect_failed = 1,   ///< The connection could not be established (see the message for why).
+  connection_lost,      ///< The server or network closed an established connection.
+  protocol_error,       ///< libpq reported a state pgrt cannot continue from.
+  timeout,              ///< A deadline passed (with_timeout(), the connect timeout).
+  cancelled,            ///< The operation was cancelled (per-operation cancellation).
+  conversion,           ///< A value could not be converted to or from the requested C++ type.
+  unexpected_null,      ///< A NULL was read into a type that cannot hold it; use std::optional.
+  concurrent_use,       ///< A second operation was started while one was running.
+  not_connected,        ///< The connection is closed or broken; open a new one.
+  pipeline_aborted,     ///< An earlier statement of the same pipeline segment failed.
+  name_resolution,      ///< The host name could not be resolved.
+  pool_timeout,         ///< No pooled connection became free within the acquire timeout.
+  pool_queue_full,      ///< The pool's wait queue is full (PoolConfig::max_waiters).
+  pool_closed,          ///< The pool is closing or closed.
+  pool_not_configured,  ///< pgrt::pool() or pgrt::connection() before pgrt::configure().
+  already_configured,   ///< pgrt::configure() called twice.
+  invalid_config,       ///< A configuration value (or environment variable) is malformed.
 };
 
 /// The category of client_errc.
@@ -53,7 +59,7 @@ enum class condition {
   deadlock,               ///< 40P01: retry the transaction.
   unique_violation,       ///< 23505.
   query_canceled,         ///< 57014 from the server, or a client-side cancellation.
-  timeout,                ///< A client-side deadline passed.
+  timeout,                ///< A client-side deadline passed (including the pool's acquire timeout).
 };
 
 [[nodiscard]] const boost::system::error_category& condition_category() noexcept;

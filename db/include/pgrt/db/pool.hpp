@@ -1,0 +1,232 @@
+#pragma once
+
+/// @file
+/// A connection pool with a strict maximum, FIFO waiters served by direct handoff, and move-only
+/// leases; plus the process-wide pool behind `co_await pgrt::connection()`.
+///
+/// Strict max: connections being opened, in use, idle, being reset (ROLLBACK) and being closed all
+/// count against PoolConfig::max_size; capacity is released only after a connection's socket is
+/// closed. So the server never sees more than max_size backends of one pool.
+///
+/// Threading: a Pool may be used from any thread, and its io_context may be run by several
+/// threads. Its connections are opened on the pool's executor (the one given to the constructor,
+/// or for the process-wide pool the executor of the first acquire). A Lease may be destroyed on
+/// any thread.
+
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/awaitable.hpp>
+#include <boost/signals2/signal.hpp>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <source_location>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "pgrt/db/connection.hpp"
+#include "pgrt/db/error.hpp"
+
+namespace pgrt {
+
+/// Who is asking. High-priority acquires are served before normal ones and may use the
+/// connections reserved by PoolConfig::reserved_for_priority.
+enum class Priority { normal, high };
+
+/// Pool settings. An aggregate: use designated initializers, a preset, or from_env().
+struct PoolConfig {
+  /// libpq URL or key=value string; empty uses the PG* environment variables.
+  std::string conninfo;
+  /// The strict maximum of connections (env PGRT_POOL_MAX).
+  std::size_t max_size = 10;
+  /// Connections opened at start and kept open while idle (env PGRT_POOL_MIN_IDLE).
+  std::size_t min_idle = 0;
+  /// How long an acquire waits; zero fails at once when none is free (env PGRT_ACQUIRE_TIMEOUT_MS).
+  std::chrono::milliseconds acquire_timeout{std::chrono::seconds(30)};
+  /// The most callers that may wait; beyond it acquires fail with pool_queue_full.
+  std::size_t max_waiters = 10'000;
+  /// A connection is closed once this old (checked on return and while idle); zero: never
+  /// (env PGRT_MAX_LIFETIME_S). Each connection's lifetime is shortened by a random part of up to
+  /// `lifetime_jitter`, so connections opened together do not expire together.
+  std::chrono::milliseconds max_lifetime{std::chrono::minutes(30)};
+  double lifetime_jitter = 0.1;
+  /// Idle connections above min_idle are closed after this long; zero: never
+  /// (env PGRT_IDLE_TIMEOUT_S).
+  std::chrono::milliseconds idle_timeout{std::chrono::minutes(10)};
+  /// Idle connections are pinged this often to keep them (and detect dead ones); zero: never.
+  std::chrono::milliseconds keepalive_interval{0};
+  /// A connection idle for longer than this is pinged before it is handed out; zero: never.
+  std::chrono::milliseconds validate_after_idle{0};
+  /// A lease held longer than this is reported once, with its acquisition site; zero: never
+  /// (env PGRT_LEAK_THRESHOLD_MS).
+  std::chrono::milliseconds leak_threshold{0};
+  /// Connections of max_size that only high-priority acquires may use.
+  std::size_t reserved_for_priority = 0;
+  /// Backoff between failed connect attempts: doubles from initial to max, with up to `jitter`
+  /// of it randomized.
+  std::chrono::milliseconds connect_backoff_initial{100};
+  std::chrono::milliseconds connect_backoff_max{std::chrono::seconds(10)};
+  double connect_backoff_jitter = 0.5;
+  /// The application and instance names in every connection's application_name,
+  /// `<application>/<instance>/<incarnation>` (env PGRT_APP, PGRT_INSTANCE). The incarnation is
+  /// random per process start. Non-ASCII and '/' characters are replaced by '_'; the whole is
+  /// truncated to 63 bytes.
+  std::string application = "pgrt";
+  std::string instance = "default";
+  /// Further connect settings (timeouts, session settings, keepalives). Its conninfo and
+  /// application_name are replaced by the pool's.
+  ConnectOptions connect;
+
+  /// max 3: for a db-f1-micro (about 25 connections) shared with other services.
+  [[nodiscard]] static PoolConfig micro();
+  /// max 10.
+  [[nodiscard]] static PoolConfig small();
+  /// DATABASE_URL and the PGRT_* variables (PGRT_POOL_PRESET=micro|small first, then the rest).
+  /// Throws pgrt::Error(client_errc::invalid_config) naming the variable and the accepted form.
+  [[nodiscard]] static PoolConfig from_env();
+  /// Throws pgrt::Error(client_errc::invalid_config) if the settings contradict each other.
+  void validate() const;
+};
+
+/// A snapshot of a pool's state and counters.
+struct PoolStats {
+  std::size_t max = 0;
+  std::size_t size = 0;  ///< Connections counted against max (all states).
+  std::size_t idle = 0;
+  std::size_t in_use = 0;
+  std::size_t connecting = 0;
+  std::size_t waiting_normal = 0;
+  std::size_t waiting_high = 0;
+  std::uint64_t acquired = 0;
+  std::uint64_t timeouts = 0;
+  std::uint64_t cancellations = 0;
+  std::uint64_t connect_attempts = 0;
+  std::uint64_t connect_errors = 0;
+  std::uint64_t discarded = 0;
+  std::uint64_t leaks_suspected = 0;
+  std::chrono::microseconds wait_p50{0};
+  std::chrono::microseconds wait_p99{0};
+  std::chrono::microseconds wait_max{0};
+  /// The message of the last failed connect, "" if none.
+  std::string last_connect_error;
+
+  /// The snapshot as one JSON object.
+  [[nodiscard]] std::string to_json() const;
+};
+
+/// Why a connection left the pool.
+enum class DiscardReason { broken, lifetime, idle_timeout, failed_reset, mid_query, closing };
+[[nodiscard]] std::string_view to_string(DiscardReason reason) noexcept;
+
+/// Pool events, as Boost.Signals2 signals. Connect with a scoped_connection member so the
+/// subscription ends before what its callback uses. Callbacks run on whichever thread caused the
+/// event, outside the pool's lock; they must not block.
+struct PoolEvents {
+  boost::signals2::signal<void(int backend_pid)> connected;
+  boost::signals2::signal<void(const std::source_location& site)> acquired;
+  boost::signals2::signal<void()> released;
+  boost::signals2::signal<void(DiscardReason reason)> discarded;
+  boost::signals2::signal<void(const std::string& message)> acquire_timeout;
+  boost::signals2::signal<void(const std::source_location& site, std::chrono::milliseconds age)>
+      leak_suspected;
+  boost::signals2::signal<void(const boost::system::error_code& code, const std::string& message)>
+      connect_failed;
+};
+
+namespace detail {
+struct PoolState;
+struct PooledConnection;
+}  // namespace detail
+
+/// A connection borrowed from a pool. Move-only; a default-constructed or moved-from Lease is
+/// empty. Destroying it (or release()) returns the connection: idle ones go straight back; one in
+/// a transaction is rolled back in the background first; a broken one, or one with a statement
+/// still running, is closed and replaced. It may outlive its Pool object. The destructor is
+/// noexcept and may run on any thread.
+class Lease {
+ public:
+  Lease() noexcept;
+  Lease(Lease&& other) noexcept;
+  Lease& operator=(Lease&& other) noexcept;
+  Lease(const Lease&) = delete;
+  Lease& operator=(const Lease&) = delete;
+  ~Lease();
+
+  /// The connection. Undefined on an empty Lease.
+  Connection& operator*() const noexcept;
+  Connection* operator->() const noexcept;
+  [[nodiscard]] explicit operator bool() const noexcept { return connection_ != nullptr; }
+  /// Returns the connection to the pool now; the Lease becomes empty.
+  void release() noexcept;
+
+ private:
+  friend struct detail::PoolState;
+  Lease(std::shared_ptr<detail::PoolState> pool,
+        std::unique_ptr<detail::PooledConnection> connection) noexcept;
+
+  std::shared_ptr<detail::PoolState> pool_;
+  std::unique_ptr<detail::PooledConnection> connection_;
+};
+
+/// A pool of connections to one server.
+class Pool {
+ public:
+  /// Validates the config (throws pgrt::Error(client_errc::invalid_config)) and starts opening
+  /// min_idle connections on `executor`.
+  Pool(boost::asio::any_io_executor executor, PoolConfig config);
+  /// A pool whose executor is taken from its first acquire (the process-wide pool uses this).
+  explicit Pool(PoolConfig config);
+  /// Closes the pool without waiting (close(0)); outstanding leases stay valid until returned.
+  ~Pool();
+  Pool(const Pool&) = delete;
+  Pool& operator=(const Pool&) = delete;
+  Pool(Pool&&) = delete;
+  Pool& operator=(Pool&&) = delete;
+
+  /// A connection, as soon as one is free; waiters are served FIFO within a priority, high first.
+  ///
+  /// Errors (pgrt::Error): pool_timeout after PoolConfig::acquire_timeout, saying how many
+  /// connections were in use, how many callers waited, and the last connect error;
+  /// pool_queue_full; pool_closed; cancelled.
+  ///
+  /// Cancellation: per-operation cancellation of a waiting acquire leaves no trace; a connection
+  /// that was opened for it goes to the next waiter or the idle set.
+  [[nodiscard]] boost::asio::awaitable<Lease> acquire(
+      Priority priority = Priority::normal,
+      std::source_location site = std::source_location::current());
+
+  [[nodiscard]] PoolStats stats() const;
+  [[nodiscard]] PoolEvents& events() noexcept;
+  [[nodiscard]] const PoolConfig& config() const noexcept;
+  /// The application_name every connection of this pool carries.
+  [[nodiscard]] const std::string& application_name() const noexcept;
+
+  /// Refuses new acquires (waiters fail with pool_closed), waits up to `grace` for leases to come
+  /// back, then closes every connection, leased ones included (their next operation fails with
+  /// not_connected). Returns a description of each lease still out ("file:line (function), held
+  /// for 1234 ms"); empty when all came back.
+  [[nodiscard]] boost::asio::awaitable<std::vector<std::string>> close(
+      std::chrono::milliseconds grace);
+
+ private:
+  std::shared_ptr<detail::PoolState> state_;
+};
+
+/// Configures the process-wide pool. Call once, before the first pgrt::connection(); a second
+/// call throws pgrt::Error(client_errc::already_configured).
+void configure(PoolConfig config);
+/// The process-wide pool. Throws pgrt::Error(client_errc::pool_not_configured) before
+/// configure(): pgrt never guesses a database (use configure(PoolConfig::from_env()) to read the
+/// environment).
+[[nodiscard]] Pool& pool();
+/// `co_await pgrt::connection()`: a lease from the process-wide pool (see Pool::acquire).
+[[nodiscard]] boost::asio::awaitable<Lease> connection(
+    Priority priority = Priority::normal,
+    std::source_location site = std::source_location::current());
+/// Closes and forgets the process-wide pool (for tests and orderly shutdown), returning what
+/// Pool::close() returns. configure() may be called again afterwards.
+[[nodiscard]] boost::asio::awaitable<std::vector<std::string>> shutdown_pool(
+    std::chrono::milliseconds grace);
+
+}  // namespace pgrt

@@ -1,0 +1,870 @@
+#include "pgrt/db/pool.hpp"
+
+#include <algorithm>
+#include <array>
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/async_result.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <deque>
+#include <functional>
+#include <mutex>
+#include <optional>
+#include <random>
+#include <spdlog/spdlog.h>
+#include <unordered_map>
+
+namespace pgrt {
+
+namespace asio = boost::asio;
+using Clock = std::chrono::steady_clock;
+using boost::system::error_code;
+
+namespace {
+
+constexpr auto no_throw = asio::as_tuple(asio::use_awaitable);
+
+std::string sanitize(std::string_view text) {
+  std::string clean;
+  for (char c : text) {
+    const auto byte = static_cast<unsigned char>(c);
+    clean += byte < 0x20 || byte > 0x7E || c == '/' ? '_' : c;
+  }
+  return clean;
+}
+
+// Random per process start: tells this run's connections from an earlier run's.
+const std::string& incarnation() {
+  static const std::string value = [] {
+    std::random_device device;
+    std::array<char, 9> text{};
+    std::snprintf(text.data(), text.size(), "%08x", static_cast<unsigned>(device()));
+    return std::string(text.data());
+  }();
+  return value;
+}
+
+std::string make_application_name(const PoolConfig& config) {
+  const std::string suffix = "/" + incarnation();
+  std::string app = sanitize(config.application);
+  std::string instance = sanitize(config.instance);
+  // At most 63 bytes in all: shorten the longer of the two names first.
+  while (app.size() + 1 + instance.size() + suffix.size() > 63) {
+    if (app.size() >= instance.size()) {
+      app.pop_back();
+    } else {
+      instance.pop_back();
+    }
+  }
+  return app + "/" + instance + suffix;
+}
+
+std::string describe_site(const std::source_location& site) {
+  return std::string(site.file_name()) + ":" + std::to_string(site.line()) + " (" +
+         site.function_name() + ")";
+}
+
+[[noreturn]] void throw_pool_error(client_errc code, std::string message, std::string hint = {}) {
+  throw Error(make_error_code(code),
+              Diagnostics{.message = std::move(message), .hint = std::move(hint)});
+}
+
+// Power-of-two buckets of microseconds: enough for p50/p99 of acquire waits.
+class WaitHistogram {
+ public:
+  void record(std::chrono::microseconds wait) {
+    const auto micros = static_cast<std::uint64_t>(std::max<std::int64_t>(wait.count(), 0));
+    std::size_t bucket = 0;
+    while (bucket + 1 < buckets_.size() && (std::uint64_t{1} << bucket) <= micros) ++bucket;
+    ++buckets_[bucket];
+    ++count_;
+    max_ = std::max(max_, wait);
+  }
+  [[nodiscard]] std::chrono::microseconds percentile(double fraction) const {
+    if (count_ == 0) return std::chrono::microseconds(0);
+    const auto wanted = static_cast<std::uint64_t>(fraction * static_cast<double>(count_));
+    std::uint64_t seen = 0;
+    for (std::size_t bucket = 0; bucket < buckets_.size(); ++bucket) {
+      seen += buckets_[bucket];
+      if (seen > wanted) {
+        return std::min(std::chrono::microseconds(std::int64_t{1} << bucket), max_);
+      }
+    }
+    return max_;
+  }
+  [[nodiscard]] std::chrono::microseconds max() const { return max_; }
+
+ private:
+  std::array<std::uint64_t, 40> buckets_{};
+  std::uint64_t count_ = 0;
+  std::chrono::microseconds max_{0};
+};
+
+// Event emissions collected under the pool's lock and run after it is released.
+class Deferred {
+ public:
+  Deferred() = default;
+  Deferred(const Deferred&) = delete;
+  Deferred& operator=(const Deferred&) = delete;
+  Deferred(Deferred&&) = delete;
+  Deferred& operator=(Deferred&&) = delete;
+  ~Deferred() {
+    for (auto& call : calls_) {
+      try {
+        call();
+      } catch (const std::exception& error) {
+        spdlog::error("pgrt pool: an event subscriber threw: {}", error.what());
+      } catch (...) {
+        spdlog::error("pgrt pool: an event subscriber threw");
+      }
+    }
+  }
+  void add(std::function<void()> call) { calls_.push_back(std::move(call)); }
+
+ private:
+  std::vector<std::function<void()>> calls_;
+};
+
+}  // namespace
+
+std::string_view to_string(DiscardReason reason) noexcept {
+  switch (reason) {
+    case DiscardReason::broken:
+      return "broken";
+    case DiscardReason::lifetime:
+      return "lifetime";
+    case DiscardReason::idle_timeout:
+      return "idle_timeout";
+    case DiscardReason::failed_reset:
+      return "failed_reset";
+    case DiscardReason::mid_query:
+      return "mid_query";
+    case DiscardReason::closing:
+      return "closing";
+  }
+  return "unknown";
+}
+
+std::string PoolStats::to_json() const {
+  std::string escaped;
+  for (char c : last_connect_error) {
+    if (c == '"' || c == '\\') {
+      escaped += '\\';
+      escaped += c;
+    } else if (static_cast<unsigned char>(c) < 0x20) {
+      escaped += ' ';
+    } else {
+      escaped += c;
+    }
+  }
+  auto field = [](const char* name, auto value) {
+    return std::string("\"") + name + "\":" + std::to_string(value);
+  };
+  return "{" + field("max", max) + "," + field("size", size) + "," + field("idle", idle) + "," +
+         field("in_use", in_use) + "," + field("connecting", connecting) + "," +
+         field("waiting_normal", waiting_normal) + "," + field("waiting_high", waiting_high) + "," +
+         field("acquired", acquired) + "," + field("timeouts", timeouts) + "," +
+         field("cancellations", cancellations) + "," + field("connect_attempts", connect_attempts) +
+         "," + field("connect_errors", connect_errors) + "," + field("discarded", discarded) + "," +
+         field("leaks_suspected", leaks_suspected) + "," + field("wait_p50_us", wait_p50.count()) +
+         "," + field("wait_p99_us", wait_p99.count()) + "," +
+         field("wait_max_us", wait_max.count()) + ",\"last_connect_error\":\"" + escaped + "\"}";
+}
+
+namespace detail {
+
+struct PooledConnection {
+  Connection connection;
+  Clock::time_point expires = Clock::time_point::max();
+  Clock::time_point idle_since{};
+  Clock::time_point last_ping{};
+  Priority priority = Priority::normal;
+  std::uint64_t lease_id = 0;
+};
+
+struct LeaseRecord {
+  std::source_location site;
+  Clock::time_point acquired;
+  bool reported = false;
+};
+
+struct Waiter {
+  Waiter(const asio::any_io_executor& executor, Priority priority_in, std::source_location site_in)
+      : timer(executor), priority(priority_in), site(site_in), enqueued(Clock::now()) {}
+  asio::steady_timer timer;
+  Priority priority;
+  std::source_location site;
+  Clock::time_point enqueued;
+  std::unique_ptr<PooledConnection> handed;  // set by a direct handoff
+  bool pool_closed = false;
+};
+
+struct PoolState : std::enable_shared_from_this<PoolState> {
+  explicit PoolState(PoolConfig config_in)
+      : config(std::move(config_in)),
+        application_name(make_application_name(config)),
+        random(std::random_device{}()) {}
+
+  mutable std::mutex mutex;
+  const PoolConfig config;
+  const std::string application_name;
+  PoolEvents events;
+  std::optional<asio::any_io_executor> executor;
+  // Used only on the executor; close() cancels them through it, so that a closed pool does not
+  // keep its io_context running.
+  std::shared_ptr<asio::steady_timer> maintenance_timer;
+  std::shared_ptr<asio::steady_timer> retry_timer;
+
+  std::size_t open = 0;  // every connection counted against max_size, in any state
+  std::size_t connecting = 0;
+  std::size_t in_use = 0;
+  std::size_t in_use_normal = 0;
+  std::vector<std::unique_ptr<PooledConnection>> idle;  // back: most recently returned
+  std::array<std::deque<Waiter*>, 2> waiters;           // [normal, high], FIFO
+  bool closing = false;
+
+  std::uint32_t consecutive_failures = 0;
+  Clock::time_point retry_at{};
+  bool retry_scheduled = false;
+  std::string last_connect_error;
+
+  std::uint64_t next_lease_id = 1;
+  std::unordered_map<std::uint64_t, LeaseRecord> leases;
+
+  std::uint64_t acquired = 0, timeouts = 0, cancellations = 0, connect_attempts = 0,
+                connect_errors = 0, discarded = 0, leaks_suspected = 0;
+  WaitHistogram waits;
+  std::mt19937_64 random;
+
+  static std::size_t index(Priority priority) { return priority == Priority::high ? 1 : 0; }
+
+  // --- bookkeeping (all *_locked functions need `mutex` held) --------------------------------
+
+  // Starts background work later, never inline: co_spawn dispatches, so from the io_context's
+  // own thread it would run the coroutine at once, under the pool's lock.
+  void spawn_later(asio::awaitable<void> operation) {
+    asio::post(*executor, [executor = *executor, operation = std::move(operation)]() mutable {
+      asio::co_spawn(executor, std::move(operation), asio::detached);
+    });
+  }
+
+  void bind_executor_locked(const asio::any_io_executor& candidate) {
+    if (executor) return;
+    executor = candidate;
+    maintenance_timer = std::make_shared<asio::steady_timer>(*executor);
+    retry_timer = std::make_shared<asio::steady_timer>(*executor);
+    spawn_later(maintain(shared_from_this()));
+    Deferred nothing;
+    maybe_open_locked(nothing);
+  }
+
+  [[nodiscard]] bool can_lease_locked(Priority priority) const {
+    return priority == Priority::high ||
+           in_use_normal < config.max_size - config.reserved_for_priority;
+  }
+
+  [[nodiscard]] bool expired(const PooledConnection& pooled, Clock::time_point now) const {
+    return now >= pooled.expires;
+  }
+
+  Clock::time_point lifetime_deadline() {
+    if (config.max_lifetime.count() == 0) return Clock::time_point::max();
+    std::uniform_real_distribution<double> unit(0.0, 1.0);
+    const double shortened = 1.0 - config.lifetime_jitter * unit(random);
+    return Clock::now() +
+           std::chrono::duration_cast<Clock::duration>(config.max_lifetime * shortened);
+  }
+
+  void lease_locked(PooledConnection& pooled, Priority priority, std::source_location site) {
+    ++in_use;
+    if (priority == Priority::normal) ++in_use_normal;
+    pooled.priority = priority;
+    pooled.lease_id = next_lease_id++;
+    leases.emplace(pooled.lease_id, LeaseRecord{site, Clock::now(), false});
+    ++acquired;
+  }
+
+  // Gives a free connection to the oldest waiter that may take it, or to the idle set.
+  void hand_off_locked(std::unique_ptr<PooledConnection> pooled, Deferred& deferred) {
+    for (Priority priority : {Priority::high, Priority::normal}) {
+      auto& queue = waiters[index(priority)];
+      if (queue.empty() || !can_lease_locked(priority)) continue;
+      Waiter* waiter = queue.front();
+      queue.pop_front();
+      lease_locked(*pooled, priority, waiter->site);
+      waiter->handed = std::move(pooled);
+      waiter->timer.cancel();  // wakes it: it finds `handed` set
+      return;
+    }
+    pooled->idle_since = Clock::now();
+    idle.push_back(std::move(pooled));
+    (void)deferred;
+  }
+
+  void discard_locked(std::unique_ptr<PooledConnection> pooled, DiscardReason reason,
+                      Deferred& deferred) {
+    // The socket is closed before the capacity is given back: the strict max holds at every
+    // instant on the server's side too.
+    pooled->connection.close(CloseMode::graceful);
+    pooled.reset();
+    --open;
+    ++discarded;
+    deferred.add([this, reason] { events.discarded(reason); });
+    maybe_open_locked(deferred);
+  }
+
+  // Returns a connection that nobody holds: reset it if needed, else keep or discard it.
+  void return_locked(std::unique_ptr<PooledConnection> pooled, Deferred& deferred) {
+    Connection& connection = pooled->connection;
+    if (closing) return discard_locked(std::move(pooled), DiscardReason::closing, deferred);
+    if (!connection.is_open() || connection.is_broken()) {
+      return discard_locked(std::move(pooled), DiscardReason::broken, deferred);
+    }
+    switch (connection.transaction_status()) {
+      case TransactionStatus::idle:
+        break;
+      case TransactionStatus::in_transaction:
+      case TransactionStatus::in_error:
+        // Capacity stays held while the ROLLBACK runs.
+        spawn_later(reset(shared_from_this(), std::move(pooled)));
+        return;
+      default:  // a statement still running: its coroutine was destroyed mid-operation
+        return discard_locked(std::move(pooled), DiscardReason::mid_query, deferred);
+    }
+    if (expired(*pooled, Clock::now())) {
+      return discard_locked(std::move(pooled), DiscardReason::lifetime, deferred);
+    }
+    hand_off_locked(std::move(pooled), deferred);
+  }
+
+  [[nodiscard]] std::size_t servable_waiters_locked() const {
+    const std::size_t normal_room =
+        config.max_size - config.reserved_for_priority > in_use_normal
+            ? config.max_size - config.reserved_for_priority - in_use_normal
+            : 0;
+    return waiters[1].size() + std::min(waiters[0].size(), normal_room);
+  }
+
+  // Opens connections while there are waiters (or min_idle) to serve and room under max_size.
+  // After a failed connect, waits out the backoff, then probes with one connect at a time.
+  void maybe_open_locked(Deferred& deferred) {
+    if (closing || !executor) return;
+    const std::size_t ready = idle.size() + connecting;
+    std::size_t wanted = servable_waiters_locked();
+    const std::size_t total = idle.size() + in_use + connecting;
+    if (total < config.min_idle) wanted = std::max(wanted, config.min_idle - in_use);
+    if (wanted <= ready) return;
+    if (consecutive_failures > 0 && Clock::now() < retry_at) {
+      schedule_retry_locked();
+      return;
+    }
+    std::size_t to_open = wanted - ready;
+    while (to_open-- > 0 && open < config.max_size) {
+      if (consecutive_failures > 0 && connecting > 0) break;  // one probe at a time
+      ++open;
+      ++connecting;
+      ++connect_attempts;
+      spawn_later(open_connection(shared_from_this()));
+    }
+    (void)deferred;
+  }
+
+  void schedule_retry_locked() {
+    if (retry_scheduled) return;
+    retry_scheduled = true;
+    spawn_later(retry_later(shared_from_this()));
+  }
+
+  std::chrono::milliseconds backoff_locked() {
+    const auto exponent = std::min<std::uint32_t>(consecutive_failures - 1, 20);
+    auto delay = config.connect_backoff_initial * (std::int64_t{1} << exponent);
+    delay = std::min(delay, config.connect_backoff_max);
+    std::uniform_real_distribution<double> unit(0.0, 1.0);
+    return std::chrono::duration_cast<std::chrono::milliseconds>(
+        delay * (1.0 - config.connect_backoff_jitter * unit(random)));
+  }
+
+  std::string describe_load_locked() const {
+    return std::to_string(in_use) + " of max " + std::to_string(config.max_size) +
+           " connections in use, " + std::to_string(connecting) + " connecting, " +
+           std::to_string(waiters[0].size() + waiters[1].size()) + " callers waiting";
+  }
+
+  // --- background work -------------------------------------------------------------------------
+
+  static asio::awaitable<void> open_connection(std::shared_ptr<PoolState> self) {
+    ConnectOptions options = self->config.connect;
+    options.conninfo = self->config.conninfo;
+    options.application_name = self->application_name;
+    auto [error, connection] = co_await Connection::async_connect(
+        *self->executor, std::move(options), asio::as_tuple(asio::use_awaitable));
+    Deferred deferred;
+    std::lock_guard lock(self->mutex);
+    --self->connecting;
+    if (error) {
+      --self->open;
+      ++self->consecutive_failures;
+      ++self->connect_errors;
+      self->last_connect_error = connection.last_error().message;
+      if (!connection.last_error().hint.empty()) {
+        self->last_connect_error += " (" + connection.last_error().hint + ")";
+      }
+      self->retry_at = Clock::now() + self->backoff_locked();
+      deferred.add([self, error = error, message = self->last_connect_error] {
+        self->events.connect_failed(error, message);
+      });
+      self->maybe_open_locked(deferred);
+      co_return;
+    }
+    self->consecutive_failures = 0;
+    auto pooled = std::make_unique<PooledConnection>();
+    pooled->connection = std::move(connection);
+    pooled->expires = self->lifetime_deadline();
+    pooled->last_ping = Clock::now();
+    const int pid = pooled->connection.backend_pid();
+    deferred.add([self, pid] { self->events.connected(pid); });
+    if (self->closing) {
+      self->discard_locked(std::move(pooled), DiscardReason::closing, deferred);
+    } else {
+      self->hand_off_locked(std::move(pooled), deferred);
+    }
+    self->maybe_open_locked(deferred);
+  }
+
+  static asio::awaitable<void> retry_later(std::shared_ptr<PoolState> self) {
+    auto timer = self->retry_timer;
+    {
+      std::lock_guard lock(self->mutex);
+      if (self->closing) co_return;
+      timer->expires_at(self->retry_at);
+    }
+    co_await timer->async_wait(no_throw);
+    Deferred deferred;
+    std::lock_guard lock(self->mutex);
+    self->retry_scheduled = false;
+    self->maybe_open_locked(deferred);
+  }
+
+  static asio::awaitable<void> reset(std::shared_ptr<PoolState> self,
+                                     std::unique_ptr<PooledConnection> pooled) {
+    bool ok = true;
+    try {
+      co_await pooled->connection.rollback();
+    } catch (const Error& error) {
+      ok = false;
+      spdlog::warn("pgrt pool: ROLLBACK of a returned connection failed: {}", error.what());
+    }
+    Deferred deferred;
+    std::lock_guard lock(self->mutex);
+    if (!ok) {
+      self->discard_locked(std::move(pooled), DiscardReason::failed_reset, deferred);
+    } else {
+      self->return_locked(std::move(pooled), deferred);
+    }
+  }
+
+  static asio::awaitable<void> ping(std::shared_ptr<PoolState> self,
+                                    std::unique_ptr<PooledConnection> pooled) {
+    try {
+      co_await pooled->connection.query("");
+      pooled->last_ping = Clock::now();
+    } catch (const Error&) {  // NOLINT(bugprone-empty-catch): return_locked() discards it
+    }
+    Deferred deferred;
+    std::lock_guard lock(self->mutex);
+    self->return_locked(std::move(pooled), deferred);
+  }
+
+  // Idle upkeep, keepalive pings and leak detection, until the pool closes.
+  static asio::awaitable<void> maintain(std::shared_ptr<PoolState> self) {
+    auto period = std::chrono::milliseconds(1000);
+    if (self->config.leak_threshold.count() > 0) {
+      period = std::clamp(self->config.leak_threshold / 4, std::chrono::milliseconds(10), period);
+    }
+    auto timer = self->maintenance_timer;
+    for (;;) {
+      {
+        std::lock_guard lock(self->mutex);
+        if (self->closing) co_return;
+        timer->expires_after(period);
+      }
+      co_await timer->async_wait(no_throw);
+      Deferred deferred;
+      std::lock_guard lock(self->mutex);
+      if (self->closing) co_return;
+      self->upkeep_locked(deferred);
+    }
+  }
+
+  void upkeep_locked(Deferred& deferred) {
+    const auto now = Clock::now();
+    std::vector<std::unique_ptr<PooledConnection>> keep;
+    std::vector<std::unique_ptr<PooledConnection>> to_ping;
+    std::vector<std::pair<std::unique_ptr<PooledConnection>, DiscardReason>> to_discard;
+    for (auto& pooled : idle) {
+      if (expired(*pooled, now)) {
+        to_discard.emplace_back(std::move(pooled), DiscardReason::lifetime);
+      } else if (config.idle_timeout.count() > 0 &&
+                 now - pooled->idle_since > config.idle_timeout &&
+                 open - to_discard.size() > config.min_idle) {
+        to_discard.emplace_back(std::move(pooled), DiscardReason::idle_timeout);
+      } else if (config.keepalive_interval.count() > 0 &&
+                 now - pooled->last_ping > config.keepalive_interval) {
+        to_ping.push_back(std::move(pooled));
+      } else {
+        keep.push_back(std::move(pooled));
+      }
+    }
+    idle = std::move(keep);
+    for (auto& [pooled, reason] : to_discard) discard_locked(std::move(pooled), reason, deferred);
+    for (auto& pooled : to_ping) {
+      spawn_later(ping(shared_from_this(), std::move(pooled)));
+    }
+    if (config.leak_threshold.count() > 0) {
+      for (auto& [id, record] : leases) {
+        const auto age =
+            std::chrono::duration_cast<std::chrono::milliseconds>(now - record.acquired);
+        if (record.reported || age < config.leak_threshold) continue;
+        record.reported = true;
+        ++leaks_suspected;
+        spdlog::warn(
+            "pgrt pool {}: a connection acquired at {} has been held for {} ms (leak_threshold "
+            "{} ms); is a Lease kept alive by mistake?",
+            application_name, describe_site(record.site), age.count(),
+            config.leak_threshold.count());
+        deferred.add([this, site = record.site, age] { events.leak_suspected(site, age); });
+      }
+    }
+    maybe_open_locked(deferred);
+  }
+
+  // --- acquire and release --------------------------------------------------------------------
+
+  asio::awaitable<Lease> acquire(Priority priority, std::source_location site) {
+    const auto caller_executor = co_await asio::this_coro::executor;
+    const auto started = Clock::now();
+    Deferred deferred;  // declared before the lock: its events run after it is released
+    std::unique_lock lock(mutex);
+    bind_executor_locked(caller_executor);
+    if (closing) {
+      throw_pool_error(client_errc::pool_closed, "the pool " + application_name + " is closed");
+    }
+    const auto me = index(priority);
+    // Fast path: nobody of this priority (or higher) is waiting and an idle connection is free.
+    const bool nobody_ahead = waiters[1].empty() && (me == 1 || waiters[0].empty());
+    while (nobody_ahead && !idle.empty() && can_lease_locked(priority)) {
+      auto pooled = std::move(idle.back());
+      idle.pop_back();
+      const auto now = Clock::now();
+      if (expired(*pooled, now)) {
+        discard_locked(std::move(pooled), DiscardReason::lifetime, deferred);
+        continue;
+      }
+      const bool validate = config.validate_after_idle.count() > 0 &&
+                            now - pooled->idle_since > config.validate_after_idle;
+      lease_locked(*pooled, priority, site);
+      waits.record(std::chrono::microseconds(0));
+      lock.unlock();
+      events.acquired(site);
+      Lease lease(shared_from_this(), std::move(pooled));
+      if (!validate) co_return lease;
+      try {
+        co_await lease->query("");
+        co_return lease;
+      } catch (const Error&) {  // NOLINT(bugprone-empty-catch): dead: discard it and start over
+      }
+      lease.release();
+      co_return co_await acquire(priority, site);
+    }
+
+    if (waiters[0].size() + waiters[1].size() >= config.max_waiters) {
+      throw_pool_error(client_errc::pool_queue_full,
+                       "the pool " + application_name + " already has " +
+                           std::to_string(config.max_waiters) + " callers waiting (" +
+                           describe_load_locked() + ")",
+                       "raise PoolConfig::max_waiters, or shed load earlier");
+    }
+    if (config.acquire_timeout.count() == 0) {
+      ++timeouts;
+      throw_pool_error(
+          client_errc::pool_timeout,
+          "no connection free in the pool " + application_name + " (" + describe_load_locked() +
+              ") and acquire_timeout is 0" +
+              (last_connect_error.empty() ? std::string()
+                                          : "; last connect error: " + last_connect_error));
+    }
+    Waiter waiter(caller_executor, priority, site);
+    waiters[me].push_back(&waiter);
+    // If this coroutine is destroyed while it waits (its io_context shut down), the waiter must
+    // leave the queue, and a connection already handed to it must go back.
+    struct Abandon {
+      Abandon(PoolState& pool_in, Waiter& waiter_in) : pool(pool_in), waiter(waiter_in) {}
+      PoolState& pool;
+      Waiter& waiter;
+      bool armed = true;
+      Abandon(const Abandon&) = delete;
+      Abandon& operator=(const Abandon&) = delete;
+      Abandon(Abandon&&) = delete;
+      Abandon& operator=(Abandon&&) = delete;
+      ~Abandon() {
+        if (!armed) return;
+        std::unique_ptr<PooledConnection> handed;
+        {
+          std::lock_guard guard(pool.mutex);
+          auto& queue = pool.waiters[index(waiter.priority)];
+          queue.erase(std::remove(queue.begin(), queue.end(), &waiter), queue.end());
+          handed = std::move(waiter.handed);
+        }
+        if (handed) pool.release(std::move(handed));
+      }
+    } abandon(*this, waiter);
+    maybe_open_locked(deferred);
+    waiter.timer.expires_after(config.acquire_timeout);
+    // The wait starts under the lock, so a handoff cannot slip in before it.
+    auto [error] = co_await asio::async_initiate<decltype(no_throw), void(error_code)>(
+        [&](auto handler) {
+          waiter.timer.async_wait(std::move(handler));
+          lock.unlock();
+        },
+        no_throw);
+    lock.lock();
+    abandon.armed = false;
+    if (waiter.handed) {
+      waits.record(std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - started));
+      lock.unlock();
+      events.acquired(site);
+      co_return Lease(shared_from_this(), std::move(waiter.handed));
+    }
+    const std::string load = describe_load_locked();  // counting this caller among the waiting
+    auto& queue = waiters[me];
+    queue.erase(std::remove(queue.begin(), queue.end(), &waiter), queue.end());
+    if (waiter.pool_closed) {
+      throw_pool_error(client_errc::pool_closed, "the pool " + application_name + " was closed");
+    }
+    if (!error) {
+      ++timeouts;
+      std::string message = "timed out after " + std::to_string(config.acquire_timeout.count()) +
+                            " ms waiting for a connection from the pool " + application_name +
+                            " (" + load + ")";
+      if (!last_connect_error.empty()) message += "; last connect error: " + last_connect_error;
+      lock.unlock();
+      events.acquire_timeout(message);
+      throw_pool_error(client_errc::pool_timeout, message,
+                       "hold leases for shorter, raise max_size, or check the server");
+    }
+    ++cancellations;
+    throw_pool_error(client_errc::cancelled, "waiting for a pooled connection was cancelled");
+  }
+
+  void release(std::unique_ptr<PooledConnection> pooled) noexcept {
+    try {
+      Deferred deferred;
+      std::lock_guard lock(mutex);
+      --in_use;
+      if (pooled->priority == Priority::normal) --in_use_normal;
+      leases.erase(pooled->lease_id);
+      deferred.add([this] { events.released(); });
+      return_locked(std::move(pooled), deferred);
+    } catch (const std::exception& error) {
+      spdlog::error("pgrt pool: returning a connection failed: {}", error.what());
+    }
+  }
+
+  PoolStats stats() const {
+    std::lock_guard lock(mutex);
+    PoolStats snapshot;
+    snapshot.max = config.max_size;
+    snapshot.size = open;
+    snapshot.idle = idle.size();
+    snapshot.in_use = in_use;
+    snapshot.connecting = connecting;
+    snapshot.waiting_normal = waiters[0].size();
+    snapshot.waiting_high = waiters[1].size();
+    snapshot.acquired = acquired;
+    snapshot.timeouts = timeouts;
+    snapshot.cancellations = cancellations;
+    snapshot.connect_attempts = connect_attempts;
+    snapshot.connect_errors = connect_errors;
+    snapshot.discarded = discarded;
+    snapshot.leaks_suspected = leaks_suspected;
+    snapshot.wait_p50 = waits.percentile(0.5);
+    snapshot.wait_p99 = waits.percentile(0.99);
+    snapshot.wait_max = waits.max();
+    snapshot.last_connect_error = last_connect_error;
+    return snapshot;
+  }
+
+  // Refuses new acquires, fails the waiters and closes the idle connections.
+  void begin_close() {
+    Deferred deferred;
+    std::lock_guard lock(mutex);
+    if (closing) return;
+    closing = true;
+    for (auto& queue : waiters) {
+      for (Waiter* waiter : queue) {
+        waiter->pool_closed = true;
+        waiter->timer.cancel();
+      }
+      queue.clear();
+    }
+    auto idle_now = std::move(idle);
+    idle.clear();
+    for (auto& pooled : idle_now)
+      discard_locked(std::move(pooled), DiscardReason::closing, deferred);
+    if (executor) {
+      asio::post(*executor, [self = shared_from_this()] {
+        self->maintenance_timer->cancel();
+        self->retry_timer->cancel();
+      });
+    }
+  }
+};
+
+}  // namespace detail
+
+// --- Lease
+// ----------------------------------------------------------------------------------------
+
+Lease::Lease() noexcept = default;
+Lease::Lease(std::shared_ptr<detail::PoolState> pool,
+             std::unique_ptr<detail::PooledConnection> connection) noexcept
+    : pool_(std::move(pool)), connection_(std::move(connection)) {}
+Lease::Lease(Lease&& other) noexcept = default;
+Lease& Lease::operator=(Lease&& other) noexcept {
+  if (this != &other) {
+    release();
+    pool_ = std::move(other.pool_);
+    connection_ = std::move(other.connection_);
+  }
+  return *this;
+}
+Lease::~Lease() {
+  release();
+}
+
+Connection& Lease::operator*() const noexcept {
+  return connection_->connection;
+}
+Connection* Lease::operator->() const noexcept {
+  return &connection_->connection;
+}
+
+void Lease::release() noexcept {
+  if (connection_) pool_->release(std::move(connection_));
+  pool_.reset();
+}
+
+// --- Pool
+// -----------------------------------------------------------------------------------------
+
+Pool::Pool(boost::asio::any_io_executor executor, PoolConfig config) : Pool(std::move(config)) {
+  std::lock_guard lock(state_->mutex);
+  state_->bind_executor_locked(executor);
+}
+
+Pool::Pool(PoolConfig config) {
+  config.validate();
+  state_ = std::make_shared<detail::PoolState>(std::move(config));
+}
+
+Pool::~Pool() {
+  state_->begin_close();
+}
+
+asio::awaitable<Lease> Pool::acquire(Priority priority, std::source_location site) {
+  return state_->acquire(priority, site);
+}
+
+PoolStats Pool::stats() const {
+  return state_->stats();
+}
+PoolEvents& Pool::events() noexcept {
+  return state_->events;
+}
+const PoolConfig& Pool::config() const noexcept {
+  return state_->config;
+}
+const std::string& Pool::application_name() const noexcept {
+  return state_->application_name;
+}
+
+asio::awaitable<std::vector<std::string>> Pool::close(std::chrono::milliseconds grace) {
+  state_->begin_close();
+  const auto deadline = Clock::now() + grace;
+  asio::steady_timer timer(co_await asio::this_coro::executor);
+  for (;;) {
+    {
+      std::lock_guard lock(state_->mutex);
+      if ((state_->in_use == 0 && state_->connecting == 0) || Clock::now() >= deadline) break;
+    }
+    timer.expires_after(std::chrono::milliseconds(10));
+    co_await timer.async_wait(no_throw);
+  }
+  std::vector<std::string> outstanding;
+  std::lock_guard lock(state_->mutex);
+  const auto now = Clock::now();
+  for (const auto& [id, record] : state_->leases) {
+    outstanding.push_back(
+        describe_site(record.site) + ", held for " +
+        std::to_string(
+            std::chrono::duration_cast<std::chrono::milliseconds>(now - record.acquired).count()) +
+        " ms");
+  }
+  if (!outstanding.empty()) {
+    spdlog::warn(
+        "pgrt pool {}: closed with {} lease(s) still out; their connections are closed "
+        "when returned",
+        state_->application_name, outstanding.size());
+  }
+  co_return outstanding;
+}
+
+// --- the process-wide pool
+// ------------------------------------------------------------------------
+
+namespace {
+std::mutex global_mutex;
+std::shared_ptr<Pool> global_pool;  // NOLINT(cppcoreguidelines-avoid-non-const-global-variables)
+}  // namespace
+
+void configure(PoolConfig config) {
+  std::lock_guard lock(global_mutex);
+  if (global_pool) {
+    throw_pool_error(client_errc::already_configured,
+                     "pgrt::configure() was called twice; the process-wide pool is configured "
+                     "once",
+                     "configure it once at start-up; use pgrt::Pool objects for more pools");
+  }
+  global_pool = std::make_shared<Pool>(std::move(config));
+}
+
+Pool& pool() {
+  std::lock_guard lock(global_mutex);
+  if (!global_pool) {
+    throw_pool_error(client_errc::pool_not_configured, "the process-wide pool is not configured",
+                     "call pgrt::configure(pgrt::PoolConfig::from_env()) (or with your own "
+                     "PoolConfig) before pgrt::connection()");
+  }
+  return *global_pool;
+}
+
+asio::awaitable<Lease> connection(Priority priority, std::source_location site) {
+  return pool().acquire(priority, site);
+}
+
+asio::awaitable<std::vector<std::string>> shutdown_pool(std::chrono::milliseconds grace) {
+  std::shared_ptr<Pool> closing;
+  {
+    std::lock_guard lock(global_mutex);
+    closing = std::move(global_pool);
+    global_pool.reset();
+  }
+  if (!closing) co_return std::vector<std::string>{};
+  co_return co_await closing->close(grace);
+}
+
+}  // namespace pgrt

@@ -1,0 +1,492 @@
+// The pool against a real server: strict max under load and churn, FIFO, restarts, a full server,
+// reserved connections, resets on return, leak warnings.
+#include <atomic>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <chrono>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <mutex>
+#include <random>
+#include <spdlog/sinks/ostream_sink.h>
+#include <spdlog/spdlog.h>
+#include <sstream>
+#include <thread>
+
+#include <pgrt/db.hpp>
+
+#include "pgrt/testing/blocking_sql.hpp"
+#include "pgrt/testing/db_test.hpp"
+#include "pgrt/testing/run_coroutine.hpp"
+
+namespace pgrt {
+namespace {
+
+namespace asio = boost::asio;
+using namespace std::chrono_literals;
+using testing::BlockingConnection;
+using ::testing::HasSubstr;
+using testing::run_coroutine;
+using awaitable_void = asio::awaitable<void>;
+
+asio::awaitable<void> sleep_for(std::chrono::steady_clock::duration duration) {
+  asio::steady_timer timer(co_await asio::this_coro::executor, duration);
+  co_await timer.async_wait(asio::use_awaitable);
+}
+
+// Counts this pool's backends in pg_stat_activity every 10 ms on a thread of its own and keeps
+// the highest count seen.
+class BackendSampler {
+ public:
+  BackendSampler(std::string conninfo, std::string application_name)
+      : thread_([this, conninfo = std::move(conninfo), name = std::move(application_name)] {
+          BlockingConnection observer(conninfo);
+          const std::string sql =
+              "SELECT count(*) FROM pg_stat_activity WHERE application_name = '" + name + "'";
+          while (!stop_) {
+            try {
+              const int count = std::stoi(observer.scalar(sql));
+              highest_ = std::max(highest_.load(), count);
+              ++samples_;
+            } catch (const testing::SqlError&) {  // the server restarting: skip this sample
+              return;
+            }
+            std::this_thread::sleep_for(10ms);
+          }
+        }) {}
+  BackendSampler(const BackendSampler&) = delete;
+  BackendSampler& operator=(const BackendSampler&) = delete;
+  BackendSampler(BackendSampler&&) = delete;
+  BackendSampler& operator=(BackendSampler&&) = delete;
+  ~BackendSampler() { stop(); }
+  void stop() {
+    stop_ = true;
+    if (thread_.joinable()) thread_.join();
+  }
+  int highest() const { return highest_; }
+  int samples() const { return samples_; }
+
+ private:
+  std::atomic<bool> stop_{false};
+  std::atomic<int> highest_{0};
+  std::atomic<int> samples_{0};
+  std::thread thread_;
+};
+
+class PoolTest : public testing::DbTest {
+ protected:
+  static PoolConfig config(std::string instance, std::size_t max_size = 3) {
+    PoolConfig pool_config;
+    pool_config.conninfo = cluster().dsn();
+    pool_config.max_size = max_size;
+    pool_config.application = "pgrt-test";
+    pool_config.instance = std::move(instance);
+    return pool_config;
+  }
+};
+
+TEST_F(PoolTest, LoadNeverExceedsMaxAndServesWaitersFifo) {
+  const auto load_for = 10s;
+  auto pool_config = config("load");
+  pool_config.max_waiters = 2000;
+  std::optional<BackendSampler> sampler;
+  std::uint64_t enqueued = 0;
+  std::vector<std::uint64_t> grant_order;  // enqueue numbers, in the order acquires completed
+  int finished = 0;
+  PoolStats end{};
+  run_coroutine(
+      [&]() -> awaitable_void {
+        auto executor = co_await asio::this_coro::executor;
+        Pool pool(executor, pool_config);
+        sampler.emplace(cluster().dsn(), pool.application_name());
+        const auto deadline = std::chrono::steady_clock::now() + load_for;
+        for (int worker = 0; worker < 1000; ++worker) {
+          asio::co_spawn(
+              executor,
+              [&]() -> awaitable_void {
+                while (std::chrono::steady_clock::now() < deadline) {
+                  const std::uint64_t ticket = enqueued++;
+                  auto lease = co_await pool.acquire();
+                  grant_order.push_back(ticket);
+                  auto rows = co_await lease->query("SELECT $1::int8", std::int64_t(ticket));
+                  EXPECT_EQ(rows.scalar<std::int64_t>(), static_cast<std::int64_t>(ticket));
+                }
+                ++finished;
+              },
+              asio::detached);
+        }
+        while (finished < 1000) co_await sleep_for(20ms);
+        end = pool.stats();
+      },
+      60s);
+  sampler->stop();
+  EXPECT_EQ(finished, 1000);
+  EXPECT_GT(sampler->samples(), 100);
+  EXPECT_LE(sampler->highest(), 3) << "more backends than max_size";
+  EXPECT_EQ(sampler->highest(), 3) << "the load should have used every connection";
+  EXPECT_GT(grant_order.size(), 1000U);
+  EXPECT_TRUE(std::is_sorted(grant_order.begin(), grant_order.end()))
+      << "acquires were not served in the order they were made";
+  EXPECT_EQ(end.in_use, 0U);
+  EXPECT_EQ(end.waiting_normal, 0U);
+  EXPECT_EQ(end.acquired, grant_order.size());
+  EXPECT_LE(end.size, 3U);
+  std::printf("load: %zu acquires in %lld s, wait p50 %lld us p99 %lld us max %lld us\n",
+              grant_order.size(), static_cast<long long>(load_for.count()),
+              static_cast<long long>(end.wait_p50.count()),
+              static_cast<long long>(end.wait_p99.count()),
+              static_cast<long long>(end.wait_max.count()));
+}
+
+TEST_F(PoolTest, ChurnOfCancelledAcquiresAndDroppedLeasesLeaksNothing) {
+  auto pool_config = config("churn");
+  pool_config.max_waiters = 2000;
+  std::optional<BackendSampler> sampler;
+  int finished = 0;
+  std::uint64_t cancelled_acquires = 0, dropped_mid_query = 0, completed = 0;
+  PoolStats end{};
+  run_coroutine(
+      [&]() -> awaitable_void {
+        auto executor = co_await asio::this_coro::executor;
+        Pool pool(executor, pool_config);
+        sampler.emplace(cluster().dsn(), pool.application_name());
+        const auto deadline = std::chrono::steady_clock::now() + 5s;
+        for (int worker = 0; worker < 300; ++worker) {
+          asio::co_spawn(
+              executor,
+              [&, worker]() -> awaitable_void {
+                std::mt19937 random(static_cast<unsigned>(worker));
+                std::uniform_int_distribution<int> percent(0, 99);
+                std::uniform_int_distribution<int> micros(0, 3000);
+                while (std::chrono::steady_clock::now() < deadline) {
+                  Lease lease;
+                  if (percent(random) < 30) {
+                    try {
+                      lease = co_await with_timeout(pool.acquire(),
+                                                    std::chrono::microseconds(micros(random)));
+                    } catch (const Error&) {
+                      ++cancelled_acquires;
+                      continue;
+                    }
+                  } else {
+                    try {
+                      lease = co_await pool.acquire();
+                    } catch (const Error& error) {
+                      ADD_FAILURE() << error.what() << "\n" << pool.stats().to_json();
+                      break;
+                    }
+                  }
+                  if (percent(random) < 10) {
+                    try {
+                      co_await with_timeout(lease->query("SELECT pg_sleep(0.05)"), 5ms);
+                    } catch (const Error&) {
+                      ++dropped_mid_query;
+                    }
+                    continue;  // the lease goes back right after its query was cancelled
+                  }
+                  try {
+                    co_await lease->query("SELECT 1");
+                    ++completed;
+                  } catch (const Error& error) {
+                    ADD_FAILURE() << "a query on a pooled connection failed: " << error.what();
+                  }
+                }
+                ++finished;
+              },
+              asio::detached);
+        }
+        while (finished < 300) co_await sleep_for(20ms);
+        co_await sleep_for(100ms);  // background resets settle
+        end = pool.stats();
+      },
+      60s);
+  sampler->stop();
+  EXPECT_EQ(finished, 300);
+  EXPECT_GT(cancelled_acquires, 0U);
+  EXPECT_GT(dropped_mid_query, 0U);
+  EXPECT_GT(completed, 0U);
+  EXPECT_LE(sampler->highest(), 3);
+  EXPECT_EQ(end.in_use, 0U) << "a slot leaked";
+  EXPECT_EQ(end.waiting_normal, 0U);
+  EXPECT_EQ(end.connecting, 0U);
+  EXPECT_LE(end.size, 3U);
+  EXPECT_EQ(end.size, end.idle) << "every open connection is idle at the end";
+  EXPECT_GE(end.cancellations + end.acquired, cancelled_acquires);
+}
+
+TEST_F(PoolTest, RecoversAfterAServerRestartWithoutHangs) {
+  auto own = start_own_cluster();
+  PoolConfig pool_config = config("restart");
+  pool_config.conninfo = own->dsn();
+  pool_config.acquire_timeout = 3s;
+  std::atomic<int> errors{0}, successes_after{0};
+  std::atomic<bool> restarted{false};
+  int finished = 0;
+  std::thread restarter([&] {
+    std::this_thread::sleep_for(1s);
+    own->restart(testing::StopMode::fast);
+    restarted = true;
+  });
+  run_coroutine(
+      [&]() -> awaitable_void {
+        auto executor = co_await asio::this_coro::executor;
+        Pool pool(executor, pool_config);
+        const auto deadline = std::chrono::steady_clock::now() + 4s;
+        for (int worker = 0; worker < 50; ++worker) {
+          asio::co_spawn(
+              executor,
+              [&]() -> awaitable_void {
+                while (std::chrono::steady_clock::now() < deadline) {
+                  try {
+                    auto lease = co_await pool.acquire();
+                    co_await lease->query("SELECT pg_sleep(0.01)");
+                    if (restarted) ++successes_after;
+                  } catch (const Error& error) {
+                    ++errors;
+                    // Clear errors: a lost connection, a server shutting down, or a timeout.
+                    EXPECT_TRUE(error.code() == condition::connection_error ||
+                                error.code() == condition::timeout ||
+                                error.code() == condition::admin_shutdown)
+                        << error.what();
+                  }
+                }
+                ++finished;
+              },
+              asio::detached);
+        }
+        while (finished < 50) co_await sleep_for(20ms);
+      },
+      60s);
+  restarter.join();
+  EXPECT_EQ(finished, 50) << "a coroutine hung";
+  EXPECT_GT(errors.load(), 0) << "the restart should have been noticed";
+  EXPECT_GT(successes_after.load(), 0) << "the pool did not recover";
+}
+
+TEST_F(PoolTest, FullServerBacksOffWithoutAConnectStorm) {
+  auto own = start_own_cluster(
+      {.max_connections = 4, .settings = {{"superuser_reserved_connections", "0"}}});
+  std::vector<std::unique_ptr<BlockingConnection>> hogs;
+  for (int i = 0; i < 4; ++i) hogs.push_back(std::make_unique<BlockingConnection>(own->dsn()));
+  PoolConfig pool_config = config("full");
+  pool_config.conninfo = own->dsn();
+  pool_config.acquire_timeout = 2s;
+  PoolStats during{};
+  run_coroutine(
+      [&]() -> awaitable_void {
+        auto executor = co_await asio::this_coro::executor;
+        Pool pool(executor, pool_config);
+        int failures = 0;
+        for (int caller = 0; caller < 5; ++caller) {
+          asio::co_spawn(
+              executor,
+              [&]() -> awaitable_void {
+                try {
+                  auto lease = co_await pool.acquire();
+                  ADD_FAILURE() << "got a connection from a full server";
+                } catch (const Error& error) {
+                  EXPECT_EQ(error.code(), client_errc::pool_timeout);
+                  EXPECT_THAT(error.what(), HasSubstr("last connect error"));
+                  EXPECT_THAT(error.what(), HasSubstr("max_connections"));
+                }
+                ++failures;
+              },
+              asio::detached);
+        }
+        while (failures < 5) co_await sleep_for(20ms);
+        during = pool.stats();
+        hogs.clear();  // the server has room again
+        auto lease = co_await pool.acquire();
+        EXPECT_EQ((co_await lease->query("SELECT 1")).scalar<int>(), 1);
+      },
+      60s);
+  // 2 s of backoff from 100 ms doubling (with jitter): about 5 attempts, not hundreds.
+  EXPECT_GE(during.connect_attempts, 2U);
+  EXPECT_LE(during.connect_attempts, 12U);
+  EXPECT_EQ(during.connect_errors, during.connect_attempts);
+  EXPECT_EQ(during.timeouts, 5U);
+  EXPECT_THAT(during.last_connect_error, HasSubstr("max_connections"));
+}
+
+TEST_F(PoolTest, ReservedConnectionsKeepHighPriorityFromStarving) {
+  auto pool_config = config("reserved");
+  pool_config.reserved_for_priority = 1;
+  std::chrono::steady_clock::duration high_wait{};
+  std::size_t highest_normal_in_use = 0;
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, pool_config);
+    bool stop = false;
+    int running = 0;
+    for (int worker = 0; worker < 40; ++worker) {
+      ++running;
+      asio::co_spawn(
+          executor,
+          [&]() -> awaitable_void {
+            while (!stop) {
+              auto lease = co_await pool.acquire(Priority::normal);
+              highest_normal_in_use = std::max(highest_normal_in_use, pool.stats().in_use);
+              co_await lease->query("SELECT pg_sleep(0.02)");
+            }
+            --running;
+          },
+          asio::detached);
+    }
+    co_await sleep_for(300ms);
+    const auto start = std::chrono::steady_clock::now();
+    auto lease = co_await pool.acquire(Priority::high);
+    high_wait = std::chrono::steady_clock::now() - start;
+    EXPECT_EQ((co_await lease->query("SELECT 1")).scalar<int>(), 1);
+    stop = true;
+    lease.release();
+    while (running > 0) co_await sleep_for(10ms);
+  });
+  EXPECT_LE(highest_normal_in_use, 2U) << "normal acquires took the reserved connection";
+  EXPECT_LT(high_wait, 200ms) << "the high-priority acquire starved";
+}
+
+TEST_F(PoolTest, ALeaseReturnedInsideATransactionIsRolledBack) {
+  BlockingConnection observer(cluster().dsn());
+  observer.query("DROP TABLE IF EXISTS pool_tx; CREATE TABLE pool_tx (v int)");
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, config("tx", 1));
+    int first_pid = 0;
+    {
+      auto lease = co_await pool.acquire();
+      first_pid = lease->backend_pid();
+      co_await lease->begin();
+      co_await lease->execute("INSERT INTO pool_tx VALUES (1)");
+    }  // returned with the transaction open
+    auto lease = co_await pool.acquire();
+    EXPECT_EQ(lease->backend_pid(), first_pid) << "max 1: the same connection comes back";
+    EXPECT_EQ(lease->transaction_status(), TransactionStatus::idle);
+    EXPECT_EQ((co_await lease->query("SELECT count(*) FROM pool_tx")).scalar<int>(), 0);
+  });
+  EXPECT_EQ(observer.scalar("SELECT count(*) FROM pool_tx"), "0");
+}
+
+TEST_F(PoolTest, ALeakWarningCarriesTheAcquiringFileAndLine) {
+  std::ostringstream log;
+  auto previous = spdlog::default_logger();
+  auto capture = std::make_shared<spdlog::logger>(
+      "capture", std::make_shared<spdlog::sinks::ostream_sink_mt>(log));
+  spdlog::set_default_logger(capture);
+  auto pool_config = config("leak");
+  pool_config.leak_threshold = 100ms;
+  std::uint32_t acquire_line = 0;
+  int events_seen = 0;
+  PoolStats end{};
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, pool_config);
+    boost::signals2::scoped_connection subscription = pool.events().leak_suspected.connect(
+        [&](const std::source_location& site, std::chrono::milliseconds age) {
+          ++events_seen;
+          EXPECT_EQ(site.line(), acquire_line);
+          EXPECT_GE(age, 100ms);
+        });
+    acquire_line = std::source_location::current().line() + 1;
+    auto lease = co_await pool.acquire();
+    co_await sleep_for(400ms);
+    end = pool.stats();
+  });
+  spdlog::set_default_logger(previous);
+  EXPECT_THAT(log.str(), HasSubstr(std::string("pool_pgtest.cpp:") + std::to_string(acquire_line)));
+  EXPECT_THAT(log.str(), HasSubstr("leak_threshold 100 ms"));
+  EXPECT_EQ(end.leaks_suspected, 1U) << "reported once";
+  EXPECT_EQ(events_seen, 1);
+}
+
+TEST_F(PoolTest, CancelledWaiterLeavesNoTraceAndTimeoutsExplainThemselves) {
+  auto pool_config = config("cancel", 1);
+  pool_config.acquire_timeout = 300ms;
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, pool_config);
+    auto held = co_await pool.acquire();
+    try {
+      co_await with_timeout(pool.acquire(), 50ms);
+      ADD_FAILURE() << "acquired from an exhausted pool";
+    } catch (const Error& error) {
+      EXPECT_EQ(error.code(), client_errc::timeout);
+    }
+    auto stats = pool.stats();
+    EXPECT_EQ(stats.waiting_normal, 0U);
+    EXPECT_EQ(stats.cancellations, 1U);
+    try {
+      co_await pool.acquire();
+      ADD_FAILURE() << "acquired from an exhausted pool";
+    } catch (const Error& error) {
+      EXPECT_EQ(error.code(), client_errc::pool_timeout);
+      EXPECT_TRUE(error.code() == condition::timeout);
+      EXPECT_THAT(error.what(), HasSubstr("1 of max 1 connections in use"));
+      EXPECT_THAT(error.what(), HasSubstr("1 callers waiting"));
+    }
+    held.release();
+    stats = pool.stats();
+    EXPECT_EQ(stats.in_use, 0U);
+    EXPECT_EQ(stats.idle, 1U);
+    EXPECT_EQ(stats.size, 1U);
+    auto again = co_await pool.acquire();
+    EXPECT_EQ((co_await again->query("SELECT 1")).scalar<int>(), 1);
+  });
+}
+
+TEST_F(PoolTest, ConnectionsCarryTheApplicationTag) {
+  auto pool_config = config("tagged");
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, pool_config);
+    EXPECT_THAT(pool.application_name(), ::testing::MatchesRegex("pgrt-test/tagged/[0-9a-f]{8}"));
+    auto lease = co_await pool.acquire();
+    EXPECT_EQ((co_await lease->query("SHOW application_name")).scalar<std::string>(),
+              pool.application_name());
+  });
+  PoolConfig long_names = config(std::string(100, 'i'));
+  long_names.application = std::string(100, 'a') + "/é";
+  Pool pool(long_names);
+  EXPECT_LE(pool.application_name().size(), 63U);
+  EXPECT_EQ(pool.application_name().find_first_not_of("ai_/0123456789abcdef"), std::string::npos);
+}
+
+TEST_F(PoolTest, ProcessWidePoolIsConfiguredOnce) {
+  EXPECT_THROW((void)pgrt::pool(), Error);
+  auto pool_config = config("global");
+  pgrt::configure(pool_config);
+  EXPECT_THROW(pgrt::configure(pool_config), Error);
+  run_coroutine([&]() -> awaitable_void {
+    auto conn = co_await pgrt::connection();
+    EXPECT_EQ((co_await conn->query("SELECT 1")).scalar<int>(), 1);
+    Lease moved = std::move(conn);
+    EXPECT_FALSE(conn);
+    EXPECT_TRUE(moved);
+    moved.release();
+    auto outstanding = co_await shutdown_pool(1s);
+    EXPECT_TRUE(outstanding.empty());
+  });
+  EXPECT_THROW((void)pgrt::pool(), Error);
+}
+
+TEST_F(PoolTest, CloseReportsLeasesStillOutAndALeaseOutlivesThePool) {
+  Lease survivor;
+  std::vector<std::string> outstanding;
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    auto pool = std::make_unique<Pool>(executor, config("close"));
+    survivor = co_await pool->acquire();
+    outstanding = co_await pool->close(100ms);
+    EXPECT_THROW(co_await pool->acquire(), Error);
+    pool.reset();
+    EXPECT_EQ((co_await survivor->query("SELECT 1")).scalar<int>(), 1);
+  });
+  ASSERT_EQ(outstanding.size(), 1U);
+  EXPECT_THAT(outstanding[0], HasSubstr("pool_pgtest.cpp"));
+  survivor.release();  // after its pool is gone: no crash, the connection is closed
+}
+
+}  // namespace
+}  // namespace pgrt
