@@ -1,4 +1,5 @@
-// pgrt demo: connects to PostgreSQL with pgrt::Connection, prints the server's version and exits.
+// pgrt demo: borrows a connection from the process-wide pool (micro preset), prints the server's
+// version and exits.
 //
 // With DATABASE_URL unset it runs on a throwaway cluster that it starts and removes, also when it
 // is interrupted with Ctrl+C (SIGINT) or SIGTERM. With DATABASE_URL set it uses that server.
@@ -6,8 +7,12 @@
 //   pgrt_demo [--serve-seconds N]   keep running N seconds after connecting, as a service would
 #include <atomic>
 #include <boost/asio/awaitable.hpp>
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/this_coro.hpp>
 #include <chrono>
 #include <condition_variable>
 #include <csignal>
@@ -127,33 +132,61 @@ int run(const Arguments& arguments, SignalStop& signal_stop) {
   // The query runs on an io_context; a signal stops it (the coroutine is then destroyed, which
   // closes the connection).
   boost::asio::io_context io;
-  signal_stop.on_signal([&io] { io.stop(); });
+  // A signal cancels the running coroutine (on its own thread, through the io_context), which then
+  // closes the pool before io.run() returns: asio objects must go before their io_context.
+  boost::asio::cancellation_signal interrupt;
+  signal_stop.on_signal([&io, &interrupt] {
+    boost::asio::post(io,
+                      [&interrupt] { interrupt.emit(boost::asio::cancellation_type::terminal); });
+  });
   int code = exit_failure;
+  // The process-wide pool, micro preset (max 3 connections): what a small service on a
+  // db-f1-micro instance would use.
+  pgrt::PoolConfig pool_config = pgrt::PoolConfig::micro();
+  pool_config.conninfo = conninfo;
+  pool_config.application = "pgrt-demo";
+  pool_config.acquire_timeout = std::chrono::seconds(3);  // a demo should fail fast
+  pgrt::configure(std::move(pool_config));
   boost::asio::co_spawn(
       io,
       [&]() -> boost::asio::awaitable<void> {
-        // Options are built in a named variable: g++ 12 miscompiles braced temporaries with
-        // string members inside a co_await expression.
-        pgrt::ConnectOptions options{.conninfo = conninfo, .application_name = "pgrt-demo"};
-        auto connection = co_await pgrt::Connection::connect(std::move(options));
-        auto rows = co_await connection.query(
-            "SELECT version(), current_user, current_database(), $1::text", "hello from pgrt");
-        const pgrt::Row row = rows[0];
-        std::cout << "pgrt " << pgrt::version_string() << " (libpq " << pgrt::libpq_version()
-                  << ") connected to " << row.get<std::string_view>(2) << " as "
-                  << row.get<std::string_view>(1) << "\nserver: " << row.get<std::string_view>(0)
-                  << "\nparameter round trip: " << row.get<std::string_view>(3) << std::endl;
-        code = exit_ok;
+        std::string failure;
+        try {
+          auto connection = co_await pgrt::connection();
+          auto rows = co_await connection->query(
+              "SELECT version(), current_user, current_database(), $1::text, "
+              "current_setting('application_name')",
+              "hello from pgrt");
+          const pgrt::Row row = rows[0];
+          std::cout << "pgrt " << pgrt::version_string() << " (libpq " << pgrt::libpq_version()
+                    << ") connected to " << row.get<std::string_view>(2) << " as "
+                    << row.get<std::string_view>(1) << " (application_name "
+                    << row.get<std::string_view>(4) << ")\nserver: " << row.get<std::string_view>(0)
+                    << "\nparameter round trip: " << row.get<std::string_view>(3) << std::endl;
+        } catch (const std::exception& error) {  // the lease went back to the pool already
+          // pgrt's messages say what failed and what to check, and never contain a password.
+          failure = error.what();
+        }
+        std::cout << "pool: " << pgrt::pool().stats().to_json() << std::endl;
+        // Closing the pool ends its background work, so io.run() returns; it must run even when
+        // this coroutine was cancelled.
+        co_await boost::asio::this_coro::throw_if_cancelled(false);
+        co_await boost::asio::this_coro::reset_cancellation_state();
+        co_await pgrt::shutdown_pool(std::chrono::seconds(1));
+        if (!failure.empty()) {
+          std::cerr << "pgrt_demo: " << failure << std::endl;
+        } else {
+          code = exit_ok;
+        }
       },
-      [](std::exception_ptr failure) {
+      boost::asio::bind_cancellation_slot(interrupt.slot(), [](std::exception_ptr failure) {
         if (!failure) return;
         try {
           std::rethrow_exception(failure);
         } catch (const std::exception& error) {
-          // pgrt's messages say what failed and what to check, and never contain a password.
           std::cerr << "pgrt_demo: " << error.what() << std::endl;
         }
-      });
+      }));
   io.run();
   if (code != exit_ok) return code;
 

@@ -59,7 +59,7 @@ echo "ok: plain run prints the version and cleans up"
 # A bad DATABASE_URL: a clear error, exit 1, and the password never printed.
 code=0
 DATABASE_URL="postgresql://app:hunter2-secret@127.0.0.1:1/appdb" "$demo" >"$work/out" 2>&1 || code=$?
-if ((code != 1)) || ! grep -q "could not connect to 127.0.0.1:1" "$work/out" ||
+if ((code != 1)) || ! grep -q "last connect error: could not connect to 127.0.0.1:1" "$work/out" ||
   ! grep -q "HINT" "$work/out" || grep -q "hunter2-secret" "$work/out"; then
   echo "FAIL: bad DATABASE_URL (exit $code):"; cat "$work/out"; exit 1
 fi

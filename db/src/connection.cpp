@@ -2,9 +2,9 @@
 
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/experimental/awaitable_operators.hpp>
+#include <boost/asio/generic/stream_protocol.hpp>
 #include <boost/asio/ip/address.hpp>
 #include <boost/asio/ip/tcp.hpp>
-#include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
@@ -111,7 +111,7 @@ struct Connection::Impl {
   };
 
   executor_type executor;
-  asio::posix::stream_descriptor socket;  // wraps PQsocket() without owning it
+  asio::generic::stream_protocol::socket socket;  // wraps PQsocket() without owning it
   ConnectOptions options;
   PGconn* conn = nullptr;
   Diagnostics last_error;
@@ -122,6 +122,21 @@ struct Connection::Impl {
   std::uint64_t next_statement_id = 0;
 
   // --- state ----------------------------------------------------------------------------------
+
+  // Wraps libpq's current socket (TCP or unix) without taking ownership.
+  error_code watch_socket() {
+    if (socket.is_open()) [[maybe_unused]]
+      auto descriptor = socket.release();
+    const int fd = PQsocket(conn);
+    sockaddr_storage address{};
+    socklen_t length = sizeof address;
+    if (::getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length) != 0) {
+      return {errno, boost::system::system_category()};
+    }
+    error_code error;
+    socket.assign(asio::generic::stream_protocol(address.ss_family, 0), fd, error);
+    return error;
+  }
 
   void close(CloseMode mode) noexcept {
     if (socket.is_open()) {
@@ -193,42 +208,33 @@ struct Connection::Impl {
 
   // --- waiting ----------------------------------------------------------------------------------
 
-  // Waits until libpq's socket is ready for `wait`. Asio's epoll reactor is edge-triggered and
-  // async_wait never looks at the socket before waiting, so readiness that arrived before the wait
-  // was queued (bytes libpq left unread, or an edge consumed by another thread running the
-  // reactor) would never wake it. So, once the wait is queued, a zero-timeout poll() looks; if the
-  // socket is ready already the wait is cancelled at once and reported as ready.
-  asio::awaitable<error_code> wait_ready(asio::posix::descriptor_base::wait_type wait) {
-    const short events = wait == asio::posix::descriptor_base::wait_read ? POLLIN : POLLOUT;
-    auto [error] = co_await asio::async_initiate<decltype(no_throw), void(error_code)>(
-        [this, wait, events](auto handler) {
-          socket.async_wait(wait, std::move(handler));
-          pollfd descriptor{.fd = socket.native_handle(), .events = events, .revents = 0};
-          if (::poll(&descriptor, 1, 0) > 0) {
-            error_code ignored;
-            socket.cancel(ignored);
-          }
-        },
-        no_throw);
-    if (error == asio::error::operation_aborted) {
-      auto state = co_await asio::this_coro::cancellation_state;
-      if (state.cancelled() == asio::cancellation_type::none && socket.is_open()) {
-        co_return error_code{};  // our own cancel: the socket is ready
-      }
-    }
+  // Waits until libpq's socket has bytes to read (or end of file), without taking any. Asio's epoll
+  // reactor is edge-triggered and a plain async_wait never looks at the socket first, so readiness
+  // that came before the wait was queued (bytes libpq left unread, or an edge taken by another
+  // thread running the reactor) would be lost. A one-byte MSG_PEEK receive is a speculative
+  // operation: the reactor tries it at once and again after every edge, so nothing is lost.
+  asio::awaitable<error_code> wait_readable() {
+    char peeked = 0;
+    auto [error, size] = co_await socket.async_receive(asio::buffer(&peeked, 1),
+                                                       asio::socket_base::message_peek, no_throw);
+    if (error == asio::error::eof) co_return error_code{};  // libpq reads the end of file itself
     co_return error;
   }
 
-  asio::awaitable<error_code> wait_readable() {
-    return wait_ready(asio::posix::descriptor_base::wait_read);
+  // Waits until the socket is writable. Writes block only for large payloads; a poll() first
+  // covers a socket that is writable already.
+  asio::awaitable<error_code> wait_writable() {
+    pollfd descriptor{.fd = socket.native_handle(), .events = POLLOUT, .revents = 0};
+    if (::poll(&descriptor, 1, 0) > 0) co_return error_code{};
+    auto [error] = co_await socket.async_wait(asio::socket_base::wait_write, no_throw);
+    co_return error;
   }
 
   // Waits until the socket is writable or readable (reading meanwhile keeps a server that is
   // blocked sending results from blocking us).
   asio::awaitable<error_code> wait_writable_or_readable() {
     using namespace asio::experimental::awaitable_operators;
-    auto outcome = co_await (wait_ready(asio::posix::descriptor_base::wait_write) ||
-                             wait_ready(asio::posix::descriptor_base::wait_read));
+    auto outcome = co_await (wait_writable() || wait_readable());
     co_return std::visit([](error_code error) { return error; }, outcome);
   }
 
@@ -643,17 +649,13 @@ struct Connection::Impl {
       if (polling == PGRES_POLLING_FAILED) co_return connect_error();
       // libpq may open a new socket at any step (next address, next host, SSL fallback): wrap the
       // current one afresh each time.
-      if (socket.is_open()) [[maybe_unused]]
-        auto descriptor = socket.release();
-      error_code assign_error;
-      socket.assign(PQsocket(conn), assign_error);
-      if (assign_error) {
+      if (auto assign_error = watch_socket()) {
         co_return fail(client_errc::connect_failed,
                        "cannot watch the connection's socket: " + assign_error.message());
       }
       auto [error] = co_await socket.async_wait(polling == PGRES_POLLING_READING
-                                                    ? asio::posix::descriptor_base::wait_read
-                                                    : asio::posix::descriptor_base::wait_write,
+                                                    ? asio::socket_base::wait_read
+                                                    : asio::socket_base::wait_write,
                                                 no_throw);
       if (error) {
         std::string where = target();
@@ -663,11 +665,7 @@ struct Connection::Impl {
       polling = PQconnectPoll(conn);
     }
     if (PQsetnonblocking(conn, 1) != 0) co_return connect_error();
-    if (socket.is_open()) [[maybe_unused]]
-      auto descriptor = socket.release();
-    error_code assign_error;
-    socket.assign(PQsocket(conn), assign_error);
-    if (assign_error) {
+    if (auto assign_error = watch_socket()) {
       close(CloseMode::immediate);
       co_return fail(client_errc::connect_failed,
                      "cannot watch the connection's socket: " + assign_error.message());

@@ -3,6 +3,7 @@
 #include <atomic>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
+#include <boost/asio/io_context.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
@@ -139,6 +140,68 @@ TEST_F(PoolTest, LoadNeverExceedsMaxAndServesWaitersFifo) {
               static_cast<long long>(end.wait_p50.count()),
               static_cast<long long>(end.wait_p99.count()),
               static_cast<long long>(end.wait_max.count()));
+}
+
+// The io_context is run by two threads: acquires, queries, returns and background work race for
+// real. Run under the tsan preset, this is the TSan acceptance test.
+TEST_F(PoolTest, TwoThreadIoContextLoadIsSafe) {
+  auto pool_config = config("threads");
+  asio::io_context io;
+  std::atomic<int> finished{0};
+  std::atomic<std::uint64_t> completed{0};
+  std::atomic<std::size_t> highest_in_use{0};
+  std::atomic<bool> failed{false};
+  auto pool = std::make_shared<Pool>(io.get_executor(), pool_config);
+  const auto deadline = std::chrono::steady_clock::now() + 3s;
+  for (int worker = 0; worker < 200; ++worker) {
+    asio::co_spawn(
+        io,
+        [&, pool]() -> awaitable_void {
+          std::mt19937 random(static_cast<unsigned>(worker));
+          while (std::chrono::steady_clock::now() < deadline) {
+            try {
+              Lease lease;
+              if (random() % 4 == 0) {
+                lease = co_await with_timeout(pool->acquire(), std::chrono::microseconds(500));
+              } else {
+                lease = co_await pool->acquire();
+              }
+              std::size_t in_use = pool->stats().in_use;
+              std::size_t seen = highest_in_use;
+              while (in_use > seen && !highest_in_use.compare_exchange_weak(seen, in_use)) {
+              }
+              co_await lease->query("SELECT 1");
+              ++completed;
+            } catch (const Error& error) {
+              if (error.code() != client_errc::timeout) {
+                failed = true;
+                ADD_FAILURE() << error.what();
+              }
+            }
+          }
+          ++finished;
+        },
+        asio::detached);
+  }
+  PoolStats end{};
+  // Once every worker is done, close the pool so that the io_context runs out of work.
+  asio::co_spawn(
+      io,
+      [&]() -> awaitable_void {
+        while (finished < 200) co_await sleep_for(20ms);
+        end = pool->stats();
+        pool.reset();
+      },
+      asio::detached);
+  std::thread second([&] { io.run_for(60s); });
+  io.run_for(60s);
+  second.join();
+  EXPECT_EQ(finished.load(), 200);
+  EXPECT_FALSE(failed.load());
+  EXPECT_GT(completed.load(), 0U);
+  EXPECT_LE(highest_in_use.load(), 3U);
+  EXPECT_EQ(end.in_use, 0U);
+  EXPECT_LE(end.size, 3U);
 }
 
 TEST_F(PoolTest, ChurnOfCancelledAcquiresAndDroppedLeasesLeaksNothing) {
