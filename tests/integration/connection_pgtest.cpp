@@ -26,6 +26,7 @@
 
 #include "pgrt/testing/blocking_sql.hpp"
 #include "pgrt/testing/db_test.hpp"
+#include "pgrt/testing/eventually.hpp"
 #include "pgrt/testing/fault_proxy.hpp"
 #include "pgrt/testing/run_coroutine.hpp"
 
@@ -508,12 +509,8 @@ TEST_F(ConnectionTest, CloseGracefullyOrImmediatelyEndsTheBackend) {
       EXPECT_EQ(closed.code(), client_errc::not_connected);
       co_return backend;
     });
-    bool gone = false;
-    for (int i = 0; i < 200 && !gone; ++i) {
-      gone = !testing::backend_exists(cluster().dsn(), pid);
-      if (!gone) std::this_thread::sleep_for(20ms);
-    }
-    EXPECT_TRUE(gone) << "the backend outlived close()";
+    EXPECT_TRUE(testing::eventually([&] { return !testing::backend_exists(cluster().dsn(), pid); }))
+        << "the backend outlived close()";
   }
 }
 

@@ -11,22 +11,13 @@
 
 #include "pgrt/testing/blocking_sql.hpp"
 #include "pgrt/testing/db_test.hpp"
+#include "pgrt/testing/eventually.hpp"
 #include "pgrt/testing/fault_proxy.hpp"
 
 namespace pgrt::testing {
 namespace {
 
 using namespace std::chrono_literals;
-
-template <typename Condition>
-bool eventually(Condition condition, std::chrono::milliseconds patience = 10s) {
-  const auto deadline = std::chrono::steady_clock::now() + patience;
-  while (!condition()) {
-    if (std::chrono::steady_clock::now() >= deadline) return false;
-    std::this_thread::sleep_for(20ms);
-  }
-  return true;
-}
 
 bool readable_within(PGconn* connection, std::chrono::milliseconds wait) {
   pollfd socket{.fd = PQsocket(connection), .events = POLLIN, .revents = 0};

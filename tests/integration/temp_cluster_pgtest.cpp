@@ -15,6 +15,7 @@
 
 #include "pgrt/testing/blocking_sql.hpp"
 #include "pgrt/testing/db_test.hpp"
+#include "pgrt/testing/eventually.hpp"
 
 namespace pgrt::testing {
 namespace {
@@ -31,17 +32,6 @@ bool process_exists(pid_t pid) {
   auto after_name = line.rfind(')');
   return after_name != std::string::npos && line.size() > after_name + 2 &&
          line[after_name + 2] != 'Z' && line[after_name + 2] != 'X';
-}
-
-// Polls `condition` until it holds or `patience` runs out.
-template <typename Condition>
-bool eventually(Condition condition, std::chrono::milliseconds patience = 10s) {
-  const auto deadline = std::chrono::steady_clock::now() + patience;
-  while (!condition()) {
-    if (std::chrono::steady_clock::now() >= deadline) return false;
-    std::this_thread::sleep_for(20ms);
-  }
-  return true;
 }
 
 class TempClusterTest : public DbTest {};
