@@ -588,7 +588,13 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
                            describe_load_locked() + ")",
                        "raise PoolConfig::max_waiters, or shed load earlier");
     }
-    if (config.acquire_timeout.count() == 0) {
+    // acquire_timeout 0 means: never wait for a lease to come back. A connection that can still be
+    // opened under the max is waited for (at most its connect timeout).
+    const bool can_open = open < config.max_size && can_lease_locked(priority);
+    const auto wait_limit = config.acquire_timeout.count() > 0 ? config.acquire_timeout
+                            : can_open                         ? config.connect.connect_timeout
+                                                               : std::chrono::milliseconds(0);
+    if (wait_limit.count() == 0) {
       ++timeouts;
       throw_pool_error(
           client_errc::pool_timeout,
@@ -623,7 +629,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
       }
     } abandon(*this, waiter);
     maybe_open_locked(deferred);
-    waiter.timer.expires_after(config.acquire_timeout);
+    waiter.timer.expires_after(wait_limit);
     // The wait starts under the lock, so a handoff cannot slip in before it.
     auto [error] = co_await asio::async_initiate<decltype(no_throw), void(error_code)>(
         [&](auto handler) {
@@ -647,7 +653,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     }
     if (!error) {
       ++timeouts;
-      std::string message = "timed out after " + std::to_string(config.acquire_timeout.count()) +
+      std::string message = "timed out after " + std::to_string(wait_limit.count()) +
                             " ms waiting for a connection from the pool " + application_name +
                             " (" + load + ")";
       if (!last_connect_error.empty()) message += "; last connect error: " + last_connect_error;

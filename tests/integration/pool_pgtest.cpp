@@ -77,6 +77,17 @@ class BackendSampler {
   std::thread thread_;
 };
 
+// Catches the pgrt::Error an acquire throws, or fails the test.
+asio::awaitable<Error> expect_pool_error(asio::awaitable<Lease> acquire) {
+  try {
+    co_await std::move(acquire);
+  } catch (const Error& error) {
+    co_return error;
+  }
+  ADD_FAILURE() << "expected a pgrt::Error";
+  co_return Error(make_error_code(client_errc::protocol_error), {});
+}
+
 class PoolTest : public testing::DbTest {
  protected:
   static PoolConfig config(std::string instance, std::size_t max_size = 3) {
@@ -497,6 +508,74 @@ TEST_F(PoolTest, CancelledWaiterLeavesNoTraceAndTimeoutsExplainThemselves) {
     auto again = co_await pool.acquire();
     EXPECT_EQ((co_await again->query("SELECT 1")).scalar<int>(), 1);
   });
+}
+
+TEST_F(PoolTest, FailFastAndAFullQueueHaveTheirOwnErrors) {
+  auto fail_fast = config("fail-fast", 1);
+  fail_fast.acquire_timeout = std::chrono::milliseconds(0);
+  fail_fast.max_waiters = 1;
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, fail_fast);
+    auto held = co_await pool.acquire();  // opened for it: fail-fast still opens under the max
+    auto error = co_await expect_pool_error(pool.acquire());
+    EXPECT_EQ(error.code(), client_errc::pool_timeout);
+    EXPECT_THAT(error.what(), HasSubstr("acquire_timeout is 0"));
+  });
+  auto bounded = config("bounded", 1);
+  bounded.max_waiters = 1;
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, bounded);
+    auto held = co_await pool.acquire();
+    bool waiter_done = false;
+    asio::co_spawn(
+        executor,
+        [&]() -> awaitable_void {
+          auto second = co_await pool.acquire();  // waits in the only place in the queue
+          waiter_done = true;
+        },
+        asio::detached);
+    co_await sleep_for(20ms);
+    auto error = co_await expect_pool_error(pool.acquire());
+    EXPECT_EQ(error.code(), client_errc::pool_queue_full);
+    EXPECT_THAT(error.what(), HasSubstr("max_waiters"));
+    held.release();
+    while (!waiter_done) co_await sleep_for(5ms);
+  });
+}
+
+TEST_F(PoolTest, LifetimeAndIdleTimeoutReplaceAndShrink) {
+  auto pool_config = config("upkeep", 2);
+  pool_config.max_lifetime = 300ms;
+  pool_config.lifetime_jitter = 0;
+  pool_config.idle_timeout = 100ms;
+  std::vector<DiscardReason> reasons;
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, pool_config);
+    boost::signals2::scoped_connection subscription =
+        pool.events().discarded.connect([&](DiscardReason reason) { reasons.push_back(reason); });
+    int first_pid = 0;
+    {
+      auto lease = co_await pool.acquire();
+      first_pid = lease->backend_pid();
+      co_await sleep_for(400ms);  // outlives max_lifetime while leased
+    }                             // closed on return
+    EXPECT_EQ(pool.stats().size, 0U);
+    {
+      auto lease = co_await pool.acquire();
+      EXPECT_NE(lease->backend_pid(), first_pid);
+    }
+    EXPECT_EQ(pool.stats().idle, 1U);
+    co_await sleep_for(1500ms);  // the upkeep (every second) closes it: idle beyond idle_timeout
+    const auto stats = pool.stats();
+    EXPECT_EQ(stats.size, 0U);
+    EXPECT_EQ(stats.discarded, 2U);
+  });
+  ASSERT_EQ(reasons.size(), 2U);
+  EXPECT_EQ(reasons[0], DiscardReason::lifetime);
+  EXPECT_TRUE(reasons[1] == DiscardReason::idle_timeout || reasons[1] == DiscardReason::lifetime);
 }
 
 TEST_F(PoolTest, ConnectionsCarryTheApplicationTag) {

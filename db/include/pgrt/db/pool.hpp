@@ -42,7 +42,9 @@ struct PoolConfig {
   std::size_t max_size = 10;
   /// Connections opened at start and kept open while idle (env PGRT_POOL_MIN_IDLE).
   std::size_t min_idle = 0;
-  /// How long an acquire waits; zero fails at once when none is free (env PGRT_ACQUIRE_TIMEOUT_MS).
+  /// How long an acquire waits. Zero never waits for a lease to come back: it fails at once when
+  /// every connection is in use, and otherwise waits only for one being opened (at most
+  /// connect.connect_timeout) (env PGRT_ACQUIRE_TIMEOUT_MS).
   std::chrono::milliseconds acquire_timeout{std::chrono::seconds(30)};
   /// The most callers that may wait; beyond it acquires fail with pool_queue_full.
   std::size_t max_waiters = 10'000;
