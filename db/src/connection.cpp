@@ -703,8 +703,15 @@ asio::awaitable<error_code> run_operation(Connection::Impl& impl, Body body) {
   Operation operation(impl);
   const bool throw_if_cancelled = co_await asio::this_coro::throw_if_cancelled();
   co_await asio::this_coro::throw_if_cancelled(false);
-  error_code error = co_await body();
+  error_code error;
+  std::exception_ptr failure;  // e.g. from a stream() callback
+  try {
+    error = co_await body();
+  } catch (...) {
+    failure = std::current_exception();
+  }
   co_await asio::this_coro::throw_if_cancelled(throw_if_cancelled);
+  if (failure) std::rethrow_exception(failure);
   co_return error;
 }
 
@@ -862,7 +869,9 @@ asio::awaitable<std::vector<PipelineOutcome>> Connection::run(const Pipeline& pi
         outcome.diagnostics = impl.last_error;
       }
     }
-    PQexitPipelineMode(conn);
+    if (PQexitPipelineMode(conn) == 0) {
+      co_return impl.lost("pipeline");  // never hand back a connection still in pipeline mode
+    }
     impl.last_error = {};
     co_return error_code{};
   });

@@ -184,6 +184,7 @@ struct PooledConnection {
   Clock::time_point last_ping{};
   Priority priority = Priority::normal;
   std::uint64_t lease_id = 0;
+  bool refresh_idle_since = true;  // false when it comes back from a keepalive ping
 };
 
 struct LeaseRecord {
@@ -223,6 +224,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
   std::size_t connecting = 0;
   std::size_t in_use = 0;
   std::size_t in_use_normal = 0;
+  std::size_t background = 0;  // connections in a ROLLBACK or ping, out of every other set
   std::vector<std::unique_ptr<PooledConnection>> idle;  // back: most recently returned
   std::array<std::deque<Waiter*>, 2> waiters;           // [normal, high], FIFO
   bool closing = false;
@@ -300,9 +302,21 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
       waiter->timer.cancel();  // wakes it: it finds `handed` set
       return;
     }
-    pooled->idle_since = Clock::now();
+    if (pooled->refresh_idle_since) pooled->idle_since = Clock::now();
+    pooled->refresh_idle_since = true;
     idle.push_back(std::move(pooled));
     (void)deferred;
+  }
+
+  // Hands idle connections to waiters that may now take them (a normal lease came back, so a
+  // normal waiter may use an idle connection it was kept from by reserved_for_priority).
+  void serve_idle_locked(Deferred& deferred) {
+    while (!idle.empty() &&
+           ((!waiters[1].empty()) || (!waiters[0].empty() && can_lease_locked(Priority::normal)))) {
+      auto pooled = std::move(idle.back());
+      idle.pop_back();
+      hand_off_locked(std::move(pooled), deferred);
+    }
   }
 
   void discard_locked(std::unique_ptr<PooledConnection> pooled, DiscardReason reason,
@@ -330,6 +344,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
       case TransactionStatus::in_transaction:
       case TransactionStatus::in_error:
         // Capacity stays held while the ROLLBACK runs.
+        ++background;
         spawn_later(reset(shared_from_this(), std::move(pooled)));
         return;
       default:  // a statement still running: its coroutine was destroyed mid-operation
@@ -435,14 +450,25 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     self->maybe_open_locked(deferred);
   }
 
+  // Starts `timer` under the mutex (begin_close() cancels it under the mutex too, so the two never
+  // race) and waits. False if the pool was already closing.
+  static asio::awaitable<bool> wait_under_lock(const std::shared_ptr<PoolState>& self,
+                                               asio::steady_timer& timer, Clock::time_point until) {
+    std::unique_lock lock(self->mutex);
+    if (self->closing) co_return false;
+    timer.expires_at(until);
+    co_await asio::async_initiate<decltype(no_throw), void(error_code)>(
+        [&](auto handler) {
+          std::mutex* held = lock.release();
+          timer.async_wait(std::move(handler));
+          held->unlock();
+        },
+        no_throw);
+    co_return true;
+  }
+
   static asio::awaitable<void> retry_later(std::shared_ptr<PoolState> self) {
-    auto timer = self->retry_timer;
-    {
-      std::lock_guard lock(self->mutex);
-      if (self->closing) co_return;
-      timer->expires_at(self->retry_at);
-    }
-    co_await timer->async_wait(no_throw);
+    co_await wait_under_lock(self, *self->retry_timer, self->retry_at);
     Deferred deferred;
     std::lock_guard lock(self->mutex);
     self->retry_scheduled = false;
@@ -454,12 +480,13 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     bool ok = true;
     try {
       co_await pooled->connection.rollback();
-    } catch (const Error& error) {
+    } catch (const std::exception& error) {
       ok = false;
       spdlog::warn("pgrt pool: ROLLBACK of a returned connection failed: {}", error.what());
     }
     Deferred deferred;
     std::lock_guard lock(self->mutex);
+    --self->background;
     if (!ok) {
       self->discard_locked(std::move(pooled), DiscardReason::failed_reset, deferred);
     } else {
@@ -472,10 +499,13 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     try {
       co_await pooled->connection.query("");
       pooled->last_ping = Clock::now();
-    } catch (const Error&) {  // NOLINT(bugprone-empty-catch): return_locked() discards it
+      pooled->refresh_idle_since = false;  // a ping is not use: idle_timeout still counts
+    } catch (...) {  // NOLINT(bugprone-empty-catch): return_locked() discards a dead connection
+      pooled->connection.close(CloseMode::immediate);
     }
     Deferred deferred;
     std::lock_guard lock(self->mutex);
+    --self->background;
     self->return_locked(std::move(pooled), deferred);
   }
 
@@ -485,14 +515,10 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     if (self->config.leak_threshold.count() > 0) {
       period = std::clamp(self->config.leak_threshold / 4, std::chrono::milliseconds(10), period);
     }
-    auto timer = self->maintenance_timer;
     for (;;) {
-      {
-        std::lock_guard lock(self->mutex);
-        if (self->closing) co_return;
-        timer->expires_after(period);
+      if (!co_await wait_under_lock(self, *self->maintenance_timer, Clock::now() + period)) {
+        co_return;
       }
-      co_await timer->async_wait(no_throw);
       Deferred deferred;
       std::lock_guard lock(self->mutex);
       if (self->closing) co_return;
@@ -522,6 +548,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     idle = std::move(keep);
     for (auto& [pooled, reason] : to_discard) discard_locked(std::move(pooled), reason, deferred);
     for (auto& pooled : to_ping) {
+      ++background;
       spawn_later(ping(shared_from_this(), std::move(pooled)));
     }
     if (config.leak_threshold.count() > 0) {
@@ -575,9 +602,10 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
       try {
         co_await lease->query("");
         co_return lease;
-      } catch (const Error&) {  // NOLINT(bugprone-empty-catch): dead: discard it and start over
+      } catch (const Error& error) {
+        if (error.code() == client_errc::cancelled) throw;  // the caller gave up: so do we
       }
-      lease.release();
+      lease.release();  // dead: discarded on return; start over
       co_return co_await acquire(priority, site);
     }
 
@@ -603,14 +631,21 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
               (last_connect_error.empty() ? std::string()
                                           : "; last connect error: " + last_connect_error));
     }
+    if ((co_await asio::this_coro::cancellation_state).cancelled() !=
+        asio::cancellation_type::none) {
+      ++cancellations;
+      throw_pool_error(client_errc::cancelled, "waiting for a pooled connection was cancelled");
+    }
     Waiter waiter(caller_executor, priority, site);
     waiters[me].push_back(&waiter);
     // If this coroutine is destroyed while it waits (its io_context shut down), the waiter must
     // leave the queue, and a connection already handed to it must go back.
     struct Abandon {
-      Abandon(PoolState& pool_in, Waiter& waiter_in) : pool(pool_in), waiter(waiter_in) {}
+      Abandon(PoolState& pool_in, Waiter& waiter_in, std::unique_lock<std::mutex>& lock_in)
+          : pool(pool_in), waiter(waiter_in), lock(lock_in) {}
       PoolState& pool;
       Waiter& waiter;
+      std::unique_lock<std::mutex>& lock;  // may still hold the mutex if the prefix threw
       bool armed = true;
       Abandon(const Abandon&) = delete;
       Abandon& operator=(const Abandon&) = delete;
@@ -620,24 +655,28 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
         if (!armed) return;
         std::unique_ptr<PooledConnection> handed;
         {
-          std::lock_guard guard(pool.mutex);
+          std::unique_lock guard(pool.mutex, std::defer_lock);
+          if (!lock.owns_lock()) guard.lock();
           auto& queue = pool.waiters[index(waiter.priority)];
           queue.erase(std::remove(queue.begin(), queue.end(), &waiter), queue.end());
           handed = std::move(waiter.handed);
         }
         if (handed) pool.release(std::move(handed));
       }
-    } abandon(*this, waiter);
+    } abandon(*this, waiter, lock);
     maybe_open_locked(deferred);
     waiter.timer.expires_after(wait_limit);
     // The wait starts under the lock, so a handoff cannot slip in before it.
     auto [error] = co_await asio::async_initiate<decltype(no_throw), void(error_code)>(
         [&](auto handler) {
+          // Once the wait is started another thread may complete it and resume (and end) this
+          // coroutine: nothing in its frame may be touched after async_wait.
+          std::mutex* held = lock.release();
           waiter.timer.async_wait(std::move(handler));
-          lock.unlock();
+          held->unlock();
         },
         no_throw);
-    lock.lock();
+    lock = std::unique_lock(mutex);
     abandon.armed = false;
     if (waiter.handed) {
       waits.record(std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - started));
@@ -675,6 +714,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
       leases.erase(pooled->lease_id);
       deferred.add([this] { events.released(); });
       return_locked(std::move(pooled), deferred);
+      serve_idle_locked(deferred);
     } catch (const std::exception& error) {
       spdlog::error("pgrt pool: returning a connection failed: {}", error.what());
     }
@@ -722,10 +762,8 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     for (auto& pooled : idle_now)
       discard_locked(std::move(pooled), DiscardReason::closing, deferred);
     if (executor) {
-      asio::post(*executor, [self = shared_from_this()] {
-        self->maintenance_timer->cancel();
-        self->retry_timer->cancel();
-      });
+      maintenance_timer->cancel();
+      retry_timer->cancel();
     }
   }
 };
@@ -782,7 +820,9 @@ Pool::~Pool() {
 }
 
 asio::awaitable<Lease> Pool::acquire(Priority priority, std::source_location site) {
-  return state_->acquire(priority, site);
+  // The state must outlive the acquire even if the Pool object goes away meanwhile.
+  auto state = state_;
+  co_return co_await state->acquire(priority, site);
 }
 
 PoolStats Pool::stats() const {
@@ -805,7 +845,10 @@ asio::awaitable<std::vector<std::string>> Pool::close(std::chrono::milliseconds 
   for (;;) {
     {
       std::lock_guard lock(state_->mutex);
-      if ((state_->in_use == 0 && state_->connecting == 0) || Clock::now() >= deadline) break;
+      if ((state_->in_use == 0 && state_->connecting == 0 && state_->background == 0) ||
+          Clock::now() >= deadline) {
+        break;
+      }
     }
     timer.expires_after(std::chrono::milliseconds(10));
     co_await timer.async_wait(no_throw);
@@ -859,7 +902,13 @@ Pool& pool() {
 }
 
 asio::awaitable<Lease> connection(Priority priority, std::source_location site) {
-  return pool().acquire(priority, site);
+  std::shared_ptr<Pool> current;
+  {
+    std::lock_guard lock(global_mutex);
+    current = global_pool;
+  }
+  if (!current) (void)pool();  // throws pool_not_configured
+  co_return co_await current->acquire(priority, site);
 }
 
 asio::awaitable<std::vector<std::string>> shutdown_pool(std::chrono::milliseconds grace) {

@@ -9,9 +9,11 @@
 /// closed. So the server never sees more than max_size backends of one pool.
 ///
 /// Threading: a Pool may be used from any thread, and its io_context may be run by several
-/// threads. Its connections are opened on the pool's executor (the one given to the constructor,
-/// or for the process-wide pool the executor of the first acquire). A Lease may be destroyed on
-/// any thread.
+/// threads; coroutines that combine operations (with_timeout(), asio's || and &&) must then run on
+/// a strand, as asio requires. Its connections are opened on the pool's executor (the one given to
+/// the constructor, or for the process-wide pool the executor of the first acquire). A Lease may be
+/// destroyed on any thread, and may outlive its Pool object, but must be returned before the
+/// pool's io_context is destroyed (asio objects must go before their io_context).
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/awaitable.hpp>
@@ -204,10 +206,10 @@ class Pool {
   /// The application_name every connection of this pool carries.
   [[nodiscard]] const std::string& application_name() const noexcept;
 
-  /// Refuses new acquires (waiters fail with pool_closed), waits up to `grace` for leases to come
-  /// back, then closes every connection, leased ones included (their next operation fails with
-  /// not_connected). Returns a description of each lease still out ("file:line (function), held
-  /// for 1234 ms"); empty when all came back.
+  /// Refuses new acquires (waiters fail with pool_closed), closes the idle connections, and waits
+  /// up to `grace` for leases, connects and background ROLLBACKs to finish. Leases still out stay
+  /// usable; their connections are closed when they come back. Returns a description of each lease
+  /// still out ("file:line (function), held for 1234 ms"); empty when all came back.
   [[nodiscard]] boost::asio::awaitable<std::vector<std::string>> close(
       std::chrono::milliseconds grace);
 
