@@ -125,15 +125,15 @@ struct Connection::Impl {
 
   // Wraps libpq's current socket (TCP or unix) without taking ownership.
   error_code watch_socket() {
+    error_code error;
     if (socket.is_open()) [[maybe_unused]]
-      auto descriptor = socket.release();
+      auto descriptor = socket.release(error);
     const int fd = PQsocket(conn);
     sockaddr_storage address{};
     socklen_t length = sizeof address;
     if (::getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length) != 0) {
       return {errno, boost::system::system_category()};
     }
-    error_code error;
     socket.assign(asio::generic::stream_protocol(address.ss_family, 0), fd, error);
     return error;
   }
@@ -141,7 +141,8 @@ struct Connection::Impl {
   void close(CloseMode mode) noexcept {
     if (socket.is_open()) {
       // Deregister from the reactor without closing: the descriptor belongs to libpq.
-      [[maybe_unused]] auto descriptor = socket.release();
+      error_code ignored;
+      [[maybe_unused]] auto descriptor = socket.release(ignored);
     }
     if (conn != nullptr) {
       if (mode == CloseMode::immediate) ::shutdown(PQsocket(conn), SHUT_RDWR);

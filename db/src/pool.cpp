@@ -816,7 +816,11 @@ Pool::Pool(PoolConfig config) {
 }
 
 Pool::~Pool() {
-  state_->begin_close();
+  try {
+    state_->begin_close();
+  } catch (const std::exception& error) {
+    spdlog::error("pgrt pool {}: closing failed: {}", state_->application_name, error.what());
+  }
 }
 
 asio::awaitable<Lease> Pool::acquire(Priority priority, std::source_location site) {
