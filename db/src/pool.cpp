@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/async_result.hpp>
 #include <boost/asio/co_spawn.hpp>
@@ -17,6 +18,8 @@
 #include <random>
 #include <spdlog/spdlog.h>
 #include <unordered_map>
+
+#include "connection_node.hpp"
 
 namespace pgrt {
 
@@ -177,6 +180,14 @@ std::string PoolStats::to_json() const {
 
 namespace detail {
 
+namespace {
+std::atomic<std::uint64_t> illegal_transitions{0};
+}  // namespace
+
+std::uint64_t illegal_node_transitions() noexcept {
+  return illegal_transitions.load(std::memory_order_relaxed);
+}
+
 struct PooledConnection {
   Connection connection;
   Clock::time_point expires = Clock::time_point::max();
@@ -185,6 +196,19 @@ struct PooledConnection {
   Priority priority = Priority::normal;
   std::uint64_t lease_id = 0;
   bool refresh_idle_since = true;  // false when it comes back from a keepalive ping
+  NodeState state = NodeState::connecting;
+
+  // Moves through the connection's state machine; a transition it does not allow is a pool bug,
+  // logged loudly (the state is left as it was).
+  void advance(NodeEvent event) noexcept {
+    if (auto next = node_transition(state, event)) {
+      state = *next;
+      return;
+    }
+    illegal_transitions.fetch_add(1, std::memory_order_relaxed);
+    spdlog::error("pgrt pool: illegal connection state transition from {} (event {})",
+                  to_string(state), static_cast<int>(event));
+  }
 };
 
 struct LeaseRecord {
@@ -297,6 +321,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
       if (queue.empty() || !can_lease_locked(priority)) continue;
       Waiter* waiter = queue.front();
       queue.pop_front();
+      pooled->advance(NodeEvent::lease);
       lease_locked(*pooled, priority, waiter->site);
       waiter->handed = std::move(pooled);
       waiter->timer.cancel();  // wakes it: it finds `handed` set
@@ -323,6 +348,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
                       Deferred& deferred) {
     // The socket is closed before the capacity is given back: the strict max holds at every
     // instant on the server's side too.
+    pooled->advance(NodeEvent::discard);
     pooled->connection.close(CloseMode::graceful);
     pooled.reset();
     --open;
@@ -333,6 +359,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
 
   // Returns a connection that nobody holds: reset it if needed, else keep or discard it.
   void return_locked(std::unique_ptr<PooledConnection> pooled, Deferred& deferred) {
+    if (pooled->state == NodeState::leased) pooled->advance(NodeEvent::returned);
     Connection& connection = pooled->connection;
     if (closing) return discard_locked(std::move(pooled), DiscardReason::closing, deferred);
     if (!connection.is_open() || connection.is_broken()) {
@@ -344,6 +371,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
       case TransactionStatus::in_transaction:
       case TransactionStatus::in_error:
         // Capacity stays held while the ROLLBACK runs.
+        pooled->advance(NodeEvent::needs_reset);
         ++background;
         spawn_later(reset(shared_from_this(), std::move(pooled)));
         return;
@@ -437,6 +465,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     }
     self->consecutive_failures = 0;
     auto pooled = std::make_unique<PooledConnection>();
+    pooled->advance(NodeEvent::connected);
     pooled->connection = std::move(connection);
     pooled->expires = self->lifetime_deadline();
     pooled->last_ping = Clock::now();
@@ -487,6 +516,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     Deferred deferred;
     std::lock_guard lock(self->mutex);
     --self->background;
+    if (ok) pooled->advance(NodeEvent::reset_done);
     if (!ok) {
       self->discard_locked(std::move(pooled), DiscardReason::failed_reset, deferred);
     } else {
@@ -506,6 +536,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     Deferred deferred;
     std::lock_guard lock(self->mutex);
     --self->background;
+    pooled->advance(NodeEvent::ping_done);
     self->return_locked(std::move(pooled), deferred);
   }
 
@@ -548,6 +579,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     idle = std::move(keep);
     for (auto& [pooled, reason] : to_discard) discard_locked(std::move(pooled), reason, deferred);
     for (auto& pooled : to_ping) {
+      pooled->advance(NodeEvent::ping);
       ++background;
       spawn_later(ping(shared_from_this(), std::move(pooled)));
     }
@@ -593,6 +625,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
       }
       const bool validate = config.validate_after_idle.count() > 0 &&
                             now - pooled->idle_since > config.validate_after_idle;
+      pooled->advance(NodeEvent::lease);
       lease_locked(*pooled, priority, site);
       waits.record(std::chrono::microseconds(0));
       lock.unlock();

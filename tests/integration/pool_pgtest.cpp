@@ -20,6 +20,7 @@
 
 #include <pgrt/db.hpp>
 
+#include "connection_node.hpp"
 #include "pgrt/testing/blocking_sql.hpp"
 #include "pgrt/testing/db_test.hpp"
 #include "pgrt/testing/run_coroutine.hpp"
@@ -91,6 +92,9 @@ asio::awaitable<Error> expect_pool_error(asio::awaitable<Lease> acquire) {
 
 class PoolTest : public testing::DbTest {
  protected:
+  // Every test also checks that the pool only made transitions its state machine allows.
+  void TearDown() override { EXPECT_EQ(detail::illegal_node_transitions(), 0U); }
+
   static PoolConfig config(std::string instance, std::size_t max_size = 3) {
     PoolConfig pool_config;
     pool_config.conninfo = cluster().dsn();
@@ -582,6 +586,31 @@ TEST_F(PoolTest, LifetimeAndIdleTimeoutReplaceAndShrink) {
   ASSERT_EQ(reasons.size(), 2U);
   EXPECT_EQ(reasons[0], DiscardReason::lifetime);
   EXPECT_TRUE(reasons[1] == DiscardReason::idle_timeout || reasons[1] == DiscardReason::lifetime);
+}
+
+TEST_F(PoolTest, KeepalivePingsIdleConnections) {
+  auto pool_config = config("keepalive", 1);
+  pool_config.keepalive_interval = 50ms;
+  pool_config.idle_timeout = std::chrono::milliseconds(0);
+  BlockingConnection observer(cluster().dsn());
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, pool_config);
+    int pid = 0;
+    {
+      auto lease = co_await pool.acquire();
+      pid = lease->backend_pid();
+      co_await lease->query("SELECT 'before the ping'");
+    }
+    co_await sleep_for(1300ms);  // the upkeep runs every second
+    // The last statement of that backend is now the ping (an empty query), not ours.
+    EXPECT_EQ(observer.scalar("SELECT query FROM pg_stat_activity WHERE pid = " +
+                              std::to_string(pid)) == "SELECT 'before the ping'",
+              false);
+    auto again = co_await pool.acquire();
+    EXPECT_EQ(again->backend_pid(), pid) << "the pinged connection is kept and reused";
+    EXPECT_EQ(pool.stats().discarded, 0U);
+  });
 }
 
 TEST_F(PoolTest, ConnectionsCarryTheApplicationTag) {
