@@ -27,6 +27,7 @@
 #include "pgrt/testing/blocking_sql.hpp"
 #include "pgrt/testing/db_test.hpp"
 #include "pgrt/testing/eventually.hpp"
+#include "pgrt/testing/expect_error.hpp"
 #include "pgrt/testing/fault_proxy.hpp"
 #include "pgrt/testing/run_coroutine.hpp"
 
@@ -77,17 +78,7 @@ class ConnectionTest : public testing::DbTest {
 // g++ 12 miscompiles a braced temporary with std::string members there (its SSO buffers end up
 // pointing into the wrong object).
 
-// Catches the pgrt::Error an awaitable throws, or fails the test.
-template <typename T>
-asio::awaitable<Error> expect_error(asio::awaitable<T> operation) {
-  try {
-    co_await std::move(operation);
-  } catch (const Error& error) {
-    co_return error;
-  }
-  ADD_FAILURE() << "expected a pgrt::Error";
-  co_return Error(make_error_code(client_errc::protocol_error), {});
-}
+using testing::expect_error;
 
 // ---------------------------------------------------------------- types
 

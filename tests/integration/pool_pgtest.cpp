@@ -23,6 +23,7 @@
 #include "connection_node.hpp"
 #include "pgrt/testing/blocking_sql.hpp"
 #include "pgrt/testing/db_test.hpp"
+#include "pgrt/testing/expect_error.hpp"
 #include "pgrt/testing/run_coroutine.hpp"
 
 namespace pgrt {
@@ -78,17 +79,6 @@ class BackendSampler {
   std::atomic<int> samples_{0};
   std::thread thread_;
 };
-
-// Catches the pgrt::Error an acquire throws, or fails the test.
-asio::awaitable<Error> expect_pool_error(asio::awaitable<Lease> acquire) {
-  try {
-    co_await std::move(acquire);
-  } catch (const Error& error) {
-    co_return error;
-  }
-  ADD_FAILURE() << "expected a pgrt::Error";
-  co_return Error(make_error_code(client_errc::protocol_error), {});
-}
 
 class PoolTest : public testing::DbTest {
  protected:
@@ -528,7 +518,7 @@ TEST_F(PoolTest, FailFastAndAFullQueueHaveTheirOwnErrors) {
     auto executor = co_await asio::this_coro::executor;
     Pool pool(executor, fail_fast);
     auto held = co_await pool.acquire();  // opened for it: fail-fast still opens under the max
-    auto error = co_await expect_pool_error(pool.acquire());
+    auto error = co_await testing::expect_error(pool.acquire());
     EXPECT_EQ(error.code(), client_errc::pool_timeout);
     EXPECT_THAT(error.what(), HasSubstr("acquire_timeout is 0"));
   });
@@ -547,7 +537,7 @@ TEST_F(PoolTest, FailFastAndAFullQueueHaveTheirOwnErrors) {
         },
         asio::detached);
     co_await sleep_for(20ms);
-    auto error = co_await expect_pool_error(pool.acquire());
+    auto error = co_await testing::expect_error(pool.acquire());
     EXPECT_EQ(error.code(), client_errc::pool_queue_full);
     EXPECT_THAT(error.what(), HasSubstr("max_waiters"));
     held.release();
