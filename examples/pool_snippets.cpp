@@ -1,18 +1,21 @@
 // The snippets of docs/pool.md, compiled (pgrt_docs_snippets checks they appear here verbatim).
 #include <boost/asio/awaitable.hpp>
 #include <cstdint>
-#include <pgrt/db.hpp>
 #include <string_view>
+
+#include <pgrt/db.hpp>
 
 namespace {
 
-void use(std::string_view name) { (void)name; }
+void use(std::string_view name) {
+  (void)name;
+}
 
 void configure_once() {
   // clang-format off
 // main(), once:
 pgrt::configure(pgrt::PoolConfig::from_env());   // DATABASE_URL + PGRT_* variables
-  // clang-format on
+                                                  // clang-format on
 }
 
 // clang-format off
