@@ -1,5 +1,6 @@
 #include "pgrt/db/connection.hpp"
 
+#include <atomic>
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/experimental/awaitable_operators.hpp>
 #include <boost/asio/generic/stream_protocol.hpp>
@@ -11,6 +12,8 @@
 #include <cstdlib>
 #include <libpq-fe.h>
 #include <list>
+#include <memory>
+#include <mutex>
 #include <poll.h>
 #include <sys/socket.h>
 #include <system_error>
@@ -121,6 +124,14 @@ struct Connection::Impl {
   std::unordered_map<std::string, std::list<CachedStatement>::iterator> statement_index;
   std::uint64_t next_statement_id = 0;
 
+  // What interrupt() needs, from any thread: the open connection's descriptor and cancel key.
+  // close() clears them under the mutex before PQfinish() frees the descriptor, so interrupt()
+  // never shuts down a descriptor that has been reused for something else.
+  std::mutex interrupt_mutex;
+  int interruptible_fd = -1;
+  std::shared_ptr<PGcancel> interrupt_cancel;
+  std::atomic<bool> cut_by_owner{false};
+
   // --- state ----------------------------------------------------------------------------------
 
   // Wraps libpq's current socket (TCP or unix) without taking ownership.
@@ -138,7 +149,34 @@ struct Connection::Impl {
     return error;
   }
 
+  void arm_interrupt() noexcept {
+    std::lock_guard lock(interrupt_mutex);
+    interruptible_fd = PQsocket(conn);
+    interrupt_cancel = std::shared_ptr<PGcancel>(PQgetCancel(conn), PQfreeCancel);
+  }
+
+  void interrupt() noexcept {
+    std::lock_guard lock(interrupt_mutex);
+    if (interruptible_fd < 0) return;
+    cut_by_owner = true;
+    if (interrupt_cancel) {
+      try {
+        std::thread([cancel = interrupt_cancel] {
+          char error[256];
+          PQcancel(cancel.get(), error, sizeof error);
+        }).detach();
+      } catch (const std::exception&) {  // NOLINT(bugprone-empty-catch): shutdown() still cuts it
+      }
+    }
+    ::shutdown(interruptible_fd, SHUT_RDWR);
+  }
+
   void close(CloseMode mode) noexcept {
+    {
+      std::lock_guard lock(interrupt_mutex);
+      interruptible_fd = -1;
+      interrupt_cancel.reset();
+    }
     if (socket.is_open()) {
       // Deregister from the reactor without closing: the descriptor belongs to libpq.
       error_code ignored;
@@ -167,6 +205,12 @@ struct Connection::Impl {
     std::string libpq_message = conn != nullptr ? trimmed(PQerrorMessage(conn)) : "";
     broken = true;
     close(CloseMode::immediate);
+    if (cut_by_owner) {
+      return fail(client_errc::connection_lost,
+                  "the connection was interrupted by its owner (Connection::interrupt(); a "
+                  "Pool::close() whose grace period ran out does this to leases still out)",
+                  statement, "finish with pooled connections before the pool closes");
+    }
     if (!last_error.sqlstate.empty() && last_error.severity != "ERROR") {
       last_error.detail += (last_error.detail.empty() ? "" : "\n") + libpq_message;
       return make_error_code(client_errc::connection_lost);
@@ -671,6 +715,7 @@ struct Connection::Impl {
       co_return fail(client_errc::connect_failed,
                      "cannot watch the connection's socket: " + assign_error.message());
     }
+    arm_interrupt();
     co_return error_code{};
   }
 };
@@ -989,12 +1034,16 @@ void Connection::close(CloseMode mode) noexcept {
   if (impl_) impl_->close(mode);
 }
 
+void Connection::interrupt() noexcept {
+  if (impl_) impl_->interrupt();
+}
+
 bool Connection::is_open() const noexcept {
   return impl_ && impl_->conn != nullptr;
 }
 
 bool Connection::is_broken() const noexcept {
-  return impl_ && impl_->broken;
+  return impl_ && (impl_->broken || impl_->cut_by_owner);
 }
 
 TransactionStatus Connection::transaction_status() const noexcept {

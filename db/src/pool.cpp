@@ -18,6 +18,7 @@
 #include <random>
 #include <spdlog/spdlog.h>
 #include <unordered_map>
+#include <unordered_set>
 
 #include "connection_node.hpp"
 
@@ -215,6 +216,7 @@ struct LeaseRecord {
   std::source_location site;
   Clock::time_point acquired;
   bool reported = false;
+  Connection* connection = nullptr;  // valid while the record exists (erased on return)
 };
 
 struct Waiter {
@@ -249,6 +251,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
   std::size_t in_use = 0;
   std::size_t in_use_normal = 0;
   std::size_t background = 0;  // connections in a ROLLBACK or ping, out of every other set
+  std::unordered_set<Connection*> in_background;        // those connections, for close()
   std::vector<std::unique_ptr<PooledConnection>> idle;  // back: most recently returned
   std::array<std::deque<Waiter*>, 2> waiters;           // [normal, high], FIFO
   bool closing = false;
@@ -310,7 +313,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     if (priority == Priority::normal) ++in_use_normal;
     pooled.priority = priority;
     pooled.lease_id = next_lease_id++;
-    leases.emplace(pooled.lease_id, LeaseRecord{site, Clock::now(), false});
+    leases.emplace(pooled.lease_id, LeaseRecord{site, Clock::now(), false, &pooled.connection});
     ++acquired;
   }
 
@@ -373,6 +376,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
         // Capacity stays held while the ROLLBACK runs.
         pooled->advance(NodeEvent::needs_reset);
         ++background;
+        in_background.insert(&pooled->connection);
         spawn_later(reset(shared_from_this(), std::move(pooled)));
         return;
       default:  // a statement still running: its coroutine was destroyed mid-operation
@@ -516,6 +520,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     Deferred deferred;
     std::lock_guard lock(self->mutex);
     --self->background;
+    self->in_background.erase(&pooled->connection);
     if (ok) pooled->advance(NodeEvent::reset_done);
     if (!ok) {
       self->discard_locked(std::move(pooled), DiscardReason::failed_reset, deferred);
@@ -536,6 +541,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     Deferred deferred;
     std::lock_guard lock(self->mutex);
     --self->background;
+    self->in_background.erase(&pooled->connection);
     pooled->advance(NodeEvent::ping_done);
     self->return_locked(std::move(pooled), deferred);
   }
@@ -581,6 +587,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     for (auto& pooled : to_ping) {
       pooled->advance(NodeEvent::ping);
       ++background;
+      in_background.insert(&pooled->connection);
       spawn_later(ping(shared_from_this(), std::move(pooled)));
     }
     if (config.leak_threshold.count() > 0) {
@@ -893,18 +900,25 @@ asio::awaitable<std::vector<std::string>> Pool::close(std::chrono::milliseconds 
   std::vector<std::string> outstanding;
   std::lock_guard lock(state_->mutex);
   const auto now = Clock::now();
+  // What is still out after the grace period is cut: a running statement is cancelled and the
+  // socket shut down, so the server ends those backends now and their holders get
+  // connection_lost. The descriptors are freed when the leases come back.
   for (const auto& [id, record] : state_->leases) {
+    record.connection->interrupt();
     outstanding.push_back(
         describe_site(record.site) + ", held for " +
         std::to_string(
             std::chrono::duration_cast<std::chrono::milliseconds>(now - record.acquired).count()) +
         " ms");
   }
+  for (Connection* connection : state_->in_background) connection->interrupt();
   if (!outstanding.empty()) {
+    std::string sites;
+    for (const auto& site : outstanding) sites += (sites.empty() ? "" : "; ") + site;
     spdlog::warn(
-        "pgrt pool {}: closed with {} lease(s) still out; their connections are closed "
-        "when returned",
-        state_->application_name, outstanding.size());
+        "pgrt pool {}: {} lease(s) still out after the {} ms grace period were interrupted "
+        "(their statements cancelled, their connections cut): {}",
+        state_->application_name, outstanding.size(), grace.count(), sites);
   }
   co_return outstanding;
 }

@@ -555,6 +555,30 @@ TEST_F(ConnectionTest, CancelledSleepEndsQuicklyAndConnectionRunsAgain) {
   });
 }
 
+TEST_F(ConnectionTest, InterruptFromAnotherThreadEndsARunningStatementAndTheBackend) {
+  int pid = run_coroutine([]() -> asio::awaitable<int> {
+    auto conn = co_await open();
+    const int backend = conn.backend_pid();
+    const auto start = std::chrono::steady_clock::now();
+    std::thread interrupter([&conn] {
+      std::this_thread::sleep_for(100ms);
+      conn.interrupt();
+    });
+    auto cut = co_await expect_error(conn.query("SELECT pg_sleep(10)"));
+    interrupter.join();
+    EXPECT_LT(std::chrono::steady_clock::now() - start, 5s);
+    EXPECT_EQ(cut.code(), client_errc::connection_lost);
+    EXPECT_THAT(cut.what(), HasSubstr("interrupted"));
+    EXPECT_TRUE(conn.is_broken());
+    auto later = co_await expect_error(conn.query("SELECT 1"));
+    EXPECT_EQ(later.code(), client_errc::not_connected);
+    conn.interrupt();  // closed already: a no-op
+    co_return backend;
+  });
+  EXPECT_TRUE(testing::eventually([&] { return !testing::backend_exists(cluster().dsn(), pid); }))
+      << "the backend outlived interrupt()";
+}
+
 TEST_F(ConnectionTest, WithTimeoutReportsAFastFailureAtOnce) {
   run_coroutine([]() -> awaitable_void {
     auto conn = co_await open();

@@ -638,23 +638,66 @@ TEST_F(PoolTest, ProcessWidePoolIsConfiguredOnce) {
   EXPECT_THROW((void)pgrt::pool(), Error);
 }
 
-TEST_F(PoolTest, CloseReportsLeasesStillOutAndALeaseOutlivesThePool) {
+TEST_F(PoolTest, CloseInterruptsLeasesStillOutAfterGraceAndALeaseOutlivesThePool) {
+  BlockingConnection observer(cluster().dsn());
   Lease survivor;
   std::vector<std::string> outstanding;
+  std::string application_name;
+  std::string sleeper_error;
+  std::chrono::steady_clock::duration sleeper_took{};
   run_coroutine([&]() -> awaitable_void {
     auto executor = co_await asio::this_coro::executor;
     auto pool = std::make_unique<Pool>(executor, config("close"));
+    application_name = pool->application_name();
     survivor = co_await pool->acquire();
-    outstanding = co_await pool->close(100ms);
+    // Returned within the grace period: not reported.
+    asio::co_spawn(
+        executor,
+        [&pool]() -> awaitable_void {
+          auto lease = co_await pool->acquire();
+          co_await sleep_for(20ms);
+        },
+        asio::detached);
+    // Still running a long statement when the grace period ends: cancelled and cut.
+    asio::co_spawn(
+        executor,
+        [&]() -> awaitable_void {
+          auto lease = co_await pool->acquire();
+          const auto started = std::chrono::steady_clock::now();
+          try {
+            co_await lease->query("SELECT pg_sleep(30)");
+          } catch (const Error& error) {
+            sleeper_error = error.what();
+            EXPECT_EQ(error.code(), client_errc::connection_lost);
+          }
+          sleeper_took = std::chrono::steady_clock::now() - started;
+        },
+        asio::detached);
+    co_await sleep_for(10ms);
+    outstanding = co_await pool->close(300ms);
     EXPECT_THROW(co_await pool->acquire(), Error);
+    // The server ends the interrupted backends although both leases are not back yet.
+    const std::string count_sql =
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = '" + application_name + "'";
+    for (int i = 0; i < 500 && observer.scalar(count_sql) != "0"; ++i) co_await sleep_for(10ms);
+    EXPECT_EQ(observer.scalar(count_sql), "0");
     pool.reset();
-    EXPECT_EQ((co_await survivor->query("SELECT 1")).scalar<int>(), 1);
-    // Returned after its Pool object is gone (but before the io_context): the connection is
-    // closed, nothing crashes.
+    try {
+      co_await survivor->query("SELECT 1");
+      ADD_FAILURE() << "an interrupted lease still ran a query";
+    } catch (const Error& error) {
+      EXPECT_EQ(error.code(), client_errc::connection_lost);
+      EXPECT_THAT(error.what(), HasSubstr("interrupted"));
+    }
+    EXPECT_TRUE(survivor->is_broken());
+    // Returned after its Pool object is gone (but before the io_context): nothing crashes.
     survivor.release();
   });
-  ASSERT_EQ(outstanding.size(), 1U);
+  ASSERT_EQ(outstanding.size(), 2U);
   EXPECT_THAT(outstanding[0], HasSubstr("pool_pgtest.cpp"));
+  EXPECT_THAT(outstanding[1], HasSubstr("pool_pgtest.cpp"));
+  EXPECT_THAT(sleeper_error, HasSubstr("interrupted"));
+  EXPECT_LT(sleeper_took, 10s);
 }
 
 }  // namespace

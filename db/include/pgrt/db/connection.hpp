@@ -234,6 +234,15 @@ class Connection {
   /// client_errc::not_connected. Must not be called while an operation runs.
   void close(CloseMode mode = CloseMode::graceful) noexcept;
 
+  /// Cuts the connection from any thread, while an operation may be running on another: sends the
+  /// server a cancel request for a running statement (from a helper thread; never blocks) and
+  /// shuts the socket down. The operation in progress, and every later one, fails with
+  /// client_errc::connection_lost saying the connection was interrupted; is_broken() turns true
+  /// once the owner's next operation sees it. The owner must still close or destroy the
+  /// Connection. Thread-safe against the owner's close() and destructor; a no-op on a connection
+  /// that is not open. Pool::close() uses it on leases still out after its grace period.
+  void interrupt() noexcept;
+
   /// Open and usable as far as the client knows.
   [[nodiscard]] bool is_open() const noexcept;
   /// Closed because of a failure (connection lost, a drain after cancellation that timed out).

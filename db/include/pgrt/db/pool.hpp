@@ -206,10 +206,14 @@ class Pool {
   /// The application_name every connection of this pool carries.
   [[nodiscard]] const std::string& application_name() const noexcept;
 
-  /// Refuses new acquires (waiters fail with pool_closed), closes the idle connections, and waits
-  /// up to `grace` for leases, connects and background ROLLBACKs to finish. Leases still out stay
-  /// usable; their connections are closed when they come back. Returns a description of each lease
-  /// still out ("file:line (function), held for 1234 ms"); empty when all came back.
+  /// Closes the pool, in order: (1) refuses new acquires (waiters fail with pool_closed) and
+  /// closes the idle connections; (2) waits up to `grace` for leases, connects and background
+  /// ROLLBACKs to finish; (3) interrupts what is still out (Connection::interrupt(): a running
+  /// statement is cancelled and the socket shut down, so its holder gets connection_lost and the
+  /// server ends the backend); (4) every connection is then closed: the returned ones at once, the
+  /// interrupted ones when their Lease is dropped; (5) returns a description of each lease that
+  /// was still out ("file:line (function), held for 1234 ms"), also logged; empty when all came
+  /// back in time. Thread-safe; may be called more than once.
   [[nodiscard]] boost::asio::awaitable<std::vector<std::string>> close(
       std::chrono::milliseconds grace);
 
