@@ -9,7 +9,9 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
+#include <cerrno>
 #include <cstdlib>
+#include <fcntl.h>
 #include <libpq-fe.h>
 #include <list>
 #include <memory>
@@ -18,6 +20,7 @@
 #include <sys/socket.h>
 #include <system_error>
 #include <thread>
+#include <unistd.h>
 #include <unordered_map>
 #include <variant>
 
@@ -1032,6 +1035,46 @@ asio::awaitable<std::pair<error_code, std::uint64_t>> Connection::try_execute(st
 
 void Connection::close(CloseMode mode) noexcept {
   if (impl_) impl_->close(mode);
+}
+
+asio::awaitable<bool> Connection::close_and_wait(std::chrono::milliseconds limit) {
+  if (!impl_ || impl_->conn == nullptr) co_return true;
+  // A second descriptor for the same socket keeps it open after PQfinish() closes libpq's, so the
+  // server's end can be watched: it closes the socket only after its pg_stat_activity entry is
+  // gone (the backend clears that entry before it exits).
+  const int fd = PQsocket(impl_->conn);
+  const int watched = fd >= 0 ? ::fcntl(fd, F_DUPFD_CLOEXEC, 0) : -1;
+  sockaddr_storage address{};
+  socklen_t length = sizeof address;
+  const bool named =
+      watched >= 0 && ::getsockname(watched, reinterpret_cast<sockaddr*>(&address), &length) == 0;
+  impl_->close(CloseMode::graceful);
+  if (!named) {
+    if (watched >= 0) ::close(watched);
+    co_return false;
+  }
+  const auto executor = co_await asio::this_coro::executor;
+  asio::generic::stream_protocol::socket socket(executor);
+  error_code error;
+  socket.assign(asio::generic::stream_protocol(address.ss_family, 0), watched, error);
+  if (error) {
+    ::close(watched);
+    co_return false;
+  }
+  using namespace asio::experimental::awaitable_operators;
+  asio::steady_timer timer(executor, limit);
+  for (;;) {
+    auto outcome = co_await (socket.async_wait(asio::socket_base::wait_read, no_throw) ||
+                             timer.async_wait(no_throw));
+    if (outcome.index() == 1) co_return false;  // the limit passed first
+    if (std::get<0>(std::get<0>(outcome))) co_return false;
+    char discard[512];
+    const ssize_t received = ::recv(watched, discard, sizeof discard, MSG_DONTWAIT);
+    if (received == 0) co_return true;  // the server closed its end
+    if (received < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+      co_return true;  // reset by the server: its end is closed too
+    }
+  }
 }
 
 void Connection::interrupt() noexcept {

@@ -9,6 +9,7 @@
 #include <boost/asio/detached.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
+#include <boost/asio/strand.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <deque>
@@ -170,10 +171,11 @@ std::string PoolStats::to_json() const {
   };
   return "{" + field("max", max) + "," + field("size", size) + "," + field("idle", idle) + "," +
          field("in_use", in_use) + "," + field("connecting", connecting) + "," +
-         field("waiting_normal", waiting_normal) + "," + field("waiting_high", waiting_high) + "," +
-         field("acquired", acquired) + "," + field("timeouts", timeouts) + "," +
-         field("cancellations", cancellations) + "," + field("connect_attempts", connect_attempts) +
-         "," + field("connect_errors", connect_errors) + "," + field("discarded", discarded) + "," +
+         field("closing", closing) + "," + field("waiting_normal", waiting_normal) + "," +
+         field("waiting_high", waiting_high) + "," + field("acquired", acquired) + "," +
+         field("timeouts", timeouts) + "," + field("cancellations", cancellations) + "," +
+         field("connect_attempts", connect_attempts) + "," +
+         field("connect_errors", connect_errors) + "," + field("discarded", discarded) + "," +
          field("leaks_suspected", leaks_suspected) + "," + field("wait_p50_us", wait_p50.count()) +
          "," + field("wait_p99_us", wait_p99.count()) + "," +
          field("wait_max_us", wait_max.count()) + ",\"last_connect_error\":\"" + escaped + "\"}";
@@ -211,6 +213,10 @@ struct PooledConnection {
                   to_string(state), static_cast<int>(event));
   }
 };
+
+// How long a discarded connection waits for the server to close its end before its capacity is
+// given back anyway (a server that does not answer).
+constexpr std::chrono::milliseconds server_close_limit{2000};
 
 struct LeaseRecord {
   std::source_location site;
@@ -251,10 +257,11 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
   std::size_t in_use = 0;
   std::size_t in_use_normal = 0;
   std::size_t background = 0;  // connections in a ROLLBACK or ping, out of every other set
+  std::size_t closing = 0;     // closed, waiting for the server to end the backend; in `open`
   std::unordered_set<Connection*> in_background;        // those connections, for close()
   std::vector<std::unique_ptr<PooledConnection>> idle;  // back: most recently returned
   std::array<std::deque<Waiter*>, 2> waiters;           // [normal, high], FIFO
-  bool closing = false;
+  bool pool_closing = false;
 
   std::uint32_t consecutive_failures = 0;
   Clock::time_point retry_at{};
@@ -349,22 +356,36 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
 
   void discard_locked(std::unique_ptr<PooledConnection> pooled, DiscardReason reason,
                       Deferred& deferred) {
-    // The socket is closed before the capacity is given back: the strict max holds at every
-    // instant on the server's side too.
     pooled->advance(NodeEvent::discard);
-    pooled->connection.close(CloseMode::graceful);
-    pooled.reset();
-    --open;
     ++discarded;
     deferred.add([this, reason] { events.discarded(reason); });
-    maybe_open_locked(deferred);
+    ++closing;
+    // On a strand: close_and_wait() races the socket against a timer.
+    asio::post(*executor, [self = shared_from_this(), pooled = std::move(pooled)]() mutable {
+      asio::co_spawn(asio::make_strand(*self->executor), finish_close(self, std::move(pooled)),
+                     asio::detached);
+    });
+  }
+
+  // The capacity is given back only once the server has closed its end of the socket, which it
+  // does after the backend has left pg_stat_activity: the strict max holds on the server's side
+  // at every instant. A server that does not answer within the limit is not waited for longer.
+  static asio::awaitable<void> finish_close(std::shared_ptr<PoolState> self,
+                                            std::unique_ptr<PooledConnection> pooled) {
+    (void)co_await pooled->connection.close_and_wait(server_close_limit);
+    pooled.reset();
+    Deferred deferred;
+    std::lock_guard lock(self->mutex);
+    --self->closing;
+    --self->open;
+    self->maybe_open_locked(deferred);
   }
 
   // Returns a connection that nobody holds: reset it if needed, else keep or discard it.
   void return_locked(std::unique_ptr<PooledConnection> pooled, Deferred& deferred) {
     if (pooled->state == NodeState::leased) pooled->advance(NodeEvent::returned);
     Connection& connection = pooled->connection;
-    if (closing) return discard_locked(std::move(pooled), DiscardReason::closing, deferred);
+    if (pool_closing) return discard_locked(std::move(pooled), DiscardReason::closing, deferred);
     if (!connection.is_open() || connection.is_broken()) {
       return discard_locked(std::move(pooled), DiscardReason::broken, deferred);
     }
@@ -399,7 +420,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
   // Opens connections while there are waiters (or min_idle) to serve and room under max_size.
   // After a failed connect, waits out the backoff, then probes with one connect at a time.
   void maybe_open_locked(Deferred& deferred) {
-    if (closing || !executor) return;
+    if (pool_closing || !executor) return;
     const std::size_t ready = idle.size() + connecting;
     std::size_t wanted = servable_waiters_locked();
     const std::size_t total = idle.size() + in_use + connecting;
@@ -475,7 +496,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     pooled->last_ping = Clock::now();
     const int pid = pooled->connection.backend_pid();
     deferred.add([self, pid] { self->events.connected(pid); });
-    if (self->closing) {
+    if (self->pool_closing) {
       self->discard_locked(std::move(pooled), DiscardReason::closing, deferred);
     } else {
       self->hand_off_locked(std::move(pooled), deferred);
@@ -488,7 +509,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
   static asio::awaitable<bool> wait_under_lock(const std::shared_ptr<PoolState>& self,
                                                asio::steady_timer& timer, Clock::time_point until) {
     std::unique_lock lock(self->mutex);
-    if (self->closing) co_return false;
+    if (self->pool_closing) co_return false;
     timer.expires_at(until);
     co_await asio::async_initiate<decltype(no_throw), void(error_code)>(
         [&](auto handler) {
@@ -558,7 +579,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
       }
       Deferred deferred;
       std::lock_guard lock(self->mutex);
-      if (self->closing) co_return;
+      if (self->pool_closing) co_return;
       self->upkeep_locked(deferred);
     }
   }
@@ -573,7 +594,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
         to_discard.emplace_back(std::move(pooled), DiscardReason::lifetime);
       } else if (config.idle_timeout.count() > 0 &&
                  now - pooled->idle_since > config.idle_timeout &&
-                 open - to_discard.size() > config.min_idle) {
+                 open - closing - to_discard.size() > config.min_idle) {
         to_discard.emplace_back(std::move(pooled), DiscardReason::idle_timeout);
       } else if (config.keepalive_interval.count() > 0 &&
                  now - pooled->last_ping > config.keepalive_interval) {
@@ -616,7 +637,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     Deferred deferred;  // declared before the lock: its events run after it is released
     std::unique_lock lock(mutex);
     bind_executor_locked(caller_executor);
-    if (closing) {
+    if (pool_closing) {
       throw_pool_error(client_errc::pool_closed, "the pool " + application_name + " is closed");
     }
     const auto me = index(priority);
@@ -768,6 +789,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     snapshot.idle = idle.size();
     snapshot.in_use = in_use;
     snapshot.connecting = connecting;
+    snapshot.closing = closing;
     snapshot.waiting_normal = waiters[0].size();
     snapshot.waiting_high = waiters[1].size();
     snapshot.acquired = acquired;
@@ -788,8 +810,8 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
   void begin_close() {
     Deferred deferred;
     std::lock_guard lock(mutex);
-    if (closing) return;
-    closing = true;
+    if (pool_closing) return;
+    pool_closing = true;
     for (auto& queue : waiters) {
       for (Waiter* waiter : queue) {
         waiter->pool_closed = true;
@@ -889,7 +911,8 @@ asio::awaitable<std::vector<std::string>> Pool::close(std::chrono::milliseconds 
   for (;;) {
     {
       std::lock_guard lock(state_->mutex);
-      if ((state_->in_use == 0 && state_->connecting == 0 && state_->background == 0) ||
+      if ((state_->in_use == 0 && state_->connecting == 0 && state_->background == 0 &&
+           state_->closing == 0) ||
           Clock::now() >= deadline) {
         break;
       }

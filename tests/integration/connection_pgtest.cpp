@@ -505,6 +505,43 @@ TEST_F(ConnectionTest, CloseGracefullyOrImmediatelyEndsTheBackend) {
   }
 }
 
+TEST_F(ConnectionTest, CloseAndWaitReturnsOnlyOnceTheServerHasEndedTheBackend) {
+  BlockingConnection observer(cluster().dsn());
+  for (int round = 0; round < 20; ++round) {
+    const int pid = run_coroutine([]() -> asio::awaitable<int> {
+      auto conn = co_await open();
+      const int backend = conn.backend_pid();
+      EXPECT_TRUE(co_await conn.close_and_wait(2s));
+      EXPECT_FALSE(conn.is_open());
+      co_return backend;
+    });
+    // No "eventually": the backend is gone from pg_stat_activity already.
+    ASSERT_EQ(
+        observer.scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = " + std::to_string(pid)),
+        "0")
+        << "round " << round;
+  }
+}
+
+TEST_F(ConnectionTest, CloseAndWaitGivesUpOnAServerThatDoesNotAnswer) {
+  testing::FaultProxy proxy("127.0.0.1", static_cast<std::uint16_t>(cluster().port()));
+  run_coroutine(
+      [&]() -> awaitable_void {
+        ConnectOptions options{.conninfo =
+                                   proxy.conninfo_prefix() + " user=postgres dbname=postgres"};
+        auto conn = co_await Connection::connect(std::move(options));
+        proxy.pause();
+        const auto start = std::chrono::steady_clock::now();
+        EXPECT_FALSE(co_await conn.close_and_wait(300ms));
+        const auto took = std::chrono::steady_clock::now() - start;
+        EXPECT_GE(took, 250ms);
+        EXPECT_LT(took, 2s);
+        EXPECT_FALSE(conn.is_open());
+      },
+      20s);
+  proxy.resume();
+}
+
 TEST(ErrorText, MaskPasswordHidesPasswordsInUrlsAndKeyValueStrings) {
   const std::string masked = mask_password("host=db user=app password=secret dbname=x");
   EXPECT_THAT(masked, HasSubstr("password=****"));

@@ -562,7 +562,12 @@ TEST_F(PoolTest, LifetimeAndIdleTimeoutReplaceAndShrink) {
       first_pid = lease->backend_pid();
       co_await sleep_for(400ms);  // outlives max_lifetime while leased
     }                             // closed on return
-    EXPECT_EQ(pool.stats().size, 0U);
+    // Its capacity is given back only once the server has ended the backend.
+    EXPECT_EQ(pool.stats().size, 1U);
+    EXPECT_EQ(pool.stats().closing, 1U);
+    while (pool.stats().size != 0) co_await sleep_for(1ms);
+    EXPECT_FALSE(testing::backend_exists(cluster().dsn(), first_pid));
+    EXPECT_EQ(pool.stats().closing, 0U);
     {
       auto lease = co_await pool.acquire();
       EXPECT_NE(lease->backend_pid(), first_pid);

@@ -83,11 +83,13 @@ TEST(PoolStatsTest, JsonHasEveryFieldAndEscapesTheMessage) {
   PoolStats stats;
   stats.max = 3;
   stats.in_use = 2;
+  stats.closing = 1;
   stats.wait_p99 = std::chrono::microseconds(1500);
   stats.last_connect_error = "FATAL: \"x\"\nnext";
   const std::string json = stats.to_json();
   EXPECT_THAT(json, HasSubstr("\"max\":3"));
   EXPECT_THAT(json, HasSubstr("\"in_use\":2"));
+  EXPECT_THAT(json, HasSubstr("\"closing\":1"));
   EXPECT_THAT(json, HasSubstr("\"wait_p99_us\":1500"));
   EXPECT_THAT(json, HasSubstr("\"last_connect_error\":\"FATAL: \\\"x\\\" next\""));
   EXPECT_EQ(json.front(), '{');

@@ -234,6 +234,14 @@ class Connection {
   /// client_errc::not_connected. Must not be called while an operation runs.
   void close(CloseMode mode = CloseMode::graceful) noexcept;
 
+  /// Closes gracefully, then waits until the server has closed its end of the socket, which it
+  /// does only after the backend has left pg_stat_activity: after this, the server no longer
+  /// counts the connection. Waits at most `limit`. True if the server's end was seen to close;
+  /// false if `limit` passed first, the wait was cancelled or the socket could not be watched
+  /// (the connection is closed in every case). Runs on the caller's executor; on an io_context
+  /// run by several threads, call it from a strand (it races the socket against a timer).
+  [[nodiscard]] boost::asio::awaitable<bool> close_and_wait(std::chrono::milliseconds limit);
+
   /// Cuts the connection from any thread, while an operation may be running on another: sends the
   /// server a cancel request for a running statement (from a helper thread; never blocks) and
   /// shuts the socket down. The operation in progress, and every later one, fails with

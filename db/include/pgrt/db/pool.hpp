@@ -100,6 +100,8 @@ struct PoolStats {
   std::size_t idle = 0;
   std::size_t in_use = 0;
   std::size_t connecting = 0;
+  /// Closed, waiting (at most 2 s) for the server to end the backend; still counted in size.
+  std::size_t closing = 0;
   std::size_t waiting_normal = 0;
   std::size_t waiting_high = 0;
   std::uint64_t acquired = 0;
