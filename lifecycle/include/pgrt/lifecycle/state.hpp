@@ -8,7 +8,9 @@
 namespace pgrt::lifecycle {
 
 /// Where a process managed by pgrt is in its life. It only moves forward:
-/// created -> starting -> running -> stopping -> stopped, or to failed from starting.
+/// created -> starting -> running -> stopping -> stopped; a start that fails goes
+/// starting -> stopping -> failed, and a stop requested during the start starting -> stopping ->
+/// stopped.
 enum class State {
   created,   ///< Components added, nothing started.
   starting,  ///< Components are starting along their dependencies.

@@ -1,0 +1,8 @@
+#pragma once
+
+/// @file
+/// The lifecycle layer: components, the manager, states. Knows nothing of databases.
+
+#include "pgrt/lifecycle/component.hpp"  // IWYU pragma: export
+#include "pgrt/lifecycle/manager.hpp"    // IWYU pragma: export
+#include "pgrt/lifecycle/state.hpp"      // IWYU pragma: export

@@ -1,0 +1,170 @@
+#pragma once
+
+/// @file
+/// The lifecycle manager: starts components along their dependencies, waits for a signal or a stop
+/// request, stops them in reverse, and exits with a meaningful code. It knows nothing of databases.
+
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/signals2/signal.hpp>
+#include <chrono>
+#include <cstddef>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "pgrt/lifecycle/component.hpp"
+#include "pgrt/lifecycle/state.hpp"
+
+namespace pgrt::lifecycle {
+
+/// The exit codes run() returns (and the watchdog and second Ctrl+C use).
+namespace exit_code {
+inline constexpr int ok = 0;             ///< Stopped gracefully (SIGTERM, request_stop()).
+inline constexpr int failure = 1;        ///< A start failed, or a stop failed or was abandoned.
+inline constexpr int hard_deadline = 2;  ///< The watchdog ended a shutdown that overran.
+inline constexpr int interrupted = 130;  ///< SIGINT (graceful on the first, at once on the second).
+inline constexpr int quit = 131;         ///< SIGQUIT: exit at once.
+}  // namespace exit_code
+
+/// The names of the components a component depends on. Build it with after().
+struct After {
+  std::vector<std::string> names;
+};
+
+namespace detail {
+template <typename T>
+std::string dependency_name(const T& dependency) {
+  if constexpr (std::is_convertible_v<const T&, std::string_view>) {
+    return std::string(std::string_view(dependency));
+  } else {
+    return std::string(dependency.name());
+  }
+}
+}  // namespace detail
+
+/// Dependencies by component (anything with name()) or by name: `after(pool, "cache")`.
+template <typename... Dependencies>
+[[nodiscard]] After after(const Dependencies&... dependencies) {
+  return After{{detail::dependency_name(dependencies)...}};
+}
+
+/// Per-component deadlines; unset ones take the manager's defaults.
+struct ComponentLimits {
+  std::optional<std::chrono::milliseconds> start_timeout;
+  std::optional<std::chrono::milliseconds> stop_timeout;
+};
+
+/// How the manager runs. An aggregate: `Manager app({.threads = 2});`
+struct ManagerOptions {
+  std::string name = "pgrt";                          ///< For logs.
+  std::size_t threads = 1;                            ///< Threads running io_context().
+  std::chrono::milliseconds start_timeout{30'000};    ///< Default per-component start deadline.
+  std::chrono::milliseconds stop_timeout{10'000};     ///< Default per-component stop deadline.
+  std::chrono::milliseconds shutdown_budget{30'000};  ///< All stops together.
+  /// From the start of a shutdown until the watchdog _exit()s with exit_code::hard_deadline.
+  std::chrono::milliseconds hard_deadline{35'000};
+  bool handle_signals = true;  ///< Own SIGINT, SIGTERM and SIGQUIT (one signal_set, kept).
+  /// run() ends with spdlog::shutdown() (after its threads are joined). Turn off to keep logging
+  /// through spdlog after run() returns.
+  bool shutdown_logging = true;
+};
+
+/// Lifecycle events as Boost.Signals2 signals; connect scoped_connection members. Callbacks run on
+/// the manager's strand.
+struct ManagerEvents {
+  boost::signals2::signal<void(State)> state_changed;
+};
+
+/// Orders the start and stop of a process's components.
+///
+/// Start: components start concurrently along the dependency DAG, each once its dependencies have
+/// started, each within its start deadline. If one fails (throws or times out), or a stop is
+/// requested meanwhile, the starts in flight are cancelled and only the components that had
+/// started are stopped, in reverse dependency order, with a fresh shutdown budget.
+///
+/// Shutdown, in this order: readiness goes false (on_stopping hooks); intake stops (stop_intake()
+/// on every started component); the components stop along the reverse DAG, each with its own
+/// deadline inside the shutdown budget (so a pending-writes component that depends on the pool is
+/// flushed before the pool closes); a stop that throws or hangs is logged and abandoned, the
+/// others still run; on_stopped hooks; logs are flushed; the threads are joined; spdlog shuts
+/// down; run() returns the exit code. A watchdog thread _exit()s if the hard deadline passes.
+///
+/// Signals (handle_signals): the first SIGINT or SIGTERM starts a graceful shutdown (exit codes
+/// 130 and 0); a repeated SIGTERM is logged and ignored; a SIGINT during a shutdown, or SIGQUIT,
+/// flushes the logs and exits at once (130, 131).
+///
+/// atexit: if the process exits without a graceful stop (std::exit elsewhere, main returning
+/// early), the handlers given to on_exit() run, synchronously and best effort, then the logs are
+/// flushed. They never run coroutines.
+///
+/// Thread safety: add(), the hook setters and on_exit() before run() only, from one thread;
+/// request_stop(), state() and ready() from any thread at any time.
+class Manager {
+ public:
+  explicit Manager(ManagerOptions options = {});
+  /// Runs the on_exit() handlers if run() did not complete a shutdown.
+  ~Manager();
+  Manager(const Manager&) = delete;
+  Manager& operator=(const Manager&) = delete;
+  Manager(Manager&&) = delete;
+  Manager& operator=(Manager&&) = delete;
+
+  /// Adds a component that starts after `dependencies` and stops before them. Dependencies may
+  /// name components added later; run() rejects a name that was never added. Throws
+  /// std::invalid_argument for a duplicate name or a dependency cycle (naming the cycle, e.g.
+  /// "a -> b -> a"). Returns the component, owned by the manager.
+  template <Component C>
+  C& add(std::shared_ptr<C> component, After dependencies = {}, ComponentLimits limits = {}) {
+    C& typed = *component;
+    add_erased(AnyComponent(std::move(component)), std::move(dependencies.names), limits);
+    return typed;
+  }
+  template <Component C>
+  requires(!std::is_lvalue_reference_v<C>) C& add(C&& component, After dependencies = {},
+                                                  ComponentLimits limits = {}) {
+    return add(std::make_shared<std::remove_cvref_t<C>>(std::forward<C>(component)),
+               std::move(dependencies), limits);
+  }
+
+  void on_starting(std::function<void()> hook);
+  void on_ready(std::function<void()> hook);
+  void on_stopping(std::function<void()> hook);
+  void on_stopped(std::function<void()> hook);
+  /// A synchronous, best-effort handler for an exit without a graceful stop (see the class
+  /// comment), e.g. closing sockets. It must not block for long and must not throw.
+  void on_exit(std::function<void()> handler);
+
+  /// Starts everything, waits for a signal or request_stop(), stops everything, and returns the
+  /// exit code (see exit_code). Runs io_context() on ManagerOptions::threads threads, this one
+  /// included. Call once. Throws std::invalid_argument, before starting anything, if a dependency
+  /// names a component that was never added.
+  int run();
+
+  /// Starts a graceful shutdown whose exit code is `code` (unless something fails). Before the
+  /// components are up, it cancels the starts. Thread-safe; later requests are ignored.
+  void request_stop(int code = exit_code::ok) noexcept;
+
+  [[nodiscard]] State state() const noexcept;
+  /// True between on_ready and the start of a shutdown.
+  [[nodiscard]] bool ready() const noexcept;
+  [[nodiscard]] ManagerEvents& events() noexcept;
+  /// The io_context run() runs; components may run their work on it.
+  [[nodiscard]] boost::asio::io_context& io_context() noexcept;
+  [[nodiscard]] boost::asio::any_io_executor executor() noexcept;
+
+  /// Implementation detail.
+  struct Impl;
+
+ private:
+  void add_erased(AnyComponent component, std::vector<std::string> dependencies,
+                  ComponentLimits limits);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace pgrt::lifecycle

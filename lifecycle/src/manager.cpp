@@ -1,0 +1,613 @@
+#include "pgrt/lifecycle/manager.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/cancellation_signal.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/signal_set.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/strand.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <condition_variable>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <exception>
+#include <map>
+#include <mutex>
+#include <spdlog/spdlog.h>
+#include <stdexcept>
+#include <thread>
+#include <unistd.h>
+
+namespace pgrt::lifecycle {
+
+namespace asio = boost::asio;
+using Clock = std::chrono::steady_clock;
+using std::chrono::milliseconds;
+
+namespace {
+
+constexpr auto no_throw = asio::as_tuple(asio::use_awaitable);
+
+milliseconds elapsed_ms(Clock::time_point since) {
+  return std::chrono::duration_cast<milliseconds>(Clock::now() - since);
+}
+
+std::string describe(const std::exception_ptr& error) {
+  try {
+    std::rethrow_exception(error);
+  } catch (const std::exception& exception) {
+    return exception.what();
+  } catch (...) {
+    return "an exception that is not a std::exception";
+  }
+}
+
+void flush_logs() noexcept {
+  try {
+    spdlog::apply_all([](const std::shared_ptr<spdlog::logger>& logger) { logger->flush(); });
+  } catch (...) {  // NOLINT(bugprone-empty-catch): best effort on the way out
+  }
+}
+
+// Logs, flushes and ends the process now, without atexit handlers or destructors.
+[[noreturn]] void exit_now(int code, const char* why) noexcept {
+  try {
+    spdlog::error("{}; exiting now with code {}", why, code);
+  } catch (...) {  // NOLINT(bugprone-empty-catch): the exit matters more than the line
+  }
+  flush_logs();
+  std::fflush(stderr);
+  ::_exit(code);
+}
+
+}  // namespace
+
+// --- the process-wide atexit registry ------------------------------------------------------------
+
+namespace {
+std::mutex registry_mutex;
+std::vector<Manager::Impl*>& live_managers() {
+  static std::vector<Manager::Impl*> managers;
+  return managers;
+}
+void run_exit_handlers_at_exit();
+}  // namespace
+
+struct Manager::Impl {
+  enum class Status { pending, starting, started, start_failed, stopping, stopped, abandoned };
+
+  struct Node {
+    Node(AnyComponent component_in, std::string name_in, std::vector<std::string> dependencies_in,
+         ComponentLimits limits_in)
+        : component(std::move(component_in)),
+          name(std::move(name_in)),
+          dependencies(std::move(dependencies_in)),
+          limits(limits_in) {}
+    AnyComponent component;
+    std::string name;
+    std::vector<std::string> dependencies;
+    ComponentLimits limits;
+    Status status = Status::pending;
+    asio::cancellation_signal cancel;
+    bool cancel_emitted = false;
+    Clock::time_point deadline{};
+    Clock::time_point began{};
+    bool done = false;  // the current start()/stop() completed
+    std::exception_ptr error;
+  };
+
+  explicit Impl(ManagerOptions options_in)
+      : options(std::move(options_in)),
+        strand(asio::make_strand(io.get_executor())),
+        wakeup(strand),
+        stop_request_timer(strand, Clock::time_point::max()) {
+    if (options.threads == 0) throw std::invalid_argument("ManagerOptions::threads must be >= 1");
+    if (options.handle_signals) {
+      // Created once and kept: destroying a signal_set restores the default disposition, and a
+      // second Ctrl+C would then kill the process without a word.
+      signals.emplace(strand, SIGINT, SIGTERM, SIGQUIT);
+    }
+    std::lock_guard lock(registry_mutex);
+    static const bool registered = std::atexit(run_exit_handlers_at_exit) == 0;
+    if (!registered) spdlog::warn("{}: could not register the atexit handler", options.name);
+    live_managers().push_back(this);
+  }
+
+  ~Impl() {
+    run_exit_handlers("the manager is destroyed without a graceful stop");
+    std::lock_guard lock(registry_mutex);
+    auto& managers = live_managers();
+    managers.erase(std::remove(managers.begin(), managers.end(), this), managers.end());
+  }
+
+  Impl(const Impl&) = delete;
+  Impl& operator=(const Impl&) = delete;
+  Impl(Impl&&) = delete;
+  Impl& operator=(Impl&&) = delete;
+
+  // Declared first, destroyed last: coroutine frames destroyed with the io_context may still
+  // refer to the nodes.
+  std::vector<std::unique_ptr<Node>> nodes;
+  std::map<std::string, Node*, std::less<>> by_name;
+  std::vector<std::function<void()>> starting_hooks, ready_hooks, stopping_hooks, stopped_hooks;
+  std::vector<std::function<void()>> exit_handlers;
+  ManagerEvents events;
+  const ManagerOptions options;
+
+  asio::io_context io;
+  asio::strand<asio::io_context::executor_type> strand;
+  asio::steady_timer wakeup;              // an orchestrator waits on it; completions cancel it
+  asio::steady_timer stop_request_timer;  // cancelled by a stop request
+  std::optional<asio::signal_set> signals;
+
+  std::atomic<State> current_state{State::created};
+  std::atomic<bool> is_ready{false};
+  std::atomic<bool> graceful_done{false};
+  std::atomic<bool> exit_handlers_ran{false};
+  bool ran = false;
+
+  // Strand-only state.
+  bool stop_requested = false;
+  bool shutting_down = false;
+  int requested_code = exit_code::ok;
+
+  // The watchdog.
+  std::thread watchdog;
+  std::mutex watchdog_mutex;
+  std::condition_variable watchdog_wakeup;
+  bool watchdog_released = false;
+
+  // --- adding ----------------------------------------------------------------------------------
+
+  void add(AnyComponent component, std::vector<std::string> dependencies, ComponentLimits limits) {
+    if (ran) throw std::logic_error("components must be added before Manager::run()");
+    std::string name = component.name();
+    if (name.empty()) throw std::invalid_argument("a component's name must not be empty");
+    if (by_name.contains(name)) {
+      throw std::invalid_argument("a component named '" + name + "' was already added");
+    }
+    // A cycle through the new component: one of its dependencies reaches it again.
+    for (const auto& dependency : dependencies) {
+      std::vector<std::string> path{name};
+      if (reaches(dependency, name, path)) {
+        std::string cycle;
+        for (const auto& step : path) cycle += step + " -> ";
+        throw std::invalid_argument("adding component '" + name +
+                                    "' would create a dependency cycle: " + cycle + name);
+      }
+    }
+    auto node = std::make_unique<Node>(std::move(component), name, std::move(dependencies), limits);
+    by_name.emplace(name, node.get());
+    nodes.push_back(std::move(node));
+  }
+
+  // Whether `from` depends (transitively) on `target`, treating `target` as already added; `path`
+  // gets the chain.
+  bool reaches(const std::string& from, const std::string& target,
+               std::vector<std::string>& path) const {
+    path.push_back(from);
+    if (from == target) return true;
+    if (auto found = by_name.find(from); found != by_name.end()) {
+      for (const auto& next : found->second->dependencies) {
+        if (std::find(path.begin(), path.end(), next) != path.end() && next != target) continue;
+        if (reaches(next, target, path)) return true;
+      }
+    }
+    path.pop_back();
+    return false;
+  }
+
+  void check_dependencies() const {
+    for (const auto& node : nodes) {
+      for (const auto& dependency : node->dependencies) {
+        if (!by_name.contains(dependency)) {
+          throw std::invalid_argument("component '" + node->name + "' depends on '" + dependency +
+                                      "', which was never added");
+        }
+      }
+    }
+  }
+
+  // --- state and hooks -------------------------------------------------------------------------
+
+  void set_state(State state) {
+    current_state = state;
+    spdlog::info("{}: {}", options.name, to_string(state));
+    try {
+      events.state_changed(state);
+    } catch (const std::exception& error) {
+      spdlog::error("{}: a state_changed callback threw: {}", options.name, error.what());
+    }
+  }
+
+  void run_hooks(const std::vector<std::function<void()>>& hooks, const char* which) {
+    for (const auto& hook : hooks) {
+      try {
+        hook();
+      } catch (const std::exception& error) {
+        spdlog::error("{}: an {} hook threw: {}", options.name, which, error.what());
+      } catch (...) {
+        spdlog::error("{}: an {} hook threw", options.name, which);
+      }
+    }
+  }
+
+  // --- stop requests and signals (strand only) -------------------------------------------------
+
+  void on_stop_request(int code) {
+    if (stop_requested) return;
+    stop_requested = true;
+    requested_code = code;
+    stop_request_timer.cancel();
+    wakeup.cancel();
+  }
+
+  asio::awaitable<void> handle_signals() {
+    for (;;) {
+      auto [error, number] = co_await signals->async_wait(no_throw);
+      if (error) co_return;
+      if (number == SIGQUIT) exit_now(exit_code::quit, "SIGQUIT");
+      if (number == SIGINT && (stop_requested || shutting_down)) {
+        exit_now(exit_code::interrupted, "a second SIGINT during the shutdown");
+      }
+      if (number == SIGTERM && stop_requested) {
+        spdlog::warn("{}: SIGTERM again: ignored, the graceful shutdown is under way",
+                     options.name);
+        continue;
+      }
+      const bool interrupt = number == SIGINT;
+      spdlog::info("{}: {}: shutting down gracefully{}", options.name,
+                   interrupt ? "SIGINT" : "SIGTERM",
+                   interrupt ? " (Ctrl+C again exits at once)" : "");
+      on_stop_request(interrupt ? exit_code::interrupted : exit_code::ok);
+    }
+  }
+
+  // --- running components (strand only) -------------------------------------------------------
+
+  // Runs the node's start() or stop() with per-operation cancellation; completion marks it done
+  // and wakes the orchestrator.
+  void launch(Node& node, asio::awaitable<void> operation, milliseconds limit) {
+    node.done = false;
+    node.error = nullptr;
+    node.cancel_emitted = false;
+    node.began = Clock::now();
+    node.deadline = node.began + limit;
+    asio::co_spawn(strand, std::move(operation),
+                   asio::bind_cancellation_slot(node.cancel.slot(),
+                                                [this, &node](const std::exception_ptr& error) {
+                                                  node.done = true;
+                                                  node.error = error;
+                                                  wakeup.cancel();
+                                                }));
+  }
+
+  void cancel(Node& node) {
+    if (node.cancel_emitted) return;
+    node.cancel_emitted = true;
+    node.cancel.emit(asio::cancellation_type::terminal);
+  }
+
+  // Waits until a completion, a stop request or `until`.
+  asio::awaitable<void> wait_until(Clock::time_point until) {
+    wakeup.expires_at(until);
+    co_await wakeup.async_wait(no_throw);
+  }
+
+  [[nodiscard]] bool dependencies_started(const Node& node) const {
+    return std::all_of(
+        node.dependencies.begin(), node.dependencies.end(),
+        [&](const std::string& name) { return by_name.at(name)->status == Status::started; });
+  }
+
+  milliseconds start_limit(const Node& node) const {
+    return node.limits.start_timeout.value_or(options.start_timeout);
+  }
+  milliseconds stop_limit(const Node& node) const {
+    return node.limits.stop_timeout.value_or(options.stop_timeout);
+  }
+
+  // Starts every component along the DAG. True if all started. On a failure or a stop request it
+  // cancels the starts in flight and waits for them (each at most its stop deadline).
+  asio::awaitable<bool> start_all() {
+    bool failed = false;
+    for (;;) {
+      const auto now = Clock::now();
+      std::size_t in_flight = 0;
+      for (auto& node : nodes) {
+        if (node->status != Status::starting) continue;
+        if (node->done) {
+          if (node->error) {
+            node->status = Status::start_failed;
+            if (!node->cancel_emitted) {
+              failed = true;
+              spdlog::error("{}: component '{}' failed to start: {}", options.name, node->name,
+                            describe(node->error));
+            } else {
+              spdlog::info("{}: the start of '{}' was cancelled", options.name, node->name);
+            }
+          } else {
+            node->status = Status::started;
+            spdlog::info("{}: started '{}' in {} ms", options.name, node->name,
+                         elapsed_ms(node->began).count());
+          }
+        } else if (now >= node->deadline) {
+          if (!node->cancel_emitted) {
+            failed = true;
+            spdlog::error("{}: component '{}' did not start within {} ms", options.name, node->name,
+                          start_limit(*node).count());
+            cancel(*node);
+            node->deadline = now + stop_limit(*node);
+            ++in_flight;
+          } else {
+            node->status = Status::abandoned;
+            spdlog::error("{}: the start of '{}' ignored its cancellation; abandoned", options.name,
+                          node->name);
+          }
+        } else {
+          ++in_flight;
+        }
+      }
+      const bool aborting = failed || stop_requested;
+      if (aborting) {
+        for (auto& node : nodes) {
+          if (node->status == Status::starting && !node->cancel_emitted) {
+            cancel(*node);
+            node->deadline = now + stop_limit(*node);
+          }
+        }
+      } else {
+        for (auto& node : nodes) {
+          if (node->status == Status::pending && dependencies_started(*node)) {
+            node->status = Status::starting;
+            spdlog::info("{}: starting '{}'", options.name, node->name);
+            launch(*node, node->component.start(), start_limit(*node));
+            ++in_flight;
+          }
+        }
+      }
+      const bool all_started = std::all_of(nodes.begin(), nodes.end(), [](const auto& node) {
+        return node->status == Status::started;
+      });
+      if (all_started) co_return true;
+      if (in_flight == 0) co_return false;  // aborting, or nothing could start (cannot happen)
+      auto earliest = Clock::time_point::max();
+      for (auto& node : nodes) {
+        if (node->status == Status::starting) earliest = std::min(earliest, node->deadline);
+      }
+      co_await wait_until(earliest);
+    }
+  }
+
+  // Whether every started component that depends on `node` has stopped (or was abandoned).
+  [[nodiscard]] bool dependents_stopped(const Node& node) const {
+    for (const auto& other : nodes) {
+      const bool depends = std::find(other->dependencies.begin(), other->dependencies.end(),
+                                     node.name) != other->dependencies.end();
+      if (depends && (other->status == Status::started || other->status == Status::stopping)) {
+        return false;
+      }
+    }
+    return true;
+  }
+
+  // Stops every started component along the reverse DAG. True if all stopped cleanly.
+  asio::awaitable<bool> stop_all() {
+    const auto budget_end = Clock::now() + options.shutdown_budget;
+    bool clean = true;
+    for (;;) {
+      const auto now = Clock::now();
+      std::size_t in_flight = 0;
+      for (auto& node : nodes) {
+        if (node->status != Status::stopping) continue;
+        if (node->done) {
+          node->status = Status::stopped;
+          if (node->error) {
+            clean = false;
+            spdlog::error("{}: component '{}' failed to stop: {}", options.name, node->name,
+                          describe(node->error));
+          } else {
+            spdlog::info("{}: stopped '{}' in {} ms", options.name, node->name,
+                         elapsed_ms(node->began).count());
+          }
+        } else if (now >= node->deadline) {
+          clean = false;
+          node->status = Status::abandoned;
+          cancel(*node);
+          spdlog::error("{}: component '{}' did not stop within {} ms; abandoned", options.name,
+                        node->name, elapsed_ms(node->began).count());
+        } else {
+          ++in_flight;
+        }
+      }
+      for (auto& node : nodes) {
+        if (node->status == Status::started && dependents_stopped(*node)) {
+          node->status = Status::stopping;
+          spdlog::info("{}: stopping '{}'", options.name, node->name);
+          const auto left = std::chrono::duration_cast<milliseconds>(budget_end - now);
+          launch(*node, node->component.stop(),
+                 std::max(milliseconds(0), std::min(stop_limit(*node), left)));
+          ++in_flight;
+        }
+      }
+      if (in_flight == 0) co_return clean;
+      auto earliest = Clock::time_point::max();
+      for (auto& node : nodes) {
+        if (node->status == Status::stopping) earliest = std::min(earliest, node->deadline);
+      }
+      co_await wait_until(earliest);
+    }
+  }
+
+  // --- the whole life ----------------------------------------------------------------------------
+
+  asio::awaitable<int> live() {
+    set_state(State::starting);
+    run_hooks(starting_hooks, "on_starting");
+    const bool started = co_await start_all();
+    if (started && !stop_requested) {
+      set_state(State::running);
+      is_ready = true;
+      run_hooks(ready_hooks, "on_ready");
+      co_await stop_request_timer.async_wait(no_throw);
+    }
+    // The shutdown: readiness first, then intake, then the stops along the reverse DAG.
+    shutting_down = true;
+    is_ready = false;
+    start_watchdog();
+    set_state(State::stopping);
+    run_hooks(stopping_hooks, "on_stopping");
+    for (auto it = nodes.rbegin(); it != nodes.rend(); ++it) {
+      if ((*it)->status != Status::started) continue;
+      try {
+        (*it)->component.stop_intake();
+      } catch (const std::exception& error) {
+        spdlog::error("{}: stop_intake() of '{}' threw: {}", options.name, (*it)->name,
+                      error.what());
+      }
+    }
+    const bool stopped_cleanly = co_await stop_all();
+    const bool start_failed = !started && !stop_requested;
+    set_state(start_failed ? State::failed : State::stopped);
+    run_hooks(stopped_hooks, "on_stopped");
+    if (start_failed || !stopped_cleanly) co_return exit_code::failure;
+    co_return requested_code;
+  }
+
+  void start_watchdog() {
+    if (watchdog.joinable()) return;
+    const auto deadline = Clock::now() + options.hard_deadline;
+    watchdog = std::thread([this, deadline] {
+      std::unique_lock lock(watchdog_mutex);
+      if (!watchdog_wakeup.wait_until(lock, deadline, [this] { return watchdog_released; })) {
+        exit_now(exit_code::hard_deadline, "the shutdown overran its hard deadline");
+      }
+    });
+  }
+
+  void release_watchdog() {
+    {
+      std::lock_guard lock(watchdog_mutex);
+      watchdog_released = true;
+    }
+    watchdog_wakeup.notify_all();
+    if (watchdog.joinable()) watchdog.join();
+  }
+
+  int run() {
+    if (ran) throw std::logic_error("Manager::run() may be called once");
+    check_dependencies();
+    ran = true;
+    std::optional<int> code;
+    std::exception_ptr crashed;
+    if (signals) asio::co_spawn(strand, handle_signals(), asio::detached);
+    asio::co_spawn(strand, live(), [this, &code, &crashed](std::exception_ptr error, int result) {
+      if (error) {
+        crashed = error;
+      } else {
+        code = result;
+      }
+      graceful_done = !error;
+      flush_logs();
+      io.stop();  // abandoned operations stay behind; they are destroyed with the io_context
+    });
+    std::vector<std::thread> threads;
+    for (std::size_t i = 1; i < options.threads; ++i) threads.emplace_back([this] { io.run(); });
+    io.run();
+    for (auto& thread : threads) thread.join();
+    release_watchdog();
+    if (crashed) {
+      spdlog::critical("{}: the lifecycle itself failed: {}", options.name, describe(crashed));
+      code = exit_code::failure;
+    }
+    if (options.shutdown_logging) spdlog::shutdown();
+    return code.value_or(exit_code::failure);
+  }
+
+  void run_exit_handlers(const char* why) noexcept {
+    if (graceful_done || exit_handlers_ran.exchange(true)) return;
+    if (exit_handlers.empty()) return;
+    try {
+      spdlog::warn("{}: {}; running {} exit handler(s)", options.name, why, exit_handlers.size());
+    } catch (...) {  // NOLINT(bugprone-empty-catch): the handlers matter more than the line
+    }
+    for (const auto& handler : exit_handlers) {
+      try {
+        handler();
+      } catch (...) {  // NOLINT(bugprone-empty-catch): best effort, the next one still runs
+      }
+    }
+    flush_logs();
+  }
+};
+
+namespace {
+void run_exit_handlers_at_exit() {
+  std::lock_guard lock(registry_mutex);
+  for (auto* manager : live_managers()) {
+    manager->run_exit_handlers("the process is exiting without a graceful stop");
+  }
+}
+}  // namespace
+
+// --- Manager -------------------------------------------------------------------------------------
+
+Manager::Manager(ManagerOptions options) : impl_(std::make_unique<Impl>(std::move(options))) {}
+Manager::~Manager() = default;
+
+void Manager::add_erased(AnyComponent component, std::vector<std::string> dependencies,
+                         ComponentLimits limits) {
+  impl_->add(std::move(component), std::move(dependencies), limits);
+}
+
+void Manager::on_starting(std::function<void()> hook) {
+  impl_->starting_hooks.push_back(std::move(hook));
+}
+void Manager::on_ready(std::function<void()> hook) {
+  impl_->ready_hooks.push_back(std::move(hook));
+}
+void Manager::on_stopping(std::function<void()> hook) {
+  impl_->stopping_hooks.push_back(std::move(hook));
+}
+void Manager::on_stopped(std::function<void()> hook) {
+  impl_->stopped_hooks.push_back(std::move(hook));
+}
+void Manager::on_exit(std::function<void()> handler) {
+  impl_->exit_handlers.push_back(std::move(handler));
+}
+
+int Manager::run() {
+  return impl_->run();
+}
+
+void Manager::request_stop(int code) noexcept {
+  try {
+    asio::post(impl_->strand, [impl = impl_.get(), code] { impl->on_stop_request(code); });
+  } catch (const std::exception& error) {
+    spdlog::error("{}: request_stop failed: {}", impl_->options.name, error.what());
+  }
+}
+
+State Manager::state() const noexcept {
+  return impl_->current_state;
+}
+bool Manager::ready() const noexcept {
+  return impl_->is_ready;
+}
+ManagerEvents& Manager::events() noexcept {
+  return impl_->events;
+}
+asio::io_context& Manager::io_context() noexcept {
+  return impl_->io;
+}
+asio::any_io_executor Manager::executor() noexcept {
+  return impl_->io.get_executor();
+}
+
+}  // namespace pgrt::lifecycle

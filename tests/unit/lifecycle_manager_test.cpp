@@ -1,0 +1,304 @@
+// The lifecycle manager with fake components: dependency order, failures, deadlines, hooks.
+#include <algorithm>
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/cancellation_signal.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <chrono>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "pgrt/lifecycle.hpp"
+
+namespace pgrt::lifecycle {
+namespace {
+
+namespace asio = boost::asio;
+using namespace std::chrono_literals;
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+using Journal = std::vector<std::string>;  // touched on the manager's strand only
+
+asio::awaitable<void> sleep_for(std::chrono::milliseconds duration) {
+  asio::steady_timer timer(co_await asio::this_coro::executor, duration);
+  co_await timer.async_wait(asio::use_awaitable);
+}
+
+// Sleeps and cannot be cancelled: a component that hangs for real.
+asio::awaitable<void> sleep_ignoring_cancellation(std::chrono::milliseconds duration) {
+  asio::steady_timer timer(co_await asio::this_coro::executor, duration);
+  co_await timer.async_wait(
+      asio::bind_cancellation_slot(asio::cancellation_slot(), asio::use_awaitable));
+}
+
+struct Fake {
+  std::string id;
+  Journal* journal = nullptr;
+  std::chrono::milliseconds start_delay{0};
+  bool fail_start = false;
+  bool hang_start = false;  // cancellable
+  bool hang_stop = false;   // not cancellable
+  bool throw_in_stop = false;
+
+  [[nodiscard]] std::string name() const { return id; }
+  asio::awaitable<void> start() {
+    journal->push_back("begin " + id);
+    if (start_delay.count() > 0) co_await sleep_for(start_delay);
+    if (hang_start) co_await sleep_for(1h);
+    if (fail_start) throw std::runtime_error(id + " cannot start");
+    journal->push_back("start " + id);
+  }
+  asio::awaitable<void> stop() {
+    if (hang_stop) co_await sleep_ignoring_cancellation(1h);
+    if (throw_in_stop) throw std::runtime_error(id + " cannot stop");
+    journal->push_back("stop " + id);
+  }
+};
+
+struct FakeWithIntake : Fake {
+  void stop_intake() { journal->push_back("intake " + id); }
+};
+
+ManagerOptions test_options() {
+  ManagerOptions options;
+  options.handle_signals = false;
+  options.shutdown_logging = false;  // later tests still log
+  return options;
+}
+
+Fake fake(std::string id, Journal& journal) {
+  Fake component;
+  component.id = std::move(id);
+  component.journal = &journal;
+  return component;
+}
+
+std::ptrdiff_t position(const Journal& journal, const std::string& entry) {
+  auto found = std::find(journal.begin(), journal.end(), entry);
+  EXPECT_NE(found, journal.end()) << "missing: " << entry;
+  return found - journal.begin();
+}
+
+bool contains(const Journal& journal, const std::string& entry) {
+  return std::find(journal.begin(), journal.end(), entry) != journal.end();
+}
+
+TEST(LifecycleManager, StartsAlongDependenciesAndStopsInReverse) {
+  Journal journal;
+  std::vector<State> states;
+  std::vector<std::string> hooks;
+  Manager app(test_options());
+  auto& database = app.add(fake("db", journal));
+  auto& cache = app.add(fake("cache", journal), after(database));
+  app.add(fake("api", journal), after(database, cache));
+  app.add(fake("metrics", journal));
+  boost::signals2::scoped_connection subscription =
+      app.events().state_changed.connect([&](State state) { states.push_back(state); });
+  app.on_starting([&] { hooks.emplace_back("starting"); });
+  app.on_ready([&] {
+    hooks.emplace_back(app.ready() ? "ready" : "ready but not ready()");
+    app.request_stop();
+  });
+  app.on_stopping([&] { hooks.emplace_back(app.ready() ? "stopping but ready()" : "stopping"); });
+  app.on_stopped([&] { hooks.emplace_back("stopped"); });
+
+  EXPECT_EQ(app.run(), exit_code::ok);
+  EXPECT_EQ(app.state(), State::stopped);
+  EXPECT_LT(position(journal, "start db"), position(journal, "begin cache"));
+  EXPECT_LT(position(journal, "start cache"), position(journal, "begin api"));
+  EXPECT_LT(position(journal, "stop api"), position(journal, "stop cache"));
+  EXPECT_LT(position(journal, "stop cache"), position(journal, "stop db"));
+  EXPECT_TRUE(contains(journal, "stop metrics"));
+  EXPECT_THAT(hooks, ElementsAre("starting", "ready", "stopping", "stopped"));
+  EXPECT_THAT(states,
+              ElementsAre(State::starting, State::running, State::stopping, State::stopped));
+}
+
+TEST(LifecycleManager, IndependentComponentsStartConcurrently) {
+  Journal journal;
+  Manager app(test_options());
+  auto first = fake("first", journal);
+  first.start_delay = 200ms;
+  auto second = fake("second", journal);
+  second.start_delay = 200ms;
+  app.add(std::move(first));
+  app.add(std::move(second));
+  app.on_ready([&] { app.request_stop(); });
+  const auto started = std::chrono::steady_clock::now();
+  EXPECT_EQ(app.run(), exit_code::ok);
+  EXPECT_LT(position(journal, "begin second"), position(journal, "start first"));
+  EXPECT_LT(std::chrono::steady_clock::now() - started, 380ms);
+}
+
+TEST(LifecycleManager, RejectsACycleNamingItAndAnUnknownDependency) {
+  Journal journal;
+  Manager app(test_options());
+  app.add(fake("a", journal), after("c"));
+  app.add(fake("b", journal), after("a"));
+  try {
+    app.add(fake("c", journal), after("b"));
+    FAIL() << "a cycle was accepted";
+  } catch (const std::invalid_argument& error) {
+    EXPECT_THAT(error.what(), HasSubstr("cycle: c -> b -> a -> c"));
+  }
+  EXPECT_THROW(app.add(fake("self", journal), after("self")), std::invalid_argument);
+  EXPECT_THROW(app.add(fake("a", journal)), std::invalid_argument);  // duplicate name
+
+  Manager unknown(test_options());
+  unknown.add(fake("api", journal), after("nope"));
+  try {
+    (void)unknown.run();
+    FAIL() << "an unknown dependency was accepted";
+  } catch (const std::invalid_argument& error) {
+    EXPECT_THAT(error.what(), HasSubstr("'api' depends on 'nope', which was never added"));
+  }
+  EXPECT_TRUE(journal.empty());
+}
+
+TEST(LifecycleManager, FailedStartStopsExactlyWhatStartedInReverse) {
+  Journal journal;
+  Manager app(test_options());
+  for (int k = 0; k < 5; ++k) {
+    auto component = fake("c" + std::to_string(k), journal);
+    component.fail_start = k == 2;
+    app.add(std::move(component), k == 0 ? After{} : after("c" + std::to_string(k - 1)));
+  }
+  bool ready = false;
+  app.on_ready([&] { ready = true; });
+  EXPECT_EQ(app.run(), exit_code::failure);
+  EXPECT_FALSE(ready);
+  EXPECT_EQ(app.state(), State::failed);
+  Journal stops;
+  std::copy_if(journal.begin(), journal.end(), std::back_inserter(stops),
+               [](const std::string& entry) { return entry.starts_with("stop "); });
+  EXPECT_THAT(stops, ElementsAre("stop c1", "stop c0"));
+  EXPECT_FALSE(contains(journal, "begin c3"));
+}
+
+TEST(LifecycleManager, StartTimeoutStillRunsTheStops) {
+  Journal journal;
+  Manager app(test_options());
+  app.add(fake("a", journal));
+  auto slow = fake("b", journal);
+  slow.hang_start = true;
+  app.add(std::move(slow), after("a"), ComponentLimits{.start_timeout = 100ms});
+  const auto started = std::chrono::steady_clock::now();
+  EXPECT_EQ(app.run(), exit_code::failure);
+  EXPECT_LT(std::chrono::steady_clock::now() - started, 3s);
+  EXPECT_EQ(app.state(), State::failed);
+  EXPECT_TRUE(contains(journal, "stop a"));
+  EXPECT_FALSE(contains(journal, "stop b"));
+}
+
+TEST(LifecycleManager, HangingStopIsAbandonedAfterItsDeadlineWhileTheOthersStop) {
+  Journal journal;
+  Manager app(test_options());
+  app.add(fake("a", journal));
+  auto stuck = fake("b", journal);
+  stuck.hang_stop = true;
+  app.add(std::move(stuck), after("a"), ComponentLimits{.stop_timeout = 200ms});
+  app.add(fake("c", journal), after("b"));
+  app.on_ready([&] { app.request_stop(); });
+  const auto started = std::chrono::steady_clock::now();
+  EXPECT_EQ(app.run(), exit_code::failure);
+  const auto took = std::chrono::steady_clock::now() - started;
+  EXPECT_GE(took, 200ms);
+  EXPECT_LT(took, 3s);
+  EXPECT_LT(position(journal, "stop c"), position(journal, "stop a"));
+  EXPECT_FALSE(contains(journal, "stop b"));
+  EXPECT_EQ(app.state(), State::stopped);
+}
+
+TEST(LifecycleManager, ThrowingStopIsReportedAndTheOthersStillStop) {
+  Journal journal;
+  Manager app(test_options());
+  app.add(fake("a", journal));
+  auto broken = fake("b", journal);
+  broken.throw_in_stop = true;
+  app.add(std::move(broken), after("a"));
+  app.on_ready([&] { app.request_stop(); });
+  EXPECT_EQ(app.run(), exit_code::failure);
+  EXPECT_TRUE(contains(journal, "stop a"));
+}
+
+TEST(LifecycleManager, StopRequestedDuringStartCancelsTheStartsInFlight) {
+  Journal journal;
+  Manager app(test_options());
+  app.add(fake("a", journal));
+  auto slow = fake("b", journal);
+  slow.hang_start = true;
+  app.add(std::move(slow), after("a"));
+  asio::co_spawn(
+      app.executor(),
+      [&]() -> asio::awaitable<void> {
+        co_await sleep_for(100ms);
+        app.request_stop(exit_code::interrupted);
+      },
+      asio::detached);
+  const auto started = std::chrono::steady_clock::now();
+  EXPECT_EQ(app.run(), exit_code::interrupted);
+  EXPECT_LT(std::chrono::steady_clock::now() - started, 3s);
+  EXPECT_TRUE(contains(journal, "stop a"));
+  EXPECT_FALSE(contains(journal, "start b"));
+  EXPECT_FALSE(contains(journal, "stop b"));
+  EXPECT_EQ(app.state(), State::stopped);
+}
+
+TEST(LifecycleManager, IntakeStopsEverywhereBeforeAnyStop) {
+  Journal journal;
+  Manager app(test_options());
+  FakeWithIntake front;
+  front.id = "front";
+  front.journal = &journal;
+  FakeWithIntake back = front;
+  back.id = "back";
+  app.add(std::move(back));
+  app.add(std::move(front), after("back"));
+  app.on_ready([&] { app.request_stop(); });
+  EXPECT_EQ(app.run(), exit_code::ok);
+  EXPECT_LT(position(journal, "intake back"), position(journal, "stop front"));
+  EXPECT_LT(position(journal, "intake front"), position(journal, "stop front"));
+  EXPECT_LT(position(journal, "stop front"), position(journal, "stop back"));
+}
+
+TEST(LifecycleManager, TwoThreadsRunTheComponentsAndStopTheSame) {
+  Journal journal;
+  ManagerOptions options = test_options();
+  options.threads = 2;
+  Manager app(options);
+  app.add(fake("a", journal));
+  app.add(fake("b", journal), after("a"));
+  app.on_ready([&] { app.request_stop(); });
+  EXPECT_EQ(app.run(), exit_code::ok);
+  EXPECT_LT(position(journal, "stop b"), position(journal, "stop a"));
+}
+
+TEST(LifecycleManager, ExitHandlersRunOnlyWithoutAGracefulStop) {
+  Journal journal;
+  int abandoned_runs = 0;
+  {
+    Manager never_run(test_options());
+    never_run.on_exit([&] { ++abandoned_runs; });
+  }
+  EXPECT_EQ(abandoned_runs, 1);
+
+  int graceful_runs = 0;
+  {
+    Manager app(test_options());
+    app.add(fake("a", journal));
+    app.on_exit([&] { ++graceful_runs; });
+    app.on_ready([&] { app.request_stop(); });
+    EXPECT_EQ(app.run(), exit_code::ok);
+  }
+  EXPECT_EQ(graceful_runs, 0);
+}
+
+}  // namespace
+}  // namespace pgrt::lifecycle
