@@ -108,6 +108,12 @@ class ClientCategory final : public boost::system::error_category {
         return "the process-wide pool is already configured";
       case client_errc::invalid_config:
         return "invalid configuration";
+      case client_errc::writes_closed:
+        return "the pending writes are stopping or stopped; the write was not accepted";
+      case client_errc::writes_queue_full:
+        return "the pending writes queue is full; the write was not accepted";
+      case client_errc::writes_failed:
+        return "some accepted pending writes were not written";
     }
     return "unknown pgrt client error " + std::to_string(value);
   }

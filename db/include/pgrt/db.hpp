@@ -9,6 +9,7 @@
 #include "pgrt/db/deadline.hpp"
 #include "pgrt/db/error.hpp"
 #include "pgrt/db/libpq_info.hpp"
+#include "pgrt/db/pending_writes.hpp"
 #include "pgrt/db/pipeline.hpp"
 #include "pgrt/db/pool.hpp"
 #include "pgrt/db/result.hpp"

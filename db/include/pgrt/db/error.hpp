@@ -33,6 +33,9 @@ enum class client_errc {
   pool_not_configured,  ///< pgrt::pool() or pgrt::connection() before pgrt::configure().
   already_configured,   ///< pgrt::configure() called twice.
   invalid_config,       ///< A configuration value (or environment variable) is malformed.
+  writes_closed,        ///< PendingWrites is stopping or stopped: the write was not accepted.
+  writes_queue_full,    ///< PendingWrites is full (WhenFull::fail): the write was not accepted.
+  writes_failed,        ///< PendingWrites::stop(): some accepted writes were not written.
 };
 
 /// The category of client_errc.

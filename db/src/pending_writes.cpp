@@ -1,0 +1,826 @@
+#include "pgrt/db/pending_writes.hpp"
+
+#include <algorithm>
+#include <bit>
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/async_result.hpp>
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/bind_executor.hpp>
+#include <boost/asio/cancellation_signal.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/strand.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <cctype>
+#include <deque>
+#include <exception>
+#include <mutex>
+#include <optional>
+#include <random>
+#include <span>
+#include <spdlog/spdlog.h>
+#include <string_view>
+
+#include "pgrt/db/pipeline.hpp"
+
+namespace pgrt {
+
+namespace asio = boost::asio;
+using Clock = std::chrono::steady_clock;
+using boost::system::error_code;
+
+namespace detail {
+
+// The target of a TableAppender.
+struct PendingTable {
+  std::string copy_sql;  // COPY table (a, b) FROM STDIN
+  std::string heading;   // table (a, b), for descriptions
+};
+
+}  // namespace detail
+
+namespace {
+
+constexpr auto no_throw = asio::as_tuple(asio::use_awaitable);
+
+// The parameters of a statement, encoded when it was accepted: bound again, one by one, as the
+// parameters of a pipelined statement.
+struct EncodedParams {
+  const ParamSink* sink = nullptr;
+};
+
+}  // namespace
+
+template <>
+struct Codec<EncodedParams> {
+  static void encode(const EncodedParams& encoded, ParamSink& sink) {
+    const ParamSink& from = *encoded.sink;
+    const auto values = from.values();
+    for (std::size_t i = 0; i < from.size(); ++i) {
+      const Oid type = from.types()[i];
+      const auto length = static_cast<std::size_t>(from.lengths()[i]);
+      if (values[i] == nullptr) {
+        sink.null(type);
+      } else if (from.formats()[i] == 0) {
+        sink.text(std::string_view(values[i], length), type);
+      } else {
+        sink.binary(std::span(reinterpret_cast<const std::byte*>(values[i]), length), type);
+      }
+    }
+  }
+};
+
+namespace {
+
+[[noreturn]] void throw_error(client_errc code, std::string message, std::string hint = {}) {
+  throw Error(make_error_code(code),
+              Diagnostics{.message = std::move(message), .hint = std::move(hint)});
+}
+
+// One accepted write: a statement with its parameters, or a table row in COPY text format.
+struct Write {
+  std::shared_ptr<const detail::PendingTable> table;  // null for a statement
+  std::string text;                                   // the SQL, or the row (newline-terminated)
+  ParamSink params;
+  Clock::time_point accepted_at{};
+};
+
+std::string shortened(std::string_view text, std::size_t limit = 200) {
+  if (text.size() <= limit) return std::string(text);
+  return std::string(text.substr(0, limit)) + "...";
+}
+
+template <typename Int>
+Int big_endian(const char* bytes) {
+  std::make_unsigned_t<Int> value = 0;
+  for (std::size_t i = 0; i < sizeof(Int); ++i) {
+    value = static_cast<std::make_unsigned_t<Int>>((value << 8U) |
+                                                   static_cast<unsigned char>(bytes[i]));
+  }
+  return static_cast<Int>(value);
+}
+
+std::string describe_param(const char* value, std::size_t length, int format, Oid type) {
+  if (value == nullptr) return "NULL";
+  if (format == 0) return "'" + shortened(std::string_view(value, length), 100) + "'";
+  if (type == oid::int2 && length == 2) return std::to_string(big_endian<std::int16_t>(value));
+  if (type == oid::int4 && length == 4) return std::to_string(big_endian<std::int32_t>(value));
+  if (type == oid::int8 && length == 8) return std::to_string(big_endian<std::int64_t>(value));
+  if (type == oid::float8 && length == 8) {
+    return std::to_string(std::bit_cast<double>(big_endian<std::uint64_t>(value)));
+  }
+  if (type == oid::float4 && length == 4) {
+    return std::to_string(std::bit_cast<float>(big_endian<std::uint32_t>(value)));
+  }
+  if (type == oid::boolean && length == 1) return value[0] != 0 ? "true" : "false";
+  return "<" + std::to_string(length) + " bytes of " + type_name(type) + ">";
+}
+
+// A write as text, for logs and events: the statement and its parameters, or the table row.
+std::string describe(const Write& write) {
+  if (write.table) {
+    std::string row = write.text;
+    if (!row.empty() && row.back() == '\n') row.pop_back();
+    std::string shown;
+    for (char c : row) {
+      if (c == '\t') {
+        shown += " | ";
+      } else {
+        shown += c;
+      }
+    }
+    return write.table->heading + " row: " + shortened(shown, 400);
+  }
+  std::string text = shortened(write.text, 400);
+  if (write.params.size() == 0) return text;
+  const auto values = write.params.values();
+  text += " -- parameters:";
+  for (std::size_t i = 0; i < write.params.size(); ++i) {
+    text += " $" + std::to_string(i + 1) + "=" +
+            describe_param(values[i], static_cast<std::size_t>(write.params.lengths()[i]),
+                           write.params.formats()[i], write.params.types()[i]);
+  }
+  return text;
+}
+
+std::string error_code_text(const Error& error) {
+  if (!error.sqlstate().empty()) return error.sqlstate();
+  return error.code().message();
+}
+
+// How a failed batch is handled.
+enum class Failure {
+  transient,  // retry the whole batch after a delay
+  per_write,  // the server rejected something in the batch: narrow it down by halves
+  whole,      // nothing to narrow down (the pool is closed, ...): the batch fails for good
+};
+
+Failure classify(const error_code& code) {
+  if (code == condition::connection_error || code == condition::serialization_failure ||
+      code == condition::deadlock || code == condition::too_many_connections ||
+      code == client_errc::pool_timeout) {
+    return Failure::transient;
+  }
+  if (code.category() == sqlstate_category()) return Failure::per_write;
+  return Failure::whole;
+}
+
+// An enqueue() waiting for room.
+struct SpaceWaiter {
+  SpaceWaiter(const asio::any_io_executor& executor, Write write_in)
+      : timer(executor), write(std::move(write_in)) {}
+  asio::steady_timer timer;
+  Write write;
+  bool accepted = false;  // handed into the queue
+  bool closed = false;    // stop() began
+};
+
+// Calls a subscriber outside the lock; what it throws is logged, never propagated.
+template <typename Call>
+void notify(const std::string& name, Call call) noexcept {
+  try {
+    call();
+  } catch (const std::exception& error) {
+    spdlog::error("pgrt pending writes {}: an event subscriber threw: {}", name, error.what());
+  } catch (...) {
+    spdlog::error("pgrt pending writes {}: an event subscriber threw", name);
+  }
+}
+
+}  // namespace
+
+namespace detail {
+
+struct PendingWritesState {
+  PendingWritesState(Pool& pool_in, const asio::any_io_executor& executor,
+                     PendingWritesConfig config_in)
+      : pool(&pool_in),
+        config(std::move(config_in)),
+        strand(asio::make_strand(executor)),
+        wake_timer(strand),
+        backoff_timer(strand),
+        random(std::random_device{}()) {}
+
+  Pool* pool;
+  const PendingWritesConfig config;
+  asio::strand<asio::any_io_executor> strand;  // the flusher runs here
+  PendingWritesEvents events;
+
+  mutable std::mutex mutex;
+  std::deque<Write> queue;    // accepted, not yet taken by the flusher
+  std::size_t in_flight = 0;  // taken by the flusher, neither flushed nor failed yet
+  std::deque<SpaceWaiter*> waiters;
+  // The flusher's waits. Started, and cancelled, only with `mutex` held.
+  asio::steady_timer wake_timer;
+  asio::steady_timer backoff_timer;
+  bool flusher_waiting = false;  // on wake_timer
+  bool started = false;
+  bool closing = false;    // stop() began: no more writes accepted
+  bool abandoned = false;  // stop() was cancelled (or the object destroyed): give up
+  bool finished = false;   // the flusher has ended
+  std::vector<asio::steady_timer*> stop_waiters;
+  asio::cancellation_signal flusher_cancel;  // emitted on the strand only
+
+  std::uint64_t accepted = 0, flushed = 0, failed = 0, failed_by_error = 0, batches = 0,
+                retries = 0;
+  std::mt19937_64 random;  // the flusher's only
+
+  // --- all *_locked functions need `mutex` held ---------------------------------------------
+
+  [[nodiscard]] std::size_t unflushed_locked() const { return queue.size() + in_flight; }
+
+  void wake_flusher_locked() {
+    if (flusher_waiting) wake_timer.cancel();
+  }
+
+  void push_locked(Write write) {
+    write.accepted_at = Clock::now();
+    queue.push_back(std::move(write));
+    ++accepted;
+    // The flusher waits for the first write (to learn the interval's deadline) or a full batch.
+    if (queue.size() == 1 || queue.size() >= config.batch_size) wake_flusher_locked();
+  }
+
+  // Hands the room there is to waiters, oldest first.
+  void make_room_locked() {
+    while (!waiters.empty() && unflushed_locked() < config.capacity) {
+      SpaceWaiter* waiter = waiters.front();
+      waiters.pop_front();
+      push_locked(std::move(waiter->write));
+      waiter->accepted = true;
+      waiter->timer.cancel();  // wakes it: it finds `accepted` set
+    }
+  }
+
+  void close_locked() {
+    closing = true;
+    for (SpaceWaiter* waiter : waiters) {
+      waiter->closed = true;
+      waiter->timer.cancel();
+    }
+    waiters.clear();
+    wake_flusher_locked();
+  }
+
+  void abandon_locked() {
+    close_locked();
+    abandoned = true;
+    wake_timer.cancel();
+    backoff_timer.cancel();
+  }
+
+  [[noreturn]] void throw_closed_locked() const {
+    throw_error(client_errc::writes_closed, "pending writes " + config.name + " are " +
+                                                (finished ? "stopped" : "stopping") +
+                                                "; the write was not accepted");
+  }
+
+  [[nodiscard]] PendingWritesReport report_locked() const {
+    PendingWritesReport report;
+    report.accepted = accepted;
+    report.flushed = flushed;
+    report.failed = failed;
+    report.pending = unflushed_locked();
+    report.waiting = waiters.size();
+    report.batches = batches;
+    report.retries = retries;
+    return report;
+  }
+};
+
+}  // namespace detail
+
+namespace {
+
+using State = detail::PendingWritesState;
+
+// Starts waiting on `timer` until `until` with the lock held (whoever cancels the timer holds it
+// too, so a wake-up cannot slip in before the wait), releasing it once the wait is started.
+// Returns with the lock held again.
+asio::awaitable<error_code> wait_locked(std::unique_lock<std::mutex>& lock,
+                                        asio::steady_timer& timer, Clock::time_point until) {
+  std::mutex* mutex = lock.mutex();
+  timer.expires_at(until);
+  auto [error] = co_await asio::async_initiate<decltype(no_throw), void(error_code)>(
+      [&](auto handler) {
+        // Once the wait is started another thread may complete it and resume this coroutine:
+        // nothing of the frame may be touched after async_wait.
+        std::mutex* held = lock.release();
+        timer.async_wait(std::move(handler));
+        held->unlock();
+      },
+      no_throw);
+  lock = std::unique_lock(*mutex);
+  co_return error;
+}
+
+bool is_abandoned(State& self) {
+  std::lock_guard lock(self.mutex);
+  return self.abandoned;
+}
+
+// One attempt at a batch: one transaction on one lease. Runs of rows for the same table go as one
+// COPY, runs of statements as one pipeline.
+asio::awaitable<void> write_batch(State& self, std::span<Write> writes) {
+  Lease lease = co_await self.pool->acquire(self.config.priority);
+  co_await lease->begin();
+  for (std::size_t first = 0; first < writes.size();) {
+    std::size_t end = first + 1;
+    if (writes[first].table) {
+      const std::string& copy_sql = writes[first].table->copy_sql;
+      while (end < writes.size() && writes[end].table && writes[end].table->copy_sql == copy_sql) {
+        ++end;
+      }
+      std::string data;
+      for (std::size_t i = first; i < end; ++i) data += writes[i].text;
+      co_await lease->copy_from(copy_sql, data);
+    } else {
+      while (end < writes.size() && !writes[end].table) ++end;
+      Pipeline pipeline;
+      for (std::size_t i = first; i < end; ++i) {
+        pipeline.add(writes[i].text, EncodedParams{&writes[i].params});
+      }
+      const std::vector<PipelineOutcome> outcomes = co_await lease->run(pipeline);
+      // The statement that failed, rather than the ones the server skipped after it.
+      const PipelineOutcome* failure = nullptr;
+      for (const auto& outcome : outcomes) {
+        if (outcome.ok()) continue;
+        if (failure == nullptr || (failure->error == client_errc::pipeline_aborted &&
+                                   outcome.error != client_errc::pipeline_aborted)) {
+          failure = &outcome;
+        }
+      }
+      if (failure != nullptr) throw Error(failure->error, failure->diagnostics);
+    }
+    first = end;
+  }
+  co_await lease->commit();
+}
+
+// Waits `delay`; false if the flushing was abandoned meanwhile.
+asio::awaitable<bool> back_off(State& self, std::chrono::milliseconds delay) {
+  std::unique_lock lock(self.mutex);
+  const auto until = Clock::now() + delay;
+  while (!self.abandoned && Clock::now() < until) {
+    co_await wait_locked(lock, self.backoff_timer, until);
+  }
+  co_return !self.abandoned;
+}
+
+void settle_flushed(State& self, std::size_t count) {
+  std::lock_guard lock(self.mutex);
+  self.flushed += count;
+  self.in_flight -= count;
+  ++self.batches;
+  self.make_room_locked();
+}
+
+void give_up(State& self, std::span<const Write> writes, const Error& error) {
+  std::vector<std::string> descriptions;
+  descriptions.reserve(writes.size());
+  for (const Write& write : writes) descriptions.push_back(describe(write));
+  const std::string& name = self.config.name;
+  if (descriptions.size() <= 10) {
+    for (const auto& description : descriptions) {
+      spdlog::warn(
+          "pgrt pending writes {}: a write failed for good and was not written [{}]: {}; "
+          "error: {}",
+          name, error_code_text(error), description, error.what());
+    }
+  } else {
+    spdlog::warn(
+        "pgrt pending writes {}: {} writes failed for good and were not written [{}], the first: "
+        "{}; error: {}",
+        name, descriptions.size(), error_code_text(error), descriptions.front(), error.what());
+  }
+  {
+    std::lock_guard lock(self.mutex);
+    self.failed += writes.size();
+    self.failed_by_error += writes.size();
+    self.in_flight -= writes.size();
+    self.make_room_locked();
+  }
+  notify(name, [&] { self.events.failed(descriptions, error); });
+}
+
+// Flushes `writes` (taken from the queue, counted in in_flight): retries transient errors with
+// backoff; on a permanent error, flushes each half on its own until the failing writes are
+// isolated. Returns early, leaving the rest in in_flight, when the flushing is abandoned.
+asio::awaitable<void> flush(State& self, std::span<Write> writes) {
+  auto delay = self.config.retry_initial;
+  for (std::uint64_t attempt = 1;; ++attempt) {
+    if (is_abandoned(self)) co_return;
+    std::optional<Error> failure;
+    try {
+      co_await write_batch(self, writes);
+    } catch (const Error& error) {
+      failure = error;
+    } catch (const std::exception& error) {
+      failure =
+          Error(make_error_code(client_errc::protocol_error), Diagnostics{.message = error.what()});
+    }
+    if (!failure) {
+      settle_flushed(self, writes.size());
+      spdlog::debug("pgrt pending writes {}: flushed {} writes in one transaction",
+                    self.config.name, writes.size());
+      co_return;
+    }
+    if (is_abandoned(self)) co_return;
+    switch (classify(failure->code())) {
+      case Failure::transient: {
+        std::uniform_int_distribution<std::int64_t> jitter(delay.count() / 2, delay.count());
+        const std::chrono::milliseconds wait(jitter(self.random));
+        {
+          std::lock_guard lock(self.mutex);
+          ++self.retries;
+        }
+        if (attempt == 1 || attempt % 10 == 0) {
+          spdlog::warn(
+              "pgrt pending writes {}: a batch of {} writes failed with a transient error "
+              "(attempt {}): {}; retrying in {} ms",
+              self.config.name, writes.size(), attempt, failure->what(), wait.count());
+        }
+        notify(self.config.name, [&] { self.events.retrying(writes.size(), *failure, wait); });
+        if (!co_await back_off(self, wait)) co_return;
+        delay = std::min(delay * 2, self.config.retry_max);
+        continue;
+      }
+      case Failure::per_write:
+        if (writes.size() > 1) {
+          const std::size_t half = writes.size() / 2;
+          co_await flush(self, writes.first(half));
+          co_await flush(self, writes.subspan(half));
+          co_return;
+        }
+        give_up(self, writes, *failure);
+        co_return;
+      case Failure::whole:
+        give_up(self, writes, *failure);
+        co_return;
+    }
+  }
+}
+
+// Takes batches from the queue and flushes them, one at a time, until stop() has begun and the
+// queue is empty, or the flushing is abandoned.
+asio::awaitable<void> run_flusher(std::shared_ptr<State> self) {
+  for (;;) {
+    std::vector<Write> batch;
+    {
+      std::unique_lock lock(self->mutex);
+      for (;;) {
+        if (self->abandoned) co_return;
+        auto until = Clock::time_point::max();
+        if (!self->queue.empty()) {
+          const auto due = self->queue.front().accepted_at + self->config.flush_interval;
+          if (self->closing || self->queue.size() >= self->config.batch_size ||
+              Clock::now() >= due) {
+            break;
+          }
+          until = due;
+        } else if (self->closing) {
+          co_return;
+        }
+        self->flusher_waiting = true;
+        co_await wait_locked(lock, self->wake_timer, until);
+        self->flusher_waiting = false;
+      }
+      const std::size_t count = std::min(self->queue.size(), self->config.batch_size);
+      batch.reserve(count);
+      for (std::size_t i = 0; i < count; ++i) {
+        batch.push_back(std::move(self->queue.front()));
+        self->queue.pop_front();
+      }
+      self->in_flight += count;
+    }
+    co_await flush(*self, batch);
+  }
+}
+
+// The flusher has ended: what was not written is counted as failed; stop() calls wake up.
+void flusher_ended(const std::shared_ptr<State>& self, const std::exception_ptr& failure) {
+  if (failure) {
+    try {
+      std::rethrow_exception(failure);
+    } catch (const std::exception& error) {
+      spdlog::error("pgrt pending writes {}: the flusher failed: {}", self->config.name,
+                    error.what());
+    } catch (...) {
+      spdlog::error("pgrt pending writes {}: the flusher failed", self->config.name);
+    }
+  }
+  std::size_t lost = 0;
+  {
+    std::lock_guard lock(self->mutex);
+    lost = self->unflushed_locked();
+    self->failed += lost;
+    self->queue.clear();
+    self->in_flight = 0;
+    self->finished = true;
+    self->close_locked();  // in case it ended for another reason than stop()
+    for (asio::steady_timer* waiter : self->stop_waiters) waiter->cancel();
+  }
+  if (lost > 0) {
+    spdlog::warn("pgrt pending writes {}: gave up on {} accepted writes that were not committed",
+                 self->config.name, lost);
+  }
+}
+
+// Starts the flusher. Never inline: co_spawn would run it at once, maybe under a caller's lock.
+void launch(const std::shared_ptr<State>& self) {
+  asio::post(self->strand, [self] {
+    asio::co_spawn(self->strand, run_flusher(self),
+                   asio::bind_cancellation_slot(
+                       self->flusher_cancel.slot(),
+                       asio::bind_executor(self->strand, [self](std::exception_ptr failure) {
+                         flusher_ended(self, failure);
+                       })));
+  });
+}
+
+// Cancels what the flusher is waiting for (a pool acquire, a statement), on its strand.
+void cancel_flusher(const std::shared_ptr<State>& self) {
+  asio::post(self->strand, [self] {
+    {
+      std::lock_guard lock(self->mutex);
+      if (self->finished) return;
+    }
+    self->flusher_cancel.emit(asio::cancellation_type::terminal);
+  });
+}
+
+bool valid_name(std::string_view name) {
+  if (name.empty()) return false;
+  bool quoted = false;
+  for (char c : name) {
+    const auto byte = static_cast<unsigned char>(c);
+    if (c == '"') {
+      quoted = !quoted;  // "" inside quotes toggles twice
+    } else if (byte < 0x20) {
+      return false;
+    } else if (!quoted && !(std::isalnum(byte) != 0 || c == '_' || c == '$' || c == '.')) {
+      return false;
+    }
+  }
+  return !quoted;
+}
+
+// Accepts `write` into the queue, waiting for room if need be (see PendingWrites::enqueue()).
+asio::awaitable<void> accept(std::shared_ptr<State> self, Write write) {
+  const auto executor = co_await asio::this_coro::executor;
+  const auto cancelled = (co_await asio::this_coro::cancellation_state).cancelled();
+  std::unique_lock lock(self->mutex);
+  if (self->closing) self->throw_closed_locked();
+  if (self->waiters.empty() && self->unflushed_locked() < self->config.capacity) {
+    self->push_locked(std::move(write));
+    co_return;
+  }
+  if (self->config.when_full == PendingWritesConfig::WhenFull::fail) {
+    throw_error(client_errc::writes_queue_full,
+                "pending writes " + self->config.name + " hold " +
+                    std::to_string(self->unflushed_locked()) + " unflushed writes (capacity " +
+                    std::to_string(self->config.capacity) + "); the write was not accepted",
+                "the database is slower than the writes come in, or unreachable; raise "
+                "PendingWritesConfig::capacity or shed load");
+  }
+  if (cancelled != asio::cancellation_type::none) {
+    throw_error(client_errc::cancelled, "waiting for room in pending writes " + self->config.name +
+                                            " was cancelled; the write was not accepted");
+  }
+  SpaceWaiter waiter(executor, std::move(write));
+  self->waiters.push_back(&waiter);
+  // If this coroutine is destroyed while it waits (its io_context shut down), the waiter must
+  // leave the queue.
+  struct Abandon {
+    Abandon(State& state_in, SpaceWaiter& waiter_in, std::unique_lock<std::mutex>& lock_in)
+        : state(state_in), waiter(waiter_in), lock(lock_in) {}
+    State& state;
+    SpaceWaiter& waiter;
+    std::unique_lock<std::mutex>& lock;
+    bool armed = true;
+    Abandon(const Abandon&) = delete;
+    Abandon& operator=(const Abandon&) = delete;
+    Abandon(Abandon&&) = delete;
+    Abandon& operator=(Abandon&&) = delete;
+    ~Abandon() {
+      if (!armed) return;
+      std::unique_lock guard(state.mutex, std::defer_lock);
+      if (!lock.owns_lock()) guard.lock();
+      auto& queue = state.waiters;
+      queue.erase(std::remove(queue.begin(), queue.end(), &waiter), queue.end());
+    }
+  } abandon(*self, waiter, lock);
+  co_await wait_locked(lock, waiter.timer, Clock::time_point::max());
+  abandon.armed = false;
+  if (waiter.accepted) co_return;
+  auto& queue = self->waiters;
+  queue.erase(std::remove(queue.begin(), queue.end(), &waiter), queue.end());
+  if (waiter.closed) self->throw_closed_locked();
+  throw_error(client_errc::cancelled, "waiting for room in pending writes " + self->config.name +
+                                          " was cancelled; the write was not accepted");
+}
+
+}  // namespace
+
+namespace detail {
+
+asio::awaitable<void> accept_statement(std::shared_ptr<PendingWritesState> state, std::string sql,
+                                       ParamSink params) {
+  Write write;
+  write.text = std::move(sql);
+  write.params = std::move(params);
+  co_await accept(std::move(state), std::move(write));
+}
+
+asio::awaitable<void> accept_row(std::shared_ptr<PendingWritesState> state,
+                                 std::shared_ptr<const PendingTable> table, std::string row) {
+  Write write;
+  write.table = std::move(table);
+  write.text = std::move(row);
+  co_await accept(std::move(state), std::move(write));
+}
+
+}  // namespace detail
+
+void PendingWritesConfig::validate() const {
+  auto invalid = [](const std::string& message) {
+    throw_error(client_errc::invalid_config, "PendingWritesConfig::" + message);
+  };
+  if (name.empty()) invalid("name must not be empty");
+  if (capacity == 0) invalid("capacity must be at least 1");
+  if (batch_size == 0) invalid("batch_size must be at least 1");
+  if (batch_size > capacity) {
+    invalid("batch_size (" + std::to_string(batch_size) + ") must be at most capacity (" +
+            std::to_string(capacity) + ")");
+  }
+  if (when_full != WhenFull::wait && when_full != WhenFull::fail) {
+    invalid("when_full must be WhenFull::wait or WhenFull::fail");
+  }
+  if (flush_interval.count() < 0) invalid("flush_interval must not be negative");
+  if (retry_initial.count() <= 0) invalid("retry_initial must be positive");
+  if (retry_max < retry_initial) {
+    invalid("retry_max (" + std::to_string(retry_max.count()) +
+            " ms) must be at least retry_initial (" + std::to_string(retry_initial.count()) +
+            " ms)");
+  }
+}
+
+std::string PendingWritesReport::to_json() const {
+  auto field = [](const char* name, auto value) {
+    return std::string("\"") + name + "\":" + std::to_string(value);
+  };
+  return "{" + field("accepted", accepted) + "," + field("flushed", flushed) + "," +
+         field("failed", failed) + "," + field("pending", pending) + "," +
+         field("waiting", waiting) + "," + field("batches", batches) + "," +
+         field("retries", retries) + "}";
+}
+
+PendingWrites::PendingWrites(Pool& pool, boost::asio::any_io_executor executor,
+                             PendingWritesConfig config) {
+  config.validate();
+  state_ = std::make_shared<detail::PendingWritesState>(pool, executor, std::move(config));
+}
+
+PendingWrites::~PendingWrites() {
+  std::lock_guard lock(state_->mutex);
+  const std::size_t unflushed = state_->unflushed_locked();
+  if (state_->started && !state_->finished && !state_->abandoned) {
+    spdlog::error(
+        "pgrt pending writes {}: destroyed while running, without stop(): {} accepted "
+        "writes may not be written",
+        state_->config.name, unflushed);
+    state_->abandon_locked();
+    cancel_flusher(state_);
+  } else if (!state_->started && unflushed > 0) {
+    spdlog::error(
+        "pgrt pending writes {}: destroyed without start() or stop(): {} accepted writes "
+        "were not written",
+        state_->config.name, unflushed);
+  }
+  state_->close_locked();
+}
+
+std::string PendingWrites::name() const {
+  return state_->config.name;
+}
+
+asio::awaitable<void> PendingWrites::start() {
+  const std::shared_ptr<State> self = state_;
+  std::unique_lock lock(self->mutex);
+  if (self->closing) self->throw_closed_locked();
+  if (self->started) co_return;
+  self->started = true;
+  lock.unlock();
+  launch(self);
+  spdlog::debug("pgrt pending writes {}: started", self->config.name);
+}
+
+asio::awaitable<void> PendingWrites::stop() {
+  const std::shared_ptr<State> self = state_;
+  const auto executor = co_await asio::this_coro::executor;
+  asio::steady_timer done(executor);
+  bool cancelled = false;
+  std::unique_lock lock(self->mutex);
+  if (!self->closing) {
+    spdlog::info("pgrt pending writes {}: stopping; flushing {} accepted writes", self->config.name,
+                 self->unflushed_locked());
+    self->close_locked();
+  }
+  if (!self->started) {
+    self->started = true;
+    launch(self);  // only posts
+  }
+  while (!self->finished) {
+    self->stop_waiters.push_back(&done);
+    // Until the flusher ends; once abandoned, re-cancel it every 100 ms (a cancellation that
+    // reached it between two operations would otherwise be lost).
+    const auto until =
+        self->abandoned ? Clock::now() + std::chrono::milliseconds(100) : Clock::time_point::max();
+    const error_code error = co_await wait_locked(lock, done, until);
+    auto& waiters = self->stop_waiters;
+    waiters.erase(std::remove(waiters.begin(), waiters.end(), &done), waiters.end());
+    if (self->finished) break;
+    if (error) cancelled = true;  // not the flusher's end: this stop() was cancelled
+    if (cancelled && !self->abandoned) {
+      spdlog::warn(
+          "pgrt pending writes {}: stop() was cancelled; giving up on {} writes not "
+          "yet committed",
+          self->config.name, self->unflushed_locked());
+      self->abandon_locked();
+    }
+    if (self->abandoned) cancel_flusher(self);
+    if (error) {
+      lock.unlock();
+      co_await asio::this_coro::reset_cancellation_state();
+      lock.lock();
+    }
+  }
+  const PendingWritesReport report = self->report_locked();
+  const std::uint64_t by_error = self->failed_by_error;
+  lock.unlock();
+  const std::string& name = self->config.name;
+  if (report.failed == 0) {
+    spdlog::info("pgrt pending writes {}: stopped: accepted {}, flushed {}, failed 0", name,
+                 report.accepted, report.flushed);
+    co_return;
+  }
+  spdlog::warn("pgrt pending writes {}: stopped: accepted {}, flushed {}, failed {}", name,
+               report.accepted, report.flushed, report.failed);
+  std::string why;
+  if (by_error > 0) {
+    why = std::to_string(by_error) +
+          " failed with errors (logged and reported through "
+          "events().failed)";
+  }
+  if (report.failed > by_error) {
+    if (!why.empty()) why += "; ";
+    why += std::to_string(report.failed - by_error) +
+           " were still pending when the flushing was abandoned (stop() cancelled)";
+  }
+  throw_error(client_errc::writes_failed,
+              "pending writes " + name + ": " + std::to_string(report.failed) + " of " +
+                  std::to_string(report.accepted) + " accepted writes were not written: " + why);
+}
+
+PendingWritesReport PendingWrites::report() const {
+  std::lock_guard lock(state_->mutex);
+  return state_->report_locked();
+}
+
+PendingWritesEvents& PendingWrites::events() noexcept {
+  return state_->events;
+}
+
+std::shared_ptr<const detail::PendingTable> PendingWrites::make_table(
+    std::string table, std::vector<std::string> columns, std::size_t types) const {
+  auto invalid = [&](const std::string& message) {
+    throw_error(client_errc::invalid_config, "pending writes " + state_->config.name +
+                                                 ": table(\"" + shortened(table, 100) +
+                                                 "\"): " + message);
+  };
+  if (!valid_name(table)) {
+    invalid("the table name must be an identifier (letters, digits, _, $, '.', or double-quoted)");
+  }
+  if (columns.size() != types) {
+    invalid(std::to_string(columns.size()) + " column names for " + std::to_string(types) +
+            " column types");
+  }
+  if (columns.empty()) invalid("no columns");
+  std::string list;
+  for (const auto& column : columns) {
+    if (!valid_name(column)) {
+      invalid("column \"" + shortened(column, 100) +
+              "\" is not an identifier (letters, digits, _, $, or double-quoted)");
+    }
+    if (!list.empty()) list += ", ";
+    list += column;
+  }
+  auto target = std::make_shared<detail::PendingTable>();
+  target->heading = table + " (" + list + ")";
+  target->copy_sql = "COPY " + target->heading + " FROM STDIN";
+  return target;
+}
+
+}  // namespace pgrt

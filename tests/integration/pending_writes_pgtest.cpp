@@ -1,0 +1,615 @@
+// Pending writes against a real server: every accepted write is written (and in order), batches,
+// backpressure, a full queue, a closed queue, transient errors (a terminated backend, a server
+// restart), a permanent error isolated to its write, and a stop() that gives up when cancelled.
+#include <atomic>
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/cancellation_signal.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/strand.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <chrono>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <mutex>
+#include <optional>
+#include <spdlog/sinks/ostream_sink.h>
+#include <spdlog/spdlog.h>
+#include <sstream>
+#include <thread>
+
+#include <pgrt/db.hpp>
+
+#include "pgrt/testing/blocking_sql.hpp"
+#include "pgrt/testing/db_test.hpp"
+#include "pgrt/testing/eventually.hpp"
+#include "pgrt/testing/expect_error.hpp"
+#include "pgrt/testing/run_coroutine.hpp"
+
+namespace pgrt {
+namespace {
+
+namespace asio = boost::asio;
+using namespace std::chrono_literals;
+using testing::BlockingConnection;
+using testing::expect_error;
+using ::testing::HasSubstr;
+using testing::run_coroutine;
+using awaitable_void = asio::awaitable<void>;
+using Config = PendingWritesConfig;
+
+asio::awaitable<void> sleep_for(std::chrono::steady_clock::duration duration) {
+  asio::steady_timer timer(co_await asio::this_coro::executor, duration);
+  co_await timer.async_wait(asio::use_awaitable);
+}
+
+// Sends the default logger to a string for the life of the object.
+class LogCapture {
+ public:
+  LogCapture()
+      : previous_(spdlog::default_logger()),
+        capture_(std::make_shared<spdlog::logger>(
+            "capture", std::make_shared<spdlog::sinks::ostream_sink_mt>(log_))) {
+    spdlog::set_default_logger(capture_);
+  }
+  LogCapture(const LogCapture&) = delete;
+  LogCapture& operator=(const LogCapture&) = delete;
+  LogCapture(LogCapture&&) = delete;
+  LogCapture& operator=(LogCapture&&) = delete;
+  ~LogCapture() { spdlog::set_default_logger(previous_); }
+  std::string text() {
+    capture_->flush();
+    return log_.str();
+  }
+
+ private:
+  std::ostringstream log_;
+  std::shared_ptr<spdlog::logger> previous_;
+  std::shared_ptr<spdlog::logger> capture_;
+};
+
+class PendingWritesTest : public testing::DbTest {
+ protected:
+  static PoolConfig pool_config(const std::string& dsn, std::string instance) {
+    PoolConfig config;
+    config.conninfo = dsn;
+    config.max_size = 3;
+    config.application = "pgrt-test";
+    config.instance = std::move(instance);
+    return config;
+  }
+
+  // A fresh table (seq, payload, tx): tx is the writing transaction, to count batches.
+  static void create_table(const std::string& dsn, const std::string& table,
+                           const std::string& seq_constraints = "PRIMARY KEY") {
+    BlockingConnection admin(dsn);
+    admin.query("DROP TABLE IF EXISTS " + table);
+    admin.query("CREATE TABLE " + table + " (seq bigint " + seq_constraints +
+                ", payload text NOT NULL, tx bigint NOT NULL DEFAULT txid_current())");
+  }
+
+  static std::string scalar(const std::string& dsn, const std::string& sql) {
+    BlockingConnection observer(dsn);
+    return observer.scalar(sql);
+  }
+
+  // "count distinct min max" of seq in `table`.
+  static std::string key_summary(const std::string& dsn, const std::string& table) {
+    return scalar(dsn,
+                  "SELECT count(DISTINCT seq) || ' ' || coalesce(min(seq), -1) || ' ' || "
+                  "coalesce(max(seq), -1) || ' ' || coalesce(sum(seq), 0) FROM " +
+                      table);
+  }
+};
+
+TEST_F(PendingWritesTest, ConfigAndTableNamesAreValidated) {
+  asio::io_context io;
+  Pool pool(io.get_executor(), pool_config(cluster().dsn(), "config"));
+  auto invalid = [&](Config config, const std::string& field) {
+    try {
+      PendingWrites writes(pool, io.get_executor(), std::move(config));
+      ADD_FAILURE() << "accepted an invalid " << field;
+    } catch (const Error& error) {
+      EXPECT_EQ(error.code(), client_errc::invalid_config);
+      EXPECT_THAT(error.what(), HasSubstr("PendingWritesConfig::" + field));
+    }
+  };
+  invalid(Config{.capacity = 0}, "capacity");
+  invalid(Config{.capacity = 10, .batch_size = 11}, "batch_size");
+  invalid(Config{.batch_size = 0}, "batch_size");
+  invalid(Config{.name = ""}, "name");
+  invalid(Config{.flush_interval = -1ms}, "flush_interval");
+  invalid(Config{.retry_initial = 0ms}, "retry_initial");
+  invalid(Config{.retry_initial = 100ms, .retry_max = 50ms}, "retry_max");
+
+  PendingWrites writes(pool, io.get_executor());
+  for (const std::string bad : {"t; DROP TABLE x", "", "t t", "\"open"}) {
+    try {
+      (void)writes.table<std::int64_t>(bad, {"seq"});
+      ADD_FAILURE() << "accepted the table name " << bad;
+    } catch (const Error& error) {
+      EXPECT_EQ(error.code(), client_errc::invalid_config) << bad;
+    }
+  }
+  EXPECT_THROW((void)(writes.table<std::int64_t, std::string>("t", {"seq"})), Error);
+  EXPECT_THROW((void)(writes.table<std::int64_t>("t", {"seq)--"})), Error);
+  EXPECT_NO_THROW((void)(writes.table<std::int64_t>("public.\"My Table\"", {"\"Seq\""})));
+  EXPECT_EQ(writes.name(), "pending_writes");
+  EXPECT_EQ(writes.report().to_json(),
+            "{\"accepted\":0,\"flushed\":0,\"failed\":0,\"pending\":0,\"waiting\":0,\"batches\":0,"
+            "\"retries\":0}");
+}
+
+// The acceptance test: 10,000 writes from 100 coroutines (appends and statements mixed) on an
+// io_context run by two threads; stop(); exactly those rows, in batches, in order.
+TEST_F(PendingWritesTest, TenThousandWritesFromManyCoroutinesAreAllWrittenInBatchesInOrder) {
+  const std::string dsn = cluster().dsn();
+  create_table(dsn, "pw_many");
+  constexpr int producers = 100;
+  constexpr int per_producer = 100;
+  asio::io_context io;
+  std::atomic<int> finished{0};
+  std::atomic<bool> done{false};
+  std::atomic<int> producer_errors{0};
+  PendingWritesReport end{};
+  std::exception_ptr failure;
+  auto pool = std::make_shared<Pool>(io.get_executor(), pool_config(dsn, "many"));
+  auto writes = std::make_shared<PendingWrites>(
+      *pool, io.get_executor(), Config{.name = "many", .batch_size = 500, .flush_interval = 50ms});
+  asio::co_spawn(
+      asio::make_strand(io),
+      [&]() -> awaitable_void {
+        co_await writes->start();
+        auto events = writes->table<std::int64_t, std::string>("pw_many", {"seq", "payload"});
+        for (int producer = 0; producer < producers; ++producer) {
+          asio::co_spawn(
+              asio::make_strand(io),
+              [&, events, producer]() -> awaitable_void {
+                try {
+                  for (int i = 0; i < per_producer; ++i) {
+                    const std::int64_t seq = producer * per_producer + i;
+                    const std::string payload = "p" + std::to_string(seq);
+                    if (i % 2 == 0) {
+                      co_await events.append(seq, payload);
+                    } else {
+                      co_await writes->enqueue("INSERT INTO pw_many (seq, payload) VALUES ($1, $2)",
+                                               seq, payload);
+                    }
+                  }
+                } catch (const std::exception& error) {
+                  ++producer_errors;
+                  ADD_FAILURE() << error.what();
+                }
+                ++finished;
+              },
+              asio::detached);
+        }
+        while (finished < producers) co_await sleep_for(10ms);
+        co_await writes->stop();
+        end = writes->report();
+        writes.reset();
+        pool.reset();
+      },
+      [&](std::exception_ptr error) {
+        failure = error;
+        done = true;
+      });
+  std::thread second([&] { io.run_for(120s); });
+  io.run_for(120s);
+  second.join();
+  ASSERT_TRUE(done.load()) << "did not finish";
+  if (failure) std::rethrow_exception(failure);
+  EXPECT_EQ(producer_errors.load(), 0);
+  constexpr std::uint64_t total = producers * per_producer;
+  EXPECT_EQ(end.accepted, total);
+  EXPECT_EQ(end.flushed, total);
+  EXPECT_EQ(end.failed, 0U);
+  EXPECT_EQ(end.pending, 0U);
+  // Exactly the keys 0..9999, each once (primary key), each with its own payload.
+  EXPECT_EQ(key_summary(dsn, "pw_many"), "10000 0 9999 49995000");
+  EXPECT_EQ(scalar(dsn, "SELECT count(*) FROM pw_many WHERE payload = 'p' || seq"), "10000");
+  // Batched: one transaction per batch, far fewer than writes.
+  const int transactions = std::stoi(scalar(dsn, "SELECT count(DISTINCT tx) FROM pw_many"));
+  EXPECT_LE(transactions, 100);
+  EXPECT_GE(transactions, static_cast<int>(total / 500));
+  EXPECT_EQ(static_cast<std::uint64_t>(transactions), end.batches);
+  // FIFO: each producer's writes were committed in the order it made them.
+  EXPECT_EQ(scalar(dsn,
+                   "SELECT count(*) FROM (SELECT tx, lag(tx) OVER (PARTITION BY seq / 100 "
+                   "ORDER BY seq) AS previous FROM pw_many) AS ordered WHERE previous > tx"),
+            "0");
+}
+
+TEST_F(PendingWritesTest, AWriteIsFlushedAfterTheIntervalWithoutAFullBatch) {
+  const std::string dsn = cluster().dsn();
+  create_table(dsn, "pw_interval");
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, pool_config(dsn, "interval"));
+    PendingWrites writes(pool, executor, Config{.batch_size = 500, .flush_interval = 100ms});
+    co_await writes.start();
+    auto rows = writes.table<std::int64_t, std::string>("pw_interval", {"seq", "payload"});
+    const auto started = std::chrono::steady_clock::now();
+    for (std::int64_t seq = 0; seq < 3; ++seq) co_await rows.append(seq, "x");
+    BlockingConnection observer(dsn);
+    while (observer.scalar("SELECT count(*) FROM pw_interval") != "3" &&
+           std::chrono::steady_clock::now() - started < 10s) {
+      co_await sleep_for(10ms);
+    }
+    const auto took = std::chrono::steady_clock::now() - started;
+    EXPECT_EQ(observer.scalar("SELECT count(*) FROM pw_interval"), "3");
+    EXPECT_GE(took, 100ms) << "flushed before the interval with 3 of 500 queued";
+    EXPECT_LT(took, 5s);
+    auto report = writes.report();
+    EXPECT_EQ(report.flushed, 3U);
+    EXPECT_EQ(report.batches, 1U);
+    co_await writes.stop();
+  });
+}
+
+TEST_F(PendingWritesTest, BackpressureMakesWritersWaitAndWritesEverything) {
+  const std::string dsn = cluster().dsn();
+  create_table(dsn, "pw_backpressure");
+  constexpr int producers = 20;
+  constexpr int per_producer = 50;
+  std::size_t highest_pending = 0, highest_waiting = 0;
+  PendingWritesReport end{};
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, pool_config(dsn, "backpressure"));
+    PendingWrites writes(pool, executor,
+                         Config{.capacity = 10,
+                                .when_full = Config::WhenFull::wait,
+                                .batch_size = 5,
+                                .flush_interval = 5ms});
+    co_await writes.start();
+    auto rows = writes.table<std::int64_t, std::string>("pw_backpressure", {"seq", "payload"});
+    int finished = 0;
+    for (int producer = 0; producer < producers; ++producer) {
+      asio::co_spawn(
+          executor,
+          [&, producer]() -> awaitable_void {
+            for (int i = 0; i < per_producer; ++i) {
+              co_await rows.append(std::int64_t{producer * per_producer + i}, "b");
+              const auto report = writes.report();
+              highest_pending = std::max(highest_pending, report.pending);
+              highest_waiting = std::max(highest_waiting, report.waiting);
+            }
+            ++finished;
+          },
+          asio::detached);
+    }
+    while (finished < producers) co_await sleep_for(5ms);
+    co_await writes.stop();
+    end = writes.report();
+  });
+  EXPECT_LE(highest_pending, 10U) << "the capacity was exceeded";
+  EXPECT_GT(highest_waiting, 0U) << "nobody had to wait: no backpressure tested";
+  EXPECT_EQ(end.accepted, 1000U);
+  EXPECT_EQ(end.flushed, 1000U);
+  EXPECT_GE(end.batches, 200U) << "batches of at most 5";
+  EXPECT_EQ(key_summary(dsn, "pw_backpressure"), "1000 0 999 499500");
+}
+
+TEST_F(PendingWritesTest, ACancelledWaitForRoomLeavesNoTrace) {
+  const std::string dsn = cluster().dsn();
+  create_table(dsn, "pw_cancel");
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, pool_config(dsn, "cancel"));
+    PendingWrites writes(pool, executor, Config{.capacity = 1, .batch_size = 1});
+    auto rows = writes.table<std::int64_t, std::string>("pw_cancel", {"seq", "payload"});
+    co_await rows.append(1, "accepted");  // not started: stays queued, the queue is full
+    Error timed_out = co_await expect_error(with_timeout(rows.append(2, "cancelled"), 50ms));
+    EXPECT_EQ(timed_out.code(), client_errc::timeout);
+    auto report = writes.report();
+    EXPECT_EQ(report.accepted, 1U);
+    EXPECT_EQ(report.waiting, 0U);
+    EXPECT_EQ(report.pending, 1U);
+    // A waiter that is let in once the flusher makes room.
+    bool third_done = false;
+    asio::co_spawn(
+        executor,
+        [&]() -> awaitable_void {
+          co_await rows.append(3, "waited");
+          third_done = true;
+        },
+        asio::detached);
+    co_await sleep_for(20ms);
+    EXPECT_EQ(writes.report().waiting, 1U);
+    co_await writes.start();
+    while (!third_done) co_await sleep_for(5ms);
+    co_await writes.stop();
+    report = writes.report();
+    EXPECT_EQ(report.accepted, 2U);
+    EXPECT_EQ(report.flushed, 2U);
+  });
+  EXPECT_EQ(scalar(dsn, "SELECT string_agg(seq || payload, ',' ORDER BY seq) FROM pw_cancel"),
+            "1accepted,3waited");
+}
+
+TEST_F(PendingWritesTest, AFullQueueFailsFastAndAStoppedOneRefusesWrites) {
+  const std::string dsn = cluster().dsn();
+  create_table(dsn, "pw_closed");
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, pool_config(dsn, "closed"));
+    {
+      PendingWrites writes(
+          pool, executor,
+          Config{
+              .name = "fast", .capacity = 2, .when_full = Config::WhenFull::fail, .batch_size = 2});
+      co_await writes.enqueue("INSERT INTO pw_closed (seq, payload) VALUES ($1, 'f')",
+                              std::int64_t{1});
+      co_await writes.enqueue("INSERT INTO pw_closed (seq, payload) VALUES ($1, 'f')",
+                              std::int64_t{2});
+      Error full = co_await expect_error(
+          writes.enqueue("INSERT INTO pw_closed (seq, payload) VALUES ($1, 'f')", std::int64_t{3}));
+      EXPECT_EQ(full.code(), client_errc::writes_queue_full);
+      EXPECT_THAT(full.what(), HasSubstr("capacity 2"));
+      EXPECT_THAT(full.what(), HasSubstr("not accepted"));
+      co_await writes.stop();  // never started: stop() flushes anyway
+      EXPECT_EQ(writes.report().flushed, 2U);
+    }
+    PendingWrites writes(pool, executor, Config{.name = "closing", .capacity = 1, .batch_size = 1});
+    auto rows = writes.table<std::int64_t, std::string>("pw_closed", {"seq", "payload"});
+    co_await rows.append(10, "c");
+    std::optional<Error> woken;
+    asio::co_spawn(
+        executor, [&]() -> awaitable_void { woken = co_await expect_error(rows.append(11, "c")); },
+        asio::detached);
+    co_await sleep_for(20ms);
+    EXPECT_EQ(writes.report().waiting, 1U);
+    co_await writes.stop();
+    co_await sleep_for(5ms);
+    EXPECT_TRUE(woken.has_value());
+    if (woken) {
+      EXPECT_EQ(woken->code(), client_errc::writes_closed);
+      EXPECT_THAT(woken->what(), HasSubstr("pending writes closing are stopping"));
+    }
+    Error late = co_await expect_error(
+        writes.enqueue("INSERT INTO pw_closed (seq, payload) VALUES (12, 'c')"));
+    EXPECT_EQ(late.code(), client_errc::writes_closed);
+    EXPECT_THAT(late.what(),
+                HasSubstr("pending writes closing are stopped; the write was not accepted"));
+    Error late_row = co_await expect_error(rows.append(13, "c"));
+    EXPECT_EQ(late_row.code(), client_errc::writes_closed);
+    Error late_start = co_await expect_error(writes.start());
+    EXPECT_EQ(late_start.code(), client_errc::writes_closed);
+    const auto report = writes.report();
+    EXPECT_EQ(report.accepted, 1U);
+    EXPECT_EQ(report.flushed, 1U);
+    co_await writes.stop();  // a second stop() is harmless
+  });
+  EXPECT_EQ(scalar(dsn, "SELECT string_agg(seq::text, ',' ORDER BY seq) FROM pw_closed"), "1,2,10");
+}
+
+// A backend terminated in the middle of a batch (a trigger makes one row slow): the batch is
+// retried on another connection and every accepted row is there.
+TEST_F(PendingWritesTest, ATerminatedBackendMidFlushIsRetriedAndLosesNothing) {
+  const std::string dsn = cluster().dsn();
+  create_table(dsn, "pw_terminated", "NOT NULL");
+  {
+    BlockingConnection admin(dsn);
+    admin.query(
+        "CREATE OR REPLACE FUNCTION pw_slow_row() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "IF NEW.seq = 1000 THEN PERFORM pg_sleep(0.5); END IF; RETURN NEW; END $$");
+    admin.query(
+        "CREATE TRIGGER pw_slow BEFORE INSERT ON pw_terminated FOR EACH ROW EXECUTE FUNCTION "
+        "pw_slow_row()");
+  }
+  auto config = pool_config(dsn, "terminated");
+  std::atomic<bool> terminated{false};
+  std::string application_name;
+  std::vector<std::string> retry_errors;
+  PendingWritesReport end{};
+  std::thread killer;
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, config);
+    application_name = pool.application_name();
+    killer = std::thread([&] {
+      BlockingConnection admin(dsn);
+      const std::string sql =
+          "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = "
+          "'" +
+          application_name + "' AND wait_event = 'PgSleep'";
+      terminated = testing::eventually([&] { return admin.scalar(sql) != "0"; }, 20s);
+    });
+    PendingWrites writes(pool, executor,
+                         Config{.batch_size = 500, .flush_interval = 10ms, .retry_initial = 20ms});
+    boost::signals2::scoped_connection subscription = writes.events().retrying.connect(
+        [&](std::size_t, const Error& error, std::chrono::milliseconds) {
+          retry_errors.emplace_back(error.what());
+          EXPECT_TRUE(error.code() == condition::connection_error) << error.what();
+        });
+    co_await writes.start();
+    auto rows = writes.table<std::int64_t, std::string>("pw_terminated", {"seq", "payload"});
+    for (std::int64_t seq = 0; seq < 2000; ++seq) co_await rows.append(seq, "t");
+    co_await writes.stop();
+    end = writes.report();
+  });
+  killer.join();
+  ASSERT_TRUE(terminated.load()) << "the slow backend was never seen";
+  EXPECT_GE(end.retries, 1U);
+  EXPECT_FALSE(retry_errors.empty());
+  EXPECT_EQ(end.flushed, 2000U);
+  EXPECT_EQ(end.failed, 0U);
+  EXPECT_EQ(key_summary(dsn, "pw_terminated"), "2000 0 1999 1999000");
+  EXPECT_GE(std::stoi(scalar(dsn, "SELECT count(*) FROM pw_terminated")), 2000);
+}
+
+TEST_F(PendingWritesTest, AServerRestartWhileWritingLosesNothing) {
+  auto own = start_own_cluster();
+  const std::string dsn = own->dsn();
+  create_table(dsn, "pw_restart", "NOT NULL");
+  auto config = pool_config(dsn, "restart");
+  config.acquire_timeout = 2s;
+  std::atomic<bool> restarted{false};
+  std::thread restarter([&] {
+    std::this_thread::sleep_for(400ms);
+    own->restart(testing::StopMode::fast);
+    restarted = true;
+  });
+  PendingWritesReport end{};
+  run_coroutine(
+      [&]() -> awaitable_void {
+        auto executor = co_await asio::this_coro::executor;
+        Pool pool(executor, config);
+        PendingWrites writes(pool, executor,
+                             Config{.batch_size = 50, .flush_interval = 10ms, .retry_max = 200ms});
+        co_await writes.start();
+        auto rows = writes.table<std::int64_t, std::string>("pw_restart", {"seq", "payload"});
+        int finished = 0;
+        for (int producer = 0; producer < 10; ++producer) {
+          asio::co_spawn(
+              executor,
+              [&, producer]() -> awaitable_void {
+                for (int i = 0; i < 300; ++i) {
+                  co_await rows.append(std::int64_t{producer * 300 + i}, "r");
+                  if (i % 10 == 0) co_await sleep_for(50ms);  // about 1.5 s of writing
+                }
+                ++finished;
+              },
+              asio::detached);
+        }
+        while (finished < 10 || !restarted) co_await sleep_for(20ms);
+        co_await writes.stop();
+        end = writes.report();
+      },
+      90s);
+  restarter.join();
+  EXPECT_GE(end.retries, 1U) << "the restart was not noticed";
+  EXPECT_EQ(end.flushed, 3000U);
+  EXPECT_EQ(end.failed, 0U);
+  EXPECT_EQ(key_summary(dsn, "pw_restart"), "3000 0 2999 4498500");
+}
+
+// One bad row and one bad statement among good writes, all in one batch: only those two fail.
+TEST_F(PendingWritesTest, APermanentErrorFailsOnlyTheBadWrites) {
+  const std::string dsn = cluster().dsn();
+  create_table(dsn, "pw_permanent", "PRIMARY KEY CHECK (seq <> 13)");
+  LogCapture log;
+  struct Failed {
+    std::vector<std::string> writes;
+    std::string sqlstate;
+  };
+  std::vector<Failed> failures;
+  std::optional<Error> stop_error;
+  PendingWritesReport end{};
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, pool_config(dsn, "permanent"));
+    PendingWrites writes(pool, executor, Config{.name = "perm", .batch_size = 500});
+    boost::signals2::scoped_connection subscription = writes.events().failed.connect(
+        [&](const std::vector<std::string>& failed, const Error& error) {
+          failures.push_back(Failed{failed, error.sqlstate()});
+        });
+    auto rows = writes.table<std::int64_t, std::string>("pw_permanent", {"seq", "payload"});
+    for (std::int64_t seq = 0; seq < 50; ++seq) {
+      const std::string payload = "p" + std::to_string(seq);
+      co_await rows.append(seq, payload);
+    }
+    for (std::int64_t seq = 50; seq < 100; ++seq) {
+      const std::string payload = "p" + std::to_string(seq);
+      co_await writes.enqueue("INSERT INTO pw_permanent (seq, payload) VALUES ($1, $2)", seq,
+                              payload);
+      if (seq == 70) {
+        const std::string broken = "broken";
+        co_await writes.enqueue("INSERT INTO pw_permanent (seq, payload) VALUES ($1, $2",
+                                std::int64_t{7070}, broken);
+      }
+    }
+    co_await writes.start();  // everything is queued: the first batch holds all 101 writes
+    stop_error = co_await expect_error(writes.stop());
+    end = writes.report();
+  });
+  ASSERT_TRUE(stop_error.has_value());
+  EXPECT_EQ(stop_error->code(), client_errc::writes_failed);
+  EXPECT_THAT(stop_error->what(), HasSubstr("2 of 101 accepted writes were not written"));
+  EXPECT_EQ(end.accepted, 101U);
+  EXPECT_EQ(end.flushed, 99U);
+  EXPECT_EQ(end.failed, 2U);
+  EXPECT_EQ(end.pending, 0U);
+  EXPECT_EQ(scalar(dsn, "SELECT count(*) || ' ' || sum(seq) FROM pw_permanent"),
+            "99 " + std::to_string(4950 - 13));
+  ASSERT_EQ(failures.size(), 2U);
+  ASSERT_EQ(failures[0].writes.size(), 1U);
+  EXPECT_EQ(failures[0].writes[0], "pw_permanent (seq, payload) row: 13 | p13");
+  EXPECT_EQ(failures[0].sqlstate, "23514");  // check_violation
+  ASSERT_EQ(failures[1].writes.size(), 1U);
+  EXPECT_THAT(failures[1].writes[0],
+              HasSubstr("VALUES ($1, $2 -- parameters: $1=7070 $2='broken'"));
+  EXPECT_EQ(failures[1].sqlstate, "42601");  // syntax_error
+  const std::string text = log.text();
+  EXPECT_THAT(text, HasSubstr("[23514]: pw_permanent (seq, payload) row: 13 | p13"));
+  EXPECT_THAT(text, HasSubstr("[42601]"));
+  EXPECT_THAT(text, HasSubstr("accepted 101, flushed 99, failed 2"));
+  EXPECT_THAT(text, ::testing::Not(HasSubstr("password")));
+}
+
+// The server is down and stays down: stop() retries until it is cancelled, then counts what was
+// not written as failed and says so.
+TEST_F(PendingWritesTest, AStopCancelledWhileTheServerIsDownCountsTheUnwrittenAsFailed) {
+  auto own = start_own_cluster();
+  const std::string dsn = own->dsn();
+  create_table(dsn, "pw_down");
+  auto config = pool_config(dsn, "down");
+  config.acquire_timeout = 300ms;
+  config.connect.connect_timeout = 1s;
+  std::optional<Error> stop_error;
+  std::chrono::steady_clock::duration wind_down{};
+  PendingWritesReport end{};
+  int retries_seen = 0;
+  run_coroutine(
+      [&]() -> awaitable_void {
+        auto executor = co_await asio::this_coro::executor;
+        Pool pool(executor, config);
+        PendingWrites writes(pool, executor, Config{.name = "down", .flush_interval = 10ms});
+        boost::signals2::scoped_connection subscription = writes.events().retrying.connect(
+            [&](std::size_t, const Error&, std::chrono::milliseconds) { ++retries_seen; });
+        co_await writes.start();
+        auto rows = writes.table<std::int64_t, std::string>("pw_down", {"seq", "payload"});
+        for (std::int64_t seq = 0; seq < 20; ++seq) co_await rows.append(seq, "up");
+        while (writes.report().flushed < 20) co_await sleep_for(10ms);
+        own->stop(testing::StopMode::fast);
+        for (std::int64_t seq = 20; seq < 70; ++seq) co_await rows.append(seq, "down");
+        asio::cancellation_signal cancel;
+        bool stopped = false;
+        asio::co_spawn(executor, writes.stop(),
+                       asio::bind_cancellation_slot(cancel.slot(), [&](std::exception_ptr error) {
+                         try {
+                           if (error) std::rethrow_exception(error);
+                         } catch (const Error& thrown) {
+                           stop_error = thrown;
+                         }
+                         stopped = true;
+                       }));
+        co_await sleep_for(1s);
+        EXPECT_FALSE(stopped) << "stop() returned while the server is down";
+        const auto cancelled_at = std::chrono::steady_clock::now();
+        cancel.emit(asio::cancellation_type::terminal);
+        while (!stopped) co_await sleep_for(5ms);
+        wind_down = std::chrono::steady_clock::now() - cancelled_at;
+        end = writes.report();
+      },
+      60s);
+  ASSERT_TRUE(stop_error.has_value());
+  EXPECT_EQ(stop_error->code(), client_errc::writes_failed);
+  EXPECT_THAT(stop_error->what(), HasSubstr("50 of 70 accepted writes were not written"));
+  EXPECT_THAT(stop_error->what(), HasSubstr("stop() cancelled"));
+  EXPECT_LT(wind_down, 3s);
+  EXPECT_GE(retries_seen, 1);
+  EXPECT_EQ(end.accepted, 70U);
+  EXPECT_EQ(end.flushed, 20U);
+  EXPECT_EQ(end.failed, 50U);
+  EXPECT_EQ(end.pending, 0U);
+  own->start();
+  EXPECT_EQ(key_summary(dsn, "pw_down"), "20 0 19 190");
+}
+
+}  // namespace
+}  // namespace pgrt
