@@ -168,8 +168,10 @@ class PendingWrites {
   /// waiting for room when it begins); client_errc::writes_queue_full (WhenFull::fail);
   /// client_errc::cancelled. In each case the write was not accepted.
   ///
-  /// Cancellation: per-operation cancellation (any type) of a wait for room leaves no trace: the
-  /// write is not accepted. A cancellation that comes after the write was accepted has no effect.
+  /// Cancellation: per-operation cancellation of a wait for room leaves no trace: the write is not
+  /// accepted. Any type that reaches the operation counts (a coroutine passes on terminal only,
+  /// unless its filter says otherwise; with_timeout() and asio's operators emit terminal). A
+  /// cancellation that comes after the write was accepted has no effect.
   ///
   /// Thread safety: may be called from any thread, concurrently.
   template <Encodable... Args>
@@ -184,10 +186,15 @@ class PendingWrites {
   ///     auto events = writes.table<std::int64_t, std::string>("demo_events", {"seq", "payload"});
   ///     co_await events.append(42, "x");
   ///
-  /// Consecutive rows for the same table and columns are sent with one COPY. Names are used as
-  /// written in SQL: plain or double-quoted identifiers, the table optionally schema-qualified.
-  /// Throws pgrt::Error(client_errc::invalid_config) if a name is empty or has other characters
-  /// (no SQL injection through names), or if the number of columns is not the number of types.
+  /// Consecutive rows for the same table and columns are sent with one COPY. COPY has no ON
+  /// CONFLICT: a batch repeated after a lost COMMIT (at-least-once) inserts its rows again, or, on
+  /// a table with a unique key, reports them as failed; use enqueue() with ON CONFLICT DO NOTHING
+  /// where duplicates matter.
+  ///
+  /// Names are used as written in SQL: plain or double-quoted identifiers, the table optionally
+  /// schema-qualified. Throws pgrt::Error(client_errc::invalid_config) if a name is empty or has
+  /// other characters (no SQL injection through names), or if the number of columns is not the
+  /// number of types.
   template <CopyField... Columns>
   [[nodiscard]] TableAppender<Columns...> table(std::string table,
                                                 std::vector<std::string> columns) {
@@ -209,10 +216,10 @@ class PendingWrites {
   /// Starts the flusher if start() was not called. May be called more than once, concurrently;
   /// every call waits for the same end.
   ///
-  /// Cancellation: per-operation cancellation (any type) stops the flushing: the flusher gives up
-  /// (a running statement is cancelled; at most ConnectOptions::cancel_timeout), every write not
-  /// yet committed is counted as failed, and stop() throws writes_failed. A batch whose COMMIT was
-  /// under way may still have been written.
+  /// Cancellation: per-operation cancellation (as for enqueue()) stops the flushing: the flusher
+  /// gives up (a running statement is cancelled; at most ConnectOptions::cancel_timeout), every
+  /// write not yet committed is counted as failed, and stop() throws writes_failed. A batch whose
+  /// COMMIT was under way may still have been written.
   [[nodiscard]] boost::asio::awaitable<void> stop();
 
   /// A snapshot of the counters. Thread-safe.
