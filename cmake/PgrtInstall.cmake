@@ -4,7 +4,7 @@ include(GNUInstallDirs)
 include(CMakePackageConfigHelpers)
 
 install(
-  TARGETS pgrt_runtime pgrt_db pgrt_lifecycle pgrt
+  TARGETS pgrt_runtime pgrt_db pgrt_lifecycle pgrt_service pgrt
   EXPORT pgrtTargets
   ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR}
   LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR}

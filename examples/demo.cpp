@@ -1,201 +1,398 @@
-// pgrt demo: borrows a connection from the process-wide pool (micro preset), prints the server's
-// version and exits.
+// pgrt demo: a small service. N worker coroutines read through `co_await pgrt::connection()` on
+// the process-wide pool (micro preset: max 3 connections) and write one row per request through
+// pending writes into `demo_events`. A status line every second; on Ctrl+C, SIGTERM or after
+// --duration it shuts down in order (intake, workers, pending writes flushed, pool closed) and
+// prints a final report.
 //
-// With DATABASE_URL unset it runs on a throwaway cluster that it starts and removes, also when it
-// is interrupted with Ctrl+C (SIGINT) or SIGTERM. With DATABASE_URL set it uses that server.
+//   pgrt_demo [--duration SECONDS] [--workers N] [--json]
 //
-//   pgrt_demo [--serve-seconds N]   keep running N seconds after connecting, as a service would
+// DATABASE_URL: the server; unset, a throwaway local cluster is started (and removed, also when
+// interrupted). PGRT_* variables override the pool (PGRT_POOL_MAX, PGRT_APP, PGRT_INSTANCE, ...).
+// Exit codes: 0 stopped by SIGTERM or --duration, 130 by SIGINT, 1 a failure (a start failed, a
+// write accepted but not written), 2 bad arguments or the shutdown overran its hard deadline.
+#include <algorithm>
 #include <atomic>
-#include <boost/asio/awaitable.hpp>
-#include <boost/asio/bind_cancellation_slot.hpp>
-#include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/co_spawn.hpp>
-#include <boost/asio/io_context.hpp>
-#include <boost/asio/post.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
 #include <chrono>
-#include <condition_variable>
 #include <csignal>
+#include <cstdint>
 #include <cstdlib>
-#include <functional>
 #include <iostream>
 #include <memory>
-#include <mutex>
 #include <optional>
+#include <sstream>
 #include <stop_token>
 #include <string>
 #include <string_view>
 #include <thread>
 
 #include <pgrt/db.hpp>
-#include <pgrt/runtime/version.hpp>
+#include <pgrt/lifecycle.hpp>
+#include <pgrt/service.hpp>
 #include <pgrt/testing/temp_cluster.hpp>
 
 namespace {
 
-constexpr int exit_ok = 0;
-constexpr int exit_failure = 1;
+namespace asio = boost::asio;
+using namespace std::chrono_literals;
+using pgrt::lifecycle::after;
+
 constexpr int exit_usage = 2;
 
 struct Arguments {
-  std::chrono::seconds serve_for{0};
+  std::optional<std::chrono::seconds> duration;
+  std::size_t workers = 200;
+  bool json = false;
 };
+
+std::optional<std::size_t> parse_count(const char* text, std::size_t max) {
+  char* end = nullptr;
+  const long long value = std::strtoll(text, &end, 10);
+  if (end == text || *end != '\0' || value < 0 || static_cast<unsigned long long>(value) > max) {
+    return std::nullopt;
+  }
+  return static_cast<std::size_t>(value);
+}
 
 std::optional<Arguments> parse_arguments(int argc, char** argv) {
   Arguments arguments;
+  const char* usage =
+      "usage: pgrt_demo [--duration SECONDS] [--workers N] [--json]\n"
+      "  DATABASE_URL  the server to use; unset: a throwaway local cluster\n"
+      "  PGRT_*        pool settings (see docs/pool.md), e.g. PGRT_POOL_MAX, PGRT_APP\n";
   for (int i = 1; i < argc; ++i) {
-    std::string_view argument = argv[i];
-    if (argument == "--serve-seconds" && i + 1 < argc) {
-      char* end = nullptr;
-      long seconds = std::strtol(argv[++i], &end, 10);
-      if (*end != '\0' || seconds < 0) {
-        std::cerr << "pgrt_demo: --serve-seconds takes a whole number of seconds, got '" << argv[i]
+    const std::string_view argument = argv[i];
+    if (argument == "--duration" && i + 1 < argc) {
+      auto seconds = parse_count(argv[++i], 86'400);
+      if (!seconds) {
+        std::cerr << "pgrt_demo: --duration takes whole seconds (0-86400), got '" << argv[i]
                   << "'\n";
         return std::nullopt;
       }
-      arguments.serve_for = std::chrono::seconds(seconds);
+      arguments.duration = std::chrono::seconds(*seconds);
+    } else if (argument == "--workers" && i + 1 < argc) {
+      auto workers = parse_count(argv[++i], 100'000);
+      if (!workers || *workers == 0) {
+        std::cerr << "pgrt_demo: --workers takes a count (1-100000), got '" << argv[i] << "'\n";
+        return std::nullopt;
+      }
+      arguments.workers = *workers;
+    } else if (argument == "--json") {
+      arguments.json = true;
     } else {
-      std::cerr << "pgrt_demo: unknown argument '" << argument << "'\n"
-                << "usage: pgrt_demo [--serve-seconds N]\n"
-                << "  DATABASE_URL  the server to use; unset: a throwaway local cluster\n";
+      std::cerr << "pgrt_demo: unknown argument '" << argument << "'\n" << usage;
       return std::nullopt;
     }
   }
   return arguments;
 }
 
-// Turns SIGINT and SIGTERM into a stop request, handled by a thread of its own, so every blocking
-// step can end early and still clean up.
-class SignalStop {
+// While the throwaway cluster starts (before the lifecycle manager owns the signals), SIGINT and
+// SIGTERM are blocked and taken by a thread of their own, which stops the start-up cleanly.
+class StartupSignals {
  public:
-  SignalStop() {
+  StartupSignals() {
     sigemptyset(&signals_);
     sigaddset(&signals_, SIGINT);
     sigaddset(&signals_, SIGTERM);
-    // A shell starts background jobs with SIGINT ignored; an ignored signal is never delivered.
-    std::signal(SIGINT, SIG_DFL);
-    std::signal(SIGTERM, SIG_DFL);
     pthread_sigmask(SIG_BLOCK, &signals_, nullptr);  // before any other thread exists
     waiter_ = std::jthread([this](const std::stop_token& finished) {
-      const timespec poll_interval{0, 100'000'000};
+      const timespec poll_interval{0, 50'000'000};
       while (!finished.stop_requested()) {
-        int signal_number = sigtimedwait(&signals_, nullptr, &poll_interval);
-        if (signal_number > 0) {
-          received_ = signal_number;
-          std::lock_guard lock(mutex_);
+        if (const int number = sigtimedwait(&signals_, nullptr, &poll_interval); number > 0) {
+          received_ = number;
           source_.request_stop();
-          woken_.notify_all();
-          if (callback_) callback_();
           return;
         }
       }
     });
   }
+  StartupSignals(const StartupSignals&) = delete;
+  StartupSignals& operator=(const StartupSignals&) = delete;
+  StartupSignals(StartupSignals&&) = delete;
+  StartupSignals& operator=(StartupSignals&&) = delete;
+  ~StartupSignals() { hand_over(); }
+
   [[nodiscard]] std::stop_token token() const { return source_.get_token(); }
-  // Also called (on the signal thread) when a signal arrives.
-  void on_signal(std::function<void()> callback) {
-    std::lock_guard lock(mutex_);
-    callback_ = std::move(callback);
-    if (source_.stop_requested() && callback_) callback_();
-  }
   [[nodiscard]] int received() const { return received_; }
-  // Waits up to `duration`; false if a signal ended the wait.
-  bool sleep_for(std::chrono::seconds duration) {
-    std::unique_lock lock(mutex_);
-    return !woken_.wait_for(lock, duration, [this] { return source_.stop_requested(); });
+  // Ends the thread and unblocks the signals: a signal that arrived meanwhile is delivered now,
+  // to whoever handles it then (the lifecycle manager's signal_set).
+  void hand_over() {
+    if (!waiter_.joinable()) return;
+    waiter_.request_stop();
+    waiter_.join();
+    pthread_sigmask(SIG_UNBLOCK, &signals_, nullptr);
   }
 
  private:
   sigset_t signals_{};
   std::stop_source source_;
   std::atomic<int> received_{0};
-  std::mutex mutex_;
-  std::condition_variable woken_;
-  std::function<void()> callback_;
   std::jthread waiter_;
 };
 
-int run(const Arguments& arguments, SignalStop& signal_stop) {
-  std::unique_ptr<pgrt::testing::TempCluster> cluster;
-  std::string conninfo;
-  if (const char* url = std::getenv("DATABASE_URL"); url != nullptr && *url != '\0') {
-    conninfo = url;
-  } else {
-    std::cout << "DATABASE_URL is unset: starting a throwaway PostgreSQL cluster" << std::endl;
-    cluster = std::make_unique<pgrt::testing::TempCluster>(
-        pgrt::testing::TempClusterOptions{.stop_token = signal_stop.token()});
-    std::cout << "cluster ready in " << cluster->directory().string() << " (port "
-              << cluster->port() << ")" << std::endl;
-    conninfo = cluster->dsn();
+struct Counters {
+  std::atomic<std::uint64_t> requests{0};
+  std::atomic<std::uint64_t> errors{0};
+  std::atomic<int> max_backends{0};
+};
+
+asio::awaitable<void> sleep_for(std::chrono::milliseconds duration) {
+  asio::steady_timer timer(co_await asio::this_coro::executor, duration);
+  co_await timer.async_wait(asio::use_awaitable);
+}
+
+// Creates demo_events before the writers start.
+struct Schema {
+  [[nodiscard]] std::string name() const { return "schema"; }
+  asio::awaitable<void> start() {
+    auto connection = co_await pgrt::connection();
+    try {
+      co_await connection->execute(
+          "CREATE TABLE IF NOT EXISTS demo_events (run text NOT NULL, seq bigint NOT NULL, "
+          "payload text NOT NULL, written_at timestamptz NOT NULL DEFAULT now(), "
+          "PRIMARY KEY (run, seq))");
+    } catch (const pgrt::Error& error) {
+      // Two demos creating it at once: one of them loses the race, and the table exists.
+      if (error.code() != pgrt::condition::unique_violation) throw;
+    }
+  }
+  asio::awaitable<void> stop() { co_return; }
+};
+
+using EventTable = pgrt::TableAppender<std::string, std::int64_t, std::string>;
+
+// The service's work: each worker reads through the pool, then writes one row through pending
+// writes. Intake stops first; stop() waits for the requests in flight, so that every write a
+// worker makes is accepted before the pending writes flush.
+class Workers {
+ public:
+  Workers(asio::any_io_executor executor, std::size_t count, EventTable events, std::string run,
+          Counters& counters)
+      : executor_(std::move(executor)),
+        count_(count),
+        events_(std::move(events)),
+        run_(std::move(run)),
+        counters_(counters) {}
+
+  [[nodiscard]] std::string name() const { return "workers"; }
+
+  asio::awaitable<void> start() {
+    for (std::size_t i = 0; i < count_; ++i) {
+      ++running_;
+      asio::co_spawn(executor_, work(), [this](const std::exception_ptr& failure) {
+        if (failure) {
+          try {
+            std::rethrow_exception(failure);
+          } catch (const std::exception& error) {
+            std::cerr << "pgrt_demo: a worker failed: " << error.what() << std::endl;
+          }
+        }
+        --running_;
+      });
+    }
+    co_return;
   }
 
-  // The query runs on an io_context; a signal stops it (the coroutine is then destroyed, which
-  // closes the connection).
-  boost::asio::io_context io;
-  // A signal cancels the running coroutine (on its own thread, through the io_context), which then
-  // closes the pool before io.run() returns: asio objects must go before their io_context.
-  boost::asio::cancellation_signal interrupt;
-  signal_stop.on_signal([&io, &interrupt] {
-    boost::asio::post(io,
-                      [&interrupt] { interrupt.emit(boost::asio::cancellation_type::terminal); });
-  });
-  int code = exit_failure;
-  // The process-wide pool, micro preset (max 3 connections): what a small service on a
-  // db-f1-micro instance would use.
-  pgrt::PoolConfig pool_config = pgrt::PoolConfig::micro();
-  pool_config.conninfo = conninfo;
-  pool_config.application = "pgrt-demo";
-  pool_config.acquire_timeout = std::chrono::seconds(3);  // a demo should fail fast
-  pgrt::configure(std::move(pool_config));
-  boost::asio::co_spawn(
-      io,
-      [&]() -> boost::asio::awaitable<void> {
-        std::string failure;
-        try {
+  void stop_intake() { stopping_ = true; }
+
+  asio::awaitable<void> stop() {
+    stopping_ = true;
+    while (running_ > 0) co_await sleep_for(5ms);
+  }
+
+ private:
+  asio::awaitable<void> work() {
+    while (!stopping_) {
+      bool back_off = false;
+      try {
+        {
           auto connection = co_await pgrt::connection();
-          auto rows = co_await connection->query(
-              "SELECT version(), current_user, current_database(), $1::text, "
-              "current_setting('application_name')",
-              "hello from pgrt");
-          const pgrt::Row row = rows[0];
-          std::cout << "pgrt " << pgrt::version_string() << " (libpq " << pgrt::libpq_version()
-                    << ") connected to " << row.get<std::string_view>(2) << " as "
-                    << row.get<std::string_view>(1) << " (application_name "
-                    << row.get<std::string_view>(4) << ")\nserver: " << row.get<std::string_view>(0)
-                    << "\nparameter round trip: " << row.get<std::string_view>(3) << std::endl;
-        } catch (const std::exception& error) {  // the lease went back to the pool already
-          // pgrt's messages say what failed and what to check, and never contain a password.
-          failure = error.what();
+          const std::int64_t probe = static_cast<std::int64_t>(counters_.requests.load());
+          auto rows = co_await connection->query("SELECT $1::bigint + 1", probe);
+          if (rows[0].get<std::int64_t>(0) != probe + 1) throw std::logic_error("bad arithmetic");
+        }  // the lease goes back before the write
+        const std::int64_t seq = ++next_seq_;
+        std::string payload = "request " + std::to_string(seq) + " of " + run_;
+        co_await events_.append(run_, seq, payload);
+        ++counters_.requests;
+      } catch (const pgrt::Error& error) {
+        ++counters_.errors;
+        if (error.code() == pgrt::client_errc::writes_closed ||
+            error.code() == pgrt::client_errc::pool_closed) {
+          co_return;
         }
-        std::cout << "pool: " << pgrt::pool().stats().to_json() << std::endl;
-        // Closing the pool ends its background work, so io.run() returns; it must run even when
-        // this coroutine was cancelled.
-        co_await boost::asio::this_coro::throw_if_cancelled(false);
-        co_await boost::asio::this_coro::reset_cancellation_state();
-        co_await pgrt::shutdown_pool(std::chrono::seconds(1));
-        if (!failure.empty()) {
-          std::cerr << "pgrt_demo: " << failure << std::endl;
-        } else {
-          code = exit_ok;
-        }
-      },
-      boost::asio::bind_cancellation_slot(interrupt.slot(), [](std::exception_ptr failure) {
-        if (!failure) return;
+        std::cerr << "pgrt_demo: request failed: " << error.what() << std::endl;
+        back_off = true;
+      }
+      if (back_off) co_await sleep_for(100ms);
+    }
+  }
+
+  asio::any_io_executor executor_;
+  std::size_t count_;
+  EventTable events_;
+  std::string run_;
+  Counters& counters_;
+  std::atomic<bool> stopping_{false};
+  std::atomic<std::size_t> running_{0};
+  std::atomic<std::int64_t> next_seq_{0};
+};
+
+// Samples this pool's backends in pg_stat_activity (on a connection of its own, outside the
+// pool) and prints a status line every second.
+class Status {
+ public:
+  Status(asio::any_io_executor executor, std::string conninfo, std::string pool_tag,
+         std::shared_ptr<pgrt::PendingWrites> writes, Counters& counters)
+      : executor_(std::move(executor)),
+        conninfo_(std::move(conninfo)),
+        pool_tag_(std::move(pool_tag)),
+        writes_(std::move(writes)),
+        counters_(counters) {}
+
+  [[nodiscard]] std::string name() const { return "status"; }
+
+  asio::awaitable<void> start() {
+    pgrt::ConnectOptions options;
+    options.conninfo = conninfo_;
+    options.application_name = "pgrt-demo-observer";
+    // Connected on the service's executor (start() runs on the manager's strand).
+    observer_ = co_await asio::co_spawn(executor_, pgrt::Connection::connect(std::move(options)),
+                                        asio::use_awaitable);
+    running_ = true;
+    asio::co_spawn(executor_, sample(), [this](const std::exception_ptr& failure) {
+      if (failure) {
         try {
           std::rethrow_exception(failure);
         } catch (const std::exception& error) {
-          std::cerr << "pgrt_demo: " << error.what() << std::endl;
+          std::cerr << "pgrt_demo: the status sampler stopped: " << error.what() << std::endl;
         }
-      }));
-  io.run();
-  if (code != exit_ok) return code;
-
-  if (arguments.serve_for.count() > 0) {
-    std::cout << "serving for " << arguments.serve_for.count() << " s (Ctrl+C to stop)"
-              << std::endl;
-    signal_stop.sleep_for(arguments.serve_for);
+      }
+      running_ = false;
+    });
   }
-  return exit_ok;
+
+  asio::awaitable<void> stop() {
+    stopping_ = true;
+    while (running_) co_await sleep_for(5ms);
+    observer_.close();
+  }
+
+ private:
+  asio::awaitable<void> sample() {
+    const std::string count_sql =
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1";
+    auto last_print = std::chrono::steady_clock::now();
+    std::uint64_t last_requests = 0;
+    while (!stopping_) {
+      auto rows = co_await observer_.query(count_sql, pool_tag_);
+      const int backends = static_cast<int>(rows[0].get<std::int64_t>(0));
+      counters_.max_backends = std::max(counters_.max_backends.load(), backends);
+      const auto now = std::chrono::steady_clock::now();
+      if (now - last_print >= 1s) {
+        const auto seconds = std::chrono::duration<double>(now - last_print).count();
+        const std::uint64_t requests = counters_.requests;
+        const auto pool = pgrt::pool().stats();
+        const auto writes = writes_->report();
+        std::ostringstream line;
+        line.precision(1);
+        line << std::fixed << "requests/s "
+             << static_cast<double>(requests - last_requests) / seconds << " | pool in use "
+             << pool.in_use << ", idle " << pool.idle << ", waiting "
+             << pool.waiting_normal + pool.waiting_high << " | acquire wait p99 "
+             << static_cast<double>(pool.wait_p99.count()) / 1000.0 << " ms | pending writes "
+             << writes.pending << " (flushed " << writes.flushed << ") | backends " << backends
+             << " (max " << counters_.max_backends << ")";
+        std::cout << line.str() << std::endl;
+        last_print = now;
+        last_requests = requests;
+      }
+      co_await sleep_for(20ms);
+    }
+  }
+
+  asio::any_io_executor executor_;
+  std::string conninfo_;
+  std::string pool_tag_;
+  std::shared_ptr<pgrt::PendingWrites> writes_;
+  Counters& counters_;
+  pgrt::Connection observer_;
+  std::atomic<bool> running_{false};
+  std::atomic<bool> stopping_{false};
+};
+
+std::string exit_reason(const std::string& stop_reason) {
+  if (stop_reason == "SIGTERM") return "sigterm";
+  if (stop_reason == "SIGINT") return "sigint";
+  if (stop_reason == "duration") return "duration";
+  if (stop_reason.empty()) return "unknown";
+  return "start_failed";
+}
+
+int run_service(const Arguments& arguments, const std::string& conninfo,
+                StartupSignals& startup_signals) {
+  pgrt::lifecycle::Manager app({.name = "pgrt-demo", .threads = 2});
+  // The manager's signal_set exists now: it takes SIGINT and SIGTERM from here on, including one
+  // that arrived while they were blocked.
+  startup_signals.hand_over();
+
+  // The process-wide pool: micro (max 3) unless PGRT_POOL_PRESET or PGRT_* say otherwise.
+  pgrt::PoolConfig defaults = pgrt::PoolConfig::micro();
+  defaults.application = "pgrt-demo";
+  defaults.acquire_timeout = 5s;  // a demo should fail fast
+  pgrt::PoolConfig pool_config = pgrt::PoolConfig::from_env(defaults);
+  if (!conninfo.empty()) pool_config.conninfo = conninfo;
+  auto& pool = pgrt::add_pool(app, pool_config);
+  const std::string run = pgrt::pool().application_name();
+
+  auto& schema = app.add(Schema{}, after(pool));
+  auto writes = std::make_shared<pgrt::PendingWrites>(pgrt::pool(), app.executor(),
+                                                      pgrt::PendingWritesConfig{});
+  app.add(writes, after(pool, schema));
+  Counters counters;
+  EventTable events = writes->table<std::string, std::int64_t, std::string>(
+      "demo_events", {"run", "seq", "payload"});
+  app.add(std::make_shared<Workers>(app.executor(), arguments.workers, events, run, counters),
+          after(pool, *writes));
+  app.add(std::make_shared<Status>(app.executor(), pool_config.conninfo, run, writes, counters),
+          after(pool, *writes));
+
+  app.on_ready([&] {
+    std::cout << "serving: " << arguments.workers << " workers on pool " << run << " (max "
+              << pgrt::pool().config().max_size << "); Ctrl+C or SIGTERM stops" << std::endl;
+    if (arguments.duration) {
+      asio::co_spawn(
+          app.executor(),
+          [&app, duration = *arguments.duration]() -> asio::awaitable<void> {
+            co_await sleep_for(std::chrono::duration_cast<std::chrono::milliseconds>(duration));
+            app.request_stop(pgrt::lifecycle::exit_code::ok, "duration");
+          },
+          asio::detached);
+    }
+  });
+
+  const int code = app.run();
+  // spdlog is shut down now: report on stdout.
+  const auto report = writes->report();
+  const std::string reason = exit_reason(app.stop_reason());
+  if (arguments.json) {
+    std::cout << R"({"writes_accepted":)" << report.accepted << R"(,"writes_flushed":)"
+              << report.flushed << R"(,"writes_failed":)" << report.failed
+              << R"(,"max_backends_observed":)" << counters.max_backends << R"(,"exit_reason":")"
+              << reason << R"(","exit_code":)" << code << R"(,"requests":)" << counters.requests
+              << R"(,"run":")" << run << "\"}" << std::endl;
+  } else {
+    std::cout << "stopped (" << reason << ", exit code " << code << "): " << counters.requests
+              << " requests; writes accepted " << report.accepted << ", flushed " << report.flushed
+              << ", failed " << report.failed << "; at most " << counters.max_backends
+              << " backends of the pool seen on the server" << std::endl;
+  }
+  return code;
 }
 
 }  // namespace
@@ -203,20 +400,28 @@ int run(const Arguments& arguments, SignalStop& signal_stop) {
 int main(int argc, char** argv) {
   auto arguments = parse_arguments(argc, argv);
   if (!arguments) return exit_usage;
-  SignalStop signal_stop;
-  int code = exit_failure;
   try {
-    code = run(*arguments, signal_stop);
-  } catch (const pgrt::testing::ClusterInterrupted&) {
-    // Cleaned up already; reported below.
+    StartupSignals startup_signals;
+    std::unique_ptr<pgrt::testing::TempCluster> cluster;
+    std::string conninfo;
+    if (const char* url = std::getenv("DATABASE_URL"); url == nullptr || *url == '\0') {
+      std::cout << "DATABASE_URL is unset: starting a throwaway PostgreSQL cluster" << std::endl;
+      try {
+        cluster = std::make_unique<pgrt::testing::TempCluster>(
+            pgrt::testing::TempClusterOptions{.stop_token = startup_signals.token()});
+      } catch (const pgrt::testing::ClusterInterrupted&) {
+        const int number = startup_signals.received();
+        std::cout << "stopped by " << (number == SIGINT ? "SIGINT" : "SIGTERM")
+                  << " while the cluster started; it is removed" << std::endl;
+        return 128 + number;
+      }
+      std::cout << "cluster ready in " << cluster->directory().string() << " (port "
+                << cluster->port() << ")" << std::endl;
+      conninfo = cluster->dsn();
+    }
+    return run_service(*arguments, conninfo, startup_signals);
   } catch (const std::exception& error) {
     std::cerr << "pgrt_demo: " << error.what() << std::endl;
-    code = exit_failure;
+    return pgrt::lifecycle::exit_code::failure;
   }
-  if (int signal_number = signal_stop.received(); signal_number != 0) {
-    std::cout << "stopped by " << (signal_number == SIGINT ? "SIGINT" : "SIGTERM")
-              << "; the throwaway cluster, if any, is removed" << std::endl;
-    return 128 + signal_number;
-  }
-  return code;
 }

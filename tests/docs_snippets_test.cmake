@@ -2,6 +2,7 @@
 # that the snippets of a guide are compiled (the source is built as an example) and cannot drift.
 #
 #   cmake -DDOC=docs/usage.md -DSOURCE=examples/usage_snippets.cpp -P tests/docs_snippets_test.cmake
+#   (SOURCE may name several files separated by '|'; each block must occur in one of them)
 #
 # A block is the text between a line starting with ```cpp (or ```c++) and the next line starting
 # with ```, without the fences; it must occur in SOURCE as one contiguous, character-for-character
@@ -19,13 +20,22 @@ foreach(variable IN ITEMS DOC SOURCE)
     message(FATAL_ERROR "docs_snippets_test: pass -D${variable}=<path> "
                         "(usage: cmake -DDOC=<guide.md> -DSOURCE=<snippets.cpp> -P ${CMAKE_CURRENT_LIST_FILE})")
   endif()
-  if(NOT EXISTS "${${variable}}")
-    message(FATAL_ERROR "docs_snippets_test: ${variable} file '${${variable}}' does not exist")
-  endif()
+  string(REPLACE "|" ";" paths "${${variable}}")
+  foreach(path IN LISTS paths)
+    if(NOT EXISTS "${path}")
+      message(FATAL_ERROR "docs_snippets_test: ${variable} file '${path}' does not exist")
+    endif()
+  endforeach()
 endforeach()
 
 file(READ "${DOC}" doc_text)
-file(READ "${SOURCE}" source_text)
+# SOURCE may list several files separated by '|': a block must occur in one of them.
+string(REPLACE "|" ";" source_files "${SOURCE}")
+set(source_text "")
+foreach(source_file IN LISTS source_files)
+  file(READ "${source_file}" one_source)
+  string(APPEND source_text "${one_source}\n")
+endforeach()
 string(REPLACE "\r\n" "\n" doc_text "${doc_text}")
 string(REPLACE "\r\n" "\n" source_text "${source_text}")
 

@@ -12,6 +12,7 @@
 #include <cerrno>
 #include <cstdlib>
 #include <fcntl.h>
+#include <future>
 #include <libpq-fe.h>
 #include <list>
 #include <memory>
@@ -158,16 +159,22 @@ struct Connection::Impl {
     interrupt_cancel = std::shared_ptr<PGcancel>(PQgetCancel(conn), PQfreeCancel);
   }
 
-  void interrupt() noexcept {
+  void interrupt(std::chrono::milliseconds wait_for_cancel) noexcept {
     std::lock_guard lock(interrupt_mutex);
     if (interruptible_fd < 0) return;
     cut_by_owner = true;
     if (interrupt_cancel) {
       try {
-        std::thread([cancel = interrupt_cancel] {
+        // PQcancel() blocks (it connects to the server): on a thread of its own, waited for at
+        // most `wait_for_cancel` (an exiting process must send it before it is gone).
+        auto sent = std::make_shared<std::promise<void>>();
+        auto done = sent->get_future();
+        std::thread([cancel = interrupt_cancel, sent] {
           char error[256];
           PQcancel(cancel.get(), error, sizeof error);
+          sent->set_value();
         }).detach();
+        if (wait_for_cancel.count() > 0) done.wait_for(wait_for_cancel);
       } catch (const std::exception&) {  // NOLINT(bugprone-empty-catch): shutdown() still cuts it
       }
     }
@@ -1077,8 +1084,8 @@ asio::awaitable<bool> Connection::close_and_wait(std::chrono::milliseconds limit
   }
 }
 
-void Connection::interrupt() noexcept {
-  if (impl_) impl_->interrupt();
+void Connection::interrupt(std::chrono::milliseconds wait_for_cancel) noexcept {
+  if (impl_) impl_->interrupt(wait_for_cancel);
 }
 
 bool Connection::is_open() const noexcept {

@@ -217,6 +217,8 @@ struct PooledConnection {
 // How long a discarded connection waits for the server to close its end before its capacity is
 // given back anyway (a server that does not answer).
 constexpr std::chrono::milliseconds server_close_limit{2000};
+// How long close_now() waits for each cancel request to go out.
+constexpr std::chrono::milliseconds exit_cancel_wait{1000};
 
 struct LeaseRecord {
   std::source_location site;
@@ -806,6 +808,43 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     return snapshot;
   }
 
+  // The synchronous, best-effort close for a process that exits without a graceful stop: runs no
+  // coroutine and posts nothing. Idle connections are closed here (Terminate, then the socket);
+  // leased and background ones are interrupted; their capacity is left counted.
+  void close_now() noexcept {
+    try {
+      std::lock_guard lock(mutex);
+      pool_closing = true;
+      for (auto& queue : waiters) {
+        for (Waiter* waiter : queue) {
+          waiter->pool_closed = true;
+          waiter->timer.cancel();
+        }
+        queue.clear();
+      }
+      const std::size_t closed = idle.size();
+      for (auto& pooled : idle) {
+        pooled->advance(NodeEvent::discard);
+        pooled->connection.close(CloseMode::graceful);
+        ++discarded;
+      }
+      open -= idle.size();
+      idle.clear();
+      for (auto& [id, record] : leases) record.connection->interrupt(exit_cancel_wait);
+      for (Connection* connection : in_background) connection->interrupt(exit_cancel_wait);
+      if (executor) {
+        maintenance_timer->cancel();
+        retry_timer->cancel();
+      }
+      spdlog::warn(
+          "pgrt pool {}: closed at exit: {} idle connection(s) closed, {} in use or "
+          "being reset interrupted",
+          application_name, closed, leases.size() + in_background.size());
+    } catch (const std::exception& error) {
+      spdlog::error("pgrt pool {}: closing at exit failed: {}", application_name, error.what());
+    }
+  }
+
   // Refuses new acquires, fails the waiters and closes the idle connections.
   void begin_close() {
     Deferred deferred;
@@ -883,6 +922,10 @@ Pool::~Pool() {
   } catch (const std::exception& error) {
     spdlog::error("pgrt pool {}: closing failed: {}", state_->application_name, error.what());
   }
+}
+
+void Pool::close_now() noexcept {
+  state_->close_now();
 }
 
 asio::awaitable<Lease> Pool::acquire(Priority priority, std::source_location site) {
@@ -963,6 +1006,27 @@ void configure(PoolConfig config) {
                      "configure it once at start-up; use pgrt::Pool objects for more pools");
   }
   global_pool = std::make_shared<Pool>(std::move(config));
+}
+
+void configure(PoolConfig config, asio::any_io_executor executor) {
+  std::lock_guard lock(global_mutex);
+  if (global_pool) {
+    throw_pool_error(client_errc::already_configured,
+                     "pgrt::configure() was called twice; the process-wide pool is configured "
+                     "once",
+                     "configure it once at start-up; use pgrt::Pool objects for more pools");
+  }
+  global_pool = std::make_shared<Pool>(std::move(executor), std::move(config));
+}
+
+void close_pool_now() noexcept {
+  std::shared_ptr<Pool> closing;
+  {
+    std::lock_guard lock(global_mutex);
+    closing = std::move(global_pool);
+    global_pool.reset();
+  }
+  if (closing) closing->close_now();
 }
 
 Pool& pool() {

@@ -2,6 +2,7 @@
 #include <charconv>
 #include <cstdlib>
 #include <optional>
+#include <utility>
 
 #include "pgrt/db/pool.hpp"
 
@@ -50,7 +51,11 @@ PoolConfig PoolConfig::small() {
 }
 
 PoolConfig PoolConfig::from_env() {
-  PoolConfig config;
+  return from_env(PoolConfig{});
+}
+
+PoolConfig PoolConfig::from_env(PoolConfig defaults) {
+  PoolConfig config = std::move(defaults);
   if (auto preset = env("PGRT_POOL_PRESET")) {
     if (*preset == "micro") {
       config = micro();

@@ -114,9 +114,14 @@ struct Manager::Impl {
       signals.emplace(strand, SIGINT, SIGTERM, SIGQUIT);
     }
     std::lock_guard lock(registry_mutex);
+    // The registry is constructed before the handler is registered, so that it is destroyed
+    // after the handler has run (atexit handlers and static destructors run in reverse order).
+    auto& managers = live_managers();
+    // spdlog's registry too: the handler logs.
+    (void)spdlog::default_logger_raw();
     static const bool registered = std::atexit(run_exit_handlers_at_exit) == 0;
     if (!registered) spdlog::warn("{}: could not register the atexit handler", options.name);
-    live_managers().push_back(this);
+    managers.push_back(this);
   }
 
   ~Impl() {
@@ -151,6 +156,17 @@ struct Manager::Impl {
   std::atomic<bool> graceful_done{false};
   std::atomic<bool> exit_handlers_ran{false};
   bool ran = false;
+
+  mutable std::mutex reason_mutex;
+  std::string reason_text;
+  void set_stop_reason(std::string reason) {
+    std::lock_guard lock(reason_mutex);
+    if (reason_text.empty()) reason_text = std::move(reason);
+  }
+  std::string stop_reason() const {
+    std::lock_guard lock(reason_mutex);
+    return reason_text;
+  }
 
   // Strand-only state.
   bool stop_requested = false;
@@ -240,10 +256,12 @@ struct Manager::Impl {
 
   // --- stop requests and signals (strand only) -------------------------------------------------
 
-  void on_stop_request(int code) {
+  void on_stop_request(int code, std::string reason) {
     if (stop_requested) return;
     stop_requested = true;
     requested_code = code;
+    set_stop_reason(std::move(reason));
+    spdlog::info("{}: stopping ({})", options.name, stop_reason());
     stop_request_timer.cancel();
     wakeup.cancel();
   }
@@ -265,7 +283,8 @@ struct Manager::Impl {
       spdlog::info("{}: {}: shutting down gracefully{}", options.name,
                    interrupt ? "SIGINT" : "SIGTERM",
                    interrupt ? " (Ctrl+C again exits at once)" : "");
-      on_stop_request(interrupt ? exit_code::interrupted : exit_code::ok);
+      on_stop_request(interrupt ? exit_code::interrupted : exit_code::ok,
+                      interrupt ? "SIGINT" : "SIGTERM");
     }
   }
 
@@ -451,6 +470,7 @@ struct Manager::Impl {
     set_state(State::starting);
     run_hooks(starting_hooks, "on_starting");
     const bool started = co_await start_all();
+    if (!started && !stop_requested) set_stop_reason("a component failed to start");
     if (started && !stop_requested) {
       set_state(State::running);
       is_ready = true;
@@ -586,12 +606,18 @@ int Manager::run() {
   return impl_->run();
 }
 
-void Manager::request_stop(int code) noexcept {
+void Manager::request_stop(int code, std::string_view reason) noexcept {
   try {
-    asio::post(impl_->strand, [impl = impl_.get(), code] { impl->on_stop_request(code); });
+    asio::post(impl_->strand, [impl = impl_.get(), code, reason = std::string(reason)]() mutable {
+      impl->on_stop_request(code, std::move(reason));
+    });
   } catch (const std::exception& error) {
     spdlog::error("{}: request_stop failed: {}", impl_->options.name, error.what());
   }
+}
+
+std::string Manager::stop_reason() const {
+  return impl_->stop_reason();
 }
 
 State Manager::state() const noexcept {

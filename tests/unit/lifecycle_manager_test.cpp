@@ -175,6 +175,7 @@ TEST(LifecycleManager, FailedStartStopsExactlyWhatStartedInReverse) {
   EXPECT_EQ(app.run(), exit_code::failure);
   EXPECT_FALSE(ready);
   EXPECT_EQ(app.state(), State::failed);
+  EXPECT_EQ(app.stop_reason(), "a component failed to start");
   Journal stops;
   std::copy_if(journal.begin(), journal.end(), std::back_inserter(stops),
                [](const std::string& entry) { return entry.starts_with("stop "); });
@@ -239,11 +240,12 @@ TEST(LifecycleManager, StopRequestedDuringStartCancelsTheStartsInFlight) {
       app.executor(),
       [&]() -> asio::awaitable<void> {
         co_await sleep_for(100ms);
-        app.request_stop(exit_code::interrupted);
+        app.request_stop(exit_code::interrupted, "test interrupt");
       },
       asio::detached);
   const auto started = std::chrono::steady_clock::now();
   EXPECT_EQ(app.run(), exit_code::interrupted);
+  EXPECT_EQ(app.stop_reason(), "test interrupt");
   EXPECT_LT(std::chrono::steady_clock::now() - started, 3s);
   EXPECT_TRUE(contains(journal, "stop a"));
   EXPECT_FALSE(contains(journal, "start b"));

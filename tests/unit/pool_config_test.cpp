@@ -43,6 +43,12 @@ TEST_F(EnvironmentTest, ReadsEveryVariable) {
   EXPECT_EQ(config.instance, "eu-1");
   ::setenv("PGRT_POOL_MAX", "7", 1);
   EXPECT_EQ(PoolConfig::from_env().max_size, 7U) << "PGRT_POOL_MAX overrides the preset";
+  ::unsetenv("PGRT_POOL_MAX");
+  ::setenv("PGRT_POOL_PRESET", "small", 1);
+  EXPECT_EQ(PoolConfig::from_env(PoolConfig::micro()).max_size, 10U) << "the preset wins";
+  ::unsetenv("PGRT_POOL_PRESET");
+  EXPECT_EQ(PoolConfig::from_env(PoolConfig::micro()).max_size, 3U) << "the given defaults";
+  EXPECT_EQ(PoolConfig::from_env(PoolConfig::micro()).conninfo, "postgresql://db/app");
 }
 
 TEST_F(EnvironmentTest, MalformedValuesNameTheVariableAndTheForm) {

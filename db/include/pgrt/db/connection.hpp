@@ -249,7 +249,9 @@ class Connection {
   /// once the owner's next operation sees it. The owner must still close or destroy the
   /// Connection. Thread-safe against the owner's close() and destructor; a no-op on a connection
   /// that is not open. Pool::close() uses it on leases still out after its grace period.
-  void interrupt() noexcept;
+  /// `wait_for_cancel`: how long to wait for the cancel request to be sent (0: do not wait; an
+  /// exit handler waits, since the process may be gone before a helper thread sends it).
+  void interrupt(std::chrono::milliseconds wait_for_cancel = std::chrono::milliseconds(0)) noexcept;
 
   /// Open and usable as far as the client knows.
   [[nodiscard]] bool is_open() const noexcept;

@@ -89,6 +89,9 @@ struct PoolConfig {
   /// DATABASE_URL and the PGRT_* variables (PGRT_POOL_PRESET=micro|small first, then the rest).
   /// Throws pgrt::Error(client_errc::invalid_config) naming the variable and the accepted form.
   [[nodiscard]] static PoolConfig from_env();
+  /// Same, starting from `defaults` instead of PoolConfig{} when PGRT_POOL_PRESET is unset:
+  /// `PoolConfig::from_env(PoolConfig::micro())`.
+  [[nodiscard]] static PoolConfig from_env(PoolConfig defaults);
   /// Throws pgrt::Error(client_errc::invalid_config) if the settings contradict each other.
   void validate() const;
 };
@@ -219,6 +222,12 @@ class Pool {
   [[nodiscard]] boost::asio::awaitable<std::vector<std::string>> close(
       std::chrono::milliseconds grace);
 
+  /// For a process that is exiting without a graceful stop (an atexit handler): synchronously and
+  /// without running any coroutine, refuses new acquires, fails the waiters, closes the idle
+  /// connections (Terminate, then the socket) and interrupts the leased ones and those being
+  /// reset (Connection::interrupt()). Best effort; never throws; thread-safe. Prefer close().
+  void close_now() noexcept;
+
  private:
   std::shared_ptr<detail::PoolState> state_;
 };
@@ -226,6 +235,9 @@ class Pool {
 /// Configures the process-wide pool. Call once, before the first pgrt::connection(); a second
 /// call throws pgrt::Error(client_errc::already_configured).
 void configure(PoolConfig config);
+/// Same, with the executor the pool runs its background work on (otherwise the executor of the
+/// first acquire). Use the executor of an io_context (not a strand) run by the service's threads.
+void configure(PoolConfig config, boost::asio::any_io_executor executor);
 /// The process-wide pool. Throws pgrt::Error(client_errc::pool_not_configured) before
 /// configure(): pgrt never guesses a database (use configure(PoolConfig::from_env()) to read the
 /// environment).
@@ -238,5 +250,7 @@ void configure(PoolConfig config);
 /// Pool::close() returns. configure() may be called again afterwards.
 [[nodiscard]] boost::asio::awaitable<std::vector<std::string>> shutdown_pool(
     std::chrono::milliseconds grace);
+/// The process-wide pool's Pool::close_now(), then forgets it: for atexit handlers. Never throws.
+void close_pool_now() noexcept;
 
 }  // namespace pgrt

@@ -146,9 +146,14 @@ class Manager {
   /// names a component that was never added.
   int run();
 
-  /// Starts a graceful shutdown whose exit code is `code` (unless something fails). Before the
-  /// components are up, it cancels the starts. Thread-safe; later requests are ignored.
-  void request_stop(int code = exit_code::ok) noexcept;
+  /// Starts a graceful shutdown whose exit code is `code` (unless something fails), giving
+  /// `reason` for logs and stop_reason(). Before the components are up, it cancels the starts.
+  /// Thread-safe; later requests are ignored.
+  void request_stop(int code = exit_code::ok, std::string_view reason = "stop requested") noexcept;
+
+  /// Why the shutdown began: "SIGINT", "SIGTERM", the reason given to request_stop(), or
+  /// "a component failed to start"; "" while none has begun. Thread-safe.
+  [[nodiscard]] std::string stop_reason() const;
 
   [[nodiscard]] State state() const noexcept;
   /// True between on_ready and the start of a shutdown.

@@ -1,0 +1,7 @@
+#pragma once
+
+/// @file
+/// The glue between the db and lifecycle layers: run the process-wide pool and pending writes as
+/// lifecycle components.
+
+#include "pgrt/service/pool_component.hpp"  // IWYU pragma: export

@@ -1,0 +1,55 @@
+#pragma once
+
+/// @file
+/// The process-wide pool as a lifecycle component.
+
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/awaitable.hpp>
+#include <chrono>
+#include <string>
+
+#include "pgrt/db/pool.hpp"
+#include "pgrt/lifecycle/manager.hpp"
+
+namespace pgrt {
+
+struct PoolComponentOptions {
+  /// How long stop() waits for leases to come back before interrupting them (Pool::close()).
+  std::chrono::milliseconds close_grace{5'000};
+  /// start() opens one connection to prove the server is reachable (within acquire_timeout), and
+  /// binds the pool to the component's executor. Without it, the pool binds to the executor of
+  /// its first acquire.
+  bool check_connection = true;
+};
+
+/// The process-wide pool (pgrt::pool(), pgrt::connection()) as a lifecycle component named
+/// "pool".
+///
+/// The constructor configures the process-wide pool (pgrt::configure(); it throws if the pool is
+/// already configured or the config is invalid), so components built after it may take
+/// pgrt::pool(). No connection is opened and no asio object exists until start(), which binds
+/// the pool to `executor` (use the manager's executor, not a strand) and, with
+/// check_connection, acquires one connection: a server that is down or refuses makes the start
+/// fail with the pool's message (pgrt::Error) instead of the first request. A failed or
+/// cancelled start closes the pool again. stop() closes the pool (Pool::close() with
+/// close_grace) and forgets it, so pgrt::configure() may be called again.
+class PoolComponent {
+ public:
+  PoolComponent(boost::asio::any_io_executor executor, PoolConfig config,
+                PoolComponentOptions options = {});
+  [[nodiscard]] std::string name() const { return "pool"; }
+  [[nodiscard]] boost::asio::awaitable<void> start();
+  [[nodiscard]] boost::asio::awaitable<void> stop();
+
+ private:
+  boost::asio::any_io_executor executor_;
+  PoolComponentOptions options_;
+};
+
+/// Adds the process-wide pool to `app` (a PoolComponent on app.executor()) and registers the
+/// atexit handler that closes its connections if the process exits without a graceful stop
+/// (pgrt::close_pool_now()). Returns the component: pass it to lifecycle::after().
+PoolComponent& add_pool(lifecycle::Manager& app, PoolConfig config,
+                        PoolComponentOptions options = {});
+
+}  // namespace pgrt

@@ -1,0 +1,92 @@
+// A service that misbehaves on purpose, for the lifecycle process tests:
+//   lifecycle_probe hang-in-stop       a component blocks its thread in stop(): only the
+//                                      watchdog can end the process (hard deadline 2 s)
+//   lifecycle_probe exit-from-worker   a worker holding leases (one running pg_sleep(30)) calls
+//                                      std::exit(3): the atexit handler must close the pool
+// DATABASE_URL names the server; PGRT_APP tags the pool.
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <chrono>
+#include <cstdlib>
+#include <iostream>
+#include <string>
+#include <string_view>
+#include <thread>
+
+#include <pgrt/db.hpp>
+#include <pgrt/lifecycle.hpp>
+#include <pgrt/service.hpp>
+
+namespace {
+
+namespace asio = boost::asio;
+using namespace std::chrono_literals;
+
+struct Stuck {
+  [[nodiscard]] std::string name() const { return "stuck"; }
+  asio::awaitable<void> start() { co_return; }
+  asio::awaitable<void> stop() {
+    std::cout << "stuck: blocking in stop()" << std::endl;
+    std::this_thread::sleep_for(1h);  // blocks the only thread: no deadline timer can fire
+    co_return;
+  }
+};
+
+// Holds two leases, one of them in a long statement, then exits from the middle of the service.
+struct Quitter {
+  asio::any_io_executor executor;
+  [[nodiscard]] std::string name() const { return "quitter"; }
+  asio::awaitable<void> start() {
+    asio::co_spawn(
+        executor,
+        []() -> asio::awaitable<void> {
+          auto sleeper = co_await pgrt::connection();
+          try {
+            co_await sleeper->query("SELECT pg_sleep(30)");
+          } catch (const std::exception&) {  // NOLINT(bugprone-empty-catch): cut at exit
+          }
+        },
+        asio::detached);
+    asio::co_spawn(
+        executor,
+        []() -> asio::awaitable<void> {
+          auto held = co_await pgrt::connection();
+          asio::steady_timer timer(co_await asio::this_coro::executor, 300ms);
+          co_await timer.async_wait(asio::use_awaitable);  // the sleeper is in its statement now
+          std::cout << "quitter: calling std::exit(3) with " << pgrt::pool().stats().in_use
+                    << " leases out" << std::endl;
+          std::exit(3);  // NOLINT(concurrency-mt-unsafe): the point of this program
+        },
+        asio::detached);
+    co_return;
+  }
+  asio::awaitable<void> stop() { co_return; }
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::string_view mode = argc == 2 ? argv[1] : "";
+  if (mode != "hang-in-stop" && mode != "exit-from-worker") {
+    std::cerr << "usage: lifecycle_probe hang-in-stop|exit-from-worker\n";
+    return 64;
+  }
+  pgrt::lifecycle::Manager app({.name = "probe",
+                                .threads = 1,
+                                .stop_timeout = std::chrono::milliseconds(500),
+                                .hard_deadline = std::chrono::milliseconds(2000)});
+  pgrt::PoolConfig config = pgrt::PoolConfig::from_env(pgrt::PoolConfig::micro());
+  auto& pool = pgrt::add_pool(app, config);
+  if (mode == "hang-in-stop") {
+    app.add(Stuck{}, pgrt::lifecycle::after(pool));
+    app.on_ready([&] { app.request_stop(0, "probe"); });
+  } else {
+    app.add(Quitter{app.executor()}, pgrt::lifecycle::after(pool));
+  }
+  app.on_ready(
+      [] { std::cout << "probe: ready as " << pgrt::pool().application_name() << std::endl; });
+  return app.run();
+}
