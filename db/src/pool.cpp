@@ -22,6 +22,7 @@
 #include <unordered_set>
 
 #include "connection_node.hpp"
+#include "pgrt/runtime/identity.hpp"
 
 namespace pgrt {
 
@@ -33,39 +34,8 @@ namespace {
 
 constexpr auto no_throw = asio::as_tuple(asio::use_awaitable);
 
-std::string sanitize(std::string_view text) {
-  std::string clean;
-  for (char c : text) {
-    const auto byte = static_cast<unsigned char>(c);
-    clean += byte < 0x20 || byte > 0x7E || c == '/' ? '_' : c;
-  }
-  return clean;
-}
-
-// Random per process start: tells this run's connections from an earlier run's.
-const std::string& incarnation() {
-  static const std::string value = [] {
-    std::random_device device;
-    std::array<char, 9> text{};
-    std::snprintf(text.data(), text.size(), "%08x", static_cast<unsigned>(device()));
-    return std::string(text.data());
-  }();
-  return value;
-}
-
 std::string make_application_name(const PoolConfig& config) {
-  const std::string suffix = "/" + incarnation();
-  std::string app = sanitize(config.application);
-  std::string instance = sanitize(config.instance);
-  // At most 63 bytes in all: shorten the longer of the two names first.
-  while (app.size() + 1 + instance.size() + suffix.size() > 63) {
-    if (app.size() >= instance.size()) {
-      app.pop_back();
-    } else {
-      instance.pop_back();
-    }
-  }
-  return app + "/" + instance + suffix;
+  return make_connection_tag(config.application, config.instance);
 }
 
 std::string describe_site(const std::source_location& site) {

@@ -113,9 +113,9 @@ void PoolConfig::validate() const {
   if (connect_backoff_initial.count() <= 0 || connect_backoff_max < connect_backoff_initial) {
     invalid("connect_backoff_initial must be positive and not above connect_backoff_max");
   }
-  if (application.empty() || instance.empty()) {
-    invalid("application and instance must not be empty",
-            "they tag every connection's application_name");
+  if (application.empty()) {
+    invalid("application must not be empty",
+            "it tags every connection's application_name (an empty instance means the host name)");
   }
 }
 

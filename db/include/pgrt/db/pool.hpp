@@ -75,9 +75,10 @@ struct PoolConfig {
   /// The application and instance names in every connection's application_name,
   /// `<application>/<instance>/<incarnation>` (env PGRT_APP, PGRT_INSTANCE). The incarnation is
   /// random per process start. Non-ASCII and '/' characters are replaced by '_'; the whole is
-  /// truncated to 63 bytes.
+  /// truncated to 63 bytes (pgrt::make_connection_tag()). An empty instance means the host name
+  /// (pgrt::default_instance_name()).
   std::string application = "pgrt";
-  std::string instance = "default";
+  std::string instance;
   /// Further connect settings (timeouts, session settings, keepalives). Its conninfo and
   /// application_name are replaced by the pool's.
   ConnectOptions connect;

@@ -1,0 +1,156 @@
+#include "pgrt/runtime/instance_lock.hpp"
+
+#include <cerrno>
+#include <csignal>
+#include <cstdlib>
+#include <fcntl.h>
+#include <fstream>
+#include <sstream>
+#include <sys/file.h>
+#include <system_error>
+#include <thread>
+#include <unistd.h>
+#include <utility>
+
+#include "pgrt/runtime/identity.hpp"
+
+namespace pgrt {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+std::string file_name_part(const std::string& text) {
+  std::string clean;
+  for (char c : text) {
+    const bool plain = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                       c == '.' || c == '-' || c == '_';
+    clean += plain ? c : '_';
+  }
+  return clean.empty() ? "_" : clean;
+}
+
+bool try_lock(int fd) {
+  while (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    if (errno == EINTR) continue;
+    if (errno == EWOULDBLOCK) return false;
+    throw std::system_error(errno, std::generic_category(), "flock");
+  }
+  return true;
+}
+
+// The holder writes its pid right after locking: read it (briefly retrying an empty file).
+int read_holder_pid(const std::filesystem::path& path) {
+  for (int attempt = 0; attempt < 20; ++attempt) {
+    std::ifstream in(path);
+    int pid = 0;
+    if (in >> pid && pid > 0) return pid;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return 0;
+}
+
+bool wait_for_lock(int fd, std::chrono::milliseconds patience) {
+  const auto deadline = Clock::now() + patience;
+  while (!try_lock(fd)) {
+    if (Clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return true;
+}
+
+}  // namespace
+
+std::filesystem::path default_lock_directory() {
+  if (const char* dir = std::getenv("PGRT_RUNTIME_DIR"); dir != nullptr && *dir != '\0') {
+    return dir;
+  }
+  if (const char* dir = std::getenv("XDG_RUNTIME_DIR"); dir != nullptr && *dir != '\0') {
+    return std::filesystem::path(dir) / "pgrt";
+  }
+  if (::geteuid() == 0) return "/run/pgrt";
+  return "/tmp/pgrt-" + std::to_string(::geteuid());
+}
+
+InstanceLock InstanceLock::acquire(const InstanceLockOptions& options) {
+  const auto directory = options.directory.empty() ? default_lock_directory() : options.directory;
+  std::filesystem::create_directories(directory);
+  const std::string instance =
+      options.instance.empty() ? default_instance_name() : options.instance;
+  const auto path =
+      directory / (file_name_part(options.application) + "." + file_name_part(instance) + ".lock");
+  const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0) {
+    throw std::system_error(errno, std::generic_category(),
+                            "cannot open the instance lock file " + path.string());
+  }
+  std::optional<int> took_over_from;
+  try {
+    if (!try_lock(fd)) {
+      const int holder = read_holder_pid(path);
+      const std::string who = options.application + "/" + instance;
+      const std::string holder_text = holder > 0 ? "pid " + std::to_string(holder) : "a process";
+      if (!options.force) {
+        throw InstanceLockError("another " + who + " is running as " + holder_text +
+                                    " (lock file " + path.string() +
+                                    "); stop it first, or start with force (PGRT_FORCE=1) to "
+                                    "stop it and take over",
+                                holder);
+      }
+      if (holder <= 0) {
+        throw InstanceLockError(
+            "cannot take over " + who + ": the lock file " + path.string() + " names no pid", 0);
+      }
+      ::kill(holder, SIGTERM);
+      if (!wait_for_lock(fd, options.takeover_grace)) {
+        ::kill(holder, SIGKILL);
+        if (!wait_for_lock(fd, options.takeover_grace)) {
+          throw InstanceLockError("could not take over " + who + " from pid " +
+                                      std::to_string(holder) + ": it still holds " + path.string() +
+                                      " after SIGTERM and SIGKILL",
+                                  holder);
+        }
+      }
+      took_over_from = holder;
+    }
+    const auto& identity = process_identity();
+    std::ostringstream content;
+    content << ::getpid() << '\n'
+            << identity.host << '\n'
+            << identity.incarnation << '\n'
+            << describe_process_identity() << '\n';
+    const std::string text = content.str();
+    if (::ftruncate(fd, 0) != 0 ||
+        ::pwrite(fd, text.data(), text.size(), 0) != static_cast<ssize_t>(text.size())) {
+      throw std::system_error(errno, std::generic_category(),
+                              "cannot write the instance lock file " + path.string());
+    }
+  } catch (...) {
+    ::close(fd);
+    throw;
+  }
+  return InstanceLock(fd, path, took_over_from);
+}
+
+InstanceLock::InstanceLock(InstanceLock&& other) noexcept
+    : fd_(std::exchange(other.fd_, -1)),
+      path_(std::move(other.path_)),
+      took_over_from_(other.took_over_from_) {}
+
+InstanceLock& InstanceLock::operator=(InstanceLock&& other) noexcept {
+  if (this != &other) {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = std::exchange(other.fd_, -1);
+    path_ = std::move(other.path_);
+    took_over_from_ = other.took_over_from_;
+  }
+  return *this;
+}
+
+InstanceLock::~InstanceLock() {
+  // Closing the descriptor releases the lock. The file stays: removing it could let a third
+  // process lock a new file while a second still waits on the old one.
+  if (fd_ >= 0) ::close(fd_);
+}
+
+}  // namespace pgrt
