@@ -3,6 +3,8 @@
 include(GNUInstallDirs)
 include(CMakePackageConfigHelpers)
 
+install(TARGETS pgrt-diag RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
+
 install(
   TARGETS pgrt_runtime pgrt_db pgrt_lifecycle pgrt_service pgrt
   EXPORT pgrtTargets

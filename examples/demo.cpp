@@ -347,7 +347,9 @@ int run_service(const Arguments& arguments, const std::string& conninfo,
   defaults.acquire_timeout = 5s;  // a demo should fail fast
   pgrt::PoolConfig pool_config = pgrt::PoolConfig::from_env(defaults);
   if (!conninfo.empty()) pool_config.conninfo = conninfo;
-  auto& pool = pgrt::add_pool(app, pool_config);
+  // One demo per app/instance; the leftovers of a crashed predecessor are terminated first.
+  auto& hygiene = pgrt::add_startup_hygiene(app, pool_config);
+  auto& pool = pgrt::add_pool(app, pool_config, {}, after(hygiene));
   const std::string run = pgrt::pool().application_name();
 
   auto& schema = app.add(Schema{}, after(pool));

@@ -9,6 +9,7 @@ chmod 755 "$work"
 trap 'rm -rf "$work"' EXIT
 export PGRT_TEMP_DIR=$work
 unset DATABASE_URL
+export PGRT_INSTANCE=interrupt-test  # the instance lock: not the same as a demo run beside it
 
 leftovers() {
   local found=0
@@ -60,7 +61,7 @@ echo "ok: a run with --duration reports and cleans up"
 # A bad DATABASE_URL: a clear error, exit 1, and the password never printed.
 code=0
 DATABASE_URL="postgresql://app:hunter2-secret@127.0.0.1:1/appdb" "$demo" --duration 1 >"$work/out" 2>&1 || code=$?
-if ((code != 1)) || ! grep -q "last connect error: could not connect to 127.0.0.1:1" "$work/out" ||
+if ((code != 1)) || ! grep -q "failed to start: could not connect to 127.0.0.1:1" "$work/out" ||
   ! grep -q "HINT" "$work/out" || grep -q "hunter2-secret" "$work/out"; then
   echo "FAIL: bad DATABASE_URL (exit $code):"; cat "$work/out"; exit 1
 fi

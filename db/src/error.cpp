@@ -114,6 +114,8 @@ class ClientCategory final : public boost::system::error_category {
         return "the pending writes queue is full; the write was not accepted";
       case client_errc::writes_failed:
         return "some accepted pending writes were not written";
+      case client_errc::instance_locked:
+        return "another instance with the same app and instance names holds the lock";
     }
     return "unknown pgrt client error " + std::to_string(value);
   }

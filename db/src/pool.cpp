@@ -38,6 +38,26 @@ std::string make_application_name(const PoolConfig& config) {
   return make_connection_tag(config.application, config.instance);
 }
 
+// The pool's connect options: the config's, with its conninfo and the session guards.
+ConnectOptions connect_options(const PoolConfig& config) {
+  ConnectOptions options = config.connect;
+  options.conninfo = config.conninfo;
+  const auto& guards = config.guards;
+  auto add_setting = [&options](const std::string& name, std::chrono::milliseconds value) {
+    if (value.count() <= 0) return;
+    for (const auto& [existing, unused] : options.session_settings) {
+      if (existing == name) return;
+    }
+    options.session_settings.insert(options.session_settings.begin(),
+                                    {name, std::to_string(value.count())});
+  };
+  add_setting("idle_in_transaction_session_timeout", guards.idle_in_transaction_timeout);
+  add_setting("client_connection_check_interval", guards.client_connection_check_interval);
+  if (!guards.keepalives) options.keepalives.reset();
+  if (options.tcp_user_timeout.count() == 0) options.tcp_user_timeout = guards.tcp_user_timeout;
+  return options;
+}
+
 std::string describe_site(const std::source_location& site) {
   return std::string(site.file_name()) + ":" + std::to_string(site.line()) + " (" +
          site.function_name() + ")";
@@ -437,8 +457,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
   // --- background work -------------------------------------------------------------------------
 
   static asio::awaitable<void> open_connection(std::shared_ptr<PoolState> self) {
-    ConnectOptions options = self->config.connect;
-    options.conninfo = self->config.conninfo;
+    ConnectOptions options = connect_options(self->config);
     options.application_name = self->application_name;
     auto [error, connection] = co_await Connection::async_connect(
         *self->executor, std::move(options), asio::as_tuple(asio::use_awaitable));

@@ -48,8 +48,10 @@ asio::awaitable<void> PoolComponent::stop() {
   }
 }
 
-PoolComponent& add_pool(lifecycle::Manager& app, PoolConfig config, PoolComponentOptions options) {
-  auto& component = app.add(PoolComponent(app.executor(), std::move(config), options));
+PoolComponent& add_pool(lifecycle::Manager& app, PoolConfig config, PoolComponentOptions options,
+                        lifecycle::After dependencies) {
+  auto& component =
+      app.add(PoolComponent(app.executor(), std::move(config), options), std::move(dependencies));
   app.on_exit([] { close_pool_now(); });
   return component;
 }

@@ -3,9 +3,15 @@
 //                                      watchdog can end the process (hard deadline 2 s)
 //   lifecycle_probe exit-from-worker   a worker holding leases (one running pg_sleep(30)) calls
 //                                      std::exit(3): the atexit handler must close the pool
-// DATABASE_URL names the server; PGRT_APP tags the pool.
+//   lifecycle_probe hold-connections   opens 3 pooled connections (one idle in a transaction),
+//                                      prints "holding", and waits to be killed: a predecessor
+//                                      whose leftovers a successor must clean up
+//   lifecycle_probe singleton          a service with start-up hygiene (instance lock, cleanup)
+//                                      and a pool, running until SIGTERM
+// DATABASE_URL names the server; PGRT_APP and PGRT_INSTANCE tag the pool.
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
+#include <boost/asio/io_context.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
@@ -15,6 +21,7 @@
 #include <string>
 #include <string_view>
 #include <thread>
+#include <unistd.h>
 
 #include <pgrt/db.hpp>
 #include <pgrt/lifecycle.hpp>
@@ -68,10 +75,46 @@ struct Quitter {
 
 }  // namespace
 
+int hold_connections() {
+  asio::io_context io;
+  pgrt::Pool pool(io.get_executor(), pgrt::PoolConfig::from_env(pgrt::PoolConfig::micro()));
+  asio::co_spawn(
+      io,
+      [&pool]() -> asio::awaitable<void> {
+        auto first = co_await pool.acquire();
+        auto second = co_await pool.acquire();
+        auto third = co_await pool.acquire();
+        co_await first->execute("BEGIN");
+        co_await first->execute("SELECT 1");  // idle in transaction from here
+        std::cout << "holding " << pool.application_name() << " pids " << first->backend_pid()
+                  << "," << second->backend_pid() << "," << third->backend_pid() << std::endl;
+        asio::steady_timer forever(co_await asio::this_coro::executor, 24h);
+        co_await forever.async_wait(asio::use_awaitable);
+      },
+      asio::detached);
+  io.run();
+  return 0;
+}
+
+int singleton() {
+  pgrt::lifecycle::Manager app({.name = "probe", .threads = 1});
+  pgrt::PoolConfig config = pgrt::PoolConfig::from_env(pgrt::PoolConfig::micro());
+  auto& hygiene = pgrt::add_startup_hygiene(app, config);
+  pgrt::add_pool(app, config, {}, pgrt::lifecycle::after(hygiene));
+  app.on_ready([] {
+    std::cout << "probe: ready as pid " << ::getpid() << " with tag "
+              << pgrt::pool().application_name() << std::endl;
+  });
+  return app.run();
+}
+
 int main(int argc, char** argv) {
   const std::string_view mode = argc == 2 ? argv[1] : "";
+  if (mode == "hold-connections") return hold_connections();
+  if (mode == "singleton") return singleton();
   if (mode != "hang-in-stop" && mode != "exit-from-worker") {
-    std::cerr << "usage: lifecycle_probe hang-in-stop|exit-from-worker\n";
+    std::cerr
+        << "usage: lifecycle_probe hang-in-stop|exit-from-worker|hold-connections|singleton\n";
     return 64;
   }
   pgrt::lifecycle::Manager app({.name = "probe",

@@ -8,6 +8,7 @@
 #include "pgrt/db/copy.hpp"
 #include "pgrt/db/deadline.hpp"
 #include "pgrt/db/error.hpp"
+#include "pgrt/db/hygiene.hpp"
 #include "pgrt/db/libpq_info.hpp"
 #include "pgrt/db/pending_writes.hpp"
 #include "pgrt/db/pipeline.hpp"

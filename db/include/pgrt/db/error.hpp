@@ -36,6 +36,7 @@ enum class client_errc {
   writes_closed,        ///< PendingWrites is stopping or stopped: the write was not accepted.
   writes_queue_full,    ///< PendingWrites is full (WhenFull::fail): the write was not accepted.
   writes_failed,        ///< PendingWrites::stop(): some accepted writes were not written.
+  instance_locked,      ///< Another instance of the same app/instance holds the instance lock.
 };
 
 /// The category of client_errc.

@@ -36,6 +36,23 @@ namespace pgrt {
 /// connections reserved by PoolConfig::reserved_for_priority.
 enum class Priority { normal, high };
 
+/// Session guards a pool sets on each of its connections; zero turns one off (the server's or the
+/// system's default then applies). Settings already in ConnectOptions::session_settings win.
+struct SessionGuards {
+  /// idle_in_transaction_session_timeout: the server ends a session left idle inside a
+  /// transaction this long (a lease forgotten mid-transaction).
+  std::chrono::milliseconds idle_in_transaction_timeout{std::chrono::minutes(5)};
+  /// client_connection_check_interval: while a statement runs, the server checks this often that
+  /// the client is still there, and ends the statement if not.
+  std::chrono::milliseconds client_connection_check_interval{std::chrono::seconds(10)};
+  /// TCP keepalives as ConnectOptions::keepalives has them (on by default: idle 30 s, then every
+  /// 10 s, 3 probes); false turns them off.
+  bool keepalives = true;
+  /// tcp_user_timeout, unless ConnectOptions sets its own: sent data unacknowledged this long
+  /// drops the connection.
+  std::chrono::milliseconds tcp_user_timeout{std::chrono::seconds(30)};
+};
+
 /// Pool settings. An aggregate: use designated initializers, a preset, or from_env().
 struct PoolConfig {
   /// libpq URL or key=value string; empty uses the PG* environment variables.
@@ -82,6 +99,9 @@ struct PoolConfig {
   /// Further connect settings (timeouts, session settings, keepalives). Its conninfo and
   /// application_name are replaced by the pool's.
   ConnectOptions connect;
+  /// Per-session guards set at connect (on by default), so that a stuck client cannot hold a
+  /// backend for long: they complement the start-up cleanup of leftovers.
+  SessionGuards guards;
 
   /// max 3: for a db-f1-micro (about 25 connections) shared with other services.
   [[nodiscard]] static PoolConfig micro();

@@ -1,0 +1,386 @@
+// pgrt-diag: what holds the server's connection slots, which of an app's backends look leaked,
+// and (on request) terminating them. See docs/operations.md.
+//
+//   pgrt-diag [--dsn CONNINFO] [--app NAME] [--idle-threshold SECONDS] [--json]
+//             [--watch [SECONDS]] [--kill-leaked | --emergency]
+//
+// Exit codes: 0 nothing leaked (or everything asked for was terminated), 1 leaked backends found
+// and left alone, 2 bad arguments, 3 the server cannot be reached or queried, 4 terminating was
+// refused (the message names the grant).
+#include <algorithm>
+#include <atomic>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/use_future.hpp>
+#include <chrono>
+#include <csignal>
+#include <cstdint>
+#include <cstdlib>
+#include <iostream>
+#include <map>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <vector>
+
+#include <pgrt/db.hpp>
+
+namespace {
+
+namespace asio = boost::asio;
+
+constexpr int exit_clean = 0;
+constexpr int exit_leaked = 1;
+constexpr int exit_usage = 2;
+constexpr int exit_unreachable = 3;
+constexpr int exit_refused = 4;
+
+struct Arguments {
+  std::string conninfo;
+  std::string app;
+  std::int64_t idle_threshold = 300;
+  bool json = false;
+  std::optional<int> watch_seconds;
+  bool kill_leaked = false;
+  bool emergency = false;
+};
+
+const char* const usage =
+    "usage: pgrt-diag [--dsn CONNINFO] [--app NAME] [--idle-threshold SECONDS] [--json]\n"
+    "                 [--watch [SECONDS]] [--kill-leaked | --emergency]\n"
+    "  --dsn             the server (default: DATABASE_URL, then libpq's PG* variables)\n"
+    "  --app             the app whose backends to check (default: PGRT_APP, then \"pgrt\")\n"
+    "  --idle-threshold  idle (or idle in transaction) longer than this counts as leaked (300)\n"
+    "  --json            one JSON object (with --watch: one per refresh)\n"
+    "  --watch           refresh every SECONDS (default 2) until Ctrl+C\n"
+    "  --kill-leaked     terminate the backends reported as leaked\n"
+    "  --emergency       terminate every backend of the app (all instances, all incarnations)\n"
+    "exit codes: 0 nothing leaked or all terminated, 1 leaked found, 2 usage, 3 server\n"
+    "            unreachable, 4 terminating refused\n";
+
+std::optional<std::int64_t> parse_number(std::string_view text, std::int64_t low,
+                                         std::int64_t high) {
+  if (text.empty()) return std::nullopt;
+  std::int64_t value = 0;
+  for (char c : text) {
+    if (c < '0' || c > '9') return std::nullopt;
+    value = value * 10 + (c - '0');
+    if (value > high) return std::nullopt;
+  }
+  if (value < low) return std::nullopt;
+  return value;
+}
+
+std::optional<Arguments> parse_arguments(int argc, char** argv) {
+  Arguments arguments;
+  if (const char* url = std::getenv("DATABASE_URL")) arguments.conninfo = url;
+  const char* app = std::getenv("PGRT_APP");
+  arguments.app = app != nullptr && *app != '\0' ? app : "pgrt";
+  for (int i = 1; i < argc; ++i) {
+    const std::string_view argument = argv[i];
+    const bool has_value = i + 1 < argc;
+    if (argument == "--dsn" && has_value) {
+      arguments.conninfo = argv[++i];
+    } else if (argument == "--app" && has_value) {
+      arguments.app = argv[++i];
+    } else if (argument == "--idle-threshold" && has_value) {
+      auto seconds = parse_number(argv[++i], 1, 31'536'000);
+      if (!seconds) {
+        std::cerr << "pgrt-diag: --idle-threshold takes whole seconds (1-31536000), got '"
+                  << argv[i] << "'\n";
+        return std::nullopt;
+      }
+      arguments.idle_threshold = *seconds;
+    } else if (argument == "--json") {
+      arguments.json = true;
+    } else if (argument == "--watch") {
+      arguments.watch_seconds = 2;
+      if (has_value && argv[i + 1][0] != '-') {
+        auto seconds = parse_number(argv[++i], 1, 3600);
+        if (!seconds) {
+          std::cerr << "pgrt-diag: --watch takes whole seconds (1-3600), got '" << argv[i] << "'\n";
+          return std::nullopt;
+        }
+        arguments.watch_seconds = static_cast<int>(*seconds);
+      }
+    } else if (argument == "--kill-leaked") {
+      arguments.kill_leaked = true;
+    } else if (argument == "--emergency") {
+      arguments.emergency = true;
+    } else if (argument == "--help" || argument == "-h") {
+      std::cout << usage;
+      std::exit(exit_clean);  // NOLINT(concurrency-mt-unsafe): single-threaded here
+    } else {
+      std::cerr << "pgrt-diag: unknown or incomplete argument '" << argument << "'\n" << usage;
+      return std::nullopt;
+    }
+  }
+  if (arguments.kill_leaked && arguments.emergency) {
+    std::cerr << "pgrt-diag: --kill-leaked and --emergency exclude each other\n";
+    return std::nullopt;
+  }
+  if (arguments.app.find('/') != std::string::npos || arguments.app.empty()) {
+    std::cerr << "pgrt-diag: --app takes an app name without '/', got '" << arguments.app << "'\n";
+    return std::nullopt;
+  }
+  return arguments;
+}
+
+std::string json_string(std::string_view text) {
+  std::string out = "\"";
+  for (char c : text) {
+    switch (c) {
+      case '"':
+        out += "\\\"";
+        break;
+      case '\\':
+        out += "\\\\";
+        break;
+      default:
+        if (static_cast<unsigned char>(c) < 0x20) {
+          out += ' ';
+        } else {
+          out += c;
+        }
+    }
+  }
+  return out + "\"";
+}
+
+struct Backend {
+  int pid = 0;
+  std::string application_name;
+  std::string state;
+  double started = 0;  // epoch seconds
+  std::int64_t idle_seconds = 0;
+  std::string user;
+  std::string database;
+  std::string client;
+  std::string reason;  // why it looks leaked; "" if it does not
+  bool terminated = false;
+};
+
+struct Snapshot {
+  int max_connections = 0;
+  int reserved = 0;
+  int used = 0;
+  struct Group {
+    std::string application;
+    std::string state;
+    std::int64_t count = 0;
+  };
+  std::vector<Group> groups;
+  std::vector<Backend> app_backends;  // this app's, leaked ones marked
+  std::string refused;                // a termination refused: the message with the grant
+  [[nodiscard]] int free_slots() const { return std::max(0, max_connections - reserved - used); }
+  [[nodiscard]] std::size_t leaked() const {
+    return static_cast<std::size_t>(
+        std::count_if(app_backends.begin(), app_backends.end(),
+                      [](const Backend& b) { return !b.reason.empty(); }));
+  }
+};
+
+std::string like_literal(std::string_view text) {
+  std::string pattern;
+  for (char c : text) {
+    if (c == '\\' || c == '%' || c == '_') pattern += '\\';
+    pattern += c;
+  }
+  return pattern;
+}
+
+// Marks the backends that look leaked: superseded by a newer incarnation of the same instance,
+// or idle (in a transaction or not) longer than the threshold.
+void find_leaked(std::vector<Backend>& backends, std::int64_t idle_threshold) {
+  // instance -> incarnation -> when its first backend started
+  std::map<std::string, std::map<std::string, double>> incarnations;
+  auto split = [](const std::string& tag) {
+    const auto last = tag.rfind('/');
+    return std::pair{tag.substr(0, last), tag.substr(last + 1)};
+  };
+  for (const auto& backend : backends) {
+    auto [instance, incarnation] = split(backend.application_name);
+    auto& first = incarnations[instance][incarnation];
+    first = first == 0 ? backend.started : std::min(first, backend.started);
+  }
+  for (auto& backend : backends) {
+    auto [instance, incarnation] = split(backend.application_name);
+    const auto& runs = incarnations[instance];
+    const auto newest = std::max_element(
+        runs.begin(), runs.end(), [](const auto& a, const auto& b) { return a.second < b.second; });
+    if (newest->first != incarnation) {
+      backend.reason = "superseded: " + instance + "/" + newest->first +
+                       " started later, so this incarnation's process is gone or a duplicate";
+    } else if (backend.state == "idle in transaction" ||
+               backend.state == "idle in transaction (aborted)") {
+      if (backend.idle_seconds > idle_threshold) {
+        backend.reason = "idle in a transaction for " + std::to_string(backend.idle_seconds) + " s";
+      }
+    } else if (backend.state == "idle" && backend.idle_seconds > idle_threshold) {
+      backend.reason = "idle for " + std::to_string(backend.idle_seconds) + " s";
+    }
+  }
+}
+
+asio::awaitable<Snapshot> take_snapshot(pgrt::Connection& connection, const Arguments& arguments) {
+  Snapshot snapshot;
+  auto server = co_await connection.query(
+      "SELECT current_setting('max_connections')::int, "
+      "current_setting('superuser_reserved_connections')::int + "
+      "coalesce(current_setting('reserved_connections', true)::int, 0), "
+      "(SELECT count(*)::int FROM pg_stat_activity WHERE backend_type = 'client backend')");
+  const pgrt::Row server_row = server[0];
+  snapshot.max_connections = server_row.get<int>(0);
+  snapshot.reserved = server_row.get<int>(1);
+  snapshot.used = server_row.get<int>(2);
+  auto groups = co_await connection.query(
+      "SELECT coalesce(nullif(application_name, ''), '(none)'), coalesce(state, '(none)'), "
+      "count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
+      "GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2");
+  for (const pgrt::Row row : groups) {
+    snapshot.groups.push_back(
+        {row.get<std::string>(0), row.get<std::string>(1), row.get<std::int64_t>(2)});
+  }
+  const std::string pattern = like_literal(arguments.app + "/") + "%";
+  auto backends = co_await connection.query(
+      "SELECT pid, application_name, coalesce(state, ''), "
+      "extract(epoch FROM backend_start)::float8, "
+      "coalesce(extract(epoch FROM now() - state_change)::bigint, 0), coalesce(usename::text, ''), "
+      "coalesce(datname::text, ''), coalesce(host(client_addr) || ':' || client_port, 'local') "
+      "FROM pg_stat_activity WHERE backend_type = 'client backend' "
+      "AND application_name LIKE $1 ESCAPE '\\' AND pid <> pg_backend_pid() ORDER BY backend_start",
+      pattern);
+  for (const pgrt::Row row : backends) {
+    Backend backend;
+    backend.pid = row.get<int>(0);
+    backend.application_name = row.get<std::string>(1);
+    backend.state = row.get<std::string>(2);
+    backend.started = row.get<double>(3);
+    backend.idle_seconds = row.get<std::int64_t>(4);
+    backend.user = row.get<std::string>(5);
+    backend.database = row.get<std::string>(6);
+    backend.client = row.get<std::string>(7);
+    snapshot.app_backends.push_back(std::move(backend));
+  }
+  find_leaked(snapshot.app_backends, arguments.idle_threshold);
+  if (arguments.kill_leaked || arguments.emergency) {
+    for (auto& backend : snapshot.app_backends) {
+      if (arguments.kill_leaked && backend.reason.empty()) continue;
+      try {
+        auto done = co_await connection.query("SELECT pg_terminate_backend($1)", backend.pid);
+        backend.terminated = done.scalar<bool>();
+      } catch (const pgrt::Error& error) {
+        if (pgrt::sqlstate_of(error.code()) != "42501") throw;
+        snapshot.refused = "terminating backend " + std::to_string(backend.pid) +
+                           " was refused: " + error.diagnostics().message +
+                           ". Fix: GRANT EXECUTE ON FUNCTION pg_terminate_backend(integer, "
+                           "bigint) TO <your role>; or GRANT pg_signal_backend TO <your role> "
+                           "(only a superuser may terminate a superuser's backends)";
+        break;
+      }
+    }
+  }
+  co_return snapshot;
+}
+
+void print_json(const Snapshot& snapshot, const Arguments& arguments) {
+  std::ostringstream out;
+  out << "{\"server\":{\"max_connections\":" << snapshot.max_connections
+      << ",\"reserved\":" << snapshot.reserved << ",\"used\":" << snapshot.used
+      << ",\"free\":" << snapshot.free_slots() << "},\"groups\":[";
+  for (std::size_t i = 0; i < snapshot.groups.size(); ++i) {
+    const auto& group = snapshot.groups[i];
+    out << (i == 0 ? "" : ",") << "{\"application\":" << json_string(group.application)
+        << ",\"state\":" << json_string(group.state) << ",\"count\":" << group.count << "}";
+  }
+  out << "],\"app\":" << json_string(arguments.app) << ",\"backends\":[";
+  for (std::size_t i = 0; i < snapshot.app_backends.size(); ++i) {
+    const auto& backend = snapshot.app_backends[i];
+    out << (i == 0 ? "" : ",") << "{\"pid\":" << backend.pid
+        << ",\"application_name\":" << json_string(backend.application_name)
+        << ",\"state\":" << json_string(backend.state)
+        << ",\"idle_seconds\":" << backend.idle_seconds << ",\"user\":" << json_string(backend.user)
+        << ",\"database\":" << json_string(backend.database)
+        << ",\"client\":" << json_string(backend.client)
+        << ",\"leaked\":" << (backend.reason.empty() ? "false" : "true")
+        << ",\"reason\":" << json_string(backend.reason)
+        << ",\"terminated\":" << (backend.terminated ? "true" : "false") << "}";
+  }
+  out << "],\"leaked\":" << snapshot.leaked() << ",\"refused\":" << json_string(snapshot.refused)
+      << "}";
+  std::cout << out.str() << std::endl;
+}
+
+void print_text(const Snapshot& snapshot, const Arguments& arguments) {
+  std::cout << "server: max_connections " << snapshot.max_connections << ", reserved "
+            << snapshot.reserved << ", used " << snapshot.used << ", free " << snapshot.free_slots()
+            << "\n\nconnections by application and state:\n";
+  for (const auto& group : snapshot.groups) {
+    std::cout << "  " << group.count << "\t" << group.application << " (" << group.state << ")\n";
+  }
+  std::cout << "\nbackends of " << arguments.app << ": " << snapshot.app_backends.size()
+            << ", leaked: " << snapshot.leaked() << "\n";
+  for (const auto& backend : snapshot.app_backends) {
+    std::cout << "  pid " << backend.pid << "  " << backend.application_name << "  "
+              << (backend.state.empty() ? "-" : backend.state) << " " << backend.idle_seconds
+              << " s  " << backend.user << "@" << backend.database << " from " << backend.client;
+    if (!backend.reason.empty()) std::cout << "\n      LEAKED: " << backend.reason;
+    if (backend.terminated) std::cout << "\n      terminated";
+    std::cout << "\n";
+  }
+  if (!snapshot.refused.empty()) std::cout << "\n" << snapshot.refused << "\n";
+  std::cout << std::flush;
+}
+
+std::atomic<bool> interrupted{false};
+
+int run(const Arguments& arguments) {
+  asio::io_context io;
+  pgrt::ConnectOptions options;
+  options.conninfo = arguments.conninfo;
+  options.application_name = "pgrt-diag";
+  options.connect_timeout = std::chrono::seconds(10);
+  auto connecting =
+      asio::co_spawn(io, pgrt::Connection::connect(std::move(options)), asio::use_future);
+  io.run();
+  pgrt::Connection connection = connecting.get();
+  for (;;) {
+    io.restart();
+    auto snapshot_future =
+        asio::co_spawn(io, take_snapshot(connection, arguments), asio::use_future);
+    io.run();
+    const Snapshot snapshot = snapshot_future.get();
+    if (arguments.watch_seconds && !arguments.json) std::cout << "\033[H\033[2J";
+    if (arguments.json) {
+      print_json(snapshot, arguments);
+    } else {
+      print_text(snapshot, arguments);
+    }
+    const bool acted = arguments.kill_leaked || arguments.emergency;
+    const int code = !snapshot.refused.empty()           ? exit_refused
+                     : (!acted && snapshot.leaked() > 0) ? exit_leaked
+                                                         : exit_clean;
+    if (!arguments.watch_seconds) return code;
+    for (int i = 0; i < *arguments.watch_seconds * 10 && !interrupted; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    if (interrupted) return exit_clean;
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  auto arguments = parse_arguments(argc, argv);
+  if (!arguments) return exit_usage;
+  std::signal(SIGINT, [](int) { interrupted = true; });
+  try {
+    return run(*arguments);
+  } catch (const std::exception& error) {
+    // pgrt's messages never contain a password.
+    std::cerr << "pgrt-diag: " << error.what() << std::endl;
+    return exit_unreachable;
+  }
+}
