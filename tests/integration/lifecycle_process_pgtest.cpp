@@ -1,6 +1,9 @@
 // Whole processes under the lifecycle manager, against the test cluster: the demo stopped by
 // SIGTERM (once, twice) under write load loses no accepted write; SIGINT twice exits at once; a
 // stop that hangs is ended by the watchdog; std::exit() from a worker closes the pool at exit.
+// Start-up hygiene: a crashed predecessor's leftovers are terminated (and nothing else), a second
+// instance is refused or takes over with force, a missing permission is a warning, pgrt-diag.
+#include <algorithm>
 #include <chrono>
 #include <csignal>
 #include <cstdlib>
@@ -11,6 +14,7 @@
 #include <gtest/gtest.h>
 #include <optional>
 #include <regex>
+#include <set>
 #include <sstream>
 #include <string>
 #include <sys/wait.h>
@@ -18,13 +22,21 @@
 #include <unistd.h>
 #include <vector>
 
+#include <pgrt/db.hpp>
+#include <pgrt/service.hpp>
+
 #include "pgrt/testing/blocking_sql.hpp"
 #include "pgrt/testing/db_test.hpp"
 #include "pgrt/testing/eventually.hpp"
+#include "pgrt/testing/fault_proxy.hpp"
+#include "pgrt/testing/run_coroutine.hpp"
 #include "process.hpp"
 
 #ifndef PGRT_DEMO_PATH
 #error "PGRT_DEMO_PATH must name the pgrt_demo binary"
+#endif
+#ifndef PGRT_DIAG_PATH
+#error "PGRT_DIAG_PATH must name the pgrt-diag binary"
 #endif
 #ifndef PGRT_PROBE_PATH
 #error "PGRT_PROBE_PATH must name the lifecycle_probe binary"
@@ -37,16 +49,28 @@ using namespace std::chrono_literals;
 using testing::BlockingConnection;
 using ::testing::HasSubstr;
 using Clock = std::chrono::steady_clock;
+using testing::run_coroutine;
+namespace asio = boost::asio;
 
 // A child process with its output in a file.
 class Child {
  public:
-  Child(std::vector<std::string> argv, const std::string& database_url, const std::string& app)
+  using Environment = std::vector<std::pair<std::string, std::string>>;
+
+  // Starts `argv` with DATABASE_URL, PGRT_APP, PGRT_RUNTIME_DIR (a directory of this test
+  // binary's) and `extra` set.
+  Child(std::vector<std::string> argv, const std::string& database_url, const std::string& app,
+        Environment extra = {})
       : output_(std::filesystem::temp_directory_path() /
                 ("pgrt-process-test-" + std::to_string(::getpid()) + "-" +
                  std::to_string(counter_++) + ".out")) {
-    ::setenv("DATABASE_URL", database_url.c_str(), 1);
-    ::setenv("PGRT_APP", app.c_str(), 1);
+    extra.emplace_back("DATABASE_URL", database_url);
+    extra.emplace_back("PGRT_APP", app);
+    if (std::none_of(extra.begin(), extra.end(),
+                     [](const auto& entry) { return entry.first == "PGRT_RUNTIME_DIR"; })) {
+      extra.emplace_back("PGRT_RUNTIME_DIR", runtime_directory().string());
+    }
+    for (const auto& [name, value] : extra) ::setenv(name.c_str(), value.c_str(), 1);
     const int fd = ::open(output_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     testing::detail::SpawnOptions options;
     options.argv = std::move(argv);
@@ -55,9 +79,15 @@ class Child {
     options.parent_death_signal = SIGKILL;
     pid_ = testing::detail::spawn(options);
     ::close(fd);
-    ::unsetenv("DATABASE_URL");
-    ::unsetenv("PGRT_APP");
+    for (const auto& [name, value] : extra) ::unsetenv(name.c_str());
   }
+
+  static std::filesystem::path runtime_directory() {
+    return std::filesystem::temp_directory_path() /
+           ("pgrt-process-test-" + std::to_string(::getpid()) + "-run");
+  }
+
+  [[nodiscard]] pid_t pid() const { return pid_; }
   Child(const Child&) = delete;
   Child& operator=(const Child&) = delete;
   Child(Child&&) = delete;
@@ -221,6 +251,229 @@ TEST_F(LifecycleProcessTest, StdExitFromAWorkerRunsTheExitHandlerAndLeavesNoBack
   // vanished client only when the statement ends. The handler cancels it.
   EXPECT_TRUE(testing::eventually([] { return backends_of("exit-probe") == 0; }, 5s))
       << backends_of("exit-probe") << " backends left";
+}
+
+// ------------------------------------------------------------------------------ start-up hygiene
+
+std::set<int> parse_pids(const std::string& output) {
+  // "holding <tag> pids 1,2,3"
+  std::set<int> pids;
+  const std::regex pattern("holding \\S+ pids ([0-9]+),([0-9]+),([0-9]+)");
+  std::smatch match;
+  if (std::regex_search(output, match, pattern)) {
+    for (int i = 1; i <= 3; ++i) pids.insert(std::stoi(match[i]));
+  }
+  return pids;
+}
+
+class StartupHygieneTest : public testing::DbTest {
+ protected:
+  static std::set<int> backend_pids(const std::string& like) {
+    BlockingConnection observer(cluster().dsn());
+    std::set<int> pids;
+    for (const auto& row : observer.query(
+             "SELECT pid FROM pg_stat_activity WHERE application_name LIKE '" + like + "'")) {
+      pids.insert(std::stoi(*row[0]));
+    }
+    return pids;
+  }
+
+  // A predecessor that held 3 connections of app/instance through a proxy that keeps the server
+  // side open, then was SIGKILLed: the server still shows its 3 backends. Returns their pids.
+  std::set<int> crashed_predecessor(testing::FaultProxy& proxy, const std::string& app,
+                                    const std::string& instance) {
+    proxy.keep_upstream(true);
+    Child predecessor({PGRT_PROBE_PATH, "hold-connections"},
+                      proxy.conninfo_prefix() + " user=postgres dbname=postgres", app,
+                      {{"PGRT_INSTANCE", instance}});
+    EXPECT_TRUE(predecessor.wait_for_output("holding", 60s)) << predecessor.output();
+    const std::set<int> pids = parse_pids(predecessor.output());
+    EXPECT_EQ(pids.size(), 3U) << predecessor.output();
+    predecessor.signal(SIGKILL);
+    (void)predecessor.wait_for_exit(10s);
+    std::this_thread::sleep_for(200ms);
+    EXPECT_EQ(backend_pids(app + "/" + instance + "/%"), pids)
+        << "the proxy should keep the predecessor's backends on the server";
+    return pids;
+  }
+};
+
+TEST_F(StartupHygieneTest, PooledConnectionsCarryTheSessionGuards) {
+  PoolConfig config;
+  config.conninfo = cluster().dsn();
+  config.application = "guards";
+  run_coroutine([&]() -> asio::awaitable<void> {
+    Pool pool(co_await asio::this_coro::executor, config);
+    auto lease = co_await pool.acquire();
+    auto rows = co_await lease->query(
+        "SELECT current_setting('idle_in_transaction_session_timeout'), "
+        "current_setting('client_connection_check_interval')");
+    EXPECT_EQ(rows[0].get<std::string>(0), "5min");
+    EXPECT_EQ(rows[0].get<std::string>(1), "10s");
+  });
+  config.guards.idle_in_transaction_timeout = 0ms;
+  config.guards.client_connection_check_interval = 0ms;
+  run_coroutine([&]() -> asio::awaitable<void> {
+    Pool pool(co_await asio::this_coro::executor, config);
+    auto lease = co_await pool.acquire();
+    auto rows = co_await lease->query(
+        "SELECT current_setting('idle_in_transaction_session_timeout'), "
+        "current_setting('client_connection_check_interval')");
+    EXPECT_EQ(rows[0].get<std::string>(0), "0");
+    EXPECT_EQ(rows[0].get<std::string>(1), "0");
+  });
+}
+
+TEST_F(StartupHygieneTest, ACrashedPredecessorsLeftoversAreTerminatedAndNothingElse) {
+  testing::FaultProxy proxy("127.0.0.1", static_cast<std::uint16_t>(cluster().port()));
+  const std::set<int> leftovers = crashed_predecessor(proxy, "hyg", "one");
+  // A sibling instance of the same app, and a foreign application, both alive.
+  Child sibling({PGRT_PROBE_PATH, "hold-connections"}, cluster().dsn(), "hyg",
+                {{"PGRT_INSTANCE", "two"}});
+  ASSERT_TRUE(sibling.wait_for_output("holding", 60s)) << sibling.output();
+  const std::set<int> sibling_pids = parse_pids(sibling.output());
+  BlockingConnection foreign(cluster().dsn() + " application_name=hyg-foreign");
+
+  PoolConfig config;
+  config.conninfo = cluster().dsn();
+  config.application = "hyg";
+  config.instance = "one";
+  StartupHygieneOptions options;
+  options.lock_directory = Child::runtime_directory();
+  CleanupReport report;
+  run_coroutine([&]() -> asio::awaitable<void> {
+    StartupHygiene hygiene(co_await asio::this_coro::executor, config, options);
+    co_await hygiene.start();
+    report = hygiene.cleanup_report();
+    co_await hygiene.stop();
+  });
+  std::set<int> terminated;
+  bool saw_idle_in_transaction = false;
+  for (const auto& backend : report.backends) {
+    if (backend.terminated) terminated.insert(backend.pid);
+    saw_idle_in_transaction |= backend.state == "idle in transaction";
+    EXPECT_THAT(backend.reason, HasSubstr("an earlier incarnation of hyg/one"));
+  }
+  EXPECT_EQ(terminated, leftovers);
+  EXPECT_TRUE(saw_idle_in_transaction);
+  EXPECT_FALSE(report.permission_denied);
+  EXPECT_TRUE(testing::eventually([] { return backend_pids("hyg/one/%").empty(); }));
+  EXPECT_EQ(backend_pids("hyg/two/%"), sibling_pids);
+  EXPECT_EQ(foreign.scalar("SELECT 1"), "1");
+}
+
+TEST_F(StartupHygieneTest, ASecondInstanceIsRefusedNamingTheFirstAndForceTakesOver) {
+  const std::string dsn = cluster().dsn();
+  Child first({PGRT_PROBE_PATH, "singleton"}, dsn, "dup", {{"PGRT_INSTANCE", "solo"}});
+  ASSERT_TRUE(first.wait_for_output("probe: ready", 60s)) << first.output();
+
+  Child second({PGRT_PROBE_PATH, "singleton"}, dsn, "dup", {{"PGRT_INSTANCE", "solo"}});
+  EXPECT_EQ(second.wait_for_exit(60s), 1) << second.status() << "\n" << second.output();
+  EXPECT_THAT(second.output(),
+              HasSubstr("another dup/solo is running as pid " + std::to_string(first.pid())));
+
+  Child third({PGRT_PROBE_PATH, "singleton"}, dsn, "dup",
+              {{"PGRT_INSTANCE", "solo"}, {"PGRT_FORCE", "1"}});
+  EXPECT_EQ(first.wait_for_exit(60s), 0) << "stopped gracefully by SIGTERM\n" << first.output();
+  EXPECT_THAT(first.output(), HasSubstr("SIGTERM: shutting down gracefully"));
+  ASSERT_TRUE(third.wait_for_output("probe: ready", 60s)) << third.output();
+  EXPECT_THAT(third.output(), HasSubstr("took over"));
+  third.signal(SIGTERM);
+  EXPECT_EQ(third.wait_for_exit(60s), 0) << third.output();
+}
+
+TEST_F(StartupHygieneTest, TheDemoRestartedAfterACrashTerminatesItsPredecessorsLeftovers) {
+  testing::FaultProxy proxy("127.0.0.1", static_cast<std::uint16_t>(cluster().port()));
+  proxy.keep_upstream(true);
+  std::set<int> leftovers;
+  {
+    Child crashed({PGRT_DEMO_PATH, "--workers", "20"},
+                  proxy.conninfo_prefix() + " user=postgres dbname=postgres", "demo-crash",
+                  {{"PGRT_INSTANCE", "x"}});
+    ASSERT_TRUE(crashed.wait_for_output("requests/s", 60s)) << crashed.output();
+    crashed.signal(SIGKILL);
+    (void)crashed.wait_for_exit(10s);
+    std::this_thread::sleep_for(200ms);
+    leftovers = backend_pids("demo-crash/x/%");
+  }
+  ASSERT_FALSE(leftovers.empty()) << "the proxy should keep the crashed demo's backends";
+  Child restarted({PGRT_DEMO_PATH, "--duration", "1", "--workers", "20"}, cluster().dsn(),
+                  "demo-crash", {{"PGRT_INSTANCE", "x"}});
+  EXPECT_EQ(restarted.wait_for_exit(60s), 0) << restarted.output();
+  const std::string output = restarted.output();
+  for (int pid : leftovers) {
+    EXPECT_THAT(output, HasSubstr("terminated backend " + std::to_string(pid) + " (demo-crash/x/"));
+  }
+  EXPECT_TRUE(testing::eventually([] { return backend_pids("demo-crash/x/%").empty(); }));
+}
+
+TEST_F(StartupHygieneTest, ARoleThatMayNotTerminateGetsAWarningAndStartsAnyway) {
+  auto own = start_own_cluster();
+  {
+    BlockingConnection admin(own->dsn());
+    admin.query("CREATE ROLE hyg_limited LOGIN");
+    admin.query("REVOKE EXECUTE ON FUNCTION pg_terminate_backend(integer, bigint) FROM PUBLIC");
+  }
+  const std::string limited = own->dsn() + " user=hyg_limited";
+  BlockingConnection leftover(limited + " application_name=perm/one/0123abcd");
+  const int leftover_pid = leftover.backend_pid();
+
+  PoolConfig config;
+  config.conninfo = limited;
+  config.application = "perm";
+  config.instance = "one";
+  StartupHygieneOptions options;
+  options.instance_lock = false;
+  CleanupReport report;
+  run_coroutine([&]() -> asio::awaitable<void> {
+    StartupHygiene hygiene(co_await asio::this_coro::executor, config, options);
+    co_await hygiene.start();  // does not throw
+    report = hygiene.cleanup_report();
+    co_await hygiene.stop();
+  });
+  EXPECT_TRUE(report.permission_denied);
+  EXPECT_EQ(report.terminated(), 0U);
+  EXPECT_THAT(report.warning,
+              HasSubstr("GRANT EXECUTE ON FUNCTION pg_terminate_backend(integer, bigint) TO "
+                        "hyg_limited"));
+  EXPECT_TRUE(testing::backend_exists(own->dsn(), leftover_pid));
+}
+
+TEST_F(StartupHygieneTest, DiagReportsLeakedBackendsAsJsonAndKillsOnlyThose) {
+  testing::FaultProxy proxy("127.0.0.1", static_cast<std::uint16_t>(cluster().port()));
+  const std::set<int> leaked = crashed_predecessor(proxy, "diag", "one");
+  Child successor({PGRT_PROBE_PATH, "hold-connections"}, cluster().dsn(), "diag",
+                  {{"PGRT_INSTANCE", "one"}});
+  ASSERT_TRUE(successor.wait_for_output("holding", 60s)) << successor.output();
+  const std::set<int> alive = parse_pids(successor.output());
+  BlockingConnection foreign(cluster().dsn() + " application_name=diag-foreign");
+
+  auto leaked_in = [](const std::string& json) {
+    std::set<int> pids;
+    const std::regex object("\\{\"pid\":([0-9]+),[^}]*\"leaked\":true");
+    for (auto it = std::sregex_iterator(json.begin(), json.end(), object);
+         it != std::sregex_iterator(); ++it) {
+      pids.insert(std::stoi((*it)[1]));
+    }
+    return pids;
+  };
+  {
+    Child diag({PGRT_DIAG_PATH, "--app", "diag", "--json"}, cluster().dsn(), "diag");
+    EXPECT_EQ(diag.wait_for_exit(30s), 1) << "leaked backends found\n" << diag.output();
+    const std::string json = diag.output();
+    EXPECT_TRUE(json.starts_with("{\"server\":{\"max_connections\":")) << json;
+    EXPECT_THAT(json, HasSubstr("\"application\":\"diag-foreign\""));
+    EXPECT_THAT(json, HasSubstr("\"leaked\":3,"));
+    EXPECT_EQ(leaked_in(json), leaked);
+    EXPECT_THAT(json, HasSubstr("superseded"));
+  }
+  {
+    Child kill({PGRT_DIAG_PATH, "--app", "diag", "--kill-leaked", "--json"}, cluster().dsn(),
+               "diag");
+    EXPECT_EQ(kill.wait_for_exit(30s), 0) << kill.output();
+  }
+  EXPECT_TRUE(testing::eventually([&] { return backend_pids("diag/one/%") == alive; }));
+  EXPECT_EQ(foreign.scalar("SELECT 1"), "1");
 }
 
 }  // namespace
