@@ -407,6 +407,65 @@ TEST_F(StartupHygieneTest, TheDemoRestartedAfterACrashTerminatesItsPredecessorsL
   EXPECT_TRUE(testing::eventually([] { return backend_pids("demo-crash/x/%").empty(); }));
 }
 
+TEST_F(StartupHygieneTest, TheIdleRuleAlsoEndsThisAppsLongIdleBackendsButNoOneElses) {
+  BlockingConnection other_instance(cluster().dsn() + " application_name=idler/two/0badcafe");
+  BlockingConnection foreign(cluster().dsn() + " application_name=idler-foreign");
+  const int other_pid = other_instance.backend_pid();
+  std::this_thread::sleep_for(1500ms);
+  PoolConfig config;
+  config.conninfo = cluster().dsn();
+  config.application = "idler";
+  config.instance = "one";
+  StartupHygieneOptions options;
+  options.instance_lock = false;
+  options.idle_threshold = std::chrono::seconds(1);
+  CleanupReport report;
+  run_coroutine([&]() -> asio::awaitable<void> {
+    StartupHygiene hygiene(co_await asio::this_coro::executor, config, options);
+    co_await hygiene.start();
+    report = hygiene.cleanup_report();
+    co_await hygiene.stop();
+  });
+  ASSERT_EQ(report.backends.size(), 1U);
+  EXPECT_EQ(report.backends[0].pid, other_pid);
+  EXPECT_THAT(report.backends[0].reason, ::testing::StartsWith("idle for "));
+  EXPECT_TRUE(report.backends[0].terminated);
+  EXPECT_EQ(foreign.scalar("SELECT 1"), "1");
+}
+
+TEST_F(StartupHygieneTest, TheClusterWideLockRefusesASecondInstanceNamingTheHolder) {
+  PoolConfig config;
+  config.conninfo = cluster().dsn();
+  config.application = "cluster";
+  config.instance = "one";
+  config.max_size = 3;
+  StartupHygieneOptions options;
+  options.instance_lock = false;  // as if on two hosts
+  options.cluster_lock = true;
+  run_coroutine([&]() -> asio::awaitable<void> {
+    StartupHygiene first(co_await asio::this_coro::executor, config, options);
+    co_await first.start();
+    StartupHygiene second(co_await asio::this_coro::executor, config, options);
+    try {
+      co_await second.start();
+      ADD_FAILURE() << "a second holder of the cluster-wide lock";
+    } catch (const Error& error) {
+      EXPECT_EQ(error.code(), client_errc::instance_locked);
+      EXPECT_THAT(error.what(), HasSubstr("holds the cluster-wide instance lock: backend"));
+      EXPECT_THAT(error.what(), HasSubstr("cluster/one/"));
+    }
+    co_await first.stop();  // the session ends: the lock is free again
+    StartupHygiene third(co_await asio::this_coro::executor, config, options);
+    co_await third.start();
+    co_await third.stop();
+  });
+  // The lock's connection is counted against the pool's max.
+  lifecycle::Manager app({.handle_signals = false, .shutdown_logging = false});
+  PoolConfig counted = config;
+  (void)add_startup_hygiene(app, counted, options);
+  EXPECT_EQ(counted.max_size, 2U);
+}
+
 TEST_F(StartupHygieneTest, ARoleThatMayNotTerminateGetsAWarningAndStartsAnyway) {
   auto own = start_own_cluster();
   {
