@@ -182,15 +182,6 @@ struct Snapshot {
   }
 };
 
-std::string like_literal(std::string_view text) {
-  std::string pattern;
-  for (char c : text) {
-    if (c == '\\' || c == '%' || c == '_') pattern += '\\';
-    pattern += c;
-  }
-  return pattern;
-}
-
 // Marks the backends that look leaked: superseded by a newer incarnation of the same instance,
 // or idle (in a transaction or not) longer than the threshold.
 void find_leaked(std::vector<Backend>& backends, std::int64_t idle_threshold) {
@@ -243,7 +234,7 @@ asio::awaitable<Snapshot> take_snapshot(pgrt::Connection& connection, const Argu
     snapshot.groups.push_back(
         {row.get<std::string>(0), row.get<std::string>(1), row.get<std::int64_t>(2)});
   }
-  const std::string pattern = like_literal(arguments.app + "/") + "%";
+  const std::string pattern = pgrt::like_literal(arguments.app + "/") + "%";
   auto backends = co_await connection.query(
       "SELECT pid, application_name, coalesce(state, ''), "
       "extract(epoch FROM backend_start)::float8, "

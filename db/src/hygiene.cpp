@@ -11,16 +11,6 @@ namespace pgrt {
 
 namespace {
 
-// `text` as a LIKE pattern that matches it literally (escape character '\').
-std::string like_literal(std::string_view text) {
-  std::string pattern;
-  for (char c : text) {
-    if (c == '\\' || c == '%' || c == '_') pattern += '\\';
-    pattern += c;
-  }
-  return pattern;
-}
-
 constexpr const char* leftovers_sql =
     "SELECT pid, application_name, coalesce(state, ''), backend_start::text, "
     "coalesce(host(client_addr) || ':' || client_port, 'local'), "
@@ -36,6 +26,15 @@ constexpr const char* leftovers_sql =
     "ORDER BY backend_start";
 
 }  // namespace
+
+std::string like_literal(std::string_view text) {
+  std::string pattern;
+  for (char c : text) {
+    if (c == '\\' || c == '%' || c == '_') pattern += '\\';
+    pattern += c;
+  }
+  return pattern;
+}
 
 std::size_t CleanupReport::terminated() const noexcept {
   return static_cast<std::size_t>(std::count_if(

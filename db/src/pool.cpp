@@ -797,6 +797,17 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     return snapshot;
   }
 
+  // Wakes every waiter with pool_closed.
+  void fail_waiters_locked() {
+    for (auto& queue : waiters) {
+      for (Waiter* waiter : queue) {
+        waiter->pool_closed = true;
+        waiter->timer.cancel();
+      }
+      queue.clear();
+    }
+  }
+
   // The synchronous, best-effort close for a process that exits without a graceful stop: runs no
   // coroutine and posts nothing. Idle connections are closed here (Terminate, then the socket);
   // leased and background ones are interrupted; their capacity is left counted.
@@ -804,13 +815,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     try {
       std::lock_guard lock(mutex);
       pool_closing = true;
-      for (auto& queue : waiters) {
-        for (Waiter* waiter : queue) {
-          waiter->pool_closed = true;
-          waiter->timer.cancel();
-        }
-        queue.clear();
-      }
+      fail_waiters_locked();
       const std::size_t closed = idle.size();
       for (auto& pooled : idle) {
         pooled->advance(NodeEvent::discard);
@@ -840,13 +845,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     std::lock_guard lock(mutex);
     if (pool_closing) return;
     pool_closing = true;
-    for (auto& queue : waiters) {
-      for (Waiter* waiter : queue) {
-        waiter->pool_closed = true;
-        waiter->timer.cancel();
-      }
-      queue.clear();
-    }
+    fail_waiters_locked();
     auto idle_now = std::move(idle);
     idle.clear();
     for (auto& pooled : idle_now)

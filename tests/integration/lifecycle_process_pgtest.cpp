@@ -268,6 +268,18 @@ std::set<int> parse_pids(const std::string& output) {
 
 class StartupHygieneTest : public testing::DbTest {
  protected:
+  // Starts and stops a StartupHygiene; returns what its cleanup did.
+  static CleanupReport run_hygiene(const PoolConfig& config, const StartupHygieneOptions& options) {
+    CleanupReport report;
+    run_coroutine([&]() -> asio::awaitable<void> {
+      StartupHygiene hygiene(co_await asio::this_coro::executor, config, options);
+      co_await hygiene.start();
+      report = hygiene.cleanup_report();
+      co_await hygiene.stop();
+    });
+    return report;
+  }
+
   static std::set<int> backend_pids(const std::string& like) {
     BlockingConnection observer(cluster().dsn());
     std::set<int> pids;
@@ -340,13 +352,7 @@ TEST_F(StartupHygieneTest, ACrashedPredecessorsLeftoversAreTerminatedAndNothingE
   config.instance = "one";
   StartupHygieneOptions options;
   options.lock_directory = Child::runtime_directory();
-  CleanupReport report;
-  run_coroutine([&]() -> asio::awaitable<void> {
-    StartupHygiene hygiene(co_await asio::this_coro::executor, config, options);
-    co_await hygiene.start();
-    report = hygiene.cleanup_report();
-    co_await hygiene.stop();
-  });
+  const CleanupReport report = run_hygiene(config, options);
   std::set<int> terminated;
   bool saw_idle_in_transaction = false;
   for (const auto& backend : report.backends) {
@@ -419,13 +425,7 @@ TEST_F(StartupHygieneTest, TheIdleRuleAlsoEndsThisAppsLongIdleBackendsButNoOneEl
   StartupHygieneOptions options;
   options.instance_lock = false;
   options.idle_threshold = std::chrono::seconds(1);
-  CleanupReport report;
-  run_coroutine([&]() -> asio::awaitable<void> {
-    StartupHygiene hygiene(co_await asio::this_coro::executor, config, options);
-    co_await hygiene.start();
-    report = hygiene.cleanup_report();
-    co_await hygiene.stop();
-  });
+  const CleanupReport report = run_hygiene(config, options);
   ASSERT_EQ(report.backends.size(), 1U);
   EXPECT_EQ(report.backends[0].pid, other_pid);
   EXPECT_THAT(report.backends[0].reason, ::testing::StartsWith("idle for "));
@@ -483,13 +483,7 @@ TEST_F(StartupHygieneTest, ARoleThatMayNotTerminateGetsAWarningAndStartsAnyway) 
   config.instance = "one";
   StartupHygieneOptions options;
   options.instance_lock = false;
-  CleanupReport report;
-  run_coroutine([&]() -> asio::awaitable<void> {
-    StartupHygiene hygiene(co_await asio::this_coro::executor, config, options);
-    co_await hygiene.start();  // does not throw
-    report = hygiene.cleanup_report();
-    co_await hygiene.stop();
-  });
+  const CleanupReport report = run_hygiene(config, options);  // does not throw
   EXPECT_TRUE(report.permission_denied);
   EXPECT_EQ(report.terminated(), 0U);
   EXPECT_THAT(report.warning,

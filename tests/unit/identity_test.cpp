@@ -11,6 +11,7 @@
 #include <thread>
 #include <unistd.h>
 
+#include "pgrt/db/hygiene.hpp"
 #include "pgrt/runtime/instance_lock.hpp"
 
 namespace pgrt {
@@ -44,6 +45,11 @@ TEST(ConnectionTag, IsAppInstanceIncarnationInAsciiWithinSixtyThreeBytes) {
   // No instance: the host name, the same every time.
   EXPECT_EQ(make_connection_tag("app", ""), "app/" + default_instance_name() + "/" + incarnation);
   EXPECT_THAT(default_instance_name(), MatchesRegex("[A-Za-z0-9._-]+"));
+}
+
+TEST(LikeLiteral, EscapesTheWildcardsAndTheEscapeCharacter) {
+  EXPECT_EQ(like_literal("orders/eu-1/"), "orders/eu-1/");
+  EXPECT_EQ(like_literal("a_b%c\\d"), "a\\_b\\%c\\\\d");
 }
 
 class InstanceLockTest : public ::testing::Test {

@@ -8,6 +8,7 @@
 #include <boost/asio/awaitable.hpp>
 #include <chrono>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "pgrt/db/connection.hpp"
@@ -40,6 +41,10 @@ struct CleanupReport {
   std::string warning;
   [[nodiscard]] std::size_t terminated() const noexcept;
 };
+
+/// `text` as a SQL LIKE pattern that matches it literally, with a backslash as the escape
+/// character (use `LIKE $1 ESCAPE '\'`): `a_b%` becomes `a\_b\%`.
+[[nodiscard]] std::string like_literal(std::string_view text);
 
 /// Terminates, over `connection`, the client backends that are in the same database, under the
 /// same role, and either carry an application_name `<app>/<instance>/<other incarnation>` or (with
