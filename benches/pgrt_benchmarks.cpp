@@ -1,0 +1,536 @@
+// pgrt's benchmarks (Google Benchmark). Each one runs for a fixed wall-clock window per
+// repetition (PGRT_BENCH_SECONDS, default 1; the ctest smoke run uses 0.02) and reports its own
+// counters; scripts/bench.sh runs them interleaved with the peers (pgbench, raw libpq in this
+// binary, the Python pools) and writes docs/benchmarks.md.
+//
+// The server: DATABASE_URL (DATABASE_URL_TCP for the TCP variant, else DATABASE_URL), or a
+// throwaway cluster started for the run when DATABASE_URL is unset.
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <benchmark/benchmark.h>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <libpq-fe.h>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <pgrt/db.hpp>
+#include <pgrt/testing/temp_cluster.hpp>
+
+namespace {
+
+namespace asio = boost::asio;
+using Clock = std::chrono::steady_clock;
+using namespace std::chrono_literals;
+
+// --- the server ----------------------------------------------------------------------------------
+
+struct Server {
+  std::unique_ptr<pgrt::testing::TempCluster> cluster;
+  std::string unix_dsn;
+  std::string tcp_dsn;
+};
+
+Server& server() {
+  static Server instance = [] {
+    Server made;
+    const char* url = std::getenv("DATABASE_URL");
+    if (url != nullptr && *url != '\0') {
+      made.unix_dsn = url;
+      const char* tcp = std::getenv("DATABASE_URL_TCP");
+      made.tcp_dsn = tcp != nullptr && *tcp != '\0' ? tcp : url;
+    } else {
+      made.cluster = std::make_unique<pgrt::testing::TempCluster>();
+      made.unix_dsn = made.cluster->dsn();
+      made.tcp_dsn = made.cluster->tcp_dsn();
+    }
+    return made;
+  }();
+  return instance;
+}
+
+std::chrono::duration<double> window() {
+  const char* text = std::getenv("PGRT_BENCH_SECONDS");
+  const double seconds = text != nullptr ? std::strtod(text, nullptr) : 1.0;
+  return std::chrono::duration<double>(seconds > 0 ? seconds : 1.0);
+}
+
+pgrt::PoolConfig pool_config(std::size_t max_size, bool tcp = false) {
+  pgrt::PoolConfig config;
+  config.conninfo = tcp ? server().tcp_dsn : server().unix_dsn;
+  config.max_size = max_size;
+  config.application = "pgrt-bench";
+  config.max_waiters = 100'000;
+  return config;
+}
+
+// Runs a coroutine to completion on its own io_context.
+template <typename MakeCoroutine>
+void run(asio::io_context& io, MakeCoroutine make) {
+  std::exception_ptr failure;
+  asio::co_spawn(io, make(), [&failure](std::exception_ptr error) { failure = error; });
+  io.run();
+  if (failure) std::rethrow_exception(failure);
+}
+
+// --- a log-linear latency histogram
+// ---------------------------------------------------------------
+
+// Buckets of 1/16 of each power of two of nanoseconds: at most ~6% error, no allocation on record.
+class Histogram {
+ public:
+  void record(std::chrono::nanoseconds value) {
+    const auto ns = static_cast<std::uint64_t>(std::max<std::int64_t>(value.count(), 1));
+    const int power = 63 - __builtin_clzll(ns);
+    const int sub = power >= 4 ? static_cast<int>((ns >> (power - 4)) & 15U) : 0;
+    ++buckets_[static_cast<std::size_t>(power * 16 + sub)];
+    ++count_;
+  }
+  [[nodiscard]] double percentile_us(double fraction) const {
+    if (count_ == 0) return 0;
+    const auto wanted =
+        static_cast<std::uint64_t>(std::ceil(fraction * static_cast<double>(count_)));
+    std::uint64_t seen = 0;
+    for (std::size_t i = 0; i < buckets_.size(); ++i) {
+      seen += buckets_[i];
+      if (seen >= wanted) {
+        const int power = static_cast<int>(i / 16);
+        const int sub = static_cast<int>(i % 16);
+        const double low = power >= 4 ? std::ldexp(16.0 + sub, power - 4) : std::ldexp(1.0, power);
+        return low / 1000.0;
+      }
+    }
+    return 0;
+  }
+  [[nodiscard]] std::uint64_t count() const { return count_; }
+
+ private:
+  std::array<std::uint64_t, 64 * 16> buckets_{};
+  std::uint64_t count_ = 0;
+};
+
+void report_latency(benchmark::State& state, const Histogram& histogram, const char* prefix) {
+  const std::string name(prefix);
+  state.counters[name + "_p50_us"] = histogram.percentile_us(0.50);
+  state.counters[name + "_p99_us"] = histogram.percentile_us(0.99);
+  state.counters[name + "_p999_us"] = histogram.percentile_us(0.999);
+}
+
+asio::awaitable<void> yield() {
+  co_await asio::post(co_await asio::this_coro::executor, asio::use_awaitable);
+}
+
+// --- 1. uncontended acquire + release, no I/O
+// -------------------------------------------------------
+
+void BM_PoolAcquireReleaseUncontended(benchmark::State& state) {
+  asio::io_context io;
+  pgrt::Pool pool(io.get_executor(), pool_config(1));
+  run(io, [&]() -> asio::awaitable<void> {
+    { auto warm = co_await pool.acquire(); }  // the connection is open and idle from here
+    for (auto _ : state) {
+      auto lease = co_await pool.acquire();
+      benchmark::DoNotOptimize(lease);
+    }
+    (void)co_await pool.close(0ms);
+  });
+  state.SetItemsProcessed(state.iterations());
+}
+BENCHMARK(BM_PoolAcquireReleaseUncontended);
+
+// --- 2. contended handoff: W waiters on max 3, each holding its lease across one yield
+// ------------
+
+void BM_PoolContendedHandoff(benchmark::State& state) {
+  const auto waiters = static_cast<std::size_t>(state.range(0));
+  for (auto _ : state) {
+    asio::io_context io;
+    pgrt::Pool pool(io.get_executor(), pool_config(3));
+    Histogram waits;
+    std::vector<std::uint64_t> completions(waiters, 0);
+    double seconds = 0;
+    run(io, [&]() -> asio::awaitable<void> {
+      {  // open all three first
+        auto a = co_await pool.acquire();
+        auto b = co_await pool.acquire();
+        auto c = co_await pool.acquire();
+      }
+      const auto started = Clock::now();
+      const auto until = started + window();
+      std::size_t running = waiters;
+      for (std::size_t w = 0; w < waiters; ++w) {
+        asio::co_spawn(
+            io,
+            [&, w]() -> asio::awaitable<void> {
+              while (Clock::now() < until) {
+                const auto asked = Clock::now();
+                auto lease = co_await pool.acquire();
+                waits.record(Clock::now() - asked);
+                ++completions[w];
+                co_await yield();
+              }
+              --running;
+            },
+            asio::detached);
+      }
+      asio::steady_timer timer(io);
+      while (running > 0) {
+        timer.expires_after(1ms);
+        co_await timer.async_wait(asio::use_awaitable);
+      }
+      seconds = std::chrono::duration<double>(Clock::now() - started).count();
+      (void)co_await pool.close(0ms);
+    });
+    const auto [fewest, most] = std::minmax_element(completions.begin(), completions.end());
+    state.counters["acquires_per_s"] = static_cast<double>(waits.count()) / seconds;
+    state.counters["fairness_min_over_max"] =
+        *most == 0 ? 0.0 : static_cast<double>(*fewest) / static_cast<double>(*most);
+    report_latency(state, waits, "wait");
+  }
+}
+BENCHMARK(BM_PoolContendedHandoff)->Arg(3)->Arg(16)->Arg(64)->Arg(256)->Iterations(1);
+
+// --- 3 and 7. acquire + prepared SELECT 1 + release, over the unix socket or TCP
+// --------------------
+
+// Runs `tasks` coroutines doing acquire + prepared SELECT 1 + release on a max-3 pool for the
+// window; returns queries per second and records each request's latency.
+double select_one_closed_loop(std::size_t tasks, bool tcp, Histogram& latencies) {
+  asio::io_context io;
+  pgrt::Pool pool(io.get_executor(), pool_config(3, tcp));
+  std::uint64_t queries = 0;
+  double seconds = 0;
+  run(io, [&]() -> asio::awaitable<void> {
+    {
+      auto a = co_await pool.acquire();
+      auto b = co_await pool.acquire();
+      auto c = co_await pool.acquire();
+      (void)co_await a->query_prepared("SELECT 1");
+      (void)co_await b->query_prepared("SELECT 1");
+      (void)co_await c->query_prepared("SELECT 1");
+    }
+    const auto started = Clock::now();
+    const auto until = started + window();
+    std::size_t running = tasks;
+    for (std::size_t t = 0; t < tasks; ++t) {
+      asio::co_spawn(
+          io,
+          [&]() -> asio::awaitable<void> {
+            while (Clock::now() < until) {
+              const auto begun = Clock::now();
+              auto lease = co_await pool.acquire();
+              auto result = co_await lease->query_prepared("SELECT 1");
+              benchmark::DoNotOptimize(result);
+              lease.release();
+              latencies.record(Clock::now() - begun);
+              ++queries;
+            }
+            --running;
+          },
+          asio::detached);
+    }
+    asio::steady_timer timer(io);
+    while (running > 0) {
+      timer.expires_after(1ms);
+      co_await timer.async_wait(asio::use_awaitable);
+    }
+    seconds = std::chrono::duration<double>(Clock::now() - started).count();
+    (void)co_await pool.close(0ms);
+  });
+  return static_cast<double>(queries) / seconds;
+}
+
+void BM_PoolSelectOne(benchmark::State& state) {
+  const auto tasks = static_cast<std::size_t>(state.range(0));
+  const bool tcp = state.range(1) != 0;
+  for (auto _ : state) {
+    Histogram latencies;
+    state.counters["queries_per_s"] = select_one_closed_loop(tasks, tcp, latencies);
+    report_latency(state, latencies, "latency");
+  }
+}
+BENCHMARK(BM_PoolSelectOne)
+    ->ArgNames({"tasks", "tcp"})
+    ->Args({1, 0})
+    ->Args({3, 0})
+    ->Args({64, 0})
+    ->Args({1, 1})
+    ->Args({3, 1})
+    ->Args({64, 1})
+    ->Iterations(1);
+
+// The peer: blocking libpq, one thread per connection, PQexecPrepared in a loop.
+void BM_RawLibpqSelectOne(benchmark::State& state) {
+  const auto connections = static_cast<std::size_t>(state.range(0));
+  const bool tcp = state.range(1) != 0;
+  for (auto _ : state) {
+    std::atomic<std::uint64_t> queries{0};
+    std::atomic<bool> failed{false};
+    const auto until = Clock::now() + window();
+    const auto started = Clock::now();
+    std::vector<std::thread> threads;
+    for (std::size_t i = 0; i < connections; ++i) {
+      threads.emplace_back([&] {
+        PGconn* conn = PQconnectdb((tcp ? server().tcp_dsn : server().unix_dsn).c_str());
+        PGresult* prepared = PQprepare(conn, "one", "SELECT 1", 0, nullptr);
+        if (PQstatus(conn) != CONNECTION_OK || PQresultStatus(prepared) != PGRES_COMMAND_OK) {
+          failed = true;
+        }
+        PQclear(prepared);
+        std::uint64_t mine = 0;
+        while (!failed && Clock::now() < until) {
+          PGresult* result = PQexecPrepared(conn, "one", 0, nullptr, nullptr, nullptr, 0);
+          if (PQresultStatus(result) != PGRES_TUPLES_OK) failed = true;
+          PQclear(result);
+          ++mine;
+        }
+        queries += mine;
+        PQfinish(conn);
+      });
+    }
+    for (auto& thread : threads) thread.join();
+    if (failed) state.SkipWithError("libpq could not connect or query");
+    state.counters["queries_per_s"] = static_cast<double>(queries) /
+                                      std::chrono::duration<double>(Clock::now() - started).count();
+  }
+}
+BENCHMARK(BM_RawLibpqSelectOne)
+    ->ArgNames({"connections", "tcp"})
+    ->Args({1, 0})
+    ->Args({3, 0})
+    ->Args({1, 1})
+    ->Args({3, 1})
+    ->Iterations(1);
+
+// --- 4. overload: 256 tasks on 3 connections, closed loop and open loop
+// ---------------------------
+
+void BM_PoolOverloadClosedLoop(benchmark::State& state) {
+  for (auto _ : state) {
+    Histogram latencies;
+    state.counters["queries_per_s"] = select_one_closed_loop(256, false, latencies);
+    report_latency(state, latencies, "latency");
+  }
+}
+BENCHMARK(BM_PoolOverloadClosedLoop)->Iterations(1);
+
+// Requests arrive at a fixed rate (a share of the measured closed-loop capacity), each with its
+// own coroutine; latency counts from the request's intended start, so a stalled pool is not
+// hidden by requests that were never sent (no coordinated omission).
+void BM_PoolOverloadOpenLoop(benchmark::State& state) {
+  const double share = static_cast<double>(state.range(0)) / 100.0;
+  for (auto _ : state) {
+    Histogram ignored;
+    const double capacity = select_one_closed_loop(256, false, ignored);
+    const double rate = capacity * share;
+    asio::io_context io;
+    pgrt::Pool pool(io.get_executor(), pool_config(3));
+    Histogram latencies;
+    std::uint64_t sent = 0;
+    std::uint64_t done = 0;
+    run(io, [&]() -> asio::awaitable<void> {
+      {
+        auto a = co_await pool.acquire();
+        auto b = co_await pool.acquire();
+        auto c = co_await pool.acquire();
+      }
+      const auto started = Clock::now();
+      const auto interval = std::chrono::duration<double>(1.0 / rate);
+      const auto until = started + window();
+      asio::steady_timer pacer(io);
+      for (auto intended = started; intended < until;
+           intended += std::chrono::duration_cast<Clock::duration>(interval)) {
+        pacer.expires_at(intended);
+        co_await pacer.async_wait(asio::use_awaitable);
+        ++sent;
+        asio::co_spawn(
+            io,
+            [&, intended]() -> asio::awaitable<void> {
+              auto lease = co_await pool.acquire();
+              auto result = co_await lease->query_prepared("SELECT 1");
+              benchmark::DoNotOptimize(result);
+              lease.release();
+              latencies.record(Clock::now() - intended);
+              ++done;
+            },
+            asio::detached);
+      }
+      while (done < sent) {
+        pacer.expires_after(1ms);
+        co_await pacer.async_wait(asio::use_awaitable);
+      }
+      (void)co_await pool.close(0ms);
+    });
+    state.counters["capacity_per_s"] = capacity;
+    state.counters["offered_per_s"] = rate;
+    report_latency(state, latencies, "latency");
+  }
+}
+BENCHMARK(BM_PoolOverloadOpenLoop)->ArgName("percent_of_capacity")->Arg(50)->Arg(80)->Iterations(1);
+
+// --- 5. a pipelined batch on one lease
+// -------------------------------------------------------------
+
+void BM_PoolPipelinedBatch(benchmark::State& state) {
+  const auto depth = static_cast<std::size_t>(state.range(0));
+  for (auto _ : state) {
+    asio::io_context io;
+    pgrt::Pool pool(io.get_executor(), pool_config(1));
+    std::uint64_t statements = 0;
+    double seconds = 0;
+    run(io, [&]() -> asio::awaitable<void> {
+      pgrt::Pipeline pipeline;
+      for (std::size_t i = 0; i < depth; ++i) pipeline.add("SELECT 1");
+      auto lease = co_await pool.acquire();
+      const auto started = Clock::now();
+      const auto until = started + window();
+      while (Clock::now() < until) {
+        auto outcomes = co_await lease->run(pipeline);
+        statements += outcomes.size();
+      }
+      seconds = std::chrono::duration<double>(Clock::now() - started).count();
+      lease.release();
+      (void)co_await pool.close(0ms);
+    });
+    state.counters["statements_per_s"] = static_cast<double>(statements) / seconds;
+  }
+}
+BENCHMARK(BM_PoolPipelinedBatch)->ArgName("depth")->Arg(10)->Arg(100)->Iterations(1);
+
+// --- 6. pending writes
+// ------------------------------------------------------------------------------
+
+asio::awaitable<void> recreate_table(pgrt::Pool& pool, const std::string& table) {
+  auto lease = co_await pool.acquire();
+  co_await lease->execute("DROP TABLE IF EXISTS " + table);
+  co_await lease->execute("CREATE UNLOGGED TABLE " + table +
+                          " (seq bigint PRIMARY KEY, payload text NOT NULL)");
+}
+
+// Rows per second through PendingWrites (COPY batches of 500), 3 producers.
+void BM_PendingWritesRows(benchmark::State& state) {
+  for (auto _ : state) {
+    asio::io_context io;
+    pgrt::Pool pool(io.get_executor(), pool_config(3));
+    std::uint64_t rows = 0;
+    double seconds = 0;
+    run(io, [&]() -> asio::awaitable<void> {
+      co_await recreate_table(pool, "bench_pending");
+      pgrt::PendingWrites writes(pool, io.get_executor());
+      co_await writes.start();
+      auto table = writes.table<std::int64_t, std::string>("bench_pending", {"seq", "payload"});
+      const auto started = Clock::now();
+      const auto until = started + window();
+      std::int64_t next = 0;
+      std::size_t running = 3;
+      for (int producer = 0; producer < 3; ++producer) {
+        asio::co_spawn(
+            io,
+            [&]() -> asio::awaitable<void> {
+              const std::string payload = "a pending write of about forty bytes....";
+              while (Clock::now() < until) co_await table.append(++next, payload);
+              --running;
+            },
+            asio::detached);
+      }
+      asio::steady_timer timer(io);
+      while (running > 0) {
+        timer.expires_after(1ms);
+        co_await timer.async_wait(asio::use_awaitable);
+      }
+      co_await writes.stop();  // everything accepted is flushed
+      seconds = std::chrono::duration<double>(Clock::now() - started).count();
+      rows = writes.report().flushed;
+      (void)co_await pool.close(0ms);
+    });
+    state.counters["rows_per_s"] = static_cast<double>(rows) / seconds;
+  }
+}
+BENCHMARK(BM_PendingWritesRows)->Iterations(1);
+
+// The peer: single-row autocommit INSERTs through the pool, 3 tasks.
+void BM_AutocommitInsertRows(benchmark::State& state) {
+  for (auto _ : state) {
+    asio::io_context io;
+    pgrt::Pool pool(io.get_executor(), pool_config(3));
+    std::uint64_t rows = 0;
+    double seconds = 0;
+    run(io, [&]() -> asio::awaitable<void> {
+      co_await recreate_table(pool, "bench_autocommit");
+      const auto started = Clock::now();
+      const auto until = started + window();
+      std::int64_t next = 0;
+      std::size_t running = 3;
+      for (int task = 0; task < 3; ++task) {
+        asio::co_spawn(
+            io,
+            [&]() -> asio::awaitable<void> {
+              const std::string payload = "a pending write of about forty bytes....";
+              while (Clock::now() < until) {
+                auto lease = co_await pool.acquire();
+                (void)co_await lease->query_prepared(
+                    "INSERT INTO bench_autocommit (seq, payload) VALUES ($1, $2)", ++next, payload);
+                ++rows;
+              }
+              --running;
+            },
+            asio::detached);
+      }
+      asio::steady_timer timer(io);
+      while (running > 0) {
+        timer.expires_after(1ms);
+        co_await timer.async_wait(asio::use_awaitable);
+      }
+      seconds = std::chrono::duration<double>(Clock::now() - started).count();
+      (void)co_await pool.close(0ms);
+    });
+    state.counters["rows_per_s"] = static_cast<double>(rows) / seconds;
+  }
+}
+BENCHMARK(BM_AutocommitInsertRows)->Iterations(1);
+
+// How long stop() takes with 10,000 writes pending (none flushed before it).
+void BM_PendingWritesShutdown(benchmark::State& state) {
+  for (auto _ : state) {
+    asio::io_context io;
+    pgrt::Pool pool(io.get_executor(), pool_config(3));
+    double stop_ms = 0;
+    std::uint64_t flushed = 0;
+    run(io, [&]() -> asio::awaitable<void> {
+      co_await recreate_table(pool, "bench_shutdown");
+      pgrt::PendingWritesConfig config;
+      config.batch_size = 10'000;
+      config.flush_interval = std::chrono::hours(1);
+      pgrt::PendingWrites writes(pool, io.get_executor(), config);
+      co_await writes.start();
+      auto table = writes.table<std::int64_t, std::string>("bench_shutdown", {"seq", "payload"});
+      const std::string payload = "a pending write of about forty bytes....";
+      for (std::int64_t seq = 1; seq < 10'000; ++seq) co_await table.append(seq, payload);
+      const auto stopping = Clock::now();
+      co_await writes.stop();
+      stop_ms = std::chrono::duration<double, std::milli>(Clock::now() - stopping).count();
+      flushed = writes.report().flushed;
+      (void)co_await pool.close(0ms);
+    });
+    state.counters["stop_ms"] = stop_ms;
+    state.counters["flushed"] = static_cast<double>(flushed);
+  }
+}
+BENCHMARK(BM_PendingWritesShutdown)->Iterations(1);
+
+}  // namespace
+
+BENCHMARK_MAIN();
