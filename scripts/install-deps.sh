@@ -2,6 +2,9 @@
 # Installs the Debian packages pgrt needs to build, test, benchmark and run its demo.
 # Idempotent: when every package is already installed it changes nothing and exits 0.
 # Runs apt-get directly as root, through sudo otherwise.
+#
+#   scripts/install-deps.sh           what the build, the tests and the demo need
+#   scripts/install-deps.sh --bench   also the benchmark peers and the plot (scripts/bench.sh)
 set -euo pipefail
 
 packages=(
@@ -14,6 +17,13 @@ packages=(
   postgresql-15      # server binaries for the throwaway test cluster, demo and benchmarks
   util-linux         # setpriv, used to start PostgreSQL as an unprivileged user when run as root
 )
+if [[ ${1:-} == --bench ]]; then
+  packages+=(
+    python3-asyncpg python3-uvloop   # asyncpg's pool, a peer in the benchmarks
+    python3-psycopg-pool             # psycopg's pool (pure Python), a peer
+    gnuplot-nox                      # the latency plot of docs/benchmarks.md
+  )
+fi
 
 missing=()
 for pkg in "${packages[@]}"; do
