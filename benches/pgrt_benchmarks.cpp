@@ -379,7 +379,13 @@ void BM_PoolOverloadOpenLoop(benchmark::State& state) {
     report_latency(state, latencies, "latency");
   }
 }
-BENCHMARK(BM_PoolOverloadOpenLoop)->ArgName("percent_of_capacity")->Arg(50)->Arg(80)->Iterations(1);
+BENCHMARK(BM_PoolOverloadOpenLoop)
+    ->ArgName("percent_of_capacity")
+    ->Arg(25)
+    ->Arg(50)
+    ->Arg(80)
+    ->Arg(95)
+    ->Iterations(1);
 
 // --- 5. a pipelined batch on one lease
 // -------------------------------------------------------------
@@ -518,7 +524,7 @@ void BM_PendingWritesShutdown(benchmark::State& state) {
       co_await writes.start();
       auto table = writes.table<std::int64_t, std::string>("bench_shutdown", {"seq", "payload"});
       const std::string payload = "a pending write of about forty bytes....";
-      for (std::int64_t seq = 1; seq < 10'000; ++seq) co_await table.append(seq, payload);
+      for (std::int64_t seq = 1; seq <= 10'000; ++seq) co_await table.append(seq, payload);
       const auto stopping = Clock::now();
       co_await writes.stop();
       stop_ms = std::chrono::duration<double, std::milli>(Clock::now() - stopping).count();

@@ -2,9 +2,6 @@
 # Installs the Debian packages pgrt needs to build, test, benchmark and run its demo.
 # Idempotent: when every package is already installed it changes nothing and exits 0.
 # Runs apt-get directly as root, through sudo otherwise.
-#
-#   scripts/install-deps.sh           what the build, the tests and the demo need
-#   scripts/install-deps.sh --bench   also the benchmark peers and the plot (scripts/bench.sh)
 set -euo pipefail
 
 packages=(
@@ -16,14 +13,11 @@ packages=(
   libbenchmark-dev
   postgresql-15      # server binaries for the throwaway test cluster, demo and benchmarks
   util-linux         # setpriv, used to start PostgreSQL as an unprivileged user when run as root
+  # The peers of scripts/bench.sh (its ctest smoke run too), for Debian's /usr/bin/python3:
+  python3-asyncpg python3-uvloop   # asyncpg's pool
+  python3-psycopg-pool             # psycopg 3's pool (Debian's psycopg is the pure-Python build)
+  gnuplot-nox                      # the latency plot of docs/benchmarks.md
 )
-if [[ ${1:-} == --bench ]]; then
-  packages+=(
-    python3-asyncpg python3-uvloop   # asyncpg's pool, a peer in the benchmarks
-    python3-psycopg-pool             # psycopg's pool (pure Python), a peer
-    gnuplot-nox                      # the latency plot of docs/benchmarks.md
-  )
-fi
 
 missing=()
 for pkg in "${packages[@]}"; do

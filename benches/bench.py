@@ -1,0 +1,549 @@
+#!/usr/bin/python3
+"""Runs pgrt's benchmarks side by side with their peers and writes docs/benchmarks.md.
+
+Called by scripts/bench.sh (which installs the packages and builds the release preset first):
+
+  bench.py --build-dir build/release --docs-dir docs [--repetitions 5] [--seconds 1]
+
+One throwaway server (pgrt_bench_server) serves every contestant, so all of them see the same
+settings. Each repetition runs every contestant once, in the same order (A B C A B C ...), so
+drifts in the machine's speed spread over all of them; the report gives the median and the range
+(min-max) over the repetitions, and the ratios of the medians.
+
+Contestants:
+  pgrt           build/release/benches/pgrt_benchmarks, one benchmark per run (JSON output)
+  raw libpq      the BM_RawLibpq* benchmarks of the same binary (blocking libpq, a thread per
+                 connection)
+  pgbench        from postgresql-15, -n -M prepared, with its own script files
+  asyncpg        asyncpg's pool on uvloop, default and with the reset query off (python_pools.py)
+  psycopg        psycopg 3's AsyncConnectionPool (pure-Python build) (python_pools.py)
+  psql COPY      \\copy of a generated file, for the pending-writes comparison
+"""
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PYTHON = "/usr/bin/python3"  # Debian's, which sees python3-asyncpg and python3-psycopg-pool
+
+
+def fail(message):
+    print(f"bench.py: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+class Bench:
+    def __init__(self, args, server, workdir):
+        self.args = args
+        self.server = server
+        self.workdir = Path(workdir)
+        self.binary = Path(args.build_dir) / "benches" / "pgrt_benchmarks"
+        self.pgbench = str(Path(server["bin_dir"]) / "pgbench")
+        self.psql = str(Path(server["bin_dir"]) / "psql")
+        self.env = dict(os.environ)
+        self.env.update(
+            DATABASE_URL=server["dsn"],
+            DATABASE_URL_TCP=server["tcp_dsn"],
+            PGRT_BENCH_SECONDS=str(args.seconds),
+            PGRT_LOG_LEVEL="warn",
+        )
+        self.pgbench_seconds = str(max(1, round(args.seconds)))
+        self.scripts = {}
+
+    # --- pgrt and raw libpq: one Google Benchmark per run -----------------------------------------
+
+    def pgrt(self, name):
+        out = self.workdir / "benchmark.json"  # a file: pgrt's log lines go to stdout
+        completed = subprocess.run(
+            [str(self.binary), f"--benchmark_filter=^{re.escape(name)}(/iterations:1)?$",
+             f"--benchmark_out={out}", "--benchmark_out_format=json"],
+            env=self.env, capture_output=True, text=True, timeout=300)
+        if completed.returncode != 0:
+            fail(f"{name} failed ({completed.returncode}):\n{completed.stdout[-1000:]}{completed.stderr[-2000:]}")
+        report = json.loads(out.read_text())
+        runs = [b for b in report["benchmarks"] if b.get("run_type", "iteration") == "iteration"]
+        if len(runs) != 1:
+            fail(f"the filter for {name} matched {len(runs)} benchmarks, expected 1")
+        run = runs[0]
+        if run.get("error_occurred"):
+            fail(f"{name}: {run.get('error_message')}")
+        metrics = {k: v for k, v in run.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if run.get("time_unit") == "ns":
+            metrics["ns_per_cycle"] = run["real_time"]
+        return metrics
+
+    # --- pgbench --------------------------------------------------------------------------------
+
+    def script(self, name, text):
+        if name not in self.scripts:
+            path = self.workdir / name
+            path.write_text(text)
+            self.scripts[name] = str(path)
+        return self.scripts[name]
+
+    def pgbench_run(self, script, clients, tcp=False, rate=None):
+        host = "127.0.0.1" if tcp else self.server["socket_dir"]
+        command = [self.pgbench, "-n", "-M", "prepared", "-f", script, "-c", str(clients), "-j", "1",
+                   "-T", self.pgbench_seconds, "-h", host, "-p", str(self.server["port"]),
+                   "-U", "postgres", "postgres"]
+        log_prefix = None
+        if rate is not None:
+            log_prefix = str(self.workdir / f"pgbench_log_{time.monotonic_ns()}")
+            command += ["-R", str(int(rate)), "-l", f"--log-prefix={log_prefix}"]
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                                   cwd=self.workdir)
+        if completed.returncode != 0:
+            fail(f"pgbench failed ({completed.returncode}): {' '.join(command)}\n{completed.stderr}")
+        tps = re.search(r"^tps = ([0-9.]+)", completed.stdout, re.M)
+        if not tps:
+            fail(f"no tps in pgbench's output:\n{completed.stdout}")
+        metrics = {"tps": float(tps.group(1))}
+        if log_prefix is not None:
+            metrics.update(pgbench_log_percentiles(log_prefix))
+        return metrics
+
+    def pgbench_select1(self, clients, tcp=False):
+        script = self.script("select1.sql", "SELECT 1;\n")
+        return {"queries_per_s": self.pgbench_run(script, clients, tcp)["tps"]}
+
+    def pgbench_pipeline(self, depth):
+        script = self.script(f"pipeline{depth}.sql",
+                             "\\startpipeline\n" + "SELECT 1;\n" * depth + "\\endpipeline\n")
+        return {"statements_per_s": self.pgbench_run(script, 1)["tps"] * depth}
+
+    def pgbench_rate(self, percent):
+        rate = self.open_loop_rates.get(percent)
+        if not rate:
+            fail(f"no pgrt capacity measured yet for the {percent}% open loop")
+        script = self.script("select1.sql", "SELECT 1;\n")
+        metrics = self.pgbench_run(script, 3, rate=rate)
+        metrics["offered_per_s"] = rate
+        return metrics
+
+    # --- the Python pools -----------------------------------------------------------------------
+
+    def python(self, driver, workload, tasks=1):
+        completed = subprocess.run(
+            [PYTHON, str(HERE / "python_pools.py"), "--driver", driver, "--workload", workload,
+             "--tasks", str(tasks), "--seconds", str(self.args.seconds),
+             "--socket-dir", self.server["socket_dir"], "--port", str(self.server["port"])],
+            capture_output=True, text=True, timeout=300)
+        if completed.returncode != 0:
+            fail(f"python_pools.py {driver} {workload} failed:\n{completed.stderr[-2000:]}")
+        return json.loads(completed.stdout.strip().splitlines()[-1])
+
+    # --- psql COPY and the tables -----------------------------------------------------------------
+
+    def sql(self, statement):
+        subprocess.run([self.psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", self.server["dsn"],
+                        "-c", statement], check=True, capture_output=True, timeout=120)
+
+    def psql_copy(self):
+        rows = 200_000
+        data = self.workdir / "copy_rows.txt"
+        if not data.exists():
+            payload = "a pending write of about forty bytes...."
+            data.write_text("".join(f"{i}\t{payload}\n" for i in range(1, rows + 1)))
+        self.sql("DROP TABLE IF EXISTS bench_copy; "
+                 "CREATE UNLOGGED TABLE bench_copy (seq bigint PRIMARY KEY, payload text NOT NULL)")
+        started = time.perf_counter()
+        self.sql(f"\\copy bench_copy FROM '{data}'")
+        return {"rows_per_s": rows / (time.perf_counter() - started)}
+
+
+def pgbench_log_percentiles(prefix):
+    """Latency percentiles from pgbench's per-transaction logs. With -R each line's latency counts
+    from the transaction's scheduled start (schedule lag included), as pgrt's open loop does."""
+    latencies = []
+    directory = Path(prefix).parent
+    for path in directory.glob(Path(prefix).name + ".*"):
+        for line in path.read_text().splitlines():
+            fields = line.split()
+            if len(fields) >= 3 and fields[2].isdigit():
+                latencies.append(int(fields[2]))
+        path.unlink()
+    if not latencies:
+        fail("pgbench wrote no per-transaction log")
+    latencies.sort()
+
+    def at(fraction):
+        return float(latencies[min(len(latencies) - 1, int(fraction * len(latencies)))])
+
+    return {"latency_p50_us": at(0.50), "latency_p99_us": at(0.99), "latency_p999_us": at(0.999)}
+
+
+# --- the contest -------------------------------------------------------------------------------------
+
+SAFE = "safe-default"
+FAST = "fast"
+
+
+def contestants(bench):
+    """(section, name, label, run) in the order each repetition runs them."""
+    items = []
+
+    def add(section, name, label, run):
+        items.append((section, name, label, run))
+
+    # 1. Uncontended acquire + release.
+    add("uncontended", "pgrt", SAFE, lambda: bench.pgrt("BM_PoolAcquireReleaseUncontended"))
+    add("uncontended", "asyncpg (default: reset query on release)", SAFE,
+        lambda: bench.python("asyncpg", "uncontended"))
+    add("uncontended", "asyncpg (reset off)", FAST, lambda: bench.python("asyncpg-noreset", "uncontended"))
+    add("uncontended", "psycopg_pool", SAFE, lambda: bench.python("psycopg", "uncontended"))
+
+    # 2. Contended handoff.
+    for waiters in (3, 16, 64, 256):
+        add(f"handoff/{waiters}", "pgrt", SAFE, lambda w=waiters: bench.pgrt(f"BM_PoolContendedHandoff/{w}"))
+        add(f"handoff/{waiters}", "asyncpg (reset off)", FAST,
+            lambda w=waiters: bench.python("asyncpg-noreset", "handoff", w))
+        add(f"handoff/{waiters}", "psycopg_pool", SAFE, lambda w=waiters: bench.python("psycopg", "handoff", w))
+
+    # 3 and 7. Acquire + prepared SELECT 1 + release, unix socket and TCP.
+    for tcp in (0, 1):
+        transport = "tcp" if tcp else "unix"
+        for tasks in (1, 3, 64):
+            add(f"select1/{transport}/{tasks}", "pgrt", SAFE,
+                lambda t=tasks, c=tcp: bench.pgrt(f"BM_PoolSelectOne/tasks:{t}/tcp:{c}"))
+        add(f"select1/{transport}/1", "pgbench -c1", FAST, lambda c=tcp: bench.pgbench_select1(1, bool(c)))
+        add(f"select1/{transport}/3", "pgbench -c3 -j1", FAST, lambda c=tcp: bench.pgbench_select1(3, bool(c)))
+        add(f"select1/{transport}/1", "raw libpq, 1 connection", FAST,
+            lambda c=tcp: bench.pgrt(f"BM_RawLibpqSelectOne/connections:1/tcp:{c}"))
+        add(f"select1/{transport}/3", "raw libpq, 3 connections (3 threads)", FAST,
+            lambda c=tcp: bench.pgrt(f"BM_RawLibpqSelectOne/connections:3/tcp:{c}"))
+        if not tcp:
+            for tasks in (1, 3, 64):
+                add(f"select1/unix/{tasks}", "asyncpg (default)", SAFE,
+                    lambda t=tasks: bench.python("asyncpg", "select1", t))
+                add(f"select1/unix/{tasks}", "asyncpg (reset off)", FAST,
+                    lambda t=tasks: bench.python("asyncpg-noreset", "select1", t))
+                add(f"select1/unix/{tasks}", "psycopg_pool", SAFE,
+                    lambda t=tasks: bench.python("psycopg", "select1", t))
+
+    # 4. Overload: closed loop, then open loops at shares of pgrt's measured capacity, with
+    # pgbench -R offered the same rate.
+    add("overload/closed", "pgrt, 256 tasks on 3 connections", SAFE,
+        lambda: bench.pgrt("BM_PoolOverloadClosedLoop"))
+    add("overload/closed", "asyncpg (reset off), 256 tasks", FAST,
+        lambda: bench.python("asyncpg-noreset", "select1", 256))
+    for percent in OPEN_LOOP_PERCENTS:
+        def pgrt_open(p=percent):
+            metrics = bench.pgrt(f"BM_PoolOverloadOpenLoop/percent_of_capacity:{p}")
+            bench.open_loop_rates[p] = metrics["offered_per_s"]
+            return metrics
+
+        add(f"overload/open/{percent}", "pgrt, open loop", SAFE, pgrt_open)
+        add(f"overload/open/{percent}", "pgbench -c3 -j1 -R (same rate)", FAST,
+            lambda p=percent: bench.pgbench_rate(p))
+
+    # 5. Pipelined batch on one lease.
+    for depth in (10, 100):
+        add(f"pipeline/{depth}", "pgrt", SAFE, lambda d=depth: bench.pgrt(f"BM_PoolPipelinedBatch/depth:{d}"))
+        add(f"pipeline/{depth}", "pgbench \\startpipeline -c1", FAST, lambda d=depth: bench.pgbench_pipeline(d))
+
+    # 6. Pending writes.
+    add("writes", "pgrt pending writes (COPY batches)", SAFE, lambda: bench.pgrt("BM_PendingWritesRows"))
+    add("writes", "single-row autocommit INSERTs (pgrt pool)", SAFE, lambda: bench.pgrt("BM_AutocommitInsertRows"))
+    add("writes", "psql \\copy of 200,000 rows", FAST, bench.psql_copy)
+    add("shutdown", "pgrt pending writes, stop() with 10,000 pending", SAFE,
+        lambda: bench.pgrt("BM_PendingWritesShutdown"))
+    return items
+
+
+OPEN_LOOP_PERCENTS = (25, 50, 80, 95)
+
+
+def summarize(samples):
+    """{metric: {median, min, max}} over the repetitions."""
+    summary = {}
+    for metric in samples[0]:
+        values = [s[metric] for s in samples if isinstance(s.get(metric), (int, float))]
+        if values:
+            summary[metric] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    return summary
+
+
+# --- the report ---------------------------------------------------------------------------------------
+
+
+def number(value):
+    if value >= 100_000:
+        return f"{value:,.0f}"
+    if value >= 100:
+        return f"{value:,.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def cell(summary, metric):
+    entry = summary.get(metric)
+    if entry is None:
+        return "-"
+    return f"{number(entry['median'])} ({number(entry['min'])}-{number(entry['max'])})"
+
+
+def ratio(value, reference):
+    if not reference:
+        return "-"
+    return f"{value / reference:.2f}x"
+
+
+class Report:
+    def __init__(self, results):
+        self.results = results  # section -> [(name, label, summary)]
+        self.lines = []
+
+    def table(self, section, metrics, ratio_metric, higher_is_better=True, ratio_title=None):
+        rows = self.results.get(section, [])
+        if not rows:
+            return
+        reference = next((s[ratio_metric]["median"] for n, _, s in rows
+                          if n.startswith("pgrt") and ratio_metric in s), None)
+        title = ratio_title or ("pgrt / this" if higher_is_better else "this / pgrt")
+        header = ["contestant", "configuration"] + [m for m in metrics] + [f"{title} ({ratio_metric})"]
+        self.lines.append("| " + " | ".join(header) + " |")
+        self.lines.append("|" + "---|" * len(header))
+        for name, label, summary in rows:
+            value = summary.get(ratio_metric, {}).get("median")
+            if value is None:
+                fail(f"{name} in {section} reported no {ratio_metric}")
+            if name.startswith("pgrt") or value is None or reference is None:
+                shown = "1.00x (reference)" if name.startswith("pgrt") else "-"
+            elif higher_is_better:
+                shown = ratio(reference, value)
+            else:
+                shown = ratio(value, reference)
+            self.lines.append("| " + " | ".join([name, label] + [cell(summary, m) for m in metrics] + [shown]) + " |")
+        self.lines.append("")
+
+    def text(self, *paragraphs):
+        for paragraph in paragraphs:
+            self.lines.append(paragraph)
+            self.lines.append("")
+
+
+def write_plot(results, docs_dir, workdir):
+    """Latency percentiles against offered load (open loop at shares of capacity, then the closed
+    overload), for pgrt and pgbench -R; an SVG beside the page."""
+    data = workdir / "latency.dat"
+    rows = []
+    for percent in OPEN_LOOP_PERCENTS:
+        entry = {name: summary for name, _, summary in results.get(f"overload/open/{percent}", [])}
+        pgrt = next((s for n, s in entry.items() if n.startswith("pgrt")), None)
+        pgbench = next((s for n, s in entry.items() if n.startswith("pgbench")), None)
+        if pgrt is None or pgbench is None:
+            continue
+
+        def median(summary, metric):
+            return summary.get(metric, {}).get("median", float("nan"))
+
+        rows.append(f"{percent} " + " ".join(
+            f"{median(s, m)}" for s in (pgrt, pgbench)
+            for m in ("latency_p50_us", "latency_p99_us", "latency_p999_us")))
+    if not rows:
+        return None
+    data.write_text("\n".join(rows) + "\n")
+    svg = Path(docs_dir) / "benchmarks-latency.svg"
+    script = f"""
+set terminal svg size 760,440 dynamic font 'sans,11'
+set output '{svg}'
+set title 'Acquire + prepared SELECT 1 + release, open loop on 3 connections (median of repetitions)'
+set xlabel 'offered load (% of pgrt closed-loop capacity)'
+set ylabel 'latency from intended start (us)'
+set logscale y
+set key top left
+set grid
+plot '{data}' using 1:2 with linespoints title 'pgrt p50', \\
+     '' using 1:3 with linespoints title 'pgrt p99', \\
+     '' using 1:4 with linespoints title 'pgrt p99.9', \\
+     '' using 1:5 with linespoints dt 2 title 'pgbench -R p50', \\
+     '' using 1:6 with linespoints dt 2 title 'pgbench -R p99', \\
+     '' using 1:7 with linespoints dt 2 title 'pgbench -R p99.9'
+"""
+    subprocess.run(["gnuplot"], input=script, text=True, check=True)
+    return svg.name
+
+
+def machine_description():
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{platform.system()} {platform.release()}, {os.cpu_count()} cores, {cpu}"
+
+
+def versions(bench):
+    def first_line(command):
+        try:
+            return subprocess.run(command, capture_output=True, text=True, timeout=30).stdout.strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.SubprocessError):
+            return "unknown"
+
+    python = first_line([PYTHON, "-c", "import asyncpg, uvloop, psycopg, psycopg_pool; "
+                         "print(f'asyncpg {asyncpg.__version__}, uvloop {uvloop.__version__}, '"
+                         "f'psycopg {psycopg.__version__} ({psycopg.pq.__impl__} build), '"
+                         "f'psycopg_pool {psycopg_pool.__version__}')"])
+    return {"pgbench": first_line([bench.pgbench, "--version"]), "python pools": python}
+
+
+def write_report(results, raw, args, bench, elapsed, plot):
+    report = Report(results)
+    info = versions(bench)
+    report.text(
+        "# Benchmarks",
+        "Generated by `scripts/bench.sh` (do not edit by hand: rerun it; the numbers below are its own "
+        "output). Raw results: [benchmarks.json](benchmarks.json).",
+        f"- Machine: {machine_description()}. The machine is shared and noisy: read the ratios, "
+        "which come from contestants interleaved in the same run, rather than the absolute numbers.\n"
+        f"- Server: one throwaway PostgreSQL 15 cluster for every contestant (default settings, "
+        f"durable commits), on the same machine; unix socket unless a table says TCP.\n"
+        f"- {args.repetitions} repetitions of a {args.seconds} s window per contestant, interleaved "
+        "(each repetition runs every contestant once, in the same order). Each cell is the median, "
+        "with the range (min-max) over the repetitions in brackets.\n"
+        f"- Peers: {info['pgbench']}; {info['python pools']}; raw libpq is blocking `PQexecPrepared` "
+        "in a loop, one thread per connection, in the benchmark binary.\n"
+        "- Configurations: *safe-default* is what a user gets without tuning (pgrt's defaults, "
+        "asyncpg's default reset on release, psycopg_pool's defaults); *fast* gives up a safety net "
+        "or is not a pool at all (asyncpg with its reset off, pgbench, raw libpq, psql).\n"
+        f"- Whole run: {elapsed:.0f} s.")
+
+    report.text("## 1. Uncontended acquire + release, no I/O",
+                "An idle connection is available; the loop acquires and releases it without a query. "
+                "Goal for pgrt: at most 50 ns. Published figures for comparison: puddle 56 ns, "
+                "HikariCP about 140 ns per thread, asyncpg about 10 us.")
+    report.table("uncontended", ["ns_per_cycle"], "ns_per_cycle", higher_is_better=False)
+
+    report.text("## 2. Contended handoff",
+                "max 3 connections, W waiters; each holds its lease across one executor yield "
+                "(`co_await post` for pgrt, `asyncio.sleep(0)` for the Python pools). Fairness is the "
+                "fewest completions of a waiter divided by the most (1.0 is perfectly fair).")
+    for waiters in (3, 16, 64, 256):
+        report.text(f"### W = {waiters}")
+        report.table(f"handoff/{waiters}",
+                     ["acquires_per_s", "wait_p50_us", "wait_p99_us", "wait_p999_us", "fairness_min_over_max"],
+                     "acquires_per_s")
+
+    for transport, number_title in (("unix", "3"), ("tcp", "7")):
+        if transport == "unix":
+            report.text("## 3. Acquire + prepared `SELECT 1` + release (unix socket)",
+                        "max 3 connections for every pool; pgbench and raw libpq have no pool "
+                        "(their connections are the tasks). q/s is queries per second.")
+        else:
+            report.text(f"## {number_title}. Unix socket vs TCP (benchmark 3 over 127.0.0.1)",
+                        "The same workload over TCP loopback; the last column compares with the "
+                        "same contestant over the unix socket.")
+        for tasks in (1, 3, 64):
+            report.text(f"### {tasks} task{'s' if tasks > 1 else ''}")
+            report.table(f"select1/{transport}/{tasks}", ["queries_per_s", "latency_p50_us", "latency_p99_us"],
+                         "queries_per_s")
+    tcp_vs_unix = []
+    for tasks in (1, 3, 64):
+        unix = {n: s for n, _, s in results.get(f"select1/unix/{tasks}", [])}
+        for name, _, summary in results.get(f"select1/tcp/{tasks}", []):
+            if name in unix and "queries_per_s" in summary:
+                tcp_vs_unix.append(f"| {name}, {tasks} task(s) | {cell(unix[name], 'queries_per_s')} | "
+                                   f"{cell(summary, 'queries_per_s')} | "
+                                   f"{ratio(summary['queries_per_s']['median'], unix[name]['queries_per_s']['median'])} |")
+    if tcp_vs_unix:
+        report.text("### TCP / unix socket, q/s",
+                    "| contestant | unix q/s | TCP q/s | TCP / unix |\n|---|---|---|---|\n" + "\n".join(tcp_vs_unix))
+
+    report.text("## 4. Overload: 256 tasks on 3 connections",
+                "Closed loop: every task loops acquire + `SELECT 1` + release as fast as it can.")
+    report.table("overload/closed", ["queries_per_s", "latency_p50_us", "latency_p99_us", "latency_p999_us"],
+                 "queries_per_s")
+    report.text("Open loop: requests arrive at a fixed rate, a share of pgrt's closed-loop capacity measured "
+                "in the same run; each request's latency counts from its intended start, so a stall is not "
+                "hidden (no coordinated omission). pgbench `-c3 -j1 -R` is offered the same rate; its "
+                "latencies come from its per-transaction log, which also counts from the scheduled start.")
+    for percent in OPEN_LOOP_PERCENTS:
+        report.text(f"### {percent}% of capacity")
+        report.table(f"overload/open/{percent}", ["offered_per_s", "latency_p50_us", "latency_p99_us", "latency_p999_us"],
+                     "latency_p99_us", higher_is_better=False, ratio_title="this / pgrt")
+    if plot:
+        report.text(f"![latency percentiles against offered load]({plot})")
+
+    report.text("## 5. Pipelined batch on one lease",
+                "`depth` statements (`SELECT 1`) sent as one pipeline and read back, in a loop on one "
+                "connection; pgbench runs the same batch between `\\startpipeline` and `\\endpipeline`.")
+    for depth in (10, 100):
+        report.text(f"### depth {depth}")
+        report.table(f"pipeline/{depth}", ["statements_per_s"], "statements_per_s")
+
+    report.text("## 6. Pending writes",
+                "Rows of (bigint, 40-byte text) into an unlogged table with a primary key. pgrt's pending "
+                "writes: 3 producers append for the window, batches go out by COPY, `stop()` flushes the "
+                "rest and the time includes it. Autocommit: 3 tasks, one prepared INSERT per row through "
+                "the pool. psql: `\\copy` of a 200,000-row file, psql's start-up included.")
+    report.table("writes", ["rows_per_s"], "rows_per_s")
+    report.text("### Shutdown with 10,000 pending writes",
+                "10,000 rows accepted with no flush yet (batch size 10,000, interval 1 h); the time "
+                "`stop()` takes to flush them all.")
+    report.table("shutdown", ["stop_ms", "flushed"], "stop_ms", higher_is_better=False, ratio_title="-")
+
+    Path(args.docs_dir, "benchmarks.md").write_text("\n".join(report.lines).rstrip() + "\n")
+    Path(args.docs_dir, "benchmarks.json").write_text(json.dumps(raw, indent=1) + "\n")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--build-dir", required=True)
+    parser.add_argument("--docs-dir", required=True)
+    parser.add_argument("--repetitions", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=1.0)
+    parser.add_argument("--only", default="", help="run only the sections starting with this")
+    args = parser.parse_args()
+    if args.repetitions < 1 or args.seconds <= 0:
+        fail("--repetitions must be at least 1 and --seconds positive")
+
+    started = time.monotonic()
+    Path(args.docs_dir).mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen([str(Path(args.build_dir) / "benches" / "pgrt_bench_server")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    line = holder.stdout.readline()
+    if not line:
+        fail("the throwaway server did not start (pgrt_bench_server's error is above)")
+    server = json.loads(line)
+    try:
+        with tempfile.TemporaryDirectory(prefix="pgrt-bench-") as workdir:
+            os.chmod(workdir, 0o755)
+            bench = Bench(args, server, workdir)
+            bench.open_loop_rates = {}
+            items = [c for c in contestants(bench) if c[0].startswith(args.only)]
+            samples = {(section, name): [] for section, name, _, _ in items}
+            for repetition in range(1, args.repetitions + 1):
+                print(f"bench.py: repetition {repetition}/{args.repetitions} "
+                      f"({time.monotonic() - started:.0f} s so far)", file=sys.stderr)
+                for section, name, _, run in items:
+                    samples[(section, name)].append(run())
+            results, raw = {}, {"repetitions": args.repetitions, "seconds": args.seconds, "results": []}
+            for section, name, label, _ in items:
+                summary = summarize(samples[(section, name)])
+                results.setdefault(section, []).append((name, label, summary))
+                raw["results"].append({"section": section, "contestant": name, "configuration": label,
+                                       "summary": summary, "samples": samples[(section, name)]})
+            plot = write_plot(results, args.docs_dir, Path(workdir))
+            write_report(results, raw, args, bench, time.monotonic() - started, plot)
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    print(f"bench.py: wrote {Path(args.docs_dir, 'benchmarks.md')} in {time.monotonic() - started:.0f} s",
+          file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
