@@ -61,12 +61,12 @@ class Bench:
 
     # --- pgrt and raw libpq: one Google Benchmark per run -----------------------------------------
 
-    def pgrt(self, name):
+    def pgrt(self, name, extra_env=None):
         out = self.workdir / "benchmark.json"  # a file: pgrt's log lines go to stdout
         completed = subprocess.run(
             [str(self.binary), f"--benchmark_filter=^{re.escape(name)}(/iterations:1)?$",
              f"--benchmark_out={out}", "--benchmark_out_format=json"],
-            env=self.env, capture_output=True, text=True, timeout=300)
+            env=dict(self.env, **(extra_env or {})), capture_output=True, text=True, timeout=300)
         if completed.returncode != 0:
             fail(f"{name} failed ({completed.returncode}):\n{completed.stdout[-1000:]}{completed.stderr[-2000:]}")
         report = json.loads(out.read_text())
@@ -231,13 +231,18 @@ def contestants(bench):
 
     # 4. Overload: closed loop, then open loops at shares of pgrt's measured capacity, with
     # pgbench -R offered the same rate.
-    add("overload/closed", "pgrt, 256 tasks on 3 connections", SAFE,
-        lambda: bench.pgrt("BM_PoolOverloadClosedLoop"))
+    def pgrt_closed():
+        metrics = bench.pgrt("BM_PoolOverloadClosedLoop")
+        bench.capacity = metrics["queries_per_s"]  # the open loops of this repetition use it
+        return metrics
+
+    add("overload/closed", "pgrt, 256 tasks on 3 connections", SAFE, pgrt_closed)
     add("overload/closed", "asyncpg (reset off), 256 tasks", FAST,
         lambda: bench.python("asyncpg-noreset", "select1", 256))
     for percent in OPEN_LOOP_PERCENTS:
         def pgrt_open(p=percent):
-            metrics = bench.pgrt(f"BM_PoolOverloadOpenLoop/percent_of_capacity:{p}")
+            metrics = bench.pgrt(f"BM_PoolOverloadOpenLoop/percent_of_capacity:{p}",
+                                 {"PGRT_BENCH_CAPACITY": str(bench.capacity)})
             bench.open_loop_rates[p] = metrics["offered_per_s"]
             return metrics
 
@@ -467,7 +472,7 @@ def write_report(results, raw, args, bench, elapsed, plot):
     report.table("overload/closed", ["queries_per_s", "latency_p50_us", "latency_p99_us", "latency_p999_us"],
                  "queries_per_s")
     report.text("Open loop: requests arrive at a fixed rate, a share of pgrt's closed-loop capacity measured "
-                "in the same run; each request's latency counts from its intended start, so a stall is not "
+                "just before in the same repetition (the table above); each request's latency counts from its intended start, so a stall is not "
                 "hidden (no coordinated omission). pgbench `-c3 -j1 -R` is offered the same rate; its "
                 "latencies come from its per-transaction log, which also counts from the scheduled start.")
     for percent in OPEN_LOOP_PERCENTS:
@@ -523,6 +528,7 @@ def main():
             os.chmod(workdir, 0o755)
             bench = Bench(args, server, workdir)
             bench.open_loop_rates = {}
+            bench.capacity = 0.0
             items = [c for c in contestants(bench) if c[0].startswith(args.only)]
             samples = {(section, name): [] for section, name, _, _ in items}
             for repetition in range(1, args.repetitions + 1):
