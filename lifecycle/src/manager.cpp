@@ -170,6 +170,9 @@ struct Manager::Impl {
 
   // Strand-only state.
   bool stop_requested = false;
+  // A component failed to start (threw or timed out, not cancelled by us): the rollback is under
+  // way and run() returns exit_code::failure, whatever stop request comes meanwhile.
+  bool start_failed = false;
   bool shutting_down = false;
   int requested_code = exit_code::ok;
 
@@ -258,6 +261,11 @@ struct Manager::Impl {
 
   void on_stop_request(int code, std::string reason) {
     if (stop_requested) return;
+    if (start_failed) {
+      spdlog::info("{}: {}: ignored, the shutdown after a failed start is under way", options.name,
+                   reason);
+      return;
+    }
     stop_requested = true;
     requested_code = code;
     set_stop_reason(std::move(reason));
@@ -271,10 +279,10 @@ struct Manager::Impl {
       auto [error, number] = co_await signals->async_wait(no_throw);
       if (error) co_return;
       if (number == SIGQUIT) exit_now(exit_code::quit, "SIGQUIT");
-      if (number == SIGINT && (stop_requested || shutting_down)) {
+      if (number == SIGINT && (stop_requested || start_failed || shutting_down)) {
         exit_now(exit_code::interrupted, "a second SIGINT during the shutdown");
       }
-      if (number == SIGTERM && stop_requested) {
+      if (number == SIGTERM && (stop_requested || start_failed || shutting_down)) {
         spdlog::warn("{}: SIGTERM again: ignored, the graceful shutdown is under way",
                      options.name);
         continue;
@@ -332,6 +340,15 @@ struct Manager::Impl {
     return node.limits.stop_timeout.value_or(options.stop_timeout);
   }
 
+  // The first start failure begins the shutdown: the reason is fixed, and the watchdog is armed
+  // for the rollback (cancelling the other starts, stopping what had started).
+  void note_start_failure() {
+    if (start_failed) return;
+    start_failed = true;
+    set_stop_reason("a component failed to start");
+    start_watchdog();
+  }
+
   // Starts every component along the DAG. True if all started. On a failure or a stop request it
   // cancels the starts in flight and waits for them (each at most its stop deadline).
   asio::awaitable<bool> start_all() {
@@ -346,6 +363,7 @@ struct Manager::Impl {
             node->status = Status::start_failed;
             if (!node->cancel_emitted) {
               failed = true;
+              note_start_failure();
               spdlog::error("{}: component '{}' failed to start: {}", options.name, node->name,
                             describe(node->error));
             } else {
@@ -359,6 +377,7 @@ struct Manager::Impl {
         } else if (now >= node->deadline) {
           if (!node->cancel_emitted) {
             failed = true;
+            note_start_failure();
             spdlog::error("{}: component '{}' did not start within {} ms", options.name, node->name,
                           start_limit(*node).count());
             cancel(*node);
@@ -470,7 +489,6 @@ struct Manager::Impl {
     set_state(State::starting);
     run_hooks(starting_hooks, "on_starting");
     const bool started = co_await start_all();
-    if (!started && !stop_requested) set_stop_reason("a component failed to start");
     if (started && !stop_requested) {
       set_state(State::running);
       is_ready = true;
@@ -493,7 +511,8 @@ struct Manager::Impl {
       }
     }
     const bool stopped_cleanly = co_await stop_all();
-    const bool start_failed = !started && !stop_requested;
+    // start_failed, not "!started && !stop_requested": a stop requested during the rollback of a
+    // failed start must not turn the failure into a clean exit.
     set_state(start_failed ? State::failed : State::stopped);
     run_hooks(stopped_hooks, "on_stopped");
     if (start_failed || !stopped_cleanly) co_return exit_code::failure;

@@ -8,6 +8,8 @@
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <chrono>
+#include <csignal>
+#include <functional>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <memory>
@@ -46,6 +48,8 @@ struct Fake {
   bool hang_start = false;  // cancellable
   bool hang_stop = false;   // not cancellable
   bool throw_in_stop = false;
+  std::function<void()> during_stop;  // called as stop() begins, which then takes stop_delay
+  std::chrono::milliseconds stop_delay{0};
 
   [[nodiscard]] std::string name() const { return id; }
   asio::awaitable<void> start() {
@@ -56,6 +60,8 @@ struct Fake {
     journal->push_back("start " + id);
   }
   asio::awaitable<void> stop() {
+    if (during_stop) during_stop();
+    if (stop_delay.count() > 0) co_await sleep_for(stop_delay);
     if (hang_stop) co_await sleep_ignoring_cancellation(1h);
     if (throw_in_stop) throw std::runtime_error(id + " cannot stop");
     journal->push_back("stop " + id);
@@ -181,6 +187,48 @@ TEST(LifecycleManager, FailedStartStopsExactlyWhatStartedInReverse) {
                [](const std::string& entry) { return entry.starts_with("stop "); });
   EXPECT_THAT(stops, ElementsAre("stop c1", "stop c0"));
   EXPECT_FALSE(contains(journal, "begin c3"));
+}
+
+// A stop requested while a failed start is rolled back must not turn the failure into exit 0.
+TEST(LifecycleManager, StopRequestedDuringTheRollbackOfAFailedStartStillFails) {
+  Journal journal;
+  Manager app(test_options());
+  auto first = fake("a", journal);
+  first.during_stop = [&] { app.request_stop(exit_code::ok, "late request"); };
+  first.stop_delay = 100ms;  // the request is handled while the rollback waits for this stop
+  app.add(std::move(first));
+  auto broken = fake("b", journal);
+  broken.fail_start = true;
+  app.add(std::move(broken), after("a"));
+  EXPECT_EQ(app.run(), exit_code::failure);
+  EXPECT_EQ(app.state(), State::failed);
+  EXPECT_EQ(app.stop_reason(), "a component failed to start");
+  EXPECT_TRUE(contains(journal, "stop a"));
+}
+
+// The same for a SIGTERM (a stop request of its own) and a failed start whose rollback first
+// waits for a start still in flight to be cancelled.
+TEST(LifecycleManager, SigtermDuringTheRollbackOfAFailedStartIsIgnored) {
+  Journal journal;
+  ManagerOptions options = test_options();
+  options.handle_signals = true;
+  Manager app(options);
+  auto first = fake("a", journal);
+  first.during_stop = [] { ::raise(SIGTERM); };
+  first.stop_delay = 100ms;
+  app.add(std::move(first));
+  auto broken = fake("b", journal);
+  broken.fail_start = true;
+  broken.start_delay = 50ms;
+  app.add(std::move(broken), after("a"));
+  auto slow = fake("c", journal);
+  slow.hang_start = true;  // cancelled when b fails
+  app.add(std::move(slow), after("a"));
+  EXPECT_EQ(app.run(), exit_code::failure);
+  EXPECT_EQ(app.state(), State::failed);
+  EXPECT_EQ(app.stop_reason(), "a component failed to start");
+  EXPECT_TRUE(contains(journal, "stop a"));
+  EXPECT_FALSE(contains(journal, "start c"));
 }
 
 TEST(LifecycleManager, StartTimeoutStillRunsTheStops) {

@@ -86,7 +86,9 @@ struct ManagerEvents {
 /// Start: components start concurrently along the dependency DAG, each once its dependencies have
 /// started, each within its start deadline. If one fails (throws or times out), or a stop is
 /// requested meanwhile, the starts in flight are cancelled and only the components that had
-/// started are stopped, in reverse dependency order, with a fresh shutdown budget.
+/// started are stopped, in reverse dependency order, with a fresh shutdown budget. A failed
+/// start always makes run() return exit_code::failure: a stop request or a SIGTERM during the
+/// rollback is logged and ignored.
 ///
 /// Shutdown, in this order: readiness goes false (on_stopping hooks); intake stops (stop_intake()
 /// on every started component); the components stop along the reverse DAG, each with its own
@@ -148,7 +150,7 @@ class Manager {
 
   /// Starts a graceful shutdown whose exit code is `code` (unless something fails), giving
   /// `reason` for logs and stop_reason(). Before the components are up, it cancels the starts.
-  /// Thread-safe; later requests are ignored.
+  /// Thread-safe; later requests are ignored, and so are requests after a start failed.
   void request_stop(int code = exit_code::ok, std::string_view reason = "stop requested") noexcept;
 
   /// Why the shutdown began: "SIGINT", "SIGTERM", the reason given to request_stop(), or
