@@ -154,6 +154,7 @@ struct Manager::Impl {
   std::atomic<State> current_state{State::created};
   std::atomic<bool> is_ready{false};
   std::atomic<bool> graceful_done{false};
+  bool every_stop_ran = false;  // set by live() on the strand, read by run() after the join
   std::atomic<bool> exit_handlers_ran{false};
   bool ran = false;
 
@@ -511,6 +512,13 @@ struct Manager::Impl {
       }
     }
     const bool stopped_cleanly = co_await stop_all();
+    // Whether every component that had started (or whose start was abandoned) completed a stop,
+    // cleanly or by throwing. If not, what it holds may still be open: run() runs the exit
+    // handlers (e.g. the pool's close_pool_now()) once its threads are joined.
+    every_stop_ran = std::none_of(nodes.begin(), nodes.end(), [](const auto& node) {
+      return node->status == Status::abandoned || node->status == Status::started ||
+             node->status == Status::stopping;
+    });
     // start_failed, not "!started && !stop_requested": a stop requested during the rollback of a
     // failed start must not turn the failure into a clean exit.
     set_state(start_failed ? State::failed : State::stopped);
@@ -552,7 +560,6 @@ struct Manager::Impl {
       } else {
         code = result;
       }
-      graceful_done = !error;
       flush_logs();
       io.stop();  // abandoned operations stay behind; they are destroyed with the io_context
     });
@@ -560,11 +567,17 @@ struct Manager::Impl {
     for (std::size_t i = 1; i < options.threads; ++i) threads.emplace_back([this] { io.run(); });
     io.run();
     for (auto& thread : threads) thread.join();
-    release_watchdog();
     if (crashed) {
       spdlog::critical("{}: the lifecycle itself failed: {}", options.name, describe(crashed));
       code = exit_code::failure;
     }
+    // A stop that was abandoned (deadline, budget) or never ran may have left sockets open: the
+    // exit handlers run now, while no thread runs the io_context and before spdlog shuts down.
+    if (crashed || !every_stop_ran) {
+      run_exit_handlers(crashed ? "the lifecycle failed" : "a stop was abandoned or never ran");
+    }
+    graceful_done = true;  // everything stopped, or the handlers have run: not again at exit
+    release_watchdog();    // after the handlers, so that the hard deadline still bounds them
     if (options.shutdown_logging) spdlog::shutdown();
     return code.value_or(exit_code::failure);
   }

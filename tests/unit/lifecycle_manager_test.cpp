@@ -350,5 +350,41 @@ TEST(LifecycleManager, ExitHandlersRunOnlyWithoutAGracefulStop) {
   EXPECT_EQ(graceful_runs, 0);
 }
 
+// An abandoned stop may leave sockets open: the exit handlers (the pool's close_pool_now()) run
+// before run() returns, once.
+TEST(LifecycleManager, ExitHandlersRunWhenAStopWasAbandoned) {
+  Journal journal;
+  int runs = 0;
+  {
+    Manager app(test_options());
+    app.add(fake("pool", journal));
+    auto stuck = fake("writer", journal);
+    stuck.hang_stop = true;
+    app.add(std::move(stuck), after("pool"), ComponentLimits{.stop_timeout = 100ms});
+    app.on_exit([&] { ++runs; });
+    app.on_ready([&] { app.request_stop(); });
+    EXPECT_EQ(app.run(), exit_code::failure);
+    EXPECT_EQ(runs, 1) << "the handlers run inside run(), after its threads are joined";
+  }
+  EXPECT_EQ(runs, 1) << "and not again when the manager is destroyed";
+}
+
+// The shutdown budget ran out before a stop could complete: that stop is abandoned too.
+TEST(LifecycleManager, ExitHandlersRunWhenTheShutdownBudgetRanOut) {
+  Journal journal;
+  int runs = 0;
+  ManagerOptions options = test_options();
+  options.shutdown_budget = 150ms;
+  Manager app(options);
+  auto slow = fake("pool", journal);
+  slow.stop_delay = 1s;  // would stop, given the time
+  app.add(std::move(slow));
+  app.on_exit([&] { ++runs; });
+  app.on_ready([&] { app.request_stop(); });
+  EXPECT_EQ(app.run(), exit_code::failure);
+  EXPECT_FALSE(contains(journal, "stop pool"));
+  EXPECT_EQ(runs, 1);
+}
+
 }  // namespace
 }  // namespace pgrt::lifecycle

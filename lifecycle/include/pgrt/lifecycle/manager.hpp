@@ -103,14 +103,17 @@ struct ManagerEvents {
 ///
 /// atexit: if the process exits without a graceful stop (std::exit elsewhere, main returning
 /// early), the handlers given to on_exit() run, synchronously and best effort, then the logs are
-/// flushed. They never run coroutines.
+/// flushed. They never run coroutines. run() also runs them, once its threads are joined, when a
+/// stop was abandoned (deadline, budget) or never ran, since what that component holds may still
+/// be open; they run at most once.
 ///
 /// Thread safety: add(), the hook setters and on_exit() before run() only, from one thread;
 /// request_stop(), state() and ready() from any thread at any time.
 class Manager {
  public:
   explicit Manager(ManagerOptions options = {});
-  /// Runs the on_exit() handlers if run() did not complete a shutdown.
+  /// Runs the on_exit() handlers if run() was not called or did not return (and they did not run
+  /// yet).
   ~Manager();
   Manager(const Manager&) = delete;
   Manager& operator=(const Manager&) = delete;
