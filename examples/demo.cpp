@@ -164,18 +164,22 @@ struct Schema {
   asio::awaitable<void> stop() { co_return; }
 };
 
-using EventTable = pgrt::TableAppender<std::string, std::int64_t, std::string>;
+// Idempotent: pending writes are at-least-once (a batch whose COMMIT was lost is sent again), and
+// a repeated row then changes nothing. A COPY append could not skip it (COPY has no ON CONFLICT).
+constexpr std::string_view insert_event =
+    "INSERT INTO demo_events (run, seq, payload) VALUES ($1, $2, $3) "
+    "ON CONFLICT (run, seq) DO NOTHING";
 
 // The service's work: each worker reads through the pool, then writes one row through pending
 // writes. Intake stops first; stop() waits for the requests in flight, so that every write a
 // worker makes is accepted before the pending writes flush.
 class Workers {
  public:
-  Workers(asio::any_io_executor executor, std::size_t count, EventTable events, std::string run,
-          Counters& counters)
+  Workers(asio::any_io_executor executor, std::size_t count,
+          std::shared_ptr<pgrt::PendingWrites> writes, std::string run, Counters& counters)
       : executor_(std::move(executor)),
         count_(count),
-        events_(std::move(events)),
+        writes_(std::move(writes)),
         run_(std::move(run)),
         counters_(counters) {}
 
@@ -218,7 +222,7 @@ class Workers {
         }  // the lease goes back before the write
         const std::int64_t seq = ++next_seq_;
         std::string payload = "request " + std::to_string(seq) + " of " + run_;
-        co_await events_.append(run_, seq, payload);
+        co_await writes_->enqueue(std::string(insert_event), run_, seq, payload);
         ++counters_.requests;
       } catch (const pgrt::Error& error) {
         ++counters_.errors;
@@ -235,7 +239,7 @@ class Workers {
 
   asio::any_io_executor executor_;
   std::size_t count_;
-  EventTable events_;
+  std::shared_ptr<pgrt::PendingWrites> writes_;
   std::string run_;
   Counters& counters_;
   std::atomic<bool> stopping_{false};
@@ -357,9 +361,7 @@ int run_service(const Arguments& arguments, const std::string& conninfo,
                                                       pgrt::PendingWritesConfig{});
   app.add(writes, after(pool, schema));
   Counters counters;
-  EventTable events = writes->table<std::string, std::int64_t, std::string>(
-      "demo_events", {"run", "seq", "payload"});
-  app.add(std::make_shared<Workers>(app.executor(), arguments.workers, events, run, counters),
+  app.add(std::make_shared<Workers>(app.executor(), arguments.workers, writes, run, counters),
           after(pool, *writes));
   app.add(std::make_shared<Status>(app.executor(), pool_config.conninfo, run, writes, counters),
           after(pool, *writes));
