@@ -1,6 +1,7 @@
 // Whole processes under the lifecycle manager, against the test cluster: the demo stopped by
-// SIGTERM (once, twice) under write load loses no accepted write; SIGINT twice exits at once; a
-// stop that hangs is ended by the watchdog; std::exit() from a worker closes the pool at exit.
+// SIGTERM (once, twice) under write load loses no accepted write and logs its shutdown phases in
+// order; SIGINT twice exits at once; a stop that hangs is ended by the watchdog; std::exit() from
+// a worker closes the pool at exit.
 // Start-up hygiene: a crashed predecessor's leftovers are terminated (and nothing else), a second
 // instance is refused or takes over with force, a missing permission is a warning, pgrt-diag.
 #include <algorithm>
@@ -154,6 +155,37 @@ std::string last_json_line(const std::string& output) {
   return found;
 }
 
+// Each line's first occurrence comes after the previous line's.
+void expect_in_order(const std::string& output, const std::vector<std::string>& lines) {
+  std::size_t previous = 0;
+  std::string previous_line = "(the start)";
+  for (const auto& line : lines) {
+    const std::size_t found = output.find(line);
+    ASSERT_NE(found, std::string::npos) << "missing: " << line << "\n" << output;
+    EXPECT_GE(found, previous) << "'" << line << "' came before '" << previous_line << "'\n"
+                               << output;
+    previous = found;
+    previous_line = line;
+  }
+}
+
+// The demo's shutdown phases, in the order (1-5 logged during run(), the report after it).
+const std::vector<std::string> demo_shutdown_phases = {
+    "shutdown phase 1: readiness false",
+    "stopping 'intake'",
+    "shutdown phase 2: intake stopped",
+    "stopped 'intake'",
+    "stopping 'pending_writes'",
+    "pgrt pending writes pending_writes: stopped: accepted",
+    "stopped 'pending_writes'",
+    "stopping 'workers'",
+    "shutdown phase 4: workers stopped",
+    "stopped 'workers'",
+    "stopping 'pool'",
+    "stopped 'pool'",
+    "{\"writes_accepted\"",
+};
+
 class LifecycleProcessTest : public testing::DbTest {
  protected:
   // Runs the demo under write load, stops it with SIGTERM and checks that every accepted write is
@@ -197,6 +229,7 @@ class LifecycleProcessTest : public testing::DbTest {
     EXPECT_EQ(check.scalar("SELECT min(seq)" + where), "1");
     EXPECT_EQ(check.scalar("SELECT max(seq)" + where), std::to_string(accepted));
     EXPECT_THAT(output, HasSubstr("SIGTERM: shutting down gracefully"));
+    expect_in_order(output, demo_shutdown_phases);
   }
 
   static int backends_of(const std::string& app) {
