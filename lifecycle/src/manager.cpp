@@ -19,6 +19,7 @@
 #include <exception>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <spdlog/spdlog.h>
 #include <stdexcept>
 #include <thread>
@@ -177,11 +178,14 @@ struct Manager::Impl {
   bool shutting_down = false;
   int requested_code = exit_code::ok;
 
-  // The watchdog.
+  // The watchdog: armed for the start-up (start_hard_deadline) and for the shutdown.
   std::thread watchdog;
   std::mutex watchdog_mutex;
   std::condition_variable watchdog_wakeup;
   bool watchdog_released = false;
+  std::optional<Clock::time_point> watchdog_deadline;  // none: disarmed
+  const char* watchdog_reason = "";
+  bool shutdown_watchdog_armed = false;  // strand only
 
   // --- adding ----------------------------------------------------------------------------------
 
@@ -491,6 +495,7 @@ struct Manager::Impl {
     run_hooks(starting_hooks, "on_starting");
     const bool started = co_await start_all();
     if (started && !stop_requested) {
+      if (options.start_hard_deadline) arm_watchdog(std::nullopt, "");
       set_state(State::running);
       is_ready = true;
       run_hooks(ready_hooks, "on_ready");
@@ -527,13 +532,32 @@ struct Manager::Impl {
     co_return requested_code;
   }
 
+  // The shutdown's hard deadline, from now; later calls keep the first deadline.
   void start_watchdog() {
-    if (watchdog.joinable()) return;
-    const auto deadline = Clock::now() + options.hard_deadline;
-    watchdog = std::thread([this, deadline] {
+    if (shutdown_watchdog_armed) return;
+    shutdown_watchdog_armed = true;
+    arm_watchdog(Clock::now() + options.hard_deadline, "the shutdown overran its hard deadline");
+  }
+
+  // Replaces the watchdog's deadline (none: disarmed), starting its thread on first use.
+  void arm_watchdog(std::optional<Clock::time_point> deadline, const char* reason) {
+    {
+      std::lock_guard lock(watchdog_mutex);
+      watchdog_deadline = deadline;
+      watchdog_reason = reason;
+    }
+    watchdog_wakeup.notify_all();
+    if (watchdog.joinable() || !deadline) return;
+    watchdog = std::thread([this] {
       std::unique_lock lock(watchdog_mutex);
-      if (!watchdog_wakeup.wait_until(lock, deadline, [this] { return watchdog_released; })) {
-        exit_now(exit_code::hard_deadline, "the shutdown overran its hard deadline");
+      while (!watchdog_released) {
+        if (!watchdog_deadline) {
+          watchdog_wakeup.wait(lock);
+        } else if (Clock::now() >= *watchdog_deadline) {
+          exit_now(exit_code::hard_deadline, watchdog_reason);
+        } else {
+          watchdog_wakeup.wait_until(lock, *watchdog_deadline);
+        }
       }
     });
   }
@@ -551,6 +575,12 @@ struct Manager::Impl {
     if (ran) throw std::logic_error("Manager::run() may be called once");
     check_dependencies();
     ran = true;
+    if (options.start_hard_deadline) {
+      // Before any start: a start that blocks its thread holds the strand, and then neither its
+      // start_timeout nor a signal can end it.
+      arm_watchdog(Clock::now() + *options.start_hard_deadline,
+                   "the start-up overran its hard deadline");
+    }
     std::optional<int> code;
     std::exception_ptr crashed;
     if (signals) asio::co_spawn(strand, handle_signals(), asio::detached);

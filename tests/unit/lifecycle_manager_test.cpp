@@ -15,6 +15,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "pgrt/lifecycle.hpp"
@@ -384,6 +385,55 @@ TEST(LifecycleManager, ExitHandlersRunWhenTheShutdownBudgetRanOut) {
   EXPECT_EQ(app.run(), exit_code::failure);
   EXPECT_FALSE(contains(journal, "stop pool"));
   EXPECT_EQ(runs, 1);
+}
+
+// Blocks the manager's strand in start(): no timer and no signal handler can run.
+struct BlockingStart {
+  [[nodiscard]] std::string name() const { return "blocking"; }
+  asio::awaitable<void> start() {
+    std::this_thread::sleep_for(3s);
+    co_return;
+  }
+  asio::awaitable<void> stop() { co_return; }
+};
+
+TEST(LifecycleManagerDeathTest, StartHardDeadlineEndsAStartThatBlocksItsThread) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(
+      {
+        ManagerOptions options = test_options();
+        options.start_timeout = 100ms;  // a timer: it cannot fire while the strand is blocked
+        options.start_hard_deadline = 300ms;
+        Manager app(options);
+        app.add(BlockingStart{});
+        app.on_ready([&] { app.request_stop(); });  // without the watchdog: exit 100 after 3 s
+        std::exit(app.run() + 100);  // NOLINT(concurrency-mt-unsafe): the child's result
+      },
+      ::testing::ExitedWithCode(exit_code::hard_deadline), "");
+}
+
+TEST(LifecycleManagerDeathTest, StartHardDeadlineIsDisarmedOnceEverythingStarted) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(
+      {
+        Journal journal;
+        ManagerOptions options = test_options();
+        options.start_hard_deadline = 100ms;
+        options.hard_deadline = 5s;
+        Manager app(options);
+        app.add(fake("a", journal));
+        app.on_ready([&] {
+          asio::co_spawn(
+              app.executor(),
+              [&]() -> asio::awaitable<void> {
+                co_await sleep_for(400ms);  // well past the start's hard deadline
+                app.request_stop();
+              },
+              asio::detached);
+        });
+        std::exit(app.run());  // NOLINT(concurrency-mt-unsafe): the child's result
+      },
+      ::testing::ExitedWithCode(exit_code::ok), "");
 }
 
 }  // namespace

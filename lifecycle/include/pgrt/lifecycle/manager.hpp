@@ -69,6 +69,11 @@ struct ManagerOptions {
   std::chrono::milliseconds shutdown_budget{30'000};  ///< All stops together.
   /// From the start of a shutdown until the watchdog _exit()s with exit_code::hard_deadline.
   std::chrono::milliseconds hard_deadline{35'000};
+  /// From run() until every component has started; if it passes first, the watchdog _exit()s
+  /// with exit_code::hard_deadline. It ends a start that blocks its thread, which start_timeout
+  /// (a timer on the manager's strand) cannot. Unset: no watchdog during the start-up. A failed
+  /// or interrupted start-up switches to hard_deadline when its shutdown begins.
+  std::optional<std::chrono::milliseconds> start_hard_deadline;
   bool handle_signals = true;  ///< Own SIGINT, SIGTERM and SIGQUIT (one signal_set, kept).
   /// run() ends with spdlog::shutdown() (after its threads are joined). Turn off to keep logging
   /// through spdlog after run() returns.
