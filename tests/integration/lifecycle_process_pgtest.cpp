@@ -247,6 +247,65 @@ TEST_F(LifecycleProcessTest, SigtermTwiceIsStillGraceful) {
   stop_demo_and_check_writes(true, "sigterm-twice");
 }
 
+// At-least-once made harmless: the connection is lost while the server commits a batch (a deferred
+// trigger holds the COMMIT), so the flusher cannot know the batch was written and sends it again.
+// The demo's writes are idempotent: the repeat inserts nothing twice and fails nothing.
+TEST_F(LifecycleProcessTest, ABatchRepeatedAfterALostCommitIsNeitherDuplicatedNorFailed) {
+  auto own = start_own_cluster();
+  {
+    BlockingConnection admin(own->dsn());
+    // The demo's table (it creates it only if missing), and a trigger that sleeps once, at COMMIT,
+    // when armed.
+    admin.query(
+        "CREATE TABLE demo_events (run text NOT NULL, seq bigint NOT NULL, payload text NOT NULL, "
+        "written_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (run, seq))");
+    admin.query("CREATE TABLE slow_commit (armed boolean NOT NULL)");
+    admin.query("INSERT INTO slow_commit VALUES (false)");
+    admin.query(
+        "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "UPDATE slow_commit SET armed = false WHERE armed; "
+        "IF FOUND THEN PERFORM pg_sleep(3); END IF; RETURN NULL; END $$");
+    admin.query(
+        "CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON demo_events DEFERRABLE INITIALLY "
+        "DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()");
+  }
+  testing::FaultProxy proxy("127.0.0.1", static_cast<std::uint16_t>(own->port()));
+  Child demo({PGRT_DEMO_PATH, "--json", "--workers", "20"},
+             proxy.conninfo_prefix() + " user=postgres dbname=postgres", "lost-commit");
+  ASSERT_TRUE(demo.wait_for_output("requests/s", 60s)) << demo.output();
+  BlockingConnection observer(own->dsn());
+  observer.query("UPDATE slow_commit SET armed = true");
+  // The next batch's COMMIT sleeps in the trigger: it was sent, and its answer is not back yet.
+  EXPECT_TRUE(testing::eventually(
+      [&] {
+        return observer.scalar(
+                   "SELECT count(*) FROM pg_stat_activity WHERE wait_event = "
+                   "'PgSleep' AND application_name LIKE 'lost-commit/%'") == "1";
+      },
+      10s))
+      << demo.output();
+  proxy.drop_all();  // the answer to that COMMIT is lost; the server still commits
+  EXPECT_TRUE(demo.wait_for_output("failed with a transient error", 10s)) << demo.output();
+  // The retried batch waits for the first one's rows, then skips them.
+  EXPECT_TRUE(testing::eventually(
+      [&] { return observer.scalar("SELECT bool_or(armed)::text FROM slow_commit") == "false"; },
+      10s));
+  std::this_thread::sleep_for(500ms);  // a few more batches after it
+  demo.signal(SIGTERM);
+  const auto code = demo.wait_for_exit(60s);
+  const std::string output = demo.output();
+  ASSERT_EQ(code, 0) << output;
+  const std::string report = last_json_line(output);
+  ASSERT_FALSE(report.empty()) << output;
+  EXPECT_EQ(json_field(report, "writes_failed"), "0") << report;
+  const long long accepted = std::stoll(json_field(report, "writes_accepted"));
+  EXPECT_EQ(json_field(report, "writes_flushed"), std::to_string(accepted)) << report;
+  const std::string where = " FROM demo_events WHERE run = '" + json_field(report, "run") + "'";
+  EXPECT_EQ(observer.scalar("SELECT count(*)" + where), std::to_string(accepted));
+  EXPECT_EQ(observer.scalar("SELECT count(DISTINCT seq)" + where), std::to_string(accepted));
+  EXPECT_EQ(observer.scalar("SELECT max(seq)" + where), std::to_string(accepted));
+}
+
 TEST_F(LifecycleProcessTest, SigintTwiceExitsAtOnceWith130) {
   Child demo({PGRT_DEMO_PATH, "--workers", "50"}, cluster().dsn(), "sigint-twice");
   ASSERT_TRUE(demo.wait_for_output("requests/s", 60s)) << demo.output();
