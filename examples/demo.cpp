@@ -1,8 +1,8 @@
 // pgrt demo: a small service. N worker coroutines read through `co_await pgrt::connection()` on
 // the process-wide pool (micro preset: max 3 connections) and write one row per request through
 // pending writes into `demo_events`. A status line every second; on Ctrl+C, SIGTERM or after
-// --duration it shuts down in order (intake, workers, pending writes flushed, pool closed) and
-// prints a final report.
+// --duration it shuts down in order, logging each phase (readiness false, intake stopped, pending
+// writes flushed, workers stopped, pool closed), and prints a final report.
 //
 //   pgrt_demo [--duration SECONDS] [--workers N] [--json]
 //
@@ -24,6 +24,7 @@
 #include <iostream>
 #include <memory>
 #include <optional>
+#include <spdlog/spdlog.h>
 #include <sstream>
 #include <stop_token>
 #include <string>
@@ -164,18 +165,56 @@ struct Schema {
   asio::awaitable<void> stop() { co_return; }
 };
 
-using EventTable = pgrt::TableAppender<std::string, std::int64_t, std::string>;
+// Idempotent: pending writes are at-least-once (a batch whose COMMIT was lost is sent again), and
+// a repeated row then changes nothing. A COPY append could not skip it (COPY has no ON CONFLICT).
+constexpr std::string_view insert_event =
+    "INSERT INTO demo_events (run, seq, payload) VALUES ($1, $2, $3) "
+    "ON CONFLICT (run, seq) DO NOTHING";
 
-// The service's work: each worker reads through the pool, then writes one row through pending
-// writes. Intake stops first; stop() waits for the requests in flight, so that every write a
-// worker makes is accepted before the pending writes flush.
+// The front door, phase 2 of the shutdown. A worker takes a request only through enter(); as a
+// shutdown begins, stop_intake() closes the door, and stop() waits until the requests already
+// inside have finished, their writes accepted. Only then do the pending writes flush (phase 3).
+class Intake {
+ public:
+  [[nodiscard]] std::string name() const { return "intake"; }
+  asio::awaitable<void> start() {
+    open_ = true;
+    co_return;
+  }
+  void stop_intake() { closed_ = true; }
+  asio::awaitable<void> stop() {
+    closed_ = true;
+    while (inside_ > 0) co_await sleep_for(1ms);
+    spdlog::info("pgrt-demo: shutdown phase 2: intake stopped, the requests in flight finished");
+  }
+
+  // Whether a request may begin now; if so, leave() must follow when it has ended.
+  [[nodiscard]] bool enter() {
+    ++inside_;  // before the check, so that stop() cannot miss a request that got in
+    if (open_ && !closed_) return true;
+    --inside_;
+    return false;
+  }
+  void leave() { --inside_; }
+  [[nodiscard]] bool closed() const { return closed_; }
+
+ private:
+  std::atomic<bool> open_{false};
+  std::atomic<bool> closed_{false};
+  std::atomic<std::size_t> inside_{0};
+};
+
+// The service's work: each worker takes requests through the intake; a request reads through the
+// pool, then writes one row through pending writes. The workers start idle (the intake opens
+// last) and end once the intake has closed; stop() (phase 4, after the flush) joins them.
 class Workers {
  public:
-  Workers(asio::any_io_executor executor, std::size_t count, EventTable events, std::string run,
-          Counters& counters)
+  Workers(asio::any_io_executor executor, std::size_t count, Intake& intake,
+          std::shared_ptr<pgrt::PendingWrites> writes, std::string run, Counters& counters)
       : executor_(std::move(executor)),
         count_(count),
-        events_(std::move(events)),
+        intake_(intake),
+        writes_(std::move(writes)),
         run_(std::move(run)),
         counters_(counters) {}
 
@@ -198,44 +237,70 @@ class Workers {
     co_return;
   }
 
-  void stop_intake() { stopping_ = true; }
-
   asio::awaitable<void> stop() {
-    stopping_ = true;
+    stopping_ = true;  // also ends workers still waiting for an intake that never opened
     while (running_ > 0) co_await sleep_for(5ms);
+    spdlog::info("pgrt-demo: shutdown phase 4: workers stopped, {} coroutines joined", count_);
   }
 
  private:
+  // Leaves the intake when the request ends, however it ends.
+  class Inside {
+   public:
+    explicit Inside(Intake& intake) : intake_(intake) {}
+    Inside(const Inside&) = delete;
+    Inside& operator=(const Inside&) = delete;
+    Inside(Inside&&) = delete;
+    Inside& operator=(Inside&&) = delete;
+    ~Inside() { intake_.leave(); }
+
+   private:
+    Intake& intake_;
+  };
+
   asio::awaitable<void> work() {
     while (!stopping_) {
+      if (!intake_.enter()) {
+        if (intake_.closed()) co_return;  // the shutdown began: this worker is done
+        co_await sleep_for(10ms);         // not open yet
+        continue;
+      }
       bool back_off = false;
-      try {
-        {
-          auto connection = co_await pgrt::connection();
-          const std::int64_t probe = static_cast<std::int64_t>(counters_.requests.load());
-          auto rows = co_await connection->query("SELECT $1::bigint + 1", probe);
-          if (rows[0].get<std::int64_t>(0) != probe + 1) throw std::logic_error("bad arithmetic");
-        }  // the lease goes back before the write
-        const std::int64_t seq = ++next_seq_;
-        std::string payload = "request " + std::to_string(seq) + " of " + run_;
-        co_await events_.append(run_, seq, payload);
-        ++counters_.requests;
-      } catch (const pgrt::Error& error) {
-        ++counters_.errors;
-        if (error.code() == pgrt::client_errc::writes_closed ||
-            error.code() == pgrt::client_errc::pool_closed) {
-          co_return;
+      {
+        const Inside inside{intake_};
+        try {
+          co_await serve_one();
+        } catch (const pgrt::Error& error) {
+          ++counters_.errors;
+          if (error.code() == pgrt::client_errc::writes_closed ||
+              error.code() == pgrt::client_errc::pool_closed) {
+            co_return;
+          }
+          std::cerr << "pgrt_demo: request failed: " << error.what() << std::endl;
+          back_off = true;
         }
-        std::cerr << "pgrt_demo: request failed: " << error.what() << std::endl;
-        back_off = true;
       }
       if (back_off) co_await sleep_for(100ms);
     }
   }
 
+  asio::awaitable<void> serve_one() {
+    {
+      auto connection = co_await pgrt::connection();
+      const std::int64_t probe = static_cast<std::int64_t>(counters_.requests.load());
+      auto rows = co_await connection->query("SELECT $1::bigint + 1", probe);
+      if (rows[0].get<std::int64_t>(0) != probe + 1) throw std::logic_error("bad arithmetic");
+    }  // the lease goes back before the write
+    const std::int64_t seq = ++next_seq_;
+    std::string payload = "request " + std::to_string(seq) + " of " + run_;
+    co_await writes_->enqueue(std::string(insert_event), run_, seq, payload);
+    ++counters_.requests;
+  }
+
   asio::any_io_executor executor_;
   std::size_t count_;
-  EventTable events_;
+  Intake& intake_;
+  std::shared_ptr<pgrt::PendingWrites> writes_;
   std::string run_;
   Counters& counters_;
   std::atomic<bool> stopping_{false};
@@ -355,14 +420,20 @@ int run_service(const Arguments& arguments, const std::string& conninfo,
   auto& schema = app.add(Schema{}, after(pool));
   auto writes = std::make_shared<pgrt::PendingWrites>(pgrt::pool(), app.executor(),
                                                       pgrt::PendingWritesConfig{});
-  app.add(writes, after(pool, schema));
+  // The shutdown stops along the reverse dependencies: the intake (phase 2), the pending writes,
+  // flushed (3), the workers (4), the pool (5). So the writes start after the workers, and the
+  // intake opens last.
   Counters counters;
-  EventTable events = writes->table<std::string, std::int64_t, std::string>(
-      "demo_events", {"run", "seq", "payload"});
-  app.add(std::make_shared<Workers>(app.executor(), arguments.workers, events, run, counters),
-          after(pool, *writes));
+  auto& intake = app.add(std::make_shared<Intake>(), after(*writes));
+  auto& workers = app.add(
+      std::make_shared<Workers>(app.executor(), arguments.workers, intake, writes, run, counters),
+      after(pool));
+  app.add(writes, after(pool, schema, workers));
   app.add(std::make_shared<Status>(app.executor(), pool_config.conninfo, run, writes, counters),
           after(pool, *writes));
+  app.on_stopping([&] {
+    spdlog::info("pgrt-demo: shutdown phase 1: readiness false ({})", app.stop_reason());
+  });
 
   app.on_ready([&] {
     std::cout << "serving: " << arguments.workers << " workers on pool " << run << " (max "

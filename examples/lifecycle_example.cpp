@@ -58,24 +58,40 @@ class Clock {
 };
 
 // Takes work from outside: stop_intake() is called on every component as soon as a shutdown
-// begins, before any stop().
+// begins, before any stop(). Here the work is a greeting every 50 ms, which ends at once.
 class Greeter {
  public:
   explicit Greeter(const Clock& clock) : clock_(clock) {}
   std::string name() const { return "greeter"; }
   asio::awaitable<void> start() {
     spdlog::info("greeter: the clock has ticked {} times", clock_.ticks());
-    co_return;
+    greeting_ = true;
+    asio::co_spawn(co_await asio::this_coro::executor, greet(),
+                   [this](const std::exception_ptr& error) {
+                     if (error) spdlog::error("greeter: the greetings ended with an exception");
+                     greeting_ = false;
+                   });
   }
   void stop_intake() { accepting_ = false; }
   asio::awaitable<void> stop() {
-    spdlog::info("greeter: the clock ticked {} times", clock_.ticks());
-    co_return;
+    accepting_ = false;  // also when stop_intake() was not called (a failed start)
+    while (greeting_) co_await sleep_for(1ms);
+    spdlog::info("greeter: {} greetings; the clock ticked {} times", greetings_.load(),
+                 clock_.ticks());
   }
 
  private:
+  asio::awaitable<void> greet() {
+    while (accepting_) {
+      spdlog::debug("greeter: hello at tick {}", clock_.ticks());
+      ++greetings_;
+      co_await sleep_for(50ms);
+    }
+  }
   const Clock& clock_;
   std::atomic<bool> accepting_{true};
+  std::atomic<bool> greeting_{false};
+  std::atomic<long> greetings_{0};
 };
 
 int main(int argc, char** argv) {
@@ -89,6 +105,7 @@ int main(int argc, char** argv) {
   app.add(std::make_shared<Greeter>(clock), pgrt::lifecycle::after(clock),
           {.stop_timeout = std::chrono::seconds(2)});
 
+  app.on_starting([&] { spdlog::info("starting (state() = {})", to_string(app.state())); });
   app.on_ready([&] { spdlog::info("ready (ready() = {}); Ctrl+C to stop", app.ready()); });
   app.on_stopping([&] { spdlog::info("stopping: {}", app.stop_reason()); });
   app.on_stopped([] { spdlog::info("stopped"); });

@@ -19,6 +19,7 @@
 #include <exception>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <spdlog/spdlog.h>
 #include <stdexcept>
 #include <thread>
@@ -154,6 +155,7 @@ struct Manager::Impl {
   std::atomic<State> current_state{State::created};
   std::atomic<bool> is_ready{false};
   std::atomic<bool> graceful_done{false};
+  bool every_stop_ran = false;  // set by live() on the strand, read by run() after the join
   std::atomic<bool> exit_handlers_ran{false};
   bool ran = false;
 
@@ -170,14 +172,20 @@ struct Manager::Impl {
 
   // Strand-only state.
   bool stop_requested = false;
+  // A component failed to start (threw or timed out, not cancelled by us): the rollback is under
+  // way and run() returns exit_code::failure, whatever stop request comes meanwhile.
+  bool start_failed = false;
   bool shutting_down = false;
   int requested_code = exit_code::ok;
 
-  // The watchdog.
+  // The watchdog: armed for the start-up (start_hard_deadline) and for the shutdown.
   std::thread watchdog;
   std::mutex watchdog_mutex;
   std::condition_variable watchdog_wakeup;
   bool watchdog_released = false;
+  std::optional<Clock::time_point> watchdog_deadline;  // none: disarmed
+  const char* watchdog_reason = "";
+  bool shutdown_watchdog_armed = false;  // strand only
 
   // --- adding ----------------------------------------------------------------------------------
 
@@ -258,6 +266,11 @@ struct Manager::Impl {
 
   void on_stop_request(int code, std::string reason) {
     if (stop_requested) return;
+    if (start_failed) {
+      spdlog::info("{}: {}: ignored, the shutdown after a failed start is under way", options.name,
+                   reason);
+      return;
+    }
     stop_requested = true;
     requested_code = code;
     set_stop_reason(std::move(reason));
@@ -271,10 +284,10 @@ struct Manager::Impl {
       auto [error, number] = co_await signals->async_wait(no_throw);
       if (error) co_return;
       if (number == SIGQUIT) exit_now(exit_code::quit, "SIGQUIT");
-      if (number == SIGINT && (stop_requested || shutting_down)) {
+      if (number == SIGINT && (stop_requested || start_failed || shutting_down)) {
         exit_now(exit_code::interrupted, "a second SIGINT during the shutdown");
       }
-      if (number == SIGTERM && stop_requested) {
+      if (number == SIGTERM && (stop_requested || start_failed || shutting_down)) {
         spdlog::warn("{}: SIGTERM again: ignored, the graceful shutdown is under way",
                      options.name);
         continue;
@@ -332,6 +345,15 @@ struct Manager::Impl {
     return node.limits.stop_timeout.value_or(options.stop_timeout);
   }
 
+  // The first start failure begins the shutdown: the reason is fixed, and the watchdog is armed
+  // for the rollback (cancelling the other starts, stopping what had started).
+  void note_start_failure() {
+    if (start_failed) return;
+    start_failed = true;
+    set_stop_reason("a component failed to start");
+    start_watchdog();
+  }
+
   // Starts every component along the DAG. True if all started. On a failure or a stop request it
   // cancels the starts in flight and waits for them (each at most its stop deadline).
   asio::awaitable<bool> start_all() {
@@ -346,6 +368,7 @@ struct Manager::Impl {
             node->status = Status::start_failed;
             if (!node->cancel_emitted) {
               failed = true;
+              note_start_failure();
               spdlog::error("{}: component '{}' failed to start: {}", options.name, node->name,
                             describe(node->error));
             } else {
@@ -359,6 +382,7 @@ struct Manager::Impl {
         } else if (now >= node->deadline) {
           if (!node->cancel_emitted) {
             failed = true;
+            note_start_failure();
             spdlog::error("{}: component '{}' did not start within {} ms", options.name, node->name,
                           start_limit(*node).count());
             cancel(*node);
@@ -470,8 +494,8 @@ struct Manager::Impl {
     set_state(State::starting);
     run_hooks(starting_hooks, "on_starting");
     const bool started = co_await start_all();
-    if (!started && !stop_requested) set_stop_reason("a component failed to start");
     if (started && !stop_requested) {
+      if (options.start_hard_deadline) arm_watchdog(std::nullopt, "");
       set_state(State::running);
       is_ready = true;
       run_hooks(ready_hooks, "on_ready");
@@ -493,20 +517,47 @@ struct Manager::Impl {
       }
     }
     const bool stopped_cleanly = co_await stop_all();
-    const bool start_failed = !started && !stop_requested;
+    // Whether every component that had started (or whose start was abandoned) completed a stop,
+    // cleanly or by throwing. If not, what it holds may still be open: run() runs the exit
+    // handlers (e.g. the pool's close_pool_now()) once its threads are joined.
+    every_stop_ran = std::none_of(nodes.begin(), nodes.end(), [](const auto& node) {
+      return node->status == Status::abandoned || node->status == Status::started ||
+             node->status == Status::stopping;
+    });
+    // start_failed, not "!started && !stop_requested": a stop requested during the rollback of a
+    // failed start must not turn the failure into a clean exit.
     set_state(start_failed ? State::failed : State::stopped);
     run_hooks(stopped_hooks, "on_stopped");
     if (start_failed || !stopped_cleanly) co_return exit_code::failure;
     co_return requested_code;
   }
 
+  // The shutdown's hard deadline, from now; later calls keep the first deadline.
   void start_watchdog() {
-    if (watchdog.joinable()) return;
-    const auto deadline = Clock::now() + options.hard_deadline;
-    watchdog = std::thread([this, deadline] {
+    if (shutdown_watchdog_armed) return;
+    shutdown_watchdog_armed = true;
+    arm_watchdog(Clock::now() + options.hard_deadline, "the shutdown overran its hard deadline");
+  }
+
+  // Replaces the watchdog's deadline (none: disarmed), starting its thread on first use.
+  void arm_watchdog(std::optional<Clock::time_point> deadline, const char* reason) {
+    {
+      std::lock_guard lock(watchdog_mutex);
+      watchdog_deadline = deadline;
+      watchdog_reason = reason;
+    }
+    watchdog_wakeup.notify_all();
+    if (watchdog.joinable() || !deadline) return;
+    watchdog = std::thread([this] {
       std::unique_lock lock(watchdog_mutex);
-      if (!watchdog_wakeup.wait_until(lock, deadline, [this] { return watchdog_released; })) {
-        exit_now(exit_code::hard_deadline, "the shutdown overran its hard deadline");
+      while (!watchdog_released) {
+        if (!watchdog_deadline) {
+          watchdog_wakeup.wait(lock);
+        } else if (Clock::now() >= *watchdog_deadline) {
+          exit_now(exit_code::hard_deadline, watchdog_reason);
+        } else {
+          watchdog_wakeup.wait_until(lock, *watchdog_deadline);
+        }
       }
     });
   }
@@ -524,6 +575,12 @@ struct Manager::Impl {
     if (ran) throw std::logic_error("Manager::run() may be called once");
     check_dependencies();
     ran = true;
+    if (options.start_hard_deadline) {
+      // Before any start: a start that blocks its thread holds the strand, and then neither its
+      // start_timeout nor a signal can end it.
+      arm_watchdog(Clock::now() + *options.start_hard_deadline,
+                   "the start-up overran its hard deadline");
+    }
     std::optional<int> code;
     std::exception_ptr crashed;
     if (signals) asio::co_spawn(strand, handle_signals(), asio::detached);
@@ -533,7 +590,6 @@ struct Manager::Impl {
       } else {
         code = result;
       }
-      graceful_done = !error;
       flush_logs();
       io.stop();  // abandoned operations stay behind; they are destroyed with the io_context
     });
@@ -541,11 +597,17 @@ struct Manager::Impl {
     for (std::size_t i = 1; i < options.threads; ++i) threads.emplace_back([this] { io.run(); });
     io.run();
     for (auto& thread : threads) thread.join();
-    release_watchdog();
     if (crashed) {
       spdlog::critical("{}: the lifecycle itself failed: {}", options.name, describe(crashed));
       code = exit_code::failure;
     }
+    // A stop that was abandoned (deadline, budget) or never ran may have left sockets open: the
+    // exit handlers run now, while no thread runs the io_context and before spdlog shuts down.
+    if (crashed || !every_stop_ran) {
+      run_exit_handlers(crashed ? "the lifecycle failed" : "a stop was abandoned or never ran");
+    }
+    graceful_done = true;  // everything stopped, or the handlers have run: not again at exit
+    release_watchdog();    // after the handlers, so that the hard deadline still bounds them
     if (options.shutdown_logging) spdlog::shutdown();
     return code.value_or(exit_code::failure);
   }

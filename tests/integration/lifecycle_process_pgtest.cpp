@@ -1,6 +1,7 @@
 // Whole processes under the lifecycle manager, against the test cluster: the demo stopped by
-// SIGTERM (once, twice) under write load loses no accepted write; SIGINT twice exits at once; a
-// stop that hangs is ended by the watchdog; std::exit() from a worker closes the pool at exit.
+// SIGTERM (once, twice) under write load loses no accepted write and logs its shutdown phases in
+// order; SIGINT twice exits at once; a stop that hangs is ended by the watchdog; std::exit() from
+// a worker closes the pool at exit.
 // Start-up hygiene: a crashed predecessor's leftovers are terminated (and nothing else), a second
 // instance is refused or takes over with force, a missing permission is a warning, pgrt-diag.
 #include <algorithm>
@@ -154,6 +155,37 @@ std::string last_json_line(const std::string& output) {
   return found;
 }
 
+// Each line's first occurrence comes after the previous line's.
+void expect_in_order(const std::string& output, const std::vector<std::string>& lines) {
+  std::size_t previous = 0;
+  std::string previous_line = "(the start)";
+  for (const auto& line : lines) {
+    const std::size_t found = output.find(line);
+    ASSERT_NE(found, std::string::npos) << "missing: " << line << "\n" << output;
+    EXPECT_GE(found, previous) << "'" << line << "' came before '" << previous_line << "'\n"
+                               << output;
+    previous = found;
+    previous_line = line;
+  }
+}
+
+// The demo's shutdown phases, in the order (1-5 logged during run(), the report after it).
+const std::vector<std::string> demo_shutdown_phases = {
+    "shutdown phase 1: readiness false",
+    "stopping 'intake'",
+    "shutdown phase 2: intake stopped",
+    "stopped 'intake'",
+    "stopping 'pending_writes'",
+    "pgrt pending writes pending_writes: stopped: accepted",
+    "stopped 'pending_writes'",
+    "stopping 'workers'",
+    "shutdown phase 4: workers stopped",
+    "stopped 'workers'",
+    "stopping 'pool'",
+    "stopped 'pool'",
+    "{\"writes_accepted\"",
+};
+
 class LifecycleProcessTest : public testing::DbTest {
  protected:
   // Runs the demo under write load, stops it with SIGTERM and checks that every accepted write is
@@ -197,6 +229,7 @@ class LifecycleProcessTest : public testing::DbTest {
     EXPECT_EQ(check.scalar("SELECT min(seq)" + where), "1");
     EXPECT_EQ(check.scalar("SELECT max(seq)" + where), std::to_string(accepted));
     EXPECT_THAT(output, HasSubstr("SIGTERM: shutting down gracefully"));
+    expect_in_order(output, demo_shutdown_phases);
   }
 
   static int backends_of(const std::string& app) {
@@ -212,6 +245,65 @@ TEST_F(LifecycleProcessTest, SigtermUnderWriteLoadExitsZeroAndEveryAcceptedWrite
 
 TEST_F(LifecycleProcessTest, SigtermTwiceIsStillGraceful) {
   stop_demo_and_check_writes(true, "sigterm-twice");
+}
+
+// At-least-once made harmless: the connection is lost while the server commits a batch (a deferred
+// trigger holds the COMMIT), so the flusher cannot know the batch was written and sends it again.
+// The demo's writes are idempotent: the repeat inserts nothing twice and fails nothing.
+TEST_F(LifecycleProcessTest, ABatchRepeatedAfterALostCommitIsNeitherDuplicatedNorFailed) {
+  auto own = start_own_cluster();
+  {
+    BlockingConnection admin(own->dsn());
+    // The demo's table (it creates it only if missing), and a trigger that sleeps once, at COMMIT,
+    // when armed.
+    admin.query(
+        "CREATE TABLE demo_events (run text NOT NULL, seq bigint NOT NULL, payload text NOT NULL, "
+        "written_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (run, seq))");
+    admin.query("CREATE TABLE slow_commit (armed boolean NOT NULL)");
+    admin.query("INSERT INTO slow_commit VALUES (false)");
+    admin.query(
+        "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "UPDATE slow_commit SET armed = false WHERE armed; "
+        "IF FOUND THEN PERFORM pg_sleep(3); END IF; RETURN NULL; END $$");
+    admin.query(
+        "CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON demo_events DEFERRABLE INITIALLY "
+        "DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()");
+  }
+  testing::FaultProxy proxy("127.0.0.1", static_cast<std::uint16_t>(own->port()));
+  Child demo({PGRT_DEMO_PATH, "--json", "--workers", "20"},
+             proxy.conninfo_prefix() + " user=postgres dbname=postgres", "lost-commit");
+  ASSERT_TRUE(demo.wait_for_output("requests/s", 60s)) << demo.output();
+  BlockingConnection observer(own->dsn());
+  observer.query("UPDATE slow_commit SET armed = true");
+  // The next batch's COMMIT sleeps in the trigger: it was sent, and its answer is not back yet.
+  EXPECT_TRUE(testing::eventually(
+      [&] {
+        return observer.scalar(
+                   "SELECT count(*) FROM pg_stat_activity WHERE wait_event = "
+                   "'PgSleep' AND application_name LIKE 'lost-commit/%'") == "1";
+      },
+      10s))
+      << demo.output();
+  proxy.drop_all();  // the answer to that COMMIT is lost; the server still commits
+  EXPECT_TRUE(demo.wait_for_output("failed with a transient error", 10s)) << demo.output();
+  // The retried batch waits for the first one's rows, then skips them.
+  EXPECT_TRUE(testing::eventually(
+      [&] { return observer.scalar("SELECT bool_or(armed)::text FROM slow_commit") == "false"; },
+      10s));
+  std::this_thread::sleep_for(500ms);  // a few more batches after it
+  demo.signal(SIGTERM);
+  const auto code = demo.wait_for_exit(60s);
+  const std::string output = demo.output();
+  ASSERT_EQ(code, 0) << output;
+  const std::string report = last_json_line(output);
+  ASSERT_FALSE(report.empty()) << output;
+  EXPECT_EQ(json_field(report, "writes_failed"), "0") << report;
+  const long long accepted = std::stoll(json_field(report, "writes_accepted"));
+  EXPECT_EQ(json_field(report, "writes_flushed"), std::to_string(accepted)) << report;
+  const std::string where = " FROM demo_events WHERE run = '" + json_field(report, "run") + "'";
+  EXPECT_EQ(observer.scalar("SELECT count(*)" + where), std::to_string(accepted));
+  EXPECT_EQ(observer.scalar("SELECT count(DISTINCT seq)" + where), std::to_string(accepted));
+  EXPECT_EQ(observer.scalar("SELECT max(seq)" + where), std::to_string(accepted));
 }
 
 TEST_F(LifecycleProcessTest, SigintTwiceExitsAtOnceWith130) {

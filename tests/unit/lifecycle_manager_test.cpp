@@ -8,11 +8,14 @@
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <chrono>
+#include <csignal>
+#include <functional>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "pgrt/lifecycle.hpp"
@@ -46,6 +49,8 @@ struct Fake {
   bool hang_start = false;  // cancellable
   bool hang_stop = false;   // not cancellable
   bool throw_in_stop = false;
+  std::function<void()> during_stop;  // called as stop() begins, which then takes stop_delay
+  std::chrono::milliseconds stop_delay{0};
 
   [[nodiscard]] std::string name() const { return id; }
   asio::awaitable<void> start() {
@@ -56,6 +61,8 @@ struct Fake {
     journal->push_back("start " + id);
   }
   asio::awaitable<void> stop() {
+    if (during_stop) during_stop();
+    if (stop_delay.count() > 0) co_await sleep_for(stop_delay);
     if (hang_stop) co_await sleep_ignoring_cancellation(1h);
     if (throw_in_stop) throw std::runtime_error(id + " cannot stop");
     journal->push_back("stop " + id);
@@ -183,6 +190,48 @@ TEST(LifecycleManager, FailedStartStopsExactlyWhatStartedInReverse) {
   EXPECT_FALSE(contains(journal, "begin c3"));
 }
 
+// A stop requested while a failed start is rolled back must not turn the failure into exit 0.
+TEST(LifecycleManager, StopRequestedDuringTheRollbackOfAFailedStartStillFails) {
+  Journal journal;
+  Manager app(test_options());
+  auto first = fake("a", journal);
+  first.during_stop = [&] { app.request_stop(exit_code::ok, "late request"); };
+  first.stop_delay = 100ms;  // the request is handled while the rollback waits for this stop
+  app.add(std::move(first));
+  auto broken = fake("b", journal);
+  broken.fail_start = true;
+  app.add(std::move(broken), after("a"));
+  EXPECT_EQ(app.run(), exit_code::failure);
+  EXPECT_EQ(app.state(), State::failed);
+  EXPECT_EQ(app.stop_reason(), "a component failed to start");
+  EXPECT_TRUE(contains(journal, "stop a"));
+}
+
+// The same for a SIGTERM (a stop request of its own) and a failed start whose rollback first
+// waits for a start still in flight to be cancelled.
+TEST(LifecycleManager, SigtermDuringTheRollbackOfAFailedStartIsIgnored) {
+  Journal journal;
+  ManagerOptions options = test_options();
+  options.handle_signals = true;
+  Manager app(options);
+  auto first = fake("a", journal);
+  first.during_stop = [] { ::raise(SIGTERM); };
+  first.stop_delay = 100ms;
+  app.add(std::move(first));
+  auto broken = fake("b", journal);
+  broken.fail_start = true;
+  broken.start_delay = 50ms;
+  app.add(std::move(broken), after("a"));
+  auto slow = fake("c", journal);
+  slow.hang_start = true;  // cancelled when b fails
+  app.add(std::move(slow), after("a"));
+  EXPECT_EQ(app.run(), exit_code::failure);
+  EXPECT_EQ(app.state(), State::failed);
+  EXPECT_EQ(app.stop_reason(), "a component failed to start");
+  EXPECT_TRUE(contains(journal, "stop a"));
+  EXPECT_FALSE(contains(journal, "start c"));
+}
+
 TEST(LifecycleManager, StartTimeoutStillRunsTheStops) {
   Journal journal;
   Manager app(test_options());
@@ -300,6 +349,91 @@ TEST(LifecycleManager, ExitHandlersRunOnlyWithoutAGracefulStop) {
     EXPECT_EQ(app.run(), exit_code::ok);
   }
   EXPECT_EQ(graceful_runs, 0);
+}
+
+// An abandoned stop may leave sockets open: the exit handlers (the pool's close_pool_now()) run
+// before run() returns, once.
+TEST(LifecycleManager, ExitHandlersRunWhenAStopWasAbandoned) {
+  Journal journal;
+  int runs = 0;
+  {
+    Manager app(test_options());
+    app.add(fake("pool", journal));
+    auto stuck = fake("writer", journal);
+    stuck.hang_stop = true;
+    app.add(std::move(stuck), after("pool"), ComponentLimits{.stop_timeout = 100ms});
+    app.on_exit([&] { ++runs; });
+    app.on_ready([&] { app.request_stop(); });
+    EXPECT_EQ(app.run(), exit_code::failure);
+    EXPECT_EQ(runs, 1) << "the handlers run inside run(), after its threads are joined";
+  }
+  EXPECT_EQ(runs, 1) << "and not again when the manager is destroyed";
+}
+
+// The shutdown budget ran out before a stop could complete: that stop is abandoned too.
+TEST(LifecycleManager, ExitHandlersRunWhenTheShutdownBudgetRanOut) {
+  Journal journal;
+  int runs = 0;
+  ManagerOptions options = test_options();
+  options.shutdown_budget = 150ms;
+  Manager app(options);
+  auto slow = fake("pool", journal);
+  slow.stop_delay = 1s;  // would stop, given the time
+  app.add(std::move(slow));
+  app.on_exit([&] { ++runs; });
+  app.on_ready([&] { app.request_stop(); });
+  EXPECT_EQ(app.run(), exit_code::failure);
+  EXPECT_FALSE(contains(journal, "stop pool"));
+  EXPECT_EQ(runs, 1);
+}
+
+// Blocks the manager's strand in start(): no timer and no signal handler can run.
+struct BlockingStart {
+  [[nodiscard]] std::string name() const { return "blocking"; }
+  asio::awaitable<void> start() {
+    std::this_thread::sleep_for(3s);
+    co_return;
+  }
+  asio::awaitable<void> stop() { co_return; }
+};
+
+TEST(LifecycleManagerDeathTest, StartHardDeadlineEndsAStartThatBlocksItsThread) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(
+      {
+        ManagerOptions options = test_options();
+        options.start_timeout = 100ms;  // a timer: it cannot fire while the strand is blocked
+        options.start_hard_deadline = 300ms;
+        Manager app(options);
+        app.add(BlockingStart{});
+        app.on_ready([&] { app.request_stop(); });  // without the watchdog: exit 100 after 3 s
+        std::exit(app.run() + 100);  // NOLINT(concurrency-mt-unsafe): the child's result
+      },
+      ::testing::ExitedWithCode(exit_code::hard_deadline), "");
+}
+
+TEST(LifecycleManagerDeathTest, StartHardDeadlineIsDisarmedOnceEverythingStarted) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(
+      {
+        Journal journal;
+        ManagerOptions options = test_options();
+        options.start_hard_deadline = 100ms;
+        options.hard_deadline = 5s;
+        Manager app(options);
+        app.add(fake("a", journal));
+        app.on_ready([&] {
+          asio::co_spawn(
+              app.executor(),
+              [&]() -> asio::awaitable<void> {
+                co_await sleep_for(400ms);  // well past the start's hard deadline
+                app.request_stop();
+              },
+              asio::detached);
+        });
+        std::exit(app.run());  // NOLINT(concurrency-mt-unsafe): the child's result
+      },
+      ::testing::ExitedWithCode(exit_code::ok), "");
 }
 
 }  // namespace

@@ -69,6 +69,11 @@ struct ManagerOptions {
   std::chrono::milliseconds shutdown_budget{30'000};  ///< All stops together.
   /// From the start of a shutdown until the watchdog _exit()s with exit_code::hard_deadline.
   std::chrono::milliseconds hard_deadline{35'000};
+  /// From run() until every component has started; if it passes first, the watchdog _exit()s
+  /// with exit_code::hard_deadline. It ends a start that blocks its thread, which start_timeout
+  /// (a timer on the manager's strand) cannot. Unset: no watchdog during the start-up. A failed
+  /// or interrupted start-up switches to hard_deadline when its shutdown begins.
+  std::optional<std::chrono::milliseconds> start_hard_deadline;
   bool handle_signals = true;  ///< Own SIGINT, SIGTERM and SIGQUIT (one signal_set, kept).
   /// run() ends with spdlog::shutdown() (after its threads are joined). Turn off to keep logging
   /// through spdlog after run() returns.
@@ -86,7 +91,9 @@ struct ManagerEvents {
 /// Start: components start concurrently along the dependency DAG, each once its dependencies have
 /// started, each within its start deadline. If one fails (throws or times out), or a stop is
 /// requested meanwhile, the starts in flight are cancelled and only the components that had
-/// started are stopped, in reverse dependency order, with a fresh shutdown budget.
+/// started are stopped, in reverse dependency order, with a fresh shutdown budget. A failed
+/// start always makes run() return exit_code::failure: a stop request or a SIGTERM during the
+/// rollback is logged and ignored.
 ///
 /// Shutdown, in this order: readiness goes false (on_stopping hooks); intake stops (stop_intake()
 /// on every started component); the components stop along the reverse DAG, each with its own
@@ -101,14 +108,17 @@ struct ManagerEvents {
 ///
 /// atexit: if the process exits without a graceful stop (std::exit elsewhere, main returning
 /// early), the handlers given to on_exit() run, synchronously and best effort, then the logs are
-/// flushed. They never run coroutines.
+/// flushed. They never run coroutines. run() also runs them, once its threads are joined, when a
+/// stop was abandoned (deadline, budget) or never ran, since what that component holds may still
+/// be open; they run at most once.
 ///
 /// Thread safety: add(), the hook setters and on_exit() before run() only, from one thread;
 /// request_stop(), state() and ready() from any thread at any time.
 class Manager {
  public:
   explicit Manager(ManagerOptions options = {});
-  /// Runs the on_exit() handlers if run() did not complete a shutdown.
+  /// Runs the on_exit() handlers if run() was not called or did not return (and they did not run
+  /// yet).
   ~Manager();
   Manager(const Manager&) = delete;
   Manager& operator=(const Manager&) = delete;
@@ -148,7 +158,7 @@ class Manager {
 
   /// Starts a graceful shutdown whose exit code is `code` (unless something fails), giving
   /// `reason` for logs and stop_reason(). Before the components are up, it cancels the starts.
-  /// Thread-safe; later requests are ignored.
+  /// Thread-safe; later requests are ignored, and so are requests after a start failed.
   void request_stop(int code = exit_code::ok, std::string_view reason = "stop requested") noexcept;
 
   /// Why the shutdown began: "SIGINT", "SIGTERM", the reason given to request_stop(), or
