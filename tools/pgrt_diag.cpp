@@ -26,6 +26,7 @@
 #include <vector>
 
 #include <pgrt/db.hpp>
+#include <pgrt/runtime/identity.hpp>
 
 namespace {
 
@@ -51,7 +52,8 @@ const char* const usage =
     "usage: pgrt-diag [--dsn CONNINFO] [--app NAME] [--idle-threshold SECONDS] [--json]\n"
     "                 [--watch [SECONDS]] [--kill-leaked | --emergency]\n"
     "  --dsn             the server (default: DATABASE_URL, then libpq's PG* variables)\n"
-    "  --app             the app whose backends to check (default: PGRT_APP, then \"pgrt\")\n"
+    "  --app             the app whose backends to check (default: PGRT_APP, then \"pgrt\"),\n"
+    "                    as configured: shortened like the tags (pgrt::tag_app_name())\n"
     "  --idle-threshold  idle (or idle in transaction) longer than this counts as leaked (300)\n"
     "  --json            one JSON object (with --watch: one per refresh)\n"
     "  --watch           refresh every SECONDS (default 2) until Ctrl+C\n"
@@ -121,8 +123,8 @@ std::optional<Arguments> parse_arguments(int argc, char** argv) {
     std::cerr << "pgrt-diag: --kill-leaked and --emergency exclude each other\n";
     return std::nullopt;
   }
-  if (arguments.app.find('/') != std::string::npos || arguments.app.empty()) {
-    std::cerr << "pgrt-diag: --app takes an app name without '/', got '" << arguments.app << "'\n";
+  if (arguments.app.empty()) {
+    std::cerr << "pgrt-diag: --app takes the app's name (PoolConfig::application), got ''\n";
     return std::nullopt;
   }
   return arguments;
@@ -234,7 +236,8 @@ asio::awaitable<Snapshot> take_snapshot(pgrt::Connection& connection, const Argu
     snapshot.groups.push_back(
         {row.get<std::string>(0), row.get<std::string>(1), row.get<std::int64_t>(2)});
   }
-  const std::string pattern = pgrt::like_literal(arguments.app + "/") + "%";
+  // The app as the services write it into their tags (shortened and hashed the same way).
+  const std::string pattern = pgrt::like_literal(pgrt::tag_app_name(arguments.app) + "/") + "%";
   auto backends = co_await connection.query(
       "SELECT pid, application_name, coalesce(state, ''), "
       "extract(epoch FROM backend_start)::float8, "
@@ -286,7 +289,8 @@ void print_json(const Snapshot& snapshot, const Arguments& arguments) {
     out << (i == 0 ? "" : ",") << "{\"application\":" << json_string(group.application)
         << ",\"state\":" << json_string(group.state) << ",\"count\":" << group.count << "}";
   }
-  out << "],\"app\":" << json_string(arguments.app) << ",\"backends\":[";
+  out << "],\"app\":" << json_string(arguments.app)
+      << ",\"tag_app\":" << json_string(pgrt::tag_app_name(arguments.app)) << ",\"backends\":[";
   for (std::size_t i = 0; i < snapshot.app_backends.size(); ++i) {
     const auto& backend = snapshot.app_backends[i];
     out << (i == 0 ? "" : ",") << "{\"pid\":" << backend.pid

@@ -45,7 +45,7 @@ boost::asio::awaitable<CleanupReport> cleanup_predecessors(Connection& connectio
                                                            const CleanupOptions& options,
                                                            std::string own_tag) {
   const std::string prefix = connection_tag_prefix(options.application, options.instance);
-  const std::string app_prefix = prefix.substr(0, prefix.find('/') + 1);
+  const std::string app_prefix = tag_app_name(options.application) + "/";
   const std::string instance_pattern = like_literal(prefix) + "%";
   const std::string app_pattern = like_literal(app_prefix) + "%";
   const auto idle_seconds = static_cast<std::int64_t>(options.idle_threshold.count());

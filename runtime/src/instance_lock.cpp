@@ -20,14 +20,25 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
+// A tag name (tag_app_name(), tag_instance_name(): printable ASCII without '/') as a file name
+// part: letters, digits, '-', '_' and '~' as they are, any other byte as %XX. There is no '.' left
+// in it, so "<app>.<instance>.lock" names exactly one app and instance.
 std::string file_name_part(const std::string& text) {
+  static constexpr char hex[] = "0123456789ABCDEF";
   std::string clean;
   for (char c : text) {
     const bool plain = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-                       c == '.' || c == '-' || c == '_';
-    clean += plain ? c : '_';
+                       c == '-' || c == '_' || c == '~';
+    if (plain) {
+      clean += c;
+    } else {
+      const auto byte = static_cast<unsigned char>(c);
+      clean += '%';
+      clean += hex[byte >> 4];
+      clean += hex[byte & 0xF];
+    }
   }
-  return clean.empty() ? "_" : clean;
+  return clean.empty() ? "%" : clean;
 }
 
 bool try_lock(int fd) {
@@ -75,10 +86,12 @@ std::filesystem::path default_lock_directory() {
 InstanceLock InstanceLock::acquire(const InstanceLockOptions& options) {
   const auto directory = options.directory.empty() ? default_lock_directory() : options.directory;
   std::filesystem::create_directories(directory);
+  const auto path =
+      directory /
+      (file_name_part(tag_app_name(options.application)) + "." +
+       file_name_part(tag_instance_name(options.application, options.instance)) + ".lock");
   const std::string instance =
       options.instance.empty() ? default_instance_name() : options.instance;
-  const auto path =
-      directory / (file_name_part(options.application) + "." + file_name_part(instance) + ".lock");
   const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
   if (fd < 0) {
     throw std::system_error(errno, std::generic_category(),

@@ -43,10 +43,12 @@ class InstanceLockError : public std::runtime_error {
 class InstanceLock {
  public:
   /// Takes the lock for options.application/instance: creates the directory and
-  /// `<app>.<instance>.lock`, locks it (flock, non-blocking) and writes this process's pid, host
-  /// and incarnation into it. Throws InstanceLockError naming the holder's pid when another
-  /// process holds it ("another pgrt-demo/eu-1 is running as pid 1234 ..."), and std::system_error
-  /// when the directory or file cannot be created.
+  /// `<app>.<instance>.lock` (tag_app_name() and tag_instance_name(), so exactly one lock per tag
+  /// prefix; bytes other than letters, digits, '-', '_' and '~' written as %XX), locks it (flock,
+  /// non-blocking) and writes this process's pid, host and incarnation into it. Throws
+  /// InstanceLockError naming the holder's pid when another process holds it ("another
+  /// pgrt-demo/eu-1 is running as pid 1234 ..."), and std::system_error when the directory or file
+  /// cannot be created.
   [[nodiscard]] static InstanceLock acquire(const InstanceLockOptions& options);
 
   InstanceLock(InstanceLock&& other) noexcept;
