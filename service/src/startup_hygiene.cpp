@@ -153,7 +153,18 @@ asio::awaitable<void> StartupHygiene::start() {
     }
   }
   if (options_.cluster_lock) co_await take_cluster_lock();
-  if (options_.cleanup) {
+  if (options_.cleanup && !lock_ && !cluster_lock_connection_.is_open()) {
+    // Without a singleton, another incarnation's connections may belong to a live process.
+    report_.skipped = true;
+    report_.warning =
+        "cleanup skipped: no instance lock is held (instance_lock and cluster_lock are both off), "
+        "so the connections of " +
+        connection_tag_prefix(application_, instance_) +
+        " with another incarnation may be a running process's. Turn on instance_lock "
+        "(PGRT_INSTANCE_LOCK=1) or cluster_lock (PGRT_CLUSTER_LOCK=1), or cleanup off "
+        "(PGRT_CLEANUP=0)";
+    spdlog::warn("pgrt cleanup: {}", report_.warning);
+  } else if (options_.cleanup) {
     CleanupOptions cleanup{.application = application_,
                            .instance = instance_,
                            .idle_threshold = options_.idle_threshold};

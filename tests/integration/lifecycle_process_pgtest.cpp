@@ -423,7 +423,7 @@ TEST_F(StartupHygieneTest, TheIdleRuleAlsoEndsThisAppsLongIdleBackendsButNoOneEl
   config.application = "idler";
   config.instance = "one";
   StartupHygieneOptions options;
-  options.instance_lock = false;
+  options.lock_directory = Child::runtime_directory();
   options.idle_threshold = std::chrono::seconds(1);
   const CleanupReport report = run_hygiene(config, options);
   ASSERT_EQ(report.backends.size(), 1U);
@@ -431,6 +431,33 @@ TEST_F(StartupHygieneTest, TheIdleRuleAlsoEndsThisAppsLongIdleBackendsButNoOneEl
   EXPECT_THAT(report.backends[0].reason, ::testing::StartsWith("idle for "));
   EXPECT_TRUE(report.backends[0].terminated);
   EXPECT_EQ(foreign.scalar("SELECT 1"), "1");
+}
+
+TEST_F(StartupHygieneTest, WithoutAnyLockTheCleanupIsSkippedWithAWarning) {
+  BlockingConnection other_incarnation(cluster().dsn() + " application_name=nolock/one/0badcafe");
+  const int other_pid = other_incarnation.backend_pid();
+  PoolConfig config;
+  config.conninfo = cluster().dsn();
+  config.application = "nolock";
+  config.instance = "one";
+  StartupHygieneOptions options;
+  options.instance_lock = false;
+  options.cluster_lock = false;
+  const CleanupReport report = run_hygiene(config, options);
+  EXPECT_TRUE(report.skipped);
+  EXPECT_TRUE(report.backends.empty());
+  EXPECT_THAT(report.warning, HasSubstr("cleanup skipped: no instance lock is held"));
+  EXPECT_THAT(report.warning, HasSubstr("nolock/one/"));
+  EXPECT_EQ(other_incarnation.scalar("SELECT 1"), "1");
+  EXPECT_TRUE(testing::backend_exists(cluster().dsn(), other_pid));
+  // With the instance lock, the same backend is an earlier incarnation's and goes.
+  options.instance_lock = true;
+  options.lock_directory = Child::runtime_directory();
+  const CleanupReport locked = run_hygiene(config, options);
+  EXPECT_FALSE(locked.skipped);
+  ASSERT_EQ(locked.backends.size(), 1U);
+  EXPECT_EQ(locked.backends[0].pid, other_pid);
+  EXPECT_TRUE(locked.backends[0].terminated);
 }
 
 TEST_F(StartupHygieneTest, TheClusterWideLockRefusesASecondInstanceNamingTheHolder) {
@@ -482,7 +509,7 @@ TEST_F(StartupHygieneTest, ARoleThatMayNotTerminateGetsAWarningAndStartsAnyway) 
   config.application = "perm";
   config.instance = "one";
   StartupHygieneOptions options;
-  options.instance_lock = false;
+  options.lock_directory = Child::runtime_directory();
   const CleanupReport report = run_hygiene(config, options);  // does not throw
   EXPECT_TRUE(report.permission_denied);
   EXPECT_EQ(report.terminated(), 0U);

@@ -34,7 +34,8 @@ struct StartupHygieneOptions {
   /// the process runs and counted against the pool's max (env PGRT_CLUSTER_LOCK=1).
   bool cluster_lock = false;
   /// Terminate the leftovers of earlier incarnations of this app/instance (env PGRT_CLEANUP=0
-  /// turns it off).
+  /// turns it off). Only while holding a singleton lock: with instance_lock and cluster_lock
+  /// both off, start() skips it with a warning (CleanupReport::skipped).
   bool cleanup = true;
   /// Also terminate this app's backends idle longer than this; zero: off (env
   /// PGRT_CLEANUP_IDLE_S).
@@ -49,7 +50,8 @@ struct StartupHygieneOptions {
 /// start time, incarnation), takes the instance lock (a second instance fails to start with a
 /// message naming the holder's pid; with force it stops the holder first), optionally the
 /// cluster-wide lock, then terminates the leftovers (cleanup_predecessors(); a missing permission
-/// is a warning and the start goes on). stop() releases the locks. Add the pool after it.
+/// is a warning and the start goes on; without any lock held the cleanup is skipped, with a
+/// warning). stop() releases the locks. Add the pool after it.
 class StartupHygiene {
  public:
   StartupHygiene(boost::asio::any_io_executor executor, const PoolConfig& pool_config,
