@@ -11,6 +11,7 @@
 #include <thread>
 #include <unistd.h>
 #include <utility>
+#include <vector>
 
 #include "pgrt/runtime/identity.hpp"
 
@@ -39,6 +40,27 @@ std::string file_name_part(const std::string& text) {
     }
   }
   return clean.empty() ? "%" : clean;
+}
+
+constexpr std::size_t max_earlier_incarnations = 16;
+
+// The incarnations the earlier holders wrote into the file, newest first: the last holder's
+// (line 3), then the ones it carried over (line 5 on; line 4 is its description).
+std::vector<std::string> read_earlier_incarnations(int fd) {
+  std::string text(8192, '\0');
+  const ssize_t size = ::pread(fd, text.data(), text.size(), 0);
+  std::vector<std::string> incarnations;
+  if (size <= 0) return incarnations;
+  text.resize(static_cast<std::size_t>(size));
+  std::istringstream in(text);
+  std::string line;
+  for (int number = 1; std::getline(in, line); ++number) {
+    const bool incarnation =
+        line.size() == 8 && line.find_first_not_of("0123456789abcdef") == std::string::npos;
+    if ((number == 3 || number >= 5) && incarnation) incarnations.push_back(line);
+    if (incarnations.size() == max_earlier_incarnations) break;
+  }
+  return incarnations;
 }
 
 bool try_lock(int fd) {
@@ -98,6 +120,7 @@ InstanceLock InstanceLock::acquire(const InstanceLockOptions& options) {
                             "cannot open the instance lock file " + path.string());
   }
   std::optional<int> took_over_from;
+  std::vector<std::string> earlier;
   try {
     if (!try_lock(fd)) {
       const int holder = read_holder_pid(path);
@@ -126,12 +149,14 @@ InstanceLock InstanceLock::acquire(const InstanceLockOptions& options) {
       }
       took_over_from = holder;
     }
+    earlier = read_earlier_incarnations(fd);
     const auto& identity = process_identity();
     std::ostringstream content;
     content << ::getpid() << '\n'
             << identity.host << '\n'
             << identity.incarnation << '\n'
             << describe_process_identity() << '\n';
+    for (const auto& incarnation : earlier) content << incarnation << '\n';
     const std::string text = content.str();
     if (::ftruncate(fd, 0) != 0 ||
         ::pwrite(fd, text.data(), text.size(), 0) != static_cast<ssize_t>(text.size())) {
@@ -142,13 +167,14 @@ InstanceLock InstanceLock::acquire(const InstanceLockOptions& options) {
     ::close(fd);
     throw;
   }
-  return InstanceLock(fd, path, took_over_from);
+  return InstanceLock(fd, path, took_over_from, std::move(earlier));
 }
 
 InstanceLock::InstanceLock(InstanceLock&& other) noexcept
     : fd_(std::exchange(other.fd_, -1)),
       path_(std::move(other.path_)),
-      took_over_from_(other.took_over_from_) {}
+      took_over_from_(other.took_over_from_),
+      earlier_incarnations_(std::move(other.earlier_incarnations_)) {}
 
 InstanceLock& InstanceLock::operator=(InstanceLock&& other) noexcept {
   if (this != &other) {
@@ -156,6 +182,7 @@ InstanceLock& InstanceLock::operator=(InstanceLock&& other) noexcept {
     fd_ = std::exchange(other.fd_, -1);
     path_ = std::move(other.path_);
     took_over_from_ = other.took_over_from_;
+    earlier_incarnations_ = std::move(other.earlier_incarnations_);
   }
   return *this;
 }

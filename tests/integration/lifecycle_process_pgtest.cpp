@@ -23,6 +23,7 @@
 #include <vector>
 
 #include <pgrt/db.hpp>
+#include <pgrt/runtime/identity.hpp>
 #include <pgrt/service.hpp>
 
 #include "pgrt/testing/blocking_sql.hpp"
@@ -491,6 +492,78 @@ TEST_F(StartupHygieneTest, TheClusterWideLockRefusesASecondInstanceNamingTheHold
   PoolConfig counted = config;
   (void)add_startup_hygiene(app, counted, options);
   EXPECT_EQ(counted.max_size, 2U);
+}
+
+TEST_F(StartupHygieneTest, ACrashedPredecessorsClusterLockSessionIsTerminatedAndTheLockTaken) {
+  testing::FaultProxy proxy("127.0.0.1", static_cast<std::uint16_t>(cluster().port()));
+  proxy.keep_upstream(true);
+  auto lock_holder = [] {
+    BlockingConnection observer(cluster().dsn());
+    auto rows = observer.query(
+        "SELECT a.pid, a.application_name FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+        "WHERE l.locktype = 'advisory' AND l.granted AND a.application_name LIKE 'clk/one/%'");
+    return rows.size() == 1 ? std::pair{std::stoi(*rows[0][0]), *rows[0][1]}
+                            : std::pair{static_cast<int>(rows.size()), std::string()};
+  };
+  std::set<int> leftovers;
+  {
+    Child predecessor({PGRT_PROBE_PATH, "singleton"},
+                      proxy.conninfo_prefix() + " user=postgres dbname=postgres", "clk",
+                      {{"PGRT_INSTANCE", "one"}, {"PGRT_CLUSTER_LOCK", "1"}});
+    ASSERT_TRUE(predecessor.wait_for_output("probe: ready", 60s)) << predecessor.output();
+    predecessor.signal(SIGKILL);
+    (void)predecessor.wait_for_exit(10s);
+  }
+  std::this_thread::sleep_for(200ms);
+  const auto [dead_holder, dead_tag] = lock_holder();
+  ASSERT_FALSE(dead_tag.empty()) << "the proxy should keep the dead predecessor's lock session";
+  leftovers = backend_pids("clk/one/%");
+  ASSERT_TRUE(leftovers.contains(dead_holder));
+
+  PoolConfig config;
+  config.conninfo = cluster().dsn();
+  config.application = "clk";
+  config.instance = "one";
+  config.max_size = 3;
+  StartupHygieneOptions options;
+  options.lock_directory = Child::runtime_directory();  // the predecessor's, on this host
+  options.cluster_lock = true;
+  const std::string own_tag = make_connection_tag("clk", "one");
+  run_coroutine([&]() -> asio::awaitable<void> {
+    StartupHygiene successor(co_await asio::this_coro::executor, config, options);
+    co_await successor.start();  // does not refuse
+    EXPECT_EQ(lock_holder().second, own_tag);
+    co_await successor.stop();
+  });
+  // The lock session and the rest of the predecessor's connections (the cleanup) are gone.
+  EXPECT_FALSE(testing::backend_exists(cluster().dsn(), dead_holder));
+  EXPECT_TRUE(testing::eventually([] { return backend_pids("clk/one/%").empty(); }))
+      << backend_pids("clk/one/%").size() << " left";
+
+  // A live holder of another incarnation that never held this host's lock (another host, as
+  // far as this one can tell) is refused, named, and left alone.
+  Child elsewhere({PGRT_PROBE_PATH, "singleton"}, cluster().dsn(), "clk",
+                  {{"PGRT_INSTANCE", "one"},
+                   {"PGRT_CLUSTER_LOCK", "1"},
+                   {"PGRT_RUNTIME_DIR", (Child::runtime_directory() / "other-host").string()}});
+  ASSERT_TRUE(elsewhere.wait_for_output("probe: ready", 60s)) << elsewhere.output();
+  const auto [live_holder, live_tag] = lock_holder();
+  ASSERT_FALSE(live_tag.empty());
+  run_coroutine([&]() -> asio::awaitable<void> {
+    StartupHygiene second(co_await asio::this_coro::executor, config, options);
+    try {
+      co_await second.start();
+      ADD_FAILURE() << "a second holder of the cluster-wide lock";
+    } catch (const Error& error) {
+      EXPECT_EQ(error.code(), client_errc::instance_locked);
+      EXPECT_THAT(error.what(), HasSubstr("holds the cluster-wide instance lock: backend " +
+                                          std::to_string(live_holder) + " (" + live_tag));
+    }
+    co_await second.stop();
+  });
+  EXPECT_TRUE(testing::backend_exists(cluster().dsn(), live_holder));
+  elsewhere.signal(SIGTERM);
+  EXPECT_EQ(elsewhere.wait_for_exit(60s), 0) << elsewhere.output();
 }
 
 TEST_F(StartupHygieneTest, ARoleThatMayNotTerminateGetsAWarningAndStartsAnyway) {

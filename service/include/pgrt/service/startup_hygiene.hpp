@@ -31,7 +31,10 @@ struct StartupHygieneOptions {
   bool force = false;
   std::chrono::milliseconds takeover_grace{10'000};
   /// Also one instance across hosts: pg_try_advisory_lock on a connection of its own, held while
-  /// the process runs and counted against the pool's max (env PGRT_CLUSTER_LOCK=1).
+  /// the process runs and counted against the pool's max (env PGRT_CLUSTER_LOCK=1). When the
+  /// holder's session is tagged with the incarnation of an earlier holder of the (local)
+  /// instance lock, that process is gone and the session a leftover: it is terminated (logged)
+  /// and the lock taken. Any other holder makes start() refuse, naming it.
   bool cluster_lock = false;
   /// Terminate the leftovers of earlier incarnations of this app/instance (env PGRT_CLEANUP=0
   /// turns it off). Only while holding a singleton lock: with instance_lock and cluster_lock
