@@ -4,6 +4,7 @@
 // Start-up hygiene: a crashed predecessor's leftovers are terminated (and nothing else), a second
 // instance is refused or takes over with force, a missing permission is a warning, pgrt-diag.
 #include <algorithm>
+#include <boost/json/src.hpp>  // header-only Boost.JSON, compiled into this test
 #include <chrono>
 #include <csignal>
 #include <cstdlib>
@@ -12,6 +13,7 @@
 #include <fstream>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <map>
 #include <optional>
 #include <regex>
 #include <set>
@@ -52,6 +54,7 @@ using ::testing::HasSubstr;
 using Clock = std::chrono::steady_clock;
 using testing::run_coroutine;
 namespace asio = boost::asio;
+namespace json = boost::json;
 
 // A child process with its output in a file.
 class Child {
@@ -592,6 +595,33 @@ TEST_F(StartupHygieneTest, ARoleThatMayNotTerminateGetsAWarningAndStartsAnyway) 
   EXPECT_TRUE(testing::backend_exists(own->dsn(), leftover_pid));
 }
 
+// pgrt-diag --json's output, parsed; fails the test if it is not one JSON object.
+json::object parse_diag_json(const std::string& output) {
+  boost::system::error_code error;
+  json::value value = json::parse(output, error);
+  EXPECT_FALSE(error) << error.message() << "\n" << output;
+  EXPECT_TRUE(value.is_object()) << output;
+  return value.is_object() ? value.as_object() : json::object{};
+}
+
+// pid -> the backend's object, for the backends of the app in a diag report.
+std::map<int, json::object> diag_backends(const json::object& report) {
+  std::map<int, json::object> backends;
+  for (const auto& entry : report.at("backends").as_array()) {
+    const auto& backend = entry.as_object();
+    backends[static_cast<int>(backend.at("pid").as_int64())] = backend;
+  }
+  return backends;
+}
+
+std::set<int> diag_pids_where(const json::object& report, const char* flag) {
+  std::set<int> pids;
+  for (const auto& [pid, backend] : diag_backends(report)) {
+    if (backend.at(flag).as_bool()) pids.insert(pid);
+  }
+  return pids;
+}
+
 TEST_F(StartupHygieneTest, DiagReportsLeakedBackendsAsJsonAndKillsOnlyThose) {
   testing::FaultProxy proxy("127.0.0.1", static_cast<std::uint16_t>(cluster().port()));
   const std::set<int> leaked = crashed_predecessor(proxy, "diag", "one");
@@ -600,33 +630,94 @@ TEST_F(StartupHygieneTest, DiagReportsLeakedBackendsAsJsonAndKillsOnlyThose) {
   ASSERT_TRUE(successor.wait_for_output("holding", 60s)) << successor.output();
   const std::set<int> alive = parse_pids(successor.output());
   BlockingConnection foreign(cluster().dsn() + " application_name=diag-foreign");
+  // The same app name in another database: an older incarnation, but not pgrt-diag's to judge.
+  {
+    BlockingConnection admin(cluster().dsn());
+    admin.query("DROP DATABASE IF EXISTS diag_other");
+    admin.query("CREATE DATABASE diag_other");
+  }
+  BlockingConnection elsewhere(cluster().dsn() +
+                               " dbname=diag_other application_name=diag/one/00000001");
+  const int elsewhere_pid = elsewhere.backend_pid();
 
-  auto leaked_in = [](const std::string& json) {
-    std::set<int> pids;
-    const std::regex object("\\{\"pid\":([0-9]+),[^}]*\"leaked\":true");
-    for (auto it = std::sregex_iterator(json.begin(), json.end(), object);
-         it != std::sregex_iterator(); ++it) {
-      pids.insert(std::stoi((*it)[1]));
-    }
-    return pids;
-  };
   {
     Child diag({PGRT_DIAG_PATH, "--app", "diag", "--json"}, cluster().dsn(), "diag");
     EXPECT_EQ(diag.wait_for_exit(30s), 1) << "leaked backends found\n" << diag.output();
-    const std::string json = diag.output();
-    EXPECT_TRUE(json.starts_with("{\"server\":{\"max_connections\":")) << json;
-    EXPECT_THAT(json, HasSubstr("\"application\":\"diag-foreign\""));
-    EXPECT_THAT(json, HasSubstr("\"leaked\":3,"));
-    EXPECT_EQ(leaked_in(json), leaked);
-    EXPECT_THAT(json, HasSubstr("superseded"));
+    const json::object report = parse_diag_json(diag.output());
+    ASSERT_FALSE(report.empty());
+    const auto& server = report.at("server").as_object();
+    EXPECT_GT(server.at("max_connections").as_int64(), 0);
+    EXPECT_GT(server.at("used").as_int64(), 0);
+    EXPECT_EQ(server.at("free").as_int64(), server.at("max_connections").as_int64() -
+                                                server.at("reserved").as_int64() -
+                                                server.at("used").as_int64());
+    EXPECT_EQ(report.at("database").as_string(), "postgres");
+    bool saw_foreign = false;
+    for (const auto& group : report.at("groups").as_array()) {
+      saw_foreign |= group.as_object().at("application").as_string() == "diag-foreign";
+    }
+    EXPECT_TRUE(saw_foreign);
+    EXPECT_EQ(report.at("leaked").as_int64(), 3);
+    EXPECT_EQ(diag_pids_where(report, "leaked"), leaked);
+    const auto backends = diag_backends(report);
+    for (int pid : leaked) {
+      EXPECT_THAT(std::string(backends.at(pid).at("reason").as_string()),
+                  ::testing::StartsWith("superseded: diag/one/"));
+    }
+    ASSERT_TRUE(backends.contains(elsewhere_pid));
+    EXPECT_FALSE(backends.at(elsewhere_pid).at("in_scope").as_bool());
+    EXPECT_EQ(backends.at(elsewhere_pid).at("database").as_string(), "diag_other");
+    EXPECT_EQ(diag_pids_where(report, "terminated"), std::set<int>{});
+  }
+  {
+    // The idle rule is the cleanup's: idle, not idle in a transaction.
+    std::this_thread::sleep_for(1500ms);
+    Child diag({PGRT_DIAG_PATH, "--app", "diag", "--json", "--idle-threshold", "1"},
+               cluster().dsn(), "diag");
+    EXPECT_EQ(diag.wait_for_exit(30s), 1) << diag.output();
+    const auto backends = diag_backends(parse_diag_json(diag.output()));
+    int idle = 0;
+    for (int pid : alive) {
+      ASSERT_TRUE(backends.contains(pid)) << pid;
+      const auto& backend = backends.at(pid);
+      const bool is_idle = backend.at("state").as_string() == "idle";
+      idle += is_idle ? 1 : 0;
+      EXPECT_EQ(backend.at("leaked").as_bool(), is_idle) << backend;
+      if (is_idle) {
+        EXPECT_THAT(std::string(backend.at("reason").as_string()),
+                    ::testing::StartsWith("idle for "));
+      }
+    }
+    EXPECT_EQ(idle, 2);  // the third is idle in a transaction
   }
   {
     Child kill({PGRT_DIAG_PATH, "--app", "diag", "--kill-leaked", "--json"}, cluster().dsn(),
                "diag");
     EXPECT_EQ(kill.wait_for_exit(30s), 0) << kill.output();
+    EXPECT_EQ(diag_pids_where(parse_diag_json(kill.output()), "terminated"), leaked);
   }
-  EXPECT_TRUE(testing::eventually([&] { return backend_pids("diag/one/%") == alive; }));
+  EXPECT_TRUE(testing::eventually([&] {
+    std::set<int> left = backend_pids("diag/one/%");
+    left.erase(elsewhere_pid);
+    return left == alive;
+  }));
   EXPECT_EQ(foreign.scalar("SELECT 1"), "1");
+  EXPECT_EQ(elsewhere.scalar("SELECT 1"), "1");
+  {
+    // --emergency: every backend of the app in this database and role, nothing else.
+    Child emergency({PGRT_DIAG_PATH, "--app", "diag", "--emergency", "--json"}, cluster().dsn(),
+                    "diag");
+    EXPECT_EQ(emergency.wait_for_exit(30s), 0) << emergency.output();
+    EXPECT_EQ(diag_pids_where(parse_diag_json(emergency.output()), "terminated"), alive);
+  }
+  EXPECT_TRUE(testing::eventually(
+      [&] { return backend_pids("diag/one/%") == std::set<int>{elsewhere_pid}; }));
+  EXPECT_EQ(foreign.scalar("SELECT 1"), "1");
+  EXPECT_EQ(elsewhere.scalar("SELECT 1"), "1");
+  {
+    Child usage({PGRT_DIAG_PATH, "--kill-leaked", "--emergency"}, cluster().dsn(), "diag");
+    EXPECT_EQ(usage.wait_for_exit(30s), 2) << usage.output();
+  }
 }
 
 }  // namespace
