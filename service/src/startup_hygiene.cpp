@@ -97,16 +97,21 @@ StartupHygiene::StartupHygiene(asio::any_io_executor executor, const PoolConfig&
     : executor_(std::move(executor)),
       conninfo_(pool_config.conninfo),
       connect_options_(pool_config.connect),
+      guards_(pool_config.guards),
       application_(pool_config.application),
       instance_(pool_config.instance),
       tag_(make_connection_tag(pool_config.application, pool_config.instance)),
       options_(std::move(options)) {}
 
-asio::awaitable<Connection> StartupHygiene::connect() {
-  ConnectOptions options = connect_options_;
+ConnectOptions StartupHygiene::connect_options() const {
+  ConnectOptions options = with_session_guards(connect_options_, guards_);
   options.conninfo = conninfo_;
   options.application_name = tag_;  // this process's own tag: never terminated as a leftover
-  co_return co_await asio::co_spawn(executor_, Connection::connect(std::move(options)),
+  return options;
+}
+
+asio::awaitable<Connection> StartupHygiene::connect() {
+  co_return co_await asio::co_spawn(executor_, Connection::connect(connect_options()),
                                     asio::use_awaitable);
 }
 

@@ -340,6 +340,29 @@ TEST_F(StartupHygieneTest, PooledConnectionsCarryTheSessionGuards) {
   });
 }
 
+TEST_F(StartupHygieneTest, ItsOwnConnectionsCarryThePoolsSessionGuardsAndTag) {
+  PoolConfig config;
+  config.conninfo = cluster().dsn();
+  config.application = "guards";
+  config.instance = "one";
+  config.guards.idle_in_transaction_timeout = 7s;
+  config.guards.client_connection_check_interval = 3s;
+  const StartupHygieneOptions options;  // named: g++ 12 miscompiles temporaries beside co_await
+  run_coroutine([&]() -> asio::awaitable<void> {
+    StartupHygiene hygiene(co_await asio::this_coro::executor, config, options);
+    auto connection = co_await Connection::connect(hygiene.connect_options());
+    auto rows = co_await connection.query(
+        "SELECT current_setting('idle_in_transaction_session_timeout'), "
+        "current_setting('client_connection_check_interval'), "
+        "current_setting('application_name')");
+    EXPECT_EQ(rows[0].get<std::string>(0), "7s");
+    EXPECT_EQ(rows[0].get<std::string>(1), "3s");
+    EXPECT_EQ(rows[0].get<std::string>(2), make_connection_tag("guards", "one"));
+    EXPECT_TRUE(hygiene.connect_options().keepalives.has_value());
+    EXPECT_EQ(hygiene.connect_options().tcp_user_timeout, config.guards.tcp_user_timeout);
+  });
+}
+
 TEST_F(StartupHygieneTest, ACrashedPredecessorsLeftoversAreTerminatedAndNothingElse) {
   testing::FaultProxy proxy("127.0.0.1", static_cast<std::uint16_t>(cluster().port()));
   const std::set<int> leftovers = crashed_predecessor(proxy, "hyg", "one");

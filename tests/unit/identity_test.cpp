@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "pgrt/db/hygiene.hpp"
+#include "pgrt/db/session_guards.hpp"
 #include "pgrt/runtime/instance_lock.hpp"
 
 namespace pgrt {
@@ -101,6 +102,25 @@ TEST(ConnectionTag, LongNamesDifferingOnlyAtTheEndGiveDifferentTagsWithinSixtyTh
 TEST(LikeLiteral, EscapesTheWildcardsAndTheEscapeCharacter) {
   EXPECT_EQ(like_literal("orders/eu-1/"), "orders/eu-1/");
   EXPECT_EQ(like_literal("a_b%c\\d"), "a\\_b\\%c\\\\d");
+}
+
+TEST(SessionGuards, BecomeStartupSettingsUnlessZeroOrGivenAndSetTheTcpOptions) {
+  using Settings = std::vector<std::pair<std::string, std::string>>;
+  const ConnectOptions guarded = with_session_guards(ConnectOptions{}, SessionGuards{});
+  EXPECT_EQ(guarded.session_settings,
+            (Settings{{"client_connection_check_interval", "10000"},
+                      {"idle_in_transaction_session_timeout", "300000"}}));
+  EXPECT_TRUE(guarded.keepalives.has_value());
+  EXPECT_EQ(guarded.tcp_user_timeout, 30s);
+
+  ConnectOptions own;
+  own.session_settings = {{"idle_in_transaction_session_timeout", "1000"}};
+  own.tcp_user_timeout = 5s;
+  const ConnectOptions kept = with_session_guards(
+      own, SessionGuards{.client_connection_check_interval = 0ms, .keepalives = false});
+  EXPECT_EQ(kept.session_settings, (Settings{{"idle_in_transaction_session_timeout", "1000"}}));
+  EXPECT_FALSE(kept.keepalives.has_value());
+  EXPECT_EQ(kept.tcp_user_timeout, 5s);
 }
 
 class InstanceLockTest : public ::testing::Test {

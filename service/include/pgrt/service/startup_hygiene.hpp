@@ -15,6 +15,7 @@
 #include "pgrt/db/connection.hpp"
 #include "pgrt/db/hygiene.hpp"
 #include "pgrt/db/pool.hpp"
+#include "pgrt/db/session_guards.hpp"
 #include "pgrt/lifecycle/manager.hpp"
 #include "pgrt/runtime/instance_lock.hpp"
 
@@ -62,6 +63,10 @@ class StartupHygiene {
   [[nodiscard]] std::string name() const { return "startup_hygiene"; }
   [[nodiscard]] boost::asio::awaitable<void> start();
   [[nodiscard]] boost::asio::awaitable<void> stop();
+  /// The options of its own connections (the cleanup's, the cluster-wide lock's): the pool's
+  /// conninfo and connect settings with the pool's session guards (with_session_guards()), and
+  /// this process's tag as application_name.
+  [[nodiscard]] ConnectOptions connect_options() const;
   /// What the cleanup found and did (empty before start()).
   [[nodiscard]] const CleanupReport& cleanup_report() const noexcept { return report_; }
 
@@ -72,6 +77,7 @@ class StartupHygiene {
   boost::asio::any_io_executor executor_;
   std::string conninfo_;
   ConnectOptions connect_options_;
+  SessionGuards guards_;
   std::string application_;
   std::string instance_;
   std::string tag_;
