@@ -84,7 +84,9 @@ boost::asio::awaitable<CleanupReport> cleanup_predecessors(Connection& connectio
           "); " + std::to_string(report.backends.size()) + " leftover connection(s) of " + prefix +
           " stay. Fix: GRANT EXECUTE ON FUNCTION pg_terminate_backend(integer, bigint) "
           "TO " +
-          role + "; (or make it a member of pg_signal_backend)";
+          role +
+          "; (membership of pg_signal_backend does not help: it allows signalling other roles' "
+          "backends, not calling a function whose EXECUTE was revoked)";
       spdlog::warn("pgrt cleanup: {}", report.warning);
       break;
     }

@@ -137,9 +137,25 @@ InstanceLock InstanceLock::acquire(const InstanceLockOptions& options) {
         throw InstanceLockError(
             "cannot take over " + who + ": the lock file " + path.string() + " names no pid", 0);
       }
-      ::kill(holder, SIGTERM);
+      // kill() failing is never ignored: EPERM (a process of another user) means it cannot be
+      // stopped from here; ESRCH means the named process is gone while something else (a child
+      // that inherited the descriptor) still holds the lock, which no signal to it can release.
+      auto stop = [&](int signal, const char* name) {
+        if (::kill(holder, signal) == 0) return;
+        const std::error_code error(errno, std::generic_category());
+        const bool gone = error.value() == ESRCH;
+        if (gone && wait_for_lock(fd, options.takeover_grace)) return;
+        throw InstanceLockError(
+            "cannot take over " + who + ": sending " + name + " to pid " + std::to_string(holder) +
+                " failed (" + error.message() + ")" +
+                (gone ? ", and another process (one that inherited its descriptor?) still holds "
+                      : ", so it keeps ") +
+                path.string(),
+            holder);
+      };
+      stop(SIGTERM, "SIGTERM");
       if (!wait_for_lock(fd, options.takeover_grace)) {
-        ::kill(holder, SIGKILL);
+        stop(SIGKILL, "SIGKILL");
         if (!wait_for_lock(fd, options.takeover_grace)) {
           throw InstanceLockError("could not take over " + who + " from pid " +
                                       std::to_string(holder) + ": it still holds " + path.string() +

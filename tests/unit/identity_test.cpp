@@ -205,5 +205,39 @@ TEST_F(InstanceLockTest, ForceStopsTheHolderAndTakesOver) {
   ::close(ready[1]);
 }
 
+TEST_F(InstanceLockTest, ForceFailsSayingWhyWhenTheNamedHolderIsGoneButTheLockIsStillHeld) {
+  int ready[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  const pid_t holder = ::fork();
+  ASSERT_GE(holder, 0);
+  if (holder == 0) {
+    auto lock = InstanceLock::acquire(options());  // writes the holder's pid
+    if (::fork() == 0) {                           // inherits the locked descriptor
+      const pid_t self = ::getpid();
+      (void)::write(ready[1], &self, sizeof self);
+      for (;;) ::pause();
+    }
+    ::_exit(0);
+  }
+  pid_t descendant = 0;
+  ASSERT_EQ(::read(ready[0], &descendant, sizeof descendant),
+            static_cast<ssize_t>(sizeof descendant));
+  int status = 0;
+  ASSERT_EQ(::waitpid(holder, &status, 0), holder);  // reaped: kill() now gives ESRCH
+  try {
+    (void)InstanceLock::acquire(options(/*force=*/true));
+    ADD_FAILURE() << "took over a lock that another process still holds";
+  } catch (const InstanceLockError& error) {
+    EXPECT_EQ(error.holder_pid(), holder);
+    EXPECT_THAT(error.what(), HasSubstr("sending SIGTERM to pid " + std::to_string(holder) +
+                                        " failed (No such process)"));
+    EXPECT_THAT(error.what(), HasSubstr("still holds"));
+  }
+  ::kill(descendant, SIGKILL);
+  EXPECT_NO_THROW((void)InstanceLock::acquire(options(/*force=*/true)));  // released with it
+  ::close(ready[0]);
+  ::close(ready[1]);
+}
+
 }  // namespace
 }  // namespace pgrt

@@ -48,9 +48,10 @@ class InstanceLock {
   /// prefix; bytes other than letters, digits, '-', '_' and '~' written as %XX), locks it (flock,
   /// non-blocking) and writes this process's pid, host and incarnation (and the earlier holders'
   /// incarnations) into it. Throws InstanceLockError naming the holder's pid when another process
-  /// holds it ("another pgrt-demo/eu-1 is running as pid 1234 ..."), or when a takeover fails (the
-  /// holder cannot be signalled, or keeps the lock), and std::system_error when the directory or
-  /// file cannot be created.
+  /// holds it ("another pgrt-demo/eu-1 is running as pid 1234 ..."), or when a takeover fails
+  /// (kill() fails: the holder is another user's, or it is gone while another process still holds
+  /// the lock; or it keeps the lock after SIGKILL; the message says which), and std::system_error
+  /// when the directory or file cannot be created.
   [[nodiscard]] static InstanceLock acquire(const InstanceLockOptions& options);
 
   InstanceLock(InstanceLock&& other) noexcept;
