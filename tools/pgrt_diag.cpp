@@ -26,6 +26,7 @@
 #include <vector>
 
 #include <pgrt/db.hpp>
+#include <pgrt/runtime/identity.hpp>
 
 namespace {
 
@@ -40,7 +41,9 @@ constexpr int exit_refused = 4;
 struct Arguments {
   std::string conninfo;
   std::string app;
-  std::int64_t idle_threshold = 300;
+  // Above PoolConfig::idle_timeout (10 min by default): a pool closes its own idle connections
+  // above min_idle before they would count.
+  std::int64_t idle_threshold = 900;
   bool json = false;
   std::optional<int> watch_seconds;
   bool kill_leaked = false;
@@ -51,12 +54,16 @@ const char* const usage =
     "usage: pgrt-diag [--dsn CONNINFO] [--app NAME] [--idle-threshold SECONDS] [--json]\n"
     "                 [--watch [SECONDS]] [--kill-leaked | --emergency]\n"
     "  --dsn             the server (default: DATABASE_URL, then libpq's PG* variables)\n"
-    "  --app             the app whose backends to check (default: PGRT_APP, then \"pgrt\")\n"
-    "  --idle-threshold  idle (or idle in transaction) longer than this counts as leaked (300)\n"
+    "  --app             the app whose backends to check (default: PGRT_APP, then \"pgrt\"),\n"
+    "                    as configured: shortened like the tags (pgrt::tag_app_name())\n"
+    "  --idle-threshold  idle (not in a transaction) longer than this counts as leaked, as\n"
+    "                    PGRT_CLEANUP_IDLE_S does for the start-up cleanup (900; 0: off)\n"
     "  --json            one JSON object (with --watch: one per refresh)\n"
     "  --watch           refresh every SECONDS (default 2) until Ctrl+C\n"
     "  --kill-leaked     terminate the backends reported as leaked\n"
     "  --emergency       terminate every backend of the app (all instances, all incarnations)\n"
+    "  Only backends in this connection's database and under its role are classified and\n"
+    "  terminated (like the start-up cleanup); the app's others are listed, never touched.\n"
     "exit codes: 0 nothing leaked or all terminated, 1 leaked found, 2 usage, 3 server\n"
     "            unreachable, 4 terminating refused\n";
 
@@ -86,9 +93,9 @@ std::optional<Arguments> parse_arguments(int argc, char** argv) {
     } else if (argument == "--app" && has_value) {
       arguments.app = argv[++i];
     } else if (argument == "--idle-threshold" && has_value) {
-      auto seconds = parse_number(argv[++i], 1, 31'536'000);
+      auto seconds = parse_number(argv[++i], 0, 31'536'000);
       if (!seconds) {
-        std::cerr << "pgrt-diag: --idle-threshold takes whole seconds (1-31536000), got '"
+        std::cerr << "pgrt-diag: --idle-threshold takes whole seconds (0-31536000), got '"
                   << argv[i] << "'\n";
         return std::nullopt;
       }
@@ -121,8 +128,8 @@ std::optional<Arguments> parse_arguments(int argc, char** argv) {
     std::cerr << "pgrt-diag: --kill-leaked and --emergency exclude each other\n";
     return std::nullopt;
   }
-  if (arguments.app.find('/') != std::string::npos || arguments.app.empty()) {
-    std::cerr << "pgrt-diag: --app takes an app name without '/', got '" << arguments.app << "'\n";
+  if (arguments.app.empty()) {
+    std::cerr << "pgrt-diag: --app takes the app's name (PoolConfig::application), got ''\n";
     return std::nullopt;
   }
   return arguments;
@@ -158,7 +165,8 @@ struct Backend {
   std::string user;
   std::string database;
   std::string client;
-  std::string reason;  // why it looks leaked; "" if it does not
+  bool in_scope = false;  // in this connection's database, under its role
+  std::string reason;     // why it looks leaked; "" if it does not (or not in scope)
   bool terminated = false;
 };
 
@@ -166,6 +174,8 @@ struct Snapshot {
   int max_connections = 0;
   int reserved = 0;
   int used = 0;
+  std::string database;  // this connection's: the scope of classifying and terminating
+  std::string user;
   struct Group {
     std::string application;
     std::string state;
@@ -182,8 +192,11 @@ struct Snapshot {
   }
 };
 
-// Marks the backends that look leaked: superseded by a newer incarnation of the same instance,
-// or idle (in a transaction or not) longer than the threshold.
+// Marks the backends in scope that look leaked: superseded by a newer incarnation of the same
+// instance, or idle (not in a transaction: the rule of the start-up cleanup's
+// PGRT_CLEANUP_IDLE_S) longer than the threshold (zero: never). A backend idle in a transaction
+// is left to idle_in_transaction_session_timeout (a session guard): terminating it would roll
+// back a live process's transaction.
 void find_leaked(std::vector<Backend>& backends, std::int64_t idle_threshold) {
   // instance -> incarnation -> when its first backend started
   std::map<std::string, std::map<std::string, double>> incarnations;
@@ -192,11 +205,13 @@ void find_leaked(std::vector<Backend>& backends, std::int64_t idle_threshold) {
     return std::pair{tag.substr(0, last), tag.substr(last + 1)};
   };
   for (const auto& backend : backends) {
+    if (!backend.in_scope) continue;
     auto [instance, incarnation] = split(backend.application_name);
     auto& first = incarnations[instance][incarnation];
     first = first == 0 ? backend.started : std::min(first, backend.started);
   }
   for (auto& backend : backends) {
+    if (!backend.in_scope) continue;
     auto [instance, incarnation] = split(backend.application_name);
     const auto& runs = incarnations[instance];
     const auto newest = std::max_element(
@@ -204,12 +219,8 @@ void find_leaked(std::vector<Backend>& backends, std::int64_t idle_threshold) {
     if (newest->first != incarnation) {
       backend.reason = "superseded: " + instance + "/" + newest->first +
                        " started later, so this incarnation's process is gone or a duplicate";
-    } else if (backend.state == "idle in transaction" ||
-               backend.state == "idle in transaction (aborted)") {
-      if (backend.idle_seconds > idle_threshold) {
-        backend.reason = "idle in a transaction for " + std::to_string(backend.idle_seconds) + " s";
-      }
-    } else if (backend.state == "idle" && backend.idle_seconds > idle_threshold) {
+    } else if (idle_threshold > 0 && backend.state == "idle" &&
+               backend.idle_seconds > idle_threshold) {
       backend.reason = "idle for " + std::to_string(backend.idle_seconds) + " s";
     }
   }
@@ -221,11 +232,14 @@ asio::awaitable<Snapshot> take_snapshot(pgrt::Connection& connection, const Argu
       "SELECT current_setting('max_connections')::int, "
       "current_setting('superuser_reserved_connections')::int + "
       "coalesce(current_setting('reserved_connections', true)::int, 0), "
-      "(SELECT count(*)::int FROM pg_stat_activity WHERE backend_type = 'client backend')");
+      "(SELECT count(*)::int FROM pg_stat_activity WHERE backend_type = 'client backend'), "
+      "current_database()::text, current_user::text");
   const pgrt::Row server_row = server[0];
   snapshot.max_connections = server_row.get<int>(0);
   snapshot.reserved = server_row.get<int>(1);
   snapshot.used = server_row.get<int>(2);
+  snapshot.database = server_row.get<std::string>(3);
+  snapshot.user = server_row.get<std::string>(4);
   auto groups = co_await connection.query(
       "SELECT coalesce(nullif(application_name, ''), '(none)'), coalesce(state, '(none)'), "
       "count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
@@ -234,12 +248,14 @@ asio::awaitable<Snapshot> take_snapshot(pgrt::Connection& connection, const Argu
     snapshot.groups.push_back(
         {row.get<std::string>(0), row.get<std::string>(1), row.get<std::int64_t>(2)});
   }
-  const std::string pattern = pgrt::like_literal(arguments.app + "/") + "%";
+  // The app as the services write it into their tags (shortened and hashed the same way).
+  const std::string pattern = pgrt::like_literal(pgrt::tag_app_name(arguments.app) + "/") + "%";
   auto backends = co_await connection.query(
       "SELECT pid, application_name, coalesce(state, ''), "
       "extract(epoch FROM backend_start)::float8, "
       "coalesce(extract(epoch FROM now() - state_change)::bigint, 0), coalesce(usename::text, ''), "
-      "coalesce(datname::text, ''), coalesce(host(client_addr) || ':' || client_port, 'local') "
+      "coalesce(datname::text, ''), coalesce(host(client_addr) || ':' || client_port, 'local'), "
+      "coalesce(datname = current_database() AND usename = current_user, false) "
       "FROM pg_stat_activity WHERE backend_type = 'client backend' "
       "AND application_name LIKE $1 ESCAPE '\\' AND pid <> pg_backend_pid() ORDER BY backend_start",
       pattern);
@@ -253,12 +269,13 @@ asio::awaitable<Snapshot> take_snapshot(pgrt::Connection& connection, const Argu
     backend.user = row.get<std::string>(5);
     backend.database = row.get<std::string>(6);
     backend.client = row.get<std::string>(7);
+    backend.in_scope = row.get<bool>(8);
     snapshot.app_backends.push_back(std::move(backend));
   }
   find_leaked(snapshot.app_backends, arguments.idle_threshold);
   if (arguments.kill_leaked || arguments.emergency) {
     for (auto& backend : snapshot.app_backends) {
-      if (arguments.kill_leaked && backend.reason.empty()) continue;
+      if (!backend.in_scope || (arguments.kill_leaked && backend.reason.empty())) continue;
       try {
         auto done = co_await connection.query("SELECT pg_terminate_backend($1)", backend.pid);
         backend.terminated = done.scalar<bool>();
@@ -267,8 +284,9 @@ asio::awaitable<Snapshot> take_snapshot(pgrt::Connection& connection, const Argu
         snapshot.refused = "terminating backend " + std::to_string(backend.pid) +
                            " was refused: " + error.diagnostics().message +
                            ". Fix: GRANT EXECUTE ON FUNCTION pg_terminate_backend(integer, "
-                           "bigint) TO <your role>; or GRANT pg_signal_backend TO <your role> "
-                           "(only a superuser may terminate a superuser's backends)";
+                           "bigint) TO " +
+                           snapshot.user +
+                           "; (only a superuser may terminate a superuser's backends)";
         break;
       }
     }
@@ -280,13 +298,16 @@ void print_json(const Snapshot& snapshot, const Arguments& arguments) {
   std::ostringstream out;
   out << "{\"server\":{\"max_connections\":" << snapshot.max_connections
       << ",\"reserved\":" << snapshot.reserved << ",\"used\":" << snapshot.used
-      << ",\"free\":" << snapshot.free_slots() << "},\"groups\":[";
+      << ",\"free\":" << snapshot.free_slots()
+      << "},\"database\":" << json_string(snapshot.database)
+      << ",\"user\":" << json_string(snapshot.user) << ",\"groups\":[";
   for (std::size_t i = 0; i < snapshot.groups.size(); ++i) {
     const auto& group = snapshot.groups[i];
     out << (i == 0 ? "" : ",") << "{\"application\":" << json_string(group.application)
         << ",\"state\":" << json_string(group.state) << ",\"count\":" << group.count << "}";
   }
-  out << "],\"app\":" << json_string(arguments.app) << ",\"backends\":[";
+  out << "],\"app\":" << json_string(arguments.app)
+      << ",\"tag_app\":" << json_string(pgrt::tag_app_name(arguments.app)) << ",\"backends\":[";
   for (std::size_t i = 0; i < snapshot.app_backends.size(); ++i) {
     const auto& backend = snapshot.app_backends[i];
     out << (i == 0 ? "" : ",") << "{\"pid\":" << backend.pid
@@ -295,6 +316,7 @@ void print_json(const Snapshot& snapshot, const Arguments& arguments) {
         << ",\"idle_seconds\":" << backend.idle_seconds << ",\"user\":" << json_string(backend.user)
         << ",\"database\":" << json_string(backend.database)
         << ",\"client\":" << json_string(backend.client)
+        << ",\"in_scope\":" << (backend.in_scope ? "true" : "false")
         << ",\"leaked\":" << (backend.reason.empty() ? "false" : "true")
         << ",\"reason\":" << json_string(backend.reason)
         << ",\"terminated\":" << (backend.terminated ? "true" : "false") << "}";
@@ -312,11 +334,13 @@ void print_text(const Snapshot& snapshot, const Arguments& arguments) {
     std::cout << "  " << group.count << "\t" << group.application << " (" << group.state << ")\n";
   }
   std::cout << "\nbackends of " << arguments.app << ": " << snapshot.app_backends.size()
-            << ", leaked: " << snapshot.leaked() << "\n";
+            << ", leaked: " << snapshot.leaked() << " (checked: those of " << snapshot.user << "@"
+            << snapshot.database << ")\n";
   for (const auto& backend : snapshot.app_backends) {
     std::cout << "  pid " << backend.pid << "  " << backend.application_name << "  "
               << (backend.state.empty() ? "-" : backend.state) << " " << backend.idle_seconds
               << " s  " << backend.user << "@" << backend.database << " from " << backend.client;
+    if (!backend.in_scope) std::cout << "\n      another database or role: not checked";
     if (!backend.reason.empty()) std::cout << "\n      LEAKED: " << backend.reason;
     if (backend.terminated) std::cout << "\n      terminated";
     std::cout << "\n";

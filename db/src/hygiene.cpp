@@ -45,7 +45,7 @@ boost::asio::awaitable<CleanupReport> cleanup_predecessors(Connection& connectio
                                                            const CleanupOptions& options,
                                                            std::string own_tag) {
   const std::string prefix = connection_tag_prefix(options.application, options.instance);
-  const std::string app_prefix = prefix.substr(0, prefix.find('/') + 1);
+  const std::string app_prefix = tag_app_name(options.application) + "/";
   const std::string instance_pattern = like_literal(prefix) + "%";
   const std::string app_pattern = like_literal(app_prefix) + "%";
   const auto idle_seconds = static_cast<std::int64_t>(options.idle_threshold.count());
@@ -84,7 +84,9 @@ boost::asio::awaitable<CleanupReport> cleanup_predecessors(Connection& connectio
           "); " + std::to_string(report.backends.size()) + " leftover connection(s) of " + prefix +
           " stay. Fix: GRANT EXECUTE ON FUNCTION pg_terminate_backend(integer, bigint) "
           "TO " +
-          role + "; (or make it a member of pg_signal_backend)";
+          role +
+          "; (membership of pg_signal_backend does not help: it allows signalling other roles' "
+          "backends, not calling a function whose EXECUTE was revoked)";
       spdlog::warn("pgrt cleanup: {}", report.warning);
       break;
     }

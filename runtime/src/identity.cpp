@@ -1,6 +1,8 @@
 #include "pgrt/runtime/identity.hpp"
 
+#include <algorithm>
 #include <array>
+#include <cstdint>
 #include <cstdio>
 #include <ctime>
 #include <fstream>
@@ -34,27 +36,27 @@ std::string random_incarnation() {
   return text.data();
 }
 
-std::string sanitize(std::string_view text) {
-  std::string clean;
-  for (char c : text) {
-    const auto byte = static_cast<unsigned char>(c);
-    clean += byte < 0x20 || byte > 0x7E || c == '/' ? '_' : c;
-  }
-  return clean;
-}
+constexpr std::size_t hash_suffix_bytes = 1 + 8;  // "~" and stable_name_hash()
+// What app and instance share of a tag: 63 bytes less the two '/' and the incarnation.
+constexpr std::size_t max_names_bytes = max_tag_bytes - 2 - incarnation_bytes;
+static_assert(max_names_bytes > max_tag_app_bytes + hash_suffix_bytes);
 
-// App and instance, shortened (longer first) so that the whole tag fits.
-std::pair<std::string, std::string> fitted_names(std::string_view app, std::string_view instance) {
-  std::string fitted_app = sanitize(app);
-  std::string fitted_instance = sanitize(instance.empty() ? default_instance_name() : instance);
-  while (fitted_app.size() + fitted_instance.size() + 2 + incarnation_bytes > max_tag_bytes) {
-    if (fitted_app.size() >= fitted_instance.size()) {
-      fitted_app.pop_back();
-    } else {
-      fitted_instance.pop_back();
-    }
+// Printable ASCII without '/' (the tag's separator) and '~' (the hash marker) is kept; anything
+// else, or a name longer than `budget`, gives a prefix and "~<hash of the name as given>", exactly
+// `budget` bytes or fewer. A name that needs no change never contains '~', one that was changed
+// always does, so the two never meet.
+std::string fit_name(std::string_view name, std::size_t budget) {
+  std::string clean;
+  bool changed = false;
+  for (char c : name) {
+    const auto byte = static_cast<unsigned char>(c);
+    const bool plain = byte >= 0x20 && byte <= 0x7E && c != '/' && c != '~';
+    clean += plain ? c : '_';
+    changed = changed || !plain;
   }
-  return {fitted_app, fitted_instance};
+  if (!changed && clean.size() <= budget) return clean;
+  clean.resize(std::min(clean.size(), budget - hash_suffix_bytes));
+  return clean + "~" + stable_name_hash(name);
 }
 
 }  // namespace
@@ -86,19 +88,37 @@ std::string default_instance_name() {
     const bool plain = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
                        c == '.' || c == '-' || c == '_';
     name += plain ? c : '_';
-    if (name.size() == 40) break;
   }
   return name.empty() ? "host" : name;
 }
 
+std::string stable_name_hash(std::string_view text) {
+  std::uint32_t hash = 2166136261U;
+  for (char c : text) {
+    hash ^= static_cast<unsigned char>(c);
+    hash *= 16777619U;
+  }
+  std::array<char, incarnation_bytes + 1> hex{};
+  std::snprintf(hex.data(), hex.size(), "%08x", static_cast<unsigned>(hash));
+  return hex.data();
+}
+
+std::string tag_app_name(std::string_view app) {
+  return fit_name(app, max_tag_app_bytes);
+}
+
+std::string tag_instance_name(std::string_view app, std::string_view instance) {
+  const std::size_t budget = max_names_bytes - tag_app_name(app).size();
+  if (instance.empty()) return fit_name(default_instance_name(), budget);
+  return fit_name(instance, budget);
+}
+
 std::string make_connection_tag(std::string_view app, std::string_view instance) {
-  auto [fitted_app, fitted_instance] = fitted_names(app, instance);
-  return fitted_app + "/" + fitted_instance + "/" + process_identity().incarnation;
+  return connection_tag_prefix(app, instance) + process_identity().incarnation;
 }
 
 std::string connection_tag_prefix(std::string_view app, std::string_view instance) {
-  auto [fitted_app, fitted_instance] = fitted_names(app, instance);
-  return fitted_app + "/" + fitted_instance + "/";
+  return tag_app_name(app) + "/" + tag_instance_name(app, instance) + "/";
 }
 
 }  // namespace pgrt

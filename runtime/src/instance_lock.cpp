@@ -11,6 +11,7 @@
 #include <thread>
 #include <unistd.h>
 #include <utility>
+#include <vector>
 
 #include "pgrt/runtime/identity.hpp"
 
@@ -20,14 +21,46 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
+// A tag name (tag_app_name(), tag_instance_name(): printable ASCII without '/') as a file name
+// part: letters, digits, '-', '_' and '~' as they are, any other byte as %XX. There is no '.' left
+// in it, so "<app>.<instance>.lock" names exactly one app and instance.
 std::string file_name_part(const std::string& text) {
+  static constexpr char hex[] = "0123456789ABCDEF";
   std::string clean;
   for (char c : text) {
     const bool plain = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-                       c == '.' || c == '-' || c == '_';
-    clean += plain ? c : '_';
+                       c == '-' || c == '_' || c == '~';
+    if (plain) {
+      clean += c;
+    } else {
+      const auto byte = static_cast<unsigned char>(c);
+      clean += '%';
+      clean += hex[byte >> 4];
+      clean += hex[byte & 0xF];
+    }
   }
-  return clean.empty() ? "_" : clean;
+  return clean.empty() ? "%" : clean;
+}
+
+constexpr std::size_t max_earlier_incarnations = 16;
+
+// The incarnations the earlier holders wrote into the file, newest first: the last holder's
+// (line 3), then the ones it carried over (line 5 on; line 4 is its description).
+std::vector<std::string> read_earlier_incarnations(int fd) {
+  std::string text(8192, '\0');
+  const ssize_t size = ::pread(fd, text.data(), text.size(), 0);
+  std::vector<std::string> incarnations;
+  if (size <= 0) return incarnations;
+  text.resize(static_cast<std::size_t>(size));
+  std::istringstream in(text);
+  std::string line;
+  for (int number = 1; std::getline(in, line); ++number) {
+    const bool incarnation =
+        line.size() == 8 && line.find_first_not_of("0123456789abcdef") == std::string::npos;
+    if ((number == 3 || number >= 5) && incarnation) incarnations.push_back(line);
+    if (incarnations.size() == max_earlier_incarnations) break;
+  }
+  return incarnations;
 }
 
 bool try_lock(int fd) {
@@ -75,16 +108,19 @@ std::filesystem::path default_lock_directory() {
 InstanceLock InstanceLock::acquire(const InstanceLockOptions& options) {
   const auto directory = options.directory.empty() ? default_lock_directory() : options.directory;
   std::filesystem::create_directories(directory);
+  const auto path =
+      directory /
+      (file_name_part(tag_app_name(options.application)) + "." +
+       file_name_part(tag_instance_name(options.application, options.instance)) + ".lock");
   const std::string instance =
       options.instance.empty() ? default_instance_name() : options.instance;
-  const auto path =
-      directory / (file_name_part(options.application) + "." + file_name_part(instance) + ".lock");
   const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
   if (fd < 0) {
     throw std::system_error(errno, std::generic_category(),
                             "cannot open the instance lock file " + path.string());
   }
   std::optional<int> took_over_from;
+  std::vector<std::string> earlier;
   try {
     if (!try_lock(fd)) {
       const int holder = read_holder_pid(path);
@@ -101,9 +137,25 @@ InstanceLock InstanceLock::acquire(const InstanceLockOptions& options) {
         throw InstanceLockError(
             "cannot take over " + who + ": the lock file " + path.string() + " names no pid", 0);
       }
-      ::kill(holder, SIGTERM);
+      // kill() failing is never ignored: EPERM (a process of another user) means it cannot be
+      // stopped from here; ESRCH means the named process is gone while something else (a child
+      // that inherited the descriptor) still holds the lock, which no signal to it can release.
+      auto stop = [&](int signal, const char* name) {
+        if (::kill(holder, signal) == 0) return;
+        const std::error_code error(errno, std::generic_category());
+        const bool gone = error.value() == ESRCH;
+        if (gone && wait_for_lock(fd, options.takeover_grace)) return;
+        throw InstanceLockError(
+            "cannot take over " + who + ": sending " + name + " to pid " + std::to_string(holder) +
+                " failed (" + error.message() + ")" +
+                (gone ? ", and another process (one that inherited its descriptor?) still holds "
+                      : ", so it keeps ") +
+                path.string(),
+            holder);
+      };
+      stop(SIGTERM, "SIGTERM");
       if (!wait_for_lock(fd, options.takeover_grace)) {
-        ::kill(holder, SIGKILL);
+        stop(SIGKILL, "SIGKILL");
         if (!wait_for_lock(fd, options.takeover_grace)) {
           throw InstanceLockError("could not take over " + who + " from pid " +
                                       std::to_string(holder) + ": it still holds " + path.string() +
@@ -113,12 +165,14 @@ InstanceLock InstanceLock::acquire(const InstanceLockOptions& options) {
       }
       took_over_from = holder;
     }
+    earlier = read_earlier_incarnations(fd);
     const auto& identity = process_identity();
     std::ostringstream content;
     content << ::getpid() << '\n'
             << identity.host << '\n'
             << identity.incarnation << '\n'
             << describe_process_identity() << '\n';
+    for (const auto& incarnation : earlier) content << incarnation << '\n';
     const std::string text = content.str();
     if (::ftruncate(fd, 0) != 0 ||
         ::pwrite(fd, text.data(), text.size(), 0) != static_cast<ssize_t>(text.size())) {
@@ -129,13 +183,14 @@ InstanceLock InstanceLock::acquire(const InstanceLockOptions& options) {
     ::close(fd);
     throw;
   }
-  return InstanceLock(fd, path, took_over_from);
+  return InstanceLock(fd, path, took_over_from, std::move(earlier));
 }
 
 InstanceLock::InstanceLock(InstanceLock&& other) noexcept
     : fd_(std::exchange(other.fd_, -1)),
       path_(std::move(other.path_)),
-      took_over_from_(other.took_over_from_) {}
+      took_over_from_(other.took_over_from_),
+      earlier_incarnations_(std::move(other.earlier_incarnations_)) {}
 
 InstanceLock& InstanceLock::operator=(InstanceLock&& other) noexcept {
   if (this != &other) {
@@ -143,6 +198,7 @@ InstanceLock& InstanceLock::operator=(InstanceLock&& other) noexcept {
     fd_ = std::exchange(other.fd_, -1);
     path_ = std::move(other.path_);
     took_over_from_ = other.took_over_from_;
+    earlier_incarnations_ = std::move(other.earlier_incarnations_);
   }
   return *this;
 }

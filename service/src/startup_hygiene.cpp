@@ -1,5 +1,6 @@
 #include "pgrt/service/startup_hygiene.hpp"
 
+#include <algorithm>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/this_coro.hpp>
@@ -66,6 +67,7 @@ constexpr const char* cluster_lock_holder_sql =
     "SELECT a.pid, a.application_name, coalesce(host(a.client_addr), 'local'), "
     "a.backend_start::text FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
     "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+    "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
     "AND l.classid::bigint = ($1::bigint >> 32) & 4294967295 "
     "AND l.objid::bigint = $1::bigint & 4294967295";
 
@@ -95,44 +97,108 @@ StartupHygiene::StartupHygiene(asio::any_io_executor executor, const PoolConfig&
     : executor_(std::move(executor)),
       conninfo_(pool_config.conninfo),
       connect_options_(pool_config.connect),
+      guards_(pool_config.guards),
       application_(pool_config.application),
       instance_(pool_config.instance),
       tag_(make_connection_tag(pool_config.application, pool_config.instance)),
       options_(std::move(options)) {}
 
-asio::awaitable<Connection> StartupHygiene::connect() {
-  ConnectOptions options = connect_options_;
+ConnectOptions StartupHygiene::connect_options() const {
+  ConnectOptions options = with_session_guards(connect_options_, guards_);
   options.conninfo = conninfo_;
   options.application_name = tag_;  // this process's own tag: never terminated as a leftover
-  co_return co_await asio::co_spawn(executor_, Connection::connect(std::move(options)),
+  return options;
+}
+
+asio::awaitable<Connection> StartupHygiene::connect() {
+  co_return co_await asio::co_spawn(executor_, Connection::connect(connect_options()),
                                     asio::use_awaitable);
 }
 
+namespace {
+
+// Whether `application_name` is a tag of an earlier local holder of the instance lock: such a
+// process no longer holds the lock (it exited or died), so a session of it is a leftover (kept
+// open by a proxy, or not yet noticed gone by the server).
+bool earlier_local_holder(const std::optional<InstanceLock>& lock, const std::string& prefix,
+                          const std::string& application_name) {
+  if (!lock || !application_name.starts_with(prefix)) return false;
+  const std::string incarnation = application_name.substr(prefix.size());
+  if (incarnation == process_identity().incarnation) return false;
+  const auto& earlier = lock->earlier_incarnations();
+  return std::find(earlier.begin(), earlier.end(), incarnation) != earlier.end();
+}
+
+}  // namespace
+
 asio::awaitable<void> StartupHygiene::take_cluster_lock() {
   cluster_lock_connection_ = co_await connect();
-  const std::string key_name = "pgrt instance " + connection_tag_prefix(application_, instance_);
+  const std::string prefix = connection_tag_prefix(application_, instance_);
+  const std::string key_name = "pgrt instance " + prefix;
   const auto key = (co_await cluster_lock_connection_.query(cluster_lock_key_sql, key_name))
                        .scalar<std::int64_t>();
-  const bool locked =
-      (co_await cluster_lock_connection_.query("SELECT pg_try_advisory_lock($1)", key))
-          .scalar<bool>();
-  if (locked) {
-    spdlog::info("pgrt: holding the cluster-wide lock of {} (advisory lock {})",
-                 connection_tag_prefix(application_, instance_), key);
-    co_return;
-  }
-  auto holders = co_await cluster_lock_connection_.query(cluster_lock_holder_sql, key);
   std::string holder = "another session";
-  if (!holders.empty()) {
-    const Row row = holders[0];
-    holder = "backend " + std::to_string(row.get<int>(0)) + " (" + row.get<std::string>(1) +
-             ", client " + row.get<std::string>(2) + ", since " + row.get<std::string>(3) + ")";
+  std::string refusal_hint =
+      "stop that instance first (pgrt-diag shows where it runs); if it is what a crashed run on "
+      "another host left, terminate that backend";
+  std::optional<int> terminated;
+  for (int attempt = 0; attempt < 50; ++attempt) {
+    const bool locked =
+        (co_await cluster_lock_connection_.query("SELECT pg_try_advisory_lock($1)", key))
+            .scalar<bool>();
+    if (locked) {
+      spdlog::info("pgrt: holding the cluster-wide lock of {} (advisory lock {})", prefix, key);
+      co_return;
+    }
+    auto holders = co_await cluster_lock_connection_.query(cluster_lock_holder_sql, key);
+    if (holders.empty()) {
+      // Released between the two statements (or by a terminated holder just now): try again.
+    } else {
+      const Row row = holders[0];
+      const int pid = row.get<int>(0);
+      const std::string application_name = row.get<std::string>(1);
+      holder = "backend " + std::to_string(pid) + " (" + application_name + ", client " +
+               row.get<std::string>(2) + ", since " + row.get<std::string>(3) + ")";
+      if (terminated == pid) {
+        // Terminated, not gone yet.
+      } else if (!terminated && earlier_local_holder(lock_, prefix, application_name)) {
+        spdlog::warn(
+            "pgrt: the cluster-wide lock of {} is held by {}, a session of an earlier holder of "
+            "the instance lock {} that is no longer running: terminating it",
+            prefix, holder, lock_->path().string());
+        try {
+          const bool done = (co_await cluster_lock_connection_.query(
+                                 "SELECT pg_terminate_backend($1, 5000)", pid))
+                                .scalar<bool>();
+          if (done) {
+            spdlog::info("pgrt: terminated backend {} ({}): it held the cluster-wide lock", pid,
+                         application_name);
+          } else {
+            spdlog::info("pgrt: backend {} ({}) was already gone", pid, application_name);
+          }
+          terminated = pid;
+        } catch (const Error& error) {
+          if (sqlstate_of(error.code()) != "42501") throw;
+          refusal_hint =
+              "it is a leftover of an earlier run, but this role may not terminate it (" +
+              error.diagnostics().message +
+              "): GRANT EXECUTE ON FUNCTION pg_terminate_backend(integer, bigint) TO the role, "
+              "or terminate backend " +
+              std::to_string(pid) + " by hand";
+          break;
+        }
+      } else {
+        break;  // a live instance elsewhere (or not provably ours): refuse
+      }
+    }
+    asio::steady_timer pause(co_await asio::this_coro::executor, std::chrono::milliseconds(100));
+    co_await pause.async_wait(asio::use_awaitable);
   }
   cluster_lock_connection_.close();
   throw Error(make_error_code(client_errc::instance_locked),
-              Diagnostics{.message = "another " + connection_tag_prefix(application_, instance_) +
+              Diagnostics{.message = "another " + prefix +
                                      " holds the cluster-wide instance lock: " + holder,
-                          .hint = "stop that instance first (pgrt-diag shows where it runs)"});
+                          .hint = refusal_hint});
 }
 
 asio::awaitable<void> StartupHygiene::start() {
@@ -153,7 +219,18 @@ asio::awaitable<void> StartupHygiene::start() {
     }
   }
   if (options_.cluster_lock) co_await take_cluster_lock();
-  if (options_.cleanup) {
+  if (options_.cleanup && !lock_ && !cluster_lock_connection_.is_open()) {
+    // Without a singleton, another incarnation's connections may belong to a live process.
+    report_.skipped = true;
+    report_.warning =
+        "cleanup skipped: no instance lock is held (instance_lock and cluster_lock are both off), "
+        "so the connections of " +
+        connection_tag_prefix(application_, instance_) +
+        " with another incarnation may be a running process's. Turn on instance_lock "
+        "(PGRT_INSTANCE_LOCK=1) or cluster_lock (PGRT_CLUSTER_LOCK=1), or cleanup off "
+        "(PGRT_CLEANUP=0)";
+    spdlog::warn("pgrt cleanup: {}", report_.warning);
+  } else if (options_.cleanup) {
     CleanupOptions cleanup{.application = application_,
                            .instance = instance_,
                            .idle_threshold = options_.idle_threshold};

@@ -5,6 +5,7 @@
 // Start-up hygiene: a crashed predecessor's leftovers are terminated (and nothing else), a second
 // instance is refused or takes over with force, a missing permission is a warning, pgrt-diag.
 #include <algorithm>
+#include <boost/json/src.hpp>  // header-only Boost.JSON, compiled into this test
 #include <chrono>
 #include <csignal>
 #include <cstdlib>
@@ -13,6 +14,7 @@
 #include <fstream>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <map>
 #include <optional>
 #include <regex>
 #include <set>
@@ -24,6 +26,7 @@
 #include <vector>
 
 #include <pgrt/db.hpp>
+#include <pgrt/runtime/identity.hpp>
 #include <pgrt/service.hpp>
 
 #include "pgrt/testing/blocking_sql.hpp"
@@ -52,6 +55,7 @@ using ::testing::HasSubstr;
 using Clock = std::chrono::steady_clock;
 using testing::run_coroutine;
 namespace asio = boost::asio;
+namespace json = boost::json;
 
 // A child process with its output in a file.
 class Child {
@@ -428,6 +432,29 @@ TEST_F(StartupHygieneTest, PooledConnectionsCarryTheSessionGuards) {
   });
 }
 
+TEST_F(StartupHygieneTest, ItsOwnConnectionsCarryThePoolsSessionGuardsAndTag) {
+  PoolConfig config;
+  config.conninfo = cluster().dsn();
+  config.application = "guards";
+  config.instance = "one";
+  config.guards.idle_in_transaction_timeout = 7s;
+  config.guards.client_connection_check_interval = 3s;
+  const StartupHygieneOptions options;  // named: g++ 12 miscompiles temporaries beside co_await
+  run_coroutine([&]() -> asio::awaitable<void> {
+    StartupHygiene hygiene(co_await asio::this_coro::executor, config, options);
+    auto connection = co_await Connection::connect(hygiene.connect_options());
+    auto rows = co_await connection.query(
+        "SELECT current_setting('idle_in_transaction_session_timeout'), "
+        "current_setting('client_connection_check_interval'), "
+        "current_setting('application_name')");
+    EXPECT_EQ(rows[0].get<std::string>(0), "7s");
+    EXPECT_EQ(rows[0].get<std::string>(1), "3s");
+    EXPECT_EQ(rows[0].get<std::string>(2), make_connection_tag("guards", "one"));
+    EXPECT_TRUE(hygiene.connect_options().keepalives.has_value());
+    EXPECT_EQ(hygiene.connect_options().tcp_user_timeout, config.guards.tcp_user_timeout);
+  });
+}
+
 TEST_F(StartupHygieneTest, ACrashedPredecessorsLeftoversAreTerminatedAndNothingElse) {
   testing::FaultProxy proxy("127.0.0.1", static_cast<std::uint16_t>(cluster().port()));
   const std::set<int> leftovers = crashed_predecessor(proxy, "hyg", "one");
@@ -515,7 +542,7 @@ TEST_F(StartupHygieneTest, TheIdleRuleAlsoEndsThisAppsLongIdleBackendsButNoOneEl
   config.application = "idler";
   config.instance = "one";
   StartupHygieneOptions options;
-  options.instance_lock = false;
+  options.lock_directory = Child::runtime_directory();
   options.idle_threshold = std::chrono::seconds(1);
   const CleanupReport report = run_hygiene(config, options);
   ASSERT_EQ(report.backends.size(), 1U);
@@ -523,6 +550,33 @@ TEST_F(StartupHygieneTest, TheIdleRuleAlsoEndsThisAppsLongIdleBackendsButNoOneEl
   EXPECT_THAT(report.backends[0].reason, ::testing::StartsWith("idle for "));
   EXPECT_TRUE(report.backends[0].terminated);
   EXPECT_EQ(foreign.scalar("SELECT 1"), "1");
+}
+
+TEST_F(StartupHygieneTest, WithoutAnyLockTheCleanupIsSkippedWithAWarning) {
+  BlockingConnection other_incarnation(cluster().dsn() + " application_name=nolock/one/0badcafe");
+  const int other_pid = other_incarnation.backend_pid();
+  PoolConfig config;
+  config.conninfo = cluster().dsn();
+  config.application = "nolock";
+  config.instance = "one";
+  StartupHygieneOptions options;
+  options.instance_lock = false;
+  options.cluster_lock = false;
+  const CleanupReport report = run_hygiene(config, options);
+  EXPECT_TRUE(report.skipped);
+  EXPECT_TRUE(report.backends.empty());
+  EXPECT_THAT(report.warning, HasSubstr("cleanup skipped: no instance lock is held"));
+  EXPECT_THAT(report.warning, HasSubstr("nolock/one/"));
+  EXPECT_EQ(other_incarnation.scalar("SELECT 1"), "1");
+  EXPECT_TRUE(testing::backend_exists(cluster().dsn(), other_pid));
+  // With the instance lock, the same backend is an earlier incarnation's and goes.
+  options.instance_lock = true;
+  options.lock_directory = Child::runtime_directory();
+  const CleanupReport locked = run_hygiene(config, options);
+  EXPECT_FALSE(locked.skipped);
+  ASSERT_EQ(locked.backends.size(), 1U);
+  EXPECT_EQ(locked.backends[0].pid, other_pid);
+  EXPECT_TRUE(locked.backends[0].terminated);
 }
 
 TEST_F(StartupHygieneTest, TheClusterWideLockRefusesASecondInstanceNamingTheHolder) {
@@ -558,6 +612,78 @@ TEST_F(StartupHygieneTest, TheClusterWideLockRefusesASecondInstanceNamingTheHold
   EXPECT_EQ(counted.max_size, 2U);
 }
 
+TEST_F(StartupHygieneTest, ACrashedPredecessorsClusterLockSessionIsTerminatedAndTheLockTaken) {
+  testing::FaultProxy proxy("127.0.0.1", static_cast<std::uint16_t>(cluster().port()));
+  proxy.keep_upstream(true);
+  auto lock_holder = [] {
+    BlockingConnection observer(cluster().dsn());
+    auto rows = observer.query(
+        "SELECT a.pid, a.application_name FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+        "WHERE l.locktype = 'advisory' AND l.granted AND a.application_name LIKE 'clk/one/%'");
+    return rows.size() == 1 ? std::pair{std::stoi(*rows[0][0]), *rows[0][1]}
+                            : std::pair{static_cast<int>(rows.size()), std::string()};
+  };
+  std::set<int> leftovers;
+  {
+    Child predecessor({PGRT_PROBE_PATH, "singleton"},
+                      proxy.conninfo_prefix() + " user=postgres dbname=postgres", "clk",
+                      {{"PGRT_INSTANCE", "one"}, {"PGRT_CLUSTER_LOCK", "1"}});
+    ASSERT_TRUE(predecessor.wait_for_output("probe: ready", 60s)) << predecessor.output();
+    predecessor.signal(SIGKILL);
+    (void)predecessor.wait_for_exit(10s);
+  }
+  std::this_thread::sleep_for(200ms);
+  const auto [dead_holder, dead_tag] = lock_holder();
+  ASSERT_FALSE(dead_tag.empty()) << "the proxy should keep the dead predecessor's lock session";
+  leftovers = backend_pids("clk/one/%");
+  ASSERT_TRUE(leftovers.contains(dead_holder));
+
+  PoolConfig config;
+  config.conninfo = cluster().dsn();
+  config.application = "clk";
+  config.instance = "one";
+  config.max_size = 3;
+  StartupHygieneOptions options;
+  options.lock_directory = Child::runtime_directory();  // the predecessor's, on this host
+  options.cluster_lock = true;
+  const std::string own_tag = make_connection_tag("clk", "one");
+  run_coroutine([&]() -> asio::awaitable<void> {
+    StartupHygiene successor(co_await asio::this_coro::executor, config, options);
+    co_await successor.start();  // does not refuse
+    EXPECT_EQ(lock_holder().second, own_tag);
+    co_await successor.stop();
+  });
+  // The lock session and the rest of the predecessor's connections (the cleanup) are gone.
+  EXPECT_FALSE(testing::backend_exists(cluster().dsn(), dead_holder));
+  EXPECT_TRUE(testing::eventually([] { return backend_pids("clk/one/%").empty(); }))
+      << backend_pids("clk/one/%").size() << " left";
+
+  // A live holder of another incarnation that never held this host's lock (another host, as
+  // far as this one can tell) is refused, named, and left alone.
+  Child elsewhere({PGRT_PROBE_PATH, "singleton"}, cluster().dsn(), "clk",
+                  {{"PGRT_INSTANCE", "one"},
+                   {"PGRT_CLUSTER_LOCK", "1"},
+                   {"PGRT_RUNTIME_DIR", (Child::runtime_directory() / "other-host").string()}});
+  ASSERT_TRUE(elsewhere.wait_for_output("probe: ready", 60s)) << elsewhere.output();
+  const auto [live_holder, live_tag] = lock_holder();
+  ASSERT_FALSE(live_tag.empty());
+  run_coroutine([&]() -> asio::awaitable<void> {
+    StartupHygiene second(co_await asio::this_coro::executor, config, options);
+    try {
+      co_await second.start();
+      ADD_FAILURE() << "a second holder of the cluster-wide lock";
+    } catch (const Error& error) {
+      EXPECT_EQ(error.code(), client_errc::instance_locked);
+      EXPECT_THAT(error.what(), HasSubstr("holds the cluster-wide instance lock: backend " +
+                                          std::to_string(live_holder) + " (" + live_tag));
+    }
+    co_await second.stop();
+  });
+  EXPECT_TRUE(testing::backend_exists(cluster().dsn(), live_holder));
+  elsewhere.signal(SIGTERM);
+  EXPECT_EQ(elsewhere.wait_for_exit(60s), 0) << elsewhere.output();
+}
+
 TEST_F(StartupHygieneTest, ARoleThatMayNotTerminateGetsAWarningAndStartsAnyway) {
   auto own = start_own_cluster();
   {
@@ -574,14 +700,43 @@ TEST_F(StartupHygieneTest, ARoleThatMayNotTerminateGetsAWarningAndStartsAnyway) 
   config.application = "perm";
   config.instance = "one";
   StartupHygieneOptions options;
-  options.instance_lock = false;
+  options.lock_directory = Child::runtime_directory();
   const CleanupReport report = run_hygiene(config, options);  // does not throw
   EXPECT_TRUE(report.permission_denied);
   EXPECT_EQ(report.terminated(), 0U);
   EXPECT_THAT(report.warning,
               HasSubstr("GRANT EXECUTE ON FUNCTION pg_terminate_backend(integer, bigint) TO "
                         "hyg_limited"));
+  // pg_signal_backend does not restore a revoked EXECUTE: never offered as the fix.
+  EXPECT_THAT(report.warning, HasSubstr("membership of pg_signal_backend does not help"));
   EXPECT_TRUE(testing::backend_exists(own->dsn(), leftover_pid));
+}
+
+// pgrt-diag --json's output, parsed; fails the test if it is not one JSON object.
+json::object parse_diag_json(const std::string& output) {
+  boost::system::error_code error;
+  json::value value = json::parse(output, error);
+  EXPECT_FALSE(error) << error.message() << "\n" << output;
+  EXPECT_TRUE(value.is_object()) << output;
+  return value.is_object() ? value.as_object() : json::object{};
+}
+
+// pid -> the backend's object, for the backends of the app in a diag report.
+std::map<int, json::object> diag_backends(const json::object& report) {
+  std::map<int, json::object> backends;
+  for (const auto& entry : report.at("backends").as_array()) {
+    const auto& backend = entry.as_object();
+    backends[static_cast<int>(backend.at("pid").as_int64())] = backend;
+  }
+  return backends;
+}
+
+std::set<int> diag_pids_where(const json::object& report, const char* flag) {
+  std::set<int> pids;
+  for (const auto& [pid, backend] : diag_backends(report)) {
+    if (backend.at(flag).as_bool()) pids.insert(pid);
+  }
+  return pids;
 }
 
 TEST_F(StartupHygieneTest, DiagReportsLeakedBackendsAsJsonAndKillsOnlyThose) {
@@ -592,33 +747,94 @@ TEST_F(StartupHygieneTest, DiagReportsLeakedBackendsAsJsonAndKillsOnlyThose) {
   ASSERT_TRUE(successor.wait_for_output("holding", 60s)) << successor.output();
   const std::set<int> alive = parse_pids(successor.output());
   BlockingConnection foreign(cluster().dsn() + " application_name=diag-foreign");
+  // The same app name in another database: an older incarnation, but not pgrt-diag's to judge.
+  {
+    BlockingConnection admin(cluster().dsn());
+    admin.query("DROP DATABASE IF EXISTS diag_other");
+    admin.query("CREATE DATABASE diag_other");
+  }
+  BlockingConnection elsewhere(cluster().dsn() +
+                               " dbname=diag_other application_name=diag/one/00000001");
+  const int elsewhere_pid = elsewhere.backend_pid();
 
-  auto leaked_in = [](const std::string& json) {
-    std::set<int> pids;
-    const std::regex object("\\{\"pid\":([0-9]+),[^}]*\"leaked\":true");
-    for (auto it = std::sregex_iterator(json.begin(), json.end(), object);
-         it != std::sregex_iterator(); ++it) {
-      pids.insert(std::stoi((*it)[1]));
-    }
-    return pids;
-  };
   {
     Child diag({PGRT_DIAG_PATH, "--app", "diag", "--json"}, cluster().dsn(), "diag");
     EXPECT_EQ(diag.wait_for_exit(30s), 1) << "leaked backends found\n" << diag.output();
-    const std::string json = diag.output();
-    EXPECT_TRUE(json.starts_with("{\"server\":{\"max_connections\":")) << json;
-    EXPECT_THAT(json, HasSubstr("\"application\":\"diag-foreign\""));
-    EXPECT_THAT(json, HasSubstr("\"leaked\":3,"));
-    EXPECT_EQ(leaked_in(json), leaked);
-    EXPECT_THAT(json, HasSubstr("superseded"));
+    const json::object report = parse_diag_json(diag.output());
+    ASSERT_FALSE(report.empty());
+    const auto& server = report.at("server").as_object();
+    EXPECT_GT(server.at("max_connections").as_int64(), 0);
+    EXPECT_GT(server.at("used").as_int64(), 0);
+    EXPECT_EQ(server.at("free").as_int64(), server.at("max_connections").as_int64() -
+                                                server.at("reserved").as_int64() -
+                                                server.at("used").as_int64());
+    EXPECT_EQ(report.at("database").as_string(), "postgres");
+    bool saw_foreign = false;
+    for (const auto& group : report.at("groups").as_array()) {
+      saw_foreign |= group.as_object().at("application").as_string() == "diag-foreign";
+    }
+    EXPECT_TRUE(saw_foreign);
+    EXPECT_EQ(report.at("leaked").as_int64(), 3);
+    EXPECT_EQ(diag_pids_where(report, "leaked"), leaked);
+    const auto backends = diag_backends(report);
+    for (int pid : leaked) {
+      EXPECT_THAT(std::string(backends.at(pid).at("reason").as_string()),
+                  ::testing::StartsWith("superseded: diag/one/"));
+    }
+    ASSERT_TRUE(backends.contains(elsewhere_pid));
+    EXPECT_FALSE(backends.at(elsewhere_pid).at("in_scope").as_bool());
+    EXPECT_EQ(backends.at(elsewhere_pid).at("database").as_string(), "diag_other");
+    EXPECT_EQ(diag_pids_where(report, "terminated"), std::set<int>{});
+  }
+  {
+    // The idle rule is the cleanup's: idle, not idle in a transaction.
+    std::this_thread::sleep_for(1500ms);
+    Child diag({PGRT_DIAG_PATH, "--app", "diag", "--json", "--idle-threshold", "1"},
+               cluster().dsn(), "diag");
+    EXPECT_EQ(diag.wait_for_exit(30s), 1) << diag.output();
+    const auto backends = diag_backends(parse_diag_json(diag.output()));
+    int idle = 0;
+    for (int pid : alive) {
+      ASSERT_TRUE(backends.contains(pid)) << pid;
+      const auto& backend = backends.at(pid);
+      const bool is_idle = backend.at("state").as_string() == "idle";
+      idle += is_idle ? 1 : 0;
+      EXPECT_EQ(backend.at("leaked").as_bool(), is_idle) << backend;
+      if (is_idle) {
+        EXPECT_THAT(std::string(backend.at("reason").as_string()),
+                    ::testing::StartsWith("idle for "));
+      }
+    }
+    EXPECT_EQ(idle, 2);  // the third is idle in a transaction
   }
   {
     Child kill({PGRT_DIAG_PATH, "--app", "diag", "--kill-leaked", "--json"}, cluster().dsn(),
                "diag");
     EXPECT_EQ(kill.wait_for_exit(30s), 0) << kill.output();
+    EXPECT_EQ(diag_pids_where(parse_diag_json(kill.output()), "terminated"), leaked);
   }
-  EXPECT_TRUE(testing::eventually([&] { return backend_pids("diag/one/%") == alive; }));
+  EXPECT_TRUE(testing::eventually([&] {
+    std::set<int> left = backend_pids("diag/one/%");
+    left.erase(elsewhere_pid);
+    return left == alive;
+  }));
   EXPECT_EQ(foreign.scalar("SELECT 1"), "1");
+  EXPECT_EQ(elsewhere.scalar("SELECT 1"), "1");
+  {
+    // --emergency: every backend of the app in this database and role, nothing else.
+    Child emergency({PGRT_DIAG_PATH, "--app", "diag", "--emergency", "--json"}, cluster().dsn(),
+                    "diag");
+    EXPECT_EQ(emergency.wait_for_exit(30s), 0) << emergency.output();
+    EXPECT_EQ(diag_pids_where(parse_diag_json(emergency.output()), "terminated"), alive);
+  }
+  EXPECT_TRUE(testing::eventually(
+      [&] { return backend_pids("diag/one/%") == std::set<int>{elsewhere_pid}; }));
+  EXPECT_EQ(foreign.scalar("SELECT 1"), "1");
+  EXPECT_EQ(elsewhere.scalar("SELECT 1"), "1");
+  {
+    Child usage({PGRT_DIAG_PATH, "--kill-leaked", "--emergency"}, cluster().dsn(), "diag");
+    EXPECT_EQ(usage.wait_for_exit(30s), 2) << usage.output();
+  }
 }
 
 }  // namespace

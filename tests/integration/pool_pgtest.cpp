@@ -622,7 +622,7 @@ TEST_F(PoolTest, ConnectionsCarryTheApplicationTag) {
   long_names.application = std::string(100, 'a') + "/é";
   Pool pool(long_names);
   EXPECT_LE(pool.application_name().size(), 63U);
-  EXPECT_EQ(pool.application_name().find_first_not_of("ai_/0123456789abcdef"), std::string::npos);
+  EXPECT_EQ(pool.application_name().find_first_not_of("ai_~/0123456789abcdef"), std::string::npos);
 }
 
 TEST_F(PoolTest, ProcessWidePoolIsConfiguredOnce) {

@@ -1,6 +1,7 @@
 // Process identity, connection tags and the instance lock (no server).
 #include "pgrt/runtime/identity.hpp"
 
+#include <algorithm>
 #include <chrono>
 #include <csignal>
 #include <filesystem>
@@ -12,6 +13,7 @@
 #include <unistd.h>
 
 #include "pgrt/db/hygiene.hpp"
+#include "pgrt/db/session_guards.hpp"
 #include "pgrt/runtime/instance_lock.hpp"
 
 namespace pgrt {
@@ -37,19 +39,88 @@ TEST(ConnectionTag, IsAppInstanceIncarnationInAsciiWithinSixtyThreeBytes) {
   const std::string incarnation = process_identity().incarnation;
   EXPECT_EQ(make_connection_tag("orders", "eu-1"), "orders/eu-1/" + incarnation);
   EXPECT_EQ(connection_tag_prefix("orders", "eu-1"), "orders/eu-1/");
-  EXPECT_EQ(make_connection_tag("or/ders", "é"), "or_ders/__/" + incarnation);
+  // Replaced characters: '_' for each, and the name's hash so that it stays distinct.
+  EXPECT_EQ(make_connection_tag("or/ders", "é"), "or_ders~" + stable_name_hash("or/ders") + "/__~" +
+                                                     stable_name_hash("é") + "/" + incarnation);
+  EXPECT_NE(connection_tag_prefix("or/ders", "x"), connection_tag_prefix("or_ders", "x"));
   const std::string tag = make_connection_tag(std::string(100, 'a'), std::string(10, 'i'));
-  EXPECT_EQ(tag.size(), 63U);
-  EXPECT_EQ(tag, std::string(43, 'a') + "/" + std::string(10, 'i') + "/" + incarnation);
+  EXPECT_EQ(tag, std::string(15, 'a') + "~" + stable_name_hash(std::string(100, 'a')) + "/" +
+                     std::string(10, 'i') + "/" + incarnation);
   EXPECT_TRUE(tag.starts_with(connection_tag_prefix(std::string(100, 'a'), std::string(10, 'i'))));
   // No instance: the host name, the same every time.
-  EXPECT_EQ(make_connection_tag("app", ""), "app/" + default_instance_name() + "/" + incarnation);
+  EXPECT_EQ(make_connection_tag("app", ""),
+            "app/" + tag_instance_name("app", default_instance_name()) + "/" + incarnation);
   EXPECT_THAT(default_instance_name(), MatchesRegex("[A-Za-z0-9._-]+"));
+}
+
+TEST(StableNameHash, IsThirtyTwoBitFnv1aInHex) {
+  // The published FNV-1a test vectors.
+  EXPECT_EQ(stable_name_hash(""), "811c9dc5");
+  EXPECT_EQ(stable_name_hash("a"), "e40c292c");
+  EXPECT_EQ(stable_name_hash("foobar"), "bf9cf968");
+}
+
+bool printable_ascii(const std::string& text) {
+  return std::all_of(text.begin(), text.end(), [](char c) { return c >= 0x20 && c <= 0x7E; });
+}
+
+TEST(ConnectionTag, LongNamesDifferingOnlyAtTheEndGiveDifferentTagsWithinSixtyThreeBytes) {
+  const std::string incarnation = process_identity().incarnation;
+  // Two Kubernetes-style pod names that differ only in their last characters.
+  const std::string pod = "orders-service-canary-deployment-7d9f8b6c4-";
+  for (const std::string& app : {std::string("orders"), std::string(80, 'x'), std::string()}) {
+    const std::string first = make_connection_tag(app, pod + "x2k9p");
+    const std::string second = make_connection_tag(app, pod + "x2k9q");
+    EXPECT_NE(first, second) << app;
+    EXPECT_NE(connection_tag_prefix(app, pod + "x2k9p"), connection_tag_prefix(app, pod + "x2k9q"));
+    for (const auto& one : {first, second}) {
+      EXPECT_LE(one.size(), 63U) << one;
+      EXPECT_TRUE(printable_ascii(one)) << one;
+      EXPECT_TRUE(one.ends_with("/" + incarnation)) << one;
+      EXPECT_EQ(std::count(one.begin(), one.end(), '/'), 2) << one;
+    }
+    EXPECT_EQ(first, make_connection_tag(app, pod + "x2k9p"));  // stable across calls
+    EXPECT_TRUE(first.starts_with(connection_tag_prefix(app, pod + "x2k9p")));
+  }
+  // Long apps differing at the end, too; and the app part does not depend on the instance.
+  const std::string long_app = "a-very-long-application-name-for-";
+  EXPECT_NE(tag_app_name(long_app + "billing"), tag_app_name(long_app + "bidding"));
+  EXPECT_LE(tag_app_name(long_app + "billing").size(), max_tag_app_bytes);
+  EXPECT_TRUE(connection_tag_prefix(long_app + "billing", "one")
+                  .starts_with(tag_app_name(long_app + "billing") + "/"));
+  EXPECT_TRUE(connection_tag_prefix(long_app + "billing", std::string(200, 'i'))
+                  .starts_with(tag_app_name(long_app + "billing") + "/"));
+  // Names that fit are left alone; a name that only looks like a shortened one does not collide.
+  EXPECT_EQ(tag_app_name("orders"), "orders");
+  EXPECT_EQ(tag_instance_name("orders", pod), pod);
+  const std::string shortened = tag_instance_name("orders", pod + pod);
+  EXPECT_NE(tag_instance_name("orders", shortened), shortened);
+  // Non-ASCII bytes never reach the tag.
+  EXPECT_TRUE(printable_ascii(make_connection_tag("\xff\xfe", std::string(70, '\x80'))));
 }
 
 TEST(LikeLiteral, EscapesTheWildcardsAndTheEscapeCharacter) {
   EXPECT_EQ(like_literal("orders/eu-1/"), "orders/eu-1/");
   EXPECT_EQ(like_literal("a_b%c\\d"), "a\\_b\\%c\\\\d");
+}
+
+TEST(SessionGuards, BecomeStartupSettingsUnlessZeroOrGivenAndSetTheTcpOptions) {
+  using Settings = std::vector<std::pair<std::string, std::string>>;
+  const ConnectOptions guarded = with_session_guards(ConnectOptions{}, SessionGuards{});
+  EXPECT_EQ(guarded.session_settings,
+            (Settings{{"client_connection_check_interval", "10000"},
+                      {"idle_in_transaction_session_timeout", "300000"}}));
+  EXPECT_TRUE(guarded.keepalives.has_value());
+  EXPECT_EQ(guarded.tcp_user_timeout, 30s);
+
+  ConnectOptions own;
+  own.session_settings = {{"idle_in_transaction_session_timeout", "1000"}};
+  own.tcp_user_timeout = 5s;
+  const ConnectOptions kept = with_session_guards(
+      own, SessionGuards{.client_connection_check_interval = 0ms, .keepalives = false});
+  EXPECT_EQ(kept.session_settings, (Settings{{"idle_in_transaction_session_timeout", "1000"}}));
+  EXPECT_FALSE(kept.keepalives.has_value());
+  EXPECT_EQ(kept.tcp_user_timeout, 5s);
 }
 
 class InstanceLockTest : public ::testing::Test {
@@ -90,6 +161,28 @@ TEST_F(InstanceLockTest, ASecondHolderIsRefusedWithTheFirstsPidUntilItIsReleased
   EXPECT_NO_THROW((void)InstanceLock::acquire(options()));  // released with its holder
 }
 
+TEST_F(InstanceLockTest, LongInstanceNamesDifferingOnlyAtTheEndGetDifferentLockFiles) {
+  const std::string pod = "orders-service-canary-deployment-7d9f8b6c4-long-suffix-";
+  InstanceLockOptions first = options();
+  first.instance = pod + "x2k9p";
+  InstanceLockOptions second = options();
+  second.instance = pod + "x2k9q";
+  auto one = InstanceLock::acquire(first);
+  auto two = InstanceLock::acquire(second);  // not refused: another instance
+  EXPECT_NE(one.path(), two.path());
+  EXPECT_EQ(one.path(), directory_ / ("app." + tag_instance_name("app", first.instance) + ".lock"));
+  // A '.' inside a name cannot make two app/instance pairs share a file.
+  InstanceLockOptions dotted_app = options();
+  dotted_app.application = "a.b";
+  dotted_app.instance = "c";
+  InstanceLockOptions dotted_instance = options();
+  dotted_instance.application = "a";
+  dotted_instance.instance = "b.c";
+  auto three = InstanceLock::acquire(dotted_app);
+  auto four = InstanceLock::acquire(dotted_instance);
+  EXPECT_NE(three.path(), four.path());
+}
+
 TEST_F(InstanceLockTest, ForceStopsTheHolderAndTakesOver) {
   int ready[2];
   ASSERT_EQ(::pipe(ready), 0);
@@ -108,6 +201,40 @@ TEST_F(InstanceLockTest, ForceStopsTheHolderAndTakesOver) {
   int status = 0;
   ASSERT_EQ(::waitpid(holder, &status, 0), holder);
   EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGTERM);
+  ::close(ready[0]);
+  ::close(ready[1]);
+}
+
+TEST_F(InstanceLockTest, ForceFailsSayingWhyWhenTheNamedHolderIsGoneButTheLockIsStillHeld) {
+  int ready[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  const pid_t holder = ::fork();
+  ASSERT_GE(holder, 0);
+  if (holder == 0) {
+    auto lock = InstanceLock::acquire(options());  // writes the holder's pid
+    if (::fork() == 0) {                           // inherits the locked descriptor
+      const pid_t self = ::getpid();
+      (void)::write(ready[1], &self, sizeof self);
+      for (;;) ::pause();
+    }
+    ::_exit(0);
+  }
+  pid_t descendant = 0;
+  ASSERT_EQ(::read(ready[0], &descendant, sizeof descendant),
+            static_cast<ssize_t>(sizeof descendant));
+  int status = 0;
+  ASSERT_EQ(::waitpid(holder, &status, 0), holder);  // reaped: kill() now gives ESRCH
+  try {
+    (void)InstanceLock::acquire(options(/*force=*/true));
+    ADD_FAILURE() << "took over a lock that another process still holds";
+  } catch (const InstanceLockError& error) {
+    EXPECT_EQ(error.holder_pid(), holder);
+    EXPECT_THAT(error.what(), HasSubstr("sending SIGTERM to pid " + std::to_string(holder) +
+                                        " failed (No such process)"));
+    EXPECT_THAT(error.what(), HasSubstr("still holds"));
+  }
+  ::kill(descendant, SIGKILL);
+  EXPECT_NO_THROW((void)InstanceLock::acquire(options(/*force=*/true)));  // released with it
   ::close(ready[0]);
   ::close(ready[1]);
 }

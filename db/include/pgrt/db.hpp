@@ -14,5 +14,6 @@
 #include "pgrt/db/pipeline.hpp"
 #include "pgrt/db/pool.hpp"
 #include "pgrt/db/result.hpp"
+#include "pgrt/db/session_guards.hpp"
 #include "pgrt/db/transaction.hpp"
 #include "pgrt/db/types.hpp"

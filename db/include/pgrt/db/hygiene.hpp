@@ -38,6 +38,9 @@ struct CleanupReport {
   std::vector<LeftoverBackend> backends;  ///< Every candidate found, terminated or not.
   /// The role may not terminate backends (SQLSTATE 42501). `warning` says which grant fixes it.
   bool permission_denied = false;
+  /// The cleanup did not run because no singleton lock was held (StartupHygiene); `warning` says
+  /// so.
+  bool skipped = false;
   std::string warning;
   [[nodiscard]] std::size_t terminated() const noexcept;
 };

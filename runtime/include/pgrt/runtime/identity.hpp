@@ -5,6 +5,7 @@
 /// every connection carries in `application_name`: `<app>/<instance>/<incarnation>`.
 
 #include <chrono>
+#include <cstddef>
 #include <string>
 #include <string_view>
 
@@ -27,18 +28,36 @@ struct ProcessIdentity {
 [[nodiscard]] std::string describe_process_identity();
 
 /// The instance name used when none is configured: the host name, reduced to ASCII letters,
-/// digits, '.', '-' and '_' (at most 40 bytes). Stable across restarts on the same host (in
-/// Kubernetes, the pod name: set PGRT_INSTANCE for a Deployment whose pod names change).
+/// digits, '.', '-' and '_'. Stable across restarts on the same host (in Kubernetes, the pod name:
+/// set PGRT_INSTANCE for a Deployment whose pod names change). Not shortened here: the tag
+/// functions below shorten it like any other instance name, keeping it distinct.
 [[nodiscard]] std::string default_instance_name();
 
-/// `<app>/<instance>/<incarnation>` in printable ASCII without '/' inside the names ('_' replaces
-/// anything else), at most 63 bytes (PostgreSQL's NAMEDATALEN - 1): the longer of app and instance
-/// is shortened first; the incarnation is always whole. An empty instance means
-/// default_instance_name().
+/// Eight lowercase hex digits: the 32-bit FNV-1a hash (offset basis 2166136261, prime 16777619)
+/// of `text`'s bytes. The same on every platform and in every run.
+[[nodiscard]] std::string stable_name_hash(std::string_view text);
+
+/// The most bytes the app part of a tag takes, so that it never depends on the instance.
+inline constexpr std::size_t max_tag_app_bytes = 24;
+
+/// `app` as it appears in tags, lock file names and pgrt-diag's --app matching: printable ASCII
+/// other than '/' and '~' kept as is; when anything had to be replaced ('_' for it) or the name
+/// is longer than max_tag_app_bytes, a prefix of it followed by '~' and stable_name_hash() of the
+/// name as given. So the same name always gives the same result, and two different names give
+/// different results (but for a 32-bit hash collision). Depends on `app` only.
+[[nodiscard]] std::string tag_app_name(std::string_view app);
+
+/// `instance` as it appears in the tags of `app` (an empty instance means
+/// default_instance_name()), shortened the same way to what the tag leaves for it:
+/// 53 - tag_app_name(app).size() bytes (at least 29).
+[[nodiscard]] std::string tag_instance_name(std::string_view app, std::string_view instance);
+
+/// `<app>/<instance>/<incarnation>` with tag_app_name() and tag_instance_name(): printable ASCII,
+/// at most 63 bytes (PostgreSQL's NAMEDATALEN - 1); the incarnation is always whole.
 [[nodiscard]] std::string make_connection_tag(std::string_view app, std::string_view instance);
 
 /// The part of a tag before the incarnation, "<app>/<instance>/", as make_connection_tag() would
-/// write it: the prefix shared by every incarnation of one instance.
+/// write it: the prefix shared by every incarnation of one instance, and of nothing else.
 [[nodiscard]] std::string connection_tag_prefix(std::string_view app, std::string_view instance);
 
 }  // namespace pgrt

@@ -8,6 +8,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace pgrt {
 
@@ -43,9 +44,13 @@ class InstanceLockError : public std::runtime_error {
 class InstanceLock {
  public:
   /// Takes the lock for options.application/instance: creates the directory and
-  /// `<app>.<instance>.lock`, locks it (flock, non-blocking) and writes this process's pid, host
-  /// and incarnation into it. Throws InstanceLockError naming the holder's pid when another
-  /// process holds it ("another pgrt-demo/eu-1 is running as pid 1234 ..."), and std::system_error
+  /// `<app>.<instance>.lock` (tag_app_name() and tag_instance_name(), so exactly one lock per tag
+  /// prefix; bytes other than letters, digits, '-', '_' and '~' written as %XX), locks it (flock,
+  /// non-blocking) and writes this process's pid, host and incarnation (and the earlier holders'
+  /// incarnations) into it. Throws InstanceLockError naming the holder's pid when another process
+  /// holds it ("another pgrt-demo/eu-1 is running as pid 1234 ..."), or when a takeover fails
+  /// (kill() fails: the holder is another user's, or it is gone while another process still holds
+  /// the lock; or it keeps the lock after SIGKILL; the message says which), and std::system_error
   /// when the directory or file cannot be created.
   [[nodiscard]] static InstanceLock acquire(const InstanceLockOptions& options);
 
@@ -58,13 +63,24 @@ class InstanceLock {
   [[nodiscard]] const std::filesystem::path& path() const noexcept { return path_; }
   /// The pid that was stopped to take the lock over (force), if any.
   [[nodiscard]] std::optional<int> took_over_from() const noexcept { return took_over_from_; }
+  /// The incarnations (ProcessIdentity::incarnation) of the processes that held this lock
+  /// before, newest first, at most 16, as the lock file tells (the file carries them over from
+  /// holder to holder). None of them holds it any more: each exited, died or released it.
+  [[nodiscard]] const std::vector<std::string>& earlier_incarnations() const noexcept {
+    return earlier_incarnations_;
+  }
 
  private:
-  InstanceLock(int fd, std::filesystem::path path, std::optional<int> took_over_from) noexcept
-      : fd_(fd), path_(std::move(path)), took_over_from_(took_over_from) {}
+  InstanceLock(int fd, std::filesystem::path path, std::optional<int> took_over_from,
+               std::vector<std::string> earlier_incarnations) noexcept
+      : fd_(fd),
+        path_(std::move(path)),
+        took_over_from_(took_over_from),
+        earlier_incarnations_(std::move(earlier_incarnations)) {}
   int fd_ = -1;
   std::filesystem::path path_;
   std::optional<int> took_over_from_;
+  std::vector<std::string> earlier_incarnations_;
 };
 
 }  // namespace pgrt

@@ -15,6 +15,7 @@
 #include "pgrt/db/connection.hpp"
 #include "pgrt/db/hygiene.hpp"
 #include "pgrt/db/pool.hpp"
+#include "pgrt/db/session_guards.hpp"
 #include "pgrt/lifecycle/manager.hpp"
 #include "pgrt/runtime/instance_lock.hpp"
 
@@ -31,10 +32,14 @@ struct StartupHygieneOptions {
   bool force = false;
   std::chrono::milliseconds takeover_grace{10'000};
   /// Also one instance across hosts: pg_try_advisory_lock on a connection of its own, held while
-  /// the process runs and counted against the pool's max (env PGRT_CLUSTER_LOCK=1).
+  /// the process runs and counted against the pool's max (env PGRT_CLUSTER_LOCK=1). When the
+  /// holder's session is tagged with the incarnation of an earlier holder of the (local)
+  /// instance lock, that process is gone and the session a leftover: it is terminated (logged)
+  /// and the lock taken. Any other holder makes start() refuse, naming it.
   bool cluster_lock = false;
   /// Terminate the leftovers of earlier incarnations of this app/instance (env PGRT_CLEANUP=0
-  /// turns it off).
+  /// turns it off). Only while holding a singleton lock: with instance_lock and cluster_lock
+  /// both off, start() skips it with a warning (CleanupReport::skipped).
   bool cleanup = true;
   /// Also terminate this app's backends idle longer than this; zero: off (env
   /// PGRT_CLEANUP_IDLE_S).
@@ -49,7 +54,8 @@ struct StartupHygieneOptions {
 /// start time, incarnation), takes the instance lock (a second instance fails to start with a
 /// message naming the holder's pid; with force it stops the holder first), optionally the
 /// cluster-wide lock, then terminates the leftovers (cleanup_predecessors(); a missing permission
-/// is a warning and the start goes on). stop() releases the locks. Add the pool after it.
+/// is a warning and the start goes on; without any lock held the cleanup is skipped, with a
+/// warning). stop() releases the locks. Add the pool after it.
 class StartupHygiene {
  public:
   StartupHygiene(boost::asio::any_io_executor executor, const PoolConfig& pool_config,
@@ -57,6 +63,10 @@ class StartupHygiene {
   [[nodiscard]] std::string name() const { return "startup_hygiene"; }
   [[nodiscard]] boost::asio::awaitable<void> start();
   [[nodiscard]] boost::asio::awaitable<void> stop();
+  /// The options of its own connections (the cleanup's, the cluster-wide lock's): the pool's
+  /// conninfo and connect settings with the pool's session guards (with_session_guards()), and
+  /// this process's tag as application_name.
+  [[nodiscard]] ConnectOptions connect_options() const;
   /// What the cleanup found and did (empty before start()).
   [[nodiscard]] const CleanupReport& cleanup_report() const noexcept { return report_; }
 
@@ -67,6 +77,7 @@ class StartupHygiene {
   boost::asio::any_io_executor executor_;
   std::string conninfo_;
   ConnectOptions connect_options_;
+  SessionGuards guards_;
   std::string application_;
   std::string instance_;
   std::string tag_;
