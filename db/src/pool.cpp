@@ -204,8 +204,11 @@ struct PooledConnection {
   }
 };
 
-// How long a discarded connection waits for the server to close its end before its capacity is
-// given back anyway (a server that does not answer).
+// A discarded connection keeps its capacity until the server has closed its end of the socket.
+// It is checked every `server_close_poll` whether the pool is closing (then the wait ends) and,
+// once `server_close_limit` has passed, a warning is logged: the slot stays counted while the
+// server keeps the backend (or until the socket fails: tcp_user_timeout, keepalives).
+constexpr std::chrono::milliseconds server_close_poll{250};
 constexpr std::chrono::milliseconds server_close_limit{2000};
 // How long close_now() waits for each cancel request to go out.
 constexpr std::chrono::milliseconds exit_cancel_wait{1000};
@@ -361,10 +364,26 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
 
   // The capacity is given back only once the server has closed its end of the socket, which it
   // does after the backend has left pg_stat_activity: the strict max holds on the server's side
-  // at every instant. A server that does not answer within the limit is not waited for longer.
+  // at every instant. A statement still running is cancelled first (close_and_wait() does), so
+  // that the backend ends now. A backend that outlives server_close_limit keeps its slot counted
+  // (with a warning) until it ends, its socket fails, or the pool closes.
   static asio::awaitable<void> finish_close(std::shared_ptr<PoolState> self,
                                             std::unique_ptr<PooledConnection> pooled) {
-    (void)co_await pooled->connection.close_and_wait(server_close_limit);
+    const int pid = pooled->connection.backend_pid();
+    const auto started = Clock::now();
+    bool warned = false;
+    (void)co_await pooled->connection.close_and_wait(server_close_poll, [&] {
+      std::lock_guard lock(self->mutex);
+      if (self->pool_closing) return false;
+      if (!warned && Clock::now() - started >= server_close_limit) {
+        warned = true;
+        spdlog::warn(
+            "pgrt pool {}: the server has not ended backend {} {} ms after it was closed; its "
+            "slot stays counted against max_size until it does",
+            self->application_name, pid, server_close_limit.count());
+      }
+      return true;
+    });
     pooled.reset();
     Deferred deferred;
     std::lock_guard lock(self->mutex);

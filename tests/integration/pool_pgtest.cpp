@@ -11,6 +11,7 @@
 #include <chrono>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <libpq-fe.h>
 #include <mutex>
 #include <random>
 #include <spdlog/sinks/ostream_sink.h>
@@ -508,6 +509,45 @@ TEST_F(PoolTest, CancelledWaiterLeavesNoTraceAndTimeoutsExplainThemselves) {
     auto again = co_await pool.acquire();
     EXPECT_EQ((co_await again->query("SELECT 1")).scalar<int>(), 1);
   });
+}
+
+// A lease dropped while its statement still runs: the backend is cancelled and ends, and only
+// then does the replacement come, promptly, without ever overlapping it on the server.
+TEST_F(PoolTest, ALeaseDroppedMidQueryGivesItsSlotBackOnlyOnceTheBackendIsGone) {
+  auto pool_config = config("mid-query", 1);
+  std::optional<BackendSampler> sampler;
+  std::vector<DiscardReason> reasons;
+  std::chrono::steady_clock::duration reacquire_took{};
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, pool_config);
+    boost::signals2::scoped_connection subscription =
+        pool.events().discarded.connect([&](DiscardReason reason) { reasons.push_back(reason); });
+    sampler.emplace(cluster().dsn(), pool.application_name());
+    int first_pid = 0;
+    {
+      auto lease = co_await pool.acquire();
+      first_pid = lease->backend_pid();
+      // A statement left running, as when its coroutine is destroyed mid-operation.
+      EXPECT_EQ(PQsendQuery(lease->native_handle(), "SELECT pg_sleep(30)"), 1);
+      EXPECT_EQ(PQflush(lease->native_handle()), 0);
+      co_await sleep_for(200ms);  // the sampler sees it running
+      EXPECT_EQ(lease->transaction_status(), TransactionStatus::active);
+    }
+    const auto started = std::chrono::steady_clock::now();
+    auto again = co_await pool.acquire();
+    reacquire_took = std::chrono::steady_clock::now() - started;
+    EXPECT_NE(again->backend_pid(), first_pid);
+    EXPECT_FALSE(testing::backend_exists(cluster().dsn(), first_pid));
+    EXPECT_EQ((co_await again->query("SELECT 1")).scalar<int>(), 1);
+    co_await sleep_for(100ms);
+  });
+  sampler->stop();
+  EXPECT_GT(sampler->samples(), 10);
+  EXPECT_EQ(sampler->highest(), 1) << "the replacement overlapped the backend it replaced";
+  EXPECT_LT(reacquire_took, 1s) << "the dropped statement was not cancelled";
+  ASSERT_EQ(reasons.size(), 1U);
+  EXPECT_EQ(reasons[0], DiscardReason::mid_query);
 }
 
 TEST_F(PoolTest, FailFastAndAFullQueueHaveTheirOwnErrors) {

@@ -124,7 +124,8 @@ struct PoolStats {
   std::size_t idle = 0;
   std::size_t in_use = 0;
   std::size_t connecting = 0;
-  /// Closed, waiting (at most 2 s) for the server to end the backend; still counted in size.
+  /// Closed, waiting for the server to end the backend (a running statement is cancelled first);
+  /// still counted in size until the server has closed its end of the socket.
   std::size_t closing = 0;
   std::size_t waiting_normal = 0;
   std::size_t waiting_high = 0;
@@ -171,8 +172,9 @@ struct PooledConnection;
 
 /// A connection borrowed from a pool. Move-only; a default-constructed or moved-from Lease is
 /// empty. Destroying it (or release()) returns the connection: idle ones go straight back; one in
-/// a transaction is rolled back in the background first; a broken one, or one with a statement
-/// still running, is closed and replaced. It may outlive its Pool object. The destructor is
+/// a transaction is rolled back in the background first; a broken one is closed and replaced; one
+/// with a statement still running gets a cancel request, is closed, and its capacity comes back
+/// once the server has ended the backend. It may outlive its Pool object. The destructor is
 /// noexcept and may run on any thread.
 class Lease {
  public:
