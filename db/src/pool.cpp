@@ -99,6 +99,19 @@ class WaitHistogram {
   std::chrono::microseconds max_{0};
 };
 
+// Every event goes out through here: a subscriber that throws is logged, and the pool's
+// accounting (already complete when an event is emitted) cannot be disturbed by it.
+template <typename Signal, typename... Args>
+void emit(Signal& signal, const Args&... args) noexcept {
+  try {
+    signal(args...);
+  } catch (const std::exception& error) {
+    spdlog::error("pgrt pool: an event subscriber threw: {}", error.what());
+  } catch (...) {
+    spdlog::error("pgrt pool: an event subscriber threw");
+  }
+}
+
 // Event emissions collected under the pool's lock and run after it is released.
 class Deferred {
  public:
@@ -111,10 +124,7 @@ class Deferred {
     for (auto& call : calls_) {
       try {
         call();
-      } catch (const std::exception& error) {
-        spdlog::error("pgrt pool: an event subscriber threw: {}", error.what());
-      } catch (...) {
-        spdlog::error("pgrt pool: an event subscriber threw");
+      } catch (...) {  // NOLINT(bugprone-empty-catch): each call is an emit(), which logs
       }
     }
   }
@@ -353,7 +363,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
                       Deferred& deferred) {
     pooled->advance(NodeEvent::discard);
     ++discarded;
-    deferred.add([this, reason] { events.discarded(reason); });
+    deferred.add([this, reason] { emit(events.discarded, reason); });
     ++closing;
     // On a strand: close_and_wait() races the socket against a timer.
     asio::post(*executor, [self = shared_from_this(), pooled = std::move(pooled)]() mutable {
@@ -493,7 +503,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
       }
       self->retry_at = Clock::now() + self->backoff_locked();
       deferred.add([self, error = error, message = self->last_connect_error] {
-        self->events.connect_failed(error, message);
+        emit(self->events.connect_failed, error, message);
       });
       self->maybe_open_locked(deferred);
       co_return;
@@ -505,7 +515,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     pooled->expires = self->lifetime_deadline();
     pooled->last_ping = Clock::now();
     const int pid = pooled->connection.backend_pid();
-    deferred.add([self, pid] { self->events.connected(pid); });
+    deferred.add([self, pid] { emit(self->events.connected, pid); });
     if (self->pool_closing) {
       self->discard_locked(std::move(pooled), DiscardReason::closing, deferred);
     } else {
@@ -633,7 +643,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
             "{} ms); is a Lease kept alive by mistake?",
             application_name, describe_site(record.site), age.count(),
             config.leak_threshold.count());
-        deferred.add([this, site = record.site, age] { events.leak_suspected(site, age); });
+        deferred.add([this, site = record.site, age] { emit(events.leak_suspected, site, age); });
       }
     }
     maybe_open_locked(deferred);
@@ -667,8 +677,9 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
       lease_locked(*pooled, priority, site);
       waits.record(std::chrono::microseconds(0));
       lock.unlock();
-      events.acquired(site);
+      // The Lease owns the connection before any event runs: nothing can leak its slot.
       Lease lease(shared_from_this(), std::move(pooled));
+      emit(events.acquired, site);
       if (!validate) co_return lease;
       try {
         co_await lease->query("");
@@ -752,8 +763,9 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     if (waiter.handed) {
       waits.record(std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - started));
       lock.unlock();
-      events.acquired(site);
-      co_return Lease(shared_from_this(), std::move(waiter.handed));
+      Lease lease(shared_from_this(), std::move(waiter.handed));
+      emit(events.acquired, site);
+      co_return lease;
     }
     const std::string load = describe_load_locked();  // counting this caller among the waiting
     auto& queue = waiters[me];
@@ -768,7 +780,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
                             " (" + load + ")";
       if (!last_connect_error.empty()) message += "; last connect error: " + last_connect_error;
       lock.unlock();
-      events.acquire_timeout(message);
+      emit(events.acquire_timeout, message);
       throw_pool_error(client_errc::pool_timeout, message,
                        "hold leases for shorter, raise max_size, or check the server");
     }
@@ -783,7 +795,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
       --in_use;
       if (pooled->priority == Priority::normal) --in_use_normal;
       leases.erase(pooled->lease_id);
-      deferred.add([this] { events.released(); });
+      deferred.add([this] { emit(events.released); });
       return_locked(std::move(pooled), deferred);
       serve_idle_locked(deferred);
     } catch (const std::exception& error) {

@@ -550,6 +550,51 @@ TEST_F(PoolTest, ALeaseDroppedMidQueryGivesItsSlotBackOnlyOnceTheBackendIsGone) 
   EXPECT_EQ(reasons[0], DiscardReason::mid_query);
 }
 
+// A subscriber that throws is logged; it cannot take a slot with it, on the fast path or on a
+// handoff to a waiter.
+TEST_F(PoolTest, AThrowingEventSubscriberLeaksNoSlot) {
+  auto pool_config = config("throwing-subscriber", 1);
+  pool_config.acquire_timeout = 2s;
+  int thrown = 0;
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, pool_config);
+    boost::signals2::scoped_connection on_acquired =
+        pool.events().acquired.connect([&](const std::source_location&) {
+          ++thrown;
+          throw std::runtime_error("subscriber failure");
+        });
+    boost::signals2::scoped_connection on_released = pool.events().released.connect([&] {
+      ++thrown;
+      throw std::runtime_error("subscriber failure");
+    });
+    for (int round = 0; round < 3; ++round) {  // fast path (after the first open) each time
+      auto lease = co_await pool.acquire();
+      EXPECT_EQ((co_await lease->query("SELECT 1")).scalar<int>(), 1);
+    }
+    auto held = co_await pool.acquire();
+    bool waited = false;
+    asio::co_spawn(
+        executor,
+        [&]() -> awaitable_void {
+          auto lease = co_await pool.acquire();  // handed over when `held` is released
+          EXPECT_EQ((co_await lease->query("SELECT 2")).scalar<int>(), 2);
+          waited = true;
+        },
+        asio::detached);
+    co_await sleep_for(20ms);
+    held.release();
+    while (!waited) co_await sleep_for(5ms);
+    const auto stats = pool.stats();
+    EXPECT_EQ(stats.in_use, 0U) << "a slot leaked";
+    EXPECT_EQ(stats.size, 1U);
+    EXPECT_EQ(stats.idle, 1U);
+    auto last = co_await pool.acquire();  // would time out if the slot had leaked
+    EXPECT_TRUE(last);
+  });
+  EXPECT_EQ(thrown, 12) << "6 acquires and 6 returns, each signalled";
+}
+
 TEST_F(PoolTest, FailFastAndAFullQueueHaveTheirOwnErrors) {
   auto fail_fast = config("fail-fast", 1);
   fail_fast.acquire_timeout = std::chrono::milliseconds(0);

@@ -152,7 +152,10 @@ enum class DiscardReason { broken, lifetime, idle_timeout, failed_reset, mid_que
 
 /// Pool events, as Boost.Signals2 signals. Connect with a scoped_connection member so the
 /// subscription ends before what its callback uses. Callbacks run on whichever thread caused the
-/// event, outside the pool's lock; they must not block.
+/// event, outside the pool's lock; they must not block. An exception thrown by a callback is
+/// logged and swallowed: an event is emitted only after the pool's bookkeeping for it is complete
+/// (`acquired` once the Lease owns the connection), so a subscriber cannot leak a slot or make an
+/// acquire fail.
 struct PoolEvents {
   boost::signals2::signal<void(int backend_pid)> connected;
   boost::signals2::signal<void(const std::source_location& site)> acquired;
