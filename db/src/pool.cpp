@@ -1048,23 +1048,29 @@ void close_pool_now() noexcept {
   if (closing) closing->close_now();
 }
 
+namespace {
+[[noreturn]] void throw_not_configured() {
+  throw_pool_error(client_errc::pool_not_configured, "the process-wide pool is not configured",
+                   "call pgrt::configure(pgrt::PoolConfig::from_env()) (or with your own "
+                   "PoolConfig) before pgrt::connection()");
+}
+}  // namespace
+
 Pool& pool() {
   std::lock_guard lock(global_mutex);
-  if (!global_pool) {
-    throw_pool_error(client_errc::pool_not_configured, "the process-wide pool is not configured",
-                     "call pgrt::configure(pgrt::PoolConfig::from_env()) (or with your own "
-                     "PoolConfig) before pgrt::connection()");
-  }
+  if (!global_pool) throw_not_configured();
   return *global_pool;
 }
 
 asio::awaitable<Lease> connection(Priority priority, std::source_location site) {
+  // One look at the global, kept for the whole acquire: a configure() or shutdown_pool() on
+  // another thread meanwhile cannot leave this with a null or dangling pool.
   std::shared_ptr<Pool> current;
   {
     std::lock_guard lock(global_mutex);
     current = global_pool;
   }
-  if (!current) (void)pool();  // throws pool_not_configured
+  if (!current) throw_not_configured();
   co_return co_await current->acquire(priority, site);
 }
 
