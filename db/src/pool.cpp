@@ -444,8 +444,10 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     if (pool_closing || !executor) return;
     const std::size_t ready = idle.size() + connecting;
     std::size_t wanted = servable_waiters_locked();
-    const std::size_t total = idle.size() + in_use + connecting;
-    if (total < config.min_idle) wanted = std::max(wanted, config.min_idle - in_use);
+    // Every live connection counts towards min_idle: idle, leased, connecting, and those in a
+    // background ROLLBACK or keepalive ping (they come back); not those being closed.
+    const std::size_t alive = open - closing;
+    if (alive < config.min_idle) wanted = std::max(wanted, ready + (config.min_idle - alive));
     if (wanted <= ready) return;
     if (consecutive_failures > 0 && Clock::now() < retry_at) {
       schedule_retry_locked();

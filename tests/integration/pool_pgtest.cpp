@@ -668,6 +668,45 @@ TEST_F(PoolTest, LifetimeAndIdleTimeoutReplaceAndShrink) {
   EXPECT_TRUE(reasons[1] == DiscardReason::idle_timeout || reasons[1] == DiscardReason::lifetime);
 }
 
+// idle_timeout closes idle connections down to min_idle and no further; keepalive pings of the
+// ones kept do not make the pool open more (a connection being pinged still counts).
+TEST_F(PoolTest, IdleTimeoutShrinksToMinIdleAndPingsOpenNothingExtra) {
+  auto pool_config = config("min-idle", 3);
+  pool_config.min_idle = 2;
+  pool_config.idle_timeout = 100ms;
+  pool_config.keepalive_interval = 50ms;
+  BlockingConnection observer(cluster().dsn());
+  PoolStats warm{}, end{};
+  std::string backends;
+  std::vector<DiscardReason> reasons;
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, pool_config);
+    boost::signals2::scoped_connection subscription =
+        pool.events().discarded.connect([&](DiscardReason reason) { reasons.push_back(reason); });
+    while (pool.stats().idle < 2) co_await sleep_for(5ms);  // warm-up at start
+    warm = pool.stats();
+    {
+      auto first = co_await pool.acquire();
+      auto second = co_await pool.acquire();
+      auto third = co_await pool.acquire();  // the third is opened for this acquire
+      EXPECT_EQ(pool.stats().size, 3U);
+    }
+    co_await sleep_for(3500ms);  // three upkeep rounds: idle beyond idle_timeout, pings
+    end = pool.stats();
+    backends = observer.scalar("SELECT count(*) FROM pg_stat_activity WHERE application_name = '" +
+                               pool.application_name() + "'");
+  });
+  EXPECT_EQ(warm.size, 2U);
+  EXPECT_EQ(warm.connect_attempts, 2U);
+  EXPECT_EQ(end.size, 2U) << "shrunk to min_idle, not below";
+  EXPECT_EQ(backends, "2");
+  EXPECT_EQ(end.connect_attempts, 3U) << "keepalive pings made the pool open extra connections";
+  EXPECT_EQ(end.discarded, 1U);
+  ASSERT_EQ(reasons.size(), 1U);
+  EXPECT_EQ(reasons[0], DiscardReason::idle_timeout);
+}
+
 TEST_F(PoolTest, KeepalivePingsIdleConnections) {
   auto pool_config = config("keepalive", 1);
   pool_config.keepalive_interval = 50ms;
