@@ -1020,6 +1020,15 @@ asio::awaitable<void> Connection::rollback() {
   co_await query_with("ROLLBACK", {});
 }
 
+asio::awaitable<void> Connection::discard_all() {
+  if (!impl_) throw_not_connected();
+  // Forgotten first: if DISCARD ALL fails half-way, a statement the server still knows is merely
+  // prepared again under a new name.
+  impl_->statements.clear();
+  impl_->statement_index.clear();
+  co_await query_with("DISCARD ALL", {});
+}
+
 asio::awaitable<std::pair<error_code, Result>> Connection::try_query(std::string sql,
                                                                      ParamSink params) {
   try {

@@ -154,6 +154,16 @@ std::string_view to_string(DiscardReason reason) noexcept {
   return "unknown";
 }
 
+std::string_view to_string(ResetPolicy policy) noexcept {
+  switch (policy) {
+    case ResetPolicy::rollback:
+      return "rollback";
+    case ResetPolicy::discard_all:
+      return "discard_all";
+  }
+  return "unknown";
+}
+
 std::string PoolStats::to_json() const {
   std::string escaped;
   for (char c : last_connect_error) {
@@ -199,6 +209,7 @@ struct PooledConnection {
   Priority priority = Priority::normal;
   std::uint64_t lease_id = 0;
   bool refresh_idle_since = true;  // false when it comes back from a keepalive ping
+  bool session_used = false;       // leased since its last DISCARD ALL (ResetPolicy::discard_all)
   NodeState state = NodeState::connecting;
 
   // Moves through the connection's state machine; a transition it does not allow is a pool bug,
@@ -324,6 +335,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     ++in_use;
     if (priority == Priority::normal) ++in_use_normal;
     pooled.priority = priority;
+    pooled.session_used = true;
     pooled.lease_id = next_lease_id++;
     leases.emplace(pooled.lease_id, LeaseRecord{site, Clock::now(), false, &pooled.connection});
     ++acquired;
@@ -410,19 +422,20 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     if (!connection.is_open() || connection.is_broken()) {
       return discard_locked(std::move(pooled), DiscardReason::broken, deferred);
     }
-    switch (connection.transaction_status()) {
-      case TransactionStatus::idle:
-        break;
-      case TransactionStatus::in_transaction:
-      case TransactionStatus::in_error:
-        // Capacity stays held while the ROLLBACK runs.
-        pooled->advance(NodeEvent::needs_reset);
-        ++background;
-        in_background.insert(&pooled->connection);
-        spawn_later(reset(shared_from_this(), std::move(pooled)));
-        return;
-      default:  // a statement still running: its coroutine was destroyed mid-operation
-        return discard_locked(std::move(pooled), DiscardReason::mid_query, deferred);
+    const auto status = connection.transaction_status();
+    if (status != TransactionStatus::idle && status != TransactionStatus::in_transaction &&
+        status != TransactionStatus::in_error) {
+      // A statement still running: its coroutine was destroyed mid-operation.
+      return discard_locked(std::move(pooled), DiscardReason::mid_query, deferred);
+    }
+    if (status != TransactionStatus::idle ||
+        (config.reset == ResetPolicy::discard_all && pooled->session_used)) {
+      // Capacity stays held while the ROLLBACK (or DISCARD ALL) runs.
+      pooled->advance(NodeEvent::needs_reset);
+      ++background;
+      in_background.insert(&pooled->connection);
+      spawn_later(reset(shared_from_this(), std::move(pooled)));
+      return;
     }
     if (expired(*pooled, Clock::now())) {
       return discard_locked(std::move(pooled), DiscardReason::lifetime, deferred);
@@ -555,10 +568,17 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
                                      std::unique_ptr<PooledConnection> pooled) {
     bool ok = true;
     try {
-      co_await pooled->connection.rollback();
+      if (pooled->connection.transaction_status() != TransactionStatus::idle) {
+        co_await pooled->connection.rollback();
+      }
+      if (self->config.reset == ResetPolicy::discard_all) {
+        co_await pooled->connection.discard_all();
+        pooled->session_used = false;
+      }
     } catch (const std::exception& error) {
       ok = false;
-      spdlog::warn("pgrt pool: ROLLBACK of a returned connection failed: {}", error.what());
+      spdlog::warn("pgrt pool: resetting a returned connection ({}) failed: {}",
+                   to_string(self->config.reset), error.what());
     }
     Deferred deferred;
     std::lock_guard lock(self->mutex);

@@ -444,6 +444,50 @@ TEST_F(PoolTest, ALeaseReturnedInsideATransactionIsRolledBack) {
   EXPECT_EQ(observer.scalar("SELECT count(*) FROM pool_tx"), "0");
 }
 
+// The default reset keeps session state (no round trip when idle); discard_all resets it on
+// every return, and the connection's prepared-statement cache with it.
+TEST_F(PoolTest, SessionStateSurvivesAReturnOnlyUnderTheDefaultReset) {
+  for (const auto policy : {ResetPolicy::rollback, ResetPolicy::discard_all}) {
+    SCOPED_TRACE(std::string(to_string(policy)));
+    auto pool_config = config(std::string("reset-") + std::string(to_string(policy)), 1);
+    pool_config.reset = policy;
+    pool_config.connect.statement_cache_size = 1;  // the next prepare evicts (DEALLOCATEs) one
+    run_coroutine([&]() -> awaitable_void {
+      auto executor = co_await asio::this_coro::executor;
+      Pool pool(executor, pool_config);
+      int first_pid = 0;
+      {
+        auto lease = co_await pool.acquire();
+        first_pid = lease->backend_pid();
+        co_await lease->execute("SET search_path TO pgrt_reset_probe, public");
+        co_await lease->execute("CREATE TEMP TABLE pool_reset_probe (v int)");
+        EXPECT_EQ((co_await lease->query_prepared("SELECT $1::int", 1)).scalar<int>(), 1);
+      }
+      auto lease = co_await pool.acquire();
+      EXPECT_EQ(lease->backend_pid(), first_pid) << "max 1: the same connection comes back";
+      const auto search_path = (co_await lease->query("SHOW search_path")).scalar<std::string>();
+      const bool temp_table =
+          (co_await lease->query("SELECT to_regclass('pg_temp.pool_reset_probe') IS NOT NULL"))
+              .scalar<bool>();
+      if (policy == ResetPolicy::rollback) {
+        EXPECT_EQ(search_path, "pgrt_reset_probe, public");
+        EXPECT_TRUE(temp_table);
+      } else {
+        EXPECT_NE(search_path, "pgrt_reset_probe, public");
+        EXPECT_FALSE(temp_table);
+      }
+      // A second statement evicts the first from the cache of one: after DISCARD ALL that works
+      // only if the cache was forgotten (DEALLOCATE of a statement the server no longer knows
+      // fails).
+      EXPECT_EQ((co_await lease->query_prepared("SELECT $1::int + 1", 1)).scalar<int>(), 2);
+      EXPECT_EQ((co_await lease->query("SHOW application_name")).scalar<std::string>(),
+                pool.application_name())
+          << "start-up settings survive DISCARD ALL";
+      EXPECT_EQ(pool.stats().discarded, 0U);
+    });
+  }
+}
+
 TEST_F(PoolTest, ALeakWarningCarriesTheAcquiringFileAndLine) {
   std::ostringstream log;
   auto previous = spdlog::default_logger();

@@ -207,6 +207,13 @@ class Connection {
   [[nodiscard]] boost::asio::awaitable<void> commit();
   [[nodiscard]] boost::asio::awaitable<void> rollback();
 
+  /// DISCARD ALL: resets the session to its state at connect (settings back to their start-up
+  /// values, temporary tables dropped, prepared statements deallocated, advisory locks released,
+  /// LISTEN ended), and forgets the statements query_prepared() had cached, which the server no
+  /// longer knows. Must run outside a transaction block (else SQLSTATE 25001). Errors and
+  /// cancellation as query().
+  [[nodiscard]] boost::asio::awaitable<void> discard_all();
+
   /// query() for any completion token (as_tuple, deferred, callbacks): completes with
   /// (error_code, Result); the server's diagnostics are in last_error().
   template <typename Token>

@@ -53,6 +53,19 @@ struct SessionGuards {
   std::chrono::milliseconds tcp_user_timeout{std::chrono::seconds(30)};
 };
 
+/// What a returned connection goes through before it is reused (PoolConfig::reset).
+enum class ResetPolicy {
+  /// A connection returned inside a transaction (or a failed one) is rolled back in the
+  /// background; an idle one goes straight back, with no round trip. Session state (SET, temporary
+  /// tables, prepared statements, advisory locks) carries over to the next user.
+  rollback,
+  /// As rollback, then DISCARD ALL in the background on every return (Connection::discard_all():
+  /// session state is reset and the prepared-statement cache forgotten). One round trip per
+  /// return, off the caller's path; capacity stays counted meanwhile. A connection whose reset
+  /// fails is discarded (DiscardReason::failed_reset).
+  discard_all,
+};
+
 /// Pool settings. An aggregate: use designated initializers, a preset, or from_env().
 struct PoolConfig {
   /// libpq URL or key=value string; empty uses the PG* environment variables.
@@ -79,6 +92,8 @@ struct PoolConfig {
   std::chrono::milliseconds keepalive_interval{0};
   /// A connection idle for longer than this is pinged before it is handed out; zero: never.
   std::chrono::milliseconds validate_after_idle{0};
+  /// The reset on return (env PGRT_POOL_RESET=rollback|discard_all).
+  ResetPolicy reset = ResetPolicy::rollback;
   /// A lease held longer than this is reported once, with its acquisition site; zero: never
   /// (env PGRT_LEAK_THRESHOLD_MS).
   std::chrono::milliseconds leak_threshold{0};
@@ -149,6 +164,7 @@ struct PoolStats {
 /// Why a connection left the pool.
 enum class DiscardReason { broken, lifetime, idle_timeout, failed_reset, mid_query, closing };
 [[nodiscard]] std::string_view to_string(DiscardReason reason) noexcept;
+[[nodiscard]] std::string_view to_string(ResetPolicy policy) noexcept;
 
 /// Pool events, as Boost.Signals2 signals. Connect with a scoped_connection member so the
 /// subscription ends before what its callback uses. Callbacks run on whichever thread caused the
