@@ -25,6 +25,7 @@
 #include "pgrt/testing/blocking_sql.hpp"
 #include "pgrt/testing/db_test.hpp"
 #include "pgrt/testing/expect_error.hpp"
+#include "pgrt/testing/fault_proxy.hpp"
 #include "pgrt/testing/run_coroutine.hpp"
 
 namespace pgrt {
@@ -639,6 +640,208 @@ TEST_F(PoolTest, AThrowingEventSubscriberLeaksNoSlot) {
   EXPECT_EQ(thrown, 12) << "6 acquires and 6 returns, each signalled";
 }
 
+// A connect started for a waiter that is then cancelled is not lost: it goes to the next waiter,
+// or, with nobody waiting, to the idle set. The connect is held up by a paused proxy, so the
+// cancellation lands while it is in progress.
+TEST_F(PoolTest, AConnectionOpenedForACancelledWaiterGoesToTheNextWaiterOrTheIdleSet) {
+  for (const bool next_waiter : {true, false}) {
+    SCOPED_TRACE(next_waiter ? "a next waiter" : "nobody waiting");
+    testing::FaultProxy proxy("127.0.0.1", static_cast<std::uint16_t>(cluster().port()));
+    auto pool_config = config(next_waiter ? "opened-for-next" : "opened-for-idle", 1);
+    pool_config.conninfo = proxy.conninfo_prefix() + " user=postgres dbname=postgres";
+    run_coroutine(
+        [&]() -> awaitable_void {
+          auto executor = co_await asio::this_coro::executor;
+          Pool pool(executor, pool_config);
+          proxy.pause();
+          auto error = co_await testing::expect_error(with_timeout(pool.acquire(), 200ms));
+          EXPECT_EQ(error.code(), client_errc::timeout);
+          auto stats = pool.stats();
+          EXPECT_EQ(stats.connecting, 1U) << "the connect is still in progress";
+          EXPECT_EQ(stats.waiting_normal, 0U);
+          EXPECT_EQ(stats.cancellations, 1U);
+          bool served = false;
+          if (next_waiter) {
+            asio::co_spawn(
+                executor,
+                [&]() -> awaitable_void {
+                  auto lease = co_await pool.acquire();
+                  EXPECT_EQ((co_await lease->query("SELECT 1")).scalar<int>(), 1);
+                  served = true;
+                },
+                asio::detached);
+            co_await sleep_for(50ms);
+            EXPECT_EQ(pool.stats().waiting_normal, 1U);
+          }
+          proxy.resume();
+          for (int i = 0; i < 500 && (next_waiter ? !served : pool.stats().idle == 0); ++i) {
+            co_await sleep_for(10ms);
+          }
+          EXPECT_EQ(served, next_waiter);
+          stats = pool.stats();
+          EXPECT_EQ(stats.connect_attempts, 1U) << "the cancelled waiter's connect was reused";
+          EXPECT_EQ(stats.connecting, 0U);
+          EXPECT_EQ(stats.in_use, 0U) << "a slot leaked";
+          EXPECT_EQ(stats.size, 1U);
+          EXPECT_EQ(stats.idle, 1U);
+          EXPECT_EQ(stats.acquired, next_waiter ? 1U : 0U);
+          auto lease = co_await pool.acquire();  // the idle connection, at once
+          EXPECT_EQ(pool.stats().connect_attempts, 1U);
+        },
+        30s);
+  }
+}
+
+// validate_after_idle: a connection idle for longer is pinged before handout; a dead one is
+// discarded (reason broken) and the caller gets a fresh, working one.
+TEST_F(PoolTest, ValidateAfterIdleReplacesADeadIdleConnectionBeforeHandout) {
+  auto pool_config = config("validate", 1);
+  pool_config.validate_after_idle = 100ms;
+  BlockingConnection observer(cluster().dsn());
+  std::vector<DiscardReason> reasons;
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, pool_config);
+    boost::signals2::scoped_connection subscription =
+        pool.events().discarded.connect([&](DiscardReason reason) { reasons.push_back(reason); });
+    int first_pid = 0;
+    {
+      auto lease = co_await pool.acquire();
+      first_pid = lease->backend_pid();
+    }
+    observer.query("SELECT pg_terminate_backend(" + std::to_string(first_pid) + ")");
+    while (testing::backend_exists(cluster().dsn(), first_pid)) co_await sleep_for(5ms);
+    co_await sleep_for(200ms);  // past validate_after_idle
+    EXPECT_EQ(pool.stats().idle, 1U) << "the pool has not noticed yet";
+    auto lease = co_await pool.acquire();
+    EXPECT_NE(lease->backend_pid(), first_pid);
+    EXPECT_EQ((co_await lease->query("SELECT 1")).scalar<int>(), 1);
+    EXPECT_EQ(pool.stats().discarded, 1U);
+  });
+  ASSERT_EQ(reasons.size(), 1U);
+  EXPECT_EQ(reasons[0], DiscardReason::broken);
+}
+
+// Every signal of PoolEvents fires, with its arguments.
+TEST_F(PoolTest, EveryEventFires) {
+  auto pool_config = config("events", 1);
+  pool_config.leak_threshold = 50ms;
+  pool_config.acquire_timeout = 100ms;
+  int connected = 0, acquired = 0, released = 0, timeouts = 0, leaks = 0, failed_connects = 0;
+  std::vector<DiscardReason> reasons;
+  std::vector<int> pids;
+  std::string timeout_message, connect_message;
+  boost::system::error_code connect_code;
+  std::uint32_t acquire_line = 0;
+  auto subscribe = [&](Pool& pool) {
+    auto& events = pool.events();
+    std::vector<boost::signals2::scoped_connection> subscriptions;
+    subscriptions.emplace_back(events.connected.connect([&](int pid) {
+      ++connected;
+      pids.push_back(pid);
+    }));
+    subscriptions.emplace_back(
+        events.acquired.connect([&](const std::source_location&) { ++acquired; }));
+    subscriptions.emplace_back(events.released.connect([&] { ++released; }));
+    subscriptions.emplace_back(
+        events.discarded.connect([&](DiscardReason reason) { reasons.push_back(reason); }));
+    subscriptions.emplace_back(events.acquire_timeout.connect([&](const std::string& message) {
+      ++timeouts;
+      timeout_message = message;
+    }));
+    subscriptions.emplace_back(events.leak_suspected.connect(
+        [&](const std::source_location& site, std::chrono::milliseconds age) {
+          ++leaks;
+          EXPECT_EQ(site.line(), acquire_line);
+          EXPECT_GE(age, 50ms);
+        }));
+    subscriptions.emplace_back(events.connect_failed.connect(
+        [&](const boost::system::error_code& code, const std::string& message) {
+          ++failed_connects;
+          connect_code = code;
+          connect_message = message;
+        }));
+    return subscriptions;
+  };
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, pool_config);
+    auto subscriptions = subscribe(pool);
+    {
+      acquire_line = std::source_location::current().line() + 1;
+      auto lease = co_await pool.acquire();
+      auto error = co_await testing::expect_error(pool.acquire());  // max 1: times out
+      EXPECT_EQ(error.code(), client_errc::pool_timeout);
+      co_await sleep_for(300ms);  // the upkeep reports the lease held past leak_threshold
+    }
+    {
+      auto lease = co_await pool.acquire();
+      lease->close();  // broken: discarded on return
+    }
+    while (pool.stats().size != 0) co_await sleep_for(5ms);
+  });
+  EXPECT_EQ(connected, 1);
+  ASSERT_EQ(pids.size(), 1U);
+  EXPECT_GT(pids[0], 0);
+  EXPECT_EQ(acquired, 2);
+  EXPECT_EQ(released, 2);
+  EXPECT_EQ(timeouts, 1);
+  EXPECT_THAT(timeout_message, HasSubstr("1 of max 1 connections in use"));
+  EXPECT_EQ(leaks, 1);
+  ASSERT_EQ(reasons.size(), 1U);
+  EXPECT_EQ(reasons[0], DiscardReason::broken);
+  EXPECT_EQ(failed_connects, 0);
+
+  auto unreachable = config("events-unreachable", 1);
+  unreachable.conninfo = "host=127.0.0.1 port=1 user=postgres dbname=postgres";
+  unreachable.acquire_timeout = 300ms;
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, unreachable);
+    auto subscriptions = subscribe(pool);
+    auto error = co_await testing::expect_error(pool.acquire());
+    EXPECT_EQ(error.code(), client_errc::pool_timeout);
+  });
+  EXPECT_GE(failed_connects, 1);
+  EXPECT_TRUE(connect_code) << "connect_failed carries the error code";
+  EXPECT_FALSE(connect_message.empty());
+  EXPECT_EQ(timeouts, 2);
+  EXPECT_THAT(timeout_message, HasSubstr("last connect error"));
+}
+
+// close(): waiters fail with pool_closed, and so does every later acquire.
+TEST_F(PoolTest, CloseFailsWaitersAndLaterAcquiresWithPoolClosed) {
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, config("closed", 1));
+    auto held = co_await pool.acquire();
+    std::optional<boost::system::error_code> waiter_code;
+    asio::co_spawn(
+        executor,
+        [&]() -> awaitable_void {
+          auto error = co_await testing::expect_error(pool.acquire());
+          waiter_code = error.code();
+        },
+        asio::detached);
+    co_await sleep_for(20ms);
+    EXPECT_EQ(pool.stats().waiting_normal, 1U);
+    asio::co_spawn(
+        executor,
+        [&]() -> awaitable_void {
+          co_await sleep_for(50ms);
+          held.release();  // within the grace period
+        },
+        asio::detached);
+    auto outstanding = co_await pool.close(2s);
+    EXPECT_TRUE(outstanding.empty()) << "the lease came back within the grace period";
+    EXPECT_TRUE(waiter_code.has_value());
+    EXPECT_EQ(waiter_code.value_or(boost::system::error_code{}), client_errc::pool_closed);
+    auto later = co_await testing::expect_error(pool.acquire());
+    EXPECT_EQ(later.code(), client_errc::pool_closed);
+    EXPECT_EQ(pool.stats().size, 0U);
+  });
+}
+
 TEST_F(PoolTest, FailFastAndAFullQueueHaveTheirOwnErrors) {
   auto fail_fast = config("fail-fast", 1);
   fail_fast.acquire_timeout = std::chrono::milliseconds(0);
@@ -794,10 +997,22 @@ TEST_F(PoolTest, ConnectionsCarryTheApplicationTag) {
 }
 
 TEST_F(PoolTest, ProcessWidePoolIsConfiguredOnce) {
-  EXPECT_THROW((void)pgrt::pool(), Error);
+  auto expect_code = [](auto&& call, client_errc code) {
+    try {
+      call();
+      ADD_FAILURE() << "expected " << make_error_code(code).message();
+    } catch (const Error& error) {
+      EXPECT_EQ(error.code(), code) << error.what();
+    }
+  };
+  expect_code([] { (void)pgrt::pool(); }, client_errc::pool_not_configured);
+  run_coroutine([&]() -> awaitable_void {
+    auto error = co_await testing::expect_error(pgrt::connection());
+    EXPECT_EQ(error.code(), client_errc::pool_not_configured);
+  });
   auto pool_config = config("global");
   pgrt::configure(pool_config);
-  EXPECT_THROW(pgrt::configure(pool_config), Error);
+  expect_code([&] { pgrt::configure(pool_config); }, client_errc::already_configured);
   run_coroutine([&]() -> awaitable_void {
     auto conn = co_await pgrt::connection();
     EXPECT_EQ((co_await conn->query("SELECT 1")).scalar<int>(), 1);
@@ -808,7 +1023,7 @@ TEST_F(PoolTest, ProcessWidePoolIsConfiguredOnce) {
     auto outstanding = co_await shutdown_pool(1s);
     EXPECT_TRUE(outstanding.empty());
   });
-  EXPECT_THROW((void)pgrt::pool(), Error);
+  expect_code([] { (void)pgrt::pool(); }, client_errc::pool_not_configured);
 }
 
 TEST_F(PoolTest, CloseInterruptsLeasesStillOutAfterGraceAndALeaseOutlivesThePool) {
