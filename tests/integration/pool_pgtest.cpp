@@ -214,17 +214,25 @@ TEST_F(PoolTest, TwoThreadIoContextLoadIsSafe) {
   EXPECT_LE(end.size, 3U);
 }
 
+// 30% of acquires cancelled at random moments, 10% of leases dropped with their statement still
+// running on the server (sent through the raw libpq handle, as when the coroutine running it is
+// destroyed), 5% of queries cancelled (cancel and drain); the rest run a query.
 TEST_F(PoolTest, ChurnOfCancelledAcquiresAndDroppedLeasesLeaksNothing) {
   auto pool_config = config("churn");
   pool_config.max_waiters = 2000;
   std::optional<BackendSampler> sampler;
   int finished = 0;
-  std::uint64_t cancelled_acquires = 0, dropped_mid_query = 0, completed = 0;
+  std::uint64_t cancelled_acquires = 0, received = 0, dropped_mid_query = 0, cancelled_queries = 0,
+                completed = 0, mid_query_discards = 0;
   PoolStats end{};
   run_coroutine(
       [&]() -> awaitable_void {
         auto executor = co_await asio::this_coro::executor;
         Pool pool(executor, pool_config);
+        boost::signals2::scoped_connection subscription =
+            pool.events().discarded.connect([&](DiscardReason reason) {
+              if (reason == DiscardReason::mid_query) ++mid_query_discards;
+            });
         sampler.emplace(cluster().dsn(), pool.application_name());
         const auto deadline = std::chrono::steady_clock::now() + 5s;
         for (int worker = 0; worker < 300; ++worker) {
@@ -236,29 +244,40 @@ TEST_F(PoolTest, ChurnOfCancelledAcquiresAndDroppedLeasesLeaksNothing) {
                 std::uniform_int_distribution<int> micros(0, 3000);
                 while (std::chrono::steady_clock::now() < deadline) {
                   Lease lease;
-                  if (percent(random) < 30) {
-                    try {
+                  try {
+                    if (percent(random) < 30) {
                       lease = co_await with_timeout(pool.acquire(),
                                                     std::chrono::microseconds(micros(random)));
-                    } catch (const Error&) {
+                    } else {
+                      lease = co_await pool.acquire();
+                    }
+                    ++received;
+                  } catch (const Error& error) {
+                    if (error.code() == client_errc::timeout) {  // with_timeout's: cancelled
                       ++cancelled_acquires;
                       continue;
                     }
-                  } else {
-                    try {
-                      lease = co_await pool.acquire();
-                    } catch (const Error& error) {
-                      ADD_FAILURE() << error.what() << "\n" << pool.stats().to_json();
-                      break;
-                    }
+                    ADD_FAILURE() << error.what() << "\n" << pool.stats().to_json();
+                    break;
                   }
-                  if (percent(random) < 10) {
+                  const int fate = percent(random);
+                  if (fate < 10) {
+                    // Dropped mid-query: the pool must cancel it and keep the slot until the
+                    // backend is gone.
+                    EXPECT_EQ(PQsendQuery(lease->native_handle(), "SELECT pg_sleep(0.05)"), 1);
+                    EXPECT_EQ(PQflush(lease->native_handle()), 0);
+                    ++dropped_mid_query;
+                    continue;
+                  }
+                  if (fate < 15) {
                     try {
                       co_await with_timeout(lease->query("SELECT pg_sleep(0.05)"), 5ms);
-                    } catch (const Error&) {
-                      ++dropped_mid_query;
+                      ADD_FAILURE() << "pg_sleep(0.05) finished within 5 ms";
+                    } catch (const Error& error) {
+                      EXPECT_EQ(error.code(), client_errc::timeout) << error.what();
+                      ++cancelled_queries;
                     }
-                    continue;  // the lease goes back right after its query was cancelled
+                    continue;  // cancelled and drained: goes back idle
                   }
                   try {
                     co_await lease->query("SELECT 1");
@@ -272,7 +291,10 @@ TEST_F(PoolTest, ChurnOfCancelledAcquiresAndDroppedLeasesLeaksNothing) {
               asio::detached);
         }
         while (finished < 300) co_await sleep_for(20ms);
-        co_await sleep_for(100ms);  // background resets settle
+        // Background resets and closes settle.
+        for (int i = 0; i < 300 && pool.stats().size != pool.stats().idle; ++i) {
+          co_await sleep_for(10ms);
+        }
         end = pool.stats();
       },
       60s);
@@ -280,14 +302,28 @@ TEST_F(PoolTest, ChurnOfCancelledAcquiresAndDroppedLeasesLeaksNothing) {
   EXPECT_EQ(finished, 300);
   EXPECT_GT(cancelled_acquires, 0U);
   EXPECT_GT(dropped_mid_query, 0U);
+  EXPECT_GT(cancelled_queries, 0U);
   EXPECT_GT(completed, 0U);
-  EXPECT_LE(sampler->highest(), 3);
+  EXPECT_GT(sampler->samples(), 100);
+  EXPECT_LE(sampler->highest(), 3) << "more backends than max_size";
   EXPECT_EQ(end.in_use, 0U) << "a slot leaked";
   EXPECT_EQ(end.waiting_normal, 0U);
   EXPECT_EQ(end.connecting, 0U);
+  EXPECT_EQ(end.closing, 0U);
   EXPECT_LE(end.size, 3U);
   EXPECT_EQ(end.size, end.idle) << "every open connection is idle at the end";
-  EXPECT_GE(end.cancellations + end.acquired, cancelled_acquires);
+  EXPECT_EQ(end.timeouts, 0U);
+  // Every acquire either handed us a lease or was cancelled; one that was handed a connection
+  // just as it was cancelled counts as acquired (its lease went straight back).
+  EXPECT_EQ(end.acquired + end.cancellations, received + cancelled_acquires) << end.to_json();
+  EXPECT_EQ(mid_query_discards, dropped_mid_query) << "each dropped lease was closed, no more";
+  EXPECT_GE(end.discarded, dropped_mid_query);
+  std::printf(
+      "churn: %llu leases (%llu dropped mid-query, %llu queries cancelled), %llu acquires "
+      "cancelled, at most %d backends\n",
+      static_cast<unsigned long long>(received), static_cast<unsigned long long>(dropped_mid_query),
+      static_cast<unsigned long long>(cancelled_queries),
+      static_cast<unsigned long long>(cancelled_acquires), sampler->highest());
 }
 
 TEST_F(PoolTest, RecoversAfterAServerRestartWithoutHangs) {
