@@ -4,9 +4,12 @@
 /// A connection pool with a strict maximum, FIFO waiters served by direct handoff, and move-only
 /// leases; plus the process-wide pool behind `co_await pgrt::connection()`.
 ///
-/// Strict max: connections being opened, in use, idle, being reset (ROLLBACK) and being closed all
-/// count against PoolConfig::max_size; capacity is released only after a connection's socket is
-/// closed. So the server never sees more than max_size backends of one pool.
+/// Strict max: connections being opened, in use, idle, being reset (ROLLBACK, DISCARD ALL) and
+/// being closed all count against PoolConfig::max_size; a closed connection's capacity is released
+/// only once the server has closed its end of the socket (a statement still running is cancelled
+/// first). So the server never sees more than max_size backends of one pool. The one exception: a
+/// connection already cut on the client side (lost, or closed after a cancel whose drain exceeded
+/// ConnectOptions::cancel_timeout) has no socket left to watch and gives its capacity back at once.
 ///
 /// Threading: a Pool may be used from any thread, and its io_context may be run by several
 /// threads; coroutines that combine operations (with_timeout(), asio's || and &&) must then run on
