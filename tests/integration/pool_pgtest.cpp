@@ -1069,6 +1069,7 @@ TEST_F(PoolTest, CloseInterruptsLeasesStillOutAfterGraceAndALeaseOutlivesThePool
   std::string application_name;
   std::string sleeper_error;
   std::chrono::steady_clock::duration sleeper_took{};
+  bool sleeper_leased = false;
   run_coroutine([&]() -> awaitable_void {
     auto executor = co_await asio::this_coro::executor;
     auto pool = std::make_unique<Pool>(executor, config("close"));
@@ -1087,6 +1088,7 @@ TEST_F(PoolTest, CloseInterruptsLeasesStillOutAfterGraceAndALeaseOutlivesThePool
         executor,
         [&]() -> awaitable_void {
           auto lease = co_await pool->acquire();
+          sleeper_leased = true;
           const auto started = std::chrono::steady_clock::now();
           try {
             co_await lease->query("SELECT pg_sleep(30)");
@@ -1097,6 +1099,10 @@ TEST_F(PoolTest, CloseInterruptsLeasesStillOutAfterGraceAndALeaseOutlivesThePool
           sleeper_took = std::chrono::steady_clock::now() - started;
         },
         asio::detached);
+    // The sleeper has its lease (a connect of its own) before the close begins; a fixed 10 ms
+    // sleep was not always enough on a loaded machine.
+    for (int i = 0; i < 500 && !sleeper_leased; ++i) co_await sleep_for(2ms);
+    EXPECT_TRUE(sleeper_leased);
     co_await sleep_for(10ms);
     outstanding = co_await pool->close(300ms);
     EXPECT_THROW(co_await pool->acquire(), Error);
