@@ -1020,6 +1020,15 @@ asio::awaitable<void> Connection::rollback() {
   co_await query_with("ROLLBACK", {});
 }
 
+asio::awaitable<void> Connection::discard_all() {
+  if (!impl_) throw_not_connected();
+  // Forgotten first: if DISCARD ALL fails half-way, a statement the server still knows is merely
+  // prepared again under a new name.
+  impl_->statements.clear();
+  impl_->statement_index.clear();
+  co_await query_with("DISCARD ALL", {});
+}
+
 asio::awaitable<std::pair<error_code, Result>> Connection::try_query(std::string sql,
                                                                      ParamSink params) {
   try {
@@ -1044,8 +1053,12 @@ void Connection::close(CloseMode mode) noexcept {
   if (impl_) impl_->close(mode);
 }
 
-asio::awaitable<bool> Connection::close_and_wait(std::chrono::milliseconds limit) {
+asio::awaitable<bool> Connection::close_and_wait(std::chrono::milliseconds limit,
+                                                 std::function<bool()> keep_waiting) {
   if (!impl_ || impl_->conn == nullptr) co_return true;
+  // A backend running a statement reads the Terminate only when the statement ends: cancel it,
+  // so that the backend ends now rather than after its statement (and the server's end closes).
+  if (PQtransactionStatus(impl_->conn) == PQTRANS_ACTIVE) (void)impl_->send_cancel_request();
   // A second descriptor for the same socket keeps it open after PQfinish() closes libpq's, so the
   // server's end can be watched: it closes the socket only after its pg_stat_activity entry is
   // gone (the backend clears that entry before it exits).
@@ -1073,7 +1086,11 @@ asio::awaitable<bool> Connection::close_and_wait(std::chrono::milliseconds limit
   for (;;) {
     auto outcome = co_await (socket.async_wait(asio::socket_base::wait_read, no_throw) ||
                              timer.async_wait(no_throw));
-    if (outcome.index() == 1) co_return false;  // the limit passed first
+    if (outcome.index() == 1) {  // the limit passed first
+      if (std::get<0>(std::get<1>(outcome)) || !keep_waiting || !keep_waiting()) co_return false;
+      timer.expires_after(limit);
+      continue;
+    }
     if (std::get<0>(std::get<0>(outcome))) co_return false;
     char discard[512];
     const ssize_t received = ::recv(watched, discard, sizeof discard, MSG_DONTWAIT);

@@ -17,7 +17,7 @@ enum class NodeEvent {
   connect_failed,  // connecting -> closed
   lease,           // idle -> leased (fast path or handoff to a waiter)
   returned,        // leased -> idle (the lease ended; the pool then decides what to do)
-  needs_reset,     // idle -> resetting (returned inside a transaction: ROLLBACK in the background)
+  needs_reset,     // idle -> resetting (ROLLBACK and/or DISCARD ALL in the background)
   reset_done,      // resetting -> idle
   ping,            // idle -> pinging (keepalive)
   ping_done,       // pinging -> idle

@@ -99,6 +99,19 @@ class WaitHistogram {
   std::chrono::microseconds max_{0};
 };
 
+// Every event goes out through here: a subscriber that throws is logged, and the pool's
+// accounting (already complete when an event is emitted) cannot be disturbed by it.
+template <typename Signal, typename... Args>
+void emit(Signal& signal, const Args&... args) noexcept {
+  try {
+    signal(args...);
+  } catch (const std::exception& error) {
+    spdlog::error("pgrt pool: an event subscriber threw: {}", error.what());
+  } catch (...) {
+    spdlog::error("pgrt pool: an event subscriber threw");
+  }
+}
+
 // Event emissions collected under the pool's lock and run after it is released.
 class Deferred {
  public:
@@ -111,10 +124,7 @@ class Deferred {
     for (auto& call : calls_) {
       try {
         call();
-      } catch (const std::exception& error) {
-        spdlog::error("pgrt pool: an event subscriber threw: {}", error.what());
-      } catch (...) {
-        spdlog::error("pgrt pool: an event subscriber threw");
+      } catch (...) {  // NOLINT(bugprone-empty-catch): each call is an emit(), which logs
       }
     }
   }
@@ -140,6 +150,16 @@ std::string_view to_string(DiscardReason reason) noexcept {
       return "mid_query";
     case DiscardReason::closing:
       return "closing";
+  }
+  return "unknown";
+}
+
+std::string_view to_string(ResetPolicy policy) noexcept {
+  switch (policy) {
+    case ResetPolicy::rollback:
+      return "rollback";
+    case ResetPolicy::discard_all:
+      return "discard_all";
   }
   return "unknown";
 }
@@ -189,6 +209,7 @@ struct PooledConnection {
   Priority priority = Priority::normal;
   std::uint64_t lease_id = 0;
   bool refresh_idle_since = true;  // false when it comes back from a keepalive ping
+  bool session_used = false;       // leased since its last DISCARD ALL (ResetPolicy::discard_all)
   NodeState state = NodeState::connecting;
 
   // Moves through the connection's state machine; a transition it does not allow is a pool bug,
@@ -204,8 +225,11 @@ struct PooledConnection {
   }
 };
 
-// How long a discarded connection waits for the server to close its end before its capacity is
-// given back anyway (a server that does not answer).
+// A discarded connection keeps its capacity until the server has closed its end of the socket.
+// It is checked every `server_close_poll` whether the pool is closing (then the wait ends) and,
+// once `server_close_limit` has passed, a warning is logged: the slot stays counted while the
+// server keeps the backend (or until the socket fails: tcp_user_timeout, keepalives).
+constexpr std::chrono::milliseconds server_close_poll{250};
 constexpr std::chrono::milliseconds server_close_limit{2000};
 // How long close_now() waits for each cancel request to go out.
 constexpr std::chrono::milliseconds exit_cancel_wait{1000};
@@ -311,6 +335,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     ++in_use;
     if (priority == Priority::normal) ++in_use_normal;
     pooled.priority = priority;
+    pooled.session_used = true;
     pooled.lease_id = next_lease_id++;
     leases.emplace(pooled.lease_id, LeaseRecord{site, Clock::now(), false, &pooled.connection});
     ++acquired;
@@ -350,7 +375,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
                       Deferred& deferred) {
     pooled->advance(NodeEvent::discard);
     ++discarded;
-    deferred.add([this, reason] { events.discarded(reason); });
+    deferred.add([this, reason] { emit(events.discarded, reason); });
     ++closing;
     // On a strand: close_and_wait() races the socket against a timer.
     asio::post(*executor, [self = shared_from_this(), pooled = std::move(pooled)]() mutable {
@@ -361,10 +386,26 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
 
   // The capacity is given back only once the server has closed its end of the socket, which it
   // does after the backend has left pg_stat_activity: the strict max holds on the server's side
-  // at every instant. A server that does not answer within the limit is not waited for longer.
+  // at every instant. A statement still running is cancelled first (close_and_wait() does), so
+  // that the backend ends now. A backend that outlives server_close_limit keeps its slot counted
+  // (with a warning) until it ends, its socket fails, or the pool closes.
   static asio::awaitable<void> finish_close(std::shared_ptr<PoolState> self,
                                             std::unique_ptr<PooledConnection> pooled) {
-    (void)co_await pooled->connection.close_and_wait(server_close_limit);
+    const int pid = pooled->connection.backend_pid();
+    const auto started = Clock::now();
+    bool warned = false;
+    (void)co_await pooled->connection.close_and_wait(server_close_poll, [&] {
+      std::lock_guard lock(self->mutex);
+      if (self->pool_closing) return false;
+      if (!warned && Clock::now() - started >= server_close_limit) {
+        warned = true;
+        spdlog::warn(
+            "pgrt pool {}: the server has not ended backend {} {} ms after it was closed; its "
+            "slot stays counted against max_size until it does",
+            self->application_name, pid, server_close_limit.count());
+      }
+      return true;
+    });
     pooled.reset();
     Deferred deferred;
     std::lock_guard lock(self->mutex);
@@ -381,19 +422,20 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     if (!connection.is_open() || connection.is_broken()) {
       return discard_locked(std::move(pooled), DiscardReason::broken, deferred);
     }
-    switch (connection.transaction_status()) {
-      case TransactionStatus::idle:
-        break;
-      case TransactionStatus::in_transaction:
-      case TransactionStatus::in_error:
-        // Capacity stays held while the ROLLBACK runs.
-        pooled->advance(NodeEvent::needs_reset);
-        ++background;
-        in_background.insert(&pooled->connection);
-        spawn_later(reset(shared_from_this(), std::move(pooled)));
-        return;
-      default:  // a statement still running: its coroutine was destroyed mid-operation
-        return discard_locked(std::move(pooled), DiscardReason::mid_query, deferred);
+    const auto status = connection.transaction_status();
+    if (status != TransactionStatus::idle && status != TransactionStatus::in_transaction &&
+        status != TransactionStatus::in_error) {
+      // A statement still running: its coroutine was destroyed mid-operation.
+      return discard_locked(std::move(pooled), DiscardReason::mid_query, deferred);
+    }
+    if (status != TransactionStatus::idle ||
+        (config.reset == ResetPolicy::discard_all && pooled->session_used)) {
+      // Capacity stays held while the ROLLBACK (or DISCARD ALL) runs.
+      pooled->advance(NodeEvent::needs_reset);
+      ++background;
+      in_background.insert(&pooled->connection);
+      spawn_later(reset(shared_from_this(), std::move(pooled)));
+      return;
     }
     if (expired(*pooled, Clock::now())) {
       return discard_locked(std::move(pooled), DiscardReason::lifetime, deferred);
@@ -415,8 +457,10 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     if (pool_closing || !executor) return;
     const std::size_t ready = idle.size() + connecting;
     std::size_t wanted = servable_waiters_locked();
-    const std::size_t total = idle.size() + in_use + connecting;
-    if (total < config.min_idle) wanted = std::max(wanted, config.min_idle - in_use);
+    // Every live connection counts towards min_idle: idle, leased, connecting, and those in a
+    // background ROLLBACK or keepalive ping (they come back); not those being closed.
+    const std::size_t alive = open - closing;
+    if (alive < config.min_idle) wanted = std::max(wanted, ready + (config.min_idle - alive));
     if (wanted <= ready) return;
     if (consecutive_failures > 0 && Clock::now() < retry_at) {
       schedule_retry_locked();
@@ -474,7 +518,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
       }
       self->retry_at = Clock::now() + self->backoff_locked();
       deferred.add([self, error = error, message = self->last_connect_error] {
-        self->events.connect_failed(error, message);
+        emit(self->events.connect_failed, error, message);
       });
       self->maybe_open_locked(deferred);
       co_return;
@@ -486,7 +530,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     pooled->expires = self->lifetime_deadline();
     pooled->last_ping = Clock::now();
     const int pid = pooled->connection.backend_pid();
-    deferred.add([self, pid] { self->events.connected(pid); });
+    deferred.add([self, pid] { emit(self->events.connected, pid); });
     if (self->pool_closing) {
       self->discard_locked(std::move(pooled), DiscardReason::closing, deferred);
     } else {
@@ -524,10 +568,17 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
                                      std::unique_ptr<PooledConnection> pooled) {
     bool ok = true;
     try {
-      co_await pooled->connection.rollback();
+      if (pooled->connection.transaction_status() != TransactionStatus::idle) {
+        co_await pooled->connection.rollback();
+      }
+      if (self->config.reset == ResetPolicy::discard_all) {
+        co_await pooled->connection.discard_all();
+        pooled->session_used = false;
+      }
     } catch (const std::exception& error) {
       ok = false;
-      spdlog::warn("pgrt pool: ROLLBACK of a returned connection failed: {}", error.what());
+      spdlog::warn("pgrt pool: resetting a returned connection ({}) failed: {}",
+                   to_string(self->config.reset), error.what());
     }
     Deferred deferred;
     std::lock_guard lock(self->mutex);
@@ -614,7 +665,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
             "{} ms); is a Lease kept alive by mistake?",
             application_name, describe_site(record.site), age.count(),
             config.leak_threshold.count());
-        deferred.add([this, site = record.site, age] { events.leak_suspected(site, age); });
+        deferred.add([this, site = record.site, age] { emit(events.leak_suspected, site, age); });
       }
     }
     maybe_open_locked(deferred);
@@ -648,8 +699,9 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
       lease_locked(*pooled, priority, site);
       waits.record(std::chrono::microseconds(0));
       lock.unlock();
-      events.acquired(site);
+      // The Lease owns the connection before any event runs: nothing can leak its slot.
       Lease lease(shared_from_this(), std::move(pooled));
+      emit(events.acquired, site);
       if (!validate) co_return lease;
       try {
         co_await lease->query("");
@@ -733,8 +785,9 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     if (waiter.handed) {
       waits.record(std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - started));
       lock.unlock();
-      events.acquired(site);
-      co_return Lease(shared_from_this(), std::move(waiter.handed));
+      Lease lease(shared_from_this(), std::move(waiter.handed));
+      emit(events.acquired, site);
+      co_return lease;
     }
     const std::string load = describe_load_locked();  // counting this caller among the waiting
     auto& queue = waiters[me];
@@ -749,7 +802,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
                             " (" + load + ")";
       if (!last_connect_error.empty()) message += "; last connect error: " + last_connect_error;
       lock.unlock();
-      events.acquire_timeout(message);
+      emit(events.acquire_timeout, message);
       throw_pool_error(client_errc::pool_timeout, message,
                        "hold leases for shorter, raise max_size, or check the server");
     }
@@ -764,7 +817,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
       --in_use;
       if (pooled->priority == Priority::normal) --in_use_normal;
       leases.erase(pooled->lease_id);
-      deferred.add([this] { events.released(); });
+      deferred.add([this] { emit(events.released); });
       return_locked(std::move(pooled), deferred);
       serve_idle_locked(deferred);
     } catch (const std::exception& error) {
@@ -1017,23 +1070,29 @@ void close_pool_now() noexcept {
   if (closing) closing->close_now();
 }
 
+namespace {
+[[noreturn]] void throw_not_configured() {
+  throw_pool_error(client_errc::pool_not_configured, "the process-wide pool is not configured",
+                   "call pgrt::configure(pgrt::PoolConfig::from_env()) (or with your own "
+                   "PoolConfig) before pgrt::connection()");
+}
+}  // namespace
+
 Pool& pool() {
   std::lock_guard lock(global_mutex);
-  if (!global_pool) {
-    throw_pool_error(client_errc::pool_not_configured, "the process-wide pool is not configured",
-                     "call pgrt::configure(pgrt::PoolConfig::from_env()) (or with your own "
-                     "PoolConfig) before pgrt::connection()");
-  }
+  if (!global_pool) throw_not_configured();
   return *global_pool;
 }
 
 asio::awaitable<Lease> connection(Priority priority, std::source_location site) {
+  // One look at the global, kept for the whole acquire: a configure() or shutdown_pool() on
+  // another thread meanwhile cannot leave this with a null or dangling pool.
   std::shared_ptr<Pool> current;
   {
     std::lock_guard lock(global_mutex);
     current = global_pool;
   }
-  if (!current) (void)pool();  // throws pool_not_configured
+  if (!current) throw_not_configured();
   co_return co_await current->acquire(priority, site);
 }
 

@@ -88,6 +88,16 @@ PoolConfig PoolConfig::from_env(PoolConfig defaults) {
     config.leak_threshold = std::chrono::milliseconds(
         parse_number("PGRT_LEAK_THRESHOLD_MS", *value, 0, 24ULL * 3600 * 1000));
   }
+  if (auto value = env("PGRT_POOL_RESET")) {
+    if (*value == "rollback") {
+      config.reset = ResetPolicy::rollback;
+    } else if (*value == "discard_all") {
+      config.reset = ResetPolicy::discard_all;
+    } else {
+      invalid("PGRT_POOL_RESET='" + *value + "' is not valid",
+              "expected 'rollback' or 'discard_all'");
+    }
+  }
   if (auto value = env("PGRT_APP")) config.application = *value;
   if (auto value = env("PGRT_INSTANCE")) config.instance = *value;
   config.validate();

@@ -15,7 +15,7 @@ class EnvironmentTest : public ::testing::Test {
     for (const char* name :
          {"DATABASE_URL", "PGRT_POOL_MAX", "PGRT_POOL_MIN_IDLE", "PGRT_ACQUIRE_TIMEOUT_MS",
           "PGRT_MAX_LIFETIME_S", "PGRT_IDLE_TIMEOUT_S", "PGRT_LEAK_THRESHOLD_MS",
-          "PGRT_POOL_PRESET", "PGRT_APP", "PGRT_INSTANCE"}) {
+          "PGRT_POOL_PRESET", "PGRT_POOL_RESET", "PGRT_APP", "PGRT_INSTANCE"}) {
       ::unsetenv(name);
     }
   }
@@ -74,6 +74,28 @@ TEST_F(EnvironmentTest, MalformedValuesNameTheVariableAndTheForm) {
   } catch (const Error& error) {
     EXPECT_THAT(error.what(), HasSubstr("min_idle"));
   }
+}
+
+TEST_F(EnvironmentTest, ResetPolicyFromTheEnvironment) {
+  EXPECT_EQ(PoolConfig{}.reset, ResetPolicy::rollback) << "the default: no round trip when idle";
+  EXPECT_EQ(PoolConfig::from_env().reset, ResetPolicy::rollback);
+  ::setenv("PGRT_POOL_RESET", "discard_all", 1);
+  EXPECT_EQ(PoolConfig::from_env().reset, ResetPolicy::discard_all);
+  ::setenv("PGRT_POOL_RESET", "rollback", 1);
+  EXPECT_EQ(PoolConfig::from_env(PoolConfig{.reset = ResetPolicy::discard_all}).reset,
+            ResetPolicy::rollback);
+  for (const char* bad : {"", "DISCARD ALL", "discard", "none"}) {
+    ::setenv("PGRT_POOL_RESET", bad, 1);
+    try {
+      (void)PoolConfig::from_env();
+      ADD_FAILURE() << "accepted PGRT_POOL_RESET=" << bad;
+    } catch (const Error& error) {
+      EXPECT_EQ(error.code(), client_errc::invalid_config);
+      EXPECT_THAT(error.what(), HasSubstr("PGRT_POOL_RESET"));
+      EXPECT_THAT(error.what(), HasSubstr("'rollback' or 'discard_all'"));
+    }
+  }
+  EXPECT_EQ(to_string(ResetPolicy::discard_all), "discard_all");
 }
 
 TEST(PoolConfigTest, PresetsAndValidation) {

@@ -207,6 +207,13 @@ class Connection {
   [[nodiscard]] boost::asio::awaitable<void> commit();
   [[nodiscard]] boost::asio::awaitable<void> rollback();
 
+  /// DISCARD ALL: resets the session to its state at connect (settings back to their start-up
+  /// values, temporary tables dropped, prepared statements deallocated, advisory locks released,
+  /// LISTEN ended), and forgets the statements query_prepared() had cached, which the server no
+  /// longer knows. Must run outside a transaction block (else SQLSTATE 25001). Errors and
+  /// cancellation as query().
+  [[nodiscard]] boost::asio::awaitable<void> discard_all();
+
   /// query() for any completion token (as_tuple, deferred, callbacks): completes with
   /// (error_code, Result); the server's diagnostics are in last_error().
   template <typename Token>
@@ -236,11 +243,16 @@ class Connection {
 
   /// Closes gracefully, then waits until the server has closed its end of the socket, which it
   /// does only after the backend has left pg_stat_activity: after this, the server no longer
-  /// counts the connection. Waits at most `limit`. True if the server's end was seen to close;
-  /// false if `limit` passed first, the wait was cancelled or the socket could not be watched
-  /// (the connection is closed in every case). Runs on the caller's executor; on an io_context
-  /// run by several threads, call it from a strand (it races the socket against a timer).
-  [[nodiscard]] boost::asio::awaitable<bool> close_and_wait(std::chrono::milliseconds limit);
+  /// counts the connection. If a statement is still running (transaction_status() is active:
+  /// e.g. its coroutine was destroyed mid-operation), a cancel request is sent first (from a
+  /// helper thread), because a busy backend reads the Terminate message only once its statement
+  /// ends. Waits at most `limit`; then, if `keep_waiting` is given and returns true, waits another
+  /// `limit`, and so on. True if the server's end was seen to close (or to fail); false if the
+  /// wait ended first, was cancelled or the socket could not be watched (the connection is closed
+  /// in every case). Runs on the caller's executor; on an io_context run by several threads, call
+  /// it from a strand (it races the socket against a timer). `keep_waiting` runs on that executor.
+  [[nodiscard]] boost::asio::awaitable<bool> close_and_wait(
+      std::chrono::milliseconds limit, std::function<bool()> keep_waiting = {});
 
   /// Cuts the connection from any thread, while an operation may be running on another: sends the
   /// server a cancel request for a running statement (from a helper thread; never blocks) and

@@ -4,9 +4,12 @@
 /// A connection pool with a strict maximum, FIFO waiters served by direct handoff, and move-only
 /// leases; plus the process-wide pool behind `co_await pgrt::connection()`.
 ///
-/// Strict max: connections being opened, in use, idle, being reset (ROLLBACK) and being closed all
-/// count against PoolConfig::max_size; capacity is released only after a connection's socket is
-/// closed. So the server never sees more than max_size backends of one pool.
+/// Strict max: connections being opened, in use, idle, being reset (ROLLBACK, DISCARD ALL) and
+/// being closed all count against PoolConfig::max_size; a closed connection's capacity is released
+/// only once the server has closed its end of the socket (a statement still running is cancelled
+/// first). So the server never sees more than max_size backends of one pool. The one exception: a
+/// connection already cut on the client side (lost, or closed after a cancel whose drain exceeded
+/// ConnectOptions::cancel_timeout) has no socket left to watch and gives its capacity back at once.
 ///
 /// Threading: a Pool may be used from any thread, and its io_context may be run by several
 /// threads; coroutines that combine operations (with_timeout(), asio's || and &&) must then run on
@@ -53,6 +56,19 @@ struct SessionGuards {
   std::chrono::milliseconds tcp_user_timeout{std::chrono::seconds(30)};
 };
 
+/// What a returned connection goes through before it is reused (PoolConfig::reset).
+enum class ResetPolicy {
+  /// A connection returned inside a transaction (or a failed one) is rolled back in the
+  /// background; an idle one goes straight back, with no round trip. Session state (SET, temporary
+  /// tables, prepared statements, advisory locks) carries over to the next user.
+  rollback,
+  /// As rollback, then DISCARD ALL in the background on every return (Connection::discard_all():
+  /// session state is reset and the prepared-statement cache forgotten). One round trip per
+  /// return, off the caller's path; capacity stays counted meanwhile. A connection whose reset
+  /// fails is discarded (DiscardReason::failed_reset).
+  discard_all,
+};
+
 /// Pool settings. An aggregate: use designated initializers, a preset, or from_env().
 struct PoolConfig {
   /// libpq URL or key=value string; empty uses the PG* environment variables.
@@ -79,6 +95,8 @@ struct PoolConfig {
   std::chrono::milliseconds keepalive_interval{0};
   /// A connection idle for longer than this is pinged before it is handed out; zero: never.
   std::chrono::milliseconds validate_after_idle{0};
+  /// The reset on return (env PGRT_POOL_RESET=rollback|discard_all).
+  ResetPolicy reset = ResetPolicy::rollback;
   /// A lease held longer than this is reported once, with its acquisition site; zero: never
   /// (env PGRT_LEAK_THRESHOLD_MS).
   std::chrono::milliseconds leak_threshold{0};
@@ -124,7 +142,8 @@ struct PoolStats {
   std::size_t idle = 0;
   std::size_t in_use = 0;
   std::size_t connecting = 0;
-  /// Closed, waiting (at most 2 s) for the server to end the backend; still counted in size.
+  /// Closed, waiting for the server to end the backend (a running statement is cancelled first);
+  /// still counted in size until the server has closed its end of the socket.
   std::size_t closing = 0;
   std::size_t waiting_normal = 0;
   std::size_t waiting_high = 0;
@@ -148,10 +167,14 @@ struct PoolStats {
 /// Why a connection left the pool.
 enum class DiscardReason { broken, lifetime, idle_timeout, failed_reset, mid_query, closing };
 [[nodiscard]] std::string_view to_string(DiscardReason reason) noexcept;
+[[nodiscard]] std::string_view to_string(ResetPolicy policy) noexcept;
 
 /// Pool events, as Boost.Signals2 signals. Connect with a scoped_connection member so the
 /// subscription ends before what its callback uses. Callbacks run on whichever thread caused the
-/// event, outside the pool's lock; they must not block.
+/// event, outside the pool's lock; they must not block. An exception thrown by a callback is
+/// logged and swallowed: an event is emitted only after the pool's bookkeeping for it is complete
+/// (`acquired` once the Lease owns the connection), so a subscriber cannot leak a slot or make an
+/// acquire fail.
 struct PoolEvents {
   boost::signals2::signal<void(int backend_pid)> connected;
   boost::signals2::signal<void(const std::source_location& site)> acquired;
@@ -171,8 +194,9 @@ struct PooledConnection;
 
 /// A connection borrowed from a pool. Move-only; a default-constructed or moved-from Lease is
 /// empty. Destroying it (or release()) returns the connection: idle ones go straight back; one in
-/// a transaction is rolled back in the background first; a broken one, or one with a statement
-/// still running, is closed and replaced. It may outlive its Pool object. The destructor is
+/// a transaction is rolled back in the background first; a broken one is closed and replaced; one
+/// with a statement still running gets a cancel request, is closed, and its capacity comes back
+/// once the server has ended the backend. It may outlive its Pool object. The destructor is
 /// noexcept and may run on any thread.
 class Lease {
  public:
