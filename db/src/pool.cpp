@@ -7,11 +7,13 @@
 #include <boost/asio/async_result.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
+#include <boost/asio/dispatch.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/strand.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
+#include <ctime>
 #include <deque>
 #include <functional>
 #include <mutex>
@@ -22,12 +24,25 @@
 #include <unordered_set>
 
 #include "connection_node.hpp"
+#include "pgrt/db/session_guards.hpp"
 #include "pgrt/runtime/identity.hpp"
 
 namespace pgrt {
 
 namespace asio = boost::asio;
 using Clock = std::chrono::steady_clock;
+
+// The time for the pool's coarse decisions (lifetime, idle age, lease age) on the acquire and
+// release paths: CLOCK_MONOTONIC_COARSE, the timeline of steady_clock (CLOCK_MONOTONIC in
+// libstdc++ on Linux) as of the last kernel tick, a few milliseconds behind at most. It is a plain
+// read from the vDSO, several times cheaper than steady_clock::now(), which the uncontended
+// acquire would otherwise pay twice. Waits are measured with steady_clock.
+Clock::time_point coarse_now() noexcept {
+  timespec now{};
+  ::clock_gettime(CLOCK_MONOTONIC_COARSE, &now);
+  return Clock::time_point(std::chrono::duration_cast<Clock::duration>(
+      std::chrono::seconds(now.tv_sec) + std::chrono::nanoseconds(now.tv_nsec)));
+}
 using boost::system::error_code;
 
 namespace {
@@ -42,20 +57,7 @@ std::string make_application_name(const PoolConfig& config) {
 ConnectOptions connect_options(const PoolConfig& config) {
   ConnectOptions options = config.connect;
   options.conninfo = config.conninfo;
-  const auto& guards = config.guards;
-  auto add_setting = [&options](const std::string& name, std::chrono::milliseconds value) {
-    if (value.count() <= 0) return;
-    for (const auto& [existing, unused] : options.session_settings) {
-      if (existing == name) return;
-    }
-    options.session_settings.insert(options.session_settings.begin(),
-                                    {name, std::to_string(value.count())});
-  };
-  add_setting("idle_in_transaction_session_timeout", guards.idle_in_transaction_timeout);
-  add_setting("client_connection_check_interval", guards.client_connection_check_interval);
-  if (!guards.keepalives) options.keepalives.reset();
-  if (options.tcp_user_timeout.count() == 0) options.tcp_user_timeout = guards.tcp_user_timeout;
-  return options;
+  return with_session_guards(std::move(options), config.guards);
 }
 
 std::string describe_site(const std::source_location& site) {
@@ -103,6 +105,7 @@ class WaitHistogram {
 // accounting (already complete when an event is emitted) cannot be disturbed by it.
 template <typename Signal, typename... Args>
 void emit(Signal& signal, const Args&... args) noexcept {
+  if (!signal.ever_connected()) return;  // the common case: no lock, no call
   try {
     signal(args...);
   } catch (const std::exception& error) {
@@ -207,7 +210,11 @@ struct PooledConnection {
   Clock::time_point idle_since{};
   Clock::time_point last_ping{};
   Priority priority = Priority::normal;
-  std::uint64_t lease_id = 0;
+  // While leased: where and when, for leak reports and close(); its place in PoolState::leased.
+  std::source_location lease_site;
+  Clock::time_point leased_at{};
+  bool leak_reported = false;
+  std::size_t leased_index = 0;
   bool refresh_idle_since = true;  // false when it comes back from a keepalive ping
   bool session_used = false;       // leased since its last DISCARD ALL (ResetPolicy::discard_all)
   NodeState state = NodeState::connecting;
@@ -234,20 +241,12 @@ constexpr std::chrono::milliseconds server_close_limit{2000};
 // How long close_now() waits for each cancel request to go out.
 constexpr std::chrono::milliseconds exit_cancel_wait{1000};
 
-struct LeaseRecord {
-  std::source_location site;
-  Clock::time_point acquired;
-  bool reported = false;
-  Connection* connection = nullptr;  // valid while the record exists (erased on return)
-};
-
 struct Waiter {
   Waiter(const asio::any_io_executor& executor, Priority priority_in, std::source_location site_in)
-      : timer(executor), priority(priority_in), site(site_in), enqueued(Clock::now()) {}
+      : timer(executor), priority(priority_in), site(site_in) {}
   asio::steady_timer timer;
   Priority priority;
   std::source_location site;
-  Clock::time_point enqueued;
   std::unique_ptr<PooledConnection> handed;  // set by a direct handoff
   bool pool_closed = false;
 };
@@ -256,7 +255,9 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
   explicit PoolState(PoolConfig config_in)
       : config(std::move(config_in)),
         application_name(make_application_name(config)),
-        random(std::random_device{}()) {}
+        random(std::random_device{}()) {
+    leased.reserve(std::min<std::size_t>(config.max_size, 1024));
+  }
 
   mutable std::mutex mutex;
   const PoolConfig config;
@@ -284,8 +285,9 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
   bool retry_scheduled = false;
   std::string last_connect_error;
 
-  std::uint64_t next_lease_id = 1;
-  std::unordered_map<std::uint64_t, LeaseRecord> leases;
+  // The leased connections (their Leases own them), for leak checks and close(). Reserved to
+  // max_size, so leasing never allocates.
+  std::vector<PooledConnection*> leased;
 
   std::uint64_t acquired = 0, timeouts = 0, cancellations = 0, connect_attempts = 0,
                 connect_errors = 0, discarded = 0, leaks_suspected = 0;
@@ -331,30 +333,44 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
            std::chrono::duration_cast<Clock::duration>(config.max_lifetime * shortened);
   }
 
-  void lease_locked(PooledConnection& pooled, Priority priority, std::source_location site) {
+  void lease_locked(PooledConnection& pooled, Priority priority, std::source_location site,
+                    Clock::time_point now) {
     ++in_use;
     if (priority == Priority::normal) ++in_use_normal;
     pooled.priority = priority;
     pooled.session_used = true;
-    pooled.lease_id = next_lease_id++;
-    leases.emplace(pooled.lease_id, LeaseRecord{site, Clock::now(), false, &pooled.connection});
+    pooled.lease_site = site;
+    pooled.leased_at = now;
+    pooled.leak_reported = false;
+    pooled.leased_index = leased.size();
+    leased.push_back(&pooled);
     ++acquired;
   }
 
+  void unlease_locked(PooledConnection& pooled) {
+    --in_use;
+    if (pooled.priority == Priority::normal) --in_use_normal;
+    PooledConnection* last = leased.back();
+    leased[pooled.leased_index] = last;
+    last->leased_index = pooled.leased_index;
+    leased.pop_back();
+  }
+
   // Gives a free connection to the oldest waiter that may take it, or to the idle set.
-  void hand_off_locked(std::unique_ptr<PooledConnection> pooled, Deferred& deferred) {
+  void hand_off_locked(std::unique_ptr<PooledConnection> pooled, Deferred& deferred,
+                       Clock::time_point now = coarse_now()) {
     for (Priority priority : {Priority::high, Priority::normal}) {
       auto& queue = waiters[index(priority)];
       if (queue.empty() || !can_lease_locked(priority)) continue;
       Waiter* waiter = queue.front();
       queue.pop_front();
       pooled->advance(NodeEvent::lease);
-      lease_locked(*pooled, priority, waiter->site);
+      lease_locked(*pooled, priority, waiter->site, now);
       waiter->handed = std::move(pooled);
       waiter->timer.cancel();  // wakes it: it finds `handed` set
       return;
     }
-    if (pooled->refresh_idle_since) pooled->idle_since = Clock::now();
+    if (pooled->refresh_idle_since) pooled->idle_since = now;
     pooled->refresh_idle_since = true;
     idle.push_back(std::move(pooled));
     (void)deferred;
@@ -437,10 +453,11 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
       spawn_later(reset(shared_from_this(), std::move(pooled)));
       return;
     }
-    if (expired(*pooled, Clock::now())) {
+    const auto now = coarse_now();
+    if (expired(*pooled, now)) {
       return discard_locked(std::move(pooled), DiscardReason::lifetime, deferred);
     }
-    hand_off_locked(std::move(pooled), deferred);
+    hand_off_locked(std::move(pooled), deferred, now);
   }
 
   [[nodiscard]] std::size_t servable_waiters_locked() const {
@@ -654,18 +671,19 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
       spawn_later(ping(shared_from_this(), std::move(pooled)));
     }
     if (config.leak_threshold.count() > 0) {
-      for (auto& [id, record] : leases) {
+      for (PooledConnection* record : leased) {
         const auto age =
-            std::chrono::duration_cast<std::chrono::milliseconds>(now - record.acquired);
-        if (record.reported || age < config.leak_threshold) continue;
-        record.reported = true;
+            std::chrono::duration_cast<std::chrono::milliseconds>(now - record->leased_at);
+        if (record->leak_reported || age < config.leak_threshold) continue;
+        record->leak_reported = true;
         ++leaks_suspected;
         spdlog::warn(
             "pgrt pool {}: a connection acquired at {} has been held for {} ms (leak_threshold "
             "{} ms); is a Lease kept alive by mistake?",
-            application_name, describe_site(record.site), age.count(),
+            application_name, describe_site(record->lease_site), age.count(),
             config.leak_threshold.count());
-        deferred.add([this, site = record.site, age] { emit(events.leak_suspected, site, age); });
+        deferred.add(
+            [this, site = record->lease_site, age] { emit(events.leak_suspected, site, age); });
       }
     }
     maybe_open_locked(deferred);
@@ -673,12 +691,18 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
 
   // --- acquire and release --------------------------------------------------------------------
 
-  asio::awaitable<Lease> acquire(Priority priority, std::source_location site) {
-    const auto caller_executor = co_await asio::this_coro::executor;
-    const auto started = Clock::now();
+  // `self` is this state, held by the coroutine frame so that the state outlives the acquire even
+  // if the Pool object goes away meanwhile (and handed to the Lease).
+  asio::awaitable<Lease> acquire(std::shared_ptr<PoolState> self, Priority priority,
+                                 std::source_location site) {
+    const auto now = coarse_now();
     Deferred deferred;  // declared before the lock: its events run after it is released
     std::unique_lock lock(mutex);
-    bind_executor_locked(caller_executor);
+    if (!executor) {
+      // co_await this_coro::executor never suspends: it is safe under the lock.
+      const auto caller_executor = co_await asio::this_coro::executor;
+      bind_executor_locked(caller_executor);
+    }
     if (pool_closing) {
       throw_pool_error(client_errc::pool_closed, "the pool " + application_name + " is closed");
     }
@@ -688,7 +712,6 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     while (nobody_ahead && !idle.empty() && can_lease_locked(priority)) {
       auto pooled = std::move(idle.back());
       idle.pop_back();
-      const auto now = Clock::now();
       if (expired(*pooled, now)) {
         discard_locked(std::move(pooled), DiscardReason::lifetime, deferred);
         continue;
@@ -696,11 +719,11 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
       const bool validate = config.validate_after_idle.count() > 0 &&
                             now - pooled->idle_since > config.validate_after_idle;
       pooled->advance(NodeEvent::lease);
-      lease_locked(*pooled, priority, site);
+      lease_locked(*pooled, priority, site, now);
       waits.record(std::chrono::microseconds(0));
       lock.unlock();
       // The Lease owns the connection before any event runs: nothing can leak its slot.
-      Lease lease(shared_from_this(), std::move(pooled));
+      Lease lease(validate ? self : std::move(self), std::move(pooled));
       emit(events.acquired, site);
       if (!validate) co_return lease;
       try {
@@ -710,7 +733,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
         if (error.code() == client_errc::cancelled) throw;  // the caller gave up: so do we
       }
       lease.release();  // dead: discarded on return; start over
-      co_return co_await acquire(priority, site);
+      co_return co_await acquire(std::move(self), priority, site);
     }
 
     if (waiters[0].size() + waiters[1].size() >= config.max_waiters) {
@@ -740,6 +763,8 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
       ++cancellations;
       throw_pool_error(client_errc::cancelled, "waiting for a pooled connection was cancelled");
     }
+    const auto caller_executor = co_await asio::this_coro::executor;  // never suspends
+    const auto started = Clock::now();
     Waiter waiter(caller_executor, priority, site);
     waiters[me].push_back(&waiter);
     // If this coroutine is destroyed while it waits (its io_context shut down), the waiter must
@@ -785,7 +810,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     if (waiter.handed) {
       waits.record(std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - started));
       lock.unlock();
-      Lease lease(shared_from_this(), std::move(waiter.handed));
+      Lease lease(std::move(self), std::move(waiter.handed));
       emit(events.acquired, site);
       co_return lease;
     }
@@ -814,10 +839,8 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     try {
       Deferred deferred;
       std::lock_guard lock(mutex);
-      --in_use;
-      if (pooled->priority == Priority::normal) --in_use_normal;
-      leases.erase(pooled->lease_id);
-      deferred.add([this] { emit(events.released); });
+      unlease_locked(*pooled);
+      if (events.released.ever_connected()) deferred.add([this] { emit(events.released); });
       return_locked(std::move(pooled), deferred);
       serve_idle_locked(deferred);
     } catch (const std::exception& error) {
@@ -866,27 +889,35 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
   // leased and background ones are interrupted; their capacity is left counted.
   void close_now() noexcept {
     try {
-      std::lock_guard lock(mutex);
-      pool_closing = true;
-      fail_waiters_locked();
-      const std::size_t closed = idle.size();
-      for (auto& pooled : idle) {
-        pooled->advance(NodeEvent::discard);
-        pooled->connection.close(CloseMode::graceful);
-        ++discarded;
+      {
+        std::lock_guard lock(mutex);
+        pool_closing = true;
+        const std::size_t closed = idle.size();
+        for (auto& pooled : idle) {
+          pooled->advance(NodeEvent::discard);
+          pooled->connection.close(CloseMode::graceful);
+          ++discarded;
+        }
+        open -= idle.size();
+        idle.clear();
+        for (PooledConnection* record : leased) record->connection.interrupt(exit_cancel_wait);
+        for (Connection* connection : in_background) connection->interrupt(exit_cancel_wait);
+        spdlog::warn(
+            "pgrt pool {}: closed at exit: {} idle connection(s) closed, {} in use or "
+            "being reset interrupted",
+            application_name, closed, leased.size() + in_background.size());
       }
-      open -= idle.size();
-      idle.clear();
-      for (auto& [id, record] : leases) record.connection->interrupt(exit_cancel_wait);
-      for (Connection* connection : in_background) connection->interrupt(exit_cancel_wait);
-      if (executor) {
-        maintenance_timer->cancel();
-        retry_timer->cancel();
-      }
-      spdlog::warn(
-          "pgrt pool {}: closed at exit: {} idle connection(s) closed, {} in use or "
-          "being reset interrupted",
-          application_name, closed, leases.size() + in_background.size());
+      if (!executor) return;  // no timer and no waiter was ever made
+      // The timers (the pool's and the waiters') belong to the io threads, which may still be
+      // running (std::exit called from one of them): cancel them there. dispatch() runs this at
+      // once when the calling thread runs the io_context; when no thread does, it never runs,
+      // and nothing waits on those timers any more.
+      asio::dispatch(*executor, [self = shared_from_this()] {
+        std::lock_guard lock(self->mutex);
+        self->fail_waiters_locked();
+        self->maintenance_timer->cancel();
+        self->retry_timer->cancel();
+      });
     } catch (const std::exception& error) {
       spdlog::error("pgrt pool {}: closing at exit failed: {}", application_name, error.what());
     }
@@ -970,9 +1001,8 @@ void Pool::close_now() noexcept {
 }
 
 asio::awaitable<Lease> Pool::acquire(Priority priority, std::source_location site) {
-  // The state must outlive the acquire even if the Pool object goes away meanwhile.
-  auto state = state_;
-  co_return co_await state->acquire(priority, site);
+  // Not a coroutine itself: the state's acquire is the one frame, and it keeps the state alive.
+  return state_->acquire(state_, priority, site);
 }
 
 PoolStats Pool::stats() const {
@@ -1010,13 +1040,13 @@ asio::awaitable<std::vector<std::string>> Pool::close(std::chrono::milliseconds 
   // What is still out after the grace period is cut: a running statement is cancelled and the
   // socket shut down, so the server ends those backends now and their holders get
   // connection_lost. The descriptors are freed when the leases come back.
-  for (const auto& [id, record] : state_->leases) {
-    record.connection->interrupt();
-    outstanding.push_back(
-        describe_site(record.site) + ", held for " +
-        std::to_string(
-            std::chrono::duration_cast<std::chrono::milliseconds>(now - record.acquired).count()) +
-        " ms");
+  for (detail::PooledConnection* record : state_->leased) {
+    record->connection.interrupt();
+    outstanding.push_back(describe_site(record->lease_site) + ", held for " +
+                          std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                             now - record->leased_at)
+                                             .count()) +
+                          " ms");
   }
   for (Connection* connection : state_->in_background) connection->interrupt();
   if (!outstanding.empty()) {
@@ -1084,6 +1114,13 @@ Pool& pool() {
   return *global_pool;
 }
 
+namespace {
+asio::awaitable<Lease> fail_not_configured() {
+  throw_not_configured();
+  co_return Lease{};
+}
+}  // namespace
+
 asio::awaitable<Lease> connection(Priority priority, std::source_location site) {
   // One look at the global, kept for the whole acquire: a configure() or shutdown_pool() on
   // another thread meanwhile cannot leave this with a null or dangling pool.
@@ -1092,8 +1129,11 @@ asio::awaitable<Lease> connection(Priority priority, std::source_location site) 
     std::lock_guard lock(global_mutex);
     current = global_pool;
   }
-  if (!current) throw_not_configured();
-  co_return co_await current->acquire(priority, site);
+  // Not a coroutine itself (one frame, the acquire's, which holds the pool's state, so it runs
+  // to its end even if the process-wide pool is shut down meanwhile); errors still come out of
+  // the co_await, never out of the call.
+  if (!current) return fail_not_configured();
+  return current->acquire(priority, site);
 }
 
 asio::awaitable<std::vector<std::string>> shutdown_pool(std::chrono::milliseconds grace) {

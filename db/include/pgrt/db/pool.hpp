@@ -18,6 +18,7 @@
 /// destroyed on any thread, and may outlive its Pool object, but must be returned before the
 /// pool's io_context is destroyed (asio objects must go before their io_context).
 
+#include <atomic>
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/awaitable.hpp>
 #include <boost/signals2/signal.hpp>
@@ -28,6 +29,7 @@
 #include <source_location>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "pgrt/db/connection.hpp"
@@ -109,9 +111,10 @@ struct PoolConfig {
   double connect_backoff_jitter = 0.5;
   /// The application and instance names in every connection's application_name,
   /// `<application>/<instance>/<incarnation>` (env PGRT_APP, PGRT_INSTANCE). The incarnation is
-  /// random per process start. Non-ASCII and '/' characters are replaced by '_'; the whole is
-  /// truncated to 63 bytes (pgrt::make_connection_tag()). An empty instance means the host name
-  /// (pgrt::default_instance_name()).
+  /// random per process start. A name too long for the 63-byte tag, or with characters a tag
+  /// cannot hold, becomes a prefix plus a hash of the whole name, so distinct names never share
+  /// a tag (pgrt::tag_app_name(), pgrt::tag_instance_name(), pgrt::make_connection_tag()). An
+  /// empty instance means the host name (pgrt::default_instance_name()).
   std::string application = "pgrt";
   std::string instance;
   /// Further connect settings (timeouts, session settings, keepalives). Its conninfo and
@@ -169,22 +172,51 @@ enum class DiscardReason { broken, lifetime, idle_timeout, failed_reset, mid_que
 [[nodiscard]] std::string_view to_string(DiscardReason reason) noexcept;
 [[nodiscard]] std::string_view to_string(ResetPolicy policy) noexcept;
 
-/// Pool events, as Boost.Signals2 signals. Connect with a scoped_connection member so the
-/// subscription ends before what its callback uses. Callbacks run on whichever thread caused the
-/// event, outside the pool's lock; they must not block. An exception thrown by a callback is
+/// A Boost.Signals2 signal that remembers whether anything was ever connected to it, so the pool
+/// emits nothing at all for an event nobody subscribed to (calling a signal takes its mutex even
+/// when it has no slots, which would cost the uncontended acquire a good part of its time). It is
+/// a boost::signals2::signal in every other respect. Subscribe through this type's connect() or
+/// connect_extended() (as `pool.events().acquired.connect(...)` does); a connection made through a
+/// reference to the base signal type is not seen. A subscription made while the event is being
+/// emitted on another thread may miss that emission, as with any signal.
+template <typename Signature>
+class Event : public boost::signals2::signal<Signature> {
+  using Signal = boost::signals2::signal<Signature>;
+
+ public:
+  template <typename... Args>
+  boost::signals2::connection connect(Args&&... args) {
+    subscribed_.store(true, std::memory_order_release);
+    return Signal::connect(std::forward<Args>(args)...);
+  }
+  template <typename... Args>
+  boost::signals2::connection connect_extended(Args&&... args) {
+    subscribed_.store(true, std::memory_order_release);
+    return Signal::connect_extended(std::forward<Args>(args)...);
+  }
+  /// True once anything was connected (it stays true after a disconnect).
+  [[nodiscard]] bool ever_connected() const noexcept {
+    return subscribed_.load(std::memory_order_acquire);
+  }
+
+ private:
+  std::atomic<bool> subscribed_{false};
+};
+
+/// Pool events, as Boost.Signals2 signals (pgrt::Event). Connect with a scoped_connection member so
+/// the subscription ends before what its callback uses. Callbacks run on whichever thread caused
+/// the event, outside the pool's lock; they must not block. An exception thrown by a callback is
 /// logged and swallowed: an event is emitted only after the pool's bookkeeping for it is complete
 /// (`acquired` once the Lease owns the connection), so a subscriber cannot leak a slot or make an
 /// acquire fail.
 struct PoolEvents {
-  boost::signals2::signal<void(int backend_pid)> connected;
-  boost::signals2::signal<void(const std::source_location& site)> acquired;
-  boost::signals2::signal<void()> released;
-  boost::signals2::signal<void(DiscardReason reason)> discarded;
-  boost::signals2::signal<void(const std::string& message)> acquire_timeout;
-  boost::signals2::signal<void(const std::source_location& site, std::chrono::milliseconds age)>
-      leak_suspected;
-  boost::signals2::signal<void(const boost::system::error_code& code, const std::string& message)>
-      connect_failed;
+  Event<void(int backend_pid)> connected;
+  Event<void(const std::source_location& site)> acquired;
+  Event<void()> released;
+  Event<void(DiscardReason reason)> discarded;
+  Event<void(const std::string& message)> acquire_timeout;
+  Event<void(const std::source_location& site, std::chrono::milliseconds age)> leak_suspected;
+  Event<void(const boost::system::error_code& code, const std::string& message)> connect_failed;
 };
 
 namespace detail {
@@ -270,7 +302,10 @@ class Pool {
   /// For a process that is exiting without a graceful stop (an atexit handler): synchronously and
   /// without running any coroutine, refuses new acquires, fails the waiters, closes the idle
   /// connections (Terminate, then the socket) and interrupts the leased ones and those being
-  /// reset (Connection::interrupt()). Best effort; never throws; thread-safe. Prefer close().
+  /// reset (Connection::interrupt()). The waiters are failed and the pool's timers cancelled on
+  /// the pool's executor (at once when the calling thread runs it; an io_context no thread runs
+  /// any more is left alone), so that io threads still running are not raced. Best effort; never
+  /// throws; thread-safe. Prefer close().
   void close_now() noexcept;
 
  private:
