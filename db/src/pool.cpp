@@ -37,12 +37,14 @@ using Clock = std::chrono::steady_clock;
 // libstdc++ on Linux) as of the last kernel tick, a few milliseconds behind at most. It is a plain
 // read from the vDSO, several times cheaper than steady_clock::now(), which the uncontended
 // acquire would otherwise pay twice. Waits are measured with steady_clock.
+namespace {
 Clock::time_point coarse_now() noexcept {
   timespec now{};
   ::clock_gettime(CLOCK_MONOTONIC_COARSE, &now);
   return Clock::time_point(std::chrono::duration_cast<Clock::duration>(
       std::chrono::seconds(now.tv_sec) + std::chrono::nanoseconds(now.tv_nsec)));
 }
+}  // namespace
 using boost::system::error_code;
 
 namespace {
@@ -191,7 +193,10 @@ std::string PoolStats::to_json() const {
          field("connect_errors", connect_errors) + "," + field("discarded", discarded) + "," +
          field("leaks_suspected", leaks_suspected) + "," + field("wait_p50_us", wait_p50.count()) +
          "," + field("wait_p99_us", wait_p99.count()) + "," +
-         field("wait_max_us", wait_max.count()) + ",\"last_connect_error\":\"" + escaped + "\"}";
+         field("wait_max_us", wait_max.count()) + "," +
+         field("consecutive_connect_failures", consecutive_connect_failures) + "," +
+         field("connect_backoff_ms", connect_backoff.count()) + ",\"last_connect_error\":\"" +
+         escaped + "\"}";
 }
 
 namespace detail {
@@ -256,7 +261,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
       : config(std::move(config_in)),
         application_name(make_application_name(config)),
         random(std::random_device{}()) {
-    leased.reserve(std::min<std::size_t>(config.max_size, 1024));
+    leased.reserve(std::min<std::size_t>(config.max_size, 1024));  // beyond, push_back may grow
   }
 
   mutable std::mutex mutex;
@@ -282,6 +287,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
 
   std::uint32_t consecutive_failures = 0;
   Clock::time_point retry_at{};
+  std::chrono::milliseconds current_backoff{0};  // the wait before the next connect attempt
   bool retry_scheduled = false;
   std::string last_connect_error;
 
@@ -335,6 +341,8 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
 
   void lease_locked(PooledConnection& pooled, Priority priority, std::source_location site,
                     Clock::time_point now) {
+    pooled.leased_index = leased.size();
+    leased.push_back(&pooled);  // first: if it throws, nothing is counted yet
     ++in_use;
     if (priority == Priority::normal) ++in_use_normal;
     pooled.priority = priority;
@@ -342,8 +350,6 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     pooled.lease_site = site;
     pooled.leased_at = now;
     pooled.leak_reported = false;
-    pooled.leased_index = leased.size();
-    leased.push_back(&pooled);
     ++acquired;
   }
 
@@ -533,7 +539,8 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
       if (!connection.last_error().hint.empty()) {
         self->last_connect_error += " (" + connection.last_error().hint + ")";
       }
-      self->retry_at = Clock::now() + self->backoff_locked();
+      self->current_backoff = self->backoff_locked();
+      self->retry_at = Clock::now() + self->current_backoff;
       deferred.add([self, error = error, message = self->last_connect_error] {
         emit(self->events.connect_failed, error, message);
       });
@@ -541,6 +548,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
       co_return;
     }
     self->consecutive_failures = 0;
+    self->current_backoff = std::chrono::milliseconds(0);
     auto pooled = std::make_unique<PooledConnection>();
     pooled->advance(NodeEvent::connected);
     pooled->connection = std::move(connection);
@@ -698,13 +706,13 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     const auto now = coarse_now();
     Deferred deferred;  // declared before the lock: its events run after it is released
     std::unique_lock lock(mutex);
+    if (pool_closing) {
+      throw_pool_error(client_errc::pool_closed, "the pool " + application_name + " is closed");
+    }
     if (!executor) {
       // co_await this_coro::executor never suspends: it is safe under the lock.
       const auto caller_executor = co_await asio::this_coro::executor;
       bind_executor_locked(caller_executor);
-    }
-    if (pool_closing) {
-      throw_pool_error(client_errc::pool_closed, "the pool " + application_name + " is closed");
     }
     const auto me = index(priority);
     // Fast path: nobody of this priority (or higher) is waiting and an idle connection is free.
@@ -870,6 +878,8 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     snapshot.wait_p99 = waits.percentile(0.99);
     snapshot.wait_max = waits.max();
     snapshot.last_connect_error = last_connect_error;
+    snapshot.consecutive_connect_failures = consecutive_failures;
+    snapshot.connect_backoff = current_backoff;
     return snapshot;
   }
 
@@ -889,9 +899,11 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
   // leased and background ones are interrupted; their capacity is left counted.
   void close_now() noexcept {
     try {
+      std::optional<asio::any_io_executor> pool_executor;
       {
         std::lock_guard lock(mutex);
         pool_closing = true;
+        pool_executor = executor;
         const std::size_t closed = idle.size();
         for (auto& pooled : idle) {
           pooled->advance(NodeEvent::discard);
@@ -907,12 +919,12 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
             "being reset interrupted",
             application_name, closed, leased.size() + in_background.size());
       }
-      if (!executor) return;  // no timer and no waiter was ever made
+      if (!pool_executor) return;  // no timer and no waiter was ever made
       // The timers (the pool's and the waiters') belong to the io threads, which may still be
       // running (std::exit called from one of them): cancel them there. dispatch() runs this at
       // once when the calling thread runs the io_context; when no thread does, it never runs,
       // and nothing waits on those timers any more.
-      asio::dispatch(*executor, [self = shared_from_this()] {
+      asio::dispatch(*pool_executor, [self = shared_from_this()] {
         std::lock_guard lock(self->mutex);
         self->fail_waiters_locked();
         self->maintenance_timer->cancel();

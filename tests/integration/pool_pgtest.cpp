@@ -385,6 +385,7 @@ TEST_F(PoolTest, FullServerBacksOffWithoutAConnectStorm) {
   pool_config.acquire_timeout = 2s;
   pool_config.connect_backoff_max = 500ms;  // so that recovery, checked below, comes soon
   PoolStats during{};
+  PoolStats after{};
   run_coroutine(
       [&]() -> awaitable_void {
         auto executor = co_await asio::this_coro::executor;
@@ -411,8 +412,15 @@ TEST_F(PoolTest, FullServerBacksOffWithoutAConnectStorm) {
         hogs.clear();  // the server has room again
         auto lease = co_await pool.acquire();
         EXPECT_EQ((co_await lease->query("SELECT 1")).scalar<int>(), 1);
+        after = pool.stats();
       },
       60s);
+  // The backoff is visible in the stats while the server is full, and gone once it has room.
+  EXPECT_GE(during.consecutive_connect_failures, 2U);
+  EXPECT_GT(during.connect_backoff.count(), 0);
+  EXPECT_LE(during.connect_backoff, pool_config.connect_backoff_max);
+  EXPECT_EQ(after.consecutive_connect_failures, 0U);
+  EXPECT_EQ(after.connect_backoff.count(), 0);
   // 2 s of backoff from 100 ms doubling to 500 ms (jitter shortens it by up to half): about 6 to
   // 12 attempts, not hundreds.
   EXPECT_GE(during.connect_attempts, 2U);
@@ -427,6 +435,7 @@ TEST_F(PoolTest, ReservedConnectionsKeepHighPriorityFromStarving) {
   pool_config.reserved_for_priority = 1;
   std::chrono::steady_clock::duration high_wait{};
   std::size_t highest_normal_in_use = 0;
+  std::size_t normal_held = 0;
   run_coroutine([&]() -> awaitable_void {
     auto executor = co_await asio::this_coro::executor;
     Pool pool(executor, pool_config);
@@ -439,8 +448,9 @@ TEST_F(PoolTest, ReservedConnectionsKeepHighPriorityFromStarving) {
           [&]() -> awaitable_void {
             while (!stop) {
               auto lease = co_await pool.acquire(Priority::normal);
-              highest_normal_in_use = std::max(highest_normal_in_use, pool.stats().in_use);
+              highest_normal_in_use = std::max(highest_normal_in_use, ++normal_held);
               co_await lease->query("SELECT pg_sleep(0.2)");
+              --normal_held;
             }
             --running;
           },

@@ -114,7 +114,11 @@ TEST(PoolStatsTest, JsonHasEveryFieldAndEscapesTheMessage) {
   stats.closing = 1;
   stats.wait_p99 = std::chrono::microseconds(1500);
   stats.last_connect_error = "FATAL: \"x\"\nnext";
+  stats.consecutive_connect_failures = 4;
+  stats.connect_backoff = std::chrono::milliseconds(800);
   const std::string json = stats.to_json();
+  EXPECT_THAT(json, HasSubstr("\"consecutive_connect_failures\":4"));
+  EXPECT_THAT(json, HasSubstr("\"connect_backoff_ms\":800"));
   EXPECT_THAT(json, HasSubstr("\"max\":3"));
   EXPECT_THAT(json, HasSubstr("\"in_use\":2"));
   EXPECT_THAT(json, HasSubstr("\"closing\":1"));

@@ -160,6 +160,10 @@ struct PoolStats {
   std::chrono::microseconds wait_p50{0};
   std::chrono::microseconds wait_p99{0};
   std::chrono::microseconds wait_max{0};
+  /// Connect attempts that failed in a row (0 once one succeeds), and the backoff the pool waits
+  /// before its next attempt because of them (0 while connecting works).
+  std::uint32_t consecutive_connect_failures = 0;
+  std::chrono::milliseconds connect_backoff{0};
   /// The message of the last failed connect, "" if none.
   std::string last_connect_error;
 
