@@ -162,23 +162,22 @@ class Bench:
 
 def pgbench_log_percentiles(prefix):
     """Latency percentiles from pgbench's per-transaction logs. With -R each line's latency counts
-    from the transaction's scheduled start (schedule lag included), as pgrt's open loop does."""
-    latencies = []
+    from the transaction's scheduled start (schedule lag included), as pgrt's open loop does. The
+    values go through the same log-linear histogram as pgrt's and the Python pools' own, so every
+    contestant's percentiles are read the same way."""
+    from python_pools import Histogram
+
+    histogram = Histogram()
     directory = Path(prefix).parent
     for path in directory.glob(Path(prefix).name + ".*"):
         for line in path.read_text().splitlines():
             fields = line.split()
             if len(fields) >= 3 and fields[2].isdigit():
-                latencies.append(int(fields[2]))
+                histogram.record(int(fields[2]) * 1000)  # microseconds, recorded in ns
         path.unlink()
-    if not latencies:
+    if histogram.count == 0:
         fail("pgbench wrote no per-transaction log")
-    latencies.sort()
-
-    def at(fraction):
-        return float(latencies[min(len(latencies) - 1, int(fraction * len(latencies)))])
-
-    return {"latency_p50_us": at(0.50), "latency_p99_us": at(0.99), "latency_p999_us": at(0.999)}
+    return histogram.report("latency")
 
 
 # --- the contest -------------------------------------------------------------------------------------
@@ -199,14 +198,14 @@ def contestants(bench):
     add("uncontended", "asyncpg (default: reset query on release)", SAFE,
         lambda: bench.python("asyncpg", "uncontended"))
     add("uncontended", "asyncpg (reset off)", FAST, lambda: bench.python("asyncpg-noreset", "uncontended"))
-    add("uncontended", "psycopg_pool", SAFE, lambda: bench.python("psycopg", "uncontended"))
+    add("uncontended", "psycopg_pool (autocommit)", SAFE, lambda: bench.python("psycopg", "uncontended"))
 
     # 2. Contended handoff.
     for waiters in (3, 16, 64, 256):
         add(f"handoff/{waiters}", "pgrt", SAFE, lambda w=waiters: bench.pgrt(f"BM_PoolContendedHandoff/{w}"))
         add(f"handoff/{waiters}", "asyncpg (reset off)", FAST,
             lambda w=waiters: bench.python("asyncpg-noreset", "handoff", w))
-        add(f"handoff/{waiters}", "psycopg_pool", SAFE, lambda w=waiters: bench.python("psycopg", "handoff", w))
+        add(f"handoff/{waiters}", "psycopg_pool (autocommit)", SAFE, lambda w=waiters: bench.python("psycopg", "handoff", w))
 
     # 3 and 7. Acquire + prepared SELECT 1 + release, unix socket and TCP.
     for tcp in (0, 1):
@@ -226,7 +225,7 @@ def contestants(bench):
                     lambda t=tasks: bench.python("asyncpg", "select1", t))
                 add(f"select1/unix/{tasks}", "asyncpg (reset off)", FAST,
                     lambda t=tasks: bench.python("asyncpg-noreset", "select1", t))
-                add(f"select1/unix/{tasks}", "psycopg_pool", SAFE,
+                add(f"select1/unix/{tasks}", "psycopg_pool (autocommit)", SAFE,
                     lambda t=tasks: bench.python("psycopg", "select1", t))
 
     # 4. Overload: closed loop, then open loops at shares of pgrt's measured capacity, with
@@ -298,7 +297,7 @@ def cell(summary, metric):
 
 
 def ratio(value, reference):
-    if not reference:
+    if not reference or not value:
         return "-"
     return f"{value / reference:.2f}x"
 
@@ -416,13 +415,16 @@ def write_report(results, raw, args, bench, elapsed, plot):
         "which come from contestants interleaved in the same run, rather than the absolute numbers.\n"
         f"- Server: one throwaway PostgreSQL 15 cluster for every contestant (default settings, "
         f"durable commits), on the same machine; unix socket unless a table says TCP.\n"
-        f"- {args.repetitions} repetitions of a {args.seconds} s window per contestant, interleaved "
+        f"- {args.repetitions} repetitions of a {args.seconds} s window per contestant "
+        f"(pgbench: -T {bench.pgbench_seconds}, as it takes whole seconds), interleaved "
         "(each repetition runs every contestant once, in the same order). Each cell is the median, "
-        "with the range (min-max) over the repetitions in brackets.\n"
+        "with the range (min-max) over the repetitions in brackets. Latency percentiles of every "
+        "contestant come from the same log-linear histogram (16 buckets per power of two, a "
+        "bucket's lower bound reported: up to 6% low, alike for all).\n"
         f"- Peers: {info['pgbench']}; {info['python pools']}; raw libpq is blocking `PQexecPrepared` "
         "in a loop, one thread per connection, in the benchmark binary.\n"
         "- Configurations: *safe-default* is what a user gets without tuning (pgrt's defaults, "
-        "asyncpg's default reset on release, psycopg_pool's defaults); *fast* gives up a safety net "
+        "asyncpg's default reset on release, psycopg_pool's defaults with autocommit on, as pgrt and asyncpg run); *fast* gives up a safety net "
         "or is not a pool at all (asyncpg with its reset off, pgbench, raw libpq, psql).\n"
         f"- Whole run: {elapsed:.0f} s.")
 

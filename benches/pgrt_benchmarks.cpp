@@ -22,6 +22,7 @@
 #include <cstdlib>
 #include <libpq-fe.h>
 #include <memory>
+#include <random>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -290,8 +291,12 @@ void BM_RawLibpqSelectOne(benchmark::State& state) {
   for (auto _ : state) {
     std::atomic<std::uint64_t> queries{0};
     std::atomic<bool> failed{false};
-    const auto until = Clock::now() + window();
-    const auto started = Clock::now();
+    // The clock starts once every connection is open and its statement prepared, as pgrt's
+    // pools are warmed up and pgbench leaves its connection time out.
+    std::atomic<std::size_t> ready{0};
+    std::atomic<bool> go{false};
+    Clock::time_point started;
+    Clock::time_point until;
     std::vector<std::thread> threads;
     for (std::size_t i = 0; i < connections; ++i) {
       threads.emplace_back([&] {
@@ -301,6 +306,8 @@ void BM_RawLibpqSelectOne(benchmark::State& state) {
           failed = true;
         }
         PQclear(prepared);
+        ++ready;
+        while (!go) std::this_thread::yield();
         std::uint64_t mine = 0;
         while (!failed && Clock::now() < until) {
           PGresult* result = PQexecPrepared(conn, "one", 0, nullptr, nullptr, nullptr, 0);
@@ -312,6 +319,10 @@ void BM_RawLibpqSelectOne(benchmark::State& state) {
         PQfinish(conn);
       });
     }
+    while (ready < connections) std::this_thread::yield();
+    started = Clock::now();
+    until = started + std::chrono::duration_cast<Clock::duration>(window());
+    go = true;
     for (auto& thread : threads) thread.join();
     if (failed) state.SkipWithError("libpq could not connect or query");
     state.counters["queries_per_s"] = static_cast<double>(queries) /
@@ -338,9 +349,9 @@ void BM_PoolOverloadClosedLoop(benchmark::State& state) {
 }
 BENCHMARK(BM_PoolOverloadClosedLoop)->Iterations(1);
 
-// Requests arrive at a fixed rate (a share of the measured closed-loop capacity), each with its
-// own coroutine; latency counts from the request's intended start, so a stalled pool is not
-// hidden by requests that were never sent (no coordinated omission).
+// Requests arrive at a given mean rate (a share of the measured closed-loop capacity), at random
+// (Poisson) moments, each with its own coroutine; latency counts from the request's intended start,
+// so a stalled pool is not hidden by requests that were never sent (no coordinated omission).
 void BM_PoolOverloadOpenLoop(benchmark::State& state) {
   const double share = static_cast<double>(state.range(0)) / 100.0;
   for (auto _ : state) {
@@ -362,13 +373,16 @@ void BM_PoolOverloadOpenLoop(benchmark::State& state) {
         auto c = co_await pool.acquire();
       }
       const auto started = Clock::now();
-      const auto interval = std::chrono::duration<double>(1.0 / rate);
       const auto until = started + window();
+      // Poisson arrivals (exponential gaps, a fixed seed), as pgbench -R schedules them.
+      std::mt19937_64 random(42);
+      std::exponential_distribution<double> gap(rate);
+      std::chrono::duration<double> offset{0};
       asio::steady_timer pacer(io);
       InFlight requests(io);
-      for (std::uint64_t sent = 0;; ++sent) {
-        const auto intended = started + std::chrono::duration_cast<Clock::duration>(
-                                            interval * static_cast<double>(sent));
+      for (;;) {
+        offset += std::chrono::duration<double>(gap(random));
+        const auto intended = started + std::chrono::duration_cast<Clock::duration>(offset);
         if (intended >= until) break;
         pacer.expires_at(intended);
         co_await pacer.async_wait(asio::use_awaitable);

@@ -12,8 +12,9 @@ Drivers:
                    query (a round trip)
   asyncpg-noreset  the same with the reset query turned off (a ROLLBACK is still sent when a
                    transaction was left open), the fast configuration
-  psycopg          psycopg 3's AsyncConnectionPool on asyncio; Debian's psycopg is the pure-Python
-                   build (no C acceleration)
+  psycopg          psycopg 3's AsyncConnectionPool on asyncio, its connections in autocommit (so
+                   each request is one round trip, as for the others); Debian's psycopg is the
+                   pure-Python build (no C acceleration)
 
 Must run under Debian's /usr/bin/python3, which sees python3-asyncpg, python3-uvloop and
 python3-psycopg-pool.
@@ -111,6 +112,9 @@ class PsycopgPool:
             f"host={args.socket_dir} port={args.port} user=postgres dbname=postgres",
             min_size=POOL_MAX,
             max_size=POOL_MAX,
+            # Autocommit, as pgrt and asyncpg run: psycopg's default would wrap every request in
+            # BEGIN ... COMMIT (three round trips instead of one).
+            kwargs={"autocommit": True},
             open=False,
         )
 
