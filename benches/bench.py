@@ -424,8 +424,9 @@ def write_report(results, raw, args, bench, elapsed, plot):
         f"- Peers: {info['pgbench']}; {info['python pools']}; raw libpq is blocking `PQexecPrepared` "
         "in a loop, one thread per connection, in the benchmark binary.\n"
         "- Configurations: *safe-default* is what a user gets without tuning (pgrt's defaults, "
-        "asyncpg's default reset on release, psycopg_pool's defaults with autocommit on, as pgrt and asyncpg run); *fast* gives up a safety net "
-        "or is not a pool at all (asyncpg with its reset off, pgbench, raw libpq, psql).\n"
+        "asyncpg's default reset on release, psycopg_pool's defaults with autocommit on, as pgrt "
+        "and asyncpg run); *fast* gives up a safety net or is not a pool at all (asyncpg with its "
+        "reset off, pgbench, raw libpq, psql).\n"
         f"- Whole run: {elapsed:.0f} s.")
 
     report.text("## 1. Uncontended acquire + release, no I/O",
@@ -473,10 +474,13 @@ def write_report(results, raw, args, bench, elapsed, plot):
                 "Closed loop: every task loops acquire + `SELECT 1` + release as fast as it can.")
     report.table("overload/closed", ["queries_per_s", "latency_p50_us", "latency_p99_us", "latency_p999_us"],
                  "queries_per_s")
-    report.text("Open loop: requests arrive at a fixed rate, a share of pgrt's closed-loop capacity measured "
-                "just before in the same repetition (the table above); each request's latency counts from its intended start, so a stall is not "
-                "hidden (no coordinated omission). pgbench `-c3 -j1 -R` is offered the same rate; its "
-                "latencies come from its per-transaction log, which also counts from the scheduled start.")
+    report.text("Open loop: requests arrive at random (Poisson) moments at a mean rate, a share of pgrt's "
+                "closed-loop capacity measured just before in the same repetition (the table above); each "
+                "request's latency counts from its intended start, so a stall is not hidden (no "
+                "coordinated omission). pgbench `-c3 -j1 -R` is offered the same rate, also on a Poisson "
+                "schedule; its latencies come from its per-transaction log, which also counts from the "
+                "scheduled start. A contestant whose own capacity is below the offered rate falls behind "
+                "for the whole window, and its latencies grow with it.")
     for percent in OPEN_LOOP_PERCENTS:
         report.text(f"### {percent}% of capacity")
         report.table(f"overload/open/{percent}", ["offered_per_s", "latency_p50_us", "latency_p99_us", "latency_p999_us"],

@@ -217,6 +217,16 @@ TEST_F(PoolTest, TwoThreadIoContextLoadIsSafe) {
 // 30% of acquires cancelled at random moments, 10% of leases dropped with their statement still
 // running on the server (sent through the raw libpq handle, as when the coroutine running it is
 // destroyed), 5% of queries cancelled (cancel and drain); the rest run a query.
+// The load test's run (1,000 coroutines for 10 s) with churn on top. Under ThreadSanitizer
+// (pgrt_pool_tsan), which is there to find races and slows everything tenfold, a smaller run.
+#if defined(__SANITIZE_THREAD__)
+constexpr int churn_workers = 300;
+constexpr auto churn_duration = 5s;
+#else
+constexpr int churn_workers = 1000;
+constexpr auto churn_duration = 10s;
+#endif
+
 TEST_F(PoolTest, ChurnOfCancelledAcquiresAndDroppedLeasesLeaksNothing) {
   auto pool_config = config("churn");
   pool_config.max_waiters = 2000;
@@ -234,8 +244,8 @@ TEST_F(PoolTest, ChurnOfCancelledAcquiresAndDroppedLeasesLeaksNothing) {
               if (reason == DiscardReason::mid_query) ++mid_query_discards;
             });
         sampler.emplace(cluster().dsn(), pool.application_name());
-        const auto deadline = std::chrono::steady_clock::now() + 5s;
-        for (int worker = 0; worker < 300; ++worker) {
+        const auto deadline = std::chrono::steady_clock::now() + churn_duration;
+        for (int worker = 0; worker < churn_workers; ++worker) {
           asio::co_spawn(
               executor,
               [&, worker]() -> awaitable_void {
@@ -290,7 +300,7 @@ TEST_F(PoolTest, ChurnOfCancelledAcquiresAndDroppedLeasesLeaksNothing) {
               },
               asio::detached);
         }
-        while (finished < 300) co_await sleep_for(20ms);
+        while (finished < churn_workers) co_await sleep_for(20ms);
         // Background resets and closes settle.
         for (int i = 0; i < 300 && pool.stats().size != pool.stats().idle; ++i) {
           co_await sleep_for(10ms);
@@ -299,7 +309,7 @@ TEST_F(PoolTest, ChurnOfCancelledAcquiresAndDroppedLeasesLeaksNothing) {
       },
       60s);
   sampler->stop();
-  EXPECT_EQ(finished, 300);
+  EXPECT_EQ(finished, churn_workers);
   EXPECT_GT(cancelled_acquires, 0U);
   EXPECT_GT(dropped_mid_query, 0U);
   EXPECT_GT(cancelled_queries, 0U);
