@@ -5,7 +5,7 @@
 # packages first and builds the release preset. Works from any current directory.
 #
 #   scripts/bench.sh [--repetitions N] [--seconds S] [--only SECTION]
-# Defaults: 5 repetitions of a 1 s window per contestant (about 8 minutes on 2 cores).
+# Defaults: 5 repetitions of a 1 s window per contestant (about 5 minutes on 2 cores).
 set -euo pipefail
 
 root=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
