@@ -90,9 +90,9 @@ class Bench:
             self.scripts[name] = str(path)
         return self.scripts[name]
 
-    def pgbench_run(self, script, clients, tcp=False, rate=None):
+    def pgbench_run(self, script, clients, tcp=False, rate=None, mode="prepared"):
         host = "127.0.0.1" if tcp else self.server["socket_dir"]
-        command = [self.pgbench, "-n", "-M", "prepared", "-f", script, "-c", str(clients), "-j", "1",
+        command = [self.pgbench, "-n", "-M", mode, "-f", script, "-c", str(clients), "-j", "1",
                    "-T", self.pgbench_seconds, "-h", host, "-p", str(self.server["port"]),
                    "-U", "postgres", "postgres"]
         log_prefix = None
@@ -115,10 +115,10 @@ class Bench:
         script = self.script("select1.sql", "SELECT 1;\n")
         return {"queries_per_s": self.pgbench_run(script, clients, tcp)["tps"]}
 
-    def pgbench_pipeline(self, depth):
+    def pgbench_pipeline(self, depth, mode):
         script = self.script(f"pipeline{depth}.sql",
                              "\\startpipeline\n" + "SELECT 1;\n" * depth + "\\endpipeline\n")
-        return {"statements_per_s": self.pgbench_run(script, 1)["tps"] * depth}
+        return {"statements_per_s": self.pgbench_run(script, 1, mode=mode)["tps"] * depth}
 
     def pgbench_rate(self, percent):
         rate = self.open_loop_rates.get(percent)
@@ -252,7 +252,10 @@ def contestants(bench):
     # 5. Pipelined batch on one lease.
     for depth in (10, 100):
         add(f"pipeline/{depth}", "pgrt", SAFE, lambda d=depth: bench.pgrt(f"BM_PoolPipelinedBatch/depth:{d}"))
-        add(f"pipeline/{depth}", "pgbench \\startpipeline -c1", FAST, lambda d=depth: bench.pgbench_pipeline(d))
+        add(f"pipeline/{depth}", "pgbench \\startpipeline -c1 -M prepared", FAST,
+            lambda d=depth: bench.pgbench_pipeline(d, "prepared"))
+        add(f"pipeline/{depth}", "pgbench \\startpipeline -c1 -M extended", FAST,
+            lambda d=depth: bench.pgbench_pipeline(d, "extended"))
 
     # 6. Pending writes.
     add("writes", "pgrt pending writes (COPY batches)", SAFE, lambda: bench.pgrt("BM_PendingWritesRows"))
@@ -490,7 +493,9 @@ def write_report(results, raw, args, bench, elapsed, plot):
 
     report.text("## 5. Pipelined batch on one lease",
                 "`depth` statements (`SELECT 1`) sent as one pipeline and read back, in a loop on one "
-                "connection; pgbench runs the same batch between `\\startpipeline` and `\\endpipeline`.")
+                "connection; pgbench runs the same batch between `\\startpipeline` and `\\endpipeline`. "
+                "pgrt's `Pipeline` sends each statement unnamed (the server parses it every time), as "
+                "pgbench `-M extended` does; `-M prepared` parses once per connection.")
     for depth in (10, 100):
         report.text(f"### depth {depth}")
         report.table(f"pipeline/{depth}", ["statements_per_s"], "statements_per_s")
