@@ -165,8 +165,9 @@ struct Backend {
   std::string user;
   std::string database;
   std::string client;
-  bool in_scope = false;  // in this connection's database, under its role
-  std::string reason;     // why it looks leaked; "" if it does not (or not in scope)
+  bool in_scope = false;             // in this connection's database, under its role
+  bool holds_advisory_lock = false;  // e.g. a live instance's cluster-wide lock: idle for good
+  std::string reason;                // why it looks leaked; "" if it does not (or not in scope)
   bool terminated = false;
 };
 
@@ -219,7 +220,7 @@ void find_leaked(std::vector<Backend>& backends, std::int64_t idle_threshold) {
     if (newest->first != incarnation) {
       backend.reason = "superseded: " + instance + "/" + newest->first +
                        " started later, so this incarnation's process is gone or a duplicate";
-    } else if (idle_threshold > 0 && backend.state == "idle" &&
+    } else if (idle_threshold > 0 && backend.state == "idle" && !backend.holds_advisory_lock &&
                backend.idle_seconds > idle_threshold) {
       backend.reason = "idle for " + std::to_string(backend.idle_seconds) + " s";
     }
@@ -255,7 +256,9 @@ asio::awaitable<Snapshot> take_snapshot(pgrt::Connection& connection, const Argu
       "extract(epoch FROM backend_start)::float8, "
       "coalesce(extract(epoch FROM now() - state_change)::bigint, 0), coalesce(usename::text, ''), "
       "coalesce(datname::text, ''), coalesce(host(client_addr) || ':' || client_port, 'local'), "
-      "coalesce(datname = current_database() AND usename = current_user, false) "
+      "coalesce(datname = current_database() AND usename = current_user, false), "
+      "EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = pg_stat_activity.pid "
+      "AND l.locktype = 'advisory' AND l.granted) "
       "FROM pg_stat_activity WHERE backend_type = 'client backend' "
       "AND application_name LIKE $1 ESCAPE '\\' AND pid <> pg_backend_pid() ORDER BY backend_start",
       pattern);
@@ -270,6 +273,7 @@ asio::awaitable<Snapshot> take_snapshot(pgrt::Connection& connection, const Argu
     backend.database = row.get<std::string>(6);
     backend.client = row.get<std::string>(7);
     backend.in_scope = row.get<bool>(8);
+    backend.holds_advisory_lock = row.get<bool>(9);
     snapshot.app_backends.push_back(std::move(backend));
   }
   find_leaked(snapshot.app_backends, arguments.idle_threshold);

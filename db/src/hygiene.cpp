@@ -22,7 +22,10 @@ constexpr const char* leftovers_sql =
     "AND usename = current_user AND pid <> pg_backend_pid() AND application_name <> $2 "
     "AND (application_name LIKE $1 ESCAPE '\\' "
     "OR ($3::bigint > 0 AND application_name LIKE $4 ESCAPE '\\' AND state = 'idle' "
-    "AND state_change < now() - make_interval(secs => $3::bigint))) "
+    "AND state_change < now() - make_interval(secs => $3::bigint) "
+    // A live instance's cluster-wide lock session is idle for good: never "idle too long".
+    "AND NOT EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = pg_stat_activity.pid "
+    "AND l.locktype = 'advisory' AND l.granted))) "
     "ORDER BY backend_start";
 
 }  // namespace

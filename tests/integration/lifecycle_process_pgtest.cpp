@@ -432,7 +432,7 @@ TEST_F(StartupHygieneTest, PooledConnectionsCarryTheSessionGuards) {
   });
 }
 
-TEST_F(StartupHygieneTest, ItsOwnConnectionsCarryThePoolsSessionGuardsAndTag) {
+TEST_F(StartupHygieneTest, ItsConnectOptionsCarryThePoolsSessionGuardsAndTag) {
   PoolConfig config;
   config.conninfo = cluster().dsn();
   config.application = "guards";
@@ -550,6 +550,56 @@ TEST_F(StartupHygieneTest, TheIdleRuleAlsoEndsThisAppsLongIdleBackendsButNoOneEl
   EXPECT_THAT(report.backends[0].reason, ::testing::StartsWith("idle for "));
   EXPECT_TRUE(report.backends[0].terminated);
   EXPECT_EQ(foreign.scalar("SELECT 1"), "1");
+}
+
+TEST_F(StartupHygieneTest, TheIdleRuleNeverEndsALiveInstancesClusterLockSession) {
+  // A live instance holds the cluster-wide lock on a session that stays idle while it runs.
+  PoolConfig holder_config;
+  holder_config.conninfo = cluster().dsn();
+  holder_config.application = "idlelock";
+  holder_config.instance = "one";
+  StartupHygieneOptions holder_options;
+  holder_options.instance_lock = false;  // as if on another host
+  holder_options.cluster_lock = true;
+  PoolConfig other_config = holder_config;
+  other_config.instance = "two";
+  StartupHygieneOptions other_options;
+  other_options.lock_directory = Child::runtime_directory();
+  other_options.idle_threshold = std::chrono::seconds(1);
+  CleanupReport report;
+  std::set<int> lock_sessions;
+  std::set<int> after_cleanup;
+  std::set<int> after_diag;
+  std::string diag_output;
+  std::optional<int> diag_exit;
+  run_coroutine(
+      [&]() -> asio::awaitable<void> {
+        StartupHygiene holder(co_await asio::this_coro::executor, holder_config, holder_options);
+        co_await holder.start();
+        lock_sessions = backend_pids("idlelock/one/%");
+        std::this_thread::sleep_for(1500ms);  // the lock session idles past the threshold
+        // Another instance's start-up cleanup with the idle rule at 1 s...
+        StartupHygiene other(co_await asio::this_coro::executor, other_config, other_options);
+        co_await other.start();
+        report = other.cleanup_report();
+        co_await other.stop();
+        after_cleanup = backend_pids("idlelock/one/%");
+        // ... and pgrt-diag --kill-leaked with the same rule leave the lock session alone.
+        Child diag({PGRT_DIAG_PATH, "--app", "idlelock", "--idle-threshold", "1", "--kill-leaked"},
+                   cluster().dsn(), "idlelock");
+        diag_exit = diag.wait_for_exit(30s);
+        diag_output = diag.output();
+        after_diag = backend_pids("idlelock/one/%");
+        co_await holder.stop();
+      },
+      90s);
+  ASSERT_EQ(lock_sessions.size(), 1U) << "the holder's cluster-wide lock session";
+  EXPECT_TRUE(report.backends.empty()) << "the idle rule took a live instance's lock session";
+  EXPECT_EQ(after_cleanup, lock_sessions);
+  EXPECT_EQ(diag_exit, 0) << diag_output;
+  EXPECT_EQ(after_diag, lock_sessions) << "pgrt-diag --kill-leaked took it\n" << diag_output;
+  EXPECT_TRUE(testing::eventually([] { return backend_pids("idlelock/one/%").empty(); }))
+      << "the lock session ends with the holder's stop";
 }
 
 TEST_F(StartupHygieneTest, WithoutAnyLockTheCleanupIsSkippedWithAWarning) {

@@ -30,7 +30,9 @@ struct StartupHygieneOptions {
   /// Stop a running holder (SIGTERM, then SIGKILL after takeover_grace) and take over, instead of
   /// refusing to start (env PGRT_FORCE=1).
   bool force = false;
-  std::chrono::milliseconds takeover_grace{10'000};
+  /// Longer than a holder's own graceful shutdown (the lifecycle's 30 s budget, 35 s hard
+  /// deadline, by default), so that it flushes its pending writes before it is killed.
+  std::chrono::milliseconds takeover_grace{40'000};
   /// Also one instance across hosts: pg_try_advisory_lock on a connection of its own, held while
   /// the process runs and counted against the pool's max (env PGRT_CLUSTER_LOCK=1). When the
   /// holder's session is tagged with the incarnation of an earlier holder of the (local)
