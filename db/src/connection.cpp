@@ -1073,6 +1073,10 @@ asio::awaitable<bool> Connection::close_and_wait(std::chrono::milliseconds limit
     if (watched >= 0) ::close(watched);
     co_return false;
   }
+  // Our descriptor keeps the socket open, so the server would never see the client go: send it
+  // end-of-file now (after the Terminate libpq queued). A backend still busy with a statement the
+  // cancel did not reach then notices at its next client_connection_check_interval check.
+  (void)::shutdown(watched, SHUT_WR);
   const auto executor = co_await asio::this_coro::executor;
   asio::generic::stream_protocol::socket socket(executor);
   error_code error;

@@ -1090,6 +1090,7 @@ TEST_F(PoolTest, CloseInterruptsLeasesStillOutAfterGraceAndALeaseOutlivesThePool
   std::string sleeper_error;
   std::chrono::steady_clock::duration sleeper_took{};
   bool sleeper_leased = false;
+  bool short_leased = false;
   run_coroutine([&]() -> awaitable_void {
     auto executor = co_await asio::this_coro::executor;
     auto pool = std::make_unique<Pool>(executor, config("close"));
@@ -1098,8 +1099,9 @@ TEST_F(PoolTest, CloseInterruptsLeasesStillOutAfterGraceAndALeaseOutlivesThePool
     // Returned within the grace period: not reported.
     asio::co_spawn(
         executor,
-        [&pool]() -> awaitable_void {
+        [&pool, &short_leased]() -> awaitable_void {
           auto lease = co_await pool->acquire();
+          short_leased = true;
           co_await sleep_for(20ms);
         },
         asio::detached);
@@ -1121,8 +1123,9 @@ TEST_F(PoolTest, CloseInterruptsLeasesStillOutAfterGraceAndALeaseOutlivesThePool
         asio::detached);
     // The sleeper has its lease (a connect of its own) before the close begins; a fixed 10 ms
     // sleep was not always enough on a loaded machine.
-    for (int i = 0; i < 500 && !sleeper_leased; ++i) co_await sleep_for(2ms);
+    for (int i = 0; i < 500 && !(sleeper_leased && short_leased); ++i) co_await sleep_for(2ms);
     EXPECT_TRUE(sleeper_leased);
+    EXPECT_TRUE(short_leased) << "the lease returned within the grace period was never out";
     co_await sleep_for(10ms);
     outstanding = co_await pool->close(300ms);
     EXPECT_THROW(co_await pool->acquire(), Error);

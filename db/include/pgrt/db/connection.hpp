@@ -246,7 +246,8 @@ class Connection {
   /// counts the connection. If a statement is still running (transaction_status() is active:
   /// e.g. its coroutine was destroyed mid-operation), a cancel request is sent first (from a
   /// helper thread), because a busy backend reads the Terminate message only once its statement
-  /// ends. Waits at most `limit`; then, if `keep_waiting` is given and returns true, waits another
+  /// ends; and the client's side is shut for writing, so the server sees the client go (for a busy
+  /// backend: at its next client_connection_check_interval check). Waits at most `limit`; then, if `keep_waiting` is given and returns true, waits another
   /// `limit`, and so on. True if the server's end was seen to close (or to fail); false if the
   /// wait ended first, was cancelled or the socket could not be watched (the connection is closed
   /// in every case). Runs on the caller's executor; on an io_context run by several threads, call
