@@ -247,11 +247,12 @@ class Connection {
   /// e.g. its coroutine was destroyed mid-operation), a cancel request is sent first (from a
   /// helper thread), because a busy backend reads the Terminate message only once its statement
   /// ends; and the client's side is shut for writing, so the server sees the client go (for a busy
-  /// backend: at its next client_connection_check_interval check). Waits at most `limit`; then, if `keep_waiting` is given and returns true, waits another
-  /// `limit`, and so on. True if the server's end was seen to close (or to fail); false if the
-  /// wait ended first, was cancelled or the socket could not be watched (the connection is closed
-  /// in every case). Runs on the caller's executor; on an io_context run by several threads, call
-  /// it from a strand (it races the socket against a timer). `keep_waiting` runs on that executor.
+  /// backend: at its next client_connection_check_interval check). Waits at most `limit`; then, if
+  /// `keep_waiting` is given and returns true, waits another `limit`, and so on. True if the
+  /// server's end was seen to close (or to fail); false if the wait ended first, was cancelled or
+  /// the socket could not be watched (the connection is closed in every case). Runs on the caller's
+  /// executor; on an io_context run by several threads, call it from a strand (it races the socket
+  /// against a timer). `keep_waiting` runs on that executor.
   [[nodiscard]] boost::asio::awaitable<bool> close_and_wait(
       std::chrono::milliseconds limit, std::function<bool()> keep_waiting = {});
 
