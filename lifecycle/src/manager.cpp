@@ -78,6 +78,17 @@ std::vector<Manager::Impl*>& live_managers() {
   return managers;
 }
 void run_exit_handlers_at_exit();
+
+// An io_context whose services can be shut down before it is destroyed. Shutting down destroys
+// every pending operation and coroutine frame while the services themselves still exist, so that
+// objects which hold its executors (a cancellation slot's handler holds a strand executor) can be
+// destroyed in between. The io_context's destructor shuts down again (a no-op) and then destroys
+// the services.
+class ShutdownableIoContext : public asio::io_context {
+ public:
+  using asio::io_context::io_context;
+  void destroy_pending_work() { shutdown(); }
+};
 }  // namespace
 
 struct Manager::Impl {
@@ -127,9 +138,17 @@ struct Manager::Impl {
 
   ~Impl() {
     run_exit_handlers("the manager is destroyed without a graceful stop");
-    std::lock_guard lock(registry_mutex);
-    auto& managers = live_managers();
-    managers.erase(std::remove(managers.begin(), managers.end(), this), managers.end());
+    {
+      std::lock_guard lock(registry_mutex);
+      auto& managers = live_managers();
+      managers.erase(std::remove(managers.begin(), managers.end(), this), managers.end());
+    }
+    // In this order: abandoned operations (their frames may refer to the nodes' components) are
+    // destroyed first, then the nodes, whose cancellation signals hold handlers with strand
+    // executors, while the strand service still exists; the io_context's services go last.
+    io.destroy_pending_work();
+    by_name.clear();
+    nodes.clear();
   }
 
   Impl(const Impl&) = delete;
@@ -137,8 +156,8 @@ struct Manager::Impl {
   Impl(Impl&&) = delete;
   Impl& operator=(Impl&&) = delete;
 
-  // Declared first, destroyed last: coroutine frames destroyed with the io_context may still
-  // refer to the nodes.
+  // Declared before the io_context; the destructor destroys the pending work, then the nodes,
+  // then (as members) the io_context: see ~Impl().
   std::vector<std::unique_ptr<Node>> nodes;
   std::map<std::string, Node*, std::less<>> by_name;
   std::vector<std::function<void()>> starting_hooks, ready_hooks, stopping_hooks, stopped_hooks;
@@ -146,7 +165,7 @@ struct Manager::Impl {
   ManagerEvents events;
   const ManagerOptions options;
 
-  asio::io_context io;
+  ShutdownableIoContext io;
   asio::strand<asio::io_context::executor_type> strand;
   asio::steady_timer wakeup;              // an orchestrator waits on it; completions cancel it
   asio::steady_timer stop_request_timer;  // cancelled by a stop request
