@@ -5,6 +5,8 @@
 #include <atomic>
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/async_result.hpp>
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/asio/dispatch.hpp>
@@ -14,18 +16,16 @@
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <ctime>
-#include <deque>
 #include <functional>
+#include <initializer_list>
 #include <mutex>
 #include <optional>
 #include <random>
 #include <spdlog/spdlog.h>
-#include <unordered_map>
-#include <unordered_set>
 
-#include "connection_node.hpp"
 #include "pgrt/db/session_guards.hpp"
 #include "pgrt/runtime/identity.hpp"
+#include "pool/core.hpp"
 
 namespace pgrt {
 
@@ -155,6 +155,10 @@ std::string_view to_string(DiscardReason reason) noexcept {
       return "mid_query";
     case DiscardReason::closing:
       return "closing";
+    case DiscardReason::by_user:
+      return "by_user";
+    case DiscardReason::rejected:
+      return "rejected";
   }
   return "unknown";
 }
@@ -186,7 +190,8 @@ std::string PoolStats::to_json() const {
   };
   return "{" + field("max", max) + "," + field("size", size) + "," + field("idle", idle) + "," +
          field("in_use", in_use) + "," + field("connecting", connecting) + "," +
-         field("closing", closing) + "," + field("waiting_normal", waiting_normal) + "," +
+         field("closing", closing) + "," + field("resetting", resetting) + "," +
+         field("pinging", pinging) + "," + field("waiting_normal", waiting_normal) + "," +
          field("waiting_high", waiting_high) + "," + field("acquired", acquired) + "," +
          field("timeouts", timeouts) + "," + field("cancellations", cancellations) + "," +
          field("connect_attempts", connect_attempts) + "," +
@@ -201,405 +206,224 @@ std::string PoolStats::to_json() const {
 
 namespace detail {
 
-namespace {
-std::atomic<std::uint64_t> illegal_transitions{0};
-}  // namespace
-
-std::uint64_t illegal_node_transitions() noexcept {
-  return illegal_transitions.load(std::memory_order_relaxed);
-}
-
-struct PooledConnection {
+// A pooled connection: what the driver hangs on a core node.
+struct PooledConnection : pool::NodeAttachment {
+  explicit PooledConnection(const asio::any_io_executor& executor) : strand(executor) {}
   Connection connection;
-  Clock::time_point expires = Clock::time_point::max();
-  Clock::time_point idle_since{};
-  Clock::time_point last_ping{};
-  Priority priority = Priority::normal;
-  // While leased: where and when, for leak reports and close(); its place in PoolState::leased.
-  std::source_location lease_site;
-  Clock::time_point leased_at{};
-  bool leak_reported = false;
-  std::size_t leased_index = 0;
-  bool refresh_idle_since = true;  // false when it comes back from a keepalive ping
-  bool session_used = false;       // leased since its last DISCARD ALL (ResetPolicy::discard_all)
-  NodeState state = NodeState::connecting;
-
-  // Moves through the connection's state machine; a transition it does not allow is a pool bug,
-  // logged loudly (the state is left as it was).
-  void advance(NodeEvent event) noexcept {
-    if (auto next = node_transition(state, event)) {
-      state = *next;
-      return;
-    }
-    illegal_transitions.fetch_add(1, std::memory_order_relaxed);
-    spdlog::error("pgrt pool: illegal connection state transition from {} (event {})",
-                  to_string(state), static_cast<int>(event));
-  }
+  // Its connect runs on this strand, so that the pool's close can cancel it from any thread.
+  asio::strand<asio::any_io_executor> strand;
+  asio::cancellation_signal cancel_connect;
 };
 
-// A discarded connection keeps its capacity until the server has closed its end of the socket.
-// It is checked every `server_close_poll` whether the pool is closing (then the wait ends) and,
-// once `server_close_limit` has passed, a warning is logged: the slot stays counted while the
-// server keeps the backend (or until the socket fails: tcp_user_timeout, keepalives).
-constexpr std::chrono::milliseconds server_close_poll{250};
-constexpr std::chrono::milliseconds server_close_limit{2000};
+Connection& connection_of(pool::Node& node) {
+  return static_cast<PooledConnection&>(*node.attachment).connection;
+}
+
+// A caller waiting for a connection: the core's Waiter plus the timer it sleeps on. The core's
+// decision (handed a node, or failed) is made under the pool's lock, and the timer is cancelled
+// under it too, so the waiter is woken exactly once and never after its frame is gone.
+struct PoolWaiter : pool::Waiter {
+  PoolWaiter(const asio::any_io_executor& executor, Priority priority_in,
+             std::source_location site_in)
+      : Waiter(priority_in, site_in), timer(executor) {}
+  asio::steady_timer timer;
+};
+
+// A discarded connection keeps its capacity until the server has closed its end of the socket; a
+// warning is logged when that takes longer than this.
+constexpr std::chrono::milliseconds server_close_warning{2000};
 // How long close_now() waits for each cancel request to go out.
 constexpr std::chrono::milliseconds exit_cancel_wait{1000};
 
-struct Waiter {
-  Waiter(const asio::any_io_executor& executor, Priority priority_in, std::source_location site_in)
-      : timer(executor), priority(priority_in), site(site_in) {}
-  asio::steady_timer timer;
-  Priority priority;
-  std::source_location site;
-  std::unique_ptr<PooledConnection> handed;  // set by a direct handoff
-  bool pool_closed = false;
-};
+pool::CoreConfig core_config(const PoolConfig& config) {
+  return pool::CoreConfig{
+      .max_size = config.max_size,
+      .min_idle = config.min_idle,
+      .reserved_for_priority = config.reserved_for_priority,
+      .max_waiters = config.max_waiters,
+      .acquire_timeout = config.acquire_timeout,
+      .connect_timeout = config.connect.connect_timeout,
+      .max_lifetime = config.max_lifetime,
+      .lifetime_jitter = config.lifetime_jitter,
+      .idle_timeout = config.idle_timeout,
+      .keepalive_interval = config.keepalive_interval,
+      .validate_after_idle = config.validate_after_idle,
+      .leak_threshold = config.leak_threshold,
+      .backoff_initial = config.connect_backoff_initial,
+      .backoff_max = config.connect_backoff_max,
+      .backoff_jitter = config.connect_backoff_jitter,
+      .reset_discard_all = config.reset == ResetPolicy::discard_all,
+  };
+}
 
+// How a lease came back, read off its connection.
+pool::ReturnKind classify(const Connection& connection) {
+  if (!connection.is_open() || connection.is_broken()) return pool::ReturnKind::broken;
+  switch (connection.transaction_status()) {
+    case TransactionStatus::idle:
+      return pool::ReturnKind::clean;
+    case TransactionStatus::in_transaction:
+    case TransactionStatus::in_error:
+      return pool::ReturnKind::needs_reset;
+    case TransactionStatus::active:
+      return pool::ReturnKind::mid_query;  // its coroutine was destroyed mid-operation
+    case TransactionStatus::unknown:
+      return pool::ReturnKind::broken;
+  }
+  return pool::ReturnKind::broken;
+}
+
+// The asio/libpq driver: it holds the core under one mutex, feeds it events and carries out its
+// actions. One acquire: Pool::acquire() -> PoolState::acquire() -> Core::try_acquire() (an idle
+// connection: leased at once) or Core::enqueue() + a wait on the PoolWaiter's timer, until the
+// core hands it a node (a Lease returned: release() -> Core::lease_returned() -> offer) or fails
+// it.
 struct PoolState : std::enable_shared_from_this<PoolState> {
   explicit PoolState(PoolConfig config_in)
       : config(std::move(config_in)),
         application_name(make_application_name(config)),
-        random(std::random_device{}()) {
-    leased.reserve(std::min<std::size_t>(config.max_size, 1024));  // beyond, push_back may grow
-  }
+        core(core_config(config), std::random_device{}()) {}
 
   mutable std::mutex mutex;
   const PoolConfig config;
   const std::string application_name;
   PoolEvents events;
   std::optional<asio::any_io_executor> executor;
-  // Used only on the executor; close() cancels them through it, so that a closed pool does not
-  // keep its io_context running.
-  std::shared_ptr<asio::steady_timer> maintenance_timer;
-  std::shared_ptr<asio::steady_timer> retry_timer;
-
-  std::size_t open = 0;  // every connection counted against max_size, in any state
-  std::size_t connecting = 0;
-  std::size_t in_use = 0;
-  std::size_t in_use_normal = 0;
-  std::size_t background = 0;  // connections in a ROLLBACK or ping, out of every other set
-  std::size_t closing = 0;     // closed, waiting for the server to end the backend; in `open`
-  std::unordered_set<Connection*> in_background;        // those connections, for close()
-  std::vector<std::unique_ptr<PooledConnection>> idle;  // back: most recently returned
-  std::array<std::deque<Waiter*>, 2> waiters;           // [normal, high], FIFO
-  bool pool_closing = false;
-
-  std::uint32_t consecutive_failures = 0;
-  Clock::time_point retry_at{};
-  std::chrono::milliseconds current_backoff{0};  // the wait before the next connect attempt
-  bool retry_scheduled = false;
-  std::string last_connect_error;
-
-  // The leased connections (their Leases own them), for leak checks and close(). Reserved to
-  // max_size, so leasing never allocates.
-  std::vector<PooledConnection*> leased;
-
-  std::uint64_t acquired = 0, timeouts = 0, cancellations = 0, connect_attempts = 0,
-                connect_errors = 0, discarded = 0, leaks_suspected = 0;
+  // The upkeep timer, armed by the core (Action::arm_timer); used under `mutex` only.
+  std::shared_ptr<asio::steady_timer> upkeep_timer;
+  pool::Core core;
   WaitHistogram waits;
-  std::mt19937_64 random;
+  std::string last_connect_error;
+  // close() calls waiting for every connection to be gone; woken whenever capacity comes back.
+  std::vector<asio::steady_timer*> drain_waiters;
 
-  static std::size_t index(Priority priority) { return priority == Priority::high ? 1 : 0; }
-
-  // --- bookkeeping (all *_locked functions need `mutex` held) --------------------------------
+  // --- carrying out the core's actions (under `mutex`) ------------------------------------------
 
   // Starts background work later, never inline: co_spawn dispatches, so from the io_context's
   // own thread it would run the coroutine at once, under the pool's lock.
   void spawn_later(asio::awaitable<void> operation) {
     asio::post(*executor, [executor = *executor, operation = std::move(operation)]() mutable {
-      asio::co_spawn(executor, std::move(operation), asio::detached);
+      asio::co_spawn(executor, std::move(operation), [](const std::exception_ptr& error) {
+        if (!error) return;
+        try {
+          std::rethrow_exception(error);
+        } catch (const std::exception& exception) {
+          spdlog::error("pgrt pool: background work failed: {}", exception.what());
+        } catch (...) {
+          spdlog::error("pgrt pool: background work failed");
+        }
+      });
     });
+  }
+
+  void execute_locked(const pool::Actions& actions, Deferred& deferred) {
+    for (const pool::Action& action : actions) {
+      switch (action.kind) {
+        case pool::Action::Kind::wake:
+          static_cast<PoolWaiter*>(action.waiter)->timer.cancel();
+          break;
+        case pool::Action::Kind::open:
+          start_connect(*action.node);
+          break;
+        case pool::Action::Kind::reset:
+          spawn_later(reset(shared_from_this(), action.node));
+          break;
+        case pool::Action::Kind::ping:
+          spawn_later(ping(shared_from_this(), action.node));
+          break;
+        case pool::Action::Kind::close:
+          if (events.discarded.ever_connected()) {
+            deferred.add([this, reason = action.reason] { emit(events.discarded, reason); });
+          }
+          start_close(*action.node);
+          break;
+        case pool::Action::Kind::cancel_connect: {
+          auto& pooled = static_cast<PooledConnection&>(*action.node->attachment);
+          asio::post(pooled.strand, [self = shared_from_this(), &pooled] {
+            pooled.cancel_connect.emit(asio::cancellation_type::terminal);
+          });
+          break;
+        }
+        case pool::Action::Kind::arm_timer:
+          upkeep_timer->expires_at(action.at);  // cancels the wait: upkeep() waits again
+          break;
+        case pool::Action::Kind::report_leak: {
+          const auto site = action.node->lease_site;
+          spdlog::warn(
+              "pgrt pool {}: a connection acquired at {} has been held for {} ms (leak_threshold "
+              "{} ms); is a Lease kept alive by mistake?",
+              application_name, describe_site(site), action.age.count(),
+              config.leak_threshold.count());
+          deferred.add([this, site, age = action.age] { emit(events.leak_suspected, site, age); });
+          break;
+        }
+      }
+    }
+    if (core.drained()) {
+      for (asio::steady_timer* waiter : drain_waiters) waiter->cancel();
+    }
   }
 
   void bind_executor_locked(const asio::any_io_executor& candidate) {
     if (executor) return;
     executor = candidate;
-    maintenance_timer = std::make_shared<asio::steady_timer>(*executor);
-    retry_timer = std::make_shared<asio::steady_timer>(*executor);
-    spawn_later(maintain(shared_from_this()));
+    upkeep_timer = std::make_shared<asio::steady_timer>(*executor, Clock::time_point::max());
+    spawn_later(upkeep(shared_from_this()));
     Deferred nothing;
-    maybe_open_locked(nothing);
+    pool::Actions actions;
+    core.tick(Clock::now(), actions);  // min_idle
+    execute_locked(actions, nothing);
   }
 
-  [[nodiscard]] bool can_lease_locked(Priority priority) const {
-    return priority == Priority::high ||
-           in_use_normal < config.max_size - config.reserved_for_priority;
-  }
+  // --- background work ----------------------------------------------------------------------
 
-  [[nodiscard]] bool expired(const PooledConnection& pooled, Clock::time_point now) const {
-    return now >= pooled.expires;
-  }
-
-  Clock::time_point lifetime_deadline() {
-    if (config.max_lifetime.count() == 0) return Clock::time_point::max();
-    std::uniform_real_distribution<double> unit(0.0, 1.0);
-    const double shortened = 1.0 - config.lifetime_jitter * unit(random);
-    return Clock::now() +
-           std::chrono::duration_cast<Clock::duration>(config.max_lifetime * shortened);
-  }
-
-  void lease_locked(PooledConnection& pooled, Priority priority, std::source_location site,
-                    Clock::time_point now) {
-    pooled.leased_index = leased.size();
-    leased.push_back(&pooled);  // first: if it throws, nothing is counted yet
-    ++in_use;
-    if (priority == Priority::normal) ++in_use_normal;
-    pooled.priority = priority;
-    pooled.session_used = true;
-    pooled.lease_site = site;
-    pooled.leased_at = now;
-    pooled.leak_reported = false;
-    ++acquired;
-  }
-
-  void unlease_locked(PooledConnection& pooled) {
-    --in_use;
-    if (pooled.priority == Priority::normal) --in_use_normal;
-    PooledConnection* last = leased.back();
-    leased[pooled.leased_index] = last;
-    last->leased_index = pooled.leased_index;
-    leased.pop_back();
-  }
-
-  // Gives a free connection to the oldest waiter that may take it, or to the idle set.
-  void hand_off_locked(std::unique_ptr<PooledConnection> pooled, Deferred& deferred,
-                       Clock::time_point now = coarse_now()) {
-    for (Priority priority : {Priority::high, Priority::normal}) {
-      auto& queue = waiters[index(priority)];
-      if (queue.empty() || !can_lease_locked(priority)) continue;
-      Waiter* waiter = queue.front();
-      queue.pop_front();
-      pooled->advance(NodeEvent::lease);
-      lease_locked(*pooled, priority, waiter->site, now);
-      waiter->handed = std::move(pooled);
-      waiter->timer.cancel();  // wakes it: it finds `handed` set
-      return;
-    }
-    if (pooled->refresh_idle_since) pooled->idle_since = now;
-    pooled->refresh_idle_since = true;
-    idle.push_back(std::move(pooled));
-    (void)deferred;
-  }
-
-  // Hands idle connections to waiters that may now take them (a normal lease came back, so a
-  // normal waiter may use an idle connection it was kept from by reserved_for_priority).
-  void serve_idle_locked(Deferred& deferred) {
-    while (!idle.empty() &&
-           ((!waiters[1].empty()) || (!waiters[0].empty() && can_lease_locked(Priority::normal)))) {
-      auto pooled = std::move(idle.back());
-      idle.pop_back();
-      hand_off_locked(std::move(pooled), deferred);
-    }
-  }
-
-  void discard_locked(std::unique_ptr<PooledConnection> pooled, DiscardReason reason,
-                      Deferred& deferred) {
-    pooled->advance(NodeEvent::discard);
-    ++discarded;
-    deferred.add([this, reason] { emit(events.discarded, reason); });
-    ++closing;
-    // On a strand: close_and_wait() races the socket against a timer.
-    asio::post(*executor, [self = shared_from_this(), pooled = std::move(pooled)]() mutable {
-      asio::co_spawn(asio::make_strand(*self->executor), finish_close(self, std::move(pooled)),
-                     asio::detached);
+  void start_connect(pool::Node& node) {
+    auto attachment = std::make_unique<PooledConnection>(*executor);
+    auto& pooled = *attachment;
+    node.attachment = std::move(attachment);
+    asio::post(*executor, [self = shared_from_this(), &node, &pooled] {
+      asio::co_spawn(pooled.strand, open_connection(self, &node),
+                     asio::bind_cancellation_slot(pooled.cancel_connect.slot(), asio::detached));
     });
   }
 
-  // The capacity is given back only once the server has closed its end of the socket, which it
-  // does after the backend has left pg_stat_activity: the strict max holds on the server's side
-  // at every instant. A statement still running is cancelled first (close_and_wait() does), so
-  // that the backend ends now. A backend that outlives server_close_limit keeps its slot counted
-  // (with a warning) until it ends, its socket fails, or the pool closes.
-  static asio::awaitable<void> finish_close(std::shared_ptr<PoolState> self,
-                                            std::unique_ptr<PooledConnection> pooled) {
-    const int pid = pooled->connection.backend_pid();
-    const auto started = Clock::now();
-    bool warned = false;
-    (void)co_await pooled->connection.close_and_wait(server_close_poll, [&] {
-      std::lock_guard lock(self->mutex);
-      if (self->pool_closing) return false;
-      if (!warned && Clock::now() - started >= server_close_limit) {
-        warned = true;
-        spdlog::warn(
-            "pgrt pool {}: the server has not ended backend {} {} ms after it was closed; its "
-            "slot stays counted against max_size until it does",
-            self->application_name, pid, server_close_limit.count());
-      }
-      return true;
-    });
-    pooled.reset();
-    Deferred deferred;
-    std::lock_guard lock(self->mutex);
-    --self->closing;
-    --self->open;
-    self->maybe_open_locked(deferred);
-  }
-
-  // Returns a connection that nobody holds: reset it if needed, else keep or discard it.
-  void return_locked(std::unique_ptr<PooledConnection> pooled, Deferred& deferred) {
-    if (pooled->state == NodeState::leased) pooled->advance(NodeEvent::returned);
-    Connection& connection = pooled->connection;
-    if (pool_closing) return discard_locked(std::move(pooled), DiscardReason::closing, deferred);
-    if (!connection.is_open() || connection.is_broken()) {
-      return discard_locked(std::move(pooled), DiscardReason::broken, deferred);
-    }
-    const auto status = connection.transaction_status();
-    if (status != TransactionStatus::idle && status != TransactionStatus::in_transaction &&
-        status != TransactionStatus::in_error) {
-      // A statement still running: its coroutine was destroyed mid-operation.
-      return discard_locked(std::move(pooled), DiscardReason::mid_query, deferred);
-    }
-    if (status != TransactionStatus::idle ||
-        (config.reset == ResetPolicy::discard_all && pooled->session_used)) {
-      // Capacity stays held while the ROLLBACK (or DISCARD ALL) runs.
-      pooled->advance(NodeEvent::needs_reset);
-      ++background;
-      in_background.insert(&pooled->connection);
-      spawn_later(reset(shared_from_this(), std::move(pooled)));
-      return;
-    }
-    const auto now = coarse_now();
-    if (expired(*pooled, now)) {
-      return discard_locked(std::move(pooled), DiscardReason::lifetime, deferred);
-    }
-    hand_off_locked(std::move(pooled), deferred, now);
-  }
-
-  [[nodiscard]] std::size_t servable_waiters_locked() const {
-    const std::size_t normal_room =
-        config.max_size - config.reserved_for_priority > in_use_normal
-            ? config.max_size - config.reserved_for_priority - in_use_normal
-            : 0;
-    return waiters[1].size() + std::min(waiters[0].size(), normal_room);
-  }
-
-  // Opens connections while there are waiters (or min_idle) to serve and room under max_size.
-  // After a failed connect, waits out the backoff, then probes with one connect at a time.
-  void maybe_open_locked(Deferred& deferred) {
-    if (pool_closing || !executor) return;
-    const std::size_t ready = idle.size() + connecting;
-    std::size_t wanted = servable_waiters_locked();
-    // Every live connection counts towards min_idle: idle, leased, connecting, and those in a
-    // background ROLLBACK or keepalive ping (they come back); not those being closed.
-    const std::size_t alive = open - closing;
-    if (alive < config.min_idle) wanted = std::max(wanted, ready + (config.min_idle - alive));
-    if (wanted <= ready) return;
-    if (consecutive_failures > 0 && Clock::now() < retry_at) {
-      schedule_retry_locked();
-      return;
-    }
-    std::size_t to_open = wanted - ready;
-    while (to_open-- > 0 && open < config.max_size) {
-      if (consecutive_failures > 0 && connecting > 0) break;  // one probe at a time
-      ++open;
-      ++connecting;
-      ++connect_attempts;
-      spawn_later(open_connection(shared_from_this()));
-    }
-    (void)deferred;
-  }
-
-  void schedule_retry_locked() {
-    if (retry_scheduled) return;
-    retry_scheduled = true;
-    spawn_later(retry_later(shared_from_this()));
-  }
-
-  std::chrono::milliseconds backoff_locked() {
-    const auto exponent = std::min<std::uint32_t>(consecutive_failures - 1, 20);
-    auto delay = config.connect_backoff_initial * (std::int64_t{1} << exponent);
-    delay = std::min(delay, config.connect_backoff_max);
-    std::uniform_real_distribution<double> unit(0.0, 1.0);
-    return std::chrono::duration_cast<std::chrono::milliseconds>(
-        delay * (1.0 - config.connect_backoff_jitter * unit(random)));
-  }
-
-  std::string describe_load_locked() const {
-    return std::to_string(in_use) + " of max " + std::to_string(config.max_size) +
-           " connections in use, " + std::to_string(connecting) + " connecting, " +
-           std::to_string(waiters[0].size() + waiters[1].size()) + " callers waiting";
-  }
-
-  // --- background work -------------------------------------------------------------------------
-
-  static asio::awaitable<void> open_connection(std::shared_ptr<PoolState> self) {
+  static asio::awaitable<void> open_connection(std::shared_ptr<PoolState> self, pool::Node* node) {
     ConnectOptions options = connect_options(self->config);
     options.application_name = self->application_name;
-    auto [error, connection] = co_await Connection::async_connect(
-        *self->executor, std::move(options), asio::as_tuple(asio::use_awaitable));
-    Deferred deferred;
-    std::lock_guard lock(self->mutex);
-    --self->connecting;
+    auto [error, connection] =
+        co_await Connection::async_connect(co_await asio::this_coro::executor, std::move(options),
+                                           asio::as_tuple(asio::use_awaitable));
+    std::string failure;
     if (error) {
-      --self->open;
-      ++self->consecutive_failures;
-      ++self->connect_errors;
-      self->last_connect_error = connection.last_error().message;
+      failure = connection.last_error().message;
       if (!connection.last_error().hint.empty()) {
-        self->last_connect_error += " (" + connection.last_error().hint + ")";
+        failure += " (" + connection.last_error().hint + ")";
       }
-      self->current_backoff = self->backoff_locked();
-      self->retry_at = Clock::now() + self->current_backoff;
-      deferred.add([self, error = error, message = self->last_connect_error] {
-        emit(self->events.connect_failed, error, message);
-      });
-      self->maybe_open_locked(deferred);
-      co_return;
     }
-    self->consecutive_failures = 0;
-    self->current_backoff = std::chrono::milliseconds(0);
-    auto pooled = std::make_unique<PooledConnection>();
-    pooled->advance(NodeEvent::connected);
-    pooled->connection = std::move(connection);
-    pooled->expires = self->lifetime_deadline();
-    pooled->last_ping = Clock::now();
-    const int pid = pooled->connection.backend_pid();
-    deferred.add([self, pid] { emit(self->events.connected, pid); });
-    if (self->pool_closing) {
-      self->discard_locked(std::move(pooled), DiscardReason::closing, deferred);
-    } else {
-      self->hand_off_locked(std::move(pooled), deferred);
-    }
-    self->maybe_open_locked(deferred);
-  }
-
-  // Starts `timer` under the mutex (begin_close() cancels it under the mutex too, so the two never
-  // race) and waits. False if the pool was already closing.
-  static asio::awaitable<bool> wait_under_lock(const std::shared_ptr<PoolState>& self,
-                                               asio::steady_timer& timer, Clock::time_point until) {
-    std::unique_lock lock(self->mutex);
-    if (self->pool_closing) co_return false;
-    timer.expires_at(until);
-    co_await asio::async_initiate<decltype(no_throw), void(error_code)>(
-        [&](auto handler) {
-          std::mutex* held = lock.release();
-          timer.async_wait(std::move(handler));
-          held->unlock();
-        },
-        no_throw);
-    co_return true;
-  }
-
-  static asio::awaitable<void> retry_later(std::shared_ptr<PoolState> self) {
-    co_await wait_under_lock(self, *self->retry_timer, self->retry_at);
     Deferred deferred;
     std::lock_guard lock(self->mutex);
-    self->retry_scheduled = false;
-    self->maybe_open_locked(deferred);
+    pool::Actions actions;
+    if (error) {
+      self->last_connect_error = failure;
+      deferred.add(
+          [self, error = error, failure] { emit(self->events.connect_failed, error, failure); });
+      self->core.connect_failed(*node, Clock::now(), actions);  // destroys the node
+    } else {
+      connection_of(*node) = std::move(connection);
+      const int pid = connection_of(*node).backend_pid();
+      deferred.add([self, pid] { emit(self->events.connected, pid); });
+      self->core.connect_succeeded(*node, Clock::now(), actions);
+    }
+    self->execute_locked(actions, deferred);
   }
 
-  static asio::awaitable<void> reset(std::shared_ptr<PoolState> self,
-                                     std::unique_ptr<PooledConnection> pooled) {
+  static asio::awaitable<void> reset(std::shared_ptr<PoolState> self, pool::Node* node) {
+    Connection& connection = connection_of(*node);
     bool ok = true;
     try {
-      if (pooled->connection.transaction_status() != TransactionStatus::idle) {
-        co_await pooled->connection.rollback();
-      }
-      if (self->config.reset == ResetPolicy::discard_all) {
-        co_await pooled->connection.discard_all();
-        pooled->session_used = false;
-      }
+      if (connection.transaction_status() != TransactionStatus::idle)
+        co_await connection.rollback();
+      if (self->config.reset == ResetPolicy::discard_all) co_await connection.discard_all();
     } catch (const std::exception& error) {
       ok = false;
       spdlog::warn("pgrt pool: resetting a returned connection ({}) failed: {}",
@@ -607,182 +431,169 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     }
     Deferred deferred;
     std::lock_guard lock(self->mutex);
-    --self->background;
-    self->in_background.erase(&pooled->connection);
-    if (ok) pooled->advance(NodeEvent::reset_done);
-    if (!ok) {
-      self->discard_locked(std::move(pooled), DiscardReason::failed_reset, deferred);
-    } else {
-      self->return_locked(std::move(pooled), deferred);
-    }
+    pool::Actions actions;
+    self->core.reset_done(*node, ok, Clock::now(), actions);
+    self->execute_locked(actions, deferred);
   }
 
-  static asio::awaitable<void> ping(std::shared_ptr<PoolState> self,
-                                    std::unique_ptr<PooledConnection> pooled) {
+  static asio::awaitable<void> ping(std::shared_ptr<PoolState> self, pool::Node* node) {
+    bool ok = true;
     try {
-      co_await pooled->connection.query("");
-      pooled->last_ping = Clock::now();
-      pooled->refresh_idle_since = false;  // a ping is not use: idle_timeout still counts
-    } catch (...) {  // NOLINT(bugprone-empty-catch): return_locked() discards a dead connection
-      pooled->connection.close(CloseMode::immediate);
+      co_await connection_of(*node).query("");
+    } catch (...) {  // NOLINT(bugprone-empty-catch): the core closes a connection that failed
+      ok = false;
     }
     Deferred deferred;
     std::lock_guard lock(self->mutex);
-    --self->background;
-    self->in_background.erase(&pooled->connection);
-    pooled->advance(NodeEvent::ping_done);
-    self->return_locked(std::move(pooled), deferred);
+    pool::Actions actions;
+    self->core.ping_done(*node, ok, Clock::now(), actions);
+    self->execute_locked(actions, deferred);
   }
 
-  // Idle upkeep, keepalive pings and leak detection, until the pool closes.
-  static asio::awaitable<void> maintain(std::shared_ptr<PoolState> self) {
-    auto period = std::chrono::milliseconds(1000);
-    if (self->config.leak_threshold.count() > 0) {
-      period = std::clamp(self->config.leak_threshold / 4, std::chrono::milliseconds(10), period);
-    }
-    for (;;) {
-      if (!co_await wait_under_lock(self, *self->maintenance_timer, Clock::now() + period)) {
-        co_return;
-      }
-      Deferred deferred;
-      std::lock_guard lock(self->mutex);
-      if (self->pool_closing) co_return;
-      self->upkeep_locked(deferred);
-    }
+  void start_close(pool::Node& node) {
+    // On a strand: close_and_wait() races the socket against a timer.
+    asio::post(*executor, [self = shared_from_this(), &node] {
+      asio::co_spawn(asio::make_strand(*self->executor), finish_close(self, &node), asio::detached);
+    });
   }
 
-  void upkeep_locked(Deferred& deferred) {
-    const auto now = Clock::now();
-    std::vector<std::unique_ptr<PooledConnection>> keep;
-    std::vector<std::unique_ptr<PooledConnection>> to_ping;
-    std::vector<std::pair<std::unique_ptr<PooledConnection>, DiscardReason>> to_discard;
-    for (auto& pooled : idle) {
-      if (expired(*pooled, now)) {
-        to_discard.emplace_back(std::move(pooled), DiscardReason::lifetime);
-      } else if (config.idle_timeout.count() > 0 &&
-                 now - pooled->idle_since > config.idle_timeout &&
-                 open - closing - to_discard.size() > config.min_idle) {
-        to_discard.emplace_back(std::move(pooled), DiscardReason::idle_timeout);
-      } else if (config.keepalive_interval.count() > 0 &&
-                 now - pooled->last_ping > config.keepalive_interval) {
-        to_ping.push_back(std::move(pooled));
-      } else {
-        keep.push_back(std::move(pooled));
-      }
-    }
-    idle = std::move(keep);
-    for (auto& [pooled, reason] : to_discard) discard_locked(std::move(pooled), reason, deferred);
-    for (auto& pooled : to_ping) {
-      pooled->advance(NodeEvent::ping);
-      ++background;
-      in_background.insert(&pooled->connection);
-      spawn_later(ping(shared_from_this(), std::move(pooled)));
-    }
-    if (config.leak_threshold.count() > 0) {
-      for (PooledConnection* record : leased) {
-        const auto age =
-            std::chrono::duration_cast<std::chrono::milliseconds>(now - record->leased_at);
-        if (record->leak_reported || age < config.leak_threshold) continue;
-        record->leak_reported = true;
-        ++leaks_suspected;
+  // The capacity is given back only once the server has closed its end of the socket, which it
+  // does after the backend has left pg_stat_activity: the strict max holds on the server's side
+  // at every instant. A statement still running is cancelled first (close_and_wait() does), so
+  // that the backend ends now. A backend that outlives server_close_warning keeps its slot
+  // counted (with a warning) until it ends or its socket fails.
+  static asio::awaitable<void> finish_close(std::shared_ptr<PoolState> self, pool::Node* node) {
+    Connection& connection = connection_of(*node);
+    const int pid = connection.backend_pid();
+    bool warned = false;
+    (void)co_await connection.close_and_wait(server_close_warning, [&] {
+      if (!warned) {
+        warned = true;
         spdlog::warn(
-            "pgrt pool {}: a connection acquired at {} has been held for {} ms (leak_threshold "
-            "{} ms); is a Lease kept alive by mistake?",
-            application_name, describe_site(record->lease_site), age.count(),
-            config.leak_threshold.count());
-        deferred.add(
-            [this, site = record->lease_site, age] { emit(events.leak_suspected, site, age); });
+            "pgrt pool {}: the server has not ended backend {} {} ms after it was closed; its "
+            "slot stays counted against max_size until it does",
+            self->application_name, pid, server_close_warning.count());
       }
+      return true;
+    });
+    // The connection goes outside the lock; the node (and its capacity) under it.
+    std::unique_ptr<pool::NodeAttachment> attachment;
+    {
+      std::lock_guard lock(self->mutex);
+      attachment = std::move(node->attachment);
     }
-    maybe_open_locked(deferred);
+    attachment.reset();
+    Deferred deferred;
+    std::lock_guard lock(self->mutex);
+    pool::Actions actions;
+    self->core.backend_ended(*node, Clock::now(), actions);
+    self->execute_locked(actions, deferred);
+  }
+
+  // Waits on `timer` (until its expiry) with the lock released once the wait has started, so
+  // that whoever cancels it under the lock cannot slip in between.
+  static asio::awaitable<error_code> wait_releasing(std::unique_lock<std::mutex>& lock,
+                                                    asio::steady_timer& timer) {
+    auto [error] = co_await asio::async_initiate<decltype(no_throw), void(error_code)>(
+        [&](auto handler) {
+          // Once the wait is started another thread may complete it and resume (and end) the
+          // coroutine: nothing in its frame may be touched after async_wait.
+          std::mutex* held = lock.release();
+          timer.async_wait(std::move(handler));
+          held->unlock();
+        },
+        no_throw);
+    co_return error;
+  }
+
+  // Calls the core's tick() when the timer it armed expires, until the pool closes.
+  static asio::awaitable<void> upkeep(std::shared_ptr<PoolState> self) {
+    for (;;) {
+      std::unique_lock lock(self->mutex);
+      if (self->core.closed()) co_return;
+      (void)co_await wait_releasing(lock, *self->upkeep_timer);
+      Deferred deferred;
+      lock = std::unique_lock(self->mutex);
+      if (self->core.closed()) co_return;
+      const auto now = Clock::now();
+      if (self->upkeep_timer->expiry() > now) continue;  // re-armed meanwhile
+      pool::Actions actions;
+      self->upkeep_timer->expires_at(Clock::time_point::max());
+      self->core.tick(now, actions);
+      self->execute_locked(actions, deferred);
+      lock.unlock();
+    }
   }
 
   // --- acquire and release --------------------------------------------------------------------
+
+  std::string describe_load_locked() const {
+    const auto stats = core.stats();
+    return std::to_string(stats.count(pool::NodeState::leased)) + " of max " +
+           std::to_string(config.max_size) + " connections in use, " +
+           std::to_string(stats.count(pool::NodeState::connecting)) + " connecting, " +
+           std::to_string(stats.waiting_normal + stats.waiting_high) + " callers waiting";
+  }
 
   // `self` is this state, held by the coroutine frame so that the state outlives the acquire even
   // if the Pool object goes away meanwhile (and handed to the Lease).
   asio::awaitable<Lease> acquire(std::shared_ptr<PoolState> self, Priority priority,
                                  std::source_location site) {
+    // A cancellation already emitted is ours to report (client_errc::cancelled, counted), not an
+    // operation_aborted thrown by the next co_await.
+    co_await asio::this_coro::throw_if_cancelled(false);
     const auto now = coarse_now();
     Deferred deferred;  // declared before the lock: its events run after it is released
     std::unique_lock lock(mutex);
-    if (pool_closing) {
-      throw_pool_error(client_errc::pool_closed, "the pool " + application_name + " is closed");
-    }
-    if (!executor) {
+    if (!executor && !core.closed()) {
       // co_await this_coro::executor never suspends: it is safe under the lock.
-      const auto caller_executor = co_await asio::this_coro::executor;
-      bind_executor_locked(caller_executor);
+      bind_executor_locked(co_await asio::this_coro::executor);
     }
-    const auto me = index(priority);
-    // Fast path: nobody of this priority (or higher) is waiting and an idle connection is free.
-    const bool nobody_ahead = waiters[1].empty() && (me == 1 || waiters[0].empty());
-    while (nobody_ahead && !idle.empty() && can_lease_locked(priority)) {
-      auto pooled = std::move(idle.back());
-      idle.pop_back();
-      if (expired(*pooled, now)) {
-        discard_locked(std::move(pooled), DiscardReason::lifetime, deferred);
-        continue;
+    pool::Actions actions;
+    const auto result = core.try_acquire(priority, site, now, actions);
+    execute_locked(actions, deferred);
+    switch (result.kind) {
+      case pool::AcquireResult::Kind::leased: {
+        waits.record(std::chrono::microseconds(0));
+        lock.unlock();
+        // The Lease owns the connection before any event runs: nothing can leak its slot.
+        Lease lease(result.validate ? self : std::move(self), result.node);
+        emit(events.acquired, site);
+        if (!result.validate) co_return lease;
+        co_return co_await validated(std::move(lease), std::move(self), priority, site);
       }
-      const bool validate = config.validate_after_idle.count() > 0 &&
-                            now - pooled->idle_since > config.validate_after_idle;
-      pooled->advance(NodeEvent::lease);
-      lease_locked(*pooled, priority, site, now);
-      waits.record(std::chrono::microseconds(0));
-      lock.unlock();
-      // The Lease owns the connection before any event runs: nothing can leak its slot.
-      Lease lease(validate ? self : std::move(self), std::move(pooled));
-      emit(events.acquired, site);
-      if (!validate) co_return lease;
-      try {
-        co_await lease->query("");
-        co_return lease;
-      } catch (const Error& error) {
-        if (error.code() == client_errc::cancelled) throw;  // the caller gave up: so do we
-      }
-      lease.release();  // dead: discarded on return; start over
-      co_return co_await acquire(std::move(self), priority, site);
-    }
-
-    if (waiters[0].size() + waiters[1].size() >= config.max_waiters) {
-      throw_pool_error(client_errc::pool_queue_full,
-                       "the pool " + application_name + " already has " +
-                           std::to_string(config.max_waiters) + " callers waiting (" +
-                           describe_load_locked() + ")",
-                       "raise PoolConfig::max_waiters, or shed load earlier");
-    }
-    // acquire_timeout 0 means: never wait for a lease to come back. A connection that can still be
-    // opened under the max is waited for (at most its connect timeout).
-    const bool can_open = open < config.max_size && can_lease_locked(priority);
-    const auto wait_limit = config.acquire_timeout.count() > 0 ? config.acquire_timeout
-                            : can_open                         ? config.connect.connect_timeout
-                                                               : std::chrono::milliseconds(0);
-    if (wait_limit.count() == 0) {
-      ++timeouts;
-      throw_pool_error(
-          client_errc::pool_timeout,
-          "no connection free in the pool " + application_name + " (" + describe_load_locked() +
-              ") and acquire_timeout is 0" +
-              (last_connect_error.empty() ? std::string()
-                                          : "; last connect error: " + last_connect_error));
+      case pool::AcquireResult::Kind::closed:
+        throw_pool_error(client_errc::pool_closed, "the pool " + application_name + " is closed");
+      case pool::AcquireResult::Kind::queue_full:
+        throw_pool_error(client_errc::pool_queue_full,
+                         "the pool " + application_name + " already has " +
+                             std::to_string(config.max_waiters) + " callers waiting (" +
+                             describe_load_locked() + ")",
+                         "raise PoolConfig::max_waiters, or shed load earlier");
+      case pool::AcquireResult::Kind::no_wait:
+        throw_pool_error(
+            client_errc::pool_timeout,
+            "no connection free in the pool " + application_name + " (" + describe_load_locked() +
+                ") and acquire_timeout is 0" +
+                (last_connect_error.empty() ? std::string()
+                                            : "; last connect error: " + last_connect_error));
+      case pool::AcquireResult::Kind::wait:
+        break;
     }
     if ((co_await asio::this_coro::cancellation_state).cancelled() !=
         asio::cancellation_type::none) {
-      ++cancellations;
+      pool::Waiter gone(priority, site);
+      core.withdraw(gone, pool::FailReason::cancelled, actions);  // counted
       throw_pool_error(client_errc::cancelled, "waiting for a pooled connection was cancelled");
     }
-    const auto caller_executor = co_await asio::this_coro::executor;  // never suspends
     const auto started = Clock::now();
-    Waiter waiter(caller_executor, priority, site);
-    waiters[me].push_back(&waiter);
+    PoolWaiter waiter(co_await asio::this_coro::executor, priority, site);
     // If this coroutine is destroyed while it waits (its io_context shut down), the waiter must
     // leave the queue, and a connection already handed to it must go back.
     struct Abandon {
-      Abandon(PoolState& pool_in, Waiter& waiter_in, std::unique_lock<std::mutex>& lock_in)
-          : pool(pool_in), waiter(waiter_in), lock(lock_in) {}
+      Abandon(PoolState& pool_in, PoolWaiter& waiter_in) : pool(pool_in), waiter(waiter_in) {}
       PoolState& pool;
-      Waiter& waiter;
-      std::unique_lock<std::mutex>& lock;  // may still hold the mutex if the prefix threw
+      PoolWaiter& waiter;
       bool armed = true;
       Abandon(const Abandon&) = delete;
       Abandon& operator=(const Abandon&) = delete;
@@ -790,67 +601,79 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
       Abandon& operator=(Abandon&&) = delete;
       ~Abandon() {
         if (!armed) return;
-        std::unique_ptr<PooledConnection> handed;
+        pool::Node* handed = nullptr;
         {
-          std::unique_lock guard(pool.mutex, std::defer_lock);
-          if (!lock.owns_lock()) guard.lock();
-          auto& queue = pool.waiters[index(waiter.priority)];
-          queue.erase(std::remove(queue.begin(), queue.end(), &waiter), queue.end());
-          handed = std::move(waiter.handed);
+          std::lock_guard guard(pool.mutex);
+          pool::Actions ignored;
+          pool.core.withdraw(waiter, pool::FailReason::cancelled, ignored);
+          if (waiter.outcome == pool::Waiter::Outcome::handed) handed = waiter.handed;
         }
-        if (handed) pool.release(std::move(handed));
+        if (handed != nullptr) pool.release(*handed, false);
       }
-    } abandon(*this, waiter, lock);
-    maybe_open_locked(deferred);
-    waiter.timer.expires_after(wait_limit);
+    };
+    pool::Actions enqueued;
+    core.enqueue(waiter, now, enqueued);
+    execute_locked(enqueued, deferred);
+    Abandon abandon(*this, waiter);
+    waiter.timer.expires_after(result.wait_limit);
     // The wait starts under the lock, so a handoff cannot slip in before it.
-    auto [error] = co_await asio::async_initiate<decltype(no_throw), void(error_code)>(
-        [&](auto handler) {
-          // Once the wait is started another thread may complete it and resume (and end) this
-          // coroutine: nothing in its frame may be touched after async_wait.
-          std::mutex* held = lock.release();
-          waiter.timer.async_wait(std::move(handler));
-          held->unlock();
-        },
-        no_throw);
+    const error_code error = co_await wait_releasing(lock, waiter.timer);
     lock = std::unique_lock(mutex);
     abandon.armed = false;
-    if (waiter.handed) {
+    if (waiter.outcome == pool::Waiter::Outcome::handed) {
       waits.record(std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - started));
       lock.unlock();
-      Lease lease(std::move(self), std::move(waiter.handed));
+      Lease lease(std::move(self), waiter.handed);
       emit(events.acquired, site);
       co_return lease;
     }
     const std::string load = describe_load_locked();  // counting this caller among the waiting
-    auto& queue = waiters[me];
-    queue.erase(std::remove(queue.begin(), queue.end(), &waiter), queue.end());
-    if (waiter.pool_closed) {
-      throw_pool_error(client_errc::pool_closed, "the pool " + application_name + " was closed");
+    if (waiter.outcome == pool::Waiter::Outcome::none) {
+      pool::Actions none;
+      core.withdraw(waiter, error ? pool::FailReason::cancelled : pool::FailReason::timeout, none);
     }
-    if (!error) {
-      ++timeouts;
-      std::string message = "timed out after " + std::to_string(wait_limit.count()) +
-                            " ms waiting for a connection from the pool " + application_name +
-                            " (" + load + ")";
-      if (!last_connect_error.empty()) message += "; last connect error: " + last_connect_error;
-      lock.unlock();
-      emit(events.acquire_timeout, message);
-      throw_pool_error(client_errc::pool_timeout, message,
-                       "hold leases for shorter, raise max_size, or check the server");
+    switch (waiter.failed) {
+      case pool::FailReason::pool_closed:
+        throw_pool_error(client_errc::pool_closed, "the pool " + application_name + " was closed");
+      case pool::FailReason::cancelled:
+        throw_pool_error(client_errc::cancelled, "waiting for a pooled connection was cancelled");
+      case pool::FailReason::timeout:
+        break;
     }
-    ++cancellations;
-    throw_pool_error(client_errc::cancelled, "waiting for a pooled connection was cancelled");
+    std::string message = "timed out after " + std::to_string(result.wait_limit.count()) +
+                          " ms waiting for a connection from the pool " + application_name + " (" +
+                          load + ")";
+    if (!last_connect_error.empty()) message += "; last connect error: " + last_connect_error;
+    lock.unlock();
+    emit(events.acquire_timeout, message);
+    throw_pool_error(client_errc::pool_timeout, message,
+                     "hold leases for shorter, raise max_size, or check the server");
   }
 
-  void release(std::unique_ptr<PooledConnection> pooled) noexcept {
+  // validate_after_idle: a ping before handing out a connection that sat idle; a dead one is
+  // discarded and the acquire starts over.
+  static asio::awaitable<Lease> validated(Lease lease, std::shared_ptr<PoolState> self,
+                                          Priority priority, std::source_location site) {
     try {
+      co_await lease->query("");
+      co_return lease;
+    } catch (const Error& error) {
+      if (error.code() == client_errc::cancelled) throw;  // the caller gave up: so do we
+    }
+    lease.release();  // dead: discarded on return; start over
+    co_return co_await self->acquire(self, priority, site);
+  }
+
+  void release(pool::Node& node, bool discard) noexcept {
+    try {
+      const auto kind = discard ? pool::ReturnKind::discard : classify(connection_of(node));
+      const auto now = coarse_now();
       Deferred deferred;
       std::lock_guard lock(mutex);
-      unlease_locked(*pooled);
+      pool::Actions actions;
       if (events.released.ever_connected()) deferred.add([this] { emit(events.released); });
-      return_locked(std::move(pooled), deferred);
-      serve_idle_locked(deferred);
+      core.lease_returned(node, kind, now, actions);
+      execute_locked(actions, deferred);
     } catch (const std::exception& error) {
       spdlog::error("pgrt pool: returning a connection failed: {}", error.what());
     }
@@ -858,116 +681,152 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
 
   PoolStats stats() const {
     std::lock_guard lock(mutex);
+    const pool::CoreStats counts = core.stats();
     PoolStats snapshot;
-    snapshot.max = config.max_size;
-    snapshot.size = open;
-    snapshot.idle = idle.size();
-    snapshot.in_use = in_use;
-    snapshot.connecting = connecting;
-    snapshot.closing = closing;
-    snapshot.waiting_normal = waiters[0].size();
-    snapshot.waiting_high = waiters[1].size();
-    snapshot.acquired = acquired;
-    snapshot.timeouts = timeouts;
-    snapshot.cancellations = cancellations;
-    snapshot.connect_attempts = connect_attempts;
-    snapshot.connect_errors = connect_errors;
-    snapshot.discarded = discarded;
-    snapshot.leaks_suspected = leaks_suspected;
+    snapshot.max = counts.max;
+    snapshot.size = counts.live;
+    snapshot.idle = counts.count(pool::NodeState::idle);
+    snapshot.in_use = counts.count(pool::NodeState::leased);
+    snapshot.connecting = counts.count(pool::NodeState::connecting);
+    snapshot.closing = counts.count(pool::NodeState::closing);
+    snapshot.resetting = counts.count(pool::NodeState::resetting);
+    snapshot.pinging = counts.count(pool::NodeState::pinging);
+    snapshot.waiting_normal = counts.waiting_normal;
+    snapshot.waiting_high = counts.waiting_high;
+    snapshot.acquired = counts.acquired;
+    snapshot.timeouts = counts.timeouts;
+    snapshot.cancellations = counts.cancellations;
+    snapshot.connect_attempts = counts.connect_attempts;
+    snapshot.connect_errors = counts.connect_errors;
+    snapshot.discarded = counts.discarded;
+    snapshot.leaks_suspected = counts.leaks_suspected;
     snapshot.wait_p50 = waits.percentile(0.5);
     snapshot.wait_p99 = waits.percentile(0.99);
     snapshot.wait_max = waits.max();
     snapshot.last_connect_error = last_connect_error;
-    snapshot.consecutive_connect_failures = consecutive_failures;
-    snapshot.connect_backoff = current_backoff;
+    snapshot.consecutive_connect_failures = counts.consecutive_connect_failures;
+    snapshot.connect_backoff = counts.connect_backoff;
     return snapshot;
   }
 
-  // Wakes every waiter with pool_closed.
-  void fail_waiters_locked() {
-    for (auto& queue : waiters) {
-      for (Waiter* waiter : queue) {
-        waiter->pool_closed = true;
-        waiter->timer.cancel();
-      }
-      queue.clear();
+  // Every connection in one of these states, under the lock.
+  template <typename Visit>
+  void for_each_locked(std::initializer_list<pool::NodeState> states, Visit&& visit) const {
+    for (pool::NodeState state : states) {
+      core.nodes(state).for_each([&](const pool::Node& node) { visit(node); });
     }
   }
 
   // The synchronous, best-effort close for a process that exits without a graceful stop: runs no
-  // coroutine and posts nothing. Idle connections are closed here (Terminate, then the socket);
-  // leased and background ones are interrupted; their capacity is left counted.
+  // coroutine. Idle connections are closed here (Terminate, then the socket); leased and
+  // background ones are interrupted; their capacity is left counted.
   void close_now() noexcept {
     try {
       std::optional<asio::any_io_executor> pool_executor;
+      std::size_t closed = 0, interrupted = 0;
       {
         std::lock_guard lock(mutex);
-        pool_closing = true;
         pool_executor = executor;
-        const std::size_t closed = idle.size();
-        for (auto& pooled : idle) {
-          pooled->advance(NodeEvent::discard);
-          pooled->connection.close(CloseMode::graceful);
-          ++discarded;
-        }
-        open -= idle.size();
-        idle.clear();
-        for (PooledConnection* record : leased) record->connection.interrupt(exit_cancel_wait);
-        for (Connection* connection : in_background) connection->interrupt(exit_cancel_wait);
+        for_each_locked({pool::NodeState::idle}, [&](const pool::Node& node) {
+          connection_of(const_cast<pool::Node&>(node)).close(CloseMode::graceful);
+          ++closed;
+        });
+        for_each_locked(
+            {pool::NodeState::leased, pool::NodeState::resetting, pool::NodeState::pinging},
+            [&](const pool::Node& node) {
+              connection_of(const_cast<pool::Node&>(node)).interrupt(exit_cancel_wait);
+              ++interrupted;
+            });
         spdlog::warn(
             "pgrt pool {}: closed at exit: {} idle connection(s) closed, {} in use or "
             "being reset interrupted",
-            application_name, closed, leased.size() + in_background.size());
+            application_name, closed, interrupted);
       }
-      if (!pool_executor) return;  // no timer and no waiter was ever made
-      // The timers (the pool's and the waiters') belong to the io threads, which may still be
-      // running (std::exit called from one of them): cancel them there. dispatch() runs this at
-      // once when the calling thread runs the io_context; when no thread does, it never runs,
-      // and nothing waits on those timers any more.
-      asio::dispatch(*pool_executor, [self = shared_from_this()] {
-        std::lock_guard lock(self->mutex);
-        self->fail_waiters_locked();
-        self->maintenance_timer->cancel();
-        self->retry_timer->cancel();
-      });
+      if (!pool_executor) {
+        std::lock_guard lock(mutex);
+        pool::Actions actions;
+        core.close(actions);  // no waiter, timer or connect was ever made
+        return;
+      }
+      // The waiters, the timer and the connects belong to the io threads, which may still be
+      // running (std::exit called from one of them): the core's close is carried out there.
+      // dispatch() runs it at once when the calling thread runs the io_context; when no thread
+      // does, it never runs, and nothing waits on those timers any more.
+      asio::dispatch(*pool_executor, [self = shared_from_this()] { self->begin_close(); });
     } catch (const std::exception& error) {
       spdlog::error("pgrt pool {}: closing at exit failed: {}", application_name, error.what());
     }
   }
 
-  // Refuses new acquires, fails the waiters and closes the idle connections.
+  // Refuses new acquires, fails the waiters, closes the idle connections and abandons connects.
   void begin_close() {
     Deferred deferred;
     std::lock_guard lock(mutex);
-    if (pool_closing) return;
-    pool_closing = true;
-    fail_waiters_locked();
-    auto idle_now = std::move(idle);
-    idle.clear();
-    for (auto& pooled : idle_now)
-      discard_locked(std::move(pooled), DiscardReason::closing, deferred);
-    if (executor) {
-      maintenance_timer->cancel();
-      retry_timer->cancel();
+    if (core.closed()) return;
+    pool::Actions actions;
+    core.close(actions);
+    execute_locked(actions, deferred);
+    if (upkeep_timer) upkeep_timer->cancel();
+  }
+
+  // Pool::close(): see pool.hpp. `self` keeps the state alive if the Pool goes meanwhile.
+  static asio::awaitable<std::vector<std::string>> close(std::shared_ptr<PoolState> self,
+                                                         std::chrono::milliseconds grace) {
+    self->begin_close();
+    {
+      asio::steady_timer drained(co_await asio::this_coro::executor);
+      drained.expires_after(grace);
+      std::unique_lock lock(self->mutex);
+      if (!self->core.drained()) {
+        self->drain_waiters.push_back(&drained);
+        (void)co_await wait_releasing(lock, drained);
+        lock = std::unique_lock(self->mutex);
+        std::erase(self->drain_waiters, &drained);
+      }
     }
+    std::vector<std::string> outstanding;
+    std::lock_guard lock(self->mutex);
+    const auto now = coarse_now();
+    // What is still out after the grace period is cut: a running statement is cancelled and the
+    // socket shut down, so the server ends those backends now and their holders get
+    // connection_lost. The descriptors are freed when the leases come back.
+    self->for_each_locked({pool::NodeState::leased}, [&](const pool::Node& node) {
+      connection_of(const_cast<pool::Node&>(node)).interrupt();
+      outstanding.push_back(
+          describe_site(node.lease_site) + ", held for " +
+          std::to_string(
+              std::chrono::duration_cast<std::chrono::milliseconds>(now - node.leased_at).count()) +
+          " ms");
+    });
+    self->for_each_locked(
+        {pool::NodeState::resetting, pool::NodeState::pinging},
+        [&](const pool::Node& node) { connection_of(const_cast<pool::Node&>(node)).interrupt(); });
+    if (!outstanding.empty()) {
+      std::string sites;
+      for (const auto& site : outstanding) sites += (sites.empty() ? "" : "; ") + site;
+      spdlog::warn(
+          "pgrt pool {}: {} lease(s) still out after the {} ms grace period were interrupted "
+          "(their statements cancelled, their connections cut): {}",
+          self->application_name, outstanding.size(), grace.count(), sites);
+    }
+    co_return outstanding;
   }
 };
 
 }  // namespace detail
 
-// --- Lease
-// ----------------------------------------------------------------------------------------
+// --- Lease ---------------------------------------------------------------------------------------
 
 Lease::Lease() noexcept = default;
-Lease::Lease(std::shared_ptr<detail::PoolState> pool,
-             std::unique_ptr<detail::PooledConnection> connection) noexcept
-    : pool_(std::move(pool)), connection_(std::move(connection)) {}
-Lease::Lease(Lease&& other) noexcept = default;
+Lease::Lease(std::shared_ptr<detail::PoolState> pool, detail::pool::Node* node) noexcept
+    : pool_(std::move(pool)), node_(node) {}
+Lease::Lease(Lease&& other) noexcept
+    : pool_(std::move(other.pool_)), node_(std::exchange(other.node_, nullptr)) {}
 Lease& Lease::operator=(Lease&& other) noexcept {
   if (this != &other) {
     release();
     pool_ = std::move(other.pool_);
-    connection_ = std::move(other.connection_);
+    node_ = std::exchange(other.node_, nullptr);
   }
   return *this;
 }
@@ -975,20 +834,30 @@ Lease::~Lease() {
   release();
 }
 
-Connection& Lease::operator*() const noexcept {
-  return connection_->connection;
+Connection& Lease::operator*() const {
+  if (node_ == nullptr) {
+    throw_pool_error(client_errc::not_connected,
+                     "this Lease is empty (default-constructed, moved from, released or "
+                     "discarded): it has no connection",
+                     "acquire a new lease with co_await pool.acquire() or pgrt::connection()");
+  }
+  return detail::connection_of(*node_);
 }
-Connection* Lease::operator->() const noexcept {
-  return &connection_->connection;
+Connection* Lease::operator->() const {
+  return &**this;
 }
 
 void Lease::release() noexcept {
-  if (connection_) pool_->release(std::move(connection_));
+  if (node_ != nullptr) pool_->release(*std::exchange(node_, nullptr), false);
   pool_.reset();
 }
 
-// --- Pool
-// -----------------------------------------------------------------------------------------
+void Lease::discard() noexcept {
+  if (node_ != nullptr) pool_->release(*std::exchange(node_, nullptr), true);
+  pool_.reset();
+}
+
+// --- Pool ----------------------------------------------------------------------------------------
 
 Pool::Pool(boost::asio::any_io_executor executor, PoolConfig config) : Pool(std::move(config)) {
   std::lock_guard lock(state_->mutex);
@@ -1031,45 +900,8 @@ const std::string& Pool::application_name() const noexcept {
 }
 
 asio::awaitable<std::vector<std::string>> Pool::close(std::chrono::milliseconds grace) {
-  state_->begin_close();
-  const auto deadline = Clock::now() + grace;
-  asio::steady_timer timer(co_await asio::this_coro::executor);
-  for (;;) {
-    {
-      std::lock_guard lock(state_->mutex);
-      if ((state_->in_use == 0 && state_->connecting == 0 && state_->background == 0 &&
-           state_->closing == 0) ||
-          Clock::now() >= deadline) {
-        break;
-      }
-    }
-    timer.expires_after(std::chrono::milliseconds(10));
-    co_await timer.async_wait(no_throw);
-  }
-  std::vector<std::string> outstanding;
-  std::lock_guard lock(state_->mutex);
-  const auto now = Clock::now();
-  // What is still out after the grace period is cut: a running statement is cancelled and the
-  // socket shut down, so the server ends those backends now and their holders get
-  // connection_lost. The descriptors are freed when the leases come back.
-  for (detail::PooledConnection* record : state_->leased) {
-    record->connection.interrupt();
-    outstanding.push_back(describe_site(record->lease_site) + ", held for " +
-                          std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(
-                                             now - record->leased_at)
-                                             .count()) +
-                          " ms");
-  }
-  for (Connection* connection : state_->in_background) connection->interrupt();
-  if (!outstanding.empty()) {
-    std::string sites;
-    for (const auto& site : outstanding) sites += (sites.empty() ? "" : "; ") + site;
-    spdlog::warn(
-        "pgrt pool {}: {} lease(s) still out after the {} ms grace period were interrupted "
-        "(their statements cancelled, their connections cut): {}",
-        state_->application_name, outstanding.size(), grace.count(), sites);
-  }
-  co_return outstanding;
+  // Not a coroutine itself: the frame holds the state, so the Pool may be destroyed meanwhile.
+  return detail::PoolState::close(state_, grace);
 }
 
 // --- the process-wide pool

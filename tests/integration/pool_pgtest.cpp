@@ -21,7 +21,7 @@
 
 #include <pgrt/db.hpp>
 
-#include "connection_node.hpp"
+#include "pool/core.hpp"
 #include "pgrt/testing/blocking_sql.hpp"
 #include "pgrt/testing/db_test.hpp"
 #include "pgrt/testing/expect_error.hpp"
@@ -85,7 +85,7 @@ class BackendSampler {
 class PoolTest : public testing::DbTest {
  protected:
   // Every test also checks that the pool only made transitions its state machine allows.
-  void TearDown() override { EXPECT_EQ(detail::illegal_node_transitions(), 0U); }
+  void TearDown() override { EXPECT_EQ(detail::pool::illegal_node_transitions(), 0U); }
 
   static PoolConfig config(std::string instance, std::size_t max_size = 3) {
     PoolConfig pool_config;

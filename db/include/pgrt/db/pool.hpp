@@ -34,12 +34,9 @@
 
 #include "pgrt/db/connection.hpp"
 #include "pgrt/db/error.hpp"
+#include "pgrt/db/pool_types.hpp"
 
 namespace pgrt {
-
-/// Who is asking. High-priority acquires are served before normal ones and may use the
-/// connections reserved by PoolConfig::reserved_for_priority.
-enum class Priority { normal, high };
 
 /// Session guards a pool sets on each of its connections; zero turns one off (the server's or the
 /// system's default then applies). Settings already in ConnectOptions::session_settings win.
@@ -148,6 +145,10 @@ struct PoolStats {
   /// Closed, waiting for the server to end the backend (a running statement is cancelled first);
   /// still counted in size until the server has closed its end of the socket.
   std::size_t closing = 0;
+  /// Being reset after a return (ROLLBACK, DISCARD ALL) and being pinged (keepalive_interval),
+  /// in the background; counted in size.
+  std::size_t resetting = 0;
+  std::size_t pinging = 0;
   std::size_t waiting_normal = 0;
   std::size_t waiting_high = 0;
   std::uint64_t acquired = 0;
@@ -171,9 +172,6 @@ struct PoolStats {
   [[nodiscard]] std::string to_json() const;
 };
 
-/// Why a connection left the pool.
-enum class DiscardReason { broken, lifetime, idle_timeout, failed_reset, mid_query, closing };
-[[nodiscard]] std::string_view to_string(DiscardReason reason) noexcept;
 [[nodiscard]] std::string_view to_string(ResetPolicy policy) noexcept;
 
 /// A Boost.Signals2 signal that remembers whether anything was ever connected to it, so the pool
@@ -225,7 +223,9 @@ struct PoolEvents {
 
 namespace detail {
 struct PoolState;
-struct PooledConnection;
+namespace pool {
+struct Node;
+}  // namespace pool
 }  // namespace detail
 
 /// A connection borrowed from a pool. Move-only; a default-constructed or moved-from Lease is
@@ -243,20 +243,24 @@ class Lease {
   Lease& operator=(const Lease&) = delete;
   ~Lease();
 
-  /// The connection. Undefined on an empty Lease.
-  Connection& operator*() const noexcept;
-  Connection* operator->() const noexcept;
-  [[nodiscard]] explicit operator bool() const noexcept { return connection_ != nullptr; }
+  /// The connection. Throws pgrt::Error(client_errc::not_connected) on an empty Lease
+  /// (default-constructed, moved from, released or discarded).
+  Connection& operator*() const;
+  Connection* operator->() const;
+  [[nodiscard]] explicit operator bool() const noexcept { return node_ != nullptr; }
   /// Returns the connection to the pool now; the Lease becomes empty.
   void release() noexcept;
+  /// Closes the connection instead of returning it (its capacity comes back once the server has
+  /// ended the backend, as for any closed connection); the Lease becomes empty. For a connection
+  /// whose session state you cannot trust. Emits PoolEvents::discarded (DiscardReason::by_user).
+  void discard() noexcept;
 
  private:
   friend struct detail::PoolState;
-  Lease(std::shared_ptr<detail::PoolState> pool,
-        std::unique_ptr<detail::PooledConnection> connection) noexcept;
+  Lease(std::shared_ptr<detail::PoolState> pool, detail::pool::Node* node) noexcept;
 
   std::shared_ptr<detail::PoolState> pool_;
-  std::unique_ptr<detail::PooledConnection> connection_;
+  detail::pool::Node* node_ = nullptr;
 };
 
 /// A pool of connections to one server.

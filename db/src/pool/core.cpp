@@ -1,0 +1,421 @@
+#include "core.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <stdexcept>
+#include <string>
+
+namespace pgrt::detail::pool {
+
+namespace {
+std::atomic<std::uint64_t> illegal_transitions{0};
+}  // namespace
+
+std::uint64_t illegal_node_transitions() noexcept {
+  return illegal_transitions.load(std::memory_order_relaxed);
+}
+
+std::size_t connections_to_open(const SizingInput& input) noexcept {
+  if (input.backing_off) return 0;
+  const std::size_t ready = input.idle + input.connecting;
+  std::size_t wanted = input.servable_waiters;
+  const std::size_t alive = input.live - input.closing;
+  if (alive < input.min_idle) wanted = std::max(wanted, ready + (input.min_idle - alive));
+  if (wanted <= ready) return 0;
+  const std::size_t room = input.max_size > input.live ? input.max_size - input.live : 0;
+  std::size_t count = std::min(wanted - ready, room);
+  if (input.failing) count = input.connecting > 0 ? 0 : std::min<std::size_t>(count, 1);
+  return count;
+}
+
+Core::Core(CoreConfig config, std::uint64_t seed)
+    : config_(config), capacity_(config.max_size), random_(seed) {}
+
+Core::~Core() {
+  for (auto& nodes : by_state_) {
+    nodes.for_each([&](Node& node) {
+      nodes.remove(node);
+      delete &node;  // NOLINT(cppcoreguidelines-owning-memory): the lists own the nodes
+    });
+  }
+}
+
+// --- node states -------------------------------------------------------------------------------
+
+void Core::move(Node& node, NodeState to) {
+  if (!allowed_transition(node.state, to)) {
+    illegal_transitions.fetch_add(1, std::memory_order_relaxed);
+    throw std::logic_error("pgrt pool core: a connection cannot go from " +
+                           std::string(to_string(node.state)) + " to " +
+                           std::string(to_string(to)));
+  }
+  if (node.state == NodeState::leased && node.priority == Priority::normal) --leased_normal_;
+  list(node.state).remove(node);
+  node.state = to;
+  list(to).push_back(node);
+  if (to == NodeState::leased && node.priority == Priority::normal) ++leased_normal_;
+}
+
+void Core::destroy(Node& node) {
+  if (node.state == NodeState::leased && node.priority == Priority::normal) --leased_normal_;
+  list(node.state).remove(node);
+  delete &node;  // NOLINT(cppcoreguidelines-owning-memory): the lists own the nodes
+}
+
+void Core::lease(Node& node, Priority priority, std::source_location site, Time now) {
+  node.priority = priority;
+  move(node, NodeState::leased);
+  node.leased_at = now;
+  node.lease_site = site;
+  node.leak_reported = false;
+  node.session_used = true;
+  ++acquired_;
+}
+
+// A node nobody uses: to the oldest waiter that may take it (high first), else to the idle list.
+// `used`: it comes back from a lease, a reset or a connect (idle time starts again), not from a
+// keepalive ping.
+void Core::offer(Node& node, Time now, bool used, Actions& actions) {
+  for (Priority priority : {Priority::high, Priority::normal}) {
+    auto& queue = waiters_.of(priority);
+    if (queue.empty() || !can_lease(priority)) continue;
+    Waiter& waiter = *queue.front();
+    queue.remove(waiter);
+    waiter.queued = false;
+    if (node.state != NodeState::idle) move(node, NodeState::idle);
+    lease(node, priority, waiter.site, now);
+    if (config_.leak_threshold.count() > 0) want_tick(now + config_.leak_threshold, actions);
+    waiter.outcome = Waiter::Outcome::handed;
+    waiter.handed = &node;
+    actions.push_back({.kind = Action::Kind::wake, .node = &node, .waiter = &waiter});
+    return;
+  }
+  if (node.state == NodeState::idle) return;
+  if (used) node.idle_since = now;
+  move(node, NodeState::idle);
+  want_tick(std::max(deadline_of(node), now), actions);  // a keepalive may be due already
+}
+
+// Idle nodes to waiters that may now take them (a normal lease came back, so a normal waiter kept
+// out by reserved_for_priority may go).
+void Core::serve_idle(Time now, Actions& actions) {
+  auto& idle = list(NodeState::idle);
+  while (!idle.empty() &&
+         ((!waiters_.of(Priority::high).empty()) ||
+          (!waiters_.of(Priority::normal).empty() && can_lease(Priority::normal)))) {
+    offer(*idle.back(), now, false, actions);
+  }
+}
+
+void Core::close_node(Node& node, DiscardReason reason, Actions& actions) {
+  node.close_reason = reason;
+  move(node, NodeState::closing);
+  ++discarded_;
+  actions.push_back({.kind = Action::Kind::close, .node = &node, .reason = reason});
+}
+
+std::size_t Core::servable_waiters() const noexcept {
+  const std::size_t normal_limit = config_.max_size - config_.reserved_for_priority;
+  const std::size_t normal_room = normal_limit > leased_normal_ ? normal_limit - leased_normal_ : 0;
+  return waiters_.of(Priority::high).size() +
+         std::min(waiters_.of(Priority::normal).size(), normal_room);
+}
+
+void Core::maybe_open(Time now, Actions& actions) {
+  if (closed_) return;
+  const SizingInput input{
+      .max_size = config_.max_size,
+      .live = capacity_.taken(),
+      .closing = list(NodeState::closing).size(),
+      .connecting = list(NodeState::connecting).size(),
+      .idle = list(NodeState::idle).size(),
+      .servable_waiters = servable_waiters(),
+      .min_idle = config_.min_idle,
+      .backing_off =
+          consecutive_failures_ > 0 && now<retry_at_, .failing = consecutive_failures_> 0,
+  };
+  for (std::size_t count = connections_to_open(input); count > 0; --count) {
+    auto token = capacity_.try_take();
+    if (!token) break;
+    auto* node = new Node(next_node_id_++, std::move(*token));  // NOLINT: owned by the lists
+    list(NodeState::connecting).push_back(*node);
+    ++connect_attempts_;
+    actions.push_back({.kind = Action::Kind::open, .node = node});
+  }
+}
+
+void Core::want_tick(Time at, Actions& actions) {
+  if (at >= timer_at_) return;
+  timer_at_ = at;
+  actions.push_back({.kind = Action::Kind::arm_timer, .at = at});
+}
+
+Time Core::deadline_of(const Node& node) const noexcept {
+  Time deadline = node.expires;
+  if (config_.idle_timeout.count() > 0) {
+    deadline = std::min(deadline, node.idle_since + config_.idle_timeout);
+  }
+  if (config_.keepalive_interval.count() > 0) {
+    deadline = std::min(deadline, node.last_ping + config_.keepalive_interval);
+  }
+  return deadline;
+}
+
+Time Core::lifetime_deadline(Time now) {
+  if (config_.max_lifetime.count() == 0) return Time::max();
+  std::uniform_real_distribution<double> unit(0.0, 1.0);
+  const double shortened = 1.0 - config_.lifetime_jitter * unit(random_);
+  return now + std::chrono::duration_cast<Clock::duration>(config_.max_lifetime * shortened);
+}
+
+milliseconds Core::next_backoff() {
+  const auto exponent = std::min<std::uint32_t>(consecutive_failures_ - 1, 20);
+  auto delay = config_.backoff_initial * (std::int64_t{1} << exponent);
+  delay = std::min(delay, config_.backoff_max);
+  std::uniform_real_distribution<double> unit(0.0, 1.0);
+  return std::chrono::duration_cast<milliseconds>(delay *
+                                                  (1.0 - config_.backoff_jitter * unit(random_)));
+}
+
+// --- events ------------------------------------------------------------------------------------
+
+AcquireResult Core::try_acquire(Priority priority, std::source_location site, Time now,
+                                Actions& actions) {
+  if (closed_) return {.kind = AcquireResult::Kind::closed};
+  const bool nobody_ahead = waiters_.of(Priority::high).empty() &&
+                            (priority == Priority::high || waiters_.of(Priority::normal).empty());
+  auto& idle = list(NodeState::idle);
+  while (nobody_ahead && !idle.empty() && can_lease(priority)) {
+    Node& node = *idle.back();  // the most recently returned: its socket and caches are warm
+    if (expired(node, now)) {
+      close_node(node, DiscardReason::lifetime, actions);
+      continue;
+    }
+    const bool validate = config_.validate_after_idle.count() > 0 &&
+                          now - node.idle_since >= config_.validate_after_idle;
+    lease(node, priority, site, now);
+    if (config_.leak_threshold.count() > 0) want_tick(now + config_.leak_threshold, actions);
+    return {.kind = AcquireResult::Kind::leased, .node = &node, .validate = validate};
+  }
+  if (waiters_.size() >= config_.max_waiters) return {.kind = AcquireResult::Kind::queue_full};
+  if (config_.acquire_timeout.count() > 0) {
+    return {.kind = AcquireResult::Kind::wait, .wait_limit = config_.acquire_timeout};
+  }
+  // acquire_timeout 0: never wait for a lease to come back; wait only for a connection that can
+  // still be opened under the max.
+  if (capacity_.available() > 0 && can_lease(priority)) {
+    return {.kind = AcquireResult::Kind::wait, .wait_limit = config_.connect_timeout};
+  }
+  ++timeouts_;
+  return {.kind = AcquireResult::Kind::no_wait};
+}
+
+void Core::enqueue(Waiter& waiter, Time now, Actions& actions) {
+  waiters_.of(waiter.priority).push_back(waiter);
+  waiter.queued = true;
+  serve_idle(now, actions);
+  maybe_open(now, actions);
+}
+
+bool Core::withdraw(Waiter& waiter, FailReason why, Actions& actions) {
+  (void)actions;
+  if (waiter.outcome != Waiter::Outcome::none) return false;
+  if (waiter.queued) waiters_.of(waiter.priority).remove(waiter);
+  waiter.queued = false;
+  waiter.outcome = Waiter::Outcome::failed;
+  waiter.failed = why;
+  if (why == FailReason::timeout) ++timeouts_;
+  if (why == FailReason::cancelled) ++cancellations_;
+  return true;
+}
+
+void Core::lease_returned(Node& node, ReturnKind kind, Time now, Actions& actions) {
+  if (node.state != NodeState::leased) {
+    throw std::logic_error("pgrt pool core: a connection came back that was not leased (" +
+                           std::string(to_string(node.state)) + ")");
+  }
+  if (closed_) {
+    close_node(node, DiscardReason::closing, actions);
+  } else if (kind == ReturnKind::broken) {
+    close_node(node, DiscardReason::broken, actions);
+  } else if (kind == ReturnKind::mid_query) {
+    close_node(node, DiscardReason::mid_query, actions);
+  } else if (kind == ReturnKind::discard) {
+    close_node(node, DiscardReason::by_user, actions);
+  } else if (kind == ReturnKind::needs_reset || (config_.reset_discard_all && node.session_used)) {
+    move(node, NodeState::resetting);  // capacity stays held while it runs
+    actions.push_back({.kind = Action::Kind::reset, .node = &node});
+  } else if (expired(node, now)) {
+    close_node(node, DiscardReason::lifetime, actions);
+  } else {
+    offer(node, now, true, actions);
+  }
+  serve_idle(now, actions);
+  maybe_open(now, actions);
+}
+
+void Core::checkout_failed(Node& node, DiscardReason reason, Time now, Actions& actions) {
+  close_node(node, reason, actions);
+  serve_idle(now, actions);
+  maybe_open(now, actions);
+}
+
+void Core::connect_succeeded(Node& node, Time now, Actions& actions) {
+  consecutive_failures_ = 0;
+  backoff_ = milliseconds(0);
+  node.expires = lifetime_deadline(now);
+  node.last_ping = now;
+  if (closed_) {
+    close_node(node, DiscardReason::closing, actions);
+  } else {
+    offer(node, now, true, actions);
+  }
+  maybe_open(now, actions);
+}
+
+void Core::connect_failed(Node& node, Time now, Actions& actions) {
+  destroy(node);
+  ++connect_errors_;
+  ++consecutive_failures_;
+  backoff_ = next_backoff();
+  retry_at_ = now + backoff_;
+  if (closed_) return;
+  want_tick(retry_at_, actions);
+  maybe_open(now, actions);
+}
+
+void Core::reset_done(Node& node, bool ok, Time now, Actions& actions) {
+  if (!ok) {
+    close_node(node, DiscardReason::failed_reset, actions);
+  } else {
+    if (config_.reset_discard_all) node.session_used = false;
+    if (closed_) {
+      close_node(node, DiscardReason::closing, actions);
+    } else if (expired(node, now)) {
+      close_node(node, DiscardReason::lifetime, actions);
+    } else {
+      offer(node, now, true, actions);
+    }
+  }
+  maybe_open(now, actions);
+}
+
+void Core::ping_done(Node& node, bool ok, Time now, Actions& actions) {
+  if (!ok) {
+    close_node(node, DiscardReason::broken, actions);
+  } else {
+    node.last_ping = now;
+    if (closed_) {
+      close_node(node, DiscardReason::closing, actions);
+    } else {
+      offer(node, now, false, actions);  // a ping is not use: idle_timeout still counts
+    }
+  }
+  maybe_open(now, actions);
+}
+
+void Core::connection_lost(Node& node, Actions& actions) {
+  if (node.state == NodeState::idle) close_node(node, DiscardReason::broken, actions);
+}
+
+void Core::backend_ended(Node& node, Time now, Actions& actions) {
+  if (node.state != NodeState::closing) {
+    throw std::logic_error("pgrt pool core: a backend ended for a connection that was " +
+                           std::string(to_string(node.state)) + ", not closing");
+  }
+  destroy(node);  // its capacity token goes with it
+  maybe_open(now, actions);
+}
+
+void Core::tick(Time now, Actions& actions) {
+  timer_at_ = Time::max();
+  if (closed_) return;
+  std::size_t alive = capacity_.taken() - list(NodeState::closing).size();
+  list(NodeState::idle).for_each([&](Node& node) {
+    if (expired(node, now)) {
+      close_node(node, DiscardReason::lifetime, actions);
+      --alive;
+    } else if (config_.idle_timeout.count() > 0 && now - node.idle_since >= config_.idle_timeout &&
+               alive > config_.min_idle) {
+      close_node(node, DiscardReason::idle_timeout, actions);
+      --alive;
+    } else if (config_.keepalive_interval.count() > 0 &&
+               now - node.last_ping >= config_.keepalive_interval) {
+      move(node, NodeState::pinging);
+      actions.push_back({.kind = Action::Kind::ping, .node = &node});
+    }
+  });
+  Time next = Time::max();
+  if (config_.leak_threshold.count() > 0) {
+    list(NodeState::leased).for_each([&](Node& node) {
+      if (node.leak_reported) return;
+      const auto age = std::chrono::duration_cast<milliseconds>(now - node.leased_at);
+      if (age < config_.leak_threshold) {
+        next = std::min(next, node.leased_at + config_.leak_threshold);
+        return;
+      }
+      node.leak_reported = true;
+      ++leaks_suspected_;
+      actions.push_back({.kind = Action::Kind::report_leak, .node = &node, .age = age});
+    });
+  }
+  maybe_open(now, actions);
+  // The next wake-up: the earliest deadline still ahead. An idle timeout that passed while the
+  // node was needed for min_idle is looked at again one idle_timeout later.
+  list(NodeState::idle).for_each([&](const Node& node) {
+    const Time deadline = deadline_of(node);
+    if (deadline > now) next = std::min(next, deadline);
+  });
+  if (!list(NodeState::idle).empty() && config_.idle_timeout.count() > 0) {
+    next = std::min(next, now + config_.idle_timeout);
+  }
+  if (consecutive_failures_ > 0 && retry_at_ > now) next = std::min(next, retry_at_);
+  if (next != Time::max()) want_tick(next, actions);
+}
+
+void Core::close(Actions& actions) {
+  if (closed_) return;
+  closed_ = true;
+  for (Priority priority : {Priority::high, Priority::normal}) {
+    auto& queue = waiters_.of(priority);
+    queue.for_each([&](Waiter& waiter) {
+      queue.remove(waiter);
+      waiter.queued = false;
+      waiter.outcome = Waiter::Outcome::failed;
+      waiter.failed = FailReason::pool_closed;
+      actions.push_back({.kind = Action::Kind::wake, .waiter = &waiter});
+    });
+  }
+  list(NodeState::idle).for_each([&](Node& node) {
+    close_node(node, DiscardReason::closing, actions);
+  });
+  list(NodeState::connecting).for_each([&](Node& node) {
+    actions.push_back({.kind = Action::Kind::cancel_connect, .node = &node});
+  });
+}
+
+// --- reading -----------------------------------------------------------------------------------
+
+CoreStats Core::stats() const noexcept {
+  CoreStats stats;
+  stats.max = config_.max_size;
+  stats.live = capacity_.taken();
+  for (NodeState state : all_node_states) {
+    stats.nodes[static_cast<std::size_t>(state)] = nodes(state).size();
+  }
+  stats.leased_normal = leased_normal_;
+  stats.waiting_normal = waiters_.of(Priority::normal).size();
+  stats.waiting_high = waiters_.of(Priority::high).size();
+  stats.acquired = acquired_;
+  stats.timeouts = timeouts_;
+  stats.cancellations = cancellations_;
+  stats.connect_attempts = connect_attempts_;
+  stats.connect_errors = connect_errors_;
+  stats.discarded = discarded_;
+  stats.leaks_suspected = leaks_suspected_;
+  stats.consecutive_connect_failures = consecutive_failures_;
+  stats.connect_backoff = consecutive_failures_ > 0 ? backoff_ : milliseconds(0);
+  return stats;
+}
+
+}  // namespace pgrt::detail::pool

@@ -1,0 +1,269 @@
+#pragma once
+
+// The pool's core, free of I/O: no Asio, no libpq, no clock reads (every call is given `now`).
+// It owns the waiter queues, the capacity (strict max and reserved connections) and the nodes,
+// and makes every decision: who gets a connection, how many to open, when to reset, ping or close
+// one, when capacity comes back. Events go in as calls; what the driver must do comes out as
+// Actions. The driver (pool.cpp) holds one mutex around every call and carries the actions out
+// after releasing it. tests/unit/pool_core_model_test.cpp drives it against a reference model.
+//
+//   events in                              actions out
+//   try_acquire / enqueue                  wake a waiter (handed a node, or failed)
+//   withdraw (deadline passed, cancel)     open a node (connect)
+//   lease_returned (clean, reset, broken,  reset a node (ROLLBACK / DISCARD ALL)
+//     mid-query, discard)                  ping a node (keepalive)
+//   connect_succeeded / connect_failed     close a node (then report backend_ended)
+//   reset_done / ping_done                 cancel a connect (the pool closes)
+//   connection_lost (idle socket closed)   arm the upkeep timer
+//   backend_ended                          report a lease held past leak_threshold
+//   tick (the upkeep timer fired)
+//   close
+
+#include <array>
+#include <boost/container/small_vector.hpp>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <random>
+#include <source_location>
+
+#include "intrusive_list.hpp"
+#include "node.hpp"
+
+namespace pgrt::detail::pool {
+
+using std::chrono::milliseconds;
+
+// The settings the core decides by (the driver's PoolConfig, without what only I/O needs).
+struct CoreConfig {
+  std::size_t max_size = 10;
+  std::size_t min_idle = 0;
+  std::size_t reserved_for_priority = 0;
+  std::size_t max_waiters = 10'000;
+  milliseconds acquire_timeout{30'000};
+  milliseconds connect_timeout{10'000};  // how long a zero acquire_timeout waits for a connect
+  milliseconds max_lifetime{0};          // 0: never
+  double lifetime_jitter = 0.0;
+  milliseconds idle_timeout{0};
+  milliseconds keepalive_interval{0};
+  milliseconds validate_after_idle{0};
+  milliseconds leak_threshold{0};
+  milliseconds backoff_initial{100};
+  milliseconds backoff_max{10'000};
+  double backoff_jitter = 0.0;
+  bool reset_discard_all = false;  // ResetPolicy::discard_all
+};
+
+enum class FailReason : std::uint8_t { pool_closed, timeout, cancelled };
+
+// One caller waiting for a connection. The driver owns it (on the waiting coroutine's frame) and
+// derives from it to add its wake-up; the core queues it and decides its outcome exactly once.
+struct Waiter {
+  enum class Outcome : std::uint8_t { none, handed, failed };
+
+  Waiter(Priority priority_in, std::source_location site_in) noexcept
+      : priority(priority_in), site(site_in) {}
+  Waiter(const Waiter&) = delete;
+  Waiter& operator=(const Waiter&) = delete;
+  Waiter(Waiter&&) = delete;
+  Waiter& operator=(Waiter&&) = delete;
+  ~Waiter() = default;
+
+  const Priority priority;
+  const std::source_location site;
+  Outcome outcome = Outcome::none;
+  Node* handed = nullptr;                   // Outcome::handed
+  FailReason failed = FailReason::timeout;  // Outcome::failed
+  bool queued = false;
+  Waiter* prev = nullptr;
+  Waiter* next = nullptr;
+};
+
+// Callers waiting, FIFO within a priority, high before normal. One queue per priority today;
+// per-consumer queues (quotas) go in here.
+class WaitQueues {
+ public:
+  [[nodiscard]] IntrusiveList<Waiter>& of(Priority priority) noexcept {
+    return queues_[priority == Priority::high ? 1 : 0];
+  }
+  [[nodiscard]] const IntrusiveList<Waiter>& of(Priority priority) const noexcept {
+    return queues_[priority == Priority::high ? 1 : 0];
+  }
+  [[nodiscard]] std::size_t size() const noexcept { return queues_[0].size() + queues_[1].size(); }
+
+ private:
+  std::array<IntrusiveList<Waiter>, 2> queues_;  // [normal, high]
+};
+
+struct Action {
+  enum class Kind : std::uint8_t {
+    wake,            // `waiter` has its outcome (handed or failed): wake it
+    open,            // connect `node`, then report connect_succeeded or connect_failed
+    reset,           // ROLLBACK (and DISCARD ALL) `node`, then report reset_done
+    ping,            // ping `node`, then report ping_done
+    close,           // close `node` (for `reason`), then report backend_ended once it has ended
+    cancel_connect,  // the pool closed: abandon connecting `node` (it still reports)
+    arm_timer,       // call tick() at `at` (replaces any earlier arming)
+    report_leak,     // `node` has been leased for `age` (past leak_threshold)
+  };
+  Kind kind;
+  Node* node = nullptr;
+  Waiter* waiter = nullptr;
+  DiscardReason reason = DiscardReason::closing;
+  Time at{};
+  milliseconds age{0};
+};
+using Actions = boost::container::small_vector<Action, 6>;
+
+// How a lease came back, as the driver saw its connection.
+enum class ReturnKind : std::uint8_t {
+  clean,        // idle, nothing to reset
+  needs_reset,  // in a transaction (or a failed one); the core adds DISCARD ALL when configured
+  broken,       // the socket is gone or failed
+  mid_query,    // a statement still running
+  discard,      // Lease::discard()
+};
+
+struct AcquireResult {
+  enum class Kind : std::uint8_t {
+    leased,      // `node` is leased to the caller now
+    wait,        // enqueue a Waiter and wait at most `wait_limit`
+    closed,      // the pool is closed
+    queue_full,  // max_waiters are waiting
+    no_wait,     // nothing free and acquire_timeout is 0 (counted as a timeout)
+  };
+  Kind kind;
+  Node* node = nullptr;
+  bool validate = false;  // leased: idle longer than validate_after_idle; ping before use
+  milliseconds wait_limit{0};
+};
+
+// Counts, every one read off the node states or kept beside them by the core alone.
+struct CoreStats {
+  std::size_t max = 0;
+  std::size_t live = 0;  // capacity tokens out: every node, in any state
+  std::array<std::size_t, node_state_count> nodes{};  // by NodeState
+  std::size_t leased_normal = 0;
+  std::size_t waiting_normal = 0;
+  std::size_t waiting_high = 0;
+  std::uint64_t acquired = 0, timeouts = 0, cancellations = 0, connect_attempts = 0,
+                connect_errors = 0, discarded = 0, leaks_suspected = 0;
+  std::uint32_t consecutive_connect_failures = 0;
+  milliseconds connect_backoff{0};
+  [[nodiscard]] std::size_t count(NodeState state) const noexcept {
+    return nodes[static_cast<std::size_t>(state)];
+  }
+};
+
+// How many connections to open now: a pure function of the pool's numbers.
+struct SizingInput {
+  std::size_t max_size = 0;
+  std::size_t live = 0;        // every node
+  std::size_t closing = 0;     // of them, being closed
+  std::size_t connecting = 0;  // of them, being opened
+  std::size_t idle = 0;
+  std::size_t servable_waiters = 0;  // waiters the reserve rules let a new connection serve
+  std::size_t min_idle = 0;
+  bool backing_off = false;  // a connect failed and its backoff has not passed
+  bool failing = false;      // the last connect failed: probe with one at a time
+};
+[[nodiscard]] std::size_t connections_to_open(const SizingInput& input) noexcept;
+
+// How many transitions the core refused (a bug in the core; each also throws std::logic_error).
+// The pool's tests check it stays 0.
+std::uint64_t illegal_node_transitions() noexcept;
+
+class Core {
+ public:
+  Core(CoreConfig config, std::uint64_t seed);
+  Core(const Core&) = delete;
+  Core& operator=(const Core&) = delete;
+  Core(Core&&) = delete;
+  Core& operator=(Core&&) = delete;
+  ~Core();
+
+  [[nodiscard]] const CoreConfig& config() const noexcept { return config_; }
+  [[nodiscard]] bool closed() const noexcept { return closed_; }
+
+  // --- events ----------------------------------------------------------------------------------
+
+  // An acquire: leases an idle node at once when nobody of its priority (or higher) waits, else
+  // says whether and how long to wait. May close expired idle nodes on the way.
+  AcquireResult try_acquire(Priority priority, std::source_location site, Time now,
+                            Actions& actions);
+  // Queues `waiter` (after try_acquire said wait); may open connections for it.
+  void enqueue(Waiter& waiter, Time now, Actions& actions);
+  // The waiter gives up (its deadline passed, or it was cancelled). False when it already has an
+  // outcome (a node was handed to it, or the pool failed it): that outcome stands.
+  bool withdraw(Waiter& waiter, FailReason why, Actions& actions);
+  // A lease ended.
+  void lease_returned(Node& node, ReturnKind kind, Time now, Actions& actions);
+  // The on-checkout check (validate_after_idle, before_handout) found a leased node unusable.
+  void checkout_failed(Node& node, DiscardReason reason, Time now, Actions& actions);
+  void connect_succeeded(Node& node, Time now, Actions& actions);
+  void connect_failed(Node& node, Time now, Actions& actions);
+  void reset_done(Node& node, bool ok, Time now, Actions& actions);
+  void ping_done(Node& node, bool ok, Time now, Actions& actions);
+  // The server (or the network) closed an idle node's socket. Ignored unless it is idle: a leased
+  // one fails its user, who returns it broken.
+  void connection_lost(Node& node, Actions& actions);
+  // A closing node's backend has ended: the node is destroyed and its capacity given back.
+  void backend_ended(Node& node, Time now, Actions& actions);
+  // The upkeep timer: lifetime, idle timeout, keepalive, leak reports, connect retry.
+  void tick(Time now, Actions& actions);
+  // Refuses new acquires, fails every waiter, closes idle nodes and abandons connects.
+  void close(Actions& actions);
+
+  // --- reading ---------------------------------------------------------------------------------
+
+  [[nodiscard]] CoreStats stats() const noexcept;
+  [[nodiscard]] const IntrusiveList<Node>& nodes(NodeState state) const noexcept {
+    return by_state_[static_cast<std::size_t>(state)];
+  }
+  [[nodiscard]] const WaitQueues& waiters() const noexcept { return waiters_; }
+  [[nodiscard]] bool can_lease(Priority priority) const noexcept {
+    return priority == Priority::high ||
+           leased_normal_ + config_.reserved_for_priority < config_.max_size;
+  }
+  // Everything is closed and every backend has ended.
+  [[nodiscard]] bool drained() const noexcept { return capacity_.taken() == 0; }
+
+ private:
+  void move(Node& node, NodeState to);
+  [[nodiscard]] IntrusiveList<Node>& list(NodeState state) noexcept {
+    return by_state_[static_cast<std::size_t>(state)];
+  }
+  void lease(Node& node, Priority priority, std::source_location site, Time now);
+  void offer(Node& node, Time now, bool used, Actions& actions);
+  void serve_idle(Time now, Actions& actions);
+  void close_node(Node& node, DiscardReason reason, Actions& actions);
+  void destroy(Node& node);
+  void maybe_open(Time now, Actions& actions);
+  void want_tick(Time at, Actions& actions);
+  [[nodiscard]] Time deadline_of(const Node& node) const noexcept;
+  [[nodiscard]] Time lifetime_deadline(Time now);
+  [[nodiscard]] milliseconds next_backoff();
+  [[nodiscard]] bool expired(const Node& node, Time now) const noexcept {
+    return now >= node.expires;
+  }
+  [[nodiscard]] std::size_t servable_waiters() const noexcept;
+
+  const CoreConfig config_;
+  Capacity capacity_;
+  std::array<IntrusiveList<Node>, node_state_count> by_state_;
+  WaitQueues waiters_;
+  std::size_t leased_normal_ = 0;  // kept by move() alone
+  bool closed_ = false;
+  std::uint64_t next_node_id_ = 1;
+
+  std::uint32_t consecutive_failures_ = 0;
+  Time retry_at_{};
+  milliseconds backoff_{0};
+  Time timer_at_ = Time::max();  // when the driver's upkeep timer is armed for
+
+  std::uint64_t acquired_ = 0, timeouts_ = 0, cancellations_ = 0, connect_attempts_ = 0,
+                connect_errors_ = 0, discarded_ = 0, leaks_suspected_ = 0;
+  std::mt19937_64 random_;
+};
+
+}  // namespace pgrt::detail::pool

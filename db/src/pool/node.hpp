@@ -1,0 +1,113 @@
+#pragma once
+
+// One pooled connection as the pool's core sees it: a state, the capacity token it owns, and the
+// times the core decides by. The driver hangs its connection on it (NodeAttachment). Each node is
+// always in exactly one state; the core moves it only through allowed_transition(), and every
+// count the pool reports is the size of a state's list (see core.hpp).
+
+#include <array>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <source_location>
+#include <string_view>
+
+#include "capacity.hpp"
+#include "pgrt/db/pool_types.hpp"
+
+namespace pgrt::detail::pool {
+
+using Clock = std::chrono::steady_clock;
+using Time = Clock::time_point;
+
+enum class NodeState : std::uint8_t {
+  connecting,  // opening; no backend yet
+  idle,        // ready, in the idle list
+  leased,      // a Lease holds it
+  resetting,   // ROLLBACK / DISCARD ALL after a return, in the background
+  pinging,     // a keepalive ping, in the background
+  closing,     // closed or being closed; holds its capacity until the server has ended the backend
+};
+inline constexpr std::size_t node_state_count = 6;
+inline constexpr std::array<NodeState, node_state_count> all_node_states{
+    NodeState::connecting, NodeState::idle,    NodeState::leased,
+    NodeState::resetting,  NodeState::pinging, NodeState::closing};
+
+// Whether the core may move a node from `from` to `to`. A node leaves `closing` only by being
+// destroyed (its backend has ended), and `connecting` also by being destroyed (the connect failed).
+constexpr bool allowed_transition(NodeState from, NodeState to) {
+  switch (from) {
+    case NodeState::connecting:
+      return to == NodeState::idle || to == NodeState::closing;
+    case NodeState::idle:
+      return to == NodeState::leased || to == NodeState::pinging || to == NodeState::closing;
+    case NodeState::leased:
+      return to == NodeState::idle || to == NodeState::resetting || to == NodeState::closing;
+    case NodeState::resetting:
+    case NodeState::pinging:
+      return to == NodeState::idle || to == NodeState::closing;
+    case NodeState::closing:
+      return false;
+  }
+  return false;
+}
+
+constexpr std::string_view to_string(NodeState state) {
+  switch (state) {
+    case NodeState::connecting:
+      return "connecting";
+    case NodeState::idle:
+      return "idle";
+    case NodeState::leased:
+      return "leased";
+    case NodeState::resetting:
+      return "resetting";
+    case NodeState::pinging:
+      return "pinging";
+    case NodeState::closing:
+      return "closing";
+  }
+  return "unknown";
+}
+
+// What the driver keeps on a node (its connection). Destroyed with the node.
+struct NodeAttachment {
+  NodeAttachment() = default;
+  NodeAttachment(const NodeAttachment&) = delete;
+  NodeAttachment& operator=(const NodeAttachment&) = delete;
+  NodeAttachment(NodeAttachment&&) = delete;
+  NodeAttachment& operator=(NodeAttachment&&) = delete;
+  virtual ~NodeAttachment() = default;
+};
+
+struct Node {
+  Node(std::uint64_t id_in, CapacityToken capacity_in) noexcept
+      : id(id_in), capacity(std::move(capacity_in)) {}
+  Node(const Node&) = delete;
+  Node& operator=(const Node&) = delete;
+  Node(Node&&) = delete;
+  Node& operator=(Node&&) = delete;
+  ~Node() = default;
+
+  const std::uint64_t id;  // 1, 2, ... in the order the core opened them
+  NodeState state = NodeState::connecting;
+  CapacityToken capacity;
+  std::unique_ptr<NodeAttachment> attachment;
+
+  Time expires = Time::max();  // max_lifetime, with jitter
+  Time idle_since{};           // when it last became idle after use
+  Time last_ping{};            // connected, or last keepalive ping
+  // While leased:
+  Time leased_at{};
+  std::source_location lease_site;
+  Priority priority = Priority::normal;
+  bool leak_reported = false;
+  bool session_used = false;                            // leased since its last DISCARD ALL
+  DiscardReason close_reason = DiscardReason::closing;  // while closing
+
+  // The list of its state (core.hpp).
+  Node* prev = nullptr;
+  Node* next = nullptr;
+};
+
+}  // namespace pgrt::detail::pool

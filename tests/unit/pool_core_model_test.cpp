@@ -1,0 +1,855 @@
+// The pool's sans-I/O core (db/src/pool/core.hpp) against a reference model: both are driven by
+// the same random events, and after every event their actions and counts must agree and the
+// pool's invariants must hold. A failure prints its seed and the shortest event sequence that
+// still fails (shrunk by removing events).
+//
+// The model keeps everything in plain maps and vectors and recomputes every decision from scratch
+// at each event; it is meant to be read and believed.
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <gtest/gtest.h>
+#include <map>
+#include <optional>
+#include <random>
+#include <set>
+#include <sstream>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "pool/core.hpp"
+
+namespace pgrt::detail::pool {
+namespace {
+
+using std::chrono::milliseconds;
+
+// --- what both sides are compared on -----------------------------------------------------------
+
+// An action with its pointers turned into ids: (kind, node id, waiter id, reason).
+using Out = std::tuple<int, std::uint64_t, std::uint64_t, int>;
+
+Out out(Action::Kind kind, std::uint64_t node, std::uint64_t waiter = 0,
+        DiscardReason reason = DiscardReason::closing) {
+  const bool has_reason = kind == Action::Kind::close;
+  return {static_cast<int>(kind), node, waiter, has_reason ? static_cast<int>(reason) : -1};
+}
+
+std::string describe(const std::vector<Out>& outs) {
+  static const char* const names[] = {"wake",  "open",           "reset",     "ping",
+                                      "close", "cancel_connect", "arm_timer", "report_leak"};
+  std::ostringstream text;
+  for (const auto& [kind, node, waiter, reason] : outs) {
+    text << names[kind] << "(node " << node << ", waiter " << waiter;
+    if (reason >= 0) text << ", reason " << to_string(static_cast<DiscardReason>(reason));
+    text << ") ";
+  }
+  return text.str();
+}
+
+// --- the reference model -----------------------------------------------------------------------
+
+struct Model {
+  struct N {
+    NodeState state = NodeState::connecting;
+    Time expires = Time::max();
+    Time idle_since{}, last_ping{}, leased_at{};
+    Priority priority = Priority::normal;
+    bool leak_reported = false, session_used = false;
+    std::uint64_t idle_stamp = 0, leased_stamp = 0;  // when it entered idle / leased
+  };
+  struct W {
+    std::uint64_t id;
+    Priority priority;
+  };
+
+  CoreConfig config;
+  std::map<std::uint64_t, N> nodes;
+  std::uint64_t next_node = 1, stamp = 0;
+  std::vector<W> queue;  // arrival order, both priorities
+  bool closed = false;
+  std::uint32_t failures = 0;
+  Time retry_at{};
+  milliseconds backoff{0};
+  std::uint64_t acquired = 0, timeouts = 0, cancellations = 0, attempts = 0, errors = 0,
+                discarded = 0, leaks = 0;
+  std::vector<Out> outs;
+
+  std::size_t count(NodeState state) const {
+    return static_cast<std::size_t>(
+        std::count_if(nodes.begin(), nodes.end(),
+                      [&](const auto& entry) { return entry.second.state == state; }));
+  }
+  std::size_t leased_normal() const {
+    return static_cast<std::size_t>(std::count_if(nodes.begin(), nodes.end(), [](const auto& e) {
+      return e.second.state == NodeState::leased && e.second.priority == Priority::normal;
+    }));
+  }
+  std::size_t waiting(Priority priority) const {
+    return static_cast<std::size_t>(std::count_if(
+        queue.begin(), queue.end(), [&](const W& waiter) { return waiter.priority == priority; }));
+  }
+  bool can_lease(Priority priority) const {
+    return priority == Priority::high ||
+           leased_normal() < config.max_size - config.reserved_for_priority;
+  }
+  // The idle node that became idle last, or 0.
+  std::uint64_t newest_idle() const {
+    std::uint64_t best = 0, best_stamp = 0;
+    for (const auto& [id, node] : nodes) {
+      if (node.state == NodeState::idle && node.idle_stamp >= best_stamp) {
+        best = id;
+        best_stamp = node.idle_stamp;
+      }
+    }
+    return best;
+  }
+  std::vector<std::uint64_t> in_state_by(NodeState state, std::uint64_t N::*stamp_field) const {
+    std::vector<std::pair<std::uint64_t, std::uint64_t>> found;
+    for (const auto& [id, node] : nodes) {
+      if (node.state == state) found.emplace_back(node.*stamp_field, id);
+    }
+    std::sort(found.begin(), found.end());
+    std::vector<std::uint64_t> ids;
+    for (const auto& entry : found) ids.push_back(entry.second);
+    return ids;
+  }
+
+  void lease(std::uint64_t id, Priority priority, Time now) {
+    N& node = nodes.at(id);
+    node.state = NodeState::leased;
+    node.priority = priority;
+    node.leased_at = now;
+    node.leak_reported = false;
+    node.session_used = true;
+    node.leased_stamp = ++stamp;
+    ++acquired;
+  }
+  void become_idle(std::uint64_t id, Time now, bool used) {
+    N& node = nodes.at(id);
+    if (used) node.idle_since = now;
+    node.state = NodeState::idle;
+    node.idle_stamp = ++stamp;
+  }
+  // A free node goes to the first waiter in arrival order that may take it, high before normal.
+  void offer(std::uint64_t id, Time now, bool used) {
+    for (Priority priority : {Priority::high, Priority::normal}) {
+      if (!can_lease(priority)) continue;
+      for (auto it = queue.begin(); it != queue.end(); ++it) {
+        if (it->priority != priority) continue;
+        const std::uint64_t waiter = it->id;
+        queue.erase(it);
+        lease(id, priority, now);
+        outs.push_back(out(Action::Kind::wake, id, waiter));
+        return;
+      }
+    }
+    if (nodes.at(id).state != NodeState::idle) become_idle(id, now, used);
+  }
+  void serve_idle(Time now) {
+    while (newest_idle() != 0 && (waiting(Priority::high) > 0 ||
+                                  (waiting(Priority::normal) > 0 && can_lease(Priority::normal)))) {
+      offer(newest_idle(), now, false);
+    }
+  }
+  void close(std::uint64_t id, DiscardReason reason) {
+    nodes.at(id).state = NodeState::closing;
+    ++discarded;
+    outs.push_back(out(Action::Kind::close, id, 0, reason));
+  }
+  void maybe_open(Time now) {
+    if (closed || (failures > 0 && now < retry_at)) return;
+    const std::size_t normal_limit = config.max_size - config.reserved_for_priority;
+    const std::size_t normal_room =
+        normal_limit > leased_normal() ? normal_limit - leased_normal() : 0;
+    const std::size_t servable =
+        waiting(Priority::high) + std::min(waiting(Priority::normal), normal_room);
+    const std::size_t alive = nodes.size() - count(NodeState::closing);
+    std::size_t target = servable;
+    const std::size_t ready = count(NodeState::idle) + count(NodeState::connecting);
+    if (alive < config.min_idle) target = std::max(target, ready + config.min_idle - alive);
+    // One at a time, while more are wanted, there is room, and (after a failure) none is open yet.
+    while (count(NodeState::idle) + count(NodeState::connecting) < target &&
+           nodes.size() < config.max_size && !(failures > 0 && count(NodeState::connecting) > 0)) {
+      nodes[next_node] = N{};
+      outs.push_back(out(Action::Kind::open, next_node));
+      ++next_node;
+      ++attempts;
+    }
+  }
+  bool expired(std::uint64_t id, Time now) const { return now >= nodes.at(id).expires; }
+
+  // Returns {kind, node}; kind as AcquireResult::Kind.
+  std::pair<AcquireResult::Kind, std::uint64_t> try_acquire(Priority priority, Time now) {
+    if (closed) return {AcquireResult::Kind::closed, 0};
+    const bool nobody_ahead = waiting(Priority::high) == 0 &&
+                              (priority == Priority::high || waiting(Priority::normal) == 0);
+    while (nobody_ahead && newest_idle() != 0 && can_lease(priority)) {
+      const std::uint64_t id = newest_idle();
+      if (expired(id, now)) {
+        close(id, DiscardReason::lifetime);
+        continue;
+      }
+      lease(id, priority, now);
+      return {AcquireResult::Kind::leased, id};
+    }
+    if (queue.size() >= config.max_waiters) return {AcquireResult::Kind::queue_full, 0};
+    if (config.acquire_timeout.count() > 0) return {AcquireResult::Kind::wait, 0};
+    if (nodes.size() < config.max_size && can_lease(priority)) {
+      return {AcquireResult::Kind::wait, 0};
+    }
+    ++timeouts;
+    return {AcquireResult::Kind::no_wait, 0};
+  }
+  void enqueue(std::uint64_t waiter, Priority priority, Time now) {
+    queue.push_back({waiter, priority});
+    serve_idle(now);
+    maybe_open(now);
+  }
+  bool withdraw(std::uint64_t waiter, FailReason why) {
+    auto it = std::find_if(queue.begin(), queue.end(), [&](const W& w) { return w.id == waiter; });
+    if (it == queue.end()) return false;
+    queue.erase(it);
+    if (why == FailReason::timeout) ++timeouts;
+    if (why == FailReason::cancelled) ++cancellations;
+    return true;
+  }
+  void returned(std::uint64_t id, ReturnKind kind, Time now) {
+    if (closed) {
+      close(id, DiscardReason::closing);
+    } else if (kind == ReturnKind::broken) {
+      close(id, DiscardReason::broken);
+    } else if (kind == ReturnKind::mid_query) {
+      close(id, DiscardReason::mid_query);
+    } else if (kind == ReturnKind::discard) {
+      close(id, DiscardReason::by_user);
+    } else if (kind == ReturnKind::needs_reset ||
+               (config.reset_discard_all && nodes.at(id).session_used)) {
+      nodes.at(id).state = NodeState::resetting;
+      outs.push_back(out(Action::Kind::reset, id));
+    } else if (expired(id, now)) {
+      close(id, DiscardReason::lifetime);
+    } else {
+      offer(id, now, true);
+    }
+    serve_idle(now);
+    maybe_open(now);
+  }
+  void checkout_failed(std::uint64_t id, Time now) {
+    close(id, DiscardReason::failed_reset);
+    serve_idle(now);
+    maybe_open(now);
+  }
+  void connected(std::uint64_t id, Time now) {
+    failures = 0;
+    backoff = milliseconds(0);
+    N& node = nodes.at(id);
+    node.expires = config.max_lifetime.count() == 0 ? Time::max() : now + config.max_lifetime;
+    node.last_ping = now;
+    if (closed) {
+      close(id, DiscardReason::closing);
+    } else {
+      offer(id, now, true);
+    }
+    maybe_open(now);
+  }
+  void connect_failed(std::uint64_t id, Time now) {
+    nodes.erase(id);
+    ++errors;
+    ++failures;
+    milliseconds delay = config.backoff_initial;
+    for (std::uint32_t i = 1; i < failures && delay < config.backoff_max; ++i) delay *= 2;
+    backoff = std::min(delay, config.backoff_max);
+    retry_at = now + backoff;
+    maybe_open(now);
+  }
+  void reset_done(std::uint64_t id, bool ok, Time now) {
+    if (!ok) {
+      close(id, DiscardReason::failed_reset);
+    } else {
+      if (config.reset_discard_all) nodes.at(id).session_used = false;
+      if (closed) {
+        close(id, DiscardReason::closing);
+      } else if (expired(id, now)) {
+        close(id, DiscardReason::lifetime);
+      } else {
+        offer(id, now, true);
+      }
+    }
+    maybe_open(now);
+  }
+  void ping_done(std::uint64_t id, bool ok, Time now) {
+    if (!ok) {
+      close(id, DiscardReason::broken);
+    } else {
+      nodes.at(id).last_ping = now;
+      if (closed) {
+        close(id, DiscardReason::closing);
+      } else {
+        offer(id, now, false);
+      }
+    }
+    maybe_open(now);
+  }
+  void lost(std::uint64_t id) {
+    if (nodes.at(id).state == NodeState::idle) close(id, DiscardReason::broken);
+  }
+  void ended(std::uint64_t id, Time now) {
+    nodes.erase(id);
+    maybe_open(now);
+  }
+  void tick(Time now) {
+    if (closed) return;
+    std::size_t alive = nodes.size() - count(NodeState::closing);
+    for (std::uint64_t id : in_state_by(NodeState::idle, &N::idle_stamp)) {
+      N& node = nodes.at(id);
+      if (expired(id, now)) {
+        close(id, DiscardReason::lifetime);
+        --alive;
+      } else if (config.idle_timeout.count() > 0 && now - node.idle_since >= config.idle_timeout &&
+                 alive > config.min_idle) {
+        close(id, DiscardReason::idle_timeout);
+        --alive;
+      } else if (config.keepalive_interval.count() > 0 &&
+                 now - node.last_ping >= config.keepalive_interval) {
+        node.state = NodeState::pinging;
+        outs.push_back(out(Action::Kind::ping, id));
+      }
+    }
+    if (config.leak_threshold.count() > 0) {
+      for (std::uint64_t id : in_state_by(NodeState::leased, &N::leased_stamp)) {
+        N& node = nodes.at(id);
+        if (!node.leak_reported && now - node.leased_at >= config.leak_threshold) {
+          node.leak_reported = true;
+          ++leaks;
+          outs.push_back(out(Action::Kind::report_leak, id));
+        }
+      }
+    }
+    maybe_open(now);
+  }
+  void close_pool() {
+    if (closed) return;
+    closed = true;
+    for (Priority priority : {Priority::high, Priority::normal}) {
+      for (const W& waiter : queue) {
+        if (waiter.priority == priority) outs.push_back(out(Action::Kind::wake, 0, waiter.id));
+      }
+    }
+    queue.clear();
+    for (std::uint64_t id : in_state_by(NodeState::idle, &N::idle_stamp)) {
+      close(id, DiscardReason::closing);
+    }
+    for (auto& [id, node] : nodes) {
+      if (node.state == NodeState::connecting)
+        outs.push_back(out(Action::Kind::cancel_connect, id));
+    }
+  }
+};
+
+// --- events ------------------------------------------------------------------------------------
+
+// Abstract events: `pick` chooses among the candidates when the event runs (modulo their number),
+// so that any subsequence of a failing run is still a valid run (for shrinking).
+struct Event {
+  enum class Kind : std::uint8_t {
+    acquire,
+    cancel,
+    deadline,
+    give_back,
+    checkout_failed,
+    connect_ok,
+    connect_fail,
+    reset_ok,
+    reset_fail,
+    ping_ok,
+    ping_fail,
+    backend_ended,
+    connection_lost,
+    tick,
+    close,
+  };
+  Kind kind;
+  std::uint32_t pick = 0;
+  std::uint8_t variant = 0;  // priority for acquire; ReturnKind for give_back
+  std::uint16_t advance_ms = 0;
+};
+
+const char* name(Event::Kind kind) {
+  static const char* const names[] = {
+      "acquire",    "cancel",        "deadline",        "give_back",  "checkout_failed",
+      "connect_ok", "connect_fail",  "reset_ok",        "reset_fail", "ping_ok",
+      "ping_fail",  "backend_ended", "connection_lost", "tick",       "close"};
+  return names[static_cast<int>(kind)];
+}
+
+std::string describe(const Event& event) {
+  std::ostringstream text;
+  text << "+" << event.advance_ms << "ms " << name(event.kind) << "(pick " << event.pick
+       << ", variant " << int(event.variant) << ")";
+  return text.str();
+}
+
+CoreConfig random_config(std::mt19937_64& random) {
+  auto pick = [&](std::uint64_t below) { return random() % below; };
+  CoreConfig config;
+  config.max_size = 1 + pick(5);
+  config.min_idle = pick(config.max_size + 1) / 2;
+  config.reserved_for_priority =
+      config.max_size > 1 ? pick(std::min<std::size_t>(config.max_size, 3)) : 0;
+  config.max_waiters = 2 + pick(12);
+  config.acquire_timeout = pick(4) == 0 ? milliseconds(0) : milliseconds(100);
+  config.connect_timeout = milliseconds(100);
+  config.max_lifetime = pick(2) == 0 ? milliseconds(0) : milliseconds(200 + pick(800));
+  config.lifetime_jitter = 0.0;
+  config.idle_timeout = pick(2) == 0 ? milliseconds(0) : milliseconds(50 + pick(300));
+  config.keepalive_interval = pick(2) == 0 ? milliseconds(0) : milliseconds(20 + pick(200));
+  config.validate_after_idle = milliseconds(0);
+  config.leak_threshold = pick(2) == 0 ? milliseconds(0) : milliseconds(50 + pick(200));
+  config.backoff_initial = milliseconds(10);
+  config.backoff_max = milliseconds(80);
+  config.backoff_jitter = 0.0;
+  config.reset_discard_all = pick(3) == 0;
+  return config;
+}
+
+std::vector<Event> random_events(std::mt19937_64& random, std::size_t count) {
+  std::vector<Event> events;
+  events.reserve(count);
+  for (std::size_t i = 0; i < count; ++i) {
+    Event event{};
+    const auto roll = random() % 100;
+    using K = Event::Kind;
+    event.kind = roll < 22   ? K::acquire
+                 : roll < 27 ? K::cancel
+                 : roll < 31 ? K::deadline
+                 : roll < 52 ? K::give_back
+                 : roll < 54 ? K::checkout_failed
+                 : roll < 64 ? K::connect_ok
+                 : roll < 67 ? K::connect_fail
+                 : roll < 72 ? K::reset_ok
+                 : roll < 73 ? K::reset_fail
+                 : roll < 76 ? K::ping_ok
+                 : roll < 77 ? K::ping_fail
+                 : roll < 88 ? K::backend_ended
+                 : roll < 90 ? K::connection_lost
+                 : roll < 99 ? K::tick
+                             : K::close;
+    event.pick = static_cast<std::uint32_t>(random());
+    event.variant = static_cast<std::uint8_t>(random() % 5);
+    event.advance_ms = static_cast<std::uint16_t>(random() % 4 == 0 ? random() % 60 : 0);
+    events.push_back(event);
+  }
+  return events;
+}
+
+// --- one run -----------------------------------------------------------------------------------
+
+class Run {
+ public:
+  explicit Run(const CoreConfig& config) : core_(config, 1) { model_.config = config; }
+
+  // Runs every event; the first failure (with the index of its event), or nothing.
+  std::optional<std::pair<std::size_t, std::string>> play(const std::vector<Event>& events,
+                                                          bool close_at_end) {
+    for (std::size_t i = 0; i < events.size(); ++i) {
+      if (auto failure = step(events[i])) return std::make_pair(i, *failure);
+    }
+    if (close_at_end) {
+      Event close{Event::Kind::close};
+      if (auto failure = step(close)) return std::make_pair(events.size(), *failure);
+      for (const auto& [id, waiter] : waiters_) {
+        if (ends_[id] != 1) {
+          return std::make_pair(events.size(), "waiter " + std::to_string(id) + " ended " +
+                                                   std::to_string(ends_[id]) + " times");
+        }
+      }
+    }
+    return std::nullopt;
+  }
+
+ private:
+  std::optional<std::string> step(const Event& event) {
+    now_ += milliseconds(event.advance_ms);
+    Actions actions;
+    model_.outs.clear();
+    std::vector<Out> core_extra;  // outcomes of direct calls, for comparison
+    std::vector<Out> model_extra;
+    try {
+      if (auto failure = apply(event, actions, core_extra, model_extra)) return failure;
+    } catch (const std::exception& error) {
+      return std::string("the core threw: ") + error.what();
+    }
+    // Compare the actions (without timer armings: when to wake is the core's own business).
+    std::vector<Out> core_outs = core_extra;
+    for (const Action& action : actions) {
+      if (action.kind == Action::Kind::arm_timer) {
+        if (action.at < now_) return std::string("the timer was armed in the past");
+        continue;
+      }
+      if (auto failure = take(action)) return failure;
+      core_outs.push_back(out(action.kind, action.node ? node_ids_.at(action.node) : 0,
+                              action.waiter ? waiter_ids_.at(action.waiter) : 0, action.reason));
+    }
+    std::vector<Out> model_outs = model_extra;
+    model_outs.insert(model_outs.end(), model_.outs.begin(), model_.outs.end());
+    std::sort(core_outs.begin(), core_outs.end());
+    std::sort(model_outs.begin(), model_outs.end());
+    if (core_outs != model_outs) {
+      return "after " + describe(event) + ": the core did " + describe(core_outs) +
+             "; the model did " + describe(model_outs);
+    }
+    return check_invariants();
+  }
+
+  Node* nth(NodeState state, std::uint32_t pick) {
+    std::vector<std::uint64_t> ids;
+    core_.nodes(state).for_each([&](const Node& node) { ids.push_back(node.id); });
+    if (ids.empty()) return nullptr;
+    std::sort(ids.begin(), ids.end());
+    return nodes_.at(ids[pick % ids.size()]);
+  }
+
+  std::optional<std::string> apply(const Event& event, Actions& actions,
+                                   std::vector<Out>& core_extra, std::vector<Out>& model_extra) {
+    using K = Event::Kind;
+    switch (event.kind) {
+      case K::acquire: {
+        const Priority priority = event.variant % 3 == 0 ? Priority::high : Priority::normal;
+        const std::uint64_t id = next_waiter_++;
+        auto result = core_.try_acquire(priority, std::source_location::current(), now_, actions);
+        auto [model_kind, model_node] = model_.try_acquire(priority, now_);
+        if (result.kind != model_kind) {
+          return "acquire " + std::to_string(id) + ": the core said " +
+                 std::to_string(int(result.kind)) + ", the model " +
+                 std::to_string(int(model_kind));
+        }
+        if (result.kind == AcquireResult::Kind::leased) {
+          if (result.node->id != model_node) {
+            return "acquire " + std::to_string(id) + " got node " +
+                   std::to_string(result.node->id) + ", the model's node " +
+                   std::to_string(model_node);
+          }
+          waiters_[id] = nullptr;
+          ++ends_[id];
+        } else if (result.kind == AcquireResult::Kind::wait) {
+          auto waiter = std::make_unique<Waiter>(priority, std::source_location::current());
+          waiter_ids_[waiter.get()] = id;
+          core_.enqueue(*waiter, now_, actions);
+          model_.enqueue(id, priority, now_);
+          waiters_[id] = std::move(waiter);
+          queued_order_.push_back(id);
+        } else {
+          waiters_[id] = nullptr;
+          ++ends_[id];
+        }
+        return std::nullopt;
+      }
+      case K::cancel:
+      case K::deadline: {
+        std::vector<std::uint64_t> queued;
+        for (std::uint64_t id : queued_order_) {
+          if (waiters_[id] && waiters_[id]->outcome == Waiter::Outcome::none) queued.push_back(id);
+        }
+        if (queued.empty()) return std::nullopt;
+        const std::uint64_t id = queued[event.pick % queued.size()];
+        const FailReason why =
+            event.kind == K::cancel ? FailReason::cancelled : FailReason::timeout;
+        const bool core_ended = core_.withdraw(*waiters_[id], why, actions);
+        const bool model_ended = model_.withdraw(id, why);
+        if (core_ended != model_ended) return "withdraw disagrees for waiter " + std::to_string(id);
+        if (core_ended) ++ends_[id];
+        return std::nullopt;
+      }
+      case K::give_back:
+      case K::checkout_failed: {
+        Node* node = nth(NodeState::leased, event.pick);
+        if (node == nullptr) return std::nullopt;
+        const std::uint64_t id = node->id;
+        if (event.kind == K::checkout_failed) {
+          core_.checkout_failed(*node, DiscardReason::failed_reset, now_, actions);
+          model_.checkout_failed(id, now_);
+        } else {
+          const auto kind = static_cast<ReturnKind>(event.variant % 5);
+          core_.lease_returned(*node, kind, now_, actions);
+          model_.returned(id, kind, now_);
+        }
+        return std::nullopt;
+      }
+      case K::connect_ok:
+      case K::connect_fail: {
+        Node* node = nth(NodeState::connecting, event.pick);
+        if (node == nullptr) return std::nullopt;
+        const std::uint64_t id = node->id;
+        if (event.kind == K::connect_ok) {
+          core_.connect_succeeded(*node, now_, actions);
+          model_.connected(id, now_);
+        } else {
+          nodes_.erase(id);
+          node_ids_.erase(node);
+          core_.connect_failed(*node, now_, actions);
+          model_.connect_failed(id, now_);
+        }
+        return std::nullopt;
+      }
+      case K::reset_ok:
+      case K::reset_fail: {
+        Node* node = nth(NodeState::resetting, event.pick);
+        if (node == nullptr) return std::nullopt;
+        const std::uint64_t id = node->id;
+        core_.reset_done(*node, event.kind == K::reset_ok, now_, actions);
+        model_.reset_done(id, event.kind == K::reset_ok, now_);
+        return std::nullopt;
+      }
+      case K::ping_ok:
+      case K::ping_fail: {
+        Node* node = nth(NodeState::pinging, event.pick);
+        if (node == nullptr) return std::nullopt;
+        const std::uint64_t id = node->id;
+        core_.ping_done(*node, event.kind == K::ping_ok, now_, actions);
+        model_.ping_done(id, event.kind == K::ping_ok, now_);
+        return std::nullopt;
+      }
+      case K::backend_ended: {
+        Node* node = nth(NodeState::closing, event.pick);
+        if (node == nullptr) return std::nullopt;
+        const std::uint64_t id = node->id;
+        nodes_.erase(id);
+        node_ids_.erase(node);
+        core_.backend_ended(*node, now_, actions);
+        model_.ended(id, now_);
+        return std::nullopt;
+      }
+      case K::connection_lost: {
+        Node* node = nth(NodeState::idle, event.pick);
+        if (node == nullptr) return std::nullopt;
+        const std::uint64_t id = node->id;
+        core_.connection_lost(*node, actions);
+        model_.lost(id);
+        return std::nullopt;
+      }
+      case K::tick:
+        core_.tick(now_, actions);
+        model_.tick(now_);
+        return std::nullopt;
+      case K::close:
+        core_.close(actions);
+        model_.close_pool();
+        return std::nullopt;
+    }
+    (void)core_extra;
+    (void)model_extra;
+    return std::nullopt;
+  }
+
+  // Bookkeeping of the test's own side of an action (which node is which, who was woken).
+  std::optional<std::string> take(const Action& action) {
+    if (action.kind == Action::Kind::open) {
+      if (node_ids_.contains(action.node)) return std::string("a node was opened twice");
+      node_ids_[action.node] = action.node->id;
+      nodes_[action.node->id] = action.node;
+    }
+    if (action.kind == Action::Kind::wake) {
+      Waiter& waiter = *action.waiter;
+      const std::uint64_t id = waiter_ids_.at(&waiter);
+      ++ends_[id];
+      if (waiter.outcome == Waiter::Outcome::handed) {
+        if (waiter.handed != action.node) return std::string("a waiter woke with another node");
+        // FIFO within a priority: nobody of its priority who came earlier is still waiting.
+        for (std::uint64_t other : queued_order_) {
+          if (other >= id) break;
+          const auto& earlier = waiters_[other];
+          if (earlier && earlier->priority == waiter.priority &&
+              earlier->outcome == Waiter::Outcome::none) {
+            return "waiter " + std::to_string(id) + " was served before the earlier waiter " +
+                   std::to_string(other) + " of its priority";
+          }
+        }
+      } else if (waiter.outcome != Waiter::Outcome::failed) {
+        return std::string("a waiter woke without an outcome");
+      }
+    }
+    return std::nullopt;
+  }
+
+  std::optional<std::string> check_invariants() const {
+    const CoreStats stats = core_.stats();
+    std::size_t by_states = 0;
+    for (NodeState state : all_node_states) {
+      by_states += stats.count(state);
+      if (stats.count(state) != model_.count(state)) {
+        return "there are " + std::to_string(stats.count(state)) + " " +
+               std::string(to_string(state)) + " connections; the model has " +
+               std::to_string(model_.count(state));
+      }
+    }
+    if (stats.live > stats.max) return std::string("more connections than max");
+    if (stats.live != by_states) return std::string("the capacity out differs from the nodes");
+    if (stats.live != model_.nodes.size()) return std::string("live differs from the model");
+    if (stats.leased_normal + core_.config().reserved_for_priority > core_.config().max_size &&
+        stats.leased_normal > 0) {
+      return std::string("normal leases use the reserved connections");
+    }
+    if (stats.count(NodeState::idle) > 0 &&
+        (stats.waiting_high > 0 ||
+         (stats.waiting_normal > 0 && core_.can_lease(Priority::normal)))) {
+      return std::string("a waiter waits while an idle connection could serve it");
+    }
+    if (stats.waiting_normal != model_.waiting(Priority::normal) ||
+        stats.waiting_high != model_.waiting(Priority::high)) {
+      return std::string("the waiting counts differ from the model");
+    }
+    const auto expect = [&](const char* what, std::uint64_t core_value,
+                            std::uint64_t model_value) -> std::optional<std::string> {
+      if (core_value == model_value) return std::nullopt;
+      return std::string(what) + ": the core counts " + std::to_string(core_value) +
+             ", the model " + std::to_string(model_value);
+    };
+    for (auto check : {expect("acquired", stats.acquired, model_.acquired),
+                       expect("timeouts", stats.timeouts, model_.timeouts),
+                       expect("cancellations", stats.cancellations, model_.cancellations),
+                       expect("connect_attempts", stats.connect_attempts, model_.attempts),
+                       expect("connect_errors", stats.connect_errors, model_.errors),
+                       expect("discarded", stats.discarded, model_.discarded),
+                       expect("leaks_suspected", stats.leaks_suspected, model_.leaks)}) {
+      if (check) return check;
+    }
+    for (const auto& [id, count] : ends_) {
+      if (count > 1) return "waiter " + std::to_string(id) + " ended twice";
+    }
+    return std::nullopt;
+  }
+
+  Core core_;
+  Model model_;
+  Time now_ = Time{} + std::chrono::hours(1);
+  std::uint64_t next_waiter_ = 1;
+  std::map<std::uint64_t, std::unique_ptr<Waiter>> waiters_;  // null: ended at once
+  std::map<const Waiter*, std::uint64_t> waiter_ids_;
+  std::vector<std::uint64_t> queued_order_;
+  std::map<std::uint64_t, int> ends_;
+  std::map<const Node*, std::uint64_t> node_ids_;
+  std::map<std::uint64_t, Node*> nodes_;
+};
+
+std::optional<std::pair<std::size_t, std::string>> play(const CoreConfig& config,
+                                                        const std::vector<Event>& events) {
+  Run run(config);
+  return run.play(events, true);
+}
+
+// The shortest failing sequence we can find by removing chunks, then single events.
+std::vector<Event> shrink(const CoreConfig& config, std::vector<Event> events) {
+  for (std::size_t chunk = events.size() / 2; chunk >= 1; chunk /= 2) {
+    bool removed = true;
+    while (removed) {
+      removed = false;
+      for (std::size_t start = 0; start + chunk <= events.size(); start += chunk) {
+        std::vector<Event> candidate(events.begin(), events.begin() + static_cast<long>(start));
+        candidate.insert(candidate.end(), events.begin() + static_cast<long>(start + chunk),
+                         events.end());
+        if (play(config, candidate)) {
+          events = std::move(candidate);
+          removed = true;
+          break;
+        }
+      }
+    }
+    if (chunk == 1) break;
+  }
+  return events;
+}
+
+TEST(PoolCoreModel, AgreesWithTheModelOnOneMillionRandomEvents) {
+  constexpr std::uint64_t seeds = 1000;
+  constexpr std::size_t events_per_seed = 1000;
+  std::uint64_t first_seed = 1;
+  if (const char* from_env = std::getenv("PGRT_MODEL_SEED")) first_seed = std::stoull(from_env);
+  std::size_t played = 0;
+  for (std::uint64_t seed = first_seed; seed < first_seed + seeds; ++seed) {
+    std::mt19937_64 random(seed);
+    const CoreConfig config = random_config(random);
+    const auto events = random_events(random, events_per_seed);
+    auto failure = play(config, events);
+    played += events.size();
+    if (!failure) continue;
+    const auto shortest = shrink(
+        config, std::vector<Event>(events.begin(),
+                                   events.begin() + static_cast<long>(std::min(failure->first + 1,
+                                                                               events.size()))));
+    std::ostringstream text;
+    text << "seed " << seed << " (rerun with PGRT_MODEL_SEED=" << seed
+         << "): " << play(config, shortest)->second << "\nconfig: max " << config.max_size
+         << ", min_idle " << config.min_idle << ", reserved " << config.reserved_for_priority
+         << ", max_waiters " << config.max_waiters << ", acquire_timeout "
+         << config.acquire_timeout.count() << " ms, lifetime " << config.max_lifetime.count()
+         << " ms, idle_timeout " << config.idle_timeout.count() << " ms, keepalive "
+         << config.keepalive_interval.count() << " ms, leak " << config.leak_threshold.count()
+         << " ms, discard_all " << config.reset_discard_all << "\nshortest failing sequence ("
+         << shortest.size() << " events):\n";
+    for (const auto& event : shortest) text << "  " << describe(event) << "\n";
+    FAIL() << text.str();
+  }
+  EXPECT_GE(played, 1'000'000u);
+}
+
+TEST(PoolCoreSizing, OpensWhatWaitersAndMinIdleNeedWithinTheMax) {
+  EXPECT_EQ(connections_to_open({.max_size = 3, .servable_waiters = 5}), 3u);
+  EXPECT_EQ(connections_to_open({.max_size = 3, .live = 2, .connecting = 1, .servable_waiters = 5}),
+            1u);
+  EXPECT_EQ(connections_to_open({.max_size = 3, .live = 1, .idle = 1, .servable_waiters = 1}), 0u);
+  EXPECT_EQ(connections_to_open({.max_size = 5, .min_idle = 2}), 2u);
+  // Closing connections still count against the max, not towards min_idle.
+  EXPECT_EQ(connections_to_open({.max_size = 3, .live = 2, .closing = 2, .min_idle = 2}), 1u);
+  EXPECT_EQ(connections_to_open({.max_size = 3, .servable_waiters = 3, .backing_off = true}), 0u);
+  EXPECT_EQ(connections_to_open({.max_size = 3, .servable_waiters = 3, .failing = true}), 1u);
+  EXPECT_EQ(
+      connections_to_open(
+          {.max_size = 3, .live = 1, .connecting = 1, .servable_waiters = 3, .failing = true}),
+      0u);
+}
+
+TEST(PoolCoreCapacity, ATokenGivesItsSlotBackExactlyOnce) {
+  Capacity capacity(2);
+  auto first = capacity.try_take();
+  auto second = capacity.try_take();
+  ASSERT_TRUE(first && second);
+  EXPECT_FALSE(capacity.try_take());
+  CapacityToken moved = std::move(*first);
+  first.reset();  // the moved-from token gives nothing back
+  EXPECT_EQ(capacity.taken(), 2u);
+  moved.release();
+  moved.release();
+  EXPECT_EQ(capacity.taken(), 1u);
+  second.reset();
+  EXPECT_EQ(capacity.taken(), 0u);
+}
+
+}  // namespace
+}  // namespace pgrt::detail::pool
+
+namespace pgrt::detail::pool {
+namespace {
+
+// Every pair of states against the table of allowed moves.
+TEST(PoolCoreNode, EveryTransitionMatchesTheTable) {
+  const std::set<std::pair<NodeState, NodeState>> allowed{
+      {NodeState::connecting, NodeState::idle},  {NodeState::connecting, NodeState::closing},
+      {NodeState::idle, NodeState::leased},      {NodeState::idle, NodeState::pinging},
+      {NodeState::idle, NodeState::closing},     {NodeState::leased, NodeState::idle},
+      {NodeState::leased, NodeState::resetting}, {NodeState::leased, NodeState::closing},
+      {NodeState::resetting, NodeState::idle},   {NodeState::resetting, NodeState::closing},
+      {NodeState::pinging, NodeState::idle},     {NodeState::pinging, NodeState::closing},
+  };
+  for (NodeState from : all_node_states) {
+    for (NodeState to : all_node_states) {
+      EXPECT_EQ(allowed_transition(from, to), allowed.contains({from, to}))
+          << to_string(from) << " -> " << to_string(to);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace pgrt::detail::pool
