@@ -3,8 +3,8 @@
 // order; SIGINT twice exits at once; a stop that hangs is ended by the watchdog; std::exit() from
 // a worker closes the pool at exit.
 // Start-up hygiene: a crashed predecessor's leftovers are terminated (and nothing else: not names
-// that only start like a tag); a second instance is refused or takes over with force, a missing
-// permission is a warning, pgrt-diag.
+// that only start like a tag), also while running a statement; a second instance is refused or
+// takes over with force, a missing permission is a warning, pgrt-diag.
 #include <algorithm>
 #include <boost/json/src.hpp>  // header-only Boost.JSON, compiled into this test
 #include <chrono>
@@ -972,6 +972,42 @@ TEST_F(StartupHygieneTest, DiagKillLeakedLeavesNamesThatOnlyStartLikeATag) {
   EXPECT_EQ(report_job.scalar("SELECT 1"), "1");
   EXPECT_EQ(batch.scalar("SELECT 1"), "1");
   EXPECT_EQ(console.state(), "active");
+}
+
+TEST_F(StartupHygieneTest, AnActiveSessionOfADeadIncarnationIsALeftover) {
+  const std::string dsn = cluster().dsn();
+  // Start-up: an earlier incarnation of busy/one (this process holds the instance lock, so that
+  // incarnation's process is gone) still running a statement.
+  ActiveSession running(dsn, "busy/one/0badcafe");
+  PoolConfig config;
+  config.conninfo = dsn;
+  config.application = "busy";
+  config.instance = "one";
+  StartupHygieneOptions options;
+  options.lock_directory = Child::runtime_directory();
+  const CleanupReport report = run_hygiene(config, options);
+  ASSERT_EQ(report.backends.size(), 1U);
+  EXPECT_EQ(report.backends[0].pid, running.pid());
+  EXPECT_EQ(report.backends[0].state, "active");
+  EXPECT_TRUE(report.backends[0].terminated);
+  EXPECT_TRUE(testing::eventually([&] { return running.state().empty(); }));
+
+  // pgrt-diag: a superseded incarnation of busy/two running a statement is leaked too.
+  ActiveSession superseded(dsn, "busy/two/0badcafe");
+  std::this_thread::sleep_for(20ms);
+  BlockingConnection newer(dsn + " application_name=busy/two/1234abcd");
+  Child kill({PGRT_DIAG_PATH, "--app", "busy", "--kill-leaked", "--json"}, dsn, "busy");
+  EXPECT_EQ(kill.wait_for_exit(30s), 0) << kill.output();
+  const json::object json_report = parse_diag_json(kill.output());
+  EXPECT_EQ(diag_pids_where(json_report, "terminated"), std::set<int>{superseded.pid()})
+      << kill.output();
+  const auto backends = diag_backends(json_report);
+  ASSERT_TRUE(backends.contains(superseded.pid())) << kill.output();
+  EXPECT_EQ(backends.at(superseded.pid()).at("state").as_string(), "active");
+  EXPECT_THAT(std::string(backends.at(superseded.pid()).at("reason").as_string()),
+              ::testing::StartsWith("superseded: busy/two/1234abcd"));
+  EXPECT_TRUE(testing::eventually([&] { return superseded.state().empty(); }));
+  EXPECT_EQ(newer.scalar("SELECT 1"), "1");
 }
 
 }  // namespace
