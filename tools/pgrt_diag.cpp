@@ -17,7 +17,6 @@
 #include <cstdint>
 #include <cstdlib>
 #include <iostream>
-#include <map>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -62,8 +61,10 @@ const char* const usage =
     "  --watch           refresh every SECONDS (default 2) until Ctrl+C\n"
     "  --kill-leaked     terminate the backends reported as leaked\n"
     "  --emergency       terminate every backend of the app (all instances, all incarnations)\n"
-    "  Only backends in this connection's database and under its role are classified and\n"
-    "  terminated (like the start-up cleanup); the app's others are listed, never touched.\n"
+    "  The app's backends are those tagged exactly <app>/<instance>/<incarnation> (8 lowercase\n"
+    "  hex digits), as pgrt tags its connections; `<app>/console` is not one. Only those in this\n"
+    "  connection's database and under its role are classified and terminated (like the\n"
+    "  start-up cleanup); the app's others are listed, never touched.\n"
     "exit codes: 0 nothing leaked or all terminated, 1 leaked found, 2 usage, 3 server\n"
     "            unreachable, 4 terminating refused\n";
 
@@ -156,18 +157,10 @@ std::string json_string(std::string_view text) {
   return out + "\"";
 }
 
+// One of the app's backends (pgrt::list_app_backends()), judged by the leftover rule.
 struct Backend {
-  int pid = 0;
-  std::string application_name;
-  std::string state;
-  double started = 0;  // epoch seconds
-  std::int64_t idle_seconds = 0;
-  std::string user;
-  std::string database;
-  std::string client;
-  bool in_scope = false;             // in this connection's database, under its role
-  bool holds_advisory_lock = false;  // e.g. a live instance's cluster-wide lock: idle for good
-  std::string reason;                // why it looks leaked; "" if it does not (or not in scope)
+  pgrt::AppBackend activity;
+  std::string reason;  // why it looks leaked (pgrt::leftover_reasons()); "" if it does not
   bool terminated = false;
 };
 
@@ -193,40 +186,6 @@ struct Snapshot {
   }
 };
 
-// Marks the backends in scope that look leaked: superseded by a newer incarnation of the same
-// instance, or idle (not in a transaction: the rule of the start-up cleanup's
-// PGRT_CLEANUP_IDLE_S) longer than the threshold (zero: never). A backend idle in a transaction
-// is left to idle_in_transaction_session_timeout (a session guard): terminating it would roll
-// back a live process's transaction.
-void find_leaked(std::vector<Backend>& backends, std::int64_t idle_threshold) {
-  // instance -> incarnation -> when its first backend started
-  std::map<std::string, std::map<std::string, double>> incarnations;
-  auto split = [](const std::string& tag) {
-    const auto last = tag.rfind('/');
-    return std::pair{tag.substr(0, last), tag.substr(last + 1)};
-  };
-  for (const auto& backend : backends) {
-    if (!backend.in_scope) continue;
-    auto [instance, incarnation] = split(backend.application_name);
-    auto& first = incarnations[instance][incarnation];
-    first = first == 0 ? backend.started : std::min(first, backend.started);
-  }
-  for (auto& backend : backends) {
-    if (!backend.in_scope) continue;
-    auto [instance, incarnation] = split(backend.application_name);
-    const auto& runs = incarnations[instance];
-    const auto newest = std::max_element(
-        runs.begin(), runs.end(), [](const auto& a, const auto& b) { return a.second < b.second; });
-    if (newest->first != incarnation) {
-      backend.reason = "superseded: " + instance + "/" + newest->first +
-                       " started later, so this incarnation's process is gone or a duplicate";
-    } else if (idle_threshold > 0 && backend.state == "idle" && !backend.holds_advisory_lock &&
-               backend.idle_seconds > idle_threshold) {
-      backend.reason = "idle for " + std::to_string(backend.idle_seconds) + " s";
-    }
-  }
-}
-
 asio::awaitable<Snapshot> take_snapshot(pgrt::Connection& connection, const Arguments& arguments) {
   Snapshot snapshot;
   auto server = co_await connection.query(
@@ -249,43 +208,28 @@ asio::awaitable<Snapshot> take_snapshot(pgrt::Connection& connection, const Argu
     snapshot.groups.push_back(
         {row.get<std::string>(0), row.get<std::string>(1), row.get<std::int64_t>(2)});
   }
-  // The app as the services write it into their tags (shortened and hashed the same way).
-  const std::string pattern = pgrt::like_literal(pgrt::tag_app_name(arguments.app) + "/") + "%";
-  auto backends = co_await connection.query(
-      "SELECT pid, application_name, coalesce(state, ''), "
-      "extract(epoch FROM backend_start)::float8, "
-      "coalesce(extract(epoch FROM now() - state_change)::bigint, 0), coalesce(usename::text, ''), "
-      "coalesce(datname::text, ''), coalesce(host(client_addr) || ':' || client_port, 'local'), "
-      "coalesce(datname = current_database() AND usename = current_user, false), "
-      "EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = pg_stat_activity.pid "
-      "AND l.locktype = 'advisory' AND l.granted) "
-      "FROM pg_stat_activity WHERE backend_type = 'client backend' "
-      "AND application_name LIKE $1 ESCAPE '\\' AND pid <> pg_backend_pid() ORDER BY backend_start",
-      pattern);
-  for (const pgrt::Row row : backends) {
-    Backend backend;
-    backend.pid = row.get<int>(0);
-    backend.application_name = row.get<std::string>(1);
-    backend.state = row.get<std::string>(2);
-    backend.started = row.get<double>(3);
-    backend.idle_seconds = row.get<std::int64_t>(4);
-    backend.user = row.get<std::string>(5);
-    backend.database = row.get<std::string>(6);
-    backend.client = row.get<std::string>(7);
-    backend.in_scope = row.get<bool>(8);
-    backend.holds_advisory_lock = row.get<bool>(9);
-    snapshot.app_backends.push_back(std::move(backend));
+  // The app's backends (exact tags of the app only), judged by the start-up cleanup's rule:
+  // without an own tag, an incarnation is leaked when a newer one of its instance started.
+  const std::vector<pgrt::AppBackend> backends =
+      co_await pgrt::list_app_backends(connection, arguments.app);
+  const std::vector<std::string> reasons = pgrt::leftover_reasons(
+      backends, {.application = arguments.app,
+                 .idle_threshold = std::chrono::seconds(arguments.idle_threshold)});
+  for (std::size_t i = 0; i < backends.size(); ++i) {
+    snapshot.app_backends.push_back({.activity = backends[i], .reason = reasons[i]});
   }
-  find_leaked(snapshot.app_backends, arguments.idle_threshold);
   if (arguments.kill_leaked || arguments.emergency) {
     for (auto& backend : snapshot.app_backends) {
-      if (!backend.in_scope || (arguments.kill_leaked && backend.reason.empty())) continue;
+      if (!backend.activity.in_scope || (arguments.kill_leaked && backend.reason.empty())) {
+        continue;
+      }
       try {
-        auto done = co_await connection.query("SELECT pg_terminate_backend($1)", backend.pid);
+        auto done =
+            co_await connection.query("SELECT pg_terminate_backend($1)", backend.activity.pid);
         backend.terminated = done.scalar<bool>();
       } catch (const pgrt::Error& error) {
         if (pgrt::sqlstate_of(error.code()) != "42501") throw;
-        snapshot.refused = "terminating backend " + std::to_string(backend.pid) +
+        snapshot.refused = "terminating backend " + std::to_string(backend.activity.pid) +
                            " was refused: " + error.diagnostics().message +
                            ". Fix: GRANT EXECUTE ON FUNCTION pg_terminate_backend(integer, "
                            "bigint) TO " +
@@ -296,6 +240,10 @@ asio::awaitable<Snapshot> take_snapshot(pgrt::Connection& connection, const Argu
     }
   }
   co_return snapshot;
+}
+
+std::int64_t seconds_in_state(const pgrt::AppBackend& backend) {
+  return std::chrono::duration_cast<std::chrono::seconds>(backend.in_state).count();
 }
 
 void print_json(const Snapshot& snapshot, const Arguments& arguments) {
@@ -314,13 +262,15 @@ void print_json(const Snapshot& snapshot, const Arguments& arguments) {
       << ",\"tag_app\":" << json_string(pgrt::tag_app_name(arguments.app)) << ",\"backends\":[";
   for (std::size_t i = 0; i < snapshot.app_backends.size(); ++i) {
     const auto& backend = snapshot.app_backends[i];
-    out << (i == 0 ? "" : ",") << "{\"pid\":" << backend.pid
-        << ",\"application_name\":" << json_string(backend.application_name)
-        << ",\"state\":" << json_string(backend.state)
-        << ",\"idle_seconds\":" << backend.idle_seconds << ",\"user\":" << json_string(backend.user)
-        << ",\"database\":" << json_string(backend.database)
-        << ",\"client\":" << json_string(backend.client)
-        << ",\"in_scope\":" << (backend.in_scope ? "true" : "false")
+    const auto& activity = backend.activity;
+    out << (i == 0 ? "" : ",") << "{\"pid\":" << activity.pid
+        << ",\"application_name\":" << json_string(activity.application_name)
+        << ",\"state\":" << json_string(activity.state)
+        << ",\"idle_seconds\":" << seconds_in_state(activity)
+        << ",\"user\":" << json_string(activity.user)
+        << ",\"database\":" << json_string(activity.database)
+        << ",\"client\":" << json_string(activity.client)
+        << ",\"in_scope\":" << (activity.in_scope ? "true" : "false")
         << ",\"leaked\":" << (backend.reason.empty() ? "false" : "true")
         << ",\"reason\":" << json_string(backend.reason)
         << ",\"terminated\":" << (backend.terminated ? "true" : "false") << "}";
@@ -341,10 +291,12 @@ void print_text(const Snapshot& snapshot, const Arguments& arguments) {
             << ", leaked: " << snapshot.leaked() << " (checked: those of " << snapshot.user << "@"
             << snapshot.database << ")\n";
   for (const auto& backend : snapshot.app_backends) {
-    std::cout << "  pid " << backend.pid << "  " << backend.application_name << "  "
-              << (backend.state.empty() ? "-" : backend.state) << " " << backend.idle_seconds
-              << " s  " << backend.user << "@" << backend.database << " from " << backend.client;
-    if (!backend.in_scope) std::cout << "\n      another database or role: not checked";
+    const auto& activity = backend.activity;
+    std::cout << "  pid " << activity.pid << "  " << activity.application_name << "  "
+              << (activity.state.empty() ? "-" : activity.state) << " "
+              << seconds_in_state(activity) << " s  " << activity.user << "@" << activity.database
+              << " from " << activity.client;
+    if (!activity.in_scope) std::cout << "\n      another database or role: not checked";
     if (!backend.reason.empty()) std::cout << "\n      LEAKED: " << backend.reason;
     if (backend.terminated) std::cout << "\n      terminated";
     std::cout << "\n";

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <map>
+#include <optional>
 #include <spdlog/spdlog.h>
 #include <utility>
 
@@ -11,24 +13,101 @@ namespace pgrt {
 
 namespace {
 
-constexpr const char* leftovers_sql =
-    "SELECT pid, application_name, coalesce(state, ''), backend_start::text, "
+// The app's backends as the server sees them; parse_connection_tag() then keeps exact tags only.
+constexpr const char* app_backends_sql =
+    "SELECT pid, application_name, coalesce(state, ''), coalesce(backend_start::text, ''), "
+    "coalesce((extract(epoch FROM backend_start) * 1000000)::bigint, 0), "
+    "coalesce((extract(epoch FROM now() - state_change) * 1000)::bigint, 0), "
+    "coalesce(usename::text, ''), coalesce(datname::text, ''), "
     "coalesce(host(client_addr) || ':' || client_port, 'local'), "
-    "application_name LIKE $1 ESCAPE '\\' AS predecessor, "
-    "coalesce(extract(epoch FROM now() - state_change)::bigint, 0) AS idle_seconds, "
-    "current_user::text "
-    "FROM pg_stat_activity "
-    "WHERE backend_type = 'client backend' AND datname = current_database() "
-    "AND usename = current_user AND pid <> pg_backend_pid() AND application_name <> $2 "
-    "AND (application_name LIKE $1 ESCAPE '\\' "
-    "OR ($3::bigint > 0 AND application_name LIKE $4 ESCAPE '\\' AND state = 'idle' "
-    "AND state_change < now() - make_interval(secs => $3::bigint) "
-    // A live instance's cluster-wide lock session is idle for good: never "idle too long".
-    "AND NOT EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = pg_stat_activity.pid "
-    "AND l.locktype = 'advisory' AND l.granted))) "
-    "ORDER BY backend_start";
+    "coalesce(datname = current_database() AND usename = current_user, false), "
+    "EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = pg_stat_activity.pid "
+    "AND l.locktype = 'advisory' AND l.granted) "
+    "FROM pg_stat_activity WHERE backend_type = 'client backend' "
+    "AND application_name LIKE $1 ESCAPE '\\' AND pid <> pg_backend_pid() "
+    "ORDER BY backend_start, pid";
 
 }  // namespace
+
+boost::asio::awaitable<std::vector<AppBackend>> list_app_backends(Connection& connection,
+                                                                  std::string_view application) {
+  const std::string pattern = like_literal(tag_app_name(application) + "/") + "%";
+  auto rows = co_await connection.query(app_backends_sql, pattern);
+  std::vector<AppBackend> backends;
+  for (const Row row : rows) {
+    AppBackend backend;
+    backend.application_name = row.get<std::string>(1);
+    if (!parse_connection_tag(application, backend.application_name)) continue;
+    backend.pid = row.get<int>(0);
+    backend.state = row.get<std::string>(2);
+    backend.backend_start = row.get<std::string>(3);
+    backend.started_us = row.get<std::int64_t>(4);
+    backend.in_state = std::chrono::milliseconds(row.get<std::int64_t>(5));
+    backend.user = row.get<std::string>(6);
+    backend.database = row.get<std::string>(7);
+    backend.client = row.get<std::string>(8);
+    backend.in_scope = row.get<bool>(9);
+    backend.holds_advisory_lock = row.get<bool>(10);
+    backends.push_back(std::move(backend));
+  }
+  co_return backends;
+}
+
+std::vector<std::string> leftover_reasons(const std::vector<AppBackend>& backends,
+                                          const LeftoverRule& rule) {
+  std::vector<std::optional<ConnectionTagParts>> tags;
+  tags.reserve(backends.size());
+  for (const auto& backend : backends) {
+    tags.push_back(backend.in_scope && backend.application_name != rule.own_tag
+                       ? parse_connection_tag(rule.application, backend.application_name)
+                       : std::nullopt);
+  }
+  // Which incarnation of each instance is the live one: this process's for its own instance;
+  // without own_tag, for every instance the one whose first backend started last.
+  std::map<std::string, std::string> live;  // instance -> incarnation
+  if (!rule.own_tag.empty()) {
+    if (auto own = parse_connection_tag(rule.application, rule.own_tag)) {
+      live[own->instance] = own->incarnation;
+    }
+  } else {
+    // instance -> incarnation -> when its first backend started
+    std::map<std::string, std::map<std::string, std::int64_t>> first_starts;
+    for (std::size_t i = 0; i < backends.size(); ++i) {
+      if (!tags[i]) continue;
+      auto [entry, added] =
+          first_starts[tags[i]->instance].try_emplace(tags[i]->incarnation, backends[i].started_us);
+      if (!added) entry->second = std::min(entry->second, backends[i].started_us);
+    }
+    for (const auto& [instance, incarnations] : first_starts) {
+      live[instance] =
+          std::max_element(incarnations.begin(), incarnations.end(),
+                           [](const auto& a, const auto& b) { return a.second < b.second; })
+              ->first;
+    }
+  }
+  std::vector<std::string> reasons(backends.size());
+  for (std::size_t i = 0; i < backends.size(); ++i) {
+    if (!tags[i]) continue;
+    const auto& tag = *tags[i];
+    const auto& backend = backends[i];
+    const std::string instance = tag.app + "/" + tag.instance;
+    if (auto found = live.find(tag.instance);
+        found != live.end() && found->second != tag.incarnation) {
+      reasons[i] = rule.own_tag.empty()
+                       ? "superseded: " + instance + "/" + found->second +
+                             " started later, so this incarnation's process is gone or a "
+                             "duplicate"
+                       : "an earlier incarnation of " + instance;
+    } else if (rule.idle_threshold.count() > 0 && backend.state == "idle" &&
+               !backend.holds_advisory_lock && backend.in_state > rule.idle_threshold) {
+      reasons[i] = "idle for " +
+                   std::to_string(
+                       std::chrono::duration_cast<std::chrono::seconds>(backend.in_state).count()) +
+                   " s";
+    }
+  }
+  return reasons;
+}
 
 std::string like_literal(std::string_view text) {
   std::string pattern;
@@ -48,31 +127,27 @@ boost::asio::awaitable<CleanupReport> cleanup_predecessors(Connection& connectio
                                                            const CleanupOptions& options,
                                                            std::string own_tag) {
   const std::string prefix = connection_tag_prefix(options.application, options.instance);
-  const std::string app_prefix = tag_app_name(options.application) + "/";
-  const std::string instance_pattern = like_literal(prefix) + "%";
-  const std::string app_pattern = like_literal(app_prefix) + "%";
-  const auto idle_seconds = static_cast<std::int64_t>(options.idle_threshold.count());
+  const LeftoverRule rule{.application = options.application,
+                          .own_tag = std::move(own_tag),
+                          .idle_threshold = options.idle_threshold};
 
   CleanupReport report;
-  auto rows = co_await connection.query(leftovers_sql, instance_pattern, own_tag, idle_seconds,
-                                        app_pattern);
-  std::string role;
-  for (const Row row : rows) {
-    LeftoverBackend backend;
-    backend.pid = row.get<int>(0);
-    backend.application_name = row.get<std::string>(1);
-    backend.state = row.get<std::string>(2);
-    backend.backend_start = row.get<std::string>(3);
-    backend.client = row.get<std::string>(4);
-    backend.reason = row.get<bool>(5)
-                         ? "an earlier incarnation of " + prefix.substr(0, prefix.size() - 1)
-                         : "idle for " + std::to_string(row.get<std::int64_t>(6)) + " s";
-    role = row.get<std::string>(7);
-    report.backends.push_back(std::move(backend));
+  std::string role;  // the connection's: every leftover is in scope
+  const std::vector<AppBackend> backends = co_await list_app_backends(connection, rule.application);
+  const std::vector<std::string> reasons = leftover_reasons(backends, rule);
+  for (std::size_t i = 0; i < backends.size(); ++i) {
+    if (reasons[i].empty()) continue;
+    role = backends[i].user;
+    report.backends.push_back(LeftoverBackend{.pid = backends[i].pid,
+                                              .application_name = backends[i].application_name,
+                                              .state = backends[i].state,
+                                              .backend_start = backends[i].backend_start,
+                                              .client = backends[i].client,
+                                              .reason = reasons[i]});
   }
   if (report.backends.empty()) {
     spdlog::info("pgrt cleanup: no leftover connections of {} (this process is {})", prefix,
-                 own_tag);
+                 rule.own_tag);
     co_return report;
   }
   for (auto& backend : report.backends) {

@@ -41,6 +41,19 @@ constexpr std::size_t hash_suffix_bytes = 1 + 8;  // "~" and stable_name_hash()
 constexpr std::size_t max_names_bytes = max_tag_bytes - 2 - incarnation_bytes;
 static_assert(max_names_bytes > max_tag_app_bytes + hash_suffix_bytes);
 
+// A byte a name keeps in a tag: printable ASCII other than '/' and '~'.
+bool plain_tag_byte(char c) {
+  const auto byte = static_cast<unsigned char>(c);
+  return byte >= 0x20 && byte <= 0x7E && c != '/' && c != '~';
+}
+
+// Exactly eight lowercase hex digits, as "%08x" writes them: an incarnation, a name hash.
+bool lower_hex(std::string_view text) {
+  return text.size() == incarnation_bytes && std::all_of(text.begin(), text.end(), [](char c) {
+           return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f');
+         });
+}
+
 // Printable ASCII without '/' (the tag's separator) and '~' (the hash marker) is kept; anything
 // else, or a name longer than `budget`, gives a prefix and "~<hash of the name as given>", exactly
 // `budget` bytes or fewer. A name that needs no change never contains '~', one that was changed
@@ -49,8 +62,7 @@ std::string fit_name(std::string_view name, std::size_t budget) {
   std::string clean;
   bool changed = false;
   for (char c : name) {
-    const auto byte = static_cast<unsigned char>(c);
-    const bool plain = byte >= 0x20 && byte <= 0x7E && c != '/' && c != '~';
+    const bool plain = plain_tag_byte(c);
     clean += plain ? c : '_';
     changed = changed || !plain;
   }
@@ -119,6 +131,34 @@ std::string make_connection_tag(std::string_view app, std::string_view instance)
 
 std::string connection_tag_prefix(std::string_view app, std::string_view instance) {
   return tag_app_name(app) + "/" + tag_instance_name(app, instance) + "/";
+}
+
+std::optional<ConnectionTagParts> parse_connection_tag(std::string_view app,
+                                                       std::string_view application_name) {
+  const std::string app_part = tag_app_name(app);
+  if (!application_name.starts_with(app_part) || application_name.size() <= app_part.size() ||
+      application_name[app_part.size()] != '/') {
+    return std::nullopt;
+  }
+  const std::string_view rest = application_name.substr(app_part.size() + 1);
+  // "<instance>/<incarnation>": the incarnation is the last incarnation_bytes.
+  if (rest.size() < 1 + 1 + incarnation_bytes) return std::nullopt;
+  const std::string_view incarnation = rest.substr(rest.size() - incarnation_bytes);
+  const std::string_view instance = rest.substr(0, rest.size() - incarnation_bytes - 1);
+  if (rest[instance.size()] != '/' || !lower_hex(incarnation)) return std::nullopt;
+  if (instance.size() > max_names_bytes - app_part.size()) return std::nullopt;
+  // Plain, or "<plain prefix>~<hash>" (fit_name()).
+  std::string_view plain = instance;
+  if (const auto marker = instance.find('~'); marker != std::string_view::npos) {
+    if (marker + hash_suffix_bytes != instance.size() || marker == 0 ||
+        !lower_hex(instance.substr(marker + 1))) {
+      return std::nullopt;
+    }
+    plain = instance.substr(0, marker);
+  }
+  if (!std::all_of(plain.begin(), plain.end(), plain_tag_byte)) return std::nullopt;
+  return ConnectionTagParts{
+      .app = app_part, .instance = std::string(instance), .incarnation = std::string(incarnation)};
 }
 
 }  // namespace pgrt

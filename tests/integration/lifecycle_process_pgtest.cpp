@@ -2,8 +2,9 @@
 // SIGTERM (once, twice) under write load loses no accepted write and logs its shutdown phases in
 // order; SIGINT twice exits at once; a stop that hangs is ended by the watchdog; std::exit() from
 // a worker closes the pool at exit.
-// Start-up hygiene: a crashed predecessor's leftovers are terminated (and nothing else), a second
-// instance is refused or takes over with force, a missing permission is a warning, pgrt-diag.
+// Start-up hygiene: a crashed predecessor's leftovers are terminated (and nothing else: not names
+// that only start like a tag), also while running a statement; a second instance is refused or
+// takes over with force, a missing permission is a warning, pgrt-diag.
 #include <algorithm>
 #include <boost/json/src.hpp>  // header-only Boost.JSON, compiled into this test
 #include <chrono>
@@ -885,6 +886,128 @@ TEST_F(StartupHygieneTest, DiagReportsLeakedBackendsAsJsonAndKillsOnlyThose) {
     Child usage({PGRT_DIAG_PATH, "--kill-leaked", "--emergency"}, cluster().dsn(), "diag");
     EXPECT_EQ(usage.wait_for_exit(30s), 2) << usage.output();
   }
+}
+
+// A session tagged `application_name` running a long statement (state 'active') until it is
+// terminated; the destructor terminates it if nothing else did.
+class ActiveSession {
+ public:
+  ActiveSession(const std::string& dsn, const std::string& application_name)
+      : dsn_(dsn), connection_(dsn + " application_name=" + application_name) {
+    pid_ = connection_.backend_pid();
+    EXPECT_EQ(PQsendQuery(connection_.native(), "SELECT pg_sleep(300)"), 1);
+    EXPECT_TRUE(testing::eventually([this] { return state() == "active"; })) << state();
+  }
+  ActiveSession(const ActiveSession&) = delete;
+  ActiveSession& operator=(const ActiveSession&) = delete;
+  ActiveSession(ActiveSession&&) = delete;
+  ActiveSession& operator=(ActiveSession&&) = delete;
+  ~ActiveSession() {
+    BlockingConnection(dsn_).query("SELECT pg_terminate_backend(" + std::to_string(pid_) + ")");
+  }
+  [[nodiscard]] int pid() const { return pid_; }
+  // pg_stat_activity.state; "" once the backend is gone.
+  [[nodiscard]] std::string state() const {
+    auto rows = BlockingConnection(dsn_).query(
+        "SELECT coalesce(state, '') FROM pg_stat_activity WHERE pid = " + std::to_string(pid_));
+    return rows.empty() ? std::string() : *rows[0][0];
+  }
+
+ private:
+  std::string dsn_;
+  BlockingConnection connection_;
+  int pid_ = 0;
+};
+
+TEST_F(StartupHygieneTest, NamesThatOnlyStartLikeATagAreNeverLeftovers) {
+  const std::string dsn = cluster().dsn();
+  // A real leftover: an earlier incarnation of exact/one, as the control.
+  BlockingConnection leftover(dsn + " application_name=exact/one/0badcafe");
+  // Sessions of other programs that only share the app's (and instance's) prefix.
+  BlockingConnection report_job(dsn + " application_name=exact/one/report-job");
+  BlockingConnection upper_case(dsn + " application_name=exact/one/0BADCAFE");
+  BlockingConnection nine_digits(dsn + " application_name=exact/one/0badcafe1");
+  BlockingConnection console(dsn + " application_name=exact/console");
+  std::this_thread::sleep_for(1500ms);  // all idle past the idle rule's threshold
+
+  PoolConfig config;
+  config.conninfo = dsn;
+  config.application = "exact";
+  config.instance = "one";
+  StartupHygieneOptions options;
+  options.lock_directory = Child::runtime_directory();
+  options.idle_threshold = std::chrono::seconds(1);
+  const CleanupReport report = run_hygiene(config, options);
+  std::set<std::string> found;
+  for (const auto& backend : report.backends) found.insert(backend.application_name);
+  EXPECT_EQ(found, std::set<std::string>{"exact/one/0badcafe"});
+  EXPECT_EQ(report.terminated(), 1U);
+  EXPECT_THROW(leftover.scalar("SELECT 1"), testing::SqlError);
+  for (auto* other : {&report_job, &upper_case, &nine_digits, &console}) {
+    EXPECT_EQ(other->scalar("SELECT 1"), "1") << "terminated";
+  }
+}
+
+TEST_F(StartupHygieneTest, DiagKillLeakedLeavesNamesThatOnlyStartLikeATag) {
+  const std::string dsn = cluster().dsn();
+  // A live instance, then programs that only share the app's prefix, started after it. None is a
+  // newer incarnation that would make the instance's own connection look superseded.
+  BlockingConnection live(dsn + " application_name=dgx/one/1234abcd");
+  std::this_thread::sleep_for(20ms);
+  BlockingConnection report_job(dsn + " application_name=dgx/one/report-job");
+  ActiveSession console(dsn, "dgx/console");
+  std::this_thread::sleep_for(20ms);
+  BlockingConnection batch(dsn + " application_name=dgx/batch");
+
+  Child kill({PGRT_DIAG_PATH, "--app", "dgx", "--kill-leaked", "--json"}, dsn, "dgx");
+  EXPECT_EQ(kill.wait_for_exit(30s), 0) << kill.output();
+  const json::object report = parse_diag_json(kill.output());
+  EXPECT_EQ(diag_pids_where(report, "terminated"), std::set<int>{}) << kill.output();
+  EXPECT_EQ(diag_pids_where(report, "leaked"), std::set<int>{}) << kill.output();
+  // Only exact tags are the app's backends.
+  const auto backends = diag_backends(report);
+  EXPECT_EQ(backends.size(), 1U) << kill.output();
+  EXPECT_TRUE(backends.contains(live.backend_pid())) << kill.output();
+  EXPECT_EQ(live.scalar("SELECT 1"), "1");
+  EXPECT_EQ(report_job.scalar("SELECT 1"), "1");
+  EXPECT_EQ(batch.scalar("SELECT 1"), "1");
+  EXPECT_EQ(console.state(), "active");
+}
+
+TEST_F(StartupHygieneTest, AnActiveSessionOfADeadIncarnationIsALeftover) {
+  const std::string dsn = cluster().dsn();
+  // Start-up: an earlier incarnation of busy/one (this process holds the instance lock, so that
+  // incarnation's process is gone) still running a statement.
+  ActiveSession running(dsn, "busy/one/0badcafe");
+  PoolConfig config;
+  config.conninfo = dsn;
+  config.application = "busy";
+  config.instance = "one";
+  StartupHygieneOptions options;
+  options.lock_directory = Child::runtime_directory();
+  const CleanupReport report = run_hygiene(config, options);
+  ASSERT_EQ(report.backends.size(), 1U);
+  EXPECT_EQ(report.backends[0].pid, running.pid());
+  EXPECT_EQ(report.backends[0].state, "active");
+  EXPECT_TRUE(report.backends[0].terminated);
+  EXPECT_TRUE(testing::eventually([&] { return running.state().empty(); }));
+
+  // pgrt-diag: a superseded incarnation of busy/two running a statement is leaked too.
+  ActiveSession superseded(dsn, "busy/two/0badcafe");
+  std::this_thread::sleep_for(20ms);
+  BlockingConnection newer(dsn + " application_name=busy/two/1234abcd");
+  Child kill({PGRT_DIAG_PATH, "--app", "busy", "--kill-leaked", "--json"}, dsn, "busy");
+  EXPECT_EQ(kill.wait_for_exit(30s), 0) << kill.output();
+  const json::object json_report = parse_diag_json(kill.output());
+  EXPECT_EQ(diag_pids_where(json_report, "terminated"), std::set<int>{superseded.pid()})
+      << kill.output();
+  const auto backends = diag_backends(json_report);
+  ASSERT_TRUE(backends.contains(superseded.pid())) << kill.output();
+  EXPECT_EQ(backends.at(superseded.pid()).at("state").as_string(), "active");
+  EXPECT_THAT(std::string(backends.at(superseded.pid()).at("reason").as_string()),
+              ::testing::StartsWith("superseded: busy/two/1234abcd"));
+  EXPECT_TRUE(testing::eventually([&] { return superseded.state().empty(); }));
+  EXPECT_EQ(newer.scalar("SELECT 1"), "1");
 }
 
 }  // namespace

@@ -11,6 +11,8 @@
 #include <sys/wait.h>
 #include <thread>
 #include <unistd.h>
+#include <utility>
+#include <vector>
 
 #include "pgrt/db/hygiene.hpp"
 #include "pgrt/db/session_guards.hpp"
@@ -51,6 +53,71 @@ TEST(ConnectionTag, IsAppInstanceIncarnationInAsciiWithinSixtyThreeBytes) {
   EXPECT_EQ(make_connection_tag("app", ""),
             "app/" + tag_instance_name("app", default_instance_name()) + "/" + incarnation);
   EXPECT_THAT(default_instance_name(), MatchesRegex("[A-Za-z0-9._-]+"));
+}
+
+TEST(ParseConnectionTag, AcceptsEveryTagMakeConnectionTagWrites) {
+  const std::string incarnation = process_identity().incarnation;
+  const std::string pod = "orders-service-canary-deployment-7d9f8b6c4-x2k9p";
+  const std::vector<std::pair<std::string, std::string>> names = {
+      {"orders", "eu-1"},
+      {"orders", pod},
+      {"orders", pod + pod},              // shortened: a prefix, '~' and the hash
+      {"orders", "\xc3\xa9t\xc3\xa9"},    // replaced bytes: '_' each, and the hash
+      {"or/ders", "a b"},                 // a replaced app; a space is kept
+      {std::string(100, 'a'), "one"},     // a shortened app
+      {std::string(24, 'a'), pod + pod},  // the longest app that is kept, the rest for the instance
+      {"", "one"},                        // an empty app is kept as it is
+      {"orders", ""},                     // the default instance, the host name
+  };
+  for (const auto& [app, instance] : names) {
+    const std::string tag = make_connection_tag(app, instance);
+    const auto parts = parse_connection_tag(app, tag);
+    ASSERT_TRUE(parts.has_value()) << tag;
+    EXPECT_EQ(parts->app, tag_app_name(app)) << tag;
+    EXPECT_EQ(parts->instance, tag_instance_name(app, instance)) << tag;
+    EXPECT_EQ(parts->incarnation, incarnation) << tag;
+    EXPECT_EQ(parts->app + "/" + parts->instance + "/" + parts->incarnation, tag);
+  }
+  const auto parts = parse_connection_tag("orders", "orders/eu-1/0badcafe");
+  ASSERT_TRUE(parts.has_value());
+  EXPECT_EQ(parts->instance, "eu-1");
+  EXPECT_EQ(parts->incarnation, "0badcafe");
+  EXPECT_TRUE(parse_connection_tag("orders", "orders/eu_~0123abcd/0badcafe"));
+  // The longest instance that fits: 53 bytes less the app's.
+  EXPECT_TRUE(parse_connection_tag("orders", "orders/" + std::string(47, 'i') + "/0badcafe"));
+}
+
+TEST(ParseConnectionTag, RejectsNamesThatOnlyStartLikeATag) {
+  for (const std::string name : {
+           "orders/console",               // no incarnation
+           "orders/eu-1/report-job",       // not an incarnation
+           "orders/eu-1/0BADCAFE",         // upper case: never written
+           "orders/eu-1/0badcaf",          // seven digits
+           "orders/eu-1/0badcafe0",        // nine digits
+           "orders/eu-1/0badcafg",         // not hex
+           "orders/eu-1/0badcafe/x",       // something after it
+           "orders/eu-1/",                 // nothing after the instance
+           "orders//0badcafe",             // no instance
+           "orders/eu/1/0badcafe",         // '/' inside the instance
+           "orders/eu~1/0badcafe",         // '~' that is not a hash marker
+           "orders/~0123abcd/0badcafe",    // a hash with nothing before it
+           "orders/eu~0123ABCD/0badcafe",  // a hash in upper case
+           "orders/eu~~0123abc/0badcafe",  // two markers
+           "orders/e\x01u/0badcafe",       // a control character
+           "orders/e\xc3\xa9/0badcafe",    // not ASCII
+           "orders-x/eu-1/0badcafe",       // another app that starts the same
+           "orders",
+           "orders/",
+           "pgrt-diag",
+           "xorders/eu-1/0badcafe",
+           " orders/eu-1/0badcafe",
+       }) {
+    EXPECT_FALSE(parse_connection_tag("orders", name)) << name;
+  }
+  // One byte longer than the instance may be.
+  EXPECT_FALSE(parse_connection_tag("orders", "orders/" + std::string(48, 'i') + "/0badcafe"));
+  // The app is compared as the tags write it.
+  EXPECT_FALSE(parse_connection_tag(std::string(100, 'a'), std::string(100, 'a') + "/x/0badcafe"));
 }
 
 TEST(StableNameHash, IsThirtyTwoBitFnv1aInHex) {

@@ -3,10 +3,12 @@
 /// @file
 /// Start-up hygiene: find and terminate the server-side connections an earlier run of this
 /// instance left behind (a crash, a lost host, a proxy that keeps connections open), and never
-/// anyone else's.
+/// anyone else's. The leftover rule here (leftover_reasons()) is the one both the start-up cleanup
+/// and pgrt-diag apply.
 
 #include <boost/asio/awaitable.hpp>
 #include <chrono>
+#include <cstdint>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -14,6 +16,61 @@
 #include "pgrt/db/connection.hpp"
 
 namespace pgrt {
+
+/// One client backend of an app, as pg_stat_activity shows it: its application_name is a
+/// connection tag of the app (parse_connection_tag()).
+struct AppBackend {
+  int pid = 0;
+  std::string application_name;
+  std::string state;          ///< pg_stat_activity.state ("idle", "active", ...); "" if not shown.
+  std::string backend_start;  ///< As the server prints it; "" if not shown.
+  /// backend_start in microseconds since the Unix epoch (0 if not shown): orders incarnations.
+  std::int64_t started_us = 0;
+  /// How long it has been in `state` (now() - state_change; zero if not shown).
+  std::chrono::milliseconds in_state{0};
+  std::string user;      ///< The role; "" if not shown.
+  std::string database;  ///< "" if not shown.
+  std::string client;    ///< client_addr:port, or "local" (a unix socket, or not shown).
+  /// In the querying connection's database and under its role: only those are ever classified
+  /// or terminated (a service of the same name elsewhere is not this one).
+  bool in_scope = false;
+  /// Holds a granted advisory lock (a live instance's cluster-wide lock session, for one).
+  bool holds_advisory_lock = false;
+};
+
+/// The client backends, in every database and under every role, whose application_name is a
+/// connection tag of `application` (as configured; parse_connection_tag() decides, after a
+/// `LIKE '<tag app>/%'` on the server), oldest first, without `connection`'s own. Throws
+/// pgrt::Error (the connection lost, a failed query). Not thread-safe (uses `connection`);
+/// cancellation: as Connection::query().
+[[nodiscard]] boost::asio::awaitable<std::vector<AppBackend>> list_app_backends(
+    Connection& connection, std::string_view application);
+
+/// What leftover_reasons() is to judge by.
+struct LeftoverRule {
+  std::string application;  ///< The app as configured (PoolConfig::application).
+  /// This process's own tag (make_connection_tag()), when it is an instance of the app (the
+  /// start-up cleanup, which holds that instance's lock): the other incarnations of its instance
+  /// are leftovers, and its own backends never are. Empty (pgrt-diag): for each instance, the
+  /// incarnations other than the one whose first backend started last are leftovers
+  /// (superseded). A tag of another app: no incarnation is a leftover (the idle rule still
+  /// applies).
+  std::string own_tag;
+  /// Above zero: also a backend of any instance in state "idle" (not in a transaction) longer
+  /// than this and holding no advisory lock (the idle rule).
+  std::chrono::seconds idle_threshold{0};
+};
+
+/// The leftover rule, the one both the start-up cleanup and pgrt-diag apply: for each of
+/// `backends`, in order, why it is a leftover, or "" if it is not. Only backends that are
+/// in_scope and whose application_name is exactly a tag of the app (parse_connection_tag()) are
+/// ever leftovers, never one tagged `own_tag`. A backend of a dead incarnation (per
+/// LeftoverRule::own_tag) is one whatever its state, also `active`: its process is gone, so no
+/// one will read what it computes, and it holds a slot and its locks until it ends. Reasons:
+/// "an earlier incarnation of <app>/<instance>" (with own_tag), "superseded: ..." (without), or
+/// "idle for N s". A pure function: no I/O, thread-safe.
+[[nodiscard]] std::vector<std::string> leftover_reasons(const std::vector<AppBackend>& backends,
+                                                        const LeftoverRule& rule);
 
 struct CleanupOptions {
   std::string application;  ///< The app name of the tags (PoolConfig::application).
@@ -30,8 +87,8 @@ struct LeftoverBackend {
   std::string state;          ///< pg_stat_activity.state ("idle", "idle in transaction", ...).
   std::string backend_start;  ///< As the server prints it.
   std::string client;         ///< client_addr:port, or "local" for a unix socket.
-  std::string reason;         ///< "an earlier incarnation of <app>/<instance>" or "idle for N s".
-  bool terminated = false;    ///< pg_terminate_backend() returned true.
+  std::string reason;  ///< leftover_reasons(): "an earlier incarnation of ..." or "idle for N s".
+  bool terminated = false;  ///< pg_terminate_backend() returned true.
 };
 
 struct CleanupReport {
@@ -49,14 +106,19 @@ struct CleanupReport {
 /// character (use `LIKE $1 ESCAPE '\'`): `a_b%` becomes `a\_b\%`.
 [[nodiscard]] std::string like_literal(std::string_view text);
 
-/// Terminates, over `connection`, the client backends that are in the same database, under the
-/// same role, and either carry an application_name `<app>/<instance>/<other incarnation>` or (with
-/// idle_threshold) belong to `<app>/` and have been idle longer than the threshold. It never
-/// touches the connection's own backend, any backend tagged `own_tag` (this process), or other
-/// applications. Each terminated backend is logged (spdlog, info) with its pid, tag, state, start
-/// and client. A role that may not terminate gives a warning naming the grant (in the report and
-/// the log), never an exception. Other errors (the connection lost) throw pgrt::Error.
-/// Not thread-safe (uses `connection`); cancellation: as Connection::query().
+/// Terminates, over `connection`, the leftovers by leftover_reasons() with
+/// `LeftoverRule{options.application, own_tag, options.idle_threshold}` among
+/// list_app_backends(): in the same database, under the same role, tagged exactly
+/// `<app>/<instance>/<incarnation>` with another incarnation than `own_tag`'s (whatever their
+/// state), or (with idle_threshold) tagged as any instance of the app and idle longer than the
+/// threshold. `own_tag` is this process's tag, make_connection_tag(options.application,
+/// options.instance). It never touches the connection's own backend, any backend tagged `own_tag`
+/// (this process), names that only start like a tag (`<app>/console`,
+/// `<app>/<instance>/report-job`), or other applications. Each terminated backend is logged
+/// (spdlog, info) with its pid, tag, state, start and client. A role that may not terminate gives
+/// a warning naming the grant (in the report and the log), never an exception. Other errors (the
+/// connection lost) throw pgrt::Error. Not thread-safe (uses `connection`); cancellation: as
+/// Connection::query().
 [[nodiscard]] boost::asio::awaitable<CleanupReport> cleanup_predecessors(
     Connection& connection, const CleanupOptions& options, std::string own_tag);
 

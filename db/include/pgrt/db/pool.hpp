@@ -35,25 +35,9 @@
 #include "pgrt/db/connection.hpp"
 #include "pgrt/db/error.hpp"
 #include "pgrt/db/pool_types.hpp"
+#include "pgrt/db/session_guards.hpp"
 
 namespace pgrt {
-
-/// Session guards a pool sets on each of its connections; zero turns one off (the server's or the
-/// system's default then applies). Settings already in ConnectOptions::session_settings win.
-struct SessionGuards {
-  /// idle_in_transaction_session_timeout: the server ends a session left idle inside a
-  /// transaction this long (a lease forgotten mid-transaction).
-  std::chrono::milliseconds idle_in_transaction_timeout{std::chrono::minutes(5)};
-  /// client_connection_check_interval: while a statement runs, the server checks this often that
-  /// the client is still there, and ends the statement if not.
-  std::chrono::milliseconds client_connection_check_interval{std::chrono::seconds(10)};
-  /// TCP keepalives as ConnectOptions::keepalives has them (on by default: idle 30 s, then every
-  /// 10 s, 3 probes); false turns them off.
-  bool keepalives = true;
-  /// tcp_user_timeout, unless ConnectOptions sets its own: sent data unacknowledged this long
-  /// drops the connection.
-  std::chrono::milliseconds tcp_user_timeout{std::chrono::seconds(30)};
-};
 
 /// What a returned connection goes through before it is reused (PoolConfig::reset).
 enum class ResetPolicy {

@@ -6,6 +6,7 @@
 
 #include <chrono>
 #include <cstddef>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -59,5 +60,25 @@ inline constexpr std::size_t max_tag_app_bytes = 24;
 /// The part of a tag before the incarnation, "<app>/<instance>/", as make_connection_tag() would
 /// write it: the prefix shared by every incarnation of one instance, and of nothing else.
 [[nodiscard]] std::string connection_tag_prefix(std::string_view app, std::string_view instance);
+
+/// The three parts of a connection tag, as parse_connection_tag() finds them.
+struct ConnectionTagParts {
+  std::string app;          ///< As tag_app_name() writes it.
+  std::string instance;     ///< As tag_instance_name() could have written it.
+  std::string incarnation;  ///< Eight lowercase hex digits (ProcessIdentity::incarnation).
+};
+
+/// `application_name` split into its parts when it has exactly the form of a tag that
+/// make_connection_tag() writes for `app` (as configured, shortened here by tag_app_name()) in
+/// some process, for some instance:
+/// - tag_app_name(app), then '/';
+/// - an instance name as tag_instance_name() writes one: 1 to 53 - tag_app_name(app).size()
+///   bytes, either printable ASCII other than '/' and '~', or at least one such byte followed by
+///   '~' and eight lowercase hex digits (a shortened name);
+/// - '/', then the incarnation: exactly eight lowercase hex digits.
+/// Anything else gives std::nullopt: another app, `<app>/console`, `<app>/<instance>/report-job`,
+/// an incarnation of another length or in upper case. A pure function: thread-safe.
+[[nodiscard]] std::optional<ConnectionTagParts> parse_connection_tag(
+    std::string_view app, std::string_view application_name);
 
 }  // namespace pgrt
