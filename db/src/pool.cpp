@@ -273,6 +273,45 @@ pool::ReturnKind classify(const Connection& connection) {
   return pool::ReturnKind::broken;
 }
 
+// Runs `operation` on `connection`, and cuts the connection (Connection::interrupt(), which is
+// thread-safe) if it has not finished by `deadline`: the operation then fails with
+// connection_lost. Every wait the pool makes on the server goes through here, so none is
+// unbounded, whatever the network does (a blackholed path never answers and never fails).
+template <typename T>
+asio::awaitable<T> cut_at(Connection& connection, Clock::time_point deadline,
+                          asio::awaitable<T> operation) {
+  struct Cutter {
+    std::mutex mutex;
+    bool done = false;
+    Connection* connection = nullptr;
+  };
+  auto cutter = std::make_shared<Cutter>();
+  cutter->connection = &connection;
+  asio::steady_timer timer(co_await asio::this_coro::executor, deadline);
+  timer.async_wait([cutter](error_code error) {
+    if (error) return;
+    std::lock_guard lock(cutter->mutex);
+    if (!cutter->done) cutter->connection->interrupt();
+  });
+  struct Disarm {
+    Cutter& cutter;
+    asio::steady_timer& timer;
+    Disarm(Cutter& cutter_in, asio::steady_timer& timer_in) : cutter(cutter_in), timer(timer_in) {}
+    Disarm(const Disarm&) = delete;
+    Disarm& operator=(const Disarm&) = delete;
+    Disarm(Disarm&&) = delete;
+    Disarm& operator=(Disarm&&) = delete;
+    ~Disarm() {
+      {
+        std::lock_guard lock(cutter.mutex);
+        cutter.done = true;
+      }
+      timer.cancel();
+    }
+  } disarm(*cutter, timer);
+  co_return co_await std::move(operation);
+}
+
 // The asio/libpq driver: it holds the core under one mutex, feeds it events and carries out its
 // actions. One acquire: Pool::acquire() -> PoolState::acquire() -> Core::try_acquire() (an idle
 // connection: leased at once) or Core::enqueue() + a wait on the PoolWaiter's timer, until the
@@ -282,11 +321,15 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
   explicit PoolState(PoolConfig config_in)
       : config(std::move(config_in)),
         application_name(make_application_name(config)),
+        backend_end_bound(pgrt::backend_end_bound(connect_options(config))),
         core(core_config(config), std::random_device{}()) {}
 
   mutable std::mutex mutex;
   const PoolConfig config;
   const std::string application_name;
+  // A closed connection's capacity comes back when the server has ended its backend, or at this
+  // bound (session_guards.hpp), by which the session guards have made the server end it.
+  const std::chrono::milliseconds backend_end_bound;
   PoolEvents events;
   std::optional<asio::any_io_executor> executor;
   // The upkeep timer, armed by the core (Action::arm_timer); used under `mutex` only.
@@ -420,10 +463,16 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
   static asio::awaitable<void> reset(std::shared_ptr<PoolState> self, pool::Node* node) {
     Connection& connection = connection_of(*node);
     bool ok = true;
+    // Bounded like a connect: a server that answers neither in connect_timeout is not one to
+    // hand a connection of to anybody.
+    const auto deadline = Clock::now() + self->config.connect.connect_timeout;
     try {
-      if (connection.transaction_status() != TransactionStatus::idle)
-        co_await connection.rollback();
-      if (self->config.reset == ResetPolicy::discard_all) co_await connection.discard_all();
+      if (connection.transaction_status() != TransactionStatus::idle) {
+        co_await cut_at(connection, deadline, connection.rollback());
+      }
+      if (self->config.reset == ResetPolicy::discard_all) {
+        co_await cut_at(connection, deadline, connection.discard_all());
+      }
     } catch (const std::exception& error) {
       ok = false;
       spdlog::warn("pgrt pool: resetting a returned connection ({}) failed: {}",
@@ -439,7 +488,9 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
   static asio::awaitable<void> ping(std::shared_ptr<PoolState> self, pool::Node* node) {
     bool ok = true;
     try {
-      co_await connection_of(*node).query("");
+      Connection& connection = connection_of(*node);
+      (void)co_await cut_at(connection, Clock::now() + self->config.connect.connect_timeout,
+                            connection.query(""));
     } catch (...) {  // NOLINT(bugprone-empty-catch): the core closes a connection that failed
       ok = false;
     }
@@ -465,14 +516,26 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
   static asio::awaitable<void> finish_close(std::shared_ptr<PoolState> self, pool::Node* node) {
     Connection& connection = connection_of(*node);
     const int pid = connection.backend_pid();
-    bool warned = false;
+    const auto closed_at = Clock::now();
     (void)co_await connection.close_and_wait(server_close_warning, [&] {
-      if (!warned) {
-        warned = true;
+      const auto waited =
+          std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - closed_at);
+      if (self->backend_end_bound.count() > 0 && waited >= self->backend_end_bound) {
+        spdlog::warn(
+            "pgrt pool {}: backend {} was not seen to end {} ms after it was closed; its slot is "
+            "given back now: by this bound the session guards (keepalives, tcp_user_timeout, "
+            "client_connection_check_interval) have made the server end it",
+            self->application_name, pid, waited.count());
+        return false;
+      }
+      if (waited < 2 * server_close_warning) {
         spdlog::warn(
             "pgrt pool {}: the server has not ended backend {} {} ms after it was closed; its "
-            "slot stays counted against max_size until it does",
-            self->application_name, pid, server_close_warning.count());
+            "slot stays counted against max_size until it does{}",
+            self->application_name, pid, waited.count(),
+            self->backend_end_bound.count() > 0
+                ? " (at most " + std::to_string(self->backend_end_bound.count()) + " ms)"
+                : std::string(" (keepalives are off: there is no bound)"));
       }
       return true;
     });
@@ -537,11 +600,22 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
 
   // `self` is this state, held by the coroutine frame so that the state outlives the acquire even
   // if the Pool object goes away meanwhile (and handed to the Lease).
+  // `deadline`: when the caller's acquire_timeout ends, for an acquire started over after a
+  // failed check before handout (none: from now).
   asio::awaitable<Lease> acquire(std::shared_ptr<PoolState> self, Priority priority,
-                                 std::source_location site) {
-    // A cancellation already emitted is ours to report (client_errc::cancelled, counted), not an
-    // operation_aborted thrown by the next co_await.
-    co_await asio::this_coro::throw_if_cancelled(false);
+                                 std::source_location site,
+                                 std::optional<Clock::time_point> deadline = std::nullopt) {
+    // A caller already cancelled: reported as client_errc::cancelled and counted. (Under asio's
+    // default this_coro::throw_if_cancelled(true), asio itself throws operation_aborted at the
+    // caller's co_await before the pool is reached; see pool.hpp.)
+    if ((co_await asio::this_coro::cancellation_state).cancelled() !=
+        asio::cancellation_type::none) {
+      std::lock_guard lock(mutex);
+      pool::Waiter gone(priority, site);
+      pool::Actions none;
+      core.withdraw(gone, pool::FailReason::cancelled, none);  // counted
+      throw_pool_error(client_errc::cancelled, "acquiring a pooled connection was cancelled");
+    }
     const auto now = coarse_now();
     Deferred deferred;  // declared before the lock: its events run after it is released
     std::unique_lock lock(mutex);
@@ -560,7 +634,8 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
         Lease lease(result.validate ? self : std::move(self), result.node);
         emit(events.acquired, site);
         if (!result.validate) co_return lease;
-        co_return co_await validated(std::move(lease), std::move(self), priority, site);
+        co_return co_await validated(std::move(lease), std::move(self), priority, site,
+                                     deadline.value_or(Clock::now() + checkout_limit()));
       }
       case pool::AcquireResult::Kind::closed:
         throw_pool_error(client_errc::pool_closed, "the pool " + application_name + " is closed");
@@ -587,6 +662,12 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
       throw_pool_error(client_errc::cancelled, "waiting for a pooled connection was cancelled");
     }
     const auto started = Clock::now();
+    auto wait_limit = result.wait_limit;
+    if (deadline) {
+      wait_limit =
+          std::max(std::chrono::milliseconds(0),
+                   std::chrono::duration_cast<std::chrono::milliseconds>(*deadline - started));
+    }
     PoolWaiter waiter(co_await asio::this_coro::executor, priority, site);
     // If this coroutine is destroyed while it waits (its io_context shut down), the waiter must
     // leave the queue, and a connection already handed to it must go back.
@@ -615,7 +696,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     core.enqueue(waiter, now, enqueued);
     execute_locked(enqueued, deferred);
     Abandon abandon(*this, waiter);
-    waiter.timer.expires_after(result.wait_limit);
+    waiter.timer.expires_after(wait_limit);
     // The wait starts under the lock, so a handoff cannot slip in before it.
     const error_code error = co_await wait_releasing(lock, waiter.timer);
     lock = std::unique_lock(mutex);
@@ -640,7 +721,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
       case pool::FailReason::timeout:
         break;
     }
-    std::string message = "timed out after " + std::to_string(result.wait_limit.count()) +
+    std::string message = "timed out after " + std::to_string(wait_limit.count()) +
                           " ms waiting for a connection from the pool " + application_name + " (" +
                           load + ")";
     if (!last_connect_error.empty()) message += "; last connect error: " + last_connect_error;
@@ -650,18 +731,27 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
                      "hold leases for shorter, raise max_size, or check the server");
   }
 
-  // validate_after_idle: a ping before handing out a connection that sat idle; a dead one is
-  // discarded and the acquire starts over.
+  // How long an acquire may take in all, checks before handout included.
+  [[nodiscard]] std::chrono::milliseconds checkout_limit() const {
+    return config.acquire_timeout.count() > 0 ? config.acquire_timeout
+                                              : config.connect.connect_timeout;
+  }
+
+  // validate_after_idle: a ping before handing out a connection that sat idle, cut at the
+  // acquire's deadline; a dead one is discarded and the acquire starts over, with what is left
+  // of its time.
   static asio::awaitable<Lease> validated(Lease lease, std::shared_ptr<PoolState> self,
-                                          Priority priority, std::source_location site) {
+                                          Priority priority, std::source_location site,
+                                          Clock::time_point deadline) {
     try {
-      co_await lease->query("");
+      Connection& connection = *lease;
+      (void)co_await cut_at(connection, deadline, connection.query(""));
       co_return lease;
     } catch (const Error& error) {
       if (error.code() == client_errc::cancelled) throw;  // the caller gave up: so do we
     }
     lease.release();  // dead: discarded on return; start over
-    co_return co_await self->acquire(self, priority, site);
+    co_return co_await self->acquire(self, priority, site, deadline);
   }
 
   void release(pool::Node& node, bool discard) noexcept {

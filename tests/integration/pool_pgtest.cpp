@@ -1,6 +1,8 @@
 // The pool against a real server: strict max under load and churn, FIFO, restarts, a full server,
 // reserved connections, resets on return, leak warnings.
 #include <atomic>
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/asio/io_context.hpp>
@@ -21,12 +23,12 @@
 
 #include <pgrt/db.hpp>
 
-#include "pool/core.hpp"
 #include "pgrt/testing/blocking_sql.hpp"
 #include "pgrt/testing/db_test.hpp"
 #include "pgrt/testing/expect_error.hpp"
 #include "pgrt/testing/fault_proxy.hpp"
 #include "pgrt/testing/run_coroutine.hpp"
+#include "pool/core.hpp"
 
 namespace pgrt {
 namespace {
@@ -218,7 +220,7 @@ TEST_F(PoolTest, TwoThreadIoContextLoadIsSafe) {
 // running on the server (sent through the raw libpq handle, as when the coroutine running it is
 // destroyed), 5% of queries cancelled (cancel and drain); the rest run a query.
 // The load test's run (1,000 coroutines for 10 s) with churn on top. Under ThreadSanitizer
-// (pgrt_pool_tsan), which is there to find races and slows everything tenfold, a smaller run.
+// (the tsan preset), which is there to find races and slows everything tenfold, a smaller run.
 #if defined(__SANITIZE_THREAD__)
 constexpr int churn_workers = 300;
 constexpr auto churn_duration = 5s;
@@ -1151,6 +1153,184 @@ TEST_F(PoolTest, CloseInterruptsLeasesStillOutAfterGraceAndALeaseOutlivesThePool
   EXPECT_THAT(outstanding[1], HasSubstr("pool_pgtest.cpp"));
   EXPECT_THAT(sleeper_error, HasSubstr("interrupted"));
   EXPECT_LT(sleeper_took, 10s);
+}
+
+}  // namespace
+}  // namespace pgrt
+
+namespace pgrt {
+namespace {
+
+// Defect: destroying a Pool while a detached close() still ran crashed (close() read the state
+// through `this`). close() now holds the state itself.
+TEST_F(PoolTest, APoolDestroyedWhileItsDetachedCloseRunsDoesNotCrash) {
+  auto pool_config = config("detached-close", 2);
+  bool closed = false;
+  std::vector<std::string> outstanding;
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    auto pool = std::make_unique<Pool>(executor, pool_config);
+    auto lease = co_await pool->acquire();  // keeps close() waiting for its grace period
+    asio::co_spawn(executor, pool->close(300ms),
+                   [&](const std::exception_ptr& error, std::vector<std::string> sites) {
+                     EXPECT_FALSE(error);
+                     outstanding = std::move(sites);
+                     closed = true;
+                   });
+    co_await sleep_for(20ms);  // close() is waiting now
+    pool.reset();
+    co_await sleep_for(50ms);
+    lease.release();
+    while (!closed) co_await sleep_for(10ms);
+  });
+  EXPECT_TRUE(closed);
+  EXPECT_TRUE(outstanding.empty()) << "the lease came back within the grace period";
+}
+
+// Defect: an acquire made by a coroutine already cancelled threw asio's operation_aborted (or got
+// a connection) and was not counted. It fails with pgrt's cancelled and is counted, whether an
+// idle connection is free or not.
+TEST_F(PoolTest, AnAcquireByAnAlreadyCancelledCoroutineFailsWithCancelledAndIsCounted) {
+  auto pool_config = config("cancelled-early", 1);
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, pool_config);
+    { auto warm = co_await pool.acquire(); }  // an idle connection: the fast path is open
+    asio::cancellation_signal signal;
+    std::vector<std::string> outcomes;
+    bool done = false;
+    asio::co_spawn(
+        executor,
+        [&]() -> awaitable_void {
+          try {
+            co_await sleep_for(10s);  // cancelled here
+          } catch (const boost::system::system_error&) {
+          }
+          // Under asio's default, asio throws at the co_await, before the pool is reached.
+          try {
+            auto lease = co_await pool.acquire();
+            outcomes.emplace_back("leased");
+          } catch (const boost::system::system_error& error) {
+            outcomes.push_back(error.code() == asio::error::operation_aborted
+                                   ? "asio: operation_aborted"
+                                   : error.code().message());
+          }
+          co_await asio::this_coro::throw_if_cancelled(false);
+          for (int attempt = 0; attempt < 2; ++attempt) {
+            try {
+              auto lease = co_await pool.acquire();
+              outcomes.emplace_back("leased");
+            } catch (const Error& error) {
+              outcomes.push_back(error.code() == client_errc::cancelled ? "cancelled"
+                                                                        : error.code().message());
+            } catch (const boost::system::system_error& error) {
+              outcomes.push_back("asio: " + error.code().message());
+            }
+          }
+          done = true;
+        },
+        asio::bind_cancellation_slot(signal.slot(), asio::detached));
+    co_await sleep_for(20ms);
+    signal.emit(asio::cancellation_type::terminal);
+    while (!done) co_await sleep_for(5ms);
+    EXPECT_EQ(outcomes,
+              (std::vector<std::string>{"asio: operation_aborted", "cancelled", "cancelled"}));
+    EXPECT_EQ(pool.stats().cancellations, 2U);
+    EXPECT_EQ(pool.stats().in_use, 0U);
+  });
+}
+
+// An empty Lease fails deterministically; discard() closes the connection instead of returning it.
+TEST_F(PoolTest, AnEmptyLeaseThrowsAndDiscardClosesTheConnection) {
+  auto pool_config = config("discard", 1);
+  std::vector<DiscardReason> reasons;
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, pool_config);
+    boost::signals2::scoped_connection subscription =
+        pool.events().discarded.connect([&](DiscardReason reason) { reasons.push_back(reason); });
+    Lease empty;
+    EXPECT_THROW((void)*empty, Error);
+    auto lease = co_await pool.acquire();
+    const int pid = lease->backend_pid();
+    Lease moved = std::move(lease);
+    try {
+      (void)lease->backend_pid();  // NOLINT(bugprone-use-after-move): the point of the test
+      ADD_FAILURE() << "a moved-from Lease gave a connection";
+    } catch (const Error& error) {
+      EXPECT_EQ(error.code(), client_errc::not_connected);
+      EXPECT_THAT(error.what(), HasSubstr("empty"));
+    }
+    moved.discard();
+    EXPECT_FALSE(moved);
+    EXPECT_THROW((void)moved->backend_pid(), Error);
+    auto next = co_await pool.acquire();  // waits until the discarded backend is gone
+    EXPECT_NE(next->backend_pid(), pid);
+    EXPECT_FALSE(testing::backend_exists(cluster().dsn(), pid));
+    EXPECT_EQ(pool.stats().discarded, 1U);
+  });
+  ASSERT_EQ(reasons.size(), 1U);
+  EXPECT_EQ(reasons[0], DiscardReason::by_user);
+}
+
+// Defect: a keepalive_interval under a second acted at a second (a fixed upkeep tick). The upkeep
+// timer now follows the earliest deadline.
+TEST_F(PoolTest, AKeepaliveIntervalUnderOneSecondIsKept) {
+  auto pool_config = config("keepalive-fast", 1);
+  pool_config.keepalive_interval = 100ms;
+  pool_config.idle_timeout = std::chrono::milliseconds(0);
+  BlockingConnection observer(cluster().dsn());
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, pool_config);
+    int pid = 0;
+    {
+      auto lease = co_await pool.acquire();
+      pid = lease->backend_pid();
+      co_await lease->query("SELECT 'before the ping'");
+    }
+    const auto pinged = [&] {
+      return observer.scalar("SELECT query FROM pg_stat_activity WHERE pid = " +
+                             std::to_string(pid)) != "SELECT 'before the ping'";
+    };
+    const auto started = std::chrono::steady_clock::now();
+    while (!pinged() && std::chrono::steady_clock::now() - started < 2s) co_await sleep_for(10ms);
+    EXPECT_LT(std::chrono::steady_clock::now() - started, 700ms)
+        << "pinged only after a second: the upkeep ignores keepalive_interval";
+  });
+}
+
+// Defect: close(grace) did not abort connects in progress; the size reached 0 only at
+// connect_timeout.
+TEST_F(PoolTest, CloseAbortsConnectsInProgress) {
+  testing::FaultProxy proxy("127.0.0.1", static_cast<std::uint16_t>(cluster().port()));
+  proxy.pause();  // a blackhole: connects hang
+  auto pool_config = config("close-connects", 2);
+  pool_config.conninfo = proxy.conninfo_prefix() + " user=postgres dbname=postgres";
+  pool_config.connect.connect_timeout = 20s;
+  pool_config.acquire_timeout = 20s;
+  std::optional<boost::system::error_code> acquire_error;
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, pool_config);
+    asio::co_spawn(
+        executor, [&]() -> awaitable_void { (void)co_await pool.acquire(); },
+        [&](const std::exception_ptr& error) {
+          try {
+            if (error) std::rethrow_exception(error);
+          } catch (const Error& failure) {
+            acquire_error = failure.code();
+          }
+        });
+    co_await sleep_for(100ms);
+    EXPECT_EQ(pool.stats().connecting, 1U);
+    const auto started = std::chrono::steady_clock::now();
+    (void)co_await pool.close(200ms);
+    EXPECT_LT(std::chrono::steady_clock::now() - started, 3s);
+    EXPECT_EQ(pool.stats().size, 0U) << "a connect outlived close()";
+  });
+  ASSERT_TRUE(acquire_error);
+  EXPECT_EQ(*acquire_error, client_errc::pool_closed);
 }
 
 }  // namespace

@@ -175,7 +175,11 @@ TEST(SessionGuards, BecomeStartupSettingsUnlessZeroOrGivenAndSetTheTcpOptions) {
   using Settings = std::vector<std::pair<std::string, std::string>>;
   const ConnectOptions guarded = with_session_guards(ConnectOptions{}, SessionGuards{});
   EXPECT_EQ(guarded.session_settings,
-            (Settings{{"client_connection_check_interval", "10000"},
+            (Settings{{"tcp_user_timeout", "30000"},
+                      {"tcp_keepalives_count", "3"},
+                      {"tcp_keepalives_interval", "10"},
+                      {"tcp_keepalives_idle", "30"},
+                      {"client_connection_check_interval", "10000"},
                       {"idle_in_transaction_session_timeout", "300000"}}));
   EXPECT_TRUE(guarded.keepalives.has_value());
   EXPECT_EQ(guarded.tcp_user_timeout, 30s);
@@ -185,9 +189,21 @@ TEST(SessionGuards, BecomeStartupSettingsUnlessZeroOrGivenAndSetTheTcpOptions) {
   own.tcp_user_timeout = 5s;
   const ConnectOptions kept = with_session_guards(
       own, SessionGuards{.client_connection_check_interval = 0ms, .keepalives = false});
-  EXPECT_EQ(kept.session_settings, (Settings{{"idle_in_transaction_session_timeout", "1000"}}));
+  EXPECT_EQ(kept.session_settings, (Settings{{"tcp_user_timeout", "5000"},
+                                             {"idle_in_transaction_session_timeout", "1000"}}));
   EXPECT_FALSE(kept.keepalives.has_value());
   EXPECT_EQ(kept.tcp_user_timeout, 5s);
+}
+
+TEST(SessionGuards, BoundHowLongAClosedBackendCanOutliveItsClose) {
+  // Keepalives give up after 30 s + 3 x 10 s; a busy backend checks every 10 s more.
+  EXPECT_EQ(backend_end_bound(with_session_guards(ConnectOptions{}, SessionGuards{})), 70s);
+  ConnectOptions slow;
+  slow.tcp_user_timeout = 120s;
+  EXPECT_EQ(backend_end_bound(with_session_guards(slow, SessionGuards{})), 130s);
+  EXPECT_EQ(
+      backend_end_bound(with_session_guards(ConnectOptions{}, SessionGuards{.keepalives = false})),
+      0ms);
 }
 
 class InstanceLockTest : public ::testing::Test {

@@ -36,9 +36,21 @@ struct SessionGuards {
 ///   on, and an older server refuses the connection ("unrecognized configuration parameter");
 ///   set it to zero there.
 /// - keepalives reset (libpq's defaults) when guards.keepalives is false;
-/// - tcp_user_timeout set to guards.tcp_user_timeout unless options has its own.
+/// - tcp_user_timeout set to guards.tcp_user_timeout unless options has its own;
+/// - the server's side of the TCP guards, as session settings (unless already named):
+///   `tcp_keepalives_idle`, `tcp_keepalives_interval`, `tcp_keepalives_count` from the keepalives
+///   and `tcp_user_timeout`, so that the server, too, ends a session whose client it cannot reach
+///   (on a unix socket the server ignores them).
 /// A pure function: no I/O, thread-safe.
 [[nodiscard]] ConnectOptions with_session_guards(ConnectOptions options,
                                                  const SessionGuards& guards);
+
+/// How long after a guarded connection was closed its backend is sure to be gone, even if the
+/// server never received the close (a partition): the server's keepalives give up on the client
+/// after idle + interval x count (or tcp_user_timeout, if longer, while it has data in flight),
+/// and a backend busy with a statement notices at its next client_connection_check_interval.
+/// `guarded` is what with_session_guards() returned. Zero when keepalives are off: then there is
+/// no such bound. The pool gives a closed connection's capacity back at this bound at the latest.
+[[nodiscard]] std::chrono::milliseconds backend_end_bound(const ConnectOptions& guarded);
 
 }  // namespace pgrt
