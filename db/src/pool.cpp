@@ -442,6 +442,17 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
       if (!connection.last_error().hint.empty()) {
         failure += " (" + connection.last_error().hint + ")";
       }
+    } else if (self->config.on_connect) {
+      try {
+        co_await cut_at(connection, Clock::now() + self->config.connect.connect_timeout,
+                        self->config.on_connect(connection));
+      } catch (const std::exception& hook_error) {
+        error = make_error_code(client_errc::connect_failed);
+        failure = std::string("PoolConfig::on_connect failed: ") + hook_error.what();
+        spdlog::warn("pgrt pool {}: {}", self->application_name, failure);
+      }
+      // Its backend exists: the capacity comes back only once it has ended.
+      if (error) co_await close_until_backend_ends(self, connection);
     }
     Deferred deferred;
     std::lock_guard lock(self->mutex);
@@ -514,7 +525,25 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
   // that the backend ends now. A backend that outlives server_close_warning keeps its slot
   // counted (with a warning) until it ends or its socket fails.
   static asio::awaitable<void> finish_close(std::shared_ptr<PoolState> self, pool::Node* node) {
-    Connection& connection = connection_of(*node);
+    co_await close_until_backend_ends(self, connection_of(*node));
+    // The connection goes outside the lock; the node (and its capacity) under it.
+    std::unique_ptr<pool::NodeAttachment> attachment;
+    {
+      std::lock_guard lock(self->mutex);
+      attachment = std::move(node->attachment);
+    }
+    attachment.reset();
+    Deferred deferred;
+    std::lock_guard lock(self->mutex);
+    pool::Actions actions;
+    self->core.backend_ended(*node, Clock::now(), actions);
+    self->execute_locked(actions, deferred);
+  }
+
+  // Closes `connection` and waits until the server has ended its backend, or backend_end_bound.
+  // On a strand (close_and_wait() races the socket against a timer).
+  static asio::awaitable<void> close_until_backend_ends(const std::shared_ptr<PoolState>& self,
+                                                        Connection& connection) {
     const int pid = connection.backend_pid();
     const auto closed_at = Clock::now();
     (void)co_await connection.close_and_wait(server_close_warning, [&] {
@@ -539,18 +568,6 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
       }
       return true;
     });
-    // The connection goes outside the lock; the node (and its capacity) under it.
-    std::unique_ptr<pool::NodeAttachment> attachment;
-    {
-      std::lock_guard lock(self->mutex);
-      attachment = std::move(node->attachment);
-    }
-    attachment.reset();
-    Deferred deferred;
-    std::lock_guard lock(self->mutex);
-    pool::Actions actions;
-    self->core.backend_ended(*node, Clock::now(), actions);
-    self->execute_locked(actions, deferred);
   }
 
   // Waits on `timer` (until its expiry) with the lock released once the wait has started, so
@@ -631,11 +648,13 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
         waits.record(std::chrono::microseconds(0));
         lock.unlock();
         // The Lease owns the connection before any event runs: nothing can leak its slot.
-        Lease lease(result.validate ? self : std::move(self), result.node);
+        const bool check = result.validate || config.before_handout;
+        Lease lease(check ? self : std::move(self), result.node);
         emit(events.acquired, site);
-        if (!result.validate) co_return lease;
-        co_return co_await validated(std::move(lease), std::move(self), priority, site,
-                                     deadline.value_or(Clock::now() + checkout_limit()));
+        if (!check) co_return lease;
+        co_return co_await checked(std::move(lease), std::move(self), priority, site,
+                                   deadline.value_or(Clock::now() + checkout_limit()),
+                                   result.validate);
       }
       case pool::AcquireResult::Kind::closed:
         throw_pool_error(client_errc::pool_closed, "the pool " + application_name + " is closed");
@@ -704,9 +723,12 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     if (waiter.outcome == pool::Waiter::Outcome::handed) {
       waits.record(std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - started));
       lock.unlock();
-      Lease lease(std::move(self), waiter.handed);
+      const bool check = static_cast<bool>(config.before_handout);
+      Lease lease(check ? self : std::move(self), waiter.handed);
       emit(events.acquired, site);
-      co_return lease;
+      if (!check) co_return lease;
+      co_return co_await checked(std::move(lease), std::move(self), priority, site,
+                                 started + wait_limit, false);
     }
     const std::string load = describe_load_locked();  // counting this caller among the waiting
     if (waiter.outcome == pool::Waiter::Outcome::none) {
@@ -737,21 +759,47 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
                                               : config.connect.connect_timeout;
   }
 
-  // validate_after_idle: a ping before handing out a connection that sat idle, cut at the
-  // acquire's deadline; a dead one is discarded and the acquire starts over, with what is left
-  // of its time.
-  static asio::awaitable<Lease> validated(Lease lease, std::shared_ptr<PoolState> self,
-                                          Priority priority, std::source_location site,
-                                          Clock::time_point deadline) {
+  // The checks before handout, cut at the acquire's deadline: the validate_after_idle ping (for
+  // a connection that sat idle), then PoolConfig::before_handout. A connection that fails one is
+  // closed and the acquire starts over, with what is left of its time.
+  static asio::awaitable<Lease> checked(Lease lease, std::shared_ptr<PoolState> self,
+                                        Priority priority, std::source_location site,
+                                        Clock::time_point deadline, bool validate) {
+    bool usable = true;
+    DiscardReason reason = DiscardReason::broken;
     try {
       Connection& connection = *lease;
-      (void)co_await cut_at(connection, deadline, connection.query(""));
-      co_return lease;
+      if (validate) (void)co_await cut_at(connection, deadline, connection.query(""));
+      if (self->config.before_handout) {
+        reason = DiscardReason::rejected;
+        usable = co_await cut_at(connection, deadline, self->config.before_handout(connection));
+      }
     } catch (const Error& error) {
       if (error.code() == client_errc::cancelled) throw;  // the caller gave up: so do we
+      usable = false;
+    } catch (const std::exception& error) {
+      spdlog::warn("pgrt pool {}: PoolConfig::before_handout threw: {}", self->application_name,
+                   error.what());
+      usable = false;
     }
-    lease.release();  // dead: discarded on return; start over
+    if (usable) co_return lease;
+    self->refuse(std::move(lease), reason);
     co_return co_await self->acquire(self, priority, site, deadline);
+  }
+
+  // A leased connection that a check before handout refused: closed.
+  void refuse(Lease lease, DiscardReason reason) noexcept {
+    pool::Node* node = std::exchange(lease.node_, nullptr);
+    lease.pool_.reset();
+    try {
+      Deferred deferred;
+      std::lock_guard lock(mutex);
+      pool::Actions actions;
+      core.checkout_failed(*node, reason, coarse_now(), actions);
+      execute_locked(actions, deferred);
+    } catch (const std::exception& error) {
+      spdlog::error("pgrt pool: closing a refused connection failed: {}", error.what());
+    }
   }
 
   void release(pool::Node& node, bool discard) noexcept {

@@ -1335,3 +1335,84 @@ TEST_F(PoolTest, CloseAbortsConnectsInProgress) {
 
 }  // namespace
 }  // namespace pgrt
+
+namespace pgrt {
+namespace {
+
+TEST_F(PoolTest, OnConnectPreparesEveryNewConnectionAndAFailingOneFailsTheConnect) {
+  auto pool_config = config("on-connect", 2);
+  int ran = 0;
+  pool_config.on_connect = [&ran](Connection& connection) -> asio::awaitable<void> {
+    ++ran;
+    co_await connection.execute("SET search_path TO pg_catalog, public");
+  };
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, pool_config);
+    auto first = co_await pool.acquire();
+    auto second = co_await pool.acquire();
+    EXPECT_EQ((co_await first->query("SHOW search_path")).scalar<std::string>(),
+              "pg_catalog, public");
+    EXPECT_EQ((co_await second->query("SHOW search_path")).scalar<std::string>(),
+              "pg_catalog, public");
+  });
+  EXPECT_EQ(ran, 2);
+
+  auto failing = config("on-connect-fails", 2);
+  failing.acquire_timeout = 500ms;
+  failing.on_connect = [](Connection& connection) -> asio::awaitable<void> {
+    co_await connection.execute("SELECT no_such_function()");
+  };
+  std::string message;
+  PoolStats stats;
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, failing);
+    try {
+      (void)co_await pool.acquire();
+      ADD_FAILURE() << "a connection whose on_connect failed was handed out";
+    } catch (const Error& error) {
+      EXPECT_EQ(error.code(), client_errc::pool_timeout);
+      message = error.what();
+    }
+    stats = pool.stats();
+    // Nothing of the failed connects is left on the server.
+    BlockingConnection observer(cluster().dsn());
+    EXPECT_EQ(observer.scalar("SELECT count(*) FROM pg_stat_activity WHERE application_name = '" +
+                              pool.application_name() + "'"),
+              "0");
+  });
+  EXPECT_THAT(message, HasSubstr("on_connect failed"));
+  EXPECT_THAT(message, HasSubstr("no_such_function"));
+  EXPECT_GE(stats.connect_errors, 1U);
+  EXPECT_EQ(stats.size, 0U);
+}
+
+TEST_F(PoolTest, BeforeHandoutRefusesAConnectionAndTheAcquireGetsAnother) {
+  auto pool_config = config("before-handout", 2);
+  int refused_pid = 0;
+  pool_config.before_handout = [&refused_pid](Connection& connection) -> asio::awaitable<bool> {
+    co_await connection.query("SELECT 1");
+    if (refused_pid == 0) {
+      refused_pid = connection.backend_pid();
+      co_return false;  // the first connection checked is refused
+    }
+    co_return true;
+  };
+  std::vector<DiscardReason> reasons;
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, pool_config);
+    boost::signals2::scoped_connection subscription =
+        pool.events().discarded.connect([&](DiscardReason reason) { reasons.push_back(reason); });
+    auto lease = co_await pool.acquire();
+    EXPECT_NE(refused_pid, 0);
+    EXPECT_NE(lease->backend_pid(), refused_pid);
+    EXPECT_EQ(pool.stats().discarded, 1U);
+  });
+  ASSERT_EQ(reasons.size(), 1U);
+  EXPECT_EQ(reasons[0], DiscardReason::rejected);
+}
+
+}  // namespace
+}  // namespace pgrt

@@ -25,6 +25,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <source_location>
 #include <string>
@@ -104,6 +105,21 @@ struct PoolConfig {
   /// Per-session guards set at connect (on by default), so that a stuck client cannot hold a
   /// backend for long: they complement the start-up cleanup of leftovers.
   SessionGuards guards;
+
+  /// Runs on every new connection before the pool uses it, on the pool's executor: set a
+  /// search_path, prepare statements, register types (as asyncpg's `init`, pgx's `AfterConnect`,
+  /// HikariCP's `connectionInitSql`). It is cut at connect.connect_timeout. If it throws (or is
+  /// cut), the connection is closed and the connect counts as failed: connect_errors, the
+  /// connect_failed event, the connect backoff, and the message in last_connect_error and in
+  /// waiters' pool_timeout errors. Empty: nothing runs.
+  std::function<boost::asio::awaitable<void>(Connection&)> on_connect;
+  /// Runs before every handout of a connection (after the validate_after_idle ping, if any), on
+  /// the acquiring coroutine: return false to refuse the connection, which is then closed
+  /// (DiscardReason::rejected), and the acquire goes on with another within its acquire_timeout;
+  /// a check not done by the acquire's deadline cuts the connection. A check that throws refuses
+  /// too (client_errc::cancelled, when the acquire is cancelled, is passed on). Empty: no check,
+  /// and no cost.
+  std::function<boost::asio::awaitable<bool>(Connection&)> before_handout;
 
   /// max 3: for a db-f1-micro (about 25 connections) shared with other services.
   [[nodiscard]] static PoolConfig micro();
