@@ -10,18 +10,24 @@
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/asio/dispatch.hpp>
+#include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/strand.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
+#include <cerrno>
 #include <ctime>
+#include <fcntl.h>
 #include <functional>
 #include <initializer_list>
+#include <libpq-fe.h>
 #include <mutex>
 #include <optional>
 #include <random>
 #include <spdlog/spdlog.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include "pgrt/db/session_guards.hpp"
 #include "pgrt/runtime/identity.hpp"
@@ -207,12 +213,22 @@ std::string PoolStats::to_json() const {
 namespace detail {
 
 // A pooled connection: what the driver hangs on a core node.
+// Watches an idle connection's socket, through a descriptor of its own (a dup() of libpq's), for
+// the server ending the backend (pg_terminate_backend, a restart, a proxy's idle timeout). Used
+// under the pool's lock only; the pending wait's handler holds it.
+struct IdleWatch {
+  explicit IdleWatch(const asio::any_io_executor& executor) : descriptor(executor) {}
+  asio::posix::stream_descriptor descriptor;
+  pool::Node* node = nullptr;  // null once unwatched: a late handler does nothing
+};
+
 struct PooledConnection : pool::NodeAttachment {
   explicit PooledConnection(const asio::any_io_executor& executor) : strand(executor) {}
   Connection connection;
   // Its connect runs on this strand, so that the pool's close can cancel it from any thread.
   asio::strand<asio::any_io_executor> strand;
   asio::cancellation_signal cancel_connect;
+  std::shared_ptr<IdleWatch> watch;  // while the core has it watched
 };
 
 Connection& connection_of(pool::Node& node) {
@@ -249,6 +265,7 @@ pool::CoreConfig core_config(const PoolConfig& config) {
       .keepalive_interval = config.keepalive_interval,
       .validate_after_idle = config.validate_after_idle,
       .leak_threshold = config.leak_threshold,
+      .watch_idle_after = config.watch_idle_after,
       .backoff_initial = config.connect_backoff_initial,
       .backoff_max = config.connect_backoff_max,
       .backoff_jitter = config.connect_backoff_jitter,
@@ -390,6 +407,12 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
         case pool::Action::Kind::arm_timer:
           upkeep_timer->expires_at(action.at);  // cancels the wait: upkeep() waits again
           break;
+        case pool::Action::Kind::watch:
+          start_watch(*action.node);
+          break;
+        case pool::Action::Kind::unwatch:
+          stop_watch(*action.node);
+          break;
         case pool::Action::Kind::report_leak: {
           const auto site = action.node->lease_site;
           spdlog::warn(
@@ -404,6 +427,78 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     }
     if (core.drained()) {
       for (asio::steady_timer* waiter : drain_waiters) waiter->cancel();
+    }
+  }
+
+  // --- watching idle sockets (under `mutex`) ----------------------------------------------------
+
+  void start_watch(pool::Node& node) {
+    auto& pooled = static_cast<PooledConnection&>(*node.attachment);
+    auto watch = std::make_shared<IdleWatch>(*executor);
+    watch->node = &node;
+    pooled.watch = watch;
+    PGconn* handle = pooled.connection.native_handle();
+    const int socket = handle != nullptr ? PQsocket(handle) : -1;
+    const int own = socket >= 0 ? ::fcntl(socket, F_DUPFD_CLOEXEC, 0) : -1;
+    error_code error;
+    if (own >= 0) watch->descriptor.assign(own, error);
+    if (own < 0 || error) {
+      if (own >= 0 && error) ::close(own);
+      // No socket to watch: look at it once, later, as if it had become readable.
+      asio::post(*executor, [self = shared_from_this(), watch] { self->on_readable(watch, {}); });
+      return;
+    }
+    watch->descriptor.async_wait(asio::posix::stream_descriptor::wait_read,
+                                 [self = shared_from_this(), watch](error_code wait_error) {
+                                   self->on_readable(watch, wait_error);
+                                 });
+  }
+
+  static void stop_watch(pool::Node& node) {
+    auto& pooled = static_cast<PooledConnection&>(*node.attachment);
+    if (!pooled.watch) return;
+    pooled.watch->node = nullptr;
+    error_code ignored;
+    pooled.watch->descriptor.close(ignored);  // cancels the wait; closes our descriptor only
+    pooled.watch.reset();
+  }
+
+  // An idle connection's socket became readable: the server closed it (end of file, or its
+  // goodbye message first), or sent something harmless (a notice, a parameter status), which
+  // libpq then reads. Closed: the core discards the connection; otherwise the watch goes on.
+  void on_readable(const std::shared_ptr<IdleWatch>& watch, error_code wait_error) noexcept {
+    try {
+      Deferred deferred;
+      std::lock_guard lock(mutex);
+      pool::Node* node = watch->node;
+      if (node == nullptr) return;  // unwatched meanwhile: the connection is someone's now
+      PGconn* handle = connection_of(*node).native_handle();
+      bool alive = handle != nullptr && !wait_error && watch->descriptor.is_open();
+      if (alive) {
+        char byte = 0;
+        const ssize_t peeked =
+            ::recv(watch->descriptor.native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+        if (peeked == 0) {
+          alive = false;  // end of file
+        } else if (peeked < 0) {
+          alive = errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR;
+        } else {
+          alive = PQconsumeInput(handle) == 1 && PQstatus(handle) == CONNECTION_OK;
+        }
+      }
+      if (alive) {
+        watch->descriptor.async_wait(asio::posix::stream_descriptor::wait_read,
+                                     [self = shared_from_this(), watch](error_code error) {
+                                       self->on_readable(watch, error);
+                                     });
+        return;
+      }
+      pool::Actions actions;
+      core.connection_lost(*node, actions);
+      execute_locked(actions, deferred);
+    } catch (const std::exception& error) {
+      spdlog::error("pgrt pool {}: watching an idle connection failed: {}", application_name,
+                    error.what());
     }
   }
 

@@ -408,6 +408,7 @@ CoreConfig random_config(std::mt19937_64& random) {
   config.keepalive_interval = pick(2) == 0 ? milliseconds(0) : milliseconds(20 + pick(200));
   config.validate_after_idle = milliseconds(0);
   config.leak_threshold = pick(2) == 0 ? milliseconds(0) : milliseconds(50 + pick(200));
+  config.watch_idle_after = pick(2) == 0 ? milliseconds(0) : milliseconds(10 + pick(100));
   config.backoff_initial = milliseconds(10);
   config.backoff_max = milliseconds(80);
   config.backoff_jitter = 0.0;
@@ -473,6 +474,7 @@ class Run {
  private:
   std::optional<std::string> step(const Event& event) {
     now_ += milliseconds(event.advance_ms);
+    last_was_tick_ = event.kind == Event::Kind::tick;
     Actions actions;
     model_.outs.clear();
     std::vector<Out> core_extra;  // outcomes of direct calls, for comparison
@@ -482,11 +484,18 @@ class Run {
     } catch (const std::exception& error) {
       return std::string("the core threw: ") + error.what();
     }
-    // Compare the actions (without timer armings: when to wake is the core's own business).
+    // Compare the actions, without timer armings (when to wake is the core's own business) and
+    // socket watches (checked below against the node states).
     std::vector<Out> core_outs = core_extra;
     for (const Action& action : actions) {
       if (action.kind == Action::Kind::arm_timer) {
         if (action.at < now_) return std::string("the timer was armed in the past");
+        continue;
+      }
+      if (action.kind == Action::Kind::watch || action.kind == Action::Kind::unwatch) {
+        if (action.kind == Action::Kind::watch && action.node->state != NodeState::idle) {
+          return std::string("a node that is not idle was watched");
+        }
         continue;
       }
       if (auto failure = take(action)) return failure;
@@ -719,12 +728,27 @@ class Run {
     for (const auto& [id, count] : ends_) {
       if (count > 1) return "waiter " + std::to_string(id) + " ended twice";
     }
-    return std::nullopt;
+    // Only idle nodes are watched; after an upkeep tick, every node idle long enough is.
+    std::optional<std::string> watch_error;
+    for (NodeState state : all_node_states) {
+      core_.nodes(state).for_each([&](const Node& node) {
+        if (node.watched && state != NodeState::idle) {
+          watch_error = "a " + std::string(to_string(state)) + " node is still watched";
+        }
+        if (last_was_tick_ && state == NodeState::idle && !node.watched &&
+            core_.config().watch_idle_after.count() > 0 &&
+            now_ - node.idle_since >= core_.config().watch_idle_after) {
+          watch_error = "an idle node past watch_idle_after is not watched after a tick";
+        }
+      });
+    }
+    return watch_error;
   }
 
   Core core_;
   Model model_;
   Time now_ = Time{} + std::chrono::hours(1);
+  bool last_was_tick_ = false;
   std::uint64_t next_waiter_ = 1;
   std::map<std::uint64_t, std::unique_ptr<Waiter>> waiters_;  // null: ended at once
   std::map<const Waiter*, std::uint64_t> waiter_ids_;

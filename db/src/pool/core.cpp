@@ -62,7 +62,15 @@ void Core::destroy(Node& node) {
   delete &node;  // NOLINT(cppcoreguidelines-owning-memory): the lists own the nodes
 }
 
-void Core::lease(Node& node, Priority priority, std::source_location site, Time now) {
+void Core::stop_watching(Node& node, Actions& actions) {
+  if (!node.watched) return;
+  node.watched = false;
+  actions.push_back({.kind = Action::Kind::unwatch, .node = &node});
+}
+
+void Core::lease(Node& node, Priority priority, std::source_location site, Time now,
+                 Actions& actions) {
+  stop_watching(node, actions);
   node.priority = priority;
   move(node, NodeState::leased);
   node.leased_at = now;
@@ -83,7 +91,7 @@ void Core::offer(Node& node, Time now, bool used, Actions& actions) {
     queue.remove(waiter);
     waiter.queued = false;
     if (node.state != NodeState::idle) move(node, NodeState::idle);
-    lease(node, priority, waiter.site, now);
+    lease(node, priority, waiter.site, now, actions);
     if (config_.leak_threshold.count() > 0) want_tick(now + config_.leak_threshold, actions);
     waiter.outcome = Waiter::Outcome::handed;
     waiter.handed = &node;
@@ -108,6 +116,7 @@ void Core::serve_idle(Time now, Actions& actions) {
 }
 
 void Core::close_node(Node& node, DiscardReason reason, Actions& actions) {
+  stop_watching(node, actions);
   node.close_reason = reason;
   move(node, NodeState::closing);
   ++discarded_;
@@ -158,6 +167,9 @@ Time Core::deadline_of(const Node& node) const noexcept {
   if (config_.keepalive_interval.count() > 0) {
     deadline = std::min(deadline, node.last_ping + config_.keepalive_interval);
   }
+  if (config_.watch_idle_after.count() > 0 && !node.watched) {
+    deadline = std::min(deadline, node.idle_since + config_.watch_idle_after);
+  }
   return deadline;
 }
 
@@ -193,7 +205,7 @@ AcquireResult Core::try_acquire(Priority priority, std::source_location site, Ti
     }
     const bool validate = config_.validate_after_idle.count() > 0 &&
                           now - node.idle_since >= config_.validate_after_idle;
-    lease(node, priority, site, now);
+    lease(node, priority, site, now, actions);
     if (config_.leak_threshold.count() > 0) want_tick(now + config_.leak_threshold, actions);
     return {.kind = AcquireResult::Kind::leased, .node = &node, .validate = validate};
   }
@@ -341,8 +353,13 @@ void Core::tick(Time now, Actions& actions) {
       --alive;
     } else if (config_.keepalive_interval.count() > 0 &&
                now - node.last_ping >= config_.keepalive_interval) {
+      stop_watching(node, actions);
       move(node, NodeState::pinging);
       actions.push_back({.kind = Action::Kind::ping, .node = &node});
+    } else if (config_.watch_idle_after.count() > 0 && !node.watched &&
+               now - node.idle_since >= config_.watch_idle_after) {
+      node.watched = true;
+      actions.push_back({.kind = Action::Kind::watch, .node = &node});
     }
   });
   Time next = Time::max();

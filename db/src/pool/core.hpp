@@ -48,6 +48,9 @@ struct CoreConfig {
   milliseconds keepalive_interval{0};
   milliseconds validate_after_idle{0};
   milliseconds leak_threshold{0};
+  // An idle connection's socket is watched once it has been idle this long, so that a backend
+  // the server ends meanwhile is noticed (0: never watched).
+  milliseconds watch_idle_after{0};
   milliseconds backoff_initial{100};
   milliseconds backoff_max{10'000};
   double backoff_jitter = 0.0;
@@ -105,6 +108,8 @@ struct Action {
     cancel_connect,  // the pool closed: abandon connecting `node` (it still reports)
     arm_timer,       // call tick() at `at` (replaces any earlier arming)
     report_leak,     // `node` has been leased for `age` (past leak_threshold)
+    watch,           // watch idle `node`'s socket; report connection_lost if the server ends it
+    unwatch,         // stop watching `node` (it leaves idle); before any other action on it
   };
   Kind kind;
   Node* node = nullptr;
@@ -233,7 +238,8 @@ class Core {
   [[nodiscard]] IntrusiveList<Node>& list(NodeState state) noexcept {
     return by_state_[static_cast<std::size_t>(state)];
   }
-  void lease(Node& node, Priority priority, std::source_location site, Time now);
+  void lease(Node& node, Priority priority, std::source_location site, Time now, Actions& actions);
+  void stop_watching(Node& node, Actions& actions);
   void offer(Node& node, Time now, bool used, Actions& actions);
   void serve_idle(Time now, Actions& actions);
   void close_node(Node& node, DiscardReason reason, Actions& actions);

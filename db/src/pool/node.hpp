@@ -102,7 +102,8 @@ struct Node {
   std::source_location lease_site;
   Priority priority = Priority::normal;
   bool leak_reported = false;
-  bool session_used = false;                            // leased since its last DISCARD ALL
+  bool session_used = false;  // leased since its last DISCARD ALL
+  bool watched = false;       // idle, and the driver watches its socket (Action::watch)
   DiscardReason close_reason = DiscardReason::closing;  // while closing
 
   // The list of its state (core.hpp).

@@ -79,6 +79,11 @@ struct PoolConfig {
   std::chrono::milliseconds keepalive_interval{0};
   /// A connection idle for longer than this is pinged before it is handed out; zero: never.
   std::chrono::milliseconds validate_after_idle{0};
+  /// A connection idle this long has its socket watched (no round trip, no syscall per
+  /// checkout), so that one whose backend the server ends while it is idle (pg_terminate_backend,
+  /// a restart, a proxy's idle timeout) is discarded at once instead of being handed out dead.
+  /// A connection handed out again sooner is not looked at. Zero: never watched.
+  std::chrono::milliseconds watch_idle_after{100};
   /// The reset on return (env PGRT_POOL_RESET=rollback|discard_all).
   ResetPolicy reset = ResetPolicy::rollback;
   /// A lease held longer than this is reported once, with its acquisition site; zero: never
