@@ -1,13 +1,79 @@
+#include <chrono>
 #include <cstdlib>
+#include <functional>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <string>
+#include <vector>
 
 #include <pgrt/db/pool.hpp>
 
 namespace pgrt {
 namespace {
 
+using std::chrono::milliseconds;
+using std::chrono::seconds;
 using ::testing::HasSubstr;
+
+// The invalid_config error validate() throws for `config`, or an empty string if it accepts it.
+std::string rejection(const PoolConfig& config) {
+  try {
+    config.validate();
+  } catch (const Error& error) {
+    EXPECT_EQ(error.code(), client_errc::invalid_config) << error.what();
+    return error.what();
+  }
+  return {};
+}
+
+struct DurationField {
+  const char* name;
+  std::function<void(PoolConfig&)> make_negative;  // sets the field to -7 ms (or -7 s)
+  const char* shown;                               // how the message shows the value
+  std::function<void(PoolConfig&)> make_zero;      // sets it to 0; null if 0 is rejected too
+};
+
+std::vector<DurationField> duration_fields() {
+  return {
+      {"acquire_timeout", [](PoolConfig& c) { c.acquire_timeout = milliseconds(-7); }, "-7 ms",
+       [](PoolConfig& c) { c.acquire_timeout = milliseconds(0); }},
+      {"max_lifetime", [](PoolConfig& c) { c.max_lifetime = milliseconds(-7); }, "-7 ms",
+       [](PoolConfig& c) { c.max_lifetime = milliseconds(0); }},
+      {"idle_timeout", [](PoolConfig& c) { c.idle_timeout = milliseconds(-7); }, "-7 ms",
+       [](PoolConfig& c) { c.idle_timeout = milliseconds(0); }},
+      {"keepalive_interval", [](PoolConfig& c) { c.keepalive_interval = milliseconds(-7); },
+       "-7 ms", [](PoolConfig& c) { c.keepalive_interval = milliseconds(0); }},
+      {"validate_after_idle", [](PoolConfig& c) { c.validate_after_idle = milliseconds(-7); },
+       "-7 ms", [](PoolConfig& c) { c.validate_after_idle = milliseconds(0); }},
+      {"leak_threshold", [](PoolConfig& c) { c.leak_threshold = milliseconds(-7); }, "-7 ms",
+       [](PoolConfig& c) { c.leak_threshold = milliseconds(0); }},
+      {"connect_backoff_initial",
+       [](PoolConfig& c) { c.connect_backoff_initial = milliseconds(-7); }, "-7 ms", nullptr},
+      {"connect_backoff_max", [](PoolConfig& c) { c.connect_backoff_max = milliseconds(-7); },
+       "-7 ms", nullptr},
+      {"connect.connect_timeout",
+       [](PoolConfig& c) { c.connect.connect_timeout = milliseconds(-7); }, "-7 ms", nullptr},
+      {"connect.tcp_user_timeout",
+       [](PoolConfig& c) { c.connect.tcp_user_timeout = milliseconds(-7); }, "-7 ms",
+       [](PoolConfig& c) { c.connect.tcp_user_timeout = milliseconds(0); }},
+      {"connect.cancel_timeout", [](PoolConfig& c) { c.connect.cancel_timeout = milliseconds(-7); },
+       "-7 ms", [](PoolConfig& c) { c.connect.cancel_timeout = milliseconds(0); }},
+      {"connect.keepalives.idle", [](PoolConfig& c) { c.connect.keepalives->idle = seconds(-7); },
+       "-7 s", [](PoolConfig& c) { c.connect.keepalives->idle = seconds(0); }},
+      {"connect.keepalives.interval",
+       [](PoolConfig& c) { c.connect.keepalives->interval = seconds(-7); }, "-7 s",
+       [](PoolConfig& c) { c.connect.keepalives->interval = seconds(0); }},
+      {"guards.idle_in_transaction_timeout",
+       [](PoolConfig& c) { c.guards.idle_in_transaction_timeout = milliseconds(-7); }, "-7 ms",
+       [](PoolConfig& c) { c.guards.idle_in_transaction_timeout = milliseconds(0); }},
+      {"guards.client_connection_check_interval",
+       [](PoolConfig& c) { c.guards.client_connection_check_interval = milliseconds(-7); }, "-7 ms",
+       [](PoolConfig& c) { c.guards.client_connection_check_interval = milliseconds(0); }},
+      {"guards.tcp_user_timeout",
+       [](PoolConfig& c) { c.guards.tcp_user_timeout = milliseconds(-7); }, "-7 ms",
+       [](PoolConfig& c) { c.guards.tcp_user_timeout = milliseconds(0); }},
+  };
+}
 
 class EnvironmentTest : public ::testing::Test {
  protected:
@@ -105,6 +171,65 @@ TEST(PoolConfigTest, PresetsAndValidation) {
   reserved_all.reserved_for_priority = 3;
   EXPECT_THROW(reserved_all.validate(), Error);
   EXPECT_NO_THROW(PoolConfig::micro().validate());
+}
+
+TEST(PoolConfigTest, NegativeDurationsAreRejectedNamingTheFieldAndValue) {
+  ASSERT_EQ(rejection(PoolConfig{}), "") << "the defaults are valid";
+  for (const auto& field : duration_fields()) {
+    SCOPED_TRACE(field.name);
+    PoolConfig config;
+    field.make_negative(config);
+    const std::string message = rejection(config);
+    EXPECT_THAT(message, HasSubstr(std::string(field.name) + " "));
+    EXPECT_THAT(message, HasSubstr(field.shown));
+    EXPECT_THAT(message, HasSubstr("HINT: ")) << "says what to do";
+  }
+}
+
+TEST(PoolConfigTest, ZeroIsAcceptedWhereItMeansOffAndRejectedElsewhere) {
+  for (const auto& field : duration_fields()) {
+    SCOPED_TRACE(field.name);
+    if (field.make_zero) {
+      PoolConfig config;
+      field.make_zero(config);
+      EXPECT_EQ(rejection(config), "");
+    }
+  }
+  PoolConfig no_connect_timeout;
+  no_connect_timeout.connect.connect_timeout = milliseconds(0);
+  EXPECT_THAT(rejection(no_connect_timeout), HasSubstr("connect.connect_timeout is 0 ms"))
+      << "every connect would time out at once";
+  PoolConfig no_backoff;
+  no_backoff.connect_backoff_initial = milliseconds(0);
+  EXPECT_THAT(rejection(no_backoff), HasSubstr("connect_backoff_initial is 0 ms"));
+  PoolConfig backoff_inverted;
+  backoff_inverted.connect_backoff_max = milliseconds(50);
+  EXPECT_THAT(rejection(backoff_inverted),
+              HasSubstr("connect_backoff_max (50 ms) is below connect_backoff_initial (100 ms)"));
+}
+
+TEST(PoolConfigTest, NegativeKeepaliveCountAndNoKeepalives) {
+  PoolConfig config;
+  config.connect.keepalives->count = -2;
+  EXPECT_THAT(rejection(config), HasSubstr("connect.keepalives.count is -2"));
+  config.connect.keepalives.reset();
+  EXPECT_EQ(rejection(config), "") << "no keepalives: nothing to check";
+}
+
+TEST_F(EnvironmentTest, NegativeDurationsAreRejected) {
+  for (const char* name : {"PGRT_ACQUIRE_TIMEOUT_MS", "PGRT_MAX_LIFETIME_S", "PGRT_IDLE_TIMEOUT_S",
+                           "PGRT_LEAK_THRESHOLD_MS"}) {
+    ::setenv(name, "-5", 1);
+    try {
+      (void)PoolConfig::from_env();
+      ADD_FAILURE() << "accepted " << name << "=-5";
+    } catch (const Error& error) {
+      EXPECT_EQ(error.code(), client_errc::invalid_config);
+      EXPECT_THAT(error.what(), HasSubstr(std::string(name) + "='-5' is not valid"));
+      EXPECT_THAT(error.what(), HasSubstr("whole number from 0"));
+    }
+    ::unsetenv(name);
+  }
 }
 
 TEST(PoolStatsTest, JsonHasEveryFieldAndEscapesTheMessage) {

@@ -131,7 +131,9 @@ struct PoolConfig {
   /// Same, starting from `defaults` instead of PoolConfig{} when PGRT_POOL_PRESET is unset:
   /// `PoolConfig::from_env(PoolConfig::micro())`.
   [[nodiscard]] static PoolConfig from_env(PoolConfig defaults);
-  /// Throws pgrt::Error(client_errc::invalid_config) if the settings contradict each other.
+  /// Throws pgrt::Error(client_errc::invalid_config), naming the field, its value and what to
+  /// do, if the settings contradict each other or a duration is negative (connect_backoff_initial
+  /// and connect.connect_timeout must be positive). The Pool constructor and from_env() call it.
   void validate() const;
 };
 
