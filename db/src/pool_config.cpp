@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <optional>
 #include <ratio>
+#include <spdlog/spdlog.h>
 #include <string>
 #include <string_view>
 #include <type_traits>
@@ -56,8 +57,9 @@ void require_not_negative(std::string_view field, std::chrono::duration<Rep, Per
           "give a positive duration, or 0 for " + std::string(zero_means));
 }
 
-// Every check of validate().
-void check(const PoolConfig& config) {
+// Every check of validate(); `warn` logs the settings that are allowed but do not do what they
+// seem to (from_env() leaves that to the Pool constructor, so one pool warns once).
+void check(const PoolConfig& config, bool warn) {
   if (config.max_size == 0) invalid("max_size is 0", "a pool needs at least one connection");
   if (config.min_idle > config.max_size) {
     invalid("min_idle (" + std::to_string(config.min_idle) + ") exceeds max_size (" +
@@ -125,6 +127,15 @@ void check(const PoolConfig& config) {
   if (config.application.empty()) {
     invalid("application must not be empty",
             "it tags every connection's application_name (an empty instance means the host name)");
+  }
+
+  if (warn && config.idle_timeout.count() > 0 && config.max_lifetime.count() > 0 &&
+      config.idle_timeout >= config.max_lifetime) {
+    spdlog::warn(
+        "pgrt pool {}: idle_timeout ({}) is not below max_lifetime ({}): an idle connection "
+        "reaches its lifetime first, so idle_timeout never applies; set idle_timeout below "
+        "max_lifetime (or to 0 to turn it off and silence this warning)",
+        config.application, show(config.idle_timeout), show(config.max_lifetime));
   }
 }
 
@@ -195,12 +206,12 @@ PoolConfig PoolConfig::from_env(PoolConfig defaults) {
   }
   if (auto value = env("PGRT_APP")) config.application = *value;
   if (auto value = env("PGRT_INSTANCE")) config.instance = *value;
-  config.validate();
+  check(config, false);
   return config;
 }
 
 void PoolConfig::validate() const {
-  check(*this);
+  check(*this, true);
 }
 
 }  // namespace pgrt

@@ -3,6 +3,10 @@
 #include <functional>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <memory>
+#include <spdlog/sinks/ostream_sink.h>
+#include <spdlog/spdlog.h>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -14,6 +18,31 @@ namespace {
 using std::chrono::milliseconds;
 using std::chrono::seconds;
 using ::testing::HasSubstr;
+
+// Sends the default logger to a string for the life of the object.
+class LogCapture {
+ public:
+  LogCapture()
+      : previous_(spdlog::default_logger()),
+        capture_(std::make_shared<spdlog::logger>(
+            "capture", std::make_shared<spdlog::sinks::ostream_sink_mt>(log_))) {
+    spdlog::set_default_logger(capture_);
+  }
+  LogCapture(const LogCapture&) = delete;
+  LogCapture& operator=(const LogCapture&) = delete;
+  LogCapture(LogCapture&&) = delete;
+  LogCapture& operator=(LogCapture&&) = delete;
+  ~LogCapture() { spdlog::set_default_logger(previous_); }
+  std::string text() {
+    capture_->flush();
+    return log_.str();
+  }
+
+ private:
+  std::ostringstream log_;
+  std::shared_ptr<spdlog::logger> previous_;
+  std::shared_ptr<spdlog::logger> capture_;
+};
 
 // The invalid_config error validate() throws for `config`, or an empty string if it accepts it.
 std::string rejection(const PoolConfig& config) {
@@ -216,6 +245,33 @@ TEST(PoolConfigTest, NegativeKeepaliveCountAndNoKeepalives) {
   EXPECT_EQ(rejection(config), "") << "no keepalives: nothing to check";
 }
 
+TEST(PoolConfigTest, IdleTimeoutNotBelowMaxLifetimeWarnsAndIsAccepted) {
+  LogCapture log;
+  PoolConfig config;
+  config.max_lifetime = std::chrono::minutes(5);  // below the default idle_timeout, 10 min
+  EXPECT_EQ(rejection(config), "");
+  EXPECT_THAT(log.text(),
+              HasSubstr("idle_timeout (600000 ms) is not below max_lifetime (300000 ms)"));
+  EXPECT_THAT(log.text(), HasSubstr("[warning]"));
+
+  LogCapture equal;
+  config.idle_timeout = config.max_lifetime;
+  EXPECT_EQ(rejection(config), "");
+  EXPECT_THAT(equal.text(), HasSubstr("is not below max_lifetime"));
+
+  for (const auto& fine :
+       {PoolConfig{.max_lifetime = std::chrono::minutes(5),
+       .idle_timeout = std::chrono::minutes(4)},
+        PoolConfig{.max_lifetime = milliseconds(0)},
+        PoolConfig{.max_lifetime = std::chrono::minutes(5), .idle_timeout = milliseconds(0)},
+        PoolConfig{}}) {
+    LogCapture quiet;
+    EXPECT_EQ(rejection(fine), "");
+    EXPECT_EQ(quiet.text(), "") << "max_lifetime " << fine.max_lifetime.count()
+                                << " ms, idle_timeout " << fine.idle_timeout.count() << " ms";
+  }
+}
+
 TEST_F(EnvironmentTest, NegativeDurationsAreRejected) {
   for (const char* name : {"PGRT_ACQUIRE_TIMEOUT_MS", "PGRT_MAX_LIFETIME_S", "PGRT_IDLE_TIMEOUT_S",
                            "PGRT_LEAK_THRESHOLD_MS"}) {
@@ -230,6 +286,16 @@ TEST_F(EnvironmentTest, NegativeDurationsAreRejected) {
     }
     ::unsetenv(name);
   }
+}
+
+TEST_F(EnvironmentTest, FromEnvLeavesTheIdleTimeoutWarningToThePool) {
+  LogCapture log;
+  ::setenv("PGRT_MAX_LIFETIME_S", "300", 1);
+  const auto config = PoolConfig::from_env();
+  EXPECT_EQ(config.max_lifetime, std::chrono::minutes(5));
+  EXPECT_EQ(log.text(), "") << "configure(PoolConfig::from_env()) warns once, in the Pool";
+  config.validate();
+  EXPECT_THAT(log.text(), HasSubstr("idle_timeout"));
 }
 
 TEST(PoolStatsTest, JsonHasEveryFieldAndEscapesTheMessage) {
