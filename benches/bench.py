@@ -5,6 +5,10 @@ Called by scripts/bench.sh (which installs the packages and builds the release p
 
   bench.py --build-dir build/release --docs-dir docs [--repetitions 5] [--seconds 1]
 
+With --baseline-build-dir DIR (scripts/bench.sh --baseline REV builds REV there), it runs only the
+pool microbenchmarks (uncontended acquire + release, contended handoff), of both builds, and writes
+a comparison to --baseline-report instead of docs/benchmarks.md: see compare_with_baseline().
+
 One throwaway server (pgrt_bench_server) serves every contestant, so all of them see the same
 settings. Each repetition runs every contestant once, in the same order (A B C A B C ...), so
 drifts in the machine's speed spread over all of them; the report gives the median and the range
@@ -61,14 +65,16 @@ class Bench:
 
     # --- pgrt and raw libpq: one Google Benchmark per run -----------------------------------------
 
-    def pgrt(self, name, extra_env=None):
+    def pgrt(self, name, extra_env=None, binary=None):
+        binary = binary or self.binary
         out = self.workdir / "benchmark.json"  # a file: pgrt's log lines go to stdout
         completed = subprocess.run(
-            [str(self.binary), f"--benchmark_filter=^{re.escape(name)}(/iterations:1)?$",
+            [str(binary), f"--benchmark_filter={benchmark_filter(name)}",
              f"--benchmark_out={out}", "--benchmark_out_format=json"],
             env=dict(self.env, **(extra_env or {})), capture_output=True, text=True, timeout=300)
         if completed.returncode != 0:
-            fail(f"{name} failed ({completed.returncode}):\n{completed.stdout[-1000:]}{completed.stderr[-2000:]}")
+            fail(f"{name} of {binary} failed ({completed.returncode}):\n"
+                 f"{completed.stdout[-1000:]}{completed.stderr[-2000:]}")
         report = json.loads(out.read_text())
         runs = [b for b in report["benchmarks"] if b.get("run_type", "iteration") == "iteration"]
         if len(runs) != 1:
@@ -160,6 +166,11 @@ class Bench:
         return {"rows_per_s": rows / (time.perf_counter() - started)}
 
 
+def benchmark_filter(name):
+    """The --benchmark_filter that selects exactly the benchmark `name` of pgrt_benchmarks."""
+    return f"^{re.escape(name)}(/iterations:1)?$"
+
+
 def pgbench_log_percentiles(prefix):
     """Latency percentiles from pgbench's per-transaction logs. With -R each line's latency counts
     from the transaction's scheduled start (schedule lag included), as pgrt's open loop does. The
@@ -201,7 +212,7 @@ def contestants(bench):
     add("uncontended", "psycopg_pool (autocommit)", SAFE, lambda: bench.python("psycopg", "uncontended"))
 
     # 2. Contended handoff.
-    for waiters in (3, 16, 64, 256):
+    for waiters in HANDOFF_WAITERS:
         add(f"handoff/{waiters}", "pgrt", SAFE, lambda w=waiters: bench.pgrt(f"BM_PoolContendedHandoff/{w}"))
         add(f"handoff/{waiters}", "asyncpg (reset off)", FAST,
             lambda w=waiters: bench.python("asyncpg-noreset", "handoff", w))
@@ -267,6 +278,7 @@ def contestants(bench):
 
 
 OPEN_LOOP_PERCENTS = (25, 50, 80, 95)
+HANDOFF_WAITERS = (3, 16, 64, 256)
 
 
 def summarize(samples):
@@ -442,7 +454,7 @@ def write_report(results, raw, args, bench, elapsed, plot):
                 "max 3 connections, W waiters; each holds its lease across one executor yield "
                 "(`co_await post` for pgrt, `asyncio.sleep(0)` for the Python pools). Fairness is the "
                 "fewest completions of a waiter divided by the most (1.0 is perfectly fair).")
-    for waiters in (3, 16, 64, 256):
+    for waiters in HANDOFF_WAITERS:
         report.text(f"### W = {waiters}")
         report.table(f"handoff/{waiters}",
                      ["acquires_per_s", "wait_p50_us", "wait_p99_us", "wait_p999_us", "fairness_min_over_max"],
@@ -515,6 +527,106 @@ def write_report(results, raw, args, bench, elapsed, plot):
     Path(args.docs_dir, "benchmarks.json").write_text(json.dumps(raw, indent=1) + "\n")
 
 
+# --- against a baseline build ---------------------------------------------------------------------
+
+LOWER, HIGHER = "lower", "higher"
+HANDOFF_METRICS = [("acquires_per_s", HIGHER), ("wait_p50_us", LOWER), ("wait_p99_us", LOWER),
+                   ("fairness_min_over_max", HIGHER)]
+
+
+def microbenchmarks():
+    """(section, benchmark, [(metric, which is better)]): the pool's own cost, without a query."""
+    items = [("uncontended", "BM_PoolAcquireReleaseUncontended", [("ns_per_cycle", LOWER)])]
+    for waiters in HANDOFF_WAITERS:
+        items.append((f"handoff/{waiters}", f"BM_PoolContendedHandoff/{waiters}", HANDOFF_METRICS))
+    return items
+
+
+def listed_benchmarks(binary):
+    completed = subprocess.run([str(binary), "--benchmark_list_tests=true"], capture_output=True,
+                               text=True, timeout=60)
+    if completed.returncode != 0:
+        fail(f"{binary} --benchmark_list_tests failed ({completed.returncode}):\n{completed.stderr[-2000:]}")
+    return completed.stdout.split()
+
+
+def compare_with_baseline(args, bench, started):
+    """Runs the pool microbenchmarks of this build (current) and of --baseline-build-dir's
+    (baseline) against the same server. Each repetition runs every benchmark on both builds back to
+    back, current first in odd repetitions and baseline first in even ones, so that drifts in the
+    machine's speed and any order effect fall on both alike. Writes --baseline-report (Markdown,
+    with the raw samples in a .json beside it) and prints it; docs/ is left alone. A benchmark the
+    baseline's binary does not have is reported as missing there."""
+    baseline = Path(args.baseline_build_dir) / "benches" / "pgrt_benchmarks"
+    if not baseline.exists():
+        fail(f"no baseline binary {baseline}")
+    items = [m for m in microbenchmarks() if m[0].startswith(args.only)]
+    if not items:
+        fail(f"--only {args.only!r} selects none of the pool microbenchmarks "
+             f"({', '.join(m[0] for m in microbenchmarks())})")
+    binaries = {"current": bench.binary, "baseline": baseline}
+    listed = {build: listed_benchmarks(binary) for build, binary in binaries.items()}
+
+    def present(build, name):
+        return any(re.match(benchmark_filter(name), line) for line in listed[build])
+
+    samples = {(name, build): [] for _, name, _ in items for build in binaries}
+    for repetition in range(1, args.repetitions + 1):
+        print(f"bench.py: repetition {repetition}/{args.repetitions} "
+              f"({time.monotonic() - started:.0f} s so far)", file=sys.stderr)
+        order = ("current", "baseline") if repetition % 2 else ("baseline", "current")
+        for _, name, _ in items:
+            for build in order:
+                if present(build, name):
+                    samples[(name, build)].append(bench.pgrt(name, binary=binaries[build]))
+
+    lines = [
+        "# Pool microbenchmarks: current build against a baseline",
+        "",
+        f"- current: {args.current_name} ({binaries['current']})",
+        f"- baseline: {args.baseline_name} ({baseline})",
+        f"- Machine: {machine_description()}. One throwaway server for both builds.",
+        f"- {args.repetitions} repetitions; handoff windows of {args.seconds} s, the uncontended "
+        "loop as long as Google Benchmark runs it. Each repetition runs every benchmark on both "
+        "builds back to back, the order alternating (current first, then baseline first).",
+        "- Cells: median (min-max) over the repetitions. current / baseline is the ratio of the "
+        "medians: read it with the *better* column (for a *lower is better* metric, above 1.00x is "
+        "a slowdown). The noise floor is what a build gives against itself (`--baseline HEAD` on a "
+        "clean tree): on a shared machine, 10-20 % for throughput and more for p99 waits.",
+        f"- Whole run: {time.monotonic() - started:.0f} s.",
+        "",
+        "| benchmark | metric | better | baseline | current | current / baseline |",
+        "|---|---|---|---|---|---|",
+    ]
+    raw = {"current": args.current_name, "baseline": args.baseline_name,
+           "repetitions": args.repetitions, "seconds": args.seconds, "results": []}
+    for section, name, metrics in items:
+        summaries = {}
+        for build in binaries:
+            summaries[build] = summarize(samples[(name, build)]) if samples[(name, build)] else None
+            raw["results"].append({"benchmark": name, "build": build, "present": present(build, name),
+                                   "summary": summaries[build], "samples": samples[(name, build)]})
+        for metric, better in metrics:
+            cells = {}
+            for build, summary in summaries.items():
+                if summary is None:
+                    cells[build] = f"missing in the {build} build"
+                else:
+                    cells[build] = cell(summary, metric)
+            medians = [summaries[b][metric]["median"] if summaries[b] and metric in summaries[b] else None
+                       for b in ("current", "baseline")]
+            shown = ratio(*medians) if None not in medians else "-"
+            lines.append(f"| {name} | {metric} | {better} | {cells['baseline']} | {cells['current']} | {shown} |")
+    report = "\n".join(lines) + "\n"
+    path = Path(args.baseline_report)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(report)
+    path.with_suffix(".json").write_text(json.dumps(raw, indent=1) + "\n")
+    print(report)
+    print(f"bench.py: wrote {path} and {path.with_suffix('.json').name} in "
+          f"{time.monotonic() - started:.0f} s", file=sys.stderr)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--build-dir", required=True)
@@ -522,12 +634,20 @@ def main():
     parser.add_argument("--repetitions", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=1.0)
     parser.add_argument("--only", default="", help="run only the sections starting with this")
+    parser.add_argument("--baseline-build-dir",
+                        help="compare the pool microbenchmarks with this build's instead")
+    parser.add_argument("--baseline-name", default="baseline", help="the baseline, for the report")
+    parser.add_argument("--current-name", default="current", help="this build, for the report")
+    parser.add_argument("--baseline-report", help="where the comparison goes (Markdown)")
     args = parser.parse_args()
     if args.repetitions < 1 or args.seconds <= 0:
         fail("--repetitions must be at least 1 and --seconds positive")
+    if args.baseline_build_dir and not args.baseline_report:
+        fail("--baseline-build-dir needs --baseline-report")
 
     started = time.monotonic()
-    Path(args.docs_dir).mkdir(parents=True, exist_ok=True)
+    if not args.baseline_build_dir:
+        Path(args.docs_dir).mkdir(parents=True, exist_ok=True)
     holder = subprocess.Popen([str(Path(args.build_dir) / "benches" / "pgrt_bench_server")],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     line = holder.stdout.readline()
@@ -538,6 +658,9 @@ def main():
         with tempfile.TemporaryDirectory(prefix="pgrt-bench-") as workdir:
             os.chmod(workdir, 0o755)
             bench = Bench(args, server, workdir)
+            if args.baseline_build_dir:
+                compare_with_baseline(args, bench, started)
+                return
             bench.open_loop_rates = {}
             bench.capacity = 0.0
             items = [c for c in contestants(bench) if c[0].startswith(args.only)]

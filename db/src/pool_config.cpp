@@ -1,7 +1,13 @@
 #include <cctype>
 #include <charconv>
+#include <chrono>
 #include <cstdlib>
 #include <optional>
+#include <ratio>
+#include <spdlog/spdlog.h>
+#include <string>
+#include <string_view>
+#include <type_traits>
 #include <utility>
 
 #include "pgrt/db/pool.hpp"
@@ -31,6 +37,106 @@ std::uint64_t parse_number(const char* name, const std::string& text, std::uint6
             "expected a whole number from " + std::to_string(min) + " to " + std::to_string(max));
   }
   return value;
+}
+
+template <typename Rep, typename Period>
+std::string show(std::chrono::duration<Rep, Period> value) {
+  if constexpr (std::is_same_v<Period, std::ratio<1>>) {
+    return std::to_string(value.count()) + " s";
+  } else {
+    return std::to_string(std::chrono::milliseconds(value).count()) + " ms";
+  }
+}
+
+// A duration that may be zero (with the meaning `zero_means`) but never negative.
+template <typename Rep, typename Period>
+void require_not_negative(std::string_view field, std::chrono::duration<Rep, Period> value,
+                          std::string_view zero_means) {
+  if (value.count() >= 0) return;
+  invalid(std::string(field) + " is " + show(value) + ", which is negative",
+          "give a positive duration, or 0 for " + std::string(zero_means));
+}
+
+// Every check of validate(); `warn` logs the settings that are allowed but do not do what they
+// seem to (from_env() leaves that to the Pool constructor, so one pool warns once).
+void check(const PoolConfig& config, bool warn) {
+  if (config.max_size == 0) invalid("max_size is 0", "a pool needs at least one connection");
+  if (config.min_idle > config.max_size) {
+    invalid("min_idle (" + std::to_string(config.min_idle) + ") exceeds max_size (" +
+                std::to_string(config.max_size) + ")",
+            "lower min_idle or raise max_size");
+  }
+  if (config.reserved_for_priority >= config.max_size) {
+    invalid("reserved_for_priority (" + std::to_string(config.reserved_for_priority) +
+                ") must be below max_size (" + std::to_string(config.max_size) + ")",
+            "normal acquires need at least one connection");
+  }
+  if (config.lifetime_jitter < 0 || config.lifetime_jitter >= 1 ||
+      config.connect_backoff_jitter < 0 || config.connect_backoff_jitter >= 1) {
+    invalid("lifetime_jitter and connect_backoff_jitter must be in [0, 1)");
+  }
+
+  require_not_negative("acquire_timeout", config.acquire_timeout,
+                       "failing at once when every connection is in use");
+  require_not_negative("max_lifetime", config.max_lifetime, "no lifetime limit");
+  require_not_negative("idle_timeout", config.idle_timeout, "never closing idle connections");
+  require_not_negative("keepalive_interval", config.keepalive_interval, "no pings while idle");
+  require_not_negative("validate_after_idle", config.validate_after_idle,
+                       "no ping before handing out an idle connection");
+  require_not_negative("leak_threshold", config.leak_threshold, "no leak reports");
+  if (config.connect_backoff_initial.count() <= 0) {
+    invalid("connect_backoff_initial is " + show(config.connect_backoff_initial) +
+                ", which is not positive",
+            "give the first wait after a failed connect, e.g. 100 ms (the default)");
+  }
+  if (config.connect_backoff_max < config.connect_backoff_initial) {
+    invalid("connect_backoff_max (" + show(config.connect_backoff_max) +
+                ") is below connect_backoff_initial (" + show(config.connect_backoff_initial) + ")",
+            "raise connect_backoff_max or lower connect_backoff_initial");
+  }
+
+  const ConnectOptions& connect = config.connect;
+  if (connect.connect_timeout.count() <= 0) {
+    invalid(
+        "connect.connect_timeout is " + show(connect.connect_timeout) + ", which is not positive",
+        "give the longest a connect may take, e.g. 10 s (the default)");
+  }
+  require_not_negative(
+      "connect.tcp_user_timeout", connect.tcp_user_timeout,
+      "the pool's guards.tcp_user_timeout (or the system default when that is 0 too)");
+  require_not_negative("connect.cancel_timeout", connect.cancel_timeout,
+                       "closing a connection at once after a cancel, without waiting for the "
+                       "statement to end");
+  if (connect.keepalives) {
+    require_not_negative("connect.keepalives.idle", connect.keepalives->idle, "the system default");
+    require_not_negative("connect.keepalives.interval", connect.keepalives->interval,
+                         "the system default");
+    if (connect.keepalives->count < 0) {
+      invalid("connect.keepalives.count is " + std::to_string(connect.keepalives->count) +
+                  ", which is negative",
+              "give a positive number of probes, or 0 for the system default");
+    }
+  }
+  require_not_negative("guards.idle_in_transaction_timeout",
+                       config.guards.idle_in_transaction_timeout, "turning this guard off");
+  require_not_negative("guards.client_connection_check_interval",
+                       config.guards.client_connection_check_interval, "turning this guard off");
+  require_not_negative("guards.tcp_user_timeout", config.guards.tcp_user_timeout,
+                       "turning this guard off");
+
+  if (config.application.empty()) {
+    invalid("application must not be empty",
+            "it tags every connection's application_name (an empty instance means the host name)");
+  }
+
+  if (warn && config.idle_timeout.count() > 0 && config.max_lifetime.count() > 0 &&
+      config.idle_timeout >= config.max_lifetime) {
+    spdlog::warn(
+        "pgrt pool {}: idle_timeout ({}) is not below max_lifetime ({}): an idle connection "
+        "reaches its lifetime first, so idle_timeout never applies; set idle_timeout below "
+        "max_lifetime (or to 0 to turn it off and silence this warning)",
+        config.application, show(config.idle_timeout), show(config.max_lifetime));
+  }
 }
 
 }  // namespace
@@ -100,33 +206,12 @@ PoolConfig PoolConfig::from_env(PoolConfig defaults) {
   }
   if (auto value = env("PGRT_APP")) config.application = *value;
   if (auto value = env("PGRT_INSTANCE")) config.instance = *value;
-  config.validate();
+  check(config, false);
   return config;
 }
 
 void PoolConfig::validate() const {
-  if (max_size == 0) invalid("max_size is 0", "a pool needs at least one connection");
-  if (min_idle > max_size) {
-    invalid("min_idle (" + std::to_string(min_idle) + ") exceeds max_size (" +
-                std::to_string(max_size) + ")",
-            "lower min_idle or raise max_size");
-  }
-  if (reserved_for_priority >= max_size) {
-    invalid("reserved_for_priority (" + std::to_string(reserved_for_priority) +
-                ") must be below max_size (" + std::to_string(max_size) + ")",
-            "normal acquires need at least one connection");
-  }
-  if (lifetime_jitter < 0 || lifetime_jitter >= 1 || connect_backoff_jitter < 0 ||
-      connect_backoff_jitter >= 1) {
-    invalid("lifetime_jitter and connect_backoff_jitter must be in [0, 1)");
-  }
-  if (connect_backoff_initial.count() <= 0 || connect_backoff_max < connect_backoff_initial) {
-    invalid("connect_backoff_initial must be positive and not above connect_backoff_max");
-  }
-  if (application.empty()) {
-    invalid("application must not be empty",
-            "it tags every connection's application_name (an empty instance means the host name)");
-  }
+  check(*this, true);
 }
 
 }  // namespace pgrt

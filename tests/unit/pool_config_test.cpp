@@ -1,13 +1,108 @@
+#include <chrono>
 #include <cstdlib>
+#include <functional>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <memory>
+#include <spdlog/sinks/ostream_sink.h>
+#include <spdlog/spdlog.h>
+#include <sstream>
+#include <string>
+#include <vector>
 
 #include <pgrt/db/pool.hpp>
 
 namespace pgrt {
 namespace {
 
+using std::chrono::milliseconds;
+using std::chrono::seconds;
 using ::testing::HasSubstr;
+
+// Sends the default logger to a string for the life of the object.
+class LogCapture {
+ public:
+  LogCapture()
+      : previous_(spdlog::default_logger()),
+        capture_(std::make_shared<spdlog::logger>(
+            "capture", std::make_shared<spdlog::sinks::ostream_sink_mt>(log_))) {
+    spdlog::set_default_logger(capture_);
+  }
+  LogCapture(const LogCapture&) = delete;
+  LogCapture& operator=(const LogCapture&) = delete;
+  LogCapture(LogCapture&&) = delete;
+  LogCapture& operator=(LogCapture&&) = delete;
+  ~LogCapture() { spdlog::set_default_logger(previous_); }
+  std::string text() {
+    capture_->flush();
+    return log_.str();
+  }
+
+ private:
+  std::ostringstream log_;
+  std::shared_ptr<spdlog::logger> previous_;
+  std::shared_ptr<spdlog::logger> capture_;
+};
+
+// The invalid_config error validate() throws for `config`, or an empty string if it accepts it.
+std::string rejection(const PoolConfig& config) {
+  try {
+    config.validate();
+  } catch (const Error& error) {
+    EXPECT_EQ(error.code(), client_errc::invalid_config) << error.what();
+    return error.what();
+  }
+  return {};
+}
+
+struct DurationField {
+  const char* name;
+  std::function<void(PoolConfig&)> make_negative;  // sets the field to -7 ms (or -7 s)
+  const char* shown;                               // how the message shows the value
+  std::function<void(PoolConfig&)> make_zero;      // sets it to 0; null if 0 is rejected too
+};
+
+std::vector<DurationField> duration_fields() {
+  return {
+      {"acquire_timeout", [](PoolConfig& c) { c.acquire_timeout = milliseconds(-7); }, "-7 ms",
+       [](PoolConfig& c) { c.acquire_timeout = milliseconds(0); }},
+      {"max_lifetime", [](PoolConfig& c) { c.max_lifetime = milliseconds(-7); }, "-7 ms",
+       [](PoolConfig& c) { c.max_lifetime = milliseconds(0); }},
+      {"idle_timeout", [](PoolConfig& c) { c.idle_timeout = milliseconds(-7); }, "-7 ms",
+       [](PoolConfig& c) { c.idle_timeout = milliseconds(0); }},
+      {"keepalive_interval", [](PoolConfig& c) { c.keepalive_interval = milliseconds(-7); },
+       "-7 ms", [](PoolConfig& c) { c.keepalive_interval = milliseconds(0); }},
+      {"validate_after_idle", [](PoolConfig& c) { c.validate_after_idle = milliseconds(-7); },
+       "-7 ms", [](PoolConfig& c) { c.validate_after_idle = milliseconds(0); }},
+      {"leak_threshold", [](PoolConfig& c) { c.leak_threshold = milliseconds(-7); }, "-7 ms",
+       [](PoolConfig& c) { c.leak_threshold = milliseconds(0); }},
+      {"connect_backoff_initial",
+       [](PoolConfig& c) { c.connect_backoff_initial = milliseconds(-7); }, "-7 ms", nullptr},
+      {"connect_backoff_max", [](PoolConfig& c) { c.connect_backoff_max = milliseconds(-7); },
+       "-7 ms", nullptr},
+      {"connect.connect_timeout",
+       [](PoolConfig& c) { c.connect.connect_timeout = milliseconds(-7); }, "-7 ms", nullptr},
+      {"connect.tcp_user_timeout",
+       [](PoolConfig& c) { c.connect.tcp_user_timeout = milliseconds(-7); }, "-7 ms",
+       [](PoolConfig& c) { c.connect.tcp_user_timeout = milliseconds(0); }},
+      {"connect.cancel_timeout", [](PoolConfig& c) { c.connect.cancel_timeout = milliseconds(-7); },
+       "-7 ms", [](PoolConfig& c) { c.connect.cancel_timeout = milliseconds(0); }},
+      {"connect.keepalives.idle", [](PoolConfig& c) { c.connect.keepalives->idle = seconds(-7); },
+       "-7 s", [](PoolConfig& c) { c.connect.keepalives->idle = seconds(0); }},
+      {"connect.keepalives.interval",
+       [](PoolConfig& c) { c.connect.keepalives->interval = seconds(-7); }, "-7 s",
+       [](PoolConfig& c) { c.connect.keepalives->interval = seconds(0); }},
+      {"guards.idle_in_transaction_timeout",
+       [](PoolConfig& c) { c.guards.idle_in_transaction_timeout = milliseconds(-7); }, "-7 ms",
+       [](PoolConfig& c) { c.guards.idle_in_transaction_timeout = milliseconds(0); }},
+      {"guards.client_connection_check_interval",
+       [](PoolConfig& c) { c.guards.client_connection_check_interval = milliseconds(-7); }, "-7 ms",
+       [](PoolConfig& c) { c.guards.client_connection_check_interval = milliseconds(0); }},
+      {"guards.tcp_user_timeout",
+       [](PoolConfig& c) { c.guards.tcp_user_timeout = milliseconds(-7); }, "-7 ms",
+       [](PoolConfig& c) { c.guards.tcp_user_timeout = milliseconds(0); }},
+  };
+}
 
 class EnvironmentTest : public ::testing::Test {
  protected:
@@ -105,6 +200,102 @@ TEST(PoolConfigTest, PresetsAndValidation) {
   reserved_all.reserved_for_priority = 3;
   EXPECT_THROW(reserved_all.validate(), Error);
   EXPECT_NO_THROW(PoolConfig::micro().validate());
+}
+
+TEST(PoolConfigTest, NegativeDurationsAreRejectedNamingTheFieldAndValue) {
+  ASSERT_EQ(rejection(PoolConfig{}), "") << "the defaults are valid";
+  for (const auto& field : duration_fields()) {
+    SCOPED_TRACE(field.name);
+    PoolConfig config;
+    field.make_negative(config);
+    const std::string message = rejection(config);
+    EXPECT_THAT(message, HasSubstr(std::string(field.name) + " "));
+    EXPECT_THAT(message, HasSubstr(field.shown));
+    EXPECT_THAT(message, HasSubstr("HINT: ")) << "says what to do";
+  }
+}
+
+TEST(PoolConfigTest, ZeroIsAcceptedWhereItMeansOffAndRejectedElsewhere) {
+  for (const auto& field : duration_fields()) {
+    SCOPED_TRACE(field.name);
+    if (field.make_zero) {
+      PoolConfig config;
+      field.make_zero(config);
+      EXPECT_EQ(rejection(config), "");
+    }
+  }
+  PoolConfig no_connect_timeout;
+  no_connect_timeout.connect.connect_timeout = milliseconds(0);
+  EXPECT_THAT(rejection(no_connect_timeout), HasSubstr("connect.connect_timeout is 0 ms"))
+      << "every connect would time out at once";
+  PoolConfig no_backoff;
+  no_backoff.connect_backoff_initial = milliseconds(0);
+  EXPECT_THAT(rejection(no_backoff), HasSubstr("connect_backoff_initial is 0 ms"));
+  PoolConfig backoff_inverted;
+  backoff_inverted.connect_backoff_max = milliseconds(50);
+  EXPECT_THAT(rejection(backoff_inverted),
+              HasSubstr("connect_backoff_max (50 ms) is below connect_backoff_initial (100 ms)"));
+}
+
+TEST(PoolConfigTest, NegativeKeepaliveCountAndNoKeepalives) {
+  PoolConfig config;
+  config.connect.keepalives->count = -2;
+  EXPECT_THAT(rejection(config), HasSubstr("connect.keepalives.count is -2"));
+  config.connect.keepalives.reset();
+  EXPECT_EQ(rejection(config), "") << "no keepalives: nothing to check";
+}
+
+TEST(PoolConfigTest, IdleTimeoutNotBelowMaxLifetimeWarnsAndIsAccepted) {
+  LogCapture log;
+  PoolConfig config;
+  config.max_lifetime = std::chrono::minutes(5);  // below the default idle_timeout, 10 min
+  EXPECT_EQ(rejection(config), "");
+  EXPECT_THAT(log.text(),
+              HasSubstr("idle_timeout (600000 ms) is not below max_lifetime (300000 ms)"));
+  EXPECT_THAT(log.text(), HasSubstr("[warning]"));
+
+  LogCapture equal;
+  config.idle_timeout = config.max_lifetime;
+  EXPECT_EQ(rejection(config), "");
+  EXPECT_THAT(equal.text(), HasSubstr("is not below max_lifetime"));
+
+  for (const auto& fine :
+       {PoolConfig{.max_lifetime = std::chrono::minutes(5),
+       .idle_timeout = std::chrono::minutes(4)},
+        PoolConfig{.max_lifetime = milliseconds(0)},
+        PoolConfig{.max_lifetime = std::chrono::minutes(5), .idle_timeout = milliseconds(0)},
+        PoolConfig{}}) {
+    LogCapture quiet;
+    EXPECT_EQ(rejection(fine), "");
+    EXPECT_EQ(quiet.text(), "") << "max_lifetime " << fine.max_lifetime.count()
+                                << " ms, idle_timeout " << fine.idle_timeout.count() << " ms";
+  }
+}
+
+TEST_F(EnvironmentTest, NegativeDurationsAreRejected) {
+  for (const char* name : {"PGRT_ACQUIRE_TIMEOUT_MS", "PGRT_MAX_LIFETIME_S", "PGRT_IDLE_TIMEOUT_S",
+                           "PGRT_LEAK_THRESHOLD_MS"}) {
+    ::setenv(name, "-5", 1);
+    try {
+      (void)PoolConfig::from_env();
+      ADD_FAILURE() << "accepted " << name << "=-5";
+    } catch (const Error& error) {
+      EXPECT_EQ(error.code(), client_errc::invalid_config);
+      EXPECT_THAT(error.what(), HasSubstr(std::string(name) + "='-5' is not valid"));
+      EXPECT_THAT(error.what(), HasSubstr("whole number from 0"));
+    }
+    ::unsetenv(name);
+  }
+}
+
+TEST_F(EnvironmentTest, FromEnvLeavesTheIdleTimeoutWarningToThePool) {
+  LogCapture log;
+  ::setenv("PGRT_MAX_LIFETIME_S", "300", 1);
+  const auto config = PoolConfig::from_env();
+  EXPECT_EQ(config.max_lifetime, std::chrono::minutes(5));
+  EXPECT_EQ(log.text(), "") << "configure(PoolConfig::from_env()) warns once, in the Pool";
+  config.validate();
+  EXPECT_THAT(log.text(), HasSubstr("idle_timeout"));
 }
 
 TEST(PoolStatsTest, JsonHasEveryFieldAndEscapesTheMessage) {

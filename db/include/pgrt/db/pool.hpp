@@ -73,7 +73,8 @@ struct PoolConfig {
   std::chrono::milliseconds max_lifetime{std::chrono::minutes(30)};
   double lifetime_jitter = 0.1;
   /// Idle connections above min_idle are closed after this long; zero: never
-  /// (env PGRT_IDLE_TIMEOUT_S).
+  /// (env PGRT_IDLE_TIMEOUT_S). Not below a non-zero max_lifetime, it never applies: connections
+  /// reach their lifetime first (validate() logs a warning).
   std::chrono::milliseconds idle_timeout{std::chrono::minutes(10)};
   /// Idle connections are pinged this often to keep them (and detect dead ones); zero: never.
   std::chrono::milliseconds keepalive_interval{0};
@@ -136,7 +137,11 @@ struct PoolConfig {
   /// Same, starting from `defaults` instead of PoolConfig{} when PGRT_POOL_PRESET is unset:
   /// `PoolConfig::from_env(PoolConfig::micro())`.
   [[nodiscard]] static PoolConfig from_env(PoolConfig defaults);
-  /// Throws pgrt::Error(client_errc::invalid_config) if the settings contradict each other.
+  /// Throws pgrt::Error(client_errc::invalid_config), naming the field, its value and what to
+  /// do, if the settings contradict each other or a duration is negative (connect_backoff_initial
+  /// and connect.connect_timeout must be positive). Logs a warning (spdlog) if idle_timeout is not
+  /// below max_lifetime, both non-zero. The Pool constructor calls it; from_env() runs the same
+  /// checks without the warning.
   void validate() const;
 };
 
