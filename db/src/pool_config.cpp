@@ -84,6 +84,8 @@ void check(const PoolConfig& config, bool warn) {
   require_not_negative("validate_after_idle", config.validate_after_idle,
                        "no ping before handing out an idle connection");
   require_not_negative("leak_threshold", config.leak_threshold, "no leak reports");
+  require_not_negative("watch_idle_after", config.watch_idle_after,
+                       "never watching idle connections");
   if (config.connect_backoff_initial.count() <= 0) {
     invalid("connect_backoff_initial is " + show(config.connect_backoff_initial) +
                 ", which is not positive",

@@ -74,6 +74,8 @@ std::vector<DurationField> duration_fields() {
        "-7 ms", [](PoolConfig& c) { c.keepalive_interval = milliseconds(0); }},
       {"validate_after_idle", [](PoolConfig& c) { c.validate_after_idle = milliseconds(-7); },
        "-7 ms", [](PoolConfig& c) { c.validate_after_idle = milliseconds(0); }},
+      {"watch_idle_after", [](PoolConfig& c) { c.watch_idle_after = milliseconds(-9); }, "-9 ms",
+       [](PoolConfig& c) { c.watch_idle_after = milliseconds(0); }},
       {"leak_threshold", [](PoolConfig& c) { c.leak_threshold = milliseconds(-7); }, "-7 ms",
        [](PoolConfig& c) { c.leak_threshold = milliseconds(0); }},
       {"connect_backoff_initial",
