@@ -1102,6 +1102,21 @@ Pool::Pool(PoolConfig config) {
   state_ = std::make_shared<detail::PoolState>(std::move(config));
 }
 
+// --- the process-wide pool's registry -----------------------------------------------------------
+
+namespace {
+std::mutex global_mutex;
+std::shared_ptr<Pool> global_pool;  // NOLINT(cppcoreguidelines-avoid-non-const-global-variables)
+
+// When `pool` is the process-wide pool, forgets it (a closed pool is no longer pgrt::pool(), and
+// configure() may run again) and returns it, so that the caller keeps it alive to its end.
+std::shared_ptr<Pool> forget_if_process_pool(const Pool* pool) {
+  std::lock_guard lock(global_mutex);
+  if (global_pool.get() != pool) return nullptr;
+  return std::exchange(global_pool, nullptr);
+}
+}  // namespace
+
 Pool::~Pool() {
   try {
     state_->begin_close();
@@ -1111,7 +1126,13 @@ Pool::~Pool() {
 }
 
 void Pool::close_now() noexcept {
+  const auto keep = forget_if_process_pool(this);
   state_->close_now();
+}
+
+bool Pool::closed() const noexcept {
+  std::lock_guard lock(state_->mutex);
+  return state_->core.closed();
 }
 
 asio::awaitable<Lease> Pool::acquire(Priority priority, std::source_location site) {
@@ -1133,17 +1154,14 @@ const std::string& Pool::application_name() const noexcept {
 }
 
 asio::awaitable<std::vector<std::string>> Pool::close(std::chrono::milliseconds grace) {
-  // Not a coroutine itself: the frame holds the state, so the Pool may be destroyed meanwhile.
+  const auto keep = forget_if_process_pool(this);
+  // Not a coroutine itself: the frame holds the state, so the Pool may be destroyed meanwhile
+  // (as the process-wide pool is, when `keep` goes).
   return detail::PoolState::close(state_, grace);
 }
 
 // --- the process-wide pool
 // ------------------------------------------------------------------------
-
-namespace {
-std::mutex global_mutex;
-std::shared_ptr<Pool> global_pool;  // NOLINT(cppcoreguidelines-avoid-non-const-global-variables)
-}  // namespace
 
 void configure(PoolConfig config) {
   std::lock_guard lock(global_mutex);
@@ -1165,16 +1183,6 @@ void configure(PoolConfig config, asio::any_io_executor executor) {
                      "configure it once at start-up; use pgrt::Pool objects for more pools");
   }
   global_pool = std::make_shared<Pool>(std::move(executor), std::move(config));
-}
-
-void close_pool_now() noexcept {
-  std::shared_ptr<Pool> closing;
-  {
-    std::lock_guard lock(global_mutex);
-    closing = std::move(global_pool);
-    global_pool.reset();
-  }
-  if (closing) closing->close_now();
 }
 
 namespace {
@@ -1199,8 +1207,8 @@ asio::awaitable<Lease> fail_not_configured() {
 }  // namespace
 
 asio::awaitable<Lease> connection(Priority priority, std::source_location site) {
-  // One look at the global, kept for the whole acquire: a configure() or shutdown_pool() on
-  // another thread meanwhile cannot leave this with a null or dangling pool.
+  // One look at the global, kept for the whole acquire: a configure() or close() on another
+  // thread meanwhile cannot leave this with a null or dangling pool.
   std::shared_ptr<Pool> current;
   {
     std::lock_guard lock(global_mutex);
@@ -1211,17 +1219,6 @@ asio::awaitable<Lease> connection(Priority priority, std::source_location site) 
   // the co_await, never out of the call.
   if (!current) return fail_not_configured();
   return current->acquire(priority, site);
-}
-
-asio::awaitable<std::vector<std::string>> shutdown_pool(std::chrono::milliseconds grace) {
-  std::shared_ptr<Pool> closing;
-  {
-    std::lock_guard lock(global_mutex);
-    closing = std::move(global_pool);
-    global_pool.reset();
-  }
-  if (!closing) co_return std::vector<std::string>{};
-  co_return co_await closing->close(grace);
 }
 
 }  // namespace pgrt

@@ -538,7 +538,7 @@ struct Manager::Impl {
     const bool stopped_cleanly = co_await stop_all();
     // Whether every component that had started (or whose start was abandoned) completed a stop,
     // cleanly or by throwing. If not, what it holds may still be open: run() runs the exit
-    // handlers (e.g. the pool's close_pool_now()) once its threads are joined.
+    // handlers (e.g. the pool's close_now()) once its threads are joined.
     every_stop_ran = std::none_of(nodes.begin(), nodes.end(), [](const auto& node) {
       return node->status == Status::abandoned || node->status == Status::started ||
              node->status == Status::stopping;

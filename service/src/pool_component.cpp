@@ -5,6 +5,7 @@
 #include <exception>
 #include <spdlog/spdlog.h>
 #include <utility>
+#include <vector>
 
 namespace pgrt {
 
@@ -17,6 +18,18 @@ asio::awaitable<void> open_first_connection() {
   Lease lease = co_await pgrt::connection();
   co_await lease->query("SELECT 1");
 }
+// Closes the process-wide pool, if it is still configured (a failed start closed it already).
+// The component is the pool's only closer, so the pool cannot go between the two calls.
+asio::awaitable<std::vector<std::string>> close_process_pool(std::chrono::milliseconds grace) {
+  Pool* current = nullptr;
+  try {
+    current = &pgrt::pool();
+  } catch (const Error&) {
+    co_return std::vector<std::string>{};
+  }
+  co_return co_await current->close(grace);
+}
+
 }  // namespace
 
 PoolComponent::PoolComponent(asio::any_io_executor executor, PoolConfig config,
@@ -37,12 +50,12 @@ asio::awaitable<void> PoolComponent::start() {
   } catch (...) {
     failure = std::current_exception();
   }
-  co_await shutdown_pool(std::chrono::milliseconds(0));
+  co_await close_process_pool(std::chrono::milliseconds(0));
   std::rethrow_exception(failure);
 }
 
 asio::awaitable<void> PoolComponent::stop() {
-  const auto outstanding = co_await shutdown_pool(options_.close_grace);
+  const auto outstanding = co_await close_process_pool(options_.close_grace);
   if (!outstanding.empty()) {
     spdlog::warn("pgrt: the pool closed with {} lease(s) interrupted", outstanding.size());
   }
@@ -52,7 +65,12 @@ PoolComponent& add_pool(lifecycle::Manager& app, PoolConfig config, PoolComponen
                         lifecycle::After dependencies) {
   auto& component =
       app.add(PoolComponent(app.executor(), std::move(config), options), std::move(dependencies));
-  app.on_exit([] { close_pool_now(); });
+  app.on_exit([] {
+    try {
+      pgrt::pool().close_now();
+    } catch (const Error&) {  // NOLINT(bugprone-empty-catch): closed already, nothing to do
+    }
+  });
   return component;
 }
 

@@ -1079,7 +1079,7 @@ TEST_F(PoolTest, ProcessWidePoolIsConfiguredOnce) {
     EXPECT_FALSE(conn);
     EXPECT_TRUE(moved);
     moved.release();
-    auto outstanding = co_await shutdown_pool(1s);
+    auto outstanding = co_await pgrt::pool().close(1s);
     EXPECT_TRUE(outstanding.empty());
   });
   expect_code([] { (void)pgrt::pool(); }, client_errc::pool_not_configured);

@@ -351,7 +351,7 @@ TEST(LifecycleManager, ExitHandlersRunOnlyWithoutAGracefulStop) {
   EXPECT_EQ(graceful_runs, 0);
 }
 
-// An abandoned stop may leave sockets open: the exit handlers (the pool's close_pool_now()) run
+// An abandoned stop may leave sockets open: the exit handlers (the pool's close_now()) run
 // before run() returns, once.
 TEST(LifecycleManager, ExitHandlersRunWhenAStopWasAbandoned) {
   Journal journal;

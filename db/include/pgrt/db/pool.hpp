@@ -306,6 +306,8 @@ class Pool {
   /// The application_name every connection of this pool carries.
   [[nodiscard]] const std::string& application_name() const noexcept;
 
+  /// Use to shut down in order (a service's stop, the end of a test).
+  ///
   /// Closes the pool, in order: (1) refuses new acquires (waiters fail with pool_closed) and
   /// closes the idle connections; (2) waits up to `grace` for leases, connects and background
   /// ROLLBACKs to finish; (3) interrupts what is still out (Connection::interrupt(): a running
@@ -313,42 +315,43 @@ class Pool {
   /// server ends the backend); (4) every connection is then closed: the returned ones at once, the
   /// interrupted ones when their Lease is dropped; (5) returns a description of each lease that
   /// was still out ("file:line (function), held for 1234 ms"), also logged; empty when all came
-  /// back in time. Thread-safe; may be called more than once.
+  /// back in time. Thread-safe; may be called more than once. On the process-wide pool,
+  /// pgrt::pool() then reports pool_not_configured and configure() may be called again.
   [[nodiscard]] boost::asio::awaitable<std::vector<std::string>> close(
       std::chrono::milliseconds grace);
 
-  /// For a process that is exiting without a graceful stop (an atexit handler): synchronously and
+  /// Use only in a process that is exiting without a graceful stop (an atexit handler).
+  ///
+  /// Synchronously and
   /// without running any coroutine, refuses new acquires, fails the waiters, closes the idle
   /// connections (Terminate, then the socket) and interrupts the leased ones and those being
   /// reset (Connection::interrupt()). The waiters are failed and the pool's timers cancelled on
   /// the pool's executor (at once when the calling thread runs it; an io_context no thread runs
   /// any more is left alone), so that io threads still running are not raced. Best effort; never
-  /// throws; thread-safe. Prefer close().
+  /// throws; thread-safe. Prefer close(). On the process-wide pool, as for close().
   void close_now() noexcept;
+  /// True once close() or close_now() has begun (or the Pool object is being destroyed).
+  [[nodiscard]] bool closed() const noexcept;
 
  private:
   std::shared_ptr<detail::PoolState> state_;
 };
 
 /// Configures the process-wide pool. Call once, before the first pgrt::connection(); a second
-/// call throws pgrt::Error(client_errc::already_configured).
+/// call throws pgrt::Error(client_errc::already_configured), unless the pool was closed
+/// (pgrt::pool().close() or close_now()). To shut it down: `co_await pgrt::pool().close(grace)`,
+/// or in an exit handler `pgrt::pool().close_now()`.
 void configure(PoolConfig config);
 /// Same, with the executor the pool runs its background work on (otherwise the executor of the
 /// first acquire). Use the executor of an io_context (not a strand) run by the service's threads.
 void configure(PoolConfig config, boost::asio::any_io_executor executor);
 /// The process-wide pool. Throws pgrt::Error(client_errc::pool_not_configured) before
-/// configure(): pgrt never guesses a database (use configure(PoolConfig::from_env()) to read the
-/// environment).
+/// configure() and after the pool was closed: pgrt never guesses a database (use
+/// configure(PoolConfig::from_env()) to read the environment).
 [[nodiscard]] Pool& pool();
 /// `co_await pgrt::connection()`: a lease from the process-wide pool (see Pool::acquire).
 [[nodiscard]] boost::asio::awaitable<Lease> connection(
     Priority priority = Priority::normal,
     std::source_location site = std::source_location::current());
-/// Closes and forgets the process-wide pool (for tests and orderly shutdown), returning what
-/// Pool::close() returns. configure() may be called again afterwards.
-[[nodiscard]] boost::asio::awaitable<std::vector<std::string>> shutdown_pool(
-    std::chrono::milliseconds grace);
-/// The process-wide pool's Pool::close_now(), then forgets it: for atexit handlers. Never throws.
-void close_pool_now() noexcept;
 
 }  // namespace pgrt

@@ -48,7 +48,7 @@ class PoolComponent {
 
 /// Adds the process-wide pool to `app` (a PoolComponent on app.executor()) and registers the
 /// atexit handler that closes its connections if the process exits without a graceful stop
-/// (pgrt::close_pool_now()). It starts after `dependencies` (e.g. the StartupHygiene). Returns
+/// (pgrt::pool().close_now()). It starts after `dependencies` (e.g. the StartupHygiene). Returns
 /// the component: pass it to lifecycle::after().
 PoolComponent& add_pool(lifecycle::Manager& app, PoolConfig config,
                         PoolComponentOptions options = {}, lifecycle::After dependencies = {});
