@@ -714,7 +714,9 @@ asio::awaitable<void> PendingWrites::stop() {
       abandoned = self->abandoned;
       if (abandoned) cancel_flusher(self);
     }
-    if (woken == async::Woken::cancelled) co_await asio::this_coro::reset_cancellation_state();
+    if (woken == async::Woken::cancelled) {
+      co_await asio::this_coro::reset_cancellation_state();
+    }
   }
   std::unique_lock lock(self->mutex);
   const PendingWritesReport report = self->report_locked();

@@ -254,7 +254,9 @@ struct PingPong {
 asio::awaitable<void> consume(PingPong& game) {
   std::unique_lock lock(game.mutex);
   for (int round = 0; round < PingPong::rounds; ++round) {
-    while (game.pending == 0) co_await game.produced.wait(lock);
+    while (game.pending == 0) {
+      co_await game.produced.wait(lock);
+    }
     --game.pending;
     ++game.received;
     game.consumed.notify_one();
@@ -372,6 +374,7 @@ TEST(WaitGroupTest, DoneFromOtherThreadsWakesWaitersOnAMultiThreadedContext) {
       asio::co_spawn(io, wait_and_check(group, woken_at_zero, woken_early), asio::detached);
     }
     std::vector<std::thread> threads;
+    threads.reserve(workers + 1);
     for (int i = 0; i < workers; ++i) {
       threads.emplace_back([&group, i] {
         std::this_thread::sleep_for(std::chrono::microseconds(100 * i));

@@ -27,8 +27,9 @@ class WaitGroup {
     count_ += count;
   }
 
-  // One piece of work ended; at zero every waiter wakes.
-  void done() noexcept {
+  // One piece of work ended; at zero every waiter wakes. noexcept: a mutex or timer failure here
+  // terminates, as no caller could recover from it.
+  void done() noexcept {  // NOLINT(bugprone-exception-escape)
     const std::lock_guard lock(mutex_);
     assert(count_ > 0 && "WaitGroup::done() without add()");
     if (--count_ == 0) zero_.notify_all_locked();
