@@ -2,8 +2,6 @@
 
 #include <algorithm>
 #include <bit>
-#include <boost/asio/as_tuple.hpp>
-#include <boost/asio/async_result.hpp>
 #include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/bind_executor.hpp>
 #include <boost/asio/cancellation_signal.hpp>
@@ -23,11 +21,15 @@
 #include <spdlog/spdlog.h>
 #include <string_view>
 
+#include "async/abandon_guard.hpp"
+#include "async/timer_condition.hpp"
+#include "async/wait_group.hpp"
 #include "pgrt/db/pipeline.hpp"
 
 namespace pgrt {
 
 namespace asio = boost::asio;
+namespace async = detail::async;
 using Clock = std::chrono::steady_clock;
 using boost::system::error_code;
 
@@ -42,8 +44,6 @@ struct PendingTable {
 }  // namespace detail
 
 namespace {
-
-constexpr auto no_throw = asio::as_tuple(asio::use_awaitable);
 
 // The parameters of a statement, encoded when it was accepted: bound again, one by one, as the
 // parameters of a pipelined statement.
@@ -199,8 +199,6 @@ struct PendingWritesState {
       : pool(&pool_in),
         config(std::move(config_in)),
         strand(asio::make_strand(executor)),
-        wake_timer(strand),
-        backoff_timer(strand),
         random(std::random_device{}()) {}
 
   Pool* pool;
@@ -212,15 +210,13 @@ struct PendingWritesState {
   std::deque<Write> queue;    // accepted, not yet taken by the flusher
   std::size_t in_flight = 0;  // taken by the flusher, neither flushed nor failed yet
   std::deque<SpaceWaiter*> waiters;
-  // The flusher's waits. Started, and cancelled, only with `mutex` held.
-  asio::steady_timer wake_timer;
-  asio::steady_timer backoff_timer;
-  bool flusher_waiting = false;  // on wake_timer
+  // The flusher waits on it for writes, and during a backoff: woken by new writes, close, abandon.
+  async::TimerCondition flusher_wake;
   bool started = false;
-  bool closing = false;    // stop() began: no more writes accepted
-  bool abandoned = false;  // stop() was cancelled (or the object destroyed): give up
-  bool finished = false;   // the flusher has ended
-  std::vector<asio::steady_timer*> stop_waiters;
+  bool closing = false;       // stop() began: no more writes accepted
+  bool abandoned = false;     // stop() was cancelled (or the object destroyed): give up
+  bool finished = false;      // the flusher has ended
+  async::WaitGroup flushing;  // the flusher, from launch_locked() to its end: stop() waits
   asio::cancellation_signal flusher_cancel;  // emitted on the strand only
 
   std::uint64_t accepted = 0, flushed = 0, failed = 0, failed_by_error = 0, batches = 0,
@@ -231,9 +227,7 @@ struct PendingWritesState {
 
   [[nodiscard]] std::size_t unflushed_locked() const { return queue.size() + in_flight; }
 
-  void wake_flusher_locked() {
-    if (flusher_waiting) wake_timer.cancel();
-  }
+  void wake_flusher_locked() { flusher_wake.notify_all_locked(); }
 
   void push_locked(Write write) {
     write.accepted_at = Clock::now();
@@ -265,10 +259,8 @@ struct PendingWritesState {
   }
 
   void abandon_locked() {
-    close_locked();
     abandoned = true;
-    wake_timer.cancel();
-    backoff_timer.cancel();
+    close_locked();  // wakes the flusher (waiting for writes or backing off): it gives up
   }
 
   [[noreturn]] void throw_closed_locked() const {
@@ -295,26 +287,6 @@ struct PendingWritesState {
 namespace {
 
 using State = detail::PendingWritesState;
-
-// Starts waiting on `timer` until `until` with the lock held (whoever cancels the timer holds it
-// too, so a wake-up cannot slip in before the wait), releasing it once the wait is started.
-// Returns with the lock held again.
-asio::awaitable<error_code> wait_locked(std::unique_lock<std::mutex>& lock,
-                                        asio::steady_timer& timer, Clock::time_point until) {
-  std::mutex* mutex = lock.mutex();
-  timer.expires_at(until);
-  auto [error] = co_await asio::async_initiate<decltype(no_throw), void(error_code)>(
-      [&](auto handler) {
-        // Once the wait is started another thread may complete it and resume this coroutine:
-        // nothing of the frame may be touched after async_wait.
-        std::mutex* held = lock.release();
-        timer.async_wait(std::move(handler));
-        held->unlock();
-      },
-      no_throw);
-  lock = std::unique_lock(*mutex);
-  co_return error;
-}
 
 bool is_abandoned(State& self) {
   std::lock_guard lock(self.mutex);
@@ -364,7 +336,8 @@ asio::awaitable<bool> back_off(State& self, std::chrono::milliseconds delay) {
   std::unique_lock lock(self.mutex);
   const auto until = Clock::now() + delay;
   while (!self.abandoned && Clock::now() < until) {
-    co_await wait_locked(lock, self.backoff_timer, until);
+    // cancel_flusher() comes only once abandoned; a recorded cancellation must not spin here.
+    if (co_await self.flusher_wake.wait(lock, until) == async::Woken::cancelled) break;
   }
   co_return !self.abandoned;
 }
@@ -483,9 +456,9 @@ asio::awaitable<void> run_flusher(std::shared_ptr<State> self) {
         } else if (self->closing) {
           co_return;
         }
-        self->flusher_waiting = true;
-        co_await wait_locked(lock, self->wake_timer, until);
-        self->flusher_waiting = false;
+        if (co_await self->flusher_wake.wait(lock, until) == async::Woken::cancelled) {
+          co_return;  // cancel_flusher(): only once abandoned
+        }
       }
       const std::size_t count = std::min(self->queue.size(), self->config.batch_size);
       batch.reserve(count);
@@ -520,16 +493,18 @@ void flusher_ended(const std::shared_ptr<State>& self, const std::exception_ptr&
     self->in_flight = 0;
     self->finished = true;
     self->close_locked();  // in case it ended for another reason than stop()
-    for (asio::steady_timer* waiter : self->stop_waiters) waiter->cancel();
   }
+  self->flushing.done();
   if (lost > 0) {
     spdlog::warn("pgrt pending writes {}: gave up on {} accepted writes that were not committed",
                  self->config.name, lost);
   }
 }
 
-// Starts the flusher. Never inline: co_spawn would run it at once, maybe under a caller's lock.
-void launch(const std::shared_ptr<State>& self) {
+// Starts the flusher, counted in `flushing` at once (with `mutex` held, so that a stop() cannot
+// miss it). Never inline: co_spawn would run it at once, under the caller's lock.
+void launch_locked(const std::shared_ptr<State>& self) {
+  self->flushing.add();
   asio::post(self->strand, [self] {
     asio::co_spawn(self->strand, run_flusher(self),
                    asio::bind_cancellation_slot(
@@ -593,30 +568,16 @@ asio::awaitable<void> accept(std::shared_ptr<State> self, Write write) {
   self->waiters.push_back(&waiter);
   // If this coroutine is destroyed while it waits (its io_context shut down), the waiter must
   // leave the queue.
-  struct Abandon {
-    Abandon(State& state_in, SpaceWaiter& waiter_in, std::unique_lock<std::mutex>& lock_in)
-        : state(state_in), waiter(waiter_in), lock(lock_in) {}
-    State& state;
-    SpaceWaiter& waiter;
-    std::unique_lock<std::mutex>& lock;
-    bool armed = true;
-    Abandon(const Abandon&) = delete;
-    Abandon& operator=(const Abandon&) = delete;
-    Abandon(Abandon&&) = delete;
-    Abandon& operator=(Abandon&&) = delete;
-    ~Abandon() {
-      if (!armed) return;
-      std::unique_lock guard(state.mutex, std::defer_lock);
-      if (!lock.owns_lock()) guard.lock();
-      auto& queue = state.waiters;
-      queue.erase(std::remove(queue.begin(), queue.end(), &waiter), queue.end());
-    }
-  } abandon(*self, waiter, lock);
-  co_await wait_locked(lock, waiter.timer, Clock::time_point::max());
-  abandon.armed = false;
+  async::AbandonGuard leave_queue([&self, &waiter, &lock] {
+    std::unique_lock relock(self->mutex, std::defer_lock);
+    if (!lock.owns_lock()) relock.lock();
+    std::erase(self->waiters, &waiter);
+  });
+  // make_room_locked() and close_locked() cancel the timer, under the lock.
+  co_await async::wait_locked(lock, waiter.timer, Clock::time_point::max());
+  leave_queue.disarm();
   if (waiter.accepted) co_return;
-  auto& queue = self->waiters;
-  queue.erase(std::remove(queue.begin(), queue.end(), &waiter), queue.end());
+  std::erase(self->waiters, &waiter);
   if (waiter.closed) self->throw_closed_locked();
   throw_error(client_errc::cancelled, "waiting for room in pending writes " + self->config.name +
                                           " was cancelled; the write was not accepted");
@@ -712,51 +673,52 @@ asio::awaitable<void> PendingWrites::start() {
   if (self->closing) self->throw_closed_locked();
   if (self->started) co_return;
   self->started = true;
+  launch_locked(self);
   lock.unlock();
-  launch(self);
   spdlog::debug("pgrt pending writes {}: started", self->config.name);
 }
 
 asio::awaitable<void> PendingWrites::stop() {
   const std::shared_ptr<State> self = state_;
-  const auto executor = co_await asio::this_coro::executor;
-  asio::steady_timer done(executor);
-  bool cancelled = false;
-  std::unique_lock lock(self->mutex);
-  if (!self->closing) {
-    spdlog::info("pgrt pending writes {}: stopping; flushing {} accepted writes", self->config.name,
-                 self->unflushed_locked());
-    self->close_locked();
+  bool abandoned = false;
+  {
+    const std::lock_guard lock(self->mutex);
+    if (!self->closing) {
+      spdlog::info("pgrt pending writes {}: stopping; flushing {} accepted writes",
+                   self->config.name, self->unflushed_locked());
+      self->close_locked();
+    }
+    if (!self->started) {
+      self->started = true;
+      launch_locked(self);
+    }
+    abandoned = self->abandoned;
   }
-  if (!self->started) {
-    self->started = true;
-    launch(self);  // only posts
-  }
-  while (!self->finished) {
-    self->stop_waiters.push_back(&done);
+  for (;;) {
     // Until the flusher ends; once abandoned, re-cancel it every 100 ms (a cancellation that
     // reached it between two operations would otherwise be lost).
-    const auto until =
-        self->abandoned ? Clock::now() + std::chrono::milliseconds(100) : Clock::time_point::max();
-    const error_code error = co_await wait_locked(lock, done, until);
-    auto& waiters = self->stop_waiters;
-    waiters.erase(std::remove(waiters.begin(), waiters.end(), &done), waiters.end());
-    if (self->finished) break;
-    if (error) cancelled = true;  // not the flusher's end: this stop() was cancelled
-    if (cancelled && !self->abandoned) {
-      spdlog::warn(
-          "pgrt pending writes {}: stop() was cancelled; giving up on {} writes not "
-          "yet committed",
-          self->config.name, self->unflushed_locked());
-      self->abandon_locked();
+    const auto deadline =
+        abandoned ? Clock::now() + std::chrono::milliseconds(100) : Clock::time_point::max();
+    const async::Woken woken = co_await self->flushing.wait(deadline);
+    if (woken == async::Woken::notified) break;
+    {
+      const std::lock_guard lock(self->mutex);
+      if (self->finished) break;  // ended meanwhile: its counts are final
+      if (woken == async::Woken::cancelled && !self->abandoned) {
+        spdlog::warn(
+            "pgrt pending writes {}: stop() was cancelled; giving up on {} writes not "
+            "yet committed",
+            self->config.name, self->unflushed_locked());
+        self->abandon_locked();
+      }
+      abandoned = self->abandoned;
+      if (abandoned) cancel_flusher(self);
     }
-    if (self->abandoned) cancel_flusher(self);
-    if (error) {
-      lock.unlock();
+    if (woken == async::Woken::cancelled) {
       co_await asio::this_coro::reset_cancellation_state();
-      lock.lock();
     }
   }
+  std::unique_lock lock(self->mutex);
   const PendingWritesReport report = self->report_locked();
   const std::uint64_t by_error = self->failed_by_error;
   lock.unlock();

@@ -6,13 +6,11 @@
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <cstdlib>
-#include <exception>
-#include <future>
 #include <spdlog/spdlog.h>
 #include <string_view>
-#include <thread>
 #include <utility>
 
+#include "async/run_blocking.hpp"
 #include "pgrt/runtime/identity.hpp"
 
 namespace pgrt {
@@ -38,28 +36,6 @@ bool env_flag(const char* name, bool fallback) {
   if (*value == "1" || *value == "true" || *value == "yes") return true;
   if (*value == "0" || *value == "false" || *value == "no") return false;
   invalid(std::string(name) + "='" + *value + "' is not valid", "expected 1 or 0 (or true/false)");
-}
-
-// Runs a blocking call on a thread of its own and waits for it without blocking the executor.
-// The thread is always joined, also when the wait is cancelled.
-template <typename Function>
-asio::awaitable<std::invoke_result_t<Function>> run_blocking(Function function) {
-  using Value = std::invoke_result_t<Function>;
-  std::packaged_task<Value()> task(std::move(function));
-  auto outcome = task.get_future();
-  std::thread worker(std::move(task));
-  asio::steady_timer timer(co_await asio::this_coro::executor);
-  try {
-    while (outcome.wait_for(std::chrono::seconds(0)) != std::future_status::ready) {
-      timer.expires_after(std::chrono::milliseconds(20));
-      co_await timer.async_wait(asio::use_awaitable);
-    }
-  } catch (...) {
-    worker.join();
-    throw;
-  }
-  worker.join();
-  co_return outcome.get();
 }
 
 constexpr const char* cluster_lock_key_sql = "SELECT hashtextextended($1, 0)";
@@ -209,9 +185,11 @@ asio::awaitable<void> StartupHygiene::start() {
                                      .directory = options_.lock_directory,
                                      .force = options_.force,
                                      .takeover_grace = options_.takeover_grace};
-    // A named callable: g++ 12 miscompiles capturing lambdas written inside a co_await.
+    // A named callable: g++ 12 miscompiles capturing lambdas written inside a co_await. It runs
+    // on a thread of its own; if this start() is cancelled or destroyed meanwhile, that thread
+    // finishes alone and releases the lock it may still take.
     auto acquire = [lock_options] { return InstanceLock::acquire(lock_options); };
-    lock_ = co_await run_blocking(std::move(acquire));
+    lock_ = co_await detail::async::run_blocking(std::move(acquire));
     if (auto previous = lock_->took_over_from()) {
       spdlog::warn("pgrt: took over {} from pid {} (force)", lock_->path().string(), *previous);
     } else {
