@@ -29,6 +29,8 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "async/abandon_guard.hpp"
+#include "async/timer_condition.hpp"
 #include "pgrt/db/session_guards.hpp"
 #include "pgrt/runtime/identity.hpp"
 #include "pool/core.hpp"
@@ -354,8 +356,8 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
   pool::Core core;
   WaitHistogram waits;
   std::string last_connect_error;
-  // close() calls waiting for every connection to be gone; woken whenever capacity comes back.
-  std::vector<asio::steady_timer*> drain_waiters;
+  // close() calls waiting for every connection to be gone; notified once none is left.
+  async::TimerCondition drained;
 
   // --- carrying out the core's actions (under `mutex`) ------------------------------------------
 
@@ -426,7 +428,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
       }
     }
     if (core.drained()) {
-      for (asio::steady_timer* waiter : drain_waiters) waiter->cancel();
+      drained.notify_all_locked();
     }
   }
 
@@ -665,30 +667,13 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     });
   }
 
-  // Waits on `timer` (until its expiry) with the lock released once the wait has started, so
-  // that whoever cancels it under the lock cannot slip in between.
-  static asio::awaitable<error_code> wait_releasing(std::unique_lock<std::mutex>& lock,
-                                                    asio::steady_timer& timer) {
-    auto [error] = co_await asio::async_initiate<decltype(no_throw), void(error_code)>(
-        [&](auto handler) {
-          // Once the wait is started another thread may complete it and resume (and end) the
-          // coroutine: nothing in its frame may be touched after async_wait.
-          std::mutex* held = lock.release();
-          timer.async_wait(std::move(handler));
-          held->unlock();
-        },
-        no_throw);
-    co_return error;
-  }
-
   // Calls the core's tick() when the timer it armed expires, until the pool closes.
   static asio::awaitable<void> upkeep(std::shared_ptr<PoolState> self) {
     for (;;) {
       std::unique_lock lock(self->mutex);
       if (self->core.closed()) co_return;
-      (void)co_await wait_releasing(lock, *self->upkeep_timer);
-      Deferred deferred;
-      lock = std::unique_lock(self->mutex);
+      (void)co_await async::wait_locked(lock, *self->upkeep_timer);
+      Deferred deferred;  // its events run after the lock is released below
       if (self->core.closed()) co_return;
       const auto now = Clock::now();
       if (self->upkeep_timer->expiry() > now) continue;  // re-armed meanwhile
@@ -785,36 +770,24 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     PoolWaiter waiter(co_await asio::this_coro::executor, priority, site);
     // If this coroutine is destroyed while it waits (its io_context shut down), the waiter must
     // leave the queue, and a connection already handed to it must go back.
-    struct Abandon {
-      Abandon(PoolState& pool_in, PoolWaiter& waiter_in) : pool(pool_in), waiter(waiter_in) {}
-      PoolState& pool;
-      PoolWaiter& waiter;
-      bool armed = true;
-      Abandon(const Abandon&) = delete;
-      Abandon& operator=(const Abandon&) = delete;
-      Abandon(Abandon&&) = delete;
-      Abandon& operator=(Abandon&&) = delete;
-      ~Abandon() {
-        if (!armed) return;
-        pool::Node* handed = nullptr;
-        {
-          std::lock_guard guard(pool.mutex);
-          pool::Actions ignored;
-          pool.core.withdraw(waiter, pool::FailReason::cancelled, ignored);
-          if (waiter.outcome == pool::Waiter::Outcome::handed) handed = waiter.handed;
-        }
-        if (handed != nullptr) pool.release(*handed, false);
-      }
-    };
     pool::Actions enqueued;
     core.enqueue(waiter, now, enqueued);
     execute_locked(enqueued, deferred);
-    Abandon abandon(*this, waiter);
+    async::AbandonGuard abandon([this, &waiter, &lock] {
+      pool::Node* handed = nullptr;
+      {
+        std::unique_lock relock(mutex, std::defer_lock);
+        if (!lock.owns_lock()) relock.lock();
+        pool::Actions ignored;
+        core.withdraw(waiter, pool::FailReason::cancelled, ignored);
+        if (waiter.outcome == pool::Waiter::Outcome::handed) handed = waiter.handed;
+      }
+      if (handed != nullptr && !lock.owns_lock()) release(*handed, false);
+    });
     waiter.timer.expires_after(wait_limit);
     // The wait starts under the lock, so a handoff cannot slip in before it.
-    const error_code error = co_await wait_releasing(lock, waiter.timer);
-    lock = std::unique_lock(mutex);
-    abandon.armed = false;
+    const error_code error = co_await async::wait_locked(lock, waiter.timer);
+    abandon.disarm();
     if (waiter.outcome == pool::Waiter::Outcome::handed) {
       waits.record(std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - started));
       lock.unlock();
@@ -1007,14 +980,10 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
                                                          std::chrono::milliseconds grace) {
     self->begin_close();
     {
-      asio::steady_timer drained(co_await asio::this_coro::executor);
-      drained.expires_after(grace);
+      const auto deadline = Clock::now() + grace;
       std::unique_lock lock(self->mutex);
-      if (!self->core.drained()) {
-        self->drain_waiters.push_back(&drained);
-        (void)co_await wait_releasing(lock, drained);
-        lock = std::unique_lock(self->mutex);
-        std::erase(self->drain_waiters, &drained);
+      while (!self->core.drained() &&
+             co_await self->drained.wait(lock, deadline) == async::Woken::notified) {
       }
     }
     std::vector<std::string> outstanding;
