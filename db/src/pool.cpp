@@ -378,6 +378,15 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     });
   }
 
+  // The scratch list of the core's actions: one per pool, used under `mutex` only, so that no
+  // acquire's coroutine frame carries one (a frame too large for asio's recycling allocator
+  // would cost a malloc per acquire).
+  pool::Actions actions_scratch;
+  pool::Actions& fresh_actions_locked() noexcept {
+    actions_scratch.clear();
+    return actions_scratch;
+  }
+
   void execute_locked(const pool::Actions& actions, Deferred& deferred) {
     for (const pool::Action& action : actions) {
       switch (action.kind) {
@@ -495,7 +504,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
                                      });
         return;
       }
-      pool::Actions actions;
+      auto& actions = fresh_actions_locked();
       core.connection_lost(*node, actions);
       execute_locked(actions, deferred);
     } catch (const std::exception& error) {
@@ -510,7 +519,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     upkeep_timer = std::make_shared<asio::steady_timer>(*executor, Clock::time_point::max());
     spawn_later(upkeep(shared_from_this()));
     Deferred nothing;
-    pool::Actions actions;
+    auto& actions = fresh_actions_locked();
     core.tick(Clock::now(), actions);  // min_idle
     execute_locked(actions, nothing);
   }
@@ -553,7 +562,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     }
     Deferred deferred;
     std::lock_guard lock(self->mutex);
-    pool::Actions actions;
+    auto& actions = self->fresh_actions_locked();
     if (error) {
       self->last_connect_error = failure;
       deferred.add(
@@ -588,7 +597,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     }
     Deferred deferred;
     std::lock_guard lock(self->mutex);
-    pool::Actions actions;
+    auto& actions = self->fresh_actions_locked();
     self->core.reset_done(*node, ok, Clock::now(), actions);
     self->execute_locked(actions, deferred);
   }
@@ -604,7 +613,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     }
     Deferred deferred;
     std::lock_guard lock(self->mutex);
-    pool::Actions actions;
+    auto& actions = self->fresh_actions_locked();
     self->core.ping_done(*node, ok, Clock::now(), actions);
     self->execute_locked(actions, deferred);
   }
@@ -632,7 +641,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     attachment.reset();
     Deferred deferred;
     std::lock_guard lock(self->mutex);
-    pool::Actions actions;
+    auto& actions = self->fresh_actions_locked();
     self->core.backend_ended(*node, Clock::now(), actions);
     self->execute_locked(actions, deferred);
   }
@@ -677,7 +686,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
       if (self->core.closed()) co_return;
       const auto now = Clock::now();
       if (self->upkeep_timer->expiry() > now) continue;  // re-armed meanwhile
-      pool::Actions actions;
+      auto& actions = self->fresh_actions_locked();
       self->upkeep_timer->expires_at(Clock::time_point::max());
       self->core.tick(now, actions);
       self->execute_locked(actions, deferred);
@@ -708,10 +717,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     if ((co_await asio::this_coro::cancellation_state).cancelled() !=
         asio::cancellation_type::none) {
       std::lock_guard lock(mutex);
-      pool::Waiter gone(priority, site);
-      pool::Actions none;
-      core.withdraw(gone, pool::FailReason::cancelled, none);  // counted
-      throw_pool_error(client_errc::cancelled, "acquiring a pooled connection was cancelled");
+      fail_cancelled_locked(priority, site);
     }
     const auto now = coarse_now();
     Deferred deferred;  // declared before the lock: its events run after it is released
@@ -720,7 +726,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
       // co_await this_coro::executor never suspends: it is safe under the lock.
       bind_executor_locked(co_await asio::this_coro::executor);
     }
-    pool::Actions actions;
+    auto& actions = fresh_actions_locked();
     const auto result = core.try_acquire(priority, site, now, actions);
     execute_locked(actions, deferred);
     switch (result.kind) {
@@ -737,28 +743,15 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
                                    result.validate);
       }
       case pool::AcquireResult::Kind::closed:
-        throw_pool_error(client_errc::pool_closed, "the pool " + application_name + " is closed");
       case pool::AcquireResult::Kind::queue_full:
-        throw_pool_error(client_errc::pool_queue_full,
-                         "the pool " + application_name + " already has " +
-                             std::to_string(config.max_waiters) + " callers waiting (" +
-                             describe_load_locked() + ")",
-                         "raise PoolConfig::max_waiters, or shed load earlier");
       case pool::AcquireResult::Kind::no_wait:
-        throw_pool_error(
-            client_errc::pool_timeout,
-            "no connection free in the pool " + application_name + " (" + describe_load_locked() +
-                ") and acquire_timeout is 0" +
-                (last_connect_error.empty() ? std::string()
-                                            : "; last connect error: " + last_connect_error));
+        fail_admission_locked(result.kind);
       case pool::AcquireResult::Kind::wait:
         break;
     }
     if ((co_await asio::this_coro::cancellation_state).cancelled() !=
         asio::cancellation_type::none) {
-      pool::Waiter gone(priority, site);
-      core.withdraw(gone, pool::FailReason::cancelled, actions);  // counted
-      throw_pool_error(client_errc::cancelled, "waiting for a pooled connection was cancelled");
+      fail_cancelled_locked(priority, site);
     }
     const auto started = Clock::now();
     auto wait_limit = result.wait_limit;
@@ -770,7 +763,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     PoolWaiter waiter(co_await asio::this_coro::executor, priority, site);
     // If this coroutine is destroyed while it waits (its io_context shut down), the waiter must
     // leave the queue, and a connection already handed to it must go back.
-    pool::Actions enqueued;
+    auto& enqueued = fresh_actions_locked();
     core.enqueue(waiter, now, enqueued);
     execute_locked(enqueued, deferred);
     async::AbandonGuard abandon([this, &waiter, &lock] {
@@ -786,7 +779,9 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     });
     waiter.timer.expires_after(wait_limit);
     // The wait starts under the lock, so a handoff cannot slip in before it.
-    const error_code error = co_await async::wait_locked(lock, waiter.timer);
+    // (The wait as a plain asynchronous operation: no coroutine frame of its own on this path.)
+    const auto [error] = co_await async::wait_then_unlock(lock, waiter.timer);
+    lock = std::unique_lock(mutex);
     abandon.disarm();
     if (waiter.outcome == pool::Waiter::Outcome::handed) {
       waits.record(std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - started));
@@ -798,10 +793,43 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
       co_return co_await checked(std::move(lease), std::move(self), priority, site,
                                  started + wait_limit, false);
     }
+    fail_wait(lock, waiter, error, wait_limit);
+  }
+
+  // The failures of an acquire, apart from its coroutine, so that their strings are not part of
+  // its frame: a frame too large for asio's recycling allocator would cost a malloc per acquire.
+  [[noreturn]] void fail_cancelled_locked(Priority priority, std::source_location site) {
+    pool::Waiter gone(priority, site);
+    core.withdraw(gone, pool::FailReason::cancelled, fresh_actions_locked());  // counted
+    throw_pool_error(client_errc::cancelled, "waiting for a pooled connection was cancelled");
+  }
+
+  [[noreturn]] void fail_admission_locked(pool::AcquireResult::Kind kind) {
+    if (kind == pool::AcquireResult::Kind::closed) {
+      throw_pool_error(client_errc::pool_closed, "the pool " + application_name + " is closed");
+    }
+    if (kind == pool::AcquireResult::Kind::queue_full) {
+      throw_pool_error(client_errc::pool_queue_full,
+                       "the pool " + application_name + " already has " +
+                           std::to_string(config.max_waiters) + " callers waiting (" +
+                           describe_load_locked() + ")",
+                       "raise PoolConfig::max_waiters, or shed load earlier");
+    }
+    throw_pool_error(
+        client_errc::pool_timeout,
+        "no connection free in the pool " + application_name + " (" + describe_load_locked() +
+            ") and acquire_timeout is 0" +
+            (last_connect_error.empty() ? std::string()
+                                        : "; last connect error: " + last_connect_error));
+  }
+
+  // A waiter woken without a connection: the pool closed, it was cancelled, or its time ran out.
+  [[noreturn]] void fail_wait(std::unique_lock<std::mutex>& lock, pool::Waiter& waiter,
+                              error_code error, std::chrono::milliseconds wait_limit) {
     const std::string load = describe_load_locked();  // counting this caller among the waiting
     if (waiter.outcome == pool::Waiter::Outcome::none) {
-      pool::Actions none;
-      core.withdraw(waiter, error ? pool::FailReason::cancelled : pool::FailReason::timeout, none);
+      core.withdraw(waiter, error ? pool::FailReason::cancelled : pool::FailReason::timeout,
+                    fresh_actions_locked());
     }
     switch (waiter.failed) {
       case pool::FailReason::pool_closed:
@@ -862,7 +890,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     try {
       Deferred deferred;
       std::lock_guard lock(mutex);
-      pool::Actions actions;
+      auto& actions = fresh_actions_locked();
       core.checkout_failed(*node, reason, coarse_now(), actions);
       execute_locked(actions, deferred);
     } catch (const std::exception& error) {
@@ -876,7 +904,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
       const auto now = coarse_now();
       Deferred deferred;
       std::lock_guard lock(mutex);
-      pool::Actions actions;
+      auto& actions = fresh_actions_locked();
       if (events.released.ever_connected()) deferred.add([this] { emit(events.released); });
       core.lease_returned(node, kind, now, actions);
       execute_locked(actions, deferred);
@@ -950,7 +978,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
       }
       if (!pool_executor) {
         std::lock_guard lock(mutex);
-        pool::Actions actions;
+        auto& actions = fresh_actions_locked();
         core.close(actions);  // no waiter, timer or connect was ever made
         return;
       }
@@ -969,7 +997,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     Deferred deferred;
     std::lock_guard lock(mutex);
     if (core.closed()) return;
-    pool::Actions actions;
+    auto& actions = fresh_actions_locked();
     core.close(actions);
     execute_locked(actions, deferred);
     if (upkeep_timer) upkeep_timer->cancel();

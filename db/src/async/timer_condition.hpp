@@ -46,21 +46,29 @@ using Clock = std::chrono::steady_clock;
 // wait. Returns the timer's error: none at the expiry, operation_aborted when cancelled either
 // way. A coroutine destroyed mid-wait leaves `lock` released and without its mutex: an
 // AbandonGuard of the caller that must undo something takes the mutex itself.
+// The wait alone, as an asynchronous operation (no coroutine frame of its own, for hot paths):
+// starts waiting on `timer`, then releases `lock`; completes with the timer's error. The caller
+// takes the mutex again after it (wait_locked() below does).
+template <typename Mutex>
+auto wait_then_unlock(std::unique_lock<Mutex>& lock, asio::steady_timer& timer) {
+  auto initiation = [&lock, &timer](auto handler) {
+    // Once the wait has started, another thread may complete it and resume (or destroy) the
+    // coroutine: nothing of its frame is touched after async_wait.
+    const std::unique_lock<Mutex> released(*lock.release(), std::adopt_lock);
+    timer.async_wait(std::move(handler));
+  };
+  constexpr auto no_throw = asio::as_tuple(asio::use_awaitable);
+  return asio::async_initiate<decltype(no_throw), void(boost::system::error_code)>(initiation,
+                                                                                   no_throw);
+}
+
 template <typename Mutex>
 asio::awaitable<boost::system::error_code> wait_locked(std::unique_lock<Mutex>& lock,
                                                        asio::steady_timer& timer) {
   const asio::cancellation_state state = co_await asio::this_coro::cancellation_state;
   if (state.cancelled() != asio::cancellation_type::none) co_return asio::error::operation_aborted;
   Mutex* mutex = lock.mutex();
-  auto initiation = [&lock, &timer](auto handler) {
-    // Once the wait has started, another thread may complete it and resume (or destroy) this
-    // coroutine: nothing of its frame is touched after async_wait.
-    const std::unique_lock<Mutex> released(*lock.release(), std::adopt_lock);
-    timer.async_wait(std::move(handler));
-  };
-  constexpr auto no_throw = asio::as_tuple(asio::use_awaitable);
-  auto [error] = co_await asio::async_initiate<decltype(no_throw), void(boost::system::error_code)>(
-      initiation, no_throw);
+  auto [error] = co_await wait_then_unlock(lock, timer);
   lock = std::unique_lock<Mutex>(*mutex);
   co_return error;
 }

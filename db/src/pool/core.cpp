@@ -42,12 +42,29 @@ Core::~Core() {
 
 // --- node states -------------------------------------------------------------------------------
 
+namespace {
+// allowed_transition() as a table, for the hot path.
+constexpr auto transition_table = [] {
+  std::array<std::array<bool, node_state_count>, node_state_count> table{};
+  for (NodeState from : all_node_states) {
+    for (NodeState to : all_node_states) {
+      table[static_cast<std::size_t>(from)][static_cast<std::size_t>(to)] =
+          allowed_transition(from, to);
+    }
+  }
+  return table;
+}();
+
+[[noreturn]] void refuse_transition(NodeState from, NodeState to) {
+  illegal_transitions.fetch_add(1, std::memory_order_relaxed);
+  throw std::logic_error("pgrt pool core: a connection cannot go from " +
+                         std::string(to_string(from)) + " to " + std::string(to_string(to)));
+}
+}  // namespace
+
 void Core::move(Node& node, NodeState to) {
-  if (!allowed_transition(node.state, to)) {
-    illegal_transitions.fetch_add(1, std::memory_order_relaxed);
-    throw std::logic_error("pgrt pool core: a connection cannot go from " +
-                           std::string(to_string(node.state)) + " to " +
-                           std::string(to_string(to)));
+  if (!transition_table[static_cast<std::size_t>(node.state)][static_cast<std::size_t>(to)]) {
+    refuse_transition(node.state, to);
   }
   if (node.state == NodeState::leased && node.priority == Priority::normal) --leased_normal_;
   list(node.state).remove(node);
@@ -132,6 +149,11 @@ std::size_t Core::servable_waiters() const noexcept {
 
 void Core::maybe_open(Time now, Actions& actions) {
   if (closed_) return;
+  // The common case, cheaply: nobody waits and min_idle is met, so nothing is wanted.
+  if (waiters_.size() == 0 &&
+      capacity_.taken() - list(NodeState::closing).size() >= config_.min_idle) {
+    return;
+  }
   const SizingInput input{
       .max_size = config_.max_size,
       .live = capacity_.taken(),
@@ -245,6 +267,18 @@ void Core::lease_returned(Node& node, ReturnKind kind, Time now, Actions& action
   if (node.state != NodeState::leased) {
     throw std::logic_error("pgrt pool core: a connection came back that was not leased (" +
                            std::string(to_string(node.state)) + ")");
+  }
+  // The common case first: a clean return, nobody waiting, nothing due. The node just becomes
+  // idle (what offer() would do, with nothing for serve_idle() or maybe_open() to act on).
+  // (With no connect failing, every event that could leave min_idle short already called
+  // maybe_open(), so a clean return has nothing for it.)
+  if (kind == ReturnKind::clean && !closed_ && waiters_.size() == 0 && consecutive_failures_ == 0 &&
+      !(config_.reset_discard_all && node.session_used) && !expired(node, now)) {
+    node.idle_since = now;
+    move(node, NodeState::idle);
+    const Time deadline = deadline_of(node);
+    if (deadline < timer_at_) want_tick(std::max(deadline, now), actions);
+    return;
   }
   if (closed_) {
     close_node(node, DiscardReason::closing, actions);
