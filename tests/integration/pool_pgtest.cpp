@@ -28,7 +28,7 @@
 #include "pgrt/testing/expect_error.hpp"
 #include "pgrt/testing/fault_proxy.hpp"
 #include "pgrt/testing/run_coroutine.hpp"
-#include "pool/core.hpp"
+#include "pool/state_machine.hpp"
 
 namespace pgrt {
 namespace {

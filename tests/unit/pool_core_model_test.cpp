@@ -1,6 +1,6 @@
-// The pool's sans-I/O core (db/src/pool/core.hpp) against a reference model: both are driven by
-// the same random events, and after every event their actions and counts must agree and the
-// pool's invariants must hold. A failure prints its seed and the shortest event sequence that
+// The pool's sans-I/O core (db/src/pool/state_machine.hpp) against a reference model: both are
+// driven by the same random events, and after every event their actions and counts must agree and
+// the pool's invariants must hold. A failure prints its seed and the shortest event sequence that
 // still fails (shrunk by removing events).
 //
 // The model keeps everything in plain maps and vectors and recomputes every decision from scratch
@@ -19,7 +19,7 @@
 #include <tuple>
 #include <vector>
 
-#include "pool/core.hpp"
+#include "pool/state_machine.hpp"
 
 namespace pgrt::detail::pool {
 namespace {

@@ -3,7 +3,7 @@
 // One pooled connection as the pool's core sees it: a state, the capacity token it owns, and the
 // times the core decides by. The driver hangs its connection on it (NodeAttachment). Each node is
 // always in exactly one state; the core moves it only through allowed_transition(), and every
-// count the pool reports is the size of a state's list (see core.hpp).
+// count the pool reports is the size of a state's list (see state_machine.hpp).
 
 #include <array>
 #include <chrono>
@@ -106,7 +106,7 @@ struct Node {
   bool watched = false;       // idle, and the driver watches its socket (Action::watch)
   DiscardReason close_reason = DiscardReason::closing;  // while closing
 
-  // The list of its state (core.hpp).
+  // The list of its state (state_machine.hpp).
   Node* prev = nullptr;
   Node* next = nullptr;
 };

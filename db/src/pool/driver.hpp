@@ -1,4 +1,9 @@
-#include "pgrt/db/pool.hpp"
+#pragma once
+
+// The pool's driver, the asio/libpq side of the pool: detail::PoolState holds the sans-I/O core
+// (state_machine.hpp) under one mutex, feeds it events and carries out its actions. Private to the
+// pool: the public types are in pgrt/db/pool.hpp. Built on it: pool.cpp (Pool), lease.cpp (Lease),
+// shutdown.cpp (closing, in order) and process_pool.cpp (pgrt::configure(), pgrt::connection()).
 
 #include <algorithm>
 #include <array>
@@ -29,53 +34,51 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include "async/abandon_guard.hpp"
-#include "async/timer_condition.hpp"
+#include "../async/abandon_guard.hpp"
+#include "../async/timer_condition.hpp"
+#include "pgrt/db/pool.hpp"
 #include "pgrt/db/session_guards.hpp"
 #include "pgrt/runtime/identity.hpp"
-#include "pool/core.hpp"
+#include "state_machine.hpp"
 
-namespace pgrt {
+namespace pgrt::detail {
 
 namespace asio = boost::asio;
 using Clock = std::chrono::steady_clock;
+using boost::system::error_code;
 
 // The time for the pool's coarse decisions (lifetime, idle age, lease age) on the acquire and
 // release paths: CLOCK_MONOTONIC_COARSE, the timeline of steady_clock (CLOCK_MONOTONIC in
 // libstdc++ on Linux) as of the last kernel tick, a few milliseconds behind at most. It is a plain
 // read from the vDSO, several times cheaper than steady_clock::now(), which the uncontended
 // acquire would otherwise pay twice. Waits are measured with steady_clock.
-namespace {
-Clock::time_point coarse_now() noexcept {
+inline Clock::time_point coarse_now() noexcept {
   timespec now{};
   ::clock_gettime(CLOCK_MONOTONIC_COARSE, &now);
   return Clock::time_point(std::chrono::duration_cast<Clock::duration>(
       std::chrono::seconds(now.tv_sec) + std::chrono::nanoseconds(now.tv_nsec)));
 }
-}  // namespace
-using boost::system::error_code;
 
-namespace {
+inline constexpr auto no_throw = asio::as_tuple(asio::use_awaitable);
 
-constexpr auto no_throw = asio::as_tuple(asio::use_awaitable);
-
-std::string make_application_name(const PoolConfig& config) {
+inline std::string make_application_name(const PoolConfig& config) {
   return make_connection_tag(config.application, config.instance);
 }
 
 // The pool's connect options: the config's, with its conninfo and the session guards.
-ConnectOptions connect_options(const PoolConfig& config) {
+inline ConnectOptions connect_options(const PoolConfig& config) {
   ConnectOptions options = config.connect;
   options.conninfo = config.conninfo;
   return with_session_guards(std::move(options), config.guards);
 }
 
-std::string describe_site(const std::source_location& site) {
+inline std::string describe_site(const std::source_location& site) {
   return std::string(site.file_name()) + ":" + std::to_string(site.line()) + " (" +
          site.function_name() + ")";
 }
 
-[[noreturn]] void throw_pool_error(client_errc code, std::string message, std::string hint = {}) {
+[[noreturn]] inline void throw_pool_error(client_errc code, std::string message,
+                                          std::string hint = {}) {
   throw Error(make_error_code(code),
               Diagnostics{.message = std::move(message), .hint = std::move(hint)});
 }
@@ -147,73 +150,6 @@ class Deferred {
   std::vector<std::function<void()>> calls_;
 };
 
-}  // namespace
-
-std::string_view to_string(DiscardReason reason) noexcept {
-  switch (reason) {
-    case DiscardReason::broken:
-      return "broken";
-    case DiscardReason::lifetime:
-      return "lifetime";
-    case DiscardReason::idle_timeout:
-      return "idle_timeout";
-    case DiscardReason::failed_reset:
-      return "failed_reset";
-    case DiscardReason::mid_query:
-      return "mid_query";
-    case DiscardReason::closing:
-      return "closing";
-    case DiscardReason::by_user:
-      return "by_user";
-    case DiscardReason::rejected:
-      return "rejected";
-  }
-  return "unknown";
-}
-
-std::string_view to_string(ResetPolicy policy) noexcept {
-  switch (policy) {
-    case ResetPolicy::rollback:
-      return "rollback";
-    case ResetPolicy::discard_all:
-      return "discard_all";
-  }
-  return "unknown";
-}
-
-std::string PoolStats::to_json() const {
-  std::string escaped;
-  for (char c : last_connect_error) {
-    if (c == '"' || c == '\\') {
-      escaped += '\\';
-      escaped += c;
-    } else if (static_cast<unsigned char>(c) < 0x20) {
-      escaped += ' ';
-    } else {
-      escaped += c;
-    }
-  }
-  auto field = [](const char* name, auto value) {
-    return std::string("\"") + name + "\":" + std::to_string(value);
-  };
-  return "{" + field("max", max) + "," + field("size", size) + "," + field("idle", idle) + "," +
-         field("in_use", in_use) + "," + field("connecting", connecting) + "," +
-         field("closing", closing) + "," + field("resetting", resetting) + "," +
-         field("pinging", pinging) + "," + field("waiting_normal", waiting_normal) + "," +
-         field("waiting_high", waiting_high) + "," + field("acquired", acquired) + "," +
-         field("timeouts", timeouts) + "," + field("cancellations", cancellations) + "," +
-         field("connect_attempts", connect_attempts) + "," +
-         field("connect_errors", connect_errors) + "," + field("discarded", discarded) + "," +
-         field("leaks_suspected", leaks_suspected) + "," + field("wait_p50_us", wait_p50.count()) +
-         "," + field("wait_p99_us", wait_p99.count()) + "," +
-         field("wait_max_us", wait_max.count()) + "," +
-         field("consecutive_connect_failures", consecutive_connect_failures) + "," +
-         field("connect_backoff_ms", connect_backoff.count()) + ",\"last_connect_error\":\"" +
-         escaped + "\"}";
-}
-
-namespace detail {
-
 // A pooled connection: what the driver hangs on a core node.
 // Watches an idle connection's socket, through a descriptor of its own (a dup() of libpq's), for
 // the server ending the backend (pg_terminate_backend, a restart, a proxy's idle timeout). Used
@@ -233,7 +169,7 @@ struct PooledConnection : pool::NodeAttachment {
   std::shared_ptr<IdleWatch> watch;  // while the core has it watched
 };
 
-Connection& connection_of(pool::Node& node) {
+inline Connection& connection_of(pool::Node& node) {
   return static_cast<PooledConnection&>(*node.attachment).connection;
 }
 
@@ -253,7 +189,7 @@ constexpr std::chrono::milliseconds server_close_warning{2000};
 // How long close_now() waits for each cancel request to go out.
 constexpr std::chrono::milliseconds exit_cancel_wait{1000};
 
-pool::CoreConfig core_config(const PoolConfig& config) {
+inline pool::CoreConfig core_config(const PoolConfig& config) {
   return pool::CoreConfig{
       .max_size = config.max_size,
       .min_idle = config.min_idle,
@@ -276,7 +212,7 @@ pool::CoreConfig core_config(const PoolConfig& config) {
 }
 
 // How a lease came back, read off its connection.
-pool::ReturnKind classify(const Connection& connection) {
+inline pool::ReturnKind classify(const Connection& connection) {
   if (!connection.is_open() || connection.is_broken()) return pool::ReturnKind::broken;
   switch (connection.transaction_status()) {
     case TransactionStatus::idle:
@@ -951,271 +887,16 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     }
   }
 
-  // The synchronous, best-effort close for a process that exits without a graceful stop: runs no
-  // coroutine. Idle connections are closed here (Terminate, then the socket); leased and
-  // background ones are interrupted; their capacity is left counted.
-  void close_now() noexcept {
-    try {
-      std::optional<asio::any_io_executor> pool_executor;
-      std::size_t closed = 0, interrupted = 0;
-      {
-        std::lock_guard lock(mutex);
-        pool_executor = executor;
-        for_each_locked({pool::NodeState::idle}, [&](const pool::Node& node) {
-          connection_of(const_cast<pool::Node&>(node)).close(CloseMode::graceful);
-          ++closed;
-        });
-        for_each_locked(
-            {pool::NodeState::leased, pool::NodeState::resetting, pool::NodeState::pinging},
-            [&](const pool::Node& node) {
-              connection_of(const_cast<pool::Node&>(node)).interrupt(exit_cancel_wait);
-              ++interrupted;
-            });
-        spdlog::warn(
-            "pgrt pool {}: closed at exit: {} idle connection(s) closed, {} in use or "
-            "being reset interrupted",
-            application_name, closed, interrupted);
-      }
-      if (!pool_executor) {
-        std::lock_guard lock(mutex);
-        auto& actions = fresh_actions_locked();
-        core.close(actions);  // no waiter, timer or connect was ever made
-        return;
-      }
-      // The waiters, the timer and the connects belong to the io threads, which may still be
-      // running (std::exit called from one of them): the core's close is carried out there.
-      // dispatch() runs it at once when the calling thread runs the io_context; when no thread
-      // does, it never runs, and nothing waits on those timers any more.
-      asio::dispatch(*pool_executor, [self = shared_from_this()] { self->begin_close(); });
-    } catch (const std::exception& error) {
-      spdlog::error("pgrt pool {}: closing at exit failed: {}", application_name, error.what());
-    }
-  }
-
-  // Refuses new acquires, fails the waiters, closes the idle connections and abandons connects.
-  void begin_close() {
-    Deferred deferred;
-    std::lock_guard lock(mutex);
-    if (core.closed()) return;
-    auto& actions = fresh_actions_locked();
-    core.close(actions);
-    execute_locked(actions, deferred);
-    if (upkeep_timer) upkeep_timer->cancel();
-  }
-
-  // Pool::close(): see pool.hpp. `self` keeps the state alive if the Pool goes meanwhile.
+  // The shutdown, in order (shutdown.cpp).
+  void close_now() noexcept;
+  void begin_close();
   static asio::awaitable<std::vector<std::string>> close(std::shared_ptr<PoolState> self,
-                                                         std::chrono::milliseconds grace) {
-    self->begin_close();
-    {
-      const auto deadline = Clock::now() + grace;
-      std::unique_lock lock(self->mutex);
-      while (!self->core.drained() &&
-             co_await self->drained.wait(lock, deadline) == async::Woken::notified) {
-      }
-    }
-    std::vector<std::string> outstanding;
-    std::lock_guard lock(self->mutex);
-    const auto now = coarse_now();
-    // What is still out after the grace period is cut: a running statement is cancelled and the
-    // socket shut down, so the server ends those backends now and their holders get
-    // connection_lost. The descriptors are freed when the leases come back.
-    self->for_each_locked({pool::NodeState::leased}, [&](const pool::Node& node) {
-      connection_of(const_cast<pool::Node&>(node)).interrupt();
-      outstanding.push_back(
-          describe_site(node.lease_site) + ", held for " +
-          std::to_string(
-              std::chrono::duration_cast<std::chrono::milliseconds>(now - node.leased_at).count()) +
-          " ms");
-    });
-    self->for_each_locked(
-        {pool::NodeState::resetting, pool::NodeState::pinging},
-        [&](const pool::Node& node) { connection_of(const_cast<pool::Node&>(node)).interrupt(); });
-    if (!outstanding.empty()) {
-      std::string sites;
-      for (const auto& site : outstanding) sites += (sites.empty() ? "" : "; ") + site;
-      spdlog::warn(
-          "pgrt pool {}: {} lease(s) still out after the {} ms grace period were interrupted "
-          "(their statements cancelled, their connections cut): {}",
-          self->application_name, outstanding.size(), grace.count(), sites);
-    }
-    co_return outstanding;
-  }
+                                                         std::chrono::milliseconds grace);
 };
 
-}  // namespace detail
-
-// --- Lease ---------------------------------------------------------------------------------------
-
-Lease::Lease() noexcept = default;
-Lease::Lease(std::shared_ptr<detail::PoolState> pool, detail::pool::Node* node) noexcept
-    : pool_(std::move(pool)), node_(node) {}
-Lease::Lease(Lease&& other) noexcept
-    : pool_(std::move(other.pool_)), node_(std::exchange(other.node_, nullptr)) {}
-Lease& Lease::operator=(Lease&& other) noexcept {
-  if (this != &other) {
-    release();
-    pool_ = std::move(other.pool_);
-    node_ = std::exchange(other.node_, nullptr);
-  }
-  return *this;
-}
-Lease::~Lease() {
-  release();
-}
-
-Connection& Lease::operator*() const {
-  if (node_ == nullptr) {
-    throw_pool_error(client_errc::not_connected,
-                     "this Lease is empty (default-constructed, moved from, released or "
-                     "discarded): it has no connection",
-                     "acquire a new lease with co_await pool.acquire() or pgrt::connection()");
-  }
-  return detail::connection_of(*node_);
-}
-Connection* Lease::operator->() const {
-  return &**this;
-}
-
-void Lease::release() noexcept {
-  if (node_ != nullptr) pool_->release(*std::exchange(node_, nullptr), false);
-  pool_.reset();
-}
-
-void Lease::discard() noexcept {
-  if (node_ != nullptr) pool_->release(*std::exchange(node_, nullptr), true);
-  pool_.reset();
-}
-
-// --- Pool ----------------------------------------------------------------------------------------
-
-Pool::Pool(boost::asio::any_io_executor executor, PoolConfig config) : Pool(std::move(config)) {
-  std::lock_guard lock(state_->mutex);
-  state_->bind_executor_locked(executor);
-}
-
-Pool::Pool(PoolConfig config) {
-  config.validate();
-  state_ = std::make_shared<detail::PoolState>(std::move(config));
-}
-
-// --- the process-wide pool's registry -----------------------------------------------------------
-
-namespace {
-std::mutex global_mutex;
-std::shared_ptr<Pool> global_pool;  // NOLINT(cppcoreguidelines-avoid-non-const-global-variables)
-
 // When `pool` is the process-wide pool, forgets it (a closed pool is no longer pgrt::pool(), and
-// configure() may run again) and returns it, so that the caller keeps it alive to its end.
-std::shared_ptr<Pool> forget_if_process_pool(const Pool* pool) {
-  std::lock_guard lock(global_mutex);
-  if (global_pool.get() != pool) return nullptr;
-  return std::exchange(global_pool, nullptr);
-}
-}  // namespace
+// configure() may run again) and returns it, so that the caller keeps it alive to its end
+// (process_pool.cpp).
+std::shared_ptr<Pool> forget_if_process_pool(const Pool* pool);
 
-Pool::~Pool() {
-  try {
-    state_->begin_close();
-  } catch (const std::exception& error) {
-    spdlog::error("pgrt pool {}: closing failed: {}", state_->application_name, error.what());
-  }
-}
-
-void Pool::close_now() noexcept {
-  const auto keep = forget_if_process_pool(this);
-  state_->close_now();
-}
-
-bool Pool::closed() const noexcept {
-  std::lock_guard lock(state_->mutex);
-  return state_->core.closed();
-}
-
-asio::awaitable<Lease> Pool::acquire(Priority priority, std::source_location site) {
-  // Not a coroutine itself: the state's acquire is the one frame, and it keeps the state alive.
-  return state_->acquire(state_, priority, site);
-}
-
-PoolStats Pool::stats() const {
-  return state_->stats();
-}
-PoolEvents& Pool::events() noexcept {
-  return state_->events;
-}
-const PoolConfig& Pool::config() const noexcept {
-  return state_->config;
-}
-const std::string& Pool::application_name() const noexcept {
-  return state_->application_name;
-}
-
-asio::awaitable<std::vector<std::string>> Pool::close(std::chrono::milliseconds grace) {
-  const auto keep = forget_if_process_pool(this);
-  // Not a coroutine itself: the frame holds the state, so the Pool may be destroyed meanwhile
-  // (as the process-wide pool is, when `keep` goes).
-  return detail::PoolState::close(state_, grace);
-}
-
-// --- the process-wide pool
-// ------------------------------------------------------------------------
-
-void configure(PoolConfig config) {
-  std::lock_guard lock(global_mutex);
-  if (global_pool) {
-    throw_pool_error(client_errc::already_configured,
-                     "pgrt::configure() was called twice; the process-wide pool is configured "
-                     "once",
-                     "configure it once at start-up; use pgrt::Pool objects for more pools");
-  }
-  global_pool = std::make_shared<Pool>(std::move(config));
-}
-
-void configure(PoolConfig config, asio::any_io_executor executor) {
-  std::lock_guard lock(global_mutex);
-  if (global_pool) {
-    throw_pool_error(client_errc::already_configured,
-                     "pgrt::configure() was called twice; the process-wide pool is configured "
-                     "once",
-                     "configure it once at start-up; use pgrt::Pool objects for more pools");
-  }
-  global_pool = std::make_shared<Pool>(std::move(executor), std::move(config));
-}
-
-namespace {
-[[noreturn]] void throw_not_configured() {
-  throw_pool_error(client_errc::pool_not_configured, "the process-wide pool is not configured",
-                   "call pgrt::configure(pgrt::PoolConfig::from_env()) (or with your own "
-                   "PoolConfig) before pgrt::connection()");
-}
-}  // namespace
-
-Pool& pool() {
-  std::lock_guard lock(global_mutex);
-  if (!global_pool) throw_not_configured();
-  return *global_pool;
-}
-
-namespace {
-asio::awaitable<Lease> fail_not_configured() {
-  throw_not_configured();
-  co_return Lease{};
-}
-}  // namespace
-
-asio::awaitable<Lease> connection(Priority priority, std::source_location site) {
-  // One look at the global, kept for the whole acquire: a configure() or close() on another
-  // thread meanwhile cannot leave this with a null or dangling pool.
-  std::shared_ptr<Pool> current;
-  {
-    std::lock_guard lock(global_mutex);
-    current = global_pool;
-  }
-  // Not a coroutine itself (one frame, the acquire's, which holds the pool's state, so it runs
-  // to its end even if the process-wide pool is shut down meanwhile); errors still come out of
-  // the co_await, never out of the call.
-  if (!current) return fail_not_configured();
-  return current->acquire(priority, site);
-}
-
-}  // namespace pgrt
+}  // namespace pgrt::detail

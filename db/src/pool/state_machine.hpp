@@ -4,7 +4,7 @@
 // It owns the waiter queues, the capacity (strict max and reserved connections) and the nodes,
 // and makes every decision: who gets a connection, how many to open, when to reset, ping or close
 // one, when capacity comes back. Events go in as calls; what the driver must do comes out as
-// Actions. The driver (pool.cpp) holds one mutex around every call and carries the actions out
+// Actions. The driver (driver.hpp) holds one mutex around every call and carries the actions out
 // after releasing it. tests/unit/pool_core_model_test.cpp drives it against a reference model.
 //
 //   events in                              actions out

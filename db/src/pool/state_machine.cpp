@@ -1,4 +1,4 @@
-#include "core.hpp"
+#include "state_machine.hpp"
 
 #include <algorithm>
 #include <atomic>

@@ -1,0 +1,127 @@
+// Closing a pool, in order (docs/architecture.md, "The shutdown order"):
+//   1. the core refuses new acquires, fails the waiters, closes the idle connections and
+//      abandons connects in progress (PoolState::begin_close());
+//   2. close(grace) waits, on a condition the driver notifies, until every connection is gone
+//      or the grace period has passed;
+//   3. what is still out is interrupted (a cancel request, then the socket shut down); each of
+//      those comes back when its Lease is dropped and its backend has ended.
+// close_now() is the same without waiting, for exit handlers.
+#include "driver.hpp"
+
+namespace pgrt {
+
+namespace detail {
+
+// The synchronous, best-effort close for a process that exits without a graceful stop: runs no
+// coroutine. Idle connections are closed here (Terminate, then the socket); leased and
+// background ones are interrupted; their capacity is left counted.
+void PoolState::close_now() noexcept {
+  try {
+    std::optional<asio::any_io_executor> pool_executor;
+    std::size_t closed = 0, interrupted = 0;
+    {
+      std::lock_guard lock(mutex);
+      pool_executor = executor;
+      for_each_locked({pool::NodeState::idle}, [&](const pool::Node& node) {
+        connection_of(const_cast<pool::Node&>(node)).close(CloseMode::graceful);
+        ++closed;
+      });
+      for_each_locked(
+          {pool::NodeState::leased, pool::NodeState::resetting, pool::NodeState::pinging},
+          [&](const pool::Node& node) {
+            connection_of(const_cast<pool::Node&>(node)).interrupt(exit_cancel_wait);
+            ++interrupted;
+          });
+      spdlog::warn(
+          "pgrt pool {}: closed at exit: {} idle connection(s) closed, {} in use or "
+          "being reset interrupted",
+          application_name, closed, interrupted);
+    }
+    if (!pool_executor) {
+      std::lock_guard lock(mutex);
+      auto& actions = fresh_actions_locked();
+      core.close(actions);  // no waiter, timer or connect was ever made
+      return;
+    }
+    // The waiters, the timer and the connects belong to the io threads, which may still be
+    // running (std::exit called from one of them): the core's close is carried out there.
+    // dispatch() runs it at once when the calling thread runs the io_context; when no thread
+    // does, it never runs, and nothing waits on those timers any more.
+    asio::dispatch(*pool_executor, [self = shared_from_this()] { self->begin_close(); });
+  } catch (const std::exception& error) {
+    spdlog::error("pgrt pool {}: closing at exit failed: {}", application_name, error.what());
+  }
+}
+
+// Refuses new acquires, fails the waiters, closes the idle connections and abandons connects.
+void PoolState::begin_close() {
+  Deferred deferred;
+  std::lock_guard lock(mutex);
+  if (core.closed()) return;
+  auto& actions = fresh_actions_locked();
+  core.close(actions);
+  execute_locked(actions, deferred);
+  if (upkeep_timer) upkeep_timer->cancel();
+}
+
+// Pool::close(): see pool.hpp. `self` keeps the state alive if the Pool goes meanwhile.
+asio::awaitable<std::vector<std::string>> PoolState::close(std::shared_ptr<PoolState> self,
+                                                           std::chrono::milliseconds grace) {
+  self->begin_close();
+  {
+    const auto deadline = Clock::now() + grace;
+    std::unique_lock lock(self->mutex);
+    while (!self->core.drained() &&
+           co_await self->drained.wait(lock, deadline) == async::Woken::notified) {
+    }
+  }
+  std::vector<std::string> outstanding;
+  std::lock_guard lock(self->mutex);
+  const auto now = coarse_now();
+  // What is still out after the grace period is cut: a running statement is cancelled and the
+  // socket shut down, so the server ends those backends now and their holders get
+  // connection_lost. The descriptors are freed when the leases come back.
+  self->for_each_locked({pool::NodeState::leased}, [&](const pool::Node& node) {
+    connection_of(const_cast<pool::Node&>(node)).interrupt();
+    outstanding.push_back(
+        describe_site(node.lease_site) + ", held for " +
+        std::to_string(
+            std::chrono::duration_cast<std::chrono::milliseconds>(now - node.leased_at).count()) +
+        " ms");
+  });
+  self->for_each_locked(
+      {pool::NodeState::resetting, pool::NodeState::pinging},
+      [&](const pool::Node& node) { connection_of(const_cast<pool::Node&>(node)).interrupt(); });
+  if (!outstanding.empty()) {
+    std::string sites;
+    for (const auto& site : outstanding) sites += (sites.empty() ? "" : "; ") + site;
+    spdlog::warn(
+        "pgrt pool {}: {} lease(s) still out after the {} ms grace period were interrupted "
+        "(their statements cancelled, their connections cut): {}",
+        self->application_name, outstanding.size(), grace.count(), sites);
+  }
+  co_return outstanding;
+}
+
+}  // namespace detail
+
+namespace asio = boost::asio;
+
+void Pool::close_now() noexcept {
+  const auto keep = detail::forget_if_process_pool(this);
+  state_->close_now();
+}
+
+bool Pool::closed() const noexcept {
+  std::lock_guard lock(state_->mutex);
+  return state_->core.closed();
+}
+
+asio::awaitable<std::vector<std::string>> Pool::close(std::chrono::milliseconds grace) {
+  const auto keep = detail::forget_if_process_pool(this);
+  // Not a coroutine itself: the frame holds the state, so the Pool may be destroyed meanwhile
+  // (as the process-wide pool is, when `keep` goes).
+  return detail::PoolState::close(state_, grace);
+}
+
+}  // namespace pgrt
