@@ -32,6 +32,7 @@
 #include <random>
 #include <spdlog/spdlog.h>
 #include <sys/socket.h>
+#include <tuple>
 #include <unistd.h>
 
 #include "../async/abandon_guard.hpp"
@@ -165,7 +166,15 @@ struct PooledConnection : pool::NodeAttachment {
   Connection connection;
   // Its connect runs on this strand, so that the pool's close can cancel it from any thread.
   asio::strand<asio::any_io_executor> strand;
-  asio::cancellation_signal cancel_connect;
+  // The connect's cancellation, shared with the connect's coroutine: a cancel posted by close()
+  // may run after the connect has ended (and the node is gone): it then finds `finished` set, on
+  // the strand, and does nothing.
+  struct ConnectCancel {
+    asio::cancellation_signal signal;
+    bool cancelled = false;  // on the strand only: a cancel that came before the connect began
+    bool finished = false;   // on the strand only
+  };
+  std::shared_ptr<ConnectCancel> connect_cancel = std::make_shared<ConnectCancel>();
   std::shared_ptr<IdleWatch> watch;  // while the core has it watched
 };
 
@@ -346,8 +355,9 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
           break;
         case pool::Action::Kind::cancel_connect: {
           auto& pooled = static_cast<PooledConnection&>(*action.node->attachment);
-          asio::post(pooled.strand, [self = shared_from_this(), &pooled] {
-            pooled.cancel_connect.emit(asio::cancellation_type::terminal);
+          asio::post(pooled.strand, [cancel = pooled.connect_cancel] {
+            cancel->cancelled = true;
+            if (!cancel->finished) cancel->signal.emit(asio::cancellation_type::terminal);
           });
           break;
         }
@@ -467,19 +477,30 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     auto& pooled = *attachment;
     node.attachment = std::move(attachment);
     asio::post(*executor, [self = shared_from_this(), &node, &pooled] {
-      asio::co_spawn(pooled.strand, open_connection(self, &node),
-                     asio::bind_cancellation_slot(pooled.cancel_connect.slot(), asio::detached));
+      asio::co_spawn(
+          pooled.strand, open_connection(self, &node, pooled.connect_cancel),
+          asio::bind_cancellation_slot(pooled.connect_cancel->signal.slot(), asio::detached));
     });
   }
 
-  static asio::awaitable<void> open_connection(std::shared_ptr<PoolState> self, pool::Node* node) {
+  static asio::awaitable<void> open_connection(
+      std::shared_ptr<PoolState> self, pool::Node* node,
+      std::shared_ptr<PooledConnection::ConnectCancel> cancel) {
     ConnectOptions options = connect_options(self->config);
     options.application_name = self->application_name;
-    auto [error, connection] =
-        co_await Connection::async_connect(co_await asio::this_coro::executor, std::move(options),
-                                           asio::as_tuple(asio::use_awaitable));
+    error_code error;
+    Connection connection;
+    if (cancel->cancelled) {  // the pool closed before this connect began
+      error = make_error_code(client_errc::cancelled);
+    } else {
+      std::tie(error, connection) =
+          co_await Connection::async_connect(co_await asio::this_coro::executor, std::move(options),
+                                             asio::as_tuple(asio::use_awaitable));
+    }
     std::string failure;
-    if (error) {
+    if (error && cancel->cancelled) {
+      failure = "the pool closed while connecting";
+    } else if (error) {
       failure = connection.last_error().message;
       if (!connection.last_error().hint.empty()) {
         failure += " (" + connection.last_error().hint + ")";
@@ -496,6 +517,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
       // Its backend exists: the capacity comes back only once it has ended.
       if (error) co_await close_until_backend_ends(self, connection);
     }
+    cancel->finished = true;  // on the strand: a cancel that comes later does nothing
     Deferred deferred;
     std::lock_guard lock(self->mutex);
     auto& actions = self->fresh_actions_locked();
