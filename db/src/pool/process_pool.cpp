@@ -20,7 +20,10 @@ std::shared_ptr<Pool> detail::forget_if_process_pool(const Pool* pool) {
   return std::exchange(global_pool, nullptr);
 }
 
-void configure(PoolConfig config) {
+namespace {
+// Makes `make_pool()` the process-wide pool, unless one is configured already.
+template <typename MakePool>
+void install_process_pool(MakePool make_pool) {
   std::lock_guard lock(global_mutex);
   if (global_pool) {
     throw_pool_error(client_errc::already_configured,
@@ -28,18 +31,17 @@ void configure(PoolConfig config) {
                      "once",
                      "configure it once at start-up; use pgrt::Pool objects for more pools");
   }
-  global_pool = std::make_shared<Pool>(std::move(config));
+  global_pool = make_pool();
+}
+}  // namespace
+
+void configure(PoolConfig config) {
+  install_process_pool([&] { return std::make_shared<Pool>(std::move(config)); });
 }
 
 void configure(PoolConfig config, asio::any_io_executor executor) {
-  std::lock_guard lock(global_mutex);
-  if (global_pool) {
-    throw_pool_error(client_errc::already_configured,
-                     "pgrt::configure() was called twice; the process-wide pool is configured "
-                     "once",
-                     "configure it once at start-up; use pgrt::Pool objects for more pools");
-  }
-  global_pool = std::make_shared<Pool>(std::move(executor), std::move(config));
+  install_process_pool(
+      [&] { return std::make_shared<Pool>(std::move(executor), std::move(config)); });
 }
 
 namespace {
