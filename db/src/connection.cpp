@@ -25,6 +25,7 @@
 #include <unordered_map>
 #include <variant>
 
+#include "connection_access.hpp"
 #include "pgrt/db/pipeline.hpp"
 #include "pgrt/db/transaction.hpp"
 
@@ -135,6 +136,8 @@ struct Connection::Impl {
   int interruptible_fd = -1;
   std::shared_ptr<PGcancel> interrupt_cancel;
   std::atomic<bool> cut_by_owner{false};
+  // Set while a Lease holds this connection: close() hands the open connection to it.
+  detail::LeaseBinding* lease_binding = nullptr;
 
   // --- state ----------------------------------------------------------------------------------
 
@@ -749,7 +752,10 @@ namespace {
 
 [[noreturn]] void throw_not_connected() {
   throw Error(make_error_code(client_errc::not_connected),
-              Diagnostics{.message = "the connection is not open"});
+              Diagnostics{.message = "the connection is not open (closed, moved from, or given "
+                                     "back to its pool with the Lease it came from)",
+                          .hint = "a Connection& taken from a Lease is valid only while that "
+                                  "Lease holds it: use the Lease itself"});
 }
 
 // Runs `body` as one connection operation; throws pgrt::Error on failure.
@@ -1050,7 +1056,13 @@ asio::awaitable<std::pair<error_code, std::uint64_t>> Connection::try_execute(st
 }
 
 void Connection::close(CloseMode mode) noexcept {
-  if (impl_) impl_->close(mode);
+  if (!impl_) return;
+  if (impl_->lease_binding != nullptr && impl_->conn != nullptr) {
+    detail::LeaseBinding* binding = std::exchange(impl_->lease_binding, nullptr);
+    binding->closed_in_lease(Connection(std::move(impl_)));
+    return;
+  }
+  impl_->close(mode);
 }
 
 asio::awaitable<bool> Connection::close_and_wait(std::chrono::milliseconds limit,
@@ -1151,6 +1163,19 @@ pg_conn* Connection::native_handle() const noexcept {
 }
 
 namespace detail {
+
+void ConnectionAccess::bind(Connection& connection, LeaseBinding* binding) noexcept {
+  if (connection.impl_) connection.impl_->lease_binding = binding;
+}
+
+Connection::Impl* ConnectionAccess::impl(const Connection& connection) noexcept {
+  return connection.impl_.get();
+}
+
+void ConnectionAccess::interrupt(Connection::Impl& impl,
+                                 std::chrono::milliseconds wait_for_cancel) noexcept {
+  impl.interrupt(wait_for_cancel);
+}
 
 asio::awaitable<void> rollback_after_failure(Connection& connection) {
   co_await asio::this_coro::reset_cancellation_state();

@@ -835,7 +835,7 @@ TEST_F(PoolTest, EveryEventFires) {
     }
     {
       auto lease = co_await pool.acquire();
-      lease->close();  // broken: discarded on return
+      lease->close();  // closed by its user: discarded at once, though the Lease is still out
     }
     while (pool.stats().size != 0) co_await sleep_for(5ms);
   });
@@ -848,7 +848,7 @@ TEST_F(PoolTest, EveryEventFires) {
   EXPECT_THAT(timeout_message, HasSubstr("1 of max 1 connections in use"));
   EXPECT_EQ(leaks, 1);
   ASSERT_EQ(reasons.size(), 1U);
-  EXPECT_EQ(reasons[0], DiscardReason::broken);
+  EXPECT_EQ(reasons[0], DiscardReason::by_user);
   EXPECT_EQ(failed_connects, 0);
 
   auto unreachable = config("events-unreachable", 1);
@@ -1458,6 +1458,83 @@ TEST_F(PoolTest, AnIdleConnectionTheServerEndsIsDiscardedAndNeverHandedOut) {
   });
   ASSERT_EQ(reasons.size(), 1U);
   EXPECT_EQ(reasons[0], DiscardReason::broken);
+}
+
+// Defect: a connection its user closed inside a lease kept its slot until the Lease was dropped.
+// The slot now comes back as soon as the server has ended the backend.
+TEST_F(PoolTest, AConnectionClosedInsideALeaseGivesItsSlotBackBeforeTheLeaseIsDropped) {
+  auto pool_config = config("close-in-lease", 1);
+  pool_config.acquire_timeout = 5s;
+  std::vector<DiscardReason> reasons;
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, pool_config);
+    boost::signals2::scoped_connection subscription =
+        pool.events().discarded.connect([&](DiscardReason reason) { reasons.push_back(reason); });
+    auto first = co_await pool.acquire();
+    const int first_pid = first->backend_pid();
+    first->close(CloseMode::immediate);
+    EXPECT_FALSE(first->is_open());
+    EXPECT_TRUE(first) << "the Lease still holds its (closed) connection";
+    EXPECT_THROW((void)co_await first->query("SELECT 1"), Error);
+    // The only slot comes back while `first` is still out: a second lease gets a new backend,
+    // opened only after the first one has ended (the strict max, on the server's side).
+    auto second = co_await pool.acquire();
+    EXPECT_NE(second->backend_pid(), first_pid);
+    EXPECT_FALSE(testing::backend_exists(cluster().dsn(), first_pid));
+    EXPECT_EQ((co_await second->query("SELECT 1")).scalar<int>(), 1);
+    EXPECT_EQ(pool.stats().size, 1U);
+    EXPECT_EQ(pool.stats().in_use, 1U);
+    first.release();  // nothing left to give back
+    EXPECT_EQ(pool.stats().size, 1U);
+    EXPECT_EQ(pool.stats().in_use, 1U);
+    second.release();
+    EXPECT_EQ(pool.stats().idle, 1U);
+    // Closed again, then the pool closed while that Lease is still out: nothing waits for it.
+    auto third = co_await pool.acquire();
+    third->close();
+    const auto outstanding = co_await pool.close(5s);
+    EXPECT_TRUE(outstanding.empty());
+    EXPECT_EQ(pool.stats().size, 0U);
+  });
+  ASSERT_EQ(reasons.size(), 2U);
+  EXPECT_EQ(reasons[0], DiscardReason::by_user);
+}
+
+// Defect: a Connection& kept past release() still worked, inside the transaction of whoever held
+// the connection next. It now fails with not_connected, in every build.
+TEST_F(PoolTest, AConnectionReferenceKeptPastItsLeaseFailsAndNeverReachesTheNextHolder) {
+  auto pool_config = config("stale-reference", 1);
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, pool_config);
+    auto lease = co_await pool.acquire();
+    Connection& stale = *lease;
+    const int pid = stale.backend_pid();
+    lease.release();
+    auto next = co_await pool.acquire();
+    EXPECT_EQ(next->backend_pid(), pid) << "the same connection, now someone else's";
+    co_await next->begin();
+    co_await next->execute("CREATE TEMP TABLE mine (x int)");
+    try {
+      (void)co_await stale.execute("INSERT INTO mine VALUES (1)");
+      ADD_FAILURE() << "a stale reference ran a statement on the next holder's connection";
+    } catch (const Error& error) {
+      EXPECT_EQ(error.code(), client_errc::not_connected);
+      EXPECT_THAT(error.what(), HasSubstr("Lease"));
+    }
+    EXPECT_FALSE(stale.is_open());
+    EXPECT_EQ((co_await next->query("SELECT count(*) FROM mine")).scalar<std::int64_t>(), 0);
+    co_await next->rollback();
+    // A reference from a Lease that was moved is stale too; the new Lease works.
+    Connection& before_move = *next;
+    Lease moved = std::move(next);
+    EXPECT_FALSE(before_move.is_open());
+    EXPECT_EQ((co_await moved->query("SELECT 1")).scalar<int>(), 1);
+    moved.release();
+    EXPECT_EQ(pool.stats().idle, 1U);
+    EXPECT_EQ(pool.stats().discarded, 0U);
+  });
 }
 
 }  // namespace

@@ -58,6 +58,7 @@ struct Model {
     Time idle_since{}, last_ping{}, leased_at{};
     Priority priority = Priority::normal;
     bool leak_reported = false, session_used = false;
+    bool lease_out = false;  // closed by its user in a lease that is still out
     std::uint64_t idle_stamp = 0, leased_stamp = 0;  // when it entered idle / leased
   };
   struct W {
@@ -82,6 +83,8 @@ struct Model {
         std::count_if(nodes.begin(), nodes.end(),
                       [&](const auto& entry) { return entry.second.state == state; }));
   }
+  // Nodes holding capacity: all but the detached ones.
+  std::size_t live() const { return nodes.size() - count(NodeState::detached); }
   std::size_t leased_normal() const {
     return static_cast<std::size_t>(std::count_if(nodes.begin(), nodes.end(), [](const auto& e) {
       return e.second.state == NodeState::leased && e.second.priority == Priority::normal;
@@ -166,13 +169,13 @@ struct Model {
         normal_limit > leased_normal() ? normal_limit - leased_normal() : 0;
     const std::size_t servable =
         waiting(Priority::high) + std::min(waiting(Priority::normal), normal_room);
-    const std::size_t alive = nodes.size() - count(NodeState::closing);
+    const std::size_t alive = live() - count(NodeState::closing);
     std::size_t target = servable;
     const std::size_t ready = count(NodeState::idle) + count(NodeState::connecting);
     if (alive < config.min_idle) target = std::max(target, ready + config.min_idle - alive);
     // One at a time, while more are wanted, there is room, and (after a failure) none is open yet.
     while (count(NodeState::idle) + count(NodeState::connecting) < target &&
-           nodes.size() < config.max_size && !(failures > 0 && count(NodeState::connecting) > 0)) {
+           live() < config.max_size && !(failures > 0 && count(NodeState::connecting) > 0)) {
       nodes[next_node] = N{};
       outs.push_back(out(Action::Kind::open, next_node));
       ++next_node;
@@ -197,7 +200,7 @@ struct Model {
     }
     if (queue.size() >= config.max_waiters) return {AcquireResult::Kind::queue_full, 0};
     if (config.acquire_timeout.count() > 0) return {AcquireResult::Kind::wait, 0};
-    if (nodes.size() < config.max_size && can_lease(priority)) {
+    if (live() < config.max_size && can_lease(priority)) {
       return {AcquireResult::Kind::wait, 0};
     }
     ++timeouts;
@@ -236,6 +239,16 @@ struct Model {
     }
     serve_idle(now);
     maybe_open(now);
+  }
+  void closed_in_lease(std::uint64_t id, Time now) {
+    nodes.at(id).lease_out = true;
+    close(id, DiscardReason::by_user);
+    serve_idle(now);
+    maybe_open(now);
+  }
+  void lease_dropped(std::uint64_t id) {
+    nodes.at(id).lease_out = false;
+    if (nodes.at(id).state == NodeState::detached) nodes.erase(id);
   }
   void checkout_failed(std::uint64_t id, Time now) {
     close(id, DiscardReason::failed_reset);
@@ -297,12 +310,16 @@ struct Model {
     if (nodes.at(id).state == NodeState::idle) close(id, DiscardReason::broken);
   }
   void ended(std::uint64_t id, Time now) {
-    nodes.erase(id);
+    if (nodes.at(id).lease_out) {
+      nodes.at(id).state = NodeState::detached;
+    } else {
+      nodes.erase(id);
+    }
     maybe_open(now);
   }
   void tick(Time now) {
     if (closed) return;
-    std::size_t alive = nodes.size() - count(NodeState::closing);
+    std::size_t alive = live() - count(NodeState::closing);
     for (std::uint64_t id : in_state_by(NodeState::idle, &N::idle_stamp)) {
       N& node = nodes.at(id);
       if (expired(id, now)) {
@@ -370,6 +387,8 @@ struct Event {
     connection_lost,
     tick,
     close,
+    close_in_lease,
+    drop_closed_lease,
   };
   Kind kind;
   std::uint32_t pick = 0;
@@ -379,9 +398,10 @@ struct Event {
 
 const char* name(Event::Kind kind) {
   static const char* const names[] = {
-      "acquire",    "cancel",        "deadline",        "give_back",  "checkout_failed",
-      "connect_ok", "connect_fail",  "reset_ok",        "reset_fail", "ping_ok",
-      "ping_fail",  "backend_ended", "connection_lost", "tick",       "close"};
+      "acquire",        "cancel",           "deadline",        "give_back",  "checkout_failed",
+      "connect_ok",     "connect_fail",     "reset_ok",        "reset_fail", "ping_ok",
+      "ping_fail",      "backend_ended",    "connection_lost", "tick",       "close",
+      "close_in_lease", "drop_closed_lease"};
   return names[static_cast<int>(kind)];
 }
 
@@ -436,7 +456,9 @@ std::vector<Event> random_events(std::mt19937_64& random, std::size_t count) {
                  : roll < 77 ? K::ping_fail
                  : roll < 88 ? K::backend_ended
                  : roll < 90 ? K::connection_lost
-                 : roll < 99 ? K::tick
+                 : roll < 97 ? K::tick
+                 : roll < 98 ? K::close_in_lease
+                 : roll < 99 ? K::drop_closed_lease
                              : K::close;
     event.pick = static_cast<std::uint32_t>(random());
     event.variant = static_cast<std::uint8_t>(random() % 5);
@@ -625,10 +647,38 @@ class Run {
         Node* node = nth(NodeState::closing, event.pick);
         if (node == nullptr) return std::nullopt;
         const std::uint64_t id = node->id;
-        nodes_.erase(id);
-        node_ids_.erase(node);
+        if (!node->lease_out) {  // destroyed; a node whose lease is out is only detached
+          nodes_.erase(id);
+          node_ids_.erase(node);
+        }
         core_.backend_ended(*node, now_, actions);
         model_.ended(id, now_);
+        return std::nullopt;
+      }
+      case K::close_in_lease: {
+        Node* node = nth(NodeState::leased, event.pick);
+        if (node == nullptr) return std::nullopt;
+        const std::uint64_t id = node->id;
+        core_.closed_in_lease(*node, now_, actions);
+        model_.closed_in_lease(id, now_);
+        return std::nullopt;
+      }
+      case K::drop_closed_lease: {
+        std::vector<Node*> out;
+        for (NodeState state : {NodeState::closing, NodeState::detached}) {
+          core_.nodes(state).for_each([&](const Node& node) {
+            if (node.lease_out) out.push_back(const_cast<Node*>(&node));
+          });
+        }
+        if (out.empty()) return std::nullopt;
+        Node* node = out[event.pick % out.size()];
+        const std::uint64_t id = node->id;
+        if (node->state == NodeState::detached) {
+          nodes_.erase(id);
+          node_ids_.erase(node);
+        }
+        core_.lease_dropped_after_close(*node);
+        model_.lease_dropped(id);
         return std::nullopt;
       }
       case K::connection_lost: {
@@ -695,8 +745,10 @@ class Run {
       }
     }
     if (stats.live > stats.max) return std::string("more connections than max");
-    if (stats.live != by_states) return std::string("the capacity out differs from the nodes");
-    if (stats.live != model_.nodes.size()) return std::string("live differs from the model");
+    if (stats.live != by_states - stats.count(NodeState::detached)) {
+      return std::string("the capacity out differs from the nodes");
+    }
+    if (stats.live != model_.live()) return std::string("live differs from the model");
     if (stats.leased_normal + core_.config().reserved_for_priority > core_.config().max_size &&
         stats.leased_normal > 0) {
       return std::string("normal leases use the reserved connections");
@@ -866,6 +918,7 @@ TEST(PoolCoreNode, EveryTransitionMatchesTheTable) {
       {NodeState::leased, NodeState::resetting}, {NodeState::leased, NodeState::closing},
       {NodeState::resetting, NodeState::idle},   {NodeState::resetting, NodeState::closing},
       {NodeState::pinging, NodeState::idle},     {NodeState::pinging, NodeState::closing},
+      {NodeState::closing, NodeState::detached},
   };
   for (NodeState from : all_node_states) {
     for (NodeState to : all_node_states) {

@@ -12,14 +12,17 @@ using detail::throw_pool_error;
 
 Lease::Lease() noexcept = default;
 Lease::Lease(std::shared_ptr<detail::PoolState> pool, detail::pool::Node* node) noexcept
-    : pool_(std::move(pool)), node_(node) {}
+    : pool_(std::move(pool)), node_(node), connection_(pool_->hand_out_locked(*node_)) {}
 Lease::Lease(Lease&& other) noexcept
-    : pool_(std::move(other.pool_)), node_(std::exchange(other.node_, nullptr)) {}
+    : pool_(std::move(other.pool_)),
+      node_(std::exchange(other.node_, nullptr)),
+      connection_(std::move(other.connection_)) {}
 Lease& Lease::operator=(Lease&& other) noexcept {
   if (this != &other) {
     release();
     pool_ = std::move(other.pool_);
     node_ = std::exchange(other.node_, nullptr);
+    connection_ = std::move(other.connection_);
   }
   return *this;
 }
@@ -34,19 +37,19 @@ Connection& Lease::operator*() const {
                      "discarded): it has no connection",
                      "acquire a new lease with co_await pool.acquire() or pgrt::connection()");
   }
-  return detail::connection_of(*node_);
+  return connection_;
 }
 Connection* Lease::operator->() const {
   return &**this;
 }
 
 void Lease::release() noexcept {
-  if (node_ != nullptr) pool_->release(*std::exchange(node_, nullptr), false);
+  if (node_ != nullptr) pool_->release(*std::exchange(node_, nullptr), &connection_, false);
   pool_.reset();
 }
 
 void Lease::discard() noexcept {
-  if (node_ != nullptr) pool_->release(*std::exchange(node_, nullptr), true);
+  if (node_ != nullptr) pool_->release(*std::exchange(node_, nullptr), &connection_, true);
   pool_.reset();
 }
 

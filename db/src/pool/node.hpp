@@ -27,14 +27,18 @@ enum class NodeState : std::uint8_t {
   resetting,   // ROLLBACK / DISCARD ALL after a return, in the background
   pinging,     // a keepalive ping, in the background
   closing,     // closed or being closed; holds its capacity until the server has ended the backend
+  // Closed by its user inside a lease, and its backend has ended: its capacity is back, and only
+  // that Lease still refers to it. Destroyed when the Lease is dropped.
+  detached,
 };
-inline constexpr std::size_t node_state_count = 6;
+inline constexpr std::size_t node_state_count = 7;
 inline constexpr std::array<NodeState, node_state_count> all_node_states{
-    NodeState::connecting, NodeState::idle,    NodeState::leased,
-    NodeState::resetting,  NodeState::pinging, NodeState::closing};
+    NodeState::connecting, NodeState::idle,    NodeState::leased,  NodeState::resetting,
+    NodeState::pinging,    NodeState::closing, NodeState::detached};
 
-// Whether the core may move a node from `from` to `to`. A node leaves `closing` only by being
-// destroyed (its backend has ended), and `connecting` also by being destroyed (the connect failed).
+// Whether the core may move a node from `from` to `to`. A node leaves `closing` by being destroyed
+// (its backend has ended), or for `detached` when its Lease is still out; `connecting` also by
+// being destroyed (the connect failed); `detached` only by being destroyed (its Lease dropped).
 constexpr bool allowed_transition(NodeState from, NodeState to) {
   switch (from) {
     case NodeState::connecting:
@@ -47,6 +51,8 @@ constexpr bool allowed_transition(NodeState from, NodeState to) {
     case NodeState::pinging:
       return to == NodeState::idle || to == NodeState::closing;
     case NodeState::closing:
+      return to == NodeState::detached;
+    case NodeState::detached:
       return false;
   }
   return false;
@@ -66,6 +72,8 @@ constexpr std::string_view to_string(NodeState state) {
       return "pinging";
     case NodeState::closing:
       return "closing";
+    case NodeState::detached:
+      return "detached";
   }
   return "unknown";
 }
@@ -105,6 +113,8 @@ struct Node {
   bool session_used = false;  // leased since its last DISCARD ALL
   bool watched = false;       // idle, and the driver watches its socket (Action::watch)
   DiscardReason close_reason = DiscardReason::closing;  // while closing
+  // Closed by its user inside a lease (Core::closed_in_lease) and that Lease not dropped yet.
+  bool lease_out = false;
 
   // The list of its state (state_machine.hpp).
   Node* prev = nullptr;

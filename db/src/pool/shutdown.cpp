@@ -29,7 +29,7 @@ void PoolState::close_now() noexcept {
       for_each_locked(
           {pool::NodeState::leased, pool::NodeState::resetting, pool::NodeState::pinging},
           [&](const pool::Node& node) {
-            connection_of(const_cast<pool::Node&>(node)).interrupt(exit_cancel_wait);
+            interrupt_locked(node, exit_cancel_wait);
             ++interrupted;
           });
       spdlog::warn(
@@ -82,7 +82,7 @@ asio::awaitable<std::vector<std::string>> PoolState::close(std::shared_ptr<PoolS
   // socket shut down, so the server ends those backends now and their holders get
   // connection_lost. The descriptors are freed when the leases come back.
   self->for_each_locked({pool::NodeState::leased}, [&](const pool::Node& node) {
-    connection_of(const_cast<pool::Node&>(node)).interrupt();
+    interrupt_locked(node, std::chrono::milliseconds(0));
     outstanding.push_back(
         describe_site(node.lease_site) + ", held for " +
         std::to_string(
@@ -91,7 +91,7 @@ asio::awaitable<std::vector<std::string>> PoolState::close(std::shared_ptr<PoolS
   });
   self->for_each_locked(
       {pool::NodeState::resetting, pool::NodeState::pinging},
-      [&](const pool::Node& node) { connection_of(const_cast<pool::Node&>(node)).interrupt(); });
+      [&](const pool::Node& node) { interrupt_locked(node, std::chrono::milliseconds(0)); });
   if (!outstanding.empty()) {
     std::string sites;
     for (const auto& site : outstanding) sites += (sites.empty() ? "" : "; ") + site;

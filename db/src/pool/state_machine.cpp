@@ -300,6 +300,25 @@ void Core::lease_returned(Node& node, ReturnKind kind, Time now, Actions& action
   maybe_open(now, actions);
 }
 
+void Core::closed_in_lease(Node& node, Time now, Actions& actions) {
+  if (node.state != NodeState::leased) {
+    throw std::logic_error("pgrt pool core: a connection was closed in a lease while " +
+                           std::string(to_string(node.state)));
+  }
+  node.lease_out = true;
+  close_node(node, DiscardReason::by_user, actions);
+  serve_idle(now, actions);
+  maybe_open(now, actions);
+}
+
+void Core::lease_dropped_after_close(Node& node) {
+  if (!node.lease_out) {
+    throw std::logic_error("pgrt pool core: a lease was dropped after a close it did not make");
+  }
+  node.lease_out = false;
+  if (node.state == NodeState::detached) destroy(node);
+}
+
 void Core::checkout_failed(Node& node, DiscardReason reason, Time now, Actions& actions) {
   close_node(node, reason, actions);
   serve_idle(now, actions);
@@ -369,7 +388,12 @@ void Core::backend_ended(Node& node, Time now, Actions& actions) {
     throw std::logic_error("pgrt pool core: a backend ended for a connection that was " +
                            std::string(to_string(node.state)) + ", not closing");
   }
-  destroy(node);  // its capacity token goes with it
+  if (node.lease_out) {
+    node.capacity.release();
+    move(node, NodeState::detached);
+  } else {
+    destroy(node);  // its capacity token goes with it
+  }
   maybe_open(now, actions);
 }
 

@@ -14,8 +14,10 @@
 //     mid-query, discard)                  ping a node (keepalive)
 //   connect_succeeded / connect_failed     close a node (then report backend_ended)
 //   reset_done / ping_done                 cancel a connect (the pool closes)
-//   connection_lost (idle socket closed)   arm the upkeep timer
-//   backend_ended                          report a lease held past leak_threshold
+//   closed_in_lease (the user closed it)   arm the upkeep timer
+//   lease_dropped_after_close              report a lease held past leak_threshold
+//   connection_lost (idle socket closed)
+//   backend_ended
 //   tick (the upkeep timer fired)
 //   close
 
@@ -146,7 +148,7 @@ struct AcquireResult {
 // Counts, every one read off the node states or kept beside them by the core alone.
 struct CoreStats {
   std::size_t max = 0;
-  std::size_t live = 0;  // capacity tokens out: every node, in any state
+  std::size_t live = 0;  // capacity tokens out: every node, in any state but detached
   std::array<std::size_t, node_state_count> nodes{};  // by NodeState
   std::size_t leased_normal = 0;
   std::size_t waiting_normal = 0;
@@ -203,6 +205,12 @@ class Core {
   bool withdraw(Waiter& waiter, FailReason why, Actions& actions);
   // A lease ended.
   void lease_returned(Node& node, ReturnKind kind, Time now, Actions& actions);
+  // The user closed a leased node's connection inside its lease: it is closed now (its capacity
+  // comes back when its backend has ended), though the Lease still refers to it.
+  void closed_in_lease(Node& node, Time now, Actions& actions);
+  // The Lease of a node closed inside it (closed_in_lease) was dropped. A node whose backend has
+  // already ended (detached) is destroyed; one still closing is destroyed when it ends.
+  void lease_dropped_after_close(Node& node);
   // The on-checkout check (validate_after_idle, before_handout) found a leased node unusable.
   void checkout_failed(Node& node, DiscardReason reason, Time now, Actions& actions);
   void connect_succeeded(Node& node, Time now, Actions& actions);
@@ -212,7 +220,8 @@ class Core {
   // The server (or the network) closed an idle node's socket. Ignored unless it is idle: a leased
   // one fails its user, who returns it broken.
   void connection_lost(Node& node, Actions& actions);
-  // A closing node's backend has ended: the node is destroyed and its capacity given back.
+  // A closing node's backend has ended: its capacity is given back, and the node destroyed (or
+  // detached, while a Lease it was closed in is still out).
   void backend_ended(Node& node, Time now, Actions& actions);
   // The upkeep timer: lifetime, idle timeout, keepalive, leak reports, connect retry.
   void tick(Time now, Actions& actions);

@@ -115,6 +115,10 @@ struct TransactionOptions {
 class Pipeline;
 struct PipelineOutcome;
 
+namespace detail {
+struct ConnectionAccess;
+}  // namespace detail
+
 /// One connection to a PostgreSQL server. Move-only; the destructor closes it gracefully.
 class Connection {
  public:
@@ -239,6 +243,10 @@ class Connection {
 
   /// Closes the connection now (synchronous, never blocks). Later operations fail with
   /// client_errc::not_connected. Must not be called while an operation runs.
+  /// On a connection from a Lease, the open connection goes back to its pool instead, which
+  /// closes it as it closes any of its connections (gracefully, whatever `mode` says) and gives
+  /// its slot back as soon as the server has ended the backend, without waiting for the Lease to
+  /// be dropped.
   void close(CloseMode mode = CloseMode::graceful) noexcept;
 
   /// Closes gracefully, then waits until the server has closed its end of the socket, which it
@@ -284,6 +292,7 @@ class Connection {
   struct Impl;
 
  private:
+  friend struct detail::ConnectionAccess;
   explicit Connection(std::unique_ptr<Impl> impl) noexcept;
 
   boost::asio::awaitable<Result> query_with(std::string_view sql, ParamSink params);

@@ -255,6 +255,13 @@ class Lease {
 
   /// The connection. Throws pgrt::Error(client_errc::not_connected) on an empty Lease
   /// (default-constructed, moved from, released or discarded).
+  ///
+  /// The reference is valid while this Lease holds the connection: once the Lease is released,
+  /// discarded, moved from or destroyed, every operation through a reference kept from it fails
+  /// with client_errc::not_connected (in every build), never reaching the connection that the pool
+  /// has meanwhile handed to someone else. Do not move or swap the Connection itself out of a
+  /// Lease. Closing it (Connection::close()) gives its slot back to the pool as soon as the server
+  /// has ended the backend; the Lease then holds a closed connection until it is dropped.
   Connection& operator*() const;
   Connection* operator->() const;
   [[nodiscard]] explicit operator bool() const noexcept { return node_ != nullptr; }
@@ -267,10 +274,14 @@ class Lease {
 
  private:
   friend struct detail::PoolState;
+  // Under the pool's lock: takes the node's connection.
   Lease(std::shared_ptr<detail::PoolState> pool, detail::pool::Node* node) noexcept;
 
   std::shared_ptr<detail::PoolState> pool_;
   detail::pool::Node* node_ = nullptr;
+  // The connection while this Lease holds it: it moves in at handout and back to the pool at
+  // release, so that a reference kept past the release refers to an empty Connection.
+  mutable Connection connection_;
 };
 
 /// A pool of connections to one server.

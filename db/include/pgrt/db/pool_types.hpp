@@ -20,7 +20,7 @@ enum class DiscardReason {
   failed_reset,  ///< the ROLLBACK or DISCARD ALL on return, or the check before handout, failed
   mid_query,     ///< its Lease was dropped while a statement ran (the statement is cancelled)
   closing,       ///< the pool is closing
-  by_user,       ///< Lease::discard()
+  by_user,       ///< Lease::discard(), or Connection::close() on a leased connection
   rejected,      ///< PoolConfig::before_handout said no
 };
 /// "broken", "lifetime", ...

@@ -1,0 +1,632 @@
+// The pool's driver (driver.hpp): carrying out the core's actions, watching idle sockets, the
+// background work (connect, reset, ping, close), and the acquire and release paths.
+#include "driver.hpp"
+
+namespace pgrt::detail {
+
+namespace {
+
+// Runs `operation` on `connection`, and cuts the connection (Connection::interrupt(), which is
+// thread-safe) if it has not finished by `deadline`: the operation then fails with
+// connection_lost. Every wait the pool makes on the server goes through here, so none is
+// unbounded, whatever the network does (a blackholed path never answers and never fails).
+template <typename T>
+asio::awaitable<T> cut_at(Connection& connection, Clock::time_point deadline,
+                          asio::awaitable<T> operation) {
+  struct Cutter {
+    std::mutex mutex;
+    bool done = false;
+    Connection* connection = nullptr;
+  };
+  auto cutter = std::make_shared<Cutter>();
+  cutter->connection = &connection;
+  asio::steady_timer timer(co_await asio::this_coro::executor, deadline);
+  timer.async_wait([cutter](error_code error) {
+    if (error) return;
+    std::lock_guard lock(cutter->mutex);
+    if (!cutter->done) cutter->connection->interrupt();
+  });
+  struct Disarm {
+    Cutter& cutter;
+    asio::steady_timer& timer;
+    Disarm(Cutter& cutter_in, asio::steady_timer& timer_in) : cutter(cutter_in), timer(timer_in) {}
+    Disarm(const Disarm&) = delete;
+    Disarm& operator=(const Disarm&) = delete;
+    Disarm(Disarm&&) = delete;
+    Disarm& operator=(Disarm&&) = delete;
+    ~Disarm() {
+      {
+        std::lock_guard lock(cutter.mutex);
+        cutter.done = true;
+      }
+      timer.cancel();
+    }
+  } disarm(*cutter, timer);
+  co_return co_await std::move(operation);
+}
+
+}  // namespace
+
+void PooledConnection::closed_in_lease(Connection live) noexcept {
+  pool.closed_in_lease(node, std::move(live));
+}
+
+void PoolState::spawn_later(asio::awaitable<void> operation) {
+  asio::post(*executor, [executor = *executor, operation = std::move(operation)]() mutable {
+    asio::co_spawn(executor, std::move(operation), [](const std::exception_ptr& error) {
+      if (!error) return;
+      try {
+        std::rethrow_exception(error);
+      } catch (const std::exception& exception) {
+        spdlog::error("pgrt pool: background work failed: {}", exception.what());
+      } catch (...) {
+        spdlog::error("pgrt pool: background work failed");
+      }
+    });
+  });
+}
+
+void PoolState::execute_locked(const pool::Actions& actions, Deferred& deferred) {
+  for (const pool::Action& action : actions) {
+    switch (action.kind) {
+      case pool::Action::Kind::wake:
+        static_cast<PoolWaiter*>(action.waiter)->timer.cancel();
+        break;
+      case pool::Action::Kind::open:
+        start_connect(*action.node);
+        break;
+      case pool::Action::Kind::reset:
+        spawn_later(reset(shared_from_this(), action.node));
+        break;
+      case pool::Action::Kind::ping:
+        spawn_later(ping(shared_from_this(), action.node));
+        break;
+      case pool::Action::Kind::close:
+        if (events.discarded.ever_connected()) {
+          deferred.add([this, reason = action.reason] { emit(events.discarded, reason); });
+        }
+        start_close(*action.node);
+        break;
+      case pool::Action::Kind::cancel_connect: {
+        auto& pooled = static_cast<PooledConnection&>(*action.node->attachment);
+        asio::post(pooled.strand, [cancel = pooled.connect_cancel] {
+          cancel->cancelled = true;
+          if (!cancel->finished) cancel->signal.emit(asio::cancellation_type::terminal);
+        });
+        break;
+      }
+      case pool::Action::Kind::arm_timer:
+        upkeep_timer->expires_at(action.at);  // cancels the wait: upkeep() waits again
+        break;
+      case pool::Action::Kind::watch:
+        start_watch(*action.node);
+        break;
+      case pool::Action::Kind::unwatch:
+        stop_watch(*action.node);
+        break;
+      case pool::Action::Kind::report_leak: {
+        const auto site = action.node->lease_site;
+        spdlog::warn(
+            "pgrt pool {}: a connection acquired at {} has been held for {} ms (leak_threshold "
+            "{} ms); is a Lease kept alive by mistake?",
+            application_name, describe_site(site), action.age.count(),
+            config.leak_threshold.count());
+        deferred.add([this, site, age = action.age] { emit(events.leak_suspected, site, age); });
+        break;
+      }
+    }
+  }
+  if (core.drained()) {
+    drained.notify_all_locked();
+  }
+}
+
+void PoolState::start_watch(pool::Node& node) {
+  auto& pooled = static_cast<PooledConnection&>(*node.attachment);
+  auto watch = std::make_shared<IdleWatch>(*executor);
+  watch->node = &node;
+  pooled.watch = watch;
+  PGconn* handle = pooled.connection.native_handle();
+  const int socket = handle != nullptr ? PQsocket(handle) : -1;
+  const int own = socket >= 0 ? ::fcntl(socket, F_DUPFD_CLOEXEC, 0) : -1;
+  error_code error;
+  if (own >= 0) watch->descriptor.assign(own, error);
+  if (own < 0 || error) {
+    if (own >= 0 && error) ::close(own);
+    // No socket to watch: look at it once, later, as if it had become readable.
+    asio::post(*executor, [self = shared_from_this(), watch] { self->on_readable(watch, {}); });
+    return;
+  }
+  watch->descriptor.async_wait(asio::posix::stream_descriptor::wait_read,
+                               [self = shared_from_this(), watch](error_code wait_error) {
+                                 self->on_readable(watch, wait_error);
+                               });
+}
+
+void PoolState::stop_watch(pool::Node& node) {
+  auto& pooled = static_cast<PooledConnection&>(*node.attachment);
+  if (!pooled.watch) return;
+  pooled.watch->node = nullptr;
+  error_code ignored;
+  pooled.watch->descriptor.close(ignored);  // cancels the wait; closes our descriptor only
+  pooled.watch.reset();
+}
+
+void PoolState::on_readable(const std::shared_ptr<IdleWatch>& watch,
+                            error_code wait_error) noexcept {
+  try {
+    Deferred deferred;
+    std::lock_guard lock(mutex);
+    pool::Node* node = watch->node;
+    if (node == nullptr) return;  // unwatched meanwhile: the connection is someone's now
+    PGconn* handle = connection_of(*node).native_handle();
+    bool alive = handle != nullptr && !wait_error && watch->descriptor.is_open();
+    if (alive) {
+      char byte = 0;
+      const ssize_t peeked =
+          ::recv(watch->descriptor.native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+      if (peeked == 0) {
+        alive = false;  // end of file
+      } else if (peeked < 0) {
+        alive = errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR;
+      } else {
+        alive = PQconsumeInput(handle) == 1 && PQstatus(handle) == CONNECTION_OK;
+      }
+    }
+    if (alive) {
+      watch->descriptor.async_wait(asio::posix::stream_descriptor::wait_read,
+                                   [self = shared_from_this(), watch](error_code error) {
+                                     self->on_readable(watch, error);
+                                   });
+      return;
+    }
+    auto& actions = fresh_actions_locked();
+    core.connection_lost(*node, actions);
+    execute_locked(actions, deferred);
+  } catch (const std::exception& error) {
+    spdlog::error("pgrt pool {}: watching an idle connection failed: {}", application_name,
+                  error.what());
+  }
+}
+
+void PoolState::bind_executor_locked(const asio::any_io_executor& candidate) {
+  if (executor) return;
+  executor = candidate;
+  upkeep_timer = std::make_shared<asio::steady_timer>(*executor, Clock::time_point::max());
+  spawn_later(upkeep(shared_from_this()));
+  Deferred nothing;
+  auto& actions = fresh_actions_locked();
+  core.tick(Clock::now(), actions);  // min_idle
+  execute_locked(actions, nothing);
+}
+
+void PoolState::start_connect(pool::Node& node) {
+  auto attachment = std::make_unique<PooledConnection>(*executor, *this, node);
+  auto& pooled = *attachment;
+  node.attachment = std::move(attachment);
+  asio::post(*executor, [self = shared_from_this(), &node, &pooled] {
+    asio::co_spawn(
+        pooled.strand, open_connection(self, &node, pooled.connect_cancel),
+        asio::bind_cancellation_slot(pooled.connect_cancel->signal.slot(), asio::detached));
+  });
+}
+
+asio::awaitable<void> PoolState::open_connection(
+    std::shared_ptr<PoolState> self, pool::Node* node,
+    std::shared_ptr<PooledConnection::ConnectCancel> cancel) {
+  ConnectOptions options = connect_options(self->config);
+  options.application_name = self->application_name;
+  error_code error;
+  Connection connection;
+  if (cancel->cancelled) {  // the pool closed before this connect began
+    error = make_error_code(client_errc::cancelled);
+  } else {
+    std::tie(error, connection) =
+        co_await Connection::async_connect(co_await asio::this_coro::executor, std::move(options),
+                                           asio::as_tuple(asio::use_awaitable));
+  }
+  std::string failure;
+  if (error && cancel->cancelled) {
+    failure = "the pool closed while connecting";
+  } else if (error) {
+    failure = connection.last_error().message;
+    if (!connection.last_error().hint.empty()) {
+      failure += " (" + connection.last_error().hint + ")";
+    }
+  } else if (self->config.on_connect) {
+    try {
+      co_await cut_at(connection, Clock::now() + self->config.connect.connect_timeout,
+                      self->config.on_connect(connection));
+    } catch (const std::exception& hook_error) {
+      error = make_error_code(client_errc::connect_failed);
+      failure = std::string("PoolConfig::on_connect failed: ") + hook_error.what();
+      spdlog::warn("pgrt pool {}: {}", self->application_name, failure);
+    }
+    // Its backend exists: the capacity comes back only once it has ended.
+    if (error) co_await close_until_backend_ends(self, connection);
+  }
+  cancel->finished = true;  // on the strand: a cancel that comes later does nothing
+  Deferred deferred;
+  std::lock_guard lock(self->mutex);
+  auto& actions = self->fresh_actions_locked();
+  if (error) {
+    self->last_connect_error = failure;
+    deferred.add(
+        [self, error = error, failure] { emit(self->events.connect_failed, error, failure); });
+    self->core.connect_failed(*node, Clock::now(), actions);  // destroys the node
+  } else {
+    connection_of(*node) = std::move(connection);
+    const int pid = connection_of(*node).backend_pid();
+    deferred.add([self, pid] { emit(self->events.connected, pid); });
+    self->core.connect_succeeded(*node, Clock::now(), actions);
+  }
+  self->execute_locked(actions, deferred);
+}
+
+asio::awaitable<void> PoolState::reset(std::shared_ptr<PoolState> self, pool::Node* node) {
+  Connection& connection = connection_of(*node);
+  bool ok = true;
+  // Bounded like a connect: a server that answers neither in connect_timeout is not one to
+  // hand a connection of to anybody.
+  const auto deadline = Clock::now() + self->config.connect.connect_timeout;
+  try {
+    if (connection.transaction_status() != TransactionStatus::idle) {
+      co_await cut_at(connection, deadline, connection.rollback());
+    }
+    if (self->config.reset == ResetPolicy::discard_all) {
+      co_await cut_at(connection, deadline, connection.discard_all());
+    }
+  } catch (const std::exception& error) {
+    ok = false;
+    spdlog::warn("pgrt pool: resetting a returned connection ({}) failed: {}",
+                 to_string(self->config.reset), error.what());
+  }
+  Deferred deferred;
+  std::lock_guard lock(self->mutex);
+  auto& actions = self->fresh_actions_locked();
+  self->core.reset_done(*node, ok, Clock::now(), actions);
+  self->execute_locked(actions, deferred);
+}
+
+asio::awaitable<void> PoolState::ping(std::shared_ptr<PoolState> self, pool::Node* node) {
+  bool ok = true;
+  try {
+    Connection& connection = connection_of(*node);
+    (void)co_await cut_at(connection, Clock::now() + self->config.connect.connect_timeout,
+                          connection.query(""));
+  } catch (...) {  // NOLINT(bugprone-empty-catch): the core closes a connection that failed
+    ok = false;
+  }
+  Deferred deferred;
+  std::lock_guard lock(self->mutex);
+  auto& actions = self->fresh_actions_locked();
+  self->core.ping_done(*node, ok, Clock::now(), actions);
+  self->execute_locked(actions, deferred);
+}
+
+void PoolState::start_close(pool::Node& node) {
+  // On a strand: close_and_wait() races the socket against a timer.
+  asio::post(*executor, [self = shared_from_this(), &node] {
+    asio::co_spawn(asio::make_strand(*self->executor), finish_close(self, &node), asio::detached);
+  });
+}
+
+asio::awaitable<void> PoolState::finish_close(std::shared_ptr<PoolState> self, pool::Node* node) {
+  co_await close_until_backend_ends(self, connection_of(*node));
+  // The connection goes outside the lock; the node (and its capacity) under it.
+  std::unique_ptr<pool::NodeAttachment> attachment;
+  {
+    std::lock_guard lock(self->mutex);
+    attachment = std::move(node->attachment);
+  }
+  attachment.reset();
+  Deferred deferred;
+  std::lock_guard lock(self->mutex);
+  auto& actions = self->fresh_actions_locked();
+  self->core.backend_ended(*node, Clock::now(), actions);
+  self->execute_locked(actions, deferred);
+}
+
+asio::awaitable<void> PoolState::close_until_backend_ends(const std::shared_ptr<PoolState>& self,
+                                                          Connection& connection) {
+  const int pid = connection.backend_pid();
+  const auto closed_at = Clock::now();
+  (void)co_await connection.close_and_wait(server_close_warning, [&] {
+    const auto waited =
+        std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - closed_at);
+    if (self->backend_end_bound.count() > 0 && waited >= self->backend_end_bound) {
+      spdlog::warn(
+          "pgrt pool {}: backend {} was not seen to end {} ms after it was closed; its slot is "
+          "given back now: by this bound the session guards (keepalives, tcp_user_timeout, "
+          "client_connection_check_interval) have made the server end it",
+          self->application_name, pid, waited.count());
+      return false;
+    }
+    if (waited < 2 * server_close_warning) {
+      spdlog::warn(
+          "pgrt pool {}: the server has not ended backend {} {} ms after it was closed; its "
+          "slot stays counted against max_size until it does{}",
+          self->application_name, pid, waited.count(),
+          self->backend_end_bound.count() > 0
+              ? " (at most " + std::to_string(self->backend_end_bound.count()) + " ms)"
+              : std::string(" (keepalives are off: there is no bound)"));
+    }
+    return true;
+  });
+}
+
+asio::awaitable<void> PoolState::upkeep(std::shared_ptr<PoolState> self) {
+  for (;;) {
+    std::unique_lock lock(self->mutex);
+    if (self->core.closed()) co_return;
+    (void)co_await async::wait_locked(lock, *self->upkeep_timer);
+    Deferred deferred;  // its events run after the lock is released below
+    if (self->core.closed()) co_return;
+    const auto now = Clock::now();
+    if (self->upkeep_timer->expiry() > now) continue;  // re-armed meanwhile
+    auto& actions = self->fresh_actions_locked();
+    self->upkeep_timer->expires_at(Clock::time_point::max());
+    self->core.tick(now, actions);
+    self->execute_locked(actions, deferred);
+    lock.unlock();
+  }
+}
+
+void PoolState::closed_in_lease(pool::Node& node, Connection live) noexcept {
+  try {
+    Deferred deferred;
+    std::lock_guard lock(mutex);
+    auto& pooled = static_cast<PooledConnection&>(*node.attachment);
+    pooled.leased_impl = nullptr;
+    pooled.connection = std::move(live);
+    auto& actions = fresh_actions_locked();
+    core.closed_in_lease(node, coarse_now(), actions);
+    execute_locked(actions, deferred);
+  } catch (const std::exception& error) {
+    spdlog::error("pgrt pool {}: closing a connection closed in its lease failed: {}",
+                  application_name, error.what());
+  }
+}
+
+std::string PoolState::describe_load_locked() const {
+  const auto stats = core.stats();
+  return std::to_string(stats.count(pool::NodeState::leased)) + " of max " +
+         std::to_string(config.max_size) + " connections in use, " +
+         std::to_string(stats.count(pool::NodeState::connecting)) + " connecting, " +
+         std::to_string(stats.waiting_normal + stats.waiting_high) + " callers waiting";
+}
+
+asio::awaitable<Lease> PoolState::acquire(std::shared_ptr<PoolState> self, Priority priority,
+                                          std::source_location site,
+                                          std::optional<Clock::time_point> deadline) {
+  // A caller already cancelled: reported as client_errc::cancelled and counted. (Under asio's
+  // default this_coro::throw_if_cancelled(true), asio itself throws operation_aborted at the
+  // caller's co_await before the pool is reached; see pool.hpp.)
+  if ((co_await asio::this_coro::cancellation_state).cancelled() != asio::cancellation_type::none) {
+    std::lock_guard lock(mutex);
+    fail_cancelled_locked(priority, site);
+  }
+  const auto now = coarse_now();
+  Deferred deferred;  // declared before the lock: its events run after it is released
+  std::unique_lock lock(mutex);
+  if (!executor && !core.closed()) {
+    // co_await this_coro::executor never suspends: it is safe under the lock.
+    bind_executor_locked(co_await asio::this_coro::executor);
+  }
+  auto& actions = fresh_actions_locked();
+  const auto result = core.try_acquire(priority, site, now, actions);
+  execute_locked(actions, deferred);
+  switch (result.kind) {
+    case pool::AcquireResult::Kind::leased: {
+      waits.record(std::chrono::microseconds(0));
+      // The Lease owns the connection before any event runs: nothing can leak its slot.
+      const bool check = result.validate || config.before_handout;
+      Lease lease(check ? self : std::move(self), result.node);
+      lock.unlock();
+      emit(events.acquired, site);
+      if (!check) co_return lease;
+      co_return co_await checked(std::move(lease), std::move(self), priority, site,
+                                 deadline.value_or(Clock::now() + checkout_limit()),
+                                 result.validate);
+    }
+    case pool::AcquireResult::Kind::closed:
+    case pool::AcquireResult::Kind::queue_full:
+    case pool::AcquireResult::Kind::no_wait:
+      fail_admission_locked(result.kind);
+    case pool::AcquireResult::Kind::wait:
+      break;
+  }
+  if ((co_await asio::this_coro::cancellation_state).cancelled() != asio::cancellation_type::none) {
+    fail_cancelled_locked(priority, site);
+  }
+  const auto started = Clock::now();
+  auto wait_limit = result.wait_limit;
+  if (deadline) {
+    wait_limit =
+        std::max(std::chrono::milliseconds(0),
+                 std::chrono::duration_cast<std::chrono::milliseconds>(*deadline - started));
+  }
+  PoolWaiter waiter(co_await asio::this_coro::executor, priority, site);
+  // If this coroutine is destroyed while it waits (its io_context shut down), the waiter must
+  // leave the queue, and a connection already handed to it must go back.
+  auto& enqueued = fresh_actions_locked();
+  core.enqueue(waiter, now, enqueued);
+  execute_locked(enqueued, deferred);
+  async::AbandonGuard abandon([this, &waiter, &lock] {
+    pool::Node* handed = nullptr;
+    {
+      std::unique_lock relock(mutex, std::defer_lock);
+      if (!lock.owns_lock()) relock.lock();
+      pool::Actions ignored;
+      core.withdraw(waiter, pool::FailReason::cancelled, ignored);
+      if (waiter.outcome == pool::Waiter::Outcome::handed) handed = waiter.handed;
+    }
+    if (handed != nullptr && !lock.owns_lock()) release(*handed, nullptr, false);
+  });
+  waiter.timer.expires_after(wait_limit);
+  // The wait starts under the lock, so a handoff cannot slip in before it.
+  // (The wait as a plain asynchronous operation: no coroutine frame of its own on this path.)
+  const auto [error] = co_await async::wait_then_unlock(lock, waiter.timer);
+  lock = std::unique_lock(mutex);
+  abandon.disarm();
+  if (waiter.outcome == pool::Waiter::Outcome::handed) {
+    waits.record(std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - started));
+    const bool check = static_cast<bool>(config.before_handout);
+    Lease lease(check ? self : std::move(self), waiter.handed);
+    lock.unlock();
+    emit(events.acquired, site);
+    if (!check) co_return lease;
+    co_return co_await checked(std::move(lease), std::move(self), priority, site,
+                               started + wait_limit, false);
+  }
+  fail_wait(lock, waiter, error, wait_limit);
+}
+
+void PoolState::fail_cancelled_locked(Priority priority, std::source_location site) {
+  pool::Waiter gone(priority, site);
+  core.withdraw(gone, pool::FailReason::cancelled, fresh_actions_locked());  // counted
+  throw_pool_error(client_errc::cancelled, "waiting for a pooled connection was cancelled");
+}
+
+void PoolState::fail_admission_locked(pool::AcquireResult::Kind kind) {
+  if (kind == pool::AcquireResult::Kind::closed) {
+    throw_pool_error(client_errc::pool_closed, "the pool " + application_name + " is closed");
+  }
+  if (kind == pool::AcquireResult::Kind::queue_full) {
+    throw_pool_error(client_errc::pool_queue_full,
+                     "the pool " + application_name + " already has " +
+                         std::to_string(config.max_waiters) + " callers waiting (" +
+                         describe_load_locked() + ")",
+                     "raise PoolConfig::max_waiters, or shed load earlier");
+  }
+  throw_pool_error(
+      client_errc::pool_timeout,
+      "no connection free in the pool " + application_name + " (" + describe_load_locked() +
+          ") and acquire_timeout is 0" +
+          (last_connect_error.empty() ? std::string()
+                                      : "; last connect error: " + last_connect_error));
+}
+
+void PoolState::fail_wait(std::unique_lock<std::mutex>& lock, pool::Waiter& waiter,
+                          error_code error, std::chrono::milliseconds wait_limit) {
+  const std::string load = describe_load_locked();  // counting this caller among the waiting
+  if (waiter.outcome == pool::Waiter::Outcome::none) {
+    core.withdraw(waiter, error ? pool::FailReason::cancelled : pool::FailReason::timeout,
+                  fresh_actions_locked());
+  }
+  switch (waiter.failed) {
+    case pool::FailReason::pool_closed:
+      throw_pool_error(client_errc::pool_closed, "the pool " + application_name + " was closed");
+    case pool::FailReason::cancelled:
+      throw_pool_error(client_errc::cancelled, "waiting for a pooled connection was cancelled");
+    case pool::FailReason::timeout:
+      break;
+  }
+  std::string message = "timed out after " + std::to_string(wait_limit.count()) +
+                        " ms waiting for a connection from the pool " + application_name + " (" +
+                        load + ")";
+  if (!last_connect_error.empty()) message += "; last connect error: " + last_connect_error;
+  lock.unlock();
+  emit(events.acquire_timeout, message);
+  throw_pool_error(client_errc::pool_timeout, message,
+                   "hold leases for shorter, raise max_size, or check the server");
+}
+
+asio::awaitable<Lease> PoolState::checked(Lease lease, std::shared_ptr<PoolState> self,
+                                          Priority priority, std::source_location site,
+                                          Clock::time_point deadline, bool validate) {
+  bool usable = true;
+  DiscardReason reason = DiscardReason::broken;
+  try {
+    Connection& connection = *lease;
+    if (validate) (void)co_await cut_at(connection, deadline, connection.query(""));
+    if (self->config.before_handout) {
+      reason = DiscardReason::rejected;
+      usable = co_await cut_at(connection, deadline, self->config.before_handout(connection));
+    }
+  } catch (const Error& error) {
+    if (error.code() == client_errc::cancelled) throw;  // the caller gave up: so do we
+    usable = false;
+  } catch (const std::exception& error) {
+    spdlog::warn("pgrt pool {}: PoolConfig::before_handout threw: {}", self->application_name,
+                 error.what());
+    usable = false;
+  }
+  if (usable) co_return lease;
+  self->refuse(std::move(lease), reason);
+  co_return co_await self->acquire(self, priority, site, deadline);
+}
+
+void PoolState::refuse(Lease lease, DiscardReason reason) noexcept {
+  pool::Node* node = std::exchange(lease.node_, nullptr);
+  lease.pool_.reset();
+  try {
+    Deferred deferred;
+    std::lock_guard lock(mutex);
+    if (node->state != pool::NodeState::leased) {  // before_handout closed it itself
+      core.lease_dropped_after_close(*node);
+      return;
+    }
+    (void)take_back_locked(*node, lease.connection_);
+    auto& actions = fresh_actions_locked();
+    core.checkout_failed(*node, reason, coarse_now(), actions);
+    execute_locked(actions, deferred);
+  } catch (const std::exception& error) {
+    spdlog::error("pgrt pool: closing a refused connection failed: {}", error.what());
+  }
+}
+
+void PoolState::release(pool::Node& node, Connection* leased, bool discard) noexcept {
+  try {
+    auto kind = discard ? pool::ReturnKind::discard
+                        : classify(leased != nullptr ? *leased : connection_of(node));
+    const auto now = coarse_now();
+    Deferred deferred;
+    std::lock_guard lock(mutex);
+    if (events.released.ever_connected()) deferred.add([this] { emit(events.released); });
+    if (node.state != pool::NodeState::leased) {  // its user closed it: the pool has it already
+      core.lease_dropped_after_close(node);
+      return;
+    }
+    if (leased != nullptr && !take_back_locked(node, *leased) && !discard) {
+      kind = pool::ReturnKind::broken;
+    }
+    auto& actions = fresh_actions_locked();
+    core.lease_returned(node, kind, now, actions);
+    execute_locked(actions, deferred);
+  } catch (const std::exception& error) {
+    spdlog::error("pgrt pool: returning a connection failed: {}", error.what());
+  }
+}
+
+PoolStats PoolState::stats() const {
+  std::lock_guard lock(mutex);
+  const pool::CoreStats counts = core.stats();
+  PoolStats snapshot;
+  snapshot.max = counts.max;
+  snapshot.size = counts.live;
+  snapshot.idle = counts.count(pool::NodeState::idle);
+  snapshot.in_use = counts.count(pool::NodeState::leased);
+  snapshot.connecting = counts.count(pool::NodeState::connecting);
+  snapshot.closing = counts.count(pool::NodeState::closing);
+  snapshot.resetting = counts.count(pool::NodeState::resetting);
+  snapshot.pinging = counts.count(pool::NodeState::pinging);
+  snapshot.waiting_normal = counts.waiting_normal;
+  snapshot.waiting_high = counts.waiting_high;
+  snapshot.acquired = counts.acquired;
+  snapshot.timeouts = counts.timeouts;
+  snapshot.cancellations = counts.cancellations;
+  snapshot.connect_attempts = counts.connect_attempts;
+  snapshot.connect_errors = counts.connect_errors;
+  snapshot.discarded = counts.discarded;
+  snapshot.leaks_suspected = counts.leaks_suspected;
+  snapshot.wait_p50 = waits.percentile(0.5);
+  snapshot.wait_p99 = waits.percentile(0.99);
+  snapshot.wait_max = waits.max();
+  snapshot.last_connect_error = last_connect_error;
+  snapshot.consecutive_connect_failures = counts.consecutive_connect_failures;
+  snapshot.connect_backoff = counts.connect_backoff;
+  return snapshot;
+}
+
+}  // namespace pgrt::detail
