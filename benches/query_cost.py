@@ -430,7 +430,7 @@ def describe(args, server_version, libpq_version):
             f"- libpq {major}.{minor} (`PQlibVersion()` {libpq_version}); server: {server_version}, a "
             f"throwaway cluster (`pgrt_bench_server`) on the same machine, over its unix socket.\n"
             f"- Syscalls and wake-ups: {args.repetitions} runs of {args.queries:,} queries under "
-            f"`perf trace`; the median (min-max) of the runs. Instructions, malloc calls and "
+            f"`perf trace`; the median (min-max) of the runs. Instructions, heap allocations and "
             f"coroutine frames: a run of {args.callgrind_queries:,} and one of "
             f"{2 * args.callgrind_queries:,} queries under callgrind, the difference divided by "
             f"{args.callgrind_queries:,}.")

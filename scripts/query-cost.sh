@@ -4,9 +4,9 @@
 # with raw libpq on one connection, against a throwaway PostgreSQL over its unix socket, and
 # writes the tables of docs/performance.md (between its generated-section markers) and
 # docs/performance.json. Counts, not timings: they hold on a noisy machine. Installs what is
-# missing (pgrt's packages, then linux-perf and valgrind), builds the release preset's
+# missing (pgrt's packages, linux-perf and valgrind), builds the release preset's
 # pgrt_query_cost and pgrt_bench_server, then runs benches/query_cost.py. Works from any current
-# directory; about 2 minutes on 2 cores once built.
+# directory.
 #
 #   scripts/query-cost.sh [--queries Q] [--callgrind-queries C] [--repetitions R] [--modes M,...]
 #                         [--baseline REV]
@@ -58,26 +58,9 @@ if [[ -n "$baseline" ]]; then
     fail "$baseline ($short) predates the per-query cost driver (it has no benches/query_cost.cpp)"
 fi
 
-# pgrt's own packages, then the counting tools (not in install-deps.sh: only this script needs them).
-"$root/scripts/install-deps.sh"
-tools=(linux-perf valgrind)
-missing=()
-for pkg in "${tools[@]}"; do
-  status=$(dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null || true)
-  [[ "$status" == "installed" ]] || missing+=("$pkg")
-done
-if ((${#missing[@]} > 0)); then
-  echo "query-cost.sh: installing missing Debian packages: ${missing[*]}" >&2
-  run_as_root=()
-  if [[ $(id -u) -ne 0 ]]; then
-    command -v sudo >/dev/null 2>&1 ||
-      fail "cannot install ${missing[*]}: not root and sudo is not available (as root: apt-get update && apt-get install -y ${missing[*]})"
-    run_as_root=(sudo)
-  fi
-  export DEBIAN_FRONTEND=noninteractive
-  "${run_as_root[@]}" apt-get update -qq
-  "${run_as_root[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
-fi
+# pgrt's own packages and the counting tools (only this script needs them, so they are not in
+# install-deps.sh's own list).
+"$root/scripts/install-deps.sh" linux-perf valgrind
 # perf trace reads the syscall tracepoints: root, or a kernel that lets others (perf_event_paranoid).
 if [[ $(id -u) -ne 0 ]] && (($(cat /proc/sys/kernel/perf_event_paranoid) > -1)); then
   fail "perf trace needs root, or: sudo sysctl kernel.perf_event_paranoid=-1 (and read access to /sys/kernel/tracing)"
