@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Installs the Debian packages pgrt needs to build, test, benchmark and run its demo.
+# Installs the Debian packages pgrt needs to build, test, benchmark and run its demo, and any
+# further packages named as arguments (scripts/query-cost.sh adds linux-perf and valgrind).
 # Idempotent: when every package is already installed it changes nothing and exits 0.
 # Runs apt-get directly as root, through sudo otherwise.
+#
+#   scripts/install-deps.sh [EXTRA_PACKAGE...]
 set -euo pipefail
 
 packages=(
@@ -17,6 +20,7 @@ packages=(
   python3-asyncpg python3-uvloop   # asyncpg's pool
   python3-psycopg-pool             # psycopg 3's pool (Debian's psycopg is the pure-Python build)
   gnuplot-nox                      # the latency plot of docs/benchmarks.md
+  "$@"
 )
 
 missing=()
