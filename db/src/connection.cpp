@@ -779,16 +779,14 @@ asio::awaitable<error_code> run_operation(Connection::Impl& impl, Body body) {
 
 }  // namespace
 
-Connection::Connection() noexcept = default;
-Connection::Connection(std::unique_ptr<Impl> impl) noexcept : impl_(std::move(impl)) {}
-Connection::Connection(Connection&& other) noexcept = default;
-Connection& Connection::operator=(Connection&& other) noexcept = default;
-Connection::~Connection() = default;
+void Connection::ImplDeleter::operator()(Impl* impl) const noexcept {
+  delete impl;  // NOLINT(cppcoreguidelines-owning-memory): the ImplPtr owns it
+}
 
 asio::awaitable<std::pair<error_code, Connection>> Connection::try_connect(executor_type executor,
                                                                            ConnectOptions options) {
   using namespace asio::experimental::awaitable_operators;
-  auto impl = std::make_unique<Impl>(executor, std::move(options));
+  ImplPtr impl(new Impl(executor, std::move(options)));  // NOLINT: owned by the ImplPtr
   asio::steady_timer timer(executor, impl->options.connect_timeout);
   auto outcome = co_await (impl->connect() || timer.async_wait(no_throw));
   error_code error;
@@ -1164,12 +1162,10 @@ pg_conn* Connection::native_handle() const noexcept {
 
 namespace detail {
 
-void ConnectionAccess::bind(Connection& connection, LeaseBinding* binding) noexcept {
-  if (connection.impl_) connection.impl_->lease_binding = binding;
-}
-
-Connection::Impl* ConnectionAccess::impl(const Connection& connection) noexcept {
-  return connection.impl_.get();
+Connection::Impl* ConnectionAccess::bind(Connection& connection, LeaseBinding* binding) noexcept {
+  Connection::Impl* impl = connection.impl_.get();
+  if (impl != nullptr) impl->lease_binding = binding;
+  return impl;
 }
 
 void ConnectionAccess::interrupt(Connection::Impl& impl,

@@ -29,10 +29,9 @@ class LeaseBinding {
 };
 
 struct ConnectionAccess {
-  // Binds `connection` to a lease (null: unbinds it). A no-op on an empty connection.
-  static void bind(Connection& connection, LeaseBinding* binding) noexcept;
-  // Its implementation: the same object wherever the Connection is moved. Null when empty.
-  static Connection::Impl* impl(const Connection& connection) noexcept;
+  // Binds `connection` to a lease (null: unbinds it), and returns its implementation: the same
+  // object wherever the Connection is moved (null, and nothing bound, when it is empty).
+  static Connection::Impl* bind(Connection& connection, LeaseBinding* binding) noexcept;
   // Connection::interrupt() on an implementation: thread-safe, as that is.
   static void interrupt(Connection::Impl& impl, std::chrono::milliseconds wait_for_cancel) noexcept;
 };

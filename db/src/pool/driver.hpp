@@ -343,8 +343,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
   Connection hand_out_locked(pool::Node& node) noexcept {
     auto& pooled = static_cast<PooledConnection&>(*node.attachment);
     Connection connection = std::move(pooled.connection);
-    ConnectionAccess::bind(connection, &pooled);
-    pooled.leased_impl = ConnectionAccess::impl(connection);
+    pooled.leased_impl = ConnectionAccess::bind(connection, &pooled);
     return connection;
   }
 
@@ -352,8 +351,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
   // handed out (the user replaced it): the node is then closed as broken.
   static bool take_back_locked(pool::Node& node, Connection& leased) noexcept {
     auto& pooled = static_cast<PooledConnection&>(*node.attachment);
-    const bool same = ConnectionAccess::impl(leased) == pooled.leased_impl;
-    ConnectionAccess::bind(leased, nullptr);
+    const bool same = ConnectionAccess::bind(leased, nullptr) == pooled.leased_impl;
     pooled.connection = std::move(leased);
     pooled.leased_impl = nullptr;
     return same;
@@ -412,7 +410,29 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
 
   // A lease ended. `leased`: the connection its Lease held (null: the node still has it, as for a
   // waiter that was handed a node but gone before it took it).
-  void release(pool::Node& node, Connection* leased, bool discard) noexcept;
+  // (Inline: the hot path of every Lease's end.)
+  void release(pool::Node& node, Connection* leased, bool discard) noexcept {
+    try {
+      auto kind = discard ? pool::ReturnKind::discard
+                          : classify(leased != nullptr ? *leased : connection_of(node));
+      const auto now = coarse_now();
+      Deferred deferred;
+      std::lock_guard lock(mutex);
+      if (events.released.ever_connected()) deferred.add([this] { emit(events.released); });
+      if (node.state != pool::NodeState::leased) {  // its user closed it: the pool has it already
+        core.lease_dropped_after_close(node);
+        return;
+      }
+      if (leased != nullptr && !take_back_locked(node, *leased) && !discard) {
+        kind = pool::ReturnKind::broken;
+      }
+      auto& actions = fresh_actions_locked();
+      core.lease_returned(node, kind, now, actions);
+      execute_locked(actions, deferred);
+    } catch (const std::exception& error) {
+      spdlog::error("pgrt pool: returning a connection failed: {}", error.what());
+    }
+  }
 
   PoolStats stats() const;
 

@@ -10,13 +10,8 @@ using detail::throw_pool_error;
 
 // --- Lease ---------------------------------------------------------------------------------------
 
-Lease::Lease() noexcept = default;
 Lease::Lease(std::shared_ptr<detail::PoolState> pool, detail::pool::Node* node) noexcept
     : pool_(std::move(pool)), node_(node), connection_(pool_->hand_out_locked(*node_)) {}
-Lease::Lease(Lease&& other) noexcept
-    : pool_(std::move(other.pool_)),
-      node_(std::exchange(other.node_, nullptr)),
-      connection_(std::move(other.connection_)) {}
 Lease& Lease::operator=(Lease&& other) noexcept {
   if (this != &other) {
     release();
@@ -25,9 +20,6 @@ Lease& Lease::operator=(Lease&& other) noexcept {
     connection_ = std::move(other.connection_);
   }
   return *this;
-}
-Lease::~Lease() {
-  release();
 }
 
 Connection& Lease::operator*() const {

@@ -144,12 +144,12 @@ class Connection {
   }
 
   /// An empty connection: not open; every operation fails with client_errc::not_connected.
-  Connection() noexcept;
-  Connection(Connection&& other) noexcept;
-  Connection& operator=(Connection&& other) noexcept;
+  Connection() noexcept = default;
+  Connection(Connection&& other) noexcept = default;
+  Connection& operator=(Connection&& other) noexcept = default;
   Connection(const Connection&) = delete;
   Connection& operator=(const Connection&) = delete;
-  ~Connection();
+  ~Connection() = default;
 
   /// Runs one statement with parameters bound to $1..$n (extended protocol: the values never
   /// become SQL text) and returns its rows. `sql` must stay valid until the operation completes.
@@ -293,7 +293,13 @@ class Connection {
 
  private:
   friend struct detail::ConnectionAccess;
-  explicit Connection(std::unique_ptr<Impl> impl) noexcept;
+  // Destroys an Impl (defined where Impl is), so that moving and destroying an empty Connection
+  // are inline: a Lease moves one at every acquire.
+  struct ImplDeleter {
+    void operator()(Impl* impl) const noexcept;
+  };
+  using ImplPtr = std::unique_ptr<Impl, ImplDeleter>;
+  explicit Connection(ImplPtr impl) noexcept : impl_(std::move(impl)) {}
 
   boost::asio::awaitable<Result> query_with(std::string_view sql, ParamSink params);
   boost::asio::awaitable<std::uint64_t> execute_with(std::string_view sql, ParamSink params);
@@ -328,7 +334,7 @@ class Connection {
         token);
   }
 
-  std::unique_ptr<Impl> impl_;
+  ImplPtr impl_;
 };
 
 }  // namespace pgrt

@@ -246,12 +246,17 @@ struct Node;
 /// noexcept and may run on any thread.
 class Lease {
  public:
-  Lease() noexcept;
-  Lease(Lease&& other) noexcept;
+  Lease() noexcept = default;
+  Lease(Lease&& other) noexcept
+      : pool_(std::move(other.pool_)),
+        node_(std::exchange(other.node_, nullptr)),
+        connection_(std::move(other.connection_)) {}
   Lease& operator=(Lease&& other) noexcept;
   Lease(const Lease&) = delete;
   Lease& operator=(const Lease&) = delete;
-  ~Lease();
+  ~Lease() {
+    if (node_ != nullptr) release();
+  }
 
   /// The connection. Throws pgrt::Error(client_errc::not_connected) on an empty Lease
   /// (default-constructed, moved from, released or discarded).
