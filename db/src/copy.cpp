@@ -1,10 +1,19 @@
 #include "pgrt/db/copy.hpp"
 
+#include <algorithm>
 #include <charconv>
 #include <cmath>
 #include <cstdio>
 
+#include "connection/impl.hpp"
+
 namespace pgrt {
+
+namespace {
+
+constexpr std::size_t copy_chunk_size = 64 * 1024;
+
+}  // namespace
 
 void append_copy_field(std::string& out, std::string_view value) {
   for (char c : value) {
@@ -94,6 +103,54 @@ void append_copy_field(std::string& out, std::chrono::system_clock::time_point v
                 static_cast<long long>(minutes), static_cast<long long>(seconds),
                 static_cast<long long>(fraction));
   out += buffer;
+}
+
+asio::awaitable<std::uint64_t> Connection::copy_from(std::string_view copy_statement,
+                                                     std::string_view data) {
+  if (!impl_) throw_not_connected();
+  Impl& impl = *impl_;
+  Result result;
+  auto error = co_await run_operation(impl, [&]() -> asio::awaitable<error_code> {
+    PGconn* conn = impl.conn;
+    const std::string statement(copy_statement);
+    if (PQsendQuery(conn, statement.c_str()) == 0) co_return impl.lost(statement);
+    if (auto flush_error = co_await impl.flush(statement)) co_return flush_error;
+    PGresult* raw = nullptr;
+    if (auto read_error = co_await impl.next_result(raw, statement)) co_return read_error;
+    Result first(raw);
+    if (raw == nullptr || PQresultStatus(raw) != PGRES_COPY_IN) {
+      error_code failure =
+          raw != nullptr && PQresultStatus(raw) == PGRES_FATAL_ERROR
+              ? impl.server_error(raw, statement)
+              : impl.fail(client_errc::protocol_error,
+                          "copy_from() needs a COPY ... FROM STDIN statement", statement);
+      Result rest;
+      if (auto collect_error = co_await impl.collect(statement, rest, nullptr, nullptr)) {
+        co_return collect_error;
+      }
+      co_return failure;
+    }
+    for (std::size_t offset = 0; offset < data.size();) {
+      const std::size_t size = std::min(copy_chunk_size, data.size() - offset);
+      const int put = PQputCopyData(conn, data.data() + offset, static_cast<int>(size));
+      if (put < 0) co_return impl.lost(statement);
+      if (put == 0) {  // libpq's buffer is full
+        if (auto flush_error = co_await impl.flush(statement)) co_return flush_error;
+        continue;
+      }
+      offset += size;
+    }
+    for (;;) {
+      const int ended = PQputCopyEnd(conn, nullptr);
+      if (ended < 0) co_return impl.lost(statement);
+      if (ended == 1) break;
+      if (auto flush_error = co_await impl.flush(statement)) co_return flush_error;
+    }
+    if (auto flush_error = co_await impl.flush(statement)) co_return flush_error;
+    co_return co_await impl.collect(statement, result, nullptr, nullptr);
+  });
+  if (error) throw Error(error, impl.last_error);
+  co_return result.affected_rows();
 }
 
 }  // namespace pgrt

@@ -1,0 +1,138 @@
+#include <boost/asio/experimental/awaitable_operators.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <future>
+#include <sys/socket.h>
+#include <thread>
+
+#include "impl.hpp"
+
+namespace pgrt {
+
+void Connection::Impl::arm_interrupt() noexcept {
+  std::lock_guard lock(interrupt_mutex);
+  interruptible_fd = PQsocket(conn);
+  interrupt_cancel = std::shared_ptr<PGcancel>(PQgetCancel(conn), PQfreeCancel);
+}
+
+void Connection::Impl::interrupt(std::chrono::milliseconds wait_for_cancel) noexcept {
+  std::lock_guard lock(interrupt_mutex);
+  if (interruptible_fd < 0) return;
+  cut_by_owner = true;
+  if (interrupt_cancel) {
+    try {
+      // PQcancel() blocks (it connects to the server): on a thread of its own, waited for at
+      // most `wait_for_cancel` (an exiting process must send it before it is gone).
+      auto sent = std::make_shared<std::promise<void>>();
+      auto done = sent->get_future();
+      std::thread([cancel = interrupt_cancel, sent] {
+        char error[256];
+        PQcancel(cancel.get(), error, sizeof error);
+        sent->set_value();
+      }).detach();
+      if (wait_for_cancel.count() > 0) done.wait_for(wait_for_cancel);
+    } catch (const std::exception&) {  // NOLINT(bugprone-empty-catch): shutdown() still cuts it
+    }
+  }
+  ::shutdown(interruptible_fd, SHUT_RDWR);
+}
+
+// A wait ended early: the operation was cancelled, or the socket was closed under us.
+asio::awaitable<error_code> Connection::Impl::interrupted(error_code error,
+                                                          std::string_view statement,
+                                                          bool can_drain) {
+  auto state = co_await asio::this_coro::cancellation_state;
+  if (state.cancelled() == asio::cancellation_type::none) {
+    if (conn == nullptr) co_return make_error_code(client_errc::not_connected);
+    last_error.message = error.message();
+    co_return lost(statement);
+  }
+  co_await asio::this_coro::reset_cancellation_state();
+  if (!can_drain) {
+    broken = true;
+    close(CloseMode::immediate);
+    co_return fail(client_errc::cancelled,
+                   "the operation was cancelled; the connection was closed (a cancelled "
+                   "pipeline cannot be drained)",
+                   statement);
+  }
+  co_return co_await cancel_and_drain(statement);
+}
+
+// Asks the server to cancel the running statement. libpq 15's PQcancel blocks (it connects and
+// waits for the server), so it runs on a thread of its own and never on the io_context. The
+// returned flag turns true once the server has taken the request: only then may the connection
+// run another statement, or a late cancel would hit that one. nullptr if no request was sent.
+std::shared_ptr<std::atomic<bool>> Connection::Impl::send_cancel_request() noexcept {
+  PGcancel* cancel = PQgetCancel(conn);
+  if (cancel == nullptr) return nullptr;
+  try {
+    auto delivered = std::make_shared<std::atomic<bool>>(false);
+    std::thread([cancel, delivered] {
+      char error[256];
+      PQcancel(cancel, error, sizeof error);
+      PQfreeCancel(cancel);
+      *delivered = true;
+    }).detach();
+    return delivered;
+  } catch (const std::exception&) {
+    PQfreeCancel(cancel);  // no thread, no request: the drain alone decides
+    return nullptr;
+  }
+}
+
+// Waits (polling: the helper thread must not touch the io_context) until the cancel request
+// has been delivered.
+asio::awaitable<bool> Connection::Impl::cancel_delivered(
+    std::shared_ptr<std::atomic<bool>> delivered) {
+  asio::steady_timer timer(executor);
+  while (delivered && !*delivered) {
+    timer.expires_after(std::chrono::milliseconds(1));
+    if (auto [error] = co_await timer.async_wait(no_throw); error) co_return false;
+  }
+  co_return true;
+}
+
+// Reads and discards results until the connection is idle. False if it cannot get there.
+asio::awaitable<bool> Connection::Impl::drain() {
+  for (;;) {
+    while (PQisBusy(conn) != 0) {
+      if (co_await wait_readable()) co_return false;
+      if (PQconsumeInput(conn) == 0) co_return false;
+    }
+    PGresult* result = PQgetResult(conn);
+    if (result == nullptr) co_return PQstatus(conn) == CONNECTION_OK;
+    const auto status = PQresultStatus(result);
+    PQclear(result);
+    if (status == PGRES_COPY_IN) {
+      PQputCopyEnd(conn, "cancelled by the client");
+      while (PQflush(conn) == 1) {
+        if (co_await wait_writable_or_readable()) co_return false;
+        PQconsumeInput(conn);
+      }
+    }
+  }
+}
+
+asio::awaitable<error_code> Connection::Impl::cancel_and_drain(std::string_view statement) {
+  using namespace asio::experimental::awaitable_operators;
+  auto delivered = send_cancel_request();
+  asio::steady_timer timer(executor, options.cancel_timeout);
+  auto outcome =
+      co_await ((drain() && cancel_delivered(std::move(delivered))) || timer.async_wait(no_throw));
+  if (outcome.index() == 0 && std::get<0>(std::get<0>(outcome)) &&
+      std::get<1>(std::get<0>(outcome))) {
+    co_return fail(client_errc::cancelled,
+                   "the operation was cancelled; the statement was cancelled on the server and "
+                   "the connection is idle again",
+                   statement);
+  }
+  broken = true;
+  close(CloseMode::immediate);
+  co_return fail(client_errc::cancelled,
+                 "the operation was cancelled, and the server did not end the statement within " +
+                     std::to_string(options.cancel_timeout.count()) +
+                     " ms, so the connection was closed",
+                 statement, "the network or server may be unresponsive");
+}
+
+}  // namespace pgrt

@@ -1,0 +1,195 @@
+#include <boost/asio/ip/address.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <cctype>
+#include <vector>
+
+#include "conninfo.hpp"
+#include "impl.hpp"
+
+namespace pgrt {
+
+std::string Connection::Impl::target() const {
+  if (conn == nullptr) return "the server";
+  std::string host = PQhost(conn) != nullptr ? PQhost(conn) : "";
+  std::string port = PQport(conn) != nullptr ? PQport(conn) : "";
+  std::string where =
+      host.empty() || host.front() != '/' ? host + ":" + port : "socket " + host + " port " + port;
+  return where + " (database \"" + (PQdb(conn) != nullptr ? PQdb(conn) : "") + "\", user \"" +
+         (PQuser(conn) != nullptr ? PQuser(conn) : "") + "\")";
+}
+
+error_code Connection::Impl::connect_error() {
+  const std::string message = trimmed(conn != nullptr ? PQerrorMessage(conn) : "out of memory");
+  std::string where = target();
+  close(CloseMode::immediate);
+  auto classify = [&](std::string_view sqlstate, std::string hint) {
+    last_error = Diagnostics{.sqlstate = std::string(sqlstate),
+                             .severity = "FATAL",
+                             .message = "could not connect to " + where + ": " + message,
+                             .hint = std::move(hint)};
+    return make_sqlstate_error(sqlstate);
+  };
+  if (contains(message, "password authentication failed")) {
+    return classify("28P01", "check the user name and password (conninfo or PGPASSWORD)");
+  }
+  if (contains(message, "database") && contains(message, "does not exist")) {
+    return classify("3D000", "check the database name, or create the database");
+  }
+  if (contains(message, "role") && contains(message, "does not exist")) {
+    return classify("28000", "check the user name, or create the role");
+  }
+  if (contains(message, "too many clients") || contains(message, "remaining connection slots")) {
+    return classify("53300",
+                    "the server is at max_connections: close idle connections elsewhere, lower "
+                    "pool sizes, or raise max_connections; retry with backoff");
+  }
+  if (contains(message, "the database system is")) {
+    return classify("57P03", "the server is starting up or shutting down; retry shortly");
+  }
+  if (contains(message, "could not translate host name")) {
+    return fail(client_errc::name_resolution, "could not connect to " + where + ": " + message, {},
+                "check the host name and DNS");
+  }
+  std::string hint =
+      "check that the server is running and accepts connections on that host "
+      "and port (listen_addresses, pg_hba.conf, firewalls)";
+  if (contains(message, "no password supplied")) {
+    hint = "the server wants a password: put it in the conninfo, PGPASSWORD or ~/.pgpass";
+  }
+  return fail(client_errc::connect_failed, "could not connect to " + where + ": " + message, {},
+              std::move(hint));
+}
+
+// Resolves host names with asio's resolver (a background thread), so that libpq, which would
+// call getaddrinfo() on the event loop, gets numeric addresses in `hostaddr`. A name with several
+// addresses becomes several host entries, one per address, tried in order as libpq would.
+asio::awaitable<error_code> Connection::Impl::resolve_hosts(const ParsedConninfo& parsed,
+                                                            std::optional<Targets>& targets) {
+  const std::string hosts = parsed.get("host", "PGHOST");
+  if (hosts.empty() || !parsed.get("hostaddr", "PGHOSTADDR").empty()) co_return error_code{};
+  const auto host_list = split_hosts(hosts);
+  const auto port_list = split_hosts(parsed.get("port", "PGPORT"));
+  const bool port_per_host = port_list.size() > 1;
+  Targets resolved;
+  bool any_resolved = false;
+  asio::ip::tcp::resolver resolver(executor);
+  std::size_t entries = 0;
+  auto append = [&](const std::string& host, const std::string& address, std::size_t index) {
+    const std::string separator = entries++ == 0 ? "" : ",";
+    resolved.host += separator + host;
+    resolved.hostaddr += separator + address;
+    if (port_per_host) resolved.port += separator + port_list[index];
+  };
+  for (std::size_t index = 0; index < host_list.size(); ++index) {
+    const std::string& host = host_list[index];
+    const bool is_path = !host.empty() && (host.front() == '/' || host.front() == '@');
+    error_code numeric_error;
+    if (!host.empty() && !is_path) asio::ip::make_address(host, numeric_error);
+    if (host.empty() || is_path || !numeric_error) {
+      append(host, "", index);
+      continue;
+    }
+    auto [error, results] = co_await resolver.async_resolve(host, "", no_throw);
+    if (error) {
+      co_return fail(client_errc::name_resolution,
+                     "could not resolve host name \"" + host + "\": " + error.message(), {},
+                     "check the host name and DNS");
+    }
+    for (const auto& entry : results) {
+      append(host, entry.endpoint().address().to_string(), index);
+      any_resolved = true;
+    }
+  }
+  if (any_resolved) {
+    if (!port_per_host) resolved.port.clear();
+    targets = std::move(resolved);
+  }
+  co_return error_code{};
+}
+
+asio::awaitable<error_code> Connection::Impl::connect() {
+  const ParsedConninfo parsed = parse_conninfo(options.conninfo);
+  if (!parsed.valid) {
+    std::string message = "the conninfo could not be parsed";
+    if (!mentions_password(options.conninfo)) {
+      message += ": \"" + options.conninfo + "\"";
+    }
+    co_return fail(client_errc::connect_failed, message, {},
+                   "use a URL (postgresql://user@host:5432/db) or key=value pairs "
+                   "(host=... dbname=...)");
+  }
+  std::optional<Targets> targets;
+  if (auto error = co_await resolve_hosts(parsed, targets)) co_return error;
+
+  std::vector<std::pair<std::string, std::string>> params;
+  if (!options.conninfo.empty()) params.emplace_back("dbname", options.conninfo);
+  std::string startup_options = parsed.get("options", "PGOPTIONS");
+  bool datestyle_given = false;
+  for (const auto& [name, value] : options.session_settings) {
+    std::string lowered;
+    for (char c : name) lowered += static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    datestyle_given = datestyle_given || lowered == "datestyle";
+    startup_options += " -c " + escape_option_value(name) + "=" + escape_option_value(value);
+  }
+  if (!datestyle_given) startup_options += " -c DateStyle=ISO";
+  params.emplace_back("options", startup_options);
+  if (!options.application_name.empty()) {
+    params.emplace_back("application_name", options.application_name);
+  }
+  if (options.keepalives) {
+    params.emplace_back("keepalives", "1");
+    params.emplace_back("keepalives_idle", std::to_string(options.keepalives->idle.count()));
+    params.emplace_back("keepalives_interval",
+                        std::to_string(options.keepalives->interval.count()));
+    params.emplace_back("keepalives_count", std::to_string(options.keepalives->count));
+  }
+  if (options.tcp_user_timeout.count() > 0) {
+    params.emplace_back("tcp_user_timeout", std::to_string(options.tcp_user_timeout.count()));
+  }
+  if (targets) {
+    params.emplace_back("host", targets->host);
+    params.emplace_back("hostaddr", targets->hostaddr);
+    if (!targets->port.empty()) params.emplace_back("port", targets->port);
+  }
+  std::vector<const char*> keywords;
+  std::vector<const char*> values;
+  for (const auto& [keyword, value] : params) {
+    keywords.push_back(keyword.c_str());
+    values.push_back(value.c_str());
+  }
+  keywords.push_back(nullptr);
+  values.push_back(nullptr);
+
+  conn = PQconnectStartParams(keywords.data(), values.data(), 1);
+  if (conn == nullptr || PQstatus(conn) == CONNECTION_BAD) co_return connect_error();
+  PostgresPollingStatusType polling = PGRES_POLLING_WRITING;
+  while (polling != PGRES_POLLING_OK) {
+    if (polling == PGRES_POLLING_FAILED) co_return connect_error();
+    // libpq may open a new socket at any step (next address, next host, SSL fallback): wrap the
+    // current one afresh each time.
+    if (auto assign_error = watch_socket()) {
+      co_return fail(client_errc::connect_failed,
+                     "cannot watch the connection's socket: " + assign_error.message());
+    }
+    auto [error] =
+        co_await socket.async_wait(polling == PGRES_POLLING_READING ? asio::socket_base::wait_read
+                                                                    : asio::socket_base::wait_write,
+                                   no_throw);
+    if (error) {
+      std::string where = target();
+      close(CloseMode::immediate);
+      co_return fail(client_errc::cancelled, "connecting to " + where + " was cancelled");
+    }
+    polling = PQconnectPoll(conn);
+  }
+  if (PQsetnonblocking(conn, 1) != 0) co_return connect_error();
+  if (auto assign_error = watch_socket()) {
+    close(CloseMode::immediate);
+    co_return fail(client_errc::connect_failed,
+                   "cannot watch the connection's socket: " + assign_error.message());
+  }
+  arm_interrupt();
+  co_return error_code{};
+}
+
+}  // namespace pgrt

@@ -1,0 +1,31 @@
+#pragma once
+
+// The conninfo, as libpq parses it: for Connection::Impl::connect() (connect.cpp).
+
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <vector>
+
+namespace pgrt {
+
+// libpq's `options` startup parameter separates arguments by spaces; escape them.
+std::string escape_option_value(std::string_view value);
+
+std::vector<std::string> split_hosts(const std::string& hosts);
+
+struct ParsedConninfo {
+  bool valid = false;
+  std::unordered_map<std::string, std::string> values;
+  [[nodiscard]] std::string get(const std::string& keyword, const char* env) const {
+    if (auto it = values.find(keyword); it != values.end()) return it->second;
+    const char* from_env = env != nullptr ? std::getenv(env) : nullptr;
+    return from_env != nullptr ? from_env : "";
+  }
+};
+
+ParsedConninfo parse_conninfo(const std::string& conninfo);
+
+bool mentions_password(std::string_view conninfo);
+
+}  // namespace pgrt

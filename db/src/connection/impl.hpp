@@ -1,0 +1,204 @@
+#pragma once
+
+// Connection::Impl, private to pgrt_db: the state of one libpq connection and the operations on it.
+// Its member functions live in files named by job:
+//   connection/conninfo.cpp         parsing the conninfo (conninfo.hpp), password redaction
+//   connection/connect.cpp          resolving host names, connecting, connect errors
+//   connection/io.cpp               the socket watch, the readiness waits, sending and collecting
+//                                   results (the per-query path, kept in one translation unit)
+//   connection/cancel.cpp           interrupt(), a cancelled operation: cancel request and drain
+//   connection/statement_cache.cpp  the prepared statements, most recently used first
+//   connection.cpp                  close(), failures, and the public Connection methods
+//   pipeline.cpp, copy.cpp          Connection::run() and Connection::copy_from()
+
+#include <atomic>
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/awaitable.hpp>
+#include <boost/asio/generic/stream_protocol.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <chrono>
+#include <cstdint>
+#include <exception>
+#include <functional>
+#include <libpq-fe.h>
+#include <list>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+
+#include "../connection_access.hpp"
+#include "pgrt/db/connection.hpp"
+
+namespace pgrt {
+
+namespace asio = boost::asio;
+using boost::system::error_code;
+
+struct ParsedConninfo;  // conninfo.hpp
+
+inline constexpr auto no_throw = asio::as_tuple(asio::use_awaitable);
+
+inline std::string trimmed(std::string text) {
+  while (!text.empty() && (text.back() == '\n' || text.back() == ' ')) text.pop_back();
+  return text;
+}
+
+inline bool contains(std::string_view text, std::string_view part) {
+  return text.find(part) != std::string_view::npos;
+}
+
+struct Connection::Impl {
+  Impl(executor_type executor_in, ConnectOptions options_in)
+      : executor(std::move(executor_in)), socket(executor), options(std::move(options_in)) {}
+  ~Impl() { close(CloseMode::graceful); }
+  Impl(const Impl&) = delete;
+  Impl& operator=(const Impl&) = delete;
+  Impl(Impl&&) = delete;
+  Impl& operator=(Impl&&) = delete;
+
+  struct CachedStatement {
+    std::string key;
+    std::string name;
+  };
+
+  executor_type executor;
+  asio::generic::stream_protocol::socket socket;  // wraps PQsocket() without owning it
+  ConnectOptions options;
+  PGconn* conn = nullptr;
+  Diagnostics last_error;
+  bool busy = false;
+  bool broken = false;
+  std::list<CachedStatement> statements;  // most recently used first
+  std::unordered_map<std::string, std::list<CachedStatement>::iterator> statement_index;
+  std::uint64_t next_statement_id = 0;
+
+  // What interrupt() needs, from any thread: the open connection's descriptor and cancel key.
+  // close() clears them under the mutex before PQfinish() frees the descriptor, so interrupt()
+  // never shuts down a descriptor that has been reused for something else.
+  std::mutex interrupt_mutex;
+  int interruptible_fd = -1;
+  std::shared_ptr<PGcancel> interrupt_cancel;
+  std::atomic<bool> cut_by_owner{false};
+  // Set while a Lease holds this connection: close() hands the open connection to it.
+  detail::LeaseBinding* lease_binding = nullptr;
+
+  // --- state (connection.cpp) -------------------------------------------------------------------
+
+  void close(CloseMode mode) noexcept;
+  error_code fail(client_errc code, std::string message, std::string_view statement = {},
+                  std::string hint = {});
+  error_code lost(std::string_view statement);
+  error_code server_error(const PGresult* result, std::string_view statement);
+
+  error_code begin_operation() {
+    if (busy) {
+      // Not recorded in last_error: that belongs to the operation that is running.
+      return make_error_code(client_errc::concurrent_use);
+    }
+    if (conn == nullptr) {
+      return fail(client_errc::not_connected,
+                  broken ? "the connection was closed after a failure; open a new one"
+                         : "the connection is not open");
+    }
+    last_error = {};
+    return {};
+  }
+
+  // --- the socket and waiting (io.cpp) ----------------------------------------------------------
+
+  error_code watch_socket();
+  asio::awaitable<error_code> wait_readable();
+  asio::awaitable<error_code> wait_writable();
+  asio::awaitable<error_code> wait_writable_or_readable();
+
+  // --- cancelling (cancel.cpp) ------------------------------------------------------------------
+
+  void arm_interrupt() noexcept;
+  void interrupt(std::chrono::milliseconds wait_for_cancel) noexcept;
+  asio::awaitable<error_code> interrupted(error_code error, std::string_view statement,
+                                          bool can_drain);
+  std::shared_ptr<std::atomic<bool>> send_cancel_request() noexcept;
+  asio::awaitable<bool> cancel_delivered(std::shared_ptr<std::atomic<bool>> delivered);
+  asio::awaitable<bool> drain();
+  asio::awaitable<error_code> cancel_and_drain(std::string_view statement);
+
+  // --- sending and receiving (io.cpp) -----------------------------------------------------------
+
+  asio::awaitable<error_code> flush(std::string_view statement, bool can_drain = true);
+  asio::awaitable<error_code> next_result(PGresult*& out, std::string_view statement,
+                                          bool can_drain = true);
+  asio::awaitable<error_code> collect(std::string_view statement, Result& out,
+                                      const std::function<void(const Row&)>* on_row,
+                                      std::uint64_t* streamed_rows);
+  asio::awaitable<error_code> send_and_collect(std::string_view sql, const ParamSink& params,
+                                               const std::string* prepared_name, Result& out,
+                                               const std::function<void(const Row&)>* on_row,
+                                               std::uint64_t* streamed_rows);
+
+  // --- the statement cache (statement_cache.cpp) ------------------------------------------------
+
+  asio::awaitable<error_code> prepared_name_for(std::string_view sql, const ParamSink& params,
+                                                std::string& name);
+  void forget_statement(const std::string& name);
+
+  // --- connecting (connect.cpp) -----------------------------------------------------------------
+
+  std::string target() const;
+  error_code connect_error();
+  struct Targets {
+    std::string host;
+    std::string hostaddr;
+    std::string port;
+  };
+  asio::awaitable<error_code> resolve_hosts(const ParsedConninfo& parsed,
+                                            std::optional<Targets>& targets);
+  asio::awaitable<error_code> connect();
+};
+
+// Marks an operation running for its whole duration, restoring the coroutine's throw-if-cancelled
+// setting (operations handle cancellation themselves and must keep awaiting after it).
+class Operation {
+ public:
+  explicit Operation(Connection::Impl& impl) noexcept : impl_(impl) { impl_.busy = true; }
+  ~Operation() { impl_.busy = false; }
+  Operation(const Operation&) = delete;
+  Operation& operator=(const Operation&) = delete;
+  Operation(Operation&&) = delete;
+  Operation& operator=(Operation&&) = delete;
+
+ private:
+  Connection::Impl& impl_;
+};
+
+[[noreturn]] inline void throw_not_connected() {
+  throw Error(make_error_code(client_errc::not_connected),
+              Diagnostics{.message = "the connection is not open (closed, moved from, or given "
+                                     "back to its pool with the Lease it came from)",
+                          .hint = "a Connection& taken from a Lease is valid only while that "
+                                  "Lease holds it: use the Lease itself"});
+}
+
+// Runs `body` as one connection operation; throws pgrt::Error on failure.
+template <typename Body>
+asio::awaitable<error_code> run_operation(Connection::Impl& impl, Body body) {
+  if (auto error = impl.begin_operation()) co_return error;
+  Operation operation(impl);
+  const bool throw_if_cancelled = co_await asio::this_coro::throw_if_cancelled();
+  co_await asio::this_coro::throw_if_cancelled(false);
+  error_code error;
+  std::exception_ptr failure;  // e.g. from a stream() callback
+  try {
+    error = co_await body();
+  } catch (...) {
+    failure = std::current_exception();
+  }
+  co_await asio::this_coro::throw_if_cancelled(throw_if_cancelled);
+  if (failure) std::rethrow_exception(failure);
+  co_return error;
+}
+
+}  // namespace pgrt
