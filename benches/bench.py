@@ -257,6 +257,9 @@ def contestants(bench):
             return metrics
 
         add(f"overload/open/{percent}", "pgrt, open loop", SAFE, pgrt_open)
+        add(f"overload/open/{percent}", "pgrt, open loop, arrivals posted from another thread",
+            SAFE, lambda p=percent: bench.pgrt(f"BM_PoolOverloadOpenLoopPosted/percent_of_capacity:{p}",
+                                               {"PGRT_BENCH_CAPACITY": str(bench.capacity)}))
         add(f"overload/open/{percent}", "pgbench -c3 -j1 -R (same rate)", FAST,
             lambda p=percent: bench.pgbench_rate(p))
 
@@ -497,7 +500,11 @@ def write_report(results, raw, args, bench, elapsed, plot):
                 "coordinated omission). pgbench `-c3 -j1 -R` is offered the same rate, also on a Poisson "
                 "schedule; its latencies come from its per-transaction log, which also counts from the "
                 "scheduled start. A contestant whose own capacity is below the offered rate falls behind "
-                "for the whole window, and its latencies grow with it.")
+                "for the whole window, and its latencies grow with it. pgrt runs twice: once with its "
+                "pacer on the io_context's own thread (it yields to the requests between arrivals), and "
+                "once with the arrivals posted into the io_context from a thread of their own, as a "
+                "network delivers them; the same arrivals (same seed) in both. Where both fall behind, "
+                "the collapse is the pool's and not the load generator's.")
     for percent in OPEN_LOOP_PERCENTS:
         report.text(f"### {percent}% of capacity")
         report.table(f"overload/open/{percent}", ["offered_per_s", "latency_p50_us", "latency_p99_us", "latency_p999_us"],

@@ -418,6 +418,85 @@ BENCHMARK(BM_PoolOverloadOpenLoop)
     ->Arg(95)
     ->Iterations(1);
 
+// The same open loop, with the arrivals made the way a network makes them: a thread of its own
+// sleeps until each request's intended moment and posts it into the io_context, whose one thread
+// runs only the pool and the requests (BM_PoolOverloadOpenLoop's pacer runs on that thread, and
+// yields to the requests between arrivals). Side by side, the two tell whether a latency collapse
+// belongs to the pool or to the load generator.
+void BM_PoolOverloadOpenLoopPosted(benchmark::State& state) {
+  const double share = static_cast<double>(state.range(0)) / 100.0;
+  for (auto _ : state) {
+    const char* given = std::getenv("PGRT_BENCH_CAPACITY");
+    Histogram ignored;
+    const double capacity = given != nullptr && std::strtod(given, nullptr) > 0
+                                ? std::strtod(given, nullptr)
+                                : select_one_closed_loop(256, false, ignored);
+    const double rate = capacity * share;
+    asio::io_context io;
+    pgrt::Pool pool(io.get_executor(), pool_config(3));
+    Histogram latencies;
+    std::thread generator;
+    const auto join_generator = [&] {
+      if (generator.joinable()) generator.join();
+    };
+    try {
+      run(io, [&]() -> asio::awaitable<void> {
+        {
+          auto a = co_await pool.acquire();
+          auto b = co_await pool.acquire();
+          auto c = co_await pool.acquire();
+        }
+        InFlight requests(io);
+        asio::steady_timer generated(io, Clock::time_point::max());
+        bool done = false;
+        const auto started = Clock::now();
+        const auto until = started + window();
+        generator = std::thread([&, started, until] {
+          std::mt19937_64 random(42);  // the same arrivals as BM_PoolOverloadOpenLoop's
+          std::exponential_distribution<double> gap(rate);
+          std::chrono::duration<double> offset{0};
+          for (;;) {
+            offset += std::chrono::duration<double>(gap(random));
+            const auto intended = started + std::chrono::duration_cast<Clock::duration>(offset);
+            if (intended >= until) break;
+            std::this_thread::sleep_until(intended);
+            asio::post(io, [&, intended] {
+              requests.spawn([&, intended]() -> asio::awaitable<void> {
+                auto lease = co_await pool.acquire();
+                auto result = co_await lease->query_prepared("SELECT 1");
+                benchmark::DoNotOptimize(result);
+                lease.release();
+                latencies.record(Clock::now() - intended);
+              });
+            });
+          }
+          asio::post(io, [&] {
+            done = true;
+            generated.cancel();
+          });
+        });
+        while (!done) co_await generated.async_wait(asio::as_tuple(asio::use_awaitable));
+        co_await requests.wait();
+        (void)co_await pool.close(0ms);
+      });
+    } catch (...) {
+      join_generator();
+      throw;
+    }
+    join_generator();
+    state.counters["capacity_per_s"] = capacity;
+    state.counters["offered_per_s"] = rate;
+    report_latency(state, latencies, "latency");
+  }
+}
+BENCHMARK(BM_PoolOverloadOpenLoopPosted)
+    ->ArgName("percent_of_capacity")
+    ->Arg(25)
+    ->Arg(50)
+    ->Arg(80)
+    ->Arg(95)
+    ->Iterations(1);
+
 // --- 5. a pipelined batch on one lease
 // -------------------------------------------------------------
 
