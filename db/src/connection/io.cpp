@@ -92,7 +92,12 @@ asio::awaitable<error_code> Connection::Impl::collect(std::string_view statement
   error_code first_error;
   for (;;) {
     PGresult* raw = nullptr;
-    if (auto error = co_await next_result(raw, statement)) co_return error;
+    // A result libpq already holds is taken here: no coroutine frame for next_result().
+    if (PQisBusy(conn) == 0) {
+      raw = PQgetResult(conn);
+    } else if (auto error = co_await next_result(raw, statement)) {
+      co_return error;
+    }
     if (raw == nullptr) break;
     Result result(raw);
     switch (PQresultStatus(raw)) {
@@ -153,7 +158,13 @@ asio::awaitable<error_code> Connection::Impl::send_and_collect(
   }
   if (sent == 0) co_return lost(sql);
   if (on_row != nullptr) PQsetSingleRowMode(conn);
-  if (auto error = co_await flush(sql)) co_return error;
+  // A statement that fits the socket's buffer is sent at once: flush() (a coroutine frame) only
+  // for the rest.
+  const int pending = PQflush(conn);
+  if (pending < 0) co_return lost(sql);
+  if (pending > 0) {
+    if (auto error = co_await flush(sql)) co_return error;
+  }
   co_return co_await collect(sql, out, on_row, streamed_rows);
 }
 
