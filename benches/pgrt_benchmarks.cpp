@@ -349,19 +349,32 @@ void BM_PoolOverloadClosedLoop(benchmark::State& state) {
 }
 BENCHMARK(BM_PoolOverloadClosedLoop)->Iterations(1);
 
+// The closed-loop capacity the open loops offer a share of: scripts/bench.sh passes the one it
+// measured in this repetition; alone, a benchmark measures it first.
+double closed_loop_capacity() {
+  const char* given = std::getenv("PGRT_BENCH_CAPACITY");
+  if (given != nullptr && std::strtod(given, nullptr) > 0) return std::strtod(given, nullptr);
+  Histogram ignored;
+  return select_one_closed_loop(256, false, ignored);
+}
+
+// One open-loop request: its latency counts from its intended start.
+asio::awaitable<void> one_request(pgrt::Pool& pool, Histogram& latencies,
+                                  Clock::time_point intended) {
+  auto lease = co_await pool.acquire();
+  auto result = co_await lease->query_prepared("SELECT 1");
+  benchmark::DoNotOptimize(result);
+  lease.release();
+  latencies.record(Clock::now() - intended);
+}
+
 // Requests arrive at a given mean rate (a share of the measured closed-loop capacity), at random
 // (Poisson) moments, each with its own coroutine; latency counts from the request's intended start,
 // so a stalled pool is not hidden by requests that were never sent (no coordinated omission).
 void BM_PoolOverloadOpenLoop(benchmark::State& state) {
   const double share = static_cast<double>(state.range(0)) / 100.0;
   for (auto _ : state) {
-    // scripts/bench.sh passes the closed-loop capacity it measured in this repetition; alone, the
-    // benchmark measures it first.
-    const char* given = std::getenv("PGRT_BENCH_CAPACITY");
-    Histogram ignored;
-    const double capacity = given != nullptr && std::strtod(given, nullptr) > 0
-                                ? std::strtod(given, nullptr)
-                                : select_one_closed_loop(256, false, ignored);
+    const double capacity = closed_loop_capacity();
     const double rate = capacity * share;
     asio::io_context io;
     pgrt::Pool pool(io.get_executor(), pool_config(3));
@@ -394,13 +407,7 @@ void BM_PoolOverloadOpenLoop(benchmark::State& state) {
           co_await pacer.async_wait(asio::use_awaitable);
         }
         while (Clock::now() < intended) co_await yield();
-        requests.spawn([&, intended]() -> asio::awaitable<void> {
-          auto lease = co_await pool.acquire();
-          auto result = co_await lease->query_prepared("SELECT 1");
-          benchmark::DoNotOptimize(result);
-          lease.release();
-          latencies.record(Clock::now() - intended);
-        });
+        requests.spawn([&, intended] { return one_request(pool, latencies, intended); });
       }
       co_await requests.wait();
       (void)co_await pool.close(0ms);
@@ -426,11 +433,7 @@ BENCHMARK(BM_PoolOverloadOpenLoop)
 void BM_PoolOverloadOpenLoopPosted(benchmark::State& state) {
   const double share = static_cast<double>(state.range(0)) / 100.0;
   for (auto _ : state) {
-    const char* given = std::getenv("PGRT_BENCH_CAPACITY");
-    Histogram ignored;
-    const double capacity = given != nullptr && std::strtod(given, nullptr) > 0
-                                ? std::strtod(given, nullptr)
-                                : select_one_closed_loop(256, false, ignored);
+    const double capacity = closed_loop_capacity();
     const double rate = capacity * share;
     asio::io_context io;
     pgrt::Pool pool(io.get_executor(), pool_config(3));
@@ -461,13 +464,7 @@ void BM_PoolOverloadOpenLoopPosted(benchmark::State& state) {
             if (intended >= until) break;
             std::this_thread::sleep_until(intended);
             asio::post(io, [&, intended] {
-              requests.spawn([&, intended]() -> asio::awaitable<void> {
-                auto lease = co_await pool.acquire();
-                auto result = co_await lease->query_prepared("SELECT 1");
-                benchmark::DoNotOptimize(result);
-                lease.release();
-                latencies.record(Clock::now() - intended);
-              });
+              requests.spawn([&, intended] { return one_request(pool, latencies, intended); });
             });
           }
           asio::post(io, [&] {
