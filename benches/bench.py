@@ -62,6 +62,7 @@ class Bench:
         )
         self.pgbench_seconds = str(max(1, round(args.seconds)))
         self.scripts = {}
+        self.single_task_us = {}  # one task's latency this repetition, for the sustainable rate
 
     # --- pgrt and raw libpq: one Google Benchmark per run -----------------------------------------
 
@@ -134,6 +135,58 @@ class Bench:
         metrics = self.pgbench_run(script, 3, rate=rate)
         metrics["offered_per_s"] = rate
         return metrics
+
+    # --- the sustainable rate -------------------------------------------------------------------
+
+    def note_single_task(self, key, metrics):
+        """Keeps one task's latency (unix socket) for the sustainable rate's bar."""
+        if key == "pgrt 0":
+            self.single_task_us["pgrt"] = metrics["latency_p50_us"]
+        elif key == "pgbench 0":
+            self.single_task_us["pgbench"] = 1e6 / metrics["queries_per_s"]  # one client: its mean
+        return metrics
+
+    def sustainable_rate(self, probe):
+        """The highest offered rate (Poisson arrivals) at which p99 stays under SUSTAINABLE_FACTOR x
+        the single-task latency: the lower of pgrt's one-task p50 and pgbench -c1's mean latency in
+        this repetition, one bar for both. It brackets the rate from half of pgrt's closed-loop
+        capacity (x1.25 up or x0.8 down until the bar is crossed), then bisects it
+        SUSTAINABLE_BISECTIONS times; `probe(rate)` runs one open loop and returns its metrics."""
+        if not self.single_task_us or not self.capacity:
+            fail("the sustainable rate needs the one-task and the closed-loop overload runs first")
+        bar = SUSTAINABLE_FACTOR * min(self.single_task_us.values())
+        probes = 0
+
+        def passes(rate):
+            nonlocal probes
+            probes += 1
+            return probe(rate)["latency_p99_us"] < bar
+
+        rate = self.capacity / 2
+        if passes(rate):
+            low, high = rate, None
+            for _ in range(8):
+                if not passes(low * 1.25):
+                    high = low * 1.25
+                    break
+                low *= 1.25
+        else:
+            low, high = None, rate
+            for _ in range(8):
+                if passes(high * 0.8):
+                    low = high * 0.8
+                    break
+                high *= 0.8
+        if low is None:
+            return {"sustainable_per_s": 0.0, "bar_us": bar, "probes": probes}
+        if high is not None:
+            for _ in range(SUSTAINABLE_BISECTIONS):
+                middle = (low + high) / 2
+                if passes(middle):
+                    low = middle
+                else:
+                    high = middle
+        return {"sustainable_per_s": low, "bar_us": bar, "probes": probes}
 
     # --- the Python pools -----------------------------------------------------------------------
 
@@ -223,8 +276,10 @@ def contestants(bench):
         transport = "tcp" if tcp else "unix"
         for tasks in (1, 3, 64):
             add(f"select1/{transport}/{tasks}", "pgrt", SAFE,
-                lambda t=tasks, c=tcp: bench.pgrt(f"BM_PoolSelectOne/tasks:{t}/tcp:{c}"))
-        add(f"select1/{transport}/1", "pgbench -c1", FAST, lambda c=tcp: bench.pgbench_select1(1, bool(c)))
+                lambda t=tasks, c=tcp: bench.note_single_task(
+                    f"pgrt {c}" if t == 1 else None, bench.pgrt(f"BM_PoolSelectOne/tasks:{t}/tcp:{c}")))
+        add(f"select1/{transport}/1", "pgbench -c1", FAST,
+            lambda c=tcp: bench.note_single_task(f"pgbench {c}", bench.pgbench_select1(1, bool(c))))
         add(f"select1/{transport}/3", "pgbench -c3 -j1", FAST, lambda c=tcp: bench.pgbench_select1(3, bool(c)))
         add(f"select1/{transport}/1", "raw libpq, 1 connection", FAST,
             lambda c=tcp: bench.pgrt(f"BM_RawLibpqSelectOne/connections:1/tcp:{c}"))
@@ -263,6 +318,16 @@ def contestants(bench):
         add(f"overload/open/{percent}", "pgbench -c3 -j1 -R (same rate)", FAST,
             lambda p=percent: bench.pgbench_rate(p))
 
+    # 4b. The sustainable rate of each, found by search (after the open loops, which measured the
+    # capacity it starts from).
+    add("overload/sustainable", "pgrt, open loop, arrivals posted from another thread", SAFE,
+        lambda: bench.sustainable_rate(lambda rate: bench.pgrt(
+            "BM_PoolOverloadOpenLoopPosted/percent_of_capacity:100",
+            {"PGRT_BENCH_CAPACITY": str(rate)})))
+    add("overload/sustainable", "pgbench -c3 -j1 -R", FAST,
+        lambda: bench.sustainable_rate(
+            lambda rate: bench.pgbench_run(bench.script("select1.sql", "SELECT 1;\n"), 3, rate=rate)))
+
     # 5. Pipelined batch on one lease.
     for depth in (10, 100):
         add(f"pipeline/{depth}", "pgrt", SAFE, lambda d=depth: bench.pgrt(f"BM_PoolPipelinedBatch/depth:{d}"))
@@ -281,6 +346,8 @@ def contestants(bench):
 
 
 OPEN_LOOP_PERCENTS = (25, 50, 80, 95)
+SUSTAINABLE_FACTOR = 10  # the sustainable rate keeps p99 under this many single-task latencies
+SUSTAINABLE_BISECTIONS = 4
 HANDOFF_WAITERS = (3, 16, 64, 256)
 
 
@@ -511,6 +578,14 @@ def write_report(results, raw, args, bench, elapsed, plot):
                      "latency_p99_us", higher_is_better=False, ratio_title="this / pgrt")
     if plot:
         report.text(f"![latency percentiles against offered load]({plot})")
+    report.text("### The sustainable rate",
+                f"The highest offered rate (Poisson arrivals, as above) at which p99 stays under "
+                f"{SUSTAINABLE_FACTOR}x the single-task latency: one bar for both contestants, the lower "
+                "of pgrt's one-task p50 and pgbench `-c1`'s mean latency (benchmark 3) in the same "
+                "repetition (`bar_us`). Each contestant's rate is searched on its own: from half of "
+                "pgrt's closed-loop capacity, up by x1.25 (or down by x0.8) until the bar is crossed, "
+                f"then {SUSTAINABLE_BISECTIONS} bisections; `probes` open loops of one window each.")
+    report.table("overload/sustainable", ["sustainable_per_s", "bar_us", "probes"], "sustainable_per_s")
 
     report.text("## 5. Pipelined batch on one lease",
                 "`depth` statements (`SELECT 1`) sent as one pipeline and read back, in a loop on one "

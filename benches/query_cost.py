@@ -415,10 +415,16 @@ def git(*args):
     return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.strip()
 
 
-def describe(args, server_version, libpq_version):
+def this_tree():
+    """The commit measured: HEAD, and whether the working tree differs from it."""
     commit = git("rev-parse", "--short=12", "HEAD")
     if git("status", "--porcelain", "--untracked-files=no"):
         commit += " + uncommitted changes"
+    return commit
+
+
+def describe(args, server_version, libpq_version):
+    commit = this_tree()
     cpu = "unknown CPU"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -436,11 +442,24 @@ def describe(args, server_version, libpq_version):
             f"{args.callgrind_queries:,}.")
 
 
-def write_docs(results, args, server_version, docs_dir):
+BEFORE_AND_AFTER_MODE = "pgrt-lease-prepared"
+
+
+def before_and_after(before, after, args):
+    """The lease mode before issue 12's query-path changes and now, both measured in this run."""
+    label = LABELS[BEFORE_AND_AFTER_MODE]
+    columns = {"before": f"before: {args.before_name}", "after": f"after: {this_tree()}"}
+    both = {"before": before, "after": after}
+    return (f"### Before and after: {label}\n\nThe query path before issue 12 changed it (commit "
+            f"{args.before_name}, built and measured in the same run) and now.\n\n"
+            + summary_table(both, columns) + "\n\n" + sequences_table(both, columns))
+
+
+def write_docs(results, args, server_version, docs_dir, before=None):
     columns = {m: LABELS[m] for m in results}
     lease = results.get("pgrt-lease-prepared") or next(iter(results.values()))
     libpq_version = lease["libpq_version"]
-    body = "\n\n".join([
+    sections = [
         describe(args, server_version, libpq_version),
         "### Per query\n\n" + summary_table(results, columns, difference=(
             ("pgrt-lease-prepared", "libpq-send-prepared")
@@ -455,7 +474,10 @@ def write_docs(results, args, server_version, docs_dir):
         "`malloc`, by the function that makes them (with what is inlined into it).\n\n"
         + per_query_table(lease["allocation_sites"], "caller", count=15),
         f"### Where the instructions go: {LABELS[lease['mode']]}\n\n" + functions_table(lease),
-    ])
+    ]
+    if before is not None and BEFORE_AND_AFTER_MODE in results:
+        sections.insert(2, before_and_after(before, results[BEFORE_AND_AFTER_MODE], args))
+    body = "\n\n".join(sections)
     page = Path(docs_dir) / "performance.md"
     text = page.read_text() if page.exists() else ""
     if BEGIN not in text or END not in text:
@@ -466,7 +488,7 @@ def write_docs(results, args, server_version, docs_dir):
     raw = {"date": datetime.date.today().isoformat(), "commit": git("rev-parse", "HEAD"),
            "server": server_version, "queries": args.queries,
            "callgrind_queries": args.callgrind_queries, "repetitions": args.repetitions,
-           "results": results}
+           "results": results, "before": {"commit": args.before_name, "result": before}}
     Path(docs_dir, "performance.json").write_text(json.dumps(raw, indent=1, sort_keys=True) + "\n")
     print(body)
 
@@ -498,6 +520,9 @@ def main():
     parser.add_argument("--baseline-name", default="baseline")
     parser.add_argument("--current-name", default="current")
     parser.add_argument("--baseline-report", help="where the comparison goes (Markdown)")
+    parser.add_argument("--before-build-dir",
+                        help="for the docs' before-and-after section: the build from before the change")
+    parser.add_argument("--before-name", default="before", help="that build's commit, for the docs")
     args = parser.parse_args()
     modes = [m for m in args.modes.split(",") if m]
     if any(m not in LABELS for m in modes):
@@ -523,16 +548,21 @@ def main():
             builds = [("current", binary)]
             if args.baseline_build_dir:
                 builds.append(("baseline", Path(args.baseline_build_dir) / "benches" / "pgrt_query_cost"))
+            elif args.before_build_dir:
+                builds.append(("before", Path(args.before_build_dir) / "benches" / "pgrt_query_cost"))
             results = {name: {} for name, _ in builds}
             for mode in modes:
                 for name, build in builds:  # the builds back to back, so drifts fall on both
+                    if name == "before" and mode != BEFORE_AND_AFTER_MODE:
+                        continue
                     print(f"query_cost.py: {mode} ({name}), {time.monotonic() - started:.0f} s so far",
                           file=sys.stderr)
                     results[name][mode] = measure(build, mode, args, env, workdir)
             if args.baseline_build_dir:
                 write_comparison(results["current"], results["baseline"], args, server_version)
             else:
-                write_docs(results["current"], args, server_version, args.docs_dir)
+                write_docs(results["current"], args, server_version, args.docs_dir,
+                           results.get("before", {}).get(BEFORE_AND_AFTER_MODE))
     finally:
         holder.stdin.close()
         holder.wait(timeout=60)

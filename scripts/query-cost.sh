@@ -19,6 +19,10 @@
 # build/baseline-<sha>/query-cost.md (and .json); docs/ is left alone. REV must have the driver
 # (benches/query_cost.cpp).
 #
+# Without --baseline, docs/performance.md also gets "before and after": the lease mode of the
+# query path as it was before issue 12 changed it (commit query_path_before below, built the same way in
+# build/baseline-<sha>/, once) beside this working tree's.
+#
 # The build uses CMAKE_BUILD_PARALLEL_LEVEL jobs (default 1).
 set -euo pipefail
 
@@ -29,6 +33,9 @@ fail() {
   echo "query-cost.sh: $*" >&2
   exit 1
 }
+
+# The query path before issue 12's changes (the commit that added the per-query cost driver).
+query_path_before=701d607
 
 baseline=""
 pass=()
@@ -50,13 +57,34 @@ while (($# > 0)); do
   esac
 done
 
-if [[ -n "$baseline" ]]; then
-  sha=$(git -C "$root" rev-parse --verify --quiet "$baseline^{commit}") ||
-    fail "--baseline $baseline is not a commit of this repository"
+# Checks REV out in build/baseline-<sha>/src and builds its driver in build/baseline-<sha>/release;
+# sets base (that directory) and short (REV's short sha).
+build_baseline() {
+  local rev=$1 sha
+  sha=$(git -C "$root" rev-parse --verify --quiet "$rev^{commit}") ||
+    fail "--baseline $rev is not a commit of this repository"
   short=$(git -C "$root" rev-parse --short=12 "$sha")
   git -C "$root" cat-file -e "$sha:benches/query_cost.cpp" 2>/dev/null ||
-    fail "$baseline ($short) predates the per-query cost driver (it has no benches/query_cost.cpp)"
-fi
+    fail "$rev ($short) predates the per-query cost driver (it has no benches/query_cost.cpp)"
+  base="$root/build/baseline-$short"
+  if [[ -e "$base/src" ]]; then
+    [[ "$(git -C "$base/src" rev-parse HEAD 2>/dev/null)" == "$sha" ]] ||
+      fail "$base/src is not a checkout of $sha: remove it (git worktree remove --force $base/src)"
+    [[ -z "$(git -C "$base/src" status --porcelain --untracked-files=no)" ]] ||
+      fail "$base/src has local changes, so it is not $sha: remove it (git worktree remove --force $base/src)"
+  else
+    mkdir -p "$base"
+    # --force: the path may still be registered from a build/ that was deleted.
+    git -C "$root" worktree add --force --detach "$base/src" "$sha" >"$log" 2>&1 ||
+      { cat "$log" >&2; fail "checking out $rev ($short) in $base/src failed"; }
+  fi
+  echo "query-cost.sh: building $rev ($short) in $base/release" >&2
+  if ! { (cd "$base/src" && cmake --preset release -B "$base/release") &&
+    cmake --build "$base/release" --parallel "$jobs" --target pgrt_query_cost; } >"$log" 2>&1; then
+    cat "$log" >&2
+    fail "building $rev's driver failed (output above)"
+  fi
+}
 
 # pgrt's own packages and the counting tools (only this script needs them, so they are not in
 # install-deps.sh's own list).
@@ -75,29 +103,13 @@ if ! { cmake --preset release && cmake --build build/release --parallel "$jobs" 
 fi
 
 if [[ -z "$baseline" ]]; then
-  /usr/bin/python3 "$root/benches/query_cost.py" --build-dir "$root/build/release" --docs-dir "$root/docs" "${pass[@]}"
+  build_baseline "$query_path_before"
+  /usr/bin/python3 "$root/benches/query_cost.py" --build-dir "$root/build/release" --docs-dir "$root/docs" \
+    --before-build-dir "$base/release" --before-name "$short" "${pass[@]}"
   exit 0
 fi
 
-base="$root/build/baseline-$short"
-if [[ -e "$base/src" ]]; then
-  [[ "$(git -C "$base/src" rev-parse HEAD 2>/dev/null)" == "$sha" ]] ||
-    fail "$base/src is not a checkout of $sha: remove it (git worktree remove --force $base/src)"
-  [[ -z "$(git -C "$base/src" status --porcelain --untracked-files=no)" ]] ||
-    fail "$base/src has local changes, so it is not $sha: remove it (git worktree remove --force $base/src)"
-else
-  mkdir -p "$base"
-  # --force: the path may still be registered from a build/ that was deleted.
-  git -C "$root" worktree add --force --detach "$base/src" "$sha" >"$log" 2>&1 ||
-    { cat "$log" >&2; fail "checking out $baseline ($short) in $base/src failed"; }
-fi
-echo "query-cost.sh: building the baseline $baseline ($short) in $base/release" >&2
-if ! { (cd "$base/src" && cmake --preset release -B "$base/release") &&
-  cmake --build "$base/release" --parallel "$jobs" --target pgrt_query_cost; } >"$log" 2>&1; then
-  cat "$log" >&2
-  fail "building the baseline's driver failed (output above)"
-fi
-
+build_baseline "$baseline"
 current=$(git -C "$root" rev-parse --short=12 HEAD)
 if [[ -n "$(git -C "$root" status --porcelain --untracked-files=no)" ]]; then
   current+=" + uncommitted changes"

@@ -121,14 +121,18 @@ asio::awaitable<Connection> Connection::connect(ConnectOptions options) {
   co_return std::move(connection);
 }
 
+// query(), query_prepared() and stream() run one exchange() each, without run_operation()'s
+// frames: the per-query path. exchange() does what run_operation() does about cancellation.
 asio::awaitable<Result> Connection::query_with(std::string_view sql, ParamSink params) {
   if (!impl_) throw_not_connected();
-  Result result;
   Impl& impl = *impl_;
-  auto error = co_await run_operation(impl, [&]() -> asio::awaitable<error_code> {
-    co_return co_await impl.send_and_collect(sql, params, nullptr, result, nullptr, nullptr);
-  });
-  if (error) throw Error(error, impl.last_error);
+  if (auto error = impl.begin_operation()) throw Error(error, impl.last_error);
+  Operation operation(impl);
+  Result result;
+  if (auto error = co_await impl.exchange(
+          {.kind = Impl::Request::Kind::text, .sql = sql, .params = &params}, result)) {
+    throw Error(error, impl.last_error);
+  }
   co_return result;
 }
 
@@ -139,37 +143,33 @@ asio::awaitable<std::uint64_t> Connection::execute_with(std::string_view sql, Pa
 
 asio::awaitable<Result> Connection::query_prepared_with(std::string_view sql, ParamSink params) {
   if (!impl_) throw_not_connected();
-  Result result;
   Impl& impl = *impl_;
-  auto error = co_await run_operation(impl, [&]() -> asio::awaitable<error_code> {
-    for (int attempt = 0;; ++attempt) {
-      std::string name;
-      if (auto prepare_error = co_await impl.prepared_name_for(sql, params, name)) {
-        co_return prepare_error;
-      }
-      auto run_error = co_await impl.send_and_collect(sql, params, &name, result, nullptr, nullptr);
-      // Someone deallocated it (DISCARD ALL, a pooler): prepare again, once.
-      if (run_error == make_sqlstate_error("26000") && attempt == 0) {
-        impl.forget_statement(name);
-        continue;
-      }
-      co_return run_error;
-    }
-  });
-  if (error) throw Error(error, impl.last_error);
+  if (auto error = impl.begin_operation()) throw Error(error, impl.last_error);
+  Operation operation(impl);
+  Result result;
+  if (auto error = co_await impl.exchange(
+          {.kind = Impl::Request::Kind::prepared, .sql = sql, .params = &params}, result)) {
+    throw Error(error, impl.last_error);
+  }
   co_return result;
 }
 
 asio::awaitable<std::uint64_t> Connection::stream_with(std::string_view sql, ParamSink params,
                                                        std::function<void(const Row&)> on_row) {
   if (!impl_) throw_not_connected();
+  Impl& impl = *impl_;
+  if (auto error = impl.begin_operation()) throw Error(error, impl.last_error);
+  Operation operation(impl);
   Result last;
   std::uint64_t rows = 0;
-  Impl& impl = *impl_;
-  auto error = co_await run_operation(impl, [&]() -> asio::awaitable<error_code> {
-    co_return co_await impl.send_and_collect(sql, params, nullptr, last, &on_row, &rows);
-  });
-  if (error) throw Error(error, impl.last_error);
+  if (auto error = co_await impl.exchange({.kind = Impl::Request::Kind::text,
+                                           .sql = sql,
+                                           .params = &params,
+                                           .on_row = &on_row,
+                                           .streamed_rows = &rows},
+                                          last)) {
+    throw Error(error, impl.last_error);
+  }
   co_return rows;
 }
 

@@ -125,7 +125,7 @@ asio::awaitable<std::uint64_t> Connection::copy_from(std::string_view copy_state
               : impl.fail(client_errc::protocol_error,
                           "copy_from() needs a COPY ... FROM STDIN statement", statement);
       Result rest;
-      if (auto collect_error = co_await impl.collect(statement, rest, nullptr, nullptr)) {
+      if (auto collect_error = co_await impl.collect(statement, rest)) {
         co_return collect_error;
       }
       co_return failure;
@@ -147,7 +147,7 @@ asio::awaitable<std::uint64_t> Connection::copy_from(std::string_view copy_state
       if (auto flush_error = co_await impl.flush(statement)) co_return flush_error;
     }
     if (auto flush_error = co_await impl.flush(statement)) co_return flush_error;
-    co_return co_await impl.collect(statement, result, nullptr, nullptr);
+    co_return co_await impl.collect(statement, result);
   });
   if (error) throw Error(error, impl.last_error);
   co_return result.affected_rows();

@@ -11,6 +11,13 @@ asio::awaitable<std::vector<PipelineOutcome>> Connection::run(const Pipeline& pi
   if (pipeline.size() == 0) co_return outcomes;
   auto error = co_await run_operation(impl, [&]() -> asio::awaitable<error_code> {
     PGconn* conn = impl.conn;
+    if (impl.single_row_mode_left_on) {
+      const ParamSink no_params;
+      Result ignored;
+      const Connection::Impl::Request empty{
+          .kind = Connection::Impl::Request::Kind::text, .sql = "", .params = &no_params};
+      if (auto reset_error = co_await impl.exchange(empty, ignored)) co_return reset_error;
+    }
     if (PQenterPipelineMode(conn) == 0) {
       co_return impl.fail(client_errc::protocol_error,
                           "cannot enter pipeline mode: " + trimmed(PQerrorMessage(conn)));

@@ -773,6 +773,26 @@ TEST_F(ConnectionTest, PipelineReportsEachStatementWithAFailureInTheMiddle) {
   });
 }
 
+// libpq 15 leaves single-row mode on after a streamed statement and does not reset it for the
+// first statement of a pipeline: that one's rows came back as single-row results, which run()
+// reported as a protocol error and which shifted every later outcome.
+TEST_F(ConnectionTest, APipelineRightAfterAStreamGetsEveryResultWhole) {
+  run_coroutine([]() -> awaitable_void {
+    auto conn = co_await open();
+    const auto streamed = co_await conn.stream("SELECT generate_series(1, 3)", [](const Row&) {});
+    EXPECT_EQ(streamed, 3U);
+    Pipeline pipeline;
+    for (int i = 0; i < 5; ++i) pipeline.add("SELECT generate_series(1, $1::int)", i + 1);
+    const auto outcomes = co_await conn.run(pipeline);
+    EXPECT_EQ(outcomes.size(), 5U);
+    if (outcomes.size() != 5U) co_return;
+    for (std::size_t i = 0; i < 5; ++i) {
+      EXPECT_TRUE(outcomes[i].ok()) << i << ": " << outcomes[i].error.message();
+      EXPECT_EQ(outcomes[i].result.size(), i + 1) << i;
+    }
+  });
+}
+
 // ---------------------------------------------------------------- transactions
 
 TEST_F(ConnectionTest, TransactionHelperCommitsOrRollsBack) {

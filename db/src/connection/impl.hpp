@@ -75,6 +75,11 @@ struct Connection::Impl {
   std::list<CachedStatement> statements;  // most recently used first
   std::unordered_map<std::string, std::list<CachedStatement>::iterator> statement_index;
   std::uint64_t next_statement_id = 0;
+  std::string statement_key;  // cached_statement()'s lookup key, kept to spare an allocation
+  // libpq 15 keeps single-row mode on after a stream()'s statement until the next statement sent
+  // outside pipeline mode, so the first statement of a pipeline run next would be in it: run()
+  // sends an empty statement first while this is set (send() keeps it).
+  bool single_row_mode_left_on = false;
 
   // What interrupt() needs, from any thread: the open connection's descriptor and cancel key.
   // close() clears them under the mutex before PQfinish() frees the descriptor, so interrupt()
@@ -128,21 +133,34 @@ struct Connection::Impl {
 
   // --- sending and receiving (io.cpp) -----------------------------------------------------------
 
+  // What exchange() does: send a statement (as text or prepared) and collect its results, or only
+  // collect the results of a statement sent already.
+  struct Request {
+    enum class Kind { results_only, text, prepared };
+    Kind kind = Kind::results_only;
+    std::string_view sql;  // the statement, also named in errors
+    const ParamSink* params = nullptr;
+    const std::function<void(const Row&)>* on_row = nullptr;  // single-row mode when set
+    std::uint64_t* streamed_rows = nullptr;                   // counts on_row's calls
+  };
+  // Runs `request` to its last result; the last result with rows or a command status goes to
+  // `out`, the first error is returned (after the rest have been read).
+  asio::awaitable<error_code> exchange(Request request, Result& out);
+  // Collects every result of a sent statement into `out` (the last one).
+  asio::awaitable<error_code> collect(std::string_view statement, Result& out) {
+    return exchange(Request{.kind = Request::Kind::results_only, .sql = statement}, out);
+  }
+  error_code send(const Request& request, const std::string* prepared_name, bool& flush_pending);
   asio::awaitable<error_code> flush(std::string_view statement, bool can_drain = true);
   asio::awaitable<error_code> next_result(PGresult*& out, std::string_view statement,
                                           bool can_drain = true);
-  asio::awaitable<error_code> collect(std::string_view statement, Result& out,
-                                      const std::function<void(const Row&)>* on_row,
-                                      std::uint64_t* streamed_rows);
-  asio::awaitable<error_code> send_and_collect(std::string_view sql, const ParamSink& params,
-                                               const std::string* prepared_name, Result& out,
-                                               const std::function<void(const Row&)>* on_row,
-                                               std::uint64_t* streamed_rows);
 
-  // --- the statement cache (statement_cache.cpp) ------------------------------------------------
+  // --- the statement cache (io.cpp: the lookup; statement_cache.cpp: preparing) -----------------
 
-  asio::awaitable<error_code> prepared_name_for(std::string_view sql, const ParamSink& params,
-                                                std::string& name);
+  const std::string* cached_statement(std::string_view sql, const ParamSink& params);
+  // Prepares the statement cached_statement() has just missed (its key is in statement_key).
+  asio::awaitable<error_code> prepare(std::string_view sql, const ParamSink& params,
+                                      const std::string*& name);
   void forget_statement(const std::string& name);
 
   // --- connecting (connect.cpp) -----------------------------------------------------------------

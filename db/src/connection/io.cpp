@@ -1,5 +1,6 @@
 #include <boost/asio/experimental/awaitable_operators.hpp>
 #include <cerrno>
+#include <charconv>
 #include <poll.h>
 #include <sys/socket.h>
 #include <variant>
@@ -25,16 +26,17 @@ error_code Connection::Impl::watch_socket() {
   return error;
 }
 
-// Waits until libpq's socket has bytes to read (or end of file), without taking any. Asio's epoll
-// reactor is edge-triggered and a plain async_wait never looks at the socket first, so readiness
-// that came before the wait was queued (bytes libpq left unread, or an edge taken by another
-// thread running the reactor) would be lost. A one-byte MSG_PEEK receive is a speculative
-// operation: the reactor tries it at once and again after every edge, so nothing is lost.
+// Waits until libpq's socket is readable (bytes, end of file or an error), without reading.
+//
+// Nothing that came before the wait is lost, although asio's epoll reactor is edge-triggered:
+// async_wait() queues a non-speculative operation, and asio re-arms the descriptor for it
+// (epoll_ctl(EPOLL_CTL_MOD)); the kernel then reports a socket that is readable already at once.
+// So bytes that arrived between libpq's last read and this wait, or an edge that another thread
+// running the io_context took while no wait was queued, still wake it. Bytes that libpq holds in
+// its own buffer are not the socket's: callers look at PQisBusy() before they wait.
+// (connection_pgtest.cpp's readiness tests cover both, on one thread and on four.)
 asio::awaitable<error_code> Connection::Impl::wait_readable() {
-  char peeked = 0;
-  auto [error, size] = co_await socket.async_receive(asio::buffer(&peeked, 1),
-                                                     asio::socket_base::message_peek, no_throw);
-  if (error == asio::error::eof) co_return error_code{};  // libpq reads the end of file itself
+  auto [error] = co_await socket.async_wait(asio::socket_base::wait_read, no_throw);
   co_return error;
 }
 
@@ -84,67 +86,28 @@ asio::awaitable<error_code> Connection::Impl::next_result(PGresult*& out,
   co_return error_code{};
 }
 
-// Collects every result of a sent statement. Rows go to `out`, or to `on_row` one at a time in
-// single-row mode.
-asio::awaitable<error_code> Connection::Impl::collect(std::string_view statement, Result& out,
-                                                      const std::function<void(const Row&)>* on_row,
-                                                      std::uint64_t* streamed_rows) {
-  error_code first_error;
-  for (;;) {
-    PGresult* raw = nullptr;
-    // A result libpq already holds is taken here: no coroutine frame for next_result().
-    if (PQisBusy(conn) == 0) {
-      raw = PQgetResult(conn);
-    } else if (auto error = co_await next_result(raw, statement)) {
-      co_return error;
-    }
-    if (raw == nullptr) break;
-    Result result(raw);
-    switch (PQresultStatus(raw)) {
-      case PGRES_TUPLES_OK:
-      case PGRES_COMMAND_OK:
-      case PGRES_EMPTY_QUERY:
-        out = std::move(result);
-        break;
-      case PGRES_SINGLE_TUPLE: {
-        std::exception_ptr failure;
-        try {
-          (*on_row)(result[0]);
-          ++*streamed_rows;
-        } catch (...) {
-          failure = std::current_exception();
-        }
-        if (failure) {
-          co_await cancel_and_drain(statement);
-          std::rethrow_exception(failure);
-        }
-        break;
-      }
-      case PGRES_COPY_IN:
-        PQputCopyEnd(conn, "COPY FROM STDIN needs Connection::copy_from()");
-        if (auto error = co_await flush(statement)) co_return error;
-        break;
-      case PGRES_COPY_OUT:
-      case PGRES_COPY_BOTH:
-        // Not supported: reading the copy data to its end gets the connection back to idle.
-        for (char* buffer = nullptr; PQgetCopyData(conn, &buffer, 0) > 0;) PQfreemem(buffer);
-        if (!first_error) {
-          first_error = fail(client_errc::protocol_error,
-                             "COPY TO STDOUT is not supported by pgrt; use a query", statement);
-        }
-        break;
-      default:
-        if (!first_error) first_error = server_error(raw, statement);
-        break;
-    }
+// The cached prepared statement for this SQL text and these parameter types, or nullptr. The key
+// is built in a buffer the connection keeps, so a hit allocates nothing.
+const std::string* Connection::Impl::cached_statement(std::string_view sql,
+                                                      const ParamSink& params) {
+  statement_key.assign(sql);
+  statement_key += '\0';
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    char digits[16];
+    const auto end = std::to_chars(digits, digits + sizeof digits, params.types()[i]).ptr;
+    statement_key.append(digits, end);
+    statement_key += ',';
   }
-  if (PQstatus(conn) != CONNECTION_OK) co_return lost(statement);
-  co_return first_error;
+  const auto found = statement_index.find(statement_key);
+  if (found == statement_index.end()) return nullptr;
+  statements.splice(statements.begin(), statements, found->second);
+  return &found->second->name;
 }
 
-asio::awaitable<error_code> Connection::Impl::send_and_collect(
-    std::string_view sql, const ParamSink& params, const std::string* prepared_name, Result& out,
-    const std::function<void(const Row&)>* on_row, std::uint64_t* streamed_rows) {
+// Sends the request's statement; flush_pending tells whether libpq still holds part of it.
+error_code Connection::Impl::send(const Request& request, const std::string* prepared_name,
+                                  bool& flush_pending) {
+  const ParamSink& params = *request.params;
   const auto values = params.values();
   const int count = static_cast<int>(params.size());
   int sent = 0;
@@ -152,20 +115,128 @@ asio::awaitable<error_code> Connection::Impl::send_and_collect(
     sent = PQsendQueryPrepared(conn, prepared_name->c_str(), count, values.data(), params.lengths(),
                                params.formats(), 0);
   } else {
-    const std::string text(sql);
+    const std::string text(request.sql);
     sent = PQsendQueryParams(conn, text.c_str(), count, params.types(), values.data(),
                              params.lengths(), params.formats(), 0);
   }
-  if (sent == 0) co_return lost(sql);
-  if (on_row != nullptr) PQsetSingleRowMode(conn);
-  // A statement that fits the socket's buffer is sent at once: flush() (a coroutine frame) only
-  // for the rest.
+  if (sent == 0) return lost(request.sql);
+  if (request.on_row != nullptr) PQsetSingleRowMode(conn);
+  single_row_mode_left_on = request.on_row != nullptr;
+  // A statement that fits the socket's buffer is sent now; flush() only for the rest.
   const int pending = PQflush(conn);
-  if (pending < 0) co_return lost(sql);
-  if (pending > 0) {
-    if (auto error = co_await flush(sql)) co_return error;
+  if (pending < 0) return lost(request.sql);
+  flush_pending = pending > 0;
+  return {};
+}
+
+// One request, from its statement cache lookup to its last result, in one coroutine frame (plus
+// asio's for each readiness wait): a cache miss, a statement larger than the socket's buffer and a
+// cancellation take frames of their own. Cancellation is handled here (cancel request, drain), so
+// the coroutine must keep awaiting after it: throw-if-cancelled is off until the end.
+asio::awaitable<error_code> Connection::Impl::exchange(Request request, Result& out) {
+  const bool throw_if_cancelled = co_await asio::this_coro::throw_if_cancelled();
+  co_await asio::this_coro::throw_if_cancelled(false);
+  error_code error;
+  std::exception_ptr failure;  // e.g. from a stream() callback
+  try {
+    for (int attempt = 0;; ++attempt) {
+      const std::string* name = nullptr;
+      if (request.kind == Request::Kind::prepared) {
+        name = cached_statement(request.sql, *request.params);
+        if (name == nullptr) {
+          if ((error = co_await prepare(request.sql, *request.params, name))) break;
+        }
+      }
+      if (request.kind != Request::Kind::results_only) {
+        bool flush_pending = false;
+        error = send(request, name, flush_pending);
+        if (!error && flush_pending) error = co_await flush(request.sql);
+        if (error) break;
+      }
+
+      // The results, each one taken as soon as libpq has all of it: no wait when libpq holds it
+      // already (a multi-statement string, a result read with the one before).
+      error_code first_error;  // the results are read to the end; the first error is returned
+      error_code read_error;   // a failed wait, read or write ends them at once
+      for (;;) {
+        while (PQisBusy(conn) != 0) {
+          auto [wait_error] = co_await socket.async_wait(asio::socket_base::wait_read, no_throw);
+          if (wait_error) {
+            read_error = co_await interrupted(wait_error, request.sql, /*can_drain=*/true);
+            break;
+          }
+          if (PQconsumeInput(conn) == 0) {
+            read_error = lost(request.sql);
+            break;
+          }
+        }
+        if (read_error) break;
+        PGresult* raw = PQgetResult(conn);
+        if (raw == nullptr) break;
+        Result result(raw);
+        switch (PQresultStatus(raw)) {
+          case PGRES_TUPLES_OK:
+          case PGRES_COMMAND_OK:
+          case PGRES_EMPTY_QUERY:
+            out = std::move(result);
+            break;
+          case PGRES_SINGLE_TUPLE: {
+            std::exception_ptr callback_failure;
+            try {
+              (*request.on_row)(result[0]);
+              ++*request.streamed_rows;
+            } catch (...) {
+              callback_failure = std::current_exception();
+            }
+            if (callback_failure) {
+              co_await cancel_and_drain(request.sql);
+              std::rethrow_exception(callback_failure);
+            }
+            break;
+          }
+          case PGRES_COPY_IN:
+            PQputCopyEnd(conn, "COPY FROM STDIN needs Connection::copy_from()");
+            read_error = co_await flush(request.sql);
+            break;
+          case PGRES_COPY_OUT:
+          case PGRES_COPY_BOTH:
+            // Not supported: reading the copy data to its end gets the connection back to idle.
+            for (char* buffer = nullptr; PQgetCopyData(conn, &buffer, 0) > 0;) PQfreemem(buffer);
+            if (!first_error) {
+              first_error =
+                  fail(client_errc::protocol_error,
+                       "COPY TO STDOUT is not supported by pgrt; use a query", request.sql);
+            }
+            break;
+          default:
+            if (!first_error) first_error = server_error(raw, request.sql);
+            break;
+        }
+        if (read_error) break;
+      }
+      if (read_error) {
+        error = read_error;
+        break;
+      }
+      if (PQstatus(conn) != CONNECTION_OK) {
+        error = lost(request.sql);
+        break;
+      }
+      error = first_error;
+      // A prepared statement someone deallocated (DISCARD ALL, a pooler): prepare it again, once.
+      if (request.kind == Request::Kind::prepared && attempt == 0 &&
+          error == make_sqlstate_error("26000")) {
+        forget_statement(std::string(*name));
+        continue;
+      }
+      break;
+    }
+  } catch (...) {
+    failure = std::current_exception();
   }
-  co_return co_await collect(sql, out, on_row, streamed_rows);
+  co_await asio::this_coro::throw_if_cancelled(throw_if_cancelled);
+  if (failure) std::rethrow_exception(failure);
+  co_return error;
 }
 
 }  // namespace pgrt
