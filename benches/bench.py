@@ -147,46 +147,27 @@ class Bench:
         return metrics
 
     def sustainable_rate(self, probe):
-        """The highest offered rate (Poisson arrivals) at which p99 stays under SUSTAINABLE_FACTOR x
-        the single-task latency: the lower of pgrt's one-task p50 and pgbench -c1's mean latency in
-        this repetition, one bar for both. It brackets the rate from half of pgrt's closed-loop
-        capacity (x1.25 up or x0.8 down until the bar is crossed), then bisects it
-        SUSTAINABLE_BISECTIONS times; `probe(rate)` runs one open loop and returns its metrics."""
+        """The highest offered rate (Poisson arrivals) that a contestant sustains, by two bars: p99
+        under SUSTAINABLE_FACTOR x the single-task latency (the lower of pgrt's one-task p50 and
+        pgbench -c1's mean latency in this repetition, one bar for both), and p50 under the same bar
+        (where queueing starts to hold every request up). `probe(rate)` runs one open loop and
+        returns its metrics; the rates are SUSTAINABLE_SHARES of pgrt's closed-loop capacity, and a
+        rate counts only if it and every lower one pass."""
         if not self.single_task_us or not self.capacity:
             fail("the sustainable rate needs the one-task and the closed-loop overload runs first")
         bar = SUSTAINABLE_FACTOR * min(self.single_task_us.values())
-        probes = 0
-
-        def passes(rate):
-            nonlocal probes
-            probes += 1
-            return probe(rate)["latency_p99_us"] < bar
-
-        rate = self.capacity / 2
-        if passes(rate):
-            low, high = rate, None
-            for _ in range(8):
-                if not passes(low * 1.25):
-                    high = low * 1.25
-                    break
-                low *= 1.25
-        else:
-            low, high = None, rate
-            for _ in range(8):
-                if passes(high * 0.8):
-                    low = high * 0.8
-                    break
-                high *= 0.8
-        if low is None:
-            return {"sustainable_per_s": 0.0, "bar_us": bar, "probes": probes}
-        if high is not None:
-            for _ in range(SUSTAINABLE_BISECTIONS):
-                middle = (low + high) / 2
-                if passes(middle):
-                    low = middle
-                else:
-                    high = middle
-        return {"sustainable_per_s": low, "bar_us": bar, "probes": probes}
+        best = {"latency_p99_us": 0.0, "latency_p50_us": 0.0}
+        passing = set(best)  # the bars every rate so far has met
+        for share in SUSTAINABLE_SHARES:
+            rate = self.capacity * share
+            metrics = probe(rate)
+            passing = {m for m in passing if metrics[m] < bar}
+            if not passing:
+                break
+            for m in passing:
+                best[m] = rate
+        return {"sustainable_p99_per_s": best["latency_p99_us"],
+                "sustainable_p50_per_s": best["latency_p50_us"], "bar_us": bar}
 
     # --- the Python pools -----------------------------------------------------------------------
 
@@ -347,7 +328,7 @@ def contestants(bench):
 
 OPEN_LOOP_PERCENTS = (25, 50, 80, 95)
 SUSTAINABLE_FACTOR = 10  # the sustainable rate keeps p99 under this many single-task latencies
-SUSTAINABLE_BISECTIONS = 4
+SUSTAINABLE_SHARES = tuple(round(0.1 * i, 1) for i in range(1, 11))  # of pgrt's closed-loop capacity
 HANDOFF_WAITERS = (3, 16, 64, 256)
 
 
@@ -579,13 +560,17 @@ def write_report(results, raw, args, bench, elapsed, plot):
     if plot:
         report.text(f"![latency percentiles against offered load]({plot})")
     report.text("### The sustainable rate",
-                f"The highest offered rate (Poisson arrivals, as above) at which p99 stays under "
-                f"{SUSTAINABLE_FACTOR}x the single-task latency: one bar for both contestants, the lower "
-                "of pgrt's one-task p50 and pgbench `-c1`'s mean latency (benchmark 3) in the same "
-                "repetition (`bar_us`). Each contestant's rate is searched on its own: from half of "
-                "pgrt's closed-loop capacity, up by x1.25 (or down by x0.8) until the bar is crossed, "
-                f"then {SUSTAINABLE_BISECTIONS} bisections; `probes` open loops of one window each.")
-    report.table("overload/sustainable", ["sustainable_per_s", "bar_us", "probes"], "sustainable_per_s")
+                "The highest offered rate (Poisson arrivals, as above) each contestant sustains, probed at "
+                "10%, 20%, ... 100% of pgrt's closed-loop capacity in the same repetition (a rate counts "
+                "only if every lower one passed too). The bar is the same for both: "
+                f"{SUSTAINABLE_FACTOR}x the single-task latency, the lower of pgrt's one-task p50 and "
+                "pgbench `-c1`'s mean latency (benchmark 3) in the same repetition (`bar_us`). "
+                "`sustainable_p99_per_s`: p99 under the bar, as issue 12 asks (0 when even the lowest "
+                "rate misses it: on a machine whose wake-ups alone put p99 in milliseconds, nobody "
+                "meets it). `sustainable_p50_per_s`: the median under the bar, where queueing starts "
+                "to hold every request up: the knee of the curve.")
+    report.table("overload/sustainable", ["sustainable_p99_per_s", "sustainable_p50_per_s", "bar_us"],
+                 "sustainable_p50_per_s")
 
     report.text("## 5. Pipelined batch on one lease",
                 "`depth` statements (`SELECT 1`) sent as one pipeline and read back, in a loop on one "
