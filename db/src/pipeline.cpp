@@ -45,7 +45,11 @@ asio::awaitable<std::vector<PipelineOutcome>> Connection::run(const Pipeline& pi
       PGresult* raw = nullptr;
       const std::string_view current =
           index < statements.size() ? std::string_view(statements[index].sql) : "pipeline";
-      if (auto read_error = co_await impl.next_result(raw, current, /*can_drain=*/false)) {
+      // A result libpq holds already (most of a pipeline's come several to a read) is taken
+      // without next_result()'s coroutine frame.
+      if (PQisBusy(conn) == 0) {
+        raw = PQgetResult(conn);
+      } else if (auto read_error = co_await impl.next_result(raw, current, /*can_drain=*/false)) {
         co_return read_error;
       }
       if (raw == nullptr) {
