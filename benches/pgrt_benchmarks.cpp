@@ -417,13 +417,11 @@ void BM_PoolOverloadOpenLoop(benchmark::State& state) {
     report_latency(state, latencies, "latency");
   }
 }
-BENCHMARK(BM_PoolOverloadOpenLoop)
-    ->ArgName("percent_of_capacity")
-    ->Arg(25)
-    ->Arg(50)
-    ->Arg(80)
-    ->Arg(95)
-    ->Iterations(1);
+// The shares of capacity both open loops are offered (bench.py's OPEN_LOOP_PERCENTS).
+void open_loop_shares(benchmark::internal::Benchmark* benchmark) {
+  benchmark->ArgName("percent_of_capacity")->Arg(25)->Arg(50)->Arg(80)->Arg(95)->Iterations(1);
+}
+BENCHMARK(BM_PoolOverloadOpenLoop)->Apply(open_loop_shares);
 
 // The same open loop, with the arrivals made the way a network makes them: a thread of its own
 // sleeps until each request's intended moment and posts it into the io_context, whose one thread
@@ -488,14 +486,7 @@ void BM_PoolOverloadOpenLoopPosted(benchmark::State& state) {
 }
 // 100% with PGRT_BENCH_CAPACITY set to a rate offers exactly that rate: bench.py's search for the
 // sustainable rate.
-BENCHMARK(BM_PoolOverloadOpenLoopPosted)
-    ->ArgName("percent_of_capacity")
-    ->Arg(25)
-    ->Arg(50)
-    ->Arg(80)
-    ->Arg(95)
-    ->Arg(100)
-    ->Iterations(1);
+BENCHMARK(BM_PoolOverloadOpenLoopPosted)->Apply(open_loop_shares)->Arg(100);
 
 // --- 5. a pipelined batch on one lease
 // -------------------------------------------------------------
