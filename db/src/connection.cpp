@@ -354,17 +354,6 @@ Connection::Impl* ConnectionAccess::bind(Connection& connection, LeaseBinding* b
   return impl;
 }
 
-void ConnectionAccess::use_executor(Connection& connection, Connection::executor_type executor) {
-  Connection::Impl* impl = connection.impl_.get();
-  if (impl == nullptr || impl->conn == nullptr) return;
-  error_code ignored;
-  if (impl->socket.is_open()) [[maybe_unused]]
-    auto descriptor = impl->socket.release(ignored);  // libpq owns it
-  impl->executor = std::move(executor);
-  impl->socket = asio::generic::stream_protocol::socket(impl->executor);
-  if (auto error = impl->watch_socket()) throw boost::system::system_error(error);
-}
-
 void ConnectionAccess::interrupt(Connection::Impl& impl,
                                  std::chrono::milliseconds wait_for_cancel) noexcept {
   impl.interrupt(wait_for_cancel);

@@ -32,12 +32,6 @@ struct ConnectionAccess {
   // Binds `connection` to a lease (null: unbinds it), and returns its implementation: the same
   // object wherever the Connection is moved (null, and nothing bound, when it is empty).
   static Connection::Impl* bind(Connection& connection, LeaseBinding* binding) noexcept;
-  // Moves an open connection with no operation running to `executor`: its socket and timers run
-  // there from now on. The pool connects on a strand of the connection's own (so that close() can
-  // cancel the connect from any thread) and then moves the connection to its plain executor: a
-  // strand wrapped in any_io_executor is too large for its small-object buffer, so every wait
-  // on the socket would copy it to the heap.
-  static void use_executor(Connection& connection, Connection::executor_type executor);
   // Connection::interrupt() on an implementation: thread-safe, as that is.
   static void interrupt(Connection::Impl& impl, std::chrono::milliseconds wait_for_cancel) noexcept;
 };

@@ -152,22 +152,6 @@ TEST_F(PoolTest, LoadNeverExceedsMaxAndServesWaitersFifo) {
               static_cast<long long>(end.wait_max.count()));
 }
 
-// A pooled connection is opened on a strand of its own (so that close() can cancel the connect)
-// and then runs on the pool's executor, as pool.md says: a strand behind any_io_executor would
-// cost two heap copies on every socket wait.
-TEST_F(PoolTest, ALeasedConnectionRunsOnThePoolsExecutor) {
-  run_coroutine([&]() -> awaitable_void {
-    auto executor = co_await asio::this_coro::executor;
-    Pool pool(executor, config("executor"));
-    {
-      auto lease = co_await pool.acquire();
-      EXPECT_TRUE(lease->executor() == executor);
-      EXPECT_EQ((co_await lease->query("SELECT 1")).scalar<int>(), 1);
-    }
-    (void)co_await pool.close(5s);
-  });
-}
-
 // The io_context is run by two threads: acquires, queries, returns and background work race for
 // real. Run under the tsan preset, this is the TSan acceptance test.
 TEST_F(PoolTest, TwoThreadIoContextLoadIsSafe) {

@@ -245,15 +245,6 @@ asio::awaitable<void> PoolState::open_connection(
     // Its backend exists: the capacity comes back only once it has ended.
     if (error) co_await close_until_backend_ends(self, connection);
   }
-  if (!error) {
-    try {
-      ConnectionAccess::use_executor(connection, *self->executor);
-    } catch (const std::exception& move_error) {
-      error = make_error_code(client_errc::connect_failed);
-      failure = std::string("watching the new connection's socket failed: ") + move_error.what();
-    }
-    if (error) co_await close_until_backend_ends(self, connection);
-  }
   cancel->finished = true;  // on the strand: a cancel that comes later does nothing
   Deferred deferred;
   std::lock_guard lock(self->mutex);
