@@ -323,12 +323,8 @@ class Status {
   [[nodiscard]] std::string name() const { return "status"; }
 
   asio::awaitable<void> start() {
-    pgrt::ConnectOptions options;
-    options.conninfo = conninfo_;
-    options.application_name = "pgrt-demo-observer";
     // Connected on the service's executor (start() runs on the manager's strand).
-    observer_ = co_await asio::co_spawn(executor_, pgrt::Connection::connect(std::move(options)),
-                                        asio::use_awaitable);
+    observer_ = co_await asio::co_spawn(executor_, connect(), asio::use_awaitable);
     running_ = true;
     asio::co_spawn(executor_, sample(), [this](const std::exception_ptr& failure) {
       if (failure) {
@@ -349,15 +345,46 @@ class Status {
   }
 
  private:
+  asio::awaitable<pgrt::Connection> connect() const {
+    pgrt::ConnectOptions options;
+    options.conninfo = conninfo_;
+    options.application_name = "pgrt-demo-observer";
+    options.connect_timeout = 2s;
+    co_return co_await pgrt::Connection::connect(std::move(options));
+  }
+
+  // One status line a second, and the most backends of the pool seen on the server. A lost
+  // observer connection is said once and reconnected with a growing pause (100 ms to 2 s); the
+  // lines go on meanwhile, without the backend count.
   asio::awaitable<void> sample() {
     const std::string count_sql =
         "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1";
     auto last_print = std::chrono::steady_clock::now();
     std::uint64_t last_requests = 0;
+    std::chrono::milliseconds pause = 20ms;
     while (!stopping_) {
-      auto rows = co_await observer_.query(count_sql, pool_tag_);
-      const int backends = static_cast<int>(rows[0].get<std::int64_t>(0));
-      counters_.max_backends = std::max(counters_.max_backends.load(), backends);
+      std::optional<int> backends;
+      std::string failure;
+      try {
+        if (!observer_.is_open()) {
+          observer_ = co_await connect();
+          std::cerr << "pgrt_demo: the status sampler reconnected" << std::endl;
+        }
+        auto rows = co_await observer_.query(count_sql, pool_tag_);
+        backends = static_cast<int>(rows[0].get<std::int64_t>(0));
+        counters_.max_backends = std::max(counters_.max_backends.load(), *backends);
+        pause = 20ms;
+      } catch (const pgrt::Error& error) {
+        failure = error.what();
+      }
+      if (!failure.empty()) {
+        if (observer_.is_open() || pause == 20ms) {
+          std::cerr << "pgrt_demo: the status sampler lost its connection (" << failure
+                    << "); reconnecting" << std::endl;
+        }
+        observer_.close();
+        pause = std::clamp(pause * 2, 100ms, std::chrono::milliseconds(2s));
+      }
       const auto now = std::chrono::steady_clock::now();
       if (now - last_print >= 1s) {
         const auto seconds = std::chrono::duration<double>(now - last_print).count();
@@ -371,13 +398,14 @@ class Status {
              << pool.in_use << ", idle " << pool.idle << ", waiting "
              << pool.waiting_normal + pool.waiting_high << " | acquire wait p99 "
              << static_cast<double>(pool.wait_p99.count()) / 1000.0 << " ms | pending writes "
-             << writes.pending << " (flushed " << writes.flushed << ") | backends " << backends
+             << writes.pending << " (flushed " << writes.flushed << ") | backends "
+             << (backends ? std::to_string(*backends) : std::string("? (reconnecting)"))
              << " (max " << counters_.max_backends << ")";
         std::cout << line.str() << std::endl;
         last_print = now;
         last_requests = requests;
       }
-      co_await sleep_for(20ms);
+      co_await sleep_for(pause);
     }
   }
 
@@ -494,7 +522,9 @@ int main(int argc, char** argv) {
     }
     return run_service(*arguments, conninfo, startup_signals);
   } catch (const std::exception& error) {
+    // A malformed setting (exit code 78) is not worth a restart; pgrt's messages never carry a
+    // password.
     std::cerr << "pgrt_demo: " << error.what() << std::endl;
-    return pgrt::lifecycle::exit_code::failure;
+    return pgrt::lifecycle::exit_code::for_error(std::current_exception());
   }
 }

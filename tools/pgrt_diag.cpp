@@ -36,6 +36,8 @@ constexpr int exit_leaked = 1;
 constexpr int exit_usage = 2;
 constexpr int exit_unreachable = 3;
 constexpr int exit_refused = 4;
+constexpr int exit_config =
+    78;  // sysexits' EX_CONFIG, as the lifecycle manager's exit_code::config
 
 struct Arguments {
   std::string conninfo;
@@ -66,7 +68,7 @@ const char* const usage =
     "  connection's database and under its role are classified and terminated (like the\n"
     "  start-up cleanup); the app's others are listed, never touched.\n"
     "exit codes: 0 nothing leaked or all terminated, 1 leaked found, 2 usage, 3 server\n"
-    "            unreachable, 4 terminating refused\n";
+    "            unreachable, 4 terminating refused, 78 malformed DSN\n";
 
 std::optional<std::int64_t> parse_number(std::string_view text, std::int64_t low,
                                          std::int64_t high) {
@@ -349,8 +351,11 @@ int main(int argc, char** argv) {
   std::signal(SIGINT, [](int) { interrupted = true; });
   try {
     return run(*arguments);
-  } catch (const std::exception& error) {
+  } catch (const pgrt::Error& error) {
     // pgrt's messages never contain a password.
+    std::cerr << "pgrt-diag: " << error.what() << std::endl;
+    return error.code() == pgrt::client_errc::invalid_config ? exit_config : exit_unreachable;
+  } catch (const std::exception& error) {
     std::cerr << "pgrt-diag: " << error.what() << std::endl;
     return exit_unreachable;
   }

@@ -5,6 +5,8 @@
 #include <memory>
 #include <utility>
 
+#include "connection/conninfo.hpp"
+
 namespace pgrt {
 
 namespace {
@@ -131,6 +133,8 @@ class ClientCategory final : public boost::system::error_category {
         return make_error_condition(condition::timeout);
       case client_errc::cancelled:
         return make_error_condition(condition::query_canceled);
+      case client_errc::invalid_config:
+        return boost::system::errc::make_error_condition(boost::system::errc::invalid_argument);
       default:
         return {value, *this};
     }
@@ -262,7 +266,7 @@ std::string mask_password(std::string_view conninfo) {
       PQconninfoParse(std::string(conninfo).c_str(), &parse_error), PQconninfoFree);
   // libpq's parse error may quote the text around the problem, password included: never show it.
   PQfreemem(parse_error);
-  if (!options) return "<conninfo that could not be parsed>";
+  if (!options) return redact_unparsable_conninfo(conninfo);
   std::string masked;
   for (const PQconninfoOption* option = options.get(); option->keyword != nullptr; ++option) {
     if (option->val == nullptr) continue;

@@ -10,6 +10,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "connection/conninfo.hpp"
 #include "pgrt/db/pool.hpp"
 
 namespace pgrt {
@@ -61,6 +62,11 @@ void require_not_negative(std::string_view field, std::chrono::duration<Rep, Per
 // seem to (from_env() leaves that to the Pool constructor, so one pool warns once).
 void check(const PoolConfig& config, bool warn) {
   if (config.max_size == 0) invalid("max_size is 0", "a pool needs at least one connection");
+  if (auto problem = conninfo_problem(config.conninfo); !problem.empty()) {
+    invalid(problem,
+            "use a URL (postgresql://user@host:5432/db) or key=value pairs "
+            "(host=... dbname=...); DATABASE_URL sets it");
+  }
   if (config.min_idle > config.max_size) {
     invalid("min_idle (" + std::to_string(config.min_idle) + ") exceeds max_size (" +
                 std::to_string(config.max_size) + ")",

@@ -12,6 +12,7 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/strand.hpp>
 #include <boost/asio/use_awaitable.hpp>
+#include <boost/system/system_error.hpp>
 #include <condition_variable>
 #include <csignal>
 #include <cstdio>
@@ -22,6 +23,7 @@
 #include <optional>
 #include <spdlog/spdlog.h>
 #include <stdexcept>
+#include <system_error>
 #include <thread>
 #include <unistd.h>
 
@@ -194,6 +196,7 @@ struct Manager::Impl {
   // A component failed to start (threw or timed out, not cancelled by us): the rollback is under
   // way and run() returns exit_code::failure, whatever stop request comes meanwhile.
   bool start_failed = false;
+  int start_failure_code = exit_code::failure;  // of the first start failure
   bool shutting_down = false;
   int requested_code = exit_code::ok;
 
@@ -366,9 +369,10 @@ struct Manager::Impl {
 
   // The first start failure begins the shutdown: the reason is fixed, and the watchdog is armed
   // for the rollback (cancelling the other starts, stopping what had started).
-  void note_start_failure() {
+  void note_start_failure(const std::exception_ptr& error = nullptr) {
     if (start_failed) return;
     start_failed = true;
+    start_failure_code = exit_code::for_error(error);
     set_stop_reason("a component failed to start");
     start_watchdog();
   }
@@ -387,7 +391,7 @@ struct Manager::Impl {
             node->status = Status::start_failed;
             if (!node->cancel_emitted) {
               failed = true;
-              note_start_failure();
+              note_start_failure(node->error);
               spdlog::error("{}: component '{}' failed to start: {}", options.name, node->name,
                             describe(node->error));
             } else {
@@ -547,7 +551,8 @@ struct Manager::Impl {
     // failed start must not turn the failure into a clean exit.
     set_state(start_failed ? State::failed : State::stopped);
     run_hooks(stopped_hooks, "on_stopped");
-    if (start_failed || !stopped_cleanly) co_return exit_code::failure;
+    if (start_failed) co_return start_failure_code;
+    if (!stopped_cleanly) co_return exit_code::failure;
     co_return requested_code;
   }
 
@@ -710,6 +715,23 @@ bool Manager::ready() const noexcept {
 ManagerEvents& Manager::events() noexcept {
   return impl_->events;
 }
+int exit_code::for_error(const std::exception_ptr& error) noexcept {
+  if (!error) return failure;
+  try {
+    std::rethrow_exception(error);
+  } catch (const boost::system::system_error& system_error) {
+    if (system_error.code() == boost::system::errc::invalid_argument) return config;
+  } catch (const std::system_error& system_error) {
+    if (system_error.code() == std::errc::invalid_argument) return config;
+  } catch (...) {  // NOLINT(bugprone-empty-catch): any other error is a failure
+  }
+  return failure;
+}
+
+const ManagerOptions& Manager::options() const noexcept {
+  return impl_->options;
+}
+
 asio::io_context& Manager::io_context() noexcept {
   return impl_->io;
 }

@@ -1,12 +1,16 @@
 #include "pgrt/runtime/instance_lock.hpp"
 
+#include <algorithm>
 #include <cerrno>
 #include <csignal>
+#include <cstdio>
 #include <cstdlib>
 #include <fcntl.h>
-#include <fstream>
+#include <limits>
 #include <sstream>
 #include <sys/file.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
 #include <system_error>
 #include <thread>
 #include <unistd.h>
@@ -72,15 +76,120 @@ bool try_lock(int fd) {
   return true;
 }
 
-// The holder writes its pid right after locking: read it (briefly retrying an empty file).
-int read_holder_pid(const std::filesystem::path& path) {
+// The holder writes its pid right after locking: read it from the file (briefly retrying an
+// empty one).
+int read_holder_pid(int fd) {
   for (int attempt = 0; attempt < 20; ++attempt) {
-    std::ifstream in(path);
-    int pid = 0;
-    if (in >> pid && pid > 0) return pid;
+    char text[32] = {};
+    const ssize_t size = ::pread(fd, text, sizeof text - 1, 0);
+    if (size > 0) {
+      char* end = nullptr;
+      const long pid = std::strtol(text, &end, 10);
+      if (end != text && *end == '\n' && pid > 0 && pid <= std::numeric_limits<int>::max()) {
+        return static_cast<int>(pid);
+      }
+    }
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
   return 0;
+}
+
+[[noreturn]] void refuse_directory(const std::filesystem::path& directory, const std::string& why) {
+  throw std::system_error(
+      std::make_error_code(std::errc::permission_denied),
+      "refusing the instance lock directory " + directory.string() + ": " + why +
+          ". Another user could use it to redirect the lock file or plant a pid; remove it, or set "
+          "PGRT_RUNTIME_DIR to a directory of your own (mode 0700)");
+}
+
+// The lock directory, created with mode 0700 if it is missing, as an O_DIRECTORY descriptor. It
+// must be a directory itself (not a symbolic link), owned by this user and writable by nobody else:
+// a directory under /tmp can have been made in advance by another user.
+int open_lock_directory(const std::filesystem::path& directory) {
+  if (directory.has_parent_path()) std::filesystem::create_directories(directory.parent_path());
+  if (::mkdir(directory.c_str(), 0700) != 0 && errno != EEXIST) {
+    throw std::system_error(errno, std::generic_category(),
+                            "cannot create the instance lock directory " + directory.string());
+  }
+  const int fd = ::open(directory.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+  if (fd < 0) {
+    const int error = errno;
+    if (error == ELOOP || error == ENOTDIR) {
+      refuse_directory(directory, "it is a symbolic link or not a directory");
+    }
+    throw std::system_error(error, std::generic_category(),
+                            "cannot open the instance lock directory " + directory.string());
+  }
+  struct stat status {};
+  if (::fstat(fd, &status) != 0) {
+    const int error = errno;
+    ::close(fd);
+    throw std::system_error(error, std::generic_category(), "fstat " + directory.string());
+  }
+  std::string why;
+  if (status.st_uid != ::geteuid()) {
+    why = "it belongs to uid " + std::to_string(status.st_uid) + ", not to this user (uid " +
+          std::to_string(::geteuid()) + ")";
+  } else if ((status.st_mode & (S_IWGRP | S_IWOTH)) != 0) {
+    char mode[8];
+    std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(status.st_mode & 07777));
+    why = std::string("other users may write into it (mode ") + mode + ")";
+  }
+  if (!why.empty()) {
+    ::close(fd);
+    refuse_directory(directory, why);
+  }
+  return fd;
+}
+
+// The lock file inside the directory: never through a symbolic link, and only a regular file of
+// this user's with no other name.
+int open_lock_file(int directory_fd, const std::filesystem::path& path) {
+  const std::string name = path.filename().string();
+  const int fd =
+      ::openat(directory_fd, name.c_str(), O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
+  if (fd < 0) {
+    const int error = errno;
+    throw std::system_error(error, std::generic_category(),
+                            "cannot open the instance lock file " + path.string() +
+                                (error == ELOOP ? " (it is a symbolic link: remove it)" : ""));
+  }
+  struct stat status {};
+  if (::fstat(fd, &status) != 0 || !S_ISREG(status.st_mode) || status.st_uid != ::geteuid() ||
+      status.st_nlink != 1) {
+    ::close(fd);
+    throw std::system_error(std::make_error_code(std::errc::permission_denied),
+                            "refusing the instance lock file " + path.string() +
+                                ": it is not a regular file of this user's with a single name; "
+                                "remove it");
+  }
+  return fd;
+}
+
+// Whether process `pid` has the lock file (`lock`'s device and inode) open: only a process that
+// holds the very file is a holder to stop. A pid written into the file by anything else, or a pid
+// reused since, is never signalled. Throws InstanceLockError when /proc cannot tell (another
+// user's process, or no /proc).
+bool has_file_open(int pid, const struct stat& lock, const std::string& who) {
+  const std::filesystem::path descriptors = "/proc/" + std::to_string(pid) + "/fd";
+  std::error_code error;
+  std::filesystem::directory_iterator entries(descriptors, error);
+  if (error) {
+    if (error == std::errc::no_such_file_or_directory) return false;
+    throw InstanceLockError("cannot take over " + who + ": cannot tell whether pid " +
+                                std::to_string(pid) + " is the holder (" + descriptors.string() +
+                                ": " + error.message() +
+                                "; a process of another user cannot be stopped from here)",
+                            pid);
+  }
+  for (const auto& entry : entries) {
+    struct stat status {};
+    if (::stat(entry.path().c_str(), &status) == 0 && status.st_dev == lock.st_dev &&
+        status.st_ino == lock.st_ino) {
+      return true;
+    }
+  }
+  return false;
 }
 
 bool wait_for_lock(int fd, std::chrono::milliseconds patience) {
@@ -105,25 +214,33 @@ std::filesystem::path default_lock_directory() {
   return "/tmp/pgrt-" + std::to_string(::geteuid());
 }
 
+std::chrono::milliseconds max_takeover_time(const InstanceLockOptions& options) {
+  if (!options.force) return std::chrono::milliseconds{0};
+  return options.takeover_grace + std::min(options.takeover_grace, takeover_kill_wait);
+}
+
 InstanceLock InstanceLock::acquire(const InstanceLockOptions& options) {
   const auto directory = options.directory.empty() ? default_lock_directory() : options.directory;
-  std::filesystem::create_directories(directory);
   const auto path =
       directory /
       (file_name_part(tag_app_name(options.application)) + "." +
        file_name_part(tag_instance_name(options.application, options.instance)) + ".lock");
   const std::string instance =
       options.instance.empty() ? default_instance_name() : options.instance;
-  const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-  if (fd < 0) {
-    throw std::system_error(errno, std::generic_category(),
-                            "cannot open the instance lock file " + path.string());
+  const int directory_fd = open_lock_directory(directory);
+  int fd = -1;
+  try {
+    fd = open_lock_file(directory_fd, path);
+  } catch (...) {
+    ::close(directory_fd);
+    throw;
   }
+  ::close(directory_fd);
   std::optional<int> took_over_from;
   std::vector<std::string> earlier;
   try {
     if (!try_lock(fd)) {
-      const int holder = read_holder_pid(path);
+      const int holder = read_holder_pid(fd);
       const std::string who = options.application + "/" + instance;
       const std::string holder_text = holder > 0 ? "pid " + std::to_string(holder) : "a process";
       if (!options.force) {
@@ -137,26 +254,62 @@ InstanceLock InstanceLock::acquire(const InstanceLockOptions& options) {
         throw InstanceLockError(
             "cannot take over " + who + ": the lock file " + path.string() + " names no pid", 0);
       }
-      // kill() failing is never ignored: EPERM (a process of another user) means it cannot be
-      // stopped from here; ESRCH means the named process is gone while something else (a child
-      // that inherited the descriptor) still holds the lock, which no signal to it can release.
+      struct stat lock_file {};
+      if (::fstat(fd, &lock_file) != 0) {
+        throw std::system_error(errno, std::generic_category(), "fstat " + path.string());
+      }
+      const std::string gone_text = "pid " + std::to_string(holder) +
+                                    " named in the lock file is gone, and another process (one "
+                                    "that inherited its descriptor?) still holds " +
+                                    path.string();
+      // Returns once the signal is sent, or the lock taken. The holder is pinned by a pidfd
+      // first, then verified (it has this very file open), then signalled through the pidfd: a
+      // pid that anything else wrote into the file, or one reused meanwhile, gets no signal.
+      // Every failure is an error, never ignored.
       auto stop = [&](int signal, const char* name) {
-        if (::kill(holder, signal) == 0) return;
+        const int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, holder, 0));
+        const int pidfd_error = pidfd < 0 ? errno : 0;
+        struct Closer {
+          int fd;
+          ~Closer() {
+            if (fd >= 0) ::close(fd);
+          }
+        } closer{pidfd};
+        bool gone = pidfd_error == ESRCH;
+        if (!gone && !has_file_open(holder, lock_file, who)) {
+          if (try_lock(fd)) return;  // it let go meanwhile
+          gone = ::kill(holder, 0) != 0 && errno == ESRCH;
+          if (!gone) {
+            throw InstanceLockError(
+                "cannot take over " + who + ": pid " + std::to_string(holder) +
+                    " named in the lock file does not have it open, so it is not the holder and "
+                    "gets no signal; the lock " +
+                    path.string() + " is held by another process (fuser shows which)",
+                holder);
+          }
+        }
+        int sent = -1;
+        if (!gone) {
+          sent = pidfd >= 0
+                     ? static_cast<int>(::syscall(SYS_pidfd_send_signal, pidfd, signal, nullptr, 0))
+                     : ::kill(holder, signal);  // no pidfd_open here (seccomp, old kernel)
+          gone = sent != 0 && errno == ESRCH;
+        }
+        if (sent == 0) return;
         const std::error_code error(errno, std::generic_category());
-        const bool gone = error.value() == ESRCH;
-        if (gone && wait_for_lock(fd, options.takeover_grace)) return;
-        throw InstanceLockError(
-            "cannot take over " + who + ": sending " + name + " to pid " + std::to_string(holder) +
-                " failed (" + error.message() + ")" +
-                (gone ? ", and another process (one that inherited its descriptor?) still holds "
-                      : ", so it keeps ") +
-                path.string(),
-            holder);
+        if (gone) {
+          if (wait_for_lock(fd, options.takeover_grace)) return;
+          throw InstanceLockError("cannot take over " + who + ": " + gone_text, holder);
+        }
+        throw InstanceLockError("cannot take over " + who + ": sending " + name + " to pid " +
+                                    std::to_string(holder) + " failed (" + error.message() +
+                                    "), so it keeps " + path.string(),
+                                holder);
       };
       stop(SIGTERM, "SIGTERM");
       if (!wait_for_lock(fd, options.takeover_grace)) {
         stop(SIGKILL, "SIGKILL");
-        if (!wait_for_lock(fd, options.takeover_grace)) {
+        if (!wait_for_lock(fd, std::min(options.takeover_grace, takeover_kill_wait))) {
           throw InstanceLockError("could not take over " + who + " from pid " +
                                       std::to_string(holder) + ": it still holds " + path.string() +
                                       " after SIGTERM and SIGKILL",

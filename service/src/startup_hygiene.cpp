@@ -240,7 +240,17 @@ StartupHygiene& add_startup_hygiene(lifecycle::Manager& app, PoolConfig& pool_co
     }
     --pool_config.max_size;
   }
-  return app.add(std::make_shared<StartupHygiene>(app.executor(), pool_config, std::move(options)));
+  // A forced takeover blocks the start for up to max_takeover_time(): the start deadline covers
+  // it on top of the usual one, so the new instance never gives up on a holder it is still
+  // stopping (and that it may already have killed).
+  lifecycle::ComponentLimits limits;
+  if (options.instance_lock && options.force) {
+    limits.start_timeout =
+        app.options().start_timeout +
+        max_takeover_time({.force = true, .takeover_grace = options.takeover_grace});
+  }
+  return app.add(std::make_shared<StartupHygiene>(app.executor(), pool_config, std::move(options)),
+                 {}, limits);
 }
 
 }  // namespace pgrt

@@ -53,6 +53,7 @@ namespace {
 using namespace std::chrono_literals;
 using testing::BlockingConnection;
 using ::testing::HasSubstr;
+using ::testing::Not;
 using Clock = std::chrono::steady_clock;
 using testing::run_coroutine;
 namespace asio = boost::asio;
@@ -309,6 +310,36 @@ TEST_F(LifecycleProcessTest, ABatchRepeatedAfterALostCommitIsNeitherDuplicatedNo
   EXPECT_EQ(observer.scalar("SELECT count(*)" + where), std::to_string(accepted));
   EXPECT_EQ(observer.scalar("SELECT count(DISTINCT seq)" + where), std::to_string(accepted));
   EXPECT_EQ(observer.scalar("SELECT max(seq)" + where), std::to_string(accepted));
+}
+
+// The demo's status sampler survives the loss of its own connection: it says so once, reconnects,
+// and its status lines (with the backend count) go on.
+TEST_F(LifecycleProcessTest, TheStatusSamplerReconnectsAfterItsConnectionIsLost) {
+  Child demo({PGRT_DEMO_PATH, "--duration", "6"}, cluster().dsn(), "sampler");
+  ASSERT_TRUE(demo.wait_for_output("requests/s", 60s)) << demo.output();
+  BlockingConnection admin(cluster().dsn());
+  EXPECT_EQ(admin.scalar("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                         "WHERE application_name = 'pgrt-demo-observer'"),
+            "1");
+  ASSERT_TRUE(demo.wait_for_output("the status sampler reconnected", 10s)) << demo.output();
+  const std::size_t reconnected = demo.output().find("the status sampler reconnected");
+  EXPECT_TRUE(testing::eventually([&] {
+    const std::string output = demo.output();
+    const std::size_t start = output.find("requests/s", reconnected);
+    if (start == std::string::npos) return false;
+    const std::string line = output.substr(start, output.find('\n', start) - start);
+    return line.find("| backends ") != std::string::npos &&
+           line.find("backends ?") == std::string::npos;
+  })) << demo.output();
+  EXPECT_EQ(demo.wait_for_exit(60s), 0) << demo.output();
+  const std::string output = demo.output();
+  EXPECT_EQ(output.find("the status sampler stopped"), std::string::npos) << output;
+  std::size_t losses = 0;
+  for (std::size_t at = output.find("lost its connection"); at != std::string::npos;
+       at = output.find("lost its connection", at + 1)) {
+    ++losses;
+  }
+  EXPECT_EQ(losses, 1u) << output;
 }
 
 TEST_F(LifecycleProcessTest, SigintTwiceExitsAtOnceWith130) {
@@ -886,6 +917,28 @@ TEST_F(StartupHygieneTest, DiagReportsLeakedBackendsAsJsonAndKillsOnlyThose) {
     Child usage({PGRT_DIAG_PATH, "--kill-leaked", "--emergency"}, cluster().dsn(), "diag");
     EXPECT_EQ(usage.wait_for_exit(30s), 2) << usage.output();
   }
+}
+
+// A malformed DATABASE_URL is a configuration error (exit 78, never "unreachable"), and its text
+// never appears: a password under a misspelled keyword is still a password.
+TEST_F(StartupHygieneTest, AMalformedDsnExits78AndNeverShowsItsPassword) {
+  for (const std::string keyword : {"PASSWORD", "passwd", "pass", "Password"}) {
+    const std::string dsn = cluster().dsn() + " " + keyword + "=hunter2-secret";
+    Child demo({PGRT_DEMO_PATH, "--duration", "1"}, dsn, "malformed");
+    EXPECT_EQ(demo.wait_for_exit(60s), lifecycle::exit_code::config) << demo.output();
+    EXPECT_THAT(demo.output(), Not(HasSubstr("hunter2"))) << demo.output();
+    EXPECT_THAT(demo.output(), HasSubstr("\"" + keyword + "\" is not a keyword"));
+    Child diag({PGRT_DIAG_PATH, "--app", "malformed"}, dsn, "malformed");
+    EXPECT_EQ(diag.wait_for_exit(30s), 78) << diag.output();
+    EXPECT_THAT(diag.output(), Not(HasSubstr("hunter2"))) << diag.output();
+    EXPECT_THAT(diag.output(), Not(HasSubstr("unreachable")));
+  }
+  // A value with an unquoted space: its second word may be part of a password.
+  Child diag({PGRT_DIAG_PATH, "--dsn", cluster().dsn() + " password=hunter2 secret-part"}, "",
+             "malformed");
+  EXPECT_EQ(diag.wait_for_exit(30s), 78) << diag.output();
+  EXPECT_THAT(diag.output(), Not(HasSubstr("secret-part"))) << diag.output();
+  EXPECT_THAT(diag.output(), Not(HasSubstr("hunter2")));
 }
 
 // A session tagged `application_name` running a long statement (state 'active') until it is

@@ -5,9 +5,11 @@
 #include <chrono>
 #include <csignal>
 #include <filesystem>
+#include <fstream>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <string>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <thread>
 #include <unistd.h>
@@ -17,6 +19,7 @@
 #include "pgrt/db/hygiene.hpp"
 #include "pgrt/db/session_guards.hpp"
 #include "pgrt/runtime/instance_lock.hpp"
+#include "pgrt/service/startup_hygiene.hpp"
 
 namespace pgrt {
 namespace {
@@ -312,12 +315,174 @@ TEST_F(InstanceLockTest, ForceFailsSayingWhyWhenTheNamedHolderIsGoneButTheLockIs
     ADD_FAILURE() << "took over a lock that another process still holds";
   } catch (const InstanceLockError& error) {
     EXPECT_EQ(error.holder_pid(), holder);
-    EXPECT_THAT(error.what(), HasSubstr("sending SIGTERM to pid " + std::to_string(holder) +
-                                        " failed (No such process)"));
+    EXPECT_THAT(error.what(),
+                HasSubstr("pid " + std::to_string(holder) + " named in the lock file is gone"));
     EXPECT_THAT(error.what(), HasSubstr("still holds"));
   }
   ::kill(descendant, SIGKILL);
   EXPECT_NO_THROW((void)InstanceLock::acquire(options(/*force=*/true)));  // released with it
+  ::close(ready[0]);
+  ::close(ready[1]);
+}
+
+// The directory may have been made by another user before this one ever ran (/tmp/pgrt-<uid>).
+TEST_F(InstanceLockTest, TheDirectoryIsMadePrivateAndOneThatIsNotPrivateIsRefused) {
+  { auto lock = InstanceLock::acquire(options()); }
+  struct stat status {};
+  ASSERT_EQ(::stat(directory_.c_str(), &status), 0);
+  EXPECT_EQ(status.st_mode & 07777, 0700u);
+  EXPECT_EQ(::lstat((directory_ / "app.one.lock").c_str(), &status), 0);
+  EXPECT_EQ(status.st_mode & 07777, 0600u);
+
+  auto refused_with = [&](const std::filesystem::path& directory, const std::string& why) {
+    InstanceLockOptions elsewhere = options();
+    elsewhere.directory = directory;
+    try {
+      (void)InstanceLock::acquire(elsewhere);
+      ADD_FAILURE() << "used " << directory;
+    } catch (const std::system_error& error) {
+      EXPECT_THAT(error.what(), HasSubstr("refusing the instance lock directory"));
+      EXPECT_THAT(error.what(), HasSubstr(why));
+    }
+  };
+  // A symbolic link to a directory of the attacker's choosing (here, our own: still refused).
+  const auto planted = directory_ / "planted";
+  const auto link = directory_ / "link";
+  std::filesystem::create_directory(planted);
+  ::chmod(planted.c_str(), 0700);
+  std::filesystem::create_directory_symlink(planted, link);
+  refused_with(link, "symbolic link");
+  EXPECT_FALSE(std::filesystem::exists(planted / "app.one.lock"));
+
+  ::chmod(planted.c_str(), 0777);  // others could plant a link or a pid in it
+  refused_with(planted, "other users may write into it (mode 0777)");
+
+  if (::geteuid() == 0) {  // only root can give a directory away
+    ::chmod(planted.c_str(), 0700);
+    ASSERT_EQ(::chown(planted.c_str(), 65534, 65534), 0);
+    refused_with(planted, "it belongs to uid 65534, not to this user (uid 0)");
+  }
+}
+
+TEST_F(InstanceLockTest, ALockFileThatIsALinkIsNeverWrittenThrough) {
+  std::filesystem::create_directory(directory_);
+  ::chmod(directory_.c_str(), 0700);
+  const auto victim = directory_ / "victim";
+  { std::ofstream(victim) << "precious\n"; }
+  std::filesystem::create_symlink(victim, directory_ / "app.one.lock");
+  EXPECT_THROW((void)InstanceLock::acquire(options()), std::system_error);
+  std::filesystem::remove(directory_ / "app.one.lock");
+  std::filesystem::create_hard_link(victim, directory_ / "app.one.lock");
+  EXPECT_THROW((void)InstanceLock::acquire(options()), std::system_error);
+  std::ifstream in(victim);
+  std::string content;
+  std::getline(in, content);
+  EXPECT_EQ(content, "precious");
+}
+
+TEST_F(InstanceLockTest, ForceNeverSignalsAPidThatDoesNotHoldTheLockFile) {
+  int ready[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  const pid_t holder = ::fork();
+  ASSERT_GE(holder, 0);
+  if (holder == 0) {
+    auto lock = InstanceLock::acquire(options());
+    (void)::write(ready[1], "x", 1);
+    for (;;) ::pause();
+  }
+  char byte = 0;
+  ASSERT_EQ(::read(ready[0], &byte, 1), 1);
+  const pid_t bystander = ::fork();
+  ASSERT_GE(bystander, 0);
+  if (bystander == 0) {
+    for (;;) ::pause();
+  }
+  {  // the file now names the bystander (as a forged or stale pid would)
+    std::fstream file(directory_ / "app.one.lock", std::ios::in | std::ios::out);
+    file << bystander << "\n\n";
+  }
+  try {
+    (void)InstanceLock::acquire(options(/*force=*/true));
+    ADD_FAILURE() << "took over without stopping the holder";
+  } catch (const InstanceLockError& error) {
+    EXPECT_EQ(error.holder_pid(), bystander);
+    EXPECT_THAT(error.what(), HasSubstr("does not have it open, so it is not the holder"));
+  }
+  int status = 0;
+  EXPECT_EQ(::waitpid(bystander, &status, WNOHANG), 0) << "the bystander was signalled";
+  EXPECT_EQ(::waitpid(holder, &status, WNOHANG), 0);
+  ::kill(bystander, SIGKILL);
+  ::kill(holder, SIGKILL);
+  ::waitpid(bystander, &status, 0);
+  ::waitpid(holder, &status, 0);
+  ::close(ready[0]);
+  ::close(ready[1]);
+}
+
+TEST_F(InstanceLockTest, AHolderThatIgnoresSigtermIsKilledWithinTheTakeoverBound) {
+  int ready[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  const pid_t holder = ::fork();
+  ASSERT_GE(holder, 0);
+  if (holder == 0) {
+    ::signal(SIGTERM, SIG_IGN);
+    auto lock = InstanceLock::acquire(options());
+    (void)::write(ready[1], "x", 1);
+    for (;;) ::pause();
+  }
+  char byte = 0;
+  ASSERT_EQ(::read(ready[0], &byte, 1), 1);
+  InstanceLockOptions forced = options(/*force=*/true);
+  forced.takeover_grace = 500ms;
+  EXPECT_EQ(max_takeover_time(forced), 1000ms);
+  EXPECT_EQ(max_takeover_time(options()), 0ms);
+  const auto started = std::chrono::steady_clock::now();
+  auto lock = InstanceLock::acquire(forced);
+  EXPECT_LT(std::chrono::steady_clock::now() - started, max_takeover_time(forced));
+  EXPECT_EQ(lock.took_over_from(), holder);
+  int status = 0;
+  ASSERT_EQ(::waitpid(holder, &status, 0), holder);
+  EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL);
+  ::close(ready[0]);
+  ::close(ready[1]);
+}
+
+// The component's start deadline covers a takeover: a holder that ignores SIGTERM is killed, and
+// the new instance starts, even though the takeover outlasts the manager's start_timeout.
+TEST_F(InstanceLockTest, AForcedStartOutwaitsAHolderThatIgnoresSigterm) {
+  int ready[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  const pid_t holder = ::fork();
+  ASSERT_GE(holder, 0);
+  if (holder == 0) {
+    ::signal(SIGTERM, SIG_IGN);
+    auto lock = InstanceLock::acquire(options());
+    (void)::write(ready[1], "x", 1);
+    for (;;) ::pause();
+  }
+  char byte = 0;
+  ASSERT_EQ(::read(ready[0], &byte, 1), 1);
+
+  lifecycle::ManagerOptions manager_options;
+  manager_options.handle_signals = false;
+  manager_options.shutdown_logging = false;
+  manager_options.start_timeout = 300ms;  // shorter than the takeover (400 ms + SIGKILL)
+  lifecycle::Manager app(manager_options);
+  PoolConfig pool_config;
+  pool_config.application = "app";
+  pool_config.instance = "one";
+  StartupHygieneOptions hygiene_options;
+  hygiene_options.lock_directory = directory_;
+  hygiene_options.force = true;
+  hygiene_options.takeover_grace = 400ms;
+  hygiene_options.cleanup = false;
+  (void)add_startup_hygiene(app, pool_config, hygiene_options);
+  app.on_ready([&] { app.request_stop(lifecycle::exit_code::ok, "started"); });
+  EXPECT_EQ(app.run(), lifecycle::exit_code::ok) << app.stop_reason();
+  EXPECT_EQ(app.stop_reason(), "started");
+  int status = 0;
+  ASSERT_EQ(::waitpid(holder, &status, 0), holder);
+  EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL);
   ::close(ready[0]);
   ::close(ready[1]);
 }

@@ -15,9 +15,11 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
+#include "pgrt/db/error.hpp"
 #include "pgrt/lifecycle.hpp"
 
 namespace pgrt::lifecycle {
@@ -25,6 +27,9 @@ namespace {
 
 namespace asio = boost::asio;
 using namespace std::chrono_literals;
+using pgrt::client_errc;
+using pgrt::Diagnostics;
+using pgrt::Error;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 using Journal = std::vector<std::string>;  // touched on the manager's strand only
@@ -396,6 +401,38 @@ struct BlockingStart {
   }
   asio::awaitable<void> stop() { co_return; }
 };
+
+struct FailingStart {
+  std::exception_ptr error;
+  std::string name() const { return "failing"; }
+  asio::awaitable<void> start() {
+    std::rethrow_exception(error);
+    co_return;
+  }
+  asio::awaitable<void> stop() { co_return; }
+};
+
+// A configuration error is not worth a restart: 78, so that Restart=on-failure can skip it.
+TEST(LifecycleManagerTest, AStartThatFailsOnItsConfigurationExits78AndAnyOtherFailure1) {
+  const std::vector<std::pair<std::exception_ptr, int>> cases = {
+      {std::make_exception_ptr(Error(make_error_code(client_errc::invalid_config),
+                                     Diagnostics{.message = "PGRT_X='y' is not valid"})),
+       exit_code::config},
+      {std::make_exception_ptr(
+           std::system_error(std::make_error_code(std::errc::invalid_argument))),
+       exit_code::config},
+      {std::make_exception_ptr(Error(make_error_code(client_errc::connect_failed), Diagnostics{})),
+       exit_code::failure},
+      {std::make_exception_ptr(std::runtime_error("boom")), exit_code::failure},
+  };
+  for (const auto& [error, expected] : cases) {
+    Manager app(test_options());
+    app.add(FailingStart{error});
+    EXPECT_EQ(app.run(), expected);
+    EXPECT_EQ(exit_code::for_error(error), expected);
+  }
+  EXPECT_EQ(exit_code::for_error(nullptr), exit_code::failure);
+}
 
 TEST(LifecycleManagerDeathTest, StartHardDeadlineEndsAStartThatBlocksItsThread) {
   GTEST_FLAG_SET(death_test_style, "threadsafe");

@@ -18,6 +18,7 @@ namespace {
 using std::chrono::milliseconds;
 using std::chrono::seconds;
 using ::testing::HasSubstr;
+using ::testing::Not;
 
 // Sends the default logger to a string for the life of the object.
 class LogCapture {
@@ -298,6 +299,46 @@ TEST_F(EnvironmentTest, FromEnvLeavesTheIdleTimeoutWarningToThePool) {
   EXPECT_EQ(log.text(), "") << "configure(PoolConfig::from_env()) warns once, in the Pool";
   config.validate();
   EXPECT_THAT(log.text(), HasSubstr("idle_timeout"));
+}
+
+// A conninfo libpq cannot parse is refused at configuration time, and no error text ever shows a
+// value that might be a password: not under a misspelled keyword, not a word split off by a space.
+TEST(PoolConfigTest, AMalformedConninfoIsRefusedWithoutShowingAnySecret) {
+  struct Case {
+    std::string conninfo;
+    std::string says;
+  };
+  const std::vector<Case> cases = {
+      {"host=db.internal PASSWORD=hunter2",
+       R"("PASSWORD" is not a keyword (keywords are lower case: "password"))"},
+      {"host=db.internal passwd=hunter2",
+       R"("passwd" is not a keyword (the password's is "password"))"},
+      {"host=db.internal pass=hunter2 port=5432", R"("pass" is not a keyword)"},
+      {"host=db.internal password=hunter2 more", "a word without \"=\""},
+      {"host=db.internal password='hunter2", "a quoted value is not closed"},
+      {"host=db.internal hunter2", "a word without \"=\""},
+      {"host=db.internal h%u=hunter2", "a keyword that libpq does not know"},
+      {"postgresql://app:hunter2@db.internal:5432/x?sslmode=require&bogus=hunter2",
+       "the connection URL could not be parsed"},
+  };
+  for (const auto& [conninfo, says] : cases) {
+    PoolConfig config;
+    config.conninfo = conninfo;
+    const std::string error = rejection(config);
+    EXPECT_THAT(error, HasSubstr(says)) << conninfo;
+    EXPECT_THAT(error, Not(HasSubstr("hunter2"))) << conninfo;
+    EXPECT_THAT(error, Not(HasSubstr("more"))) << conninfo;
+    EXPECT_THAT(mask_password(conninfo), Not(HasSubstr("hunter2"))) << conninfo;
+  }
+  // Known, non-secret keywords keep their values: the message says which server is meant.
+  PoolConfig config;
+  config.conninfo = "host=db.internal port=5433 PASSWORD=hunter2";
+  EXPECT_THAT(rejection(config), HasSubstr("host=db.internal port=5433 PASSWORD=****"));
+  config.conninfo = "host=db.internal password=hunter2";
+  EXPECT_EQ(rejection(config), "");
+  // The error is a configuration error for the lifecycle manager too (exit code 78).
+  EXPECT_TRUE(make_error_code(client_errc::invalid_config) ==
+              boost::system::errc::invalid_argument);
 }
 
 TEST(PoolStatsTest, JsonHasEveryFieldAndEscapesTheMessage) {

@@ -110,11 +110,8 @@ asio::awaitable<error_code> Connection::Impl::resolve_hosts(const ParsedConninfo
 asio::awaitable<error_code> Connection::Impl::connect() {
   const ParsedConninfo parsed = parse_conninfo(options.conninfo);
   if (!parsed.valid) {
-    std::string message = "the conninfo could not be parsed";
-    if (!mentions_password(options.conninfo)) {
-      message += ": \"" + options.conninfo + "\"";
-    }
-    co_return fail(client_errc::connect_failed, message, {},
+    // Redacted, whatever keywords it holds: the raw text may carry a password under any name.
+    co_return fail(client_errc::invalid_config, conninfo_problem(options.conninfo), {},
                    "use a URL (postgresql://user@host:5432/db) or key=value pairs "
                    "(host=... dbname=...)");
   }

@@ -1,7 +1,11 @@
 #include "conninfo.hpp"
 
+#include <algorithm>
+#include <cctype>
 #include <cstdlib>
 #include <libpq-fe.h>
+#include <map>
+#include <memory>
 
 #include "impl.hpp"
 
@@ -41,13 +45,150 @@ ParsedConninfo parse_conninfo(const std::string& conninfo) {
   return parsed;
 }
 
-bool mentions_password(std::string_view conninfo) {
-  if (contains(conninfo, "password")) return true;
-  auto scheme = conninfo.find("://");
-  if (scheme == std::string_view::npos) return false;
-  auto at = conninfo.find('@', scheme);
-  auto colon = conninfo.find(':', scheme + 3);
-  return at != std::string_view::npos && colon != std::string_view::npos && colon < at;
+namespace {
+
+// libpq's keywords, each with whether its value is a secret (dispchar "*": password, sslpassword).
+const std::map<std::string, bool, std::less<>>& known_keywords() {
+  static const auto keywords = [] {
+    std::map<std::string, bool, std::less<>> result;
+    std::unique_ptr<PQconninfoOption, void (*)(PQconninfoOption*)> defaults(PQconndefaults(),
+                                                                            PQconninfoFree);
+    for (const PQconninfoOption* option = defaults.get(); option && option->keyword; ++option) {
+      const bool secret = option->dispchar != nullptr && option->dispchar[0] == '*';
+      result.emplace(option->keyword, secret);
+    }
+    result.emplace("password", true);  // whatever PQconndefaults() said
+    return result;
+  }();
+  return keywords;
+}
+
+std::string lower(std::string_view text) {
+  std::string lowered(text);
+  for (char& c : lowered) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return lowered;
+}
+
+bool plain_word(std::string_view text) {
+  return !text.empty() && text.size() <= 40 && std::all_of(text.begin(), text.end(), [](char c) {
+    return std::isalnum(static_cast<unsigned char>(c)) != 0 || c == '_';
+  });
+}
+
+bool is_url(std::string_view conninfo) {
+  return conninfo.starts_with("postgresql://") || conninfo.starts_with("postgres://");
+}
+
+std::string quoted_if_needed(const std::string& value) {
+  if (!value.empty() && value.find_first_of(" '\\") == std::string::npos) return value;
+  std::string quoted = "'";
+  for (char c : value) {
+    if (c == '\'' || c == '\\') quoted += '\\';
+    quoted += c;
+  }
+  return quoted + "'";
+}
+
+// The key=value form read the way libpq reads it, redacted as it goes; `problems` gets what is
+// wrong with it, naming keywords only (never a value or a word without '=').
+std::string redact_pairs(std::string_view text, std::vector<std::string>& problems) {
+  const auto& keywords = known_keywords();
+  std::string redacted;
+  std::size_t at = 0;
+  auto skip_spaces = [&] {
+    while (at < text.size() && std::isspace(static_cast<unsigned char>(text[at]))) ++at;
+  };
+  auto add = [&](const std::string& part) {
+    if (!redacted.empty()) redacted += ' ';
+    redacted += part;
+  };
+  for (;;) {
+    skip_spaces();
+    if (at >= text.size()) return redacted;
+    const std::size_t keyword_start = at;
+    while (at < text.size() && text[at] != '=' &&
+           std::isspace(static_cast<unsigned char>(text[at])) == 0) {
+      ++at;
+    }
+    const std::string_view keyword = text.substr(keyword_start, at - keyword_start);
+    skip_spaces();
+    if (at >= text.size() || text[at] != '=') {
+      add("****");
+      problems.emplace_back(
+          "a word without \"=\" (hidden: a value with spaces needs single quotes, key='a b')");
+      continue;
+    }
+    ++at;
+    skip_spaces();
+    std::string value;
+    if (at < text.size() && text[at] == '\'') {
+      bool closed = false;
+      for (++at; at < text.size(); ++at) {
+        if (text[at] == '\\' && at + 1 < text.size()) {
+          value += text[++at];
+        } else if (text[at] == '\'') {
+          closed = true;
+          ++at;
+          break;
+        } else {
+          value += text[at];
+        }
+      }
+      if (!closed) problems.emplace_back("a quoted value is not closed");
+    } else {
+      for (; at < text.size() && std::isspace(static_cast<unsigned char>(text[at])) == 0; ++at) {
+        if (text[at] == '\\' && at + 1 < text.size()) ++at;
+        value += text[at];
+      }
+    }
+    const auto known = keywords.find(keyword);
+    const std::string shown_keyword = plain_word(keyword) ? std::string(keyword) : "****";
+    const bool show_value = known != keywords.end() && !known->second;
+    add(shown_keyword + "=" + (show_value ? quoted_if_needed(value) : "****"));
+    if (known != keywords.end()) continue;
+    if (shown_keyword == "****") {
+      problems.emplace_back("a keyword that libpq does not know (hidden: not a plain word)");
+    } else if (keywords.contains(lower(keyword))) {
+      problems.emplace_back("\"" + shown_keyword +
+                            "\" is not a keyword (keywords are lower case: \"" + lower(keyword) +
+                            "\")");
+    } else if (lower(keyword).find("pass") != std::string::npos ||
+               lower(keyword).find("pwd") != std::string::npos) {
+      problems.emplace_back("\"" + shown_keyword +
+                            "\" is not a keyword (the password's is \"password\")");
+    } else {
+      problems.emplace_back("\"" + shown_keyword + "\" is not a keyword that libpq knows");
+    }
+  }
+}
+
+}  // namespace
+
+std::string redact_unparsable_conninfo(std::string_view conninfo) {
+  if (is_url(conninfo)) return std::string(conninfo.substr(0, conninfo.find("://") + 3)) + "****";
+  std::vector<std::string> problems;
+  return redact_pairs(conninfo, problems);
+}
+
+std::string conninfo_problem(std::string_view conninfo) {
+  char* error = nullptr;
+  PQconninfoOption* options = PQconninfoParse(std::string(conninfo).c_str(), &error);
+  PQfreemem(error);  // may quote the password: never shown
+  if (options != nullptr) {
+    PQconninfoFree(options);
+    return "";
+  }
+  if (is_url(conninfo)) {
+    return "the connection URL could not be parsed (" + redact_unparsable_conninfo(conninfo) +
+           "): check its form, postgresql://user:password@host:port/dbname?keyword=value, with "
+           "reserved characters in the user name and password percent-encoded (@ is %40)";
+  }
+  std::vector<std::string> problems;
+  std::string message = "the conninfo could not be parsed: " + redact_pairs(conninfo, problems);
+  if (problems.empty()) problems.emplace_back("libpq refuses its form");
+  if (problems.size() > 3) problems.resize(3);
+  for (std::size_t i = 0; i < problems.size(); ++i) message += (i == 0 ? ": " : "; ") + problems[i];
+  return message;
 }
 
 }  // namespace pgrt

@@ -26,6 +26,14 @@ struct ParsedConninfo {
 
 ParsedConninfo parse_conninfo(const std::string& conninfo);
 
-bool mentions_password(std::string_view conninfo);
+// A conninfo that libpq cannot parse, in a form safe for any message or log: libpq's non-secret
+// keywords keep their values; every other value, every unknown keyword that is not a plain word,
+// and every word without '=' (it may be part of a password) is "****". A URL keeps its scheme only.
+std::string redact_unparsable_conninfo(std::string_view conninfo);
+
+// Why `conninfo` cannot be parsed, redacted ("the conninfo could not be parsed: host=db
+// PASSWORD=****: \"PASSWORD\" is not a keyword (keywords are lower case: \"password\")"),
+// or "" when libpq parses it. Never quotes libpq's own message: it may quote a password.
+std::string conninfo_problem(std::string_view conninfo);
 
 }  // namespace pgrt

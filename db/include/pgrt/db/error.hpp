@@ -32,7 +32,9 @@ enum class client_errc {
   pool_closed,          ///< The pool is closing or closed.
   pool_not_configured,  ///< pgrt::pool() or pgrt::connection() before pgrt::configure().
   already_configured,   ///< pgrt::configure() called twice.
-  invalid_config,       ///< A configuration value (or environment variable) is malformed.
+  invalid_config,       ///< A configuration value (or environment variable, or the conninfo)
+                        ///< is malformed. Equivalent to boost::system::errc::invalid_argument,
+                        ///< which the lifecycle manager maps to exit_code::config.
   writes_closed,        ///< PendingWrites is stopping or stopped: the write was not accepted.
   writes_queue_full,    ///< PendingWrites is full (WhenFull::fail): the write was not accepted.
   writes_failed,        ///< PendingWrites::stop(): some accepted writes were not written.
@@ -97,7 +99,9 @@ class Error : public boost::system::system_error {
 };
 
 /// Returns the conninfo (URL or key=value) with any password replaced by "****", for messages and
-/// logs. Never throws; an unparsable conninfo is replaced entirely.
+/// logs. Never throws. An unparsable conninfo keeps only libpq's non-secret keywords' values:
+/// every other value, every word without '=' and a URL's whole remainder become "****", so a
+/// password under a misspelled keyword (PASSWORD=, passwd=) never shows.
 [[nodiscard]] std::string mask_password(std::string_view conninfo);
 
 }  // namespace pgrt

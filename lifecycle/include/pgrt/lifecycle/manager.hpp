@@ -26,10 +26,19 @@ namespace pgrt::lifecycle {
 /// The exit codes run() returns (and the watchdog and second Ctrl+C use).
 namespace exit_code {
 inline constexpr int ok = 0;             ///< Stopped gracefully (SIGTERM, request_stop()).
-inline constexpr int failure = 1;        ///< A start failed, or a stop failed or was abandoned.
+inline constexpr int failure = 1;        ///< A start failed (but for config), or a stop failed.
 inline constexpr int hard_deadline = 2;  ///< The watchdog ended a shutdown that overran.
+/// The configuration is wrong (a malformed value, variable or conninfo): restarting will not
+/// help. sysexits.h's EX_CONFIG, so `Restart=on-failure` can be told not to loop on it
+/// (`RestartPreventExitStatus=78`).
+inline constexpr int config = 78;
 inline constexpr int interrupted = 130;  ///< SIGINT (graceful on the first, at once on the second).
 inline constexpr int quit = 131;         ///< SIGQUIT: exit at once.
+
+/// exit_code::config when `error` says that the configuration is wrong: a boost::system or std
+/// system_error whose code is equivalent to errc::invalid_argument (as
+/// pgrt::Error(client_errc::invalid_config) is); exit_code::failure for any other error.
+[[nodiscard]] int for_error(const std::exception_ptr& error) noexcept;
 }  // namespace exit_code
 
 /// The names of the components a component depends on. Build it with after().
@@ -92,7 +101,8 @@ struct ManagerEvents {
 /// started, each within its start deadline. If one fails (throws or times out), or a stop is
 /// requested meanwhile, the starts in flight are cancelled and only the components that had
 /// started are stopped, in reverse dependency order, with a fresh shutdown budget. A failed
-/// start always makes run() return exit_code::failure: a stop request or a SIGTERM during the
+/// start always makes run() return exit_code::failure (exit_code::config when the first failure
+/// was a configuration error, exit_code::for_error()): a stop request or a SIGTERM during the
 /// rollback is logged and ignored.
 ///
 /// Shutdown, in this order: readiness goes false (on_stopping hooks); intake stops (stop_intake()
@@ -169,6 +179,8 @@ class Manager {
   /// True between on_ready and the start of a shutdown.
   [[nodiscard]] bool ready() const noexcept;
   [[nodiscard]] ManagerEvents& events() noexcept;
+  /// The options it was made with.
+  [[nodiscard]] const ManagerOptions& options() const noexcept;
   /// The io_context run() runs; components may run their work on it.
   [[nodiscard]] boost::asio::io_context& io_context() noexcept;
   [[nodiscard]] boost::asio::any_io_executor executor() noexcept;

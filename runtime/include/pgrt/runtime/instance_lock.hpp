@@ -18,10 +18,19 @@ struct InstanceLockOptions {
   /// Where the lock files live; empty: default_lock_directory().
   std::filesystem::path directory;
   /// Take over from a running holder: SIGTERM it, wait up to takeover_grace for the lock, then
-  /// SIGKILL it and wait as long again.
+  /// SIGKILL it and wait up to min(takeover_grace, takeover_kill_wait) more.
   bool force = false;
   std::chrono::milliseconds takeover_grace{10'000};
 };
+
+/// How long a takeover waits for the lock after SIGKILL (the kernel releases a killed holder's
+/// lock as soon as it is gone; longer means it is stuck in the kernel).
+inline constexpr std::chrono::milliseconds takeover_kill_wait{5'000};
+
+/// The longest InstanceLock::acquire() can block on a takeover: 0 without force, else
+/// takeover_grace + min(takeover_grace, takeover_kill_wait). A start deadline around it must be
+/// longer.
+[[nodiscard]] std::chrono::milliseconds max_takeover_time(const InstanceLockOptions& options);
 
 /// Thrown when another process holds the lock (without force), or a takeover failed.
 class InstanceLockError : public std::runtime_error {
@@ -36,22 +45,27 @@ class InstanceLockError : public std::runtime_error {
 };
 
 /// $PGRT_RUNTIME_DIR, else $XDG_RUNTIME_DIR/pgrt, else /run/pgrt when root, else /tmp/pgrt-<uid>.
+/// InstanceLock::acquire() creates it with mode 0700 and uses it only if it is a directory (not a
+/// symbolic link) owned by this user that no other user may write into.
 [[nodiscard]] std::filesystem::path default_lock_directory();
 
 /// Holds the lock until destroyed (the kernel releases it if the process dies, so a crash never
-/// leaves a stale lock). Move-only. Blocking: acquire() may wait up to twice takeover_grace with
-/// force. Not for use across threads at once.
+/// leaves a stale lock). Move-only. Blocking: with force, acquire() may wait up to
+/// max_takeover_time(). Not for use across threads at once.
 class InstanceLock {
  public:
-  /// Takes the lock for options.application/instance: creates the directory and
-  /// `<app>.<instance>.lock` (tag_app_name() and tag_instance_name(), so exactly one lock per tag
-  /// prefix; bytes other than letters, digits, '-', '_' and '~' written as %XX), locks it (flock,
-  /// non-blocking) and writes this process's pid, host and incarnation (and the earlier holders'
-  /// incarnations) into it. Throws InstanceLockError naming the holder's pid when another process
-  /// holds it ("another pgrt-demo/eu-1 is running as pid 1234 ..."), or when a takeover fails
-  /// (kill() fails: the holder is another user's, or it is gone while another process still holds
-  /// the lock; or it keeps the lock after SIGKILL; the message says which), and std::system_error
-  /// when the directory or file cannot be created.
+  /// Takes the lock for options.application/instance: creates the directory (0700; an existing
+  /// one that is a symbolic link, another user's, or writable by others is refused) and
+  /// `<app>.<instance>.lock` (0600, opened without following a symbolic link; anything but a
+  /// regular file of this user's with one name is refused) (tag_app_name() and tag_instance_name(),
+  /// so exactly one lock per tag prefix; bytes other than letters, digits, '-', '_' and '~' written
+  /// as %XX), locks it (flock, non-blocking) and writes this process's pid, host and incarnation
+  /// (and the earlier holders' incarnations) into it. Throws InstanceLockError naming the holder's
+  /// pid when another process holds it ("another pgrt-demo/eu-1 is running as pid 1234 ..."), or
+  /// when a takeover fails, saying why: the pid in the file does not have the lock file open (it is
+  /// never signalled: only a process that verifiably holds this very file is), it is another
+  /// user's, it is gone while another process still holds the lock, or it keeps the lock after
+  /// SIGKILL. Throws std::system_error when the directory or file cannot be created or is refused.
   [[nodiscard]] static InstanceLock acquire(const InstanceLockOptions& options);
 
   InstanceLock(InstanceLock&& other) noexcept;

@@ -92,7 +92,10 @@ class StartupHygiene {
 /// Adds StartupHygiene to `app`, configured from `pool_config` (conninfo, app and instance, connect
 /// settings). With cluster_lock, lowers pool_config.max_size by one for the lock's connection (so
 /// add the pool with this config afterwards; throws pgrt::Error(invalid_config) if max_size is 1).
-/// Returns the component: add the pool after it, `add_pool(app, config, {}, after(hygiene))`.
+/// With force, its start deadline is the manager's start_timeout plus max_takeover_time(), so a
+/// takeover of a holder that ignores SIGTERM completes (a ManagerOptions::start_hard_deadline, if
+/// set, must be longer still). Returns the component: add the pool after it, `add_pool(app, config,
+/// {}, after(hygiene))`.
 StartupHygiene& add_startup_hygiene(
     lifecycle::Manager& app, PoolConfig& pool_config,
     StartupHygieneOptions options = StartupHygieneOptions::from_env());
