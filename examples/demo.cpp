@@ -21,9 +21,13 @@
 #include <csignal>
 #include <cstdint>
 #include <cstdlib>
+#include <functional>
 #include <iostream>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
+#include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 #include <sstream>
 #include <stop_token>
@@ -44,6 +48,12 @@ using pgrt::lifecycle::after;
 
 constexpr int exit_usage = 2;
 
+// With --json, stdout carries the JSON report only: everything meant for a human goes to stderr.
+bool json_report = false;
+std::ostream& human() {
+  return json_report ? std::cerr : std::cout;
+}
+
 struct Arguments {
   std::optional<std::chrono::seconds> duration;
   std::size_t workers = 200;
@@ -62,9 +72,16 @@ std::optional<std::size_t> parse_count(const char* text, std::size_t max) {
 std::optional<Arguments> parse_arguments(int argc, char** argv) {
   Arguments arguments;
   const char* usage =
-      "usage: pgrt_demo [--duration SECONDS] [--workers N] [--json]\n"
-      "  DATABASE_URL  the server to use; unset: a throwaway local cluster\n"
-      "  PGRT_*        pool settings (see docs/pool.md), e.g. PGRT_POOL_MAX, PGRT_APP\n";
+      "usage: pgrt_demo [--duration SECONDS] [--workers N] [--json] [--help]\n"
+      "  Serves N workers (default 200) on the process-wide pool, writing through pending\n"
+      "  writes, until Ctrl+C, SIGTERM or --duration; then reports what was written.\n"
+      "  --duration    stop after SECONDS (0-86400)\n"
+      "  --workers     how many worker coroutines (1-100000)\n"
+      "  --json        stdout carries one JSON report only; everything else goes to stderr\n"
+      "  DATABASE_URL  the server to use; unset: a throwaway local cluster (removed at exit)\n"
+      "  PGRT_*        pool settings (see docs/pool.md), e.g. PGRT_POOL_MAX, PGRT_APP\n"
+      "exit codes: 0 stopped gracefully, 1 failure or lost write, 2 usage, 78 malformed\n"
+      "            configuration, 130 SIGINT\n";
   for (int i = 1; i < argc; ++i) {
     const std::string_view argument = argv[i];
     if (argument == "--duration" && i + 1 < argc) {
@@ -84,6 +101,9 @@ std::optional<Arguments> parse_arguments(int argc, char** argv) {
       arguments.workers = *workers;
     } else if (argument == "--json") {
       arguments.json = true;
+    } else if (argument == "--help" || argument == "-h") {
+      std::cout << usage;
+      std::exit(0);  // NOLINT(concurrency-mt-unsafe): single-threaded here
     } else {
       std::cerr << "pgrt_demo: unknown argument '" << argument << "'\n" << usage;
       return std::nullopt;
@@ -136,10 +156,65 @@ class StartupSignals {
   std::jthread waiter_;
 };
 
+// Failed requests, logged so that an outage gives a bounded log: the first error of a kind (its
+// error code) at once, then at most one line per kind every 10 s saying how many more there were.
+// One spdlog line per report (lines from several threads never interleave), newlines folded.
+class ErrorLog {
+ public:
+  static constexpr std::chrono::seconds window{10};
+
+  void report(const pgrt::Error& error) {
+    const auto now = std::chrono::steady_clock::now();
+    const std::string kind =
+        std::string(error.code().category().name()) + ":" + std::to_string(error.code().value());
+    const std::lock_guard lock(mutex_);
+    auto [entry, first] = kinds_.try_emplace(kind);
+    if (!first && now - entry->second.since < window) {
+      ++entry->second.suppressed;
+      return;
+    }
+    say_suppressed(kind, entry->second);
+    entry->second = {now, 0};
+    std::string line = error.what();
+    std::replace(line.begin(), line.end(), '\n', ' ');
+    spdlog::warn("pgrt-demo: request failed: {}", line);
+  }
+
+  // Says the counts whose window has passed (all of them with `everything`): called every second,
+  // and at the end.
+  void flush(bool everything = false) {
+    const auto now = std::chrono::steady_clock::now();
+    const std::lock_guard lock(mutex_);
+    for (auto& [kind, entry] : kinds_) {
+      if (everything || now - entry.since >= window) {
+        say_suppressed(kind, entry);
+        entry.suppressed = 0;
+      }
+    }
+  }
+
+ private:
+  struct Kind {
+    std::chrono::steady_clock::time_point since;
+    std::uint64_t suppressed = 0;
+  };
+  static void say_suppressed(const std::string& kind, const Kind& entry) {
+    if (entry.suppressed == 0) return;
+    spdlog::warn("pgrt-demo: ... and {} more failed requests like it ({}) in the last {} s",
+                 entry.suppressed, kind,
+                 std::chrono::duration_cast<std::chrono::seconds>(std::chrono::steady_clock::now() -
+                                                                  entry.since)
+                     .count());
+  }
+  std::mutex mutex_;
+  std::map<std::string, Kind> kinds_;
+};
+
 struct Counters {
   std::atomic<std::uint64_t> requests{0};
   std::atomic<std::uint64_t> errors{0};
   std::atomic<int> max_backends{0};
+  ErrorLog error_log;
 };
 
 asio::awaitable<void> sleep_for(std::chrono::milliseconds duration) {
@@ -240,6 +315,7 @@ class Workers {
   asio::awaitable<void> stop() {
     stopping_ = true;  // also ends workers still waiting for an intake that never opened
     while (running_ > 0) co_await sleep_for(5ms);
+    counters_.error_log.flush(/*everything=*/true);
     spdlog::info("pgrt-demo: shutdown phase 4: workers stopped, {} coroutines joined", count_);
   }
 
@@ -276,7 +352,7 @@ class Workers {
               error.code() == pgrt::client_errc::pool_closed) {
             co_return;
           }
-          std::cerr << "pgrt_demo: request failed: " << error.what() << std::endl;
+          counters_.error_log.report(error);
           back_off = true;
         }
       }
@@ -310,6 +386,19 @@ class Workers {
 
 // Samples this pool's backends in pg_stat_activity (on a connection of its own, outside the
 // pool) and prints a status line every second.
+// Logs one line when it stops. Placed in the dependency graph so that it stops right after the
+// component whose stop ends a shutdown phase: the phases the demo's own components do not log.
+struct PhaseLog {
+  std::string component_name;
+  std::function<std::string()> line;
+  [[nodiscard]] std::string name() const { return component_name; }
+  asio::awaitable<void> start() { co_return; }
+  asio::awaitable<void> stop() {
+    spdlog::info("pgrt-demo: {}", line());
+    co_return;
+  }
+};
+
 class Status {
  public:
   Status(asio::any_io_executor executor, std::string conninfo, std::string pool_tag,
@@ -348,7 +437,9 @@ class Status {
   asio::awaitable<pgrt::Connection> connect() const {
     pgrt::ConnectOptions options;
     options.conninfo = conninfo_;
-    options.application_name = "pgrt-demo-observer";
+    // This run's tag, as the pool's connections carry: a crashed run's observer is a leftover
+    // that the next start's cleanup terminates, like its pool's.
+    options.application_name = pool_tag_;
     options.connect_timeout = 2s;
     co_return co_await pgrt::Connection::connect(std::move(options));
   }
@@ -358,7 +449,8 @@ class Status {
   // lines go on meanwhile, without the backend count.
   asio::awaitable<void> sample() {
     const std::string count_sql =
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1";
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND pid <> "
+        "pg_backend_pid()";
     auto last_print = std::chrono::steady_clock::now();
     std::uint64_t last_requests = 0;
     std::chrono::milliseconds pause = 20ms;
@@ -387,6 +479,7 @@ class Status {
       }
       const auto now = std::chrono::steady_clock::now();
       if (now - last_print >= 1s) {
+        counters_.error_log.flush();
         const auto seconds = std::chrono::duration<double>(now - last_print).count();
         const std::uint64_t requests = counters_.requests;
         const auto pool = pgrt::pool().stats();
@@ -399,9 +492,9 @@ class Status {
              << pool.waiting_normal + pool.waiting_high << " | acquire wait p99 "
              << static_cast<double>(pool.wait_p99.count()) / 1000.0 << " ms | pending writes "
              << writes.pending << " (flushed " << writes.flushed << ") | backends "
-             << (backends ? std::to_string(*backends) : std::string("? (reconnecting)"))
-             << " (max " << counters_.max_backends << ")";
-        std::cout << line.str() << std::endl;
+             << (backends ? std::to_string(*backends) : std::string("? (reconnecting)")) << " (max "
+             << counters_.max_backends << ")";
+        human() << line.str() << std::endl;
         last_print = now;
         last_requests = requests;
       }
@@ -442,7 +535,12 @@ int run_service(const Arguments& arguments, const std::string& conninfo,
   if (!conninfo.empty()) pool_config.conninfo = conninfo;
   // One demo per app/instance; the leftovers of a crashed predecessor are terminated first.
   auto& hygiene = pgrt::add_startup_hygiene(app, pool_config);
-  auto& pool = pgrt::add_pool(app, pool_config, {}, after(hygiene));
+  // Stops right after the pool (the pool depends on it): the end of shutdown phase 5.
+  auto& pool_closed =
+      app.add(PhaseLog{"pool_closed_log",
+                       [] { return std::string("shutdown phase 5: the pool is closed"); }},
+              after(hygiene));
+  auto& pool = pgrt::add_pool(app, pool_config, {}, after(hygiene, pool_closed));
   const std::string run = pgrt::pool().application_name();
 
   auto& schema = app.add(Schema{}, after(pool));
@@ -456,7 +554,17 @@ int run_service(const Arguments& arguments, const std::string& conninfo,
   auto& workers = app.add(
       std::make_shared<Workers>(app.executor(), arguments.workers, intake, writes, run, counters),
       after(pool));
-  app.add(writes, after(pool, schema, workers));
+  // Stops after the pending writes and before the workers: the end of shutdown phase 3.
+  auto& writes_flushed = app.add(PhaseLog{"writes_flushed_log",
+                                          [writes] {
+                                            const auto report = writes->report();
+                                            return "shutdown phase 3: pending writes stopped, " +
+                                                   std::to_string(report.flushed) + " of " +
+                                                   std::to_string(report.accepted) +
+                                                   " accepted writes flushed";
+                                          }},
+                                 after(workers));
+  app.add(writes, after(pool, schema, workers, writes_flushed));
   app.add(std::make_shared<Status>(app.executor(), pool_config.conninfo, run, writes, counters),
           after(pool, *writes));
   app.on_stopping([&] {
@@ -464,8 +572,8 @@ int run_service(const Arguments& arguments, const std::string& conninfo,
   });
 
   app.on_ready([&] {
-    std::cout << "serving: " << arguments.workers << " workers on pool " << run << " (max "
-              << pgrt::pool().config().max_size << "); Ctrl+C or SIGTERM stops" << std::endl;
+    human() << "serving: " << arguments.workers << " workers on pool " << run << " (max "
+            << pgrt::pool().config().max_size << "); Ctrl+C or SIGTERM stops" << std::endl;
     if (arguments.duration) {
       asio::co_spawn(
           app.executor(),
@@ -488,10 +596,10 @@ int run_service(const Arguments& arguments, const std::string& conninfo,
               << reason << R"(","exit_code":)" << code << R"(,"requests":)" << counters.requests
               << R"(,"run":")" << run << "\"}" << std::endl;
   } else {
-    std::cout << "stopped (" << reason << ", exit code " << code << "): " << counters.requests
-              << " requests; writes accepted " << report.accepted << ", flushed " << report.flushed
-              << ", failed " << report.failed << "; at most " << counters.max_backends
-              << " backends of the pool seen on the server" << std::endl;
+    human() << "stopped (" << reason << ", exit code " << code << "): " << counters.requests
+            << " requests; writes accepted " << report.accepted << ", flushed " << report.flushed
+            << ", failed " << report.failed << "; at most " << counters.max_backends
+            << " backends of the pool seen on the server" << std::endl;
   }
   return code;
 }
@@ -501,23 +609,40 @@ int run_service(const Arguments& arguments, const std::string& conninfo,
 int main(int argc, char** argv) {
   auto arguments = parse_arguments(argc, argv);
   if (!arguments) return exit_usage;
+  json_report = arguments->json;
+  // Logs go to stderr: stdout is for the status lines and the report.
+  spdlog::set_default_logger(spdlog::stderr_color_mt("pgrt-demo"));
   try {
     StartupSignals startup_signals;
     std::unique_ptr<pgrt::testing::TempCluster> cluster;
+    // Says when the throwaway cluster goes, however main() ends.
+    struct AnnouncedRemoval {
+      std::unique_ptr<pgrt::testing::TempCluster>& cluster;
+      explicit AnnouncedRemoval(std::unique_ptr<pgrt::testing::TempCluster>& owned)
+          : cluster(owned) {}
+      AnnouncedRemoval(const AnnouncedRemoval&) = delete;
+      AnnouncedRemoval& operator=(const AnnouncedRemoval&) = delete;
+      ~AnnouncedRemoval() {
+        if (!cluster) return;
+        human() << "removing the throwaway cluster " << cluster->directory().string() << std::endl;
+        cluster.reset();
+        human() << "the throwaway cluster is removed" << std::endl;
+      }
+    } removal{cluster};
     std::string conninfo;
     if (const char* url = std::getenv("DATABASE_URL"); url == nullptr || *url == '\0') {
-      std::cout << "DATABASE_URL is unset: starting a throwaway PostgreSQL cluster" << std::endl;
+      human() << "DATABASE_URL is unset: starting a throwaway PostgreSQL cluster" << std::endl;
       try {
         cluster = std::make_unique<pgrt::testing::TempCluster>(
             pgrt::testing::TempClusterOptions{.stop_token = startup_signals.token()});
       } catch (const pgrt::testing::ClusterInterrupted&) {
         const int number = startup_signals.received();
-        std::cout << "stopped by " << (number == SIGINT ? "SIGINT" : "SIGTERM")
-                  << " while the cluster started; it is removed" << std::endl;
+        human() << "stopped by " << (number == SIGINT ? "SIGINT" : "SIGTERM")
+                << " while the cluster started; it is removed" << std::endl;
         return 128 + number;
       }
-      std::cout << "cluster ready in " << cluster->directory().string() << " (port "
-                << cluster->port() << ")" << std::endl;
+      human() << "cluster ready in " << cluster->directory().string() << " (port "
+              << cluster->port() << ")" << std::endl;
       conninfo = cluster->dsn();
     }
     return run_service(*arguments, conninfo, startup_signals);

@@ -58,6 +58,24 @@ grep -q "stopped (duration, exit code 0).*failed 0" "$work/out" ||
 if ! leftovers; then echo "FAIL (plain run)"; exit 1; fi
 echo "ok: a run with --duration reports and cleans up"
 
+# --json: stdout is one JSON report and nothing else; the rest (logs, status lines, the cluster's
+# start and removal) goes to stderr.
+"$demo" --json --duration 1 >"$work/json" 2>"$work/out" ||
+  { echo "FAIL: --json run failed:"; cat "$work/json" "$work/out"; exit 1; }
+if [[ $(wc -l <"$work/json") != 1 ]] || ! grep -q '^{"writes_accepted":.*}$' "$work/json" ||
+  ! grep -q "shutdown phase 5: the pool is closed" "$work/out" ||
+  ! grep -q "removing the throwaway cluster" "$work/out" ||
+  ! grep -q "the throwaway cluster is removed" "$work/out"; then
+  echo "FAIL: --json (stdout, then stderr):"; cat "$work/json" "$work/out"; exit 1
+fi
+rm -f "$work/json"
+if ! leftovers; then echo "FAIL (--json run)"; exit 1; fi
+echo "ok: --json writes only the report on stdout, and the cluster's removal is said"
+
+"$demo" --help >"$work/out" 2>&1 || { echo "FAIL: --help exits non-zero"; cat "$work/out"; exit 1; }
+grep -q "^usage: pgrt_demo" "$work/out" || { echo "FAIL: --help"; cat "$work/out"; exit 1; }
+echo "ok: --help"
+
 # A bad DATABASE_URL: a clear error, exit 1, and the password never printed.
 code=0
 DATABASE_URL="postgresql://app:hunter2-secret@127.0.0.1:1/appdb" "$demo" --duration 1 >"$work/out" 2>&1 || code=$?

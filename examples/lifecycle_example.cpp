@@ -121,5 +121,5 @@ int main(int argc, char** argv) {
         },
         asio::detached);
   }
-  return app.run();  // 0, 130 after Ctrl+C, 1 if a start or a stop failed
+  return app.run();  // 0; 130 after Ctrl+C; 78 for a malformed configuration; 1 otherwise
 }

@@ -13,6 +13,7 @@ preset=${PGRT_PRESET:-dev}
 
 "$root/scripts/install-deps.sh"
 cd "$root"
+echo "demo.sh: building the demo (preset $preset; a first build takes a few minutes)..." >&2
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 if ! { cmake --preset "$preset" && cmake --build --preset "$preset" --target pgrt_demo; } >"$log" 2>&1; then
@@ -22,4 +23,5 @@ if ! { cmake --preset "$preset" && cmake --build --preset "$preset" --target pgr
 fi
 rm -f "$log"
 trap - EXIT
+echo "demo.sh: built; starting it" >&2
 exec "$root/build/$preset/examples/pgrt_demo" "$@"

@@ -22,6 +22,7 @@
 #include <string>
 #include <string_view>
 #include <thread>
+#include <unistd.h>
 #include <vector>
 
 #include <pgrt/db.hpp>
@@ -60,7 +61,8 @@ const char* const usage =
     "  --idle-threshold  idle (not in a transaction) longer than this counts as leaked, as\n"
     "                    PGRT_CLEANUP_IDLE_S does for the start-up cleanup (900; 0: off)\n"
     "  --json            one JSON object (with --watch: one per refresh)\n"
-    "  --watch           refresh every SECONDS (default 2) until Ctrl+C\n"
+    "  --watch           refresh every SECONDS (default 2) until Ctrl+C or SIGTERM (the\n"
+    "                    screen is cleared on a terminal only)\n"
     "  --kill-leaked     terminate the backends reported as leaked\n"
     "  --emergency       terminate every backend of the app (all instances, all incarnations)\n"
     "  The app's backends are those tagged exactly <app>/<instance>/<incarnation> (8 lowercase\n"
@@ -325,7 +327,11 @@ int run(const Arguments& arguments) {
         asio::co_spawn(io, take_snapshot(connection, arguments), asio::use_future);
     io.run();
     const Snapshot snapshot = snapshot_future.get();
-    if (arguments.watch_seconds && !arguments.json) std::cout << "\033[H\033[2J";
+    if (arguments.watch_seconds && !arguments.json) {
+      // Clear the screen on a terminal only: a file or a pipe gets no escape codes, just a blank
+      // line between refreshes.
+      std::cout << (::isatty(STDOUT_FILENO) == 1 ? "\033[H\033[2J" : "\n");
+    }
     if (arguments.json) {
       print_json(snapshot, arguments);
     } else {
@@ -348,7 +354,9 @@ int run(const Arguments& arguments) {
 int main(int argc, char** argv) {
   auto arguments = parse_arguments(argc, argv);
   if (!arguments) return exit_usage;
+  // --watch ends cleanly (exit 0, output flushed) on Ctrl+C or SIGTERM.
   std::signal(SIGINT, [](int) { interrupted = true; });
+  std::signal(SIGTERM, [](int) { interrupted = true; });
   try {
     return run(*arguments);
   } catch (const pgrt::Error& error) {

@@ -184,11 +184,13 @@ const std::vector<std::string> demo_shutdown_phases = {
     "stopping 'pending_writes'",
     "pgrt pending writes pending_writes: stopped: accepted",
     "stopped 'pending_writes'",
+    "shutdown phase 3: pending writes stopped,",
     "stopping 'workers'",
     "shutdown phase 4: workers stopped",
     "stopped 'workers'",
     "stopping 'pool'",
     "stopped 'pool'",
+    "shutdown phase 5: the pool is closed",
     "{\"writes_accepted\"",
 };
 
@@ -318,8 +320,10 @@ TEST_F(LifecycleProcessTest, TheStatusSamplerReconnectsAfterItsConnectionIsLost)
   Child demo({PGRT_DEMO_PATH, "--duration", "6"}, cluster().dsn(), "sampler");
   ASSERT_TRUE(demo.wait_for_output("requests/s", 60s)) << demo.output();
   BlockingConnection admin(cluster().dsn());
+  // The observer carries the run's tag, like the pool's connections; its query tells it apart.
   EXPECT_EQ(admin.scalar("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                         "WHERE application_name = 'pgrt-demo-observer'"),
+                         "WHERE application_name LIKE 'sampler/%' AND query LIKE "
+                         "'SELECT count(*) FROM pg_stat_activity%'"),
             "1");
   ASSERT_TRUE(demo.wait_for_output("the status sampler reconnected", 10s)) << demo.output();
   const std::size_t reconnected = demo.output().find("the status sampler reconnected");
@@ -340,6 +344,28 @@ TEST_F(LifecycleProcessTest, TheStatusSamplerReconnectsAfterItsConnectionIsLost)
     ++losses;
   }
   EXPECT_EQ(losses, 1u) << output;
+}
+
+// An outage gives a bounded log: each kind of failed request is said once, then counted ("... and
+// N more ..."), in whole lines.
+TEST_F(LifecycleProcessTest, AnOutageGivesABoundedLog) {
+  testing::TempCluster own;
+  Child demo({PGRT_DEMO_PATH, "--duration", "12", "--workers", "100"}, own.dsn(), "outage");
+  ASSERT_TRUE(demo.wait_for_output("requests/s", 60s)) << demo.output();
+  own.stop(testing::StopMode::immediate);
+  std::this_thread::sleep_for(7s);  // past the pool's acquire timeout (5 s): every worker fails
+  own.start();
+  EXPECT_TRUE(demo.wait_for_exit(60s).has_value()) << demo.output();
+  const std::string output = demo.output();
+  std::size_t said = 0;
+  for (auto at = output.find("request failed:"); at != std::string::npos;
+       at = output.find("request failed:", at + 1)) {
+    ++said;
+  }
+  EXPECT_GE(said, 1U) << output;
+  EXPECT_LE(said, 6U) << "one line per kind of error, not one per request\n" << output;
+  EXPECT_THAT(output, ::testing::ContainsRegex("\\.\\.\\. and [0-9]+ more failed requests like it"))
+      << output;
 }
 
 TEST_F(LifecycleProcessTest, SigintTwiceExitsAtOnceWith130) {
@@ -939,6 +965,16 @@ TEST_F(StartupHygieneTest, AMalformedDsnExits78AndNeverShowsItsPassword) {
   EXPECT_EQ(diag.wait_for_exit(30s), 78) << diag.output();
   EXPECT_THAT(diag.output(), Not(HasSubstr("secret-part"))) << diag.output();
   EXPECT_THAT(diag.output(), Not(HasSubstr("hunter2")));
+}
+
+// --watch into a file: no terminal escape codes, and SIGTERM ends it cleanly.
+TEST_F(StartupHygieneTest, DiagWatchIntoAFileWritesNoEscapeCodesAndEndsOnSigterm) {
+  Child diag({PGRT_DIAG_PATH, "--app", "watched", "--watch", "1"}, cluster().dsn(), "watched");
+  ASSERT_TRUE(diag.wait_for_output("server:", 30s)) << diag.output();
+  std::this_thread::sleep_for(1500ms);  // a second refresh
+  diag.signal(SIGTERM);
+  EXPECT_EQ(diag.wait_for_exit(10s), 0) << diag.status() << "\n" << diag.output();
+  EXPECT_EQ(diag.output().find('\033'), std::string::npos) << diag.output();
 }
 
 // A session tagged `application_name` running a long statement (state 'active') until it is

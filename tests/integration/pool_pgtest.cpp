@@ -579,6 +579,50 @@ TEST_F(PoolTest, ALeakWarningCarriesTheAcquiringFileAndLine) {
   EXPECT_EQ(events_seen, 1);
 }
 
+// A pool held below its max by the server (here a role's connection limit, SQLSTATE 53300) says
+// so once, with the reason, not once per attempt; and once more when connects work again.
+TEST_F(PoolTest, FailedConnectsAreLoggedOncePerReasonAndTheRecoveryOnce) {
+  BlockingConnection admin(cluster().dsn());
+  admin.query("DROP ROLE IF EXISTS pool_capped");
+  admin.query("CREATE ROLE pool_capped LOGIN CONNECTION LIMIT 0");
+  std::ostringstream log;
+  auto previous = spdlog::default_logger();
+  spdlog::set_default_logger(std::make_shared<spdlog::logger>(
+      "capture", std::make_shared<spdlog::sinks::ostream_sink_mt>(log)));
+  auto pool_config = config("capped");
+  pool_config.conninfo += " user=pool_capped";
+  pool_config.min_idle = 2;
+  pool_config.connect_backoff_initial = 10ms;
+  pool_config.connect_backoff_max = 40ms;
+  pool_config.acquire_timeout = 10s;
+  PoolStats failing{};
+  run_coroutine([&]() -> awaitable_void {
+    Pool pool(co_await asio::this_coro::executor, pool_config);
+    for (int i = 0; i < 250 && pool.stats().consecutive_connect_failures < 5; ++i) {
+      co_await sleep_for(20ms);
+    }
+    failing = pool.stats();
+    admin.query("ALTER ROLE pool_capped CONNECTION LIMIT -1");
+    auto lease = co_await pool.acquire();
+    EXPECT_EQ((co_await lease->query("SELECT 1")).scalar<int>(), 1);
+    co_await pool.close(1s);
+  });
+  spdlog::set_default_logger(previous);
+  admin.query("DROP ROLE pool_capped");
+  const std::string text = log.str();
+  auto count = [&](const std::string& needle) {
+    std::size_t found = 0;
+    for (auto at = text.find(needle); at != std::string::npos; at = text.find(needle, at + 1)) {
+      ++found;
+    }
+    return found;
+  };
+  EXPECT_GE(failing.consecutive_connect_failures, 5U);
+  EXPECT_EQ(count("cannot open a connection"), 1U) << text;
+  EXPECT_THAT(text, HasSubstr("too many connections for role \"pool_capped\""));
+  EXPECT_EQ(count("connected again, after"), 1U) << text;
+}
+
 TEST_F(PoolTest, CancelledWaiterLeavesNoTraceAndTimeoutsExplainThemselves) {
   auto pool_config = config("cancel", 1);
   pool_config.acquire_timeout = 300ms;

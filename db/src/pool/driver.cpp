@@ -240,7 +240,6 @@ asio::awaitable<void> PoolState::open_connection(
     } catch (const std::exception& hook_error) {
       error = make_error_code(client_errc::connect_failed);
       failure = std::string("PoolConfig::on_connect failed: ") + hook_error.what();
-      spdlog::warn("pgrt pool {}: {}", self->application_name, failure);
     }
     // Its backend exists: the capacity comes back only once it has ended.
     if (error) co_await close_until_backend_ends(self, connection);
@@ -251,10 +250,30 @@ asio::awaitable<void> PoolState::open_connection(
   auto& actions = self->fresh_actions_locked();
   if (error) {
     self->last_connect_error = failure;
+    if (!cancel->cancelled) {
+      ++self->failed_connects_in_a_row;
+      if (failure != self->logged_connect_failure) {
+        self->logged_connect_failure = failure;
+        deferred.add([self, failure, in_a_row = self->failed_connects_in_a_row] {
+          spdlog::warn(
+              "pgrt pool {}: cannot open a connection ({} failed in a row): {}; retrying "
+              "with backoff (logged again when the reason changes or a connect succeeds)",
+              self->application_name, in_a_row, failure);
+        });
+      }
+    }
     deferred.add(
         [self, error = error, failure] { emit(self->events.connect_failed, error, failure); });
     self->core.connect_failed(*node, Clock::now(), actions);  // destroys the node
   } else {
+    if (!self->logged_connect_failure.empty()) {
+      deferred.add([self, failures = self->failed_connects_in_a_row] {
+        spdlog::info("pgrt pool {}: connected again, after {} failed attempt(s)",
+                     self->application_name, failures);
+      });
+      self->logged_connect_failure.clear();
+    }
+    self->failed_connects_in_a_row = 0;
     connection_of(*node) = std::move(connection);
     const int pid = connection_of(*node).backend_pid();
     deferred.add([self, pid] { emit(self->events.connected, pid); });

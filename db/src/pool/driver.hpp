@@ -275,6 +275,10 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
   pool::Core core;
   WaitHistogram waits;
   std::string last_connect_error;
+  // The connect failure last logged, "" while connects succeed: failed connects are logged once
+  // per change of reason, and a success after failures once.
+  std::string logged_connect_failure;
+  std::uint64_t failed_connects_in_a_row = 0;
   // close() calls waiting for every connection to be gone; notified once none is left.
   async::TimerCondition drained;
 
