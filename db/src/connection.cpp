@@ -93,7 +93,7 @@ asio::awaitable<std::pair<error_code, Connection>> Connection::try_connect(execu
   using namespace asio::experimental::awaitable_operators;
   ImplPtr impl(new Impl(executor, std::move(options)));  // NOLINT: owned by the ImplPtr
   asio::steady_timer timer(executor, impl->options.connect_timeout);
-  auto outcome = co_await (impl->connect() || timer.async_wait(no_throw));
+  auto outcome = co_await detail::serialized(impl->connect() || timer.async_wait(no_throw));
   error_code error;
   if (outcome.index() == 0) {
     error = std::get<0>(outcome);
@@ -284,8 +284,8 @@ asio::awaitable<bool> Connection::close_and_wait(std::chrono::milliseconds limit
   using namespace asio::experimental::awaitable_operators;
   asio::steady_timer timer(executor, limit);
   for (;;) {
-    auto outcome = co_await (socket.async_wait(asio::socket_base::wait_read, no_throw) ||
-                             timer.async_wait(no_throw));
+    auto outcome = co_await detail::serialized(
+        socket.async_wait(asio::socket_base::wait_read, no_throw) || timer.async_wait(no_throw));
     if (outcome.index() == 1) {  // the limit passed first
       if (std::get<0>(std::get<1>(outcome)) || !keep_waiting || !keep_waiting()) co_return false;
       timer.expires_after(limit);

@@ -16,6 +16,7 @@
 #include <libpq-fe.h>
 #include <mutex>
 #include <random>
+#include <set>
 #include <spdlog/sinks/ostream_sink.h>
 #include <spdlog/spdlog.h>
 #include <sstream>
@@ -621,6 +622,53 @@ TEST_F(PoolTest, FailedConnectsAreLoggedOncePerReasonAndTheRecoveryOnce) {
   EXPECT_EQ(count("cannot open a connection"), 1U) << text;
   EXPECT_THAT(text, HasSubstr("too many connections for role \"pool_capped\""));
   EXPECT_EQ(count("connected again, after"), 1U) << text;
+}
+
+// Soft eviction (a failover learned of out of band): the idle backends end now, a lease in use
+// keeps working and its backend ends when it comes back; later leases get new backends.
+TEST_F(PoolTest, EvictAllClosesIdleConnectionsNowAndLeasedOnesOnReturn) {
+  BlockingConnection observer(cluster().dsn());
+  auto pool_config = config("evict");
+  pool_config.min_idle = 2;
+  run_coroutine([&]() -> awaitable_void {
+    Pool pool(co_await asio::this_coro::executor, pool_config);
+    std::set<int> before;
+    {
+      auto one = co_await pool.acquire();
+      auto two = co_await pool.acquire();
+      before = {one->backend_pid(), two->backend_pid()};
+    }
+    auto held = co_await pool.acquire();
+    const int held_pid = held->backend_pid();
+    const auto alive = [&](int pid) {
+      return observer.scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = " +
+                             std::to_string(pid)) == "1";
+    };
+    pool.evict_all();
+    for (int pid : before) {
+      if (pid == held_pid) continue;
+      bool gone = false;
+      for (int i = 0; i < 250 && !gone; ++i) {
+        gone = !alive(pid);
+        if (!gone) co_await sleep_for(20ms);
+      }
+      EXPECT_TRUE(gone) << "idle backend " << pid << " still there";
+    }
+    EXPECT_EQ((co_await held->query("SELECT 1")).scalar<int>(), 1) << "a lease in use works on";
+    EXPECT_TRUE(alive(held_pid));
+    held = Lease{};
+    auto fresh = co_await pool.acquire();
+    EXPECT_EQ(before.count(fresh->backend_pid()), 0u) << "an evicted connection was handed out";
+    fresh = Lease{};
+    bool gone = false;
+    for (int i = 0; i < 250 && !gone; ++i) {
+      gone = !alive(held_pid);
+      if (!gone) co_await sleep_for(20ms);
+    }
+    EXPECT_TRUE(gone) << "the leased backend did not end after its return";
+    EXPECT_GE(pool.stats().discarded, 2u);
+    co_await pool.close(1s);
+  });
 }
 
 TEST_F(PoolTest, CancelledWaiterLeavesNoTraceAndTimeoutsExplainThemselves) {

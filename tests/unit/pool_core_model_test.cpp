@@ -887,6 +887,65 @@ TEST(PoolCoreSizing, OpensWhatWaitersAndMinIdleNeedWithinTheMax) {
       0u);
 }
 
+// Pool::evict_all(): idle nodes close now, a leased one when it comes back, a connecting one when
+// its connect succeeds; none of them is ever handed out again, and replacements are opened.
+TEST(PoolCoreEviction, IdleNodesCloseNowAndTheOthersWhenTheyComeBack) {
+  Core core(CoreConfig{.max_size = 3, .min_idle = 0}, 1);
+  const Time now{};
+  auto closes_of = [](const Actions& actions, const Node* node) {
+    return std::count_if(actions.begin(), actions.end(), [&](const Action& action) {
+      return action.kind == Action::Kind::close && action.node == node &&
+             action.reason == DiscardReason::evicted;
+    });
+  };
+  auto opened = [](const Actions& actions) {
+    std::vector<Node*> nodes;
+    for (const auto& action : actions) {
+      if (action.kind == Action::Kind::open) nodes.push_back(action.node);
+    }
+    return nodes;
+  };
+  // Three waiters: three nodes opened, two of them connect and are leased, one still connecting.
+  Waiter first(Priority::normal, std::source_location::current());
+  Waiter second(Priority::normal, std::source_location::current());
+  Waiter third(Priority::normal, std::source_location::current());
+  Actions actions;
+  for (Waiter* waiter : {&first, &second, &third}) {
+    ASSERT_EQ(core.try_acquire(Priority::normal, waiter->site, now, actions).kind,
+              AcquireResult::Kind::wait);
+    core.enqueue(*waiter, now, actions);
+  }
+  const auto nodes = opened(actions);
+  ASSERT_EQ(nodes.size(), 3u);
+  actions.clear();
+  core.connect_succeeded(*nodes[0], now, actions);
+  core.connect_succeeded(*nodes[1], now, actions);
+  ASSERT_EQ(first.handed, nodes[0]);
+  ASSERT_EQ(second.handed, nodes[1]);
+  actions.clear();
+  core.lease_returned(*nodes[1], ReturnKind::clean, now, actions);  // idle now: third takes it?
+  // The third waiter took it (FIFO); give it back so that one node is idle.
+  ASSERT_EQ(third.handed, nodes[1]);
+  core.lease_returned(*nodes[1], ReturnKind::clean, now, actions);
+  ASSERT_EQ(nodes[1]->state, NodeState::idle);
+  actions.clear();
+
+  core.evict_all(now, actions);
+  EXPECT_EQ(closes_of(actions, nodes[1]), 1) << "the idle one closes at once";
+  EXPECT_EQ(nodes[0]->state, NodeState::leased) << "a lease in use is not interrupted";
+  actions.clear();
+  core.lease_returned(*nodes[0], ReturnKind::clean, now, actions);
+  EXPECT_EQ(closes_of(actions, nodes[0]), 1) << "the leased one closes when it comes back";
+  actions.clear();
+  core.connect_succeeded(*nodes[2], now, actions);
+  EXPECT_EQ(closes_of(actions, nodes[2]), 1) << "the one connecting closes when it connects";
+  // A new acquire gets a new node, never an evicted one.
+  actions.clear();
+  const auto next =
+      core.try_acquire(Priority::normal, std::source_location::current(), now, actions);
+  EXPECT_NE(next.kind, AcquireResult::Kind::leased);
+}
+
 TEST(PoolCoreCapacity, ATokenGivesItsSlotBackExactlyOnce) {
   Capacity capacity(2);
   auto first = capacity.try_take();

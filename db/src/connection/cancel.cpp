@@ -117,8 +117,8 @@ asio::awaitable<error_code> Connection::Impl::cancel_and_drain(std::string_view 
   using namespace asio::experimental::awaitable_operators;
   auto delivered = send_cancel_request();
   asio::steady_timer timer(executor, options.cancel_timeout);
-  auto outcome =
-      co_await ((drain() && cancel_delivered(std::move(delivered))) || timer.async_wait(no_throw));
+  auto outcome = co_await detail::serialized((drain() && cancel_delivered(std::move(delivered))) ||
+                                             timer.async_wait(no_throw));
   if (outcome.index() == 0 && std::get<0>(std::get<0>(outcome)) &&
       std::get<1>(std::get<0>(outcome))) {
     co_return fail(client_errc::cancelled,

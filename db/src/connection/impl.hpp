@@ -32,6 +32,7 @@
 
 #include "../connection_access.hpp"
 #include "pgrt/db/connection.hpp"
+#include "pgrt/db/deadline.hpp"
 
 namespace pgrt {
 

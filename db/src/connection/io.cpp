@@ -53,7 +53,7 @@ asio::awaitable<error_code> Connection::Impl::wait_writable() {
 // blocked sending results from blocking us).
 asio::awaitable<error_code> Connection::Impl::wait_writable_or_readable() {
   using namespace asio::experimental::awaitable_operators;
-  auto outcome = co_await (wait_writable() || wait_readable());
+  auto outcome = co_await detail::serialized(wait_writable() || wait_readable());
   co_return std::visit([](error_code error) { return error; }, outcome);
 }
 

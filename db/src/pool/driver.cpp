@@ -200,6 +200,15 @@ void PoolState::bind_executor_locked(const asio::any_io_executor& candidate) {
   execute_locked(actions, nothing);
 }
 
+void PoolState::evict_all() {
+  Deferred deferred;
+  std::lock_guard lock(mutex);
+  if (!executor) return;  // nothing opened yet
+  auto& actions = fresh_actions_locked();
+  core.evict_all(Clock::now(), actions);
+  execute_locked(actions, deferred);
+}
+
 void PoolState::start_connect(pool::Node& node) {
   auto attachment = std::make_unique<PooledConnection>(*executor, *this, node);
   auto& pooled = *attachment;

@@ -448,6 +448,9 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     }
   }
 
+  // Pool::evict_all().
+  void evict_all();
+
   // The shutdown, in order (shutdown.cpp).
   void close_now() noexcept;
   void begin_close();

@@ -112,6 +112,7 @@ struct Node {
   bool leak_reported = false;
   bool session_used = false;  // leased since its last DISCARD ALL
   bool watched = false;       // idle, and the driver watches its socket (Action::watch)
+  bool evicted = false;       // Core::evict_all(): closed instead of becoming idle again
   DiscardReason close_reason = DiscardReason::closing;  // while closing
   // Closed by its user inside a lease (Core::closed_in_lease) and that Lease not dropped yet.
   bool lease_out = false;

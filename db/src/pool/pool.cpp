@@ -26,6 +26,8 @@ std::string_view to_string(DiscardReason reason) noexcept {
       return "by_user";
     case DiscardReason::rejected:
       return "rejected";
+    case DiscardReason::evicted:
+      return "evicted";
   }
   return "unknown";
 }
@@ -94,6 +96,10 @@ Pool::~Pool() {
 asio::awaitable<Lease> Pool::acquire(Priority priority, std::source_location site) {
   // Not a coroutine itself: the state's acquire is the one frame, and it keeps the state alive.
   return state_->acquire(state_, priority, site);
+}
+
+void Pool::evict_all() {
+  state_->evict_all();
 }
 
 PoolStats Pool::stats() const {

@@ -222,7 +222,7 @@ AcquireResult Core::try_acquire(Priority priority, std::source_location site, Ti
   while (nobody_ahead && !idle.empty() && can_lease(priority)) {
     Node& node = *idle.back();  // the most recently returned: its socket and caches are warm
     if (expired(node, now)) {
-      close_node(node, DiscardReason::lifetime, actions);
+      close_node(node, expiry_reason(node), actions);
       continue;
     }
     const bool validate = config_.validate_after_idle.count() > 0 &&
@@ -292,7 +292,7 @@ void Core::lease_returned(Node& node, ReturnKind kind, Time now, Actions& action
     move(node, NodeState::resetting);  // capacity stays held while it runs
     actions.push_back({.kind = Action::Kind::reset, .node = &node});
   } else if (expired(node, now)) {
-    close_node(node, DiscardReason::lifetime, actions);
+    close_node(node, expiry_reason(node), actions);
   } else {
     offer(node, now, true, actions);
   }
@@ -332,6 +332,8 @@ void Core::connect_succeeded(Node& node, Time now, Actions& actions) {
   node.last_ping = now;
   if (closed_) {
     close_node(node, DiscardReason::closing, actions);
+  } else if (node.evicted) {
+    close_node(node, DiscardReason::evicted, actions);
   } else {
     offer(node, now, true, actions);
   }
@@ -357,7 +359,7 @@ void Core::reset_done(Node& node, bool ok, Time now, Actions& actions) {
     if (closed_) {
       close_node(node, DiscardReason::closing, actions);
     } else if (expired(node, now)) {
-      close_node(node, DiscardReason::lifetime, actions);
+      close_node(node, expiry_reason(node), actions);
     } else {
       offer(node, now, true, actions);
     }
@@ -372,10 +374,25 @@ void Core::ping_done(Node& node, bool ok, Time now, Actions& actions) {
     node.last_ping = now;
     if (closed_) {
       close_node(node, DiscardReason::closing, actions);
+    } else if (node.evicted) {
+      close_node(node, DiscardReason::evicted, actions);
     } else {
       offer(node, now, false, actions);  // a ping is not use: idle_timeout still counts
     }
   }
+  maybe_open(now, actions);
+}
+
+void Core::evict_all(Time now, Actions& actions) {
+  if (closed_) return;
+  for (NodeState state :
+       {NodeState::connecting, NodeState::leased, NodeState::resetting, NodeState::pinging}) {
+    list(state).for_each([](Node& node) { node.evicted = true; });
+  }
+  list(NodeState::idle).for_each([&](Node& node) {
+    node.evicted = true;
+    close_node(node, DiscardReason::evicted, actions);
+  });
   maybe_open(now, actions);
 }
 
@@ -403,7 +420,7 @@ void Core::tick(Time now, Actions& actions) {
   std::size_t alive = capacity_.taken() - list(NodeState::closing).size();
   list(NodeState::idle).for_each([&](Node& node) {
     if (expired(node, now)) {
-      close_node(node, DiscardReason::lifetime, actions);
+      close_node(node, expiry_reason(node), actions);
       --alive;
     } else if (config_.idle_timeout.count() > 0 && now - node.idle_since >= config_.idle_timeout &&
                alive > config_.min_idle) {

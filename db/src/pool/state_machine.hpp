@@ -225,6 +225,9 @@ class Core {
   void backend_ended(Node& node, Time now, Actions& actions);
   // The upkeep timer: lifetime, idle timeout, keepalive, leak reports, connect retry.
   void tick(Time now, Actions& actions);
+  // Soft eviction: idle nodes close now; every other node (connecting, leased, resetting, pinging)
+  // closes instead of becoming idle again. New connections replace them as usual.
+  void evict_all(Time now, Actions& actions);
   // Refuses new acquires, fails every waiter, closes idle nodes and abandons connects.
   void close(Actions& actions);
 
@@ -259,7 +262,11 @@ class Core {
   [[nodiscard]] Time lifetime_deadline(Time now);
   [[nodiscard]] milliseconds next_backoff();
   [[nodiscard]] bool expired(const Node& node, Time now) const noexcept {
-    return now >= node.expires;
+    return node.evicted || now >= node.expires;
+  }
+  // Why an expired() node is closed.
+  [[nodiscard]] static DiscardReason expiry_reason(const Node& node) noexcept {
+    return node.evicted ? DiscardReason::evicted : DiscardReason::lifetime;
   }
   [[nodiscard]] std::size_t servable_waiters() const noexcept;
 

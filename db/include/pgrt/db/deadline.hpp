@@ -3,10 +3,14 @@
 /// @file
 /// Put a deadline on any awaitable operation (Boost 1.81 has no cancel_after).
 
+#include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/awaitable.hpp>
+#include <boost/asio/co_spawn.hpp>
 #include <boost/asio/experimental/awaitable_operators.hpp>
+#include <boost/asio/io_context.hpp>
 #include <boost/asio/steady_timer.hpp>
+#include <boost/asio/strand.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <chrono>
@@ -22,6 +26,25 @@
 namespace pgrt {
 
 namespace detail {
+[[nodiscard]] inline bool runs_on_a_strand(const boost::asio::any_io_executor& executor) noexcept {
+  return executor.target<boost::asio::strand<boost::asio::io_context::executor_type>>() !=
+             nullptr ||
+         executor.target<boost::asio::strand<boost::asio::any_io_executor>>() != nullptr;
+}
+
+// Runs `operation`, an awaitable that combines operations with asio's || or &&, where its parts
+// cannot complete on two threads at once: inline when the coroutine runs on a strand, else on a
+// new strand of its executor. asio's parallel_group registers with the awaiting coroutine's
+// cancellation slot after it has launched the parts, and on an io_context run by several threads
+// a part can complete on another thread meanwhile: a data race (ThreadSanitizer reports it).
+template <typename T>
+boost::asio::awaitable<T> serialized(boost::asio::awaitable<T> operation) {
+  auto executor = co_await boost::asio::this_coro::executor;
+  if (runs_on_a_strand(executor)) co_return co_await std::move(operation);
+  co_return co_await boost::asio::co_spawn(boost::asio::make_strand(executor), std::move(operation),
+                                           boost::asio::use_awaitable);
+}
+
 // Runs `operation` and hands back its value or its exception, never throwing: asio's `||` waits
 // for the first operation that *succeeds*, so a failure must not look like one.
 template <typename T>
@@ -55,13 +78,17 @@ inline boost::asio::awaitable<std::exception_ptr> capture_outcome(
 /// cancel_timeout after the deadline; the connection is then known to be either idle or broken.
 ///
 /// Cancellation: with_timeout itself supports the same per-operation cancellation as the operation.
+///
+/// Threading: safe on an io_context run by several threads without a strand (the operation and
+/// the timer then run on a strand of their own).
 template <typename T>
 boost::asio::awaitable<T> with_timeout(boost::asio::awaitable<T> operation,
                                        std::chrono::steady_clock::duration timeout) {
   using namespace boost::asio::experimental::awaitable_operators;
   boost::asio::steady_timer timer(co_await boost::asio::this_coro::executor, timeout);
-  auto outcome = co_await (detail::capture_outcome(std::move(operation)) ||
-                           timer.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable)));
+  auto outcome = co_await detail::serialized(
+      detail::capture_outcome(std::move(operation)) ||
+      timer.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable)));
   if (outcome.index() == 1) {
     if (std::get<0>(std::get<1>(outcome)) == boost::asio::error::operation_aborted) {
       throw Error(make_error_code(client_errc::cancelled),

@@ -336,6 +336,13 @@ class Pool {
   [[nodiscard]] boost::asio::awaitable<std::vector<std::string>> close(
       std::chrono::milliseconds grace);
 
+  /// Soft eviction, for a failover (or a credentials rotation) learned of out of band: the idle
+  /// connections close now; the leased ones, and those being opened, reset or pinged, close when
+  /// they come back instead of becoming idle again (DiscardReason::evicted; a lease in use is
+  /// never interrupted). New connections replace them as usual, to the server the conninfo names
+  /// then. Does not wait; a no-op on a closed pool. Thread-safe.
+  void evict_all();
+
   /// Use only in a process that is exiting without a graceful stop (an atexit handler).
   ///
   /// Synchronously and

@@ -22,6 +22,7 @@ enum class DiscardReason {
   closing,       ///< the pool is closing
   by_user,       ///< Lease::discard(), or Connection::close() on a leased connection
   rejected,      ///< PoolConfig::before_handout said no
+  evicted,       ///< Pool::evict_all() (a failover learned of out of band)
 };
 /// "broken", "lifetime", ...
 [[nodiscard]] std::string_view to_string(DiscardReason reason) noexcept;
