@@ -90,6 +90,7 @@ void check(const PoolConfig& config, bool warn) {
   require_not_negative("validate_after_idle", config.validate_after_idle,
                        "no ping before handing out an idle connection");
   require_not_negative("leak_threshold", config.leak_threshold, "no leak reports");
+  require_not_negative("fail_fast_after", config.fail_fast_after, "off");
   require_not_negative("watch_idle_after", config.watch_idle_after,
                        "never watching idle connections");
   if (config.connect_backoff_initial.count() <= 0) {
@@ -189,6 +190,10 @@ PoolConfig PoolConfig::from_env(PoolConfig defaults) {
   if (auto value = env("PGRT_ACQUIRE_TIMEOUT_MS")) {
     config.acquire_timeout = std::chrono::milliseconds(
         parse_number("PGRT_ACQUIRE_TIMEOUT_MS", *value, 0, 24ULL * 3600 * 1000));
+  }
+  if (auto value = env("PGRT_FAIL_FAST_MS")) {
+    config.fail_fast_after = std::chrono::milliseconds(
+        parse_number("PGRT_FAIL_FAST_MS", *value, 0, 24ULL * 3600 * 1000));
   }
   if (auto value = env("PGRT_MAX_LIFETIME_S")) {
     config.max_lifetime =

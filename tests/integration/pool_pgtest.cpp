@@ -671,6 +671,40 @@ TEST_F(PoolTest, EvictAllClosesIdleConnectionsNowAndLeasedOnesOnReturn) {
   });
 }
 
+// fail_fast_after: with the server down (every connect refused, nothing alive), a caller fails
+// with the connect error long before acquire_timeout; without it, it waits acquire_timeout out.
+TEST_F(PoolTest, WithTheServerDownFailFastEndsTheWaitWithTheConnectError) {
+  for (const bool fast : {true, false}) {
+    PoolConfig pool_config = config(fast ? "fail-fast" : "no-fail-fast");
+    pool_config.conninfo = "host=127.0.0.1 port=1 user=postgres dbname=postgres";
+    pool_config.connect_backoff_initial = 20ms;
+    pool_config.connect_backoff_max = 100ms;
+    pool_config.acquire_timeout = fast ? 20s : 1500ms;
+    pool_config.fail_fast_after = fast ? 300ms : 0ms;
+    run_coroutine([&]() -> awaitable_void {
+      Pool pool(co_await asio::this_coro::executor, pool_config);
+      const auto started = std::chrono::steady_clock::now();
+      try {
+        (void)co_await pool.acquire();
+        ADD_FAILURE() << "acquired from a server that is down";
+      } catch (const Error& error) {
+        const auto waited = std::chrono::steady_clock::now() - started;
+        if (fast) {
+          EXPECT_EQ(error.code(), client_errc::connect_failed) << error.what();
+          EXPECT_THAT(error.what(), HasSubstr("the server cannot be reached"));
+          EXPECT_THAT(error.what(), HasSubstr("refused"));
+          EXPECT_GE(waited, 250ms);  // the pool reads a coarse clock
+          EXPECT_LT(waited, 5s) << "waited out most of acquire_timeout";
+        } else {
+          EXPECT_EQ(error.code(), client_errc::pool_timeout) << error.what();
+          EXPECT_GE(waited, 1500ms);
+        }
+      }
+      co_await pool.close(0ms);
+    });
+  }
+}
+
 TEST_F(PoolTest, CancelledWaiterLeavesNoTraceAndTimeoutsExplainThemselves) {
   auto pool_config = config("cancel", 1);
   pool_config.acquire_timeout = 300ms;

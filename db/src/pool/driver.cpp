@@ -263,12 +263,19 @@ asio::awaitable<void> PoolState::open_connection(
       ++self->failed_connects_in_a_row;
       if (failure != self->logged_connect_failure) {
         self->logged_connect_failure = failure;
-        deferred.add([self, failure, in_a_row = self->failed_connects_in_a_row] {
-          spdlog::warn(
-              "pgrt pool {}: cannot open a connection ({} failed in a row): {}; retrying "
-              "with backoff (logged again when the reason changes or a connect succeeds)",
-              self->application_name, in_a_row, failure);
-        });
+        std::string one_line = failure;  // libpq's messages have "\n\t" inside: one log line
+        for (std::size_t at = one_line.find('\n'); at != std::string::npos;
+             at = one_line.find('\n', at)) {
+          const std::size_t end = one_line.find_first_not_of("\n\t ", at);
+          one_line.replace(at, (end == std::string::npos ? one_line.size() : end) - at, " ");
+        }
+        deferred.add(
+            [self, failure = std::move(one_line), in_a_row = self->failed_connects_in_a_row] {
+              spdlog::warn(
+                  "pgrt pool {}: cannot open a connection ({} failed in a row): {}; retrying "
+                  "with backoff (logged again when the reason changes or a connect succeeds)",
+                  self->application_name, in_a_row, failure);
+            });
       }
     }
     deferred.add(
@@ -550,6 +557,16 @@ void PoolState::fail_wait(std::unique_lock<std::mutex>& lock, pool::Waiter& wait
       throw_pool_error(client_errc::pool_closed, "the pool " + application_name + " was closed");
     case pool::FailReason::cancelled:
       throw_pool_error(client_errc::cancelled, "waiting for a pooled connection was cancelled");
+    case pool::FailReason::server_down: {
+      const std::string message =
+          "the server cannot be reached: every connect of the pool " + application_name +
+          " failed for " + std::to_string(config.fail_fast_after.count()) +
+          " ms and none of its connections is alive; last connect error: " + last_connect_error;
+      lock.unlock();
+      throw_pool_error(client_errc::connect_failed, message,
+                       "PoolConfig::fail_fast_after (PGRT_FAIL_FAST_MS) ended this wait early; "
+                       "the pool keeps retrying with backoff");
+    }
     case pool::FailReason::timeout:
       break;
   }

@@ -230,6 +230,7 @@ inline pool::CoreConfig core_config(const PoolConfig& config) {
       .backoff_max = config.connect_backoff_max,
       .backoff_jitter = config.connect_backoff_jitter,
       .reset_discard_all = config.reset == ResetPolicy::discard_all,
+      .fail_fast_after = config.fail_fast_after,
   };
 }
 

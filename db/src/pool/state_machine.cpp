@@ -247,8 +247,35 @@ AcquireResult Core::try_acquire(Priority priority, std::source_location site, Ti
 void Core::enqueue(Waiter& waiter, Time now, Actions& actions) {
   waiters_.of(waiter.priority).push_back(waiter);
   waiter.queued = true;
+  waiter.enqueued_at = now;
   serve_idle(now, actions);
   maybe_open(now, actions);
+  if (config_.fail_fast_after.count() > 0 && consecutive_failures_ > 0) fail_fast(now, actions);
+}
+
+void Core::fail_fast(Time now, Actions& actions) {
+  if (config_.fail_fast_after.count() == 0 || consecutive_failures_ == 0 || closed_) return;
+  const std::size_t alive = list(NodeState::idle).size() + list(NodeState::leased).size() +
+                            list(NodeState::resetting).size() + list(NodeState::pinging).size();
+  if (alive > 0) return;
+  Time next = Time::max();
+  for (Priority priority : {Priority::high, Priority::normal}) {
+    auto& queue = waiters_.of(priority);
+    queue.for_each([&](Waiter& waiter) {
+      const Time due = waiter.enqueued_at + config_.fail_fast_after;
+      if (due > now) {
+        next = std::min(next, due);
+        return;
+      }
+      queue.remove(waiter);
+      waiter.queued = false;
+      waiter.outcome = Waiter::Outcome::failed;
+      waiter.failed = FailReason::server_down;
+      ++timeouts_;
+      actions.push_back({.kind = Action::Kind::wake, .waiter = &waiter});
+    });
+  }
+  if (next != Time::max()) want_tick(next, actions);
 }
 
 bool Core::withdraw(Waiter& waiter, FailReason why, Actions& actions) {
@@ -349,6 +376,7 @@ void Core::connect_failed(Node& node, Time now, Actions& actions) {
   if (closed_) return;
   want_tick(retry_at_, actions);
   maybe_open(now, actions);
+  fail_fast(now, actions);
 }
 
 void Core::reset_done(Node& node, bool ok, Time now, Actions& actions) {
@@ -462,6 +490,7 @@ void Core::tick(Time now, Actions& actions) {
     next = std::min(next, now + config_.idle_timeout);
   }
   if (consecutive_failures_ > 0 && retry_at_ > now) next = std::min(next, retry_at_);
+  fail_fast(now, actions);
   if (next != Time::max()) want_tick(next, actions);
 }
 

@@ -57,9 +57,12 @@ struct CoreConfig {
   milliseconds backoff_max{10'000};
   double backoff_jitter = 0.0;
   bool reset_discard_all = false;  // ResetPolicy::discard_all
+  // While every connect in a row has failed and no connection is alive, waiters fail after
+  // waiting this long (FailReason::server_down); 0: off.
+  milliseconds fail_fast_after{0};
 };
 
-enum class FailReason : std::uint8_t { pool_closed, timeout, cancelled };
+enum class FailReason : std::uint8_t { pool_closed, timeout, cancelled, server_down };
 
 // One caller waiting for a connection. The driver owns it (on the waiting coroutine's frame) and
 // derives from it to add its wake-up; the core queues it and decides its outcome exactly once.
@@ -80,6 +83,7 @@ struct Waiter {
   Node* handed = nullptr;                   // Outcome::handed
   FailReason failed = FailReason::timeout;  // Outcome::failed
   bool queued = false;
+  Time enqueued_at{};
   Waiter* prev = nullptr;
   Waiter* next = nullptr;
 };
@@ -257,6 +261,9 @@ class Core {
   void close_node(Node& node, DiscardReason reason, Actions& actions);
   void destroy(Node& node);
   void maybe_open(Time now, Actions& actions);
+  // CoreConfig::fail_fast_after: fails the waiters that have waited that long while the server is
+  // down (every connect in a row failed, nothing alive), and arms a tick for the next one.
+  void fail_fast(Time now, Actions& actions);
   void want_tick(Time at, Actions& actions);
   [[nodiscard]] Time deadline_of(const Node& node) const noexcept;
   [[nodiscard]] Time lifetime_deadline(Time now);

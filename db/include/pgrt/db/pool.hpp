@@ -65,6 +65,11 @@ struct PoolConfig {
   /// every connection is in use, and otherwise waits only for one being opened (at most
   /// connect.connect_timeout) (env PGRT_ACQUIRE_TIMEOUT_MS).
   std::chrono::milliseconds acquire_timeout{std::chrono::seconds(30)};
+  /// Fail fast while the server is down: when every connect in a row has failed and none of the
+  /// pool's connections is alive, a caller that has waited this long fails with connect_failed and
+  /// the last connect error, instead of waiting out acquire_timeout. Zero: off (env
+  /// PGRT_FAIL_FAST_MS). A server that answers again ends it: the pool keeps retrying.
+  std::chrono::milliseconds fail_fast_after{0};
   /// The most callers that may wait; beyond it acquires fail with pool_queue_full.
   std::size_t max_waiters = 10'000;
   /// A connection is closed once this old (checked on return and while idle); zero: never
