@@ -540,7 +540,8 @@ int run_service(const Arguments& arguments, const std::string& conninfo,
       app.add(PhaseLog{"pool_closed_log",
                        [] { return std::string("shutdown phase 5: the pool is closed"); }},
               after(hygiene));
-  auto& pool = pgrt::add_pool(app, pool_config, {}, after(hygiene, pool_closed));
+  auto& pool = pgrt::add_pool(app, pool_config, pgrt::PoolComponentOptions::from_env(),
+                              after(hygiene, pool_closed));
   const std::string run = pgrt::pool().application_name();
 
   auto& schema = app.add(Schema{}, after(pool));

@@ -76,10 +76,11 @@ echo "ok: --json writes only the report on stdout, and the cluster's removal is 
 grep -q "^usage: pgrt_demo" "$work/out" || { echo "FAIL: --help"; cat "$work/out"; exit 1; }
 echo "ok: --help"
 
-# A bad DATABASE_URL: a clear error, exit 1, and the password never printed.
+# A server that is down: the start waits for it (here 1 s, PGRT_START_WAIT_S), then a clear error,
+# exit 1, and the password never printed.
 code=0
-DATABASE_URL="postgresql://app:hunter2-secret@127.0.0.1:1/appdb" "$demo" --duration 1 >"$work/out" 2>&1 || code=$?
-if ((code != 1)) || ! grep -q "failed to start: could not connect to 127.0.0.1:1" "$work/out" ||
+PGRT_START_WAIT_S=1 DATABASE_URL="postgresql://app:hunter2-secret@127.0.0.1:1/appdb" "$demo" --duration 1 >"$work/out" 2>&1 || code=$?
+if ((code != 1)) || ! grep -q "failed to start: the database did not answer within 1000 ms of the start: could not connect to 127.0.0.1:1" "$work/out" ||
   ! grep -q "HINT" "$work/out" || grep -q "hunter2-secret" "$work/out"; then
   echo "FAIL: bad DATABASE_URL (exit $code):"; cat "$work/out"; exit 1
 fi

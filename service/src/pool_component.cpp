@@ -1,11 +1,19 @@
 #include "pgrt/service/pool_component.hpp"
 
+#include <algorithm>
 #include <boost/asio/co_spawn.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
+#include <chrono>
+#include <cstdlib>
 #include <exception>
 #include <spdlog/spdlog.h>
+#include <string>
 #include <utility>
 #include <vector>
+
+#include "pgrt/db/deadline.hpp"
+#include "start_wait.hpp"
 
 namespace pgrt {
 
@@ -32,17 +40,51 @@ asio::awaitable<std::vector<std::string>> close_process_pool(std::chrono::millis
 
 }  // namespace
 
+PoolComponentOptions PoolComponentOptions::from_env() {
+  PoolComponentOptions options;
+  if (const char* value = std::getenv("PGRT_START_WAIT_S"); value != nullptr) {
+    const std::string text = value;
+    char* end = nullptr;
+    const long long seconds = std::strtoll(text.c_str(), &end, 10);
+    if (text.empty() || end == nullptr || *end != '\0' || seconds < 0 || seconds > 86'400) {
+      throw Error(make_error_code(client_errc::invalid_config),
+                  Diagnostics{.message = "PGRT_START_WAIT_S='" + text + "' is not valid",
+                              .hint = "expected whole seconds, 0-86400 (0: do not wait for the "
+                                      "database at start)"});
+    }
+    options.start_wait = std::chrono::seconds(seconds);
+  }
+  return options;
+}
+
 PoolComponent::PoolComponent(asio::any_io_executor executor, PoolConfig config,
                              PoolComponentOptions options)
     : executor_(std::move(executor)), options_(options) {
   configure(std::move(config));
 }
 
+asio::awaitable<void> PoolComponent::wait_for_database() {
+  // Each attempt is bounded, so that the reason (the pool's last connect error) is re-read and
+  // logged when it changes while the pool retries.
+  auto attempt = []() -> asio::awaitable<void> {
+    co_await with_timeout(open_first_connection(), std::chrono::milliseconds(1'000));
+  };
+  auto reason_of = [](const Error& error) {
+    std::string last_connect_error = pgrt::pool().stats().last_connect_error;
+    return last_connect_error.empty() ? std::string(error.what()) : last_connect_error;
+  };
+  co_await detail::retry_until_the_database_answers(attempt, options_.start_wait, reason_of);
+}
+
 asio::awaitable<void> PoolComponent::start() {
   std::exception_ptr failure;
   try {
     if (options_.check_connection) {
-      co_await asio::co_spawn(executor_, open_first_connection(), asio::use_awaitable);
+      if (options_.start_wait.count() > 0) {
+        co_await asio::co_spawn(executor_, wait_for_database(), asio::use_awaitable);
+      } else {
+        co_await asio::co_spawn(executor_, open_first_connection(), asio::use_awaitable);
+      }
       spdlog::info("pgrt: the pool {} is up (max {})", pgrt::pool().application_name(),
                    pgrt::pool().config().max_size);
     }
@@ -63,8 +105,12 @@ asio::awaitable<void> PoolComponent::stop() {
 
 PoolComponent& add_pool(lifecycle::Manager& app, PoolConfig config, PoolComponentOptions options,
                         lifecycle::After dependencies) {
-  auto& component =
-      app.add(PoolComponent(app.executor(), std::move(config), options), std::move(dependencies));
+  lifecycle::ComponentLimits limits;
+  if (options.check_connection && options.start_wait.count() > 0) {
+    limits.start_timeout = options.start_wait + std::chrono::milliseconds(5'000);
+  }
+  auto& component = app.add(PoolComponent(app.executor(), std::move(config), options),
+                            std::move(dependencies), limits);
   app.on_exit([] {
     try {
       pgrt::pool().close_now();

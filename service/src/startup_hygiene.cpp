@@ -12,6 +12,7 @@
 
 #include "async/run_blocking.hpp"
 #include "pgrt/runtime/identity.hpp"
+#include "start_wait.hpp"
 
 namespace pgrt {
 
@@ -56,6 +57,15 @@ StartupHygieneOptions StartupHygieneOptions::from_env() {
   options.cluster_lock = env_flag("PGRT_CLUSTER_LOCK", options.cluster_lock);
   options.cleanup = env_flag("PGRT_CLEANUP", options.cleanup);
   if (auto dir = env("PGRT_RUNTIME_DIR"); dir && !dir->empty()) options.lock_directory = *dir;
+  if (auto value = env("PGRT_START_WAIT_S")) {
+    char* end = nullptr;
+    const long long seconds = std::strtoll(value->c_str(), &end, 10);
+    if (value->empty() || *end != '\0' || seconds < 0 || seconds > 86'400) {
+      invalid("PGRT_START_WAIT_S='" + *value + "' is not valid",
+              "expected whole seconds, 0-86400 (0: do not wait for the database at start)");
+    }
+    options.start_wait = std::chrono::seconds(seconds);
+  }
   if (auto value = env("PGRT_CLEANUP_IDLE_S")) {
     char* end = nullptr;
     const long long seconds = std::strtoll(value->c_str(), &end, 10);
@@ -87,8 +97,15 @@ ConnectOptions StartupHygiene::connect_options() const {
 }
 
 asio::awaitable<Connection> StartupHygiene::connect() {
-  co_return co_await asio::co_spawn(executor_, Connection::connect(connect_options()),
-                                    asio::use_awaitable);
+  Connection connection;
+  // Named callables: g++ 12 miscompiles capturing lambdas written inside a co_await.
+  auto attempt = [this, &connection]() -> asio::awaitable<void> {
+    connection = co_await asio::co_spawn(executor_, Connection::connect(connect_options()),
+                                         asio::use_awaitable);
+  };
+  auto reason_of = [](const Error& error) { return std::string(error.what()); };
+  co_await detail::retry_until_the_database_answers(attempt, options_.start_wait, reason_of);
+  co_return connection;
 }
 
 namespace {
@@ -244,10 +261,14 @@ StartupHygiene& add_startup_hygiene(lifecycle::Manager& app, PoolConfig& pool_co
   // it on top of the usual one, so the new instance never gives up on a holder it is still
   // stopping (and that it may already have killed).
   lifecycle::ComponentLimits limits;
-  if (options.instance_lock && options.force) {
+  const bool connects = options.cleanup || options.cluster_lock;
+  if ((options.instance_lock && options.force) || (connects && options.start_wait.count() > 0)) {
     limits.start_timeout =
         app.options().start_timeout +
-        max_takeover_time({.force = true, .takeover_grace = options.takeover_grace});
+        (options.instance_lock
+             ? max_takeover_time({.force = options.force, .takeover_grace = options.takeover_grace})
+             : std::chrono::milliseconds(0)) +
+        (connects ? options.start_wait : std::chrono::milliseconds(0));
   }
   return app.add(std::make_shared<StartupHygiene>(app.executor(), pool_config, std::move(options)),
                  {}, limits);

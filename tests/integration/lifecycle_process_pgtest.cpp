@@ -19,6 +19,8 @@
 #include <optional>
 #include <regex>
 #include <set>
+#include <spdlog/sinks/ostream_sink.h>
+#include <spdlog/spdlog.h>
 #include <sstream>
 #include <string>
 #include <sys/wait.h>
@@ -975,6 +977,52 @@ TEST_F(StartupHygieneTest, DiagWatchIntoAFileWritesNoEscapeCodesAndEndsOnSigterm
   diag.signal(SIGTERM);
   EXPECT_EQ(diag.wait_for_exit(10s), 0) << diag.status() << "\n" << diag.output();
   EXPECT_EQ(diag.output().find('\033'), std::string::npos) << diag.output();
+}
+
+// A start that waits for the database: a server that comes up late is waited for (the reason
+// logged once per change), and one that never does fails the start after start_wait.
+TEST_F(StartupHygieneTest, ThePoolsStartWaitsForTheDatabaseUntilItsDeadline) {
+  testing::TempCluster own;
+  own.stop();
+  std::ostringstream log;
+  auto previous = spdlog::default_logger();
+  spdlog::set_default_logger(std::make_shared<spdlog::logger>(
+      "capture", std::make_shared<spdlog::sinks::ostream_sink_mt>(log)));
+  auto run_app = [&](std::chrono::milliseconds start_wait) {
+    lifecycle::ManagerOptions manager_options;
+    manager_options.handle_signals = false;
+    manager_options.shutdown_logging = false;
+    lifecycle::Manager app(manager_options);
+    PoolConfig config;
+    config.conninfo = own.dsn();
+    config.application = "waitdb";
+    config.connect_backoff_initial = 50ms;
+    config.connect_backoff_max = 200ms;
+    (void)add_pool(app, config, PoolComponentOptions{.start_wait = start_wait});
+    app.on_ready([&] { app.request_stop(lifecycle::exit_code::ok, "up"); });
+    return app.run();
+  };
+  const auto started = Clock::now();
+  EXPECT_EQ(run_app(1s), lifecycle::exit_code::failure);  // the server never comes up
+  EXPECT_LT(Clock::now() - started, 10s);
+  EXPECT_THAT(log.str(), HasSubstr("the database did not answer within 1000 ms of the start"));
+  log.str("");
+  std::thread late([&] {
+    std::this_thread::sleep_for(3s);  // past a few bounded attempts
+    own.start();
+  });
+  EXPECT_EQ(run_app(30s), lifecycle::exit_code::ok) << log.str();
+  late.join();
+  spdlog::set_default_logger(previous);
+  const std::string text = log.str();
+  std::size_t waits = 0;
+  for (auto at = text.find("waiting for the database"); at != std::string::npos;
+       at = text.find("waiting for the database", at + 1)) {
+    ++waits;
+  }
+  EXPECT_GE(waits, 1U) << text;
+  EXPECT_LE(waits, 3U) << "once per reason, not once per attempt\n" << text;
+  EXPECT_THAT(text, HasSubstr("the database answers, after"));
 }
 
 // A session tagged `application_name` running a long statement (state 'active') until it is

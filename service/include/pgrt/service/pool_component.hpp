@@ -20,6 +20,19 @@ struct PoolComponentOptions {
   /// binds the pool to the component's executor. Without it, the pool binds to the executor of
   /// its first acquire.
   bool check_connection = true;
+  /// With check_connection: how long start() waits for the database. A server that is down,
+  /// still starting up (57P03), or full (53300) is waited for: the pool retries with its connect
+  /// backoff, each new reason is logged once ("waiting for the database: ..."), and the start
+  /// succeeds as soon as a connection works. Only when this deadline passes does the start fail,
+  /// with the last reason. Errors that waiting cannot cure (a malformed conninfo, a wrong
+  /// password, a missing database) fail the start at once. add_pool() gives the component a
+  /// start deadline this long plus 5 s. Zero: no waiting, one acquire within acquire_timeout
+  /// (env PGRT_START_WAIT_S).
+  std::chrono::milliseconds start_wait{60'000};
+
+  /// The defaults, overridden by PGRT_START_WAIT_S. A malformed value throws
+  /// pgrt::Error(client_errc::invalid_config).
+  [[nodiscard]] static PoolComponentOptions from_env();
 };
 
 /// The process-wide pool (pgrt::pool(), pgrt::connection()) as a lifecycle component named
@@ -29,8 +42,9 @@ struct PoolComponentOptions {
 /// already configured or the config is invalid), so components built after it may take
 /// pgrt::pool(). No connection is opened and no asio object exists until start(), which binds
 /// the pool to `executor` (use the manager's executor, not a strand) and, with
-/// check_connection, acquires one connection: a server that is down or refuses makes the start
-/// fail with the pool's message (pgrt::Error) instead of the first request. A failed or
+/// check_connection, acquires one connection, waiting for a database that is not up yet for up
+/// to start_wait: a server that stays down makes the start fail with the pool's message
+/// (pgrt::Error) instead of the first request. A failed or
 /// cancelled start closes the pool again. stop() closes the pool (Pool::close() with
 /// close_grace) and forgets it, so pgrt::configure() may be called again.
 class PoolComponent {
@@ -42,6 +56,7 @@ class PoolComponent {
   [[nodiscard]] boost::asio::awaitable<void> stop();
 
  private:
+  boost::asio::awaitable<void> wait_for_database();
   boost::asio::any_io_executor executor_;
   PoolComponentOptions options_;
 };
@@ -51,6 +66,7 @@ class PoolComponent {
 /// (pgrt::pool().close_now()). It starts after `dependencies` (e.g. the StartupHygiene). Returns
 /// the component: pass it to lifecycle::after().
 PoolComponent& add_pool(lifecycle::Manager& app, PoolConfig config,
-                        PoolComponentOptions options = {}, lifecycle::After dependencies = {});
+                        PoolComponentOptions options = PoolComponentOptions::from_env(),
+                        lifecycle::After dependencies = {});
 
 }  // namespace pgrt

@@ -46,6 +46,10 @@ struct StartupHygieneOptions {
   /// Also terminate this app's backends idle longer than this; zero: off (env
   /// PGRT_CLEANUP_IDLE_S).
   std::chrono::seconds idle_threshold{0};
+  /// How long its connects (the cleanup's, the cluster-wide lock's) wait for a database that is
+  /// down, starting up or full, retrying with backoff and logging each new reason once, before
+  /// the start fails (as PoolComponentOptions::start_wait; env PGRT_START_WAIT_S). Zero: one try.
+  std::chrono::milliseconds start_wait{60'000};
 
   /// The defaults, overridden by the variables above. A malformed value throws
   /// pgrt::Error(client_errc::invalid_config) naming the variable and the accepted form.
@@ -92,8 +96,9 @@ class StartupHygiene {
 /// Adds StartupHygiene to `app`, configured from `pool_config` (conninfo, app and instance, connect
 /// settings). With cluster_lock, lowers pool_config.max_size by one for the lock's connection (so
 /// add the pool with this config afterwards; throws pgrt::Error(invalid_config) if max_size is 1).
-/// With force, its start deadline is the manager's start_timeout plus max_takeover_time(), so a
-/// takeover of a holder that ignores SIGTERM completes (a ManagerOptions::start_hard_deadline, if
+/// Its start deadline is the manager's start_timeout plus max_takeover_time() (with force) plus
+/// start_wait (when it connects), so a takeover of a holder that ignores SIGTERM, and a wait for
+/// the database, complete (a ManagerOptions::start_hard_deadline, if
 /// set, must be longer still). Returns the component: add the pool after it, `add_pool(app, config,
 /// {}, after(hygiene))`.
 StartupHygiene& add_startup_hygiene(
