@@ -705,6 +705,44 @@ TEST_F(PoolTest, WithTheServerDownFailFastEndsTheWaitWithTheConnectError) {
   }
 }
 
+// A multi-host DSN (host=a,b target_session_attrs=read-write): when the first server stops, the
+// pool's new connections go to the second, within its backoff.
+TEST_F(PoolTest, AMultiHostDsnFailsOverToTheSecondServerWhenTheFirstStops) {
+  testing::TempCluster first;
+  testing::TempCluster second;
+  auto pool_config = config("failover");
+  pool_config.conninfo = "host=127.0.0.1,127.0.0.1 port=" + std::to_string(first.port()) + "," +
+                         std::to_string(second.port()) +
+                         " user=postgres dbname=postgres target_session_attrs=read-write";
+  pool_config.connect_backoff_initial = 20ms;
+  pool_config.connect_backoff_max = 200ms;
+  pool_config.acquire_timeout = 10s;
+  run_coroutine([&]() -> awaitable_void {
+    Pool pool(co_await asio::this_coro::executor, pool_config);
+    {
+      auto lease = co_await pool.acquire();
+      EXPECT_EQ((co_await lease->query("SELECT inet_server_port()")).scalar<int>(), first.port());
+    }
+    first.stop(testing::StopMode::immediate);
+    // The idle connection to the first server is noticed broken (watched) or fails its query;
+    // the next ones connect to the second.
+    const auto started = std::chrono::steady_clock::now();
+    int port = 0;
+    for (int i = 0; i < 50 && port != second.port(); ++i) {
+      try {
+        auto lease = co_await pool.acquire();
+        port = (co_await lease->query("SELECT inet_server_port()")).scalar<int>();
+      } catch (const Error& error) {
+        EXPECT_TRUE(error.code() == condition::connection_error) << error.what();
+      }
+      if (port != second.port()) co_await sleep_for(20ms);
+    }
+    EXPECT_EQ(port, second.port());
+    EXPECT_LT(std::chrono::steady_clock::now() - started, 5s);
+    co_await pool.close(1s);
+  });
+}
+
 TEST_F(PoolTest, CancelledWaiterLeavesNoTraceAndTimeoutsExplainThemselves) {
   auto pool_config = config("cancel", 1);
   pool_config.acquire_timeout = 300ms;
