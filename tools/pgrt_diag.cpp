@@ -356,7 +356,7 @@ int main(int argc, char** argv) {
   if (!arguments) return exit_usage;
   // --watch ends cleanly (exit 0, output flushed) on Ctrl+C or SIGTERM.
   std::signal(SIGINT, [](int) { interrupted = true; });
-  std::signal(SIGTERM, [](int) { interrupted = true; });
+  if (arguments->watch_seconds) std::signal(SIGTERM, [](int) { interrupted = true; });
   try {
     return run(*arguments);
   } catch (const pgrt::Error& error) {

@@ -273,7 +273,8 @@ std::string mask_password(std::string_view conninfo) {
     if (!masked.empty()) masked += ' ';
     masked += option->keyword;
     masked += '=';
-    if (std::string_view(option->keyword) == "password") {
+    if (std::string_view(option->keyword) == "password" ||
+        (option->dispchar != nullptr && option->dispchar[0] == '*')) {
       masked += "****";
       continue;
     }

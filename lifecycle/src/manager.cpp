@@ -720,9 +720,16 @@ int exit_code::for_error(const std::exception_ptr& error) noexcept {
   try {
     std::rethrow_exception(error);
   } catch (const boost::system::system_error& system_error) {
-    if (system_error.code() == boost::system::errc::invalid_argument) return config;
+    // A library's own category only: errno's EINVAL (a socket option, a path) is a failure.
+    const auto& code = system_error.code();
+    const bool errno_category = code.category() == boost::system::generic_category() ||
+                                code.category() == boost::system::system_category();
+    if (!errno_category && code == boost::system::errc::invalid_argument) return config;
   } catch (const std::system_error& system_error) {
-    if (system_error.code() == std::errc::invalid_argument) return config;
+    const auto& code = system_error.code();
+    const bool errno_category =
+        code.category() == std::generic_category() || code.category() == std::system_category();
+    if (!errno_category && code == std::errc::invalid_argument) return config;
   } catch (...) {  // NOLINT(bugprone-empty-catch): any other error is a failure
   }
   return failure;

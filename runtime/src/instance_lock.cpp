@@ -5,6 +5,7 @@
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fcntl.h>
 #include <limits>
 #include <sstream>
@@ -130,10 +131,13 @@ int open_lock_directory(const std::filesystem::path& directory) {
   if (status.st_uid != ::geteuid()) {
     why = "it belongs to uid " + std::to_string(status.st_uid) + ", not to this user (uid " +
           std::to_string(::geteuid()) + ")";
-  } else if ((status.st_mode & (S_IWGRP | S_IWOTH)) != 0) {
+  } else if ((status.st_mode & (S_IWGRP | S_IWOTH)) != 0 && ::fchmod(fd, 0700) != 0) {
+    // This user's own directory, made under a loose umask: made private again (what others may
+    // have put in it is harmless: the lock file is opened without following links and checked).
     char mode[8];
     std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(status.st_mode & 07777));
-    why = std::string("other users may write into it (mode ") + mode + ")";
+    why = std::string("other users may write into it (mode ") + mode +
+          ") and it cannot be made private (" + std::strerror(errno) + ")";
   }
   if (!why.empty()) {
     ::close(fd);
@@ -216,7 +220,9 @@ std::filesystem::path default_lock_directory() {
 
 std::chrono::milliseconds max_takeover_time(const InstanceLockOptions& options) {
   if (!options.force) return std::chrono::milliseconds{0};
-  return options.takeover_grace + std::min(options.takeover_grace, takeover_kill_wait);
+  // read_holder_pid() may wait up to 1 s for a holder that has not written its pid yet.
+  return options.takeover_grace + std::min(options.takeover_grace, takeover_kill_wait) +
+         std::chrono::milliseconds(1'000);
 }
 
 InstanceLock InstanceLock::acquire(const InstanceLockOptions& options) {
@@ -266,7 +272,7 @@ InstanceLock InstanceLock::acquire(const InstanceLockOptions& options) {
       // first, then verified (it has this very file open), then signalled through the pidfd: a
       // pid that anything else wrote into the file, or one reused meanwhile, gets no signal.
       // Every failure is an error, never ignored.
-      auto stop = [&](int signal, const char* name) {
+      auto stop = [&](int signal, const char* name, std::chrono::milliseconds patience) {
         const int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, holder, 0));
         const int pidfd_error = pidfd < 0 ? errno : 0;
         struct Closer {
@@ -298,7 +304,7 @@ InstanceLock InstanceLock::acquire(const InstanceLockOptions& options) {
         if (sent == 0) return;
         const std::error_code error(errno, std::generic_category());
         if (gone) {
-          if (wait_for_lock(fd, options.takeover_grace)) return;
+          if (wait_for_lock(fd, patience)) return;
           throw InstanceLockError("cannot take over " + who + ": " + gone_text, holder);
         }
         throw InstanceLockError("cannot take over " + who + ": sending " + name + " to pid " +
@@ -306,10 +312,11 @@ InstanceLock InstanceLock::acquire(const InstanceLockOptions& options) {
                                     "), so it keeps " + path.string(),
                                 holder);
       };
-      stop(SIGTERM, "SIGTERM");
+      const auto kill_wait = std::min(options.takeover_grace, takeover_kill_wait);
+      stop(SIGTERM, "SIGTERM", options.takeover_grace);
       if (!wait_for_lock(fd, options.takeover_grace)) {
-        stop(SIGKILL, "SIGKILL");
-        if (!wait_for_lock(fd, std::min(options.takeover_grace, takeover_kill_wait))) {
+        stop(SIGKILL, "SIGKILL", kill_wait);
+        if (!wait_for_lock(fd, kill_wait)) {
           throw InstanceLockError("could not take over " + who + " from pid " +
                                       std::to_string(holder) + ": it still holds " + path.string() +
                                       " after SIGTERM and SIGKILL",

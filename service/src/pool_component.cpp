@@ -67,7 +67,25 @@ asio::awaitable<void> PoolComponent::wait_for_database() {
   // Each attempt is bounded, so that the reason (the pool's last connect error) is re-read and
   // logged when it changes while the pool retries.
   auto attempt = []() -> asio::awaitable<void> {
-    co_await with_timeout(open_first_connection(), std::chrono::milliseconds(1'000));
+    // Only the wait for a connection is bounded: a slow first query is not cut short.
+    Lease lease;
+    std::exception_ptr failure;
+    try {
+      lease = co_await with_timeout(pgrt::connection(), std::chrono::milliseconds(1'000));
+    } catch (const Error&) {
+      failure = std::current_exception();
+    }
+    if (failure) {
+      // The wait only timed out: what the pool's connects failed with decides whether waiting
+      // can cure it (a wrong password, a missing database cannot).
+      const PoolStats stats = pgrt::pool().stats();
+      if (stats.last_connect_error_code && !detail::worth_waiting(stats.last_connect_error_code)) {
+        throw Error(stats.last_connect_error_code,
+                    Diagnostics{.message = stats.last_connect_error});
+      }
+      std::rethrow_exception(failure);
+    }
+    co_await lease->query("SELECT 1");
   };
   auto reason_of = [](const Error& error) {
     std::string last_connect_error = pgrt::pool().stats().last_connect_error;

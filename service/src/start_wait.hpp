@@ -20,8 +20,7 @@ namespace pgrt::detail {
 
 // Whether waiting can cure `error`: the server is down, starting up, shutting down or full, or
 // a bounded wait for a connection ended (the pool keeps retrying meanwhile).
-inline bool worth_waiting(const Error& error) {
-  const auto code = error.code();
+inline bool worth_waiting(const boost::system::error_code& code) {
   return code == condition::connection_error || code == condition::too_many_connections ||
          code == client_errc::timeout || code == client_errc::pool_timeout ||
          code == client_errc::name_resolution;
@@ -48,7 +47,7 @@ inline boost::asio::awaitable<void> retry_until_the_database_answers(
         spdlog::info("pgrt: the database answers, after {} attempt(s)", attempts);
       co_return;
     } catch (const Error& error) {
-      if (!worth_waiting(error)) throw;
+      if (!worth_waiting(error.code())) throw;
       reason = reason_of(error);
       std::replace(reason.begin(), reason.end(), '\n', ' ');
       std::replace(reason.begin(), reason.end(), '\t', ' ');

@@ -988,13 +988,13 @@ TEST_F(StartupHygieneTest, ThePoolsStartWaitsForTheDatabaseUntilItsDeadline) {
   auto previous = spdlog::default_logger();
   spdlog::set_default_logger(std::make_shared<spdlog::logger>(
       "capture", std::make_shared<spdlog::sinks::ostream_sink_mt>(log)));
-  auto run_app = [&](std::chrono::milliseconds start_wait) {
+  auto run_app = [&](std::chrono::milliseconds start_wait, const std::string& extra = "") {
     lifecycle::ManagerOptions manager_options;
     manager_options.handle_signals = false;
     manager_options.shutdown_logging = false;
     lifecycle::Manager app(manager_options);
     PoolConfig config;
-    config.conninfo = own.dsn();
+    config.conninfo = own.dsn() + extra;
     config.application = "waitdb";
     config.connect_backoff_initial = 50ms;
     config.connect_backoff_max = 200ms;
@@ -1023,6 +1023,15 @@ TEST_F(StartupHygieneTest, ThePoolsStartWaitsForTheDatabaseUntilItsDeadline) {
   EXPECT_GE(waits, 1U) << text;
   EXPECT_LE(waits, 3U) << "once per reason, not once per attempt\n" << text;
   EXPECT_THAT(text, HasSubstr("the database answers, after"));
+  // What waiting cannot cure (a database that does not exist) fails the start at once.
+  log.str("");
+  spdlog::set_default_logger(std::make_shared<spdlog::logger>(
+      "capture", std::make_shared<spdlog::sinks::ostream_sink_mt>(log)));
+  const auto again = Clock::now();
+  EXPECT_EQ(run_app(30s, " dbname=no_such_database"), lifecycle::exit_code::failure);
+  spdlog::set_default_logger(previous);
+  EXPECT_LT(Clock::now() - again, 10s) << log.str();
+  EXPECT_THAT(log.str(), HasSubstr("no_such_database"));
 }
 
 // A session tagged `application_name` running a long statement (state 'active') until it is

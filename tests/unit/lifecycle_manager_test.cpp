@@ -418,9 +418,10 @@ TEST(LifecycleManagerTest, AStartThatFailsOnItsConfigurationExits78AndAnyOtherFa
       {std::make_exception_ptr(Error(make_error_code(client_errc::invalid_config),
                                      Diagnostics{.message = "PGRT_X='y' is not valid"})),
        exit_code::config},
+      // errno's EINVAL (a socket option, a path) is not a configuration error.
       {std::make_exception_ptr(
            std::system_error(std::make_error_code(std::errc::invalid_argument))),
-       exit_code::config},
+       exit_code::failure},
       {std::make_exception_ptr(Error(make_error_code(client_errc::connect_failed), Diagnostics{})),
        exit_code::failure},
       {std::make_exception_ptr(std::runtime_error("boom")), exit_code::failure},

@@ -318,6 +318,8 @@ TEST(PoolConfigTest, AMalformedConninfoIsRefusedWithoutShowingAnySecret) {
       {"host=db.internal password='hunter2", "a quoted value is not closed"},
       {"host=db.internal hunter2", "a word without \"=\""},
       {"host=db.internal h%u=hunter2", "a keyword that libpq does not know"},
+      {"host='db.internal password=hunter2", "a quoted value is not closed"},
+      {"password=hunter2 more=hunter2 host=db.internal", "a keyword that libpq does not know"},
       {"postgresql://app:hunter2@db.internal:5432/x?sslmode=require&bogus=hunter2",
        "the connection URL could not be parsed"},
   };
@@ -336,6 +338,7 @@ TEST(PoolConfigTest, AMalformedConninfoIsRefusedWithoutShowingAnySecret) {
   EXPECT_THAT(rejection(config), HasSubstr("host=db.internal port=5433 PASSWORD=****"));
   config.conninfo = "host=db.internal password=hunter2";
   EXPECT_EQ(rejection(config), "");
+  EXPECT_THAT(mask_password("host=db sslpassword=hunter2"), Not(HasSubstr("hunter2")));
   // The error is a configuration error for the lifecycle manager too (exit code 78).
   EXPECT_TRUE(make_error_code(client_errc::invalid_config) ==
               boost::system::errc::invalid_argument);

@@ -121,6 +121,7 @@ std::string redact_pairs(std::string_view text, std::vector<std::string>& proble
     ++at;
     skip_spaces();
     std::string value;
+    bool unclosed = false;
     if (at < text.size() && text[at] == '\'') {
       bool closed = false;
       for (++at; at < text.size(); ++at) {
@@ -134,7 +135,10 @@ std::string redact_pairs(std::string_view text, std::vector<std::string>& proble
           value += text[at];
         }
       }
-      if (!closed) problems.emplace_back("a quoted value is not closed");
+      if (!closed) {
+        unclosed = true;
+        problems.emplace_back("a quoted value is not closed");
+      }
     } else {
       for (; at < text.size() && std::isspace(static_cast<unsigned char>(text[at])) == 0; ++at) {
         if (text[at] == '\\' && at + 1 < text.size()) ++at;
@@ -142,12 +146,21 @@ std::string redact_pairs(std::string_view text, std::vector<std::string>& proble
       }
     }
     const auto known = keywords.find(keyword);
-    const std::string shown_keyword = plain_word(keyword) ? std::string(keyword) : "****";
-    const bool show_value = known != keywords.end() && !known->second;
+    // An unknown keyword is shown only when it is a near miss (a case variant, or a password's
+    // misspelling): any other word may be part of a value with an unquoted space.
+    const bool near_miss =
+        plain_word(keyword) &&
+        (keywords.contains(lower(keyword)) || lower(keyword).find("pass") != std::string::npos ||
+         lower(keyword).find("pwd") != std::string::npos);
+    const std::string shown_keyword =
+        known != keywords.end() || near_miss ? std::string(keyword) : "****";
+    // An unclosed quote swallows the rest of the string, other keywords' values included.
+    const bool show_value = known != keywords.end() && !known->second && !unclosed;
     add(shown_keyword + "=" + (show_value ? quoted_if_needed(value) : "****"));
     if (known != keywords.end()) continue;
     if (shown_keyword == "****") {
-      problems.emplace_back("a keyword that libpq does not know (hidden: not a plain word)");
+      problems.emplace_back(
+          "a keyword that libpq does not know (hidden: it may be part of a value)");
     } else if (keywords.contains(lower(keyword))) {
       problems.emplace_back("\"" + shown_keyword +
                             "\" is not a keyword (keywords are lower case: \"" + lower(keyword) +

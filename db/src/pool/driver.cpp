@@ -259,6 +259,7 @@ asio::awaitable<void> PoolState::open_connection(
   auto& actions = self->fresh_actions_locked();
   if (error) {
     self->last_connect_error = failure;
+    self->last_connect_error_code = error;
     if (!cancel->cancelled) {
       ++self->failed_connects_in_a_row;
       if (failure != self->logged_connect_failure) {
@@ -649,6 +650,7 @@ PoolStats PoolState::stats() const {
   snapshot.wait_p99 = waits.percentile(0.99);
   snapshot.wait_max = waits.max();
   snapshot.last_connect_error = last_connect_error;
+  snapshot.last_connect_error_code = last_connect_error_code;
   snapshot.consecutive_connect_failures = counts.consecutive_connect_failures;
   snapshot.connect_backoff = counts.connect_backoff;
   return snapshot;

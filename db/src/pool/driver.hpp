@@ -276,6 +276,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
   pool::Core core;
   WaitHistogram waits;
   std::string last_connect_error;
+  error_code last_connect_error_code;
   // The connect failure last logged, "" while connects succeed: failed connects are logged once
   // per change of reason, and a success after failures once.
   std::string logged_connect_failure;

@@ -262,6 +262,9 @@ void Core::fail_fast(Time now, Actions& actions) {
   for (Priority priority : {Priority::high, Priority::normal}) {
     auto& queue = waiters_.of(priority);
     queue.for_each([&](Waiter& waiter) {
+      // Only a connect that failed after the caller came proves the server is down for it (an
+      // old failure, its waiter long gone, proves nothing about a connect now in flight).
+      if (waiter.enqueued_at > last_failure_at_) return;
       const Time due = waiter.enqueued_at + config_.fail_fast_after;
       if (due > now) {
         next = std::min(next, due);
@@ -371,6 +374,7 @@ void Core::connect_failed(Node& node, Time now, Actions& actions) {
   destroy(node);
   ++connect_errors_;
   ++consecutive_failures_;
+  last_failure_at_ = now;
   backoff_ = next_backoff();
   retry_at_ = now + backoff_;
   if (closed_) return;

@@ -283,6 +283,7 @@ class Core {
   WaitQueues waiters_;
   std::size_t leased_normal_ = 0;  // kept by move() alone
   bool closed_ = false;
+  Time last_failure_at_{};  // the last connect_failed()
   std::uint64_t next_node_id_ = 1;
 
   std::uint32_t consecutive_failures_ = 0;

@@ -6,7 +6,11 @@
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/awaitable.hpp>
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/cancellation_signal.hpp>
+#include <boost/asio/cancellation_state.hpp>
 #include <boost/asio/co_spawn.hpp>
+#include <boost/asio/dispatch.hpp>
 #include <boost/asio/experimental/awaitable_operators.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/steady_timer.hpp>
@@ -15,6 +19,7 @@
 #include <boost/asio/use_awaitable.hpp>
 #include <chrono>
 #include <exception>
+#include <memory>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -37,12 +42,27 @@ namespace detail {
 // new strand of its executor. asio's parallel_group registers with the awaiting coroutine's
 // cancellation slot after it has launched the parts, and on an io_context run by several threads
 // a part can complete on another thread meanwhile: a data race (ThreadSanitizer reports it).
+//
+// A cancellation of the caller reaches the operation through a signal owned by the handler that
+// forwards it (Boost 1.81's co_spawn would forward it through a pointer to a signal that dies
+// with the operation: with a strand in between, a cancellation racing the completion would use
+// it after it died).
 template <typename T>
 boost::asio::awaitable<T> serialized(boost::asio::awaitable<T> operation) {
   auto executor = co_await boost::asio::this_coro::executor;
   if (runs_on_a_strand(executor)) co_return co_await std::move(operation);
-  co_return co_await boost::asio::co_spawn(boost::asio::make_strand(executor), std::move(operation),
-                                           boost::asio::use_awaitable);
+  auto strand = boost::asio::make_strand(executor);
+  auto signal = std::make_shared<boost::asio::cancellation_signal>();
+  boost::asio::cancellation_state state = co_await boost::asio::this_coro::cancellation_state;
+  auto caller = state.slot();
+  if (caller.is_connected()) {
+    caller.assign([signal, strand](boost::asio::cancellation_type type) {
+      boost::asio::dispatch(strand, [signal, type] { signal->emit(type); });
+    });
+  }
+  co_return co_await boost::asio::co_spawn(
+      strand, std::move(operation),
+      boost::asio::bind_cancellation_slot(signal->slot(), boost::asio::use_awaitable));
 }
 
 // Runs `operation` and hands back its value or its exception, never throwing: asio's `||` waits

@@ -182,6 +182,9 @@ struct PoolStats {
   std::chrono::milliseconds connect_backoff{0};
   /// The message of the last failed connect, "" if none.
   std::string last_connect_error;
+  /// The error code of last_connect_error (a SQLSTATE such as 28P01, or a client_errc); empty
+  /// when no connect has failed.
+  boost::system::error_code last_connect_error_code;
 
   /// The snapshot as one JSON object.
   [[nodiscard]] std::string to_json() const;

@@ -36,8 +36,9 @@ inline constexpr int interrupted = 130;  ///< SIGINT (graceful on the first, at 
 inline constexpr int quit = 131;         ///< SIGQUIT: exit at once.
 
 /// exit_code::config when `error` says that the configuration is wrong: a boost::system or std
-/// system_error whose code is equivalent to errc::invalid_argument (as
-/// pgrt::Error(client_errc::invalid_config) is); exit_code::failure for any other error.
+/// system_error whose code, of a library's own category (not errno's generic or system one: an
+/// EINVAL from a socket or a path is a failure), is equivalent to errc::invalid_argument, as
+/// pgrt::Error(client_errc::invalid_config) is; exit_code::failure for any other error.
 [[nodiscard]] int for_error(const std::exception_ptr& error) noexcept;
 }  // namespace exit_code
 

@@ -28,8 +28,8 @@ struct InstanceLockOptions {
 inline constexpr std::chrono::milliseconds takeover_kill_wait{5'000};
 
 /// The longest InstanceLock::acquire() can block on a takeover: 0 without force, else
-/// takeover_grace + min(takeover_grace, takeover_kill_wait). A start deadline around it must be
-/// longer.
+/// takeover_grace + min(takeover_grace, takeover_kill_wait) + 1 s (reading the holder's pid). A
+/// start deadline around it must be longer.
 [[nodiscard]] std::chrono::milliseconds max_takeover_time(const InstanceLockOptions& options);
 
 /// Thrown when another process holds the lock (without force), or a takeover failed.
@@ -46,7 +46,7 @@ class InstanceLockError : public std::runtime_error {
 
 /// $PGRT_RUNTIME_DIR, else $XDG_RUNTIME_DIR/pgrt, else /run/pgrt when root, else /tmp/pgrt-<uid>.
 /// InstanceLock::acquire() creates it with mode 0700 and uses it only if it is a directory (not a
-/// symbolic link) owned by this user that no other user may write into.
+/// symbolic link) owned by this user; one that others may write into is made 0700 first.
 [[nodiscard]] std::filesystem::path default_lock_directory();
 
 /// Holds the lock until destroyed (the kernel releases it if the process dies, so a crash never
@@ -55,7 +55,7 @@ class InstanceLockError : public std::runtime_error {
 class InstanceLock {
  public:
   /// Takes the lock for options.application/instance: creates the directory (0700; an existing
-  /// one that is a symbolic link, another user's, or writable by others is refused) and
+  /// one that is a symbolic link or another user's is refused; this user's own is made 0700) and
   /// `<app>.<instance>.lock` (0600, opened without following a symbolic link; anything but a
   /// regular file of this user's with one name is refused) (tag_app_name() and tag_instance_name(),
   /// so exactly one lock per tag prefix; bytes other than letters, digits, '-', '_' and '~' written
