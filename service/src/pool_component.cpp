@@ -42,18 +42,7 @@ asio::awaitable<std::vector<std::string>> close_process_pool(std::chrono::millis
 
 PoolComponentOptions PoolComponentOptions::from_env() {
   PoolComponentOptions options;
-  if (const char* value = std::getenv("PGRT_START_WAIT_S"); value != nullptr) {
-    const std::string text = value;
-    char* end = nullptr;
-    const long long seconds = std::strtoll(text.c_str(), &end, 10);
-    if (text.empty() || end == nullptr || *end != '\0' || seconds < 0 || seconds > 86'400) {
-      throw Error(make_error_code(client_errc::invalid_config),
-                  Diagnostics{.message = "PGRT_START_WAIT_S='" + text + "' is not valid",
-                              .hint = "expected whole seconds, 0-86400 (0: do not wait for the "
-                                      "database at start)"});
-    }
-    options.start_wait = std::chrono::seconds(seconds);
-  }
+  options.start_wait = detail::start_wait_from_env(options.start_wait);
   return options;
 }
 

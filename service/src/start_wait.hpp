@@ -10,6 +10,7 @@
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <chrono>
+#include <cstdlib>
 #include <functional>
 #include <spdlog/spdlog.h>
 #include <string>
@@ -24,6 +25,23 @@ inline bool worth_waiting(const boost::system::error_code& code) {
   return code == condition::connection_error || code == condition::too_many_connections ||
          code == client_errc::timeout || code == client_errc::pool_timeout ||
          code == client_errc::name_resolution;
+}
+
+// PGRT_START_WAIT_S (whole seconds, 0-86400), or `fallback` when it is unset; a malformed value
+// throws Error(client_errc::invalid_config). Read by both components that wait.
+inline std::chrono::milliseconds start_wait_from_env(std::chrono::milliseconds fallback) {
+  const char* value = std::getenv("PGRT_START_WAIT_S");
+  if (value == nullptr) return fallback;
+  const std::string text = value;
+  char* end = nullptr;
+  const long long seconds = std::strtoll(text.c_str(), &end, 10);
+  if (text.empty() || *end != '\0' || seconds < 0 || seconds > 86'400) {
+    throw Error(make_error_code(client_errc::invalid_config),
+                Diagnostics{.message = "PGRT_START_WAIT_S='" + text + "' is not valid",
+                            .hint = "expected whole seconds, 0-86400 (0: do not wait for the "
+                                    "database at start)"});
+  }
+  return std::chrono::seconds(seconds);
 }
 
 // Runs `attempt` until it completes. An error worth waiting for is retried after a pause (100 ms

@@ -57,15 +57,7 @@ StartupHygieneOptions StartupHygieneOptions::from_env() {
   options.cluster_lock = env_flag("PGRT_CLUSTER_LOCK", options.cluster_lock);
   options.cleanup = env_flag("PGRT_CLEANUP", options.cleanup);
   if (auto dir = env("PGRT_RUNTIME_DIR"); dir && !dir->empty()) options.lock_directory = *dir;
-  if (auto value = env("PGRT_START_WAIT_S")) {
-    char* end = nullptr;
-    const long long seconds = std::strtoll(value->c_str(), &end, 10);
-    if (value->empty() || *end != '\0' || seconds < 0 || seconds > 86'400) {
-      invalid("PGRT_START_WAIT_S='" + *value + "' is not valid",
-              "expected whole seconds, 0-86400 (0: do not wait for the database at start)");
-    }
-    options.start_wait = std::chrono::seconds(seconds);
-  }
+  options.start_wait = detail::start_wait_from_env(options.start_wait);
   if (auto value = env("PGRT_CLEANUP_IDLE_S")) {
     char* end = nullptr;
     const long long seconds = std::strtoll(value->c_str(), &end, 10);

@@ -146,6 +146,15 @@ class Child {
   std::optional<int> status_;
 };
 
+// How many times `needle` occurs in `text`.
+std::size_t occurrences(const std::string& text, const std::string& needle) {
+  std::size_t found = 0;
+  for (auto at = text.find(needle); at != std::string::npos; at = text.find(needle, at + 1)) {
+    ++found;
+  }
+  return found;
+}
+
 std::string json_field(const std::string& json, const std::string& key) {
   const std::regex pattern("\"" + key + "\":\"?([^,\"}]*)");
   std::smatch match;
@@ -340,11 +349,7 @@ TEST_F(LifecycleProcessTest, TheStatusSamplerReconnectsAfterItsConnectionIsLost)
   EXPECT_EQ(demo.wait_for_exit(60s), 0) << demo.output();
   const std::string output = demo.output();
   EXPECT_EQ(output.find("the status sampler stopped"), std::string::npos) << output;
-  std::size_t losses = 0;
-  for (std::size_t at = output.find("lost its connection"); at != std::string::npos;
-       at = output.find("lost its connection", at + 1)) {
-    ++losses;
-  }
+  const std::size_t losses = occurrences(output, "lost its connection");
   EXPECT_EQ(losses, 1u) << output;
 }
 
@@ -359,11 +364,7 @@ TEST_F(LifecycleProcessTest, AnOutageGivesABoundedLog) {
   own.start();
   EXPECT_TRUE(demo.wait_for_exit(60s).has_value()) << demo.output();
   const std::string output = demo.output();
-  std::size_t said = 0;
-  for (auto at = output.find("request failed:"); at != std::string::npos;
-       at = output.find("request failed:", at + 1)) {
-    ++said;
-  }
+  const std::size_t said = occurrences(output, "request failed:");
   EXPECT_GE(said, 1U) << output;
   EXPECT_LE(said, 6U) << "one line per kind of error, not one per request\n" << output;
   EXPECT_THAT(output, ::testing::ContainsRegex("\\.\\.\\. and [0-9]+ more failed requests like it"))
@@ -1015,11 +1016,7 @@ TEST_F(StartupHygieneTest, ThePoolsStartWaitsForTheDatabaseUntilItsDeadline) {
   late.join();
   spdlog::set_default_logger(previous);
   const std::string text = log.str();
-  std::size_t waits = 0;
-  for (auto at = text.find("waiting for the database"); at != std::string::npos;
-       at = text.find("waiting for the database", at + 1)) {
-    ++waits;
-  }
+  const std::size_t waits = occurrences(text, "waiting for the database");
   EXPECT_GE(waits, 1U) << text;
   EXPECT_LE(waits, 3U) << "once per reason, not once per attempt\n" << text;
   EXPECT_THAT(text, HasSubstr("the database answers, after"));
