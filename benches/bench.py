@@ -57,6 +57,7 @@ class Bench:
         self.env.update(
             DATABASE_URL=server["dsn"],
             DATABASE_URL_TCP=server["tcp_dsn"],
+            DATABASE_URL_TLS=server["tls_dsn"],
             PGRT_BENCH_SECONDS=str(args.seconds),
             PGRT_LOG_LEVEL="warn",
         )
@@ -98,7 +99,10 @@ class Bench:
         return self.scripts[name]
 
     def pgbench_run(self, script, clients, tcp=False, rate=None, mode="prepared"):
+        """tcp: False (unix socket), True or "plain" (TCP without TLS), "tls" (TCP with TLS)."""
         host = "127.0.0.1" if tcp else self.server["socket_dir"]
+        # The server offers TLS on TCP: say which one pgbench uses (its default would pick TLS).
+        env = dict(os.environ, PGSSLMODE="require" if tcp == "tls" else "disable")
         command = [self.pgbench, "-n", "-M", mode, "-f", script, "-c", str(clients), "-j", "1",
                    "-T", self.pgbench_seconds, "-h", host, "-p", str(self.server["port"]),
                    "-U", "postgres", "postgres"]
@@ -107,7 +111,7 @@ class Bench:
             log_prefix = str(self.workdir / f"pgbench_log_{time.monotonic_ns()}")
             command += ["-R", str(int(rate)), "-l", f"--log-prefix={log_prefix}"]
         completed = subprocess.run(command, capture_output=True, text=True, timeout=120,
-                                   cwd=self.workdir)
+                                   cwd=self.workdir, env=env)
         if completed.returncode != 0:
             fail(f"pgbench failed ({completed.returncode}): {' '.join(command)}\n{completed.stderr}")
         tps = re.search(r"^tps = ([0-9.]+)", completed.stdout, re.M)
@@ -266,6 +270,16 @@ def contestants(bench):
             lambda c=tcp: bench.pgrt(f"BM_RawLibpqSelectOne/connections:1/tcp:{c}"))
         add(f"select1/{transport}/3", "raw libpq, 3 connections (3 threads)", FAST,
             lambda c=tcp: bench.pgrt(f"BM_RawLibpqSelectOne/connections:3/tcp:{c}"))
+        if tcp:  # the same over TLS (sslmode=verify-full for pgrt and raw libpq, require for pgbench)
+            for tasks in (1, 3):
+                add(f"select1/tls/{tasks}", "pgrt", SAFE,
+                    lambda t=tasks: bench.pgrt(f"BM_PoolSelectOne/tasks:{t}/tcp:2"))
+                add(f"select1/tls/{tasks}", f"pgbench -c{tasks}{' -j1' if tasks > 1 else ''}", FAST,
+                    lambda t=tasks: {"queries_per_s": bench.pgbench_run(
+                        bench.script("select1.sql", "SELECT 1;\n"), t, "tls")["tps"]})
+                add(f"select1/tls/{tasks}",
+                    "raw libpq, 1 connection" if tasks == 1 else "raw libpq, 3 connections (3 threads)",
+                    FAST, lambda t=tasks: bench.pgrt(f"BM_RawLibpqSelectOne/connections:{t}/tcp:2"))
         if not tcp:
             for tasks in (1, 3, 64):
                 add(f"select1/unix/{tasks}", "asyncpg (default)", SAFE,
@@ -537,6 +551,26 @@ def write_report(results, raw, args, bench, elapsed, plot):
     if tcp_vs_unix:
         report.text("### TCP / unix socket, q/s",
                     "| contestant | unix q/s | TCP q/s | TCP / unix |\n|---|---|---|---|\n" + "\n".join(tcp_vs_unix))
+
+    report.text("### TLS (benchmark 3 over 127.0.0.1 with TLS)",
+                "pgrt and raw libpq connect with `sslmode=verify-full`, pgbench with `sslmode=require` "
+                "(the check is made once, at connect; a query costs the same). The last column compares "
+                "with the same contestant over plain TCP.")
+    for tasks in (1, 3):
+        report.text(f"#### {tasks} task{'s' if tasks > 1 else ''}")
+        report.table(f"select1/tls/{tasks}", ["queries_per_s", "latency_p50_us", "latency_p99_us"],
+                     "queries_per_s")
+    tls_vs_tcp = []
+    for tasks in (1, 3):
+        plain = {n: s for n, _, s in results.get(f"select1/tcp/{tasks}", [])}
+        for name, _, summary in results.get(f"select1/tls/{tasks}", []):
+            if name in plain and "queries_per_s" in summary and "queries_per_s" in plain[name]:
+                tls_vs_tcp.append(f"| {name}, {tasks} task(s) | {cell(plain[name], 'queries_per_s')} | "
+                                  f"{cell(summary, 'queries_per_s')} | "
+                                  f"{ratio(summary['queries_per_s']['median'], plain[name]['queries_per_s']['median'])} |")
+    if tls_vs_tcp:
+        report.text("#### TLS / plain TCP, q/s",
+                    "| contestant | TCP q/s | TLS q/s | TLS / TCP |\n|---|---|---|---|\n" + "\n".join(tls_vs_tcp))
 
     report.text("## 4. Overload: 256 tasks on 3 connections",
                 "Closed loop: every task loops acquire + `SELECT 1` + release as fast as it can.")

@@ -43,6 +43,7 @@ struct Server {
   std::unique_ptr<pgrt::testing::TempCluster> cluster;
   std::string unix_dsn;
   std::string tcp_dsn;
+  std::string tls_dsn;  // empty: no TLS rows (DATABASE_URL given without DATABASE_URL_TLS)
 };
 
 Server& server() {
@@ -53,10 +54,14 @@ Server& server() {
       made.unix_dsn = url;
       const char* tcp = std::getenv("DATABASE_URL_TCP");
       made.tcp_dsn = tcp != nullptr && *tcp != '\0' ? tcp : url;
+      const char* tls = std::getenv("DATABASE_URL_TLS");
+      made.tls_dsn = tls != nullptr ? tls : "";
     } else {
-      made.cluster = std::make_unique<pgrt::testing::TempCluster>();
+      made.cluster = std::make_unique<pgrt::testing::TempCluster>(
+          pgrt::testing::TempClusterOptions{.tls = true, .tls_only = false});
       made.unix_dsn = made.cluster->dsn();
       made.tcp_dsn = made.cluster->tcp_dsn();
+      made.tls_dsn = made.cluster->tls_dsn("verify-full");
     }
     return made;
   }();
@@ -69,9 +74,21 @@ std::chrono::duration<double> window() {
   return std::chrono::duration<double>(seconds > 0 ? seconds : 1.0);
 }
 
-pgrt::PoolConfig pool_config(std::size_t max_size, bool tcp = false) {
+// The benchmarks' "tcp" argument: 0 the unix socket, 1 plain TCP, 2 TCP with TLS (verify-full).
+const std::string& dsn_for(std::int64_t tcp) {
+  return tcp == 2 ? server().tls_dsn : tcp == 1 ? server().tcp_dsn : server().unix_dsn;
+}
+
+// A TLS row without a TLS server is skipped, saying why.
+bool skipped_without_tls(benchmark::State& state) {
+  if (state.range(1) != 2 || !server().tls_dsn.empty()) return false;
+  state.SkipWithError("no TLS server: set DATABASE_URL_TLS beside DATABASE_URL");
+  return true;
+}
+
+pgrt::PoolConfig pool_config(std::size_t max_size, std::int64_t tcp = 0) {
   pgrt::PoolConfig config;
-  config.conninfo = tcp ? server().tcp_dsn : server().unix_dsn;
+  config.conninfo = dsn_for(tcp);
   config.max_size = max_size;
   config.application = "pgrt-bench";
   config.max_waiters = 100'000;
@@ -228,7 +245,7 @@ BENCHMARK(BM_PoolContendedHandoff)->Arg(3)->Arg(16)->Arg(64)->Arg(256)->Iteratio
 
 // Runs `tasks` coroutines doing acquire + prepared SELECT 1 + release on a max-3 pool for the
 // window; returns queries per second and records each request's latency.
-double select_one_closed_loop(std::size_t tasks, bool tcp, Histogram& latencies) {
+double select_one_closed_loop(std::size_t tasks, std::int64_t tcp, Histogram& latencies) {
   asio::io_context io;
   pgrt::Pool pool(io.get_executor(), pool_config(3, tcp));
   std::uint64_t queries = 0;
@@ -266,8 +283,9 @@ double select_one_closed_loop(std::size_t tasks, bool tcp, Histogram& latencies)
 }
 
 void BM_PoolSelectOne(benchmark::State& state) {
+  if (skipped_without_tls(state)) return;
   const auto tasks = static_cast<std::size_t>(state.range(0));
-  const bool tcp = state.range(1) != 0;
+  const std::int64_t tcp = state.range(1);
   for (auto _ : state) {
     Histogram latencies;
     state.counters["queries_per_s"] = select_one_closed_loop(tasks, tcp, latencies);
@@ -282,12 +300,15 @@ BENCHMARK(BM_PoolSelectOne)
     ->Args({1, 1})
     ->Args({3, 1})
     ->Args({64, 1})
+    ->Args({1, 2})
+    ->Args({3, 2})
     ->Iterations(1);
 
 // The peer: blocking libpq, one thread per connection, PQexecPrepared in a loop.
 void BM_RawLibpqSelectOne(benchmark::State& state) {
+  if (skipped_without_tls(state)) return;
   const auto connections = static_cast<std::size_t>(state.range(0));
-  const bool tcp = state.range(1) != 0;
+  const std::string conninfo = dsn_for(state.range(1));
   for (auto _ : state) {
     std::atomic<std::uint64_t> queries{0};
     std::atomic<bool> failed{false};
@@ -300,7 +321,7 @@ void BM_RawLibpqSelectOne(benchmark::State& state) {
     std::vector<std::thread> threads;
     for (std::size_t i = 0; i < connections; ++i) {
       threads.emplace_back([&] {
-        PGconn* conn = PQconnectdb((tcp ? server().tcp_dsn : server().unix_dsn).c_str());
+        PGconn* conn = PQconnectdb(conninfo.c_str());
         PGresult* prepared = PQprepare(conn, "one", "SELECT 1", 0, nullptr);
         if (PQstatus(conn) != CONNECTION_OK || PQresultStatus(prepared) != PGRES_COMMAND_OK) {
           failed = true;
@@ -335,6 +356,8 @@ BENCHMARK(BM_RawLibpqSelectOne)
     ->Args({3, 0})
     ->Args({1, 1})
     ->Args({3, 1})
+    ->Args({1, 2})
+    ->Args({3, 2})
     ->Iterations(1);
 
 // --- 4. overload: 256 tasks on 3 connections, closed loop and open loop

@@ -15,6 +15,7 @@ packages=(
   libgtest-dev libgmock-dev
   libbenchmark-dev
   postgresql-15      # server binaries for the throwaway test cluster, demo and benchmarks
+  openssl            # the CA and server certificate of the TLS test cluster
   util-linux         # setpriv, used to start PostgreSQL as an unprivileged user when run as root
   # The peers of scripts/bench.sh (its ctest smoke run too), for Debian's /usr/bin/python3:
   python3-asyncpg python3-uvloop   # asyncpg's pool

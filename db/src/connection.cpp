@@ -33,6 +33,7 @@ void Connection::Impl::close(CloseMode mode) noexcept {
     PQfinish(conn);
     conn = nullptr;
   }
+  tls_session = nullptr;
   statements.clear();
   statement_index.clear();
 }

@@ -118,6 +118,8 @@ class ClientCategory final : public boost::system::error_category {
         return "some accepted pending writes were not written";
       case client_errc::instance_locked:
         return "another instance with the same app and instance names holds the lock";
+      case client_errc::tls_failed:
+        return "TLS could not be set up with the server";
     }
     return "unknown pgrt client error " + std::to_string(value);
   }

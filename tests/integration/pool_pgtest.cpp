@@ -100,9 +100,10 @@ class PoolTest : public testing::DbTest {
   }
 };
 
-TEST_F(PoolTest, LoadNeverExceedsMaxAndServesWaitersFifo) {
-  const auto load_for = 10s;
-  auto pool_config = config("load");
+// 1,000 coroutines share a pool of 3 for `load_for`: never more than 3 backends (sampled
+// through `observer_dsn`), every one used, acquires granted first come first served.
+void expect_bounded_fifo_load(PoolConfig pool_config, const std::string& observer_dsn,
+                              std::chrono::seconds load_for) {
   pool_config.max_waiters = 2000;
   std::optional<BackendSampler> sampler;
   std::uint64_t enqueued = 0;
@@ -113,7 +114,7 @@ TEST_F(PoolTest, LoadNeverExceedsMaxAndServesWaitersFifo) {
       [&]() -> awaitable_void {
         auto executor = co_await asio::this_coro::executor;
         Pool pool(executor, pool_config);
-        sampler.emplace(cluster().dsn(), pool.application_name());
+        sampler.emplace(observer_dsn, pool.application_name());
         const auto deadline = std::chrono::steady_clock::now() + load_for;
         for (int worker = 0; worker < 1000; ++worker) {
           asio::co_spawn(
@@ -151,6 +152,18 @@ TEST_F(PoolTest, LoadNeverExceedsMaxAndServesWaitersFifo) {
               static_cast<long long>(end.wait_p50.count()),
               static_cast<long long>(end.wait_p99.count()),
               static_cast<long long>(end.wait_max.count()));
+}
+
+TEST_F(PoolTest, LoadNeverExceedsMaxAndServesWaitersFifo) {
+  expect_bounded_fifo_load(config("load"), cluster().dsn(), 10s);
+}
+
+// The same load over TLS (sslmode=verify-full against a server that takes only TLS on TCP).
+TEST_F(PoolTest, LoadOverTlsNeverExceedsMaxAndServesWaitersFifo) {
+  auto tls = start_own_cluster({.tls = true});
+  auto pool_config = config("load-tls");
+  pool_config.conninfo = tls->tls_dsn("verify-full");
+  expect_bounded_fifo_load(pool_config, tls->dsn(), 5s);
 }
 
 // The io_context is run by two threads: acquires, queries, returns and background work race for

@@ -18,6 +18,39 @@ std::string Connection::Impl::target() const {
          (PQuser(conn) != nullptr ? PQuser(conn) : "") + "\")";
 }
 
+namespace {
+
+// What to do about a failed TLS set-up, from libpq's message; "" when it is not about TLS.
+// (A TLS connection that breaks on the way, "SSL SYSCALL error", is a network failure.)
+std::string tls_hint(std::string_view message) {
+  if (contains(message, "does not match host name")) {
+    return "the server's certificate does not name the host connected to: connect by a name the "
+           "certificate holds (the host keyword; hostaddr may carry the IP address), or use "
+           "sslmode=verify-ca to check the CA only";
+  }
+  if (contains(message, "certificate verify failed")) {
+    return "the server's certificate is not signed by a CA in sslrootcert (default "
+           "~/.postgresql/root.crt): point sslrootcert at the CA that signed it (managed servers "
+           "publish theirs), or use sslmode=require to encrypt without checking it";
+  }
+  if (contains(message, "root certificate file")) {
+    return "sslmode verify-ca and verify-full need the CA that signed the server's certificate: "
+           "set sslrootcert to its file";
+  }
+  if (contains(message, "does not support SSL")) {
+    return "the server does not offer TLS (ssl=off): turn it on, or use sslmode=prefer only on a "
+           "network you trust";
+  }
+  if (contains(message, "SSL error") || contains(message, "certificate") ||
+      contains(message, "private key")) {
+    return "TLS could not be set up: check sslmode, sslrootcert, sslcert and sslkey, and the "
+           "server's ssl settings";
+  }
+  return {};
+}
+
+}  // namespace
+
 error_code Connection::Impl::connect_error() {
   const std::string message = trimmed(conn != nullptr ? PQerrorMessage(conn) : "out of memory");
   std::string where = target();
@@ -46,18 +79,30 @@ error_code Connection::Impl::connect_error() {
   if (contains(message, "the database system is")) {
     return classify("57P03", "the server is starting up or shutting down; retry shortly");
   }
+  if (contains(message, "pg_hba.conf")) {
+    return classify("28000",
+                    contains(message, "no encryption")
+                        ? "the server takes only TLS connections from here: use sslmode=require "
+                          "(or verify-full with sslrootcert)"
+                        : "the server's pg_hba.conf does not let this user, database and address "
+                          "in: ask its administrator, or connect as a user it lets in");
+  }
+  if (contains(message, "no password supplied")) {
+    return classify("28P01",
+                    "the server wants a password: put it in the conninfo, PGPASSWORD or "
+                    "~/.pgpass");
+  }
+  if (auto hint = tls_hint(message); !hint.empty()) {
+    return fail(client_errc::tls_failed, "could not connect to " + where + ": " + message, {},
+                std::move(hint));
+  }
   if (contains(message, "could not translate host name")) {
     return fail(client_errc::name_resolution, "could not connect to " + where + ": " + message, {},
                 "check the host name and DNS");
   }
-  std::string hint =
-      "check that the server is running and accepts connections on that host "
-      "and port (listen_addresses, pg_hba.conf, firewalls)";
-  if (contains(message, "no password supplied")) {
-    hint = "the server wants a password: put it in the conninfo, PGPASSWORD or ~/.pgpass";
-  }
   return fail(client_errc::connect_failed, "could not connect to " + where + ": " + message, {},
-              std::move(hint));
+              "check that the server is running and accepts connections on that host and port "
+              "(listen_addresses, pg_hba.conf, firewalls)");
 }
 
 // Resolves host names with asio's resolver (a background thread), so that libpq, which would
@@ -168,10 +213,12 @@ asio::awaitable<error_code> Connection::Impl::connect() {
       co_return fail(client_errc::connect_failed,
                      "cannot watch the connection's socket: " + assign_error.message());
     }
+    const bool reading = polling == PGRES_POLLING_READING;
     auto [error] =
-        co_await socket.async_wait(polling == PGRES_POLLING_READING ? asio::socket_base::wait_read
-                                                                    : asio::socket_base::wait_write,
-                                   no_throw);
+        reading && tls_holds_bytes()
+            ? std::tuple<error_code>{}
+            : co_await socket.async_wait(
+                  reading ? asio::socket_base::wait_read : asio::socket_base::wait_write, no_throw);
     if (error) {
       std::string where = target();
       close(CloseMode::immediate);

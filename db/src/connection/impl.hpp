@@ -70,6 +70,7 @@ struct Connection::Impl {
   asio::generic::stream_protocol::socket socket;  // wraps PQsocket() without owning it
   ConnectOptions options;
   PGconn* conn = nullptr;
+  void* tls_session = nullptr;  // libpq's OpenSSL SSL*, while the connection uses TLS
   Diagnostics last_error;
   bool busy = false;
   bool broken = false;
@@ -117,6 +118,9 @@ struct Connection::Impl {
   // --- the socket and waiting (io.cpp) ----------------------------------------------------------
 
   error_code watch_socket();
+  // Whether OpenSSL holds decrypted bytes that libpq has not taken yet: the socket does not show
+  // them, so a wait for readability must not start.
+  [[nodiscard]] bool tls_holds_bytes() const noexcept;
   asio::awaitable<error_code> wait_readable();
   asio::awaitable<error_code> wait_writable();
   asio::awaitable<error_code> wait_writable_or_readable();

@@ -1,6 +1,7 @@
 #include <boost/asio/experimental/awaitable_operators.hpp>
 #include <cerrno>
 #include <charconv>
+#include <openssl/ssl.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <variant>
@@ -23,7 +24,17 @@ error_code Connection::Impl::watch_socket() {
     return {errno, boost::system::system_category()};
   }
   socket.assign(asio::generic::stream_protocol(address.ss_family, 0), fd, error);
+  tls_session = PQsslStruct(conn, "OpenSSL");
   return error;
+}
+
+// OpenSSL reads a whole TLS record (up to 16 KiB) from the socket but hands libpq no more of it
+// than libpq's input buffer has room for; the rest stays in OpenSSL, decrypted, and the socket
+// no longer shows it. A reply whose last record is cut that way would never wake a wait on the
+// socket. (TlsRecordProxy in the test harness sends such replies; connection_pgtest.cpp's TLS
+// tests go through it.)
+bool Connection::Impl::tls_holds_bytes() const noexcept {
+  return tls_session != nullptr && SSL_pending(static_cast<const SSL*>(tls_session)) > 0;
 }
 
 // Waits until libpq's socket is readable (bytes, end of file or an error), without reading.
@@ -33,9 +44,11 @@ error_code Connection::Impl::watch_socket() {
 // (epoll_ctl(EPOLL_CTL_MOD)); the kernel then reports a socket that is readable already at once.
 // So bytes that arrived between libpq's last read and this wait, or an edge that another thread
 // running the io_context took while no wait was queued, still wake it. Bytes that libpq holds in
-// its own buffer are not the socket's: callers look at PQisBusy() before they wait.
+// its own buffer are not the socket's: callers look at PQisBusy() before they wait. Nor are
+// bytes that OpenSSL holds (tls_holds_bytes()): then the wait ends at once.
 // (connection_pgtest.cpp's readiness tests cover both, on one thread and on four.)
 asio::awaitable<error_code> Connection::Impl::wait_readable() {
+  if (tls_holds_bytes()) co_return error_code{};
   auto [error] = co_await socket.async_wait(asio::socket_base::wait_read, no_throw);
   co_return error;
 }
@@ -160,10 +173,12 @@ asio::awaitable<error_code> Connection::Impl::exchange(Request request, Result& 
       error_code read_error;   // a failed wait, read or write ends them at once
       for (;;) {
         while (PQisBusy(conn) != 0) {
-          auto [wait_error] = co_await socket.async_wait(asio::socket_base::wait_read, no_throw);
-          if (wait_error) {
-            read_error = co_await interrupted(wait_error, request.sql, /*can_drain=*/true);
-            break;
+          if (!tls_holds_bytes()) {
+            auto [wait_error] = co_await socket.async_wait(asio::socket_base::wait_read, no_throw);
+            if (wait_error) {
+              read_error = co_await interrupted(wait_error, request.sql, /*can_drain=*/true);
+              break;
+            }
           }
           if (PQconsumeInput(conn) == 0) {
             read_error = lost(request.sql);

@@ -116,7 +116,88 @@ for attempt in 1 2 3 4 5; do
 done
 )sh";
 
+// Runs one `openssl` step, its output going to `log`. Throws ClusterError naming the step.
+void run_openssl(const std::vector<std::string>& arguments, const fs::path& log_path,
+                 const char* step) {
+  const fs::path program =
+      ::access("/usr/bin/openssl", X_OK) == 0 ? "/usr/bin/openssl" : "/bin/openssl";
+  if (::access(program.c_str(), X_OK) != 0) {
+    throw ClusterError(
+        "the openssl command is missing; it makes the test certificates. Install it with "
+        "`apt-get install openssl` (or run scripts/install-deps.sh)");
+  }
+  std::vector<std::string> argv = {program.string()};
+  argv.insert(argv.end(), arguments.begin(), arguments.end());
+  int log_fd = open_log(log_path);
+  pid_t pid = -1;
+  try {
+    pid = detail::spawn(
+        {.argv = std::move(argv), .output_fd = log_fd, .parent_death_signal = SIGKILL});
+  } catch (const std::system_error& error) {
+    ::close(log_fd);
+    throw ClusterError(std::string("openssl failed to start (") + step + "): " + error.what());
+  }
+  ::close(log_fd);
+  auto status = detail::wait_for_exit(pid, std::chrono::steady_clock::now() + 60s);
+  if (!status) {
+    ::kill(pid, SIGKILL);
+    detail::wait_for_exit(pid, std::chrono::steady_clock::now() + 10s);
+    throw ClusterError(std::string("openssl did not finish within 60 s (") + step + ")");
+  }
+  if (!WIFEXITED(*status) || WEXITSTATUS(*status) != 0) {
+    throw ClusterError(std::string("openssl failed to ") + step + " (" +
+                       detail::describe_status(*status) + "). Its output ends with:\n" +
+                       detail::file_tail(log_path, 2048));
+  }
+}
+
 }  // namespace
+
+TestCertificates make_test_certificates(const fs::path& directory) {
+  std::error_code error;
+  fs::create_directories(directory, error);
+  if (error) {
+    throw ClusterError("cannot create " + directory.string() + ": " + error.message());
+  }
+  TestCertificates files{.ca_certificate = directory / "ca.crt",
+                         .ca_key = directory / "ca.key",
+                         .certificate = directory / "server.crt",
+                         .key = directory / "server.key"};
+  const fs::path request = directory / "server.csr";
+  const fs::path extensions = directory / "server.ext";
+  const fs::path log = directory / "openssl.log";
+  {
+    std::ofstream out(extensions, std::ios::trunc);
+    out << "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
+           "basicConstraints=critical,CA:FALSE\n"
+           "keyUsage=critical,digitalSignature,keyEncipherment\n"
+           "extendedKeyUsage=serverAuth\n";
+    if (!out.flush()) throw ClusterError("cannot write " + extensions.string());
+  }
+  const std::vector<std::string> ec_key = {"-newkey", "ec", "-pkeyopt",
+                                           "ec_paramgen_curve:prime256v1", "-nodes"};
+  std::vector<std::string> make_ca = {"req",     "-x509",
+                                      "-days",   "2",
+                                      "-subj",   "/CN=pgrt test CA",
+                                      "-addext", "basicConstraints=critical,CA:TRUE",
+                                      "-addext", "keyUsage=critical,keyCertSign,cRLSign"};
+  make_ca.insert(make_ca.end(), ec_key.begin(), ec_key.end());
+  make_ca.insert(make_ca.end(),
+                 {"-keyout", files.ca_key.string(), "-out", files.ca_certificate.string()});
+  run_openssl(make_ca, log, "make the test CA");
+  std::vector<std::string> make_request = {"req", "-subj", "/CN=localhost"};
+  make_request.insert(make_request.end(), ec_key.begin(), ec_key.end());
+  make_request.insert(make_request.end(),
+                      {"-keyout", files.key.string(), "-out", request.string()});
+  run_openssl(make_request, log, "make the server's key");
+  run_openssl({"x509", "-req", "-in", request.string(), "-CA", files.ca_certificate.string(),
+               "-CAkey", files.ca_key.string(), "-CAcreateserial", "-days", "2", "-extfile",
+               extensions.string(), "-out", files.certificate.string()},
+              log, "sign the server's certificate");
+  ::chmod(files.key.c_str(), 0600);
+  ::chmod(files.ca_key.c_str(), 0600);
+  return files;
+}
 
 fs::path find_server_bin_dir(const fs::path& requested) {
   if (!requested.empty()) {
@@ -163,6 +244,7 @@ TempCluster::TempCluster(TempClusterOptions options) : options_(std::move(option
   create_directory();
   try {
     start_guardian();
+    make_certificates();
     run_initdb();
     write_hba();
     constexpr int port_attempts = 5;
@@ -296,16 +378,33 @@ void TempCluster::run_initdb() {
   }
 }
 
+void TempCluster::make_certificates() {
+  if (!options_.tls) return;
+  certificates_ = make_test_certificates(directory_ / "tls");
+  // PostgreSQL wants its key owned by its own user (or root) and not readable by others.
+  if (run_as_ && ::chown(certificates_->key.c_str(), run_as_->first, run_as_->second) < 0) {
+    throw ClusterError("cannot hand " + certificates_->key.string() +
+                       " to the PostgreSQL user: " + std::strerror(errno));
+  }
+  if (run_as_) {
+    ::chown((directory_ / "tls").c_str(), run_as_->first, run_as_->second);
+  }
+}
+
 void TempCluster::write_hba() {
+  // TCP lines: with TLS the port takes only TLS connections and rejects plain ones.
+  const bool tls_only = options_.tls && options_.tls_only;
+  const std::string tcp = tls_only ? "hostssl" : "host";
   std::string hba;
   if (options_.password_role) {
     // First match wins: the password role must authenticate, everyone else is trusted.
     const auto& role = options_.password_role->name;
     hba += "local all \"" + role + "\" scram-sha-256\n";
-    hba += "host all \"" + role + "\" 127.0.0.1/32 scram-sha-256\n";
+    hba += tcp + " all \"" + role + "\" 127.0.0.1/32 scram-sha-256\n";
   }
   hba += "local all all trust\n";
-  hba += "host all all 127.0.0.1/32 trust\n";
+  hba += tcp + " all all 127.0.0.1/32 trust\n";
+  if (tls_only) hba += "hostnossl all all 127.0.0.1/32 reject\n";
   std::ofstream out(data_directory() / "pg_hba.conf", std::ios::trunc);
   out << hba;
   if (!out.flush()) {
@@ -321,6 +420,14 @@ void TempCluster::launch_server() {
       "max_connections=" + std::to_string(options_.max_connections),
       // A throwaway cluster never needs durability.
       "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"};
+  if (certificates_) {
+    for (std::string setting :
+         {std::string("ssl=on"), "ssl_cert_file=" + certificates_->certificate.string(),
+          "ssl_key_file=" + certificates_->key.string()}) {
+      argv.emplace_back("-c");
+      argv.push_back(std::move(setting));
+    }
+  }
   for (const auto& [name, value] : options_.settings) {
     argv.emplace_back("-c");
     argv.push_back(name + "=" + value);
@@ -412,7 +519,7 @@ std::string TempCluster::dsn() const {
 }
 
 std::string TempCluster::tcp_dsn() const {
-  return conninfo("127.0.0.1");
+  return conninfo("127.0.0.1") + (certificates_ ? " sslmode=disable" : "");
 }
 
 std::string TempCluster::password_role_dsn() const {
@@ -424,6 +531,15 @@ std::string TempCluster::password_role_dsn() const {
   return "host=127.0.0.1 port=" + std::to_string(port_) +
          " user=" + quote_conninfo(options_.password_role->name) +
          " password=" + quote_conninfo(options_.password_role->password) + " dbname=postgres";
+}
+
+std::string TempCluster::tls_dsn(const std::string& sslmode) const {
+  if (!certificates_) {
+    throw ClusterError("tls_dsn(): this cluster has no TLS; set TempClusterOptions::tls");
+  }
+  return "host=localhost hostaddr=127.0.0.1 port=" + std::to_string(port_) +
+         " user=postgres dbname=postgres sslmode=" + quote_conninfo(sslmode) +
+         " sslrootcert=" + quote_conninfo(certificates_->ca_certificate.string());
 }
 
 std::string TempCluster::server_log_tail(std::size_t max_bytes) const {

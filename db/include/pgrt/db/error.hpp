@@ -39,6 +39,10 @@ enum class client_errc {
   writes_queue_full,    ///< PendingWrites is full (WhenFull::fail): the write was not accepted.
   writes_failed,        ///< PendingWrites::stop(): some accepted writes were not written.
   instance_locked,      ///< Another instance of the same app/instance holds the instance lock.
+  tls_failed,           ///< TLS could not be set up: the server's certificate failed the check
+                        ///< sslmode asks for (unknown CA, wrong host name), the CA file is
+                        ///< missing, or the server does not offer TLS. Waiting does not cure it,
+                        ///< so it matches no condition::connection_error.
 };
 
 /// The category of client_errc.

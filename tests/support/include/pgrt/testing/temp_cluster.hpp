@@ -36,6 +36,20 @@ struct PasswordRole {
   std::string password;
 };
 
+/// The files of a test certificate authority and of one certificate it signed, made with the
+/// `openssl` command (Debian `openssl`). The keys are unencrypted.
+struct TestCertificates {
+  std::filesystem::path ca_certificate;  ///< PEM; give it to clients as `sslrootcert`.
+  std::filesystem::path ca_key;
+  std::filesystem::path certificate;  ///< Signed by the CA; names `localhost` and 127.0.0.1.
+  std::filesystem::path key;          ///< Mode 0600.
+};
+
+/// Makes a fresh CA and a server certificate for `localhost` (DNS) and 127.0.0.1 (IP) in
+/// `directory` (created if missing), valid for two days. Throws ClusterError naming the failing
+/// `openssl` step, and "install openssl" when the command is missing.
+TestCertificates make_test_certificates(const std::filesystem::path& directory);
+
 /// How to stop the server. These are PostgreSQL's three shutdown modes.
 enum class StopMode {
   smart,      ///< SIGTERM: wait for clients to disconnect.
@@ -50,6 +64,12 @@ struct TempClusterOptions {
   std::vector<std::pair<std::string, std::string>> settings;
   /// When set, a role that must authenticate with this password, over TCP and the unix socket.
   std::optional<PasswordRole> password_role;
+  /// When set, the server has `ssl=on` with a certificate from a CA made for it
+  /// (make_test_certificates()). The unix socket stays plain. See tls_dsn().
+  bool tls = false;
+  /// With `tls`: the TCP port takes TLS connections only (`hostssl`; pg_hba.conf rejects plain
+  /// TCP, as managed servers do). When false it takes both, and tcp_dsn() is plain.
+  bool tls_only = true;
   /// Where `initdb` and `postgres` are. Empty: $PGRT_PG_BINDIR, then `pg_config --bindir`, then
   /// the newest /usr/lib/postgresql/<version>/bin.
   std::filesystem::path bin_dir;
@@ -88,10 +108,19 @@ class TempCluster {
   /// Conninfo for the superuser over the unix socket, e.g. "host=/tmp/pgrt-x port=5 user=postgres
   /// dbname=postgres".
   [[nodiscard]] std::string dsn() const;
-  /// Conninfo for the superuser over TCP on 127.0.0.1.
+  /// Conninfo for the superuser over plain TCP on 127.0.0.1 (`sslmode=disable` when the cluster
+  /// has TLS; with TempClusterOptions::tls_only the server refuses it).
   [[nodiscard]] std::string tcp_dsn() const;
   /// Conninfo for the password role over TCP, password included. Throws if no role was asked for.
   [[nodiscard]] std::string password_role_dsn() const;
+  /// Conninfo for the superuser over TLS: `host=localhost hostaddr=127.0.0.1`, the given sslmode
+  /// (e.g. "require", "verify-full") and `sslrootcert` set to this cluster's CA. Throws if the
+  /// cluster was made without TempClusterOptions::tls.
+  [[nodiscard]] std::string tls_dsn(const std::string& sslmode = "verify-full") const;
+  /// The certificates the server uses (TempClusterOptions::tls), or nullopt.
+  [[nodiscard]] const std::optional<TestCertificates>& certificates() const noexcept {
+    return certificates_;
+  }
 
   [[nodiscard]] int port() const noexcept { return port_; }
   [[nodiscard]] const std::filesystem::path& directory() const noexcept { return directory_; }
@@ -120,6 +149,7 @@ class TempCluster {
   void create_directory();
   void start_guardian();
   void run_initdb();
+  void make_certificates();
   void write_hba();
   void launch_server();
   void wait_until_ready();
@@ -135,6 +165,7 @@ class TempCluster {
   std::filesystem::path bin_dir_;
   std::filesystem::path directory_;
   std::optional<std::pair<uid_t, gid_t>> run_as_;  // set when we are root
+  std::optional<TestCertificates> certificates_;
   int port_ = 0;
   pid_t postmaster_pid_ = -1;
   pid_t guardian_pid_ = -1;

@@ -1,0 +1,167 @@
+// TLS against a real server with ssl=on and a CA made at test time: sslmode require and
+// verify-full, certificate problems with clear errors, replies whose last TLS record OpenSSL
+// holds half-read, pipelines and large rows.
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <chrono>
+#include <cstdlib>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <libpq-fe.h>
+#include <string>
+
+#include <pgrt/db.hpp>
+
+#include "pgrt/testing/db_test.hpp"
+#include "pgrt/testing/expect_error.hpp"
+#include "pgrt/testing/run_coroutine.hpp"
+#include "pgrt/testing/tls_record_proxy.hpp"
+
+namespace pgrt {
+namespace {
+
+namespace asio = boost::asio;
+using namespace std::chrono_literals;
+using testing::expect_error;
+using ::testing::HasSubstr;
+using ::testing::Not;
+using testing::run_coroutine;
+using awaitable_void = asio::awaitable<void>;
+
+class TlsTest : public testing::DbTest {
+ protected:
+  // One TLS cluster for the whole binary (the shared cluster() is a plain one).
+  static testing::TempCluster& tls_cluster() {
+    static auto cluster = start_own_cluster({.tls = true});
+    return *cluster;
+  }
+  static asio::awaitable<Connection> open(std::string conninfo) {
+    ConnectOptions options{.conninfo = std::move(conninfo), .connect_timeout = 10s};
+    return Connection::connect(std::move(options));
+  }
+  static Error connect_error(const std::string& conninfo) {
+    return run_coroutine([conninfo]() -> asio::awaitable<Error> {
+      co_return co_await expect_error(open(conninfo));
+    });
+  }
+};
+
+TEST_F(TlsTest, RequireAndVerifyFullConnectEncrypted) {
+  for (const char* sslmode : {"require", "verify-ca", "verify-full"}) {
+    run_coroutine([&]() -> awaitable_void {
+      auto conn = co_await open(tls_cluster().tls_dsn(sslmode));
+      EXPECT_EQ(PQsslInUse(conn.native_handle()), 1) << sslmode;
+      auto row =
+          co_await conn.query("SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()");
+      EXPECT_TRUE(row[0].get<bool>(0)) << sslmode;
+      EXPECT_THAT(row[0].get<std::string>(1), HasSubstr("TLS")) << sslmode;
+    });
+  }
+}
+
+// Each problem fails at once with client_errc::tls_failed (or the server's 28000 for a plain
+// connection it refuses), says what is wrong and what to do, and is not a connection_error: a
+// start that waits for the database does not wait for a certificate to change.
+TEST_F(TlsTest, CertificateProblemsFailAtOnceWithAClearError) {
+  const std::string port = std::to_string(tls_cluster().port());
+  const std::string ca = tls_cluster().certificates()->ca_certificate.string();
+  const auto stranger = testing::make_test_certificates(tls_cluster().directory() / "stranger");
+  const std::string base = " port=" + port + " user=postgres dbname=postgres";
+
+  auto expect_tls_failure = [](const Error& error, const char* says, const char* hint) {
+    EXPECT_EQ(error.code(), client_errc::tls_failed) << error.what();
+    EXPECT_FALSE(error.code() == condition::connection_error);
+    EXPECT_THAT(error.what(), HasSubstr(says));
+    EXPECT_THAT(error.diagnostics().hint, HasSubstr(hint));
+  };
+
+  expect_tls_failure(connect_error("host=wrong.example hostaddr=127.0.0.1" + base +
+                                   " sslmode=verify-full sslrootcert=" + ca),
+                     "does not match host name \"wrong.example\"", "does not name the host");
+  expect_tls_failure(
+      connect_error("host=localhost hostaddr=127.0.0.1" + base +
+                    " sslmode=verify-full sslrootcert=" + stranger.ca_certificate.string()),
+      "certificate verify failed", "not signed by a CA in sslrootcert");
+  expect_tls_failure(
+      connect_error("host=localhost hostaddr=127.0.0.1" + base +
+                    " sslmode=verify-ca sslrootcert=" + stranger.ca_certificate.string()),
+      "certificate verify failed", "sslrootcert");
+  expect_tls_failure(connect_error("host=localhost hostaddr=127.0.0.1" + base +
+                                   " sslmode=verify-full sslrootcert=/nonexistent/root.crt"),
+                     "/nonexistent/root.crt", "set sslrootcert");
+  // A server without TLS (the shared cluster), when TLS is required.
+  expect_tls_failure(connect_error(cluster().tcp_dsn() + " sslmode=require"),
+                     "does not support SSL", "ssl=off");
+
+  // A plain connection to a server that takes only TLS on TCP: the server's refusal, with advice.
+  auto plain = connect_error("host=127.0.0.1" + base + " sslmode=disable");
+  EXPECT_EQ(plain.sqlstate(), "28000") << plain.what();
+  EXPECT_FALSE(plain.code() == condition::connection_error);
+  EXPECT_THAT(plain.what(), HasSubstr("no encryption"));
+  EXPECT_THAT(plain.diagnostics().hint, HasSubstr("sslmode=require"));
+}
+
+// OpenSSL reads a whole record but gives libpq only what its buffer has room for; the rest stays
+// decrypted inside OpenSSL and the socket shows nothing. TlsRecordProxy ends every reply with a
+// full 16 KiB record after a shorter one that cuts a message, so a reply of small rows leaves the
+// end of the reply (CommandComplete, ReadyForQuery) there: a read that only waited on the socket
+// would stall on it. Row counts vary so the cut falls in many places.
+TEST_F(TlsTest, AReplyWhoseLastRecordOpenSslHoldsHalfReadNeverStalls) {
+  const auto& certificates = *tls_cluster().certificates();
+  testing::TlsRecordProxy proxy(
+      tls_cluster().directory() / (".s.PGSQL." + std::to_string(tls_cluster().port())),
+      certificates.certificate, certificates.key);
+  const std::string conninfo =
+      "host=localhost hostaddr=127.0.0.1 port=" + std::to_string(proxy.port()) +
+      " user=postgres dbname=postgres sslmode=verify-full "
+      "gssencmode=disable sslrootcert=" +
+      certificates.ca_certificate.string();
+  run_coroutine(
+      [&]() -> awaitable_void {
+        for (int rows = 150; rows <= 290; rows += 7) {
+          // A fresh connection each time: libpq's input buffer starts at 16 KiB.
+          auto conn = co_await open(conninfo);
+          auto result = co_await with_timeout(
+              conn.query("SELECT repeat('x', 100) FROM generate_series(1, $1::int)", rows), 5s);
+          EXPECT_EQ(result.size(), static_cast<std::size_t>(rows));
+          // Prepared, streamed and pipelined replies go the same way.
+          std::size_t streamed =
+              co_await with_timeout(conn.stream(
+                                        "SELECT repeat('y', 90) FROM generate_series(1, $1::int)",
+                                        [](const Row&) {}, rows),
+                                    5s);
+          EXPECT_EQ(streamed, static_cast<std::size_t>(rows));
+          Pipeline pipeline;
+          for (int i = 0; i < rows; ++i) pipeline.add("SELECT $1::int, repeat('z', 60)", i);
+          auto outcomes = co_await with_timeout(conn.run(pipeline), 5s);
+          EXPECT_EQ(outcomes.size(), static_cast<std::size_t>(rows));
+          if (!outcomes.empty()) {
+            EXPECT_EQ(outcomes.back().result.scalar<int>(), rows - 1);
+          }
+        }
+      },
+      120s);
+}
+
+// Rows from 1 byte to 1 MiB, many small results in one pipeline, over a real TLS connection.
+TEST_F(TlsTest, LargeRowsAndLongPipelinesComeBackWhole) {
+  run_coroutine(
+      [&]() -> awaitable_void {
+        auto conn = co_await open(tls_cluster().tls_dsn("verify-full"));
+        for (int length : {1, 8000, 8191, 8192, 16000, 16384, 16385, 40000, 1 << 20}) {
+          auto row = co_await with_timeout(
+              conn.query("SELECT repeat('r', $1::int), $1::int", length), 10s);
+          EXPECT_EQ(row[0].get<std::string>(0).size(), static_cast<std::size_t>(length));
+        }
+        Pipeline pipeline;
+        for (int i = 0; i < 5000; ++i) pipeline.add("SELECT $1::int", i);
+        auto outcomes = co_await with_timeout(conn.run(pipeline), 30s);
+        EXPECT_EQ(outcomes.size(), 5000U);
+        if (outcomes.size() != 5000U) co_return;
+        for (int i = 0; i < 5000; i += 499) EXPECT_EQ(outcomes[i].result.scalar<int>(), i);
+      },
+      120s);
+}
+
+}  // namespace
+}  // namespace pgrt
