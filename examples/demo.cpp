@@ -401,10 +401,11 @@ struct PhaseLog {
 
 class Status {
  public:
-  Status(asio::any_io_executor executor, std::string conninfo, std::string pool_tag,
-         std::shared_ptr<pgrt::PendingWrites> writes, Counters& counters)
+  Status(asio::any_io_executor executor, std::string conninfo, pgrt::Pooler pooler,
+         std::string pool_tag, std::shared_ptr<pgrt::PendingWrites> writes, Counters& counters)
       : executor_(std::move(executor)),
         conninfo_(std::move(conninfo)),
+        pooler_(pooler),
         pool_tag_(std::move(pool_tag)),
         writes_(std::move(writes)),
         counters_(counters) {}
@@ -437,6 +438,7 @@ class Status {
   asio::awaitable<pgrt::Connection> connect() const {
     pgrt::ConnectOptions options;
     options.conninfo = conninfo_;
+    options.pooler = pooler_;
     // This run's tag, as the pool's connections carry: a crashed run's observer is a leftover
     // that the next start's cleanup terminates, like its pool's.
     options.application_name = pool_tag_;
@@ -504,6 +506,7 @@ class Status {
 
   asio::any_io_executor executor_;
   std::string conninfo_;
+  pgrt::Pooler pooler_;
   std::string pool_tag_;
   std::shared_ptr<pgrt::PendingWrites> writes_;
   Counters& counters_;
@@ -566,7 +569,8 @@ int run_service(const Arguments& arguments, const std::string& conninfo,
                                           }},
                                  after(workers));
   app.add(writes, after(pool, schema, workers, writes_flushed));
-  app.add(std::make_shared<Status>(app.executor(), pool_config.conninfo, run, writes, counters),
+  app.add(std::make_shared<Status>(app.executor(), pool_config.conninfo, pool_config.connect.pooler,
+                                   run, writes, counters),
           after(pool, *writes));
   app.on_stopping([&] {
     spdlog::info("pgrt-demo: shutdown phase 1: readiness false ({})", app.stop_reason());

@@ -16,6 +16,7 @@ packages=(
   libbenchmark-dev
   postgresql-15      # server binaries for the throwaway test cluster, demo and benchmarks
   openssl            # the CA and server certificate of the TLS test cluster
+  pgbouncer          # the transaction-mode pooler the tests put in front of the cluster
   util-linux         # setpriv, used to start PostgreSQL as an unprivileged user when run as root
   # The peers of scripts/bench.sh (its ctest smoke run too), for Debian's /usr/bin/python3:
   python3-asyncpg python3-uvloop   # asyncpg's pool

@@ -50,6 +50,7 @@ struct Arguments {
   std::optional<int> watch_seconds;
   bool kill_leaked = false;
   bool emergency = false;
+  bool behind_transaction_pooler = false;  // PGRT_POOLER=transaction
 };
 
 const char* const usage =
@@ -69,6 +70,8 @@ const char* const usage =
     "  hex digits), as pgrt tags its connections; `<app>/console` is not one. Only those in this\n"
     "  connection's database and under its role are classified and terminated (like the\n"
     "  start-up cleanup); the app's others are listed, never touched.\n"
+    "  PGRT_POOLER=transaction: the DSN goes through a transaction-mode pooler; the backends\n"
+    "  are then the pooler's, and --kill-leaked and --emergency are refused.\n"
     "exit codes: 0 nothing leaked or all terminated, 1 leaked found, 2 usage, 3 server\n"
     "            unreachable, 4 terminating refused, 78 malformed DSN\n";
 
@@ -90,6 +93,9 @@ std::optional<Arguments> parse_arguments(int argc, char** argv) {
   if (const char* url = std::getenv("DATABASE_URL")) arguments.conninfo = url;
   const char* app = std::getenv("PGRT_APP");
   arguments.app = app != nullptr && *app != '\0' ? app : "pgrt";
+  const char* pooler = std::getenv("PGRT_POOLER");
+  arguments.behind_transaction_pooler =
+      pooler != nullptr && std::string_view(pooler) == "transaction";
   for (int i = 1; i < argc; ++i) {
     const std::string_view argument = argv[i];
     const bool has_value = i + 1 < argc;
@@ -131,6 +137,13 @@ std::optional<Arguments> parse_arguments(int argc, char** argv) {
   }
   if (arguments.kill_leaked && arguments.emergency) {
     std::cerr << "pgrt-diag: --kill-leaked and --emergency exclude each other\n";
+    return std::nullopt;
+  }
+  if (arguments.behind_transaction_pooler && (arguments.kill_leaked || arguments.emergency)) {
+    std::cerr << "pgrt-diag: behind a transaction pooler (PGRT_POOLER=transaction) the server's "
+                 "backends are the pooler's, shared by its clients: pgrt-diag terminates none. "
+                 "Leave out --kill-leaked and --emergency (the pooler closes idle server "
+                 "connections itself), or point --dsn straight at the server\n";
     return std::nullopt;
   }
   if (arguments.app.empty()) {
@@ -316,6 +329,7 @@ int run(const Arguments& arguments) {
   pgrt::ConnectOptions options;
   options.conninfo = arguments.conninfo;
   options.application_name = "pgrt-diag";
+  if (arguments.behind_transaction_pooler) options.pooler = pgrt::Pooler::transaction;
   options.connect_timeout = std::chrono::seconds(10);
   auto connecting =
       asio::co_spawn(io, pgrt::Connection::connect(std::move(options)), asio::use_future);

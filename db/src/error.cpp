@@ -120,6 +120,9 @@ class ClientCategory final : public boost::system::error_category {
         return "another instance with the same app and instance names holds the lock";
       case client_errc::tls_failed:
         return "TLS could not be set up with the server";
+      case client_errc::needs_session:
+        return "the statement needs a server session of its own, which a transaction pooler "
+               "does not give";
     }
     return "unknown pgrt client error " + std::to_string(value);
   }

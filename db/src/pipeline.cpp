@@ -10,6 +10,9 @@ asio::awaitable<std::vector<PipelineOutcome>> Connection::run(const Pipeline& pi
   std::vector<PipelineOutcome> outcomes(pipeline.size());
   if (pipeline.size() == 0) co_return outcomes;
   auto error = co_await run_operation(impl, [&]() -> asio::awaitable<error_code> {
+    for (const auto& statement : pipeline.statements()) {
+      if (auto refusal = impl.refuse_without_session(statement.sql)) co_return refusal;
+    }
     PGconn* conn = impl.conn;
     if (impl.single_row_mode_left_on) {
       const ParamSink no_params;

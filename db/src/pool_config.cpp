@@ -67,6 +67,20 @@ void check(const PoolConfig& config, bool warn) {
             "use a URL (postgresql://user@host:5432/db) or key=value pairs "
             "(host=... dbname=...); DATABASE_URL sets it");
   }
+  if (config.connect.pooler == Pooler::transaction) {
+    if (config.reset == ResetPolicy::discard_all) {
+      invalid(
+          "reset discard_all resets a server session, and behind a transaction pooler "
+          "(PGRT_POOLER=transaction) the sessions are the pooler's",
+          "use reset rollback (PGRT_POOL_RESET=rollback); the pooler resets sessions itself");
+    }
+    if (!config.connect.session_settings.empty()) {
+      invalid(
+          "connect.session_settings cannot be kept behind a transaction pooler "
+          "(PGRT_POOLER=transaction): each transaction may run in another server session",
+          "set them on the role or database (ALTER ROLE app SET ...)");
+    }
+  }
   if (config.min_idle > config.max_size) {
     invalid("min_idle (" + std::to_string(config.min_idle) + ") exceeds max_size (" +
                 std::to_string(config.max_size) + ")",
@@ -215,6 +229,17 @@ PoolConfig PoolConfig::from_env(PoolConfig defaults) {
     } else {
       invalid("PGRT_POOL_RESET='" + *value + "' is not valid",
               "expected 'rollback' or 'discard_all'");
+    }
+  }
+  if (auto value = env("PGRT_POOLER")) {
+    if (*value == "none" || *value == "session") {
+      config.connect.pooler = Pooler::none;
+    } else if (*value == "transaction") {
+      config.connect.pooler = Pooler::transaction;
+    } else {
+      invalid("PGRT_POOLER='" + *value + "' is not valid",
+              "expected 'transaction' (a transaction-mode pooler such as PgBouncer's "
+              "pool_mode=transaction), or 'session' / 'none'");
     }
   }
   if (auto value = env("PGRT_APP")) config.application = *value;

@@ -7,8 +7,11 @@
 namespace pgrt {
 
 ConnectOptions with_session_guards(ConnectOptions options, const SessionGuards& guards) {
-  auto add_setting = [&options](const std::string& name, long long value) {
-    if (value <= 0) return;
+  // Behind a transaction pooler no server setting can be sent or kept (docs/operations.md,
+  // "Behind a pooler"): only the client's own TCP guards apply.
+  const bool server_settings = options.pooler != Pooler::transaction;
+  auto add_setting = [&options, server_settings](const std::string& name, long long value) {
+    if (value <= 0 || !server_settings) return;
     const bool given = std::any_of(options.session_settings.begin(), options.session_settings.end(),
                                    [&name](const auto& setting) { return setting.first == name; });
     if (given) return;

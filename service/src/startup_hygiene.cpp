@@ -206,7 +206,17 @@ asio::awaitable<void> StartupHygiene::start() {
     }
   }
   if (options_.cluster_lock) co_await take_cluster_lock();
-  if (options_.cleanup && !lock_ && !cluster_lock_connection_.is_open()) {
+  if (options_.cleanup && connect_options_.pooler == Pooler::transaction) {
+    // The backends the server shows are the pooler's, shared by its clients and tagged with
+    // whichever client used them last: none of them is ours to end.
+    report_.skipped = true;
+    report_.warning =
+        "cleanup skipped: behind a transaction pooler (PGRT_POOLER=transaction) the server's "
+        "backends belong to the pooler, whatever application_name they carry, and ending one "
+        "would break its other clients. The pooler closes its idle server connections itself "
+        "(PgBouncer: server_idle_timeout)";
+    spdlog::info("pgrt cleanup: {}", report_.warning);
+  } else if (options_.cleanup && !lock_ && !cluster_lock_connection_.is_open()) {
     // Without a singleton, another incarnation's connections may belong to a live process.
     report_.skipped = true;
     report_.warning =
@@ -240,6 +250,12 @@ asio::awaitable<void> StartupHygiene::stop() {
 StartupHygiene& add_startup_hygiene(lifecycle::Manager& app, PoolConfig& pool_config,
                                     StartupHygieneOptions options) {
   if (options.cluster_lock) {
+    if (pool_config.connect.pooler == Pooler::transaction) {
+      invalid(
+          "the cluster-wide instance lock (PGRT_CLUSTER_LOCK) is a session-level advisory lock, "
+          "and a transaction pooler (PGRT_POOLER=transaction) keeps no session for it",
+          "turn cluster_lock off, or run the service with a DSN straight to the server");
+    }
     if (pool_config.max_size < 2) {
       invalid(
           "the cluster-wide instance lock needs a connection of its own, counted against "

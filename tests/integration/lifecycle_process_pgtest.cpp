@@ -37,6 +37,7 @@
 #include "pgrt/testing/eventually.hpp"
 #include "pgrt/testing/fault_proxy.hpp"
 #include "pgrt/testing/run_coroutine.hpp"
+#include "pgrt/testing/temp_pgbouncer.hpp"
 #include "process.hpp"
 
 #ifndef PGRT_DEMO_PATH
@@ -260,6 +261,37 @@ class LifecycleProcessTest : public testing::DbTest {
 
 TEST_F(LifecycleProcessTest, SigtermUnderWriteLoadExitsZeroAndEveryAcceptedWriteIsStored) {
   stop_demo_and_check_writes(false, "sigterm-once");
+}
+
+// The demo through PgBouncer in transaction mode (PGRT_POOLER=transaction): it serves, and a
+// SIGTERM under load still stores every accepted write exactly once.
+TEST_F(LifecycleProcessTest, TheDemoRunsThroughPgBouncerInTransactionMode) {
+  testing::TempPgBouncer bouncer(cluster(), {.pool_size = 3});
+  {
+    // Not told about the pooler: PgBouncer refuses the startup options, a configuration error.
+    Child unconfigured({PGRT_DEMO_PATH, "--duration", "1"}, bouncer.dsn(), "via-pooler");
+    EXPECT_EQ(unconfigured.wait_for_exit(60s), lifecycle::exit_code::config)
+        << unconfigured.output();
+    EXPECT_THAT(unconfigured.output(), HasSubstr("PGRT_POOLER=transaction"));
+  }
+  Child demo({PGRT_DEMO_PATH, "--json", "--workers", "20"}, bouncer.dsn(), "via-pooler",
+             {{"PGRT_POOLER", "transaction"}});
+  ASSERT_TRUE(demo.wait_for_output("serving:", 60s)) << demo.output();
+  ASSERT_TRUE(demo.wait_for_output("requests/s", 10s)) << demo.output();
+  demo.signal(SIGTERM);
+  ASSERT_EQ(demo.wait_for_exit(60s), 0) << demo.output();
+  const std::string output = demo.output();
+  EXPECT_THAT(output, HasSubstr("cleanup skipped: behind a transaction pooler"));
+  const std::string report = last_json_line(output);
+  ASSERT_FALSE(report.empty()) << output;
+  EXPECT_EQ(json_field(report, "writes_failed"), "0") << report;
+  const long long accepted = std::stoll(json_field(report, "writes_accepted"));
+  EXPECT_GT(accepted, 0);
+  EXPECT_EQ(json_field(report, "writes_flushed"), std::to_string(accepted));
+  BlockingConnection check(cluster().dsn());
+  const std::string where = " FROM demo_events WHERE run = '" + json_field(report, "run") + "'";
+  EXPECT_EQ(check.scalar("SELECT count(DISTINCT seq)" + where), std::to_string(accepted));
+  EXPECT_EQ(check.scalar("SELECT count(*)" + where), std::to_string(accepted));
 }
 
 TEST_F(LifecycleProcessTest, SigtermTwiceIsStillGraceful) {
@@ -968,6 +1000,56 @@ TEST_F(StartupHygieneTest, AMalformedDsnExits78AndNeverShowsItsPassword) {
   EXPECT_EQ(diag.wait_for_exit(30s), 78) << diag.output();
   EXPECT_THAT(diag.output(), Not(HasSubstr("secret-part"))) << diag.output();
   EXPECT_THAT(diag.output(), Not(HasSubstr("hunter2")));
+}
+
+// Behind a transaction pooler the server's backends are the pooler's: PgBouncer's server
+// connections carry the tag of whichever client used them last (here another instance of the
+// app, idle past the idle rule's threshold), and neither the start-up cleanup nor pgrt-diag
+// terminates them.
+TEST_F(StartupHygieneTest, BehindATransactionPoolerThePoolersBackendsAreNeverTerminated) {
+  testing::TempPgBouncer bouncer(cluster(), {.pool_size = 2});
+  PoolConfig config;
+  config.conninfo = bouncer.dsn();
+  config.connect.pooler = Pooler::transaction;
+  config.application = "pooled";
+  config.instance = "two";
+  run_coroutine([&]() -> asio::awaitable<void> {
+    Pool pool(co_await asio::this_coro::executor, config);
+    auto first = co_await pool.acquire();
+    auto second = co_await pool.acquire();
+    co_await first->begin();  // two transactions at once: both server connections used
+    co_await second->begin();
+    co_await first->query("SELECT 1");
+    co_await second->query("SELECT 1");
+    co_await first->commit();
+    co_await second->commit();
+    first.release();
+    second.release();
+    (void)co_await pool.close(1s);
+  });
+  const std::set<int> pooler_backends = backend_pids("pooled/two/%");
+  ASSERT_EQ(pooler_backends.size(), 2U) << "PgBouncer should keep its 2 server connections";
+  std::this_thread::sleep_for(1500ms);
+
+  config.instance = "one";
+  StartupHygieneOptions options;
+  options.lock_directory = Child::runtime_directory();
+  options.idle_threshold = std::chrono::seconds(1);
+  const CleanupReport report = run_hygiene(config, options);
+  EXPECT_TRUE(report.skipped);
+  EXPECT_THAT(report.warning, HasSubstr("belong to the pooler"));
+  EXPECT_TRUE(report.backends.empty());
+
+  Child diag({PGRT_DIAG_PATH, "--app", "pooled", "--idle-threshold", "1", "--kill-leaked"},
+             bouncer.dsn(), "pooled", {{"PGRT_POOLER", "transaction"}});
+  EXPECT_EQ(diag.wait_for_exit(30s), 2) << diag.output();
+  EXPECT_THAT(diag.output(), HasSubstr("terminates none"));
+  EXPECT_EQ(backend_pids("pooled/two/%"), pooler_backends);
+
+  // The cluster-wide lock is a session-level advisory lock: refused up front.
+  lifecycle::Manager app;
+  options.cluster_lock = true;
+  EXPECT_THROW(add_startup_hygiene(app, config, options), Error);
 }
 
 // --watch into a file: no terminal escape codes, and SIGTERM ends it cleanly.

@@ -113,7 +113,7 @@ class EnvironmentTest : public ::testing::Test {
     for (const char* name :
          {"DATABASE_URL", "PGRT_POOL_MAX", "PGRT_POOL_MIN_IDLE", "PGRT_ACQUIRE_TIMEOUT_MS",
           "PGRT_MAX_LIFETIME_S", "PGRT_IDLE_TIMEOUT_S", "PGRT_LEAK_THRESHOLD_MS",
-          "PGRT_POOL_PRESET", "PGRT_POOL_RESET", "PGRT_APP", "PGRT_INSTANCE"}) {
+          "PGRT_POOL_PRESET", "PGRT_POOL_RESET", "PGRT_APP", "PGRT_INSTANCE", "PGRT_POOLER"}) {
       ::unsetenv(name);
     }
   }
@@ -194,6 +194,35 @@ TEST_F(EnvironmentTest, ResetPolicyFromTheEnvironment) {
     }
   }
   EXPECT_EQ(to_string(ResetPolicy::discard_all), "discard_all");
+}
+
+TEST_F(EnvironmentTest, PoolerFromTheEnvironment) {
+  EXPECT_EQ(PoolConfig::from_env().connect.pooler, Pooler::none);
+  ::setenv("PGRT_POOLER", "transaction", 1);
+  EXPECT_EQ(PoolConfig::from_env().connect.pooler, Pooler::transaction);
+  // Behind a transaction pooler the server settings of the guards are left out, the TCP ones
+  // stay.
+  const auto guarded = with_session_guards(PoolConfig::from_env().connect, SessionGuards{});
+  EXPECT_TRUE(guarded.session_settings.empty());
+  EXPECT_TRUE(guarded.keepalives.has_value());
+  EXPECT_GT(guarded.tcp_user_timeout.count(), 0);
+  ::setenv("PGRT_POOLER", "session", 1);
+  EXPECT_EQ(PoolConfig::from_env().connect.pooler, Pooler::none);
+  EXPECT_FALSE(with_session_guards(PoolConfig::from_env().connect, SessionGuards{})
+                   .session_settings.empty());
+  for (const char* bad : {"", "Transaction", "pgbouncer", "statement"}) {
+    ::setenv("PGRT_POOLER", bad, 1);
+    try {
+      (void)PoolConfig::from_env();
+      ADD_FAILURE() << "accepted PGRT_POOLER=" << bad;
+    } catch (const Error& error) {
+      EXPECT_EQ(error.code(), client_errc::invalid_config);
+      EXPECT_THAT(error.what(), HasSubstr("PGRT_POOLER"));
+    }
+  }
+  ::setenv("PGRT_POOLER", "transaction", 1);
+  ::setenv("PGRT_POOL_RESET", "discard_all", 1);
+  EXPECT_THROW((void)PoolConfig::from_env(), Error) << "discard_all behind a transaction pooler";
 }
 
 TEST(PoolConfigTest, PresetsAndValidation) {

@@ -96,6 +96,12 @@ error_code Connection::Impl::connect_error() {
     return fail(client_errc::tls_failed, "could not connect to " + where + ": " + message, {},
                 std::move(hint));
   }
+  if (contains(message, "unsupported startup parameter")) {
+    return fail(client_errc::invalid_config, "could not connect to " + where + ": " + message, {},
+                "this is a pooler (PgBouncer) that refuses the startup options pgrt sends: set "
+                "PGRT_POOLER=transaction (ConnectOptions::pooler) for a transaction-mode pooler, "
+                "or add the parameter to its ignore_startup_parameters");
+  }
   if (contains(message, "could not translate host name")) {
     return fail(client_errc::name_resolution, "could not connect to " + where + ": " + message, {},
                 "check the host name and DNS");
@@ -173,8 +179,22 @@ asio::awaitable<error_code> Connection::Impl::connect() {
     datestyle_given = datestyle_given || lowered == "datestyle";
     startup_options += " -c " + escape_option_value(name) + "=" + escape_option_value(value);
   }
-  if (!datestyle_given) startup_options += " -c DateStyle=ISO";
-  params.emplace_back("options", startup_options);
+  if (options.pooler == Pooler::transaction) {
+    // A transaction pooler keeps no per-client session settings (PgBouncer refuses `options`).
+    if (!options.session_settings.empty()) {
+      co_return fail(client_errc::invalid_config,
+                     "session settings (" + options.session_settings.front().first +
+                         ", ...) cannot be kept behind a transaction pooler (ConnectOptions::"
+                         "pooler): each transaction may run in another server session",
+                     {},
+                     "set them on the role or database instead (ALTER ROLE app SET ...), or "
+                     "connect to the server directly");
+    }
+    if (!startup_options.empty()) params.emplace_back("options", startup_options);
+  } else {
+    if (!datestyle_given) startup_options += " -c DateStyle=ISO";
+    params.emplace_back("options", startup_options);
+  }
   if (!options.application_name.empty()) {
     params.emplace_back("application_name", options.application_name);
   }
@@ -227,6 +247,20 @@ asio::awaitable<error_code> Connection::Impl::connect() {
     polling = PQconnectPoll(conn);
   }
   if (PQsetnonblocking(conn, 1) != 0) co_return connect_error();
+  if (options.pooler == Pooler::transaction) {
+    // Dates are read in ISO format; behind a transaction pooler it cannot be set per session.
+    const char* datestyle = PQparameterStatus(conn, "DateStyle");
+    if (datestyle != nullptr && !std::string_view(datestyle).starts_with("ISO")) {
+      const std::string where = target();
+      const std::string style = datestyle;
+      close(CloseMode::immediate);
+      co_return fail(client_errc::invalid_config,
+                     "the server behind the pooler at " + where + " has DateStyle '" + style +
+                         "'; pgrt reads dates and times in ISO format",
+                     {}, "ALTER DATABASE ... SET DateStyle = 'ISO' (or ALTER ROLE)");
+    }
+  }
+  unnamed_statements = options.pooler == Pooler::transaction;
   if (auto assign_error = watch_socket()) {
     close(CloseMode::immediate);
     co_return fail(client_errc::connect_failed,

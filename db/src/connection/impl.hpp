@@ -77,11 +77,16 @@ struct Connection::Impl {
   std::list<CachedStatement> statements;  // most recently used first
   std::unordered_map<std::string, std::list<CachedStatement>::iterator> statement_index;
   std::uint64_t next_statement_id = 0;
-  std::string statement_key;  // cached_statement()'s lookup key, kept to spare an allocation
+  std::string statement_prefix;  // "pgrt_<random>_", made on the first prepare
+  std::string statement_key;     // cached_statement()'s lookup key, kept to spare an allocation
   // libpq 15 keeps single-row mode on after a stream()'s statement until the next statement sent
   // outside pipeline mode, so the first statement of a pipeline run next would be in it: run()
   // sends an empty statement first while this is set (send() keeps it).
   bool single_row_mode_left_on = false;
+  // Behind a transaction pooler (configured, or noticed: see exchange()) query_prepared() sends
+  // unnamed statements; forgotten_statements counts the named ones the server lost.
+  bool unnamed_statements = false;
+  int forgotten_statements = 0;
 
   // What interrupt() needs, from any thread: the open connection's descriptor and cancel key.
   // close() clears them under the mutex before PQfinish() frees the descriptor, so interrupt()
@@ -167,6 +172,11 @@ struct Connection::Impl {
   asio::awaitable<error_code> prepare(std::string_view sql, const ParamSink& params,
                                       const std::string*& name);
   void forget_statement(const std::string& name);
+  // Goes on with unnamed statements on this connection: a transaction pooler was noticed.
+  void use_unnamed_statements(std::string_view why);
+  // client_errc::needs_session for a statement that needs a session, behind a transaction
+  // pooler; no error otherwise.
+  error_code refuse_without_session(std::string_view sql);
 
   // --- connecting (connect.cpp) -----------------------------------------------------------------
 

@@ -1,8 +1,11 @@
+#include <atomic>
 #include <boost/asio/experimental/awaitable_operators.hpp>
+#include <cctype>
 #include <cerrno>
 #include <charconv>
 #include <openssl/ssl.h>
 #include <poll.h>
+#include <spdlog/spdlog.h>
 #include <sys/socket.h>
 #include <variant>
 
@@ -147,6 +150,9 @@ error_code Connection::Impl::send(const Request& request, const std::string* pre
 // cancellation take frames of their own. Cancellation is handled here (cancel request, drain), so
 // the coroutine must keep awaiting after it: throw-if-cancelled is off until the end.
 asio::awaitable<error_code> Connection::Impl::exchange(Request request, Result& out) {
+  if (request.kind != Request::Kind::results_only) {
+    if (auto refusal = refuse_without_session(request.sql)) co_return refusal;
+  }
   const bool throw_if_cancelled = co_await asio::this_coro::throw_if_cancelled();
   co_await asio::this_coro::throw_if_cancelled(false);
   error_code error;
@@ -154,10 +160,17 @@ asio::awaitable<error_code> Connection::Impl::exchange(Request request, Result& 
   try {
     for (int attempt = 0;; ++attempt) {
       const std::string* name = nullptr;
-      if (request.kind == Request::Kind::prepared) {
+      if (request.kind == Request::Kind::prepared && !unnamed_statements) {
         name = cached_statement(request.sql, *request.params);
         if (name == nullptr) {
-          if ((error = co_await prepare(request.sql, *request.params, name))) break;
+          error = co_await prepare(request.sql, *request.params, name);
+          // Our statement names are unique per connection: a server session that holds one
+          // already is shared with other clients, by a transaction pooler.
+          if (error == make_sqlstate_error("42P05") && PQtransactionStatus(conn) == PQTRANS_IDLE) {
+            use_unnamed_statements("already held one of its prepared statements");
+            continue;
+          }
+          if (error) break;
         }
       }
       if (request.kind != Request::Kind::results_only) {
@@ -238,11 +251,16 @@ asio::awaitable<error_code> Connection::Impl::exchange(Request request, Result& 
         break;
       }
       error = first_error;
-      // A prepared statement someone deallocated (DISCARD ALL, a pooler): prepare it again, once.
-      if (request.kind == Request::Kind::prepared && attempt == 0 &&
-          error == make_sqlstate_error("26000")) {
+      // A prepared statement the server no longer has: prepare it again, once (a DISCARD ALL
+      // did it), or, the second time on this connection, go on without named statements (a
+      // transaction pooler ran the preparation in another server session). The statement did
+      // not run; inside a transaction block the error has aborted the block, so it is returned.
+      if (name != nullptr && error == make_sqlstate_error("26000") &&
+          PQtransactionStatus(conn) == PQTRANS_IDLE) {
         forget_statement(std::string(*name));
-        continue;
+        const bool pooler_noticed = ++forgotten_statements >= 2;
+        if (pooler_noticed) use_unnamed_statements("forgot its prepared statements");
+        if (attempt == 0 || pooler_noticed) continue;
       }
       break;
     }
@@ -252,6 +270,77 @@ asio::awaitable<error_code> Connection::Impl::exchange(Request request, Result& 
   co_await asio::this_coro::throw_if_cancelled(throw_if_cancelled);
   if (failure) std::rethrow_exception(failure);
   co_return error;
+}
+
+// --- behind a transaction pooler ---------------------------------------------------------------
+
+void Connection::Impl::use_unnamed_statements(std::string_view why) {
+  unnamed_statements = true;
+  statements.clear();  // whatever the server sessions hold of them is theirs now
+  statement_index.clear();
+  static std::atomic<bool> said{false};
+  if (!said.exchange(true)) {
+    spdlog::warn(
+        "pgrt: the server {} ({}): this looks like a transaction-mode pooler. Going on with "
+        "unnamed statements on such connections; set PGRT_POOLER=transaction "
+        "(ConnectOptions::pooler) to say so from the start",
+        why, target());
+  }
+}
+
+namespace {
+
+// The statement's first keyword, lower case, after white space and comments.
+std::string first_keyword(std::string_view sql) {
+  std::size_t at = 0;
+  while (at < sql.size()) {
+    if (std::isspace(static_cast<unsigned char>(sql[at])) != 0) {
+      ++at;
+    } else if (sql.substr(at, 2) == "--") {
+      at = sql.find('\n', at);
+      if (at == std::string_view::npos) return {};
+    } else if (sql.substr(at, 2) == "/*") {
+      at = sql.find("*/", at + 2);
+      if (at == std::string_view::npos) return {};
+      at += 2;
+    } else {
+      break;
+    }
+  }
+  std::string keyword;
+  while (at < sql.size() && std::isalpha(static_cast<unsigned char>(sql[at])) != 0) {
+    keyword += static_cast<char>(std::tolower(static_cast<unsigned char>(sql[at++])));
+  }
+  return keyword;
+}
+
+}  // namespace
+
+error_code Connection::Impl::refuse_without_session(std::string_view sql) {
+  if (options.pooler != Pooler::transaction) return {};
+  std::string what;
+  if (first_keyword(sql) == "listen") {
+    what = "LISTEN";
+  } else {
+    std::string lowered(sql);
+    for (char& c : lowered) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    for (const char* function :
+         {"pg_advisory_lock", "pg_try_advisory_lock", "pg_advisory_unlock"}) {
+      if (lowered.find(function) != std::string::npos) {
+        what = std::string("a session-level advisory lock (") + function + ")";
+        break;
+      }
+    }
+  }
+  if (what.empty()) return {};
+  return fail(client_errc::needs_session,
+              what +
+                  " needs a server session of its own, and behind a transaction pooler "
+                  "(ConnectOptions::pooler, PGRT_POOLER=transaction) the next transaction may "
+                  "run in another one",
+              sql,
+              "use a connection straight to the server (or a session-mode pool) for it; "
+              "pg_advisory_xact_lock() holds a lock to the end of the transaction and works here");
 }
 
 }  // namespace pgrt

@@ -1,4 +1,7 @@
 #include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <random>
 
 #include "impl.hpp"
 
@@ -9,7 +12,17 @@ namespace pgrt {
 asio::awaitable<error_code> Connection::Impl::prepare(std::string_view sql, const ParamSink& params,
                                                       const std::string*& name) {
   std::string key = statement_key;
-  std::string new_name = "pgrt_" + std::to_string(next_statement_id++);
+  if (statement_prefix.empty()) {
+    // Unique to this connection, not only within it: behind a pooler that shares server sessions
+    // (unconfigured), a name another client prepared there must never be executed as ours; the
+    // server then says 26000 instead, and exchange() notices the pooler.
+    std::random_device entropy;
+    const std::uint64_t nonce = (std::uint64_t{entropy()} << 32) | entropy();
+    char digits[17];
+    std::snprintf(digits, sizeof digits, "%016llx", static_cast<unsigned long long>(nonce));
+    statement_prefix = std::string("pgrt_") + digits + "_";
+  }
+  std::string new_name = statement_prefix + std::to_string(next_statement_id++);
   const std::string text(sql);
   if (PQsendPrepare(conn, new_name.c_str(), text.c_str(), static_cast<int>(params.size()),
                     params.types()) == 0) {

@@ -1,5 +1,6 @@
 #include "process.hpp"
 
+#include <arpa/inet.h>
 #include <array>
 #include <cerrno>
 #include <csignal>
@@ -8,13 +9,17 @@
 #include <fcntl.h>
 #include <fstream>
 #include <grp.h>
+#include <netinet/in.h>
 #include <pwd.h>
 #include <stdexcept>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <system_error>
 #include <thread>
 #include <unistd.h>
+
+#include "pgrt/testing/temp_cluster.hpp"
 
 namespace pgrt::testing::detail {
 
@@ -197,6 +202,38 @@ std::string file_tail(const std::filesystem::path& path, std::size_t max_bytes) 
   std::string text(size - start, '\0');
   in.read(text.data(), static_cast<std::streamsize>(text.size()));
   return text;
+}
+
+// A port that was free a moment ago. The server may still lose a race for it; the caller retries.
+int pick_free_port() {
+  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) {
+    throw ClusterError(std::string("no free TCP port: cannot create a socket: ") +
+                       std::strerror(errno));
+  }
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  address.sin_port = 0;
+  socklen_t length = sizeof address;
+  auto* generic = reinterpret_cast<sockaddr*>(&address);
+  if (::bind(fd, generic, sizeof address) < 0 || ::getsockname(fd, generic, &length) < 0) {
+    int bind_errno = errno;
+    ::close(fd);
+    throw ClusterError(
+        std::string("no free TCP port on 127.0.0.1: ") + std::strerror(bind_errno) +
+        ". Free some ports (ephemeral range: /proc/sys/net/ipv4/ip_local_port_range)");
+  }
+  ::close(fd);
+  return ntohs(address.sin_port);
+}
+
+int open_log(const std::filesystem::path& path) {
+  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+  if (fd < 0) {
+    throw ClusterError("cannot create " + path.string() + ": " + std::strerror(errno));
+  }
+  return fd;
 }
 
 }  // namespace pgrt::testing::detail

@@ -52,4 +52,11 @@ std::optional<std::pair<uid_t, gid_t>> unprivileged_user_if_root();
 // The last `max_bytes` of a file, or "" if unreadable.
 std::string file_tail(const std::filesystem::path& path, std::size_t max_bytes);
 
+// A 127.0.0.1 port that was free a moment ago (a server may still lose a race for it). Throws
+// ClusterError.
+int pick_free_port();
+
+// Opens (creates, appends to) a log file for a child's output. Throws ClusterError.
+int open_log(const std::filesystem::path& path);
+
 }  // namespace pgrt::testing::detail

@@ -61,38 +61,6 @@ std::string quote_conninfo(const std::string& value) {
   return quoted + "'";
 }
 
-// A port that was free a moment ago. The server may still lose a race for it; the caller retries.
-int pick_free_port() {
-  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) {
-    throw ClusterError(std::string("no free TCP port: cannot create a socket: ") +
-                       std::strerror(errno));
-  }
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  address.sin_port = 0;
-  socklen_t length = sizeof address;
-  auto* generic = reinterpret_cast<sockaddr*>(&address);
-  if (::bind(fd, generic, sizeof address) < 0 || ::getsockname(fd, generic, &length) < 0) {
-    int bind_errno = errno;
-    ::close(fd);
-    throw ClusterError(
-        std::string("no free TCP port on 127.0.0.1: ") + std::strerror(bind_errno) +
-        ". Free some ports (ephemeral range: /proc/sys/net/ipv4/ip_local_port_range)");
-  }
-  ::close(fd);
-  return ntohs(address.sin_port);
-}
-
-int open_log(const fs::path& path) {
-  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
-  if (fd < 0) {
-    throw ClusterError("cannot create " + path.string() + ": " + std::strerror(errno));
-  }
-  return fd;
-}
-
 // Runs in the guardian (/bin/sh) once its stdin reaches end of file, which happens when the owner
 // closes the pipe or dies. Shuts down a postmaster still running on the directory and removes it.
 constexpr const char* guardian_script = R"sh(
@@ -128,7 +96,7 @@ void run_openssl(const std::vector<std::string>& arguments, const fs::path& log_
   }
   std::vector<std::string> argv = {program.string()};
   argv.insert(argv.end(), arguments.begin(), arguments.end());
-  int log_fd = open_log(log_path);
+  int log_fd = detail::open_log(log_path);
   pid_t pid = -1;
   try {
     pid = detail::spawn(
@@ -249,7 +217,7 @@ TempCluster::TempCluster(TempClusterOptions options) : options_(std::move(option
     write_hba();
     constexpr int port_attempts = 5;
     for (int attempt = 1;; ++attempt) {
-      port_ = pick_free_port();
+      port_ = detail::pick_free_port();
       launch_server();
       try {
         wait_until_ready();
@@ -338,7 +306,7 @@ void TempCluster::start_guardian() {
 
 void TempCluster::run_initdb() {
   const fs::path log_path = directory_ / "initdb.log";
-  int log_fd = open_log(log_path);
+  int log_fd = detail::open_log(log_path);
   detail::SpawnOptions spawn{
       .argv = {(bin_dir_ / "initdb").string(), "--pgdata", data_directory().string(), "--username",
                "postgres", "--auth", "trust", "--encoding", "UTF8", "--locale", "C", "--no-sync",
@@ -432,7 +400,7 @@ void TempCluster::launch_server() {
     argv.emplace_back("-c");
     argv.push_back(name + "=" + value);
   }
-  int log_fd = open_log(directory_ / "server.log");
+  int log_fd = detail::open_log(directory_ / "server.log");
   detail::SpawnOptions spawn{
       .argv = std::move(argv),
       .run_as = run_as_,

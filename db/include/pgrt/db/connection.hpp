@@ -60,6 +60,21 @@ struct TcpKeepalives {
   int count = 3;
 };
 
+/// What stands between pgrt and the server (see docs/operations.md, "Behind a pooler").
+enum class Pooler {
+  /// The server itself, or a pooler that gives each client a server session of its own for as
+  /// long as it is connected (PgBouncer's session mode, a cloud SQL proxy).
+  none,
+  /// A transaction-mode pooler (PgBouncer pool_mode=transaction, Supavisor's and Supabase's
+  /// transaction port, RDS Proxy's multiplexing): each transaction may run on another server
+  /// session. pgrt then prepares no named statements (query_prepared() sends unnamed ones, in
+  /// the same round trip as its execution), sends no startup options (the session guards' server
+  /// settings and ConnectOptions::session_settings cannot be sent: connect refuses the latter),
+  /// checks at connect that the server's DateStyle is ISO, and refuses statements that need a
+  /// session (LISTEN, session-level advisory locks) with client_errc::needs_session.
+  transaction,
+};
+
 /// How to connect. An aggregate: use designated initializers.
 struct ConnectOptions {
   /// A libpq URL ("postgresql://user@host/db?sslmode=require") or key=value string. Empty: libpq's
@@ -85,6 +100,11 @@ struct ConnectOptions {
   /// How many statements query_prepared() keeps prepared (least recently used ones are
   /// deallocated).
   std::size_t statement_cache_size = 32;
+  /// What stands between pgrt and the server (env PGRT_POOLER=transaction, read by
+  /// PoolConfig::from_env()). Without it, pgrt still notices a transaction pooler when the
+  /// server forgets or already holds one of its named statements, and goes on with unnamed ones
+  /// on that connection (logged once per process).
+  Pooler pooler = Pooler::none;
 };
 
 /// What close() does.

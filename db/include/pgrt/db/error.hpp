@@ -43,6 +43,9 @@ enum class client_errc {
                         ///< sslmode asks for (unknown CA, wrong host name), the CA file is
                         ///< missing, or the server does not offer TLS. Waiting does not cure it,
                         ///< so it matches no condition::connection_error.
+  needs_session,        ///< The statement needs a server session of its own (LISTEN, a
+                        ///< session-level advisory lock), which a transaction-mode pooler does not
+                        ///< give (ConnectOptions::pooler): connect to the server directly for it.
 };
 
 /// The category of client_errc.

@@ -41,6 +41,8 @@ struct SessionGuards {
 ///   `tcp_keepalives_idle`, `tcp_keepalives_interval`, `tcp_keepalives_count` from the keepalives
 ///   and `tcp_user_timeout`, so that the server, too, ends a session whose client it cannot reach
 ///   (on a unix socket the server ignores them).
+/// Behind a transaction pooler (options.pooler) no server setting is added: only the client's
+/// TCP guards (keepalives, tcp_user_timeout) apply.
 /// A pure function: no I/O, thread-safe.
 [[nodiscard]] ConnectOptions with_session_guards(ConnectOptions options,
                                                  const SessionGuards& guards);

@@ -1,0 +1,236 @@
+// pgrt behind a real PgBouncer 1.18 in pool_mode=transaction, started by the test (TempPgBouncer)
+// in front of the throwaway cluster: unnamed statements (configured, or noticed), refusals of
+// what needs a session, the pool under load, and clear errors for what cannot work.
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <chrono>
+#include <cstdint>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <set>
+#include <string>
+#include <vector>
+
+#include <pgrt/db.hpp>
+
+#include "pgrt/testing/blocking_sql.hpp"
+#include "pgrt/testing/db_test.hpp"
+#include "pgrt/testing/expect_error.hpp"
+#include "pgrt/testing/run_coroutine.hpp"
+#include "pgrt/testing/temp_pgbouncer.hpp"
+
+namespace pgrt {
+namespace {
+
+namespace asio = boost::asio;
+using namespace std::chrono_literals;
+using testing::expect_error;
+using ::testing::HasSubstr;
+using testing::run_coroutine;
+using awaitable_void = asio::awaitable<void>;
+
+asio::awaitable<void> sleep_for(std::chrono::steady_clock::duration duration) {
+  asio::steady_timer timer(co_await asio::this_coro::executor, duration);
+  co_await timer.async_wait(asio::use_awaitable);
+}
+
+class PoolerTest : public testing::DbTest {
+ protected:
+  // PgBouncer as most setups run it: transaction mode, 2 server connections for every client.
+  static testing::TempPgBouncer& bouncer() {
+    static testing::TempPgBouncer instance(cluster(), {.pool_size = 2});
+    return instance;
+  }
+  static ConnectOptions through_pooler(Pooler pooler = Pooler::transaction) {
+    return ConnectOptions{.conninfo = bouncer().dsn(), .pooler = pooler};
+  }
+
+  // How many times the server has said it did not have (or already had) a statement pgrt named.
+  static std::size_t named_statement_errors() {
+    const std::string log = cluster().server_log_tail(64 << 20);
+    std::size_t count = 0;
+    for (auto at = log.find("ERROR:  prepared statement \"pgrt_"); at != std::string::npos;
+         at = log.find("ERROR:  prepared statement \"pgrt_", at + 1)) {
+      ++count;
+    }
+    return count;
+  }
+
+  // `clients` connections each run `rounds` prepared statements of their own (two texts, so that
+  // each has several cached statements), interleaved on one io_context. Every result is checked;
+  // returns how many distinct server backends the clients saw (PgBouncer moving them around).
+  static std::size_t run_interleaved_prepared(ConnectOptions options, int clients, int rounds) {
+    std::set<int> backends_seen;
+    run_coroutine(
+        [&]() -> awaitable_void {
+          auto executor = co_await asio::this_coro::executor;
+          int finished = 0;
+          for (int client = 0; client < clients; ++client) {
+            asio::co_spawn(
+                executor,
+                [&, client]() -> awaitable_void {
+                  auto conn = co_await Connection::connect(options);
+                  for (int round = 0; round < rounds; ++round) {
+                    auto sum =
+                        co_await conn.query_prepared("SELECT $1::int + $2::int", client, round);
+                    EXPECT_EQ(sum.scalar<int>(), client + round);
+                    auto row = co_await conn.query_prepared(
+                        "SELECT pg_backend_pid(), $1::text || '-' || $2::text",
+                        std::to_string(client), std::to_string(round));
+                    backends_seen.insert(row[0].get<int>(0));
+                    EXPECT_EQ(row[0].get<std::string>(1),
+                              std::to_string(client) + "-" + std::to_string(round));
+                  }
+                  ++finished;
+                },
+                [](std::exception_ptr error) {
+                  if (error) std::rethrow_exception(error);
+                });
+          }
+          while (finished < clients) co_await sleep_for(5ms);
+        },
+        120s);
+    return backends_seen.size();
+  }
+};
+
+// Named statements cannot live behind a transaction pooler: the statement is prepared in one
+// server session and executed in another. With the pooler configured, query_prepared() sends
+// unnamed statements (parse, bind and execute in one round trip), and 6 clients sharing 2 server
+// sessions all get their own results.
+TEST_F(PoolerTest, PreparedStatementsOfManyClientsWorkWithThePoolerConfigured) {
+  const std::size_t errors_before = named_statement_errors();
+  const std::size_t backends = run_interleaved_prepared(through_pooler(), 6, 100);
+  EXPECT_GE(backends, 2U) << "PgBouncer should have moved the clients between its 2 sessions";
+  EXPECT_LE(backends, 2U) << "PgBouncer has 2 server connections";
+  EXPECT_EQ(named_statement_errors(), errors_before)
+      << "no named statement should have been prepared, so none forgotten";
+}
+
+// A pooler nobody told pgrt about (and one that drops `options` instead of refusing it): the
+// server forgets a named statement pgrt prepared (26000), twice, and pgrt goes on with unnamed
+// ones on that connection; no query fails, and no client ever runs another client's statement.
+TEST_F(PoolerTest, AnUnconfiguredPoolerIsNoticedAndEveryQueryStillSucceeds) {
+  testing::TempPgBouncer lenient(
+      cluster(), {.pool_size = 2, .ignored_startup_parameters = {"extra_float_digits", "options"}});
+  ConnectOptions options{.conninfo = lenient.dsn()};
+  const std::size_t errors_before = named_statement_errors();
+  EXPECT_GE(run_interleaved_prepared(options, 6, 100), 2U);
+  EXPECT_GT(named_statement_errors(), errors_before) << "the pooler was never noticed";
+  EXPECT_LE(named_statement_errors() - errors_before, 6U * 2)
+      << "each connection should give up named statements after the server forgot two";
+}
+
+TEST_F(PoolerTest, StatementsThatNeedASessionAreRefusedWithAClearError) {
+  run_coroutine([&]() -> awaitable_void {
+    auto conn = co_await Connection::connect(through_pooler());
+    for (const char* sql : {"LISTEN jobs", "  /* wake */ listen jobs", "SELECT pg_advisory_lock(1)",
+                            "select PG_TRY_ADVISORY_LOCK(1)", "SELECT pg_advisory_unlock_all()"}) {
+      auto error = co_await expect_error(conn.query(sql));
+      EXPECT_EQ(error.code(), client_errc::needs_session) << sql;
+      EXPECT_THAT(error.what(), HasSubstr("transaction pooler")) << sql;
+      EXPECT_THAT(error.diagnostics().hint, HasSubstr("straight to the server")) << sql;
+    }
+    Pipeline with_listen;
+    with_listen.add("SELECT 1").add("LISTEN jobs");
+    auto error = co_await expect_error(conn.run(with_listen));
+    EXPECT_EQ(error.code(), client_errc::needs_session);
+    // A lock held to the end of the transaction is the pooler-safe form, and works.
+    co_await conn.begin();
+    co_await conn.query("SELECT pg_advisory_xact_lock(42)");
+    co_await conn.commit();
+    EXPECT_EQ((co_await conn.query("SELECT 1")).scalar<int>(), 1);
+  });
+}
+
+// PgBouncer refuses the `options` startup parameter that carries pgrt's session settings: said
+// at connect, with what to do, and never retried as if the server were down.
+TEST_F(PoolerTest, AnUnconfiguredConnectThroughPgBouncerSaysToSetThePoolerMode) {
+  auto error = run_coroutine([&]() -> asio::awaitable<Error> {
+    co_return co_await expect_error(Connection::connect(through_pooler(Pooler::none)));
+  });
+  EXPECT_EQ(error.code(), client_errc::invalid_config) << error.what();
+  EXPECT_THAT(error.what(), HasSubstr("unsupported startup parameter"));
+  EXPECT_THAT(error.diagnostics().hint, HasSubstr("PGRT_POOLER=transaction"));
+
+  auto with_settings = through_pooler();
+  with_settings.session_settings = {{"statement_timeout", "1000"}};
+  error = run_coroutine([&]() -> asio::awaitable<Error> {
+    co_return co_await expect_error(Connection::connect(with_settings));
+  });
+  EXPECT_EQ(error.code(), client_errc::invalid_config);
+  EXPECT_THAT(error.what(), HasSubstr("statement_timeout"));
+  EXPECT_THAT(error.diagnostics().hint, HasSubstr("ALTER ROLE"));
+}
+
+// The pool through PgBouncer: 300 coroutines on max 3 for 3 s, each in a transaction of two
+// prepared statements, with the session guards' TCP side on and its server side left out.
+TEST_F(PoolerTest, ThePoolUnderLoadWorksThroughPgBouncer) {
+  PoolConfig config;
+  config.conninfo = bouncer().dsn();
+  config.connect.pooler = Pooler::transaction;
+  config.max_size = 3;
+  config.max_waiters = 1000;
+  config.application = "pgrt-pooler-test";
+  config.instance = "load";
+  std::uint64_t done = 0;
+  PoolStats end{};
+  run_coroutine(
+      [&]() -> awaitable_void {
+        auto executor = co_await asio::this_coro::executor;
+        Pool pool(executor, config);
+        const auto until = std::chrono::steady_clock::now() + 3s;
+        int finished = 0;
+        for (int task = 0; task < 300; ++task) {
+          asio::co_spawn(
+              executor,
+              [&, task]() -> awaitable_void {
+                while (std::chrono::steady_clock::now() < until) {
+                  auto lease = co_await pool.acquire();
+                  co_await lease->begin();
+                  auto first = co_await lease->query_prepared("SELECT $1::int", task);
+                  auto second = co_await lease->query_prepared("SELECT $1::int * 2", task);
+                  co_await lease->commit();
+                  EXPECT_EQ(first.scalar<int>(), task);
+                  EXPECT_EQ(second.scalar<int>(), task * 2);
+                  ++done;
+                }
+                ++finished;
+              },
+              [](std::exception_ptr error) {
+                if (error) std::rethrow_exception(error);
+              });
+        }
+        while (finished < 300) co_await sleep_for(20ms);
+        end = pool.stats();
+        (void)co_await pool.close(1s);
+      },
+      60s);
+  EXPECT_GT(done, 300U);
+  EXPECT_EQ(end.in_use, 0U);
+  EXPECT_EQ(end.connect_errors, 0U) << end.last_connect_error;
+  EXPECT_LE(end.size, 3U);
+}
+
+TEST_F(PoolerTest, APoolConfigThatNeedsSessionsIsRefusedBehindAPooler) {
+  PoolConfig config;
+  config.conninfo = bouncer().dsn();
+  config.connect.pooler = Pooler::transaction;
+  config.reset = ResetPolicy::discard_all;
+  try {
+    config.validate();
+    ADD_FAILURE() << "reset discard_all was accepted behind a transaction pooler";
+  } catch (const Error& error) {
+    EXPECT_EQ(error.code(), client_errc::invalid_config);
+    EXPECT_THAT(error.what(), HasSubstr("discard_all"));
+  }
+  config.reset = ResetPolicy::rollback;
+  config.connect.session_settings = {{"work_mem", "64MB"}};
+  EXPECT_THROW(config.validate(), Error);
+}
+
+}  // namespace
+}  // namespace pgrt
