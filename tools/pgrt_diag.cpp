@@ -50,7 +50,8 @@ struct Arguments {
   std::optional<int> watch_seconds;
   bool kill_leaked = false;
   bool emergency = false;
-  bool behind_transaction_pooler = false;  // PGRT_POOLER=transaction
+  bool behind_transaction_pooler = false;       // PGRT_POOLER=transaction
+  std::optional<std::string> malformed_pooler;  // PGRT_POOLER's value when it is none of them
 };
 
 const char* const usage =
@@ -93,9 +94,13 @@ std::optional<Arguments> parse_arguments(int argc, char** argv) {
   if (const char* url = std::getenv("DATABASE_URL")) arguments.conninfo = url;
   const char* app = std::getenv("PGRT_APP");
   arguments.app = app != nullptr && *app != '\0' ? app : "pgrt";
-  const char* pooler = std::getenv("PGRT_POOLER");
-  arguments.behind_transaction_pooler =
-      pooler != nullptr && std::string_view(pooler) == "transaction";
+  if (const char* pooler = std::getenv("PGRT_POOLER")) {
+    const std::string_view value = pooler;
+    arguments.behind_transaction_pooler = value == "transaction";
+    if (value != "transaction" && value != "session" && value != "none") {
+      arguments.malformed_pooler = std::string(value);
+    }
+  }
   for (int i = 1; i < argc; ++i) {
     const std::string_view argument = argv[i];
     const bool has_value = i + 1 < argc;
@@ -368,6 +373,12 @@ int run(const Arguments& arguments) {
 int main(int argc, char** argv) {
   auto arguments = parse_arguments(argc, argv);
   if (!arguments) return exit_usage;
+  if (arguments->malformed_pooler) {
+    std::cerr << "pgrt-diag: PGRT_POOLER='" << *arguments->malformed_pooler
+              << "' is not valid: expected 'transaction' (a transaction-mode pooler), or "
+                 "'session' / 'none'\n";
+    return exit_config;
+  }
   // --watch ends cleanly (exit 0, output flushed) on Ctrl+C or SIGTERM.
   std::signal(SIGINT, [](int) { interrupted = true; });
   if (arguments->watch_seconds) std::signal(SIGTERM, [](int) { interrupted = true; });

@@ -32,4 +32,6 @@ run_step("configure the consumer" ${CMAKE_COMMAND} -S "${CONSUMER_SOURCE_DIR}" -
          "-DCMAKE_CXX_FLAGS=${sanitizer_flags}")
 run_step("build the consumer" ${CMAKE_COMMAND} --build "${WORK_DIR}/build")
 run_step("run the consumer" "${WORK_DIR}/build/pgrt_consumer")
+# Its tests: a throwaway cluster (plain and TLS), PgBouncer and the fault proxy, from the package.
+run_step("run the consumer's tests" "${WORK_DIR}/build/pgrt_consumer_tests" --gtest_color=no)
 file(REMOVE_RECURSE "${WORK_DIR}")

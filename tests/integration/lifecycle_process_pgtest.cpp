@@ -1044,6 +1044,10 @@ TEST_F(StartupHygieneTest, BehindATransactionPoolerThePoolersBackendsAreNeverTer
              bouncer.dsn(), "pooled", {{"PGRT_POOLER", "transaction"}});
   EXPECT_EQ(diag.wait_for_exit(30s), 2) << diag.output();
   EXPECT_THAT(diag.output(), HasSubstr("terminates none"));
+  Child misspelled({PGRT_DIAG_PATH, "--app", "pooled"}, bouncer.dsn(), "pooled",
+                   {{"PGRT_POOLER", "pgbouncer"}});
+  EXPECT_EQ(misspelled.wait_for_exit(30s), 78) << misspelled.output();
+  EXPECT_THAT(misspelled.output(), HasSubstr("PGRT_POOLER='pgbouncer' is not valid"));
   EXPECT_EQ(backend_pids("pooled/two/%"), pooler_backends);
 
   // The cluster-wide lock is a session-level advisory lock: refused up front.

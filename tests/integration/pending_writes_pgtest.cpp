@@ -490,7 +490,14 @@ TEST_F(PendingWritesTest, AServerRestartWhileWritingLosesNothing) {
   EXPECT_GE(end.retries, 1U) << "the restart was not noticed";
   EXPECT_EQ(end.flushed, 3000U);
   EXPECT_EQ(end.failed, 0U);
-  EXPECT_EQ(key_summary(dsn, "pw_restart"), "3000 0 2999 4498500");
+  // Nothing lost: every key is there. A batch whose COMMIT the restart cut off after the server
+  // had made it durable is written again (docs/pending_writes.md, "lost commit"), so a few keys
+  // may be there twice: at most one batch per retry.
+  EXPECT_EQ(scalar(dsn,
+                   "SELECT count(DISTINCT seq) || ' ' || min(seq) || ' ' || max(seq) || ' ' || "
+                   "sum(DISTINCT seq) FROM pw_restart"),
+            "3000 0 2999 4498500");
+  EXPECT_LE(std::stoull(scalar(dsn, "SELECT count(*) FROM pw_restart")), 3000U + 50U * end.retries);
 }
 
 // One bad row and one bad statement among good writes, all in one batch: only those two fail.
