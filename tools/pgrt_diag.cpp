@@ -72,7 +72,8 @@ const char* const usage =
     "  connection's database and under its role are classified and terminated (like the\n"
     "  start-up cleanup); the app's others are listed, never touched.\n"
     "  PGRT_POOLER=transaction: the DSN goes through a transaction-mode pooler; the backends\n"
-    "  are then the pooler's, and --kill-leaked and --emergency are refused.\n"
+    "  are then the pooler's: none sets exit code 1, and --kill-leaked and --emergency are\n"
+    "  refused.\n"
     "exit codes: 0 nothing leaked or all terminated, 1 leaked found, 2 usage, 3 server\n"
     "            unreachable, 4 terminating refused, 78 malformed DSN\n";
 
@@ -356,10 +357,16 @@ int run(const Arguments& arguments) {
     } else {
       print_text(snapshot, arguments);
     }
+    if (arguments.behind_transaction_pooler && !arguments.json) {
+      std::cout << "behind a transaction pooler (PGRT_POOLER=transaction) these backends are the "
+                   "pooler's, shared by its clients: a 'leaked' one is the pooler's idle server "
+                   "connection, and does not set the exit code\n";
+    }
     const bool acted = arguments.kill_leaked || arguments.emergency;
-    const int code = !snapshot.refused.empty()           ? exit_refused
-                     : (!acted && snapshot.leaked() > 0) ? exit_leaked
-                                                         : exit_clean;
+    const bool leaks_count = !acted && !arguments.behind_transaction_pooler;
+    const int code = !snapshot.refused.empty()                ? exit_refused
+                     : (leaks_count && snapshot.leaked() > 0) ? exit_leaked
+                                                              : exit_clean;
     if (!arguments.watch_seconds) return code;
     for (int i = 0; i < *arguments.watch_seconds * 10 && !interrupted; ++i) {
       std::this_thread::sleep_for(std::chrono::milliseconds(100));

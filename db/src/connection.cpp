@@ -36,6 +36,7 @@ void Connection::Impl::close(CloseMode mode) noexcept {
   tls_session = nullptr;
   statements.clear();
   statement_index.clear();
+  evicted_statements.clear();
 }
 
 error_code Connection::Impl::fail(client_errc code, std::string message, std::string_view statement,
@@ -216,6 +217,7 @@ asio::awaitable<void> Connection::discard_all() {
   // Forgotten first: if DISCARD ALL fails half-way, a statement the server still knows is merely
   // prepared again under a new name.
   impl_->statements.clear();
+  impl_->evicted_statements.clear();
   impl_->statement_index.clear();
   co_await query_with("DISCARD ALL", {});
 }
@@ -353,6 +355,13 @@ Connection::Impl* ConnectionAccess::bind(Connection& connection, LeaseBinding* b
   Connection::Impl* impl = connection.impl_.get();
   if (impl != nullptr) impl->lease_binding = binding;
   return impl;
+}
+
+void ConnectionAccess::forget_statements(Connection& connection) noexcept {
+  if (!connection.impl_) return;
+  connection.impl_->statements.clear();
+  connection.impl_->evicted_statements.clear();
+  connection.impl_->statement_index.clear();
 }
 
 void ConnectionAccess::interrupt(Connection::Impl& impl,

@@ -32,6 +32,8 @@ struct ConnectionAccess {
   // Binds `connection` to a lease (null: unbinds it), and returns its implementation: the same
   // object wherever the Connection is moved (null, and nothing bound, when it is empty).
   static Connection::Impl* bind(Connection& connection, LeaseBinding* binding) noexcept;
+  // Forgets the statements query_prepared() cached (the server is about to deallocate them).
+  static void forget_statements(Connection& connection) noexcept;
   // Connection::interrupt() on an implementation: thread-safe, as that is.
   static void interrupt(Connection::Impl& impl, std::chrono::milliseconds wait_for_cancel) noexcept;
 };

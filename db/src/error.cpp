@@ -123,6 +123,8 @@ class ClientCategory final : public boost::system::error_category {
       case client_errc::needs_session:
         return "the statement needs a server session of its own, which a transaction pooler "
                "does not give";
+      case client_errc::budget_exhausted:
+        return "every slot of the connection budget is held";
     }
     return "unknown pgrt client error " + std::to_string(value);
   }
@@ -140,6 +142,8 @@ class ClientCategory final : public boost::system::error_category {
         return make_error_condition(condition::query_canceled);
       case client_errc::invalid_config:
         return boost::system::errc::make_error_condition(boost::system::errc::invalid_argument);
+      case client_errc::budget_exhausted:
+        return make_error_condition(condition::too_many_connections);
       default:
         return {value, *this};
     }

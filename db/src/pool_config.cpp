@@ -67,6 +67,23 @@ void check(const PoolConfig& config, bool warn) {
             "use a URL (postgresql://user@host:5432/db) or key=value pairs "
             "(host=... dbname=...); DATABASE_URL sets it");
   }
+  if (config.budget.key.empty() != (config.budget.slots == 0)) {
+    invalid(
+        config.budget.key.empty()
+            ? "budget.slots is " + std::to_string(config.budget.slots) + " but budget.key is empty"
+            : "budget.key is '" + config.budget.key + "' but budget.slots is 0",
+        "set both (PGRT_BUDGET_KEY and PGRT_BUDGET_SLOTS), or neither for no budget");
+  }
+  if (config.budget.slots > 100'000) {
+    invalid("budget.slots is " + std::to_string(config.budget.slots), "at most 100000");
+  }
+  if (!config.budget.key.empty() && config.connect.pooler == Pooler::transaction) {
+    invalid(
+        "a connection budget holds a session-level advisory lock per connection, and behind a "
+        "transaction pooler (PGRT_POOLER=transaction) no session holds one",
+        "give the budget a DSN straight to the server, or let the pooler bound the "
+        "connections (PgBouncer: max_db_connections)");
+  }
   if (config.connect.pooler == Pooler::transaction) {
     if (config.reset == ResetPolicy::discard_all) {
       invalid(
@@ -241,6 +258,10 @@ PoolConfig PoolConfig::from_env(PoolConfig defaults) {
               "expected 'transaction' (a transaction-mode pooler such as PgBouncer's "
               "pool_mode=transaction), or 'session' / 'none'");
     }
+  }
+  if (auto value = env("PGRT_BUDGET_KEY")) config.budget.key = *value;
+  if (auto value = env("PGRT_BUDGET_SLOTS")) {
+    config.budget.slots = parse_number("PGRT_BUDGET_SLOTS", *value, 1, 100'000);
   }
   if (auto value = env("PGRT_APP")) config.application = *value;
   if (auto value = env("PGRT_INSTANCE")) config.instance = *value;

@@ -33,7 +33,8 @@ TEST_F(OrdersTest, CountsWhatIsThere) {
   pgrt::testing::run_coroutine([]() -> asio::awaitable<void> {
     pgrt::ConnectOptions options{.conninfo = cluster().dsn()};
     auto conn = co_await pgrt::Connection::connect(options);
-    co_await conn.execute("CREATE TABLE IF NOT EXISTS orders (id bigint)");
+    co_await conn.execute("DROP TABLE IF EXISTS orders");
+    co_await conn.execute("CREATE TABLE orders (id bigint)");
     co_await conn.execute("INSERT INTO orders VALUES (1), (2)");
     EXPECT_EQ(co_await count_orders(conn), 2);
   });

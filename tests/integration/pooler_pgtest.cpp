@@ -124,6 +124,26 @@ TEST_F(PoolerTest, AnUnconfiguredPoolerIsNoticedAndEveryQueryStillSucceeds) {
       << "each connection should give up named statements after the server forgot two";
 }
 
+// A pooler that drops pgrt's startup options also drops its DateStyle=ISO: a database whose
+// DateStyle is not ISO is then refused at connect, instead of dates being misread.
+TEST_F(PoolerTest, ADateStyleThePoolerLeftNonIsoIsRefusedAtConnect) {
+  testing::BlockingConnection admin(cluster().dsn());
+  admin.query("DROP DATABASE IF EXISTS sql_dates");
+  admin.query("CREATE DATABASE sql_dates");
+  admin.query("ALTER DATABASE sql_dates SET DateStyle = 'SQL, DMY'");
+  testing::TempPgBouncer lenient(
+      cluster(), {.pool_size = 2, .ignored_startup_parameters = {"extra_float_digits", "options"}});
+  for (const Pooler pooler : {Pooler::none, Pooler::transaction}) {
+    ConnectOptions options{.conninfo = lenient.dsn() + " dbname=sql_dates", .pooler = pooler};
+    auto error = run_coroutine([&]() -> asio::awaitable<Error> {
+      co_return co_await expect_error(Connection::connect(options));
+    });
+    EXPECT_EQ(error.code(), client_errc::invalid_config) << error.what();
+    EXPECT_THAT(error.what(), HasSubstr("DateStyle 'SQL, DMY'"));
+    EXPECT_THAT(error.diagnostics().hint, HasSubstr("SET DateStyle = 'ISO'"));
+  }
+}
+
 TEST_F(PoolerTest, StatementsThatNeedASessionAreRefusedWithAClearError) {
   run_coroutine([&]() -> awaitable_void {
     auto conn = co_await Connection::connect(through_pooler());

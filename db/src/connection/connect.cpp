@@ -41,10 +41,9 @@ std::string tls_hint(std::string_view message) {
     return "the server does not offer TLS (ssl=off): turn it on, or use sslmode=prefer only on a "
            "network you trust";
   }
-  if (contains(message, "SSL error") || contains(message, "certificate") ||
-      contains(message, "private key")) {
-    return "TLS could not be set up: check sslmode, sslrootcert, sslcert and sslkey, and the "
-           "server's ssl settings";
+  if (contains(message, "certificate") || contains(message, "private key")) {
+    return "TLS could not be set up: check sslrootcert, sslcert and sslkey, and the server's "
+           "ssl settings";
   }
   return {};
 }
@@ -82,8 +81,9 @@ error_code Connection::Impl::connect_error() {
   if (contains(message, "pg_hba.conf")) {
     return classify("28000",
                     contains(message, "no encryption")
-                        ? "the server takes only TLS connections from here: use sslmode=require "
-                          "(or verify-full with sslrootcert)"
+                        ? "no pg_hba.conf line lets this plain connection in; if the server takes "
+                          "only TLS connections from here, use sslmode=require (or verify-full "
+                          "with sslrootcert)"
                         : "the server's pg_hba.conf does not let this user, database and address "
                           "in: ask its administrator, or connect as a user it lets in");
   }
@@ -96,11 +96,22 @@ error_code Connection::Impl::connect_error() {
     return fail(client_errc::tls_failed, "could not connect to " + where + ": " + message, {},
                 std::move(hint));
   }
+  if (contains(message, "SSL")) {
+    // Any other TLS failure (the server closing mid-handshake while it restarts, a reset): a
+    // connection failure that may pass, retried like one.
+    return fail(client_errc::connect_failed, "could not connect to " + where + ": " + message, {},
+                "the TLS connection failed on the way; if it persists, check sslmode and the "
+                "server's ssl settings");
+  }
   if (contains(message, "unsupported startup parameter")) {
     return fail(client_errc::invalid_config, "could not connect to " + where + ": " + message, {},
-                "this is a pooler (PgBouncer) that refuses the startup options pgrt sends: set "
-                "PGRT_POOLER=transaction (ConnectOptions::pooler) for a transaction-mode pooler, "
-                "or add the parameter to its ignore_startup_parameters");
+                options.pooler == Pooler::transaction
+                    ? "a pooler (PgBouncer) refuses the `options` the conninfo or PGOPTIONS "
+                      "carries: remove them, and set what they set on the role instead (ALTER "
+                      "ROLE ... SET)"
+                    : "this is a pooler (PgBouncer) that refuses the startup options pgrt sends: "
+                      "set PGRT_POOLER=transaction (ConnectOptions::pooler) for a transaction-mode "
+                      "pooler");
   }
   if (contains(message, "could not translate host name")) {
     return fail(client_errc::name_resolution, "could not connect to " + where + ": " + message, {},
@@ -234,11 +245,11 @@ asio::awaitable<error_code> Connection::Impl::connect() {
                      "cannot watch the connection's socket: " + assign_error.message());
     }
     const bool reading = polling == PGRES_POLLING_READING;
-    auto [error] =
-        reading && tls_holds_bytes()
-            ? std::tuple<error_code>{}
-            : co_await socket.async_wait(
-                  reading ? asio::socket_base::wait_read : asio::socket_base::wait_write, no_throw);
+    error_code error;
+    if (!reading || !tls_holds_bytes()) {
+      std::tie(error) = co_await socket.async_wait(
+          reading ? asio::socket_base::wait_read : asio::socket_base::wait_write, no_throw);
+    }
     if (error) {
       std::string where = target();
       close(CloseMode::immediate);
@@ -247,18 +258,19 @@ asio::awaitable<error_code> Connection::Impl::connect() {
     polling = PQconnectPoll(conn);
   }
   if (PQsetnonblocking(conn, 1) != 0) co_return connect_error();
-  if (options.pooler == Pooler::transaction) {
-    // Dates are read in ISO format; behind a transaction pooler it cannot be set per session.
-    const char* datestyle = PQparameterStatus(conn, "DateStyle");
-    if (datestyle != nullptr && !std::string_view(datestyle).starts_with("ISO")) {
-      const std::string where = target();
-      const std::string style = datestyle;
-      close(CloseMode::immediate);
-      co_return fail(client_errc::invalid_config,
-                     "the server behind the pooler at " + where + " has DateStyle '" + style +
-                         "'; pgrt reads dates and times in ISO format",
-                     {}, "ALTER DATABASE ... SET DateStyle = 'ISO' (or ALTER ROLE)");
-    }
+  // Dates are read in ISO format. pgrt asks for it at connect, but behind a transaction pooler it
+  // cannot, and a pooler may drop the startup options it was sent: check what the server says.
+  // (A DateStyle the caller chose in session_settings is theirs to read.)
+  if (const char* datestyle = PQparameterStatus(conn, "DateStyle");
+      !datestyle_given && datestyle != nullptr && !std::string_view(datestyle).starts_with("ISO")) {
+    const std::string where = target();
+    const std::string style = datestyle;
+    close(CloseMode::immediate);
+    co_return fail(client_errc::invalid_config,
+                   "the server at " + where + " has DateStyle '" + style +
+                       "' (a pooler in between may have dropped pgrt's startup options); pgrt "
+                       "reads dates and times in ISO format",
+                   {}, "ALTER DATABASE ... SET DateStyle = 'ISO' (or ALTER ROLE)");
   }
   unnamed_statements = options.pooler == Pooler::transaction;
   if (auto assign_error = watch_socket()) {

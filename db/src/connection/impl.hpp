@@ -77,8 +77,9 @@ struct Connection::Impl {
   std::list<CachedStatement> statements;  // most recently used first
   std::unordered_map<std::string, std::list<CachedStatement>::iterator> statement_index;
   std::uint64_t next_statement_id = 0;
-  std::string statement_prefix;  // "pgrt_<random>_", made on the first prepare
-  std::string statement_key;     // cached_statement()'s lookup key, kept to spare an allocation
+  std::string statement_prefix;                 // "pgrt_<random>_", made on the first prepare
+  std::vector<std::string> evicted_statements;  // to DEALLOCATE once outside a transaction
+  std::string statement_key;  // cached_statement()'s lookup key, kept to spare an allocation
   // libpq 15 keeps single-row mode on after a stream()'s statement until the next statement sent
   // outside pipeline mode, so the first statement of a pipeline run next would be in it: run()
   // sends an empty statement first while this is set (send() keeps it).

@@ -34,8 +34,8 @@ error_code Connection::Impl::watch_socket() {
 // OpenSSL reads a whole TLS record (up to 16 KiB) from the socket but hands libpq no more of it
 // than libpq's input buffer has room for; the rest stays in OpenSSL, decrypted, and the socket
 // no longer shows it. A reply whose last record is cut that way would never wake a wait on the
-// socket. (TlsRecordProxy in the test harness sends such replies; connection_pgtest.cpp's TLS
-// tests go through it.)
+// socket. (TlsRecordProxy in the test harness sends such replies; tls_pgtest.cpp goes through
+// it.)
 bool Connection::Impl::tls_holds_bytes() const noexcept {
   return tls_session != nullptr && SSL_pending(static_cast<const SSL*>(tls_session)) > 0;
 }
@@ -49,7 +49,8 @@ bool Connection::Impl::tls_holds_bytes() const noexcept {
 // running the io_context took while no wait was queued, still wake it. Bytes that libpq holds in
 // its own buffer are not the socket's: callers look at PQisBusy() before they wait. Nor are
 // bytes that OpenSSL holds (tls_holds_bytes()): then the wait ends at once.
-// (connection_pgtest.cpp's readiness tests cover both, on one thread and on four.)
+// (readiness_pgtest.cpp covers the first two, on one thread and on four; tls_pgtest.cpp the
+// last.)
 asio::awaitable<error_code> Connection::Impl::wait_readable() {
   if (tls_holds_bytes()) co_return error_code{};
   auto [error] = co_await socket.async_wait(asio::socket_base::wait_read, no_throw);
@@ -163,14 +164,7 @@ asio::awaitable<error_code> Connection::Impl::exchange(Request request, Result& 
       if (request.kind == Request::Kind::prepared && !unnamed_statements) {
         name = cached_statement(request.sql, *request.params);
         if (name == nullptr) {
-          error = co_await prepare(request.sql, *request.params, name);
-          // Our statement names are unique per connection: a server session that holds one
-          // already is shared with other clients, by a transaction pooler.
-          if (error == make_sqlstate_error("42P05") && PQtransactionStatus(conn) == PQTRANS_IDLE) {
-            use_unnamed_statements("already held one of its prepared statements");
-            continue;
-          }
-          if (error) break;
+          if ((error = co_await prepare(request.sql, *request.params, name))) break;
         }
       }
       if (request.kind != Request::Kind::results_only) {
@@ -251,16 +245,21 @@ asio::awaitable<error_code> Connection::Impl::exchange(Request request, Result& 
         break;
       }
       error = first_error;
-      // A prepared statement the server no longer has: prepare it again, once (a DISCARD ALL
-      // did it), or, the second time on this connection, go on without named statements (a
-      // transaction pooler ran the preparation in another server session). The statement did
-      // not run; inside a transaction block the error has aborted the block, so it is returned.
+      // The server no longer has our prepared statement (its message names it: a 26000 from
+      // inside the statement, e.g. a function's EXECUTE, is the statement's own): the statement
+      // did not run. Prepare it again, once (a DISCARD ALL did it), or, the second time on this
+      // connection, go on without named statements (a transaction pooler ran the preparation in
+      // another server session). Inside a transaction block the error has aborted the block:
+      // it is counted, and returned.
       if (name != nullptr && error == make_sqlstate_error("26000") &&
-          PQtransactionStatus(conn) == PQTRANS_IDLE) {
-        forget_statement(std::string(*name));
+          last_error.message.find("\"" + *name + "\"") != std::string::npos) {
+        const std::string forgotten = *name;
+        forget_statement(forgotten);
         const bool pooler_noticed = ++forgotten_statements >= 2;
         if (pooler_noticed) use_unnamed_statements("forgot its prepared statements");
-        if (attempt == 0 || pooler_noticed) continue;
+        if (PQtransactionStatus(conn) == PQTRANS_IDLE && (attempt == 0 || pooler_noticed)) {
+          continue;
+        }
       }
       break;
     }
@@ -277,6 +276,7 @@ asio::awaitable<error_code> Connection::Impl::exchange(Request request, Result& 
 void Connection::Impl::use_unnamed_statements(std::string_view why) {
   unnamed_statements = true;
   statements.clear();  // whatever the server sessions hold of them is theirs now
+  evicted_statements.clear();
   statement_index.clear();
   static std::atomic<bool> said{false};
   if (!said.exchange(true)) {
@@ -325,9 +325,11 @@ error_code Connection::Impl::refuse_without_session(std::string_view sql) {
     std::string lowered(sql);
     for (char& c : lowered) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
     for (const char* function :
-         {"pg_advisory_lock", "pg_try_advisory_lock", "pg_advisory_unlock"}) {
+         {"pg_advisory_lock(", "pg_advisory_lock_shared(", "pg_try_advisory_lock(",
+          "pg_try_advisory_lock_shared(", "pg_advisory_unlock(", "pg_advisory_unlock_shared(",
+          "pg_advisory_unlock_all("}) {
       if (lowered.find(function) != std::string::npos) {
-        what = std::string("a session-level advisory lock (") + function + ")";
+        what = std::string("a session-level advisory lock (") + function + "))";
         break;
       }
     }

@@ -34,13 +34,22 @@ asio::awaitable<error_code> Connection::Impl::prepare(std::string_view sql, cons
   statements.push_front(CachedStatement{key, std::move(new_name)});
   statement_index.emplace(std::move(key), statements.begin());
   while (statements.size() > std::max<std::size_t>(options.statement_cache_size, 1)) {
-    const std::string evicted = statements.back().name;
+    evicted_statements.push_back(statements.back().name);
     statement_index.erase(statements.back().key);
     statements.pop_back();
-    const std::string deallocate = "DEALLOCATE " + evicted;
+  }
+  // Evicted statements are deallocated outside transaction blocks only: a DEALLOCATE that fails
+  // would abort the caller's transaction. (Behind an unnoticed pooler it may reach another
+  // server session, which never had the statement: 26000, nothing to free there.)
+  while (!evicted_statements.empty() && PQtransactionStatus(conn) == PQTRANS_IDLE) {
+    const std::string deallocate = "DEALLOCATE " + evicted_statements.back();
+    evicted_statements.pop_back();
     if (PQsendQuery(conn, deallocate.c_str()) == 0) co_return lost(deallocate);
     if (auto error = co_await flush(deallocate)) co_return error;
-    if (auto error = co_await collect(deallocate, ignored)) co_return error;
+    if (auto error = co_await collect(deallocate, ignored);
+        error && error != make_sqlstate_error("26000")) {
+      co_return error;
+    }
   }
   name = &statements.front().name;
   co_return error_code{};

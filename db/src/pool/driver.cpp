@@ -2,6 +2,8 @@
 // background work (connect, reset, ping, close), and the acquire and release paths.
 #include "driver.hpp"
 
+#include "budget.hpp"
+
 namespace pgrt::detail {
 
 namespace {
@@ -225,6 +227,15 @@ asio::awaitable<void> PoolState::open_connection(
     std::shared_ptr<PooledConnection::ConnectCancel> cancel) {
   ConnectOptions options = connect_options(self->config);
   options.application_name = self->application_name;
+  const Budget& budget = self->config.budget;
+  // Under a budget, this process's one backend without a slot, from its connect to its slot (or
+  // its close): the gate is left when `probe_turn` goes.
+  std::unique_ptr<ProbeGate, void (*)(ProbeGate*)> probe_turn(
+      nullptr, [](ProbeGate* gate) { gate->leave(); });
+  if (!budget.key.empty() && !cancel->cancelled) {
+    co_await ProbeGate::instance().enter();
+    probe_turn.reset(&ProbeGate::instance());
+  }
   error_code error;
   Connection connection;
   if (cancel->cancelled) {  // the pool closed before this connect began
@@ -235,6 +246,8 @@ asio::awaitable<void> PoolState::open_connection(
                                            asio::as_tuple(asio::use_awaitable));
   }
   std::string failure;
+  bool probed = false;
+  bool no_slot = false;
   if (error && cancel->cancelled) {
     failure = "the pool closed while connecting";
   } else if (error) {
@@ -242,7 +255,29 @@ asio::awaitable<void> PoolState::open_connection(
     if (!connection.last_error().hint.empty()) {
       failure += " (" + connection.last_error().hint + ")";
     }
-  } else if (self->config.on_connect) {
+  } else if (!budget.key.empty()) {
+    probed = true;
+    try {
+      const SlotSearch search =
+          co_await cut_at(connection, Clock::now() + self->config.connect.connect_timeout,
+                          take_budget_slot(connection, budget));
+      if (!search.slot) {
+        no_slot = true;
+        error = make_error_code(client_errc::budget_exhausted);
+        failure = "the connection budget '" + budget.key + "' is full: all " +
+                  std::to_string(budget.slots) + " slots are held (" +
+                  std::to_string(search.holders) +
+                  " holders, counting every process and host that shares it)";
+      }
+    } catch (const std::exception& slot_error) {
+      error = make_error_code(client_errc::connect_failed);
+      failure = std::string("taking a slot of the connection budget failed: ") + slot_error.what();
+    }
+    // A backend without a slot counts for nothing: its capacity comes back once it has ended.
+    if (error) co_await close_until_backend_ends(self, connection);
+  }
+  probe_turn.reset();
+  if (!error && self->config.on_connect) {
     try {
       co_await cut_at(connection, Clock::now() + self->config.connect.connect_timeout,
                       self->config.on_connect(connection));
@@ -256,6 +291,8 @@ asio::awaitable<void> PoolState::open_connection(
   cancel->finished = true;  // on the strand: a cancel that comes later does nothing
   Deferred deferred;
   std::lock_guard lock(self->mutex);
+  self->budget_probes += probed ? 1 : 0;
+  self->budget_probes_without_slot += no_slot ? 1 : 0;
   auto& actions = self->fresh_actions_locked();
   if (error) {
     self->last_connect_error = failure;
@@ -310,7 +347,14 @@ asio::awaitable<void> PoolState::reset(std::shared_ptr<PoolState> self, pool::No
       co_await cut_at(connection, deadline, connection.rollback());
     }
     if (self->config.reset == ResetPolicy::discard_all) {
-      co_await cut_at(connection, deadline, connection.discard_all());
+      // DISCARD ALL would release the connection's budget slot with the other advisory locks.
+      // (Two statements, not a conditional expression: g++ 12 mishandles the awaitable
+      // temporaries of one inside co_await.)
+      if (self->config.budget.key.empty()) {
+        co_await cut_at(connection, deadline, connection.discard_all());
+      } else {
+        co_await cut_at(connection, deadline, discard_all_but_advisory_locks(connection));
+      }
     }
   } catch (const std::exception& error) {
     ok = false;
@@ -559,6 +603,14 @@ void PoolState::fail_wait(std::unique_lock<std::mutex>& lock, pool::Waiter& wait
     case pool::FailReason::cancelled:
       throw_pool_error(client_errc::cancelled, "waiting for a pooled connection was cancelled");
     case pool::FailReason::server_down: {
+      if (last_connect_error_code == client_errc::budget_exhausted) {
+        const std::string message = "no connection for the pool " + application_name + " for " +
+                                    std::to_string(config.fail_fast_after.count()) +
+                                    " ms: " + last_connect_error;
+        lock.unlock();
+        throw_pool_error(client_errc::budget_exhausted, message,
+                         "PoolConfig::fail_fast_after (PGRT_FAIL_FAST_MS) ended this wait early");
+      }
       const std::string message =
           "the server cannot be reached: every connect of the pool " + application_name +
           " failed for " + std::to_string(config.fail_fast_after.count()) +
@@ -575,8 +627,17 @@ void PoolState::fail_wait(std::unique_lock<std::mutex>& lock, pool::Waiter& wait
                         " ms waiting for a connection from the pool " + application_name + " (" +
                         load + ")";
   if (!last_connect_error.empty()) message += "; last connect error: " + last_connect_error;
+  // Held below what it needs by a full budget: say so, with the budget's own error.
+  const bool budget_full =
+      failed_connects_in_a_row > 0 && last_connect_error_code == client_errc::budget_exhausted;
   lock.unlock();
   emit(events.acquire_timeout, message);
+  if (budget_full) {
+    throw_pool_error(client_errc::budget_exhausted, message,
+                     "every process sharing the budget (PGRT_BUDGET_KEY) together holds at most "
+                     "PGRT_BUDGET_SLOTS connections: hold leases for shorter, or raise the "
+                     "budget where the server allows it (pgrt-diag budget shows the holders)");
+  }
   throw_pool_error(client_errc::pool_timeout, message,
                    "hold leases for shorter, raise max_size, or check the server");
 }
@@ -653,6 +714,8 @@ PoolStats PoolState::stats() const {
   snapshot.last_connect_error_code = last_connect_error_code;
   snapshot.consecutive_connect_failures = counts.consecutive_connect_failures;
   snapshot.connect_backoff = counts.connect_backoff;
+  snapshot.budget_probes = budget_probes;
+  snapshot.budget_probes_without_slot = budget_probes_without_slot;
   return snapshot;
 }
 

@@ -281,6 +281,8 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
   // per change of reason, and a success after failures once.
   std::string logged_connect_failure;
   std::uint64_t failed_connects_in_a_row = 0;
+  std::uint64_t budget_probes = 0;               // PoolStats::budget_probes
+  std::uint64_t budget_probes_without_slot = 0;  // PoolStats::budget_probes_without_slot
   // close() calls waiting for every connection to be gone; notified once none is left.
   async::TimerCondition drained;
 

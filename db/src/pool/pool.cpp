@@ -69,8 +69,10 @@ std::string PoolStats::to_json() const {
          "," + field("wait_p99_us", wait_p99.count()) + "," +
          field("wait_max_us", wait_max.count()) + "," +
          field("consecutive_connect_failures", consecutive_connect_failures) + "," +
-         field("connect_backoff_ms", connect_backoff.count()) + ",\"last_connect_error\":\"" +
-         escaped + "\"}";
+         field("connect_backoff_ms", connect_backoff.count()) + "," +
+         field("budget_probes", budget_probes) + "," +
+         field("budget_probes_without_slot", budget_probes_without_slot) +
+         ",\"last_connect_error\":\"" + escaped + "\"}";
 }
 
 // --- Pool ----------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 #include "pgrt/testing/tls_record_proxy.hpp"
 
+#include <algorithm>
 #include <arpa/inet.h>
 #include <array>
 #include <atomic>
@@ -111,18 +112,39 @@ struct TlsRecordProxy::State {
     }
   }
 
-  // One client: the SSLRequest, the handshake, then plaintext both ways.
+  // One client: the SSLRequest, the handshake, then plaintext both ways. When either side ends,
+  // so does the other (shut down; the destructor closes the descriptors).
   void serve(int client) {
     const int upstream = connect_upstream(upstream_socket);
-    if (upstream < 0) return;
+    if (upstream < 0) {
+      ::shutdown(client, SHUT_RDWR);
+      return;
+    }
     track(upstream);
-    // libpq may ask for GSS encryption first; refuse it, then take the SSLRequest.
+    struct EndBoth {
+      int first;
+      int second;
+      ~EndBoth() {
+        ::shutdown(first, SHUT_RDWR);
+        ::shutdown(second, SHUT_RDWR);
+      }
+    } end_both{client, upstream};
+    // libpq may ask for GSS encryption first; refuse it, then take the SSLRequest. A
+    // CancelRequest (a connection of its own) goes to the server as it is.
     for (;;) {
       std::array<unsigned char, 8> request{};
       if (!read_exactly(client, request.data(), request.size())) return;
       const std::uint32_t code = (std::uint32_t{request[4]} << 24) |
                                  (std::uint32_t{request[5]} << 16) |
                                  (std::uint32_t{request[6]} << 8) | request[7];
+      if (code == 80877102) {
+        std::array<unsigned char, 16> cancel{};
+        std::copy(request.begin(), request.end(), cancel.begin());
+        if (read_exactly(client, cancel.data() + 8, 8)) {
+          write_all(upstream, reinterpret_cast<const char*>(cancel.data()), cancel.size());
+        }
+        return;
+      }
       const bool ssl_request = code == 80877103;
       const char answer = ssl_request ? 'S' : 'N';
       if (!write_all(client, &answer, 1)) return;

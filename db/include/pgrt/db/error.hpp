@@ -46,6 +46,9 @@ enum class client_errc {
   needs_session,        ///< The statement needs a server session of its own (LISTEN, a
                         ///< session-level advisory lock), which a transaction-mode pooler does not
                         ///< give (ConnectOptions::pooler): connect to the server directly for it.
+  budget_exhausted,     ///< Every slot of the connection budget (PoolConfig::budget) is held:
+                        ///< the message names the budget, its size and its holders. Equivalent
+                        ///< to condition::too_many_connections (backpressure, like 53300).
 };
 
 /// The category of client_errc.

@@ -54,6 +54,17 @@ enum class ResetPolicy {
 };
 
 /// Pool settings. An aggregate: use designated initializers, a preset, or from_env().
+/// One connection budget shared by every pool, in any process on any host, that names the same
+/// key against the same database (docs/budget.md). Each pooled connection holds one of `slots`
+/// session-level advisory locks on the server for as long as it lives, so the server itself
+/// enforces the total, and a crashed process's slots come back when the server ends its sessions.
+struct Budget {
+  /// The budget's name (env PGRT_BUDGET_KEY); empty: no budget.
+  std::string key;
+  /// How many connections all its pools together may hold (env PGRT_BUDGET_SLOTS, 1-100000).
+  std::size_t slots = 0;
+};
+
 struct PoolConfig {
   /// libpq URL or key=value string; empty uses the PG* environment variables.
   std::string conninfo;
@@ -116,6 +127,11 @@ struct PoolConfig {
   /// Per-session guards set at connect (on by default), so that a stuck client cannot hold a
   /// backend for long: they complement the start-up cleanup of leftovers.
   SessionGuards guards;
+  /// A connection budget shared with other pools and processes (env PGRT_BUDGET_KEY,
+  /// PGRT_BUDGET_SLOTS). A connection that finds no free slot is closed and counts as a failed
+  /// connect (client_errc::budget_exhausted, with backoff); callers then time out with
+  /// budget_exhausted. Not behind a transaction pooler (validate() refuses it).
+  Budget budget;
 
   /// Runs on every new connection before the pool uses it, on the pool's executor: set a
   /// search_path, prepare statements, register types (as asyncpg's `init`, pgx's `AfterConnect`,
@@ -185,6 +201,11 @@ struct PoolStats {
   /// The error code of last_connect_error (a SQLSTATE such as 28P01, or a client_errc); empty
   /// when no connect has failed.
   boost::system::error_code last_connect_error_code;
+  /// Under a budget: connections opened to look for a free slot, and those that found none (and
+  /// were closed). Between its connect and its slot such a backend holds no slot; at most one per
+  /// process exists at a time.
+  std::uint64_t budget_probes = 0;
+  std::uint64_t budget_probes_without_slot = 0;
 
   /// The snapshot as one JSON object.
   [[nodiscard]] std::string to_json() const;

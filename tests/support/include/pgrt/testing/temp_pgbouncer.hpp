@@ -24,7 +24,7 @@ struct TempPgBouncerOptions {
   /// (ignore_startup_parameters). PgBouncer 1.18 refuses `options`, which pgrt sends unless
   /// ConnectOptions::pooler says there is a transaction pooler.
   std::vector<std::string> ignored_startup_parameters = {"extra_float_digits"};
-  /// Where the `pgbouncer` program is; empty: /usr/sbin/pgbouncer, then PATH's.
+  /// Where the `pgbouncer` program is; empty: /usr/sbin/pgbouncer, then /usr/bin/pgbouncer.
   std::filesystem::path program;
 };
 
@@ -32,7 +32,8 @@ struct TempPgBouncerOptions {
 /// database to the cluster's unix socket, with trust authentication for `postgres`.
 ///
 /// Lifetime: the constructor writes its configuration into a fresh directory under the cluster's,
-/// starts it and returns once it answers; the destructor stops it (SIGINT, then SIGKILL) and
+/// starts it and returns once it answers; the destructor stops it (SIGTERM, then SIGKILL after
+/// 5 s) and
 /// removes the directory. It dies with the process that made it (PR_SET_PDEATHSIG). Run as root,
 /// it runs as the cluster's user (PgBouncer refuses to run as root).
 ///

@@ -1,0 +1,145 @@
+#include "budget.hpp"
+
+#include <boost/asio/associated_executor.hpp>
+#include <boost/asio/async_result.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <set>
+
+#include "../connection_access.hpp"
+#include "pgrt/db/pipeline.hpp"
+
+namespace pgrt::detail {
+
+namespace asio = boost::asio;
+
+std::int32_t budget_lock_key(std::string_view budget_key) noexcept {
+  std::uint32_t hash = 2166136261U;
+  for (const char c : budget_key) {
+    hash ^= static_cast<unsigned char>(c);
+    hash *= 16777619U;
+  }
+  return static_cast<std::int32_t>(hash);
+}
+
+asio::awaitable<SlotSearch> take_budget_slot(Connection& connection, const Budget& budget) {
+  const std::int32_t key = budget_lock_key(budget.key);
+  // Advisory locks are per database; pg_locks shows the (int4, int4) form's keys as classid and
+  // objid (unsigned), with objsubid 2.
+  const Result held_rows = co_await connection.query(
+      "SELECT objid::int8 FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2 "
+      "AND classid = ($1::int8 & 4294967295)::oid AND database = (SELECT oid FROM pg_database "
+      "WHERE datname = current_database())",
+      static_cast<std::int64_t>(key));
+  std::set<std::size_t> held;
+  for (const Row& row : held_rows) held.insert(static_cast<std::size_t>(row.get<std::int64_t>(0)));
+  thread_local std::minstd_rand random(std::random_device{}());
+  const std::size_t start = std::uniform_int_distribution<std::size_t>(0, budget.slots - 1)(random);
+  SlotSearch search;
+  for (std::size_t step = 0; step < budget.slots; ++step) {
+    const std::size_t slot = (start + step) % budget.slots;
+    if (held.count(slot) != 0) continue;
+    const bool taken = (co_await connection.query("SELECT pg_try_advisory_lock($1::int4, $2::int4)",
+                                                  key, static_cast<std::int32_t>(slot)))
+                           .scalar<bool>();
+    if (taken) {
+      search.slot = slot;
+      co_return search;
+    }
+    held.insert(slot);  // taken meanwhile by another process
+  }
+  search.holders = held.size();
+  co_return search;
+}
+
+namespace {
+
+// A suspended enter(), resumed on its own executor.
+struct Resumption {
+  virtual ~Resumption() = default;
+  virtual void resume() = 0;
+};
+
+template <typename Handler>
+struct HandlerResumption final : Resumption {
+  explicit HandlerResumption(Handler&& handler_in) : handler(std::move(handler_in)) {}
+  void resume() override {
+    auto executor = asio::get_associated_executor(handler);
+    asio::post(executor, std::move(handler));
+  }
+  Handler handler;
+};
+
+}  // namespace
+
+struct ProbeGate::State {
+  std::mutex mutex;
+  bool busy = false;
+  std::deque<std::unique_ptr<Resumption>> waiting;
+};
+
+ProbeGate::ProbeGate() : state_(new State) {}  // never destroyed: pools may outlive statics
+
+ProbeGate& ProbeGate::instance() {
+  static ProbeGate* gate = new ProbeGate;  // NOLINT: intentionally leaked, see above
+  return *gate;
+}
+
+asio::awaitable<void> ProbeGate::enter() {
+  State& state = *state_;
+  {
+    std::lock_guard lock(state.mutex);
+    if (!state.busy) {
+      state.busy = true;
+      co_return;
+    }
+  }
+  co_await asio::async_initiate<decltype(asio::use_awaitable), void()>(
+      [&state](auto handler) {
+        std::unique_lock lock(state.mutex);
+        if (!state.busy) {  // left meanwhile
+          state.busy = true;
+          lock.unlock();
+          auto executor = asio::get_associated_executor(handler);
+          asio::post(executor, std::move(handler));
+          return;
+        }
+        state.waiting.push_back(
+            std::make_unique<HandlerResumption<decltype(handler)>>(std::move(handler)));
+      },
+      asio::use_awaitable);
+}
+
+void ProbeGate::leave() noexcept {
+  State& state = *state_;
+  std::unique_lock lock(state.mutex);
+  if (state.waiting.empty()) {
+    state.busy = false;
+    return;
+  }
+  auto next = std::move(state.waiting.front());  // the turn passes to it: busy stays set
+  state.waiting.pop_front();
+  lock.unlock();
+  next->resume();
+}
+
+asio::awaitable<void> discard_all_but_advisory_locks(Connection& connection) {
+  ConnectionAccess::forget_statements(connection);
+  // DISCARD ALL is these, and pg_advisory_unlock_all() (PostgreSQL's documentation of DISCARD);
+  // each in a segment of its own, outside any transaction block.
+  Pipeline statements;
+  for (const char* sql :
+       {"CLOSE ALL", "SET SESSION AUTHORIZATION DEFAULT", "RESET ALL", "DEALLOCATE ALL",
+        "UNLISTEN *", "DISCARD PLANS", "DISCARD TEMP", "DISCARD SEQUENCES"}) {
+    statements.add(sql).sync();
+  }
+  for (const auto& outcome : co_await connection.run(statements)) {
+    if (!outcome.ok()) throw Error(outcome.error, outcome.diagnostics);
+  }
+}
+
+}  // namespace pgrt::detail
