@@ -56,6 +56,7 @@ struct Arguments {
 
 const char* const usage =
     "usage: pgrt-diag [--dsn CONNINFO] [--app NAME] [--idle-threshold SECONDS] [--json]\n"
+    "       pgrt-diag budget --help   (the holders of a connection budget's slots)\n"
     "                 [--watch [SECONDS]] [--kill-leaked | --emergency]\n"
     "  --dsn             the server (default: DATABASE_URL, then libpq's PG* variables)\n"
     "  --app             the app whose backends to check (default: PGRT_APP, then \"pgrt\"),\n"
@@ -330,6 +331,114 @@ void print_text(const Snapshot& snapshot, const Arguments& arguments) {
 
 std::atomic<bool> interrupted{false};
 
+// --- pgrt-diag budget: who holds the slots of a connection budget ------------------------------
+
+const char* const budget_usage =
+    "usage: pgrt-diag budget [--dsn CONNINFO] [--key KEY] [--slots N] [--json]\n"
+    "  --key    the budget's key (default: PGRT_BUDGET_KEY)\n"
+    "  --slots  its size, to show the free slots (default: PGRT_BUDGET_SLOTS)\n"
+    "  Lists each held slot of the budget in this connection's database: its backend's pid,\n"
+    "  tag (app/instance/incarnation), client address, start and state (pg_locks joined with\n"
+    "  pg_stat_activity). exit codes: 0 listed, 2 usage, 3 server unreachable, 78 malformed\n"
+    "  DSN\n";
+
+int run_budget(int argc, char** argv) {
+  std::string conninfo;
+  if (const char* url = std::getenv("DATABASE_URL")) conninfo = url;
+  std::string key;
+  if (const char* from_env = std::getenv("PGRT_BUDGET_KEY")) key = from_env;
+  std::optional<std::int64_t> slots;
+  if (const char* from_env = std::getenv("PGRT_BUDGET_SLOTS")) {
+    slots = parse_number(from_env, 1, 100'000);
+  }
+  bool json = false;
+  for (int i = 2; i < argc; ++i) {
+    const std::string_view argument = argv[i];
+    const bool has_value = i + 1 < argc;
+    if (argument == "--dsn" && has_value) {
+      conninfo = argv[++i];
+    } else if (argument == "--key" && has_value) {
+      key = argv[++i];
+    } else if (argument == "--slots" && has_value) {
+      slots = parse_number(argv[++i], 1, 100'000);
+      if (!slots) {
+        std::cerr << "pgrt-diag budget: --slots takes 1-100000, got '" << argv[i] << "'\n";
+        return exit_usage;
+      }
+    } else if (argument == "--json") {
+      json = true;
+    } else if (argument == "--help" || argument == "-h") {
+      std::cout << budget_usage;
+      return exit_clean;
+    } else {
+      std::cerr << "pgrt-diag budget: unknown or incomplete argument '" << argument << "'\n"
+                << budget_usage;
+      return exit_usage;
+    }
+  }
+  if (key.empty()) {
+    std::cerr << "pgrt-diag budget: no budget key: pass --key or set PGRT_BUDGET_KEY\n"
+              << budget_usage;
+    return exit_usage;
+  }
+  asio::io_context io;
+  pgrt::ConnectOptions options;
+  options.conninfo = conninfo;
+  options.application_name = "pgrt-diag";
+  options.connect_timeout = std::chrono::seconds(10);
+  auto listing = asio::co_spawn(
+      io,
+      [options, key]() mutable -> asio::awaitable<pgrt::Result> {
+        auto connection = co_await pgrt::Connection::connect(std::move(options));
+        co_return co_await connection.query(
+            "SELECT l.objid::int8, a.pid, coalesce(a.application_name, ''), "
+            "coalesce(host(a.client_addr), 'local'), "
+            "to_char(a.backend_start AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), "
+            "coalesce(a.state, ''), current_database() "
+            "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 "
+            "AND l.classid = ($1::int8 & 4294967295)::oid "
+            "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+            "ORDER BY 1",
+            static_cast<std::int64_t>(pgrt::budget_lock_key(key)));
+      },
+      asio::use_future);
+  io.run();
+  const pgrt::Result holders = listing.get();
+  if (json) {
+    std::ostringstream out;
+    out << "{\"budget\":" << json_string(key) << ",\"lock_key\":" << pgrt::budget_lock_key(key)
+        << ",\"slots\":" << (slots ? std::to_string(*slots) : "null")
+        << ",\"held\":" << holders.size() << ",\"holders\":[";
+    bool first = true;
+    for (const pgrt::Row& row : holders) {
+      out << (first ? "" : ",") << "{\"slot\":" << row.get<std::int64_t>(0)
+          << ",\"pid\":" << row.get<int>(1) << ",\"tag\":" << json_string(row.get<std::string>(2))
+          << ",\"client\":" << json_string(row.get<std::string>(3))
+          << ",\"since\":" << json_string(row.get<std::string>(4))
+          << ",\"state\":" << json_string(row.get<std::string>(5)) << "}";
+      first = false;
+    }
+    out << "]}";
+    std::cout << out.str() << std::endl;
+    return exit_clean;
+  }
+  std::cout << "budget '" << key << "' (advisory lock key " << pgrt::budget_lock_key(key)
+            << "): " << holders.size() << " slot(s) held";
+  if (slots)
+    std::cout << " of " << *slots << ", "
+              << std::max<std::int64_t>(0, *slots - static_cast<std::int64_t>(holders.size()))
+              << " free";
+  std::cout << "\n";
+  for (const pgrt::Row& row : holders) {
+    std::cout << "  slot " << row.get<std::int64_t>(0) << "  pid " << row.get<int>(1) << "  "
+              << row.get<std::string>(2) << "  from " << row.get<std::string>(3) << "  since "
+              << row.get<std::string>(4) << "  " << row.get<std::string>(5) << "\n";
+  }
+  std::cout << std::flush;
+  return exit_clean;
+}
+
 int run(const Arguments& arguments) {
   asio::io_context io;
   pgrt::ConnectOptions options;
@@ -378,6 +487,14 @@ int run(const Arguments& arguments) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc >= 2 && std::string_view(argv[1]) == "budget") {
+    try {
+      return run_budget(argc, argv);
+    } catch (const pgrt::Error& error) {
+      std::cerr << "pgrt-diag budget: " << error.what() << std::endl;
+      return error.code() == pgrt::client_errc::invalid_config ? exit_config : exit_unreachable;
+    }
+  }
   auto arguments = parse_arguments(argc, argv);
   if (!arguments) return exit_usage;
   if (arguments->malformed_pooler) {

@@ -19,7 +19,6 @@
 #include "pgrt/testing/db_test.hpp"
 #include "pgrt/testing/expect_error.hpp"
 #include "pgrt/testing/run_coroutine.hpp"
-#include "pool/budget.hpp"
 
 namespace pgrt {
 namespace {
@@ -40,7 +39,7 @@ asio::awaitable<void> sleep_for(std::chrono::steady_clock::duration duration) {
 std::string slot_holders_sql(const std::string& key) {
   return "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2 "
          "AND classid = (" +
-         std::to_string(detail::budget_lock_key(key)) + "::int8 & 4294967295)::oid";
+         std::to_string(budget_lock_key(key)) + "::int8 & 4294967295)::oid";
 }
 
 class BudgetTest : public testing::DbTest {

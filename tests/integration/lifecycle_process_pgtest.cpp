@@ -6,6 +6,7 @@
 // that only start like a tag), also while running a statement; a second instance is refused or
 // takes over with force, a missing permission is a warning, pgrt-diag.
 #include <algorithm>
+#include <atomic>
 #include <boost/json/src.hpp>  // header-only Boost.JSON, compiled into this test
 #include <chrono>
 #include <csignal>
@@ -16,6 +17,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <map>
+#include <memory>
 #include <optional>
 #include <regex>
 #include <set>
@@ -292,6 +294,92 @@ TEST_F(LifecycleProcessTest, TheDemoRunsThroughPgBouncerInTransactionMode) {
   const std::string where = " FROM demo_events WHERE run = '" + json_field(report, "run") + "'";
   EXPECT_EQ(check.scalar("SELECT count(DISTINCT seq)" + where), std::to_string(accepted));
   EXPECT_EQ(check.scalar("SELECT count(*)" + where), std::to_string(accepted));
+}
+
+json::object parse_diag_json(const std::string& output);  // pgrt-diag --json's object
+
+// The last "served <n>" a budget-load probe printed, or -1.
+long long last_served(const std::string& output) {
+  const auto at = output.rfind("served ");
+  return at == std::string::npos ? -1 : std::stoll(output.substr(at + 7));
+}
+
+// Four processes, each a pool of max 10 under load, share a budget of 12 (issue 14's acceptance):
+// sampled every 10 ms, no more than 12 backends ever hold a slot and no more than 12 + 4 carry
+// the app's tag; every process makes progress; and after one is SIGKILLed, the others hold all
+// 12 slots again within 1 s.
+TEST_F(LifecycleProcessTest, FourProcessesShareABudgetOfTwelveAndTakeAKilledOnesSlotsAtOnce) {
+  const std::string key = "four-processes";
+  const std::string slots_sql =
+      "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2 "
+      "AND classid = (" +
+      std::to_string(budget_lock_key(key)) + "::int8 & 4294967295)::oid";
+  std::vector<std::unique_ptr<Child>> processes;
+  for (int i = 0; i < 4; ++i) {
+    processes.push_back(std::make_unique<Child>(
+        std::vector<std::string>{PGRT_PROBE_PATH, "budget-load"}, cluster().dsn(), "budget-four",
+        Child::Environment{{"PGRT_INSTANCE", "p" + std::to_string(i)},
+                           {"PGRT_BUDGET_KEY", key},
+                           {"PGRT_BUDGET_SLOTS", "12"}}));
+  }
+  for (auto& process : processes) {
+    ASSERT_TRUE(process->wait_for_output("served", 60s)) << process->output();
+  }
+  std::atomic<bool> stop{false};
+  std::atomic<int> most_slots{0};
+  std::atomic<int> most_tagged{0};
+  std::atomic<int> slots_now{0};
+  std::thread sampler([&] {
+    BlockingConnection observer(cluster().dsn());
+    while (!stop) {
+      slots_now = std::stoi(observer.scalar(slots_sql));
+      most_slots = std::max(most_slots.load(), slots_now.load());
+      most_tagged =
+          std::max(most_tagged.load(),
+                   std::stoi(observer.scalar("SELECT count(*) FROM pg_stat_activity WHERE "
+                                             "application_name LIKE 'budget-four/%'")));
+      std::this_thread::sleep_for(10ms);
+    }
+  });
+  std::vector<long long> before;
+  for (auto& process : processes) before.push_back(last_served(process->output()));
+  std::this_thread::sleep_for(3s);
+  for (std::size_t i = 0; i < processes.size(); ++i) {
+    EXPECT_GT(last_served(processes[i]->output()), before[i])
+        << "process " << i << " made no progress: " << processes[i]->output();
+  }
+  // pgrt-diag budget lists the holders: the four processes' backends, one slot each.
+  Child listing({PGRT_DIAG_PATH, "budget", "--key", key, "--slots", "12", "--json"},
+                cluster().dsn(), "budget-four");
+  ASSERT_EQ(listing.wait_for_exit(30s), 0) << listing.output();
+  const auto listed = parse_diag_json(listing.output());
+  EXPECT_EQ(listed.at("slots").as_int64(), 12);
+  EXPECT_LE(listed.at("held").as_int64(), 12);
+  EXPECT_GT(listed.at("held").as_int64(), 0);
+  std::set<std::int64_t> slots_listed;
+  for (const auto& holder : listed.at("holders").as_array()) {
+    EXPECT_THAT(std::string(holder.at("tag").as_string()), ::testing::StartsWith("budget-four/p"));
+    slots_listed.insert(holder.at("slot").as_int64());
+  }
+  EXPECT_EQ(slots_listed.size(), static_cast<std::size_t>(listed.at("held").as_int64()))
+      << "a slot listed twice";
+
+  processes[0]->signal(SIGKILL);
+  (void)processes[0]->wait_for_exit(10s);
+  const auto killed_at = std::chrono::steady_clock::now();
+  // The killed process's slots come free (a sample may miss it, if the others took them at once),
+  // then all 12 are held again.
+  (void)testing::eventually([&] { return slots_now.load() < 12; }, 1s);
+  const bool refilled = testing::eventually([&] { return slots_now.load() == 12; }, 5s);
+  const auto refill_time = std::chrono::steady_clock::now() - killed_at;
+  stop = true;
+  sampler.join();
+  EXPECT_TRUE(refilled);
+  EXPECT_LT(refill_time, 1s) << "the others took the killed process's slots too slowly";
+  EXPECT_LE(most_slots, 12) << "more backends held a slot than the budget has";
+  EXPECT_EQ(most_slots, 12) << "the load should have used the whole budget";
+  EXPECT_LE(most_tagged, 12 + 4) << "more tagged backends than the budget and one probe each";
+  for (std::size_t i = 1; i < processes.size(); ++i) processes[i]->signal(SIGKILL);
 }
 
 TEST_F(LifecycleProcessTest, SigtermTwiceIsStillGraceful) {

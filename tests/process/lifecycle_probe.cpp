@@ -8,6 +8,9 @@
 //                                      whose leftovers a successor must clean up
 //   lifecycle_probe singleton          a service with start-up hygiene (instance lock, cleanup)
 //                                      and a pool, running until SIGTERM
+//   lifecycle_probe budget-load        a pool of max 10 (PGRT_BUDGET_* from the environment)
+//                                      under 30 tasks of short queries; prints "served <n>" every
+//                                      100 ms until killed
 // DATABASE_URL names the server; PGRT_APP and PGRT_INSTANCE tag the pool.
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
@@ -16,6 +19,7 @@
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <chrono>
+#include <cstdint>
 #include <cstdlib>
 #include <iostream>
 #include <string>
@@ -108,13 +112,50 @@ int singleton() {
   return app.run();
 }
 
+int budget_load() {
+  asio::io_context io;
+  pgrt::PoolConfig config = pgrt::PoolConfig::from_env(pgrt::PoolConfig::small());
+  config.connect_backoff_max = std::chrono::milliseconds(200);
+  pgrt::Pool pool(io.get_executor(), config);
+  std::uint64_t served = 0;
+  for (int task = 0; task < 30; ++task) {
+    asio::co_spawn(
+        io,
+        [&pool, &served]() -> asio::awaitable<void> {
+          for (;;) {
+            try {
+              auto lease = co_await pool.acquire();
+              co_await lease->execute("SELECT pg_sleep(0.005)");
+              ++served;
+            } catch (const pgrt::Error&) {  // budget_exhausted while others hold the slots
+            }
+          }
+        },
+        asio::detached);
+  }
+  asio::co_spawn(
+      io,
+      [&served]() -> asio::awaitable<void> {
+        asio::steady_timer timer(co_await asio::this_coro::executor);
+        for (;;) {
+          timer.expires_after(std::chrono::milliseconds(100));
+          co_await timer.async_wait(asio::use_awaitable);
+          std::cout << "served " << served << std::endl;
+        }
+      },
+      asio::detached);
+  io.run();
+  return 0;
+}
+
 int main(int argc, char** argv) {
   const std::string_view mode = argc == 2 ? argv[1] : "";
   if (mode == "hold-connections") return hold_connections();
+  if (mode == "budget-load") return budget_load();
   if (mode == "singleton") return singleton();
   if (mode != "hang-in-stop" && mode != "exit-from-worker") {
-    std::cerr
-        << "usage: lifecycle_probe hang-in-stop|exit-from-worker|hold-connections|singleton\n";
+    std::cerr << "usage: lifecycle_probe hang-in-stop|exit-from-worker|hold-connections|singleton|"
+                 "budget-load\n";
     return 64;
   }
   pgrt::lifecycle::Manager app({.name = "probe",

@@ -113,7 +113,8 @@ class EnvironmentTest : public ::testing::Test {
     for (const char* name :
          {"DATABASE_URL", "PGRT_POOL_MAX", "PGRT_POOL_MIN_IDLE", "PGRT_ACQUIRE_TIMEOUT_MS",
           "PGRT_MAX_LIFETIME_S", "PGRT_IDLE_TIMEOUT_S", "PGRT_LEAK_THRESHOLD_MS",
-          "PGRT_POOL_PRESET", "PGRT_POOL_RESET", "PGRT_APP", "PGRT_INSTANCE", "PGRT_POOLER"}) {
+          "PGRT_POOL_PRESET", "PGRT_POOL_RESET", "PGRT_APP", "PGRT_INSTANCE", "PGRT_POOLER",
+          "PGRT_BUDGET_KEY", "PGRT_BUDGET_SLOTS"}) {
       ::unsetenv(name);
     }
   }
@@ -223,6 +224,33 @@ TEST_F(EnvironmentTest, PoolerFromTheEnvironment) {
   ::setenv("PGRT_POOLER", "transaction", 1);
   ::setenv("PGRT_POOL_RESET", "discard_all", 1);
   EXPECT_THROW((void)PoolConfig::from_env(), Error) << "discard_all behind a transaction pooler";
+}
+
+TEST_F(EnvironmentTest, BudgetFromTheEnvironment) {
+  EXPECT_TRUE(PoolConfig::from_env().budget.key.empty());
+  ::setenv("PGRT_BUDGET_KEY", "orders-db", 1);
+  ::setenv("PGRT_BUDGET_SLOTS", "40", 1);
+  const auto config = PoolConfig::from_env();
+  EXPECT_EQ(config.budget.key, "orders-db");
+  EXPECT_EQ(config.budget.slots, 40U);
+  for (const char* bad : {"0", "", "forty", "100001", "-3"}) {
+    ::setenv("PGRT_BUDGET_SLOTS", bad, 1);
+    try {
+      (void)PoolConfig::from_env();
+      ADD_FAILURE() << "accepted PGRT_BUDGET_SLOTS=" << bad;
+    } catch (const Error& error) {
+      EXPECT_EQ(error.code(), client_errc::invalid_config);
+      EXPECT_THAT(error.what(), HasSubstr("PGRT_BUDGET_SLOTS"));
+    }
+  }
+  ::unsetenv("PGRT_BUDGET_SLOTS");
+  try {
+    (void)PoolConfig::from_env();
+    ADD_FAILURE() << "accepted a budget key without slots";
+  } catch (const Error& error) {
+    EXPECT_THAT(error.what(), HasSubstr("budget.slots is 0"));
+    EXPECT_THAT(error.diagnostics().hint, HasSubstr("PGRT_BUDGET_SLOTS"));
+  }
 }
 
 TEST(PoolConfigTest, PresetsAndValidation) {

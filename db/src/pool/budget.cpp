@@ -13,9 +13,7 @@
 #include "../connection_access.hpp"
 #include "pgrt/db/pipeline.hpp"
 
-namespace pgrt::detail {
-
-namespace asio = boost::asio;
+namespace pgrt {
 
 std::int32_t budget_lock_key(std::string_view budget_key) noexcept {
   std::uint32_t hash = 2166136261U;
@@ -25,6 +23,12 @@ std::int32_t budget_lock_key(std::string_view budget_key) noexcept {
   }
   return static_cast<std::int32_t>(hash);
 }
+
+}  // namespace pgrt
+
+namespace pgrt::detail {
+
+namespace asio = boost::asio;
 
 asio::awaitable<SlotSearch> take_budget_slot(Connection& connection, const Budget& budget) {
   const std::int32_t key = budget_lock_key(budget.key);

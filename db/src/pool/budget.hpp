@@ -16,10 +16,6 @@
 
 namespace pgrt::detail {
 
-// The first key of the budget's advisory locks (the second is the slot): a 32-bit FNV-1a hash of
-// its name. pgrt-diag and the tests compute the same.
-[[nodiscard]] std::int32_t budget_lock_key(std::string_view budget_key) noexcept;
-
 // What looking for a slot found: the slot taken, or none free and how many are held.
 struct SlotSearch {
   std::optional<std::size_t> slot;

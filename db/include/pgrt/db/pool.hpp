@@ -65,6 +65,12 @@ struct Budget {
   std::size_t slots = 0;
 };
 
+/// The first key of a budget's advisory locks, `pg_try_advisory_lock(key, slot)`: a 32-bit hash
+/// (FNV-1a) of its name. pg_locks shows it as `classid` (unsigned: `(key::int8 &
+/// 4294967295)::oid`), the slot as `objid`, with `objsubid` 2. For queries of your own; `pgrt-diag
+/// budget` uses it.
+[[nodiscard]] std::int32_t budget_lock_key(std::string_view budget_key) noexcept;
+
 struct PoolConfig {
   /// libpq URL or key=value string; empty uses the PG* environment variables.
   std::string conninfo;
@@ -336,8 +342,9 @@ class Pool {
   /// A connection, as soon as one is free; waiters are served FIFO within a priority, high first.
   ///
   /// Errors (pgrt::Error): pool_timeout after PoolConfig::acquire_timeout, saying how many
-  /// connections were in use, how many callers waited, and the last connect error;
-  /// pool_queue_full; pool_closed; cancelled.
+  /// connections were in use, how many callers waited, and the last connect error
+  /// (budget_exhausted instead while a full budget, PoolConfig::budget, keeps the pool from
+  /// connecting); pool_queue_full; pool_closed; cancelled.
   ///
   /// Cancellation: per-operation cancellation of a waiting acquire leaves no trace; a connection
   /// that was opened for it goes to the next waiter or the idle set.
