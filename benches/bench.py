@@ -484,6 +484,22 @@ def versions(bench):
     return {"pgbench": first_line([bench.pgbench, "--version"]), "python pools": python}
 
 
+def transport_ratio_table(report, results, title, base, other, task_counts):
+    """One row per contestant and task count measured over both transports: the q/s of each and
+    their ratio. base and other are (results key, column name), e.g. ("tcp", "TCP")."""
+    rows = []
+    for tasks in task_counts:
+        on_base = {n: s for n, _, s in results.get(f"select1/{base[0]}/{tasks}", [])}
+        for name, _, summary in results.get(f"select1/{other[0]}/{tasks}", []):
+            if name in on_base and "queries_per_s" in summary and "queries_per_s" in on_base[name]:
+                rows.append(f"| {name}, {tasks} task(s) | {cell(on_base[name], 'queries_per_s')} | "
+                            f"{cell(summary, 'queries_per_s')} | "
+                            f"{ratio(summary['queries_per_s']['median'], on_base[name]['queries_per_s']['median'])} |")
+    if rows:
+        report.text(title, f"| contestant | {base[1]} q/s | {other[1]} q/s | {other[1]} / {base[1]} |\n"
+                           "|---|---|---|---|\n" + "\n".join(rows))
+
+
 def write_report(results, raw, args, bench, elapsed, plot):
     report = Report(results)
     info = versions(bench)
@@ -540,17 +556,8 @@ def write_report(results, raw, args, bench, elapsed, plot):
             report.text(f"### {tasks} task{'s' if tasks > 1 else ''}")
             report.table(f"select1/{transport}/{tasks}", ["queries_per_s", "latency_p50_us", "latency_p99_us"],
                          "queries_per_s")
-    tcp_vs_unix = []
-    for tasks in (1, 3, 64):
-        unix = {n: s for n, _, s in results.get(f"select1/unix/{tasks}", [])}
-        for name, _, summary in results.get(f"select1/tcp/{tasks}", []):
-            if name in unix and "queries_per_s" in summary:
-                tcp_vs_unix.append(f"| {name}, {tasks} task(s) | {cell(unix[name], 'queries_per_s')} | "
-                                   f"{cell(summary, 'queries_per_s')} | "
-                                   f"{ratio(summary['queries_per_s']['median'], unix[name]['queries_per_s']['median'])} |")
-    if tcp_vs_unix:
-        report.text("### TCP / unix socket, q/s",
-                    "| contestant | unix q/s | TCP q/s | TCP / unix |\n|---|---|---|---|\n" + "\n".join(tcp_vs_unix))
+    transport_ratio_table(report, results, "### TCP / unix socket, q/s", ("unix", "unix"), ("tcp", "TCP"),
+                          (1, 3, 64))
 
     report.text("### TLS (benchmark 3 over 127.0.0.1 with TLS)",
                 "pgrt and raw libpq connect with `sslmode=verify-full`, pgbench with `sslmode=require` "
@@ -560,17 +567,7 @@ def write_report(results, raw, args, bench, elapsed, plot):
         report.text(f"#### {tasks} task{'s' if tasks > 1 else ''}")
         report.table(f"select1/tls/{tasks}", ["queries_per_s", "latency_p50_us", "latency_p99_us"],
                      "queries_per_s")
-    tls_vs_tcp = []
-    for tasks in (1, 3):
-        plain = {n: s for n, _, s in results.get(f"select1/tcp/{tasks}", [])}
-        for name, _, summary in results.get(f"select1/tls/{tasks}", []):
-            if name in plain and "queries_per_s" in summary and "queries_per_s" in plain[name]:
-                tls_vs_tcp.append(f"| {name}, {tasks} task(s) | {cell(plain[name], 'queries_per_s')} | "
-                                  f"{cell(summary, 'queries_per_s')} | "
-                                  f"{ratio(summary['queries_per_s']['median'], plain[name]['queries_per_s']['median'])} |")
-    if tls_vs_tcp:
-        report.text("#### TLS / plain TCP, q/s",
-                    "| contestant | TCP q/s | TLS q/s | TLS / TCP |\n|---|---|---|---|\n" + "\n".join(tls_vs_tcp))
+    transport_ratio_table(report, results, "#### TLS / plain TCP, q/s", ("tcp", "TCP"), ("tls", "TLS"), (1, 3))
 
     report.text("## 4. Overload: 256 tasks on 3 connections",
                 "Closed loop: every task loops acquire + `SELECT 1` + release as fast as it can.")

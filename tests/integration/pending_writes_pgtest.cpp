@@ -41,10 +41,7 @@ using testing::run_coroutine;
 using awaitable_void = asio::awaitable<void>;
 using Config = PendingWritesConfig;
 
-asio::awaitable<void> sleep_for(std::chrono::steady_clock::duration duration) {
-  asio::steady_timer timer(co_await asio::this_coro::executor, duration);
-  co_await timer.async_wait(asio::use_awaitable);
-}
+using testing::sleep_for;
 
 // Sends the default logger to a string for the life of the object.
 class LogCapture {

@@ -32,10 +32,7 @@ using ::testing::HasSubstr;
 using testing::run_coroutine;
 using awaitable_void = asio::awaitable<void>;
 
-asio::awaitable<void> sleep_for(std::chrono::steady_clock::duration duration) {
-  asio::steady_timer timer(co_await asio::this_coro::executor, duration);
-  co_await timer.async_wait(asio::use_awaitable);
-}
+using testing::sleep_for;
 
 class PoolerTest : public testing::DbTest {
  protected:

@@ -887,6 +887,42 @@ TEST(PoolCoreSizing, OpensWhatWaitersAndMinIdleNeedWithinTheMax) {
       0u);
 }
 
+// A connect refused by a full budget (backpressure) backs off to at most 1 s, however long
+// backoff_max is; an ordinary failure keeps doubling up to backoff_max.
+TEST(PoolCoreBackoff, AFullBudgetIsRetriedWithinASecond) {
+  for (const bool backpressure : {false, true}) {
+    Core core(CoreConfig{.max_size = 1,
+                         .backoff_initial = milliseconds(100),
+                         .backoff_max = milliseconds(10'000),
+                         .backoff_jitter = 0.0},
+              1);
+    Time now{};
+    Waiter waiter(Priority::normal, std::source_location::current());
+    Actions actions;
+    ASSERT_EQ(core.try_acquire(Priority::normal, waiter.site, now, actions).kind,
+              AcquireResult::Kind::wait);
+    core.enqueue(waiter, now, actions);
+    for (int failure = 1; failure <= 8; ++failure) {
+      auto open = std::find_if(actions.begin(), actions.end(), [](const Action& action) {
+        return action.kind == Action::Kind::open;
+      });
+      ASSERT_NE(open, actions.end()) << "failure " << failure;
+      Node* node = open->node;
+      actions.clear();
+      core.connect_failed(*node, now, actions, backpressure);
+      now += core.stats().connect_backoff;  // the retry is due: the upkeep tick opens it
+      actions.clear();
+      core.tick(now, actions);
+    }
+    if (backpressure) {
+      EXPECT_EQ(core.stats().connect_backoff, milliseconds(1'000));
+    } else {
+      EXPECT_EQ(core.stats().connect_backoff, milliseconds(10'000));
+    }
+    core.withdraw(waiter, FailReason::cancelled, actions);
+  }
+}
+
 // Pool::evict_all(): idle nodes close now, a leased one when it comes back, a connecting one when
 // its connect succeeds; none of them is ever handed out again, and replacements are opened.
 TEST(PoolCoreEviction, IdleNodesCloseNowAndTheOthersWhenTheyComeBack) {

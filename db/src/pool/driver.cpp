@@ -318,7 +318,7 @@ asio::awaitable<void> PoolState::open_connection(
     }
     deferred.add(
         [self, error = error, failure] { emit(self->events.connect_failed, error, failure); });
-    self->core.connect_failed(*node, Clock::now(), actions);  // destroys the node
+    self->core.connect_failed(*node, Clock::now(), actions, no_slot);  // destroys the node
   } else {
     if (!self->logged_connect_failure.empty()) {
       deferred.add([self, failures = self->failed_connects_in_a_row] {

@@ -370,12 +370,13 @@ void Core::connect_succeeded(Node& node, Time now, Actions& actions) {
   maybe_open(now, actions);
 }
 
-void Core::connect_failed(Node& node, Time now, Actions& actions) {
+void Core::connect_failed(Node& node, Time now, Actions& actions, bool backpressure) {
   destroy(node);
   ++connect_errors_;
   ++consecutive_failures_;
   last_failure_at_ = now;
   backoff_ = next_backoff();
+  if (backpressure) backoff_ = std::min(backoff_, max_backpressure_backoff);
   retry_at_ = now + backoff_;
   if (closed_) return;
   want_tick(retry_at_, actions);

@@ -218,7 +218,10 @@ class Core {
   // The on-checkout check (validate_after_idle, before_handout) found a leased node unusable.
   void checkout_failed(Node& node, DiscardReason reason, Time now, Actions& actions);
   void connect_succeeded(Node& node, Time now, Actions& actions);
-  void connect_failed(Node& node, Time now, Actions& actions);
+  // `backpressure`: the connect worked but a shared limit refused it (a full budget): the next
+  // attempt comes within max_backpressure_backoff at most, as a slot may come free any moment.
+  void connect_failed(Node& node, Time now, Actions& actions, bool backpressure = false);
+  static constexpr milliseconds max_backpressure_backoff{1'000};
   void reset_done(Node& node, bool ok, Time now, Actions& actions);
   void ping_done(Node& node, bool ok, Time now, Actions& actions);
   // The server (or the network) closed an idle node's socket. Ignored unless it is idle: a leased

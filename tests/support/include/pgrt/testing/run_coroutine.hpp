@@ -5,6 +5,9 @@
 
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
 #include <chrono>
 #include <exception>
 #include <optional>
@@ -13,6 +16,13 @@
 #include <utility>
 
 namespace pgrt::testing {
+
+/// Waits `duration` on the calling coroutine's executor. Cancellation: as the timer's wait (a
+/// cancelled sleep throws boost::system::system_error).
+inline boost::asio::awaitable<void> sleep_for(std::chrono::steady_clock::duration duration) {
+  boost::asio::steady_timer timer(co_await boost::asio::this_coro::executor, duration);
+  co_await timer.async_wait(boost::asio::use_awaitable);
+}
 
 /// Calls `make_coroutine()` (returning boost::asio::awaitable<T>) on a new single-threaded
 /// io_context, runs it to completion and returns its value or rethrows its exception. Throws
