@@ -887,9 +887,9 @@ TEST(PoolCoreSizing, OpensWhatWaitersAndMinIdleNeedWithinTheMax) {
       0u);
 }
 
-// A connect refused by a full budget (backpressure) backs off to at most 1 s, however long
+// A connect refused by a full budget (backpressure) backs off to at most 500 ms, however long
 // backoff_max is; an ordinary failure keeps doubling up to backoff_max.
-TEST(PoolCoreBackoff, AFullBudgetIsRetriedWithinASecond) {
+TEST(PoolCoreBackoff, AFullBudgetIsRetriedWithinHalfASecond) {
   for (const bool backpressure : {false, true}) {
     Core core(CoreConfig{.max_size = 1,
                          .backoff_initial = milliseconds(100),
@@ -915,7 +915,7 @@ TEST(PoolCoreBackoff, AFullBudgetIsRetriedWithinASecond) {
       core.tick(now, actions);
     }
     if (backpressure) {
-      EXPECT_EQ(core.stats().connect_backoff, milliseconds(1'000));
+      EXPECT_EQ(core.stats().connect_backoff, milliseconds(500));
     } else {
       EXPECT_EQ(core.stats().connect_backoff, milliseconds(10'000));
     }

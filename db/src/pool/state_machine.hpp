@@ -221,7 +221,7 @@ class Core {
   // `backpressure`: the connect worked but a shared limit refused it (a full budget): the next
   // attempt comes within max_backpressure_backoff at most, as a slot may come free any moment.
   void connect_failed(Node& node, Time now, Actions& actions, bool backpressure = false);
-  static constexpr milliseconds max_backpressure_backoff{1'000};
+  static constexpr milliseconds max_backpressure_backoff{500};
   void reset_done(Node& node, bool ok, Time now, Actions& actions);
   void ping_done(Node& node, bool ok, Time now, Actions& actions);
   // The server (or the network) closed an idle node's socket. Ignored unless it is idle: a leased
