@@ -56,8 +56,8 @@ struct Arguments {
 
 const char* const usage =
     "usage: pgrt-diag [--dsn CONNINFO] [--app NAME] [--idle-threshold SECONDS] [--json]\n"
-    "       pgrt-diag budget --help   (the holders of a connection budget's slots)\n"
     "                 [--watch [SECONDS]] [--kill-leaked | --emergency]\n"
+    "       pgrt-diag budget --help   (the holders of a connection budget's slots)\n"
     "  --dsn             the server (default: DATABASE_URL, then libpq's PG* variables)\n"
     "  --app             the app whose backends to check (default: PGRT_APP, then \"pgrt\"),\n"
     "                    as configured: shortened like the tags (pgrt::tag_app_name())\n"
@@ -350,6 +350,11 @@ int run_budget(int argc, char** argv) {
   std::optional<std::int64_t> slots;
   if (const char* from_env = std::getenv("PGRT_BUDGET_SLOTS")) {
     slots = parse_number(from_env, 1, 100'000);
+    if (!slots) {
+      std::cerr << "pgrt-diag budget: PGRT_BUDGET_SLOTS='" << from_env
+                << "' is not valid: expected 1-100000\n";
+      return exit_config;
+    }
   }
   bool json = false;
   for (int i = 2; i < argc; ++i) {
@@ -393,7 +398,8 @@ int run_budget(int argc, char** argv) {
         co_return co_await connection.query(
             "SELECT l.objid::int8, a.pid, coalesce(a.application_name, ''), "
             "coalesce(host(a.client_addr), 'local'), "
-            "to_char(a.backend_start AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), "
+            "coalesce(to_char(a.backend_start AT TIME ZONE 'UTC', "
+            "'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), '?'), "
             "coalesce(a.state, ''), current_database() "
             "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
             "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 "

@@ -141,7 +141,9 @@ TEST_F(BudgetTest, AFullBudgetFailsWaitersWithBudgetExhaustedNamingIt) {
     EXPECT_GE(waiting.stats().budget_probes_without_slot, 1U);
     const PoolStats stats = waiting.stats();  // (a retry may be connecting meanwhile)
     EXPECT_EQ(stats.idle + stats.in_use, 0U) << "a connection without a slot must be closed";
-    // The holder gives its slot back: the waiting pool gets it.
+    // The holder gives its slot back: a new pool gets it (the waiting one closed first, so that a
+    // retry of its own does not take it).
+    (void)co_await waiting.close(1s);
     lease.release();
     (void)co_await holder.close(1s);
     waiting_config.acquire_timeout = 5s;
@@ -150,7 +152,6 @@ TEST_F(BudgetTest, AFullBudgetFailsWaitersWithBudgetExhaustedNamingIt) {
     EXPECT_EQ((co_await got->query("SELECT 1")).scalar<int>(), 1);
     got.release();
     (void)co_await again.close(1s);
-    (void)co_await waiting.close(1s);
   });
 }
 
@@ -172,7 +173,17 @@ TEST_F(BudgetTest, BothResetPoliciesKeepTheSlotAcrossAThousandLeases) {
         last_pid = lease->backend_pid();
         if (i == 0) first_pid = last_pid;
       }
-      auto lease = co_await pool.acquire();
+      {  // the user's own advisory lock: released by discard_all (as DISCARD ALL would)
+        auto holder = co_await pool.acquire();
+        co_await holder->execute("SELECT pg_advisory_lock(4242)");
+      }
+      auto lease = co_await pool.acquire();  // (after the reset: the pool has one connection)
+      {
+        BlockingConnection other(cluster().dsn());
+        EXPECT_EQ(other.scalar("SELECT pg_try_advisory_lock(4242)"),
+                  policy == ResetPolicy::discard_all ? "t" : "f")
+            << to_string(policy);
+      }
       EXPECT_EQ((co_await lease->query("SHOW work_mem")).scalar<std::string>() == "8MB",
                 policy == ResetPolicy::rollback)
           << "discard_all should have reset the session's settings";

@@ -2,7 +2,9 @@
 
 #include <boost/asio/associated_executor.hpp>
 #include <boost/asio/async_result.hpp>
+#include <boost/asio/execution/context.hpp>
 #include <boost/asio/post.hpp>
+#include <boost/asio/query.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <deque>
 #include <memory>
@@ -86,11 +88,24 @@ struct ProbeGate::State {
   std::deque<std::unique_ptr<Resumption>> waiting;
 };
 
-ProbeGate::ProbeGate() : state_(new State) {}  // never destroyed: pools may outlive statics
+asio::execution_context::id ProbeGate::id;
 
-ProbeGate& ProbeGate::instance() {
-  static ProbeGate* gate = new ProbeGate;  // NOLINT: intentionally leaked, see above
-  return *gate;
+ProbeGate::ProbeGate(asio::execution_context& context)
+    : asio::execution_context::service(context), state_(std::make_unique<State>()) {}
+
+ProbeGate::~ProbeGate() = default;
+
+void ProbeGate::shutdown() {
+  std::deque<std::unique_ptr<Resumption>> waiting;
+  {
+    std::lock_guard lock(state_->mutex);
+    waiting.swap(state_->waiting);
+  }
+  // Destroyed without resuming: the context is going away with every coroutine on it.
+}
+
+ProbeGate& ProbeGate::of(const asio::any_io_executor& executor) {
+  return asio::use_service<ProbeGate>(asio::query(executor, asio::execution::context));
 }
 
 asio::awaitable<void> ProbeGate::enter() {
@@ -131,18 +146,29 @@ void ProbeGate::leave() noexcept {
   next->resume();
 }
 
-asio::awaitable<void> discard_all_but_advisory_locks(Connection& connection) {
+asio::awaitable<void> discard_all_keeping_slot(Connection& connection, const Budget& budget,
+                                               std::size_t slot) {
   ConnectionAccess::forget_statements(connection);
-  // DISCARD ALL is these, and pg_advisory_unlock_all() (PostgreSQL's documentation of DISCARD);
-  // each in a segment of its own, outside any transaction block.
+  // DISCARD ALL is these and pg_advisory_unlock_all() (PostgreSQL's documentation of DISCARD);
+  // each in a segment of its own, outside any transaction block; then the slot again.
   Pipeline statements;
-  for (const char* sql :
-       {"CLOSE ALL", "SET SESSION AUTHORIZATION DEFAULT", "RESET ALL", "DEALLOCATE ALL",
-        "UNLISTEN *", "DISCARD PLANS", "DISCARD TEMP", "DISCARD SEQUENCES"}) {
+  for (const char* sql : {"CLOSE ALL", "SET SESSION AUTHORIZATION DEFAULT", "RESET ALL",
+                          "DEALLOCATE ALL", "UNLISTEN *", "DISCARD PLANS", "DISCARD TEMP",
+                          "DISCARD SEQUENCES", "SELECT pg_advisory_unlock_all()"}) {
     statements.add(sql).sync();
   }
-  for (const auto& outcome : co_await connection.run(statements)) {
+  statements.add("SELECT pg_try_advisory_lock($1::int4, $2::int4)", budget_lock_key(budget.key),
+                 static_cast<std::int32_t>(slot));
+  const auto outcomes = co_await connection.run(statements);
+  for (const auto& outcome : outcomes) {
     if (!outcome.ok()) throw Error(outcome.error, outcome.diagnostics);
+  }
+  if (outcomes.empty() || !outcomes.back().result.scalar<bool>()) {
+    throw Error(
+        make_error_code(client_errc::budget_exhausted),
+        Diagnostics{.message = "the budget slot " + std::to_string(slot) + " of '" + budget.key +
+                               "' was taken by another process during the "
+                               "reset of its connection, which is closed"});
   }
 }
 

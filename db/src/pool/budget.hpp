@@ -3,11 +3,14 @@
 // The connection budget (PoolConfig::budget, docs/budget.md): each pooled connection holds one
 // of the budget's slots, a session-level advisory lock (key, slot) on the server, for as long as
 // it lives. Taking a slot runs right after the connect, before any user statement, and at most one
-// backend per process is between its connect and its slot at a time (ProbeGate).
+// backend per io_context is between its connect and its slot at a time (ProbeGate).
 
+#include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/awaitable.hpp>
+#include <boost/asio/execution_context.hpp>
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 
@@ -28,23 +31,38 @@ struct SlotSearch {
 [[nodiscard]] boost::asio::awaitable<SlotSearch> take_budget_slot(Connection& connection,
                                                                   const Budget& budget);
 
-// The process's turn to have a backend without a slot: enter() waits until no other connect of
-// any pool of this process is between its connect and its slot. Not cancellable; every turn is
-// bounded by a connect (connect_timeout) and a few statements.
-class ProbeGate {
+// The turn to have a backend without a slot: enter() waits until no other connect of any pool
+// on the same execution context (io_context) is between its connect and its slot. A service of
+// the context: it goes with it, and with it every turn and waiter (a process that runs one
+// io_context, as the lifecycle manager does, has one gate). Not cancellable; a turn is bounded by
+// a connect (connect_timeout), a few statements and server_close_warning.
+class ProbeGate : public boost::asio::execution_context::service {
  public:
-  static ProbeGate& instance();
+  static boost::asio::execution_context::id id;
+  explicit ProbeGate(boost::asio::execution_context& context);
+  ~ProbeGate() override;
+  ProbeGate(const ProbeGate&) = delete;
+  ProbeGate& operator=(const ProbeGate&) = delete;
+  ProbeGate(ProbeGate&&) = delete;
+  ProbeGate& operator=(ProbeGate&&) = delete;
+
+  // The gate of the context `executor` runs on.
+  static ProbeGate& of(const boost::asio::any_io_executor& executor);
   [[nodiscard]] boost::asio::awaitable<void> enter();
   void leave() noexcept;
 
  private:
+  void shutdown() override;
   struct State;
-  ProbeGate();
-  State* state_;
+  std::unique_ptr<State> state_;
 };
 
-// DISCARD ALL's statements except pg_advisory_unlock_all(): the discard_all reset of a pool under
-// a budget, which must keep its slot. Forgets the connection's prepared statements.
-[[nodiscard]] boost::asio::awaitable<void> discard_all_but_advisory_locks(Connection& connection);
+// DISCARD ALL for a connection that holds budget slot `slot`: its statements, every advisory
+// lock released (the caller's too), and the slot taken again at once, in one round trip. Throws
+// Error(budget_exhausted) if another process took the slot in between (the reset then fails and
+// the pool closes the connection: the budget is never exceeded). Forgets the prepared statements.
+[[nodiscard]] boost::asio::awaitable<void> discard_all_keeping_slot(Connection& connection,
+                                                                    const Budget& budget,
+                                                                    std::size_t slot);
 
 }  // namespace pgrt::detail

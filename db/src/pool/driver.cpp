@@ -225,16 +225,21 @@ void PoolState::start_connect(pool::Node& node) {
 asio::awaitable<void> PoolState::open_connection(
     std::shared_ptr<PoolState> self, pool::Node* node,
     std::shared_ptr<PooledConnection::ConnectCancel> cancel) {
+  // A cancellation (the pool closing) reaches the connect and the statements through the slot;
+  // the awaits after it must still run, so that the outcome is always reported to the core and a
+  // backend is never left without its close.
+  co_await asio::this_coro::throw_if_cancelled(false);
   ConnectOptions options = connect_options(self->config);
   options.application_name = self->application_name;
   const Budget& budget = self->config.budget;
-  // Under a budget, this process's one backend without a slot, from its connect to its slot (or
+  // Under a budget, the io_context's one backend without a slot, from its connect to its slot (or
   // its close): the gate is left when `probe_turn` goes.
   std::unique_ptr<ProbeGate, void (*)(ProbeGate*)> probe_turn(
       nullptr, [](ProbeGate* gate) { gate->leave(); });
   if (!budget.key.empty() && !cancel->cancelled) {
-    co_await ProbeGate::instance().enter();
-    probe_turn.reset(&ProbeGate::instance());
+    ProbeGate& gate = ProbeGate::of(co_await asio::this_coro::executor);
+    co_await gate.enter();
+    probe_turn.reset(&gate);
   }
   error_code error;
   Connection connection;
@@ -255,13 +260,19 @@ asio::awaitable<void> PoolState::open_connection(
     if (!connection.last_error().hint.empty()) {
       failure += " (" + connection.last_error().hint + ")";
     }
+  } else if (cancel->cancelled) {  // the pool closed right after the connect
+    error = make_error_code(client_errc::cancelled);
+    failure = "the pool closed while connecting";
+    connection.close();
   } else if (!budget.key.empty()) {
     probed = true;
     try {
       const SlotSearch search =
           co_await cut_at(connection, Clock::now() + self->config.connect.connect_timeout,
                           take_budget_slot(connection, budget));
-      if (!search.slot) {
+      if (search.slot) {
+        static_cast<PooledConnection&>(*node->attachment).budget_slot = *search.slot;
+      } else {
         no_slot = true;
         error = make_error_code(client_errc::budget_exhausted);
         failure = "the connection budget '" + budget.key + "' is full: all " +
@@ -274,7 +285,11 @@ asio::awaitable<void> PoolState::open_connection(
       failure = std::string("taking a slot of the connection budget failed: ") + slot_error.what();
     }
     // A backend without a slot counts for nothing: its capacity comes back once it has ended.
-    if (error) co_await close_until_backend_ends(self, connection);
+    // The gate is left then, or after server_close_warning if the server is slow to end it (the
+    // other pools of the process must not wait on a silent server).
+    if (error) {
+      co_await close_until_backend_ends(self, connection, [&probe_turn] { probe_turn.reset(); });
+    }
   }
   probe_turn.reset();
   if (!error && self->config.on_connect) {
@@ -353,7 +368,10 @@ asio::awaitable<void> PoolState::reset(std::shared_ptr<PoolState> self, pool::No
       if (self->config.budget.key.empty()) {
         co_await cut_at(connection, deadline, connection.discard_all());
       } else {
-        co_await cut_at(connection, deadline, discard_all_but_advisory_locks(connection));
+        co_await cut_at(connection, deadline,
+                        discard_all_keeping_slot(
+                            connection, self->config.budget,
+                            static_cast<PooledConnection&>(*node->attachment).budget_slot));
       }
     }
   } catch (const std::exception& error) {
@@ -408,10 +426,14 @@ asio::awaitable<void> PoolState::finish_close(std::shared_ptr<PoolState> self, p
 }
 
 asio::awaitable<void> PoolState::close_until_backend_ends(const std::shared_ptr<PoolState>& self,
-                                                          Connection& connection) {
+                                                          Connection& connection,
+                                                          const std::function<void()>& when_slow) {
   const int pid = connection.backend_pid();
   const auto closed_at = Clock::now();
+  bool slow = false;
   (void)co_await connection.close_and_wait(server_close_warning, [&] {
+    if (!slow && when_slow) when_slow();
+    slow = true;
     const auto waited =
         std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - closed_at);
     if (self->backend_end_bound.count() > 0 && waited >= self->backend_end_bound) {

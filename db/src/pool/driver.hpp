@@ -173,6 +173,7 @@ struct PooledConnection : pool::NodeAttachment, LeaseBinding {
   Connection connection;
   PoolState& pool;
   pool::Node& node;
+  std::size_t budget_slot = 0;  // under a budget: the slot this connection holds
   // While leased (under the pool's lock): the implementation of the connection the Lease holds,
   // which the pool may cut (Pool::close() after its grace period).
   Connection::Impl* leased_impl = nullptr;
@@ -339,8 +340,10 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
 
   // Closes `connection` and waits until the server has ended its backend, or backend_end_bound.
   // On a strand (close_and_wait() races the socket against a timer).
-  static asio::awaitable<void> close_until_backend_ends(const std::shared_ptr<PoolState>& self,
-                                                        Connection& connection);
+  // `when_slow` runs once if the backend has not ended after server_close_warning.
+  static asio::awaitable<void> close_until_backend_ends(
+      const std::shared_ptr<PoolState>& self, Connection& connection,
+      const std::function<void()>& when_slow = {});
 
   // Calls the core's tick() when the timer it armed expires, until the pool closes.
   static asio::awaitable<void> upkeep(std::shared_ptr<PoolState> self);

@@ -209,7 +209,7 @@ struct PoolStats {
   boost::system::error_code last_connect_error_code;
   /// Under a budget: connections opened to look for a free slot, and those that found none (and
   /// were closed). Between its connect and its slot such a backend holds no slot; at most one per
-  /// process exists at a time.
+  /// io_context exists at a time.
   std::uint64_t budget_probes = 0;
   std::uint64_t budget_probes_without_slot = 0;
 
