@@ -27,6 +27,22 @@ boost::asio::awaitable<void> handle(std::int64_t id) {
 }                                                  // returned here, also on throw or cancel
 // clang-format on
 
+pgrt::PoolConfig shared_by_two_scrapers() {
+  // clang-format off
+pgrt::PoolConfig config = pgrt::PoolConfig::micro();          // max 3
+config.consumers = {{.name = "scraper-a", .min = 1, .max = 2},
+                    {.name = "scraper-b", .min = 1, .max = 2}};
+  // clang-format on
+  return config;
+}
+
+// clang-format off
+boost::asio::awaitable<void> scrape(pgrt::Pool& pool) {
+  auto conn = co_await pool.acquire("scraper-a");   // or pgrt::connection("scraper-a")
+  co_await conn->execute("UPDATE pages SET seen = now() WHERE id = 1");
+}
+// clang-format on
+
 }  // namespace
 
 int main(int argc, char**) {
@@ -35,6 +51,9 @@ int main(int argc, char**) {
     configure_once();
     auto coroutine = handle(1);
     (void)coroutine;
+    pgrt::Pool pool(shared_by_two_scrapers());
+    auto scraping = scrape(pool);
+    (void)scraping;
   }
   return 0;
 }

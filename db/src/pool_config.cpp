@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <cctype>
 #include <charconv>
 #include <chrono>
@@ -9,6 +10,7 @@
 #include <string_view>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "connection/conninfo.hpp"
 #include "pgrt/db/pool.hpp"
@@ -58,6 +60,79 @@ void require_not_negative(std::string_view field, std::chrono::duration<Rep, Per
           "give a positive duration, or 0 for " + std::string(zero_means));
 }
 
+void check_consumers(const PoolConfig& config) {
+  constexpr std::size_t most_consumers = 1'000;
+  if (config.consumers.size() > most_consumers) {
+    invalid("consumers lists " + std::to_string(config.consumers.size()) + " consumers",
+            "at most " + std::to_string(most_consumers));
+  }
+  std::size_t minimums = 0;
+  for (std::size_t i = 0; i < config.consumers.size(); ++i) {
+    const ConsumerShare& consumer = config.consumers[i];
+    const std::string which = "consumer '" + consumer.name + "'";
+    if (consumer.name.empty() || consumer.name.size() > 63 ||
+        consumer.name.find_first_of(",:") != std::string::npos) {
+      invalid("consumers[" + std::to_string(i) + "] has the name '" + consumer.name + "'",
+              "give each consumer a name of 1-63 characters without ',' or ':'");
+    }
+    for (std::size_t j = 0; j < i; ++j) {
+      if (config.consumers[j].name == consumer.name) {
+        invalid(which + " is listed twice", "give each consumer its own name");
+      }
+    }
+    const std::size_t max = consumer.max == 0 ? config.max_size : consumer.max;
+    if (max > config.max_size) {
+      invalid(which + " has max " + std::to_string(max) + ", above the pool's max_size " +
+                  std::to_string(config.max_size),
+              "lower the consumer's max, or raise max_size");
+    }
+    if (consumer.min > max) {
+      invalid(which + " has min " + std::to_string(consumer.min) + " above its max " +
+                  std::to_string(max),
+              "a consumer's min is at most its max");
+    }
+    minimums += consumer.min;
+  }
+  const std::size_t shared = config.max_size > config.reserved_for_priority
+                                 ? config.max_size - config.reserved_for_priority
+                                 : 0;
+  if (minimums > shared) {
+    invalid("the consumers' minimums add up to " + std::to_string(minimums) + ", more than the " +
+                std::to_string(shared) + " connections max_size " +
+                std::to_string(config.max_size) + " minus reserved_for_priority " +
+                std::to_string(config.reserved_for_priority) + " leaves them",
+            "lower the minimums, or raise max_size: every minimum must be possible at once");
+  }
+}
+
+// PGRT_POOL_CONSUMERS: "name:min:max,name:min:max".
+std::vector<ConsumerShare> parse_consumers(const std::string& text) {
+  const std::string expected =
+      "expected name:min:max entries separated by commas, e.g. "
+      "'scraper-a:1:2,scraper-b:1:2' (a max of 0 means the pool's max)";
+  std::vector<ConsumerShare> consumers;
+  std::size_t start = 0;
+  while (start <= text.size()) {
+    const std::size_t end = std::min(text.find(',', start), text.size());
+    const std::string entry = text.substr(start, end - start);
+    const std::size_t first = entry.find(':');
+    const std::size_t second = first == std::string::npos ? first : entry.find(':', first + 1);
+    if (first == std::string::npos || second == std::string::npos ||
+        entry.find(':', second + 1) != std::string::npos) {
+      invalid("PGRT_POOL_CONSUMERS='" + text + "' is not valid: the entry '" + entry +
+                  "' is not name:min:max",
+              expected);
+    }
+    consumers.push_back(
+        {.name = entry.substr(0, first),
+         .min = parse_number("PGRT_POOL_CONSUMERS (a min)",
+                             entry.substr(first + 1, second - first - 1), 0, 10'000),
+         .max = parse_number("PGRT_POOL_CONSUMERS (a max)", entry.substr(second + 1), 0, 10'000)});
+    start = end + 1;
+  }
+  return consumers;
+}
+
 // Every check of validate(); `warn` logs the settings that are allowed but do not do what they
 // seem to (from_env() leaves that to the Pool constructor, so one pool warns once).
 void check(const PoolConfig& config, bool warn) {
@@ -74,6 +149,8 @@ void check(const PoolConfig& config, bool warn) {
             : "budget.key is '" + config.budget.key + "' but budget.slots is 0",
         "set both (PGRT_BUDGET_KEY and PGRT_BUDGET_SLOTS), or neither for no budget");
   }
+  require_not_negative("budget.check_interval", config.budget.check_interval,
+                       "never checking that each connection still holds its slot");
   if (config.budget.slots > 100'000) {
     invalid("budget.slots is " + std::to_string(config.budget.slots), "at most 100000");
   }
@@ -84,6 +161,7 @@ void check(const PoolConfig& config, bool warn) {
         "give the budget a DSN straight to the server, or let the pooler bound the "
         "connections (PgBouncer: max_db_connections)");
   }
+  check_consumers(config);
   if (config.connect.pooler == Pooler::transaction) {
     if (config.reset == ResetPolicy::discard_all) {
       invalid(
@@ -262,6 +340,13 @@ PoolConfig PoolConfig::from_env(PoolConfig defaults) {
   if (auto value = env("PGRT_BUDGET_KEY")) config.budget.key = *value;
   if (auto value = env("PGRT_BUDGET_SLOTS")) {
     config.budget.slots = parse_number("PGRT_BUDGET_SLOTS", *value, 1, 100'000);
+  }
+  if (auto value = env("PGRT_POOL_CONSUMERS")) {
+    config.consumers = value->empty() ? std::vector<ConsumerShare>{} : parse_consumers(*value);
+  }
+  if (auto value = env("PGRT_BUDGET_CHECK_MS")) {
+    config.budget.check_interval = std::chrono::milliseconds(
+        parse_number("PGRT_BUDGET_CHECK_MS", *value, 0, 24ULL * 3600 * 1000));
   }
   if (auto value = env("PGRT_APP")) config.application = *value;
   if (auto value = env("PGRT_INSTANCE")) config.instance = *value;

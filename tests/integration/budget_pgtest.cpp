@@ -1,8 +1,10 @@
 // The connection budget (PoolConfig::budget) against a real server: pools that share a budget
 // never hold more slots than it has, a full budget fails waiters with budget_exhausted, the reset
 // policies keep the slot, and a budget behind a transaction pooler is refused.
+#include <algorithm>
 #include <atomic>
 #include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
@@ -12,6 +14,7 @@
 #include <gtest/gtest.h>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include <pgrt/db.hpp>
 
@@ -201,6 +204,60 @@ TEST_F(BudgetTest, BothResetPoliciesKeepTheSlotAcrossAThousandLeases) {
   }
 }
 
+// A slot released by hand (pg_advisory_unlock_all() in a lease) is noticed by the periodic
+// pg_locks check: an idle connection without its slot is closed within one check interval, and
+// a leased one when it comes back, so the budget counts every connection the pool holds.
+TEST_F(BudgetTest, AConnectionWhoseSlotWasReleasedByHandIsClosedWithinOneCheckInterval) {
+  constexpr auto interval = 500ms;
+  auto pool_config = config("unlocked", "unlocked", 3, 2);
+  pool_config.budget.check_interval = interval;
+  pool_config.min_idle = 2;
+  std::chrono::milliseconds idle_closed_after{0};
+  PoolStats end{};
+  run_coroutine([&]() -> awaitable_void {
+    Pool pool(co_await asio::this_coro::executor, pool_config);
+    while (pool.stats().idle < 2) co_await sleep_for(10ms);
+    BlockingConnection observer(cluster().dsn());
+    const auto alive = [&](int pid) {
+      return observer.scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = " +
+                             std::to_string(pid)) == "1";
+    };
+    // 1. Released in a lease, then returned: the idle connection goes within one interval.
+    int unlocked_pid = 0;
+    {
+      auto lease = co_await pool.acquire();
+      unlocked_pid = lease->backend_pid();
+      co_await lease->execute("SELECT pg_advisory_unlock_all()");
+    }
+    const auto returned = std::chrono::steady_clock::now();
+    while (alive(unlocked_pid) && std::chrono::steady_clock::now() - returned < 5s) {
+      co_await sleep_for(10ms);
+    }
+    idle_closed_after = std::chrono::duration_cast<std::chrono::milliseconds>(
+        std::chrono::steady_clock::now() - returned);
+    EXPECT_FALSE(alive(unlocked_pid));
+    // 2. Released in a lease that is kept past a check: closed when it comes back, never handed
+    // out again.
+    auto kept = co_await pool.acquire();
+    const int kept_pid = kept->backend_pid();
+    co_await kept->execute("SELECT pg_advisory_unlock_all()");
+    co_await sleep_for(2 * interval + 200ms);  // a check ran on the other, idle, connection
+    EXPECT_TRUE(alive(kept_pid)) << "a leased connection was closed under its user";
+    kept.release();
+    for (int i = 0; i < 4; ++i) {
+      auto lease = co_await pool.acquire();
+      EXPECT_NE(lease->backend_pid(), kept_pid) << "a connection without its slot was reused";
+    }
+    EXPECT_EQ(observer.scalar(slot_holders_sql("unlocked")),
+              std::to_string(pool.stats().size - pool.stats().closing));
+    end = pool.stats();
+    (void)co_await pool.close(1s);
+  });
+  EXPECT_LE(idle_closed_after, interval + 400ms)
+      << "the connection without its slot outlived one check interval by far";
+  EXPECT_GE(end.discarded, 2U);
+}
+
 TEST_F(BudgetTest, ABudgetIsRefusedBehindATransactionPoolerAndWhenHalfSet) {
   auto pool_config = config("refused", "refused", 3);
   pool_config.connect.pooler = Pooler::transaction;
@@ -216,6 +273,146 @@ TEST_F(BudgetTest, ABudgetIsRefusedBehindATransactionPoolerAndWhenHalfSet) {
   EXPECT_THROW(pool_config.validate(), Error);
   pool_config.budget = {.key = "", .slots = 4};
   EXPECT_THROW(pool_config.validate(), Error);
+}
+
+// --- consumers (PoolConfig::consumers) ---------------------------------------------------------
+
+class ConsumersTest : public testing::DbTest {
+ protected:
+  static PoolConfig config(std::size_t busy_max) {
+    PoolConfig pool_config;
+    pool_config.conninfo = cluster().dsn();
+    pool_config.max_size = 3;
+    pool_config.application = "consumers-test";
+    pool_config.consumers = {{.name = "busy", .min = 1, .max = busy_max},
+                             {.name = "quiet", .min = 1, .max = 2}};
+    return pool_config;
+  }
+  static constexpr std::size_t busy_index = 1;  // PoolStats::consumers: the default one first
+  static constexpr std::size_t quiet_index = 2;
+  static constexpr auto hold = 20ms;
+};
+
+// Two consumers, min 1 and max 2 each, share a pool of 3. Ten coroutines of the busy one hold
+// leases for 20 ms back to back. While the quiet one asks for nothing the busy one holds 2 (more
+// than an even split: the quiet one's part); when the quiet one asks, its waits stay within one
+// lease hold time, and the busy one never goes beyond its max.
+TEST_F(ConsumersTest, ABusyConsumerCannotStarveAQuietOneAndUsesItsShareWhileItIsIdle) {
+  std::vector<std::chrono::microseconds> quiet_waits;
+  std::size_t busy_most = 0, busy_most_while_quiet_idle = 0;
+  std::size_t busy_leases = 0;
+  run_coroutine([&]() -> awaitable_void {
+    auto pool_config = config(2);
+    pool_config.min_idle = 3;  // no connect in the quiet one's waits: they measure the sharing
+    Pool pool(co_await asio::this_coro::executor, pool_config);
+    bool quiet_active = false;
+    bool stop = false;
+    std::size_t running = 0;
+    auto busy = [&]() -> awaitable_void {
+      ++running;
+      while (!stop) {
+        auto lease = co_await pool.acquire("busy");
+        ++busy_leases;
+        const auto stats = pool.stats();
+        busy_most = std::max(busy_most, stats.consumers.at(busy_index).in_use);
+        if (!quiet_active) {
+          busy_most_while_quiet_idle =
+              std::max(busy_most_while_quiet_idle, stats.consumers.at(busy_index).in_use);
+        }
+        co_await sleep_for(hold);
+      }
+      --running;
+    };
+    const auto executor = co_await asio::this_coro::executor;
+    for (int i = 0; i < 10; ++i) asio::co_spawn(executor, busy(), asio::detached);
+    co_await sleep_for(300ms);
+    quiet_active = true;
+    for (int i = 0; i < 50; ++i) {
+      const auto asked = std::chrono::steady_clock::now();
+      {
+        auto lease = co_await pool.acquire("quiet");
+        quiet_waits.push_back(std::chrono::duration_cast<std::chrono::microseconds>(
+            std::chrono::steady_clock::now() - asked));
+        const auto stats = pool.stats();
+        EXPECT_EQ(stats.consumers.at(quiet_index).name, "quiet");
+        EXPECT_EQ(stats.consumers.at(quiet_index).in_use, 1U);
+        EXPECT_EQ(stats.consumers.at(quiet_index).share, 1U);
+        EXPECT_EQ(stats.consumers.at(busy_index).share, 2U);
+        co_await sleep_for(5ms);
+      }
+      co_await sleep_for(5ms);
+    }
+    stop = true;
+    while (running > 0) co_await sleep_for(5ms);
+    (void)co_await pool.close(1s);
+  });
+  EXPECT_EQ(busy_most, 2U) << "the busy consumer went beyond its max, or never used its max";
+  EXPECT_EQ(busy_most_while_quiet_idle, 2U);
+  EXPECT_GT(busy_leases, 40U);
+  std::sort(quiet_waits.begin(), quiet_waits.end());
+  const auto p99 = quiet_waits[quiet_waits.size() * 99 / 100];
+  EXPECT_LE(p99, std::chrono::duration_cast<std::chrono::microseconds>(hold))
+      << "the quiet consumer waited longer than one lease hold time";
+}
+
+// A busy consumer whose max is the whole pool holds all 3 while the other is idle; when the
+// other asks, the very next lease that comes back is its own, ahead of the busy one's earlier
+// waiters.
+TEST_F(ConsumersTest, AnIdleConsumerGetsItsMinimumBackWithinOneReturn) {
+  std::size_t returns_while_quiet_waited = 0;
+  std::size_t busy_most = 0;
+  run_coroutine([&]() -> awaitable_void {
+    Pool pool(co_await asio::this_coro::executor, config(3));
+    bool quiet_waiting = false;
+    bool stop = false;
+    std::size_t running = 0;
+    auto busy = [&]() -> awaitable_void {
+      ++running;
+      while (!stop) {
+        {
+          auto lease = co_await pool.acquire("busy");
+          busy_most = std::max(busy_most, pool.stats().consumers.at(busy_index).in_use);
+          co_await sleep_for(hold);
+        }
+        // The lease just came back: while the quiet consumer waits, it must have gone to it.
+        if (quiet_waiting && pool.stats().consumers.at(quiet_index).in_use == 0) {
+          ++returns_while_quiet_waited;
+        }
+      }
+      --running;
+    };
+    const auto executor = co_await asio::this_coro::executor;
+    for (int i = 0; i < 10; ++i) asio::co_spawn(executor, busy(), asio::detached);
+    co_await sleep_for(200ms);
+    EXPECT_EQ(pool.stats().consumers.at(busy_index).in_use, 3U);
+    for (int i = 0; i < 5; ++i) {
+      quiet_waiting = true;
+      {
+        auto lease = co_await pool.acquire("quiet");
+        quiet_waiting = false;
+        co_await sleep_for(5ms);
+      }
+      co_await sleep_for(100ms);  // idle again: the busy one takes all 3 meanwhile
+    }
+    stop = true;
+    while (running > 0) co_await sleep_for(5ms);
+    (void)co_await pool.close(1s);
+  });
+  EXPECT_EQ(busy_most, 3U);
+  EXPECT_EQ(returns_while_quiet_waited, 0U)
+      << "a lease went back to the busy consumer while the quiet one waited below its minimum";
+}
+
+TEST_F(ConsumersTest, AnUnknownConsumerIsAClearErrorAtItsCoAwait) {
+  run_coroutine([&]() -> awaitable_void {
+    Pool pool(co_await asio::this_coro::executor, config(2));
+    auto acquire = pool.acquire(std::string("nobody"));  // the name need not outlive the call
+    const Error error = co_await testing::expect_error(std::move(acquire));
+    EXPECT_EQ(error.code(), client_errc::invalid_config);
+    EXPECT_THAT(error.what(), HasSubstr("no consumer named 'nobody'"));
+    EXPECT_THAT(error.what(), HasSubstr("busy, quiet"));
+    (void)co_await pool.close(1s);
+  });
 }
 
 }  // namespace

@@ -114,7 +114,7 @@ class EnvironmentTest : public ::testing::Test {
          {"DATABASE_URL", "PGRT_POOL_MAX", "PGRT_POOL_MIN_IDLE", "PGRT_ACQUIRE_TIMEOUT_MS",
           "PGRT_MAX_LIFETIME_S", "PGRT_IDLE_TIMEOUT_S", "PGRT_LEAK_THRESHOLD_MS",
           "PGRT_POOL_PRESET", "PGRT_POOL_RESET", "PGRT_APP", "PGRT_INSTANCE", "PGRT_POOLER",
-          "PGRT_BUDGET_KEY", "PGRT_BUDGET_SLOTS"}) {
+          "PGRT_BUDGET_KEY", "PGRT_BUDGET_SLOTS", "PGRT_POOL_CONSUMERS", "PGRT_BUDGET_CHECK_MS"}) {
       ::unsetenv(name);
     }
   }
@@ -226,6 +226,41 @@ TEST_F(EnvironmentTest, PoolerFromTheEnvironment) {
   EXPECT_THROW((void)PoolConfig::from_env(), Error) << "discard_all behind a transaction pooler";
 }
 
+TEST_F(EnvironmentTest, ConsumersFromTheEnvironment) {
+  EXPECT_TRUE(PoolConfig::from_env().consumers.empty());
+  ::setenv("PGRT_POOL_MAX", "5", 1);
+  ::setenv("PGRT_POOL_CONSUMERS", "scraper-a:1:2,scraper-b:2:0", 1);
+  const auto config = PoolConfig::from_env();
+  ASSERT_EQ(config.consumers.size(), 2U);
+  EXPECT_EQ(config.consumers[0].name, "scraper-a");
+  EXPECT_EQ(config.consumers[0].min, 1U);
+  EXPECT_EQ(config.consumers[0].max, 2U);
+  EXPECT_EQ(config.consumers[1].name, "scraper-b");
+  EXPECT_EQ(config.consumers[1].max, 0U);  // the pool's max
+  for (const char* bad : {"a", "a:1", "a:1:2:3", ":1:2", "a:x:2", "a:1:2,", "a:1:2,a:1:2", "a:3:2",
+                          "a:1:6", "a:3:5,b:3:5"}) {
+    ::setenv("PGRT_POOL_CONSUMERS", bad, 1);
+    try {
+      (void)PoolConfig::from_env();
+      ADD_FAILURE() << "accepted PGRT_POOL_CONSUMERS=" << bad;
+    } catch (const Error& error) {
+      EXPECT_EQ(error.code(), client_errc::invalid_config) << bad;
+    }
+  }
+  // Minimums beyond what reserved_for_priority leaves are refused with both numbers.
+  PoolConfig reserved;
+  reserved.max_size = 4;
+  reserved.reserved_for_priority = 2;
+  reserved.consumers = {{.name = "a", .min = 2}, {.name = "b", .min = 1}};
+  try {
+    reserved.validate();
+    ADD_FAILURE() << "minimums of 3 accepted beside 2 reserved of 4";
+  } catch (const Error& error) {
+    EXPECT_THAT(error.what(), HasSubstr("add up to 3"));
+    EXPECT_THAT(error.what(), HasSubstr("reserved_for_priority 2"));
+  }
+}
+
 TEST_F(EnvironmentTest, BudgetFromTheEnvironment) {
   EXPECT_TRUE(PoolConfig::from_env().budget.key.empty());
   ::setenv("PGRT_BUDGET_KEY", "orders-db", 1);
@@ -233,6 +268,12 @@ TEST_F(EnvironmentTest, BudgetFromTheEnvironment) {
   const auto config = PoolConfig::from_env();
   EXPECT_EQ(config.budget.key, "orders-db");
   EXPECT_EQ(config.budget.slots, 40U);
+  EXPECT_EQ(config.budget.check_interval, std::chrono::seconds(10));
+  ::setenv("PGRT_BUDGET_CHECK_MS", "250", 1);
+  EXPECT_EQ(PoolConfig::from_env().budget.check_interval, std::chrono::milliseconds(250));
+  ::setenv("PGRT_BUDGET_CHECK_MS", "-1", 1);
+  EXPECT_THROW((void)PoolConfig::from_env(), Error);
+  ::unsetenv("PGRT_BUDGET_CHECK_MS");
   for (const char* bad : {"0", "", "forty", "100001", "-3"}) {
     ::setenv("PGRT_BUDGET_SLOTS", bad, 1);
     try {
@@ -410,7 +451,13 @@ TEST(PoolStatsTest, JsonHasEveryFieldAndEscapesTheMessage) {
   stats.last_connect_error = "FATAL: \"x\"\nnext";
   stats.consecutive_connect_failures = 4;
   stats.connect_backoff = std::chrono::milliseconds(800);
+  stats.consumers = {
+      {.name = "", .in_use = 0, .max = 3},
+      {.name = "scraper", .in_use = 2, .waiting = 5, .min = 1, .max = 2, .share = 2}};
   const std::string json = stats.to_json();
+  EXPECT_THAT(json, HasSubstr("\"consumers\":[{\"name\":\"\",\"in_use\":0,"));
+  EXPECT_THAT(json, HasSubstr("{\"name\":\"scraper\",\"in_use\":2,\"waiting\":5,\"min\":1,"
+                              "\"max\":2,\"share\":2}]"));
   EXPECT_THAT(json, HasSubstr("\"consecutive_connect_failures\":4"));
   EXPECT_THAT(json, HasSubstr("\"connect_backoff_ms\":800"));
   EXPECT_THAT(json, HasSubstr("\"max\":3"));

@@ -17,6 +17,7 @@
 #include <sstream>
 #include <string>
 #include <tuple>
+#include <variant>
 #include <vector>
 
 #include "pool/state_machine.hpp"
@@ -57,6 +58,7 @@ struct Model {
     Time expires = Time::max();
     Time idle_since{}, last_ping{}, leased_at{};
     Priority priority = Priority::normal;
+    ConsumerIndex consumer = default_consumer;
     bool leak_reported = false, session_used = false;
     bool lease_out = false;  // closed by its user in a lease that is still out
     std::uint64_t idle_stamp = 0, leased_stamp = 0;  // when it entered idle / leased
@@ -64,6 +66,7 @@ struct Model {
   struct W {
     std::uint64_t id;
     Priority priority;
+    ConsumerIndex consumer;
   };
 
   CoreConfig config;
@@ -98,6 +101,47 @@ struct Model {
     return priority == Priority::high ||
            leased_normal() < config.max_size - config.reserved_for_priority;
   }
+  // Consumer 0 is the default one (min 0, max max_size); named consumer i is index i + 1.
+  std::size_t consumers() const { return config.consumers.size() + 1; }
+  std::size_t min_of(ConsumerIndex consumer) const {
+    return consumer == 0 ? 0 : config.consumers[consumer - 1].min;
+  }
+  std::size_t max_of(ConsumerIndex consumer) const {
+    return consumer == 0 ? config.max_size : config.consumers[consumer - 1].max;
+  }
+  std::size_t in_use(ConsumerIndex consumer) const {
+    return static_cast<std::size_t>(std::count_if(nodes.begin(), nodes.end(), [&](const auto& e) {
+      return e.second.state == NodeState::leased && e.second.consumer == consumer;
+    }));
+  }
+  std::size_t waiting_of(ConsumerIndex consumer) const {
+    return static_cast<std::size_t>(std::count_if(
+        queue.begin(), queue.end(), [&](const W& waiter) { return waiter.consumer == consumer; }));
+  }
+  bool can_lease(Priority priority, ConsumerIndex consumer) const {
+    return can_lease(priority) && in_use(consumer) < max_of(consumer);
+  }
+  // The waiter a free node goes to: the high priority first (normal only outside the reserve);
+  // within it, the waiter whose consumer (below its max) holds the fewest leases beyond its min,
+  // then the one that came first. queue.end() if none.
+  std::vector<W>::iterator next_waiter() {
+    for (Priority priority : {Priority::high, Priority::normal}) {
+      if (!can_lease(priority)) continue;
+      auto best = queue.end();
+      long best_excess = 0;
+      for (auto it = queue.begin(); it != queue.end(); ++it) {
+        if (it->priority != priority || in_use(it->consumer) >= max_of(it->consumer)) continue;
+        const long excess =
+            static_cast<long>(in_use(it->consumer)) - static_cast<long>(min_of(it->consumer));
+        if (best == queue.end() || excess < best_excess) {
+          best = it;
+          best_excess = excess;
+        }
+      }
+      if (best != queue.end()) return best;
+    }
+    return queue.end();
+  }
   // The idle node that became idle last, or 0.
   std::uint64_t newest_idle() const {
     std::uint64_t best = 0, best_stamp = 0;
@@ -120,10 +164,11 @@ struct Model {
     return ids;
   }
 
-  void lease(std::uint64_t id, Priority priority, Time now) {
+  void lease(std::uint64_t id, Priority priority, ConsumerIndex consumer, Time now) {
     N& node = nodes.at(id);
     node.state = NodeState::leased;
     node.priority = priority;
+    node.consumer = consumer;
     node.leased_at = now;
     node.leak_reported = false;
     node.session_used = true;
@@ -136,26 +181,20 @@ struct Model {
     node.state = NodeState::idle;
     node.idle_stamp = ++stamp;
   }
-  // A free node goes to the first waiter in arrival order that may take it, high before normal.
+  // A free node goes to next_waiter(), else becomes idle.
   void offer(std::uint64_t id, Time now, bool used) {
-    for (Priority priority : {Priority::high, Priority::normal}) {
-      if (!can_lease(priority)) continue;
-      for (auto it = queue.begin(); it != queue.end(); ++it) {
-        if (it->priority != priority) continue;
-        const std::uint64_t waiter = it->id;
-        queue.erase(it);
-        lease(id, priority, now);
-        outs.push_back(out(Action::Kind::wake, id, waiter));
-        return;
-      }
+    auto it = next_waiter();
+    if (it != queue.end()) {
+      const W waiter = *it;
+      queue.erase(it);
+      lease(id, waiter.priority, waiter.consumer, now);
+      outs.push_back(out(Action::Kind::wake, id, waiter.id));
+      return;
     }
     if (nodes.at(id).state != NodeState::idle) become_idle(id, now, used);
   }
   void serve_idle(Time now) {
-    while (newest_idle() != 0 && (waiting(Priority::high) > 0 ||
-                                  (waiting(Priority::normal) > 0 && can_lease(Priority::normal)))) {
-      offer(newest_idle(), now, false);
-    }
+    while (newest_idle() != 0 && next_waiter() != queue.end()) offer(newest_idle(), now, false);
   }
   void close(std::uint64_t id, DiscardReason reason) {
     nodes.at(id).state = NodeState::closing;
@@ -167,8 +206,21 @@ struct Model {
     const std::size_t normal_limit = config.max_size - config.reserved_for_priority;
     const std::size_t normal_room =
         normal_limit > leased_normal() ? normal_limit - leased_normal() : 0;
-    const std::size_t servable =
-        waiting(Priority::high) + std::min(waiting(Priority::normal), normal_room);
+    // Waiters a new node could serve: none of a consumer beyond its max.
+    std::size_t high = 0, normal = 0;
+    for (ConsumerIndex consumer = 0; consumer < consumers(); ++consumer) {
+      std::size_t room = max_of(consumer) - in_use(consumer);
+      for (Priority priority : {Priority::high, Priority::normal}) {
+        const std::size_t count = static_cast<std::size_t>(
+            std::count_if(queue.begin(), queue.end(), [&](const W& waiter) {
+              return waiter.consumer == consumer && waiter.priority == priority;
+            }));
+        const std::size_t served = std::min(count, room);
+        room -= served;
+        (priority == Priority::high ? high : normal) += served;
+      }
+    }
+    const std::size_t servable = high + std::min(normal, normal_room);
     const std::size_t alive = live() - count(NodeState::closing);
     std::size_t target = servable;
     const std::size_t ready = count(NodeState::idle) + count(NodeState::connecting);
@@ -185,29 +237,32 @@ struct Model {
   bool expired(std::uint64_t id, Time now) const { return now >= nodes.at(id).expires; }
 
   // Returns {kind, node}; kind as AcquireResult::Kind.
-  std::pair<AcquireResult::Kind, std::uint64_t> try_acquire(Priority priority, Time now) {
+  std::pair<AcquireResult::Kind, std::uint64_t> try_acquire(Priority priority,
+                                                            ConsumerIndex consumer, Time now) {
     if (closed) return {AcquireResult::Kind::closed, 0};
-    const bool nobody_ahead = waiting(Priority::high) == 0 &&
-                              (priority == Priority::high || waiting(Priority::normal) == 0);
-    while (nobody_ahead && newest_idle() != 0 && can_lease(priority)) {
+    // Nobody who could take a node waits at this priority or above.
+    auto first = next_waiter();
+    const bool nobody_ahead =
+        first == queue.end() || (priority == Priority::high && first->priority == Priority::normal);
+    while (nobody_ahead && newest_idle() != 0 && can_lease(priority, consumer)) {
       const std::uint64_t id = newest_idle();
       if (expired(id, now)) {
         close(id, DiscardReason::lifetime);
         continue;
       }
-      lease(id, priority, now);
+      lease(id, priority, consumer, now);
       return {AcquireResult::Kind::leased, id};
     }
     if (queue.size() >= config.max_waiters) return {AcquireResult::Kind::queue_full, 0};
     if (config.acquire_timeout.count() > 0) return {AcquireResult::Kind::wait, 0};
-    if (live() < config.max_size && can_lease(priority)) {
+    if (live() < config.max_size && can_lease(priority, consumer)) {
       return {AcquireResult::Kind::wait, 0};
     }
     ++timeouts;
     return {AcquireResult::Kind::no_wait, 0};
   }
-  void enqueue(std::uint64_t waiter, Priority priority, Time now) {
-    queue.push_back({waiter, priority});
+  void enqueue(std::uint64_t waiter, Priority priority, ConsumerIndex consumer, Time now) {
+    queue.push_back({waiter, priority, consumer});
     serve_idle(now);
     maybe_open(now);
   }
@@ -433,6 +488,16 @@ CoreConfig random_config(std::mt19937_64& random) {
   config.backoff_max = milliseconds(80);
   config.backoff_jitter = 0.0;
   config.reset_discard_all = pick(3) == 0;
+  // Half the runs with named consumers (their minimums within what the reserve leaves).
+  if (pick(2) == 0) {
+    std::size_t room = config.max_size - config.reserved_for_priority;
+    for (std::uint64_t count = 1 + pick(3); count > 0; --count) {
+      const std::size_t min = room > 0 ? pick(std::min<std::size_t>(room, 2) + 1) : 0;
+      room -= min;
+      const std::size_t max = std::max<std::size_t>({min, 1, 1 + pick(config.max_size)});
+      config.consumers.push_back({.min = min, .max = std::min(max, config.max_size)});
+    }
+  }
   return config;
 }
 
@@ -549,9 +614,11 @@ class Run {
     switch (event.kind) {
       case K::acquire: {
         const Priority priority = event.variant % 3 == 0 ? Priority::high : Priority::normal;
+        const auto consumer = static_cast<ConsumerIndex>(event.pick % model_.consumers());
         const std::uint64_t id = next_waiter_++;
-        auto result = core_.try_acquire(priority, std::source_location::current(), now_, actions);
-        auto [model_kind, model_node] = model_.try_acquire(priority, now_);
+        auto result =
+            core_.try_acquire(priority, std::source_location::current(), now_, actions, consumer);
+        auto [model_kind, model_node] = model_.try_acquire(priority, consumer, now_);
         if (result.kind != model_kind) {
           return "acquire " + std::to_string(id) + ": the core said " +
                  std::to_string(int(result.kind)) + ", the model " +
@@ -566,10 +633,11 @@ class Run {
           waiters_[id] = nullptr;
           ++ends_[id];
         } else if (result.kind == AcquireResult::Kind::wait) {
-          auto waiter = std::make_unique<Waiter>(priority, std::source_location::current());
+          auto waiter =
+              std::make_unique<Waiter>(priority, std::source_location::current(), consumer);
           waiter_ids_[waiter.get()] = id;
           core_.enqueue(*waiter, now_, actions);
-          model_.enqueue(id, priority, now_);
+          model_.enqueue(id, priority, consumer, now_);
           waiters_[id] = std::move(waiter);
           queued_order_.push_back(id);
         } else {
@@ -716,15 +784,19 @@ class Run {
       ++ends_[id];
       if (waiter.outcome == Waiter::Outcome::handed) {
         if (waiter.handed != action.node) return std::string("a waiter woke with another node");
-        // FIFO within a priority: nobody of its priority who came earlier is still waiting.
+        // FIFO within a priority and consumer: nobody of both who came earlier still waits.
         for (std::uint64_t other : queued_order_) {
           if (other >= id) break;
           const auto& earlier = waiters_[other];
           if (earlier && earlier->priority == waiter.priority &&
-              earlier->outcome == Waiter::Outcome::none) {
+              earlier->consumer == waiter.consumer && earlier->outcome == Waiter::Outcome::none) {
             return "waiter " + std::to_string(id) + " was served before the earlier waiter " +
-                   std::to_string(other) + " of its priority";
+                   std::to_string(other) + " of its priority and consumer";
           }
+        }
+        // No consumer beyond its max, counting this lease.
+        if (model_.in_use(waiter.consumer) > model_.max_of(waiter.consumer)) {
+          return "consumer " + std::to_string(waiter.consumer) + " holds more than its max";
         }
       } else if (waiter.outcome != Waiter::Outcome::failed) {
         return std::string("a waiter woke without an outcome");
@@ -753,10 +825,17 @@ class Run {
         stats.leased_normal > 0) {
       return std::string("normal leases use the reserved connections");
     }
-    if (stats.count(NodeState::idle) > 0 &&
-        (stats.waiting_high > 0 ||
-         (stats.waiting_normal > 0 && core_.can_lease(Priority::normal)))) {
+    if (stats.count(NodeState::idle) > 0 && core_.next_waiter() != nullptr) {
       return std::string("a waiter waits while an idle connection could serve it");
+    }
+    for (ConsumerIndex consumer = 0; consumer < model_.consumers(); ++consumer) {
+      if (stats.consumers.at(consumer).in_use != model_.in_use(consumer) ||
+          stats.consumers.at(consumer).waiting != model_.waiting_of(consumer)) {
+        return "consumer " + std::to_string(consumer) + "'s counts differ from the model";
+      }
+      if (stats.consumers[consumer].in_use > model_.max_of(consumer)) {
+        return "consumer " + std::to_string(consumer) + " holds more than its max";
+      }
     }
     if (stats.waiting_normal != model_.waiting(Priority::normal) ||
         stats.waiting_high != model_.waiting(Priority::high)) {
@@ -863,12 +942,234 @@ TEST(PoolCoreModel, AgreesWithTheModelOnOneMillionRandomEvents) {
          << config.acquire_timeout.count() << " ms, lifetime " << config.max_lifetime.count()
          << " ms, idle_timeout " << config.idle_timeout.count() << " ms, keepalive "
          << config.keepalive_interval.count() << " ms, leak " << config.leak_threshold.count()
-         << " ms, discard_all " << config.reset_discard_all << "\nshortest failing sequence ("
-         << shortest.size() << " events):\n";
+         << " ms, discard_all " << config.reset_discard_all << ", consumers";
+    for (const auto& consumer : config.consumers)
+      text << " " << consumer.min << "-" << consumer.max;
+    text << "\nshortest failing sequence (" << shortest.size() << " events):\n";
     for (const auto& event : shortest) text << "  " << describe(event) << "\n";
     FAIL() << text.str();
   }
   EXPECT_GE(played, 1'000'000u);
+}
+
+// --- consumers' shares (PoolConfig::consumers), step by step ---------------------------------
+
+// A core whose connects succeed at once, driven the way the driver would.
+class SharedPool {
+ public:
+  explicit SharedPool(CoreConfig config) : core_(std::move(config), 7) {}
+
+  // Leases a node at once for `consumer`, or queues a waiter (returned) for it.
+  std::variant<Node*, Waiter*> acquire(ConsumerIndex consumer) {
+    Actions actions;
+    auto result = core_.try_acquire(Priority::normal, std::source_location::current(), now_,
+                                    actions, consumer);
+    run(actions);
+    if (result.kind == AcquireResult::Kind::leased) return result.node;
+    EXPECT_EQ(result.kind, AcquireResult::Kind::wait);
+    waiters_.push_back(
+        std::make_unique<Waiter>(Priority::normal, std::source_location::current(), consumer));
+    Actions enqueued;
+    core_.enqueue(*waiters_.back(), now_, enqueued);
+    run(enqueued);
+    return waiters_.back().get();
+  }
+  void give_back(Node& node) {
+    Actions actions;
+    core_.lease_returned(node, ReturnKind::clean, now_, actions);
+    run(actions);
+  }
+  std::size_t in_use(ConsumerIndex consumer) const {
+    return core_.stats().consumers.at(consumer).in_use;
+  }
+  // The nodes leased to `consumer`, oldest lease first.
+  std::vector<Node*> leased_to(ConsumerIndex consumer) {
+    std::vector<Node*> found;
+    core_.nodes(NodeState::leased).for_each([&](const Node& node) {
+      if (node.consumer == consumer) found.push_back(const_cast<Node*>(&node));
+    });
+    return found;
+  }
+  Core& core() { return core_; }
+
+ private:
+  void run(Actions& actions) {
+    for (std::size_t i = 0; i < actions.size(); ++i) {  // connects may add actions
+      if (actions[i].kind != Action::Kind::open) continue;
+      Actions more;
+      core_.connect_succeeded(*actions[i].node, now_, more);
+      actions.insert(actions.end(), more.begin(), more.end());
+    }
+  }
+  Core core_;
+  Time now_ = Time{} + std::chrono::hours(1);
+  std::vector<std::unique_ptr<Waiter>> waiters_;
+};
+
+CoreConfig two_consumers(std::size_t max_each) {
+  return CoreConfig{.max_size = 3,
+                    .consumers = {{.min = 1, .max = max_each}, {.min = 1, .max = max_each}}};
+}
+constexpr ConsumerIndex busy = 1;
+constexpr ConsumerIndex quiet = 2;
+
+// The waiters still waiting.
+std::vector<Waiter*> still_waiting(const std::vector<Waiter*>& waiters) {
+  std::vector<Waiter*> waiting;
+  for (Waiter* waiter : waiters) {
+    if (waiter->outcome == Waiter::Outcome::none) waiting.push_back(waiter);
+  }
+  return waiting;
+}
+
+TEST(PoolCoreConsumers, ABusyConsumerUsesAnIdleOnesShareButNeverItsMinimum) {
+  SharedPool pool(two_consumers(2));
+  std::vector<Waiter*> busy_waiting;
+  for (int i = 0; i < 10; ++i) {
+    auto got = pool.acquire(busy);
+    if (auto* waiter = std::get_if<Waiter*>(&got)) busy_waiting.push_back(*waiter);
+  }
+  EXPECT_EQ(pool.in_use(busy), 2u);  // more than an even split of 3: the quiet one's part
+  busy_waiting = still_waiting(busy_waiting);
+  EXPECT_EQ(busy_waiting.size(), 8u);
+  // The quiet consumer wakes: its minimum was never taken (the busy one is at its max), so it
+  // gets it without any lease coming back (here through a connect made for it).
+  (void)pool.acquire(quiet);
+  EXPECT_EQ(pool.in_use(quiet), 1u);
+  // Busy returns go to busy waiters; the quiet one keeps its lease throughout.
+  for (int i = 0; i < 8; ++i) pool.give_back(*pool.leased_to(busy).front());
+  EXPECT_EQ(pool.in_use(busy), 2u);
+  EXPECT_EQ(pool.in_use(quiet), 1u);
+  for (Waiter* waiter : busy_waiting) EXPECT_EQ(waiter->outcome, Waiter::Outcome::handed);
+}
+
+TEST(PoolCoreConsumers, AConsumerBelowItsMinimumGetsTheNextReturnBeforeEarlierWaiters) {
+  SharedPool pool(two_consumers(3));  // the busy one may take the whole pool
+  std::vector<Waiter*> busy_waiting;
+  for (int i = 0; i < 8; ++i) {
+    auto got = pool.acquire(busy);
+    if (auto* waiter = std::get_if<Waiter*>(&got)) busy_waiting.push_back(*waiter);
+  }
+  EXPECT_EQ(pool.in_use(busy), 3u);  // all of it while the quiet one asks for nothing
+  busy_waiting = still_waiting(busy_waiting);
+  ASSERT_EQ(busy_waiting.size(), 5u);
+  auto got = pool.acquire(quiet);
+  ASSERT_TRUE(std::holds_alternative<Waiter*>(got));
+  Waiter* quiet_waiter = std::get<Waiter*>(got);
+  pool.give_back(*pool.leased_to(busy).front());  // one return
+  EXPECT_EQ(quiet_waiter->outcome, Waiter::Outcome::handed);
+  EXPECT_EQ(busy_waiting.front()->outcome, Waiter::Outcome::none);  // came earlier, waits on
+  EXPECT_EQ(pool.in_use(quiet), 1u);
+  EXPECT_EQ(pool.in_use(busy), 2u);
+}
+
+TEST(PoolCoreConsumers, BusyConsumersGetTheirMinimumsAndSplitTheRestEvenly) {
+  // Pool 7: minimums 1, 3 and 0, so 3 are left to split; every consumer keeps asking.
+  SharedPool pool(
+      CoreConfig{.max_size = 7,
+                 .consumers = {{.min = 1, .max = 7}, {.min = 3, .max = 7}, {.min = 0, .max = 7}}});
+  for (int i = 0; i < 20; ++i) {
+    for (ConsumerIndex consumer : {ConsumerIndex{1}, ConsumerIndex{2}, ConsumerIndex{3}}) {
+      (void)pool.acquire(consumer);
+    }
+  }
+  std::mt19937_64 random(3);
+  for (int round = 0; round < 40; ++round) {
+    // Any lease comes back; its consumer asks again at once (a busy service).
+    std::vector<Node*> leased;
+    pool.core().nodes(NodeState::leased).for_each([&](const Node& node) {
+      leased.push_back(const_cast<Node*>(&node));
+    });
+    Node* node = leased[random() % leased.size()];
+    const ConsumerIndex owner = node->consumer;
+    pool.give_back(*node);
+    (void)pool.acquire(owner);
+  }
+  // Each at or above its minimum, and beyond it within one of the others.
+  const std::array<std::size_t, 3> minimums{1, 3, 0};
+  std::size_t least_beyond = 100, most_beyond = 0;
+  for (ConsumerIndex consumer = 1; consumer <= 3; ++consumer) {
+    const std::size_t held = pool.in_use(consumer);
+    EXPECT_GE(held, minimums[consumer - 1]) << "consumer " << consumer;
+    least_beyond = std::min(least_beyond, held - minimums[consumer - 1]);
+    most_beyond = std::max(most_beyond, held - minimums[consumer - 1]);
+  }
+  EXPECT_LE(most_beyond - least_beyond, 1u);
+  EXPECT_EQ(pool.in_use(1) + pool.in_use(2) + pool.in_use(3), 7u);
+}
+
+TEST(PoolCoreConsumers, FairSharesGiveMinimumsThenSplitEvenlyWithinEachMax) {
+  const std::vector<ConsumerLimits> limits{{0, 10}, {1, 2}, {1, 2}, {2, 10}};
+  EXPECT_EQ(fair_shares(limits, {false, true, true, false}, 3),
+            (std::vector<std::size_t>{0, 2, 1, 0}));
+  EXPECT_EQ(fair_shares(limits, {false, true, false, false}, 3),
+            (std::vector<std::size_t>{0, 2, 0, 0}));  // its max, not the idle one's part
+  EXPECT_EQ(fair_shares(limits, {true, true, true, true}, 10),
+            (std::vector<std::size_t>{2, 2, 2, 4}));  // 6 beyond the minimums: 2 + 4
+}
+
+// --- the budget's slot check (CoreConfig::slot_check_interval) ---------------------------------
+
+TEST(PoolCoreSlotCheck, RunsOnAnIdleConnectionOrOnOneComingBackAndClosesALostSlot) {
+  Core core(CoreConfig{.max_size = 2, .slot_check_interval = milliseconds(100)}, 1);
+  Time now = Time{} + std::chrono::hours(1);
+  Actions actions;
+  const auto lease_one = [&]() -> Node* {
+    Waiter waiter(Priority::normal, std::source_location::current());
+    actions.clear();
+    auto result = core.try_acquire(Priority::normal, waiter.site, now, actions);
+    if (result.kind == AcquireResult::Kind::leased) return result.node;
+    core.enqueue(waiter, now, actions);
+    for (const Action& action : Actions(actions)) {
+      if (action.kind == Action::Kind::open) core.connect_succeeded(*action.node, now, actions);
+    }
+    EXPECT_EQ(waiter.outcome, Waiter::Outcome::handed);
+    return waiter.handed;
+  };
+  const auto find = [&](Action::Kind kind) -> const Action* {
+    for (const Action& action : actions) {
+      if (action.kind == kind) return &action;
+    }
+    return nullptr;
+  };
+  Node* first = lease_one();
+  Node* second = lease_one();
+  // Not due yet: a clean return goes straight back.
+  actions.clear();
+  core.lease_returned(*second, ReturnKind::clean, now, actions);
+  EXPECT_EQ(second->state, NodeState::idle);
+  // Due: the upkeep runs it on the idle connection, as a ping.
+  now += milliseconds(100);
+  actions.clear();
+  core.tick(now, actions);
+  ASSERT_NE(find(Action::Kind::ping), nullptr);
+  EXPECT_TRUE(find(Action::Kind::ping)->check_slots);
+  EXPECT_EQ(find(Action::Kind::ping)->node, second);
+  actions.clear();
+  core.ping_done(*second, true, now, actions);
+  // Due again while nothing is idle: it runs on the way back of a lease, as a reset.
+  second = lease_one();
+  now += milliseconds(150);
+  actions.clear();
+  core.lease_returned(*first, ReturnKind::clean, now, actions);
+  ASSERT_NE(find(Action::Kind::reset), nullptr);
+  EXPECT_TRUE(find(Action::Kind::reset)->check_slots);
+  // The check found `second` (leased) without its slot: it closes when it comes back, not before.
+  actions.clear();
+  core.slot_lost(*second, now, actions);
+  EXPECT_EQ(second->state, NodeState::leased);
+  actions.clear();
+  core.lease_returned(*second, ReturnKind::clean, now, actions);
+  ASSERT_NE(find(Action::Kind::close), nullptr);
+  EXPECT_EQ(find(Action::Kind::close)->reason, DiscardReason::slot_lost);
+  // An idle connection without its slot closes at once.
+  actions.clear();
+  core.reset_done(*first, true, now, actions);
+  ASSERT_EQ(first->state, NodeState::idle);
+  actions.clear();
+  core.slot_lost(*first, now, actions);
+  ASSERT_NE(find(Action::Kind::close), nullptr);
+  EXPECT_EQ(find(Action::Kind::close)->reason, DiscardReason::slot_lost);
 }
 
 TEST(PoolCoreSizing, OpensWhatWaitersAndMinIdleNeedWithinTheMax) {

@@ -32,17 +32,28 @@ namespace pgrt::detail {
 
 namespace asio = boost::asio;
 
-asio::awaitable<SlotSearch> take_budget_slot(Connection& connection, const Budget& budget) {
-  const std::int32_t key = budget_lock_key(budget.key);
+asio::awaitable<std::vector<SlotHolder>> budget_slot_holders(Connection& connection,
+                                                             const Budget& budget) {
   // Advisory locks are per database; pg_locks shows the (int4, int4) form's keys as classid and
   // objid (unsigned), with objsubid 2.
-  const Result held_rows = co_await connection.query(
-      "SELECT objid::int8 FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2 "
-      "AND classid = ($1::int8 & 4294967295)::oid AND database = (SELECT oid FROM pg_database "
-      "WHERE datname = current_database())",
-      static_cast<std::int64_t>(key));
+  const Result rows = co_await connection.query(
+      "SELECT objid::int8, pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid "
+      "= 2 AND classid = ($1::int8 & 4294967295)::oid AND database = (SELECT oid FROM "
+      "pg_database WHERE datname = current_database())",
+      static_cast<std::int64_t>(budget_lock_key(budget.key)));
+  std::vector<SlotHolder> holders;
+  for (const Row& row : rows) {
+    holders.push_back({.slot = static_cast<std::size_t>(row.get<std::int64_t>(0)),
+                       .pid = row.get<std::int32_t>(1)});
+  }
+  co_return holders;
+}
+
+asio::awaitable<SlotSearch> take_budget_slot(Connection& connection, const Budget& budget) {
+  const std::int32_t key = budget_lock_key(budget.key);
+  const std::vector<SlotHolder> holders = co_await budget_slot_holders(connection, budget);
   std::set<std::size_t> held;
-  for (const Row& row : held_rows) held.insert(static_cast<std::size_t>(row.get<std::int64_t>(0)));
+  for (const SlotHolder& holder : holders) held.insert(holder.slot);
   thread_local std::minstd_rand random(std::random_device{}());
   const std::size_t start = std::uniform_int_distribution<std::size_t>(0, budget.slots - 1)(random);
   SlotSearch search;

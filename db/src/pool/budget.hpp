@@ -13,6 +13,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "pgrt/db/connection.hpp"
 #include "pgrt/db/pool.hpp"
@@ -24,6 +25,16 @@ struct SlotSearch {
   std::optional<std::size_t> slot;
   std::size_t holders = 0;
 };
+
+// A backend holding one of a budget's slots, as pg_locks shows it.
+struct SlotHolder {
+  std::size_t slot = 0;
+  int pid = 0;
+};
+
+// Every holder of `budget`'s slots in the connection's database (one pg_locks query).
+[[nodiscard]] boost::asio::awaitable<std::vector<SlotHolder>> budget_slot_holders(
+    Connection& connection, const Budget& budget);
 
 // Takes a free slot on `connection`: reads which slots the server shows held (pg_locks), then
 // tries the others one by one, from a random start, with pg_try_advisory_lock (one lock per

@@ -78,10 +78,10 @@ void PoolState::execute_locked(const pool::Actions& actions, Deferred& deferred)
         start_connect(*action.node);
         break;
       case pool::Action::Kind::reset:
-        spawn_later(reset(shared_from_this(), action.node));
+        spawn_later(reset(shared_from_this(), action.node, action.check_slots));
         break;
       case pool::Action::Kind::ping:
-        spawn_later(ping(shared_from_this(), action.node));
+        spawn_later(ping(shared_from_this(), action.node, action.check_slots));
         break;
       case pool::Action::Kind::close:
         if (events.discarded.ever_connected()) {
@@ -271,7 +271,9 @@ asio::awaitable<void> PoolState::open_connection(
           co_await cut_at(connection, Clock::now() + self->config.connect.connect_timeout,
                           take_budget_slot(connection, budget));
       if (search.slot) {
-        static_cast<PooledConnection&>(*node->attachment).budget_slot = *search.slot;
+        auto& pooled = static_cast<PooledConnection&>(*node->attachment);
+        pooled.budget_slot = *search.slot;
+        pooled.backend_pid = connection.backend_pid();
       } else {
         no_slot = true;
         error = make_error_code(client_errc::budget_exhausted);
@@ -351,7 +353,8 @@ asio::awaitable<void> PoolState::open_connection(
   self->execute_locked(actions, deferred);
 }
 
-asio::awaitable<void> PoolState::reset(std::shared_ptr<PoolState> self, pool::Node* node) {
+asio::awaitable<void> PoolState::reset(std::shared_ptr<PoolState> self, pool::Node* node,
+                                       bool check_slots) {
   Connection& connection = connection_of(*node);
   bool ok = true;
   // Bounded like a connect: a server that answers neither in connect_timeout is not one to
@@ -374,6 +377,7 @@ asio::awaitable<void> PoolState::reset(std::shared_ptr<PoolState> self, pool::No
                             static_cast<PooledConnection&>(*node->attachment).budget_slot));
       }
     }
+    if (check_slots) co_await check_budget_slots(self, node, deadline);
   } catch (const std::exception& error) {
     ok = false;
     spdlog::warn("pgrt pool: resetting a returned connection ({}) failed: {}",
@@ -386,12 +390,17 @@ asio::awaitable<void> PoolState::reset(std::shared_ptr<PoolState> self, pool::No
   self->execute_locked(actions, deferred);
 }
 
-asio::awaitable<void> PoolState::ping(std::shared_ptr<PoolState> self, pool::Node* node) {
+asio::awaitable<void> PoolState::ping(std::shared_ptr<PoolState> self, pool::Node* node,
+                                      bool check_slots) {
   bool ok = true;
   try {
     Connection& connection = connection_of(*node);
-    (void)co_await cut_at(connection, Clock::now() + self->config.connect.connect_timeout,
-                          connection.query(""));
+    const auto deadline = Clock::now() + self->config.connect.connect_timeout;
+    if (check_slots) {
+      co_await check_budget_slots(self, node, deadline);  // a round trip: the ping's too
+    } else {
+      (void)co_await cut_at(connection, deadline, connection.query(""));
+    }
   } catch (...) {  // NOLINT(bugprone-empty-catch): the core closes a connection that failed
     ok = false;
   }
@@ -399,6 +408,58 @@ asio::awaitable<void> PoolState::ping(std::shared_ptr<PoolState> self, pool::Nod
   std::lock_guard lock(self->mutex);
   auto& actions = self->fresh_actions_locked();
   self->core.ping_done(*node, ok, Clock::now(), actions);
+  self->execute_locked(actions, deferred);
+}
+
+asio::awaitable<void> PoolState::check_budget_slots(std::shared_ptr<PoolState> self,
+                                                    pool::Node* checker,
+                                                    Clock::time_point deadline) {
+  struct Judged {
+    std::uint64_t node_id;
+    std::uint32_t resets;
+  };
+  std::vector<Judged> judged;
+  {
+    std::lock_guard lock(self->mutex);
+    for (auto state : {pool::NodeState::idle, pool::NodeState::leased}) {
+      self->core.nodes(state).for_each([&](const pool::Node& node) {
+        judged.push_back({node.id, node.resets});
+      });
+    }
+    judged.push_back({checker->id, checker->resets});
+  }
+  Connection& connection = connection_of(*checker);
+  const std::vector<SlotHolder> holders =
+      co_await cut_at(connection, deadline, budget_slot_holders(connection, self->config.budget));
+  Deferred deferred;
+  std::lock_guard lock(self->mutex);
+  auto& actions = self->fresh_actions_locked();
+  const auto now = Clock::now();
+  std::vector<const pool::Node*> lost;
+  for (auto state : {pool::NodeState::idle, pool::NodeState::leased, pool::NodeState::resetting,
+                     pool::NodeState::pinging}) {
+    self->core.nodes(state).for_each([&](const pool::Node& node) {
+      const bool unchanged = std::any_of(judged.begin(), judged.end(), [&](const Judged& entry) {
+        return entry.node_id == node.id && entry.resets == node.resets;
+      });
+      if (!unchanged || node.evicted) return;
+      const auto& pooled = static_cast<const PooledConnection&>(*node.attachment);
+      const bool holds = std::any_of(holders.begin(), holders.end(), [&](const SlotHolder& holder) {
+        return holder.pid == pooled.backend_pid;
+      });
+      if (holds) return;
+      spdlog::warn(
+          "pgrt pool {}: the connection to backend {} no longer holds its slot {} of the "
+          "connection budget '{}' (released by hand: pg_advisory_unlock_all(), or DISCARD ALL "
+          "sent as a query?); it is closed {}",
+          self->application_name, pooled.backend_pid, pooled.budget_slot, self->config.budget.key,
+          node.state == pool::NodeState::idle ? "now" : "when it comes back");
+      lost.push_back(&node);
+    });
+  }
+  // (The core's own nodes, read through its const view, handed back to it.)
+  for (const pool::Node* node : lost)
+    self->core.slot_lost(const_cast<pool::Node&>(*node), now, actions);
   self->execute_locked(actions, deferred);
 }
 
@@ -499,7 +560,7 @@ std::string PoolState::describe_load_locked() const {
 }
 
 asio::awaitable<Lease> PoolState::acquire(std::shared_ptr<PoolState> self, Priority priority,
-                                          std::source_location site,
+                                          pool::ConsumerIndex consumer, std::source_location site,
                                           std::optional<Clock::time_point> deadline) {
   // A caller already cancelled: reported as client_errc::cancelled and counted. (Under asio's
   // default this_coro::throw_if_cancelled(true), asio itself throws operation_aborted at the
@@ -516,7 +577,7 @@ asio::awaitable<Lease> PoolState::acquire(std::shared_ptr<PoolState> self, Prior
     bind_executor_locked(co_await asio::this_coro::executor);
   }
   auto& actions = fresh_actions_locked();
-  const auto result = core.try_acquire(priority, site, now, actions);
+  const auto result = core.try_acquire(priority, site, now, actions, consumer);
   execute_locked(actions, deferred);
   // One Lease, built in one place below for both ways of getting a node: the frame holds every
   // local of every branch, and must stay within asio's recycling allocator (at most 1020 bytes
@@ -544,7 +605,7 @@ asio::awaitable<Lease> PoolState::acquire(std::shared_ptr<PoolState> self, Prior
               std::max(std::chrono::milliseconds(0),
                        std::chrono::duration_cast<std::chrono::milliseconds>(*deadline - started));
         }
-        PoolWaiter waiter(co_await asio::this_coro::executor, priority, site);
+        PoolWaiter waiter(co_await asio::this_coro::executor, priority, consumer, site);
         // If this coroutine is destroyed while it waits (its io_context shut down), the waiter
         // must leave the queue, and a connection already handed to it must go back.
         auto& enqueued = fresh_actions_locked();
@@ -583,14 +644,41 @@ asio::awaitable<Lease> PoolState::acquire(std::shared_ptr<PoolState> self, Prior
   lock.unlock();
   emit(events.acquired, site);
   if (!check) co_return lease;
-  co_return co_await checked(std::move(lease), std::move(self), priority, site, check_deadline,
-                             validate);
+  co_return co_await checked(std::move(lease), std::move(self), priority, consumer, site,
+                             check_deadline, validate);
 }
 
 void PoolState::fail_cancelled_locked(Priority priority, std::source_location site) {
   pool::Waiter gone(priority, site);
   core.withdraw(gone, pool::FailReason::cancelled, fresh_actions_locked());  // counted
   throw_pool_error(client_errc::cancelled, "waiting for a pooled connection was cancelled");
+}
+
+std::optional<pool::ConsumerIndex> PoolState::find_consumer(std::string_view name) const {
+  for (std::size_t i = 0; i < config.consumers.size(); ++i) {
+    if (config.consumers[i].name == name) return static_cast<pool::ConsumerIndex>(i + 1);
+  }
+  return std::nullopt;
+}
+
+namespace {
+asio::awaitable<Lease> throw_at_co_await(client_errc code, std::string message, std::string hint) {
+  throw_pool_error(code, std::move(message), std::move(hint));
+  co_return Lease{};
+}
+}  // namespace
+
+asio::awaitable<Lease> PoolState::fail_unknown_consumer(std::string_view name) const {
+  std::string known;
+  for (const ConsumerShare& consumer : config.consumers) {
+    known += (known.empty() ? "" : ", ") + consumer.name;
+  }
+  return throw_at_co_await(
+      client_errc::invalid_config,
+      "the pool " + application_name + " has no consumer named '" + std::string(name) + "'",
+      known.empty() ? "PoolConfig::consumers (PGRT_POOL_CONSUMERS) is empty: list it there, or "
+                      "acquire without a consumer"
+                    : "PoolConfig::consumers (PGRT_POOL_CONSUMERS) lists: " + known);
 }
 
 void PoolState::fail_admission_locked(pool::AcquireResult::Kind kind) {
@@ -665,8 +753,9 @@ void PoolState::fail_wait(std::unique_lock<std::mutex>& lock, pool::Waiter& wait
 }
 
 asio::awaitable<Lease> PoolState::checked(Lease lease, std::shared_ptr<PoolState> self,
-                                          Priority priority, std::source_location site,
-                                          Clock::time_point deadline, bool validate) {
+                                          Priority priority, pool::ConsumerIndex consumer,
+                                          std::source_location site, Clock::time_point deadline,
+                                          bool validate) {
   bool usable = true;
   DiscardReason reason = DiscardReason::broken;
   try {
@@ -686,7 +775,7 @@ asio::awaitable<Lease> PoolState::checked(Lease lease, std::shared_ptr<PoolState
   }
   if (usable) co_return lease;
   self->refuse(std::move(lease), reason);
-  co_return co_await self->acquire(self, priority, site, deadline);
+  co_return co_await self->acquire(self, priority, consumer, site, deadline);
 }
 
 void PoolState::refuse(Lease lease, DiscardReason reason) noexcept {
@@ -738,6 +827,23 @@ PoolStats PoolState::stats() const {
   snapshot.connect_backoff = counts.connect_backoff;
   snapshot.budget_probes = budget_probes;
   snapshot.budget_probes_without_slot = budget_probes_without_slot;
+  if (!config.consumers.empty()) {
+    const auto& limits = core.consumer_limits();
+    std::vector<bool> active(limits.size());
+    for (std::size_t i = 0; i < limits.size(); ++i) {
+      active[i] = counts.consumers[i].in_use > 0 || counts.consumers[i].waiting > 0;
+    }
+    const auto shares =
+        pool::fair_shares(limits, active, config.max_size - config.reserved_for_priority);
+    for (std::size_t i = 0; i < limits.size(); ++i) {
+      snapshot.consumers.push_back({.name = i == 0 ? std::string() : config.consumers[i - 1].name,
+                                    .in_use = counts.consumers[i].in_use,
+                                    .waiting = counts.consumers[i].waiting,
+                                    .min = limits[i].min,
+                                    .max = limits[i].max,
+                                    .share = shares[i]});
+    }
+  }
   return snapshot;
 }
 

@@ -174,6 +174,7 @@ struct PooledConnection : pool::NodeAttachment, LeaseBinding {
   PoolState& pool;
   pool::Node& node;
   std::size_t budget_slot = 0;  // under a budget: the slot this connection holds
+  int backend_pid = 0;          // under a budget: its backend, as pg_locks shows it
   // While leased (under the pool's lock): the implementation of the connection the Lease holds,
   // which the pool may cut (Pool::close() after its grace period).
   Connection::Impl* leased_impl = nullptr;
@@ -201,8 +202,8 @@ inline Connection& connection_of(pool::Node& node) {
 // under it too, so the waiter is woken exactly once and never after its frame is gone.
 struct PoolWaiter : pool::Waiter {
   PoolWaiter(const asio::any_io_executor& executor, Priority priority_in,
-             std::source_location site_in)
-      : Waiter(priority_in, site_in), timer(executor) {}
+             pool::ConsumerIndex consumer_in, std::source_location site_in)
+      : Waiter(priority_in, site_in, consumer_in), timer(executor) {}
   asio::steady_timer timer;
 };
 
@@ -211,6 +212,15 @@ struct PoolWaiter : pool::Waiter {
 constexpr std::chrono::milliseconds server_close_warning{2000};
 // How long close_now() waits for each cancel request to go out.
 constexpr std::chrono::milliseconds exit_cancel_wait{1000};
+
+inline std::vector<pool::ConsumerLimits> consumer_limits(const PoolConfig& config) {
+  std::vector<pool::ConsumerLimits> limits;
+  for (const ConsumerShare& consumer : config.consumers) {
+    limits.push_back(
+        {.min = consumer.min, .max = consumer.max == 0 ? config.max_size : consumer.max});
+  }
+  return limits;
+}
 
 inline pool::CoreConfig core_config(const PoolConfig& config) {
   return pool::CoreConfig{
@@ -226,12 +236,15 @@ inline pool::CoreConfig core_config(const PoolConfig& config) {
       .keepalive_interval = config.keepalive_interval,
       .validate_after_idle = config.validate_after_idle,
       .leak_threshold = config.leak_threshold,
+      .slot_check_interval =
+          config.budget.key.empty() ? std::chrono::milliseconds(0) : config.budget.check_interval,
       .watch_idle_after = config.watch_idle_after,
       .backoff_initial = config.connect_backoff_initial,
       .backoff_max = config.connect_backoff_max,
       .backoff_jitter = config.connect_backoff_jitter,
       .reset_discard_all = config.reset == ResetPolicy::discard_all,
       .fail_fast_after = config.fail_fast_after,
+      .consumers = consumer_limits(config),
   };
 }
 
@@ -325,9 +338,18 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
       std::shared_ptr<PoolState> self, pool::Node* node,
       std::shared_ptr<PooledConnection::ConnectCancel> cancel);
 
-  static asio::awaitable<void> reset(std::shared_ptr<PoolState> self, pool::Node* node);
+  // `check_slots`: then check_budget_slots() on it (Action::check_slots).
+  static asio::awaitable<void> reset(std::shared_ptr<PoolState> self, pool::Node* node,
+                                     bool check_slots);
+  static asio::awaitable<void> ping(std::shared_ptr<PoolState> self, pool::Node* node,
+                                    bool check_slots);
 
-  static asio::awaitable<void> ping(std::shared_ptr<PoolState> self, pool::Node* node);
+  // Under a budget: asks the server, on `checker`'s connection, which backends hold a slot, and
+  // reports to the core (slot_lost()) each of the pool's connections that does not: its slot was
+  // released by hand. Judged are the connections idle or leased when the check starts, that have
+  // not been reset since (a discard_all reset releases and retakes the slot), and the checker.
+  static asio::awaitable<void> check_budget_slots(std::shared_ptr<PoolState> self,
+                                                  pool::Node* checker, Clock::time_point deadline);
 
   void start_close(pool::Node& node);
 
@@ -390,7 +412,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
   // `deadline`: when the caller's acquire_timeout ends, for an acquire started over after a
   // failed check before handout (none: from now).
   asio::awaitable<Lease> acquire(std::shared_ptr<PoolState> self, Priority priority,
-                                 std::source_location site,
+                                 pool::ConsumerIndex consumer, std::source_location site,
                                  std::optional<Clock::time_point> deadline = std::nullopt);
 
   // The failures of an acquire, apart from its coroutine, so that their strings are not part of
@@ -398,6 +420,11 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
   [[noreturn]] void fail_cancelled_locked(Priority priority, std::source_location site);
 
   [[noreturn]] void fail_admission_locked(pool::AcquireResult::Kind kind);
+
+  // The consumer PoolConfig::consumers names `name` (named consumer i is index i + 1), or none.
+  [[nodiscard]] std::optional<pool::ConsumerIndex> find_consumer(std::string_view name) const;
+  // An acquire for a consumer the config does not name: fails at its co_await.
+  [[nodiscard]] asio::awaitable<Lease> fail_unknown_consumer(std::string_view name) const;
 
   // A waiter woken without a connection: the pool closed, it was cancelled, or its time ran out.
   [[noreturn]] void fail_wait(std::unique_lock<std::mutex>& lock, pool::Waiter& waiter,
@@ -413,8 +440,9 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
   // a connection that sat idle), then PoolConfig::before_handout. A connection that fails one is
   // closed and the acquire starts over, with what is left of its time.
   static asio::awaitable<Lease> checked(Lease lease, std::shared_ptr<PoolState> self,
-                                        Priority priority, std::source_location site,
-                                        Clock::time_point deadline, bool validate);
+                                        Priority priority, pool::ConsumerIndex consumer,
+                                        std::source_location site, Clock::time_point deadline,
+                                        bool validate);
 
   // A leased connection that a check before handout refused: closed.
   void refuse(Lease lease, DiscardReason reason) noexcept;

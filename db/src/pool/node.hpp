@@ -20,6 +20,11 @@ namespace pgrt::detail::pool {
 using Clock = std::chrono::steady_clock;
 using Time = Clock::time_point;
 
+// A consumer of the pool (PoolConfig::consumers): an index into the core's consumer table, 0 for
+// acquires that name none.
+using ConsumerIndex = std::uint16_t;
+constexpr ConsumerIndex default_consumer = 0;
+
 enum class NodeState : std::uint8_t {
   connecting,  // opening; no backend yet
   idle,        // ready, in the idle list
@@ -109,10 +114,14 @@ struct Node {
   Time leased_at{};
   std::source_location lease_site;
   Priority priority = Priority::normal;
+  ConsumerIndex consumer = default_consumer;
   bool leak_reported = false;
   bool session_used = false;  // leased since its last DISCARD ALL
   bool watched = false;       // idle, and the driver watches its socket (Action::watch)
-  bool evicted = false;       // Core::evict_all(): closed instead of becoming idle again
+  // Core::evict_all(), Core::slot_lost(): closed instead of becoming idle again, for this reason.
+  bool evicted = false;
+  DiscardReason evict_reason = DiscardReason::evicted;
+  std::uint32_t resets = 0;  // how many times it entered `resetting` (a budget's check reads it)
   DiscardReason close_reason = DiscardReason::closing;  // while closing
   // Closed by its user inside a lease (Core::closed_in_lease) and that Lease not dropped yet.
   bool lease_out = false;

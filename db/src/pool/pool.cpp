@@ -28,6 +28,8 @@ std::string_view to_string(DiscardReason reason) noexcept {
       return "rejected";
     case DiscardReason::evicted:
       return "evicted";
+    case DiscardReason::slot_lost:
+      return "slot_lost";
   }
   return "unknown";
 }
@@ -43,20 +45,30 @@ std::string_view to_string(ResetPolicy policy) noexcept {
 }
 
 std::string PoolStats::to_json() const {
-  std::string escaped;
-  for (char c : last_connect_error) {
-    if (c == '"' || c == '\\') {
-      escaped += '\\';
-      escaped += c;
-    } else if (static_cast<unsigned char>(c) < 0x20) {
-      escaped += ' ';
-    } else {
-      escaped += c;
+  const auto quoted = [](const std::string& text) {
+    std::string escaped = "\"";
+    for (char c : text) {
+      if (c == '"' || c == '\\') {
+        escaped += '\\';
+        escaped += c;
+      } else if (static_cast<unsigned char>(c) < 0x20) {
+        escaped += ' ';
+      } else {
+        escaped += c;
+      }
     }
-  }
+    return escaped + "\"";
+  };
   auto field = [](const char* name, auto value) {
     return std::string("\"") + name + "\":" + std::to_string(value);
   };
+  std::string consumer_list;
+  for (const Consumer& consumer : consumers) {
+    consumer_list += std::string(consumer_list.empty() ? "" : ",") +
+                     "{\"name\":" + quoted(consumer.name) + "," + field("in_use", consumer.in_use) +
+                     "," + field("waiting", consumer.waiting) + "," + field("min", consumer.min) +
+                     "," + field("max", consumer.max) + "," + field("share", consumer.share) + "}";
+  }
   return "{" + field("max", max) + "," + field("size", size) + "," + field("idle", idle) + "," +
          field("in_use", in_use) + "," + field("connecting", connecting) + "," +
          field("closing", closing) + "," + field("resetting", resetting) + "," +
@@ -71,8 +83,8 @@ std::string PoolStats::to_json() const {
          field("consecutive_connect_failures", consecutive_connect_failures) + "," +
          field("connect_backoff_ms", connect_backoff.count()) + "," +
          field("budget_probes", budget_probes) + "," +
-         field("budget_probes_without_slot", budget_probes_without_slot) +
-         ",\"last_connect_error\":\"" + escaped + "\"}";
+         field("budget_probes_without_slot", budget_probes_without_slot) + ",\"consumers\":[" +
+         consumer_list + "],\"last_connect_error\":" + quoted(last_connect_error) + "}";
 }
 
 // --- Pool ----------------------------------------------------------------------------------------
@@ -97,7 +109,16 @@ Pool::~Pool() {
 
 asio::awaitable<Lease> Pool::acquire(Priority priority, std::source_location site) {
   // Not a coroutine itself: the state's acquire is the one frame, and it keeps the state alive.
-  return state_->acquire(state_, priority, site);
+  return state_->acquire(state_, priority, detail::pool::default_consumer, site);
+}
+
+asio::awaitable<Lease> Pool::acquire(std::string_view consumer, Priority priority,
+                                     std::source_location site) {
+  // The name is looked up here, before any coroutine starts, so the caller's string need not
+  // outlive the call.
+  const auto index = state_->find_consumer(consumer);
+  if (!index) return state_->fail_unknown_consumer(consumer);
+  return state_->acquire(state_, priority, *index, site);
 }
 
 void Pool::evict_all() {

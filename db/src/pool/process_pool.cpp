@@ -80,4 +80,15 @@ asio::awaitable<Lease> connection(Priority priority, std::source_location site) 
   return current->acquire(priority, site);
 }
 
+asio::awaitable<Lease> connection(std::string_view consumer, Priority priority,
+                                  std::source_location site) {
+  std::shared_ptr<Pool> current;
+  {
+    std::lock_guard lock(global_mutex);
+    current = global_pool;
+  }
+  if (!current) return fail_not_configured();
+  return current->acquire(consumer, priority, site);
+}
+
 }  // namespace pgrt

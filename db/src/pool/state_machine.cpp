@@ -28,8 +28,47 @@ std::size_t connections_to_open(const SizingInput& input) noexcept {
   return count;
 }
 
+namespace {
+std::vector<ConsumerLimits> with_default_consumer(const CoreConfig& config) {
+  std::vector<ConsumerLimits> limits{{.min = 0, .max = config.max_size}};
+  limits.insert(limits.end(), config.consumers.begin(), config.consumers.end());
+  return limits;
+}
+}  // namespace
+
+std::vector<std::size_t> fair_shares(const std::vector<ConsumerLimits>& limits,
+                                     const std::vector<bool>& active, std::size_t capacity) {
+  std::vector<std::size_t> shares(limits.size(), 0);
+  std::size_t left = capacity;
+  for (std::size_t i = 0; i < limits.size(); ++i) {
+    if (!active[i]) continue;
+    shares[i] = std::min({limits[i].min, limits[i].max, left});
+    left -= shares[i];
+  }
+  while (left > 0) {
+    std::size_t best = limits.size();
+    for (std::size_t i = 0; i < limits.size(); ++i) {
+      if (!active[i] || shares[i] >= limits[i].max) continue;
+      const auto beyond = [&](std::size_t at) {
+        return static_cast<std::ptrdiff_t>(shares[at]) -
+               static_cast<std::ptrdiff_t>(limits[at].min);
+      };
+      if (best == limits.size() || beyond(i) < beyond(best)) best = i;
+    }
+    if (best == limits.size()) break;
+    ++shares[best];
+    --left;
+  }
+  return shares;
+}
+
 Core::Core(CoreConfig config, std::uint64_t seed)
-    : config_(config), capacity_(config.max_size), random_(seed) {}
+    : config_(std::move(config)),
+      limits_(with_default_consumer(config_)),
+      in_use_(limits_.size(), 0),
+      capacity_(config_.max_size),
+      waiters_(limits_.size()),
+      random_(seed) {}
 
 Core::~Core() {
   for (auto& nodes : by_state_) {
@@ -66,15 +105,25 @@ void Core::move(Node& node, NodeState to) {
   if (!transition_table[static_cast<std::size_t>(node.state)][static_cast<std::size_t>(to)]) {
     refuse_transition(node.state, to);
   }
-  if (node.state == NodeState::leased && node.priority == Priority::normal) --leased_normal_;
+  if (node.state == NodeState::leased) {
+    if (node.priority == Priority::normal) --leased_normal_;
+    --in_use_[node.consumer];
+  }
   list(node.state).remove(node);
   node.state = to;
   list(to).push_back(node);
-  if (to == NodeState::leased && node.priority == Priority::normal) ++leased_normal_;
+  if (to == NodeState::resetting) ++node.resets;
+  if (to == NodeState::leased) {
+    if (node.priority == Priority::normal) ++leased_normal_;
+    ++in_use_[node.consumer];
+  }
 }
 
 void Core::destroy(Node& node) {
-  if (node.state == NodeState::leased && node.priority == Priority::normal) --leased_normal_;
+  if (node.state == NodeState::leased) {
+    if (node.priority == Priority::normal) --leased_normal_;
+    --in_use_[node.consumer];
+  }
   list(node.state).remove(node);
   delete &node;  // NOLINT(cppcoreguidelines-owning-memory): the lists own the nodes
 }
@@ -85,10 +134,11 @@ void Core::stop_watching(Node& node, Actions& actions) {
   actions.push_back({.kind = Action::Kind::unwatch, .node = &node});
 }
 
-void Core::lease(Node& node, Priority priority, std::source_location site, Time now,
-                 Actions& actions) {
+void Core::lease(Node& node, Priority priority, ConsumerIndex consumer, std::source_location site,
+                 Time now, Actions& actions) {
   stop_watching(node, actions);
   node.priority = priority;
+  node.consumer = consumer;
   move(node, NodeState::leased);
   node.leased_at = now;
   node.lease_site = site;
@@ -97,22 +147,49 @@ void Core::lease(Node& node, Priority priority, std::source_location site, Time 
   ++acquired_;
 }
 
-// A node nobody uses: to the oldest waiter that may take it (high first), else to the idle list.
-// `used`: it comes back from a lease, a reset or a connect (idle time starts again), not from a
-// keepalive ping.
-void Core::offer(Node& node, Time now, bool used, Actions& actions) {
+Waiter* Core::next_waiter(Priority priority) const noexcept {
+  Waiter* best = nullptr;
+  std::ptrdiff_t best_excess = 0;  // leases held beyond the consumer's min (negative: below it)
+  for (ConsumerIndex consumer = 0; consumer < limits_.size(); ++consumer) {
+    const auto& queue = waiters_.of(priority, consumer);
+    if (queue.empty() || in_use_[consumer] >= limits_[consumer].max) continue;
+    const auto excess = static_cast<std::ptrdiff_t>(in_use_[consumer]) -
+                        static_cast<std::ptrdiff_t>(limits_[consumer].min);
+    Waiter* first = queue.front();
+    if (best == nullptr || excess < best_excess ||
+        (excess == best_excess && first->ticket < best->ticket)) {
+      best = first;
+      best_excess = excess;
+    }
+  }
+  return best;
+}
+
+Waiter* Core::next_waiter() const noexcept {
+  if (waiters_.size() == 0) return nullptr;
   for (Priority priority : {Priority::high, Priority::normal}) {
-    auto& queue = waiters_.of(priority);
-    if (queue.empty() || !can_lease(priority)) continue;
-    Waiter& waiter = *queue.front();
-    queue.remove(waiter);
-    waiter.queued = false;
-    if (node.state != NodeState::idle) move(node, NodeState::idle);
-    lease(node, priority, waiter.site, now, actions);
-    if (config_.leak_threshold.count() > 0) want_tick(now + config_.leak_threshold, actions);
-    waiter.outcome = Waiter::Outcome::handed;
-    waiter.handed = &node;
-    actions.push_back({.kind = Action::Kind::wake, .node = &node, .waiter = &waiter});
+    if (waiters_.size(priority) == 0 || !can_lease(priority)) continue;
+    if (Waiter* waiter = next_waiter(priority)) return waiter;
+  }
+  return nullptr;
+}
+
+void Core::hand(Node& node, Waiter& waiter, Time now, Actions& actions) {
+  waiters_.remove(waiter);
+  waiter.queued = false;
+  if (node.state != NodeState::idle) move(node, NodeState::idle);
+  lease(node, waiter.priority, waiter.consumer, waiter.site, now, actions);
+  if (config_.leak_threshold.count() > 0) want_tick(now + config_.leak_threshold, actions);
+  waiter.outcome = Waiter::Outcome::handed;
+  waiter.handed = &node;
+  actions.push_back({.kind = Action::Kind::wake, .node = &node, .waiter = &waiter});
+}
+
+// A node nobody uses: to the waiter next_waiter() names, else to the idle list. `used`: it comes
+// back from a lease, a reset or a connect (idle time starts again), not from a keepalive ping.
+void Core::offer(Node& node, Time now, bool used, Actions& actions) {
+  if (Waiter* waiter = next_waiter()) {
+    hand(node, *waiter, now, actions);
     return;
   }
   if (node.state == NodeState::idle) return;
@@ -121,14 +198,14 @@ void Core::offer(Node& node, Time now, bool used, Actions& actions) {
   want_tick(std::max(deadline_of(node), now), actions);  // a keepalive may be due already
 }
 
-// Idle nodes to waiters that may now take them (a normal lease came back, so a normal waiter kept
-// out by reserved_for_priority may go).
+// Idle nodes to waiters that may now take them (a lease came back, so a waiter kept out by
+// reserved_for_priority or by its consumer's max may go).
 void Core::serve_idle(Time now, Actions& actions) {
   auto& idle = list(NodeState::idle);
-  while (!idle.empty() &&
-         ((!waiters_.of(Priority::high).empty()) ||
-          (!waiters_.of(Priority::normal).empty() && can_lease(Priority::normal)))) {
-    offer(*idle.back(), now, false, actions);
+  while (!idle.empty()) {
+    Waiter* waiter = next_waiter();
+    if (waiter == nullptr) break;
+    hand(*idle.back(), *waiter, now, actions);
   }
 }
 
@@ -143,8 +220,17 @@ void Core::close_node(Node& node, DiscardReason reason, Actions& actions) {
 std::size_t Core::servable_waiters() const noexcept {
   const std::size_t normal_limit = config_.max_size - config_.reserved_for_priority;
   const std::size_t normal_room = normal_limit > leased_normal_ ? normal_limit - leased_normal_ : 0;
-  return waiters_.of(Priority::high).size() +
-         std::min(waiters_.of(Priority::normal).size(), normal_room);
+  std::size_t high = 0;
+  std::size_t normal = 0;
+  for (ConsumerIndex consumer = 0; consumer < limits_.size(); ++consumer) {
+    // A consumer at its max is served by nothing a connect brings.
+    const std::size_t room =
+        limits_[consumer].max > in_use_[consumer] ? limits_[consumer].max - in_use_[consumer] : 0;
+    const std::size_t its_high = std::min(waiters_.of(Priority::high, consumer).size(), room);
+    high += its_high;
+    normal += std::min(waiters_.of(Priority::normal, consumer).size(), room - its_high);
+  }
+  return high + std::min(normal, normal_room);
 }
 
 void Core::maybe_open(Time now, Actions& actions) {
@@ -214,12 +300,18 @@ milliseconds Core::next_backoff() {
 // --- events ------------------------------------------------------------------------------------
 
 AcquireResult Core::try_acquire(Priority priority, std::source_location site, Time now,
-                                Actions& actions) {
+                                Actions& actions, ConsumerIndex consumer) {
   if (closed_) return {.kind = AcquireResult::Kind::closed};
-  const bool nobody_ahead = waiters_.of(Priority::high).empty() &&
-                            (priority == Priority::high || waiters_.of(Priority::normal).empty());
   auto& idle = list(NodeState::idle);
-  while (nobody_ahead && !idle.empty() && can_lease(priority)) {
+  // Nobody who could take an idle connection waits at this priority or above. (A waiter that
+  // could is served as soon as a connection is idle, so this holds whenever one is; the check
+  // keeps it true by construction.)
+  const bool nobody_ahead = [&] {
+    if (idle.empty() || waiters_.size() == 0) return true;
+    const Waiter* first = next_waiter();
+    return first == nullptr || (priority == Priority::high && first->priority == Priority::normal);
+  }();
+  while (nobody_ahead && !idle.empty() && can_lease(priority, consumer)) {
     Node& node = *idle.back();  // the most recently returned: its socket and caches are warm
     if (expired(node, now)) {
       close_node(node, expiry_reason(node), actions);
@@ -227,7 +319,7 @@ AcquireResult Core::try_acquire(Priority priority, std::source_location site, Ti
     }
     const bool validate = config_.validate_after_idle.count() > 0 &&
                           now - node.idle_since >= config_.validate_after_idle;
-    lease(node, priority, site, now, actions);
+    lease(node, priority, consumer, site, now, actions);
     if (config_.leak_threshold.count() > 0) want_tick(now + config_.leak_threshold, actions);
     return {.kind = AcquireResult::Kind::leased, .node = &node, .validate = validate};
   }
@@ -236,8 +328,8 @@ AcquireResult Core::try_acquire(Priority priority, std::source_location site, Ti
     return {.kind = AcquireResult::Kind::wait, .wait_limit = config_.acquire_timeout};
   }
   // acquire_timeout 0: never wait for a lease to come back; wait only for a connection that can
-  // still be opened under the max.
-  if (capacity_.available() > 0 && can_lease(priority)) {
+  // still be opened under the max (and the consumer's).
+  if (capacity_.available() > 0 && can_lease(priority, consumer)) {
     return {.kind = AcquireResult::Kind::wait, .wait_limit = config_.connect_timeout};
   }
   ++timeouts_;
@@ -245,7 +337,8 @@ AcquireResult Core::try_acquire(Priority priority, std::source_location site, Ti
 }
 
 void Core::enqueue(Waiter& waiter, Time now, Actions& actions) {
-  waiters_.of(waiter.priority).push_back(waiter);
+  waiter.ticket = next_ticket_++;
+  waiters_.push_back(waiter);
   waiter.queued = true;
   waiter.enqueued_at = now;
   serve_idle(now, actions);
@@ -260,8 +353,7 @@ void Core::fail_fast(Time now, Actions& actions) {
   if (alive > 0) return;
   Time next = Time::max();
   for (Priority priority : {Priority::high, Priority::normal}) {
-    auto& queue = waiters_.of(priority);
-    queue.for_each([&](Waiter& waiter) {
+    waiters_.for_each(priority, [&](Waiter& waiter) {
       // Only a connect that failed after the caller came proves the server is down for it (an
       // old failure, its waiter long gone, proves nothing about a connect now in flight).
       if (waiter.enqueued_at > last_failure_at_) return;
@@ -270,7 +362,7 @@ void Core::fail_fast(Time now, Actions& actions) {
         next = std::min(next, due);
         return;
       }
-      queue.remove(waiter);
+      waiters_.remove(waiter);
       waiter.queued = false;
       waiter.outcome = Waiter::Outcome::failed;
       waiter.failed = FailReason::server_down;
@@ -284,7 +376,7 @@ void Core::fail_fast(Time now, Actions& actions) {
 bool Core::withdraw(Waiter& waiter, FailReason why, Actions& actions) {
   (void)actions;
   if (waiter.outcome != Waiter::Outcome::none) return false;
-  if (waiter.queued) waiters_.of(waiter.priority).remove(waiter);
+  if (waiter.queued) waiters_.remove(waiter);
   waiter.queued = false;
   waiter.outcome = Waiter::Outcome::failed;
   waiter.failed = why;
@@ -303,7 +395,8 @@ void Core::lease_returned(Node& node, ReturnKind kind, Time now, Actions& action
   // (With no connect failing, every event that could leave min_idle short already called
   // maybe_open(), so a clean return has nothing for it.)
   if (kind == ReturnKind::clean && !closed_ && waiters_.size() == 0 && consecutive_failures_ == 0 &&
-      !(config_.reset_discard_all && node.session_used) && !expired(node, now)) {
+      !(config_.reset_discard_all && node.session_used) && !expired(node, now) &&
+      !slot_check_due(now)) {
     node.idle_since = now;
     move(node, NodeState::idle);
     const Time deadline = deadline_of(node);
@@ -318,9 +411,13 @@ void Core::lease_returned(Node& node, ReturnKind kind, Time now, Actions& action
     close_node(node, DiscardReason::mid_query, actions);
   } else if (kind == ReturnKind::discard) {
     close_node(node, DiscardReason::by_user, actions);
-  } else if (kind == ReturnKind::needs_reset || (config_.reset_discard_all && node.session_used)) {
+  } else if (kind == ReturnKind::needs_reset || (config_.reset_discard_all && node.session_used) ||
+             (slot_check_due(now) && !expired(node, now))) {
+    // A slot check due while no connection is idle runs on the way back of one.
+    const bool check_slots = slot_check_due(now);
+    if (check_slots) next_slot_check_ = now + config_.slot_check_interval;
     move(node, NodeState::resetting);  // capacity stays held while it runs
-    actions.push_back({.kind = Action::Kind::reset, .node = &node});
+    actions.push_back({.kind = Action::Kind::reset, .node = &node, .check_slots = check_slots});
   } else if (expired(node, now)) {
     close_node(node, expiry_reason(node), actions);
   } else {
@@ -356,6 +453,10 @@ void Core::checkout_failed(Node& node, DiscardReason reason, Time now, Actions& 
 }
 
 void Core::connect_succeeded(Node& node, Time now, Actions& actions) {
+  if (next_slot_check_ == Time::max() && config_.slot_check_interval.count() > 0) {
+    next_slot_check_ = now + config_.slot_check_interval;
+    want_tick(next_slot_check_, actions);
+  }
   consecutive_failures_ = 0;
   backoff_ = milliseconds(0);
   node.expires = lifetime_deadline(now);
@@ -363,7 +464,7 @@ void Core::connect_succeeded(Node& node, Time now, Actions& actions) {
   if (closed_) {
     close_node(node, DiscardReason::closing, actions);
   } else if (node.evicted) {
-    close_node(node, DiscardReason::evicted, actions);
+    close_node(node, node.evict_reason, actions);
   } else {
     offer(node, now, true, actions);
   }
@@ -408,7 +509,7 @@ void Core::ping_done(Node& node, bool ok, Time now, Actions& actions) {
     if (closed_) {
       close_node(node, DiscardReason::closing, actions);
     } else if (node.evicted) {
-      close_node(node, DiscardReason::evicted, actions);
+      close_node(node, node.evict_reason, actions);
     } else {
       offer(node, now, false, actions);  // a ping is not use: idle_timeout still counts
     }
@@ -420,12 +521,19 @@ void Core::evict_all(Time now, Actions& actions) {
   if (closed_) return;
   for (NodeState state :
        {NodeState::connecting, NodeState::leased, NodeState::resetting, NodeState::pinging}) {
-    list(state).for_each([](Node& node) { node.evicted = true; });
+    list(state).for_each([](Node& node) { retire(node, DiscardReason::evicted); });
   }
   list(NodeState::idle).for_each([&](Node& node) {
-    node.evicted = true;
-    close_node(node, DiscardReason::evicted, actions);
+    retire(node, DiscardReason::evicted);
+    close_node(node, node.evict_reason, actions);
   });
+  maybe_open(now, actions);
+}
+
+void Core::slot_lost(Node& node, Time now, Actions& actions) {
+  if (node.state == NodeState::closing || node.state == NodeState::detached) return;
+  retire(node, DiscardReason::slot_lost);
+  if (node.state == NodeState::idle) close_node(node, node.evict_reason, actions);
   maybe_open(now, actions);
 }
 
@@ -470,7 +578,17 @@ void Core::tick(Time now, Actions& actions) {
       actions.push_back({.kind = Action::Kind::watch, .node = &node});
     }
   });
+  if (slot_check_due(now) && !list(NodeState::idle).empty()) {
+    Node& node = *list(NodeState::idle).front();  // the longest idle: the least likely wanted
+    stop_watching(node, actions);
+    move(node, NodeState::pinging);
+    actions.push_back({.kind = Action::Kind::ping, .node = &node, .check_slots = true});
+    next_slot_check_ = now + config_.slot_check_interval;
+  }
   Time next = Time::max();
+  if (config_.slot_check_interval.count() > 0 && next_slot_check_ > now) {
+    next = next_slot_check_;
+  }
   if (config_.leak_threshold.count() > 0) {
     list(NodeState::leased).for_each([&](Node& node) {
       if (node.leak_reported) return;
@@ -503,9 +621,8 @@ void Core::close(Actions& actions) {
   if (closed_) return;
   closed_ = true;
   for (Priority priority : {Priority::high, Priority::normal}) {
-    auto& queue = waiters_.of(priority);
-    queue.for_each([&](Waiter& waiter) {
-      queue.remove(waiter);
+    waiters_.for_each(priority, [&](Waiter& waiter) {
+      waiters_.remove(waiter);
       waiter.queued = false;
       waiter.outcome = Waiter::Outcome::failed;
       waiter.failed = FailReason::pool_closed;
@@ -530,8 +647,14 @@ CoreStats Core::stats() const noexcept {
     stats.nodes[static_cast<std::size_t>(state)] = nodes(state).size();
   }
   stats.leased_normal = leased_normal_;
-  stats.waiting_normal = waiters_.of(Priority::normal).size();
-  stats.waiting_high = waiters_.of(Priority::high).size();
+  stats.waiting_normal = waiters_.size(Priority::normal);
+  stats.waiting_high = waiters_.size(Priority::high);
+  stats.consumers.resize(limits_.size());
+  for (ConsumerIndex consumer = 0; consumer < limits_.size(); ++consumer) {
+    stats.consumers[consumer] = {.in_use = in_use_[consumer],
+                                 .waiting = waiters_.of(Priority::normal, consumer).size() +
+                                            waiters_.of(Priority::high, consumer).size()};
+  }
   stats.acquired = acquired_;
   stats.timeouts = timeouts_;
   stats.cancellations = cancellations_;

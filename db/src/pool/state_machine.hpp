@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <random>
 #include <source_location>
+#include <vector>
 
 #include "intrusive_list.hpp"
 #include "node.hpp"
@@ -35,6 +36,14 @@
 namespace pgrt::detail::pool {
 
 using std::chrono::milliseconds;
+
+// A consumer's share of the pool: it may hold at most `max` leases at once (whatever their
+// priority), and is served before consumers at or above their own minimum while it holds fewer
+// than `min`.
+struct ConsumerLimits {
+  std::size_t min = 0;
+  std::size_t max = 0;
+};
 
 // The settings the core decides by (the driver's PoolConfig, without what only I/O needs).
 struct CoreConfig {
@@ -50,6 +59,9 @@ struct CoreConfig {
   milliseconds keepalive_interval{0};
   milliseconds validate_after_idle{0};
   milliseconds leak_threshold{0};
+  // Under a budget: how often the pool checks on the server that each of its connections still
+  // holds its slot (Action::check_slots on a ping or reset); 0: never.
+  milliseconds slot_check_interval{0};
   // An idle connection's socket is watched once it has been idle this long, so that a backend
   // the server ends meanwhile is noticed (0: never watched).
   milliseconds watch_idle_after{0};
@@ -60,6 +72,9 @@ struct CoreConfig {
   // While every connect in a row has failed and no connection is alive, waiters fail after
   // waiting this long (FailReason::server_down); 0: off.
   milliseconds fail_fast_after{0};
+  // Named consumers' shares (PoolConfig::consumers). The core puts the default consumer (acquires
+  // that name none), {min 0, max max_size}, before them: named consumer i is ConsumerIndex i + 1.
+  std::vector<ConsumerLimits> consumers;
 };
 
 enum class FailReason : std::uint8_t { pool_closed, timeout, cancelled, server_down };
@@ -69,8 +84,9 @@ enum class FailReason : std::uint8_t { pool_closed, timeout, cancelled, server_d
 struct Waiter {
   enum class Outcome : std::uint8_t { none, handed, failed };
 
-  Waiter(Priority priority_in, std::source_location site_in) noexcept
-      : priority(priority_in), site(site_in) {}
+  Waiter(Priority priority_in, std::source_location site_in,
+         ConsumerIndex consumer_in = default_consumer) noexcept
+      : priority(priority_in), consumer(consumer_in), site(site_in) {}
   Waiter(const Waiter&) = delete;
   Waiter& operator=(const Waiter&) = delete;
   Waiter(Waiter&&) = delete;
@@ -78,7 +94,9 @@ struct Waiter {
   ~Waiter() = default;
 
   const Priority priority;
+  const ConsumerIndex consumer;
   const std::source_location site;
+  std::uint64_t ticket = 0;  // arrival order, set by enqueue()
   Outcome outcome = Outcome::none;
   Node* handed = nullptr;                   // Outcome::handed
   FailReason failed = FailReason::timeout;  // Outcome::failed
@@ -88,20 +106,41 @@ struct Waiter {
   Waiter* next = nullptr;
 };
 
-// Callers waiting, FIFO within a priority, high before normal. One queue per priority today;
-// per-consumer queues (quotas) go in here.
+// Callers waiting: one FIFO queue per consumer and priority. Which queue is served next is the
+// core's decision (Core::next_waiter()).
 class WaitQueues {
  public:
-  [[nodiscard]] IntrusiveList<Waiter>& of(Priority priority) noexcept {
-    return queues_[priority == Priority::high ? 1 : 0];
+  explicit WaitQueues(std::size_t consumers) : queues_(consumers) {}
+  [[nodiscard]] const IntrusiveList<Waiter>& of(Priority priority,
+                                                ConsumerIndex consumer) const noexcept {
+    return queues_[consumer][slot(priority)];
   }
-  [[nodiscard]] const IntrusiveList<Waiter>& of(Priority priority) const noexcept {
-    return queues_[priority == Priority::high ? 1 : 0];
+  [[nodiscard]] std::size_t consumers() const noexcept { return queues_.size(); }
+  [[nodiscard]] std::size_t size() const noexcept { return counts_[0] + counts_[1]; }
+  [[nodiscard]] std::size_t size(Priority priority) const noexcept {
+    return counts_[slot(priority)];
   }
-  [[nodiscard]] std::size_t size() const noexcept { return queues_[0].size() + queues_[1].size(); }
+  void push_back(Waiter& waiter) noexcept {
+    queues_[waiter.consumer][slot(waiter.priority)].push_back(waiter);
+    ++counts_[slot(waiter.priority)];
+  }
+  void remove(Waiter& waiter) noexcept {
+    queues_[waiter.consumer][slot(waiter.priority)].remove(waiter);
+    --counts_[slot(waiter.priority)];
+  }
+  // Calls `visit(Waiter&)` on every waiter of `priority`, consumer by consumer; `visit` may
+  // remove() the waiter it is given.
+  template <typename Visit>
+  void for_each(Priority priority, Visit&& visit) {
+    for (auto& queues : queues_) queues[slot(priority)].for_each(visit);
+  }
 
  private:
-  std::array<IntrusiveList<Waiter>, 2> queues_;  // [normal, high]
+  [[nodiscard]] static std::size_t slot(Priority priority) noexcept {
+    return priority == Priority::high ? 1 : 0;
+  }
+  std::vector<std::array<IntrusiveList<Waiter>, 2>> queues_;  // [consumer][normal, high]
+  std::array<std::size_t, 2> counts_{};
 };
 
 struct Action {
@@ -123,6 +162,9 @@ struct Action {
   DiscardReason reason = DiscardReason::closing;
   Time at{};
   milliseconds age{0};
+  // ping, reset: also check which of the pool's connections still hold their budget slot, and
+  // report those that do not with slot_lost().
+  bool check_slots = false;
 };
 using Actions = boost::container::small_vector<Action, 6>;
 
@@ -157,6 +199,12 @@ struct CoreStats {
   std::size_t leased_normal = 0;
   std::size_t waiting_normal = 0;
   std::size_t waiting_high = 0;
+  // Per consumer (index 0: the default one): leases held and callers waiting, both priorities.
+  struct Consumer {
+    std::size_t in_use = 0;
+    std::size_t waiting = 0;
+  };
+  std::vector<Consumer> consumers;
   std::uint64_t acquired = 0, timeouts = 0, cancellations = 0, connect_attempts = 0,
                 connect_errors = 0, discarded = 0, leaks_suspected = 0;
   std::uint32_t consecutive_connect_failures = 0;
@@ -180,6 +228,13 @@ struct SizingInput {
 };
 [[nodiscard]] std::size_t connections_to_open(const SizingInput& input) noexcept;
 
+// The leases each consumer would hold if every `active` one kept asking for more, out of
+// `capacity` connections: its min, then one at a time to the active consumer holding the fewest
+// beyond its min (the lower index on a tie), each within its max. An idle consumer's share is 0.
+[[nodiscard]] std::vector<std::size_t> fair_shares(const std::vector<ConsumerLimits>& limits,
+                                                   const std::vector<bool>& active,
+                                                   std::size_t capacity);
+
 // How many transitions the core refused (a bug in the core; each also throws std::logic_error).
 // The pool's tests check it stays 0.
 std::uint64_t illegal_node_transitions() noexcept;
@@ -201,7 +256,7 @@ class Core {
   // An acquire: leases an idle node at once when nobody of its priority (or higher) waits, else
   // says whether and how long to wait. May close expired idle nodes on the way.
   AcquireResult try_acquire(Priority priority, std::source_location site, Time now,
-                            Actions& actions);
+                            Actions& actions, ConsumerIndex consumer = default_consumer);
   // Queues `waiter` (after try_acquire said wait); may open connections for it.
   void enqueue(Waiter& waiter, Time now, Actions& actions);
   // The waiter gives up (its deadline passed, or it was cancelled). False when it already has an
@@ -235,6 +290,10 @@ class Core {
   // Soft eviction: idle nodes close now; every other node (connecting, leased, resetting, pinging)
   // closes instead of becoming idle again. New connections replace them as usual.
   void evict_all(Time now, Actions& actions);
+  // Under a budget: the server shows no slot held by `node`'s backend (it was unlocked by hand).
+  // An idle node closes now; any other closes instead of becoming idle again
+  // (DiscardReason::slot_lost).
+  void slot_lost(Node& node, Time now, Actions& actions);
   // Refuses new acquires, fails every waiter, closes idle nodes and abandons connects.
   void close(Actions& actions);
 
@@ -249,6 +308,20 @@ class Core {
     return priority == Priority::high ||
            leased_normal_ + config_.reserved_for_priority < config_.max_size;
   }
+  // The consumers' limits, index 0 the default consumer.
+  [[nodiscard]] const std::vector<ConsumerLimits>& consumer_limits() const noexcept {
+    return limits_;
+  }
+  // A lease of `priority` for `consumer` is allowed now (below the consumer's max, and outside
+  // the reserved connections for a normal one).
+  [[nodiscard]] bool can_lease(Priority priority, ConsumerIndex consumer) const noexcept {
+    return can_lease(priority) && in_use_[consumer] < limits_[consumer].max;
+  }
+  // The waiter a free connection goes to next, or null: the high priority first (a normal one
+  // only outside the reserved connections); within a priority, among the consumers below their
+  // max, first those below their min, then the one holding the fewest leases, then the one whose
+  // first waiter came first. FIFO within one consumer and priority.
+  [[nodiscard]] Waiter* next_waiter() const noexcept;
   // Everything is closed and every backend has ended.
   [[nodiscard]] bool drained() const noexcept { return capacity_.taken() == 0; }
 
@@ -257,7 +330,10 @@ class Core {
   [[nodiscard]] IntrusiveList<Node>& list(NodeState state) noexcept {
     return by_state_[static_cast<std::size_t>(state)];
   }
-  void lease(Node& node, Priority priority, std::source_location site, Time now, Actions& actions);
+  void lease(Node& node, Priority priority, ConsumerIndex consumer, std::source_location site,
+             Time now, Actions& actions);
+  // Leases `node` (idle, or coming back) to `waiter`, taken off its queue, and wakes it.
+  void hand(Node& node, Waiter& waiter, Time now, Actions& actions);
   void stop_watching(Node& node, Actions& actions);
   void offer(Node& node, Time now, bool used, Actions& actions);
   void serve_idle(Time now, Actions& actions);
@@ -276,11 +352,24 @@ class Core {
   }
   // Why an expired() node is closed.
   [[nodiscard]] static DiscardReason expiry_reason(const Node& node) noexcept {
-    return node.evicted ? DiscardReason::evicted : DiscardReason::lifetime;
+    return node.evicted ? node.evict_reason : DiscardReason::lifetime;
   }
   [[nodiscard]] std::size_t servable_waiters() const noexcept;
+  // Marks `node` to close instead of becoming idle again (unless it already is, for a reason of
+  // its own).
+  static void retire(Node& node, DiscardReason reason) noexcept {
+    if (node.evicted) return;
+    node.evicted = true;
+    node.evict_reason = reason;
+  }
+  [[nodiscard]] bool slot_check_due(Time now) const noexcept {
+    return config_.slot_check_interval.count() > 0 && now >= next_slot_check_;
+  }
+  [[nodiscard]] Waiter* next_waiter(Priority priority) const noexcept;
 
   const CoreConfig config_;
+  const std::vector<ConsumerLimits> limits_;  // [0]: the default consumer
+  std::vector<std::size_t> in_use_;           // leases per consumer; kept by move() alone
   Capacity capacity_;
   std::array<IntrusiveList<Node>, node_state_count> by_state_;
   WaitQueues waiters_;
@@ -288,11 +377,13 @@ class Core {
   bool closed_ = false;
   Time last_failure_at_{};  // the last connect_failed()
   std::uint64_t next_node_id_ = 1;
+  std::uint64_t next_ticket_ = 1;
 
   std::uint32_t consecutive_failures_ = 0;
   Time retry_at_{};
   milliseconds backoff_{0};
-  Time timer_at_ = Time::max();  // when the driver's upkeep timer is armed for
+  Time timer_at_ = Time::max();         // when the driver's upkeep timer is armed for
+  Time next_slot_check_ = Time::max();  // set at the first connect
 
   std::uint64_t acquired_ = 0, timeouts_ = 0, cancellations_ = 0, connect_attempts_ = 0,
                 connect_errors_ = 0, discarded_ = 0, leaks_suspected_ = 0;

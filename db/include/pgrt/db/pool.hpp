@@ -63,6 +63,12 @@ struct Budget {
   std::string key;
   /// How many connections all its pools together may hold (env PGRT_BUDGET_SLOTS, 1-100000).
   std::size_t slots = 0;
+  /// How often the pool asks the server whether each of its connections still holds its slot
+  /// (one pg_locks query on an idle connection, or on one coming back when none is idle). A
+  /// connection whose slot was released by hand (pg_advisory_unlock_all(), DISCARD ALL sent as
+  /// a query) is closed: at once if idle, else when it comes back (DiscardReason::slot_lost).
+  /// Zero: never checked (env PGRT_BUDGET_CHECK_MS).
+  std::chrono::milliseconds check_interval{std::chrono::seconds(10)};
 };
 
 /// The first key of a budget's advisory locks, `pg_try_advisory_lock(key, slot)`: a 32-bit hash
@@ -70,6 +76,18 @@ struct Budget {
 /// 4294967295)::oid`), the slot as `objid`, with `objsubid` 2. For queries of your own; `pgrt-diag
 /// budget` uses it.
 [[nodiscard]] std::int32_t budget_lock_key(std::string_view budget_key) noexcept;
+
+/// A named consumer's share of one pool (PoolConfig::consumers; docs/budget.md, "Consumers").
+/// Leases for it are taken with Pool::acquire(name) or pgrt::connection(name).
+struct ConsumerShare {
+  /// Its name: 1-63 characters, none of them ',' or ':', unique within the pool.
+  std::string name;
+  /// Connections it gets first while it holds fewer and asks for more: a connection that comes
+  /// back goes to a waiting consumer below its minimum before any other.
+  std::size_t min = 0;
+  /// The most leases it holds at once, of either priority; 0: the pool's max_size.
+  std::size_t max = 0;
+};
 
 struct PoolConfig {
   /// libpq URL or key=value string; empty uses the PG* environment variables.
@@ -138,6 +156,17 @@ struct PoolConfig {
   /// connect (client_errc::budget_exhausted, with backoff); callers then time out with
   /// budget_exhausted. Not behind a transaction pooler (validate() refuses it).
   Budget budget;
+  /// Consumers sharing this pool, each with a guaranteed minimum and a maximum (env
+  /// PGRT_POOL_CONSUMERS="name:min:max,name:min:max"; a max of 0 means max_size). The sharing is
+  /// work-conserving: a consumer that asks for nothing leaves its share to the others at once;
+  /// a connection that comes back goes, among the waiters of the highest priority allowed to take
+  /// it, to the consumer furthest below its minimum, then to the one holding the fewest leases
+  /// beyond its minimum, then to whoever waited longest; no consumer ever holds more than its
+  /// max. A lease is never taken back: a consumer below its minimum gets the next connection
+  /// that comes back. Acquires that name no consumer share the rest as one more consumer, with min
+  /// 0 and max max_size. validate() requires the minimums to fit in max_size minus
+  /// reserved_for_priority. Empty: no consumers, plain FIFO.
+  std::vector<ConsumerShare> consumers;
 
   /// Runs on every new connection before the pool uses it, on the pool's executor: set a
   /// search_path, prepare statements, register types (as asyncpg's `init`, pgx's `AfterConnect`,
@@ -212,6 +241,21 @@ struct PoolStats {
   /// io_context exists at a time.
   std::uint64_t budget_probes = 0;
   std::uint64_t budget_probes_without_slot = 0;
+  /// One consumer (PoolConfig::consumers), as the pool sees it now.
+  struct Consumer {
+    std::string name;  ///< "" for the acquires that name none
+    std::size_t in_use = 0;
+    std::size_t waiting = 0;
+    std::size_t min = 0;
+    std::size_t max = 0;
+    /// The leases it would hold if every consumer now active (holding or waiting for a lease)
+    /// kept asking: its min, plus an even part of what the active ones' minimums leave, within
+    /// its max. 0 while it is idle: its share is the others' meanwhile.
+    std::size_t share = 0;
+  };
+  /// With PoolConfig::consumers: the default consumer first, then each named one in order.
+  /// Empty without consumers.
+  std::vector<Consumer> consumers;
 
   /// The snapshot as one JSON object.
   [[nodiscard]] std::string to_json() const;
@@ -351,6 +395,12 @@ class Pool {
   [[nodiscard]] boost::asio::awaitable<Lease> acquire(
       Priority priority = Priority::normal,
       std::source_location site = std::source_location::current());
+  /// A connection for the named consumer (PoolConfig::consumers), within its share: as
+  /// acquire(priority), and it waits while the consumer holds its max. Errors: as acquire(), and
+  /// invalid_config for a name PoolConfig::consumers does not list (thrown by the co_await).
+  [[nodiscard]] boost::asio::awaitable<Lease> acquire(
+      std::string_view consumer, Priority priority = Priority::normal,
+      std::source_location site = std::source_location::current());
 
   [[nodiscard]] PoolStats stats() const;
   [[nodiscard]] PoolEvents& events() noexcept;
@@ -411,6 +461,11 @@ void configure(PoolConfig config, boost::asio::any_io_executor executor);
 /// `co_await pgrt::connection()`: a lease from the process-wide pool (see Pool::acquire).
 [[nodiscard]] boost::asio::awaitable<Lease> connection(
     Priority priority = Priority::normal,
+    std::source_location site = std::source_location::current());
+/// `co_await pgrt::connection("scraper")`: a lease for a named consumer of the process-wide pool
+/// (see Pool::acquire(consumer)).
+[[nodiscard]] boost::asio::awaitable<Lease> connection(
+    std::string_view consumer, Priority priority = Priority::normal,
     std::source_location site = std::source_location::current());
 
 }  // namespace pgrt

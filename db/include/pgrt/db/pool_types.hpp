@@ -23,6 +23,7 @@ enum class DiscardReason {
   by_user,       ///< Lease::discard(), or Connection::close() on a leased connection
   rejected,      ///< PoolConfig::before_handout said no
   evicted,       ///< Pool::evict_all() (a failover learned of out of band)
+  slot_lost,     ///< under a budget, its slot's advisory lock was released (by hand)
 };
 /// "broken", "lifetime", ...
 [[nodiscard]] std::string_view to_string(DiscardReason reason) noexcept;
