@@ -60,6 +60,13 @@ void require_not_negative(std::string_view field, std::chrono::duration<Rep, Per
           "give a positive duration, or 0 for " + std::string(zero_means));
 }
 
+// A name that fits in the PGRT_* lists: 1-63 printable characters, no spaces, ',' or ':'.
+bool is_plain_name(const std::string& name) {
+  return !name.empty() && name.size() <= 63 && std::all_of(name.begin(), name.end(), [](char c) {
+    return std::isgraph(static_cast<unsigned char>(c)) != 0 && c != ',' && c != ':';
+  });
+}
+
 void check_consumers(const PoolConfig& config) {
   constexpr std::size_t most_consumers = 1'000;
   if (config.consumers.size() > most_consumers) {
@@ -70,10 +77,10 @@ void check_consumers(const PoolConfig& config) {
   for (std::size_t i = 0; i < config.consumers.size(); ++i) {
     const ConsumerShare& consumer = config.consumers[i];
     const std::string which = "consumer '" + consumer.name + "'";
-    if (consumer.name.empty() || consumer.name.size() > 63 ||
-        consumer.name.find_first_of(",:") != std::string::npos) {
+    if (!is_plain_name(consumer.name)) {
       invalid("consumers[" + std::to_string(i) + "] has the name '" + consumer.name + "'",
-              "give each consumer a name of 1-63 characters without ',' or ':'");
+              "give each consumer a name of 1-63 printable characters, without spaces, ',' or "
+              "':'");
     }
     for (std::size_t j = 0; j < i; ++j) {
       if (config.consumers[j].name == consumer.name) {
@@ -103,6 +110,70 @@ void check_consumers(const PoolConfig& config) {
                 std::to_string(config.reserved_for_priority) + " leaves them",
             "lower the minimums, or raise max_size: every minimum must be possible at once");
   }
+}
+
+void check_budget_classes(const Budget& budget) {
+  std::size_t classes_slots = 0;
+  for (std::size_t i = 0; i < budget.classes.size(); ++i) {
+    const Budget::Class& slot_class = budget.classes[i];
+    if (!is_plain_name(slot_class.name)) {
+      invalid("budget.classes[" + std::to_string(i) + "] has the name '" + slot_class.name + "'",
+              "give each class a name of 1-63 printable characters, without spaces, ',' or ':'");
+    }
+    for (std::size_t j = 0; j < i; ++j) {
+      if (budget.classes[j].name == slot_class.name) {
+        invalid("the budget class '" + slot_class.name + "' is listed twice",
+                "give each class its own name");
+      }
+    }
+    if (slot_class.slots == 0) {
+      invalid("the budget class '" + slot_class.name + "' has 0 slots", "give it at least 1");
+    }
+    classes_slots += slot_class.slots;
+  }
+  if (classes_slots > budget.slots) {
+    invalid("the budget classes have " + std::to_string(classes_slots) +
+                " slots in all, more than "
+                "the budget's " +
+                std::to_string(budget.slots),
+            "the classes' sizes add up to at most PGRT_BUDGET_SLOTS; the rest is shared");
+  }
+  if (!budget.class_name.empty()) {
+    const bool listed =
+        std::any_of(budget.classes.begin(), budget.classes.end(),
+                    [&](const Budget::Class& c) { return c.name == budget.class_name; });
+    if (!listed) {
+      invalid("the budget class '" + budget.class_name +
+                  "' (PGRT_BUDGET_CLASS) is not listed in "
+                  "budget.classes (PGRT_BUDGET_CLASSES)",
+              "list it there, the same list in every process sharing the budget");
+    }
+  } else if (!budget.key.empty() && classes_slots == budget.slots && classes_slots > 0) {
+    invalid("a pool without a budget class takes shared slots only, and the classes leave none",
+            "set PGRT_BUDGET_CLASS, or leave some of PGRT_BUDGET_SLOTS to no class");
+  }
+}
+
+// PGRT_BUDGET_CLASSES: "name:slots,name:slots".
+std::vector<Budget::Class> parse_budget_classes(const std::string& text) {
+  std::vector<Budget::Class> classes;
+  std::size_t start = 0;
+  while (start <= text.size()) {
+    const std::size_t end = std::min(text.find(',', start), text.size());
+    const std::string entry = text.substr(start, end - start);
+    const std::size_t colon = entry.find(':');
+    if (colon == std::string::npos || entry.find(':', colon + 1) != std::string::npos) {
+      invalid("PGRT_BUDGET_CLASSES='" + text + "' is not valid: the entry '" + entry +
+                  "' is not name:slots",
+              "expected name:slots entries separated by commas, e.g. 'api:10,batch:30' (the "
+              "slots after the last class are shared)");
+    }
+    classes.push_back({.name = entry.substr(0, colon),
+                       .slots = parse_number("PGRT_BUDGET_CLASSES (a size)",
+                                             entry.substr(colon + 1), 1, 100'000)});
+    start = end + 1;
+  }
+  return classes;
 }
 
 // PGRT_POOL_CONSUMERS: "name:min:max,name:min:max".
@@ -151,6 +222,12 @@ void check(const PoolConfig& config, bool warn) {
   }
   require_not_negative("budget.check_interval", config.budget.check_interval,
                        "never checking that each connection still holds its slot");
+  if (config.budget.check_interval.count() > 0 &&
+      config.budget.check_interval < std::chrono::milliseconds(100)) {
+    invalid("budget.check_interval is " + show(config.budget.check_interval),
+            "at least 100 ms (one pg_locks query each time), or 0 to never check");
+  }
+  check_budget_classes(config.budget);
   if (config.budget.slots > 100'000) {
     invalid("budget.slots is " + std::to_string(config.budget.slots), "at most 100000");
   }
@@ -344,6 +421,11 @@ PoolConfig PoolConfig::from_env(PoolConfig defaults) {
   if (auto value = env("PGRT_POOL_CONSUMERS")) {
     config.consumers = value->empty() ? std::vector<ConsumerShare>{} : parse_consumers(*value);
   }
+  if (auto value = env("PGRT_BUDGET_CLASSES")) {
+    config.budget.classes =
+        value->empty() ? std::vector<Budget::Class>{} : parse_budget_classes(*value);
+  }
+  if (auto value = env("PGRT_BUDGET_CLASS")) config.budget.class_name = *value;
   if (auto value = env("PGRT_BUDGET_CHECK_MS")) {
     config.budget.check_interval = std::chrono::milliseconds(
         parse_number("PGRT_BUDGET_CHECK_MS", *value, 0, 24ULL * 3600 * 1000));

@@ -123,8 +123,8 @@ TEST_F(BudgetTest, TwoPoolsShareABudgetAndNeverHoldMoreThanItsSlots) {
   EXPECT_LE(most_tagged, 3 + 1) << "more backends than the budget and one probe";
   EXPECT_GT(served[0], 50U);
   EXPECT_GT(served[1], 50U);
-  EXPECT_GT(stats[0].budget_probes + stats[1].budget_probes, 3U);
-  EXPECT_GT(stats[0].budget_probes_without_slot + stats[1].budget_probes_without_slot, 0U)
+  EXPECT_GE(stats[0].budget_probes + stats[1].budget_probes, 3U);
+  EXPECT_GT(stats[0].budget_slot_waits + stats[1].budget_slot_waits, 0U)
       << "6 connections wanted, 3 slots: some connects must have found the budget full";
 }
 
@@ -141,8 +141,8 @@ TEST_F(BudgetTest, AFullBudgetFailsWaitersWithBudgetExhaustedNamingIt) {
     EXPECT_TRUE(error.code() == condition::too_many_connections);
     EXPECT_THAT(error.what(), HasSubstr("budget 'full' is full: all 1 slots are held (1 holders"));
     EXPECT_THAT(error.diagnostics().hint, HasSubstr("PGRT_BUDGET_KEY"));
-    EXPECT_GE(waiting.stats().budget_probes_without_slot, 1U);
-    const PoolStats stats = waiting.stats();  // (a retry may be connecting meanwhile)
+    EXPECT_GE(waiting.stats().budget_slot_waits, 1U);  // still waiting for one when it gave up
+    const PoolStats stats = waiting.stats();           // (a retry may be connecting meanwhile)
     EXPECT_EQ(stats.idle + stats.in_use, 0U) << "a connection without a slot must be closed";
     // The holder gives its slot back: a new pool gets it (the waiting one closed first, so that a
     // retry of its own does not take it).
@@ -229,12 +229,16 @@ TEST_F(BudgetTest, AConnectionWhoseSlotWasReleasedByHandIsClosedWithinOneCheckIn
       unlocked_pid = lease->backend_pid();
       co_await lease->execute("SELECT pg_advisory_unlock_all()");
     }
+    // Measured to the pool's close (its discard); the backend's exit follows.
     const auto returned = std::chrono::steady_clock::now();
-    while (alive(unlocked_pid) && std::chrono::steady_clock::now() - returned < 5s) {
+    const std::uint64_t discarded_before = pool.stats().discarded;
+    while (pool.stats().discarded == discarded_before &&
+           std::chrono::steady_clock::now() - returned < 5s) {
       co_await sleep_for(10ms);
     }
     idle_closed_after = std::chrono::duration_cast<std::chrono::milliseconds>(
         std::chrono::steady_clock::now() - returned);
+    for (int i = 0; i < 500 && alive(unlocked_pid); ++i) co_await sleep_for(10ms);
     EXPECT_FALSE(alive(unlocked_pid));
     // 2. Released in a lease that is kept past a check: closed when it comes back, never handed
     // out again.
@@ -248,14 +252,93 @@ TEST_F(BudgetTest, AConnectionWhoseSlotWasReleasedByHandIsClosedWithinOneCheckIn
       auto lease = co_await pool.acquire();
       EXPECT_NE(lease->backend_pid(), kept_pid) << "a connection without its slot was reused";
     }
-    EXPECT_EQ(observer.scalar(slot_holders_sql("unlocked")),
-              std::to_string(pool.stats().size - pool.stats().closing));
+    EXPECT_EQ(
+        observer.scalar(slot_holders_sql("unlocked") + " AND pid = " + std::to_string(kept_pid)),
+        "0");
     end = pool.stats();
     (void)co_await pool.close(1s);
   });
   EXPECT_LE(idle_closed_after, interval + 400ms)
       << "the connection without its slot outlived one check interval by far";
   EXPECT_GE(end.discarded, 2U);
+}
+
+// Fair shares between processes: a pool that took the whole budget under load keeps to an even
+// split once another process waits for a slot (its waiting marker), so the late one makes
+// progress instead of waiting for the first to go idle. Each pool runs on its own thread and
+// io_context, with its own tag, as two processes would.
+TEST_F(BudgetTest, ALateProcessGetsAFairShareFromOneHoldingTheWholeBudget) {
+  const std::string key = "fair";
+  std::atomic<bool> stop{false};
+  std::atomic<std::uint64_t> early_served{0};
+  std::atomic<std::size_t> early_most{0};
+  std::atomic<std::size_t> early_size_after_late_began{0};
+  std::atomic<bool> late_began{false};
+  PoolStats early_end{};
+  auto early_config = config("early", key, 4, 4);
+  early_config.budget.check_interval = 200ms;
+  std::thread early([&] {
+    run_coroutine([&]() -> awaitable_void {
+      Pool pool(co_await asio::this_coro::executor, early_config);
+      const auto executor = co_await asio::this_coro::executor;
+      std::size_t running = 0;
+      for (int i = 0; i < 8; ++i) {
+        asio::co_spawn(
+            executor,
+            [&]() -> awaitable_void {
+              ++running;
+              while (!stop) {
+                auto lease = co_await pool.acquire();
+                co_await lease->query("SELECT 1");
+                ++early_served;
+                early_most = std::max(early_most.load(), pool.stats().in_use);
+                co_await sleep_for(20ms);
+              }
+              --running;
+            },
+            asio::detached);
+      }
+      while (!stop) {
+        if (late_began) {
+          const auto stats = pool.stats();
+          early_size_after_late_began = std::max(early_size_after_late_began.load(), stats.size);
+        }
+        co_await sleep_for(20ms);
+      }
+      while (running > 0) co_await sleep_for(5ms);
+      early_end = pool.stats();
+      (void)co_await pool.close(1s);
+    });
+  });
+  while (early_most < 4) std::this_thread::sleep_for(10ms);  // it holds the whole budget
+  std::chrono::milliseconds first_lease_after{0};
+  std::uint64_t late_served = 0;
+  run_coroutine([&]() -> awaitable_void {
+    auto late_config = config("late", key, 4, 4);
+    late_config.budget.check_interval = 200ms;
+    Pool pool(co_await asio::this_coro::executor, late_config);
+    const auto asked = std::chrono::steady_clock::now();
+    late_began = true;
+    {
+      auto lease = co_await pool.acquire();
+      first_lease_after = std::chrono::duration_cast<std::chrono::milliseconds>(
+          std::chrono::steady_clock::now() - asked);
+    }
+    for (int i = 0; i < 50; ++i) {
+      auto lease = co_await pool.acquire();
+      co_await lease->query("SELECT 1");
+      ++late_served;
+    }
+    (void)co_await pool.close(1s);
+  });
+  const std::uint64_t early_before_stop = early_served;
+  std::this_thread::sleep_for(300ms);
+  stop = true;
+  early.join();
+  EXPECT_EQ(late_served, 50U);
+  EXPECT_LT(first_lease_after, 3s) << "the late process waited too long for a share";
+  EXPECT_GT(early_served.load(), early_before_stop) << "the early process stopped making progress";
+  EXPECT_GE(early_end.discarded, 1U) << "the early pool never gave a connection back";
 }
 
 TEST_F(BudgetTest, ABudgetIsRefusedBehindATransactionPoolerAndWhenHalfSet) {
@@ -327,7 +410,7 @@ TEST_F(ConsumersTest, ABusyConsumerCannotStarveAQuietOneAndUsesItsShareWhileItIs
     for (int i = 0; i < 10; ++i) asio::co_spawn(executor, busy(), asio::detached);
     co_await sleep_for(300ms);
     quiet_active = true;
-    for (int i = 0; i < 50; ++i) {
+    for (int i = 0; i < 100; ++i) {
       const auto asked = std::chrono::steady_clock::now();
       {
         auto lease = co_await pool.acquire("quiet");
@@ -350,7 +433,7 @@ TEST_F(ConsumersTest, ABusyConsumerCannotStarveAQuietOneAndUsesItsShareWhileItIs
   EXPECT_EQ(busy_most_while_quiet_idle, 2U);
   EXPECT_GT(busy_leases, 40U);
   std::sort(quiet_waits.begin(), quiet_waits.end());
-  const auto p99 = quiet_waits[quiet_waits.size() * 99 / 100];
+  const auto p99 = quiet_waits[quiet_waits.size() * 99 / 100 - 1];  // nearest rank
   EXPECT_LE(p99, std::chrono::duration_cast<std::chrono::microseconds>(hold))
       << "the quiet consumer waited longer than one lease hold time";
 }
@@ -383,7 +466,9 @@ TEST_F(ConsumersTest, AnIdleConsumerGetsItsMinimumBackWithinOneReturn) {
     };
     const auto executor = co_await asio::this_coro::executor;
     for (int i = 0; i < 10; ++i) asio::co_spawn(executor, busy(), asio::detached);
-    co_await sleep_for(200ms);
+    for (int i = 0; i < 500 && pool.stats().consumers.at(busy_index).in_use < 3; ++i) {
+      co_await sleep_for(10ms);
+    }
     EXPECT_EQ(pool.stats().consumers.at(busy_index).in_use, 3U);
     for (int i = 0; i < 5; ++i) {
       quiet_waiting = true;

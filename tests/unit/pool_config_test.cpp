@@ -12,6 +12,8 @@
 
 #include <pgrt/db/pool.hpp>
 
+#include "pool/budget.hpp"
+
 namespace pgrt {
 namespace {
 
@@ -114,7 +116,8 @@ class EnvironmentTest : public ::testing::Test {
          {"DATABASE_URL", "PGRT_POOL_MAX", "PGRT_POOL_MIN_IDLE", "PGRT_ACQUIRE_TIMEOUT_MS",
           "PGRT_MAX_LIFETIME_S", "PGRT_IDLE_TIMEOUT_S", "PGRT_LEAK_THRESHOLD_MS",
           "PGRT_POOL_PRESET", "PGRT_POOL_RESET", "PGRT_APP", "PGRT_INSTANCE", "PGRT_POOLER",
-          "PGRT_BUDGET_KEY", "PGRT_BUDGET_SLOTS", "PGRT_POOL_CONSUMERS", "PGRT_BUDGET_CHECK_MS"}) {
+          "PGRT_BUDGET_KEY", "PGRT_BUDGET_SLOTS", "PGRT_POOL_CONSUMERS", "PGRT_BUDGET_CHECK_MS",
+          "PGRT_BUDGET_CLASSES", "PGRT_BUDGET_CLASS"}) {
       ::unsetenv(name);
     }
   }
@@ -238,7 +241,7 @@ TEST_F(EnvironmentTest, ConsumersFromTheEnvironment) {
   EXPECT_EQ(config.consumers[1].name, "scraper-b");
   EXPECT_EQ(config.consumers[1].max, 0U);  // the pool's max
   for (const char* bad : {"a", "a:1", "a:1:2:3", ":1:2", "a:x:2", "a:1:2,", "a:1:2,a:1:2", "a:3:2",
-                          "a:1:6", "a:3:5,b:3:5"}) {
+                          "a:1:6", "a:3:5,b:3:5", "a:1:2, b:1:2"}) {
     ::setenv("PGRT_POOL_CONSUMERS", bad, 1);
     try {
       (void)PoolConfig::from_env();
@@ -271,8 +274,10 @@ TEST_F(EnvironmentTest, BudgetFromTheEnvironment) {
   EXPECT_EQ(config.budget.check_interval, std::chrono::seconds(10));
   ::setenv("PGRT_BUDGET_CHECK_MS", "250", 1);
   EXPECT_EQ(PoolConfig::from_env().budget.check_interval, std::chrono::milliseconds(250));
-  ::setenv("PGRT_BUDGET_CHECK_MS", "-1", 1);
-  EXPECT_THROW((void)PoolConfig::from_env(), Error);
+  for (const char* bad : {"-1", "50"}) {  // 1-99 ms: a pg_locks query too often
+    ::setenv("PGRT_BUDGET_CHECK_MS", bad, 1);
+    EXPECT_THROW((void)PoolConfig::from_env(), Error) << bad;
+  }
   ::unsetenv("PGRT_BUDGET_CHECK_MS");
   for (const char* bad : {"0", "", "forty", "100001", "-3"}) {
     ::setenv("PGRT_BUDGET_SLOTS", bad, 1);
@@ -292,6 +297,62 @@ TEST_F(EnvironmentTest, BudgetFromTheEnvironment) {
     EXPECT_THAT(error.what(), HasSubstr("budget.slots is 0"));
     EXPECT_THAT(error.diagnostics().hint, HasSubstr("PGRT_BUDGET_SLOTS"));
   }
+}
+
+TEST_F(EnvironmentTest, BudgetClassesFromTheEnvironment) {
+  ::setenv("PGRT_BUDGET_KEY", "orders-db", 1);
+  ::setenv("PGRT_BUDGET_SLOTS", "50", 1);
+  ::setenv("PGRT_BUDGET_CLASSES", "api:10,batch:30", 1);
+  ::setenv("PGRT_BUDGET_CLASS", "batch", 1);
+  const auto config = PoolConfig::from_env();
+  ASSERT_EQ(config.budget.classes.size(), 2U);
+  EXPECT_EQ(config.budget.classes[0].name, "api");
+  EXPECT_EQ(config.budget.classes[0].slots, 10U);
+  EXPECT_EQ(config.budget.classes[1].slots, 30U);
+  EXPECT_EQ(config.budget.class_name, "batch");
+  const auto expect_refused = [](const char* classes, const char* class_name, const char* says) {
+    ::setenv("PGRT_BUDGET_CLASSES", classes, 1);
+    ::setenv("PGRT_BUDGET_CLASS", class_name, 1);
+    try {
+      (void)PoolConfig::from_env();
+      ADD_FAILURE() << "accepted PGRT_BUDGET_CLASSES=" << classes
+                    << " PGRT_BUDGET_CLASS=" << class_name;
+    } catch (const Error& error) {
+      EXPECT_EQ(error.code(), client_errc::invalid_config);
+      EXPECT_THAT(error.what(), HasSubstr(says)) << classes;
+    }
+  };
+  expect_refused("api:10,batch:41", "api", "51 slots in all");
+  expect_refused("api:10,api:5", "api", "listed twice");
+  expect_refused("api", "api", "not name:slots");
+  expect_refused("api:0", "api", "not valid");
+  expect_refused("api:10", "web", "'web' (PGRT_BUDGET_CLASS) is not listed");
+  expect_refused("api:20,batch:30", "", "the classes leave none");
+  expect_refused("a pi:10", "a pi", "printable");
+}
+
+TEST(BudgetClassesTest, EachClassTakesItsOwnSlotsThenTheSharedOnes) {
+  Budget budget{.key = "k", .slots = 50, .classes = {{"api", 10}, {"batch", 30}}};
+  const auto ranges = [&] {
+    std::vector<std::pair<std::size_t, std::size_t>> found;
+    for (const auto& range : detail::slot_ranges(budget))
+      found.emplace_back(range.begin, range.end);
+    return found;
+  };
+  budget.class_name = "api";
+  EXPECT_EQ(ranges(), (std::vector<std::pair<std::size_t, std::size_t>>{{0, 10}, {40, 50}}));
+  EXPECT_EQ(detail::budget_fair_share(budget, 4), 10U + 10U / 4);  // its own, and a part shared
+  budget.class_name = "batch";
+  EXPECT_EQ(ranges(), (std::vector<std::pair<std::size_t, std::size_t>>{{10, 40}, {40, 50}}));
+  EXPECT_THAT(detail::describe_full_budget(budget, 50),
+              HasSubstr("its class 'batch' has 30 slots and 10 are shared"));
+  budget.class_name.clear();
+  EXPECT_EQ(ranges(), (std::vector<std::pair<std::size_t, std::size_t>>{{40, 50}}));
+  EXPECT_EQ(detail::budget_fair_share(budget, 20), 1U);  // never 0
+  const Budget plain{.key = "k", .slots = 12};
+  EXPECT_EQ(detail::budget_fair_share(plain, 4), 3U);
+  EXPECT_THAT(detail::describe_full_budget(plain, 12),
+              HasSubstr("is full: all 12 slots are held (12 holders"));
 }
 
 TEST(PoolConfigTest, PresetsAndValidation) {

@@ -181,17 +181,16 @@ struct Model {
     node.state = NodeState::idle;
     node.idle_stamp = ++stamp;
   }
-  // A free node goes to next_waiter(), else becomes idle.
+  // A free node goes to next_waiter() (the node no longer counted as leased), else becomes idle.
   void offer(std::uint64_t id, Time now, bool used) {
+    if (nodes.at(id).state != NodeState::idle) become_idle(id, now, used);
     auto it = next_waiter();
     if (it != queue.end()) {
       const W waiter = *it;
       queue.erase(it);
       lease(id, waiter.priority, waiter.consumer, now);
       outs.push_back(out(Action::Kind::wake, id, waiter.id));
-      return;
     }
-    if (nodes.at(id).state != NodeState::idle) become_idle(id, now, used);
   }
   void serve_idle(Time now) {
     while (newest_idle() != 0 && next_waiter() != queue.end()) offer(newest_idle(), now, false);
@@ -1063,6 +1062,23 @@ TEST(PoolCoreConsumers, AConsumerBelowItsMinimumGetsTheNextReturnBeforeEarlierWa
   EXPECT_EQ(pool.in_use(busy), 2u);
 }
 
+// The lease that comes back no longer counts against its consumer when the next waiter is
+// chosen: a consumer at its max that returns one is below its minimum again and is served first.
+TEST(PoolCoreConsumers, AReturnedLeaseCountsNoLongerWhenTheNextWaiterIsChosen) {
+  SharedPool pool(CoreConfig{.max_size = 3, .consumers = {{.min = 2, .max = 2}}});
+  constexpr ConsumerIndex named = 1;
+  (void)pool.acquire(named);
+  (void)pool.acquire(named);
+  (void)pool.acquire(default_consumer);
+  auto other_waiting = pool.acquire(default_consumer);  // came first
+  auto named_waiting = pool.acquire(named);
+  ASSERT_TRUE(std::holds_alternative<Waiter*>(other_waiting));
+  ASSERT_TRUE(std::holds_alternative<Waiter*>(named_waiting));
+  pool.give_back(*pool.leased_to(named).front());  // named drops to 1, below its min of 2
+  EXPECT_EQ(std::get<Waiter*>(named_waiting)->outcome, Waiter::Outcome::handed);
+  EXPECT_EQ(std::get<Waiter*>(other_waiting)->outcome, Waiter::Outcome::none);
+}
+
 TEST(PoolCoreConsumers, BusyConsumersGetTheirMinimumsAndSplitTheRestEvenly) {
   // Pool 7: minimums 1, 3 and 0, so 3 are left to split; every consumer keeps asking.
   SharedPool pool(
@@ -1170,6 +1186,46 @@ TEST(PoolCoreSlotCheck, RunsOnAnIdleConnectionOrOnOneComingBackAndClosesALostSlo
   core.slot_lost(*first, now, actions);
   ASSERT_NE(find(Action::Kind::close), nullptr);
   EXPECT_EQ(find(Action::Kind::close)->reason, DiscardReason::slot_lost);
+}
+
+TEST(PoolCoreBudgetShare, ACapClosesIdleConnectionsNowLeasedOnesOnReturnAndOpensNoneBeyond) {
+  SharedPool pool(CoreConfig{.max_size = 4});
+  std::vector<Node*> leased;
+  for (int i = 0; i < 4; ++i) {
+    auto got = pool.acquire(default_consumer);  // each through a connect made for it
+    leased.push_back(std::holds_alternative<Node*>(got) ? std::get<Node*>(got)
+                                                        : std::get<Waiter*>(got)->handed);
+    ASSERT_NE(leased.back(), nullptr);
+  }
+  pool.give_back(*leased[3]);  // one idle, three leased
+  Actions actions;
+  const Time now = Time{} + std::chrono::hours(1);
+  pool.core().limit_connections(2, now, actions);
+  EXPECT_EQ(pool.core().connection_cap(), 2U);
+  std::size_t closed_now = 0;
+  for (const Action& action : actions) {
+    if (action.kind != Action::Kind::close) continue;
+    ++closed_now;
+    EXPECT_EQ(action.reason, DiscardReason::budget_share);
+    EXPECT_EQ(action.node, leased[3]);
+  }
+  EXPECT_EQ(closed_now, 1U) << "the idle one closes at once";
+  // One of the three leased goes when it comes back; the other two stay.
+  std::size_t retired = 0;
+  for (Node* node : {leased[0], leased[1], leased[2]}) retired += node->evicted ? 1 : 0;
+  EXPECT_EQ(retired, 1U);
+  // More callers: they wait for the two kept, nothing is opened beyond the cap.
+  for (int i = 0; i < 3; ++i) (void)pool.acquire(default_consumer);
+  actions.clear();
+  pool.core().backend_ended(*leased[3], now, actions);  // the closed one's capacity is back
+  EXPECT_EQ(pool.core().nodes(NodeState::connecting).size(), 0U);
+  // The cap lifted: the waiters get new connections.
+  actions.clear();
+  pool.core().limit_connections(4, now, actions);
+  EXPECT_EQ(pool.core().connection_cap(), 4U);
+  std::size_t opened = 0;
+  for (const Action& action : actions) opened += action.kind == Action::Kind::open ? 1 : 0;
+  EXPECT_GE(opened, 1U);
 }
 
 TEST(PoolCoreSizing, OpensWhatWaitersAndMinIdleNeedWithinTheMax) {

@@ -1,5 +1,6 @@
 #include "budget.hpp"
 
+#include <algorithm>
 #include <boost/asio/associated_executor.hpp>
 #include <boost/asio/async_result.hpp>
 #include <boost/asio/execution/context.hpp>
@@ -32,19 +33,82 @@ namespace pgrt::detail {
 
 namespace asio = boost::asio;
 
+std::int32_t budget_waiting_key(const Budget& budget) {
+  return budget_lock_key(budget.key + "/waiting");
+}
+
+[[gnu::noinline]] std::size_t random_below(std::size_t bound) {
+  thread_local std::minstd_rand random(std::random_device{}());
+  return std::uniform_int_distribution<std::size_t>(0, bound - 1)(random);
+}
+
+namespace {
+std::size_t classes_slots(const Budget& budget) {
+  std::size_t total = 0;
+  for (const Budget::Class& slot_class : budget.classes) total += slot_class.slots;
+  return total;
+}
+}  // namespace
+
+std::vector<SlotRange> slot_ranges(const Budget& budget) {
+  std::vector<SlotRange> ranges;
+  std::size_t begin = 0;
+  for (const Budget::Class& slot_class : budget.classes) {
+    if (slot_class.name == budget.class_name) {
+      ranges.push_back({.begin = begin, .end = begin + slot_class.slots});
+    }
+    begin += slot_class.slots;
+  }
+  if (begin < budget.slots) ranges.push_back({.begin = begin, .end = budget.slots});
+  return ranges;
+}
+
+std::size_t budget_fair_share(const Budget& budget, std::size_t processes) {
+  const std::size_t shared = budget.slots - classes_slots(budget);
+  std::size_t own = 0;
+  for (const SlotRange& range : slot_ranges(budget)) own += range.end - range.begin;
+  own -= shared;
+  return std::max<std::size_t>(1, own + shared / std::max<std::size_t>(1, processes));
+}
+
+std::string describe_full_budget(const Budget& budget, std::size_t holders) {
+  const std::string counted = " holders, counting every process and host that shares it)";
+  if (budget.classes.empty()) {
+    return "the connection budget '" + budget.key + "' is full: all " +
+           std::to_string(budget.slots) + " slots are held (" + std::to_string(holders) + counted;
+  }
+  const std::size_t shared = budget.slots - classes_slots(budget);
+  std::string mine;
+  for (const Budget::Class& slot_class : budget.classes) {
+    if (slot_class.name == budget.class_name) {
+      mine = "its class '" + slot_class.name + "' has " + std::to_string(slot_class.slots) +
+             " slots and " + std::to_string(shared) + " are shared";
+    }
+  }
+  if (mine.empty()) mine = "a pool without a class takes the " + std::to_string(shared) + " shared";
+  return "the connection budget '" + budget.key + "' has no slot free for this pool (" + mine +
+         ", all held; " + std::to_string(holders) + " of its " + std::to_string(budget.slots) +
+         " slots are held, counting every process and host that shares it)";
+}
+
 asio::awaitable<std::vector<SlotHolder>> budget_slot_holders(Connection& connection,
                                                              const Budget& budget) {
   // Advisory locks are per database; pg_locks shows the (int4, int4) form's keys as classid and
   // objid (unsigned), with objsubid 2.
   const Result rows = co_await connection.query(
-      "SELECT objid::int8, pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid "
-      "= 2 AND classid = ($1::int8 & 4294967295)::oid AND database = (SELECT oid FROM "
+      "SELECT l.objid::int8, l.pid, coalesce(a.application_name, ''), l.classid = ($2::int8 & "
+      "4294967295)::oid FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid WHERE "
+      "l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 AND l.classid IN (($1::int8 & "
+      "4294967295)::oid, ($2::int8 & 4294967295)::oid) AND l.database = (SELECT oid FROM "
       "pg_database WHERE datname = current_database())",
-      static_cast<std::int64_t>(budget_lock_key(budget.key)));
+      static_cast<std::int64_t>(budget_lock_key(budget.key)),
+      static_cast<std::int64_t>(budget_waiting_key(budget)));
   std::vector<SlotHolder> holders;
   for (const Row& row : rows) {
     holders.push_back({.slot = static_cast<std::size_t>(row.get<std::int64_t>(0)),
-                       .pid = row.get<std::int32_t>(1)});
+                       .pid = row.get<std::int32_t>(1),
+                       .tag = row.get<std::string>(2),
+                       .waiting = row.get<bool>(3)});
   }
   co_return holders;
 }
@@ -53,21 +117,26 @@ asio::awaitable<SlotSearch> take_budget_slot(Connection& connection, const Budge
   const std::int32_t key = budget_lock_key(budget.key);
   const std::vector<SlotHolder> holders = co_await budget_slot_holders(connection, budget);
   std::set<std::size_t> held;
-  for (const SlotHolder& holder : holders) held.insert(holder.slot);
-  thread_local std::minstd_rand random(std::random_device{}());
-  const std::size_t start = std::uniform_int_distribution<std::size_t>(0, budget.slots - 1)(random);
+  for (const SlotHolder& holder : holders) {
+    if (!holder.waiting) held.insert(holder.slot);
+  }
   SlotSearch search;
-  for (std::size_t step = 0; step < budget.slots; ++step) {
-    const std::size_t slot = (start + step) % budget.slots;
-    if (held.count(slot) != 0) continue;
-    const bool taken = (co_await connection.query("SELECT pg_try_advisory_lock($1::int4, $2::int4)",
-                                                  key, static_cast<std::int32_t>(slot)))
-                           .scalar<bool>();
-    if (taken) {
-      search.slot = slot;
-      co_return search;
+  for (const SlotRange& range : slot_ranges(budget)) {
+    const std::size_t size = range.end - range.begin;
+    const std::size_t start = random_below(size);
+    for (std::size_t step = 0; step < size; ++step) {
+      const std::size_t slot = range.begin + (start + step) % size;
+      if (held.count(slot) != 0) continue;
+      const Result taken = co_await connection.query(
+          "SELECT pg_try_advisory_lock($1::int4, $2::int4), pg_backend_pid()", key,
+          static_cast<std::int32_t>(slot));
+      if (taken[0].get<bool>(0)) {
+        search.slot = slot;
+        search.backend_pid = taken[0].get<std::int32_t>(1);
+        co_return search;
+      }
+      held.insert(slot);  // taken meanwhile by another process
     }
-    held.insert(slot);  // taken meanwhile by another process
   }
   search.holders = held.size();
   co_return search;

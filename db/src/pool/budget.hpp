@@ -24,17 +24,50 @@ namespace pgrt::detail {
 struct SlotSearch {
   std::optional<std::size_t> slot;
   std::size_t holders = 0;
+  // With a slot: the backend that holds it, from the server (pg_backend_pid(): behind a pooler
+  // the connection's own BackendKeyData pid is the pooler's).
+  int backend_pid = 0;
 };
 
-// A backend holding one of a budget's slots, as pg_locks shows it.
+// A backend holding one of a budget's slots, or its waiting marker, as pg_locks shows it.
 struct SlotHolder {
   std::size_t slot = 0;
   int pid = 0;
+  std::string tag;       // its application_name: one per process (pgrt's connection tag)
+  bool waiting = false;  // the waiting marker (budget_waiting_key()), not a slot
 };
 
-// Every holder of `budget`'s slots in the connection's database (one pg_locks query).
+// Every holder of `budget`'s slots and waiting markers in the connection's database (one query
+// of pg_locks and pg_stat_activity).
 [[nodiscard]] boost::asio::awaitable<std::vector<SlotHolder>> budget_slot_holders(
     Connection& connection, const Budget& budget);
+
+// The first key of a budget's waiting markers: a connect that found no free slot holds
+// pg_advisory_lock_shared(budget_waiting_key, 0) while it waits for one, so that the processes
+// holding slots see that another waits (and keep to their fair share).
+[[nodiscard]] std::int32_t budget_waiting_key(const Budget& budget);
+
+// How many slots one process may keep while others wait: its class's own slots, plus the shared
+// slots split evenly among the processes holding slots or waiting for one (at least 1 in all).
+[[nodiscard]] std::size_t budget_fair_share(const Budget& budget, std::size_t processes);
+
+// A random number in [0, bound), from a per-thread generator. Not inlined, and so safe to call
+// from a coroutine: g++ may keep a thread_local's address across a co_await, and a coroutine
+// that resumes on another thread would then use the first thread's (perhaps gone) generator.
+[[nodiscard]] std::size_t random_below(std::size_t bound);
+
+// Slots [begin, end) of a budget.
+struct SlotRange {
+  std::size_t begin = 0;
+  std::size_t end = 0;
+};
+// The slots a pool of the budget's class_name may take, in the order it tries them: its class's
+// own, then the shared ones (those after the last class).
+[[nodiscard]] std::vector<SlotRange> slot_ranges(const Budget& budget);
+
+// Why a connect found no slot: "the connection budget 'k' is full: all 40 slots are held (40
+// holders, ...)", or the same for a class.
+[[nodiscard]] std::string describe_full_budget(const Budget& budget, std::size_t holders);
 
 // Takes a free slot on `connection`: reads which slots the server shows held (pg_locks), then
 // tries the others one by one, from a random start, with pg_try_advisory_lock (one lock per

@@ -2,6 +2,9 @@
 // background work (connect, reset, ping, close), and the acquire and release paths.
 #include "driver.hpp"
 
+#include <set>
+#include <unordered_set>
+
 #include "budget.hpp"
 
 namespace pgrt::detail {
@@ -267,20 +270,20 @@ asio::awaitable<void> PoolState::open_connection(
   } else if (!budget.key.empty()) {
     probed = true;
     try {
-      const SlotSearch search =
+      SlotSearch search =
           co_await cut_at(connection, Clock::now() + self->config.connect.connect_timeout,
                           take_budget_slot(connection, budget));
+      if (!search.slot && !cancel->cancelled) {
+        search = co_await wait_for_budget_slot(self, *node, connection, *cancel, search);
+      }
       if (search.slot) {
         auto& pooled = static_cast<PooledConnection&>(*node->attachment);
         pooled.budget_slot = *search.slot;
-        pooled.backend_pid = connection.backend_pid();
+        pooled.backend_pid = search.backend_pid;
       } else {
         no_slot = true;
         error = make_error_code(client_errc::budget_exhausted);
-        failure = "the connection budget '" + budget.key + "' is full: all " +
-                  std::to_string(budget.slots) + " slots are held (" +
-                  std::to_string(search.holders) +
-                  " holders, counting every process and host that shares it)";
+        failure = describe_full_budget(budget, search.holders);
       }
     } catch (const std::exception& slot_error) {
       error = make_error_code(client_errc::connect_failed);
@@ -377,7 +380,16 @@ asio::awaitable<void> PoolState::reset(std::shared_ptr<PoolState> self, pool::No
                             static_cast<PooledConnection&>(*node->attachment).budget_slot));
       }
     }
-    if (check_slots) co_await check_budget_slots(self, node, deadline);
+    if (check_slots) {
+      try {
+        co_await check_budget_slots(self, node, deadline);
+      } catch (const std::exception& error) {
+        // The check's own failure is not this connection's, unless it broke it.
+        if (!connection.is_open() || connection.is_broken()) throw;
+        spdlog::warn("pgrt pool {}: checking the connection budget's slots failed: {}",
+                     self->application_name, error.what());
+      }
+    }
   } catch (const std::exception& error) {
     ok = false;
     spdlog::warn("pgrt pool: resetting a returned connection ({}) failed: {}",
@@ -411,6 +423,56 @@ asio::awaitable<void> PoolState::ping(std::shared_ptr<PoolState> self, pool::Nod
   self->execute_locked(actions, deferred);
 }
 
+asio::awaitable<SlotSearch> PoolState::wait_for_budget_slot(
+    std::shared_ptr<PoolState> self, const pool::Node& node, Connection& connection,
+    const PooledConnection::ConnectCancel& cancel, SlotSearch search) {
+  // Retired meanwhile (the pool keeps to its fair share): it would be closed on arrival, so it
+  // stops waiting and leaves the turn to the pool's other connects.
+  const auto retired = [&] {
+    std::lock_guard lock(self->mutex);
+    return node.evicted;
+  };
+  const Budget& budget = self->config.budget;
+  const std::string full = describe_full_budget(budget, search.holders);
+  {
+    std::lock_guard lock(self->mutex);
+    ++self->budget_waits;
+    ++self->budget_slot_waits;
+    self->last_connect_error = full + "; a connection waits for one";
+    self->last_connect_error_code = make_error_code(client_errc::budget_exhausted);
+  }
+  const auto give_up_at = Clock::now() + self->config.connect.connect_timeout;
+  const auto marker = budget_waiting_key(budget);
+  bool marked = false;
+  std::exception_ptr failed;
+  try {
+    marked = (co_await cut_at(
+                  connection, give_up_at,
+                  connection.query("SELECT pg_try_advisory_lock_shared($1::int4, 0)", marker)))
+                 .scalar<bool>();
+    asio::steady_timer timer(co_await asio::this_coro::executor);
+    while (!search.slot && !cancel.cancelled && Clock::now() < give_up_at && !retired()) {
+      timer.expires_after(std::chrono::milliseconds(100 + random_below(201)));
+      (void)co_await timer.async_wait(asio::as_tuple(asio::use_awaitable));
+      if (cancel.cancelled || retired()) break;
+      search = co_await cut_at(connection, give_up_at, take_budget_slot(connection, budget));
+    }
+    if (marked && search.slot) {
+      (void)co_await cut_at(
+          connection, give_up_at,
+          connection.query("SELECT pg_advisory_unlock_shared($1::int4, 0)", marker));
+    }
+  } catch (...) {
+    failed = std::current_exception();
+  }
+  {
+    std::lock_guard lock(self->mutex);
+    --self->budget_waits;
+  }
+  if (failed) std::rethrow_exception(failed);
+  co_return search;
+}
+
 asio::awaitable<void> PoolState::check_budget_slots(std::shared_ptr<PoolState> self,
                                                     pool::Node* checker,
                                                     Clock::time_point deadline) {
@@ -431,6 +493,10 @@ asio::awaitable<void> PoolState::check_budget_slots(std::shared_ptr<PoolState> s
   Connection& connection = connection_of(*checker);
   const std::vector<SlotHolder> holders =
       co_await cut_at(connection, deadline, budget_slot_holders(connection, self->config.budget));
+  std::unordered_set<int> holding;
+  for (const SlotHolder& holder : holders) {
+    if (!holder.waiting) holding.insert(holder.pid);
+  }
   Deferred deferred;
   std::lock_guard lock(self->mutex);
   auto& actions = self->fresh_actions_locked();
@@ -444,18 +510,46 @@ asio::awaitable<void> PoolState::check_budget_slots(std::shared_ptr<PoolState> s
       });
       if (!unchanged || node.evicted) return;
       const auto& pooled = static_cast<const PooledConnection&>(*node.attachment);
-      const bool holds = std::any_of(holders.begin(), holders.end(), [&](const SlotHolder& holder) {
-        return holder.pid == pooled.backend_pid;
+      if (holding.count(pooled.backend_pid) != 0) return;
+      deferred.add([self, pid = pooled.backend_pid, slot = pooled.budget_slot,
+                    idle = node.state == pool::NodeState::idle] {
+        spdlog::warn(
+            "pgrt pool {}: the connection to backend {} no longer holds its slot {} of the "
+            "connection budget '{}' (released by hand: pg_advisory_unlock_all(), or DISCARD ALL "
+            "sent as a query?); it is closed {}",
+            self->application_name, pid, slot, self->config.budget.key,
+            idle ? "now" : "when it comes back");
       });
-      if (holds) return;
-      spdlog::warn(
-          "pgrt pool {}: the connection to backend {} no longer holds its slot {} of the "
-          "connection budget '{}' (released by hand: pg_advisory_unlock_all(), or DISCARD ALL "
-          "sent as a query?); it is closed {}",
-          self->application_name, pooled.backend_pid, pooled.budget_slot, self->config.budget.key,
-          node.state == pool::NodeState::idle ? "now" : "when it comes back");
       lost.push_back(&node);
     });
+  }
+  // Fair shares between processes: while another process waits for a slot, keep at most an even
+  // split of the budget among the processes holding or waiting for one; lifted once none waits.
+  std::set<std::string> processes;
+  bool another_waits = false;
+  for (const SlotHolder& holder : holders) {
+    processes.insert(holder.tag);
+    another_waits = another_waits || (holder.waiting && holder.tag != self->application_name);
+  }
+  processes.insert(self->application_name);
+  const std::size_t cap = another_waits ? budget_fair_share(self->config.budget, processes.size())
+                                        : self->config.max_size;
+  if (cap != self->core.connection_cap()) {
+    deferred.add([self, cap, another_waits, processes = processes.size()] {
+      if (another_waits) {
+        spdlog::info(
+            "pgrt pool {}: another process waits for a slot of the connection budget '{}': "
+            "keeping at most {} connection(s), its share of {} slots among {} processes",
+            self->application_name, self->config.budget.key, cap, self->config.budget.slots,
+            processes);
+      } else {
+        spdlog::info(
+            "pgrt pool {}: no process waits for a slot of the connection budget '{}' any more: "
+            "up to max_size again",
+            self->application_name, self->config.budget.key);
+      }
+    });
+    self->core.limit_connections(cap, now, actions);
   }
   // (The core's own nodes, read through its const view, handed back to it.)
   for (const pool::Node* node : lost)
@@ -553,10 +647,20 @@ void PoolState::closed_in_lease(pool::Node& node, Connection live) noexcept {
 
 std::string PoolState::describe_load_locked() const {
   const auto stats = core.stats();
-  return std::to_string(stats.count(pool::NodeState::leased)) + " of max " +
-         std::to_string(config.max_size) + " connections in use, " +
-         std::to_string(stats.count(pool::NodeState::connecting)) + " connecting, " +
-         std::to_string(stats.waiting_normal + stats.waiting_high) + " callers waiting";
+  std::string load = std::to_string(stats.count(pool::NodeState::leased)) + " of max " +
+                     std::to_string(config.max_size) + " connections in use, " +
+                     std::to_string(stats.count(pool::NodeState::connecting)) + " connecting, ";
+  // The states a connection passes through briefly: named only when a wait may be due to them.
+  for (auto state :
+       {pool::NodeState::resetting, pool::NodeState::pinging, pool::NodeState::closing}) {
+    if (stats.count(state) > 0) {
+      load += std::to_string(stats.count(state)) + " " + std::string(pool::to_string(state)) + ", ";
+    }
+  }
+  if (core.connection_cap() < config.max_size) {
+    load += "kept to " + std::to_string(core.connection_cap()) + " by the budget's fair share, ";
+  }
+  return load + std::to_string(stats.waiting_normal + stats.waiting_high) + " callers waiting";
 }
 
 asio::awaitable<Lease> PoolState::acquire(std::shared_ptr<PoolState> self, Priority priority,
@@ -738,8 +842,8 @@ void PoolState::fail_wait(std::unique_lock<std::mutex>& lock, pool::Waiter& wait
                         load + ")";
   if (!last_connect_error.empty()) message += "; last connect error: " + last_connect_error;
   // Held below what it needs by a full budget: say so, with the budget's own error.
-  const bool budget_full =
-      failed_connects_in_a_row > 0 && last_connect_error_code == client_errc::budget_exhausted;
+  const bool budget_full = (failed_connects_in_a_row > 0 || budget_waits > 0) &&
+                           last_connect_error_code == client_errc::budget_exhausted;
   lock.unlock();
   emit(events.acquire_timeout, message);
   if (budget_full) {
@@ -827,6 +931,7 @@ PoolStats PoolState::stats() const {
   snapshot.connect_backoff = counts.connect_backoff;
   snapshot.budget_probes = budget_probes;
   snapshot.budget_probes_without_slot = budget_probes_without_slot;
+  snapshot.budget_slot_waits = budget_slot_waits;
   if (!config.consumers.empty()) {
     const auto& limits = core.consumer_limits();
     std::vector<bool> active(limits.size());

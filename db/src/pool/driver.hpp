@@ -39,6 +39,7 @@
 #include "../async/abandon_guard.hpp"
 #include "../async/timer_condition.hpp"
 #include "../connection_access.hpp"
+#include "budget.hpp"
 #include "pgrt/db/pool.hpp"
 #include "pgrt/db/session_guards.hpp"
 #include "pgrt/runtime/identity.hpp"
@@ -297,6 +298,8 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
   std::uint64_t failed_connects_in_a_row = 0;
   std::uint64_t budget_probes = 0;               // PoolStats::budget_probes
   std::uint64_t budget_probes_without_slot = 0;  // PoolStats::budget_probes_without_slot
+  std::size_t budget_waits = 0;  // connects waiting for a budget slot (wait_for_budget_slot())
+  std::uint64_t budget_slot_waits = 0;  // PoolStats::budget_slot_waits
   // close() calls waiting for every connection to be gone; notified once none is left.
   async::TimerCondition drained;
 
@@ -343,6 +346,13 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
                                      bool check_slots);
   static asio::awaitable<void> ping(std::shared_ptr<PoolState> self, pool::Node* node,
                                     bool check_slots);
+
+  // Under a budget, when a new connection found no slot free: waits for one on that connection,
+  // holding the budget's waiting marker meanwhile (so the processes holding slots keep to their
+  // fair share), retrying every 100-300 ms for at most connect_timeout or until the pool closes.
+  static asio::awaitable<SlotSearch> wait_for_budget_slot(
+      std::shared_ptr<PoolState> self, const pool::Node& node, Connection& connection,
+      const PooledConnection::ConnectCancel& cancel, SlotSearch search);
 
   // Under a budget: asks the server, on `checker`'s connection, which backends hold a slot, and
   // reports to the core (slot_lost()) each of the pool's connections that does not: its slot was

@@ -30,6 +30,8 @@ std::string_view to_string(DiscardReason reason) noexcept {
       return "evicted";
     case DiscardReason::slot_lost:
       return "slot_lost";
+    case DiscardReason::budget_share:
+      return "budget_share";
   }
   return "unknown";
 }
@@ -83,8 +85,9 @@ std::string PoolStats::to_json() const {
          field("consecutive_connect_failures", consecutive_connect_failures) + "," +
          field("connect_backoff_ms", connect_backoff.count()) + "," +
          field("budget_probes", budget_probes) + "," +
-         field("budget_probes_without_slot", budget_probes_without_slot) + ",\"consumers\":[" +
-         consumer_list + "],\"last_connect_error\":" + quoted(last_connect_error) + "}";
+         field("budget_probes_without_slot", budget_probes_without_slot) + "," +
+         field("budget_slot_waits", budget_slot_waits) + ",\"consumers\":[" + consumer_list +
+         "],\"last_connect_error\":" + quoted(last_connect_error) + "}";
 }
 
 // --- Pool ----------------------------------------------------------------------------------------

@@ -65,6 +65,7 @@ std::vector<std::size_t> fair_shares(const std::vector<ConsumerLimits>& limits,
 Core::Core(CoreConfig config, std::uint64_t seed)
     : config_(std::move(config)),
       limits_(with_default_consumer(config_)),
+      cap_(config_.max_size),
       in_use_(limits_.size(), 0),
       capacity_(config_.max_size),
       waiters_(limits_.size()),
@@ -188,14 +189,18 @@ void Core::hand(Node& node, Waiter& waiter, Time now, Actions& actions) {
 // A node nobody uses: to the waiter next_waiter() names, else to the idle list. `used`: it comes
 // back from a lease, a reset or a connect (idle time starts again), not from a keepalive ping.
 void Core::offer(Node& node, Time now, bool used, Actions& actions) {
+  // Idle first, so that a returning lease no longer counts against its consumer (or the reserve)
+  // when the next waiter is chosen.
+  const bool was_idle = node.state == NodeState::idle;
+  if (!was_idle) {
+    if (used) node.idle_since = now;
+    move(node, NodeState::idle);
+  }
   if (Waiter* waiter = next_waiter()) {
     hand(node, *waiter, now, actions);
     return;
   }
-  if (node.state == NodeState::idle) return;
-  if (used) node.idle_since = now;
-  move(node, NodeState::idle);
-  want_tick(std::max(deadline_of(node), now), actions);  // a keepalive may be due already
+  if (!was_idle) want_tick(std::max(deadline_of(node), now), actions);  // a keepalive may be due
 }
 
 // Idle nodes to waiters that may now take them (a lease came back, so a waiter kept out by
@@ -241,7 +246,7 @@ void Core::maybe_open(Time now, Actions& actions) {
     return;
   }
   const SizingInput input{
-      .max_size = config_.max_size,
+      .max_size = cap_,
       .live = capacity_.taken(),
       .closing = list(NodeState::closing).size(),
       .connecting = list(NodeState::connecting).size(),
@@ -415,7 +420,10 @@ void Core::lease_returned(Node& node, ReturnKind kind, Time now, Actions& action
              (slot_check_due(now) && !expired(node, now))) {
     // A slot check due while no connection is idle runs on the way back of one.
     const bool check_slots = slot_check_due(now);
-    if (check_slots) next_slot_check_ = now + config_.slot_check_interval;
+    if (check_slots) {
+      next_slot_check_ = now + config_.slot_check_interval;
+      want_tick(next_slot_check_, actions);
+    }
     move(node, NodeState::resetting);  // capacity stays held while it runs
     actions.push_back({.kind = Action::Kind::reset, .node = &node, .check_slots = check_slots});
   } else if (expired(node, now)) {
@@ -530,6 +538,32 @@ void Core::evict_all(Time now, Actions& actions) {
   maybe_open(now, actions);
 }
 
+void Core::limit_connections(std::size_t cap, Time now, Actions& actions) {
+  cap_ = std::min(std::max<std::size_t>(cap, 1), config_.max_size);
+  if (closed_) return;
+  // Those that will stay: every node but the closing ones and those already retired.
+  std::size_t staying = 0;
+  for (NodeState state : {NodeState::connecting, NodeState::idle, NodeState::leased,
+                          NodeState::resetting, NodeState::pinging}) {
+    list(state).for_each([&](const Node& node) { staying += node.evicted ? 0 : 1; });
+  }
+  // The idle ones go first (now), then those in use (when they come back), and the connecting
+  // ones last, newest first: the oldest may be the one waiting for a slot.
+  for (NodeState state : {NodeState::idle, NodeState::pinging, NodeState::resetting,
+                          NodeState::leased, NodeState::connecting}) {
+    std::vector<Node*> candidates;
+    list(state).for_each([&](Node& node) { candidates.push_back(&node); });
+    if (state == NodeState::connecting) std::reverse(candidates.begin(), candidates.end());
+    for (Node* node : candidates) {
+      if (staying <= cap_ || node->evicted) continue;
+      retire(*node, DiscardReason::budget_share);
+      --staying;
+      if (state == NodeState::idle) close_node(*node, node->evict_reason, actions);
+    }
+  }
+  maybe_open(now, actions);
+}
+
 void Core::slot_lost(Node& node, Time now, Actions& actions) {
   if (node.state == NodeState::closing || node.state == NodeState::detached) return;
   retire(node, DiscardReason::slot_lost);
@@ -639,7 +673,7 @@ void Core::close(Actions& actions) {
 
 // --- reading -----------------------------------------------------------------------------------
 
-CoreStats Core::stats() const noexcept {
+CoreStats Core::stats() const {
   CoreStats stats;
   stats.max = config_.max_size;
   stats.live = capacity_.taken();

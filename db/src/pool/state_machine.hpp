@@ -290,6 +290,11 @@ class Core {
   // Soft eviction: idle nodes close now; every other node (connecting, leased, resetting, pinging)
   // closes instead of becoming idle again. New connections replace them as usual.
   void evict_all(Time now, Actions& actions);
+  // Under a budget, while another process waits for a slot: holds at most `cap` connections
+  // (fewer than max_size), closing the idle ones beyond it now and the others when they come back
+  // (DiscardReason::budget_share), and opens none beyond it. max_size (or more) lifts the cap.
+  void limit_connections(std::size_t cap, Time now, Actions& actions);
+  [[nodiscard]] std::size_t connection_cap() const noexcept { return cap_; }
   // Under a budget: the server shows no slot held by `node`'s backend (it was unlocked by hand).
   // An idle node closes now; any other closes instead of becoming idle again
   // (DiscardReason::slot_lost).
@@ -299,7 +304,7 @@ class Core {
 
   // --- reading ---------------------------------------------------------------------------------
 
-  [[nodiscard]] CoreStats stats() const noexcept;
+  [[nodiscard]] CoreStats stats() const;
   [[nodiscard]] const IntrusiveList<Node>& nodes(NodeState state) const noexcept {
     return by_state_[static_cast<std::size_t>(state)];
   }
@@ -369,6 +374,7 @@ class Core {
 
   const CoreConfig config_;
   const std::vector<ConsumerLimits> limits_;  // [0]: the default consumer
+  std::size_t cap_;                           // limit_connections(); max_size when not limited
   std::vector<std::size_t> in_use_;           // leases per consumer; kept by move() alone
   Capacity capacity_;
   std::array<IntrusiveList<Node>, node_state_count> by_state_;

@@ -59,6 +59,13 @@ enum class ResetPolicy {
 /// session-level advisory locks on the server for as long as it lives, so the server itself
 /// enforces the total, and a crashed process's slots come back when the server ends its sessions.
 struct Budget {
+  /// A class of sharers with slots of its own (Budget::classes).
+  struct Class {
+    /// 1-63 printable characters, no spaces, ',' or ':'.
+    std::string name;
+    /// How many slots only this class's pools take.
+    std::size_t slots = 0;
+  };
   /// The budget's name (env PGRT_BUDGET_KEY); empty: no budget.
   std::string key;
   /// How many connections all its pools together may hold (env PGRT_BUDGET_SLOTS, 1-100000).
@@ -67,8 +74,16 @@ struct Budget {
   /// (one pg_locks query on an idle connection, or on one coming back when none is idle). A
   /// connection whose slot was released by hand (pg_advisory_unlock_all(), DISCARD ALL sent as
   /// a query) is closed: at once if idle, else when it comes back (DiscardReason::slot_lost).
-  /// Zero: never checked (env PGRT_BUDGET_CHECK_MS).
+  /// Zero: never checked; otherwise at least 100 ms (env PGRT_BUDGET_CHECK_MS).
   std::chrono::milliseconds check_interval{std::chrono::seconds(10)};
+  /// Optional classes that split the slots, the same list in every sharer (env
+  /// PGRT_BUDGET_CLASSES="api:10,batch:30"): the first class gets slots 0-9, the next 10-39, and
+  /// the slots after the last class are shared by everybody. Their sizes add up to at most
+  /// `slots`.
+  std::vector<Class> classes;
+  /// This pool's class (env PGRT_BUDGET_CLASS): its connections take a slot of their class first,
+  /// then a shared one, never another class's. Empty: the shared slots only.
+  std::string class_name;
 };
 
 /// The first key of a budget's advisory locks, `pg_try_advisory_lock(key, slot)`: a 32-bit hash
@@ -77,10 +92,10 @@ struct Budget {
 /// budget` uses it.
 [[nodiscard]] std::int32_t budget_lock_key(std::string_view budget_key) noexcept;
 
-/// A named consumer's share of one pool (PoolConfig::consumers; docs/budget.md, "Consumers").
+/// A named consumer's share of one pool (PoolConfig::consumers; docs/pool.md, "Consumers").
 /// Leases for it are taken with Pool::acquire(name) or pgrt::connection(name).
 struct ConsumerShare {
-  /// Its name: 1-63 characters, none of them ',' or ':', unique within the pool.
+  /// Its name: 1-63 printable characters, no spaces, ',' or ':', unique within the pool.
   std::string name;
   /// Connections it gets first while it holds fewer and asks for more: a connection that comes
   /// back goes to a waiting consumer below its minimum before any other.
@@ -241,6 +256,10 @@ struct PoolStats {
   /// io_context exists at a time.
   std::uint64_t budget_probes = 0;
   std::uint64_t budget_probes_without_slot = 0;
+  /// Under a budget: connects that found every slot held and waited on their connection for one
+  /// (holding the budget's waiting marker, so that the processes holding slots keep to their
+  /// fair share), at most connect.connect_timeout each.
+  std::uint64_t budget_slot_waits = 0;
   /// One consumer (PoolConfig::consumers), as the pool sees it now.
   struct Consumer {
     std::string name;  ///< "" for the acquires that name none

@@ -24,6 +24,8 @@ enum class DiscardReason {
   rejected,      ///< PoolConfig::before_handout said no
   evicted,       ///< Pool::evict_all() (a failover learned of out of band)
   slot_lost,     ///< under a budget, its slot's advisory lock was released (by hand)
+  budget_share,  ///< under a budget, another process waited for a slot and this pool held more
+                 ///< than its fair share
 };
 /// "broken", "lifetime", ...
 [[nodiscard]] std::string_view to_string(DiscardReason reason) noexcept;
