@@ -18,6 +18,7 @@ packages=(
   openssl            # the CA and server certificate of the TLS test cluster
   pgbouncer          # the transaction-mode pooler the tests put in front of the cluster
   util-linux         # setpriv, used to start PostgreSQL as an unprivileged user when run as root
+  iptables           # a packet-level blackhole for the vanished-host budget test (root only)
   # The peers of scripts/bench.sh (its ctest smoke run too), for Debian's /usr/bin/python3:
   python3-asyncpg python3-uvloop   # asyncpg's pool
   python3-psycopg-pool             # psycopg 3's pool (Debian's psycopg is the pure-Python build)

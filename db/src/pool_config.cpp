@@ -228,6 +228,11 @@ void check(const PoolConfig& config, bool warn) {
             "at least 100 ms (one pg_locks query each time), or 0 to never check");
   }
   check_budget_classes(config.budget);
+  if (config.budget.key.size() >= 8 &&
+      config.budget.key.compare(config.budget.key.size() - 8, 8, "/waiting") == 0) {
+    invalid("budget.key '" + config.budget.key + "' ends with '/waiting'",
+            "a budget's waiting markers use that name; choose another key");
+  }
   if (config.budget.slots > 100'000) {
     invalid("budget.slots is " + std::to_string(config.budget.slots), "at most 100000");
   }

@@ -10,10 +10,13 @@
 #include <boost/asio/use_awaitable.hpp>
 #include <chrono>
 #include <cstdint>
+#include <cstdlib>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <iostream>
 #include <string>
 #include <thread>
+#include <unistd.h>
 #include <vector>
 
 #include <pgrt/db.hpp>
@@ -22,6 +25,7 @@
 #include "pgrt/testing/db_test.hpp"
 #include "pgrt/testing/expect_error.hpp"
 #include "pgrt/testing/run_coroutine.hpp"
+#include "pgrt/testing/temp_cluster.hpp"
 
 namespace pgrt {
 namespace {
@@ -310,9 +314,13 @@ TEST_F(BudgetTest, ALateProcessGetsAFairShareFromOneHoldingTheWholeBudget) {
       (void)co_await pool.close(1s);
     });
   });
-  while (early_most < 4) std::this_thread::sleep_for(10ms);  // it holds the whole budget
+  for (int i = 0; i < 1000 && early_most < 4; ++i) {  // it holds the whole budget
+    std::this_thread::sleep_for(10ms);
+  }
+  EXPECT_EQ(early_most, 4U) << "the early pool never held the whole budget";
   std::chrono::milliseconds first_lease_after{0};
   std::uint64_t late_served = 0;
+  int early_slots_while_late_ran = -1;
   run_coroutine([&]() -> awaitable_void {
     auto late_config = config("late", key, 4, 4);
     late_config.budget.check_interval = 200ms;
@@ -329,6 +337,13 @@ TEST_F(BudgetTest, ALateProcessGetsAFairShareFromOneHoldingTheWholeBudget) {
       co_await lease->query("SELECT 1");
       ++late_served;
     }
+    // The early pool keeps to its share (2 of 4) while this one waits for more: the slots it
+    // holds now, as the server shows them.
+    BlockingConnection observer(cluster().dsn());
+    early_slots_while_late_ran = std::stoi(
+        observer.scalar(slot_holders_sql(key) +
+                        " AND pid IN (SELECT pid FROM pg_stat_activity WHERE application_name LIKE "
+                        "'budget-test/early/%')"));
     (void)co_await pool.close(1s);
   });
   const std::uint64_t early_before_stop = early_served;
@@ -339,6 +354,8 @@ TEST_F(BudgetTest, ALateProcessGetsAFairShareFromOneHoldingTheWholeBudget) {
   EXPECT_LT(first_lease_after, 3s) << "the late process waited too long for a share";
   EXPECT_GT(early_served.load(), early_before_stop) << "the early process stopped making progress";
   EXPECT_GE(early_end.discarded, 1U) << "the early pool never gave a connection back";
+  EXPECT_GE(early_slots_while_late_ran, 0);
+  EXPECT_LE(early_slots_while_late_ran, 3) << "the early pool did not keep to its share";
 }
 
 TEST_F(BudgetTest, ABudgetIsRefusedBehindATransactionPoolerAndWhenHalfSet) {
@@ -356,6 +373,85 @@ TEST_F(BudgetTest, ABudgetIsRefusedBehindATransactionPoolerAndWhenHalfSet) {
   EXPECT_THROW(pool_config.validate(), Error);
   pool_config.budget = {.key = "", .slots = 4};
   EXPECT_THROW(pool_config.validate(), Error);
+}
+
+// --- a host that vanishes --------------------------------------------------------------------
+
+// Drops every packet to or from 127.0.0.2 on the loopback interface while it lives (iptables, as
+// root): to the server, a client there has vanished, as after a power loss or a partition.
+class Blackhole {
+ public:
+  Blackhole() { change("-A"); }
+  ~Blackhole() { change("-D"); }
+  Blackhole(const Blackhole&) = delete;
+  Blackhole& operator=(const Blackhole&) = delete;
+  Blackhole(Blackhole&&) = delete;
+  Blackhole& operator=(Blackhole&&) = delete;
+  static bool available() {
+    return ::geteuid() == 0 &&
+           std::system("iptables-legacy -w -L OUTPUT -n > /dev/null 2>&1") == 0;  // NOLINT
+  }
+
+ private:
+  static void change(const char* verb) {
+    for (const char* direction : {"-d", "-s"}) {
+      const std::string command = std::string("iptables-legacy -w ") + verb + " OUTPUT -o lo " +
+                                  direction + " 127.0.0.2 -j DROP > /dev/null 2>&1";
+      if (std::system(command.c_str()) != 0 && std::string(verb) == "-A") {  // NOLINT
+        ADD_FAILURE() << "could not add the blackhole: " << command;
+      }
+    }
+  }
+};
+
+// A host that vanishes: its backends get no answer any more. The server's TCP keepalives, which
+// the session guards set on every pooled connection, give up on it; the backends end and their
+// slots come back. Measured here with keepalives of idle 1 s, interval 1 s and 2 probes: the
+// bound is idle + interval x count, 3 s. (With the default guards, 30 s + 3 x 10 s: 60 s.)
+TEST(BudgetVanishedHostTest, TheSlotsOfAHostThatVanishedComeBackWithinTheKeepaliveBound) {
+  if (!Blackhole::available()) {
+    GTEST_SKIP()
+        << "needs root and iptables-legacy (Debian iptables, which scripts/install-deps.sh "
+           "installs) for a packet-level blackhole";
+  }
+  testing::TempClusterOptions options;
+  options.settings = {{"listen_addresses", "127.0.0.1,127.0.0.2"}};
+  testing::TempCluster own(options);
+  std::string victim_dsn = own.tcp_dsn();
+  victim_dsn.replace(victim_dsn.find("127.0.0.1"), 9, "127.0.0.2");
+  PoolConfig pool_config;
+  pool_config.conninfo = victim_dsn;
+  pool_config.max_size = 3;
+  pool_config.min_idle = 3;
+  pool_config.application = "vanished-test";
+  pool_config.budget = {.key = "vanished", .slots = 4};
+  pool_config.connect.keepalives = TcpKeepalives{.idle = 1s, .interval = 1s, .count = 2};
+  pool_config.connect.tcp_user_timeout = 3s;
+  std::chrono::milliseconds freed_after{0};
+  std::string held_before;
+  std::string held_after;
+  run_coroutine([&]() -> awaitable_void {
+    Pool pool(co_await asio::this_coro::executor, pool_config);
+    for (int i = 0; i < 1000 && pool.stats().idle < 3; ++i) co_await sleep_for(10ms);
+    BlockingConnection observer(own.dsn());  // the unix socket: not blackholed
+    held_before = observer.scalar(slot_holders_sql("vanished"));
+    {
+      Blackhole blackhole;
+      const auto vanished = std::chrono::steady_clock::now();
+      held_after = held_before;
+      while (held_after != "0" && std::chrono::steady_clock::now() - vanished < 30s) {
+        co_await sleep_for(100ms);
+        held_after = observer.scalar(slot_holders_sql("vanished"));
+      }
+      freed_after = std::chrono::duration_cast<std::chrono::milliseconds>(
+          std::chrono::steady_clock::now() - vanished);
+    }
+    pool.close_now();
+  });
+  EXPECT_EQ(held_before, "3");
+  EXPECT_EQ(held_after, "0") << "the slots were still held after 30 s";
+  std::cout << "slots of the vanished host free after " << freed_after.count() << " ms\n";
+  EXPECT_LE(freed_after, 6s) << "beyond the keepalive bound (3 s) and a margin";
 }
 
 // --- consumers (PoolConfig::consumers) ---------------------------------------------------------

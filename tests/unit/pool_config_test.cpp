@@ -341,16 +341,21 @@ TEST(BudgetClassesTest, EachClassTakesItsOwnSlotsThenTheSharedOnes) {
   };
   budget.class_name = "api";
   EXPECT_EQ(ranges(), (std::vector<std::pair<std::size_t, std::size_t>>{{0, 10}, {40, 50}}));
-  EXPECT_EQ(detail::budget_fair_share(budget, 4), 10U + 10U / 4);  // its own, and a part shared
+  // Its own split among the 2 processes of its class, and the shared among all 4.
+  EXPECT_EQ(detail::budget_fair_share(budget, 4, 2), 10U / 2 + 10U / 4);
+  EXPECT_EQ(detail::budget_class_marker(budget), 1U);
+  EXPECT_EQ(detail::budget_class_of_slot(budget, 9), 1U);
+  EXPECT_EQ(detail::budget_class_of_slot(budget, 10), 2U);
+  EXPECT_EQ(detail::budget_class_of_slot(budget, 45), 0U);  // shared
   budget.class_name = "batch";
   EXPECT_EQ(ranges(), (std::vector<std::pair<std::size_t, std::size_t>>{{10, 40}, {40, 50}}));
   EXPECT_THAT(detail::describe_full_budget(budget, 50),
               HasSubstr("its class 'batch' has 30 slots and 10 are shared"));
   budget.class_name.clear();
   EXPECT_EQ(ranges(), (std::vector<std::pair<std::size_t, std::size_t>>{{40, 50}}));
-  EXPECT_EQ(detail::budget_fair_share(budget, 20), 1U);  // never 0
+  EXPECT_EQ(detail::budget_fair_share(budget, 20, 1), 1U);  // never 0
   const Budget plain{.key = "k", .slots = 12};
-  EXPECT_EQ(detail::budget_fair_share(plain, 4), 3U);
+  EXPECT_EQ(detail::budget_fair_share(plain, 4, 1), 3U);
   EXPECT_THAT(detail::describe_full_budget(plain, 12),
               HasSubstr("is full: all 12 slots are held (12 holders"));
 }

@@ -63,12 +63,29 @@ std::vector<SlotRange> slot_ranges(const Budget& budget) {
   return ranges;
 }
 
-std::size_t budget_fair_share(const Budget& budget, std::size_t processes) {
+std::size_t budget_class_marker(const Budget& budget) {
+  for (std::size_t i = 0; i < budget.classes.size(); ++i) {
+    if (budget.classes[i].name == budget.class_name) return i + 1;
+  }
+  return 0;
+}
+
+std::size_t budget_class_of_slot(const Budget& budget, std::size_t slot) {
+  std::size_t end = 0;
+  for (std::size_t i = 0; i < budget.classes.size(); ++i) {
+    end += budget.classes[i].slots;
+    if (slot < end) return i + 1;
+  }
+  return 0;
+}
+
+std::size_t budget_fair_share(const Budget& budget, std::size_t processes,
+                              std::size_t class_processes) {
   const std::size_t shared = budget.slots - classes_slots(budget);
-  std::size_t own = 0;
-  for (const SlotRange& range : slot_ranges(budget)) own += range.end - range.begin;
-  own -= shared;
-  return std::max<std::size_t>(1, own + shared / std::max<std::size_t>(1, processes));
+  const std::size_t my_class = budget_class_marker(budget);
+  const std::size_t own = my_class == 0 ? 0 : budget.classes[my_class - 1].slots;
+  return std::max<std::size_t>(1, own / std::max<std::size_t>(1, class_processes) +
+                                      shared / std::max<std::size_t>(1, processes));
 }
 
 std::string describe_full_budget(const Budget& budget, std::size_t holders) {

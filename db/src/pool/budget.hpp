@@ -47,9 +47,17 @@ struct SlotHolder {
 // holding slots see that another waits (and keep to their fair share).
 [[nodiscard]] std::int32_t budget_waiting_key(const Budget& budget);
 
-// How many slots one process may keep while others wait: its class's own slots, plus the shared
-// slots split evenly among the processes holding slots or waiting for one (at least 1 in all).
-[[nodiscard]] std::size_t budget_fair_share(const Budget& budget, std::size_t processes);
+// How many slots one process may keep while others wait: its class's own slots split evenly among
+// the `class_processes` of its class, plus the shared slots split evenly among all `processes`
+// holding slots or waiting for one (at least 1 in all).
+[[nodiscard]] std::size_t budget_fair_share(const Budget& budget, std::size_t processes,
+                                            std::size_t class_processes);
+
+// The pool's class as its waiting marker's second key: its index in Budget::classes plus 1, or 0
+// without a class.
+[[nodiscard]] std::size_t budget_class_marker(const Budget& budget);
+// The class (index plus 1) whose slots include `slot`, or 0 for a shared slot.
+[[nodiscard]] std::size_t budget_class_of_slot(const Budget& budget, std::size_t slot);
 
 // A random number in [0, bound), from a per-thread generator. Not inlined, and so safe to call
 // from a coroutine: g++ may keep a thread_local's address across a co_await, and a coroutine

@@ -441,26 +441,35 @@ asio::awaitable<SlotSearch> PoolState::wait_for_budget_slot(
     self->last_connect_error = full + "; a connection waits for one";
     self->last_connect_error_code = make_error_code(client_errc::budget_exhausted);
   }
-  const auto give_up_at = Clock::now() + self->config.connect.connect_timeout;
+  const auto timeout = self->config.connect.connect_timeout;
+  const auto give_up_at = Clock::now() + timeout;
   const auto marker = budget_waiting_key(budget);
+  const auto marker_class = static_cast<std::int32_t>(budget_class_marker(budget));
   bool marked = false;
   std::exception_ptr failed;
   try {
-    marked = (co_await cut_at(
-                  connection, give_up_at,
-                  connection.query("SELECT pg_try_advisory_lock_shared($1::int4, 0)", marker)))
+    marked = (co_await cut_at(connection, Clock::now() + timeout,
+                              connection.query("SELECT pg_try_advisory_lock_shared($1::int4, "
+                                               "$2::int4)",
+                                               marker, marker_class)))
                  .scalar<bool>();
     asio::steady_timer timer(co_await asio::this_coro::executor);
-    while (!search.slot && !cancel.cancelled && Clock::now() < give_up_at && !retired()) {
-      timer.expires_after(std::chrono::milliseconds(100 + random_below(201)));
+    // Each look has a deadline of its own: the wait ends with "no slot", never with a look cut
+    // short (which would read as a failed connect).
+    while (!search.slot && !cancel.cancelled && !retired()) {
+      const auto left = give_up_at - Clock::now();
+      if (left <= Clock::duration::zero()) break;
+      timer.expires_after(
+          std::min<Clock::duration>(std::chrono::milliseconds(100 + random_below(201)), left));
       (void)co_await timer.async_wait(asio::as_tuple(asio::use_awaitable));
       if (cancel.cancelled || retired()) break;
-      search = co_await cut_at(connection, give_up_at, take_budget_slot(connection, budget));
+      search =
+          co_await cut_at(connection, Clock::now() + timeout, take_budget_slot(connection, budget));
     }
     if (marked && search.slot) {
-      (void)co_await cut_at(
-          connection, give_up_at,
-          connection.query("SELECT pg_advisory_unlock_shared($1::int4, 0)", marker));
+      (void)co_await cut_at(connection, Clock::now() + timeout,
+                            connection.query("SELECT pg_advisory_unlock_shared($1::int4, $2::int4)",
+                                             marker, marker_class));
     }
   } catch (...) {
     failed = std::current_exception();
@@ -524,16 +533,25 @@ asio::awaitable<void> PoolState::check_budget_slots(std::shared_ptr<PoolState> s
     });
   }
   // Fair shares between processes: while another process waits for a slot, keep at most an even
-  // split of the budget among the processes holding or waiting for one; lifted once none waits.
+  // split of the budget among the processes holding or waiting for one (of this pool's class:
+  // an even split of its own slots among the processes of the class); lifted once none waits.
+  const Budget& budget = self->config.budget;
+  const std::size_t my_class = budget_class_marker(budget);
   std::set<std::string> processes;
+  std::set<std::string> class_processes{self->application_name};
   bool another_waits = false;
   for (const SlotHolder& holder : holders) {
     processes.insert(holder.tag);
+    const std::size_t holder_class =
+        holder.waiting ? holder.slot : budget_class_of_slot(budget, holder.slot);
+    if (my_class != 0 && holder_class == my_class) class_processes.insert(holder.tag);
     another_waits = another_waits || (holder.waiting && holder.tag != self->application_name);
   }
   processes.insert(self->application_name);
-  const std::size_t cap = another_waits ? budget_fair_share(self->config.budget, processes.size())
-                                        : self->config.max_size;
+  const std::size_t cap =
+      another_waits ? std::min(self->config.max_size,
+                               budget_fair_share(budget, processes.size(), class_processes.size()))
+                    : self->config.max_size;
   if (cap != self->core.connection_cap()) {
     deferred.add([self, cap, another_waits, processes = processes.size()] {
       if (another_waits) {
@@ -549,7 +567,11 @@ asio::awaitable<void> PoolState::check_budget_slots(std::shared_ptr<PoolState> s
             self->application_name, self->config.budget.key);
       }
     });
-    self->core.limit_connections(cap, now, actions);
+  }
+  // Applied again at every check: a limit not confirmed lapses by itself (Core::limit_connections).
+  if (another_waits || cap != self->core.connection_cap()) {
+    self->core.limit_connections(cap, now, actions,
+                                 2 * budget.check_interval + self->config.connect.connect_timeout);
   }
   // (The core's own nodes, read through its const view, handed back to it.)
   for (const pool::Node* node : lost)

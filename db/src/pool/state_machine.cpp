@@ -334,7 +334,7 @@ AcquireResult Core::try_acquire(Priority priority, std::source_location site, Ti
   }
   // acquire_timeout 0: never wait for a lease to come back; wait only for a connection that can
   // still be opened under the max (and the consumer's).
-  if (capacity_.available() > 0 && can_lease(priority, consumer)) {
+  if (capacity_.taken() < cap_ && can_lease(priority, consumer)) {
     return {.kind = AcquireResult::Kind::wait, .wait_limit = config_.connect_timeout};
   }
   ++timeouts_;
@@ -538,9 +538,28 @@ void Core::evict_all(Time now, Actions& actions) {
   maybe_open(now, actions);
 }
 
-void Core::limit_connections(std::size_t cap, Time now, Actions& actions) {
+void Core::limit_connections(std::size_t cap, Time now, Actions& actions, milliseconds valid_for) {
+  const std::size_t before = cap_;
   cap_ = std::min(std::max<std::size_t>(cap, 1), config_.max_size);
   if (closed_) return;
+  if (cap_ == config_.max_size) {
+    cap_until_ = Time::max();
+    if (before < cap_) {  // lifted: what was retired for the limit alone stays
+      for (NodeState state : {NodeState::connecting, NodeState::idle, NodeState::leased,
+                              NodeState::resetting, NodeState::pinging}) {
+        list(state).for_each([](Node& node) {
+          if (node.evicted && node.evict_reason == DiscardReason::budget_share) {
+            node.evicted = false;
+            node.evict_reason = DiscardReason::evicted;
+          }
+        });
+      }
+    }
+    maybe_open(now, actions);
+    return;
+  }
+  cap_until_ = now + valid_for;
+  want_tick(cap_until_, actions);
   // Those that will stay: every node but the closing ones and those already retired.
   std::size_t staying = 0;
   for (NodeState state : {NodeState::connecting, NodeState::idle, NodeState::leased,
@@ -612,6 +631,9 @@ void Core::tick(Time now, Actions& actions) {
       actions.push_back({.kind = Action::Kind::watch, .node = &node});
     }
   });
+  if (cap_ < config_.max_size && now >= cap_until_) {
+    limit_connections(config_.max_size, now, actions);  // not confirmed in time: it lapses
+  }
   if (slot_check_due(now) && !list(NodeState::idle).empty()) {
     Node& node = *list(NodeState::idle).front();  // the longest idle: the least likely wanted
     stop_watching(node, actions);
@@ -623,6 +645,7 @@ void Core::tick(Time now, Actions& actions) {
   if (config_.slot_check_interval.count() > 0 && next_slot_check_ > now) {
     next = next_slot_check_;
   }
+  if (cap_until_ != Time::max() && cap_until_ > now) next = std::min(next, cap_until_);
   if (config_.leak_threshold.count() > 0) {
     list(NodeState::leased).for_each([&](Node& node) {
       if (node.leak_reported) return;

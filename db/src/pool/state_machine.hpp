@@ -292,8 +292,11 @@ class Core {
   void evict_all(Time now, Actions& actions);
   // Under a budget, while another process waits for a slot: holds at most `cap` connections
   // (fewer than max_size), closing the idle ones beyond it now and the others when they come back
-  // (DiscardReason::budget_share), and opens none beyond it. max_size (or more) lifts the cap.
-  void limit_connections(std::size_t cap, Time now, Actions& actions);
+  // (DiscardReason::budget_share), and opens none beyond it, for `valid_for`: a limit not applied
+  // again by then lapses (the checks that confirm it need a connection). max_size (or more) lifts
+  // it; connections retired for it and not yet closed are kept then.
+  void limit_connections(std::size_t cap, Time now, Actions& actions,
+                         milliseconds valid_for = milliseconds(30'000));
   [[nodiscard]] std::size_t connection_cap() const noexcept { return cap_; }
   // Under a budget: the server shows no slot held by `node`'s backend (it was unlocked by hand).
   // An idle node closes now; any other closes instead of becoming idle again
@@ -375,6 +378,7 @@ class Core {
   const CoreConfig config_;
   const std::vector<ConsumerLimits> limits_;  // [0]: the default consumer
   std::size_t cap_;                           // limit_connections(); max_size when not limited
+  Time cap_until_ = Time::max();              // when a limit lapses
   std::vector<std::size_t> in_use_;           // leases per consumer; kept by move() alone
   Capacity capacity_;
   std::array<IntrusiveList<Node>, node_state_count> by_state_;
