@@ -74,7 +74,10 @@ struct Budget {
   /// (one pg_locks query on an idle connection, or on one coming back when none is idle). A
   /// connection whose slot was released by hand (pg_advisory_unlock_all(), DISCARD ALL sent as
   /// a query) is closed: at once if idle, else when it comes back (DiscardReason::slot_lost).
-  /// Zero: never checked; otherwise at least 100 ms (env PGRT_BUDGET_CHECK_MS).
+  /// The same query reads the other processes' waiting markers (a connect that finds no slot
+  /// free waits on its session for one, marked): while another process waits, this pool keeps to
+  /// an even split of the budget (DiscardReason::budget_share for what it gives back). Zero: never
+  /// checked, and so no fair shares; otherwise at least 100 ms (env PGRT_BUDGET_CHECK_MS).
   std::chrono::milliseconds check_interval{std::chrono::seconds(10)};
   /// Optional classes that split the slots, the same list in every sharer (env
   /// PGRT_BUDGET_CLASSES="api:10,batch:30"): the first class gets slots 0-9, the next 10-39, and
