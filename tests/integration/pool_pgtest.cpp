@@ -1520,6 +1520,26 @@ TEST_F(PoolTest, CloseAbortsConnectsInProgress) {
 namespace pgrt {
 namespace {
 
+// close(grace) returns as soon as nothing is left: a pool with no connection at all does not wait
+// out its grace period (g++ 12 once evaluated the wait inside a `&&` whose left side was false).
+TEST_F(PoolTest, CloseOfAPoolWithNothingLeftReturnsAtOnce) {
+  std::chrono::milliseconds took{0};
+  run_coroutine([&]() -> awaitable_void {
+    Pool pool(co_await asio::this_coro::executor, config("close-drained"));
+    {
+      auto lease = co_await pool.acquire();
+      lease.discard();  // nothing idle, nothing out
+    }
+    while (pool.stats().size > 0) co_await sleep_for(10ms);
+    const auto started = std::chrono::steady_clock::now();
+    const auto outstanding = co_await pool.close(5s);
+    took = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() -
+                                                                 started);
+    EXPECT_TRUE(outstanding.empty());
+  });
+  EXPECT_LT(took, 2s) << "close() waited for nothing";
+}
+
 TEST_F(PoolTest, OnConnectPreparesEveryNewConnectionAndAFailingOneFailsTheConnect) {
   auto pool_config = config("on-connect", 2);
   int ran = 0;

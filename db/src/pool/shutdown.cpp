@@ -71,8 +71,10 @@ asio::awaitable<std::vector<std::string>> PoolState::close(std::shared_ptr<PoolS
   {
     const auto deadline = Clock::now() + grace;
     std::unique_lock lock(self->mutex);
-    while (!self->core.drained() &&
-           co_await self->drained.wait(lock, deadline) == async::Woken::notified) {
+    // (No co_await inside a `&&`: g++ 12 evaluates it even when the left side is false, and a
+    // pool already drained then waited out its whole grace period.)
+    while (!self->core.drained()) {
+      if (co_await self->drained.wait(lock, deadline) != async::Woken::notified) break;
     }
   }
   std::vector<std::string> outstanding;
