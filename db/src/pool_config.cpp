@@ -154,52 +154,58 @@ void check_budget_classes(const Budget& budget) {
   }
 }
 
-// PGRT_BUDGET_CLASSES: "name:slots,name:slots".
-std::vector<Budget::Class> parse_budget_classes(const std::string& text) {
-  std::vector<Budget::Class> classes;
+// A PGRT_* list, "a:b,c:d": its comma-separated entries, each split at ':' into exactly
+// `fields` parts (else invalid_config naming the variable, the entry and `form`).
+std::vector<std::vector<std::string>> split_list(const char* variable, const std::string& text,
+                                                 std::size_t fields, const std::string& form,
+                                                 const std::string& expected) {
+  std::vector<std::vector<std::string>> entries;
   std::size_t start = 0;
   while (start <= text.size()) {
     const std::size_t end = std::min(text.find(',', start), text.size());
     const std::string entry = text.substr(start, end - start);
-    const std::size_t colon = entry.find(':');
-    if (colon == std::string::npos || entry.find(':', colon + 1) != std::string::npos) {
-      invalid("PGRT_BUDGET_CLASSES='" + text + "' is not valid: the entry '" + entry +
-                  "' is not name:slots",
-              "expected name:slots entries separated by commas, e.g. 'api:10,batch:30' (the "
-              "slots after the last class are shared)");
+    std::vector<std::string> parts;
+    for (std::size_t from = 0;;) {
+      const std::size_t colon = std::min(entry.find(':', from), entry.size());
+      parts.push_back(entry.substr(from, colon - from));
+      if (colon == entry.size()) break;
+      from = colon + 1;
     }
-    classes.push_back({.name = entry.substr(0, colon),
-                       .slots = parse_number("PGRT_BUDGET_CLASSES (a size)",
-                                             entry.substr(colon + 1), 1, 100'000)});
+    if (parts.size() != fields) {
+      invalid(std::string(variable) + "='" + text + "' is not valid: the entry '" + entry +
+                  "' is not " + form,
+              expected);
+    }
+    entries.push_back(std::move(parts));
     start = end + 1;
+  }
+  return entries;
+}
+
+// PGRT_BUDGET_CLASSES: "name:slots,name:slots".
+std::vector<Budget::Class> parse_budget_classes(const std::string& text) {
+  std::vector<Budget::Class> classes;
+  for (const auto& entry :
+       split_list("PGRT_BUDGET_CLASSES", text, 2, "name:slots",
+                  "expected name:slots entries separated by commas, e.g. 'api:10,batch:30' (the "
+                  "slots after the last class are shared)")) {
+    classes.push_back(
+        {.name = entry[0],
+         .slots = parse_number("PGRT_BUDGET_CLASSES (a size)", entry[1], 1, 100'000)});
   }
   return classes;
 }
 
 // PGRT_POOL_CONSUMERS: "name:min:max,name:min:max".
 std::vector<ConsumerShare> parse_consumers(const std::string& text) {
-  const std::string expected =
-      "expected name:min:max entries separated by commas, e.g. "
-      "'scraper-a:1:2,scraper-b:1:2' (a max of 0 means the pool's max)";
   std::vector<ConsumerShare> consumers;
-  std::size_t start = 0;
-  while (start <= text.size()) {
-    const std::size_t end = std::min(text.find(',', start), text.size());
-    const std::string entry = text.substr(start, end - start);
-    const std::size_t first = entry.find(':');
-    const std::size_t second = first == std::string::npos ? first : entry.find(':', first + 1);
-    if (first == std::string::npos || second == std::string::npos ||
-        entry.find(':', second + 1) != std::string::npos) {
-      invalid("PGRT_POOL_CONSUMERS='" + text + "' is not valid: the entry '" + entry +
-                  "' is not name:min:max",
-              expected);
-    }
-    consumers.push_back(
-        {.name = entry.substr(0, first),
-         .min = parse_number("PGRT_POOL_CONSUMERS (a min)",
-                             entry.substr(first + 1, second - first - 1), 0, 10'000),
-         .max = parse_number("PGRT_POOL_CONSUMERS (a max)", entry.substr(second + 1), 0, 10'000)});
-    start = end + 1;
+  for (const auto& entry :
+       split_list("PGRT_POOL_CONSUMERS", text, 3, "name:min:max",
+                  "expected name:min:max entries separated by commas, e.g. "
+                  "'scraper-a:1:2,scraper-b:1:2' (a max of 0 means the pool's max)")) {
+    consumers.push_back({.name = entry[0],
+                         .min = parse_number("PGRT_POOL_CONSUMERS (a min)", entry[1], 0, 10'000),
+                         .max = parse_number("PGRT_POOL_CONSUMERS (a max)", entry[2], 0, 10'000)});
   }
   return consumers;
 }

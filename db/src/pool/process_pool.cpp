@@ -65,28 +65,27 @@ asio::awaitable<Lease> fail_not_configured() {
 }
 }  // namespace
 
+namespace {
+// One look at the global, kept for the whole acquire: a configure() or close() on another thread
+// meanwhile cannot leave the acquire with a null or dangling pool.
+std::shared_ptr<Pool> current_pool() {
+  std::lock_guard lock(global_mutex);
+  return global_pool;
+}
+}  // namespace
+
+// The connection() overloads are not coroutines themselves (one frame, the acquire's, which holds
+// the pool's state, so it runs to its end even if the process-wide pool is shut down meanwhile);
+// errors still come out of the co_await, never out of the call.
 asio::awaitable<Lease> connection(Priority priority, std::source_location site) {
-  // One look at the global, kept for the whole acquire: a configure() or close() on another
-  // thread meanwhile cannot leave this with a null or dangling pool.
-  std::shared_ptr<Pool> current;
-  {
-    std::lock_guard lock(global_mutex);
-    current = global_pool;
-  }
-  // Not a coroutine itself (one frame, the acquire's, which holds the pool's state, so it runs
-  // to its end even if the process-wide pool is shut down meanwhile); errors still come out of
-  // the co_await, never out of the call.
+  const std::shared_ptr<Pool> current = current_pool();
   if (!current) return fail_not_configured();
   return current->acquire(priority, site);
 }
 
 asio::awaitable<Lease> connection(std::string_view consumer, Priority priority,
                                   std::source_location site) {
-  std::shared_ptr<Pool> current;
-  {
-    std::lock_guard lock(global_mutex);
-    current = global_pool;
-  }
+  const std::shared_ptr<Pool> current = current_pool();
   if (!current) return fail_not_configured();
   return current->acquire(consumer, priority, site);
 }
