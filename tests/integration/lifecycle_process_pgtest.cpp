@@ -328,8 +328,10 @@ TEST_F(LifecycleProcessTest, FourProcessesShareABudgetOfTwelveAndTakeAKilledOnes
   std::atomic<int> most_slots{0};
   std::atomic<int> most_tagged{0};
   std::atomic<bool> slots_well_held{true};
+  // Connected here, not on the sampler's thread: Child sets the environment before it forks, and
+  // libpq reads it (getenv) while it connects.
+  BlockingConnection observer(cluster().dsn());
   std::thread sampler([&] {
-    BlockingConnection observer(cluster().dsn());
     while (!stop) {
       std::istringstream sample(observer.scalar(slots_sql));
       int held = 0;
@@ -389,7 +391,7 @@ TEST_F(LifecycleProcessTest, FourProcessesShareABudgetOfTwelveAndTakeAKilledOnes
       << "a slot listed twice";
 
   // After the kill: all 12 slots held by the other three.
-  BlockingConnection observer(cluster().dsn());
+  BlockingConnection refill_observer(cluster().dsn());
   const std::string held_by_others =
       "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) WHERE "
       "l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 AND l.classid = (" +
@@ -398,7 +400,7 @@ TEST_F(LifecycleProcessTest, FourProcessesShareABudgetOfTwelveAndTakeAKilledOnes
   processes[0]->signal(SIGKILL);
   const auto killed_at = std::chrono::steady_clock::now();
   const bool refilled =
-      testing::eventually([&] { return observer.scalar(held_by_others) == "12"; }, 5s);
+      testing::eventually([&] { return refill_observer.scalar(held_by_others) == "12"; }, 5s);
   const auto refill_time = std::chrono::steady_clock::now() - killed_at;
   (void)processes[0]->wait_for_exit(10s);
   stop = true;
@@ -427,8 +429,10 @@ TEST_F(LifecycleProcessTest, FourProcessesInTwoClassesKeepToTheirClassesSlots) {
       std::to_string(budget_lock_key(key)) + "::int8 & 4294967295)::oid";
   std::atomic<bool> stop{false};
   std::atomic<int> wrong_class{0}, most_a{0}, most_b{0}, most_all{0};
+  // Connected here, not on the sampler's thread: Child sets the environment before it forks, and
+  // libpq reads it (getenv) while it connects.
+  BlockingConnection observer(cluster().dsn());
   std::thread sampler([&] {
-    BlockingConnection observer(cluster().dsn());
     while (!stop) {
       std::istringstream sample(observer.scalar(sample_sql));
       int wrong = 0, in_a = 0, in_b = 0, all = 0;
