@@ -58,6 +58,7 @@ struct Arguments {
   std::optional<std::chrono::seconds> duration;
   std::size_t workers = 200;
   bool json = false;
+  std::optional<std::uint16_t> metrics_port;
 };
 
 std::optional<std::size_t> parse_count(const char* text, std::size_t max) {
@@ -72,11 +73,14 @@ std::optional<std::size_t> parse_count(const char* text, std::size_t max) {
 std::optional<Arguments> parse_arguments(int argc, char** argv) {
   Arguments arguments;
   const char* usage =
-      "usage: pgrt_demo [--duration SECONDS] [--workers N] [--json] [--help]\n"
+      "usage: pgrt_demo [--duration SECONDS] [--workers N] [--metrics-port PORT] [--json]\n"
+      "                 [--help]\n"
       "  Serves N workers (default 200) on the process-wide pool, writing through pending\n"
       "  writes, until Ctrl+C, SIGTERM or --duration; then reports what was written.\n"
       "  --duration    stop after SECONDS (0-86400)\n"
       "  --workers     how many worker coroutines (1-100000)\n"
+      "  --metrics-port  serve /metrics, /healthz and /readyz on 127.0.0.1:PORT (0: a free\n"
+      "                port, logged; PGRT_METRICS_ADDRESS binds another address)\n"
       "  --json        stdout carries one JSON report only; everything else goes to stderr\n"
       "  DATABASE_URL  the server to use; unset: a throwaway local cluster (removed at exit)\n"
       "  PGRT_*        pool settings (see docs/pool.md), e.g. PGRT_POOL_MAX, PGRT_APP\n"
@@ -99,6 +103,13 @@ std::optional<Arguments> parse_arguments(int argc, char** argv) {
         return std::nullopt;
       }
       arguments.workers = *workers;
+    } else if (argument == "--metrics-port" && i + 1 < argc) {
+      auto port = parse_count(argv[++i], 65'535);
+      if (!port) {
+        std::cerr << "pgrt_demo: --metrics-port takes a port (0-65535), got '" << argv[i] << "'\n";
+        return std::nullopt;
+      }
+      arguments.metrics_port = static_cast<std::uint16_t>(*port);
     } else if (argument == "--json") {
       arguments.json = true;
     } else if (argument == "--help" || argument == "-h") {
@@ -538,14 +549,30 @@ int run_service(const Arguments& arguments, const std::string& conninfo,
   if (!conninfo.empty()) pool_config.conninfo = conninfo;
   // One demo per app/instance; the leftovers of a crashed predecessor are terminated first.
   auto& hygiene = pgrt::add_startup_hygiene(app, pool_config);
+  // What a metrics reader sees; served with --metrics-port by an endpoint that the pool depends
+  // on, so that it stops last: /readyz goes false at the first signal while /metrics still shows
+  // the drain.
+  auto metrics = std::make_shared<pgrt::Metrics>();
+  pgrt::lifecycle::After pool_dependencies = after(hygiene);
+  if (arguments.metrics_port) {
+    auto endpoint_options = pgrt::MetricsEndpointOptions::from_env();
+    endpoint_options.port = *arguments.metrics_port;
+    auto& endpoint = pgrt::add_metrics_endpoint(app, metrics, endpoint_options);
+    pool_dependencies.names.push_back(endpoint.name());
+  }
   // Stops right after the pool (the pool depends on it): the end of shutdown phase 5.
   auto& pool_closed =
       app.add(PhaseLog{"pool_closed_log",
                        [] { return std::string("shutdown phase 5: the pool is closed"); }},
-              after(hygiene));
-  auto& pool = pgrt::add_pool(app, pool_config, pgrt::PoolComponentOptions::from_env(),
-                              after(hygiene, pool_closed));
+              pool_dependencies);
+  pool_dependencies.names.push_back(pool_closed.name());
+  auto& pool =
+      pgrt::add_pool(app, pool_config, pgrt::PoolComponentOptions::from_env(), pool_dependencies);
   const std::string run = pgrt::pool().application_name();
+  // Warns once when the pool or the server crosses a threshold, and once when it clears.
+  auto& watchdog = pgrt::add_watchdog(app, after(pool));
+  metrics->add_process_pool();
+  metrics->add_watchdog(watchdog);
 
   auto& schema = app.add(Schema{}, after(pool));
   auto writes = std::make_shared<pgrt::PendingWrites>(pgrt::pool(), app.executor(),
@@ -569,6 +596,7 @@ int run_service(const Arguments& arguments, const std::string& conninfo,
                                           }},
                                  after(workers));
   app.add(writes, after(pool, schema, workers, writes_flushed));
+  metrics->add_pending_writes("demo", *writes);
   app.add(std::make_shared<Status>(app.executor(), pool_config.conninfo, pool_config.connect.pooler,
                                    run, writes, counters),
           after(pool, *writes));

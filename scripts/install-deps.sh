@@ -19,6 +19,8 @@ packages=(
   pgbouncer          # the transaction-mode pooler the tests put in front of the cluster
   util-linux         # setpriv, used to start PostgreSQL as an unprivileged user when run as root
   iptables           # a packet-level blackhole for the vanished-host budget test (root only)
+  curl               # the demo's metrics endpoint read as a scraper would (tests, README)
+  python3-prometheus-client  # a real Prometheus text parser for the metrics tests
   # The peers of scripts/bench.sh (its ctest smoke run too), for Debian's /usr/bin/python3:
   python3-asyncpg python3-uvloop   # asyncpg's pool
   python3-psycopg-pool             # psycopg 3's pool (Debian's psycopg is the pure-Python build)

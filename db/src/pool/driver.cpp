@@ -246,6 +246,7 @@ asio::awaitable<void> PoolState::open_connection(
   }
   error_code error;
   Connection connection;
+  const auto connect_started = Clock::now();
   if (cancel->cancelled) {  // the pool closed before this connect began
     error = make_error_code(client_errc::cancelled);
   } else {
@@ -351,7 +352,9 @@ asio::awaitable<void> PoolState::open_connection(
     connection_of(*node) = std::move(connection);
     const int pid = connection_of(*node).backend_pid();
     deferred.add([self, pid] { emit(self->events.connected, pid); });
-    self->core.connect_succeeded(*node, Clock::now(), actions);
+    const auto connected_at = Clock::now();
+    self->create_time.record(connected_at - connect_started);
+    self->core.connect_succeeded(*node, connected_at, actions);
   }
   self->execute_locked(actions, deferred);
 }
@@ -714,6 +717,7 @@ asio::awaitable<Lease> PoolState::acquire(std::shared_ptr<PoolState> self, Prior
   switch (result.kind) {
     case pool::AcquireResult::Kind::leased:
       [[likely]] waits.record(std::chrono::microseconds(0));
+      wait_time.record(std::chrono::nanoseconds(0));
       if (validate || config.before_handout) {
         check_deadline = deadline.value_or(Clock::now() + checkout_limit());
       }
@@ -746,7 +750,10 @@ asio::awaitable<Lease> PoolState::acquire(std::shared_ptr<PoolState> self, Prior
             core.withdraw(waiter, pool::FailReason::cancelled, ignored);
             if (waiter.outcome == pool::Waiter::Outcome::handed) given = waiter.handed;
           }
-          if (given != nullptr && !lock.owns_lock()) release(*given, nullptr, false);
+          if (given != nullptr && !lock.owns_lock()) {
+            given->lease_started = Clock::now();  // never used: no use time
+            release(*given, nullptr, false);
+          }
         });
         waiter.timer.expires_after(wait_limit);
         // The wait starts under the lock, so a handoff cannot slip in before it. (A plain
@@ -757,7 +764,9 @@ asio::awaitable<Lease> PoolState::acquire(std::shared_ptr<PoolState> self, Prior
         if (waiter.outcome != pool::Waiter::Outcome::handed) {
           fail_wait(lock, waiter, error, wait_limit);
         }
-        waits.record(std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - started));
+        const auto waited = Clock::now() - started;
+        waits.record(std::chrono::duration_cast<std::chrono::microseconds>(waited));
+        wait_time.record(waited);
         handed = waiter.handed;
         validate = false;
         check_deadline = started + wait_limit;
@@ -766,6 +775,7 @@ asio::awaitable<Lease> PoolState::acquire(std::shared_ptr<PoolState> self, Prior
   }
   // The Lease owns the connection before any event runs: nothing can leak its slot.
   const bool check = validate || config.before_handout;
+  handed->lease_started = Clock::now();
   Lease lease(check ? self : std::move(self), handed);
   lock.unlock();
   emit(events.acquired, site);
@@ -947,6 +957,16 @@ PoolStats PoolState::stats() const {
   snapshot.wait_p50 = waits.percentile(0.5);
   snapshot.wait_p99 = waits.percentile(0.99);
   snapshot.wait_max = waits.max();
+  if (counts.oldest_waiter_since != pool::Time::max()) {
+    snapshot.longest_wait = std::chrono::duration_cast<std::chrono::microseconds>(
+        std::max(coarse_now() - counts.oldest_waiter_since, Clock::duration::zero()));
+  }
+  snapshot.leases_past_leak_threshold = counts.leases_past_leak_threshold;
+  snapshot.min_idle = config.min_idle;
+  snapshot.discarded_by_reason = counts.discarded_by_reason;
+  snapshot.wait_time = wait_time;
+  snapshot.use_time = use_time;
+  snapshot.create_time = create_time;
   snapshot.last_connect_error = last_connect_error;
   snapshot.last_connect_error_code = last_connect_error_code;
   snapshot.consecutive_connect_failures = counts.consecutive_connect_failures;

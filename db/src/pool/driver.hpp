@@ -290,6 +290,9 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
   std::shared_ptr<asio::steady_timer> upkeep_timer;
   pool::Core core;
   WaitHistogram waits;
+  DurationHistogram wait_time;  // PoolStats::wait_time, use_time, create_time
+  DurationHistogram use_time;
+  DurationHistogram create_time;
   std::string last_connect_error;
   error_code last_connect_error_code;
   // The connect failure last logged, "" while connects succeed: failed connects are logged once
@@ -465,6 +468,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
       auto kind = discard ? pool::ReturnKind::discard
                           : classify(leased != nullptr ? *leased : connection_of(node));
       const auto now = coarse_now();
+      const auto ended = Clock::now();
       Deferred deferred;
       std::lock_guard lock(mutex);
       if (events.released.ever_connected()) deferred.add([this] { emit(events.released); });
@@ -472,6 +476,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
         core.lease_dropped_after_close(node);
         return;
       }
+      use_time.record(ended - node.lease_started);
       if (leased != nullptr && !take_back_locked(node, *leased) && !discard) {
         kind = pool::ReturnKind::broken;
       }

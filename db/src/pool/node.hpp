@@ -112,6 +112,7 @@ struct Node {
   Time last_ping{};            // connected, or last keepalive ping
   // While leased:
   Time leased_at{};
+  Time lease_started{};  // the driver's: when the caller got it, by the precise clock (use time)
   std::source_location lease_site;
   Priority priority = Priority::normal;
   ConsumerIndex consumer = default_consumer;

@@ -58,6 +58,11 @@ Pool& pool() {
   return *global_pool;
 }
 
+std::shared_ptr<const Pool> configured_pool() noexcept {
+  std::lock_guard lock(global_mutex);
+  return global_pool;
+}
+
 namespace {
 asio::awaitable<Lease> fail_not_configured() {
   throw_not_configured();

@@ -219,6 +219,7 @@ void Core::close_node(Node& node, DiscardReason reason, Actions& actions) {
   node.close_reason = reason;
   move(node, NodeState::closing);
   ++discarded_;
+  ++discarded_by_reason_[static_cast<std::size_t>(reason)];
   actions.push_back({.kind = Action::Kind::close, .node = &node, .reason = reason});
 }
 
@@ -718,7 +719,19 @@ CoreStats Core::stats() const {
   stats.connect_attempts = connect_attempts_;
   stats.connect_errors = connect_errors_;
   stats.discarded = discarded_;
+  stats.discarded_by_reason = discarded_by_reason_;
   stats.leaks_suspected = leaks_suspected_;
+  for (Priority priority : {Priority::high, Priority::normal}) {
+    for (ConsumerIndex consumer = 0; consumer < limits_.size(); ++consumer) {
+      const auto& queue = waiters_.of(priority, consumer);
+      if (!queue.empty()) {
+        stats.oldest_waiter_since = std::min(stats.oldest_waiter_since, queue.front()->enqueued_at);
+      }
+    }
+  }
+  nodes(NodeState::leased).for_each([&](const Node& node) {
+    if (node.leak_reported) ++stats.leases_past_leak_threshold;
+  });
   stats.consecutive_connect_failures = consecutive_failures_;
   stats.connect_backoff = consecutive_failures_ > 0 ? backoff_ : milliseconds(0);
   return stats;

@@ -207,6 +207,9 @@ struct CoreStats {
   std::vector<Consumer> consumers;
   std::uint64_t acquired = 0, timeouts = 0, cancellations = 0, connect_attempts = 0,
                 connect_errors = 0, discarded = 0, leaks_suspected = 0;
+  std::array<std::uint64_t, discard_reason_count> discarded_by_reason{};
+  Time oldest_waiter_since = Time::max();      // the enqueue time of the longest waiting caller
+  std::size_t leases_past_leak_threshold = 0;  // leased nodes whose leak was reported
   std::uint32_t consecutive_connect_failures = 0;
   milliseconds connect_backoff{0};
   [[nodiscard]] std::size_t count(NodeState state) const noexcept {
@@ -397,6 +400,7 @@ class Core {
 
   std::uint64_t acquired_ = 0, timeouts_ = 0, cancellations_ = 0, connect_attempts_ = 0,
                 connect_errors_ = 0, discarded_ = 0, leaks_suspected_ = 0;
+  std::array<std::uint64_t, discard_reason_count> discarded_by_reason_{};
   std::mt19937_64 random_;
 };
 

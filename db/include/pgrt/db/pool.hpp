@@ -18,6 +18,7 @@
 /// destroyed on any thread, and may outlive its Pool object, but must be returned before the
 /// pool's io_context is destroyed (asio objects must go before their io_context).
 
+#include <array>
 #include <atomic>
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/awaitable.hpp>
@@ -245,6 +246,21 @@ struct PoolStats {
   std::chrono::microseconds wait_p50{0};
   std::chrono::microseconds wait_p99{0};
   std::chrono::microseconds wait_max{0};
+  /// How long the caller waiting longest now has waited so far (0 when nobody waits).
+  std::chrono::microseconds longest_wait{0};
+  /// Leases held now past PoolConfig::leak_threshold (each reported once, by leaks_suspected).
+  std::size_t leases_past_leak_threshold = 0;
+  /// PoolConfig::min_idle, for the metrics.
+  std::size_t min_idle = 0;
+  /// `discarded`, by DiscardReason (index: static_cast<std::size_t>(reason)).
+  std::array<std::uint64_t, discard_reason_count> discarded_by_reason{};
+  /// Since the pool was made: how long each acquire waited (0 for those served at once), how long
+  /// each lease was held (from the acquire's return to the lease's end), and how long each
+  /// successful connect took (from the first packet to a connection ready for use, the checks on
+  /// connect included).
+  DurationHistogram wait_time;
+  DurationHistogram use_time;
+  DurationHistogram create_time;
   /// Connect attempts that failed in a row (0 once one succeeds), and the backoff the pool waits
   /// before its next attempt because of them (0 while connecting works).
   std::uint32_t consecutive_connect_failures = 0;
@@ -480,6 +496,10 @@ void configure(PoolConfig config, boost::asio::any_io_executor executor);
 /// configure() and after the pool was closed: pgrt never guesses a database (use
 /// configure(PoolConfig::from_env()) to read the environment).
 [[nodiscard]] Pool& pool();
+/// The process-wide pool, shared (it stays valid while held, even once closed and forgotten), or
+/// null when none is configured. For readers that must not throw and may run on any thread while
+/// the pool comes and goes (metrics). Never throws.
+[[nodiscard]] std::shared_ptr<const Pool> configured_pool() noexcept;
 /// `co_await pgrt::connection()`: a lease from the process-wide pool (see Pool::acquire).
 [[nodiscard]] boost::asio::awaitable<Lease> connection(
     Priority priority = Priority::normal,

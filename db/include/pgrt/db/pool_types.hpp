@@ -4,6 +4,10 @@
 /// The small vocabulary types of the pool (pgrt/db/pool.hpp), apart so that code which only names
 /// them needs neither Asio nor libpq.
 
+#include <array>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
 #include <string_view>
 
 namespace pgrt {
@@ -29,5 +33,42 @@ enum class DiscardReason {
 };
 /// "broken", "lifetime", ...
 [[nodiscard]] std::string_view to_string(DiscardReason reason) noexcept;
+/// How many DiscardReason values there are (PoolStats::discarded_by_reason is indexed by them).
+inline constexpr std::size_t discard_reason_count =
+    static_cast<std::size_t>(DiscardReason::budget_share) + 1;
+
+/// Durations counted into fixed buckets, as a Prometheus histogram exposes them: the pool keeps
+/// one each for waits, uses and connects (PoolStats), cheap enough for every acquire (a few
+/// integer compares, no allocation). Not thread-safe by itself: the pool records under its lock.
+struct DurationHistogram {
+  /// The buckets' upper bounds (inclusive), in seconds: 100 us to 10 s, roughly 1-2.5-5 per
+  /// decade (a pool's waits are microseconds when it keeps up and seconds when it does not).
+  static constexpr std::array<double, 16> upper_bounds_seconds{
+      0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+      0.05,   0.1,     0.25,   0.5,   1.0,    2.5,   5.0,  10.0};
+  /// Per bucket, not cumulative: counts[i] counts the durations in (bound[i-1], bound[i]];
+  /// the last one, counts[16], those above 10 s.
+  std::array<std::uint64_t, upper_bounds_seconds.size() + 1> counts{};
+  std::uint64_t count = 0;
+  std::chrono::nanoseconds sum{0};
+
+  void record(std::chrono::nanoseconds duration) noexcept {
+    if (duration.count() < 0) duration = std::chrono::nanoseconds(0);
+    std::size_t bucket = 0;
+    while (bucket < upper_bounds_nanoseconds.size() &&
+           duration.count() > upper_bounds_nanoseconds[bucket]) {
+      ++bucket;
+    }
+    ++counts[bucket];
+    ++count;
+    sum += duration;
+  }
+
+ private:
+  static constexpr std::array<std::int64_t, 16> upper_bounds_nanoseconds{
+      100'000,       250'000,       500'000,       1'000'000,     2'500'000,   5'000'000,
+      10'000'000,    25'000'000,    50'000'000,    100'000'000,   250'000'000, 500'000'000,
+      1'000'000'000, 2'500'000'000, 5'000'000'000, 10'000'000'000};
+};
 
 }  // namespace pgrt

@@ -1,0 +1,575 @@
+// Operations (issue 16): the watchdog driven past each threshold against a real pool and server,
+// the metrics parsed by a real Prometheus parser, and the HTTP endpoint under hostile clients.
+#include <algorithm>
+#include <arpa/inet.h>
+#include <atomic>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/use_future.hpp>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <map>
+#include <mutex>
+#include <netinet/in.h>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <sys/socket.h>
+#include <thread>
+#include <unistd.h>
+#include <vector>
+
+#include <pgrt/db.hpp>
+#include <pgrt/service.hpp>
+
+#include "pgrt/testing/blocking_sql.hpp"
+#include "pgrt/testing/db_test.hpp"
+#include "pgrt/testing/eventually.hpp"
+#include "pgrt/testing/run_coroutine.hpp"
+
+namespace pgrt {
+namespace {
+
+namespace asio = boost::asio;
+using namespace std::chrono_literals;
+using testing::eventually;
+using ::testing::HasSubstr;
+using testing::sleep_for;
+
+// An io_context run by `threads` threads of its own for the life of the object.
+class Running {
+ public:
+  explicit Running(std::size_t threads = 1) : guard_(io.get_executor()) {
+    for (std::size_t i = 0; i < threads; ++i) threads_.emplace_back([this] { io.run(); });
+  }
+  ~Running() { stop(); }
+  Running(const Running&) = delete;
+  Running& operator=(const Running&) = delete;
+  Running(Running&&) = delete;
+  Running& operator=(Running&&) = delete;
+
+  // Runs `operation` on the io_context and waits for it (at most `limit`).
+  template <typename T>
+  T wait(asio::awaitable<T> operation, std::chrono::seconds limit = 30s) {
+    auto future = asio::co_spawn(io, std::move(operation), asio::use_future);
+    if (future.wait_for(limit) != std::future_status::ready) {
+      throw std::runtime_error("the operation did not finish in time");
+    }
+    return future.get();
+  }
+  void stop() {
+    guard_.reset();
+    io.stop();
+    for (auto& thread : threads_) {
+      if (thread.joinable()) thread.join();
+    }
+  }
+
+  asio::io_context io;
+
+ private:
+  asio::executor_work_guard<asio::io_context::executor_type> guard_;
+  std::vector<std::thread> threads_;
+};
+
+// Every change the watchdog reported, in order.
+class ChangeLog {
+ public:
+  explicit ChangeLog(Watchdog& watchdog)
+      : connection_(watchdog.events().changed.connect([this](const WatchdogChange& change) {
+          std::lock_guard lock(mutex_);
+          changes_.push_back(change);
+        })) {}
+  std::vector<WatchdogChange> of(WatchdogCondition condition) const {
+    std::lock_guard lock(mutex_);
+    std::vector<WatchdogChange> found;
+    for (const auto& change : changes_) {
+      if (change.condition == condition) found.push_back(change);
+    }
+    return found;
+  }
+  std::size_t total() const {
+    std::lock_guard lock(mutex_);
+    return changes_.size();
+  }
+
+ private:
+  mutable std::mutex mutex_;
+  std::vector<WatchdogChange> changes_;
+  boost::signals2::scoped_connection connection_;
+};
+
+class WatchdogTest : public testing::DbTest {
+ protected:
+  static PoolConfig config(std::string instance, std::size_t max_size) {
+    PoolConfig pool_config;
+    pool_config.conninfo = cluster().dsn();
+    pool_config.max_size = max_size;
+    pool_config.application = "pgrt-watchdog-test";
+    pool_config.instance = std::move(instance);
+    return pool_config;
+  }
+  static WatchdogOptions fast(bool check_server = false) {
+    return {.interval = 50ms, .long_wait = 150ms, .check_server = check_server};
+  }
+  // Waits until `condition` has started and cleared once, then for a few more checks, and
+  // expects exactly those two changes: one warning, one clear.
+  static void expect_one_warning_and_one_clear(const ChangeLog& log, Watchdog& watchdog,
+                                               WatchdogCondition condition) {
+    const auto checks = watchdog.checks();
+    ASSERT_TRUE(eventually([&] { return watchdog.checks() >= checks + 4; }));
+    const auto changes = log.of(condition);
+    ASSERT_EQ(changes.size(), 2U) << "condition " << to_string(condition);
+    EXPECT_TRUE(changes[0].holds);
+    EXPECT_FALSE(changes[1].holds);
+    EXPECT_EQ(watchdog.warnings()[static_cast<std::size_t>(condition)], 1U);
+    EXPECT_FALSE(watchdog.conditions()[static_cast<std::size_t>(condition)]);
+  }
+};
+
+TEST_F(WatchdogTest, PoolBusyWarnsOnceAndClearsOnce) {
+  Running running;
+  Pool pool(running.io.get_executor(), config("busy", 2));
+  Watchdog watchdog(running.io.get_executor(), pool, fast());
+  ChangeLog log(watchdog);
+  running.wait(watchdog.start());
+  {
+    auto first = running.wait(pool.acquire());
+    auto second = running.wait(pool.acquire());
+    // Held across many checks: still one warning.
+    ASSERT_TRUE(eventually([&] { return watchdog.conditions()[0]; }));
+    const auto checks = watchdog.checks();
+    ASSERT_TRUE(eventually([&] { return watchdog.checks() >= checks + 5; }));
+    ASSERT_EQ(log.of(WatchdogCondition::pool_busy).size(), 1U);
+    EXPECT_THAT(log.of(WatchdogCondition::pool_busy)[0].detail, HasSubstr("2 of max 2"));
+  }
+  ASSERT_TRUE(eventually([&] { return !watchdog.conditions()[0]; }));
+  expect_one_warning_and_one_clear(log, watchdog, WatchdogCondition::pool_busy);
+  running.wait(watchdog.stop());
+  running.wait(pool.close(1s));
+}
+
+TEST_F(WatchdogTest, LongWaitsAndTimeoutsWarnOnceAndClearOnce) {
+  Running running;
+  auto pool_config = config("waits", 1);
+  pool_config.acquire_timeout = 400ms;
+  Pool pool(running.io.get_executor(), pool_config);
+  Watchdog watchdog(running.io.get_executor(), pool, fast());
+  ChangeLog log(watchdog);
+  running.wait(watchdog.start());
+  {
+    auto held = running.wait(pool.acquire());
+    // A caller waits 400 ms (past long_wait, 150 ms) and times out.
+    EXPECT_THROW(running.wait(pool.acquire()), Error);
+  }
+  ASSERT_TRUE(eventually([&] {
+    return log.of(WatchdogCondition::long_waits).size() == 2 &&
+           log.of(WatchdogCondition::acquire_timeouts).size() == 2;
+  }));
+  expect_one_warning_and_one_clear(log, watchdog, WatchdogCondition::long_waits);
+  expect_one_warning_and_one_clear(log, watchdog, WatchdogCondition::acquire_timeouts);
+  EXPECT_THAT(log.of(WatchdogCondition::acquire_timeouts)[0].detail,
+              HasSubstr("1 acquire(s) timed out"));
+  running.wait(watchdog.stop());
+  running.wait(pool.close(1s));
+}
+
+TEST_F(WatchdogTest, SuspectedLeakWarnsOnceAndClearsOnce) {
+  Running running;
+  auto pool_config = config("leak", 2);
+  pool_config.leak_threshold = 100ms;
+  Pool pool(running.io.get_executor(), pool_config);
+  Watchdog watchdog(running.io.get_executor(), pool, fast());
+  ChangeLog log(watchdog);
+  running.wait(watchdog.start());
+  {
+    auto kept = running.wait(pool.acquire());
+    ASSERT_TRUE(eventually([&] {
+      return watchdog.conditions()[static_cast<std::size_t>(WatchdogCondition::suspected_leaks)];
+    }));
+    const auto checks = watchdog.checks();
+    ASSERT_TRUE(eventually([&] { return watchdog.checks() >= checks + 4; }));
+  }
+  ASSERT_TRUE(eventually([&] { return log.of(WatchdogCondition::suspected_leaks).size() == 2; }));
+  expect_one_warning_and_one_clear(log, watchdog, WatchdogCondition::suspected_leaks);
+  running.wait(watchdog.stop());
+  running.wait(pool.close(1s));
+}
+
+TEST_F(WatchdogTest, ServerBusyWarnsOnceAndClearsOnce) {
+  Running running;
+  Pool pool(running.io.get_executor(), config("server-busy", 2));
+  // The server's usable connections and its client backends now (this test's own included).
+  testing::BlockingConnection observer(cluster().dsn());
+  const double usable =
+      std::stod(observer.scalar("SELECT current_setting('max_connections')::int - "
+                                "current_setting('superuser_reserved_connections')::int"));
+  const double backends = std::stod(observer.scalar(
+      "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"));
+  // The threshold sits 5 backends above today's count (+1 for the pool's own): 10 more cross it.
+  auto options = fast(true);
+  options.server_share = (backends + 1 + 5) / usable;
+  Watchdog watchdog(running.io.get_executor(), pool, options);
+  ChangeLog log(watchdog);
+  running.wait(watchdog.start());
+  const auto checks = watchdog.checks();
+  ASSERT_TRUE(eventually([&] { return watchdog.checks() >= checks + 3; }));
+  EXPECT_TRUE(log.of(WatchdogCondition::server_busy).empty());
+  {
+    std::vector<std::unique_ptr<testing::BlockingConnection>> crowd;
+    for (int i = 0; i < 10; ++i) {
+      crowd.push_back(std::make_unique<testing::BlockingConnection>(cluster().dsn()));
+    }
+    ASSERT_TRUE(eventually([&] {
+      return watchdog.conditions()[static_cast<std::size_t>(WatchdogCondition::server_busy)];
+    }));
+    const auto more = watchdog.checks();
+    ASSERT_TRUE(eventually([&] { return watchdog.checks() >= more + 4; }));
+  }
+  ASSERT_TRUE(eventually([&] { return log.of(WatchdogCondition::server_busy).size() == 2; }));
+  expect_one_warning_and_one_clear(log, watchdog, WatchdogCondition::server_busy);
+  EXPECT_THAT(log.of(WatchdogCondition::server_busy)[0].detail, HasSubstr("client backends"));
+  EXPECT_TRUE(log.of(WatchdogCondition::server_unreachable).empty());
+  running.wait(watchdog.stop());
+  running.wait(pool.close(1s));
+}
+
+// The server goes away and comes back: server_unreachable and connect_backoff each start once and
+// clear once.
+TEST_F(WatchdogTest, UnreachableServerAndConnectBackoffWarnOnceAndClearOnce) {
+  auto own = start_own_cluster();
+  Running running;
+  PoolConfig pool_config;
+  pool_config.conninfo = own->dsn();
+  pool_config.max_size = 2;
+  pool_config.application = "pgrt-watchdog-test";
+  pool_config.instance = "unreachable";
+  pool_config.connect.connect_timeout = 1s;
+  pool_config.acquire_timeout = 1s;
+  Pool pool(running.io.get_executor(), pool_config);
+  { auto warm = running.wait(pool.acquire()); }
+  Watchdog watchdog(running.io.get_executor(), pool,
+                    {.interval = 100ms, .long_wait = 5s, .check_server = true});
+  ChangeLog log(watchdog);
+  running.wait(watchdog.start());
+  const auto checks = watchdog.checks();
+  ASSERT_TRUE(eventually([&] { return watchdog.checks() >= checks + 2; }));
+  ASSERT_EQ(log.total(), 0U);
+  own->stop();
+  ASSERT_TRUE(eventually(
+      [&] {
+        const auto now = watchdog.conditions();
+        return now[static_cast<std::size_t>(WatchdogCondition::server_unreachable)] &&
+               now[static_cast<std::size_t>(WatchdogCondition::connect_backoff)];
+      },
+      20s));
+  const auto down = watchdog.checks();
+  ASSERT_TRUE(eventually([&] { return watchdog.checks() >= down + 5; }, 20s));
+  EXPECT_EQ(log.of(WatchdogCondition::server_unreachable).size(), 1U);
+  EXPECT_EQ(log.of(WatchdogCondition::connect_backoff).size(), 1U);
+  own->start();
+  ASSERT_TRUE(eventually(
+      [&] {
+        return log.of(WatchdogCondition::server_unreachable).size() == 2 &&
+               log.of(WatchdogCondition::connect_backoff).size() == 2;
+      },
+      30s));
+  expect_one_warning_and_one_clear(log, watchdog, WatchdogCondition::server_unreachable);
+  expect_one_warning_and_one_clear(log, watchdog, WatchdogCondition::connect_backoff);
+  running.wait(watchdog.stop());
+  running.wait(pool.close(1s));
+}
+
+// A pool saturated by normal callers does not hold up the server check when one connection is
+// reserved for high priority.
+TEST_F(WatchdogTest, TheServerCheckGoesThroughTheReservedPath) {
+  Running running;
+  auto pool_config = config("reserved", 3);
+  pool_config.reserved_for_priority = 1;
+  pool_config.acquire_timeout = 10s;
+  Pool pool(running.io.get_executor(), pool_config);
+  auto first = running.wait(pool.acquire());
+  auto second = running.wait(pool.acquire());
+  // Normal callers queue behind the two held connections.
+  std::atomic<int> served{0};
+  for (int i = 0; i < 5; ++i) {
+    asio::co_spawn(
+        running.io,
+        [&]() -> asio::awaitable<void> {
+          auto lease = co_await pool.acquire();
+          ++served;
+        },
+        asio::detached);
+  }
+  ASSERT_TRUE(eventually([&] { return pool.stats().waiting_normal == 5; }));
+  auto options = fast(true);
+  options.server_share = 1.0;
+  Watchdog watchdog(running.io.get_executor(), pool, options);
+  ChangeLog log(watchdog);
+  running.wait(watchdog.start());
+  // Each check ran its query on the reserved connection: no unreachable report, and checks keep
+  // coming while the normal callers still wait.
+  const auto checks = watchdog.checks();
+  ASSERT_TRUE(eventually([&] { return watchdog.checks() >= checks + 4; }));
+  EXPECT_TRUE(log.of(WatchdogCondition::server_unreachable).empty());
+  EXPECT_EQ(served, 0);
+  // The two held, and one per check: every check got its connection (without the reserve, each
+  // would time out behind the held two).
+  EXPECT_GE(pool.stats().acquired, 2 + 4U);
+  running.wait(watchdog.stop());
+  first.release();
+  second.release();
+  ASSERT_TRUE(eventually([&] { return served == 5; }));
+  running.wait(pool.close(1s));
+}
+
+// --- metrics ---------------------------------------------------------------------------------
+
+// Runs python3's prometheus_client parser (Debian's python3-prometheus-client) on `text`, and
+// returns one line per sample: "name{label=value,...} value", sorted labels.
+std::map<std::string, double> parse_with_prometheus_client(const std::string& text) {
+  char path[] = "/tmp/pgrt-metrics-XXXXXX";
+  const int fd = ::mkstemp(path);
+  if (fd < 0) throw std::runtime_error("mkstemp failed");
+  ::close(fd);
+  { std::ofstream(path) << text; }
+  const std::string command =
+      "/usr/bin/python3 -c 'import sys\n"
+      "from prometheus_client.parser import text_string_to_metric_families\n"
+      "for family in text_string_to_metric_families(open(sys.argv[1]).read()):\n"
+      "    for s in family.samples:\n"
+      "        labels = \",\".join(k + \"=\" + v for k, v in sorted(s.labels.items()))\n"
+      "        print(family.type, s.name + \"{\" + labels + \"}\", repr(s.value))\n' " +
+      std::string(path) + " 2>&1";
+  std::FILE* pipe = ::popen(command.c_str(), "r");
+  if (pipe == nullptr) throw std::runtime_error("popen failed");
+  std::string output;
+  std::array<char, 4096> chunk{};
+  while (const std::size_t got = std::fread(chunk.data(), 1, chunk.size(), pipe)) {
+    output.append(chunk.data(), got);
+  }
+  const int status = ::pclose(pipe);
+  ::unlink(path);
+  if (status != 0) throw std::runtime_error("the Prometheus parser refused the text:\n" + output);
+  std::map<std::string, double> samples;
+  std::istringstream lines(output);
+  std::string type;
+  std::string name;
+  std::string value;
+  while (lines >> type >> name >> value) samples[name] = std::stod(value);
+  return samples;
+}
+
+TEST_F(WatchdogTest, MetricsParseWithAPrometheusParserAndCountWhatHappened) {
+  Running running;
+  auto pool_config = config("metrics", 2);
+  pool_config.min_idle = 1;
+  Pool pool(running.io.get_executor(), pool_config);
+  Watchdog watchdog(running.io.get_executor(), pool, fast());
+  running.wait(watchdog.start());
+  for (int i = 0; i < 25; ++i) {
+    running.wait([&]() -> asio::awaitable<void> {
+      auto lease = co_await pool.acquire();
+      co_await lease->query("SELECT pg_sleep(0.002)");
+    }());
+  }
+  {
+    auto broken = running.wait(pool.acquire());
+    broken.discard();
+  }
+  Metrics metrics;
+  metrics.add_pool(pool);
+  metrics.add_watchdog(watchdog);
+  const auto samples = parse_with_prometheus_client(metrics.render());
+  const std::string pool_label = "db_client_connection_pool_name=" + pool.application_name();
+  const auto at = [&](const std::string& key) {
+    const auto found = samples.find(key);
+    if (found == samples.end()) {
+      ADD_FAILURE() << "no sample " << key;
+      return -1.0;
+    }
+    return found->second;
+  };
+  EXPECT_EQ(at("db_client_connection_max{" + pool_label + "}"), 2);
+  EXPECT_EQ(at("db_client_connection_idle_min{" + pool_label + "}"), 1);
+  EXPECT_EQ(at("db_client_connection_count{" + pool_label + ",state=used}"), 0);
+  EXPECT_EQ(at("db_client_connection_pending_requests{" + pool_label + "}"), 0);
+  EXPECT_EQ(at("db_client_connection_timeouts_total{" + pool_label + "}"), 0);
+  EXPECT_EQ(at("pgrt_pool_acquires_total{" + pool_label + "}"), 26);
+  EXPECT_EQ(at("pgrt_pool_discards_total{" + pool_label + ",reason=by_user}"), 1);
+  EXPECT_EQ(at("db_client_connection_wait_time_seconds_count{" + pool_label + "}"), 26);
+  EXPECT_EQ(at("db_client_connection_use_time_seconds_count{" + pool_label + "}"), 26);
+  EXPECT_EQ(at("db_client_connection_wait_time_seconds_bucket{" + pool_label + ",le=+Inf}"), 26);
+  // Each use held a 2 ms sleep: none is in the buckets up to 1 ms, all are by 10 s.
+  EXPECT_EQ(at("db_client_connection_use_time_seconds_bucket{" + pool_label + ",le=0.001}"), 1);
+  EXPECT_GE(at("db_client_connection_use_time_seconds_sum{" + pool_label + "}"), 25 * 0.002);
+  EXPECT_GE(at("db_client_connection_create_time_seconds_count{" + pool_label + "}"), 1);
+  EXPECT_GT(at("db_client_connection_create_time_seconds_sum{" + pool_label + "}"), 0);
+  EXPECT_EQ(at("pgrt_watchdog_condition{condition=pool_busy}"), 0);
+  EXPECT_GE(at("pgrt_watchdog_checks_total{}"), 1);
+  running.wait(watchdog.stop());
+  running.wait(pool.close(1s));
+}
+
+// --- the HTTP endpoint -------------------------------------------------------------------------
+
+// A blocking HTTP/1.1 client for the tests: one request, the whole response (or "" if the
+// connection was refused or closed without an answer).
+int connect_to(std::uint16_t port) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_port = htons(port);
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) != 0) {
+    ::close(fd);
+    return -1;
+  }
+  timeval timeout{.tv_sec = 10, .tv_usec = 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
+  return fd;
+}
+
+std::string read_all(int fd) {
+  std::string response;
+  std::array<char, 8192> chunk{};
+  for (;;) {
+    const ssize_t got = ::recv(fd, chunk.data(), chunk.size(), 0);
+    if (got <= 0) break;
+    response.append(chunk.data(), static_cast<std::size_t>(got));
+  }
+  return response;
+}
+
+std::string http_get(std::uint16_t port, const std::string& path) {
+  const int fd = connect_to(port);
+  if (fd < 0) return "";
+  const std::string request = "GET " + path + " HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+  (void)::send(fd, request.data(), request.size(), MSG_NOSIGNAL);
+  std::string response = read_all(fd);
+  ::close(fd);
+  return response;
+}
+
+TEST_F(WatchdogTest, TheEndpointServesMetricsAndProbes) {
+  Running running(2);
+  Pool pool(running.io.get_executor(), config("endpoint", 2));
+  auto metrics = std::make_shared<Metrics>();
+  metrics->add_pool(pool);
+  std::atomic<bool> ready{true};
+  MetricsEndpoint endpoint(running.io.get_executor(), metrics, [&] { return ready.load(); });
+  running.wait(endpoint.start());
+  ASSERT_NE(endpoint.port(), 0);
+  { auto lease = running.wait(pool.acquire()); }
+  const std::string page = http_get(endpoint.port(), "/metrics");
+  EXPECT_THAT(page, HasSubstr("HTTP/1.1 200"));
+  EXPECT_THAT(page, HasSubstr("text/plain; version=0.0.4"));
+  EXPECT_THAT(page, HasSubstr("pgrt_pool_acquires_total{db_client_connection_pool_name=\"" +
+                              pool.application_name() + "\"} 1"));
+  EXPECT_THAT(http_get(endpoint.port(), "/healthz"), HasSubstr("HTTP/1.1 200"));
+  EXPECT_THAT(http_get(endpoint.port(), "/readyz"), HasSubstr("HTTP/1.1 200"));
+  ready = false;
+  EXPECT_THAT(http_get(endpoint.port(), "/readyz"), HasSubstr("HTTP/1.1 503"));
+  EXPECT_THAT(http_get(endpoint.port(), "/nothing"), HasSubstr("HTTP/1.1 404"));
+  // A port already taken fails the start with the address in the message.
+  MetricsEndpoint twin(running.io.get_executor(), metrics, [] { return true; },
+                       {.port = endpoint.port()});
+  try {
+    running.wait(twin.start());
+    ADD_FAILURE() << "a second endpoint on the same port started";
+  } catch (const std::system_error& error) {
+    EXPECT_THAT(error.what(), HasSubstr("127.0.0.1:" + std::to_string(endpoint.port())));
+  }
+  running.wait(endpoint.stop());
+  EXPECT_EQ(http_get(endpoint.port(), "/healthz"), "");  // closed
+  running.wait(pool.close(1s));
+}
+
+// Slowloris, a huge header and 1,000 connections at once: the endpoint keeps answering, and the
+// pool on the same io_context keeps its latency.
+TEST_F(WatchdogTest, HostileClientsNeitherBlockTheEndpointNorSlowThePool) {
+  Running running(1);  // one thread: the endpoint and the pool share it, as in a small service
+  Pool pool(running.io.get_executor(), config("hostile", 2));
+  auto metrics = std::make_shared<Metrics>();
+  metrics->add_pool(pool);
+  MetricsEndpoint endpoint(running.io.get_executor(), metrics, [] { return true; },
+                           {.max_connections = 16, .request_timeout = 1s});
+  running.wait(endpoint.start());
+  const auto port = endpoint.port();
+
+  // The pool's latency: the median of 200 acquire + SELECT 1, alone and under attack.
+  const auto median_query = [&] {
+    std::vector<std::chrono::nanoseconds> latencies;
+    for (int i = 0; i < 200; ++i) {
+      const auto started = std::chrono::steady_clock::now();
+      running.wait([&]() -> asio::awaitable<void> {
+        auto lease = co_await pool.acquire();
+        co_await lease->query("SELECT 1");
+      }());
+      latencies.push_back(std::chrono::steady_clock::now() - started);
+    }
+    std::sort(latencies.begin(), latencies.end());
+    return latencies[latencies.size() / 2];
+  };
+  const auto calm = median_query();
+
+  // A huge header: 431, and the connection closed.
+  {
+    const int fd = connect_to(port);
+    ASSERT_GE(fd, 0);
+    const std::string request =
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: " + std::string(64 * 1024, 'a') + "\r\n\r\n";
+    (void)::send(fd, request.data(), request.size(), MSG_NOSIGNAL);
+    EXPECT_THAT(read_all(fd), HasSubstr("431"));
+    ::close(fd);
+  }
+
+  // Slowloris: a byte every 100 ms, never a whole header. Closed after request_timeout (1 s).
+  std::atomic<bool> loris_closed{false};
+  std::thread loris([&] {
+    const int fd = connect_to(port);
+    if (fd < 0) return;
+    const std::string start = "GET /metrics HTTP/1.1\r\nX-Slow: ";
+    (void)::send(fd, start.data(), start.size(), MSG_NOSIGNAL);
+    const auto began = std::chrono::steady_clock::now();
+    while (std::chrono::steady_clock::now() - began < 5s) {
+      if (::send(fd, "a", 1, MSG_NOSIGNAL) < 0) {
+        loris_closed = true;
+        break;
+      }
+      std::this_thread::sleep_for(100ms);
+    }
+    ::close(fd);
+  });
+
+  // 1,000 connections, opened and kept.
+  std::vector<int> flood;
+  for (int i = 0; i < 1'000; ++i) {
+    const int fd = connect_to(port);
+    if (fd >= 0) flood.push_back(fd);
+  }
+  const auto attacked = median_query();
+  // The endpoint still answers a real request, within its bounds.
+  std::string answer;
+  EXPECT_TRUE(eventually([&] {
+    answer = http_get(port, "/healthz");
+    return answer.find("200 OK") != std::string::npos;
+  }));
+  loris.join();
+  EXPECT_TRUE(loris_closed) << "the slow client was never cut off";
+  for (const int fd : flood) ::close(fd);
+  EXPECT_GE(endpoint.connections_refused(), 900U);
+  // Unaffected: within 3x of the calm median and 1 ms (the machine is shared and noisy).
+  EXPECT_LE(attacked, calm * 3 + 1ms)
+      << "calm " << calm.count() << " ns, attacked " << attacked.count() << " ns";
+  running.wait(endpoint.stop());
+  running.wait(pool.close(1s));
+}
+
+}  // namespace
+}  // namespace pgrt
