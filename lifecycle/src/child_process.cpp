@@ -1,0 +1,643 @@
+#include "pgrt/lifecycle/child_process.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/cancellation_signal.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/posix/stream_descriptor.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <cerrno>
+#include <csignal>
+#include <cstring>
+#include <deque>
+#include <exception>
+#include <fcntl.h>
+#include <limits>
+#include <spdlog/spdlog.h>
+#include <stdexcept>
+#include <string_view>
+#include <sys/prctl.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <system_error>
+#include <unistd.h>
+#include <utility>
+
+extern char** environ;  // NOLINT(readability-redundant-declaration): POSIX declares it nowhere
+
+namespace pgrt::lifecycle {
+
+namespace asio = boost::asio;
+using Clock = std::chrono::steady_clock;
+using std::chrono::milliseconds;
+
+namespace {
+
+constexpr auto no_throw = asio::as_tuple(asio::use_awaitable);
+// How often a child is polled for where the kernel has no pidfd_open (before Linux 5.3).
+constexpr milliseconds poll_interval{50};
+
+milliseconds elapsed_ms(Clock::time_point since) {
+  return std::chrono::duration_cast<milliseconds>(Clock::now() - since);
+}
+
+// --- what the child needs, built before the fork ------------------------------------------------
+
+// The program's path and the NULL-terminated argv and envp arrays, which point into the strings
+// held here: nothing is allocated between fork and exec.
+struct LaunchPlan {
+  std::string program;
+  std::vector<std::string> arguments;
+  std::vector<std::string> environment;
+  std::string working_directory;
+  std::vector<char*> argv;
+  std::vector<char*> envp;
+
+  void point_arrays() {
+    argv.clear();
+    for (auto& argument : arguments) argv.push_back(argument.data());
+    argv.push_back(nullptr);
+    envp.clear();
+    for (auto& variable : environment) envp.push_back(variable.data());
+    envp.push_back(nullptr);
+  }
+};
+
+[[noreturn]] void throw_errno(int error, const std::string& what) {
+  throw std::system_error(error, std::system_category(), what);
+}
+
+// execvp()'s lookup, done in the parent: the first executable regular file named `program` in
+// the directories of `path` (an empty entry is the working directory).
+std::string find_in_path(const std::string& child_name, const std::string& program,
+                         const std::string& path) {
+  bool denied = false;
+  std::size_t begin = 0;
+  while (begin <= path.size()) {
+    std::size_t end = path.find(':', begin);
+    if (end == std::string::npos) end = path.size();
+    std::string directory = path.substr(begin, end - begin);
+    std::string candidate = (directory.empty() ? std::string(".") : directory) + "/" + program;
+    struct stat info {};
+    if (::stat(candidate.c_str(), &info) == 0 && S_ISREG(info.st_mode)) {
+      if (::access(candidate.c_str(), X_OK) == 0) return candidate;
+      denied = true;
+    }
+    begin = end + 1;
+  }
+  throw_errno(denied ? EACCES : ENOENT, "child '" + child_name + "': cannot run '" + program +
+                                            "': " + (denied ? "not executable" : "not found") +
+                                            " in PATH \"" + path + "\"");
+}
+
+LaunchPlan make_plan(const ChildProcessOptions& options) {
+  LaunchPlan plan;
+  plan.arguments = options.argv;
+  plan.working_directory = options.working_directory;
+  std::optional<std::string> path;
+  if (options.inherit_environment && environ != nullptr) {
+    for (char** entry = environ; *entry != nullptr; ++entry) {
+      std::string_view variable(*entry);
+      std::string_view key = variable.substr(0, variable.find('='));
+      if (options.env.contains(std::string(key))) continue;
+      if (key == "PATH") path = std::string(variable.substr(key.size() + 1));
+      plan.environment.emplace_back(variable);
+    }
+  }
+  for (const auto& [key, value] : options.env) {
+    plan.environment.push_back(key + "=" + value);
+    if (key == "PATH") path = value;
+  }
+  const std::string& program = options.argv.front();
+  plan.program = program.find('/') != std::string::npos
+                     ? program
+                     : find_in_path(options.name, program, path.value_or("/usr/bin:/bin"));
+  plan.point_arrays();
+  return plan;
+}
+
+// --- fork and exec
+// --------------------------------------------------------------------------------
+
+// What the child writes to the parent when it cannot exec.
+struct ChildFailure {
+  enum Step : int { setpgid = 1, pdeathsig, chdir, exec };
+  int step = 0;
+  int error = 0;
+};
+
+// In the child: only async-signal-safe calls, since the parent may have other threads (one may
+// have held the allocator's lock at the fork). No allocation, no logging, no exceptions.
+[[noreturn]] void become_child(const LaunchPlan& plan, int error_pipe, pid_t parent) noexcept {
+  auto fail = [error_pipe](ChildFailure::Step step) {
+    ChildFailure failure{step, errno};
+    [[maybe_unused]] auto written = ::write(error_pipe, &failure, sizeof failure);
+    ::_exit(127);
+  };
+  if (::setpgid(0, 0) != 0) fail(ChildFailure::setpgid);
+  if (::prctl(PR_SET_PDEATHSIG, SIGKILL) != 0) fail(ChildFailure::pdeathsig);
+  // The parent died before the prctl: nobody would kill this child with it.
+  if (::getppid() != parent) ::_exit(127);
+
+  sigset_t no_signals;
+  ::sigemptyset(&no_signals);
+  ::sigprocmask(SIG_SETMASK, &no_signals, nullptr);
+  struct sigaction default_action {};
+  default_action.sa_handler = SIG_DFL;
+  ::sigemptyset(&default_action.sa_mask);
+  // Ignored signals stay ignored through exec; handlers are reset by exec anyway. glibc refuses
+  // its two internal signals and the kernel SIGKILL and SIGSTOP: harmless.
+  for (int signal_number = 1; signal_number < NSIG; ++signal_number) {
+    ::sigaction(signal_number, &default_action, nullptr);
+  }
+
+  // Every descriptor but stdin, stdout, stderr and the error pipe (close-on-exec) goes.
+  const auto pipe_fd = static_cast<unsigned>(error_pipe);
+  bool closed = true;
+  if (pipe_fd > 3) closed = ::syscall(SYS_close_range, 3U, pipe_fd - 1, 0U) == 0;
+  if (closed) closed = ::syscall(SYS_close_range, pipe_fd + 1, ~0U, 0U) == 0;
+  if (!closed) {  // before Linux 5.9
+    const long max_fd = ::sysconf(_SC_OPEN_MAX);
+    for (long fd = 3; fd < std::min(max_fd, 65536L); ++fd) {
+      if (fd != error_pipe) ::close(static_cast<int>(fd));
+    }
+  }
+
+  if (!plan.working_directory.empty() && ::chdir(plan.working_directory.c_str()) != 0) {
+    fail(ChildFailure::chdir);
+  }
+  ::execve(plan.program.c_str(), plan.argv.data(), plan.envp.data());
+  fail(ChildFailure::exec);
+  ::_exit(127);  // not reached
+}
+
+void close_quietly(int fd) noexcept {
+  if (fd >= 0) ::close(fd);
+}
+
+void reap_blocking(pid_t pid) noexcept {
+  siginfo_t info{};
+  while (::waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED) != 0 && errno == EINTR) {
+  }
+}
+
+// Forks and execs the plan; returns the child's pid once it has exec'd. Throws std::system_error.
+pid_t launch(const std::string& child_name, const LaunchPlan& plan) {
+  int pipe_fds[2] = {-1, -1};
+  if (::pipe2(pipe_fds, O_CLOEXEC) != 0) {
+    throw_errno(errno, "child '" + child_name + "': pipe2() failed");
+  }
+  const pid_t parent = ::getpid();
+  const pid_t pid = ::fork();
+  if (pid < 0) {
+    const int error = errno;
+    close_quietly(pipe_fds[0]);
+    close_quietly(pipe_fds[1]);
+    throw_errno(error, "child '" + child_name + "': fork() failed");
+  }
+  if (pid == 0) become_child(plan, pipe_fds[1], parent);
+
+  close_quietly(pipe_fds[1]);
+  // Also in the child; whichever comes first. EACCES once the child has exec'd: harmless.
+  ::setpgid(pid, pid);
+  ChildFailure failure;
+  ssize_t got = 0;
+  do {
+    got = ::read(pipe_fds[0], &failure, sizeof failure);
+  } while (got < 0 && errno == EINTR);
+  const int read_error = errno;
+  close_quietly(pipe_fds[0]);
+  if (got == 0) return pid;  // the pipe closed on exec
+
+  reap_blocking(pid);
+  if (got != static_cast<ssize_t>(sizeof failure)) {
+    throw_errno(got < 0 ? read_error : EIO,
+                "child '" + child_name + "': lost track of '" + plan.program + "' at its start");
+  }
+  std::string what = "child '" + child_name + "': ";
+  switch (failure.step) {
+    case ChildFailure::setpgid:
+      what += "setpgid() failed before running '" + plan.program + "'";
+      break;
+    case ChildFailure::pdeathsig:
+      what += "prctl(PR_SET_PDEATHSIG) failed before running '" + plan.program + "'";
+      break;
+    case ChildFailure::chdir:
+      what += "cannot enter the working directory '" + plan.working_directory + "' to run '" +
+              plan.program + "'";
+      break;
+    default:
+      what += "cannot execute '" + plan.program + "'";
+      break;
+  }
+  throw_errno(failure.error, what);
+}
+
+std::string join(const std::vector<std::string>& words) {
+  std::string joined;
+  for (const auto& word : words) {
+    if (!joined.empty()) joined += ' ';
+    joined += word;
+  }
+  return joined;
+}
+
+void validate(ChildProcessOptions& options) {
+  if (options.argv.empty()) throw std::invalid_argument("ChildProcessOptions::argv is empty");
+  if (options.argv.front().empty()) {
+    throw std::invalid_argument("ChildProcessOptions::argv[0] (the program) is empty");
+  }
+  if (options.name.empty()) {
+    const std::string& program = options.argv.front();
+    const auto slash = program.find_last_of('/');
+    options.name = slash == std::string::npos ? program : program.substr(slash + 1);
+    if (options.name.empty()) options.name = program;
+  }
+  const std::string prefix = "child '" + options.name + "': ";
+  for (std::size_t i = 0; i < options.argv.size(); ++i) {
+    if (options.argv[i].find('\0') != std::string::npos) {
+      throw std::invalid_argument(prefix + "argv[" + std::to_string(i) + "] has a NUL byte");
+    }
+  }
+  for (const auto& [key, value] : options.env) {
+    if (key.empty() || key.find('=') != std::string::npos || key.find('\0') != std::string::npos) {
+      throw std::invalid_argument(prefix + "environment variable name '" + key +
+                                  "' is empty or has '=' or a NUL byte");
+    }
+    if (value.find('\0') != std::string::npos) {
+      throw std::invalid_argument(prefix + "environment variable " + key + " has a NUL byte");
+    }
+  }
+  if (options.working_directory.find('\0') != std::string::npos) {
+    throw std::invalid_argument(prefix + "working_directory has a NUL byte");
+  }
+  for (auto [duration, label] : {std::pair{options.backoff_initial, "backoff_initial"},
+                                 {options.backoff_max, "backoff_max"},
+                                 {options.backoff_reset_after, "backoff_reset_after"},
+                                 {options.restart_window, "restart_window"},
+                                 {options.stop_grace, "stop_grace"},
+                                 {options.kill_wait, "kill_wait"}}) {
+    if (duration.count() < 0) throw std::invalid_argument(prefix + label + " is negative");
+  }
+  if (options.backoff_initial > options.backoff_max) {
+    throw std::invalid_argument(prefix + "backoff_initial is above backoff_max");
+  }
+}
+
+}  // namespace
+
+// --- public helpers ----------------------------------------------------------------------------
+
+std::string ChildExit::describe() const {
+  if (exit_code) return "exited with code " + std::to_string(*exit_code);
+  if (signal) {
+    const char* abbreviation = ::sigabbrev_np(*signal);  // thread-safe, unlike strsignal()
+    std::string text = "killed by signal " + std::to_string(*signal);
+    if (abbreviation != nullptr) text += std::string(" (SIG") + abbreviation + ")";
+    if (core_dumped) text += ", core dumped";
+    return text;
+  }
+  return "status lost (reaped elsewhere)";
+}
+
+milliseconds restart_delay(milliseconds backoff_initial, milliseconds backoff_max,
+                           std::size_t restart) noexcept {
+  milliseconds delay = backoff_initial;
+  for (std::size_t i = 1; i < restart && delay < backoff_max; ++i) {
+    delay =
+        delay.count() > std::numeric_limits<milliseconds::rep>::max() / 2 ? backoff_max : delay * 2;
+  }
+  return std::min(delay, backoff_max);
+}
+
+// --- the supervision
+// -------------------------------------------------------------------------------
+
+struct ChildProcess::Impl {
+  explicit Impl(ChildProcessOptions options_in) : options(std::move(options_in)) {}
+
+  // The watch's coroutine frame holds this too: when it goes (the io_context stopped and was
+  // destroyed) with a child still running, the child is killed and reaped here.
+  ~Impl() {
+    const pid_t pid = child.load();
+    if (pid > 0) {
+      ::kill(-pid, SIGKILL);
+      ::kill(pid, SIGKILL);
+      reap_blocking(pid);
+    }
+  }
+  Impl(const Impl&) = delete;
+  Impl& operator=(const Impl&) = delete;
+  Impl(Impl&&) = delete;
+  Impl& operator=(Impl&&) = delete;
+
+  ChildProcessOptions options;
+  ChildProcessEvents events;
+  std::atomic<pid_t> child{0};  // the running child, not yet reaped
+  std::atomic<std::size_t> restart_count{0};
+  std::atomic<bool> stop_requested{false};
+  std::atomic<bool> watching{false};
+
+  // On the executor only:
+  Clock::time_point child_started{};
+  std::optional<asio::posix::stream_descriptor> pidfd;
+  std::optional<asio::steady_timer> restart_timer;
+  std::optional<asio::steady_timer> watch_ended;  // a condition: cancelled when the watch ends
+  std::deque<Clock::time_point> restart_times;    // within restart_window
+  std::size_t consecutive_restarts = 0;
+
+  // Starts a run of the child (on the executor). Throws std::system_error.
+  void start_child(const asio::any_io_executor& executor) {
+    const LaunchPlan plan = make_plan(options);
+    const pid_t pid = launch(options.name, plan);
+    child_started = Clock::now();
+    child = pid;
+    const long fd = ::syscall(SYS_pidfd_open, pid, 0);
+    if (fd >= 0) {
+      pidfd.emplace(executor, static_cast<int>(fd));
+    } else {
+      pidfd.reset();
+      spdlog::debug("child {}: pidfd_open failed ({}); polling pid {} every {} ms", options.name,
+                    std::strerror(errno), pid, poll_interval.count());
+    }
+    spdlog::info("child {}: started pid {}: {}", options.name, pid, join(options.argv));
+    events.started(pid);
+  }
+
+  // Waits until the child exits, kills what is left of its process group, reaps it.
+  asio::awaitable<ChildExit> wait_for_exit() {
+    const pid_t pid = child.load();
+    bool exited = false;
+    if (pidfd) {
+      auto [error] = co_await pidfd->async_wait(asio::posix::descriptor_base::wait_read, no_throw);
+      exited = !error;
+      if (error) {
+        spdlog::warn("child {}: watching pid {} failed ({}); polling it", options.name, pid,
+                     error.message());
+      }
+    }
+    if (!exited) {
+      asio::steady_timer timer(co_await asio::this_coro::executor);
+      for (;;) {
+        siginfo_t info{};
+        const int result =
+            ::waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED | WNOHANG | WNOWAIT);
+        if (result == 0 && info.si_pid != 0) break;
+        if (result != 0 && errno != EINTR) break;  // ECHILD: reaped elsewhere
+        timer.expires_after(poll_interval);
+        co_await timer.async_wait(no_throw);
+      }
+    }
+    // The child is a zombie now: its pid, and so its process group id, cannot be reused yet.
+    ::kill(-pid, SIGKILL);
+
+    ChildExit exit;
+    exit.pid = pid;
+    siginfo_t info{};
+    int result = 0;
+    do {
+      result = ::waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED);
+    } while (result != 0 && errno == EINTR);
+    exit.reaped = Clock::now();
+    exit.ran_for = std::chrono::duration_cast<milliseconds>(exit.reaped - child_started);
+    exit.stop_requested = stop_requested;
+    if (result == 0) {
+      if (info.si_code == CLD_EXITED) {
+        exit.exit_code = info.si_status;
+      } else {
+        exit.signal = info.si_status;
+        exit.core_dumped = info.si_code == CLD_DUMPED;
+      }
+    }
+    child = 0;
+    pidfd.reset();
+    co_return exit;
+  }
+
+  void report(const ChildExit& exit) {
+    if (exit.succeeded() || exit.stop_requested) {
+      spdlog::info("child {}: pid {} {} after {} ms{}", options.name, exit.pid, exit.describe(),
+                   exit.ran_for.count(), exit.stop_requested ? " (stopping)" : "");
+    } else {
+      spdlog::warn("child {}: pid {} {} after {} ms", options.name, exit.pid, exit.describe(),
+                   exit.ran_for.count());
+    }
+    events.exited(exit);
+  }
+
+  // Why the child must not be started again after a run that `failed` and lasted `ran_for`;
+  // nullopt if it may. Keeps the backoff and the restart window's bookkeeping.
+  std::optional<std::string> refuse_restart(bool failed, milliseconds ran_for) {
+    if (options.restart == RestartPolicy::never) return "restart policy never";
+    if (!failed && options.restart == RestartPolicy::on_failure) return "exited with code 0";
+    const auto now = Clock::now();
+    if (ran_for >= options.backoff_reset_after) consecutive_restarts = 0;
+    if (options.restart_window.count() > 0) {
+      while (!restart_times.empty() && now - restart_times.front() >= options.restart_window) {
+        restart_times.pop_front();
+      }
+    }
+    if (restart_times.size() >= options.max_restarts) {
+      return "restart limit reached: " + std::to_string(restart_times.size()) + " restarts " +
+             (options.restart_window.count() > 0
+                  ? "within " + std::to_string(options.restart_window.count()) + " ms"
+                  : std::string("since start()"));
+    }
+    return std::nullopt;
+  }
+
+  void stay_down(const std::string& reason, bool failed) {
+    if (failed) {
+      spdlog::error("child {}: stays down: {}", options.name, reason);
+    } else {
+      spdlog::info("child {}: stays down: {}", options.name, reason);
+    }
+    events.stayed_down(reason);
+  }
+
+  void end_watch() {
+    watching = false;
+    if (watch_ended) watch_ended->cancel();
+  }
+
+  // Waits (on the executor) until the watch has ended or `deadline` passed; true if it ended.
+  asio::awaitable<bool> wait_for_watch(Clock::time_point deadline, bool cancellable) {
+    if (!watching) co_return true;
+    watch_ended->expires_at(deadline);
+    if (cancellable) {
+      co_await watch_ended->async_wait(no_throw);
+    } else {
+      co_await watch_ended->async_wait(
+          asio::bind_cancellation_slot(asio::cancellation_slot(), no_throw));
+    }
+    co_return !watching;
+  }
+
+  void signal_group(int signal_number) const {
+    const pid_t pid = child.load();
+    if (pid > 0) ::kill(-pid, signal_number);
+  }
+};
+
+namespace {
+
+// The watch: waits for each exit, reports it, restarts the child or lets it stay down.
+asio::awaitable<void> watch(std::shared_ptr<ChildProcess::Impl> self) {
+  const auto executor = co_await asio::this_coro::executor;
+  bool watching = true;
+  while (watching) {
+    const ChildExit exit = co_await self->wait_for_exit();
+    self->report(exit);
+    if (self->stop_requested) break;
+    bool failed = !exit.succeeded();
+    milliseconds ran_for = exit.ran_for;
+    for (;;) {  // until a restart has started the child
+      if (auto reason = self->refuse_restart(failed, ran_for)) {
+        self->stay_down(*reason, failed);
+        watching = false;
+        break;
+      }
+      const std::size_t restart = ++self->restart_count;
+      self->restart_times.push_back(Clock::now());
+      const milliseconds delay = restart_delay(
+          self->options.backoff_initial, self->options.backoff_max, ++self->consecutive_restarts);
+      spdlog::info("child {}: restart {} in {} ms", self->options.name, restart, delay.count());
+      self->events.restart_scheduled(ChildRestart{.restart = restart, .delay = delay});
+      self->restart_timer->expires_after(delay);
+      co_await self->restart_timer->async_wait(no_throw);
+      if (self->stop_requested) {
+        watching = false;
+        break;
+      }
+      try {
+        self->start_child(executor);
+        break;
+      } catch (const std::exception& error) {
+        spdlog::error("child {}: restart {} failed: {}", self->options.name, restart, error.what());
+        failed = true;
+        ran_for = milliseconds(0);
+      }
+    }
+  }
+  self->end_watch();
+}
+
+}  // namespace
+
+// --- ChildProcess
+// ------------------------------------------------------------------------------------
+
+ChildProcess::ChildProcess(ChildProcessOptions options) {
+  validate(options);
+  impl_ = std::make_shared<Impl>(std::move(options));
+}
+
+ChildProcess::~ChildProcess() {
+  if (!impl_) return;
+  impl_->stop_requested = true;
+  const pid_t pid = impl_->child.load();
+  if (pid > 0) {
+    spdlog::warn("child {}: destroyed while pid {} runs; killing its process group",
+                 impl_->options.name, pid);
+    ::kill(-pid, SIGKILL);
+  }
+}
+
+std::string ChildProcess::name() const {
+  return impl_->options.name;
+}
+
+asio::awaitable<void> ChildProcess::start() {
+  auto self = impl_;
+  if (self->watching) {
+    throw std::logic_error("child '" + self->options.name + "': start() while it runs");
+  }
+  const auto executor = co_await asio::this_coro::executor;
+  self->stop_requested = false;
+  self->restart_count = 0;
+  self->restart_times.clear();
+  self->consecutive_restarts = 0;
+  self->start_child(executor);  // throws: nothing to undo
+  self->restart_timer.emplace(executor);
+  self->watch_ended.emplace(executor, Clock::time_point::max());
+  self->watching = true;
+  asio::co_spawn(executor, watch(self), [self](const std::exception_ptr& error) {
+    if (!error) return;
+    try {
+      std::rethrow_exception(error);
+    } catch (const std::exception& exception) {
+      spdlog::error("child {}: the watch ended with an exception: {}", self->options.name,
+                    exception.what());
+    } catch (...) {
+      spdlog::error("child {}: the watch ended with an exception", self->options.name);
+    }
+    self->signal_group(SIGKILL);  // reaped by ~Impl() at the latest
+    self->end_watch();
+  });
+}
+
+asio::awaitable<void> ChildProcess::stop() {
+  auto self = impl_;
+  co_await asio::this_coro::throw_if_cancelled(false);
+  self->stop_requested = true;
+  if (!self->watching) co_return;
+  if (self->restart_timer) self->restart_timer->cancel();
+  const auto began = Clock::now();
+  const bool cancelled_already =
+      (co_await asio::this_coro::cancellation_state).cancelled() != asio::cancellation_type::none;
+  bool ended = false;
+  if (!cancelled_already) {
+    if (const pid_t pid = self->child.load(); pid > 0) {
+      spdlog::info("child {}: stopping: SIGTERM to process group {}", self->options.name, pid);
+      self->signal_group(SIGTERM);
+    }
+    ended = co_await self->wait_for_watch(began + self->options.stop_grace, true);
+  }
+  if (!ended) {
+    const bool cancelled =
+        (co_await asio::this_coro::cancellation_state).cancelled() != asio::cancellation_type::none;
+    if (const pid_t pid = self->child.load(); pid > 0) {
+      spdlog::warn("child {}: {}: SIGKILL to process group {}", self->options.name,
+                   cancelled ? "stop() cancelled"
+                             : "still running " + std::to_string(elapsed_ms(began).count()) +
+                                   " ms after SIGTERM",
+                   pid);
+      self->signal_group(SIGKILL);
+    }
+    ended = co_await self->wait_for_watch(Clock::now() + self->options.kill_wait, false);
+    if (!ended) {
+      spdlog::error("child {}: pid {} not reaped {} ms after SIGKILL; giving up",
+                    self->options.name, self->child.load(), self->options.kill_wait.count());
+    }
+  }
+}
+
+std::optional<pid_t> ChildProcess::pid() const noexcept {
+  const pid_t pid = impl_->child.load();
+  if (pid > 0) return pid;
+  return std::nullopt;
+}
+
+std::size_t ChildProcess::restarts() const noexcept {
+  return impl_->restart_count.load();
+}
+
+bool ChildProcess::supervising() const noexcept {
+  return impl_->watching.load();
+}
+
+ChildProcessEvents& ChildProcess::events() noexcept {
+  return impl_->events;
+}
+
+const ChildProcessOptions& ChildProcess::options() const noexcept {
+  return impl_->options;
+}
+
+}  // namespace pgrt::lifecycle

@@ -1,0 +1,578 @@
+// Supervised child processes with real processes (/bin/sh scripts): reaping, exit reports, the
+// stop escalation, process groups, death with a SIGKILLed parent, the restart backoff and its cap.
+#include <array>
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/cancellation_signal.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <boost/signals2/connection.hpp>
+#include <cerrno>
+#include <chrono>
+#include <csignal>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <memory>
+#include <optional>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <sys/wait.h>
+#include <system_error>
+#include <thread>
+#include <unistd.h>
+#include <vector>
+
+#include "pgrt/lifecycle.hpp"
+
+extern char** environ;  // NOLINT(readability-redundant-declaration)
+
+namespace pgrt::lifecycle {
+namespace {
+
+namespace asio = boost::asio;
+namespace fs = std::filesystem;
+using namespace std::chrono_literals;
+using Clock = std::chrono::steady_clock;
+using boost::signals2::scoped_connection;
+using std::chrono::milliseconds;
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+
+constexpr const char* helper_env = "PGRT_CHILD_PROCESS_HELPER_PID_FILE";
+
+// Runs `body` (a coroutine function) on `io` until it completes, at most `limit`; rethrows. The
+// io_context is then stopped (a child's watch may still wait on it): io.restart() to go on.
+template <typename Body>
+void run_on(asio::io_context& io, Body&& body, std::chrono::seconds limit = 30s) {
+  bool done = false;
+  std::exception_ptr error;
+  asio::co_spawn(io, std::forward<Body>(body), [&](const std::exception_ptr& thrown) {
+    done = true;
+    error = thrown;
+    io.stop();
+  });
+  io.run_for(limit);
+  ASSERT_TRUE(done) << "the test body did not finish within " << limit.count() << " s";
+  if (error) std::rethrow_exception(error);
+}
+
+asio::awaitable<void> sleep_for(milliseconds duration) {
+  asio::steady_timer timer(co_await asio::this_coro::executor, duration);
+  co_await timer.async_wait(asio::use_awaitable);
+}
+
+// Polls `done` every 10 ms while the io_context runs; false if `limit` passed first.
+asio::awaitable<bool> poll_until(std::function<bool()> done, milliseconds limit) {
+  const auto deadline = Clock::now() + limit;
+  while (!done()) {
+    if (Clock::now() >= deadline) co_return false;
+    co_await sleep_for(10ms);
+  }
+  co_return true;
+}
+
+// Polls `done` every 10 ms, blocking (no io_context needed); false if `limit` passed first.
+bool wait_until(const std::function<bool()>& done, milliseconds limit) {
+  const auto deadline = Clock::now() + limit;
+  while (!done()) {
+    if (Clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(10ms);
+  }
+  return true;
+}
+
+std::optional<std::string> read_file(const fs::path& path) {
+  std::ifstream in(path);
+  if (!in) return std::nullopt;
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+// The process no longer runs: /proc has no entry for it, or it is a zombie (dead, waiting for its
+// parent, e.g. init, to reap it). A pid reused by another process within the test's few seconds
+// would be taken for a live one (a false failure, never a false pass).
+bool process_gone(pid_t pid) {
+  const auto stat = read_file("/proc/" + std::to_string(pid) + "/stat");
+  if (!stat) return true;
+  const auto paren = stat->rfind(')');
+  if (paren == std::string::npos || paren + 2 >= stat->size()) return true;
+  const char state = (*stat)[paren + 2];
+  return state == 'Z' || state == 'X';
+}
+
+// Reaped by us: waitpid() knows no such child any more.
+bool reaped(pid_t pid) {
+  int status = 0;
+  return ::waitpid(pid, &status, WNOHANG) == -1 && errno == ECHILD;
+}
+
+class TempDir {
+ public:
+  TempDir() {
+    std::string pattern = (fs::temp_directory_path() / "pgrt-child-XXXXXX").string();
+    if (::mkdtemp(pattern.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
+    path_ = pattern;
+  }
+  ~TempDir() {
+    std::error_code ignored;
+    fs::remove_all(path_, ignored);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  TempDir(TempDir&&) = delete;
+  TempDir& operator=(TempDir&&) = delete;
+  [[nodiscard]] const fs::path& path() const { return path_; }
+  [[nodiscard]] fs::path operator/(const std::string& name) const { return path_ / name; }
+
+ private:
+  fs::path path_;
+};
+
+// Everything a child reports through the events, in order.
+struct Recorder {
+  explicit Recorder(ChildProcess& child)
+      : on_started(child.events().started.connect([this](pid_t pid) {
+          started.push_back(pid);
+          started_at.push_back(Clock::now());
+        })),
+        on_exited(child.events().exited.connect(
+            [this](const ChildExit& exit) { exits.push_back(exit); })),
+        on_restart(child.events().restart_scheduled.connect(
+            [this](const ChildRestart& restart) { restarts.push_back(restart); })),
+        on_down(child.events().stayed_down.connect(
+            [this](const std::string& reason) { stayed_down.push_back(reason); })) {}
+
+  std::vector<pid_t> started;
+  std::vector<Clock::time_point> started_at;
+  std::vector<ChildExit> exits;
+  std::vector<ChildRestart> restarts;
+  std::vector<std::string> stayed_down;
+  scoped_connection on_started, on_exited, on_restart, on_down;
+};
+
+static_assert(Component<ChildProcess>);
+
+TEST(ChildProcessBackoff, DoublesUpToTheCap) {
+  EXPECT_EQ(restart_delay(100ms, 1000ms, 1), 100ms);
+  EXPECT_EQ(restart_delay(100ms, 1000ms, 2), 200ms);
+  EXPECT_EQ(restart_delay(100ms, 1000ms, 4), 800ms);
+  EXPECT_EQ(restart_delay(100ms, 1000ms, 5), 1000ms);
+  EXPECT_EQ(restart_delay(100ms, 1000ms, 1000), 1000ms);
+  EXPECT_EQ(restart_delay(0ms, 1000ms, 3), 0ms);
+  EXPECT_EQ(restart_delay(milliseconds::max() / 2 + 1ms, milliseconds::max(), 70),
+            milliseconds::max());
+}
+
+// 1. An exit is reaped at once (no zombie) and reported with its pid, code and duration.
+TEST(ChildProcessTest, ExitIsReapedAndReported) {
+  asio::io_context io;
+  ChildProcess child(
+      {.argv = {"/bin/sh", "-c", "sleep 0.2; exit 3"}, .restart = RestartPolicy::never});
+  EXPECT_EQ(child.name(), "sh");
+  Recorder events(child);
+  run_on(io, [&]() -> asio::awaitable<void> {
+    co_await child.start();
+    EXPECT_TRUE(child.supervising());
+    EXPECT_EQ(child.pid(), events.started.at(0));
+    EXPECT_TRUE(co_await poll_until([&] { return !child.supervising(); }, 10s));
+  });
+  ASSERT_THAT(events.started, ::testing::SizeIs(1));
+  ASSERT_THAT(events.exits, ::testing::SizeIs(1));
+  const ChildExit& exit = events.exits[0];
+  EXPECT_EQ(exit.pid, events.started[0]);
+  EXPECT_EQ(exit.exit_code, 3);
+  EXPECT_FALSE(exit.signal);
+  EXPECT_FALSE(exit.stop_requested);
+  EXPECT_GE(exit.ran_for, 150ms);
+  EXPECT_LT(exit.ran_for, 10s);
+  EXPECT_EQ(exit.describe(), "exited with code 3");
+  EXPECT_TRUE(reaped(exit.pid)) << "pid " << exit.pid << " is still our child (a zombie)";
+  EXPECT_TRUE(process_gone(exit.pid));
+  EXPECT_FALSE(child.pid());
+  EXPECT_THAT(events.stayed_down, ElementsAre("restart policy never"));
+}
+
+TEST(ChildProcessTest, DeathBySignalIsReported) {
+  asio::io_context io;
+  ChildProcess child({.name = "suicide",
+                      .argv = {"/bin/sh", "-c", "kill -KILL $$"},
+                      .restart = RestartPolicy::on_failure,
+                      .max_restarts = 0});
+  Recorder events(child);
+  run_on(io, [&]() -> asio::awaitable<void> {
+    co_await child.start();
+    EXPECT_TRUE(co_await poll_until([&] { return !child.supervising(); }, 10s));
+  });
+  ASSERT_THAT(events.exits, ::testing::SizeIs(1));
+  EXPECT_EQ(events.exits[0].signal, SIGKILL);
+  EXPECT_FALSE(events.exits[0].exit_code);
+  EXPECT_EQ(events.exits[0].describe(), "killed by signal 9 (SIGKILL)");
+  EXPECT_TRUE(reaped(events.exits[0].pid));
+  ASSERT_THAT(events.stayed_down, ::testing::SizeIs(1));
+  EXPECT_THAT(events.stayed_down[0], HasSubstr("restart limit reached"));
+}
+
+TEST(ChildProcessTest, StopEndsAChildThatHonoursSigterm) {
+  asio::io_context io;
+  ChildProcess child({.name = "sleeper", .argv = {"sleep", "60"}, .stop_grace = 20s});
+  Recorder events(child);
+  milliseconds stop_took{};
+  run_on(io, [&]() -> asio::awaitable<void> {
+    co_await child.start();
+    const auto began = Clock::now();
+    co_await child.stop();
+    stop_took = std::chrono::duration_cast<milliseconds>(Clock::now() - began);
+    EXPECT_FALSE(child.supervising());
+  });
+  EXPECT_LT(stop_took, 10s);
+  ASSERT_THAT(events.exits, ::testing::SizeIs(1));
+  EXPECT_EQ(events.exits[0].signal, SIGTERM);
+  EXPECT_TRUE(events.exits[0].stop_requested);
+  EXPECT_TRUE(events.restarts.empty());
+  EXPECT_TRUE(reaped(events.exits[0].pid));
+}
+
+// 2. A child that ignores SIGTERM gets SIGKILL once the grace period is over.
+TEST(ChildProcessTest, SigtermIgnoredMeansSigkillAfterTheGrace) {
+  TempDir dir;
+  const auto ready = dir / "ready";
+  asio::io_context io;
+  ChildProcess child(
+      {.name = "stubborn",
+       .argv = {"/bin/sh", "-c", "trap '' TERM; echo ready > '" + ready.string() + "'; sleep 60"},
+       .stop_grace = 700ms});
+  Recorder events(child);
+  milliseconds stop_took{};
+  run_on(io, [&]() -> asio::awaitable<void> {
+    co_await child.start();
+    EXPECT_TRUE(co_await poll_until([&] { return fs::exists(ready); }, 10s));
+    const auto began = Clock::now();
+    co_await child.stop();
+    stop_took = std::chrono::duration_cast<milliseconds>(Clock::now() - began);
+  });
+  EXPECT_GE(stop_took, 650ms);  // it waited out the grace...
+  EXPECT_LT(stop_took, 8s);     // ...and not the 60 s
+  ASSERT_THAT(events.exits, ::testing::SizeIs(1));
+  EXPECT_EQ(events.exits[0].signal, SIGKILL);
+  EXPECT_TRUE(events.exits[0].stop_requested);
+  EXPECT_TRUE(reaped(events.exits[0].pid));
+  EXPECT_TRUE(process_gone(events.exits[0].pid));
+}
+
+// Cancelling stop() (the manager's stop deadline) SIGKILLs at once, without the grace.
+TEST(ChildProcessTest, CancelledStopKillsAtOnce) {
+  TempDir dir;
+  const auto ready = dir / "ready";
+  asio::io_context io;
+  ChildProcess child(
+      {.name = "stubborn",
+       .argv = {"/bin/sh", "-c", "trap '' TERM; echo ready > '" + ready.string() + "'; sleep 60"},
+       .stop_grace = 30s});
+  Recorder events(child);
+  milliseconds stop_took{};
+  run_on(io, [&]() -> asio::awaitable<void> {
+    co_await child.start();
+    EXPECT_TRUE(co_await poll_until([&] { return fs::exists(ready); }, 10s));
+  });
+  io.restart();
+  asio::cancellation_signal cancel;
+  bool stopped = false;
+  const auto began = Clock::now();
+  asio::co_spawn(io, child.stop(),
+                 asio::bind_cancellation_slot(cancel.slot(), [&](const std::exception_ptr& error) {
+                   EXPECT_FALSE(error);
+                   stopped = true;
+                   stop_took = std::chrono::duration_cast<milliseconds>(Clock::now() - began);
+                 }));
+  asio::steady_timer deadline(io, 300ms);
+  deadline.async_wait([&](auto) { cancel.emit(asio::cancellation_type::terminal); });
+  io.run_for(20s);
+  ASSERT_TRUE(stopped);
+  EXPECT_LT(stop_took, 10s);  // far below the 30 s grace
+  ASSERT_THAT(events.exits, ::testing::SizeIs(1));
+  EXPECT_EQ(events.exits[0].signal, SIGKILL);
+  EXPECT_TRUE(reaped(events.exits[0].pid));
+}
+
+// 3. stop() signals the whole process group: a grandchild goes too.
+TEST(ChildProcessTest, GrandchildDiesOnStop) {
+  TempDir dir;
+  const auto grandchild_file = dir / "grandchild";
+  asio::io_context io;
+  ChildProcess child(
+      {.name = "family",
+       .argv = {"/bin/sh", "-c",
+                "sleep 60 & echo $! > '" + grandchild_file.string() + ".tmp'; mv '" +
+                    grandchild_file.string() + ".tmp' '" + grandchild_file.string() + "'; wait"},
+       .stop_grace = 5s});
+  Recorder events(child);
+  pid_t grandchild = 0;
+  run_on(io, [&]() -> asio::awaitable<void> {
+    co_await child.start();
+    EXPECT_TRUE(co_await poll_until([&] { return fs::exists(grandchild_file); }, 10s));
+    grandchild = static_cast<pid_t>(std::stol(read_file(grandchild_file).value_or("0")));
+    EXPECT_GT(grandchild, 0);
+    EXPECT_FALSE(process_gone(grandchild)) << "the grandchild should run before stop()";
+    co_await child.stop();
+  });
+  ASSERT_GT(grandchild, 0);
+  const bool gone = wait_until([&] { return process_gone(grandchild); }, 5s);
+  if (!gone) ::kill(grandchild, SIGKILL);  // leave nothing behind
+  EXPECT_TRUE(gone) << "grandchild " << grandchild << " survived stop()";
+  ASSERT_THAT(events.exits, ::testing::SizeIs(1));
+  EXPECT_TRUE(reaped(events.exits[0].pid));
+}
+
+// The helper of ChildDiesWithASigkilledParent: a parent that starts a child, writes its pid to
+// the file named by PGRT_CHILD_PROCESS_HELPER_PID_FILE and waits to be SIGKILLed (30 s at most).
+TEST(ChildProcessHelper, DISABLED_RunsAChildUntilKilled) {
+  const char* pid_file = std::getenv(helper_env);
+  if (pid_file == nullptr) GTEST_SKIP() << "only run by ChildDiesWithASigkilledParent";
+  asio::io_context io;
+  ChildProcess child({.name = "orphan", .argv = {"sleep", "60"}});
+  run_on(io, [&]() -> asio::awaitable<void> {
+    co_await child.start();
+    const std::string temporary = std::string(pid_file) + ".tmp";
+    std::ofstream(temporary) << *child.pid();
+    fs::rename(temporary, pid_file);
+    co_await sleep_for(20s);
+    co_await child.stop();
+  });
+}
+
+// 4. A SIGKILLed parent leaves no child behind (PR_SET_PDEATHSIG).
+TEST(ChildProcessTest, ChildDiesWithASigkilledParent) {
+  TempDir dir;
+  const auto pid_file = dir / "child_pid";
+  // The parent is this test binary, run again with only the helper test: a clean process.
+  std::string self = fs::read_symlink("/proc/self/exe").string();
+  std::vector<std::string> arguments = {self,
+                                        "--gtest_filter=ChildProcessHelper.*RunsAChildUntilKilled",
+                                        "--gtest_also_run_disabled_tests"};
+  std::vector<std::string> variables;
+  for (char** entry = environ; *entry != nullptr; ++entry) variables.emplace_back(*entry);
+  variables.push_back(std::string(helper_env) + "=" + pid_file.string());
+  std::vector<char*> argv;
+  for (auto& argument : arguments) argv.push_back(argument.data());
+  argv.push_back(nullptr);
+  std::vector<char*> envp;
+  for (auto& variable : variables) envp.push_back(variable.data());
+  envp.push_back(nullptr);
+
+  const pid_t parent = ::fork();
+  ASSERT_GE(parent, 0);
+  if (parent == 0) {
+    ::execve(self.c_str(), argv.data(), envp.data());
+    ::_exit(127);
+  }
+  struct Reaper {  // the helper never outlives the test
+    pid_t pid;
+    ~Reaper() {
+      if (pid <= 0) return;
+      ::kill(pid, SIGKILL);
+      int status = 0;
+      ::waitpid(pid, &status, 0);
+    }
+  } reaper{parent};
+
+  ASSERT_TRUE(wait_until([&] { return fs::exists(pid_file); }, 30s))
+      << "the helper parent did not start its child";
+  const auto child = static_cast<pid_t>(std::stol(read_file(pid_file).value_or("0")));
+  ASSERT_GT(child, 0);
+  ASSERT_FALSE(process_gone(child));
+
+  ASSERT_EQ(::kill(parent, SIGKILL), 0);
+  int status = 0;
+  ASSERT_EQ(::waitpid(parent, &status, 0), parent);
+  reaper.pid = 0;  // reaped already
+  ASSERT_TRUE(WIFSIGNALED(status));
+
+  const auto killed = Clock::now();
+  const bool gone = wait_until([&] { return process_gone(child); }, 5s);
+  if (!gone) ::kill(child, SIGKILL);
+  EXPECT_TRUE(gone) << "child " << child << " outlived its SIGKILLed parent";
+  EXPECT_LT(Clock::now() - killed, 3s);
+}
+
+// 5. A crash loop backs off: restarts spaced by doubling delays, capped, then it stays down.
+TEST(ChildProcessTest, CrashLoopBacksOffThenStaysDown) {
+  asio::io_context io;
+  ChildProcess child({.name = "crasher",
+                      .argv = {"/bin/sh", "-c", "exit 1"},
+                      .restart = RestartPolicy::on_failure,
+                      .backoff_initial = 100ms,
+                      .backoff_max = 400ms,
+                      .max_restarts = 4,
+                      .restart_window = 0ms});
+  Recorder events(child);
+  run_on(io, [&]() -> asio::awaitable<void> {
+    co_await child.start();
+    EXPECT_TRUE(co_await poll_until([&] { return !child.supervising(); }, 20s));
+    co_await sleep_for(300ms);  // nothing more starts
+  });
+  ASSERT_THAT(events.started, ::testing::SizeIs(5));  // the start and four restarts
+  ASSERT_THAT(events.exits, ::testing::SizeIs(5));
+  std::vector<milliseconds> delays;
+  for (const auto& restart : events.restarts) delays.push_back(restart.delay);
+  EXPECT_THAT(delays, ElementsAre(100ms, 200ms, 400ms, 400ms));
+  EXPECT_EQ(child.restarts(), 4U);
+  for (const auto& exit : events.exits) {
+    EXPECT_EQ(exit.exit_code, 1);
+    EXPECT_TRUE(reaped(exit.pid));
+  }
+  ASSERT_THAT(events.stayed_down, ::testing::SizeIs(1));
+  EXPECT_THAT(events.stayed_down[0], HasSubstr("restart limit reached: 4 restarts"));
+
+  // The gaps between starts, from the events: each at least its delay, and growing.
+  std::vector<milliseconds> gaps;
+  for (std::size_t i = 1; i < events.started_at.size(); ++i) {
+    gaps.push_back(
+        std::chrono::duration_cast<milliseconds>(events.started_at[i] - events.started_at[i - 1]));
+    EXPECT_GE(gaps.back(), delays[i - 1]) << "restart " << i;
+  }
+  EXPECT_GT(gaps[1], gaps[0]);
+  EXPECT_GT(gaps[2], gaps[1]);
+  EXPECT_GT(gaps[2] + gaps[3], 4 * gaps[0]);
+}
+
+TEST(ChildProcessTest, RestartsAfterAFailureWithinTheWindow) {
+  TempDir dir;
+  const auto runs = dir / "runs";
+  asio::io_context io;
+  // Fails on its first run, then succeeds: on_failure restarts it once, then it stays down.
+  ChildProcess child({.name = "flaky",
+                      .argv = {"/bin/sh", "-c",
+                               "echo run >> '" + runs.string() + "'; [ $(wc -l < '" +
+                                   runs.string() + "') -ge 2 ]"},
+                      .backoff_initial = 50ms});
+  Recorder events(child);
+  run_on(io, [&]() -> asio::awaitable<void> {
+    co_await child.start();
+    EXPECT_TRUE(co_await poll_until([&] { return !child.supervising(); }, 20s));
+  });
+  ASSERT_THAT(events.exits, ::testing::SizeIs(2));
+  EXPECT_EQ(events.exits[0].exit_code, 1);
+  EXPECT_EQ(events.exits[1].exit_code, 0);
+  EXPECT_THAT(events.stayed_down, ElementsAre("exited with code 0"));
+}
+
+TEST(ChildProcessTest, EnvironmentAndWorkingDirectory) {
+  TempDir dir;
+  ::setenv("PGRT_CHILD_INHERITED", "from-parent", 1);
+  asio::io_context io;
+  ChildProcess replaced(
+      {.name = "replaced",
+       .argv = {"/bin/sh", "-c", "printf '%s|%s|%s' \"$VALUE\" \"$(pwd)\" \"${HOME-unset}\" > out"},
+       .env = {{"VALUE", "42"}},
+       .inherit_environment = false,
+       .working_directory = dir.path().string(),
+       .restart = RestartPolicy::never});
+  ChildProcess added(
+      {.name = "added",
+       .argv = {"sh", "-c", "printf '%s|%s' \"$PGRT_CHILD_INHERITED\" \"$VALUE\" > out2"},
+       .env = {{"VALUE", "7"}},
+       .working_directory = dir.path().string(),
+       .restart = RestartPolicy::never});
+  run_on(io, [&]() -> asio::awaitable<void> {
+    co_await replaced.start();
+    co_await added.start();
+    EXPECT_TRUE(
+        co_await poll_until([&] { return !replaced.supervising() && !added.supervising(); }, 10s));
+  });
+  EXPECT_EQ(read_file(dir / "out"), "42|" + fs::canonical(dir.path()).string() + "|unset");
+  EXPECT_EQ(read_file(dir / "out2"), "from-parent|7");
+  ::unsetenv("PGRT_CHILD_INHERITED");
+}
+
+// Exec of a missing program fails start() with a clear error, and leaves nothing behind.
+TEST(ChildProcessTest, MissingProgramFailsStart) {
+  asio::io_context io;
+  ChildProcess by_path({.argv = {"/nonexistent/pgrt-no-such-program", "--flag"}});
+  ChildProcess by_name({.argv = {"pgrt-no-such-program"}, .env = {{"PATH", "/usr/bin:/bin"}}});
+  ChildProcess bad_directory(
+      {.argv = {"/bin/true"}, .working_directory = "/nonexistent/pgrt-directory"});
+  run_on(io, [&]() -> asio::awaitable<void> {
+    try {
+      co_await by_path.start();
+      ADD_FAILURE() << "start() should have thrown";
+    } catch (const std::system_error& error) {
+      EXPECT_EQ(error.code(), std::error_code(ENOENT, std::system_category()));
+      EXPECT_THAT(error.what(), HasSubstr("cannot execute '/nonexistent/pgrt-no-such-program'"));
+      EXPECT_THAT(error.what(), HasSubstr("pgrt-no-such-program"));
+    }
+    EXPECT_FALSE(by_path.supervising());
+    try {
+      co_await by_name.start();
+      ADD_FAILURE() << "start() should have thrown";
+    } catch (const std::system_error& error) {
+      EXPECT_EQ(error.code(), std::error_code(ENOENT, std::system_category()));
+      EXPECT_THAT(error.what(), HasSubstr("'pgrt-no-such-program': not found in PATH"));
+    }
+    try {
+      co_await bad_directory.start();
+      ADD_FAILURE() << "start() should have thrown";
+    } catch (const std::system_error& error) {
+      EXPECT_EQ(error.code(), std::error_code(ENOENT, std::system_category()));
+      EXPECT_THAT(error.what(), HasSubstr("'/nonexistent/pgrt-directory'"));
+    }
+    co_await by_path.stop();  // nothing to stop
+  });
+  int status = 0;
+  EXPECT_LE(::waitpid(-1, &status, WNOHANG), 0) << "a failed start left a zombie behind";
+}
+
+TEST(ChildProcessTest, UnworkableOptionsAreRefused) {
+  EXPECT_THROW(ChildProcess({.name = "empty"}), std::invalid_argument);
+  EXPECT_THROW(ChildProcess({.argv = {""}}), std::invalid_argument);
+  EXPECT_THROW(ChildProcess({.argv = {"/bin/true", std::string("a\0b", 3)}}),
+               std::invalid_argument);
+  EXPECT_THROW(ChildProcess({.argv = {"/bin/true"}, .env = {{"A=B", "c"}}}), std::invalid_argument);
+  EXPECT_THROW(ChildProcess({.argv = {"/bin/true"}, .backoff_initial = 2s, .backoff_max = 1s}),
+               std::invalid_argument);
+}
+
+// Destroyed while its child runs (no stop(), the io_context stopped): the child is killed and
+// reaped, by the destructor and the watch's end.
+TEST(ChildProcessTest, DestroyedWhileRunningLeavesNothing) {
+  pid_t pid = 0;
+  {
+    asio::io_context io;
+    ChildProcess child({.name = "abandoned", .argv = {"sleep", "60"}});
+    run_on(io, [&]() -> asio::awaitable<void> {
+      co_await child.start();
+      pid = child.pid().value_or(0);
+    });
+  }
+  ASSERT_GT(pid, 0);
+  EXPECT_TRUE(reaped(pid));
+  EXPECT_TRUE(process_gone(pid));
+}
+
+// As a component of the manager: started with the others, stopped on request, nothing left.
+TEST(ChildProcessTest, RunsUnderTheManager) {
+  ManagerOptions options;
+  options.handle_signals = false;
+  options.shutdown_logging = false;  // later tests still log
+  Manager app(options);
+  auto& child = app.add(ChildProcess({.name = "worker", .argv = {"sleep", "60"}}));
+  pid_t pid = 0;
+  app.on_ready([&] {
+    pid = child.pid().value_or(0);
+    app.request_stop();
+  });
+  EXPECT_EQ(app.run(), exit_code::ok);
+  ASSERT_GT(pid, 0);
+  EXPECT_TRUE(reaped(pid));
+  EXPECT_FALSE(child.supervising());
+}
+
+}  // namespace
+}  // namespace pgrt::lifecycle
