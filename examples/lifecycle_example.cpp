@@ -1,6 +1,7 @@
 // A minimal service main(): the lifecycle manager, two components of its own (one depending on
-// the other) and the hooks. No database. Runs until Ctrl+C or SIGTERM, or for
-// --stop-after-ms N milliseconds. docs/lifecycle.md quotes it.
+// the other), a supervised child process and the hooks. No database. Runs until Ctrl+C or
+// SIGTERM, or for --stop-after-ms N milliseconds. docs/lifecycle.md and docs/operations.md quote
+// it.
 #include <atomic>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
@@ -104,6 +105,18 @@ int main(int argc, char** argv) {
   auto& clock = app.add(std::make_shared<Clock>(app.executor()));
   app.add(std::make_shared<Greeter>(clock), pgrt::lifecycle::after(clock),
           {.stop_timeout = std::chrono::seconds(2)});
+  // A supervised child process: in its own process group, killed with this process even by
+  // SIGKILL, restarted with backoff if it fails, SIGTERM then SIGKILL when the app stops.
+  app.add(pgrt::lifecycle::ChildProcess({
+      .name = "sidecar",
+      .argv = {"/bin/sh", "-c", "while sleep 1; do :; done"},
+      .env = {{"SIDECAR_MODE", "example"}},  // added to this process's environment
+      .restart = pgrt::lifecycle::RestartPolicy::on_failure,
+      .backoff_initial = std::chrono::milliseconds(500),
+      .backoff_max = std::chrono::seconds(30),
+      .max_restarts = 5,                              // within restart_window (10 min)
+      .stop_grace = std::chrono::milliseconds(1500),  // + kill_wait within stop_timeout
+  }));
 
   app.on_starting([&] { spdlog::info("starting (state() = {})", to_string(app.state())); });
   app.on_ready([&] { spdlog::info("ready (ready() = {}); Ctrl+C to stop", app.ready()); });

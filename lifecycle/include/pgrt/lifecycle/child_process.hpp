@@ -31,10 +31,11 @@
 ///   keep those threads alive as long as the component runs (the lifecycle manager's are, until
 ///   run() returns). Do not run the io_context on a thread that ends earlier.
 /// - It reaches the child only, not its own children: a grandchild outlives a SIGKILLed parent
-///   unless it sets its own PR_SET_PDEATHSIG (stop() does reach it: the signals go to the whole
-///   process group). Making the parent a subreaper (PR_SET_CHILD_SUBREAPER) would not help
-///   either: a dead subreaper's orphans go to the next one up. A child that must take its whole
-///   tree down should kill its group itself (e.g. `trap 'kill 0' EXIT` in a shell script).
+///   (reparented to init) unless it has its own PR_SET_PDEATHSIG, tied to the child (a script
+///   can start it with util-linux's `setpriv --pdeathsig KILL`; SIGKILL cannot be trapped).
+///   stop() does reach it: the signals go to the whole process group. Making this process a
+///   subreaper (PR_SET_CHILD_SUBREAPER) would not help: when it is SIGKILLed, its orphans go on
+///   to the next subreaper or init, alive. So it is not done.
 /// - It is cleared when the child execs a set-user-ID or set-group-ID program (or one with file
 ///   capabilities): such a child is not killed with the parent.
 /// - A grandchild that leaves the process group (setsid(), a daemon) is beyond reach of stop().
@@ -105,7 +106,7 @@ struct ChildExit {
   std::optional<int> exit_code;
   std::optional<int> signal;  ///< The signal that killed it.
   bool core_dumped = false;
-  std::chrono::milliseconds ran_for{0};          ///< From the fork to the reap.
+  std::chrono::milliseconds ran_for{0};          ///< From the exec to the reap.
   std::chrono::steady_clock::time_point reaped;  ///< When it was reaped.
   bool stop_requested = false;                   ///< It ended after stop() signalled it.
 
