@@ -394,8 +394,13 @@ struct ChildProcess::Impl {
         co_await timer.async_wait(no_throw);
       }
     }
-    // The child is a zombie now: its pid, and so its process group id, cannot be reused yet.
-    ::kill(-pid, SIGKILL);
+    // While the child is our unreaped zombie its pid, and so its process group id, cannot be
+    // reused: kill what is left of the group. Not if another part of the process reaped it.
+    siginfo_t zombie{};
+    if (::waitid(P_PID, static_cast<id_t>(pid), &zombie, WEXITED | WNOHANG | WNOWAIT) == 0 &&
+        zombie.si_pid == pid) {
+      ::kill(-pid, SIGKILL);
+    }
 
     ChildExit exit;
     exit.pid = pid;
