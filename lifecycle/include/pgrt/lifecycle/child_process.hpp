@@ -159,10 +159,11 @@ struct ChildProcessEvents {
 /// to stop_grace for the child to exit, then SIGKILL to the group, then up to kill_wait for the
 /// reap. Returns at once if no child runs. Bounded by stop_grace + kill_wait.
 ///
-/// Cancellation: stop() supports terminal (and partial, total) per-operation cancellation, as the
-/// manager sends when a stop deadline passes: the group is SIGKILLed at once and stop() still
-/// waits (up to kill_wait, not cancellable) for the reap, then returns normally. start() does not
-/// suspend, so there is nothing to cancel.
+/// Cancellation: stop() supports terminal per-operation cancellation (the awaitable default
+/// filter; the manager sends it when a stop deadline passes): the group is SIGKILLed at once (no
+/// grace) and stop() still waits, up to kill_wait and not cancellable, for the reap, then returns
+/// normally. start() does not suspend (it blocks its thread while the child execs), so there is
+/// nothing to cancel.
 ///
 /// Errors: the constructor throws std::invalid_argument for options that cannot work (empty argv,
 /// a NUL byte in an argument, an environment name that is empty or has '=', backoff_initial
@@ -173,7 +174,7 @@ struct ChildProcessEvents {
 ///
 /// Thread safety: start(), stop() and the accessors not marked otherwise run on one executor at
 /// a time (the manager's strand, or an io_context run by one thread), one call in flight at a
-/// time. pid() and restarts() may be read from any thread.
+/// time. pid(), restarts() and supervising() may be read from any thread.
 ///
 /// Lifetime: the component may be destroyed once no start()/stop() is in flight, and before its
 /// io_context (it holds timers and a descriptor of it; the manager destroys its components first).
