@@ -28,6 +28,8 @@
 #include <pgrt/db.hpp>
 #include <pgrt/runtime/identity.hpp>
 
+#include "diag_metrics.hpp"
+
 namespace {
 
 namespace asio = boost::asio;
@@ -58,6 +60,7 @@ const char* const usage =
     "usage: pgrt-diag [--dsn CONNINFO] [--app NAME] [--idle-threshold SECONDS] [--json]\n"
     "                 [--watch [SECONDS]] [--kill-leaked | --emergency]\n"
     "       pgrt-diag budget --help   (the holders of a connection budget's slots)\n"
+    "       pgrt-diag metrics --help  (a running process's metrics endpoint, summarized)\n"
     "  --dsn             the server (default: DATABASE_URL, then libpq's PG* variables)\n"
     "  --app             the app whose backends to check (default: PGRT_APP, then \"pgrt\"),\n"
     "                    as configured: shortened like the tags (pgrt::tag_app_name())\n"
@@ -493,6 +496,8 @@ int run(const Arguments& arguments) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc >= 2 && std::string_view(argv[1]) == "metrics")
+    return pgrt::diag::run_metrics(argc, argv);
   if (argc >= 2 && std::string_view(argv[1]) == "budget") {
     try {
       return run_budget(argc, argv);

@@ -6,6 +6,7 @@
 // that only start like a tag), also while running a statement; a second instance is refused or
 // takes over with force, a missing permission is a warning, pgrt-diag.
 #include <algorithm>
+#include <arpa/inet.h>
 #include <atomic>
 #include <boost/json/src.hpp>  // header-only Boost.JSON, compiled into this test
 #include <chrono>
@@ -18,6 +19,7 @@
 #include <gtest/gtest.h>
 #include <map>
 #include <memory>
+#include <netinet/in.h>
 #include <optional>
 #include <regex>
 #include <set>
@@ -25,6 +27,7 @@
 #include <spdlog/spdlog.h>
 #include <sstream>
 #include <string>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <thread>
 #include <unistd.h>
@@ -260,6 +263,77 @@ class LifecycleProcessTest : public testing::DbTest {
         "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE '" + app + "/%'"));
   }
 };
+
+// What curl prints for `url` (status line and headers included), "" when it cannot connect.
+std::string curl(const std::string& url) {
+  const std::string command = "curl -s -i --max-time 5 '" + url + "' 2>/dev/null";
+  std::FILE* pipe = ::popen(command.c_str(), "r");
+  if (pipe == nullptr) return "";
+  std::string output;
+  std::array<char, 4096> chunk{};
+  while (const std::size_t got = std::fread(chunk.data(), 1, chunk.size(), pipe)) {
+    output.append(chunk.data(), got);
+  }
+  ::pclose(pipe);
+  return output;
+}
+
+// A TCP port nobody listens on now.
+std::uint16_t free_port() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  address.sin_port = 0;
+  ::bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof address);
+  socklen_t length = sizeof address;
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length);
+  ::close(fd);
+  return ntohs(address.sin_port);
+}
+
+// The demo with --metrics-port: curl reads /metrics, /healthz and /readyz; on SIGTERM /readyz
+// turns 503 while the drain still runs (held up by a lock on the table it flushes to), and
+// /metrics still answers, saying the process is stopping; pgrt-diag metrics reads the endpoint.
+TEST_F(LifecycleProcessTest, TheDemoServesMetricsAndReadinessTurnsFalseOnSigtermDuringTheDrain) {
+  const std::uint16_t port = free_port();
+  const std::string base = "http://127.0.0.1:" + std::to_string(port);
+  Child demo({PGRT_DEMO_PATH, "--workers", "20", "--metrics-port", std::to_string(port)},
+             cluster().dsn(), "metrics-demo");
+  ASSERT_TRUE(demo.wait_for_output("serving:", 60s)) << demo.output();
+  ASSERT_TRUE(demo.wait_for_output("requests/s", 10s)) << demo.output();
+  const std::string metrics = curl(base + "/metrics");
+  EXPECT_THAT(metrics, HasSubstr("HTTP/1.1 200"));
+  EXPECT_THAT(metrics, HasSubstr("db_client_connection_max{db_client_connection_pool_name=\""
+                                 "metrics-demo/"));
+  EXPECT_THAT(metrics, HasSubstr("db_client_connection_wait_time_seconds_bucket{"));
+  EXPECT_THAT(metrics, HasSubstr("pgrt_pending_writes_accepted_total{pending_writes=\"demo\"}"));
+  EXPECT_THAT(metrics, HasSubstr("pgrt_lifecycle_state{state=\"running\"} 1"));
+  EXPECT_THAT(curl(base + "/healthz"), HasSubstr("HTTP/1.1 200"));
+  EXPECT_THAT(curl(base + "/readyz"), HasSubstr("HTTP/1.1 200"));
+  {
+    Child diag({PGRT_DIAG_PATH, "metrics", base + "/metrics"}, cluster().dsn(), "metrics-diag");
+    EXPECT_EQ(diag.wait_for_exit(30s), 0) << diag.output();
+    EXPECT_THAT(diag.output(), HasSubstr("pool metrics-demo/"));
+    EXPECT_THAT(diag.output(), HasSubstr("of max 3 in use"));
+    EXPECT_THAT(diag.output(), HasSubstr("lifecycle: running, ready"));
+  }
+
+  BlockingConnection locker(cluster().dsn());
+  locker.query("BEGIN");
+  locker.query("LOCK TABLE demo_events IN ACCESS EXCLUSIVE MODE");
+  demo.signal(SIGTERM);
+  ASSERT_TRUE(demo.wait_for_output("stopping 'pending_writes'", 30s)) << demo.output();
+  EXPECT_THAT(curl(base + "/readyz"), HasSubstr("HTTP/1.1 503"));
+  const std::string draining = curl(base + "/metrics");
+  EXPECT_THAT(draining, HasSubstr("pgrt_lifecycle_state{state=\"stopping\"} 1"));
+  EXPECT_THAT(draining, HasSubstr("pgrt_lifecycle_ready 0"));
+  EXPECT_THAT(demo.output(), Not(HasSubstr("stopped 'pending_writes'")))
+      << "the drain ended before readiness was read";
+  locker.query("ROLLBACK");
+  EXPECT_EQ(demo.wait_for_exit(60s), 0) << demo.output();
+  EXPECT_EQ(curl(base + "/healthz"), "");  // closed with the process
+}
 
 TEST_F(LifecycleProcessTest, SigtermUnderWriteLoadExitsZeroAndEveryAcceptedWriteIsStored) {
   stop_demo_and_check_writes(false, "sigterm-once");

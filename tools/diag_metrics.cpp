@@ -1,0 +1,291 @@
+// pgrt-diag metrics URL: a running process's /metrics (pgrt::MetricsEndpoint), summarized.
+#include "diag_metrics.hpp"
+
+#include <algorithm>
+#include <boost/asio/connect.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/beast/core/flat_buffer.hpp>
+#include <boost/beast/core/tcp_stream.hpp>
+#include <boost/beast/http.hpp>
+#include <charconv>
+#include <chrono>
+#include <iostream>
+#include <map>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace pgrt::diag {
+
+namespace {
+
+namespace asio = boost::asio;
+namespace beast = boost::beast;
+namespace http = beast::http;
+
+constexpr int exit_usage = 2;
+constexpr int exit_unreachable = 3;
+
+const char* const metrics_usage =
+    "usage: pgrt-diag metrics URL [--raw]\n"
+    "  Reads a running process's metrics endpoint (the demo's --metrics-port, or any\n"
+    "  pgrt::MetricsEndpoint), e.g. http://127.0.0.1:9464/metrics, and summarizes each pool\n"
+    "  (connections in use, waiting, timeouts, mean wait and use, discards, consumers), the\n"
+    "  pending writes, the watchdog's conditions and the lifecycle state.\n"
+    "  --raw   print the Prometheus text as it came\n"
+    "exit codes: 0 read, 2 usage, 3 unreachable or not a metrics endpoint\n";
+
+struct Url {
+  std::string host;
+  std::string port;
+  std::string target;
+};
+
+std::optional<Url> parse_url(std::string_view text) {
+  constexpr std::string_view scheme = "http://";
+  if (!text.starts_with(scheme)) return std::nullopt;
+  text.remove_prefix(scheme.size());
+  const auto slash = text.find('/');
+  const std::string_view authority = text.substr(0, slash);
+  Url url;
+  url.target = slash == std::string_view::npos ? "/metrics" : std::string(text.substr(slash));
+  const auto colon = authority.rfind(':');
+  if (authority.empty()) return std::nullopt;
+  if (colon == std::string_view::npos || authority.back() == ']') {
+    url.host = std::string(authority);
+    url.port = "80";
+  } else {
+    url.host = std::string(authority.substr(0, colon));
+    url.port = std::string(authority.substr(colon + 1));
+  }
+  if (url.host.size() > 2 && url.host.front() == '[' && url.host.back() == ']') {
+    url.host = url.host.substr(1, url.host.size() - 2);
+  }
+  return url;
+}
+
+std::string fetch(const Url& url) {
+  asio::io_context io;
+  asio::ip::tcp::resolver resolver(io);
+  beast::tcp_stream stream(io);
+  stream.expires_after(std::chrono::seconds(10));
+  stream.connect(resolver.resolve(url.host, url.port));
+  http::request<http::empty_body> request{http::verb::get, url.target, 11};
+  request.set(http::field::host, url.host);
+  request.set(http::field::connection, "close");
+  http::write(stream, request);
+  beast::flat_buffer buffer;
+  http::response_parser<http::string_body> parser;
+  parser.body_limit(64 * 1024 * 1024);
+  http::read(stream, buffer, parser);
+  auto& response = parser.get();
+  if (response.result() != http::status::ok) {
+    throw std::runtime_error("HTTP " + std::to_string(response.result_int()) + " from " +
+                             url.target + ": " + response.body());
+  }
+  return std::move(response.body());
+}
+
+// One sample: its family name, labels and value.
+struct Sample {
+  std::string name;
+  std::map<std::string, std::string> labels;
+  double value = 0;
+};
+
+std::vector<Sample> parse_samples(const std::string& text) {
+  std::vector<Sample> samples;
+  std::istringstream lines(text);
+  std::string line;
+  while (std::getline(lines, line)) {
+    if (line.empty() || line.front() == '#') continue;
+    Sample sample;
+    std::size_t at = line.find_first_of("{ ");
+    if (at == std::string::npos) continue;
+    sample.name = line.substr(0, at);
+    if (line[at] == '{') {
+      ++at;
+      while (at < line.size() && line[at] != '}') {
+        const auto equals = line.find('=', at);
+        if (equals == std::string::npos || equals + 1 >= line.size() || line[equals + 1] != '"') {
+          break;
+        }
+        std::string key = line.substr(at, equals - at);
+        std::string value;
+        std::size_t i = equals + 2;
+        for (; i < line.size() && line[i] != '"'; ++i) {
+          if (line[i] == '\\' && i + 1 < line.size()) {
+            ++i;
+            value += line[i] == 'n' ? '\n' : line[i];
+          } else {
+            value += line[i];
+          }
+        }
+        sample.labels[std::move(key)] = std::move(value);
+        at = i + 1;
+        if (at < line.size() && line[at] == ',') ++at;
+      }
+      at = line.find(' ', at);
+      if (at == std::string::npos) continue;
+    }
+    try {
+      sample.value = std::stod(line.substr(at + 1));
+    } catch (const std::exception&) {
+      continue;
+    }
+    samples.push_back(std::move(sample));
+  }
+  return samples;
+}
+
+std::string whole(double value) {
+  std::ostringstream out;
+  out << static_cast<long long>(value);
+  return out.str();
+}
+
+std::string milliseconds(double seconds) {
+  std::ostringstream out;
+  out.precision(seconds * 1000 < 10 ? 2 : 0);
+  out << std::fixed << seconds * 1000 << " ms";
+  return out.str();
+}
+
+void summarize(const std::vector<Sample>& samples, std::ostream& out) {
+  const std::string pool_label = "db_client_connection_pool_name";
+  std::map<std::string, std::map<std::string, double>> pools;  // pool -> key -> value
+  std::map<std::string, std::map<std::string, double>> discards;
+  std::map<std::string, std::vector<std::string>> consumers;
+  std::map<std::string, std::map<std::string, double>> writes;
+  std::vector<std::string> holding;
+  std::string state;
+  std::optional<bool> ready;
+  for (const Sample& s : samples) {
+    const auto pool = s.labels.find(pool_label);
+    if (pool != s.labels.end()) {
+      auto& values = pools[pool->second];
+      if (s.name == "db_client_connection_count") {
+        values[s.labels.at("state")] = s.value;
+      } else if (s.name == "pgrt_pool_discards_total") {
+        if (s.value > 0) discards[pool->second][s.labels.at("reason")] = s.value;
+      } else if (s.name == "pgrt_pool_consumer_in_use") {
+        consumers[pool->second].push_back(s.labels.at("consumer") + " " + whole(s.value));
+      } else {
+        values[s.name] = s.value;
+      }
+    } else if (s.name.starts_with("pgrt_pending_writes_")) {
+      writes[s.labels.count("pending_writes") ? s.labels.at("pending_writes") : ""][s.name] =
+          s.value;
+    } else if (s.name == "pgrt_watchdog_condition" && s.value > 0) {
+      holding.push_back(s.labels.at("condition"));
+    } else if (s.name == "pgrt_lifecycle_state" && s.value > 0) {
+      state = s.labels.at("state");
+    } else if (s.name == "pgrt_lifecycle_ready") {
+      ready = s.value > 0;
+    }
+  }
+  for (auto& [name, v] : pools) {
+    const auto mean = [&](const std::string& histogram) {
+      const double count = v[histogram + "_count"];
+      return count > 0 ? milliseconds(v[histogram + "_sum"] / count) : std::string("-");
+    };
+    out << "pool " << name << ": " << whole(v["used"]) << " of max "
+        << whole(v["db_client_connection_max"]) << " in use, " << whole(v["idle"]) << " idle, "
+        << whole(v["db_client_connection_pending_requests"]) << " waiting (longest "
+        << milliseconds(v["pgrt_pool_longest_wait_seconds"]) << ")\n"
+        << "  acquires " << whole(v["pgrt_pool_acquires_total"]) << ", timeouts "
+        << whole(v["db_client_connection_timeouts_total"]) << ", mean wait "
+        << mean("db_client_connection_wait_time_seconds") << ", mean use "
+        << mean("db_client_connection_use_time_seconds") << ", mean connect "
+        << mean("db_client_connection_create_time_seconds") << "\n"
+        << "  connects " << whole(v["pgrt_pool_connect_attempts_total"]) << ", failed "
+        << whole(v["pgrt_pool_connect_failures_total"]) << " (in a row "
+        << whole(v["pgrt_pool_connect_failures_in_a_row"]) << "), suspected leaks now "
+        << whole(v["pgrt_pool_leases_past_leak_threshold"]) << "\n";
+    out << "  discards:";
+    if (discards[name].empty()) out << " none";
+    for (const auto& [reason, count] : discards[name]) out << " " << reason << " " << whole(count);
+    out << "\n";
+    if (!consumers[name].empty()) {
+      out << "  consumers in use:";
+      for (const auto& entry : consumers[name]) out << " " << entry;
+      out << "\n";
+    }
+  }
+  for (auto& [name, v] : writes) {
+    out << "pending writes " << name << ": accepted "
+        << whole(v["pgrt_pending_writes_accepted_total"]) << ", flushed "
+        << whole(v["pgrt_pending_writes_flushed_total"]) << ", failed "
+        << whole(v["pgrt_pending_writes_failed_total"]) << ", queued "
+        << whole(v["pgrt_pending_writes_queued"]) << "\n";
+  }
+  if (samples.end() != std::find_if(samples.begin(), samples.end(), [](const Sample& s) {
+        return s.name == "pgrt_watchdog_condition";
+      })) {
+    out << "watchdog: ";
+    if (holding.empty()) out << "no condition holds";
+    for (std::size_t i = 0; i < holding.size(); ++i) out << (i ? ", " : "") << holding[i];
+    out << "\n";
+  }
+  if (!state.empty()) {
+    out << "lifecycle: " << state;
+    if (ready) out << (*ready ? ", ready" : ", not ready");
+    out << "\n";
+  }
+}
+
+}  // namespace
+
+int run_metrics(int argc, char** argv) {
+  std::optional<Url> url;
+  bool raw = false;
+  for (int i = 2; i < argc; ++i) {
+    const std::string_view argument = argv[i];
+    if (argument == "--help" || argument == "-h") {
+      std::cout << metrics_usage;
+      return 0;
+    }
+    if (argument == "--raw") {
+      raw = true;
+    } else if (!url && (url = parse_url(argument))) {
+      continue;
+    } else {
+      std::cerr << "pgrt-diag metrics: unexpected argument '" << argument
+                << "' (the URL is http://HOST:PORT/metrics)\n"
+                << metrics_usage;
+      return exit_usage;
+    }
+  }
+  if (!url) {
+    std::cerr << "pgrt-diag metrics: give the endpoint's URL\n" << metrics_usage;
+    return exit_usage;
+  }
+  std::string text;
+  try {
+    text = fetch(*url);
+  } catch (const std::exception& error) {
+    // A system error's own message, without Boost's source location.
+    const auto* system = dynamic_cast<const boost::system::system_error*>(&error);
+    std::cerr << "pgrt-diag metrics: cannot read http://" << url->host << ":" << url->port
+              << url->target << ": "
+              << (system != nullptr ? system->code().message() : error.what())
+              << " (is the process running with its metrics endpoint on that port?)\n";
+    return exit_unreachable;
+  }
+  if (raw) {
+    std::cout << text;
+    return 0;
+  }
+  const auto samples = parse_samples(text);
+  if (samples.empty()) {
+    std::cerr << "pgrt-diag metrics: no metrics in the answer of " << url->target
+              << " (not a Prometheus endpoint?)\n";
+    return exit_unreachable;
+  }
+  summarize(samples, std::cout);
+  return 0;
+}
+
+}  // namespace pgrt::diag
