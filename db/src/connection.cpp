@@ -357,6 +357,11 @@ Connection::Impl* ConnectionAccess::bind(Connection& connection, LeaseBinding* b
   return impl;
 }
 
+void ConnectionAccess::time_statements(Connection& connection,
+                                       std::shared_ptr<StatementTimes> times) noexcept {
+  if (connection.impl_) connection.impl_->statement_times = std::move(times);
+}
+
 void ConnectionAccess::forget_statements(Connection& connection) noexcept {
   if (!connection.impl_) return;
   connection.impl_->statements.clear();

@@ -6,9 +6,14 @@
 // connection through its implementation, which stays put while the Connection object moves with
 // its Lease.
 
+#include <array>
+#include <atomic>
 #include <chrono>
+#include <cstdint>
+#include <memory>
 
 #include "pgrt/db/connection.hpp"
+#include "pgrt/db/pool_types.hpp"
 
 namespace pgrt::detail {
 
@@ -28,7 +33,37 @@ class LeaseBinding {
   ~LeaseBinding() = default;
 };
 
+// Statement durations, recorded by every connection of a pool, on any thread (relaxed atomics:
+// a snapshot may be a statement behind, never torn).
+class StatementTimes {
+ public:
+  void record(std::chrono::nanoseconds duration) noexcept {
+    if (duration.count() < 0) duration = std::chrono::nanoseconds(0);
+    counts_[DurationHistogram::bucket_of(duration)].fetch_add(1, std::memory_order_relaxed);
+    count_.fetch_add(1, std::memory_order_relaxed);
+    sum_.fetch_add(duration.count(), std::memory_order_relaxed);
+  }
+  [[nodiscard]] DurationHistogram snapshot() const noexcept {
+    DurationHistogram copy;
+    for (std::size_t i = 0; i < counts_.size(); ++i) {
+      copy.counts[i] = counts_[i].load(std::memory_order_relaxed);
+      copy.count += copy.counts[i];
+    }
+    copy.sum = std::chrono::nanoseconds(sum_.load(std::memory_order_relaxed));
+    return copy;
+  }
+
+ private:
+  std::array<std::atomic<std::uint64_t>, DurationHistogram::upper_bounds_seconds.size() + 1>
+      counts_{};
+  std::atomic<std::uint64_t> count_{0};
+  std::atomic<std::int64_t> sum_{0};
+};
+
 struct ConnectionAccess {
+  // From now on, `connection` records how long each statement takes into `times`.
+  static void time_statements(Connection& connection,
+                              std::shared_ptr<StatementTimes> times) noexcept;
   // Binds `connection` to a lease (null: unbinds it), and returns its implementation: the same
   // object wherever the Connection is moved (null, and nothing bound, when it is empty).
   static Connection::Impl* bind(Connection& connection, LeaseBinding* binding) noexcept;

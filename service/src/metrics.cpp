@@ -139,15 +139,18 @@ void write_pools(Writer& w, const std::vector<std::pair<std::string, PoolStats>>
   per_pool(w, pools, "db_client_connection_timeouts_total", "counter",
            "Acquires that timed out (or failed at once with acquire_timeout 0).",
            count(&PoolStats::timeouts));
-  const std::array<std::pair<std::string_view, DurationHistogram PoolStats::*>, 3> histograms{{
+  const std::array<std::pair<std::string_view, DurationHistogram PoolStats::*>, 4> histograms{{
       {"db_client_connection_create_time_seconds", &PoolStats::create_time},
       {"db_client_connection_wait_time_seconds", &PoolStats::wait_time},
       {"db_client_connection_use_time_seconds", &PoolStats::use_time},
+      {"db_client_operation_duration_seconds", &PoolStats::operation_time},
   }};
-  const std::array<std::string_view, 3> histogram_help{
+  const std::array<std::string_view, 4> histogram_help{
       "Time it took to open a connection (successful connects, checks on connect included).",
       "Time an acquire waited for a connection (0 for those served at once).",
-      "Time between an acquire's return and the end of its lease."};
+      "Time between an acquire's return and the end of its lease.",
+      "Time a statement took on the pool's connections, from its send to its last result "
+      "(the pool's own resets and pings included; not pipelines or COPY)."};
   for (std::size_t i = 0; i < histograms.size(); ++i) {
     w.family(histograms[i].first, "histogram", histogram_help[i]);
     for (const auto& [name, stats] : pools) {

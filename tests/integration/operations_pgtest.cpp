@@ -408,6 +408,10 @@ TEST_F(WatchdogTest, MetricsParseWithAPrometheusParserAndCountWhatHappened) {
   // Each use held a 2 ms sleep: none is in the buckets up to 1 ms, all are by 10 s.
   EXPECT_EQ(at("db_client_connection_use_time_seconds_bucket{" + pool_label + ",le=0.001}"), 1);
   EXPECT_GE(at("db_client_connection_use_time_seconds_sum{" + pool_label + "}"), 25 * 0.002);
+  // Each statement slept 2 ms: 25 of them, none in the buckets up to 1 ms.
+  EXPECT_GE(at("db_client_operation_duration_seconds_count{" + pool_label + "}"), 25);
+  EXPECT_EQ(at("db_client_operation_duration_seconds_bucket{" + pool_label + ",le=0.001}"), 0);
+  EXPECT_GE(at("db_client_operation_duration_seconds_sum{" + pool_label + "}"), 25 * 0.002);
   EXPECT_GE(at("db_client_connection_create_time_seconds_count{" + pool_label + "}"), 1);
   EXPECT_GT(at("db_client_connection_create_time_seconds_sum{" + pool_label + "}"), 0);
   EXPECT_EQ(at("pgrt_watchdog_condition{condition=pool_busy}"), 0);

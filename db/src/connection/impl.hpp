@@ -87,6 +87,8 @@ struct Connection::Impl {
   // Behind a transaction pooler (configured, or noticed: see exchange()) query_prepared() sends
   // unnamed statements; forgotten_statements counts the named ones the server lost.
   bool unnamed_statements = false;
+  // A pooled connection's: each statement's duration (ConnectionAccess::time_statements).
+  std::shared_ptr<detail::StatementTimes> statement_times;
   int forgotten_statements = 0;
 
   // What interrupt() needs, from any thread: the open connection's descriptor and cancel key.

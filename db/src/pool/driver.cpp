@@ -350,6 +350,7 @@ asio::awaitable<void> PoolState::open_connection(
     }
     self->failed_connects_in_a_row = 0;
     connection_of(*node) = std::move(connection);
+    ConnectionAccess::time_statements(connection_of(*node), self->statement_times);
     const int pid = connection_of(*node).backend_pid();
     deferred.add([self, pid] { emit(self->events.connected, pid); });
     const auto connected_at = Clock::now();
@@ -967,6 +968,7 @@ PoolStats PoolState::stats() const {
   snapshot.wait_time = wait_time;
   snapshot.use_time = use_time;
   snapshot.create_time = create_time;
+  snapshot.operation_time = statement_times->snapshot();
   snapshot.last_connect_error = last_connect_error;
   snapshot.last_connect_error_code = last_connect_error_code;
   snapshot.consecutive_connect_failures = counts.consecutive_connect_failures;

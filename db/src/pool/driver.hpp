@@ -293,6 +293,8 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
   DurationHistogram wait_time;  // PoolStats::wait_time, use_time, create_time
   DurationHistogram use_time;
   DurationHistogram create_time;
+  // operation_time: recorded by the connections themselves, on any thread.
+  std::shared_ptr<StatementTimes> statement_times = std::make_shared<StatementTimes>();
   std::string last_connect_error;
   error_code last_connect_error_code;
   // The connect failure last logged, "" while connects succeed: failed connects are logged once

@@ -261,6 +261,9 @@ struct PoolStats {
   DurationHistogram wait_time;
   DurationHistogram use_time;
   DurationHistogram create_time;
+  /// How long each statement on the pool's connections took, from its send to its last result
+  /// (query(), query_prepared(), stream(), and what is built on them; not pipelines or COPY).
+  DurationHistogram operation_time;
   /// Connect attempts that failed in a row (0 once one succeeds), and the backoff the pool waits
   /// before its next attempt because of them (0 while connecting works).
   std::uint32_t consecutive_connect_failures = 0;

@@ -54,14 +54,18 @@ struct DurationHistogram {
 
   void record(std::chrono::nanoseconds duration) noexcept {
     if (duration.count() < 0) duration = std::chrono::nanoseconds(0);
+    ++counts[bucket_of(duration)];
+    ++count;
+    sum += duration;
+  }
+  /// The index in `counts` of the bucket that counts `duration`.
+  [[nodiscard]] static std::size_t bucket_of(std::chrono::nanoseconds duration) noexcept {
     std::size_t bucket = 0;
     while (bucket < upper_bounds_nanoseconds.size() &&
            duration.count() > upper_bounds_nanoseconds[bucket]) {
       ++bucket;
     }
-    ++counts[bucket];
-    ++count;
-    sum += duration;
+    return bucket;
   }
 
  private:
