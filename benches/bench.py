@@ -244,6 +244,8 @@ def contestants(bench):
 
     # 1. Uncontended acquire + release.
     add("uncontended", "pgrt", SAFE, lambda: bench.pgrt("BM_PoolAcquireReleaseUncontended"))
+    add("uncontended", "pgrt, timings off (no wait and use time histograms)", FAST,
+        lambda: bench.pgrt("BM_PoolAcquireReleaseUncontendedUntimed"))
     add("uncontended", "asyncpg (default: reset query on release)", SAFE,
         lambda: bench.python("asyncpg", "uncontended"))
     add("uncontended", "asyncpg (reset off)", FAST, lambda: bench.python("asyncpg-noreset", "uncontended"))

@@ -404,6 +404,13 @@ PoolConfig PoolConfig::from_env(PoolConfig defaults) {
     config.leak_threshold = std::chrono::milliseconds(
         parse_number("PGRT_LEAK_THRESHOLD_MS", *value, 0, 24ULL * 3600 * 1000));
   }
+  if (auto value = env("PGRT_POOL_TIMINGS")) {
+    if (*value != "0" && *value != "1") {
+      invalid("PGRT_POOL_TIMINGS='" + *value + "' is not valid",
+              "expected 1 (record wait, use and statement times) or 0");
+    }
+    config.timings = *value == "1";
+  }
   if (auto value = env("PGRT_POOL_RESET")) {
     if (*value == "rollback") {
       config.reset = ResetPolicy::rollback;

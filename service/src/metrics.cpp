@@ -2,6 +2,7 @@
 #include "pgrt/service/metrics.hpp"
 
 #include <array>
+#include <charconv>
 #include <cmath>
 #include <cstdio>
 #include <initializer_list>
@@ -36,9 +37,10 @@ std::string escaped(std::string_view value) {
 std::string number(double value) {
   if (std::isinf(value)) return value > 0 ? "+Inf" : "-Inf";
   if (std::isnan(value)) return "NaN";
+  // The shortest form that reads back as the same double: le="0.1", as client libraries write it.
   std::array<char, 32> text{};
-  std::snprintf(text.data(), text.size(), "%.17g", value);
-  return text.data();
+  const auto written = std::to_chars(text.data(), text.data() + text.size(), value);
+  return std::string(text.data(), written.ptr);
 }
 
 std::string number(std::uint64_t value) {

@@ -101,6 +101,19 @@ void MetricsEndpoint::State::refuse_at_once(tcp::socket& socket) {
 }
 
 asio::awaitable<void> MetricsEndpoint::State::accept_loop(std::shared_ptr<State> self) {
+  // However the loop ends (an allocation failure included), stop() must see it ended.
+  struct Ended {
+    explicit Ended(State& ending) : state(ending) {}
+    Ended(const Ended&) = delete;
+    Ended& operator=(const Ended&) = delete;
+    Ended(Ended&&) = delete;
+    Ended& operator=(Ended&&) = delete;
+    ~Ended() {
+      state.accepting = false;
+      if (state.sessions.empty()) state.all_ended.cancel();
+    }
+    State& state;
+  } ended{*this};
   while (!stopping) {
     // Each connection on a strand of its own (the io_context may be run by several threads).
     auto [error, socket] = co_await acceptor.async_accept(
@@ -127,8 +140,6 @@ asio::awaitable<void> MetricsEndpoint::State::accept_loop(std::shared_ptr<State>
       asio::dispatch(self->strand, [self, at] { self->session_ended(at); });
     });
   }
-  accepting = false;
-  if (sessions.empty()) all_ended.cancel();
 }
 
 void MetricsEndpoint::State::session_ended(std::list<std::shared_ptr<Session>>::iterator at) {
@@ -212,6 +223,8 @@ asio::awaitable<void> MetricsEndpoint::State::serve(std::shared_ptr<State> self,
       break;
     }
     auto response = answer(parser.get());
+    // The last answer on this connection says so (a keep-alive client must not send another).
+    if (handled + 1 >= options.max_requests_per_connection || stopping) response.keep_alive(false);
     const bool keep_alive = response.keep_alive();
     stream.expires_after(options.request_timeout);
     auto [write_error, written] =

@@ -163,6 +163,7 @@ struct Watchdog::State {
   bool running = false;
   std::uint64_t timeouts_seen = 0;
   bool first_check = true;
+  bool server_check_failing = false;  // its failure (not a timeout) was logged
   std::array<std::string, watchdog_condition_count> last_detail;
 
   // Read from any thread:
@@ -182,6 +183,9 @@ asio::awaitable<void> Watchdog::State::run() {
     } catch (const std::exception& error) {
       if (stopping) break;
       spdlog::error("pgrt watchdog: a check failed: {}", error.what());
+    } catch (...) {
+      if (stopping) break;
+      spdlog::error("pgrt watchdog: a check failed");
     }
     if (stopping) break;
     wake.expires_after(options.interval);
@@ -247,6 +251,8 @@ asio::awaitable<void> Watchdog::State::check_server(Seen& seen, const PoolStats&
     lease = co_await with_timeout(pool.acquire(Priority::high), std::max(bound, milliseconds(5)));
   } catch (const Error& error) {
     if (stopping) co_return;
+    // The pool counted this acquire's own timeout: not a caller's.
+    if (error.code() == client_errc::pool_timeout) ++timeouts_seen;
     // No connection within the bound: unreachable when the pool cannot connect, else the pool is
     // only saturated (pool_busy says so) and the server's state is unknown this round.
     const PoolStats now = pool.stats();
@@ -267,6 +273,7 @@ asio::awaitable<void> Watchdog::State::check_server(Seen& seen, const PoolStats&
                      " current_setting('max_connections')::int8"
                      " - current_setting('superuser_reserved_connections')::int8"),
         std::max(bound, milliseconds(5)));
+    server_check_failing = false;
     const auto backends = result[0].get<std::int64_t>(0);
     const auto usable = result[0].get<std::int64_t>(1);
     seen.judged[unreachable] = true;
@@ -285,9 +292,12 @@ asio::awaitable<void> Watchdog::State::check_server(Seen& seen, const PoolStats&
       seen.judged[unreachable] = true;
       seen.holding[unreachable] =
           std::string("the server check lost its connection: ") + error.what();
-    } else {
+    } else if (error.code() != client_errc::timeout && !server_check_failing) {
+      // Logged on its edge only (a slow server's timeouts: the state stays unknown this round).
       spdlog::warn("pgrt watchdog: the server check failed: {}", error.what());
+      server_check_failing = true;
     }
+    co_return;
   }
 }
 
@@ -317,6 +327,8 @@ void Watchdog::State::apply(const Seen& seen) {
       events.changed(change);
     } catch (const std::exception& error) {
       spdlog::error("pgrt watchdog: an event subscriber threw: {}", error.what());
+    } catch (...) {
+      spdlog::error("pgrt watchdog: an event subscriber threw");
     }
   }
 }

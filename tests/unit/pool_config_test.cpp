@@ -117,7 +117,7 @@ class EnvironmentTest : public ::testing::Test {
           "PGRT_MAX_LIFETIME_S", "PGRT_IDLE_TIMEOUT_S", "PGRT_LEAK_THRESHOLD_MS",
           "PGRT_POOL_PRESET", "PGRT_POOL_RESET", "PGRT_APP", "PGRT_INSTANCE", "PGRT_POOLER",
           "PGRT_BUDGET_KEY", "PGRT_BUDGET_SLOTS", "PGRT_POOL_CONSUMERS", "PGRT_BUDGET_CHECK_MS",
-          "PGRT_BUDGET_CLASSES", "PGRT_BUDGET_CLASS"}) {
+          "PGRT_BUDGET_CLASSES", "PGRT_BUDGET_CLASS", "PGRT_POOL_TIMINGS"}) {
       ::unsetenv(name);
     }
   }
@@ -151,6 +151,22 @@ TEST_F(EnvironmentTest, ReadsEveryVariable) {
   ::unsetenv("PGRT_POOL_PRESET");
   EXPECT_EQ(PoolConfig::from_env(PoolConfig::micro()).max_size, 3U) << "the given defaults";
   EXPECT_EQ(PoolConfig::from_env(PoolConfig::micro()).conninfo, "postgresql://db/app");
+}
+
+TEST_F(EnvironmentTest, TimingsAreOnUnlessTurnedOff) {
+  EXPECT_TRUE(PoolConfig::from_env().timings);
+  ::setenv("PGRT_POOL_TIMINGS", "0", 1);
+  EXPECT_FALSE(PoolConfig::from_env().timings);
+  ::setenv("PGRT_POOL_TIMINGS", "1", 1);
+  EXPECT_TRUE(PoolConfig::from_env().timings);
+  ::setenv("PGRT_POOL_TIMINGS", "off", 1);
+  try {
+    (void)PoolConfig::from_env();
+    ADD_FAILURE() << "accepted PGRT_POOL_TIMINGS=off";
+  } catch (const Error& error) {
+    EXPECT_EQ(error.code(), client_errc::invalid_config);
+    EXPECT_THAT(error.what(), HasSubstr("PGRT_POOL_TIMINGS='off'"));
+  }
 }
 
 TEST_F(EnvironmentTest, MalformedValuesNameTheVariableAndTheForm) {

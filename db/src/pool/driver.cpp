@@ -350,7 +350,9 @@ asio::awaitable<void> PoolState::open_connection(
     }
     self->failed_connects_in_a_row = 0;
     connection_of(*node) = std::move(connection);
-    ConnectionAccess::time_statements(connection_of(*node), self->statement_times);
+    if (self->config.timings) {
+      ConnectionAccess::time_statements(connection_of(*node), self->statement_times);
+    }
     const int pid = connection_of(*node).backend_pid();
     deferred.add([self, pid] { emit(self->events.connected, pid); });
     const auto connected_at = Clock::now();
@@ -718,7 +720,7 @@ asio::awaitable<Lease> PoolState::acquire(std::shared_ptr<PoolState> self, Prior
   switch (result.kind) {
     case pool::AcquireResult::Kind::leased:
       [[likely]] waits.record(std::chrono::microseconds(0));
-      wait_time.record(std::chrono::nanoseconds(0));
+      if (config.timings) wait_time.record(std::chrono::nanoseconds(0));
       if (validate || config.before_handout) {
         check_deadline = deadline.value_or(Clock::now() + checkout_limit());
       }
@@ -767,7 +769,7 @@ asio::awaitable<Lease> PoolState::acquire(std::shared_ptr<PoolState> self, Prior
         }
         const auto waited = Clock::now() - started;
         waits.record(std::chrono::duration_cast<std::chrono::microseconds>(waited));
-        wait_time.record(waited);
+        if (config.timings) wait_time.record(waited);
         handed = waiter.handed;
         validate = false;
         check_deadline = started + wait_limit;
@@ -776,7 +778,7 @@ asio::awaitable<Lease> PoolState::acquire(std::shared_ptr<PoolState> self, Prior
   }
   // The Lease owns the connection before any event runs: nothing can leak its slot.
   const bool check = validate || config.before_handout;
-  handed->lease_started = Clock::now();
+  if (config.timings) handed->lease_started = Clock::now();
   Lease lease(check ? self : std::move(self), handed);
   lock.unlock();
   emit(events.acquired, site);

@@ -470,7 +470,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
       auto kind = discard ? pool::ReturnKind::discard
                           : classify(leased != nullptr ? *leased : connection_of(node));
       const auto now = coarse_now();
-      const auto ended = Clock::now();
+      const auto ended = config.timings ? Clock::now() : Clock::time_point{};
       Deferred deferred;
       std::lock_guard lock(mutex);
       if (events.released.ever_connected()) deferred.add([this] { emit(events.released); });
@@ -478,7 +478,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
         core.lease_dropped_after_close(node);
         return;
       }
-      use_time.record(ended - node.lease_started);
+      if (config.timings) use_time.record(ended - node.lease_started);
       if (leased != nullptr && !take_back_locked(node, *leased) && !discard) {
         kind = pool::ReturnKind::broken;
       }
