@@ -145,23 +145,29 @@ struct ChildFailure {
   // The parent died before the prctl: nobody would kill this child with it.
   if (::getppid() != parent) ::_exit(127);
 
-  sigset_t no_signals;
-  ::sigemptyset(&no_signals);
-  ::sigprocmask(SIG_SETMASK, &no_signals, nullptr);
+  // Every signal was blocked across the fork (launch()): the parent's handlers (asio's, which
+  // write to the parent's signal pipe) must never run here. Back to the defaults first, then
+  // unblocked. Ignored signals would stay ignored through exec; handlers are reset by exec
+  // anyway. glibc refuses its two internal signals and the kernel SIGKILL and SIGSTOP: harmless.
   struct sigaction default_action {};
   default_action.sa_handler = SIG_DFL;
   ::sigemptyset(&default_action.sa_mask);
-  // Ignored signals stay ignored through exec; handlers are reset by exec anyway. glibc refuses
-  // its two internal signals and the kernel SIGKILL and SIGSTOP: harmless.
   for (int signal_number = 1; signal_number < NSIG; ++signal_number) {
     ::sigaction(signal_number, &default_action, nullptr);
   }
+  sigset_t no_signals;
+  ::sigemptyset(&no_signals);
+  ::sigprocmask(SIG_SETMASK, &no_signals, nullptr);
 
   // Every descriptor but stdin, stdout, stderr and the error pipe (close-on-exec) goes.
   const auto pipe_fd = static_cast<unsigned>(error_pipe);
   bool closed = true;
-  if (pipe_fd > 3) closed = ::syscall(SYS_close_range, 3U, pipe_fd - 1, 0U) == 0;
-  if (closed) closed = ::syscall(SYS_close_range, pipe_fd + 1, ~0U, 0U) == 0;
+  if (pipe_fd < 3) {  // the parent had a standard descriptor closed: the pipe took its number
+    closed = ::syscall(SYS_close_range, 3U, ~0U, 0U) == 0;
+  } else {
+    if (pipe_fd > 3) closed = ::syscall(SYS_close_range, 3U, pipe_fd - 1, 0U) == 0;
+    if (closed) closed = ::syscall(SYS_close_range, pipe_fd + 1, ~0U, 0U) == 0;
+  }
   if (!closed) {  // before Linux 5.9
     const long max_fd = ::sysconf(_SC_OPEN_MAX);
     for (long fd = 3; fd < std::min(max_fd, 65536L); ++fd) {
@@ -194,14 +200,21 @@ pid_t launch(const std::string& child_name, const LaunchPlan& plan) {
     throw_errno(errno, "child '" + child_name + "': pipe2() failed");
   }
   const pid_t parent = ::getpid();
+  // No signal handler of this process may run in the child between fork and exec (as
+  // posix_spawn does): every signal is blocked across the fork, and restored here at once.
+  sigset_t all_signals;
+  sigset_t previous;
+  ::sigfillset(&all_signals);
+  ::pthread_sigmask(SIG_SETMASK, &all_signals, &previous);
   const pid_t pid = ::fork();
+  if (pid == 0) become_child(plan, pipe_fds[1], parent);
+  const int fork_error = errno;
+  ::pthread_sigmask(SIG_SETMASK, &previous, nullptr);
   if (pid < 0) {
-    const int error = errno;
     close_quietly(pipe_fds[0]);
     close_quietly(pipe_fds[1]);
-    throw_errno(error, "child '" + child_name + "': fork() failed");
+    throw_errno(fork_error, "child '" + child_name + "': fork() failed");
   }
-  if (pid == 0) become_child(plan, pipe_fds[1], parent);
 
   close_quietly(pipe_fds[1]);
   // Also in the child; whichever comes first. EACCES once the child has exec'd: harmless.
@@ -358,16 +371,35 @@ struct ChildProcess::Impl {
     const pid_t pid = launch(options.name, plan);
     child_started = Clock::now();
     child = pid;
-    const long fd = ::syscall(SYS_pidfd_open, pid, 0);
-    if (fd >= 0) {
-      pidfd.emplace(executor, static_cast<int>(fd));
-    } else {
+    // Destroyed meanwhile (on another thread): the destructor may have read no child.
+    if (stop_requested) ::kill(-pid, SIGKILL);
+    try {
+      const long fd = ::syscall(SYS_pidfd_open, pid, 0);
       pidfd.reset();
-      spdlog::debug("child {}: pidfd_open failed ({}); polling pid {} every {} ms", options.name,
-                    std::strerror(errno), pid, poll_interval.count());
+      if (fd >= 0) {
+        asio::posix::stream_descriptor watched(executor);
+        boost::system::error_code error;
+        watched.assign(static_cast<int>(fd), error);  // epoll_ctl may fail (max_user_watches)
+        if (error) {
+          ::close(static_cast<int>(fd));
+        } else {
+          pidfd.emplace(std::move(watched));
+        }
+      }
+      if (!pidfd) {
+        spdlog::debug("child {}: no pidfd to watch; polling pid {} every {} ms", options.name, pid,
+                      poll_interval.count());
+      }
+      spdlog::info("child {}: started pid {}: {}", options.name, pid, join(options.argv));
+      events.started(pid);
+    } catch (...) {
+      // Nobody would watch it: it goes, and is reaped, before the failure is reported.
+      ::kill(-pid, SIGKILL);
+      reap_blocking(pid);
+      pidfd.reset();
+      child = 0;
+      throw;
     }
-    spdlog::info("child {}: started pid {}: {}", options.name, pid, join(options.argv));
-    events.started(pid);
   }
 
   // Waits until the child exits, kills what is left of its process group, reaps it.

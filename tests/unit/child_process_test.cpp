@@ -302,22 +302,32 @@ TEST(ChildProcessTest, CancelledStopKillsAtOnce) {
   EXPECT_TRUE(reaped(events.exits[0].pid));
 }
 
-// 3. stop() signals the whole process group: a grandchild goes too.
+// 3. stop() signals the whole process group: a grandchild goes too, and gets the SIGTERM itself
+// (not only the SIGKILL that clears the group once the child is gone): the child ignores SIGTERM,
+// the grandchild writes a mark when it gets one.
 TEST(ChildProcessTest, GrandchildDiesOnStop) {
   TempDir dir;
   const auto grandchild_file = dir / "grandchild";
+  const auto ready_file = dir / "ready";
+  const auto termed_file = dir / "termed";
   asio::io_context io;
+  const std::string grandchild_script = "trap \"echo term > '" + termed_file.string() +
+                                        "'; exit 0\" TERM; echo ready > '" + ready_file.string() +
+                                        "'; sleep 60 & wait";
   ChildProcess child(
       {.name = "family",
        .argv = {"/bin/sh", "-c",
-                "sleep 60 & echo $! > '" + grandchild_file.string() + ".tmp'; mv '" +
-                    grandchild_file.string() + ".tmp' '" + grandchild_file.string() + "'; wait"},
-       .stop_grace = 5s});
+                "/bin/sh -c \"$GRANDCHILD\" & echo $! > '" + grandchild_file.string() +
+                    ".tmp'; mv '" + grandchild_file.string() + ".tmp' '" +
+                    grandchild_file.string() + "'; trap '' TERM; wait; exec sleep 60"},
+       .env = {{"GRANDCHILD", grandchild_script}},
+       .stop_grace = 500ms});
   Recorder events(child);
   pid_t grandchild = 0;
   run_on(io, [&]() -> asio::awaitable<void> {
     co_await child.start();
-    EXPECT_TRUE(co_await poll_until([&] { return fs::exists(grandchild_file); }, 10s));
+    EXPECT_TRUE(co_await poll_until(
+        [&] { return fs::exists(grandchild_file) && fs::exists(ready_file); }, 10s));
     grandchild = static_cast<pid_t>(std::stol(read_file(grandchild_file).value_or("0")));
     EXPECT_GT(grandchild, 0);
     EXPECT_FALSE(process_gone(grandchild)) << "the grandchild should run before stop()";
@@ -327,7 +337,10 @@ TEST(ChildProcessTest, GrandchildDiesOnStop) {
   const bool gone = wait_until([&] { return process_gone(grandchild); }, 5s);
   if (!gone) ::kill(grandchild, SIGKILL);  // leave nothing behind
   EXPECT_TRUE(gone) << "grandchild " << grandchild << " survived stop()";
+  EXPECT_TRUE(wait_until([&] { return fs::exists(termed_file); }, 5s))
+      << "the grandchild never got stop()'s SIGTERM";
   ASSERT_THAT(events.exits, ::testing::SizeIs(1));
+  EXPECT_EQ(events.exits[0].signal, SIGKILL) << "the child ignores SIGTERM";
   EXPECT_TRUE(reaped(events.exits[0].pid));
 }
 
