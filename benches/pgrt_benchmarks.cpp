@@ -181,9 +181,12 @@ class InFlight {
 // --- 1. uncontended acquire + release, no I/O
 // -------------------------------------------------------
 
-void BM_PoolAcquireReleaseUncontended(benchmark::State& state) {
+// Acquire + release of the one idle connection, as often as Google Benchmark asks.
+void acquire_release_cycles(benchmark::State& state, bool timings) {
   asio::io_context io;
-  pgrt::Pool pool(io.get_executor(), pool_config(1));
+  auto config = pool_config(1);
+  config.timings = timings;
+  pgrt::Pool pool(io.get_executor(), config);
   run(io, [&]() -> asio::awaitable<void> {
     { auto warm = co_await pool.acquire(); }  // the connection is open and idle from here
     for (auto _ : state) {
@@ -194,24 +197,16 @@ void BM_PoolAcquireReleaseUncontended(benchmark::State& state) {
   });
   state.SetItemsProcessed(state.iterations());
 }
+
+void BM_PoolAcquireReleaseUncontended(benchmark::State& state) {
+  acquire_release_cycles(state, true);
+}
 BENCHMARK(BM_PoolAcquireReleaseUncontended);
 
 // The same with PoolConfig::timings off: the difference is what recording the wait and use time
 // histograms costs (two precise clock reads per cycle).
 void BM_PoolAcquireReleaseUncontendedUntimed(benchmark::State& state) {
-  asio::io_context io;
-  auto config = pool_config(1);
-  config.timings = false;
-  pgrt::Pool pool(io.get_executor(), config);
-  run(io, [&]() -> asio::awaitable<void> {
-    { auto warm = co_await pool.acquire(); }
-    for (auto _ : state) {
-      auto lease = co_await pool.acquire();
-      benchmark::DoNotOptimize(lease);
-    }
-    (void)co_await pool.close(0ms);
-  });
-  state.SetItemsProcessed(state.iterations());
+  acquire_release_cycles(state, false);
 }
 BENCHMARK(BM_PoolAcquireReleaseUncontendedUntimed);
 
