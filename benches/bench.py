@@ -327,9 +327,12 @@ def contestants(bench):
 
     # 5. Pipelined batch on one lease.
     for depth in (10, 100):
-        add(f"pipeline/{depth}", "pgrt", SAFE, lambda d=depth: bench.pgrt(f"BM_PoolPipelinedBatch/depth:{d}"))
+        add(f"pipeline/{depth}", "pgrt (prepared statements, the default)", SAFE,
+            lambda d=depth: bench.pgrt(f"BM_PoolPipelinedBatch/depth:{d}/prepared:1"))
         add(f"pipeline/{depth}", "pgbench \\startpipeline -c1 -M prepared", FAST,
             lambda d=depth: bench.pgbench_pipeline(d, "prepared"))
+        add(f"pipeline/{depth}", "pgrt, prepare_statements(false) (unnamed)", SAFE,
+            lambda d=depth: bench.pgrt(f"BM_PoolPipelinedBatch/depth:{d}/prepared:0"))
         add(f"pipeline/{depth}", "pgbench \\startpipeline -c1 -M extended", FAST,
             lambda d=depth: bench.pgbench_pipeline(d, "extended"))
 
@@ -613,8 +616,10 @@ def write_report(results, raw, args, bench, elapsed, plot):
     report.text("## 5. Pipelined batch on one lease",
                 "`depth` statements (`SELECT 1`) sent as one pipeline and read back, in a loop on one "
                 "connection; pgbench runs the same batch between `\\startpipeline` and `\\endpipeline`. "
-                "pgrt's `Pipeline` sends each statement unnamed (the server parses it every time), as "
-                "pgbench `-M extended` does; `-M prepared` parses once per connection.")
+                "pgrt's `Pipeline` runs each statement as a prepared statement from the connection's "
+                "cache (the server parses it once per connection), as pgbench `-M prepared` does; with "
+                "`prepare_statements(false)` it sends them unnamed (parsed every time), as `-M extended` "
+                "does.")
     for depth in (10, 100):
         report.text(f"### depth {depth}")
         report.table(f"pipeline/{depth}", ["statements_per_s"], "statements_per_s")

@@ -530,6 +530,7 @@ BENCHMARK(BM_PoolOverloadOpenLoopPosted)->Apply(open_loop_shares)->Arg(100);
 
 void BM_PoolPipelinedBatch(benchmark::State& state) {
   const auto depth = static_cast<std::size_t>(state.range(0));
+  const bool prepared = state.range(1) != 0;
   for (auto _ : state) {
     asio::io_context io;
     pgrt::Pool pool(io.get_executor(), pool_config(1));
@@ -537,6 +538,7 @@ void BM_PoolPipelinedBatch(benchmark::State& state) {
     double seconds = 0;
     run(io, [&]() -> asio::awaitable<void> {
       pgrt::Pipeline pipeline;
+      pipeline.prepare_statements(prepared);
       for (std::size_t i = 0; i < depth; ++i) pipeline.add("SELECT 1");
       auto lease = co_await pool.acquire();
       const auto started = Clock::now();
@@ -552,7 +554,13 @@ void BM_PoolPipelinedBatch(benchmark::State& state) {
     state.counters["statements_per_s"] = static_cast<double>(statements) / seconds;
   }
 }
-BENCHMARK(BM_PoolPipelinedBatch)->ArgName("depth")->Arg(10)->Arg(100)->Iterations(1);
+BENCHMARK(BM_PoolPipelinedBatch)
+    ->ArgNames({"depth", "prepared"})
+    ->Args({10, 1})
+    ->Args({100, 1})
+    ->Args({10, 0})
+    ->Args({100, 0})
+    ->Iterations(1);
 
 // --- 6. pending writes
 // ------------------------------------------------------------------------------

@@ -1,8 +1,231 @@
+// Connection::run(): a Pipeline's statements in libpq's pipeline mode, prepared from the
+// connection's statement cache (connection/statement_cache.cpp) unless the pipeline says not to.
 #include "pgrt/db/pipeline.hpp"
+
+#include <algorithm>
+#include <numeric>
+#include <unordered_set>
 
 #include "connection/impl.hpp"
 
 namespace pgrt {
+
+namespace {
+
+using Impl = Connection::Impl;
+
+bool ends_segment(const Pipeline& pipeline, std::size_t index) {
+  return pipeline.statements()[index].sync_after || index + 1 == pipeline.size();
+}
+
+// Transaction control: a segment that holds it may have committed part of its work before a
+// later statement failed, so a pipeline with it is never run again in part.
+bool controls_transactions(std::string_view sql) {
+  const std::string keyword = first_keyword(sql);
+  for (const char* control : {"begin", "start", "commit", "end", "rollback", "abort", "savepoint",
+                              "release", "prepare"}) {
+    if (keyword == control) return true;
+  }
+  return false;
+}
+
+// The next result of a pipeline in `raw` (libpq's null between two statements' results is
+// skipped). A result libpq holds already (most of a pipeline's come several to a read) is taken
+// without next_result()'s coroutine frame, so this is a macro-like loop in each caller's frame.
+#define PGRT_NEXT_PIPELINE_RESULT(impl, raw, current)                                    \
+  for (;;) {                                                                             \
+    (raw) = nullptr;                                                                     \
+    if (PQisBusy((impl).conn) == 0) {                                                    \
+      (raw) = PQgetResult((impl).conn);                                                  \
+    } else if (auto read_error = co_await (impl).next_result((raw), (current), false)) { \
+      co_return read_error;                                                              \
+    }                                                                                    \
+    if ((raw) != nullptr) break;                                                         \
+    if (PQstatus((impl).conn) != CONNECTION_OK) co_return (impl).lost(current);          \
+  }
+
+// Looks up each statement of `order` in the connection's statement cache (a hit becomes the most
+// recently used): names[k] is order[k]'s name, or null. True when one was missing.
+bool look_up_names(Impl& impl, const Pipeline& pipeline, const std::vector<std::size_t>& order,
+                   std::vector<const std::string*>& names) {
+  names.assign(order.size(), nullptr);
+  bool missing = false;
+  for (std::size_t k = 0; k < order.size(); ++k) {
+    const Pipeline::Statement& statement = pipeline.statements()[order[k]];
+    names[k] = impl.cached_statement(statement.sql, statement.params);
+    missing = missing || names[k] == nullptr;
+  }
+  return missing;
+}
+
+// Prepares the statements of `order` that the connection's statement cache lacks, in one round
+// trip, each in a sync segment of its own (one that fails to prepare stops no other), as many as
+// the cache has room for beside this pipeline's statements it holds already. A statement that
+// fails to prepare stays uncached: run_statements() sends it unnamed, and its error comes in its
+// own place. Outside a transaction block only.
+asio::awaitable<error_code> prepare_missing(Impl& impl, const Pipeline& pipeline,
+                                            const std::vector<std::size_t>& order) {
+  const auto& statements = pipeline.statements();
+  std::unordered_set<std::string> held;
+  std::unordered_set<std::string> seen;
+  struct ToPrepare {
+    std::string key;
+    std::size_t statement;
+    std::string name;
+  };
+  std::vector<ToPrepare> to_prepare;
+  for (const std::size_t i : order) {
+    if (impl.cached_statement(statements[i].sql, statements[i].params) != nullptr) {
+      held.insert(impl.statement_key);
+    } else if (seen.insert(impl.statement_key).second) {
+      to_prepare.push_back(ToPrepare{impl.statement_key, i, {}});
+    }
+  }
+  const std::size_t capacity = std::max<std::size_t>(impl.options.statement_cache_size, 1);
+  to_prepare.resize(std::min(to_prepare.size(), capacity - std::min(held.size(), capacity)));
+  if (to_prepare.empty()) co_return error_code{};
+
+  PGconn* conn = impl.conn;
+  if (PQenterPipelineMode(conn) == 0) {
+    co_return impl.fail(client_errc::protocol_error,
+                        "cannot enter pipeline mode: " + trimmed(PQerrorMessage(conn)));
+  }
+  for (ToPrepare& statement : to_prepare) {
+    const Pipeline::Statement& source = statements[statement.statement];
+    statement.name = impl.new_statement_name();
+    if (PQsendPrepare(conn, statement.name.c_str(), source.sql.c_str(),
+                      static_cast<int>(source.params.size()), source.params.types()) == 0 ||
+        PQpipelineSync(conn) == 0) {
+      co_return impl.lost(source.sql);
+    }
+  }
+  if (auto flush_error = co_await impl.flush("pipeline", /*can_drain=*/false)) {
+    co_return flush_error;
+  }
+  for (std::size_t syncs_seen = 0; syncs_seen < to_prepare.size();) {
+    const std::string_view current = statements[to_prepare[syncs_seen].statement].sql;
+    PGresult* raw = nullptr;
+    PGRT_NEXT_PIPELINE_RESULT(impl, raw, current)
+    const Result result(raw);
+    const auto status = PQresultStatus(raw);
+    if (status == PGRES_PIPELINE_SYNC) {
+      ++syncs_seen;
+    } else if (status == PGRES_COMMAND_OK) {
+      ToPrepare& prepared = to_prepare[syncs_seen];
+      impl.remember_statement(std::move(prepared.key), std::move(prepared.name));
+    }  // a failure: the statement stays uncached, and runs unnamed
+  }
+  if (PQexitPipelineMode(conn) == 0) co_return impl.lost("pipeline");
+  co_return co_await impl.deallocate_evicted();
+}
+
+// Runs the statements of `order` (whole segments, in the pipeline's order) in one round trip,
+// order[k] by the cached statement names[k] (null: unnamed), and fills their outcomes. The cache
+// does not change until the results are in, so the names stay valid. `forgotten` gets the names
+// the server did not know (SQLSTATE 26000 naming them).
+asio::awaitable<error_code> run_statements(Impl& impl, const Pipeline& pipeline,
+                                           const std::vector<std::size_t>& order,
+                                           const std::vector<const std::string*>& names,
+                                           std::vector<PipelineOutcome>& outcomes,
+                                           std::vector<std::string>& forgotten) {
+  PGconn* conn = impl.conn;
+  if (PQenterPipelineMode(conn) == 0) {
+    co_return impl.fail(client_errc::protocol_error,
+                        "cannot enter pipeline mode: " + trimmed(PQerrorMessage(conn)));
+  }
+  const auto& statements = pipeline.statements();
+  std::size_t syncs = 0;
+  for (std::size_t k = 0; k < order.size(); ++k) {
+    const auto& statement = statements[order[k]];
+    const auto values = statement.params.values();
+    const int count = static_cast<int>(statement.params.size());
+    const std::string* name = names[k];
+    const int sent =
+        name != nullptr
+            ? PQsendQueryPrepared(conn, name->c_str(), count, values.data(),
+                                  statement.params.lengths(), statement.params.formats(), 0)
+            : PQsendQueryParams(conn, statement.sql.c_str(), count, statement.params.types(),
+                                values.data(), statement.params.lengths(),
+                                statement.params.formats(), 0);
+    if (sent == 0) co_return impl.lost(statement.sql);
+    if (ends_segment(pipeline, order[k]) || k + 1 == order.size()) {
+      if (PQpipelineSync(conn) == 0) co_return impl.lost(statement.sql);
+      ++syncs;
+    }
+  }
+  if (auto flush_error = co_await impl.flush("pipeline", /*can_drain=*/false)) {
+    co_return flush_error;
+  }
+  std::size_t k = 0;
+  for (std::size_t syncs_seen = 0; syncs_seen < syncs;) {
+    const std::string_view current =
+        k < order.size() ? std::string_view(statements[order[k]].sql) : "pipeline";
+    PGresult* raw = nullptr;
+    PGRT_NEXT_PIPELINE_RESULT(impl, raw, current)
+    Result result(raw);
+    const auto status = PQresultStatus(raw);
+    if (status == PGRES_PIPELINE_SYNC) {
+      ++syncs_seen;
+      continue;
+    }
+    if (k >= order.size()) continue;
+    PipelineOutcome& outcome = outcomes[order[k]];  // empty: run() empties those run again
+    if (status == PGRES_PIPELINE_ABORTED) {
+      outcome.error = make_error_code(client_errc::pipeline_aborted);
+      outcome.diagnostics.message =
+          "not run: an earlier statement of the same pipeline segment failed";
+      outcome.diagnostics.statement = std::string(current);
+    } else if (status == PGRES_TUPLES_OK || status == PGRES_COMMAND_OK) {
+      outcome.result = std::move(result);
+    } else {
+      outcome.error = impl.server_error(raw, current);
+      outcome.diagnostics = impl.last_error;
+      // The server no longer has our prepared statement (its message names it: a 26000 from
+      // inside the statement, e.g. a function's EXECUTE, is the statement's own).
+      if (names[k] != nullptr && outcome.error == make_sqlstate_error("26000") &&
+          outcome.diagnostics.message.find("\"" + *names[k] + "\"") != std::string::npos) {
+        forgotten.push_back(*names[k]);
+      }
+    }
+    ++k;
+  }
+  if (PQexitPipelineMode(conn) == 0) {
+    co_return impl.lost("pipeline");  // never hand back a connection still in pipeline mode
+  }
+  co_return error_code{};
+}
+
+#undef PGRT_NEXT_PIPELINE_RESULT
+
+// The statements of every segment of `order` that holds one whose outcome names a forgotten
+// statement: those segments did not commit (each is an implicit transaction that failed).
+std::vector<std::size_t> segments_to_run_again(const Pipeline& pipeline,
+                                               const std::vector<std::size_t>& order,
+                                               const std::vector<PipelineOutcome>& outcomes,
+                                               const std::vector<std::string>& forgotten) {
+  std::vector<std::size_t> again;
+  std::size_t segment_start = 0;
+  bool segment_forgot = false;
+  for (std::size_t k = 0; k < order.size(); ++k) {
+    const PipelineOutcome& outcome = outcomes[order[k]];
+    if (outcome.error == make_sqlstate_error("26000")) {
+      for (const std::string& name : forgotten) {
+        if (outcome.diagnostics.message.find("\"" + name + "\"") != std::string::npos) {
+          segment_forgot = true;
+        }
+      }
+    }
+    if (ends_segment(pipeline, order[k]) || k + 1 == order.size()) {
+      if (segment_forgot)
+        again.insert(again.end(), order.begin() + segment_start, order.begin() + k + 1);
+      segment_start = k + 1;
+      segment_forgot = false;
+    }
+  }
+  return again;
+}
+
+}  // namespace
 
 asio::awaitable<std::vector<PipelineOutcome>> Connection::run(const Pipeline& pipeline) {
   if (!impl_) throw_not_connected();
@@ -13,7 +236,6 @@ asio::awaitable<std::vector<PipelineOutcome>> Connection::run(const Pipeline& pi
     for (const auto& statement : pipeline.statements()) {
       if (auto refusal = impl.refuse_without_session(statement.sql)) co_return refusal;
     }
-    PGconn* conn = impl.conn;
     if (impl.single_row_mode_left_on) {
       const ParamSink no_params;
       Result ignored;
@@ -21,66 +243,40 @@ asio::awaitable<std::vector<PipelineOutcome>> Connection::run(const Pipeline& pi
           .kind = Connection::Impl::Request::Kind::text, .sql = "", .params = &no_params};
       if (auto reset_error = co_await impl.exchange(empty, ignored)) co_return reset_error;
     }
-    if (PQenterPipelineMode(conn) == 0) {
-      co_return impl.fail(client_errc::protocol_error,
-                          "cannot enter pipeline mode: " + trimmed(PQerrorMessage(conn)));
-    }
-    std::size_t syncs = 0;
-    const auto& statements = pipeline.statements();
-    for (std::size_t i = 0; i < statements.size(); ++i) {
-      const auto& statement = statements[i];
-      const auto values = statement.params.values();
-      if (PQsendQueryParams(conn, statement.sql.c_str(), static_cast<int>(statement.params.size()),
-                            statement.params.types(), values.data(), statement.params.lengths(),
-                            statement.params.formats(), 0) == 0) {
-        co_return impl.lost(statement.sql);
+    std::vector<std::size_t> order(pipeline.size());
+    std::iota(order.begin(), order.end(), std::size_t{0});
+    for (int attempt = 0;; ++attempt) {
+      std::vector<const std::string*> names(order.size(), nullptr);
+      if (pipeline.prepares_statements() && !impl.unnamed_statements &&
+          look_up_names(impl, pipeline, order, names) &&
+          PQtransactionStatus(impl.conn) == PQTRANS_IDLE) {
+        if (auto prepare_error = co_await prepare_missing(impl, pipeline, order)) {
+          co_return prepare_error;
+        }
+        look_up_names(impl, pipeline, order, names);
       }
-      if (statement.sync_after || i + 1 == statements.size()) {
-        if (PQpipelineSync(conn) == 0) co_return impl.lost(statement.sql);
-        ++syncs;
+      std::vector<std::string> forgotten;
+      if (auto run_error =
+              co_await run_statements(impl, pipeline, order, names, outcomes, forgotten)) {
+        co_return run_error;
       }
-    }
-    if (auto flush_error = co_await impl.flush("pipeline", /*can_drain=*/false)) {
-      co_return flush_error;
-    }
-    std::size_t index = 0;
-    for (std::size_t syncs_seen = 0; syncs_seen < syncs;) {
-      PGresult* raw = nullptr;
-      const std::string_view current =
-          index < statements.size() ? std::string_view(statements[index].sql) : "pipeline";
-      // A result libpq holds already (most of a pipeline's come several to a read) is taken
-      // without next_result()'s coroutine frame.
-      if (PQisBusy(conn) == 0) {
-        raw = PQgetResult(conn);
-      } else if (auto read_error = co_await impl.next_result(raw, current, /*can_drain=*/false)) {
-        co_return read_error;
-      }
-      if (raw == nullptr) {
-        if (PQstatus(conn) != CONNECTION_OK) co_return impl.lost(current);
-        continue;  // the end of one statement's results
-      }
-      Result result(raw);
-      const auto status = PQresultStatus(raw);
-      if (status == PGRES_PIPELINE_SYNC) {
-        ++syncs_seen;
-        continue;
-      }
-      if (index >= outcomes.size()) continue;
-      PipelineOutcome& outcome = outcomes[index++];
-      if (status == PGRES_PIPELINE_ABORTED) {
-        outcome.error = make_error_code(client_errc::pipeline_aborted);
-        outcome.diagnostics.message =
-            "not run: an earlier statement of the same pipeline segment failed";
-        outcome.diagnostics.statement = std::string(current);
-      } else if (status == PGRES_TUPLES_OK || status == PGRES_COMMAND_OK) {
-        outcome.result = std::move(result);
-      } else {
-        outcome.error = impl.server_error(raw, current);
-        outcome.diagnostics = impl.last_error;
-      }
-    }
-    if (PQexitPipelineMode(conn) == 0) {
-      co_return impl.lost("pipeline");  // never hand back a connection still in pipeline mode
+      if (forgotten.empty()) break;
+      // As exchange() does for one statement: prepared again once (a DEALLOCATE or DISCARD ALL
+      // behind pgrt's back), or, the second time on this connection, unnamed from now on (a
+      // transaction pooler). Only the segments that failed run again, and only when they cannot
+      // have committed anything: outside a transaction block, without transaction control.
+      for (const std::string& name : forgotten) impl.forget_statement(name);
+      const bool pooler_noticed = ++impl.forgotten_statements >= 2;
+      if (pooler_noticed) impl.use_unnamed_statements("forgot its prepared statements");
+      const bool safe = PQtransactionStatus(impl.conn) == PQTRANS_IDLE &&
+                        std::none_of(pipeline.statements().begin(), pipeline.statements().end(),
+                                     [](const Pipeline::Statement& statement) {
+                                       return controls_transactions(statement.sql);
+                                     });
+      if (!safe || !(attempt == 0 || pooler_noticed)) break;
+      order = segments_to_run_again(pipeline, order, outcomes, forgotten);
+      if (order.empty()) break;
+      for (const std::size_t i : order) outcomes[i] = PipelineOutcome{};
     }
     impl.last_error = {};
     co_return error_code{};

@@ -797,6 +797,148 @@ TEST_F(ConnectionTest, APipelineRightAfterAStreamGetsEveryResultWhole) {
   });
 }
 
+// A pipeline's statements run prepared from the connection's cache, the one query_prepared()
+// uses: prepared once (in one extra round trip the first time), then run by name.
+TEST_F(ConnectionTest, PipelineStatementsArePreparedOnceInTheCacheQueryPreparedUses) {
+  run_coroutine([]() -> awaitable_void {
+    auto conn = co_await open();
+    auto prepared = [&]() -> asio::awaitable<std::vector<std::string>> {
+      auto rows =
+          co_await conn.query("SELECT statement FROM pg_prepared_statements ORDER BY statement");
+      std::vector<std::string> statements;
+      for (const Row& row : rows) statements.push_back(row.get<std::string>(0));
+      co_return statements;
+    };
+    Pipeline pipeline;
+    for (int i = 0; i < 10; ++i) pipeline.add("SELECT $1::int8 * 2", i);
+    pipeline.sync().add("SELECT 'two'");
+    std::vector<std::string> expected;
+    expected.emplace_back("SELECT $1::int8 * 2");
+    expected.emplace_back("SELECT 'two'");
+    for (int run = 0; run < 3; ++run) {
+      const auto outcomes = co_await conn.run(pipeline);
+      EXPECT_EQ(outcomes.size(), 11U);
+      if (outcomes.size() != 11U) co_return;
+      for (int i = 0; i < 10; ++i) {
+        EXPECT_TRUE(outcomes[i].ok()) << i << ": " << outcomes[i].diagnostics.message;
+        EXPECT_EQ(outcomes[i].result.scalar<std::int64_t>(), 2 * i) << i;
+      }
+      EXPECT_EQ(outcomes[10].result.scalar<std::string>(), std::string_view("two"));
+      const std::vector<std::string> statements = co_await prepared();
+      EXPECT_EQ(statements, expected)
+          << "run " << run << ": each text prepared once, on the first run";
+    }
+    EXPECT_EQ((co_await conn.query_prepared("SELECT $1::int8 * 2", 21)).scalar<std::int64_t>(), 42);
+    EXPECT_EQ((co_await prepared()).size(), 2U)
+        << "query_prepared() found the pipeline's statement";
+
+    Pipeline unnamed;
+    unnamed.prepare_statements(false).add("SELECT $1::int8 + 1", 1).add("SELECT 'unnamed'");
+    const auto outcomes = co_await conn.run(unnamed);
+    EXPECT_EQ(outcomes.at(0).result.scalar<std::int64_t>(), 2);
+    EXPECT_EQ(outcomes.at(1).result.scalar<std::string>(), std::string_view("unnamed"));
+    EXPECT_EQ((co_await prepared()).size(), 2U) << "prepare_statements(false) prepared something";
+  });
+}
+
+// A statement that cannot be prepared (a syntax error, a missing table) runs unnamed and fails in
+// its own place, with the same segment semantics as ever: the statements before it in its segment
+// ran (and were rolled back with it), the ones after it were skipped, other segments ran.
+TEST_F(ConnectionTest, APipelineStatementThatFailsToPrepareFailsInItsOwnPlace) {
+  run_coroutine([]() -> awaitable_void {
+    auto conn = co_await open();
+    co_await conn.execute("CREATE TEMP TABLE prepared_pipe (v int)");
+    Pipeline pipeline;
+    pipeline.add("INSERT INTO prepared_pipe VALUES ($1)", 1)
+        .add("SELEC 2")
+        .add("INSERT INTO prepared_pipe VALUES ($1)", 3)
+        .sync()
+        .add("INSERT INTO prepared_pipe VALUES ($1)", 4)
+        .add("SELECT v FROM no_such_table")
+        .sync()
+        .add("INSERT INTO prepared_pipe VALUES ($1) RETURNING v", 6);
+    for (int run = 0; run < 2; ++run) {
+      co_await conn.execute("TRUNCATE prepared_pipe");
+      const auto outcomes = co_await conn.run(pipeline);
+      EXPECT_EQ(outcomes.size(), 6U);
+      if (outcomes.size() != 6U) co_return;
+      EXPECT_TRUE(outcomes[0].ok()) << run;
+      EXPECT_EQ(sqlstate_of(outcomes[1].error), "42601") << run;
+      EXPECT_EQ(outcomes[1].diagnostics.statement, "SELEC 2") << run;
+      EXPECT_EQ(outcomes[2].error, client_errc::pipeline_aborted) << run;
+      EXPECT_TRUE(outcomes[3].ok()) << run;
+      EXPECT_EQ(sqlstate_of(outcomes[4].error), "42P01") << run;
+      EXPECT_EQ(outcomes[5].result.scalar<int>(), 6) << run;
+      EXPECT_EQ((co_await conn.query("SELECT array_agg(v ORDER BY v)::text FROM prepared_pipe"))
+                    .scalar<std::string>(),
+                std::string_view("{6}"))
+          << run << ": each failed segment is rolled back, the last one committed";
+    }
+  });
+}
+
+// The server forgot pgrt's statements (DEALLOCATE ALL by hand): the segments that failed for it
+// are prepared and run again, once, and nothing runs twice; inside a transaction block nothing is
+// run again (the block has failed), and a later run succeeds (the second time the server forgets
+// on one connection, pgrt takes it for a transaction pooler and goes on unnamed, as
+// query_prepared() does).
+TEST_F(ConnectionTest, APipelineWhoseStatementsTheServerForgotRunsItsFailedSegmentsOnce) {
+  run_coroutine([]() -> awaitable_void {
+    auto conn = co_await open();
+    co_await conn.execute("CREATE TEMP TABLE forgetful (v int)");
+    Pipeline pipeline;
+    pipeline.add("INSERT INTO forgetful VALUES ($1)", 1)
+        .add("INSERT INTO forgetful VALUES ($1)", 2)
+        .sync()
+        .add("SELECT count(*) FROM forgetful");
+    auto outcomes = co_await conn.run(pipeline);
+    EXPECT_EQ(outcomes.at(2).result.scalar<std::int64_t>(), 2);
+    co_await conn.execute("DEALLOCATE ALL");
+    outcomes = co_await conn.run(pipeline);
+    for (std::size_t i = 0; i < outcomes.size(); ++i) {
+      EXPECT_TRUE(outcomes[i].ok()) << i << ": " << outcomes[i].diagnostics.message;
+    }
+    EXPECT_EQ(outcomes.at(2).result.scalar<std::int64_t>(), 4) << "each insert ran exactly once";
+
+    co_await conn.execute("DEALLOCATE ALL");
+    co_await conn.begin();
+    outcomes = co_await conn.run(pipeline);
+    EXPECT_EQ(sqlstate_of(outcomes.at(0).error), "26000") << "inside a transaction block";
+    EXPECT_EQ(outcomes.at(1).error, client_errc::pipeline_aborted);
+    EXPECT_FALSE(outcomes.at(2).ok()) << "the block has failed (26000 or 25P02)";
+    co_await conn.rollback();
+    outcomes = co_await conn.run(pipeline);
+    EXPECT_TRUE(outcomes.at(0).ok()) << outcomes.at(0).diagnostics.message;
+    EXPECT_EQ(outcomes.at(2).result.scalar<std::int64_t>(), 6);
+  });
+}
+
+// Inside a transaction block a pipeline prepares nothing (a statement that failed to prepare would
+// abort the block before the pipeline ran); statements the cache holds run by name there. A
+// pipeline of more distinct statements than the cache holds prepares what fits and runs the rest
+// unnamed.
+TEST_F(ConnectionTest, APipelinePreparesNothingInATransactionAndNoMoreThanTheCacheHolds) {
+  run_coroutine([]() -> awaitable_void {
+    ConnectOptions options{.conninfo = cluster().dsn(), .statement_cache_size = 3};
+    auto conn = co_await Connection::connect(std::move(options));
+    auto prepared_count = [&]() -> asio::awaitable<int> {
+      co_return (co_await conn.query("SELECT count(*) FROM pg_prepared_statements")).scalar<int>();
+    };
+    Pipeline five;
+    for (int i = 0; i < 5; ++i) five.add("SELECT " + std::to_string(i) + " + $1::int", 10);
+    co_await conn.begin();
+    auto outcomes = co_await conn.run(five);
+    for (int i = 0; i < 5; ++i) EXPECT_EQ(outcomes.at(i).result.scalar<int>(), i + 10);
+    EXPECT_EQ(co_await prepared_count(), 0);
+    co_await conn.commit();
+    for (int run = 0; run < 2; ++run) {
+      outcomes = co_await conn.run(five);
+      for (int i = 0; i < 5; ++i) EXPECT_EQ(outcomes.at(i).result.scalar<int>(), i + 10);
+      EXPECT_EQ(co_await prepared_count(), 3) << run;
+    }
+  });
+}
+
 // ---------------------------------------------------------------- transactions
 
 TEST_F(ConnectionTest, TransactionHelperCommitsOrRollsBack) {

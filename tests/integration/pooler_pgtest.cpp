@@ -121,6 +121,59 @@ TEST_F(PoolerTest, AnUnconfiguredPoolerIsNoticedAndEveryQueryStillSucceeds) {
       << "each connection should give up named statements after the server forgot two";
 }
 
+// Pipelines behind a pooler: configured, every statement runs unnamed and nothing named ever
+// reaches the server; unconfigured, the statements prepared in one server session are missing in
+// the next, the failed segments run again, and after the second time pgrt goes on unnamed. Every
+// outcome of every client is right either way.
+TEST_F(PoolerTest, PipelinesOfManyClientsWorkBehindAPoolerConfiguredOrNot) {
+  testing::TempPgBouncer lenient(
+      cluster(), {.pool_size = 2, .ignored_startup_parameters = {"extra_float_digits", "options"}});
+  for (const bool configured : {true, false}) {
+    ConnectOptions options = configured ? through_pooler() : ConnectOptions{};
+    if (!configured) options.conninfo = lenient.dsn();
+    const std::size_t errors_before = named_statement_errors();
+    run_coroutine(
+        [&]() -> awaitable_void {
+          auto executor = co_await asio::this_coro::executor;
+          int finished = 0;
+          for (int client = 0; client < 6; ++client) {
+            asio::co_spawn(
+                executor,
+                [&, client]() -> awaitable_void {
+                  auto conn = co_await Connection::connect(options);
+                  for (int round = 0; round < 50; ++round) {
+                    Pipeline pipeline;
+                    pipeline.add("SELECT $1::int + $2::int", client, round)
+                        .sync()
+                        .add("SELECT $1::text || '-' || $2::text", std::to_string(client),
+                             std::to_string(round));
+                    const auto outcomes = co_await conn.run(pipeline);
+                    EXPECT_TRUE(outcomes.at(0).ok()) << outcomes.at(0).diagnostics.message;
+                    EXPECT_TRUE(outcomes.at(1).ok()) << outcomes.at(1).diagnostics.message;
+                    if (!outcomes.at(0).ok() || !outcomes.at(1).ok()) continue;
+                    EXPECT_EQ(outcomes[0].result.scalar<int>(), client + round);
+                    EXPECT_EQ(outcomes[1].result.scalar<std::string>(),
+                              std::to_string(client) + "-" + std::to_string(round));
+                  }
+                  ++finished;
+                },
+                [](std::exception_ptr error) {
+                  if (error) std::rethrow_exception(error);
+                });
+          }
+          while (finished < 6) co_await sleep_for(5ms);
+        },
+        120s);
+    if (configured) {
+      EXPECT_EQ(named_statement_errors(), errors_before) << "a named statement was prepared";
+    } else {
+      EXPECT_GT(named_statement_errors(), errors_before) << "the server never forgot: no test";
+      EXPECT_LE(named_statement_errors() - errors_before, 6U * 2 * 2)
+          << "each connection should give up named statements after the server forgot twice";
+    }
+  }
+}
+
 // A pooler that drops pgrt's startup options also drops its DateStyle=ISO: a database whose
 // DateStyle is not ISO is then refused at connect, instead of dates being misread.
 TEST_F(PoolerTest, ADateStyleThePoolerLeftNonIsoIsRefusedAtConnect) {

@@ -52,6 +52,9 @@ inline bool contains(std::string_view text, std::string_view part) {
   return text.find(part) != std::string_view::npos;
 }
 
+// The statement's first keyword, lower case, after white space and comments ("" if none).
+std::string first_keyword(std::string_view sql);
+
 struct Connection::Impl {
   Impl(executor_type executor_in, ConnectOptions options_in)
       : executor(std::move(executor_in)), socket(executor), options(std::move(options_in)) {}
@@ -174,6 +177,13 @@ struct Connection::Impl {
   // Prepares the statement cached_statement() has just missed (its key is in statement_key).
   asio::awaitable<error_code> prepare(std::string_view sql, const ParamSink& params,
                                       const std::string*& name);
+  // A name no statement of this connection has had, "pgrt_<random>_<n>".
+  std::string new_statement_name();
+  // Caches a statement prepared under `name` as the most recently used; the least recently used
+  // beyond the cache's size go to evicted_statements.
+  void remember_statement(std::string key, std::string name);
+  // DEALLOCATEs the evicted statements, outside a transaction block only.
+  asio::awaitable<error_code> deallocate_evicted();
   void forget_statement(const std::string& name);
   // Goes on with unnamed statements on this connection: a transaction pooler was noticed.
   void use_unnamed_statements(std::string_view why);

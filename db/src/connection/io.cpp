@@ -291,9 +291,6 @@ void Connection::Impl::use_unnamed_statements(std::string_view why) {
   }
 }
 
-namespace {
-
-// The statement's first keyword, lower case, after white space and comments.
 std::string first_keyword(std::string_view sql) {
   std::size_t at = 0;
   while (at < sql.size()) {
@@ -316,8 +313,6 @@ std::string first_keyword(std::string_view sql) {
   }
   return keyword;
 }
-
-}  // namespace
 
 error_code Connection::Impl::refuse_without_session(std::string_view sql) {
   if (options.pooler != Pooler::transaction) return {};

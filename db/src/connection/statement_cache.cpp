@@ -12,6 +12,22 @@ namespace pgrt {
 asio::awaitable<error_code> Connection::Impl::prepare(std::string_view sql, const ParamSink& params,
                                                       const std::string*& name) {
   std::string key = statement_key;
+  std::string new_name = new_statement_name();
+  const std::string text(sql);
+  if (PQsendPrepare(conn, new_name.c_str(), text.c_str(), static_cast<int>(params.size()),
+                    params.types()) == 0) {
+    co_return lost(sql);
+  }
+  if (auto error = co_await flush(sql)) co_return error;
+  Result ignored;
+  if (auto error = co_await collect(sql, ignored)) co_return error;
+  remember_statement(std::move(key), std::move(new_name));
+  if (auto error = co_await deallocate_evicted()) co_return error;
+  name = &statements.front().name;
+  co_return error_code{};
+}
+
+std::string Connection::Impl::new_statement_name() {
   if (statement_prefix.empty()) {
     // Unique to this connection, not only within it: behind a pooler that shares server sessions
     // (unconfigured), a name another client prepared there must never be executed as ours; the
@@ -22,25 +38,24 @@ asio::awaitable<error_code> Connection::Impl::prepare(std::string_view sql, cons
     std::snprintf(digits, sizeof digits, "%016llx", static_cast<unsigned long long>(nonce));
     statement_prefix = std::string("pgrt_") + digits + "_";
   }
-  std::string new_name = statement_prefix + std::to_string(next_statement_id++);
-  const std::string text(sql);
-  if (PQsendPrepare(conn, new_name.c_str(), text.c_str(), static_cast<int>(params.size()),
-                    params.types()) == 0) {
-    co_return lost(sql);
-  }
-  if (auto error = co_await flush(sql)) co_return error;
-  Result ignored;
-  if (auto error = co_await collect(sql, ignored)) co_return error;
-  statements.push_front(CachedStatement{key, std::move(new_name)});
+  return statement_prefix + std::to_string(next_statement_id++);
+}
+
+void Connection::Impl::remember_statement(std::string key, std::string name) {
+  statements.push_front(CachedStatement{key, std::move(name)});
   statement_index.emplace(std::move(key), statements.begin());
   while (statements.size() > std::max<std::size_t>(options.statement_cache_size, 1)) {
     evicted_statements.push_back(statements.back().name);
     statement_index.erase(statements.back().key);
     statements.pop_back();
   }
-  // Evicted statements are deallocated outside transaction blocks only: a DEALLOCATE that fails
-  // would abort the caller's transaction. (Behind an unnoticed pooler it may reach another
-  // server session, which never had the statement: 26000, nothing to free there.)
+}
+
+// Evicted statements are deallocated outside transaction blocks only: a DEALLOCATE that fails
+// would abort the caller's transaction. (Behind an unnoticed pooler it may reach another server
+// session, which never had the statement: 26000, nothing to free there.)
+asio::awaitable<error_code> Connection::Impl::deallocate_evicted() {
+  Result ignored;
   while (!evicted_statements.empty() && PQtransactionStatus(conn) == PQTRANS_IDLE) {
     const std::string deallocate = "DEALLOCATE " + evicted_statements.back();
     evicted_statements.pop_back();
@@ -51,7 +66,6 @@ asio::awaitable<error_code> Connection::Impl::prepare(std::string_view sql, cons
       co_return error;
     }
   }
-  name = &statements.front().name;
   co_return error_code{};
 }
 

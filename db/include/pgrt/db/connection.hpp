@@ -217,7 +217,12 @@ class Connection {
   }
 
   /// Sends every statement of the pipeline in one round trip (libpq pipeline mode) and returns one
-  /// outcome per statement, in order. See pgrt/db/pipeline.hpp.
+  /// outcome per statement, in order; statements run prepared from this connection's statement
+  /// cache unless Pipeline::prepare_statements(false) (a cache miss outside a transaction block
+  /// costs one more round trip, to prepare). A cached statement the server no longer knows
+  /// (SQLSTATE 26000: DEALLOCATE or DISCARD ALL behind pgrt's back, a transaction pooler) is
+  /// prepared again and its segments run again, once, when that is safe: outside a transaction
+  /// block, and no statement of the pipeline is transaction control. See pgrt/db/pipeline.hpp.
   [[nodiscard]] boost::asio::awaitable<std::vector<PipelineOutcome>> run(const Pipeline& pipeline);
 
   /// Runs `copy_statement` (a `COPY ... FROM STDIN`) and sends `data` (in the format that COPY

@@ -30,6 +30,19 @@ struct PipelineOutcome {
 /// statement fails, the rest of its segment is skipped (reported as pipeline_aborted) and the next
 /// segment runs. Without sync() calls the whole pipeline is one segment. Outside an explicit
 /// transaction, each segment is committed on its own (an implicit transaction).
+///
+/// Prepared statements: by default each statement runs as a named prepared statement from the
+/// connection's statement cache (the one Connection::query_prepared() uses, per SQL text and
+/// parameter types, ConnectOptions::statement_cache_size), so the server parses and plans it once
+/// per connection. Statements the cache lacks are prepared first, in one extra round trip, only
+/// outside a transaction block (inside one they run unnamed this time, so that a statement that
+/// fails to prepare cannot abort your transaction early). A statement whose preparation fails runs
+/// unnamed and reports its own error in its place. Behind a transaction pooler
+/// (ConnectOptions::pooler) every statement runs unnamed. prepare_statements(false) runs this
+/// pipeline's statements unnamed (parsed by the server every time): for one-off SQL that would
+/// only churn the cache.
+///
+/// Not thread-safe; a Pipeline may be run many times, on any connection.
 class Pipeline {
  public:
   struct Statement {
@@ -51,11 +64,19 @@ class Pipeline {
     return *this;
   }
 
+  /// Whether run() uses the connection's prepared statements (default true; see the class).
+  Pipeline& prepare_statements(bool prepared) noexcept {
+    prepared_ = prepared;
+    return *this;
+  }
+  [[nodiscard]] bool prepares_statements() const noexcept { return prepared_; }
+
   [[nodiscard]] std::size_t size() const noexcept { return statements_.size(); }
   [[nodiscard]] const std::vector<Statement>& statements() const noexcept { return statements_; }
 
  private:
   std::vector<Statement> statements_;
+  bool prepared_ = true;
 };
 
 }  // namespace pgrt
