@@ -336,6 +336,17 @@ def contestants(bench):
         add(f"pipeline/{depth}", "pgbench \\startpipeline -c1 -M extended", FAST,
             lambda d=depth: bench.pgbench_pipeline(d, "extended"))
 
+    # 8. Statements without a lease: query() on shared connections (max 3), beside a lease per
+    # statement and pgbench, 256 callers and 1.
+    add("shared/256", "pgrt query(), 256 callers on 3 shared connections", SAFE,
+        lambda: bench.pgrt("BM_PoolQueryShared/callers:256"))
+    add("shared/256", "pgrt, a lease per statement, 256 tasks on 3 connections", SAFE,
+        lambda: bench.pgrt("BM_PoolOverloadClosedLoop"))
+    add("shared/256", "pgbench -c3 -j1 -M prepared", FAST, lambda: bench.pgbench_select1(3))
+    add("shared/1", "pgrt query(), 1 caller", SAFE, lambda: bench.pgrt("BM_PoolQueryShared/callers:1"))
+    add("shared/1", "pgrt, a lease per statement, 1 task", SAFE,
+        lambda: bench.pgrt("BM_PoolSelectOne/tasks:1/tcp:0"))
+
     # 6. Pending writes.
     add("writes", "pgrt pending writes (COPY batches)", SAFE, lambda: bench.pgrt("BM_PendingWritesRows"))
     add("writes", "single-row autocommit INSERTs (pgrt pool)", SAFE, lambda: bench.pgrt("BM_AutocommitInsertRows"))
@@ -634,6 +645,17 @@ def write_report(results, raw, args, bench, elapsed, plot):
                 "10,000 rows accepted with no flush yet (batch size 10,000, interval 1 h); the time "
                 "`stop()` takes to flush them all.")
     report.table("shutdown", ["stop_ms", "flushed"], "stop_ms", higher_is_better=False, ratio_title="-")
+
+    report.text("## 8. Statements without a lease: `query()`",
+                "`SELECT 1` through `Pool::query()` (docs/pool.md): the statements of all callers share "
+                "the pool's 3 connections through pipelining, each statement in a sync segment of its "
+                "own; beside it the same through a lease per statement (benchmark 4's closed loop) and "
+                "pgbench with 3 connections. The 1-caller table shows what `query()` costs a lone "
+                "statement against a lease (`latency_p50_us`: lower is better).")
+    report.text("### 256 callers")
+    report.table("shared/256", ["queries_per_s", "latency_p50_us", "latency_p99_us"], "queries_per_s")
+    report.text("### 1 caller")
+    report.table("shared/1", ["queries_per_s", "latency_p50_us", "latency_p99_us"], "queries_per_s")
 
     Path(args.docs_dir, "benchmarks.md").write_text("\n".join(report.lines).rstrip() + "\n")
     Path(args.docs_dir, "benchmarks.json").write_text(json.dumps(raw, indent=1) + "\n")

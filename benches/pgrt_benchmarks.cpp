@@ -318,6 +318,46 @@ BENCHMARK(BM_PoolSelectOne)
     ->Args({3, 2})
     ->Iterations(1);
 
+// --- 8. statements without a lease: query() on shared connections
+// ---------------------------------
+
+// `callers` coroutines each run SELECT 1 through Pool::query() in a loop, on max 3 connections.
+void BM_PoolQueryShared(benchmark::State& state) {
+  const auto callers = static_cast<std::size_t>(state.range(0));
+  for (auto _ : state) {
+    asio::io_context io;
+    auto config = pool_config(3);
+    config.max_waiters = 100'000;
+    pgrt::Pool pool(io.get_executor(), config);
+    Histogram latencies;
+    std::uint64_t queries = 0;
+    double seconds = 0;
+    run(io, [&]() -> asio::awaitable<void> {
+      (void)co_await pool.query("SELECT 1");  // connected and prepared before the window
+      const auto started = Clock::now();
+      const auto until = started + window();
+      InFlight running(io);
+      for (std::size_t c = 0; c < callers; ++c) {
+        running.spawn([&]() -> asio::awaitable<void> {
+          while (Clock::now() < until) {
+            const auto begun = Clock::now();
+            auto result = co_await pool.query("SELECT 1");
+            benchmark::DoNotOptimize(result);
+            latencies.record(Clock::now() - begun);
+            ++queries;
+          }
+        });
+      }
+      co_await running.wait();
+      seconds = std::chrono::duration<double>(Clock::now() - started).count();
+      (void)co_await pool.close(0ms);
+    });
+    state.counters["queries_per_s"] = static_cast<double>(queries) / seconds;
+    report_latency(state, latencies, "latency");
+  }
+}
+BENCHMARK(BM_PoolQueryShared)->ArgName("callers")->Arg(1)->Arg(256)->Iterations(1);
+
 // The peer: blocking libpq, one thread per connection, PQexecPrepared in a loop.
 void BM_RawLibpqSelectOne(benchmark::State& state) {
   if (skipped_without_tls(state)) return;

@@ -43,6 +43,11 @@ boost::asio::awaitable<void> scrape(pgrt::Pool& pool) {
 }
 // clang-format on
 
+boost::asio::awaitable<std::string> user_name(std::int64_t id) {
+  auto rows = co_await pgrt::query("SELECT name FROM users WHERE id = $1", id);
+  co_return rows.scalar<std::string>();
+}
+
 }  // namespace
 
 int main(int argc, char**) {
@@ -54,6 +59,8 @@ int main(int argc, char**) {
     pgrt::Pool pool(shared_by_two_scrapers());
     auto scraping = scrape(pool);
     (void)scraping;
+    auto name = user_name(1);
+    (void)name;
   }
   return 0;
 }

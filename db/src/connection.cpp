@@ -357,6 +357,10 @@ Connection::Impl* ConnectionAccess::bind(Connection& connection, LeaseBinding* b
   return impl;
 }
 
+Connection::Impl* ConnectionAccess::impl_of(Connection& connection) noexcept {
+  return connection.impl_.get();
+}
+
 void ConnectionAccess::time_statements(Connection& connection,
                                        std::shared_ptr<StatementTimes> times) noexcept {
   if (connection.impl_) connection.impl_->statement_times = std::move(times);

@@ -67,6 +67,9 @@ struct ConnectionAccess {
   // Binds `connection` to a lease (null: unbinds it), and returns its implementation: the same
   // object wherever the Connection is moved (null, and nothing bound, when it is empty).
   static Connection::Impl* bind(Connection& connection, LeaseBinding* binding) noexcept;
+  // The implementation of an open connection (null when empty), for the pool's shared
+  // connections (pool/multiplexer.cpp), which drive libpq themselves.
+  static Connection::Impl* impl_of(Connection& connection) noexcept;
   // Forgets the statements query_prepared() cached (the server is about to deallocate them).
   static void forget_statements(Connection& connection) noexcept;
   // Connection::interrupt() on an implementation: thread-safe, as that is.

@@ -1745,5 +1745,304 @@ TEST_F(PoolTest, AConnectionReferenceKeptPastItsLeaseFailsAndNeverReachesTheNext
   });
 }
 
+// ---------------------------------------------------------------- query(): shared connections
+
+// How many statements each caller of the shared-statement correctness run makes: 200 by default
+// (CI), PGRT_SHARED_QUERY_ROUNDS for the full run of issue 15 (10,000).
+int shared_query_rounds() {
+  const char* given = std::getenv("PGRT_SHARED_QUERY_ROUNDS");
+  return given != nullptr && std::atoi(given) > 0 ? std::atoi(given) : 200;
+}
+
+// 256 coroutines share a pool of 3 through query(): reads, writes and statements that fail, each
+// caller's results checked, never more than 3 backends (sampled on the server), every write
+// there once, and a failing statement fails its own caller only.
+TEST_F(PoolTest, QueryRunsManyCallersStatementsOnSharedConnectionsWithinTheMax) {
+  const int callers = 256;
+  const int rounds = shared_query_rounds();
+  PoolConfig pool_config = config("shared");
+  pool_config.max_waiters = 10'000;
+  BlockingConnection admin(cluster().dsn());
+  admin.query("DROP TABLE IF EXISTS shared_writes");
+  admin.query("CREATE TABLE shared_writes (caller int, round int, PRIMARY KEY (caller, round))");
+  std::optional<BackendSampler> sampler;
+  std::atomic<int> wrong{0};
+  std::atomic<std::int64_t> writes{0}, failures{0};
+  PoolStats end{};
+  run_coroutine(
+      [&]() -> awaitable_void {
+        auto executor = co_await asio::this_coro::executor;
+        Pool pool(executor, pool_config);
+        sampler.emplace(cluster().dsn(), pool.application_name());
+        int finished = 0;
+        for (int caller = 0; caller < callers; ++caller) {
+          asio::co_spawn(
+              executor,
+              [&, caller]() -> awaitable_void {
+                for (int round = 0; round < rounds; ++round) {
+                  switch ((caller + round) % 4) {
+                    case 0: {
+                      auto result =
+                          co_await pool.query("SELECT $1::int8 * 1000 + $2::int8", caller, round);
+                      if (result.scalar<std::int64_t>() != caller * 1000LL + round) ++wrong;
+                      break;
+                    }
+                    case 1: {
+                      co_await pool.query("INSERT INTO shared_writes VALUES ($1, $2)", caller,
+                                          round);
+                      ++writes;
+                      break;
+                    }
+                    case 2: {
+                      auto result =
+                          co_await pool.query("SELECT $1::text || ':' || $2::text",
+                                              std::to_string(caller), std::to_string(round));
+                      if (result.scalar<std::string>() !=
+                          std::to_string(caller) + ":" + std::to_string(round)) {
+                        ++wrong;
+                      }
+                      break;
+                    }
+                    default: {
+                      try {
+                        co_await pool.query("SELECT $1::int / 0", caller);
+                        ++wrong;
+                      } catch (const Error& error) {
+                        if (error.sqlstate() != "22012") ++wrong;
+                        ++failures;
+                      }
+                    }
+                  }
+                }
+                ++finished;
+              },
+              [](std::exception_ptr error) {
+                if (error) std::rethrow_exception(error);
+              });
+        }
+        while (finished < callers) co_await sleep_for(10ms);
+        end = pool.stats();
+        (void)co_await pool.close(5s);
+      },
+      600s);
+  sampler->stop();
+  EXPECT_EQ(wrong.load(), 0);
+  EXPECT_GT(failures.load(), 0);
+  EXPECT_EQ(admin.scalar("SELECT count(*) FROM shared_writes"), std::to_string(writes.load()));
+  EXPECT_GT(sampler->samples(), 0);
+  EXPECT_LE(sampler->highest(), 3) << "more backends than max_size";
+  EXPECT_LE(end.size, 3U);
+}
+
+// Statements that need a session of their own are refused before anything is sent, with a clear
+// error that points to a lease; a statement that fails to prepare reports its own error.
+TEST_F(PoolTest, QueryRefusesWhatNeedsASessionAndReportsEachStatementsOwnError) {
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, config("shared-refusals"));
+    for (const char* sql : {"BEGIN", "  commit", "SET search_path = x", "LISTEN jobs",
+                            "COPY t FROM STDIN", "/* c */ savepoint a",
+                            "DECLARE c CURSOR FOR "
+                            "SELECT 1",
+                            "SELECT pg_advisory_lock(1)"}) {
+      auto error = co_await testing::expect_error(pool.query(sql));
+      EXPECT_EQ(error.code(), client_errc::needs_session) << sql;
+      EXPECT_THAT(error.diagnostics().hint, HasSubstr("lease")) << sql;
+    }
+    EXPECT_EQ(pool.stats().acquired, 0U) << "a refused statement borrowed a connection";
+    auto error = co_await testing::expect_error(pool.query("SELEC 1"));
+    EXPECT_EQ(error.sqlstate(), "42601") << error.what();
+    error = co_await testing::expect_error(pool.query("SELECT * FROM no_such_table"));
+    EXPECT_EQ(error.sqlstate(), "42P01") << error.what();
+    EXPECT_EQ((co_await pool.query("SELECT $1::int + 1", 41)).scalar<int>(), 42);
+    (void)co_await pool.close(5s);
+  });
+}
+
+// Callers cancelled at random moments (queued, sent, or answered already) get `cancelled` or
+// their right answer, never someone else's; the pool ends with nothing queued or held.
+TEST_F(PoolTest, QueryUnderACancellationStormAnswersEveryoneRightAndLeaksNothing) {
+  PoolConfig pool_config = config("shared-cancel");
+  pool_config.max_waiters = 10'000;
+  std::atomic<int> wrong{0}, cancelled{0}, answered{0};
+  PoolStats after{};
+  run_coroutine(
+      [&]() -> awaitable_void {
+        auto executor = co_await asio::this_coro::executor;
+        Pool pool(executor, pool_config);
+        co_await pool.query("SELECT 1");  // connected: the storm hits statements, not the connect
+        int finished = 0;
+        for (int caller = 0; caller < 128; ++caller) {
+          asio::co_spawn(
+              executor,
+              [&, caller]() -> awaitable_void {
+                for (int round = 0; round < 100; ++round) {
+                  const auto timeout = std::chrono::microseconds(50 + (caller * 37 + round) % 5000);
+                  try {
+                    auto result = co_await with_timeout(
+                        pool.query("SELECT $1::int8 * 1000 + $2::int8", caller, round), timeout);
+                    if (result.scalar<std::int64_t>() != caller * 1000LL + round) ++wrong;
+                    ++answered;
+                  } catch (const Error& error) {
+                    if (error.code() == client_errc::timeout ||
+                        error.code() == client_errc::cancelled) {
+                      ++cancelled;
+                    } else {
+                      ++wrong;
+                      ADD_FAILURE() << error.what();
+                    }
+                  }
+                }
+                ++finished;
+              },
+              [](std::exception_ptr error) {
+                if (error) std::rethrow_exception(error);
+              });
+        }
+        while (finished < 128) co_await sleep_for(10ms);
+        EXPECT_EQ((co_await pool.query("SELECT 7")).scalar<int>(), 7);
+        for (int i = 0; i < 250 && pool.stats().in_use != 0; ++i) co_await sleep_for(20ms);
+        after = pool.stats();
+        (void)co_await pool.close(5s);
+      },
+      300s);
+  EXPECT_EQ(wrong.load(), 0);
+  EXPECT_GT(cancelled.load(), 0) << "no statement was cancelled: the storm missed";
+  EXPECT_GT(answered.load(), 0);
+  EXPECT_EQ(after.in_use, 0U);
+}
+
+// Callers that need a lease are not starved by a steady stream of query(): the shared
+// connections drain and go back to them.
+TEST_F(PoolTest, QueryLoadGivesConnectionsBackToCallersThatWaitForALease) {
+  PoolConfig pool_config = config("shared-lease");
+  pool_config.acquire_timeout = 5s;
+  pool_config.max_waiters = 10'000;
+  int leases = 0;
+  run_coroutine(
+      [&]() -> awaitable_void {
+        auto executor = co_await asio::this_coro::executor;
+        Pool pool(executor, pool_config);
+        bool stop = false;
+        int finished = 0;
+        for (int caller = 0; caller < 64; ++caller) {
+          asio::co_spawn(
+              executor,
+              [&]() -> awaitable_void {
+                while (!stop) co_await pool.query("SELECT pg_sleep(0.001)");
+                ++finished;
+              },
+              [](std::exception_ptr error) {
+                if (error) std::rethrow_exception(error);
+              });
+        }
+        co_await sleep_for(300ms);
+        for (int i = 0; i < 10; ++i) {
+          auto lease = co_await pool.acquire();
+          co_await lease->begin();
+          co_await lease->query("SELECT 1");
+          co_await lease->commit();
+          ++leases;
+        }
+        stop = true;
+        while (finished < 64) co_await sleep_for(10ms);
+        (void)co_await pool.close(5s);
+      },
+      120s);
+  EXPECT_EQ(leases, 10);
+}
+
+// A server restart in the middle of a query() load: the statements in flight on a lost
+// connection fail with a connection error, the others are answered, and once the server is back
+// every statement succeeds; no caller hangs.
+TEST_F(PoolTest, QuerySurvivesAServerRestartInTheMiddleOfALoad) {
+  auto own = start_own_cluster();
+  PoolConfig pool_config = config("shared-restart");
+  pool_config.conninfo = own->dsn();
+  pool_config.acquire_timeout = 5s;
+  pool_config.max_waiters = 10'000;
+  std::atomic<int> wrong{0}, errors{0}, after_restart{0};
+  std::atomic<bool> restarted{false};
+  int finished = 0;
+  std::thread restarter([&] {
+    std::this_thread::sleep_for(1s);
+    own->restart(testing::StopMode::fast);
+    restarted = true;
+  });
+  run_coroutine(
+      [&]() -> awaitable_void {
+        auto executor = co_await asio::this_coro::executor;
+        Pool pool(executor, pool_config);
+        const auto deadline = std::chrono::steady_clock::now() + 4s;
+        for (int caller = 0; caller < 100; ++caller) {
+          asio::co_spawn(
+              executor,
+              [&, caller]() -> awaitable_void {
+                for (int round = 0; std::chrono::steady_clock::now() < deadline; ++round) {
+                  bool failed = false;
+                  try {
+                    auto result =
+                        co_await pool.query("SELECT $1::int8 * 1000 + $2::int8", caller, round);
+                    if (result.scalar<std::int64_t>() != caller * 1000LL + round) ++wrong;
+                    if (restarted) ++after_restart;
+                  } catch (const Error& error) {
+                    ++errors;
+                    EXPECT_TRUE(error.code() == condition::connection_error ||
+                                error.code() == condition::timeout ||
+                                error.code() == condition::admin_shutdown)
+                        << error.what();
+                    failed = true;
+                  }
+                  if (failed) co_await sleep_for(10ms);
+                }
+                ++finished;
+              },
+              asio::detached);
+        }
+        while (finished < 100) co_await sleep_for(20ms);
+        EXPECT_EQ((co_await pool.query("SELECT 1")).scalar<int>(), 1);
+        (void)co_await pool.close(5s);
+      },
+      60s);
+  restarter.join();
+  EXPECT_EQ(finished, 100) << "a caller hung";
+  EXPECT_EQ(wrong.load(), 0);
+  EXPECT_GT(errors.load(), 0) << "the restart should have been noticed";
+  EXPECT_GT(after_restart.load(), 0) << "query() did not recover";
+}
+
+// Closing the pool: queued statements fail with pool_closed, those in flight are answered within
+// the grace period; nothing hangs.
+TEST_F(PoolTest, QueryStatementsQueuedWhenThePoolClosesFailWithPoolClosed) {
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    PoolConfig pool_config = config("shared-close", 1);
+    Pool pool(executor, pool_config);
+    std::vector<client_errc> outcomes;
+    int finished = 0;
+    for (int caller = 0; caller < 200; ++caller) {
+      asio::co_spawn(
+          executor,
+          [&]() -> awaitable_void {
+            try {
+              co_await pool.query("SELECT pg_sleep(0.01)");
+              outcomes.push_back(client_errc{});
+            } catch (const Error& error) {
+              EXPECT_EQ(error.code(), client_errc::pool_closed) << error.what();
+              outcomes.push_back(client_errc::pool_closed);
+            }
+            ++finished;
+          },
+          asio::detached);
+    }
+    co_await sleep_for(50ms);
+    (void)co_await pool.close(5s);
+    while (finished < 200) co_await sleep_for(10ms);
+    EXPECT_GT(std::count(outcomes.begin(), outcomes.end(), client_errc::pool_closed), 0);
+    auto error = co_await testing::expect_error(pool.query("SELECT 1"));
+    EXPECT_EQ(error.code(), client_errc::pool_closed);
+  });
+}
+
 }  // namespace
 }  // namespace pgrt

@@ -165,6 +165,7 @@ struct IdleWatch {
 };
 
 struct PoolState;
+struct Multiplexer;  // multiplexer.hpp
 
 struct PooledConnection : pool::NodeAttachment, LeaseBinding {
   PooledConnection(const asio::any_io_executor& executor, PoolState& pool_in, pool::Node& node_in)
@@ -307,6 +308,11 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
   std::uint64_t budget_slot_waits = 0;  // PoolStats::budget_slot_waits
   // close() calls waiting for every connection to be gone; notified once none is left.
   async::TimerCondition drained;
+  // Pool::query()'s, made on its first call (under `mutex`).
+  std::shared_ptr<Multiplexer> multiplexer;
+  // The multiplexer, made on the first call (the pool's executor bound from `caller` if it has
+  // none yet). Throws pool_closed on a closed pool.
+  std::shared_ptr<Multiplexer> multiplexer_for(const asio::any_io_executor& caller);
 
   // --- carrying out the core's actions (under `mutex`) ------------------------------------------
 

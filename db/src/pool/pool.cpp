@@ -1,5 +1,6 @@
 // Pool: the public pool object, its stats and names. The work is the driver's (driver.hpp).
 #include "driver.hpp"
+#include "multiplexer.hpp"
 
 namespace pgrt {
 
@@ -123,6 +124,25 @@ asio::awaitable<Lease> Pool::acquire(std::string_view consumer, Priority priorit
   if (!index) return state_->fail_unknown_consumer(consumer);
   return state_->acquire(state_, priority, *index, site);
 }
+
+asio::awaitable<Result> Pool::query_with(std::string sql, ParamSink params) {
+  // Not a coroutine itself: run_shared()'s frame holds the state.
+  return detail::run_shared(state_, std::move(sql), std::move(params));
+}
+
+namespace detail {
+
+std::shared_ptr<Multiplexer> PoolState::multiplexer_for(const asio::any_io_executor& caller) {
+  std::lock_guard lock(mutex);
+  if (core.closed()) {
+    throw_pool_error(client_errc::pool_closed, "the pool " + application_name + " is closed");
+  }
+  if (!executor) bind_executor_locked(caller);
+  if (!multiplexer) multiplexer = std::make_shared<Multiplexer>(shared_from_this(), *executor);
+  return multiplexer;
+}
+
+}  // namespace detail
 
 void Pool::evict_all() {
   state_->evict_all();

@@ -7,6 +7,7 @@
 //      those comes back when its Lease is dropped and its backend has ended.
 // close_now() is the same without waiting, for exit handlers.
 #include "driver.hpp"
+#include "multiplexer.hpp"
 
 namespace pgrt {
 
@@ -62,6 +63,7 @@ void PoolState::begin_close() {
   core.close(actions);
   execute_locked(actions, deferred);
   if (upkeep_timer) upkeep_timer->cancel();
+  if (multiplexer) multiplexer->close();  // (its lock is taken under ours, never the reverse)
 }
 
 // Pool::close(): see pool.hpp. `self` keeps the state alive if the Pool goes meanwhile.

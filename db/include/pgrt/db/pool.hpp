@@ -449,6 +449,37 @@ class Pool {
       std::string_view consumer, Priority priority = Priority::normal,
       std::source_location site = std::source_location::current());
 
+  /// Runs one statement without an exclusive lease: on one of the pool's connections, which it
+  /// shares with the statements of other query() callers through libpq's pipeline mode (each
+  /// statement in a sync segment of its own, prepared once per connection). Hundreds of callers
+  /// share max_size connections, and a round trip no longer caps them at max_size statements in
+  /// flight. The connections are borrowed through the pool's own acquire: the strict max, FIFO
+  /// and accounting hold for both paths, and a connection goes back once nothing is queued, or
+  /// (drained first) when callers wait for a lease. Statements wait at most
+  /// PoolConfig::acquire_timeout for a connection to take them; once sent they run to their end
+  /// (a server-side statement_timeout bounds them), and a slow one delays the answers
+  /// behind it on its connection (head of line: see docs/usage.md).
+  ///
+  /// Refused (client_errc::needs_session, at the co_await, nothing sent), as they need a session
+  /// of their own: transaction control (BEGIN, COMMIT, SAVEPOINT, ...), SET and RESET, LISTEN,
+  /// COPY, cursors, DISCARD, DEALLOCATE, PREPARE, LOCK and session-level advisory locks. Take a
+  /// lease for those. A string of several statements is refused by the server (SQLSTATE 42601).
+  ///
+  /// Errors (pgrt::Error): the statement's own (SQLSTATE), for its caller only; pool_timeout when
+  /// no connection took it within acquire_timeout; pool_queue_full beyond max_waiters queued;
+  /// pool_closed; connection_lost when its connection was lost while it was in flight (it may or
+  /// may not have run: retry only what is idempotent); cancelled.
+  ///
+  /// Cancellation: per-operation cancellation of a queued statement takes it out of the queue; of
+  /// a sent one fails the caller at once, and its answer is read and dropped when it comes (no
+  /// cancel request is sent: it could hit another caller's statement). Thread-safe.
+  template <Encodable... Args>
+  [[nodiscard]] boost::asio::awaitable<Result> query(std::string_view sql, const Args&... args) {
+    ParamSink params;
+    encode_params(params, args...);
+    return query_with(std::string(sql), std::move(params));
+  }
+
   [[nodiscard]] PoolStats stats() const;
   [[nodiscard]] PoolEvents& events() noexcept;
   [[nodiscard]] const PoolConfig& config() const noexcept;
@@ -490,6 +521,8 @@ class Pool {
   [[nodiscard]] bool closed() const noexcept;
 
  private:
+  boost::asio::awaitable<Result> query_with(std::string sql, ParamSink params);
+
   std::shared_ptr<detail::PoolState> state_;
 };
 
@@ -518,5 +551,11 @@ void configure(PoolConfig config, boost::asio::any_io_executor executor);
 [[nodiscard]] boost::asio::awaitable<Lease> connection(
     std::string_view consumer, Priority priority = Priority::normal,
     std::source_location site = std::source_location::current());
+/// `co_await pgrt::query(sql, args...)`: one statement on the process-wide pool's shared
+/// connections, without a lease (see Pool::query). Throws pool_not_configured as pool() does.
+template <Encodable... Args>
+[[nodiscard]] boost::asio::awaitable<Result> query(std::string_view sql, const Args&... args) {
+  return pool().query(sql, args...);
+}
 
 }  // namespace pgrt

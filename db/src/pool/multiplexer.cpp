@@ -1,0 +1,537 @@
+// The multiplexer behind Pool::query() (multiplexer.hpp): the caller's side, the connections'
+// writer and reader, and their borrowing and giving back.
+#include "multiplexer.hpp"
+
+#include <algorithm>
+#include <array>
+#include <cctype>
+#include <unordered_map>
+
+#include "../connection/impl.hpp"
+
+namespace pgrt::detail {
+
+namespace {
+
+// Statements a shared connection cannot run: they change or need the session (a transaction, a
+// setting, a cursor, a listener) that the other callers' statements share, or COPY, which takes
+// the connection over.
+error_code refuse_on_shared_connection(std::string_view sql, Diagnostics& diagnostics) {
+  const std::string keyword = first_keyword(sql);
+  static constexpr std::array refused{
+      "begin",   "start",      "commit",  "end",   "rollback", "abort",    "savepoint",
+      "release", "prepare",    "set",     "reset", "listen",   "unlisten", "copy",
+      "discard", "deallocate", "declare", "fetch", "move",     "close",    "lock"};
+  const bool session = std::find(refused.begin(), refused.end(), keyword) != refused.end();
+  std::string lowered(sql);
+  for (char& c : lowered) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  const bool advisory = lowered.find("pg_advisory_lock") != std::string::npos ||
+                        lowered.find("pg_try_advisory_lock") != std::string::npos ||
+                        lowered.find("pg_advisory_unlock") != std::string::npos;
+  if (!session && !advisory) return {};
+  diagnostics = Diagnostics{
+      .message = (advisory ? std::string("a session-level advisory lock") : "'" + keyword + "'") +
+                 " cannot run on a shared connection: query() runs each statement on a "
+                 "connection other callers' statements share, in an implicit transaction of its "
+                 "own",
+      .hint =
+          "take a lease for it (co_await pool.acquire() or pgrt::connection()): "
+          "transactions, SET, LISTEN, COPY, cursors and session locks need a connection of "
+          "their own",
+      .statement = std::string(sql)};
+  return make_error_code(client_errc::needs_session);
+}
+
+constexpr std::size_t default_depth = 64;
+
+// What one shared connection has sent and not yet had answered, in order: each entry ends with
+// its own sync.
+struct SentEntry {
+  enum class Kind { prepare, statement };
+  Kind kind = Kind::statement;
+  std::shared_ptr<SharedStatement> statement;  // Kind::statement
+  std::string key;                             // Kind::prepare: the statement cache's key
+  std::string name;                            // the prepared name ("" when unnamed)
+  Result result;                               // its result, once in
+};
+
+struct FailedPrepare {
+  error_code error;
+  Diagnostics diagnostics;
+};
+
+// Whether the server's 26000 names `name` (a 26000 from inside the statement is its own).
+bool names_statement(const Diagnostics& diagnostics, const std::string& name) {
+  return !name.empty() && diagnostics.message.find("\"" + name + "\"") != std::string::npos;
+}
+
+asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr<SharedLink> link);
+
+// Borrows a connection for the multiplexer, then runs it.
+asio::awaitable<void> borrow(std::shared_ptr<Multiplexer> mux) {
+  std::shared_ptr<PoolState> pool = mux->pool.lock();
+  std::optional<Lease> lease;
+  if (pool) {
+    try {
+      lease.emplace(co_await pool->acquire(pool, Priority::normal, pool::default_consumer,
+                                           std::source_location::current()));
+    } catch (const Error& error) {
+      spdlog::debug("pgrt pool {}: query() could not borrow a connection: {}",
+                    pool->application_name, error.what());
+    } catch (const std::exception& error) {
+      spdlog::error("pgrt pool {}: query() could not borrow a connection: {}",
+                    pool->application_name, error.what());
+    }
+  }
+  std::shared_ptr<SharedLink> link;
+  {
+    std::lock_guard lock(mux->mutex);
+    --mux->borrowing;
+    if (lease && !mux->closed) {
+      link = std::make_shared<SharedLink>(std::move(*lease));
+      mux->links.push_back(link);
+    } else if (!lease && !mux->closed && !mux->queue.empty() && mux->links.empty()) {
+      // The pool could not lend one (its acquire timed out, or it is closing): the statements
+      // time out on their own clocks; another try is made for those still queued.
+      mux->grow_locked();
+    }
+  }
+  if (lease && !link) lease->release();  // closed meanwhile
+  if (link) co_await run_link(mux, link);
+}
+
+// One shared connection: sends what is queued, reads what comes back, and gives the connection
+// back when it is done with it.
+asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr<SharedLink> link) {
+  Connection::Impl* impl_pointer = ConnectionAccess::impl_of(*link->lease);
+  std::deque<SentEntry> sent;
+  std::unordered_map<std::string, std::string> preparing;  // key -> name, sent, not answered
+  std::unordered_map<std::string, FailedPrepare> failed;   // name -> its prepare's error
+  std::vector<std::shared_ptr<SharedStatement>> batch;
+  bool must_wait = false;
+  error_code lost;
+  // If this coroutine is destroyed mid-wait (its io_context shut down), the link leaves the
+  // multiplexer, so that its lease goes back to the pool with it.
+  async::AbandonGuard abandon([&mux, &link] {
+    std::lock_guard lock(mux->mutex);
+    std::erase(mux->links, link);
+  });
+  if (impl_pointer == nullptr || impl_pointer->conn == nullptr) {
+    lost = make_error_code(client_errc::connection_lost);
+  } else if (PQenterPipelineMode(impl_pointer->conn) == 0) {
+    lost = impl_pointer->lost("pipeline mode");
+  }
+  const auto pool_has_lease_waiters = [&mux]() {
+    const std::shared_ptr<PoolState> pool = mux->pool.lock();
+    if (!pool) return false;
+    std::size_t waiting = 0;
+    {
+      std::lock_guard pool_lock(pool->mutex);
+      waiting = pool->core.waiters().size();
+    }
+    std::lock_guard lock(mux->mutex);
+    return waiting > mux->borrowing;
+  };
+
+  while (!lost) {
+    Connection::Impl& impl = *impl_pointer;
+    PGconn* conn = impl.conn;
+    // Give the connection up (drained first) to a caller waiting for a lease, or after a while.
+    if (!link->retiring &&
+        (coarse_now() - link->borrowed >= mux->hold_limit || pool_has_lease_waiters())) {
+      std::lock_guard lock(mux->mutex);
+      link->retiring = true;
+    }
+    // 1. Take what is queued, up to the depth.
+    batch.clear();
+    {
+      std::lock_guard lock(mux->mutex);
+      while (!mux->closed && !link->retiring && !mux->queue.empty() &&
+             link->in_flight < mux->depth) {
+        batch.push_back(std::move(mux->queue.front()));
+        mux->queue.pop_front();
+        batch.back()->stage = SharedStatement::Stage::sent;
+        ++link->in_flight;
+      }
+    }
+    // 2. Send it: each statement prepared once per connection (its preparation in a sync segment
+    // of its own) and in a sync segment of its own.
+    for (const auto& statement : batch) {
+      std::string name;
+      if (!impl.unnamed_statements) {
+        if (const std::string* cached = impl.cached_statement(statement->sql, statement->params)) {
+          name = *cached;
+        } else if (auto pending = preparing.find(impl.statement_key); pending != preparing.end()) {
+          name = pending->second;
+        } else {
+          name = impl.new_statement_name();
+          if (PQsendPrepare(conn, name.c_str(), statement->sql.c_str(),
+                            static_cast<int>(statement->params.size()),
+                            statement->params.types()) == 0 ||
+              PQpipelineSync(conn) == 0) {
+            lost = impl.lost(statement->sql);
+            break;
+          }
+          preparing.emplace(impl.statement_key, name);
+          sent.push_back(SentEntry{.kind = SentEntry::Kind::prepare,
+                                   .statement = nullptr,
+                                   .key = impl.statement_key,
+                                   .name = name,
+                                   .result = {}});
+        }
+      }
+      const auto values = statement->params.values();
+      const int count = static_cast<int>(statement->params.size());
+      const int queued =
+          name.empty()
+              ? PQsendQueryParams(conn, statement->sql.c_str(), count, statement->params.types(),
+                                  values.data(), statement->params.lengths(),
+                                  statement->params.formats(), 0)
+              : PQsendQueryPrepared(conn, name.c_str(), count, values.data(),
+                                    statement->params.lengths(), statement->params.formats(), 0);
+      // Each statement its own sync: libpq 15 flushes at every PQpipelineSync (one send each).
+      if (queued == 0 || PQpipelineSync(conn) == 0) {
+        lost = impl.lost(statement->sql);
+        break;
+      }
+      sent.push_back(SentEntry{.kind = SentEntry::Kind::statement,
+                               .statement = statement,
+                               .key = {},
+                               .name = std::move(name),
+                               .result = {}});
+    }
+    if (lost) {
+      // Those of the batch not sent yet go back to the front of the queue.
+      std::lock_guard lock(mux->mutex);
+      for (auto it = batch.rbegin(); it != batch.rend(); ++it) {
+        const bool was_sent = std::any_of(sent.begin(), sent.end(), [&](const SentEntry& entry) {
+          return entry.statement == *it;
+        });
+        if (was_sent || (*it)->stage != SharedStatement::Stage::sent) continue;
+        (*it)->stage = SharedStatement::Stage::queued;
+        --link->in_flight;
+        mux->queue.push_front(*it);
+      }
+      break;
+    }
+    if (!batch.empty()) {
+      if (auto flush_error = co_await impl.flush("query()", /*can_drain=*/false)) {
+        lost = flush_error;
+        break;
+      }
+    }
+    // 3. Nothing in flight: give the connection back if there is nothing to take.
+    if (sent.empty()) {
+      std::lock_guard lock(mux->mutex);
+      if (mux->closed || link->retiring || mux->queue.empty()) break;
+      continue;
+    }
+    // 4. Wait for results, or for statements to send.
+    if (PQisBusy(conn) != 0 || must_wait) {
+      must_wait = false;
+      {
+        std::lock_guard lock(mux->mutex);
+        if (!mux->closed && !link->retiring && !mux->queue.empty() &&
+            link->in_flight < mux->depth) {
+          continue;
+        }
+        link->waiting = true;
+      }
+      error_code wait_error;
+      if (!impl.tls_holds_bytes()) {
+        auto [error] = co_await impl.socket.async_wait(asio::socket_base::wait_read, no_throw);
+        wait_error = error;
+      }
+      {
+        std::lock_guard lock(mux->mutex);
+        link->waiting = false;
+        link->wake_posted = false;
+      }
+      if (wait_error && wait_error != asio::error::operation_aborted) {
+        lost = impl.lost("query()");
+        break;
+      }
+      if (PQconsumeInput(conn) == 0) {
+        lost = impl.lost("query()");
+        break;
+      }
+    }
+    // 5. Every result that is in.
+    int empty_in_a_row = 0;
+    while (!sent.empty() && PQisBusy(conn) == 0) {
+      PGresult* raw = PQgetResult(conn);
+      if (raw == nullptr) {
+        if (PQstatus(conn) != CONNECTION_OK) {
+          lost = impl.lost("query()");
+          break;
+        }
+        if (++empty_in_a_row >= 2) {  // the next one is not in yet: wait for it
+          must_wait = true;
+          break;
+        }
+        continue;
+      }
+      empty_in_a_row = 0;
+      Result result(raw);
+      if (PQresultStatus(raw) != PGRES_PIPELINE_SYNC) {
+        SentEntry& entry = sent.front();
+        if (entry.result.native_handle() == nullptr) entry.result = std::move(result);
+        continue;
+      }
+      // The entry's sync: it is complete.
+      SentEntry entry = std::move(sent.front());
+      sent.pop_front();
+      const PGresult* answer = entry.result.native_handle();
+      const ExecStatusType status = answer != nullptr ? PQresultStatus(answer) : PGRES_FATAL_ERROR;
+      const bool ok =
+          status == PGRES_TUPLES_OK || status == PGRES_COMMAND_OK || status == PGRES_EMPTY_QUERY;
+      if (entry.kind == SentEntry::Kind::prepare) {
+        preparing.erase(entry.key);
+        if (ok) {
+          impl.remember_statement(std::move(entry.key), entry.name);
+        } else {
+          FailedPrepare& failure = failed[entry.name];
+          failure.error = answer != nullptr ? impl.server_error(answer, "query()")
+                                            : make_error_code(client_errc::protocol_error);
+          failure.diagnostics = impl.last_error;
+        }
+        continue;
+      }
+      SharedStatement& statement = *entry.statement;
+      error_code error;
+      Diagnostics diagnostics;
+      bool again = false;
+      if (!ok) {
+        if (answer == nullptr) {
+          error = impl.fail(client_errc::protocol_error, "no result came for the statement",
+                            statement.sql);
+        } else if (status == PGRES_PIPELINE_ABORTED) {
+          error = impl.fail(client_errc::pipeline_aborted,
+                            "not run: the server skipped it after an earlier error", statement.sql);
+        } else {
+          error = impl.server_error(answer, statement.sql);
+        }
+        diagnostics = impl.last_error;
+        if (error == make_sqlstate_error("26000") && names_statement(diagnostics, entry.name)) {
+          if (auto prepare = failed.find(entry.name); prepare != failed.end()) {
+            error = prepare->second.error;  // its preparation failed: that is its error
+            diagnostics = prepare->second.diagnostics;
+            diagnostics.statement = statement.sql;
+          } else {
+            // The server forgot the statement, so it did not run: forgotten here, and the
+            // statement queued again, once (as exchange() does; twice on one connection: a
+            // transaction pooler, unnamed from now on).
+            impl.forget_statement(entry.name);
+            if (++impl.forgotten_statements >= 2) {
+              impl.use_unnamed_statements("forgot its prepared statements");
+            }
+            again = true;
+          }
+        }
+      }
+      std::lock_guard lock(mux->mutex);
+      --link->in_flight;
+      if (statement.stage == SharedStatement::Stage::abandoned) continue;
+      if (again && !statement.sent_again && !mux->closed) {
+        statement.sent_again = true;
+        statement.stage = SharedStatement::Stage::queued;
+        mux->queue.push_front(entry.statement);
+        continue;
+      }
+      statement.error = error;
+      statement.diagnostics = std::move(diagnostics);
+      if (ok) statement.result = std::move(entry.result);
+      Multiplexer::finish_locked(statement);
+    }
+    if (sent.empty()) failed.clear();
+  }
+
+  // Done: what is in flight on a lost connection fails with it (those not sent yet went back to
+  // the queue), and the connection goes back to the pool.
+  if (!lost && impl_pointer != nullptr && impl_pointer->conn != nullptr &&
+      PQexitPipelineMode(impl_pointer->conn) == 0) {
+    lost = impl_pointer->lost("pipeline mode");
+  }
+  {
+    std::lock_guard lock(mux->mutex);
+    if (lost) {
+      const Diagnostics diagnostics =
+          impl_pointer != nullptr ? impl_pointer->last_error
+                                  : Diagnostics{.message = "the shared connection was lost"};
+      for (SentEntry& entry : sent) {
+        if (entry.kind != SentEntry::Kind::statement) continue;
+        SharedStatement& statement = *entry.statement;
+        --link->in_flight;
+        if (statement.stage == SharedStatement::Stage::abandoned) continue;
+        statement.error = make_error_code(client_errc::connection_lost);
+        statement.diagnostics = diagnostics;
+        statement.diagnostics.statement = statement.sql;
+        Multiplexer::finish_locked(statement);
+      }
+    }
+    std::erase(mux->links, link);
+    if (!mux->closed) mux->grow_locked();
+  }
+  abandon.disarm();
+  if (lost) {
+    link->lease.discard();
+  } else {
+    link->lease.release();
+  }
+}
+
+}  // namespace
+
+Multiplexer::Multiplexer(const std::shared_ptr<PoolState>& pool_in,
+                         const asio::any_io_executor& executor)
+    : pool(pool_in),
+      strand(executor),
+      depth(default_depth),
+      max_queued(pool_in->config.max_waiters),
+      max_links(pool_in->config.max_size),
+      hold_limit(pool_in->config.leak_threshold.count() > 0
+                     ? std::min<std::chrono::milliseconds>(pool_in->config.leak_threshold / 2,
+                                                           std::chrono::seconds(30))
+                     : std::chrono::milliseconds(std::chrono::seconds(30))) {}
+
+void Multiplexer::enqueue_locked(const std::shared_ptr<SharedStatement>& statement,
+                                 asio::steady_timer& waiter) {
+  if (closed) {
+    throw Error(make_error_code(client_errc::pool_closed),
+                Diagnostics{.message = "the pool is closed", .statement = statement->sql});
+  }
+  if (max_queued > 0 && queue.size() >= max_queued) {
+    throw Error(make_error_code(client_errc::pool_queue_full),
+                Diagnostics{.message = "the pool already has " + std::to_string(queue.size()) +
+                                       " statements of query() waiting for a connection",
+                            .hint = "raise PoolConfig::max_waiters, or shed load earlier",
+                            .statement = statement->sql});
+  }
+  statement->waiter = &waiter;
+  queue.push_back(statement);
+  // The connection with the fewest in flight and room takes it; if every one is busy, one more.
+  std::shared_ptr<SharedLink> least;
+  for (const auto& link : links) {
+    if (link->retiring || link->in_flight >= depth) continue;
+    if (!least || link->in_flight < least->in_flight) least = link;
+  }
+  if (least) wake_locked(least);
+  grow_locked();
+}
+
+void Multiplexer::grow_locked() {
+  if (closed || queue.empty() || links.size() + borrowing >= max_links) return;
+  if (borrowing > 0) return;  // one at a time
+  const bool all_busy = std::all_of(links.begin(), links.end(), [](const auto& link) {
+    return link->in_flight > 0 || link->retiring;
+  });
+  if (!all_busy) return;
+  ++borrowing;
+  // Later, never inline: the acquire takes the pool's lock, which is never taken under ours.
+  asio::post(strand, [self = shared_from_this()] {
+    asio::co_spawn(self->strand, borrow(self), asio::detached);
+  });
+}
+
+void Multiplexer::wake_locked(const std::shared_ptr<SharedLink>& link) {
+  if (!link->waiting || link->wake_posted) return;
+  link->wake_posted = true;
+  asio::post(strand, [link] {
+    // On the strand, like the connection's coroutine: its wait is cancelled, if it still waits.
+    if (link->lease) {
+      if (Connection::Impl* impl = ConnectionAccess::impl_of(*link->lease)) {
+        error_code ignored;
+        impl->socket.cancel(ignored);
+      }
+    }
+  });
+}
+
+void Multiplexer::finish_locked(SharedStatement& statement) {
+  statement.stage = SharedStatement::Stage::done;
+  if (statement.waiter != nullptr) statement.waiter->cancel();
+}
+
+void Multiplexer::withdraw_locked(const SharedStatement& statement) {
+  std::erase_if(queue, [&](const auto& queued) { return queued.get() == &statement; });
+}
+
+void Multiplexer::close() {
+  std::lock_guard lock(mutex);
+  if (closed) return;
+  closed = true;
+  for (const auto& statement : queue) {
+    statement->error = make_error_code(client_errc::pool_closed);
+    statement->diagnostics = Diagnostics{.message = "the pool closed before the statement was sent",
+                                         .statement = statement->sql};
+    finish_locked(*statement);
+  }
+  queue.clear();
+  for (const auto& link : links) wake_locked(link);
+}
+
+asio::awaitable<Result> run_shared(std::shared_ptr<PoolState> pool, std::string sql,
+                                   ParamSink params) {
+  Diagnostics refusal;
+  if (auto error = refuse_on_shared_connection(sql, refusal)) throw Error(error, refusal);
+  const auto executor = co_await asio::this_coro::executor;
+  std::shared_ptr<Multiplexer> mux = pool->multiplexer_for(executor);
+  auto statement = std::make_shared<SharedStatement>(std::move(sql), std::move(params));
+  asio::steady_timer waiter(executor);
+  std::unique_lock lock(mux->mutex);
+  mux->enqueue_locked(statement, waiter);
+  // If this coroutine is destroyed while it waits (its io_context shut down), the statement
+  // leaves the queue, or its answer is dropped when it comes.
+  async::AbandonGuard abandon([&mux, &statement, &lock] {
+    std::unique_lock relock(mux->mutex, std::defer_lock);
+    if (!lock.owns_lock()) relock.lock();
+    statement->waiter = nullptr;
+    if (statement->stage == SharedStatement::Stage::queued) mux->withdraw_locked(*statement);
+    if (statement->stage != SharedStatement::Stage::done) {
+      statement->stage = SharedStatement::Stage::abandoned;
+    }
+  });
+  const auto limit = pool->config.acquire_timeout;
+  if (limit.count() > 0) {
+    waiter.expires_after(limit);
+  } else {
+    waiter.expires_at(Clock::time_point::max());
+  }
+  for (;;) {
+    const auto [error] = co_await async::wait_then_unlock(lock, waiter);
+    lock = std::unique_lock(mux->mutex);
+    if (statement->stage == SharedStatement::Stage::done) break;
+    if (error != asio::error::operation_aborted) {  // its time ran out
+      if (statement->stage == SharedStatement::Stage::queued) {
+        mux->withdraw_locked(*statement);
+        statement->waiter = nullptr;
+        abandon.disarm();
+        throw Error(make_error_code(client_errc::pool_timeout),
+                    Diagnostics{.message = "no connection could run the statement within "
+                                           "PoolConfig::acquire_timeout (" +
+                                           std::to_string(limit.count()) + " ms)",
+                                .hint = "raise acquire_timeout or max_size, or shed load; "
+                                        "Pool::stats() says what holds the connections",
+                                .statement = statement->sql});
+      }
+      // Sent: it runs on the server (bounded there by statement_timeout); wait for its answer.
+      waiter.expires_at(Clock::time_point::max());
+      continue;
+    }
+    // The caller cancelled: a queued statement leaves the queue; a sent one's answer is dropped
+    // when it comes (no cancel request: it could hit the statement of another caller).
+    if (statement->stage == SharedStatement::Stage::queued) mux->withdraw_locked(*statement);
+    statement->stage = SharedStatement::Stage::abandoned;
+    statement->waiter = nullptr;
+    abandon.disarm();
+    throw Error(make_error_code(client_errc::cancelled),
+                Diagnostics{.message = "the statement was cancelled", .statement = statement->sql});
+  }
+  statement->waiter = nullptr;
+  abandon.disarm();
+  lock.unlock();
+  if (statement->error) throw Error(statement->error, std::move(statement->diagnostics));
+  co_return std::move(statement->result);
+}
+
+}  // namespace pgrt::detail

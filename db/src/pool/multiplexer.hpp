@@ -1,0 +1,93 @@
+#pragma once
+
+// Statements without an exclusive lease (Pool::query(), pgrt::query()). The multiplexer borrows
+// connections from its pool through ordinary leases (so the pool's strict max, FIFO and
+// accounting hold for both paths), and on each runs the statements of many callers at once in
+// libpq's pipeline mode: one writer and reader per connection (a coroutine on the multiplexer's
+// strand), each statement in a sync segment of its own (an error fails only its caller), prepared
+// once per connection from the connection's statement cache. Statements wait in one queue; a
+// connection takes what is queued when it has room (at most `depth` in flight), and a new one is
+// borrowed while every borrowed one has statements in flight. A connection is given back once it
+// has nothing in flight and nothing is queued, or, draining first, when callers wait for a lease,
+// when it has been held for a while (leak reports, lifetime) and when the pool closes.
+//
+// Threading: callers (any thread) and the connections' coroutines meet under `mutex`; a caller
+// waits on a timer of its own frame, started and cancelled under the mutex (async/timer_condition).
+// Each connection's libpq state is touched only by its coroutine, on the strand.
+
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "driver.hpp"
+
+namespace pgrt::detail {
+
+// One query() call, shared by its caller and the connection that runs it. Every field is
+// changed under Multiplexer::mutex once the statement is queued.
+struct SharedStatement {
+  SharedStatement(std::string sql_in, ParamSink params_in)
+      : sql(std::move(sql_in)), params(std::move(params_in)) {}
+  std::string sql;
+  ParamSink params;
+  enum class Stage { queued, sent, done, abandoned };
+  Stage stage = Stage::queued;
+  asio::steady_timer* waiter = nullptr;  // the caller's, while it waits
+  bool sent_again = false;               // queued again once (the server forgot its statement)
+  error_code error;
+  Diagnostics diagnostics;
+  Result result;
+};
+
+// A connection the multiplexer borrowed.
+struct SharedLink {
+  explicit SharedLink(Lease lease_in) : lease(std::move(lease_in)) {}
+  Lease lease;
+  const Clock::time_point borrowed = coarse_now();
+  // Under Multiplexer::mutex:
+  std::size_t in_flight = 0;  // statements sent and not answered
+  bool waiting = false;       // its coroutine waits for the socket (a wake cancels that wait)
+  bool wake_posted = false;
+  bool retiring = false;  // takes no new statement; given back once drained
+};
+
+struct Multiplexer : std::enable_shared_from_this<Multiplexer> {
+  Multiplexer(const std::shared_ptr<PoolState>& pool_in, const asio::any_io_executor& executor);
+
+  std::weak_ptr<PoolState> pool;
+  asio::strand<asio::any_io_executor> strand;
+  const std::size_t depth;       // statements in flight per connection
+  const std::size_t max_queued;  // PoolConfig::max_waiters
+  const std::size_t max_links;   // PoolConfig::max_size
+  const std::chrono::milliseconds hold_limit;
+
+  std::mutex mutex;
+  std::deque<std::shared_ptr<SharedStatement>> queue;
+  std::vector<std::shared_ptr<SharedLink>> links;
+  std::size_t borrowing = 0;  // acquires under way
+  bool closed = false;
+
+  // Queues `statement` for its caller, which waits on `waiter`; throws pool_closed or
+  // pool_queue_full. Wakes a connection with room, or borrows one more.
+  void enqueue_locked(const std::shared_ptr<SharedStatement>& statement,
+                      asio::steady_timer& waiter);
+  // The statement is answered (or failed): its caller is woken, unless it has gone.
+  static void finish_locked(SharedStatement& statement);
+  // Takes `statement` out of the queue (its caller gave up).
+  void withdraw_locked(const SharedStatement& statement);
+  // Borrows one more connection when statements wait and every borrowed one is busy.
+  void grow_locked();
+  // Cancels a connection's wait for its socket, so that it takes the newly queued statements.
+  void wake_locked(const std::shared_ptr<SharedLink>& link);
+  // The pool is closing: queued statements fail with pool_closed, the connections drain and go
+  // back. Thread-safe.
+  void close();
+};
+
+// Pool::query(): see pool.hpp.
+asio::awaitable<Result> run_shared(std::shared_ptr<PoolState> pool, std::string sql,
+                                   ParamSink params);
+
+}  // namespace pgrt::detail
