@@ -133,217 +133,234 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
     return waiting > mux->borrowing;
   };
 
-  while (!lost) {
-    Connection::Impl& impl = *impl_pointer;
-    PGconn* conn = impl.conn;
-    // Give the connection up (drained first) to a caller waiting for a lease, or after a while.
-    if (!link->retiring &&
-        (coarse_now() - link->borrowed >= mux->hold_limit || pool_has_lease_waiters())) {
-      std::lock_guard lock(mux->mutex);
-      link->retiring = true;
-    }
-    // 1. Take what is queued, up to the depth.
-    batch.clear();
-    {
-      std::lock_guard lock(mux->mutex);
-      while (!mux->closed && !link->retiring && !mux->queue.empty() &&
-             link->in_flight < mux->depth) {
-        batch.push_back(std::move(mux->queue.front()));
-        mux->queue.pop_front();
-        batch.back()->stage = SharedStatement::Stage::sent;
-        ++link->in_flight;
+  try {
+    while (!lost) {
+      Connection::Impl& impl = *impl_pointer;
+      PGconn* conn = impl.conn;
+      // Give the connection up (drained first) to a caller waiting for a lease, or after a while.
+      if (!link->retiring &&
+          (coarse_now() - link->borrowed >= mux->hold_limit || pool_has_lease_waiters())) {
+        std::lock_guard lock(mux->mutex);
+        link->retiring = true;
       }
-    }
-    // 2. Send it: each statement prepared once per connection (its preparation in a sync segment
-    // of its own) and in a sync segment of its own.
-    for (const auto& statement : batch) {
-      std::string name;
-      if (!impl.unnamed_statements) {
-        if (const std::string* cached = impl.cached_statement(statement->sql, statement->params)) {
-          name = *cached;
-        } else if (auto pending = preparing.find(impl.statement_key); pending != preparing.end()) {
-          name = pending->second;
-        } else {
-          name = impl.new_statement_name();
-          if (PQsendPrepare(conn, name.c_str(), statement->sql.c_str(),
-                            static_cast<int>(statement->params.size()),
-                            statement->params.types()) == 0 ||
-              PQpipelineSync(conn) == 0) {
-            lost = impl.lost(statement->sql);
-            break;
+      // 1. Take what is queued, up to the depth.
+      batch.clear();
+      {
+        std::lock_guard lock(mux->mutex);
+        while (!mux->closed && !link->retiring && !mux->queue.empty() &&
+               link->in_flight < mux->depth) {
+          batch.push_back(std::move(mux->queue.front()));
+          mux->queue.pop_front();
+          batch.back()->stage = SharedStatement::Stage::sent;
+          ++link->in_flight;
+        }
+      }
+      // 2. Send it: each statement prepared once per connection (its preparation in a sync segment
+      // of its own) and in a sync segment of its own.
+      for (const auto& statement : batch) {
+        std::string name;
+        if (!impl.unnamed_statements) {
+          if (const std::string* cached =
+                  impl.cached_statement(statement->sql, statement->params)) {
+            name = *cached;
+          } else if (auto pending = preparing.find(impl.statement_key);
+                     pending != preparing.end()) {
+            name = pending->second;
+          } else {
+            name = impl.new_statement_name();
+            if (PQsendPrepare(conn, name.c_str(), statement->sql.c_str(),
+                              static_cast<int>(statement->params.size()),
+                              statement->params.types()) == 0 ||
+                PQpipelineSync(conn) == 0) {
+              lost = impl.lost(statement->sql);
+              break;
+            }
+            preparing.emplace(impl.statement_key, name);
+            sent.push_back(SentEntry{.kind = SentEntry::Kind::prepare,
+                                     .statement = nullptr,
+                                     .key = impl.statement_key,
+                                     .name = name,
+                                     .result = {}});
           }
-          preparing.emplace(impl.statement_key, name);
-          sent.push_back(SentEntry{.kind = SentEntry::Kind::prepare,
-                                   .statement = nullptr,
-                                   .key = impl.statement_key,
-                                   .name = name,
-                                   .result = {}});
+        }
+        const auto values = statement->params.values();
+        const int count = static_cast<int>(statement->params.size());
+        const int queued =
+            name.empty()
+                ? PQsendQueryParams(conn, statement->sql.c_str(), count, statement->params.types(),
+                                    values.data(), statement->params.lengths(),
+                                    statement->params.formats(), 0)
+                : PQsendQueryPrepared(conn, name.c_str(), count, values.data(),
+                                      statement->params.lengths(), statement->params.formats(), 0);
+        // Each statement its own sync: libpq 15 flushes at every PQpipelineSync (one send each).
+        if (queued == 0 || PQpipelineSync(conn) == 0) {
+          lost = impl.lost(statement->sql);
+          break;
+        }
+        sent.push_back(SentEntry{.kind = SentEntry::Kind::statement,
+                                 .statement = statement,
+                                 .key = {},
+                                 .name = std::move(name),
+                                 .result = {}});
+      }
+      if (lost) {
+        // Those of the batch not sent yet go back to the front of the queue.
+        std::lock_guard lock(mux->mutex);
+        for (auto it = batch.rbegin(); it != batch.rend(); ++it) {
+          const bool was_sent = std::any_of(sent.begin(), sent.end(), [&](const SentEntry& entry) {
+            return entry.statement == *it;
+          });
+          if (was_sent || (*it)->stage != SharedStatement::Stage::sent) continue;
+          (*it)->stage = SharedStatement::Stage::queued;
+          --link->in_flight;
+          mux->queue.push_front(*it);
+        }
+        break;
+      }
+      if (!batch.empty()) {
+        if (auto flush_error = co_await impl.flush("query()", /*can_drain=*/false)) {
+          lost = flush_error;
+          break;
         }
       }
-      const auto values = statement->params.values();
-      const int count = static_cast<int>(statement->params.size());
-      const int queued =
-          name.empty()
-              ? PQsendQueryParams(conn, statement->sql.c_str(), count, statement->params.types(),
-                                  values.data(), statement->params.lengths(),
-                                  statement->params.formats(), 0)
-              : PQsendQueryPrepared(conn, name.c_str(), count, values.data(),
-                                    statement->params.lengths(), statement->params.formats(), 0);
-      // Each statement its own sync: libpq 15 flushes at every PQpipelineSync (one send each).
-      if (queued == 0 || PQpipelineSync(conn) == 0) {
-        lost = impl.lost(statement->sql);
-        break;
-      }
-      sent.push_back(SentEntry{.kind = SentEntry::Kind::statement,
-                               .statement = statement,
-                               .key = {},
-                               .name = std::move(name),
-                               .result = {}});
-    }
-    if (lost) {
-      // Those of the batch not sent yet go back to the front of the queue.
-      std::lock_guard lock(mux->mutex);
-      for (auto it = batch.rbegin(); it != batch.rend(); ++it) {
-        const bool was_sent = std::any_of(sent.begin(), sent.end(), [&](const SentEntry& entry) {
-          return entry.statement == *it;
-        });
-        if (was_sent || (*it)->stage != SharedStatement::Stage::sent) continue;
-        (*it)->stage = SharedStatement::Stage::queued;
-        --link->in_flight;
-        mux->queue.push_front(*it);
-      }
-      break;
-    }
-    if (!batch.empty()) {
-      if (auto flush_error = co_await impl.flush("query()", /*can_drain=*/false)) {
-        lost = flush_error;
-        break;
-      }
-    }
-    // 3. Nothing in flight: give the connection back if there is nothing to take.
-    if (sent.empty()) {
-      std::lock_guard lock(mux->mutex);
-      if (mux->closed || link->retiring || mux->queue.empty()) break;
-      continue;
-    }
-    // 4. Wait for results, or for statements to send.
-    if (PQisBusy(conn) != 0 || must_wait) {
-      must_wait = false;
-      {
+      // 3. Nothing in flight: give the connection back if there is nothing to take.
+      if (sent.empty()) {
         std::lock_guard lock(mux->mutex);
-        if (!mux->closed && !link->retiring && !mux->queue.empty() &&
-            link->in_flight < mux->depth) {
-          continue;
+        if (mux->closed || link->retiring || mux->queue.empty()) break;
+        continue;
+      }
+      // 4. Wait for results, or for statements to send.
+      if (PQisBusy(conn) != 0 || must_wait) {
+        must_wait = false;
+        {
+          std::lock_guard lock(mux->mutex);
+          if (!mux->closed && !link->retiring && !mux->queue.empty() &&
+              link->in_flight < mux->depth) {
+            continue;
+          }
+          link->waiting = true;
         }
-        link->waiting = true;
-      }
-      error_code wait_error;
-      if (!impl.tls_holds_bytes()) {
-        auto [error] = co_await impl.socket.async_wait(asio::socket_base::wait_read, no_throw);
-        wait_error = error;
-      }
-      {
-        std::lock_guard lock(mux->mutex);
-        link->waiting = false;
-        link->wake_posted = false;
-      }
-      if (wait_error && wait_error != asio::error::operation_aborted) {
-        lost = impl.lost("query()");
-        break;
-      }
-      if (PQconsumeInput(conn) == 0) {
-        lost = impl.lost("query()");
-        break;
-      }
-    }
-    // 5. Every result that is in.
-    int empty_in_a_row = 0;
-    while (!sent.empty() && PQisBusy(conn) == 0) {
-      PGresult* raw = PQgetResult(conn);
-      if (raw == nullptr) {
-        if (PQstatus(conn) != CONNECTION_OK) {
+        error_code wait_error;
+        if (!impl.tls_holds_bytes()) {
+          auto [error] = co_await impl.socket.async_wait(asio::socket_base::wait_read, no_throw);
+          wait_error = error;
+        }
+        {
+          std::lock_guard lock(mux->mutex);
+          link->waiting = false;
+          link->wake_posted = false;
+        }
+        if (wait_error && wait_error != asio::error::operation_aborted) {
           lost = impl.lost("query()");
           break;
         }
-        if (++empty_in_a_row >= 2) {  // the next one is not in yet: wait for it
-          must_wait = true;
+        if (PQconsumeInput(conn) == 0) {
+          lost = impl.lost("query()");
           break;
         }
-        continue;
       }
-      empty_in_a_row = 0;
-      Result result(raw);
-      if (PQresultStatus(raw) != PGRES_PIPELINE_SYNC) {
-        SentEntry& entry = sent.front();
-        if (entry.result.native_handle() == nullptr) entry.result = std::move(result);
-        continue;
-      }
-      // The entry's sync: it is complete.
-      SentEntry entry = std::move(sent.front());
-      sent.pop_front();
-      const PGresult* answer = entry.result.native_handle();
-      const ExecStatusType status = answer != nullptr ? PQresultStatus(answer) : PGRES_FATAL_ERROR;
-      const bool ok =
-          status == PGRES_TUPLES_OK || status == PGRES_COMMAND_OK || status == PGRES_EMPTY_QUERY;
-      if (entry.kind == SentEntry::Kind::prepare) {
-        preparing.erase(entry.key);
-        if (ok) {
-          impl.remember_statement(std::move(entry.key), entry.name);
-        } else {
-          FailedPrepare& failure = failed[entry.name];
-          failure.error = answer != nullptr ? impl.server_error(answer, "query()")
-                                            : make_error_code(client_errc::protocol_error);
-          failure.diagnostics = impl.last_error;
+      // 5. Every result that is in.
+      int empty_in_a_row = 0;
+      while (!sent.empty() && PQisBusy(conn) == 0) {
+        PGresult* raw = PQgetResult(conn);
+        if (raw == nullptr) {
+          if (PQstatus(conn) != CONNECTION_OK) {
+            lost = impl.lost("query()");
+            break;
+          }
+          if (++empty_in_a_row >= 2) {  // the next one is not in yet: wait for it
+            must_wait = true;
+            break;
+          }
+          continue;
         }
-        continue;
-      }
-      SharedStatement& statement = *entry.statement;
-      error_code error;
-      Diagnostics diagnostics;
-      bool again = false;
-      if (!ok) {
-        if (answer == nullptr) {
-          error = impl.fail(client_errc::protocol_error, "no result came for the statement",
-                            statement.sql);
-        } else if (status == PGRES_PIPELINE_ABORTED) {
-          error = impl.fail(client_errc::pipeline_aborted,
-                            "not run: the server skipped it after an earlier error", statement.sql);
-        } else {
-          error = impl.server_error(answer, statement.sql);
+        empty_in_a_row = 0;
+        Result result(raw);
+        if (PQresultStatus(raw) != PGRES_PIPELINE_SYNC) {
+          SentEntry& entry = sent.front();
+          if (entry.result.native_handle() == nullptr) entry.result = std::move(result);
+          continue;
         }
-        diagnostics = impl.last_error;
-        if (error == make_sqlstate_error("26000") && names_statement(diagnostics, entry.name)) {
-          if (auto prepare = failed.find(entry.name); prepare != failed.end()) {
-            error = prepare->second.error;  // its preparation failed: that is its error
-            diagnostics = prepare->second.diagnostics;
-            diagnostics.statement = statement.sql;
+        // The entry's sync: it is complete.
+        SentEntry entry = std::move(sent.front());
+        sent.pop_front();
+        const PGresult* answer = entry.result.native_handle();
+        const ExecStatusType status =
+            answer != nullptr ? PQresultStatus(answer) : PGRES_FATAL_ERROR;
+        const bool ok =
+            status == PGRES_TUPLES_OK || status == PGRES_COMMAND_OK || status == PGRES_EMPTY_QUERY;
+        if (entry.kind == SentEntry::Kind::prepare) {
+          preparing.erase(entry.key);
+          if (ok) {
+            impl.remember_statement(std::move(entry.key), entry.name);
           } else {
-            // The server forgot the statement, so it did not run: forgotten here, and the
-            // statement queued again, once (as exchange() does; twice on one connection: a
-            // transaction pooler, unnamed from now on).
-            impl.forget_statement(entry.name);
-            if (++impl.forgotten_statements >= 2) {
-              impl.use_unnamed_statements("forgot its prepared statements");
+            FailedPrepare& failure = failed[entry.name];
+            failure.error = answer != nullptr ? impl.server_error(answer, "query()")
+                                              : make_error_code(client_errc::protocol_error);
+            failure.diagnostics = impl.last_error;
+          }
+          continue;
+        }
+        SharedStatement& statement = *entry.statement;
+        error_code error;
+        Diagnostics diagnostics;
+        bool again = false;
+        if (!ok) {
+          if (answer == nullptr) {
+            error = impl.fail(client_errc::protocol_error, "no result came for the statement",
+                              statement.sql);
+          } else if (status == PGRES_PIPELINE_ABORTED) {
+            error =
+                impl.fail(client_errc::pipeline_aborted,
+                          "not run: the server skipped it after an earlier error", statement.sql);
+          } else {
+            error = impl.server_error(answer, statement.sql);
+          }
+          diagnostics = impl.last_error;
+          if (error == make_sqlstate_error("26000") && names_statement(diagnostics, entry.name)) {
+            if (auto prepare = failed.find(entry.name); prepare != failed.end()) {
+              error = prepare->second.error;  // its preparation failed: that is its error
+              diagnostics = prepare->second.diagnostics;
+              diagnostics.statement = statement.sql;
+            } else {
+              // The server forgot the statement, so it did not run: forgotten here, and the
+              // statement queued again, once (as exchange() does; twice on one connection: a
+              // transaction pooler, unnamed from now on).
+              impl.forget_statement(entry.name);
+              if (++impl.forgotten_statements >= 2) {
+                impl.use_unnamed_statements("forgot its prepared statements");
+              }
+              again = true;
             }
-            again = true;
           }
         }
+        std::lock_guard lock(mux->mutex);
+        --link->in_flight;
+        if (statement.stage == SharedStatement::Stage::abandoned) continue;
+        if (again && !statement.sent_again && !mux->closed) {
+          statement.sent_again = true;
+          statement.stage = SharedStatement::Stage::queued;
+          mux->queue.push_front(entry.statement);
+          continue;
+        }
+        statement.error = error;
+        statement.diagnostics = std::move(diagnostics);
+        if (ok) statement.result = std::move(entry.result);
+        Multiplexer::finish_locked(statement);
       }
-      std::lock_guard lock(mux->mutex);
-      --link->in_flight;
-      if (statement.stage == SharedStatement::Stage::abandoned) continue;
-      if (again && !statement.sent_again && !mux->closed) {
-        statement.sent_again = true;
-        statement.stage = SharedStatement::Stage::queued;
-        mux->queue.push_front(entry.statement);
-        continue;
-      }
-      statement.error = error;
-      statement.diagnostics = std::move(diagnostics);
-      if (ok) statement.result = std::move(entry.result);
-      Multiplexer::finish_locked(statement);
+      if (sent.empty()) failed.clear();
     }
-    if (sent.empty()) failed.clear();
+  } catch (const std::exception& error) {
+    // Nothing here should throw; if something does, the connection cannot be trusted: it is
+    // closed, and what was in flight on it fails with it (never left waiting).
+    spdlog::error("pgrt: a shared connection failed: {}", error.what());
+    if (impl_pointer != nullptr) {
+      lost = impl_pointer->fail(client_errc::protocol_error,
+                                std::string("the shared connection failed: ") + error.what());
+      impl_pointer->close(CloseMode::immediate);
+    } else {
+      lost = make_error_code(client_errc::protocol_error);
+    }
   }
 
   // Done: what is in flight on a lost connection fails with it (those not sent yet went back to
@@ -436,8 +453,11 @@ void Multiplexer::grow_locked() {
 void Multiplexer::wake_locked(const std::shared_ptr<SharedLink>& link) {
   if (!link->waiting || link->wake_posted) return;
   link->wake_posted = true;
-  asio::post(strand, [link] {
-    // On the strand, like the connection's coroutine: its wait is cancelled, if it still waits.
+  asio::post(strand, [self = shared_from_this(), link] {
+    // On the strand, like the connection's coroutine: its wait for the socket is cancelled if it
+    // still waits for it (not a later wait of another kind, such as a flush's).
+    const std::lock_guard lock(self->mutex);
+    if (!link->waiting || !link->wake_posted) return;
     if (link->lease) {
       if (Connection::Impl* impl = ConnectionAccess::impl_of(*link->lease)) {
         error_code ignored;
