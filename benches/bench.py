@@ -343,6 +343,10 @@ def contestants(bench):
     add("shared/256", "pgrt, a lease per statement, 256 tasks on 3 connections", SAFE,
         lambda: bench.pgrt("BM_PoolOverloadClosedLoop"))
     add("shared/256", "pgbench -c3 -j1 -M prepared", FAST, lambda: bench.pgbench_select1(3))
+    add("shared/remote", "pgrt query(), 256 callers, 1 ms each way", SAFE,
+        lambda: bench.pgrt("BM_PoolRemote/shared:1"))
+    add("shared/remote", "pgrt, a lease per statement, 256 tasks, 1 ms each way", SAFE,
+        lambda: bench.pgrt("BM_PoolRemote/shared:0"))
     add("shared/1", "pgrt query(), 1 caller", SAFE, lambda: bench.pgrt("BM_PoolQueryShared/callers:1"))
     add("shared/1", "pgrt, a lease per statement, 1 task", SAFE,
         lambda: bench.pgrt("BM_PoolSelectOne/tasks:1/tcp:0"))
@@ -654,6 +658,11 @@ def write_report(results, raw, args, bench, elapsed, plot):
                 "statement against a lease (`latency_p50_us`: lower is better).")
     report.text("### 256 callers")
     report.table("shared/256", ["queries_per_s", "latency_p50_us", "latency_p99_us"], "queries_per_s")
+    report.text("### A database in another zone",
+                "The same 256 callers on 3 connections over TCP through a proxy that holds each chunk "
+                "1 ms in each direction (the test harness's FaultProxy with set_latency): a round trip "
+                "of about 2 ms, so a lease per statement is capped near 3 statements per round trip.")
+    report.table("shared/remote", ["queries_per_s", "latency_p50_us", "latency_p99_us"], "queries_per_s")
     report.text("### 1 caller")
     report.table("shared/1", ["queries_per_s", "latency_p50_us", "latency_p99_us"], "queries_per_s")
 

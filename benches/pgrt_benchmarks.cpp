@@ -29,6 +29,7 @@
 #include <vector>
 
 #include <pgrt/db.hpp>
+#include <pgrt/testing/fault_proxy.hpp>
 #include <pgrt/testing/temp_cluster.hpp>
 
 namespace {
@@ -357,6 +358,62 @@ void BM_PoolQueryShared(benchmark::State& state) {
   }
 }
 BENCHMARK(BM_PoolQueryShared)->ArgName("callers")->Arg(1)->Arg(256)->Iterations(1);
+
+// The same across a slow network: 256 callers on max 3 connections through a TCP proxy that holds
+// each chunk 1 ms each way (a database in another zone), by query() (shared = 1) or by a lease per
+// statement (shared = 0).
+void BM_PoolRemote(benchmark::State& state) {
+  const bool shared = state.range(0) != 0;
+  for (auto _ : state) {
+    const std::string tcp = server().tcp_dsn;
+    const std::size_t at = tcp.find("port=");
+    const auto port = static_cast<std::uint16_t>(std::stoi(tcp.substr(at + 5)));
+    pgrt::testing::FaultProxy proxy("127.0.0.1", port);
+    proxy.set_latency(std::chrono::milliseconds(1));
+    asio::io_context io;
+    auto config = pool_config(3, 1);
+    config.conninfo = tcp + " " + proxy.conninfo_prefix();  // (the last host and port win)
+    pgrt::Pool pool(io.get_executor(), config);
+    Histogram latencies;
+    std::uint64_t queries = 0;
+    double seconds = 0;
+    run(io, [&]() -> asio::awaitable<void> {
+      if (shared) {
+        (void)co_await pool.query("SELECT 1");
+      } else {
+        auto a = co_await pool.acquire();
+        auto b = co_await pool.acquire();
+        auto c = co_await pool.acquire();
+      }
+      const auto started = Clock::now();
+      const auto until = started + window();
+      InFlight running(io);
+      for (std::size_t c = 0; c < 256; ++c) {
+        running.spawn([&]() -> asio::awaitable<void> {
+          while (Clock::now() < until) {
+            const auto begun = Clock::now();
+            if (shared) {
+              auto result = co_await pool.query("SELECT 1");
+              benchmark::DoNotOptimize(result);
+            } else {
+              auto lease = co_await pool.acquire();
+              auto result = co_await lease->query_prepared("SELECT 1");
+              benchmark::DoNotOptimize(result);
+            }
+            latencies.record(Clock::now() - begun);
+            ++queries;
+          }
+        });
+      }
+      co_await running.wait();
+      seconds = std::chrono::duration<double>(Clock::now() - started).count();
+      (void)co_await pool.close(0ms);
+    });
+    state.counters["queries_per_s"] = static_cast<double>(queries) / seconds;
+    report_latency(state, latencies, "latency");
+  }
+}
+BENCHMARK(BM_PoolRemote)->ArgName("shared")->Arg(1)->Arg(0)->Iterations(1);
 
 // The peer: blocking libpq, one thread per connection, PQexecPrepared in a loop.
 void BM_RawLibpqSelectOne(benchmark::State& state) {

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <numeric>
+#include <optional>
 #include <unordered_set>
 
 #include "connection/impl.hpp"
@@ -18,12 +19,13 @@ bool ends_segment(const Pipeline& pipeline, std::size_t index) {
   return pipeline.statements()[index].sync_after || index + 1 == pipeline.size();
 }
 
-// Transaction control: a segment that holds it may have committed part of its work before a
-// later statement failed, so a pipeline with it is never run again in part.
+// Transaction control (and procedures and DO blocks, which may commit): a segment that holds it
+// may have committed part of its work before a later statement failed, so a pipeline with it is
+// never run again in part.
 bool controls_transactions(std::string_view sql) {
   const std::string keyword = first_keyword(sql);
   for (const char* control : {"begin", "start", "commit", "end", "rollback", "abort", "savepoint",
-                              "release", "prepare"}) {
+                              "release", "prepare", "call", "do"}) {
     if (keyword == control) return true;
   }
   return false;
@@ -197,17 +199,21 @@ asio::awaitable<error_code> run_statements(Impl& impl, const Pipeline& pipeline,
 
 #undef PGRT_NEXT_PIPELINE_RESULT
 
-// The statements of every segment of `order` that holds one whose outcome names a forgotten
-// statement: those segments did not commit (each is an implicit transaction that failed).
+// What runs again after the server forgot statements: everything from the first segment that
+// failed for it to the end, in order (running it alone would put it after later segments, whose
+// work may depend on it), and only if none of those later segments committed (each is an implicit
+// transaction that failed): otherwise nothing (empty), and the failures stand.
 std::vector<std::size_t> segments_to_run_again(const Pipeline& pipeline,
                                                const std::vector<std::size_t>& order,
                                                const std::vector<PipelineOutcome>& outcomes,
                                                const std::vector<std::string>& forgotten) {
-  std::vector<std::size_t> again;
+  std::optional<std::size_t> from;  // where the first segment that forgot starts, in `order`
   std::size_t segment_start = 0;
   bool segment_forgot = false;
+  bool segment_failed = false;
   for (std::size_t k = 0; k < order.size(); ++k) {
     const PipelineOutcome& outcome = outcomes[order[k]];
+    segment_failed = segment_failed || !outcome.ok();
     if (outcome.error == make_sqlstate_error("26000")) {
       for (const std::string& name : forgotten) {
         if (outcome.diagnostics.message.find("\"" + name + "\"") != std::string::npos) {
@@ -216,13 +222,15 @@ std::vector<std::size_t> segments_to_run_again(const Pipeline& pipeline,
       }
     }
     if (ends_segment(pipeline, order[k]) || k + 1 == order.size()) {
-      if (segment_forgot)
-        again.insert(again.end(), order.begin() + segment_start, order.begin() + k + 1);
+      if (segment_forgot && !from) from = segment_start;
+      if (from && !segment_failed) return {};  // a segment after it committed
       segment_start = k + 1;
       segment_forgot = false;
+      segment_failed = false;
     }
   }
-  return again;
+  if (!from) return {};
+  return std::vector<std::size_t>(order.begin() + static_cast<std::ptrdiff_t>(*from), order.end());
 }
 
 }  // namespace

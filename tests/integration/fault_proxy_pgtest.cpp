@@ -47,6 +47,19 @@ TEST_F(FaultProxyTest, ForwardsQueriesBothWays) {
   EXPECT_EQ(proxy->active_connections(), 1U);
 }
 
+// set_latency(): each round trip takes at least twice the one-way delay, and large replies still
+// arrive whole.
+TEST_F(FaultProxyTest, LatencyDelaysEachDirection) {
+  BlockingConnection client(through_proxy());
+  proxy->set_latency(20ms);
+  const auto started = std::chrono::steady_clock::now();
+  EXPECT_EQ(client.scalar("SELECT 1"), "1");
+  EXPECT_GE(std::chrono::steady_clock::now() - started, 40ms) << "the round trip was not delayed";
+  EXPECT_EQ(client.scalar("SELECT repeat('x', 100000)").size(), 100000U);
+  proxy->set_latency(0ms);
+  EXPECT_EQ(client.scalar("SELECT 2"), "2");
+}
+
 TEST_F(FaultProxyTest, PauseHoldsTrafficWithoutClosingThenResumeDeliversIt) {
   BlockingConnection client(through_proxy());
   const int backend = client.backend_pid();

@@ -1912,6 +1912,65 @@ TEST_F(PoolTest, QueryUnderACancellationStormAnswersEveryoneRightAndLeaksNothing
   EXPECT_EQ(after.in_use, 0U);
 }
 
+// A statement that overran its caller's deadline after it was sent holds up its connection (no
+// cancel request is sent: it could hit another caller's statement): new statements go to another
+// connection instead of queueing behind it, and that one goes back to the pool once drained.
+TEST_F(PoolTest, QueryStatementsAvoidAConnectionHeldUpByAnAbandonedStatement) {
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, config("shared-overrun", 2));
+    (void)co_await pool.query("SELECT 1");
+    auto error = co_await testing::expect_error(
+        with_timeout(pool.query("SELECT pg_sleep(2)"), std::chrono::milliseconds(100)));
+    EXPECT_EQ(error.code(), client_errc::timeout);
+    const auto started = std::chrono::steady_clock::now();
+    for (int i = 0; i < 5; ++i)
+      EXPECT_EQ((co_await pool.query("SELECT $1::int", i)).scalar<int>(), i);
+    EXPECT_LT(std::chrono::steady_clock::now() - started, 1s)
+        << "new statements waited behind the abandoned pg_sleep(2)";
+    (void)co_await pool.close(5s);
+  });
+}
+
+// The reverse: while lease callers keep every connection busy, query() still gets its turn (a
+// connection it borrows serves a batch before it may be given back to a waiting lease caller).
+TEST_F(PoolTest, QueryStillRunsWhileLeaseCallersKeepThePoolBusy) {
+  PoolConfig pool_config = config("shared-contended", 2);
+  pool_config.acquire_timeout = 5s;
+  std::atomic<int> answered{0};
+  run_coroutine(
+      [&]() -> awaitable_void {
+        auto executor = co_await asio::this_coro::executor;
+        Pool pool(executor, pool_config);
+        bool stop = false;
+        int finished = 0;
+        for (int holder = 0; holder < 8; ++holder) {
+          asio::co_spawn(
+              executor,
+              [&]() -> awaitable_void {
+                while (!stop) {
+                  auto lease = co_await pool.acquire();
+                  co_await lease->query("SELECT pg_sleep(0.005)");
+                }
+                ++finished;
+              },
+              [](std::exception_ptr error) {
+                if (error) std::rethrow_exception(error);
+              });
+        }
+        co_await sleep_for(100ms);
+        for (int i = 0; i < 20; ++i) {
+          EXPECT_EQ((co_await pool.query("SELECT $1::int", i)).scalar<int>(), i);
+          ++answered;
+        }
+        stop = true;
+        while (finished < 8) co_await sleep_for(10ms);
+        (void)co_await pool.close(5s);
+      },
+      120s);
+  EXPECT_EQ(answered.load(), 20);
+}
+
 // Callers that need a lease are not starved by a steady stream of query(): the shared
 // connections drain and go back to them.
 TEST_F(PoolTest, QueryLoadGivesConnectionsBackToCallersThatWaitForALease) {
@@ -2009,6 +2068,22 @@ TEST_F(PoolTest, QuerySurvivesAServerRestartInTheMiddleOfALoad) {
   EXPECT_EQ(wrong.load(), 0);
   EXPECT_GT(errors.load(), 0) << "the restart should have been noticed";
   EXPECT_GT(after_restart.load(), 0) << "query() did not recover";
+}
+
+// A connection whose last lease ended with a stream() (libpq 15 leaves single-row mode on) gives
+// query() whole results.
+TEST_F(PoolTest, QueryOnAConnectionLastUsedForAStreamGetsWholeResults) {
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, config("shared-stream", 1));
+    {
+      auto lease = co_await pool.acquire();
+      EXPECT_EQ(co_await lease->stream("SELECT generate_series(1, 3)", [](const Row&) {}), 3U);
+    }
+    const auto rows = co_await pool.query("SELECT generate_series(1, $1::int)", 5);
+    EXPECT_EQ(rows.size(), 5U);
+    (void)co_await pool.close(5s);
+  });
 }
 
 // Closing the pool: queued statements fail with pool_closed, those in flight are answered within

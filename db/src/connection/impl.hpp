@@ -184,7 +184,8 @@ struct Connection::Impl {
   void remember_statement(std::string key, std::string name);
   // DEALLOCATEs the evicted statements, outside a transaction block only.
   asio::awaitable<error_code> deallocate_evicted();
-  void forget_statement(const std::string& name);
+  // False when the cache did not hold it (forgotten already).
+  bool forget_statement(const std::string& name);
   // Goes on with unnamed statements on this connection: a transaction pooler was noticed.
   void use_unnamed_statements(std::string_view why);
   // client_errc::needs_session for a statement that needs a session, behind a transaction

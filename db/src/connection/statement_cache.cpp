@@ -69,14 +69,15 @@ asio::awaitable<error_code> Connection::Impl::deallocate_evicted() {
   co_return error_code{};
 }
 
-void Connection::Impl::forget_statement(const std::string& name) {
+bool Connection::Impl::forget_statement(const std::string& name) {
   for (auto it = statements.begin(); it != statements.end(); ++it) {
     if (it->name == name) {
       statement_index.erase(it->key);
       statements.erase(it);
-      return;
+      return true;
     }
   }
+  return false;
 }
 
 }  // namespace pgrt

@@ -69,31 +69,47 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
 
 // Borrows a connection for the multiplexer, then runs it.
 asio::awaitable<void> borrow(std::shared_ptr<Multiplexer> mux) {
+  // (If this coroutine is destroyed mid-acquire, its io_context shut down, the count goes too.)
+  async::AbandonGuard uncount([&mux] {
+    std::lock_guard lock(mux->mutex);
+    --mux->borrowing;
+  });
   std::shared_ptr<PoolState> pool = mux->pool.lock();
   std::optional<Lease> lease;
+  error_code failure = make_error_code(client_errc::pool_closed);
+  Diagnostics diagnostics{.message = "the pool is closed"};
   if (pool) {
     try {
       lease.emplace(co_await pool->acquire(pool, Priority::normal, pool::default_consumer,
                                            std::source_location::current()));
     } catch (const Error& error) {
-      spdlog::debug("pgrt pool {}: query() could not borrow a connection: {}",
-                    pool->application_name, error.what());
+      failure = error.code();
+      diagnostics = error.diagnostics();
+      if (diagnostics.message.empty()) diagnostics.message = error.what();
     } catch (const std::exception& error) {
-      spdlog::error("pgrt pool {}: query() could not borrow a connection: {}",
-                    pool->application_name, error.what());
+      failure = make_error_code(client_errc::protocol_error);
+      diagnostics = Diagnostics{.message = error.what()};
     }
   }
   std::shared_ptr<SharedLink> link;
   {
     std::lock_guard lock(mux->mutex);
+    uncount.disarm();
     --mux->borrowing;
     if (lease && !mux->closed) {
       link = std::make_shared<SharedLink>(std::move(*lease));
       mux->links.push_back(link);
-    } else if (!lease && !mux->closed && !mux->queue.empty() && mux->links.empty()) {
-      // The pool could not lend one (its acquire timed out, or it is closing): the statements
-      // time out on their own clocks; another try is made for those still queued.
-      mux->grow_locked();
+    } else if (!lease && mux->links.empty()) {
+      // The pool could not lend one (its acquire timed out or failed fast, it is closing): with
+      // no connection to run them, the queued statements fail with the acquire's error, as a
+      // caller of acquire() would; the next statement tries again.
+      for (const auto& statement : mux->queue) {
+        statement->error = failure;
+        statement->diagnostics = diagnostics;
+        statement->diagnostics.statement = statement->sql;
+        Multiplexer::finish_locked(*statement);
+      }
+      mux->queue.clear();
     }
   }
   if (lease && !link) lease->release();  // closed meanwhile
@@ -112,15 +128,42 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
   error_code lost;
   // If this coroutine is destroyed mid-wait (its io_context shut down), the link leaves the
   // multiplexer, so that its lease goes back to the pool with it.
-  async::AbandonGuard abandon([&mux, &link] {
+  // (Its in-flight statements fail: callers on other io_contexts would otherwise wait for good.)
+  async::AbandonGuard abandon([&mux, &link, &sent, &batch] {
     std::lock_guard lock(mux->mutex);
     std::erase(mux->links, link);
+    const auto fail = [](SharedStatement& statement) {
+      if (statement.stage != SharedStatement::Stage::sent) return;
+      statement.error = make_error_code(client_errc::connection_lost);
+      statement.diagnostics = Diagnostics{
+          .message =
+              "the io_context of the shared connection was shut down with the statement "
+              "in flight",
+          .statement = statement.sql};
+      Multiplexer::finish_locked(statement);
+    };
+    for (const auto& statement : batch) fail(*statement);
+    for (const SentEntry& entry : sent) {
+      if (entry.statement) fail(*entry.statement);
+    }
   });
   if (impl_pointer == nullptr || impl_pointer->conn == nullptr) {
     lost = make_error_code(client_errc::connection_lost);
-  } else if (PQenterPipelineMode(impl_pointer->conn) == 0) {
-    lost = impl_pointer->lost("pipeline mode");
+  } else {
+    if (impl_pointer->single_row_mode_left_on) {
+      // libpq 15 keeps single-row mode on after a stream() until the next statement sent outside
+      // pipeline mode (see Connection::run()).
+      const ParamSink no_params;
+      Result ignored;
+      const Connection::Impl::Request empty{
+          .kind = Connection::Impl::Request::Kind::text, .sql = "", .params = &no_params};
+      if (auto reset_error = co_await impl_pointer->exchange(empty, ignored)) lost = reset_error;
+    }
+    if (!lost && PQenterPipelineMode(impl_pointer->conn) == 0) {
+      lost = impl_pointer->lost("pipeline mode");
+    }
   }
+  bool served = false;  // it has sent something: only then may it be given up early
   const auto pool_has_lease_waiters = [&mux]() {
     const std::shared_ptr<PoolState> pool = mux->pool.lock();
     if (!pool) return false;
@@ -137,8 +180,10 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
     while (!lost) {
       Connection::Impl& impl = *impl_pointer;
       PGconn* conn = impl.conn;
-      // Give the connection up (drained first) to a caller waiting for a lease, or after a while.
-      if (!link->retiring &&
+      // Give the connection up (drained first) to a caller waiting for a lease, or after a while;
+      // not before it has served a batch (the lease caller queued behind its borrowing would
+      // otherwise take every connection it borrows at once).
+      if (served &&
           (coarse_now() - link->borrowed >= mux->hold_limit || pool_has_lease_waiters())) {
         std::lock_guard lock(mux->mutex);
         link->retiring = true;
@@ -152,6 +197,7 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
           batch.push_back(std::move(mux->queue.front()));
           mux->queue.pop_front();
           batch.back()->stage = SharedStatement::Stage::sent;
+          batch.back()->link = link;
           ++link->in_flight;
         }
       }
@@ -204,19 +250,29 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
                                  .result = {}});
       }
       if (lost) {
-        // Those of the batch not sent yet go back to the front of the queue.
+        // Those of the batch not sent yet go back to the front of the queue (or fail, if the
+        // pool closed meanwhile: nothing would take them).
         std::lock_guard lock(mux->mutex);
         for (auto it = batch.rbegin(); it != batch.rend(); ++it) {
           const bool was_sent = std::any_of(sent.begin(), sent.end(), [&](const SentEntry& entry) {
             return entry.statement == *it;
           });
           if (was_sent || (*it)->stage != SharedStatement::Stage::sent) continue;
-          (*it)->stage = SharedStatement::Stage::queued;
           --link->in_flight;
+          if (mux->closed) {
+            (*it)->error = make_error_code(client_errc::pool_closed);
+            (*it)->diagnostics =
+                Diagnostics{.message = "the pool closed before the statement was sent",
+                            .statement = (*it)->sql};
+            Multiplexer::finish_locked(**it);
+            continue;
+          }
+          (*it)->stage = SharedStatement::Stage::queued;
           mux->queue.push_front(*it);
         }
         break;
       }
+      served = served || !batch.empty();
       if (!batch.empty()) {
         if (auto flush_error = co_await impl.flush("query()", /*can_drain=*/false)) {
           lost = flush_error;
@@ -326,8 +382,7 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
               // The server forgot the statement, so it did not run: forgotten here, and the
               // statement queued again, once (as exchange() does; twice on one connection: a
               // transaction pooler, unnamed from now on).
-              impl.forget_statement(entry.name);
-              if (++impl.forgotten_statements >= 2) {
+              if (impl.forget_statement(entry.name) && ++impl.forgotten_statements >= 2) {
                 impl.use_unnamed_statements("forgot its prepared statements");
               }
               again = true;
@@ -341,6 +396,7 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
           statement.sent_again = true;
           statement.stage = SharedStatement::Stage::queued;
           mux->queue.push_front(entry.statement);
+          mux->dispatch_locked();
           continue;
         }
         statement.error = error;
@@ -354,6 +410,21 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
     // Nothing here should throw; if something does, the connection cannot be trusted: it is
     // closed, and what was in flight on it fails with it (never left waiting).
     spdlog::error("pgrt: a shared connection failed: {}", error.what());
+    {
+      std::lock_guard lock(mux->mutex);
+      for (const auto& statement : batch) {  // taken, not yet among `sent`
+        const bool was_sent = std::any_of(sent.begin(), sent.end(), [&](const SentEntry& entry) {
+          return entry.statement == statement;
+        });
+        if (was_sent || statement->stage != SharedStatement::Stage::sent) continue;
+        --link->in_flight;
+        statement->error = make_error_code(client_errc::protocol_error);
+        statement->diagnostics =
+            Diagnostics{.message = std::string("the shared connection failed: ") + error.what(),
+                        .statement = statement->sql};
+        Multiplexer::finish_locked(*statement);
+      }
+    }
     if (impl_pointer != nullptr) {
       lost = impl_pointer->fail(client_errc::protocol_error,
                                 std::string("the shared connection failed: ") + error.what());
@@ -365,9 +436,12 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
 
   // Done: what is in flight on a lost connection fails with it (those not sent yet went back to
   // the queue), and the connection goes back to the pool.
-  if (!lost && impl_pointer != nullptr && impl_pointer->conn != nullptr &&
-      PQexitPipelineMode(impl_pointer->conn) == 0) {
-    lost = impl_pointer->lost("pipeline mode");
+  if (!lost && impl_pointer != nullptr && impl_pointer->conn != nullptr) {
+    if (PQexitPipelineMode(impl_pointer->conn) == 0) {
+      lost = impl_pointer->lost("pipeline mode");
+    } else if (auto error = co_await impl_pointer->deallocate_evicted()) {
+      lost = error;  // (evicted statements are deallocated before the connection goes back)
+    }
   }
   {
     std::lock_guard lock(mux->mutex);
@@ -387,7 +461,7 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
       }
     }
     std::erase(mux->links, link);
-    if (!mux->closed) mux->grow_locked();
+    if (!mux->closed) mux->dispatch_locked();
   }
   abandon.disarm();
   if (lost) {
@@ -426,13 +500,18 @@ void Multiplexer::enqueue_locked(const std::shared_ptr<SharedStatement>& stateme
   }
   statement->waiter = &waiter;
   queue.push_back(statement);
-  // The connection with the fewest in flight and room takes it; if every one is busy, one more.
-  std::shared_ptr<SharedLink> least;
+  dispatch_locked();
+}
+
+void Multiplexer::dispatch_locked() {
+  // The connection with the fewest in flight that has room takes what is queued; if every one is
+  // busy, one more is borrowed.
+  const std::shared_ptr<SharedLink>* least = nullptr;
   for (const auto& link : links) {
     if (link->retiring || link->in_flight >= depth) continue;
-    if (!least || link->in_flight < least->in_flight) least = link;
+    if (least == nullptr || link->in_flight < (*least)->in_flight) least = &link;
   }
-  if (least) wake_locked(least);
+  if (least != nullptr) wake_locked(*least);
   grow_locked();
 }
 
@@ -498,6 +577,7 @@ asio::awaitable<Result> run_shared(std::shared_ptr<PoolState> pool, std::string 
   std::shared_ptr<Multiplexer> mux = pool->multiplexer_for(executor);
   auto statement = std::make_shared<SharedStatement>(std::move(sql), std::move(params));
   asio::steady_timer waiter(executor);
+  std::shared_ptr<SharedLink> held_up;
   std::unique_lock lock(mux->mutex);
   mux->enqueue_locked(statement, waiter);
   // If this coroutine is destroyed while it waits (its io_context shut down), the statement
@@ -539,8 +619,13 @@ asio::awaitable<Result> run_shared(std::shared_ptr<PoolState> pool, std::string 
       continue;
     }
     // The caller cancelled: a queued statement leaves the queue; a sent one's answer is dropped
-    // when it comes (no cancel request: it could hit the statement of another caller).
+    // when it comes (no cancel request: it could hit the statement of another caller), and its
+    // connection, held up by it, takes no new statement: it drains and goes back to the pool.
     if (statement->stage == SharedStatement::Stage::queued) mux->withdraw_locked(*statement);
+    if (statement->stage == SharedStatement::Stage::sent) {
+      held_up = statement->link.lock();  // (dropped after the lock: never the last under it)
+      if (held_up) held_up->retiring = true;
+    }
     statement->stage = SharedStatement::Stage::abandoned;
     statement->waiter = nullptr;
     abandon.disarm();

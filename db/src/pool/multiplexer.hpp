@@ -25,6 +25,8 @@
 
 namespace pgrt::detail {
 
+struct SharedLink;
+
 // One query() call, shared by its caller and the connection that runs it. Every field is
 // changed under Multiplexer::mutex once the statement is queued.
 struct SharedStatement {
@@ -36,6 +38,7 @@ struct SharedStatement {
   Stage stage = Stage::queued;
   asio::steady_timer* waiter = nullptr;  // the caller's, while it waits
   bool sent_again = false;               // queued again once (the server forgot its statement)
+  std::weak_ptr<SharedLink> link;        // the connection it was sent on
   error_code error;
   Diagnostics diagnostics;
   Result result;
@@ -77,6 +80,9 @@ struct Multiplexer : std::enable_shared_from_this<Multiplexer> {
   static void finish_locked(SharedStatement& statement);
   // Takes `statement` out of the queue (its caller gave up).
   void withdraw_locked(const SharedStatement& statement);
+  // Wakes the connection with the fewest in flight that has room, and borrows one more when every
+  // one is busy.
+  void dispatch_locked();
   // Borrows one more connection when statements wait and every borrowed one is busy.
   void grow_locked();
   // Cancels a connection's wait for its socket, so that it takes the newly queued statements.

@@ -11,6 +11,7 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/write.hpp>
+#include <chrono>
 #include <future>
 #include <map>
 #include <thread>
@@ -54,6 +55,7 @@ struct FaultProxy::State {
   // Touched only on the proxy's thread.
   bool paused = false;
   bool keep_upstream = false;
+  std::chrono::microseconds latency{0};  // set_latency()
   asio::steady_timer resumed{io, asio::steady_timer::time_point::max()};
   std::uint64_t next_id = 0;
   std::map<std::uint64_t, std::shared_ptr<Session>> sessions;
@@ -95,6 +97,7 @@ struct FaultProxy::State {
     bool client_side_failed = false;
     for (;;) {
       auto [read_error, size] = co_await from.async_read_some(asio::buffer(buffer), no_throw);
+      const auto read_at = std::chrono::steady_clock::now();
       if (read_error) {
         client_side_failed = from_client;
         break;
@@ -103,6 +106,11 @@ struct FaultProxy::State {
         co_await resumed.async_wait(no_throw);
       }
       if (session->ended) co_return;
+      if (latency.count() > 0) {  // held this long after it was read (reads wait meanwhile)
+        asio::steady_timer delay(io, read_at + latency);
+        co_await delay.async_wait(no_throw);
+        if (session->ended) co_return;
+      }
       auto [write_error, written] =
           co_await asio::async_write(to, asio::buffer(buffer, size), no_throw);
       if (write_error) {
@@ -180,6 +188,10 @@ void FaultProxy::resume() {
     state->paused = false;
     state->resumed.cancel();
   });
+}
+
+void FaultProxy::set_latency(std::chrono::microseconds one_way) {
+  state_->run([state = state_.get(), one_way] { state->latency = one_way; });
 }
 
 void FaultProxy::drop_all() {

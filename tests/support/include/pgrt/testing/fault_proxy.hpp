@@ -3,6 +3,7 @@
 /// @file
 /// A TCP proxy that injects network faults between a client and a PostgreSQL server.
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -35,6 +36,11 @@ class FaultProxy {
   /// "host=127.0.0.1 port=<port>": append user, dbname and other keywords.
   [[nodiscard]] std::string conninfo_prefix() const;
 
+  /// A slow network: each chunk of bytes is delivered `one_way` after the proxy read it, in each
+  /// direction (a database in another zone: 1 ms each way). Reads of a direction wait while its
+  /// chunk is held, so bytes arriving meanwhile travel with the next chunk: each byte takes
+  /// between one_way and twice that. Zero (the default): no delay.
+  void set_latency(std::chrono::microseconds one_way);
   void pause();
   void resume();
   void drop_all();
