@@ -221,8 +221,9 @@ class Connection {
   /// cache unless Pipeline::prepare_statements(false) (a cache miss outside a transaction block
   /// costs one more round trip, to prepare). A cached statement the server no longer knows
   /// (SQLSTATE 26000: DEALLOCATE or DISCARD ALL behind pgrt's back, a transaction pooler) is
-  /// prepared again and its segments run again, once, when that is safe: outside a transaction
-  /// block, and no statement of the pipeline is transaction control. See pgrt/db/pipeline.hpp.
+  /// prepared again and the pipeline runs again from the first segment that failed for it, once,
+  /// when that is safe: outside a transaction block, no later segment committed, and no statement
+  /// of the pipeline is transaction control, CALL or DO. See docs/usage.md, "Pipelines".
   [[nodiscard]] boost::asio::awaitable<std::vector<PipelineOutcome>> run(const Pipeline& pipeline);
 
   /// Runs `copy_statement` (a `COPY ... FROM STDIN`) and sends `data` (in the format that COPY
