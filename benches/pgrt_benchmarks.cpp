@@ -322,39 +322,55 @@ BENCHMARK(BM_PoolSelectOne)
 // --- 8. statements without a lease: query() on shared connections
 // ---------------------------------
 
-// `callers` coroutines each run SELECT 1 through Pool::query() in a loop, on max 3 connections.
-void BM_PoolQueryShared(benchmark::State& state) {
-  const auto callers = static_cast<std::size_t>(state.range(0));
-  for (auto _ : state) {
-    asio::io_context io;
-    auto config = pool_config(3);
-    config.max_waiters = 100'000;
-    pgrt::Pool pool(io.get_executor(), config);
-    Histogram latencies;
-    std::uint64_t queries = 0;
-    double seconds = 0;
-    run(io, [&]() -> asio::awaitable<void> {
+// `callers` coroutines each run SELECT 1 in a loop for the window, through Pool::query() (shared)
+// or a lease per statement; reports queries per second and their latencies.
+void select_one_callers(benchmark::State& state, const pgrt::PoolConfig& config,
+                        std::size_t callers, bool shared) {
+  asio::io_context io;
+  pgrt::Pool pool(io.get_executor(), config);
+  Histogram latencies;
+  std::uint64_t queries = 0;
+  double seconds = 0;
+  run(io, [&]() -> asio::awaitable<void> {
+    if (shared) {
       (void)co_await pool.query("SELECT 1");  // connected and prepared before the window
-      const auto started = Clock::now();
-      const auto until = started + window();
-      InFlight running(io);
-      for (std::size_t c = 0; c < callers; ++c) {
-        running.spawn([&]() -> asio::awaitable<void> {
-          while (Clock::now() < until) {
-            const auto begun = Clock::now();
+    } else {
+      auto a = co_await pool.acquire();
+      auto b = co_await pool.acquire();
+      auto c = co_await pool.acquire();
+    }
+    const auto started = Clock::now();
+    const auto until = started + window();
+    InFlight running(io);
+    for (std::size_t c = 0; c < callers; ++c) {
+      running.spawn([&]() -> asio::awaitable<void> {
+        while (Clock::now() < until) {
+          const auto begun = Clock::now();
+          if (shared) {
             auto result = co_await pool.query("SELECT 1");
             benchmark::DoNotOptimize(result);
-            latencies.record(Clock::now() - begun);
-            ++queries;
+          } else {
+            auto lease = co_await pool.acquire();
+            auto result = co_await lease->query_prepared("SELECT 1");
+            benchmark::DoNotOptimize(result);
           }
-        });
-      }
-      co_await running.wait();
-      seconds = std::chrono::duration<double>(Clock::now() - started).count();
-      (void)co_await pool.close(0ms);
-    });
-    state.counters["queries_per_s"] = static_cast<double>(queries) / seconds;
-    report_latency(state, latencies, "latency");
+          latencies.record(Clock::now() - begun);
+          ++queries;
+        }
+      });
+    }
+    co_await running.wait();
+    seconds = std::chrono::duration<double>(Clock::now() - started).count();
+    (void)co_await pool.close(0ms);
+  });
+  state.counters["queries_per_s"] = static_cast<double>(queries) / seconds;
+  report_latency(state, latencies, "latency");
+}
+
+// SELECT 1 through Pool::query() by `callers` coroutines on max 3 connections (unix socket).
+void BM_PoolQueryShared(benchmark::State& state) {
+  for (auto _ : state) {
+    select_one_callers(state, pool_config(3), static_cast<std::size_t>(state.range(0)), true);
   }
 }
 BENCHMARK(BM_PoolQueryShared)->ArgName("callers")->Arg(1)->Arg(256)->Iterations(1);
@@ -363,54 +379,15 @@ BENCHMARK(BM_PoolQueryShared)->ArgName("callers")->Arg(1)->Arg(256)->Iterations(
 // each chunk 1 ms each way (a database in another zone), by query() (shared = 1) or by a lease per
 // statement (shared = 0).
 void BM_PoolRemote(benchmark::State& state) {
-  const bool shared = state.range(0) != 0;
   for (auto _ : state) {
     const std::string tcp = server().tcp_dsn;
     const std::size_t at = tcp.find("port=");
     const auto port = static_cast<std::uint16_t>(std::stoi(tcp.substr(at + 5)));
     pgrt::testing::FaultProxy proxy("127.0.0.1", port);
     proxy.set_latency(std::chrono::milliseconds(1));
-    asio::io_context io;
     auto config = pool_config(3, 1);
     config.conninfo = tcp + " " + proxy.conninfo_prefix();  // (the last host and port win)
-    pgrt::Pool pool(io.get_executor(), config);
-    Histogram latencies;
-    std::uint64_t queries = 0;
-    double seconds = 0;
-    run(io, [&]() -> asio::awaitable<void> {
-      if (shared) {
-        (void)co_await pool.query("SELECT 1");
-      } else {
-        auto a = co_await pool.acquire();
-        auto b = co_await pool.acquire();
-        auto c = co_await pool.acquire();
-      }
-      const auto started = Clock::now();
-      const auto until = started + window();
-      InFlight running(io);
-      for (std::size_t c = 0; c < 256; ++c) {
-        running.spawn([&]() -> asio::awaitable<void> {
-          while (Clock::now() < until) {
-            const auto begun = Clock::now();
-            if (shared) {
-              auto result = co_await pool.query("SELECT 1");
-              benchmark::DoNotOptimize(result);
-            } else {
-              auto lease = co_await pool.acquire();
-              auto result = co_await lease->query_prepared("SELECT 1");
-              benchmark::DoNotOptimize(result);
-            }
-            latencies.record(Clock::now() - begun);
-            ++queries;
-          }
-        });
-      }
-      co_await running.wait();
-      seconds = std::chrono::duration<double>(Clock::now() - started).count();
-      (void)co_await pool.close(0ms);
-    });
-    state.counters["queries_per_s"] = static_cast<double>(queries) / seconds;
-    report_latency(state, latencies, "latency");
+    select_one_callers(state, config, 256, state.range(0) != 0);
   }
 }
 BENCHMARK(BM_PoolRemote)->ArgName("shared")->Arg(1)->Arg(0)->Iterations(1);
