@@ -273,7 +273,8 @@ asio::awaitable<void> record_signups(pgrt::Connection& conn) {
 
 asio::awaitable<void> purge_one_off(pgrt::Connection& conn, const std::string& table) {
   pgrt::Pipeline cleanup;
-  cleanup.prepare_statements(false)  // generated once, never run again: keep it out of the cache
+  cleanup
+      .prepare_statements(false)  // generated once, never run again: keep it out of the cache
       .add("DELETE FROM " + table + " WHERE expires_at < now()")
       .add("ANALYZE " + table);
   const std::vector<pgrt::PipelineOutcome> outcomes = co_await conn.run(cleanup);
