@@ -186,6 +186,18 @@ void write_pools(Writer& w, const std::vector<std::pair<std::string, PoolStats>>
   }
   per_pool(w, pools, "pgrt_pool_acquires_total", "counter", "Leases handed out.",
            count(&PoolStats::acquired));
+  w.family("pgrt_pool_shared_statements", "gauge",
+           "Statements of Pool::query(): waiting for a shared connection (queued) and sent, not "
+           "yet answered (in_flight).");
+  for (const auto& [name, stats] : pools) {
+    w.sample("pgrt_pool_shared_statements", {{pool_label, name}, {"state", "queued"}},
+             number(std::uint64_t{stats.shared_queued}));
+    w.sample("pgrt_pool_shared_statements", {{pool_label, name}, {"state", "in_flight"}},
+             number(std::uint64_t{stats.shared_in_flight}));
+  }
+  per_pool(w, pools, "pgrt_pool_shared_connections", "gauge",
+           "Connections lent to Pool::query() (also counted as used).",
+           count(&PoolStats::shared_connections));
   per_pool(w, pools, "pgrt_pool_cancellations_total", "counter",
            "Acquires whose caller was cancelled while waiting.", count(&PoolStats::cancellations));
   per_pool(w, pools, "pgrt_pool_connect_attempts_total", "counter", "Connects started.",

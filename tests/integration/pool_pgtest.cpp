@@ -1769,6 +1769,8 @@ TEST_F(PoolTest, QueryRunsManyCallersStatementsOnSharedConnectionsWithinTheMax) 
   std::atomic<int> wrong{0};
   std::atomic<std::int64_t> writes{0}, failures{0};
   PoolStats end{};
+  std::size_t most_shared_connections = 0;
+  std::size_t most_shared_in_flight = 0;
   run_coroutine(
       [&]() -> awaitable_void {
         auto executor = co_await asio::this_coro::executor;
@@ -1820,7 +1822,12 @@ TEST_F(PoolTest, QueryRunsManyCallersStatementsOnSharedConnectionsWithinTheMax) 
                 if (error) std::rethrow_exception(error);
               });
         }
-        while (finished < callers) co_await sleep_for(10ms);
+        while (finished < callers) {
+          const PoolStats now = pool.stats();
+          most_shared_connections = std::max(most_shared_connections, now.shared_connections);
+          most_shared_in_flight = std::max(most_shared_in_flight, now.shared_in_flight);
+          co_await sleep_for(10ms);
+        }
         end = pool.stats();
         (void)co_await pool.close(5s);
       },
@@ -1832,6 +1839,11 @@ TEST_F(PoolTest, QueryRunsManyCallersStatementsOnSharedConnectionsWithinTheMax) 
   EXPECT_GT(sampler->samples(), 0);
   EXPECT_LE(sampler->highest(), 3) << "more backends than max_size";
   EXPECT_LE(end.size, 3U);
+  EXPECT_GE(most_shared_connections, 2U) << "the load never spread over several connections";
+  EXPECT_LE(most_shared_connections, 3U);
+  EXPECT_GT(most_shared_in_flight, 3U) << "statements were never pipelined";
+  EXPECT_EQ(end.shared_queued, 0U);
+  EXPECT_EQ(end.shared_in_flight, 0U);
 }
 
 // Statements that need a session of their own are refused before anything is sent, with a clear

@@ -6,6 +6,7 @@
 #include <unordered_set>
 
 #include "budget.hpp"
+#include "multiplexer.hpp"
 
 namespace pgrt::detail {
 
@@ -948,6 +949,12 @@ PoolStats PoolState::stats() const {
   snapshot.closing = counts.count(pool::NodeState::closing);
   snapshot.resetting = counts.count(pool::NodeState::resetting);
   snapshot.pinging = counts.count(pool::NodeState::pinging);
+  if (multiplexer) {  // (its lock is taken under ours, never the reverse)
+    std::lock_guard shared_lock(multiplexer->mutex);
+    snapshot.shared_queued = multiplexer->queue.size();
+    snapshot.shared_connections = multiplexer->links.size();
+    for (const auto& link : multiplexer->links) snapshot.shared_in_flight += link->in_flight;
+  }
   snapshot.waiting_normal = counts.waiting_normal;
   snapshot.waiting_high = counts.waiting_high;
   snapshot.acquired = counts.acquired;

@@ -614,8 +614,10 @@ asio::awaitable<Result> run_shared(std::shared_ptr<PoolState> pool, std::string 
                                         "Pool::stats() says what holds the connections",
                                 .statement = statement->sql});
       }
-      // Sent: it runs on the server (bounded there by statement_timeout); wait for its answer.
-      waiter.expires_at(Clock::time_point::max());
+      // Sent: it runs on the server (bounded there by statement_timeout); wait for its answer,
+      // looking again after as long (if it was queued again meanwhile, after a lost connection
+      // or a forgotten statement, and still is then, its time has run out).
+      waiter.expires_after(limit);
       continue;
     }
     // The caller cancelled: a queued statement leaves the queue; a sent one's answer is dropped

@@ -75,11 +75,13 @@ std::string PoolStats::to_json() const {
   return "{" + field("max", max) + "," + field("size", size) + "," + field("idle", idle) + "," +
          field("in_use", in_use) + "," + field("connecting", connecting) + "," +
          field("closing", closing) + "," + field("resetting", resetting) + "," +
-         field("pinging", pinging) + "," + field("waiting_normal", waiting_normal) + "," +
-         field("waiting_high", waiting_high) + "," + field("acquired", acquired) + "," +
-         field("timeouts", timeouts) + "," + field("cancellations", cancellations) + "," +
-         field("connect_attempts", connect_attempts) + "," +
-         field("connect_errors", connect_errors) + "," + field("discarded", discarded) + "," +
+         field("pinging", pinging) + "," + field("shared_queued", shared_queued) + "," +
+         field("shared_in_flight", shared_in_flight) + "," +
+         field("shared_connections", shared_connections) + "," +
+         field("waiting_normal", waiting_normal) + "," + field("waiting_high", waiting_high) + "," +
+         field("acquired", acquired) + "," + field("timeouts", timeouts) + "," +
+         field("cancellations", cancellations) + "," + field("connect_attempts", connect_attempts) +
+         "," + field("connect_errors", connect_errors) + "," + field("discarded", discarded) + "," +
          field("leaks_suspected", leaks_suspected) + "," + field("wait_p50_us", wait_p50.count()) +
          "," + field("wait_p99_us", wait_p99.count()) + "," +
          field("wait_max_us", wait_max.count()) + "," +

@@ -240,6 +240,11 @@ struct PoolStats {
   /// in the background; counted in size.
   std::size_t resetting = 0;
   std::size_t pinging = 0;
+  /// Pool::query(): statements waiting for a shared connection, statements sent and not yet
+  /// answered, and the connections lent to query() (also counted in in_use).
+  std::size_t shared_queued = 0;
+  std::size_t shared_in_flight = 0;
+  std::size_t shared_connections = 0;
   std::size_t waiting_normal = 0;
   std::size_t waiting_high = 0;
   std::uint64_t acquired = 0;
