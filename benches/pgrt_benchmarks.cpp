@@ -105,6 +105,13 @@ void run(asio::io_context& io, MakeCoroutine make) {
   if (failure) std::rethrow_exception(failure);
 }
 
+// Opens the three connections of a max-3 pool before a window starts (held at once, released).
+asio::awaitable<void> open_three(pgrt::Pool& pool) {
+  auto a = co_await pool.acquire();
+  auto b = co_await pool.acquire();
+  auto c = co_await pool.acquire();
+}
+
 // --- a log-linear latency histogram
 // ---------------------------------------------------------------
 
@@ -223,11 +230,7 @@ void BM_PoolContendedHandoff(benchmark::State& state) {
     std::vector<std::uint64_t> completions(waiters, 0);
     double seconds = 0;
     run(io, [&]() -> asio::awaitable<void> {
-      {  // open all three first
-        auto a = co_await pool.acquire();
-        auto b = co_await pool.acquire();
-        auto c = co_await pool.acquire();
-      }
+      co_await open_three(pool);
       const auto started = Clock::now();
       const auto until = started + window();
       InFlight running(io);
@@ -335,9 +338,7 @@ void select_one_callers(benchmark::State& state, const pgrt::PoolConfig& config,
     if (shared) {
       (void)co_await pool.query("SELECT 1");  // connected and prepared before the window
     } else {
-      auto a = co_await pool.acquire();
-      auto b = co_await pool.acquire();
-      auto c = co_await pool.acquire();
+      co_await open_three(pool);
     }
     const auto started = Clock::now();
     const auto until = started + window();
@@ -491,11 +492,7 @@ void BM_PoolOverloadOpenLoop(benchmark::State& state) {
     pgrt::Pool pool(io.get_executor(), pool_config(3));
     Histogram latencies;
     run(io, [&]() -> asio::awaitable<void> {
-      {
-        auto a = co_await pool.acquire();
-        auto b = co_await pool.acquire();
-        auto c = co_await pool.acquire();
-      }
+      co_await open_three(pool);
       const auto started = Clock::now();
       const auto until = started + window();
       // Poisson arrivals (exponential gaps, a fixed seed), as pgbench -R schedules them.
@@ -553,11 +550,7 @@ void BM_PoolOverloadOpenLoopPosted(benchmark::State& state) {
     };
     try {
       run(io, [&]() -> asio::awaitable<void> {
-        {
-          auto a = co_await pool.acquire();
-          auto b = co_await pool.acquire();
-          auto c = co_await pool.acquire();
-        }
+        co_await open_three(pool);
         InFlight requests(io);
         asio::steady_timer generated(io, Clock::time_point::max());
         bool done = false;
