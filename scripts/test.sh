@@ -18,10 +18,23 @@ presets=${PGRT_PRESET:-asan tsan}
 "$root/scripts/install-deps.sh"
 cd "$root"
 status=0
+failed_presets=()
 for preset in $presets; do
   echo "pgrt: === preset $preset ===" >&2
   cmake --preset "$preset"
   cmake --build --preset "$preset"
-  ctest --preset "$preset" "$@" || status=$?
+  if ! ctest --preset "$preset" "$@"; then
+    status=1
+    failed_presets+=("$preset")
+  fi
+done
+# A digest of what failed, last, so that it is in the tail of a long log: each failed test case
+# and its first lines of failure (gtest assertions, sanitizer reports, ctest timeouts).
+for preset in "${failed_presets[@]}"; do
+  log="$root/build/$preset/Testing/Temporary/LastTest.log"
+  [[ -f $log ]] || continue
+  echo "pgrt: --- what failed under preset $preset (from $log) ---" >&2
+  grep -E -A3 '^[^ ]*:[0-9]+: Failure$|^\[  FAILED  \] [A-Za-z]|WARNING: ThreadSanitizer|ERROR: (Address|Leak)Sanitizer|runtime error:|Timeout|\*\*\*Exception' \
+    "$log" | head -n 60 >&2 || true
 done
 exit "$status"
