@@ -187,6 +187,12 @@ asio::awaitable<error_code> run_statements(Impl& impl, const Pipeline& pipeline,
       if (names[k] != nullptr && outcome.error == make_sqlstate_error("26000") &&
           outcome.diagnostics.message.find("\"" + *names[k] + "\"") != std::string::npos) {
         forgotten.push_back(*names[k]);
+        // (Cleared when the statement runs again; the hint is for a failure that stands.)
+        outcome.diagnostics.hint =
+            "the server no longer had pgrt's prepared statement, so it did not run (a DEALLOCATE "
+            "or DISCARD ALL, or a transaction-mode pooler: then set PGRT_POOLER=transaction). It "
+            "was not run again: only the statements of a pipeline outside a transaction block, "
+            "without transaction control, whose later segments did not commit, run again";
       }
     }
     ++k;

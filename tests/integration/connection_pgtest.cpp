@@ -904,6 +904,7 @@ TEST_F(ConnectionTest, APipelineWhoseStatementsTheServerForgotRunsItsFailedSegme
     co_await conn.begin();
     outcomes = co_await conn.run(pipeline);
     EXPECT_EQ(sqlstate_of(outcomes.at(0).error), "26000") << "inside a transaction block";
+    EXPECT_THAT(outcomes.at(0).diagnostics.hint, HasSubstr("PGRT_POOLER"));
     EXPECT_EQ(outcomes.at(1).error, client_errc::pipeline_aborted);
     EXPECT_FALSE(outcomes.at(2).ok()) << "the block has failed (26000 or 25P02)";
     co_await conn.rollback();
