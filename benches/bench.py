@@ -328,13 +328,15 @@ def contestants(bench):
     # 5. Pipelined batch on one lease.
     for depth in (10, 100):
         add(f"pipeline/{depth}", "pgrt (prepared statements, the default)", SAFE,
-            lambda d=depth: bench.pgrt(f"BM_PoolPipelinedBatch/depth:{d}/prepared:1"))
+            lambda d=depth: bench.pgrt(f"BM_PoolPipelinedBatch/depth:{d}/prepared:1/sync_each:0"))
         add(f"pipeline/{depth}", "pgbench \\startpipeline -c1 -M prepared", FAST,
             lambda d=depth: bench.pgbench_pipeline(d, "prepared"))
         add(f"pipeline/{depth}", "pgrt, prepare_statements(false) (unnamed)", SAFE,
-            lambda d=depth: bench.pgrt(f"BM_PoolPipelinedBatch/depth:{d}/prepared:0"))
+            lambda d=depth: bench.pgrt(f"BM_PoolPipelinedBatch/depth:{d}/prepared:0/sync_each:0"))
         add(f"pipeline/{depth}", "pgbench \\startpipeline -c1 -M extended", FAST,
             lambda d=depth: bench.pgbench_pipeline(d, "extended"))
+    add("pipeline/100", "pgrt, prepared, a sync after each statement (as query() sends them)", SAFE,
+        lambda: bench.pgrt("BM_PoolPipelinedBatch/depth:100/prepared:1/sync_each:1"))
 
     # 8. Statements without a lease: query() on shared connections (max 3), beside a lease per
     # statement and pgbench, 256 callers and 1.
@@ -634,7 +636,10 @@ def write_report(results, raw, args, bench, elapsed, plot):
                 "pgrt's `Pipeline` runs each statement as a prepared statement from the connection's "
                 "cache (the server parses it once per connection), as pgbench `-M prepared` does; with "
                 "`prepare_statements(false)` it sends them unnamed (parsed every time), as `-M extended` "
-                "does.")
+                "does. The last row at depth 100 ends each statement with a sync of its own, as "
+                "`query()` does so that an error fails only its own caller: on libpq 15, whose "
+                "`PQpipelineSync` flushes, that is one `send` per statement, and on the server one "
+                "implicit transaction and one flush of its answers per statement.")
     for depth in (10, 100):
         report.text(f"### depth {depth}")
         report.table(f"pipeline/{depth}", ["statements_per_s"], "statements_per_s")

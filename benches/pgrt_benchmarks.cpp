@@ -595,9 +595,13 @@ BENCHMARK(BM_PoolOverloadOpenLoopPosted)->Apply(open_loop_shares)->Arg(100);
 // --- 5. a pipelined batch on one lease
 // -------------------------------------------------------------
 
+// `depth` SELECT 1 as one pipeline on one lease, in a loop; prepared or unnamed, in one sync
+// segment or (sync_each = 1) each in a segment of its own, as query() sends them: the cost of a
+// sync per statement on libpq 15, whose PQpipelineSync flushes (one send each).
 void BM_PoolPipelinedBatch(benchmark::State& state) {
   const auto depth = static_cast<std::size_t>(state.range(0));
   const bool prepared = state.range(1) != 0;
+  const bool sync_each = state.range(2) != 0;
   for (auto _ : state) {
     asio::io_context io;
     pgrt::Pool pool(io.get_executor(), pool_config(1));
@@ -606,7 +610,10 @@ void BM_PoolPipelinedBatch(benchmark::State& state) {
     run(io, [&]() -> asio::awaitable<void> {
       pgrt::Pipeline pipeline;
       pipeline.prepare_statements(prepared);
-      for (std::size_t i = 0; i < depth; ++i) pipeline.add("SELECT 1");
+      for (std::size_t i = 0; i < depth; ++i) {
+        pipeline.add("SELECT 1");
+        if (sync_each) pipeline.sync();
+      }
       auto lease = co_await pool.acquire();
       const auto started = Clock::now();
       const auto until = started + window();
@@ -622,11 +629,12 @@ void BM_PoolPipelinedBatch(benchmark::State& state) {
   }
 }
 BENCHMARK(BM_PoolPipelinedBatch)
-    ->ArgNames({"depth", "prepared"})
-    ->Args({10, 1})
-    ->Args({100, 1})
-    ->Args({10, 0})
-    ->Args({100, 0})
+    ->ArgNames({"depth", "prepared", "sync_each"})
+    ->Args({10, 1, 0})
+    ->Args({100, 1, 0})
+    ->Args({10, 0, 0})
+    ->Args({100, 0, 0})
+    ->Args({100, 1, 1})
     ->Iterations(1);
 
 // --- 6. pending writes
