@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -110,21 +111,32 @@ class Bench:
         if rate is not None:
             log_prefix = str(self.workdir / f"pgbench_log_{time.monotonic_ns()}")
             command += ["-R", str(int(rate)), "-l", f"--log-prefix={log_prefix}"]
+        children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         completed = subprocess.run(command, capture_output=True, text=True, timeout=120,
                                    cwd=self.workdir, env=env)
+        children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
         if completed.returncode != 0:
             fail(f"pgbench failed ({completed.returncode}): {' '.join(command)}\n{completed.stderr}")
         tps = re.search(r"^tps = ([0-9.]+)", completed.stdout, re.M)
         if not tps:
             fail(f"no tps in pgbench's output:\n{completed.stdout}")
         metrics = {"tps": float(tps.group(1))}
+        # pgbench's CPU per transaction (its connects included: small beside -T seconds).
+        user = children_after.ru_utime - children_before.ru_utime
+        system = children_after.ru_stime - children_before.ru_stime
+        transactions = float(tps.group(1)) * float(self.pgbench_seconds)
+        if transactions > 0 and user + system > 0:
+            metrics["client_cpu_us"] = (user + system) * 1e6 / transactions
+            metrics["client_kernel_share"] = system / (user + system)
         if log_prefix is not None:
             metrics.update(pgbench_log_percentiles(log_prefix))
         return metrics
 
     def pgbench_select1(self, clients, tcp=False):
         script = self.script("select1.sql", "SELECT 1;\n")
-        return {"queries_per_s": self.pgbench_run(script, clients, tcp)["tps"]}
+        metrics = self.pgbench_run(script, clients, tcp)
+        metrics["queries_per_s"] = metrics.pop("tps")
+        return metrics
 
     def pgbench_pipeline(self, depth, mode):
         script = self.script(f"pipeline{depth}.sql",
@@ -341,15 +353,16 @@ def contestants(bench):
     # 8. Statements without a lease: query() on shared connections (max 3), beside a lease per
     # statement and pgbench, 256 callers and 1.
     add("shared/256", "pgrt query(), 256 callers on 3 shared connections", SAFE,
-        lambda: bench.pgrt("BM_PoolQueryShared/callers:256"))
+        lambda: bench.pgrt("BM_PoolQueryShared/callers:256/shared:1"))
     add("shared/256", "pgrt, a lease per statement, 256 tasks on 3 connections", SAFE,
-        lambda: bench.pgrt("BM_PoolOverloadClosedLoop"))
+        lambda: bench.pgrt("BM_PoolQueryShared/callers:256/shared:0"))
     add("shared/256", "pgbench -c3 -j1 -M prepared", FAST, lambda: bench.pgbench_select1(3))
     add("shared/remote", "pgrt query(), 256 callers, 1 ms each way", SAFE,
         lambda: bench.pgrt("BM_PoolRemote/shared:1"))
     add("shared/remote", "pgrt, a lease per statement, 256 tasks, 1 ms each way", SAFE,
         lambda: bench.pgrt("BM_PoolRemote/shared:0"))
-    add("shared/1", "pgrt query(), 1 caller", SAFE, lambda: bench.pgrt("BM_PoolQueryShared/callers:1"))
+    add("shared/1", "pgrt query(), 1 caller", SAFE,
+        lambda: bench.pgrt("BM_PoolQueryShared/callers:1/shared:1"))
     add("shared/1", "pgrt, a lease per statement, 1 task", SAFE,
         lambda: bench.pgrt("BM_PoolSelectOne/tasks:1/tcp:0"))
 
@@ -660,9 +673,16 @@ def write_report(results, raw, args, bench, elapsed, plot):
                 "the pool's 3 connections through pipelining, each statement in a sync segment of its "
                 "own; beside it the same through a lease per statement (benchmark 4's closed loop) and "
                 "pgbench with 3 connections. The 1-caller table shows what `query()` costs a lone "
-                "statement against a lease (`latency_p50_us`: lower is better).")
+                "statement against a lease (`latency_p50_us`: lower is better). `client_cpu_us`: the "
+                "client process's CPU time per statement (user and system; the server's backends are "
+                "other processes), and `client_kernel_share` the part of it in the kernel. Client "
+                "and server share this machine's CPUs, so what the client spends the server cannot: "
+                "`query()` sends each statement with a sync of its own (libpq 15 flushes at every "
+                "sync: one `send` per statement), and the server commits an implicit transaction "
+                "and flushes its answer per statement (see benchmark 5's sync-per-statement row).")
     report.text("### 256 callers")
-    report.table("shared/256", ["queries_per_s", "latency_p50_us", "latency_p99_us"], "queries_per_s")
+    report.table("shared/256", ["queries_per_s", "latency_p50_us", "latency_p99_us", "client_cpu_us",
+                                "client_kernel_share"], "queries_per_s")
     report.text("### A database in another zone",
                 "The same 256 callers on 3 connections over TCP through a proxy that holds each chunk "
                 "1 ms in each direction (the test harness's FaultProxy with set_latency): a round trip "

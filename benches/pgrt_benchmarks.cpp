@@ -25,7 +25,9 @@
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <sys/resource.h>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include <pgrt/db.hpp>
@@ -327,6 +329,27 @@ BENCHMARK(BM_PoolSelectOne)
 
 // `callers` coroutines each run SELECT 1 in a loop for the window, through Pool::query() (shared)
 // or a lease per statement; reports queries per second and their latencies.
+// This process's CPU time so far (user, system), in seconds.
+std::pair<double, double> process_cpu_seconds() {
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  const auto seconds = [](const timeval& time) {
+    return static_cast<double>(time.tv_sec) + static_cast<double>(time.tv_usec) / 1e6;
+  };
+  return {seconds(usage.ru_utime), seconds(usage.ru_stime)};
+}
+
+// The client's CPU per query over a window (the server's backends are other processes):
+// `client_cpu_us` per query, and `client_kernel_share` (the part spent in the kernel: syscalls).
+void report_client_cpu(benchmark::State& state, std::pair<double, double> before,
+                       std::pair<double, double> after, std::uint64_t queries) {
+  const double user = after.first - before.first;
+  const double system = after.second - before.second;
+  if (queries == 0 || user + system <= 0) return;
+  state.counters["client_cpu_us"] = (user + system) * 1e6 / static_cast<double>(queries);
+  state.counters["client_kernel_share"] = system / (user + system);
+}
+
 void select_one_callers(benchmark::State& state, const pgrt::PoolConfig& config,
                         std::size_t callers, bool shared) {
   asio::io_context io;
@@ -334,12 +357,15 @@ void select_one_callers(benchmark::State& state, const pgrt::PoolConfig& config,
   Histogram latencies;
   std::uint64_t queries = 0;
   double seconds = 0;
+  std::pair<double, double> cpu_before;
+  std::pair<double, double> cpu_after;
   run(io, [&]() -> asio::awaitable<void> {
     if (shared) {
       (void)co_await pool.query("SELECT 1");  // connected and prepared before the window
     } else {
       co_await open_three(pool);
     }
+    cpu_before = process_cpu_seconds();
     const auto started = Clock::now();
     const auto until = started + window();
     InFlight running(io);
@@ -362,19 +388,28 @@ void select_one_callers(benchmark::State& state, const pgrt::PoolConfig& config,
     }
     co_await running.wait();
     seconds = std::chrono::duration<double>(Clock::now() - started).count();
+    cpu_after = process_cpu_seconds();
     (void)co_await pool.close(0ms);
   });
   state.counters["queries_per_s"] = static_cast<double>(queries) / seconds;
   report_latency(state, latencies, "latency");
+  report_client_cpu(state, cpu_before, cpu_after, queries);
 }
 
-// SELECT 1 through Pool::query() by `callers` coroutines on max 3 connections (unix socket).
+// SELECT 1 by `callers` coroutines on max 3 connections (unix socket), through Pool::query()
+// (shared = 1) or a lease per statement (shared = 0).
 void BM_PoolQueryShared(benchmark::State& state) {
   for (auto _ : state) {
-    select_one_callers(state, pool_config(3), static_cast<std::size_t>(state.range(0)), true);
+    select_one_callers(state, pool_config(3), static_cast<std::size_t>(state.range(0)),
+                       state.range(1) != 0);
   }
 }
-BENCHMARK(BM_PoolQueryShared)->ArgName("callers")->Arg(1)->Arg(256)->Iterations(1);
+BENCHMARK(BM_PoolQueryShared)
+    ->ArgNames({"callers", "shared"})
+    ->Args({1, 1})
+    ->Args({256, 1})
+    ->Args({256, 0})
+    ->Iterations(1);
 
 // The same across a slow network: 256 callers on max 3 connections through a TCP proxy that holds
 // each chunk 1 ms each way (a database in another zone), by query() (shared = 1) or by a lease per
