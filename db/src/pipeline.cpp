@@ -121,15 +121,26 @@ asio::awaitable<error_code> prepare_missing(Impl& impl, const Pipeline& pipeline
   co_return co_await impl.deallocate_evicted();
 }
 
+// The statements of a run that did not run because of the statement cache: named statements the
+// server did not know (SQLSTATE 26000 naming them), and those whose plan went stale
+// (is_stale_plan()). Prepared again, they can run.
+struct NotRunByTheCache {
+  std::vector<std::string> forgotten;          // names
+  std::vector<std::string> stale;              // names
+  std::unordered_set<std::size_t> statements;  // their indices in the pipeline
+
+  [[nodiscard]] bool empty() const { return statements.empty(); }
+};
+
 // Runs the statements of `order` (whole segments, in the pipeline's order) in one round trip,
 // order[k] by the cached statement names[k] (null: unnamed), and fills their outcomes. The cache
-// does not change until the results are in, so the names stay valid. `forgotten` gets the names
-// the server did not know (SQLSTATE 26000 naming them).
+// does not change until the results are in, so the names stay valid. `not_run` gets the
+// statements that failed only because of the cache.
 asio::awaitable<error_code> run_statements(Impl& impl, const Pipeline& pipeline,
                                            const std::vector<std::size_t>& order,
                                            const std::vector<const std::string*>& names,
                                            std::vector<PipelineOutcome>& outcomes,
-                                           std::vector<std::string>& forgotten) {
+                                           NotRunByTheCache& not_run) {
   PGconn* conn = impl.conn;
   if (PQenterPipelineMode(conn) == 0) {
     co_return impl.fail(client_errc::protocol_error,
@@ -184,15 +195,23 @@ asio::awaitable<error_code> run_statements(Impl& impl, const Pipeline& pipeline,
       outcome.diagnostics = impl.last_error;
       // The server no longer has our prepared statement (its message names it: a 26000 from
       // inside the statement, e.g. a function's EXECUTE, is the statement's own).
-      if (names[k] != nullptr && outcome.error == make_sqlstate_error("26000") &&
-          outcome.diagnostics.message.find("\"" + *names[k] + "\"") != std::string::npos) {
-        forgotten.push_back(*names[k]);
+      const bool forgotten =
+          names[k] != nullptr && outcome.error == make_sqlstate_error("26000") &&
+          outcome.diagnostics.message.find("\"" + *names[k] + "\"") != std::string::npos;
+      if (names[k] != nullptr && (forgotten || is_stale_plan(raw))) {
+        (forgotten ? not_run.forgotten : not_run.stale).push_back(*names[k]);
+        not_run.statements.insert(order[k]);
         // (Cleared when the statement runs again; the hint is for a failure that stands.)
         outcome.diagnostics.hint =
-            "the server no longer had pgrt's prepared statement, so it did not run (a DEALLOCATE "
-            "or DISCARD ALL, or a transaction-mode pooler: then set PGRT_POOLER=transaction). It "
-            "was not run again: only the statements of a pipeline outside a transaction block, "
-            "without transaction control, whose later segments did not commit, run again";
+            std::string(forgotten
+                            ? "the server no longer had pgrt's prepared statement, so it did not "
+                              "run (a DEALLOCATE or DISCARD ALL, or a transaction-mode pooler: "
+                              "then set PGRT_POOLER=transaction)"
+                            : "the statement's result changed shape since it was prepared (an "
+                              "ALTER TABLE under a SELECT *), so it did not run; it is prepared "
+                              "again on its next run") +
+            ". It was not run again: only the statements of a pipeline outside a transaction "
+            "block, without transaction control, whose later segments did not commit, run again";
       }
     }
     ++k;
@@ -205,14 +224,14 @@ asio::awaitable<error_code> run_statements(Impl& impl, const Pipeline& pipeline,
 
 #undef PGRT_NEXT_PIPELINE_RESULT
 
-// What runs again after the server forgot statements: everything from the first segment that
-// failed for it to the end, in order (running it alone would put it after later segments, whose
-// work may depend on it), and only if none of those later segments committed (each is an implicit
-// transaction that failed): otherwise nothing (empty), and the failures stand.
+// What runs again after statements did not run because of the cache: everything from the first
+// segment that failed for it to the end, in order (running it alone would put it after later
+// segments, whose work may depend on it), and only if none of those later segments committed (each
+// is an implicit transaction that failed): otherwise nothing (empty), and the failures stand.
 std::vector<std::size_t> segments_to_run_again(const Pipeline& pipeline,
                                                const std::vector<std::size_t>& order,
                                                const std::vector<PipelineOutcome>& outcomes,
-                                               const std::vector<std::string>& forgotten) {
+                                               const NotRunByTheCache& not_run) {
   std::optional<std::size_t> from;  // where the first segment that forgot starts, in `order`
   std::size_t segment_start = 0;
   bool segment_forgot = false;
@@ -220,13 +239,7 @@ std::vector<std::size_t> segments_to_run_again(const Pipeline& pipeline,
   for (std::size_t k = 0; k < order.size(); ++k) {
     const PipelineOutcome& outcome = outcomes[order[k]];
     segment_failed = segment_failed || !outcome.ok();
-    if (outcome.error == make_sqlstate_error("26000")) {
-      for (const std::string& name : forgotten) {
-        if (outcome.diagnostics.message.find("\"" + name + "\"") != std::string::npos) {
-          segment_forgot = true;
-        }
-      }
-    }
+    segment_forgot = segment_forgot || not_run.statements.count(order[k]) != 0;
     if (ends_segment(pipeline, order[k]) || k + 1 == order.size()) {
       if (segment_forgot && !from) from = segment_start;
       if (from && !segment_failed) return {};  // a segment after it committed
@@ -269,26 +282,32 @@ asio::awaitable<std::vector<PipelineOutcome>> Connection::run(const Pipeline& pi
         }
         look_up_names(impl, pipeline, order, names);
       }
-      std::vector<std::string> forgotten;
+      NotRunByTheCache not_run;
       if (auto run_error =
-              co_await run_statements(impl, pipeline, order, names, outcomes, forgotten)) {
+              co_await run_statements(impl, pipeline, order, names, outcomes, not_run)) {
         co_return run_error;
       }
-      if (forgotten.empty()) break;
+      if (not_run.empty()) break;
       // As exchange() does for one statement: prepared again once (a DEALLOCATE or DISCARD ALL
       // behind pgrt's back), or, the second time on this connection, unnamed from now on (a
       // transaction pooler). Only the segments that failed run again, and only when they cannot
       // have committed anything: outside a transaction block, without transaction control.
-      for (const std::string& name : forgotten) impl.forget_statement(name);
-      const bool pooler_noticed = ++impl.forgotten_statements >= 2;
-      if (pooler_noticed) impl.use_unnamed_statements("forgot its prepared statements");
+      // A statement whose plan went stale (an ALTER TABLE under a SELECT *) is prepared again too
+      // (the old one deallocated); it is no sign of a pooler.
+      for (const std::string& name : not_run.stale) impl.retire_stale_statement(name);
+      for (const std::string& name : not_run.forgotten) impl.forget_statement(name);
+      bool pooler_noticed = false;
+      if (!not_run.forgotten.empty()) {
+        pooler_noticed = ++impl.forgotten_statements >= 2;
+        if (pooler_noticed) impl.use_unnamed_statements("forgot its prepared statements");
+      }
       const bool safe = PQtransactionStatus(impl.conn) == PQTRANS_IDLE &&
                         std::none_of(pipeline.statements().begin(), pipeline.statements().end(),
                                      [](const Pipeline::Statement& statement) {
                                        return controls_transactions(statement.sql);
                                      });
       if (!safe || !(attempt == 0 || pooler_noticed)) break;
-      order = segments_to_run_again(pipeline, order, outcomes, forgotten);
+      order = segments_to_run_again(pipeline, order, outcomes, not_run);
       if (order.empty()) break;
       for (const std::size_t i : order) outcomes[i] = PipelineOutcome{};
     }

@@ -918,6 +918,54 @@ TEST_F(ConnectionTest, APipelineWhoseStatementsTheServerForgotRunsItsFailedSegme
 // abort the block before the pipeline ran); statements the cache holds run by name there. A
 // pipeline of more distinct statements than the cache holds prepares what fits and runs the rest
 // unnamed.
+// A prepared SELECT * whose table changed columns (the server's 0A000, "cached plan must not
+// change result type") did not run: it is prepared again (the old one deallocated) and runs once
+// more, through query_prepared() and in a pipeline alike; inside a transaction block the error
+// stands (the block is aborted), and the next use outside prepares it again.
+TEST_F(ConnectionTest, APreparedStatementWhoseResultChangedShapeIsPreparedAgain) {
+  run_coroutine([]() -> awaitable_void {
+    auto conn = co_await open();
+    co_await conn.execute("DROP TABLE IF EXISTS reshaped");
+    co_await conn.execute("CREATE TABLE reshaped (a int)");
+    co_await conn.execute("INSERT INTO reshaped VALUES (1)");
+    auto statements_of = [&](std::string text) -> asio::awaitable<int> {
+      auto rows = co_await conn.query(
+          "SELECT count(*) FROM pg_prepared_statements WHERE statement = $1", text);
+      co_return rows.scalar<int>();
+    };
+    const std::string select_all = "SELECT * FROM reshaped";
+    EXPECT_EQ((co_await conn.query_prepared(select_all)).columns(), 1U);
+    Pipeline pipeline;
+    pipeline.add("SELECT 2").sync().add(select_all);  // (the last segment: it may run again)
+    auto outcomes = co_await conn.run(pipeline);
+    EXPECT_EQ(outcomes.at(1).result.columns(), 1U);
+
+    co_await conn.execute("ALTER TABLE reshaped ADD COLUMN b int DEFAULT 7");
+    auto result = co_await conn.query_prepared(select_all);
+    EXPECT_EQ(result.columns(), 2U);
+    if (result.columns() == 2U) {
+      EXPECT_EQ(result[0].get<int>(1), 7);
+    }
+    EXPECT_EQ(co_await statements_of(select_all), 1) << "the stale statement was not deallocated";
+
+    co_await conn.execute("ALTER TABLE reshaped ADD COLUMN c int DEFAULT 8");
+    outcomes = co_await conn.run(pipeline);
+    EXPECT_EQ(outcomes.at(0).result.scalar<int>(), 2);
+    EXPECT_TRUE(outcomes.at(1).ok()) << outcomes.at(1).diagnostics.message;
+    if (outcomes.at(1).ok()) {
+      EXPECT_EQ(outcomes.at(1).result.columns(), 3U);
+    }
+
+    co_await conn.execute("ALTER TABLE reshaped ADD COLUMN d int DEFAULT 9");
+    co_await conn.begin();
+    auto error = co_await testing::expect_error(conn.query_prepared(select_all));
+    EXPECT_EQ(error.sqlstate(), "0A000") << error.what();
+    co_await conn.rollback();
+    EXPECT_EQ((co_await conn.query_prepared(select_all)).columns(), 4U);
+    EXPECT_EQ(co_await statements_of(select_all), 1);
+  });
+}
+
 TEST_F(ConnectionTest, APipelinePreparesNothingInATransactionAndNoMoreThanTheCacheHolds) {
   run_coroutine([]() -> awaitable_void {
     ConnectOptions options{.conninfo = cluster().dsn(), .statement_cache_size = 3};

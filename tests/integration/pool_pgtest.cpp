@@ -2129,6 +2129,45 @@ TEST_F(PoolTest, QueryLoadGivesConnectionsBackToCallersThatWaitForALease) {
   EXPECT_EQ(leases, 10);
 }
 
+// A SELECT * whose table changed columns while query() had it prepared on its connections (the
+// server's 0A000, "cached plan must not change result type"): every caller, those in flight at
+// the change included, gets the new shape; nothing fails.
+TEST_F(PoolTest, QueryOfASelectStarAfterItsTableChangedColumnsGetsTheNewShape) {
+  BlockingConnection admin(cluster().dsn());
+  admin.query("DROP TABLE IF EXISTS shared_reshaped");
+  admin.query("CREATE TABLE shared_reshaped (a int)");
+  admin.query("INSERT INTO shared_reshaped VALUES (1)");
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, config("shared-reshaped"));
+    const std::string select_all = "SELECT * FROM shared_reshaped";
+    auto many = [&](std::size_t columns) -> awaitable_void {
+      int answered = 0;
+      int right = 0;
+      for (int i = 0; i < 64; ++i) {
+        asio::co_spawn(
+            executor,
+            [&]() -> awaitable_void {
+              try {
+                auto result = co_await pool.query(select_all);
+                if (result.columns() == columns) ++right;
+              } catch (const Error& error) {
+                ADD_FAILURE() << error.what();
+              }
+              ++answered;
+            },
+            asio::detached);
+      }
+      while (answered < 64) co_await sleep_for(1ms);
+      EXPECT_EQ(right, 64) << columns << " columns";
+    };
+    co_await many(1);  // prepared on the connections query() borrowed
+    admin.query("ALTER TABLE shared_reshaped ADD COLUMN b int");
+    co_await many(2);
+    (void)co_await pool.close(5s);
+  });
+}
+
 // A connection whose last lease ended with a stream() (libpq 15 leaves single-row mode on) gives
 // query() whole results.
 TEST_F(PoolTest, QueryOnAConnectionLastUsedForAStreamGetsWholeResults) {

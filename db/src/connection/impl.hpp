@@ -55,6 +55,12 @@ inline bool contains(std::string_view text, std::string_view part) {
 // The statement's first keyword, lower case, after white space and comments ("" if none).
 std::string first_keyword(std::string_view sql);
 
+// A prepared statement whose result's shape changed since it was prepared (an ALTER TABLE under a
+// SELECT *): SQLSTATE 0A000 from the server's plan revalidation ("cached plan must not change
+// result type"; told by the routine, not the message, which may be translated). The statement did
+// not run; prepared again, it does.
+bool is_stale_plan(const PGresult* result);
+
 struct Connection::Impl {
   Impl(executor_type executor_in, ConnectOptions options_in)
       : executor(std::move(executor_in)), socket(executor), options(std::move(options_in)) {}
@@ -186,6 +192,9 @@ struct Connection::Impl {
   asio::awaitable<error_code> deallocate_evicted();
   // False when the cache did not hold it (forgotten already).
   bool forget_statement(const std::string& name);
+  // Forgets a statement whose plan went stale (is_stale_plan()) and queues it for DEALLOCATE: the
+  // next use of its text prepares it again. False when the cache did not hold it.
+  bool retire_stale_statement(std::string name);
   // Goes on with unnamed statements on this connection: a transaction pooler was noticed.
   void use_unnamed_statements(std::string_view why);
   // client_errc::needs_session for a statement that needs a session, behind a transaction

@@ -178,8 +178,9 @@ asio::awaitable<error_code> Connection::Impl::exchange(Request request, Result& 
 
       // The results, each one taken as soon as libpq has all of it: no wait when libpq holds it
       // already (a multi-statement string, a result read with the one before).
-      error_code first_error;  // the results are read to the end; the first error is returned
-      error_code read_error;   // a failed wait, read or write ends them at once
+      error_code first_error;   // the results are read to the end; the first error is returned
+      error_code read_error;    // a failed wait, read or write ends them at once
+      bool stale_plan = false;  // the first error: the prepared statement's plan went stale
       for (;;) {
         while (PQisBusy(conn) != 0) {
           if (!tls_holds_bytes()) {
@@ -233,7 +234,10 @@ asio::awaitable<error_code> Connection::Impl::exchange(Request request, Result& 
             }
             break;
           default:
-            if (!first_error) first_error = server_error(raw, request.sql);
+            if (!first_error) {
+              first_error = server_error(raw, request.sql);
+              stale_plan = is_stale_plan(raw);
+            }
             break;
         }
         if (read_error) break;
@@ -263,6 +267,13 @@ asio::awaitable<error_code> Connection::Impl::exchange(Request request, Result& 
           continue;
         }
       }
+      // The statement's result changed shape since it was prepared (an ALTER TABLE under a
+      // SELECT *): it did not run. Prepared again (the old one deallocated), it runs once more,
+      // outside a transaction block (inside one, the error has aborted the block: returned).
+      if (name != nullptr && stale_plan && retire_stale_statement(*name) && attempt == 0 &&
+          PQtransactionStatus(conn) == PQTRANS_IDLE) {
+        continue;
+      }
       break;
     }
   } catch (...) {
@@ -289,6 +300,13 @@ void Connection::Impl::use_unnamed_statements(std::string_view why) {
         "(ConnectOptions::pooler) to say so from the start",
         why, target());
   }
+}
+
+bool is_stale_plan(const PGresult* result) {
+  const char* sqlstate = PQresultErrorField(result, PG_DIAG_SQLSTATE);
+  const char* routine = PQresultErrorField(result, PG_DIAG_SOURCE_FUNCTION);
+  return sqlstate != nullptr && routine != nullptr && std::string_view(sqlstate) == "0A000" &&
+         std::string_view(routine) == "RevalidateCachedQuery";
 }
 
 std::string first_keyword(std::string_view sql) {

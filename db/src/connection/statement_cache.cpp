@@ -69,6 +69,13 @@ asio::awaitable<error_code> Connection::Impl::deallocate_evicted() {
   co_return error_code{};
 }
 
+bool Connection::Impl::retire_stale_statement(std::string name) {
+  // (`name` is a copy: the caller's may be the cache's own, which forget_statement() frees.)
+  if (!forget_statement(name)) return false;
+  evicted_statements.push_back(std::move(name));  // the server still has it
+  return true;
+}
+
 bool Connection::Impl::forget_statement(const std::string& name) {
   for (auto it = statements.begin(); it != statements.end(); ++it) {
     if (it->name == name) {

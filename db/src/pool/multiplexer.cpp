@@ -387,6 +387,12 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
               }
               again = true;
             }
+          } else if (!entry.name.empty() && is_stale_plan(answer)) {
+            // Its result changed shape since it was prepared (an ALTER TABLE under a SELECT *):
+            // it did not run. Prepared again (the old one deallocated before the connection
+            // goes back), it is sent again, once.
+            impl.retire_stale_statement(entry.name);
+            again = true;
           }
         }
         std::lock_guard lock(mux->mutex);

@@ -191,8 +191,10 @@ class Connection {
 
   /// query() through a named prepared statement, prepared on first use (per SQL text and parameter
   /// types) and kept in a per-connection LRU cache of ConnectOptions::statement_cache_size. If the
-  /// server no longer knows the statement (SQLSTATE 26000, e.g. after DISCARD ALL), it is prepared
-  /// again once.
+  /// server no longer knows the statement (SQLSTATE 26000, e.g. after DISCARD ALL), or its result
+  /// changed shape since it was prepared (0A000 "cached plan must not change result type": an
+  /// ALTER TABLE under a SELECT *), it did not run: outside a transaction block it is prepared
+  /// again and runs once more (inside one, the error is returned and the next use prepares it).
   template <Encodable... Args>
   [[nodiscard]] boost::asio::awaitable<Result> query_prepared(std::string_view sql,
                                                               const Args&... args) {
@@ -220,8 +222,9 @@ class Connection {
   /// outcome per statement, in order; statements run prepared from this connection's statement
   /// cache unless Pipeline::prepare_statements(false) (a cache miss outside a transaction block
   /// costs one more round trip, to prepare). A cached statement the server no longer knows
-  /// (SQLSTATE 26000: DEALLOCATE or DISCARD ALL behind pgrt's back, a transaction pooler) is
-  /// prepared again and the pipeline runs again from the first segment that failed for it, once,
+  /// (SQLSTATE 26000: DEALLOCATE or DISCARD ALL behind pgrt's back, a transaction pooler), or whose
+  /// result changed shape (0A000, an ALTER TABLE under a SELECT *), is prepared again and the
+  /// pipeline runs again from the first segment that failed for it, once,
   /// when that is safe: outside a transaction block, no later segment committed, and no statement
   /// of the pipeline is transaction control, CALL or DO. See docs/usage.md, "Pipelines".
   [[nodiscard]] boost::asio::awaitable<std::vector<PipelineOutcome>> run(const Pipeline& pipeline);

@@ -470,6 +470,10 @@ class Pool {
   /// COPY, cursors, DISCARD, DEALLOCATE, PREPARE, LOCK and session-level advisory locks. Take a
   /// lease for those. A string of several statements is refused by the server (SQLSTATE 42601).
   ///
+  /// A statement the server forgot (26000) or whose result changed shape since it was prepared
+  /// (0A000, an ALTER TABLE under a SELECT *) did not run: it is prepared again and sent again,
+  /// once.
+  ///
   /// Errors (pgrt::Error): the statement's own (SQLSTATE), for its caller only; pool_timeout when
   /// no connection took it within acquire_timeout; pool_queue_full beyond max_waiters queued;
   /// pool_closed; connection_lost when its connection was lost while it was in flight (it may or
