@@ -166,6 +166,9 @@ asio::awaitable<error_code> run_statements(Impl& impl, const Pipeline& pipeline,
       ++syncs;
     }
   }
+  // Each statement is timed (when the connection's are) from the pipeline's send to its result.
+  const auto sent_at = impl.statement_times ? std::chrono::steady_clock::now()
+                                            : std::chrono::steady_clock::time_point{};
   if (auto flush_error = co_await impl.flush("pipeline", /*can_drain=*/false)) {
     co_return flush_error;
   }
@@ -182,6 +185,9 @@ asio::awaitable<error_code> run_statements(Impl& impl, const Pipeline& pipeline,
       continue;
     }
     if (k >= order.size()) continue;
+    if (impl.statement_times) {
+      impl.statement_times->record(std::chrono::steady_clock::now() - sent_at);
+    }
     PipelineOutcome& outcome = outcomes[order[k]];  // empty: run() empties those run again
     if (status == PGRES_PIPELINE_ABORTED) {
       outcome.error = make_error_code(client_errc::pipeline_aborted);

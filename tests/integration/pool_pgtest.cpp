@@ -2168,6 +2168,35 @@ TEST_F(PoolTest, QueryOfASelectStarAfterItsTableChangedColumnsGetsTheNewShape) {
   });
 }
 
+// The statements of query() and of a pipeline on a lease are in the pool's statement-time
+// histogram (PoolStats::operation_time, the metrics' db_client_operation_duration_seconds), as
+// those of query_prepared() are: three of 20 ms each way add at least 60 ms to its sum.
+TEST_F(PoolTest, QueryAndPipelineStatementsAreTimed) {
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, config("shared-timed"));
+    (void)co_await pool.query("SELECT 1");
+    auto before = pool.stats().operation_time;
+    for (int i = 0; i < 3; ++i) (void)co_await pool.query("SELECT pg_sleep(0.02)");
+    auto after = pool.stats().operation_time;
+    EXPECT_GE(after.count - before.count, 3U);
+    EXPECT_GE(after.sum - before.sum, 60ms) << "query()'s statements were not timed";
+
+    before = after;
+    Pipeline pipeline;
+    for (int i = 0; i < 3; ++i) pipeline.add("SELECT pg_sleep(0.02)");
+    {
+      auto lease = co_await pool.acquire();
+      const auto outcomes = co_await lease->run(pipeline);
+      EXPECT_EQ(outcomes.size(), 3U);
+    }
+    after = pool.stats().operation_time;
+    EXPECT_GE(after.count - before.count, 3U);
+    EXPECT_GE(after.sum - before.sum, 60ms) << "the pipeline's statements were not timed";
+    (void)co_await pool.close(5s);
+  });
+}
+
 // A connection whose last lease ended with a stream() (libpq 15 leaves single-row mode on) gives
 // query() whole results.
 TEST_F(PoolTest, QueryOnAConnectionLastUsedForAStreamGetsWholeResults) {

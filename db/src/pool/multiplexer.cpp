@@ -53,6 +53,7 @@ struct SentEntry {
   std::string key;                             // Kind::prepare: the statement cache's key
   std::string name;                            // the prepared name ("" when unnamed)
   Result result;                               // its result, once in
+  Clock::time_point sent_at{};                 // its batch's send, when statements are timed
 };
 
 struct FailedPrepare {
@@ -203,6 +204,7 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
       }
       // 2. Send it: each statement prepared once per connection (its preparation in a sync segment
       // of its own) and in a sync segment of its own.
+      const Clock::time_point sent_at = impl.statement_times ? Clock::now() : Clock::time_point{};
       for (const auto& statement : batch) {
         std::string name;
         if (!impl.unnamed_statements) {
@@ -247,7 +249,8 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
                                  .statement = statement,
                                  .key = {},
                                  .name = std::move(name),
-                                 .result = {}});
+                                 .result = {},
+                                 .sent_at = sent_at});
       }
       if (lost) {
         // Those of the batch not sent yet go back to the front of the queue (or fail, if the
@@ -315,7 +318,8 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
           break;
         }
       }
-      // 5. Every result that is in.
+      // 5. Every result that is in (timed, when statements are, from its batch's send to now).
+      const Clock::time_point read_at = impl.statement_times ? Clock::now() : Clock::time_point{};
       int empty_in_a_row = 0;
       while (!sent.empty() && PQisBusy(conn) == 0) {
         PGresult* raw = PQgetResult(conn);
@@ -357,6 +361,7 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
           }
           continue;
         }
+        if (impl.statement_times) impl.statement_times->record(read_at - entry.sent_at);
         SharedStatement& statement = *entry.statement;
         error_code error;
         Diagnostics diagnostics;

@@ -273,7 +273,8 @@ struct PoolStats {
   DurationHistogram use_time;
   DurationHistogram create_time;
   /// How long each statement on the pool's connections took, from its send to its last result
-  /// (query(), query_prepared(), stream(), and what is built on them; not pipelines or COPY).
+  /// (query(), query_prepared(), stream(), and what is built on them; each statement of a
+  /// pipeline from the pipeline's send, and of Pool::query() from its batch's send; not COPY).
   DurationHistogram operation_time;
   /// Connect attempts that failed in a row (0 once one succeeds), and the backoff the pool waits
   /// before its next attempt because of them (0 while connecting works).
