@@ -2197,6 +2197,35 @@ TEST_F(PoolTest, QueryAndPipelineStatementsAreTimed) {
   });
 }
 
+// Statements of query() waiting for room on the pool's connections count in longest_wait (what
+// the watchdog and /healthz read), even when no connection is being borrowed for them: here the
+// only connection has 64 statements of 10 ms in flight and the rest wait behind them.
+TEST_F(PoolTest, QueryStatementsWaitingForRoomCountInTheLongestWait) {
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, config("shared-waits", 1));
+    (void)co_await pool.query("SELECT 1");
+    int answered = 0;
+    for (int i = 0; i < 100; ++i) {
+      asio::co_spawn(
+          executor,
+          [&]() -> awaitable_void {
+            (void)co_await pool.query("SELECT pg_sleep(0.01)");
+            ++answered;
+          },
+          asio::detached);
+    }
+    co_await sleep_for(150ms);
+    const PoolStats waiting = pool.stats();
+    EXPECT_GT(waiting.shared_queued, 0U);
+    EXPECT_EQ(waiting.waiting_normal, 0U) << "a lease waiter: not the case this test is for";
+    EXPECT_GE(waiting.longest_wait, 100ms);
+    while (answered < 100) co_await sleep_for(10ms);
+    EXPECT_EQ(pool.stats().longest_wait, 0us);
+    (void)co_await pool.close(5s);
+  });
+}
+
 // A connection whose last lease ended with a stream() (libpq 15 leaves single-row mode on) gives
 // query() whole results.
 TEST_F(PoolTest, QueryOnAConnectionLastUsedForAStreamGetsWholeResults) {

@@ -949,9 +949,13 @@ PoolStats PoolState::stats() const {
   snapshot.closing = counts.count(pool::NodeState::closing);
   snapshot.resetting = counts.count(pool::NodeState::resetting);
   snapshot.pinging = counts.count(pool::NodeState::pinging);
+  Clock::time_point oldest_waiter_since = counts.oldest_waiter_since;
   if (multiplexer) {  // (its lock is taken under ours, never the reverse)
     std::lock_guard shared_lock(multiplexer->mutex);
     snapshot.shared_queued = multiplexer->queue.size();
+    for (const auto& statement : multiplexer->queue) {
+      oldest_waiter_since = std::min(oldest_waiter_since, statement->queued_at);
+    }
     snapshot.shared_connections = multiplexer->links.size();
     for (const auto& link : multiplexer->links) snapshot.shared_in_flight += link->in_flight;
   }
@@ -967,9 +971,9 @@ PoolStats PoolState::stats() const {
   snapshot.wait_p50 = waits.percentile(0.5);
   snapshot.wait_p99 = waits.percentile(0.99);
   snapshot.wait_max = waits.max();
-  if (counts.oldest_waiter_since != pool::Time::max()) {
+  if (oldest_waiter_since != pool::Time::max()) {
     snapshot.longest_wait = std::chrono::duration_cast<std::chrono::microseconds>(
-        std::max(coarse_now() - counts.oldest_waiter_since, Clock::duration::zero()));
+        std::max(coarse_now() - oldest_waiter_since, Clock::duration::zero()));
   }
   snapshot.leases_past_leak_threshold = counts.leases_past_leak_threshold;
   snapshot.min_idle = config.min_idle;

@@ -34,6 +34,7 @@ struct SharedStatement {
       : sql(std::move(sql_in)), params(std::move(params_in)) {}
   std::string sql;
   ParamSink params;
+  const Clock::time_point queued_at = coarse_now();  // (PoolStats::longest_wait)
   enum class Stage { queued, sent, done, abandoned };
   Stage stage = Stage::queued;
   asio::steady_timer* waiter = nullptr;  // the caller's, while it waits

@@ -257,7 +257,9 @@ struct PoolStats {
   std::chrono::microseconds wait_p50{0};
   std::chrono::microseconds wait_p99{0};
   std::chrono::microseconds wait_max{0};
-  /// How long the caller waiting longest now has waited so far (0 when nobody waits).
+  /// How long the caller waiting longest now has waited so far: for a lease, or for a connection
+  /// to take its Pool::query() statement (0 when nobody waits). The watchdog's long_waits and the
+  /// metrics endpoint's /healthz (stuck_after) read it.
   std::chrono::microseconds longest_wait{0};
   /// Leases held now past PoolConfig::leak_threshold (each reported once, by leaks_suspected).
   std::size_t leases_past_leak_threshold = 0;
