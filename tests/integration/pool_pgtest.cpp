@@ -2226,6 +2226,22 @@ TEST_F(PoolTest, QueryStatementsWaitingForRoomCountInTheLongestWait) {
   });
 }
 
+// A lone caller making statements one after another keeps the connection query() borrowed: it
+// does not pay a borrow (an acquire, pipeline mode in and out) per statement.
+TEST_F(PoolTest, QueryByALoneCallerInALoopKeepsItsConnection) {
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, config("shared-lone"));
+    (void)co_await pool.query("SELECT 1");
+    const std::uint64_t before = pool.stats().acquired;
+    for (int i = 0; i < 20; ++i) {
+      EXPECT_EQ((co_await pool.query("SELECT $1::int", i)).scalar<int>(), i);
+    }
+    EXPECT_LE(pool.stats().acquired - before, 2U) << "a borrow per statement";
+    (void)co_await pool.close(5s);
+  });
+}
+
 // A connection whose last lease ended with a stream() (libpq 15 leaves single-row mode on) gives
 // query() whole results.
 TEST_F(PoolTest, QueryOnAConnectionLastUsedForAStreamGetsWholeResults) {

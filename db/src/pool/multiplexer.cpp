@@ -165,6 +165,7 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
     }
   }
   bool served = false;  // it has sent something: only then may it be given up early
+  bool yielded_when_drained = false;
   const auto pool_has_lease_waiters = [&mux]() {
     const std::shared_ptr<PoolState> pool = mux->pool.lock();
     if (!pool) return false;
@@ -282,12 +283,21 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
           break;
         }
       }
-      // 3. Nothing in flight: give the connection back if there is nothing to take.
+      // 3. Nothing in flight: give the connection back if there is nothing to take, after letting
+      // the callers just answered run once (a caller in a loop queues its next statement then,
+      // and a lone caller does not pay a borrow per statement).
       if (sent.empty()) {
-        std::lock_guard lock(mux->mutex);
-        if (mux->closed || link->retiring || mux->queue.empty()) break;
+        {
+          std::lock_guard lock(mux->mutex);
+          if (mux->closed || link->retiring) break;
+          if (!mux->queue.empty()) continue;
+        }
+        if (yielded_when_drained) break;
+        yielded_when_drained = true;
+        co_await asio::post(mux->strand, asio::use_awaitable);
         continue;
       }
+      yielded_when_drained = false;
       // 4. Wait for results, or for statements to send.
       if (PQisBusy(conn) != 0 || must_wait) {
         must_wait = false;
