@@ -405,8 +405,9 @@ TEST_F(WatchdogTest, MetricsParseWithAPrometheusParserAndCountWhatHappened) {
   EXPECT_EQ(at("db_client_connection_wait_time_seconds_count{" + pool_label + "}"), 26);
   EXPECT_EQ(at("db_client_connection_use_time_seconds_count{" + pool_label + "}"), 26);
   EXPECT_EQ(at("db_client_connection_wait_time_seconds_bucket{" + pool_label + ",le=+Inf}"), 26);
-  // Each use held a 2 ms sleep: none is in the buckets up to 1 ms, all are by 10 s.
-  EXPECT_EQ(at("db_client_connection_use_time_seconds_bucket{" + pool_label + ",le=0.001}"), 1);
+  // Each use held a 2 ms sleep: none is in the buckets up to 1 ms (the discarded lease, held for
+  // no statement, may be, or not on a loaded machine), all are by 10 s.
+  EXPECT_LE(at("db_client_connection_use_time_seconds_bucket{" + pool_label + ",le=0.001}"), 1);
   EXPECT_GE(at("db_client_connection_use_time_seconds_sum{" + pool_label + "}"), 25 * 0.002);
   // Each statement slept 2 ms: 25 of them, none in the buckets up to 1 ms.
   EXPECT_GE(at("db_client_operation_duration_seconds_count{" + pool_label + "}"), 25);
