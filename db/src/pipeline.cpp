@@ -202,8 +202,7 @@ asio::awaitable<error_code> run_statements(Impl& impl, const Pipeline& pipeline,
       // The server no longer has our prepared statement (its message names it: a 26000 from
       // inside the statement, e.g. a function's EXECUTE, is the statement's own).
       const bool forgotten =
-          names[k] != nullptr && outcome.error == make_sqlstate_error("26000") &&
-          outcome.diagnostics.message.find("\"" + *names[k] + "\"") != std::string::npos;
+          names[k] != nullptr && forgot_statement(outcome.error, outcome.diagnostics, *names[k]);
       if (names[k] != nullptr && (forgotten || is_stale_plan(raw))) {
         (forgotten ? not_run.forgotten : not_run.stale).push_back(*names[k]);
         not_run.statements.insert(order[k]);

@@ -61,6 +61,12 @@ std::string first_keyword(std::string_view sql);
 // not run; prepared again, it does.
 bool is_stale_plan(const PGresult* result);
 
+// Whether `error` says the server no longer has our prepared statement `name`: SQLSTATE 26000
+// whose message names it (a 26000 from inside the statement, e.g. a function's EXECUTE, is the
+// statement's own). The statement did not run.
+bool forgot_statement(const error_code& error, const Diagnostics& diagnostics,
+                      const std::string& name);
+
 struct Connection::Impl {
   Impl(executor_type executor_in, ConnectOptions options_in)
       : executor(std::move(executor_in)), socket(executor), options(std::move(options_in)) {}

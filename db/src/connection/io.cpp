@@ -257,8 +257,7 @@ asio::awaitable<error_code> Connection::Impl::exchange(Request request, Result& 
       // connection, go on without named statements (a transaction pooler ran the preparation in
       // another server session). Inside a transaction block the error has aborted the block:
       // it is counted, and returned.
-      if (name != nullptr && error == make_sqlstate_error("26000") &&
-          last_error.message.find("\"" + *name + "\"") != std::string::npos) {
+      if (name != nullptr && forgot_statement(error, last_error, *name)) {
         const std::string forgotten = *name;
         forget_statement(forgotten);
         const bool pooler_noticed = ++forgotten_statements >= 2;
@@ -307,6 +306,12 @@ bool is_stale_plan(const PGresult* result) {
   const char* routine = PQresultErrorField(result, PG_DIAG_SOURCE_FUNCTION);
   return sqlstate != nullptr && routine != nullptr && std::string_view(sqlstate) == "0A000" &&
          std::string_view(routine) == "RevalidateCachedQuery";
+}
+
+bool forgot_statement(const error_code& error, const Diagnostics& diagnostics,
+                      const std::string& name) {
+  return !name.empty() && error == make_sqlstate_error("26000") &&
+         diagnostics.message.find("\"" + name + "\"") != std::string::npos;
 }
 
 std::string first_keyword(std::string_view sql) {

@@ -61,11 +61,6 @@ struct FailedPrepare {
   Diagnostics diagnostics;
 };
 
-// Whether the server's 26000 names `name` (a 26000 from inside the statement is its own).
-bool names_statement(const Diagnostics& diagnostics, const std::string& name) {
-  return !name.empty() && diagnostics.message.find("\"" + name + "\"") != std::string::npos;
-}
-
 asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr<SharedLink> link);
 
 // Borrows a connection for the multiplexer, then runs it.
@@ -388,7 +383,7 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
             error = impl.server_error(answer, statement.sql);
           }
           diagnostics = impl.last_error;
-          if (error == make_sqlstate_error("26000") && names_statement(diagnostics, entry.name)) {
+          if (forgot_statement(error, diagnostics, entry.name)) {
             if (auto prepare = failed.find(entry.name); prepare != failed.end()) {
               error = prepare->second.error;  // its preparation failed: that is its error
               diagnostics = prepare->second.diagnostics;
