@@ -622,11 +622,17 @@ def write_report(results, raw, args, bench, elapsed, plot):
                 "for the whole window, and its latencies grow with it. pgrt runs twice: once with its "
                 "pacer on the io_context's own thread (it yields to the requests between arrivals), and "
                 "once with the arrivals posted into the io_context from a thread of their own, as a "
-                "network delivers them; the same arrivals (same seed) in both. Where both fall behind, "
-                "the collapse is the pool's and not the load generator's.")
+                "network delivers them; the same arrivals (same seed) in both (the thread wakes at the "
+                "next arrival and posts it with every later one already due by then). Where both fall "
+                "behind, the collapse is the pool's and not the load generator's. `client_cpu_us`: the "
+                "client process's CPU time per request over the window, user and kernel (pgrt: the "
+                "pool, the requests and, when posted, the arrival thread; pgbench: its own process), "
+                "`generator_cpu_us` the arrival thread's part of it: client and server share the "
+                "machine's cores, so what the client spends the server cannot.")
     for percent in OPEN_LOOP_PERCENTS:
         report.text(f"### {percent}% of capacity")
-        report.table(f"overload/open/{percent}", ["offered_per_s", "latency_p50_us", "latency_p99_us", "latency_p999_us"],
+        report.table(f"overload/open/{percent}", ["offered_per_s", "latency_p50_us", "latency_p99_us", "latency_p999_us",
+                                                   "client_cpu_us", "generator_cpu_us"],
                      "latency_p99_us", higher_is_better=False, ratio_title="this / pgrt")
     if plot:
         report.text(f"![latency percentiles against offered load]({plot})")

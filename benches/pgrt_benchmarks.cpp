@@ -339,6 +339,13 @@ std::pair<double, double> process_cpu_seconds() {
   return {seconds(usage.ru_utime), seconds(usage.ru_stime)};
 }
 
+// The calling thread's CPU time so far, in seconds.
+double thread_cpu_seconds() {
+  timespec time{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &time);
+  return static_cast<double>(time.tv_sec) + static_cast<double>(time.tv_nsec) / 1e9;
+}
+
 // The client's CPU per query over a window (the server's backends are other processes):
 // `client_cpu_us` per query, and `client_kernel_share` (the part spent in the kernel: syscalls).
 void report_client_cpu(benchmark::State& state, std::pair<double, double> before,
@@ -526,6 +533,7 @@ void BM_PoolOverloadOpenLoop(benchmark::State& state) {
     asio::io_context io;
     pgrt::Pool pool(io.get_executor(), pool_config(3));
     Histogram latencies;
+    std::pair<double, double> cpu_before, cpu_after;
     run(io, [&]() -> asio::awaitable<void> {
       co_await open_three(pool);
       const auto started = Clock::now();
@@ -536,6 +544,7 @@ void BM_PoolOverloadOpenLoop(benchmark::State& state) {
       std::chrono::duration<double> offset{0};
       asio::steady_timer pacer(io);
       InFlight requests(io);
+      cpu_before = process_cpu_seconds();
       for (;;) {
         offset += std::chrono::duration<double>(gap(random));
         const auto intended = started + std::chrono::duration_cast<Clock::duration>(offset);
@@ -553,11 +562,13 @@ void BM_PoolOverloadOpenLoop(benchmark::State& state) {
         requests.spawn([&, intended] { return one_request(pool, latencies, intended); });
       }
       co_await requests.wait();
+      cpu_after = process_cpu_seconds();
       (void)co_await pool.close(0ms);
     });
     state.counters["capacity_per_s"] = capacity;
     state.counters["offered_per_s"] = rate;
     report_latency(state, latencies, "latency");
+    report_client_cpu(state, cpu_before, cpu_after, latencies.count());
   }
 }
 // The shares of capacity both open loops are offered (bench.py's OPEN_LOOP_PERCENTS).
@@ -579,6 +590,9 @@ void BM_PoolOverloadOpenLoopPosted(benchmark::State& state) {
     asio::io_context io;
     pgrt::Pool pool(io.get_executor(), pool_config(3));
     Histogram latencies;
+    std::pair<double, double> cpu_before,
+        cpu_after;  // the whole process: pool, requests, generator
+    double generator_cpu = 0;
     std::thread generator;
     const auto join_generator = [&] {
       if (generator.joinable()) generator.join();
@@ -591,19 +605,32 @@ void BM_PoolOverloadOpenLoopPosted(benchmark::State& state) {
         bool done = false;
         const auto started = Clock::now();
         const auto until = started + window();
+        cpu_before = process_cpu_seconds();
         generator = std::thread([&, started, until] {
           std::mt19937_64 random(42);  // the same arrivals as BM_PoolOverloadOpenLoop's
           std::exponential_distribution<double> gap(rate);
           std::chrono::duration<double> offset{0};
-          for (;;) {
+          const auto next_arrival = [&] {
             offset += std::chrono::duration<double>(gap(random));
-            const auto intended = started + std::chrono::duration_cast<Clock::duration>(offset);
-            if (intended >= until) break;
+            return started + std::chrono::duration_cast<Clock::duration>(offset);
+          };
+          // The thread sleeps until the next arrival, then posts it together with every later one
+          // that is due by the time it woke (the kernel's timer slack wakes it up to 50 us late):
+          // one post and one wake-up per batch, as a network delivers what came meanwhile. Each
+          // request's latency still counts from its own intended start.
+          auto intended = next_arrival();
+          while (intended < until) {
             std::this_thread::sleep_until(intended);
-            asio::post(io, [&, intended] {
-              requests.spawn([&, intended] { return one_request(pool, latencies, intended); });
+            std::vector<Clock::time_point> due{intended};
+            const auto woke = Clock::now();
+            while ((intended = next_arrival()) <= woke && intended < until) due.push_back(intended);
+            asio::post(io, [&, due = std::move(due)] {
+              for (const auto at : due) {
+                requests.spawn([&, at] { return one_request(pool, latencies, at); });
+              }
             });
           }
+          generator_cpu = thread_cpu_seconds();
           asio::post(io, [&] {
             done = true;
             generated.cancel();
@@ -611,6 +638,7 @@ void BM_PoolOverloadOpenLoopPosted(benchmark::State& state) {
         });
         while (!done) co_await generated.async_wait(asio::as_tuple(asio::use_awaitable));
         co_await requests.wait();
+        cpu_after = process_cpu_seconds();
         (void)co_await pool.close(0ms);
       });
     } catch (...) {
@@ -621,6 +649,11 @@ void BM_PoolOverloadOpenLoopPosted(benchmark::State& state) {
     state.counters["capacity_per_s"] = capacity;
     state.counters["offered_per_s"] = rate;
     report_latency(state, latencies, "latency");
+    report_client_cpu(state, cpu_before, cpu_after, latencies.count());
+    if (latencies.count() > 0) {
+      state.counters["generator_cpu_us"] =
+          generator_cpu * 1e6 / static_cast<double>(latencies.count());
+    }
   }
 }
 // 100% with PGRT_BENCH_CAPACITY set to a rate offers exactly that rate: bench.py's search for the

@@ -2012,7 +2012,9 @@ TEST_F(PoolTest, QueryRefusesWhatNeedsASessionAndReportsEachStatementsOwnError) 
     auto executor = co_await asio::this_coro::executor;
     Pool pool(executor, config("shared-refusals"));
     for (const char* sql : {"BEGIN", "  commit", "SET search_path = x", "LISTEN jobs",
-                            "COPY t FROM STDIN", "/* c */ savepoint a",
+                            "COPY t FROM STDIN", "/* c */ savepoint a", ";BEGIN",
+                            " ; ;set search_path = x", "/* a /* nested */ still a comment */ BEGIN",
+                            "-- a line\n/* and a block */ start transaction", "-- cr\rBEGIN",
                             "DECLARE c CURSOR FOR "
                             "SELECT 1",
                             "SELECT pg_advisory_lock(1)"}) {
@@ -2222,6 +2224,55 @@ TEST_F(PoolTest, QueryStatementsWaitingForRoomCountInTheLongestWait) {
     EXPECT_GE(waiting.longest_wait, 100ms);
     while (answered < 100) co_await sleep_for(10ms);
     EXPECT_EQ(pool.stats().longest_wait, 0us);
+    (void)co_await pool.close(5s);
+  });
+}
+
+// A burst of callers that all arrive while the first borrow is under way spreads over the
+// pool's connections: it does not stay on the one connection that borrow brought.
+TEST_F(PoolTest, QueryBurstThatArrivesAtOnceSpreadsOverTheConnections) {
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, config("shared-burst", 4));
+    std::set<int> backends;
+    int finished = 0;
+    constexpr int callers = 200;
+    for (int caller = 0; caller < callers; ++caller) {
+      asio::co_spawn(
+          executor,
+          [&]() -> awaitable_void {
+            const auto result = co_await pool.query("SELECT pg_backend_pid() FROM pg_sleep(0.005)");
+            backends.insert(result.scalar<int>());
+            ++finished;
+          },
+          asio::detached);
+    }
+    while (finished < callers) co_await sleep_for(10ms);
+    EXPECT_GE(backends.size(), 2U) << "200 statements that came at once ran on one connection";
+    EXPECT_LE(backends.size(), 4U);
+    (void)co_await pool.close(5s);
+  });
+}
+
+// With acquire_timeout 0, a statement that finds no connection to take it fails at once with
+// pool_timeout, as acquire() would: it does not wait for a connection that is draining (here held
+// up by an abandoned pg_sleep) to go back.
+TEST_F(PoolTest, QueryWithAcquireTimeoutZeroDoesNotWaitForADrainingConnection) {
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    PoolConfig pool_config = config("shared-no-wait", 2);
+    pool_config.acquire_timeout = 0ms;
+    Pool pool(executor, pool_config);
+    auto lease = co_await pool.acquire();
+    auto error = co_await testing::expect_error(
+        with_timeout(pool.query("SELECT pg_sleep(3)"), std::chrono::milliseconds(200)));
+    EXPECT_EQ(error.code(), client_errc::timeout);
+    const auto started = std::chrono::steady_clock::now();
+    error = co_await testing::expect_error(pool.query("SELECT 1"));
+    EXPECT_EQ(error.code(), client_errc::pool_timeout) << error.what();
+    EXPECT_LT(std::chrono::steady_clock::now() - started, 1s)
+        << "the statement waited for the draining connection";
+    lease.release();
     (void)co_await pool.close(5s);
   });
 }

@@ -95,10 +95,13 @@ asio::awaitable<void> borrow(std::shared_ptr<Multiplexer> mux) {
     if (lease && !mux->closed) {
       link = std::make_shared<SharedLink>(std::move(*lease));
       mux->links.push_back(link);
-    } else if (!lease && mux->links.empty()) {
+    } else if (!lease && std::all_of(mux->links.begin(), mux->links.end(),
+                                     [](const auto& held) { return held->retiring; })) {
       // The pool could not lend one (its acquire timed out or failed fast, it is closing): with
-      // no connection to run them, the queued statements fail with the acquire's error, as a
-      // caller of acquire() would; the next statement tries again.
+      // no connection that takes statements (none, or only ones draining to go back), the queued
+      // statements fail with the acquire's error, as a caller of acquire() would, and do not wait
+      // on for a draining one (with acquire_timeout 0, without a bound); the next statement tries
+      // again.
       for (const auto& statement : mux->queue) {
         statement->error = failure;
         statement->diagnostics = diagnostics;
@@ -173,6 +176,9 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
     return waiting > mux->borrowing;
   };
 
+  // The statement taken off `sent` and not yet answered: if something throws meanwhile, the
+  // catch below answers it (it is in neither `batch` nor `sent` any more).
+  std::shared_ptr<SharedStatement> in_hand;
   try {
     while (!lost) {
       Connection::Impl& impl = *impl_pointer;
@@ -197,6 +203,9 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
           batch.back()->link = link;
           ++link->in_flight;
         }
+        // More queued than this connection takes: one more is borrowed now (a burst that came at
+        // once, while a borrow was under way, must not stay on one connection).
+        if (!mux->queue.empty()) mux->grow_locked();
       }
       // 2. Send it: each statement prepared once per connection (its preparation in a sync segment
       // of its own) and in a sync segment of its own.
@@ -326,7 +335,8 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
       // 5. Every result that is in (timed, when statements are, from its batch's send to now).
       const Clock::time_point read_at = impl.statement_times ? Clock::now() : Clock::time_point{};
       int empty_in_a_row = 0;
-      while (!sent.empty() && PQisBusy(conn) == 0) {
+      while (!lost && !sent.empty() && PQisBusy(conn) == 0) {
+        in_hand.reset();
         PGresult* raw = PQgetResult(conn);
         if (raw == nullptr) {
           if (PQstatus(conn) != CONNECTION_OK) {
@@ -366,12 +376,32 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
           }
           continue;
         }
+        in_hand = entry.statement;
         if (impl.statement_times) impl.statement_times->record(read_at - entry.sent_at);
         SharedStatement& statement = *entry.statement;
         error_code error;
         Diagnostics diagnostics;
         bool again = false;
-        if (!ok) {
+        // A transaction block opened on a shared connection (refused by its first keyword: this
+        // is the last line of defence, should some text still hide it from that check; no test
+        // reaches it through query()): the statements sent after it run in the block, and would
+        // never commit. This one fails; the connection is closed, which rolls the block
+        // back, and what was sent after it fails with it.
+        bool opened_block = false;
+        if (ok && answer != nullptr) {
+          const std::string_view tag = PQcmdStatus(const_cast<PGresult*>(answer));
+          opened_block = tag == "BEGIN" || tag == "START TRANSACTION";
+        }
+        if (opened_block) {
+          error = impl.fail(client_errc::needs_session,
+                            "the statement opened a transaction block on a shared connection: "
+                            "it was not committed, and the connection was closed",
+                            statement.sql);
+          diagnostics = impl.last_error;
+          diagnostics.hint =
+              "take a lease for transactions (co_await pool.acquire() or pgrt::connection())";
+          lost = error;
+        } else if (!ok) {
           if (answer == nullptr) {
             error = impl.fail(client_errc::protocol_error, "no result came for the statement",
                               statement.sql);
@@ -417,8 +447,13 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
         }
         statement.error = error;
         statement.diagnostics = std::move(diagnostics);
-        if (ok) statement.result = std::move(entry.result);
+        if (ok && !error) statement.result = std::move(entry.result);
         Multiplexer::finish_locked(statement);
+      }
+      in_hand.reset();
+      if (lost) {  // the connection broke, or a statement opened a transaction block on it
+        impl.close(CloseMode::immediate);
+        break;
       }
       if (sent.empty()) failed.clear();
     }
@@ -428,6 +463,13 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
     spdlog::error("pgrt: a shared connection failed: {}", error.what());
     {
       std::lock_guard lock(mux->mutex);
+      if (in_hand && in_hand->stage == SharedStatement::Stage::sent) {
+        in_hand->error = make_error_code(client_errc::protocol_error);
+        in_hand->diagnostics =
+            Diagnostics{.message = std::string("the shared connection failed: ") + error.what(),
+                        .statement = in_hand->sql};
+        Multiplexer::finish_locked(*in_hand);
+      }
       for (const auto& statement : batch) {  // taken, not yet among `sent`
         const bool was_sent = std::any_of(sent.begin(), sent.end(), [&](const SentEntry& entry) {
           return entry.statement == statement;
@@ -614,8 +656,16 @@ asio::awaitable<Result> run_shared(std::shared_ptr<PoolState> pool, std::string 
     waiter.expires_at(Clock::time_point::max());
   }
   for (;;) {
-    const auto [error] = co_await async::wait_then_unlock(lock, waiter);
-    lock = std::unique_lock(mux->mutex);
+    // A cancellation recorded while this coroutine was not waiting (its timer had just fired)
+    // is taken as one that ended the wait: asio would otherwise throw operation_aborted at the
+    // co_await below, bypassing what a cancellation does here.
+    error_code error = asio::error::operation_aborted;
+    const asio::cancellation_state cancellation = co_await asio::this_coro::cancellation_state;
+    if (cancellation.cancelled() == asio::cancellation_type::none) {
+      const auto [waited] = co_await async::wait_then_unlock(lock, waiter);
+      lock = std::unique_lock(mux->mutex);
+      error = waited;
+    }
     if (statement->stage == SharedStatement::Stage::done) break;
     if (error != asio::error::operation_aborted) {  // its time ran out
       if (statement->stage == SharedStatement::Stage::queued) {

@@ -470,8 +470,11 @@ class Pool {
   ///
   /// Refused (client_errc::needs_session, at the co_await, nothing sent), as they need a session
   /// of their own: transaction control (BEGIN, COMMIT, SAVEPOINT, ...), SET and RESET, LISTEN,
-  /// COPY, cursors, DISCARD, DEALLOCATE, PREPARE, LOCK and session-level advisory locks. Take a
-  /// lease for those. A string of several statements is refused by the server (SQLSTATE 42601).
+  /// COPY, cursors, DISCARD, DEALLOCATE, PREPARE, LOCK and session-level advisory locks, by the
+  /// first keyword past whitespace, ';' and (nested) comments. Take a lease for those. A string
+  /// of several statements is refused by the server (SQLSTATE 42601). A statement that still
+  /// opens a transaction block fails with needs_session and its connection is closed (the
+  /// statements sent after it on it fail with connection_lost, none committed).
   ///
   /// A statement the server forgot (26000) or whose result changed shape since it was prepared
   /// (0A000, an ALTER TABLE under a SELECT *) did not run: it is prepared again and sent again,
