@@ -2277,6 +2277,42 @@ TEST_F(PoolTest, QueryWithAcquireTimeoutZeroDoesNotWaitForADrainingConnection) {
   });
 }
 
+// A statement that no connection takes within acquire_timeout (the one connection has its depth
+// of statements in flight, held up by a slow first one, and the pool may lend no other) fails
+// with pool_timeout about then; the statements already sent run to their end, however long past
+// acquire_timeout that is.
+TEST_F(PoolTest, QueryStatementQueuedPastAcquireTimeoutFailsWhileSentOnesRunToTheirEnd) {
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    PoolConfig pool_config = config("shared-queued-timeout", 1);
+    pool_config.acquire_timeout = 500ms;
+    Pool pool(executor, pool_config);
+    constexpr int in_flight = 64;  // the multiplexer's depth per connection
+    int answered = 0;
+    for (int caller = 0; caller < in_flight; ++caller) {
+      // The first holds up the others behind it (head of line) past the queued one's timeout.
+      asio::co_spawn(
+          executor,
+          [&, caller]() -> awaitable_void {
+            const std::string sql = caller == 0 ? "SELECT pg_sleep(1.5)" : "SELECT 1";
+            (void)co_await pool.query(sql);
+            ++answered;
+          },
+          asio::detached);
+    }
+    co_await sleep_for(100ms);
+    const auto started = std::chrono::steady_clock::now();
+    auto error = co_await testing::expect_error(pool.query("SELECT 1"));
+    const auto waited = std::chrono::steady_clock::now() - started;
+    EXPECT_EQ(error.code(), client_errc::pool_timeout) << error.what();
+    EXPECT_THAT(error.what(), HasSubstr("acquire_timeout"));
+    EXPECT_GE(waited, 400ms);
+    EXPECT_LT(waited, 1500ms);
+    while (answered < in_flight) co_await sleep_for(10ms);
+    (void)co_await pool.close(5s);
+  });
+}
+
 // A lone caller making statements one after another keeps the connection query() borrowed: it
 // does not pay a borrow (an acquire, pipeline mode in and out) per statement.
 TEST_F(PoolTest, QueryByALoneCallerInALoopKeepsItsConnection) {

@@ -276,6 +276,7 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
             continue;
           }
           (*it)->stage = SharedStatement::Stage::queued;
+          mux->start_wait_locked(**it);
           mux->queue.push_front(*it);
         }
         break;
@@ -441,6 +442,7 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
         if (again && !statement.sent_again && !mux->closed) {
           statement.sent_again = true;
           statement.stage = SharedStatement::Stage::queued;
+          mux->start_wait_locked(statement);
           mux->queue.push_front(entry.statement);
           mux->dispatch_locked();
           continue;
@@ -541,7 +543,53 @@ Multiplexer::Multiplexer(const std::shared_ptr<PoolState>& pool_in,
       hold_limit(pool_in->config.leak_threshold.count() > 0
                      ? std::min<std::chrono::milliseconds>(pool_in->config.leak_threshold / 2,
                                                            std::chrono::seconds(30))
-                     : std::chrono::milliseconds(std::chrono::seconds(30))) {}
+                     : std::chrono::milliseconds(std::chrono::seconds(30))),
+      max_wait(pool_in->config.acquire_timeout),
+      sweeper(strand, Clock::time_point::max()) {}
+
+void Multiplexer::start_wait_locked(SharedStatement& statement) {
+  if (max_wait.count() <= 0) return;
+  statement.deadline = coarse_now() + max_wait;
+  if (sweeper_armed) return;  // at an earlier deadline: it re-arms for this one when it fires
+  sweeper_armed = true;
+  sweeper.expires_at(statement.deadline);
+  sweeper.async_wait([weak = weak_from_this()](error_code error) {
+    if (error) return;  // cancelled: the multiplexer is gone or closed
+    if (const auto self = weak.lock()) self->sweep();
+  });
+}
+
+void Multiplexer::sweep() {
+  std::lock_guard lock(mutex);
+  sweeper_armed = false;
+  if (closed) return;
+  const auto now = Clock::now();  // (precise: the timer fired at the deadline by this clock)
+  Clock::time_point next = Clock::time_point::max();
+  std::erase_if(queue, [&](const std::shared_ptr<SharedStatement>& statement) {
+    if (statement->deadline > now) {
+      next = std::min(next, statement->deadline);
+      return false;
+    }
+    statement->error = make_error_code(client_errc::pool_timeout);
+    statement->diagnostics = Diagnostics{.message =
+                                             "no connection could run the statement within "
+                                             "PoolConfig::acquire_timeout (" +
+                                             std::to_string(max_wait.count()) + " ms)",
+                                         .hint =
+                                             "raise acquire_timeout or max_size, or shed load; "
+                                             "Pool::stats() says what holds the connections",
+                                         .statement = statement->sql};
+    finish_locked(*statement);
+    return true;
+  });
+  if (next == Clock::time_point::max()) return;
+  sweeper_armed = true;
+  sweeper.expires_at(next);
+  sweeper.async_wait([weak = weak_from_this()](error_code error) {
+    if (error) return;
+    if (const auto self = weak.lock()) self->sweep();
+  });
+}
 
 void Multiplexer::enqueue_locked(const std::shared_ptr<SharedStatement>& statement,
                                  asio::steady_timer& waiter) {
@@ -557,6 +605,7 @@ void Multiplexer::enqueue_locked(const std::shared_ptr<SharedStatement>& stateme
                             .statement = statement->sql});
   }
   statement->waiter = &waiter;
+  start_wait_locked(*statement);
   queue.push_back(statement);
   dispatch_locked();
 }
@@ -624,6 +673,8 @@ void Multiplexer::close() {
     finish_locked(*statement);
   }
   queue.clear();
+  sweeper.cancel();
+  sweeper_armed = false;
   for (const auto& link : links) wake_locked(link);
 }
 
@@ -649,12 +700,9 @@ asio::awaitable<Result> run_shared(std::shared_ptr<PoolState> pool, std::string 
       statement->stage = SharedStatement::Stage::abandoned;
     }
   });
-  const auto limit = pool->config.acquire_timeout;
-  if (limit.count() > 0) {
-    waiter.expires_after(limit);
-  } else {
-    waiter.expires_at(Clock::time_point::max());
-  }
+  // The waiter has no expiry: the multiplexer's sweeper fails a statement queued past its
+  // deadline (finish_locked wakes it), and a sent one waits for its answer.
+  waiter.expires_at(Clock::time_point::max());
   for (;;) {
     // A cancellation recorded while this coroutine was not waiting (its timer had just fired)
     // is taken as one that ended the wait: asio would otherwise throw operation_aborted at the
@@ -667,25 +715,7 @@ asio::awaitable<Result> run_shared(std::shared_ptr<PoolState> pool, std::string 
       error = waited;
     }
     if (statement->stage == SharedStatement::Stage::done) break;
-    if (error != asio::error::operation_aborted) {  // its time ran out
-      if (statement->stage == SharedStatement::Stage::queued) {
-        mux->withdraw_locked(*statement);
-        statement->waiter = nullptr;
-        abandon.disarm();
-        throw Error(make_error_code(client_errc::pool_timeout),
-                    Diagnostics{.message = "no connection could run the statement within "
-                                           "PoolConfig::acquire_timeout (" +
-                                           std::to_string(limit.count()) + " ms)",
-                                .hint = "raise acquire_timeout or max_size, or shed load; "
-                                        "Pool::stats() says what holds the connections",
-                                .statement = statement->sql});
-      }
-      // Sent: it runs on the server (bounded there by statement_timeout); wait for its answer,
-      // looking again after as long (if it was queued again meanwhile, after a lost connection
-      // or a forgotten statement, and still is then, its time has run out).
-      waiter.expires_after(limit);
-      continue;
-    }
+    if (error != asio::error::operation_aborted) continue;  // (no expiry: not reached)
     // The caller cancelled: a queued statement leaves the queue; a sent one's answer is dropped
     // when it comes (no cancel request: it could hit the statement of another caller), and its
     // connection, held up by it, takes no new statement: it drains and goes back to the pool.

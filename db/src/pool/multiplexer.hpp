@@ -35,6 +35,9 @@ struct SharedStatement {
   std::string sql;
   ParamSink params;
   const Clock::time_point queued_at = coarse_now();  // (PoolStats::longest_wait)
+  // While queued: when it fails with pool_timeout (its wait for a connection: acquire_timeout,
+  // counted again from a requeue); max when it waits without a bound (acquire_timeout 0).
+  Clock::time_point deadline = Clock::time_point::max();
   enum class Stage { queued, sent, done, abandoned };
   Stage stage = Stage::queued;
   asio::steady_timer* waiter = nullptr;  // the caller's, while it waits
@@ -66,8 +69,15 @@ struct Multiplexer : std::enable_shared_from_this<Multiplexer> {
   const std::size_t max_queued;  // PoolConfig::max_waiters
   const std::size_t max_links;   // PoolConfig::max_size
   const std::chrono::milliseconds hold_limit;
+  const std::chrono::milliseconds max_wait;  // PoolConfig::acquire_timeout (0: no bound)
 
   std::mutex mutex;
+  // One timer for every queued statement's deadline (a caller's own timer waits without an
+  // expiry: arming one per statement would cost a timerfd_settime each whenever it is the
+  // reactor's earliest). Armed at the earliest deadline when a statement is queued and it is not
+  // armed yet; fails the statements past their deadline when it fires.
+  asio::steady_timer sweeper;
+  bool sweeper_armed = false;
   std::deque<std::shared_ptr<SharedStatement>> queue;
   std::vector<std::shared_ptr<SharedLink>> links;
   std::size_t borrowing = 0;  // acquires under way
@@ -79,6 +89,10 @@ struct Multiplexer : std::enable_shared_from_this<Multiplexer> {
                       asio::steady_timer& waiter);
   // The statement is answered (or failed): its caller is woken, unless it has gone.
   static void finish_locked(SharedStatement& statement);
+  // Starts (again) the statement's wait for a connection: sets its deadline, arms the sweeper.
+  void start_wait_locked(SharedStatement& statement);
+  // Fails the queued statements past their deadline with pool_timeout; re-arms for the rest.
+  void sweep();
   // Takes `statement` out of the queue (its caller gave up).
   void withdraw_locked(const SharedStatement& statement);
   // Wakes the connection with the fewest in flight that has room, and borrows one more when every
