@@ -194,8 +194,17 @@ asio::awaitable<error_code> run_statements(Impl& impl, const Pipeline& pipeline,
       outcome.diagnostics.message =
           "not run: an earlier statement of the same pipeline segment failed";
       outcome.diagnostics.statement = std::string(current);
-    } else if (status == PGRES_TUPLES_OK || status == PGRES_COMMAND_OK) {
+    } else if (status == PGRES_TUPLES_OK || status == PGRES_COMMAND_OK ||
+               status == PGRES_EMPTY_QUERY) {  // (an empty or comment-only statement ran)
       outcome.result = std::move(result);
+    } else if (status == PGRES_COPY_IN || status == PGRES_COPY_OUT || status == PGRES_COPY_BOTH) {
+      // A COPY hidden from the check in run(): libpq is in copy mode and would hand out this
+      // result for ever. The connection cannot go on: it is closed.
+      auto error = impl.fail(client_errc::protocol_error,
+                             "COPY cannot run in a pipeline: the connection was closed", current,
+                             "run it alone on the lease: copy_from()");
+      impl.close(CloseMode::immediate);
+      co_return error;
     } else {
       outcome.error = impl.server_error(raw, current);
       outcome.diagnostics = impl.last_error;
@@ -267,6 +276,12 @@ asio::awaitable<std::vector<PipelineOutcome>> Connection::run(const Pipeline& pi
   auto error = co_await run_operation(impl, [&]() -> asio::awaitable<error_code> {
     for (const auto& statement : pipeline.statements()) {
       if (auto refusal = impl.refuse_without_session(statement.sql)) co_return refusal;
+      if (first_keyword(statement.sql) == "copy") {
+        co_return impl.fail(client_errc::protocol_error,
+                            "COPY cannot run in a pipeline: it takes the connection over until "
+                            "its data is sent or read; nothing of the pipeline was sent",
+                            statement.sql, "run it alone on the lease: copy_from()");
+      }
     }
     if (impl.single_row_mode_left_on) {
       const ParamSink no_params;

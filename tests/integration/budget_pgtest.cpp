@@ -194,6 +194,13 @@ TEST_F(BudgetTest, BothResetPoliciesKeepTheSlotAcrossAThousandLeases) {
       EXPECT_EQ((co_await lease->query("SHOW work_mem")).scalar<std::string>() == "8MB",
                 policy == ResetPolicy::rollback)
           << "discard_all should have reset the session's settings";
+      // Still named statements after a thousand resets (the reset's own DEALLOCATE ALL must not
+      // make the connection look like it is behind a pooler).
+      co_await lease->query_prepared("SELECT 2");
+      EXPECT_GE((co_await lease->query("SELECT count(*) FROM pg_prepared_statements"))
+                    .scalar<std::int64_t>(),
+                1)
+          << to_string(policy) << ": the connection went on with unnamed statements";
       last_pid = lease->backend_pid();
       lease.release();
       end = pool.stats();

@@ -797,6 +797,36 @@ TEST_F(ConnectionTest, APipelineRightAfterAStreamGetsEveryResultWhole) {
   });
 }
 
+// COPY in a pipeline is refused before anything is sent (libpq's copy mode would otherwise hand
+// out its result for ever); an empty or comment-only statement in a pipeline runs, as alone.
+TEST_F(ConnectionTest, APipelineRefusesCopyAndRunsAnEmptyStatement) {
+  run_coroutine([]() -> awaitable_void {
+    auto conn = co_await open();
+    co_await conn.execute("CREATE TEMP TABLE pipeline_copy (v int)");
+    Pipeline with_copy;
+    with_copy.add("INSERT INTO pipeline_copy VALUES (1)");
+    with_copy.add("/* c */ COPY pipeline_copy FROM STDIN");
+    auto error = co_await testing::expect_error(conn.run(with_copy));
+    EXPECT_EQ(error.code(), client_errc::protocol_error) << error.what();
+    EXPECT_THAT(error.diagnostics().hint, HasSubstr("copy_from"));
+    EXPECT_EQ((co_await conn.query("SELECT count(*) FROM pipeline_copy")).scalar<std::int64_t>(), 0)
+        << "part of a refused pipeline ran";
+    for (const bool prepared : {true, false}) {
+      Pipeline with_empty;
+      with_empty.prepare_statements(prepared);
+      with_empty.add("INSERT INTO pipeline_copy VALUES (2)");
+      with_empty.add("-- a note");
+      with_empty.sync();
+      with_empty.add("SELECT 3");
+      const auto outcomes = co_await conn.run(with_empty);
+      EXPECT_EQ(outcomes.size(), 3U);
+      for (const auto& outcome : outcomes) {
+        EXPECT_TRUE(outcome.ok()) << prepared << ": " << outcome.error.message();
+      }
+    }
+  });
+}
+
 // A pipeline's statements run prepared from the connection's cache, the one query_prepared()
 // uses: prepared once (in one extra round trip the first time), then run by name.
 TEST_F(ConnectionTest, PipelineStatementsArePreparedOnceInTheCacheQueryPreparedUses) {

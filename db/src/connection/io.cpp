@@ -310,8 +310,21 @@ bool is_stale_plan(const PGresult* result) {
 
 bool forgot_statement(const error_code& error, const Diagnostics& diagnostics,
                       const std::string& name) {
-  return !name.empty() && error == make_sqlstate_error("26000") &&
-         diagnostics.message.find("\"" + name + "\"") != std::string::npos;
+  if (name.empty() || error != make_sqlstate_error("26000")) return false;
+  // The name as a word of the message, whatever quotes its language puts around it ("name" in
+  // English, »name« in German, « name » in French).
+  const auto is_name_char = [](char c) {
+    return std::isalnum(static_cast<unsigned char>(c)) != 0 || c == '_';
+  };
+  const std::string& message = diagnostics.message;
+  for (auto at = message.find(name); at != std::string::npos; at = message.find(name, at + 1)) {
+    const auto end = at + name.size();
+    if ((at == 0 || !is_name_char(message[at - 1])) &&
+        (end == message.size() || !is_name_char(message[end]))) {
+      return true;
+    }
+  }
+  return false;
 }
 
 std::string first_keyword(std::string_view sql) {

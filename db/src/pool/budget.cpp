@@ -249,6 +249,10 @@ asio::awaitable<void> discard_all_keeping_slot(Connection& connection, const Bud
   // DISCARD ALL is these and pg_advisory_unlock_all() (PostgreSQL's documentation of DISCARD);
   // each in a segment of its own, outside any transaction block; then the slot again.
   Pipeline statements;
+  // Unnamed: DEALLOCATE ALL would drop its own prepared statements under it (each later one would
+  // fail as forgotten, and, twice on a connection, it would go unnamed for good, as behind a
+  // pooler).
+  statements.prepare_statements(false);
   for (const char* sql : {"CLOSE ALL", "SET SESSION AUTHORIZATION DEFAULT", "RESET ALL",
                           "DEALLOCATE ALL", "UNLISTEN *", "DISCARD PLANS", "DISCARD TEMP",
                           "DISCARD SEQUENCES", "SELECT pg_advisory_unlock_all()"}) {

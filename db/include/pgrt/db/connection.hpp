@@ -102,8 +102,8 @@ struct ConnectOptions {
   std::size_t statement_cache_size = 32;
   /// What stands between pgrt and the server (env PGRT_POOLER=transaction, read by
   /// PoolConfig::from_env()). Without it, pgrt still notices a transaction pooler when the
-  /// server forgets or already holds one of its named statements, and goes on with unnamed ones
-  /// on that connection (logged once per process).
+  /// server forgets one of its named statements twice on a connection, and goes on with unnamed
+  /// ones on that connection (logged once per process).
   Pooler pooler = Pooler::none;
 };
 

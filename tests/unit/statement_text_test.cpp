@@ -1,0 +1,39 @@
+// What pgrt reads out of SQL text and server messages without a server: the first keyword that
+// query() and the pooler checks refuse by, and the prepared-statement name in a 26000 message.
+#include <gtest/gtest.h>
+
+#include "connection/impl.hpp"
+
+namespace pgrt {
+namespace {
+
+TEST(FirstKeyword, SkipsWhitespaceEmptyStatementsAndCommentsTheWayTheServerDoes) {
+  EXPECT_EQ(first_keyword("  SELECT 1"), "select");
+  EXPECT_EQ(first_keyword(";BEGIN"), "begin");
+  EXPECT_EQ(first_keyword(" ; ;\n\tSet x = 1"), "set");
+  EXPECT_EQ(first_keyword("/* a /* nested */ still a comment */ BEGIN"), "begin");
+  EXPECT_EQ(first_keyword("-- a line\nLISTEN x"), "listen");
+  EXPECT_EQ(first_keyword("-- ended by a carriage return\rCOMMIT"), "commit");
+  EXPECT_EQ(first_keyword("/* never closed BEGIN"), "");
+  EXPECT_EQ(first_keyword("-- only a comment"), "");
+  EXPECT_EQ(first_keyword("(SELECT 1)"), "");
+}
+
+TEST(ForgotStatement, FindsOurNameInTheServersMessageInAnyLanguage) {
+  const auto forgotten = make_sqlstate_error("26000");
+  const std::string name = "pgrt_5f3a_12";
+  const auto said = [&](std::string message) {
+    return forgot_statement(forgotten, Diagnostics{.message = std::move(message)}, name);
+  };
+  EXPECT_TRUE(said("prepared statement \"pgrt_5f3a_12\" does not exist"));
+  EXPECT_TRUE(said("vorbereitete Anweisung \u00bbpgrt_5f3a_12\u00ab existiert nicht"));
+  EXPECT_TRUE(said("l'instruction pr\u00e9par\u00e9e \u00ab pgrt_5f3a_12 \u00bb n'existe pas"));
+  EXPECT_FALSE(said("prepared statement \"pgrt_5f3a_123\" does not exist")) << "another name";
+  EXPECT_FALSE(said("prepared statement \"xpgrt_5f3a_12\" does not exist")) << "another name";
+  EXPECT_FALSE(forgot_statement(make_sqlstate_error("42P01"),
+                                Diagnostics{.message = "\"pgrt_5f3a_12\""}, name));
+  EXPECT_FALSE(forgot_statement(forgotten, Diagnostics{.message = "\"\" does not exist"}, ""));
+}
+
+}  // namespace
+}  // namespace pgrt
