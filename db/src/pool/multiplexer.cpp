@@ -550,9 +550,13 @@ Multiplexer::Multiplexer(const std::shared_ptr<PoolState>& pool_in,
 void Multiplexer::start_wait_locked(SharedStatement& statement) {
   if (max_wait.count() <= 0) return;
   statement.deadline = coarse_now() + max_wait;
-  if (sweeper_armed) return;  // at an earlier deadline: it re-arms for this one when it fires
+  // Armed already: at an earlier deadline, and it re-arms for this one when it fires.
+  if (!sweeper_armed) arm_sweeper_locked(statement.deadline);
+}
+
+void Multiplexer::arm_sweeper_locked(Clock::time_point at) {
   sweeper_armed = true;
-  sweeper.expires_at(statement.deadline);
+  sweeper.expires_at(at);
   sweeper.async_wait([weak = weak_from_this()](error_code error) {
     if (error) return;  // cancelled: the multiplexer is gone or closed
     if (const auto self = weak.lock()) self->sweep();
@@ -582,13 +586,7 @@ void Multiplexer::sweep() {
     finish_locked(*statement);
     return true;
   });
-  if (next == Clock::time_point::max()) return;
-  sweeper_armed = true;
-  sweeper.expires_at(next);
-  sweeper.async_wait([weak = weak_from_this()](error_code error) {
-    if (error) return;
-    if (const auto self = weak.lock()) self->sweep();
-  });
+  if (next != Clock::time_point::max()) arm_sweeper_locked(next);
 }
 
 void Multiplexer::enqueue_locked(const std::shared_ptr<SharedStatement>& statement,

@@ -91,6 +91,8 @@ struct Multiplexer : std::enable_shared_from_this<Multiplexer> {
   static void finish_locked(SharedStatement& statement);
   // Starts (again) the statement's wait for a connection: sets its deadline, arms the sweeper.
   void start_wait_locked(SharedStatement& statement);
+  // Arms the sweeper to fire at `at`.
+  void arm_sweeper_locked(Clock::time_point at);
   // Fails the queued statements past their deadline with pool_timeout; re-arms for the rest.
   void sweep();
   // Takes `statement` out of the queue (its caller gave up).
