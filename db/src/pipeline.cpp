@@ -46,13 +46,18 @@ bool controls_transactions(std::string_view sql) {
     if (PQstatus((impl).conn) != CONNECTION_OK) co_return (impl).lost(current);          \
   }
 
+// Statements (indices in the pipeline) that run unnamed this time whatever the cache holds.
+using RunUnnamed = std::unordered_set<std::size_t>;
+
 // Looks up each statement of `order` in the connection's statement cache (a hit becomes the most
-// recently used): names[k] is order[k]'s name, or null. True when one was missing.
+// recently used): names[k] is order[k]'s name, or null. True when one was missing (those in
+// `unnamed` are not looked up).
 bool look_up_names(Impl& impl, const Pipeline& pipeline, const std::vector<std::size_t>& order,
-                   std::vector<const std::string*>& names) {
+                   const RunUnnamed& unnamed, std::vector<const std::string*>& names) {
   names.assign(order.size(), nullptr);
   bool missing = false;
   for (std::size_t k = 0; k < order.size(); ++k) {
+    if (unnamed.count(order[k]) != 0) continue;
     const Pipeline::Statement& statement = pipeline.statements()[order[k]];
     names[k] = impl.cached_statement(statement.sql, statement.params);
     missing = missing || names[k] == nullptr;
@@ -64,9 +69,10 @@ bool look_up_names(Impl& impl, const Pipeline& pipeline, const std::vector<std::
 // trip, each in a sync segment of its own (one that fails to prepare stops no other), as many as
 // the cache has room for beside this pipeline's statements it holds already. A statement that
 // fails to prepare stays uncached: run_statements() sends it unnamed, and its error comes in its
-// own place. Outside a transaction block only.
+// own place. Those in `unnamed` are not prepared. Outside a transaction block only.
 asio::awaitable<error_code> prepare_missing(Impl& impl, const Pipeline& pipeline,
-                                            const std::vector<std::size_t>& order) {
+                                            const std::vector<std::size_t>& order,
+                                            const RunUnnamed& unnamed) {
   const auto& statements = pipeline.statements();
   std::unordered_set<std::string> held;
   std::unordered_set<std::string> seen;
@@ -77,6 +83,7 @@ asio::awaitable<error_code> prepare_missing(Impl& impl, const Pipeline& pipeline
   };
   std::vector<ToPrepare> to_prepare;
   for (const std::size_t i : order) {
+    if (unnamed.count(i) != 0) continue;
     if (impl.cached_statement(statements[i].sql, statements[i].params) != nullptr) {
       held.insert(impl.statement_key);
     } else if (seen.insert(impl.statement_key).second) {
@@ -128,9 +135,29 @@ struct NotRunByTheCache {
   std::vector<std::string> forgotten;          // names
   std::vector<std::string> stale;              // names
   std::unordered_set<std::size_t> statements;  // their indices in the pipeline
+  RunUnnamed stale_statements;                 // those whose plan went stale
 
   [[nodiscard]] bool empty() const { return statements.empty(); }
 };
+
+// The segment order[begin, end) ran, but its implicit transaction failed to commit with `raw`'s
+// error: each of its statements gets that error.
+void fail_at_commit(Impl& impl, const PGresult* raw, const Pipeline& pipeline,
+                    const std::vector<std::size_t>& order, std::size_t begin, std::size_t end,
+                    std::vector<PipelineOutcome>& outcomes) {
+  const auto& statements = pipeline.statements();
+  const error_code error = impl.server_error(raw, statements[order[end - 1]].sql);
+  for (std::size_t k = begin; k < end; ++k) {
+    PipelineOutcome& outcome = outcomes[order[k]];
+    outcome.result = Result{};
+    outcome.error = error;
+    outcome.diagnostics = impl.last_error;
+    outcome.diagnostics.statement = statements[order[k]].sql;
+    outcome.diagnostics.hint =
+        "raised when the statement's sync segment committed (a deferred constraint, a "
+        "serialization failure): none of the segment's statements took effect";
+  }
+}
 
 // Runs the statements of `order` (whole segments, in the pipeline's order) in one round trip,
 // order[k] by the cached statement names[k] (null: unnamed), and fills their outcomes. The cache
@@ -147,7 +174,7 @@ asio::awaitable<error_code> run_statements(Impl& impl, const Pipeline& pipeline,
                         "cannot enter pipeline mode: " + trimmed(PQerrorMessage(conn)));
   }
   const auto& statements = pipeline.statements();
-  std::size_t syncs = 0;
+  std::vector<std::size_t> segment_ends;  // per sync sent: where its segment ends in `order`
   for (std::size_t k = 0; k < order.size(); ++k) {
     const auto& statement = statements[order[k]];
     const auto values = statement.params.values();
@@ -163,7 +190,7 @@ asio::awaitable<error_code> run_statements(Impl& impl, const Pipeline& pipeline,
     if (sent == 0) co_return impl.lost(statement.sql);
     if (ends_segment(pipeline, order[k]) || k + 1 == order.size()) {
       if (PQpipelineSync(conn) == 0) co_return impl.lost(statement.sql);
-      ++syncs;
+      segment_ends.push_back(k + 1);
     }
   }
   // Each statement is timed (when the connection's are) from the pipeline's send to its result.
@@ -173,18 +200,36 @@ asio::awaitable<error_code> run_statements(Impl& impl, const Pipeline& pipeline,
     co_return flush_error;
   }
   std::size_t k = 0;
-  for (std::size_t syncs_seen = 0; syncs_seen < syncs;) {
-    const std::string_view current =
-        k < order.size() ? std::string_view(statements[order[k]].sql) : "pipeline";
+  std::size_t segment_begin = 0;
+  for (std::size_t syncs_seen = 0; syncs_seen < segment_ends.size();) {
+    const std::size_t segment_end = segment_ends[syncs_seen];
+    const std::string_view current = k < segment_end
+                                         ? std::string_view(statements[order[k]].sql)
+                                         : std::string_view(statements[order[segment_end - 1]].sql);
     PGresult* raw = nullptr;
     PGRT_NEXT_PIPELINE_RESULT(impl, raw, current)
     Result result(raw);
     const auto status = PQresultStatus(raw);
     if (status == PGRES_PIPELINE_SYNC) {
+      for (; k < segment_end; ++k) {  // (never seen: libpq answers every statement it sent)
+        outcomes[order[k]].error =
+            impl.fail(client_errc::protocol_error, "no result came for the statement",
+                      statements[order[k]].sql);
+        outcomes[order[k]].diagnostics = impl.last_error;
+      }
+      segment_begin = segment_end;
       ++syncs_seen;
       continue;
     }
-    if (k >= order.size()) continue;
+    if (k == segment_end) {
+      // A result after the segment's last statement's, before its sync: the segment's implicit
+      // transaction failed to commit (a deferred constraint, a serialization failure). None of
+      // its statements took effect, so none of them succeeded.
+      if (status != PGRES_COMMAND_OK && status != PGRES_TUPLES_OK) {
+        fail_at_commit(impl, raw, pipeline, order, segment_begin, segment_end, outcomes);
+      }
+      continue;
+    }
     if (impl.statement_times) {
       impl.statement_times->record(std::chrono::steady_clock::now() - sent_at);
     }
@@ -215,6 +260,7 @@ asio::awaitable<error_code> run_statements(Impl& impl, const Pipeline& pipeline,
       if (names[k] != nullptr && (forgotten || is_stale_plan(raw))) {
         (forgotten ? not_run.forgotten : not_run.stale).push_back(*names[k]);
         not_run.statements.insert(order[k]);
+        if (!forgotten) not_run.stale_statements.insert(order[k]);
         // (Cleared when the statement runs again; the hint is for a failure that stands.)
         outcome.diagnostics.hint =
             std::string(forgotten
@@ -290,17 +336,24 @@ asio::awaitable<std::vector<PipelineOutcome>> Connection::run(const Pipeline& pi
           .kind = Connection::Impl::Request::Kind::text, .sql = "", .params = &no_params};
       if (auto reset_error = co_await impl.exchange(empty, ignored)) co_return reset_error;
     }
+    if (!impl.evicted_statements.empty() && PQtransactionStatus(impl.conn) == PQTRANS_IDLE) {
+      if (auto deallocate_error = co_await impl.deallocate_evicted()) co_return deallocate_error;
+    }
     std::vector<std::size_t> order(pipeline.size());
     std::iota(order.begin(), order.end(), std::size_t{0});
+    // Statements whose plan went stale run again unnamed: prepared again before the run, they
+    // would be planned before the pipeline's own statements ran (an ALTER TABLE in the same
+    // segment as the SELECT * it changed), and go stale again.
+    RunUnnamed run_unnamed;
     for (int attempt = 0;; ++attempt) {
       std::vector<const std::string*> names(order.size(), nullptr);
       if (pipeline.prepares_statements() && !impl.unnamed_statements &&
-          look_up_names(impl, pipeline, order, names) &&
+          look_up_names(impl, pipeline, order, run_unnamed, names) &&
           PQtransactionStatus(impl.conn) == PQTRANS_IDLE) {
-        if (auto prepare_error = co_await prepare_missing(impl, pipeline, order)) {
+        if (auto prepare_error = co_await prepare_missing(impl, pipeline, order, run_unnamed)) {
           co_return prepare_error;
         }
-        look_up_names(impl, pipeline, order, names);
+        look_up_names(impl, pipeline, order, run_unnamed, names);
       }
       NotRunByTheCache not_run;
       if (auto run_error =
@@ -312,9 +365,10 @@ asio::awaitable<std::vector<PipelineOutcome>> Connection::run(const Pipeline& pi
       // behind pgrt's back), or, the second time on this connection, unnamed from now on (a
       // transaction pooler). Only the segments that failed run again, and only when they cannot
       // have committed anything: outside a transaction block, without transaction control.
-      // A statement whose plan went stale (an ALTER TABLE under a SELECT *) is prepared again too
-      // (the old one deallocated); it is no sign of a pooler.
+      // A statement whose plan went stale (an ALTER TABLE under a SELECT *) runs again unnamed
+      // (the old one is deallocated; the next run prepares it again); it is no sign of a pooler.
       for (const std::string& name : not_run.stale) impl.retire_stale_statement(name);
+      run_unnamed.insert(not_run.stale_statements.begin(), not_run.stale_statements.end());
       for (const std::string& name : not_run.forgotten) impl.forget_statement(name);
       bool pooler_noticed = false;
       if (!not_run.forgotten.empty()) {

@@ -777,6 +777,49 @@ TEST_F(ConnectionTest, PipelineReportsEachStatementWithAFailureInTheMiddle) {
   });
 }
 
+// A segment whose statements all ran but whose implicit transaction failed to commit (a deferred
+// foreign key checked at the sync) took no effect: each of its statements reports the commit's
+// error, and the outcomes of the segments after it stay in their places (the commit's error was
+// given to the next segment's first statement, and every later outcome shifted by one).
+TEST_F(ConnectionTest, APipelineSegmentThatFailsToCommitFailsItsStatementsAndShiftsNoOther) {
+  run_coroutine([]() -> awaitable_void {
+    auto conn = co_await open();
+    co_await conn.execute("CREATE TEMP TABLE commit_parent (id int PRIMARY KEY)");
+    co_await conn.execute(
+        "CREATE TEMP TABLE commit_child (parent int REFERENCES commit_parent "
+        "DEFERRABLE INITIALLY DEFERRED)");
+    for (const bool prepared : {true, false}) {
+      Pipeline pipeline;
+      pipeline.prepare_statements(prepared);
+      pipeline.add("INSERT INTO commit_parent VALUES ($1)", 1)
+          .add("INSERT INTO commit_child VALUES ($1)", 99)
+          .sync()
+          .add("SELECT $1::int", 2)
+          .sync()
+          .add("INSERT INTO commit_child VALUES ($1)", 98)
+          .sync()
+          .add("SELECT $1::int", 4);
+      for (int run = 0; run < 2; ++run) {
+        const auto outcomes = co_await conn.run(pipeline);
+        EXPECT_EQ(outcomes.size(), 5U);
+        if (outcomes.size() != 5U) co_return;
+        for (const std::size_t failed : {0U, 1U, 3U}) {
+          EXPECT_EQ(sqlstate_of(outcomes[failed].error), "23503")
+              << prepared << run << ": statement " << failed << " "
+              << outcomes[failed].error.message();
+          EXPECT_THAT(outcomes[failed].diagnostics.hint, HasSubstr("committed"));
+          EXPECT_EQ(outcomes[failed].result.native_handle(), nullptr);
+        }
+        EXPECT_EQ(outcomes[1].diagnostics.statement, "INSERT INTO commit_child VALUES ($1)");
+        EXPECT_EQ(outcomes[2].result.scalar<int>(), 2) << prepared << run;
+        EXPECT_EQ(outcomes[4].result.scalar<int>(), 4) << prepared << run;
+        EXPECT_EQ((co_await conn.query("SELECT count(*) FROM commit_parent")).scalar<int>(), 0)
+            << "the failed commit's segment took effect";
+      }
+    }
+  });
+}
+
 // libpq 15 leaves single-row mode on after a streamed statement and does not reset it for the
 // first statement of a pipeline: that one's rows came back as single-row results, which run()
 // reported as a protocol error and which shifted every later outcome.
@@ -985,6 +1028,9 @@ TEST_F(ConnectionTest, APreparedStatementWhoseResultChangedShapeIsPreparedAgain)
     if (outcomes.at(1).ok()) {
       EXPECT_EQ(outcomes.at(1).result.columns(), 3U);
     }
+    EXPECT_EQ(co_await statements_of(select_all), 0) << "ran again unnamed; the stale one freed";
+    EXPECT_EQ((co_await conn.run(pipeline)).at(1).result.columns(), 3U);
+    EXPECT_EQ(co_await statements_of(select_all), 1) << "the next run prepares it again";
 
     co_await conn.execute("ALTER TABLE reshaped ADD COLUMN d int DEFAULT 9");
     co_await conn.begin();
@@ -993,6 +1039,65 @@ TEST_F(ConnectionTest, APreparedStatementWhoseResultChangedShapeIsPreparedAgain)
     co_await conn.rollback();
     EXPECT_EQ((co_await conn.query_prepared(select_all)).columns(), 4U);
     EXPECT_EQ(co_await statements_of(select_all), 1);
+  });
+}
+
+// A pipeline that runs an ALTER TABLE and, in the same segment, a SELECT * the cache prepared
+// before it: the SELECT went stale and failed the segment; run again, it was prepared again before
+// the ALTER ran, went stale again, and the pipeline failed every time. It runs unnamed the second
+// time, and succeeds.
+TEST_F(ConnectionTest, APipelineThatChangesATableAndSelectsStarFromItInOneSegmentSucceeds) {
+  run_coroutine([]() -> awaitable_void {
+    auto conn = co_await open();
+    co_await conn.execute("DROP TABLE IF EXISTS reshaped_in_pipeline");
+    co_await conn.execute("CREATE TABLE reshaped_in_pipeline (a int)");
+    co_await conn.execute("INSERT INTO reshaped_in_pipeline VALUES (1)");
+    const std::string select_all = "SELECT * FROM reshaped_in_pipeline";
+    Pipeline select_only;
+    select_only.add(select_all);
+    EXPECT_EQ((co_await conn.run(select_only)).at(0).result.columns(), 1U);
+    Pipeline change_and_select;
+    change_and_select.add("ALTER TABLE reshaped_in_pipeline ADD COLUMN b int DEFAULT 7")
+        .add(select_all);
+    const auto outcomes = co_await conn.run(change_and_select);
+    EXPECT_TRUE(outcomes.at(0).ok()) << outcomes.at(0).diagnostics.message;
+    EXPECT_TRUE(outcomes.at(1).ok()) << outcomes.at(1).diagnostics.message;
+    if (outcomes.at(1).ok()) {
+      EXPECT_EQ(outcomes.at(1).result.columns(), 2U);
+    }
+    EXPECT_EQ((co_await conn.run(select_only)).at(0).result.columns(), 2U)
+        << "prepared again on the next run";
+    EXPECT_EQ((co_await conn.query("SELECT count(*) FROM pg_prepared_statements WHERE statement "
+                                   "= 'SELECT * FROM reshaped_in_pipeline'"))
+                  .scalar<int>(),
+              1);
+  });
+}
+
+// Statements evicted from the cache inside transaction blocks (where nothing is deallocated) are
+// deallocated at the next request outside one: a service that prepares only inside transactions
+// used to leave every evicted statement on the server for the connection's life.
+TEST_F(ConnectionTest, StatementsEvictedInsideTransactionBlocksAreDeallocatedOutsideThem) {
+  run_coroutine([]() -> awaitable_void {
+    ConnectOptions options{.conninfo = cluster().dsn(), .statement_cache_size = 2};
+    auto conn = co_await Connection::connect(std::move(options));
+    for (int i = 0; i < 20; ++i) {
+      co_await conn.begin();
+      const std::string sql = "SELECT " + std::to_string(i) + " + $1::int";
+      EXPECT_EQ((co_await conn.query_prepared(sql, 1)).scalar<int>(), i + 1);
+      co_await conn.commit();
+    }
+    EXPECT_EQ((co_await conn.query("SELECT count(*) FROM pg_prepared_statements")).scalar<int>(), 2)
+        << "evicted statements stayed on the server";
+    Pipeline pipeline;
+    pipeline.add("SELECT 100 + $1::int", 1);
+    co_await conn.begin();
+    EXPECT_EQ((co_await conn.query_prepared("SELECT 101 + $1::int", 1)).scalar<int>(), 102);
+    EXPECT_EQ((co_await conn.query_prepared("SELECT 102 + $1::int", 1)).scalar<int>(), 103);
+    co_await conn.commit();
+    EXPECT_EQ((co_await conn.run(pipeline)).at(0).result.scalar<int>(), 101);
+    EXPECT_EQ((co_await conn.query("SELECT count(*) FROM pg_prepared_statements")).scalar<int>(), 2)
+        << "a pipeline left evicted statements on the server";
   });
 }
 

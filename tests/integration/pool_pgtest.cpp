@@ -2170,6 +2170,48 @@ TEST_F(PoolTest, QueryOfASelectStarAfterItsTableChangedColumnsGetsTheNewShape) {
   });
 }
 
+// A statement whose implicit transaction fails to commit (a deferred foreign key, checked at its
+// sync) took no effect: its caller gets the commit's error (it was told the statement succeeded),
+// and the callers of the statements beside it get their own answers.
+TEST_F(PoolTest, QueryOfAStatementWhoseCommitFailsReportsTheCommitsError) {
+  BlockingConnection admin(cluster().dsn());
+  admin.query("DROP TABLE IF EXISTS shared_deferred_child, shared_deferred_parent");
+  admin.query("CREATE TABLE shared_deferred_parent (id int PRIMARY KEY)");
+  admin.query("INSERT INTO shared_deferred_parent VALUES (1)");
+  admin.query(
+      "CREATE TABLE shared_deferred_child (parent int REFERENCES shared_deferred_parent "
+      "DEFERRABLE INITIALLY DEFERRED)");
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, config("shared-deferred"));
+    int answered = 0;
+    int right = 0;
+    constexpr int callers = 90;
+    for (int i = 0; i < callers; ++i) {
+      asio::co_spawn(
+          executor,
+          [&, i]() -> awaitable_void {
+            const int parent = i % 3 == 0 ? 1 : 1000 + i;  // two of three fail at commit
+            try {
+              (void)co_await pool.query("INSERT INTO shared_deferred_child VALUES ($1)", parent);
+              if (parent == 1) ++right;
+            } catch (const Error& error) {
+              EXPECT_EQ(error.sqlstate(), "23503") << error.what();
+              if (parent != 1 && error.sqlstate() == "23503") ++right;
+            }
+            ++answered;
+          },
+          asio::detached);
+    }
+    while (answered < callers) co_await sleep_for(1ms);
+    EXPECT_EQ(right, callers);
+    EXPECT_EQ(
+        (co_await pool.query("SELECT count(*) FROM shared_deferred_child")).scalar<std::int64_t>(),
+        callers / 3);
+    (void)co_await pool.close(5s);
+  });
+}
+
 // The statements of query() and of a pipeline on a lease are in the pool's statement-time
 // histogram (PoolStats::operation_time, the metrics' db_client_operation_duration_seconds), as
 // those of query_prepared() are: three of 20 ms each way add at least 60 ms to its sum.

@@ -162,6 +162,13 @@ asio::awaitable<error_code> Connection::Impl::exchange(Request request, Result& 
   std::exception_ptr failure;  // e.g. from a stream() callback
   try {
     for (int attempt = 0;; ++attempt) {
+      // Statements evicted inside a transaction block (nothing is deallocated there) are
+      // deallocated before the first request outside one.
+      if (attempt == 0 && !evicted_statements.empty() &&
+          request.kind != Request::Kind::results_only &&
+          PQtransactionStatus(conn) == PQTRANS_IDLE) {
+        if ((error = co_await deallocate_evicted())) break;
+      }
       const std::string* name = nullptr;
       if (request.kind == Request::Kind::prepared && !unnamed_statements) {
         name = cached_statement(request.sql, *request.params);

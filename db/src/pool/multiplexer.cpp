@@ -353,8 +353,20 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
         empty_in_a_row = 0;
         Result result(raw);
         if (PQresultStatus(raw) != PGRES_PIPELINE_SYNC) {
+          // The statement's result; or an error after it, before its sync: its implicit
+          // transaction failed to commit (a deferred constraint, a serialization failure), so it
+          // took no effect and that error is its answer.
           SentEntry& entry = sent.front();
-          if (entry.result.native_handle() == nullptr) entry.result = std::move(result);
+          const PGresult* kept = entry.result.native_handle();
+          const auto kept_status = kept != nullptr ? PQresultStatus(kept) : PGRES_FATAL_ERROR;
+          if (kept == nullptr || kept_status == PGRES_COMMAND_OK ||
+              kept_status == PGRES_TUPLES_OK || kept_status == PGRES_EMPTY_QUERY) {
+            const auto status = PQresultStatus(raw);
+            if (kept == nullptr || (status != PGRES_COMMAND_OK && status != PGRES_TUPLES_OK &&
+                                    status != PGRES_EMPTY_QUERY)) {
+              entry.result = std::move(result);
+            }
+          }
           continue;
         }
         // The entry's sync: it is complete.

@@ -29,7 +29,9 @@ struct PipelineOutcome {
 /// Statements to run together. Segments: the server runs each sync segment as a unit; when a
 /// statement fails, the rest of its segment is skipped (reported as pipeline_aborted) and the next
 /// segment runs. Without sync() calls the whole pipeline is one segment. Outside an explicit
-/// transaction, each segment is committed on its own (an implicit transaction).
+/// transaction, each segment is committed on its own (an implicit transaction); a segment that
+/// fails as it commits (a deferred constraint, a serialization failure) took no effect, and each
+/// of its statements' outcomes has the commit's error.
 ///
 /// Prepared statements: by default each statement runs as a named prepared statement from the
 /// connection's statement cache (the one Connection::query_prepared() uses, per SQL text and
