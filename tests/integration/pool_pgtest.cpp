@@ -2017,7 +2017,8 @@ TEST_F(PoolTest, QueryRefusesWhatNeedsASessionAndReportsEachStatementsOwnError) 
                             "-- a line\n/* and a block */ start transaction", "-- cr\rBEGIN",
                             "DECLARE c CURSOR FOR "
                             "SELECT 1",
-                            "SELECT pg_advisory_lock(1)"}) {
+                            "SELECT pg_advisory_lock(1)", "SELECT PG_TRY_ADVISORY_LOCK_SHARED(2)",
+                            "select Pg_Advisory_Unlock_All()"}) {
       auto error = co_await testing::expect_error(pool.query(sql));
       EXPECT_EQ(error.code(), client_errc::needs_session) << sql;
       EXPECT_THAT(error.diagnostics().hint, HasSubstr("lease")) << sql;
@@ -2028,6 +2029,8 @@ TEST_F(PoolTest, QueryRefusesWhatNeedsASessionAndReportsEachStatementsOwnError) 
     error = co_await testing::expect_error(pool.query("SELECT * FROM no_such_table"));
     EXPECT_EQ(error.sqlstate(), "42P01") << error.what();
     EXPECT_EQ((co_await pool.query("SELECT $1::int + 1", 41)).scalar<int>(), 42);
+    // A transaction-level lock ends with the statement's implicit transaction: it may run.
+    (void)co_await pool.query("SELECT pg_advisory_xact_lock(7)");
     (void)co_await pool.close(5s);
   });
 }

@@ -23,11 +23,14 @@ error_code refuse_on_shared_connection(std::string_view sql, Diagnostics& diagno
       "release", "prepare",    "set",     "reset", "listen",   "unlisten", "copy",
       "discard", "deallocate", "declare", "fetch", "move",     "close",    "lock"};
   const bool session = std::find(refused.begin(), refused.end(), keyword) != refused.end();
-  std::string lowered(sql);
-  for (char& c : lowered) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  const bool advisory = lowered.find("pg_advisory_lock") != std::string::npos ||
-                        lowered.find("pg_try_advisory_lock") != std::string::npos ||
-                        lowered.find("pg_advisory_unlock") != std::string::npos;
+  const auto contains = [sql](std::string_view lower_case) {  // (in any case, without a copy)
+    return std::search(sql.begin(), sql.end(), lower_case.begin(), lower_case.end(),
+                       [](char text, char wanted) {
+                         return std::tolower(static_cast<unsigned char>(text)) == wanted;
+                       }) != sql.end();
+  };
+  const bool advisory = contains("pg_advisory_lock") || contains("pg_try_advisory_lock") ||
+                        contains("pg_advisory_unlock");
   if (!session && !advisory) return {};
   diagnostics = Diagnostics{
       .message = (advisory ? std::string("a session-level advisory lock") : "'" + keyword + "'") +
