@@ -153,9 +153,11 @@ void fail_at_commit(Impl& impl, const PGresult* raw, const Pipeline& pipeline,
     outcome.error = error;
     outcome.diagnostics = impl.last_error;
     outcome.diagnostics.statement = statements[order[k]].sql;
-    outcome.diagnostics.hint =
-        "raised when the statement's sync segment committed (a deferred constraint, a "
-        "serialization failure): none of the segment's statements took effect";
+    // (The server's own hint, such as 40001's "might succeed if retried", comes first.)
+    std::string& hint = outcome.diagnostics.hint;
+    hint += std::string(hint.empty() ? "" : " ") +
+            "(raised when the statement's sync segment committed: a deferred constraint, a "
+            "serialization failure; none of the segment's statements took effect)";
   }
 }
 

@@ -2215,6 +2215,41 @@ TEST_F(PoolTest, QueryOfAStatementWhoseCommitFailsReportsTheCommitsError) {
   });
 }
 
+// A shared connection that gives itself back first deallocates the statements that fell out of
+// its cache, a round trip each. A statement queued meanwhile went to it (the least loaded, and
+// taken for not busy, so no other was borrowed) and waited for every DEALLOCATE while the pool had
+// an idle connection; now it goes to another connection at once.
+TEST_F(PoolTest, QueryStatementQueuedWhileAConnectionGivesItselfBackGoesElsewhere) {
+  testing::FaultProxy proxy("127.0.0.1", static_cast<std::uint16_t>(cluster().port()));
+  proxy.set_latency(25ms);  // a round trip of at least 50 ms
+  auto pool_config = config("shared-giving-back");
+  pool_config.conninfo = proxy.conninfo_prefix() + " user=postgres dbname=postgres";
+  pool_config.connect.statement_cache_size = 2;
+  pool_config.acquire_timeout = 10s;
+  run_coroutine(
+      [&]() -> awaitable_void {
+        auto executor = co_await asio::this_coro::executor;
+        Pool pool(executor, pool_config);
+        {
+          auto first = co_await pool.acquire();
+          auto second = co_await pool.acquire();  // two connections, both idle after this block
+        }
+        constexpr int texts = 50;
+        for (int k = 0; k < texts; ++k) {
+          const std::string sql = "SELECT " + std::to_string(k) + " + $1::int";
+          EXPECT_EQ((co_await pool.query(sql, 1)).scalar<int>(), k + 1);
+        }
+        co_await sleep_for(10ms);  // the connection has left: its DEALLOCATEs are under way
+        const auto started = std::chrono::steady_clock::now();
+        EXPECT_EQ((co_await pool.query("SELECT 2")).scalar<int>(), 2);
+        const auto waited = std::chrono::steady_clock::now() - started;
+        EXPECT_LT(waited, 1s) << "the statement waited for the other connection's " << texts - 2
+                              << " DEALLOCATEs of 50 ms each";
+        (void)co_await pool.close(10s);
+      },
+      60s);
+}
+
 // The statements of query() and of a pipeline on a lease are in the pool's statement-time
 // histogram (PoolStats::operation_time, the metrics' db_client_operation_duration_seconds), as
 // those of query_prepared() are: three of 20 ms each way add at least 60 ms to its sum.

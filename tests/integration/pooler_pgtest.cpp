@@ -301,6 +301,61 @@ TEST_F(PoolerTest, ThePoolUnderLoadWorksThroughPgBouncer) {
   EXPECT_LE(end.size, 3U);
 }
 
+// query() behind a pooler nobody told pgrt about: statements prepared in one server session are
+// missing in the next (26000); each is sent again, and after the second time on a connection pgrt
+// goes on unnamed there; every caller gets its own answer. (A retry whose own second send is
+// forgotten again, which is what shows the pooler, is sent again too, as exchange() does; this
+// machine's timing did not make that race happen in this test, so it does not prove that part.)
+TEST_F(PoolerTest, QueryBehindAnUnconfiguredPoolerAnswersEveryCaller) {
+  testing::TempPgBouncer lenient(
+      cluster(), {.pool_size = 2, .ignored_startup_parameters = {"extra_float_digits", "options"}});
+  PoolConfig config;
+  config.conninfo = lenient.dsn();
+  config.max_size = 3;
+  config.max_waiters = 1000;
+  config.application = "pgrt-pooler-test";
+  config.instance = "shared-unconfigured";
+  const std::size_t errors_before = named_statement_errors();
+  constexpr int callers = 60;
+  int failures = 0;
+  // Each pool's connections notice the pooler after two forgotten statements and go on unnamed:
+  // fresh pools, so that it is noticed many times.
+  for (int pool_number = 0; pool_number < 15; ++pool_number) {
+    run_coroutine(
+        [&]() -> awaitable_void {
+          auto executor = co_await asio::this_coro::executor;
+          Pool pool(executor, config);
+          int finished = 0;
+          for (int caller = 0; caller < callers; ++caller) {
+            asio::co_spawn(
+                executor,
+                [&, caller]() -> awaitable_void {
+                  for (int round = 0; round < 6; ++round) {
+                    const int text = (caller + round) % 12;
+                    try {
+                      auto sum = co_await pool.query(
+                          "SELECT $1::int + " + std::to_string(text) + " + $2::int", caller, round);
+                      EXPECT_EQ(sum.scalar<int>(), caller + text + round);
+                    } catch (const Error& error) {
+                      ++failures;
+                      ADD_FAILURE() << error.what();
+                    }
+                  }
+                  ++finished;
+                },
+                [](std::exception_ptr error) {
+                  if (error) std::rethrow_exception(error);
+                });
+          }
+          while (finished < callers) co_await sleep_for(5ms);
+          (void)co_await pool.close(5s);
+        },
+        120s);
+  }
+  EXPECT_EQ(failures, 0);
+  EXPECT_GT(named_statement_errors(), errors_before) << "the server never forgot: no test";
+}
+
 TEST_F(PoolerTest, APoolConfigThatNeedsSessionsIsRefusedBehindAPooler) {
   PoolConfig config;
   config.conninfo = bouncer().dsn();

@@ -397,7 +397,8 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
         SharedStatement& statement = *entry.statement;
         error_code error;
         Diagnostics diagnostics;
-        bool again = false;
+        bool again = false;  // it did not run: the server forgot it, or its plan went stale
+        bool pooler_noticed = false;  // this answer showed a transaction pooler
         // A transaction block opened on a shared connection (refused by its first keyword: this
         // is the last line of defence, should some text still hide it from that check; no test
         // reaches it through query()): the statements sent after it run in the block, and would
@@ -437,9 +438,11 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
             } else {
               // The server forgot the statement, so it did not run: forgotten here, and the
               // statement queued again, once (as exchange() does; twice on one connection: a
-              // transaction pooler, unnamed from now on).
+              // transaction pooler, unnamed from now on, and the statement queued again even if
+              // it was once already: its retry was what showed the pooler).
               if (impl.forget_statement(entry.name) && ++impl.forgotten_statements >= 2) {
                 impl.use_unnamed_statements("forgot its prepared statements");
+                pooler_noticed = true;
               }
               again = true;
             }
@@ -454,13 +457,23 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
         std::lock_guard lock(mux->mutex);
         --link->in_flight;
         if (statement.stage == SharedStatement::Stage::abandoned) continue;
-        if (again && !statement.sent_again && !mux->closed) {
+        if (again && (!statement.sent_again || pooler_noticed) && !mux->closed) {
           statement.sent_again = true;
           statement.stage = SharedStatement::Stage::queued;
           mux->start_wait_locked(statement);
           mux->queue.push_front(entry.statement);
           mux->dispatch_locked();
           continue;
+        }
+        if (again && mux->closed) {
+          // It did not run, and nothing takes statements any more: the pool's error, not the
+          // server's about pgrt's own prepared statement.
+          error = make_error_code(client_errc::pool_closed);
+          diagnostics = Diagnostics{
+              .message =
+                  "the pool closed before the statement could be sent again (the server "
+                  "had not run it)",
+              .statement = statement.sql};
         }
         statement.error = error;
         statement.diagnostics = std::move(diagnostics);
@@ -510,7 +523,14 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
   }
 
   // Done: what is in flight on a lost connection fails with it (those not sent yet went back to
-  // the queue), and the connection goes back to the pool.
+  // the queue), and the connection goes back to the pool. It takes no statement from here on:
+  // statements queued meanwhile go to the other connections (woken), or to one more borrowed,
+  // not to this one, whose DEALLOCATEs may take a round trip each.
+  {
+    std::lock_guard lock(mux->mutex);
+    link->retiring = true;
+    if (!mux->queue.empty()) mux->dispatch_locked();
+  }
   if (!lost && impl_pointer != nullptr && impl_pointer->conn != nullptr) {
     if (PQexitPipelineMode(impl_pointer->conn) == 0) {
       lost = impl_pointer->lost("pipeline mode");
