@@ -17,6 +17,9 @@ TEST(FirstKeyword, SkipsWhitespaceEmptyStatementsAndCommentsTheWayTheServerDoes)
   EXPECT_EQ(first_keyword("/* never closed BEGIN"), "");
   EXPECT_EQ(first_keyword("-- only a comment"), "");
   EXPECT_EQ(first_keyword("(SELECT 1)"), "");
+  EXPECT_EQ(first_keyword("CoPy t FROM STDIN"), "copy");
+  EXPECT_EQ(first_keyword("begin;"), "begin");
+  EXPECT_EQ(first_keyword("\xc3\xa9t SELECT"), "") << "a non-ASCII byte is no keyword letter";
 }
 
 TEST(ForgotStatement, FindsOurNameInTheServersMessageInAnyLanguage) {

@@ -361,9 +361,18 @@ std::string first_keyword(std::string_view sql) {
       break;
     }
   }
+  // Keywords are ASCII letters (a byte of a UTF-8 identifier ends it); no locale lookups: this
+  // runs for every statement of every pipeline.
   std::string keyword;
-  while (at < sql.size() && std::isalpha(static_cast<unsigned char>(sql[at])) != 0) {
-    keyword += static_cast<char>(std::tolower(static_cast<unsigned char>(sql[at++])));
+  for (; at < sql.size(); ++at) {
+    const char c = sql[at];
+    if (c >= 'a' && c <= 'z') {
+      keyword += c;
+    } else if (c >= 'A' && c <= 'Z') {
+      keyword += static_cast<char>(c - 'A' + 'a');
+    } else {
+      break;
+    }
   }
   return keyword;
 }
