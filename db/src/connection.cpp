@@ -214,6 +214,8 @@ asio::awaitable<void> Connection::rollback() {
 
 asio::awaitable<void> Connection::discard_all() {
   if (!impl_) throw_not_connected();
+  // Refused before the cache is touched: a statement running now holds a pointer into it.
+  if (auto error = impl_->begin_operation()) throw Error(error, impl_->last_error);
   // Forgotten first: if DISCARD ALL fails half-way, a statement the server still knows is merely
   // prepared again under a new name.
   impl_->statements.clear();

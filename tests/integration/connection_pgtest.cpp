@@ -18,6 +18,7 @@
 #include <malloc.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <optional>
 #include <string>
 #include <sys/socket.h>
 #include <thread>
@@ -357,6 +358,88 @@ TEST_F(ConnectionTest, ConcurrentUseIsDetectedAndDoesNotDisturbTheRunningQuery) 
     }
     EXPECT_EQ((co_await conn.query("SELECT 8")).scalar<int>(), 8);
   });
+}
+
+// discard_all() during a running statement is refused before it touches the statement cache:
+// it cleared the cache first, and the running query_prepared() read its freed name afterwards.
+TEST_F(ConnectionTest, DiscardAllDuringARunningStatementIsRefusedAndDisturbsNothing) {
+  run_coroutine([]() -> awaitable_void {
+    auto conn = co_await open();
+    auto executor = co_await asio::this_coro::executor;
+    bool first_done = false;
+    asio::co_spawn(
+        executor,
+        [&]() -> awaitable_void {
+          auto rows = co_await conn.query_prepared("SELECT pg_sleep(0.2), 7");
+          EXPECT_EQ(rows[0].get<int>(1), 7);
+          first_done = true;
+        },
+        asio::detached);
+    co_await testing::sleep_for(20ms);
+    auto misuse = co_await expect_error(conn.discard_all());
+    EXPECT_EQ(misuse.code(), client_errc::concurrent_use);
+    while (!first_done) co_await testing::sleep_for(10ms);
+    const auto again = co_await conn.query_prepared("SELECT pg_sleep(0.2), 7");
+    EXPECT_EQ(again[0].get<int>(1), 7);
+    EXPECT_EQ((co_await conn.query("SELECT count(*) FROM pg_prepared_statements")).scalar<int>(), 1)
+        << "the cache was cleared under the running statement (so it was prepared again)";
+  });
+}
+
+// COPY TO STDOUT through query() is refused after its data is read to its end, without blocking
+// the thread (libpq's synchronous read waited in poll(): no timer of the io_context could fire
+// meanwhile); COPY FROM STDIN through query() is the client's error, not the server's 57014
+// (query_canceled), which reads as a timeout.
+TEST_F(ConnectionTest, CopyThroughQueryIsRefusedWithoutBlockingTheThread) {
+  run_coroutine([]() -> awaitable_void {
+    auto conn = co_await open();
+    auto executor = co_await asio::this_coro::executor;
+    const auto started = std::chrono::steady_clock::now();
+    std::optional<std::chrono::steady_clock::duration> timer_fired_after;
+    // (The COPY's first data comes after its first row's 0.3 s; the rest over 0.9 s more.)
+    asio::steady_timer timer(executor, 500ms);
+    timer.async_wait([&](boost::system::error_code) {
+      timer_fired_after = std::chrono::steady_clock::now() - started;
+    });
+    auto refused = co_await expect_error(
+        conn.query("COPY (SELECT repeat('x', 100000), pg_sleep(0.3) FROM generate_series(1, 4)) "
+                   "TO STDOUT"));
+    EXPECT_EQ(refused.code(), client_errc::protocol_error) << refused.what();
+    while (!timer_fired_after) co_await testing::sleep_for(5ms);
+    EXPECT_LT(*timer_fired_after, 900ms) << "the thread was blocked in the COPY's read";
+    EXPECT_EQ((co_await conn.query("SELECT 5")).scalar<int>(), 5);
+    co_await conn.execute("CREATE TEMP TABLE copy_by_query (v int)");
+    auto copy_in = co_await expect_error(conn.execute("COPY copy_by_query FROM STDIN"));
+    EXPECT_EQ(copy_in.code(), client_errc::protocol_error) << copy_in.what();
+    EXPECT_FALSE(copy_in.code() == condition::query_canceled);
+    EXPECT_THAT(copy_in.diagnostics().hint, HasSubstr("copy_from"));
+    EXPECT_EQ((co_await conn.query("SELECT 6")).scalar<int>(), 6);
+  });
+}
+
+// A COPY TO STDOUT cancelled before its data came: the drain read the COPY's first result and
+// then spun for ever on it (libpq hands it out again until the data is read), at 100% CPU, beyond
+// cancel_timeout's reach. It ends now, within cancel_timeout.
+TEST_F(ConnectionTest, ACancelledCopyToStdoutEndsWithinTheCancelTimeout) {
+  testing::FaultProxy proxy("127.0.0.1", static_cast<std::uint16_t>(cluster().port()));
+  run_coroutine(
+      [&]() -> awaitable_void {
+        ConnectOptions options{
+            .conninfo = proxy.conninfo_prefix() + " user=postgres dbname=postgres",
+            .cancel_timeout = 3s};
+        auto conn = co_await Connection::connect(std::move(options));
+        proxy.set_latency(300ms);
+        const auto started = std::chrono::steady_clock::now();
+        auto error =
+            co_await expect_error(with_timeout(conn.query("COPY (SELECT 1) TO STDOUT"), 100ms));
+        EXPECT_EQ(error.code(), client_errc::timeout) << error.what();
+        EXPECT_LT(std::chrono::steady_clock::now() - started, 4s);
+        proxy.set_latency(0ms);
+        if (!conn.is_broken()) {
+          EXPECT_EQ((co_await conn.query("SELECT 9")).scalar<int>(), 9);
+        }
+      },
+      30s);
 }
 
 // ---------------------------------------------------------------- connecting

@@ -304,7 +304,9 @@ TEST(ChildProcessTest, CancelledStopKillsAtOnce) {
 
 // 3. stop() signals the whole process group: a grandchild goes too, and gets the SIGTERM itself
 // (not only the SIGKILL that clears the group once the child is gone): the child ignores SIGTERM,
-// the grandchild writes a mark when it gets one.
+// the grandchild writes a mark when it gets one. The child ignores SIGTERM before it names the
+// grandchild (a stop() in between would end the child at once and SIGKILL the group before the
+// grandchild's trap ran), and after it started it (a shell cannot trap a signal ignored on entry).
 TEST(ChildProcessTest, GrandchildDiesOnStop) {
   TempDir dir;
   const auto grandchild_file = dir / "grandchild";
@@ -317,9 +319,9 @@ TEST(ChildProcessTest, GrandchildDiesOnStop) {
   ChildProcess child(
       {.name = "family",
        .argv = {"/bin/sh", "-c",
-                "/bin/sh -c \"$GRANDCHILD\" & echo $! > '" + grandchild_file.string() +
-                    ".tmp'; mv '" + grandchild_file.string() + ".tmp' '" +
-                    grandchild_file.string() + "'; trap '' TERM; wait; exec sleep 60"},
+                "/bin/sh -c \"$GRANDCHILD\" & grandchild=$!; trap '' TERM; echo $grandchild > '" +
+                    grandchild_file.string() + ".tmp'; mv '" + grandchild_file.string() +
+                    ".tmp' '" + grandchild_file.string() + "'; wait; exec sleep 60"},
        .env = {{"GRANDCHILD", grandchild_script}},
        .stop_grace = 500ms});
   Recorder events(child);

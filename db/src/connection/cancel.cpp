@@ -103,7 +103,11 @@ asio::awaitable<bool> Connection::Impl::drain() {
     if (result == nullptr) co_return PQstatus(conn) == CONNECTION_OK;
     const auto status = PQresultStatus(result);
     PQclear(result);
-    if (status == PGRES_COPY_IN) {
+    if (status == PGRES_COPY_OUT || status == PGRES_COPY_BOTH) {
+      // (libpq hands this result out again at every PQgetResult until the data is read: the
+      // drain would spin for ever, never reaching a wait its timeout could end.)
+      if (co_await skip_copy_data()) co_return false;
+    } else if (status == PGRES_COPY_IN) {
       PQputCopyEnd(conn, "cancelled by the client");
       while (PQflush(conn) == 1) {
         if (co_await wait_writable_or_readable()) co_return false;

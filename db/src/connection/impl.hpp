@@ -147,6 +147,11 @@ struct Connection::Impl {
   asio::awaitable<error_code> wait_readable();
   asio::awaitable<error_code> wait_writable();
   asio::awaitable<error_code> wait_writable_or_readable();
+  // Reads a COPY TO STDOUT's (or COPY BOTH's) data to its end and drops it, waiting for the
+  // socket between chunks (libpq's synchronous PQgetCopyData would block the thread in poll()
+  // without a bound). Empty when done (the final result follows); a failed or cancelled wait's
+  // error; connection_lost when libpq failed.
+  asio::awaitable<error_code> skip_copy_data();
 
   // --- cancelling (cancel.cpp) ------------------------------------------------------------------
 

@@ -57,6 +57,21 @@ asio::awaitable<error_code> Connection::Impl::wait_readable() {
   co_return error;
 }
 
+asio::awaitable<error_code> Connection::Impl::skip_copy_data() {
+  for (;;) {
+    char* buffer = nullptr;
+    const int got = PQgetCopyData(conn, &buffer, /*async=*/1);
+    if (got > 0) {
+      PQfreemem(buffer);
+      continue;
+    }
+    if (got == -1) co_return error_code{};
+    if (got < -1) co_return make_error_code(client_errc::connection_lost);
+    if (auto error = co_await wait_readable()) co_return error;
+    if (PQconsumeInput(conn) == 0) co_return make_error_code(client_errc::connection_lost);
+  }
+}
+
 // Waits until the socket is writable. Writes block only for large payloads; a poll() first
 // covers a socket that is writable already.
 asio::awaitable<error_code> Connection::Impl::wait_writable() {
@@ -227,19 +242,33 @@ asio::awaitable<error_code> Connection::Impl::exchange(Request request, Result& 
             break;
           }
           case PGRES_COPY_IN:
+            // The server answers the refusal with 57014 (query_canceled), which would read as a
+            // timeout or a cancellation: the client's own error comes first.
+            if (!first_error) {
+              first_error = fail(client_errc::protocol_error,
+                                 "COPY FROM STDIN cannot run through query() or execute(); "
+                                 "nothing was copied",
+                                 request.sql, "use Connection::copy_from()");
+            }
             PQputCopyEnd(conn, "COPY FROM STDIN needs Connection::copy_from()");
             read_error = co_await flush(request.sql);
             break;
           case PGRES_COPY_OUT:
-          case PGRES_COPY_BOTH:
+          case PGRES_COPY_BOTH: {
             // Not supported: reading the copy data to its end gets the connection back to idle.
-            for (char* buffer = nullptr; PQgetCopyData(conn, &buffer, 0) > 0;) PQfreemem(buffer);
             if (!first_error) {
               first_error =
                   fail(client_errc::protocol_error,
                        "COPY TO STDOUT is not supported by pgrt; use a query", request.sql);
             }
+            const error_code skip_error = co_await skip_copy_data();
+            if (skip_error == client_errc::connection_lost) {
+              read_error = lost(request.sql);
+            } else if (skip_error) {
+              read_error = co_await interrupted(skip_error, request.sql, /*can_drain=*/true);
+            }
             break;
+          }
           default:
             if (!first_error) {
               first_error = server_error(raw, request.sql);
