@@ -275,7 +275,7 @@ std::string mask_password(std::string_view conninfo) {
       PQconninfoParse(std::string(conninfo).c_str(), &parse_error), PQconninfoFree);
   // libpq's parse error may quote the text around the problem, password included: never show it.
   PQfreemem(parse_error);
-  if (!options) return redact_unparsable_conninfo(conninfo);
+  if (!options || url_credentials_misread(conninfo)) return redact_unparsable_conninfo(conninfo);
   std::string masked;
   for (const PQconninfoOption* option = options.get(); option->keyword != nullptr; ++option) {
     if (option->val == nullptr) continue;

@@ -177,27 +177,36 @@ asio::awaitable<error_code> run_statements(Impl& impl, const Pipeline& pipeline,
   }
   const auto& statements = pipeline.statements();
   std::vector<std::size_t> segment_ends;  // per sync sent: where its segment ends in `order`
-  for (std::size_t k = 0; k < order.size(); ++k) {
-    const auto& statement = statements[order[k]];
-    const auto values = statement.params.values();
-    const int count = static_cast<int>(statement.params.size());
-    const std::string* name = names[k];
-    const int sent =
-        name != nullptr
-            ? PQsendQueryPrepared(conn, name->c_str(), count, values.data(),
-                                  statement.params.lengths(), statement.params.formats(), 0)
-            : PQsendQueryParams(conn, statement.sql.c_str(), count, statement.params.types(),
-                                values.data(), statement.params.lengths(),
-                                statement.params.formats(), 0);
-    if (sent == 0) co_return impl.lost(statement.sql);
-    if (ends_segment(pipeline, order[k]) || k + 1 == order.size()) {
-      if (PQpipelineSync(conn) == 0) co_return impl.lost(statement.sql);
-      segment_ends.push_back(k + 1);
+  // Sends the statements from order[sent], through the end of the next segment when one segment
+  // is in flight at a time (behind a transaction pooler), else through the end.
+  std::size_t sent = 0;
+  const auto send_more = [&]() -> error_code {
+    while (sent < order.size()) {
+      const std::size_t k = sent++;
+      const auto& statement = statements[order[k]];
+      const auto values = statement.params.values();
+      const int count = static_cast<int>(statement.params.size());
+      const std::string* name = names[k];
+      const int queued =
+          name != nullptr
+              ? PQsendQueryPrepared(conn, name->c_str(), count, values.data(),
+                                    statement.params.lengths(), statement.params.formats(), 0)
+              : PQsendQueryParams(conn, statement.sql.c_str(), count, statement.params.types(),
+                                  values.data(), statement.params.lengths(),
+                                  statement.params.formats(), 0);
+      if (queued == 0) return impl.lost(statement.sql);
+      if (ends_segment(pipeline, order[k]) || k + 1 == order.size()) {
+        if (PQpipelineSync(conn) == 0) return impl.lost(statement.sql);
+        segment_ends.push_back(k + 1);
+        if (impl.one_segment_in_flight()) break;
+      }
     }
-  }
-  // Each statement is timed (when the connection's are) from the pipeline's send to its result.
-  const auto sent_at = impl.statement_times ? std::chrono::steady_clock::now()
-                                            : std::chrono::steady_clock::time_point{};
+    return error_code{};
+  };
+  if (auto send_error = send_more()) co_return send_error;
+  // Each statement is timed (when the connection's are) from its segment's send to its result.
+  auto sent_at = impl.statement_times ? std::chrono::steady_clock::now()
+                                      : std::chrono::steady_clock::time_point{};
   if (auto flush_error = co_await impl.flush("pipeline", /*can_drain=*/false)) {
     co_return flush_error;
   }
@@ -213,23 +222,26 @@ asio::awaitable<error_code> run_statements(Impl& impl, const Pipeline& pipeline,
     Result result(raw);
     const auto status = PQresultStatus(raw);
     if (status == PGRES_PIPELINE_SYNC) {
-      for (; k < segment_end; ++k) {  // (never seen: libpq answers every statement it sent)
-        outcomes[order[k]].error =
-            impl.fail(client_errc::protocol_error, "no result came for the statement",
-                      statements[order[k]].sql);
-        outcomes[order[k]].diagnostics = impl.last_error;
-      }
+      if (k < segment_end)
+        co_return impl.answers_out_of_step(current);  // statements without a result
       segment_begin = segment_end;
       ++syncs_seen;
+      if (syncs_seen == segment_ends.size() && sent < order.size()) {
+        if (auto send_error = send_more()) co_return send_error;
+        if (impl.statement_times) sent_at = std::chrono::steady_clock::now();
+        if (auto flush_error = co_await impl.flush("pipeline", /*can_drain=*/false)) {
+          co_return flush_error;
+        }
+      }
       continue;
     }
     if (k == segment_end) {
       // A result after the segment's last statement's, before its sync: the segment's implicit
       // transaction failed to commit (a deferred constraint, a serialization failure). None of
-      // its statements took effect, so none of them succeeded.
-      if (status != PGRES_COMMAND_OK && status != PGRES_TUPLES_OK) {
-        fail_at_commit(impl, raw, pipeline, order, segment_begin, segment_end, outcomes);
-      }
+      // its statements took effect, so none of them succeeded. Any other result here belongs to
+      // no statement of ours.
+      if (status != PGRES_FATAL_ERROR) co_return impl.answers_out_of_step(current);
+      fail_at_commit(impl, raw, pipeline, order, segment_begin, segment_end, outcomes);
       continue;
     }
     if (impl.statement_times) {

@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <iostream>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -33,6 +35,15 @@ using testing::run_coroutine;
 using awaitable_void = asio::awaitable<void>;
 
 using testing::sleep_for;
+
+// PgBouncer 1.18 mixing up server sessions under pipelined segments (pgbouncer#759): pgrt sees
+// answers out of step, or PgBouncer closes the client with "server conn crashed?".
+bool is_poolers_mix_up(const Error& error) {
+  const std::string what = error.what();
+  return error.code() == client_errc::connection_lost &&
+         (what.find("mixed up server sessions") != std::string::npos ||
+          what.find("server conn crashed?") != std::string::npos);
+}
 
 class PoolerTest : public testing::DbTest {
  protected:
@@ -302,10 +313,11 @@ TEST_F(PoolerTest, ThePoolUnderLoadWorksThroughPgBouncer) {
 }
 
 // query() behind a pooler nobody told pgrt about: statements prepared in one server session are
-// missing in the next (26000); each is sent again, and after the second time on a connection pgrt
-// goes on unnamed there; every caller gets its own answer. (A retry whose own second send is
-// forgotten again, which is what shows the pooler, is sent again too, as exchange() does; this
-// machine's timing did not make that race happen in this test, so it does not prove that part.)
+// missing in the next (26000); each is sent again, and after the second time on a connection (or
+// for a statement) pgrt goes on unnamed there; no caller sees a 26000 or another caller's answer.
+// (Until a connection notices, it pipelines: PgBouncer 1.18 may then mix up server sessions
+// (PipelinedSegmentsNeverGetAnotherSessionsAnswers), which fails the statements in flight on that
+// connection with connection_lost.)
 TEST_F(PoolerTest, QueryBehindAnUnconfiguredPoolerAnswersEveryCaller) {
   testing::TempPgBouncer lenient(
       cluster(), {.pool_size = 2, .ignored_startup_parameters = {"extra_float_digits", "options"}});
@@ -337,8 +349,10 @@ TEST_F(PoolerTest, QueryBehindAnUnconfiguredPoolerAnswersEveryCaller) {
                           "SELECT $1::int + " + std::to_string(text) + " + $2::int", caller, round);
                       EXPECT_EQ(sum.scalar<int>(), caller + text + round);
                     } catch (const Error& error) {
-                      ++failures;
-                      ADD_FAILURE() << error.what();
+                      if (!is_poolers_mix_up(error)) {
+                        ++failures;
+                        ADD_FAILURE() << error.what();
+                      }
                     }
                   }
                   ++finished;
@@ -354,6 +368,130 @@ TEST_F(PoolerTest, QueryBehindAnUnconfiguredPoolerAnswersEveryCaller) {
   }
   EXPECT_EQ(failures, 0);
   EXPECT_GT(named_statement_errors(), errors_before) << "the server never forgot: no test";
+}
+
+// PgBouncer before 1.21 (Debian 12 has 1.18) counts a client's Syncs as it reads them, and gives
+// a server session back to its pool once every Sync it has read is answered, even when it has
+// passed on the start of the client's next segment (pgbouncer issue #759): that start runs in a
+// session another client gets next (which then sees two answers for one statement), or PgBouncer
+// closes the client ("server conn crashed?"). Segments of ~3 KiB (PgBouncer reads 4 KiB at a time)
+// make it frequent. Configured (PGRT_POOLER=transaction), pgrt keeps one segment in flight per
+// connection, and every outcome is right (without that, a few of these pipelines fail each run);
+// unconfigured, the mix-up may happen before pgrt knows, and must never show as a wrong answer.
+TEST_F(PoolerTest, PipelinedSegmentsNeverGetAnotherSessionsAnswers) {
+  testing::TempPgBouncer lenient(
+      cluster(), {.pool_size = 2, .ignored_startup_parameters = {"extra_float_digits", "options"}});
+  const auto expected = [](int client, int round, int i) {
+    return client * 100000 + round * 100 + i + 2900 + i;
+  };
+  for (const bool configured : {true, false}) {
+    ConnectOptions options = configured ? through_pooler() : ConnectOptions{};
+    if (!configured) options.conninfo = lenient.dsn();
+    int wrong = 0;
+    int failed = 0;
+    run_coroutine(
+        [&]() -> awaitable_void {
+          auto executor = co_await asio::this_coro::executor;
+          int finished = 0;
+          constexpr int clients = 6;
+          for (int client = 0; client < clients; ++client) {
+            asio::co_spawn(
+                executor,
+                [&, client]() -> awaitable_void {
+                  std::optional<Connection> conn;
+                  for (int round = 0; round < 40; ++round) {
+                    if (!conn) conn.emplace(co_await Connection::connect(options));
+                    Pipeline pipeline;
+                    pipeline.prepare_statements(false);
+                    for (int i = 0; i < 12; ++i) {
+                      pipeline
+                          .add("SELECT $1::int + length($2::text)",
+                               client * 100000 + round * 100 + i,
+                               std::string(static_cast<std::size_t>(2900 + i), 'x'))
+                          .sync();
+                    }
+                    try {
+                      const auto outcomes = co_await conn->run(pipeline);
+                      for (int i = 0; i < 12; ++i) {
+                        const auto& outcome = outcomes.at(static_cast<std::size_t>(i));
+                        EXPECT_TRUE(outcome.ok()) << outcome.diagnostics.message;
+                        if (outcome.ok() &&
+                            outcome.result.scalar<int>() != expected(client, round, i)) {
+                          ++wrong;
+                        }
+                      }
+                    } catch (const Error& error) {
+                      ++failed;
+                      EXPECT_FALSE(configured) << error.what();
+                      EXPECT_TRUE(is_poolers_mix_up(error)) << error.what();
+                      conn.reset();
+                    }
+                  }
+                  ++finished;
+                },
+                [](std::exception_ptr error) {
+                  if (error) std::rethrow_exception(error);
+                });
+          }
+          while (finished < clients) co_await sleep_for(5ms);
+        },
+        120s);
+    EXPECT_EQ(wrong, 0) << (configured ? "configured" : "unconfigured");
+    std::cout << (configured ? "configured" : "unconfigured") << ": " << failed
+              << " of 240 pipelines failed with the connection (PgBouncer's mix-up)\n";
+  }
+}
+
+// The same for query(): configured, one statement in flight per shared connection, and every
+// caller gets its own answer; unconfigured, never another caller's.
+TEST_F(PoolerTest, QueryThroughAPoolerNeverGivesACallerAnotherCallersAnswer) {
+  testing::TempPgBouncer lenient(
+      cluster(), {.pool_size = 2, .ignored_startup_parameters = {"extra_float_digits", "options"}});
+  for (const bool configured : {true, false}) {
+    PoolConfig config;
+    config.conninfo = configured ? bouncer().dsn() : lenient.dsn();
+    config.connect.pooler = configured ? Pooler::transaction : Pooler::none;
+    config.max_size = 3;
+    config.max_waiters = 1000;
+    config.instance = configured ? "query-configured" : "query-unconfigured";
+    int wrong = 0;
+    int failed = 0;
+    run_coroutine(
+        [&]() -> awaitable_void {
+          auto executor = co_await asio::this_coro::executor;
+          Pool pool(executor, config);
+          constexpr int callers = 40;
+          int finished = 0;
+          for (int caller = 0; caller < callers; ++caller) {
+            asio::co_spawn(
+                executor,
+                [&, caller]() -> awaitable_void {
+                  for (int round = 0; round < 50; ++round) {
+                    try {
+                      auto sum = co_await pool.query(
+                          "SELECT $1::int + length($2::text)", caller * 1000 + round,
+                          std::string(static_cast<std::size_t>(2900 + caller), 'x'));
+                      if (sum.scalar<int>() != caller * 1000 + round + 2900 + caller) ++wrong;
+                    } catch (const Error& error) {
+                      ++failed;
+                      EXPECT_FALSE(configured) << error.what();
+                      EXPECT_TRUE(is_poolers_mix_up(error)) << error.what();
+                    }
+                  }
+                  ++finished;
+                },
+                [](std::exception_ptr error) {
+                  if (error) std::rethrow_exception(error);
+                });
+          }
+          while (finished < callers) co_await sleep_for(5ms);
+          (void)co_await pool.close(5s);
+        },
+        120s);
+    EXPECT_EQ(wrong, 0) << (configured ? "configured" : "unconfigured");
+    std::cout << (configured ? "configured" : "unconfigured") << ": " << failed
+              << " of 2000 statements failed with their connection (PgBouncer's mix-up)\n";
+  }
 }
 
 TEST_F(PoolerTest, APoolConfigThatNeedsSessionsIsRefusedBehindAPooler) {

@@ -502,6 +502,12 @@ TEST(PoolConfigTest, AMalformedConninfoIsRefusedWithoutShowingAnySecret) {
       {"password=hunter2 more=hunter2 host=db.internal", "a keyword that libpq does not know"},
       {"postgresql://app:hunter2@db.internal:5432/x?sslmode=require&bogus=hunter2",
        "the connection URL could not be parsed"},
+      // Reserved characters left in a password: libpq would read part of it as the host, the
+      // port or the database name, and a connect error would show that part.
+      {"postgresql://app:hunter2@more@127.0.0.1/postgres", "percent-encode"},
+      {"postgresql://app:hunter2/more@127.0.0.1/postgres", "percent-encode"},
+      {"postgresql://app:hunter2/more@127.0.0.1:5432/postgres?sslmode=disable", "percent-encode"},
+      {"postgresql://app:hunter2/more", "percent-encode"},
   };
   for (const auto& [conninfo, says] : cases) {
     PoolConfig config;
@@ -518,6 +524,13 @@ TEST(PoolConfigTest, AMalformedConninfoIsRefusedWithoutShowingAnySecret) {
   EXPECT_THAT(rejection(config), HasSubstr("host=db.internal port=5433 PASSWORD=****"));
   config.conninfo = "host=db.internal password=hunter2";
   EXPECT_EQ(rejection(config), "");
+  // Percent-encoded, they are fine (and an '@' in a query parameter is a value's).
+  for (const char* fine : {"postgresql://app:p%40ss%2Fw%3Ard@127.0.0.1:5432/my%40db",
+                           "postgresql://127.0.0.1/postgres?user=app@tenant&password=hunter2",
+                           "postgresql://app:p?ss@127.0.0.1/postgres"}) {
+    config.conninfo = fine;
+    EXPECT_EQ(rejection(config), "") << fine;
+  }
   EXPECT_THAT(mask_password("host=db sslpassword=hunter2"), Not(HasSubstr("hunter2")));
   // The error is a configuration error for the lifecycle manager too (exit code 78).
   EXPECT_TRUE(make_error_code(client_errc::invalid_config) ==

@@ -171,7 +171,7 @@ asio::awaitable<error_code> Connection::Impl::resolve_hosts(const ParsedConninfo
 
 asio::awaitable<error_code> Connection::Impl::connect() {
   const ParsedConninfo parsed = parse_conninfo(options.conninfo);
-  if (!parsed.valid) {
+  if (!parsed.valid || url_credentials_misread(options.conninfo)) {
     // Redacted, whatever keywords it holds: the raw text may carry a password under any name.
     co_return fail(client_errc::invalid_config, conninfo_problem(options.conninfo), {},
                    "use a URL (postgresql://user@host:5432/db) or key=value pairs "

@@ -177,6 +177,28 @@ std::string redact_pairs(std::string_view text, std::vector<std::string>& proble
 
 }  // namespace
 
+bool url_credentials_misread(std::string_view conninfo) {
+  if (!is_url(conninfo)) return false;
+  const std::string_view rest = conninfo.substr(conninfo.find("://") + 3);
+  // libpq ends the user name and password at the first '@' before any '/': a second '@' there
+  // lands in the host, and an '@' in the path means the password held a '/'.
+  const std::size_t path = rest.find('/');
+  const std::string_view authority = rest.substr(0, path);
+  if (std::count(authority.begin(), authority.end(), '@') > 1) return true;
+  if (path != std::string_view::npos) {
+    const std::string_view path_part = rest.substr(path, rest.find('?', path) - path);
+    if (path_part.find('@') != std::string_view::npos) return true;
+  }
+  // (A password with ':' and '/' and no '@' after it: libpq reads its start as a port.)
+  const ParsedConninfo parsed = parse_conninfo(std::string(conninfo));
+  if (auto port = parsed.values.find("port"); port != parsed.values.end()) {
+    return !std::all_of(port->second.begin(), port->second.end(), [](char c) {
+      return std::isdigit(static_cast<unsigned char>(c)) != 0 || c == ',';
+    });
+  }
+  return false;
+}
+
 std::string redact_unparsable_conninfo(std::string_view conninfo) {
   if (is_url(conninfo)) return std::string(conninfo.substr(0, conninfo.find("://") + 3)) + "****";
   std::vector<std::string> problems;
@@ -189,6 +211,13 @@ std::string conninfo_problem(std::string_view conninfo) {
   PQfreemem(error);  // may quote the password: never shown
   if (options != nullptr) {
     PQconninfoFree(options);
+    if (url_credentials_misread(conninfo)) {
+      return "the connection URL has a character where libpq reads the host, port or database "
+             "name out of the user name or password (" +
+             redact_unparsable_conninfo(conninfo) +
+             "): percent-encode the reserved characters in the user name and password (@ is %40, "
+             "/ is %2F, : is %3A)";
+    }
     return "";
   }
   if (is_url(conninfo)) {

@@ -31,9 +31,14 @@ ParsedConninfo parse_conninfo(const std::string& conninfo);
 // and every word without '=' (it may be part of a password) is "****". A URL keeps its scheme only.
 std::string redact_unparsable_conninfo(std::string_view conninfo);
 
-// Why `conninfo` cannot be parsed, redacted ("the conninfo could not be parsed: host=db
-// PASSWORD=****: \"PASSWORD\" is not a keyword (keywords are lower case: \"password\")"),
-// or "" when libpq parses it. Never quotes libpq's own message: it may quote a password.
+// A URL whose user name or password holds an unencoded '@', '/' or ':' that libpq parses into the
+// host, port or database name (where a connect error would show it).
+bool url_credentials_misread(std::string_view conninfo);
+
+// Why `conninfo` cannot be parsed (or, a URL, is misread: url_credentials_misread()), redacted
+// ("the conninfo could not be parsed: host=db PASSWORD=****: \"PASSWORD\" is not a keyword
+// (keywords are lower case: \"password\")"), or "" when libpq parses it. Never quotes libpq's own
+// message: it may quote a password.
 std::string conninfo_problem(std::string_view conninfo);
 
 }  // namespace pgrt

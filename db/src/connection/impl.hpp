@@ -102,6 +102,12 @@ struct Connection::Impl {
   // Behind a transaction pooler (configured, or noticed: see exchange()) query_prepared() sends
   // unnamed statements; forgotten_statements counts the named ones the server lost.
   bool unnamed_statements = false;
+  // Behind a transaction pooler (configured or noticed), at most one sync segment is in flight:
+  // PgBouncer before 1.21 counts a client's Syncs as it reads them and gives the server session
+  // back to its pool once those are answered, even when it has passed on the start of the next
+  // segment (pgbouncer#759), which then runs in another client's session (for it, two answers;
+  // for us, none, or the pooler's "server conn crashed?").
+  [[nodiscard]] bool one_segment_in_flight() const noexcept { return unnamed_statements; }
   // A pooled connection's: each statement's duration (ConnectionAccess::time_statements).
   std::shared_ptr<detail::StatementTimes> statement_times;
   int forgotten_statements = 0;
@@ -208,6 +214,10 @@ struct Connection::Impl {
   bool retire_stale_statement(std::string name);
   // Goes on with unnamed statements on this connection: a transaction pooler was noticed.
   void use_unnamed_statements(std::string_view why);
+  // The answers read in pipeline mode do not match what was sent (a statement with two results,
+  // a sync without its statement's): a pooler mixed up server sessions. Closes the connection
+  // and returns connection_lost, with a message saying so (for `sql`).
+  error_code answers_out_of_step(std::string_view sql);
   // client_errc::needs_session for a statement that needs a session, behind a transaction
   // pooler; no error otherwise.
   error_code refuse_without_session(std::string_view sql);

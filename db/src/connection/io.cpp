@@ -337,6 +337,19 @@ void Connection::Impl::use_unnamed_statements(std::string_view why) {
   }
 }
 
+error_code Connection::Impl::answers_out_of_step(std::string_view sql) {
+  auto error = fail(client_errc::connection_lost,
+                    "the server's answers do not match the statements sent: a pooler in between "
+                    "mixed up server sessions; the connection was closed, and the statements in "
+                    "flight on it may or may not have run",
+                    sql,
+                    "behind PgBouncer in transaction mode set PGRT_POOLER=transaction "
+                    "(ConnectOptions::pooler): pgrt then keeps one sync segment in flight per "
+                    "connection, which PgBouncer before 1.21 needs");
+  close(CloseMode::immediate);
+  return error;
+}
+
 bool is_stale_plan(const PGresult* result) {
   const char* sqlstate = PQresultErrorField(result, PG_DIAG_SQLSTATE);
   const char* routine = PQresultErrorField(result, PG_DIAG_SOURCE_FUNCTION);

@@ -56,6 +56,7 @@ struct SentEntry {
   std::string key;                             // Kind::prepare: the statement cache's key
   std::string name;                            // the prepared name ("" when unnamed)
   Result result;                               // its result, once in
+  int results = 0;                             // how many came (one; two with a commit error)
   Clock::time_point sent_at{};                 // its batch's send, when statements are timed
 };
 
@@ -165,6 +166,10 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
       lost = impl_pointer->lost("pipeline mode");
     }
   }
+  {
+    std::lock_guard lock(mux->mutex);
+    link->depth = impl_pointer != nullptr && impl_pointer->one_segment_in_flight() ? 1 : mux->depth;
+  }
   bool served = false;  // it has sent something: only then may it be given up early
   bool yielded_when_drained = false;
   const auto pool_has_lease_waiters = [&mux]() {
@@ -199,7 +204,7 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
       {
         std::lock_guard lock(mux->mutex);
         while (!mux->closed && !link->retiring && !mux->queue.empty() &&
-               link->in_flight < mux->depth) {
+               link->in_flight < link->depth) {
           batch.push_back(std::move(mux->queue.front()));
           mux->queue.pop_front();
           batch.back()->stage = SharedStatement::Stage::sent;
@@ -312,7 +317,7 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
         {
           std::lock_guard lock(mux->mutex);
           if (!mux->closed && !link->retiring && !mux->queue.empty() &&
-              link->in_flight < mux->depth) {
+              link->in_flight < link->depth) {
             continue;
           }
           link->waiting = true;
@@ -358,19 +363,28 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
         if (PQresultStatus(raw) != PGRES_PIPELINE_SYNC) {
           // The statement's result; or an error after it, before its sync: its implicit
           // transaction failed to commit (a deferred constraint, a serialization failure), so it
-          // took no effect and that error is its answer.
+          // took no effect and that error is its answer. Anything more belongs to no statement of
+          // ours (a pooler mixed up server sessions).
           SentEntry& entry = sent.front();
+          const auto status = PQresultStatus(raw);
           const PGresult* kept = entry.result.native_handle();
           const auto kept_status = kept != nullptr ? PQresultStatus(kept) : PGRES_FATAL_ERROR;
-          if (kept == nullptr || kept_status == PGRES_COMMAND_OK ||
-              kept_status == PGRES_TUPLES_OK || kept_status == PGRES_EMPTY_QUERY) {
-            const auto status = PQresultStatus(raw);
-            if (kept == nullptr || (status != PGRES_COMMAND_OK && status != PGRES_TUPLES_OK &&
-                                    status != PGRES_EMPTY_QUERY)) {
-              entry.result = std::move(result);
-            }
+          const bool commit_error =
+              entry.results == 1 && status == PGRES_FATAL_ERROR &&
+              (kept_status == PGRES_COMMAND_OK || kept_status == PGRES_TUPLES_OK ||
+               kept_status == PGRES_EMPTY_QUERY);
+          if (entry.results != 0 && !commit_error) {
+            lost = impl.answers_out_of_step(entry.statement ? entry.statement->sql : "query()");
+            break;
           }
+          ++entry.results;
+          entry.result = std::move(result);
           continue;
+        }
+        if (sent.front().results == 0) {  // a sync without its statement's result
+          lost = impl.answers_out_of_step(sent.front().statement ? sent.front().statement->sql
+                                                                 : "query()");
+          break;
         }
         // The entry's sync: it is complete.
         SentEntry entry = std::move(sent.front());
@@ -398,7 +412,6 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
         error_code error;
         Diagnostics diagnostics;
         bool again = false;  // it did not run: the server forgot it, or its plan went stale
-        bool pooler_noticed = false;  // this answer showed a transaction pooler
         // A transaction block opened on a shared connection (refused by its first keyword: this
         // is the last line of defence, should some text still hide it from that check; no test
         // reaches it through query()): the statements sent after it run in the block, and would
@@ -419,10 +432,7 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
               "take a lease for transactions (co_await pool.acquire() or pgrt::connection())";
           lost = error;
         } else if (!ok) {
-          if (answer == nullptr) {
-            error = impl.fail(client_errc::protocol_error, "no result came for the statement",
-                              statement.sql);
-          } else if (status == PGRES_PIPELINE_ABORTED) {
+          if (status == PGRES_PIPELINE_ABORTED) {
             error =
                 impl.fail(client_errc::pipeline_aborted,
                           "not run: the server skipped it after an earlier error", statement.sql);
@@ -437,12 +447,14 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
               diagnostics.statement = statement.sql;
             } else {
               // The server forgot the statement, so it did not run: forgotten here, and the
-              // statement queued again, once (as exchange() does; twice on one connection: a
-              // transaction pooler, unnamed from now on, and the statement queued again even if
-              // it was once already: its retry was what showed the pooler).
-              if (impl.forget_statement(entry.name) && ++impl.forgotten_statements >= 2) {
+              // statement queued again, once (as exchange() does). Twice on one connection, or
+              // twice for one statement (its second send was forgotten too, here or on another
+              // connection): a transaction pooler, unnamed from now on (see below). (sent_again
+              // is this connection's to change while the statement is sent on it.)
+              const bool counted =
+                  impl.forget_statement(entry.name) && ++impl.forgotten_statements >= 2;
+              if (counted || statement.sent_again) {
                 impl.use_unnamed_statements("forgot its prepared statements");
-                pooler_noticed = true;
               }
               again = true;
             }
@@ -457,7 +469,11 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
         std::lock_guard lock(mux->mutex);
         --link->in_flight;
         if (statement.stage == SharedStatement::Stage::abandoned) continue;
-        if (again && (!statement.sent_again || pooler_noticed) && !mux->closed) {
+        if (impl.one_segment_in_flight()) link->depth = 1;  // (the pooler, noticed)
+        // Once this connection has noticed the pooler, any statement it did not run goes again,
+        // even one sent once already: named statements sent before it noticed are forgotten
+        // with no fault of their own, and unnamed ones cannot be.
+        if (again && (!statement.sent_again || impl.one_segment_in_flight()) && !mux->closed) {
           statement.sent_again = true;
           statement.stage = SharedStatement::Stage::queued;
           mux->start_wait_locked(statement);
@@ -648,7 +664,7 @@ void Multiplexer::dispatch_locked() {
   // busy, one more is borrowed.
   const std::shared_ptr<SharedLink>* least = nullptr;
   for (const auto& link : links) {
-    if (link->retiring || link->in_flight >= depth) continue;
+    if (link->retiring || link->in_flight >= link->depth) continue;
     if (least == nullptr || link->in_flight < (*least)->in_flight) least = &link;
   }
   if (least != nullptr) wake_locked(*least);

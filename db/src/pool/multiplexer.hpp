@@ -58,6 +58,9 @@ struct SharedLink {
   bool waiting = false;       // its coroutine waits for the socket (a wake cancels that wait)
   bool wake_posted = false;
   bool retiring = false;  // takes no new statement; given back once drained
+  // Statements it takes in flight: Multiplexer::depth, or one behind a transaction pooler
+  // (Connection::Impl::one_segment_in_flight()).
+  std::size_t depth = 1;
 };
 
 struct Multiplexer : std::enable_shared_from_this<Multiplexer> {
