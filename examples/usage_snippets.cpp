@@ -335,8 +335,9 @@ asio::awaitable<std::optional<pgrt::Result>> monthly_report(pgrt::Connection& co
   } catch (const pgrt::Error& error) {
     if (error.code() != pgrt::condition::timeout) throw;
   }
-  // The statement was cancelled on the server. The connection is idle again, or closed if the
-  // server did not end the statement within cancel_timeout.
+  // Cancelled on the server, or, if its answer was on the way, it ran (error.what() says
+  // which). The connection is idle again, or closed if the server did not end the statement
+  // within cancel_timeout.
   std::cerr << "report timed out; connection "
             << (conn.is_broken() ? "closed, reconnect" : "still usable") << '\n';
   co_return std::nullopt;

@@ -442,6 +442,64 @@ TEST_F(ConnectionTest, ACancelledCopyToStdoutEndsWithinTheCancelTimeout) {
       30s);
 }
 
+// A statement whose answer was on its way when its deadline passed had run: the cancel request
+// came too late, and the error says that it ran (a caller who took it for not run would run it
+// twice), not that the server cancelled it.
+TEST_F(ConnectionTest, AStatementThatCompletedBeforeItsCancelIsReportedAsRun) {
+  testing::FaultProxy proxy("127.0.0.1", static_cast<std::uint16_t>(cluster().port()));
+  run_coroutine(
+      [&]() -> awaitable_void {
+        ConnectOptions options{
+            .conninfo = proxy.conninfo_prefix() + " user=postgres dbname=postgres",
+            .cancel_timeout = 5s};
+        auto conn = co_await Connection::connect(std::move(options));
+        co_await conn.execute("CREATE TEMP TABLE ran (x int)");
+        // The INSERT reaches the server after 300 ms and runs; its cancel request, sent at the
+        // 200 ms deadline, reaches it after 500 ms.
+        proxy.set_latency(300ms);
+        auto error =
+            co_await expect_error(with_timeout(conn.execute("INSERT INTO ran VALUES (1)"), 200ms));
+        EXPECT_EQ(error.code(), client_errc::timeout) << error.what();
+        EXPECT_THAT(error.what(), HasSubstr("had already completed on the server")) << error.what();
+        EXPECT_THAT(error.what(), Not(HasSubstr("cancelled on the server"))) << error.what();
+        EXPECT_THAT(error.diagnostics().hint, HasSubstr("do not run it again"));
+        EXPECT_EQ(error.diagnostics().statement, "INSERT INTO ran VALUES (1)");
+        proxy.set_latency(0ms);
+        EXPECT_FALSE(conn.is_broken());
+        EXPECT_EQ((co_await conn.query("SELECT count(*)::int FROM ran")).scalar<int>(), 1);
+        // One the server did cancel says so.
+        auto cancelled =
+            co_await expect_error(with_timeout(conn.execute("SELECT pg_sleep(5)"), 100ms));
+        EXPECT_THAT(cancelled.what(), HasSubstr("cancelled on the server")) << cancelled.what();
+      },
+      30s);
+}
+
+// A statement cancelled while it is still being sent (a server that stopped reading, a large
+// parameter) cannot be drained: the connection closes at once, not after cancel_timeout.
+TEST_F(ConnectionTest, AStatementCancelledWhileBeingSentEndsAtOnce) {
+  testing::FaultProxy proxy("127.0.0.1", static_cast<std::uint16_t>(cluster().port()));
+  run_coroutine(
+      [&]() -> awaitable_void {
+        ConnectOptions options{
+            .conninfo = proxy.conninfo_prefix() + " user=postgres dbname=postgres",
+            .cancel_timeout = 5s};
+        auto conn = co_await Connection::connect(std::move(options));
+        proxy.pause();  // nothing more reaches the server: the socket's buffers fill
+        const std::string large(std::size_t{64} << 20, 'x');
+        const auto started = std::chrono::steady_clock::now();
+        auto error = co_await expect_error(
+            with_timeout(conn.query("SELECT length($1::text)", large), 200ms));
+        const auto took = std::chrono::steady_clock::now() - started;
+        EXPECT_EQ(error.code(), client_errc::timeout) << error.what();
+        EXPECT_THAT(error.what(), HasSubstr("still being sent")) << error.what();
+        EXPECT_LT(took, 2s) << "it waited for the cancel_timeout";
+        EXPECT_TRUE(conn.is_broken());
+        proxy.resume();
+      },
+      30s);
+}
+
 // ---------------------------------------------------------------- connecting
 
 TEST_F(ConnectionTest, ConnectOptionsReachTheServerAndTheSocket) {

@@ -92,8 +92,9 @@ asio::awaitable<bool> Connection::Impl::cancel_delivered(
   co_return true;
 }
 
-// Reads and discards results until the connection is idle. False if it cannot get there.
-asio::awaitable<bool> Connection::Impl::drain() {
+// Reads and discards results until the connection is idle, counting what they said. False if it
+// cannot get there.
+asio::awaitable<bool> Connection::Impl::drain(Drained& drained) {
   for (;;) {
     while (PQisBusy(conn) != 0) {
       if (co_await wait_readable()) co_return false;
@@ -102,6 +103,16 @@ asio::awaitable<bool> Connection::Impl::drain() {
     PGresult* result = PQgetResult(conn);
     if (result == nullptr) co_return PQstatus(conn) == CONNECTION_OK;
     const auto status = PQresultStatus(result);
+    if (status == PGRES_FATAL_ERROR) {
+      const char* sqlstate = PQresultErrorField(result, PG_DIAG_SQLSTATE);
+      if (sqlstate != nullptr && std::string_view(sqlstate) == "57014") {
+        drained.cancelled = true;
+      } else if (drained.failure.empty()) {
+        drained.failure = sqlstate != nullptr ? sqlstate : "?";
+      }
+    } else if (status == PGRES_COMMAND_OK || status == PGRES_TUPLES_OK) {
+      drained.completed = true;
+    }
     PQclear(result);
     if (status == PGRES_COPY_OUT || status == PGRES_COPY_BOTH) {
       // (libpq hands this result out again at every PQgetResult until the data is read: the
@@ -119,16 +130,51 @@ asio::awaitable<bool> Connection::Impl::drain() {
 
 asio::awaitable<error_code> Connection::Impl::cancel_and_drain(std::string_view statement) {
   using namespace asio::experimental::awaitable_operators;
+  if (PQflush(conn) == 1) {
+    // Part of the statement is still unsent (a large parameter, a server that stopped reading):
+    // the server cannot answer a statement it has not read whole, so no drain can end; closing
+    // now ends it (the server never runs a statement it did not get whole).
+    broken = true;
+    close(CloseMode::immediate);
+    co_return fail(client_errc::cancelled,
+                   "the operation was cancelled while its statement was still being sent; the "
+                   "connection was closed, so the statement did not run (an open transaction "
+                   "block is rolled back with it)",
+                   statement);
+  }
   auto delivered = send_cancel_request();
   asio::steady_timer timer(executor, options.cancel_timeout);
-  auto outcome = co_await detail::serialized((drain() && cancel_delivered(std::move(delivered))) ||
-                                             timer.async_wait(no_throw));
+  Drained drained;
+  auto outcome = co_await detail::serialized(
+      (drain(drained) && cancel_delivered(std::move(delivered))) || timer.async_wait(no_throw));
   if (outcome.index() == 0 && std::get<0>(std::get<0>(outcome)) &&
       std::get<1>(std::get<0>(outcome))) {
+    // What the statement's results said: the server cancelled it; it failed on its own first; or
+    // it had completed before the request came (its effects stand: running it again would run it
+    // twice).
+    if (drained.cancelled) {
+      co_return fail(client_errc::cancelled,
+                     "the operation was cancelled; the statement was cancelled on the server and "
+                     "the connection is idle again",
+                     statement);
+    }
+    if (!drained.failure.empty()) {
+      co_return fail(client_errc::cancelled,
+                     "the operation was cancelled; the statement had already failed on the server "
+                     "(SQLSTATE " +
+                         drained.failure + "), and the connection is idle again",
+                     statement);
+    }
+    if (drained.completed) {
+      co_return fail(client_errc::cancelled,
+                     "the operation was cancelled, but the statement had already completed on the "
+                     "server: it ran, and its effects stand; the connection is idle again",
+                     statement,
+                     "do not run it again as if it had not run (inside a transaction block, its "
+                     "effects stand until the block ends)");
+    }
     co_return fail(client_errc::cancelled,
-                   "the operation was cancelled; the statement was cancelled on the server and "
-                   "the connection is idle again",
-                   statement);
+                   "the operation was cancelled; the connection is idle again", statement);
   }
   broken = true;
   close(CloseMode::immediate);

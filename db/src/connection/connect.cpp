@@ -1,5 +1,7 @@
+#include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/ip/address.hpp>
 #include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/this_coro.hpp>
 #include <cctype>
 #include <vector>
 
@@ -151,7 +153,14 @@ asio::awaitable<error_code> Connection::Impl::resolve_hosts(const ParsedConninfo
       append(host, "", index);
       continue;
     }
+    // asio's resolver (Boost 1.81) ignores per-operation cancellation, so connect_timeout and a
+    // caller's cancellation would wait for a slow DNS answer: they cancel the resolver itself.
+    asio::cancellation_slot slot = (co_await asio::this_coro::cancellation_state).slot();
+    if (slot.is_connected()) {
+      slot.assign([&resolver](asio::cancellation_type) { resolver.cancel(); });
+    }
     auto [error, results] = co_await resolver.async_resolve(host, "", no_throw);
+    if (slot.is_connected()) slot.clear();
     if (error) {
       co_return fail(client_errc::name_resolution,
                      "could not resolve host name \"" + host + "\": " + error.message(), {},

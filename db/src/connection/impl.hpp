@@ -167,7 +167,14 @@ struct Connection::Impl {
                                           bool can_drain);
   std::shared_ptr<std::atomic<bool>> send_cancel_request() noexcept;
   asio::awaitable<bool> cancel_delivered(std::shared_ptr<std::atomic<bool>> delivered);
-  asio::awaitable<bool> drain();
+  // What drain() read: a 57014 (the server cancelled the statement), another error's SQLSTATE,
+  // or a result that succeeded (the statement had completed).
+  struct Drained {
+    bool cancelled = false;
+    std::string failure;
+    bool completed = false;
+  };
+  asio::awaitable<bool> drain(Drained& drained);
   asio::awaitable<error_code> cancel_and_drain(std::string_view statement);
 
   // --- sending and receiving (io.cpp) -----------------------------------------------------------

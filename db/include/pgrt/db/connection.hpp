@@ -298,7 +298,9 @@ class Connection {
   /// shuts the socket down. The operation in progress, and every later one, fails with
   /// client_errc::connection_lost saying the connection was interrupted; is_broken() turns true
   /// once the owner's next operation sees it. The owner must still close or destroy the
-  /// Connection. Thread-safe against the owner's close() and destructor; a no-op on a connection
+  /// Connection. Thread-safe against the owner's operations and close(); not against its
+  /// destructor or a move: the owner must keep the Connection where it is, alive, while another
+  /// thread may call this (on a lease, Pool::close() does it for you). A no-op on a connection
   /// that is not open. Pool::close() uses it on leases still out after its grace period.
   /// `wait_for_cancel`: how long to wait for the cancel request to be sent (0: do not wait; an
   /// exit handler waits, since the process may be gone before a helper thread sends it).

@@ -86,11 +86,50 @@ inline boost::asio::awaitable<std::exception_ptr> capture_outcome(
   }
   co_return std::exception_ptr();
 }
+
+// capture_outcome(), also keeping a failure in `failure`: asio's || drops the outcome of the part
+// that lost, and a cancelled operation's last words (what its wind-down found) are worth keeping.
+template <typename T>
+boost::asio::awaitable<std::pair<std::exception_ptr, std::optional<T>>> capture_outcome_into(
+    boost::asio::awaitable<T> operation, std::exception_ptr& failure) {
+  auto outcome = co_await capture_outcome(std::move(operation));
+  failure = outcome.first;
+  co_return outcome;
+}
+
+inline boost::asio::awaitable<std::exception_ptr> capture_outcome_into(
+    boost::asio::awaitable<void> operation, std::exception_ptr& failure) {
+  failure = co_await capture_outcome(std::move(operation));
+  co_return failure;
+}
+
+// `message`, then what a cancelled operation said as it wound down (a pgrt::Error's diagnostics:
+// the statement was cancelled on the server, or had already completed, or the connection was
+// closed), with its hint and statement.
+inline Diagnostics cut_short(std::string message, const std::exception_ptr& wound_down) {
+  Diagnostics diagnostics{.message = std::move(message)};
+  if (!wound_down) return diagnostics;
+  try {
+    std::rethrow_exception(wound_down);
+  } catch (const Error& error) {
+    const Diagnostics& said = error.diagnostics();
+    if (!said.message.empty()) diagnostics.message += "; " + said.message;
+    diagnostics.hint = said.hint;
+    diagnostics.statement = said.statement;
+  } catch (...) {  // NOLINT(bugprone-empty-catch): nothing more to say
+  }
+  return diagnostics;
+}
 }  // namespace detail
 
 /// Runs `operation`; if it has not completed after `timeout`, cancels it (terminal cancellation)
 /// and, once it has wound down, throws pgrt::Error(client_errc::timeout). Otherwise returns its
 /// value or rethrows its exception (at once: a failure does not wait for the deadline).
+///
+/// The timeout's diagnostics go on with what the operation said as it wound down: for a
+/// statement, whether the server cancelled it, it had failed first, or it had already completed
+/// (then it ran and its effects stand: do not run it again as if it had not), or the connection
+/// was closed; with the statement and its hint.
 ///
 /// A cancelled pgrt connection operation winds down before with_timeout returns: the statement
 /// is cancelled on the server and the connection drained (at most ConnectOptions::cancel_timeout),
@@ -106,21 +145,23 @@ boost::asio::awaitable<T> with_timeout(boost::asio::awaitable<T> operation,
                                        std::chrono::steady_clock::duration timeout) {
   using namespace boost::asio::experimental::awaitable_operators;
   boost::asio::steady_timer timer(co_await boost::asio::this_coro::executor, timeout);
+  std::exception_ptr wound_down;  // (written on the strand before the || completes)
   auto outcome = co_await detail::serialized(
-      detail::capture_outcome(std::move(operation)) ||
+      detail::capture_outcome_into(std::move(operation), wound_down) ||
       timer.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable)));
   if (outcome.index() == 1) {
     if (std::get<0>(std::get<1>(outcome)) == boost::asio::error::operation_aborted) {
       throw Error(make_error_code(client_errc::cancelled),
-                  Diagnostics{.message = "the operation was cancelled"});
+                  detail::cut_short("the operation was cancelled", wound_down));
     }
     throw Error(
         make_error_code(client_errc::timeout),
-        Diagnostics{
-            .message = "the operation did not complete within " +
-                       std::to_string(
-                           std::chrono::duration_cast<std::chrono::milliseconds>(timeout).count()) +
-                       " ms"});
+        detail::cut_short(
+            "the operation did not complete within " +
+                std::to_string(
+                    std::chrono::duration_cast<std::chrono::milliseconds>(timeout).count()) +
+                " ms",
+            wound_down));
   }
   auto& result = std::get<0>(outcome);
   if constexpr (std::is_void_v<T>) {
