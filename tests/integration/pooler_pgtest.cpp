@@ -21,6 +21,7 @@
 #include "pgrt/testing/blocking_sql.hpp"
 #include "pgrt/testing/db_test.hpp"
 #include "pgrt/testing/expect_error.hpp"
+#include "pgrt/testing/fault_proxy.hpp"
 #include "pgrt/testing/run_coroutine.hpp"
 #include "pgrt/testing/temp_pgbouncer.hpp"
 
@@ -492,6 +493,67 @@ TEST_F(PoolerTest, QueryThroughAPoolerNeverGivesACallerAnotherCallersAnswer) {
     std::cout << (configured ? "configured" : "unconfigured") << ": " << failed
               << " of 2000 statements failed with their connection (PgBouncer's mix-up)\n";
   }
+}
+
+// Whatever mixes up server sessions (PgBouncer 1.18 above, or any pooler), a statement with two
+// answers must never pass one of them off as its own or shift the answers after it: a proxy
+// repeats one CommandComplete, which libpq hands out as one more result. The pipeline fails as a
+// whole and query() fails the statements in flight, with connection_lost; the connection is
+// closed, and the next ones work.
+TEST_F(PoolerTest, AnswersOutOfStepCloseTheConnectionInsteadOfShiftingAnswers) {
+  testing::FaultProxy proxy("127.0.0.1", static_cast<std::uint16_t>(cluster().port()));
+  const std::string conninfo =
+      proxy.conninfo_prefix() + " user=postgres dbname=postgres sslmode=disable gssencmode=disable";
+  run_coroutine(
+      [&]() -> awaitable_void {
+        ConnectOptions options{.conninfo = conninfo};  // (no braced temporary in a co_await)
+        auto conn = co_await Connection::connect(std::move(options));
+        Pipeline pipeline;
+        pipeline.add("SELECT 1").sync().add("SELECT 2").sync().add("SELECT 3");
+        const auto before = co_await conn.run(pipeline);  // in step: all three answered
+        EXPECT_EQ(before.at(2).result.scalar<int>(), 3);
+        proxy.repeat_next_server_message('C');
+        auto error = co_await expect_error(conn.run(pipeline));
+        EXPECT_EQ(error.code(), client_errc::connection_lost) << error.what();
+        EXPECT_THAT(error.what(), HasSubstr("mixed up server sessions"));
+        EXPECT_FALSE(conn.is_open());
+
+        PoolConfig config;
+        config.conninfo = conninfo;
+        config.max_size = 1;
+        config.instance = "out-of-step";
+        auto executor = co_await asio::this_coro::executor;
+        Pool pool(executor, config);
+        EXPECT_EQ((co_await pool.query("SELECT 40 + $1::int", 1)).scalar<int>(), 41);
+        proxy.repeat_next_server_message('C');
+        int answered = 0;
+        int failed = 0;
+        int finished = 0;
+        for (int caller = 0; caller < 20; ++caller) {
+          asio::co_spawn(
+              executor,
+              [&, caller]() -> awaitable_void {
+                try {
+                  auto sum = co_await pool.query("SELECT $1::int * 10", caller);
+                  EXPECT_EQ(sum.scalar<int>(), caller * 10) << "another caller's answer";
+                  ++answered;
+                } catch (const Error& failure) {
+                  EXPECT_EQ(failure.code(), client_errc::connection_lost) << failure.what();
+                  EXPECT_THAT(failure.what(), HasSubstr("mixed up server sessions"));
+                  ++failed;
+                }
+                ++finished;
+              },
+              [](std::exception_ptr failure) {
+                if (failure) std::rethrow_exception(failure);
+              });
+        }
+        while (finished < 20) co_await sleep_for(5ms);
+        EXPECT_GT(failed, 0) << "the repeated answer went unnoticed";
+        EXPECT_EQ((co_await pool.query("SELECT 40 + $1::int", 2)).scalar<int>(), 42);
+        (void)co_await pool.close(5s);
+      },
+      60s);
 }
 
 TEST_F(PoolerTest, APoolConfigThatNeedsSessionsIsRefusedBehindAPooler) {

@@ -508,6 +508,9 @@ TEST(PoolConfigTest, AMalformedConninfoIsRefusedWithoutShowingAnySecret) {
       {"postgresql://app:hunter2/more@127.0.0.1/postgres", "percent-encode"},
       {"postgresql://app:hunter2/more@127.0.0.1:5432/postgres?sslmode=disable", "percent-encode"},
       {"postgresql://app:hunter2/more", "percent-encode"},
+      {"postgresql://db.internal:5432?user=app@more&password=hunter2&sslmode=require",
+       "percent-encode"},
+      {"postgresql://app:hunter2@more@[::1]:5432/postgres", "percent-encode"},
   };
   for (const auto& [conninfo, says] : cases) {
     PoolConfig config;
@@ -525,9 +528,13 @@ TEST(PoolConfigTest, AMalformedConninfoIsRefusedWithoutShowingAnySecret) {
   config.conninfo = "host=db.internal password=hunter2";
   EXPECT_EQ(rejection(config), "");
   // Percent-encoded, they are fine (and an '@' in a query parameter is a value's).
-  for (const char* fine : {"postgresql://app:p%40ss%2Fw%3Ard@127.0.0.1:5432/my%40db",
-                           "postgresql://127.0.0.1/postgres?user=app@tenant&password=hunter2",
-                           "postgresql://app:p?ss@127.0.0.1/postgres"}) {
+  for (const char* fine :
+       {"postgresql://app:p%40ss%2Fw%3Ard@127.0.0.1:5432/my%40db",
+        "postgresql://127.0.0.1/postgres?user=app@tenant&password=hunter2",
+        "postgresql://app:p?ss@127.0.0.1/postgres", "postgresql://app:pw@db?application_name=a@b",
+        "postgresql://db?sslrootcert=/etc/a@b", "postgresql://?host=/tmp&user=a@b",
+        "postgresql://app:pw@[::1]:5432,db2:5433/postgres",
+        "postgresql://app@%2Fvar%2Frun%2Fpostgresql/postgres"}) {
     config.conninfo = fine;
     EXPECT_EQ(rejection(config), "") << fine;
   }

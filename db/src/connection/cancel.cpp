@@ -133,13 +133,13 @@ asio::awaitable<error_code> Connection::Impl::cancel_and_drain(std::string_view 
   if (PQflush(conn) == 1) {
     // Part of the statement is still unsent (a large parameter, a server that stopped reading):
     // the server cannot answer a statement it has not read whole, so no drain can end; closing
-    // now ends it (the server never runs a statement it did not get whole).
+    // now ends it (the server does not complete a statement whose Sync it did not get).
     broken = true;
     close(CloseMode::immediate);
     co_return fail(client_errc::cancelled,
                    "the operation was cancelled while its statement was still being sent; the "
-                   "connection was closed, so the statement did not run (an open transaction "
-                   "block is rolled back with it)",
+                   "connection was closed, so the statement did not complete (what it did is "
+                   "rolled back with the connection, an open transaction block with it)",
                    statement);
   }
   auto delivered = send_cancel_request();

@@ -1,8 +1,10 @@
-#include <boost/asio/cancellation_signal.hpp>
+#include <boost/asio/bind_executor.hpp>
 #include <boost/asio/ip/address.hpp>
 #include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <cctype>
+#include <memory>
 #include <vector>
 
 #include "conninfo.hpp"
@@ -136,7 +138,20 @@ asio::awaitable<error_code> Connection::Impl::resolve_hosts(const ParsedConninfo
   const bool port_per_host = port_list.size() > 1;
   Targets resolved;
   bool any_resolved = false;
-  asio::ip::tcp::resolver resolver(executor);
+  // asio's resolver ignores per-operation cancellation, and its cancel() does not stop a
+  // getaddrinfo() already running: the coroutine waits on a timer that the lookup's answer (or a
+  // cancellation: connect_timeout, the caller's) ends. A lookup left behind ends on the resolver's
+  // thread, and its answer is dropped.
+  struct Lookup {
+    explicit Lookup(const asio::any_io_executor& executor)
+        : resolver(executor), answered(executor, asio::steady_timer::time_point::max()) {}
+    asio::ip::tcp::resolver resolver;
+    asio::steady_timer answered;
+    bool done = false;
+    error_code error;
+    asio::ip::tcp::resolver::results_type results;
+  };
+  const auto here = co_await asio::this_coro::executor;  // (the answer comes there)
   std::size_t entries = 0;
   auto append = [&](const std::string& host, const std::string& address, std::size_t index) {
     const std::string separator = entries++ == 0 ? "" : ",";
@@ -153,14 +168,24 @@ asio::awaitable<error_code> Connection::Impl::resolve_hosts(const ParsedConninfo
       append(host, "", index);
       continue;
     }
-    // asio's resolver (Boost 1.81) ignores per-operation cancellation, so connect_timeout and a
-    // caller's cancellation would wait for a slow DNS answer: they cancel the resolver itself.
-    asio::cancellation_slot slot = (co_await asio::this_coro::cancellation_state).slot();
-    if (slot.is_connected()) {
-      slot.assign([&resolver](asio::cancellation_type) { resolver.cancel(); });
+    auto lookup = std::make_shared<Lookup>(executor);
+    lookup->resolver.async_resolve(
+        host, "",
+        asio::bind_executor(
+            here, [lookup](error_code error, asio::ip::tcp::resolver::results_type results) {
+              lookup->error = error;
+              lookup->results = std::move(results);
+              lookup->done = true;
+              lookup->answered.cancel();
+            }));
+    if (!lookup->done) (void)co_await lookup->answered.async_wait(no_throw);
+    if (!lookup->done) {
+      lookup->resolver.cancel();
+      co_return fail(client_errc::cancelled,
+                     "resolving host name \"" + host + "\" was cancelled before it answered");
     }
-    auto [error, results] = co_await resolver.async_resolve(host, "", no_throw);
-    if (slot.is_connected()) slot.clear();
+    const error_code error = lookup->error;
+    const auto& results = lookup->results;
     if (error) {
       co_return fail(client_errc::name_resolution,
                      "could not resolve host name \"" + host + "\": " + error.message(), {},

@@ -180,17 +180,21 @@ std::string redact_pairs(std::string_view text, std::vector<std::string>& proble
 bool url_credentials_misread(std::string_view conninfo) {
   if (!is_url(conninfo)) return false;
   const std::string_view rest = conninfo.substr(conninfo.find("://") + 3);
-  // libpq ends the user name and password at the first '@' before any '/': a second '@' there
-  // lands in the host, and an '@' in the path means the password held a '/'.
-  const std::size_t path = rest.find('/');
-  const std::string_view authority = rest.substr(0, path);
-  if (std::count(authority.begin(), authority.end(), '@') > 1) return true;
-  if (path != std::string_view::npos) {
-    const std::string_view path_part = rest.substr(path, rest.find('?', path) - path);
-    if (path_part.find('@') != std::string_view::npos) return true;
+  // libpq takes the user name and password up to the first '@' before any '/' (a '?' does not
+  // stop it): a password holding a '/' ends them early, and its rest lands in the path.
+  const std::size_t authority_end = rest.find_first_of("/?");
+  if (authority_end != std::string_view::npos && rest[authority_end] == '/') {
+    const std::string_view path =
+        rest.substr(authority_end, rest.find('?', authority_end) - authority_end);
+    if (path.find('@') != std::string_view::npos) return true;
   }
-  // (A password with ':' and '/' and no '@' after it: libpq reads its start as a port.)
+  // A second '@' in the password, or an '@' in a query parameter after a host without user
+  // information, puts what follows the first '@' into the host (a password's rest, or other
+  // parameters: "db&password=..."); a ':' in the password, its start into the port.
   const ParsedConninfo parsed = parse_conninfo(std::string(conninfo));
+  if (auto host = parsed.values.find("host"); host != parsed.values.end()) {
+    if (host->second.find_first_of("@=&?[]") != std::string::npos) return true;
+  }
   if (auto port = parsed.values.find("port"); port != parsed.values.end()) {
     return !std::all_of(port->second.begin(), port->second.end(), [](char c) {
       return std::isdigit(static_cast<unsigned char>(c)) != 0 || c == ',';

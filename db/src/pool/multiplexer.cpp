@@ -468,8 +468,8 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
         }
         std::lock_guard lock(mux->mutex);
         --link->in_flight;
-        if (statement.stage == SharedStatement::Stage::abandoned) continue;
         if (impl.one_segment_in_flight()) link->depth = 1;  // (the pooler, noticed)
+        if (statement.stage == SharedStatement::Stage::abandoned) continue;
         // Once this connection has noticed the pooler, any statement it did not run goes again,
         // even one sent once already: named statements sent before it noticed are forgotten
         // with no fault of their own, and unnamed ones cannot be.

@@ -14,6 +14,7 @@
 #include <chrono>
 #include <future>
 #include <map>
+#include <string>
 #include <thread>
 #include <utility>
 
@@ -25,6 +26,17 @@ using asio::ip::tcp;
 namespace {
 constexpr auto no_throw = asio::as_tuple(asio::use_awaitable);
 
+// Where the server's side of a session is in PostgreSQL's message framing (repeat_next()).
+struct ServerFraming {
+  bool started = false;     // the first framed message began (before: 1-byte SSL/GSS refusals)
+  bool unreadable = false;  // TLS accepted: nothing to frame
+  std::array<unsigned char, 5> header{};
+  std::size_t header_have = 0;
+  std::size_t body_left = 0;
+  bool copying = false;  // the current message is the one to repeat
+  std::string copy;
+};
+
 struct Session {
   Session(tcp::socket client_socket, tcp::socket upstream_socket)
       : client(std::move(client_socket)), upstream(std::move(upstream_socket)) {}
@@ -32,6 +44,7 @@ struct Session {
   tcp::socket upstream;
   bool held = false;  // the client left; the upstream stays open on purpose
   bool ended = false;
+  ServerFraming framing;
 
   void close_both(bool reset) {
     for (tcp::socket* socket : {&client, &upstream}) {
@@ -56,6 +69,7 @@ struct FaultProxy::State {
   bool paused = false;
   bool keep_upstream = false;
   std::chrono::microseconds latency{0};  // set_latency()
+  char repeat_type = 0;                  // repeat_next_server_message(): armed while not 0
   asio::steady_timer resumed{io, asio::steady_timer::time_point::max()};
   std::uint64_t next_id = 0;
   std::map<std::uint64_t, std::shared_ptr<Session>> sessions;
@@ -90,6 +104,54 @@ struct FaultProxy::State {
     }
   }
 
+  // The server's bytes as read, with the next whole message of `repeat_type` sent twice.
+  std::string pass_on_from_server(ServerFraming& framing, const char* data, std::size_t size) {
+    std::string out;
+    std::size_t at = 0;
+    while (at < size) {
+      if (framing.unreadable) {
+        out.append(data + at, size - at);
+        break;
+      }
+      if (!framing.started && framing.header_have == 0) {
+        if (data[at] == 'N') {  // no SSL / no GSS encryption: one byte, unframed
+          out += data[at++];
+          continue;
+        }
+        if (data[at] == 'S' || data[at] == 'G') {
+          framing.unreadable = true;
+          continue;
+        }
+        framing.started = true;
+      }
+      if (framing.header_have < framing.header.size()) {
+        framing.header[framing.header_have++] = static_cast<unsigned char>(data[at]);
+        out += data[at++];
+        if (framing.header_have < framing.header.size()) continue;
+        const std::uint32_t length =
+            (std::uint32_t{framing.header[1]} << 24) | (std::uint32_t{framing.header[2]} << 16) |
+            (std::uint32_t{framing.header[3]} << 8) | std::uint32_t{framing.header[4]};
+        framing.body_left = length >= 4 ? length - 4 : 0;
+        framing.copying = repeat_type != 0 && static_cast<char>(framing.header[0]) == repeat_type;
+        if (framing.copying) {
+          framing.copy.assign(framing.header.begin(), framing.header.end());
+          repeat_type = 0;
+        }
+      }
+      const std::size_t take = std::min(framing.body_left, size - at);
+      out.append(data + at, take);
+      if (framing.copying) framing.copy.append(data + at, take);
+      at += take;
+      framing.body_left -= take;
+      if (framing.body_left == 0) {  // the message is whole
+        if (framing.copying) out += framing.copy;
+        framing.copying = false;
+        framing.header_have = 0;
+      }
+    }
+    return out;
+  }
+
   asio::awaitable<void> pump(std::uint64_t id, std::shared_ptr<Session> session, bool from_client) {
     tcp::socket& from = from_client ? session->client : session->upstream;
     tcp::socket& to = from_client ? session->upstream : session->client;
@@ -111,8 +173,10 @@ struct FaultProxy::State {
         co_await delay.async_wait(no_throw);
         if (session->ended) co_return;
       }
-      auto [write_error, written] =
-          co_await asio::async_write(to, asio::buffer(buffer, size), no_throw);
+      std::string passed_on;
+      if (!from_client) passed_on = pass_on_from_server(session->framing, buffer.data(), size);
+      auto [write_error, written] = co_await asio::async_write(
+          to, from_client ? asio::buffer(buffer, size) : asio::buffer(passed_on), no_throw);
       if (write_error) {
         client_side_failed = !from_client;
         break;
@@ -192,6 +256,10 @@ void FaultProxy::resume() {
 
 void FaultProxy::set_latency(std::chrono::microseconds one_way) {
   state_->run([state = state_.get(), one_way] { state->latency = one_way; });
+}
+
+void FaultProxy::repeat_next_server_message(char type) {
+  state_->run([state = state_.get(), type] { state->repeat_type = type; });
 }
 
 void FaultProxy::drop_all() {

@@ -113,7 +113,11 @@ inline Diagnostics cut_short(std::string message, const std::exception_ptr& woun
     std::rethrow_exception(wound_down);
   } catch (const Error& error) {
     const Diagnostics& said = error.diagnostics();
-    if (!said.message.empty()) diagnostics.message += "; " + said.message;
+    if (said.message.starts_with(diagnostics.message)) {
+      diagnostics.message = said.message;  // (it says the same, and more)
+    } else if (!said.message.empty()) {
+      diagnostics.message += "; " + said.message;
+    }
     diagnostics.hint = said.hint;
     diagnostics.statement = said.statement;
   } catch (...) {  // NOLINT(bugprone-empty-catch): nothing more to say

@@ -45,6 +45,10 @@ class FaultProxy {
   void resume();
   void drop_all();
   void keep_upstream(bool enabled);
+  /// A pooler mixing up server sessions: the next whole message of `type` (e.g. 'C',
+  /// CommandComplete) that a server sends on any connection reaches the client twice. The proxy
+  /// reads PostgreSQL's framing on the server's side: connect with sslmode=disable.
+  void repeat_next_server_message(char type);
   /// Closes the upstream connections kept open for clients that are gone.
   void release_held();
 
