@@ -73,6 +73,14 @@ class ConnectionTest : public testing::DbTest {
  protected:
   static ConnectOptions options() { return ConnectOptions{.conninfo = cluster().dsn()}; }
   static asio::awaitable<Connection> open() { return Connection::connect(options()); }
+  // A connection through `proxy`, whose wind-down after a cancellation waits at most
+  // `cancel_timeout`.
+  static asio::awaitable<Connection> open_through(const testing::FaultProxy& proxy,
+                                                  std::chrono::milliseconds cancel_timeout) {
+    ConnectOptions through{.conninfo = proxy.conninfo_prefix() + " user=postgres dbname=postgres",
+                           .cancel_timeout = cancel_timeout};
+    return Connection::connect(std::move(through));
+  }
 };
 
 // Note: option aggregates are built in named variables, never inside a co_await expression:
@@ -424,10 +432,7 @@ TEST_F(ConnectionTest, ACancelledCopyToStdoutEndsWithinTheCancelTimeout) {
   testing::FaultProxy proxy("127.0.0.1", static_cast<std::uint16_t>(cluster().port()));
   run_coroutine(
       [&]() -> awaitable_void {
-        ConnectOptions options{
-            .conninfo = proxy.conninfo_prefix() + " user=postgres dbname=postgres",
-            .cancel_timeout = 3s};
-        auto conn = co_await Connection::connect(std::move(options));
+        auto conn = co_await open_through(proxy, 3s);
         proxy.set_latency(300ms);
         const auto started = std::chrono::steady_clock::now();
         auto error =
@@ -449,10 +454,7 @@ TEST_F(ConnectionTest, AStatementThatCompletedBeforeItsCancelIsReportedAsRun) {
   testing::FaultProxy proxy("127.0.0.1", static_cast<std::uint16_t>(cluster().port()));
   run_coroutine(
       [&]() -> awaitable_void {
-        ConnectOptions options{
-            .conninfo = proxy.conninfo_prefix() + " user=postgres dbname=postgres",
-            .cancel_timeout = 5s};
-        auto conn = co_await Connection::connect(std::move(options));
+        auto conn = co_await open_through(proxy, 5s);
         co_await conn.execute("CREATE TEMP TABLE ran (x int)");
         // The INSERT reaches the server after 300 ms and runs; its cancel request, sent at the
         // 200 ms deadline, reaches it after 500 ms.
@@ -481,10 +483,7 @@ TEST_F(ConnectionTest, AStatementCancelledWhileBeingSentEndsAtOnce) {
   testing::FaultProxy proxy("127.0.0.1", static_cast<std::uint16_t>(cluster().port()));
   run_coroutine(
       [&]() -> awaitable_void {
-        ConnectOptions options{
-            .conninfo = proxy.conninfo_prefix() + " user=postgres dbname=postgres",
-            .cancel_timeout = 5s};
-        auto conn = co_await Connection::connect(std::move(options));
+        auto conn = co_await open_through(proxy, 5s);
         proxy.pause();  // nothing more reaches the server: the socket's buffers fill
         const std::string large(std::size_t{64} << 20, 'x');
         const auto started = std::chrono::steady_clock::now();
