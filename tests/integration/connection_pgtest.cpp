@@ -760,6 +760,26 @@ TEST_F(ConnectionTest, InterruptFromAnotherThreadEndsARunningStatementAndTheBack
       << "the backend outlived interrupt()";
 }
 
+// interrupt() waiting for its cancel request to go out (as an exit handler does): the server's
+// 57014 for it is read before the socket is cut, and the statement still reports the interrupt
+// (connection_lost), as documented, not a cancellation the owner never asked for.
+TEST_F(ConnectionTest, AnInterruptWhoseCancelArrivesFirstStillReportsTheInterrupt) {
+  run_coroutine([]() -> awaitable_void {
+    for (int round = 0; round < 3; ++round) {
+      auto conn = co_await open();
+      std::thread interrupter([&conn] {
+        std::this_thread::sleep_for(100ms);
+        conn.interrupt(2s);
+      });
+      auto cut = co_await expect_error(conn.query("SELECT pg_sleep(10)"));
+      interrupter.join();
+      EXPECT_EQ(cut.code(), client_errc::connection_lost) << cut.what();
+      EXPECT_THAT(cut.what(), HasSubstr("interrupted"));
+      EXPECT_TRUE(conn.is_broken());
+    }
+  });
+}
+
 TEST_F(ConnectionTest, WithTimeoutReportsAFastFailureAtOnce) {
   run_coroutine([]() -> awaitable_void {
     auto conn = co_await open();

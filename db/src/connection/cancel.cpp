@@ -39,7 +39,7 @@ void Connection::Impl::interrupt(std::chrono::milliseconds wait_for_cancel) noex
 // A wait ended early: the operation was cancelled, or the socket was closed under us.
 asio::awaitable<error_code> Connection::Impl::interrupted(error_code error,
                                                           std::string_view statement,
-                                                          bool can_drain) {
+                                                          bool can_drain, bool completed) {
   auto state = co_await asio::this_coro::cancellation_state;
   if (state.cancelled() == asio::cancellation_type::none) {
     if (conn == nullptr) co_return make_error_code(client_errc::not_connected);
@@ -55,7 +55,7 @@ asio::awaitable<error_code> Connection::Impl::interrupted(error_code error,
                    "pipeline cannot be drained)",
                    statement);
   }
-  co_return co_await cancel_and_drain(statement);
+  co_return co_await cancel_and_drain(statement, completed);
 }
 
 // Asks the server to cancel the running statement. libpq 15's PQcancel blocks (it connects and
@@ -128,7 +128,8 @@ asio::awaitable<bool> Connection::Impl::drain(Drained& drained) {
   }
 }
 
-asio::awaitable<error_code> Connection::Impl::cancel_and_drain(std::string_view statement) {
+asio::awaitable<error_code> Connection::Impl::cancel_and_drain(std::string_view statement,
+                                                               bool completed) {
   using namespace asio::experimental::awaitable_operators;
   if (PQflush(conn) == 1) {
     // Part of the statement is still unsent (a large parameter, a server that stopped reading):
@@ -144,7 +145,7 @@ asio::awaitable<error_code> Connection::Impl::cancel_and_drain(std::string_view 
   }
   auto delivered = send_cancel_request();
   asio::steady_timer timer(executor, options.cancel_timeout);
-  Drained drained;
+  Drained drained{.completed = completed};
   auto outcome = co_await detail::serialized(
       (drain(drained) && cancel_delivered(std::move(delivered))) || timer.async_wait(no_throw));
   if (outcome.index() == 0 && std::get<0>(std::get<0>(outcome)) &&

@@ -163,8 +163,9 @@ struct Connection::Impl {
 
   void arm_interrupt() noexcept;
   void interrupt(std::chrono::milliseconds wait_for_cancel) noexcept;
+  // `completed`: the statement's own result was read already (it ran), before the wait ended.
   asio::awaitable<error_code> interrupted(error_code error, std::string_view statement,
-                                          bool can_drain);
+                                          bool can_drain, bool completed = false);
   std::shared_ptr<std::atomic<bool>> send_cancel_request() noexcept;
   asio::awaitable<bool> cancel_delivered(std::shared_ptr<std::atomic<bool>> delivered);
   // What drain() read: a 57014 (the server cancelled the statement), another error's SQLSTATE,
@@ -175,7 +176,7 @@ struct Connection::Impl {
     bool completed = false;
   };
   asio::awaitable<bool> drain(Drained& drained);
-  asio::awaitable<error_code> cancel_and_drain(std::string_view statement);
+  asio::awaitable<error_code> cancel_and_drain(std::string_view statement, bool completed = false);
 
   // --- sending and receiving (io.cpp) -----------------------------------------------------------
 

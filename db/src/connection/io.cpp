@@ -203,12 +203,14 @@ asio::awaitable<error_code> Connection::Impl::exchange(Request request, Result& 
       error_code first_error;   // the results are read to the end; the first error is returned
       error_code read_error;    // a failed wait, read or write ends them at once
       bool stale_plan = false;  // the first error: the prepared statement's plan went stale
+      bool completed = false;   // a result that succeeded is in (its statement ran)
       for (;;) {
         while (PQisBusy(conn) != 0) {
           if (!tls_holds_bytes()) {
             auto [wait_error] = co_await socket.async_wait(asio::socket_base::wait_read, no_throw);
             if (wait_error) {
-              read_error = co_await interrupted(wait_error, request.sql, /*can_drain=*/true);
+              read_error =
+                  co_await interrupted(wait_error, request.sql, /*can_drain=*/true, completed);
               break;
             }
           }
@@ -226,6 +228,7 @@ asio::awaitable<error_code> Connection::Impl::exchange(Request request, Result& 
           case PGRES_COMMAND_OK:
           case PGRES_EMPTY_QUERY:
             out = std::move(result);
+            completed = true;
             break;
           case PGRES_SINGLE_TUPLE: {
             std::exception_ptr callback_failure;
@@ -282,7 +285,9 @@ asio::awaitable<error_code> Connection::Impl::exchange(Request request, Result& 
         error = read_error;
         break;
       }
-      if (PQstatus(conn) != CONNECTION_OK) {
+      // Interrupted by its owner (interrupt() cancels, then cuts): the server's 57014 for that
+      // cancel may come before the cut shows; either way the statement was interrupted.
+      if (PQstatus(conn) != CONNECTION_OK || (cut_by_owner && first_error)) {
         error = lost(request.sql);
         break;
       }

@@ -63,6 +63,7 @@ struct SentEntry {
 struct FailedPrepare {
   error_code error;
   Diagnostics diagnostics;
+  std::size_t users = 0;  // statements sent by its name and not answered yet
 };
 
 asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr<SharedLink> link);
@@ -399,10 +400,19 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
           if (ok) {
             impl.remember_statement(std::move(entry.key), entry.name);
           } else {
-            FailedPrepare& failure = failed[entry.name];
-            failure.error = answer != nullptr ? impl.server_error(answer, "query()")
-                                              : make_error_code(client_errc::protocol_error);
-            failure.diagnostics = impl.last_error;
+            // Kept for the statements already sent by its name (no later one uses it): each
+            // answer of theirs gives this error instead of the server's 26000.
+            const auto users = static_cast<std::size_t>(
+                std::count_if(sent.begin(), sent.end(), [&](const SentEntry& waiting) {
+                  return waiting.kind == SentEntry::Kind::statement && waiting.name == entry.name;
+                }));
+            if (users > 0) {
+              FailedPrepare& failure = failed[entry.name];
+              failure.error = answer != nullptr ? impl.server_error(answer, "query()")
+                                                : make_error_code(client_errc::protocol_error);
+              failure.diagnostics = impl.last_error;
+              failure.users = users;
+            }
           }
           continue;
         }
@@ -466,6 +476,12 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
             again = true;
           }
         }
+        if (!failed.empty()) {
+          if (auto prepare = failed.find(entry.name);
+              prepare != failed.end() && --prepare->second.users == 0) {
+            failed.erase(prepare);
+          }
+        }
         std::lock_guard lock(mux->mutex);
         --link->in_flight;
         if (impl.one_segment_in_flight()) link->depth = 1;  // (the pooler, noticed)
@@ -501,7 +517,7 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
         impl.close(CloseMode::immediate);
         break;
       }
-      if (sent.empty()) failed.clear();
+      if (sent.empty()) failed.clear();  // (each entry goes with its last user; this is a guard)
     }
   } catch (const std::exception& error) {
     // Nothing here should throw; if something does, the connection cannot be trusted: it is
