@@ -318,9 +318,11 @@ TEST_F(WatchdogTest, TheServerCheckGoesThroughTheReservedPath) {
   ASSERT_TRUE(eventually([&] { return watchdog.checks() >= checks + 4; }));
   EXPECT_TRUE(log.of(WatchdogCondition::server_unreachable).empty());
   EXPECT_EQ(served, 0);
-  // The two held, and one per check: every check got its connection (without the reserve, each
-  // would time out behind the held two).
-  EXPECT_GE(pool.stats().acquired, 2 + 4U);
+  // The two held, and one per check: the checks get their connection (without the reserve, each
+  // would time out behind the held two). (A check may still time out while the reserved
+  // connection is being opened, on a slow build: the count is awaited, not read at once.)
+  EXPECT_TRUE(eventually([&] { return pool.stats().acquired >= 2 + 4U; }))
+      << pool.stats().acquired << " acquired";
   running.wait(watchdog.stop());
   first.release();
   second.release();
