@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <libpq-fe.h>
@@ -73,6 +74,31 @@ class ConnectionTest : public testing::DbTest {
  protected:
   static ConnectOptions options() { return ConnectOptions{.conninfo = cluster().dsn()}; }
   static asio::awaitable<Connection> open() { return Connection::connect(options()); }
+  // Runs "SELECT pg_sleep(0.2), 7" on `conn` in the background (prepared or not), and `misuse`
+  // 20 ms into it; returns misuse's error once the running statement has its own answer.
+  static asio::awaitable<Error> beside_a_running_statement(
+      Connection& conn, bool prepared, std::function<asio::awaitable<Error>()> misuse) {
+    auto executor = co_await asio::this_coro::executor;
+    bool first_done = false;
+    asio::co_spawn(
+        executor,
+        [&]() -> awaitable_void {
+          const char* sql = "SELECT pg_sleep(0.2), 7";
+          Result rows;  // (g++ 12: no co_await inside ?:)
+          if (prepared) {
+            rows = co_await conn.query_prepared(sql);
+          } else {
+            rows = co_await conn.query(sql);
+          }
+          EXPECT_EQ(rows[0].get<int>(1), 7);
+          first_done = true;
+        },
+        asio::detached);
+    co_await testing::sleep_for(20ms);
+    Error error = co_await misuse();
+    while (!first_done) co_await testing::sleep_for(10ms);
+    co_return error;
+  }
   // A connection through `proxy`, whose wind-down after a cancellation waits at most
   // `cancel_timeout`.
   static asio::awaitable<Connection> open_through(const testing::FaultProxy& proxy,
@@ -346,24 +372,9 @@ TEST_F(ConnectionTest, NoThrowTokenReportsErrorCodeAndDiagnostics) {
 TEST_F(ConnectionTest, ConcurrentUseIsDetectedAndDoesNotDisturbTheRunningQuery) {
   run_coroutine([]() -> awaitable_void {
     auto conn = co_await open();
-    auto executor = co_await asio::this_coro::executor;
-    bool first_done = false;
-    asio::co_spawn(
-        executor,
-        [&]() -> awaitable_void {
-          auto rows = co_await conn.query("SELECT pg_sleep(0.2), 7");
-          EXPECT_EQ(rows[0].get<int>(1), 7);
-          first_done = true;
-        },
-        asio::detached);
-    asio::steady_timer pause(executor, 20ms);
-    co_await pause.async_wait(asio::use_awaitable);
-    auto misuse = co_await expect_error(conn.query("SELECT 1"));
+    auto misuse = co_await beside_a_running_statement(
+        conn, /*prepared=*/false, [&] { return expect_error(conn.query("SELECT 1")); });
     EXPECT_EQ(misuse.code(), client_errc::concurrent_use);
-    while (!first_done) {
-      pause.expires_after(10ms);
-      co_await pause.async_wait(asio::use_awaitable);
-    }
     EXPECT_EQ((co_await conn.query("SELECT 8")).scalar<int>(), 8);
   });
 }
@@ -373,20 +384,9 @@ TEST_F(ConnectionTest, ConcurrentUseIsDetectedAndDoesNotDisturbTheRunningQuery) 
 TEST_F(ConnectionTest, DiscardAllDuringARunningStatementIsRefusedAndDisturbsNothing) {
   run_coroutine([]() -> awaitable_void {
     auto conn = co_await open();
-    auto executor = co_await asio::this_coro::executor;
-    bool first_done = false;
-    asio::co_spawn(
-        executor,
-        [&]() -> awaitable_void {
-          auto rows = co_await conn.query_prepared("SELECT pg_sleep(0.2), 7");
-          EXPECT_EQ(rows[0].get<int>(1), 7);
-          first_done = true;
-        },
-        asio::detached);
-    co_await testing::sleep_for(20ms);
-    auto misuse = co_await expect_error(conn.discard_all());
+    auto misuse = co_await beside_a_running_statement(
+        conn, /*prepared=*/true, [&] { return expect_error(conn.discard_all()); });
     EXPECT_EQ(misuse.code(), client_errc::concurrent_use);
-    while (!first_done) co_await testing::sleep_for(10ms);
     const auto again = co_await conn.query_prepared("SELECT pg_sleep(0.2), 7");
     EXPECT_EQ(again[0].get<int>(1), 7);
     EXPECT_EQ((co_await conn.query("SELECT count(*) FROM pg_prepared_statements")).scalar<int>(), 1)
