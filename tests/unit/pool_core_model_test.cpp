@@ -1280,6 +1280,87 @@ TEST(PoolCoreBackoff, AFullBudgetIsRetriedWithinHalfASecond) {
   }
 }
 
+// Waiters with a deadline are timed out by the upkeep tick, not by a timer each: enqueue arms the
+// tick for the earliest deadline only (a later one arms nothing), a tick before a deadline leaves
+// its waiter queued and re-arms for it, and a waiter handed a node before its deadline is not
+// touched. (A timer per waiter cost a heap insert and removal in the reactor per wait, and a
+// timerfd_settime whenever its deadline was the reactor's earliest.)
+TEST(PoolCoreWaiterDeadlines, TheTickTimesOutWaitersPastTheirDeadlineAndArmsForTheNext) {
+  Core core(CoreConfig{.max_size = 1, .min_idle = 0}, 1);
+  Time now{};
+  Actions actions;
+  const auto arms = [&] {
+    std::vector<Time> at;
+    for (const Action& action : actions) {
+      if (action.kind == Action::Kind::arm_timer) at.push_back(action.at);
+    }
+    return at;
+  };
+  const auto wakes = [&](const Waiter& waiter) {
+    return std::count_if(actions.begin(), actions.end(), [&](const Action& action) {
+      return action.kind == Action::Kind::wake && action.waiter == &waiter;
+    });
+  };
+  Waiter first(Priority::normal, std::source_location::current());
+  Waiter second(Priority::normal, std::source_location::current());
+  Waiter third(Priority::high, std::source_location::current());
+  first.deadline = now + milliseconds(100);
+  second.deadline = now + milliseconds(300);
+  third.deadline = now + milliseconds(200);
+  core.enqueue(first, now, actions);
+  EXPECT_EQ(arms(), std::vector<Time>{first.deadline});
+  Node* opened = nullptr;
+  for (const Action& action : actions) {
+    if (action.kind == Action::Kind::open) opened = action.node;
+  }
+  ASSERT_NE(opened, nullptr);
+  actions.clear();
+  core.enqueue(second, now, actions);
+  core.enqueue(third, now, actions);
+  EXPECT_TRUE(arms().empty()) << "a later deadline re-armed the tick";
+
+  // Early (a tick for something else): nobody times out, the tick is armed for the first.
+  actions.clear();
+  core.tick(now + milliseconds(50), actions);
+  EXPECT_EQ(core.stats().waiting_normal + core.stats().waiting_high, 3u);
+  EXPECT_EQ(arms(), std::vector<Time>{first.deadline});
+
+  // The first deadline: only the first waiter fails, with a timeout; the next tick is the
+  // high-priority waiter's deadline, the earliest left.
+  actions.clear();
+  core.tick(first.deadline, actions);
+  EXPECT_EQ(first.outcome, Waiter::Outcome::failed);
+  EXPECT_EQ(first.failed, FailReason::timeout);
+  EXPECT_FALSE(first.queued);
+  EXPECT_EQ(wakes(first), 1);
+  EXPECT_EQ(core.stats().timeouts, 1u);
+  EXPECT_EQ(second.outcome, Waiter::Outcome::none);
+  EXPECT_EQ(arms(), std::vector<Time>{third.deadline});
+
+  // The connection comes up before the others' deadlines: the high-priority waiter gets it, and
+  // its deadline passing later changes nothing.
+  actions.clear();
+  core.connect_succeeded(*opened, now + milliseconds(150), actions);
+  EXPECT_EQ(third.outcome, Waiter::Outcome::handed);
+  actions.clear();
+  core.tick(third.deadline, actions);
+  EXPECT_EQ(third.outcome, Waiter::Outcome::handed);
+  EXPECT_EQ(wakes(third), 0);
+  EXPECT_EQ(second.outcome, Waiter::Outcome::none);
+  EXPECT_EQ(core.stats().timeouts, 1u);
+
+  // Past the second deadline, while the connection is still out: the second times out.
+  actions.clear();
+  core.tick(second.deadline + milliseconds(1), actions);
+  EXPECT_EQ(second.outcome, Waiter::Outcome::failed);
+  EXPECT_EQ(second.failed, FailReason::timeout);
+  EXPECT_EQ(wakes(second), 1);
+  EXPECT_EQ(core.stats().timeouts, 2u);
+  EXPECT_EQ(core.stats().waiting_normal + core.stats().waiting_high, 0u);
+  actions.clear();
+  core.lease_returned(*third.handed, ReturnKind::clean, second.deadline, actions);
+}
+
 // Pool::evict_all(): idle nodes close now, a leased one when it comes back, a connecting one when
 // its connect succeeds; none of them is ever handed out again, and replacements are opened.
 TEST(PoolCoreEviction, IdleNodesCloseNowAndTheOthersWhenTheyComeBack) {

@@ -674,7 +674,7 @@ void PoolState::closed_in_lease(pool::Node& node, Connection live) noexcept {
   }
 }
 
-std::string PoolState::describe_load_locked() const {
+std::string PoolState::describe_load_locked(std::size_t uncounted_waiters) const {
   const auto stats = core.stats();
   std::string load = std::to_string(stats.count(pool::NodeState::leased)) + " of max " +
                      std::to_string(config.max_size) + " connections in use, " +
@@ -689,7 +689,8 @@ std::string PoolState::describe_load_locked() const {
   if (core.connection_cap() < config.max_size) {
     load += "kept to " + std::to_string(core.connection_cap()) + " by the budget's fair share, ";
   }
-  return load + std::to_string(stats.waiting_normal + stats.waiting_high) + " callers waiting";
+  return load + std::to_string(stats.waiting_normal + stats.waiting_high + uncounted_waiters) +
+         " callers waiting";
 }
 
 asio::awaitable<Lease> PoolState::acquire(std::shared_ptr<PoolState> self, Priority priority,
@@ -740,6 +741,9 @@ asio::awaitable<Lease> PoolState::acquire(std::shared_ptr<PoolState> self, Prior
                        std::chrono::duration_cast<std::chrono::milliseconds>(*deadline - started));
         }
         PoolWaiter waiter(co_await asio::this_coro::executor, priority, consumer, site);
+        // The core's upkeep tick times the wait out (one timer for every waiter); the waiter's
+        // own timer never expires, so waiting arms no timer of its own.
+        waiter.deadline = started + wait_limit;
         // If this coroutine is destroyed while it waits (its io_context shut down), the waiter
         // must leave the queue, and a connection already handed to it must go back.
         auto& enqueued = fresh_actions_locked();
@@ -759,7 +763,7 @@ asio::awaitable<Lease> PoolState::acquire(std::shared_ptr<PoolState> self, Prior
             release(*given, nullptr, false);
           }
         });
-        waiter.timer.expires_after(wait_limit);
+        waiter.timer.expires_at(Clock::time_point::max());
         // The wait starts under the lock, so a handoff cannot slip in before it. (A plain
         // asynchronous operation: no coroutine frame of its own.)
         const auto [error] = co_await async::wait_then_unlock(lock, waiter.timer);
@@ -842,7 +846,8 @@ void PoolState::fail_admission_locked(pool::AcquireResult::Kind kind) {
 
 void PoolState::fail_wait(std::unique_lock<std::mutex>& lock, pool::Waiter& waiter,
                           error_code error, std::chrono::milliseconds wait_limit) {
-  const std::string load = describe_load_locked();  // counting this caller among the waiting
+  // Counting this caller among the waiting (the upkeep tick has dequeued it if it timed out).
+  const std::string load = describe_load_locked(waiter.queued ? 0 : 1);
   if (waiter.outcome == pool::Waiter::Outcome::none) {
     core.withdraw(waiter, error ? pool::FailReason::cancelled : pool::FailReason::timeout,
                   fresh_actions_locked());

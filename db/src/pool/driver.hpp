@@ -426,7 +426,8 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
   // now, and its capacity comes back once the backend has ended, while the Lease is still out.
   void closed_in_lease(pool::Node& node, Connection live) noexcept;
 
-  std::string describe_load_locked() const;
+  // `uncounted_waiters`: callers waiting that the core no longer queues (one timed out just now).
+  std::string describe_load_locked(std::size_t uncounted_waiters = 0) const;
 
   // `self` is this state, held by the coroutine frame so that the state outlives the acquire even
   // if the Pool object goes away meanwhile (and handed to the Lease).

@@ -350,6 +350,24 @@ void Core::enqueue(Waiter& waiter, Time now, Actions& actions) {
   serve_idle(now, actions);
   maybe_open(now, actions);
   if (config_.fail_fast_after.count() > 0 && consecutive_failures_ > 0) fail_fast(now, actions);
+  if (waiter.queued && waiter.deadline != Time::max()) want_tick(waiter.deadline, actions);
+}
+
+void Core::time_out_waiters(Time now, Time& next, Actions& actions) {
+  for (Priority priority : {Priority::high, Priority::normal}) {
+    waiters_.for_each(priority, [&](Waiter& waiter) {
+      if (waiter.deadline > now) {
+        next = std::min(next, waiter.deadline);
+        return;
+      }
+      waiters_.remove(waiter);
+      waiter.queued = false;
+      waiter.outcome = Waiter::Outcome::failed;
+      waiter.failed = FailReason::timeout;
+      ++timeouts_;
+      actions.push_back({.kind = Action::Kind::wake, .waiter = &waiter});
+    });
+  }
 }
 
 void Core::fail_fast(Time now, Actions& actions) {
@@ -660,6 +678,7 @@ void Core::tick(Time now, Actions& actions) {
       actions.push_back({.kind = Action::Kind::report_leak, .node = &node, .age = age});
     });
   }
+  time_out_waiters(now, next, actions);
   maybe_open(now, actions);
   // The next wake-up: the earliest deadline still ahead. An idle timeout that passed while the
   // node was needed for min_idle is looked at again one idle_timeout later.

@@ -9,7 +9,8 @@
 //
 //   events in                              actions out
 //   try_acquire / enqueue                  wake a waiter (handed a node, or failed)
-//   withdraw (deadline passed, cancel)     open a node (connect)
+//   withdraw (cancelled; a deadline the    open a node (connect)
+//     driver kept)
 //   lease_returned (clean, reset, broken,  reset a node (ROLLBACK / DISCARD ALL)
 //     mid-query, discard)                  ping a node (keepalive)
 //   connect_succeeded / connect_failed     close a node (then report backend_ended)
@@ -18,7 +19,8 @@
 //   lease_dropped_after_close              report a lease held past leak_threshold
 //   connection_lost (idle socket closed)
 //   backend_ended
-//   tick (the upkeep timer fired)
+//   tick (the upkeep timer fired: also
+//     times out waiters past their deadline)
 //   close
 
 #include <array>
@@ -102,6 +104,9 @@ struct Waiter {
   FailReason failed = FailReason::timeout;  // Outcome::failed
   bool queued = false;
   Time enqueued_at{};
+  // When the wait times out: tick() fails it then (FailReason::timeout, a wake). Time::max():
+  // never; the driver then ends the wait itself (withdraw).
+  Time deadline = Time::max();
   Waiter* prev = nullptr;
   Waiter* next = nullptr;
 };
@@ -260,7 +265,8 @@ class Core {
   // says whether and how long to wait. May close expired idle nodes on the way.
   AcquireResult try_acquire(Priority priority, std::source_location site, Time now,
                             Actions& actions, ConsumerIndex consumer = default_consumer);
-  // Queues `waiter` (after try_acquire said wait); may open connections for it.
+  // Queues `waiter` (after try_acquire said wait); may open connections for it. A waiter with a
+  // deadline has the upkeep tick armed for it (at most one timer for all of them).
   void enqueue(Waiter& waiter, Time now, Actions& actions);
   // The waiter gives up (its deadline passed, or it was cancelled). False when it already has an
   // outcome (a node was handed to it, or the pool failed it): that outcome stands.
@@ -354,6 +360,8 @@ class Core {
   // CoreConfig::fail_fast_after: fails the waiters that have waited that long while the server is
   // down (every connect in a row failed, nothing alive), and arms a tick for the next one.
   void fail_fast(Time now, Actions& actions);
+  // Fails the waiters whose deadline has come (tick()); `next` gets the earliest one still ahead.
+  void time_out_waiters(Time now, Time& next, Actions& actions);
   void want_tick(Time at, Actions& actions);
   [[nodiscard]] Time deadline_of(const Node& node) const noexcept;
   [[nodiscard]] Time lifetime_deadline(Time now);
