@@ -290,6 +290,13 @@ asio::awaitable<error_code> run_statements(Impl& impl, const Pipeline& pipeline,
     }
     ++k;
   }
+  // Interrupted by its owner (interrupt() cancels, then cuts): the server's 57014 for that cancel,
+  // and the aborts after it, may all be read before the cut shows; the run was interrupted, as
+  // exchange() reports it for one statement.
+  if (impl.cut_by_owner &&
+      std::any_of(order.begin(), order.end(), [&](std::size_t i) { return !outcomes[i].ok(); })) {
+    co_return impl.lost("pipeline");
+  }
   if (PQexitPipelineMode(conn) == 0) {
     co_return impl.lost("pipeline");  // never hand back a connection still in pipeline mode
   }

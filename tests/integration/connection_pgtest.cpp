@@ -780,6 +780,29 @@ TEST_F(ConnectionTest, AnInterruptWhoseCancelArrivesFirstStillReportsTheInterrup
   });
 }
 
+// The same for a pipeline: the 57014 for interrupt()'s cancel and the aborts of the rest of the
+// segment, read before the cut, are the interrupt (connection_lost), not outcomes of the run.
+TEST_F(ConnectionTest, APipelineWhoseInterruptCancelArrivesFirstReportsTheInterrupt) {
+  run_coroutine([]() -> awaitable_void {
+    for (int round = 0; round < 3; ++round) {
+      auto conn = co_await open();
+      Pipeline pipeline;
+      pipeline.add("SELECT 1");
+      pipeline.add("SELECT pg_sleep(10)");
+      pipeline.add("SELECT 2");
+      std::thread interrupter([&conn] {
+        std::this_thread::sleep_for(100ms);
+        conn.interrupt(2s);
+      });
+      auto cut = co_await expect_error(conn.run(pipeline));
+      interrupter.join();
+      EXPECT_EQ(cut.code(), client_errc::connection_lost) << cut.what();
+      EXPECT_THAT(cut.what(), HasSubstr("interrupted"));
+      EXPECT_TRUE(conn.is_broken());
+    }
+  });
+}
+
 TEST_F(ConnectionTest, WithTimeoutReportsAFastFailureAtOnce) {
   run_coroutine([]() -> awaitable_void {
     auto conn = co_await open();
