@@ -518,6 +518,17 @@ TEST_F(PoolerTest, AnswersOutOfStepCloseTheConnectionInsteadOfShiftingAnswers) {
         EXPECT_THAT(error.what(), HasSubstr("mixed up server sessions"));
         EXPECT_FALSE(conn.is_open());
 
+        // One statement at a time (a lease's path): a second result for it is not taken as its
+        // answer (the last one was: an empty COMMAND_OK for a SELECT).
+        ConnectOptions single_options{.conninfo = conninfo};
+        auto single = co_await Connection::connect(std::move(single_options));
+        EXPECT_EQ((co_await single.query_prepared("SELECT 6")).scalar<int>(), 6);
+        proxy.repeat_next_server_message('C');
+        auto mixed = co_await expect_error(single.query_prepared("SELECT 7"));
+        EXPECT_EQ(mixed.code(), client_errc::connection_lost) << mixed.what();
+        EXPECT_THAT(mixed.what(), HasSubstr("mixed up server sessions"));
+        EXPECT_FALSE(single.is_open());
+
         PoolConfig config;
         config.conninfo = conninfo;
         config.max_size = 1;

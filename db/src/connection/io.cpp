@@ -204,6 +204,7 @@ asio::awaitable<error_code> Connection::Impl::exchange(Request request, Result& 
       error_code read_error;    // a failed wait, read or write ends them at once
       bool stale_plan = false;  // the first error: the prepared statement's plan went stale
       bool completed = false;   // a result that succeeded is in (its statement ran)
+      bool answered = false;    // the statement's result (success or the server's error) is in
       for (;;) {
         while (PQisBusy(conn) != 0) {
           if (!tls_holds_bytes()) {
@@ -227,8 +228,17 @@ asio::awaitable<error_code> Connection::Impl::exchange(Request request, Result& 
           case PGRES_TUPLES_OK:
           case PGRES_COMMAND_OK:
           case PGRES_EMPTY_QUERY:
+            // One statement sent by the extended protocol has one result (an error after it is
+            // its commit failing): a second one answers a statement we did not send. A pooler
+            // ran another client's statement in this session (PgBouncer before 1.21 does, when
+            // that client pipelines); neither answer can be trusted to be ours.
+            if (request.kind != Request::Kind::results_only && answered) {
+              read_error = answers_out_of_step(request.sql);
+              break;
+            }
             out = std::move(result);
             completed = true;
+            answered = true;
             break;
           case PGRES_SINGLE_TUPLE: {
             std::exception_ptr callback_failure;
@@ -277,6 +287,7 @@ asio::awaitable<error_code> Connection::Impl::exchange(Request request, Result& 
               first_error = server_error(raw, request.sql);
               stale_plan = is_stale_plan(raw);
             }
+            answered = true;
             break;
         }
         if (read_error) break;
