@@ -353,8 +353,10 @@ asio::awaitable<std::vector<PipelineOutcome>> Connection::run(const Pipeline& pi
     if (impl.single_row_mode_left_on) {
       const ParamSink no_params;
       Result ignored;
-      const Connection::Impl::Request empty{
-          .kind = Connection::Impl::Request::Kind::text, .sql = "", .params = &no_params};
+      const Connection::Impl::Request empty{.kind = Connection::Impl::Request::Kind::text,
+                                            .sql = "",
+                                            .params = &no_params,
+                                            .timed = false};
       if (auto reset_error = co_await impl.exchange(empty, ignored)) co_return reset_error;
     }
     if (!impl.evicted_statements.empty() && PQtransactionStatus(impl.conn) == PQTRANS_IDLE) {

@@ -2279,6 +2279,29 @@ TEST_F(PoolTest, QueryAndPipelineStatementsAreTimed) {
   });
 }
 
+// Each statement counts once in the statement-time histogram: the PREPARE of a cache miss and the
+// DEALLOCATE of a statement pushed out of the cache (pgrt's own round trips, inside the
+// statement's) are not statements of their own.
+TEST_F(PoolTest, EachStatementIsTimedOnceAndTheStatementCacheNotAtAll) {
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    auto settings = config("timed-once");
+    settings.connect.statement_cache_size = 2;
+    Pool pool(executor, settings);
+    auto lease = co_await pool.acquire();
+    const auto before = pool.stats().operation_time.count;
+    for (int i = 0; i < 6; ++i) {
+      // Distinct texts: each one a cache miss (a PREPARE), from the third on an eviction too (a
+      // DEALLOCATE).
+      const std::string sql = "SELECT " + std::to_string(i) + " + $1::int";
+      EXPECT_EQ((co_await lease->query_prepared(sql, i)).scalar<int>(), 2 * i);
+    }
+    EXPECT_EQ(pool.stats().operation_time.count - before, 6U);
+    lease.release();
+    (void)co_await pool.close(5s);
+  });
+}
+
 // Statements of query() waiting for room on the pool's connections count in longest_wait (what
 // the watchdog and /healthz read), even when no connection is being borrowed for them: here the
 // only connection has 64 statements of 10 ms in flight and the rest wait behind them.

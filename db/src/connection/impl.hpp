@@ -189,13 +189,18 @@ struct Connection::Impl {
     const ParamSink* params = nullptr;
     const std::function<void(const Row&)>* on_row = nullptr;  // single-row mode when set
     std::uint64_t* streamed_rows = nullptr;                   // counts on_row's calls
+    // In statement_times (a pooled connection's statement-time histogram): false for pgrt's own
+    // housekeeping (a PREPARE or DEALLOCATE for the statement cache, a single-row-mode reset),
+    // which would otherwise count as statements of their own.
+    bool timed = true;
   };
   // Runs `request` to its last result; the last result with rows or a command status goes to
   // `out`, the first error is returned (after the rest have been read).
   asio::awaitable<error_code> exchange(Request request, Result& out);
-  // Collects every result of a sent statement into `out` (the last one).
-  asio::awaitable<error_code> collect(std::string_view statement, Result& out) {
-    return exchange(Request{.kind = Request::Kind::results_only, .sql = statement}, out);
+  // Collects every result of a sent statement into `out` (the last one). `timed`: see Request.
+  asio::awaitable<error_code> collect(std::string_view statement, Result& out, bool timed = true) {
+    return exchange(Request{.kind = Request::Kind::results_only, .sql = statement, .timed = timed},
+                    out);
   }
   error_code send(const Request& request, const std::string* prepared_name, bool& flush_pending);
   asio::awaitable<error_code> flush(std::string_view statement, bool can_drain = true);

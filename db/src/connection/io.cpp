@@ -171,8 +171,9 @@ asio::awaitable<error_code> Connection::Impl::exchange(Request request, Result& 
   }
   const bool throw_if_cancelled = co_await asio::this_coro::throw_if_cancelled();
   co_await asio::this_coro::throw_if_cancelled(false);
+  const bool timed = statement_times && request.timed;
   const auto started =
-      statement_times ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
+      timed ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
   error_code error;
   std::exception_ptr failure;  // e.g. from a stream() callback
   try {
@@ -330,7 +331,7 @@ asio::awaitable<error_code> Connection::Impl::exchange(Request request, Result& 
   } catch (...) {
     failure = std::current_exception();
   }
-  if (statement_times) statement_times->record(std::chrono::steady_clock::now() - started);
+  if (timed) statement_times->record(std::chrono::steady_clock::now() - started);
   co_await asio::this_coro::throw_if_cancelled(throw_if_cancelled);
   if (failure) std::rethrow_exception(failure);
   co_return error;

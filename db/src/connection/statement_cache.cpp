@@ -20,7 +20,7 @@ asio::awaitable<error_code> Connection::Impl::prepare(std::string_view sql, cons
   }
   if (auto error = co_await flush(sql)) co_return error;
   Result ignored;
-  if (auto error = co_await collect(sql, ignored)) co_return error;
+  if (auto error = co_await collect(sql, ignored, /*timed=*/false)) co_return error;
   remember_statement(std::move(key), std::move(new_name));
   if (auto error = co_await deallocate_evicted()) co_return error;
   name = &statements.front().name;
@@ -61,7 +61,7 @@ asio::awaitable<error_code> Connection::Impl::deallocate_evicted() {
     evicted_statements.pop_back();
     if (PQsendQuery(conn, deallocate.c_str()) == 0) co_return lost(deallocate);
     if (auto error = co_await flush(deallocate)) co_return error;
-    if (auto error = co_await collect(deallocate, ignored);
+    if (auto error = co_await collect(deallocate, ignored, /*timed=*/false);
         error && error != make_sqlstate_error("26000")) {
       co_return error;
     }

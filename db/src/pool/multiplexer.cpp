@@ -159,8 +159,10 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
       // pipeline mode (see Connection::run()).
       const ParamSink no_params;
       Result ignored;
-      const Connection::Impl::Request empty{
-          .kind = Connection::Impl::Request::Kind::text, .sql = "", .params = &no_params};
+      const Connection::Impl::Request empty{.kind = Connection::Impl::Request::Kind::text,
+                                            .sql = "",
+                                            .params = &no_params,
+                                            .timed = false};
       if (auto reset_error = co_await impl_pointer->exchange(empty, ignored)) lost = reset_error;
     }
     if (!lost && PQenterPipelineMode(impl_pointer->conn) == 0) {
