@@ -353,6 +353,15 @@ void Core::enqueue(Waiter& waiter, Time now, Actions& actions) {
   if (waiter.queued && waiter.deadline != Time::max()) want_tick(waiter.deadline, actions);
 }
 
+void Core::fail_queued(Waiter& waiter, FailReason why, Actions& actions) {
+  waiters_.remove(waiter);
+  waiter.queued = false;
+  waiter.outcome = Waiter::Outcome::failed;
+  waiter.failed = why;
+  if (why == FailReason::timeout || why == FailReason::server_down) ++timeouts_;
+  actions.push_back({.kind = Action::Kind::wake, .waiter = &waiter});
+}
+
 void Core::time_out_waiters(Time now, Time& next, Actions& actions) {
   for (Priority priority : {Priority::high, Priority::normal}) {
     waiters_.for_each(priority, [&](Waiter& waiter) {
@@ -360,12 +369,7 @@ void Core::time_out_waiters(Time now, Time& next, Actions& actions) {
         next = std::min(next, waiter.deadline);
         return;
       }
-      waiters_.remove(waiter);
-      waiter.queued = false;
-      waiter.outcome = Waiter::Outcome::failed;
-      waiter.failed = FailReason::timeout;
-      ++timeouts_;
-      actions.push_back({.kind = Action::Kind::wake, .waiter = &waiter});
+      fail_queued(waiter, FailReason::timeout, actions);
     });
   }
 }
@@ -386,12 +390,7 @@ void Core::fail_fast(Time now, Actions& actions) {
         next = std::min(next, due);
         return;
       }
-      waiters_.remove(waiter);
-      waiter.queued = false;
-      waiter.outcome = Waiter::Outcome::failed;
-      waiter.failed = FailReason::server_down;
-      ++timeouts_;
-      actions.push_back({.kind = Action::Kind::wake, .waiter = &waiter});
+      fail_queued(waiter, FailReason::server_down, actions);
     });
   }
   if (next != Time::max()) want_tick(next, actions);
@@ -698,13 +697,8 @@ void Core::close(Actions& actions) {
   if (closed_) return;
   closed_ = true;
   for (Priority priority : {Priority::high, Priority::normal}) {
-    waiters_.for_each(priority, [&](Waiter& waiter) {
-      waiters_.remove(waiter);
-      waiter.queued = false;
-      waiter.outcome = Waiter::Outcome::failed;
-      waiter.failed = FailReason::pool_closed;
-      actions.push_back({.kind = Action::Kind::wake, .waiter = &waiter});
-    });
+    waiters_.for_each(
+        priority, [&](Waiter& waiter) { fail_queued(waiter, FailReason::pool_closed, actions); });
   }
   list(NodeState::idle).for_each([&](Node& node) {
     close_node(node, DiscardReason::closing, actions);

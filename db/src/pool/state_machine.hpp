@@ -360,6 +360,8 @@ class Core {
   // CoreConfig::fail_fast_after: fails the waiters that have waited that long while the server is
   // down (every connect in a row failed, nothing alive), and arms a tick for the next one.
   void fail_fast(Time now, Actions& actions);
+  // A queued waiter fails with `why` and is woken; a timeout (its deadline, fail_fast) counts.
+  void fail_queued(Waiter& waiter, FailReason why, Actions& actions);
   // Fails the waiters whose deadline has come (tick()); `next` gets the earliest one still ahead.
   void time_out_waiters(Time now, Time& next, Actions& actions);
   void want_tick(Time at, Actions& actions);
