@@ -268,8 +268,9 @@ class Core {
   // Queues `waiter` (after try_acquire said wait); may open connections for it. A waiter with a
   // deadline has the upkeep tick armed for it (at most one timer for all of them).
   void enqueue(Waiter& waiter, Time now, Actions& actions);
-  // The waiter gives up (its deadline passed, or it was cancelled). False when it already has an
-  // outcome (a node was handed to it, or the pool failed it): that outcome stands.
+  // The waiter gives up (it was cancelled; a deadline the core does not keep, Waiter::deadline
+  // being Time::max(), passed). False when it already has an outcome (a node was handed to it,
+  // tick() timed it out, or the pool failed it): that outcome stands.
   bool withdraw(Waiter& waiter, FailReason why, Actions& actions);
   // A lease ended.
   void lease_returned(Node& node, ReturnKind kind, Time now, Actions& actions);
