@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <gtest/gtest.h>
 #include <map>
+#include <memory>
 #include <optional>
 #include <random>
 #include <set>
@@ -1359,6 +1360,119 @@ TEST(PoolCoreWaiterDeadlines, TheTickTimesOutWaitersPastTheirDeadlineAndArmsForT
   EXPECT_EQ(core.stats().waiting_normal + core.stats().waiting_high, 0u);
   actions.clear();
   core.lease_returned(*third.handed, ReturnKind::clean, second.deadline, actions);
+}
+
+// Waiters usually wait as long as the one before them, and the tick then looks only at the
+// expired head of each queue; a waiter with an earlier deadline queued behind a later one (a
+// shorter per-call timeout) must still time out on time, and the tick must still arm for it.
+TEST(PoolCoreWaiterDeadlines, AnEarlierDeadlineBehindALaterOneStillTimesOutOnTime) {
+  Core core(CoreConfig{.max_size = 1, .min_idle = 0}, 1);
+  const Time now{};
+  Actions actions;
+  Waiter later(Priority::normal, std::source_location::current());
+  Waiter earlier(Priority::normal, std::source_location::current());
+  Waiter last(Priority::normal, std::source_location::current());
+  later.deadline = now + milliseconds(300);
+  earlier.deadline = now + milliseconds(100);
+  last.deadline = now + milliseconds(400);
+  core.enqueue(later, now, actions);
+  core.enqueue(earlier, now, actions);
+  core.enqueue(last, now, actions);
+  const auto armed_at = [&]() -> std::optional<Time> {
+    std::optional<Time> at;
+    for (const Action& action : actions) {
+      if (action.kind == Action::Kind::arm_timer) at = action.at;
+    }
+    return at;
+  };
+  EXPECT_EQ(armed_at(), earlier.deadline);
+
+  actions.clear();
+  core.tick(earlier.deadline, actions);
+  EXPECT_EQ(earlier.outcome, Waiter::Outcome::failed);
+  EXPECT_EQ(earlier.failed, FailReason::timeout);
+  EXPECT_EQ(later.outcome, Waiter::Outcome::none);
+  EXPECT_EQ(last.outcome, Waiter::Outcome::none);
+  EXPECT_EQ(armed_at(), later.deadline);
+
+  actions.clear();
+  core.tick(later.deadline, actions);
+  EXPECT_EQ(later.outcome, Waiter::Outcome::failed);
+  EXPECT_EQ(last.outcome, Waiter::Outcome::none);
+  EXPECT_EQ(armed_at(), last.deadline);
+
+  actions.clear();
+  core.tick(last.deadline, actions);
+  EXPECT_EQ(last.outcome, Waiter::Outcome::failed);
+  EXPECT_EQ(core.stats().timeouts, 3u);
+  EXPECT_EQ(core.stats().waiting_normal, 0u);
+}
+
+// Random deadlines (in and out of order, some never), priorities, consumers, cancellations and
+// ticks at random moments, against the rule itself: a tick fails exactly the queued waiters whose
+// deadline has passed, and arms the timer for the earliest deadline left.
+TEST(PoolCoreWaiterDeadlines, TicksTimeOutExactlyTheWaitersPastTheirDeadline) {
+  for (std::uint64_t seed = 1; seed <= 200; ++seed) {
+    std::mt19937_64 random(seed);
+    CoreConfig config{.max_size = 1, .min_idle = 0, .max_waiters = 1'000};
+    config.consumers = {ConsumerLimits{.min = 0, .max = 1}};
+    Core core(config, seed);
+    Time now{};
+    Actions actions;
+    std::vector<std::unique_ptr<Waiter>> waiters;
+    std::set<Waiter*> queued;
+    for (int step = 0; step < 300; ++step) {
+      actions.clear();
+      const auto roll = random() % 10;
+      if (roll < 5) {
+        const auto priority = random() % 3 == 0 ? Priority::high : Priority::normal;
+        const ConsumerIndex consumer = random() % 2;
+        auto& waiter = *waiters.emplace_back(
+            std::make_unique<Waiter>(priority, std::source_location::current(), consumer));
+        waiter.deadline =
+            random() % 8 == 0
+                ? Time::max()
+                : now + milliseconds(random() % 4 == 0 ? random() % 50 : 100 + random() % 20);
+        core.enqueue(waiter, now, actions);
+        queued.insert(&waiter);
+      } else if (roll < 6 && !queued.empty()) {
+        auto chosen = queued.begin();
+        std::advance(chosen, static_cast<std::ptrdiff_t>(random() % queued.size()));
+        ASSERT_TRUE(core.withdraw(**chosen, FailReason::cancelled, actions));
+        queued.erase(chosen);
+      } else {
+        now += milliseconds(random() % 30);
+        core.tick(now, actions);
+        Time earliest_left = Time::max();
+        for (auto it = queued.begin(); it != queued.end();) {
+          Waiter& waiter = **it;
+          const bool woken = std::any_of(actions.begin(), actions.end(), [&](const Action& a) {
+            return a.kind == Action::Kind::wake && a.waiter == &waiter;
+          });
+          if (waiter.deadline <= now) {
+            ASSERT_EQ(waiter.outcome, Waiter::Outcome::failed) << "seed " << seed;
+            ASSERT_EQ(waiter.failed, FailReason::timeout) << "seed " << seed;
+            ASSERT_TRUE(woken) << "seed " << seed;
+            it = queued.erase(it);
+          } else {
+            ASSERT_EQ(waiter.outcome, Waiter::Outcome::none) << "seed " << seed;
+            ASSERT_FALSE(woken) << "seed " << seed;
+            earliest_left = std::min(earliest_left, waiter.deadline);
+            ++it;
+          }
+        }
+        std::optional<Time> armed;
+        for (const Action& action : actions) {
+          if (action.kind == Action::Kind::arm_timer) armed = action.at;
+        }
+        if (earliest_left != Time::max()) {
+          ASSERT_EQ(armed, earliest_left) << "seed " << seed << " step " << step;
+        }
+      }
+    }
+    actions.clear();
+    core.close(actions);
+  }
 }
 
 // Pool::evict_all(): idle nodes close now, a leased one when it comes back, a connecting one when

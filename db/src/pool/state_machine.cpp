@@ -364,13 +364,9 @@ void Core::fail_queued(Waiter& waiter, FailReason why, Actions& actions) {
 
 void Core::time_out_waiters(Time now, Time& next, Actions& actions) {
   for (Priority priority : {Priority::high, Priority::normal}) {
-    waiters_.for_each(priority, [&](Waiter& waiter) {
-      if (waiter.deadline > now) {
-        next = std::min(next, waiter.deadline);
-        return;
-      }
+    next = std::min(next, waiters_.expire(priority, now, [&](Waiter& waiter) {
       fail_queued(waiter, FailReason::timeout, actions);
-    });
+    }));
   }
 }
 

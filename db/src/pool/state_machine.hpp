@@ -23,6 +23,7 @@
 //     times out waiters past their deadline)
 //   close
 
+#include <algorithm>
 #include <array>
 #include <boost/container/small_vector.hpp>
 #include <chrono>
@@ -107,18 +108,23 @@ struct Waiter {
   // When the wait times out: tick() fails it then (FailReason::timeout, a wake). Time::max():
   // never; the driver then ends the wait itself (withdraw).
   Time deadline = Time::max();
+  bool out_of_order = false;  // WaitQueues' bookkeeping: queued behind a later deadline
   Waiter* prev = nullptr;
   Waiter* next = nullptr;
 };
 
 // Callers waiting: one FIFO queue per consumer and priority. Which queue is served next is the
 // core's decision (Core::next_waiter()).
+//
+// Each queue also knows whether it is in deadline order, so that timing waiters out looks only at
+// the heads in the common case (every waiter of a queue waits as long as the one before it):
+// scanning all W waiters on each of W successive timeouts would be O(W^2) under the pool's mutex.
 class WaitQueues {
  public:
   explicit WaitQueues(std::size_t consumers) : queues_(consumers) {}
   [[nodiscard]] const IntrusiveList<Waiter>& of(Priority priority,
                                                 ConsumerIndex consumer) const noexcept {
-    return queues_[consumer][slot(priority)];
+    return queues_[consumer][slot(priority)].waiters;
   }
   [[nodiscard]] std::size_t consumers() const noexcept { return queues_.size(); }
   [[nodiscard]] std::size_t size() const noexcept { return counts_[0] + counts_[1]; }
@@ -126,25 +132,73 @@ class WaitQueues {
     return counts_[slot(priority)];
   }
   void push_back(Waiter& waiter) noexcept {
-    queues_[waiter.consumer][slot(waiter.priority)].push_back(waiter);
+    Queue& queue = queue_of(waiter);
+    // In order when no waiter queued before it (since the queue was last empty) has a later
+    // deadline: then the queue, front to back, has deadlines that never decrease.
+    waiter.out_of_order = waiter.deadline < queue.latest_deadline;
+    if (waiter.out_of_order) {
+      ++queue.out_of_order;
+    } else {
+      queue.latest_deadline = waiter.deadline;
+    }
+    queue.waiters.push_back(waiter);
     ++counts_[slot(waiter.priority)];
   }
   void remove(Waiter& waiter) noexcept {
-    queues_[waiter.consumer][slot(waiter.priority)].remove(waiter);
+    Queue& queue = queue_of(waiter);
+    queue.waiters.remove(waiter);
+    if (waiter.out_of_order) --queue.out_of_order;
+    waiter.out_of_order = false;
+    if (queue.waiters.empty()) queue.latest_deadline = Time::min();
     --counts_[slot(waiter.priority)];
   }
   // Calls `visit(Waiter&)` on every waiter of `priority`, consumer by consumer; `visit` may
   // remove() the waiter it is given.
   template <typename Visit>
   void for_each(Priority priority, Visit&& visit) {
-    for (auto& queues : queues_) queues[slot(priority)].for_each(visit);
+    for (auto& queues : queues_) queues[slot(priority)].waiters.for_each(visit);
+  }
+  // Calls `expire(Waiter&)` on every waiter of `priority` whose deadline is at or before `now`
+  // (`expire` must remove() it), and returns the earliest deadline left after `now`
+  // (Time::max() if none). A queue in deadline order is looked at only up to its first waiter
+  // still in time.
+  template <typename Expire>
+  Time expire(Priority priority, Time now, Expire&& expire) {
+    Time next = Time::max();
+    for (auto& queues : queues_) {
+      Queue& queue = queues[slot(priority)];
+      if (queue.out_of_order == 0) {
+        while (!queue.waiters.empty() && queue.waiters.front()->deadline <= now) {
+          expire(*queue.waiters.front());
+        }
+        if (!queue.waiters.empty()) next = std::min(next, queue.waiters.front()->deadline);
+        continue;
+      }
+      queue.waiters.for_each([&](Waiter& waiter) {
+        if (waiter.deadline > now) {
+          next = std::min(next, waiter.deadline);
+        } else {
+          expire(waiter);
+        }
+      });
+    }
+    return next;
   }
 
  private:
+  struct Queue {
+    IntrusiveList<Waiter> waiters;
+    // The latest deadline of the waiters queued in order since the queue was last empty.
+    Time latest_deadline = Time::min();
+    std::size_t out_of_order = 0;  // waiters queued with an earlier deadline than that
+  };
   [[nodiscard]] static std::size_t slot(Priority priority) noexcept {
     return priority == Priority::high ? 1 : 0;
   }
-  std::vector<std::array<IntrusiveList<Waiter>, 2>> queues_;  // [consumer][normal, high]
+  [[nodiscard]] Queue& queue_of(const Waiter& waiter) noexcept {
+    return queues_[waiter.consumer][slot(waiter.priority)];
+  }
+  std::vector<std::array<Queue, 2>> queues_;  // [consumer][normal, high]
   std::array<std::size_t, 2> counts_{};
 };
 
