@@ -174,13 +174,25 @@ class WaitQueues {
         if (!queue.waiters.empty()) next = std::min(next, queue.waiters.front()->deadline);
         continue;
       }
+      // A full scan also judges the order afresh against the waiters still queued, so that once
+      // the waiter that put a queue out of order has left, the queue is back to the short path.
+      Time latest = Time::min();
+      std::size_t out_of_order = 0;
       queue.waiters.for_each([&](Waiter& waiter) {
-        if (waiter.deadline > now) {
-          next = std::min(next, waiter.deadline);
-        } else {
+        if (waiter.deadline <= now) {
           expire(waiter);
+          return;
+        }
+        next = std::min(next, waiter.deadline);
+        waiter.out_of_order = waiter.deadline < latest;
+        if (waiter.out_of_order) {
+          ++out_of_order;
+        } else {
+          latest = waiter.deadline;
         }
       });
+      queue.latest_deadline = latest;
+      queue.out_of_order = out_of_order;
     }
     return next;
   }
