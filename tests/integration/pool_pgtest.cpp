@@ -641,6 +641,34 @@ TEST_F(PoolTest, FailedConnectsAreLoggedOncePerReasonAndTheRecoveryOnce) {
   EXPECT_EQ(count("connected again, after"), 1U) << text;
 }
 
+// A pool closed or destroyed in the same handler that started a connect (min_idle opens one at
+// once): the connect's coroutine is cancelled before it has begun. That must end the connect,
+// not the process (asio's co_spawn entry point throws outside any handler when cancelled before
+// the coroutine runs: std::terminate), and nothing is left open on the server.
+TEST_F(PoolTest, APoolClosedAsItStartsAConnectEndsItCleanly) {
+  BlockingConnection observer(cluster().dsn());
+  auto pool_config = config("closed-at-connect");
+  pool_config.min_idle = 1;
+  {
+    asio::io_context io;
+    { Pool dropped(io.get_executor(), pool_config); }
+    EXPECT_NO_THROW(io.run());
+  }
+  run_coroutine([&]() -> awaitable_void {
+    Pool pool(co_await asio::this_coro::executor, pool_config);
+    {
+      auto lease = co_await pool.acquire();
+      lease.discard();  // min_idle opens a replacement now, and close() cancels it at once
+    }
+    const auto closed = co_await pool.close(1s);
+    (void)closed;
+  });
+  const std::string ours =
+      "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE '%closed-at-connect%'";
+  for (int i = 0; i < 100 && observer.scalar(ours) != "0"; ++i) std::this_thread::sleep_for(20ms);
+  EXPECT_EQ(observer.scalar(ours), "0");
+}
+
 // Soft eviction (a failover learned of out of band): the idle backends end now, a lease in use
 // keeps working and its backend ends when it comes back; later leases get new backends.
 TEST_F(PoolTest, EvictAllClosesIdleConnectionsNowAndLeasedOnesOnReturn) {

@@ -97,7 +97,9 @@ void PoolState::execute_locked(const pool::Actions& actions, Deferred& deferred)
         auto& pooled = static_cast<PooledConnection&>(*action.node->attachment);
         asio::post(pooled.strand, [cancel = pooled.connect_cancel] {
           cancel->cancelled = true;
-          if (!cancel->finished) cancel->signal.emit(asio::cancellation_type::terminal);
+          if (cancel->started && !cancel->finished) {
+            cancel->signal.emit(asio::cancellation_type::terminal);
+          }
         });
         break;
       }
@@ -220,9 +222,13 @@ void PoolState::start_connect(pool::Node& node) {
   auto& pooled = *attachment;
   node.attachment = std::move(attachment);
   asio::post(*executor, [self = shared_from_this(), &node, &pooled] {
-    asio::co_spawn(
-        pooled.strand, open_connection(self, &node, pooled.connect_cancel),
-        asio::bind_cancellation_slot(pooled.connect_cancel->signal.slot(), asio::detached));
+    // The spawned coroutine's cancellation state lives in the signal's storage, and asio touches
+    // it until the spawn completes, after open_connection() has returned (and a failed connect
+    // has destroyed the node, and `pooled` with it): the completion handler keeps the signal.
+    asio::co_spawn(pooled.strand, open_connection(self, &node, pooled.connect_cancel),
+                   asio::bind_cancellation_slot(
+                       pooled.connect_cancel->signal.slot(),
+                       [keep_signal = pooled.connect_cancel](const std::exception_ptr&) {}));
   });
 }
 
@@ -233,6 +239,7 @@ asio::awaitable<void> PoolState::open_connection(
   // the awaits after it must still run, so that the outcome is always reported to the core and a
   // backend is never left without its close.
   co_await asio::this_coro::throw_if_cancelled(false);
+  cancel->started = true;
   ConnectOptions options = connect_options(self->config);
   options.application_name = self->application_name;
   const Budget& budget = self->config.budget;

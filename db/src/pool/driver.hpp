@@ -189,7 +189,11 @@ struct PooledConnection : pool::NodeAttachment, LeaseBinding {
   struct ConnectCancel {
     asio::cancellation_signal signal;
     bool cancelled = false;  // on the strand only: a cancel that came before the connect began
-    bool finished = false;   // on the strand only
+    // On the strand only: the connect's coroutine runs with throw_if_cancelled(false). A signal
+    // emitted before that would make asio's co_spawn entry point throw outside any handler
+    // (std::terminate); until then a cancel only sets `cancelled`, which the coroutine reads.
+    bool started = false;
+    bool finished = false;  // on the strand only
   };
   std::shared_ptr<ConnectCancel> connect_cancel = std::make_shared<ConnectCancel>();
   std::shared_ptr<IdleWatch> watch;  // while the core has it watched
