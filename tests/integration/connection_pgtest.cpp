@@ -477,6 +477,39 @@ TEST_F(ConnectionTest, AStatementThatCompletedBeforeItsCancelIsReportedAsRun) {
       30s);
 }
 
+// transaction() whose BEGIN completed on the server just before its deadline: the BEGIN opened a
+// transaction block, and transaction() rolls it back as it would after a failed body. Left
+// open, the caller's next statements would run inside it, and be rolled back silently when the
+// connection is reset or closed.
+TEST_F(ConnectionTest, ATransactionWhoseBeginRanBeforeItsDeadlineLeavesNoBlockOpen) {
+  testing::FaultProxy proxy("127.0.0.1", static_cast<std::uint16_t>(cluster().port()));
+  run_coroutine(
+      [&]() -> awaitable_void {
+        auto conn = co_await open_through(proxy, 5s);
+        co_await conn.execute("CREATE TEMP TABLE after_begin (x int)");
+        // BEGIN reaches the server after 300 ms and runs; its cancel request, sent at the 200 ms
+        // deadline, reaches it after 500 ms.
+        proxy.set_latency(300ms);
+        bool body_ran = false;
+        auto error = co_await expect_error(
+            with_timeout(transaction(conn,
+                                     [&](Connection& in) -> awaitable_void {
+                                       body_ran = true;
+                                       co_await in.execute("INSERT INTO after_begin VALUES (1)");
+                                     }),
+                         200ms));
+        EXPECT_EQ(error.code(), client_errc::timeout) << error.what();
+        EXPECT_THAT(error.what(), HasSubstr("had already completed on the server")) << error.what();
+        EXPECT_FALSE(body_ran);
+        proxy.set_latency(0ms);
+        EXPECT_FALSE(conn.is_broken());
+        EXPECT_EQ(conn.transaction_status(), TransactionStatus::idle);
+        co_await conn.execute("INSERT INTO after_begin VALUES (2)");  // autocommit: it stays
+        EXPECT_EQ((co_await conn.query("SELECT count(*)::int FROM after_begin")).scalar<int>(), 1);
+      },
+      30s);
+}
+
 // A statement cancelled while it is still being sent (a server that stopped reading, a large
 // parameter) cannot be drained: the connection closes at once, not after cancel_timeout.
 TEST_F(ConnectionTest, AStatementCancelledWhileBeingSentEndsAtOnce) {

@@ -152,30 +152,36 @@ asio::awaitable<error_code> Connection::Impl::cancel_and_drain(std::string_view 
       std::get<1>(std::get<0>(outcome))) {
     // What the statement's results said: the server cancelled it; it failed on its own first; or
     // it had completed before the request came (its effects stand: running it again would run it
-    // twice).
+    // twice). The connection takes statements again, inside a transaction block if one is open
+    // (a BEGIN that completed opened one).
+    const PGTransactionStatusType now = PQtransactionStatus(conn);
+    const std::string ready = now == PQTRANS_INTRANS || now == PQTRANS_INERROR
+                                  ? "the connection takes statements again, inside the "
+                                    "transaction block that is still open"
+                                  : "the connection is idle again";
     if (drained.cancelled) {
-      co_return fail(client_errc::cancelled,
-                     "the operation was cancelled; the statement was cancelled on the server and "
-                     "the connection is idle again",
-                     statement);
+      co_return fail(
+          client_errc::cancelled,
+          "the operation was cancelled; the statement was cancelled on the server and " + ready,
+          statement);
     }
     if (!drained.failure.empty()) {
       co_return fail(client_errc::cancelled,
                      "the operation was cancelled; the statement had already failed on the server "
                      "(SQLSTATE " +
-                         drained.failure + "), and the connection is idle again",
+                         drained.failure + "), and " + ready,
                      statement);
     }
     if (drained.completed) {
       co_return fail(client_errc::cancelled,
                      "the operation was cancelled, but the statement had already completed on the "
-                     "server: it ran, and its effects stand; the connection is idle again",
+                     "server: it ran, and its effects stand; " +
+                         ready,
                      statement,
                      "do not run it again as if it had not run (inside a transaction block, its "
                      "effects stand until the block ends)");
     }
-    co_return fail(client_errc::cancelled,
-                   "the operation was cancelled; the connection is idle again", statement);
+    co_return fail(client_errc::cancelled, "the operation was cancelled; " + ready, statement);
   }
   broken = true;
   close(CloseMode::immediate);

@@ -22,8 +22,9 @@ boost::asio::awaitable<void> rollback_after_failure(Connection& connection);
 }  // namespace detail
 
 /// BEGIN (with `options`), then `co_await body(connection)`, then COMMIT; returns what the body
-/// returned. If the body throws, or the operation is cancelled while the body runs, the transaction
-/// is rolled back (when the connection is still usable) and the body's exception is rethrown.
+/// returned. If BEGIN or the body throws, or the operation is cancelled while either runs, the
+/// transaction is rolled back (when the connection is still usable: also a BEGIN that completed
+/// on the server just before the cancellation reached it) and the exception is rethrown.
 /// If COMMIT itself fails (for example a serialization failure at commit), its pgrt::Error is
 /// thrown; compare it with condition::serialization_failure to retry.
 ///
@@ -33,9 +34,11 @@ requires std::invocable<Body&, Connection&>
 auto transaction(Connection& connection, Body body, TransactionOptions options = {})
     -> std::invoke_result_t<Body&, Connection&> {
   using Value = typename std::invoke_result_t<Body&, Connection&>::value_type;
-  co_await connection.begin(options);
   std::exception_ptr failure;
   try {
+    // Inside the try: a BEGIN that completed on the server before a cancellation (or a timeout)
+    // reached it leaves a transaction block open, which must be rolled back like any other.
+    co_await connection.begin(options);
     if constexpr (std::is_void_v<Value>) {
       co_await body(connection);
       co_await connection.commit();
