@@ -1656,6 +1656,63 @@ TEST_F(PoolTest, BeforeHandoutRefusesAConnectionAndTheAcquireGetsAnother) {
   EXPECT_EQ(reasons[0], DiscardReason::rejected);
 }
 
+// The hooks are bounded by their deadlines even when they wait on something other than the
+// connection (a call to another service): before_handout by the acquire's, on_connect by
+// connect_timeout. A hook past its deadline is cancelled; its connection is never handed out; and
+// an acquire whose time is up fails instead of starting over (which cut every idle connection it
+// then took at once, and discarded it).
+TEST_F(PoolTest, HooksThatWaitOnSomethingElseAreCutAtTheirDeadlinesAndHandOutNothingDead) {
+  auto slow_check = config("slow-before-handout", 3);
+  slow_check.acquire_timeout = 300ms;
+  slow_check.min_idle = 3;
+  int checks = 0;
+  slow_check.before_handout = [&checks](Connection&) -> asio::awaitable<bool> {
+    ++checks;
+    co_await testing::sleep_for(3s);
+    co_return true;
+  };
+  run_coroutine([&]() -> awaitable_void {
+    Pool pool(co_await asio::this_coro::executor, slow_check);
+    for (int i = 0; i < 250 && pool.stats().idle < 3; ++i) co_await testing::sleep_for(20ms);
+    const auto before = pool.stats();
+    const auto started = std::chrono::steady_clock::now();
+    try {
+      auto lease = co_await pool.acquire();
+      ADD_FAILURE() << "handed out after a check past the deadline; broken=" << lease->is_broken();
+    } catch (const Error& error) {
+      EXPECT_EQ(error.code(), client_errc::pool_timeout) << error.what();
+      EXPECT_THAT(error.what(), HasSubstr("before_handout")) << error.what();
+    }
+    const auto took = std::chrono::steady_clock::now() - started;
+    EXPECT_LT(took, 2s) << "the check was not cut at the acquire's deadline";
+    EXPECT_EQ(checks, 1) << "the acquire started over with no time left";
+    const auto after = pool.stats();
+    EXPECT_EQ(after.discarded - before.discarded, 1U);
+    EXPECT_EQ(after.timeouts - before.timeouts, 1U);
+    (void)co_await pool.close(2s);
+  });
+
+  auto slow_setup = config("slow-on-connect", 1);
+  slow_setup.connect.connect_timeout = 300ms;
+  slow_setup.acquire_timeout = 1500ms;
+  slow_setup.on_connect = [](Connection&) -> asio::awaitable<void> {
+    co_await testing::sleep_for(3s);
+  };
+  run_coroutine([&]() -> awaitable_void {
+    Pool pool(co_await asio::this_coro::executor, slow_setup);
+    try {
+      auto lease = co_await pool.acquire();
+      ADD_FAILURE() << "handed out a connection whose on_connect ran past connect_timeout; broken="
+                    << lease->is_broken();
+    } catch (const Error& error) {
+      EXPECT_EQ(error.code(), client_errc::pool_timeout) << error.what();
+      EXPECT_THAT(error.what(), HasSubstr("on_connect")) << error.what();
+    }
+    EXPECT_GE(pool.stats().connect_errors, 1U);
+    (void)co_await pool.close(2s);
+  });
+}
+
 }  // namespace
 }  // namespace pgrt
 

@@ -7,6 +7,7 @@
 
 #include "budget.hpp"
 #include "multiplexer.hpp"
+#include "pgrt/db/deadline.hpp"
 
 namespace pgrt::detail {
 
@@ -308,8 +309,17 @@ asio::awaitable<void> PoolState::open_connection(
   probe_turn.reset();
   if (!error && self->config.on_connect) {
     try {
-      co_await cut_at(connection, Clock::now() + self->config.connect.connect_timeout,
-                      self->config.on_connect(connection));
+      // Cut at connect_timeout twice over: the connection (a statement the hook runs ends), and
+      // the hook itself (cancelled, for one that waits on something else).
+      co_await with_timeout(cut_at(connection, Clock::now() + self->config.connect.connect_timeout,
+                                   self->config.on_connect(connection)),
+                            self->config.connect.connect_timeout);
+      if (connection.is_broken() || !connection.is_open()) {  // it caught its statement's error
+        error = make_error_code(client_errc::connect_failed);
+        failure =
+            "PoolConfig::on_connect returned after its connection was cut (it ran past "
+            "connect.connect_timeout, or its statement failed and it went on)";
+      }
     } catch (const std::exception& hook_error) {
       error = make_error_code(client_errc::connect_failed);
       failure = std::string("PoolConfig::on_connect failed: ") + hook_error.what();
@@ -910,12 +920,16 @@ asio::awaitable<Lease> PoolState::checked(Lease lease, std::shared_ptr<PoolState
                                           bool validate) {
   bool usable = true;
   DiscardReason reason = DiscardReason::broken;
+  Connection& connection = *lease;
   try {
-    Connection& connection = *lease;
     if (validate) (void)co_await cut_at(connection, deadline, connection.query(""));
     if (self->config.before_handout) {
       reason = DiscardReason::rejected;
-      usable = co_await cut_at(connection, deadline, self->config.before_handout(connection));
+      // Cut at the deadline twice over: the connection (a statement the check runs ends), and
+      // the check itself (cancelled, for one that waits on something else).
+      usable = co_await with_timeout(
+          cut_at(connection, deadline, self->config.before_handout(connection)),
+          std::max(deadline - Clock::now(), Clock::duration::zero()));
     }
   } catch (const Error& error) {
     if (error.code() == client_errc::cancelled) throw;  // the caller gave up: so do we
@@ -925,8 +939,28 @@ asio::awaitable<Lease> PoolState::checked(Lease lease, std::shared_ptr<PoolState
                  error.what());
     usable = false;
   }
+  // A check that said yes on a connection that was cut meanwhile (it caught the error) hands out
+  // nothing dead.
+  if (usable && (connection.is_broken() || !connection.is_open())) {
+    usable = false;
+    reason = DiscardReason::broken;
+  }
   if (usable) co_return lease;
   self->refuse(std::move(lease), reason);
+  if (Clock::now() >= deadline) {
+    // No time is left to check another: starting over would cut each idle connection at once.
+    {
+      std::lock_guard lock(self->mutex);
+      pool::Waiter gone(priority, site, consumer);
+      self->core.withdraw(gone, pool::FailReason::timeout,
+                          self->fresh_actions_locked());  // counted
+    }
+    throw_pool_error(client_errc::pool_timeout,
+                     "no connection of the pool " + self->application_name +
+                         " passed its checks before handout (validate_after_idle, "
+                         "PoolConfig::before_handout) within the acquire's deadline",
+                     "make the check quicker, or give the acquire more time (acquire_timeout)");
+  }
   co_return co_await self->acquire(self, priority, consumer, site, deadline);
 }
 

@@ -195,17 +195,21 @@ struct PoolConfig {
 
   /// Runs on every new connection before the pool uses it, on the pool's executor: set a
   /// search_path, prepare statements, register types (as asyncpg's `init`, pgx's `AfterConnect`,
-  /// HikariCP's `connectionInitSql`). It is cut at connect.connect_timeout. If it throws (or is
-  /// cut), the connection is closed and the connect counts as failed: connect_errors, the
+  /// HikariCP's `connectionInitSql`). It is cut at connect.connect_timeout: its connection is
+  /// interrupted and the hook itself cancelled (a hook that waits on anything must honour asio's
+  /// per-operation cancellation to be bounded). If it throws, is cut, or returns with its
+  /// connection cut, the connection is closed and the connect counts as failed: connect_errors, the
   /// connect_failed event, the connect backoff, and the message in last_connect_error and in
   /// waiters' pool_timeout errors. Empty: nothing runs.
   std::function<boost::asio::awaitable<void>(Connection&)> on_connect;
   /// Runs before every handout of a connection (after the validate_after_idle ping, if any), on
   /// the acquiring coroutine: return false to refuse the connection, which is then closed
   /// (DiscardReason::rejected), and the acquire goes on with another within its acquire_timeout;
-  /// a check not done by the acquire's deadline cuts the connection. A check that throws refuses
-  /// too (client_errc::cancelled, when the acquire is cancelled, is passed on). Empty: no check,
-  /// and no cost.
+  /// a check not done by the acquire's deadline is cancelled and its connection cut and closed,
+  /// and the acquire then fails with client_errc::pool_timeout (no time is left to check another).
+  /// A check that throws refuses too (client_errc::cancelled, when the acquire is cancelled, is
+  /// passed on); a connection found cut after a check said yes is closed, never handed out.
+  /// Empty: no check, and no cost.
   std::function<boost::asio::awaitable<bool>(Connection&)> before_handout;
 
   /// max 3: for a db-f1-micro (about 25 connections) shared with other services.
