@@ -21,6 +21,7 @@
 #include <map>
 #include <mutex>
 #include <optional>
+#include <spdlog/sinks/stdout_sinks.h>
 #include <spdlog/spdlog.h>
 #include <stdexcept>
 #include <system_error>
@@ -58,14 +59,34 @@ void flush_logs() noexcept {
   }
 }
 
-// Logs, flushes and ends the process now, without atexit handlers or destructors.
+// Logs, flushes and ends the process now, without atexit handlers or destructors. The line is
+// written by a thread of its own, waited for at most a moment: logging can block (a sink's mutex
+// held by a thread stuck writing into a pipe nobody reads), and the exit must not block with it.
 [[noreturn]] void exit_now(int code, const char* why) noexcept {
+  struct LastWords {
+    std::mutex mutex;
+    std::condition_variable written;
+    bool done = false;
+  };
   try {
-    spdlog::error("{}; exiting now with code {}", why, code);
-  } catch (...) {  // NOLINT(bugprone-empty-catch): the exit matters more than the line
+    auto words = std::make_shared<LastWords>();
+    std::thread([words, code, why] {
+      try {
+        spdlog::error("{}; exiting now with code {}", why, code);
+      } catch (...) {  // NOLINT(bugprone-empty-catch): the exit matters more than the line
+      }
+      flush_logs();
+      std::fflush(stderr);
+      {
+        std::lock_guard lock(words->mutex);
+        words->done = true;
+      }
+      words->written.notify_all();
+    }).detach();
+    std::unique_lock lock(words->mutex);
+    words->written.wait_for(lock, std::chrono::milliseconds(500), [&] { return words->done; });
+  } catch (...) {  // NOLINT(bugprone-empty-catch): no thread or no memory: exit without the line
   }
-  flush_logs();
-  std::fflush(stderr);
   ::_exit(code);
 }
 
@@ -463,6 +484,9 @@ struct Manager::Impl {
     return true;
   }
 
+  // How long a stop past its deadline has, once cancelled, to wind down before it is abandoned.
+  static constexpr milliseconds stop_wind_down{1'000};
+
   // Stops every started component along the reverse DAG. True if all stopped cleanly.
   asio::awaitable<bool> stop_all() {
     const auto budget_end = Clock::now() + options.shutdown_budget;
@@ -482,6 +506,21 @@ struct Manager::Impl {
             spdlog::info("{}: stopped '{}' in {} ms", options.name, node->name,
                          elapsed_ms(node->began).count());
           }
+        } else if (now >= node->deadline && !node->cancel_emitted &&
+                   budget_end - now > milliseconds(1)) {
+          // Cancelled first, and given a moment to wind down (within the shutdown budget): a
+          // stop that honours its cancellation says what it gave up on (a PendingWrites reports
+          // the writes it could not commit) instead of being dropped mid-way. At the budget's end
+          // (a deadline the budget set is cut to the millisecond), it is abandoned at once.
+          clean = false;
+          cancel(*node);
+          node->deadline = std::min(now + stop_wind_down, budget_end);
+          spdlog::error(
+              "{}: component '{}' did not stop within {} ms; cancelled (abandoned if "
+              "it has not wound down within {} ms)",
+              options.name, node->name, elapsed_ms(node->began).count(),
+              std::chrono::duration_cast<milliseconds>(node->deadline - now).count());
+          ++in_flight;
         } else if (now >= node->deadline) {
           clean = false;
           node->status = Status::abandoned;
@@ -632,7 +671,15 @@ struct Manager::Impl {
     }
     graceful_done = true;  // everything stopped, or the handlers have run: not again at exit
     release_watchdog();    // after the handlers, so that the hard deadline still bounds them
-    if (options.shutdown_logging) spdlog::shutdown();
+    if (options.shutdown_logging) {
+      spdlog::shutdown();  // flushes every logger, and ends spdlog's async thread pool
+      // spdlog::shutdown() leaves no default logger, and spdlog::info() and the like then
+      // dereference null: a line that destructors log after run() returns (a PendingWrites
+      // abandoned with writes in it, a ChildProcess still running) would crash the process. A
+      // plain stderr logger takes its place: late lines still reach someone.
+      spdlog::set_default_logger(std::make_shared<spdlog::logger>(
+          options.name, std::make_shared<spdlog::sinks::stderr_sink_mt>()));
+    }
     return code.value_or(exit_code::failure);
   }
 

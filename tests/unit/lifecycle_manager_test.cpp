@@ -13,6 +13,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <memory>
+#include <spdlog/spdlog.h>
 #include <stdexcept>
 #include <string>
 #include <system_error>
@@ -131,6 +132,27 @@ TEST(LifecycleManager, StartsAlongDependenciesAndStopsInReverse) {
   EXPECT_THAT(hooks, ElementsAre("starting", "ready", "stopping", "stopped"));
   EXPECT_THAT(states,
               ElementsAre(State::starting, State::running, State::stopping, State::stopped));
+}
+
+// run() ends with spdlog::shutdown(), which leaves no default logger: spdlog::info() then
+// dereferenced null, so a line logged after run() returned (pgrt's own destructors log: a
+// PendingWrites destroyed with writes it never flushed) crashed the process. A plain stderr logger
+// takes the default's place.
+TEST(LifecycleManager, ALineLoggedAfterRunReturnsNeitherCrashesNorIsLost) {
+  const auto previous = spdlog::default_logger();
+  {
+    ManagerOptions options = test_options();
+    options.shutdown_logging = true;
+    Manager app(options);
+    app.on_ready([&] { app.request_stop(); });
+    EXPECT_EQ(app.run(), exit_code::ok);
+    ASSERT_NE(spdlog::default_logger_raw(), nullptr);
+    ::testing::internal::CaptureStderr();
+    spdlog::warn("a line after run() returned");
+    spdlog::default_logger()->flush();
+    EXPECT_THAT(::testing::internal::GetCapturedStderr(), HasSubstr("a line after run() returned"));
+  }
+  spdlog::set_default_logger(previous);
 }
 
 TEST(LifecycleManager, IndependentComponentsStartConcurrently) {

@@ -85,8 +85,9 @@ struct ManagerOptions {
   /// or interrupted start-up switches to hard_deadline when its shutdown begins.
   std::optional<std::chrono::milliseconds> start_hard_deadline;
   bool handle_signals = true;  ///< Own SIGINT, SIGTERM and SIGQUIT (one signal_set, kept).
-  /// run() ends with spdlog::shutdown() (after its threads are joined). Turn off to keep logging
-  /// through spdlog after run() returns.
+  /// run() ends with spdlog::shutdown() (after its threads are joined), then makes a plain
+  /// stderr logger the default one (a line logged later, by a destructor, neither crashes nor is
+  /// lost). Turn off to keep your own loggers after run() returns.
   bool shutdown_logging = true;
 };
 
