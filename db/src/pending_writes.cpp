@@ -350,7 +350,9 @@ void settle_flushed(State& self, std::size_t count) {
   self.make_room_locked();
 }
 
-void give_up(State& self, std::span<const Write> writes, const Error& error) {
+// `abandoned`: given up on because the flushing was abandoned, not for an error of their own.
+void give_up(State& self, std::span<const Write> writes, const Error& error,
+             bool abandoned = false) {
   std::vector<std::string> descriptions;
   descriptions.reserve(writes.size());
   for (const Write& write : writes) descriptions.push_back(describe(write));
@@ -371,7 +373,7 @@ void give_up(State& self, std::span<const Write> writes, const Error& error) {
   {
     std::lock_guard lock(self.mutex);
     self.failed += writes.size();
-    self.failed_by_error += writes.size();
+    if (!abandoned) self.failed_by_error += writes.size();
     self.in_flight -= writes.size();
     self.make_room_locked();
   }
@@ -383,8 +385,20 @@ void give_up(State& self, std::span<const Write> writes, const Error& error) {
 // isolated. Returns early, leaving the rest in in_flight, when the flushing is abandoned.
 asio::awaitable<void> flush(State& self, std::span<Write> writes) {
   auto delay = self.config.retry_initial;
+  // Abandoned before the batch's commit was confirmed: its writes are given up on, and reported
+  // (logged, events().failed) like those of a permanent error.
+  const auto abandon = [&self, writes] {
+    give_up(self, writes,
+            Error(make_error_code(client_errc::cancelled),
+                  Diagnostics{.message = "the flushing was abandoned (stop() was cancelled or ran "
+                                         "out of time) before the batch's commit was confirmed"}),
+            /*abandoned=*/true);
+  };
   for (std::uint64_t attempt = 1;; ++attempt) {
-    if (is_abandoned(self)) co_return;
+    if (is_abandoned(self)) {
+      abandon();
+      co_return;
+    }
     std::optional<Error> failure;
     try {
       co_await write_batch(self, writes);
@@ -400,7 +414,10 @@ asio::awaitable<void> flush(State& self, std::span<Write> writes) {
                     self.config.name, writes.size());
       co_return;
     }
-    if (is_abandoned(self)) co_return;
+    if (is_abandoned(self)) {
+      abandon();
+      co_return;
+    }
     switch (classify(failure->code())) {
       case Failure::transient: {
         std::uniform_int_distribution<std::int64_t> jitter(delay.count() / 2, delay.count());
@@ -416,7 +433,11 @@ asio::awaitable<void> flush(State& self, std::span<Write> writes) {
               self.config.name, writes.size(), attempt, failure->what(), wait.count());
         }
         notify(self.config.name, [&] { self.events.retrying(writes.size(), *failure, wait); });
-        if (!co_await back_off(self, wait)) co_return;
+        const bool waited = co_await back_off(self, wait);
+        if (!waited) {
+          abandon();
+          co_return;
+        }
         delay = std::min(delay * 2, self.config.retry_max);
         continue;
       }
@@ -485,19 +506,43 @@ void flusher_ended(const std::shared_ptr<State>& self, const std::exception_ptr&
     }
   }
   std::size_t lost = 0;
+  std::size_t were_in_flight = 0;
+  std::deque<Write> never_sent;
   {
     std::lock_guard lock(self->mutex);
     lost = self->unflushed_locked();
+    were_in_flight = self->in_flight;
     self->failed += lost;
-    self->queue.clear();
+    never_sent.swap(self->queue);
     self->in_flight = 0;
     self->finished = true;
     self->close_locked();  // in case it ended for another reason than stop()
   }
   self->flushing.done();
-  if (lost > 0) {
-    spdlog::warn("pgrt pending writes {}: gave up on {} accepted writes that were not committed",
-                 self->config.name, lost);
+  if (lost == 0) return;
+  // Every write given up on is logged and reported, as a permanent error's are (give_up()): the
+  // queued ones by what they were; those of a batch being written when the flushing was
+  // abandoned only by their count (the batch went with the flusher, and may have committed).
+  const std::string& name = self->config.name;
+  spdlog::warn(
+      "pgrt pending writes {}: gave up on {} accepted writes that were not committed ({} never "
+      "sent, {} in a batch whose commit was not confirmed)",
+      name, lost, never_sent.size(), were_in_flight);
+  std::vector<std::string> descriptions;
+  descriptions.reserve(never_sent.size());
+  for (const Write& write : never_sent) descriptions.push_back(describe(write));
+  for (std::size_t i = 0; i < descriptions.size() && i < 10; ++i) {
+    spdlog::warn("pgrt pending writes {}: not written: {}", name, descriptions[i]);
+  }
+  if (descriptions.size() > 10) {
+    spdlog::warn("pgrt pending writes {}: ... and {} more not written", name,
+                 descriptions.size() - 10);
+  }
+  if (!descriptions.empty()) {
+    const Error error(make_error_code(client_errc::cancelled),
+                      Diagnostics{.message = "the flushing was abandoned (stop() was cancelled or "
+                                             "ran out of time) before these writes were sent"});
+    notify(name, [&] { self->events.failed(descriptions, error); });
   }
 }
 
@@ -739,7 +784,8 @@ asio::awaitable<void> PendingWrites::stop() {
   if (report.failed > by_error) {
     if (!why.empty()) why += "; ";
     why += std::to_string(report.failed - by_error) +
-           " were still pending when the flushing was abandoned (stop() cancelled)";
+           " were still pending when the flushing was abandoned (stop() cancelled; logged, and "
+           "reported through events().failed)";
   }
   throw_error(client_errc::writes_failed,
               "pending writes " + name + ": " + std::to_string(report.failed) + " of " +

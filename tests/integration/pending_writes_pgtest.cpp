@@ -573,6 +573,7 @@ TEST_F(PendingWritesTest, AStopCancelledWhileTheServerIsDownCountsTheUnwrittenAs
   std::chrono::steady_clock::duration wind_down{};
   PendingWritesReport end{};
   int retries_seen = 0;
+  std::size_t reported_failed = 0;  // every write given up on is reported, by what it was
   run_coroutine(
       [&]() -> awaitable_void {
         auto executor = co_await asio::this_coro::executor;
@@ -580,6 +581,11 @@ TEST_F(PendingWritesTest, AStopCancelledWhileTheServerIsDownCountsTheUnwrittenAs
         PendingWrites writes(pool, executor, Config{.name = "down", .flush_interval = 10ms});
         boost::signals2::scoped_connection subscription = writes.events().retrying.connect(
             [&](std::size_t, const Error&, std::chrono::milliseconds) { ++retries_seen; });
+        boost::signals2::scoped_connection on_failed = writes.events().failed.connect(
+            [&](const std::vector<std::string>& lost, const Error& error) {
+              reported_failed += lost.size();
+              EXPECT_EQ(error.code(), client_errc::cancelled) << error.what();
+            });
         co_await writes.start();
         auto rows = writes.table<std::int64_t, std::string>("pw_down", {"seq", "payload"});
         for (std::int64_t seq = 0; seq < 20; ++seq) co_await rows.append(seq, "up");
@@ -615,6 +621,7 @@ TEST_F(PendingWritesTest, AStopCancelledWhileTheServerIsDownCountsTheUnwrittenAs
   EXPECT_EQ(end.accepted, 70U);
   EXPECT_EQ(end.flushed, 20U);
   EXPECT_EQ(end.failed, 50U);
+  EXPECT_EQ(reported_failed, 50U);
   EXPECT_EQ(end.pending, 0U);
   own->start();
   EXPECT_EQ(key_summary(dsn, "pw_down"), "20 0 19 190");
