@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <iostream>
+#include <libpq-fe.h>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -61,7 +62,8 @@ const char* const usage =
     "                 [--watch [SECONDS]] [--kill-leaked | --emergency]\n"
     "       pgrt-diag budget --help   (the holders of a connection budget's slots)\n"
     "       pgrt-diag metrics --help  (a running process's metrics endpoint, summarized)\n"
-    "  --dsn             the server (default: DATABASE_URL, then libpq's PG* variables)\n"
+    "  --dsn             the server (default: DATABASE_URL, then libpq's PG* variables);\n"
+    "                    no password here: others can read a command line (use PGPASSWORD)\n"
     "  --app             the app whose backends to check (default: PGRT_APP, then \"pgrt\"),\n"
     "                    as configured: shortened like the tags (pgrt::tag_app_name())\n"
     "  --idle-threshold  idle (not in a transaction) longer than this counts as leaked, as\n"
@@ -94,6 +96,32 @@ std::optional<std::int64_t> parse_number(std::string_view text, std::int64_t low
   return value;
 }
 
+// A --dsn value, taken off the command line: one that holds a password is overwritten in argv
+// (every local user can read /proc/PID/cmdline for as long as the process runs), with a warning
+// naming the safer ways to give it.
+std::string take_dsn(char* value) {
+  std::string dsn = value;
+  char* parse_error = nullptr;
+  PQconninfoOption* options = PQconninfoParse(dsn.c_str(), &parse_error);
+  PQfreemem(parse_error);
+  bool has_password = false;
+  for (PQconninfoOption* option = options; option != nullptr && option->keyword != nullptr;
+       ++option) {
+    if (std::string_view(option->keyword) == "password" && option->val != nullptr &&
+        *option->val != '\0') {
+      has_password = true;
+    }
+  }
+  PQconninfoFree(options);
+  if (has_password) {
+    std::fill(value, value + dsn.size(), 'x');
+    std::cerr << "pgrt-diag: warning: --dsn holds a password, which other local users can read "
+                 "on the command line (/proc/PID/cmdline); give it through DATABASE_URL, "
+                 "PGPASSWORD or ~/.pgpass instead\n";
+  }
+  return dsn;
+}
+
 std::optional<Arguments> parse_arguments(int argc, char** argv) {
   Arguments arguments;
   if (const char* url = std::getenv("DATABASE_URL")) arguments.conninfo = url;
@@ -110,7 +138,7 @@ std::optional<Arguments> parse_arguments(int argc, char** argv) {
     const std::string_view argument = argv[i];
     const bool has_value = i + 1 < argc;
     if (argument == "--dsn" && has_value) {
-      arguments.conninfo = argv[++i];
+      arguments.conninfo = take_dsn(argv[++i]);
     } else if (argument == "--app" && has_value) {
       arguments.app = argv[++i];
     } else if (argument == "--idle-threshold" && has_value) {
@@ -364,7 +392,7 @@ int run_budget(int argc, char** argv) {
     const std::string_view argument = argv[i];
     const bool has_value = i + 1 < argc;
     if (argument == "--dsn" && has_value) {
-      conninfo = argv[++i];
+      conninfo = take_dsn(argv[++i]);
     } else if (argument == "--key" && has_value) {
       key = argv[++i];
     } else if (argument == "--slots" && has_value) {

@@ -1333,6 +1333,27 @@ TEST_F(StartupHygieneTest, AMalformedDsnExits78AndNeverShowsItsPassword) {
   EXPECT_THAT(diag.output(), Not(HasSubstr("hunter2")));
 }
 
+// A command line is readable by every local user (/proc/PID/cmdline) for as long as the process
+// runs (pgrt-diag --watch runs for good): a --dsn that holds a password is overwritten there, with
+// a warning that names the safer ways to give it; the tool still works.
+TEST_F(StartupHygieneTest, APasswordGivenToPgrtDiagOnItsCommandLineIsWipedFromIt) {
+  Child diag({PGRT_DIAG_PATH, "--dsn", cluster().dsn() + " password=hunter2-argv", "--app", "pw",
+              "--watch", "1"},
+             "", "pw");
+  ASSERT_TRUE(testing::eventually(
+      [&] { return diag.output().find("pgrt-diag") != std::string::npos; }, 20s))
+      << diag.output();
+  std::ifstream cmdline("/proc/" + std::to_string(diag.pid()) + "/cmdline");
+  const std::string argv_seen((std::istreambuf_iterator<char>(cmdline)),
+                              std::istreambuf_iterator<char>());
+  EXPECT_THAT(argv_seen, Not(HasSubstr("hunter2"))) << argv_seen;
+  EXPECT_THAT(argv_seen, HasSubstr("--watch"));
+  EXPECT_THAT(diag.output(), HasSubstr("--dsn holds a password")) << diag.output();
+  EXPECT_THAT(diag.output(), Not(HasSubstr("hunter2"))) << diag.output();
+  diag.signal(SIGTERM);
+  EXPECT_EQ(diag.wait_for_exit(20s), 0) << diag.output();
+}
+
 // Behind a transaction pooler the server's backends are the pooler's: PgBouncer's server
 // connections carry the tag of whichever client used them last (here another instance of the
 // app, idle past the idle rule's threshold), and neither the start-up cleanup nor pgrt-diag
