@@ -18,6 +18,7 @@ namespace pgrt {
 // --- Connection::Impl's state -------------------------------------------------------------------
 
 void Connection::Impl::close(CloseMode mode) noexcept {
+  if (lingering_fd >= 0) ::close(std::exchange(lingering_fd, -1));
   {
     std::lock_guard lock(interrupt_mutex);
     interruptible_fd = -1;
@@ -256,28 +257,36 @@ void Connection::close(CloseMode mode) noexcept {
 
 asio::awaitable<bool> Connection::close_and_wait(std::chrono::milliseconds limit,
                                                  std::function<bool()> keep_waiting) {
-  if (!impl_ || impl_->conn == nullptr) co_return true;
-  // A backend running a statement reads the Terminate only when the statement ends: cancel it,
-  // so that the backend ends now rather than after its statement (and the server's end closes).
-  if (PQtransactionStatus(impl_->conn) == PQTRANS_ACTIVE) (void)impl_->send_cancel_request();
-  // A second descriptor for the same socket keeps it open after PQfinish() closes libpq's, so the
-  // server's end can be watched: it closes the socket only after its pg_stat_activity entry is
-  // gone (the backend clears that entry before it exits).
-  const int fd = PQsocket(impl_->conn);
-  const int watched = fd >= 0 ? ::fcntl(fd, F_DUPFD_CLOEXEC, 0) : -1;
+  if (!impl_) co_return true;
+  int watched = -1;
+  if (impl_->conn == nullptr) {
+    // Closed already without waiting (a cancelled pipeline): its lingering descriptor, if any,
+    // still shows when the server ends the session.
+    watched = std::exchange(impl_->lingering_fd, -1);
+    if (watched < 0) co_return true;
+  } else {
+    // A backend running a statement reads the Terminate only when the statement ends: cancel it,
+    // so that the backend ends now rather than after its statement (and the server's end closes).
+    if (PQtransactionStatus(impl_->conn) == PQTRANS_ACTIVE) (void)impl_->send_cancel_request();
+    // A second descriptor for the same socket keeps it open after PQfinish() closes libpq's, so
+    // the server's end can be watched: it closes the socket only after its pg_stat_activity entry
+    // is gone (the backend clears that entry before it exits).
+    const int fd = PQsocket(impl_->conn);
+    watched = fd >= 0 ? ::fcntl(fd, F_DUPFD_CLOEXEC, 0) : -1;
+    impl_->close(CloseMode::graceful);
+    // Our descriptor keeps the socket open, so the server would never see the client go: send it
+    // end-of-file now (after the Terminate libpq queued). A backend still busy with a statement
+    // the cancel did not reach then notices at its next client_connection_check_interval check.
+    if (watched >= 0) (void)::shutdown(watched, SHUT_WR);
+  }
   sockaddr_storage address{};
   socklen_t length = sizeof address;
   const bool named =
       watched >= 0 && ::getsockname(watched, reinterpret_cast<sockaddr*>(&address), &length) == 0;
-  impl_->close(CloseMode::graceful);
   if (!named) {
     if (watched >= 0) ::close(watched);
     co_return false;
   }
-  // Our descriptor keeps the socket open, so the server would never see the client go: send it
-  // end-of-file now (after the Terminate libpq queued). A backend still busy with a statement the
-  // cancel did not reach then notices at its next client_connection_check_interval check.
-  (void)::shutdown(watched, SHUT_WR);
   const auto executor = co_await asio::this_coro::executor;
   asio::generic::stream_protocol::socket socket(executor);
   error_code error;

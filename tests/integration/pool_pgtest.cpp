@@ -669,6 +669,38 @@ TEST_F(PoolTest, APoolClosedAsItStartsAConnectEndsItCleanly) {
   EXPECT_EQ(observer.scalar(ours), "0");
 }
 
+// A Pipeline cancelled while the server runs its statement cannot be drained, so its connection
+// is closed at once; but its backend still runs the statement, and the pool must not count the
+// capacity free (strict max) until the server has ended that session. The cancel request it now
+// sends ends the statement, and the pool waits for the server's end of the socket.
+TEST_F(PoolTest, ACancelledPipelineFreesItsCapacityOnlyOnceItsBackendHasEnded) {
+  BlockingConnection observer(cluster().dsn());
+  auto pool_config = config("cancelled-pipeline", 1);
+  run_coroutine([&]() -> awaitable_void {
+    Pool pool(co_await asio::this_coro::executor, pool_config);
+    const std::string ours = "SELECT count(*) FROM pg_stat_activity WHERE application_name = '" +
+                             pool.application_name() + "'";
+    int first_pid = 0;
+    {
+      auto lease = co_await pool.acquire();
+      first_pid = lease->backend_pid();
+      Pipeline pipeline;
+      pipeline.add("SELECT pg_sleep(60)");
+      auto error = co_await testing::expect_error(with_timeout(lease->run(pipeline), 300ms));
+      EXPECT_EQ(error.code(), client_errc::timeout) << error.what();
+      EXPECT_TRUE(lease->is_broken());
+    }
+    const auto started = std::chrono::steady_clock::now();
+    auto second = co_await pool.acquire();
+    EXPECT_NE(second->backend_pid(), first_pid);
+    EXPECT_EQ(observer.scalar(ours), "1") << "the cancelled pipeline's backend outlived its slot";
+    EXPECT_EQ(observer.scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = " +
+                              std::to_string(first_pid)),
+              "0");
+    EXPECT_LT(std::chrono::steady_clock::now() - started, 10s) << "the statement was not cancelled";
+  });
+}
+
 // Soft eviction (a failover learned of out of band): the idle backends end now, a lease in use
 // keeps working and its backend ends when it comes back; later leases get new backends.
 TEST_F(PoolTest, EvictAllClosesIdleConnectionsNowAndLeasedOnesOnReturn) {

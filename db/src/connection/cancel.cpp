@@ -1,5 +1,6 @@
 #include <boost/asio/experimental/awaitable_operators.hpp>
 #include <boost/asio/steady_timer.hpp>
+#include <fcntl.h>
 #include <future>
 #include <sys/socket.h>
 #include <thread>
@@ -48,8 +49,18 @@ asio::awaitable<error_code> Connection::Impl::interrupted(error_code error,
   }
   co_await asio::this_coro::reset_cancellation_state();
   if (!can_drain) {
+    // The backend still runs what the pipeline sent: ask it to cancel that, and keep a descriptor
+    // of the socket, so that close_and_wait() (the pool's, which keeps the connection's capacity
+    // until then) sees the server end the session. The end-of-file goes out at once.
     broken = true;
-    close(CloseMode::immediate);
+    (void)send_cancel_request();
+    const int fd = PQsocket(conn);
+    const int kept = fd >= 0 ? ::fcntl(fd, F_DUPFD_CLOEXEC, 0) : -1;
+    close(CloseMode::graceful);
+    if (kept >= 0) {
+      (void)::shutdown(kept, SHUT_WR);
+      lingering_fd = kept;
+    }
     co_return fail(client_errc::cancelled,
                    "the operation was cancelled; the connection was closed (a cancelled "
                    "pipeline cannot be drained)",

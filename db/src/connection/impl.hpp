@@ -117,6 +117,10 @@ struct Connection::Impl {
   // never shuts down a descriptor that has been reused for something else.
   std::mutex interrupt_mutex;
   int interruptible_fd = -1;
+  // After a close that could not wait for the server (a cancelled pipeline): a second descriptor
+  // of the socket, so that close_and_wait() can still see the server end the session (the pool
+  // keeps the connection's capacity until then). close() closes it.
+  int lingering_fd = -1;
   std::shared_ptr<PGcancel> interrupt_cancel;
   std::atomic<bool> cut_by_owner{false};
   // Set while a Lease holds this connection: close() hands the open connection to it.
@@ -222,6 +226,11 @@ struct Connection::Impl {
   asio::awaitable<error_code> deallocate_evicted();
   // False when the cache did not hold it (forgotten already).
   bool forget_statement(const std::string& name);
+  // The server says it no longer has our prepared statement `name` (forgot_statement()): the
+  // whole cache is dropped, since what forgot one (DISCARD ALL, DEALLOCATE ALL, another server
+  // session behind a pooler) forgot them all. True if `name` was cached: a new forgetting, to be
+  // counted once (false: the same forgetting, seen through another statement).
+  bool server_forgot_statement(const std::string& name);
   // Forgets a statement whose plan went stale (is_stale_plan()) and queues it for DEALLOCATE: the
   // next use of its text prepares it again. False when the cache did not hold it.
   bool retire_stale_statement(std::string name);
