@@ -392,9 +392,12 @@ asio::awaitable<std::vector<PipelineOutcome>> Connection::run(const Pipeline& pi
       // (the old one is deallocated; the next run prepares it again); it is no sign of a pooler.
       for (const std::string& name : not_run.stale) impl.retire_stale_statement(name);
       run_unnamed.insert(not_run.stale_statements.begin(), not_run.stale_statements.end());
-      for (const std::string& name : not_run.forgotten) impl.forget_statement(name);
+      bool forgetting = false;  // one forgetting, however many of its statements show it
+      for (const std::string& name : not_run.forgotten) {
+        forgetting = impl.server_forgot_statement(name) || forgetting;
+      }
       bool pooler_noticed = false;
-      if (!not_run.forgotten.empty()) {
+      if (forgetting) {
         pooler_noticed = ++impl.forgotten_statements >= 2;
         if (pooler_noticed) impl.use_unnamed_statements("forgot its prepared statements");
       }

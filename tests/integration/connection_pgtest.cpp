@@ -948,6 +948,29 @@ TEST_F(ConnectionTest, PreparedStatementsAreCachedPerTextAndTypesWithLruEviction
   });
 }
 
+// One DISCARD ALL (or DEALLOCATE ALL) forgets every cached statement at once: that is one
+// forgetting, however many statements then find their name gone. Counted per statement, a second
+// one made the connection look like it was behind a transaction pooler, and it went on without
+// named statements for good.
+TEST_F(ConnectionTest, OneDiscardAllIsOneForgettingAndTheCacheKeepsWorking) {
+  run_coroutine([]() -> awaitable_void {
+    auto conn = co_await open();
+    auto prepared_count = [&]() -> asio::awaitable<int> {
+      co_return (co_await conn.query("SELECT count(*) FROM pg_prepared_statements")).scalar<int>();
+    };
+    for (const char* sql : {"SELECT 1", "SELECT 2", "SELECT 3"}) {
+      EXPECT_EQ((co_await conn.query_prepared(sql)).scalar<int>(), sql[7] - '0');
+    }
+    EXPECT_EQ(co_await prepared_count(), 3);
+    co_await conn.execute("DISCARD ALL");
+    // Each found its name gone, prepared again (named), and ran.
+    for (const char* sql : {"SELECT 1", "SELECT 2", "SELECT 3"}) {
+      EXPECT_EQ((co_await conn.query_prepared(sql)).scalar<int>(), sql[7] - '0');
+    }
+    EXPECT_EQ(co_await prepared_count(), 3) << "the statement cache was turned off";
+  });
+}
+
 TEST_F(ConnectionTest, PipelineReportsEachStatementWithAFailureInTheMiddle) {
   run_coroutine([]() -> awaitable_void {
     auto conn = co_await open();

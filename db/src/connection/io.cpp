@@ -312,9 +312,9 @@ asio::awaitable<error_code> Connection::Impl::exchange(Request request, Result& 
       // it is counted, and returned.
       if (name != nullptr && forgot_statement(error, last_error, *name)) {
         const std::string forgotten = *name;
-        forget_statement(forgotten);
-        const bool pooler_noticed = ++forgotten_statements >= 2;
-        if (pooler_noticed) use_unnamed_statements("forgot its prepared statements");
+        const bool counted = server_forgot_statement(forgotten) && ++forgotten_statements >= 2;
+        const bool pooler_noticed = forgotten_statements >= 2;
+        if (counted) use_unnamed_statements("forgot its prepared statements");
         if (PQtransactionStatus(conn) == PQTRANS_IDLE && (attempt == 0 || pooler_noticed)) {
           continue;
         }

@@ -76,6 +76,18 @@ bool Connection::Impl::retire_stale_statement(std::string name) {
   return true;
 }
 
+bool Connection::Impl::server_forgot_statement(const std::string& name) {
+  if (statement_index.empty()) return false;
+  const bool cached =
+      std::any_of(statements.begin(), statements.end(),
+                  [&name](const CachedStatement& kept) { return kept.name == name; });
+  if (!cached) return false;
+  // A DISCARD ALL or DEALLOCATE ALL forgot every one of them: prepared again as they are used.
+  statements.clear();
+  statement_index.clear();
+  return true;
+}
+
 bool Connection::Impl::forget_statement(const std::string& name) {
   for (auto it = statements.begin(); it != statements.end(); ++it) {
     if (it->name == name) {

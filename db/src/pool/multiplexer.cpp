@@ -464,7 +464,7 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
               // connection): a transaction pooler, unnamed from now on (see below). (sent_again
               // is this connection's to change while the statement is sent on it.)
               const bool counted =
-                  impl.forget_statement(entry.name) && ++impl.forgotten_statements >= 2;
+                  impl.server_forgot_statement(entry.name) && ++impl.forgotten_statements >= 2;
               if (counted || statement.sent_again) {
                 impl.use_unnamed_statements("forgot its prepared statements");
               }
