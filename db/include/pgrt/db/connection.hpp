@@ -19,7 +19,9 @@
 /// blocks, so it never runs on the io_context); the connection is then drained back to idle, for
 /// at most ConnectOptions::cancel_timeout. The operation ends with client_errc::cancelled
 /// (condition::query_canceled). If the drain does not finish in time, the connection is closed and
-/// reported broken (is_broken()). A cancelled pipeline is not drained: its connection is closed.
+/// reported broken (is_broken()). A cancelled pipeline is not drained: its connection is closed
+/// (after a CancelRequest for what the server runs), and close_and_wait() still waits for the
+/// server to end that session (a pool counts the connection's capacity free only then).
 /// To keep working after a cancellation, an operation resets the calling coroutine's cancellation
 /// state (this_coro::reset_cancellation_state(), which restores the default filter).
 ///
