@@ -121,8 +121,8 @@ class ClientCategory final : public boost::system::error_category {
       case client_errc::tls_failed:
         return "TLS could not be set up with the server";
       case client_errc::needs_session:
-        return "the statement needs a server session of its own, which a transaction pooler "
-               "does not give";
+        return "the statement needs a server session of its own, which neither a shared "
+               "connection (query()) nor a transaction pooler gives";
       case client_errc::budget_exhausted:
         return "every slot of the connection budget is held";
     }
