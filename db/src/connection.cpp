@@ -40,6 +40,17 @@ void Connection::Impl::close(CloseMode mode) noexcept {
   evicted_statements.clear();
 }
 
+int Connection::Impl::close_keeping_socket() noexcept {
+  const int fd = PQsocket(conn);
+  const int kept = fd >= 0 ? ::fcntl(fd, F_DUPFD_CLOEXEC, 0) : -1;
+  close(CloseMode::graceful);
+  // Our descriptor keeps the socket open, so the server would never see the client go: send it
+  // end-of-file now (after the Terminate libpq queued). A backend still busy with a statement the
+  // cancel did not reach then notices at its next client_connection_check_interval check.
+  if (kept >= 0) (void)::shutdown(kept, SHUT_WR);
+  return kept;
+}
+
 error_code Connection::Impl::fail(client_errc code, std::string message, std::string_view statement,
                                   std::string hint) {
   last_error = Diagnostics{
@@ -271,13 +282,7 @@ asio::awaitable<bool> Connection::close_and_wait(std::chrono::milliseconds limit
     // A second descriptor for the same socket keeps it open after PQfinish() closes libpq's, so
     // the server's end can be watched: it closes the socket only after its pg_stat_activity entry
     // is gone (the backend clears that entry before it exits).
-    const int fd = PQsocket(impl_->conn);
-    watched = fd >= 0 ? ::fcntl(fd, F_DUPFD_CLOEXEC, 0) : -1;
-    impl_->close(CloseMode::graceful);
-    // Our descriptor keeps the socket open, so the server would never see the client go: send it
-    // end-of-file now (after the Terminate libpq queued). A backend still busy with a statement
-    // the cancel did not reach then notices at its next client_connection_check_interval check.
-    if (watched >= 0) (void)::shutdown(watched, SHUT_WR);
+    watched = impl_->close_keeping_socket();
   }
   sockaddr_storage address{};
   socklen_t length = sizeof address;

@@ -1,6 +1,5 @@
 #include <boost/asio/experimental/awaitable_operators.hpp>
 #include <boost/asio/steady_timer.hpp>
-#include <fcntl.h>
 #include <future>
 #include <sys/socket.h>
 #include <thread>
@@ -54,13 +53,7 @@ asio::awaitable<error_code> Connection::Impl::interrupted(error_code error,
     // until then) sees the server end the session. The end-of-file goes out at once.
     broken = true;
     (void)send_cancel_request();
-    const int fd = PQsocket(conn);
-    const int kept = fd >= 0 ? ::fcntl(fd, F_DUPFD_CLOEXEC, 0) : -1;
-    close(CloseMode::graceful);
-    if (kept >= 0) {
-      (void)::shutdown(kept, SHUT_WR);
-      lingering_fd = kept;
-    }
+    lingering_fd = close_keeping_socket();
     co_return fail(client_errc::cancelled,
                    "the operation was cancelled; the connection was closed (a cancelled "
                    "pipeline cannot be drained)",

@@ -129,6 +129,9 @@ struct Connection::Impl {
   // --- state (connection.cpp) -------------------------------------------------------------------
 
   void close(CloseMode mode) noexcept;
+  // Closes gracefully, keeping a second descriptor of the socket (returned; -1 if none) on which
+  // the server's end can be seen to close; end-of-file has been sent on it.
+  int close_keeping_socket() noexcept;
   error_code fail(client_errc code, std::string message, std::string_view statement = {},
                   std::string hint = {});
   error_code lost(std::string_view statement);
