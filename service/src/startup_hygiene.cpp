@@ -1,16 +1,27 @@
 #include "pgrt/service/startup_hygiene.hpp"
 
 #include <algorithm>
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/dispatch.hpp>
+#include <boost/asio/experimental/awaitable_operators.hpp>
+#include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/steady_timer.hpp>
+#include <boost/asio/strand.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <cstdlib>
+#include <fcntl.h>
+#include <libpq-fe.h>
 #include <spdlog/spdlog.h>
 #include <string_view>
 #include <utility>
 
 #include "async/run_blocking.hpp"
+#include "pgrt/db/deadline.hpp"
 #include "pgrt/runtime/identity.hpp"
 #include "start_wait.hpp"
 
@@ -39,6 +50,11 @@ bool env_flag(const char* name, bool fallback) {
   invalid(std::string(name) + "='" + *value + "' is not valid", "expected 1 or 0 (or true/false)");
 }
 
+constexpr const char* cluster_lock_held_sql =
+    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = pg_backend_pid() "
+    "AND locktype = 'advisory' AND granted AND objsubid = 1 "
+    "AND classid::bigint = ($1::bigint >> 32) & 4294967295 "
+    "AND objid::bigint = $1::bigint & 4294967295)";
 constexpr const char* cluster_lock_key_sql = "SELECT hashtextextended($1, 0)";
 constexpr const char* cluster_lock_holder_sql =
     "SELECT a.pid, a.application_name, coalesce(host(a.client_addr), 'local'), "
@@ -79,7 +95,13 @@ StartupHygiene::StartupHygiene(asio::any_io_executor executor, const PoolConfig&
       application_(pool_config.application),
       instance_(pool_config.instance),
       tag_(make_connection_tag(pool_config.application, pool_config.instance)),
-      options_(std::move(options)) {}
+      options_(std::move(options)) {
+  if (options_.cluster_lock && options_.cluster_lock_check_interval.count() <= 0) {
+    invalid("cluster_lock_check_interval is " +
+                std::to_string(options_.cluster_lock_check_interval.count()) + " ms",
+            "give the cluster-wide lock's check a positive interval (the default is 2000 ms)");
+  }
+}
 
 ConnectOptions StartupHygiene::connect_options() const {
   ConnectOptions options = with_session_guards(connect_options_, guards_);
@@ -88,40 +110,89 @@ ConnectOptions StartupHygiene::connect_options() const {
   return options;
 }
 
-asio::awaitable<Connection> StartupHygiene::connect() {
-  Connection connection;
-  // Named callables: g++ 12 miscompiles capturing lambdas written inside a co_await.
-  auto attempt = [this, &connection]() -> asio::awaitable<void> {
-    connection = co_await asio::co_spawn(executor_, Connection::connect(connect_options()),
-                                         asio::use_awaitable);
-  };
-  auto reason_of = [](const Error& error) { return std::string(error.what()); };
-  co_await detail::retry_until_the_database_answers(attempt, options_.start_wait, reason_of);
-  co_return connection;
-}
-
 namespace {
 
-// Whether `application_name` is a tag of an earlier local holder of the instance lock: such a
-// process no longer holds the lock (it exited or died), so a session of it is a leftover (kept
-// open by a proxy, or not yet noticed gone by the server).
-bool earlier_local_holder(const std::optional<InstanceLock>& lock, const std::string& prefix,
-                          const std::string& application_name) {
-  if (!lock || !application_name.starts_with(prefix)) return false;
-  const std::string incarnation = application_name.substr(prefix.size());
-  if (incarnation == process_identity().incarnation) return false;
-  const auto& earlier = lock->earlier_incarnations();
-  return std::find(earlier.begin(), earlier.end(), incarnation) != earlier.end();
+// A connection with this component's options, waiting up to `start_wait` for a database that is
+// down, starting up or full (retry_until_the_database_answers()).
+asio::awaitable<Connection> connect_waiting(asio::any_io_executor executor, ConnectOptions options,
+                                            std::chrono::milliseconds start_wait) {
+  Connection connection;
+  // Named callables: g++ 12 miscompiles capturing lambdas written inside a co_await.
+  auto attempt = [&]() -> asio::awaitable<void> {
+    connection =
+        co_await asio::co_spawn(executor, Connection::connect(options), asio::use_awaitable);
+  };
+  auto reason_of = [](const Error& error) { return std::string(error.what()); };
+  co_await detail::retry_until_the_database_answers(attempt, start_wait, reason_of);
+  co_return connection;
 }
 
 }  // namespace
 
-asio::awaitable<void> StartupHygiene::take_cluster_lock() {
-  cluster_lock_connection_ = co_await connect();
-  const std::string prefix = connection_tag_prefix(application_, instance_);
-  const std::string key_name = "pgrt instance " + prefix;
-  const auto key = (co_await cluster_lock_connection_.query(cluster_lock_key_sql, key_name))
-                       .scalar<std::int64_t>();
+asio::awaitable<Connection> StartupHygiene::connect() {
+  co_return co_await connect_waiting(executor_, connect_options(), options_.start_wait);
+}
+
+// The cluster-wide lock: taken at the start, then watched and retaken while the process runs.
+// The watch's coroutine holds it (a shared_ptr), so it outlives a component destroyed without
+// stop(). Everything but the constructor's fields is touched on `strand` only, once the watch
+// runs; before, by start() alone.
+struct StartupHygiene::ClusterLock {
+  ClusterLock(asio::any_io_executor executor_in, ConnectOptions options, std::string prefix_in,
+              std::string tag_in, std::chrono::milliseconds interval)
+      : executor(std::move(executor_in)),
+        connect_options(std::move(options)),
+        prefix(std::move(prefix_in)),
+        tag(std::move(tag_in)),
+        check_interval(interval),
+        strand(asio::make_strand(executor)),
+        wake(strand),
+        finished(strand, asio::steady_timer::time_point::max()) {}
+
+  asio::awaitable<void> take(std::chrono::milliseconds start_wait);
+  asio::awaitable<void> watch();
+  asio::awaitable<bool> still_held();
+  asio::awaitable<void> wait_for_news();
+  asio::awaitable<void> retake();
+  bool leftover_holder(const std::string& application_name) const;
+
+  const asio::any_io_executor executor;
+  const ConnectOptions connect_options;
+  const std::string prefix;  // <app>/<instance>/
+  const std::string tag;     // this process's
+  const std::chrono::milliseconds check_interval;
+  std::vector<std::string> earlier_incarnations;  // of the local instance lock, if held
+  std::string instance_lock_path;
+  std::function<void(const std::string&)> on_lost;
+
+  Connection connection;
+  std::int64_t key = 0;
+
+  asio::strand<asio::any_io_executor> strand;
+  asio::steady_timer wake;      // the next check
+  asio::steady_timer finished;  // cancelled when the watch has ended
+  asio::cancellation_signal stop_signal;
+  bool stopping = false;
+  bool running = false;        // spawned, not ended
+  bool watch_started = false;  // its coroutine runs (cancellable)
+};
+
+// Whether `application_name` is a session that no live process but this one can own: one of
+// this process (its own earlier lock session, kept open by a server that has not noticed it
+// gone) or of an earlier local holder of the instance lock (that process exited or died: this
+// one holds the lock now).
+bool StartupHygiene::ClusterLock::leftover_holder(const std::string& application_name) const {
+  if (application_name == tag) return true;
+  if (!application_name.starts_with(prefix)) return false;
+  const std::string incarnation = application_name.substr(prefix.size());
+  return std::find(earlier_incarnations.begin(), earlier_incarnations.end(), incarnation) !=
+         earlier_incarnations.end();
+}
+
+asio::awaitable<void> StartupHygiene::ClusterLock::take(std::chrono::milliseconds start_wait) {
+  connection = co_await connect_waiting(executor, connect_options, start_wait);
+  key = (co_await connection.query(cluster_lock_key_sql, "pgrt instance " + prefix))
+            .scalar<std::int64_t>();
   std::string holder = "another session";
   std::string refusal_hint =
       "stop that instance first (pgrt-diag shows where it runs); if it is what a crashed run on "
@@ -129,13 +200,13 @@ asio::awaitable<void> StartupHygiene::take_cluster_lock() {
   std::optional<int> terminated;
   for (int attempt = 0; attempt < 50; ++attempt) {
     const bool locked =
-        (co_await cluster_lock_connection_.query("SELECT pg_try_advisory_lock($1)", key))
-            .scalar<bool>();
+        (co_await connection.query("SELECT pg_try_advisory_lock($1)", key)).scalar<bool>();
     if (locked) {
-      spdlog::info("pgrt: holding the cluster-wide lock of {} (advisory lock {})", prefix, key);
+      spdlog::info("pgrt: holding the cluster-wide lock of {} (advisory lock {}, backend {})",
+                   prefix, key, connection.backend_pid());
       co_return;
     }
-    auto holders = co_await cluster_lock_connection_.query(cluster_lock_holder_sql, key);
+    auto holders = co_await connection.query(cluster_lock_holder_sql, key);
     if (holders.empty()) {
       // Released between the two statements (or by a terminated holder just now): try again.
     } else {
@@ -146,15 +217,22 @@ asio::awaitable<void> StartupHygiene::take_cluster_lock() {
                row.get<std::string>(2) + ", since " + row.get<std::string>(3) + ")";
       if (terminated == pid) {
         // Terminated, not gone yet.
-      } else if (!terminated && earlier_local_holder(lock_, prefix, application_name)) {
-        spdlog::warn(
-            "pgrt: the cluster-wide lock of {} is held by {}, a session of an earlier holder of "
-            "the instance lock {} that is no longer running: terminating it",
-            prefix, holder, lock_->path().string());
+      } else if (!terminated && leftover_holder(application_name)) {
+        if (application_name == tag) {
+          spdlog::warn(
+              "pgrt: the cluster-wide lock of {} is held by {}, this process's own earlier lock "
+              "session: terminating it",
+              prefix, holder);
+        } else {
+          spdlog::warn(
+              "pgrt: the cluster-wide lock of {} is held by {}, a session of an earlier holder "
+              "of the instance lock {} that is no longer running: terminating it",
+              prefix, holder, instance_lock_path);
+        }
         try {
-          const bool done = (co_await cluster_lock_connection_.query(
-                                 "SELECT pg_terminate_backend($1, 5000)", pid))
-                                .scalar<bool>();
+          const bool done =
+              (co_await connection.query("SELECT pg_terminate_backend($1, 5000)", pid))
+                  .scalar<bool>();
           if (done) {
             spdlog::info("pgrt: terminated backend {} ({}): it held the cluster-wide lock", pid,
                          application_name);
@@ -179,11 +257,136 @@ asio::awaitable<void> StartupHygiene::take_cluster_lock() {
     asio::steady_timer pause(co_await asio::this_coro::executor, std::chrono::milliseconds(100));
     co_await pause.async_wait(asio::use_awaitable);
   }
-  cluster_lock_connection_.close();
+  connection.close();
   throw Error(make_error_code(client_errc::instance_locked),
               Diagnostics{.message = "another " + prefix +
                                      " holds the cluster-wide instance lock: " + holder,
                           .hint = refusal_hint});
+}
+
+// Whether this session still holds the lock (a failure: the session is gone or unusable).
+asio::awaitable<bool> StartupHygiene::ClusterLock::still_held() {
+  const auto deadline =
+      std::max<std::chrono::steady_clock::duration>(check_interval, std::chrono::seconds(5));
+  auto rows = co_await with_timeout(connection.query(cluster_lock_held_sql, key), deadline);
+  co_return rows.scalar<bool>();
+}
+
+// Until the lock's socket turns readable (the server ended the session, or said something), the
+// next check is due, or the watch is stopped.
+asio::awaitable<void> StartupHygiene::ClusterLock::wait_for_news() {
+  using namespace asio::experimental::awaitable_operators;
+  wake.expires_after(check_interval);
+  const int socket_fd = connection.is_open() ? PQsocket(connection.native_handle()) : -1;
+  const int watched = socket_fd < 0 ? -1 : ::fcntl(socket_fd, F_DUPFD_CLOEXEC, 0);
+  if (watched < 0) {
+    co_await wake.async_wait(asio::as_tuple(asio::use_awaitable));
+    co_return;
+  }
+  asio::posix::stream_descriptor socket(strand, watched);  // owns the copy
+  constexpr auto no_throw = asio::as_tuple(asio::use_awaitable);
+  co_await (socket.async_wait(asio::posix::stream_descriptor::wait_read, no_throw) ||
+            wake.async_wait(no_throw));
+}
+
+// Takes the lock again on a new connection, until it is held, lost to another session (then
+// on_lost), or the watch is stopped. A database that cannot be reached is retried with backoff.
+asio::awaitable<void> StartupHygiene::ClusterLock::retake() {
+  connection.close();
+  auto pause = std::chrono::milliseconds(100);
+  std::string logged;
+  while (!stopping) {
+    try {
+      co_await take(std::chrono::milliseconds(0));
+      spdlog::warn("pgrt: retook the cluster-wide lock of {} (backend {})", prefix,
+                   connection.backend_pid());
+      co_return;
+    } catch (const Error& error) {
+      if (stopping) co_return;
+      if (error.code() == client_errc::instance_locked) {
+        const std::string reason = std::string("the cluster-wide lock of ") + prefix +
+                                   " was lost while this process ran, and " +
+                                   error.diagnostics().message +
+                                   ": this process is no longer that instance";
+        spdlog::error("pgrt: {}", reason);
+        if (on_lost) on_lost(reason);
+        co_return;
+      }
+      const std::string reason = error.diagnostics().message;
+      if (reason != logged) {
+        spdlog::warn("pgrt: cannot retake the cluster-wide lock of {} yet, retrying: {}", prefix,
+                     reason);
+        logged = reason;
+      }
+    }
+    connection.close();
+    wake.expires_after(pause);
+    co_await wake.async_wait(asio::as_tuple(asio::use_awaitable));
+    pause = std::min(pause * 2, std::chrono::milliseconds(5'000));
+  }
+}
+
+asio::awaitable<void> StartupHygiene::ClusterLock::watch() {
+  // stop() cancels this loop: it winds down through `stopping`, never by an exception, so that
+  // `running` always goes false.
+  co_await asio::this_coro::throw_if_cancelled(false);
+  watch_started = true;
+  while (!stopping) {
+    co_await wait_for_news();
+    if (stopping) break;
+    std::string lost;
+    try {
+      if (!(co_await still_held())) lost = "its session no longer holds it";
+    } catch (const Error& error) {
+      lost = error.diagnostics().message;
+    } catch (const std::exception& error) {
+      lost = error.what();
+    }
+    if (stopping) break;
+    if (lost.empty()) continue;
+    spdlog::warn("pgrt: the cluster-wide lock of {} was lost ({}): retaking it", prefix, lost);
+    co_await retake();
+    if (!connection.is_open()) break;  // lost for good (on_lost ran), or stopping
+  }
+  connection.close();  // ends the session: the server releases the lock
+  running = false;
+  finished.cancel();
+}
+
+namespace {
+
+// The watch's coroutine holds the lock's state: it outlives the component if it must.
+asio::awaitable<void> watch_cluster_lock(std::shared_ptr<StartupHygiene::ClusterLock> lock) {
+  co_await lock->watch();
+}
+
+void stop_watching_on_strand(const std::shared_ptr<StartupHygiene::ClusterLock>& lock) {
+  lock->stopping = true;
+  lock->wake.cancel();
+  // Only into a running coroutine: one that has not yet turned throw_if_cancelled off would throw
+  // from asio's entry point. One not started yet sees `stopping` first.
+  if (lock->watch_started) lock->stop_signal.emit(asio::cancellation_type::terminal);
+}
+
+asio::awaitable<void> stop_watching(std::shared_ptr<StartupHygiene::ClusterLock> lock) {
+  stop_watching_on_strand(lock);
+  while (lock->running) {
+    co_await lock->finished.async_wait(asio::as_tuple(asio::use_awaitable));
+  }
+  lock->connection.close();
+}
+
+}  // namespace
+
+StartupHygiene::~StartupHygiene() {
+  // Without a watch, the lock's connection (if any) closes with cluster_lock_ below.
+  if (!watching_) return;
+  auto lock = cluster_lock_;
+  asio::dispatch(lock->strand, [lock] { stop_watching_on_strand(lock); });
+}
+
+void StartupHygiene::on_cluster_lock_lost(std::function<void(const std::string&)> handler) {
+  on_cluster_lock_lost_ = std::move(handler);
 }
 
 asio::awaitable<void> StartupHygiene::start() {
@@ -205,7 +408,17 @@ asio::awaitable<void> StartupHygiene::start() {
       spdlog::info("pgrt: holding the instance lock {}", lock_->path().string());
     }
   }
-  if (options_.cluster_lock) co_await take_cluster_lock();
+  if (options_.cluster_lock) {
+    cluster_lock_ = std::make_shared<ClusterLock>(executor_, connect_options(),
+                                                  connection_tag_prefix(application_, instance_),
+                                                  tag_, options_.cluster_lock_check_interval);
+    if (lock_) {
+      cluster_lock_->earlier_incarnations = lock_->earlier_incarnations();
+      cluster_lock_->instance_lock_path = lock_->path().string();
+    }
+    cluster_lock_->on_lost = on_cluster_lock_lost_;
+    co_await cluster_lock_->take(options_.start_wait);
+  }
   if (options_.cleanup && connect_options_.pooler == Pooler::transaction) {
     // The backends the server shows are the pooler's, shared by its clients and tagged with
     // whichever client used them last: none of them is ours to end.
@@ -216,7 +429,7 @@ asio::awaitable<void> StartupHygiene::start() {
         "would break its other clients. The pooler closes its idle server connections itself "
         "(PgBouncer: server_idle_timeout)";
     spdlog::info("pgrt cleanup: {}", report_.warning);
-  } else if (options_.cleanup && !lock_ && !cluster_lock_connection_.is_open()) {
+  } else if (options_.cleanup && !lock_ && !cluster_lock_) {
     // Without a singleton, another incarnation's connections may belong to a live process.
     report_.skipped = true;
     report_.warning =
@@ -231,20 +444,36 @@ asio::awaitable<void> StartupHygiene::start() {
     CleanupOptions cleanup{.application = application_,
                            .instance = instance_,
                            .idle_threshold = options_.idle_threshold};
-    if (cluster_lock_connection_.is_open()) {
-      report_ = co_await cleanup_predecessors(cluster_lock_connection_, cleanup, tag_);
+    if (cluster_lock_) {
+      report_ = co_await cleanup_predecessors(cluster_lock_->connection, cleanup, tag_);
     } else {
       Connection connection = co_await connect();
       report_ = co_await cleanup_predecessors(connection, cleanup, tag_);
       connection.close();
     }
   }
+  if (cluster_lock_) {
+    // From here on the lock's connection is the watch's, on its strand.
+    auto lock = cluster_lock_;
+    asio::dispatch(lock->strand, [lock] {
+      if (lock->running || lock->stopping) return;
+      lock->running = true;
+      asio::co_spawn(lock->strand, watch_cluster_lock(lock),
+                     asio::bind_cancellation_slot(lock->stop_signal.slot(), asio::detached));
+    });
+    watching_ = true;
+  }
 }
 
 asio::awaitable<void> StartupHygiene::stop() {
-  cluster_lock_connection_.close();  // ends the session: the server releases the advisory lock
+  if (cluster_lock_) {
+    // Ends the watch, then the session: the server releases the advisory lock.
+    co_await asio::co_spawn(cluster_lock_->strand, stop_watching(cluster_lock_),
+                            asio::use_awaitable);
+    cluster_lock_.reset();
+    watching_ = false;
+  }
   lock_.reset();
-  co_return;
 }
 
 StartupHygiene& add_startup_hygiene(lifecycle::Manager& app, PoolConfig& pool_config,
@@ -278,8 +507,11 @@ StartupHygiene& add_startup_hygiene(lifecycle::Manager& app, PoolConfig& pool_co
              : std::chrono::milliseconds(0)) +
         (connects ? options.start_wait : std::chrono::milliseconds(0));
   }
-  return app.add(std::make_shared<StartupHygiene>(app.executor(), pool_config, std::move(options)),
-                 {}, limits);
+  auto hygiene = std::make_shared<StartupHygiene>(app.executor(), pool_config, std::move(options));
+  hygiene->on_cluster_lock_lost([&app](const std::string& reason) {
+    app.request_stop(lifecycle::exit_code::failure, reason);
+  });
+  return app.add(std::move(hygiene), {}, limits);
 }
 
 }  // namespace pgrt

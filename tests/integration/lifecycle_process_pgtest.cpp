@@ -1086,6 +1086,87 @@ TEST_F(StartupHygieneTest, TheClusterWideLockRefusesASecondInstanceNamingTheHold
   EXPECT_EQ(counted.max_size, 2U);
 }
 
+// The cluster-wide lock is kept while the process runs: a lock session that ends (a failover, an
+// administrator) is replaced at once, and a lock taken by another instance meanwhile stops this
+// one, which is no longer the instance, instead of running on beside it.
+TEST_F(StartupHygieneTest, ALostClusterLockIsRetakenAndOneTakenByAnotherInstanceStopsTheService) {
+  const std::string key_sql = "hashtextextended('pgrt instance keeplock/one/', 0)";
+  auto lock_holder = [] {  // pid and application_name of the lock's holder, if any
+    BlockingConnection observer(cluster().dsn());
+    auto rows = observer.query(
+        "SELECT a.pid, a.application_name FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+        "WHERE l.locktype = 'advisory' AND l.granted AND a.application_name LIKE 'keeplock/%'");
+    return rows.size() == 1 ? std::pair{std::stoi(*rows[0][0]), *rows[0][1]}
+                            : std::pair{0, std::string()};
+  };
+  std::ostringstream log;
+  auto previous = spdlog::default_logger();
+  spdlog::set_default_logger(std::make_shared<spdlog::logger>(
+      "capture", std::make_shared<spdlog::sinks::ostream_sink_mt>(log)));
+  lifecycle::Manager app({.threads = 2, .handle_signals = false, .shutdown_logging = false});
+  PoolConfig config;
+  config.conninfo = cluster().dsn();
+  config.application = "keeplock";
+  config.instance = "one";
+  config.max_size = 3;
+  StartupHygieneOptions options;
+  options.instance_lock = false;  // as if on two hosts
+  options.cluster_lock = true;
+  options.cluster_lock_check_interval = 500ms;
+  auto& hygiene = add_startup_hygiene(app, config, options);
+  (void)add_pool(app, config, {}, lifecycle::after(hygiene));
+  std::atomic<bool> ready = false;
+  app.on_ready([&] { ready = true; });
+  const std::string own_tag = make_connection_tag("keeplock", "one");
+  std::pair<int, std::string> first_holder;
+  std::pair<int, std::string> retaken_holder;
+  bool stolen = false;
+  bool stopped_by_itself = false;
+  std::thread operator_thread([&] {
+    if (!testing::eventually([&] { return ready.load(); }, 60s)) {
+      app.request_stop(lifecycle::exit_code::ok, "never ready");
+      return;
+    }
+    first_holder = lock_holder();
+    BlockingConnection admin(cluster().dsn());
+    admin.query("SELECT pg_terminate_backend(" + std::to_string(first_holder.first) + ", 5000)");
+    (void)testing::eventually([&] {
+      retaken_holder = lock_holder();
+      return retaken_holder.first != 0 && retaken_holder.first != first_holder.first;
+    });
+    // Another instance ends the session and takes the lock the moment it is free, before the
+    // process can reconnect.
+    BlockingConnection other(cluster().dsn() + " application_name=keeplock/one/0badcafe");
+    for (int attempt = 0; attempt < 5 && !stolen; ++attempt) {
+      other.query(
+          "DO $$ DECLARE until timestamptz := clock_timestamp() + interval '2 s'; BEGIN "
+          "PERFORM pg_terminate_backend(" +
+          std::to_string(lock_holder().first) + "); LOOP EXIT WHEN pg_try_advisory_lock(" +
+          key_sql + ") OR clock_timestamp() > until; END LOOP; END $$");
+      stolen = other.scalar(
+                   "SELECT count(*) FROM pg_locks WHERE pid = pg_backend_pid() AND "
+                   "locktype = 'advisory' AND granted") == "1";
+    }
+    stopped_by_itself = testing::eventually([&] { return !app.ready(); }, 15s);
+    if (!stopped_by_itself) app.request_stop(lifecycle::exit_code::ok, "did not stop by itself");
+    (void)testing::eventually([&] { return app.state() == lifecycle::State::stopped; }, 30s);
+    EXPECT_EQ(other.scalar("SELECT 1"), "1") << "the new holder is left alone";
+  });
+  const int exit_code = app.run();
+  operator_thread.join();
+  spdlog::set_default_logger(previous);
+  EXPECT_EQ(first_holder.second, own_tag);
+  EXPECT_EQ(retaken_holder.second, own_tag) << "the lock was not retaken\n" << log.str();
+  EXPECT_THAT(log.str(), HasSubstr("retook the cluster-wide lock of keeplock/one/"));
+  ASSERT_TRUE(stolen);
+  EXPECT_TRUE(stopped_by_itself) << log.str();
+  EXPECT_EQ(exit_code, lifecycle::exit_code::failure);
+  EXPECT_THAT(app.stop_reason(), HasSubstr("the cluster-wide lock of keeplock/one/ was lost"));
+  EXPECT_THAT(app.stop_reason(), HasSubstr("keeplock/one/0badcafe"));
+  EXPECT_TRUE(testing::eventually(
+      [] { return backend_pids(make_connection_tag("keeplock", "one")).empty(); }));
+}
+
 TEST_F(StartupHygieneTest, ACrashedPredecessorsClusterLockSessionIsTerminatedAndTheLockTaken) {
   testing::FaultProxy proxy("127.0.0.1", static_cast<std::uint16_t>(cluster().port()));
   proxy.keep_upstream(true);

@@ -8,6 +8,7 @@
 #include <boost/asio/awaitable.hpp>
 #include <chrono>
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -39,6 +40,12 @@ struct StartupHygieneOptions {
   /// instance lock, that process is gone and the session a leftover: it is terminated (logged)
   /// and the lock taken. Any other holder makes start() refuse, naming it.
   bool cluster_lock = false;
+  /// While the process runs, the cluster-wide lock's session is watched: at once when its socket
+  /// turns readable (the server ended it, or sent something), and with a check that the lock is
+  /// still held at least this often (a connection lost without a word). A lost lock is retaken
+  /// at once, on a new connection, by the same rules as at the start; if another instance holds
+  /// it by then, the lock is lost for good: see StartupHygiene::on_cluster_lock_lost(). Positive.
+  std::chrono::milliseconds cluster_lock_check_interval{2'000};
   /// Terminate the leftovers of earlier incarnations of this app/instance (env PGRT_CLEANUP=0
   /// turns it off). Only while holding a singleton lock: with instance_lock and cluster_lock
   /// both off, start() skips it with a warning (CleanupReport::skipped).
@@ -62,10 +69,34 @@ struct StartupHygieneOptions {
 /// cluster-wide lock, then terminates the leftovers (cleanup_predecessors(); a missing permission
 /// is a warning and the start goes on; without any lock held the cleanup is skipped, with a
 /// warning). stop() releases the locks. Add the pool after it.
+///
+/// The cluster-wide lock is kept, not only taken: its session can end while the process runs
+/// (a failover, a network cut, an administrator's pg_terminate_backend), and an instance started
+/// elsewhere meanwhile would take the lock and terminate this process's connections as an
+/// earlier incarnation's. So its session is watched (cluster_lock_check_interval) and a lost lock
+/// retaken at once (logged as a warning); while the database cannot be reached, retaking is
+/// retried with backoff for as long as the process runs. If another session holds the lock when
+/// it is retaken, this process no longer is the instance: the error is logged and the
+/// on_cluster_lock_lost() handler runs (add_startup_hygiene() makes it stop the service with
+/// exit_code::failure).
+///
+/// Thread safety: start(), stop() and the setters from one coroutine at a time, as the manager
+/// calls them; the watch runs on a strand of its own, so the io_context may run on any number of
+/// threads. Destroying the component without stop() ends the watch and closes the lock's session
+/// (releasing the lock) from the io_context soon after.
 class StartupHygiene {
  public:
   StartupHygiene(boost::asio::any_io_executor executor, const PoolConfig& pool_config,
                  StartupHygieneOptions options);
+  ~StartupHygiene();
+  StartupHygiene(const StartupHygiene&) = delete;
+  StartupHygiene& operator=(const StartupHygiene&) = delete;
+  StartupHygiene(StartupHygiene&&) = delete;
+  StartupHygiene& operator=(StartupHygiene&&) = delete;
+  /// What to do when the cluster-wide lock is lost to another session (see the class comment):
+  /// `handler` gets the reason, naming the new holder; it runs on the io_context, once, and must
+  /// not throw. Without one, the loss is only logged. Set it before start().
+  void on_cluster_lock_lost(std::function<void(const std::string& reason)> handler);
   [[nodiscard]] std::string name() const { return "startup_hygiene"; }
   [[nodiscard]] boost::asio::awaitable<void> start();
   [[nodiscard]] boost::asio::awaitable<void> stop();
@@ -76,9 +107,11 @@ class StartupHygiene {
   /// What the cleanup found and did (empty before start()).
   [[nodiscard]] const CleanupReport& cleanup_report() const noexcept { return report_; }
 
+  /// Implementation detail: the cluster-wide lock's connection and its watch.
+  struct ClusterLock;
+
  private:
   boost::asio::awaitable<Connection> connect();
-  boost::asio::awaitable<void> take_cluster_lock();
 
   boost::asio::any_io_executor executor_;
   std::string conninfo_;
@@ -89,13 +122,17 @@ class StartupHygiene {
   std::string tag_;
   StartupHygieneOptions options_;
   std::optional<InstanceLock> lock_;
-  Connection cluster_lock_connection_;
+  std::function<void(const std::string&)> on_cluster_lock_lost_;
+  std::shared_ptr<ClusterLock> cluster_lock_;
+  bool watching_ = false;  // the lock's watch was spawned and not stopped
   CleanupReport report_;
 };
 
 /// Adds StartupHygiene to `app`, configured from `pool_config` (conninfo, app and instance, connect
 /// settings). With cluster_lock, lowers pool_config.max_size by one for the lock's connection (so
-/// add the pool with this config afterwards; throws pgrt::Error(invalid_config) if max_size is 1).
+/// add the pool with this config afterwards; throws pgrt::Error(invalid_config) if max_size is 1),
+/// and a cluster-wide lock lost to another session stops `app` (request_stop() with
+/// exit_code::failure and the reason).
 /// Its start deadline is the manager's start_timeout plus max_takeover_time() (with force) plus
 /// start_wait (when it connects), so a takeover of a holder that ignores SIGTERM, and a wait for
 /// the database, complete (a ManagerOptions::start_hard_deadline, if
