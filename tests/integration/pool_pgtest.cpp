@@ -2474,6 +2474,37 @@ TEST_F(PoolTest, QueryBurstThatArrivesAtOnceSpreadsOverTheConnections) {
   });
 }
 
+// A small burst of slow statements is split evenly over the connections the pool can lend, not
+// pipelined behind one another on the first one borrowed (6 x 0.3 s would then take 1.8 s).
+TEST_F(PoolTest, QuerySlowStatementsOfABurstRunSideBySideNotBehindEachOther) {
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, config("shared-slow-burst", 3));
+    std::map<int, int> statements_by_backend;
+    int finished = 0;
+    constexpr int callers = 6;
+    const auto started = std::chrono::steady_clock::now();
+    for (int caller = 0; caller < callers; ++caller) {
+      asio::co_spawn(
+          executor,
+          [&]() -> awaitable_void {
+            const auto result = co_await pool.query("SELECT pg_backend_pid() FROM pg_sleep(0.3)");
+            ++statements_by_backend[result.scalar<int>()];
+            ++finished;
+          },
+          asio::detached);
+    }
+    while (finished < callers) co_await sleep_for(10ms);
+    const auto took = std::chrono::steady_clock::now() - started;
+    EXPECT_EQ(statements_by_backend.size(), 3U) << "6 slow statements on max 3 connections";
+    for (const auto& [backend, count] : statements_by_backend) {
+      EXPECT_EQ(count, 2) << "backend " << backend << " ran " << count << " of them";
+    }
+    EXPECT_LT(took, 1500ms) << "they ran one after another";
+    (void)co_await pool.close(5s);
+  });
+}
+
 // With acquire_timeout 0, a statement that finds no connection to take it fails at once with
 // pool_timeout, as acquire() would: it does not wait for a connection that is draining (here held
 // up by an abandoned pg_sleep) to go back.

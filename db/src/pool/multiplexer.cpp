@@ -206,17 +206,17 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
       batch.clear();
       {
         std::lock_guard lock(mux->mutex);
-        while (!mux->closed && !link->retiring && !mux->queue.empty() &&
-               link->in_flight < link->depth) {
+        const std::size_t share = mux->share_locked(*link);
+        while (!mux->closed && !link->retiring && !mux->queue.empty() && link->in_flight < share) {
           batch.push_back(std::move(mux->queue.front()));
           mux->queue.pop_front();
           batch.back()->stage = SharedStatement::Stage::sent;
           batch.back()->link = link;
           ++link->in_flight;
         }
-        // More queued than this connection takes: one more is borrowed now (a burst that came at
-        // once, while a borrow was under way, must not stay on one connection).
-        if (!mux->queue.empty()) mux->grow_locked();
+        // More queued than this connection takes: another one with room takes them, or one more
+        // is borrowed now (a burst that came at once must not stay on one connection).
+        if (!mux->queue.empty()) mux->dispatch_locked();
       }
       // 2. Send it: each statement prepared once per connection (its preparation in a sync segment
       // of its own) and in a sync segment of its own.
@@ -320,7 +320,7 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
         {
           std::lock_guard lock(mux->mutex);
           if (!mux->closed && !link->retiring && !mux->queue.empty() &&
-              link->in_flight < link->depth) {
+              link->in_flight < mux->share_locked(*link)) {
             continue;
           }
           link->waiting = true;
@@ -677,12 +677,34 @@ void Multiplexer::enqueue_locked(const std::shared_ptr<SharedStatement>& stateme
   dispatch_locked();
 }
 
+std::size_t Multiplexer::even_share_locked() const {
+  // What is queued and in flight, spread evenly over the connections that take statements and
+  // those the pool may still lend: a burst waits a moment for a connection being borrowed rather
+  // than queueing behind the statements of another (a slow one would hold up all behind it).
+  std::size_t outstanding = queue.size();
+  std::size_t taking = 0;
+  for (const auto& held : links) {
+    if (held->retiring) continue;
+    ++taking;
+    outstanding += held->in_flight;
+  }
+  const std::size_t retiring = links.size() - taking;
+  const std::size_t could_take = std::max<std::size_t>(
+      {taking + borrowing, max_links > retiring ? max_links - retiring : 0, 1});
+  return std::max<std::size_t>((outstanding + could_take - 1) / could_take, 1);
+}
+
+std::size_t Multiplexer::share_locked(const SharedLink& link) const {
+  return std::min(link.depth, even_share_locked());
+}
+
 void Multiplexer::dispatch_locked() {
   // The connection with the fewest in flight that has room takes what is queued; if every one is
   // busy, one more is borrowed.
+  const std::size_t even = even_share_locked();
   const std::shared_ptr<SharedLink>* least = nullptr;
   for (const auto& link : links) {
-    if (link->retiring || link->in_flight >= link->depth) continue;
+    if (link->retiring || link->in_flight >= std::min(link->depth, even)) continue;
     if (least == nullptr || link->in_flight < (*least)->in_flight) least = &link;
   }
   if (least != nullptr) wake_locked(*least);

@@ -6,7 +6,8 @@
 // libpq's pipeline mode: one writer and reader per connection (a coroutine on the multiplexer's
 // strand), each statement in a sync segment of its own (an error fails only its caller), prepared
 // once per connection from the connection's statement cache. Statements wait in one queue; a
-// connection takes what is queued when it has room (at most `depth` in flight), and a new one is
+// connection takes what is queued when it has room (its even share of what is queued and in
+// flight over the connections it holds or may still borrow, at most `depth`), and a new one is
 // borrowed while every borrowed one has statements in flight. A connection is given back once it
 // has nothing in flight and nothing is queued, or, draining first, when callers wait for a lease,
 // when it has been held for a while (leak reports, lifetime) and when the pool closes.
@@ -100,8 +101,14 @@ struct Multiplexer : std::enable_shared_from_this<Multiplexer> {
   void sweep();
   // Takes `statement` out of the queue (its caller gave up).
   void withdraw_locked(const SharedStatement& statement);
-  // Wakes the connection with the fewest in flight that has room, and borrows one more when every
-  // one is busy.
+  // How many statements `link` may have in flight now: what is queued and in flight, split evenly
+  // over the connections that take statements and those the pool may still lend (up to
+  // max_links), at most its depth, at least one.
+  [[nodiscard]] std::size_t share_locked(const SharedLink& link) const;
+  // The same before the depth: the even split alone.
+  [[nodiscard]] std::size_t even_share_locked() const;
+  // Wakes the connection with the fewest in flight that has room under its share, and borrows one
+  // more when every one is busy.
   void dispatch_locked();
   // Borrows one more connection when statements wait and every borrowed one is busy.
   void grow_locked();
