@@ -2172,6 +2172,44 @@ TEST_F(PoolTest, QueryStatementsAvoidAConnectionHeldUpByAnAbandonedStatement) {
   });
 }
 
+// When every statement in flight on a connection was given up by its caller, nothing else can be
+// hit by a cancel request: it is sent, so that the connection does not stay held up until they
+// end (with max 1, every new statement would time out meanwhile). Statements after it, on the
+// same connection, are not hit by it.
+TEST_F(PoolTest, QueryStatementsAllGivenUpAreCancelledSoTheirConnectionServesAgain) {
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    PoolConfig pool_config = config("shared-all-given-up", 1);
+    pool_config.acquire_timeout = 3s;
+    Pool pool(executor, pool_config);
+    const int backend = (co_await pool.query("SELECT pg_backend_pid()")).scalar<int>();
+    int given_up = 0;
+    for (int caller = 0; caller < 3; ++caller) {
+      asio::co_spawn(
+          executor,
+          [&]() -> awaitable_void {
+            auto error = co_await testing::expect_error(
+                with_timeout(pool.query("SELECT pg_sleep(30)"), std::chrono::milliseconds(100)));
+            EXPECT_EQ(error.code(), client_errc::timeout);
+            ++given_up;
+          },
+          asio::detached);
+    }
+    while (given_up < 3) co_await sleep_for(10ms);
+    const auto started = std::chrono::steady_clock::now();
+    for (int i = 0; i < 20; ++i) {
+      const Result row = co_await pool.query("SELECT pg_backend_pid(), $1::int", i);
+      EXPECT_EQ(row[0].get<int>(1), i);
+      EXPECT_EQ(row[0].get<int>(0), backend) << "the connection was closed, not drained";
+    }
+    EXPECT_LT(std::chrono::steady_clock::now() - started, 2s)
+        << "new statements waited for the given-up pg_sleep(30)s";
+    for (int wait = 0; wait < 100 && pool.stats().in_use != 0; ++wait) co_await sleep_for(10ms);
+    EXPECT_EQ(pool.stats().in_use, 0U) << "the connection went back to the pool";
+    (void)co_await pool.close(5s);
+  });
+}
+
 // The reverse: while lease callers keep every connection busy, query() still gets its turn (a
 // connection it borrows serves a batch before it may be given back to a waiting lease caller).
 TEST_F(PoolTest, QueryStillRunsWhileLeaseCallersKeepThePoolBusy) {

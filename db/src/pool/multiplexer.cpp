@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cctype>
 #include <unordered_map>
 
@@ -67,6 +68,18 @@ struct FailedPrepare {
 };
 
 asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr<SharedLink> link);
+
+// The first statement in flight if every statement in flight was given up by its caller, else
+// nullptr. Under Multiplexer::mutex (the callers change the stages).
+const SharedStatement* abandoned_head_locked(const std::deque<SentEntry>& sent) {
+  const SharedStatement* head = nullptr;
+  for (const SentEntry& entry : sent) {
+    if (entry.kind != SentEntry::Kind::statement) continue;
+    if (entry.statement->stage != SharedStatement::Stage::abandoned) return nullptr;
+    if (head == nullptr) head = entry.statement.get();
+  }
+  return head;
+}
 
 // Borrows a connection for the multiplexer, then runs it.
 asio::awaitable<void> borrow(std::shared_ptr<Multiplexer> mux) {
@@ -173,6 +186,10 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
     std::lock_guard lock(mux->mutex);
     link->depth = impl_pointer != nullptr && impl_pointer->one_segment_in_flight() ? 1 : mux->depth;
   }
+  // The cancel requests sent for statements whose callers all gave up (see 4.), and the head
+  // statement the last one was sent for.
+  std::vector<std::shared_ptr<std::atomic<bool>>> cancels_delivered;
+  const SharedStatement* cancelled_head = nullptr;
   bool served = false;  // it has sent something: only then may it be given up early
   bool yielded_when_drained = false;
   const auto pool_has_lease_waiters = [&mux]() {
@@ -317,13 +334,23 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
       // 4. Wait for results, or for statements to send.
       if (PQisBusy(conn) != 0 || must_wait) {
         must_wait = false;
+        const SharedStatement* cancel_for = nullptr;
         {
           std::lock_guard lock(mux->mutex);
           if (!mux->closed && !link->retiring && !mux->queue.empty() &&
               link->in_flight < mux->share_locked(*link)) {
             continue;
           }
+          if (link->retiring) cancel_for = abandoned_head_locked(sent);
           link->waiting = true;
+        }
+        // Every statement in flight here was given up by its caller, and none will follow (the
+        // connection retires): a cancel request can only hit one of them, so it is sent, again
+        // for each new head, rather than holding the connection until they end. The connection
+        // goes back to the pool only once the request was delivered (below).
+        if (cancel_for != nullptr && cancel_for != cancelled_head) {
+          cancelled_head = cancel_for;
+          if (auto delivered = impl.send_cancel_request()) cancels_delivered.push_back(delivered);
         }
         error_code wait_error;
         if (!impl.tls_holds_bytes()) {
@@ -564,6 +591,26 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
     std::lock_guard lock(mux->mutex);
     link->retiring = true;
     if (!mux->queue.empty()) mux->dispatch_locked();
+  }
+  const auto all_delivered = [&cancels_delivered] {
+    return std::all_of(cancels_delivered.begin(), cancels_delivered.end(),
+                       [](const auto& delivered) { return delivered->load(); });
+  };
+  if (!lost && impl_pointer != nullptr && !all_delivered()) {
+    // A cancel request still on its way would hit the next user's statement: wait for them, at
+    // most cancel_timeout, or close the connection.
+    const auto give_up_at = Clock::now() + impl_pointer->options.cancel_timeout;
+    asio::steady_timer pause(mux->strand);
+    while (!all_delivered() && Clock::now() < give_up_at) {
+      pause.expires_after(std::chrono::milliseconds(1));
+      co_await pause.async_wait(no_throw);
+    }
+    if (!all_delivered()) {
+      lost = impl_pointer->fail(client_errc::cancelled,
+                                "a cancel request for statements whose callers gave up was not "
+                                "delivered within cancel_timeout: the connection was closed");
+      impl_pointer->close(CloseMode::immediate);
+    }
   }
   if (!lost && impl_pointer != nullptr && impl_pointer->conn != nullptr) {
     if (PQexitPipelineMode(impl_pointer->conn) == 0) {
@@ -806,12 +853,17 @@ asio::awaitable<Result> run_shared(std::shared_ptr<PoolState> pool, std::string 
     if (statement->stage == SharedStatement::Stage::done) break;
     if (error != asio::error::operation_aborted) continue;  // (no expiry: not reached)
     // The caller cancelled: a queued statement leaves the queue; a sent one's answer is dropped
-    // when it comes (no cancel request: it could hit the statement of another caller), and its
-    // connection, held up by it, takes no new statement: it drains and goes back to the pool.
+    // when it comes, and its connection, held up by it, takes no new statement: it drains and
+    // goes back to the pool. No cancel request for it alone (it could hit the statement of
+    // another caller): the connection sends one once every statement in flight there is given
+    // up.
     if (statement->stage == SharedStatement::Stage::queued) mux->withdraw_locked(*statement);
     if (statement->stage == SharedStatement::Stage::sent) {
       held_up = statement->link.lock();  // (dropped after the lock: never the last under it)
-      if (held_up) held_up->retiring = true;
+      if (held_up) {
+        held_up->retiring = true;
+        mux->wake_locked(held_up);  // (to cancel, if every statement in flight there is given up)
+      }
     }
     statement->stage = SharedStatement::Stage::abandoned;
     statement->waiter = nullptr;
