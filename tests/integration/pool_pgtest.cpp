@@ -2128,14 +2128,16 @@ TEST_F(PoolTest, QueryRefusesWhatNeedsASessionAndReportsEachStatementsOwnError) 
   run_coroutine([&]() -> awaitable_void {
     auto executor = co_await asio::this_coro::executor;
     Pool pool(executor, config("shared-refusals"));
-    for (const char* sql : {"BEGIN", "  commit", "SET search_path = x", "LISTEN jobs",
-                            "COPY t FROM STDIN", "/* c */ savepoint a", ";BEGIN",
-                            " ; ;set search_path = x", "/* a /* nested */ still a comment */ BEGIN",
-                            "-- a line\n/* and a block */ start transaction", "-- cr\rBEGIN",
-                            "DECLARE c CURSOR FOR "
-                            "SELECT 1",
-                            "SELECT pg_advisory_lock(1)", "SELECT PG_TRY_ADVISORY_LOCK_SHARED(2)",
-                            "select Pg_Advisory_Unlock_All()"}) {
+    for (const char* sql :
+         {"BEGIN", "  commit", "SET search_path = x", "LISTEN jobs", "COPY t FROM STDIN",
+          "/* c */ savepoint a", ";BEGIN", " ; ;set search_path = x",
+          "/* a /* nested */ still a comment */ BEGIN",
+          "-- a line\n/* and a block */ start transaction", "-- cr\rBEGIN",
+          "DECLARE c CURSOR FOR "
+          "SELECT 1",
+          "SELECT pg_advisory_lock(1)", "SELECT PG_TRY_ADVISORY_LOCK_SHARED(2)",
+          "select Pg_Advisory_Unlock_All()", "SELECT \"pg_advisory_lock\"(3)",
+          "SELECT 'x', /* ' */ pg_advisory_lock (4)", "SELECT $$a$$, pg_advisory_unlock(5)"}) {
       auto error = co_await testing::expect_error(pool.query(sql));
       EXPECT_EQ(error.code(), client_errc::needs_session) << sql;
       EXPECT_THAT(error.diagnostics().hint, HasSubstr("lease")) << sql;
@@ -2148,6 +2150,15 @@ TEST_F(PoolTest, QueryRefusesWhatNeedsASessionAndReportsEachStatementsOwnError) 
     EXPECT_EQ((co_await pool.query("SELECT $1::int + 1", 41)).scalar<int>(), 42);
     // A transaction-level lock ends with the statement's implicit transaction: it may run.
     (void)co_await pool.query("SELECT pg_advisory_xact_lock(7)");
+    // The names in a string, a comment, a dollar-quoted string or a longer name are no call.
+    for (const char* sql :
+         {"SELECT 'pg_advisory_lock(1)'", "SELECT E'it\\'s pg_advisory_lock(1)'",
+          "SELECT 'it''s pg_advisory_unlock_all()'", "SELECT 1 -- pg_advisory_lock(1)",
+          "SELECT /* pg_advisory_lock(1) /* nested */ */ 1",
+          "SELECT $body$ pg_try_advisory_lock(1) $body$", "SELECT 1 AS my_pg_advisory_lock",
+          "SELECT \"Pg_Advisory_Lock\" FROM (SELECT 1 AS \"Pg_Advisory_Lock\") AS t"}) {
+      EXPECT_NO_THROW((void)co_await pool.query(sql)) << sql;
+    }
     (void)co_await pool.close(5s);
   });
 }

@@ -14,6 +14,102 @@ namespace pgrt::detail {
 
 namespace {
 
+// Whether `sql` names a session-level advisory lock function (pg_advisory_lock, its _shared and
+// try_ variants, pg_advisory_unlock and its variants), as a word of the statement: not inside a
+// string constant, a dollar-quoted string or a comment, nor as part of a longer name
+// (pg_advisory_xact_lock, whose lock ends with the statement's implicit transaction, is fine).
+// A quoted identifier counts by its exact text; an unquoted word in any case.
+bool calls_session_advisory_lock(std::string_view sql) {
+  const auto is_session_lock = [](std::string_view word) {
+    static constexpr std::array<std::string_view, 7> names{
+        "pg_advisory_lock",      "pg_advisory_lock_shared",
+        "pg_try_advisory_lock",  "pg_try_advisory_lock_shared",
+        "pg_advisory_unlock",    "pg_advisory_unlock_shared",
+        "pg_advisory_unlock_all"};
+    return std::find(names.begin(), names.end(), word) != names.end();
+  };
+  const auto word_char = [](char c) {
+    return std::isalnum(static_cast<unsigned char>(c)) != 0 || c == '_' || c == '$' ||
+           static_cast<unsigned char>(c) >= 0x80;
+  };
+  std::size_t at = 0;
+  const std::size_t size = sql.size();
+  while (at < size) {
+    const char c = sql[at];
+    if (c == '-' && at + 1 < size && sql[at + 1] == '-') {  // -- to the end of the line
+      while (at < size && sql[at] != '\n' && sql[at] != '\r') ++at;
+    } else if (c == '/' && at + 1 < size && sql[at + 1] == '*') {  // /* nested */ comments
+      int depth = 0;
+      while (at < size) {
+        if (sql[at] == '/' && at + 1 < size && sql[at + 1] == '*') {
+          ++depth;
+          at += 2;
+        } else if (sql[at] == '*' && at + 1 < size && sql[at + 1] == '/') {
+          at += 2;
+          if (--depth == 0) break;
+        } else {
+          ++at;
+        }
+      }
+    } else if (c == '\'') {  // a string constant; '' is a quote inside it, and so is \' in E''
+      const bool escapes = at > 0 && (sql[at - 1] == 'e' || sql[at - 1] == 'E') &&
+                           (at < 2 || !word_char(sql[at - 2]));
+      ++at;
+      while (at < size) {
+        if (escapes && sql[at] == '\\') {
+          at += 2;
+        } else if (sql[at] == '\'') {
+          if (at + 1 < size && sql[at + 1] == '\'') {
+            at += 2;
+          } else {
+            ++at;
+            break;
+          }
+        } else {
+          ++at;
+        }
+      }
+    } else if (c == '"') {  // a quoted identifier: its exact text; "" is a quote inside it
+      std::string identifier;
+      ++at;
+      while (at < size) {
+        if (sql[at] == '"') {
+          if (at + 1 < size && sql[at + 1] == '"') {
+            identifier += '"';
+            at += 2;
+            continue;
+          }
+          ++at;
+          break;
+        }
+        identifier += sql[at++];
+      }
+      if (is_session_lock(identifier)) return true;
+    } else if (c == '$' && (at == 0 || !word_char(sql[at - 1]))) {  // $tag$ ... $tag$, or $1
+      std::size_t end = at + 1;
+      while (end < size && sql[end] != '$' && word_char(sql[end])) ++end;
+      if (end < size && sql[end] == '$' &&
+          (end == at + 1 || std::isdigit(static_cast<unsigned char>(sql[at + 1])) == 0)) {
+        const std::string_view tag = sql.substr(at, end - at + 1);
+        const std::size_t close = sql.find(tag, end + 1);
+        at = close == std::string_view::npos ? size : close + tag.size();
+      } else {
+        at = end;  // a parameter ($1)
+      }
+    } else if (word_char(c)) {
+      std::string word;
+      while (at < size && word_char(sql[at])) {
+        word += static_cast<char>(std::tolower(static_cast<unsigned char>(sql[at])));
+        ++at;
+      }
+      if (is_session_lock(word)) return true;
+    } else {
+      ++at;
+    }
+  }
+  return false;
+}
+
 // Statements a shared connection cannot run: they change or need the session (a transaction, a
 // setting, a cursor, a listener) that the other callers' statements share, or COPY, which takes
 // the connection over.
@@ -24,14 +120,7 @@ error_code refuse_on_shared_connection(std::string_view sql, Diagnostics& diagno
       "release", "prepare",    "set",     "reset", "listen",   "unlisten", "copy",
       "discard", "deallocate", "declare", "fetch", "move",     "close",    "lock"};
   const bool session = std::find(refused.begin(), refused.end(), keyword) != refused.end();
-  const auto contains = [sql](std::string_view lower_case) {  // (in any case, without a copy)
-    return std::search(sql.begin(), sql.end(), lower_case.begin(), lower_case.end(),
-                       [](char text, char wanted) {
-                         return std::tolower(static_cast<unsigned char>(text)) == wanted;
-                       }) != sql.end();
-  };
-  const bool advisory = contains("pg_advisory_lock") || contains("pg_try_advisory_lock") ||
-                        contains("pg_advisory_unlock");
+  const bool advisory = calls_session_advisory_lock(sql);
   if (!session && !advisory) return {};
   diagnostics = Diagnostics{
       .message = (advisory ? std::string("a session-level advisory lock") : "'" + keyword + "'") +
