@@ -2163,9 +2163,9 @@ TEST_F(PoolTest, QueryRefusesWhatNeedsASessionAndReportsEachStatementsOwnError) 
   });
 }
 
-// A statement that overran its caller's deadline after it was sent holds up its connection (no
-// cancel request is sent: it could hit another caller's statement): new statements go to another
-// connection instead of queueing behind it, and that one goes back to the pool once drained.
+// A statement that overran its caller's deadline after it was sent holds up its connection until
+// it is cancelled or ends: new statements go to another connection instead of queueing behind
+// it, and that one goes back to the pool once drained.
 TEST_F(PoolTest, QueryStatementsAvoidAConnectionHeldUpByAnAbandonedStatement) {
   run_coroutine([&]() -> awaitable_void {
     auto executor = co_await asio::this_coro::executor;
