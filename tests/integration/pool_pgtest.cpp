@@ -2221,6 +2221,31 @@ TEST_F(PoolTest, QueryStatementsAllGivenUpAreCancelledSoTheirConnectionServesAga
   });
 }
 
+// A connection query() still has out when close()'s grace ends is named as query()'s, not by a
+// line of pgrt's own source.
+TEST_F(PoolTest, QueryConnectionsStillOutAtCloseAreNamedAsQuerys) {
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, config("shared-close-site", 2));
+    bool answered = false;
+    asio::co_spawn(
+        executor,
+        [&]() -> awaitable_void {
+          (void)co_await testing::expect_error(pool.query("SELECT pg_sleep(5)"));
+          answered = true;
+        },
+        asio::detached);
+    while (pool.stats().shared_in_flight == 0) co_await sleep_for(5ms);
+    const std::vector<std::string> outstanding = co_await pool.close(100ms);
+    EXPECT_EQ(outstanding.size(), 1U);
+    for (const std::string& site : outstanding) {
+      EXPECT_THAT(site, HasSubstr("Pool::query()"));
+      EXPECT_THAT(site, ::testing::Not(HasSubstr("multiplexer.cpp")));
+    }
+    while (!answered) co_await sleep_for(5ms);
+  });
+}
+
 // The reverse: while lease callers keep every connection busy, query() still gets its turn (a
 // connection it borrows serves a batch before it may be given back to a waiting lease caller).
 TEST_F(PoolTest, QueryStillRunsWhileLeaseCallersKeepThePoolBusy) {

@@ -76,7 +76,16 @@ inline ConnectOptions connect_options(const PoolConfig& config) {
   return with_session_guards(std::move(options), config.guards);
 }
 
+// The site the multiplexer's leases are acquired at (multiplexer.cpp): Pool::query()'s
+// connections, described as such rather than by pgrt's own source line.
+std::source_location shared_connection_site() noexcept;
+
 inline std::string describe_site(const std::source_location& site) {
+  const std::source_location shared = shared_connection_site();
+  if (site.line() == shared.line() && site.column() == shared.column() &&
+      std::string_view(site.file_name()) == shared.file_name()) {
+    return "Pool::query() (a connection shared by its statements)";
+  }
   return std::string(site.file_name()) + ":" + std::to_string(site.line()) + " (" +
          site.function_name() + ")";
 }

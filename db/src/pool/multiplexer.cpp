@@ -12,6 +12,10 @@
 
 namespace pgrt::detail {
 
+std::source_location shared_connection_site() noexcept {
+  return std::source_location::current();
+}
+
 namespace {
 
 // Whether `sql` names a session-level advisory lock function (pg_advisory_lock, its _shared and
@@ -184,7 +188,7 @@ asio::awaitable<void> borrow(std::shared_ptr<Multiplexer> mux) {
   if (pool) {
     try {
       lease.emplace(co_await pool->acquire(pool, Priority::normal, pool::default_consumer,
-                                           std::source_location::current()));
+                                           shared_connection_site()));
     } catch (const Error& error) {
       failure = error.code();
       diagnostics = error.diagnostics();
