@@ -394,6 +394,14 @@ void ConnectionAccess::interrupt(Connection::Impl& impl,
   impl.interrupt(wait_for_cancel);
 }
 
+std::shared_future<void> ConnectionAccess::start_interrupt(Connection::Impl& impl) noexcept {
+  return impl.start_interrupt();
+}
+
+void ConnectionAccess::finish_interrupt(Connection::Impl& impl) noexcept {
+  impl.finish_interrupt();
+}
+
 asio::awaitable<void> rollback_after_failure(Connection& connection) {
   co_await asio::this_coro::reset_cancellation_state();
   const auto status = connection.transaction_status();

@@ -10,6 +10,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <future>
 #include <memory>
 
 #include "pgrt/db/connection.hpp"
@@ -74,6 +75,9 @@ struct ConnectionAccess {
   static void forget_statements(Connection& connection) noexcept;
   // Connection::interrupt() on an implementation: thread-safe, as that is.
   static void interrupt(Connection::Impl& impl, std::chrono::milliseconds wait_for_cancel) noexcept;
+  // The same in two steps (Connection::Impl::start_interrupt()), for many connections at once.
+  static std::shared_future<void> start_interrupt(Connection::Impl& impl) noexcept;
+  static void finish_interrupt(Connection::Impl& impl) noexcept;
 };
 
 }  // namespace pgrt::detail

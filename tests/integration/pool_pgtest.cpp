@@ -1544,6 +1544,31 @@ TEST_F(PoolTest, AKeepaliveIntervalUnderOneSecondIsKept) {
   });
 }
 
+// close_now() (the exit path) sends every leased connection's cancel request at once and waits
+// for them together, at most a second in all: behind a network that swallows the requests, three
+// leases cost one second at exit, not one each.
+TEST_F(PoolTest, CloseNowWaitsForTheCancelRequestsTogetherNotOneAfterAnother) {
+  testing::FaultProxy proxy("127.0.0.1", static_cast<std::uint16_t>(cluster().port()));
+  auto pool_config = config("close-now-cancels", 3);
+  pool_config.conninfo = proxy.conninfo_prefix() + " user=postgres dbname=postgres";
+  std::chrono::steady_clock::duration took{};
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, pool_config);
+    std::vector<Lease> leases;
+    for (int i = 0; i < 3; ++i) leases.push_back(co_await pool.acquire());
+    proxy.pause();  // the cancel requests are accepted and never answered
+    const auto started = std::chrono::steady_clock::now();
+    pool.close_now();
+    took = std::chrono::steady_clock::now() - started;
+    for (auto& lease : leases) EXPECT_TRUE(lease->is_broken());
+    leases.clear();
+    proxy.resume();
+  });
+  EXPECT_GE(took, 900ms) << "the requests were not waited for";
+  EXPECT_LT(took, 2500ms) << "waited for one after another";
+}
+
 // Defect: close(grace) did not abort connects in progress; the size reached 0 only at
 // connect_timeout.
 TEST_F(PoolTest, CloseAbortsConnectsInProgress) {

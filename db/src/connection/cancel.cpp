@@ -15,25 +15,36 @@ void Connection::Impl::arm_interrupt() noexcept {
 }
 
 void Connection::Impl::interrupt(std::chrono::milliseconds wait_for_cancel) noexcept {
+  // (An exiting process must send the request before it is gone: waited for, at most
+  // `wait_for_cancel`.)
+  const std::shared_future<void> delivered = start_interrupt();
+  if (delivered.valid() && wait_for_cancel.count() > 0) delivered.wait_for(wait_for_cancel);
+  finish_interrupt();
+}
+
+std::shared_future<void> Connection::Impl::start_interrupt() noexcept {
   std::lock_guard lock(interrupt_mutex);
-  if (interruptible_fd < 0) return;
+  if (interruptible_fd < 0) return {};
   cut_by_owner = true;
-  if (interrupt_cancel) {
-    try {
-      // PQcancel() blocks (it connects to the server): on a thread of its own, waited for at
-      // most `wait_for_cancel` (an exiting process must send it before it is gone).
-      auto sent = std::make_shared<std::promise<void>>();
-      auto done = sent->get_future();
-      std::thread([cancel = interrupt_cancel, sent] {
-        char error[256];
-        PQcancel(cancel.get(), error, sizeof error);
-        sent->set_value();
-      }).detach();
-      if (wait_for_cancel.count() > 0) done.wait_for(wait_for_cancel);
-    } catch (const std::exception&) {  // NOLINT(bugprone-empty-catch): shutdown() still cuts it
-    }
+  if (!interrupt_cancel) return {};
+  try {
+    // PQcancel() blocks (it connects to the server): on a thread of its own.
+    auto sent = std::make_shared<std::promise<void>>();
+    std::shared_future<void> done = sent->get_future().share();
+    std::thread([cancel = interrupt_cancel, sent] {
+      char error[256];
+      PQcancel(cancel.get(), error, sizeof error);
+      sent->set_value();
+    }).detach();
+    return done;
+  } catch (const std::exception&) {  // NOLINT(bugprone-empty-catch): finish_interrupt() still cuts
   }
-  ::shutdown(interruptible_fd, SHUT_RDWR);
+  return {};
+}
+
+void Connection::Impl::finish_interrupt() noexcept {
+  std::lock_guard lock(interrupt_mutex);
+  if (interruptible_fd >= 0) ::shutdown(interruptible_fd, SHUT_RDWR);
 }
 
 // A wait ended early: the operation was cancelled, or the socket was closed under us.

@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <exception>
 #include <functional>
+#include <future>
 #include <libpq-fe.h>
 #include <list>
 #include <memory>
@@ -170,6 +171,11 @@ struct Connection::Impl {
 
   void arm_interrupt() noexcept;
   void interrupt(std::chrono::milliseconds wait_for_cancel) noexcept;
+  // interrupt() in two steps, so that many connections' cancel requests go out together: the
+  // first sends the request (on a thread of its own) and returns what turns ready once it was
+  // delivered (invalid when none was sent); the second shuts the socket down.
+  std::shared_future<void> start_interrupt() noexcept;
+  void finish_interrupt() noexcept;
   // `completed`: the statement's own result was read already (it ran), before the wait ended.
   asio::awaitable<error_code> interrupted(error_code error, std::string_view statement,
                                           bool can_drain, bool completed = false);

@@ -435,6 +435,14 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
     }
   }
 
+  // The connection of a node that is leased or being worked on, to interrupt in two steps
+  // (ConnectionAccess::start_interrupt()); null when it has none. Under the lock.
+  static Connection::Impl* interruptible_locked(const pool::Node& node) noexcept {
+    auto& pooled = static_cast<PooledConnection&>(*node.attachment);
+    return pooled.leased_impl != nullptr ? pooled.leased_impl
+                                         : ConnectionAccess::impl_of(pooled.connection);
+  }
+
   // The user closed a leased connection (PooledConnection::closed_in_lease): the pool closes it
   // now, and its capacity comes back once the backend has ended, while the Lease is still out.
   void closed_in_lease(pool::Node& node, Connection live) noexcept;

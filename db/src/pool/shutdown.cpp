@@ -27,12 +27,24 @@ void PoolState::close_now() noexcept {
         connection_of(const_cast<pool::Node&>(node)).close(CloseMode::graceful);
         ++closed;
       });
+      // Every cancel request goes out at once, then they are waited for together (at most
+      // exit_cancel_wait in all, not each), then the sockets are shut down.
+      std::vector<Connection::Impl*> cut;
       for_each_locked(
           {pool::NodeState::leased, pool::NodeState::resetting, pool::NodeState::pinging},
           [&](const pool::Node& node) {
-            interrupt_locked(node, exit_cancel_wait);
+            if (Connection::Impl* impl = interruptible_locked(node)) cut.push_back(impl);
             ++interrupted;
           });
+      std::vector<std::shared_future<void>> requests;
+      requests.reserve(cut.size());
+      for (Connection::Impl* impl : cut)
+        requests.push_back(ConnectionAccess::start_interrupt(*impl));
+      const auto give_up_at = std::chrono::steady_clock::now() + exit_cancel_wait;
+      for (const auto& delivered : requests) {
+        if (delivered.valid()) delivered.wait_until(give_up_at);
+      }
+      for (Connection::Impl* impl : cut) ConnectionAccess::finish_interrupt(*impl);
       spdlog::warn(
           "pgrt pool {}: closed at exit: {} idle connection(s) closed, {} in use or "
           "being reset interrupted",

@@ -537,10 +537,11 @@ class Pool {
   /// Synchronously and
   /// without running any coroutine, refuses new acquires, fails the waiters, closes the idle
   /// connections (Terminate, then the socket) and interrupts the leased ones and those being
-  /// reset (Connection::interrupt()). The waiters are failed and the pool's timers cancelled on
-  /// the pool's executor (at once when the calling thread runs it; an io_context no thread runs
-  /// any more is left alone), so that io threads still running are not raced. Best effort; never
-  /// throws; thread-safe. Prefer close(). On the process-wide pool, as for close().
+  /// reset (as Connection::interrupt(): their cancel requests sent together and waited for up
+  /// to 1 s in all, then their sockets shut down). The waiters are failed and the pool's timers
+  /// cancelled on the pool's executor (at once when the calling thread runs it; an io_context no
+  /// thread runs any more is left alone), so that io threads still running are not raced. Best
+  /// effort; never throws; thread-safe. Prefer close(). On the process-wide pool, as for close().
   void close_now() noexcept;
   /// True once close() or close_now() has begun (or the Pool object is being destroyed).
   [[nodiscard]] bool closed() const noexcept;
