@@ -11,6 +11,7 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
+#include <cctype>
 #include <cerrno>
 #include <csignal>
 #include <cstring>
@@ -252,11 +253,58 @@ pid_t launch(const std::string& child_name, const LaunchPlan& plan) {
   throw_errno(failure.error, what);
 }
 
+// `text` with what looks like a password replaced by "***": the value of each `password=` (any
+// case, so PGPASSWORD= too; quoted or up to the next blank) and the password of each URL's
+// credentials (`scheme://user:password@host`).
+std::string without_passwords(std::string text) {
+  const auto lower = [](char c) {
+    return static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  };
+  const auto find_key = [&](std::size_t from) {
+    static constexpr std::string_view key = "password=";
+    for (std::size_t at = from; at + key.size() <= text.size(); ++at) {
+      bool match = true;
+      for (std::size_t i = 0; i < key.size() && match; ++i) match = lower(text[at + i]) == key[i];
+      if (match) return at + key.size();
+    }
+    return std::string::npos;
+  };
+  for (std::size_t value = find_key(0); value != std::string::npos; value = find_key(value)) {
+    std::size_t end = value;
+    const char quote =
+        value < text.size() && (text[value] == '\'' || text[value] == '"') ? text[value] : '\0';
+    if (quote != '\0') {
+      end = text.find(quote, value + 1);
+      end = end == std::string::npos ? text.size() : end + 1;
+    } else {
+      while (end < text.size() && std::isspace(static_cast<unsigned char>(text[end])) == 0 &&
+             text[end] != '&') {
+        ++end;
+      }
+    }
+    text.replace(value, end - value, "***");
+    value += 3;
+  }
+  for (std::size_t scheme = text.find("://"); scheme != std::string::npos;
+       scheme = text.find("://", scheme + 3)) {
+    const std::size_t start = scheme + 3;
+    const std::size_t authority_end = text.find_first_of("/?# \t\n'\"", start);
+    const std::size_t at_sign =
+        text.rfind('@', authority_end == std::string::npos ? std::string::npos : authority_end - 1);
+    if (at_sign == std::string::npos || at_sign < start) continue;
+    const std::size_t colon = text.find(':', start);
+    if (colon == std::string::npos || colon > at_sign) continue;
+    text.replace(colon + 1, at_sign - colon - 1, "***");
+  }
+  return text;
+}
+
+// The command line for the log, without passwords.
 std::string join(const std::vector<std::string>& words) {
   std::string joined;
   for (const auto& word : words) {
     if (!joined.empty()) joined += ' ';
-    joined += word;
+    joined += without_passwords(word);
   }
   return joined;
 }

@@ -20,6 +20,8 @@
 #include <gtest/gtest.h>
 #include <memory>
 #include <optional>
+#include <spdlog/sinks/ostream_sink.h>
+#include <spdlog/spdlog.h>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -198,6 +200,34 @@ TEST(ChildProcessTest, ExitIsReapedAndReported) {
   EXPECT_TRUE(process_gone(exit.pid));
   EXPECT_FALSE(child.pid());
   EXPECT_THAT(events.stayed_down, ElementsAre("restart policy never"));
+}
+
+// The start is logged with its command line, but never a password given in it.
+TEST(ChildProcessTest, TheLoggedCommandLineHidesPasswords) {
+  std::ostringstream log;
+  auto previous = spdlog::default_logger();
+  spdlog::set_default_logger(std::make_shared<spdlog::logger>(
+      "capture", std::make_shared<spdlog::sinks::ostream_sink_mt>(log)));
+  asio::io_context io;
+  ChildProcess child(
+      {.name = "secretive",
+       .argv = {"/bin/sh", "-c", "exit 0", "postgresql://app:s3cret-url@db:5432/x",
+                "host=db password=s3cret-kv dbname=x", "password='s3cret quoted' user=app",
+                "PGPASSWORD=s3cret-env", "postgres://keep@db/x"},
+       .restart = RestartPolicy::never});
+  run_on(io, [&]() -> asio::awaitable<void> {
+    co_await child.start();
+    EXPECT_TRUE(co_await poll_until([&] { return !child.supervising(); }, 10s));
+  });
+  spdlog::set_default_logger(previous);
+  const std::string text = log.str();
+  EXPECT_THAT(text, ::testing::HasSubstr("child secretive: started pid"));
+  EXPECT_THAT(text, ::testing::Not(::testing::HasSubstr("s3cret"))) << text;
+  EXPECT_THAT(text, ::testing::HasSubstr("postgresql://app:***@db:5432/x")) << text;
+  EXPECT_THAT(text, ::testing::HasSubstr("host=db password=*** dbname=x")) << text;
+  EXPECT_THAT(text, ::testing::HasSubstr("password=*** user=app")) << text;
+  EXPECT_THAT(text, ::testing::HasSubstr("PGPASSWORD=***")) << text;
+  EXPECT_THAT(text, ::testing::HasSubstr("postgres://keep@db/x")) << text;
 }
 
 TEST(ChildProcessTest, DeathBySignalIsReported) {

@@ -68,10 +68,16 @@ struct ChildProcessOptions {
   /// The program and its arguments; argv[0] is the program. With a '/' it is a path (relative
   /// ones to working_directory if set, else to the parent's); without, it is looked up in the
   /// PATH of the child's environment (or "/usr/bin:/bin" if it has none), as execvp() does.
+  /// Each start logs it (info), with the value of any `password=` and the password of any URL's
+  /// credentials replaced by "***"; still, prefer passing secrets in the environment: any user on
+  /// the host can read a process's arguments (/proc/PID/cmdline).
   std::vector<std::string> argv;
   /// Variables set in the child's environment, on top of the parent's when inherit_environment
   /// (replacing a variable of the same name), or alone when not. The parent's environment is read
-  /// (environ) at each start and restart; do not setenv() meanwhile on another thread.
+  /// (environ) at each start and restart; do not setenv() meanwhile on another thread. Inherited,
+  /// the parent's DATABASE_URL, PGPASSWORD and other secrets reach the child too: turn
+  /// inherit_environment off (and list what it needs in env) for a child that should not have
+  /// them.
   std::map<std::string, std::string> env;
   bool inherit_environment = true;
   /// The child's working directory; empty: the parent's.
