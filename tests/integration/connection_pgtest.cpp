@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <functional>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -791,6 +792,33 @@ TEST_F(ConnectionTest, InterruptFromAnotherThreadEndsARunningStatementAndTheBack
   });
   EXPECT_TRUE(testing::eventually([&] { return !testing::backend_exists(cluster().dsn(), pid); }))
       << "the backend outlived interrupt()";
+}
+
+// libpq 15's PQcancel() has no timeout, and each cancel request runs on a thread of its own: behind
+// a network that accepts the request's connection and never answers, each would hold its thread
+// for good. At most 32 are on their way at once; past that, none is sent.
+TEST_F(ConnectionTest, CancelRequestsThatNeverGetAnAnswerHoldAtMost32Threads) {
+  testing::FaultProxy proxy("127.0.0.1", static_cast<std::uint16_t>(cluster().port()));
+  const auto threads = [] {
+    return std::distance(std::filesystem::directory_iterator("/proc/self/task"),
+                         std::filesystem::directory_iterator());
+  };
+  long before = 0;
+  long during = 0;
+  run_coroutine([&]() -> awaitable_void {
+    ConnectOptions options;  // (named: g++ 12 miscompiles a braced temporary in a co_await)
+    options.conninfo = proxy.conninfo_prefix() + " user=postgres dbname=postgres";
+    auto conn = co_await Connection::connect(options);
+    before = threads();
+    proxy.pause();  // the requests' connections are accepted, and nothing answers them
+    for (int i = 0; i < 100; ++i) conn.interrupt(std::chrono::milliseconds(0));
+    during = threads();
+    proxy.resume();
+  });
+  EXPECT_GE(during - before, 30) << "the requests did not block: the test proves nothing";
+  EXPECT_LE(during - before, 32) << "a thread per request, without a bound";
+  EXPECT_TRUE(testing::eventually([&] { return threads() <= before; }))
+      << "the requests' threads did not end once answered";
 }
 
 // interrupt() waiting for its cancel request to go out (as an exit handler does): the server's

@@ -1,12 +1,58 @@
+#include <atomic>
 #include <boost/asio/experimental/awaitable_operators.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <future>
+#include <spdlog/spdlog.h>
 #include <sys/socket.h>
 #include <thread>
 
 #include "impl.hpp"
 
 namespace pgrt {
+
+namespace {
+
+// Cancel requests on their way. Each runs on a thread of its own, since libpq 15's PQcancel()
+// blocks and has no timeout of its own: a network or proxy that accepts the request's connection
+// and never answers holds its thread for good. So at most this many are on their way at once;
+// past that, no request is sent, and where one was needed the connection is closed instead (the
+// drain that waits for it gives up at cancel_timeout).
+constexpr int max_cancel_threads = 32;
+std::atomic<int> cancel_threads{0};
+std::atomic<bool> cancel_limit_logged{false};
+
+// Runs `send` on a thread of its own, counted; false (nothing runs) at the limit.
+template <typename Send>
+bool run_cancel_thread(Send send) noexcept {
+  if (cancel_threads.fetch_add(1) >= max_cancel_threads) {
+    cancel_threads.fetch_sub(1);
+    if (!cancel_limit_logged.exchange(true)) {
+      spdlog::warn(
+          "pgrt: {} cancel requests are still on their way (the server, or something between, "
+          "accepts them and does not answer): no more are sent until one ends; connections that "
+          "needed one are closed instead",
+          max_cancel_threads);
+    }
+    return false;
+  }
+  try {
+    std::thread([send = std::move(send)]() mutable {
+      send();
+      cancel_threads.fetch_sub(1);
+      cancel_limit_logged = false;
+    }).detach();
+    return true;
+  } catch (...) {
+    cancel_threads.fetch_sub(1);
+    return false;
+  }
+}
+
+}  // namespace
+
+int Connection::Impl::cancel_requests_on_their_way() noexcept {
+  return cancel_threads.load();
+}
 
 void Connection::Impl::arm_interrupt() noexcept {
   std::lock_guard lock(interrupt_mutex);
@@ -31,12 +77,12 @@ std::shared_future<void> Connection::Impl::start_interrupt() noexcept {
     // PQcancel() blocks (it connects to the server): on a thread of its own.
     auto sent = std::make_shared<std::promise<void>>();
     std::shared_future<void> done = sent->get_future().share();
-    std::thread([cancel = interrupt_cancel, sent] {
+    const bool started = run_cancel_thread([cancel = interrupt_cancel, sent] {
       char error[256];
       PQcancel(cancel.get(), error, sizeof error);
       sent->set_value();
-    }).detach();
-    return done;
+    });
+    if (started) return done;
   } catch (const std::exception&) {  // NOLINT(bugprone-empty-catch): finish_interrupt() still cuts
   }
   return {};
@@ -82,17 +128,17 @@ std::shared_ptr<std::atomic<bool>> Connection::Impl::send_cancel_request() noexc
   if (cancel == nullptr) return nullptr;
   try {
     auto delivered = std::make_shared<std::atomic<bool>>(false);
-    std::thread([cancel, delivered] {
+    const bool started = run_cancel_thread([cancel, delivered] {
       char error[256];
       PQcancel(cancel, error, sizeof error);
       PQfreeCancel(cancel);
       *delivered = true;
-    }).detach();
-    return delivered;
-  } catch (const std::exception&) {
-    PQfreeCancel(cancel);  // no thread, no request: the drain alone decides
-    return nullptr;
+    });
+    if (started) return delivered;
+  } catch (const std::exception&) {  // NOLINT(bugprone-empty-catch): as no thread
   }
+  PQfreeCancel(cancel);  // no thread, no request: the drain alone decides
+  return nullptr;
 }
 
 // Waits (polling: the helper thread must not touch the io_context) until the cancel request

@@ -175,6 +175,8 @@ struct Connection::Impl {
   // first sends the request (on a thread of its own) and returns what turns ready once it was
   // delivered (invalid when none was sent); the second shuts the socket down.
   std::shared_future<void> start_interrupt() noexcept;
+  // Cancel requests sent and not yet delivered, in the process (at most 32: see cancel.cpp).
+  static int cancel_requests_on_their_way() noexcept;
   void finish_interrupt() noexcept;
   // `completed`: the statement's own result was read already (it ran), before the wait ended.
   asio::awaitable<error_code> interrupted(error_code error, std::string_view statement,

@@ -19,11 +19,15 @@
 /// blocks, so it never runs on the io_context); the connection is then drained back to idle, for
 /// at most ConnectOptions::cancel_timeout. The operation ends with client_errc::cancelled
 /// (condition::query_canceled). If the drain does not finish in time, the connection is closed and
-/// reported broken (is_broken()). A cancelled pipeline is not drained: its connection is closed
-/// (after a CancelRequest for what the server runs), and close_and_wait() still waits for the
-/// server to end that session (a pool counts the connection's capacity free only then).
-/// To keep working after a cancellation, an operation resets the calling coroutine's cancellation
-/// state (this_coro::reset_cancellation_state(), which restores the default filter).
+/// reported broken (is_broken()). As PQcancel has no timeout, a request whose connection is
+/// accepted and never answered (a stuck proxy) holds its thread until that connection ends: at
+/// most 32 requests are on their way in a process at once, and past that none is sent (logged),
+/// so such cancellations end at cancel_timeout with the connection closed. A cancelled pipeline is
+/// not drained: its connection is closed (after a CancelRequest for what the server runs), and
+/// close_and_wait() still waits for the server to end that session (a pool counts the connection's
+/// capacity free only then). To keep working after a cancellation, an operation resets the calling
+/// coroutine's cancellation state (this_coro::reset_cancellation_state(), which restores the
+/// default filter).
 ///
 /// Compiler note: g++ 12 miscompiles a braced temporary with std::string members inside a co_await
 /// expression (`co_await Connection::connect({.conninfo = ...})` corrupts the strings). Build
