@@ -18,6 +18,7 @@
 #include <libpq-fe.h>
 #include <spdlog/spdlog.h>
 #include <string_view>
+#include <unistd.h>
 #include <utility>
 
 #include "async/run_blocking.hpp"
@@ -141,13 +142,21 @@ struct StartupHygiene::ClusterLock {
   ClusterLock(asio::any_io_executor executor_in, ConnectOptions options, std::string prefix_in,
               std::string tag_in, std::chrono::milliseconds interval)
       : executor(std::move(executor_in)),
-        connect_options(std::move(options)),
+        connect_options(with_short_cancel(std::move(options))),
         prefix(std::move(prefix_in)),
         tag(std::move(tag_in)),
         check_interval(interval),
         strand(asio::make_strand(executor)),
         wake(strand),
         finished(strand, asio::steady_timer::time_point::max()) {}
+
+  // A session that stops answering is given up on sooner than the pool's (its checks are
+  // cancelled at their timeout, then drained at most 1 s).
+  static ConnectOptions with_short_cancel(ConnectOptions options) {
+    options.cancel_timeout =
+        std::min<std::chrono::milliseconds>(options.cancel_timeout, std::chrono::seconds(1));
+    return options;
+  }
 
   asio::awaitable<void> take(std::chrono::milliseconds start_wait);
   asio::awaitable<void> watch();
@@ -173,8 +182,9 @@ struct StartupHygiene::ClusterLock {
   asio::steady_timer finished;  // cancelled when the watch has ended
   asio::cancellation_signal stop_signal;
   bool stopping = false;
-  bool running = false;        // spawned, not ended
-  bool watch_started = false;  // its coroutine runs (cancellable)
+  bool refused_by_leftover = false;  // take()'s refusal named a leftover (leftover_holder())
+  bool running = false;              // spawned, not ended
+  bool watch_started = false;        // its coroutine runs (cancellable)
 };
 
 // Whether `application_name` is a session that no live process but this one can own: one of
@@ -198,6 +208,8 @@ asio::awaitable<void> StartupHygiene::ClusterLock::take(std::chrono::millisecond
       "stop that instance first (pgrt-diag shows where it runs); if it is what a crashed run on "
       "another host left, terminate that backend";
   std::optional<int> terminated;
+  bool holder_is_leftover = false;
+  refused_by_leftover = false;
   for (int attempt = 0; attempt < 50; ++attempt) {
     const bool locked =
         (co_await connection.query("SELECT pg_try_advisory_lock($1)", key)).scalar<bool>();
@@ -213,6 +225,7 @@ asio::awaitable<void> StartupHygiene::ClusterLock::take(std::chrono::millisecond
       const Row row = holders[0];
       const int pid = row.get<int>(0);
       const std::string application_name = row.get<std::string>(1);
+      holder_is_leftover = leftover_holder(application_name);
       holder = "backend " + std::to_string(pid) + " (" + application_name + ", client " +
                row.get<std::string>(2) + ", since " + row.get<std::string>(3) + ")";
       if (terminated == pid) {
@@ -237,7 +250,8 @@ asio::awaitable<void> StartupHygiene::ClusterLock::take(std::chrono::millisecond
             spdlog::info("pgrt: terminated backend {} ({}): it held the cluster-wide lock", pid,
                          application_name);
           } else {
-            spdlog::info("pgrt: backend {} ({}) was already gone", pid, application_name);
+            spdlog::info("pgrt: backend {} ({}) did not end within 5 s, or was already gone", pid,
+                         application_name);
           }
           terminated = pid;
         } catch (const Error& error) {
@@ -255,9 +269,14 @@ asio::awaitable<void> StartupHygiene::ClusterLock::take(std::chrono::millisecond
       }
     }
     asio::steady_timer pause(co_await asio::this_coro::executor, std::chrono::milliseconds(100));
-    co_await pause.async_wait(asio::use_awaitable);
+    auto [paused] = co_await pause.async_wait(asio::as_tuple(asio::use_awaitable));
+    if (paused || stopping) {
+      throw Error(make_error_code(client_errc::cancelled),
+                  Diagnostics{.message = "taking the cluster-wide lock was cancelled"});
+    }
   }
   connection.close();
+  refused_by_leftover = terminated.has_value() && holder_is_leftover;
   throw Error(make_error_code(client_errc::instance_locked),
               Diagnostics{.message = "another " + prefix +
                                      " holds the cluster-wide instance lock: " + holder,
@@ -283,7 +302,14 @@ asio::awaitable<void> StartupHygiene::ClusterLock::wait_for_news() {
     co_await wake.async_wait(asio::as_tuple(asio::use_awaitable));
     co_return;
   }
-  asio::posix::stream_descriptor socket(strand, watched);  // owns the copy
+  asio::posix::stream_descriptor socket(strand);
+  boost::system::error_code assign_error;
+  socket.assign(watched, assign_error);  // owns the copy from here (epoll_ctl may fail)
+  if (assign_error) {
+    ::close(watched);
+    co_await wake.async_wait(asio::as_tuple(asio::use_awaitable));
+    co_return;
+  }
   constexpr auto no_throw = asio::as_tuple(asio::use_awaitable);
   co_await (socket.async_wait(asio::posix::stream_descriptor::wait_read, no_throw) ||
             wake.async_wait(no_throw));
@@ -296,28 +322,33 @@ asio::awaitable<void> StartupHygiene::ClusterLock::retake() {
   auto pause = std::chrono::milliseconds(100);
   std::string logged;
   while (!stopping) {
+    std::string reason;
     try {
       co_await take(std::chrono::milliseconds(0));
       spdlog::warn("pgrt: retook the cluster-wide lock of {} (backend {})", prefix,
                    connection.backend_pid());
       co_return;
     } catch (const Error& error) {
-      if (stopping) co_return;
-      if (error.code() == client_errc::instance_locked) {
-        const std::string reason = std::string("the cluster-wide lock of ") + prefix +
-                                   " was lost while this process ran, and " +
-                                   error.diagnostics().message +
-                                   ": this process is no longer that instance";
-        spdlog::error("pgrt: {}", reason);
-        if (on_lost) on_lost(reason);
+      // Another instance holds it: lost for good. Not so a leftover of this process (or of an
+      // earlier holder) that has not ended yet: that is retried, as a database that is down.
+      if (!stopping && error.code() == client_errc::instance_locked && !refused_by_leftover) {
+        const std::string lost_reason = std::string("the cluster-wide lock of ") + prefix +
+                                        " was lost while this process ran, and " +
+                                        error.diagnostics().message +
+                                        ": this process is no longer that instance";
+        spdlog::error("pgrt: {}", lost_reason);
+        if (on_lost) on_lost(lost_reason);
         co_return;
       }
-      const std::string reason = error.diagnostics().message;
-      if (reason != logged) {
-        spdlog::warn("pgrt: cannot retake the cluster-wide lock of {} yet, retrying: {}", prefix,
-                     reason);
-        logged = reason;
-      }
+      reason = error.diagnostics().message;
+    } catch (const std::exception& error) {
+      reason = error.what();
+    }
+    if (stopping) co_return;
+    if (reason != logged) {
+      spdlog::warn("pgrt: cannot retake the cluster-wide lock of {} yet, retrying: {}", prefix,
+                   reason);
+      logged = reason;
     }
     connection.close();
     wake.expires_after(pause);
@@ -331,22 +362,32 @@ asio::awaitable<void> StartupHygiene::ClusterLock::watch() {
   // `running` always goes false.
   co_await asio::this_coro::throw_if_cancelled(false);
   watch_started = true;
-  while (!stopping) {
-    co_await wait_for_news();
-    if (stopping) break;
-    std::string lost;
-    try {
-      if (!(co_await still_held())) lost = "its session no longer holds it";
-    } catch (const Error& error) {
-      lost = error.diagnostics().message;
-    } catch (const std::exception& error) {
-      lost = error.what();
+  try {
+    while (!stopping) {
+      co_await wait_for_news();
+      if (stopping) break;
+      std::string lost;
+      try {
+        if (!(co_await still_held())) lost = "its session no longer holds it";
+      } catch (const Error& error) {
+        lost = error.diagnostics().message;
+      } catch (const std::exception& error) {
+        lost = error.what();
+      }
+      if (stopping) break;
+      if (lost.empty()) continue;
+      spdlog::warn("pgrt: the cluster-wide lock of {} was lost ({}): retaking it", prefix, lost);
+      try {
+        co_await retake();
+      } catch (const std::exception& error) {  // (retake() itself catches what it expects)
+        spdlog::error("pgrt: retaking the cluster-wide lock of {} failed: {}", prefix,
+                      error.what());
+      }
+      if (!connection.is_open()) break;  // lost for good (on_lost ran), or stopping
     }
-    if (stopping) break;
-    if (lost.empty()) continue;
-    spdlog::warn("pgrt: the cluster-wide lock of {} was lost ({}): retaking it", prefix, lost);
-    co_await retake();
-    if (!connection.is_open()) break;  // lost for good (on_lost ran), or stopping
+  } catch (const std::exception& error) {  // (a bug: the watch ends, and says so)
+    spdlog::error("pgrt: the watch of the cluster-wide lock of {} failed: {}", prefix,
+                  error.what());
   }
   connection.close();  // ends the session: the server releases the lock
   running = false;

@@ -1167,6 +1167,57 @@ TEST_F(StartupHygieneTest, ALostClusterLockIsRetakenAndOneTakenByAnotherInstance
       [] { return backend_pids(make_connection_tag("keeplock", "one")).empty(); }));
 }
 
+// A lock session that stops answering (its backend frozen) is replaced, and while its own
+// leftover still holds the lock the retake goes on (it is no other instance's): the service is
+// not stopped, and stop() ends the retake at once.
+TEST_F(StartupHygieneTest, AFrozenLockSessionIsRetakenWithoutStoppingAndStopEndsTheRetake) {
+  PoolConfig config;
+  config.conninfo = cluster().dsn();
+  config.application = "frozenlock";
+  config.instance = "one";
+  config.max_size = 3;
+  StartupHygieneOptions options;
+  options.instance_lock = false;
+  options.cluster_lock = true;
+  options.cluster_lock_check_interval = 300ms;
+  std::string lost_reason;
+  int frozen = 0;
+  struct Thaw {  // whatever happens, the backend runs again (and ends) after the test
+    int& pid;
+    explicit Thaw(int& frozen_pid) : pid(frozen_pid) {}
+    Thaw(const Thaw&) = delete;
+    Thaw& operator=(const Thaw&) = delete;
+    ~Thaw() {
+      if (pid != 0) ::kill(pid, SIGCONT);
+    }
+  } thaw(frozen);
+  Clock::duration stop_took{};
+  run_coroutine(
+      [&]() -> asio::awaitable<void> {
+        StartupHygiene hygiene(co_await asio::this_coro::executor, config, options);
+        hygiene.on_cluster_lock_lost([&](const std::string& reason) { lost_reason = reason; });
+        co_await hygiene.start();
+        const std::set<int> sessions = backend_pids("frozenlock/one/%");
+        if (sessions.size() == 1 && ::kill(*sessions.begin(), SIGSTOP) == 0) {
+          frozen = *sessions.begin();
+          // The check times out, the retake's terminate waits 5 s, then the retake retries
+          // every 100 ms for 5 s, and again: stop() comes at some point of that.
+          asio::steady_timer pause(co_await asio::this_coro::executor, 18s);
+          co_await pause.async_wait(asio::use_awaitable);
+        }
+        const auto stopping = Clock::now();
+        co_await hygiene.stop();
+        stop_took = Clock::now() - stopping;
+      },
+      90s);
+  ASSERT_NE(frozen, 0) << "could not freeze the lock's backend (not root?)";
+  ::kill(frozen, SIGCONT);  // (it ends then: the retake's terminate is pending)
+  EXPECT_LT(stop_took, 4s) << "stop() waited for the retake";
+  EXPECT_EQ(lost_reason, "") << "its own frozen session was taken for another instance";
+  EXPECT_TRUE(testing::eventually([] { return backend_pids("frozenlock/one/%").empty(); }))
+      << "sessions left after stop()";
+}
+
 TEST_F(StartupHygieneTest, ACrashedPredecessorsClusterLockSessionIsTerminatedAndTheLockTaken) {
   testing::FaultProxy proxy("127.0.0.1", static_cast<std::uint16_t>(cluster().port()));
   proxy.keep_upstream(true);
