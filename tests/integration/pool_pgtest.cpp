@@ -2573,6 +2573,42 @@ TEST_F(PoolTest, QueryBurstThatArrivesAtOnceSpreadsOverTheConnections) {
   });
 }
 
+// The even split counts only the connections the pool can lend now: with the others leased, the
+// one shared connection takes the whole burst in one pipeline (up to its depth), rather than one
+// statement per round trip while waiting for a borrow that cannot come.
+TEST_F(PoolTest, QueryPipelinesABurstOnOneConnectionWhenThePoolCanLendNoOther) {
+  testing::FaultProxy proxy("127.0.0.1", static_cast<std::uint16_t>(cluster().port()));
+  auto pool_config = config("shared-no-other", 4);
+  pool_config.conninfo = proxy.conninfo_prefix() + " user=postgres dbname=postgres";
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, pool_config);
+    std::vector<Lease> held;
+    for (int i = 0; i < 3; ++i) held.push_back(co_await pool.acquire());
+    (void)co_await pool.query("SELECT 1");  // (prepared on the one left, before the burst)
+    proxy.set_latency(std::chrono::milliseconds(5));
+    int finished = 0;
+    std::size_t most_in_flight = 0;
+    constexpr int callers = 8;
+    for (int caller = 0; caller < callers; ++caller) {
+      asio::co_spawn(
+          executor,
+          [&]() -> awaitable_void {
+            for (int i = 0; i < 5; ++i) (void)co_await pool.query("SELECT 1");
+            ++finished;
+          },
+          asio::detached);
+    }
+    while (finished < callers) {
+      most_in_flight = std::max(most_in_flight, pool.stats().shared_in_flight);
+      co_await sleep_for(1ms);
+    }
+    EXPECT_GE(most_in_flight, 4U) << "one statement per round trip";
+    held.clear();
+    (void)co_await pool.close(5s);
+  });
+}
+
 // A small burst of slow statements is split evenly over the connections the pool can lend, not
 // pipelined behind one another on the first one borrowed (6 x 0.3 s would then take 1.8 s).
 TEST_F(PoolTest, QuerySlowStatementsOfABurstRunSideBySideNotBehindEachOther) {

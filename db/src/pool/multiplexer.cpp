@@ -285,15 +285,21 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
   const SharedStatement* cancelled_head = nullptr;
   bool served = false;  // it has sent something: only then may it be given up early
   bool yielded_when_drained = false;
+  // Reads the pool (under its lock, never under ours): whether callers wait for a lease beyond
+  // the multiplexer's own borrows; and, kept in the multiplexer, how many more connections it
+  // could lend now (Multiplexer::lendable).
   const auto pool_has_lease_waiters = [&mux]() {
     const std::shared_ptr<PoolState> pool = mux->pool.lock();
     if (!pool) return false;
     std::size_t waiting = 0;
+    std::size_t lendable = 0;
     {
       std::lock_guard pool_lock(pool->mutex);
       waiting = pool->core.waiters().size();
+      lendable = pool->core.lendable();
     }
     std::lock_guard lock(mux->mutex);
+    mux->lendable = lendable;
     return waiting > mux->borrowing;
   };
 
@@ -307,8 +313,8 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
       // Give the connection up (drained first) to a caller waiting for a lease, or after a while;
       // not before it has served a batch (the lease caller queued behind its borrowing would
       // otherwise take every connection it borrows at once).
-      if (served &&
-          (coarse_now() - link->borrowed >= mux->hold_limit || pool_has_lease_waiters())) {
+      const bool lease_callers_wait = pool_has_lease_waiters();
+      if (served && (coarse_now() - link->borrowed >= mux->hold_limit || lease_callers_wait)) {
         std::lock_guard lock(mux->mutex);
         link->retiring = true;
       }
@@ -828,9 +834,11 @@ std::size_t Multiplexer::even_share_locked() const {
     ++taking;
     outstanding += held->in_flight;
   }
-  const std::size_t retiring = links.size() - taking;
-  const std::size_t could_take = std::max<std::size_t>(
-      {taking + borrowing, max_links > retiring ? max_links - retiring : 0, 1});
+  // (The pool lends only what it has: with the other connections leased, the ones held take
+  // all, up to their depth, rather than waiting for a borrow that would have to wait too.)
+  const std::size_t held = links.size() + borrowing;
+  const std::size_t more = held < max_links ? std::min(lendable, max_links - held) : 0;
+  const std::size_t could_take = std::max<std::size_t>(taking + borrowing + more, 1);
   return std::max<std::size_t>((outstanding + could_take - 1) / could_take, 1);
 }
 

@@ -17,6 +17,7 @@
 // Each connection's libpq state is touched only by its coroutine, on the strand.
 
 #include <deque>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -85,6 +86,9 @@ struct Multiplexer : std::enable_shared_from_this<Multiplexer> {
   std::deque<std::shared_ptr<SharedStatement>> queue;
   std::vector<std::shared_ptr<SharedLink>> links;
   std::size_t borrowing = 0;  // acquires under way
+  // How many more connections the pool could lend now, as its connections last read it
+  // (PoolState's Core::lendable()): the even share counts those, not the pool's whole max.
+  std::size_t lendable = std::numeric_limits<std::size_t>::max();
   bool closed = false;
 
   // Queues `statement` for its caller, which waits on `waiter`; throws pool_closed or
@@ -102,7 +106,7 @@ struct Multiplexer : std::enable_shared_from_this<Multiplexer> {
   // Takes `statement` out of the queue (its caller gave up).
   void withdraw_locked(const SharedStatement& statement);
   // How many statements `link` may have in flight now: what is queued and in flight, split evenly
-  // over the connections that take statements and those the pool may still lend (up to
+  // over the connections that take statements and those the pool can still lend now (up to
   // max_links), at most its depth, at least one.
   [[nodiscard]] std::size_t share_locked(const SharedLink& link) const;
   // The same before the depth: the even split alone.

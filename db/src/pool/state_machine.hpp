@@ -408,6 +408,20 @@ class Core {
   [[nodiscard]] Waiter* next_waiter() const noexcept;
   // Everything is closed and every backend has ended.
   [[nodiscard]] bool drained() const noexcept { return capacity_.taken() == 0; }
+  // How many more normal leases could be handed out soon without waiting for a lease to come
+  // back: idle connections, those opening or in a background reset or ping, and capacity to
+  // open more, within the reserved ones, less the callers already waiting (they come first).
+  [[nodiscard]] std::size_t lendable() const noexcept {
+    const std::size_t unreserved = config_.max_size > config_.reserved_for_priority
+                                       ? config_.max_size - config_.reserved_for_priority
+                                       : 0;
+    const std::size_t allowed = unreserved > leased_normal_ ? unreserved - leased_normal_ : 0;
+    const std::size_t there = nodes(NodeState::idle).size() + nodes(NodeState::connecting).size() +
+                              nodes(NodeState::resetting).size() +
+                              nodes(NodeState::pinging).size() + capacity_.available();
+    const std::size_t free_now = std::min(allowed, there);
+    return free_now > waiters_.size() ? free_now - waiters_.size() : 0;
+  }
 
  private:
   void move(Node& node, NodeState to);
