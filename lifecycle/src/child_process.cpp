@@ -254,33 +254,42 @@ pid_t launch(const std::string& child_name, const LaunchPlan& plan) {
 }
 
 // `text` with what looks like a password replaced by "***": the value of each `password=` (any
-// case, so PGPASSWORD= too; quoted or up to the next blank) and the password of each URL's
-// credentials (`scheme://user:password@host`).
+// case, so PGPASSWORD= too; blanks around '=' allowed; quoted with libpq's \' escapes, or up to
+// the next blank, or to the next '&' in a URL's query) and the password of each URL's credentials
+// (`scheme://user:password@host`).
 std::string without_passwords(std::string text) {
   const auto lower = [](char c) {
     return static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
   };
-  const auto find_key = [&](std::size_t from) {
-    static constexpr std::string_view key = "password=";
+  const auto blank = [](char c) { return std::isspace(static_cast<unsigned char>(c)) != 0; };
+  // Where the value of the next `password =` at or after `from` starts; npos if none.
+  const auto find_value = [&](std::size_t from) {
+    static constexpr std::string_view key = "password";
     for (std::size_t at = from; at + key.size() <= text.size(); ++at) {
       bool match = true;
       for (std::size_t i = 0; i < key.size() && match; ++i) match = lower(text[at + i]) == key[i];
-      if (match) return at + key.size();
+      if (!match) continue;
+      std::size_t next = at + key.size();
+      while (next < text.size() && blank(text[next])) ++next;
+      if (next >= text.size() || text[next] != '=') continue;
+      ++next;
+      while (next < text.size() && blank(text[next])) ++next;
+      return next;
     }
     return std::string::npos;
   };
-  for (std::size_t value = find_key(0); value != std::string::npos; value = find_key(value)) {
+  for (std::size_t value = find_value(0); value != std::string::npos; value = find_value(value)) {
     std::size_t end = value;
-    const char quote =
-        value < text.size() && (text[value] == '\'' || text[value] == '"') ? text[value] : '\0';
-    if (quote != '\0') {
-      end = text.find(quote, value + 1);
-      end = end == std::string::npos ? text.size() : end + 1;
+    if (value < text.size() && (text[value] == '\'' || text[value] == '"')) {
+      const char quote = text[value];
+      ++end;
+      while (end < text.size() && text[end] != quote) end += text[end] == '\\' ? 2 : 1;
+      end = std::min(end + 1, text.size());
     } else {
-      while (end < text.size() && std::isspace(static_cast<unsigned char>(text[end])) == 0 &&
-             text[end] != '&') {
-        ++end;
-      }
+      const std::size_t query = text.rfind('?', value);
+      const bool in_url_query =
+          query != std::string::npos && text.rfind("://", query) != std::string::npos;
+      while (end < text.size() && !blank(text[end]) && !(in_url_query && text[end] == '&')) ++end;
     }
     text.replace(value, end - value, "***");
     value += 3;

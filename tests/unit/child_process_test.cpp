@@ -213,7 +213,9 @@ TEST(ChildProcessTest, TheLoggedCommandLineHidesPasswords) {
       {.name = "secretive",
        .argv = {"/bin/sh", "-c", "exit 0", "postgresql://app:s3cret-url@db:5432/x",
                 "host=db password=s3cret-kv dbname=x", "password='s3cret quoted' user=app",
-                "PGPASSWORD=s3cret-env", "postgres://keep@db/x"},
+                "PGPASSWORD=s3cret-env", "postgres://keep@db/x", "host=db password = s3cret-spaced",
+                "password='it\\'s s3cret-escaped' user=app", "password=ab&s3cret-amp user=app",
+                "postgresql://db/x?user=app&password=s3cret-query&sslmode=require"},
        .restart = RestartPolicy::never});
   run_on(io, [&]() -> asio::awaitable<void> {
     co_await child.start();
@@ -228,6 +230,8 @@ TEST(ChildProcessTest, TheLoggedCommandLineHidesPasswords) {
   EXPECT_THAT(text, ::testing::HasSubstr("password=*** user=app")) << text;
   EXPECT_THAT(text, ::testing::HasSubstr("PGPASSWORD=***")) << text;
   EXPECT_THAT(text, ::testing::HasSubstr("postgres://keep@db/x")) << text;
+  EXPECT_THAT(text, ::testing::HasSubstr("password = ***")) << text;
+  EXPECT_THAT(text, ::testing::HasSubstr("password=***&sslmode=require")) << text;
 }
 
 TEST(ChildProcessTest, DeathBySignalIsReported) {
