@@ -800,6 +800,20 @@ class StartupHygieneTest : public testing::DbTest {
     return report;
   }
 
+  // A pool of max 3 for `app`/one, and hygiene options that take the cluster-wide lock without
+  // the instance lock (as if each instance ran on a host of its own).
+  static std::pair<PoolConfig, StartupHygieneOptions> cluster_lock_setup(const std::string& app) {
+    PoolConfig config;
+    config.conninfo = cluster().dsn();
+    config.application = app;
+    config.instance = "one";
+    config.max_size = 3;
+    StartupHygieneOptions options;
+    options.instance_lock = false;
+    options.cluster_lock = true;
+    return {config, options};
+  }
+
   static std::set<int> backend_pids(const std::string& like) {
     BlockingConnection observer(cluster().dsn());
     std::set<int> pids;
@@ -1054,14 +1068,7 @@ TEST_F(StartupHygieneTest, WithoutAnyLockTheCleanupIsSkippedWithAWarning) {
 }
 
 TEST_F(StartupHygieneTest, TheClusterWideLockRefusesASecondInstanceNamingTheHolder) {
-  PoolConfig config;
-  config.conninfo = cluster().dsn();
-  config.application = "cluster";
-  config.instance = "one";
-  config.max_size = 3;
-  StartupHygieneOptions options;
-  options.instance_lock = false;  // as if on two hosts
-  options.cluster_lock = true;
+  auto [config, options] = cluster_lock_setup("cluster");
   run_coroutine([&]() -> asio::awaitable<void> {
     StartupHygiene first(co_await asio::this_coro::executor, config, options);
     co_await first.start();
@@ -1104,14 +1111,7 @@ TEST_F(StartupHygieneTest, ALostClusterLockIsRetakenAndOneTakenByAnotherInstance
   spdlog::set_default_logger(std::make_shared<spdlog::logger>(
       "capture", std::make_shared<spdlog::sinks::ostream_sink_mt>(log)));
   lifecycle::Manager app({.threads = 2, .handle_signals = false, .shutdown_logging = false});
-  PoolConfig config;
-  config.conninfo = cluster().dsn();
-  config.application = "keeplock";
-  config.instance = "one";
-  config.max_size = 3;
-  StartupHygieneOptions options;
-  options.instance_lock = false;  // as if on two hosts
-  options.cluster_lock = true;
+  auto [config, options] = cluster_lock_setup("keeplock");
   options.cluster_lock_check_interval = 500ms;
   auto& hygiene = add_startup_hygiene(app, config, options);
   (void)add_pool(app, config, {}, lifecycle::after(hygiene));
@@ -1171,14 +1171,7 @@ TEST_F(StartupHygieneTest, ALostClusterLockIsRetakenAndOneTakenByAnotherInstance
 // leftover still holds the lock the retake goes on (it is no other instance's): the service is
 // not stopped, and stop() ends the retake at once.
 TEST_F(StartupHygieneTest, AFrozenLockSessionIsRetakenWithoutStoppingAndStopEndsTheRetake) {
-  PoolConfig config;
-  config.conninfo = cluster().dsn();
-  config.application = "frozenlock";
-  config.instance = "one";
-  config.max_size = 3;
-  StartupHygieneOptions options;
-  options.instance_lock = false;
-  options.cluster_lock = true;
+  auto [config, options] = cluster_lock_setup("frozenlock");
   options.cluster_lock_check_interval = 300ms;
   std::string lost_reason;
   int frozen = 0;

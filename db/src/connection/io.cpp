@@ -393,29 +393,35 @@ bool forgot_statement(const error_code& error, const Diagnostics& diagnostics,
   return false;
 }
 
+std::size_t end_of_comment(std::string_view sql, std::size_t at) noexcept {
+  if (sql.substr(at, 2) == "--") {
+    at = sql.find_first_of("\r\n", at);  // (the server's lexer ends one at either)
+    return at == std::string_view::npos ? sql.size() : at;
+  }
+  if (sql.substr(at, 2) != "/*") return at;
+  // Block comments nest in PostgreSQL: "/* a /* b */ c */" is one comment.
+  int depth = 0;
+  do {
+    if (sql.substr(at, 2) == "/*") {
+      ++depth;
+      at += 2;
+    } else if (sql.substr(at, 2) == "*/") {
+      --depth;
+      at += 2;
+    } else {
+      ++at;
+    }
+  } while (depth > 0 && at < sql.size());
+  return depth > 0 ? sql.size() : at;
+}
+
 std::string first_keyword(std::string_view sql) {
   std::size_t at = 0;
   while (at < sql.size()) {
     if (std::isspace(static_cast<unsigned char>(sql[at])) != 0 || sql[at] == ';') {
       ++at;  // (the server's parser drops empty statements: ";BEGIN" is one BEGIN)
-    } else if (sql.substr(at, 2) == "--") {
-      at = sql.find_first_of("\r\n", at);  // (the server's lexer ends one at either)
-      if (at == std::string_view::npos) return {};
-    } else if (sql.substr(at, 2) == "/*") {
-      // Block comments nest in PostgreSQL: "/* a /* b */ c */" is one comment.
-      int depth = 0;
-      do {
-        if (sql.substr(at, 2) == "/*") {
-          ++depth;
-          at += 2;
-        } else if (sql.substr(at, 2) == "*/") {
-          --depth;
-          at += 2;
-        } else {
-          ++at;
-        }
-      } while (depth > 0 && at < sql.size());
-      if (depth > 0) return {};
+    } else if (const std::size_t after = end_of_comment(sql, at); after != at) {
+      at = after;
     } else {
       break;
     }

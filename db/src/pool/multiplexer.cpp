@@ -24,6 +24,13 @@ namespace {
 // (pg_advisory_xact_lock, whose lock ends with the statement's implicit transaction, is fine).
 // A quoted identifier counts by its exact text; an unquoted word in any case.
 bool calls_session_advisory_lock(std::string_view sql) {
+  // (Most statements name no advisory function at all: one case-blind search settles those.)
+  static constexpr std::string_view common = "advisory";
+  if (std::search(sql.begin(), sql.end(), common.begin(), common.end(), [](char text, char wanted) {
+        return std::tolower(static_cast<unsigned char>(text)) == wanted;
+      }) == sql.end()) {
+    return false;
+  }
   const auto is_session_lock = [](std::string_view word) {
     static constexpr std::array<std::string_view, 7> names{
         "pg_advisory_lock",      "pg_advisory_lock_shared",
@@ -40,21 +47,8 @@ bool calls_session_advisory_lock(std::string_view sql) {
   const std::size_t size = sql.size();
   while (at < size) {
     const char c = sql[at];
-    if (c == '-' && at + 1 < size && sql[at + 1] == '-') {  // -- to the end of the line
-      while (at < size && sql[at] != '\n' && sql[at] != '\r') ++at;
-    } else if (c == '/' && at + 1 < size && sql[at + 1] == '*') {  // /* nested */ comments
-      int depth = 0;
-      while (at < size) {
-        if (sql[at] == '/' && at + 1 < size && sql[at + 1] == '*') {
-          ++depth;
-          at += 2;
-        } else if (sql[at] == '*' && at + 1 < size && sql[at + 1] == '/') {
-          at += 2;
-          if (--depth == 0) break;
-        } else {
-          ++at;
-        }
-      }
+    if (const std::size_t after = end_of_comment(sql, at); after != at) {
+      at = after;
     } else if (c == '\'') {  // a string constant; '' is a quote inside it, and so is \' in E''
       const bool escapes = at > 0 && (sql[at - 1] == 'e' || sql[at - 1] == 'E') &&
                            (at < 2 || !word_char(sql[at - 2]));
@@ -288,7 +282,7 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
   // Reads the pool (under its lock, never under ours): whether callers wait for a lease beyond
   // the multiplexer's own borrows; and, kept in the multiplexer, how many more connections it
   // could lend now (Multiplexer::lendable).
-  const auto pool_has_lease_waiters = [&mux]() {
+  const auto read_pool_and_see_lease_waiters = [&mux]() {
     const std::shared_ptr<PoolState> pool = mux->pool.lock();
     if (!pool) return false;
     std::size_t waiting = 0;
@@ -313,7 +307,7 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
       // Give the connection up (drained first) to a caller waiting for a lease, or after a while;
       // not before it has served a batch (the lease caller queued behind its borrowing would
       // otherwise take every connection it borrows at once).
-      const bool lease_callers_wait = pool_has_lease_waiters();
+      const bool lease_callers_wait = read_pool_and_see_lease_waiters();
       if (served && (coarse_now() - link->borrowed >= mux->hold_limit || lease_callers_wait)) {
         std::lock_guard lock(mux->mutex);
         link->retiring = true;
