@@ -18,11 +18,13 @@ std::source_location shared_connection_site() noexcept {
 
 namespace {
 
-// Whether `sql` names a session-level advisory lock function (pg_advisory_lock, its _shared and
-// try_ variants, pg_advisory_unlock and its variants), as a word of the statement: not inside a
-// string constant, a dollar-quoted string or a comment, nor as part of a longer name
-// (pg_advisory_xact_lock, whose lock ends with the statement's implicit transaction, is fine).
-// A quoted identifier counts by its exact text; an unquoted word in any case.
+// Whether `sql` calls a session-level advisory lock function (pg_advisory_lock, its _shared and
+// try_ variants, pg_advisory_unlock and its variants): the name as a word of the statement, not
+// inside a string constant, a dollar-quoted string or a comment, nor part of a longer name
+// (pg_advisory_xact_lock, whose lock ends with the statement's implicit transaction, is fine),
+// followed by '(' (past blanks and comments): a column or alias of that name is no call. A quoted
+// identifier counts by its exact text; an unquoted word in any case. A guard against a mistake,
+// not a boundary: a function or DO block that takes the lock inside is not seen.
 bool calls_session_advisory_lock(std::string_view sql) {
   // (Most statements name no advisory function at all: one case-blind search settles those.)
   static constexpr std::string_view common = "advisory";
@@ -45,6 +47,18 @@ bool calls_session_advisory_lock(std::string_view sql) {
   };
   std::size_t at = 0;
   const std::size_t size = sql.size();
+  const auto called_at = [&sql, size](std::size_t after_name) {
+    while (after_name < size) {
+      if (const std::size_t after = end_of_comment(sql, after_name); after != after_name) {
+        after_name = after;
+      } else if (std::isspace(static_cast<unsigned char>(sql[after_name])) != 0) {
+        ++after_name;
+      } else {
+        return sql[after_name] == '(';
+      }
+    }
+    return false;
+  };
   while (at < size) {
     const char c = sql[at];
     if (const std::size_t after = end_of_comment(sql, at); after != at) {
@@ -82,7 +96,7 @@ bool calls_session_advisory_lock(std::string_view sql) {
         }
         identifier += sql[at++];
       }
-      if (is_session_lock(identifier)) return true;
+      if (is_session_lock(identifier) && called_at(at)) return true;
     } else if (c == '$' && (at == 0 || !word_char(sql[at - 1]))) {  // $tag$ ... $tag$, or $1
       std::size_t end = at + 1;
       while (end < size && sql[end] != '$' && word_char(sql[end])) ++end;
@@ -100,7 +114,7 @@ bool calls_session_advisory_lock(std::string_view sql) {
         word += static_cast<char>(std::tolower(static_cast<unsigned char>(sql[at])));
         ++at;
       }
-      if (is_session_lock(word)) return true;
+      if (is_session_lock(word) && called_at(at)) return true;
     } else {
       ++at;
     }
