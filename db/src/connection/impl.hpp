@@ -14,6 +14,7 @@
 #include <atomic>
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/awaitable.hpp>
+#include <boost/asio/deferred.hpp>
 #include <boost/asio/generic/stream_protocol.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
@@ -22,6 +23,7 @@
 #include <exception>
 #include <functional>
 #include <future>
+#include <initializer_list>
 #include <libpq-fe.h>
 #include <list>
 #include <memory>
@@ -43,6 +45,10 @@ using boost::system::error_code;
 struct ParsedConninfo;  // conninfo.hpp
 
 inline constexpr auto no_throw = asio::as_tuple(asio::use_awaitable);
+// The same for an operation awaited directly by the coroutine that starts it: asio runs its
+// initiation from the awaiting frame, where use_awaitable starts a coroutine frame of its own for
+// it (an allocation, a resumption and a destruction per wait). For the per-query waits.
+inline constexpr auto no_throw_in_frame = asio::as_tuple(asio::deferred);
 
 inline std::string trimmed(std::string text) {
   while (!text.empty() && (text.back() == '\n' || text.back() == ' ')) text.pop_back();
@@ -73,7 +79,9 @@ bool forgot_statement(const error_code& error, const Diagnostics& diagnostics,
 
 struct Connection::Impl {
   Impl(executor_type executor_in, ConnectOptions options_in)
-      : executor(std::move(executor_in)), socket(executor), options(std::move(options_in)) {}
+      : executor(std::move(executor_in)),
+        socket(socket_executor(executor)),
+        options(std::move(options_in)) {}
   ~Impl() { close(CloseMode::graceful); }
   Impl(const Impl&) = delete;
   Impl& operator=(const Impl&) = delete;
@@ -84,6 +92,12 @@ struct Connection::Impl {
     std::string key;
     std::string name;
   };
+
+  // The executor that the socket's operations count as outstanding work on: a strand's inner
+  // executor. Completions run on the executor of the coroutine that awaits them, whatever it is,
+  // so the strand gains the socket nothing; and a strand does not fit any_io_executor's
+  // small-object buffer, so asio would copy it to the heap for every wait (its work tracking).
+  static executor_type socket_executor(const executor_type& executor);
 
   executor_type executor;
   asio::generic::stream_protocol::socket socket;  // wraps PQsocket() without owning it
@@ -151,7 +165,13 @@ struct Connection::Impl {
                   broken ? "the connection was closed after a failure; open a new one"
                          : "the connection is not open");
     }
-    last_error = {};
+    // (Each field cleared where it stands: assigning a fresh Diagnostics moves six strings, a
+    // cost on every query for what is nearly always empty already.)
+    static_assert(sizeof(Diagnostics) == 6 * sizeof(std::string), "clear every field below");
+    for (std::string* field : {&last_error.sqlstate, &last_error.severity, &last_error.message,
+                               &last_error.detail, &last_error.hint, &last_error.statement}) {
+      field->clear();
+    }
     return {};
   }
 

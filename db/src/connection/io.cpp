@@ -1,5 +1,7 @@
 #include <atomic>
 #include <boost/asio/experimental/awaitable_operators.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/strand.hpp>
 #include <cctype>
 #include <cerrno>
 #include <charconv>
@@ -14,6 +16,16 @@
 namespace pgrt {
 
 // --- the socket and waiting ---------------------------------------------------------------------
+
+Connection::executor_type Connection::Impl::socket_executor(const executor_type& executor) {
+  if (const auto* strand = executor.target<asio::strand<executor_type>>()) {
+    return strand->get_inner_executor();
+  }
+  if (const auto* strand = executor.target<asio::strand<asio::io_context::executor_type>>()) {
+    return strand->get_inner_executor();
+  }
+  return executor;
+}
 
 // Wraps libpq's current socket (TCP or unix) without taking ownership.
 error_code Connection::Impl::watch_socket() {
@@ -53,7 +65,7 @@ bool Connection::Impl::tls_holds_bytes() const noexcept {
 // last.)
 asio::awaitable<error_code> Connection::Impl::wait_readable() {
   if (tls_holds_bytes()) co_return error_code{};
-  auto [error] = co_await socket.async_wait(asio::socket_base::wait_read, no_throw);
+  auto [error] = co_await socket.async_wait(asio::socket_base::wait_read, no_throw_in_frame);
   co_return error;
 }
 
@@ -77,7 +89,7 @@ asio::awaitable<error_code> Connection::Impl::skip_copy_data() {
 asio::awaitable<error_code> Connection::Impl::wait_writable() {
   pollfd descriptor{.fd = socket.native_handle(), .events = POLLOUT, .revents = 0};
   if (::poll(&descriptor, 1, 0) > 0) co_return error_code{};
-  auto [error] = co_await socket.async_wait(asio::socket_base::wait_write, no_throw);
+  auto [error] = co_await socket.async_wait(asio::socket_base::wait_write, no_throw_in_frame);
   co_return error;
 }
 
@@ -209,7 +221,8 @@ asio::awaitable<error_code> Connection::Impl::exchange(Request request, Result& 
       for (;;) {
         while (PQisBusy(conn) != 0) {
           if (!tls_holds_bytes()) {
-            auto [wait_error] = co_await socket.async_wait(asio::socket_base::wait_read, no_throw);
+            auto [wait_error] =
+                co_await socket.async_wait(asio::socket_base::wait_read, no_throw_in_frame);
             if (wait_error) {
               read_error =
                   co_await interrupted(wait_error, request.sql, /*can_drain=*/true, completed);
@@ -376,7 +389,7 @@ bool is_stale_plan(const PGresult* result) {
 
 bool forgot_statement(const error_code& error, const Diagnostics& diagnostics,
                       const std::string& name) {
-  if (name.empty() || error != make_sqlstate_error("26000")) return false;
+  if (!error || name.empty() || error != make_sqlstate_error("26000")) return false;
   // The name as a word of the message, whatever quotes its language puts around it ("name" in
   // English, »name« in German, « name » in French).
   const auto is_name_char = [](char c) {

@@ -461,7 +461,8 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
         }
         error_code wait_error;
         if (!impl.tls_holds_bytes()) {
-          auto [error] = co_await impl.socket.async_wait(asio::socket_base::wait_read, no_throw);
+          auto [error] =
+              co_await impl.socket.async_wait(asio::socket_base::wait_read, no_throw_in_frame);
           wait_error = error;
         }
         {
