@@ -121,14 +121,18 @@ asio::awaitable<error_code> Connection::Impl::interrupted(error_code error,
 
 // Asks the server to cancel the running statement. libpq 15's PQcancel blocks (it connects and
 // waits for the server), so it runs on a thread of its own and never on the io_context. The
-// returned flag turns true once the server has taken the request: only then may the connection
-// run another statement, or a late cancel would hit that one. nullptr if no request was sent.
+// returned flag turns true once PQcancel has returned: the server has taken the request and
+// closed the cancel connection, or the request could not be made (no connection to the
+// server): either way no cancel is still on its way. Only then may the connection run another
+// statement, or a late cancel would hit that one; a failed request leaves the statement to end
+// on its own (the drain, or cancel_timeout, decides). nullptr if no request was sent.
 std::shared_ptr<std::atomic<bool>> Connection::Impl::send_cancel_request() noexcept {
   PGcancel* cancel = PQgetCancel(conn);
   if (cancel == nullptr) return nullptr;
   try {
     auto delivered = std::make_shared<std::atomic<bool>>(false);
     const bool started = run_cancel_thread([cancel, delivered] {
+      // (Not logged on failure: the thread is detached and may outlive the logger at exit.)
       char error[256];
       PQcancel(cancel, error, sizeof error);
       PQfreeCancel(cancel);
