@@ -13,7 +13,9 @@
 #include <boost/asio/use_awaitable.hpp>
 #include <cctype>
 #include <cerrno>
+#include <chrono>
 #include <csignal>
+#include <cstdint>
 #include <cstring>
 #include <deque>
 #include <exception>
@@ -27,6 +29,7 @@
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <system_error>
+#include <thread>
 #include <unistd.h>
 #include <utility>
 
@@ -191,6 +194,27 @@ void close_quietly(int fd) noexcept {
 void reap_blocking(pid_t pid) noexcept {
   siginfo_t info{};
   while (::waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED) != 0 && errno == EINTR) {
+  }
+}
+
+// Reaps a child just sent SIGKILL, waiting at most `limit`. A process in uninterruptible sleep
+// (a hung network file system, a stuck device) dies only when that sleep ends, and a destructor
+// must not wait for it for ever. True once reaped (or not ours to reap); false if it had not
+// exited by then: init reaps it once this process has exited (a zombie until then, if it ends
+// first).
+bool reap_killed(pid_t pid, std::chrono::milliseconds limit) noexcept {
+  // (At least a second, whatever kill_wait says: a killable child takes a few milliseconds.)
+  limit = std::max(limit, std::chrono::milliseconds(1000));
+  const auto give_up_at = std::chrono::steady_clock::now() + limit;
+  auto pause = std::chrono::microseconds(100);
+  for (;;) {
+    siginfo_t info{};
+    const int result = ::waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED | WNOHANG);
+    if (result == 0 && info.si_pid == pid) return true;
+    if (result != 0 && errno != EINTR) return true;  // (ECHILD: reaped already)
+    if (std::chrono::steady_clock::now() >= give_up_at) return false;
+    std::this_thread::sleep_for(pause);
+    pause = std::min(pause * 2, std::chrono::microseconds(20'000));
   }
 }
 
@@ -399,7 +423,12 @@ struct ChildProcess::Impl {
     if (pid > 0) {
       ::kill(-pid, SIGKILL);
       ::kill(pid, SIGKILL);
-      reap_blocking(pid);
+      if (!reap_killed(pid, options.kill_wait)) {
+        spdlog::warn(
+            "child {}: pid {} has not exited {} ms after SIGKILL (in uninterruptible sleep?); "
+            "left for init to reap once this process exits",
+            options.name, pid, std::max<std::int64_t>(options.kill_wait.count(), 1000));
+      }
     }
   }
   Impl(const Impl&) = delete;
@@ -452,7 +481,7 @@ struct ChildProcess::Impl {
     } catch (...) {
       // Nobody would watch it: it goes, and is reaped, before the failure is reported.
       ::kill(-pid, SIGKILL);
-      reap_blocking(pid);
+      (void)reap_killed(pid, options.kill_wait);
       pidfd.reset();
       child = 0;
       throw;

@@ -100,7 +100,8 @@ struct ChildProcessOptions {
   /// stop_grace + kill_wait within the manager's stop_timeout (10 s by default).
   std::chrono::milliseconds stop_grace{5'000};
   /// stop(): how long to wait for the child to be reaped after SIGKILL before giving up (it is
-  /// then in an uninterruptible sleep; the destructor reaps it). Also bounds a cancelled stop().
+  /// then in an uninterruptible sleep; the destructor tries again). Also bounds a cancelled
+  /// stop(), and the destructor's own wait for a killed child (see "Lifetime" below).
   std::chrono::milliseconds kill_wait{5'000};
 };
 
@@ -186,7 +187,9 @@ struct ChildProcessEvents {
 /// io_context (it holds timers and a descriptor of it; the manager destroys its components first).
 /// If a child still runs then, the destructor SIGKILLs its group and no restart follows; the child
 /// is reaped when the watch sees it exit, or, if the io_context no longer runs, when the watch is
-/// destroyed (blocking briefly). The process must not reap children it did not start (waitpid(-1),
+/// destroyed (blocking at most kill_wait, 1 s at least: a child in uninterruptible sleep that has
+/// not exited by then is logged and left for init to reap once this process exits, a zombie until
+/// then if it ends first). The process must not reap children it did not start (waitpid(-1),
 /// SIGCHLD set to SIG_IGN): the exit status would be lost.
 class ChildProcess {
  public:
