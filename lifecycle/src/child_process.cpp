@@ -15,7 +15,6 @@
 #include <cerrno>
 #include <chrono>
 #include <csignal>
-#include <cstdint>
 #include <cstring>
 #include <deque>
 #include <exception>
@@ -203,8 +202,6 @@ void reap_blocking(pid_t pid) noexcept {
 // exited by then: init reaps it once this process has exited (a zombie until then, if it ends
 // first).
 bool reap_killed(pid_t pid, std::chrono::milliseconds limit) noexcept {
-  // (At least a second, whatever kill_wait says: a killable child takes a few milliseconds.)
-  limit = std::max(limit, std::chrono::milliseconds(1000));
   const auto give_up_at = std::chrono::steady_clock::now() + limit;
   auto pause = std::chrono::microseconds(100);
   for (;;) {
@@ -423,11 +420,11 @@ struct ChildProcess::Impl {
     if (pid > 0) {
       ::kill(-pid, SIGKILL);
       ::kill(pid, SIGKILL);
-      if (!reap_killed(pid, options.kill_wait)) {
+      if (!reap_killed(pid, killed_child_wait())) {
         spdlog::warn(
             "child {}: pid {} has not exited {} ms after SIGKILL (in uninterruptible sleep?); "
             "left for init to reap once this process exits",
-            options.name, pid, std::max<std::int64_t>(options.kill_wait.count(), 1000));
+            options.name, pid, killed_child_wait().count());
       }
     }
   }
@@ -438,6 +435,12 @@ struct ChildProcess::Impl {
 
   ChildProcessOptions options;
   ChildProcessEvents events;
+
+  // How long the destructor, or a failed start, waits for a child it killed: kill_wait, and a
+  // second at least whatever that says (a killable child takes a few milliseconds).
+  [[nodiscard]] std::chrono::milliseconds killed_child_wait() const noexcept {
+    return std::max(options.kill_wait, std::chrono::milliseconds(1000));
+  }
   std::atomic<pid_t> child{0};  // the running child, not yet reaped
   std::atomic<std::size_t> restart_count{0};
   std::atomic<bool> stop_requested{false};
@@ -481,7 +484,7 @@ struct ChildProcess::Impl {
     } catch (...) {
       // Nobody would watch it: it goes, and is reaped, before the failure is reported.
       ::kill(-pid, SIGKILL);
-      (void)reap_killed(pid, options.kill_wait);
+      (void)reap_killed(pid, killed_child_wait());
       pidfd.reset();
       child = 0;
       throw;

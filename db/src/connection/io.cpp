@@ -428,16 +428,24 @@ std::size_t end_of_comment(std::string_view sql, std::size_t at) noexcept {
   return depth > 0 ? sql.size() : at;
 }
 
-std::string first_keyword(std::string_view sql) {
-  std::size_t at = 0;
+std::size_t past_blanks_and_comments(std::string_view sql, std::size_t at) noexcept {
   while (at < sql.size()) {
-    if (std::isspace(static_cast<unsigned char>(sql[at])) != 0 || sql[at] == ';') {
-      ++at;  // (the server's parser drops empty statements: ";BEGIN" is one BEGIN)
+    if (std::isspace(static_cast<unsigned char>(sql[at])) != 0) {
+      ++at;
     } else if (const std::size_t after = end_of_comment(sql, at); after != at) {
       at = after;
     } else {
       break;
     }
+  }
+  return at;
+}
+
+std::string first_keyword(std::string_view sql) {
+  std::size_t at = past_blanks_and_comments(sql, 0);
+  while (at < sql.size() && sql[at] == ';') {
+    // (the server's parser drops empty statements: ";BEGIN" is one BEGIN)
+    at = past_blanks_and_comments(sql, at + 1);
   }
   // Keywords are ASCII letters (a byte of a UTF-8 identifier ends it); no locale lookups: this
   // runs for every statement of every pipeline.

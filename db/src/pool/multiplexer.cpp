@@ -48,16 +48,8 @@ bool calls_session_advisory_lock(std::string_view sql) {
   std::size_t at = 0;
   const std::size_t size = sql.size();
   const auto called_at = [&sql, size](std::size_t after_name) {
-    while (after_name < size) {
-      if (const std::size_t after = end_of_comment(sql, after_name); after != after_name) {
-        after_name = after;
-      } else if (std::isspace(static_cast<unsigned char>(sql[after_name])) != 0) {
-        ++after_name;
-      } else {
-        return sql[after_name] == '(';
-      }
-    }
-    return false;
+    const std::size_t next = past_blanks_and_comments(sql, after_name);
+    return next < size && sql[next] == '(';
   };
   while (at < size) {
     const char c = sql[at];
