@@ -1,5 +1,6 @@
 // The pool against a real server: strict max under load and churn, FIFO, restarts, a full server,
 // reserved connections, resets on return, leak warnings.
+#include <algorithm>
 #include <atomic>
 #include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/cancellation_signal.hpp>
@@ -2572,6 +2573,73 @@ TEST_F(PoolTest, QueryStatementsWaitingForRoomCountInTheLongestWait) {
     EXPECT_GE(waiting.longest_wait, 100ms);
     while (answered < 100) co_await sleep_for(10ms);
     EXPECT_EQ(pool.stats().longest_wait, 0us);
+    (void)co_await pool.close(5s);
+  });
+}
+
+// A long queue thinned out by cancellations: each cancelled caller's statement leaves the queue
+// at once (it never runs), and those left keep their place: once a connection is free they run in
+// the order they came, each caller getting its own answer.
+TEST_F(PoolTest, QueryStatementsCancelledOutOfALongQueueLeaveTheRestInTheirOrder) {
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    PoolConfig pool_config = config("shared-thinned", 1);
+    pool_config.max_waiters = 10'000;
+    Pool pool(executor, pool_config);
+    std::optional<Lease> held = co_await pool.acquire();  // nothing can run: everything queues
+    constexpr int callers = 4'001;
+    std::vector<asio::cancellation_signal> signals(callers);
+    std::vector<int> answered_in_order;
+    int cancelled = 0;
+    int wrong = 0;
+    for (int caller = 0; caller < callers; ++caller) {
+      asio::co_spawn(
+          executor,
+          [&, caller]() -> awaitable_void {
+            try {
+              const auto result = co_await pool.query("SELECT $1::int", caller);
+              if (result.scalar<int>() != caller) ++wrong;
+              answered_in_order.push_back(caller);
+            } catch (const Error& error) {
+              if (error.code() == make_error_code(client_errc::cancelled)) {
+                ++cancelled;
+              } else {
+                ++wrong;
+              }
+            }
+          },
+          asio::bind_cancellation_slot(signals[caller].slot(), asio::detached));
+    }
+    co_await sleep_for(50ms);
+    EXPECT_EQ(pool.stats().shared_queued, static_cast<std::size_t>(callers));
+    // Every third caller gives up: the first, the last, and ones all through the queue.
+    int to_cancel = 0;
+    for (int caller = 0; caller < callers; caller += 3) {
+      signals[caller].emit(asio::cancellation_type::terminal);
+      ++to_cancel;
+    }
+    if ((callers - 1) % 3 != 0) {
+      signals[callers - 1].emit(asio::cancellation_type::terminal);
+      ++to_cancel;
+    }
+    co_await sleep_for(20ms);
+    EXPECT_EQ(cancelled, to_cancel);
+    EXPECT_EQ(pool.stats().shared_queued, static_cast<std::size_t>(callers - to_cancel));
+    EXPECT_TRUE(answered_in_order.empty()) << "a statement ran while every connection was leased";
+    held.reset();
+    const auto give_up_at = std::chrono::steady_clock::now() + 30s;
+    while (cancelled + static_cast<int>(answered_in_order.size()) + wrong < callers &&
+           std::chrono::steady_clock::now() < give_up_at) {
+      co_await sleep_for(10ms);
+    }
+    EXPECT_EQ(wrong, 0);
+    EXPECT_EQ(static_cast<int>(answered_in_order.size()), callers - to_cancel);
+    EXPECT_TRUE(std::is_sorted(answered_in_order.begin(), answered_in_order.end()))
+        << "the statements left in the queue did not run in the order they came";
+    for (const int caller : answered_in_order) {
+      EXPECT_TRUE(caller % 3 != 0 && caller != callers - 1) << caller << " was cancelled";
+    }
+    EXPECT_EQ(pool.stats().shared_queued, 0U);
     (void)co_await pool.close(5s);
   });
 }

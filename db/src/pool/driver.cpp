@@ -999,9 +999,9 @@ PoolStats PoolState::stats() const {
   if (multiplexer) {  // (its lock is taken under ours, never the reverse)
     std::lock_guard shared_lock(multiplexer->mutex);
     snapshot.shared_queued = multiplexer->queue.size();
-    for (const auto& statement : multiplexer->queue) {
-      oldest_waiter_since = std::min(oldest_waiter_since, statement->queued_at);
-    }
+    multiplexer->queue.for_each([&](const SharedStatement& statement) {
+      oldest_waiter_since = std::min(oldest_waiter_since, statement.queued_at);
+    });
     snapshot.shared_connections = multiplexer->links.size();
     for (const auto& link : multiplexer->links) snapshot.shared_in_flight += link->in_flight;
   }

@@ -36,6 +36,18 @@ class IntrusiveList {
     ++size_;
   }
 
+  void push_front(T& element) noexcept {
+    assert(element.prev == nullptr && element.next == nullptr);
+    element.next = head_;
+    if (head_ != nullptr) {
+      head_->prev = &element;
+    } else {
+      tail_ = &element;
+    }
+    head_ = &element;
+    ++size_;
+  }
+
   void remove(T& element) noexcept {
     if (element.prev != nullptr) {
       element.prev->next = element.next;

@@ -6,6 +6,7 @@
 #include <array>
 #include <atomic>
 #include <cctype>
+#include <deque>
 #include <unordered_map>
 
 #include "../connection/impl.hpp"
@@ -213,13 +214,13 @@ asio::awaitable<void> borrow(std::shared_ptr<Multiplexer> mux) {
       // statements fail with the acquire's error, as a caller of acquire() would, and do not wait
       // on for a draining one (with acquire_timeout 0, without a bound); the next statement tries
       // again.
-      for (const auto& statement : mux->queue) {
-        statement->error = failure;
-        statement->diagnostics = diagnostics;
-        statement->diagnostics.statement = statement->sql;
-        Multiplexer::finish_locked(*statement);
-      }
-      mux->queue.clear();
+      mux->queue.remove_if([&](SharedStatement& statement) {
+        statement.error = failure;
+        statement.diagnostics = diagnostics;
+        statement.diagnostics.statement = statement.sql;
+        Multiplexer::finish_locked(statement);
+        return true;
+      });
     }
   }
   if (lease && !link) lease->release();  // closed meanwhile
@@ -324,8 +325,7 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
         std::lock_guard lock(mux->mutex);
         const std::size_t share = mux->share_locked(*link);
         while (!mux->closed && !link->retiring && !mux->queue.empty() && link->in_flight < share) {
-          batch.push_back(std::move(mux->queue.front()));
-          mux->queue.pop_front();
+          batch.push_back(mux->queue.pop_front());
           batch.back()->stage = SharedStatement::Stage::sent;
           batch.back()->link = link;
           ++link->in_flight;
@@ -785,21 +785,21 @@ void Multiplexer::sweep() {
   if (closed) return;
   const auto now = Clock::now();  // (precise: the timer fired at the deadline by this clock)
   Clock::time_point next = Clock::time_point::max();
-  std::erase_if(queue, [&](const std::shared_ptr<SharedStatement>& statement) {
-    if (statement->deadline > now) {
-      next = std::min(next, statement->deadline);
+  queue.remove_if([&](SharedStatement& statement) {
+    if (statement.deadline > now) {
+      next = std::min(next, statement.deadline);
       return false;
     }
-    statement->error = make_error_code(client_errc::pool_timeout);
-    statement->diagnostics = Diagnostics{.message =
-                                             "no connection could run the statement within "
-                                             "PoolConfig::acquire_timeout (" +
-                                             std::to_string(max_wait.count()) + " ms)",
-                                         .hint =
-                                             "raise acquire_timeout or max_size, or shed load; "
-                                             "Pool::stats() says what holds the connections",
-                                         .statement = statement->sql};
-    finish_locked(*statement);
+    statement.error = make_error_code(client_errc::pool_timeout);
+    statement.diagnostics = Diagnostics{.message =
+                                            "no connection could run the statement within "
+                                            "PoolConfig::acquire_timeout (" +
+                                            std::to_string(max_wait.count()) + " ms)",
+                                        .hint =
+                                            "raise acquire_timeout or max_size, or shed load; "
+                                            "Pool::stats() says what holds the connections",
+                                        .statement = statement.sql};
+    finish_locked(statement);
     return true;
   });
   if (next != Clock::time_point::max()) arm_sweeper_locked(next);
@@ -896,21 +896,21 @@ void Multiplexer::finish_locked(SharedStatement& statement) {
   if (statement.waiter != nullptr) statement.waiter->cancel();
 }
 
-void Multiplexer::withdraw_locked(const SharedStatement& statement) {
-  std::erase_if(queue, [&](const auto& queued) { return queued.get() == &statement; });
+void Multiplexer::withdraw_locked(SharedStatement& statement) {
+  queue.remove(statement);
 }
 
 void Multiplexer::close() {
   std::lock_guard lock(mutex);
   if (closed) return;
   closed = true;
-  for (const auto& statement : queue) {
-    statement->error = make_error_code(client_errc::pool_closed);
-    statement->diagnostics = Diagnostics{.message = "the pool closed before the statement was sent",
-                                         .statement = statement->sql};
-    finish_locked(*statement);
-  }
-  queue.clear();
+  queue.remove_if([](SharedStatement& statement) {
+    statement.error = make_error_code(client_errc::pool_closed);
+    statement.diagnostics = Diagnostics{.message = "the pool closed before the statement was sent",
+                                        .statement = statement.sql};
+    finish_locked(statement);
+    return true;
+  });
   sweeper.cancel();
   sweeper_armed = false;
   for (const auto& link : links) wake_locked(link);

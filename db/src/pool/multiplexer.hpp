@@ -16,7 +16,6 @@
 // waits on a timer of its own frame, started and cancelled under the mutex (async/timer_condition).
 // Each connection's libpq state is touched only by its coroutine, on the strand.
 
-#include <deque>
 #include <limits>
 #include <memory>
 #include <mutex>
@@ -24,6 +23,7 @@
 #include <vector>
 
 #include "driver.hpp"
+#include "intrusive_list.hpp"
 
 namespace pgrt::detail {
 
@@ -44,10 +44,75 @@ struct SharedStatement {
   Stage stage = Stage::queued;
   asio::steady_timer* waiter = nullptr;  // the caller's, while it waits
   bool sent_again = false;               // queued again once (the server forgot its statement)
-  std::weak_ptr<SharedLink> link;        // the connection it was sent on
+  // While queued (StatementQueue): its neighbours, and the queue's reference to it.
+  SharedStatement* prev = nullptr;
+  SharedStatement* next = nullptr;
+  std::shared_ptr<SharedStatement> held_by_queue;
+  std::weak_ptr<SharedLink> link;  // the connection it was sent on
   error_code error;
   Diagnostics diagnostics;
   Result result;
+};
+
+// The statements waiting for a connection, oldest first (a statement sent again goes to the
+// front). The queue keeps each statement alive while it is in it. Taking one out from anywhere (a
+// cancelled caller's) is O(1): a storm of cancellations over a long queue costs each caller only
+// its own removal, not a search of the queue. Under Multiplexer::mutex.
+class StatementQueue {
+ public:
+  StatementQueue() = default;
+  StatementQueue(const StatementQueue&) = delete;
+  StatementQueue& operator=(const StatementQueue&) = delete;
+  StatementQueue(StatementQueue&&) = delete;
+  StatementQueue& operator=(StatementQueue&&) = delete;
+  ~StatementQueue() { clear(); }
+
+  [[nodiscard]] bool empty() const noexcept { return list_.empty(); }
+  [[nodiscard]] std::size_t size() const noexcept { return list_.size(); }
+
+  void push_back(std::shared_ptr<SharedStatement> statement) noexcept {
+    SharedStatement& queued = *statement;
+    queued.held_by_queue = std::move(statement);
+    list_.push_back(queued);
+  }
+  void push_front(std::shared_ptr<SharedStatement> statement) noexcept {
+    SharedStatement& queued = *statement;
+    queued.held_by_queue = std::move(statement);
+    list_.push_front(queued);
+  }
+  // The oldest statement, taken out; the queue must not be empty.
+  [[nodiscard]] std::shared_ptr<SharedStatement> pop_front() noexcept {
+    SharedStatement& front = *list_.front();
+    list_.remove(front);
+    return std::move(front.held_by_queue);
+  }
+  // Takes `statement` out, if it is queued.
+  void remove(SharedStatement& statement) noexcept {
+    if (!statement.held_by_queue) return;
+    list_.remove(statement);
+    statement.held_by_queue.reset();  // (the caller holds a reference of its own)
+  }
+  // Calls `take(SharedStatement&)` on each statement, front to back, and takes out those it
+  // returns true for.
+  template <typename Take>
+  void remove_if(Take&& take) {
+    list_.for_each([&](SharedStatement& statement) {
+      if (!take(statement)) return;
+      list_.remove(statement);
+      // Released once the visit of this statement is over (the list no longer links it).
+      const std::shared_ptr<SharedStatement> released = std::move(statement.held_by_queue);
+    });
+  }
+  template <typename Visit>
+  void for_each(Visit&& visit) const {
+    list_.for_each([&](const SharedStatement& statement) { visit(statement); });
+  }
+  void clear() noexcept {
+    while (!list_.empty()) (void)pop_front();
+  }
+
+ private:
+  pool::IntrusiveList<SharedStatement> list_;
 };
 
 // A connection the multiplexer borrowed.
@@ -83,7 +148,7 @@ struct Multiplexer : std::enable_shared_from_this<Multiplexer> {
   // armed yet; fails the statements past their deadline when it fires.
   asio::steady_timer sweeper;
   bool sweeper_armed = false;
-  std::deque<std::shared_ptr<SharedStatement>> queue;
+  StatementQueue queue;
   std::vector<std::shared_ptr<SharedLink>> links;
   std::size_t borrowing = 0;  // acquires under way
   // How many more connections the pool could lend now, as its connections last read it
@@ -104,7 +169,7 @@ struct Multiplexer : std::enable_shared_from_this<Multiplexer> {
   // Fails the queued statements past their deadline with pool_timeout; re-arms for the rest.
   void sweep();
   // Takes `statement` out of the queue (its caller gave up).
-  void withdraw_locked(const SharedStatement& statement);
+  void withdraw_locked(SharedStatement& statement);
   // How many statements `link` may have in flight now: what is queued and in flight, split evenly
   // over the connections that take statements and those the pool can still lend now (up to
   // max_links), at most its depth, at least one.
