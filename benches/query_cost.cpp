@@ -8,6 +8,7 @@
 //   pgrt-lease-prepared       acquire a lease from a max-1 pgrt::Pool, query_prepared, release
 //   pgrt-lease-unprepared     the same with query() (unnamed statement, parse + bind every time)
 //   pgrt-connection-prepared  query_prepared on a pgrt::Connection, no pool
+//   pgrt-shared-query         Pool::query() by a lone caller on a max-1 pool (no lease)
 //   libpq-exec-prepared       blocking PQexecPrepared
 //   libpq-send-prepared       non-blocking PQsendQueryPrepared, then poll() + PQconsumeInput until
 //                             the result is complete (the least an event loop over libpq needs)
@@ -46,8 +47,8 @@ namespace asio = boost::asio;
 using namespace std::chrono_literals;
 
 constexpr std::string_view kModes =
-    "pgrt-lease-prepared, pgrt-lease-unprepared, pgrt-connection-prepared, libpq-exec-prepared, "
-    "libpq-send-prepared";
+    "pgrt-lease-prepared, pgrt-lease-unprepared, pgrt-connection-prepared, pgrt-shared-query, "
+    "libpq-exec-prepared, libpq-send-prepared";
 
 struct Switches {
   long voluntary = 0;
@@ -95,6 +96,27 @@ Window pgrt_lease(const std::string& dsn, std::uint64_t queries, bool prepared) 
       } else {
         window.rows += (co_await lease->query("SELECT 1")).size();
       }
+    }
+    window.after = switches_now();
+    (void)co_await pool.close(0ms);
+  });
+  return window;
+}
+
+// A lone caller's statements through Pool::query() (no lease: the pool's shared connection runs
+// them, each in a sync segment of its own; pool.md's "Statements without a lease").
+Window pgrt_shared(const std::string& dsn, std::uint64_t queries) {
+  asio::io_context io;
+  pgrt::PoolConfig config;
+  config.conninfo = dsn;
+  config.max_size = 1;
+  config.application = "pgrt-query-cost";
+  pgrt::Pool pool(io.get_executor(), config);
+  Window window;
+  run(io, [&]() -> asio::awaitable<void> {
+    for (std::uint64_t i = 0; i <= queries; ++i) {
+      if (i == 1) window.before = switches_now();
+      window.rows += (co_await pool.query("SELECT 1")).size();
     }
     window.after = switches_now();
     (void)co_await pool.close(0ms);
@@ -226,6 +248,8 @@ int main(int argc, char** argv) {
       window = pgrt_lease(dsn, queries, false);
     } else if (mode == "pgrt-connection-prepared") {
       window = pgrt_connection(dsn, queries);
+    } else if (mode == "pgrt-shared-query") {
+      window = pgrt_shared(dsn, queries);
     } else if (mode == "libpq-exec-prepared") {
       window = libpq_exec(dsn, queries);
     } else if (mode == "libpq-send-prepared") {

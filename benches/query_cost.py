@@ -54,6 +54,7 @@ MODES = [
     ("pgrt-lease-prepared", "pgrt, lease + query_prepared"),
     ("pgrt-lease-unprepared", "pgrt, lease + query"),
     ("pgrt-connection-prepared", "pgrt, Connection::query_prepared (no pool)"),
+    ("pgrt-shared-query", "pgrt, Pool::query() by a lone caller (no lease)"),
     ("libpq-send-prepared", "libpq, PQsendQueryPrepared + poll"),
     ("libpq-exec-prepared", "libpq, PQexecPrepared (blocking)"),
 ]
@@ -475,6 +476,13 @@ def write_docs(results, args, server_version, docs_dir, before=None):
         + per_query_table(lease["allocation_sites"], "caller", count=15),
         f"### Where the instructions go: {LABELS[lease['mode']]}\n\n" + functions_table(lease),
     ]
+    shared = results.get("pgrt-shared-query")
+    if shared is not None:
+        sections += [
+            f"### Who asks for memory: {LABELS[shared['mode']]}\n\n"
+            + per_query_table(shared["allocation_sites"], "caller", count=15),
+            f"### Where the instructions go: {LABELS[shared['mode']]}\n\n" + functions_table(shared),
+        ]
     if before is not None and BEFORE_AND_AFTER_MODE in results:
         sections.insert(2, before_and_after(before, results[BEFORE_AND_AFTER_MODE], args))
     body = "\n\n".join(sections)
@@ -493,10 +501,19 @@ def write_docs(results, args, server_version, docs_dir, before=None):
     print(body)
 
 
+def modes_of(binary):
+    """The modes a pgrt_query_cost build knows (its usage text lists them)."""
+    usage = subprocess.run([str(binary)], capture_output=True, text=True).stderr
+    listed = [line.split(":", 1)[1] for line in usage.splitlines() if line.startswith("modes:")]
+    if not listed:
+        fail(f"{binary} printed no list of modes: {usage.strip()}")
+    return {mode.strip() for mode in listed[0].split(",")}
+
+
 def write_comparison(current, baseline, args, server_version):
     lines = [f"# Per-query cost: {args.current_name} against {args.baseline_name}", "",
              describe(args, server_version, current[next(iter(current))]["libpq_version"]), ""]
-    for mode in current:
+    for mode in (m for m in current if m in baseline):
         lines += [f"## {LABELS[mode]}", "",
                   summary_table({"current": current[mode], "baseline": baseline[mode]},
                                 {"current": args.current_name, "baseline": args.baseline_name}), ""]
@@ -551,9 +568,14 @@ def main():
             elif args.before_build_dir:
                 builds.append(("before", Path(args.before_build_dir) / "benches" / "pgrt_query_cost"))
             results = {name: {} for name, _ in builds}
+            known = {name: modes_of(build) for name, build in builds}
             for mode in modes:
                 for name, build in builds:  # the builds back to back, so drifts fall on both
                     if name == "before" and mode != BEFORE_AND_AFTER_MODE:
+                        continue
+                    if mode not in known[name]:  # an older build without this mode
+                        print(f"query_cost.py: {mode}: not in the {name} build, measured in this "
+                              f"one only", file=sys.stderr)
                         continue
                     print(f"query_cost.py: {mode} ({name}), {time.monotonic() - started:.0f} s so far",
                           file=sys.stderr)

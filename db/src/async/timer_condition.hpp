@@ -23,6 +23,7 @@
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/cancellation_state.hpp>
 #include <boost/asio/cancellation_type.hpp>
+#include <boost/asio/deferred.hpp>
 #include <boost/asio/error.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/this_coro.hpp>
@@ -46,9 +47,11 @@ using Clock = std::chrono::steady_clock;
 // wait. Returns the timer's error: none at the expiry, operation_aborted when cancelled either
 // way. A coroutine destroyed mid-wait leaves `lock` released and without its mutex: an
 // AbandonGuard of the caller that must undo something takes the mutex itself.
-// The wait alone, as an asynchronous operation (no coroutine frame of its own, for hot paths):
-// starts waiting on `timer`, then releases `lock`; completes with the timer's error. The caller
-// takes the mutex again after it (wait_locked() below does).
+// The wait alone, as an asynchronous operation (for hot paths): starts waiting on `timer`, then
+// releases `lock`; completes with the timer's error. The caller takes the mutex again after it
+// (wait_locked() below does). A deferred operation, to be awaited at once by the coroutine that
+// makes it: asio then runs the initiation from the awaiting frame, where use_awaitable would
+// start (and allocate) a coroutine frame for it on every wait.
 template <typename Mutex>
 auto wait_then_unlock(std::unique_lock<Mutex>& lock, asio::steady_timer& timer) {
   auto initiation = [&lock, &timer](auto handler) {
@@ -57,9 +60,9 @@ auto wait_then_unlock(std::unique_lock<Mutex>& lock, asio::steady_timer& timer) 
     const std::unique_lock<Mutex> released(*lock.release(), std::adopt_lock);
     timer.async_wait(std::move(handler));
   };
-  constexpr auto no_throw = asio::as_tuple(asio::use_awaitable);
-  return asio::async_initiate<decltype(no_throw), void(boost::system::error_code)>(initiation,
-                                                                                   no_throw);
+  constexpr auto no_throw_in_frame = asio::as_tuple(asio::deferred);
+  return asio::async_initiate<decltype(no_throw_in_frame), void(boost::system::error_code)>(
+      initiation, no_throw_in_frame);
 }
 
 template <typename Mutex>

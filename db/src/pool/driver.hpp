@@ -16,6 +16,7 @@
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/asio/dispatch.hpp>
+#include <boost/asio/io_context.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
@@ -64,6 +65,18 @@ inline Clock::time_point coarse_now() noexcept {
 }
 
 inline constexpr auto no_throw = asio::as_tuple(asio::use_awaitable);
+
+// A strand on `executor`, as an any_io_executor. On an io_context's own executor (what a pool
+// usually runs on) the strand wraps that executor's type rather than any_io_executor: small enough
+// to live in any_io_executor's in-place buffer, so the copies asio's work tracking makes of it, one
+// for every operation started by a coroutine on the strand, need no heap allocation (a strand of
+// an any_io_executor does not fit, and costs one at each).
+inline asio::any_io_executor make_compact_strand(const asio::any_io_executor& executor) {
+  if (const auto* plain = executor.target<asio::io_context::executor_type>()) {
+    return asio::make_strand(*plain);
+  }
+  return asio::make_strand(executor);
+}
 
 inline std::string make_application_name(const PoolConfig& config) {
   return make_connection_tag(config.application, config.instance);

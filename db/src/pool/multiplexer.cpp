@@ -752,7 +752,7 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
 Multiplexer::Multiplexer(const std::shared_ptr<PoolState>& pool_in,
                          const asio::any_io_executor& executor)
     : pool(pool_in),
-      strand(executor),
+      strand(make_compact_strand(executor)),
       depth(default_depth),
       max_queued(pool_in->config.max_waiters),
       max_links(pool_in->config.max_size),

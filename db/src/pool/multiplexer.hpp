@@ -134,7 +134,7 @@ struct Multiplexer : std::enable_shared_from_this<Multiplexer> {
   Multiplexer(const std::shared_ptr<PoolState>& pool_in, const asio::any_io_executor& executor);
 
   std::weak_ptr<PoolState> pool;
-  asio::strand<asio::any_io_executor> strand;
+  asio::any_io_executor strand;  // make_compact_strand()
   const std::size_t depth;       // statements in flight per connection
   const std::size_t max_queued;  // PoolConfig::max_waiters
   const std::size_t max_links;   // PoolConfig::max_size
