@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cctype>
 #include <deque>
+#include <string_view>
 #include <unordered_map>
 
 #include "../connection/impl.hpp"
@@ -120,7 +121,8 @@ bool calls_session_advisory_lock(std::string_view sql) {
 // the connection over.
 error_code refuse_on_shared_connection(std::string_view sql, Diagnostics& diagnostics) {
   const std::string keyword = first_keyword(sql);
-  static constexpr std::array refused{
+  // (string_views: a comparison looks at the lengths first, not at strlen and memcmp of each.)
+  static constexpr std::array<std::string_view, 21> refused{
       "begin",   "start",      "commit",  "end",   "rollback", "abort",    "savepoint",
       "release", "prepare",    "set",     "reset", "listen",   "unlisten", "copy",
       "discard", "deallocate", "declare", "fetch", "move",     "close",    "lock"};
@@ -426,7 +428,7 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
         }
         if (yielded_when_drained) break;
         yielded_when_drained = true;
-        co_await asio::post(mux->strand, asio::use_awaitable);
+        co_await asio::post(mux->strand, asio::deferred);  // (no coroutine frame of its own)
         continue;
       }
       yielded_when_drained = false;
