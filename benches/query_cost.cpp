@@ -77,13 +77,18 @@ void run(asio::io_context& io, MakeCoroutine make) {
   if (failure) std::rethrow_exception(failure);
 }
 
-Window pgrt_lease(const std::string& dsn, std::uint64_t queries, bool prepared) {
-  asio::io_context io;
+// A pool of at most one connection to `dsn`.
+pgrt::PoolConfig one_connection(const std::string& dsn) {
   pgrt::PoolConfig config;
   config.conninfo = dsn;
   config.max_size = 1;
   config.application = "pgrt-query-cost";
-  pgrt::Pool pool(io.get_executor(), config);
+  return config;
+}
+
+Window pgrt_lease(const std::string& dsn, std::uint64_t queries, bool prepared) {
+  asio::io_context io;
+  pgrt::Pool pool(io.get_executor(), one_connection(dsn));
   Window window;
   run(io, [&]() -> asio::awaitable<void> {
     // The first query connects and prepares the statement. The loop body is written out, not a
@@ -107,11 +112,7 @@ Window pgrt_lease(const std::string& dsn, std::uint64_t queries, bool prepared) 
 // them, each in a sync segment of its own; pool.md's "Statements without a lease").
 Window pgrt_shared(const std::string& dsn, std::uint64_t queries) {
   asio::io_context io;
-  pgrt::PoolConfig config;
-  config.conninfo = dsn;
-  config.max_size = 1;
-  config.application = "pgrt-query-cost";
-  pgrt::Pool pool(io.get_executor(), config);
+  pgrt::Pool pool(io.get_executor(), one_connection(dsn));
   Window window;
   run(io, [&]() -> asio::awaitable<void> {
     for (std::uint64_t i = 0; i <= queries; ++i) {
