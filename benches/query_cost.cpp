@@ -86,7 +86,12 @@ pgrt::PoolConfig one_connection(const std::string& dsn) {
   return config;
 }
 
-Window pgrt_lease(const std::string& dsn, std::uint64_t queries, bool prepared) {
+// How the pool modes run their statement.
+enum class PoolPath { lease_prepared, lease_unprepared, shared };
+
+// The pool modes: a lease per statement, or Pool::query() by a lone caller (no lease: the pool's
+// shared connection runs it in a sync segment of its own; pool.md's "Statements without a lease").
+Window pgrt_pool(const std::string& dsn, std::uint64_t queries, PoolPath path) {
   asio::io_context io;
   pgrt::Pool pool(io.get_executor(), one_connection(dsn));
   Window window;
@@ -95,29 +100,16 @@ Window pgrt_lease(const std::string& dsn, std::uint64_t queries, bool prepared) 
     // coroutine of ours, so that every coroutine frame counted is pgrt's (or asio's).
     for (std::uint64_t i = 0; i <= queries; ++i) {
       if (i == 1) window.before = switches_now();
+      if (path == PoolPath::shared) {
+        window.rows += (co_await pool.query("SELECT 1")).size();
+        continue;
+      }
       auto lease = co_await pool.acquire();
-      if (prepared) {
+      if (path == PoolPath::lease_prepared) {
         window.rows += (co_await lease->query_prepared("SELECT 1")).size();
       } else {
         window.rows += (co_await lease->query("SELECT 1")).size();
       }
-    }
-    window.after = switches_now();
-    (void)co_await pool.close(0ms);
-  });
-  return window;
-}
-
-// A lone caller's statements through Pool::query() (no lease: the pool's shared connection runs
-// them, each in a sync segment of its own; pool.md's "Statements without a lease").
-Window pgrt_shared(const std::string& dsn, std::uint64_t queries) {
-  asio::io_context io;
-  pgrt::Pool pool(io.get_executor(), one_connection(dsn));
-  Window window;
-  run(io, [&]() -> asio::awaitable<void> {
-    for (std::uint64_t i = 0; i <= queries; ++i) {
-      if (i == 1) window.before = switches_now();
-      window.rows += (co_await pool.query("SELECT 1")).size();
     }
     window.after = switches_now();
     (void)co_await pool.close(0ms);
@@ -244,13 +236,13 @@ int main(int argc, char** argv) {
     }
     Window window;
     if (mode == "pgrt-lease-prepared") {
-      window = pgrt_lease(dsn, queries, true);
+      window = pgrt_pool(dsn, queries, PoolPath::lease_prepared);
     } else if (mode == "pgrt-lease-unprepared") {
-      window = pgrt_lease(dsn, queries, false);
+      window = pgrt_pool(dsn, queries, PoolPath::lease_unprepared);
     } else if (mode == "pgrt-connection-prepared") {
       window = pgrt_connection(dsn, queries);
     } else if (mode == "pgrt-shared-query") {
-      window = pgrt_shared(dsn, queries);
+      window = pgrt_pool(dsn, queries, PoolPath::shared);
     } else if (mode == "libpq-exec-prepared") {
       window = libpq_exec(dsn, queries);
     } else if (mode == "libpq-send-prepared") {
