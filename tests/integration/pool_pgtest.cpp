@@ -10,6 +10,7 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/strand.hpp>
 #include <boost/asio/this_coro.hpp>
+#include <boost/asio/thread_pool.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <chrono>
 #include <functional>
@@ -2575,6 +2576,80 @@ TEST_F(PoolTest, QueryStatementsWaitingForRoomCountInTheLongestWait) {
     EXPECT_EQ(pool.stats().longest_wait, 0us);
     (void)co_await pool.close(5s);
   });
+}
+
+// query() from callers on several threads at once: the multiplexer's connections run on a strand
+// (one wrapping the io_context's own executor type, or, on any other executor, a strand of the
+// any_io_executor itself), and every caller still gets its own answer within the strict max.
+// Under ThreadSanitizer (the tsan preset) this is the race check of the shared path.
+// `run` runs the executor's threads until `done()` (or a minute: a hang fails, not blocks, the
+// test).
+void expect_query_right_from_many_threads(
+    const asio::any_io_executor& executor, const PoolConfig& pool_config,
+    const std::function<void(const std::function<bool()>& done)>& run) {
+  constexpr int callers = 64;
+#if defined(__SANITIZE_THREAD__)
+  constexpr int rounds = 20;
+#else
+  constexpr int rounds = 100;
+#endif
+  auto pool = std::make_shared<Pool>(executor, pool_config);
+  std::atomic<int> finished{0};
+  std::atomic<int> wrong{0};
+  std::atomic<std::size_t> most_shared{0};
+  std::mutex errors_mutex;
+  std::set<std::string> errors;
+  for (int caller = 0; caller < callers; ++caller) {
+    asio::co_spawn(
+        asio::make_strand(executor),
+        [&, pool, caller]() -> awaitable_void {
+          for (int round = 0; round < rounds; ++round) {
+            try {
+              const int asked = caller * rounds + round;
+              const auto result = co_await pool->query("SELECT $1::int", asked);
+              if (result.scalar<int>() != asked) ++wrong;
+              const std::size_t shared = pool->stats().shared_connections;
+              std::size_t seen = most_shared;
+              while (shared > seen && !most_shared.compare_exchange_weak(seen, shared)) {
+              }
+            } catch (const Error& error) {
+              const std::lock_guard lock(errors_mutex);
+              errors.insert(error.what());
+            }
+          }
+          if (++finished == callers) pool->close_now();
+        },
+        asio::detached);
+  }
+  run([&] { return finished.load() == callers; });
+  EXPECT_EQ(finished.load(), callers);
+  EXPECT_EQ(wrong.load(), 0) << "a caller got another caller's answer";
+  EXPECT_TRUE(errors.empty()) << *errors.begin();
+  EXPECT_LE(most_shared.load(), pool_config.max_size);
+}
+
+TEST_F(PoolTest, QueryFromCallersOnTwoThreadsOfOneIoContextAnswersEachRight) {
+  asio::io_context io;
+  expect_query_right_from_many_threads(io.get_executor(), config("shared-threads"),
+                                       [&](const std::function<bool()>&) {
+                                         // (It runs out of work once the pool has closed.)
+                                         std::thread second([&] { io.run_for(60s); });
+                                         io.run_for(60s);
+                                         second.join();
+                                       });
+}
+
+TEST_F(PoolTest, QueryOnAThreadPoolsExecutorAnswersEachRight) {
+  asio::thread_pool threads(2);
+  expect_query_right_from_many_threads(
+      threads.get_executor(), config("shared-thread-pool"), [&](const std::function<bool()>& done) {
+        const auto give_up_at = std::chrono::steady_clock::now() + 60s;
+        while (!done() && std::chrono::steady_clock::now() < give_up_at) {
+          std::this_thread::sleep_for(10ms);
+        }
+        if (!done()) threads.stop();
+        threads.join();
+      });
 }
 
 // A long queue thinned out by cancellations: each cancelled caller's statement leaves the queue
