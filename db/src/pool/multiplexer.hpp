@@ -82,25 +82,21 @@ class StatementQueue {
   }
   // The oldest statement, taken out; the queue must not be empty.
   [[nodiscard]] std::shared_ptr<SharedStatement> pop_front() noexcept {
-    SharedStatement& front = *list_.front();
-    list_.remove(front);
-    return std::move(front.held_by_queue);
+    return remove(*list_.front());
   }
-  // Takes `statement` out, if it is queued.
-  void remove(SharedStatement& statement) noexcept {
-    if (!statement.held_by_queue) return;
+  // Takes `statement` out, if it is queued, and hands over the queue's reference to it (empty
+  // when it was not queued).
+  std::shared_ptr<SharedStatement> remove(SharedStatement& statement) noexcept {
+    if (!statement.held_by_queue) return nullptr;
     list_.remove(statement);
-    statement.held_by_queue.reset();  // (the caller holds a reference of its own)
+    return std::move(statement.held_by_queue);
   }
   // Calls `take(SharedStatement&)` on each statement, front to back, and takes out those it
   // returns true for.
   template <typename Take>
   void remove_if(Take&& take) {
     list_.for_each([&](SharedStatement& statement) {
-      if (!take(statement)) return;
-      list_.remove(statement);
-      // Released once the visit of this statement is over (the list no longer links it).
-      const std::shared_ptr<SharedStatement> released = std::move(statement.held_by_queue);
+      if (take(statement)) (void)remove(statement);  // (released here: the list is past it)
     });
   }
   template <typename Visit>
