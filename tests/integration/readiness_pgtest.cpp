@@ -3,12 +3,17 @@
 // network), and connections whose coroutines move between the threads running one io_context.
 // A wait that missed its bytes would hang: every test runs under a time limit, so a hang fails.
 #include <atomic>
+#include <boost/asio/bind_executor.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
+#include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <boost/asio/strand.hpp>
 #include <chrono>
+#include <future>
 #include <gtest/gtest.h>
+#include <memory>
 #include <string>
 #include <thread>
 #include <vector>
@@ -16,6 +21,7 @@
 #include <pgrt/db.hpp>
 
 #include "pgrt/testing/db_test.hpp"
+#include "pgrt/testing/expect_error.hpp"
 #include "pgrt/testing/fault_proxy.hpp"
 #include "pgrt/testing/run_coroutine.hpp"
 
@@ -160,6 +166,65 @@ TEST_F(ReadinessTest, ConnectionsOnAFourThreadIoContextNeverMissTheirBytes) {
   for (auto& thread : threads) thread.join();
   EXPECT_EQ(finished.load(), connections) << "a connection hung: its wait missed its bytes";
   EXPECT_EQ(failures.load(), 0);
+}
+
+// A cancellation that reaches a wait which has just completed (its resumption queued behind other
+// work: here a strand held by another handler while the io_context runs on two threads) is only
+// recorded in the coroutine's cancellation state; asio cancels no operation for it. The
+// connection's next wait must see it there, or the statement runs on to its end and the timeout
+// returns long after its deadline. Scripted: the statement sends a NOTICE at 250 ms and then
+// sleeps 10 s; the timeout is 200 ms; a handler holds the caller's strand from 150 ms to 600 ms,
+// so the timeout's completion and then the NOTICE's readiness queue up behind it, in that order.
+// For a query (exchange()) and for a pipeline (next_result()).
+TEST_F(ReadinessTest, ACancellationThatReachesACompletedWaitStillEndsTheStatement) {
+  const std::string dsn = cluster().dsn();
+  const std::string notice_then_sleep =
+      "DO $$ BEGIN PERFORM pg_sleep(0.25); RAISE NOTICE 'early'; PERFORM pg_sleep(10); END $$";
+  for (const bool pipelined : {false, true}) {
+    SCOPED_TRACE(pipelined ? "a pipeline" : "a query");
+    asio::io_context io;
+    auto work = asio::make_work_guard(io);
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 2; ++t) threads.emplace_back([&] { io.run(); });
+    auto strand = asio::make_strand(io);
+    std::promise<void> done;
+    asio::co_spawn(
+        strand,
+        [&]() -> awaitable_void {
+          try {
+            auto conn = co_await open(dsn);
+            auto blocker = std::make_shared<asio::steady_timer>(strand, 150ms);
+            blocker->async_wait(asio::bind_executor(strand, [blocker](boost::system::error_code) {
+              std::this_thread::sleep_for(450ms);
+            }));
+            const auto started = std::chrono::steady_clock::now();
+            if (pipelined) {
+              Pipeline pipeline;
+              pipeline.add(notice_then_sleep);
+              co_await testing::expect_error(with_timeout(conn.run(pipeline), 200ms));
+            } else {
+              co_await testing::expect_error(with_timeout(conn.query(notice_then_sleep), 200ms));
+            }
+            const auto took = std::chrono::steady_clock::now() - started;
+            EXPECT_LT(took, 5s) << "the statement ran on to its end: the cancellation was lost";
+            // The connection is idle again (the statement cancelled and drained), or closed and
+            // reported broken (a pipeline cannot be drained): never busy with the statement.
+            if (conn.is_open() && !conn.is_broken()) {
+              EXPECT_EQ((co_await conn.query("SELECT 7")).scalar<int>(), 7);
+            }
+          } catch (const std::exception& error) {
+            ADD_FAILURE() << error.what();
+          }
+          done.set_value();
+        },
+        asio::detached);
+    const bool finished = done.get_future().wait_for(60s) == std::future_status::ready;
+    EXPECT_TRUE(finished) << "the timed-out statement never returned";
+    work.reset();
+    io.stop();
+    for (auto& thread : threads) thread.join();
+    if (!finished) return;
+  }
 }
 
 }  // namespace

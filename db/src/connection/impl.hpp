@@ -14,6 +14,8 @@
 #include <atomic>
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/awaitable.hpp>
+#include <boost/asio/cancellation_state.hpp>
+#include <boost/asio/cancellation_type.hpp>
 #include <boost/asio/deferred.hpp>
 #include <boost/asio/generic/stream_protocol.hpp>
 #include <boost/asio/this_coro.hpp>
@@ -49,6 +51,17 @@ inline constexpr auto no_throw = asio::as_tuple(asio::use_awaitable);
 // initiation from the awaiting frame, where use_awaitable starts a coroutine frame of its own for
 // it (an allocation, a resumption and a destruction per wait). For the per-query waits.
 inline constexpr auto no_throw_in_frame = asio::as_tuple(asio::deferred);
+
+// Whether a cancellation of the running coroutine has been requested and not yet handled
+// (interrupted() resets it). asio delivers a cancellation to the operation pending when it is
+// emitted; one emitted while none was (the last wait had completed, its resumption not yet run: a
+// multi-threaded io_context, a strand busy with something else) is only recorded in the
+// coroutine's cancellation state. A wait about to start looks there first: with
+// throw_if_cancelled(false), as the connection's operations run, it would otherwise wait on
+// without a bound. (co_await asio::this_coro::cancellation_state never suspends.)
+inline bool cancellation_requested(const asio::cancellation_state& state) noexcept {
+  return state.cancelled() != asio::cancellation_type::none;
+}
 
 inline std::string trimmed(std::string text) {
   while (!text.empty() && (text.back() == '\n' || text.back() == ' ')) text.pop_back();

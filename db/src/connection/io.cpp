@@ -9,6 +9,7 @@
 #include <poll.h>
 #include <spdlog/spdlog.h>
 #include <sys/socket.h>
+#include <tuple>
 #include <variant>
 
 #include "impl.hpp"
@@ -65,6 +66,9 @@ bool Connection::Impl::tls_holds_bytes() const noexcept {
 // last.)
 asio::awaitable<error_code> Connection::Impl::wait_readable() {
   if (tls_holds_bytes()) co_return error_code{};
+  if (cancellation_requested(co_await asio::this_coro::cancellation_state)) {
+    co_return asio::error::operation_aborted;
+  }
   auto [error] = co_await socket.async_wait(asio::socket_base::wait_read, no_throw_in_frame);
   co_return error;
 }
@@ -108,9 +112,13 @@ asio::awaitable<error_code> Connection::Impl::flush(std::string_view statement, 
     const int pending = PQflush(conn);
     if (pending == 0) co_return error_code{};
     if (pending < 0) co_return lost(statement);
-    if (auto error = co_await wait_writable_or_readable()) {
-      co_return co_await interrupted(error, statement, can_drain);
+    // (The wait below runs its two halves as coroutines of their own, which do not see a
+    // cancellation recorded in this one's state: it is looked at here.)
+    error_code error = asio::error::operation_aborted;
+    if (!cancellation_requested(co_await asio::this_coro::cancellation_state)) {
+      error = co_await wait_writable_or_readable();
     }
+    if (error) co_return co_await interrupted(error, statement, can_drain);
     if (PQconsumeInput(conn) == 0) co_return lost(statement);
   }
 }
@@ -221,8 +229,11 @@ asio::awaitable<error_code> Connection::Impl::exchange(Request request, Result& 
       for (;;) {
         while (PQisBusy(conn) != 0) {
           if (!tls_holds_bytes()) {
-            auto [wait_error] =
-                co_await socket.async_wait(asio::socket_base::wait_read, no_throw_in_frame);
+            error_code wait_error = asio::error::operation_aborted;
+            if (!cancellation_requested(co_await asio::this_coro::cancellation_state)) {
+              std::tie(wait_error) =
+                  co_await socket.async_wait(asio::socket_base::wait_read, no_throw_in_frame);
+            }
             if (wait_error) {
               read_error =
                   co_await interrupted(wait_error, request.sql, /*can_drain=*/true, completed);
