@@ -17,6 +17,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <libpq-fe.h>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <random>
@@ -2885,6 +2886,107 @@ TEST_F(PoolTest, QueryByALoneCallerInALoopKeepsItsConnection) {
     EXPECT_LE(pool.stats().acquired - before, 2U) << "a borrow per statement";
     (void)co_await pool.close(5s);
   });
+}
+
+// A connection held by query() callers that use many different texts (a statement cache of 4
+// here) deallocates each statement the cache evicts as it goes, not when the connection goes
+// back: the server never keeps more than the cache holds (and the one being prepared).
+TEST_F(PoolTest, QueryDeallocatesWhatTheStatementCacheEvictsWhileItHoldsTheConnection) {
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    PoolConfig pool_config = config("shared-evicted", 1);
+    pool_config.connect.statement_cache_size = 4;
+    Pool pool(executor, pool_config);
+    (void)co_await pool.query("SELECT 1");
+    const std::uint64_t before = pool.stats().acquired;
+    for (int i = 0; i < 200; ++i) {
+      const std::string sql = "SELECT $1::int + " + std::to_string(i);
+      EXPECT_EQ((co_await pool.query(sql, 1)).scalar<int>(), 1 + i);
+    }
+    // On the same connection (max 1), in the same hold: what its session has prepared now.
+    const int prepared =
+        (co_await pool.query("SELECT count(*)::int FROM pg_prepared_statements")).scalar<int>();
+    EXPECT_LE(pool.stats().acquired - before, 2U) << "the connection went back meanwhile";
+    EXPECT_LE(prepared, 4 + 1) << "the evicted statements stayed prepared on the server";
+    EXPECT_GE(prepared, 1);
+    (void)co_await pool.close(5s);
+  });
+}
+
+// Pool::evict_all() (a failover, rotated credentials) reaches the connections query() holds:
+// they take no new statement, drain and go back (to be closed), so statements sent after it run
+// on new backends, not on the old ones for the rest of their hold.
+TEST_F(PoolTest, EvictAllReachesTheConnectionsQueryHolds) {
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, config("shared-evict-all", 2));
+    using Clock = std::chrono::steady_clock;
+    struct Answer {
+      Clock::time_point sent;
+      int backend;
+    };
+    std::vector<Answer> answers;
+    bool stop = false;
+    int finished = 0;
+    constexpr int callers = 8;
+    for (int caller = 0; caller < callers; ++caller) {
+      asio::co_spawn(
+          executor,
+          [&]() -> awaitable_void {
+            try {
+              while (!stop) {
+                const auto sent = Clock::now();
+                const int backend = (co_await pool.query("SELECT pg_backend_pid()")).scalar<int>();
+                answers.push_back({sent, backend});
+              }
+            } catch (const std::exception& error) {
+              ADD_FAILURE() << error.what();
+            }
+            ++finished;
+          },
+          asio::detached);
+    }
+    co_await testing::sleep_for(300ms);
+    std::set<int> old_backends;
+    for (const Answer& answer : answers) old_backends.insert(answer.backend);
+    EXPECT_FALSE(old_backends.empty());
+    pool.evict_all();
+    const auto evicted_at = Clock::now();
+    co_await testing::sleep_for(1500ms);
+    stop = true;
+    while (finished < callers) co_await testing::sleep_for(10ms);
+    std::size_t later = 0;
+    std::size_t later_on_old = 0;
+    for (const Answer& answer : answers) {
+      if (answer.sent < evicted_at + 500ms) continue;
+      ++later;
+      if (old_backends.contains(answer.backend)) ++later_on_old;
+    }
+    EXPECT_GT(later, 0U);
+    EXPECT_EQ(later_on_old, 0U) << "statements sent well after evict_all() still ran on "
+                                   "connections it evicted";
+    (void)co_await pool.close(5s);
+  });
+}
+
+// A closed pool that ran query() may be destroyed after its io_context (a member declared before
+// the io_context, a pointer reset later): it holds nothing of the io_context's any more. (Before,
+// its multiplexer's strand touched the io_context's freed strand service: ASan, in CI.)
+TEST_F(PoolTest, AClosedPoolThatRanQueryMayBeDestroyedAfterItsIoContext) {
+  auto io = std::make_unique<asio::io_context>();
+  auto pool = std::make_unique<Pool>(io->get_executor(), config("shared-outlived", 1));
+  bool answered = false;
+  asio::co_spawn(
+      *io,
+      [&]() -> awaitable_void {
+        answered = (co_await pool->query("SELECT 5")).scalar<int>() == 5;
+        (void)co_await pool->close(5s);
+      },
+      asio::detached);
+  io->run();
+  EXPECT_TRUE(answered);
+  io.reset();
+  pool.reset();
 }
 
 // A connection whose last lease ended with a stream() (libpq 15 leaves single-row mode on) gives

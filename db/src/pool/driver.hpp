@@ -334,8 +334,14 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
   std::uint64_t budget_slot_waits = 0;  // PoolStats::budget_slot_waits
   // close() calls waiting for every connection to be gone; notified once none is left.
   async::TimerCondition drained;
-  // Pool::query()'s, made on its first call (under `mutex`).
+  // Pool::query()'s, made on its first call (under `mutex`); let go of at the end of close().
   std::shared_ptr<Multiplexer> multiplexer;
+  // Whether the connection `lease` holds is to be closed when it comes back (Pool::evict_all(),
+  // a budget slot or share lost) or is past its lifetime: a holder that can give it back early
+  // (a shared connection of the multiplexer) does. Under `mutex`.
+  static bool due_back_locked(const Lease& lease, Clock::time_point now) noexcept {
+    return lease.node_ != nullptr && (lease.node_->evicted || now >= lease.node_->expires);
+  }
   // The multiplexer, made on the first call (the pool's executor bound from `caller` if it has
   // none yet). Throws pool_closed on a closed pool.
   std::shared_ptr<Multiplexer> multiplexer_for(const asio::any_io_executor& caller);

@@ -147,7 +147,7 @@ constexpr std::size_t default_depth = 64;
 // What one shared connection has sent and not yet had answered, in order: each entry ends with
 // its own sync.
 struct SentEntry {
-  enum class Kind { prepare, statement };
+  enum class Kind { prepare, statement, deallocate };
   Kind kind = Kind::statement;
   std::shared_ptr<SharedStatement> statement;  // Kind::statement
   std::string key;                             // Kind::prepare: the statement cache's key
@@ -289,9 +289,11 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
   bool served = false;  // it has sent something: only then may it be given up early
   bool yielded_when_drained = false;
   // Reads the pool (under its lock, never under ours): whether callers wait for a lease beyond
-  // the multiplexer's own borrows; and, kept in the multiplexer, how many more connections it
-  // could lend now (Multiplexer::lendable).
-  const auto read_pool_and_see_lease_waiters = [&mux]() {
+  // the multiplexer's own borrows, and whether this connection is due back (evicted, or past its
+  // lifetime); and, kept in the multiplexer, how many more connections it could lend now
+  // (Multiplexer::lendable).
+  bool due_back = false;
+  const auto read_pool_and_see_lease_waiters = [&mux, &link, &due_back]() {
     const std::shared_ptr<PoolState> pool = mux->pool.lock();
     if (!pool) return false;
     std::size_t waiting = 0;
@@ -300,6 +302,7 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
       std::lock_guard pool_lock(pool->mutex);
       waiting = pool->core.waiters().size();
       lendable = pool->core.lendable();
+      due_back = PoolState::due_back_locked(link->lease, coarse_now());
     }
     std::lock_guard lock(mux->mutex);
     mux->lendable = lendable;
@@ -315,9 +318,12 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
       PGconn* conn = impl.conn;
       // Give the connection up (drained first) to a caller waiting for a lease, or after a while;
       // not before it has served a batch (the lease caller queued behind its borrowing would
-      // otherwise take every connection it borrows at once).
+      // otherwise take every connection it borrows at once). One the pool wants closed
+      // (Pool::evict_all(): a failover, rotated credentials) or past its lifetime takes no new
+      // statement from now on.
       const bool lease_callers_wait = read_pool_and_see_lease_waiters();
-      if (served && (coarse_now() - link->borrowed >= mux->hold_limit || lease_callers_wait)) {
+      if (due_back ||
+          (served && (coarse_now() - link->borrowed >= mux->hold_limit || lease_callers_wait))) {
         std::lock_guard lock(mux->mutex);
         link->retiring = true;
       }
@@ -339,7 +345,31 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
       // 2. Send it: each statement prepared once per connection (its preparation in a sync segment
       // of its own) and in a sync segment of its own.
       const Clock::time_point sent_at = impl.statement_times ? Clock::now() : Clock::time_point{};
+      // The statements the cache evicted (or retired as stale) are deallocated now, each in a
+      // sync segment of its own, not when the connection goes back: a connection held long by
+      // callers with many different texts would keep every one prepared on the server, then hold
+      // the connection for a DEALLOCATE round trip each. What was sent by that name before runs
+      // first; nothing later uses it. (Not with one segment in flight: no names there.)
+      const bool deallocating = !impl.evicted_statements.empty() && !impl.one_segment_in_flight();
+      if (deallocating) {
+        for (std::string& name : impl.evicted_statements) {
+          const std::string deallocate = "DEALLOCATE " + name;
+          if (PQsendQueryParams(conn, deallocate.c_str(), 0, nullptr, nullptr, nullptr, nullptr,
+                                0) == 0 ||
+              PQpipelineSync(conn) == 0) {
+            lost = impl.lost(deallocate);
+            break;
+          }
+          sent.push_back(SentEntry{.kind = SentEntry::Kind::deallocate,
+                                   .statement = nullptr,
+                                   .key = {},
+                                   .name = std::move(name),
+                                   .result = {}});
+        }
+        impl.evicted_statements.clear();
+      }
       for (const auto& statement : batch) {
+        if (lost) break;
         std::string name;
         if (!impl.unnamed_statements) {
           if (const std::string* cached =
@@ -411,7 +441,7 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
         break;
       }
       served = served || !batch.empty();
-      if (!batch.empty()) {
+      if (!batch.empty() || deallocating) {
         if (auto flush_error = co_await impl.flush("query()", /*can_drain=*/false)) {
           lost = flush_error;
           break;
@@ -526,6 +556,7 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
             answer != nullptr ? PQresultStatus(answer) : PGRES_FATAL_ERROR;
         const bool ok =
             status == PGRES_TUPLES_OK || status == PGRES_COMMAND_OK || status == PGRES_EMPTY_QUERY;
+        if (entry.kind == SentEntry::Kind::deallocate) continue;  // (26000 if forgotten: fine)
         if (entry.kind == SentEntry::Kind::prepare) {
           preparing.erase(entry.key);
           if (ok) {

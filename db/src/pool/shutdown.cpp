@@ -92,7 +92,13 @@ asio::awaitable<std::vector<std::string>> PoolState::close(std::shared_ptr<PoolS
     }
   }
   std::vector<std::string> outstanding;
+  // The multiplexer holds a strand of the pool's io_context, which must not outlive it: the pool
+  // lets go of it here (it went on for the stats while connections drained), so that a Pool
+  // object destroyed after its io_context, once closed, touches none of the io_context's memory.
+  // (Released after the lock: it may be the last reference.)
+  std::shared_ptr<Multiplexer> released;
   std::lock_guard lock(self->mutex);
+  released = std::move(self->multiplexer);
   const auto now = coarse_now();
   // What is still out after the grace period is cut: a running statement is cancelled and the
   // socket shut down, so the server ends those backends now and their holders get

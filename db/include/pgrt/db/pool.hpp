@@ -496,8 +496,11 @@ class Pool {
   /// may not have run: retry only what is idempotent); cancelled.
   ///
   /// Cancellation: per-operation cancellation of a queued statement takes it out of the queue; of
-  /// a sent one fails the caller at once, and its answer is read and dropped when it comes (no
-  /// cancel request is sent: it could hit another caller's statement). Thread-safe.
+  /// a sent one fails the caller at once, and its answer is read and dropped when it comes. No
+  /// cancel request is sent for it alone (it could hit another caller's statement); once every
+  /// statement in flight on its connection has been given up, the connection (which then takes no
+  /// new statement) sends one, and goes back to the pool only after it was delivered.
+  /// Thread-safe.
   template <Encodable... Args>
   [[nodiscard]] boost::asio::awaitable<Result> query(std::string_view sql, const Args&... args) {
     ParamSink params;
@@ -528,7 +531,8 @@ class Pool {
   /// Soft eviction, for a failover (or a credentials rotation) learned of out of band: the idle
   /// connections close now; the leased ones, and those being opened, reset or pinged, close when
   /// they come back instead of becoming idle again (DiscardReason::evicted; a lease in use is
-  /// never interrupted). New connections replace them as usual, to the server the conninfo names
+  /// never interrupted). The connections query() holds take no new statement from then on: they
+  /// drain and come back. New connections replace them as usual, to the server the conninfo names
   /// then. Does not wait; a no-op on a closed pool. Thread-safe.
   void evict_all();
 
