@@ -72,6 +72,15 @@ void append_copy_field(std::string& out, std::span<const std::byte> value) {
 
 void append_copy_field(std::string& out, std::chrono::system_clock::time_point value) {
   using namespace std::chrono;
+  // As a parameter is sent (Codec<system_clock::time_point>::encode).
+  if (value == system_clock::time_point::max()) {
+    out += "infinity";
+    return;
+  }
+  if (value == system_clock::time_point::min()) {
+    out += "-infinity";
+    return;
+  }
   const auto micros = duration_cast<microseconds>(value.time_since_epoch()).count();
   // Epoch seconds with fraction, read by PostgreSQL as a timestamptz via to_timestamp-free
   // ISO text: format as UTC "YYYY-MM-DD HH:MM:SS.ffffff+00".

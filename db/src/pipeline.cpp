@@ -262,6 +262,7 @@ asio::awaitable<error_code> run_statements(Impl& impl, const Pipeline& pipeline,
       auto error = impl.fail(client_errc::protocol_error,
                              "COPY cannot run in a pipeline: the connection was closed", current,
                              "run it alone on the lease: copy_from()");
+      impl.broken = true;
       impl.close(CloseMode::immediate);
       co_return error;
     } else {

@@ -265,6 +265,16 @@ std::chrono::system_clock::time_point Codec<std::chrono::system_clock::time_poin
   const std::int64_t local_seconds = days * 86400 + hour * 3600 + minute * 60 + second;
   const std::int64_t offset = sign * (offset_hours * 3600 + offset_minutes * 60 + offset_seconds);
   const std::int64_t utc_micros = (local_seconds - offset) * 1'000'000 + micros;
+  // system_clock counts in finer units than microseconds (nanoseconds with libstdc++: about
+  // 1677-09-21 to 2262-04-11), so a PostgreSQL timestamptz can lie outside what it holds.
+  constexpr auto per_micro = duration_cast<system_clock::duration>(microseconds(1)).count();
+  constexpr std::int64_t largest = system_clock::duration::max().count() / per_micro;
+  constexpr std::int64_t smallest = system_clock::duration::min().count() / per_micro;
+  if (utc_micros > largest || utc_micros < smallest) {
+    field.fail(name, "outside the range std::chrono::system_clock::time_point holds (" +
+                         std::string(text) +
+                         "); read it as std::string, or clamp it in SQL (LEAST/GREATEST)");
+  }
   return system_clock::time_point(duration_cast<system_clock::duration>(microseconds(utc_micros)));
 }
 

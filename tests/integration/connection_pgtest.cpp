@@ -628,6 +628,13 @@ TEST_F(ConnectionTest, ConnectFailuresAreClearDistinctAndWithinTheTimeout) {
   EXPECT_EQ(unknown_database.sqlstate(), "3D000");
   EXPECT_THAT(unknown_database.what(), HasSubstr("missing_db"));
 
+  // A role the server does not know, with "database" in its name: the role's error, not the
+  // database's.
+  auto unknown_role = timed(own->dsn() + " user=database_reader");
+  EXPECT_EQ(unknown_role.sqlstate(), "28000") << unknown_role.what();
+  EXPECT_THAT(unknown_role.what(), HasSubstr("database_reader"));
+  EXPECT_THAT(unknown_role.diagnostics().hint, HasSubstr("role"));
+
   // Port 1 on loopback: nothing listens there.
   auto refused = timed("host=127.0.0.1 port=1 user=postgres dbname=postgres");
   EXPECT_EQ(refused.code(), client_errc::connect_failed);

@@ -12,6 +12,7 @@ namespace {
 
 using std::chrono::system_clock;
 using ::testing::HasSubstr;
+using ::testing::Not;
 
 Field field(std::string_view text, Oid type) {
   return Field{.text = text, .type = type, .column_name = "col", .column_index = 2};
@@ -67,6 +68,11 @@ TEST(Codec, FloatsBoolsAndBytea) {
   EXPECT_DOUBLE_EQ(Codec<double>::decode(field("1.25", oid::float8)), 1.25);
   EXPECT_TRUE(std::isinf(Codec<double>::decode(field("-Infinity", oid::float8))));
   EXPECT_TRUE(std::isnan(Codec<double>::decode(field("NaN", oid::numeric))));
+  // float: a float8 beyond float's range is an error, not a silent infinity; infinities stay.
+  EXPECT_FLOAT_EQ(Codec<float>::decode(field("3.0e38", oid::float8)), 3.0e38F);
+  EXPECT_THROW(Codec<float>::decode(field("1e300", oid::float8)), Error);
+  EXPECT_THROW(Codec<float>::decode(field("-1e39", oid::float8)), Error);
+  EXPECT_TRUE(std::isinf(Codec<float>::decode(field("-Infinity", oid::float8))));
   EXPECT_TRUE(Codec<bool>::decode(field("t", oid::boolean)));
   EXPECT_THROW(Codec<bool>::decode(field("yes", oid::boolean)), Error);
   EXPECT_EQ(Codec<Bytes>::decode(field("\\x00ff10", oid::bytea)),
@@ -94,6 +100,21 @@ TEST(Codec, TimestamptzParsesIsoWithAnyOffset) {
             system_clock::time_point::max());
   EXPECT_THROW(Codec<system_clock::time_point>::decode(field("01/02/2024", oid::timestamptz)),
                Error);
+  // Within PostgreSQL's range but beyond what system_clock holds (nanoseconds, about 1677 to
+  // 2262 with libstdc++): an error, never a wrapped-around instant.
+  for (const char* text : {"9999-12-31 00:00:00+00", "0001-01-01 00:00:00+00",
+                           "2262-04-12 00:00:00+00", "1677-09-20 00:00:00+00"}) {
+    try {
+      (void)Codec<system_clock::time_point>::decode(field(text, oid::timestamptz));
+      ADD_FAILURE() << text << " was read";
+    } catch (const Error& error) {
+      EXPECT_EQ(error.code(), client_errc::conversion);
+      EXPECT_THAT(error.what(), HasSubstr("outside the range"));
+    }
+  }
+  EXPECT_EQ(
+      Codec<system_clock::time_point>::decode(field("2262-04-11 00:00:00+00", oid::timestamptz)),
+      system_clock::time_point(sys_days(year(2262) / 4 / 11)));
   EXPECT_THROW(
       Codec<system_clock::time_point>::decode(field("2024-01-01 00:00:00", oid::timestamp)), Error);
 }
@@ -108,6 +129,12 @@ TEST(Copy, TextRowsEscapeSpecialCharactersAndNulls) {
       instant, system_clock::time_point(std::chrono::sys_days(std::chrono::year(1969) / 12 / 31) +
                                         std::chrono::hours(23) + std::chrono::microseconds(5)));
   EXPECT_EQ(instant, "1969-12-31 23:00:00.000005+00");
+  // The infinities, as a parameter sends them.
+  std::string infinite;
+  append_copy_field(infinite, system_clock::time_point::max());
+  infinite += ' ';
+  append_copy_field(infinite, system_clock::time_point::min());
+  EXPECT_EQ(infinite, "infinity -infinity");
 }
 
 TEST(Errors, SqlstatesRoundTripAndMapToConditions) {
@@ -145,6 +172,35 @@ TEST(Errors, ErrorMessageCarriesDiagnostics) {
                "duplicate key [23505 unique_violation]\nDETAIL: Key (id)=(1) already exists.\n"
                "HINT: use ON CONFLICT\nSTATEMENT: INSERT");
   EXPECT_EQ(error.sqlstate(), "23505");
+}
+
+// A statement that carries a password in a string constant (it cannot be a parameter there):
+// what() shows '****' in its place; the rest of the text, and diagnostics().statement, as sent.
+TEST(Errors, APasswordInTheStatementNeverShowsInWhat) {
+  const std::string sql = "ALTER ROLE app WITH ENCRYPTED PASSWORD 'hunter2' VALID UNTIL 'infinity'";
+  const Error error(
+      make_sqlstate_error("42501"),
+      Diagnostics{.sqlstate = "42501", .message = "permission denied", .statement = sql});
+  EXPECT_THAT(error.what(), Not(HasSubstr("hunter2")));
+  EXPECT_THAT(error.what(),
+              HasSubstr("STATEMENT: ALTER ROLE app WITH ENCRYPTED PASSWORD '****' VALID UNTIL "
+                        "'infinity'"));
+  EXPECT_EQ(error.diagnostics().statement, sql);
+
+  EXPECT_EQ(redact_statement(R"(create user u password E'it\'s' login)"),
+            "create user u password '****' login");
+  EXPECT_EQ(redact_statement("CREATE ROLE u PASSWORD $$x'y$$; -- password 'kept'"),
+            "CREATE ROLE u PASSWORD '****'; -- password 'kept'");
+  EXPECT_EQ(redact_statement("CREATE ROLE u PASSWORD $pw$s3cret$pw$"),
+            "CREATE ROLE u PASSWORD '****'");
+  EXPECT_EQ(redact_statement("CREATE USER MAPPING FOR u SERVER s OPTIONS (user 'u', password 'p')"),
+            "CREATE USER MAPPING FOR u SERVER s OPTIONS (user 'u', password '****')");
+  // Not a password: a column of that name, a string that holds the word, a parameter, a quoted
+  // identifier.
+  for (const char* kept : {"SELECT password FROM users WHERE name = 'x'", "SELECT 'password ''p'''",
+                           "UPDATE t SET password = $1", R"(SELECT "password" AS a)", "SELECT 1"}) {
+    EXPECT_EQ(redact_statement(kept), kept);
+  }
 }
 
 }  // namespace

@@ -68,10 +68,17 @@ error_code Connection::Impl::connect_error() {
   if (contains(message, "password authentication failed")) {
     return classify("28P01", "check the user name and password (conninfo or PGPASSWORD)");
   }
-  if (contains(message, "database") && contains(message, "does not exist")) {
+  // The server's words begin after "FATAL:" (before it, libpq names the server, whose host or
+  // socket path may hold any word): 'role "database_reader" does not exist' is about a role.
+  std::string_view said = message;
+  if (const std::size_t fatal = said.find("FATAL:"); fatal != std::string_view::npos) {
+    said.remove_prefix(fatal + 6);
+    while (said.starts_with(' ')) said.remove_prefix(1);
+  }
+  if (said.starts_with("database \"") && contains(said, "does not exist")) {
     return classify("3D000", "check the database name, or create the database");
   }
-  if (contains(message, "role") && contains(message, "does not exist")) {
+  if (said.starts_with("role \"") && contains(said, "does not exist")) {
     return classify("28000", "check the user name, or create the role");
   }
   if (contains(message, "too many clients") || contains(message, "remaining connection slots")) {

@@ -387,6 +387,7 @@ error_code Connection::Impl::answers_out_of_step(std::string_view sql) {
                     "behind PgBouncer in transaction mode set PGRT_POOLER=transaction "
                     "(ConnectOptions::pooler): pgrt then keeps one sync segment in flight per "
                     "connection, which PgBouncer before 1.21 needs");
+  broken = true;
   close(CloseMode::immediate);
   return error;
 }

@@ -210,8 +210,18 @@ requires(sizeof(Float) <= 8) struct Codec<Float> {
       sink.binary_integer(std::bit_cast<std::uint64_t>(value), oid::float8);
     }
   }
+  /// A float8 value beyond float's largest finite value (about 3.4e38) is an error, not a
+  /// silent infinity: read it as double.
   static Float decode(const Field& field) {
-    return static_cast<Float>(detail::decode_floating(field, name));
+    const double value = detail::decode_floating(field, name);
+    if constexpr (sizeof(Float) == 4) {
+      constexpr double largest = std::numeric_limits<float>::max();
+      constexpr double infinity = std::numeric_limits<double>::infinity();
+      if ((value > largest && value != infinity) || (value < -largest && value != -infinity)) {
+        field.fail(name, "out of range for float");
+      }
+    }
+    return static_cast<Float>(value);
   }
 };
 
@@ -262,7 +272,8 @@ struct Codec<std::span<const std::byte>> {
   }
 };
 
-/// timestamptz, with microsecond precision. Values outside PostgreSQL's range are an error;
+/// timestamptz, with microsecond precision. A value outside what system_clock::time_point holds
+/// (libstdc++: nanoseconds, about 1677-09-21 to 2262-04-11) is an error (client_errc::conversion);
 /// 'infinity' and '-infinity' read as time_point::max() and time_point::min().
 template <>
 struct Codec<std::chrono::system_clock::time_point> {
