@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "connection/conninfo.hpp"
+#include "sql_text.hpp"
 
 namespace pgrt {
 
@@ -216,124 +217,44 @@ class ConditionCategory final : public boost::system::error_category {
   }
 };
 
-bool is_word_char(char c) noexcept {
-  return std::isalnum(static_cast<unsigned char>(c)) != 0 || c == '_' || c == '$' ||
-         static_cast<unsigned char>(c) >= 0x80;
-}
-
-// Where the string constant starting at `at` ends ('...', E'...', $tag$...$tag$), or `at` if none
-// starts there.
-std::size_t end_of_string_constant(std::string_view sql, std::size_t at) noexcept {
-  const std::size_t size = sql.size();
-  if (at >= size) return at;
-  bool escapes = false;
-  std::size_t quote = at;
-  if ((sql[at] == 'e' || sql[at] == 'E') && at + 1 < size && sql[at + 1] == '\'') {
-    escapes = true;
-    quote = at + 1;
-  }
-  if (sql[quote] == '\'') {
-    std::size_t i = quote + 1;
-    while (i < size) {
-      if (escapes && sql[i] == '\\') {
-        i += 2;
-      } else if (sql[i] == '\'') {
-        if (i + 1 < size && sql[i + 1] == '\'') {
-          i += 2;
-        } else {
-          return i + 1;
-        }
-      } else {
-        ++i;
-      }
-    }
-    return size;
-  }
-  if (sql[at] == '$') {
-    std::size_t end = at + 1;
-    while (end < size && sql[end] != '$' && is_word_char(sql[end])) ++end;
-    if (end >= size || sql[end] != '$' ||
-        (end > at + 1 && std::isdigit(static_cast<unsigned char>(sql[at + 1])) != 0)) {
-      return at;  // a parameter ($1), not a dollar quote
-    }
-    const std::string_view tag = sql.substr(at, end - at + 1);
-    const std::size_t close = sql.find(tag, end + 1);
-    return close == std::string_view::npos ? size : close + tag.size();
-  }
-  return at;
-}
-
 }  // namespace
 
 std::string redact_statement(std::string_view sql) {
-  // (Most statements hold no such word: one case-blind search settles those.)
   constexpr std::string_view keyword = "password";
-  const auto found = std::search(sql.begin(), sql.end(), keyword.begin(), keyword.end(),
-                                 [](char text, char wanted) {
-                                   return std::tolower(static_cast<unsigned char>(text)) == wanted;
-                                 });
-  if (found == sql.end()) return std::string(sql);
+  // (Most statements hold no such word: one case-blind search settles those.)
+  if (!contains_ignoring_case(sql, keyword)) return std::string(sql);
   std::string out;
   out.reserve(sql.size());
   std::size_t at = 0;
   const std::size_t size = sql.size();
   while (at < size) {
-    const char c = sql[at];
-    if (c == '-' && at + 1 < size && sql[at + 1] == '-') {  // a line comment
-      const std::size_t end = std::min(sql.find('\n', at), size);
-      out.append(sql.substr(at, end - at));
-      at = end;
-    } else if (c == '/' && at + 1 < size && sql[at + 1] == '*') {  // a block comment (nested)
-      std::size_t end = at + 2;
-      for (int depth = 1; end < size && depth > 0;) {
-        if (sql.compare(end, 2, "/*") == 0) {
-          ++depth;
-          end += 2;
-        } else if (sql.compare(end, 2, "*/") == 0) {
-          --depth;
-          end += 2;
-        } else {
-          ++end;
-        }
-      }
-      out.append(sql.substr(at, end - at));
-      at = end;
-    } else if (c == '"') {  // a quoted identifier
-      std::size_t end = at + 1;
-      while (end < size && !(sql[end] == '"' && (end + 1 >= size || sql[end + 1] != '"'))) {
-        end += sql[end] == '"' ? 2 : 1;
-      }
-      end = std::min(end + 1, size);
-      out.append(sql.substr(at, end - at));
-      at = end;
-    } else if (const std::size_t constant_end = end_of_string_constant(sql, at);
-               constant_end != at) {
-      out.append(sql.substr(at, constant_end - at));  // a string constant not after PASSWORD
-      at = constant_end;
-    } else if (is_word_char(c) && c != '$') {
-      std::size_t end = at;
-      while (end < size && is_word_char(sql[end])) ++end;
-      const std::string_view word = sql.substr(at, end - at);
-      out.append(word);
-      at = end;
-      const bool password =
-          word.size() == keyword.size() &&
-          std::equal(word.begin(), word.end(), keyword.begin(), [](char text, char wanted) {
-            return std::tolower(static_cast<unsigned char>(text)) == wanted;
-          });
-      if (!password) continue;
-      // PASSWORD 'secret' (CREATE/ALTER ROLE, USER MAPPING options): the constant is masked.
-      std::size_t next = at;
-      while (next < size && std::isspace(static_cast<unsigned char>(sql[next])) != 0) ++next;
-      const std::size_t secret_end = end_of_string_constant(sql, next);
-      if (secret_end == next) continue;
-      out.append(sql.substr(at, next - at));
-      out += "'****'";
-      at = secret_end;
-    } else {
-      out += c;
-      ++at;
+    // A comment, quoted identifier or string constant (not after PASSWORD) stays as it is.
+    std::size_t skipped = end_of_comment(sql, at);
+    if (skipped == at) skipped = end_of_quoted_identifier(sql, at);
+    if (skipped == at) skipped = end_of_string_constant(sql, at);
+    if (skipped != at) {
+      out.append(sql.substr(at, skipped - at));
+      at = skipped;
+      continue;
     }
+    if (!is_sql_word_char(sql[at])) {
+      out += sql[at++];
+      continue;
+    }
+    std::size_t end = at;
+    while (end < size && is_sql_word_char(sql[end])) ++end;
+    const std::string_view word = sql.substr(at, end - at);
+    out.append(word);
+    at = end;
+    if (word.size() != keyword.size() || !contains_ignoring_case(word, keyword)) continue;
+    // PASSWORD 'secret' (CREATE/ALTER ROLE, a user mapping's options): the constant is masked.
+    std::size_t next = at;
+    while (next < size && std::isspace(static_cast<unsigned char>(sql[next])) != 0) ++next;
+    const std::size_t secret_end = end_of_string_constant(sql, next);
+    if (secret_end == next) continue;
+    out.append(sql.substr(at, next - at));
+    out += "'****'";
+    at = secret_end;
   }
   return out;
 }

@@ -22,6 +22,24 @@ TEST(FirstKeyword, SkipsWhitespaceEmptyStatementsAndCommentsTheWayTheServerDoes)
   EXPECT_EQ(first_keyword("\xc3\xa9t SELECT"), "") << "a non-ASCII byte is no keyword letter";
 }
 
+TEST(SqlText, StringConstantsAndQuotedIdentifiersEndWhereTheServersLexerEndsThem) {
+  const auto end_of = [](std::string_view sql) { return end_of_string_constant(sql, 0); };
+  EXPECT_EQ(end_of("'it''s' x"), 7U);
+  EXPECT_EQ(end_of(R"(E'it\'s' x)"), 8U);
+  EXPECT_EQ(end_of(R"('a\' x)"), 4U) << "a backslash escapes nothing outside E''";
+  EXPECT_EQ(end_of("$$ a ' b $$ x"), 11U);
+  EXPECT_EQ(end_of("$body$ $$ $body$ x"), 16U);
+  EXPECT_EQ(end_of("$1 + 1"), 0U) << "a parameter is no constant";
+  EXPECT_EQ(end_of("'never closed"), 13U);
+  EXPECT_EQ(end_of("x'a'"), 0U);
+  std::string text;
+  EXPECT_EQ(end_of_quoted_identifier(R"("a""b" x)", 0, &text), 6U);
+  EXPECT_EQ(text, R"(a"b)");
+  EXPECT_EQ(end_of_quoted_identifier("abc", 0), 0U);
+  EXPECT_TRUE(contains_ignoring_case("SELECT PG_Advisory_Lock(1)", "advisory"));
+  EXPECT_FALSE(contains_ignoring_case("SELECT 1", "advisory"));
+}
+
 TEST(ForgotStatement, FindsOurNameInTheServersMessageInAnyLanguage) {
   const auto forgotten = make_sqlstate_error("26000");
   const std::string name = "pgrt_5f3a_12";

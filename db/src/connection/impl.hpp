@@ -36,6 +36,7 @@
 #include <unordered_map>
 
 #include "../connection_access.hpp"
+#include "../sql_text.hpp"
 #include "pgrt/db/connection.hpp"
 #include "pgrt/db/deadline.hpp"
 
@@ -71,15 +72,6 @@ inline std::string trimmed(std::string text) {
 inline bool contains(std::string_view text, std::string_view part) {
   return text.find(part) != std::string_view::npos;
 }
-
-// The statement's first keyword, lower case, after white space and comments ("" if none).
-std::string first_keyword(std::string_view sql);
-// Where the comment (`--` to the end of the line, or a nested `/* */`) that starts at `at` ends:
-// the index after it (sql.size() for one left open); `at` itself when none starts there.
-std::size_t end_of_comment(std::string_view sql, std::size_t at) noexcept;
-// The index of the first character at or after `at` that is neither white space nor in a comment
-// (sql.size() if none).
-std::size_t past_blanks_and_comments(std::string_view sql, std::size_t at) noexcept;
 
 // A prepared statement whose result's shape changed since it was prepared (an ALTER TABLE under a
 // SELECT *): SQLSTATE 0A000 from the server's plan revalidation ("cached plan must not change

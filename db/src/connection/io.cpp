@@ -418,63 +418,6 @@ bool forgot_statement(const error_code& error, const Diagnostics& diagnostics,
   return false;
 }
 
-std::size_t end_of_comment(std::string_view sql, std::size_t at) noexcept {
-  if (sql.substr(at, 2) == "--") {
-    at = sql.find_first_of("\r\n", at);  // (the server's lexer ends one at either)
-    return at == std::string_view::npos ? sql.size() : at;
-  }
-  if (sql.substr(at, 2) != "/*") return at;
-  // Block comments nest in PostgreSQL: "/* a /* b */ c */" is one comment.
-  int depth = 0;
-  do {
-    if (sql.substr(at, 2) == "/*") {
-      ++depth;
-      at += 2;
-    } else if (sql.substr(at, 2) == "*/") {
-      --depth;
-      at += 2;
-    } else {
-      ++at;
-    }
-  } while (depth > 0 && at < sql.size());
-  return depth > 0 ? sql.size() : at;
-}
-
-std::size_t past_blanks_and_comments(std::string_view sql, std::size_t at) noexcept {
-  while (at < sql.size()) {
-    if (std::isspace(static_cast<unsigned char>(sql[at])) != 0) {
-      ++at;
-    } else if (const std::size_t after = end_of_comment(sql, at); after != at) {
-      at = after;
-    } else {
-      break;
-    }
-  }
-  return at;
-}
-
-std::string first_keyword(std::string_view sql) {
-  std::size_t at = past_blanks_and_comments(sql, 0);
-  while (at < sql.size() && sql[at] == ';') {
-    // (the server's parser drops empty statements: ";BEGIN" is one BEGIN)
-    at = past_blanks_and_comments(sql, at + 1);
-  }
-  // Keywords are ASCII letters (a byte of a UTF-8 identifier ends it); no locale lookups: this
-  // runs for every statement of every pipeline.
-  std::string keyword;
-  for (; at < sql.size(); ++at) {
-    const char c = sql[at];
-    if (c >= 'a' && c <= 'z') {
-      keyword += c;
-    } else if (c >= 'A' && c <= 'Z') {
-      keyword += static_cast<char>(c - 'A' + 'a');
-    } else {
-      break;
-    }
-  }
-  return keyword;
-}
-
 error_code Connection::Impl::refuse_without_session(std::string_view sql) {
   if (options.pooler != Pooler::transaction) return {};
   std::string what;

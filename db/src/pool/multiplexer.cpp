@@ -29,12 +29,7 @@ namespace {
 // not a boundary: a function or DO block that takes the lock inside is not seen.
 bool calls_session_advisory_lock(std::string_view sql) {
   // (Most statements name no advisory function at all: one case-blind search settles those.)
-  static constexpr std::string_view common = "advisory";
-  if (std::search(sql.begin(), sql.end(), common.begin(), common.end(), [](char text, char wanted) {
-        return std::tolower(static_cast<unsigned char>(text)) == wanted;
-      }) == sql.end()) {
-    return false;
-  }
+  if (!contains_ignoring_case(sql, "advisory")) return false;
   const auto is_session_lock = [](std::string_view word) {
     static constexpr std::array<std::string_view, 7> names{
         "pg_advisory_lock",      "pg_advisory_lock_shared",
@@ -42,10 +37,6 @@ bool calls_session_advisory_lock(std::string_view sql) {
         "pg_advisory_unlock",    "pg_advisory_unlock_shared",
         "pg_advisory_unlock_all"};
     return std::find(names.begin(), names.end(), word) != names.end();
-  };
-  const auto word_char = [](char c) {
-    return std::isalnum(static_cast<unsigned char>(c)) != 0 || c == '_' || c == '$' ||
-           static_cast<unsigned char>(c) >= 0x80;
   };
   std::size_t at = 0;
   const std::size_t size = sql.size();
@@ -57,54 +48,16 @@ bool calls_session_advisory_lock(std::string_view sql) {
     const char c = sql[at];
     if (const std::size_t after = end_of_comment(sql, at); after != at) {
       at = after;
-    } else if (c == '\'') {  // a string constant; '' is a quote inside it, and so is \' in E''
-      const bool escapes = at > 0 && (sql[at - 1] == 'e' || sql[at - 1] == 'E') &&
-                           (at < 2 || !word_char(sql[at - 2]));
-      ++at;
-      while (at < size) {
-        if (escapes && sql[at] == '\\') {
-          at += 2;
-        } else if (sql[at] == '\'') {
-          if (at + 1 < size && sql[at + 1] == '\'') {
-            at += 2;
-          } else {
-            ++at;
-            break;
-          }
-        } else {
-          ++at;
-        }
-      }
-    } else if (c == '"') {  // a quoted identifier: its exact text; "" is a quote inside it
+    } else if (const std::size_t constant_end = end_of_string_constant(sql, at);
+               constant_end != at) {
+      at = constant_end;
+    } else if (c == '"') {  // a quoted identifier: its exact text
       std::string identifier;
-      ++at;
-      while (at < size) {
-        if (sql[at] == '"') {
-          if (at + 1 < size && sql[at + 1] == '"') {
-            identifier += '"';
-            at += 2;
-            continue;
-          }
-          ++at;
-          break;
-        }
-        identifier += sql[at++];
-      }
+      at = end_of_quoted_identifier(sql, at, &identifier);
       if (is_session_lock(identifier) && called_at(at)) return true;
-    } else if (c == '$' && (at == 0 || !word_char(sql[at - 1]))) {  // $tag$ ... $tag$, or $1
-      std::size_t end = at + 1;
-      while (end < size && sql[end] != '$' && word_char(sql[end])) ++end;
-      if (end < size && sql[end] == '$' &&
-          (end == at + 1 || std::isdigit(static_cast<unsigned char>(sql[at + 1])) == 0)) {
-        const std::string_view tag = sql.substr(at, end - at + 1);
-        const std::size_t close = sql.find(tag, end + 1);
-        at = close == std::string_view::npos ? size : close + tag.size();
-      } else {
-        at = end;  // a parameter ($1)
-      }
-    } else if (word_char(c)) {
+    } else if (is_sql_word_char(c)) {  // (a parameter such as $1 too)
       std::string word;
-      while (at < size && word_char(sql[at])) {
+      while (at < size && is_sql_word_char(sql[at])) {
         word += static_cast<char>(std::tolower(static_cast<unsigned char>(sql[at])));
         ++at;
       }

@@ -1,0 +1,135 @@
+#include "sql_text.hpp"
+
+#include <algorithm>
+#include <cctype>
+
+namespace pgrt {
+
+bool is_sql_word_char(char c) noexcept {
+  return std::isalnum(static_cast<unsigned char>(c)) != 0 || c == '_' || c == '$' ||
+         static_cast<unsigned char>(c) >= 0x80;
+}
+
+std::size_t end_of_string_constant(std::string_view sql, std::size_t at) noexcept {
+  const std::size_t size = sql.size();
+  if (at >= size) return at;
+  bool escapes = false;
+  std::size_t quote = at;
+  if ((sql[at] == 'e' || sql[at] == 'E') && at + 1 < size && sql[at + 1] == '\'') {
+    escapes = true;
+    quote = at + 1;
+  }
+  if (sql[quote] == '\'') {
+    std::size_t i = quote + 1;
+    while (i < size) {
+      if (escapes && sql[i] == '\\') {
+        i += 2;
+      } else if (sql[i] == '\'') {
+        if (i + 1 < size && sql[i + 1] == '\'') {
+          i += 2;
+        } else {
+          return i + 1;
+        }
+      } else {
+        ++i;
+      }
+    }
+    return size;
+  }
+  if (sql[at] == '$') {
+    std::size_t end = at + 1;
+    while (end < size && sql[end] != '$' && is_sql_word_char(sql[end])) ++end;
+    if (end >= size || sql[end] != '$' ||
+        (end > at + 1 && std::isdigit(static_cast<unsigned char>(sql[at + 1])) != 0)) {
+      return at;  // a parameter ($1), not a dollar quote
+    }
+    const std::string_view tag = sql.substr(at, end - at + 1);
+    const std::size_t close = sql.find(tag, end + 1);
+    return close == std::string_view::npos ? size : close + tag.size();
+  }
+  return at;
+}
+
+std::size_t end_of_quoted_identifier(std::string_view sql, std::size_t at, std::string* text) {
+  if (at >= sql.size() || sql[at] != '"') return at;
+  ++at;
+  while (at < sql.size()) {
+    if (sql[at] == '"') {
+      if (at + 1 < sql.size() && sql[at + 1] == '"') {
+        if (text != nullptr) *text += '"';
+        at += 2;
+        continue;
+      }
+      return at + 1;
+    }
+    if (text != nullptr) *text += sql[at];
+    ++at;
+  }
+  return sql.size();
+}
+
+bool contains_ignoring_case(std::string_view text, std::string_view lower_case_part) noexcept {
+  return std::search(text.begin(), text.end(), lower_case_part.begin(), lower_case_part.end(),
+                     [](char in_text, char wanted) {
+                       return std::tolower(static_cast<unsigned char>(in_text)) == wanted;
+                     }) != text.end();
+}
+
+std::size_t end_of_comment(std::string_view sql, std::size_t at) noexcept {
+  if (sql.substr(at, 2) == "--") {
+    at = sql.find_first_of("\r\n", at);  // (the server's lexer ends one at either)
+    return at == std::string_view::npos ? sql.size() : at;
+  }
+  if (sql.substr(at, 2) != "/*") return at;
+  // Block comments nest in PostgreSQL: "/* a /* b */ c */" is one comment.
+  int depth = 0;
+  do {
+    if (sql.substr(at, 2) == "/*") {
+      ++depth;
+      at += 2;
+    } else if (sql.substr(at, 2) == "*/") {
+      --depth;
+      at += 2;
+    } else {
+      ++at;
+    }
+  } while (depth > 0 && at < sql.size());
+  return depth > 0 ? sql.size() : at;
+}
+
+std::size_t past_blanks_and_comments(std::string_view sql, std::size_t at) noexcept {
+  while (at < sql.size()) {
+    if (std::isspace(static_cast<unsigned char>(sql[at])) != 0) {
+      ++at;
+    } else if (const std::size_t after = end_of_comment(sql, at); after != at) {
+      at = after;
+    } else {
+      break;
+    }
+  }
+  return at;
+}
+
+std::string first_keyword(std::string_view sql) {
+  std::size_t at = past_blanks_and_comments(sql, 0);
+  while (at < sql.size() && sql[at] == ';') {
+    // (the server's parser drops empty statements: ";BEGIN" is one BEGIN)
+    at = past_blanks_and_comments(sql, at + 1);
+  }
+  // Keywords are ASCII letters (a byte of a UTF-8 identifier ends it); no locale lookups: this
+  // runs for every statement of every pipeline.
+  std::string keyword;
+  for (; at < sql.size(); ++at) {
+    const char c = sql[at];
+    if (c >= 'a' && c <= 'z') {
+      keyword += c;
+    } else if (c >= 'A' && c <= 'Z') {
+      keyword += static_cast<char>(c - 'A' + 'a');
+    } else {
+      break;
+    }
+  }
+  return keyword;
+}
+
+}  // namespace pgrt

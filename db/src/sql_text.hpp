@@ -1,0 +1,45 @@
+#pragma once
+
+// Reading SQL text the way the server's lexer does, as far as pgrt needs without a server: where a
+// comment or a string constant ends, the first keyword. One place for the rules (nested block
+// comments, '' inside a constant, E'' escapes, $tag$ quoting), used by query()'s refusals and
+// advisory-lock check, the pipeline's COPY check and the redaction of passwords in messages.
+
+#include <cstddef>
+#include <string>
+#include <string_view>
+
+namespace pgrt {
+
+// A character of an identifier or keyword: a letter, digit, '_' or '$', or any byte of a
+// non-ASCII character.
+bool is_sql_word_char(char c) noexcept;
+
+// Where the comment (`--` to the end of the line, or a nested `/* */`) that starts at `at` ends:
+// the index after it (sql.size() for one left open); `at` itself when none starts there.
+std::size_t end_of_comment(std::string_view sql, std::size_t at) noexcept;
+
+// The index of the first character at or after `at` that is neither white space nor in a comment
+// (sql.size() if none).
+std::size_t past_blanks_and_comments(std::string_view sql, std::size_t at) noexcept;
+
+// Where the string constant that starts at `at` ends ('...' with '' inside it, E'...' with
+// backslash escapes, $$...$$ or $tag$...$tag$): the index after it (sql.size() for one left
+// open); `at` itself when none starts there (a parameter such as $1 is none). `at` must not be in
+// the middle of a word: the E of E'...' is its prefix only as a word of its own.
+std::size_t end_of_string_constant(std::string_view sql, std::size_t at) noexcept;
+
+// Where the quoted identifier ("...", with "" inside it) that starts at `at` ends: the index after
+// it (sql.size() for one left open); `at` itself when none starts there. Its text, unquoted, goes
+// to `text` when given.
+std::size_t end_of_quoted_identifier(std::string_view sql, std::size_t at,
+                                     std::string* text = nullptr);
+
+// Whether `text` holds `lower_case_part` in any case (ASCII).
+bool contains_ignoring_case(std::string_view text, std::string_view lower_case_part) noexcept;
+
+// The statement's first keyword, lower case, after white space, empty statements (`;`) and
+// comments ("" if none).
+std::string first_keyword(std::string_view sql);
+
+}  // namespace pgrt
