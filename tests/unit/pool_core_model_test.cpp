@@ -1127,6 +1127,59 @@ TEST(PoolCoreConsumers, FairSharesGiveMinimumsThenSplitEvenlyWithinEachMax) {
 
 // --- the budget's slot check (CoreConfig::slot_check_interval) ---------------------------------
 
+// A waiter handed a connection that sat idle (kept from it by reserved_for_priority until a
+// normal lease ended) is told to ping it first, as an acquire that finds it idle is: a dead idle
+// connection is never handed out unchecked. A connection handed on straight from a return is not.
+TEST(PoolCoreValidation, AWaiterHandedALongIdleConnectionPingsItFirst) {
+  Core core(
+      CoreConfig{
+          .max_size = 2, .reserved_for_priority = 1, .validate_after_idle = milliseconds(100)},
+      1);
+  Time now = Time{} + std::chrono::hours(1);
+  Actions actions;
+  const auto lease_one = [&](Priority priority) -> Node* {
+    Waiter waiter(priority, std::source_location::current());
+    actions.clear();
+    auto result = core.try_acquire(priority, waiter.site, now, actions);
+    if (result.kind == AcquireResult::Kind::leased) return result.node;
+    core.enqueue(waiter, now, actions);
+    for (const Action& action : Actions(actions)) {
+      if (action.kind == Action::Kind::open) core.connect_succeeded(*action.node, now, actions);
+    }
+    EXPECT_EQ(waiter.outcome, Waiter::Outcome::handed);
+    EXPECT_FALSE(waiter.validate) << "a fresh connection needs no ping";
+    return waiter.handed;
+  };
+  Node* normal = lease_one(Priority::normal);
+  Node* reserved = lease_one(Priority::high);
+  actions.clear();
+  core.lease_returned(*reserved, ReturnKind::clean, now, actions);
+  ASSERT_EQ(reserved->state, NodeState::idle);
+  // A normal caller waits: the idle connection is the reserve.
+  Waiter waiting(Priority::normal, std::source_location::current());
+  actions.clear();
+  ASSERT_EQ(core.try_acquire(Priority::normal, waiting.site, now, actions).kind,
+            AcquireResult::Kind::wait);
+  core.enqueue(waiting, now, actions);
+  ASSERT_EQ(waiting.outcome, Waiter::Outcome::none);
+  // Long after, the normal lease ends broken: the waiter gets the reserve, which sat idle.
+  now += milliseconds(200);
+  actions.clear();
+  core.lease_returned(*normal, ReturnKind::broken, now, actions);
+  ASSERT_EQ(waiting.outcome, Waiter::Outcome::handed);
+  EXPECT_EQ(waiting.handed, reserved);
+  EXPECT_TRUE(waiting.validate);
+  // Handed on straight from a return: no ping.
+  Waiter next(Priority::normal, std::source_location::current());
+  actions.clear();
+  core.enqueue(next, now, actions);
+  now += milliseconds(200);
+  actions.clear();
+  core.lease_returned(*reserved, ReturnKind::clean, now, actions);
+  ASSERT_EQ(next.outcome, Waiter::Outcome::handed);
+  EXPECT_FALSE(next.validate);
+}
+
 TEST(PoolCoreSlotCheck, RunsOnAnIdleConnectionOrOnOneComingBackAndClosesALostSlot) {
   Core core(CoreConfig{.max_size = 2, .slot_check_interval = milliseconds(100)}, 1);
   Time now = Time{} + std::chrono::hours(1);

@@ -793,7 +793,7 @@ asio::awaitable<Lease> PoolState::acquire(std::shared_ptr<PoolState> self, Prior
         waits.record(std::chrono::duration_cast<std::chrono::microseconds>(waited));
         if (config.timings) wait_time.record(waited);
         handed = waiter.handed;
-        validate = false;
+        validate = waiter.validate;
         check_deadline = started + wait_limit;
         break;
       }

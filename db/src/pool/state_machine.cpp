@@ -178,6 +178,10 @@ Waiter* Core::next_waiter() const noexcept {
 void Core::hand(Node& node, Waiter& waiter, Time now, Actions& actions) {
   waiters_.remove(waiter);
   waiter.queued = false;
+  // A node that sat idle (one kept from the waiters by reserved_for_priority or a consumer's max,
+  // handed on when a lease came back) is pinged first, as try_acquire() does: a return, a reset
+  // or a connect set idle_since to now.
+  waiter.validate = needs_validation(node, now);
   if (node.state != NodeState::idle) move(node, NodeState::idle);
   lease(node, waiter.priority, waiter.consumer, waiter.site, now, actions);
   if (config_.leak_threshold.count() > 0) want_tick(now + config_.leak_threshold, actions);
@@ -323,8 +327,7 @@ AcquireResult Core::try_acquire(Priority priority, std::source_location site, Ti
       close_node(node, expiry_reason(node), actions);
       continue;
     }
-    const bool validate = config_.validate_after_idle.count() > 0 &&
-                          now - node.idle_since >= config_.validate_after_idle;
+    const bool validate = needs_validation(node, now);
     lease(node, priority, consumer, site, now, actions);
     if (config_.leak_threshold.count() > 0) want_tick(now + config_.leak_threshold, actions);
     return {.kind = AcquireResult::Kind::leased, .node = &node, .validate = validate};

@@ -101,7 +101,8 @@ struct Waiter {
   const std::source_location site;
   std::uint64_t ticket = 0;  // arrival order, set by enqueue()
   Outcome outcome = Outcome::none;
-  Node* handed = nullptr;                   // Outcome::handed
+  Node* handed = nullptr;  // Outcome::handed
+  bool validate = false;   // Outcome::handed: it sat idle validate_after_idle; ping it before use
   FailReason failed = FailReason::timeout;  // Outcome::failed
   bool queued = false;
   Time enqueued_at{};
@@ -449,6 +450,11 @@ class Core {
   [[nodiscard]] Time deadline_of(const Node& node) const noexcept;
   [[nodiscard]] Time lifetime_deadline(Time now);
   [[nodiscard]] milliseconds next_backoff();
+  // Idle for validate_after_idle or longer: pinged before it is handed out.
+  [[nodiscard]] bool needs_validation(const Node& node, Time now) const noexcept {
+    return config_.validate_after_idle.count() > 0 &&
+           now - node.idle_since >= config_.validate_after_idle;
+  }
   [[nodiscard]] bool expired(const Node& node, Time now) const noexcept {
     return node.evicted || now >= node.expires;
   }
