@@ -147,6 +147,17 @@ struct Manager::Impl {
       // Created once and kept: destroying a signal_set restores the default disposition, and a
       // second Ctrl+C would then kill the process without a word.
       signals.emplace(strand, SIGINT, SIGTERM, SIGQUIT);
+      // A write to a pipe or socket whose reader is gone (a log shipper restarting under stderr)
+      // would otherwise kill the process by SIGPIPE: no shutdown, pending writes lost without a
+      // word. Ignored, such a write fails with EPIPE instead. A handler of the program's own is
+      // left alone.
+      struct sigaction current {};
+      if (::sigaction(SIGPIPE, nullptr, &current) == 0 && current.sa_handler == SIG_DFL) {
+        struct sigaction ignore {};
+        ignore.sa_handler = SIG_IGN;
+        ::sigemptyset(&ignore.sa_mask);
+        (void)::sigaction(SIGPIPE, &ignore, nullptr);
+      }
     }
     std::lock_guard lock(registry_mutex);
     // The registry is constructed before the handler is registered, so that it is destroyed

@@ -7,6 +7,7 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
+#include <cerrno>
 #include <chrono>
 #include <csignal>
 #include <functional>
@@ -18,6 +19,7 @@
 #include <string>
 #include <system_error>
 #include <thread>
+#include <unistd.h>
 #include <vector>
 
 #include "pgrt/db/error.hpp"
@@ -497,4 +499,39 @@ TEST(LifecycleManagerDeathTest, StartHardDeadlineIsDisarmedOnceEverythingStarted
 }
 
 }  // namespace
+// With handle_signals, a write to a pipe whose reader is gone (a log shipper restarting under
+// stderr) fails with EPIPE instead of killing the process by SIGPIPE before any shutdown; a
+// SIGPIPE handler of the program's own is kept.
+TEST(ManagerSignals, SigpipeIsIgnoredUnlessTheProgramHandlesIt) {
+  struct sigaction before {};
+  ASSERT_EQ(::sigaction(SIGPIPE, nullptr, &before), 0);
+  (void)std::signal(SIGPIPE, SIG_DFL);
+  {
+    ManagerOptions options = test_options();
+    options.handle_signals = true;
+    Manager app(options);
+    struct sigaction now {};
+    ASSERT_EQ(::sigaction(SIGPIPE, nullptr, &now), 0);
+    EXPECT_EQ(now.sa_handler, SIG_IGN);
+    int ends[2];
+    ASSERT_EQ(::pipe(ends), 0);
+    ::close(ends[0]);
+    errno = 0;
+    EXPECT_EQ(::write(ends[1], "x", 1), -1);
+    EXPECT_EQ(errno, EPIPE);
+    ::close(ends[1]);
+  }
+  static void (*const own)(int) = [](int) {};
+  (void)std::signal(SIGPIPE, own);
+  {
+    ManagerOptions options = test_options();
+    options.handle_signals = true;
+    Manager app(options);
+    struct sigaction now {};
+    ASSERT_EQ(::sigaction(SIGPIPE, nullptr, &now), 0);
+    EXPECT_EQ(now.sa_handler, own);
+  }
+  ASSERT_EQ(::sigaction(SIGPIPE, &before, nullptr), 0);
+}
+
 }  // namespace pgrt::lifecycle

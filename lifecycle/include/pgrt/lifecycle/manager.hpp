@@ -84,7 +84,10 @@ struct ManagerOptions {
   /// (a timer on the manager's strand) cannot. Unset: no watchdog during the start-up. A failed
   /// or interrupted start-up switches to hard_deadline when its shutdown begins.
   std::optional<std::chrono::milliseconds> start_hard_deadline;
-  bool handle_signals = true;  ///< Own SIGINT, SIGTERM and SIGQUIT (one signal_set, kept).
+  /// Own SIGINT, SIGTERM and SIGQUIT (one signal_set, kept), and ignore SIGPIPE unless the program
+  /// set a handler of its own: a write to a closed pipe (a log reader gone) then fails with EPIPE
+  /// rather than killing the process without a shutdown.
+  bool handle_signals = true;
   /// run() ends with spdlog::shutdown() (after its threads are joined), then makes a plain
   /// stderr logger the default one (a line logged later, by a destructor, neither crashes nor is
   /// lost). Turn off to keep your own loggers after run() returns.
