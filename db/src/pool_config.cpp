@@ -51,10 +51,26 @@ std::string show(std::chrono::duration<Rep, Period> value) {
   }
 }
 
-// A duration that may be zero (with the meaning `zero_means`) but never negative.
+// The longest a duration setting may be. The pool adds them to steady_clock instants, which count
+// nanoseconds (about 292 years in all): a "forever" such as milliseconds::max() would overflow
+// and turn into a deadline in the past (every acquire failing at once, every connection closed at
+// its first return). Where a setting has a "never" or "off", it is 0.
+constexpr std::chrono::hours longest_duration{24 * 365};
+
+template <typename Rep, typename Period>
+void require_within_a_year(std::string_view field, std::chrono::duration<Rep, Period> value,
+                           std::string_view instead) {
+  if (value <= longest_duration) return;
+  invalid(std::string(field) + " is " + show(value) + ", longer than a year",
+          "give at most 365 days (8760 h)" + std::string(instead));
+}
+
+// A duration that may be zero (with the meaning `zero_means`) but never negative, nor longer than
+// a year.
 template <typename Rep, typename Period>
 void require_not_negative(std::string_view field, std::chrono::duration<Rep, Period> value,
                           std::string_view zero_means) {
+  require_within_a_year(field, value, ", or 0 for " + std::string(zero_means));
   if (value.count() >= 0) return;
   invalid(std::string(field) + " is " + show(value) + ", which is negative",
           "give a positive duration, or 0 for " + std::string(zero_means));
@@ -274,9 +290,12 @@ void check(const PoolConfig& config, bool warn) {
                 ") must be below max_size (" + std::to_string(config.max_size) + ")",
             "normal acquires need at least one connection");
   }
-  if (config.lifetime_jitter < 0 || config.lifetime_jitter >= 1 ||
-      config.connect_backoff_jitter < 0 || config.connect_backoff_jitter >= 1) {
-    invalid("lifetime_jitter and connect_backoff_jitter must be in [0, 1)");
+  // (Written so that NaN fails too.)
+  if (!(config.lifetime_jitter >= 0 && config.lifetime_jitter < 1) ||
+      !(config.connect_backoff_jitter >= 0 && config.connect_backoff_jitter < 1)) {
+    invalid("lifetime_jitter and connect_backoff_jitter must be in [0, 1) (lifetime_jitter " +
+            std::to_string(config.lifetime_jitter) + ", connect_backoff_jitter " +
+            std::to_string(config.connect_backoff_jitter) + ")");
   }
 
   require_not_negative("acquire_timeout", config.acquire_timeout,
@@ -295,6 +314,7 @@ void check(const PoolConfig& config, bool warn) {
                 ", which is not positive",
             "give the first wait after a failed connect, e.g. 100 ms (the default)");
   }
+  require_within_a_year("connect_backoff_max", config.connect_backoff_max, "");
   if (config.connect_backoff_max < config.connect_backoff_initial) {
     invalid("connect_backoff_max (" + show(config.connect_backoff_max) +
                 ") is below connect_backoff_initial (" + show(config.connect_backoff_initial) + ")",
@@ -307,6 +327,7 @@ void check(const PoolConfig& config, bool warn) {
         "connect.connect_timeout is " + show(connect.connect_timeout) + ", which is not positive",
         "give the longest a connect may take, e.g. 10 s (the default)");
   }
+  require_within_a_year("connect.connect_timeout", connect.connect_timeout, "");
   require_not_negative(
       "connect.tcp_user_timeout", connect.tcp_user_timeout,
       "the pool's guards.tcp_user_timeout (or the system default when that is 0 too)");

@@ -3,6 +3,7 @@
 #include <functional>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <limits>
 #include <memory>
 #include <spdlog/sinks/ostream_sink.h>
 #include <spdlog/spdlog.h>
@@ -418,6 +419,41 @@ TEST(PoolConfigTest, ZeroIsAcceptedWhereItMeansOffAndRejectedElsewhere) {
   backoff_inverted.connect_backoff_max = milliseconds(50);
   EXPECT_THAT(rejection(backoff_inverted),
               HasSubstr("connect_backoff_max (50 ms) is below connect_backoff_initial (100 ms)"));
+}
+
+// "Forever" written as a huge duration would overflow the pool's clock arithmetic (a deadline in
+// the past: every acquire failing at once, every connection closed at its first return): more
+// than a year is refused, naming the field and saying that 0 means never or off. NaN jitter too.
+TEST(PoolConfigTest, DurationsLongerThanAYearAndNanJitterAreRejected) {
+  const auto huge = milliseconds::max();
+  const std::vector<std::pair<std::string, std::function<void(PoolConfig&)>>> fields{
+      {"acquire_timeout", [&](PoolConfig& c) { c.acquire_timeout = huge; }},
+      {"max_lifetime", [&](PoolConfig& c) { c.max_lifetime = huge; }},
+      {"idle_timeout", [&](PoolConfig& c) { c.idle_timeout = huge; }},
+      {"keepalive_interval", [&](PoolConfig& c) { c.keepalive_interval = huge; }},
+      {"connect_backoff_max", [&](PoolConfig& c) { c.connect_backoff_max = huge; }},
+      {"connect.connect_timeout", [&](PoolConfig& c) { c.connect.connect_timeout = huge; }},
+      {"budget.check_interval", [&](PoolConfig& c) { c.budget.check_interval = huge; }},
+  };
+  for (const auto& [name, set] : fields) {
+    SCOPED_TRACE(name);
+    PoolConfig config;
+    set(config);
+    const std::string message = rejection(config);
+    EXPECT_THAT(message, HasSubstr(name + " is "));
+    EXPECT_THAT(message, HasSubstr("longer than a year"));
+    EXPECT_THAT(message, HasSubstr("HINT: give at most 365 days"));
+  }
+  PoolConfig a_year;
+  a_year.max_lifetime = std::chrono::hours(24 * 365);
+  a_year.acquire_timeout = std::chrono::hours(24 * 365);
+  EXPECT_EQ(rejection(a_year), "");
+  PoolConfig nan_jitter;
+  nan_jitter.lifetime_jitter = std::numeric_limits<double>::quiet_NaN();
+  EXPECT_THAT(rejection(nan_jitter), HasSubstr("lifetime_jitter and connect_backoff_jitter"));
+  PoolConfig nan_backoff;
+  nan_backoff.connect_backoff_jitter = std::numeric_limits<double>::quiet_NaN();
+  EXPECT_THAT(rejection(nan_backoff), HasSubstr("must be in [0, 1)"));
 }
 
 TEST(PoolConfigTest, NegativeKeepaliveCountAndNoKeepalives) {
