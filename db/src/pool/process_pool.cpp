@@ -95,4 +95,11 @@ asio::awaitable<Lease> connection(std::string_view consumer, Priority priority,
   return current->acquire(consumer, priority, site);
 }
 
+// Not a coroutine either: query_with()'s frame holds the pool's state.
+asio::awaitable<Result> detail::query_process_pool(std::string sql, ParamSink params) {
+  const std::shared_ptr<Pool> current = current_pool();
+  if (!current) throw_not_configured();  // (from the call, as pool() throws)
+  return current->query_with(std::move(sql), std::move(params));
+}
+
 }  // namespace pgrt

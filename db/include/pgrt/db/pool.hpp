@@ -374,6 +374,9 @@ struct PoolState;
 namespace pool {
 struct Node;
 }  // namespace pool
+// pgrt::query(): Pool::query() on the process-wide pool, held by a reference taken under the
+// global lock, so that a close() on another thread cannot destroy it under the call.
+boost::asio::awaitable<Result> query_process_pool(std::string sql, ParamSink params);
 }  // namespace detail
 
 /// A connection borrowed from a pool. Move-only; a default-constructed or moved-from Lease is
@@ -551,6 +554,8 @@ class Pool {
   [[nodiscard]] bool closed() const noexcept;
 
  private:
+  friend boost::asio::awaitable<Result> detail::query_process_pool(std::string sql,
+                                                                   ParamSink params);
   boost::asio::awaitable<Result> query_with(std::string sql, ParamSink params);
 
   std::shared_ptr<detail::PoolState> state_;
@@ -585,7 +590,9 @@ void configure(PoolConfig config, boost::asio::any_io_executor executor);
 /// connections, without a lease (see Pool::query). Throws pool_not_configured as pool() does.
 template <Encodable... Args>
 [[nodiscard]] boost::asio::awaitable<Result> query(std::string_view sql, const Args&... args) {
-  return pool().query(sql, args...);
+  ParamSink params;
+  encode_params(params, args...);
+  return detail::query_process_pool(std::string(sql), std::move(params));
 }
 
 }  // namespace pgrt
