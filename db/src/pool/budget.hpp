@@ -43,8 +43,8 @@ struct SlotHolder {
     Connection& connection, const Budget& budget);
 
 // The first key of a budget's waiting markers: a connect that found no free slot holds
-// pg_advisory_lock_shared(budget_waiting_key, 0) while it waits for one, so that the processes
-// holding slots see that another waits (and keep to their fair share).
+// pg_advisory_lock_shared(budget_waiting_key, budget_class_marker()) while it waits for one, so
+// that the processes holding slots see that another waits (and keep to their fair share).
 [[nodiscard]] std::int32_t budget_waiting_key(const Budget& budget);
 
 // How many slots one process may keep while others wait: its class's own slots split evenly among

@@ -177,9 +177,11 @@ struct PoolConfig {
   /// backend for long: they complement the start-up cleanup of leftovers.
   SessionGuards guards;
   /// A connection budget shared with other pools and processes (env PGRT_BUDGET_KEY,
-  /// PGRT_BUDGET_SLOTS). A connection that finds no free slot is closed and counts as a failed
-  /// connect (client_errc::budget_exhausted, with backoff); callers then time out with
-  /// budget_exhausted. Not behind a transaction pooler (validate() refuses it).
+  /// PGRT_BUDGET_SLOTS; docs/budget.md). A connection that finds no free slot waits on its own
+  /// session for one (holding the budget's waiting marker) for up to connect.connect_timeout;
+  /// none found, it is closed and counts as a failed connect (client_errc::budget_exhausted, with
+  /// backoff); callers then time out with budget_exhausted. Not behind a transaction pooler
+  /// (validate() refuses it).
   Budget budget;
   /// Consumers sharing this pool, each with a guaranteed minimum and a maximum (env
   /// PGRT_POOL_CONSUMERS="name:min:max,name:min:max"; a max of 0 means max_size). The sharing is
