@@ -5,6 +5,7 @@
 #include <boost/asio/connect.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
+#include <boost/beast/core/error.hpp>
 #include <boost/beast/core/flat_buffer.hpp>
 #include <boost/beast/core/tcp_stream.hpp>
 #include <boost/beast/http.hpp>
@@ -35,6 +36,7 @@ const char* const metrics_usage =
     "  (connections in use, waiting, timeouts, mean wait and use, discards, consumers), the\n"
     "  pending writes, the watchdog's conditions and the lifecycle state.\n"
     "  --raw   print the Prometheus text as it came\n"
+    "  --timeout S   give up on a step (connect, request, answer) after S seconds (default 10)\n"
     "exit codes: 0 read, 2 usage, 3 unreachable or not a metrics endpoint\n";
 
 struct Url {
@@ -52,7 +54,7 @@ std::optional<Url> parse_url(std::string_view text) {
   Url url;
   url.target = slash == std::string_view::npos ? "/metrics" : std::string(text.substr(slash));
   const auto colon = authority.rfind(':');
-  if (authority.empty()) return std::nullopt;
+  if (authority.empty() || authority.find('@') != std::string_view::npos) return std::nullopt;
   if (colon == std::string_view::npos || authority.back() == ']') {
     url.host = std::string(authority);
     url.port = "80";
@@ -66,20 +68,49 @@ std::optional<Url> parse_url(std::string_view text) {
   return url;
 }
 
-std::string fetch(const Url& url) {
+// The endpoint's answer, each step (connect, request, answer) cut at `limit`: beast's timeouts
+// apply to asynchronous operations only, so a listener that never answers would otherwise hold
+// the command for good. (The name lookup runs on asio's resolver thread; run_for() bounds it
+// too.)
+std::string fetch(const Url& url, std::chrono::seconds limit) {
   asio::io_context io;
   asio::ip::tcp::resolver resolver(io);
   beast::tcp_stream stream(io);
-  stream.expires_after(std::chrono::seconds(10));
-  stream.connect(resolver.resolve(url.host, url.port));
   http::request<http::empty_body> request{http::verb::get, url.target, 11};
   request.set(http::field::host, url.host);
   request.set(http::field::connection, "close");
-  http::write(stream, request);
   beast::flat_buffer buffer;
   http::response_parser<http::string_body> parser;
   parser.body_limit(64 * 1024 * 1024);
-  http::read(stream, buffer, parser);
+  boost::system::error_code failure = asio::error::timed_out;
+  resolver.async_resolve(url.host, url.port, [&](boost::system::error_code error, auto found) {
+    if (error) {
+      failure = error;
+      return;
+    }
+    stream.expires_after(limit);
+    stream.async_connect(found, [&](boost::system::error_code connect_error, const auto&) {
+      if (connect_error) {
+        failure = connect_error;
+        return;
+      }
+      stream.expires_after(limit);
+      http::async_write(stream, request,
+                        [&](boost::system::error_code write_error, std::size_t /*written*/) {
+                          if (write_error) {
+                            failure = write_error;
+                            return;
+                          }
+                          stream.expires_after(limit);
+                          http::async_read(stream, buffer, parser,
+                                           [&](boost::system::error_code read_error,
+                                               std::size_t /*read*/) { failure = read_error; });
+                        });
+    });
+  });
+  io.run_for(limit * 4);
+  if (failure == beast::error::timeout) failure = asio::error::timed_out;
+  if (failure) throw boost::system::system_error(failure);
   auto& response = parser.get();
   if (response.result() != http::status::ok) {
     throw std::runtime_error("HTTP " + std::to_string(response.result_int()) + " from " +
@@ -241,6 +272,7 @@ void summarize(const std::vector<Sample>& samples, std::ostream& out) {
 int run_metrics(int argc, char** argv) {
   std::optional<Url> url;
   bool raw = false;
+  std::chrono::seconds limit{10};
   for (int i = 2; i < argc; ++i) {
     const std::string_view argument = argv[i];
     if (argument == "--help" || argument == "-h") {
@@ -249,8 +281,24 @@ int run_metrics(int argc, char** argv) {
     }
     if (argument == "--raw") {
       raw = true;
+    } else if (argument == "--timeout" && i + 1 < argc) {
+      const std::string_view value = argv[++i];
+      int seconds = 0;
+      const auto [end, error] = std::from_chars(value.data(), value.data() + value.size(), seconds);
+      if (error != std::errc() || end != value.data() + value.size() || seconds < 1 ||
+          seconds > 3600) {
+        std::cerr << "pgrt-diag metrics: --timeout takes whole seconds from 1 to 3600, not '"
+                  << value << "'\n";
+        return exit_usage;
+      }
+      limit = std::chrono::seconds(seconds);
     } else if (!url && (url = parse_url(argument))) {
       continue;
+    } else if (argument.find('@') != std::string_view::npos) {
+      // (Never echoed: it may hold a password.)
+      std::cerr << "pgrt-diag metrics: the URL holds credentials (user:password@), which the "
+                   "metrics endpoint does not take: give http://HOST:PORT/metrics\n";
+      return exit_usage;
     } else {
       std::cerr << "pgrt-diag metrics: unexpected argument '" << argument
                 << "' (the URL is http://HOST:PORT/metrics)\n"
@@ -264,7 +312,7 @@ int run_metrics(int argc, char** argv) {
   }
   std::string text;
   try {
-    text = fetch(*url);
+    text = fetch(*url, limit);
   } catch (const std::exception& error) {
     // A system error's own message, without Boost's source location.
     const auto* system = dynamic_cast<const boost::system::system_error*>(&error);

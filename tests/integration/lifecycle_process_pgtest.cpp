@@ -292,6 +292,38 @@ std::uint16_t free_port() {
   return ntohs(address.sin_port);
 }
 
+// pgrt-diag metrics against an endpoint that accepts and never answers gives up after --timeout
+// (it hung for good: beast's timeouts do not apply to synchronous reads); a URL with credentials
+// is refused without echoing them.
+TEST_F(LifecycleProcessTest, DiagMetricsGivesUpOnASilentEndpointAndNeverEchoesCredentials) {
+  const int listener = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  ASSERT_GE(listener, 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::bind(listener, reinterpret_cast<sockaddr*>(&address), sizeof address), 0);
+  ASSERT_EQ(::listen(listener, 4), 0);  // the kernel accepts; nobody ever answers
+  socklen_t length = sizeof address;
+  ASSERT_EQ(::getsockname(listener, reinterpret_cast<sockaddr*>(&address), &length), 0);
+  const std::string url =
+      "http://127.0.0.1:" + std::to_string(ntohs(address.sin_port)) + "/metrics";
+  {
+    const auto started = std::chrono::steady_clock::now();
+    Child diag({PGRT_DIAG_PATH, "metrics", url, "--timeout", "1"}, cluster().dsn(), "diag-silent");
+    EXPECT_EQ(diag.wait_for_exit(30s), 3) << diag.output();
+    EXPECT_LT(std::chrono::steady_clock::now() - started, 10s);
+    EXPECT_THAT(diag.output(), HasSubstr("timed out"));
+  }
+  {
+    Child diag({PGRT_DIAG_PATH, "metrics", "http://admin:s3cret@127.0.0.1:1/metrics"},
+               cluster().dsn(), "diag-credentials");
+    EXPECT_EQ(diag.wait_for_exit(30s), 2) << diag.output();
+    EXPECT_THAT(diag.output(), Not(HasSubstr("s3cret")));
+    EXPECT_THAT(diag.output(), HasSubstr("credentials"));
+  }
+  ::close(listener);
+}
+
 // The demo with --metrics-port: curl reads /metrics, /healthz and /readyz; on SIGTERM /readyz
 // turns 503 while the drain still runs (held up by a lock on the table it flushes to), and
 // /metrics still answers, saying the process is stopping; pgrt-diag metrics reads the endpoint.
