@@ -103,10 +103,20 @@ int read_holder_pid(int fd) {
           "PGRT_RUNTIME_DIR to a directory of your own (mode 0700)");
 }
 
+struct LockDirectory {
+  int fd = -1;
+  std::filesystem::path path;  // where the lock file goes
+};
+
+LockDirectory open_private_subdirectory(int shared_fd, const std::filesystem::path& shared);
+
 // The lock directory, created with mode 0700 if it is missing, as an O_DIRECTORY descriptor. It
 // must be a directory itself (not a symbolic link), owned by this user and writable by nobody else:
-// a directory under /tmp can have been made in advance by another user.
-int open_lock_directory(const std::filesystem::path& directory) {
+// a directory under /tmp can have been made in advance by another user. A shared directory (world-
+// or group-writable with the sticky bit: /tmp, /dev/shm, a Kubernetes emptyDir) is never re-moded:
+// the lock goes into a private directory of this user's inside it (pgrt-<uid>), which the sticky
+// bit keeps others from renaming or removing.
+LockDirectory open_lock_directory(const std::filesystem::path& directory) {
   if (directory.has_parent_path()) std::filesystem::create_directories(directory.parent_path());
   if (::mkdir(directory.c_str(), 0700) != 0 && errno != EEXIST) {
     throw std::system_error(errno, std::generic_category(),
@@ -127,6 +137,9 @@ int open_lock_directory(const std::filesystem::path& directory) {
     ::close(fd);
     throw std::system_error(error, std::generic_category(), "fstat " + directory.string());
   }
+  if ((status.st_mode & S_ISVTX) != 0 && (status.st_mode & (S_IWGRP | S_IWOTH)) != 0) {
+    return open_private_subdirectory(fd, directory);
+  }
   std::string why;
   if (status.st_uid != ::geteuid()) {
     why = "it belongs to uid " + std::to_string(status.st_uid) + ", not to this user (uid " +
@@ -143,7 +156,44 @@ int open_lock_directory(const std::filesystem::path& directory) {
     ::close(fd);
     refuse_directory(directory, why);
   }
-  return fd;
+  return {fd, directory};
+}
+
+LockDirectory open_private_subdirectory(int shared_fd, const std::filesystem::path& shared) {
+  const std::string name = "pgrt-" + std::to_string(::geteuid());
+  const std::filesystem::path directory = shared / name;
+  if (::mkdirat(shared_fd, name.c_str(), 0700) != 0 && errno != EEXIST) {
+    const int error = errno;
+    ::close(shared_fd);
+    refuse_directory(shared, std::string("it is shared (sticky, writable by others) and a private "
+                                         "directory cannot be made in it (") +
+                                 std::strerror(error) + ")");
+  }
+  const int fd = ::openat(shared_fd, name.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+  const int open_error = errno;
+  ::close(shared_fd);
+  if (fd < 0) {
+    if (open_error == ELOOP || open_error == ENOTDIR) {
+      refuse_directory(directory, "it is a symbolic link or not a directory");
+    }
+    throw std::system_error(open_error, std::generic_category(),
+                            "cannot open the instance lock directory " + directory.string());
+  }
+  struct stat status {};
+  std::string why;
+  if (::fstat(fd, &status) != 0) {
+    why = std::string("fstat failed (") + std::strerror(errno) + ")";
+  } else if (status.st_uid != ::geteuid()) {
+    why = "it belongs to uid " + std::to_string(status.st_uid) + ", not to this user (uid " +
+          std::to_string(::geteuid()) + ")";
+  } else if ((status.st_mode & (S_IWGRP | S_IWOTH)) != 0) {
+    why = "other users may write into it";
+  }
+  if (!why.empty()) {
+    ::close(fd);
+    refuse_directory(directory, why);
+  }
+  return {fd, directory};
 }
 
 // The lock file inside the directory: never through a symbolic link, and only a regular file of
@@ -226,14 +276,15 @@ std::chrono::milliseconds max_takeover_time(const InstanceLockOptions& options) 
 }
 
 InstanceLock InstanceLock::acquire(const InstanceLockOptions& options) {
-  const auto directory = options.directory.empty() ? default_lock_directory() : options.directory;
-  const auto path =
-      directory /
-      (file_name_part(tag_app_name(options.application)) + "." +
-       file_name_part(tag_instance_name(options.application, options.instance)) + ".lock");
+  const auto requested = options.directory.empty() ? default_lock_directory() : options.directory;
   const std::string instance =
       options.instance.empty() ? default_instance_name() : options.instance;
-  const int directory_fd = open_lock_directory(directory);
+  const LockDirectory opened = open_lock_directory(requested);
+  const int directory_fd = opened.fd;
+  const auto path =
+      opened.path /
+      (file_name_part(tag_app_name(options.application)) + "." +
+       file_name_part(tag_instance_name(options.application, options.instance)) + ".lock");
   int fd = -1;
   try {
     fd = open_lock_file(directory_fd, path);

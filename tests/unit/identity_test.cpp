@@ -371,6 +371,43 @@ TEST_F(InstanceLockTest, TheDirectoryIsMadePrivateAndOneThatIsNotPrivateIsRefuse
   }
 }
 
+// A shared directory (world-writable with the sticky bit: /tmp, /dev/shm, an emptyDir volume) is
+// never re-moded, which would lock everyone else out of it: the lock goes into a private
+// directory of this user's inside it, where a second instance finds it.
+TEST_F(InstanceLockTest, ASharedStickyDirectoryKeepsItsModeAndTheLockGoesIntoAPrivateOneInside) {
+  const auto shared = directory_ / "shared";
+  std::filesystem::create_directories(shared);
+  ASSERT_EQ(::chmod(shared.c_str(), 01777), 0);
+  InstanceLockOptions in_shared = options();
+  in_shared.directory = shared;
+  {
+    auto lock = InstanceLock::acquire(in_shared);
+    struct stat status {};
+    ASSERT_EQ(::stat(shared.c_str(), &status), 0);
+    EXPECT_EQ(status.st_mode & 07777, 01777u) << "the shared directory was re-moded";
+    const auto own = shared / ("pgrt-" + std::to_string(::geteuid()));
+    ASSERT_EQ(::lstat(own.c_str(), &status), 0);
+    EXPECT_TRUE(S_ISDIR(status.st_mode));
+    EXPECT_EQ(status.st_mode & 07777, 0700u);
+    EXPECT_TRUE(std::filesystem::exists(own / "app.one.lock"));
+    EXPECT_THROW((void)InstanceLock::acquire(in_shared), InstanceLockError)
+        << "a second instance must find the lock";
+  }
+  // A link planted in its place is refused, never followed.
+  const auto own = shared / ("pgrt-" + std::to_string(::geteuid()));
+  std::filesystem::remove_all(own);
+  const auto elsewhere = directory_ / "elsewhere";
+  std::filesystem::create_directories(elsewhere);
+  std::filesystem::create_directory_symlink(elsewhere, own);
+  try {
+    (void)InstanceLock::acquire(in_shared);
+    ADD_FAILURE() << "followed a planted link";
+  } catch (const std::system_error& error) {
+    EXPECT_THAT(error.what(), HasSubstr("symbolic link"));
+  }
+  EXPECT_FALSE(std::filesystem::exists(elsewhere / "app.one.lock"));
+}
+
 TEST_F(InstanceLockTest, ALockFileThatIsALinkIsNeverWrittenThrough) {
   std::filesystem::create_directory(directory_);
   ::chmod(directory_.c_str(), 0700);
