@@ -2989,6 +2989,45 @@ TEST_F(PoolTest, AClosedPoolThatRanQueryMayBeDestroyedAfterItsIoContext) {
   pool.reset();
 }
 
+// close_now() from a thread that does not run the pool's io_context (an exit handler, a signal
+// thread): the pool refuses acquires at once (closed() says so), although the rest of its close
+// waits for an io thread; the idle connection it closed is never handed out.
+TEST_F(PoolTest, CloseNowFromAnotherThreadRefusesAcquiresAtOnce) {
+  asio::io_context io;
+  Pool pool(io.get_executor(), config("close-now-elsewhere", 2));
+  // (The pool's upkeep keeps the io_context busy: run it until each step is done.)
+  const auto run_until = [&io](const bool& done) {
+    const auto give_up_at = std::chrono::steady_clock::now() + 30s;
+    while (!done && std::chrono::steady_clock::now() < give_up_at) io.run_one_for(100ms);
+  };
+  bool opened = false;
+  asio::co_spawn(
+      io,
+      [&]() -> awaitable_void {
+        (void)co_await pool.acquire();
+        opened = true;
+      },
+      asio::detached);
+  run_until(opened);
+  ASSERT_TRUE(opened);
+  ASSERT_EQ(pool.stats().idle, 1U);
+  pool.close_now();  // (this thread does not run the io_context now)
+  EXPECT_TRUE(pool.closed()) << "close_now() has begun: acquires must be refused";
+  bool answered = false;
+  bool refused = false;
+  asio::co_spawn(
+      io,
+      [&]() -> awaitable_void {
+        auto error = co_await testing::expect_error(pool.acquire());
+        refused = error.code() == client_errc::pool_closed;
+        answered = true;
+      },
+      asio::detached);
+  run_until(answered);
+  EXPECT_TRUE(refused);
+  io.run_for(1s);  // the rest of the close
+}
+
 // A connection whose last lease ended with a stream() (libpq 15 leaves single-row mode on) gives
 // query() whole results.
 TEST_F(PoolTest, QueryOnAConnectionLastUsedForAStreamGetsWholeResults) {

@@ -45,6 +45,10 @@ void PoolState::close_now() noexcept {
         if (delivered.valid()) delivered.wait_until(give_up_at);
       }
       for (Connection::Impl* impl : cut) ConnectionAccess::finish_interrupt(*impl);
+      // New acquires are refused from now on, on every thread (closed() says so): the rest of the
+      // core's close may have to wait for an io thread (below), and the idle connections closed
+      // above must never be handed out meanwhile.
+      core.refuse_acquires();
       spdlog::warn(
           "pgrt pool {}: closed at exit: {} idle connection(s) closed, {} in use or "
           "being reset interrupted",
@@ -70,7 +74,7 @@ void PoolState::close_now() noexcept {
 void PoolState::begin_close() {
   Deferred deferred;
   std::lock_guard lock(mutex);
-  if (core.closed()) return;
+  if (core.close_done()) return;
   auto& actions = fresh_actions_locked();
   core.close(actions);
   execute_locked(actions, deferred);

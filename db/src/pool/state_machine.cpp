@@ -311,7 +311,7 @@ milliseconds Core::next_backoff() {
 
 AcquireResult Core::try_acquire(Priority priority, std::source_location site, Time now,
                                 Actions& actions, ConsumerIndex consumer) {
-  if (closed_) return {.kind = AcquireResult::Kind::closed};
+  if (closed_ || refusing_) return {.kind = AcquireResult::Kind::closed};
   auto& idle = list(NodeState::idle);
   // Nobody who could take an idle connection waits at this priority or above. (A waiter that
   // could is served as soon as a connection is idle, so this holds whenever one is; the check

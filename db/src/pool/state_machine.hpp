@@ -324,7 +324,11 @@ class Core {
   ~Core();
 
   [[nodiscard]] const CoreConfig& config() const noexcept { return config_; }
-  [[nodiscard]] bool closed() const noexcept { return closed_; }
+  // Refusing acquires: close() has run, or refuse_acquires() (close_now() on a thread that cannot
+  // carry out close()'s actions: it refuses at once, and close() follows on the io_context).
+  [[nodiscard]] bool closed() const noexcept { return closed_ || refusing_; }
+  [[nodiscard]] bool close_done() const noexcept { return closed_; }
+  void refuse_acquires() noexcept { refusing_ = true; }
 
   // --- events ----------------------------------------------------------------------------------
 
@@ -485,6 +489,7 @@ class Core {
   WaitQueues waiters_;
   std::size_t leased_normal_ = 0;  // kept by move() alone
   bool closed_ = false;
+  bool refusing_ = false;   // refuse_acquires()
   Time last_failure_at_{};  // the last connect_failed()
   std::uint64_t next_node_id_ = 1;
   std::uint64_t next_ticket_ = 1;
