@@ -105,7 +105,8 @@ void PoolState::execute_locked(const pool::Actions& actions, Deferred& deferred)
         break;
       }
       case pool::Action::Kind::arm_timer:
-        upkeep_timer->expires_at(action.at);  // cancels the wait: upkeep() waits again
+        // (Gone once the pool closed: nothing needs the upkeep then.)
+        if (upkeep_timer) upkeep_timer->expires_at(action.at);  // cancels the wait: waits again
         break;
       case pool::Action::Kind::watch:
         start_watch(*action.node);

@@ -73,12 +73,17 @@ void PoolState::close_now() noexcept {
 // Refuses new acquires, fails the waiters, closes the idle connections and abandons connects.
 void PoolState::begin_close() {
   Deferred deferred;
+  // The upkeep's timer belongs to the io_context, which must not outlive it: a closed pool needs
+  // no upkeep (upkeep() ends once the core is closed), so it goes now, after the lock (its wait,
+  // if any, completes as cancelled).
+  std::shared_ptr<asio::steady_timer> upkeep_timer_released;
   std::lock_guard lock(mutex);
   if (core.close_done()) return;
   auto& actions = fresh_actions_locked();
   core.close(actions);
   execute_locked(actions, deferred);
   if (upkeep_timer) upkeep_timer->cancel();
+  upkeep_timer_released = std::move(upkeep_timer);
   if (multiplexer) multiplexer->close();  // (its lock is taken under ours, never the reverse)
 }
 
