@@ -340,7 +340,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
   // a budget slot or share lost) or is past its lifetime: a holder that can give it back early
   // (a shared connection of the multiplexer) does. Under `mutex`.
   static bool due_back_locked(const Lease& lease, Clock::time_point now) noexcept {
-    return lease.node_ != nullptr && (lease.node_->evicted || now >= lease.node_->expires);
+    return lease.node_ != nullptr && pool::Core::expired(*lease.node_, now);
   }
   // The multiplexer, made on the first call (the pool's executor bound from `caller` if it has
   // none yet). Throws pool_closed on a closed pool.

@@ -329,6 +329,11 @@ class Core {
   [[nodiscard]] bool closed() const noexcept { return closed_ || refusing_; }
   [[nodiscard]] bool close_done() const noexcept { return closed_; }
   void refuse_acquires() noexcept { refusing_ = true; }
+  // Evicted (evict_all(), a budget slot or share lost) or past its lifetime: closed, not used
+  // again, once nobody holds it.
+  [[nodiscard]] static bool expired(const Node& node, Time now) noexcept {
+    return node.evicted || now >= node.expires;
+  }
 
   // --- events ----------------------------------------------------------------------------------
 
@@ -458,9 +463,6 @@ class Core {
   [[nodiscard]] bool needs_validation(const Node& node, Time now) const noexcept {
     return config_.validate_after_idle.count() > 0 &&
            now - node.idle_since >= config_.validate_after_idle;
-  }
-  [[nodiscard]] bool expired(const Node& node, Time now) const noexcept {
-    return node.evicted || now >= node.expires;
   }
   // Why an expired() node is closed.
   [[nodiscard]] static DiscardReason expiry_reason(const Node& node) noexcept {
