@@ -326,6 +326,7 @@ void print_json(const Snapshot& snapshot, const Arguments& arguments) {
         << ",\"database\":" << json_string(activity.database)
         << ",\"client\":" << json_string(activity.client)
         << ",\"in_scope\":" << (activity.in_scope ? "true" : "false")
+        << ",\"running_here\":" << (activity.running_here ? "true" : "false")
         << ",\"leaked\":" << (backend.reason.empty() ? "false" : "true")
         << ",\"reason\":" << json_string(backend.reason)
         << ",\"terminated\":" << (backend.terminated ? "true" : "false") << "}";
@@ -352,6 +353,7 @@ void print_text(const Snapshot& snapshot, const Arguments& arguments) {
               << seconds_in_state(activity) << " s  " << activity.user << "@" << activity.database
               << " from " << activity.client;
     if (!activity.in_scope) std::cout << "\n      another database or role: not checked";
+    if (activity.running_here) std::cout << "\n      its process runs on this host";
     if (!backend.reason.empty()) std::cout << "\n      LEAKED: " << backend.reason;
     if (backend.terminated) std::cout << "\n      terminated";
     std::cout << "\n";

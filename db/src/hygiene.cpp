@@ -37,7 +37,9 @@ boost::asio::awaitable<std::vector<AppBackend>> list_app_backends(Connection& co
   for (const Row row : rows) {
     AppBackend backend;
     backend.application_name = row.get<std::string>(1);
-    if (!parse_connection_tag(application, backend.application_name)) continue;
+    const auto tag = parse_connection_tag(application, backend.application_name);
+    if (!tag) continue;
+    backend.running_here = incarnation_on_this_host(tag->incarnation) == HostPresence::running;
     backend.pid = row.get<int>(0);
     backend.state = row.get<std::string>(2);
     backend.backend_start = row.get<std::string>(3);
@@ -92,7 +94,7 @@ std::vector<std::string> leftover_reasons(const std::vector<AppBackend>& backend
     const auto& backend = backends[i];
     const std::string instance = tag.app + "/" + tag.instance;
     if (auto found = live.find(tag.instance);
-        found != live.end() && found->second != tag.incarnation) {
+        found != live.end() && found->second != tag.incarnation && !backend.running_here) {
       reasons[i] = rule.own_tag.empty()
                        ? "superseded: " + instance + "/" + found->second +
                              " started later, so this incarnation's process is gone or a "
@@ -134,6 +136,32 @@ boost::asio::awaitable<CleanupReport> cleanup_predecessors(Connection& connectio
   CleanupReport report;
   std::string role;  // the connection's: every leftover is in scope
   const std::vector<AppBackend> backends = co_await list_app_backends(connection, rule.application);
+  // Another incarnation of this very instance running on this host: a duplicate whose instance
+  // lock is elsewhere, not a leftover. Nothing is terminated then; the caller refuses to start.
+  const auto own = parse_connection_tag(rule.application, rule.own_tag);
+  for (const auto& backend : backends) {
+    const auto tag = parse_connection_tag(rule.application, backend.application_name);
+    if (!own || !tag || !backend.in_scope || !backend.running_here ||
+        tag->instance != own->instance || tag->incarnation == own->incarnation ||
+        std::find(report.running_duplicates.begin(), report.running_duplicates.end(),
+                  tag->incarnation) != report.running_duplicates.end()) {
+      continue;
+    }
+    report.running_duplicates.push_back(tag->incarnation);
+  }
+  if (!report.running_duplicates.empty()) {
+    std::string incarnations;
+    for (const auto& incarnation : report.running_duplicates) {
+      incarnations += (incarnations.empty() ? "" : ", ") + prefix + incarnation;
+    }
+    report.warning = "another " + prefix.substr(0, prefix.size() - 1) +
+                     " is running on this host (" + incarnations +
+                     ") with its instance lock in another directory (PGRT_RUNTIME_DIR or "
+                     "XDG_RUNTIME_DIR differ between the two processes): it is no leftover, "
+                     "and nothing was terminated";
+    spdlog::warn("pgrt cleanup: {}", report.warning);
+    co_return report;
+  }
   const std::vector<std::string> reasons = leftover_reasons(backends, rule);
   for (std::size_t i = 0; i < backends.size(); ++i) {
     if (reasons[i].empty()) continue;

@@ -2,11 +2,16 @@
 
 #include <algorithm>
 #include <array>
+#include <cerrno>
+#include <cstddef>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <ctime>
 #include <fstream>
 #include <random>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 namespace pgrt {
@@ -34,6 +39,49 @@ std::string random_incarnation() {
   std::array<char, incarnation_bytes + 1> text{};
   std::snprintf(text.data(), text.size(), "%08x", static_cast<unsigned>(device()));
   return text.data();
+}
+
+// The abstract unix socket name a live process with `incarnation` binds (the leading NUL marks
+// the abstract namespace: no file, no permissions, gone with its last holder).
+struct IncarnationAddress {
+  sockaddr_un address{};
+  socklen_t length = 0;
+};
+
+IncarnationAddress incarnation_address(std::string_view incarnation) {
+  static constexpr std::string_view prefix = "pgrt/incarnation/";
+  IncarnationAddress name;
+  name.address.sun_family = AF_UNIX;
+  char* path = name.address.sun_path;
+  path[0] = '\0';
+  std::memcpy(path + 1, prefix.data(), prefix.size());
+  std::memcpy(path + 1 + prefix.size(), incarnation.data(), incarnation.size());
+  name.length = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + 1 + prefix.size() +
+                                       incarnation.size());
+  return name;
+}
+
+// Draws incarnations until one is announced: bound under its name for the life of the process
+// (the descriptor is never closed, and close-on-exec: a program this one executes is another
+// process). A name a live process on this host holds is drawn again. Where no unix socket can be
+// made or bound (a sandbox), the first one drawn, unannounced: incarnation_on_this_host() then
+// answers unknown here too.
+std::string announced_incarnation() {
+  std::string first;
+  for (int attempt = 0; attempt < 8; ++attempt) {
+    std::string incarnation = random_incarnation();
+    if (first.empty()) first = incarnation;
+    const int fd = ::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return first;
+    const auto name = incarnation_address(incarnation);
+    if (::bind(fd, reinterpret_cast<const sockaddr*>(&name.address), name.length) == 0) {
+      return incarnation;  // NOLINT(clang-analyzer-unix.Stream): kept open on purpose
+    }
+    const int error = errno;
+    ::close(fd);
+    if (error != EADDRINUSE) return first;
+  }
+  return first;
 }
 
 constexpr std::size_t hash_suffix_bytes = 1 + 8;  // "~" and stable_name_hash()
@@ -78,8 +126,22 @@ const ProcessIdentity& process_identity() {
                                         .pid = static_cast<int>(::getpid()),
                                         .boot_id = read_boot_id(),
                                         .started = std::chrono::system_clock::now(),
-                                        .incarnation = random_incarnation()};
+                                        .incarnation = announced_incarnation()};
   return identity;
+}
+
+HostPresence incarnation_on_this_host(std::string_view incarnation) {
+  if (!lower_hex(incarnation)) return HostPresence::unknown;
+  const int fd = ::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return HostPresence::unknown;
+  const auto name = incarnation_address(incarnation);
+  // A datagram connect() only looks the name up: nothing is sent, nobody is woken.
+  const int connected =
+      ::connect(fd, reinterpret_cast<const sockaddr*>(&name.address), name.length);
+  const int error = errno;
+  ::close(fd);
+  if (connected == 0) return HostPresence::running;
+  return error == ECONNREFUSED ? HostPresence::not_running : HostPresence::unknown;
 }
 
 std::string describe_process_identity() {

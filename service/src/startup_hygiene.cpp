@@ -492,6 +492,13 @@ asio::awaitable<void> StartupHygiene::start() {
       report_ = co_await cleanup_predecessors(connection, cleanup, tag_);
       connection.close();
     }
+    if (!report_.running_duplicates.empty()) {
+      throw Error(make_error_code(client_errc::instance_locked),
+                  Diagnostics{.message = report_.warning,
+                              .hint = "stop it first, or start both with the same "
+                                      "PGRT_RUNTIME_DIR; this process's lock is " +
+                                      (lock_ ? lock_->path().string() : std::string("not held"))});
+    }
   }
   if (cluster_lock_) {
     // From here on the lock's connection is the watch's, on its strand.

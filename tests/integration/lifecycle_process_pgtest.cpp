@@ -1002,6 +1002,46 @@ TEST_F(StartupHygieneTest, TheDemoRestartedAfterACrashTerminatesItsPredecessorsL
   EXPECT_TRUE(testing::eventually([] { return backend_pids("demo-crash/x/%").empty(); }));
 }
 
+// The instance lock's directory depends on the environment (PGRT_RUNTIME_DIR, XDG_RUNTIME_DIR):
+// the same service started from a systemd unit and from a shell takes two lock files. The second
+// must neither take the first's connections for an earlier incarnation's nor run beside it.
+TEST_F(StartupHygieneTest, ALiveInstanceWhoseLockIsInAnotherDirectoryIsNeitherTerminatedNorJoined) {
+  Child live({PGRT_PROBE_PATH, "hold-connections"}, cluster().dsn(), "twin",
+             {{"PGRT_INSTANCE", "one"}});
+  ASSERT_TRUE(live.wait_for_output("holding", 60s)) << live.output();
+  const std::set<int> live_pids = parse_pids(live.output());
+  const std::regex tag_pattern("holding twin/one/([0-9a-f]{8}) ");
+  std::smatch match;
+  const std::string live_output = live.output();
+  ASSERT_TRUE(std::regex_search(live_output, match, tag_pattern)) << live_output;
+  const std::string live_incarnation = match[1];
+  EXPECT_EQ(incarnation_on_this_host(live_incarnation), HostPresence::running);
+
+  Child second({PGRT_PROBE_PATH, "singleton"}, cluster().dsn(), "twin",
+               {{"PGRT_INSTANCE", "one"},
+                {"PGRT_RUNTIME_DIR", (Child::runtime_directory() / "from-a-shell").string()}});
+  EXPECT_EQ(second.wait_for_exit(60s), 1) << second.status() << "\n" << second.output();
+  EXPECT_THAT(second.output(), HasSubstr("another twin/one is running on this host (twin/one/" +
+                                         live_incarnation + ")"));
+  EXPECT_THAT(second.output(), Not(HasSubstr("terminated backend")));
+  EXPECT_EQ(backend_pids("twin/one/%"), live_pids);
+
+  // Once it is gone, its connections are a dead incarnation's: terminated at the next start.
+  live.signal(SIGKILL);
+  (void)live.wait_for_exit(10s);
+  EXPECT_TRUE(testing::eventually(
+      [&] { return incarnation_on_this_host(live_incarnation) == HostPresence::not_running; }));
+  PoolConfig config;
+  config.conninfo = cluster().dsn();
+  config.application = "twin";
+  config.instance = "one";
+  StartupHygieneOptions options;
+  options.lock_directory = Child::runtime_directory() / "from-a-shell";
+  const CleanupReport report = run_hygiene(config, options);
+  EXPECT_TRUE(report.running_duplicates.empty());
+  EXPECT_TRUE(testing::eventually([] { return backend_pids("twin/one/%").empty(); }));
+}
+
 TEST_F(StartupHygieneTest, TheIdleRuleAlsoEndsThisAppsLongIdleBackendsButNoOneElses) {
   BlockingConnection other_instance(cluster().dsn() + " application_name=idler/two/0badcafe");
   BlockingConnection foreign(cluster().dsn() + " application_name=idler-foreign");

@@ -209,6 +209,16 @@ TEST(SessionGuards, BoundHowLongAClosedBackendCanOutliveItsClose) {
       0ms);
 }
 
+TEST(IncarnationOnThisHost, ThisProcesssOwnRunsAnotherDoesNotAndAMalformedOneIsUnknown) {
+  const std::string own = process_identity().incarnation;
+  EXPECT_EQ(incarnation_on_this_host(own), HostPresence::running);
+  std::string other = own;
+  other[7] = other[7] == '0' ? '1' : '0';  // no live process here has drawn it (1 in 2^32)
+  EXPECT_EQ(incarnation_on_this_host(other), HostPresence::not_running);
+  EXPECT_EQ(incarnation_on_this_host("0BADCAFE"), HostPresence::unknown);
+  EXPECT_EQ(incarnation_on_this_host("abc"), HostPresence::unknown);
+}
+
 class InstanceLockTest : public ::testing::Test {
  protected:
   void SetUp() override {

@@ -36,11 +36,15 @@ struct AppBackend {
   bool in_scope = false;
   /// Holds a granted advisory lock (a live instance's cluster-wide lock session, for one).
   bool holds_advisory_lock = false;
+  /// Its incarnation is a live process's on the host that listed it (incarnation_on_this_host()):
+  /// whatever else says, not a dead incarnation's.
+  bool running_here = false;
 };
 
 /// The client backends, in every database and under every role, whose application_name is a
 /// connection tag of `application` (as configured; parse_connection_tag() decides, after a
-/// `LIKE '<tag app>/%'` on the server), oldest first, without `connection`'s own. Throws
+/// `LIKE '<tag app>/%'` on the server), oldest first, without `connection`'s own, each with
+/// whether its incarnation runs on this host (AppBackend::running_here). Throws
 /// pgrt::Error (the connection lost, a failed query). Not thread-safe (uses `connection`);
 /// cancellation: as Connection::query().
 [[nodiscard]] boost::asio::awaitable<std::vector<AppBackend>> list_app_backends(
@@ -64,7 +68,8 @@ struct LeftoverRule {
 /// The leftover rule, the one both the start-up cleanup and pgrt-diag apply: for each of
 /// `backends`, in order, why it is a leftover, or "" if it is not. Only backends that are
 /// in_scope and whose application_name is exactly a tag of the app (parse_connection_tag()) are
-/// ever leftovers, never one tagged `own_tag`. A backend of a dead incarnation (per
+/// ever leftovers, never one tagged `own_tag`, and never by its incarnation one whose incarnation
+/// runs on this host (AppBackend::running_here). A backend of a dead incarnation (per
 /// LeftoverRule::own_tag) is one whatever its state, also `active`: its process is gone, so no
 /// one will read what it computes, and it holds a slot and its locks until it ends. Reasons:
 /// "an earlier incarnation of <app>/<instance>" (with own_tag), "superseded: ..." (without), or
@@ -98,6 +103,11 @@ struct CleanupReport {
   /// The cleanup did not run because no singleton lock was held (StartupHygiene); `warning` says
   /// so.
   bool skipped = false;
+  /// Other incarnations of this very app and instance that a live process on this host runs
+  /// (AppBackend::running_here): a duplicate whose instance lock is in another directory (its
+  /// PGRT_RUNTIME_DIR or XDG_RUNTIME_DIR differ). Then nothing is terminated, `warning` says so,
+  /// and StartupHygiene::start() refuses to start.
+  std::vector<std::string> running_duplicates;
   std::string warning;
   [[nodiscard]] std::size_t terminated() const noexcept;
 };
@@ -113,7 +123,9 @@ struct CleanupReport {
 /// state), or (with idle_threshold) tagged as any instance of the app and idle longer than the
 /// threshold. `own_tag` is this process's tag, make_connection_tag(options.application,
 /// options.instance). It never touches the connection's own backend, any backend tagged `own_tag`
-/// (this process), names that only start like a tag (`<app>/console`,
+/// (this process), the backends of an incarnation that runs on this host (if another incarnation
+/// of its own instance does, it terminates nothing: CleanupReport::running_duplicates),
+/// names that only start like a tag (`<app>/console`,
 /// `<app>/<instance>/report-job`), or other applications. Each terminated backend is logged
 /// (spdlog, info) with its pid, tag, state, start and client. A role that may not terminate gives
 /// a warning naming the grant (in the report and the log), never an exception. Other errors (the

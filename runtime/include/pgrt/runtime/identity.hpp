@@ -23,7 +23,24 @@ struct ProcessIdentity {
   std::string incarnation;
 };
 
+/// On first use the process also announces its incarnation on this host (see
+/// incarnation_on_this_host()); an incarnation that a live process on the host already has is
+/// drawn again.
 [[nodiscard]] const ProcessIdentity& process_identity();
+
+/// Whether a live process on this host has `incarnation`, whatever its environment (its
+/// PGRT_RUNTIME_DIR, XDG_RUNTIME_DIR, user): every process announces its own on first use of
+/// process_identity() by binding a datagram socket named `pgrt/incarnation/<incarnation>` in the
+/// abstract unix namespace, which the kernel releases when the process (and any child it forked
+/// without exec) ends. "This host" is the network namespace: a container is a host of its own.
+enum class HostPresence {
+  running,      ///< A live process here has it (this one's own included).
+  not_running,  ///< No live process here has it.
+  unknown,      ///< Cannot tell: unix sockets are not available (a sandbox), or not a valid one.
+};
+
+/// See HostPresence. Thread-safe; a few system calls, no blocking.
+[[nodiscard]] HostPresence incarnation_on_this_host(std::string_view incarnation);
 
 /// "host db-7, pid 4242, boot id 3f2c..., started 2026-11-23T21:19:07Z, incarnation 1a2b3c4d".
 [[nodiscard]] std::string describe_process_identity();
