@@ -162,6 +162,69 @@ TEST_F(BudgetTest, AFullBudgetFailsWaitersWithBudgetExhaustedNamingIt) {
   });
 }
 
+// A connect that waits for a slot of a full budget is its budget's (and class's) one backend
+// without a slot on the io_context: it holds up the connects of no other budget or class, and a
+// pool whose connect is queued behind it closes without waiting for it.
+TEST_F(BudgetTest, AConnectWaitingForAFullBudgetHoldsUpNoOtherBudgetOrClass) {
+  using Clock = std::chrono::steady_clock;
+  run_coroutine(
+      [&]() -> awaitable_void {
+        auto executor = co_await asio::this_coro::executor;
+        auto classes = [](PoolConfig pool_config, const char* class_name) {
+          pool_config.budget.classes = {{.name = "a", .slots = 1}, {.name = "b", .slots = 1}};
+          pool_config.budget.class_name = class_name;
+          return pool_config;
+        };
+        Pool holder(executor, classes(config("gate-holder", "gate", 2), "a"));
+        auto lease = co_await holder.acquire();  // class a's only slot
+        auto waiting_config = classes(config("gate-waiting", "gate", 2), "a");
+        waiting_config.acquire_timeout = 20s;  // its connect waits for a slot up to 10 s
+        Pool waiting(executor, waiting_config);
+        int finished = 0;
+        auto acquire_and_drop = [&finished](Pool& pool) -> awaitable_void {
+          try {
+            auto unused = co_await pool.acquire();
+          } catch (const Error&) {  // NOLINT(bugprone-empty-catch): closed under it, or timed out
+          }
+          ++finished;
+        };
+        asio::co_spawn(executor, acquire_and_drop(waiting), asio::detached);
+        for (int i = 0; i < 250 && waiting.stats().budget_slot_waits == 0; ++i) {
+          co_await sleep_for(20ms);
+        }
+        EXPECT_GE(waiting.stats().budget_slot_waits, 1U) << "its connect should wait for a slot";
+
+        for (const bool another_budget : {true, false}) {
+          auto other_config = another_budget ? config("gate-other", "gate-free", 2)
+                                             : classes(config("gate-class-b", "gate", 2), "b");
+          other_config.acquire_timeout = 3s;
+          Pool other(executor, other_config);
+          const auto started = Clock::now();
+          auto got = co_await other.acquire();
+          EXPECT_LT(Clock::now() - started, 1500ms)
+              << (another_budget ? "another budget" : "another class") << " was held up";
+          got.release();
+          (void)co_await other.close(1s);
+        }
+
+        Pool queued(executor, classes(config("gate-queued", "gate", 2), "a"));
+        asio::co_spawn(executor, acquire_and_drop(queued), asio::detached);
+        co_await sleep_for(200ms);  // its connect is queued behind the waiting one's
+        EXPECT_EQ(queued.stats().budget_slot_waits, 0U);
+        const auto closing = Clock::now();
+        const auto unreturned = co_await queued.close(5s);
+        EXPECT_LT(Clock::now() - closing, 1500ms) << "the close waited for the gate";
+        EXPECT_TRUE(unreturned.empty());
+        EXPECT_EQ(waiting.stats().budget_slot_waits, 1U);
+
+        (void)co_await waiting.close(1s);
+        while (finished < 2) co_await sleep_for(20ms);
+        lease.release();
+        (void)co_await holder.close(1s);
+      },
+      60s);
+}
+
 // DISCARD ALL releases advisory locks: under a budget the discard_all reset leaves them alone.
 TEST_F(BudgetTest, BothResetPoliciesKeepTheSlotAcrossAThousandLeases) {
   for (const ResetPolicy policy : {ResetPolicy::rollback, ResetPolicy::discard_all}) {

@@ -1,13 +1,18 @@
 #include "budget.hpp"
 
 #include <algorithm>
+#include <boost/asio/append.hpp>
+#include <boost/asio/associated_cancellation_slot.hpp>
 #include <boost/asio/associated_executor.hpp>
 #include <boost/asio/async_result.hpp>
 #include <boost/asio/execution/context.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/query.hpp>
 #include <boost/asio/use_awaitable.hpp>
+#include <cstdint>
 #include <deque>
+#include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <random>
@@ -161,28 +166,38 @@ asio::awaitable<SlotSearch> take_budget_slot(Connection& connection, const Budge
 
 namespace {
 
-// A suspended enter(), resumed on its own executor.
+// A suspended enter(), resumed on its own executor: with the turn (true), or cancelled (false).
 struct Resumption {
   virtual ~Resumption() = default;
-  virtual void resume() = 0;
+  virtual void resume(bool granted) = 0;
 };
 
 template <typename Handler>
 struct HandlerResumption final : Resumption {
   explicit HandlerResumption(Handler&& handler_in) : handler(std::move(handler_in)) {}
-  void resume() override {
+  void resume(bool granted) override {
     auto executor = asio::get_associated_executor(handler);
-    asio::post(executor, std::move(handler));
+    asio::post(executor, asio::append(std::move(handler), granted));
   }
   Handler handler;
+};
+
+struct Waiter {
+  std::uint64_t id = 0;
+  std::unique_ptr<Resumption> resumption;
+};
+
+struct Lane {
+  bool busy = false;
+  std::deque<Waiter> waiting;
 };
 
 }  // namespace
 
 struct ProbeGate::State {
   std::mutex mutex;
-  bool busy = false;
-  std::deque<std::unique_ptr<Resumption>> waiting;
+  std::map<std::string, Lane, std::less<>> lanes;  // a lane that is free and empty is erased
+  std::uint64_t next_waiter = 0;
 };
 
 asio::execution_context::id ProbeGate::id;
@@ -193,10 +208,10 @@ ProbeGate::ProbeGate(asio::execution_context& context)
 ProbeGate::~ProbeGate() = default;
 
 void ProbeGate::shutdown() {
-  std::deque<std::unique_ptr<Resumption>> waiting;
+  std::map<std::string, Lane, std::less<>> lanes;
   {
     std::lock_guard lock(state_->mutex);
-    waiting.swap(state_->waiting);
+    lanes.swap(state_->lanes);
   }
   // Destroyed without resuming: the context is going away with every coroutine on it.
 }
@@ -205,42 +220,72 @@ ProbeGate& ProbeGate::of(const asio::any_io_executor& executor) {
   return asio::use_service<ProbeGate>(asio::query(executor, asio::execution::context));
 }
 
-asio::awaitable<void> ProbeGate::enter() {
+std::string ProbeGate::lane_of(const Budget& budget) {
+  return std::to_string(budget.key.size()) + ":" + budget.key + "/" + budget.class_name;
+}
+
+asio::awaitable<bool> ProbeGate::enter(std::string lane) {
   State& state = *state_;
   {
     std::lock_guard lock(state.mutex);
-    if (!state.busy) {
-      state.busy = true;
-      co_return;
+    Lane& entry = state.lanes[lane];
+    if (!entry.busy) {
+      entry.busy = true;
+      co_return true;
     }
   }
-  co_await asio::async_initiate<decltype(asio::use_awaitable), void()>(
-      [&state](auto handler) {
-        std::unique_lock lock(state.mutex);
-        if (!state.busy) {  // left meanwhile
-          state.busy = true;
-          lock.unlock();
-          auto executor = asio::get_associated_executor(handler);
-          asio::post(executor, std::move(handler));
-          return;
-        }
-        state.waiting.push_back(
-            std::make_unique<HandlerResumption<decltype(handler)>>(std::move(handler)));
-      },
-      asio::use_awaitable);
+  // Named: g++ 12 miscompiles capturing lambdas written inside a co_await.
+  auto initiation = [&state, &lane](auto handler) {
+    std::unique_lock lock(state.mutex);
+    Lane& entry = state.lanes[lane];
+    if (!entry.busy) {  // left meanwhile
+      entry.busy = true;
+      lock.unlock();
+      auto executor = asio::get_associated_executor(handler);
+      asio::post(executor, asio::append(std::move(handler), true));
+      return;
+    }
+    const std::uint64_t waiter_id = ++state.next_waiter;
+    auto slot = asio::get_associated_cancellation_slot(handler);
+    entry.waiting.push_back(
+        {waiter_id, std::make_unique<HandlerResumption<decltype(handler)>>(std::move(handler))});
+    if (slot.is_connected()) {
+      // Leaves the queue, if still in it: the turn goes on to the others. Run on the waiter's own
+      // executor (asio's cancellation contract), so the waiter, and the state, are alive.
+      slot.assign([&state, lane, waiter_id](asio::cancellation_type) {
+        std::unique_lock cancel_lock(state.mutex);
+        auto found = state.lanes.find(lane);
+        if (found == state.lanes.end()) return;
+        auto& waiting = found->second.waiting;
+        auto waiter = std::find_if(
+            waiting.begin(), waiting.end(),
+            [waiter_id](const Waiter& candidate) { return candidate.id == waiter_id; });
+        if (waiter == waiting.end()) return;  // given the turn already
+        auto resumption = std::move(waiter->resumption);
+        waiting.erase(waiter);
+        cancel_lock.unlock();
+        resumption->resume(false);
+      });
+    }
+  };
+  co_return co_await asio::async_initiate<decltype(asio::use_awaitable), void(bool)>(
+      initiation, asio::use_awaitable);
 }
 
-void ProbeGate::leave() noexcept {
+void ProbeGate::leave(const std::string& lane) noexcept {
   State& state = *state_;
   std::unique_lock lock(state.mutex);
-  if (state.waiting.empty()) {
-    state.busy = false;
+  auto found = state.lanes.find(lane);
+  if (found == state.lanes.end()) return;
+  Lane& entry = found->second;
+  if (entry.waiting.empty()) {
+    state.lanes.erase(found);
     return;
   }
-  auto next = std::move(state.waiting.front());  // the turn passes to it: busy stays set
-  state.waiting.pop_front();
+  auto next = std::move(entry.waiting.front().resumption);  // the turn passes: busy stays set
+  entry.waiting.pop_front();
   lock.unlock();
-  next->resume();
+  next->resume(true);
 }
 
 asio::awaitable<void> discard_all_keeping_slot(Connection& connection, const Budget& budget,

@@ -83,11 +83,13 @@ struct SlotRange {
 [[nodiscard]] boost::asio::awaitable<SlotSearch> take_budget_slot(Connection& connection,
                                                                   const Budget& budget);
 
-// The turn to have a backend without a slot: enter() waits until no other connect of any pool
-// on the same execution context (io_context) is between its connect and its slot. A service of
-// the context: it goes with it, and with it every turn and waiter (a process that runs one
-// io_context, as the lifecycle manager does, has one gate). Not cancellable; a turn is bounded by
-// a connect (connect_timeout), a few statements and server_close_warning.
+// The turn to have a backend without a slot: enter(lane) waits until no other connect of any
+// pool on the same execution context (io_context) with the same budget key and class (lane_of())
+// is between its connect and its slot. Connects under other budgets or classes never wait on it.
+// A service of the context: it goes with it, and with it every turn and waiter (a process that
+// runs one io_context, as the lifecycle manager does, has one gate). A turn is bounded by a
+// connect (connect_timeout), a wait for a slot (connect_timeout), a few statements and
+// server_close_warning.
 class ProbeGate : public boost::asio::execution_context::service {
  public:
   static boost::asio::execution_context::id id;
@@ -100,8 +102,12 @@ class ProbeGate : public boost::asio::execution_context::service {
 
   // The gate of the context `executor` runs on.
   static ProbeGate& of(const boost::asio::any_io_executor& executor);
-  [[nodiscard]] boost::asio::awaitable<void> enter();
-  void leave() noexcept;
+  // The lane of a budget's pools: its key and class.
+  [[nodiscard]] static std::string lane_of(const Budget& budget);
+  // True with the turn of `lane` (leave(lane) gives it on); false, without it, when the awaiting
+  // coroutine was cancelled while it waited (its cancellation slot: a closing pool).
+  [[nodiscard]] boost::asio::awaitable<bool> enter(std::string lane);
+  void leave(const std::string& lane) noexcept;
 
  private:
   void shutdown() override;

@@ -245,14 +245,18 @@ asio::awaitable<void> PoolState::open_connection(
   ConnectOptions options = connect_options(self->config);
   options.application_name = self->application_name;
   const Budget& budget = self->config.budget;
-  // Under a budget, the io_context's one backend without a slot, from its connect to its slot (or
-  // its close): the gate is left when `probe_turn` goes.
-  std::unique_ptr<ProbeGate, void (*)(ProbeGate*)> probe_turn(
-      nullptr, [](ProbeGate* gate) { gate->leave(); });
+  // Under a budget, the io_context's one backend without a slot of this budget and class, from
+  // its connect to its slot (or its close): the gate is left when `probe_turn` goes.
+  const std::string probe_lane = budget.key.empty() ? std::string() : ProbeGate::lane_of(budget);
+  auto leave_lane = [&probe_lane](ProbeGate* gate) { gate->leave(probe_lane); };
+  std::unique_ptr<ProbeGate, decltype(leave_lane)> probe_turn(nullptr, leave_lane);
   if (!budget.key.empty() && !cancel->cancelled) {
     ProbeGate& gate = ProbeGate::of(co_await asio::this_coro::executor);
-    co_await gate.enter();
-    probe_turn.reset(&gate);
+    if (co_await gate.enter(probe_lane)) {
+      probe_turn.reset(&gate);
+    } else {
+      cancel->cancelled = true;  // cancelled while it waited for its turn: the pool is closing
+    }
   }
   error_code error;
   Connection connection;
