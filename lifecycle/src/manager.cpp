@@ -144,9 +144,6 @@ struct Manager::Impl {
         stop_request_timer(strand, Clock::time_point::max()) {
     if (options.threads == 0) throw std::invalid_argument("ManagerOptions::threads must be >= 1");
     if (options.handle_signals) {
-      // Created once and kept: destroying a signal_set restores the default disposition, and a
-      // second Ctrl+C would then kill the process without a word.
-      signals.emplace(strand, SIGINT, SIGTERM, SIGQUIT);
       // A write to a pipe or socket whose reader is gone (a log shipper restarting under stderr)
       // would otherwise kill the process by SIGPIPE: no shutdown, pending writes lost without a
       // word. Ignored, such a write fails with EPIPE instead. A handler of the program's own is
@@ -239,7 +236,6 @@ struct Manager::Impl {
   bool watchdog_released = false;
   std::optional<Clock::time_point> watchdog_deadline;  // none: disarmed
   const char* watchdog_reason = "";
-  bool shutdown_watchdog_armed = false;  // strand only
 
   // --- adding ----------------------------------------------------------------------------------
 
@@ -400,13 +396,19 @@ struct Manager::Impl {
   }
 
   // The first start failure begins the shutdown: the reason is fixed, and the watchdog is armed
-  // for the rollback (cancelling the other starts, stopping what had started).
+  // for the rollback: the other starts are cancelled and waited for (each up to its stop
+  // deadline), then live() re-arms it for the stops (shutdown_budget) as any shutdown.
   void note_start_failure(const std::exception_ptr& error = nullptr) {
     if (start_failed) return;
     start_failed = true;
     start_failure_code = exit_code::for_error(error);
     set_stop_reason("a component failed to start");
-    start_watchdog();
+    milliseconds longest_cancel{0};
+    for (const auto& node : nodes) {
+      if (node->status == Status::starting)
+        longest_cancel = std::max(longest_cancel, stop_limit(*node));
+    }
+    arm_shutdown_watchdog(Clock::now() + longest_cancel);
   }
 
   // Starts every component along the DAG. True if all started. On a failure or a stop request it
@@ -577,7 +579,7 @@ struct Manager::Impl {
     // The shutdown: readiness first, then intake, then the stops along the reverse DAG.
     shutting_down = true;
     is_ready = false;
-    start_watchdog();
+    arm_shutdown_watchdog(Clock::now());
     set_state(State::stopping);
     run_hooks(stopping_hooks, "on_stopping");
     for (auto it = nodes.rbegin(); it != nodes.rend(); ++it) {
@@ -606,11 +608,10 @@ struct Manager::Impl {
     co_return requested_code;
   }
 
-  // The shutdown's hard deadline, from now; later calls keep the first deadline.
-  void start_watchdog() {
-    if (shutdown_watchdog_armed) return;
-    shutdown_watchdog_armed = true;
-    arm_watchdog(Clock::now() + options.hard_deadline, "the shutdown overran its hard deadline");
+  // The shutdown's hard deadline: hard_deadline after `from`, the start of the stops (or a
+  // bound on it).
+  void arm_shutdown_watchdog(Clock::time_point from) {
+    arm_watchdog(from + options.hard_deadline, "the shutdown overran its hard deadline");
   }
 
   // Replaces the watchdog's deadline (none: disarmed), starting its thread on first use.
@@ -657,7 +658,14 @@ struct Manager::Impl {
     }
     std::optional<int> code;
     std::exception_ptr crashed;
-    if (signals) asio::co_spawn(strand, handle_signals(), asio::detached);
+    if (options.handle_signals) {
+      // Taken over by run(), not before: until then nothing has started, and Ctrl+C during the
+      // program's own set-up ends it as usual rather than waiting, unseen, for run(). Created
+      // once and kept: destroying a signal_set restores the default disposition, and a second
+      // Ctrl+C would then kill the process without a word.
+      signals.emplace(strand, SIGINT, SIGTERM, SIGQUIT);
+      asio::co_spawn(strand, handle_signals(), asio::detached);
+    }
     asio::co_spawn(strand, live(), [this, &code, &crashed](std::exception_ptr error, int result) {
       if (error) {
         crashed = error;

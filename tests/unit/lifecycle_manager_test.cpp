@@ -498,7 +498,64 @@ TEST(LifecycleManagerDeathTest, StartHardDeadlineIsDisarmedOnceEverythingStarted
       ::testing::ExitedWithCode(exit_code::ok), "");
 }
 
+// A start that ends only after `delay`, whatever its cancellation.
+struct SlowToCancelStart {
+  std::chrono::milliseconds delay;
+  [[nodiscard]] std::string name() const { return "slow-to-cancel"; }
+  asio::awaitable<void> start() { co_await sleep_ignoring_cancellation(delay); }
+  asio::awaitable<void> stop() { co_return; }
+};
+
+// The rollback of a failed start waits for the other starts (up to their stop deadline), then
+// stops what started (within the shutdown budget): the watchdog must not cut it within those.
+TEST(LifecycleManagerDeathTest, TheWatchdogLeavesARollbackWithinItsDeadlinesAlone) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(
+      {
+        Journal journal;
+        ManagerOptions options = test_options();
+        options.stop_timeout = 2s;
+        options.shutdown_budget = 2s;
+        options.hard_deadline = 2200ms;
+        Manager app(options);
+        Fake flushing = fake("flushing", journal);
+        flushing.stop_delay = 1800ms;  // within its stop deadline and the budget
+        app.add(std::move(flushing));
+        Fake failing = fake("failing", journal);
+        failing.start_delay = 100ms;
+        failing.fail_start = true;
+        app.add(std::move(failing), after("flushing"));
+        app.add(SlowToCancelStart{1000ms});  // done 0.9 s after the failure: within 2 s
+        // The watchdog from the failure would _exit(2) at 2.3 s, mid-way through the stop.
+        std::exit(app.run() + 100);  // NOLINT(concurrency-mt-unsafe): the child's result
+      },
+      ::testing::ExitedWithCode(exit_code::failure + 100), "");
+}
+
 }  // namespace
+// Before run() nothing has started: Ctrl+C during the program's own set-up must end it as usual,
+// not wait unseen for run(). From run() on the manager owns the signals.
+TEST(ManagerSignals, TheSignalsAreTakenOverByRunNotByTheConstructor) {
+  auto disposition = [](int number) {
+    struct sigaction current {};
+    EXPECT_EQ(::sigaction(number, nullptr, &current), 0);
+    return current.sa_handler;
+  };
+  for (int number : {SIGINT, SIGTERM}) (void)std::signal(number, SIG_DFL);
+  ManagerOptions options = test_options();
+  options.handle_signals = true;
+  Manager app(options);
+  EXPECT_EQ(disposition(SIGINT), SIG_DFL);
+  EXPECT_EQ(disposition(SIGTERM), SIG_DFL);
+  bool owned_while_running = false;
+  app.on_ready([&] {
+    owned_while_running = disposition(SIGINT) != SIG_DFL && disposition(SIGTERM) != SIG_DFL;
+    app.request_stop();
+  });
+  EXPECT_EQ(app.run(), exit_code::ok);
+  EXPECT_TRUE(owned_while_running);
+}
+
 // With handle_signals, a write to a pipe whose reader is gone (a log shipper restarting under
 // stderr) fails with EPIPE instead of killing the process by SIGPIPE before any shutdown; a
 // SIGPIPE handler of the program's own is kept.

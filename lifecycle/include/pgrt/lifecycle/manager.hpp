@@ -77,16 +77,20 @@ struct ManagerOptions {
   std::chrono::milliseconds start_timeout{30'000};    ///< Default per-component start deadline.
   std::chrono::milliseconds stop_timeout{10'000};     ///< Default per-component stop deadline.
   std::chrono::milliseconds shutdown_budget{30'000};  ///< All stops together.
-  /// From the start of a shutdown until the watchdog _exit()s with exit_code::hard_deadline.
+  /// From the start of a shutdown's stops until the watchdog _exit()s with
+  /// exit_code::hard_deadline. After a failed start, the starts still in flight are cancelled and
+  /// waited for first (each up to its stop deadline): the watchdog gives the rollback that long
+  /// on top, so that a rollback within its deadlines is never cut.
   std::chrono::milliseconds hard_deadline{35'000};
   /// From run() until every component has started; if it passes first, the watchdog _exit()s
   /// with exit_code::hard_deadline. It ends a start that blocks its thread, which start_timeout
   /// (a timer on the manager's strand) cannot. Unset: no watchdog during the start-up. A failed
   /// or interrupted start-up switches to hard_deadline when its shutdown begins.
   std::optional<std::chrono::milliseconds> start_hard_deadline;
-  /// Own SIGINT, SIGTERM and SIGQUIT (one signal_set, kept), and ignore SIGPIPE unless the program
-  /// set a handler of its own: a write to a closed pipe (a log reader gone) then fails with EPIPE
-  /// rather than killing the process without a shutdown.
+  /// Own SIGINT, SIGTERM and SIGQUIT from run() on (one signal_set, kept for the manager's life;
+  /// before run() they keep their dispositions), and, from construction, ignore SIGPIPE unless the
+  /// program set a handler of its own: a write to a closed pipe (a log reader gone) then fails with
+  /// EPIPE rather than killing the process without a shutdown.
   bool handle_signals = true;
   /// run() ends with spdlog::shutdown() (after its threads are joined), then makes a plain
   /// stderr logger the default one (a line logged later, by a destructor, neither crashes nor is
