@@ -153,16 +153,22 @@ std::string error_code_text(const Error& error) {
 // How a failed batch is handled.
 enum class Failure {
   transient,  // retry the whole batch after a delay
+  too_slow,   // cut short (a timeout, a lock): halves while it has several writes, else transient
   per_write,  // the server rejected something in the batch: narrow it down by halves
   whole,      // nothing to narrow down (the pool is closed, ...): the batch fails for good
 };
 
 Failure classify(const error_code& code) {
+  // 25006: the server takes no writes for now (a read-only mode while its disk is full, a
+  // replica that a DNS name still points at): nothing is wrong with the writes.
   if (code == condition::connection_error || code == condition::serialization_failure ||
       code == condition::deadlock || code == condition::too_many_connections ||
-      code == client_errc::pool_timeout) {
+      code == client_errc::pool_timeout || sqlstate_of(code) == "25006") {
     return Failure::transient;
   }
+  // 57014 from the server (statement_timeout, an administrator's pg_cancel_backend) and 55P03
+  // (lock_timeout, a lock held elsewhere): the batch ran out of time, not out of validity.
+  if (sqlstate_of(code) == "57014" || sqlstate_of(code) == "55P03") return Failure::too_slow;
   if (code.category() == sqlstate_category()) return Failure::per_write;
   return Failure::whole;
 }
@@ -382,7 +388,8 @@ void give_up(State& self, std::span<const Write> writes, const Error& error,
 
 // Flushes `writes` (taken from the queue, counted in in_flight): retries transient errors with
 // backoff; on a permanent error, flushes each half on its own until the failing writes are
-// isolated. Returns early, leaving the rest in in_flight, when the flushing is abandoned.
+// isolated; a batch cut short by a timeout or a lock is halved, and a single write retried. Returns
+// early, leaving the rest in in_flight, when the flushing is abandoned.
 asio::awaitable<void> flush(State& self, std::span<Write> writes) {
   auto delay = self.config.retry_initial;
   // Abandoned before the batch's commit was confirmed: its writes are given up on, and reported
@@ -418,7 +425,11 @@ asio::awaitable<void> flush(State& self, std::span<Write> writes) {
       abandon();
       co_return;
     }
-    switch (classify(failure->code())) {
+    Failure kind = classify(failure->code());
+    if (kind == Failure::too_slow)
+      kind = writes.size() > 1 ? Failure::per_write : Failure::transient;
+    switch (kind) {
+      case Failure::too_slow:  // (resolved above)
       case Failure::transient: {
         std::uniform_int_distribution<std::int64_t> jitter(delay.count() / 2, delay.count());
         const std::chrono::milliseconds wait(jitter(self.random));

@@ -560,6 +560,60 @@ TEST_F(PendingWritesTest, APermanentErrorFailsOnlyTheBadWrites) {
   EXPECT_THAT(text, ::testing::Not(HasSubstr("password")));
 }
 
+// A server that takes no writes for a while (25006: read-only while its disk is full), a lock
+// held elsewhere past lock_timeout (55P03) and a statement cut by statement_timeout (57014) say
+// nothing against the writes: they are retried until they land, never given up on.
+TEST_F(PendingWritesTest, ReadOnlyLockTimeoutAndStatementTimeoutErrorsAreRetriedNotFailed) {
+  const std::string dsn = cluster().dsn();
+  create_table(dsn, "pw_refused");
+  {
+    BlockingConnection admin(dsn);
+    admin.query("DROP TABLE IF EXISTS pw_refusal; CREATE TABLE pw_refusal (code text)");
+    admin.query(
+        "CREATE OR REPLACE FUNCTION pw_refuse() RETURNS trigger LANGUAGE plpgsql AS $$ "
+        "DECLARE refusal text := (SELECT code FROM pw_refusal LIMIT 1); BEGIN "
+        "IF refusal IS NOT NULL THEN RAISE EXCEPTION 'refused for now' USING ERRCODE = refusal; "
+        "END IF; RETURN NEW; END $$");
+    admin.query(
+        "CREATE TRIGGER pw_refuse BEFORE INSERT ON pw_refused FOR EACH ROW EXECUTE FUNCTION "
+        "pw_refuse()");
+  }
+  BlockingConnection admin(dsn);
+  std::int64_t next_seq = 0;
+  for (const std::string code : {"25006", "55P03", "57014"}) {
+    admin.query("DELETE FROM pw_refusal; INSERT INTO pw_refusal VALUES ('" + code + "')");
+    std::vector<std::string> given_up;
+    PendingWritesReport during{};
+    PendingWritesReport end{};
+    run_coroutine([&]() -> awaitable_void {
+      auto executor = co_await asio::this_coro::executor;
+      Pool pool(executor, pool_config(dsn, "refused"));
+      PendingWrites writes(pool, executor, Config{.name = "refused-" + code, .retry_max = 100ms});
+      boost::signals2::scoped_connection subscription =
+          writes.events().failed.connect([&](const std::vector<std::string>& failed, const Error&) {
+            given_up.insert(given_up.end(), failed.begin(), failed.end());
+          });
+      co_await writes.start();
+      auto rows = writes.table<std::int64_t, std::string>("pw_refused", {"seq", "payload"});
+      for (int i = 0; i < 20; ++i) {
+        const std::string payload = "p" + code;
+        co_await rows.append(next_seq++, payload);
+      }
+      co_await testing::sleep_for(600ms);
+      during = writes.report();
+      admin.query("DELETE FROM pw_refusal");
+      co_await writes.stop();
+      end = writes.report();
+    });
+    EXPECT_GT(during.retries, 0U) << code;
+    EXPECT_EQ(during.flushed, 0U) << code;
+    EXPECT_EQ(end.flushed, 20U) << code;
+    EXPECT_EQ(end.failed, 0U) << code;
+    EXPECT_TRUE(given_up.empty()) << code << ": " << given_up.size() << " given up";
+    EXPECT_EQ(scalar(dsn, "SELECT count(*) FROM pw_refused WHERE payload = 'p" + code + "'"), "20");
+  }
+}
+
 // The server is down and stays down: stop() retries until it is cancelled, then counts what was
 // not written as failed and says so.
 TEST_F(PendingWritesTest, AStopCancelledWhileTheServerIsDownCountsTheUnwrittenAsFailed) {
