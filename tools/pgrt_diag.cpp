@@ -279,9 +279,9 @@ asio::awaitable<Snapshot> take_snapshot(pgrt::Connection& connection, const Argu
         continue;
       }
       try {
-        auto done =
-            co_await connection.query("SELECT pg_terminate_backend($1)", backend.activity.pid);
-        backend.terminated = done.scalar<bool>();
+        backend.terminated = co_await pgrt::terminate_backend_if_unchanged(
+            connection, backend.activity.pid, backend.activity.application_name,
+            backend.activity.backend_start);
       } catch (const pgrt::Error& error) {
         if (pgrt::sqlstate_of(error.code()) != "42501") throw;
         snapshot.refused = "terminating backend " + std::to_string(backend.activity.pid) +

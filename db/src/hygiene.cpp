@@ -111,6 +111,17 @@ std::vector<std::string> leftover_reasons(const std::vector<AppBackend>& backend
   return reasons;
 }
 
+boost::asio::awaitable<bool> terminate_backend_if_unchanged(Connection& connection, int pid,
+                                                            std::string application_name,
+                                                            std::string backend_start,
+                                                            std::chrono::milliseconds wait) {
+  auto rows = co_await connection.query(
+      "SELECT pg_terminate_backend(pid, $4) FROM pg_stat_activity WHERE pid = $1 "
+      "AND application_name = $2 AND coalesce(backend_start::text, '') = $3",
+      pid, application_name, backend_start, static_cast<std::int64_t>(wait.count()));
+  co_return !rows.empty() && rows.scalar<bool>();
+}
+
 std::string like_literal(std::string_view text) {
   std::string pattern;
   for (char c : text) {
@@ -180,8 +191,8 @@ boost::asio::awaitable<CleanupReport> cleanup_predecessors(Connection& connectio
   }
   for (auto& backend : report.backends) {
     try {
-      auto result = co_await connection.query("SELECT pg_terminate_backend($1)", backend.pid);
-      backend.terminated = result.scalar<bool>();
+      backend.terminated = co_await terminate_backend_if_unchanged(
+          connection, backend.pid, backend.application_name, backend.backend_start);
     } catch (const Error& error) {
       if (sqlstate_of(error.code()) != "42501") throw;
       report.permission_denied = true;

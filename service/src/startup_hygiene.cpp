@@ -243,9 +243,9 @@ asio::awaitable<void> StartupHygiene::ClusterLock::take(std::chrono::millisecond
               prefix, holder, instance_lock_path);
         }
         try {
-          const bool done =
-              (co_await connection.query("SELECT pg_terminate_backend($1, 5000)", pid))
-                  .scalar<bool>();
+          const bool done = co_await terminate_backend_if_unchanged(
+              connection, pid, application_name, row.get<std::string>(3),
+              std::chrono::milliseconds(5000));
           if (done) {
             spdlog::info("pgrt: terminated backend {} ({}): it held the cluster-wide lock", pid,
                          application_name);

@@ -1042,6 +1042,32 @@ TEST_F(StartupHygieneTest, ALiveInstanceWhoseLockIsInAnotherDirectoryIsNeitherTe
   EXPECT_TRUE(testing::eventually([] { return backend_pids("twin/one/%").empty(); }));
 }
 
+// A pid listed a moment ago may be another backend's by the time it is terminated: the
+// cleanup, the cluster-wide lock and pgrt-diag terminate only the backend they listed.
+TEST_F(StartupHygieneTest, ABackendIsTerminatedOnlyIfItIsStillTheOneThatWasListed) {
+  BlockingConnection victim(cluster().dsn() + " application_name=reuse/one/0000abcd");
+  const int pid = victim.backend_pid();
+  run_coroutine([&]() -> asio::awaitable<void> {
+    ConnectOptions options;
+    options.conninfo = cluster().dsn();
+    auto connection = co_await Connection::connect(options);
+    const auto backends = co_await list_app_backends(connection, "reuse");
+    EXPECT_EQ(backends.size(), 1U);
+    if (backends.size() != 1) co_return;
+    const AppBackend listed = backends[0];
+    EXPECT_EQ(listed.pid, pid);
+    // Another backend with the same pid: another start, or another name.
+    EXPECT_FALSE(co_await terminate_backend_if_unchanged(connection, pid, listed.application_name,
+                                                         "2000-01-01 00:00:00+00"));
+    EXPECT_FALSE(co_await terminate_backend_if_unchanged(connection, pid, "reuse/one/0000abce",
+                                                         listed.backend_start));
+    EXPECT_TRUE(testing::backend_exists(cluster().dsn(), pid));
+    EXPECT_TRUE(co_await terminate_backend_if_unchanged(connection, pid, listed.application_name,
+                                                        listed.backend_start, 5s));
+    EXPECT_FALSE(testing::backend_exists(cluster().dsn(), pid));
+  });
+}
+
 TEST_F(StartupHygieneTest, TheIdleRuleAlsoEndsThisAppsLongIdleBackendsButNoOneElses) {
   BlockingConnection other_instance(cluster().dsn() + " application_name=idler/two/0badcafe");
   BlockingConnection foreign(cluster().dsn() + " application_name=idler-foreign");

@@ -50,6 +50,18 @@ struct AppBackend {
 [[nodiscard]] boost::asio::awaitable<std::vector<AppBackend>> list_app_backends(
     Connection& connection, std::string_view application);
 
+/// Terminates backend `pid` only if the server still shows it as listed: the same
+/// application_name and backend_start (as list_app_backends() gives them, on a connection with the
+/// same DateStyle and TimeZone): a pid listed earlier may belong to another backend by now. With
+/// `wait` above zero, also waits up to that long for it to end (pg_terminate_backend's timeout).
+/// True if it was terminated (and ended within `wait`); false if it was gone or replaced, or did
+/// not end in time. Throws pgrt::Error: SQLSTATE 42501 when the role may not terminate it, or as
+/// Connection::query(). Not thread-safe (uses `connection`); cancellation: as
+/// Connection::query().
+[[nodiscard]] boost::asio::awaitable<bool> terminate_backend_if_unchanged(
+    Connection& connection, int pid, std::string application_name, std::string backend_start,
+    std::chrono::milliseconds wait = std::chrono::milliseconds(0));
+
 /// What leftover_reasons() is to judge by.
 struct LeftoverRule {
   std::string application;  ///< The app as configured (PoolConfig::application).
