@@ -9,9 +9,12 @@
 // refused (the message names the grant).
 #include <algorithm>
 #include <atomic>
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/io_context.hpp>
-#include <boost/asio/use_future.hpp>
+#include <boost/asio/signal_set.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <chrono>
 #include <csignal>
 #include <cstdint>
@@ -42,6 +45,7 @@ constexpr int exit_unreachable = 3;
 constexpr int exit_refused = 4;
 constexpr int exit_config =
     78;  // sysexits' EX_CONFIG, as the lifecycle manager's exit_code::config
+constexpr int exit_interrupted = 130;  // Ctrl+C, as a shell reports SIGINT
 
 struct Arguments {
   std::string conninfo;
@@ -51,6 +55,7 @@ struct Arguments {
   std::int64_t idle_threshold = 900;
   bool json = false;
   std::optional<int> watch_seconds;
+  std::chrono::seconds timeout{10};  // each connect, and each snapshot
   bool kill_leaked = false;
   bool emergency = false;
   bool behind_transaction_pooler = false;       // PGRT_POOLER=transaction
@@ -59,7 +64,7 @@ struct Arguments {
 
 const char* const usage =
     "usage: pgrt-diag [--dsn CONNINFO] [--app NAME] [--idle-threshold SECONDS] [--json]\n"
-    "                 [--watch [SECONDS]] [--kill-leaked | --emergency]\n"
+    "                 [--watch [SECONDS]] [--kill-leaked | --emergency] [--timeout SECONDS]\n"
     "       pgrt-diag budget --help   (the holders of a connection budget's slots)\n"
     "       pgrt-diag metrics --help  (a running process's metrics endpoint, summarized)\n"
     "  --dsn             the server (default: DATABASE_URL, then libpq's PG* variables);\n"
@@ -73,6 +78,8 @@ const char* const usage =
     "                    screen is cleared on a terminal only)\n"
     "  --kill-leaked     terminate the backends reported as leaked\n"
     "  --emergency       terminate every backend of the app (all instances, all incarnations)\n"
+    "  --timeout         give up on the connect, or on a snapshot, after SECONDS (default 10;\n"
+    "                    1-3600): exit 3. Ctrl+C ends a snapshot that hangs at once\n"
     "  The app's backends are those tagged exactly <app>/<instance>/<incarnation> (8 lowercase\n"
     "  hex digits), as pgrt tags its connections; `<app>/console` is not one. Only those in this\n"
     "  connection's database and under its role are classified and terminated (like the\n"
@@ -80,8 +87,9 @@ const char* const usage =
     "  PGRT_POOLER=transaction: the DSN goes through a transaction-mode pooler; the backends\n"
     "  are then the pooler's: none sets exit code 1, and --kill-leaked and --emergency are\n"
     "  refused.\n"
-    "exit codes: 0 nothing leaked or all terminated, 1 leaked found, 2 usage, 3 server\n"
-    "            unreachable, 4 terminating refused, 78 malformed DSN\n";
+    "exit codes: 0 nothing leaked or all terminated (or --watch ended), 1 leaked found,\n"
+    "            2 usage, 3 server unreachable or timed out, 4 terminating refused,\n"
+    "            78 malformed DSN, 130 Ctrl+C before the report\n";
 
 std::optional<std::int64_t> parse_number(std::string_view text, std::int64_t low,
                                          std::int64_t high) {
@@ -161,6 +169,13 @@ std::optional<Arguments> parse_arguments(int argc, char** argv) {
         }
         arguments.watch_seconds = static_cast<int>(*seconds);
       }
+    } else if (argument == "--timeout" && has_value) {
+      auto seconds = parse_number(argv[++i], 1, 3600);
+      if (!seconds) {
+        std::cerr << "pgrt-diag: --timeout takes whole seconds (1-3600), got '" << argv[i] << "'\n";
+        return std::nullopt;
+      }
+      arguments.timeout = std::chrono::seconds(*seconds);
     } else if (argument == "--kill-leaked") {
       arguments.kill_leaked = true;
     } else if (argument == "--emergency") {
@@ -362,18 +377,70 @@ void print_text(const Snapshot& snapshot, const Arguments& arguments) {
   std::cout << std::flush;
 }
 
-std::atomic<bool> interrupted{false};
+// Ctrl+C (or, with --watch, SIGTERM) while a step ran: it was given up on.
+struct Interrupted {};
+
+// Runs `operation` on `io` until it completes, `timeout` passes (pgrt::Error, client_errc::timeout)
+// or one of `signals` arrives (Interrupted): a server that stops answering never hangs pgrt-diag,
+// and Ctrl+C always ends it. `signals` stays installed between steps.
+template <typename T>
+T run_bounded(asio::io_context& io, asio::signal_set& signals, asio::awaitable<T> operation,
+              std::chrono::milliseconds timeout) {
+  io.restart();
+  asio::cancellation_signal stop;
+  bool signalled = false;
+  bool finished = false;
+  signals.async_wait([&](const boost::system::error_code& error, int) {
+    if (error || finished) return;
+    signalled = true;
+    stop.emit(asio::cancellation_type::terminal);
+  });
+  std::optional<T> result;
+  std::exception_ptr failure;
+  asio::co_spawn(io, pgrt::with_timeout(std::move(operation), timeout),
+                 asio::bind_cancellation_slot(stop.slot(), [&](std::exception_ptr error, T value) {
+                   finished = true;
+                   failure = error;
+                   if (!error) result.emplace(std::move(value));
+                   boost::system::error_code ignored;
+                   signals.cancel(ignored);
+                 }));
+  io.run();
+  if (signalled) throw Interrupted{};
+  if (failure) std::rethrow_exception(failure);
+  return std::move(*result);
+}
+
+// Sleeps `duration`, or until one of `signals` arrives: then false.
+bool sleep_unless_signalled(asio::io_context& io, asio::signal_set& signals,
+                            std::chrono::seconds duration) {
+  io.restart();
+  bool signalled = false;
+  asio::steady_timer timer(io, duration);
+  signals.async_wait([&](const boost::system::error_code& error, int) {
+    if (error) return;
+    signalled = true;
+    timer.cancel();
+  });
+  timer.async_wait([&](const boost::system::error_code&) {
+    boost::system::error_code ignored;
+    signals.cancel(ignored);
+  });
+  io.run();
+  return !signalled;
+}
 
 // --- pgrt-diag budget: who holds the slots of a connection budget ------------------------------
 
 const char* const budget_usage =
-    "usage: pgrt-diag budget [--dsn CONNINFO] [--key KEY] [--slots N] [--json]\n"
+    "usage: pgrt-diag budget [--dsn CONNINFO] [--key KEY] [--slots N] [--json] [--timeout S]\n"
     "  --key    the budget's key (default: PGRT_BUDGET_KEY)\n"
     "  --slots  its size, to show the free slots (default: PGRT_BUDGET_SLOTS)\n"
     "  Lists each held slot of the budget in this connection's database: its backend's pid,\n"
     "  tag (app/instance/incarnation), client address, start and state (pg_locks joined with\n"
-    "  pg_stat_activity). exit codes: 0 listed, 2 usage, 3 server unreachable, 78 malformed\n"
-    "  DSN\n";
+    "  pg_stat_activity). --timeout bounds the connect and the listing (default 10 s each).\n"
+    "  exit codes: 0 listed, 2 usage, 3 server unreachable or timed out, 78 malformed DSN,\n"
+    "  130 Ctrl+C\n";
 
 int run_budget(int argc, char** argv) {
   std::string conninfo;
@@ -390,6 +457,7 @@ int run_budget(int argc, char** argv) {
     }
   }
   bool json = false;
+  std::chrono::seconds timeout{10};
   for (int i = 2; i < argc; ++i) {
     const std::string_view argument = argv[i];
     const bool has_value = i + 1 < argc;
@@ -405,6 +473,14 @@ int run_budget(int argc, char** argv) {
       }
     } else if (argument == "--json") {
       json = true;
+    } else if (argument == "--timeout" && has_value) {
+      auto seconds = parse_number(argv[++i], 1, 3600);
+      if (!seconds) {
+        std::cerr << "pgrt-diag budget: --timeout takes whole seconds (1-3600), got '" << argv[i]
+                  << "'\n";
+        return exit_usage;
+      }
+      timeout = std::chrono::seconds(*seconds);
     } else if (argument == "--help" || argument == "-h") {
       std::cout << budget_usage;
       return exit_clean;
@@ -420,30 +496,29 @@ int run_budget(int argc, char** argv) {
     return exit_usage;
   }
   asio::io_context io;
+  asio::signal_set signals(io, SIGINT);
   pgrt::ConnectOptions options;
   options.conninfo = conninfo;
   options.application_name = "pgrt-diag";
-  options.connect_timeout = std::chrono::seconds(10);
-  auto listing = asio::co_spawn(
-      io,
-      [options, key]() mutable -> asio::awaitable<pgrt::Result> {
-        auto connection = co_await pgrt::Connection::connect(std::move(options));
-        co_return co_await connection.query(
-            "SELECT l.objid::int8, a.pid, coalesce(a.application_name, ''), "
-            "coalesce(host(a.client_addr), 'local'), "
-            "coalesce(to_char(a.backend_start AT TIME ZONE 'UTC', "
-            "'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), '?'), "
-            "coalesce(a.state, ''), current_database() "
-            "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-            "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 "
-            "AND l.classid = ($1::int8 & 4294967295)::oid "
-            "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
-            "ORDER BY 1",
-            static_cast<std::int64_t>(pgrt::budget_lock_key(key)));
-      },
-      asio::use_future);
-  io.run();
-  const pgrt::Result holders = listing.get();
+  options.connect_timeout = timeout;
+  auto list_holders = [](pgrt::ConnectOptions connect_options,
+                         std::string budget_key) -> asio::awaitable<pgrt::Result> {
+    auto connection = co_await pgrt::Connection::connect(std::move(connect_options));
+    co_return co_await connection.query(
+        "SELECT l.objid::int8, a.pid, coalesce(a.application_name, ''), "
+        "coalesce(host(a.client_addr), 'local'), "
+        "coalesce(to_char(a.backend_start AT TIME ZONE 'UTC', "
+        "'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), '?'), "
+        "coalesce(a.state, ''), current_database() "
+        "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+        "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 "
+        "AND l.classid = ($1::int8 & 4294967295)::oid "
+        "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+        "ORDER BY 1",
+        static_cast<std::int64_t>(pgrt::budget_lock_key(budget_key)));
+  };
+  const pgrt::Result holders =
+      run_bounded(io, signals, list_holders(std::move(options), key), 2 * timeout);
   if (json) {
     std::ostringstream out;
     out << "{\"budget\":" << json_string(key) << ",\"lock_key\":" << pgrt::budget_lock_key(key)
@@ -480,21 +555,20 @@ int run_budget(int argc, char** argv) {
 
 int run(const Arguments& arguments) {
   asio::io_context io;
+  // --watch ends cleanly (exit 0, output flushed) on Ctrl+C or SIGTERM.
+  asio::signal_set signals(io, SIGINT);
+  if (arguments.watch_seconds) signals.add(SIGTERM);
   pgrt::ConnectOptions options;
   options.conninfo = arguments.conninfo;
   options.application_name = "pgrt-diag";
   if (arguments.behind_transaction_pooler) options.pooler = pgrt::Pooler::transaction;
-  options.connect_timeout = std::chrono::seconds(10);
-  auto connecting =
-      asio::co_spawn(io, pgrt::Connection::connect(std::move(options)), asio::use_future);
-  io.run();
-  pgrt::Connection connection = connecting.get();
+  options.connect_timeout = arguments.timeout;
+  pgrt::Connection connection =
+      run_bounded(io, signals, pgrt::Connection::connect(std::move(options)),
+                  arguments.timeout + arguments.timeout);
   for (;;) {
-    io.restart();
-    auto snapshot_future =
-        asio::co_spawn(io, take_snapshot(connection, arguments), asio::use_future);
-    io.run();
-    const Snapshot snapshot = snapshot_future.get();
+    const Snapshot snapshot =
+        run_bounded(io, signals, take_snapshot(connection, arguments), arguments.timeout);
     if (arguments.watch_seconds && !arguments.json) {
       // Clear the screen on a terminal only: a file or a pipe gets no escape codes, just a blank
       // line between refreshes.
@@ -516,10 +590,9 @@ int run(const Arguments& arguments) {
                      : (leaks_count && snapshot.leaked() > 0) ? exit_leaked
                                                               : exit_clean;
     if (!arguments.watch_seconds) return code;
-    for (int i = 0; i < *arguments.watch_seconds * 10 && !interrupted; ++i) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    if (!sleep_unless_signalled(io, signals, std::chrono::seconds(*arguments.watch_seconds))) {
+      return exit_clean;
     }
-    if (interrupted) return exit_clean;
   }
 }
 
@@ -531,6 +604,9 @@ int main(int argc, char** argv) {
   if (argc >= 2 && std::string_view(argv[1]) == "budget") {
     try {
       return run_budget(argc, argv);
+    } catch (const Interrupted&) {
+      std::cerr << "pgrt-diag budget: interrupted" << std::endl;
+      return exit_interrupted;
     } catch (const pgrt::Error& error) {
       std::cerr << "pgrt-diag budget: " << error.what() << std::endl;
       return error.code() == pgrt::client_errc::invalid_config ? exit_config : exit_unreachable;
@@ -544,11 +620,11 @@ int main(int argc, char** argv) {
                  "'session' / 'none'\n";
     return exit_config;
   }
-  // --watch ends cleanly (exit 0, output flushed) on Ctrl+C or SIGTERM.
-  std::signal(SIGINT, [](int) { interrupted = true; });
-  if (arguments->watch_seconds) std::signal(SIGTERM, [](int) { interrupted = true; });
   try {
     return run(*arguments);
+  } catch (const Interrupted&) {
+    std::cerr << "pgrt-diag: interrupted" << std::endl;
+    return arguments->watch_seconds ? exit_clean : exit_interrupted;
   } catch (const pgrt::Error& error) {
     // pgrt's messages never contain a password.
     std::cerr << "pgrt-diag: " << error.what() << std::endl;

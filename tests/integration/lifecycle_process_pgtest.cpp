@@ -324,6 +324,29 @@ TEST_F(LifecycleProcessTest, DiagMetricsGivesUpOnASilentEndpointAndNeverEchoesCr
   ::close(listener);
 }
 
+// pgrt-diag's snapshot against a server that stops answering (a catalog it reads is locked) gives
+// up after --timeout with exit 3; Ctrl+C ends a hanging --watch at once (exit 0, as between
+// refreshes).
+TEST_F(LifecycleProcessTest, DiagGivesUpOnAHangingSnapshotAndCtrlCEndsItAtOnce) {
+  for (const bool interrupt : {false, true}) {
+    Child diag({PGRT_DIAG_PATH, "--app", "diag-hang", "--json", "--watch", "1", "--timeout",
+                interrupt ? "60" : "2"},
+               cluster().dsn(), "diag-hang");
+    ASSERT_TRUE(diag.wait_for_output("\"max_connections\"", 30s)) << diag.output();
+    BlockingConnection locker(cluster().dsn());
+    locker.query("BEGIN");
+    locker.query("LOCK TABLE pg_catalog.pg_database IN ACCESS EXCLUSIVE MODE");
+    std::this_thread::sleep_for(1500ms);  // the next refresh is stuck behind the lock
+    const auto started = std::chrono::steady_clock::now();
+    if (interrupt) diag.signal(SIGINT);
+    const auto code = diag.wait_for_exit(30s);
+    locker.query("ROLLBACK");
+    EXPECT_LT(std::chrono::steady_clock::now() - started, interrupt ? 2s : 5s) << diag.output();
+    EXPECT_EQ(code, interrupt ? 0 : 3) << diag.output();
+    EXPECT_THAT(diag.output(), HasSubstr(interrupt ? "interrupted" : "timed out"));
+  }
+}
+
 // The demo with --metrics-port: curl reads /metrics, /healthz and /readyz; on SIGTERM /readyz
 // turns 503 while the drain still runs (held up by a lock on the table it flushes to), and
 // /metrics still answers, saying the process is stopping; pgrt-diag metrics reads the endpoint.
