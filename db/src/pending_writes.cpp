@@ -150,6 +150,9 @@ std::string error_code_text(const Error& error) {
   return error.code().message();
 }
 
+// How many times a single write cut short by a timeout or a lock (57014, 55P03) is tried.
+constexpr int too_slow_write_attempts = 5;
+
 // How a failed batch is handled.
 enum class Failure {
   transient,  // retry the whole batch after a delay
@@ -161,9 +164,12 @@ enum class Failure {
 Failure classify(const error_code& code) {
   // 25006: the server takes no writes for now (a read-only mode while its disk is full, a
   // replica that a DNS name still points at): nothing is wrong with the writes.
+  // pool_queue_full: the pool's wait queue was full for a moment (a load spike, the very time
+  // write-behind is for), as pool_timeout.
   if (code == condition::connection_error || code == condition::serialization_failure ||
       code == condition::deadlock || code == condition::too_many_connections ||
-      code == client_errc::pool_timeout || sqlstate_of(code) == "25006") {
+      code == client_errc::pool_timeout || code == client_errc::pool_queue_full ||
+      sqlstate_of(code) == "25006") {
     return Failure::transient;
   }
   // 57014 from the server (statement_timeout, an administrator's pg_cancel_backend) and 55P03
@@ -388,7 +394,8 @@ void give_up(State& self, std::span<const Write> writes, const Error& error,
 
 // Flushes `writes` (taken from the queue, counted in in_flight): retries transient errors with
 // backoff; on a permanent error, flushes each half on its own until the failing writes are
-// isolated; a batch cut short by a timeout or a lock is halved, and a single write retried. Returns
+// isolated; a batch cut short by a timeout or a lock is halved, and a single write tried
+// too_slow_write_attempts times. Returns
 // early, leaving the rest in in_flight, when the flushing is abandoned.
 asio::awaitable<void> flush(State& self, std::span<Write> writes) {
   auto delay = self.config.retry_initial;
@@ -401,6 +408,7 @@ asio::awaitable<void> flush(State& self, std::span<Write> writes) {
                                          "out of time) before the batch's commit was confirmed"}),
             /*abandoned=*/true);
   };
+  int too_slow_attempts = 0;  // a single write cut by a timeout or a lock
   for (std::uint64_t attempt = 1;; ++attempt) {
     if (is_abandoned(self)) {
       abandon();
@@ -426,8 +434,16 @@ asio::awaitable<void> flush(State& self, std::span<Write> writes) {
       co_return;
     }
     Failure kind = classify(failure->code());
-    if (kind == Failure::too_slow)
-      kind = writes.size() > 1 ? Failure::per_write : Failure::transient;
+    if (kind == Failure::too_slow) {
+      // Halved down to one write; that one is retried a few times (a lock held for a while),
+      // then given up on: a write that always runs out of time must not hold up every write
+      // behind it.
+      if (writes.size() > 1) {
+        kind = Failure::per_write;
+      } else {
+        kind = ++too_slow_attempts < too_slow_write_attempts ? Failure::transient : Failure::whole;
+      }
+    }
     switch (kind) {
       case Failure::too_slow:  // (resolved above)
       case Failure::transient: {

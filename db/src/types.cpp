@@ -86,6 +86,15 @@ void ParamSink::null(Oid type) {
 }
 
 void ParamSink::text(std::string_view value, Oid type) {
+  // Sent in text format, a value ends at its first NUL (libpq ignores the length), and no
+  // PostgreSQL text type can hold one: refused, rather than stored cut short without a word.
+  if (const auto nul = value.find('\0'); nul != std::string_view::npos) {
+    throw Error(make_error_code(client_errc::conversion),
+                Diagnostics{.message = "parameter $" + std::to_string(types_.size() + 1) +
+                                       " holds a NUL byte at offset " + std::to_string(nul) +
+                                       ", which no PostgreSQL text value can hold",
+                            .hint = "strip it, or send the value as pgrt::Bytes (bytea)"});
+  }
   append(value, type, 0, false);
 }
 

@@ -16,6 +16,8 @@
 #include <gtest/gtest.h>
 #include <mutex>
 #include <optional>
+#include <random>
+#include <set>
 #include <spdlog/sinks/ostream_sink.h>
 #include <spdlog/spdlog.h>
 #include <sstream>
@@ -562,7 +564,7 @@ TEST_F(PendingWritesTest, APermanentErrorFailsOnlyTheBadWrites) {
 
 // A server that takes no writes for a while (25006: read-only while its disk is full), a lock
 // held elsewhere past lock_timeout (55P03) and a statement cut by statement_timeout (57014) say
-// nothing against the writes: they are retried until they land, never given up on.
+// nothing against the writes: they are retried, and land once the cause is gone.
 TEST_F(PendingWritesTest, ReadOnlyLockTimeoutAndStatementTimeoutErrorsAreRetriedNotFailed) {
   const std::string dsn = cluster().dsn();
   create_table(dsn, "pw_refused");
@@ -599,7 +601,9 @@ TEST_F(PendingWritesTest, ReadOnlyLockTimeoutAndStatementTimeoutErrorsAreRetried
         const std::string payload = "p" + code;
         co_await rows.append(next_seq++, payload);
       }
-      co_await testing::sleep_for(600ms);
+      // A read-only server is waited out for as long as it takes; a single write cut short by a
+      // timeout or a lock is tried 5 times (about 350 ms here), so those are held up less.
+      co_await testing::sleep_for(code == "25006" ? 600ms : 150ms);
       during = writes.report();
       admin.query("DELETE FROM pw_refusal");
       co_await writes.stop();
@@ -612,6 +616,115 @@ TEST_F(PendingWritesTest, ReadOnlyLockTimeoutAndStatementTimeoutErrorsAreRetried
     EXPECT_TRUE(given_up.empty()) << code << ": " << given_up.size() << " given up";
     EXPECT_EQ(scalar(dsn, "SELECT count(*) FROM pw_refused WHERE payload = 'p" + code + "'"), "20");
   }
+}
+
+// One write that always runs out of time (here a trigger cancels it: 57014, as statement_timeout
+// would) is given up on after a few tries, alone: the writes behind it are not held up, and
+// the pool's wait queue full for a moment (pool_queue_full) is waited out, not a lost batch.
+TEST_F(PendingWritesTest, AWriteThatAlwaysTimesOutIsGivenUpAloneAndABusyPoolIsWaitedOut) {
+  const std::string dsn = cluster().dsn();
+  create_table(dsn, "pw_poison");
+  {
+    BlockingConnection admin(dsn);
+    admin.query(
+        "CREATE OR REPLACE FUNCTION pw_poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "IF NEW.seq = 13 THEN RAISE EXCEPTION 'too slow' USING ERRCODE = '57014'; END IF; "
+        "RETURN NEW; END $$");
+    admin.query(
+        "CREATE TRIGGER pw_poison BEFORE INSERT ON pw_poison FOR EACH ROW EXECUTE FUNCTION "
+        "pw_poison()");
+  }
+  std::optional<Error> stop_error;
+  PendingWritesReport end{};
+  std::vector<std::string> given_up;
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    auto config = pool_config(dsn, "poison");
+    config.max_size = 1;
+    config.max_waiters = 1;
+    Pool pool(executor, config);
+    PendingWrites writes(pool, executor,
+                         Config{.name = "poison", .flush_interval = 50ms, .retry_max = 100ms});
+    boost::signals2::scoped_connection subscription =
+        writes.events().failed.connect([&](const std::vector<std::string>& failed, const Error&) {
+          given_up.insert(given_up.end(), failed.begin(), failed.end());
+        });
+    // A request handler holds the only connection and another waits: the flusher's acquire
+    // finds the wait queue full.
+    auto held = co_await pool.acquire();
+    bool waiter_done = false;
+    auto wait_in_line = [&pool, &waiter_done]() -> awaitable_void {
+      auto unused = co_await pool.acquire();
+      waiter_done = true;
+    };
+    asio::co_spawn(executor, wait_in_line(), asio::detached);
+    co_await testing::sleep_for(20ms);
+    auto rows = writes.table<std::int64_t, std::string>("pw_poison", {"seq", "payload"});
+    for (std::int64_t seq = 0; seq < 30; ++seq) {
+      const std::string payload = "p";
+      co_await rows.append(seq, payload);
+    }
+    co_await writes.start();
+    co_await testing::sleep_for(300ms);
+    held.release();
+    while (!waiter_done) co_await testing::sleep_for(5ms);
+    stop_error = co_await expect_error(writes.stop());
+    end = writes.report();
+  });
+  ASSERT_TRUE(stop_error.has_value());
+  EXPECT_EQ(stop_error->code(), client_errc::writes_failed);
+  EXPECT_THAT(stop_error->what(), HasSubstr("1 of 30 accepted writes were not written"));
+  EXPECT_EQ(end.flushed, 29U);
+  EXPECT_EQ(end.failed, 1U);
+  ASSERT_EQ(given_up.size(), 1U);
+  EXPECT_THAT(given_up[0], HasSubstr("row: 13 | p"));
+  EXPECT_EQ(scalar(dsn, "SELECT count(*) FROM pw_poison"), "29");
+}
+
+// with_timeout() around enqueue(): a write is either accepted (and written) or the caller is
+// told it was not (and it never is), even when the timeout and the acceptance race.
+TEST_F(PendingWritesTest, AnEnqueueCutByATimeoutIsEitherAcceptedOrNeverWritten) {
+  const std::string dsn = cluster().dsn();
+  create_table(dsn, "pw_race");
+  std::set<std::int64_t> refused;
+  PendingWritesReport end{};
+  constexpr std::int64_t attempts = 1500;
+  run_coroutine(
+      [&]() -> awaitable_void {
+        auto executor = co_await asio::this_coro::executor;
+        Pool pool(executor, pool_config(dsn, "race"));
+        PendingWrites writes(pool, executor,
+                             Config{.name = "race",
+                                    .capacity = 1,
+                                    .batch_size = 1,
+                                    .flush_interval = std::chrono::milliseconds(0)});
+        co_await writes.start();
+        std::mt19937 random(7);
+        for (std::int64_t seq = 0; seq < attempts; ++seq) {
+          const auto budget = std::chrono::microseconds(random() % 3000);
+          const std::string payload = "r";
+          try {
+            co_await with_timeout(
+                writes.enqueue("INSERT INTO pw_race (seq, payload) VALUES ($1, $2)", seq, payload),
+                budget);
+          } catch (const Error& error) {
+            EXPECT_EQ(error.code(), client_errc::timeout) << error.what();
+            refused.insert(seq);
+          }
+        }
+        co_await writes.stop();
+        end = writes.report();
+      },
+      120s);
+  EXPECT_GT(refused.size(), 0U) << "no enqueue was cut short: the race was not exercised";
+  EXPECT_EQ(end.accepted + refused.size(), static_cast<std::size_t>(attempts));
+  EXPECT_EQ(end.flushed, end.accepted);
+  BlockingConnection observer(dsn);
+  std::size_t written_though_refused = 0;
+  for (const auto& row : observer.query("SELECT seq FROM pw_race")) {
+    written_though_refused += refused.contains(std::stoll(*row[0])) ? 1 : 0;
+  }
+  EXPECT_EQ(written_though_refused, 0U) << "callers were told 'not accepted' for written writes";
 }
 
 // The server is down and stays down: stop() retries until it is cancelled, then counts what was

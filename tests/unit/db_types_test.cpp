@@ -46,6 +46,22 @@ TEST(Codec, StringsAreTextOfUnspecifiedTypeAndNullIsANullPointer) {
   EXPECT_EQ(sink.types()[3], oid::int4);
 }
 
+// libpq sends a text-format value up to its first NUL: "nul\0inside" would be stored as "nul",
+// reported as written. No text value can hold a NUL, so it is refused before anything is sent.
+TEST(Codec, AStringWithANulByteIsRefusedNotCutShort) {
+  ParamSink sink;
+  encode_params(sink, std::string("first"));
+  try {
+    encode_params(sink, std::string("nul\0inside", 10));
+    FAIL() << "a NUL byte was accepted";
+  } catch (const Error& error) {
+    EXPECT_EQ(error.code(), client_errc::conversion);
+    EXPECT_THAT(error.what(), ::testing::HasSubstr("parameter $2 holds a NUL byte at offset 3"));
+  }
+  EXPECT_THROW(encode_params(sink, std::string_view("\0", 1)), Error);
+  EXPECT_EQ(sink.size(), 1U);
+}
+
 TEST(Codec, IntegersDecodeWithRangeAndTypeChecks) {
   EXPECT_EQ(Codec<std::int64_t>::decode(field("-9223372036854775808", oid::int8)),
             std::numeric_limits<std::int64_t>::min());
@@ -135,6 +151,17 @@ TEST(Copy, TextRowsEscapeSpecialCharactersAndNulls) {
   infinite += ' ';
   append_copy_field(infinite, system_clock::time_point::min());
   EXPECT_EQ(infinite, "infinity -infinity");
+  // Beyond 2^53 microseconds from the epoch a double cannot hold the last microsecond: the day
+  // is computed in integers, so the last microsecond of a day stays in that day.
+  std::string far;
+  append_copy_field(
+      far, system_clock::time_point(std::chrono::sys_days(std::chrono::year(2262) / 4 / 9) +
+                                    std::chrono::hours(24) - std::chrono::microseconds(1)));
+  far += ' ';
+  append_copy_field(
+      far, system_clock::time_point(std::chrono::sys_days(std::chrono::year(1678) / 1 / 1) +
+                                    std::chrono::hours(24) - std::chrono::microseconds(1)));
+  EXPECT_EQ(far, "2262-04-09 23:59:59.999999+00 1678-01-01 23:59:59.999999+00");
 }
 
 TEST(Errors, SqlstatesRoundTripAndMapToConditions) {

@@ -87,20 +87,37 @@ inline boost::asio::awaitable<std::exception_ptr> capture_outcome(
   co_return std::exception_ptr();
 }
 
-// capture_outcome(), also keeping a failure in `failure`: asio's || drops the outcome of the part
-// that lost, and a cancelled operation's last words (what its wind-down found) are worth keeping.
+// The outcome of the operation with_timeout() runs, kept whichever part of its || wins: asio's
+// || drops the outcome of the part that lost, and a cancelled operation may still have completed
+// (its cancellation came too late), or have said, as it wound down, what became of it.
 template <typename T>
-boost::asio::awaitable<std::pair<std::exception_ptr, std::optional<T>>> capture_outcome_into(
-    boost::asio::awaitable<T> operation, std::exception_ptr& failure) {
+struct KeptOutcome {
+  std::exception_ptr failure;
+  std::optional<T> value;
+  [[nodiscard]] bool completed() const noexcept { return value.has_value(); }
+};
+
+template <>
+struct KeptOutcome<void> {
+  std::exception_ptr failure;
+  bool succeeded = false;
+  [[nodiscard]] bool completed() const noexcept { return succeeded; }
+};
+
+template <typename T>
+boost::asio::awaitable<bool> capture_outcome_into(boost::asio::awaitable<T> operation,
+                                                  KeptOutcome<T>& kept) {
   auto outcome = co_await capture_outcome(std::move(operation));
-  failure = outcome.first;
-  co_return outcome;
+  kept.failure = outcome.first;
+  if (outcome.second) kept.value.emplace(std::move(*outcome.second));
+  co_return true;
 }
 
-inline boost::asio::awaitable<std::exception_ptr> capture_outcome_into(
-    boost::asio::awaitable<void> operation, std::exception_ptr& failure) {
-  failure = co_await capture_outcome(std::move(operation));
-  co_return failure;
+inline boost::asio::awaitable<bool> capture_outcome_into(boost::asio::awaitable<void> operation,
+                                                         KeptOutcome<void>& kept) {
+  kept.failure = co_await capture_outcome(std::move(operation));
+  kept.succeeded = !kept.failure;
+  co_return true;
 }
 
 // `message`, then what a cancelled operation said as it wound down (a pgrt::Error's diagnostics:
@@ -128,7 +145,10 @@ inline Diagnostics cut_short(std::string message, const std::exception_ptr& woun
 
 /// Runs `operation`; if it has not completed after `timeout`, cancels it (terminal cancellation)
 /// and, once it has wound down, throws pgrt::Error(client_errc::timeout). Otherwise returns its
-/// value or rethrows its exception (at once: a failure does not wait for the deadline).
+/// value or rethrows its exception (at once: a failure does not wait for the deadline). An
+/// operation that completed all the same as it was being cancelled (the cancellation came too
+/// late: a write already accepted, a result already read) returns its value: a timeout is reported
+/// only for an operation that did not complete, so what it did never goes unreported.
 ///
 /// The timeout's diagnostics go on with what the operation said as it wound down: for a
 /// statement, whether the server cancelled it, it had failed first, or it had already completed
@@ -149,11 +169,13 @@ boost::asio::awaitable<T> with_timeout(boost::asio::awaitable<T> operation,
                                        std::chrono::steady_clock::duration timeout) {
   using namespace boost::asio::experimental::awaitable_operators;
   boost::asio::steady_timer timer(co_await boost::asio::this_coro::executor, timeout);
-  std::exception_ptr wound_down;  // (written on the strand before the || completes)
+  detail::KeptOutcome<T> kept;  // (written on the strand before the || completes)
   auto outcome = co_await detail::serialized(
-      detail::capture_outcome_into(std::move(operation), wound_down) ||
+      detail::capture_outcome_into(std::move(operation), kept) ||
       timer.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable)));
-  if (outcome.index() == 1) {
+  const std::exception_ptr& wound_down = kept.failure;
+  // Completed all the same as it was being cancelled: what it did stands, and is reported.
+  if (outcome.index() == 1 && !kept.completed()) {
     if (std::get<0>(std::get<1>(outcome)) == boost::asio::error::operation_aborted) {
       throw Error(make_error_code(client_errc::cancelled),
                   detail::cut_short("the operation was cancelled", wound_down));
@@ -167,13 +189,8 @@ boost::asio::awaitable<T> with_timeout(boost::asio::awaitable<T> operation,
                 " ms",
             wound_down));
   }
-  auto& result = std::get<0>(outcome);
-  if constexpr (std::is_void_v<T>) {
-    if (result) std::rethrow_exception(result);
-  } else {
-    if (result.first) std::rethrow_exception(result.first);
-    co_return std::move(*result.second);
-  }
+  if (kept.failure) std::rethrow_exception(kept.failure);
+  if constexpr (!std::is_void_v<T>) co_return std::move(*kept.value);
 }
 
 }  // namespace pgrt

@@ -66,7 +66,9 @@ class ParamSink {
  public:
   /// A NULL parameter.
   void null(Oid type = oid::unspecified);
-  /// A parameter in text format; `type` unspecified lets the server infer it.
+  /// A parameter in text format; `type` unspecified lets the server infer it. Throws
+  /// Error(client_errc::conversion) if `value` holds a NUL byte: libpq would send it cut short at
+  /// the NUL, and no PostgreSQL text value can hold one (send binary data as Bytes).
   void text(std::string_view value, Oid type = oid::unspecified);
   /// A parameter in PostgreSQL's binary format for `type`.
   void binary(std::span<const std::byte> value, Oid type);
