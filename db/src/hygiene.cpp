@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <map>
 #include <optional>
+#include <set>
 #include <spdlog/spdlog.h>
 #include <utility>
 
@@ -34,12 +35,16 @@ boost::asio::awaitable<std::vector<AppBackend>> list_app_backends(Connection& co
   const std::string pattern = like_literal(tag_app_name(application) + "/") + "%";
   auto rows = co_await connection.query(app_backends_sql, pattern);
   std::vector<AppBackend> backends;
+  std::map<std::string, HostPresence> presence_of;  // incarnation -> (asked once each)
   for (const Row row : rows) {
     AppBackend backend;
     backend.application_name = row.get<std::string>(1);
     const auto tag = parse_connection_tag(application, backend.application_name);
     if (!tag) continue;
-    backend.running_here = incarnation_on_this_host(tag->incarnation) == HostPresence::running;
+    auto [known, added] = presence_of.try_emplace(tag->incarnation, HostPresence::unknown);
+    if (added) known->second = incarnation_on_this_host(tag->incarnation);
+    backend.presence = known->second;
+    backend.running_here = backend.presence == HostPresence::running;
     backend.pid = row.get<int>(0);
     backend.state = row.get<std::string>(2);
     backend.backend_start = row.get<std::string>(3);
@@ -65,8 +70,10 @@ std::vector<std::string> leftover_reasons(const std::vector<AppBackend>& backend
                        : std::nullopt);
   }
   // Which incarnation of each instance is the live one: this process's for its own instance;
-  // without own_tag, for every instance the one whose first backend started last.
+  // without own_tag, for every instance the one whose first backend started last (among those
+  // running on this host, if any does).
   std::map<std::string, std::string> live;  // instance -> incarnation
+  std::set<std::string> instances_running_here;
   if (!rule.own_tag.empty()) {
     if (auto own = parse_connection_tag(rule.application, rule.own_tag)) {
       live[own->instance] = own->incarnation;
@@ -74,8 +81,16 @@ std::vector<std::string> leftover_reasons(const std::vector<AppBackend>& backend
   } else {
     // instance -> incarnation -> when its first backend started
     std::map<std::string, std::map<std::string, std::int64_t>> first_starts;
+    // An incarnation that runs on this host is the live one whatever the others' starts: only
+    // those running here are candidates then.
+    for (std::size_t i = 0; i < backends.size(); ++i) {
+      if (tags[i] && backends[i].running_here) instances_running_here.insert(tags[i]->instance);
+    }
     for (std::size_t i = 0; i < backends.size(); ++i) {
       if (!tags[i]) continue;
+      if (instances_running_here.contains(tags[i]->instance) && !backends[i].running_here) {
+        continue;
+      }
       auto [entry, added] =
           first_starts[tags[i]->instance].try_emplace(tags[i]->incarnation, backends[i].started_us);
       if (!added) entry->second = std::min(entry->second, backends[i].started_us);
@@ -95,11 +110,14 @@ std::vector<std::string> leftover_reasons(const std::vector<AppBackend>& backend
     const std::string instance = tag.app + "/" + tag.instance;
     if (auto found = live.find(tag.instance);
         found != live.end() && found->second != tag.incarnation && !backend.running_here) {
-      reasons[i] = rule.own_tag.empty()
+      reasons[i] = !rule.own_tag.empty() ? "an earlier incarnation of " + instance
+                   : instances_running_here.contains(tag.instance)
                        ? "superseded: " + instance + "/" + found->second +
+                             " runs on this host, so this incarnation's process is gone or a "
+                             "duplicate elsewhere"
+                       : "superseded: " + instance + "/" + found->second +
                              " started later, so this incarnation's process is gone or a "
-                             "duplicate"
-                       : "an earlier incarnation of " + instance;
+                             "duplicate";
     } else if (rule.idle_threshold.count() > 0 && backend.state == "idle" &&
                !backend.holds_advisory_lock && backend.in_state > rule.idle_threshold) {
       reasons[i] = "idle for " +
@@ -173,7 +191,50 @@ boost::asio::awaitable<CleanupReport> cleanup_predecessors(Connection& connectio
     spdlog::warn("pgrt cleanup: {}", report.warning);
     co_return report;
   }
-  const std::vector<std::string> reasons = leftover_reasons(backends, rule);
+  std::vector<std::string> reasons = leftover_reasons(backends, rule);
+  // Where this host cannot tell what runs here, only what the instance lock saw end is proven
+  // dead; another user's socket under an incarnation's name proves nothing either way.
+  std::string squatted;
+  for (std::size_t i = 0; i < backends.size(); ++i) {
+    const auto tag = parse_connection_tag(rule.application, backends[i].application_name);
+    if (reasons[i].empty() || !own || !tag || tag->instance != own->instance ||
+        tag->incarnation == own->incarnation || reasons[i].starts_with("idle for ")) {
+      continue;
+    }
+    if (backends[i].presence == HostPresence::other_user &&
+        squatted.find(tag->incarnation) == std::string::npos) {
+      squatted += (squatted.empty() ? "" : ", ") + tag->incarnation;
+    }
+    const bool proven =
+        std::find(options.earlier_incarnations.begin(), options.earlier_incarnations.end(),
+                  tag->incarnation) != options.earlier_incarnations.end();
+    if (backends[i].presence != HostPresence::unknown || proven) continue;
+    reasons[i].clear();
+    if (std::find(report.unverified_incarnations.begin(), report.unverified_incarnations.end(),
+                  tag->incarnation) == report.unverified_incarnations.end()) {
+      report.unverified_incarnations.push_back(tag->incarnation);
+    }
+  }
+  if (!squatted.empty()) {
+    spdlog::warn(
+        "pgrt cleanup: another user's socket holds the name of incarnation(s) {} of {} "
+        "(pgrt/incarnation/<incarnation>, abstract unix namespace): not a process of this "
+        "service, so their backends are leftovers all the same",
+        squatted, prefix);
+  }
+  if (!report.unverified_incarnations.empty()) {
+    std::string incarnations;
+    for (const auto& incarnation : report.unverified_incarnations) {
+      incarnations += (incarnations.empty() ? "" : ", ") + prefix + incarnation;
+    }
+    report.warning =
+        "left alone the backends of " + incarnations +
+        ": this host cannot tell whether they run here (unix sockets or socket diagnostics are "
+        "not available to this process), and the instance lock did not see them end. Allow "
+        "AF_UNIX and AF_NETLINK sockets (systemd: RestrictAddressFamilies), or check with "
+        "pgrt-diag and terminate them with --kill-leaked";
+    spdlog::warn("pgrt cleanup: {}", report.warning);
+  }
   for (std::size_t i = 0; i < backends.size(); ++i) {
     if (reasons[i].empty()) continue;
     role = backends[i].user;

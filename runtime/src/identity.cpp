@@ -9,6 +9,10 @@
 #include <cstring>
 #include <ctime>
 #include <fstream>
+#include <linux/netlink.h>
+#include <linux/sock_diag.h>
+#include <linux/unix_diag.h>
+#include <optional>
 #include <random>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -130,6 +134,79 @@ const ProcessIdentity& process_identity() {
   return identity;
 }
 
+namespace {
+
+// Who owns the unix socket bound to the abstract name `path` (its sun_path bytes, the leading
+// NUL included), as the kernel's socket diagnostics (NETLINK_SOCK_DIAG, UNIX_DIAG_UID: Linux 5.3
+// and later) tell: the user that created it. Nullopt when no socket has the name or the kernel
+// cannot tell. Reads every unix socket of this network namespace once.
+std::optional<uid_t> abstract_socket_owner(std::string_view path) {
+  const int fd = ::socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
+  if (fd < 0) return std::nullopt;
+  struct {
+    nlmsghdr header;
+    unix_diag_req request;
+  } message{};
+  message.header.nlmsg_len = sizeof message;
+  message.header.nlmsg_type = SOCK_DIAG_BY_FAMILY;
+  message.header.nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP;
+  message.request.sdiag_family = AF_UNIX;
+  message.request.udiag_states = ~0U;
+  message.request.udiag_show = UDIAG_SHOW_NAME | UDIAG_SHOW_UID;
+  std::optional<uid_t> owner;
+  if (::send(fd, &message, sizeof message, 0) != static_cast<ssize_t>(sizeof message)) {
+    ::close(fd);
+    return std::nullopt;
+  }
+  // Parsed by hand (netlink's macros are C casts): messages and attributes are 4-byte aligned.
+  constexpr auto aligned = [](std::size_t size) { return (size + 3) & ~std::size_t{3}; };
+  struct AttributeHeader {  // struct rtattr
+    std::uint16_t length;
+    std::uint16_t type;
+  };
+  std::array<char, 32768> buffer{};
+  bool done = false;
+  while (!done) {
+    const ssize_t received = ::recv(fd, buffer.data(), buffer.size(), 0);
+    if (received <= 0) break;
+    const auto size = static_cast<std::size_t>(received);
+    for (std::size_t offset = 0; offset + sizeof(nlmsghdr) <= size;) {
+      nlmsghdr header{};
+      std::memcpy(&header, buffer.data() + offset, sizeof header);
+      if (header.nlmsg_len < sizeof header || offset + header.nlmsg_len > size) break;
+      if (header.nlmsg_type == NLMSG_DONE || header.nlmsg_type == NLMSG_ERROR) {
+        done = true;
+        break;
+      }
+      const std::size_t end = offset + header.nlmsg_len;
+      bool named = false;
+      std::optional<uid_t> uid;
+      for (std::size_t at = offset + aligned(sizeof header) + aligned(sizeof(unix_diag_msg));
+           at + sizeof(AttributeHeader) <= end;) {
+        AttributeHeader attribute{};
+        std::memcpy(&attribute, buffer.data() + at, sizeof attribute);
+        if (attribute.length < sizeof attribute || at + attribute.length > end) break;
+        const char* data = buffer.data() + at + sizeof attribute;
+        const std::size_t length = attribute.length - sizeof attribute;
+        if (attribute.type == UNIX_DIAG_NAME) {
+          named = std::string_view(data, length) == path;
+        } else if (attribute.type == UNIX_DIAG_UID && length >= sizeof(std::uint32_t)) {
+          std::uint32_t value = 0;
+          std::memcpy(&value, data, sizeof value);
+          uid = static_cast<uid_t>(value);
+        }
+        at += aligned(attribute.length);
+      }
+      if (named && uid) owner = uid;
+      offset += aligned(header.nlmsg_len);
+    }
+  }
+  ::close(fd);
+  return owner;
+}
+
+}  // namespace
+
 HostPresence incarnation_on_this_host(std::string_view incarnation) {
   if (!lower_hex(incarnation)) return HostPresence::unknown;
   const int fd = ::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
@@ -140,8 +217,15 @@ HostPresence incarnation_on_this_host(std::string_view incarnation) {
       ::connect(fd, reinterpret_cast<const sockaddr*>(&name.address), name.length);
   const int error = errno;
   ::close(fd);
-  if (connected == 0) return HostPresence::running;
-  return error == ECONNREFUSED ? HostPresence::not_running : HostPresence::unknown;
+  if (connected != 0) {
+    return error == ECONNREFUSED ? HostPresence::not_running : HostPresence::unknown;
+  }
+  // An abstract name carries no permissions: any user may bind one. Only a socket of this user
+  // (or root) is taken for a live process of this service.
+  const std::string_view path(name.address.sun_path, name.length - offsetof(sockaddr_un, sun_path));
+  const auto owner = abstract_socket_owner(path);
+  if (!owner) return HostPresence::unknown;
+  return *owner == ::geteuid() || *owner == 0 ? HostPresence::running : HostPresence::other_user;
 }
 
 std::string describe_process_identity() {

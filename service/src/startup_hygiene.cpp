@@ -482,9 +482,11 @@ asio::awaitable<void> StartupHygiene::start() {
         "(PGRT_CLEANUP=0)";
     spdlog::warn("pgrt cleanup: {}", report_.warning);
   } else if (options_.cleanup) {
-    CleanupOptions cleanup{.application = application_,
-                           .instance = instance_,
-                           .idle_threshold = options_.idle_threshold};
+    CleanupOptions cleanup{
+        .application = application_,
+        .instance = instance_,
+        .idle_threshold = options_.idle_threshold,
+        .earlier_incarnations = lock_ ? lock_->earlier_incarnations() : std::vector<std::string>()};
     if (cluster_lock_) {
       report_ = co_await cleanup_predecessors(cluster_lock_->connection, cleanup, tag_);
     } else {

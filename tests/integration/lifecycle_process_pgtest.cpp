@@ -12,6 +12,7 @@
 #include <chrono>
 #include <csignal>
 #include <cstdlib>
+#include <cstring>
 #include <fcntl.h>
 #include <filesystem>
 #include <fstream>
@@ -28,6 +29,7 @@
 #include <sstream>
 #include <string>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <thread>
 #include <unistd.h>
@@ -1063,6 +1065,64 @@ TEST_F(StartupHygieneTest, ALiveInstanceWhoseLockIsInAnotherDirectoryIsNeitherTe
   const CleanupReport report = run_hygiene(config, options);
   EXPECT_TRUE(report.running_duplicates.empty());
   EXPECT_TRUE(testing::eventually([] { return backend_pids("twin/one/%").empty(); }));
+}
+
+// Binds `incarnation`'s name (pgrt/incarnation/<incarnation>, abstract unix namespace) as the
+// user `nobody`, until killed: a local user squatting on a dead incarnation's name.
+pid_t squat_incarnation_name(const std::string& incarnation) {
+  int ready[2];
+  if (::pipe(ready) != 0) return -1;
+  const pid_t squatter = ::fork();
+  if (squatter == 0) {
+    if (::setuid(65534) != 0) ::_exit(2);
+    const int fd = ::socket(AF_UNIX, SOCK_DGRAM, 0);
+    sockaddr_un address{};
+    address.sun_family = AF_UNIX;
+    const std::string name = std::string(1, '\0') + "pgrt/incarnation/" + incarnation;
+    std::memcpy(address.sun_path, name.data(), name.size());
+    const auto length = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + name.size());
+    if (::bind(fd, reinterpret_cast<const sockaddr*>(&address), length) != 0) ::_exit(3);
+    (void)::write(ready[1], "x", 1);
+    for (;;) ::pause();
+  }
+  char byte = 0;
+  const bool bound = squatter > 0 && ::read(ready[0], &byte, 1) == 1;
+  ::close(ready[0]);
+  ::close(ready[1]);
+  return bound ? squatter : -1;
+}
+
+// Any local user may bind a dead incarnation's name (abstract names have no permissions): that
+// must neither make the restart refuse as if a duplicate ran, nor save the leftovers.
+TEST_F(StartupHygieneTest, AnotherUsersSocketUnderADeadIncarnationsNameChangesNothing) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root, to bind the name as another user";
+  testing::FaultProxy proxy("127.0.0.1", static_cast<std::uint16_t>(cluster().port()));
+  const std::set<int> leftovers = crashed_predecessor(proxy, "squat", "one");
+  BlockingConnection observer(cluster().dsn());
+  const std::string tag = observer.scalar(
+      "SELECT min(application_name) FROM pg_stat_activity WHERE application_name LIKE "
+      "'squat/one/%'");
+  ASSERT_EQ(tag.size(), std::string("squat/one/").size() + 8) << tag;
+  const std::string incarnation = tag.substr(tag.size() - 8);
+  const pid_t squatter = squat_incarnation_name(incarnation);
+  ASSERT_GT(squatter, 0);
+  EXPECT_EQ(incarnation_on_this_host(incarnation), HostPresence::other_user);
+
+  PoolConfig config;
+  config.conninfo = cluster().dsn();
+  config.application = "squat";
+  config.instance = "one";
+  StartupHygieneOptions options;
+  options.lock_directory = Child::runtime_directory() / "squat";  // not the predecessor's
+  const CleanupReport report = run_hygiene(config, options);
+  ::kill(squatter, SIGKILL);
+  ::waitpid(squatter, nullptr, 0);
+  EXPECT_TRUE(report.running_duplicates.empty());
+  std::set<int> terminated;
+  for (const auto& backend : report.backends) {
+    if (backend.terminated) terminated.insert(backend.pid);
+  }
+  EXPECT_EQ(terminated, leftovers);
 }
 
 // A pid listed a moment ago may be another backend's by the time it is terminated: the

@@ -4,12 +4,16 @@
 #include <algorithm>
 #include <chrono>
 #include <csignal>
+#include <cstddef>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <string>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <thread>
 #include <unistd.h>
@@ -217,6 +221,38 @@ TEST(IncarnationOnThisHost, ThisProcesssOwnRunsAnotherDoesNotAndAMalformedOneIsU
   EXPECT_EQ(incarnation_on_this_host(other), HostPresence::not_running);
   EXPECT_EQ(incarnation_on_this_host("0BADCAFE"), HostPresence::unknown);
   EXPECT_EQ(incarnation_on_this_host("abc"), HostPresence::unknown);
+}
+
+// An abstract name has no permissions: another user binding an incarnation's name (to block a
+// restart, or keep a leftover alive) is not taken for a live process of this service.
+TEST(IncarnationOnThisHost, AnotherUsersSocketUnderTheNameIsNotThisServicesProcess) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root, to bind the name as another user";
+  const std::string squatted = "5a5a5a5a";
+  ASSERT_EQ(incarnation_on_this_host(squatted), HostPresence::not_running);
+  int ready[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  const pid_t squatter = ::fork();
+  ASSERT_GE(squatter, 0);
+  if (squatter == 0) {
+    if (::setuid(65534) != 0) ::_exit(2);  // nobody
+    const int fd = ::socket(AF_UNIX, SOCK_DGRAM, 0);
+    sockaddr_un address{};
+    address.sun_family = AF_UNIX;
+    const std::string name = std::string(1, '\0') + "pgrt/incarnation/" + squatted;
+    std::memcpy(address.sun_path, name.data(), name.size());
+    const auto length = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + name.size());
+    if (::bind(fd, reinterpret_cast<const sockaddr*>(&address), length) != 0) ::_exit(3);
+    (void)::write(ready[1], "x", 1);
+    for (;;) ::pause();
+  }
+  char byte = 0;
+  ASSERT_EQ(::read(ready[0], &byte, 1), 1);
+  EXPECT_EQ(incarnation_on_this_host(squatted), HostPresence::other_user);
+  ::kill(squatter, SIGKILL);
+  ::waitpid(squatter, nullptr, 0);
+  EXPECT_EQ(incarnation_on_this_host(squatted), HostPresence::not_running);
+  ::close(ready[0]);
+  ::close(ready[1]);
 }
 
 class InstanceLockTest : public ::testing::Test {

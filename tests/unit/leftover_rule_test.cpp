@@ -93,5 +93,22 @@ TEST(LeftoverReasons, WithoutAnOwnTagTheIncarnationsBeforeTheNewestOfEachInstanc
   for (std::size_t i = 2; i < reasons.size(); ++i) EXPECT_EQ(reasons[i], "") << i;
 }
 
+// An incarnation whose process runs on the checking host is the live one, whatever the others'
+// starts: a newer one that does not run here is the leftover (or a duplicate elsewhere).
+TEST(LeftoverReasons, AnIncarnationRunningOnThisHostIsTheLiveOneEvenIfOlder) {
+  AppBackend older_here = backend(1, "orders/eu-1/0badcafe", "idle", 100);
+  older_here.running_here = true;
+  older_here.presence = HostPresence::running;
+  const std::vector<AppBackend> backends = {
+      older_here,
+      backend(2, "orders/eu-1/1234abcd", "idle", 200),
+      backend(3, "orders/eu-2/5555aaaa", "idle", 50),
+  };
+  const auto reasons = leftover_reasons(backends, {.application = "orders"});
+  EXPECT_EQ(reasons[0], "");
+  EXPECT_THAT(reasons[1], StartsWith("superseded: orders/eu-1/0badcafe"));
+  EXPECT_EQ(reasons[2], "");
+}
+
 }  // namespace
 }  // namespace pgrt

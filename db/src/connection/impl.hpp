@@ -197,6 +197,8 @@ struct Connection::Impl {
   // without a bound). Empty when done (the final result follows); a failed or cancelled wait's
   // error; connection_lost when libpq failed.
   asio::awaitable<error_code> skip_copy_data();
+  asio::awaitable<error_code> refuse_copy(ExecStatusType status, std::string_view sql,
+                                          error_code& first_error);
 
   // --- cancelling (cancel.cpp) ------------------------------------------------------------------
 

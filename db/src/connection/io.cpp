@@ -185,12 +185,45 @@ error_code Connection::Impl::send(const Request& request, const std::string* pre
 // asio's for each readiness wait): a cache miss, a statement larger than the socket's buffer and a
 // cancellation take frames of their own. Cancellation is handled here (cancel request, drain), so
 // the coroutine must keep awaiting after it: throw-if-cancelled is off until the end.
+// A COPY that query() or execute() started: refused (its first error, unless one came first),
+// and ended so that the connection is idle again. Its own coroutine: exchange()'s frame stays
+// small enough for asio's frame recycling.
+asio::awaitable<error_code> Connection::Impl::refuse_copy(ExecStatusType status,
+                                                          std::string_view sql,
+                                                          error_code& first_error) {
+  if (status == PGRES_COPY_IN) {
+    // The server answers the refusal with 57014 (query_canceled), which would read as a
+    // timeout or a cancellation: the client's own error comes first.
+    if (!first_error) {
+      first_error = fail(client_errc::protocol_error,
+                         "COPY FROM STDIN cannot run through query() or execute(); "
+                         "nothing was copied",
+                         sql, "use Connection::copy_from()");
+    }
+    PQputCopyEnd(conn, "COPY FROM STDIN needs Connection::copy_from()");
+    co_return co_await flush(sql);
+  }
+  // Not supported: reading the copy data to its end gets the connection back to idle.
+  if (!first_error) {
+    first_error = fail(client_errc::protocol_error,
+                       "COPY TO STDOUT is not supported by pgrt; use a query", sql);
+  }
+  const error_code skip_error = co_await skip_copy_data();
+  if (skip_error == client_errc::connection_lost) co_return lost(sql);
+  if (skip_error) co_return co_await interrupted(skip_error, sql, /*can_drain=*/true);
+  co_return error_code();
+}
+
 asio::awaitable<error_code> Connection::Impl::exchange(Request request, Result& out) {
   if (request.kind != Request::Kind::results_only) {
     if (auto refusal = refuse_without_session(request.sql)) co_return refusal;
   }
   const bool throw_if_cancelled = co_await asio::this_coro::throw_if_cancelled();
   co_await asio::this_coro::throw_if_cancelled(false);
+  // Read once: a handle to this coroutine's state, which exchange() never resets. (One co_await
+  // here instead of one per wait keeps the frame small enough for asio's frame recycling: a frame
+  // past it costs a malloc and a free per statement.)
+  const asio::cancellation_state cancellation = co_await asio::this_coro::cancellation_state;
   const bool timed = statement_times && request.timed;
   const auto started =
       timed ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
@@ -230,7 +263,7 @@ asio::awaitable<error_code> Connection::Impl::exchange(Request request, Result& 
         while (PQisBusy(conn) != 0) {
           if (!tls_holds_bytes()) {
             error_code wait_error = asio::error::operation_aborted;
-            if (!cancellation_requested(co_await asio::this_coro::cancellation_state)) {
+            if (!cancellation_requested(cancellation)) {
               std::tie(wait_error) =
                   co_await socket.async_wait(asio::socket_base::wait_read, no_throw_in_frame);
             }
@@ -280,33 +313,10 @@ asio::awaitable<error_code> Connection::Impl::exchange(Request request, Result& 
             break;
           }
           case PGRES_COPY_IN:
-            // The server answers the refusal with 57014 (query_canceled), which would read as a
-            // timeout or a cancellation: the client's own error comes first.
-            if (!first_error) {
-              first_error = fail(client_errc::protocol_error,
-                                 "COPY FROM STDIN cannot run through query() or execute(); "
-                                 "nothing was copied",
-                                 request.sql, "use Connection::copy_from()");
-            }
-            PQputCopyEnd(conn, "COPY FROM STDIN needs Connection::copy_from()");
-            read_error = co_await flush(request.sql);
-            break;
           case PGRES_COPY_OUT:
-          case PGRES_COPY_BOTH: {
-            // Not supported: reading the copy data to its end gets the connection back to idle.
-            if (!first_error) {
-              first_error =
-                  fail(client_errc::protocol_error,
-                       "COPY TO STDOUT is not supported by pgrt; use a query", request.sql);
-            }
-            const error_code skip_error = co_await skip_copy_data();
-            if (skip_error == client_errc::connection_lost) {
-              read_error = lost(request.sql);
-            } else if (skip_error) {
-              read_error = co_await interrupted(skip_error, request.sql, /*can_drain=*/true);
-            }
+          case PGRES_COPY_BOTH:
+            read_error = co_await refuse_copy(PQresultStatus(raw), request.sql, first_error);
             break;
-          }
           default:
             if (!first_error) {
               first_error = server_error(raw, request.sql);

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "pgrt/db/connection.hpp"
+#include "pgrt/runtime/identity.hpp"
 
 namespace pgrt {
 
@@ -36,8 +37,10 @@ struct AppBackend {
   bool in_scope = false;
   /// Holds a granted advisory lock (a live instance's cluster-wide lock session, for one).
   bool holds_advisory_lock = false;
-  /// Its incarnation is a live process's on the host that listed it (incarnation_on_this_host()):
-  /// whatever else says, not a dead incarnation's.
+  /// Whether its incarnation is a live process's of this user on the host that listed it
+  /// (incarnation_on_this_host()).
+  HostPresence presence = HostPresence::unknown;
+  /// presence == HostPresence::running: whatever else says, not a dead incarnation's.
   bool running_here = false;
 };
 
@@ -95,6 +98,10 @@ struct CleanupOptions {
   /// Also terminate this app's backends (any instance, any other incarnation) idle longer than
   /// this (the "idle > 5 min" rule). Zero: off.
   std::chrono::seconds idle_threshold{0};
+  /// Incarnations of this instance known to have ended (InstanceLock::earlier_incarnations()).
+  /// Where this host cannot tell which incarnations run here (HostPresence::unknown: no unix
+  /// sockets or socket diagnostics in a sandbox), only these are terminated as earlier ones.
+  std::vector<std::string> earlier_incarnations;
 };
 
 /// A backend found (and terminated, or not) by the cleanup.
@@ -120,6 +127,10 @@ struct CleanupReport {
   /// PGRT_RUNTIME_DIR or XDG_RUNTIME_DIR differ). Then nothing is terminated, `warning` says so,
   /// and StartupHygiene::start() refuses to start.
   std::vector<std::string> running_duplicates;
+  /// Other incarnations of this instance whose backends were left alone: this host cannot tell
+  /// whether they run here (HostPresence::unknown), and none of them is one the instance lock saw
+  /// end (CleanupOptions::earlier_incarnations). `warning` says so.
+  std::vector<std::string> unverified_incarnations;
   std::string warning;
   [[nodiscard]] std::size_t terminated() const noexcept;
 };

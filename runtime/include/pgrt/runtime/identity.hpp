@@ -28,15 +28,19 @@ struct ProcessIdentity {
 /// drawn again.
 [[nodiscard]] const ProcessIdentity& process_identity();
 
-/// Whether a live process on this host has `incarnation`, whatever its environment (its
-/// PGRT_RUNTIME_DIR, XDG_RUNTIME_DIR, user): every process announces its own on first use of
+/// Whether a live process of this user on this host has `incarnation`, whatever its environment
+/// (its PGRT_RUNTIME_DIR, XDG_RUNTIME_DIR): every process announces its own on first use of
 /// process_identity() by binding a datagram socket named `pgrt/incarnation/<incarnation>` in the
 /// abstract unix namespace, which the kernel releases when the process (and any child it forked
-/// without exec) ends. "This host" is the network namespace: a container is a host of its own.
+/// without exec) ends. An abstract name has no permissions, so the name's owner is checked too
+/// (the kernel's socket diagnostics, Linux 5.3 or later): another user's socket under the name
+/// is not this service's. "This host" is the network namespace: a container is a host of its own.
 enum class HostPresence {
-  running,      ///< A live process here has it (this one's own included).
+  running,      ///< A live process of this user (or root) here has it (this one's own included).
   not_running,  ///< No live process here has it.
-  unknown,      ///< Cannot tell: unix sockets are not available (a sandbox), or not a valid one.
+  other_user,   ///< Another user's socket has the name: not a process of this service.
+  unknown,      ///< Cannot tell: unix sockets or socket diagnostics are not available (a
+                ///< sandbox), or not a valid incarnation.
 };
 
 /// See HostPresence. Thread-safe; a few system calls, no blocking.
