@@ -66,6 +66,10 @@ struct MetricsEndpoint::State : std::enable_shared_from_this<State> {
   struct Session {
     explicit Session(tcp::socket socket) : stream(std::move(socket)) {}
     beast::tcp_stream stream;
+    // Waiting for (the rest of) a request: nothing is owed to it. Written on its strand, read on
+    // the endpoint's.
+    std::atomic<bool> awaiting_request{true};
+    bool evicted = false;  // on the endpoint's strand
   };
 
   void listen();
@@ -88,6 +92,7 @@ struct MetricsEndpoint::State : std::enable_shared_from_this<State> {
   std::atomic<std::uint16_t> bound_port{0};
   std::atomic<std::uint64_t> served{0};
   std::atomic<std::uint64_t> refused{0};
+  std::atomic<std::uint64_t> evicted{0};
 };
 
 void MetricsEndpoint::State::refuse_at_once(tcp::socket& socket) {
@@ -128,9 +133,30 @@ asio::awaitable<void> MetricsEndpoint::State::accept_loop(std::shared_ptr<State>
       continue;
     }
     if (sessions.size() >= options.max_connections) {
-      ++refused;
-      refuse_at_once(socket);
-      continue;
+      // Full: the oldest connection that owes nothing (idle, or still sending its request) makes
+      // room, so that silent or dribbling connections cannot keep a liveness probe out. Only
+      // when every one is being answered is the newcomer refused.
+      std::shared_ptr<Session> oldest_idle;
+      for (auto it = sessions.rbegin(); it != sessions.rend(); ++it) {
+        if (!(*it)->evicted && (*it)->awaiting_request) {
+          oldest_idle = *it;
+          break;
+        }
+      }
+      std::size_t evicting = 0;
+      for (const auto& open : sessions) evicting += open->evicted ? 1 : 0;
+      if (!oldest_idle || evicting >= options.max_connections) {
+        ++refused;
+        refuse_at_once(socket);
+        continue;
+      }
+      oldest_idle->evicted = true;
+      ++evicted;
+      asio::dispatch(oldest_idle->stream.get_executor(), [oldest_idle] {
+        if (!oldest_idle->awaiting_request) return;  // its request came in meanwhile: answered
+        boost::system::error_code ignored;
+        oldest_idle->stream.socket().cancel(ignored);
+      });
     }
     auto session = std::make_shared<Session>(std::move(socket));
     sessions.push_front(session);
@@ -197,9 +223,11 @@ asio::awaitable<void> MetricsEndpoint::State::serve(std::shared_ptr<State> self,
     parser.header_limit(static_cast<std::uint32_t>(options.max_header_bytes));
     parser.body_limit(options.max_body_bytes);
     stream.expires_after(options.request_timeout);
+    session->awaiting_request = true;
     auto [read_error, read] =
         co_await http::async_read(stream, buffer, parser, asio::as_tuple(asio::use_awaitable));
     (void)read;
+    session->awaiting_request = false;
     if (read_error) {
       http::status refusal{};
       if (read_error == http::error::header_limit) {
@@ -316,6 +344,10 @@ std::uint64_t MetricsEndpoint::requests_served() const noexcept {
 
 std::uint64_t MetricsEndpoint::connections_refused() const noexcept {
   return state_->refused;
+}
+
+std::uint64_t MetricsEndpoint::connections_evicted() const noexcept {
+  return state_->evicted;
 }
 
 MetricsEndpoint& add_metrics_endpoint(lifecycle::Manager& app, std::shared_ptr<Metrics> metrics,

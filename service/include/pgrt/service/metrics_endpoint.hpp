@@ -24,8 +24,11 @@ struct MetricsEndpointOptions {
   std::string address = "127.0.0.1";
   /// The port (env PGRT_METRICS_PORT); 0 picks a free one (MetricsEndpoint::port() tells which).
   std::uint16_t port = 0;
-  /// Connections served at once; one more is accepted and closed at once (with a 503 when the
-  /// socket takes it without waiting), so that a flood cannot keep the slots or the descriptors.
+  /// Connections served at once. When all are open, a new one takes the place of the oldest that
+  /// owes nothing (idle, or still sending its request: it is closed), so that silent or
+  /// dribbling connections cannot keep a liveness probe out; only while every one is being
+  /// answered is the new one closed at once (with a 503 when the socket takes it without
+  /// waiting), so that a flood cannot keep the slots or the descriptors.
   std::size_t max_connections = 32;
   /// A request whose header is larger gets 431 and its connection is closed.
   std::size_t max_header_bytes = 8 * 1024;
@@ -88,8 +91,10 @@ class MetricsEndpoint {
   [[nodiscard]] std::uint16_t port() const noexcept;
   /// Requests answered so far (any status).
   [[nodiscard]] std::uint64_t requests_served() const noexcept;
-  /// Connections refused because max_connections were open.
+  /// Connections refused because max_connections were open and being answered.
   [[nodiscard]] std::uint64_t connections_refused() const noexcept;
+  /// Idle (or still-arriving) connections closed to make room for a new one.
+  [[nodiscard]] std::uint64_t connections_evicted() const noexcept;
 
   /// Implementation detail.
   struct State;
