@@ -19,8 +19,11 @@
 #include <deque>
 #include <exception>
 #include <fcntl.h>
+#include <filesystem>
+#include <fstream>
 #include <limits>
 #include <spdlog/spdlog.h>
+#include <sstream>
 #include <stdexcept>
 #include <string_view>
 #include <sys/prctl.h>
@@ -444,6 +447,9 @@ struct ChildProcess::Impl {
   std::atomic<pid_t> child{0};  // the running child, not yet reaped
   std::atomic<std::size_t> restart_count{0};
   std::atomic<bool> stop_requested{false};
+  // Until when the process group has, after stop()'s SIGTERM, to end on its own (grandchildren
+  // included, once the child is gone): steady_clock ticks; min() while no SIGTERM was sent.
+  std::atomic<Clock::rep> group_grace_until{std::numeric_limits<Clock::rep>::min()};
   std::atomic<bool> watching{false};
 
   // On the executor only:
@@ -491,6 +497,30 @@ struct ChildProcess::Impl {
     }
   }
 
+  // Whether a live process other than the leader `group` itself is in process group `group`
+  // (/proc/<pid>/stat: its pgrp; zombies do not count).
+  static bool group_has_others(pid_t group) {
+    std::error_code error;
+    for (const auto& entry : std::filesystem::directory_iterator("/proc", error)) {
+      const std::string name = entry.path().filename().string();
+      if (name.empty() || name.find_first_not_of("0123456789") != std::string::npos) continue;
+      if (std::stol(name) == group) continue;
+      std::ifstream stat(entry.path() / "stat");
+      std::string line;
+      if (!std::getline(stat, line)) continue;
+      const auto after_name = line.rfind(')');  // the command may hold spaces and parentheses
+      if (after_name == std::string::npos) continue;
+      std::istringstream fields(line.substr(after_name + 1));
+      std::string state;
+      long parent = 0;
+      long process_group = 0;
+      if (fields >> state >> parent >> process_group && process_group == group && state != "Z") {
+        return true;
+      }
+    }
+    return false;
+  }
+
   // Waits until the child exits, kills what is left of its process group, reaps it.
   asio::awaitable<ChildExit> wait_for_exit() {
     const pid_t pid = child.load();
@@ -513,6 +543,17 @@ struct ChildProcess::Impl {
         if (result != 0 && errno != EINTR) break;  // ECHILD: reaped elsewhere
         timer.expires_after(poll_interval);
         co_await timer.async_wait(no_throw);
+      }
+    }
+    // stop()'s SIGTERM went to the whole group: a grandchild winding down (a worker under a
+    // `sh -c` that died at once) has what is left of stop_grace too, before the SIGKILL below.
+    // The unreaped child pins the group id meanwhile.
+    if (stop_requested) {
+      asio::steady_timer pause(co_await asio::this_coro::executor);
+      while (Clock::now().time_since_epoch().count() < group_grace_until.load() &&
+             group_has_others(pid)) {
+        pause.expires_after(std::chrono::milliseconds(20));
+        co_await pause.async_wait(no_throw);
       }
     }
     // While the child is our unreaped zombie its pid, and so its process group id, cannot be
@@ -721,11 +762,13 @@ asio::awaitable<void> ChildProcess::stop() {
   if (!cancelled_already) {
     if (const pid_t pid = self->child.load(); pid > 0) {
       spdlog::info("child {}: stopping: SIGTERM to process group {}", self->options.name, pid);
+      self->group_grace_until = (began + self->options.stop_grace).time_since_epoch().count();
       self->signal_group(SIGTERM);
     }
     ended = co_await self->wait_for_watch(began + self->options.stop_grace, true);
   }
   if (!ended) {
+    self->group_grace_until = std::numeric_limits<Clock::rep>::min();  // no more waiting
     const bool cancelled =
         (co_await asio::this_coro::cancellation_state).cancelled() != asio::cancellation_type::none;
     if (const pid_t pid = self->child.load(); pid > 0) {

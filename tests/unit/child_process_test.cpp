@@ -380,6 +380,37 @@ TEST(ChildProcessTest, GrandchildDiesOnStop) {
   EXPECT_TRUE(reaped(events.exits[0].pid));
 }
 
+// A `sh -c` wrapper dies on SIGTERM at once; the worker under it traps SIGTERM and needs a
+// moment to wind down. stop_grace is for the whole group: the worker gets it too, and is not
+// SIGKILLed the moment the wrapper is gone.
+TEST(ChildProcessTest, AGrandchildWindingDownGetsTheRestOfTheGrace) {
+  TempDir dir;
+  const auto ready_file = dir / "ready";
+  const auto clean_file = dir / "clean";
+  asio::io_context io;
+  const std::string worker = "trap \"sleep 0.4; echo clean > '" + clean_file.string() +
+                             "'; exit 0\" TERM; echo ready > '" + ready_file.string() +
+                             "'; while :; do sleep 0.05; done";
+  ChildProcess child({.name = "wrapper",
+                      .argv = {"/bin/sh", "-c", "/bin/sh -c \"$WORKER\" & wait"},
+                      .env = {{"WORKER", worker}},
+                      .stop_grace = 5s});
+  Recorder events(child);
+  milliseconds stop_took{};
+  run_on(io, [&]() -> asio::awaitable<void> {
+    co_await child.start();
+    EXPECT_TRUE(co_await poll_until([&] { return fs::exists(ready_file); }, 10s));
+    const auto began = Clock::now();
+    co_await child.stop();
+    stop_took = std::chrono::duration_cast<milliseconds>(Clock::now() - began);
+  });
+  EXPECT_TRUE(fs::exists(clean_file)) << "the worker was killed mid-shutdown";
+  EXPECT_GE(stop_took, 350ms);  // it waited for the worker...
+  EXPECT_LT(stop_took, 4s);     // ...not for the whole grace
+  ASSERT_THAT(events.exits, ::testing::SizeIs(1));
+  EXPECT_EQ(events.exits[0].signal, SIGTERM);
+}
+
 // The helper of ChildDiesWithASigkilledParent: a parent that starts a child, writes its pid to
 // the file named by PGRT_CHILD_PROCESS_HELPER_PID_FILE and waits to be SIGKILLed (30 s at most).
 TEST(ChildProcessHelper, DISABLED_RunsAChildUntilKilled) {

@@ -163,7 +163,8 @@ struct ChildProcessEvents {
 /// A child that fails to exec on a restart counts as a failed run.
 ///
 /// stop(): no more restarts; SIGTERM to the child's process group (grandchildren included), up
-/// to stop_grace for the child to exit, then SIGKILL to the group, then up to kill_wait for the
+/// to stop_grace for the group to end (the child, and then whatever it left in the group), then
+/// SIGKILL to the group, then up to kill_wait for the
 /// reap. Returns at once if no child runs. Bounded by stop_grace + kill_wait.
 ///
 /// Cancellation: stop() supports terminal per-operation cancellation (the awaitable default
