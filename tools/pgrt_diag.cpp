@@ -19,6 +19,7 @@
 #include <csignal>
 #include <cstdint>
 #include <cstdlib>
+#include <functional>
 #include <iostream>
 #include <libpq-fe.h>
 #include <optional>
@@ -79,7 +80,8 @@ const char* const usage =
     "  --kill-leaked     terminate the backends reported as leaked\n"
     "  --emergency       terminate every backend of the app (all instances, all incarnations)\n"
     "  --timeout         give up on the connect, or on a snapshot, after SECONDS (default 10;\n"
-    "                    1-3600): exit 3. Ctrl+C ends a snapshot that hangs at once\n"
+    "                    1-3600; cancelling it takes up to 1 s more): exit 3. Ctrl+C ends a\n"
+    "                    snapshot that hangs within that second; Ctrl+C again at once\n"
     "  The app's backends are those tagged exactly <app>/<instance>/<incarnation> (8 lowercase\n"
     "  hex digits), as pgrt tags its connections; `<app>/console` is not one. Only those in this\n"
     "  connection's database and under its role are classified and terminated (like the\n"
@@ -390,11 +392,20 @@ T run_bounded(asio::io_context& io, asio::signal_set& signals, asio::awaitable<T
   asio::cancellation_signal stop;
   bool signalled = false;
   bool finished = false;
-  signals.async_wait([&](const boost::system::error_code& error, int) {
-    if (error || finished) return;
-    signalled = true;
-    stop.emit(asio::cancellation_type::terminal);
-  });
+  // The first signal cancels the step (a statement's cancel request is waited for up to the
+  // connection's cancel_timeout, 1 s here); a second one ends the process at once.
+  std::function<void(const boost::system::error_code&, int)> on_signal =
+      [&](const boost::system::error_code& error, int) {
+        if (error || finished) return;
+        if (signalled) {
+          std::cerr << "pgrt-diag: interrupted again: exiting at once" << std::endl;
+          std::_Exit(exit_interrupted);
+        }
+        signalled = true;
+        signals.async_wait(on_signal);
+        stop.emit(asio::cancellation_type::terminal);
+      };
+  signals.async_wait(on_signal);
   std::optional<T> result;
   std::exception_ptr failure;
   asio::co_spawn(io, pgrt::with_timeout(std::move(operation), timeout),
@@ -438,7 +449,8 @@ const char* const budget_usage =
     "  --slots  its size, to show the free slots (default: PGRT_BUDGET_SLOTS)\n"
     "  Lists each held slot of the budget in this connection's database: its backend's pid,\n"
     "  tag (app/instance/incarnation), client address, start and state (pg_locks joined with\n"
-    "  pg_stat_activity). --timeout bounds the connect and the listing (default 10 s each).\n"
+    "  pg_stat_activity). --timeout bounds the connect, and the listing (default 10 s each;\n"
+    "  a listing given up on takes up to 1 s more to cancel).\n"
     "  exit codes: 0 listed, 2 usage, 3 server unreachable or timed out, 78 malformed DSN,\n"
     "  130 Ctrl+C\n";
 
@@ -501,10 +513,12 @@ int run_budget(int argc, char** argv) {
   options.conninfo = conninfo;
   options.application_name = "pgrt-diag";
   options.connect_timeout = timeout;
-  auto list_holders = [](pgrt::ConnectOptions connect_options,
+  options.cancel_timeout = std::chrono::seconds(1);  // a step given up on ends within 1 s more
+  pgrt::Connection connection =
+      run_bounded(io, signals, pgrt::Connection::connect(std::move(options)), timeout);
+  auto list_holders = [](pgrt::Connection& on,
                          std::string budget_key) -> asio::awaitable<pgrt::Result> {
-    auto connection = co_await pgrt::Connection::connect(std::move(connect_options));
-    co_return co_await connection.query(
+    co_return co_await on.query(
         "SELECT l.objid::int8, a.pid, coalesce(a.application_name, ''), "
         "coalesce(host(a.client_addr), 'local'), "
         "coalesce(to_char(a.backend_start AT TIME ZONE 'UTC', "
@@ -517,8 +531,7 @@ int run_budget(int argc, char** argv) {
         "ORDER BY 1",
         static_cast<std::int64_t>(pgrt::budget_lock_key(budget_key)));
   };
-  const pgrt::Result holders =
-      run_bounded(io, signals, list_holders(std::move(options), key), 2 * timeout);
+  const pgrt::Result holders = run_bounded(io, signals, list_holders(connection, key), timeout);
   if (json) {
     std::ostringstream out;
     out << "{\"budget\":" << json_string(key) << ",\"lock_key\":" << pgrt::budget_lock_key(key)
@@ -563,9 +576,9 @@ int run(const Arguments& arguments) {
   options.application_name = "pgrt-diag";
   if (arguments.behind_transaction_pooler) options.pooler = pgrt::Pooler::transaction;
   options.connect_timeout = arguments.timeout;
+  options.cancel_timeout = std::chrono::seconds(1);  // a step given up on ends within 1 s more
   pgrt::Connection connection =
-      run_bounded(io, signals, pgrt::Connection::connect(std::move(options)),
-                  arguments.timeout + arguments.timeout);
+      run_bounded(io, signals, pgrt::Connection::connect(std::move(options)), arguments.timeout);
   for (;;) {
     const Snapshot snapshot =
         run_bounded(io, signals, take_snapshot(connection, arguments), arguments.timeout);
