@@ -6,6 +6,8 @@
 #include <cmath>
 #include <cstdio>
 #include <initializer_list>
+#include <set>
+#include <string>
 #include <utility>
 
 #include "pgrt/service/watchdog.hpp"
@@ -37,14 +39,38 @@ std::string escaped(std::string_view value) {
 std::string number(double value) {
   if (std::isinf(value)) return value > 0 ? "+Inf" : "-Inf";
   if (std::isnan(value)) return "NaN";
-  // The shortest form that reads back as the same double: le="0.1", as client libraries write it.
+  // The shortest form that reads back as the same double, in %g's style: le="0.1" and
+  // le="0.0001" (not "1e-04"), as client libraries write them, so that series of several
+  // exporters group by le.
   std::array<char, 32> text{};
-  const auto written = std::to_chars(text.data(), text.data() + text.size(), value);
+  const auto written =
+      std::to_chars(text.data(), text.data() + text.size(), value, std::chars_format::general);
   return std::string(text.data(), written.ptr);
 }
 
 std::string number(std::uint64_t value) {
   return std::to_string(value);
+}
+
+// `names` with the second and later of a repeated name made distinct ("orders/vm/1a2b3c4d#2"),
+// in order: two pools with one application name (a primary and a replica), or two pending-writes
+// queues left with the default name, would otherwise give duplicate series, and Prometheus keeps
+// one of each pair without a word.
+std::vector<std::string> distinct_names(std::vector<std::string> names) {
+  std::set<std::string> taken(names.begin(), names.end());
+  std::set<std::string> seen;
+  for (auto& name : names) {
+    if (seen.insert(name).second) continue;
+    for (int copy = 2;; ++copy) {
+      std::string candidate = name + "#" + std::to_string(copy);
+      if (taken.insert(candidate).second) {
+        name = std::move(candidate);
+        seen.insert(name);
+        break;
+      }
+    }
+  }
+  return names;
 }
 
 double seconds(std::chrono::nanoseconds duration) {
@@ -293,6 +319,10 @@ std::vector<std::pair<std::string, PoolStats>> Metrics::pool_snapshots() const {
     }
   }
   for (const PoolSource& source : pools_) snapshots.emplace_back(source.name, source.stats());
+  std::vector<std::string> names;
+  for (const auto& [name, stats] : snapshots) names.push_back(name);
+  names = distinct_names(std::move(names));
+  for (std::size_t i = 0; i < snapshots.size(); ++i) snapshots[i].first = std::move(names[i]);
   return snapshots;
 }
 
@@ -319,10 +349,13 @@ std::string Metrics::render() const {
             {"pgrt_pending_writes_waiting", "gauge", "Callers waiting for room in the queue.",
              [](const PendingWritesReport& r) { return std::uint64_t{r.waiting}; }},
         }};
+    std::vector<std::string> names;
+    for (const PendingSource& source : pending_) names.push_back(source.name);
+    names = distinct_names(std::move(names));
     for (const auto& [family, type, help, read] : families) {
       w.family(family, type, help);
       for (std::size_t i = 0; i < pending_.size(); ++i) {
-        w.sample(family, {{"pending_writes", pending_[i].name}}, number(read(reports[i])));
+        w.sample(family, {{"pending_writes", names[i]}}, number(read(reports[i])));
       }
     }
   }

@@ -180,7 +180,14 @@ http::response<http::string_body> MetricsEndpoint::State::answer(
   response.set(http::field::server, "pgrt");
   response.set(http::field::cache_control, "no-store");
   response.set(http::field::content_type, "text/plain; charset=utf-8");
-  const std::string_view target(request.target().data(), request.target().size());
+  std::string_view target(request.target().data(), request.target().size());
+  // The absolute form ("http://host:port/metrics", as a proxy sends it): its path.
+  if (const auto scheme = target.find("://");
+      scheme != std::string_view::npos && target.find('/') > scheme) {
+    const auto path_begins = target.find('/', scheme + 3);
+    target =
+        path_begins == std::string_view::npos ? std::string_view("/") : target.substr(path_begins);
+  }
   const std::string_view path = target.substr(0, target.find('?'));
   if (request.method() != http::verb::get && request.method() != http::verb::head) {
     response.result(http::status::method_not_allowed);

@@ -17,6 +17,7 @@
 #include <mutex>
 #include <netinet/in.h>
 #include <optional>
+#include <set>
 #include <sstream>
 #include <string>
 #include <sys/socket.h>
@@ -423,6 +424,25 @@ TEST_F(WatchdogTest, MetricsParseWithAPrometheusParserAndCountWhatHappened) {
   running.wait(pool.close(1s));
 }
 
+// Two pools with one application name (a primary and a replica) must not give duplicate series:
+// Prometheus would keep one of each pair without a word. Bucket bounds read as client libraries
+// write them (le="0.0001", not "1e-04"), so that series of several exporters group by le.
+TEST(MetricsText, RepeatedPoolNamesGetDistinctSeriesAndBoundsAreWrittenPlainly) {
+  Metrics metrics;
+  metrics.add_pool("orders/vm/1a2b3c4d", [] { return PoolStats{}; });
+  metrics.add_pool("orders/vm/1a2b3c4d", [] { return PoolStats{}; });
+  const std::string text = metrics.render();
+  std::set<std::string> series;
+  std::istringstream lines(text);
+  for (std::string line; std::getline(lines, line);) {
+    if (line.empty() || line.starts_with("#")) continue;
+    EXPECT_TRUE(series.insert(line.substr(0, line.rfind(' '))).second) << "twice: " << line;
+  }
+  EXPECT_THAT(text, HasSubstr("db_client_connection_pool_name=\"orders/vm/1a2b3c4d#2\""));
+  EXPECT_THAT(text, HasSubstr("le=\"0.0001\""));
+  EXPECT_THAT(text, ::testing::Not(HasSubstr("e-0")));
+}
+
 // --- the HTTP endpoint -------------------------------------------------------------------------
 
 // A blocking HTTP/1.1 client for the tests: one request, the whole response (or "" if the
@@ -479,6 +499,8 @@ TEST_F(WatchdogTest, TheEndpointServesMetricsAndProbes) {
   EXPECT_THAT(page, HasSubstr("pgrt_pool_acquires_total{db_client_connection_pool_name=\"" +
                               pool.application_name() + "\"} 1"));
   EXPECT_THAT(http_get(endpoint.port(), "/healthz"), HasSubstr("HTTP/1.1 200"));
+  // The absolute form (RFC 9112: a server must accept it), as a proxy sends it.
+  EXPECT_THAT(http_get(endpoint.port(), "http://127.0.0.1/healthz"), HasSubstr("HTTP/1.1 200"));
   EXPECT_THAT(http_get(endpoint.port(), "/readyz"), HasSubstr("HTTP/1.1 200"));
   ready = false;
   EXPECT_THAT(http_get(endpoint.port(), "/readyz"), HasSubstr("HTTP/1.1 503"));
