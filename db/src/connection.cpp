@@ -138,6 +138,7 @@ asio::awaitable<Connection> Connection::connect(ConnectOptions options) {
 // query(), query_prepared() and stream() run one exchange() each, without run_operation()'s
 // frames: the per-query path. exchange() does what run_operation() does about cancellation.
 asio::awaitable<Result> Connection::query_with(std::string_view sql, ParamSink params) {
+  params.check();
   if (!impl_) throw_not_connected();
   Impl& impl = *impl_;
   if (auto error = impl.begin_operation()) throw Error(error, impl.last_error);
@@ -156,6 +157,7 @@ asio::awaitable<std::uint64_t> Connection::execute_with(std::string_view sql, Pa
 }
 
 asio::awaitable<Result> Connection::query_prepared_with(std::string_view sql, ParamSink params) {
+  params.check();
   if (!impl_) throw_not_connected();
   Impl& impl = *impl_;
   if (auto error = impl.begin_operation()) throw Error(error, impl.last_error);
@@ -170,6 +172,7 @@ asio::awaitable<Result> Connection::query_prepared_with(std::string_view sql, Pa
 
 asio::awaitable<std::uint64_t> Connection::stream_with(std::string_view sql, ParamSink params,
                                                        std::function<void(const Row&)> on_row) {
+  params.check();
   if (!impl_) throw_not_connected();
   Impl& impl = *impl_;
   if (auto error = impl.begin_operation()) throw Error(error, impl.last_error);

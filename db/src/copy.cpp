@@ -87,8 +87,9 @@ void append_copy_field(std::string& out, std::chrono::system_clock::time_point v
   // Floor division in integers: a double loses the last microseconds beyond 2^53 us (after
   // 2255, before 1684), and 23:59:59.999999 would come out as the next day's "-00001".
   constexpr std::int64_t micros_per_day = 86'400'000'000;
-  const std::int64_t days = micros / micros_per_day - (micros % micros_per_day < 0 ? 1 : 0);
-  std::int64_t rest = micros - days * micros_per_day;
+  std::int64_t rest = micros % micros_per_day;  // no multiplication: no overflow near the ends
+  const std::int64_t days = micros / micros_per_day - (rest < 0 ? 1 : 0);
+  if (rest < 0) rest += micros_per_day;
   // civil_from_days (Howard Hinnant)
   std::int64_t z = days + 719468;
   const std::int64_t era = (z >= 0 ? z : z - 146096) / 146097;

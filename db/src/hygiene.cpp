@@ -208,19 +208,14 @@ boost::asio::awaitable<CleanupReport> cleanup_predecessors(Connection& connectio
     const bool proven =
         std::find(options.earlier_incarnations.begin(), options.earlier_incarnations.end(),
                   tag->incarnation) != options.earlier_incarnations.end();
-    if (backends[i].presence != HostPresence::unknown || proven) continue;
+    const bool undecided = backends[i].presence == HostPresence::unknown ||
+                           backends[i].presence == HostPresence::other_user;
+    if (!undecided || proven) continue;
     reasons[i].clear();
     if (std::find(report.unverified_incarnations.begin(), report.unverified_incarnations.end(),
                   tag->incarnation) == report.unverified_incarnations.end()) {
       report.unverified_incarnations.push_back(tag->incarnation);
     }
-  }
-  if (!squatted.empty()) {
-    spdlog::warn(
-        "pgrt cleanup: another user's socket holds the name of incarnation(s) {} of {} "
-        "(pgrt/incarnation/<incarnation>, abstract unix namespace): not a process of this "
-        "service, so their backends are leftovers all the same",
-        squatted, prefix);
   }
   if (!report.unverified_incarnations.empty()) {
     std::string incarnations;
@@ -229,10 +224,14 @@ boost::asio::awaitable<CleanupReport> cleanup_predecessors(Connection& connectio
     }
     report.warning =
         "left alone the backends of " + incarnations +
-        ": this host cannot tell whether they run here (unix sockets or socket diagnostics are "
-        "not available to this process), and the instance lock did not see them end. Allow "
-        "AF_UNIX and AF_NETLINK sockets (systemd: RestrictAddressFamilies), or check with "
-        "pgrt-diag and terminate them with --kill-leaked";
+        ": the instance lock did not see them end, and " +
+        (squatted.empty()
+             ? std::string("this process cannot tell whether they run on this host (no unix "
+                           "sockets here: allow AF_UNIX, e.g. in systemd's "
+                           "RestrictAddressFamilies)")
+             : "another user's process holds the name of " + squatted +
+                   " on this host (the same service run as another user, or a squatter)") +
+        ". Check with pgrt-diag, and terminate them with --kill-leaked";
     spdlog::warn("pgrt cleanup: {}", report.warning);
   }
   for (std::size_t i = 0; i < backends.size(); ++i) {
@@ -258,8 +257,9 @@ boost::asio::awaitable<CleanupReport> cleanup_predecessors(Connection& connectio
       if (sqlstate_of(error.code()) != "42501") throw;
       report.permission_denied = true;
       report.warning =
-          "the role " + role + " may not terminate backends (" + error.diagnostics().message +
-          "); " + std::to_string(report.backends.size()) + " leftover connection(s) of " + prefix +
+          (report.warning.empty() ? std::string() : report.warning + "; ") + "the role " + role +
+          " may not terminate backends (" + error.diagnostics().message + "); " +
+          std::to_string(report.backends.size()) + " leftover connection(s) of " + prefix +
           " stay. Fix: GRANT EXECUTE ON FUNCTION pg_terminate_backend(integer, bigint) "
           "TO " +
           role +

@@ -661,6 +661,7 @@ namespace detail {
 
 asio::awaitable<void> accept_statement(std::shared_ptr<PendingWritesState> state, std::string sql,
                                        ParamSink params) {
+  params.check();  // nothing is accepted that could not be sent
   Write write;
   write.text = std::move(sql);
   write.params = std::move(params);

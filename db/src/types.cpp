@@ -89,13 +89,22 @@ void ParamSink::text(std::string_view value, Oid type) {
   // Sent in text format, a value ends at its first NUL (libpq ignores the length), and no
   // PostgreSQL text type can hold one: refused, rather than stored cut short without a word.
   if (const auto nul = value.find('\0'); nul != std::string_view::npos) {
-    throw Error(make_error_code(client_errc::conversion),
-                Diagnostics{.message = "parameter $" + std::to_string(types_.size() + 1) +
-                                       " holds a NUL byte at offset " + std::to_string(nul) +
-                                       ", which no PostgreSQL text value can hold",
-                            .hint = "strip it, or send the value as pgrt::Bytes (bytea)"});
+    if (!failure_) {
+      failure_.emplace(make_error_code(client_errc::conversion),
+                       Diagnostics{.message = "parameter $" + std::to_string(types_.size() + 1) +
+                                              " holds a NUL byte at offset " + std::to_string(nul) +
+                                              ", which no PostgreSQL text value can hold; "
+                                              "nothing was sent",
+                                   .hint = "strip it, or send the value as pgrt::Bytes (bytea)"});
+    }
+    append({}, type, 0, false);  // the parameters keep their count and positions
+    return;
   }
   append(value, type, 0, false);
+}
+
+void ParamSink::check() const {
+  if (failure_) throw *failure_;
 }
 
 void ParamSink::binary(std::span<const std::byte> value, Oid type) {

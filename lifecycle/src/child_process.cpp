@@ -21,6 +21,7 @@
 #include <fcntl.h>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <limits>
 #include <spdlog/spdlog.h>
 #include <sstream>
@@ -501,13 +502,15 @@ struct ChildProcess::Impl {
   // (/proc/<pid>/stat: its pgrp; zombies do not count).
   static bool group_has_others(pid_t group) {
     std::error_code error;
-    for (const auto& entry : std::filesystem::directory_iterator("/proc", error)) {
+    std::filesystem::directory_iterator entries("/proc", error);
+    for (; !error && entries != std::filesystem::directory_iterator(); entries.increment(error)) {
+      const auto& entry = *entries;
       const std::string name = entry.path().filename().string();
       if (name.empty() || name.find_first_not_of("0123456789") != std::string::npos) continue;
       if (std::stol(name) == group) continue;
       std::ifstream stat(entry.path() / "stat");
-      std::string line;
-      if (!std::getline(stat, line)) continue;
+      const std::string line{std::istreambuf_iterator<char>(stat), {}};  // a name may hold '\n'
+      if (line.empty()) continue;
       const auto after_name = line.rfind(')');  // the command may hold spaces and parentheses
       if (after_name == std::string::npos) continue;
       std::istringstream fields(line.substr(after_name + 1));
@@ -552,7 +555,7 @@ struct ChildProcess::Impl {
       asio::steady_timer pause(co_await asio::this_coro::executor);
       while (Clock::now().time_since_epoch().count() < group_grace_until.load() &&
              group_has_others(pid)) {
-        pause.expires_after(std::chrono::milliseconds(20));
+        pause.expires_after(std::chrono::milliseconds(50));
         co_await pause.async_wait(no_throw);
       }
     }

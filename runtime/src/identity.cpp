@@ -223,8 +223,10 @@ HostPresence incarnation_on_this_host(std::string_view incarnation) {
   // An abstract name carries no permissions: any user may bind one. Only a socket of this user
   // (or root) is taken for a live process of this service.
   const std::string_view path(name.address.sun_path, name.length - offsetof(sockaddr_un, sun_path));
+  // Where the kernel cannot say (before Linux 5.3, or no AF_NETLINK in a sandbox), the name is
+  // taken at its word: a live process is never taken for a dead one.
   const auto owner = abstract_socket_owner(path);
-  if (!owner) return HostPresence::unknown;
+  if (!owner) return HostPresence::running;
   return *owner == ::geteuid() || *owner == 0 ? HostPresence::running : HostPresence::other_user;
 }
 

@@ -69,8 +69,14 @@ struct MetricsEndpoint::State : std::enable_shared_from_this<State> {
     // Waiting for (the rest of) a request: nothing is owed to it. Written on its strand, read on
     // the endpoint's.
     std::atomic<bool> awaiting_request{true};
+    // Since when (steady_clock ticks) it has been waiting for its request.
+    std::atomic<std::chrono::steady_clock::rep> awaiting_since{
+        std::chrono::steady_clock::now().time_since_epoch().count()};
     bool evicted = false;  // on the endpoint's strand
   };
+  // How long a connection must have owed nothing before a newcomer may take its place: a flood of
+  // new connections is refused at once (cheap), not cycled through the slots.
+  static constexpr std::chrono::milliseconds evictable_after{100};
 
   void listen();
   asio::awaitable<void> accept_loop(std::shared_ptr<State> self);
@@ -137,8 +143,10 @@ asio::awaitable<void> MetricsEndpoint::State::accept_loop(std::shared_ptr<State>
       // room, so that silent or dribbling connections cannot keep a liveness probe out. Only
       // when every one is being answered is the newcomer refused.
       std::shared_ptr<Session> oldest_idle;
+      const auto idle_before =
+          (std::chrono::steady_clock::now() - evictable_after).time_since_epoch().count();
       for (auto it = sessions.rbegin(); it != sessions.rend(); ++it) {
-        if (!(*it)->evicted && (*it)->awaiting_request) {
+        if (!(*it)->evicted && (*it)->awaiting_request && (*it)->awaiting_since <= idle_before) {
           oldest_idle = *it;
           break;
         }
@@ -152,9 +160,15 @@ asio::awaitable<void> MetricsEndpoint::State::accept_loop(std::shared_ptr<State>
       }
       oldest_idle->evicted = true;
       ++evicted;
-      asio::dispatch(oldest_idle->stream.get_executor(), [oldest_idle] {
-        if (!oldest_idle->awaiting_request) return;  // its request came in meanwhile: answered
+      asio::dispatch(oldest_idle->stream.get_executor(), [self, oldest_idle] {
+        if (!oldest_idle->awaiting_request) {
+          // Its request came in meanwhile: it is answered, and may be evicted later.
+          asio::dispatch(self->strand, [oldest_idle] { oldest_idle->evicted = false; });
+          return;
+        }
+        // Shut down, not only cancelled: a read that beast starts after this fails at once too.
         boost::system::error_code ignored;
+        oldest_idle->stream.socket().shutdown(tcp::socket::shutdown_both, ignored);
         oldest_idle->stream.socket().cancel(ignored);
       });
     }
@@ -230,6 +244,7 @@ asio::awaitable<void> MetricsEndpoint::State::serve(std::shared_ptr<State> self,
     parser.header_limit(static_cast<std::uint32_t>(options.max_header_bytes));
     parser.body_limit(options.max_body_bytes);
     stream.expires_after(options.request_timeout);
+    session->awaiting_since = std::chrono::steady_clock::now().time_since_epoch().count();
     session->awaiting_request = true;
     auto [read_error, read] =
         co_await http::async_read(stream, buffer, parser, asio::as_tuple(asio::use_awaitable));

@@ -207,6 +207,21 @@ TEST_F(ConnectionTest, UserTypesPlugInThroughCodec) {
   });
 }
 
+// libpq sends a text parameter up to its first NUL: "a\0b" would be stored as "a" without a
+// word. It is refused at the statement's co_await (not at the call, which may be a co_spawn's
+// argument), nothing is sent, and the connection goes on.
+TEST_F(ConnectionTest, ATextParameterHoldingANulFailsAtItsCoAwaitAndSendsNothing) {
+  run_coroutine([]() -> awaitable_void {
+    auto conn = co_await open();
+    auto statement = conn.query("SELECT $1::text", std::string("a\0b", 3));  // no throw here
+    const Error error = co_await expect_error(std::move(statement));
+    EXPECT_EQ(error.code(), client_errc::conversion);
+    EXPECT_THAT(error.what(), HasSubstr("parameter $1 holds a NUL byte at offset 1"));
+    EXPECT_EQ((co_await conn.query("SELECT $1::text", std::string("ab"))).scalar<std::string>(),
+              "ab");
+  });
+}
+
 TEST_F(ConnectionTest, ResultsExposeRowsColumnsAndCounts) {
   run_coroutine([]() -> awaitable_void {
     auto conn = co_await open();

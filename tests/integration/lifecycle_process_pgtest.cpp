@@ -1092,9 +1092,11 @@ pid_t squat_incarnation_name(const std::string& incarnation) {
   return bound ? squatter : -1;
 }
 
-// Any local user may bind a dead incarnation's name (abstract names have no permissions): that
-// must neither make the restart refuse as if a duplicate ran, nor save the leftovers.
-TEST_F(StartupHygieneTest, AnotherUsersSocketUnderADeadIncarnationsNameChangesNothing) {
+// Another user's socket under an incarnation's name (abstract names have no permissions) is a
+// squatter, or the same service run as another user: it must not make the start refuse as if a
+// duplicate of this user ran, and its backends are not terminated unless the instance lock saw
+// that incarnation end (left alone, with a warning naming them).
+TEST_F(StartupHygieneTest, AnotherUsersSocketUnderAnIncarnationsNameNeitherBlocksNorIsTerminated) {
   if (::geteuid() != 0) GTEST_SKIP() << "needs root, to bind the name as another user";
   testing::FaultProxy proxy("127.0.0.1", static_cast<std::uint16_t>(cluster().port()));
   const std::set<int> leftovers = crashed_predecessor(proxy, "squat", "one");
@@ -1114,12 +1116,18 @@ TEST_F(StartupHygieneTest, AnotherUsersSocketUnderADeadIncarnationsNameChangesNo
   config.instance = "one";
   StartupHygieneOptions options;
   options.lock_directory = Child::runtime_directory() / "squat";  // not the predecessor's
-  const CleanupReport report = run_hygiene(config, options);
+  const CleanupReport report = run_hygiene(config, options);      // started: no refusal
   ::kill(squatter, SIGKILL);
   ::waitpid(squatter, nullptr, 0);
   EXPECT_TRUE(report.running_duplicates.empty());
+  EXPECT_EQ(report.unverified_incarnations, std::vector<std::string>{incarnation});
+  EXPECT_THAT(report.warning, HasSubstr("another user's process holds the name"));
+  for (const auto& backend : report.backends) EXPECT_FALSE(backend.terminated) << backend.pid;
+  EXPECT_EQ(backend_pids("squat/one/%"), leftovers);
+  // Once the name is free, the incarnation is dead as far as this host can tell: terminated.
+  const CleanupReport again = run_hygiene(config, options);
   std::set<int> terminated;
-  for (const auto& backend : report.backends) {
+  for (const auto& backend : again.backends) {
     if (backend.terminated) terminated.insert(backend.pid);
   }
   EXPECT_EQ(terminated, leftovers);

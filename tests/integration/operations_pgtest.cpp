@@ -583,16 +583,20 @@ TEST_F(WatchdogTest, HostileClientsNeitherBlockTheEndpointNorSlowThePool) {
     if (fd >= 0) flood.push_back(fd);
   }
   const auto attacked = median_query();
-  // The endpoint still answers a real request at once, though every slot was held by silent
-  // connections: a new connection takes the place of the oldest of them (a liveness probe never
-  // waits out request_timeout, nor gets a 503, for them).
+  // The endpoint still answers a real request at once, though every slot is held by silent
+  // connections: once they have been silent 100 ms, a new connection takes the place of the
+  // oldest of them (a liveness probe never waits out request_timeout, nor gets a 503, for them).
+  std::this_thread::sleep_for(150ms);
   EXPECT_THAT(http_get(port, "/healthz"), HasSubstr("200 OK"));
   EXPECT_THAT(http_get(port, "/healthz"), HasSubstr("200 OK"));
   loris.join();
   EXPECT_TRUE(loris_closed) << "the slow client was never cut off";
   for (const int fd : flood) ::close(fd);
-  EXPECT_GE(endpoint.connections_evicted(), 900U);
-  EXPECT_EQ(endpoint.connections_refused(), 0U);
+  // The flood was refused at once (cheap), or, where the endpoint took it in later than 100 ms
+  // after the first of it, cycled through the slots; a silent one made room for the probes.
+  EXPECT_GE(endpoint.connections_refused() + endpoint.connections_evicted(), 900U);
+  EXPECT_GE(endpoint.connections_refused(), 500U);
+  EXPECT_GE(endpoint.connections_evicted(), 1U);
   // Unaffected: within 3x of the calm median and 1 ms (the machine is shared and noisy).
   EXPECT_LE(attacked, calm * 3 + 1ms)
       << "calm " << calm.count() << " ns, attacked " << attacked.count() << " ns";

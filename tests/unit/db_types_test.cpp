@@ -5,6 +5,7 @@
 
 #include <pgrt/db/copy.hpp>
 #include <pgrt/db/error.hpp>
+#include <pgrt/db/pipeline.hpp>
 #include <pgrt/db/types.hpp>
 
 namespace pgrt {
@@ -50,16 +51,25 @@ TEST(Codec, StringsAreTextOfUnspecifiedTypeAndNullIsANullPointer) {
 // reported as written. No text value can hold a NUL, so it is refused before anything is sent.
 TEST(Codec, AStringWithANulByteIsRefusedNotCutShort) {
   ParamSink sink;
-  encode_params(sink, std::string("first"));
+  encode_params(sink, std::string("first"), std::string("nul\0inside", 10), std::string("x"));
+  EXPECT_TRUE(sink.failed());
+  EXPECT_EQ(sink.size(), 3U);  // the positions stay
   try {
-    encode_params(sink, std::string("nul\0inside", 10));
+    sink.check();
     FAIL() << "a NUL byte was accepted";
   } catch (const Error& error) {
     EXPECT_EQ(error.code(), client_errc::conversion);
     EXPECT_THAT(error.what(), ::testing::HasSubstr("parameter $2 holds a NUL byte at offset 3"));
   }
-  EXPECT_THROW(encode_params(sink, std::string_view("\0", 1)), Error);
-  EXPECT_EQ(sink.size(), 1U);
+  ParamSink clean;
+  encode_params(clean, std::string("no nul"));
+  EXPECT_FALSE(clean.failed());
+  EXPECT_NO_THROW(clean.check());
+  // A Pipeline adds nothing for a statement that cannot be encoded.
+  Pipeline pipeline;
+  pipeline.add("SELECT $1", std::string("a"));
+  EXPECT_THROW(pipeline.add("SELECT $1", std::string_view("\0", 1)), Error);
+  EXPECT_EQ(pipeline.size(), 1U);
 }
 
 TEST(Codec, IntegersDecodeWithRangeAndTypeChecks) {

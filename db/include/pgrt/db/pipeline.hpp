@@ -56,11 +56,14 @@ class Pipeline {
     bool sync_after = false;
   };
 
-  /// Appends a statement with its parameters.
+  /// Appends a statement with its parameters. Throws Error(client_errc::conversion), adding
+  /// nothing, if a parameter cannot be encoded (ParamSink::text()).
   template <Encodable... Args>
   Pipeline& add(std::string_view sql, const Args&... args) {
-    Statement& statement = statements_.emplace_back(Statement{std::string(sql), {}, false});
-    encode_params(statement.params, args...);
+    ParamSink params;
+    encode_params(params, args...);
+    params.check();
+    statements_.push_back(Statement{std::string(sql), std::move(params), false});
     return *this;
   }
   /// Ends the current segment after the last added statement.

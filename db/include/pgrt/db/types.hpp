@@ -27,6 +27,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "pgrt/db/error.hpp"
+
 namespace pgrt {
 
 /// A PostgreSQL type OID.
@@ -66,10 +68,15 @@ class ParamSink {
  public:
   /// A NULL parameter.
   void null(Oid type = oid::unspecified);
-  /// A parameter in text format; `type` unspecified lets the server infer it. Throws
-  /// Error(client_errc::conversion) if `value` holds a NUL byte: libpq would send it cut short at
-  /// the NUL, and no PostgreSQL text value can hold one (send binary data as Bytes).
+  /// A parameter in text format; `type` unspecified lets the server infer it. A `value` holding a
+  /// NUL byte is refused (libpq would send it cut short at the NUL, and no PostgreSQL text value
+  /// can hold one; send binary data as Bytes): the sink is then failed() and check() throws
+  /// Error(client_errc::conversion), which the statement's co_await does, sending nothing.
   void text(std::string_view value, Oid type = oid::unspecified);
+  /// Whether a value could not be encoded (see text()).
+  [[nodiscard]] bool failed() const noexcept { return failure_.has_value(); }
+  /// Throws the first encoding failure, if any: client_errc::conversion, saying which parameter.
+  void check() const;
   /// A parameter in PostgreSQL's binary format for `type`.
   void binary(std::span<const std::byte> value, Oid type);
   /// A big-endian integer in binary format, as int2, int4 and int8 are sent.
@@ -95,6 +102,7 @@ class ParamSink {
  private:
   void append(std::string_view bytes, Oid type, int format, bool is_null);
 
+  std::optional<Error> failure_;  // the first value that could not be encoded
   std::string storage_;
   std::vector<Oid> types_;
   std::vector<std::size_t> offsets_;

@@ -33,14 +33,15 @@ struct ProcessIdentity {
 /// process_identity() by binding a datagram socket named `pgrt/incarnation/<incarnation>` in the
 /// abstract unix namespace, which the kernel releases when the process (and any child it forked
 /// without exec) ends. An abstract name has no permissions, so the name's owner is checked too
-/// (the kernel's socket diagnostics, Linux 5.3 or later): another user's socket under the name
-/// is not this service's. "This host" is the network namespace: a container is a host of its own.
+/// (the kernel's socket diagnostics, Linux 5.3 or later; where they cannot say, a bound name
+/// counts as running). "This host" is the network namespace: a container is a host of its own.
 enum class HostPresence {
   running,      ///< A live process of this user (or root) here has it (this one's own included).
   not_running,  ///< No live process here has it.
-  other_user,   ///< Another user's socket has the name: not a process of this service.
-  unknown,      ///< Cannot tell: unix sockets or socket diagnostics are not available (a
-                ///< sandbox), or not a valid incarnation.
+  other_user,   ///< Another user's socket has the name: a squatter, or the same service run as
+                ///< another user; neither proves the incarnation dead nor alive.
+  unknown,      ///< Cannot tell: unix sockets are not available (a sandbox), or not a valid
+                ///< incarnation.
 };
 
 /// See HostPresence. Thread-safe; a few system calls, no blocking.

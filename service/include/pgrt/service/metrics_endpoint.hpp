@@ -25,10 +25,10 @@ struct MetricsEndpointOptions {
   /// The port (env PGRT_METRICS_PORT); 0 picks a free one (MetricsEndpoint::port() tells which).
   std::uint16_t port = 0;
   /// Connections served at once. When all are open, a new one takes the place of the oldest that
-  /// owes nothing (idle, or still sending its request: it is closed), so that silent or
-  /// dribbling connections cannot keep a liveness probe out; only while every one is being
-  /// answered is the new one closed at once (with a 503 when the socket takes it without
-  /// waiting), so that a flood cannot keep the slots or the descriptors.
+  /// has owed nothing for 100 ms or more (idle, or still sending its request: it is closed), so
+  /// that silent or dribbling connections cannot keep a liveness probe out; when there is none,
+  /// the new one is closed at once (with a 503 when the socket takes it without waiting), so that
+  /// a flood can keep neither the slots nor the descriptors, nor the io_context busy.
   std::size_t max_connections = 32;
   /// A request whose header is larger gets 431 and its connection is closed.
   std::size_t max_header_bytes = 8 * 1024;
