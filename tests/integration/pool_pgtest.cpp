@@ -1787,6 +1787,45 @@ TEST_F(PoolTest, HooksThatWaitOnSomethingElseAreCutAtTheirDeadlinesAndHandOutNot
   });
 }
 
+// A hook that takes its cancellation as a normal end (its wait returns an error code, and it
+// returns as if done) was still cut at its deadline: with_timeout() hands back what completes as
+// it is cancelled, and the pool must not take that for a hook that finished in time.
+TEST_F(PoolTest, HooksThatReturnNormallyOnceCutAreCutAllTheSame) {
+  const auto swallowing_wait = []() -> asio::awaitable<void> {
+    asio::steady_timer timer(co_await asio::this_coro::executor, 3s);
+    auto [ignored] = co_await timer.async_wait(asio::as_tuple(asio::use_awaitable));
+    (void)ignored;
+  };
+  auto check = config("swallowing-before-handout", 1);
+  check.acquire_timeout = 300ms;
+  check.min_idle = 1;
+  check.before_handout = [&swallowing_wait](Connection&) -> asio::awaitable<bool> {
+    co_await swallowing_wait();
+    co_return true;  // "fine", though cut
+  };
+  run_coroutine([&]() -> awaitable_void {
+    Pool pool(co_await asio::this_coro::executor, check);
+    for (int i = 0; i < 250 && pool.stats().idle < 1; ++i) co_await testing::sleep_for(20ms);
+    const Error error = co_await testing::expect_error(pool.acquire());
+    EXPECT_EQ(error.code(), client_errc::pool_timeout) << error.what();
+    (void)co_await pool.close(2s);
+  });
+  auto setup = config("swallowing-on-connect", 1);
+  setup.connect.connect_timeout = 300ms;
+  setup.acquire_timeout = 1500ms;
+  setup.on_connect = [&swallowing_wait](Connection&) -> asio::awaitable<void> {
+    co_await swallowing_wait();
+  };
+  run_coroutine([&]() -> awaitable_void {
+    Pool pool(co_await asio::this_coro::executor, setup);
+    const Error error = co_await testing::expect_error(pool.acquire());
+    EXPECT_EQ(error.code(), client_errc::pool_timeout) << error.what();
+    EXPECT_THAT(error.what(), HasSubstr("on_connect")) << error.what();
+    EXPECT_GE(pool.stats().connect_errors, 1U);
+    (void)co_await pool.close(2s);
+  });
+}
+
 }  // namespace
 }  // namespace pgrt
 

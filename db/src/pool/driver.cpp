@@ -316,10 +316,12 @@ asio::awaitable<void> PoolState::open_connection(
     try {
       // Cut at connect_timeout twice over: the connection (a statement the hook runs ends), and
       // the hook itself (cancelled, for one that waits on something else).
-      co_await with_timeout(cut_at(connection, Clock::now() + self->config.connect.connect_timeout,
-                                   self->config.on_connect(connection)),
+      const auto hook_deadline = Clock::now() + self->config.connect.connect_timeout;
+      co_await with_timeout(cut_at(connection, hook_deadline, self->config.on_connect(connection)),
                             self->config.connect.connect_timeout);
-      if (connection.is_broken() || !connection.is_open()) {  // it caught its statement's error
+      // (with_timeout() hands back what completed as it was cancelled: a hook that returned
+      // normally once cut is cut all the same.)
+      if (connection.is_broken() || !connection.is_open() || Clock::now() >= hook_deadline) {
         error = make_error_code(client_errc::connect_failed);
         failure =
             "PoolConfig::on_connect returned after its connection was cut (it ran past "
@@ -935,6 +937,9 @@ asio::awaitable<Lease> PoolState::checked(Lease lease, std::shared_ptr<PoolState
       usable = co_await with_timeout(
           cut_at(connection, deadline, self->config.before_handout(connection)),
           std::max(deadline - Clock::now(), Clock::duration::zero()));
+      // A check that said yes once cut (with_timeout() hands back what completed as it was
+      // cancelled) did not finish in time: as documented, not handed out.
+      if (Clock::now() >= deadline) usable = false;
     }
   } catch (const Error& error) {
     if (error.code() == client_errc::cancelled) throw;  // the caller gave up: so do we
