@@ -29,7 +29,6 @@
 #include <sstream>
 #include <string>
 #include <sys/socket.h>
-#include <sys/un.h>
 #include <sys/wait.h>
 #include <thread>
 #include <unistd.h>
@@ -39,6 +38,7 @@
 #include <pgrt/runtime/identity.hpp>
 #include <pgrt/service.hpp>
 
+#include "incarnation_squatter.hpp"
 #include "pgrt/testing/blocking_sql.hpp"
 #include "pgrt/testing/db_test.hpp"
 #include "pgrt/testing/eventually.hpp"
@@ -1067,31 +1067,6 @@ TEST_F(StartupHygieneTest, ALiveInstanceWhoseLockIsInAnotherDirectoryIsNeitherTe
   EXPECT_TRUE(testing::eventually([] { return backend_pids("twin/one/%").empty(); }));
 }
 
-// Binds `incarnation`'s name (pgrt/incarnation/<incarnation>, abstract unix namespace) as the
-// user `nobody`, until killed: a local user squatting on a dead incarnation's name.
-pid_t squat_incarnation_name(const std::string& incarnation) {
-  int ready[2];
-  if (::pipe(ready) != 0) return -1;
-  const pid_t squatter = ::fork();
-  if (squatter == 0) {
-    if (::setuid(65534) != 0) ::_exit(2);
-    const int fd = ::socket(AF_UNIX, SOCK_DGRAM, 0);
-    sockaddr_un address{};
-    address.sun_family = AF_UNIX;
-    const std::string name = std::string(1, '\0') + "pgrt/incarnation/" + incarnation;
-    std::memcpy(address.sun_path, name.data(), name.size());
-    const auto length = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + name.size());
-    if (::bind(fd, reinterpret_cast<const sockaddr*>(&address), length) != 0) ::_exit(3);
-    (void)::write(ready[1], "x", 1);
-    for (;;) ::pause();
-  }
-  char byte = 0;
-  const bool bound = squatter > 0 && ::read(ready[0], &byte, 1) == 1;
-  ::close(ready[0]);
-  ::close(ready[1]);
-  return bound ? squatter : -1;
-}
-
 // Another user's socket under an incarnation's name (abstract names have no permissions) is a
 // squatter, or the same service run as another user: it must not make the start refuse as if a
 // duplicate of this user ran, and its backends are not terminated unless the instance lock saw
@@ -1106,7 +1081,7 @@ TEST_F(StartupHygieneTest, AnotherUsersSocketUnderAnIncarnationsNameNeitherBlock
       "'squat/one/%'");
   ASSERT_EQ(tag.size(), std::string("squat/one/").size() + 8) << tag;
   const std::string incarnation = tag.substr(tag.size() - 8);
-  const pid_t squatter = squat_incarnation_name(incarnation);
+  const pid_t squatter = test::squat_incarnation_name(incarnation);
   ASSERT_GT(squatter, 0);
   EXPECT_EQ(incarnation_on_this_host(incarnation), HostPresence::other_user);
 

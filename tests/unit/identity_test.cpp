@@ -11,15 +11,14 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <string>
-#include <sys/socket.h>
 #include <sys/stat.h>
-#include <sys/un.h>
 #include <sys/wait.h>
 #include <thread>
 #include <unistd.h>
 #include <utility>
 #include <vector>
 
+#include "incarnation_squatter.hpp"
 #include "pgrt/db/hygiene.hpp"
 #include "pgrt/db/session_guards.hpp"
 #include "pgrt/runtime/instance_lock.hpp"
@@ -229,30 +228,12 @@ TEST(IncarnationOnThisHost, AnotherUsersSocketUnderTheNameIsNotThisServicesProce
   if (::geteuid() != 0) GTEST_SKIP() << "needs root, to bind the name as another user";
   const std::string squatted = "5a5a5a5a";
   ASSERT_EQ(incarnation_on_this_host(squatted), HostPresence::not_running);
-  int ready[2];
-  ASSERT_EQ(::pipe(ready), 0);
-  const pid_t squatter = ::fork();
-  ASSERT_GE(squatter, 0);
-  if (squatter == 0) {
-    if (::setuid(65534) != 0) ::_exit(2);  // nobody
-    const int fd = ::socket(AF_UNIX, SOCK_DGRAM, 0);
-    sockaddr_un address{};
-    address.sun_family = AF_UNIX;
-    const std::string name = std::string(1, '\0') + "pgrt/incarnation/" + squatted;
-    std::memcpy(address.sun_path, name.data(), name.size());
-    const auto length = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + name.size());
-    if (::bind(fd, reinterpret_cast<const sockaddr*>(&address), length) != 0) ::_exit(3);
-    (void)::write(ready[1], "x", 1);
-    for (;;) ::pause();
-  }
-  char byte = 0;
-  ASSERT_EQ(::read(ready[0], &byte, 1), 1);
+  const pid_t squatter = test::squat_incarnation_name(squatted);
+  ASSERT_GT(squatter, 0);
   EXPECT_EQ(incarnation_on_this_host(squatted), HostPresence::other_user);
   ::kill(squatter, SIGKILL);
   ::waitpid(squatter, nullptr, 0);
   EXPECT_EQ(incarnation_on_this_host(squatted), HostPresence::not_running);
-  ::close(ready[0]);
-  ::close(ready[1]);
 }
 
 class InstanceLockTest : public ::testing::Test {
