@@ -25,9 +25,10 @@ void Connection::Impl::close(CloseMode mode) noexcept {
     interrupt_cancel.reset();
   }
   if (socket.is_open()) {
-    // Deregister from the reactor without closing: the descriptor belongs to libpq.
+    // Our own descriptor for libpq's socket (watch_socket()): deregistered and closed; the
+    // socket itself stays open until PQfinish() closes libpq's.
     error_code ignored;
-    [[maybe_unused]] auto descriptor = socket.release(ignored);
+    socket.close(ignored);
   }
   if (conn != nullptr) {
     if (mode == CloseMode::immediate) ::shutdown(PQsocket(conn), SHUT_RDWR);
@@ -139,6 +140,7 @@ asio::awaitable<Connection> Connection::connect(ConnectOptions options) {
 // frames: the per-query path. exchange() does what run_operation() does about cancellation.
 asio::awaitable<Result> Connection::query_with(std::string_view sql, ParamSink params) {
   params.check();
+  check_statement_text(sql);
   if (!impl_) throw_not_connected();
   Impl& impl = *impl_;
   if (auto error = impl.begin_operation()) throw Error(error, impl.last_error);
@@ -158,6 +160,7 @@ asio::awaitable<std::uint64_t> Connection::execute_with(std::string_view sql, Pa
 
 asio::awaitable<Result> Connection::query_prepared_with(std::string_view sql, ParamSink params) {
   params.check();
+  check_statement_text(sql);
   if (!impl_) throw_not_connected();
   Impl& impl = *impl_;
   if (auto error = impl.begin_operation()) throw Error(error, impl.last_error);
@@ -173,6 +176,7 @@ asio::awaitable<Result> Connection::query_prepared_with(std::string_view sql, Pa
 asio::awaitable<std::uint64_t> Connection::stream_with(std::string_view sql, ParamSink params,
                                                        std::function<void(const Row&)> on_row) {
   params.check();
+  check_statement_text(sql);
   if (!impl_) throw_not_connected();
   Impl& impl = *impl_;
   if (auto error = impl.begin_operation()) throw Error(error, impl.last_error);
@@ -245,6 +249,7 @@ asio::awaitable<std::pair<error_code, Result>> Connection::try_query(std::string
     Result result = co_await query_with(sql, std::move(params));
     co_return std::pair{error_code{}, std::move(result)};
   } catch (const Error& error) {
+    if (impl_) impl_->last_error = error.diagnostics();  // one the statement failed before it ran
     co_return std::pair{error.code(), Result()};
   }
 }
@@ -255,6 +260,7 @@ asio::awaitable<std::pair<error_code, std::uint64_t>> Connection::try_execute(st
     const std::uint64_t rows = co_await execute_with(sql, std::move(params));
     co_return std::pair{error_code{}, rows};
   } catch (const Error& error) {
+    if (impl_) impl_->last_error = error.diagnostics();
     co_return std::pair{error.code(), std::uint64_t{0}};
   }
 }

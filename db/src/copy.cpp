@@ -119,13 +119,27 @@ void append_copy_field(std::string& out, std::chrono::system_clock::time_point v
 
 asio::awaitable<std::uint64_t> Connection::copy_from(std::string_view copy_statement,
                                                      std::string_view data) {
+  check_statement_text(copy_statement);
+  if (first_keyword(copy_statement) != "copy") {
+    // Refused before it is sent: the server would run any other statement before pgrt saw that
+    // it starts no COPY.
+    throw Error(make_error_code(client_errc::protocol_error),
+                Diagnostics{.message = "copy_from() needs a COPY ... FROM STDIN statement; this "
+                                       "one is not a COPY, and nothing was sent",
+                            .hint = "run other statements with query() or execute()",
+                            .statement = std::string(copy_statement)});
+  }
   if (!impl_) throw_not_connected();
   Impl& impl = *impl_;
   Result result;
   auto error = co_await run_operation(impl, [&]() -> asio::awaitable<error_code> {
     PGconn* conn = impl.conn;
     const std::string statement(copy_statement);
-    if (PQsendQuery(conn, statement.c_str()) == 0) co_return impl.lost(statement);
+    // The extended protocol: one statement only (a second one after a `;` is refused by the
+    // server, and nothing runs).
+    if (PQsendQueryParams(conn, statement.c_str(), 0, nullptr, nullptr, nullptr, nullptr, 0) == 0) {
+      co_return impl.lost(statement);
+    }
     if (auto flush_error = co_await impl.flush(statement)) co_return flush_error;
     PGresult* raw = nullptr;
     if (auto read_error = co_await impl.next_result(raw, statement)) co_return read_error;
@@ -135,7 +149,10 @@ asio::awaitable<std::uint64_t> Connection::copy_from(std::string_view copy_state
           raw != nullptr && PQresultStatus(raw) == PGRES_FATAL_ERROR
               ? impl.server_error(raw, statement)
               : impl.fail(client_errc::protocol_error,
-                          "copy_from() needs a COPY ... FROM STDIN statement", statement);
+                          "copy_from() needs a COPY ... FROM STDIN statement; this COPY reads "
+                          "or writes elsewhere, and the server has run it (none of the data "
+                          "given was sent)",
+                          statement);
       Result rest;
       if (auto collect_error = co_await impl.collect(statement, rest)) {
         co_return collect_error;

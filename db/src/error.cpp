@@ -247,12 +247,24 @@ std::string redact_statement(std::string_view sql) {
     out.append(word);
     at = end;
     if (word.size() != keyword.size() || !contains_ignoring_case(word, keyword)) continue;
-    // PASSWORD 'secret' (CREATE/ALTER ROLE, a user mapping's options): the constant is masked.
-    std::size_t next = at;
-    while (next < size && std::isspace(static_cast<unsigned char>(sql[next])) != 0) ++next;
-    const std::size_t secret_end = end_of_string_constant(sql, next);
+    // PASSWORD 'secret' (CREATE/ALTER ROLE, a user mapping's options): the constant is masked,
+    // and so are the comments before it (they may hide it as well as anything else) and the
+    // constants that continue it ('...' followed, across a line break, by '...' is one).
+    std::size_t next = past_blanks_and_comments(sql, at);
+    std::size_t secret_end = end_of_string_constant(sql, next);
     if (secret_end == next) continue;
-    out.append(sql.substr(at, next - at));
+    for (;;) {
+      const std::size_t after = secret_end;
+      std::size_t following = after;
+      while (following < size && std::isspace(static_cast<unsigned char>(sql[following])) != 0) {
+        ++following;
+      }
+      const bool line_break =
+          sql.substr(after, following - after).find_first_of("\n\r") != std::string_view::npos;
+      if (!line_break || following >= size || sql[following] != '\'') break;
+      secret_end = end_of_string_constant(sql, following);
+    }
+    out += ' ';
     out += "'****'";
     at = secret_end;
   }

@@ -25,6 +25,7 @@
 #include "async/timer_condition.hpp"
 #include "async/wait_group.hpp"
 #include "pgrt/db/pipeline.hpp"
+#include "sql_text.hpp"
 
 namespace pgrt {
 
@@ -662,6 +663,7 @@ namespace detail {
 asio::awaitable<void> accept_statement(std::shared_ptr<PendingWritesState> state, std::string sql,
                                        ParamSink params) {
   params.check();  // nothing is accepted that could not be sent
+  check_statement_text(sql);
   Write write;
   write.text = std::move(sql);
   write.params = std::move(params);

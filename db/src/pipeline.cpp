@@ -11,6 +11,13 @@
 
 namespace pgrt {
 
+Pipeline& Pipeline::add_encoded(std::string_view sql, ParamSink params) {
+  params.check();
+  check_statement_text(sql);
+  statements_.push_back(Statement{std::string(sql), std::move(params), false});
+  return *this;
+}
+
 namespace {
 
 using Impl = Connection::Impl;

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cctype>
 
+#include "pgrt/db/error.hpp"
+
 namespace pgrt {
 
 bool is_sql_word_char(char c) noexcept {
@@ -15,9 +17,15 @@ std::size_t end_of_string_constant(std::string_view sql, std::size_t at) noexcep
   if (at >= size) return at;
   bool escapes = false;
   std::size_t quote = at;
-  if ((sql[at] == 'e' || sql[at] == 'E') && at + 1 < size && sql[at + 1] == '\'') {
+  const char prefix = static_cast<char>(std::tolower(static_cast<unsigned char>(sql[at])));
+  if (prefix == 'e' && at + 1 < size && sql[at + 1] == '\'') {
     escapes = true;
     quote = at + 1;
+  } else if ((prefix == 'n' || prefix == 'b' || prefix == 'x') && at + 1 < size &&
+             sql[at + 1] == '\'') {
+    quote = at + 1;  // N'...' (national), B'...' and X'...' (bit strings): quoted as '...'
+  } else if (prefix == 'u' && at + 2 < size && sql[at + 1] == '&' && sql[at + 2] == '\'') {
+    quote = at + 2;  // U&'...': its escapes are \XXXX, and a quote in it is still ''
   }
   if (sql[quote] == '\'') {
     std::size_t i = quote + 1;
@@ -130,6 +138,19 @@ std::string first_keyword(std::string_view sql) {
     }
   }
   return keyword;
+}
+
+void check_statement_text(std::string_view sql) {
+  const std::size_t nul = sql.find('\0');
+  if (nul == std::string_view::npos) return;
+  throw Error(make_error_code(client_errc::conversion),
+              Diagnostics{.message = "the statement's text holds a NUL byte at offset " +
+                                     std::to_string(nul) +
+                                     ": the server would run only the text before it; nothing "
+                                     "was sent",
+                          .hint = "remove it; pass data as parameters ($1), binary data as "
+                                  "pgrt::Bytes",
+                          .statement = std::string(sql.substr(0, nul))});
 }
 
 }  // namespace pgrt

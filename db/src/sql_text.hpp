@@ -24,9 +24,10 @@ std::size_t end_of_comment(std::string_view sql, std::size_t at) noexcept;
 std::size_t past_blanks_and_comments(std::string_view sql, std::size_t at) noexcept;
 
 // Where the string constant that starts at `at` ends ('...' with '' inside it, E'...' with
-// backslash escapes, $$...$$ or $tag$...$tag$): the index after it (sql.size() for one left
-// open); `at` itself when none starts there (a parameter such as $1 is none). `at` must not be in
-// the middle of a word: the E of E'...' is its prefix only as a word of its own.
+// backslash escapes, U&'...', N'...', B'...', X'...', $$...$$ or $tag$...$tag$): the index after
+// it (sql.size() for one left open); `at` itself when none starts there (a parameter such as $1
+// is none). `at` must not be in the middle of a word: the E of E'...' is its prefix only as a
+// word of its own.
 std::size_t end_of_string_constant(std::string_view sql, std::size_t at) noexcept;
 
 // Where the quoted identifier ("...", with "" inside it) that starts at `at` ends: the index after
@@ -37,6 +38,10 @@ std::size_t end_of_quoted_identifier(std::string_view sql, std::size_t at,
 
 // Whether `text` holds `lower_case_part` in any case (ASCII).
 bool contains_ignoring_case(std::string_view text, std::string_view lower_case_part) noexcept;
+
+// Throws Error(client_errc::conversion) if the statement's text holds a NUL byte: libpq sends SQL
+// text up to its first NUL, so the server would run only what comes before it.
+void check_statement_text(std::string_view sql);
 
 // The statement's first keyword, lower case, after white space, empty statements (`;`) and
 // comments ("" if none).

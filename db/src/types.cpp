@@ -71,6 +71,17 @@ std::string type_name(Oid type) {
 }
 
 void ParamSink::append(std::string_view bytes, Oid type, int format, bool is_null) {
+  // The protocol counts a statement's parameters in 16 bits; libpq would refuse the statement
+  // only when it is sent, as if the connection had failed.
+  constexpr std::size_t most_parameters = 65535;
+  if (types_.size() == most_parameters && !failure_) {
+    failure_.emplace(make_error_code(client_errc::conversion),
+                     Diagnostics{.message = "a statement takes at most 65535 parameters (the "
+                                            "protocol's limit); this one was given more, and "
+                                            "nothing was sent",
+                                 .hint = "send the values as one array parameter ($1::int8[] with "
+                                         "unnest()), or in several statements, or by COPY"});
+  }
   offsets_.push_back(storage_.size());
   storage_.append(bytes);
   // libpq reads text-format values up to their NUL and ignores their lengths.

@@ -5,12 +5,15 @@
 #include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
+#include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <chrono>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <fcntl.h>
 #include <filesystem>
 #include <functional>
 #include <gmock/gmock.h>
@@ -21,9 +24,13 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <optional>
+#include <spdlog/sinks/ostream_sink.h>
+#include <spdlog/spdlog.h>
+#include <sstream>
 #include <string>
 #include <sys/socket.h>
 #include <thread>
+#include <unistd.h>
 
 #include <pgrt/db.hpp>
 
@@ -1502,6 +1509,195 @@ TEST_F(ConnectionTest, CopyFromStdinWritesEveryRowExactly) {
     EXPECT_EQ(bad.sqlstate(), "22P02");
     EXPECT_EQ((co_await conn.query("SELECT count(*) FROM copied")).scalar<int>(), 1001);
   });
+}
+
+namespace {
+// The descriptors of this process that are open on the same socket as `descriptor` (itself
+// included), from /proc/self/fd.
+int descriptors_on_the_socket_of(int descriptor) {
+  char link[256];
+  const std::string own = "/proc/self/fd/" + std::to_string(descriptor);
+  const auto size = ::readlink(own.c_str(), link, sizeof link - 1);
+  if (size <= 0) return 0;
+  const std::string socket(link, static_cast<std::size_t>(size));
+  int count = 0;
+  for (const auto& entry : std::filesystem::directory_iterator("/proc/self/fd")) {
+    std::error_code error;
+    if (std::filesystem::read_symlink(entry.path(), error).string() == socket) ++count;
+  }
+  return count;
+}
+}  // namespace
+
+// libpq closes its descriptor by itself when the server goes away, and the process may give the
+// number to its next socket at once (another io thread's connect): pgrt watches the socket through
+// a descriptor of its own, which only it closes, so that closing the connection can never take
+// another socket out of the reactor.
+TEST_F(ConnectionTest, TheSocketIsWatchedThroughADescriptorOfPgrtsOwn) {
+  run_coroutine([]() -> awaitable_void {
+    auto conn = co_await open();
+    const int libpq_descriptor = PQsocket(conn.native_handle());
+    EXPECT_EQ(descriptors_on_the_socket_of(libpq_descriptor), 2);
+    EXPECT_EQ((co_await conn.query("SELECT 1")).scalar<int>(), 1);
+    conn.close();
+    EXPECT_EQ(::fcntl(libpq_descriptor, F_GETFD), -1) << "a descriptor of the socket stayed open";
+  });
+}
+
+// A backend that dies while its cancelled statement is drained (the cancel request held up: the
+// postmaster, stopped here, has not taken it) ends the operation at once, said as a lost
+// connection, not after cancel_timeout as a server that did not end the statement.
+TEST_F(ConnectionTest, ABackendThatDiesWhileItsCancelledStatementIsDrainedEndsTheWaitAtOnce) {
+  const pid_t postmaster = cluster().postmaster_pid();
+  ASSERT_GT(postmaster, 0);
+  struct Resume {
+    pid_t pid;
+    ~Resume() { ::kill(pid, SIGCONT); }
+  } resume{postmaster};
+  run_coroutine(
+      [postmaster]() -> awaitable_void {
+        const auto executor = co_await asio::this_coro::executor;
+        ConnectOptions connect_options = options();
+        connect_options.cancel_timeout = 20s;
+        Connection connection = co_await Connection::connect(connect_options);
+        const pid_t backend = PQbackendPID(connection.native_handle());
+        std::optional<Error> cut;
+        auto cut_at = std::chrono::steady_clock::time_point::max();
+        asio::co_spawn(
+            executor,
+            [&]() -> awaitable_void {
+              cut = co_await expect_error(
+                  with_timeout(connection.execute("SELECT pg_sleep(30)"), 300ms));
+              cut_at = std::chrono::steady_clock::now();
+            },
+            asio::detached);
+        co_await testing::sleep_for(150ms);
+        ::kill(postmaster, SIGSTOP);  // the cancel request sent at 300 ms is held
+        co_await testing::sleep_for(300ms);
+        const auto terminated = std::chrono::steady_clock::now();
+        ::kill(backend, SIGTERM);
+        for (int i = 0; i < 1000 && !cut; ++i) co_await testing::sleep_for(10ms);
+        ::kill(postmaster, SIGCONT);
+        EXPECT_TRUE(cut.has_value());
+        if (!cut) co_return;
+        EXPECT_LT(cut_at - terminated, 5s) << "the drain waited for the cancel request";
+        EXPECT_EQ(cut->code(), client_errc::timeout) << cut->what();
+        EXPECT_THAT(cut->what(), HasSubstr("the connection to the server was lost")) << cut->what();
+        EXPECT_TRUE(connection.is_broken());
+      },
+      60s);
+}
+
+// --- misuse that must fail cleanly, and leave nothing done -------------------------------------
+
+TEST_F(ConnectionTest, AsyncOperationsOnAnEmptyOrMovedFromConnectionCompleteWithNotConnected) {
+  run_coroutine([]() -> awaitable_void {
+    Connection empty;
+    auto [error, result] =
+        co_await empty.async_query("SELECT 1", ParamSink{}, asio::as_tuple(asio::use_awaitable));
+    EXPECT_EQ(error, client_errc::not_connected) << error.message();
+    auto conn = co_await open();
+    Connection taken = std::move(conn);
+    auto [moved_error, rows] =
+        co_await conn.async_execute("SELECT 1", ParamSink{}, asio::as_tuple(asio::use_awaitable));
+    EXPECT_EQ(moved_error, client_errc::not_connected) << moved_error.message();
+    EXPECT_EQ(rows, 0U);
+    EXPECT_EQ((co_await taken.query("SELECT 1")).scalar<int>(), 1);
+  });
+}
+
+TEST_F(ConnectionTest, MoreParametersThanTheProtocolCarriesFailTheStatementNotTheConnection) {
+  run_coroutine([]() -> awaitable_void {
+    auto conn = co_await open();
+    ParamSink params;
+    for (int i = 0; i < 65536; ++i) params.text("1");
+    EXPECT_TRUE(params.failed());
+    auto [error, result] = co_await conn.async_query("SELECT $1::int", std::move(params),
+                                                     asio::as_tuple(asio::use_awaitable));
+    EXPECT_EQ(error, client_errc::conversion) << error.message();
+    EXPECT_THAT(conn.last_error().message, HasSubstr("at most 65535 parameters"));
+    EXPECT_FALSE(conn.is_broken());
+    EXPECT_EQ((co_await conn.query("SELECT 2")).scalar<int>(), 2);
+    ParamSink most;
+    for (int i = 0; i < 65535; ++i) most.text("1");
+    EXPECT_FALSE(most.failed());
+  });
+}
+
+TEST_F(ConnectionTest, SqlTextHoldingANulIsRefusedAndNothingOfItRuns) {
+  run_coroutine([]() -> awaitable_void {
+    auto conn = co_await open();
+    co_await conn.execute("CREATE TEMP TABLE kept (x int)");
+    co_await conn.execute("INSERT INTO kept SELECT generate_series(1, 3)");
+    const std::string cut("DELETE FROM kept\0 WHERE x = 1", 29);
+    const Error on_execute = co_await expect_error(conn.execute(cut));
+    EXPECT_EQ(on_execute.code(), client_errc::conversion);
+    EXPECT_THAT(on_execute.what(), HasSubstr("holds a NUL byte at offset 16"));
+    const Error on_prepared = co_await expect_error(conn.query_prepared(cut));
+    EXPECT_EQ(on_prepared.code(), client_errc::conversion);
+    const Error on_copy = co_await expect_error(conn.copy_from(cut, ""));
+    EXPECT_EQ(on_copy.code(), client_errc::conversion);
+    Pipeline pipeline;
+    EXPECT_THROW(pipeline.add(cut), Error);
+    EXPECT_EQ(pipeline.size(), 0U);
+    EXPECT_EQ((co_await conn.query("SELECT count(*)::int FROM kept")).scalar<int>(), 3);
+  });
+}
+
+TEST_F(ConnectionTest, CopyFromRefusesAStatementThatIsNotACopyAndRunsOnlyOneStatement) {
+  run_coroutine([]() -> awaitable_void {
+    auto conn = co_await open();
+    co_await conn.execute("CREATE TEMP TABLE kept (x int)");
+    co_await conn.execute("INSERT INTO kept VALUES (1), (2)");
+    const Error not_copy = co_await expect_error(conn.copy_from("DELETE FROM kept", "3\n"));
+    EXPECT_EQ(not_copy.code(), client_errc::protocol_error);
+    EXPECT_THAT(not_copy.what(), HasSubstr("nothing was sent"));
+    const Error two =
+        co_await expect_error(conn.copy_from("COPY kept FROM STDIN; DELETE FROM kept", "3\n"));
+    EXPECT_EQ(two.diagnostics().sqlstate, "42601") << two.what();
+    EXPECT_FALSE(conn.is_broken());
+    EXPECT_EQ((co_await conn.query("SELECT count(*)::int FROM kept")).scalar<int>(), 2);
+    // A COPY of another direction is refused once the server has started it.
+    const Error other = co_await expect_error(conn.copy_from("COPY kept TO STDOUT", "3\n"));
+    EXPECT_EQ(other.code(), client_errc::protocol_error) << other.what();
+    EXPECT_FALSE(conn.is_broken());
+    EXPECT_EQ(co_await conn.copy_from("/* rows */ COPY kept FROM STDIN", "3\n"), 1U);
+    EXPECT_EQ((co_await conn.query("SELECT count(*)::int FROM kept")).scalar<int>(), 3);
+  });
+}
+
+// A setting the server refuses at start-up is a mistake to fix: its SQLSTATE, and no
+// condition::connection_error (which callers retry).
+TEST_F(ConnectionTest, AStartupSettingTheServerRefusesIsNotAConnectionError) {
+  run_coroutine([]() -> awaitable_void {
+    ConnectOptions bad_value = options();
+    bad_value.session_settings = {{"statement_timeout", "soon"}};
+    const Error on_value = co_await expect_error(Connection::connect(bad_value));
+    EXPECT_EQ(on_value.diagnostics().sqlstate, "22023") << on_value.what();
+    EXPECT_NE(on_value.code(), condition::connection_error);
+    EXPECT_THAT(on_value.diagnostics().hint, HasSubstr("session_settings"));
+    ConnectOptions unknown = options();
+    unknown.session_settings = {{"no_such_setting", "1"}};
+    const Error on_name = co_await expect_error(Connection::connect(unknown));
+    EXPECT_EQ(on_name.diagnostics().sqlstate, "42704") << on_name.what();
+    EXPECT_NE(on_name.code(), condition::connection_error);
+  });
+}
+
+// Notices and warnings go to spdlog's default logger, not to the process's stderr.
+TEST_F(ConnectionTest, ServerNoticesGoToTheLogger) {
+  std::ostringstream log;
+  const auto previous = spdlog::default_logger();
+  spdlog::set_default_logger(std::make_shared<spdlog::logger>(
+      "capture", std::make_shared<spdlog::sinks::ostream_sink_mt>(log)));
+  run_coroutine([]() -> awaitable_void {
+    auto conn = co_await open();
+    co_await conn.execute("DO $$ BEGIN RAISE NOTICE 'hello from plpgsql'; END $$");
+    co_await conn.execute("DO $$ BEGIN RAISE WARNING 'careful now'; END $$");
+  });
+  spdlog::set_default_logger(previous);
+  EXPECT_THAT(log.str(), HasSubstr("[info] pgrt: server notice: hello from plpgsql"));
+  EXPECT_THAT(log.str(), HasSubstr("[warning] pgrt: the server warns: careful now"));
 }
 
 }  // namespace

@@ -441,6 +441,23 @@ TEST_F(PoolTest, FullServerBacksOffWithoutAConnectStorm) {
         }
         while (failures < 5) co_await sleep_for(20ms);
         during = pool.stats();
+        {
+          // fail_fast_after on a full server: the server's own code (backpressure), not "cannot
+          // be reached".
+          PoolConfig fail_fast_config = pool_config;
+          fail_fast_config.application = "full-fast";
+          fail_fast_config.fail_fast_after = 300ms;
+          fail_fast_config.acquire_timeout = 20s;
+          Pool fail_fast(executor, fail_fast_config);
+          const auto asked = std::chrono::steady_clock::now();
+          const Error error = co_await testing::expect_error(fail_fast.acquire());
+          EXPECT_LT(std::chrono::steady_clock::now() - asked, 10s);
+          EXPECT_EQ(error.code(), condition::too_many_connections) << error.what();
+          EXPECT_EQ(error.code().category(), sqlstate_category()) << error.what();
+          EXPECT_THAT(error.what(), HasSubstr("refuses new connections (it is full)"));
+          EXPECT_THAT(error.what(), Not(HasSubstr("cannot be reached")));
+          (void)co_await fail_fast.close(1s);
+        }
         hogs.clear();  // the server has room again, once their backends have exited
         // A backend leaves the server's count only when its process has ended, which on a
         // loaded machine can take longer than one acquire_timeout after the client closed; an

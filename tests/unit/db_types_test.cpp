@@ -232,6 +232,18 @@ TEST(Errors, APasswordInTheStatementNeverShowsInWhat) {
             "CREATE ROLE u PASSWORD '****'");
   EXPECT_EQ(redact_statement("CREATE USER MAPPING FOR u SERVER s OPTIONS (user 'u', password 'p')"),
             "CREATE USER MAPPING FOR u SERVER s OPTIONS (user 'u', password '****')");
+  // The other forms of a constant, a comment before it, a constant continued on the next line.
+  EXPECT_EQ(redact_statement("ALTER ROLE u PASSWORD U&'S3cret' LOGIN"),
+            "ALTER ROLE u PASSWORD '****' LOGIN");
+  EXPECT_EQ(redact_statement("ALTER ROLE u PASSWORD u&'d\\0061t''a'"),
+            "ALTER ROLE u PASSWORD '****'");
+  EXPECT_EQ(redact_statement("ALTER ROLE u PASSWORD N'S3cret'"), "ALTER ROLE u PASSWORD '****'");
+  EXPECT_EQ(redact_statement("ALTER ROLE u PASSWORD /* c */ 'S3cret' LOGIN"),
+            "ALTER ROLE u PASSWORD '****' LOGIN");
+  EXPECT_EQ(redact_statement("ALTER ROLE u PASSWORD -- c\n 'S3cret'"),
+            "ALTER ROLE u PASSWORD '****'");
+  EXPECT_EQ(redact_statement("ALTER ROLE u PASSWORD 'S3'\n  'cret' LOGIN"),
+            "ALTER ROLE u PASSWORD '****' LOGIN");
   // Not a password: a column of that name, a string that holds the word, a parameter, a quoted
   // identifier.
   for (const char* kept : {"SELECT password FROM users WHERE name = 'x'", "SELECT 'password ''p'''",

@@ -31,7 +31,13 @@ TEST(SqlText, StringConstantsAndQuotedIdentifiersEndWhereTheServersLexerEndsThem
   EXPECT_EQ(end_of("$body$ $$ $body$ x"), 16U);
   EXPECT_EQ(end_of("$1 + 1"), 0U) << "a parameter is no constant";
   EXPECT_EQ(end_of("'never closed"), 13U);
-  EXPECT_EQ(end_of("x'a'"), 0U);
+  EXPECT_EQ(end_of("x'1F' y"), 5U) << "a hex bit string";
+  EXPECT_EQ(end_of("B'101' y"), 6U) << "a bit string";
+  EXPECT_EQ(end_of("N'it''s' y"), 8U) << "a national character string";
+  EXPECT_EQ(end_of(R"(U&'d\0061t''a' y)"), 14U) << "a Unicode-escaped string: '' is its quote";
+  EXPECT_EQ(end_of("u&'x' y"), 5U);
+  EXPECT_EQ(end_of("U&x"), 0U);
+  EXPECT_EQ(end_of("xy'a'"), 0U) << "only one letter makes a prefix";
   std::string text;
   EXPECT_EQ(end_of_quoted_identifier(R"("a""b" x)", 0, &text), 6U);
   EXPECT_EQ(text, R"(a"b)");

@@ -56,7 +56,9 @@ int Connection::Impl::cancel_requests_on_their_way() noexcept {
 
 void Connection::Impl::arm_interrupt() noexcept {
   std::lock_guard lock(interrupt_mutex);
-  interruptible_fd = PQsocket(conn);
+  // Our own descriptor for the socket (watch_socket()), never libpq's: libpq may close its own
+  // at any time, and its number may then be another socket's by the time interrupt() uses it.
+  interruptible_fd = socket.is_open() ? socket.native_handle() : -1;
   interrupt_cancel = std::shared_ptr<PGcancel>(PQgetCancel(conn), PQfreeCancel);
 }
 
@@ -193,6 +195,17 @@ asio::awaitable<bool> Connection::Impl::drain(Drained& drained) {
   }
 }
 
+// The drain, then the cancel request's delivery: a connection whose request is still on its way
+// must not take its next statement, which the request could cancel. False as soon as the drain
+// fails (the connection is gone: nothing left to wait for).
+asio::awaitable<bool> Connection::Impl::drain_then_delivered(
+    Drained& drained, std::shared_ptr<std::atomic<bool>> delivered) {
+  const bool idle = co_await drain(drained);
+  if (!idle) co_return false;
+  const bool sent = co_await cancel_delivered(std::move(delivered));
+  co_return sent;
+}
+
 asio::awaitable<error_code> Connection::Impl::cancel_and_drain(std::string_view statement,
                                                                bool completed) {
   using namespace asio::experimental::awaitable_operators;
@@ -211,10 +224,9 @@ asio::awaitable<error_code> Connection::Impl::cancel_and_drain(std::string_view 
   auto delivered = send_cancel_request();
   asio::steady_timer timer(executor, options.cancel_timeout);
   Drained drained{.completed = completed};
-  auto outcome = co_await detail::serialized(
-      (drain(drained) && cancel_delivered(std::move(delivered))) || timer.async_wait(no_throw));
-  if (outcome.index() == 0 && std::get<0>(std::get<0>(outcome)) &&
-      std::get<1>(std::get<0>(outcome))) {
+  auto outcome = co_await detail::serialized(drain_then_delivered(drained, std::move(delivered)) ||
+                                             timer.async_wait(no_throw));
+  if (outcome.index() == 0 && std::get<0>(outcome)) {
     // What the statement's results said: the server cancelled it; it failed on its own first; or
     // it had completed before the request came (its effects stand: running it again would run it
     // twice). The connection takes statements again, inside a transaction block if one is open
@@ -249,6 +261,21 @@ asio::awaitable<error_code> Connection::Impl::cancel_and_drain(std::string_view 
     co_return fail(client_errc::cancelled, "the operation was cancelled; " + ready, statement);
   }
   broken = true;
+  if (outcome.index() == 0 && (conn == nullptr || PQstatus(conn) != CONNECTION_OK)) {
+    // The connection went while the statement was being ended (the server terminated the
+    // session, restarted, or the network failed): said as such, not as a slow server.
+    const std::string why = conn != nullptr ? trimmed(PQerrorMessage(conn)) : "";
+    close(CloseMode::immediate);
+    co_return fail(client_errc::cancelled,
+                   "the operation was cancelled, and the connection to the server was lost while "
+                   "its statement was being ended" +
+                       (why.empty() ? std::string() : " (" + why + ")") +
+                       "; the connection was closed, and whether the statement completed is not "
+                       "known",
+                   statement,
+                   "the server may have restarted or terminated the session, or the network "
+                   "failed");
+  }
   close(CloseMode::immediate);
   co_return fail(client_errc::cancelled,
                  "the operation was cancelled, and the server did not end the statement within " +

@@ -5,6 +5,7 @@
 #include <boost/asio/this_coro.hpp>
 #include <cctype>
 #include <memory>
+#include <spdlog/spdlog.h>
 #include <vector>
 
 #include "conninfo.hpp"
@@ -23,6 +24,23 @@ std::string Connection::Impl::target() const {
 }
 
 namespace {
+
+// The server's notices and warnings (RAISE NOTICE, a deprecated setting, a transaction already
+// in progress) go to spdlog's default logger, not to the process's stderr (libpq's default):
+// WARNING as warn, NOTICE and INFO as info, DEBUG and LOG as debug.
+void log_server_notice(void* /*unused*/, const PGresult* notice) {
+  const char* severity = PQresultErrorField(notice, PG_DIAG_SEVERITY_NONLOCALIZED);
+  const char* message = PQresultErrorField(notice, PG_DIAG_MESSAGE_PRIMARY);
+  const std::string_view level = severity != nullptr ? severity : "NOTICE";
+  const std::string_view text = message != nullptr ? message : PQresultErrorMessage(notice);
+  if (level == "WARNING") {
+    spdlog::warn("pgrt: the server warns: {}", text);
+  } else if (level == "NOTICE" || level == "INFO") {
+    spdlog::info("pgrt: server notice: {}", text);
+  } else {
+    spdlog::debug("pgrt: server {}: {}", level, text);
+  }
+}
 
 // What to do about a failed TLS set-up, from libpq's message; "" when it is not about TLS.
 // (A TLS connection that breaks on the way, "SSL SYSCALL error", is a network failure.)
@@ -80,6 +98,22 @@ error_code Connection::Impl::connect_error() {
   }
   if (said.starts_with("role \"") && contains(said, "does not exist")) {
     return classify("28000", "check the user name, or create the role");
+  }
+  // A setting sent at start-up (ConnectOptions::session_settings, the conninfo's `options`,
+  // PGOPTIONS) that the server refuses: a mistake to fix, which retrying does not cure.
+  const auto setting_refused = [&](std::string_view sqlstate) {
+    return classify(sqlstate,
+                    "a setting sent at start-up was refused: fix or remove it "
+                    "(ConnectOptions::session_settings, PoolConfig::guards, the conninfo's "
+                    "options, PGOPTIONS)");
+  };
+  if (said.starts_with("invalid value for parameter \"")) return setting_refused("22023");
+  if (said.starts_with("unrecognized configuration parameter \"")) {
+    return setting_refused("42704");
+  }
+  if (said.starts_with("permission denied to set parameter \"")) return setting_refused("42501");
+  if (said.starts_with("parameter \"") && contains(said, "cannot be changed")) {
+    return setting_refused("55P02");
   }
   if (contains(message, "too many clients") || contains(message, "remaining connection slots")) {
     return classify("53300",
@@ -275,6 +309,7 @@ asio::awaitable<error_code> Connection::Impl::connect() {
   values.push_back(nullptr);
 
   conn = PQconnectStartParams(keywords.data(), values.data(), 1);
+  if (conn != nullptr) PQsetNoticeReceiver(conn, log_server_notice, nullptr);
   if (conn == nullptr || PQstatus(conn) == CONNECTION_BAD) co_return connect_error();
   PostgresPollingStatusType polling = PGRES_POLLING_WRITING;
   while (polling != PGRES_POLLING_OK) {

@@ -224,6 +224,8 @@ struct Connection::Impl {
     bool completed = false;
   };
   asio::awaitable<bool> drain(Drained& drained);
+  asio::awaitable<bool> drain_then_delivered(Drained& drained,
+                                             std::shared_ptr<std::atomic<bool>> delivered);
   asio::awaitable<error_code> cancel_and_drain(std::string_view statement, bool completed = false);
 
   // --- sending and receiving (io.cpp) -----------------------------------------------------------

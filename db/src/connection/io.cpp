@@ -5,6 +5,7 @@
 #include <cctype>
 #include <cerrno>
 #include <charconv>
+#include <fcntl.h>
 #include <openssl/ssl.h>
 #include <poll.h>
 #include <spdlog/spdlog.h>
@@ -28,18 +29,24 @@ Connection::executor_type Connection::Impl::socket_executor(const executor_type&
   return executor;
 }
 
-// Wraps libpq's current socket (TCP or unix) without taking ownership.
+// Watches libpq's current socket (TCP or unix) through a descriptor of our own for it (a dup).
+// libpq closes its descriptor whenever it decides the connection is gone (end-of-file, an error,
+// the next host of a connect), and the number may be reused at once by any new socket of the
+// process; the reactor must never be left holding, or later deregister, a number that is no
+// longer ours. Our duplicate is closed only by us (close(), or the next watch_socket()).
 error_code Connection::Impl::watch_socket() {
   error_code error;
-  if (socket.is_open()) [[maybe_unused]]
-    auto descriptor = socket.release(error);
+  if (socket.is_open()) socket.close(error);
   const int fd = PQsocket(conn);
   sockaddr_storage address{};
   socklen_t length = sizeof address;
-  if (::getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length) != 0) {
-    return {errno, boost::system::system_category()};
+  if (fd < 0 || ::getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length) != 0) {
+    return {fd < 0 ? EBADF : errno, boost::system::system_category()};
   }
-  socket.assign(asio::generic::stream_protocol(address.ss_family, 0), fd, error);
+  const int own = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (own < 0) return {errno, boost::system::system_category()};
+  socket.assign(asio::generic::stream_protocol(address.ss_family, 0), own, error);
+  if (error) ::close(own);
   tls_session = PQsslStruct(conn, "OpenSSL");
   return error;
 }

@@ -890,6 +890,22 @@ void PoolState::fail_wait(std::unique_lock<std::mutex>& lock, pool::Waiter& wait
         throw_pool_error(client_errc::budget_exhausted, message,
                          "PoolConfig::fail_fast_after (PGRT_FAIL_FAST_MS) ended this wait early");
       }
+      if (last_connect_error_code == condition::too_many_connections) {
+        // Reachable, but full (53300, or a role's or database's connection limit): backpressure,
+        // with the server's own code, not "cannot be reached".
+        const std::string message =
+            "the server refuses new connections (it is full): every connect of the pool " +
+            application_name + " was refused for " +
+            std::to_string(config.fail_fast_after.count()) +
+            " ms and none of its connections is alive; last connect error: " + last_connect_error;
+        const error_code full = last_connect_error_code;
+        lock.unlock();
+        throw Error(full, Diagnostics{.message = message,
+                                      .hint = "PoolConfig::fail_fast_after (PGRT_FAIL_FAST_MS) "
+                                              "ended this wait early; the pool keeps retrying "
+                                              "with backoff. Close idle connections elsewhere, "
+                                              "lower pool sizes, or raise max_connections"});
+      }
       const std::string message =
           "the server cannot be reached: every connect of the pool " + application_name +
           " failed for " + std::to_string(config.fail_fast_after.count()) +

@@ -905,6 +905,7 @@ void Multiplexer::close() {
 asio::awaitable<Result> run_shared(std::shared_ptr<PoolState> pool, std::string sql,
                                    ParamSink params) {
   params.check();
+  check_statement_text(sql);
   Diagnostics refusal;
   if (auto error = refuse_on_shared_connection(sql, refusal)) throw Error(error, refusal);
   const auto executor = co_await asio::this_coro::executor;

@@ -35,10 +35,12 @@
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/associated_cancellation_slot.hpp>
+#include <boost/asio/associated_executor.hpp>
 #include <boost/asio/async_result.hpp>
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/co_spawn.hpp>
+#include <boost/asio/post.hpp>
 #include <chrono>
 #include <cstdint>
 #include <exception>
@@ -237,6 +239,10 @@ class Connection {
 
   /// Runs `copy_statement` (a `COPY ... FROM STDIN`) and sends `data` (in the format that COPY
   /// statement declares; see copy_text_row()) as its input. Returns the number of rows copied.
+  /// One statement only, sent by the extended protocol: a second one after a `;` fails the call
+  /// (SQLSTATE 42601) and nothing runs. A statement that is not a COPY is refused before it is
+  /// sent (client_errc::protocol_error); a COPY of another direction (TO STDOUT, FROM a server
+  /// file) is run by the server, then reported as client_errc::protocol_error.
   [[nodiscard]] boost::asio::awaitable<std::uint64_t> copy_from(std::string_view copy_statement,
                                                                 std::string_view data);
 
@@ -351,12 +357,21 @@ class Connection {
       std::string sql, ParamSink params);
 
   // Runs `make_operation()` (an awaitable of pair<error_code, Value>) as its own coroutine and
-  // completes `token` with (error_code, Value), forwarding per-operation cancellation.
+  // completes `token` with (error_code, Value), forwarding per-operation cancellation. Without an
+  // executor (an empty or moved-from Connection) it completes with client_errc::not_connected,
+  // through the handler's own executor.
   template <typename Value, typename MakeOperation, typename Token>
   static auto spawn_with_error_code(executor_type executor, MakeOperation make_operation,
                                     Token&& token) {
     return boost::asio::async_initiate<Token, void(boost::system::error_code, Value)>(
         [executor, make_operation = std::move(make_operation)](auto handler) mutable {
+          if (!executor) {
+            auto handler_executor = boost::asio::get_associated_executor(handler);
+            boost::asio::post(handler_executor, [handler = std::move(handler)]() mutable {
+              std::move(handler)(make_error_code(client_errc::not_connected), Value{});
+            });
+            return;
+          }
           auto slot = boost::asio::get_associated_cancellation_slot(handler);
           boost::asio::co_spawn(
               executor, make_operation(),

@@ -57,14 +57,13 @@ class Pipeline {
   };
 
   /// Appends a statement with its parameters. Throws Error(client_errc::conversion), adding
-  /// nothing, if a parameter cannot be encoded (ParamSink::text()).
+  /// nothing, if a parameter cannot be encoded (ParamSink::text()) or the SQL text holds a NUL
+  /// byte (the server would run only the text before it).
   template <Encodable... Args>
   Pipeline& add(std::string_view sql, const Args&... args) {
     ParamSink params;
     encode_params(params, args...);
-    params.check();
-    statements_.push_back(Statement{std::string(sql), std::move(params), false});
-    return *this;
+    return add_encoded(sql, std::move(params));
   }
   /// Ends the current segment after the last added statement.
   Pipeline& sync() {
@@ -83,6 +82,8 @@ class Pipeline {
   [[nodiscard]] const std::vector<Statement>& statements() const noexcept { return statements_; }
 
  private:
+  Pipeline& add_encoded(std::string_view sql, ParamSink params);
+
   std::vector<Statement> statements_;
   bool prepared_ = true;
 };
