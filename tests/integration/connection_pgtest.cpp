@@ -1700,5 +1700,30 @@ TEST_F(ConnectionTest, ServerNoticesGoToTheLogger) {
   EXPECT_THAT(log.str(), HasSubstr("[warning] pgrt: the server warns: careful now"));
 }
 
+// A deadline that passes while query_prepared() is preparing (the Prepare waits for a lock on the
+// table another session holds): the Prepare is cancelled and drained, nothing is cached for it,
+// and the same statement prepares and runs afterwards, answering for itself.
+TEST_F(ConnectionTest, ACancelThatLandsOnThePrepareLeavesTheStatementCacheSound) {
+  BlockingConnection admin(cluster().dsn());
+  admin.query("CREATE TABLE IF NOT EXISTS prepare_locked (x int)");
+  admin.query("TRUNCATE prepare_locked");
+  admin.query("INSERT INTO prepare_locked VALUES (41)");
+  run_coroutine([&]() -> awaitable_void {
+    auto conn = co_await open();
+    admin.query("BEGIN");
+    admin.query("LOCK TABLE prepare_locked IN ACCESS EXCLUSIVE MODE");
+    const Error cut = co_await expect_error(
+        with_timeout(conn.query_prepared("SELECT x + 1 FROM prepare_locked"), 200ms));
+    EXPECT_EQ(cut.code(), client_errc::timeout) << cut.what();
+    EXPECT_THAT(cut.what(), HasSubstr("cancelled on the server")) << cut.what();
+    admin.query("ROLLBACK");
+    EXPECT_FALSE(conn.is_broken());
+    EXPECT_EQ((co_await conn.query_prepared("SELECT x + 1 FROM prepare_locked")).scalar<int>(), 42);
+    EXPECT_EQ((co_await conn.query_prepared("SELECT $1::int * 2", 21)).scalar<int>(), 42);
+    EXPECT_EQ((co_await conn.query_prepared("SELECT x + 1 FROM prepare_locked")).scalar<int>(), 42);
+  });
+  admin.query("DROP TABLE prepare_locked");
+}
+
 }  // namespace
 }  // namespace pgrt
