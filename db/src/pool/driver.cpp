@@ -743,6 +743,7 @@ asio::awaitable<Lease> PoolState::acquire(std::shared_ptr<PoolState> self, Prior
   pool::Node* handed = result.node;
   bool validate = result.validate;
   Clock::time_point check_deadline{};
+  Clock::time_point resumed{};  // when a waiter ran again: the end of its wait, its lease's start
   switch (result.kind) {
     case pool::AcquireResult::Kind::leased:
       [[likely]] waits.record(std::chrono::microseconds(0));
@@ -796,7 +797,8 @@ asio::awaitable<Lease> PoolState::acquire(std::shared_ptr<PoolState> self, Prior
         if (waiter.outcome != pool::Waiter::Outcome::handed) {
           fail_wait(lock, waiter, error, wait_limit);
         }
-        const auto waited = Clock::now() - started;
+        resumed = Clock::now();
+        const auto waited = resumed - started;
         waits.record(std::chrono::duration_cast<std::chrono::microseconds>(waited));
         if (config.timings) wait_time.record(waited);
         handed = waiter.handed;
@@ -807,7 +809,9 @@ asio::awaitable<Lease> PoolState::acquire(std::shared_ptr<PoolState> self, Prior
   }
   // The Lease owns the connection before any event runs: nothing can leak its slot.
   const bool check = validate || config.before_handout;
-  if (config.timings) handed->lease_started = Clock::now();
+  if (config.timings) {
+    handed->lease_started = resumed != Clock::time_point{} ? resumed : Clock::now();
+  }
   Lease lease(check ? self : std::move(self), handed);
   lock.unlock();
   emit(events.acquired, site);
