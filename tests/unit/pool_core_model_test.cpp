@@ -1282,6 +1282,45 @@ TEST(PoolCoreBudgetShare, ACapClosesIdleConnectionsNowLeasedOnesOnReturnAndOpens
   EXPECT_GE(opened, 1U);
 }
 
+// evict_all() (or a lost slot) after the fair share retired a leased connection: that one must
+// close when it comes back even once the cap has lifted, which keeps only what was retired for
+// the cap alone.
+TEST(PoolCoreBudgetShare, AnEvictionAfterTheCapRetiredALeaseIsNotUndoneWhenTheCapLifts) {
+  for (const DiscardReason later : {DiscardReason::evicted, DiscardReason::slot_lost}) {
+    SharedPool pool(CoreConfig{.max_size = 2});
+    std::vector<Node*> leased;
+    for (int i = 0; i < 2; ++i) {
+      auto got = pool.acquire(default_consumer);
+      leased.push_back(std::holds_alternative<Node*>(got) ? std::get<Node*>(got)
+                                                          : std::get<Waiter*>(got)->handed);
+      ASSERT_NE(leased.back(), nullptr);
+    }
+    Actions actions;
+    const Time now = Time{} + std::chrono::hours(1);
+    pool.core().limit_connections(1, now, actions);
+    Node* retired = leased[0]->evicted ? leased[0] : leased[1];
+    ASSERT_TRUE(retired->evicted);
+    ASSERT_EQ(retired->evict_reason, DiscardReason::budget_share);
+    actions.clear();
+    if (later == DiscardReason::evicted) {
+      pool.core().evict_all(now, actions);
+    } else {
+      pool.core().slot_lost(*retired, now, actions);
+    }
+    EXPECT_EQ(retired->evict_reason, later);
+    actions.clear();
+    pool.core().limit_connections(2, now, actions);  // lifted
+    EXPECT_TRUE(retired->evicted) << "undone by the lifted cap";
+    actions.clear();
+    pool.core().lease_returned(*retired, ReturnKind::clean, now, actions);
+    bool closed = false;
+    for (const Action& action : actions) {
+      closed = closed || (action.kind == Action::Kind::close && action.node == retired);
+    }
+    EXPECT_TRUE(closed) << "a connection from before the eviction went back to idle";
+  }
+}
+
 TEST(PoolCoreSizing, OpensWhatWaitersAndMinIdleNeedWithinTheMax) {
   EXPECT_EQ(connections_to_open({.max_size = 3, .servable_waiters = 5}), 3u);
   EXPECT_EQ(connections_to_open({.max_size = 3, .live = 2, .connecting = 1, .servable_waiters = 5}),

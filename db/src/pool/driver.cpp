@@ -548,7 +548,8 @@ asio::awaitable<void> PoolState::check_budget_slots(std::shared_ptr<PoolState> s
       const bool unchanged = std::any_of(judged.begin(), judged.end(), [&](const Judged& entry) {
         return entry.node_id == node.id && entry.resets == node.resets;
       });
-      if (!unchanged || node.evicted) return;
+      // (A node retired for the fair share alone may be kept when the cap lifts: checked.)
+      if (!unchanged || (node.evicted && node.evict_reason != DiscardReason::budget_share)) return;
       const auto& pooled = static_cast<const PooledConnection&>(*node.attachment);
       if (holding.count(pooled.backend_pid) != 0) return;
       deferred.add([self, pid = pooled.backend_pid, slot = pooled.budget_slot,

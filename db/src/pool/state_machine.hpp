@@ -470,9 +470,10 @@ class Core {
   }
   [[nodiscard]] std::size_t servable_waiters() const noexcept;
   // Marks `node` to close instead of becoming idle again (unless it already is, for a reason of
-  // its own).
+  // its own). The budget's fair share retires provisionally (a lifted cap keeps what it had
+  // retired): any other reason takes its place, and is never undone.
   static void retire(Node& node, DiscardReason reason) noexcept {
-    if (node.evicted) return;
+    if (node.evicted && node.evict_reason != DiscardReason::budget_share) return;
     node.evicted = true;
     node.evict_reason = reason;
   }
