@@ -43,6 +43,15 @@ bool contains_ignoring_case(std::string_view text, std::string_view lower_case_p
 // text up to its first NUL, so the server would run only what comes before it.
 void check_statement_text(std::string_view sql);
 
+// Whether `sql` calls a session-level advisory lock function (pg_advisory_lock, its _shared and
+// try_ variants, pg_advisory_unlock and its variants): the name as a word of the statement, not
+// inside a string constant, a dollar-quoted string or a comment, nor part of a longer name
+// (pg_advisory_xact_lock, whose lock ends with the statement's implicit transaction, is fine),
+// followed by '(' (past blanks and comments): a column or alias of that name is no call. A quoted
+// identifier counts by its exact text; an unquoted word in any case. A guard against a mistake,
+// not a boundary: a function or DO block that takes the lock inside is not seen.
+bool calls_session_advisory_lock(std::string_view sql);
+
 // The statement's first keyword, lower case, after white space, empty statements (`;`) and
 // comments ("" if none).
 std::string first_keyword(std::string_view sql);

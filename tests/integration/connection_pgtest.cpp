@@ -666,6 +666,22 @@ TEST_F(ConnectionTest, ConnectFailuresAreClearDistinctAndWithinTheTimeout) {
   auto unresolvable = timed("host=no-such-host.invalid port=5432 user=postgres");
   EXPECT_EQ(unresolvable.code(), client_errc::name_resolution);
   EXPECT_THAT(unresolvable.what(), HasSubstr("no-such-host.invalid"));
+  // A name that does not resolve among several hosts is skipped, first or last, as libpq does.
+  for (const std::string hosts :
+       {"no-such-host.invalid,127.0.0.1", "127.0.0.1,no-such-host.invalid"}) {
+    const std::string conninfo =
+        "host=" + hosts + " port=" + port + " user=postgres dbname=postgres";
+    EXPECT_EQ(run_coroutine([&]() -> asio::awaitable<int> {
+                ConnectOptions options{.conninfo = conninfo, .connect_timeout = 5s};
+                auto conn = co_await Connection::connect(std::move(options));
+                co_return (co_await conn.query("SELECT 1")).scalar<int>();
+              }),
+              1)
+        << hosts;
+  }
+  // A port list must match the hosts; a single name given two ports is refused, not cut short.
+  auto ports_for_one = timed("host=localhost port=1," + port + " user=postgres");
+  EXPECT_EQ(ports_for_one.code(), client_errc::invalid_config) << ports_for_one.what();
 
   BlockingConnection first(own->dsn());
   BlockingConnection second(own->dsn());
@@ -681,6 +697,18 @@ TEST_F(ConnectionTest, ConnectFailuresAreClearDistinctAndWithinTheTimeout) {
     EXPECT_EQ(malformed.code(), client_errc::invalid_config);  // not worth a retry
     EXPECT_THAT(malformed.what(), HasSubstr("could not be parsed: host=127.0.0.1"));
     EXPECT_THAT(malformed.what(), Not(HasSubstr("wrong-password")));
+  }
+  // Values libpq refuses before it connects anywhere: mistakes, not connection errors.
+  const std::string server = " user=postgres dbname=postgres port=" + std::to_string(own->port());
+  for (const std::string& conninfo :
+       {"host=127.0.0.1 target_session_attrs=readwrite" + server,
+        "host=127.0.0.1 sslmode=verify_full" + server,
+        "host=127.0.0.1 channel_binding=requierd" + server,
+        std::string("host=127.0.0.1,127.0.0.1,127.0.0.1 port=1,2 user=postgres")}) {
+    auto refused_value = timed(conninfo);
+    EXPECT_EQ(refused_value.code(), client_errc::invalid_config)
+        << conninfo << ": " << refused_value.what();
+    EXPECT_FALSE(refused_value.code() == condition::connection_error) << conninfo;
   }
 }
 

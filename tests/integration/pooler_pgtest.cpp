@@ -228,8 +228,13 @@ TEST_F(PoolerTest, ADateStyleThePoolerLeftNonIsoIsRefusedAtConnect) {
 TEST_F(PoolerTest, StatementsThatNeedASessionAreRefusedWithAClearError) {
   run_coroutine([&]() -> awaitable_void {
     auto conn = co_await Connection::connect(through_pooler());
-    for (const char* sql : {"LISTEN jobs", "  /* wake */ listen jobs", "SELECT pg_advisory_lock(1)",
-                            "select PG_TRY_ADVISORY_LOCK(1)", "SELECT pg_advisory_unlock_all()"}) {
+    for (const char* sql :
+         {"LISTEN jobs", "  /* wake */ listen jobs", "SELECT pg_advisory_lock(1)",
+          "select PG_TRY_ADVISORY_LOCK(1)", "SELECT pg_advisory_unlock_all()",
+          // Spelled as the server still reads it: blanks, a comment or a quoted name before '('.
+          "SELECT pg_advisory_lock (2)", "SELECT pg_advisory_lock\n(3)",
+          R"(SELECT "pg_advisory_lock"(4))", "SELECT pg_advisory_lock/**/(5)",
+          "SELECT pg_try_advisory_lock (6)", "SELECT pg_advisory_lock_shared\t(7)"}) {
       auto error = co_await expect_error(conn.query(sql));
       EXPECT_EQ(error.code(), client_errc::needs_session) << sql;
       EXPECT_THAT(error.what(), HasSubstr("transaction pooler")) << sql;
@@ -239,6 +244,17 @@ TEST_F(PoolerTest, StatementsThatNeedASessionAreRefusedWithAClearError) {
     with_listen.add("SELECT 1").add("LISTEN jobs");
     auto error = co_await expect_error(conn.run(with_listen));
     EXPECT_EQ(error.code(), client_errc::needs_session);
+    Pipeline with_lock;
+    with_lock.add("SELECT 1").add("SELECT pg_advisory_lock (8)");
+    error = co_await expect_error(conn.run(with_lock));
+    EXPECT_EQ(error.code(), client_errc::needs_session);
+    // Nothing was taken: no session lock is held by any backend.
+    EXPECT_EQ(
+        (co_await conn.query("SELECT count(*)::int FROM pg_locks WHERE locktype = 'advisory'"))
+            .scalar<int>(),
+        0);
+    // Not a call: a string, a column alias.
+    EXPECT_EQ((co_await conn.query("SELECT 'pg_advisory_lock(1)' AS pg_advisory_lock")).size(), 1U);
     // A lock held to the end of the transaction is the pooler-safe form, and works.
     co_await conn.begin();
     co_await conn.query("SELECT pg_advisory_xact_lock(42)");

@@ -51,9 +51,20 @@ std::string tls_hint(std::string_view message) {
            "sslmode=verify-ca to check the CA only";
   }
   if (contains(message, "certificate verify failed")) {
-    return "the server's certificate is not signed by a CA in sslrootcert (default "
-           "~/.postgresql/root.crt): point sslrootcert at the CA that signed it (managed servers "
-           "publish theirs), or use sslmode=require to encrypt without checking it";
+    return "the server's certificate failed the check: it is not signed by a CA in sslrootcert "
+           "(default ~/.postgresql/root.crt), or it has expired or is not valid yet (check the "
+           "certificate's dates and both clocks). Point sslrootcert at the CA that signed it "
+           "(managed servers publish theirs); note that sslmode=require checks it too whenever "
+           "a root certificate file is there";
+  }
+  if (contains(message, "alert protocol version") || contains(message, "unsupported protocol") ||
+      contains(message, "no protocols available")) {
+    return "the client and the server share no TLS version: compare ssl_min_protocol_version "
+           "and ssl_max_protocol_version in the conninfo with the server's settings";
+  }
+  if (contains(message, "could not read root certificate file")) {
+    return "sslrootcert names a file that holds no readable PEM certificate: check its path and "
+           "contents";
   }
   if (contains(message, "root certificate file")) {
     return "sslmode verify-ca and verify-full need the CA that signed the server's certificate: "
@@ -83,6 +94,13 @@ error_code Connection::Impl::connect_error() {
                              .hint = std::move(hint)};
     return make_sqlstate_error(sqlstate);
   };
+  // A conninfo value libpq cannot accept (caught before any connect): a mistake to fix.
+  if ((message.starts_with("invalid ") && contains(message, " value")) ||
+      message.starts_with("could not match ")) {
+    return fail(client_errc::invalid_config, "could not connect to " + where + ": " + message, {},
+                "fix the conninfo (DATABASE_URL): see libpq's connection parameters for the "
+                "values each keyword takes");
+  }
   if (contains(message, "password authentication failed")) {
     return classify("28P01", "check the user name and password (conninfo or PGPASSWORD)");
   }
@@ -177,7 +195,14 @@ asio::awaitable<error_code> Connection::Impl::resolve_hosts(const ParsedConninfo
   const auto host_list = split_hosts(hosts);
   const auto port_list = split_hosts(parsed.get("port", "PGPORT"));
   const bool port_per_host = port_list.size() > 1;
+  if (port_per_host && port_list.size() != host_list.size()) {
+    co_return fail(client_errc::invalid_config,
+                   "could not match " + std::to_string(port_list.size()) + " port numbers to " +
+                       std::to_string(host_list.size()) + " hosts",
+                   {}, "give one port for every host, or a single port for all of them");
+  }
   Targets resolved;
+  std::string unresolved;  // the last name that did not resolve, and why
   bool any_resolved = false;
   // asio's resolver ignores per-operation cancellation, and its cancel() does not stop a
   // getaddrinfo() already running: the coroutine waits on a timer that the lookup's answer (or a
@@ -228,16 +253,23 @@ asio::awaitable<error_code> Connection::Impl::resolve_hosts(const ParsedConninfo
     const error_code error = lookup->error;
     const auto& results = lookup->results;
     if (error) {
-      co_return fail(client_errc::name_resolution,
-                     "could not resolve host name \"" + host + "\": " + error.message(), {},
-                     "check the host name and DNS");
+      // As libpq does: a name that does not resolve is skipped, and the next host tried (a
+      // conninfo may still list a decommissioned replica); only if none is left does it fail.
+      unresolved = "could not resolve host name \"" + host + "\": " + error.message();
+      if (host_list.size() > 1) {
+        spdlog::warn("pgrt: {}; trying the other hosts of the conninfo", unresolved);
+      }
+      continue;
     }
     for (const auto& entry : results) {
       append(host, entry.endpoint().address().to_string(), index);
       any_resolved = true;
     }
   }
-  if (any_resolved) {
+  if (entries == 0) {
+    co_return fail(client_errc::name_resolution, unresolved, {}, "check the host name and DNS");
+  }
+  if (any_resolved || !unresolved.empty()) {
     if (!port_per_host) resolved.port.clear();
     targets = std::move(resolved);
   }

@@ -440,18 +440,8 @@ error_code Connection::Impl::refuse_without_session(std::string_view sql) {
   std::string what;
   if (first_keyword(sql) == "listen") {
     what = "LISTEN";
-  } else {
-    std::string lowered(sql);
-    for (char& c : lowered) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-    for (const char* function :
-         {"pg_advisory_lock(", "pg_advisory_lock_shared(", "pg_try_advisory_lock(",
-          "pg_try_advisory_lock_shared(", "pg_advisory_unlock(", "pg_advisory_unlock_shared(",
-          "pg_advisory_unlock_all("}) {
-      if (lowered.find(function) != std::string::npos) {
-        what = std::string("a session-level advisory lock (") + function + "))";
-        break;
-      }
-    }
+  } else if (calls_session_advisory_lock(sql)) {
+    what = "a session-level advisory lock (pg_advisory_lock() and its kin)";
   }
   if (what.empty()) return {};
   return fail(client_errc::needs_session,

@@ -20,55 +20,6 @@ std::source_location shared_connection_site() noexcept {
 
 namespace {
 
-// Whether `sql` calls a session-level advisory lock function (pg_advisory_lock, its _shared and
-// try_ variants, pg_advisory_unlock and its variants): the name as a word of the statement, not
-// inside a string constant, a dollar-quoted string or a comment, nor part of a longer name
-// (pg_advisory_xact_lock, whose lock ends with the statement's implicit transaction, is fine),
-// followed by '(' (past blanks and comments): a column or alias of that name is no call. A quoted
-// identifier counts by its exact text; an unquoted word in any case. A guard against a mistake,
-// not a boundary: a function or DO block that takes the lock inside is not seen.
-bool calls_session_advisory_lock(std::string_view sql) {
-  // (Most statements name no advisory function at all: one case-blind search settles those.)
-  if (!contains_ignoring_case(sql, "advisory")) return false;
-  const auto is_session_lock = [](std::string_view word) {
-    static constexpr std::array<std::string_view, 7> names{
-        "pg_advisory_lock",      "pg_advisory_lock_shared",
-        "pg_try_advisory_lock",  "pg_try_advisory_lock_shared",
-        "pg_advisory_unlock",    "pg_advisory_unlock_shared",
-        "pg_advisory_unlock_all"};
-    return std::find(names.begin(), names.end(), word) != names.end();
-  };
-  std::size_t at = 0;
-  const std::size_t size = sql.size();
-  const auto called_at = [&sql, size](std::size_t after_name) {
-    const std::size_t next = past_blanks_and_comments(sql, after_name);
-    return next < size && sql[next] == '(';
-  };
-  while (at < size) {
-    const char c = sql[at];
-    if (const std::size_t after = end_of_comment(sql, at); after != at) {
-      at = after;
-    } else if (const std::size_t constant_end = end_of_string_constant(sql, at);
-               constant_end != at) {
-      at = constant_end;
-    } else if (c == '"') {  // a quoted identifier: its exact text
-      std::string identifier;
-      at = end_of_quoted_identifier(sql, at, &identifier);
-      if (is_session_lock(identifier) && called_at(at)) return true;
-    } else if (is_sql_word_char(c)) {  // (a parameter such as $1 too)
-      std::string word;
-      while (at < size && is_sql_word_char(sql[at])) {
-        word += static_cast<char>(std::tolower(static_cast<unsigned char>(sql[at])));
-        ++at;
-      }
-      if (is_session_lock(word) && called_at(at)) return true;
-    } else {
-      ++at;
-    }
-  }
-  return false;
-}
-
 // Statements a shared connection cannot run: they change or need the session (a transaction, a
 // setting, a cursor, a listener) that the other callers' statements share, or COPY, which takes
 // the connection over.
