@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cerrno>
 #include <cstddef>
 #include <cstdint>
@@ -12,11 +13,14 @@
 #include <linux/netlink.h>
 #include <linux/sock_diag.h>
 #include <linux/unix_diag.h>
+#include <mutex>
 #include <optional>
+#include <pthread.h>
 #include <random>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
+#include <utility>
 
 namespace pgrt {
 
@@ -70,7 +74,9 @@ IncarnationAddress incarnation_address(std::string_view incarnation) {
 // process). A name a live process on this host holds is drawn again. Where no unix socket can be
 // made or bound (a sandbox), the first one drawn, unannounced: incarnation_on_this_host() then
 // answers unknown here too.
-std::string announced_incarnation() {
+// `announcement` receives the bound descriptor (-1 if none).
+std::string announced_incarnation(int& announcement) {
+  announcement = -1;
   std::string first;
   for (int attempt = 0; attempt < 8; ++attempt) {
     std::string incarnation = random_incarnation();
@@ -79,6 +85,7 @@ std::string announced_incarnation() {
     if (fd < 0) return first;
     const auto name = incarnation_address(incarnation);
     if (::bind(fd, reinterpret_cast<const sockaddr*>(&name.address), name.length) == 0) {
+      announcement = fd;
       return incarnation;  // NOLINT(clang-analyzer-unix.Stream): kept open on purpose
     }
     const int error = errno;
@@ -125,13 +132,44 @@ std::string fit_name(std::string_view name, std::size_t budget) {
 
 }  // namespace
 
+namespace {
+// The identity of the process that made it. A child forked after it was made (a prefork server's
+// workers) is a process of its own: it gets an identity of its own at its first use, so that its
+// connections are told from its parent's and its siblings' (the budget's fair share counts
+// processes by tag), and it stops announcing its parent's incarnation. An identity once made is
+// never freed (references to it stay valid).
+std::atomic<const ProcessIdentity*> current_identity{nullptr};
+std::mutex identity_mutex;  // making one; held across fork() (pthread_atfork), so never stuck
+int announcement_fd = -1;   // the descriptor that announces the current identity's incarnation
+
+void register_fork_handlers() {
+  static std::once_flag registered;
+  std::call_once(registered, [] {
+    ::pthread_atfork([] { identity_mutex.lock(); }, [] { identity_mutex.unlock(); },
+                     [] { identity_mutex.unlock(); });
+  });
+}
+}  // namespace
+
 const ProcessIdentity& process_identity() {
-  static const ProcessIdentity identity{.host = read_host(),
-                                        .pid = static_cast<int>(::getpid()),
-                                        .boot_id = read_boot_id(),
-                                        .started = std::chrono::system_clock::now(),
-                                        .incarnation = announced_incarnation()};
-  return identity;
+  const int pid = static_cast<int>(::getpid());
+  const ProcessIdentity* identity = current_identity.load(std::memory_order_acquire);
+  if (identity != nullptr && identity->pid == pid) return *identity;
+  register_fork_handlers();
+  std::lock_guard lock(identity_mutex);
+  identity = current_identity.load(std::memory_order_acquire);
+  if (identity != nullptr && identity->pid == pid) return *identity;
+  // A forked child: the parent's announcement is the parent's (closing this copy of it leaves
+  // the parent's name bound for as long as the parent has it).
+  if (announcement_fd >= 0) ::close(std::exchange(announcement_fd, -1));
+  std::string incarnation = announced_incarnation(announcement_fd);
+  const auto* made = new ProcessIdentity{.host = read_host(),
+                                         .pid = pid,
+                                         .boot_id = read_boot_id(),
+                                         .started = std::chrono::system_clock::now(),
+                                         .incarnation = std::move(incarnation)};
+  current_identity.store(made, std::memory_order_release);
+  return *made;
 }
 
 namespace {

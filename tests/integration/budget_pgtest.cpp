@@ -428,6 +428,84 @@ TEST_F(BudgetTest, ALateProcessGetsAFairShareFromOneHoldingTheWholeBudget) {
   EXPECT_LE(early_slots_while_late_ran, 3) << "the early pool did not keep to its share";
 }
 
+// One process with two pools on the same budget is one process to the fair share: together its
+// pools keep to its share, and a late process is not starved by the sum of their two shares.
+TEST_F(BudgetTest, TwoPoolsOfOneProcessKeepTogetherToTheProcesssShare) {
+  const std::string key = "fair-siblings";
+  std::atomic<bool> stop{false};
+  std::atomic<std::size_t> held_most{0};
+  // Each pool's max is the process's share (4 slots, 2 processes): alone, each would keep to it.
+  auto sibling_config = config("siblings", key, 4, 2);
+  sibling_config.budget.check_interval = 200ms;
+  std::thread siblings([&] {
+    run_coroutine([&]() -> awaitable_void {
+      const auto executor = co_await asio::this_coro::executor;
+      Pool first(executor, sibling_config);
+      Pool second(executor, sibling_config);
+      std::size_t running = 0;
+      for (Pool* pool : {&first, &second}) {
+        for (int i = 0; i < 3; ++i) {
+          asio::co_spawn(
+              executor,
+              [&, pool]() -> awaitable_void {
+                ++running;
+                while (!stop) {
+                  try {
+                    auto lease = co_await pool->acquire();
+                    co_await lease->query("SELECT 1");
+                    held_most =
+                        std::max(held_most.load(), first.stats().in_use + second.stats().in_use);
+                    co_await sleep_for(20ms);
+                  } catch (const Error&) {
+                    // budget_exhausted while the two of them wait for each other: try again
+                  }
+                }
+                --running;
+              },
+              asio::detached);
+        }
+      }
+      while (!stop) co_await sleep_for(20ms);
+      while (running > 0) co_await sleep_for(5ms);
+      (void)co_await first.close(1s);
+      (void)co_await second.close(1s);
+    });
+  });
+  for (int i = 0; i < 1000 && held_most < 4; ++i) std::this_thread::sleep_for(10ms);
+  EXPECT_EQ(held_most, 4U) << "the two pools never held the whole budget";
+  std::chrono::milliseconds first_lease_after{-1};
+  std::uint64_t late_served = 0;
+  try {
+    run_coroutine(
+        [&]() -> awaitable_void {
+          auto late_config = config("late-sibling", key, 4, 2);
+          late_config.budget.check_interval = 200ms;
+          late_config.acquire_timeout = 10s;
+          Pool pool(co_await asio::this_coro::executor, late_config);
+          const auto asked = std::chrono::steady_clock::now();
+          {
+            auto lease = co_await pool.acquire();
+            first_lease_after = std::chrono::duration_cast<std::chrono::milliseconds>(
+                std::chrono::steady_clock::now() - asked);
+          }
+          for (int i = 0; i < 20; ++i) {
+            auto lease = co_await pool.acquire();
+            co_await lease->query("SELECT 1");
+            ++late_served;
+          }
+          (void)co_await pool.close(1s);
+        },
+        60s);
+  } catch (const std::exception& error) {
+    ADD_FAILURE() << "the late process got no share: " << error.what();
+  }
+  stop = true;
+  siblings.join();
+  EXPECT_EQ(late_served, 20U);
+  EXPECT_GE(first_lease_after.count(), 0);
+  EXPECT_LT(first_lease_after, 5s) << "the late process waited too long for a share";
+}
+
 TEST_F(BudgetTest, ABudgetIsRefusedBehindATransactionPoolerAndWhenHalfSet) {
   auto pool_config = config("refused", "refused", 3);
   pool_config.connect.pooler = Pooler::transaction;

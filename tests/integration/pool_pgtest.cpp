@@ -407,6 +407,28 @@ TEST_F(PoolTest, RecoversAfterAServerRestartWithoutHangs) {
   EXPECT_GT(successes_after.load(), 0) << "the pool did not recover";
 }
 
+// Every connect fails with an error waiting does not cure: a waiter that times out gets that
+// error's own code and says so, not pool_timeout's "hold leases for shorter".
+TEST_F(PoolTest, AWaiterTimedOutByConnectsThatCannotSucceedGetsTheirError) {
+  auto bad_value = config("cannot-connect");
+  bad_value.conninfo += " target_session_attrs=readwrite";
+  bad_value.acquire_timeout = 500ms;
+  auto bad_setting = config("cannot-connect-setting");
+  bad_setting.connect.session_settings = {{"statement_timeout", "soon"}};
+  bad_setting.acquire_timeout = 500ms;
+  for (const PoolConfig& pool_config : {bad_value, bad_setting}) {
+    const Error error = run_coroutine([&]() -> asio::awaitable<Error> {
+      Pool pool(co_await asio::this_coro::executor, pool_config);
+      Error failed = co_await testing::expect_error(pool.acquire());
+      (void)co_await pool.close(1s);
+      co_return failed;
+    });
+    EXPECT_NE(error.code(), client_errc::pool_timeout) << error.what();
+    EXPECT_FALSE(error.code() == condition::connection_error) << error.what();
+    EXPECT_THAT(error.diagnostics().hint, HasSubstr("waiting does not cure")) << error.what();
+  }
+}
+
 TEST_F(PoolTest, FullServerBacksOffWithoutAConnectStorm) {
   auto own = start_own_cluster(
       {.max_connections = 4, .settings = {{"superuser_reserved_connections", "0"}}});

@@ -222,6 +222,41 @@ TEST(IncarnationOnThisHost, ThisProcesssOwnRunsAnotherDoesNotAndAMalformedOneIsU
   EXPECT_EQ(incarnation_on_this_host("abc"), HostPresence::unknown);
 }
 
+// A prefork server's workers: each child forked after the parent used its identity is a process
+// of its own (its connections' tags, the budget's fair share), and stops announcing the parent's.
+TEST(ProcessIdentity, AForkedChildGetsAnIdentityAndAnIncarnationOfItsOwn) {
+  const ProcessIdentity& parent = process_identity();
+  const std::string parent_incarnation = parent.incarnation;
+  int report[2];
+  ASSERT_EQ(::pipe(report), 0);
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    const ProcessIdentity& own = process_identity();
+    const bool ok = own.pid == static_cast<int>(::getpid()) &&
+                    own.incarnation != parent_incarnation && own.host == parent.host &&
+                    incarnation_on_this_host(own.incarnation) == HostPresence::running &&
+                    &process_identity() == &own;
+    const std::string line = (ok ? "ok " : "bad ") + own.incarnation;
+    (void)::write(report[1], line.data(), line.size());
+    ::_exit(0);
+  }
+  ::close(report[1]);
+  char buffer[64] = {};
+  const auto size = ::read(report[0], buffer, sizeof buffer - 1);
+  ::close(report[0]);
+  ::waitpid(child, nullptr, 0);
+  const std::string said(buffer, size > 0 ? static_cast<std::size_t>(size) : 0);
+  EXPECT_THAT(said, ::testing::StartsWith("ok ")) << said;
+  // The parent is unchanged and still announces its own; the child's is gone with it.
+  EXPECT_EQ(process_identity().incarnation, parent_incarnation);
+  EXPECT_EQ(process_identity().pid, static_cast<int>(::getpid()));
+  EXPECT_EQ(incarnation_on_this_host(parent_incarnation), HostPresence::running);
+  if (said.size() > 3) {
+    EXPECT_EQ(incarnation_on_this_host(said.substr(3)), HostPresence::not_running);
+  }
+}
+
 // An abstract name has no permissions: another user binding an incarnation's name (to block a
 // restart, or keep a leftover alive) is not taken for a live process of this service.
 TEST(IncarnationOnThisHost, AnotherUsersSocketUnderTheNameIsNotThisServicesProcess) {

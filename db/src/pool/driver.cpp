@@ -580,9 +580,29 @@ asio::awaitable<void> PoolState::check_budget_slots(std::shared_ptr<PoolState> s
     another_waits = another_waits || (holder.waiting && holder.tag != self->application_name);
   }
   processes.insert(self->application_name);
+  // The share is the process's, and other pools of this process on the same budget (the same
+  // tag) hold part of it: this pool keeps what they leave (at least one).
+  std::size_t held_by_sibling_pools = 0;
+  if (another_waits) {
+    std::unordered_set<int> own_backends;
+    for (auto state : {pool::NodeState::connecting, pool::NodeState::idle, pool::NodeState::leased,
+                       pool::NodeState::resetting, pool::NodeState::pinging}) {
+      self->core.nodes(state).for_each([&](const pool::Node& node) {
+        if (node.attachment == nullptr) return;
+        const auto& pooled = static_cast<const PooledConnection&>(*node.attachment);
+        if (pooled.backend_pid > 0) own_backends.insert(pooled.backend_pid);
+      });
+    }
+    for (const SlotHolder& holder : holders) {
+      if (holder.waiting || holder.tag != self->application_name) continue;
+      if (my_class != 0 && budget_class_of_slot(budget, holder.slot) != my_class) continue;
+      if (own_backends.count(holder.pid) == 0) ++held_by_sibling_pools;
+    }
+  }
+  const std::size_t share = budget_fair_share(budget, processes.size(), class_processes.size());
   const std::size_t cap =
       another_waits ? std::min(self->config.max_size,
-                               budget_fair_share(budget, processes.size(), class_processes.size()))
+                               share > held_by_sibling_pools ? share - held_by_sibling_pools : 1)
                     : self->config.max_size;
   if (cap != self->core.connection_cap()) {
     deferred.add([self, cap, another_waits, processes = processes.size()] {
@@ -930,8 +950,23 @@ void PoolState::fail_wait(std::unique_lock<std::mutex>& lock, pool::Waiter& wait
   // Held below what it needs by a full budget: say so, with the budget's own error.
   const bool budget_full = (failed_connects_in_a_row > 0 || budget_waits > 0) &&
                            last_connect_error_code == client_errc::budget_exhausted;
+  // Every connect fails with an error that waiting does not cure (a TLS certificate the check
+  // refuses, a wrong password, a conninfo value): that error's own code, not a busy pool's.
+  const error_code connect_error = last_connect_error_code;
+  const bool connects_cannot_succeed =
+      failed_connects_in_a_row > 0 &&
+      (connect_error == client_errc::tls_failed || connect_error == client_errc::invalid_config ||
+       (connect_error.category() == sqlstate_category() &&
+        connect_error != condition::connection_error &&
+        connect_error != condition::too_many_connections));
   lock.unlock();
   emit(events.acquire_timeout, message);
+  if (connects_cannot_succeed) {
+    throw Error(connect_error,
+                Diagnostics{.message = message,
+                            .hint = "every connect fails with an error that waiting does not cure: "
+                                    "fix what it says (the pool keeps retrying with backoff)"});
+  }
   if (budget_full) {
     throw_pool_error(client_errc::budget_exhausted, message,
                      "every process sharing the budget (PGRT_BUDGET_KEY) together holds at most "

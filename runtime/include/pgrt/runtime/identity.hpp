@@ -15,7 +15,7 @@ namespace pgrt {
 /// Computed once, on first use. Thread-safe.
 struct ProcessIdentity {
   std::string host;     ///< gethostname(); "unknown-host" if it fails.
-  int pid = 0;          ///< getpid() at first use.
+  int pid = 0;          ///< getpid() of the process it describes.
   std::string boot_id;  ///< /proc/sys/kernel/random/boot_id; "" where there is none.
   std::chrono::system_clock::time_point started;  ///< When the identity was first used.
   /// Eight random hex digits, new for every process start: tells this run's connections from an
@@ -25,7 +25,9 @@ struct ProcessIdentity {
 
 /// On first use the process also announces its incarnation on this host (see
 /// incarnation_on_this_host()); an incarnation that a live process on the host already has is
-/// drawn again.
+/// drawn again. A child forked after the parent's first use gets an identity of its own (its pid,
+/// a new incarnation, announced) at its own first use, and no longer announces the parent's. The
+/// reference stays valid for the life of the process. Thread-safe.
 [[nodiscard]] const ProcessIdentity& process_identity();
 
 /// Whether a live process of this user on this host has `incarnation`, whatever its environment
