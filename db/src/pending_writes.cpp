@@ -309,7 +309,18 @@ bool is_abandoned(State& self) {
 // One attempt at a batch: one transaction on one lease. Runs of rows for the same table go as one
 // COPY, runs of statements as one pipeline.
 asio::awaitable<void> write_batch(State& self, std::span<Write> writes) {
-  Lease lease = co_await self.pool->acquire(self.config.priority);
+  Lease lease;
+  try {
+    lease = co_await self.pool->acquire(self.config.priority);
+  } catch (const Error& error) {
+    // No connection for the batch (the server down, full, or refusing every connect, whatever
+    // code the pool gives it): nothing is wrong with the writes, which wait it out as a pool
+    // timeout. A closed pool or a cancellation is passed on.
+    if (error.code() == client_errc::pool_closed || error.code() == client_errc::cancelled) {
+      throw;
+    }
+    throw Error(make_error_code(client_errc::pool_timeout), error.diagnostics());
+  }
   co_await lease->begin();
   for (std::size_t first = 0; first < writes.size();) {
     std::size_t end = first + 1;

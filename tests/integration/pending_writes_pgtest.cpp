@@ -222,6 +222,39 @@ TEST_F(PendingWritesTest, TenThousandWritesFromManyCoroutinesAreAllWrittenInBatc
             "0");
 }
 
+// A pool whose every connect fails with an error waiting does not cure (here a start-up setting
+// the server refuses, as after a bad deploy) gives its waiters that error: the writes are not
+// what is wrong, so they wait it out; none is given up on.
+TEST_F(PendingWritesTest, WritesWaitOutAPoolWhoseConnectsAllFailAndNoneIsGivenUp) {
+  const std::string dsn = cluster().dsn();
+  create_table(dsn, "pw_refused");
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    auto refused = pool_config(dsn, "refused");
+    refused.connect.session_settings = {{"statement_timeout", "soon"}};
+    refused.acquire_timeout = 100ms;
+    Pool pool(executor, refused);
+    PendingWrites writes(pool, executor, Config{.batch_size = 10, .flush_interval = 10ms});
+    co_await writes.start();
+    auto rows = writes.table<std::int64_t, std::string>("pw_refused", {"seq", "payload"});
+    for (std::int64_t seq = 0; seq < 3; ++seq) co_await rows.append(seq, "x");
+    const auto started = std::chrono::steady_clock::now();
+    while (writes.report().retries < 3 && std::chrono::steady_clock::now() - started < 20s) {
+      co_await sleep_for(20ms);
+    }
+    const auto report = writes.report();
+    EXPECT_GE(report.retries, 3U);
+    EXPECT_EQ(report.failed, 0U) << "writes were given up on for the pool's connect error";
+    EXPECT_EQ(report.pending, 3U);
+    // stop() would wait for as long as it takes: cut, the writes are reported as not written.
+    const Error stopped = co_await expect_error(with_timeout(writes.stop(), 300ms));
+    EXPECT_TRUE(stopped.code() == client_errc::writes_failed ||
+                stopped.code() == client_errc::timeout)
+        << stopped.what();
+    (void)co_await pool.close(1s);
+  });
+}
+
 TEST_F(PendingWritesTest, AWriteIsFlushedAfterTheIntervalWithoutAFullBatch) {
   const std::string dsn = cluster().dsn();
   create_table(dsn, "pw_interval");
