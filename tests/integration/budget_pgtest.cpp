@@ -14,6 +14,10 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <iostream>
+#include <memory>
+#include <spdlog/sinks/ostream_sink.h>
+#include <spdlog/spdlog.h>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <unistd.h>
@@ -504,6 +508,44 @@ TEST_F(BudgetTest, TwoPoolsOfOneProcessKeepTogetherToTheProcesssShare) {
   EXPECT_EQ(late_served, 20U);
   EXPECT_GE(first_lease_after.count(), 0);
   EXPECT_LT(first_lease_after, 5s) << "the late process waited too long for a share";
+}
+
+// Sharers that disagree on the number of slots: the one with the smaller view says so (once).
+TEST_F(BudgetTest, APoolSeeingASlotPastItsBudgetWarnsThatTheSharersDisagree) {
+  const std::string key = "disagree";
+  std::ostringstream log;
+  const auto previous = spdlog::default_logger();
+  spdlog::set_default_logger(std::make_shared<spdlog::logger>(
+      "capture", std::make_shared<spdlog::sinks::ostream_sink_mt>(log)));
+  run_coroutine([&]() -> awaitable_void {
+    const auto executor = co_await asio::this_coro::executor;
+    auto small_config = config("small-view", key, 2, 2);
+    small_config.budget.check_interval = 100ms;
+    auto large_config = config("large-view", key, 6, 4);
+    Pool small(executor, small_config);
+    Pool large(executor, large_config);
+    {
+      auto first = co_await small.acquire();  // slots 0 and 1, kept by the idle connections
+      auto second = co_await small.acquire();
+    }
+    std::vector<Lease> held;
+    for (int i = 0; i < 4; ++i) held.push_back(co_await large.acquire());  // slots 2 to 5
+    for (int i = 0; i < 100 && log.str().find("disagree") == std::string::npos; ++i) {
+      co_await sleep_for(20ms);
+    }
+    held.clear();
+    (void)co_await large.close(1s);
+    (void)co_await small.close(1s);
+  });
+  spdlog::set_default_logger(previous);
+  EXPECT_THAT(log.str(), HasSubstr("the sharers disagree on PGRT_BUDGET_SLOTS")) << log.str();
+  const std::string text = log.str();
+  std::size_t warnings = 0;
+  for (auto at = text.find("disagree on"); at != std::string::npos;
+       at = text.find("disagree on", at + 1)) {
+    ++warnings;
+  }
+  EXPECT_EQ(warnings, 1U) << "said more than once";
 }
 
 TEST_F(BudgetTest, ABudgetIsRefusedBehindATransactionPoolerAndWhenHalfSet) {

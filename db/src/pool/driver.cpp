@@ -564,6 +564,23 @@ asio::awaitable<void> PoolState::check_budget_slots(std::shared_ptr<PoolState> s
       lost.push_back(&node);
     });
   }
+  // A sharer holding a slot this pool's budget does not have: it was given a larger
+  // PGRT_BUDGET_SLOTS, and together they may hold more than this pool's view of the budget.
+  if (!self->warned_foreign_slots) {
+    for (const SlotHolder& holder : holders) {
+      if (holder.waiting || holder.slot < self->config.budget.slots) continue;
+      self->warned_foreign_slots = true;
+      deferred.add([self, slot = holder.slot, tag = holder.tag] {
+        spdlog::warn(
+            "pgrt pool {}: {} holds slot {} of the connection budget '{}', which has {} slots "
+            "here: the sharers disagree on PGRT_BUDGET_SLOTS, and together may hold more than "
+            "{}; give every sharer the same value",
+            self->application_name, tag, slot, self->config.budget.key, self->config.budget.slots,
+            self->config.budget.slots);
+      });
+      break;
+    }
+  }
   // Fair shares between processes: while another process waits for a slot, keep at most an even
   // split of the budget among the processes holding or waiting for one (of this pool's class:
   // an even split of its own slots among the processes of the class); lifted once none waits.

@@ -330,7 +330,8 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
   std::uint64_t failed_connects_in_a_row = 0;
   std::uint64_t budget_probes = 0;               // PoolStats::budget_probes
   std::uint64_t budget_probes_without_slot = 0;  // PoolStats::budget_probes_without_slot
-  std::size_t budget_waits = 0;  // connects waiting for a budget slot (wait_for_budget_slot())
+  bool warned_foreign_slots = false;  // a sharer held a slot past budget.slots: said once
+  std::size_t budget_waits = 0;       // connects waiting for a budget slot (wait_for_budget_slot())
   std::uint64_t budget_slot_waits = 0;  // PoolStats::budget_slot_waits
   // close() calls waiting for every connection to be gone; notified once none is left.
   async::TimerCondition drained;
