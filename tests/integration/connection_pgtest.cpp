@@ -722,6 +722,99 @@ TEST_F(ConnectionTest, ConnectToABlackholeTimesOut) {
   });
   EXPECT_EQ(error.code(), client_errc::timeout);
   EXPECT_THAT(error.what(), HasSubstr("within 300 ms"));
+  EXPECT_THAT(error.what(), HasSubstr(":" + std::to_string(proxy.port()) + " (database"));
+}
+
+// Failover to a host that takes the connection and never answers (a hung server, a proxy in
+// front of a dead one): each host but the last gets its share of connect_timeout, or the
+// conninfo's connect_timeout (per host, as libpq counts it), and the connect moves on.
+TEST_F(ConnectionTest, AHostThatTakesTheConnectionAndNeverAnswersIsPassedOverInItsShare) {
+  testing::FaultProxy hung("127.0.0.1", static_cast<std::uint16_t>(cluster().port()));
+  hung.pause();
+  const std::string hosts =
+      "host=127.0.0.1,127.0.0.1 user=postgres dbname=postgres port=" + std::to_string(hung.port()) +
+      "," + std::to_string(cluster().port());
+  auto connect_in = [&](std::string conninfo, std::chrono::milliseconds connect_timeout) {
+    return run_coroutine([&]() -> asio::awaitable<std::pair<int, std::chrono::milliseconds>> {
+      const auto started = std::chrono::steady_clock::now();
+      ConnectOptions options{.conninfo = conninfo, .connect_timeout = connect_timeout};
+      auto conn = co_await Connection::connect(std::move(options));
+      const int port = (co_await conn.query("SELECT inet_server_port()")).scalar<int>();
+      co_return std::pair{port, std::chrono::duration_cast<std::chrono::milliseconds>(
+                                    std::chrono::steady_clock::now() - started)};
+    });
+  };
+  // Two hosts, 3 s: the hung one gets half.
+  const auto [port, took] = connect_in(hosts, 3s);
+  EXPECT_EQ(port, cluster().port());
+  EXPECT_GE(took, 1400ms);
+  EXPECT_LT(took, 2900ms);
+  // The conninfo's connect_timeout (2 s per host) in place of the share of 20 s.
+  const auto [port_again, took_again] = connect_in(hosts + " connect_timeout=2", 20s);
+  EXPECT_EQ(port_again, cluster().port());
+  EXPECT_GE(took_again, 1900ms);
+  EXPECT_LT(took_again, 5s);
+
+  // Every host hung: the whole connect times out, and says what the first host did.
+  testing::FaultProxy hung_too("127.0.0.1", static_cast<std::uint16_t>(cluster().port()));
+  hung_too.pause();
+  auto both_hung = run_coroutine([&]() -> asio::awaitable<Error> {
+    ConnectOptions options{
+        .conninfo = "host=127.0.0.1,127.0.0.1 port=" + std::to_string(hung.port()) + "," +
+                    std::to_string(hung_too.port()) + " user=postgres",
+        .connect_timeout = 600ms};
+    co_return co_await expect_error(Connection::connect(std::move(options)));
+  });
+  EXPECT_EQ(both_hung.code(), client_errc::timeout);
+  EXPECT_THAT(both_hung.what(), HasSubstr("within 600 ms"));
+  EXPECT_THAT(both_hung.what(), HasSubstr(std::to_string(hung.port()) + " (database"));
+  EXPECT_THAT(both_hung.what(), HasSubstr(std::to_string(hung_too.port()) + " (database"));
+  EXPECT_THAT(both_hung.what(), HasSubstr("): no answer within "));
+
+  // A mistake every host would answer alike ends the connect at the first host to say it.
+  auto unknown_database = run_coroutine([&]() -> asio::awaitable<Error> {
+    ConnectOptions options{
+        .conninfo = "host=127.0.0.1,127.0.0.1 port=" + std::to_string(cluster().port()) + "," +
+                    std::to_string(hung.port()) + " user=postgres dbname=missing_db",
+        .connect_timeout = 5s};
+    co_return co_await expect_error(Connection::connect(std::move(options)));
+  });
+  EXPECT_EQ(unknown_database.sqlstate(), "3D000") << unknown_database.what();
+
+  auto malformed = run_coroutine([&]() -> asio::awaitable<Error> {
+    ConnectOptions options{.conninfo = hosts + " connect_timeout=5s"};
+    co_return co_await expect_error(Connection::connect(std::move(options)));
+  });
+  EXPECT_EQ(malformed.code(), client_errc::invalid_config) << malformed.what();
+  EXPECT_THAT(malformed.what(), HasSubstr("connect_timeout"));
+}
+
+// target_session_attrs over a primary and its hot standby, with pgrt trying the hosts one by
+// one: read-write skips the standby, standby skips the primary, and prefer-standby (as libpq
+// reads it: a standby if any host is one, else any server) takes the standby listed second.
+TEST_F(ConnectionTest, TargetSessionAttrsPickTheRightServerOfAPrimaryAndItsStandby) {
+  testing::TempCluster standby({.standby_of = cluster().dsn()});
+  auto server_port = [&](const std::string& hosts_in_order, const std::string& attrs) {
+    return run_coroutine([&]() -> asio::awaitable<int> {
+      ConnectOptions options{
+          .conninfo = "host=127.0.0.1,127.0.0.1 port=" + hosts_in_order +
+                      " user=postgres dbname=postgres target_session_attrs=" + attrs,
+          .connect_timeout = 10s};
+      auto conn = co_await Connection::connect(std::move(options));
+      co_return (co_await conn.query("SELECT inet_server_port()")).scalar<int>();
+    });
+  };
+  const std::string primary_first =
+      std::to_string(cluster().port()) + "," + std::to_string(standby.port());
+  const std::string standby_first =
+      std::to_string(standby.port()) + "," + std::to_string(cluster().port());
+  EXPECT_EQ(server_port(standby_first, "read-write"), cluster().port());
+  EXPECT_EQ(server_port(primary_first, "standby"), standby.port());
+  EXPECT_EQ(server_port(primary_first, "prefer-standby"), standby.port());
+  EXPECT_EQ(server_port(primary_first, "any"), cluster().port());
+  // No standby among the hosts: prefer-standby takes the first server that answers.
+  EXPECT_EQ(server_port("1," + std::to_string(cluster().port()), "prefer-standby"),
+            cluster().port());
 }
 
 TEST_F(ConnectionTest, CloseGracefullyOrImmediatelyEndsTheBackend) {

@@ -1,9 +1,13 @@
+#include <algorithm>
+#include <array>
 #include <boost/asio/bind_executor.hpp>
+#include <boost/asio/experimental/awaitable_operators.hpp>
 #include <boost/asio/ip/address.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <cctype>
+#include <charconv>
 #include <memory>
 #include <spdlog/spdlog.h>
 #include <vector>
@@ -14,7 +18,7 @@
 namespace pgrt {
 
 std::string Connection::Impl::target() const {
-  if (conn == nullptr) return "the server";
+  if (conn == nullptr) return connecting_to.empty() ? "the server" : connecting_to;
   std::string host = PQhost(conn) != nullptr ? PQhost(conn) : "";
   std::string port = PQport(conn) != nullptr ? PQport(conn) : "";
   std::string where =
@@ -78,6 +82,27 @@ std::string tls_hint(std::string_view message) {
     return "TLS could not be set up: check sslrootcert, sslcert and sslkey, and the server's "
            "ssl settings";
   }
+  return {};
+}
+
+// libpq's connect_timeout keyword (seconds, per host; 0, negative or absent: none; 1 counts as
+// 2), which its asynchronous API leaves to the caller.
+error_code read_connect_timeout(const ParsedConninfo& parsed,
+                                std::optional<std::chrono::milliseconds>& per_host,
+                                Diagnostics& said) {
+  const std::string text = parsed.get("connect_timeout", "PGCONNECT_TIMEOUT");
+  if (text.empty()) return {};
+  int seconds = 0;
+  const auto [end, problem] = std::from_chars(text.data(), text.data() + text.size(), seconds);
+  if (problem != std::errc{} || end != text.data() + text.size()) {
+    said = Diagnostics{.message = "the conninfo's connect_timeout \"" + text +
+                                  "\" is not a whole number of seconds",
+                       .hint =
+                           "give it in seconds (connect_timeout=5), or leave it out: "
+                           "ConnectOptions::connect_timeout bounds the whole connect"};
+    return make_error_code(client_errc::invalid_config);
+  }
+  if (seconds > 0) per_host = std::chrono::seconds(std::max(seconds, 2));
   return {};
 }
 
@@ -189,7 +214,7 @@ error_code Connection::Impl::connect_error() {
 // call getaddrinfo() on the event loop, gets numeric addresses in `hostaddr`. A name with several
 // addresses becomes several host entries, one per address, tried in order as libpq would.
 asio::awaitable<error_code> Connection::Impl::resolve_hosts(const ParsedConninfo& parsed,
-                                                            std::optional<Targets>& targets) {
+                                                            std::vector<Target>& targets) {
   const std::string hosts = parsed.get("host", "PGHOST");
   if (hosts.empty() || !parsed.get("hostaddr", "PGHOSTADDR").empty()) co_return error_code{};
   const auto host_list = split_hosts(hosts);
@@ -201,9 +226,8 @@ asio::awaitable<error_code> Connection::Impl::resolve_hosts(const ParsedConninfo
                        std::to_string(host_list.size()) + " hosts",
                    {}, "give one port for every host, or a single port for all of them");
   }
-  Targets resolved;
+  std::vector<Target> resolved;
   std::string unresolved;  // the last name that did not resolve, and why
-  bool any_resolved = false;
   // asio's resolver ignores per-operation cancellation, and its cancel() does not stop a
   // getaddrinfo() already running: the coroutine waits on a timer that the lookup's answer (or a
   // cancellation: connect_timeout, the caller's) ends. A lookup left behind ends on the resolver's
@@ -218,12 +242,9 @@ asio::awaitable<error_code> Connection::Impl::resolve_hosts(const ParsedConninfo
     asio::ip::tcp::resolver::results_type results;
   };
   const auto here = co_await asio::this_coro::executor;  // (the answer comes there)
-  std::size_t entries = 0;
   auto append = [&](const std::string& host, const std::string& address, std::size_t index) {
-    const std::string separator = entries++ == 0 ? "" : ",";
-    resolved.host += separator + host;
-    resolved.hostaddr += separator + address;
-    if (port_per_host) resolved.port += separator + port_list[index];
+    resolved.push_back(
+        Target{.host = host, .hostaddr = address, .port = port_per_host ? port_list[index] : ""});
   };
   for (std::size_t index = 0; index < host_list.size(); ++index) {
     const std::string& host = host_list[index];
@@ -261,22 +282,105 @@ asio::awaitable<error_code> Connection::Impl::resolve_hosts(const ParsedConninfo
       }
       continue;
     }
-    for (const auto& entry : results) {
-      append(host, entry.endpoint().address().to_string(), index);
-      any_resolved = true;
-    }
+    for (const auto& entry : results) append(host, entry.endpoint().address().to_string(), index);
   }
-  if (entries == 0) {
+  if (resolved.empty()) {
     co_return fail(client_errc::name_resolution, unresolved, {}, "check the host name and DNS");
   }
-  if (any_resolved || !unresolved.empty()) {
-    if (!port_per_host) resolved.port.clear();
-    targets = std::move(resolved);
+  // An empty host (libpq's default socket directory) cannot be named to libpq on its own (it
+  // ignores an empty value): then libpq gets the whole list and tries the hosts itself.
+  if (std::any_of(resolved.begin(), resolved.end(),
+                  [](const Target& target) { return target.host.empty(); })) {
+    Target all;
+    for (std::size_t index = 0; index < resolved.size(); ++index) {
+      const std::string separator = index == 0 ? "" : ",";
+      all.host += separator + resolved[index].host;
+      all.hostaddr += separator + resolved[index].hostaddr;
+      if (port_per_host) all.port += separator + resolved[index].port;
+    }
+    resolved.assign(1, std::move(all));
   }
+  targets = std::move(resolved);
+  co_return error_code{};
+}
+
+asio::awaitable<error_code> Connection::Impl::connect_once(
+    const std::vector<std::pair<std::string, std::string>>& params, const Target* host,
+    const char* session_attrs, std::optional<std::chrono::milliseconds> limit) {
+  std::vector<const char*> keywords;
+  std::vector<const char*> values;
+  for (const auto& [keyword, value] : params) {
+    keywords.push_back(keyword.c_str());
+    values.push_back(value.c_str());
+  }
+  // Later keywords override the conninfo's (expand_dbname); libpq ignores empty values.
+  if (host != nullptr) {
+    keywords.insert(keywords.end(), {"host", "hostaddr", "port"});
+    values.insert(values.end(), {host->host.c_str(), host->hostaddr.c_str(), host->port.c_str()});
+  }
+  if (session_attrs != nullptr) {
+    keywords.push_back("target_session_attrs");
+    values.push_back(session_attrs);
+  }
+  keywords.push_back(nullptr);
+  values.push_back(nullptr);
+
+  close(CloseMode::immediate);  // what an earlier attempt left
+  conn = PQconnectStartParams(keywords.data(), values.data(), 1);
+  if (conn != nullptr) PQsetNoticeReceiver(conn, log_server_notice, nullptr);
+  if (conn == nullptr || PQstatus(conn) == CONNECTION_BAD) co_return connect_error();
+  connecting_to = target();
+  asio::steady_timer given_up(executor, asio::steady_timer::time_point::max());
+  if (limit) given_up.expires_after(*limit);
+  bool out_of_time = false;
+  PostgresPollingStatusType polling = PGRES_POLLING_WRITING;
+  while (polling != PGRES_POLLING_OK) {
+    if (polling == PGRES_POLLING_FAILED) co_return connect_error();
+    // libpq may open a new socket at any step (next address, next host, SSL fallback): wrap the
+    // current one afresh each time.
+    if (auto assign_error = watch_socket()) {
+      co_return fail(client_errc::connect_failed,
+                     "cannot watch the connection's socket: " + assign_error.message());
+    }
+    const bool reading = polling == PGRES_POLLING_READING;
+    error_code error;
+    if (!reading || !tls_holds_bytes()) {
+      auto ready = socket.async_wait(
+          reading ? asio::socket_base::wait_read : asio::socket_base::wait_write, no_throw);
+      if (limit) {
+        using namespace asio::experimental::awaitable_operators;
+        auto outcome =
+            co_await detail::serialized(std::move(ready) || given_up.async_wait(no_throw));
+        if (outcome.index() == 0) {
+          std::tie(error) = std::get<0>(outcome);
+        } else {
+          std::tie(error) = std::get<1>(outcome);
+          out_of_time = !error;
+          if (out_of_time) error = asio::error::timed_out;
+        }
+      } else {
+        std::tie(error) = co_await std::move(ready);
+      }
+    }
+    if (error) {
+      std::string where = target();
+      close(CloseMode::immediate);
+      if (out_of_time) {
+        co_return fail(client_errc::timeout, "could not connect to " + where +
+                                                 ": no answer within " +
+                                                 std::to_string(limit->count()) + " ms");
+      }
+      co_return fail(client_errc::cancelled, "connecting to " + where + " was cancelled");
+    }
+    polling = PQconnectPoll(conn);
+    connecting_to = target();  // (libpq may have moved on to its next address)
+  }
+  if (PQsetnonblocking(conn, 1) != 0) co_return connect_error();
   co_return error_code{};
 }
 
 asio::awaitable<error_code> Connection::Impl::connect() {
+  const auto connect_deadline = std::chrono::steady_clock::now() + options.connect_timeout;
   const ParsedConninfo parsed = parse_conninfo(options.conninfo);
   if (!parsed.valid || url_credentials_misread(options.conninfo)) {
     // Redacted, whatever keywords it holds: the raw text may carry a password under any name.
@@ -284,8 +388,10 @@ asio::awaitable<error_code> Connection::Impl::connect() {
                    "use a URL (postgresql://user@host:5432/db) or key=value pairs "
                    "(host=... dbname=...)");
   }
-  std::optional<Targets> targets;
+  std::vector<Target> targets;
   if (auto error = co_await resolve_hosts(parsed, targets)) co_return error;
+  std::optional<std::chrono::milliseconds> per_host_limit;
+  if (auto error = read_connect_timeout(parsed, per_host_limit, last_error)) co_return error;
 
   std::vector<std::pair<std::string, std::string>> params;
   if (!options.conninfo.empty()) params.emplace_back("dbname", options.conninfo);
@@ -326,46 +432,71 @@ asio::awaitable<error_code> Connection::Impl::connect() {
   if (options.tcp_user_timeout.count() > 0) {
     params.emplace_back("tcp_user_timeout", std::to_string(options.tcp_user_timeout.count()));
   }
-  if (targets) {
-    params.emplace_back("host", targets->host);
-    params.emplace_back("hostaddr", targets->hostaddr);
-    if (!targets->port.empty()) params.emplace_back("port", targets->port);
-  }
-  std::vector<const char*> keywords;
-  std::vector<const char*> values;
-  for (const auto& [keyword, value] : params) {
-    keywords.push_back(keyword.c_str());
-    values.push_back(value.c_str());
-  }
-  keywords.push_back(nullptr);
-  values.push_back(nullptr);
 
-  conn = PQconnectStartParams(keywords.data(), values.data(), 1);
-  if (conn != nullptr) PQsetNoticeReceiver(conn, log_server_notice, nullptr);
-  if (conn == nullptr || PQstatus(conn) == CONNECTION_BAD) co_return connect_error();
-  PostgresPollingStatusType polling = PGRES_POLLING_WRITING;
-  while (polling != PGRES_POLLING_OK) {
-    if (polling == PGRES_POLLING_FAILED) co_return connect_error();
-    // libpq may open a new socket at any step (next address, next host, SSL fallback): wrap the
-    // current one afresh each time.
-    if (auto assign_error = watch_socket()) {
-      co_return fail(client_errc::connect_failed,
-                     "cannot watch the connection's socket: " + assign_error.message());
+  // Several hosts (or addresses): pgrt tries them one by one, so that each has a deadline of its
+  // own (libpq's asynchronous API has none per host: a host that takes the connection and never
+  // answers would hold the whole connect). prefer-standby, as libpq does it: every host as a
+  // standby first, then every host as any server.
+  struct Attempt {
+    const Target* target;
+    const char* session_attrs;  // nullptr: the conninfo's target_session_attrs
+  };
+  std::vector<Attempt> attempts;
+  const bool prefer_standby =
+      parsed.get("target_session_attrs", "PGTARGETSESSIONATTRS") == "prefer-standby";
+  if (targets.size() <= 1) {
+    attempts.push_back({targets.empty() ? nullptr : &targets.front(), nullptr});
+  } else {
+    for (const Target& one : targets) {
+      attempts.push_back({&one, prefer_standby ? "standby" : nullptr});
     }
-    const bool reading = polling == PGRES_POLLING_READING;
-    error_code error;
-    if (!reading || !tls_holds_bytes()) {
-      std::tie(error) = co_await socket.async_wait(
-          reading ? asio::socket_base::wait_read : asio::socket_base::wait_write, no_throw);
+    if (prefer_standby) {
+      for (const Target& one : targets) attempts.push_back({&one, "any"});
     }
-    if (error) {
-      std::string where = target();
-      close(CloseMode::immediate);
-      co_return fail(client_errc::cancelled, "connecting to " + where + " was cancelled");
-    }
-    polling = PQconnectPoll(conn);
   }
-  if (PQsetnonblocking(conn, 1) != 0) co_return connect_error();
+  failed_hosts.clear();
+  for (std::size_t index = 0; index < attempts.size(); ++index) {
+    const bool last = index + 1 == attempts.size();
+    // The last attempt runs until the whole connect's deadline (try_connect()'s timer); each one
+    // before it gets the conninfo's connect_timeout (per host, as libpq counts it) or an equal
+    // share of the time left.
+    std::optional<std::chrono::milliseconds> limit;
+    if (!last) {
+      const auto left = std::max(std::chrono::milliseconds(1),
+                                 std::chrono::duration_cast<std::chrono::milliseconds>(
+                                     connect_deadline - std::chrono::steady_clock::now()));
+      const auto share = left / static_cast<std::int64_t>(attempts.size() - index);
+      limit = per_host_limit ? std::min(*per_host_limit, left) : share;
+    }
+    const error_code error =
+        co_await connect_once(params, attempts[index].target, attempts[index].session_attrs, limit);
+    if (!error) {
+      failed_hosts.clear();
+      break;
+    }
+    // A cancellation, or a mistake every host would answer alike (a password, a database name,
+    // a setting, the conninfo itself), ends the connect, as libpq ends it once a server has
+    // answered; a host that is down, full, starting up, read-only or silent is passed over.
+    static constexpr std::array<std::string_view, 7> mistakes{"28P01", "28000", "3D000", "22023",
+                                                              "42704", "42501", "55P02"};
+    const bool same_everywhere =
+        error == client_errc::cancelled || error == client_errc::invalid_config ||
+        std::find(mistakes.begin(), mistakes.end(), last_error.sqlstate) != mistakes.end();
+    if (last || same_everywhere) {
+      if (!failed_hosts.empty()) last_error.message += " (before it: " + failed_hosts + ")";
+      co_return error;
+    }
+    // A server of the wrong kind (target_session_attrs) is the multi-host conninfo at work; a
+    // host down or silent is news for its operators.
+    const std::string_view said = last_error.message;
+    if (contains(said, "hot standby mode") || contains(said, "session is read-only") ||
+        contains(said, "session is not read-only")) {
+      spdlog::debug("pgrt: {}; trying the next host", said);
+    } else {
+      spdlog::warn("pgrt: {}; trying the next host", said);
+    }
+    failed_hosts += (failed_hosts.empty() ? "" : "; ") + last_error.message;
+  }
   // Dates are read in ISO format. pgrt asks for it at connect, but behind a transaction pooler it
   // cannot, and a pooler may drop the startup options it was sent: check what the server says.
   // (A DateStyle the caller chose in session_settings is theirs to read.)

@@ -34,6 +34,7 @@
 #include <string>
 #include <string_view>
 #include <unordered_map>
+#include <vector>
 
 #include "../connection_access.hpp"
 #include "../sql_text.hpp"
@@ -294,14 +295,29 @@ struct Connection::Impl {
 
   std::string target() const;
   error_code connect_error();
-  struct Targets {
+  // One place to connect to, as libpq's host, hostaddr and port keywords take it (a host may be
+  // a comma-separated list when pgrt leaves the trying of hosts to libpq; an empty field leaves
+  // the conninfo's value).
+  struct Target {
     std::string host;
     std::string hostaddr;
     std::string port;
   };
+  // Empty when libpq is to read the hosts from the conninfo itself (no host, or hostaddr given).
   asio::awaitable<error_code> resolve_hosts(const ParsedConninfo& parsed,
-                                            std::optional<Targets>& targets);
+                                            std::vector<Target>& targets);
+  // Tries each target in turn, each within its share of connect_timeout (connect.cpp).
   asio::awaitable<error_code> connect();
+  // One libpq connect to `host` (all of the conninfo's hosts when null), given up after
+  // `limit` (none: until cancelled).
+  asio::awaitable<error_code> connect_once(
+      const std::vector<std::pair<std::string, std::string>>& params, const Target* host,
+      const char* session_attrs, std::optional<std::chrono::milliseconds> limit);
+  // What the earlier hosts of a connect that moved on said ("" when none), for its last error.
+  std::string failed_hosts;
+  // The host last connected to (target()), which target() names once the connection is closed
+  // (a connect cut short: try_connect()).
+  std::string connecting_to;
 };
 
 // Marks an operation running for its whole duration, restoring the coroutine's throw-if-cancelled

@@ -209,6 +209,11 @@ TempCluster::TempCluster(TempClusterOptions options) : options_(std::move(option
   } catch (const std::runtime_error& error) {
     throw ClusterError(error.what());
   }
+  if (!options_.standby_of.empty() && options_.password_role) {
+    throw ClusterError(
+        "a standby cannot create a password role (it is read-only): create the "
+        "role on its primary before the standby is made");
+  }
   create_directory();
   try {
     start_guardian();
@@ -307,10 +312,32 @@ void TempCluster::start_guardian() {
 void TempCluster::run_initdb() {
   const fs::path log_path = directory_ / "initdb.log";
   int log_fd = detail::open_log(log_path);
+  // A standby's data is a base backup of its primary, with what it needs to follow it (-R).
+  const std::string program = options_.standby_of.empty() ? "initdb" : "pg_basebackup";
+  std::vector<std::string> argv =
+      options_.standby_of.empty() ? std::vector<std::string>{(bin_dir_ / "initdb").string(),
+                                                             "--pgdata",
+                                                             data_directory().string(),
+                                                             "--username",
+                                                             "postgres",
+                                                             "--auth",
+                                                             "trust",
+                                                             "--encoding",
+                                                             "UTF8",
+                                                             "--locale",
+                                                             "C",
+                                                             "--no-sync",
+                                                             "--no-instructions"}
+                                  : std::vector<std::string>{(bin_dir_ / "pg_basebackup").string(),
+                                                             "--pgdata",
+                                                             data_directory().string(),
+                                                             "--dbname",
+                                                             options_.standby_of,
+                                                             "--write-recovery-conf",
+                                                             "--checkpoint=fast",
+                                                             "--no-sync"};
   detail::SpawnOptions spawn{
-      .argv = {(bin_dir_ / "initdb").string(), "--pgdata", data_directory().string(), "--username",
-               "postgres", "--auth", "trust", "--encoding", "UTF8", "--locale", "C", "--no-sync",
-               "--no-instructions"},
+      .argv = std::move(argv),
       .run_as = run_as_,
       .output_fd = log_fd,
       // Out of reach of the terminal's Ctrl+C (our process decides), but killed if we die.
@@ -323,8 +350,7 @@ void TempCluster::run_initdb() {
     pid = detail::spawn(spawn);
   } catch (const std::system_error& error) {
     ::close(log_fd);
-    throw ClusterError(std::string("initdb failed to start: ") + error.what() + ". " +
-                       install_hint);
+    throw ClusterError(program + " failed to start: " + error.what() + ". " + install_hint);
   }
   ::close(log_fd);
   auto status =
@@ -335,10 +361,10 @@ void TempCluster::run_initdb() {
     if (options_.stop_token.stop_requested()) {
       throw ClusterInterrupted("interrupted while initdb was running");
     }
-    throw ClusterError("initdb did not finish within 120 s in " + directory_.string());
+    throw ClusterError(program + " did not finish within 120 s in " + directory_.string());
   }
   if (!WIFEXITED(*status) || WEXITSTATUS(*status) != 0) {
-    throw ClusterError("initdb failed (" + detail::describe_status(*status) + ") in " +
+    throw ClusterError(program + " failed (" + detail::describe_status(*status) + ") in " +
                        data_directory().string() + ". Its output ends with:\n" +
                        detail::file_tail(log_path, 2048) +
                        "\nCheck that the directory is writable by the server's user and that the "
@@ -372,6 +398,7 @@ void TempCluster::write_hba() {
   }
   hba += "local all all trust\n";
   hba += tcp + " all all 127.0.0.1/32 trust\n";
+  hba += "local replication all trust\n";  // (TempClusterOptions::standby_of)
   if (tls_only) hba += "hostnossl all all 127.0.0.1/32 reject\n";
   std::ofstream out(data_directory() / "pg_hba.conf", std::ios::trunc);
   out << hba;

@@ -70,6 +70,10 @@ struct TempClusterOptions {
   /// With `tls`: the TCP port takes TLS connections only (`hostssl`; pg_hba.conf rejects plain
   /// TCP, as managed servers do). When false it takes both, and tcp_dsn() is plain.
   bool tls_only = true;
+  /// When set, the cluster is a hot standby of the server at this conninfo (a TempCluster's
+  /// dsn()): its data comes from `pg_basebackup` and it streams from that server, answering
+  /// read-only statements (`in_hot_standby` on). Not with password_role.
+  std::string standby_of;
   /// Where `initdb` and `postgres` are. Empty: $PGRT_PG_BINDIR, then `pg_config --bindir`, then
   /// the newest /usr/lib/postgresql/<version>/bin.
   std::filesystem::path bin_dir;
