@@ -402,6 +402,24 @@ TEST_F(ConnectionTest, ConcurrentUseIsDetectedAndDoesNotDisturbTheRunningQuery) 
   });
 }
 
+// The caller's own DISCARD ALL or DEALLOCATE ALL empties the statement cache: the statements are
+// prepared again as they are used, and the server's forgetting them is never taken for a
+// transaction pooler (twice was: the connection went on unnamed for the rest of its life).
+TEST_F(ConnectionTest, TheCallersOwnDiscardAllOrDeallocateAllEmptiesTheStatementCache) {
+  run_coroutine([]() -> awaitable_void {
+    auto conn = co_await open();
+    for (const char* forget : {"DEALLOCATE ALL", "DISCARD ALL", "DEALLOCATE ALL", "DISCARD ALL"}) {
+      EXPECT_EQ((co_await conn.query_prepared("SELECT $1::int", 3)).scalar<int>(), 3);
+      co_await conn.execute(forget);
+      EXPECT_EQ((co_await conn.query("SELECT count(*) FROM pg_prepared_statements")).scalar<int>(),
+                0);
+    }
+    EXPECT_EQ((co_await conn.query_prepared("SELECT $1::int", 4)).scalar<int>(), 4);
+    EXPECT_EQ((co_await conn.query("SELECT count(*) FROM pg_prepared_statements")).scalar<int>(), 1)
+        << "the connection went on with unnamed statements";
+  });
+}
+
 // discard_all() during a running statement is refused before it touches the statement cache:
 // it cleared the cache first, and the running query_prepared() read its freed name afterwards.
 TEST_F(ConnectionTest, DiscardAllDuringARunningStatementIsRefusedAndDisturbsNothing) {
@@ -1103,6 +1121,14 @@ TEST_F(ConnectionTest, DroppedConnectionIsReportedAsConnectionLost) {
 
 // ---------------------------------------------------------------- prepared statements, pipelines
 
+// Runs `sql` (DEALLOCATE ALL, DISCARD ALL) through libpq itself, out of pgrt's sight: the server
+// forgets the statements pgrt has cached, as when a function or a pooler's other session did it.
+void behind_pgrts_back(Connection& conn, const char* sql) {
+  PGresult* result = PQexec(conn.native_handle(), sql);
+  EXPECT_EQ(PQresultStatus(result), PGRES_COMMAND_OK) << PQerrorMessage(conn.native_handle());
+  PQclear(result);
+}
+
 TEST_F(ConnectionTest, PreparedStatementsAreCachedPerTextAndTypesWithLruEviction) {
   run_coroutine([]() -> awaitable_void {
     ConnectOptions options{.conninfo = cluster().dsn(), .statement_cache_size = 2};
@@ -1118,7 +1144,7 @@ TEST_F(ConnectionTest, PreparedStatementsAreCachedPerTextAndTypesWithLruEviction
               std::string_view("x"));
     EXPECT_EQ((co_await conn.query_prepared("SELECT 3")).scalar<int>(), 3);
     EXPECT_EQ(co_await prepared_count(), 2) << "the least recently used one is deallocated";
-    co_await conn.execute("DEALLOCATE ALL");
+    behind_pgrts_back(conn, "DEALLOCATE ALL");
     EXPECT_EQ((co_await conn.query_prepared("SELECT 3")).scalar<int>(), 3)
         << "a statement deallocated behind pgrt's back is prepared again";
     auto error = co_await expect_error(conn.query_prepared("SELEC 1"));
@@ -1140,7 +1166,7 @@ TEST_F(ConnectionTest, OneDiscardAllIsOneForgettingAndTheCacheKeepsWorking) {
       EXPECT_EQ((co_await conn.query_prepared(sql)).scalar<int>(), sql[7] - '0');
     }
     EXPECT_EQ(co_await prepared_count(), 3);
-    co_await conn.execute("DISCARD ALL");
+    behind_pgrts_back(conn, "DISCARD ALL");
     // Each found its name gone, prepared again (named), and ran.
     for (const char* sql : {"SELECT 1", "SELECT 2", "SELECT 3"}) {
       EXPECT_EQ((co_await conn.query_prepared(sql)).scalar<int>(), sql[7] - '0');
@@ -1383,14 +1409,14 @@ TEST_F(ConnectionTest, APipelineWhoseStatementsTheServerForgotRunsItsFailedSegme
         .add("SELECT count(*) FROM forgetful");
     auto outcomes = co_await conn.run(pipeline);
     EXPECT_EQ(outcomes.at(2).result.scalar<std::int64_t>(), 2);
-    co_await conn.execute("DEALLOCATE ALL");
+    behind_pgrts_back(conn, "DEALLOCATE ALL");
     outcomes = co_await conn.run(pipeline);
     for (std::size_t i = 0; i < outcomes.size(); ++i) {
       EXPECT_TRUE(outcomes[i].ok()) << i << ": " << outcomes[i].diagnostics.message;
     }
     EXPECT_EQ(outcomes.at(2).result.scalar<std::int64_t>(), 4) << "each insert ran exactly once";
 
-    co_await conn.execute("DEALLOCATE ALL");
+    behind_pgrts_back(conn, "DEALLOCATE ALL");
     co_await conn.begin();
     outcomes = co_await conn.run(pipeline);
     EXPECT_EQ(sqlstate_of(outcomes.at(0).error), "26000") << "inside a transaction block";

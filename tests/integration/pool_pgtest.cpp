@@ -2271,7 +2271,10 @@ TEST_F(PoolTest, QueryRefusesWhatNeedsASessionAndReportsEachStatementsOwnError) 
                             "SELECT 'x', /* ' */ pg_advisory_lock (4)",
                             "SELECT $$a$$, pg_advisory_unlock(5)",
                             "SELECT pg_catalog.pg_advisory_lock(6)",
-                            "SELECT pg_advisory_lock /* c */\n\t(7)"}) {
+                            "SELECT pg_advisory_lock /* c */\n\t(7)",
+                            "DO $$BEGIN PERFORM pg_advisory_lock(42); END$$",
+                            "do $$BEGIN EXECUTE 'LISTEN chan'; END$$",
+                            "LOAD 'auto_explain'"}) {
       auto error = co_await testing::expect_error(pool.query(sql));
       EXPECT_EQ(error.code(), client_errc::needs_session) << sql;
       EXPECT_THAT(error.diagnostics().hint, HasSubstr("lease")) << sql;
@@ -2279,6 +2282,10 @@ TEST_F(PoolTest, QueryRefusesWhatNeedsASessionAndReportsEachStatementsOwnError) 
     EXPECT_EQ(pool.stats().acquired, 0U) << "a refused statement borrowed a connection";
     auto error = co_await testing::expect_error(pool.query("SELEC 1"));
     EXPECT_EQ(error.sqlstate(), "42601") << error.what();
+    // Several statements in one string: the server refuses them; the hint says where they run.
+    error = co_await testing::expect_error(pool.query("SELECT 1; SELECT 2"));
+    EXPECT_EQ(error.sqlstate(), "42601") << error.what();
+    EXPECT_THAT(error.diagnostics().hint, HasSubstr("lease")) << error.what();
     error = co_await testing::expect_error(pool.query("SELECT * FROM no_such_table"));
     EXPECT_EQ(error.sqlstate(), "42P01") << error.what();
     EXPECT_EQ((co_await pool.query("SELECT $1::int + 1", 41)).scalar<int>(), 42);
@@ -2917,11 +2924,12 @@ TEST_F(PoolTest, QueryWithAcquireTimeoutZeroDoesNotWaitForADrainingConnection) {
   });
 }
 
-// A statement that no connection takes within acquire_timeout (the one connection has its depth
-// of statements in flight, held up by a slow first one, and the pool may lend no other) fails
-// with pool_timeout about then; the statements already sent run to their end, however long past
-// acquire_timeout that is.
-TEST_F(PoolTest, QueryStatementQueuedPastAcquireTimeoutFailsWhileSentOnesRunToTheirEnd) {
+// A statement waits for its turn at most acquire_timeout. One that no connection takes within it
+// (the one connection has its depth of statements in flight, held up by a slow first one, and
+// the pool may lend no other) fails with pool_timeout; the statements sent behind the slow one
+// fail with timeout once theirs has passed too (their answers are dropped when they come), and
+// the slow one, which runs, runs to its end.
+TEST_F(PoolTest, QueryStatementsWaitingPastAcquireTimeoutFailWhileTheOneRunningRunsToItsEnd) {
   run_coroutine([&]() -> awaitable_void {
     auto executor = co_await asio::this_coro::executor;
     PoolConfig pool_config = config("shared-queued-timeout", 1);
@@ -2929,14 +2937,23 @@ TEST_F(PoolTest, QueryStatementQueuedPastAcquireTimeoutFailsWhileSentOnesRunToTh
     Pool pool(executor, pool_config);
     constexpr int in_flight = 64;  // the multiplexer's depth per connection
     int answered = 0;
+    int timed_out_behind = 0;
+    int finished = 0;
     for (int caller = 0; caller < in_flight; ++caller) {
       // The first holds up the others behind it (head of line) past the queued one's timeout.
       asio::co_spawn(
           executor,
           [&, caller]() -> awaitable_void {
             const std::string sql = caller == 0 ? "SELECT pg_sleep(1.5)" : "SELECT 1";
-            (void)co_await pool.query(sql);
-            ++answered;
+            try {
+              (void)co_await pool.query(sql);
+              ++answered;
+            } catch (const Error& error) {
+              EXPECT_EQ(error.code(), client_errc::timeout) << error.what();
+              EXPECT_THAT(error.what(), HasSubstr("behind another caller's statement"));
+              ++timed_out_behind;
+            }
+            ++finished;
           },
           asio::detached);
     }
@@ -2948,7 +2965,112 @@ TEST_F(PoolTest, QueryStatementQueuedPastAcquireTimeoutFailsWhileSentOnesRunToTh
     EXPECT_THAT(error.what(), HasSubstr("acquire_timeout"));
     EXPECT_GE(waited, 400ms);
     EXPECT_LT(waited, 1500ms);
-    while (answered < in_flight) co_await sleep_for(10ms);
+    while (finished < in_flight) co_await sleep_for(10ms);
+    EXPECT_EQ(answered, 1) << "the slow statement at the head is answered";
+    EXPECT_EQ(timed_out_behind, in_flight - 1);
+    // The connection, held up, drains and serves again.
+    EXPECT_EQ((co_await pool.query("SELECT 7")).scalar<int>(), 7);
+    (void)co_await pool.close(5s);
+  });
+}
+
+// A shared connection whose backend is terminated fails the statement in flight with
+// connection_lost, and is counted as broken (not as discarded by the user).
+TEST_F(PoolTest, QueryConnectionLostIsCountedAsBroken) {
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, config("shared-broken", 1));
+    std::optional<Error> lost;
+    bool finished = false;
+    asio::co_spawn(
+        executor,
+        [&]() -> awaitable_void {
+          try {
+            (void)co_await pool.query("SELECT pg_sleep(5)");
+          } catch (const Error& error) {
+            lost = error;
+          }
+          finished = true;
+        },
+        asio::detached);
+    BlockingConnection observer(cluster().dsn());
+    const std::string sleeper =
+        "SELECT pid FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(5)'";
+    for (int i = 0; i < 300 && observer.scalar("SELECT count(*) FROM (" + sleeper + ") s") != "1";
+         ++i) {
+      co_await sleep_for(10ms);
+    }
+    observer.scalar("SELECT pg_terminate_backend((" + sleeper + "))");
+    for (int i = 0; i < 300 && !finished; ++i) co_await sleep_for(10ms);
+    EXPECT_TRUE(lost);
+    if (lost) {
+      EXPECT_EQ(lost->code(), client_errc::connection_lost) << lost->what();
+    }
+    for (int i = 0; i < 100 && pool.stats().discarded == 0; ++i) co_await sleep_for(10ms);
+    const auto stats = pool.stats();
+    EXPECT_EQ(stats.discarded_by_reason[static_cast<std::size_t>(DiscardReason::broken)], 1U);
+    EXPECT_EQ(stats.discarded_by_reason[static_cast<std::size_t>(DiscardReason::by_user)], 0U);
+    EXPECT_EQ((co_await pool.query("SELECT 3")).scalar<int>(), 3);
+    (void)co_await pool.close(5s);
+  });
+}
+
+// A lease holder's query() must not wait for good behind a statement that waits for the lease's
+// own row lock (a deadlock the server cannot see: the wait is in the client's pipeline). It
+// fails with timeout after acquire_timeout; the holder rolls back, and the other statement runs.
+TEST_F(PoolTest, QueryOfALeaseHolderBehindAStatementWaitingForItsLockTimesOutNotDeadlocks) {
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    PoolConfig pool_config = config("shared-lock-cycle", 2);
+    pool_config.acquire_timeout = 500ms;
+    Pool pool(executor, pool_config);
+    {
+      auto lease = co_await pool.acquire();
+      co_await lease->execute("DROP TABLE IF EXISTS shared_lock_cycle");
+      co_await lease->execute("CREATE TABLE shared_lock_cycle (id int PRIMARY KEY, v int)");
+      co_await lease->execute("INSERT INTO shared_lock_cycle VALUES (1, 0)");
+    }
+    auto holder = co_await pool.acquire();
+    co_await holder->execute("BEGIN");
+    co_await holder->execute("UPDATE shared_lock_cycle SET v = v + 1 WHERE id = 1");
+    bool blocked_done = false;
+    std::optional<Error> blocked_error;
+    asio::co_spawn(
+        executor,
+        [&]() -> awaitable_void {
+          try {
+            (void)co_await pool.query("UPDATE shared_lock_cycle SET v = v + 10 WHERE id = 1");
+          } catch (const Error& error) {
+            blocked_error = error;
+          }
+          blocked_done = true;
+        },
+        asio::detached);
+    // The update is sent (the one connection the pool can lend) and waits for the row lock.
+    BlockingConnection observer(cluster().dsn());
+    const auto update_waits = [&] {
+      return observer.scalar(
+                 "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = "
+                 "'Lock' AND query LIKE 'UPDATE shared_lock_cycle%'") == "1";
+    };
+    for (int i = 0; i < 300 && !update_waits(); ++i) co_await sleep_for(10ms);
+    EXPECT_TRUE(update_waits());
+    const auto started = std::chrono::steady_clock::now();
+    // (Bounded here too: without the bound, the wait would never end.)
+    auto error = co_await testing::expect_error(
+        with_timeout(pool.query("SELECT $1::int", 5), std::chrono::milliseconds(5000)));
+    EXPECT_EQ(error.code(), client_errc::timeout) << error.what();
+    EXPECT_THAT(error.what(), HasSubstr("behind another caller's statement"));
+    EXPECT_LT(std::chrono::steady_clock::now() - started, 2s);
+    co_await holder->execute("ROLLBACK");
+    holder.release();
+    for (int i = 0; i < 300 && !blocked_done; ++i) co_await sleep_for(10ms);
+    EXPECT_TRUE(blocked_done);
+    EXPECT_FALSE(blocked_error) << (blocked_error ? blocked_error->what() : "");
+    {
+      auto lease = co_await pool.acquire();
+      EXPECT_EQ((co_await lease->query("SELECT v FROM shared_lock_cycle")).scalar<int>(), 10);
+    }
     (void)co_await pool.close(5s);
   });
 }

@@ -273,6 +273,10 @@ struct Connection::Impl {
   asio::awaitable<error_code> deallocate_evicted();
   // False when the cache did not hold it (forgotten already).
   bool forget_statement(const std::string& name);
+  // A statement's result: if it was the caller's own DISCARD ALL or DEALLOCATE ALL, the server
+  // has none of the cached statements any more, and the cache is emptied (they are prepared
+  // again as they are used, and their 26000s never count towards noticing a pooler).
+  void note_statements_dropped(const PGresult* result);
   // The server says it no longer has our prepared statement `name` (forgot_statement()): the
   // whole cache is dropped, since what forgot one (DISCARD ALL, DEALLOCATE ALL, another server
   // session behind a pooler) forgot them all. True if `name` was cached: a new forgetting, to be

@@ -301,6 +301,7 @@ asio::awaitable<error_code> Connection::Impl::exchange(Request request, Result& 
               read_error = answers_out_of_step(request.sql);
               break;
             }
+            note_statements_dropped(raw);
             out = std::move(result);
             completed = true;
             answered = true;

@@ -88,6 +88,16 @@ bool Connection::Impl::server_forgot_statement(const std::string& name) {
   return true;
 }
 
+void Connection::Impl::note_statements_dropped(const PGresult* result) {
+  const char* tag = PQcmdStatus(const_cast<PGresult*>(result));
+  if (tag == nullptr || tag[0] != 'D') return;
+  const std::string_view said = tag;
+  if (said != "DISCARD ALL" && said != "DEALLOCATE ALL") return;
+  statements.clear();
+  statement_index.clear();
+  evicted_statements.clear();  // (gone with the rest)
+}
+
 bool Connection::Impl::forget_statement(const std::string& name) {
   for (auto it = statements.begin(); it != statements.end(); ++it) {
     if (it->name == name) {

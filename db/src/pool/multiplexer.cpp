@@ -26,10 +26,12 @@ namespace {
 error_code refuse_on_shared_connection(std::string_view sql, Diagnostics& diagnostics) {
   const std::string keyword = first_keyword(sql);
   // (string_views: a comparison looks at the lengths first, not at strlen and memcmp of each.)
-  static constexpr std::array<std::string_view, 21> refused{
-      "begin",   "start",      "commit",  "end",   "rollback", "abort",    "savepoint",
-      "release", "prepare",    "set",     "reset", "listen",   "unlisten", "copy",
-      "discard", "deallocate", "declare", "fetch", "move",     "close",    "lock"};
+  // (DO runs a block of procedural code, whose statements this check cannot see: they may lock,
+  // listen or set for the session; LOAD loads a library into the session.)
+  static constexpr std::array<std::string_view, 23> refused{
+      "begin",   "start", "commit", "end",    "rollback", "abort", "savepoint", "release",
+      "prepare", "set",   "reset",  "listen", "unlisten", "copy",  "discard",   "deallocate",
+      "declare", "fetch", "move",   "close",  "lock",     "do",    "load"};
   const bool session = std::find(refused.begin(), refused.end(), keyword) != refused.end();
   const bool advisory = calls_session_advisory_lock(sql);
   if (!session && !advisory) return {};
@@ -40,8 +42,8 @@ error_code refuse_on_shared_connection(std::string_view sql, Diagnostics& diagno
                  "own",
       .hint =
           "take a lease for it (co_await pool.acquire() or pgrt::connection()): "
-          "transactions, SET, LISTEN, COPY, cursors and session locks need a connection of "
-          "their own",
+          "transactions, SET, LISTEN, COPY, cursors, session locks, DO blocks and LOAD need a "
+          "connection of their own",
       .statement = std::string(sql)};
   return make_error_code(client_errc::needs_session);
 }
@@ -69,13 +71,14 @@ struct FailedPrepare {
 
 asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr<SharedLink> link);
 
-// The first statement in flight if every statement in flight was given up by its caller, else
-// nullptr. Under Multiplexer::mutex (the callers change the stages).
+// The first statement in flight if every statement in flight was given up by its caller (or
+// timed out behind another, sweep()), else nullptr. Under Multiplexer::mutex (the callers change
+// the stages).
 const SharedStatement* abandoned_head_locked(const std::deque<SentEntry>& sent) {
   const SharedStatement* head = nullptr;
   for (const SentEntry& entry : sent) {
     if (entry.kind != SentEntry::Kind::statement) continue;
-    if (entry.statement->stage != SharedStatement::Stage::abandoned) return nullptr;
+    if (entry.statement->stage == SharedStatement::Stage::sent) return nullptr;
     if (head == nullptr) head = entry.statement.get();
   }
   return head;
@@ -149,7 +152,8 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
   async::AbandonGuard abandon([&mux, &link, &sent, &batch] {
     std::lock_guard lock(mux->mutex);
     std::erase(mux->links, link);
-    const auto fail = [](SharedStatement& statement) {
+    const auto fail = [&mux](SharedStatement& statement) {
+      (void)mux->in_flight.remove(statement);  // (the batch or `sent` still holds it)
       if (statement.stage != SharedStatement::Stage::sent) return;
       statement.error = make_error_code(client_errc::connection_lost);
       statement.diagnostics = Diagnostics{
@@ -240,6 +244,7 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
           batch.push_back(mux->queue.pop_front());
           batch.back()->stage = SharedStatement::Stage::sent;
           batch.back()->link = link;
+          mux->in_flight.push_back(batch.back());
           ++link->in_flight;
         }
         // More queued than this connection takes: another one with room takes them, or one more
@@ -328,8 +333,9 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
           const bool was_sent = std::any_of(sent.begin(), sent.end(), [&](const SentEntry& entry) {
             return entry.statement == *it;
           });
-          if (was_sent || (*it)->stage != SharedStatement::Stage::sent) continue;
-          --link->in_flight;
+          if (was_sent) continue;
+          mux->land_locked(*link, **it);
+          if ((*it)->stage != SharedStatement::Stage::sent) continue;
           if (mux->closed) {
             (*it)->error = make_error_code(client_errc::pool_closed);
             (*it)->diagnostics =
@@ -549,9 +555,9 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
           }
         }
         std::lock_guard lock(mux->mutex);
-        --link->in_flight;
-        if (impl.one_segment_in_flight()) link->depth = 1;  // (the pooler, noticed)
-        if (statement.stage == SharedStatement::Stage::abandoned) continue;
+        mux->land_locked(*link, statement);
+        if (impl.one_segment_in_flight()) link->depth = 1;              // (the pooler, noticed)
+        if (statement.stage != SharedStatement::Stage::sent) continue;  // given up, or timed out
         // Once this connection has noticed the pooler, any statement it did not run goes again,
         // even one sent once already: named statements sent before it noticed are forgotten
         // with no fault of their own, and unnamed ones cannot be.
@@ -573,6 +579,11 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
                   "had not run it)",
               .statement = statement.sql};
         }
+        if (diagnostics.sqlstate == "42601" && contains(diagnostics.message, "multiple commands")) {
+          diagnostics.hint =
+              "query() runs one statement: run several one by one, or on a lease (co_await "
+              "pool.acquire() or pgrt::connection()), as a Pipeline or in a transaction";
+        }
         statement.error = error;
         statement.diagnostics = std::move(diagnostics);
         if (ok && !error) statement.result = std::move(entry.result);
@@ -591,6 +602,7 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
     spdlog::error("pgrt: a shared connection failed: {}", error.what());
     {
       std::lock_guard lock(mux->mutex);
+      if (in_hand) (void)mux->in_flight.remove(*in_hand);
       if (in_hand && in_hand->stage == SharedStatement::Stage::sent) {
         in_hand->error = make_error_code(client_errc::protocol_error);
         in_hand->diagnostics =
@@ -602,8 +614,9 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
         const bool was_sent = std::any_of(sent.begin(), sent.end(), [&](const SentEntry& entry) {
           return entry.statement == statement;
         });
-        if (was_sent || statement->stage != SharedStatement::Stage::sent) continue;
-        --link->in_flight;
+        if (was_sent) continue;
+        mux->land_locked(*link, *statement);
+        if (statement->stage != SharedStatement::Stage::sent) continue;
         statement->error = make_error_code(client_errc::protocol_error);
         statement->diagnostics =
             Diagnostics{.message = std::string("the shared connection failed: ") + error.what(),
@@ -665,8 +678,8 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
       for (SentEntry& entry : sent) {
         if (entry.kind != SentEntry::Kind::statement) continue;
         SharedStatement& statement = *entry.statement;
-        --link->in_flight;
-        if (statement.stage == SharedStatement::Stage::abandoned) continue;
+        mux->land_locked(*link, statement);
+        if (statement.stage != SharedStatement::Stage::sent) continue;
         statement.error = make_error_code(client_errc::connection_lost);
         statement.diagnostics = diagnostics;
         statement.diagnostics.statement = statement.sql;
@@ -677,7 +690,9 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
     if (!mux->closed) mux->dispatch_locked();
   }
   abandon.disarm();
-  if (lost) {
+  // A connection lost or closed here goes back as broken (the pool counts it so); one still open
+  // that cannot be trusted is discarded.
+  if (lost && impl_pointer != nullptr && impl_pointer->conn != nullptr) {
     link->lease.discard();
   } else {
     link->lease.release();
@@ -716,12 +731,53 @@ void Multiplexer::arm_sweeper_locked(Clock::time_point at) {
   });
 }
 
+void Multiplexer::land_locked(SharedLink& link, SharedStatement& statement) {
+  --link.in_flight;
+  (void)in_flight.remove(statement);  // (its connection still holds it)
+}
+
 void Multiplexer::sweep() {
   std::lock_guard lock(mutex);
   sweeper_armed = false;
   if (closed) return;
   const auto now = Clock::now();  // (precise: the timer fired at the deadline by this clock)
   Clock::time_point next = Clock::time_point::max();
+  // A statement sent behind another on its connection waits for that one to end: one that runs
+  // long, or waits for a lock that the caller of a statement behind it holds (a lease holder's
+  // query() behind a statement blocked on its row lock: a deadlock the server cannot see), would
+  // hold it for good. Past its deadline it fails with timeout, as a queued one would, and its
+  // answer is dropped when it comes; its connection takes no new statement, and sends a cancel
+  // request once nothing in flight there is awaited (run_link()). The head runs: its time is
+  // its own (statement_timeout).
+  std::vector<const SharedLink*> heads_seen;
+  in_flight.for_each([&](SharedStatement& statement) {
+    const std::shared_ptr<SharedLink> link = statement.link.lock();
+    if (!link) return;
+    if (std::find(heads_seen.begin(), heads_seen.end(), link.get()) == heads_seen.end()) {
+      heads_seen.push_back(link.get());
+      return;
+    }
+    if (statement.stage != SharedStatement::Stage::sent) return;
+    if (statement.deadline > now) {
+      next = std::min(next, statement.deadline);
+      return;
+    }
+    statement.error = make_error_code(client_errc::timeout);
+    statement.diagnostics = Diagnostics{
+        .message =
+            "the statement was sent on a shared connection behind another caller's "
+            "statement that did not end within PoolConfig::acquire_timeout (" +
+            std::to_string(max_wait.count()) +
+            " ms); it may still run when that one ends (its answer will be dropped)",
+        .hint =
+            "a statement that holds the others up runs long or waits for a lock: bound it "
+            "with statement_timeout, run slow statements through a lease, and do not wait "
+            "in query() for a statement while holding a lease whose locks it may need",
+        .statement = statement.sql};
+    finish_locked(statement);
+    link->retiring = true;
+    wake_locked(link);
+  });
   queue.remove_if([&](SharedStatement& statement) {
     if (statement.deadline > now) {
       next = std::min(next, statement.deadline);
@@ -800,6 +856,13 @@ void Multiplexer::dispatch_locked() {
 void Multiplexer::grow_locked() {
   if (closed || queue.empty() || links.size() + borrowing >= max_links) return;
   if (borrowing > 0) return;  // one at a time
+  // Nothing to lend (the rest leased, as the connections last read the pool): a borrow would
+  // only wait, counted as a caller waiting and timing out, while the statements could go in the
+  // pipelines of the connections held. (With none held that takes statements, it waits like any
+  // acquire, and its failure fails the queued statements.)
+  const bool one_takes =
+      std::any_of(links.begin(), links.end(), [](const auto& link) { return !link->retiring; });
+  if (one_takes && lendable == 0) return;
   const bool all_busy = std::all_of(links.begin(), links.end(), [](const auto& link) {
     return link->in_flight > 0 || link->retiring;
   });

@@ -37,14 +37,16 @@ struct SharedStatement {
   std::string sql;
   ParamSink params;
   const Clock::time_point queued_at = coarse_now();  // (PoolStats::longest_wait)
-  // While queued: when it fails with pool_timeout (its wait for a connection: acquire_timeout,
-  // counted again from a requeue); max when it waits without a bound (acquire_timeout 0).
+  // When its wait ends (acquire_timeout, counted again from a requeue; max when it waits without
+  // a bound, acquire_timeout 0): queued, it fails with pool_timeout; sent, but held up behind
+  // another caller's statement on its connection, with timeout (Multiplexer::sweep()).
   Clock::time_point deadline = Clock::time_point::max();
   enum class Stage { queued, sent, done, abandoned };
   Stage stage = Stage::queued;
   asio::steady_timer* waiter = nullptr;  // the caller's, while it waits
   bool sent_again = false;               // queued again once (the server forgot its statement)
-  // While queued (StatementQueue): its neighbours, and the queue's reference to it.
+  // While queued or in flight (a StatementQueue: Multiplexer::queue, Multiplexer::in_flight):
+  // its neighbours, and the queue's reference to it.
   SharedStatement* prev = nullptr;
   SharedStatement* next = nullptr;
   std::shared_ptr<SharedStatement> held_by_queue;
@@ -100,6 +102,10 @@ class StatementQueue {
     });
   }
   template <typename Visit>
+  void for_each(Visit&& visit) {
+    list_.for_each([&](SharedStatement& statement) { visit(statement); });
+  }
+  template <typename Visit>
   void for_each(Visit&& visit) const {
     list_.for_each([&](const SharedStatement& statement) { visit(statement); });
   }
@@ -145,6 +151,10 @@ struct Multiplexer : std::enable_shared_from_this<Multiplexer> {
   asio::steady_timer sweeper;
   bool sweeper_armed = false;
   StatementQueue queue;
+  // Every statement sent and not yet answered (or given up and not yet read back), over all the
+  // connections, in the order sent: the first of a connection's is its head, which runs; those
+  // behind it wait for it (sweep()).
+  StatementQueue in_flight;
   std::vector<std::shared_ptr<SharedLink>> links;
   std::size_t borrowing = 0;  // acquires under way
   // How many more connections the pool could lend now, as its connections last read it
@@ -162,8 +172,12 @@ struct Multiplexer : std::enable_shared_from_this<Multiplexer> {
   void start_wait_locked(SharedStatement& statement);
   // Arms the sweeper to fire at `at`.
   void arm_sweeper_locked(Clock::time_point at);
-  // Fails the queued statements past their deadline with pool_timeout; re-arms for the rest.
+  // Fails the queued statements past their deadline with pool_timeout, and the sent ones that
+  // are still held up behind another statement of their connection with timeout (their
+  // connection then takes no new statement); re-arms for the rest.
   void sweep();
+  // `statement`, sent on `link`, is answered or failed there: no longer in flight.
+  void land_locked(SharedLink& link, SharedStatement& statement);
   // Takes `statement` out of the queue (its caller gave up).
   void withdraw_locked(SharedStatement& statement);
   // How many statements `link` may have in flight now: what is queued and in flight, split evenly
