@@ -154,9 +154,53 @@ void check_statement_text(std::string_view sql) {
                           .statement = std::string(sql.substr(0, nul))});
 }
 
+namespace {
+
+// The text of a U&"..." identifier with its Unicode escapes (\XXXX, \+XXXXXX, the escape
+// doubled) resolved; a character past ASCII becomes '?' (no name looked for has one).
+std::string decode_unicode_escapes(std::string_view text, char escape) {
+  std::string decoded;
+  const auto hex_value = [&text](std::size_t from, std::size_t digits) -> long {
+    if (from + digits > text.size()) return -1;
+    long value = 0;
+    for (std::size_t i = from; i < from + digits; ++i) {
+      const char c = text[i];
+      const int digit = c >= '0' && c <= '9'   ? c - '0'
+                        : c >= 'a' && c <= 'f' ? c - 'a' + 10
+                        : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                                               : -1;
+      if (digit < 0) return -1;
+      value = value * 16 + digit;
+    }
+    return value;
+  };
+  for (std::size_t at = 0; at < text.size(); ++at) {
+    if (text[at] != escape) {
+      decoded += text[at];
+      continue;
+    }
+    if (at + 1 < text.size() && text[at + 1] == escape) {
+      decoded += escape;
+      ++at;
+      continue;
+    }
+    const bool long_form = at + 1 < text.size() && text[at + 1] == '+';
+    const long code = hex_value(at + (long_form ? 2 : 1), long_form ? 6 : 4);
+    if (code < 0) return std::string(text);  // (the server refuses it: nothing runs)
+    decoded += code < 128 ? static_cast<char>(code) : '?';
+    at += long_form ? 7 : 4;
+  }
+  return decoded;
+}
+
+}  // namespace
+
 bool calls_session_advisory_lock(std::string_view sql) {
-  // (Most statements name no advisory function at all: one case-blind search settles those.)
-  if (!contains_ignoring_case(sql, "advisory")) return false;
+  // (Most statements name no advisory function at all: one case-blind search settles those; a
+  // U&"..." identifier may spell it with escapes.)
+  if (!contains_ignoring_case(sql, "advisory") && !contains_ignoring_case(sql, "u&")) {
+    return false;
+  }
   const auto is_session_lock = [](std::string_view word) {
     static constexpr std::array<std::string_view, 7> names{
         "pg_advisory_lock",      "pg_advisory_lock_shared",
@@ -182,6 +226,27 @@ bool calls_session_advisory_lock(std::string_view sql) {
       std::string identifier;
       at = end_of_quoted_identifier(sql, at, &identifier);
       if (is_session_lock(identifier) && called_at(at)) return true;
+    } else if ((c == 'u' || c == 'U') && at + 2 < size && sql[at + 1] == '&' &&
+               sql[at + 2] == '"') {
+      // U&"..." [UESCAPE 'c']: the identifier with its escapes resolved.
+      std::string identifier;
+      at = end_of_quoted_identifier(sql, at + 2, &identifier);
+      char escape = '\\';
+      const std::size_t next = past_blanks_and_comments(sql, at);
+      std::string next_word;
+      for (std::size_t i = next; i < size && is_sql_word_char(sql[i]); ++i) {
+        next_word += static_cast<char>(std::tolower(static_cast<unsigned char>(sql[i])));
+      }
+      if (next_word == "uescape") {
+        const std::size_t quote = past_blanks_and_comments(sql, next + 7);
+        if (quote + 2 < size && sql[quote] == '\'' && sql[quote + 2] == '\'') {
+          escape = sql[quote + 1];
+          at = quote + 3;
+        }
+      }
+      if (is_session_lock(decode_unicode_escapes(identifier, escape)) && called_at(at)) {
+        return true;
+      }
     } else if (is_sql_word_char(c)) {  // (a parameter such as $1 too)
       std::string word;
       while (at < size && is_sql_word_char(sql[at])) {

@@ -46,6 +46,20 @@ TEST(SqlText, StringConstantsAndQuotedIdentifiersEndWhereTheServersLexerEndsThem
   EXPECT_FALSE(contains_ignoring_case("SELECT 1", "advisory"));
 }
 
+TEST(SqlText, ASessionAdvisoryLockSpelledWithUnicodeEscapesIsStillSeen) {
+  EXPECT_TRUE(calls_session_advisory_lock(R"(SELECT U&"pg_advisory\005flock"(43))"));
+  EXPECT_TRUE(calls_session_advisory_lock(R"(SELECT u&"pg_\0061dvisory_lock" (1))"))
+      << "no \"advisory\" in the text at all";
+  EXPECT_TRUE(calls_session_advisory_lock(R"(SELECT U&"pg_advisory!+00005Flock" UESCAPE '!' (1))"));
+  EXPECT_TRUE(calls_session_advisory_lock(R"(SELECT pg_catalog.U&"pg_advisory_unlock_all"())"));
+  EXPECT_FALSE(calls_session_advisory_lock(R"(SELECT U&"PG_ADVISORY_LOCK"(1))"))
+      << "a quoted identifier keeps its case: no such function";
+  EXPECT_FALSE(calls_session_advisory_lock(R"(SELECT U&"pg_advisory\005flock" FROM t)"))
+      << "named, not called";
+  EXPECT_FALSE(calls_session_advisory_lock(R"(SELECT U&'pg_advisory\005flock(1)')"))
+      << "a string constant";
+}
+
 TEST(ForgotStatement, FindsOurNameInTheServersMessageInAnyLanguage) {
   const auto forgotten = make_sqlstate_error("26000");
   const std::string name = "pgrt_5f3a_12";
