@@ -3005,6 +3005,9 @@ TEST_F(PoolTest, QueryConnectionLostIsCountedAsBroken) {
     EXPECT_TRUE(lost);
     if (lost) {
       EXPECT_EQ(lost->code(), client_errc::connection_lost) << lost->what();
+      // What the server said as it ended the session, not only libpq's "closed unexpectedly".
+      EXPECT_EQ(lost->sqlstate(), "57P01") << lost->what();
+      EXPECT_THAT(lost->what(), HasSubstr("administrator command"));
     }
     for (int i = 0; i < 100 && pool.stats().discarded == 0; ++i) co_await sleep_for(10ms);
     const auto stats = pool.stats();

@@ -449,6 +449,15 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
             lost = impl.answers_out_of_step(entry.statement ? entry.statement->sql : "query()");
             break;
           }
+          // The server (or a pooler in front of it) ends the session and says why (57P01 from
+          // pg_terminate_backend, a pooler's own FATAL): that is what the statements in flight
+          // fail with when the connection then closes (lost() keeps it).
+          if (status == PGRES_FATAL_ERROR) {
+            const char* severity = PQresultErrorField(raw, PG_DIAG_SEVERITY_NONLOCALIZED);
+            if (severity != nullptr && std::string_view(severity) != "ERROR") {
+              (void)impl.server_error(raw, entry.statement ? entry.statement->sql : "query()");
+            }
+          }
           ++entry.results;
           entry.result = std::move(result);
           continue;
