@@ -532,11 +532,19 @@ int run_budget(int argc, char** argv) {
         static_cast<std::int64_t>(pgrt::budget_lock_key(budget_key)));
   };
   const pgrt::Result holders = run_bounded(io, signals, list_holders(connection, key), timeout);
+  // Slots at or past --slots are held by a sharer given a larger PGRT_BUDGET_SLOTS: together
+  // the sharers may then hold more than the budget meant.
+  std::int64_t past_slots = 0;
+  if (slots) {
+    for (const pgrt::Row& row : holders) past_slots += row.get<std::int64_t>(0) >= *slots ? 1 : 0;
+  }
+  const std::int64_t held_within = static_cast<std::int64_t>(holders.size()) - past_slots;
   if (json) {
     std::ostringstream out;
     out << "{\"budget\":" << json_string(key) << ",\"lock_key\":" << pgrt::budget_lock_key(key)
         << ",\"slots\":" << (slots ? std::to_string(*slots) : "null")
-        << ",\"held\":" << holders.size() << ",\"holders\":[";
+        << ",\"held\":" << holders.size()
+        << ",\"past_slots\":" << (slots ? std::to_string(past_slots) : "null") << ",\"holders\":[";
     bool first = true;
     for (const pgrt::Row& row : holders) {
       out << (first ? "" : ",") << "{\"slot\":" << row.get<std::int64_t>(0)
@@ -552,15 +560,23 @@ int run_budget(int argc, char** argv) {
   }
   std::cout << "budget '" << key << "' (advisory lock key " << pgrt::budget_lock_key(key)
             << "): " << holders.size() << " slot(s) held";
-  if (slots)
-    std::cout << " of " << *slots << ", "
-              << std::max<std::int64_t>(0, *slots - static_cast<std::int64_t>(holders.size()))
+  if (slots) {
+    std::cout << " of " << *slots << ", " << std::max<std::int64_t>(0, *slots - held_within)
               << " free";
+  }
   std::cout << "\n";
   for (const pgrt::Row& row : holders) {
+    const bool past = slots && row.get<std::int64_t>(0) >= *slots;
     std::cout << "  slot " << row.get<std::int64_t>(0) << "  pid " << row.get<int>(1) << "  "
               << row.get<std::string>(2) << "  from " << row.get<std::string>(3) << "  since "
-              << row.get<std::string>(4) << "  " << row.get<std::string>(5) << "\n";
+              << row.get<std::string>(4) << "  " << row.get<std::string>(5)
+              << (past ? "  (past --slots)" : "") << "\n";
+  }
+  if (past_slots > 0) {
+    std::cout << past_slots << " slot(s) held past the budget's " << *slots
+              << ": their holders were given a larger PGRT_BUDGET_SLOTS, and together the "
+                 "sharers may hold more than "
+              << *slots << " connections; give every sharer the same value\n";
   }
   std::cout << std::flush;
   return exit_clean;

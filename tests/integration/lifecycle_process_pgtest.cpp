@@ -520,6 +520,17 @@ TEST_F(LifecycleProcessTest, FourProcessesShareABudgetOfTwelveAndTakeAKilledOnes
   }
   EXPECT_EQ(slots_listed.size(), static_cast<std::size_t>(listed.at("held").as_int64()))
       << "a slot listed twice";
+  EXPECT_EQ(listed.at("past_slots").as_int64(), 0);
+  // Asked with a smaller size than the sharers use, it flags the slots held past it.
+  const auto past_two = static_cast<std::int64_t>(
+      std::count_if(slots_listed.begin(), slots_listed.end(), [](auto slot) { return slot >= 2; }));
+  Child smaller({PGRT_DIAG_PATH, "budget", "--key", key, "--slots", "2"}, cluster().dsn(),
+                "budget-four");
+  ASSERT_EQ(smaller.wait_for_exit(30s), 0) << smaller.output();
+  if (past_two > 0) {
+    EXPECT_THAT(smaller.output(), HasSubstr("(past --slots)"));
+    EXPECT_THAT(smaller.output(), HasSubstr("held past the budget's 2"));
+  }
 
   // After the kill: all 12 slots held by the other three.
   BlockingConnection refill_observer(cluster().dsn());
