@@ -119,14 +119,16 @@ asio::awaitable<std::pair<error_code, Connection>> Connection::try_connect(execu
   } else {
     std::string where = impl->target();
     impl->close(CloseMode::immediate);
-    std::string before;
-    if (!impl->failed_hosts.empty()) before = " (before it: " + impl->failed_hosts + ")";
-    error = impl->fail(client_errc::timeout,
-                       "could not connect to " + where + " within " +
-                           std::to_string(impl->options.connect_timeout.count()) + " ms" + before,
-                       {},
-                       "check that the server is reachable; a blackholed network or an "
-                       "overloaded server looks like this");
+    const std::string within = std::to_string(impl->options.connect_timeout.count()) + " ms";
+    error = impl->fail(
+        client_errc::timeout,
+        impl->failed_hosts.empty()
+            ? "could not connect to " + where + " within " + within
+            : "could not connect within " + within + ": the last host tried, " + where +
+                  ", had not answered in the time left (before it: " + impl->failed_hosts + ")",
+        {},
+        "check that the server is reachable; a blackholed network or an "
+        "overloaded server looks like this");
   }
   co_return std::pair{error, Connection(std::move(impl))};
 }

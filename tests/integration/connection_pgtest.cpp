@@ -15,6 +15,7 @@
 #include <cstdlib>
 #include <fcntl.h>
 #include <filesystem>
+#include <fstream>
 #include <functional>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -805,6 +806,44 @@ TEST_F(ConnectionTest, AHostThatTakesTheConnectionAndNeverAnswersIsPassedOverInI
   });
   EXPECT_EQ(malformed.code(), client_errc::invalid_config) << malformed.what();
   EXPECT_THAT(malformed.what(), HasSubstr("connect_timeout"));
+  // Read as libpq reads it: a sign and blanks around the number are fine.
+  EXPECT_EQ(connect_in(hosts + " connect_timeout=' +2 '", 20s).first, cluster().port());
+
+  // The conninfo's connect_timeout is a most, not a claim on the whole connect: with 3 s in all,
+  // the hung host still gets only its share, and the second host is tried.
+  const auto [port_shared, took_shared] = connect_in(hosts + " connect_timeout=10", 3s);
+  EXPECT_EQ(port_shared, cluster().port());
+  EXPECT_LT(took_shared, 2900ms);
+  // One host: the conninfo's connect_timeout bounds it, as libpq's would.
+  const auto one_hung_started = std::chrono::steady_clock::now();
+  auto one_hung = run_coroutine([&]() -> asio::awaitable<Error> {
+    ConnectOptions options{.conninfo = "host=127.0.0.1 user=postgres connect_timeout=2 port=" +
+                                       std::to_string(hung.port()),
+                           .connect_timeout = 20s};
+    co_return co_await expect_error(Connection::connect(std::move(options)));
+  });
+  EXPECT_EQ(one_hung.code(), client_errc::timeout) << one_hung.what();
+  EXPECT_LT(std::chrono::steady_clock::now() - one_hung_started, 5s);
+
+  // An empty port in a list is libpq's default port, not "the whole list for one host" (a URL
+  // "host1:port1,host2" gives one).
+  const std::string cluster_port = std::to_string(cluster().port());
+  EXPECT_EQ(
+      connect_in("host=127.0.0.1,127.0.0.1 port=" + cluster_port + ", user=postgres", 5s).first,
+      cluster().port());
+  EXPECT_EQ(
+      connect_in("postgresql://postgres@127.0.0.1:" + cluster_port + ",127.0.0.1/postgres", 5s)
+          .first,
+      cluster().port());
+
+  // Every host failed: the error says what each said, a name that did not resolve included.
+  auto none = run_coroutine([&]() -> asio::awaitable<Error> {
+    ConnectOptions options{.conninfo = "host=no-such-host.invalid,127.0.0.1 port=1,1 user=postgres",
+                           .connect_timeout = 5s};
+    co_return co_await expect_error(Connection::connect(std::move(options)));
+  });
+  EXPECT_EQ(none.code(), client_errc::connect_failed) << none.what();
+  EXPECT_THAT(none.what(), HasSubstr("no-such-host.invalid"));
 }
 
 // target_session_attrs over a primary and its hot standby, with pgrt trying the hosts one by
@@ -833,6 +872,23 @@ TEST_F(ConnectionTest, TargetSessionAttrsPickTheRightServerOfAPrimaryAndItsStand
   // No standby among the hosts: prefer-standby takes the first server that answers.
   EXPECT_EQ(server_port("1," + std::to_string(cluster().port()), "prefer-standby"),
             cluster().port());
+  // target_session_attrs from a service file (which parse_conninfo() does not read): libpq tries
+  // the hosts itself, and reads it.
+  const auto service_file = standby.directory() / "pg_service.conf";
+  {
+    std::ofstream out(service_file);
+    out << "[ps]\ntarget_session_attrs=prefer-standby\n";
+  }
+  ::setenv("PGSERVICEFILE", service_file.c_str(), 1);
+  const int by_service = run_coroutine([&]() -> asio::awaitable<int> {
+    ConnectOptions options{.conninfo = "service=ps host=127.0.0.1,127.0.0.1 port=" + primary_first +
+                                       " user=postgres dbname=postgres",
+                           .connect_timeout = 10s};
+    auto conn = co_await Connection::connect(std::move(options));
+    co_return (co_await conn.query("SELECT inet_server_port()")).scalar<int>();
+  });
+  ::unsetenv("PGSERVICEFILE");
+  EXPECT_EQ(by_service, standby.port());
 }
 
 TEST_F(ConnectionTest, CloseGracefullyOrImmediatelyEndsTheBackend) {

@@ -7,7 +7,8 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <cctype>
-#include <charconv>
+#include <cerrno>
+#include <cstdlib>
 #include <memory>
 #include <spdlog/spdlog.h>
 #include <vector>
@@ -21,6 +22,12 @@ std::string Connection::Impl::target() const {
   if (conn == nullptr) return connecting_to.empty() ? "the server" : connecting_to;
   std::string host = PQhost(conn) != nullptr ? PQhost(conn) : "";
   std::string port = PQport(conn) != nullptr ? PQport(conn) : "";
+  // A name tried at one of its addresses: which one (an operator looks for the silent address).
+  if (const char* address = PQhostaddr(conn); address != nullptr && *address != '\0' &&
+                                              !host.empty() && host.front() != '/' &&
+                                              host != address) {
+    host += " (" + std::string(address) + ")";
+  }
   std::string where =
       host.empty() || host.front() != '/' ? host + ":" + port : "socket " + host + " port " + port;
   return where + " (database \"" + (PQdb(conn) != nullptr ? PQdb(conn) : "") + "\", user \"" +
@@ -86,23 +93,29 @@ std::string tls_hint(std::string_view message) {
 }
 
 // libpq's connect_timeout keyword (seconds, per host; 0, negative or absent: none; 1 counts as
-// 2), which its asynchronous API leaves to the caller.
+// 2), which its asynchronous API leaves to the caller. Read as libpq reads it (strtol, blanks
+// around it allowed).
 error_code read_connect_timeout(const ParsedConninfo& parsed,
                                 std::optional<std::chrono::milliseconds>& per_host,
                                 Diagnostics& said) {
   const std::string text = parsed.get("connect_timeout", "PGCONNECT_TIMEOUT");
   if (text.empty()) return {};
-  int seconds = 0;
-  const auto [end, problem] = std::from_chars(text.data(), text.data() + text.size(), seconds);
-  if (problem != std::errc{} || end != text.data() + text.size()) {
-    said = Diagnostics{.message = "the conninfo's connect_timeout \"" + text +
-                                  "\" is not a whole number of seconds",
+  errno = 0;
+  char* end = nullptr;
+  const long seconds = std::strtol(text.c_str(), &end, 10);
+  while (end != nullptr && *end != '\0' && std::isspace(static_cast<unsigned char>(*end)) != 0) {
+    ++end;
+  }
+  if (errno != 0 || end == text.c_str() || *end != '\0' || seconds > 1'000'000) {
+    said = Diagnostics{.message = "connect_timeout \"" + text +
+                                  "\" (from the conninfo or PGCONNECT_TIMEOUT) is not a whole "
+                                  "number of seconds",
                        .hint =
                            "give it in seconds (connect_timeout=5), or leave it out: "
                            "ConnectOptions::connect_timeout bounds the whole connect"};
     return make_error_code(client_errc::invalid_config);
   }
-  if (seconds > 0) per_host = std::chrono::seconds(std::max(seconds, 2));
+  if (seconds > 0) per_host = std::chrono::seconds(std::max<long>(seconds, 2));
   return {};
 }
 
@@ -210,24 +223,46 @@ error_code Connection::Impl::connect_error() {
               "(listen_addresses, pg_hba.conf, firewalls)");
 }
 
-// Resolves host names with asio's resolver (a background thread), so that libpq, which would
-// call getaddrinfo() on the event loop, gets numeric addresses in `hostaddr`. A name with several
-// addresses becomes several host entries, one per address, tried in order as libpq would.
-asio::awaitable<error_code> Connection::Impl::resolve_hosts(const ParsedConninfo& parsed,
-                                                            std::vector<Target>& targets) {
+// The conninfo's hosts, each with its port, for pgrt to try one by one (connect()). None when
+// libpq is to read the hosts itself: no host given (libpq's defaults), hostaddr given, a service
+// file in use (its keywords rank above the environment's, which parse_conninfo() cannot tell),
+// or an empty host in the list (libpq's default socket directory, which an empty value cannot
+// name to libpq on its own).
+error_code Connection::Impl::host_entries(const ParsedConninfo& parsed,
+                                          std::vector<HostEntry>& entries) {
   const std::string hosts = parsed.get("host", "PGHOST");
-  if (hosts.empty() || !parsed.get("hostaddr", "PGHOSTADDR").empty()) co_return error_code{};
+  if (hosts.empty() || !parsed.get("hostaddr", "PGHOSTADDR").empty() ||
+      !parsed.get("service", "PGSERVICE").empty()) {
+    return {};
+  }
   const auto host_list = split_hosts(hosts);
   const auto port_list = split_hosts(parsed.get("port", "PGPORT"));
   const bool port_per_host = port_list.size() > 1;
   if (port_per_host && port_list.size() != host_list.size()) {
-    co_return fail(client_errc::invalid_config,
-                   "could not match " + std::to_string(port_list.size()) + " port numbers to " +
-                       std::to_string(host_list.size()) + " hosts",
-                   {}, "give one port for every host, or a single port for all of them");
+    return fail(client_errc::invalid_config,
+                "could not match " + std::to_string(port_list.size()) + " port numbers to " +
+                    std::to_string(host_list.size()) + " hosts",
+                {}, "give one port for every host, or a single port for all of them");
   }
-  std::vector<Target> resolved;
-  std::string unresolved;  // the last name that did not resolve, and why
+  if (std::any_of(host_list.begin(), host_list.end(),
+                  [](const std::string& host) { return host.empty(); })) {
+    return {};
+  }
+  for (std::size_t index = 0; index < host_list.size(); ++index) {
+    // An empty port in a list is libpq's default port (as a URL's "host1,host2:5433" gives).
+    std::string port = port_per_host ? port_list[index] : "";
+    if (port_per_host && port.empty()) port = "5432";
+    entries.push_back(HostEntry{.host = host_list[index], .port = std::move(port)});
+  }
+  return {};
+}
+
+// Resolves a host name with asio's resolver (a background thread), so that libpq, which would
+// call getaddrinfo() on the event loop, gets numeric addresses in `hostaddr`, tried in order as
+// libpq would. Gives up at `deadline` (none: until cancelled).
+asio::awaitable<error_code> Connection::Impl::resolve_host(
+    const std::string& host, std::optional<std::chrono::steady_clock::time_point> deadline,
+    std::vector<std::string>& addresses) {
   // asio's resolver ignores per-operation cancellation, and its cancel() does not stop a
   // getaddrinfo() already running: the coroutine waits on a timer that the lookup's answer (or a
   // cancellation: connect_timeout, the caller's) ends. A lookup left behind ends on the resolver's
@@ -242,65 +277,42 @@ asio::awaitable<error_code> Connection::Impl::resolve_hosts(const ParsedConninfo
     asio::ip::tcp::resolver::results_type results;
   };
   const auto here = co_await asio::this_coro::executor;  // (the answer comes there)
-  auto append = [&](const std::string& host, const std::string& address, std::size_t index) {
-    resolved.push_back(
-        Target{.host = host, .hostaddr = address, .port = port_per_host ? port_list[index] : ""});
-  };
-  for (std::size_t index = 0; index < host_list.size(); ++index) {
-    const std::string& host = host_list[index];
-    const bool is_path = !host.empty() && (host.front() == '/' || host.front() == '@');
-    error_code numeric_error;
-    if (!host.empty() && !is_path) asio::ip::make_address(host, numeric_error);
-    if (host.empty() || is_path || !numeric_error) {
-      append(host, "", index);
-      continue;
+  auto lookup = std::make_shared<Lookup>(executor);
+  if (deadline) lookup->answered.expires_at(*deadline);
+  lookup->resolver.async_resolve(
+      host, "",
+      asio::bind_executor(
+          here, [lookup](error_code error, asio::ip::tcp::resolver::results_type results) {
+            lookup->error = error;
+            lookup->results = std::move(results);
+            lookup->done = true;
+            lookup->answered.cancel();
+          }));
+  error_code waited;
+  if (!lookup->done) std::tie(waited) = co_await lookup->answered.async_wait(no_throw);
+  if (!lookup->done) {
+    lookup->resolver.cancel();
+    if (!waited) {
+      co_return fail(client_errc::name_resolution,
+                     "resolving host name \"" + host + "\" did not answer within its time", {},
+                     "check the host name and DNS (a resolver that does not answer)");
     }
-    auto lookup = std::make_shared<Lookup>(executor);
-    lookup->resolver.async_resolve(
-        host, "",
-        asio::bind_executor(
-            here, [lookup](error_code error, asio::ip::tcp::resolver::results_type results) {
-              lookup->error = error;
-              lookup->results = std::move(results);
-              lookup->done = true;
-              lookup->answered.cancel();
-            }));
-    if (!lookup->done) (void)co_await lookup->answered.async_wait(no_throw);
-    if (!lookup->done) {
-      lookup->resolver.cancel();
-      co_return fail(client_errc::cancelled,
-                     "resolving host name \"" + host + "\" was cancelled before it answered");
-    }
-    const error_code error = lookup->error;
-    const auto& results = lookup->results;
-    if (error) {
-      // As libpq does: a name that does not resolve is skipped, and the next host tried (a
-      // conninfo may still list a decommissioned replica); only if none is left does it fail.
-      unresolved = "could not resolve host name \"" + host + "\": " + error.message();
-      if (host_list.size() > 1) {
-        spdlog::warn("pgrt: {}; trying the other hosts of the conninfo", unresolved);
-      }
-      continue;
-    }
-    for (const auto& entry : results) append(host, entry.endpoint().address().to_string(), index);
+    co_return fail(client_errc::cancelled,
+                   "resolving host name \"" + host + "\" was cancelled before it answered");
   }
-  if (resolved.empty()) {
-    co_return fail(client_errc::name_resolution, unresolved, {}, "check the host name and DNS");
+  if (lookup->error) {
+    co_return fail(client_errc::name_resolution,
+                   "could not resolve host name \"" + host + "\": " + lookup->error.message(), {},
+                   "check the host name and DNS");
   }
-  // An empty host (libpq's default socket directory) cannot be named to libpq on its own (it
-  // ignores an empty value): then libpq gets the whole list and tries the hosts itself.
-  if (std::any_of(resolved.begin(), resolved.end(),
-                  [](const Target& target) { return target.host.empty(); })) {
-    Target all;
-    for (std::size_t index = 0; index < resolved.size(); ++index) {
-      const std::string separator = index == 0 ? "" : ",";
-      all.host += separator + resolved[index].host;
-      all.hostaddr += separator + resolved[index].hostaddr;
-      if (port_per_host) all.port += separator + resolved[index].port;
-    }
-    resolved.assign(1, std::move(all));
+  for (const auto& entry : lookup->results) {
+    addresses.push_back(entry.endpoint().address().to_string());
   }
-  targets = std::move(resolved);
+  if (addresses.empty()) {
+    co_return fail(client_errc::name_resolution,
+                   "host name \"" + host + "\" resolved to no address", {},
+                   "check the host name and DNS");
+  }
   co_return error_code{};
 }
 
@@ -388,8 +400,8 @@ asio::awaitable<error_code> Connection::Impl::connect() {
                    "use a URL (postgresql://user@host:5432/db) or key=value pairs "
                    "(host=... dbname=...)");
   }
-  std::vector<Target> targets;
-  if (auto error = co_await resolve_hosts(parsed, targets)) co_return error;
+  std::vector<HostEntry> entries;
+  if (auto error = host_entries(parsed, entries)) co_return error;
   std::optional<std::chrono::milliseconds> per_host_limit;
   if (auto error = read_connect_timeout(parsed, per_host_limit, last_error)) co_return error;
 
@@ -433,59 +445,45 @@ asio::awaitable<error_code> Connection::Impl::connect() {
     params.emplace_back("tcp_user_timeout", std::to_string(options.tcp_user_timeout.count()));
   }
 
-  // Several hosts (or addresses): pgrt tries them one by one, so that each has a deadline of its
-  // own (libpq's asynchronous API has none per host: a host that takes the connection and never
-  // answers would hold the whole connect). prefer-standby, as libpq does it: every host as a
-  // standby first, then every host as any server.
+  // pgrt tries the hosts one by one (and each address of a name), so that each has a deadline of
+  // its own (libpq's asynchronous API has none per host: a host that takes the connection and
+  // never answers would hold the whole connect), and looks each name up only when its turn comes
+  // (a name whose DNS hangs holds up none before it). prefer-standby, as libpq does it: every host
+  // as a standby first, then every host as any server.
   struct Attempt {
-    const Target* target;
+    const HostEntry* entry;     // nullptr: libpq tries the conninfo's hosts itself
     const char* session_attrs;  // nullptr: the conninfo's target_session_attrs
   };
   std::vector<Attempt> attempts;
   const bool prefer_standby =
       parsed.get("target_session_attrs", "PGTARGETSESSIONATTRS") == "prefer-standby";
-  if (targets.size() <= 1) {
-    attempts.push_back({targets.empty() ? nullptr : &targets.front(), nullptr});
+  if (entries.size() <= 1) {
+    attempts.push_back({entries.empty() ? nullptr : &entries.front(), nullptr});
   } else {
-    for (const Target& one : targets) {
-      attempts.push_back({&one, prefer_standby ? "standby" : nullptr});
+    for (const HostEntry& entry : entries) {
+      attempts.push_back({&entry, prefer_standby ? "standby" : nullptr});
     }
     if (prefer_standby) {
-      for (const Target& one : targets) attempts.push_back({&one, "any"});
+      for (const HostEntry& entry : entries) attempts.push_back({&entry, "any"});
     }
   }
+  using std::chrono::milliseconds;
+  using std::chrono::steady_clock;
+  const auto ms_until = [](steady_clock::time_point at) {
+    return std::max(milliseconds(1),
+                    std::chrono::duration_cast<milliseconds>(at - steady_clock::now()));
+  };
   failed_hosts.clear();
-  for (std::size_t index = 0; index < attempts.size(); ++index) {
-    const bool last = index + 1 == attempts.size();
-    // The last attempt runs until the whole connect's deadline (try_connect()'s timer); each one
-    // before it gets the conninfo's connect_timeout (per host, as libpq counts it) or an equal
-    // share of the time left.
-    std::optional<std::chrono::milliseconds> limit;
-    if (!last) {
-      const auto left = std::max(std::chrono::milliseconds(1),
-                                 std::chrono::duration_cast<std::chrono::milliseconds>(
-                                     connect_deadline - std::chrono::steady_clock::now()));
-      const auto share = left / static_cast<std::int64_t>(attempts.size() - index);
-      limit = per_host_limit ? std::min(*per_host_limit, left) : share;
-    }
-    const error_code error =
-        co_await connect_once(params, attempts[index].target, attempts[index].session_attrs, limit);
-    if (!error) {
-      failed_hosts.clear();
-      break;
-    }
-    // A cancellation, or a mistake every host would answer alike (a password, a database name,
-    // a setting, the conninfo itself), ends the connect, as libpq ends it once a server has
-    // answered; a host that is down, full, starting up, read-only or silent is passed over.
-    static constexpr std::array<std::string_view, 7> mistakes{"28P01", "28000", "3D000", "22023",
-                                                              "42704", "42501", "55P02"};
-    const bool same_everywhere =
-        error == client_errc::cancelled || error == client_errc::invalid_config ||
-        std::find(mistakes.begin(), mistakes.end(), last_error.sqlstate) != mistakes.end();
-    if (last || same_everywhere) {
-      if (!failed_hosts.empty()) last_error.message += " (before it: " + failed_hosts + ")";
-      co_return error;
-    }
+  // A mistake every host would answer alike (a password, a database name, a setting, the
+  // conninfo itself) ends the connect, as libpq ends it once a server has answered; a host that is
+  // down, full, starting up, of the wrong kind, silent or unresolvable is passed over.
+  static constexpr std::array<std::string_view, 7> mistakes{"28P01", "28000", "3D000", "22023",
+                                                            "42704", "42501", "55P02"};
+  const auto ends_the_connect = [&](error_code error) {
+    return error == client_errc::cancelled || error == client_errc::invalid_config ||
+           std::find(mistakes.begin(), mistakes.end(), last_error.sqlstate) != mistakes.end();
+  };
+  const auto passed_over = [&] {
     // A server of the wrong kind (target_session_attrs) is the multi-host conninfo at work; a
     // host down or silent is news for its operators.
     const std::string_view said = last_error.message;
@@ -496,7 +494,73 @@ asio::awaitable<error_code> Connection::Impl::connect() {
       spdlog::warn("pgrt: {}; trying the next host", said);
     }
     failed_hosts += (failed_hosts.empty() ? "" : "; ") + last_error.message;
+  };
+  const auto with_earlier = [&](error_code error) {
+    if (!failed_hosts.empty()) last_error.message += " (before it: " + failed_hosts + ")";
+    return error;
+  };
+  bool connected = false;
+  for (std::size_t index = 0; index < attempts.size() && !connected; ++index) {
+    const bool last_host = index + 1 == attempts.size();
+    // This host's time: an equal share of what is left of connect_timeout (the last host has all
+    // of it: try_connect()'s timer), and no more than the conninfo's connect_timeout (per host,
+    // as libpq counts it).
+    const milliseconds left = ms_until(connect_deadline);
+    milliseconds host_time =
+        last_host ? left : left / static_cast<std::int64_t>(attempts.size() - index);
+    if (per_host_limit) host_time = std::min(host_time, *per_host_limit);
+    const bool bounded = !last_host || host_time < left;
+    const auto host_deadline = steady_clock::now() + host_time;
+    const HostEntry* entry = attempts[index].entry;
+    // The addresses to try: a name's, once resolved (within the host's time); otherwise the host
+    // itself (an address, a socket directory).
+    std::vector<Target> addresses;
+    if (entry != nullptr) {
+      error_code numeric_error;
+      const bool is_path = entry->host.front() == '/' || entry->host.front() == '@';
+      if (!is_path) (void)asio::ip::make_address(entry->host, numeric_error);
+      if (!is_path && numeric_error) {
+        std::vector<std::string> resolved;
+        const auto lookup_deadline =
+            bounded ? std::optional<steady_clock::time_point>(host_deadline) : std::nullopt;
+        close(CloseMode::immediate);  // (what an earlier host left: target() names this one)
+        connecting_to = "host name \"" + entry->host + "\" (being resolved)";
+        if (auto error = co_await resolve_host(entry->host, lookup_deadline, resolved)) {
+          if (last_host || ends_the_connect(error)) co_return with_earlier(error);
+          passed_over();
+          continue;
+        }
+        for (std::string& address : resolved) {
+          addresses.push_back(
+              Target{.host = entry->host, .hostaddr = std::move(address), .port = entry->port});
+        }
+      } else {
+        addresses.push_back(Target{.host = entry->host, .hostaddr = {}, .port = entry->port});
+      }
+    }
+    const std::size_t tries = std::max<std::size_t>(addresses.size(), 1);
+    for (std::size_t at = 0; at < tries; ++at) {
+      const bool last_address = at + 1 == tries;
+      // The addresses of a name split their host's time; the last has what is left of it.
+      // (libpq trying the conninfo's hosts itself: no limit but the whole connect's.)
+      std::optional<milliseconds> limit;
+      if (entry != nullptr && !last_address) {
+        limit = ms_until(host_deadline) / static_cast<std::int64_t>(tries - at);
+      } else if (entry != nullptr && bounded) {
+        limit = ms_until(host_deadline);
+      }
+      const error_code error =
+          co_await connect_once(params, addresses.empty() ? nullptr : &addresses[at],
+                                attempts[index].session_attrs, limit);
+      if (!error) {
+        connected = true;
+        break;
+      }
+      if ((last_host && last_address) || ends_the_connect(error)) co_return with_earlier(error);
+      passed_over();
+    }
   }
+  failed_hosts.clear();
   // Dates are read in ISO format. pgrt asks for it at connect, but behind a transaction pooler it
   // cannot, and a pooler may drop the startup options it was sent: check what the server says.
   // (A DateStyle the caller chose in session_settings is theirs to read.)

@@ -307,9 +307,16 @@ struct Connection::Impl {
     std::string hostaddr;
     std::string port;
   };
-  // Empty when libpq is to read the hosts from the conninfo itself (no host, or hostaddr given).
-  asio::awaitable<error_code> resolve_hosts(const ParsedConninfo& parsed,
-                                            std::vector<Target>& targets);
+  // One host of the conninfo as given (a name, an address or a socket directory) and its port
+  // ("" for the conninfo's single port).
+  struct HostEntry {
+    std::string host;
+    std::string port;
+  };
+  error_code host_entries(const ParsedConninfo& parsed, std::vector<HostEntry>& entries);
+  asio::awaitable<error_code> resolve_host(
+      const std::string& host, std::optional<std::chrono::steady_clock::time_point> deadline,
+      std::vector<std::string>& addresses);
   // Tries each target in turn, each within its share of connect_timeout (connect.cpp).
   asio::awaitable<error_code> connect();
   // One libpq connect to `host` (all of the conninfo's hosts when null), given up after

@@ -93,7 +93,8 @@ struct ConnectOptions {
   std::string application_name;
   /// The whole connect (name resolution, TCP, TLS, authentication) must finish within this. With
   /// several hosts (or addresses), each host but the last may take an equal share of the time
-  /// left, or the conninfo's own `connect_timeout` (seconds per host), before pgrt tries the next.
+  /// left, and no more than the conninfo's own `connect_timeout` (seconds per host), before pgrt
+  /// tries the next (docs/operations.md, "Failover", names the forms libpq tries itself).
   std::chrono::milliseconds connect_timeout{std::chrono::seconds(10)};
   /// Settings applied to the session at start-up (sent in the `options` startup parameter as
   /// `-c name=value`, after any options in the conninfo). pgrt adds `DateStyle=ISO` unless one is
