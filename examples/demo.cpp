@@ -424,8 +424,19 @@ class Status {
   [[nodiscard]] std::string name() const { return "status"; }
 
   asio::awaitable<void> start() {
-    // Connected on the service's executor (start() runs on the manager's strand).
-    observer_ = co_await asio::co_spawn(executor_, connect(), asio::use_awaitable);
+    // Connected on the service's executor (start() runs on the manager's strand). A server slow
+    // to answer (a loaded machine) does not fail the start: the sampler connects again as it
+    // does after a loss. A mistake (a wrong DSN or password) does.
+    try {
+      observer_ = co_await asio::co_spawn(executor_, connect(), asio::use_awaitable);
+    } catch (const pgrt::Error& error) {
+      if (error.code() != pgrt::condition::connection_error &&
+          error.code() != pgrt::condition::timeout) {
+        throw;
+      }
+      std::cerr << "pgrt_demo: the status sampler could not connect yet (" << error.what()
+                << "); it tries again" << std::endl;
+    }
     running_ = true;
     asio::co_spawn(executor_, sample(), [this](const std::exception_ptr& failure) {
       if (failure) {
