@@ -2,6 +2,7 @@
 // never hold more slots than it has, a full budget fails waiters with budget_exhausted, the reset
 // policies keep the slot, and a budget behind a transaction pooler is refused.
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
@@ -15,6 +16,7 @@
 #include <gtest/gtest.h>
 #include <iostream>
 #include <memory>
+#include <numeric>
 #include <spdlog/sinks/ostream_sink.h>
 #include <spdlog/spdlog.h>
 #include <sstream>
@@ -430,6 +432,82 @@ TEST_F(BudgetTest, ALateProcessGetsAFairShareFromOneHoldingTheWholeBudget) {
   EXPECT_GE(early_end.discarded, 1U) << "the early pool never gave a connection back";
   EXPECT_GE(early_slots_while_late_ran, 0);
   EXPECT_LE(early_slots_while_late_ran, 3) << "the early pool did not keep to its share";
+}
+
+// Four processes that each want more than their share of 6 slots settle on 2, 2, 1, 1: the
+// shares add up to the budget (each was 6 / 4 = 1, rounded down: 4 slots held and 2 idle while
+// every process waited, or one process not kept to a share took them, 3:1:1:1).
+TEST_F(BudgetTest, FourProcessesThatEachWantMoreSettleOnSharesThatAddUpToTheBudget) {
+  const std::string key = "fair-four";
+  constexpr std::size_t processes = 4;
+  std::atomic<bool> stop{false};
+  std::vector<std::thread> threads;
+  std::array<std::atomic<std::uint64_t>, processes> served{};
+  for (std::size_t p = 0; p < processes; ++p) {
+    threads.emplace_back([&, p] {
+      run_coroutine([&, p]() -> awaitable_void {
+        auto pool_config = config("fair" + std::to_string(p), key, 6, 6);
+        pool_config.budget.check_interval = 100ms;
+        Pool pool(co_await asio::this_coro::executor, pool_config);
+        const auto executor = co_await asio::this_coro::executor;
+        std::size_t running = 0;
+        for (int i = 0; i < 8; ++i) {
+          asio::co_spawn(
+              executor,
+              [&]() -> awaitable_void {
+                ++running;
+                while (!stop) {
+                  bool failed = false;
+                  try {
+                    auto lease = co_await pool.acquire();
+                    co_await lease->query("SELECT 1");
+                    ++served[p];
+                    co_await sleep_for(20ms);
+                  } catch (const Error&) {
+                    failed = true;  // (a budget wait timed out: try again)
+                  }
+                  if (failed) co_await sleep_for(10ms);
+                }
+                --running;
+              },
+              asio::detached);
+        }
+        while (!stop) co_await sleep_for(20ms);
+        while (running > 0) co_await sleep_for(5ms);
+        (void)co_await pool.close(1s);
+      });
+    });
+  }
+  // Sampled on the server after a settling time: how many slots each process holds.
+  BlockingConnection observer(cluster().dsn());
+  const std::string per_process =
+      "SELECT coalesce(string_agg(n::text, ',' ORDER BY n DESC), '') FROM (SELECT count(*) AS n "
+      "FROM pg_locks l JOIN pg_stat_activity a USING (pid) WHERE l.locktype = 'advisory' AND "
+      "l.granted AND l.objsubid = 2 AND l.classid = (" +
+      std::to_string(budget_lock_key(key)) +
+      "::int8 & 4294967295)::oid GROUP BY split_part(a.application_name, '/', 2)) c";
+  std::this_thread::sleep_for(3s);
+  int samples = 0;
+  int fair = 0;  // every slot held, and no process more than one ahead of another
+  std::string last;
+  for (int i = 0; i < 30; ++i) {
+    last = observer.scalar(per_process);
+    std::vector<int> held;
+    std::stringstream parts(last);
+    for (std::string part; std::getline(parts, part, ',');) held.push_back(std::stoi(part));
+    ++samples;
+    const int total = std::accumulate(held.begin(), held.end(), 0);
+    if (held.size() == processes && total == 6 && held.front() - held.back() <= 1) ++fair;
+    std::this_thread::sleep_for(100ms);
+  }
+  const std::array<std::uint64_t, processes> before{served[0], served[1], served[2], served[3]};
+  std::this_thread::sleep_for(1s);
+  stop = true;
+  for (auto& thread : threads) thread.join();
+  EXPECT_GE(fair, samples * 2 / 3) << "held per process (most first), last sample: " << last;
+  for (std::size_t p = 0; p < processes; ++p) {
+    EXPECT_GT(served[p].load(), before[p]) << "process " << p << " made no progress";
+  }
 }
 
 // One process with two pools on the same budget is one process to the fair share: together its

@@ -361,7 +361,10 @@ TEST(BudgetClassesTest, EachClassTakesItsOwnSlotsThenTheSharedOnes) {
   budget.class_name = "api";
   EXPECT_EQ(ranges(), (std::vector<std::pair<std::size_t, std::size_t>>{{0, 10}, {40, 50}}));
   // Its own split among the 2 processes of its class, and the shared among all 4.
-  EXPECT_EQ(detail::budget_fair_share(budget, 4, 2), 10U / 2 + 10U / 4);
+  EXPECT_EQ(detail::budget_fair_share(budget, 4, 2, 3, 1), 10U / 2 + 10U / 4);
+  // 10 shared over 4: the first two (by rank) get the 2 left over.
+  EXPECT_EQ(detail::budget_fair_share(budget, 4, 2, 0, 1), 10U / 2 + 10U / 4 + 1);
+  EXPECT_EQ(detail::budget_fair_share(budget, 4, 3, 1, 0), 10U / 3 + 1 + 10U / 4 + 1);
   EXPECT_EQ(detail::budget_class_marker(budget), 1U);
   EXPECT_EQ(detail::budget_class_of_slot(budget, 9), 1U);
   EXPECT_EQ(detail::budget_class_of_slot(budget, 10), 2U);
@@ -372,9 +375,18 @@ TEST(BudgetClassesTest, EachClassTakesItsOwnSlotsThenTheSharedOnes) {
               HasSubstr("its class 'batch' has 30 slots and 10 are shared"));
   budget.class_name.clear();
   EXPECT_EQ(ranges(), (std::vector<std::pair<std::size_t, std::size_t>>{{40, 50}}));
-  EXPECT_EQ(detail::budget_fair_share(budget, 20, 1), 1U);  // never 0
+  EXPECT_EQ(detail::budget_fair_share(budget, 20, 1, 19, 0), 1U);  // never 0
   const Budget plain{.key = "k", .slots = 12};
-  EXPECT_EQ(detail::budget_fair_share(plain, 4, 1), 3U);
+  EXPECT_EQ(detail::budget_fair_share(plain, 4, 1, 0, 0), 3U);
+  // The shares of every process add up to the budget: 6 over 4 are 2, 2, 1, 1.
+  const Budget six{.key = "k", .slots = 6};
+  std::size_t total = 0;
+  for (std::size_t rank = 0; rank < 4; ++rank) {
+    total += detail::budget_fair_share(six, 4, 1, rank, 0);
+  }
+  EXPECT_EQ(total, 6U);
+  EXPECT_EQ(detail::budget_fair_share(six, 4, 1, 1, 0), 2U);
+  EXPECT_EQ(detail::budget_fair_share(six, 4, 1, 2, 0), 1U);
   EXPECT_THAT(detail::describe_full_budget(plain, 12),
               HasSubstr("is full: all 12 slots are held (12 holders"));
 }

@@ -85,12 +85,20 @@ std::size_t budget_class_of_slot(const Budget& budget, std::size_t slot) {
 }
 
 std::size_t budget_fair_share(const Budget& budget, std::size_t processes,
-                              std::size_t class_processes) {
+                              std::size_t class_processes, std::size_t rank,
+                              std::size_t class_rank) {
   const std::size_t shared = budget.slots - classes_slots(budget);
   const std::size_t my_class = budget_class_marker(budget);
   const std::size_t own = my_class == 0 ? 0 : budget.classes[my_class - 1].slots;
-  return std::max<std::size_t>(1, own / std::max<std::size_t>(1, class_processes) +
-                                      shared / std::max<std::size_t>(1, processes));
+  // An even split, and what does not split evenly one more each for the first in the order
+  // every process sees alike (their tags sorted): 6 slots over 4 processes are 2, 2, 1, 1, so
+  // the shares add up to the whole budget.
+  const auto split = [](std::size_t slots, std::size_t among, std::size_t my_rank) {
+    among = std::max<std::size_t>(1, among);
+    return slots / among + (my_rank < slots % among ? 1 : 0);
+  };
+  return std::max<std::size_t>(
+      1, split(own, class_processes, class_rank) + split(shared, processes, rank));
 }
 
 std::string describe_full_budget(const Budget& budget, std::size_t holders) {

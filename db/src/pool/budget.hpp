@@ -49,9 +49,12 @@ struct SlotHolder {
 
 // How many slots one process may keep while others wait: its class's own slots split evenly among
 // the `class_processes` of its class, plus the shared slots split evenly among all `processes`
-// holding slots or waiting for one (at least 1 in all).
+// holding slots or waiting for one (at least 1 in all). A remainder goes one slot each to the
+// first processes by `rank` (its place among the processes' tags, sorted) and `class_rank` (among
+// its class's).
 [[nodiscard]] std::size_t budget_fair_share(const Budget& budget, std::size_t processes,
-                                            std::size_t class_processes);
+                                            std::size_t class_processes, std::size_t rank,
+                                            std::size_t class_rank);
 
 // The pool's class as its waiting marker's second key: its index in Budget::classes plus 1, or 0
 // without a class.

@@ -616,7 +616,11 @@ asio::awaitable<void> PoolState::check_budget_slots(std::shared_ptr<PoolState> s
       if (own_backends.count(holder.pid) == 0) ++held_by_sibling_pools;
     }
   }
-  const std::size_t share = budget_fair_share(budget, processes.size(), class_processes.size());
+  const auto rank_in = [this_process = self->application_name](const std::set<std::string>& of) {
+    return static_cast<std::size_t>(std::distance(of.begin(), of.find(this_process)));
+  };
+  const std::size_t share = budget_fair_share(budget, processes.size(), class_processes.size(),
+                                              rank_in(processes), rank_in(class_processes));
   const std::size_t cap =
       another_waits ? std::min(self->config.max_size,
                                share > held_by_sibling_pools ? share - held_by_sibling_pools : 1)
