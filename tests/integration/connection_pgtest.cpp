@@ -707,6 +707,18 @@ TEST_F(ConnectionTest, ConnectFailuresAreClearDistinctAndWithinTheTimeout) {
   BlockingConnection third(own->dsn());
   auto full = timed(own->dsn());
   EXPECT_EQ(full.sqlstate(), "53300");
+  // A full host passed over for the next: the connection that results carries none of its error
+  // (a later loss would have named the full host and its hint).
+  const std::string passed_over = run_coroutine([&]() -> asio::awaitable<std::string> {
+    ConnectOptions options{.conninfo = "host=" + own->directory().string() + "," +
+                                       cluster().directory().string() + " port=" + port + "," +
+                                       std::to_string(cluster().port()) +
+                                       " user=postgres dbname=postgres",
+                           .connect_timeout = 5s};
+    auto conn = co_await Connection::connect(std::move(options));
+    co_return conn.last_error().sqlstate + conn.last_error().message;
+  });
+  EXPECT_EQ(passed_over, "");
   EXPECT_TRUE(full.code() == condition::too_many_connections);
   EXPECT_THAT(full.diagnostics().hint, HasSubstr("max_connections"));
 

@@ -2974,6 +2974,36 @@ TEST_F(PoolTest, QueryStatementsWaitingPastAcquireTimeoutFailWhileTheOneRunningR
   });
 }
 
+// One statement at a time per shared connection (behind a transaction pooler) and nothing to lend
+// when the multiplexer last looked: a lease given back meanwhile is borrowed for the next
+// statement, which does not wait for the running one (nor time out beside an idle connection).
+TEST_F(PoolTest, QueryBehindAPoolerBorrowsAConnectionGivenBackWhileItsOneConnectionIsBusy) {
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    PoolConfig pool_config = config("shared-pooler-borrow", 2);
+    pool_config.connect.pooler = Pooler::transaction;
+    pool_config.acquire_timeout = 1500ms;
+    Pool pool(executor, pool_config);
+    auto lease = co_await pool.acquire();
+    bool slow_done = false;
+    asio::co_spawn(
+        executor,
+        [&]() -> awaitable_void {
+          (void)co_await pool.query("SELECT pg_sleep(2)");
+          slow_done = true;
+        },
+        asio::detached);
+    co_await sleep_for(300ms);
+    lease.release();
+    co_await sleep_for(200ms);
+    const auto started = std::chrono::steady_clock::now();
+    EXPECT_EQ((co_await pool.query("SELECT 5")).scalar<int>(), 5);
+    EXPECT_LT(std::chrono::steady_clock::now() - started, 1s);
+    while (!slow_done) co_await sleep_for(20ms);
+    (void)co_await pool.close(5s);
+  });
+}
+
 // A shared connection whose backend is terminated fails the statement in flight with
 // connection_lost, and is counted as broken (not as discarded by the user).
 TEST_F(PoolTest, QueryConnectionLostIsCountedAsBroken) {

@@ -560,7 +560,10 @@ asio::awaitable<error_code> Connection::Impl::connect() {
       passed_over();
     }
   }
+  // Connected: what the hosts passed over said is not this connection's (lost() would take a
+  // FATAL of theirs for the server's word on a later loss).
   failed_hosts.clear();
+  last_error = {};
   // Dates are read in ISO format. pgrt asks for it at connect, but behind a transaction pooler it
   // cannot, and a pooler may drop the startup options it was sent: check what the server says.
   // (A DateStyle the caller chose in session_settings is theirs to read.)

@@ -611,7 +611,9 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
     spdlog::error("pgrt: a shared connection failed: {}", error.what());
     {
       std::lock_guard lock(mux->mutex);
-      if (in_hand) (void)mux->in_flight.remove(*in_hand);
+      if (in_hand && !in_hand->link.expired() && in_hand->stage != SharedStatement::Stage::queued) {
+        mux->land_locked(*link, *in_hand);
+      }
       if (in_hand && in_hand->stage == SharedStatement::Stage::sent) {
         in_hand->error = make_error_code(client_errc::protocol_error);
         in_hand->diagnostics =
@@ -623,7 +625,11 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
         const bool was_sent = std::any_of(sent.begin(), sent.end(), [&](const SentEntry& entry) {
           return entry.statement == statement;
         });
-        if (was_sent) continue;
+        // (Answered already, or queued again: landed, not this link's to land again.)
+        if (was_sent || statement->link.expired() ||
+            statement->stage == SharedStatement::Stage::queued) {
+          continue;
+        }
         mux->land_locked(*link, *statement);
         if (statement->stage != SharedStatement::Stage::sent) continue;
         statement->error = make_error_code(client_errc::protocol_error);
@@ -743,6 +749,7 @@ void Multiplexer::arm_sweeper_locked(Clock::time_point at) {
 void Multiplexer::land_locked(SharedLink& link, SharedStatement& statement) {
   --link.in_flight;
   (void)in_flight.remove(statement);  // (its connection still holds it)
+  statement.link.reset();             // (landed: see run_link()'s catch)
 }
 
 void Multiplexer::sweep() {
@@ -865,13 +872,16 @@ void Multiplexer::dispatch_locked() {
 void Multiplexer::grow_locked() {
   if (closed || queue.empty() || links.size() + borrowing >= max_links) return;
   if (borrowing > 0) return;  // one at a time
-  // Nothing to lend (the rest leased, as the connections last read the pool): a borrow would
-  // only wait, counted as a caller waiting and timing out, while the statements could go in the
-  // pipelines of the connections held. (With none held that takes statements, it waits like any
-  // acquire, and its failure fails the queued statements.)
-  const bool one_takes =
-      std::any_of(links.begin(), links.end(), [](const auto& link) { return !link->retiring; });
-  if (one_takes && lendable == 0) return;
+  // Nothing to lend (the rest leased, as the connections last read the pool) while a connection
+  // held has room in its pipeline: a borrow would only wait, counted as a caller waiting and
+  // timing out, while the statements can go there (it is woken, and reads the pool again). With
+  // no room anywhere (full pipelines; one statement at a time behind a pooler), it borrows,
+  // however stale that reading: it waits like any acquire, and its failure fails the queued
+  // statements.
+  const bool one_has_room = std::any_of(links.begin(), links.end(), [](const auto& link) {
+    return !link->retiring && link->in_flight < link->depth;
+  });
+  if (one_has_room && lendable == 0) return;
   const bool all_busy = std::all_of(links.begin(), links.end(), [](const auto& link) {
     return link->in_flight > 0 || link->retiring;
   });
