@@ -4,6 +4,7 @@
 #include <functional>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <libpq-fe.h>
 #include <limits>
 #include <memory>
 #include <spdlog/sinks/ostream_sink.h>
@@ -589,6 +590,18 @@ TEST(PoolConfigTest, AMalformedConninfoIsRefusedWithoutShowingAnySecret) {
     EXPECT_EQ(rejection(config), "") << fine;
   }
   EXPECT_THAT(mask_password("host=db sslpassword=hunter2"), Not(HasSubstr("hunter2")));
+  // A keyword only a later libpq knows is named as such, in both forms (its value never shown).
+  if (PQlibVersion() < 160000) {
+    for (const char* newer : {"host=db.internal load_balance_hosts=random password=hunter2",
+                              "postgresql://app:hunter2@db.internal/x?load_balance_hosts=random"}) {
+      config.conninfo = newer;
+      const std::string error = rejection(config);
+      EXPECT_THAT(error, HasSubstr("\"load_balance_hosts\" is a keyword of libpq 16 and later"))
+          << newer;
+      EXPECT_THAT(error, Not(HasSubstr("hunter2"))) << newer;
+      EXPECT_THAT(error, Not(HasSubstr("percent-encode"))) << newer;
+    }
+  }
   // The error is a configuration error for the lifecycle manager too (exit code 78).
   EXPECT_TRUE(make_error_code(client_errc::invalid_config) ==
               boost::system::errc::invalid_argument);

@@ -1,6 +1,7 @@
 #include "conninfo.hpp"
 
 #include <algorithm>
+#include <array>
 #include <cctype>
 #include <cstdlib>
 #include <libpq-fe.h>
@@ -61,6 +62,38 @@ const std::map<std::string, bool, std::less<>>& known_keywords() {
     return result;
   }();
   return keywords;
+}
+
+// Keywords of later libpq versions, with the version that added them: named as such (their
+// values never shown: some are secrets) rather than hidden as a word that may be part of a value.
+std::string_view newer_libpq_keyword(std::string_view keyword) {
+  static constexpr std::array<std::pair<std::string_view, std::string_view>, 14> newer{{
+      {"load_balance_hosts", "16"},
+      {"require_auth", "16"},
+      {"sslcertmode", "16"},
+      {"gssdelegation", "16"},
+      {"sslnegotiation", "17"},
+      {"min_protocol_version", "18"},
+      {"max_protocol_version", "18"},
+      {"sslkeylogfile", "18"},
+      {"scram_client_key", "18"},
+      {"scram_server_key", "18"},
+      {"oauth_issuer", "18"},
+      {"oauth_client_id", "18"},
+      {"oauth_client_secret", "18"},
+      {"oauth_scope", "18"},
+  }};
+  for (const auto& [name, version] : newer) {
+    if (name == keyword) return version;
+  }
+  return {};
+}
+
+std::string newer_keyword_problem(std::string_view keyword, std::string_view version) {
+  const int here = PQlibVersion();
+  return "\"" + std::string(keyword) + "\" is a keyword of libpq " + std::string(version) +
+         " and later, and this program's libpq is " + std::to_string(here / 10000) + "." +
+         std::to_string(here % 10000) + ": remove it, or build against a newer libpq";
 }
 
 std::string lower(std::string_view text) {
@@ -152,13 +185,16 @@ std::string redact_pairs(std::string_view text, std::vector<std::string>& proble
         plain_word(keyword) &&
         (keywords.contains(lower(keyword)) || lower(keyword).find("pass") != std::string::npos ||
          lower(keyword).find("pwd") != std::string::npos);
+    const std::string_view newer = known == keywords.end() ? newer_libpq_keyword(keyword) : "";
     const std::string shown_keyword =
-        known != keywords.end() || near_miss ? std::string(keyword) : "****";
+        known != keywords.end() || near_miss || !newer.empty() ? std::string(keyword) : "****";
     // An unclosed quote swallows the rest of the string, other keywords' values included.
     const bool show_value = known != keywords.end() && !known->second && !unclosed;
     add(shown_keyword + "=" + (show_value ? quoted_if_needed(value) : "****"));
     if (known != keywords.end()) continue;
-    if (shown_keyword == "****") {
+    if (!newer.empty()) {
+      problems.push_back(newer_keyword_problem(keyword, newer));
+    } else if (shown_keyword == "****") {
       problems.emplace_back(
           "a keyword that libpq does not know (hidden: it may be part of a value)");
     } else if (keywords.contains(lower(keyword))) {
@@ -225,6 +261,21 @@ std::string conninfo_problem(std::string_view conninfo) {
     return "";
   }
   if (is_url(conninfo)) {
+    // A parameter only a later libpq knows: say so, not "check the form".
+    const auto& keywords = known_keywords();
+    if (const std::size_t query = conninfo.find('?'); query != std::string_view::npos) {
+      std::string_view rest = conninfo.substr(query + 1);
+      while (!rest.empty()) {
+        const std::string_view parameter = rest.substr(0, rest.find('&'));
+        rest.remove_prefix(std::min(rest.size(), parameter.size() + 1));
+        const std::string_view name = parameter.substr(0, parameter.find('='));
+        const std::string_view version = newer_libpq_keyword(name);
+        if (!version.empty() && !keywords.contains(name)) {
+          return "the connection URL could not be parsed (" + redact_unparsable_conninfo(conninfo) +
+                 "): " + newer_keyword_problem(name, version);
+        }
+      }
+    }
     return "the connection URL could not be parsed (" + redact_unparsable_conninfo(conninfo) +
            "): check its form, postgresql://user:password@host:port/dbname?keyword=value, with "
            "reserved characters in the user name and password percent-encoded (@ is %40)";
