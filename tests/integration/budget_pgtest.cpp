@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
+#include <functional>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <iostream>
@@ -50,6 +51,50 @@ std::string slot_holders_sql(const std::string& key) {
   return "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2 "
          "AND classid = (" +
          std::to_string(budget_lock_key(key)) + "::int8 & 4294967295)::oid";
+}
+
+// A process that wants more than its share: `callers` coroutines on a pool of `pool_config`, on
+// the calling thread, each looping acquire + `SELECT 1` + a 20 ms hold until `stop` (a budget
+// wait that times out is tried again 10 ms later); `served(pool)` runs after each query and
+// `watch(pool)` every 20 ms meanwhile. Returns the pool's stats after its callers ended.
+PoolStats run_busy_pool(const PoolConfig& pool_config, const std::atomic<bool>& stop, int callers,
+                        const std::function<void(Pool&)>& served,
+                        const std::function<void(Pool&)>& watch = {}) {
+  PoolStats end{};
+  run_coroutine([&]() -> awaitable_void {
+    Pool pool(co_await asio::this_coro::executor, pool_config);
+    const auto executor = co_await asio::this_coro::executor;
+    int running = 0;
+    for (int i = 0; i < callers; ++i) {
+      asio::co_spawn(
+          executor,
+          [&]() -> awaitable_void {
+            ++running;
+            while (!stop) {
+              bool failed = false;
+              try {
+                auto lease = co_await pool.acquire();
+                co_await lease->query("SELECT 1");
+                served(pool);
+                co_await sleep_for(20ms);
+              } catch (const Error&) {
+                failed = true;  // (a budget wait timed out: try again)
+              }
+              if (failed) co_await sleep_for(10ms);
+            }
+            --running;
+          },
+          asio::detached);
+    }
+    while (!stop) {
+      if (watch) watch(pool);
+      co_await sleep_for(20ms);
+    }
+    while (running > 0) co_await sleep_for(5ms);
+    end = pool.stats();
+    (void)co_await pool.close(1s);
+  });
+  return end;
 }
 
 class BudgetTest : public testing::DbTest {
@@ -358,37 +403,18 @@ TEST_F(BudgetTest, ALateProcessGetsAFairShareFromOneHoldingTheWholeBudget) {
   auto early_config = config("early", key, 4, 4);
   early_config.budget.check_interval = 200ms;
   std::thread early([&] {
-    run_coroutine([&]() -> awaitable_void {
-      Pool pool(co_await asio::this_coro::executor, early_config);
-      const auto executor = co_await asio::this_coro::executor;
-      std::size_t running = 0;
-      for (int i = 0; i < 8; ++i) {
-        asio::co_spawn(
-            executor,
-            [&]() -> awaitable_void {
-              ++running;
-              while (!stop) {
-                auto lease = co_await pool.acquire();
-                co_await lease->query("SELECT 1");
-                ++early_served;
-                early_most = std::max(early_most.load(), pool.stats().in_use);
-                co_await sleep_for(20ms);
-              }
-              --running;
-            },
-            asio::detached);
-      }
-      while (!stop) {
-        if (late_began) {
-          const auto stats = pool.stats();
-          early_size_after_late_began = std::max(early_size_after_late_began.load(), stats.size);
-        }
-        co_await sleep_for(20ms);
-      }
-      while (running > 0) co_await sleep_for(5ms);
-      early_end = pool.stats();
-      (void)co_await pool.close(1s);
-    });
+    early_end = run_busy_pool(
+        early_config, stop, 8,
+        [&](Pool& pool) {
+          ++early_served;
+          early_most = std::max(early_most.load(), pool.stats().in_use);
+        },
+        [&](Pool& pool) {
+          if (late_began) {
+            early_size_after_late_began =
+                std::max(early_size_after_late_began.load(), pool.stats().size);
+          }
+        });
   });
   for (int i = 0; i < 1000 && early_most < 4; ++i) {  // it holds the whole budget
     std::this_thread::sleep_for(10ms);
@@ -445,37 +471,9 @@ TEST_F(BudgetTest, FourProcessesThatEachWantMoreSettleOnSharesThatAddUpToTheBudg
   std::array<std::atomic<std::uint64_t>, processes> served{};
   for (std::size_t p = 0; p < processes; ++p) {
     threads.emplace_back([&, p] {
-      run_coroutine([&, p]() -> awaitable_void {
-        auto pool_config = config("fair" + std::to_string(p), key, 6, 6);
-        pool_config.budget.check_interval = 100ms;
-        Pool pool(co_await asio::this_coro::executor, pool_config);
-        const auto executor = co_await asio::this_coro::executor;
-        std::size_t running = 0;
-        for (int i = 0; i < 8; ++i) {
-          asio::co_spawn(
-              executor,
-              [&]() -> awaitable_void {
-                ++running;
-                while (!stop) {
-                  bool failed = false;
-                  try {
-                    auto lease = co_await pool.acquire();
-                    co_await lease->query("SELECT 1");
-                    ++served[p];
-                    co_await sleep_for(20ms);
-                  } catch (const Error&) {
-                    failed = true;  // (a budget wait timed out: try again)
-                  }
-                  if (failed) co_await sleep_for(10ms);
-                }
-                --running;
-              },
-              asio::detached);
-        }
-        while (!stop) co_await sleep_for(20ms);
-        while (running > 0) co_await sleep_for(5ms);
-        (void)co_await pool.close(1s);
-      });
+      auto pool_config = config("fair" + std::to_string(p), key, 6, 6);
+      pool_config.budget.check_interval = 100ms;
+      (void)run_busy_pool(pool_config, stop, 8, [&, p](Pool&) { ++served[p]; });
     });
   }
   // Sampled on the server after a settling time: how many slots each process holds.

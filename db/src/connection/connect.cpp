@@ -229,7 +229,7 @@ error_code Connection::Impl::connect_error() {
 // or an empty host in the list (libpq's default socket directory, which an empty value cannot
 // name to libpq on its own).
 error_code Connection::Impl::host_entries(const ParsedConninfo& parsed,
-                                          std::vector<HostEntry>& entries) {
+                                          std::vector<Target>& entries) {
   const std::string hosts = parsed.get("host", "PGHOST");
   if (hosts.empty() || !parsed.get("hostaddr", "PGHOSTADDR").empty() ||
       !parsed.get("service", "PGSERVICE").empty()) {
@@ -252,7 +252,7 @@ error_code Connection::Impl::host_entries(const ParsedConninfo& parsed,
     // An empty port in a list is libpq's default port (as a URL's "host1,host2:5433" gives).
     std::string port = port_per_host ? port_list[index] : "";
     if (port_per_host && port.empty()) port = "5432";
-    entries.push_back(HostEntry{.host = host_list[index], .port = std::move(port)});
+    entries.push_back(Target{.host = host_list[index], .hostaddr = {}, .port = std::move(port)});
   }
   return {};
 }
@@ -400,7 +400,7 @@ asio::awaitable<error_code> Connection::Impl::connect() {
                    "use a URL (postgresql://user@host:5432/db) or key=value pairs "
                    "(host=... dbname=...)");
   }
-  std::vector<HostEntry> entries;
+  std::vector<Target> entries;
   if (auto error = host_entries(parsed, entries)) co_return error;
   std::optional<std::chrono::milliseconds> per_host_limit;
   if (auto error = read_connect_timeout(parsed, per_host_limit, last_error)) co_return error;
@@ -451,7 +451,7 @@ asio::awaitable<error_code> Connection::Impl::connect() {
   // (a name whose DNS hangs holds up none before it). prefer-standby, as libpq does it: every host
   // as a standby first, then every host as any server.
   struct Attempt {
-    const HostEntry* entry;     // nullptr: libpq tries the conninfo's hosts itself
+    const Target* entry;        // nullptr: libpq tries the conninfo's hosts itself
     const char* session_attrs;  // nullptr: the conninfo's target_session_attrs
   };
   std::vector<Attempt> attempts;
@@ -460,11 +460,11 @@ asio::awaitable<error_code> Connection::Impl::connect() {
   if (entries.size() <= 1) {
     attempts.push_back({entries.empty() ? nullptr : &entries.front(), nullptr});
   } else {
-    for (const HostEntry& entry : entries) {
+    for (const Target& entry : entries) {
       attempts.push_back({&entry, prefer_standby ? "standby" : nullptr});
     }
     if (prefer_standby) {
-      for (const HostEntry& entry : entries) attempts.push_back({&entry, "any"});
+      for (const Target& entry : entries) attempts.push_back({&entry, "any"});
     }
   }
   using std::chrono::milliseconds;
@@ -511,7 +511,7 @@ asio::awaitable<error_code> Connection::Impl::connect() {
     if (per_host_limit) host_time = std::min(host_time, *per_host_limit);
     const bool bounded = !last_host || host_time < left;
     const auto host_deadline = steady_clock::now() + host_time;
-    const HostEntry* entry = attempts[index].entry;
+    const Target* entry = attempts[index].entry;
     // The addresses to try: a name's, once resolved (within the host's time); otherwise the host
     // itself (an address, a socket directory).
     std::vector<Target> addresses;
@@ -535,7 +535,7 @@ asio::awaitable<error_code> Connection::Impl::connect() {
               Target{.host = entry->host, .hostaddr = std::move(address), .port = entry->port});
         }
       } else {
-        addresses.push_back(Target{.host = entry->host, .hostaddr = {}, .port = entry->port});
+        addresses.push_back(*entry);
       }
     }
     const std::size_t tries = std::max<std::size_t>(addresses.size(), 1);

@@ -299,21 +299,16 @@ struct Connection::Impl {
 
   std::string target() const;
   error_code connect_error();
-  // One place to connect to, as libpq's host, hostaddr and port keywords take it (a host may be
-  // a comma-separated list when pgrt leaves the trying of hosts to libpq; an empty field leaves
-  // the conninfo's value).
+  // One place to connect to, as libpq's host, hostaddr and port keywords take it: a host of the
+  // conninfo as given (a name, an address or a socket directory), the address a name was resolved
+  // to ("" for none: libpq looks the host up, or it is no name), and its port ("" for the
+  // conninfo's single port).
   struct Target {
     std::string host;
     std::string hostaddr;
     std::string port;
   };
-  // One host of the conninfo as given (a name, an address or a socket directory) and its port
-  // ("" for the conninfo's single port).
-  struct HostEntry {
-    std::string host;
-    std::string port;
-  };
-  error_code host_entries(const ParsedConninfo& parsed, std::vector<HostEntry>& entries);
+  error_code host_entries(const ParsedConninfo& parsed, std::vector<Target>& entries);
   asio::awaitable<error_code> resolve_host(
       const std::string& host, std::optional<std::chrono::steady_clock::time_point> deadline,
       std::vector<std::string>& addresses);
