@@ -10,6 +10,7 @@
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <chrono>
+#include <condition_variable>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
@@ -22,6 +23,7 @@
 #include <libpq-fe.h>
 #include <limits>
 #include <malloc.h>
+#include <mutex>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <optional>
@@ -35,6 +37,7 @@
 
 #include <pgrt/db.hpp>
 
+#include "connection/name_lookup.hpp"
 #include "pgrt/testing/blocking_sql.hpp"
 #include "pgrt/testing/db_test.hpp"
 #include "pgrt/testing/eventually.hpp"
@@ -620,6 +623,77 @@ TEST_F(ConnectionTest, HostNamesAreResolvedAndEveryAddressAndHostIsTried) {
     auto conn = co_await Connection::connect(std::move(options));
     EXPECT_EQ((co_await conn.query("SELECT inet_server_port()")).scalar<int>(), cluster().port());
   });
+}
+
+// A name lookup that hangs (a DNS server that does not answer), put in getaddrinfo()'s place:
+// "hangs.pgrt.test" answers 127.0.0.1 once released, "answers.pgrt.test" at once.
+namespace hung_dns {
+std::mutex mutex;
+std::condition_variable changed;
+bool released = false;
+int hung_lookups = 0;
+detail::HostAddresses look_up(const std::string& host) {
+  if (host == "hangs.pgrt.test") {
+    std::unique_lock lock(mutex);
+    ++hung_lookups;
+    changed.wait(lock, [] { return released; });
+    return {.addresses = {"127.0.0.1"}, .error = {}};
+  }
+  if (host == "answers.pgrt.test") return {.addresses = {"127.0.0.1"}, .error = {}};
+  return {.addresses = {}, .error = "Name or service not known"};
+}
+}  // namespace hung_dns
+
+// A name whose lookup hangs holds up no other name (asio's resolver looked every name of an
+// io_context up on one thread, one after the other: the healthy host's lookup waited behind the
+// hung one and the connect failed). A second connect meanwhile joins the running lookup.
+TEST_F(ConnectionTest, AHostNameWhoseLookupHangsHoldsUpNoOtherName) {
+  // Released and put back however the test ends (a lookup left hanging would outlive it).
+  struct Restore {
+    detail::BlockingLookup previous = detail::replace_blocking_lookup(&hung_dns::look_up);
+    void release() {
+      {
+        std::lock_guard lock(hung_dns::mutex);
+        hung_dns::released = true;
+      }
+      hung_dns::changed.notify_all();
+    }
+    ~Restore() {
+      release();
+      detail::replace_blocking_lookup(previous);
+    }
+  } restore;
+  const std::string port = std::to_string(cluster().port());
+  const std::string conninfo = "host=hangs.pgrt.test,answers.pgrt.test port=" + port + "," + port +
+                               " user=postgres dbname=postgres";
+  using Outcome = std::pair<std::string, std::chrono::milliseconds>;
+  auto connect = [&] {
+    return run_coroutine([&]() -> asio::awaitable<Outcome> {
+      const auto started = std::chrono::steady_clock::now();
+      ConnectOptions options{.conninfo = conninfo, .connect_timeout = 2s};
+      auto conn = co_await Connection::connect(std::move(options));
+      co_return Outcome{std::string(PQhost(conn.native_handle())),
+                        std::chrono::duration_cast<std::chrono::milliseconds>(
+                            std::chrono::steady_clock::now() - started)};
+    });
+  };
+  // Two hosts in 2 s: the hung name has its 1 s, then the other is looked up and connected.
+  const auto [target, took] = connect();
+  EXPECT_THAT(target, HasSubstr("answers.pgrt.test"));
+  EXPECT_GE(took, 900ms);
+  EXPECT_LT(took, 1900ms);
+  const auto [target_again, took_again] = connect();
+  EXPECT_THAT(target_again, HasSubstr("answers.pgrt.test"));
+  EXPECT_LT(took_again, 1900ms);
+  {
+    std::lock_guard lock(hung_dns::mutex);
+    EXPECT_EQ(hung_dns::hung_lookups, 1) << "the second connect started a lookup of its own";
+  }
+  restore.release();
+  // Answered now: the first host is connected to, at once.
+  const auto [target_after, took_after] = connect();
+  EXPECT_THAT(target_after, HasSubstr("hangs.pgrt.test"));
+  EXPECT_LT(took_after, 900ms);
 }
 
 TEST_F(ConnectionTest, EnvironmentVariablesFillAnEmptyConninfo) {

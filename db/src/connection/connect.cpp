@@ -1,9 +1,7 @@
 #include <algorithm>
 #include <array>
-#include <boost/asio/bind_executor.hpp>
 #include <boost/asio/experimental/awaitable_operators.hpp>
 #include <boost/asio/ip/address.hpp>
-#include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <cctype>
@@ -11,10 +9,12 @@
 #include <cstdlib>
 #include <memory>
 #include <spdlog/spdlog.h>
+#include <system_error>
 #include <vector>
 
 #include "conninfo.hpp"
 #include "impl.hpp"
+#include "name_lookup.hpp"
 
 namespace pgrt {
 
@@ -257,62 +257,46 @@ error_code Connection::Impl::host_entries(const ParsedConninfo& parsed,
   return {};
 }
 
-// Resolves a host name with asio's resolver (a background thread), so that libpq, which would
-// call getaddrinfo() on the event loop, gets numeric addresses in `hostaddr`, tried in order as
-// libpq would. Gives up at `deadline` (none: until cancelled).
+// Resolves a host name on a thread of its own (name_lookup.hpp: a lookup that hangs holds up no
+// other name), so that libpq, which would call getaddrinfo() on the event loop, gets numeric
+// addresses in `hostaddr`, tried in order as libpq would. Gives up at `deadline` (none: until
+// cancelled); a lookup left behind ends on its thread, and its answer is dropped.
 asio::awaitable<error_code> Connection::Impl::resolve_host(
     const std::string& host, std::optional<std::chrono::steady_clock::time_point> deadline,
     std::vector<std::string>& addresses) {
-  // asio's resolver ignores per-operation cancellation, and its cancel() does not stop a
-  // getaddrinfo() already running: the coroutine waits on a timer that the lookup's answer (or a
-  // cancellation: connect_timeout, the caller's) ends. A lookup left behind ends on the resolver's
-  // thread, and its answer is dropped.
-  struct Lookup {
-    explicit Lookup(const asio::any_io_executor& executor)
-        : resolver(executor), answered(executor, asio::steady_timer::time_point::max()) {}
-    asio::ip::tcp::resolver resolver;
-    asio::steady_timer answered;
-    bool done = false;
-    error_code error;
-    asio::ip::tcp::resolver::results_type results;
-  };
-  const auto here = co_await asio::this_coro::executor;  // (the answer comes there)
-  auto lookup = std::make_shared<Lookup>(executor);
-  if (deadline) lookup->answered.expires_at(*deadline);
-  lookup->resolver.async_resolve(
-      host, "",
-      asio::bind_executor(
-          here, [lookup](error_code error, asio::ip::tcp::resolver::results_type results) {
-            lookup->error = error;
-            lookup->results = std::move(results);
-            lookup->done = true;
-            lookup->answered.cancel();
-          }));
-  error_code waited;
-  if (!lookup->done) std::tie(waited) = co_await lookup->answered.async_wait(no_throw);
-  if (!lookup->done) {
-    lookup->resolver.cancel();
-    if (!waited) {
-      co_return fail(client_errc::name_resolution,
-                     "resolving host name \"" + host + "\" did not answer within its time", {},
-                     "check the host name and DNS (a resolver that does not answer)");
-    }
+  detail::HostAddresses answer;
+  detail::LookupEnd end = detail::LookupEnd::cancelled;
+  std::string unable;
+  try {
+    end = co_await detail::look_up_host(host, deadline, answer);
+  } catch (const std::system_error& error) {
+    unable = error.what();
+  }
+  if (!unable.empty()) {
+    co_return fail(client_errc::name_resolution,
+                   "could not start resolving host name \"" + host + "\": " + unable, {},
+                   "the process is out of threads or file descriptors: check its limits");
+  }
+  if (end == detail::LookupEnd::timed_out) {
+    co_return fail(client_errc::name_resolution,
+                   "resolving host name \"" + host + "\" did not answer within its time", {},
+                   "check the host name and DNS (a resolver that does not answer)");
+  }
+  if (end == detail::LookupEnd::cancelled) {
     co_return fail(client_errc::cancelled,
                    "resolving host name \"" + host + "\" was cancelled before it answered");
   }
-  if (lookup->error) {
+  if (!answer.error.empty()) {
     co_return fail(client_errc::name_resolution,
-                   "could not resolve host name \"" + host + "\": " + lookup->error.message(), {},
+                   "could not resolve host name \"" + host + "\": " + answer.error, {},
                    "check the host name and DNS");
   }
-  for (const auto& entry : lookup->results) {
-    addresses.push_back(entry.endpoint().address().to_string());
-  }
-  if (addresses.empty()) {
+  if (answer.addresses.empty()) {
     co_return fail(client_errc::name_resolution,
                    "host name \"" + host + "\" resolved to no address", {},
                    "check the host name and DNS");
   }
+  addresses = std::move(answer.addresses);
   co_return error_code{};
 }
 

@@ -1,0 +1,169 @@
+#include "name_lookup.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/posix/stream_descriptor.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <cerrno>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <netdb.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <system_error>
+#include <thread>
+#include <unistd.h>
+#include <unordered_map>
+#include <utility>
+
+namespace pgrt::detail {
+namespace {
+
+namespace asio = boost::asio;
+
+HostAddresses getaddrinfo_lookup(const std::string& host) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_ADDRCONFIG;
+  addrinfo* found = nullptr;
+  HostAddresses result;
+  const int status = ::getaddrinfo(host.c_str(), nullptr, &hints, &found);
+  if (status != 0) {
+    result.error = status == EAI_SYSTEM ? std::strerror(errno) : ::gai_strerror(status);
+    return result;
+  }
+  for (const addrinfo* entry = found; entry != nullptr; entry = entry->ai_next) {
+    char text[NI_MAXHOST] = {};
+    // (NI_NUMERICHOST keeps an IPv6 address's scope, as in fe80::1%eth0.)
+    if (::getnameinfo(entry->ai_addr, entry->ai_addrlen, text, sizeof text, nullptr, 0,
+                      NI_NUMERICHOST) == 0) {
+      result.addresses.emplace_back(text);
+    }
+  }
+  ::freeaddrinfo(found);
+  return result;
+}
+
+// One running lookup of one name, and the connects waiting for it (each by an eventfd that the
+// lookup's thread writes to when it answers: the thread calls nothing of asio's, so an io_context
+// that is being destroyed meanwhile is no concern of it).
+struct Lookup {
+  std::mutex mutex;
+  bool done = false;
+  HostAddresses answer;
+  std::vector<int> waiters;
+};
+
+struct Lookups {
+  std::mutex mutex;
+  std::unordered_map<std::string, std::shared_ptr<Lookup>> running;
+  std::atomic<BlockingLookup> blocking{&getaddrinfo_lookup};
+};
+
+// Never destroyed: a lookup's thread may outlive main() (exit() does not wait for it).
+Lookups& lookups() {
+  static auto* all = new Lookups;
+  return *all;
+}
+
+// A lookup's thread: looks the name up, then wakes every connect still waiting for it.
+void run_lookup(const std::string& host, const std::shared_ptr<Lookup>& lookup,
+                BlockingLookup blocking) {
+  HostAddresses answer = blocking(host);
+  {
+    Lookups& all = lookups();
+    std::lock_guard lock(all.mutex);  // a connect from now on starts a fresh lookup
+    if (auto entry = all.running.find(host);
+        entry != all.running.end() && entry->second == lookup) {
+      all.running.erase(entry);
+    }
+  }
+  std::lock_guard lock(lookup->mutex);
+  lookup->done = true;
+  lookup->answer = std::move(answer);
+  for (const int waiter : lookup->waiters) {
+    const std::uint64_t one = 1;
+    (void)!::write(waiter, &one, sizeof one);
+  }
+}
+
+std::shared_ptr<Lookup> join_or_start(const std::string& host) {
+  Lookups& all = lookups();
+  std::lock_guard lock(all.mutex);
+  if (auto running = all.running.find(host); running != all.running.end()) return running->second;
+  auto lookup = std::make_shared<Lookup>();
+  all.running.emplace(host, lookup);
+  try {
+    std::thread(run_lookup, host, lookup, all.blocking.load()).detach();
+  } catch (...) {
+    all.running.erase(host);
+    throw;
+  }
+  return lookup;
+}
+
+// A connect's place among a lookup's waiters, given up when the connect stops waiting (whatever
+// the reason, the coroutine's destruction included) and before its eventfd is closed.
+class Registration {
+ public:
+  Registration(std::shared_ptr<Lookup> lookup, int eventfd)
+      : lookup_(std::move(lookup)), eventfd_(eventfd) {}
+  Registration(const Registration&) = delete;
+  Registration& operator=(const Registration&) = delete;
+  ~Registration() {
+    std::lock_guard lock(lookup_->mutex);
+    std::erase(lookup_->waiters, eventfd_);
+  }
+
+ private:
+  std::shared_ptr<Lookup> lookup_;
+  int eventfd_;
+};
+
+}  // namespace
+
+BlockingLookup replace_blocking_lookup(BlockingLookup lookup) noexcept {
+  return lookups().blocking.exchange(lookup);
+}
+
+asio::awaitable<LookupEnd> look_up_host(
+    const std::string& host, std::optional<std::chrono::steady_clock::time_point> deadline,
+    HostAddresses& answer) {
+  const auto here = co_await asio::this_coro::executor;
+  const auto lookup = join_or_start(host);
+  const int eventfd = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (eventfd < 0) throw std::system_error(errno, std::generic_category(), "eventfd");
+  asio::posix::stream_descriptor woken(here, eventfd);  // owns and closes it
+  {
+    std::lock_guard lock(lookup->mutex);
+    if (lookup->done) {
+      answer = lookup->answer;
+      co_return LookupEnd::answered;
+    }
+    lookup->waiters.push_back(eventfd);
+  }
+  // The coroutine waits on a timer (the deadline) that the eventfd's wake cancels; the wake's
+  // handler shares the timer, as it may run after the coroutine has ended.
+  auto answered = std::make_shared<asio::steady_timer>(
+      here, deadline.value_or(asio::steady_timer::time_point::max()));
+  const Registration registration(lookup, eventfd);  // (destroyed before `woken` closes the fd)
+  woken.async_wait(asio::posix::stream_descriptor::wait_read,
+                   [answered](boost::system::error_code error) {
+                     if (!error) answered->cancel();
+                   });
+  const auto [waited] = co_await answered->async_wait(asio::as_tuple(asio::use_awaitable));
+  std::lock_guard lock(lookup->mutex);
+  if (lookup->done) {
+    answer = lookup->answer;
+    co_return LookupEnd::answered;
+  }
+  co_return waited ? LookupEnd::cancelled : LookupEnd::timed_out;
+}
+
+}  // namespace pgrt::detail
