@@ -295,8 +295,9 @@ struct Manager::Impl {
     spdlog::info("{}: {}", options.name, to_string(state));
     try {
       events.state_changed(state);
-    } catch (const std::exception& error) {
-      spdlog::error("{}: a state_changed callback threw: {}", options.name, error.what());
+    } catch (...) {  // whatever it threw, the states after it (the shutdown) must still come
+      spdlog::error("{}: a state_changed callback threw: {}", options.name,
+                    describe(std::current_exception()));
     }
   }
 
@@ -586,18 +587,20 @@ struct Manager::Impl {
       if ((*it)->status != Status::started) continue;
       try {
         (*it)->component.stop_intake();
-      } catch (const std::exception& error) {
+      } catch (...) {  // whatever it threw, every component must still be stopped
         spdlog::error("{}: stop_intake() of '{}' threw: {}", options.name, (*it)->name,
-                      error.what());
+                      describe(std::current_exception()));
       }
     }
     const bool stopped_cleanly = co_await stop_all();
-    // Whether every component that had started (or whose start was abandoned) completed a stop,
-    // cleanly or by throwing. If not, what it holds may still be open: run() runs the exit
-    // handlers (e.g. the pool's close_now()) once its threads are joined.
+    // Whether every component that had started (or whose start was abandoned or cancelled)
+    // completed a stop, cleanly or by throwing. If not, what it holds may still be open: run()
+    // runs the exit handlers (e.g. the pool's close_now()) once its threads are joined. (A
+    // cancelled start's own clean-up may have been cut short by that cancellation.)
     every_stop_ran = std::none_of(nodes.begin(), nodes.end(), [](const auto& node) {
       return node->status == Status::abandoned || node->status == Status::started ||
-             node->status == Status::stopping;
+             node->status == Status::stopping ||
+             (node->status == Status::start_failed && node->cancel_emitted);
     });
     // start_failed, not "!started && !stop_requested": a stop requested during the rollback of a
     // failed start must not turn the failure into a clean exit.
@@ -679,6 +682,9 @@ struct Manager::Impl {
     for (std::size_t i = 1; i < options.threads; ++i) threads.emplace_back([this] { io.run(); });
     io.run();
     for (auto& thread : threads) thread.join();
+    // Nothing listens for signals any more: their default dispositions come back, so that what
+    // main() does after run() can still be ended by Ctrl+C or SIGTERM.
+    signals.reset();
     if (crashed) {
       spdlog::critical("{}: the lifecycle itself failed: {}", options.name, describe(crashed));
       code = exit_code::failure;

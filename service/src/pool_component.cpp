@@ -99,6 +99,12 @@ asio::awaitable<void> PoolComponent::start() {
   } catch (...) {
     failure = std::current_exception();
   }
+  // A start that was cancelled (a stop requested while the database is awaited, the start
+  // timeout, another component's failure) closes the pool too: the close must not see that
+  // cancellation (it threw at the close's first wait, and the pool outlived the manager's
+  // io_context).
+  co_await asio::this_coro::reset_cancellation_state();
+  co_await asio::this_coro::throw_if_cancelled(false);
   co_await close_process_pool(std::chrono::milliseconds(0));
   std::rethrow_exception(failure);
 }

@@ -1777,6 +1777,31 @@ TEST_F(StartupHygieneTest, ThePoolsStartWaitsForTheDatabaseUntilItsDeadline) {
   spdlog::set_default_logger(previous);
   EXPECT_LT(Clock::now() - again, 10s) << log.str();
   EXPECT_THAT(log.str(), HasSubstr("no_such_database"));
+
+  // A stop requested while the start waits (a container stopped while its database is down):
+  // the cancelled start closes the pool and forgets it, before run() returns (it outlived the
+  // manager's io_context, and its destruction read the freed timers).
+  {
+    lifecycle::ManagerOptions manager_options;
+    manager_options.handle_signals = false;
+    manager_options.shutdown_logging = false;
+    lifecycle::Manager app(manager_options);
+    PoolConfig config;
+    config.conninfo = own.dsn() + " dbname=postgres";
+    own.stop();
+    config.application = "waitdb";
+    config.connect_backoff_max = 200ms;
+    (void)add_pool(app, config, PoolComponentOptions{.start_wait = 60s});
+    std::thread stopper([&] {
+      std::this_thread::sleep_for(1s);
+      app.request_stop(lifecycle::exit_code::ok, "stopped while starting");
+    });
+    const auto asked = Clock::now();
+    (void)app.run();
+    stopper.join();
+    EXPECT_LT(Clock::now() - asked, 10s);
+    EXPECT_EQ(configured_pool(), nullptr) << "the cancelled start left the pool open";
+  }
 }
 
 // A session tagged `application_name` running a long statement (state 'active') until it is

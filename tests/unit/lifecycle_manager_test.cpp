@@ -81,6 +81,11 @@ struct FakeWithIntake : Fake {
   void stop_intake() { journal->push_back("intake " + id); }
 };
 
+// Its stop_intake() throws what is no std::exception.
+struct IntakeThrowingAnInt : Fake {
+  void stop_intake() { throw 42; }
+};
+
 ManagerOptions test_options() {
   ManagerOptions options;
   options.handle_signals = false;
@@ -348,6 +353,25 @@ TEST(LifecycleManager, IntakeStopsEverywhereBeforeAnyStop) {
   EXPECT_LT(position(journal, "stop front"), position(journal, "stop back"));
 }
 
+// Whatever a stop_intake() or a state_changed callback throws, every component is still stopped.
+TEST(LifecycleManager, AStopIntakeOrStateCallbackThrowingANonStdExceptionStillStopsEverything) {
+  Journal journal;
+  Manager app(test_options());
+  app.add(fake("writes", journal));
+  IntakeThrowingAnInt front;
+  front.id = "front";
+  front.journal = &journal;
+  app.add(std::move(front), after("writes"));
+  const boost::signals2::scoped_connection throwing =
+      app.events().state_changed.connect([](State state) {
+        if (state == State::stopping) throw 7;
+      });
+  app.on_ready([&] { app.request_stop(); });
+  EXPECT_EQ(app.run(), exit_code::ok);
+  EXPECT_TRUE(contains(journal, "stop front"));
+  EXPECT_TRUE(contains(journal, "stop writes"));
+}
+
 TEST(LifecycleManager, TwoThreadsRunTheComponentsAndStopTheSame) {
   Journal journal;
   ManagerOptions options = test_options();
@@ -413,6 +437,22 @@ TEST(LifecycleManager, ExitHandlersRunWhenTheShutdownBudgetRanOut) {
   app.on_ready([&] { app.request_stop(); });
   EXPECT_EQ(app.run(), exit_code::failure);
   EXPECT_FALSE(contains(journal, "stop pool"));
+  EXPECT_EQ(runs, 1);
+}
+
+// A start cancelled by a stop request may not have cleaned up after itself (its clean-up's own
+// waits see the cancellation): the exit handlers run.
+TEST(LifecycleManager, ExitHandlersRunWhenAStartWasCancelled) {
+  Journal journal;
+  int runs = 0;
+  Manager app(test_options());
+  auto waiting = fake("pool", journal);
+  waiting.hang_start = true;
+  app.add(std::move(waiting));
+  app.on_exit([&] { ++runs; });
+  app.on_starting([&] { app.request_stop(); });
+  (void)app.run();
+  EXPECT_FALSE(contains(journal, "start pool"));
   EXPECT_EQ(runs, 1);
 }
 
@@ -554,6 +594,9 @@ TEST(ManagerSignals, TheSignalsAreTakenOverByRunNotByTheConstructor) {
   });
   EXPECT_EQ(app.run(), exit_code::ok);
   EXPECT_TRUE(owned_while_running);
+  // Once run() returns nothing listens any more: Ctrl+C ends what main() does after it.
+  EXPECT_EQ(disposition(SIGINT), SIG_DFL);
+  EXPECT_EQ(disposition(SIGTERM), SIG_DFL);
 }
 
 // With handle_signals, a write to a pipe whose reader is gone (a log shipper restarting under

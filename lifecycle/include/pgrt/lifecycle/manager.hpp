@@ -87,8 +87,9 @@ struct ManagerOptions {
   /// (a timer on the manager's strand) cannot. Unset: no watchdog during the start-up. A failed
   /// or interrupted start-up switches to hard_deadline when its shutdown begins.
   std::optional<std::chrono::milliseconds> start_hard_deadline;
-  /// Own SIGINT, SIGTERM and SIGQUIT from run() on (one signal_set, kept for the manager's life;
-  /// before run() they keep their dispositions), and, from construction, ignore SIGPIPE unless the
+  /// Own SIGINT, SIGTERM and SIGQUIT while run() runs (one signal_set, until its threads are
+  /// joined: then they get their default dispositions back; before run() they keep theirs), and,
+  /// from construction, ignore SIGPIPE unless the
   /// program set a handler of its own: a write to a closed pipe (a log reader gone) then fails with
   /// EPIPE rather than killing the process without a shutdown.
   bool handle_signals = true;
@@ -128,8 +129,8 @@ struct ManagerEvents {
 /// atexit: if the process exits without a graceful stop (std::exit elsewhere, main returning
 /// early), the handlers given to on_exit() run, synchronously and best effort, then the logs are
 /// flushed. They never run coroutines. run() also runs them, once its threads are joined, when a
-/// stop was abandoned (deadline, budget) or never ran, since what that component holds may still
-/// be open; they run at most once.
+/// stop was abandoned (deadline, budget) or never ran, or a start was cancelled, since what that
+/// component holds may still be open; they run at most once.
 ///
 /// Thread safety: add(), the hook setters and on_exit() before run() only, from one thread;
 /// request_stop(), state() and ready() from any thread at any time.
