@@ -54,7 +54,8 @@ std::optional<Url> parse_url(std::string_view text) {
   Url url;
   url.target = slash == std::string_view::npos ? "/metrics" : std::string(text.substr(slash));
   const auto colon = authority.rfind(':');
-  if (authority.empty() || authority.find('@') != std::string_view::npos) return std::nullopt;
+  // (An '@' anywhere: credentials, whose password may hold a '/' and so reach past the authority.)
+  if (authority.empty() || text.find('@') != std::string_view::npos) return std::nullopt;
   if (colon == std::string_view::npos || authority.back() == ']') {
     url.host = std::string(authority);
     url.port = "80";
@@ -64,6 +65,13 @@ std::optional<Url> parse_url(std::string_view text) {
   }
   if (url.host.size() > 2 && url.host.front() == '[' && url.host.back() == ']') {
     url.host = url.host.substr(1, url.host.size() - 2);
+  }
+  int port = 0;
+  const auto [end, error] =
+      std::from_chars(url.port.data(), url.port.data() + url.port.size(), port);
+  if (error != std::errc() || end != url.port.data() + url.port.size() || port < 1 ||
+      port > 65535) {
+    return std::nullopt;
   }
   return url;
 }
@@ -184,6 +192,12 @@ std::string milliseconds(double seconds) {
   return out.str();
 }
 
+// A sample's label; "?" when it has none (another exporter's names, a partial scrape).
+std::string label(const Sample& sample, const std::string& name) {
+  const auto found = sample.labels.find(name);
+  return found == sample.labels.end() ? std::string("?") : found->second;
+}
+
 void summarize(const std::vector<Sample>& samples, std::ostream& out) {
   const std::string pool_label = "db_client_connection_pool_name";
   std::map<std::string, std::map<std::string, double>> pools;  // pool -> key -> value
@@ -198,21 +212,20 @@ void summarize(const std::vector<Sample>& samples, std::ostream& out) {
     if (pool != s.labels.end()) {
       auto& values = pools[pool->second];
       if (s.name == "db_client_connection_count") {
-        values[s.labels.at("state")] = s.value;
+        values[label(s, "state")] = s.value;
       } else if (s.name == "pgrt_pool_discards_total") {
-        if (s.value > 0) discards[pool->second][s.labels.at("reason")] = s.value;
+        if (s.value > 0) discards[pool->second][label(s, "reason")] = s.value;
       } else if (s.name == "pgrt_pool_consumer_in_use") {
-        consumers[pool->second].push_back(s.labels.at("consumer") + " " + whole(s.value));
+        consumers[pool->second].push_back(label(s, "consumer") + " " + whole(s.value));
       } else {
         values[s.name] = s.value;
       }
     } else if (s.name.starts_with("pgrt_pending_writes_")) {
-      writes[s.labels.count("pending_writes") ? s.labels.at("pending_writes") : ""][s.name] =
-          s.value;
+      writes[s.labels.count("pending_writes") ? label(s, "pending_writes") : ""][s.name] = s.value;
     } else if (s.name == "pgrt_watchdog_condition" && s.value > 0) {
-      holding.push_back(s.labels.at("condition"));
+      holding.push_back(label(s, "condition"));
     } else if (s.name == "pgrt_lifecycle_state" && s.value > 0) {
-      state = s.labels.at("state");
+      state = label(s, "state");
     } else if (s.name == "pgrt_lifecycle_ready") {
       ready = s.value > 0;
     }
@@ -332,7 +345,21 @@ int run_metrics(int argc, char** argv) {
               << " (not a Prometheus endpoint?)\n";
     return exit_unreachable;
   }
-  summarize(samples, std::cout);
+  std::ostringstream summary;
+  try {
+    summarize(samples, summary);
+  } catch (const std::exception& error) {
+    std::cerr << "pgrt-diag metrics: could not read the answer of " << url->target
+              << " as pgrt's metrics: " << error.what() << " (use --raw to see it)\n";
+    return exit_unreachable;
+  }
+  // Names from the endpoint are shown with their control bytes (a terminal's escape sequences)
+  // replaced.
+  std::string shown = summary.str();
+  for (char& c : shown) {
+    if ((static_cast<unsigned char>(c) < 0x20 && c != '\n') || c == 0x7f) c = '?';
+  }
+  std::cout << shown << std::flush;
   return 0;
 }
 

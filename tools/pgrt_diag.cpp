@@ -208,6 +208,17 @@ std::optional<Arguments> parse_arguments(int argc, char** argv) {
   return arguments;
 }
 
+// A server's text (an application_name any client sets, a database's name, ...) as the text
+// report shows it: control bytes (an escape sequence that would drive the operator's terminal)
+// become '?'.
+std::string printable(std::string_view text) {
+  std::string out(text);
+  for (char& c : out) {
+    if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) c = '?';
+  }
+  return out;
+}
+
 std::string json_string(std::string_view text) {
   std::string out = "\"";
   for (char c : text) {
@@ -358,17 +369,18 @@ void print_text(const Snapshot& snapshot, const Arguments& arguments) {
             << snapshot.reserved << ", used " << snapshot.used << ", free " << snapshot.free_slots()
             << "\n\nconnections by application and state:\n";
   for (const auto& group : snapshot.groups) {
-    std::cout << "  " << group.count << "\t" << group.application << " (" << group.state << ")\n";
+    std::cout << "  " << group.count << "\t" << printable(group.application) << " ("
+              << printable(group.state) << ")\n";
   }
   std::cout << "\nbackends of " << arguments.app << ": " << snapshot.app_backends.size()
-            << ", leaked: " << snapshot.leaked() << " (checked: those of " << snapshot.user << "@"
-            << snapshot.database << ")\n";
+            << ", leaked: " << snapshot.leaked() << " (checked: those of "
+            << printable(snapshot.user) << "@" << printable(snapshot.database) << ")\n";
   for (const auto& backend : snapshot.app_backends) {
     const auto& activity = backend.activity;
-    std::cout << "  pid " << activity.pid << "  " << activity.application_name << "  "
-              << (activity.state.empty() ? "-" : activity.state) << " "
-              << seconds_in_state(activity) << " s  " << activity.user << "@" << activity.database
-              << " from " << activity.client;
+    std::cout << "  pid " << activity.pid << "  " << printable(activity.application_name) << "  "
+              << (activity.state.empty() ? "-" : printable(activity.state)) << " "
+              << seconds_in_state(activity) << " s  " << printable(activity.user) << "@"
+              << printable(activity.database) << " from " << printable(activity.client);
     if (!activity.in_scope) std::cout << "\n      another database or role: not checked";
     if (activity.running_here) std::cout << "\n      its process runs on this host";
     if (!backend.reason.empty()) std::cout << "\n      LEAKED: " << backend.reason;
@@ -568,9 +580,9 @@ int run_budget(int argc, char** argv) {
   for (const pgrt::Row& row : holders) {
     const bool past = slots && row.get<std::int64_t>(0) >= *slots;
     std::cout << "  slot " << row.get<std::int64_t>(0) << "  pid " << row.get<int>(1) << "  "
-              << row.get<std::string>(2) << "  from " << row.get<std::string>(3) << "  since "
-              << row.get<std::string>(4) << "  " << row.get<std::string>(5)
-              << (past ? "  (past --slots)" : "") << "\n";
+              << printable(row.get<std::string>(2)) << "  from "
+              << printable(row.get<std::string>(3)) << "  since " << row.get<std::string>(4) << "  "
+              << printable(row.get<std::string>(5)) << (past ? "  (past --slots)" : "") << "\n";
   }
   if (past_slots > 0) {
     std::cout << past_slots << " slot(s) held past the budget's " << *slots

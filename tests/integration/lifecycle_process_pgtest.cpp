@@ -323,6 +323,73 @@ TEST_F(LifecycleProcessTest, DiagMetricsGivesUpOnASilentEndpointAndNeverEchoesCr
     EXPECT_THAT(diag.output(), Not(HasSubstr("s3cret")));
     EXPECT_THAT(diag.output(), HasSubstr("credentials"));
   }
+  {
+    // A password with a '/' reached past the authority: "admin" was taken for the host, and the
+    // error echoed the whole URL.
+    Child diag({PGRT_DIAG_PATH, "metrics", "http://admin:pa/ss3cret@127.0.0.1:1/metrics"},
+               cluster().dsn(), "diag-credentials-slash");
+    EXPECT_EQ(diag.wait_for_exit(30s), 2) << diag.output();
+    EXPECT_THAT(diag.output(), Not(HasSubstr("ss3cret")));
+  }
+  ::close(listener);
+}
+
+// pgrt-diag's text report shows a server's names (a database's, which its owner chooses) with
+// their control bytes replaced: an escape sequence does not reach the operator's terminal.
+TEST_F(LifecycleProcessTest, DiagTextReportKeepsControlBytesOfServerNamesOffTheTerminal) {
+  const std::string name = "diag\x1b[2J\x1b[31mfake";
+  {
+    BlockingConnection admin(cluster().dsn());
+    admin.query("DROP DATABASE IF EXISTS \"" + name + "\"");
+    admin.query("CREATE DATABASE \"" + name + "\"");
+  }
+  {
+    BlockingConnection inside(cluster().dsn() + " dbname='" + name +
+                              "' application_name=diagesc/one/0badcafe");
+    Child diag({PGRT_DIAG_PATH, "--app", "diagesc"}, cluster().dsn(), "diag-escape");
+    (void)diag.wait_for_exit(30s);
+    EXPECT_THAT(diag.output(), HasSubstr("diag?[2J?[31mfake"));
+    EXPECT_EQ(diag.output().find('\x1b'), std::string::npos) << diag.output();
+  }
+  BlockingConnection(cluster().dsn()).query("DROP DATABASE IF EXISTS \"" + name + "\"");
+}
+
+// pgrt-diag metrics against an endpoint whose samples carry other label names (an OpenTelemetry
+// exporter's db_client_connection_state) and control bytes: a summary, no crash (it aborted on a
+// missing label), and no escape sequence reaches the terminal.
+TEST_F(LifecycleProcessTest, DiagMetricsSummarizesAnEndpointWithOtherLabelsWithoutCrashing) {
+  const int listener = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  ASSERT_GE(listener, 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::bind(listener, reinterpret_cast<sockaddr*>(&address), sizeof address), 0);
+  ASSERT_EQ(::listen(listener, 4), 0);
+  socklen_t length = sizeof address;
+  ASSERT_EQ(::getsockname(listener, reinterpret_cast<sockaddr*>(&address), &length), 0);
+  std::thread server([listener] {
+    const int client = ::accept(listener, nullptr, nullptr);
+    if (client < 0) return;
+    char request[4096];
+    (void)::read(client, request, sizeof request);  // one read holds a curl-sized GET
+    const std::string body =
+        "db_client_connection_count{db_client_connection_pool_name=\"orders\","
+        "db_client_connection_state=\"idle\"} 3\n"
+        "pgrt_watchdog_condition{cause=\"x\"} 1\n"
+        "pgrt_lifecycle_state{state=\"running\\u001b[2J\"} 1\n"
+        "pgrt_pool_discards_total{db_client_connection_pool_name=\"\x1b[31morders\"} 2\n";
+    const std::string answer = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: " +
+                               std::to_string(body.size()) + "\r\nConnection: close\r\n\r\n" + body;
+    (void)!::write(client, answer.data(), answer.size());
+    ::close(client);
+  });
+  Child diag({PGRT_DIAG_PATH, "metrics",
+              "http://127.0.0.1:" + std::to_string(ntohs(address.sin_port)) + "/metrics"},
+             cluster().dsn(), "diag-other-labels");
+  EXPECT_EQ(diag.wait_for_exit(30s), 0) << diag.output();
+  EXPECT_THAT(diag.output(), HasSubstr("pool orders"));
+  EXPECT_EQ(diag.output().find('\x1b'), std::string::npos) << diag.output();
+  server.join();
   ::close(listener);
 }
 
