@@ -1,6 +1,7 @@
 #include "pgrt/db/pending_writes.hpp"
 
 #include <algorithm>
+#include <array>
 #include <bit>
 #include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/bind_executor.hpp>
@@ -134,7 +135,8 @@ std::string describe(const Write& write) {
     }
     return write.table->heading + " row: " + shortened(shown, 400);
   }
-  std::string text = shortened(write.text, 400);
+  // (A password written in the statement, as in ALTER ROLE ... PASSWORD '...', is masked.)
+  std::string text = shortened(redact_statement(write.text), 400);
   if (write.params.size() == 0) return text;
   const auto values = write.params.values();
   text += " -- parameters:";
@@ -158,11 +160,21 @@ constexpr int too_slow_write_attempts = 5;
 enum class Failure {
   transient,  // retry the whole batch after a delay
   too_slow,   // cut short (a timeout, a lock): halves while it has several writes, else transient
+  too_big,    // the server ran short of a resource (memory, locks, disk): halves while it has
+              // several writes, else transient
   per_write,  // the server rejected something in the batch: narrow it down by halves
   whole,      // nothing to narrow down (the pool is closed, ...): the batch fails for good
 };
 
 Failure classify(const error_code& code) {
+  // Class 53 but 53300 (a full server: connections): a resource the batch itself may need too
+  // much of (53100 disk full, 53200 out of memory or of the lock table, 53400 temp_file_limit).
+  // A smaller batch needs less; the same batch retried as it is could fail for ever, holding up
+  // every write behind it.
+  if (const auto state = sqlstate_of(code);
+      state.size() == 5 && state.starts_with("53") && state != "53300") {
+    return Failure::too_big;
+  }
   // 25006: the server takes no writes for now (a read-only mode while its disk is full, a
   // replica that a DNS name still points at): nothing is wrong with the writes.
   // pool_queue_full: the pool's wait queue was full for a moment (a load spike, the very time
@@ -407,7 +419,8 @@ void give_up(State& self, std::span<const Write> writes, const Error& error,
 // Flushes `writes` (taken from the queue, counted in in_flight): retries transient errors with
 // backoff; on a permanent error, flushes each half on its own until the failing writes are
 // isolated; a batch cut short by a timeout or a lock is halved, and a single write tried
-// too_slow_write_attempts times. Returns
+// too_slow_write_attempts times; a batch the server ran short of a resource for is halved, and a
+// single write retried as a transient error. Returns
 // early, leaving the rest in in_flight, when the flushing is abandoned.
 asio::awaitable<void> flush(State& self, std::span<Write> writes) {
   auto delay = self.config.retry_initial;
@@ -446,6 +459,8 @@ asio::awaitable<void> flush(State& self, std::span<Write> writes) {
       co_return;
     }
     Failure kind = classify(failure->code());
+    if (kind == Failure::too_big)
+      kind = writes.size() > 1 ? Failure::per_write : Failure::transient;
     if (kind == Failure::too_slow) {
       // Halved down to one write; that one is retried a few times (a lock held for a while),
       // then given up on: a write that always runs out of time must not hold up every write
@@ -458,6 +473,7 @@ asio::awaitable<void> flush(State& self, std::span<Write> writes) {
     }
     switch (kind) {
       case Failure::too_slow:  // (resolved above)
+      case Failure::too_big:
       case Failure::transient: {
         std::uniform_int_distribution<std::int64_t> jitter(delay.count() / 2, delay.count());
         const std::chrono::milliseconds wait(jitter(self.random));
@@ -667,6 +683,38 @@ asio::awaitable<void> accept(std::shared_ptr<State> self, Write write) {
                                           " was cancelled; the write was not accepted");
 }
 
+// Statements that cannot be a pending write: each runs inside the flusher's batch transaction, on
+// a pooled connection. Transaction control would commit or end part of a batch (a later failure
+// in it then reported committed writes as not written); session state (SET, LISTEN, a cursor, a
+// prepared statement, a session advisory lock) would stay on the pooled connection for its next
+// users (the rollback that resets it does not undo a SET); COPY takes the connection over.
+// SET LOCAL, SET CONSTRAINTS and SET TRANSACTION belong to the batch's transaction: allowed.
+void refuse_as_pending_write(std::string_view sql) {
+  std::size_t end = 0;
+  const std::string keyword = first_keyword(sql, &end);
+  static constexpr std::array<std::string_view, 20> refused{
+      "begin",   "start",      "commit",  "end",   "rollback", "abort",    "savepoint",
+      "release", "prepare",    "set",     "reset", "listen",   "unlisten", "copy",
+      "discard", "deallocate", "declare", "fetch", "move",     "close"};
+  bool refuse = std::find(refused.begin(), refused.end(), keyword) != refused.end();
+  if (keyword == "set") {
+    const std::string scope = first_keyword(sql.substr(end));
+    refuse = scope != "local" && scope != "constraints" && scope != "transaction";
+  }
+  const bool advisory = calls_session_advisory_lock(sql);
+  if (!refuse && !advisory) return;
+  throw Error(
+      make_error_code(client_errc::needs_session),
+      Diagnostics{
+          .message =
+              (advisory ? std::string("a session-level advisory lock") : "'" + keyword + "'") +
+              " cannot be a pending write: pending writes run in the flusher's batch "
+              "transaction, on a pooled connection that later users share",
+          .hint = "use SET LOCAL for a setting of the batch's transaction, and take a lease "
+                  "(co_await pgrt::connection()) for a transaction or session state of your own",
+          .statement = std::string(sql)});
+}
+
 }  // namespace
 
 namespace detail {
@@ -675,6 +723,7 @@ asio::awaitable<void> accept_statement(std::shared_ptr<PendingWritesState> state
                                        ParamSink params) {
   params.check();  // nothing is accepted that could not be sent
   check_statement_text(sql);
+  refuse_as_pending_write(sql);
   Write write;
   write.text = std::move(sql);
   write.params = std::move(params);
@@ -683,6 +732,16 @@ asio::awaitable<void> accept_statement(std::shared_ptr<PendingWritesState> state
 
 asio::awaitable<void> accept_row(std::shared_ptr<PendingWritesState> state,
                                  std::shared_ptr<const PendingTable> table, std::string row) {
+  // Nothing is accepted that could not be written: a text field with a NUL byte (PostgreSQL's
+  // text cannot hold one; bytea fields are sent escaped) would fail its batch at the flush.
+  if (row.find('\0') != std::string::npos) {
+    throw Error(make_error_code(client_errc::conversion),
+                Diagnostics{.message = "a row for " + table->heading +
+                                       " has a text field with a NUL byte, which PostgreSQL's "
+                                       "text types cannot store; the row was not accepted",
+                            .hint = "strip the NUL bytes, or store the value as bytea "
+                                    "(pgrt::Bytes)"});
+  }
   Write write;
   write.table = std::move(table);
   write.text = std::move(row);

@@ -119,7 +119,7 @@ std::size_t past_blanks_and_comments(std::string_view sql, std::size_t at) noexc
   return at;
 }
 
-std::string first_keyword(std::string_view sql) {
+std::string first_keyword(std::string_view sql, std::size_t* end) {
   std::size_t at = past_blanks_and_comments(sql, 0);
   while (at < sql.size() && sql[at] == ';') {
     // (the server's parser drops empty statements: ";BEGIN" is one BEGIN)
@@ -138,6 +138,7 @@ std::string first_keyword(std::string_view sql) {
       break;
     }
   }
+  if (end != nullptr) *end = at;
   return keyword;
 }
 

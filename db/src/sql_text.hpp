@@ -53,7 +53,8 @@ void check_statement_text(std::string_view sql);
 bool calls_session_advisory_lock(std::string_view sql);
 
 // The statement's first keyword, lower case, after white space, empty statements (`;`) and
-// comments ("" if none).
-std::string first_keyword(std::string_view sql);
+// comments ("" if none); `end`, if given, gets the offset just past it (for the next keyword:
+// first_keyword(sql.substr(end))).
+std::string first_keyword(std::string_view sql, std::size_t* end = nullptr);
 
 }  // namespace pgrt

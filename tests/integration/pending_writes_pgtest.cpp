@@ -39,6 +39,7 @@ using namespace std::chrono_literals;
 using testing::BlockingConnection;
 using testing::expect_error;
 using ::testing::HasSubstr;
+using ::testing::Not;
 using testing::run_coroutine;
 using awaitable_void = asio::awaitable<void>;
 using Config = PendingWritesConfig;
@@ -140,6 +141,55 @@ TEST_F(PendingWritesTest, ConfigAndTableNamesAreValidated) {
   EXPECT_EQ(writes.report().to_json(),
             "{\"accepted\":0,\"flushed\":0,\"failed\":0,\"pending\":0,\"waiting\":0,\"batches\":0,"
             "\"retries\":0}");
+}
+
+// What could not be written as a pending write is refused at the call: transaction control and
+// session state (SET committed part of a batch or stayed on the pooled connection), a session
+// advisory lock, a row's text field with a NUL byte. SET LOCAL belongs to the batch: accepted. A
+// password written in a statement that fails is masked in the logs and events.
+TEST_F(PendingWritesTest, TransactionControlSessionStateAndNulBytesAreRefusedAndPasswordsMasked) {
+  const std::string dsn = cluster().dsn();
+  create_table(dsn, "pw_refusals");
+  std::vector<std::string> given_up;
+  std::string search_path_after;
+  LogCapture log;
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    auto config = pool_config(dsn, "refusals");
+    config.max_size = 1;
+    Pool pool(executor, config);
+    PendingWrites writes(pool, executor, Config{.name = "refusals"});
+    boost::signals2::scoped_connection subscription =
+        writes.events().failed.connect([&](const std::vector<std::string>& failed, const Error&) {
+          given_up.insert(given_up.end(), failed.begin(), failed.end());
+        });
+    co_await writes.start();
+    for (const std::string sql :
+         {"COMMIT", "  begin", "SET search_path TO nowhere", "set session statement_timeout = 1",
+          "RESET ALL", "LISTEN x", "SELECT pg_advisory_lock(1)", "DECLARE c CURSOR FOR SELECT 1",
+          "/* c */ SAVEPOINT s"}) {
+      const Error error = co_await expect_error(writes.enqueue(sql));
+      EXPECT_EQ(error.code(), client_errc::needs_session) << sql;
+      EXPECT_THAT(error.what(), HasSubstr("cannot be a pending write")) << sql;
+    }
+    co_await writes.enqueue("SET LOCAL lock_timeout = '5s'");
+    co_await writes.enqueue("ALTER ROLE no_such_role PASSWORD 'hunter2-secret'");
+    auto rows = writes.table<std::int64_t, std::string>("pw_refusals", {"seq", "payload"});
+    const Error nul = co_await expect_error(rows.append(1, std::string("nul\0mid", 7)));
+    EXPECT_EQ(nul.code(), client_errc::conversion);
+    co_await rows.append(2, std::string("fine"));
+    const Error stopped = co_await expect_error(writes.stop());
+    EXPECT_EQ(stopped.code(), client_errc::writes_failed);
+    EXPECT_EQ(writes.report().failed, 1U);  // the ALTER ROLE, whose role does not exist
+    auto lease = co_await pool.acquire();
+    search_path_after = (co_await lease->query("SHOW search_path")).scalar<std::string>();
+  });
+  EXPECT_EQ(key_summary(dsn, "pw_refusals"), "1 2 2 2");
+  EXPECT_EQ(search_path_after, "\"$user\", public");
+  ASSERT_EQ(given_up.size(), 1U);
+  EXPECT_THAT(given_up[0], HasSubstr("PASSWORD '****'"));
+  EXPECT_THAT(given_up[0], Not(HasSubstr("hunter2")));
+  EXPECT_THAT(log.text(), Not(HasSubstr("hunter2")));
 }
 
 // The acceptance test: 10,000 writes from 100 coroutines (appends and statements mixed) on an
@@ -649,6 +699,46 @@ TEST_F(PendingWritesTest, ReadOnlyLockTimeoutAndStatementTimeoutErrorsAreRetried
     EXPECT_TRUE(given_up.empty()) << code << ": " << given_up.size() << " given up";
     EXPECT_EQ(scalar(dsn, "SELECT count(*) FROM pw_refused WHERE payload = 'p" + code + "'"), "20");
   }
+}
+
+// A batch the server runs short of a resource for (53200: out of memory or of the lock table, as
+// max_locks_per_transaction gives; here a trigger says so past 4 rows in one transaction) is
+// halved until it fits: retried as it was, it failed for ever and held up every write behind it.
+TEST_F(PendingWritesTest, ABatchTheServerRunsShortOfAResourceForIsHalvedUntilItFits) {
+  const std::string dsn = cluster().dsn();
+  create_table(dsn, "pw_resources");
+  {
+    BlockingConnection admin(dsn);
+    admin.query(
+        "CREATE OR REPLACE FUNCTION pw_out_of_locks() RETURNS trigger LANGUAGE plpgsql AS $$ "
+        "BEGIN IF (SELECT count(*) FROM pw_resources WHERE tx = txid_current()) >= 4 THEN "
+        "RAISE EXCEPTION 'out of shared memory' USING ERRCODE = '53200'; END IF; RETURN NEW; "
+        "END $$");
+    admin.query(
+        "CREATE TRIGGER pw_out_of_locks BEFORE INSERT ON pw_resources FOR EACH ROW EXECUTE "
+        "FUNCTION pw_out_of_locks()");
+  }
+  PendingWritesReport end{};
+  run_coroutine(
+      [&]() -> awaitable_void {
+        auto executor = co_await asio::this_coro::executor;
+        Pool pool(executor, pool_config(dsn, "resources"));
+        PendingWrites writes(
+            pool, executor,
+            Config{.name = "resources", .batch_size = 20, .flush_interval = 1h, .retry_max = 50ms});
+        co_await writes.start();
+        auto rows = writes.table<std::int64_t, std::string>("pw_resources", {"seq", "payload"});
+        for (std::int64_t i = 0; i < 20; ++i) co_await rows.append(i, std::string("r"));
+        co_await writes.stop();
+        end = writes.report();
+      },
+      30s);
+  EXPECT_EQ(end.flushed, 20U);
+  EXPECT_EQ(end.failed, 0U);
+  EXPECT_EQ(key_summary(dsn, "pw_resources"), "20 0 19 190");
+  EXPECT_EQ(
+      scalar(dsn, "SELECT max(n) FROM (SELECT count(*) AS n FROM pw_resources GROUP BY tx) b"),
+      "3");  // 20, 10 and 5 rows failed; 2 and 3 fit
 }
 
 // One write that always runs out of time (here a trigger cancels it: 57014, as statement_timeout

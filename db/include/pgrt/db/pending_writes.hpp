@@ -123,7 +123,9 @@ template <CopyField... Columns>
 class TableAppender {
  public:
   /// Queues one row. The values are encoded at the call (they need not outlive it). Semantics,
-  /// cancellation, thread safety and errors are those of PendingWrites::enqueue().
+  /// cancellation, thread safety and errors are those of PendingWrites::enqueue(); a text value
+  /// with a NUL byte (which PostgreSQL's text types cannot store) is refused with
+  /// client_errc::conversion.
   [[nodiscard]] boost::asio::awaitable<void> append(const Columns&... values) const {
     std::string row;
     copy_text_row(row, values...);
@@ -159,14 +161,19 @@ class PendingWrites {
   /// Queues one statement (parameters bound to $1..$n, encoded at the call) and returns once it is
   /// accepted: from then on it is flushed, or counted as failed and reported. Flushed in a
   /// pipeline inside the batch's transaction; the statement must not return rows that matter
-  /// (they are discarded) and must not manage transactions itself.
+  /// (they are discarded). Refused at the call (client_errc::needs_session, not accepted):
+  /// transaction control (BEGIN, COMMIT, SAVEPOINT, ...) and session state (SET but SET LOCAL,
+  /// SET CONSTRAINTS and SET TRANSACTION; RESET, LISTEN, PREPARE, DISCARD, cursors, a
+  /// session-level advisory lock), which would end part of a batch or stay on the pooled
+  /// connection, and COPY.
   ///
   /// When `capacity` writes are pending: with WhenFull::wait, waits (FIFO) for room; with
   /// WhenFull::fail, throws.
   ///
   /// Errors (pgrt::Error): client_errc::writes_closed once stop() has begun (also to a caller
   /// waiting for room when it begins); client_errc::writes_queue_full (WhenFull::fail);
-  /// client_errc::cancelled. In each case the write was not accepted.
+  /// client_errc::cancelled; client_errc::needs_session (above); client_errc::conversion (a
+  /// parameter that cannot be sent). In each case the write was not accepted.
   ///
   /// Cancellation: per-operation cancellation of a wait for room leaves no trace: the write is not
   /// accepted. Any type that reaches the operation counts (a coroutine passes on terminal only,
