@@ -12,7 +12,6 @@
 #include <boost/asio/strand.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
-#include <cctype>
 #include <deque>
 #include <exception>
 #include <mutex>
@@ -626,20 +625,45 @@ void cancel_flusher(const std::shared_ptr<State>& self) {
   });
 }
 
-bool valid_name(std::string_view name) {
-  if (name.empty()) return false;
-  bool quoted = false;
-  for (char c : name) {
-    const auto byte = static_cast<unsigned char>(c);
-    if (c == '"') {
-      quoted = !quoted;  // "" inside quotes toggles twice
-    } else if (byte < 0x20) {
-      return false;
-    } else if (!quoted && !(std::isalnum(byte) != 0 || c == '_' || c == '$' || c == '.')) {
-      return false;
+// A name as SQL writes it: `parts` identifiers at most, joined by '.', each either plain (a
+// letter, '_' or a non-ASCII byte first, then also digits and '$') or double-quoted (not empty;
+// "" for a quote inside). Anything else could not be the name it looks like (`1t`, `""`, `a"b"c`)
+// or would inject SQL.
+bool valid_name(std::string_view name, int parts) {
+  const auto letter = [](unsigned char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_' || c >= 0x80;
+  };
+  std::size_t at = 0;
+  for (int part = 1;; ++part) {
+    if (at >= name.size()) return false;
+    if (name[at] == '"') {
+      std::size_t length = 0;
+      for (++at;; ++at) {
+        if (at >= name.size()) return false;  // not closed
+        if (name[at] == '"') {
+          if (at + 1 < name.size() && name[at + 1] == '"') {
+            ++at;
+            ++length;
+            continue;
+          }
+          ++at;
+          break;
+        }
+        if (static_cast<unsigned char>(name[at]) < 0x20) return false;
+        ++length;
+      }
+      if (length == 0) return false;
+    } else {
+      if (!letter(static_cast<unsigned char>(name[at]))) return false;
+      while (at < name.size() && (letter(static_cast<unsigned char>(name[at])) ||
+                                  (name[at] >= '0' && name[at] <= '9') || name[at] == '$')) {
+        ++at;
+      }
     }
+    if (at == name.size()) return true;
+    if (name[at] != '.' || part == parts) return false;
+    ++at;
   }
-  return !quoted;
 }
 
 // Accepts `write` into the queue, waiting for room if need be (see PendingWrites::enqueue()).
@@ -908,8 +932,10 @@ std::shared_ptr<const detail::PendingTable> PendingWrites::make_table(
                                                  ": table(\"" + shortened(table, 100) +
                                                  "\"): " + message);
   };
-  if (!valid_name(table)) {
-    invalid("the table name must be an identifier (letters, digits, _, $, '.', or double-quoted)");
+  if (!valid_name(table, 3)) {
+    invalid(
+        "the table name must be an identifier, schema-qualified or not (letters, digits, _ and $, "
+        "not a digit first, or double-quoted), parts joined by '.'");
   }
   if (columns.size() != types) {
     invalid(std::to_string(columns.size()) + " column names for " + std::to_string(types) +
@@ -918,9 +944,10 @@ std::shared_ptr<const detail::PendingTable> PendingWrites::make_table(
   if (columns.empty()) invalid("no columns");
   std::string list;
   for (const auto& column : columns) {
-    if (!valid_name(column)) {
+    if (!valid_name(column, 1)) {
       invalid("column \"" + shortened(column, 100) +
-              "\" is not an identifier (letters, digits, _, $, or double-quoted)");
+              "\" is not an identifier (letters, digits, _ and $, not a digit first, or "
+              "double-quoted)");
     }
     if (!list.empty()) list += ", ";
     list += column;

@@ -126,7 +126,8 @@ TEST_F(PendingWritesTest, ConfigAndTableNamesAreValidated) {
   invalid(Config{.retry_initial = 100ms, .retry_max = 50ms}, "retry_max");
 
   PendingWrites writes(pool, io.get_executor());
-  for (const std::string bad : {"t; DROP TABLE x", "", "t t", "\"open"}) {
+  for (const std::string bad : {"t; DROP TABLE x", "", "t t", "\"open", "\"\"", "1t", "a\"b\"c",
+                                "t.", ".t", "a..b", "a.b.c.d", "\"x\"y"}) {
     try {
       (void)writes.table<std::int64_t>(bad, {"seq"});
       ADD_FAILURE() << "accepted the table name " << bad;
@@ -137,6 +138,12 @@ TEST_F(PendingWritesTest, ConfigAndTableNamesAreValidated) {
   EXPECT_THROW((void)(writes.table<std::int64_t, std::string>("t", {"seq"})), Error);
   EXPECT_THROW((void)(writes.table<std::int64_t>("t", {"seq)--"})), Error);
   EXPECT_NO_THROW((void)(writes.table<std::int64_t>("public.\"My Table\"", {"\"Seq\""})));
+  for (const std::string good : {"_x$1", "caf\u00e9", "db.s.t", "\"a\"\"b\"", "\"1t\".t"}) {
+    EXPECT_NO_THROW((void)(writes.table<std::int64_t>(good, {"seq"}))) << good;
+  }
+  for (const std::string bad_column : {"a.b", "\"\"", "1c", "c c"}) {
+    EXPECT_THROW((void)(writes.table<std::int64_t>("t", {bad_column})), Error) << bad_column;
+  }
   EXPECT_EQ(writes.name(), "pending_writes");
   EXPECT_EQ(writes.report().to_json(),
             "{\"accepted\":0,\"flushed\":0,\"failed\":0,\"pending\":0,\"waiting\":0,\"batches\":0,"

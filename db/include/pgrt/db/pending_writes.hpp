@@ -198,9 +198,10 @@ class PendingWrites {
   /// a table with a unique key, reports them as failed; use enqueue() with ON CONFLICT DO NOTHING
   /// where duplicates matter.
   ///
-  /// Names are used as written in SQL: plain or double-quoted identifiers, the table optionally
-  /// schema-qualified. Throws pgrt::Error(client_errc::invalid_config) if a name is empty or has
-  /// other characters (no SQL injection through names), or if the number of columns is not the
+  /// Names are used as written in SQL: plain identifiers (letters, digits, _ and $, not a digit
+  /// first) or double-quoted ones (not empty), the table optionally qualified (parts joined by
+  /// '.'). Throws pgrt::Error(client_errc::invalid_config) if a name is anything else (no SQL
+  /// injection through names, no name taken for another), or if the number of columns is not the
   /// number of types.
   template <CopyField... Columns>
   [[nodiscard]] TableAppender<Columns...> table(std::string table,
