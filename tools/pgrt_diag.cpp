@@ -59,6 +59,7 @@ struct Arguments {
   std::chrono::seconds timeout{10};  // each connect, and each snapshot
   bool kill_leaked = false;
   bool emergency = false;
+  std::optional<std::string> role;              // --role: the app's role, when connected as another
   bool behind_transaction_pooler = false;       // PGRT_POOLER=transaction
   std::optional<std::string> malformed_pooler;  // PGRT_POOLER's value when it is none of them
 };
@@ -66,6 +67,7 @@ struct Arguments {
 const char* const usage =
     "usage: pgrt-diag [--dsn CONNINFO] [--app NAME] [--idle-threshold SECONDS] [--json]\n"
     "                 [--watch [SECONDS]] [--kill-leaked | --emergency] [--timeout SECONDS]\n"
+    "                 [--role ROLE]\n"
     "       pgrt-diag budget --help   (the holders of a connection budget's slots)\n"
     "       pgrt-diag metrics --help  (a running process's metrics endpoint, summarized)\n"
     "  --dsn             the server (default: DATABASE_URL, then libpq's PG* variables);\n"
@@ -79,17 +81,22 @@ const char* const usage =
     "                    screen is cleared on a terminal only)\n"
     "  --kill-leaked     terminate the backends reported as leaked\n"
     "  --emergency       terminate every backend of the app (all instances, all incarnations)\n"
+    "  --role            the app's role, when connected as another (a superuser, when the\n"
+    "                    app's role has no free connection left: 53300): its backends in this\n"
+    "                    database are the ones classified and terminated\n"
     "  --timeout         give up on the connect, or on a snapshot, after SECONDS (default 10;\n"
     "                    1-3600; cancelling it takes up to 1 s more): exit 3. Ctrl+C ends a\n"
     "                    snapshot that hangs within that second; Ctrl+C again at once\n"
     "  The app's backends are those tagged exactly <app>/<instance>/<incarnation> (8 lowercase\n"
     "  hex digits), as pgrt tags its connections; `<app>/console` is not one. Only those in this\n"
-    "  connection's database and under its role are classified and terminated (like the\n"
-    "  start-up cleanup); the app's others are listed, never touched.\n"
+    "  connection's database and under its role (or --role) are classified and terminated (like\n"
+    "  the start-up cleanup); the app's others are listed, never touched.\n"
     "  PGRT_POOLER=transaction: the DSN goes through a transaction-mode pooler; the backends\n"
     "  are then the pooler's: none sets exit code 1, and --kill-leaked and --emergency are\n"
     "  refused.\n"
-    "exit codes: 0 nothing leaked or all terminated (or --watch ended), 1 leaked found,\n"
+    "exit codes: 0 nothing leaked or all terminated (or --watch ended), 1 leaked found (with\n"
+    "            --kill-leaked or --emergency: backends of the app in this database left\n"
+    "            alone as another role's),\n"
     "            2 usage, 3 server unreachable or timed out, 4 terminating refused,\n"
     "            78 malformed DSN, 130 Ctrl+C before the report\n";
 
@@ -178,6 +185,12 @@ std::optional<Arguments> parse_arguments(int argc, char** argv) {
         return std::nullopt;
       }
       arguments.timeout = std::chrono::seconds(*seconds);
+    } else if (argument == "--role" && has_value) {
+      arguments.role = argv[++i];
+      if (arguments.role->empty()) {
+        std::cerr << "pgrt-diag: --role takes the app's role, got ''\n";
+        return std::nullopt;
+      }
     } else if (argument == "--kill-leaked") {
       arguments.kill_leaked = true;
     } else if (argument == "--emergency") {
@@ -293,8 +306,13 @@ asio::awaitable<Snapshot> take_snapshot(pgrt::Connection& connection, const Argu
   }
   // The app's backends (exact tags of the app only), judged by the start-up cleanup's rule:
   // without an own tag, an incarnation is leaked when a newer one of its instance started.
-  const std::vector<pgrt::AppBackend> backends =
+  std::vector<pgrt::AppBackend> backends =
       co_await pgrt::list_app_backends(connection, arguments.app);
+  if (arguments.role) {
+    for (auto& backend : backends) {
+      backend.in_scope = backend.database == snapshot.database && backend.user == *arguments.role;
+    }
+  }
   const std::vector<std::string> reasons = pgrt::leftover_reasons(
       backends, {.application = arguments.app,
                  .idle_threshold = std::chrono::seconds(arguments.idle_threshold)});
@@ -627,8 +645,21 @@ int run(const Arguments& arguments) {
     }
     const bool acted = arguments.kill_leaked || arguments.emergency;
     const bool leaks_count = !acted && !arguments.behind_transaction_pooler;
+    // Acting on the app's backends, and some in this database were left alone as another
+    // role's: not "all terminated" (connected as a superuser because the app's role had no free
+    // connection, say). Those in other databases are other deployments': listed, not counted.
+    const auto left_alone = static_cast<std::size_t>(std::count_if(
+        snapshot.app_backends.begin(), snapshot.app_backends.end(), [&](const auto& backend) {
+          return !backend.activity.in_scope && backend.activity.database == snapshot.database;
+        }));
+    if (acted && left_alone > 0) {
+      std::cerr << "pgrt-diag: " << left_alone << " of the app's backends in this database are "
+                << "under another role than " << printable(arguments.role.value_or(snapshot.user))
+                << ", and were left alone: connect as their role, or give it with --role ROLE\n";
+    }
     const int code = !snapshot.refused.empty()                ? exit_refused
                      : (leaks_count && snapshot.leaked() > 0) ? exit_leaked
+                     : (acted && left_alone > 0)              ? exit_leaked
                                                               : exit_clean;
     if (!arguments.watch_seconds) return code;
     if (!sleep_unless_signalled(io, signals, std::chrono::seconds(*arguments.watch_seconds))) {
@@ -669,6 +700,12 @@ int main(int argc, char** argv) {
   } catch (const pgrt::Error& error) {
     // pgrt's messages never contain a password.
     std::cerr << "pgrt-diag: " << error.what() << std::endl;
+    if (pgrt::sqlstate_of(error.code()) == "53300") {
+      std::cerr << "pgrt-diag: the server has no connection left for this role: connect as a "
+                   "superuser (superuser_reserved_connections keeps slots for them) and name the "
+                   "app's role with --role ROLE to see and terminate its backends"
+                << std::endl;
+    }
     return error.code() == pgrt::client_errc::invalid_config ? exit_config : exit_unreachable;
   } catch (const std::exception& error) {
     std::cerr << "pgrt-diag: " << error.what() << std::endl;

@@ -1931,6 +1931,36 @@ TEST_F(StartupHygieneTest, NamesThatOnlyStartLikeATagAreNeverLeftovers) {
   }
 }
 
+// The app's role has no connection left (53300): a superuser connects (a reserved slot) and names
+// the app's role with --role. Without it --emergency left every backend alone and said "all
+// terminated" (exit 0); with it, the role's backends in this database are terminated.
+TEST_F(StartupHygieneTest, DiagEmergencyAsASuperuserActsOnTheRoleItIsGiven) {
+  const std::string dsn = cluster().dsn();
+  {
+    BlockingConnection admin(dsn);
+    admin.query("DROP ROLE IF EXISTS diag_app_role");
+    admin.query("CREATE ROLE diag_app_role LOGIN");
+  }
+  BlockingConnection first(dsn + " user=diag_app_role application_name=rolediag/one/0badcafe");
+  BlockingConnection second(dsn + " user=diag_app_role application_name=rolediag/one/1badcafe");
+  {
+    Child unnamed({PGRT_DIAG_PATH, "--app", "rolediag", "--emergency", "--json"}, dsn, "rolediag");
+    EXPECT_EQ(unnamed.wait_for_exit(30s), 1) << unnamed.output();
+    EXPECT_THAT(unnamed.output(), HasSubstr("--role"));
+    EXPECT_EQ(first.scalar("SELECT 1"), "1") << "terminated without --role";
+  }
+  {
+    Child named(
+        {PGRT_DIAG_PATH, "--app", "rolediag", "--role", "diag_app_role", "--emergency", "--json"},
+        dsn, "rolediag");
+    EXPECT_EQ(named.wait_for_exit(30s), 0) << named.output();
+    EXPECT_EQ(diag_pids_where(parse_diag_json(named.output()), "terminated"),
+              (std::set<int>{first.backend_pid(), second.backend_pid()}))
+        << named.output();
+  }
+  EXPECT_THROW(first.scalar("SELECT 1"), testing::SqlError);
+}
+
 TEST_F(StartupHygieneTest, DiagKillLeakedLeavesNamesThatOnlyStartLikeATag) {
   const std::string dsn = cluster().dsn();
   // A live instance, then programs that only share the app's prefix, started after it. None is a
