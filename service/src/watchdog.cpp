@@ -271,7 +271,10 @@ asio::awaitable<void> Watchdog::State::check_server(Seen& seen, const PoolStats&
         lease->query("SELECT (SELECT count(*) FROM pg_stat_activity"
                      " WHERE backend_type = 'client backend')::int8,"
                      " current_setting('max_connections')::int8"
-                     " - current_setting('superuser_reserved_connections')::int8"),
+                     " - current_setting('superuser_reserved_connections')::int8"
+                     // (PostgreSQL 16 reserves reserved_connections more, for pg_use_reserved_
+                     // connections: no setting before it)
+                     " - coalesce(current_setting('reserved_connections', true)::int8, 0)"),
         std::max(bound, milliseconds(5)));
     server_check_failing = false;
     const auto backends = result[0].get<std::int64_t>(0);
@@ -283,7 +286,7 @@ asio::awaitable<void> Watchdog::State::check_server(Seen& seen, const PoolStats&
       seen.holding[busy] = "the server has " + std::to_string(backends) + " client backends of " +
                            std::to_string(usable) +
                            " usable connections (max_connections - "
-                           "superuser_reserved_connections; " +
+                           "superuser_reserved_connections - reserved_connections; " +
                            percent(share) + " > " + percent(options.server_share) + ")";
     }
   } catch (const Error& error) {
