@@ -366,6 +366,30 @@ asio::awaitable<void> write_batch(State& self, std::span<Write> writes) {
   co_await lease->commit();
 }
 
+// Whether `copy_sql` itself fails with `sqlstate`, whatever rows it is given: run with none (no
+// row inserted, no trigger fired). A COPY of a table or column that does not exist fails so for
+// every row: its rows are given up at once, not narrowed down to one transaction each.
+asio::awaitable<bool> copy_statement_fails(State& self, const std::string& copy_sql,
+                                           const std::string& sqlstate) {
+  try {
+    Lease lease = co_await self.pool->acquire(self.config.priority);
+    (void)co_await lease->copy_from(copy_sql, "");
+  } catch (const Error& error) {
+    co_return error.sqlstate() == sqlstate;
+  }
+  co_return false;
+}
+
+// SQLSTATEs a COPY statement can fail with for itself, before any row (a name that does not
+// exist, a syntax error, a view or sequence as the target): copy_statement_fails() tells whether
+// it did.
+bool may_be_the_statements(const std::string& sqlstate) {
+  static constexpr std::array<std::string_view, 7> statement_level{
+      "42601", "42602", "42622", "42703", "42P01", "42809", "0A000"};
+  return std::find(statement_level.begin(), statement_level.end(), sqlstate) !=
+         statement_level.end();
+}
+
 // Waits `delay`; false if the flushing was abandoned meanwhile.
 asio::awaitable<bool> back_off(State& self, std::chrono::milliseconds delay) {
   std::unique_lock lock(self.mutex);
@@ -495,7 +519,31 @@ asio::awaitable<void> flush(State& self, std::span<Write> writes) {
         delay = std::min(delay * 2, self.config.retry_max);
         continue;
       }
-      case Failure::per_write:
+      case Failure::per_write: {
+        // (No co_await inside the &&: g++ 12 would evaluate it whatever the left side.)
+        const std::string& failed_sql = failure->diagnostics().statement;
+        bool statements_fault = writes.size() > 1 && failed_sql.starts_with("COPY ") &&
+                                may_be_the_statements(failure->sqlstate());
+        if (statements_fault) {
+          statements_fault = co_await copy_statement_fails(self, failed_sql, failure->sqlstate());
+        }
+        if (statements_fault) {
+          // Every row of that COPY fails alike: given up together, in runs; the rest flushed.
+          const auto of_failed = [&](const Write& write) {
+            return write.table && write.table->copy_sql == failed_sql;
+          };
+          for (std::size_t first = 0; first < writes.size();) {
+            std::size_t end = first + 1;
+            while (end < writes.size() && of_failed(writes[end]) == of_failed(writes[first])) ++end;
+            if (of_failed(writes[first])) {
+              give_up(self, writes.subspan(first, end - first), *failure);
+            } else {
+              co_await flush(self, writes.subspan(first, end - first));
+            }
+            first = end;
+          }
+          co_return;
+        }
         if (writes.size() > 1) {
           const std::size_t half = writes.size() / 2;
           co_await flush(self, writes.first(half));
@@ -504,6 +552,7 @@ asio::awaitable<void> flush(State& self, std::span<Write> writes) {
         }
         give_up(self, writes, *failure);
         co_return;
+      }
       case Failure::whole:
         give_up(self, writes, *failure);
         co_return;

@@ -748,6 +748,45 @@ TEST_F(PendingWritesTest, ABatchTheServerRunsShortOfAResourceForIsHalvedUntilItF
       "3");  // 20, 10 and 5 rows failed; 2 and 3 fit
 }
 
+// Rows for a column that does not exist fail for the COPY itself, whatever the rows: they are
+// given up together (one report), not narrowed down to one transaction and one warning each; the
+// writes around them in the batch are written.
+TEST_F(PendingWritesTest, RowsForAColumnThatDoesNotExistAreGivenUpTogetherAndTheRestWritten) {
+  const std::string dsn = cluster().dsn();
+  create_table(dsn, "pw_misnamed");
+  create_table(dsn, "pw_beside");
+  std::size_t reports = 0;
+  std::size_t given_up = 0;
+  PendingWritesReport end{};
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, pool_config(dsn, "misnamed"));
+    PendingWrites writes(pool, executor,
+                         Config{.name = "misnamed", .batch_size = 1000, .flush_interval = 1h});
+    boost::signals2::scoped_connection subscription =
+        writes.events().failed.connect([&](const std::vector<std::string>& failed, const Error&) {
+          ++reports;
+          given_up += failed.size();
+        });
+    co_await writes.start();
+    auto good = writes.table<std::int64_t, std::string>("pw_beside", {"seq", "payload"});
+    auto misnamed = writes.table<std::int64_t, std::string>("pw_misnamed", {"sequ", "payload"});
+    for (std::int64_t i = 0; i < 50; ++i) co_await good.append(i, std::string("g"));
+    for (std::int64_t i = 0; i < 200; ++i) co_await misnamed.append(i, std::string("m"));
+    for (std::int64_t i = 50; i < 60; ++i) {
+      co_await writes.enqueue("INSERT INTO pw_beside (seq, payload) VALUES ($1, 's')", i);
+    }
+    const Error stopped = co_await expect_error(writes.stop());
+    EXPECT_EQ(stopped.code(), client_errc::writes_failed);
+    end = writes.report();
+  });
+  EXPECT_EQ(end.failed, 200U);
+  EXPECT_EQ(end.flushed, 60U);
+  EXPECT_EQ(given_up, 200U);
+  EXPECT_EQ(reports, 1U) << "the rows were narrowed down one by one";
+  EXPECT_EQ(key_summary(dsn, "pw_beside"), "60 0 59 1770");
+}
+
 // One write that always runs out of time (here a trigger cancels it: 57014, as statement_timeout
 // would) is given up on after a few tries, alone: the writes behind it are not held up, and
 // the pool's wait queue full for a moment (pool_queue_full) is waited out, not a lost batch.
