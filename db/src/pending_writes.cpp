@@ -159,19 +159,19 @@ constexpr int too_slow_write_attempts = 5;
 enum class Failure {
   transient,  // retry the whole batch after a delay
   too_slow,   // cut short (a timeout, a lock): halves while it has several writes, else transient
-  too_big,    // the server ran short of a resource (memory, locks, disk): halves while it has
-              // several writes, else transient
+  too_big,    // the server ran short of a resource for it (memory, locks, a configured limit):
+              // as too_slow
   per_write,  // the server rejected something in the batch: narrow it down by halves
   whole,      // nothing to narrow down (the pool is closed, ...): the batch fails for good
 };
 
 Failure classify(const error_code& code) {
-  // Class 53 but 53300 (a full server: connections): a resource the batch itself may need too
-  // much of (53100 disk full, 53200 out of memory or of the lock table, 53400 temp_file_limit).
-  // A smaller batch needs less; the same batch retried as it is could fail for ever, holding up
-  // every write behind it.
+  // 53000, 53200 (out of memory or of the lock table), 53400 (temp_file_limit and other
+  // configured limits): a resource the batch itself may need too much of. A smaller batch needs
+  // less; the same batch retried as it is could fail for ever, holding up every write behind it.
+  // (53100, disk full, and 53300, a full server, are the server's state: transient, below.)
   if (const auto state = sqlstate_of(code);
-      state.size() == 5 && state.starts_with("53") && state != "53300") {
+      state == "53000" || state == "53200" || state == "53400") {
     return Failure::too_big;
   }
   // 25006: the server takes no writes for now (a read-only mode while its disk is full, a
@@ -442,8 +442,7 @@ void give_up(State& self, std::span<const Write> writes, const Error& error,
 // Flushes `writes` (taken from the queue, counted in in_flight): retries transient errors with
 // backoff; on a permanent error, flushes each half on its own until the failing writes are
 // isolated; a batch cut short by a timeout or a lock is halved, and a single write tried
-// too_slow_write_attempts times; a batch the server ran short of a resource for is halved, and a
-// single write retried as a transient error. Returns
+// too_slow_write_attempts times; so is a batch the server ran short of a resource for. Returns
 // early, leaving the rest in in_flight, when the flushing is abandoned.
 asio::awaitable<void> flush(State& self, std::span<Write> writes) {
   auto delay = self.config.retry_initial;
@@ -456,7 +455,7 @@ asio::awaitable<void> flush(State& self, std::span<Write> writes) {
                                          "out of time) before the batch's commit was confirmed"}),
             /*abandoned=*/true);
   };
-  int too_slow_attempts = 0;  // a single write cut by a timeout or a lock
+  int too_slow_attempts = 0;  // a single write cut by a timeout or a lock, or short of a resource
   for (std::uint64_t attempt = 1;; ++attempt) {
     if (is_abandoned(self)) {
       abandon();
@@ -482,8 +481,7 @@ asio::awaitable<void> flush(State& self, std::span<Write> writes) {
       co_return;
     }
     Failure kind = classify(failure->code());
-    if (kind == Failure::too_big)
-      kind = writes.size() > 1 ? Failure::per_write : Failure::transient;
+    if (kind == Failure::too_big) kind = Failure::too_slow;  // (the same halving, the same bound)
     if (kind == Failure::too_slow) {
       // Halved down to one write; that one is retried a few times (a lock held for a while),
       // then given up on: a write that always runs out of time must not hold up every write

@@ -746,6 +746,27 @@ TEST_F(PendingWritesTest, ABatchTheServerRunsShortOfAResourceForIsHalvedUntilItF
   EXPECT_EQ(
       scalar(dsn, "SELECT max(n) FROM (SELECT count(*) AS n FROM pw_resources GROUP BY tx) b"),
       "3");  // 20, 10 and 5 rows failed; 2 and 3 fit
+
+  // One write that always runs short (retried as it was, it held up every write behind it for
+  // ever): given up on after a few tries, and the write behind it is written.
+  PendingWritesReport single{};
+  run_coroutine(
+      [&]() -> awaitable_void {
+        auto executor = co_await asio::this_coro::executor;
+        Pool pool(executor, pool_config(dsn, "resources"));
+        PendingWrites writes(pool, executor, Config{.name = "resources-one", .retry_max = 50ms});
+        co_await writes.start();
+        co_await writes.enqueue(
+            "DO $$BEGIN RAISE EXCEPTION 'out of memory' USING ERRCODE = '53200'; END$$");
+        co_await writes.enqueue("INSERT INTO pw_resources (seq, payload) VALUES (100, 'after')");
+        const Error stopped = co_await expect_error(writes.stop());
+        EXPECT_EQ(stopped.code(), client_errc::writes_failed);
+        single = writes.report();
+      },
+      30s);
+  EXPECT_EQ(single.failed, 1U);
+  EXPECT_EQ(single.flushed, 1U);
+  EXPECT_EQ(scalar(dsn, "SELECT count(*) FROM pw_resources WHERE seq = 100"), "1");
 }
 
 // Rows for a column that does not exist fail for the COPY itself, whatever the rows: they are
