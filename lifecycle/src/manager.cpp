@@ -1,6 +1,7 @@
 #include "pgrt/lifecycle/manager.hpp"
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/bind_cancellation_slot.hpp>
@@ -201,6 +202,9 @@ struct Manager::Impl {
   asio::steady_timer wakeup;              // an orchestrator waits on it; completions cancel it
   asio::steady_timer stop_request_timer;  // cancelled by a stop request
   std::optional<asio::signal_set> signals;
+  // What SIGINT, SIGTERM and SIGQUIT did before run() took them (restored once it is done).
+  std::array<struct sigaction, 3> signals_before{};
+  static constexpr std::array<int, 3> owned_signals{SIGINT, SIGTERM, SIGQUIT};
 
   std::atomic<State> current_state{State::created};
   std::atomic<bool> is_ready{false};
@@ -666,6 +670,9 @@ struct Manager::Impl {
       // program's own set-up ends it as usual rather than waiting, unseen, for run(). Created
       // once and kept: destroying a signal_set restores the default disposition, and a second
       // Ctrl+C would then kill the process without a word.
+      for (std::size_t i = 0; i < owned_signals.size(); ++i) {
+        (void)::sigaction(owned_signals[i], nullptr, &signals_before[i]);
+      }
       signals.emplace(strand, SIGINT, SIGTERM, SIGQUIT);
       asio::co_spawn(strand, handle_signals(), asio::detached);
     }
@@ -682,9 +689,6 @@ struct Manager::Impl {
     for (std::size_t i = 1; i < options.threads; ++i) threads.emplace_back([this] { io.run(); });
     io.run();
     for (auto& thread : threads) thread.join();
-    // Nothing listens for signals any more: their default dispositions come back, so that what
-    // main() does after run() can still be ended by Ctrl+C or SIGTERM.
-    signals.reset();
     if (crashed) {
       spdlog::critical("{}: the lifecycle itself failed: {}", options.name, describe(crashed));
       code = exit_code::failure;
@@ -692,10 +696,20 @@ struct Manager::Impl {
     // A stop that was abandoned (deadline, budget) or never ran may have left sockets open: the
     // exit handlers run now, while no thread runs the io_context and before spdlog shuts down.
     if (crashed || !every_stop_ran) {
-      run_exit_handlers(crashed ? "the lifecycle failed" : "a stop was abandoned or never ran");
+      run_exit_handlers(crashed ? "the lifecycle failed"
+                                : "a stop was abandoned or never ran, or a start was cancelled");
     }
     graceful_done = true;  // everything stopped, or the handlers have run: not again at exit
     release_watchdog();    // after the handlers, so that the hard deadline still bounds them
+    if (signals) {
+      // Nothing listens for signals any more: what they did before run() comes back (the
+      // default, most often), so that what main() does after run() can still be ended by Ctrl+C
+      // or SIGTERM. (Not before the exit handlers: a signal must not cut them short.)
+      signals.reset();
+      for (std::size_t i = 0; i < owned_signals.size(); ++i) {
+        (void)::sigaction(owned_signals[i], &signals_before[i], nullptr);
+      }
+    }
     if (options.shutdown_logging) {
       spdlog::shutdown();  // flushes every logger, and ends spdlog's async thread pool
       // spdlog::shutdown() leaves no default logger, and spdlog::info() and the like then

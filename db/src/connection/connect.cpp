@@ -269,7 +269,7 @@ asio::awaitable<error_code> Connection::Impl::resolve_host(
   std::string unable;
   try {
     end = co_await detail::look_up_host(host, deadline, answer);
-  } catch (const std::system_error& error) {
+  } catch (const std::exception& error) {  // (no thread, no descriptor, no memory)
     unable = error.what();
   }
   if (!unable.empty()) {

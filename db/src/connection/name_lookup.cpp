@@ -8,11 +8,13 @@
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <cerrno>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <memory>
 #include <mutex>
 #include <netdb.h>
+#include <optional>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <system_error>
@@ -54,11 +56,17 @@ HostAddresses getaddrinfo_lookup(const std::string& host) {
 // lookup's thread writes to when it answers: the thread calls nothing of asio's, so an io_context
 // that is being destroyed meanwhile is no concern of it).
 struct Lookup {
+  std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
   std::mutex mutex;
   bool done = false;
   HostAddresses answer;
   std::vector<int> waiters;
 };
+
+// A lookup running longer than this is not joined: a connect from then on starts a fresh one (a
+// getaddrinfo() stuck in NSS or a dead DNS server may take minutes, and DNS may be back already).
+// The old one's thread ends when its getaddrinfo() returns; its answer is dropped.
+constexpr std::chrono::seconds stale_after{5};
 
 struct Lookups {
   std::mutex mutex;
@@ -74,8 +82,15 @@ Lookups& lookups() {
 
 // A lookup's thread: looks the name up, then wakes every connect still waiting for it.
 void run_lookup(const std::string& host, const std::shared_ptr<Lookup>& lookup,
-                BlockingLookup blocking) {
-  HostAddresses answer = blocking(host);
+                BlockingLookup blocking) noexcept {
+  HostAddresses answer;
+  try {
+    answer = blocking(host);
+  } catch (const std::exception& error) {  // (out of memory): the waiters hear it, no terminate
+    answer = HostAddresses{.addresses = {}, .error = error.what()};
+  } catch (...) {
+    answer = HostAddresses{.addresses = {}, .error = "the lookup failed"};
+  }
   {
     Lookups& all = lookups();
     std::lock_guard lock(all.mutex);  // a connect from now on starts a fresh lookup
@@ -96,13 +111,26 @@ void run_lookup(const std::string& host, const std::shared_ptr<Lookup>& lookup,
 std::shared_ptr<Lookup> join_or_start(const std::string& host) {
   Lookups& all = lookups();
   std::lock_guard lock(all.mutex);
-  if (auto running = all.running.find(host); running != all.running.end()) return running->second;
+  auto running = all.running.find(host);
+  if (running != all.running.end() &&
+      std::chrono::steady_clock::now() - running->second->started < stale_after) {
+    return running->second;
+  }
   auto lookup = std::make_shared<Lookup>();
-  all.running.emplace(host, lookup);
+  std::shared_ptr<Lookup> replaced;
+  if (running != all.running.end()) {
+    replaced = std::exchange(running->second, lookup);
+  } else {
+    all.running.emplace(host, lookup);
+  }
   try {
     std::thread(run_lookup, host, lookup, all.blocking.load()).detach();
   } catch (...) {
-    all.running.erase(host);
+    if (replaced) {
+      all.running[host] = std::move(replaced);
+    } else {
+      all.running.erase(host);
+    }
     throw;
   }
   return lookup;
@@ -126,6 +154,29 @@ class Registration {
   int eventfd_;
 };
 
+// A waiter's deadline: its timer's handler (on any thread of the io_context) writes to the
+// waiter's eventfd, as the lookup's thread does, unless the waiter has closed it. The only wake
+// the coroutine waits for is the eventfd's: no asio object is touched from two threads.
+struct Deadline {
+  std::mutex mutex;
+  int eventfd = -1;  // -1 once the waiter is gone
+  bool passed = false;
+};
+
+class DeadlineGuard {
+ public:
+  explicit DeadlineGuard(std::shared_ptr<Deadline> deadline) : deadline_(std::move(deadline)) {}
+  DeadlineGuard(const DeadlineGuard&) = delete;
+  DeadlineGuard& operator=(const DeadlineGuard&) = delete;
+  ~DeadlineGuard() {
+    std::lock_guard lock(deadline_->mutex);
+    deadline_->eventfd = -1;
+  }
+
+ private:
+  std::shared_ptr<Deadline> deadline_;
+};
+
 }  // namespace
 
 BlockingLookup replace_blocking_lookup(BlockingLookup lookup) noexcept {
@@ -140,6 +191,12 @@ asio::awaitable<LookupEnd> look_up_host(
   const int eventfd = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (eventfd < 0) throw std::system_error(errno, std::generic_category(), "eventfd");
   asio::posix::stream_descriptor woken(here, eventfd);  // owns and closes it
+  // (Declared after `woken`: destroyed before it closes the eventfd, so that neither the lookup's
+  // thread nor the deadline's handler writes to a descriptor number reused meanwhile.)
+  const Registration registration(lookup, eventfd);
+  auto timing = std::make_shared<Deadline>();
+  timing->eventfd = eventfd;
+  const DeadlineGuard timing_guard(timing);
   {
     std::lock_guard lock(lookup->mutex);
     if (lookup->done) {
@@ -148,22 +205,31 @@ asio::awaitable<LookupEnd> look_up_host(
     }
     lookup->waiters.push_back(eventfd);
   }
-  // The coroutine waits on a timer (the deadline) that the eventfd's wake cancels; the wake's
-  // handler shares the timer, as it may run after the coroutine has ended.
-  auto answered = std::make_shared<asio::steady_timer>(
-      here, deadline.value_or(asio::steady_timer::time_point::max()));
-  const Registration registration(lookup, eventfd);  // (destroyed before `woken` closes the fd)
-  woken.async_wait(asio::posix::stream_descriptor::wait_read,
-                   [answered](boost::system::error_code error) {
-                     if (!error) answered->cancel();
-                   });
-  const auto [waited] = co_await answered->async_wait(asio::as_tuple(asio::use_awaitable));
-  std::lock_guard lock(lookup->mutex);
-  if (lookup->done) {
-    answer = lookup->answer;
-    co_return LookupEnd::answered;
+  std::optional<asio::steady_timer> timer;
+  if (deadline) {
+    timer.emplace(here, *deadline);
+    timer->async_wait([timing](boost::system::error_code error) {
+      if (error) return;
+      std::lock_guard lock(timing->mutex);
+      timing->passed = true;
+      if (timing->eventfd >= 0) {
+        const std::uint64_t one = 1;
+        (void)!::write(timing->eventfd, &one, sizeof one);
+      }
+    });
   }
-  co_return waited ? LookupEnd::cancelled : LookupEnd::timed_out;
+  const auto [waited] = co_await woken.async_wait(asio::posix::stream_descriptor::wait_read,
+                                                  asio::as_tuple(asio::use_awaitable));
+  {
+    std::lock_guard lock(lookup->mutex);
+    if (lookup->done) {
+      answer = lookup->answer;
+      co_return LookupEnd::answered;
+    }
+  }
+  if (waited) co_return LookupEnd::cancelled;
+  std::lock_guard lock(timing->mutex);
+  co_return timing->passed ? LookupEnd::timed_out : LookupEnd::cancelled;
 }
 
 }  // namespace pgrt::detail

@@ -40,8 +40,10 @@ enum class LookupEnd {
 
 // Looks `host` up: starts a lookup, or joins the one already running for that name, and waits on
 // the calling coroutine's executor until it answers, `deadline` passes (none: no deadline) or the
-// caller's cancellation slot fires. Throws std::system_error when no thread or eventfd can be had.
-// Thread-safe: any number of coroutines on any executors may look names up at once.
+// caller's cancellation slot fires. A lookup running for longer than a few seconds is not joined:
+// a fresh one starts (DNS may be back). Throws (std::system_error, boost::system::system_error,
+// std::bad_alloc) when no thread, descriptor or memory can be had. Thread-safe: any number of
+// coroutines on any executors (a multi-threaded io_context included) may look names up at once.
 boost::asio::awaitable<LookupEnd> look_up_host(
     const std::string& host, std::optional<std::chrono::steady_clock::time_point> deadline,
     HostAddresses& answer);

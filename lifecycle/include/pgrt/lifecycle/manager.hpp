@@ -88,7 +88,7 @@ struct ManagerOptions {
   /// or interrupted start-up switches to hard_deadline when its shutdown begins.
   std::optional<std::chrono::milliseconds> start_hard_deadline;
   /// Own SIGINT, SIGTERM and SIGQUIT while run() runs (one signal_set, until its threads are
-  /// joined: then they get their default dispositions back; before run() they keep theirs), and,
+  /// joined and the exit handlers have run: then they get back what they did before run()), and,
   /// from construction, ignore SIGPIPE unless the
   /// program set a handler of its own: a write to a closed pipe (a log reader gone) then fails with
   /// EPIPE rather than killing the process without a shutdown.
