@@ -672,10 +672,37 @@ void cancel_flusher(const std::shared_ptr<State>& self) {
   });
 }
 
+// PostgreSQL's keywords that cannot be a plain column or table name (its documentation's
+// "reserved" and "reserved (can be function or type)" ones): quoted, they can.
+// clang-format off
+constexpr std::array<std::string_view, 100> reserved_words{
+    "all", "analyse", "analyze", "and", "any", "array", "as", "asc", "asymmetric", "authorization",
+    "binary", "both", "case", "cast", "check", "collate", "collation", "column", "concurrently",
+    "constraint", "create", "cross", "current_catalog", "current_date", "current_role",
+    "current_schema", "current_time", "current_timestamp", "current_user", "default", "deferrable",
+    "desc", "distinct", "do", "else", "end", "except", "false", "fetch", "for", "foreign",
+    "freeze", "from", "full", "grant", "group", "having", "ilike", "in", "initially", "inner",
+    "intersect", "into", "is", "isnull", "join", "lateral", "leading", "left", "like", "limit",
+    "localtime", "localtimestamp", "natural", "not", "notnull", "null", "offset", "on", "only",
+    "or", "order", "outer", "overlaps", "placing", "primary", "references", "returning", "right",
+    "select", "session_user", "similar", "some", "symmetric", "table", "tablesample", "then", "to",
+    "trailing", "true", "union", "unique", "user", "using", "variadic", "verbose", "when", "where",
+    "window", "with"};
+// clang-format on
+static_assert(std::is_sorted(reserved_words.begin(), reserved_words.end()));
+
+bool is_reserved_word(std::string_view plain) {
+  std::string lower(plain);
+  for (char& c : lower) {
+    if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
+  }
+  return std::binary_search(reserved_words.begin(), reserved_words.end(), lower);
+}
+
 // A name as SQL writes it: `parts` identifiers at most, joined by '.', each either plain (a
 // letter, '_' or a non-ASCII byte first, then also digits and '$') or double-quoted (not empty;
-// "" for a quote inside). Anything else could not be the name it looks like (`1t`, `""`, `a"b"c`)
-// or would inject SQL.
+// "" for a quote inside), the first not a reserved word unless quoted. Anything else could not be
+// the name it looks like (`1t`, `""`, `a"b"c`, `order`) or would inject SQL.
 bool valid_name(std::string_view name, int parts) {
   const auto letter = [](unsigned char c) {
     return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_' || c >= 0x80;
@@ -702,10 +729,13 @@ bool valid_name(std::string_view name, int parts) {
       if (length == 0) return false;
     } else {
       if (!letter(static_cast<unsigned char>(name[at]))) return false;
+      const std::size_t word = at;
       while (at < name.size() && (letter(static_cast<unsigned char>(name[at])) ||
                                   (name[at] >= '0' && name[at] <= '9') || name[at] == '$')) {
         ++at;
       }
+      // (The parts after the first may be any keyword: `public.order` is a table.)
+      if (part == 1 && is_reserved_word(name.substr(word, at - word))) return false;
     }
     if (at == name.size()) return true;
     if (name[at] != '.' || part == parts) return false;
@@ -763,24 +793,38 @@ asio::awaitable<void> accept(std::shared_ptr<State> self, Write write) {
 void refuse_as_pending_write(std::string_view sql) {
   std::size_t end = 0;
   const std::string keyword = first_keyword(sql, &end);
-  static constexpr std::array<std::string_view, 20> refused{
-      "begin",   "start",      "commit",  "end",   "rollback", "abort",    "savepoint",
-      "release", "prepare",    "set",     "reset", "listen",   "unlisten", "copy",
-      "discard", "deallocate", "declare", "fetch", "move",     "close"};
-  bool refuse = std::find(refused.begin(), refused.end(), keyword) != refused.end();
-  if (keyword == "set") {
-    const std::string scope = first_keyword(sql.substr(end));
-    refuse = scope != "local" && scope != "constraints" && scope != "transaction";
+  static constexpr std::array<std::string_view, 21> refused{
+      "begin",   "start",   "commit",     "end",     "rollback", "abort",    "savepoint",
+      "release", "prepare", "set",        "reset",   "listen",   "unlisten", "copy",
+      "discard", "load",    "deallocate", "declare", "fetch",    "move",     "close"};
+  std::string what;  // what is refused, for the message ("" if nothing)
+  if (std::find(refused.begin(), refused.end(), keyword) != refused.end()) {
+    what = "'" + keyword + "'";
   }
-  const bool advisory = calls_session_advisory_lock(sql);
-  if (!refuse && !advisory) return;
+  // The next word, whole (a setting's name may begin with "local_" or "transaction_").
+  const std::string_view rest = sql.substr(end);
+  std::size_t second_end = 0;
+  const std::string second = first_keyword(rest, &second_end);
+  const bool whole = second_end >= rest.size() || !is_sql_word_char(rest[second_end]);
+  if (keyword == "set" && whole &&
+      (second == "local" || second == "constraints" || second == "transaction")) {
+    what.clear();
+  }
+  // A temporary table lives as long as the session: CREATE [LOCAL | GLOBAL] TEMP[ORARY].
+  if (keyword == "create" && whole &&
+      (second == "temp" || second == "temporary" || second == "local" || second == "global")) {
+    what = "a temporary table";
+  }
+  // set_config(name, value, false) sets for the session, as SET does. (Functions and DO blocks
+  // are not looked into: a guard against a mistake, not a boundary.)
+  if (what.empty() && contains_ignoring_case(sql, "set_config")) what = "set_config()";
+  if (what.empty() && calls_session_advisory_lock(sql)) what = "a session-level advisory lock";
+  if (what.empty()) return;
   throw Error(
       make_error_code(client_errc::needs_session),
       Diagnostics{
-          .message =
-              (advisory ? std::string("a session-level advisory lock") : "'" + keyword + "'") +
-              " cannot be a pending write: pending writes run in the flusher's batch "
-              "transaction, on a pooled connection that later users share",
+          .message = what + " cannot be a pending write: pending writes run in the flusher's batch "
+                            "transaction, on a pooled connection that later users share",
           .hint = "use SET LOCAL for a setting of the batch's transaction, and take a lease "
                   "(co_await pgrt::connection()) for a transaction or session state of your own",
           .statement = std::string(sql)});

@@ -127,7 +127,7 @@ TEST_F(PendingWritesTest, ConfigAndTableNamesAreValidated) {
 
   PendingWrites writes(pool, io.get_executor());
   for (const std::string bad : {"t; DROP TABLE x", "", "t t", "\"open", "\"\"", "1t", "a\"b\"c",
-                                "t.", ".t", "a..b", "a.b.c.d", "\"x\"y"}) {
+                                "t.", ".t", "a..b", "a.b.c.d", "\"x\"y", "select", "User"}) {
     try {
       (void)writes.table<std::int64_t>(bad, {"seq"});
       ADD_FAILURE() << "accepted the table name " << bad;
@@ -138,10 +138,11 @@ TEST_F(PendingWritesTest, ConfigAndTableNamesAreValidated) {
   EXPECT_THROW((void)(writes.table<std::int64_t, std::string>("t", {"seq"})), Error);
   EXPECT_THROW((void)(writes.table<std::int64_t>("t", {"seq)--"})), Error);
   EXPECT_NO_THROW((void)(writes.table<std::int64_t>("public.\"My Table\"", {"\"Seq\""})));
-  for (const std::string good : {"_x$1", "caf\u00e9", "db.s.t", "\"a\"\"b\"", "\"1t\".t"}) {
+  for (const std::string good :
+       {"_x$1", "caf\u00e9", "db.s.t", "\"a\"\"b\"", "\"1t\".t", "\"select\"", "public.order"}) {
     EXPECT_NO_THROW((void)(writes.table<std::int64_t>(good, {"seq"}))) << good;
   }
-  for (const std::string bad_column : {"a.b", "\"\"", "1c", "c c"}) {
+  for (const std::string bad_column : {"a.b", "\"\"", "1c", "c c", "order", "Like"}) {
     EXPECT_THROW((void)(writes.table<std::int64_t>("t", {bad_column})), Error) << bad_column;
   }
   EXPECT_EQ(writes.name(), "pending_writes");
@@ -174,7 +175,9 @@ TEST_F(PendingWritesTest, TransactionControlSessionStateAndNulBytesAreRefusedAnd
     for (const std::string sql :
          {"COMMIT", "  begin", "SET search_path TO nowhere", "set session statement_timeout = 1",
           "RESET ALL", "LISTEN x", "SELECT pg_advisory_lock(1)", "DECLARE c CURSOR FOR SELECT 1",
-          "/* c */ SAVEPOINT s"}) {
+          "/* c */ SAVEPOINT s", "SET local_preload_libraries = ''",
+          "SELECT set_config('search_path', 'pg_temp', false)", "CREATE TEMP TABLE tt (x int)",
+          "create global temporary table tg (x int)", "LOAD 'auto_explain'"}) {
       const Error error = co_await expect_error(writes.enqueue(sql));
       EXPECT_EQ(error.code(), client_errc::needs_session) << sql;
       EXPECT_THAT(error.what(), HasSubstr("cannot be a pending write")) << sql;

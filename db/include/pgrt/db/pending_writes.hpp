@@ -163,9 +163,9 @@ class PendingWrites {
   /// pipeline inside the batch's transaction; the statement must not return rows that matter
   /// (they are discarded). Refused at the call (client_errc::needs_session, not accepted):
   /// transaction control (BEGIN, COMMIT, SAVEPOINT, ...) and session state (SET but SET LOCAL,
-  /// SET CONSTRAINTS and SET TRANSACTION; RESET, LISTEN, PREPARE, DISCARD, cursors, a
-  /// session-level advisory lock), which would end part of a batch or stay on the pooled
-  /// connection, and COPY.
+  /// SET CONSTRAINTS and SET TRANSACTION; set_config(), RESET, LISTEN, PREPARE, DISCARD, LOAD,
+  /// cursors, a temporary table, a session-level advisory lock), which would end part of a batch
+  /// or stay on the pooled connection, and COPY. (Functions and DO blocks are not looked into.)
   ///
   /// When `capacity` writes are pending: with WhenFull::wait, waits (FIFO) for room; with
   /// WhenFull::fail, throws.
@@ -199,7 +199,8 @@ class PendingWrites {
   /// where duplicates matter.
   ///
   /// Names are used as written in SQL: plain identifiers (letters, digits, _ and $, not a digit
-  /// first) or double-quoted ones (not empty), the table optionally qualified (parts joined by
+  /// first, not a reserved word such as order or user) or double-quoted ones (not empty), the table
+  /// optionally qualified (parts joined by
   /// '.'). Throws pgrt::Error(client_errc::invalid_config) if a name is anything else (no SQL
   /// injection through names, no name taken for another), or if the number of columns is not the
   /// number of types.
