@@ -128,6 +128,28 @@ std::string fetch(const Url& url, std::chrono::seconds limit) {
 }
 
 // One sample: its family name, labels and value.
+}  // namespace
+
+std::string printable(std::string_view text) {
+  std::string out;
+  out.reserve(text.size());
+  for (std::size_t i = 0; i < text.size(); ++i) {
+    const auto byte = static_cast<unsigned char>(text[i]);
+    if (byte == 0xc2 && i + 1 < text.size() && static_cast<unsigned char>(text[i + 1]) >= 0x80 &&
+        static_cast<unsigned char>(text[i + 1]) <= 0x9f) {
+      out += '?';  // U+0080-U+009F
+      ++i;
+    } else if (byte < 0x20 || byte == 0x7f) {
+      out += '?';
+    } else {
+      out += text[i];
+    }
+  }
+  return out;
+}
+
+namespace {
+
 struct Sample {
   std::string name;
   std::map<std::string, std::string> labels;
@@ -162,7 +184,7 @@ std::vector<Sample> parse_samples(const std::string& text) {
             value += line[i];
           }
         }
-        sample.labels[std::move(key)] = std::move(value);
+        sample.labels[std::move(key)] = printable(value);  // (a "\n" in it must not start a line)
         at = i + 1;
         if (at < line.size() && line[at] == ',') ++at;
       }

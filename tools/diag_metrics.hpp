@@ -2,7 +2,15 @@
 
 // pgrt-diag metrics URL (diag_metrics.cpp).
 
+#include <string>
+#include <string_view>
+
 namespace pgrt::diag {
+
+// Text from a server or an endpoint (an application_name any client sets, a database's name, a
+// label value) as a report shows it: control characters, a line break included, and C1 controls
+// encoded in UTF-8 (U+0080-U+009F: a terminal may take U+009B for an escape) become '?'.
+std::string printable(std::string_view text);
 
 // argv[1] is "metrics". Returns the exit code.
 int run_metrics(int argc, char** argv);

@@ -221,16 +221,7 @@ std::optional<Arguments> parse_arguments(int argc, char** argv) {
   return arguments;
 }
 
-// A server's text (an application_name any client sets, a database's name, ...) as the text
-// report shows it: control bytes (an escape sequence that would drive the operator's terminal)
-// become '?'.
-std::string printable(std::string_view text) {
-  std::string out(text);
-  for (char& c : out) {
-    if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) c = '?';
-  }
-  return out;
-}
+using pgrt::diag::printable;
 
 std::string json_string(std::string_view text) {
   std::string out = "\"";

@@ -337,7 +337,9 @@ TEST_F(LifecycleProcessTest, DiagMetricsGivesUpOnASilentEndpointAndNeverEchoesCr
 // pgrt-diag's text report shows a server's names (a database's, which its owner chooses) with
 // their control bytes replaced: an escape sequence does not reach the operator's terminal.
 TEST_F(LifecycleProcessTest, DiagTextReportKeepsControlBytesOfServerNamesOffTheTerminal) {
-  const std::string name = "diag\x1b[2J\x1b[31mfake";
+  const std::string name =
+      "diag\x1b[2J\xc2\x9b"
+      "31mfake";  // ESC, and CSI as UTF-8's U+009B
   {
     BlockingConnection admin(cluster().dsn());
     admin.query("DROP DATABASE IF EXISTS \"" + name + "\"");
@@ -348,7 +350,7 @@ TEST_F(LifecycleProcessTest, DiagTextReportKeepsControlBytesOfServerNamesOffTheT
                               "' application_name=diagesc/one/0badcafe");
     Child diag({PGRT_DIAG_PATH, "--app", "diagesc"}, cluster().dsn(), "diag-escape");
     (void)diag.wait_for_exit(30s);
-    EXPECT_THAT(diag.output(), HasSubstr("diag?[2J?[31mfake"));
+    EXPECT_THAT(diag.output(), HasSubstr("diag?[2J?31mfake"));
     EXPECT_EQ(diag.output().find('\x1b'), std::string::npos) << diag.output();
   }
   BlockingConnection(cluster().dsn()).query("DROP DATABASE IF EXISTS \"" + name + "\"");
@@ -377,7 +379,8 @@ TEST_F(LifecycleProcessTest, DiagMetricsSummarizesAnEndpointWithOtherLabelsWitho
         "db_client_connection_state=\"idle\"} 3\n"
         "pgrt_watchdog_condition{cause=\"x\"} 1\n"
         "pgrt_lifecycle_state{state=\"running\\u001b[2J\"} 1\n"
-        "pgrt_pool_discards_total{db_client_connection_pool_name=\"\x1b[31morders\"} 2\n";
+        "pgrt_pool_discards_total{db_client_connection_pool_name=\"\x1b[31morders\"} 2\n"
+        "pgrt_pool_waiting{db_client_connection_pool_name=\"x\\nFAKE: all healthy\"} 0\n";
     const std::string answer = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: " +
                                std::to_string(body.size()) + "\r\nConnection: close\r\n\r\n" + body;
     (void)!::write(client, answer.data(), answer.size());
@@ -389,6 +392,7 @@ TEST_F(LifecycleProcessTest, DiagMetricsSummarizesAnEndpointWithOtherLabelsWitho
   EXPECT_EQ(diag.wait_for_exit(30s), 0) << diag.output();
   EXPECT_THAT(diag.output(), HasSubstr("pool orders"));
   EXPECT_EQ(diag.output().find('\x1b'), std::string::npos) << diag.output();
+  EXPECT_EQ(diag.output().find("\nFAKE"), std::string::npos) << diag.output();
   server.join();
   ::close(listener);
 }
