@@ -30,6 +30,7 @@
 #include <string>
 #include <sys/socket.h>
 #include <sys/wait.h>
+#include <system_error>
 #include <thread>
 #include <unistd.h>
 #include <vector>
@@ -294,21 +295,41 @@ std::uint16_t free_port() {
   return ntohs(address.sin_port);
 }
 
+// A TCP listener on 127.0.0.1, on a port of its own, closed with the object. The kernel accepts
+// up to 4 connections that nobody has taken with accept().
+class LoopbackListener {
+ public:
+  LoopbackListener() : fd_(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0)) {
+    sockaddr_in address{};
+    address.sin_family = AF_INET;
+    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t length = sizeof address;
+    if (fd_ < 0 || ::bind(fd_, reinterpret_cast<sockaddr*>(&address), sizeof address) != 0 ||
+        ::listen(fd_, 4) != 0 ||
+        ::getsockname(fd_, reinterpret_cast<sockaddr*>(&address), &length) != 0) {
+      const int error = errno;
+      if (fd_ >= 0) ::close(fd_);
+      throw std::system_error(error, std::generic_category(), "a loopback listener");
+    }
+    port_ = ntohs(address.sin_port);
+  }
+  LoopbackListener(const LoopbackListener&) = delete;
+  LoopbackListener& operator=(const LoopbackListener&) = delete;
+  ~LoopbackListener() { ::close(fd_); }
+  [[nodiscard]] int fd() const { return fd_; }
+  [[nodiscard]] std::uint16_t port() const { return port_; }
+
+ private:
+  int fd_;
+  std::uint16_t port_ = 0;
+};
+
 // pgrt-diag metrics against an endpoint that accepts and never answers gives up after --timeout
 // (it hung for good: beast's timeouts do not apply to synchronous reads); a URL with credentials
 // is refused without echoing them.
 TEST_F(LifecycleProcessTest, DiagMetricsGivesUpOnASilentEndpointAndNeverEchoesCredentials) {
-  const int listener = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  ASSERT_GE(listener, 0);
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ASSERT_EQ(::bind(listener, reinterpret_cast<sockaddr*>(&address), sizeof address), 0);
-  ASSERT_EQ(::listen(listener, 4), 0);  // the kernel accepts; nobody ever answers
-  socklen_t length = sizeof address;
-  ASSERT_EQ(::getsockname(listener, reinterpret_cast<sockaddr*>(&address), &length), 0);
-  const std::string url =
-      "http://127.0.0.1:" + std::to_string(ntohs(address.sin_port)) + "/metrics";
+  const LoopbackListener listener;  // the kernel accepts; nobody ever answers
+  const std::string url = "http://127.0.0.1:" + std::to_string(listener.port()) + "/metrics";
   {
     const auto started = std::chrono::steady_clock::now();
     Child diag({PGRT_DIAG_PATH, "metrics", url, "--timeout", "1"}, cluster().dsn(), "diag-silent");
@@ -331,7 +352,6 @@ TEST_F(LifecycleProcessTest, DiagMetricsGivesUpOnASilentEndpointAndNeverEchoesCr
     EXPECT_EQ(diag.wait_for_exit(30s), 2) << diag.output();
     EXPECT_THAT(diag.output(), Not(HasSubstr("ss3cret")));
   }
-  ::close(listener);
 }
 
 // pgrt-diag's text report shows a server's names (a database's, which its owner chooses) with
@@ -360,17 +380,9 @@ TEST_F(LifecycleProcessTest, DiagTextReportKeepsControlBytesOfServerNamesOffTheT
 // exporter's db_client_connection_state) and control bytes: a summary, no crash (it aborted on a
 // missing label), and no escape sequence reaches the terminal.
 TEST_F(LifecycleProcessTest, DiagMetricsSummarizesAnEndpointWithOtherLabelsWithoutCrashing) {
-  const int listener = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  ASSERT_GE(listener, 0);
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ASSERT_EQ(::bind(listener, reinterpret_cast<sockaddr*>(&address), sizeof address), 0);
-  ASSERT_EQ(::listen(listener, 4), 0);
-  socklen_t length = sizeof address;
-  ASSERT_EQ(::getsockname(listener, reinterpret_cast<sockaddr*>(&address), &length), 0);
-  std::thread server([listener] {
-    const int client = ::accept(listener, nullptr, nullptr);
+  const LoopbackListener listener;
+  std::thread server([&listener] {
+    const int client = ::accept(listener.fd(), nullptr, nullptr);
     if (client < 0) return;
     char request[4096];
     (void)::read(client, request, sizeof request);  // one read holds a curl-sized GET
@@ -387,14 +399,13 @@ TEST_F(LifecycleProcessTest, DiagMetricsSummarizesAnEndpointWithOtherLabelsWitho
     ::close(client);
   });
   Child diag({PGRT_DIAG_PATH, "metrics",
-              "http://127.0.0.1:" + std::to_string(ntohs(address.sin_port)) + "/metrics"},
+              "http://127.0.0.1:" + std::to_string(listener.port()) + "/metrics"},
              cluster().dsn(), "diag-other-labels");
   EXPECT_EQ(diag.wait_for_exit(30s), 0) << diag.output();
   EXPECT_THAT(diag.output(), HasSubstr("pool orders"));
   EXPECT_EQ(diag.output().find('\x1b'), std::string::npos) << diag.output();
   EXPECT_EQ(diag.output().find("\nFAKE"), std::string::npos) << diag.output();
   server.join();
-  ::close(listener);
 }
 
 // pgrt-diag's snapshot against a server that stops answering (a catalog it reads is locked) gives
