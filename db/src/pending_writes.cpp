@@ -456,6 +456,7 @@ asio::awaitable<void> flush(State& self, std::span<Write> writes) {
             /*abandoned=*/true);
   };
   int too_slow_attempts = 0;  // a single write cut by a timeout or a lock, or short of a resource
+  Clock::time_point failing_since{};  // its first such failure
   for (std::uint64_t attempt = 1;; ++attempt) {
     if (is_abandoned(self)) {
       abandon();
@@ -481,15 +482,21 @@ asio::awaitable<void> flush(State& self, std::span<Write> writes) {
       co_return;
     }
     Failure kind = classify(failure->code());
-    if (kind == Failure::too_big) kind = Failure::too_slow;  // (the same halving, the same bound)
-    if (kind == Failure::too_slow) {
+    if (kind == Failure::too_slow || kind == Failure::too_big) {
       // Halved down to one write; that one is retried a few times (a lock held for a while),
       // then given up on: a write that always runs out of time must not hold up every write
-      // behind it.
+      // behind it. One short of a resource is given up on only once it has also failed for 10
+      // retry_max periods: the server may be short for everyone for a while (memory, locks), and
+      // its writes must not be lost to a squeeze the server gets over.
+      const auto now = Clock::now();
       if (writes.size() > 1) {
         kind = Failure::per_write;
       } else {
-        kind = ++too_slow_attempts < too_slow_write_attempts ? Failure::transient : Failure::whole;
+        if (too_slow_attempts++ == 0) failing_since = now;
+        const bool given_time =
+            kind == Failure::too_slow || now - failing_since >= 10 * self.config.retry_max;
+        kind = too_slow_attempts < too_slow_write_attempts || !given_time ? Failure::transient
+                                                                          : Failure::whole;
       }
     }
     switch (kind) {
@@ -673,9 +680,10 @@ void cancel_flusher(const std::shared_ptr<State>& self) {
 }
 
 // PostgreSQL's keywords that cannot be a plain column or table name (its documentation's
-// "reserved" and "reserved (can be function or type)" ones): quoted, they can.
+// "reserved" and "reserved (can be function or type)" ones, PostgreSQL 16's system_user
+// included): quoted, they can.
 // clang-format off
-constexpr std::array<std::string_view, 100> reserved_words{
+constexpr std::array<std::string_view, 101> reserved_words{
     "all", "analyse", "analyze", "and", "any", "array", "as", "asc", "asymmetric", "authorization",
     "binary", "both", "case", "cast", "check", "collate", "collation", "column", "concurrently",
     "constraint", "create", "cross", "current_catalog", "current_date", "current_role",
@@ -685,7 +693,7 @@ constexpr std::array<std::string_view, 100> reserved_words{
     "intersect", "into", "is", "isnull", "join", "lateral", "leading", "left", "like", "limit",
     "localtime", "localtimestamp", "natural", "not", "notnull", "null", "offset", "on", "only",
     "or", "order", "outer", "overlaps", "placing", "primary", "references", "returning", "right",
-    "select", "session_user", "similar", "some", "symmetric", "table", "tablesample", "then", "to",
+    "select", "session_user", "similar", "some", "symmetric", "system_user", "table", "tablesample", "then", "to",
     "trailing", "true", "union", "unique", "user", "using", "variadic", "verbose", "when", "where",
     "window", "with"};
 // clang-format on
@@ -815,9 +823,10 @@ void refuse_as_pending_write(std::string_view sql) {
       (second == "temp" || second == "temporary" || second == "local" || second == "global")) {
     what = "a temporary table";
   }
-  // set_config(name, value, false) sets for the session, as SET does. (Functions and DO blocks
-  // are not looked into: a guard against a mistake, not a boundary.)
-  if (what.empty() && contains_ignoring_case(sql, "set_config")) what = "set_config()";
+  // set_config(name, value, false) sets for the session, as SET does; with true, for the
+  // transaction (the batch's), as SET LOCAL. (Functions and DO blocks are not looked into: a
+  // guard against a mistake, not a boundary.)
+  if (what.empty() && calls_session_set_config(sql)) what = "set_config() for the session";
   if (what.empty() && calls_session_advisory_lock(sql)) what = "a session-level advisory lock";
   if (what.empty()) return;
   throw Error(
@@ -1026,7 +1035,8 @@ std::shared_ptr<const detail::PendingTable> PendingWrites::make_table(
   if (!valid_name(table, 3)) {
     invalid(
         "the table name must be an identifier, schema-qualified or not (letters, digits, _ and $, "
-        "not a digit first, or double-quoted), parts joined by '.'");
+        "not a digit first, not a reserved word such as order or user; or double-quoted), parts "
+        "joined by '.'");
   }
   if (columns.size() != types) {
     invalid(std::to_string(columns.size()) + " column names for " + std::to_string(types) +
@@ -1037,8 +1047,8 @@ std::shared_ptr<const detail::PendingTable> PendingWrites::make_table(
   for (const auto& column : columns) {
     if (!valid_name(column, 1)) {
       invalid("column \"" + shortened(column, 100) +
-              "\" is not an identifier (letters, digits, _ and $, not a digit first, or "
-              "double-quoted)");
+              "\" is not an identifier (letters, digits, _ and $, not a digit first, not a "
+              "reserved word such as order or user; or double-quoted)");
     }
     if (!list.empty()) list += ", ";
     list += column;

@@ -119,6 +119,66 @@ std::size_t past_blanks_and_comments(std::string_view sql, std::size_t at) noexc
   return at;
 }
 
+bool calls_session_set_config(std::string_view sql) {
+  if (!contains_ignoring_case(sql, "set_config")) return false;
+  const std::size_t size = sql.size();
+  // The last top-level argument of the call whose '(' is at `open`, as written (trimmed).
+  const auto last_argument = [&](std::size_t open) {
+    int depth = 0;
+    std::size_t from = open + 1;
+    for (std::size_t at = open; at < size;) {
+      if (const std::size_t after = end_of_comment(sql, at); after != at) {
+        at = after;
+      } else if (const std::size_t end = end_of_string_constant(sql, at); end != at) {
+        at = end;
+      } else if (sql[at] == '"') {
+        at = end_of_quoted_identifier(sql, at, nullptr);
+      } else {
+        if (sql[at] == '(') ++depth;
+        if (sql[at] == ',' && depth == 1) from = at + 1;
+        if (sql[at] == ')' && --depth == 0) {
+          std::string_view argument = sql.substr(from, at - from);
+          while (!argument.empty() && std::isspace(static_cast<unsigned char>(argument.front())))
+            argument.remove_prefix(1);
+          while (!argument.empty() && std::isspace(static_cast<unsigned char>(argument.back())))
+            argument.remove_suffix(1);
+          return std::string(argument);
+        }
+        ++at;
+      }
+    }
+    return std::string();
+  };
+  for (std::size_t at = 0; at < size;) {
+    std::string word;
+    if (const std::size_t after = end_of_comment(sql, at); after != at) {
+      at = after;
+      continue;
+    }
+    if (const std::size_t end = end_of_string_constant(sql, at); end != at) {
+      at = end;
+      continue;
+    }
+    if (sql[at] == '"') {
+      at = end_of_quoted_identifier(sql, at, &word);
+    } else if (is_sql_word_char(sql[at])) {
+      for (; at < size && is_sql_word_char(sql[at]); ++at) {
+        word += static_cast<char>(std::tolower(static_cast<unsigned char>(sql[at])));
+      }
+    } else {
+      ++at;
+      continue;
+    }
+    if (word != "set_config") continue;
+    const std::size_t open = past_blanks_and_comments(sql, at);
+    if (open >= size || sql[open] != '(') continue;
+    std::string last = last_argument(open);
+    for (char& c : last) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    if (last != "true") return true;
+  }
+  return false;
+}
+
 std::string first_keyword(std::string_view sql, std::size_t* end) {
   std::size_t at = past_blanks_and_comments(sql, 0);
   while (at < sql.size() && sql[at] == ';') {

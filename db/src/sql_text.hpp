@@ -52,6 +52,12 @@ void check_statement_text(std::string_view sql);
 // not a boundary: a function or DO block that takes the lock inside is not seen.
 bool calls_session_advisory_lock(std::string_view sql);
 
+// Whether `sql` calls set_config() other than with `true` as its last argument (which sets for
+// the transaction only): it then sets for the session, as SET does. A word (or quoted identifier)
+// set_config followed by '('; strings and comments are skipped. A guard against a mistake, not a
+// boundary: a function or DO block that calls it inside is not seen.
+bool calls_session_set_config(std::string_view sql);
+
 // The statement's first keyword, lower case, after white space, empty statements (`;`) and
 // comments ("" if none); `end`, if given, gets the offset just past it (for the next keyword:
 // first_keyword(sql.substr(end))).

@@ -183,6 +183,8 @@ TEST_F(PendingWritesTest, TransactionControlSessionStateAndNulBytesAreRefusedAnd
       EXPECT_THAT(error.what(), HasSubstr("cannot be a pending write")) << sql;
     }
     co_await writes.enqueue("SET LOCAL lock_timeout = '5s'");
+    co_await writes.enqueue("SELECT set_config('app.user_id', $1, true)", std::string("42"));
+    co_await writes.enqueue("INSERT INTO pw_refusals (seq, payload) VALUES (3, 'asset_config')");
     co_await writes.enqueue("ALTER ROLE no_such_role PASSWORD 'hunter2-secret'");
     auto rows = writes.table<std::int64_t, std::string>("pw_refusals", {"seq", "payload"});
     const Error nul = co_await expect_error(rows.append(1, std::string("nul\0mid", 7)));
@@ -194,7 +196,7 @@ TEST_F(PendingWritesTest, TransactionControlSessionStateAndNulBytesAreRefusedAnd
     auto lease = co_await pool.acquire();
     search_path_after = (co_await lease->query("SHOW search_path")).scalar<std::string>();
   });
-  EXPECT_EQ(key_summary(dsn, "pw_refusals"), "1 2 2 2");
+  EXPECT_EQ(key_summary(dsn, "pw_refusals"), "2 2 3 5");
   EXPECT_EQ(search_path_after, "\"$user\", public");
   ASSERT_EQ(given_up.size(), 1U);
   EXPECT_THAT(given_up[0], HasSubstr("PASSWORD '****'"));

@@ -7,6 +7,20 @@
 namespace pgrt {
 namespace {
 
+// set_config() with a last argument other than true sets for the session (pending writes refuse
+// it); with true, for the transaction. A word followed by '(', not a part of another name.
+TEST(SqlText, SessionSetConfigIsTheCallWithoutTrueAsItsLastArgument) {
+  EXPECT_TRUE(calls_session_set_config("SELECT set_config('a.b', 'c', false)"));
+  EXPECT_TRUE(calls_session_set_config("select SET_CONFIG ('a.b', $1, $2)"));
+  EXPECT_TRUE(calls_session_set_config(R"(SELECT "set_config"('a.b', 'c', false))"));
+  EXPECT_TRUE(calls_session_set_config("SELECT set_config('a', f(1, true), false)"));
+  EXPECT_FALSE(calls_session_set_config("SELECT set_config('app.user_id', $1, true)"));
+  EXPECT_FALSE(calls_session_set_config("SELECT set_config('a', '(,', TRUE )"));
+  EXPECT_FALSE(calls_session_set_config("INSERT INTO asset_config VALUES (1)"));
+  EXPECT_FALSE(calls_session_set_config("SELECT 'set_config(1, 2, false)' -- set_config(x)"));
+  EXPECT_FALSE(calls_session_set_config("SELECT reset_config_count FROM t"));
+}
+
 TEST(FirstKeyword, SkipsWhitespaceEmptyStatementsAndCommentsTheWayTheServerDoes) {
   EXPECT_EQ(first_keyword("  SELECT 1"), "select");
   EXPECT_EQ(first_keyword(";BEGIN"), "begin");

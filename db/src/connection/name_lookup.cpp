@@ -67,10 +67,12 @@ struct Lookup {
 // getaddrinfo() stuck in NSS or a dead DNS server may take minutes, and DNS may be back already).
 // The old one's thread ends when its getaddrinfo() returns; its answer is dropped.
 constexpr std::chrono::seconds stale_after{5};
+constexpr int max_threads_per_name = 3;
 
 struct Lookups {
   std::mutex mutex;
   std::unordered_map<std::string, std::shared_ptr<Lookup>> running;
+  std::unordered_map<std::string, int> threads;  // lookup threads still running, per name
   std::atomic<BlockingLookup> blocking{&getaddrinfo_lookup};
 };
 
@@ -98,6 +100,9 @@ void run_lookup(const std::string& host, const std::shared_ptr<Lookup>& lookup,
         entry != all.running.end() && entry->second == lookup) {
       all.running.erase(entry);
     }
+    if (auto count = all.threads.find(host); count != all.threads.end() && --count->second <= 0) {
+      all.threads.erase(count);
+    }
   }
   std::lock_guard lock(lookup->mutex);
   lookup->done = true;
@@ -112,8 +117,11 @@ std::shared_ptr<Lookup> join_or_start(const std::string& host) {
   Lookups& all = lookups();
   std::lock_guard lock(all.mutex);
   auto running = all.running.find(host);
+  // A stale lookup is joined all the same once this many threads of the name hang: a
+  // getaddrinfo() that never returns must not pile threads up, one per connect.
   if (running != all.running.end() &&
-      std::chrono::steady_clock::now() - running->second->started < stale_after) {
+      (std::chrono::steady_clock::now() - running->second->started < stale_after ||
+       all.threads[host] >= max_threads_per_name)) {
     return running->second;
   }
   auto lookup = std::make_shared<Lookup>();
@@ -125,6 +133,7 @@ std::shared_ptr<Lookup> join_or_start(const std::string& host) {
   }
   try {
     std::thread(run_lookup, host, lookup, all.blocking.load()).detach();
+    ++all.threads[host];
   } catch (...) {
     if (replaced) {
       all.running[host] = std::move(replaced);

@@ -163,9 +163,10 @@ class PendingWrites {
   /// pipeline inside the batch's transaction; the statement must not return rows that matter
   /// (they are discarded). Refused at the call (client_errc::needs_session, not accepted):
   /// transaction control (BEGIN, COMMIT, SAVEPOINT, ...) and session state (SET but SET LOCAL,
-  /// SET CONSTRAINTS and SET TRANSACTION; set_config(), RESET, LISTEN, PREPARE, DISCARD, LOAD,
-  /// cursors, a temporary table, a session-level advisory lock), which would end part of a batch
-  /// or stay on the pooled connection, and COPY. (Functions and DO blocks are not looked into.)
+  /// SET CONSTRAINTS and SET TRANSACTION; set_config() but set_config(..., true); RESET, LISTEN,
+  /// PREPARE, DISCARD, LOAD, cursors, a temporary table, a session-level advisory lock), which
+  /// would end part of a batch or stay on the pooled connection, and COPY. (Functions and DO blocks
+  /// are not looked into.)
   ///
   /// When `capacity` writes are pending: with WhenFull::wait, waits (FIFO) for room; with
   /// WhenFull::fail, throws.
