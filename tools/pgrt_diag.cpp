@@ -396,7 +396,7 @@ void print_text(const Snapshot& snapshot, const Arguments& arguments) {
     if (backend.terminated) std::cout << "\n      terminated";
     std::cout << "\n";
   }
-  if (!snapshot.refused.empty()) std::cout << "\n" << snapshot.refused << "\n";
+  if (!snapshot.refused.empty()) std::cout << "\n" << printable(snapshot.refused) << "\n";
   std::cout << std::flush;
 }
 

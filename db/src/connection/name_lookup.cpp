@@ -199,7 +199,11 @@ asio::awaitable<LookupEnd> look_up_host(
   const auto lookup = join_or_start(host);
   const int eventfd = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (eventfd < 0) throw std::system_error(errno, std::generic_category(), "eventfd");
-  asio::posix::stream_descriptor woken(here, eventfd);  // owns and closes it
+  asio::posix::stream_descriptor woken(here);  // owns and closes it, once assigned
+  if (boost::system::error_code unregistered; woken.assign(eventfd, unregistered)) {
+    ::close(eventfd);  // (epoll would not take it: out of memory, a limit)
+    throw boost::system::system_error(unregistered, "registering an eventfd");
+  }
   // (Declared after `woken`: destroyed before it closes the eventfd, so that neither the lookup's
   // thread nor the deadline's handler writes to a descriptor number reused meanwhile.)
   const Registration registration(lookup, eventfd);
