@@ -705,10 +705,25 @@ struct Manager::Impl {
       // Nothing listens for signals any more: what they did before run() comes back (the
       // default, most often), so that what main() does after run() can still be ended by Ctrl+C
       // or SIGTERM. (Not before the exit handlers: a signal must not cut them short.)
+      // The three are blocked meanwhile (on this thread, where they are sent to the process
+      // most often from now on): between asio's reset to SIG_DFL and the restore, one would
+      // otherwise take the default action. Blocked, it waits, and then does what it did before.
+      sigset_t owned{};
+      sigset_t mask_before{};
+      sigemptyset(&owned);
+      for (int number : owned_signals) sigaddset(&owned, number);
+      const bool blocked = ::pthread_sigmask(SIG_BLOCK, &owned, &mask_before) == 0;
       signals.reset();
       for (std::size_t i = 0; i < owned_signals.size(); ++i) {
-        (void)::sigaction(owned_signals[i], &signals_before[i], nullptr);
+        // Only where asio left the default: a signal_set the program made itself during run()
+        // still holds the signal (asio keeps its handler while any set has it), and keeps it.
+        struct sigaction now {};
+        if (::sigaction(owned_signals[i], nullptr, &now) == 0 && now.sa_handler == SIG_DFL &&
+            (now.sa_flags & SA_SIGINFO) == 0) {
+          (void)::sigaction(owned_signals[i], &signals_before[i], nullptr);
+        }
       }
+      if (blocked) (void)::pthread_sigmask(SIG_SETMASK, &mask_before, nullptr);
     }
     if (options.shutdown_logging) {
       spdlog::shutdown();  // flushes every logger, and ends spdlog's async thread pool

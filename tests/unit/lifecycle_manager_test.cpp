@@ -4,6 +4,8 @@
 #include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/signal_set.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
@@ -14,6 +16,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <memory>
+#include <optional>
 #include <spdlog/spdlog.h>
 #include <stdexcept>
 #include <string>
@@ -599,6 +602,33 @@ TEST(ManagerSignals, TheSignalsAreTakenOverByRunNotByTheConstructor) {
   // Ctrl+C ends what main() does after it.
   EXPECT_EQ(disposition(SIGINT), SIG_DFL);
   EXPECT_EQ(disposition(SIGTERM), SIG_IGN);
+  (void)std::signal(SIGTERM, SIG_DFL);
+}
+
+// A signal_set the program makes of its own while run() runs keeps its signal once run() has
+// returned: giving back what the signal did before run() must not take it from that set.
+TEST(ManagerSignals, ASignalSetTheProgramMadeDuringRunKeepsItsSignalAfterIt) {
+  (void)std::signal(SIGTERM, SIG_DFL);
+  asio::io_context own_io;
+  std::optional<asio::signal_set> own;
+  ManagerOptions options = test_options();
+  options.handle_signals = true;
+  Manager app(options);
+  app.on_ready([&] {
+    own.emplace(own_io, SIGTERM);
+    app.request_stop();
+  });
+  EXPECT_EQ(app.run(), exit_code::ok);
+  ASSERT_TRUE(own.has_value());
+  int received = 0;
+  own->async_wait([&](boost::system::error_code error, int number) {
+    if (!error) received = number;
+  });
+  // Without the set, SIGTERM's default action would end this test binary here.
+  ASSERT_EQ(::raise(SIGTERM), 0);
+  own_io.run_for(2s);
+  EXPECT_EQ(received, SIGTERM);
+  own.reset();
   (void)std::signal(SIGTERM, SIG_DFL);
 }
 
