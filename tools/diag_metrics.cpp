@@ -130,7 +130,7 @@ std::string fetch(const Url& url, std::chrono::seconds limit) {
 // One sample: its family name, labels and value.
 }  // namespace
 
-std::string printable(std::string_view text) {
+std::string printable(std::string_view text, bool keep_line_breaks) {
   std::string out;
   out.reserve(text.size());
   for (std::size_t i = 0; i < text.size(); ++i) {
@@ -139,7 +139,7 @@ std::string printable(std::string_view text) {
         static_cast<unsigned char>(text[i + 1]) <= 0x9f) {
       out += '?';  // U+0080-U+009F
       ++i;
-    } else if (byte < 0x20 || byte == 0x7f) {
+    } else if ((byte < 0x20 && !(keep_line_breaks && byte == '\n')) || byte == 0x7f) {
       out += '?';
     } else {
       out += text[i];
@@ -353,7 +353,7 @@ int run_metrics(int argc, char** argv) {
     const auto* system = dynamic_cast<const boost::system::system_error*>(&error);
     std::cerr << "pgrt-diag metrics: cannot read http://" << url->host << ":" << url->port
               << url->target << ": "
-              << (system != nullptr ? system->code().message() : error.what())
+              << printable(system != nullptr ? system->code().message() : error.what(), true)
               << " (is the process running with its metrics endpoint on that port?)\n";
     return exit_unreachable;
   }
@@ -372,7 +372,8 @@ int run_metrics(int argc, char** argv) {
     summarize(samples, summary);
   } catch (const std::exception& error) {
     std::cerr << "pgrt-diag metrics: could not read the answer of " << url->target
-              << " as pgrt's metrics: " << error.what() << " (use --raw to see it)\n";
+              << " as pgrt's metrics: " << printable(error.what(), true)
+              << " (use --raw to see it)\n";
     return exit_unreachable;
   }
   // Names from the endpoint are shown with their control bytes (a terminal's escape sequences)

@@ -223,6 +223,17 @@ std::optional<Arguments> parse_arguments(int argc, char** argv) {
 
 using pgrt::diag::printable;
 
+// A role's name as SQL names it: in double quotes, a quote in it doubled (a role named
+// Deploy or "a b" must be quoted for the GRANT a hint suggests to work).
+std::string quoted_role(std::string_view role) {
+  std::string out = "\"";
+  for (char c : role) {
+    out += c;
+    if (c == '"') out += '"';
+  }
+  return out + "\"";
+}
+
 std::string json_string(std::string_view text) {
   std::string out = "\"";
   for (char c : text) {
@@ -325,7 +336,7 @@ asio::awaitable<Snapshot> take_snapshot(pgrt::Connection& connection, const Argu
                            " was refused: " + error.diagnostics().message +
                            ". Fix: GRANT EXECUTE ON FUNCTION pg_terminate_backend(integer, "
                            "bigint) TO " +
-                           snapshot.user +
+                           quoted_role(snapshot.user) +
                            "; (only a superuser may terminate a superuser's backends)";
         break;
       }
@@ -671,7 +682,7 @@ int main(int argc, char** argv) {
       std::cerr << "pgrt-diag budget: interrupted" << std::endl;
       return exit_interrupted;
     } catch (const pgrt::Error& error) {
-      std::cerr << "pgrt-diag budget: " << error.what() << std::endl;
+      std::cerr << "pgrt-diag budget: " << printable(error.what(), true) << std::endl;
       return error.code() == pgrt::client_errc::invalid_config ? exit_config : exit_unreachable;
     }
   }
@@ -690,7 +701,7 @@ int main(int argc, char** argv) {
     return arguments->watch_seconds ? exit_clean : exit_interrupted;
   } catch (const pgrt::Error& error) {
     // pgrt's messages never contain a password.
-    std::cerr << "pgrt-diag: " << error.what() << std::endl;
+    std::cerr << "pgrt-diag: " << printable(error.what(), true) << std::endl;
     if (pgrt::sqlstate_of(error.code()) == "53300") {
       std::cerr << "pgrt-diag: the server has no connection left for this role: connect as a "
                    "superuser (superuser_reserved_connections keeps slots for them) and name the "
@@ -699,7 +710,7 @@ int main(int argc, char** argv) {
     }
     return error.code() == pgrt::client_errc::invalid_config ? exit_config : exit_unreachable;
   } catch (const std::exception& error) {
-    std::cerr << "pgrt-diag: " << error.what() << std::endl;
+    std::cerr << "pgrt-diag: " << printable(error.what(), true) << std::endl;
     return exit_unreachable;
   }
 }

@@ -9,6 +9,7 @@
 #include <utility>
 
 #include "pgrt/runtime/identity.hpp"
+#include "sql_text.hpp"
 
 namespace pgrt {
 
@@ -262,7 +263,7 @@ boost::asio::awaitable<CleanupReport> cleanup_predecessors(Connection& connectio
           std::to_string(report.backends.size()) + " leftover connection(s) of " + prefix +
           " stay. Fix: GRANT EXECUTE ON FUNCTION pg_terminate_backend(integer, bigint) "
           "TO " +
-          role +
+          quote_identifier(role) +
           "; (membership of pg_signal_backend does not help: it allows signalling other roles' "
           "backends, not calling a function whose EXECUTE was revoked)";
       spdlog::warn("pgrt cleanup: {}", report.warning);

@@ -88,10 +88,39 @@ struct Write {
   Clock::time_point accepted_at{};
 };
 
-std::string shortened(std::string_view text, std::size_t limit = 200) {
-  if (text.size() <= limit) return std::string(text);
-  return std::string(text.substr(0, limit)) + "...";
+// `text` as one line of a log or an error: at most `limit` bytes of it, and no control byte (a
+// line break in a row's value must not forge a log line, an escape sequence must not reach a
+// terminal): C0 and DEL as \n, \t, \r or \xHH, UTF-8's C1 controls (U+0080-U+009F) as \u00HH.
+std::string one_line(std::string_view text, std::size_t limit = 200) {
+  const bool cut = text.size() > limit;
+  if (cut) text = text.substr(0, limit);
+  std::string shown;
+  shown.reserve(text.size() + 3);
+  static constexpr char hex[] = "0123456789abcdef";
+  for (std::size_t i = 0; i < text.size(); ++i) {
+    const auto byte = static_cast<unsigned char>(text[i]);
+    if (byte == '\n') {
+      shown += "\\n";
+    } else if (byte == '\t') {
+      shown += "\\t";
+    } else if (byte == '\r') {
+      shown += "\\r";
+    } else if (byte < 0x20 || byte == 0x7f) {
+      shown += {'\\', 'x', hex[byte >> 4U], hex[byte & 0xfU]};
+    } else if (byte == 0xc2 && i + 1 < text.size() &&
+               (static_cast<unsigned char>(text[i + 1]) & 0xe0U) == 0x80) {
+      const auto c1 = static_cast<unsigned char>(text[++i]);
+      shown += {'\\', 'u', '0', '0', hex[c1 >> 4U], hex[c1 & 0xfU]};
+    } else {
+      shown += text[i];
+    }
+  }
+  if (cut) shown += "...";
+  return shown;
 }
+
+// An error's whole text (its statement, redacted, included) in a log line, as one line.
+constexpr std::size_t error_log_limit = 4000;
 
 template <typename Int>
 Int big_endian(const char* bytes) {
@@ -105,7 +134,7 @@ Int big_endian(const char* bytes) {
 
 std::string describe_param(const char* value, std::size_t length, int format, Oid type) {
   if (value == nullptr) return "NULL";
-  if (format == 0) return "'" + shortened(std::string_view(value, length), 100) + "'";
+  if (format == 0) return "'" + one_line(std::string_view(value, length), 100) + "'";
   if (type == oid::int2 && length == 2) return std::to_string(big_endian<std::int16_t>(value));
   if (type == oid::int4 && length == 4) return std::to_string(big_endian<std::int32_t>(value));
   if (type == oid::int8 && length == 8) return std::to_string(big_endian<std::int64_t>(value));
@@ -132,10 +161,10 @@ std::string describe(const Write& write) {
         shown += c;
       }
     }
-    return write.table->heading + " row: " + shortened(shown, 400);
+    return write.table->heading + " row: " + one_line(shown, 400);
   }
   // (A password written in the statement, as in ALTER ROLE ... PASSWORD '...', is masked.)
-  std::string text = shortened(redact_statement(write.text), 400);
+  std::string text = one_line(redact_statement(write.text), 400);
   if (write.params.size() == 0) return text;
   const auto values = write.params.values();
   text += " -- parameters:";
@@ -421,13 +450,14 @@ void give_up(State& self, std::span<const Write> writes, const Error& error,
       spdlog::warn(
           "pgrt pending writes {}: a write failed for good and was not written [{}]: {}; "
           "error: {}",
-          name, error_code_text(error), description, error.what());
+          name, error_code_text(error), description, one_line(error.what(), error_log_limit));
     }
   } else {
     spdlog::warn(
         "pgrt pending writes {}: {} writes failed for good and were not written [{}], the first: "
         "{}; error: {}",
-        name, descriptions.size(), error_code_text(error), descriptions.front(), error.what());
+        name, descriptions.size(), error_code_text(error), descriptions.front(),
+        one_line(error.what(), error_log_limit));
   }
   {
     std::lock_guard lock(self.mutex);
@@ -513,7 +543,8 @@ asio::awaitable<void> flush(State& self, std::span<Write> writes) {
           spdlog::warn(
               "pgrt pending writes {}: a batch of {} writes failed with a transient error "
               "(attempt {}): {}; retrying in {} ms",
-              self.config.name, writes.size(), attempt, failure->what(), wait.count());
+              self.config.name, writes.size(), attempt, one_line(failure->what(), error_log_limit),
+              wait.count());
         }
         notify(self.config.name, [&] { self.events.retrying(writes.size(), *failure, wait); });
         const bool waited = co_await back_off(self, wait);
@@ -799,35 +830,7 @@ asio::awaitable<void> accept(std::shared_ptr<State> self, Write write) {
 // users (the rollback that resets it does not undo a SET); COPY takes the connection over.
 // SET LOCAL, SET CONSTRAINTS and SET TRANSACTION belong to the batch's transaction: allowed.
 void refuse_as_pending_write(std::string_view sql) {
-  std::size_t end = 0;
-  const std::string keyword = first_keyword(sql, &end);
-  static constexpr std::array<std::string_view, 21> refused{
-      "begin",   "start",   "commit",     "end",     "rollback", "abort",    "savepoint",
-      "release", "prepare", "set",        "reset",   "listen",   "unlisten", "copy",
-      "discard", "load",    "deallocate", "declare", "fetch",    "move",     "close"};
-  std::string what;  // what is refused, for the message ("" if nothing)
-  if (std::find(refused.begin(), refused.end(), keyword) != refused.end()) {
-    what = "'" + keyword + "'";
-  }
-  // The next word, whole (a setting's name may begin with "local_" or "transaction_").
-  const std::string_view rest = sql.substr(end);
-  std::size_t second_end = 0;
-  const std::string second = first_keyword(rest, &second_end);
-  const bool whole = second_end >= rest.size() || !is_sql_word_char(rest[second_end]);
-  if (keyword == "set" && whole &&
-      (second == "local" || second == "constraints" || second == "transaction")) {
-    what.clear();
-  }
-  // A temporary table lives as long as the session: CREATE [LOCAL | GLOBAL] TEMP[ORARY].
-  if (keyword == "create" && whole &&
-      (second == "temp" || second == "temporary" || second == "local" || second == "global")) {
-    what = "a temporary table";
-  }
-  // set_config(name, value, false) sets for the session, as SET does; with true, for the
-  // transaction (the batch's), as SET LOCAL. (Functions and DO blocks are not looked into: a
-  // guard against a mistake, not a boundary.)
-  if (what.empty() && calls_session_set_config(sql)) what = "set_config() for the session";
-  if (what.empty() && calls_session_advisory_lock(sql)) what = "a session-level advisory lock";
+  const std::string what = needs_own_session(sql, SessionScope::batch_transaction);
   if (what.empty()) return;
   throw Error(
       make_error_code(client_errc::needs_session),
@@ -1029,7 +1032,7 @@ std::shared_ptr<const detail::PendingTable> PendingWrites::make_table(
     std::string table, std::vector<std::string> columns, std::size_t types) const {
   auto invalid = [&](const std::string& message) {
     throw_error(client_errc::invalid_config, "pending writes " + state_->config.name +
-                                                 ": table(\"" + shortened(table, 100) +
+                                                 ": table(\"" + one_line(table, 100) +
                                                  "\"): " + message);
   };
   if (!valid_name(table, 3)) {
@@ -1046,7 +1049,7 @@ std::shared_ptr<const detail::PendingTable> PendingWrites::make_table(
   std::string list;
   for (const auto& column : columns) {
     if (!valid_name(column, 1)) {
-      invalid("column \"" + shortened(column, 100) +
+      invalid("column \"" + one_line(column, 100) +
               "\" is not an identifier (letters, digits, _ and $, not a digit first, not a "
               "reserved word such as order or user; or double-quoted)");
     }

@@ -59,6 +59,15 @@ std::size_t end_of_string_constant(std::string_view sql, std::size_t at) noexcep
   return at;
 }
 
+std::string quote_identifier(std::string_view name) {
+  std::string quoted = "\"";
+  for (char c : name) {
+    quoted += c;
+    if (c == '"') quoted += '"';
+  }
+  return quoted + "\"";
+}
+
 std::size_t end_of_quoted_identifier(std::string_view sql, std::size_t at, std::string* text) {
   if (at >= sql.size() || sql[at] != '"') return at;
   ++at;
@@ -117,66 +126,6 @@ std::size_t past_blanks_and_comments(std::string_view sql, std::size_t at) noexc
     }
   }
   return at;
-}
-
-bool calls_session_set_config(std::string_view sql) {
-  if (!contains_ignoring_case(sql, "set_config")) return false;
-  const std::size_t size = sql.size();
-  // The last top-level argument of the call whose '(' is at `open`, as written (trimmed).
-  const auto last_argument = [&](std::size_t open) {
-    int depth = 0;
-    std::size_t from = open + 1;
-    for (std::size_t at = open; at < size;) {
-      if (const std::size_t after = end_of_comment(sql, at); after != at) {
-        at = after;
-      } else if (const std::size_t end = end_of_string_constant(sql, at); end != at) {
-        at = end;
-      } else if (sql[at] == '"') {
-        at = end_of_quoted_identifier(sql, at, nullptr);
-      } else {
-        if (sql[at] == '(') ++depth;
-        if (sql[at] == ',' && depth == 1) from = at + 1;
-        if (sql[at] == ')' && --depth == 0) {
-          std::string_view argument = sql.substr(from, at - from);
-          while (!argument.empty() && std::isspace(static_cast<unsigned char>(argument.front())))
-            argument.remove_prefix(1);
-          while (!argument.empty() && std::isspace(static_cast<unsigned char>(argument.back())))
-            argument.remove_suffix(1);
-          return std::string(argument);
-        }
-        ++at;
-      }
-    }
-    return std::string();
-  };
-  for (std::size_t at = 0; at < size;) {
-    std::string word;
-    if (const std::size_t after = end_of_comment(sql, at); after != at) {
-      at = after;
-      continue;
-    }
-    if (const std::size_t end = end_of_string_constant(sql, at); end != at) {
-      at = end;
-      continue;
-    }
-    if (sql[at] == '"') {
-      at = end_of_quoted_identifier(sql, at, &word);
-    } else if (is_sql_word_char(sql[at])) {
-      for (; at < size && is_sql_word_char(sql[at]); ++at) {
-        word += static_cast<char>(std::tolower(static_cast<unsigned char>(sql[at])));
-      }
-    } else {
-      ++at;
-      continue;
-    }
-    if (word != "set_config") continue;
-    const std::size_t open = past_blanks_and_comments(sql, at);
-    if (open >= size || sql[open] != '(') continue;
-    std::string last = last_argument(open);
-    for (char& c : last) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-    if (last != "true") return true;
-  }
-  return false;
 }
 
 std::string first_keyword(std::string_view sql, std::size_t* end) {
@@ -256,37 +205,37 @@ std::string decode_unicode_escapes(std::string_view text, char escape) {
 
 }  // namespace
 
-bool calls_session_advisory_lock(std::string_view sql) {
-  // (Most statements name no advisory function at all: one case-blind search settles those; a
-  // U&"..." identifier may spell it with escapes.)
-  if (!contains_ignoring_case(sql, "advisory") && !contains_ignoring_case(sql, "u&")) {
-    return false;
-  }
-  const auto is_session_lock = [](std::string_view word) {
-    static constexpr std::array<std::string_view, 7> names{
-        "pg_advisory_lock",      "pg_advisory_lock_shared",
-        "pg_try_advisory_lock",  "pg_try_advisory_lock_shared",
-        "pg_advisory_unlock",    "pg_advisory_unlock_shared",
-        "pg_advisory_unlock_all"};
-    return std::find(names.begin(), names.end(), word) != names.end();
-  };
-  std::size_t at = 0;
+namespace {
+
+// A word of a statement as the server's lexer reads it: a keyword or an unquoted name (lower
+// case), a quoted identifier (its exact text) or a U&"..." identifier (its escapes resolved).
+struct SqlWord {
+  std::string text;
+  bool quoted = false;
+  std::size_t end = 0;  // the offset just past it
+};
+
+// Calls `visit` with each word of `sql` in order, strings and comments skipped (a parameter such
+// as $1 is a word too), until it returns true; returns whether one did.
+template <typename Visit>
+bool find_word(std::string_view sql, Visit&& visit) {
   const std::size_t size = sql.size();
-  const auto called_at = [&sql, size](std::size_t after_name) {
-    const std::size_t next = past_blanks_and_comments(sql, after_name);
-    return next < size && sql[next] == '(';
-  };
+  std::size_t at = 0;
+  SqlWord word;
   while (at < size) {
     const char c = sql[at];
+    word.text.clear();
     if (const std::size_t after = end_of_comment(sql, at); after != at) {
       at = after;
-    } else if (const std::size_t constant_end = end_of_string_constant(sql, at);
-               constant_end != at) {
+      continue;
+    }
+    if (const std::size_t constant_end = end_of_string_constant(sql, at); constant_end != at) {
       at = constant_end;
-    } else if (c == '"') {  // a quoted identifier: its exact text
-      std::string identifier;
-      at = end_of_quoted_identifier(sql, at, &identifier);
-      if (is_session_lock(identifier) && called_at(at)) return true;
+      continue;
+    }
+    if (c == '"') {
+      at = end_of_quoted_identifier(sql, at, &word.text);
+      word.quoted = true;
     } else if ((c == 'u' || c == 'U') && at + 2 < size && sql[at + 1] == '&' &&
                sql[at + 2] == '"') {
       // U&"..." [UESCAPE 'c']: the identifier with its escapes resolved.
@@ -305,21 +254,180 @@ bool calls_session_advisory_lock(std::string_view sql) {
           at = quote + 3;
         }
       }
-      if (is_session_lock(decode_unicode_escapes(identifier, escape)) && called_at(at)) {
-        return true;
+      word.text = decode_unicode_escapes(identifier, escape);
+      word.quoted = true;
+    } else if (is_sql_word_char(c)) {
+      for (; at < size && is_sql_word_char(sql[at]); ++at) {
+        word.text += static_cast<char>(std::tolower(static_cast<unsigned char>(sql[at])));
       }
-    } else if (is_sql_word_char(c)) {  // (a parameter such as $1 too)
-      std::string word;
-      while (at < size && is_sql_word_char(sql[at])) {
-        word += static_cast<char>(std::tolower(static_cast<unsigned char>(sql[at])));
-        ++at;
-      }
-      if (is_session_lock(word) && called_at(at)) return true;
+      word.quoted = false;
     } else {
+      ++at;
+      continue;
+    }
+    word.end = at;
+    if (visit(static_cast<const SqlWord&>(word))) return true;
+  }
+  return false;
+}
+
+// The character after `after` past blanks and comments ('\0' at the end).
+char next_char(std::string_view sql, std::size_t after) noexcept {
+  const std::size_t next = past_blanks_and_comments(sql, after);
+  return next < sql.size() ? sql[next] : '\0';
+}
+
+// The last top-level argument, as written (trimmed), of the call whose '(' is at `open`.
+std::string last_argument(std::string_view sql, std::size_t open) {
+  int depth = 0;
+  std::size_t from = open + 1;
+  for (std::size_t at = open; at < sql.size();) {
+    if (const std::size_t after = end_of_comment(sql, at); after != at) {
+      at = after;
+    } else if (const std::size_t end = end_of_string_constant(sql, at); end != at) {
+      at = end;
+    } else if (sql[at] == '"') {
+      at = end_of_quoted_identifier(sql, at, nullptr);
+    } else {
+      if (sql[at] == '(') ++depth;
+      if (sql[at] == ',' && depth == 1) from = at + 1;
+      if (sql[at] == ')' && --depth == 0) {
+        std::string_view argument = sql.substr(from, at - from);
+        while (!argument.empty() && std::isspace(static_cast<unsigned char>(argument.front())))
+          argument.remove_prefix(1);
+        while (!argument.empty() && std::isspace(static_cast<unsigned char>(argument.back())))
+          argument.remove_suffix(1);
+        return std::string(argument);
+      }
       ++at;
     }
   }
-  return false;
+  return std::string();
+}
+
+}  // namespace
+
+bool calls_session_set_config(std::string_view sql) {
+  // (Most statements name no set_config at all: one case-blind search settles those; a U&"..."
+  // identifier may spell it with escapes.)
+  if (!contains_ignoring_case(sql, "set_config") && !contains_ignoring_case(sql, "u&")) {
+    return false;
+  }
+  return find_word(sql, [sql](const SqlWord& word) {
+    if (word.text != "set_config") return false;
+    const std::size_t open = past_blanks_and_comments(sql, word.end);
+    if (open >= sql.size() || sql[open] != '(') return false;
+    std::string last = last_argument(sql, open);
+    for (char& c : last) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    return last != "true";
+  });
+}
+
+bool calls_session_advisory_lock(std::string_view sql) {
+  if (!contains_ignoring_case(sql, "advisory") && !contains_ignoring_case(sql, "u&")) {
+    return false;
+  }
+  static constexpr std::array<std::string_view, 7> session_locks{
+      "pg_advisory_lock",      "pg_advisory_lock_shared",
+      "pg_try_advisory_lock",  "pg_try_advisory_lock_shared",
+      "pg_advisory_unlock",    "pg_advisory_unlock_shared",
+      "pg_advisory_unlock_all"};
+  return find_word(sql, [sql](const SqlWord& word) {
+    return std::find(session_locks.begin(), session_locks.end(), word.text) !=
+               session_locks.end() &&
+           next_char(sql, word.end) == '(';
+  });
+}
+
+namespace {
+
+// Whether `sql` makes a temporary table, view or sequence, which lives as long as the session
+// (ON COMMIT DROP: only as long as its transaction, which is fine), or names an object in the
+// session's own temporary schema (pg_temp.name).
+bool uses_temporary_objects(std::string_view sql, std::string_view keyword) {
+  // (Most statements hold no "temp" at all: one case-blind search settles those.)
+  if (!contains_ignoring_case(sql, "temp")) return false;
+  const bool creates = keyword == "create";
+  const bool selects = keyword == "select" || keyword == "with";
+  const bool temp_schema = contains_ignoring_case(sql, "pg_temp");
+  if (!creates && !selects && !temp_schema) return false;
+  // SELECT ... INTO TEMP name: "temp" there is the keyword, unless a clause follows it (then it
+  // is the new table's name: SELECT 1 INTO temp FROM t), or it is INSERT INTO temp (WITH ...).
+  static constexpr std::array<std::string_view, 20> not_a_name{
+      "as",        "except", "fetch",  "for",   "from",   "group",      "having",
+      "intersect", "limit",  "offset", "on",    "order",  "overriding", "returning",
+      "select",    "union",  "values", "where", "window", "default"};
+  std::size_t index = 0;  // the word's place in the statement
+  std::string previous;
+  std::string before_previous;
+  bool temporary = false;  // CREATE ... TEMP seen (or SELECT ... INTO TEMP)
+  bool on_commit_drop = false;
+  const bool found = find_word(sql, [&](const SqlWord& word) {
+    const std::string& text = word.text;
+    if (temp_schema && text == "pg_temp" && next_char(sql, word.end) == '.') return true;
+    const bool temp_word = !word.quoted && (text == "temp" || text == "temporary");
+    if (creates && temp_word && !temporary) {
+      // CREATE [OR REPLACE] [GLOBAL | LOCAL] TEMP[ORARY]: within the first five words.
+      temporary = index <= 4 && (previous == "create" || previous == "replace" ||
+                                 previous == "global" || previous == "local");
+    }
+    if (selects && !word.quoted && previous == "into" && temp_word) {
+      const std::size_t after = past_blanks_and_comments(sql, word.end);
+      std::string next;
+      for (std::size_t i = after; i < sql.size() && is_sql_word_char(sql[i]); ++i) {
+        next += static_cast<char>(std::tolower(static_cast<unsigned char>(sql[i])));
+      }
+      const bool named = (!next.empty() || (after < sql.size() && sql[after] == '"')) &&
+                         std::find(not_a_name.begin(), not_a_name.end(), next) == not_a_name.end();
+      if (named && before_previous != "insert") return true;
+    }
+    if (!word.quoted && text == "drop" && previous == "commit" && before_previous == "on") {
+      on_commit_drop = true;
+    }
+    before_previous = std::move(previous);
+    previous = word.quoted ? std::string() : text;
+    ++index;
+    return false;
+  });
+  return found || (temporary && !on_commit_drop);
+}
+
+}  // namespace
+
+std::string needs_own_session(std::string_view sql, SessionScope scope) {
+  std::size_t end = 0;
+  const std::string keyword = first_keyword(sql, &end);
+  // (string_views: a comparison looks at the lengths first, not at strlen and memcmp of each.)
+  static constexpr std::array<std::string_view, 21> session_keywords{
+      "begin",   "start",   "commit",     "end",     "rollback", "abort",    "savepoint",
+      "release", "prepare", "set",        "reset",   "listen",   "unlisten", "copy",
+      "discard", "load",    "deallocate", "declare", "fetch",    "move",     "close"};
+  bool refused = std::find(session_keywords.begin(), session_keywords.end(), keyword) !=
+                 session_keywords.end();
+  if (scope == SessionScope::batch_transaction) {
+    // SET LOCAL, SET CONSTRAINTS and SET TRANSACTION end with the batch's transaction. (The next
+    // word is read whole: a setting's name may begin with "local_" or "transaction_".)
+    const std::string_view rest = sql.substr(end);
+    std::size_t second_end = 0;
+    const std::string second = first_keyword(rest, &second_end);
+    const bool whole = second_end >= rest.size() || !is_sql_word_char(rest[second_end]);
+    if (keyword == "set" && whole &&
+        (second == "local" || second == "constraints" || second == "transaction")) {
+      refused = false;
+    }
+  } else if (keyword == "lock" || keyword == "do") {
+    // A statement of its own: LOCK outlives nothing, but is refused with the reason (it needs a
+    // transaction block); DO runs procedural code, whose statements this check cannot see.
+    refused = true;
+  }
+  if (refused) return "'" + keyword + "'";
+  if (uses_temporary_objects(sql, keyword)) return "a temporary table";
+  // set_config(name, value, false) sets for the session, as SET does; with true, for the
+  // transaction only. (Functions and DO blocks are not looked into: a guard against a mistake,
+  // not a boundary.)
+  if (calls_session_set_config(sql)) return "set_config() for the session";
+  if (calls_session_advisory_lock(sql)) return "a session-level advisory lock";
+  return {};
 }
 
 }  // namespace pgrt

@@ -36,6 +36,9 @@ std::size_t end_of_string_constant(std::string_view sql, std::size_t at) noexcep
 std::size_t end_of_quoted_identifier(std::string_view sql, std::size_t at,
                                      std::string* text = nullptr);
 
+// `name` as a quoted identifier: in double quotes, a quote in it doubled ("Deploy", "a""b").
+std::string quote_identifier(std::string_view name);
+
 // Whether `text` holds `lower_case_part` in any case (ASCII).
 bool contains_ignoring_case(std::string_view text, std::string_view lower_case_part) noexcept;
 
@@ -57,6 +60,21 @@ bool calls_session_advisory_lock(std::string_view sql);
 // set_config followed by '('; strings and comments are skipped. A guard against a mistake, not a
 // boundary: a function or DO block that calls it inside is not seen.
 bool calls_session_set_config(std::string_view sql);
+
+// Where a statement runs, for needs_own_session().
+enum class SessionScope {
+  batch_transaction,         // in a transaction with other statements (pending writes)
+  own_implicit_transaction,  // alone, on a connection other callers share (Pool::query())
+};
+
+// What in `sql` needs a session of its own, as the message names it ("'commit'", "'set'",
+// "a temporary table", "set_config() for the session", "a session-level advisory lock"); "" for
+// nothing. Refused: transaction control, session state (SET, RESET, LISTEN, PREPARE, DISCARD,
+// LOAD, cursors, temporary tables, set_config() without `true`, session advisory locks) and
+// COPY. In a batch transaction SET LOCAL, SET CONSTRAINTS and SET TRANSACTION are fine; alone,
+// LOCK and DO are refused too. A guard against a mistake, not a boundary: what functions and DO
+// blocks do inside is not seen.
+std::string needs_own_session(std::string_view sql, SessionScope scope);
 
 // The statement's first keyword, lower case, after white space, empty statements (`;`) and
 // comments ("" if none); `end`, if given, gets the offset just past it (for the next keyword:

@@ -1562,7 +1562,7 @@ TEST_F(StartupHygieneTest, ARoleThatMayNotTerminateGetsAWarningAndStartsAnyway) 
   EXPECT_EQ(report.terminated(), 0U);
   EXPECT_THAT(report.warning,
               HasSubstr("GRANT EXECUTE ON FUNCTION pg_terminate_backend(integer, bigint) TO "
-                        "hyg_limited"));
+                        "\"hyg_limited\";"));
   // pg_signal_backend does not restore a revoked EXECUTE: never offered as the fix.
   EXPECT_THAT(report.warning, HasSubstr("membership of pg_signal_backend does not help"));
   EXPECT_TRUE(testing::backend_exists(own->dsn(), leftover_pid));

@@ -185,7 +185,8 @@ TEST_F(PendingWritesTest, TransactionControlSessionStateAndNulBytesAreRefusedAnd
     co_await writes.enqueue("SET LOCAL lock_timeout = '5s'");
     co_await writes.enqueue("SELECT set_config('app.user_id', $1, true)", std::string("42"));
     co_await writes.enqueue("INSERT INTO pw_refusals (seq, payload) VALUES (3, 'asset_config')");
-    co_await writes.enqueue("ALTER ROLE no_such_role PASSWORD 'hunter2-secret'");
+    co_await writes.enqueue(
+        "ALTER ROLE no_such_role\nPASSWORD 'hunter2-secret' -- \x1b[2J\nFAKE: all written");
     auto rows = writes.table<std::int64_t, std::string>("pw_refusals", {"seq", "payload"});
     const Error nul = co_await expect_error(rows.append(1, std::string("nul\0mid", 7)));
     EXPECT_EQ(nul.code(), client_errc::conversion);
@@ -202,6 +203,12 @@ TEST_F(PendingWritesTest, TransactionControlSessionStateAndNulBytesAreRefusedAnd
   EXPECT_THAT(given_up[0], HasSubstr("PASSWORD '****'"));
   EXPECT_THAT(given_up[0], Not(HasSubstr("hunter2")));
   EXPECT_THAT(log.text(), Not(HasSubstr("hunter2")));
+  // A line break or an escape sequence in a write shows escaped: it forges no log line and
+  // reaches no terminal.
+  EXPECT_THAT(given_up[0], HasSubstr("no_such_role\\nPASSWORD '****' -- \\x1b[2J\\nFAKE"));
+  EXPECT_THAT(log.text(), HasSubstr("\\x1b[2J"));
+  EXPECT_EQ(log.text().find('\x1b'), std::string::npos) << log.text();
+  EXPECT_EQ(log.text().find("\nFAKE"), std::string::npos) << log.text();
 }
 
 // The acceptance test: 10,000 writes from 100 coroutines (appends and statements mixed) on an

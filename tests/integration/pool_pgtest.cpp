@@ -2274,7 +2274,11 @@ TEST_F(PoolTest, QueryRefusesWhatNeedsASessionAndReportsEachStatementsOwnError) 
                             "SELECT pg_advisory_lock /* c */\n\t(7)",
                             "DO $$BEGIN PERFORM pg_advisory_lock(42); END$$",
                             "do $$BEGIN EXECUTE 'LISTEN chan'; END$$",
-                            "LOAD 'auto_explain'"}) {
+                            "LOAD 'auto_explain'",
+                            "SELECT set_config('search_path', 'x', false)",
+                            "CREATE TEMP TABLE shared_temp (x int)",
+                            "SELECT 1 AS x INTO TEMP shared_temp",
+                            "CREATE TABLE pg_temp.shared_temp (x int)"}) {
       auto error = co_await testing::expect_error(pool.query(sql));
       EXPECT_EQ(error.code(), client_errc::needs_session) << sql;
       EXPECT_THAT(error.diagnostics().hint, HasSubstr("lease")) << sql;
@@ -2301,7 +2305,9 @@ TEST_F(PoolTest, QueryRefusesWhatNeedsASessionAndReportsEachStatementsOwnError) 
           "SELECT 1 AS pg_advisory_lock",
           "SELECT pg_advisory_lock FROM (SELECT 1 AS "
           "\"pg_advisory_lock\") AS t",
-          "SELECT x.\"pg_advisory_unlock_all\" FROM (SELECT 2 AS pg_advisory_unlock_all) AS x"}) {
+          "SELECT x.\"pg_advisory_unlock_all\" FROM (SELECT 2 AS pg_advisory_unlock_all) AS x",
+          "SELECT set_config('application_name', current_setting('application_name'), true)",
+          "CREATE TEMP TABLE shared_gone (x int) ON COMMIT DROP"}) {
       EXPECT_NO_THROW((void)co_await pool.query(sql)) << sql;
     }
     (void)co_await pool.close(5s);

@@ -19,6 +19,57 @@ TEST(SqlText, SessionSetConfigIsTheCallWithoutTrueAsItsLastArgument) {
   EXPECT_FALSE(calls_session_set_config("INSERT INTO asset_config VALUES (1)"));
   EXPECT_FALSE(calls_session_set_config("SELECT 'set_config(1, 2, false)' -- set_config(x)"));
   EXPECT_FALSE(calls_session_set_config("SELECT reset_config_count FROM t"));
+  EXPECT_TRUE(calls_session_set_config(R"(SELECT U&"set\005fconfig"('a.b', 'c', false))"))
+      << "a U&\"...\" identifier with its escapes resolved";
+}
+
+// What needs a session of its own: refused by pending writes (in a batch transaction) and by
+// query() (alone on a shared connection), with what each scope allows.
+TEST(SqlText, WhatNeedsASessionOfItsOwnDependsOnWhereTheStatementRuns) {
+  const auto batch = [](std::string_view sql) {
+    return needs_own_session(sql, SessionScope::batch_transaction);
+  };
+  const auto shared = [](std::string_view sql) {
+    return needs_own_session(sql, SessionScope::own_implicit_transaction);
+  };
+  for (const char* sql : {"COMMIT", " ;begin", "SET search_path TO x", "RESET ALL", "LISTEN c",
+                          "COPY t FROM STDIN", "DECLARE c CURSOR FOR SELECT 1", "LOAD 'x'"}) {
+    EXPECT_NE(batch(sql), "") << sql;
+    EXPECT_NE(shared(sql), "") << sql;
+  }
+  EXPECT_EQ(batch("SET search_path TO x"), "'set'");
+  // SET LOCAL ends with the batch's transaction; alone it would do nothing: refused there.
+  EXPECT_EQ(batch("SET LOCAL lock_timeout = '1s'"), "");
+  EXPECT_EQ(batch("set local_preload_libraries = ''"), "'set'") << "the next word read whole";
+  EXPECT_EQ(shared("SET LOCAL lock_timeout = '1s'"), "'set'");
+  EXPECT_EQ(batch("LOCK TABLE t"), "");
+  EXPECT_EQ(shared("LOCK TABLE t"), "'lock'");
+  EXPECT_EQ(batch("DO $$ BEGIN END $$"), "");
+  EXPECT_EQ(shared("DO $$ BEGIN END $$"), "'do'");
+  // Temporary objects live as long as the session.
+  for (const char* sql :
+       {"CREATE TEMP TABLE t (x int)", "create global temporary table t (x int)",
+        "CREATE LOCAL TEMP SEQUENCE s", "CREATE OR REPLACE TEMP VIEW v AS SELECT 1",
+        "SELECT * INTO TEMP t FROM u", "select 1 into temporary table t",
+        "WITH a AS (SELECT 1) SELECT * INTO TEMP \"T\" FROM a", "CREATE TABLE pg_temp.t (x int)",
+        "INSERT INTO pg_temp.t VALUES (1)", R"(SELECT * FROM "pg_temp" . t)"}) {
+    EXPECT_EQ(batch(sql), "a temporary table") << sql;
+    EXPECT_EQ(shared(sql), "a temporary table") << sql;
+  }
+  for (const char* sql :
+       {"CREATE TEMP TABLE t (x int) ON COMMIT DROP", "CREATE TABLE temp (x int)",
+        "INSERT INTO temp VALUES (1)", "SELECT 1 INTO temp FROM t", "SELECT 'CREATE TEMP TABLE t'",
+        "WITH a AS (SELECT 1) INSERT INTO temp SELECT * FROM a", "SELECT temp FROM t",
+        "CREATE TABLE t AS SELECT 1 -- temp", "SELECT * FROM pg_temp_stats"}) {
+    EXPECT_EQ(batch(sql), "") << sql;
+    EXPECT_EQ(shared(sql), "") << sql;
+  }
+  EXPECT_EQ(batch("SELECT set_config('a.b', 'c', false)"), "set_config() for the session");
+  EXPECT_EQ(shared("SELECT set_config('a.b', 'c', false)"), "set_config() for the session");
+  EXPECT_EQ(shared("SELECT set_config('a.b', $1, true), f()"), "");
+  EXPECT_EQ(shared("SELECT pg_advisory_lock(1)"), "a session-level advisory lock");
+  EXPECT_EQ(shared("SELECT pg_advisory_xact_lock(1)"), "");
+  EXPECT_EQ(batch("INSERT INTO t VALUES (1)"), "");
 }
 
 TEST(FirstKeyword, SkipsWhitespaceEmptyStatementsAndCommentsTheWayTheServerDoes) {
@@ -56,6 +107,11 @@ TEST(SqlText, StringConstantsAndQuotedIdentifiersEndWhereTheServersLexerEndsThem
   EXPECT_EQ(end_of_quoted_identifier(R"("a""b" x)", 0, &text), 6U);
   EXPECT_EQ(text, R"(a"b)");
   EXPECT_EQ(end_of_quoted_identifier("abc", 0), 0U);
+  EXPECT_EQ(quote_identifier(R"(De"ploy)"), R"("De""ploy")");
+  const std::string requoted = quote_identifier(R"(a""b c)");
+  std::string read_back;
+  EXPECT_EQ(end_of_quoted_identifier(requoted, 0, &read_back), requoted.size());
+  EXPECT_EQ(read_back, R"(a""b c)") << "quoting then reading back gives the name";
   EXPECT_TRUE(contains_ignoring_case("SELECT PG_Advisory_Lock(1)", "advisory"));
   EXPECT_FALSE(contains_ignoring_case("SELECT 1", "advisory"));
 }

@@ -24,26 +24,17 @@ namespace {
 // setting, a cursor, a listener) that the other callers' statements share, or COPY, which takes
 // the connection over.
 error_code refuse_on_shared_connection(std::string_view sql, Diagnostics& diagnostics) {
-  const std::string keyword = first_keyword(sql);
-  // (string_views: a comparison looks at the lengths first, not at strlen and memcmp of each.)
-  // (DO runs a block of procedural code, whose statements this check cannot see: they may lock,
-  // listen or set for the session; LOAD loads a library into the session.)
-  static constexpr std::array<std::string_view, 23> refused{
-      "begin",   "start", "commit", "end",    "rollback", "abort", "savepoint", "release",
-      "prepare", "set",   "reset",  "listen", "unlisten", "copy",  "discard",   "deallocate",
-      "declare", "fetch", "move",   "close",  "lock",     "do",    "load"};
-  const bool session = std::find(refused.begin(), refused.end(), keyword) != refused.end();
-  const bool advisory = calls_session_advisory_lock(sql);
-  if (!session && !advisory) return {};
+  const std::string what = needs_own_session(sql, SessionScope::own_implicit_transaction);
+  if (what.empty()) return {};
   diagnostics = Diagnostics{
-      .message = (advisory ? std::string("a session-level advisory lock") : "'" + keyword + "'") +
+      .message = what +
                  " cannot run on a shared connection: query() runs each statement on a "
                  "connection other callers' statements share, in an implicit transaction of its "
                  "own",
       .hint =
           "take a lease for it (co_await pool.acquire() or pgrt::connection()): "
-          "transactions, SET, LISTEN, COPY, cursors, session locks, DO blocks and LOAD need a "
-          "connection of their own",
+          "transactions, SET, LISTEN, COPY, cursors, temporary tables, session settings and "
+          "locks, DO blocks and LOAD need a connection of their own",
       .statement = std::string(sql)};
   return make_error_code(client_errc::needs_session);
 }

@@ -90,7 +90,8 @@ struct PendingWritesReport {
 /// the component's lock; they must not block, and exceptions they throw are logged and ignored.
 struct PendingWritesEvents {
   /// Writes that failed for good, each described as text (a statement with its parameters, or a
-  /// table row in COPY text format; never a conninfo or password), with the error (SQLSTATE and
+  /// table row in COPY text format; never a conninfo or password; as one line: a control byte
+  /// shows as \n, \t, \r, \xHH or \u00HH, and over 400 bytes is cut), with the error (SQLSTATE and
   /// server message). A permanent error is narrowed down to the writes that cause it, so this
   /// usually carries one write.
   boost::signals2::signal<void(const std::vector<std::string>& writes, const Error& error)> failed;
@@ -164,7 +165,8 @@ class PendingWrites {
   /// (they are discarded). Refused at the call (client_errc::needs_session, not accepted):
   /// transaction control (BEGIN, COMMIT, SAVEPOINT, ...) and session state (SET but SET LOCAL,
   /// SET CONSTRAINTS and SET TRANSACTION; set_config() but set_config(..., true); RESET, LISTEN,
-  /// PREPARE, DISCARD, LOAD, cursors, a temporary table, a session-level advisory lock), which
+  /// PREPARE, DISCARD, LOAD, cursors, a temporary table, view or sequence but one ON COMMIT
+  /// DROP, a session-level advisory lock), which
   /// would end part of a batch or stay on the pooled connection, and COPY. (Functions and DO blocks
   /// are not looked into.)
   ///

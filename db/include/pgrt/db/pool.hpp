@@ -481,8 +481,10 @@ class Pool {
   /// of their own: transaction control (BEGIN, COMMIT, SAVEPOINT, ...), SET and RESET, LISTEN,
   /// COPY, cursors, DISCARD, DEALLOCATE, PREPARE and LOCK, by the first keyword past whitespace,
   /// ';' and (nested) comments; and calls of the session-level advisory lock functions
-  /// (pg_advisory_lock, pg_try_advisory_lock, pg_advisory_unlock and their variants), named
-  /// anywhere outside string constants and comments. Take a lease for those. A string
+  /// (pg_advisory_lock, pg_try_advisory_lock, pg_advisory_unlock and their variants) and of
+  /// set_config() without `true` as its last argument, named anywhere outside string constants
+  /// and comments; temporary tables, views and sequences (CREATE ... TEMP, SELECT ... INTO TEMP,
+  /// a pg_temp. name; not one ON COMMIT DROP). Take a lease for those. A string
   /// of several statements is refused by the server (SQLSTATE 42601). A statement that still
   /// opens a transaction block fails with needs_session and its connection is closed (the
   /// statements sent after it on it fail with connection_lost, none committed).
