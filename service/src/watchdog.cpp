@@ -251,13 +251,24 @@ asio::awaitable<void> Watchdog::State::check_server(Seen& seen, const PoolStats&
     lease = co_await with_timeout(pool.acquire(Priority::high), std::max(bound, milliseconds(5)));
   } catch (const Error& error) {
     if (stopping) co_return;
-    // The pool counted this acquire's own timeout: not a caller's.
-    if (error.code() == client_errc::pool_timeout) ++timeouts_seen;
+    // The pool counted this acquire's own failure among its timeouts (PoolStats::timeouts: a
+    // wait that ran out, whatever code it failed with: pool_timeout, budget_exhausted, a connect
+    // error after fail_fast_after): not a caller's. Not counted there: the check's own bound
+    // (timeout, a cancellation for the pool), a closed pool, a full queue.
+    if (error.code() != client_errc::timeout && error.code() != client_errc::cancelled &&
+        error.code() != client_errc::pool_closed && error.code() != client_errc::pool_queue_full) {
+      ++timeouts_seen;
+    }
     // No connection within the bound: unreachable when the pool cannot connect, else the pool is
-    // only saturated (pool_busy says so) and the server's state is unknown this round.
+    // only saturated (pool_busy says so) and the server's state is unknown this round. A server
+    // that answers "full" (53300, a role's limit) or a full budget is reachable: connect_backoff
+    // says why connects fail.
     const PoolStats now = pool.stats();
-    if (now.consecutive_connect_failures > 0 || (now.size == 0 && now.connecting == 0) ||
-        error.code() == condition::connection_error) {
+    const bool answers_full = now.last_connect_error_code == condition::too_many_connections ||
+                              error.code() == condition::too_many_connections;
+    if (!answers_full &&
+        (now.consecutive_connect_failures > 0 || (now.size == 0 && now.connecting == 0) ||
+         error.code() == condition::connection_error)) {
       seen.judged[unreachable] = true;
       seen.holding[unreachable] =
           "cannot reach the server: " +
@@ -268,8 +279,11 @@ asio::awaitable<void> Watchdog::State::check_server(Seen& seen, const PoolStats&
   }
   try {
     const Result result = co_await with_timeout(
+        // (A role without pg_read_all_stats sees other roles' rows with backend_type null:
+        // those in a database count too, with the few background workers that sit in one.)
         lease->query("SELECT (SELECT count(*) FROM pg_stat_activity"
-                     " WHERE backend_type = 'client backend')::int8,"
+                     " WHERE backend_type = 'client backend'"
+                     " OR (backend_type IS NULL AND datid IS NOT NULL))::int8,"
                      " current_setting('max_connections')::int8"
                      " - current_setting('superuser_reserved_connections')::int8"
                      // (PostgreSQL 16 reserves reserved_connections more, for pg_use_reserved_

@@ -202,11 +202,17 @@ TEST_F(WatchdogTest, SuspectedLeakWarnsOnceAndClearsOnce) {
   running.wait(pool.close(1s));
 }
 
+// The pool's role has no pg_read_all_stats (an application's usual role): the crowd of another
+// role's backends still counts.
 TEST_F(WatchdogTest, ServerBusyWarnsOnceAndClearsOnce) {
   Running running;
-  Pool pool(running.io.get_executor(), config("server-busy", 2));
-  // The server's usable connections and its client backends now (this test's own included).
   testing::BlockingConnection observer(cluster().dsn());
+  observer.query(
+      "DO $$BEGIN CREATE ROLE wd_plain LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END$$");
+  auto pool_config = config("server-busy", 2);
+  pool_config.conninfo = cluster().dsn() + " user=wd_plain";
+  Pool pool(running.io.get_executor(), pool_config);
+  // The server's usable connections and its client backends now (this test's own included).
   const double usable =
       std::stod(observer.scalar("SELECT current_setting('max_connections')::int - "
                                 "current_setting('superuser_reserved_connections')::int"));
@@ -238,6 +244,42 @@ TEST_F(WatchdogTest, ServerBusyWarnsOnceAndClearsOnce) {
   EXPECT_TRUE(log.of(WatchdogCondition::server_unreachable).empty());
   running.wait(watchdog.stop());
   running.wait(pool.close(1s));
+}
+
+// A full connection budget (another pool holds its one slot): the server answers, so it is not
+// unreachable, and the server check's own failed acquire is no caller's timeout; connect_backoff
+// says why connects fail.
+TEST_F(WatchdogTest, AFullBudgetIsNeitherAnUnreachableServerNorTheChecksOwnTimeout) {
+  Running running;
+  auto holder_config = config("budget-holder", 1);
+  holder_config.budget.key = "wd-full";
+  holder_config.budget.slots = 1;
+  holder_config.budget.check_interval = 0ms;
+  Pool holder(running.io.get_executor(), holder_config);
+  auto held = running.wait(holder.acquire());
+  auto pool_config = holder_config;
+  pool_config.instance = "budget-full";
+  pool_config.acquire_timeout = 100ms;
+  pool_config.connect.connect_timeout = 300ms;
+  Pool pool(running.io.get_executor(), pool_config);
+  Watchdog watchdog(running.io.get_executor(), pool,
+                    {.interval = 400ms, .long_wait = 5s, .check_server = true});
+  ChangeLog log(watchdog);
+  running.wait(watchdog.start());
+  ASSERT_TRUE(eventually(
+      [&] {
+        return watchdog.conditions()[static_cast<std::size_t>(WatchdogCondition::connect_backoff)];
+      },
+      20s));
+  const auto checks = watchdog.checks();
+  ASSERT_TRUE(eventually([&] { return watchdog.checks() >= checks + 4; }, 20s));
+  EXPECT_GT(pool.stats().timeouts, 0U) << "the server check's acquires did time out";
+  EXPECT_TRUE(log.of(WatchdogCondition::server_unreachable).empty());
+  EXPECT_TRUE(log.of(WatchdogCondition::acquire_timeouts).empty());
+  running.wait(watchdog.stop());
+  running.wait(pool.close(1s));
+  held.release();
+  running.wait(holder.close(1s));
 }
 
 // The server goes away and comes back: server_unreachable and connect_backoff each start once and

@@ -81,7 +81,9 @@ struct WatchdogEvents {
 /// interval (at most 2 s) for a connection and runs one query under the same bound; when it
 /// cannot get a connection while the pool's connections are all in use, the server conditions
 /// keep their state for that round (the pool_busy condition already says why). When the connect
-/// itself fails or the query breaks its connection, server_unreachable starts.
+/// itself fails or the query breaks its connection, server_unreachable starts (not when the
+/// server refuses connects as full, 53300, or the connection budget is full: connect_backoff
+/// says that). The check's own timed-out acquire is not counted in acquire_timeouts.
 ///
 /// `pool` must outlive the component (add it after the pool's component: it stops first).
 ///
