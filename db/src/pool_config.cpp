@@ -250,10 +250,16 @@ void check(const PoolConfig& config, bool warn) {
             "at least 100 ms (one pg_locks query each time), or 0 to never check");
   }
   check_budget_classes(config.budget);
-  if (config.budget.key.size() >= 8 &&
-      config.budget.key.compare(config.budget.key.size() - 8, 8, "/waiting") == 0) {
-    invalid("budget.key '" + config.budget.key + "' ends with '/waiting'",
-            "a budget's waiting markers use that name; choose another key");
+  for (const std::string_view marker_suffix :
+       {std::string_view("/waiting"), std::string_view("/members")}) {
+    if (config.budget.key.size() >= marker_suffix.size() &&
+        config.budget.key.compare(config.budget.key.size() - marker_suffix.size(),
+                                  marker_suffix.size(), marker_suffix) == 0) {
+      invalid(
+          "budget.key '" + config.budget.key + "' ends with '" + std::string(marker_suffix) + "'",
+          "a budget's waiting and class membership markers use the names '/waiting' and "
+          "'/members'; choose another key");
+    }
   }
   if (config.budget.slots > 100'000) {
     invalid("budget.slots is " + std::to_string(config.budget.slots), "at most 100000");

@@ -508,6 +508,65 @@ TEST_F(BudgetTest, FourProcessesThatEachWantMoreSettleOnSharesThatAddUpToTheBudg
   }
 }
 
+// With classes, a process without one waits for a shared slot while two processes of class api
+// hold every slot, one of them only a shared one (4 slots, api:2). Every process must count that
+// one in the class (its membership marker), and the one above its share must give back a shared
+// slot, the kind the waiter can take: the waiter is served within a few check intervals.
+TEST_F(BudgetTest, AWaiterWithoutAClassGetsASharedSlotFromAClassThatHoldsThem) {
+  const std::string key = "class-starve";
+  const auto with_class = [&](const std::string& instance, std::size_t max_size,
+                              const std::string& class_name) {
+    auto pool_config = config(instance, key, 4, max_size);
+    pool_config.budget.check_interval = 200ms;
+    pool_config.budget.classes = {{.name = "api", .slots = 2}};
+    pool_config.budget.class_name = class_name;
+    return pool_config;
+  };
+  std::atomic<bool> stop{false};
+  std::atomic<std::size_t> most_a{0};
+  std::atomic<std::uint64_t> served_b{0};
+  std::thread a([&] {
+    (void)run_busy_pool(with_class("cls-a", 3, "api"), stop, 8,
+                        [&](Pool& pool) { most_a = std::max(most_a.load(), pool.stats().size); });
+  });
+  for (int i = 0; i < 500 && most_a < 3; ++i) std::this_thread::sleep_for(10ms);
+  ASSERT_EQ(most_a, 3U) << "process A never held 3 slots";
+  std::thread b([&] {
+    (void)run_busy_pool(with_class("cls-b", 1, "api"), stop, 2, [&](Pool&) { ++served_b; });
+  });
+  for (int i = 0; i < 500 && served_b == 0; ++i) std::this_thread::sleep_for(10ms);
+  ASSERT_GT(served_b, 0U) << "process B never got its slot";
+  std::chrono::milliseconds first_lease_after{0};
+  int served_c = 0;
+  std::string c_failed;  // (A and B are stopped and joined whatever happens to C)
+  try {
+    run_coroutine([&]() -> awaitable_void {
+      auto c_config = with_class("cls-c", 1, "");
+      c_config.acquire_timeout = 10s;
+      Pool pool(co_await asio::this_coro::executor, c_config);
+      const auto asked = std::chrono::steady_clock::now();
+      {
+        auto lease = co_await pool.acquire();
+        first_lease_after = std::chrono::duration_cast<std::chrono::milliseconds>(
+            std::chrono::steady_clock::now() - asked);
+      }
+      for (; served_c < 20; ++served_c) {
+        auto lease = co_await pool.acquire();
+        co_await lease->query("SELECT 1");
+      }
+      (void)co_await pool.close(1s);
+    });
+  } catch (const std::exception& error) {
+    c_failed = error.what();
+  }
+  stop = true;
+  a.join();
+  b.join();
+  EXPECT_EQ(c_failed, "") << "the process without a class starved";
+  EXPECT_LT(first_lease_after, 5s) << "the process without a class waited too long";
+  EXPECT_EQ(served_c, 20);
+}
+
 // One process with two pools on the same budget is one process to the fair share: together its
 // pools keep to its share, and a late process is not starved by the sum of their two shares.
 TEST_F(BudgetTest, TwoPoolsOfOneProcessKeepTogetherToTheProcesssShare) {

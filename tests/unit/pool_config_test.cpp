@@ -309,6 +309,18 @@ TEST_F(EnvironmentTest, BudgetFromTheEnvironment) {
       EXPECT_THAT(error.what(), HasSubstr("PGRT_BUDGET_SLOTS"));
     }
   }
+  ::setenv("PGRT_BUDGET_SLOTS", "5", 1);
+  for (const char* marker_name : {"orders/waiting", "orders/members"}) {
+    ::setenv("PGRT_BUDGET_KEY", marker_name, 1);
+    try {
+      (void)PoolConfig::from_env();
+      ADD_FAILURE() << "accepted the budget key " << marker_name << ", a marker's name";
+    } catch (const Error& error) {
+      EXPECT_EQ(error.code(), client_errc::invalid_config);
+      EXPECT_THAT(error.what(), HasSubstr(marker_name));
+    }
+  }
+  ::setenv("PGRT_BUDGET_KEY", "orders-db", 1);
   ::unsetenv("PGRT_BUDGET_SLOTS");
   try {
     (void)PoolConfig::from_env();

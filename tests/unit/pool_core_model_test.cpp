@@ -1282,6 +1282,36 @@ TEST(PoolCoreBudgetShare, ACapClosesIdleConnectionsNowLeasedOnesOnReturnAndOpens
   EXPECT_GE(opened, 1U);
 }
 
+// The nodes the driver picks (on a shared slot, which a waiter without a class can take) are
+// retired before any other, a leased one before an idle one that is not picked.
+TEST(PoolCoreBudgetShare, TheNodesPickedToRetireFirstGoBeforeIdleOnes) {
+  SharedPool pool(CoreConfig{.max_size = 3});
+  std::vector<Node*> leased;
+  for (int i = 0; i < 3; ++i) {
+    auto got = pool.acquire(default_consumer);
+    leased.push_back(std::holds_alternative<Node*>(got) ? std::get<Node*>(got)
+                                                        : std::get<Waiter*>(got)->handed);
+    ASSERT_NE(leased.back(), nullptr);
+  }
+  pool.give_back(*leased[0]);  // idle, not picked
+  pool.give_back(*leased[1]);  // idle, not picked
+  Node* picked = leased[2];    // leased, picked
+  Actions actions;
+  const Time now = Time{} + std::chrono::hours(1);
+  pool.core().limit_connections(2, now, actions, std::chrono::seconds(30),
+                                [picked](const Node& node) { return &node == picked; });
+  EXPECT_TRUE(picked->evicted);
+  EXPECT_EQ(picked->evict_reason, DiscardReason::budget_share);
+  EXPECT_FALSE(leased[0]->evicted);
+  EXPECT_FALSE(leased[1]->evicted);
+  for (const Action& action : actions) EXPECT_NE(action.kind, Action::Kind::close);
+  // Not enough picked ones: the rest as before, idle first.
+  actions.clear();
+  pool.core().limit_connections(1, now, actions, std::chrono::seconds(30),
+                                [picked](const Node& node) { return &node == picked; });
+  EXPECT_EQ(static_cast<int>(leased[0]->evicted) + static_cast<int>(leased[1]->evicted), 1);
+}
+
 // evict_all() (or a lost slot) after the fair share retired a leased connection: that one must
 // close when it comes back even once the cap has lifted, which keeps only what was retired for
 // the cap alone.

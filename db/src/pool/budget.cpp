@@ -42,6 +42,10 @@ std::int32_t budget_waiting_key(const Budget& budget) {
   return budget_lock_key(budget.key + "/waiting");
 }
 
+std::int32_t budget_member_key(const Budget& budget) {
+  return budget_lock_key(budget.key + "/members");
+}
+
 [[gnu::noinline]] std::size_t random_below(std::size_t bound) {
   thread_local std::minstd_rand random(std::random_device{}());
   return std::uniform_int_distribution<std::size_t>(0, bound - 1)(random);
@@ -122,25 +126,44 @@ std::string describe_full_budget(const Budget& budget, std::size_t holders) {
 }
 
 asio::awaitable<std::vector<SlotHolder>> budget_slot_holders(Connection& connection,
-                                                             const Budget& budget) {
+                                                             const Budget& budget,
+                                                             std::vector<SlotHolder>* members) {
   // Advisory locks are per database; pg_locks shows the (int4, int4) form's keys as classid and
-  // objid (unsigned), with objsubid 2.
+  // objid (unsigned), with objsubid 2. The last column: 0 a slot, 1 a waiting marker, 2 a class
+  // membership marker.
   const Result rows = co_await connection.query(
-      "SELECT l.objid::int8, l.pid, coalesce(a.application_name, ''), l.classid = ($2::int8 & "
-      "4294967295)::oid FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid WHERE "
-      "l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 AND l.classid IN (($1::int8 & "
-      "4294967295)::oid, ($2::int8 & 4294967295)::oid) AND l.database = (SELECT oid FROM "
-      "pg_database WHERE datname = current_database())",
+      "SELECT l.objid::int8, l.pid, coalesce(a.application_name, ''), CASE l.classid WHEN "
+      "($2::int8 & 4294967295)::oid THEN 1 WHEN ($3::int8 & 4294967295)::oid THEN 2 ELSE 0 END "
+      "FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = "
+      "'advisory' AND l.granted AND l.objsubid = 2 AND l.classid IN (($1::int8 & "
+      "4294967295)::oid, ($2::int8 & 4294967295)::oid, ($3::int8 & 4294967295)::oid) AND "
+      "l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
       static_cast<std::int64_t>(budget_lock_key(budget.key)),
-      static_cast<std::int64_t>(budget_waiting_key(budget)));
+      static_cast<std::int64_t>(budget_waiting_key(budget)),
+      static_cast<std::int64_t>(budget_member_key(budget)));
   std::vector<SlotHolder> holders;
   for (const Row& row : rows) {
-    holders.push_back({.slot = static_cast<std::size_t>(row.get<std::int64_t>(0)),
-                       .pid = row.get<std::int32_t>(1),
-                       .tag = row.get<std::string>(2),
-                       .waiting = row.get<bool>(3)});
+    const auto kind = row.get<std::int32_t>(3);
+    SlotHolder holder{.slot = static_cast<std::size_t>(row.get<std::int64_t>(0)),
+                      .pid = row.get<std::int32_t>(1),
+                      .tag = row.get<std::string>(2),
+                      .waiting = kind == 1};
+    if (kind == 2) {
+      if (members != nullptr) members->push_back(std::move(holder));
+    } else {
+      holders.push_back(std::move(holder));
+    }
   }
   co_return holders;
+}
+
+asio::awaitable<void> mark_class_member(Connection& connection, const Budget& budget) {
+  const std::size_t marker = budget_class_marker(budget);
+  if (marker == 0) co_return;
+  // Shared: never waits (nobody takes the key exclusively), and every connection of the class
+  // holds it alike.
+  (void)co_await connection.query("SELECT pg_advisory_lock_shared($1::int4, $2::int4)",
+                                  budget_member_key(budget), static_cast<std::int32_t>(marker));
 }
 
 asio::awaitable<SlotSearch> take_budget_slot(Connection& connection, const Budget& budget) {
@@ -163,6 +186,7 @@ asio::awaitable<SlotSearch> take_budget_slot(Connection& connection, const Budge
       if (taken[0].get<bool>(0)) {
         search.slot = slot;
         search.backend_pid = taken[0].get<std::int32_t>(1);
+        co_await mark_class_member(connection, budget);
         co_return search;
       }
       held.insert(slot);  // taken meanwhile by another process
@@ -310,6 +334,12 @@ asio::awaitable<void> discard_all_keeping_slot(Connection& connection, const Bud
                           "DEALLOCATE ALL", "UNLISTEN *", "DISCARD PLANS", "DISCARD TEMP",
                           "DISCARD SEQUENCES", "SELECT pg_advisory_unlock_all()"}) {
     statements.add(sql).sync();
+  }
+  if (const std::size_t marker = budget_class_marker(budget); marker != 0) {
+    statements
+        .add("SELECT pg_advisory_lock_shared($1::int4, $2::int4)", budget_member_key(budget),
+             static_cast<std::int32_t>(marker))
+        .sync();
   }
   statements.add("SELECT pg_try_advisory_lock($1::int4, $2::int4)", budget_lock_key(budget.key),
                  static_cast<std::int32_t>(slot));

@@ -38,14 +38,21 @@ struct SlotHolder {
 };
 
 // Every holder of `budget`'s slots and waiting markers in the connection's database (one query
-// of pg_locks and pg_stat_activity).
+// of pg_locks and pg_stat_activity). `members`, if given, gets the class membership markers
+// (budget_member_key()), each as a SlotHolder whose `slot` is the class marker.
 [[nodiscard]] boost::asio::awaitable<std::vector<SlotHolder>> budget_slot_holders(
-    Connection& connection, const Budget& budget);
+    Connection& connection, const Budget& budget, std::vector<SlotHolder>* members = nullptr);
 
 // The first key of a budget's waiting markers: a connect that found no free slot holds
 // pg_advisory_lock_shared(budget_waiting_key, budget_class_marker()) while it waits for one, so
 // that the processes holding slots see that another waits (and keep to their fair share).
 [[nodiscard]] std::int32_t budget_waiting_key(const Budget& budget);
+
+// The first key of a budget's class membership markers: each connection of a pool with a class
+// holds pg_advisory_lock_shared(budget_member_key, budget_class_marker()) beside its slot, so
+// that every process sees which class a process belongs to, also while it holds only shared
+// slots (the fair shares split a class's slots among its processes).
+[[nodiscard]] std::int32_t budget_member_key(const Budget& budget);
 
 // How many slots one process may keep while others wait: its class's own slots split evenly among
 // the `class_processes` of its class, plus the shared slots split evenly among all `processes`

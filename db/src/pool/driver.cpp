@@ -531,8 +531,9 @@ asio::awaitable<void> PoolState::check_budget_slots(std::shared_ptr<PoolState> s
     judged.push_back({checker->id, checker->resets});
   }
   Connection& connection = connection_of(*checker);
-  const std::vector<SlotHolder> holders =
-      co_await cut_at(connection, deadline, budget_slot_holders(connection, self->config.budget));
+  std::vector<SlotHolder> members;
+  const std::vector<SlotHolder> holders = co_await cut_at(
+      connection, deadline, budget_slot_holders(connection, self->config.budget, &members));
   std::unordered_set<int> holding;
   for (const SlotHolder& holder : holders) {
     if (!holder.waiting) holding.insert(holder.pid);
@@ -589,12 +590,23 @@ asio::awaitable<void> PoolState::check_budget_slots(std::shared_ptr<PoolState> s
   std::set<std::string> processes;
   std::set<std::string> class_processes{self->application_name};
   bool another_waits = false;
+  // Whether a process waits that cannot use this pool's class slots (no class, or another): then
+  // the connections on shared slots are the ones to give back.
+  bool waiter_needs_shared = false;
   for (const SlotHolder& holder : holders) {
     processes.insert(holder.tag);
     const std::size_t holder_class =
         holder.waiting ? holder.slot : budget_class_of_slot(budget, holder.slot);
     if (my_class != 0 && holder_class == my_class) class_processes.insert(holder.tag);
-    another_waits = another_waits || (holder.waiting && holder.tag != self->application_name);
+    if (holder.waiting && holder.tag != self->application_name) {
+      another_waits = true;
+      waiter_needs_shared = waiter_needs_shared || holder.slot != my_class;
+    }
+  }
+  // A process of this class that holds only shared slots is one of the class too (its
+  // membership marker says so): every process then splits the class's slots alike.
+  for (const SlotHolder& member : members) {
+    if (my_class != 0 && member.slot == my_class) class_processes.insert(member.tag);
   }
   processes.insert(self->application_name);
   // The share is the process's, and other pools of this process on the same budget (the same
@@ -643,8 +655,17 @@ asio::awaitable<void> PoolState::check_budget_slots(std::shared_ptr<PoolState> s
   }
   // Applied again at every check: a limit not confirmed lapses by itself (Core::limit_connections).
   if (another_waits || cap != self->core.connection_cap()) {
-    self->core.limit_connections(cap, now, actions,
-                                 2 * budget.check_interval + self->config.connect.connect_timeout);
+    // (A waiter that cannot use this class's slots gets one only from a connection on a shared
+    // slot: those are retired first.)
+    const auto on_shared_slot = [&budget](const pool::Node& node) {
+      return node.attachment != nullptr &&
+             budget_class_of_slot(
+                 budget, static_cast<const PooledConnection&>(*node.attachment).budget_slot) == 0;
+    };
+    self->core.limit_connections(
+        cap, now, actions, 2 * budget.check_interval + self->config.connect.connect_timeout,
+        waiter_needs_shared && my_class != 0 ? pool::RetireFirst(on_shared_slot)
+                                             : pool::RetireFirst());
   }
   // (The core's own nodes, read through its const view, handed back to it.)
   for (const pool::Node* node : lost)

@@ -555,7 +555,8 @@ void Core::evict_all(Time now, Actions& actions) {
   maybe_open(now, actions);
 }
 
-void Core::limit_connections(std::size_t cap, Time now, Actions& actions, milliseconds valid_for) {
+void Core::limit_connections(std::size_t cap, Time now, Actions& actions, milliseconds valid_for,
+                             const RetireFirst& retire_first) {
   const std::size_t before = cap_;
   cap_ = std::min(std::max<std::size_t>(cap, 1), config_.max_size);
   if (closed_) return;
@@ -584,17 +585,23 @@ void Core::limit_connections(std::size_t cap, Time now, Actions& actions, millis
     list(state).for_each([&](const Node& node) { staying += node.evicted ? 0 : 1; });
   }
   // The idle ones go first (now), then those in use (when they come back), and the connecting
-  // ones last, newest first: the oldest may be the one waiting for a slot.
-  for (NodeState state : {NodeState::idle, NodeState::pinging, NodeState::resetting,
-                          NodeState::leased, NodeState::connecting}) {
-    std::vector<Node*> candidates;
-    list(state).for_each([&](Node& node) { candidates.push_back(&node); });
-    if (state == NodeState::connecting) std::reverse(candidates.begin(), candidates.end());
-    for (Node* node : candidates) {
-      if (staying <= cap_ || node->evicted) continue;
-      retire(*node, DiscardReason::budget_share);
-      --staying;
-      if (state == NodeState::idle) close_node(*node, node->evict_reason, actions);
+  // ones last, newest first: the oldest may be the one waiting for a slot. Those `retire_first`
+  // picks go before all of them, in the same order.
+  for (const bool preferred_only : {true, false}) {
+    if (preferred_only && !retire_first) continue;
+    for (NodeState state : {NodeState::idle, NodeState::pinging, NodeState::resetting,
+                            NodeState::leased, NodeState::connecting}) {
+      std::vector<Node*> candidates;
+      list(state).for_each([&](Node& node) {
+        if (!preferred_only || retire_first(node)) candidates.push_back(&node);
+      });
+      if (state == NodeState::connecting) std::reverse(candidates.begin(), candidates.end());
+      for (Node* node : candidates) {
+        if (staying <= cap_ || node->evicted) continue;
+        retire(*node, DiscardReason::budget_share);
+        --staying;
+        if (state == NodeState::idle) close_node(*node, node->evict_reason, actions);
+      }
     }
   }
   maybe_open(now, actions);

@@ -29,6 +29,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <random>
 #include <source_location>
 #include <vector>
@@ -240,6 +241,10 @@ struct Action {
 };
 using Actions = boost::container::small_vector<Action, 6>;
 
+// Which nodes Core::limit_connections() retires before the others (the driver's choice: under a
+// budget with classes, those on a shared slot).
+using RetireFirst = std::function<bool(const Node&)>;
+
 // How a lease came back, as the driver saw its connection.
 enum class ReturnKind : std::uint8_t {
   clean,        // idle, nothing to reset
@@ -381,8 +386,11 @@ class Core {
   // (DiscardReason::budget_share), and opens none beyond it, for `valid_for`: a limit not applied
   // again by then lapses (the checks that confirm it need a connection). max_size (or more) lifts
   // it; connections retired for it and not yet closed are kept then.
+  // `retire_first`: the nodes to retire before any other (empty: none preferred); among them
+  // and then among the rest, idle ones first.
   void limit_connections(std::size_t cap, Time now, Actions& actions,
-                         milliseconds valid_for = milliseconds(30'000));
+                         milliseconds valid_for = milliseconds(30'000),
+                         const RetireFirst& retire_first = {});
   [[nodiscard]] std::size_t connection_cap() const noexcept { return cap_; }
   // Under a budget: the server shows no slot held by `node`'s backend (it was unlocked by hand).
   // An idle node closes now; any other closes instead of becoming idle again
