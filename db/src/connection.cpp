@@ -52,6 +52,21 @@ int Connection::Impl::close_keeping_socket() noexcept {
   return kept;
 }
 
+void Connection::Impl::abandon_connect() noexcept {
+  if (conn == nullptr) return;  // abandoned already (its lingering descriptor stays)
+  // Connected: the server may have forked a backend for it, which is in its start-up (a server
+  // that authenticates without a word says nothing until its start-up is done) and lives on
+  // until it reads the end of the connection. Not connected (yet): no backend can exist.
+  const int fd = PQsocket(conn);
+  sockaddr_storage peer{};
+  socklen_t length = sizeof peer;
+  if (fd >= 0 && ::getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &length) == 0) {
+    lingering_fd = close_keeping_socket();
+  } else {
+    close(CloseMode::immediate);
+  }
+}
+
 error_code Connection::Impl::fail(client_errc code, std::string message, std::string_view statement,
                                   std::string hint) {
   last_error = Diagnostics{
@@ -112,13 +127,18 @@ asio::awaitable<std::pair<error_code, Connection>> Connection::try_connect(execu
   error_code error;
   if (outcome.index() == 0) {
     error = std::get<0>(outcome);
+    // Cancelled by the caller (connect() leaves that to here): closed at once. (One that ran out
+    // of a host's time was abandoned already: no conn left, its lingering descriptor kept.)
+    if (error && impl->conn != nullptr) impl->close(CloseMode::immediate);
   } else if (std::get<0>(std::get<1>(outcome)) == asio::error::operation_aborted) {
+    // Cancelled: its caller is going away (a closing pool), and makes no new connection in its
+    // place. Closed at once.
     std::string where = impl->target();
     impl->close(CloseMode::immediate);
     error = impl->fail(client_errc::cancelled, "connecting to " + where + " was cancelled");
   } else {
     std::string where = impl->target();
-    impl->close(CloseMode::immediate);
+    impl->abandon_connect();
     const std::string within = std::to_string(impl->options.connect_timeout.count()) + " ms";
     error = impl->fail(
         client_errc::timeout,

@@ -13,6 +13,8 @@
 #include <boost/asio/thread_pool.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <chrono>
+#include <filesystem>
+#include <fstream>
 #include <functional>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -356,6 +358,74 @@ TEST_F(PoolTest, ChurnOfCancelledAcquiresAndDroppedLeasesLeaksNothing) {
       static_cast<unsigned long long>(received), static_cast<unsigned long long>(dropped_mid_query),
       static_cast<unsigned long long>(cancelled_queries),
       static_cast<unsigned long long>(cancelled_acquires), sampler->highest());
+}
+
+// How many children of `postmaster` are backends of `role`, from their process titles
+// ("postgres: ROLE ..."): backends still in start-up too, which pg_stat_activity does not show yet.
+int backends_of_role(pid_t postmaster, const std::string& role) {
+  int count = 0;
+  const std::string title = "postgres: " + role + " ";
+  for (const auto& entry : std::filesystem::directory_iterator("/proc")) {
+    const std::string name = entry.path().filename().string();
+    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::ifstream stat(entry.path() / "stat");
+    std::string line;
+    if (!std::getline(stat, line)) continue;
+    const std::size_t after_command = line.rfind(')');
+    if (after_command == std::string::npos) continue;
+    std::istringstream fields(line.substr(after_command + 2));
+    std::string state;
+    long parent = 0;
+    fields >> state >> parent;
+    if (parent != postmaster) continue;
+    std::ifstream cmdline(entry.path() / "cmdline");
+    std::string command;
+    std::getline(cmdline, command, '\0');
+    if (command.rfind(title, 0) == 0) ++count;
+  }
+  return count;
+}
+
+// A server slow to finish start-up (post_auth_delay here; an overloaded server, slow
+// authentication): connects time out and are made again, and each one cut lives on in the
+// server until its start-up ends. The pool counts it until then: the server never has more of
+// the pool's backends than max_size.
+TEST_F(PoolTest, ConnectsThatTimeOutOnASlowServerNeverPutMoreThanMaxBackendsOnIt) {
+  auto own = start_own_cluster();
+  BlockingConnection(own->dsn()).query("CREATE ROLE slow_start LOGIN");
+  std::atomic<bool> sampling{true};
+  std::atomic<int> most{0};
+  std::thread sampler([&] {
+    while (sampling) {
+      most = std::max(most.load(), backends_of_role(own->postmaster_pid(), "slow_start"));
+      std::this_thread::sleep_for(20ms);
+    }
+  });
+  PoolStats end{};
+  run_coroutine(
+      [&]() -> awaitable_void {
+        PoolConfig pool_config;
+        pool_config.conninfo = own->dsn() + " user=slow_start options='-c post_auth_delay=1'";
+        pool_config.max_size = 2;
+        pool_config.application = "slow-start";
+        pool_config.connect.connect_timeout = 300ms;
+        pool_config.connect_backoff_initial = 20ms;
+        pool_config.connect_backoff_max = 50ms;
+        pool_config.acquire_timeout = 3s;
+        Pool pool(co_await asio::this_coro::executor, pool_config);
+        auto first = pool.acquire();
+        auto second = pool.acquire();
+        (void)co_await testing::expect_error(std::move(first));
+        (void)co_await testing::expect_error(std::move(second));
+        end = pool.stats();
+        (void)co_await pool.close(5s);
+      },
+      30s);
+  sampling = false;
+  sampler.join();
+  EXPECT_GE(end.connect_errors, 3U) << "the connects did not time out and start again";
+  EXPECT_GE(most.load(), 1) << "no backend of the role was ever seen: the count reads nothing";
+  EXPECT_LE(most.load(), 2) << "more backends of the pool on the server than its max_size";
 }
 
 TEST_F(PoolTest, RecoversAfterAServerRestartWithoutHangs) {

@@ -360,7 +360,9 @@ asio::awaitable<error_code> Connection::Impl::connect_once(
     }
     if (error) {
       std::string where = target();
-      close(CloseMode::immediate);
+      // Out of this host's time: abandoned (a backend in start-up may exist, and is watched until
+      // it ends). Cancelled (try_connect()'s timeout, or its caller): left to try_connect().
+      if (out_of_time) abandon_connect();
       if (out_of_time) {
         co_return fail(client_errc::timeout, "could not connect to " + where +
                                                  ": no answer within " +

@@ -159,6 +159,10 @@ struct Connection::Impl {
   // Closes gracefully, keeping a second descriptor of the socket (returned; -1 if none) on which
   // the server's end can be seen to close; end-of-file has been sent on it.
   int close_keeping_socket() noexcept;
+  // A connect that ran out of time: closed. Once the socket is connected the server may have a
+  // backend for it, in its start-up, which lives on after this: then a second descriptor stays
+  // in `lingering_fd` (end-of-file sent), so that close_and_wait() sees it end.
+  void abandon_connect() noexcept;
   error_code fail(client_errc code, std::string message, std::string_view statement = {},
                   std::string hint = {});
   error_code lost(std::string_view statement);

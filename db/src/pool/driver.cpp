@@ -271,13 +271,20 @@ asio::awaitable<void> PoolState::open_connection(
   std::string failure;
   bool probed = false;
   bool no_slot = false;
-  if (error && cancel->cancelled) {
-    failure = "the pool closed while connecting";
-  } else if (error) {
-    failure = connection.last_error().message;
-    if (!connection.last_error().hint.empty()) {
-      failure += " (" + connection.last_error().hint + ")";
+  if (error) {
+    if (cancel->cancelled) {
+      failure = "the pool closed while connecting";
+    } else {
+      failure = connection.last_error().message;
+      if (!connection.last_error().hint.empty()) {
+        failure += " (" + connection.last_error().hint + ")";
+      }
     }
+    // A connect cut short (connect_timeout, the pool closing) once its socket was connected may
+    // have a backend in start-up on the server (a slow server, slow authentication), which lives
+    // on until it reads the end of the connection: its capacity comes back once it has ended, or
+    // the strict max would not hold on the server while connects time out and are made again.
+    co_await close_until_backend_ends(self, connection, [&probe_turn] { probe_turn.reset(); });
   } else if (cancel->cancelled) {  // the pool closed right after the connect
     error = make_error_code(client_errc::cancelled);
     failure = "the pool closed while connecting";
