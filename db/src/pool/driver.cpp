@@ -688,13 +688,18 @@ void PoolState::start_close(pool::Node& node) {
 }
 
 asio::awaitable<void> PoolState::finish_close(std::shared_ptr<PoolState> self, pool::Node* node) {
-  co_await close_until_backend_ends(self, connection_of(*node));
-  // The connection goes outside the lock; the node (and its capacity) under it.
+  // The connection (its socket, its strand) belongs to this frame from here on: if the io_context
+  // is destroyed while the server is slow to end the backend (close() returned after its grace
+  // period), it goes with the frame, while the io_context's services still exist, and not with
+  // the Pool later (the docs let the Pool outlive its io_context once closed). Nothing reads a
+  // closing node's attachment meanwhile.
   std::unique_ptr<pool::NodeAttachment> attachment;
   {
     std::lock_guard lock(self->mutex);
     attachment = std::move(node->attachment);
   }
+  co_await close_until_backend_ends(self, static_cast<PooledConnection&>(*attachment).connection);
+  // The connection goes outside the lock; the node (and its capacity) under it.
   attachment.reset();
   Deferred deferred;
   std::lock_guard lock(self->mutex);
