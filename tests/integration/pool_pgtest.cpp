@@ -464,6 +464,42 @@ TEST_F(PoolTest, APoolDestroyedAfterItsIoContextWhileAConnectionIsStillClosingTo
   ::kill(backend, SIGCONT);
 }
 
+// close_now() from a thread that does not run the io_context (an exit handler) closes the idle
+// connections at once; the core's own close follows on the io_context. A lease that comes back
+// in between must not hand a queued waiter one of those closed connections: the waiter fails
+// with pool_closed.
+TEST_F(PoolTest, CloseNowFromAnotherThreadHandsNoWaiterAClosedConnection) {
+  std::optional<bool> waiter_got_open;
+  std::optional<boost::system::error_code> waiter_error;
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    auto pool_config = config("close-now-handout", 2);
+    pool_config.reserved_for_priority = 1;  // keeps the idle one from the normal waiter
+    Pool pool(executor, pool_config);
+    auto normal = co_await pool.acquire();
+    { auto high = co_await pool.acquire(Priority::high); }  // idle now, and reserved
+    co_await normal->query("BEGIN");  // comes back needing a rollback
+    asio::co_spawn(
+        executor,
+        [&]() -> awaitable_void {
+          try {
+            auto lease = co_await pool.acquire();
+            waiter_got_open = lease->is_open();
+          } catch (const Error& error) {
+            waiter_error = error.code();
+          }
+        },
+        asio::detached);
+    co_await sleep_for(50ms);  // the waiter is queued
+    std::thread([&pool] { pool.close_now(); }).join();
+    normal.release();  // back before the core's close has run on this io_context
+    for (int i = 0; i < 100 && !waiter_got_open && !waiter_error; ++i) co_await sleep_for(10ms);
+  });
+  EXPECT_FALSE(waiter_got_open.has_value()) << "a waiter was handed a connection after close_now()";
+  ASSERT_TRUE(waiter_error.has_value());
+  EXPECT_EQ(*waiter_error, client_errc::pool_closed);
+}
+
 TEST_F(PoolTest, RecoversAfterAServerRestartWithoutHangs) {
   auto own = start_own_cluster();
   PoolConfig pool_config = config("restart");

@@ -210,6 +210,7 @@ void Core::offer(Node& node, Time now, bool used, Actions& actions) {
 // Idle nodes to waiters that may now take them (a lease came back, so a waiter kept out by
 // reserved_for_priority or by its consumer's max may go).
 void Core::serve_idle(Time now, Actions& actions) {
+  if (refusing_) return;  // (close_now() has closed the idle connections already)
   auto& idle = list(NodeState::idle);
   while (!idle.empty()) {
     Waiter* waiter = next_waiter();
@@ -244,7 +245,7 @@ std::size_t Core::servable_waiters() const noexcept {
 }
 
 void Core::maybe_open(Time now, Actions& actions) {
-  if (closed_) return;
+  if (closed_ || refusing_) return;
   // The common case, cheaply: nobody waits and min_idle is met, so nothing is wanted.
   if (waiters_.size() == 0 &&
       capacity_.taken() - list(NodeState::closing).size() >= config_.min_idle) {
@@ -416,7 +417,8 @@ void Core::lease_returned(Node& node, ReturnKind kind, Time now, Actions& action
   // idle (what offer() would do, with nothing for serve_idle() or maybe_open() to act on).
   // (With no connect failing, every event that could leave min_idle short already called
   // maybe_open(), so a clean return has nothing for it.)
-  if (kind == ReturnKind::clean && !closed_ && waiters_.size() == 0 && consecutive_failures_ == 0 &&
+  if (kind == ReturnKind::clean && !closed_ && !refusing_ && waiters_.size() == 0 &&
+      consecutive_failures_ == 0 &&
       !(config_.reset_discard_all && node.session_used) && !expired(node, now) &&
       !slot_check_due(now)) {
     node.idle_since = now;
@@ -425,7 +427,9 @@ void Core::lease_returned(Node& node, ReturnKind kind, Time now, Actions& action
     if (deadline < timer_at_) want_tick(std::max(deadline, now), actions);
     return;
   }
-  if (closed_) {
+  // Refusing (close_now() from a thread that does not run the io_context, before the core's
+  // close runs there): the pool is closing, and nothing is handed out or made any more.
+  if (closed_ || refusing_) {
     close_node(node, DiscardReason::closing, actions);
   } else if (kind == ReturnKind::broken) {
     close_node(node, DiscardReason::broken, actions);
