@@ -478,7 +478,7 @@ TEST_F(PoolTest, CloseNowFromAnotherThreadHandsNoWaiterAClosedConnection) {
     Pool pool(executor, pool_config);
     auto normal = co_await pool.acquire();
     { auto high = co_await pool.acquire(Priority::high); }  // idle now, and reserved
-    co_await normal->query("BEGIN");  // comes back needing a rollback
+    co_await normal->query("BEGIN");                        // comes back needing a rollback
     asio::co_spawn(
         executor,
         [&]() -> awaitable_void {
@@ -3045,6 +3045,38 @@ TEST_F(PoolTest, QuerySlowStatementsOfABurstRunSideBySideNotBehindEachOther) {
       EXPECT_EQ(count, 2) << "backend " << backend << " ran " << count << " of them";
     }
     EXPECT_LT(took, 1500ms) << "they ran one after another";
+    (void)co_await pool.close(5s);
+  });
+}
+
+// acquire_timeout 0 fails at once only when every connection is in use: right after the start
+// (min_idle connections being opened) and right after evict_all() (the old connections closing),
+// an acquire waits for a connection being opened. With all in use it still fails at once.
+TEST_F(PoolTest, AcquireTimeoutZeroWaitsForConnectionsBeingOpenedAndFailsOnlyWhenAllAreInUse) {
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    PoolConfig pool_config = config("zero-timeout", 2);
+    pool_config.min_idle = 2;
+    pool_config.acquire_timeout = 0ms;
+    Pool pool(executor, pool_config);
+    {
+      auto at_start = co_await pool.acquire();  // both are still connecting
+      EXPECT_TRUE(at_start->is_open());
+    }
+    while (pool.stats().idle < 2) co_await sleep_for(10ms);
+    pool.evict_all();
+    {
+      auto after_eviction = co_await pool.acquire();  // both old ones closing
+      EXPECT_TRUE(after_eviction->is_open());
+    }
+    auto first = co_await pool.acquire();
+    auto second = co_await pool.acquire();
+    const auto started = std::chrono::steady_clock::now();
+    auto error = co_await testing::expect_error(pool.acquire());
+    EXPECT_EQ(error.code(), client_errc::pool_timeout) << error.what();
+    EXPECT_LT(std::chrono::steady_clock::now() - started, 1s) << "it waited for a lease";
+    first.release();
+    second.release();
     (void)co_await pool.close(5s);
   });
 }

@@ -255,7 +255,11 @@ struct Model {
     }
     if (queue.size() >= config.max_waiters) return {AcquireResult::Kind::queue_full, 0};
     if (config.acquire_timeout.count() > 0) return {AcquireResult::Kind::wait, 0};
-    if (live() < config.max_size && can_lease(priority, consumer)) {
+    // acquire_timeout 0: fails at once only when every connection is in use (leased, or coming
+    // back through a reset); one being opened, or capacity a closing one gives back, is waited
+    // for.
+    if (count(NodeState::leased) + count(NodeState::resetting) < config.max_size &&
+        can_lease(priority, consumer)) {
       return {AcquireResult::Kind::wait, 0};
     }
     ++timeouts;

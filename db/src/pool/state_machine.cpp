@@ -337,9 +337,12 @@ AcquireResult Core::try_acquire(Priority priority, std::source_location site, Ti
   if (config_.acquire_timeout.count() > 0) {
     return {.kind = AcquireResult::Kind::wait, .wait_limit = config_.acquire_timeout};
   }
-  // acquire_timeout 0: never wait for a lease to come back; wait only for a connection that can
-  // still be opened under the max (and the consumer's).
-  if (capacity_.taken() < cap_ && can_lease(priority, consumer)) {
+  // acquire_timeout 0: never wait for a lease to come back; wait (at most connect_timeout) for a
+  // connection being opened, or that can be opened under the max (and the consumer's) once the
+  // closing ones have ended: fail at once only when every connection is in use (leased, or coming
+  // back through a reset).
+  if (list(NodeState::leased).size() + list(NodeState::resetting).size() < cap_ &&
+      can_lease(priority, consumer)) {
     return {.kind = AcquireResult::Kind::wait, .wait_limit = config_.connect_timeout};
   }
   ++timeouts_;
@@ -418,9 +421,8 @@ void Core::lease_returned(Node& node, ReturnKind kind, Time now, Actions& action
   // (With no connect failing, every event that could leave min_idle short already called
   // maybe_open(), so a clean return has nothing for it.)
   if (kind == ReturnKind::clean && !closed_ && !refusing_ && waiters_.size() == 0 &&
-      consecutive_failures_ == 0 &&
-      !(config_.reset_discard_all && node.session_used) && !expired(node, now) &&
-      !slot_check_due(now)) {
+      consecutive_failures_ == 0 && !(config_.reset_discard_all && node.session_used) &&
+      !expired(node, now) && !slot_check_due(now)) {
     node.idle_since = now;
     move(node, NodeState::idle);
     const Time deadline = deadline_of(node);

@@ -116,7 +116,8 @@ struct PoolConfig {
   /// Connections opened at start and kept open while idle (env PGRT_POOL_MIN_IDLE).
   std::size_t min_idle = 0;
   /// How long an acquire waits. Zero never waits for a lease to come back: it fails at once when
-  /// every connection is in use, and otherwise waits only for one being opened (at most
+  /// every connection is in use (leased, or being reset on its way back), and otherwise waits
+  /// only for one being opened, also one opened once a closing one has ended (at most
   /// connect.connect_timeout) (env PGRT_ACQUIRE_TIMEOUT_MS).
   std::chrono::milliseconds acquire_timeout{std::chrono::seconds(30)};
   /// Fail fast while the server is down: when every connect in a row has failed and none of the
