@@ -72,11 +72,28 @@ struct MetricsEndpoint::State : std::enable_shared_from_this<State> {
     // Since when (steady_clock ticks) it has been waiting for its request.
     std::atomic<std::chrono::steady_clock::rep> awaiting_since{
         std::chrono::steady_clock::now().time_since_epoch().count()};
+    // Since when (steady_clock ticks) its answer has been being written; 0 when not writing.
+    std::atomic<std::chrono::steady_clock::rep> writing_since{0};
     bool evicted = false;  // on the endpoint's strand
+    // Whether a newcomer may take its place (`now` in steady_clock ticks): it has owed nothing
+    // for evictable_after, or its answer has not gone out for stalled_write_after (a client that
+    // does not read: pipelined requests behind a full window would hold the slot for
+    // request_timeout each).
+    [[nodiscard]] bool evictable(std::chrono::steady_clock::rep now) const {
+      const auto ticks = [](std::chrono::milliseconds span) {
+        return std::chrono::duration_cast<std::chrono::steady_clock::duration>(span).count();
+      };
+      if (awaiting_request) return awaiting_since <= now - ticks(evictable_after);
+      const auto since = writing_since.load();
+      return since != 0 && since <= now - ticks(stalled_write_after);
+    }
   };
   // How long a connection must have owed nothing before a newcomer may take its place: a flood of
   // new connections is refused at once (cheap), not cycled through the slots.
   static constexpr std::chrono::milliseconds evictable_after{100};
+  // How long an answer may take to go out before a newcomer may take its connection's place (a
+  // /metrics page goes out in milliseconds to a client that reads).
+  static constexpr std::chrono::milliseconds stalled_write_after{1000};
 
   void listen();
   asio::awaitable<void> accept_loop(std::shared_ptr<State> self);
@@ -139,14 +156,14 @@ asio::awaitable<void> MetricsEndpoint::State::accept_loop(std::shared_ptr<State>
       continue;
     }
     if (sessions.size() >= options.max_connections) {
-      // Full: the oldest connection that owes nothing (idle, or still sending its request) makes
-      // room, so that silent or dribbling connections cannot keep a liveness probe out. Only
-      // when every one is being answered is the newcomer refused.
+      // Full: the oldest connection that owes nothing (idle, or still sending its request), or
+      // whose answer does not go out (a client that does not read), makes room, so that silent,
+      // dribbling or non-reading connections cannot keep a liveness probe out. Only when every
+      // one is being answered is the newcomer refused.
       std::shared_ptr<Session> oldest_idle;
-      const auto idle_before =
-          (std::chrono::steady_clock::now() - evictable_after).time_since_epoch().count();
+      const auto now = std::chrono::steady_clock::now().time_since_epoch().count();
       for (auto it = sessions.rbegin(); it != sessions.rend(); ++it) {
-        if (!(*it)->evicted && (*it)->awaiting_request && (*it)->awaiting_since <= idle_before) {
+        if (!(*it)->evicted && (*it)->evictable(now)) {
           oldest_idle = *it;
           break;
         }
@@ -161,8 +178,9 @@ asio::awaitable<void> MetricsEndpoint::State::accept_loop(std::shared_ptr<State>
       oldest_idle->evicted = true;
       ++evicted;
       asio::dispatch(oldest_idle->stream.get_executor(), [self, oldest_idle] {
-        if (!oldest_idle->awaiting_request) {
-          // Its request came in meanwhile: it is answered, and may be evicted later.
+        if (!oldest_idle->evictable(std::chrono::steady_clock::now().time_since_epoch().count())) {
+          // Its request came in (or its answer went out) meanwhile: it is answered, and may be
+          // evicted later.
           asio::dispatch(self->strand, [oldest_idle] { oldest_idle->evicted = false; });
           return;
         }
@@ -277,8 +295,10 @@ asio::awaitable<void> MetricsEndpoint::State::serve(std::shared_ptr<State> self,
     if (handled + 1 >= options.max_requests_per_connection || stopping) response.keep_alive(false);
     const bool keep_alive = response.keep_alive();
     stream.expires_after(options.request_timeout);
+    session->writing_since = std::chrono::steady_clock::now().time_since_epoch().count();
     auto [write_error, written] =
         co_await http::async_write(stream, response, asio::as_tuple(asio::use_awaitable));
+    session->writing_since = 0;
     (void)written;
     ++served;
     if (write_error || !keep_alive) break;

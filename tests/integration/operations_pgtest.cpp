@@ -563,6 +563,48 @@ TEST_F(WatchdogTest, TheEndpointServesMetricsAndProbes) {
 
 // Slowloris, a huge header and 1,000 silent connections at once: the endpoint keeps answering at
 // once, and the pool on the same io_context keeps its latency.
+// Clients that pipeline requests for /metrics and never read the answers, on every slot: the
+// answers back up behind their full windows. A liveness probe still gets in, in place of one of
+// them whose answer has not gone out for a while (it waited request_timeout per stalled answer).
+TEST_F(WatchdogTest, ClientsThatNeverReadTheirAnswersCannotKeepAProbeOut) {
+  Running running(1);
+  // Forty pools (never connected): a /metrics page of a few hundred KiB, which the kernel's
+  // buffers cannot take many of.
+  std::vector<std::unique_ptr<Pool>> pools;
+  auto metrics = std::make_shared<Metrics>();
+  for (int i = 0; i < 40; ++i) {
+    pools.push_back(std::make_unique<Pool>(running.io.get_executor(),
+                                           config("non-reader-" + std::to_string(i), 1)));
+    metrics->add_pool(*pools.back());
+  }
+  constexpr std::size_t slots = 4;
+  MetricsEndpoint endpoint(running.io.get_executor(), metrics, [] { return true; },
+                           {.max_connections = slots, .request_timeout = 30s});
+  running.wait(endpoint.start());
+  const auto port = endpoint.port();
+  std::vector<int> non_readers;
+  std::string pipelined;
+  for (int i = 0; i < 100; ++i) pipelined += "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+  for (std::size_t i = 0; i < slots; ++i) {
+    const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    const int small = 2048;
+    ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small);  // before connect: the window
+    sockaddr_in address{};
+    address.sin_family = AF_INET;
+    address.sin_port = htons(port);
+    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof address), 0);
+    (void)::send(fd, pipelined.data(), pipelined.size(), MSG_NOSIGNAL);
+    non_readers.push_back(fd);
+  }
+  std::this_thread::sleep_for(2s);  // their answers stall (and would for request_timeout each)
+  EXPECT_THAT(http_get(port, "/healthz"), HasSubstr("200 OK"));
+  EXPECT_GE(endpoint.connections_evicted(), 1U);
+  for (const int fd : non_readers) ::close(fd);
+  running.wait(endpoint.stop());
+  for (auto& pool : pools) running.wait(pool->close(1s));
+}
+
 TEST_F(WatchdogTest, HostileClientsNeitherBlockTheEndpointNorSlowThePool) {
   Running running(1);  // one thread: the endpoint and the pool share it, as in a small service
   Pool pool(running.io.get_executor(), config("hostile", 2));

@@ -25,8 +25,9 @@ struct MetricsEndpointOptions {
   /// The port (env PGRT_METRICS_PORT); 0 picks a free one (MetricsEndpoint::port() tells which).
   std::uint16_t port = 0;
   /// Connections served at once. When all are open, a new one takes the place of the oldest that
-  /// has owed nothing for 100 ms or more (idle, or still sending its request: it is closed), so
-  /// that silent or dribbling connections cannot keep a liveness probe out; when there is none,
+  /// has owed nothing for 100 ms or more (idle, or still sending its request: it is closed), or
+  /// whose answer has not gone out for 1 s (a client that does not read), so that silent,
+  /// dribbling or non-reading connections cannot keep a liveness probe out; when there is none,
   /// the new one is closed at once (with a 503 when the socket takes it without waiting), so that
   /// a flood can keep neither the slots nor the descriptors, nor the io_context busy.
   std::size_t max_connections = 32;
