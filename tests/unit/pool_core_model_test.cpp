@@ -248,6 +248,7 @@ struct Model {
       const std::uint64_t id = newest_idle();
       if (expired(id, now)) {
         close(id, DiscardReason::lifetime);
+        maybe_open(now);  // (min_idle: its replacement)
         continue;
       }
       lease(id, priority, consumer, now);
@@ -359,6 +360,8 @@ struct Model {
       nodes.at(id).last_ping = now;
       if (closed) {
         close(id, DiscardReason::closing);
+      } else if (expired(id, now)) {  // past its lifetime while it was pinged: never handed out
+        close(id, DiscardReason::lifetime);
       } else {
         offer(id, now, false);
       }

@@ -326,6 +326,7 @@ AcquireResult Core::try_acquire(Priority priority, std::source_location site, Ti
     Node& node = *idle.back();  // the most recently returned: its socket and caches are warm
     if (expired(node, now)) {
       close_node(node, expiry_reason(node), actions);
+      maybe_open(now, actions);  // (min_idle: its replacement)
       continue;
     }
     const bool validate = needs_validation(node, now);
@@ -539,8 +540,8 @@ void Core::ping_done(Node& node, bool ok, Time now, Actions& actions) {
     node.last_ping = now;
     if (closed_) {
       close_node(node, DiscardReason::closing, actions);
-    } else if (node.evicted) {
-      close_node(node, node.evict_reason, actions);
+    } else if (expired(node, now)) {  // evicted, or past its lifetime while it was pinged
+      close_node(node, expiry_reason(node), actions);
     } else {
       offer(node, now, false, actions);  // a ping is not use: idle_timeout still counts
     }
