@@ -34,6 +34,7 @@
 #include <pgrt/runtime/identity.hpp>
 
 #include "diag_metrics.hpp"
+#include "sql_text.hpp"  // (db/src: the quoting the library itself uses)
 
 namespace {
 
@@ -223,17 +224,6 @@ std::optional<Arguments> parse_arguments(int argc, char** argv) {
 
 using pgrt::diag::printable;
 
-// A role's name as SQL names it: in double quotes, a quote in it doubled (a role named
-// Deploy or "a b" must be quoted for the GRANT a hint suggests to work).
-std::string quoted_role(std::string_view role) {
-  std::string out = "\"";
-  for (char c : role) {
-    out += c;
-    if (c == '"') out += '"';
-  }
-  return out + "\"";
-}
-
 std::string json_string(std::string_view text) {
   std::string out = "\"";
   for (char c : text) {
@@ -336,7 +326,7 @@ asio::awaitable<Snapshot> take_snapshot(pgrt::Connection& connection, const Argu
                            " was refused: " + error.diagnostics().message +
                            ". Fix: GRANT EXECUTE ON FUNCTION pg_terminate_backend(integer, "
                            "bigint) TO " +
-                           quoted_role(snapshot.user) +
+                           pgrt::quote_identifier(snapshot.user) +
                            "; (only a superuser may terminate a superuser's backends)";
         break;
       }
