@@ -406,6 +406,11 @@ Connection::Impl* ConnectionAccess::bind(Connection& connection, LeaseBinding* b
   return impl;
 }
 
+bool ConnectionAccess::has_lingering_socket(const Connection& connection) noexcept {
+  return connection.impl_ != nullptr && connection.impl_->conn == nullptr &&
+         connection.impl_->lingering_fd >= 0;
+}
+
 Connection::Impl* ConnectionAccess::impl_of(Connection& connection) noexcept {
   return connection.impl_.get();
 }

@@ -71,6 +71,9 @@ struct ConnectionAccess {
   // The implementation of an open connection (null when empty), for the pool's shared
   // connections (pool/multiplexer.cpp), which drive libpq themselves.
   static Connection::Impl* impl_of(Connection& connection) noexcept;
+  // Whether a connect given up on left a descriptor to watch its backend end by
+  // (Connection::Impl::abandon_connect()).
+  static bool has_lingering_socket(const Connection& connection) noexcept;
   // Forgets the statements query_prepared() cached (the server is about to deallocate them).
   static void forget_statements(Connection& connection) noexcept;
   // Connection::interrupt() on an implementation: thread-safe, as that is.

@@ -342,9 +342,10 @@ bool calls_session_advisory_lock(std::string_view sql) {
 namespace {
 
 // Whether `sql` makes a temporary table, view or sequence, which lives as long as the session
-// (ON COMMIT DROP: only as long as its transaction, which is fine), or names an object in the
-// session's own temporary schema (pg_temp.name).
-bool uses_temporary_objects(std::string_view sql, std::string_view keyword) {
+// (ON COMMIT DROP: only as long as its transaction, fine when `on_commit_drop_is_fine`), or
+// names an object in the session's own temporary schema (pg_temp.name).
+bool uses_temporary_objects(std::string_view sql, std::string_view keyword,
+                            bool on_commit_drop_is_fine) {
   // (Most statements hold no "temp" at all: one case-blind search settles those.)
   if (!contains_ignoring_case(sql, "temp")) return false;
   const bool creates = keyword == "create";
@@ -389,7 +390,7 @@ bool uses_temporary_objects(std::string_view sql, std::string_view keyword) {
     ++index;
     return false;
   });
-  return found || (temporary && !on_commit_drop);
+  return found || (temporary && !(on_commit_drop && on_commit_drop_is_fine));
 }
 
 }  // namespace
@@ -421,7 +422,11 @@ std::string needs_own_session(std::string_view sql, SessionScope scope) {
     refused = true;
   }
   if (refused) return "'" + keyword + "'";
-  if (uses_temporary_objects(sql, keyword)) return "a temporary table";
+  // (ON COMMIT DROP ends with the statement's implicit transaction; in a batch it would be
+  // used by later writes, which batch boundaries and retries put in other transactions.)
+  if (uses_temporary_objects(sql, keyword, scope == SessionScope::own_implicit_transaction)) {
+    return "a temporary table";
+  }
   // set_config(name, value, false) sets for the session, as SET does; with true, for the
   // transaction only. (Functions and DO blocks are not looked into: a guard against a mistake,
   // not a boundary.)

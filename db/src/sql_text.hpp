@@ -72,8 +72,8 @@ enum class SessionScope {
 // nothing. Refused: transaction control, session state (SET, RESET, LISTEN, PREPARE, DISCARD,
 // LOAD, cursors, temporary tables, set_config() without `true`, session advisory locks) and
 // COPY. In a batch transaction SET LOCAL, SET CONSTRAINTS and SET TRANSACTION are fine; alone,
-// LOCK and DO are refused too. A guard against a mistake, not a boundary: what functions and DO
-// blocks do inside is not seen.
+// LOCK and DO are refused too, and a temporary table ON COMMIT DROP is fine. A guard against a
+// mistake, not a boundary: what functions and DO blocks do inside is not seen.
 std::string needs_own_session(std::string_view sql, SessionScope scope);
 
 // The statement's first keyword, lower case, after white space, empty statements (`;`) and

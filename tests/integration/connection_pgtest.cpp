@@ -570,7 +570,7 @@ TEST_F(ConnectionTest, AStatementCancelledWhileBeingSentEndsAtOnce) {
         const auto took = std::chrono::steady_clock::now() - started;
         EXPECT_EQ(error.code(), client_errc::timeout) << error.what();
         EXPECT_THAT(error.what(), HasSubstr("still being sent")) << error.what();
-        EXPECT_LT(took, 2s) << "it waited for the cancel_timeout";
+        EXPECT_LT(took, 4s) << "it waited for the cancel_timeout (5 s)";
         EXPECT_TRUE(conn.is_broken());
         proxy.resume();
       },

@@ -3078,6 +3078,36 @@ TEST_F(PoolTest, AcquireTimeoutZeroWaitsForConnectionsBeingOpenedAndFailsOnlyWhe
     first.release();
     second.release();
     (void)co_await pool.close(5s);
+    // Three callers at once, one connection leased and one to open: the first waits for it, the
+    // other two fail at once (what is left is spoken for; they would wait for a lease).
+    auto three_config = config("zero-timeout-three", 2);
+    three_config.acquire_timeout = 0ms;
+    Pool three(executor, three_config);
+    auto held = co_await three.acquire();
+    int served = 0;
+    int failed_at_once = 0;
+    int done = 0;
+    for (int i = 0; i < 3; ++i) {
+      asio::co_spawn(
+          executor,
+          [&]() -> awaitable_void {
+            const auto asked = std::chrono::steady_clock::now();
+            try {
+              auto lease = co_await three.acquire();
+              ++served;
+            } catch (const Error& refusal) {
+              const bool at_once = std::chrono::steady_clock::now() - asked < 1s;
+              if (refusal.code() == client_errc::pool_timeout && at_once) ++failed_at_once;
+            }
+            ++done;
+          },
+          asio::detached);
+    }
+    for (int i = 0; i < 500 && done < 3; ++i) co_await sleep_for(10ms);
+    EXPECT_EQ(served, 1);
+    EXPECT_EQ(failed_at_once, 2);
+    held.release();
+    (void)co_await three.close(5s);
   });
 }
 

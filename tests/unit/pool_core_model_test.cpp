@@ -257,9 +257,9 @@ struct Model {
     if (queue.size() >= config.max_waiters) return {AcquireResult::Kind::queue_full, 0};
     if (config.acquire_timeout.count() > 0) return {AcquireResult::Kind::wait, 0};
     // acquire_timeout 0: fails at once only when every connection is in use (leased, or coming
-    // back through a reset); one being opened, or capacity a closing one gives back, is waited
-    // for.
-    if (count(NodeState::leased) + count(NodeState::resetting) < config.max_size &&
+    // back through a reset) or spoken for by the callers already waiting; one being opened, or
+    // capacity a closing one gives back, is waited for.
+    if (count(NodeState::leased) + count(NodeState::resetting) + queue.size() < config.max_size &&
         can_lease(priority, consumer)) {
       return {AcquireResult::Kind::wait, 0};
     }

@@ -89,7 +89,7 @@ void PoolState::execute_locked(const pool::Actions& actions, Deferred& deferred)
         spawn_later(ping(shared_from_this(), action.node, action.check_slots));
         break;
       case pool::Action::Kind::close:
-        if (events.discarded.ever_connected()) {
+        if (action.discarded && events.discarded.ever_connected()) {
           deferred.add([this, reason = action.reason] { emit(events.discarded, reason); });
         }
         start_close(*action.node);
@@ -271,6 +271,7 @@ asio::awaitable<void> PoolState::open_connection(
   std::string failure;
   bool probed = false;
   bool no_slot = false;
+  bool backend_may_live = false;  // a connect given up on with a backend perhaps starting up
   if (error) {
     if (cancel->cancelled) {
       failure = "the pool closed while connecting";
@@ -280,11 +281,18 @@ asio::awaitable<void> PoolState::open_connection(
         failure += " (" + connection.last_error().hint + ")";
       }
     }
-    // A connect cut short (connect_timeout, the pool closing) once its socket was connected may
-    // have a backend in start-up on the server (a slow server, slow authentication), which lives
-    // on until it reads the end of the connection: its capacity comes back once it has ended, or
-    // the strict max would not hold on the server while connects time out and are made again.
-    co_await close_until_backend_ends(self, connection, [&probe_turn] { probe_turn.reset(); });
+    // A connect that ran out of time once its socket was connected may have a backend in
+    // start-up on the server (a slow server says nothing until it is done), which lives on until
+    // it reads the end of the connection (Connection::Impl::abandon_connect()): its capacity comes
+    // back once it has ended, or the strict max would not hold on the server while connects time
+    // out and are made again. The failure counts now (backoff, fail_fast_after, events); the node
+    // closes like a discarded connection. (Under a budget, here, while the connect still holds
+    // the io_context's turn for a backend without a slot, and lets it go if the server is slow.)
+    backend_may_live = ConnectionAccess::has_lingering_socket(connection);
+    if (backend_may_live && !budget.key.empty()) {
+      co_await close_until_backend_ends(self, connection, [&probe_turn] { probe_turn.reset(); });
+      backend_may_live = false;
+    }
   } else if (cancel->cancelled) {  // the pool closed right after the connect
     error = make_error_code(client_errc::cancelled);
     failure = "the pool closed while connecting";
@@ -299,6 +307,8 @@ asio::awaitable<void> PoolState::open_connection(
         search = co_await wait_for_budget_slot(self, *node, connection, *cancel, search);
       }
       if (search.slot) {
+        // (Under the lock: the slot checks read them, on any connection's coroutine.)
+        std::lock_guard lock(self->mutex);
         auto& pooled = static_cast<PooledConnection&>(*node->attachment);
         pooled.budget_slot = *search.slot;
         pooled.backend_pid = search.backend_pid;
@@ -371,7 +381,9 @@ asio::awaitable<void> PoolState::open_connection(
     }
     deferred.add(
         [self, error = error, failure] { emit(self->events.connect_failed, error, failure); });
-    self->core.connect_failed(*node, Clock::now(), actions, no_slot);  // destroys the node
+    if (backend_may_live) connection_of(*node) = std::move(connection);  // for its close
+    // (Destroys the node, or closes it when its backend may live.)
+    self->core.connect_failed(*node, Clock::now(), actions, no_slot, backend_may_live);
   } else {
     if (!self->logged_connect_failure.empty()) {
       deferred.add([self, failures = self->failed_connects_in_a_row] {
@@ -665,7 +677,7 @@ asio::awaitable<void> PoolState::check_budget_slots(std::shared_ptr<PoolState> s
     // (A waiter that cannot use this class's slots gets one only from a connection on a shared
     // slot: those are retired first.)
     const auto on_shared_slot = [&budget](const pool::Node& node) {
-      return node.attachment != nullptr &&
+      return node.state != pool::NodeState::connecting && node.attachment != nullptr &&
              budget_class_of_slot(
                  budget, static_cast<const PooledConnection&>(*node.attachment).budget_slot) == 0;
     };
@@ -712,6 +724,9 @@ asio::awaitable<void> PoolState::close_until_backend_ends(const std::shared_ptr<
                                                           Connection& connection,
                                                           const std::function<void()>& when_slow) {
   const int pid = connection.backend_pid();
+  // (A connect given up on has no backend pid: its backend never said it.)
+  const std::string backend = pid > 0 ? "backend " + std::to_string(pid)
+                                      : std::string("the backend of a connect given up on");
   const auto closed_at = Clock::now();
   bool slow = false;
   (void)co_await connection.close_and_wait(server_close_warning, [&] {
@@ -721,17 +736,17 @@ asio::awaitable<void> PoolState::close_until_backend_ends(const std::shared_ptr<
         std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - closed_at);
     if (self->backend_end_bound.count() > 0 && waited >= self->backend_end_bound) {
       spdlog::warn(
-          "pgrt pool {}: backend {} was not seen to end {} ms after it was closed; its slot is "
+          "pgrt pool {}: {} was not seen to end {} ms after it was closed; its slot is "
           "given back now: by this bound the session guards (keepalives, tcp_user_timeout, "
           "client_connection_check_interval) have made the server end it",
-          self->application_name, pid, waited.count());
+          self->application_name, backend, waited.count());
       return false;
     }
     if (waited < 2 * server_close_warning) {
       spdlog::warn(
-          "pgrt pool {}: the server has not ended backend {} {} ms after it was closed; its "
+          "pgrt pool {}: the server has not ended {} {} ms after it was closed; its "
           "slot stays counted against max_size until it does{}",
-          self->application_name, pid, waited.count(),
+          self->application_name, backend, waited.count(),
           self->backend_end_bound.count() > 0
               ? " (at most " + std::to_string(self->backend_end_bound.count()) + " ms)"
               : std::string(" (keepalives are off: there is no bound)"));

@@ -341,8 +341,8 @@ AcquireResult Core::try_acquire(Priority priority, std::source_location site, Ti
   // acquire_timeout 0: never wait for a lease to come back; wait (at most connect_timeout) for a
   // connection being opened, or that can be opened under the max (and the consumer's) once the
   // closing ones have ended: fail at once only when every connection is in use (leased, or coming
-  // back through a reset).
-  if (list(NodeState::leased).size() + list(NodeState::resetting).size() < cap_ &&
+  // back through a reset) or spoken for by the callers already waiting.
+  if (list(NodeState::leased).size() + list(NodeState::resetting).size() + waiters_.size() < cap_ &&
       can_lease(priority, consumer)) {
     return {.kind = AcquireResult::Kind::wait, .wait_limit = config_.connect_timeout};
   }
@@ -503,8 +503,18 @@ void Core::connect_succeeded(Node& node, Time now, Actions& actions) {
   maybe_open(now, actions);
 }
 
-void Core::connect_failed(Node& node, Time now, Actions& actions, bool backpressure) {
-  destroy(node);
+void Core::connect_failed(Node& node, Time now, Actions& actions, bool backpressure,
+                          bool backend_may_live) {
+  if (backend_may_live) {
+    node.close_reason = DiscardReason::broken;
+    move(node, NodeState::closing);
+    actions.push_back({.kind = Action::Kind::close,
+                       .node = &node,
+                       .reason = DiscardReason::broken,
+                       .discarded = false});
+  } else {
+    destroy(node);
+  }
   ++connect_errors_;
   ++consecutive_failures_;
   last_failure_at_ = now;

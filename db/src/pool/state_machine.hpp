@@ -238,6 +238,9 @@ struct Action {
   // ping, reset: also check which of the pool's connections still hold their budget slot, and
   // report those that do not with slot_lost().
   bool check_slots = false;
+  // close: false for a connect given up on whose backend may still be starting up (not a
+  // discarded connection: no PoolEvents::discarded for it).
+  bool discarded = true;
 };
 using Actions = boost::container::small_vector<Action, 6>;
 
@@ -366,7 +369,11 @@ class Core {
   void connect_succeeded(Node& node, Time now, Actions& actions);
   // `backpressure`: the connect worked but a shared limit refused it (a full budget): the next
   // attempt comes within max_backpressure_backoff at most, as a slot may come free any moment.
-  void connect_failed(Node& node, Time now, Actions& actions, bool backpressure = false);
+  // `backend_may_live`: the connect ran out of time once connected, and a backend may still be
+  // starting up on the server: the node closes (Action::close, not counted as discarded) and its
+  // capacity comes back at backend_ended(); the failure counts now all the same.
+  void connect_failed(Node& node, Time now, Actions& actions, bool backpressure = false,
+                      bool backend_may_live = false);
   static constexpr milliseconds max_backpressure_backoff{500};
   void reset_done(Node& node, bool ok, Time now, Actions& actions);
   void ping_done(Node& node, bool ok, Time now, Actions& actions);

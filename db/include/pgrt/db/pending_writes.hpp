@@ -165,8 +165,8 @@ class PendingWrites {
   /// (they are discarded). Refused at the call (client_errc::needs_session, not accepted):
   /// transaction control (BEGIN, COMMIT, SAVEPOINT, ...) and session state (SET but SET LOCAL,
   /// SET CONSTRAINTS and SET TRANSACTION; set_config() but set_config(..., true); RESET, LISTEN,
-  /// PREPARE, DISCARD, LOAD, cursors, a temporary table, view or sequence but one ON COMMIT
-  /// DROP, a session-level advisory lock), which
+  /// PREPARE, DISCARD, LOAD, cursors, a temporary table, view or sequence, a session-level
+  /// advisory lock), which
   /// would end part of a batch or stay on the pooled connection, and COPY. (Functions and DO blocks
   /// are not looked into.)
   ///
