@@ -597,8 +597,17 @@ TEST_F(WatchdogTest, ClientsThatNeverReadTheirAnswersCannotKeepAProbeOut) {
     (void)::send(fd, pipelined.data(), pipelined.size(), MSG_NOSIGNAL);
     non_readers.push_back(fd);
   }
-  std::this_thread::sleep_for(2s);  // their answers stall (and would for request_timeout each)
-  EXPECT_THAT(http_get(port, "/healthz"), HasSubstr("200 OK"));
+  // Their answers stall once the kernel's buffers are full (after some renders of the page:
+  // seconds under a sanitizer), each for request_timeout (30 s) unless evicted. A probe gets in
+  // well within that; until the first stall it may be refused (every slot is being answered).
+  std::string probe;
+  const auto asked = std::chrono::steady_clock::now();
+  while (std::chrono::steady_clock::now() - asked < 20s) {
+    probe = http_get(port, "/healthz");
+    if (probe.find("200 OK") != std::string::npos) break;
+    std::this_thread::sleep_for(250ms);
+  }
+  EXPECT_THAT(probe, HasSubstr("200 OK"));
   EXPECT_GE(endpoint.connections_evicted(), 1U);
   for (const int fd : non_readers) ::close(fd);
   running.wait(endpoint.stop());
