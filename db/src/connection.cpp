@@ -17,8 +17,12 @@ namespace pgrt {
 
 // --- Connection::Impl's state -------------------------------------------------------------------
 
-void Connection::Impl::close(CloseMode mode) noexcept {
-  if (lingering_fd >= 0) ::close(std::exchange(lingering_fd, -1));
+void Connection::Impl::close_lingering() noexcept {
+  for (const int fd : std::exchange(lingering_fds, {})) ::close(fd);
+}
+
+void Connection::Impl::close(CloseMode mode, Lingering lingering) noexcept {
+  if (lingering == Lingering::close) close_lingering();
   {
     std::lock_guard lock(interrupt_mutex);
     interruptible_fd = -1;
@@ -44,7 +48,7 @@ void Connection::Impl::close(CloseMode mode) noexcept {
 int Connection::Impl::close_keeping_socket() noexcept {
   const int fd = PQsocket(conn);
   const int kept = fd >= 0 ? ::fcntl(fd, F_DUPFD_CLOEXEC, 0) : -1;
-  close(CloseMode::graceful);
+  close(CloseMode::graceful, Lingering::keep);
   // Our descriptor keeps the socket open, so the server would never see the client go: send it
   // end-of-file now (after the Terminate libpq queued). A backend still busy with a statement the
   // cancel did not reach then notices at its next client_connection_check_interval check.
@@ -61,9 +65,10 @@ void Connection::Impl::abandon_connect() noexcept {
   sockaddr_storage peer{};
   socklen_t length = sizeof peer;
   if (fd >= 0 && ::getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &length) == 0) {
-    lingering_fd = close_keeping_socket();
+    const int kept = close_keeping_socket();
+    if (kept >= 0) lingering_fds.push_back(kept);
   } else {
-    close(CloseMode::immediate);
+    close(CloseMode::immediate, Lingering::keep);  // (earlier attempts' stay)
   }
 }
 
@@ -127,9 +132,12 @@ asio::awaitable<std::pair<error_code, Connection>> Connection::try_connect(execu
   error_code error;
   if (outcome.index() == 0) {
     error = std::get<0>(outcome);
-    // Cancelled by the caller (connect() leaves that to here): closed at once. (One that ran out
-    // of a host's time was abandoned already: no conn left, its lingering descriptor kept.)
-    if (error && impl->conn != nullptr) impl->close(CloseMode::immediate);
+    // Failed, or cancelled by the caller (connect() leaves that to here): closed at once. What
+    // earlier attempts of this connect left lingering stays for close_and_wait() (a host that ran
+    // out of its share of the time may have a backend in start-up although a later host refused).
+    if (error && impl->conn != nullptr) {
+      impl->close(CloseMode::immediate, Impl::Lingering::keep);
+    }
   } else if (std::get<0>(std::get<1>(outcome)) == asio::error::operation_aborted) {
     // Cancelled: its caller is going away (a closing pool), and makes no new connection in its
     // place. Closed at once.
@@ -299,24 +307,14 @@ void Connection::close(CloseMode mode) noexcept {
   impl_->close(mode);
 }
 
-asio::awaitable<bool> Connection::close_and_wait(std::chrono::milliseconds limit,
-                                                 std::function<bool()> keep_waiting) {
-  if (!impl_) co_return true;
-  int watched = -1;
-  if (impl_->conn == nullptr) {
-    // Closed already without waiting (a cancelled pipeline): its lingering descriptor, if any,
-    // still shows when the server ends the session.
-    watched = std::exchange(impl_->lingering_fd, -1);
-    if (watched < 0) co_return true;
-  } else {
-    // A backend running a statement reads the Terminate only when the statement ends: cancel it,
-    // so that the backend ends now rather than after its statement (and the server's end closes).
-    if (PQtransactionStatus(impl_->conn) == PQTRANS_ACTIVE) (void)impl_->send_cancel_request();
-    // A second descriptor for the same socket keeps it open after PQfinish() closes libpq's, so
-    // the server's end can be watched: it closes the socket only after its pg_stat_activity entry
-    // is gone (the backend clears that entry before it exits).
-    watched = impl_->close_keeping_socket();
-  }
+namespace {
+
+// Waits until the server closes its end of `watched` (a second descriptor of a closed connection's
+// socket; taken over and closed here) or `timer` expires, which `keep_waiting` may extend by
+// `limit` at a time. True when the server's end closed.
+asio::awaitable<bool> wait_for_server_end(int watched, asio::steady_timer& timer,
+                                          std::chrono::milliseconds limit,
+                                          const std::function<bool()>& keep_waiting) {
   sockaddr_storage address{};
   socklen_t length = sizeof address;
   const bool named =
@@ -325,8 +323,7 @@ asio::awaitable<bool> Connection::close_and_wait(std::chrono::milliseconds limit
     if (watched >= 0) ::close(watched);
     co_return false;
   }
-  const auto executor = co_await asio::this_coro::executor;
-  asio::generic::stream_protocol::socket socket(executor);
+  asio::generic::stream_protocol::socket socket(timer.get_executor());
   error_code error;
   socket.assign(asio::generic::stream_protocol(address.ss_family, 0), watched, error);
   if (error) {
@@ -334,7 +331,6 @@ asio::awaitable<bool> Connection::close_and_wait(std::chrono::milliseconds limit
     co_return false;
   }
   using namespace asio::experimental::awaitable_operators;
-  asio::steady_timer timer(executor, limit);
   for (;;) {
     auto outcome = co_await detail::serialized(
         socket.async_wait(asio::socket_base::wait_read, no_throw) || timer.async_wait(no_throw));
@@ -351,6 +347,34 @@ asio::awaitable<bool> Connection::close_and_wait(std::chrono::milliseconds limit
       co_return true;  // reset by the server: its end is closed too
     }
   }
+}
+
+}  // namespace
+
+asio::awaitable<bool> Connection::close_and_wait(std::chrono::milliseconds limit,
+                                                 std::function<bool()> keep_waiting) {
+  if (!impl_) co_return true;
+  // Closed already without waiting (a cancelled pipeline, a connect given up on): its lingering
+  // descriptors, if any, still show when the server ends those sessions.
+  std::vector<int> watched = std::exchange(impl_->lingering_fds, {});
+  if (impl_->conn != nullptr) {
+    // A backend running a statement reads the Terminate only when the statement ends: cancel it,
+    // so that the backend ends now rather than after its statement (and the server's end closes).
+    if (PQtransactionStatus(impl_->conn) == PQTRANS_ACTIVE) (void)impl_->send_cancel_request();
+    // A second descriptor for the same socket keeps it open after PQfinish() closes libpq's, so
+    // the server's end can be watched: it closes the socket only after its pg_stat_activity entry
+    // is gone (the backend clears that entry before it exits).
+    watched.insert(watched.begin(), impl_->close_keeping_socket());
+  }
+  if (watched.empty()) co_return true;
+  asio::steady_timer timer(co_await asio::this_coro::executor, limit);
+  for (std::size_t at = 0; at < watched.size(); ++at) {
+    if (!co_await wait_for_server_end(watched[at], timer, limit, keep_waiting)) {
+      for (std::size_t rest = at + 1; rest < watched.size(); ++rest) ::close(watched[rest]);
+      co_return false;
+    }
+  }
+  co_return true;
 }
 
 void Connection::interrupt(std::chrono::milliseconds wait_for_cancel) noexcept {
@@ -408,7 +432,7 @@ Connection::Impl* ConnectionAccess::bind(Connection& connection, LeaseBinding* b
 
 bool ConnectionAccess::has_lingering_socket(const Connection& connection) noexcept {
   return connection.impl_ != nullptr && connection.impl_->conn == nullptr &&
-         connection.impl_->lingering_fd >= 0;
+         !connection.impl_->lingering_fds.empty();
 }
 
 Connection::Impl* ConnectionAccess::impl_of(Connection& connection) noexcept {

@@ -429,6 +429,50 @@ TEST_F(PoolTest, ConnectsThatTimeOutOnASlowServerNeverPutMoreThanMaxBackendsOnIt
   EXPECT_LE(most.load(), 2) << "more backends of the pool on the server than its max_size";
 }
 
+// The same with two hosts, the slow server first and a port that refuses second: the first host's
+// share of connect_timeout runs out (its backend is in start-up), then the second refuses at once.
+// The connect fails with the second host's error, but the first host's backend lives on: the pool
+// must wait for it as for a timed-out connect, or every retry adds one more backend.
+TEST_F(PoolTest, AHostGivenUpOnBeforeAnotherRefusesStillHoldsItsCapacityUntilItsBackendEnds) {
+  auto own = start_own_cluster();
+  BlockingConnection(own->dsn()).query("CREATE ROLE slow_start LOGIN");
+  std::atomic<bool> sampling{true};
+  std::atomic<int> most{0};
+  std::thread sampler([&] {
+    while (sampling) {
+      most = std::max(most.load(), backends_of_role(own->postmaster_pid(), "slow_start"));
+      std::this_thread::sleep_for(20ms);
+    }
+  });
+  PoolStats end{};
+  run_coroutine(
+      [&]() -> awaitable_void {
+        PoolConfig pool_config;
+        pool_config.conninfo = "host=127.0.0.1,127.0.0.1 port=" + std::to_string(own->port()) +
+                               ",1 dbname=postgres user=slow_start "
+                               "options='-c post_auth_delay=1'";
+        pool_config.max_size = 2;
+        pool_config.application = "slow-start-two-hosts";
+        pool_config.connect.connect_timeout = 300ms;
+        pool_config.connect_backoff_initial = 20ms;
+        pool_config.connect_backoff_max = 50ms;
+        pool_config.acquire_timeout = 3s;
+        Pool pool(co_await asio::this_coro::executor, pool_config);
+        auto first = pool.acquire();
+        auto second = pool.acquire();
+        (void)co_await testing::expect_error(std::move(first));
+        (void)co_await testing::expect_error(std::move(second));
+        end = pool.stats();
+        (void)co_await pool.close(5s);
+      },
+      30s);
+  sampling = false;
+  sampler.join();
+  EXPECT_GE(end.connect_errors, 3U) << "the connects did not fail and start again";
+  EXPECT_GE(most.load(), 1) << "no backend of the role was ever seen: the count reads nothing";
+  EXPECT_LE(most.load(), 2) << "more backends of the pool on the server than its max_size";
+}
+
 // close() returns after its grace period with a connection still closing (its backend is
 // stopped here: the server does not end it). The docs let the Pool be destroyed after its
 // io_context once close() has returned: that connection's socket and strand went with the

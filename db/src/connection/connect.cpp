@@ -124,7 +124,7 @@ error_code read_connect_timeout(const ParsedConninfo& parsed,
 error_code Connection::Impl::connect_error() {
   const std::string message = trimmed(conn != nullptr ? PQerrorMessage(conn) : "out of memory");
   std::string where = target();
-  close(CloseMode::immediate);
+  close(CloseMode::immediate, Lingering::keep);  // (earlier attempts' stay for close_and_wait())
   auto classify = [&](std::string_view sqlstate, std::string hint) {
     last_error = Diagnostics{.sqlstate = std::string(sqlstate),
                              .severity = "FATAL",
@@ -321,7 +321,7 @@ asio::awaitable<error_code> Connection::Impl::connect_once(
   keywords.push_back(nullptr);
   values.push_back(nullptr);
 
-  close(CloseMode::immediate);  // what an earlier attempt left
+  close(CloseMode::immediate, Lingering::keep);  // what an earlier attempt left
   conn = PQconnectStartParams(keywords.data(), values.data(), 1);
   if (conn != nullptr) PQsetNoticeReceiver(conn, log_server_notice, nullptr);
   if (conn == nullptr || PQstatus(conn) == CONNECTION_BAD) co_return connect_error();
@@ -509,7 +509,7 @@ asio::awaitable<error_code> Connection::Impl::connect() {
         std::vector<std::string> resolved;
         const auto lookup_deadline =
             bounded ? std::optional<steady_clock::time_point>(host_deadline) : std::nullopt;
-        close(CloseMode::immediate);  // (what an earlier host left: target() names this one)
+        close(CloseMode::immediate, Lingering::keep);  // (target() names this host now)
         connecting_to = "host name \"" + entry->host + "\" (being resolved)";
         if (auto error = co_await resolve_host(entry->host, lookup_deadline, resolved)) {
           if (last_host || ends_the_connect(error)) co_return with_earlier(error);
@@ -557,7 +557,7 @@ asio::awaitable<error_code> Connection::Impl::connect() {
       !datestyle_given && datestyle != nullptr && !std::string_view(datestyle).starts_with("ISO")) {
     const std::string where = target();
     const std::string style = datestyle;
-    close(CloseMode::immediate);
+    close(CloseMode::immediate, Lingering::keep);
     co_return fail(client_errc::invalid_config,
                    "the server at " + where + " has DateStyle '" + style +
                        "' (a pooler in between may have dropped pgrt's startup options); pgrt "
@@ -566,10 +566,15 @@ asio::awaitable<error_code> Connection::Impl::connect() {
   }
   unnamed_statements = options.pooler == Pooler::transaction;
   if (auto assign_error = watch_socket()) {
-    close(CloseMode::immediate);
+    close(CloseMode::immediate, Lingering::keep);
     co_return fail(client_errc::connect_failed,
                    "cannot watch the connection's socket: " + assign_error.message());
   }
+  // Earlier attempts given up on (a host or address that ran out of its share of the time) were
+  // sent end-of-file; their backends end once their start-up is done. The pool counts this
+  // connection only: until they end, the server may briefly hold one more backend per such
+  // attempt (docs/pool.md, "Strict max").
+  close_lingering();
   arm_interrupt();
   co_return error_code{};
 }

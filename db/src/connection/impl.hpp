@@ -144,10 +144,12 @@ struct Connection::Impl {
   // never shuts down a descriptor that has been reused for something else.
   std::mutex interrupt_mutex;
   int interruptible_fd = -1;
-  // After a close that could not wait for the server (a cancelled pipeline): a second descriptor
-  // of the socket, so that close_and_wait() can still see the server end the session (the pool
-  // keeps the connection's capacity until then). close() closes it.
-  int lingering_fd = -1;
+  // After a close that could not wait for the server (a cancelled pipeline, a connect attempt
+  // that ran out of time): a second descriptor of each such socket, so that close_and_wait() can
+  // still see the server end those sessions (the pool keeps the connection's capacity until
+  // then). One per attempt: the addresses of a name and the hosts of a conninfo each leave one.
+  // close() closes them unless told to keep them (between the attempts of one connect).
+  std::vector<int> lingering_fds;
   std::shared_ptr<PGcancel> interrupt_cancel;
   std::atomic<bool> cut_by_owner{false};
   // Set while a Lease holds this connection: close() hands the open connection to it.
@@ -155,13 +157,15 @@ struct Connection::Impl {
 
   // --- state (connection.cpp) -------------------------------------------------------------------
 
-  void close(CloseMode mode) noexcept;
+  enum class Lingering : bool { close, keep };
+  void close(CloseMode mode, Lingering lingering = Lingering::close) noexcept;
+  void close_lingering() noexcept;
   // Closes gracefully, keeping a second descriptor of the socket (returned; -1 if none) on which
-  // the server's end can be seen to close; end-of-file has been sent on it.
+  // the server's end can be seen to close; end-of-file has been sent on it. `lingering_fds` stay.
   int close_keeping_socket() noexcept;
-  // A connect that ran out of time: closed. Once the socket is connected the server may have a
-  // backend for it, in its start-up, which lives on after this: then a second descriptor stays
-  // in `lingering_fd` (end-of-file sent), so that close_and_wait() sees it end.
+  // A connect attempt that ran out of time: closed. Once the socket is connected the server may
+  // have a backend for it, in its start-up, which lives on after this: then a second descriptor
+  // joins `lingering_fds` (end-of-file sent), so that close_and_wait() sees it end.
   void abandon_connect() noexcept;
   error_code fail(client_errc code, std::string message, std::string_view statement = {},
                   std::string hint = {});
