@@ -115,6 +115,96 @@ TEST_F(ReadinessTest, BytesThatComeAfterAStallEndTheWait) {
       20s);
 }
 
+// query() on one connection (max 1): large results stream while other callers' statements join
+// them, several in flight at once. The server blocks on a full socket while libpq's buffer holds
+// part of a result; a wait that did not re-arm the socket then would never end (every answer
+// in flight before the wait must have been read for it to start without re-arming).
+TEST_F(ReadinessTest, QueryStatementsSentBehindALargeResultOnOneConnectionAllEnd) {
+  run_coroutine(
+      [&]() -> awaitable_void {
+        const auto executor = co_await asio::this_coro::executor;
+        PoolConfig config;
+        config.conninfo = cluster().dsn();
+        config.max_size = 1;
+        config.application = "readiness-shared";
+        config.acquire_timeout = 120s;  // (beyond this test's limit: a hang fails, not a timeout)
+        Pool pool(executor, config);
+        constexpr int large_callers = 2;
+        constexpr int small_callers = 16;
+        int finished = 0;
+        int wrong = 0;
+        for (int caller = 0; caller < large_callers + small_callers; ++caller) {
+          asio::co_spawn(
+              executor,
+              [&, large = caller < large_callers]() -> awaitable_void {
+                for (int round = 0; round < (large ? 3 : 40); ++round) {
+                  if (large) {
+                    auto result = co_await pool.query("SELECT generate_series(1, 100000)::text");
+                    if (result.size() != 100000U) ++wrong;
+                  } else {
+                    auto result = co_await pool.query("SELECT $1::int", round);
+                    if (result.scalar<int>() != round) ++wrong;
+                  }
+                }
+              },
+              [&](const std::exception_ptr& error) {
+                if (error) ++wrong;
+                ++finished;
+              });
+        }
+        // A busy io_context: its thread is away for a while now and then, and the server fills
+        // the socket meanwhile (a wait then starts on a socket full of a result's rows).
+        asio::steady_timer tick(executor);
+        while (finished < large_callers + small_callers) {
+          std::this_thread::sleep_for(5ms);
+          tick.expires_after(1ms);
+          co_await tick.async_wait(asio::use_awaitable);
+        }
+        EXPECT_EQ(wrong, 0);
+        co_await pool.close(1s);
+      },
+      60s);
+}
+
+// The plainest case of the one above: one large result on the connection, the server blocked on
+// the full socket, and then one more statement sent, after which nothing else comes.
+TEST_F(ReadinessTest, AQueryStatementSentWhileTheServerIsBlockedOnAFullSocketEnds) {
+  run_coroutine(
+      [&]() -> awaitable_void {
+        const auto executor = co_await asio::this_coro::executor;
+        PoolConfig config;
+        config.conninfo = cluster().dsn();
+        config.max_size = 1;
+        config.application = "readiness-blocked";
+        config.acquire_timeout = 120s;  // (beyond this test's limit: a hang fails, not a timeout)
+        Pool pool(executor, config);
+        (void)co_await pool.query("SELECT 1");  // connected, the statement cache warm
+        for (int round = 0; round < 5; ++round) {
+          bool large_done = false;
+          bool large_right = false;
+          asio::co_spawn(
+              executor,
+              [&]() -> awaitable_void {
+                auto result = co_await pool.query("SELECT generate_series(1, 200000)::text");
+                large_right = result.size() == 200000U;
+              },
+              [&](const std::exception_ptr&) { large_done = true; });
+          asio::steady_timer pause(executor, 2ms);
+          co_await pause.async_wait(asio::use_awaitable);  // the large one is sent
+          std::this_thread::sleep_for(50ms);               // the server fills the socket and blocks
+          auto small = co_await pool.query("SELECT $1::int", round);
+          EXPECT_EQ(small.scalar<int>(), round);
+          while (!large_done) {
+            pause.expires_after(5ms);
+            co_await pause.async_wait(asio::use_awaitable);
+          }
+          EXPECT_TRUE(large_right) << "round " << round;
+        }
+        co_await pool.close(1s);
+      },
+      60s);
+}
+
 // Four threads run one io_context; each connection's coroutine resumes on whichever thread the
 // reactor woke, so a readiness edge can be taken by one thread while another is about to wait.
 // Small results, rows libpq holds already, results in pieces and prepared statements, mixed.
