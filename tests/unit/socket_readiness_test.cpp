@@ -184,40 +184,6 @@ TEST(ReadableWait, ACancelledWaitEndsWithOperationAborted) {
   keep_running.cancel();
 }
 
-// Why only the first wait for an answer may be async_wait_readable(): once a wait has taken an
-// edge, bytes a partial read left in the socket bring no new one, and a second such wait would
-// not end; async_wait() (re-arming) does. If asio's reactor changed this, the rule in io.cpp and
-// multiplexer.cpp would be costing a syscall for nothing: this says so.
-TEST(ReadableWait, BytesLeftByAPartialReadEndOnlyARearmingWait) {
-  asio::io_context io;
-  SocketPair pair;
-  pgrt::detail::WatchedSocket watched(io, asio::generic::stream_protocol(AF_UNIX, 0),
-                                      pair.take_watched());
-  asio::steady_timer keep_running(io, 10s);
-  keep_running.async_wait([](boost::system::error_code) {});
-  bool completed = false;
-  pgrt::detail::async_wait_readable(watched, [&](boost::system::error_code) { completed = true; });
-  (void)run_until(io, completed, 100ms);  // (a fresh registration's first wait may end at once)
-  completed = false;
-  pgrt::detail::async_wait_readable(watched, [&](boost::system::error_code) { completed = true; });
-  pair.send_byte();
-  pair.send_byte();
-  ASSERT_TRUE(run_until(io, completed));
-  char byte = 0;
-  ASSERT_EQ(::recv(watched.native_handle(), &byte, 1, 0), 1);  // one byte of two: a partial read
-  completed = false;
-  pgrt::detail::async_wait_readable(watched, [&](boost::system::error_code) { completed = true; });
-  EXPECT_FALSE(run_until(io, completed, 200ms))
-      << "ended on bytes whose edge was taken: the first-wait rule could be relaxed";
-  watched.cancel();
-  ASSERT_TRUE(run_until(io, completed));
-  bool rearmed = false;
-  watched.async_wait(asio::socket_base::wait_read,
-                     [&](boost::system::error_code) { rearmed = true; });
-  EXPECT_TRUE(run_until(io, rearmed)) << "a re-arming wait missed the byte left in the socket";
-  keep_running.cancel();
-}
-
 // Request and answer, 20,000 times, on an io_context run by four threads, against a peer thread
 // that answers each request as soon as it reads it: the answer's edge may come before the wait is
 // queued (and be taken by any of the threads) or after. A lost edge hangs a round.

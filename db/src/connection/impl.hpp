@@ -130,11 +130,9 @@ struct Connection::Impl {
   // Behind a transaction pooler (configured, or noticed: see exchange()) query_prepared() sends
   // unnamed statements; forgotten_statements counts the named ones the server lost.
   bool unnamed_statements = false;
-  // The session may have run LISTEN (its command tag, a DO block or CALL, or bytes seen on the
-  // idle connection): the server may send notifications at any time, more than libpq reads at
-  // once, and then block on a full socket. The first wait for an answer then re-arms the socket
-  // like every other (readable_wait.hpp needs every earlier byte read or its edge due). A LISTEN
-  // inside a function called by SELECT is seen only once notifications reach an idle connection.
+  // The session ran LISTEN: the server may send notifications at any time, more than libpq reads
+  // at once, and then block on a full socket. The first wait for an answer then re-arms the
+  // socket like every other (readable_wait.hpp needs every earlier byte read or its edge due).
   bool unsolicited_bytes_possible = false;
   // Behind a transaction pooler (configured or noticed), at most one sync segment is in flight:
   // PgBouncer before 1.21 counts a client's Syncs as it reads them and gives the server session
@@ -291,8 +289,7 @@ struct Connection::Impl {
   // A statement's result, by its command tag. The caller's own DISCARD ALL or DEALLOCATE ALL:
   // the server has none of the cached statements any more, and the cache is emptied (they are
   // prepared again as they are used, and their 26000s never count towards noticing a pooler).
-  // LISTEN (or a DO block or CALL, which may run one): notifications may come unasked from now
-  // on (`unsolicited_bytes_possible`), until a DISCARD ALL.
+  // LISTEN: notifications may come unasked from now on (`unsolicited_bytes_possible`).
   void note_command_tag(const PGresult* result);
   // The server says it no longer has our prepared statement `name` (forgot_statement()): the
   // whole cache is dropped, since what forgot one (DISCARD ALL, DEALLOCATE ALL, another server

@@ -91,15 +91,13 @@ bool Connection::Impl::server_forgot_statement(const std::string& name) {
 void Connection::Impl::note_command_tag(const PGresult* result) {
   const char* tag = PQcmdStatus(const_cast<PGresult*>(result));
   if (tag == nullptr) return;
-  const std::string_view said = tag;
-  // LISTEN, or a DO block or procedure that may have run one.
-  if (said == "LISTEN" || said == "DO" || said == "CALL") {
+  if (tag[0] == 'L' && std::string_view(tag) == "LISTEN") {
     unsolicited_bytes_possible = true;
     return;
   }
+  if (tag[0] != 'D') return;
+  const std::string_view said = tag;
   if (said != "DISCARD ALL" && said != "DEALLOCATE ALL") return;
-  // (DISCARD ALL ran UNLISTEN *, committed before its answer: any notification came before it.)
-  if (said == "DISCARD ALL") unsolicited_bytes_possible = false;
   statements.clear();
   statement_index.clear();
   evicted_statements.clear();  // (gone with the rest)

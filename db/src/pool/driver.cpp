@@ -5,7 +5,6 @@
 #include <set>
 #include <unordered_set>
 
-#include "../connection/impl.hpp"
 #include "budget.hpp"
 #include "multiplexer.hpp"
 #include "pgrt/db/deadline.hpp"
@@ -182,9 +181,6 @@ void PoolState::on_readable(const std::shared_ptr<IdleWatch>& watch,
         alive = errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR;
       } else {
         alive = PQconsumeInput(handle) == 1 && PQstatus(handle) == CONNECTION_OK;
-        // Bytes nobody asked for (notifications of a LISTEN the tags did not show): from now on
-        // the connection's waits re-arm the socket (readable_wait.hpp).
-        ConnectionAccess::impl_of(connection_of(*node))->unsolicited_bytes_possible = true;
       }
     }
     if (alive) {
