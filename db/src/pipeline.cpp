@@ -262,7 +262,7 @@ asio::awaitable<error_code> run_statements(Impl& impl, const Pipeline& pipeline,
       outcome.diagnostics.statement = std::string(current);
     } else if (status == PGRES_TUPLES_OK || status == PGRES_COMMAND_OK ||
                status == PGRES_EMPTY_QUERY) {  // (an empty or comment-only statement ran)
-      impl.note_command_tag(result.native_handle());
+      impl.note_statements_dropped(result.native_handle());
       outcome.result = std::move(result);
     } else if (status == PGRES_COPY_IN || status == PGRES_COPY_OUT || status == PGRES_COPY_BOTH) {
       // A COPY hidden from the check in run(): libpq is in copy mode and would hand out this

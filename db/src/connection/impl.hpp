@@ -38,9 +38,9 @@
 
 #include "../connection_access.hpp"
 #include "../sql_text.hpp"
+#include "readable_wait.hpp"
 #include "pgrt/db/connection.hpp"
 #include "pgrt/db/deadline.hpp"
-#include "readable_wait.hpp"
 
 namespace pgrt {
 
@@ -130,10 +130,6 @@ struct Connection::Impl {
   // Behind a transaction pooler (configured, or noticed: see exchange()) query_prepared() sends
   // unnamed statements; forgotten_statements counts the named ones the server lost.
   bool unnamed_statements = false;
-  // The session ran LISTEN: the server may send notifications at any time, more than libpq reads
-  // at once, and then block on a full socket. The first wait for an answer then re-arms the
-  // socket like every other (readable_wait.hpp needs every earlier byte read or its edge due).
-  bool unsolicited_bytes_possible = false;
   // Behind a transaction pooler (configured or noticed), at most one sync segment is in flight:
   // PgBouncer before 1.21 counts a client's Syncs as it reads them and gives the server session
   // back to its pool once those are answered, even when it has passed on the start of the next
@@ -286,11 +282,10 @@ struct Connection::Impl {
   asio::awaitable<error_code> deallocate_evicted();
   // False when the cache did not hold it (forgotten already).
   bool forget_statement(const std::string& name);
-  // A statement's result, by its command tag. The caller's own DISCARD ALL or DEALLOCATE ALL:
-  // the server has none of the cached statements any more, and the cache is emptied (they are
-  // prepared again as they are used, and their 26000s never count towards noticing a pooler).
-  // LISTEN: notifications may come unasked from now on (`unsolicited_bytes_possible`).
-  void note_command_tag(const PGresult* result);
+  // A statement's result: if it was the caller's own DISCARD ALL or DEALLOCATE ALL, the server
+  // has none of the cached statements any more, and the cache is emptied (they are prepared
+  // again as they are used, and their 26000s never count towards noticing a pooler).
+  void note_statements_dropped(const PGresult* result);
   // The server says it no longer has our prepared statement `name` (forgot_statement()): the
   // whole cache is dropped, since what forgot one (DISCARD ALL, DEALLOCATE ALL, another server
   // session behind a pooler) forgot them all. True if `name` was cached: a new forgetting, to be

@@ -253,19 +253,17 @@ asio::awaitable<error_code> Connection::Impl::exchange(Request request, Result& 
           if ((error = co_await prepare(request.sql, *request.params, name))) break;
         }
       }
-      // The last answer was read to its end, so the socket holds nothing of it, and every byte of
-      // this one is still to come, its arrival an edge: the first wait may be
-      // async_wait_readable(), which starts without a syscall. After a read the socket may hold
-      // bytes libpq had no room for, whose edge is gone: later waits re-arm the descriptor
-      // (async_wait). So do the waits of a session that may get notifications unasked, and of a
-      // send that had to wait (flush() reads while it sends).
+      // Until libpq reads, every byte of the answer is still to come, and its arrival makes an
+      // edge: the first wait may be async_wait_readable(), which starts without a syscall. After a
+      // read the socket may hold bytes libpq had no room for, whose edge is gone: later waits
+      // re-arm the descriptor (async_wait). (flush() reads while it sends.)
       bool answer_edge_due = false;
       if (request.kind != Request::Kind::results_only) {
         bool flush_pending = false;
         error = send(request, name, flush_pending);
         if (!error && flush_pending) error = co_await flush(request.sql);
         if (error) break;
-        answer_edge_due = !flush_pending && !unsolicited_bytes_possible;
+        answer_edge_due = !flush_pending;
       }
 
       // The results, each one taken as soon as libpq has all of it: no wait when libpq holds it
@@ -315,7 +313,7 @@ asio::awaitable<error_code> Connection::Impl::exchange(Request request, Result& 
               read_error = answers_out_of_step(request.sql);
               break;
             }
-            note_command_tag(raw);
+            note_statements_dropped(raw);
             out = std::move(result);
             completed = true;
             answered = true;

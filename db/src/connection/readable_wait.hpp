@@ -50,21 +50,11 @@ namespace asio = boost::asio;
 // ReadableWait reach its reactor registration.
 class WatchedSocket : public asio::generic::stream_protocol::socket {
  public:
-#if PGRT_EXHAUSTING_READ_WAIT
-  // The socket's constructors; the reactor is looked up once (use_service() takes a lock).
-  template <typename... Args>
-  explicit WatchedSocket(Args&&... args)
-      : asio::generic::stream_protocol::socket(std::forward<Args>(args)...),
-        reactor_(&asio::use_service<asio::detail::reactor>(
-            asio::query(get_executor(), asio::execution::context))) {}
+  using asio::generic::stream_protocol::socket::basic_stream_socket;
 
+#if PGRT_EXHAUSTING_READ_WAIT
   template <typename Handler>
   void start_readable_wait(Handler&& handler);
-
- private:
-  asio::detail::reactor* reactor_;
-#else
-  using asio::generic::stream_protocol::socket::basic_stream_socket;
 #endif
 };
 
@@ -130,7 +120,8 @@ template <typename Handler>
 void WatchedSocket::start_readable_wait(Handler&& handler) {
   using Op = ReadableWaitOp<std::decay_t<Handler>, executor_type>;
   auto& registration = impl_.get_implementation();
-  auto& reactor = *reactor_;
+  auto& reactor = asio::use_service<asio::detail::reactor>(
+      asio::query(get_executor(), asio::execution::context));
   const bool is_continuation = boost_asio_handler_cont_helpers::is_continuation(handler);
   auto slot = asio::get_associated_cancellation_slot(handler);
   typename Op::ptr memory = {std::addressof(handler), Op::ptr::allocate(handler), nullptr};

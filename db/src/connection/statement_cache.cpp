@@ -88,14 +88,9 @@ bool Connection::Impl::server_forgot_statement(const std::string& name) {
   return true;
 }
 
-void Connection::Impl::note_command_tag(const PGresult* result) {
+void Connection::Impl::note_statements_dropped(const PGresult* result) {
   const char* tag = PQcmdStatus(const_cast<PGresult*>(result));
-  if (tag == nullptr) return;
-  if (tag[0] == 'L' && std::string_view(tag) == "LISTEN") {
-    unsolicited_bytes_possible = true;
-    return;
-  }
-  if (tag[0] != 'D') return;
+  if (tag == nullptr || tag[0] != 'D') return;
   const std::string_view said = tag;
   if (said != "DISCARD ALL" && said != "DEALLOCATE ALL") return;
   statements.clear();

@@ -136,7 +136,9 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
   std::unordered_map<std::string, FailedPrepare> failed;   // name -> its prepare's error
   std::vector<std::shared_ptr<SharedStatement>> batch;
   bool must_wait = false;
-  // A batch was sent, with every earlier answer read, since the last read: see step 2.
+  // Sent since the last read: the answer to its last sync is still all to come, and its arrival
+  // makes an edge, so the wait may start without re-arming the socket (readable_wait.hpp). After
+  // a read the socket may hold bytes libpq had no room for, whose edge is gone.
   bool answer_edge_due = false;
   error_code lost;
   // If this coroutine is destroyed mid-wait (its io_context shut down), the link leaves the
@@ -246,13 +248,6 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
       }
       // 2. Send it: each statement prepared once per connection (its preparation in a sync segment
       // of its own) and in a sync segment of its own.
-      // With nothing in flight before it, every answer sent earlier has been read to its end (the
-      // socket holds nothing of it) and the answers to this batch are all still to come: the wait
-      // for them may start without re-arming the socket (readable_wait.hpp). With answers in
-      // flight, the last read may have left bytes in the socket (libpq's buffer was full) whose
-      // edge is gone, from a server now blocked sending more: that wait must re-arm. (So must a
-      // session that ran LISTEN in a lease: notifications may have come unasked.)
-      const bool answers_all_read = sent.empty() && !impl.unsolicited_bytes_possible;
       const Clock::time_point sent_at = impl.statement_times ? Clock::now() : Clock::time_point{};
       // The statements the cache evicted (or retired as stale) are deallocated now, each in a
       // sync segment of its own, not when the connection goes back: a connection held long by
@@ -356,7 +351,7 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
           lost = flush_error;
           break;
         }
-        answer_edge_due = answers_all_read;
+        answer_edge_due = true;
       }
       // 3. Nothing in flight: give the connection back if there is nothing to take, after letting
       // the callers just answered run once (a caller in a loop queues its next statement then,
