@@ -38,7 +38,6 @@
 
 #include "../connection_access.hpp"
 #include "../sql_text.hpp"
-#include "readable_wait.hpp"
 #include "pgrt/db/connection.hpp"
 #include "pgrt/db/deadline.hpp"
 
@@ -110,7 +109,7 @@ struct Connection::Impl {
   static executor_type socket_executor(const executor_type& executor);
 
   executor_type executor;
-  detail::WatchedSocket socket;  // wraps PQsocket() without owning it
+  asio::generic::stream_protocol::socket socket;  // wraps PQsocket() without owning it
   ConnectOptions options;
   PGconn* conn = nullptr;
   void* tls_session = nullptr;  // libpq's OpenSSL SSL*, while the connection uses TLS

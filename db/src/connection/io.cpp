@@ -60,18 +60,17 @@ bool Connection::Impl::tls_holds_bytes() const noexcept {
   return tls_session != nullptr && SSL_pending(static_cast<const SSL*>(tls_session)) > 0;
 }
 
-// Waits until libpq's socket is, or may be, readable (bytes, end of file or an error), without
-// reading: the caller reads (PQconsumeInput) and waits again if the answer is still incomplete.
+// Waits until libpq's socket is readable (bytes, end of file or an error), without reading.
 //
 // Nothing that came before the wait is lost, although asio's epoll reactor is edge-triggered:
-// detail::async_wait_readable() (readable_wait.hpp) is a read operation of the reactor's own
-// kind, which the reactor runs at once when an edge may have come that no wait took (bytes that
-// arrived between libpq's last read and this wait, or an edge that another thread running the
-// io_context took while no wait was queued), and otherwise queues for the next edge without a
-// syscall. Bytes that libpq holds in its own buffer are not the socket's: callers look at
-// PQisBusy() before they wait. Nor are bytes that OpenSSL holds (tls_holds_bytes()): then the
-// wait ends at once. (readiness_pgtest.cpp covers the first two, on one thread and on four;
-// tls_pgtest.cpp the last.)
+// async_wait() queues a non-speculative operation, and asio re-arms the descriptor for it
+// (epoll_ctl(EPOLL_CTL_MOD)); the kernel then reports a socket that is readable already at once.
+// So bytes that arrived between libpq's last read and this wait, or an edge that another thread
+// running the io_context took while no wait was queued, still wake it. Bytes that libpq holds in
+// its own buffer are not the socket's: callers look at PQisBusy() before they wait. Nor are
+// bytes that OpenSSL holds (tls_holds_bytes()): then the wait ends at once.
+// (readiness_pgtest.cpp covers the first two, on one thread and on four; tls_pgtest.cpp the
+// last.)
 asio::awaitable<error_code> Connection::Impl::wait_readable() {
   if (tls_holds_bytes()) co_return error_code{};
   if (cancellation_requested(co_await asio::this_coro::cancellation_state)) {
@@ -253,17 +252,11 @@ asio::awaitable<error_code> Connection::Impl::exchange(Request request, Result& 
           if ((error = co_await prepare(request.sql, *request.params, name))) break;
         }
       }
-      // Until libpq reads, every byte of the answer is still to come, and its arrival makes an
-      // edge: the first wait may be async_wait_readable(), which starts without a syscall. After a
-      // read the socket may hold bytes libpq had no room for, whose edge is gone: later waits
-      // re-arm the descriptor (async_wait). (flush() reads while it sends.)
-      bool answer_edge_due = false;
       if (request.kind != Request::Kind::results_only) {
         bool flush_pending = false;
         error = send(request, name, flush_pending);
         if (!error && flush_pending) error = co_await flush(request.sql);
         if (error) break;
-        answer_edge_due = !flush_pending;
       }
 
       // The results, each one taken as soon as libpq has all of it: no wait when libpq holds it
@@ -277,11 +270,7 @@ asio::awaitable<error_code> Connection::Impl::exchange(Request request, Result& 
         while (PQisBusy(conn) != 0) {
           if (!tls_holds_bytes()) {
             error_code wait_error = asio::error::operation_aborted;
-            const bool cancelled = cancellation_requested(cancellation);
-            if (!cancelled && answer_edge_due) {
-              std::tie(wait_error) =
-                  co_await detail::async_wait_readable(socket, no_throw_in_frame);
-            } else if (!cancelled) {
+            if (!cancellation_requested(cancellation)) {
               std::tie(wait_error) =
                   co_await socket.async_wait(asio::socket_base::wait_read, no_throw_in_frame);
             }
@@ -291,7 +280,6 @@ asio::awaitable<error_code> Connection::Impl::exchange(Request request, Result& 
               break;
             }
           }
-          answer_edge_due = false;
           if (PQconsumeInput(conn) == 0) {
             read_error = lost(request.sql);
             break;

@@ -136,10 +136,6 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
   std::unordered_map<std::string, FailedPrepare> failed;   // name -> its prepare's error
   std::vector<std::shared_ptr<SharedStatement>> batch;
   bool must_wait = false;
-  // Sent since the last read: the answer to its last sync is still all to come, and its arrival
-  // makes an edge, so the wait may start without re-arming the socket (readable_wait.hpp). After
-  // a read the socket may hold bytes libpq had no room for, whose edge is gone.
-  bool answer_edge_due = false;
   error_code lost;
   // If this coroutine is destroyed mid-wait (its io_context shut down), the link leaves the
   // multiplexer, so that its lease goes back to the pool with it.
@@ -351,7 +347,6 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
           lost = flush_error;
           break;
         }
-        answer_edge_due = true;
       }
       // 3. Nothing in flight: give the connection back if there is nothing to take, after letting
       // the callers just answered run once (a caller in a loop queues its next statement then,
@@ -390,15 +385,11 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
           if (auto delivered = impl.send_cancel_request()) cancels_delivered.push_back(delivered);
         }
         error_code wait_error;
-        if (!impl.tls_holds_bytes() && answer_edge_due) {
-          auto [error] = co_await detail::async_wait_readable(impl.socket, no_throw_in_frame);
-          wait_error = error;
-        } else if (!impl.tls_holds_bytes()) {
+        if (!impl.tls_holds_bytes()) {
           auto [error] =
               co_await impl.socket.async_wait(asio::socket_base::wait_read, no_throw_in_frame);
           wait_error = error;
         }
-        answer_edge_due = false;  // (read below)
         {
           std::lock_guard lock(mux->mutex);
           link->waiting = false;
