@@ -387,32 +387,27 @@ int backends_of_role(pid_t postmaster, const std::string& role) {
   return count;
 }
 
-// A server slow to finish start-up (post_auth_delay here; an overloaded server, slow
-// authentication): connects time out and are made again, and each one cut lives on in the
-// server until its start-up ends. The pool counts it until then: the server never has more of
-// the pool's backends than max_size.
-TEST_F(PoolTest, ConnectsThatTimeOutOnASlowServerNeverPutMoreThanMaxBackendsOnIt) {
-  auto own = start_own_cluster();
-  BlockingConnection(own->dsn()).query("CREATE ROLE slow_start LOGIN");
+// Runs a pool of `pool_config` against `own`'s role slow_start (post_auth_delay 1 s), whose two
+// acquires fail as its connects time out or fail, while a thread samples how many backends of the
+// role the server has at once (from the process titles: start-up backends too). Returns the most
+// seen; `end` gets the pool's stats before it closes.
+int most_slow_start_backends(testing::TempCluster& own, PoolConfig pool_config, PoolStats& end) {
+  BlockingConnection(own.dsn()).query("CREATE ROLE slow_start LOGIN");
   std::atomic<bool> sampling{true};
   std::atomic<int> most{0};
   std::thread sampler([&] {
     while (sampling) {
-      most = std::max(most.load(), backends_of_role(own->postmaster_pid(), "slow_start"));
+      most = std::max(most.load(), backends_of_role(own.postmaster_pid(), "slow_start"));
       std::this_thread::sleep_for(20ms);
     }
   });
-  PoolStats end{};
+  pool_config.max_size = 2;
+  pool_config.connect.connect_timeout = 300ms;
+  pool_config.connect_backoff_initial = 20ms;
+  pool_config.connect_backoff_max = 50ms;
+  pool_config.acquire_timeout = 3s;
   run_coroutine(
       [&]() -> awaitable_void {
-        PoolConfig pool_config;
-        pool_config.conninfo = own->dsn() + " user=slow_start options='-c post_auth_delay=1'";
-        pool_config.max_size = 2;
-        pool_config.application = "slow-start";
-        pool_config.connect.connect_timeout = 300ms;
-        pool_config.connect_backoff_initial = 20ms;
-        pool_config.connect_backoff_max = 50ms;
-        pool_config.acquire_timeout = 3s;
         Pool pool(co_await asio::this_coro::executor, pool_config);
         auto first = pool.acquire();
         auto second = pool.acquire();
@@ -424,9 +419,23 @@ TEST_F(PoolTest, ConnectsThatTimeOutOnASlowServerNeverPutMoreThanMaxBackendsOnIt
       30s);
   sampling = false;
   sampler.join();
+  return most.load();
+}
+
+// A server slow to finish start-up (post_auth_delay here; an overloaded server, slow
+// authentication): connects time out and are made again, and each one cut lives on in the
+// server until its start-up ends. The pool counts it until then: the server never has more of
+// the pool's backends than max_size.
+TEST_F(PoolTest, ConnectsThatTimeOutOnASlowServerNeverPutMoreThanMaxBackendsOnIt) {
+  auto own = start_own_cluster();
+  PoolConfig pool_config;
+  pool_config.conninfo = own->dsn() + " user=slow_start options='-c post_auth_delay=1'";
+  pool_config.application = "slow-start";
+  PoolStats end{};
+  const int most = most_slow_start_backends(*own, pool_config, end);
   EXPECT_GE(end.connect_errors, 3U) << "the connects did not time out and start again";
-  EXPECT_GE(most.load(), 1) << "no backend of the role was ever seen: the count reads nothing";
-  EXPECT_LE(most.load(), 2) << "more backends of the pool on the server than its max_size";
+  EXPECT_GE(most, 1) << "no backend of the role was ever seen: the count reads nothing";
+  EXPECT_LE(most, 2) << "more backends of the pool on the server than its max_size";
 }
 
 // The same with two hosts, the slow server first and a port that refuses second: the first host's
@@ -435,42 +444,15 @@ TEST_F(PoolTest, ConnectsThatTimeOutOnASlowServerNeverPutMoreThanMaxBackendsOnIt
 // must wait for it as for a timed-out connect, or every retry adds one more backend.
 TEST_F(PoolTest, AHostGivenUpOnBeforeAnotherRefusesStillHoldsItsCapacityUntilItsBackendEnds) {
   auto own = start_own_cluster();
-  BlockingConnection(own->dsn()).query("CREATE ROLE slow_start LOGIN");
-  std::atomic<bool> sampling{true};
-  std::atomic<int> most{0};
-  std::thread sampler([&] {
-    while (sampling) {
-      most = std::max(most.load(), backends_of_role(own->postmaster_pid(), "slow_start"));
-      std::this_thread::sleep_for(20ms);
-    }
-  });
+  PoolConfig pool_config;
+  pool_config.conninfo = "host=127.0.0.1,127.0.0.1 port=" + std::to_string(own->port()) +
+                         ",1 dbname=postgres user=slow_start options='-c post_auth_delay=1'";
+  pool_config.application = "slow-start-two-hosts";
   PoolStats end{};
-  run_coroutine(
-      [&]() -> awaitable_void {
-        PoolConfig pool_config;
-        pool_config.conninfo = "host=127.0.0.1,127.0.0.1 port=" + std::to_string(own->port()) +
-                               ",1 dbname=postgres user=slow_start "
-                               "options='-c post_auth_delay=1'";
-        pool_config.max_size = 2;
-        pool_config.application = "slow-start-two-hosts";
-        pool_config.connect.connect_timeout = 300ms;
-        pool_config.connect_backoff_initial = 20ms;
-        pool_config.connect_backoff_max = 50ms;
-        pool_config.acquire_timeout = 3s;
-        Pool pool(co_await asio::this_coro::executor, pool_config);
-        auto first = pool.acquire();
-        auto second = pool.acquire();
-        (void)co_await testing::expect_error(std::move(first));
-        (void)co_await testing::expect_error(std::move(second));
-        end = pool.stats();
-        (void)co_await pool.close(5s);
-      },
-      30s);
-  sampling = false;
-  sampler.join();
+  const int most = most_slow_start_backends(*own, pool_config, end);
   EXPECT_GE(end.connect_errors, 3U) << "the connects did not fail and start again";
-  EXPECT_GE(most.load(), 1) << "no backend of the role was ever seen: the count reads nothing";
-  EXPECT_LE(most.load(), 2) << "more backends of the pool on the server than its max_size";
+  EXPECT_GE(most, 1) << "no backend of the role was ever seen: the count reads nothing";
+  EXPECT_LE(most, 2) << "more backends of the pool on the server than its max_size";
 }
 
 // close() returns after its grace period with a connection still closing (its backend is
