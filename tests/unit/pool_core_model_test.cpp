@@ -1289,6 +1289,65 @@ TEST(PoolCoreBudgetShare, ACapClosesIdleConnectionsNowLeasedOnesOnReturnAndOpens
   EXPECT_GE(opened, 1U);
 }
 
+// Connects hold no slot yet: a cap retires none of the connections holding one for them. The
+// oldest connect may stay beyond the cap (to wait for a slot with the waiting marker, taking none
+// while the pool is at its cap: at_connection_cap()); newer ones beyond the room left retire.
+TEST(PoolCoreBudgetShare, TheOldestConnectStaysBeyondTheCapAndNoConnectionHoldingASlotGoesForIt) {
+  std::vector<std::unique_ptr<Waiter>> waiters;  // (outlive the core, which holds them)
+  SharedPool pool(CoreConfig{.max_size = 5});
+  Core& core = pool.core();
+  std::vector<Node*> leased;
+  for (int i = 0; i < 2; ++i) {
+    auto got = pool.acquire(default_consumer);
+    ASSERT_TRUE(std::holds_alternative<Node*>(got) || std::get<Waiter*>(got)->handed != nullptr);
+    leased.push_back(std::holds_alternative<Node*>(got) ? std::get<Node*>(got)
+                                                        : std::get<Waiter*>(got)->handed);
+  }
+  const Time now = Time{} + std::chrono::hours(1);
+  Actions actions;
+  for (int i = 0; i < 3; ++i) {  // three more callers: three connects, left in progress
+    const auto result = core.try_acquire(Priority::normal, std::source_location::current(), now,
+                                         actions, default_consumer);
+    ASSERT_EQ(result.kind, AcquireResult::Kind::wait);
+    waiters.push_back(std::make_unique<Waiter>(Priority::normal, std::source_location::current(),
+                                               default_consumer));
+    core.enqueue(*waiters.back(), now, actions);
+  }
+  std::vector<Node*> connects;
+  for (const Action& action : actions) {
+    if (action.kind == Action::Kind::open) connects.push_back(action.node);
+  }
+  ASSERT_EQ(connects.size(), 3U);
+  EXPECT_FALSE(core.at_connection_cap());
+  actions.clear();
+  core.limit_connections(2, now, actions);
+  EXPECT_TRUE(core.at_connection_cap()) << "two connections hold a slot, as the cap allows";
+  EXPECT_FALSE(leased[0]->evicted);
+  EXPECT_FALSE(leased[1]->evicted);
+  for (const Action& action : actions) EXPECT_NE(action.kind, Action::Kind::close);
+  EXPECT_FALSE(connects[0]->evicted) << "the oldest connect waits on, beyond the cap";
+  EXPECT_TRUE(connects[1]->evicted);
+  EXPECT_TRUE(connects[2]->evicted);
+  EXPECT_EQ(connects[2]->evict_reason, DiscardReason::budget_share);
+  // Lifted, then a cap two above the connections holding a slot: two connects go on.
+  actions.clear();
+  core.limit_connections(5, now, actions);
+  EXPECT_FALSE(connects[2]->evicted);
+  actions.clear();
+  core.limit_connections(4, now, actions);
+  EXPECT_FALSE(core.at_connection_cap());
+  EXPECT_FALSE(connects[0]->evicted);
+  EXPECT_FALSE(connects[1]->evicted);
+  EXPECT_TRUE(connects[2]->evicted);
+  // A connection holding a slot beyond the cap goes (the one in use, when it comes back).
+  actions.clear();
+  core.limit_connections(1, now, actions);
+  EXPECT_EQ(static_cast<int>(leased[0]->evicted) + static_cast<int>(leased[1]->evicted), 1);
+  EXPECT_TRUE(core.at_connection_cap());
+  EXPECT_FALSE(connects[0]->evicted);
+  EXPECT_TRUE(connects[1]->evicted);
+}
+
 // The nodes the driver picks (on a shared slot, which a waiter without a class can take) are
 // retired before any other, a leased one before an idle one that is not picked.
 TEST(PoolCoreBudgetShare, TheNodesPickedToRetireFirstGoBeforeIdleOnes) {

@@ -125,6 +125,19 @@ std::string describe_full_budget(const Budget& budget, std::size_t holders) {
          " slots are held, counting every process and host that shares it)";
 }
 
+std::string describe_budget_share(const Budget& budget, std::size_t share, std::size_t holders) {
+  return "this pool holds its fair share of the connection budget '" + budget.key + "' (" +
+         std::to_string(share) + " connection(s)) while another process waits for a slot (" +
+         std::to_string(holders) + " of its " + std::to_string(budget.slots) +
+         " slots are held, counting every process and host that shares it)";
+}
+
+std::string describe_slot_search(const Budget& budget, const SlotSearch& search,
+                                 std::size_t share) {
+  return search.held_back ? describe_budget_share(budget, share, search.holders)
+                          : describe_full_budget(budget, search.holders);
+}
+
 asio::awaitable<std::vector<SlotHolder>> budget_slot_holders(Connection& connection,
                                                              const Budget& budget,
                                                              std::vector<SlotHolder>* members) {
@@ -166,7 +179,8 @@ asio::awaitable<void> mark_class_member(Connection& connection, const Budget& bu
                                   budget_member_key(budget), static_cast<std::int32_t>(marker));
 }
 
-asio::awaitable<SlotSearch> take_budget_slot(Connection& connection, const Budget& budget) {
+asio::awaitable<SlotSearch> take_budget_slot(Connection& connection, const Budget& budget,
+                                             bool may_take) {
   const std::int32_t key = budget_lock_key(budget.key);
   const std::vector<SlotHolder> holders = co_await budget_slot_holders(connection, budget);
   std::set<std::size_t> held;
@@ -174,7 +188,8 @@ asio::awaitable<SlotSearch> take_budget_slot(Connection& connection, const Budge
     if (!holder.waiting) held.insert(holder.slot);
   }
   SlotSearch search;
-  for (const SlotRange& range : slot_ranges(budget)) {
+  const std::vector<SlotRange> ranges = may_take ? slot_ranges(budget) : std::vector<SlotRange>{};
+  for (const SlotRange& range : ranges) {
     const std::size_t size = range.end - range.begin;
     const std::size_t start = random_below(size);
     for (std::size_t step = 0; step < size; ++step) {
@@ -193,6 +208,7 @@ asio::awaitable<SlotSearch> take_budget_slot(Connection& connection, const Budge
     }
   }
   search.holders = held.size();
+  search.held_back = !may_take;
   co_return search;
 }
 

@@ -27,6 +27,8 @@ struct SlotSearch {
   // With a slot: the backend that holds it, from the server (pg_backend_pid(): behind a pooler
   // the connection's own BackendKeyData pid is the pooler's).
   int backend_pid = 0;
+  // No slot taken, as the pool held its fair share (take_budget_slot()'s may_take false).
+  bool held_back = false;
 };
 
 // A backend holding one of a budget's slots, or its waiting marker, as pg_locks shows it.
@@ -86,12 +88,23 @@ struct SlotRange {
 // Why a connect found no slot: "the connection budget 'k' is full: all 40 slots are held (40
 // holders, ...)", or the same for a class.
 [[nodiscard]] std::string describe_full_budget(const Budget& budget, std::size_t holders);
+// Why a connect took no slot although it may have found one free: "this pool holds its fair
+// share of the connection budget 'k' (2 connection(s)) while another process waits for a slot
+// (5 of its 6 slots are held, ...)".
+[[nodiscard]] std::string describe_budget_share(const Budget& budget, std::size_t share,
+                                                std::size_t holders);
+// describe_budget_share() for a search held back, describe_full_budget() otherwise.
+[[nodiscard]] std::string describe_slot_search(const Budget& budget, const SlotSearch& search,
+                                               std::size_t share);
 
 // Takes a free slot on `connection`: reads which slots the server shows held (pg_locks), then
 // tries the others one by one, from a random start, with pg_try_advisory_lock (one lock per
 // statement: never a set-returning query that could take several). Errors as Connection::query().
+// With `may_take` false (the pool holds its fair share: Core::at_connection_cap()) it only counts
+// the holders.
 [[nodiscard]] boost::asio::awaitable<SlotSearch> take_budget_slot(Connection& connection,
-                                                                  const Budget& budget);
+                                                                  const Budget& budget,
+                                                                  bool may_take = true);
 
 // The turn to have a backend without a slot: enter(lane) waits until no other connect of any
 // pool on the same execution context (io_context) with the same budget key and class (lane_of())

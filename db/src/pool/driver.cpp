@@ -302,7 +302,7 @@ asio::awaitable<void> PoolState::open_connection(
     try {
       SlotSearch search =
           co_await cut_at(connection, Clock::now() + self->config.connect.connect_timeout,
-                          take_budget_slot(connection, budget));
+                          take_budget_slot(connection, budget, self->may_take_budget_slot()));
       if (!search.slot && !cancel->cancelled) {
         search = co_await wait_for_budget_slot(self, *node, connection, *cancel, search);
       }
@@ -315,7 +315,7 @@ asio::awaitable<void> PoolState::open_connection(
       } else {
         no_slot = true;
         error = make_error_code(client_errc::budget_exhausted);
-        failure = describe_full_budget(budget, search.holders);
+        failure = describe_slot_search(budget, search, self->budget_share());
       }
     } catch (const std::exception& slot_error) {
       error = make_error_code(client_errc::connect_failed);
@@ -483,7 +483,7 @@ asio::awaitable<SlotSearch> PoolState::wait_for_budget_slot(
     return node.evicted;
   };
   const Budget& budget = self->config.budget;
-  const std::string full = describe_full_budget(budget, search.holders);
+  const std::string full = describe_slot_search(budget, search, self->budget_share());
   {
     std::lock_guard lock(self->mutex);
     ++self->budget_waits;
@@ -513,8 +513,8 @@ asio::awaitable<SlotSearch> PoolState::wait_for_budget_slot(
           std::min<Clock::duration>(std::chrono::milliseconds(100 + random_below(201)), left));
       (void)co_await timer.async_wait(asio::as_tuple(asio::use_awaitable));
       if (cancel.cancelled || retired()) break;
-      search =
-          co_await cut_at(connection, Clock::now() + timeout, take_budget_slot(connection, budget));
+      search = co_await cut_at(connection, Clock::now() + timeout,
+                               take_budget_slot(connection, budget, self->may_take_budget_slot()));
     }
     if (marked && search.slot) {
       (void)co_await cut_at(connection, Clock::now() + timeout,

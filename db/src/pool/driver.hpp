@@ -391,6 +391,17 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
   static asio::awaitable<void> ping(std::shared_ptr<PoolState> self, pool::Node* node,
                                     bool check_slots);
 
+  // Under a budget: whether a new connection may take a slot (not while the pool holds its fair
+  // share: Core::at_connection_cap()), and that share (the core's cap). Lock-taking.
+  bool may_take_budget_slot() {
+    std::lock_guard lock(mutex);
+    return !core.at_connection_cap();
+  }
+  std::size_t budget_share() {
+    std::lock_guard lock(mutex);
+    return core.connection_cap();
+  }
+
   // Under a budget, when a new connection found no slot free: waits for one on that connection,
   // holding the budget's waiting marker meanwhile (so the processes holding slots keep to their
   // fair share), retrying every 100-300 ms for at most connect_timeout or until the pool closes.

@@ -595,33 +595,54 @@ void Core::limit_connections(std::size_t cap, Time now, Actions& actions, millis
   }
   cap_until_ = now + valid_for;
   want_tick(cap_until_, actions);
-  // Those that will stay: every node but the closing ones and those already retired.
-  std::size_t staying = 0;
-  for (NodeState state : {NodeState::connecting, NodeState::idle, NodeState::leased,
-                          NodeState::resetting, NodeState::pinging}) {
-    list(state).for_each([&](const Node& node) { staying += node.evicted ? 0 : 1; });
+  // The connections past their connect that stay (every one but those closing or already
+  // retired): they hold a slot each. Beyond the cap, those `retire_first` picks go first, then
+  // the idle ones (now), then those in use (when they come back).
+  std::size_t holding = 0;
+  for (NodeState state :
+       {NodeState::idle, NodeState::leased, NodeState::resetting, NodeState::pinging}) {
+    list(state).for_each([&](const Node& node) { holding += node.evicted ? 0 : 1; });
   }
-  // The idle ones go first (now), then those in use (when they come back), and the connecting
-  // ones last, newest first: the oldest may be the one waiting for a slot. Those `retire_first`
-  // picks go before all of them, in the same order.
   for (const bool preferred_only : {true, false}) {
     if (preferred_only && !retire_first) continue;
-    for (NodeState state : {NodeState::idle, NodeState::pinging, NodeState::resetting,
-                            NodeState::leased, NodeState::connecting}) {
+    for (NodeState state :
+         {NodeState::idle, NodeState::pinging, NodeState::resetting, NodeState::leased}) {
       std::vector<Node*> candidates;
       list(state).for_each([&](Node& node) {
         if (!preferred_only || retire_first(node)) candidates.push_back(&node);
       });
-      if (state == NodeState::connecting) std::reverse(candidates.begin(), candidates.end());
       for (Node* node : candidates) {
-        if (staying <= cap_ || node->evicted) continue;
+        if (holding <= cap_ || node->evicted) continue;
         retire(*node, DiscardReason::budget_share);
-        --staying;
+        --holding;
         if (state == NodeState::idle) close_node(*node, node->evict_reason, actions);
       }
     }
   }
+  // Connects hold no slot yet, and take none while the pool is at its cap (at_connection_cap()).
+  // The oldest may go on beyond the cap: it waits for a slot holding the budget's waiting marker,
+  // so the other processes keep to their shares while this one still asks for more (retiring it
+  // would lift their caps at their next check, and the shares would swing back and forth). The
+  // others beyond the room left retire, newest first.
+  std::vector<Node*> connects;
+  list(NodeState::connecting).for_each([&](Node& node) {
+    if (!node.evicted) connects.push_back(&node);
+  });
+  const std::size_t room = std::max<std::size_t>(1, cap_ > holding ? cap_ - holding : 0);
+  while (connects.size() > room) {
+    retire(*connects.back(), DiscardReason::budget_share);
+    connects.pop_back();
+  }
   maybe_open(now, actions);
+}
+
+bool Core::at_connection_cap() const noexcept {
+  std::size_t holding = 0;
+  for (NodeState state :
+       {NodeState::idle, NodeState::leased, NodeState::resetting, NodeState::pinging}) {
+    nodes(state).for_each([&](const Node& node) { holding += node.evicted ? 0 : 1; });
+  }
+  return holding >= cap_;
 }
 
 void Core::slot_lost(Node& node, Time now, Actions& actions) {

@@ -394,11 +394,19 @@ class Core {
   // again by then lapses (the checks that confirm it need a connection). max_size (or more) lifts
   // it; connections retired for it and not yet closed are kept then.
   // `retire_first`: the nodes to retire before any other (empty: none preferred); among them
-  // and then among the rest, idle ones first.
+  // and then among the rest, idle ones first. Connects count apart: they hold no slot yet, and
+  // the oldest may stay beyond the cap (to wait for a slot: at_connection_cap()); the others
+  // beyond the room under the cap retire, newest first.
   void limit_connections(std::size_t cap, Time now, Actions& actions,
                          milliseconds valid_for = milliseconds(30'000),
                          const RetireFirst& retire_first = {});
   [[nodiscard]] std::size_t connection_cap() const noexcept { return cap_; }
+  // Whether the connections past their connect, not retired, are as many as the cap or more:
+  // under a budget, a connect then takes no slot, and waits (with the waiting marker) until the
+  // cap rises or a connection goes. Taking one would put the pool above its fair share, and the
+  // slot it gives back for that goes to whichever process looks first, not to the one short of
+  // its share: the shares would never settle.
+  [[nodiscard]] bool at_connection_cap() const noexcept;
   // Under a budget: the server shows no slot held by `node`'s backend (it was unlocked by hand).
   // An idle node closes now; any other closes instead of becoming idle again
   // (DiscardReason::slot_lost).
