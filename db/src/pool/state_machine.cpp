@@ -598,11 +598,7 @@ void Core::limit_connections(std::size_t cap, Time now, Actions& actions, millis
   // The connections past their connect that stay (every one but those closing or already
   // retired): they hold a slot each. Beyond the cap, those `retire_first` picks go first, then
   // the idle ones (now), then those in use (when they come back).
-  std::size_t holding = 0;
-  for (NodeState state :
-       {NodeState::idle, NodeState::leased, NodeState::resetting, NodeState::pinging}) {
-    list(state).for_each([&](const Node& node) { holding += node.evicted ? 0 : 1; });
-  }
+  std::size_t holding = connections_holding_slots();
   for (const bool preferred_only : {true, false}) {
     if (preferred_only && !retire_first) continue;
     for (NodeState state :
@@ -636,13 +632,17 @@ void Core::limit_connections(std::size_t cap, Time now, Actions& actions, millis
   maybe_open(now, actions);
 }
 
-bool Core::at_connection_cap() const noexcept {
+std::size_t Core::connections_holding_slots() const noexcept {
   std::size_t holding = 0;
   for (NodeState state :
        {NodeState::idle, NodeState::leased, NodeState::resetting, NodeState::pinging}) {
     nodes(state).for_each([&](const Node& node) { holding += node.evicted ? 0 : 1; });
   }
-  return holding >= cap_;
+  return holding;
+}
+
+bool Core::at_connection_cap() const noexcept {
+  return connections_holding_slots() >= cap_;
 }
 
 void Core::slot_lost(Node& node, Time now, Actions& actions) {

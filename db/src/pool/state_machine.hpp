@@ -407,6 +407,9 @@ class Core {
   // slot it gives back for that goes to whichever process looks first, not to the one short of
   // its share: the shares would never settle.
   [[nodiscard]] bool at_connection_cap() const noexcept;
+  // The connections past their connect (idle, leased, resetting, pinging), not retired: under a
+  // budget, each holds a slot.
+  [[nodiscard]] std::size_t connections_holding_slots() const noexcept;
   // Under a budget: the server shows no slot held by `node`'s backend (it was unlocked by hand).
   // An idle node closes now; any other closes instead of becoming idle again
   // (DiscardReason::slot_lost).
