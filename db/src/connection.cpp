@@ -4,6 +4,7 @@
 #include <boost/asio/steady_timer.hpp>
 #include <cerrno>
 #include <fcntl.h>
+#include <new>
 #include <sys/socket.h>
 #include <system_error>
 #include <unistd.h>
@@ -56,6 +57,15 @@ int Connection::Impl::close_keeping_socket() noexcept {
   return kept;
 }
 
+void Connection::Impl::keep_lingering(int fd) noexcept {
+  if (fd < 0) return;
+  try {
+    lingering_fds.push_back(fd);
+  } catch (const std::bad_alloc&) {
+    ::close(fd);
+  }
+}
+
 void Connection::Impl::abandon_connect() noexcept {
   if (conn == nullptr) return;  // abandoned already (its lingering descriptor stays)
   // Connected: the server may have forked a backend for it, which is in its start-up (a server
@@ -65,8 +75,7 @@ void Connection::Impl::abandon_connect() noexcept {
   sockaddr_storage peer{};
   socklen_t length = sizeof peer;
   if (fd >= 0 && ::getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &length) == 0) {
-    const int kept = close_keeping_socket();
-    if (kept >= 0) lingering_fds.push_back(kept);
+    keep_lingering(close_keeping_socket());
   } else {
     close(CloseMode::immediate, Lingering::keep);  // (earlier attempts' stay)
   }

@@ -112,7 +112,7 @@ asio::awaitable<error_code> Connection::Impl::interrupted(error_code error,
     // until then) sees the server end the session. The end-of-file goes out at once.
     broken = true;
     (void)send_cancel_request();
-    if (const int kept = close_keeping_socket(); kept >= 0) lingering_fds.push_back(kept);
+    keep_lingering(close_keeping_socket());
     co_return fail(client_errc::cancelled,
                    "the operation was cancelled; the connection was closed (a cancelled "
                    "pipeline cannot be drained)",

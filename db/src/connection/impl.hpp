@@ -163,6 +163,9 @@ struct Connection::Impl {
   // Closes gracefully, keeping a second descriptor of the socket (returned; -1 if none) on which
   // the server's end can be seen to close; end-of-file has been sent on it. `lingering_fds` stay.
   int close_keeping_socket() noexcept;
+  // Adds `fd` (if >= 0) to `lingering_fds`. Without the memory for it, closes it instead: the
+  // server still sees the end of the session, but close_and_wait() cannot wait for it.
+  void keep_lingering(int fd) noexcept;
   // A connect attempt that ran out of time: closed. Once the socket is connected the server may
   // have a backend for it, in its start-up, which lives on after this: then a second descriptor
   // joins `lingering_fds` (end-of-file sent), so that close_and_wait() sees it end.
