@@ -683,9 +683,11 @@ def write_report(results, raw, args, bench, elapsed, plot):
                 "client process's CPU time per statement (user and system; the server's backends are "
                 "other processes), and `client_kernel_share` the part of it in the kernel. Client "
                 "and server share this machine's CPUs, so what the client spends the server cannot: "
-                "`query()` sends each statement with a sync of its own (libpq 15 flushes at every "
-                "sync: one `send` per statement), and the server commits an implicit transaction "
-                "and flushes its answer per statement (see benchmark 5's sync-per-statement row).")
+                "`query()` sends each statement with a sync of its own (libpq 15 would send at "
+                "every sync; the statements a connection takes together go out in one write: "
+                "docs/pool.md), and the server commits an implicit transaction and flushes its "
+                "answer per statement (see benchmark 5's sync-per-statement row, a `Pipeline` "
+                "that sends at each sync).")
     report.text("### 256 callers")
     report.table("shared/256", ["queries_per_s", "latency_p50_us", "latency_p99_us", "client_cpu_us",
                                 "client_kernel_share"], "queries_per_s")

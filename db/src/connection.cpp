@@ -24,6 +24,9 @@ void Connection::Impl::close_lingering() noexcept {
 
 void Connection::Impl::close(CloseMode mode, Lingering lingering) noexcept {
   if (lingering == Lingering::close) close_lingering();
+  // libpq's descriptor may be the socket that takes nothing (hold_output()), shared by every
+  // connection: it is never shut down.
+  const bool libpq_descriptor_is_its_socket = !output_held || release_output();
   {
     std::lock_guard lock(interrupt_mutex);
     interruptible_fd = -1;
@@ -36,7 +39,9 @@ void Connection::Impl::close(CloseMode mode, Lingering lingering) noexcept {
     socket.close(ignored);
   }
   if (conn != nullptr) {
-    if (mode == CloseMode::immediate) ::shutdown(PQsocket(conn), SHUT_RDWR);
+    if (mode == CloseMode::immediate && libpq_descriptor_is_its_socket) {
+      ::shutdown(PQsocket(conn), SHUT_RDWR);
+    }
     PQfinish(conn);
     conn = nullptr;
   }
@@ -47,6 +52,10 @@ void Connection::Impl::close(CloseMode mode, Lingering lingering) noexcept {
 }
 
 int Connection::Impl::close_keeping_socket() noexcept {
+  if (output_held && !release_output()) {
+    close(CloseMode::graceful, Lingering::keep);
+    return -1;
+  }
   const int fd = PQsocket(conn);
   const int kept = fd >= 0 ? ::fcntl(fd, F_DUPFD_CLOEXEC, 0) : -1;
   close(CloseMode::graceful, Lingering::keep);

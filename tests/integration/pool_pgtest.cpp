@@ -14,6 +14,7 @@
 #include <boost/asio/use_awaitable.hpp>
 #include <chrono>
 #include <csignal>
+#include <fcntl.h>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -28,6 +29,7 @@
 #include <spdlog/sinks/ostream_sink.h>
 #include <spdlog/spdlog.h>
 #include <sstream>
+#include <sys/socket.h>
 #include <thread>
 
 #include <pgrt/db.hpp>
@@ -3041,6 +3043,70 @@ TEST_F(PoolTest, QueryPipelinesABurstOnOneConnectionWhenThePoolCanLendNoOther) {
     EXPECT_GE(most_in_flight, 4U) << "one statement per round trip";
     held.clear();
     (void)co_await pool.close(5s);
+  });
+}
+
+// A burst of statements for one shared connection goes out in one write, each statement still in
+// a sync segment of its own (libpq 15 sends at every sync: Connection::Impl::hold_output()), and
+// each caller gets its own answer. The proxy counts the reads it makes from its client. Afterwards
+// libpq's descriptor is the connection's socket again, still closed on exec.
+TEST_F(PoolTest, QueryBurstForOneConnectionIsSentInOneWrite) {
+  testing::FaultProxy proxy("127.0.0.1", static_cast<std::uint16_t>(cluster().port()));
+  auto pool_config = config("shared-one-write", 1);
+  pool_config.conninfo = proxy.conninfo_prefix() + " user=postgres dbname=postgres";
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, pool_config);
+    (void)co_await pool.query("SELECT $1::int", 0);  // connected and prepared before the burst
+    constexpr int callers = 100;
+    std::vector<int> answers(callers, -1);
+    int finished = 0;
+    const std::size_t reads_before = proxy.client_reads();
+    for (int caller = 0; caller < callers; ++caller) {
+      asio::co_spawn(
+          executor,
+          [&, caller]() -> awaitable_void {
+            answers[caller] = (co_await pool.query("SELECT $1::int", caller)).scalar<int>();
+            ++finished;
+          },
+          asio::detached);
+    }
+    while (finished < callers) co_await sleep_for(1ms);
+    const std::size_t reads = proxy.client_reads() - reads_before;
+    for (int caller = 0; caller < callers; ++caller) EXPECT_EQ(answers[caller], caller);
+    // (At most 64 statements in flight per connection: two batches, and a piece or two more as
+    // the reads and the writes cross. One write per statement: about 100 pieces.)
+    EXPECT_LE(reads, 10U) << "the burst's " << callers << " statements came in " << reads
+                          << " pieces";
+    // A statement that fails fails alone: each statement is still a sync segment of its own.
+    int failed = 0;
+    int answered = 0;
+    for (int caller = 0; caller < 10; ++caller) {
+      asio::co_spawn(
+          executor,
+          [&, caller]() -> awaitable_void {
+            try {
+              answers[caller] = (co_await pool.query("SELECT 10 / $1::int", caller)).scalar<int>();
+              ++answered;
+            } catch (const Error&) {
+              ++failed;
+            }
+          },
+          asio::detached);
+    }
+    while (failed + answered < 10) co_await sleep_for(1ms);
+    EXPECT_EQ(failed, 1);
+    EXPECT_EQ(answered, 9);
+    auto lease = co_await pool.acquire();
+    const int descriptor = PQsocket(lease->native_handle());
+    EXPECT_GE(descriptor, 0);
+    EXPECT_NE(::fcntl(descriptor, F_GETFD) & FD_CLOEXEC, 0);
+    sockaddr_storage peer{};
+    socklen_t length = sizeof peer;
+    EXPECT_EQ(::getpeername(descriptor, reinterpret_cast<sockaddr*>(&peer), &length), 0)
+        << "libpq's descriptor is not its TCP socket";
+    EXPECT_EQ(peer.ss_family, AF_INET);
+    EXPECT_EQ((co_await lease->query("SELECT 7")).scalar<int>(), 7);
   });
 }
 

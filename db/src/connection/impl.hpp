@@ -203,6 +203,22 @@ struct Connection::Impl {
   [[nodiscard]] bool tls_holds_bytes() const noexcept;
   asio::awaitable<error_code> wait_readable();
   asio::awaitable<error_code> wait_writable();
+  // Keeps what libpq sends in libpq's own buffer until release_output(); the next flush() then
+  // sends it all in one write. libpq 15 sends at every PQpipelineSync (PQsendPipelineSync, which
+  // does not, came in libpq 17): a pipeline that gives each statement a sync of its own would
+  // make one send() per statement, and wake the server for each. Meanwhile libpq's descriptor
+  // number is a socket that takes nothing (dup3() over it; our own descriptor, `socket`, keeps
+  // the connection's socket open): its sends fail with EAGAIN, as on a full socket, and libpq in
+  // nonblocking mode keeps the bytes for later. Between the two, no co_await and nothing else
+  // on libpq's descriptor. False, holding nothing, over TLS or GSSAPI encryption (their state
+  // machines keep bytes of their own), when libpq is not in nonblocking mode (it would wait in
+  // poll()), or without a socket.
+  bool hold_output() noexcept;
+  bool output_held = false;  // (close() gives the socket back first)
+  // Gives libpq's descriptor number its socket back (after hold_output() returned true), still
+  // closed on exec. False if it could not (libpq dropped its socket meanwhile): the connection
+  // is lost.
+  bool release_output() noexcept;
   asio::awaitable<error_code> wait_writable_or_readable();
   // Reads a COPY TO STDOUT's (or COPY BOTH's) data to its end and drops it, waiting for the
   // socket between chunks (libpq's synchronous PQgetCopyData would block the thread in poll()

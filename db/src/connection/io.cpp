@@ -5,6 +5,7 @@
 #include <cctype>
 #include <cerrno>
 #include <charconv>
+#include <cstring>
 #include <fcntl.h>
 #include <openssl/ssl.h>
 #include <poll.h>
@@ -49,6 +50,59 @@ error_code Connection::Impl::watch_socket() {
   if (error) ::close(own);
   tls_session = PQsslStruct(conn, "OpenSSL");
   return error;
+}
+
+namespace {
+
+// A socket that takes nothing: nonblocking, its send buffer full and never read (the other end
+// stays open, so it never reads end-of-file either). One for the process; -1 if it could not be
+// made.
+int socket_that_takes_nothing() noexcept {
+  static const int descriptor = [] {
+    int pair[2];
+    if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, pair) != 0) {
+      spdlog::warn(
+          "pgrt: no socket pair for query()'s batched writes ({}): each statement is sent on "
+          "its own",
+          std::strerror(errno));
+      return -1;
+    }
+    const int smallest = 1;
+    (void)::setsockopt(pair[0], SOL_SOCKET, SO_SNDBUF, &smallest, sizeof smallest);
+    const char filler[1024] = {};
+    while (::send(pair[0], filler, sizeof filler, MSG_DONTWAIT | MSG_NOSIGNAL) > 0) {
+    }
+    if (errno != EAGAIN && errno != EWOULDBLOCK) {
+      ::close(pair[0]);
+      ::close(pair[1]);
+      return -1;
+    }
+    return pair[0];  // (pair[1] stays open too: two descriptors for the life of the process)
+  }();
+  return descriptor;
+}
+
+}  // namespace
+
+bool Connection::Impl::hold_output() noexcept {
+  if (conn == nullptr || tls_session != nullptr || PQgssEncInUse(conn) != 0 ||
+      PQisnonblocking(conn) == 0 || !socket.is_open()) {
+    return false;
+  }
+  const int libpq_descriptor = PQsocket(conn);
+  const int takes_nothing = socket_that_takes_nothing();
+  if (libpq_descriptor < 0 || takes_nothing < 0) return false;
+  // (Our own descriptor, socket, keeps the connection's socket open meanwhile.)
+  output_held = ::dup3(takes_nothing, libpq_descriptor, O_CLOEXEC) == libpq_descriptor;
+  return output_held;
+}
+
+bool Connection::Impl::release_output() noexcept {
+  const int libpq_descriptor = conn != nullptr ? PQsocket(conn) : -1;
+  if (libpq_descriptor < 0) return false;  // (libpq dropped it: nothing of ours is left there)
+  // Still held if this fails: close() then never shuts the socket that takes nothing down.
+  output_held = ::dup3(socket.native_handle(), libpq_descriptor, O_CLOEXEC) != libpq_descriptor;
+  return !output_held;
 }
 
 // OpenSSL reads a whole TLS record (up to 16 KiB) from the socket but hands libpq no more of it

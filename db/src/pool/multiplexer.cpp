@@ -76,6 +76,23 @@ const SharedStatement* abandoned_head_locked(const std::deque<SentEntry>& sent) 
 }
 
 // Borrows a connection for the multiplexer, then runs it.
+// The most a batch's statements (their text and parameters) may weigh to be held in libpq's
+// buffer and sent in one write (Connection::Impl::hold_output()): libpq's own threshold for
+// flushing a pipeline.
+constexpr std::size_t held_batch_limit = 64 * 1024;
+
+std::size_t batch_bytes(const std::vector<std::shared_ptr<SharedStatement>>& batch) {
+  std::size_t bytes = 0;
+  for (const auto& statement : batch) {
+    bytes += statement->sql.size();
+    const int* lengths = statement->params.lengths();
+    for (std::size_t i = 0; i < statement->params.size(); ++i) {
+      bytes += static_cast<std::size_t>(std::max(lengths[i], 0));
+    }
+  }
+  return bytes;
+}
+
 asio::awaitable<void> borrow(std::shared_ptr<Multiplexer> mux) {
   // (If this coroutine is destroyed mid-acquire, its io_context shut down, the count goes too.)
   async::AbandonGuard uncount([&mux] {
@@ -251,6 +268,12 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
       // the connection for a DEALLOCATE round trip each. What was sent by that name before runs
       // first; nothing later uses it. (Not with one segment in flight: no names there.)
       const bool deallocating = !impl.evicted_statements.empty() && !impl.one_segment_in_flight();
+      // More than one statement, small together: libpq keeps them all until the flush below,
+      // which sends them in one write (libpq 15 would send at each statement's sync; see
+      // hold_output()). Large ones are sent as they come: libpq would hold them all in memory.
+      const bool output_held =
+          batch.size() + (deallocating ? impl.evicted_statements.size() : 0) > 1 &&
+          batch_bytes(batch) <= held_batch_limit && impl.hold_output();
       if (deallocating) {
         for (std::string& name : impl.evicted_statements) {
           const std::string deallocate = "DEALLOCATE " + name;
@@ -304,7 +327,7 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
                                     statement->params.formats(), 0)
                 : PQsendQueryPrepared(conn, name.c_str(), count, values.data(),
                                       statement->params.lengths(), statement->params.formats(), 0);
-        // Each statement its own sync: libpq 15 flushes at every PQpipelineSync (one send each).
+        // Each statement its own sync (PQpipelineSync sends what libpq holds, unless held above).
         if (queued == 0 || PQpipelineSync(conn) == 0) {
           lost = impl.lost(statement->sql);
           break;
@@ -315,6 +338,10 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
                                  .name = std::move(name),
                                  .result = {},
                                  .sent_at = sent_at});
+      }
+      if (output_held && !impl.release_output() && !lost) {
+        lost = impl.fail(client_errc::connection_lost,
+                         "libpq dropped the connection's socket while the batch was being queued");
       }
       if (lost) {
         // Those of the batch not sent yet go back to the front of the queue (or fail, if the
