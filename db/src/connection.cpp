@@ -45,6 +45,7 @@ void Connection::Impl::close(CloseMode mode, Lingering lingering) noexcept {
     PQfinish(conn);
     conn = nullptr;
   }
+  output_held = false;
   tls_session = nullptr;
   statements.clear();
   statement_index.clear();

@@ -203,6 +203,7 @@ struct Connection::Impl {
   [[nodiscard]] bool tls_holds_bytes() const noexcept;
   asio::awaitable<error_code> wait_readable();
   asio::awaitable<error_code> wait_writable();
+  asio::awaitable<error_code> wait_writable_or_readable();
   // Keeps what libpq sends in libpq's own buffer until release_output(); the next flush() then
   // sends it all in one write. libpq 15 sends at every PQpipelineSync (PQsendPipelineSync, which
   // does not, came in libpq 17): a pipeline that gives each statement a sync of its own would
@@ -219,7 +220,6 @@ struct Connection::Impl {
   // closed on exec. False if it could not (libpq dropped its socket meanwhile): the connection
   // is lost.
   bool release_output() noexcept;
-  asio::awaitable<error_code> wait_writable_or_readable();
   // Reads a COPY TO STDOUT's (or COPY BOTH's) data to its end and drops it, waiting for the
   // socket between chunks (libpq's synchronous PQgetCopyData would block the thread in poll()
   // without a bound). Empty when done (the final result follows); a failed or cancelled wait's

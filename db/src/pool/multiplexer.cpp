@@ -75,7 +75,6 @@ const SharedStatement* abandoned_head_locked(const std::deque<SentEntry>& sent) 
   return head;
 }
 
-// Borrows a connection for the multiplexer, then runs it.
 // The most a batch's statements (their text and parameters) may weigh to be held in libpq's
 // buffer and sent in one write (Connection::Impl::hold_output()): libpq's own threshold for
 // flushing a pipeline.
@@ -93,6 +92,7 @@ std::size_t batch_bytes(const std::vector<std::shared_ptr<SharedStatement>>& bat
   return bytes;
 }
 
+// Borrows a connection for the multiplexer, then runs it.
 asio::awaitable<void> borrow(std::shared_ptr<Multiplexer> mux) {
   // (If this coroutine is destroyed mid-acquire, its io_context shut down, the count goes too.)
   async::AbandonGuard uncount([&mux] {

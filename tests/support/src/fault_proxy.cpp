@@ -67,7 +67,6 @@ struct FaultProxy::State {
 
   // Touched only on the proxy's thread.
   bool paused = false;
-  std::size_t client_reads = 0;  // client_reads()
   bool keep_upstream = false;
   std::chrono::microseconds latency{0};  // set_latency()
   char repeat_type = 0;                  // repeat_next_server_message(): armed while not 0
@@ -165,7 +164,6 @@ struct FaultProxy::State {
         client_side_failed = from_client;
         break;
       }
-      if (from_client) ++client_reads;
       while (paused && !session->ended) {
         co_await resumed.async_wait(no_throw);
       }
@@ -289,10 +287,6 @@ std::size_t FaultProxy::active_connections() const {
     return static_cast<std::size_t>(std::count_if(state->sessions.begin(), state->sessions.end(),
                                                   [](auto& e) { return !e.second->held; }));
   });
-}
-
-std::size_t FaultProxy::client_reads() const {
-  return state_->run([state = state_.get()] { return state->client_reads; });
 }
 
 std::size_t FaultProxy::held_upstreams() const {

@@ -54,9 +54,6 @@ class FaultProxy {
 
   /// Client connections being forwarded now.
   [[nodiscard]] std::size_t active_connections() const;
-  /// Reads the proxy made from its clients' sockets so far, all connections together: how many
-  /// pieces the clients' bytes came in (a burst sent in one write is one read, or a few).
-  [[nodiscard]] std::size_t client_reads() const;
   /// Upstream connections kept open after their client left (keep_upstream mode).
   [[nodiscard]] std::size_t held_upstreams() const;
 
