@@ -832,6 +832,16 @@ void Multiplexer::sweep() {
   if (next != Clock::time_point::max()) arm_sweeper_locked(next);
 }
 
+bool Multiplexer::accepted_before_locked(const std::string& sql) const {
+  return accepted_texts.contains(sql);
+}
+
+void Multiplexer::remember_accepted_locked(const std::string& sql) {
+  if (sql.size() > max_accepted_text_size) return;
+  if (accepted_texts.size() >= max_accepted_texts) accepted_texts.clear();
+  accepted_texts.insert(sql);
+}
+
 void Multiplexer::enqueue_locked(const std::shared_ptr<SharedStatement>& statement,
                                  asio::steady_timer& waiter) {
   if (closed) {
@@ -957,14 +967,21 @@ asio::awaitable<Result> run_shared(std::shared_ptr<PoolState> pool, std::string 
                                    ParamSink params) {
   params.check();
   check_statement_text(sql);
-  Diagnostics refusal;
-  if (auto error = refuse_on_shared_connection(sql, refusal)) throw Error(error, refusal);
   const auto executor = co_await asio::this_coro::executor;
   std::shared_ptr<Multiplexer> mux = pool->multiplexer_for(executor);
   auto statement = std::make_shared<SharedStatement>(std::move(sql), std::move(params));
   asio::steady_timer waiter(executor);
   std::shared_ptr<SharedLink> held_up;
   std::unique_lock lock(mux->mutex);
+  if (!mux->accepted_before_locked(statement->sql)) {
+    lock.unlock();
+    Diagnostics refusal;
+    if (auto error = refuse_on_shared_connection(statement->sql, refusal)) {
+      throw Error(error, refusal);
+    }
+    lock.lock();
+    mux->remember_accepted_locked(statement->sql);
+  }
   mux->enqueue_locked(statement, waiter);
   // If this coroutine is destroyed while it waits (its io_context shut down), the statement
   // leaves the queue, or its answer is dropped when it comes.

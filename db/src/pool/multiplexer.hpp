@@ -20,6 +20,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <unordered_set>
 #include <vector>
 
 #include "driver.hpp"
@@ -161,6 +162,18 @@ struct Multiplexer : std::enable_shared_from_this<Multiplexer> {
   // (PoolState's Core::lendable()): the even share counts those, not the pool's whole max.
   std::size_t lendable = std::numeric_limits<std::size_t>::max();
   bool closed = false;
+  // Statement texts query() has checked and found fit for a shared connection
+  // (needs_own_session()): a service sends the same few texts again and again, and looking one up
+  // costs less than reading it again. At most max_accepted_texts (then emptied: a service that
+  // makes a new text per call gains nothing from it anyway).
+  std::unordered_set<std::string> accepted_texts;
+  static constexpr std::size_t max_accepted_texts = 1024;
+  static constexpr std::size_t max_accepted_text_size = 4096;
+
+  // Whether `sql` was found fit for a shared connection before.
+  [[nodiscard]] bool accepted_before_locked(const std::string& sql) const;
+  // Remembers that `sql` is fit for a shared connection.
+  void remember_accepted_locked(const std::string& sql);
 
   // Queues `statement` for its caller, which waits on `waiter`; throws pool_closed or
   // pool_queue_full. Wakes a connection with room, or borrows one more.
