@@ -1,6 +1,9 @@
 // TLS against a real server with ssl=on and a CA made at test time: sslmode require and
 // verify-full, certificate problems with clear errors, replies whose last TLS record OpenSSL
 // holds half-read, pipelines and large rows.
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <chrono>
@@ -9,6 +12,7 @@
 #include <gtest/gtest.h>
 #include <libpq-fe.h>
 #include <string>
+#include <vector>
 
 #include <pgrt/db.hpp>
 
@@ -159,6 +163,68 @@ TEST_F(TlsTest, LargeRowsAndLongPipelinesComeBackWhole) {
         EXPECT_EQ(outcomes.size(), 5000U);
         if (outcomes.size() != 5000U) co_return;
         for (int i = 0; i < 5000; i += 499) EXPECT_EQ(outcomes[i].result.scalar<int>(), i);
+      },
+      120s);
+}
+
+// query() over TLS: bursts of statements from many callers share one encrypted connection, their
+// batches large enough to make libpq's output buffer grow while it is being filled, and every
+// caller gets its own answer, a failing statement failing alone.
+TEST_F(TlsTest, QueryBurstsOverTlsAnswerEveryCallerRight) {
+  run_coroutine(
+      [&]() -> awaitable_void {
+        const auto executor = co_await asio::this_coro::executor;
+        PoolConfig pool_config;
+        pool_config.conninfo = tls_cluster().tls_dsn("verify-full");
+        pool_config.max_size = 1;
+        pool_config.application = "pgrt-test";
+        pool_config.instance = "tls-query";
+        Pool pool(executor, pool_config);
+        {
+          auto lease = co_await pool.acquire();
+          EXPECT_EQ(PQsslInUse(lease->native_handle()), 1);
+        }
+        constexpr int callers = 200;
+        const std::string padding(400, 'p');
+        std::vector<int> answers(callers, -1);
+        int failed = 0;
+        int finished = 0;
+        for (int round = 0; round < 3; ++round) {
+          for (int caller = 0; caller < callers; ++caller) {
+            asio::co_spawn(
+                executor,
+                [&, caller]() -> awaitable_void {
+                  try {
+                    // (caller 7 divides by zero: its error is its own)
+                    const int divisor = caller == 7 ? 0 : 1;
+                    // (a batch of these outgrows libpq's first 16 KiB output buffer)
+                    const Result result = co_await pool.query(
+                        "SELECT $1::int / $2::int, length($3)", caller, divisor, padding);
+                    EXPECT_EQ(result[0].get<int>(1), static_cast<int>(padding.size()));
+                    answers[caller] = result[0].get<int>(0);
+                  } catch (const Error& error) {
+                    EXPECT_EQ(error.diagnostics().sqlstate, "22012") << error.what();
+                    ++failed;
+                  }
+                  ++finished;
+                },
+                asio::detached);
+          }
+          asio::steady_timer pause(executor);
+          for (int waited = 0; finished < callers * (round + 1) && waited < 3000; ++waited) {
+            pause.expires_after(10ms);
+            co_await pause.async_wait(asio::use_awaitable);
+          }
+          EXPECT_EQ(finished, callers * (round + 1)) << "round " << round;
+          EXPECT_EQ(failed, round + 1);
+          for (int caller = 0; caller < callers; ++caller) {
+            if (caller != 7) {
+              EXPECT_EQ(answers[caller], caller) << "round " << round;
+            }
+            answers[caller] = -1;
+          }
+        }
+        (void)co_await pool.close(5s);
       },
       120s);
 }
