@@ -8,6 +8,7 @@
 #include <unordered_set>
 
 #include "connection/impl.hpp"
+#include "timing_clock.hpp"
 
 namespace pgrt {
 
@@ -212,8 +213,8 @@ asio::awaitable<error_code> run_statements(Impl& impl, const Pipeline& pipeline,
   };
   if (auto send_error = send_more()) co_return send_error;
   // Each statement is timed (when the connection's are) from its segment's send to its result.
-  auto sent_at = impl.statement_times ? std::chrono::steady_clock::now()
-                                      : std::chrono::steady_clock::time_point{};
+  auto sent_at =
+      impl.statement_times ? detail::timing_now() : std::chrono::steady_clock::time_point{};
   if (auto flush_error = co_await impl.flush("pipeline", /*can_drain=*/false)) {
     co_return flush_error;
   }
@@ -235,7 +236,7 @@ asio::awaitable<error_code> run_statements(Impl& impl, const Pipeline& pipeline,
       ++syncs_seen;
       if (syncs_seen == segment_ends.size() && sent < order.size()) {
         if (auto send_error = send_more()) co_return send_error;
-        if (impl.statement_times) sent_at = std::chrono::steady_clock::now();
+        if (impl.statement_times) sent_at = detail::timing_now();
         if (auto flush_error = co_await impl.flush("pipeline", /*can_drain=*/false)) {
           co_return flush_error;
         }
@@ -252,7 +253,7 @@ asio::awaitable<error_code> run_statements(Impl& impl, const Pipeline& pipeline,
       continue;
     }
     if (impl.statement_times) {
-      impl.statement_times->record(std::chrono::steady_clock::now() - sent_at);
+      impl.statement_times->record(detail::timing_now() - sent_at);
     }
     PipelineOutcome& outcome = outcomes[order[k]];  // empty: run() empties those run again
     if (status == PGRES_PIPELINE_ABORTED) {

@@ -14,6 +14,7 @@
 #include <tuple>
 #include <variant>
 
+#include "../timing_clock.hpp"
 #include "impl.hpp"
 
 namespace pgrt {
@@ -286,8 +287,7 @@ asio::awaitable<error_code> Connection::Impl::exchange(Request request, Result& 
   // past it costs a malloc and a free per statement.)
   const asio::cancellation_state cancellation = co_await asio::this_coro::cancellation_state;
   const bool timed = statement_times && request.timed;
-  const auto started =
-      timed ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
+  const auto started = timed ? detail::timing_now() : std::chrono::steady_clock::time_point{};
   error_code error;
   std::exception_ptr failure;  // e.g. from a stream() callback
   try {
@@ -427,7 +427,7 @@ asio::awaitable<error_code> Connection::Impl::exchange(Request request, Result& 
   } catch (...) {
     failure = std::current_exception();
   }
-  if (timed) statement_times->record(std::chrono::steady_clock::now() - started);
+  if (timed) statement_times->record(detail::timing_now() - started);
   co_await asio::this_coro::throw_if_cancelled(throw_if_cancelled);
   if (failure) std::rethrow_exception(failure);
   co_return error;

@@ -900,7 +900,7 @@ asio::awaitable<Lease> PoolState::acquire(std::shared_ptr<PoolState> self, Prior
   // The Lease owns the connection before any event runs: nothing can leak its slot.
   const bool check = validate || config.before_handout;
   if (config.timings) {
-    handed->lease_started = resumed != Clock::time_point{} ? resumed : Clock::now();
+    handed->lease_started = resumed != Clock::time_point{} ? resumed : timing_now();
   }
   Lease lease(check ? self : std::move(self), handed);
   lock.unlock();

@@ -40,6 +40,7 @@
 #include "../async/abandon_guard.hpp"
 #include "../async/timer_condition.hpp"
 #include "../connection_access.hpp"
+#include "../timing_clock.hpp"
 #include "budget.hpp"
 #include "pgrt/db/pool.hpp"
 #include "pgrt/db/session_guards.hpp"
@@ -529,7 +530,7 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
       auto kind = discard ? pool::ReturnKind::discard
                           : classify(leased != nullptr ? *leased : connection_of(node));
       const auto now = coarse_now();
-      const auto ended = config.timings ? Clock::now() : Clock::time_point{};
+      const auto ended = config.timings ? timing_now() : Clock::time_point{};
       Deferred deferred;
       std::lock_guard lock(mutex);
       if (events.released.ever_connected()) deferred.add([this] { emit(events.released); });

@@ -11,6 +11,7 @@
 #include <unordered_map>
 
 #include "../connection/impl.hpp"
+#include "../timing_clock.hpp"
 
 namespace pgrt::detail {
 
@@ -261,7 +262,7 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
       }
       // 2. Send it: each statement prepared once per connection (its preparation in a sync segment
       // of its own) and in a sync segment of its own.
-      const Clock::time_point sent_at = impl.statement_times ? Clock::now() : Clock::time_point{};
+      const Clock::time_point sent_at = impl.statement_times ? timing_now() : Clock::time_point{};
       // The statements the cache evicted (or retired as stale) are deallocated now, each in a
       // sync segment of its own, not when the connection goes back: a connection held long by
       // callers with many different texts would keep every one prepared on the server, then hold
@@ -432,7 +433,7 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
         }
       }
       // 5. Every result that is in (timed, when statements are, from its batch's send to now).
-      const Clock::time_point read_at = impl.statement_times ? Clock::now() : Clock::time_point{};
+      const Clock::time_point read_at = impl.statement_times ? timing_now() : Clock::time_point{};
       int empty_in_a_row = 0;
       while (!lost && !sent.empty() && PQisBusy(conn) == 0) {
         in_hand.reset();

@@ -152,9 +152,10 @@ struct PoolConfig {
   std::chrono::milliseconds leak_threshold{0};
   /// Record the wait, use and statement time histograms (PoolStats::wait_time, use_time,
   /// operation_time; the metrics' db_client_connection_wait_time_seconds and friends). They cost
-  /// two clock reads per lease and two per statement: about 50 ns per acquire and release on a
-  /// virtual machine, nothing next to a statement's round trip (benchmark 1 shows both). Off:
-  /// those histograms stay empty (env PGRT_POOL_TIMINGS=0 or 1).
+  /// two clock reads per lease and two per statement, from the CPU's invariant time-stamp counter
+  /// where it has one and reads it faster than the steady clock (else steady_clock): a few tens of
+  /// ns per acquire and release, nothing next to a statement's round trip (benchmark 1 shows
+  /// both). Off: those histograms stay empty (env PGRT_POOL_TIMINGS=0 or 1).
   bool timings = true;
   /// Connections of max_size that only high-priority acquires may use.
   std::size_t reserved_for_priority = 0;
