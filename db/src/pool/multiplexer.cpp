@@ -23,21 +23,23 @@ namespace {
 
 // Statements a shared connection cannot run: they change or need the session (a transaction, a
 // setting, a cursor, a listener) that the other callers' statements share, or COPY, which takes
-// the connection over.
-error_code refuse_on_shared_connection(std::string_view sql, Diagnostics& diagnostics) {
+// the connection over. Throws Error(needs_session) for those. (Not in run_shared()'s frame: its
+// Diagnostics would make the frame too large for asio's recycled ones.)
+void refuse_if_it_needs_a_session(std::string_view sql) {
   const std::string what = needs_own_session(sql, SessionScope::own_implicit_transaction);
-  if (what.empty()) return {};
-  diagnostics = Diagnostics{
-      .message = what +
-                 " cannot run on a shared connection: query() runs each statement on a "
-                 "connection other callers' statements share, in an implicit transaction of its "
-                 "own",
-      .hint =
-          "take a lease for it (co_await pool.acquire() or pgrt::connection()): "
-          "transactions, SET, LISTEN, COPY, cursors, temporary tables, session settings and "
-          "locks, DO blocks and LOAD need a connection of their own",
-      .statement = std::string(sql)};
-  return make_error_code(client_errc::needs_session);
+  if (what.empty()) return;
+  throw Error(
+      make_error_code(client_errc::needs_session),
+      Diagnostics{
+          .message = what +
+                     " cannot run on a shared connection: query() runs each statement on a "
+                     "connection other callers' statements share, in an implicit transaction of "
+                     "its own",
+          .hint =
+              "take a lease for it (co_await pool.acquire() or pgrt::connection()): "
+              "transactions, SET, LISTEN, COPY, cursors, temporary tables, session settings and "
+              "locks, DO blocks and LOAD need a connection of their own",
+          .statement = std::string(sql)});
 }
 
 constexpr std::size_t default_depth = 64;
@@ -964,22 +966,18 @@ void Multiplexer::close() {
   for (const auto& link : links) wake_locked(link);
 }
 
-asio::awaitable<Result> run_shared(std::shared_ptr<PoolState> pool, std::string sql,
-                                   ParamSink params) {
-  params.check();
-  check_statement_text(sql);
+asio::awaitable<Result> run_shared(std::shared_ptr<PoolState> pool,
+                                   std::shared_ptr<SharedStatement> statement) {
+  statement->params.check();
+  check_statement_text(statement->sql);
   const auto executor = co_await asio::this_coro::executor;
   std::shared_ptr<Multiplexer> mux = pool->multiplexer_for(executor);
-  auto statement = std::make_shared<SharedStatement>(std::move(sql), std::move(params));
   asio::steady_timer waiter(executor);
   std::shared_ptr<SharedLink> held_up;
   std::unique_lock lock(mux->mutex);
   if (!mux->accepted_before_locked(statement->sql)) {
     lock.unlock();
-    Diagnostics refusal;
-    if (auto error = refuse_on_shared_connection(statement->sql, refusal)) {
-      throw Error(error, refusal);
-    }
+    refuse_if_it_needs_a_session(statement->sql);
     lock.lock();
     mux->remember_accepted_locked(statement->sql);
   }

@@ -212,7 +212,11 @@ struct Multiplexer : std::enable_shared_from_this<Multiplexer> {
 };
 
 // Pool::query(): see pool.hpp.
-asio::awaitable<Result> run_shared(std::shared_ptr<PoolState> pool, std::string sql,
-                                   ParamSink params);
+// `statement` is the caller's, fresh (made by Pool::query_with(), not a coroutine): the frame
+// holds a pointer to it rather than the text and parameters, so that it stays within asio's
+// recycled frames (at most 1020 bytes with g++ 12 and Boost 1.81; a larger frame costs an
+// aligned allocation per statement and evicts the cached frame of the connection's next flush).
+asio::awaitable<Result> run_shared(std::shared_ptr<PoolState> pool,
+                                   std::shared_ptr<SharedStatement> statement);
 
 }  // namespace pgrt::detail

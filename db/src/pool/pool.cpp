@@ -129,7 +129,8 @@ asio::awaitable<Lease> Pool::acquire(std::string_view consumer, Priority priorit
 
 asio::awaitable<Result> Pool::query_with(std::string sql, ParamSink params) {
   // Not a coroutine itself: run_shared()'s frame holds the state.
-  return detail::run_shared(state_, std::move(sql), std::move(params));
+  return detail::run_shared(
+      state_, std::make_shared<detail::SharedStatement>(std::move(sql), std::move(params)));
 }
 
 namespace detail {
