@@ -8,9 +8,10 @@
 // Where the counter is invariant (constant rate, never stopped: CPUID 8000_0007h EDX bit 8) and
 // cheaper to read than steady_clock, each thread keeps a recent pair of readings of both and the
 // rate between them, measured over at least 10 ms, and reads the steady clock again every 20 ms;
-// anywhere else it is steady_clock::now(). The result stays within a microsecond of
-// steady_clock's (well below the histograms' 100 us resolution), never goes back within a
-// thread, and may differ by that much between threads: for durations only, never for deadlines.
+// anywhere else it is steady_clock::now(). The result stays within a few microseconds of
+// steady_clock's, usually well under one (far below the histograms' 100 us resolution), never
+// goes back within a thread, and may differ by that much between threads: for durations only,
+// never for deadlines.
 // Thread-safe (its state is per thread), noexcept.
 
 #include <chrono>
