@@ -262,6 +262,7 @@ def contestants(bench):
         lambda: bench.python("asyncpg", "uncontended"))
     add("uncontended", "asyncpg (reset off)", FAST, lambda: bench.python("asyncpg-noreset", "uncontended"))
     add("uncontended", "psycopg_pool (autocommit)", SAFE, lambda: bench.python("psycopg", "uncontended"))
+    add("uncontended", FLOOR, FAST, lambda: bench.pgrt("BM_MinimalPoolAcquireReleaseUncontended"))
 
     # 2. Contended handoff.
     for waiters in HANDOFF_WAITERS:
@@ -269,6 +270,8 @@ def contestants(bench):
         add(f"handoff/{waiters}", "asyncpg (reset off)", FAST,
             lambda w=waiters: bench.python("asyncpg-noreset", "handoff", w))
         add(f"handoff/{waiters}", "psycopg_pool (autocommit)", SAFE, lambda w=waiters: bench.python("psycopg", "handoff", w))
+        add(f"handoff/{waiters}", FLOOR, FAST,
+            lambda w=waiters: bench.pgrt(f"BM_MinimalPoolContendedHandoff/{w}"))
 
     # 3 and 7. Acquire + prepared SELECT 1 + release, unix socket and TCP.
     for tcp in (0, 1):
@@ -379,6 +382,8 @@ OPEN_LOOP_PERCENTS = (25, 50, 80, 95)
 SUSTAINABLE_FACTOR = 10  # the sustainable rate keeps p99 under this many single-task latencies
 SUSTAINABLE_SHARES = tuple(round(0.1 * i, 1) for i in range(1, 11))  # of pgrt's closed-loop capacity
 HANDOFF_WAITERS = (3, 16, 64, 256)
+# Benchmarks 1 and 2's floor: MinimalPool in pgrt_benchmarks.cpp, asio with no pool work.
+FLOOR = "asio alone: a minimal pool (the floor: no connections, deadlines, stats or events)"
 
 
 def summarize(samples):
@@ -570,13 +575,25 @@ def write_report(results, raw, args, bench, elapsed, plot):
     report.text("## 1. Uncontended acquire + release, no I/O",
                 "An idle connection is available; the loop acquires and releases it without a query. "
                 "Goal for pgrt: at most 50 ns. Published figures for comparison: puddle 56 ns, "
-                "HikariCP about 140 ns per thread, asyncpg about 10 us.")
+                "HikariCP about 140 ns per thread, asyncpg about 10 us. The last row is the floor on "
+                "this machine: a minimal pool written on asio alone (`MinimalPool` in "
+                "benches/pgrt_benchmarks.cpp), with the same interface (`co_await acquire()` returns "
+                "a move-only token, one mutex, FIFO waiters woken by a post) and no pool work at all: "
+                "what a coroutine call, its frame and two lock round trips cost here. What pgrt takes "
+                "beyond it is its bookkeeping (the state machine, the connection's state read at "
+                "return, the lease's ownership of the pool).")
     report.table("uncontended", ["ns_per_cycle"], "ns_per_cycle", higher_is_better=False)
 
     report.text("## 2. Contended handoff",
                 "max 3 connections, W waiters; each holds its lease across one executor yield "
                 "(`co_await post` for pgrt, `asyncio.sleep(0)` for the Python pools). Fairness is the "
-                "fewest completions of a waiter divided by the most (1.0 is perfectly fair).")
+                "fewest completions of a waiter divided by the most (1.0 is perfectly fair). The last "
+                "row of each table is the floor, the minimal pool of benchmark 1 in the same loop, "
+                "with a timer armed as pgrt's upkeep timer is: each cycle takes two trips through the "
+                "io_context's queue (the holder's yield, the waiter's wake-up), and with a timer or a "
+                "socket registered asio's scheduler looks at its reactor (`epoll_wait`) each time it "
+                "gets round its queue, so on a machine where a syscall is dear this row, not the "
+                "pool, bounds the rate.")
     for waiters in HANDOFF_WAITERS:
         report.text(f"### W = {waiters}")
         report.table(f"handoff/{waiters}",

@@ -10,6 +10,8 @@
 #include <atomic>
 #include <benchmark/benchmark.h>
 #include <boost/asio/as_tuple.hpp>
+#include <boost/asio/associated_executor.hpp>
+#include <boost/asio/async_result.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/post.hpp>
@@ -20,13 +22,16 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <deque>
 #include <libpq-fe.h>
 #include <memory>
+#include <mutex>
 #include <random>
 #include <stdexcept>
 #include <string>
 #include <sys/resource.h>
 #include <thread>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -188,6 +193,93 @@ class InFlight {
   std::exception_ptr failure_;
 };
 
+// --- the floor: a minimal pool on asio alone
+// ----------------------------------------------------
+
+// The least a pool with pgrt's interface can do on asio: `co_await acquire()` returns a move-only
+// token for one of `size` slots, under one mutex; a caller that finds none waits in FIFO order and
+// is woken by a post of its coroutine when a token comes back. No connections, deadlines, stats,
+// events, checks or shutdown safety (a waiter whose io_context is destroyed is leaked). Benchmarks
+// 1 and 2 run it in the pool's shapes: what asio's coroutines and scheduler cost on this machine
+// before any pool work, the floor under pgrt's rows.
+class MinimalPool {
+ public:
+  class Token {
+   public:
+    explicit Token(MinimalPool* pool) : pool_(pool) {}
+    Token(Token&& other) noexcept : pool_(std::exchange(other.pool_, nullptr)) {}
+    Token& operator=(Token&&) = delete;
+    ~Token() {
+      if (pool_ != nullptr) pool_->give_back();
+    }
+
+   private:
+    MinimalPool* pool_;
+  };
+
+  explicit MinimalPool(std::size_t size) : free_(size) {}
+
+  asio::awaitable<Token> acquire() {
+    {
+      std::lock_guard lock(mutex_);
+      if (free_ > 0) {
+        --free_;
+        co_return Token(this);
+      }
+    }
+    // Woken with a token handed over by give_back() (free_ was not raised for it).
+    co_await asio::async_initiate<const asio::use_awaitable_t<>&, void()>(
+        [this](auto handler) {
+          std::unique_lock lock(mutex_);
+          if (free_ > 0) {  // one came back before this waiter was queued
+            --free_;
+            lock.unlock();
+            Waiter<decltype(handler)>(std::move(handler)).wake();
+            return;
+          }
+          waiters_.push_back(std::make_unique<Waiter<decltype(handler)>>(std::move(handler)));
+        },
+        asio::use_awaitable);
+    co_return Token(this);
+  }
+
+ private:
+  struct WaiterBase {
+    WaiterBase() = default;
+    WaiterBase(const WaiterBase&) = delete;
+    WaiterBase& operator=(const WaiterBase&) = delete;
+    virtual ~WaiterBase() = default;
+    virtual void wake() = 0;
+  };
+  template <typename Handler>
+  struct Waiter final : WaiterBase {
+    explicit Waiter(Handler woken) : handler(std::move(woken)) {}
+    void wake() override {
+      const auto executor = asio::get_associated_executor(handler);
+      asio::post(executor, std::move(handler));
+    }
+    Handler handler;
+  };
+
+  void give_back() {
+    std::unique_ptr<WaiterBase> next;
+    {
+      std::lock_guard lock(mutex_);
+      if (waiters_.empty()) {
+        ++free_;
+        return;
+      }
+      next = std::move(waiters_.front());
+      waiters_.pop_front();
+    }
+    next->wake();
+  }
+
+  std::mutex mutex_;
+  std::size_t free_;
+  std::deque<std::unique_ptr<WaiterBase>> waiters_;
+};
+
 // --- 1. uncontended acquire + release, no I/O
 // -------------------------------------------------------
 
@@ -220,45 +312,88 @@ void BM_PoolAcquireReleaseUncontendedUntimed(benchmark::State& state) {
 }
 BENCHMARK(BM_PoolAcquireReleaseUncontendedUntimed);
 
+// The floor (MinimalPool above) in the same loop: a co_await that returns a token and its end.
+// A timer stays armed, as the pool's upkeep timer is, so the io_context's reactor is in use.
+void BM_MinimalPoolAcquireReleaseUncontended(benchmark::State& state) {
+  asio::io_context io;
+  MinimalPool pool(1);
+  asio::steady_timer armed(io, Clock::time_point::max());
+  armed.async_wait([](boost::system::error_code) {});
+  run(io, [&]() -> asio::awaitable<void> {
+    for (auto _ : state) {
+      auto token = co_await pool.acquire();
+      benchmark::DoNotOptimize(token);
+    }
+    armed.cancel();
+  });
+  state.SetItemsProcessed(state.iterations());
+}
+BENCHMARK(BM_MinimalPoolAcquireReleaseUncontended);
+
 // --- 2. contended handoff: W waiters on max 3, each holding its lease across one yield
 // ------------
 
-void BM_PoolContendedHandoff(benchmark::State& state) {
+// One window of W waiters on 3 slots; `Contended` is pgrt::Pool (its three connections opened
+// first) or MinimalPool (with a timer armed, as the pool's upkeep timer is, so that the
+// io_context's reactor is in use in both).
+template <typename Contended>
+void contended_handoff(benchmark::State& state, asio::io_context& io, Contended& pool) {
+  constexpr bool is_pgrt = std::is_same_v<Contended, pgrt::Pool>;
   const auto waiters = static_cast<std::size_t>(state.range(0));
+  Histogram waits;
+  std::vector<std::uint64_t> completions(waiters, 0);
+  double seconds = 0;
+  run(io, [&]() -> asio::awaitable<void> {
+    asio::steady_timer armed(io, Clock::time_point::max());
+    if constexpr (is_pgrt) {
+      co_await open_three(pool);
+    } else {
+      armed.async_wait([](boost::system::error_code) {});
+    }
+    const auto started = Clock::now();
+    const auto until = started + window();
+    InFlight running(io);
+    for (std::size_t w = 0; w < waiters; ++w) {
+      running.spawn([&, w]() -> asio::awaitable<void> {
+        while (Clock::now() < until) {
+          const auto asked = Clock::now();
+          auto lease = co_await pool.acquire();
+          waits.record(Clock::now() - asked);
+          ++completions[w];
+          co_await yield();
+        }
+      });
+    }
+    co_await running.wait();
+    seconds = std::chrono::duration<double>(Clock::now() - started).count();
+    armed.cancel();
+    if constexpr (is_pgrt) (void)co_await pool.close(0ms);
+  });
+  const auto [fewest, most] = std::minmax_element(completions.begin(), completions.end());
+  state.counters["acquires_per_s"] = static_cast<double>(waits.count()) / seconds;
+  state.counters["fairness_min_over_max"] =
+      *most == 0 ? 0.0 : static_cast<double>(*fewest) / static_cast<double>(*most);
+  report_latency(state, waits, "wait");
+}
+
+void BM_PoolContendedHandoff(benchmark::State& state) {
   for (auto _ : state) {
     asio::io_context io;
     pgrt::Pool pool(io.get_executor(), pool_config(3));
-    Histogram waits;
-    std::vector<std::uint64_t> completions(waiters, 0);
-    double seconds = 0;
-    run(io, [&]() -> asio::awaitable<void> {
-      co_await open_three(pool);
-      const auto started = Clock::now();
-      const auto until = started + window();
-      InFlight running(io);
-      for (std::size_t w = 0; w < waiters; ++w) {
-        running.spawn([&, w]() -> asio::awaitable<void> {
-          while (Clock::now() < until) {
-            const auto asked = Clock::now();
-            auto lease = co_await pool.acquire();
-            waits.record(Clock::now() - asked);
-            ++completions[w];
-            co_await yield();
-          }
-        });
-      }
-      co_await running.wait();
-      seconds = std::chrono::duration<double>(Clock::now() - started).count();
-      (void)co_await pool.close(0ms);
-    });
-    const auto [fewest, most] = std::minmax_element(completions.begin(), completions.end());
-    state.counters["acquires_per_s"] = static_cast<double>(waits.count()) / seconds;
-    state.counters["fairness_min_over_max"] =
-        *most == 0 ? 0.0 : static_cast<double>(*fewest) / static_cast<double>(*most);
-    report_latency(state, waits, "wait");
+    contended_handoff(state, io, pool);
   }
 }
 BENCHMARK(BM_PoolContendedHandoff)->Arg(3)->Arg(16)->Arg(64)->Arg(256)->Iterations(1);
+
+// The floor (MinimalPool) in the same shape.
+void BM_MinimalPoolContendedHandoff(benchmark::State& state) {
+  for (auto _ : state) {
+    asio::io_context io;
+    MinimalPool pool(3);
+    contended_handoff(state, io, pool);
+  }
+}
+BENCHMARK(BM_MinimalPoolContendedHandoff)->Arg(3)->Arg(16)->Arg(64)->Arg(256)->Iterations(1);
 
 // --- 3 and 7. acquire + prepared SELECT 1 + release, over the unix socket or TCP
 // --------------------
