@@ -2775,6 +2775,59 @@ TEST_F(PoolTest, QueryStatementQueuedWhileAConnectionGivesItselfBackGoesElsewher
       60s);
 }
 
+// Bursts of distinct texts through a statement cache of 2 on one connection: each text is
+// prepared once, most fall out of the cache at once, and the connection deallocates them while
+// later answers are still coming (batches of DEALLOCATEs alone, sent in one write). Every caller
+// gets its own answer, one that fails fails alone, and the server keeps no more prepared
+// statements than the cache holds.
+TEST_F(PoolTest, QueryBurstsOfDistinctTextsThroughASmallStatementCacheDeallocateWhatFellOut) {
+  auto pool_config = config("shared-evicting", 1);
+  pool_config.connect.statement_cache_size = 2;
+  run_coroutine(
+      [&]() -> awaitable_void {
+        auto executor = co_await asio::this_coro::executor;
+        Pool pool(executor, pool_config);
+        constexpr int callers = 150;  // more than one batch (64) of a connection
+        for (int round = 0; round < 3; ++round) {
+          std::vector<int> answers(callers, -1);
+          int finished = 0;
+          int failed = 0;
+          for (int caller = 0; caller < callers; ++caller) {
+            asio::co_spawn(
+                executor,
+                [&, caller]() -> awaitable_void {
+                  // A text of its own per caller and round; caller 7 divides by zero.
+                  const std::string sql = "SELECT (" + std::to_string(round * callers + caller) +
+                                          " - " + std::to_string(caller == 7 ? 0 : 1) +
+                                          ") / $1::int";
+                  try {
+                    answers[caller] = (co_await pool.query(sql, caller == 7 ? 0 : 1)).scalar<int>();
+                  } catch (const Error&) {
+                    ++failed;
+                  }
+                  ++finished;
+                },
+                asio::detached);
+          }
+          while (finished < callers) co_await sleep_for(1ms);
+          EXPECT_EQ(failed, 1) << "round " << round;
+          for (int caller = 0; caller < callers; ++caller) {
+            if (caller == 7) continue;
+            EXPECT_EQ(answers[caller], round * callers + caller - 1)
+                << "round " << round << ", caller " << caller;
+          }
+          // (This statement is prepared too, and may push one more out: at most one over.)
+          const auto prepared =
+              (co_await pool.query("SELECT count(*)::int FROM pg_prepared_statements"))
+                  .scalar<int>();
+          EXPECT_LE(prepared, 3) << "round " << round << ": statements that fell out of the cache "
+                                 << "are still prepared on the server";
+        }
+        (void)co_await pool.close(5s);
+      },
+      60s);
+}
+
 // The statements of query() and of a pipeline on a lease are in the pool's statement-time
 // histogram (PoolStats::operation_time, the metrics' db_client_operation_duration_seconds), as
 // those of query_prepared() are: three of 20 ms each way add at least 60 ms to its sum.
