@@ -2777,9 +2777,9 @@ TEST_F(PoolTest, QueryStatementQueuedWhileAConnectionGivesItselfBackGoesElsewher
 
 // Bursts of distinct texts through a statement cache of 2 on one connection: each text is
 // prepared once, most fall out of the cache at once, and the connection deallocates them while
-// later answers are still coming (batches of DEALLOCATEs alone, sent in one write). Every caller
-// gets its own answer, one that fails fails alone, and the server keeps no more prepared
-// statements than the cache holds.
+// later answers are still coming (here batches of DEALLOCATEs alone happen, held and sent in one
+// write; this test does not count the writes). Every caller gets its own answer, one that fails
+// fails alone, and the server keeps no more prepared statements than the cache holds.
 TEST_F(PoolTest, QueryBurstsOfDistinctTextsThroughASmallStatementCacheDeallocateWhatFellOut) {
   auto pool_config = config("shared-evicting", 1);
   pool_config.connect.statement_cache_size = 2;
