@@ -22,6 +22,12 @@ target_compile_options(
             # At -O2, g++ 12 also takes Asio's coroutine frame allocator (aligned_alloc, freed by
             # the frame's own operator delete through the same recycling allocator) for a mismatch.
             $<$<AND:$<CXX_COMPILER_ID:GNU>,$<NOT:$<CONFIG:Debug>>>:-Wno-mismatched-new-delete>)
+# A unity build (CMAKE_UNITY_BUILD, on in the sanitizer presets: docs/development.md) compiles
+# several sources as one file; g++ then takes the types with internal linkage of every source but
+# the first for a header's, and warns that a type with linkage uses them (-Wsubobject-linkage).
+if(CMAKE_UNITY_BUILD AND CMAKE_CXX_COMPILER_ID STREQUAL "GNU")
+  target_compile_options(pgrt_build_options INTERFACE -Wno-subobject-linkage)
+endif()
 if(PGRT_WARNINGS_AS_ERRORS)
   target_compile_options(pgrt_build_options INTERFACE -Werror)
 endif()

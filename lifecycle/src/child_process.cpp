@@ -36,6 +36,8 @@
 #include <unistd.h>
 #include <utility>
 
+#include "await_helpers.hpp"
+
 extern char** environ;  // NOLINT(readability-redundant-declaration): POSIX declares it nowhere
 
 namespace pgrt::lifecycle {
@@ -46,13 +48,8 @@ using std::chrono::milliseconds;
 
 namespace {
 
-constexpr auto no_throw = asio::as_tuple(asio::use_awaitable);
 // How often a child is polled for where the kernel has no pidfd_open (before Linux 5.3).
 constexpr milliseconds poll_interval{50};
-
-milliseconds elapsed_ms(Clock::time_point since) {
-  return std::chrono::duration_cast<milliseconds>(Clock::now() - since);
-}
 
 // --- what the child needs, built before the fork ------------------------------------------------
 

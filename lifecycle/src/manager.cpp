@@ -29,6 +29,8 @@
 #include <thread>
 #include <unistd.h>
 
+#include "await_helpers.hpp"
+
 namespace pgrt::lifecycle {
 
 namespace asio = boost::asio;
@@ -36,12 +38,6 @@ using Clock = std::chrono::steady_clock;
 using std::chrono::milliseconds;
 
 namespace {
-
-constexpr auto no_throw = asio::as_tuple(asio::use_awaitable);
-
-milliseconds elapsed_ms(Clock::time_point since) {
-  return std::chrono::duration_cast<milliseconds>(Clock::now() - since);
-}
 
 std::string describe(const std::exception_ptr& error) {
   try {

@@ -22,6 +22,7 @@
 #include <utility>
 
 #include "async/run_blocking.hpp"
+#include "config_input.hpp"
 #include "pgrt/db/deadline.hpp"
 #include "pgrt/runtime/identity.hpp"
 #include "start_wait.hpp"
@@ -30,18 +31,10 @@ namespace pgrt {
 
 namespace asio = boost::asio;
 
+using detail::env;
+using detail::invalid;
+
 namespace {
-
-[[noreturn]] void invalid(const std::string& message, const std::string& hint) {
-  throw Error(make_error_code(client_errc::invalid_config),
-              Diagnostics{.message = message, .hint = hint});
-}
-
-std::optional<std::string> env(const char* name) {
-  const char* value = std::getenv(name);  // NOLINT(concurrency-mt-unsafe): read at start-up
-  if (value == nullptr) return std::nullopt;
-  return std::string(value);
-}
 
 bool env_flag(const char* name, bool fallback) {
   auto value = env(name);

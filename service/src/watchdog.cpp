@@ -20,6 +20,7 @@
 #include <utility>
 #include <vector>
 
+#include "config_input.hpp"
 #include "pgrt/db/deadline.hpp"
 #include "pgrt/db/error.hpp"
 
@@ -48,12 +49,10 @@ std::string_view to_string(WatchdogCondition condition) noexcept {
   return "unknown";
 }
 
-namespace {
+using detail::env;
+using detail::invalid;
 
-[[noreturn]] void invalid(std::string message, std::string hint) {
-  throw Error(make_error_code(client_errc::invalid_config),
-              Diagnostics{.message = std::move(message), .hint = std::move(hint)});
-}
+namespace {
 
 void validate(const WatchdogOptions& options) {
   if (options.interval < milliseconds(10)) {
@@ -74,12 +73,6 @@ void validate(const WatchdogOptions& options) {
   if (options.long_wait.count() < 0) {
     invalid("WatchdogOptions::long_wait is negative", "give a duration of 0 ms or more");
   }
-}
-
-std::optional<std::string> env(const char* name) {
-  const char* value = std::getenv(name);  // NOLINT(concurrency-mt-unsafe): read at start-up
-  if (value == nullptr) return std::nullopt;
-  return std::string(value);
 }
 
 milliseconds env_milliseconds(const char* name, milliseconds fallback) {

@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "pgrt/lifecycle.hpp"
+#include "pgrt/testing/run_coroutine.hpp"
 
 extern char** environ;  // NOLINT(readability-redundant-declaration)
 
@@ -65,10 +66,7 @@ void run_on(asio::io_context& io, Body&& body, std::chrono::seconds limit = 30s)
   if (error) std::rethrow_exception(error);
 }
 
-asio::awaitable<void> sleep_for(milliseconds duration) {
-  asio::steady_timer timer(co_await asio::this_coro::executor, duration);
-  co_await timer.async_wait(asio::use_awaitable);
-}
+using pgrt::testing::sleep_for;
 
 // Polls `done` every 10 ms while the io_context runs; false if `limit` passed first.
 asio::awaitable<bool> poll_until(std::function<bool()> done, milliseconds limit) {

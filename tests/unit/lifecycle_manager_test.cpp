@@ -27,6 +27,7 @@
 
 #include "pgrt/db/error.hpp"
 #include "pgrt/lifecycle.hpp"
+#include "pgrt/testing/run_coroutine.hpp"
 
 namespace pgrt::lifecycle {
 namespace {
@@ -40,10 +41,7 @@ using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 using Journal = std::vector<std::string>;  // touched on the manager's strand only
 
-asio::awaitable<void> sleep_for(std::chrono::milliseconds duration) {
-  asio::steady_timer timer(co_await asio::this_coro::executor, duration);
-  co_await timer.async_wait(asio::use_awaitable);
-}
+using pgrt::testing::sleep_for;
 
 // Sleeps and cannot be cancelled: a component that hangs for real.
 asio::awaitable<void> sleep_ignoring_cancellation(std::chrono::milliseconds duration) {

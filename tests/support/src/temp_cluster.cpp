@@ -28,7 +28,7 @@ namespace {
 using namespace std::chrono_literals;
 namespace fs = std::filesystem;
 
-constexpr const char* install_hint =
+constexpr const char* server_install_hint =
     "Install the server with `apt-get install postgresql-15` (or run scripts/install-deps.sh), "
     "or point PGRT_PG_BINDIR at the directory holding initdb and postgres";
 
@@ -171,13 +171,13 @@ fs::path find_server_bin_dir(const fs::path& requested) {
   if (!requested.empty()) {
     if (has_server_binaries(requested)) return requested;
     throw ClusterError("PostgreSQL server binaries not found: " + requested.string() +
-                       " has no executable initdb and postgres. " + install_hint);
+                       " has no executable initdb and postgres. " + server_install_hint);
   }
   std::vector<fs::path> searched;
   if (const char* from_env = std::getenv("PGRT_PG_BINDIR"); from_env != nullptr && *from_env) {
     if (has_server_binaries(from_env)) return from_env;
     throw ClusterError(std::string("PostgreSQL server binaries not found: PGRT_PG_BINDIR=") +
-                       from_env + " has no executable initdb and postgres. " + install_hint);
+                       from_env + " has no executable initdb and postgres. " + server_install_hint);
   }
   if (auto dir = pg_config_bindir()) {
     if (has_server_binaries(*dir)) return *dir;
@@ -199,7 +199,7 @@ fs::path find_server_bin_dir(const fs::path& requested) {
   std::string places = "pg_config --bindir, /usr/lib/postgresql/*/bin";
   for (const auto& dir : searched) places += ", " + dir.string();
   throw ClusterError("PostgreSQL server binaries (initdb, postgres) not found; searched " + places +
-                     ". " + install_hint);
+                     ". " + server_install_hint);
 }
 
 TempCluster::TempCluster(TempClusterOptions options) : options_(std::move(options)) {
@@ -350,7 +350,7 @@ void TempCluster::run_initdb() {
     pid = detail::spawn(spawn);
   } catch (const std::system_error& error) {
     ::close(log_fd);
-    throw ClusterError(program + " failed to start: " + error.what() + ". " + install_hint);
+    throw ClusterError(program + " failed to start: " + error.what() + ". " + server_install_hint);
   }
   ::close(log_fd);
   auto status =
@@ -442,7 +442,7 @@ void TempCluster::launch_server() {
   } catch (const std::system_error& error) {
     ::close(log_fd);
     throw ClusterError(std::string("the PostgreSQL server failed to start: ") + error.what() +
-                       ". " + install_hint);
+                       ". " + server_install_hint);
   }
   ::close(log_fd);
 }

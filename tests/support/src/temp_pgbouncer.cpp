@@ -20,18 +20,20 @@ namespace {
 using namespace std::chrono_literals;
 namespace fs = std::filesystem;
 
-constexpr const char* install_hint =
+constexpr const char* pgbouncer_install_hint =
     "Install it with `apt-get install pgbouncer` (or run scripts/install-deps.sh)";
 
 fs::path find_pgbouncer(const fs::path& requested) {
   if (!requested.empty()) {
     if (::access(requested.c_str(), X_OK) == 0) return requested;
-    throw ClusterError(requested.string() + " is not an executable pgbouncer. " + install_hint);
+    throw ClusterError(requested.string() + " is not an executable pgbouncer. " +
+                       pgbouncer_install_hint);
   }
   for (const char* candidate : {"/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"}) {
     if (::access(candidate, X_OK) == 0) return candidate;
   }
-  throw ClusterError(std::string("pgbouncer not found in /usr/sbin or /usr/bin. ") + install_hint);
+  throw ClusterError(std::string("pgbouncer not found in /usr/sbin or /usr/bin. ") +
+                     pgbouncer_install_hint);
 }
 
 void write_file(const fs::path& path, const std::string& text) {
@@ -115,7 +117,7 @@ TempPgBouncer::TempPgBouncer(const TempCluster& cluster, TempPgBouncerOptions op
     } catch (const std::system_error& error) {
       ::close(log_fd);
       throw ClusterError(std::string("pgbouncer failed to start: ") + error.what() + ". " +
-                         install_hint);
+                         pgbouncer_install_hint);
     }
     ::close(log_fd);
     const std::string ping = dsn() + " connect_timeout=2";
