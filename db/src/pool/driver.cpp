@@ -269,6 +269,9 @@ asio::awaitable<void> PoolState::open_connection(
                                            asio::as_tuple(asio::use_awaitable));
   }
   std::string failure;
+  // What went wrong without the counts that may change between attempts (a budget's holders and
+  // share): the warning below is logged again only when it changes. Empty: the failure itself.
+  std::string failure_reason;
   bool probed = false;
   bool no_slot = false;
   bool backend_may_live = false;  // a connect given up on with a backend perhaps starting up
@@ -316,6 +319,9 @@ asio::awaitable<void> PoolState::open_connection(
         no_slot = true;
         error = make_error_code(client_errc::budget_exhausted);
         failure = describe_slot_search(budget, search, self->budget_share());
+        failure_reason = std::string(search.held_back ? "held at its fair share of the budget '"
+                                                      : "no slot free in the budget '") +
+                         budget.key + "'";
       }
     } catch (const std::exception& slot_error) {
       error = make_error_code(client_errc::connect_failed);
@@ -362,8 +368,9 @@ asio::awaitable<void> PoolState::open_connection(
     self->last_connect_error_code = error;
     if (!cancel->cancelled) {
       ++self->failed_connects_in_a_row;
-      if (failure != self->logged_connect_failure) {
-        self->logged_connect_failure = failure;
+      if (const std::string& reason = failure_reason.empty() ? failure : failure_reason;
+          reason != self->logged_connect_failure) {
+        self->logged_connect_failure = reason;
         std::string one_line = failure;  // libpq's messages have "\n\t" inside: one log line
         for (std::size_t at = one_line.find('\n'); at != std::string::npos;
              at = one_line.find('\n', at)) {

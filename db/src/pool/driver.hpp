@@ -325,8 +325,9 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
   std::shared_ptr<StatementTimes> statement_times = std::make_shared<StatementTimes>();
   std::string last_connect_error;
   error_code last_connect_error_code;
-  // The connect failure last logged, "" while connects succeed: failed connects are logged once
-  // per change of reason, and a success after failures once.
+  // The reason of the connect failure last logged, "" while connects succeed: failed connects
+  // are logged once per change of reason (a budget's changing holders and share are not one),
+  // and a success after failures once.
   std::string logged_connect_failure;
   std::uint64_t failed_connects_in_a_row = 0;
   std::uint64_t budget_probes = 0;               // PoolStats::budget_probes
