@@ -16,6 +16,8 @@ Pipeline& Pipeline::add_encoded(std::string_view sql, ParamSink params) {
   params.check();
   check_statement_text(sql);
   statements_.push_back(Statement{std::string(sql), std::move(params), false});
+  // (Found here once, not at each run: a pipeline is often run many times.)
+  holds_copy_ = holds_copy_ || first_keyword(sql) == "copy";
   return *this;
 }
 
@@ -353,7 +355,7 @@ asio::awaitable<std::vector<PipelineOutcome>> Connection::run(const Pipeline& pi
   auto error = co_await run_operation(impl, [&]() -> asio::awaitable<error_code> {
     for (const auto& statement : pipeline.statements()) {
       if (auto refusal = impl.refuse_without_session(statement.sql)) co_return refusal;
-      if (first_keyword(statement.sql) == "copy") {
+      if (pipeline.holds_copy_ && first_keyword(statement.sql) == "copy") {
         co_return impl.fail(client_errc::protocol_error,
                             "COPY cannot run in a pipeline: it takes the connection over until "
                             "its data is sent or read; nothing of the pipeline was sent",

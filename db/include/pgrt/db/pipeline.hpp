@@ -82,10 +82,13 @@ class Pipeline {
   [[nodiscard]] const std::vector<Statement>& statements() const noexcept { return statements_; }
 
  private:
+  friend class Connection;  // (reads holds_copy_)
+
   Pipeline& add_encoded(std::string_view sql, ParamSink params);
 
   std::vector<Statement> statements_;
   bool prepared_ = true;
+  bool holds_copy_ = false;  // a statement is a COPY, which run() refuses
 };
 
 }  // namespace pgrt
