@@ -21,6 +21,7 @@
 #include <system_error>
 #include <utility>
 
+#include "config_input.hpp"
 #include "pgrt/db/error.hpp"
 
 namespace pgrt {
@@ -32,20 +33,14 @@ using tcp = asio::ip::tcp;
 
 MetricsEndpointOptions MetricsEndpointOptions::from_env() {
   MetricsEndpointOptions options;
-  // NOLINTNEXTLINE(concurrency-mt-unsafe): read at start-up
-  if (const char* address = std::getenv("PGRT_METRICS_ADDRESS"); address != nullptr) {
-    options.address = address;
-  }
-  // NOLINTNEXTLINE(concurrency-mt-unsafe): read at start-up
-  if (const char* text = std::getenv("PGRT_METRICS_PORT"); text != nullptr) {
-    const std::string port = text;
+  if (auto address = detail::env("PGRT_METRICS_ADDRESS")) options.address = std::move(*address);
+  if (const auto port = detail::env("PGRT_METRICS_PORT")) {
     unsigned value = 0;
-    const auto [end, error] = std::from_chars(port.data(), port.data() + port.size(), value);
-    if (port.empty() || error != std::errc() || end != port.data() + port.size() ||
+    const auto [end, error] = std::from_chars(port->data(), port->data() + port->size(), value);
+    if (port->empty() || error != std::errc() || end != port->data() + port->size() ||
         value > 65'535) {
-      throw Error(make_error_code(client_errc::invalid_config),
-                  Diagnostics{.message = "PGRT_METRICS_PORT='" + port + "' is not valid",
-                              .hint = "expected a port number, 0-65535 (0: a free one)"});
+      detail::invalid("PGRT_METRICS_PORT='" + *port + "' is not valid",
+                      "expected a port number, 0-65535 (0: a free one)");
     }
     options.port = static_cast<std::uint16_t>(value);
   }

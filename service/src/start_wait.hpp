@@ -15,6 +15,7 @@
 #include <spdlog/spdlog.h>
 #include <string>
 
+#include "config_input.hpp"
 #include "pgrt/db/error.hpp"
 
 namespace pgrt::detail {
@@ -30,16 +31,13 @@ inline bool worth_waiting(const boost::system::error_code& code) {
 // PGRT_START_WAIT_S (whole seconds, 0-86400), or `fallback` when it is unset; a malformed value
 // throws Error(client_errc::invalid_config). Read by both components that wait.
 inline std::chrono::milliseconds start_wait_from_env(std::chrono::milliseconds fallback) {
-  const char* value = std::getenv("PGRT_START_WAIT_S");
-  if (value == nullptr) return fallback;
-  const std::string text = value;
+  const auto text = env("PGRT_START_WAIT_S");
+  if (!text) return fallback;
   char* end = nullptr;
-  const long long seconds = std::strtoll(text.c_str(), &end, 10);
-  if (text.empty() || *end != '\0' || seconds < 0 || seconds > 86'400) {
-    throw Error(make_error_code(client_errc::invalid_config),
-                Diagnostics{.message = "PGRT_START_WAIT_S='" + text + "' is not valid",
-                            .hint = "expected whole seconds, 0-86400 (0: do not wait for the "
-                                    "database at start)"});
+  const long long seconds = std::strtoll(text->c_str(), &end, 10);
+  if (text->empty() || *end != '\0' || seconds < 0 || seconds > 86'400) {
+    invalid("PGRT_START_WAIT_S='" + *text + "' is not valid",
+            "expected whole seconds, 0-86400 (0: do not wait for the database at start)");
   }
   return std::chrono::seconds(seconds);
 }
