@@ -217,9 +217,11 @@ asio::awaitable<error_code> run_statements(Impl& impl, const Pipeline& pipeline,
   // Each statement is timed (when the connection's are) from its segment's send to its result.
   auto sent_at =
       impl.statement_times ? detail::timing_now() : std::chrono::steady_clock::time_point{};
-  if (auto flush_error = co_await impl.flush("pipeline", /*can_drain=*/false)) {
-    co_return flush_error;
+  error_code flush_error;
+  if (!impl.flushed_at_once("pipeline", flush_error)) {
+    flush_error = co_await impl.flush("pipeline", /*can_drain=*/false);
   }
+  if (flush_error) co_return flush_error;
   std::size_t k = 0;
   std::size_t segment_begin = 0;
   for (std::size_t syncs_seen = 0; syncs_seen < segment_ends.size();) {
@@ -239,9 +241,10 @@ asio::awaitable<error_code> run_statements(Impl& impl, const Pipeline& pipeline,
       if (syncs_seen == segment_ends.size() && sent < order.size()) {
         if (auto send_error = send_more()) co_return send_error;
         if (impl.statement_times) sent_at = detail::timing_now();
-        if (auto flush_error = co_await impl.flush("pipeline", /*can_drain=*/false)) {
-          co_return flush_error;
+        if (!impl.flushed_at_once("pipeline", flush_error)) {
+          flush_error = co_await impl.flush("pipeline", /*can_drain=*/false);
         }
+        if (flush_error) co_return flush_error;
       }
       continue;
     }

@@ -3597,6 +3597,81 @@ TEST_F(PoolTest, AClosedPoolThatRanQueryMayBeDestroyedAfterItsIoContext) {
   pool.reset();
 }
 
+// A query() caller whose own io_context is destroyed while it waits for its answer (another
+// io_context runs the pool) is unwound with it, as a caller waiting on an asio operation is: its
+// coroutine frame is destroyed then, a queued statement leaves the queue, and a sent one's answer
+// is dropped when it comes; nothing is later resumed into the destroyed io_context. The pool
+// serves on.
+TEST_F(PoolTest, QueryCallersAreUnwoundWithTheirIoContextWhileTheyWait) {
+  asio::io_context pool_io;
+  auto keep_running = asio::make_work_guard(pool_io);
+  std::thread pool_thread([&pool_io] { pool_io.run(); });
+  Pool pool(pool_io.get_executor(), config("shared-caller-gone", 1));
+  // Runs `body` on an io_context of its own until it returns.
+  const auto run_elsewhere = [](auto body) {
+    asio::io_context io;
+    asio::co_spawn(io, body(), [](const std::exception_ptr& error) {
+      if (error) std::rethrow_exception(error);
+    });
+    io.run();
+  };
+  struct Unwound {
+    std::atomic<bool>& flag;
+    ~Unwound() { flag = true; }
+  };
+  // Spawns a caller of `sql` on a fresh io_context, runs it until `waiting()` holds, destroys it.
+  const auto abandon_caller = [&pool](const char* sql, const std::function<bool()>& waiting,
+                                      std::atomic<bool>& unwound, std::atomic<bool>& resumed) {
+    auto caller_io = std::make_unique<asio::io_context>();
+    asio::co_spawn(
+        *caller_io,
+        [&]() -> awaitable_void {
+          const Unwound guard{unwound};
+          (void)co_await pool.query(sql);
+          resumed = true;
+        },
+        asio::detached);
+    const auto give_up_at = std::chrono::steady_clock::now() + 10s;
+    while (!waiting() && std::chrono::steady_clock::now() < give_up_at) {
+      caller_io->run_for(10ms);
+    }
+    EXPECT_TRUE(waiting()) << sql;
+    caller_io.reset();
+  };
+  run_elsewhere([&]() -> awaitable_void { (void)co_await pool.query("SELECT 1"); });
+
+  // 1. Sent: in flight on the shared connection when its caller's io_context goes.
+  std::atomic<bool> sent_unwound = false;
+  std::atomic<bool> sent_resumed = false;
+  abandon_caller(
+      "SELECT pg_sleep(0.3)", [&pool] { return pool.stats().shared_in_flight == 1; }, sent_unwound,
+      sent_resumed);
+  EXPECT_TRUE(sent_unwound) << "the caller's frame outlived its io_context";
+  EXPECT_TRUE(testing::eventually([&pool] { return pool.stats().shared_in_flight == 0; }));
+  EXPECT_FALSE(sent_resumed);
+
+  // 2. Queued: the only connection is leased, so the statement waits for one.
+  std::optional<Lease> held;
+  run_elsewhere([&]() -> awaitable_void { held.emplace(co_await pool.acquire()); });
+  std::atomic<bool> queued_unwound = false;
+  std::atomic<bool> queued_resumed = false;
+  abandon_caller(
+      "SELECT 2", [&pool] { return pool.stats().shared_queued == 1; }, queued_unwound,
+      queued_resumed);
+  EXPECT_TRUE(queued_unwound) << "the caller's frame outlived its io_context";
+  EXPECT_EQ(pool.stats().shared_queued, 0U) << "the abandoned statement is still queued";
+  held.reset();
+
+  // The pool serves new callers, and closes.
+  run_elsewhere([&]() -> awaitable_void {
+    EXPECT_EQ((co_await pool.query("SELECT 3")).scalar<int>(), 3);
+    (void)co_await pool.close(5s);
+  });
+  EXPECT_FALSE(queued_resumed);
+  keep_running.reset();
+  pool_thread.join();
+}
+
 // close_now() from a thread that does not run the pool's io_context (an exit handler, a signal
 // thread): the pool refuses acquires at once (closed() says so), although the rest of its close
 // waits for an io thread; the idle connection it closed is never handed out.

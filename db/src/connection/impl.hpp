@@ -282,6 +282,14 @@ struct Connection::Impl {
   }
   error_code send(const Request& request, const std::string* prepared_name, bool& flush_pending);
   asio::awaitable<error_code> flush(std::string_view statement, bool can_drain = true);
+  // flush()'s first step, without a coroutine frame: sends what libpq holds if the socket takes
+  // it all at once. False when some is left (then co_await flush()); true when nothing is, with
+  // `error` set if the connection was lost meanwhile.
+  bool flushed_at_once(std::string_view statement, error_code& error) {
+    const int pending = PQflush(conn);
+    if (pending < 0) error = lost(statement);
+    return pending <= 0;
+  }
   asio::awaitable<error_code> next_result(PGresult*& out, std::string_view statement,
                                           bool can_drain = true);
 

@@ -5,8 +5,13 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <boost/asio/execution/context.hpp>
+#include <boost/asio/execution/outstanding_work.hpp>
+#include <boost/asio/prefer.hpp>
+#include <boost/asio/query.hpp>
 #include <cctype>
 #include <deque>
+#include <optional>
 #include <string_view>
 #include <unordered_map>
 
@@ -64,6 +69,87 @@ struct FailedPrepare {
 };
 
 asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr<SharedLink> link);
+
+// Ends a caller's wait with `error`: in place when this thread runs the caller's executor and
+// `may_run_here`, else posted to it. (An exception that escapes the caller's coroutine in place
+// is kept by its io_context, and thrown by its run(), as from any handler.)
+void end_wait(AnswerWait wait, error_code error, bool may_run_here) {
+  const asio::any_io_executor executor = std::move(wait.executor);  // (its work ends after)
+  auto resume = [handler = std::move(wait.handler), error]() mutable { std::move(handler)(error); };
+  if (may_run_here) {
+    asio::dispatch(executor, std::move(resume));
+  } else {
+    asio::post(executor, std::move(resume));
+  }
+}
+
+// A caller's per-operation cancellation while it waits for its answer (run_shared() takes the
+// statement out of the queue, or drops its answer, once resumed). Posted, never in place: the
+// resumption clears the slot that holds this handler.
+struct CancelAnswerWait {
+  Multiplexer* mux;
+  SharedStatement* statement;  // (both outlive the wait: the caller's frame holds them)
+  void operator()(asio::cancellation_type type) const {
+    if (type == asio::cancellation_type::none) return;
+    std::optional<AnswerWait> wait;
+    {
+      const std::lock_guard lock(mux->mutex);
+      if (statement->wait.waiting()) wait.emplace(statement->wait.take());
+    }
+    if (wait) end_wait(std::move(*wait), asio::error::operation_aborted, false);
+  }
+};
+
+// Ends, when an execution context shuts down, the waits of the query() callers that run on it:
+// their handlers, and with them the callers' coroutines, are destroyed, as asio destroys those of
+// its own pending operations. (A caller's coroutine would otherwise outlive its io_context, and
+// be resumed into it when its statement ends.) One per context whose callers waited; it knows
+// the multiplexers they waited on.
+class CallerContextWatch final : public asio::execution_context::service {
+ public:
+  static inline asio::execution_context::id id;  // NOLINT (asio's service identity)
+  explicit CallerContextWatch(asio::execution_context& context) : service(context) {}
+
+  void watch(const std::shared_ptr<Multiplexer>& mux) {
+    const std::lock_guard lock(mutex_);
+    multiplexers_.push_back(mux);
+  }
+
+ private:
+  void shutdown() override {
+    std::vector<std::weak_ptr<Multiplexer>> watched;
+    {
+      const std::lock_guard lock(mutex_);
+      watched.swap(multiplexers_);
+    }
+    for (const auto& weak : watched) {
+      if (const auto mux = weak.lock()) mux->release_waits_of(context());
+    }
+  }
+
+  std::mutex mutex_;
+  std::vector<std::weak_ptr<Multiplexer>> multiplexers_;
+};
+
+// The caller's wait for its statement's answer, as an asynchronous operation: holds `lock` on
+// entry and releases it once the wait is held by the statement (an answer cannot slip in
+// between). Completes with no error when answered, with operation_aborted when the caller's
+// per-operation cancellation ends it. A deferred operation, awaited at once by run_shared(): no
+// coroutine frame of its own.
+auto wait_for_answer(std::unique_lock<std::mutex>& lock, Multiplexer& mux,
+                     SharedStatement& statement, const asio::any_io_executor& executor,
+                     asio::execution_context& context) {
+  auto initiation = [&lock, &mux, &statement, &executor, &context](auto handler) {
+    const std::unique_lock<std::mutex> released(*lock.release(), std::adopt_lock);
+    statement.wait.hold(std::move(handler),
+                        asio::prefer(executor, asio::execution::outstanding_work.tracked), context);
+    // (The type-erased handler forwards the caller's slot to one of its own.)
+    auto slot = statement.wait.handler.get_cancellation_slot();
+    if (slot.is_connected()) slot.template emplace<CancelAnswerWait>(&mux, &statement);
+  };
+  return asio::async_initiate<decltype(no_throw_in_frame), void(error_code)>(initiation,
+                                                                             no_throw_in_frame);
+}
 
 // The first statement in flight if every statement in flight was given up by its caller (or
 // timed out behind another, sweep()), else nullptr. Under Multiplexer::mutex (the callers change
@@ -155,6 +241,8 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
   std::unordered_map<std::string, std::string> preparing;  // key -> name, sent, not answered
   std::unordered_map<std::string, FailedPrepare> failed;   // name -> its prepare's error
   std::vector<std::shared_ptr<SharedStatement>> batch;
+  // The callers answered by the results just read, resumed once the mutex is released.
+  std::vector<AnswerWait> answered;
   bool must_wait = false;
   error_code lost;
   // If this coroutine is destroyed mid-wait (its io_context shut down), the link leaves the
@@ -372,12 +460,10 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
         break;
       }
       served = served || !batch.empty();
-      if (!batch.empty() || deallocating) {
-        if (auto flush_error = co_await impl.flush("query()", /*can_drain=*/false)) {
-          lost = flush_error;
-          break;
-        }
+      if ((!batch.empty() || deallocating) && !impl.flushed_at_once("query()", lost)) {
+        lost = co_await impl.flush("query()", /*can_drain=*/false);
       }
+      if (lost) break;
       // 3. Nothing in flight: give the connection back if there is nothing to take, after letting
       // the callers just answered run once (a caller in a loop queues its next statement then,
       // and a lone caller does not pay a borrow per statement).
@@ -617,9 +703,12 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
         statement.error = error;
         statement.diagnostics = std::move(diagnostics);
         if (ok && !error) statement.result = std::move(entry.result);
-        Multiplexer::finish_locked(statement);
+        Multiplexer::finish_locked(statement, answered);
       }
       in_hand.reset();
+      // The callers answered run now, on this thread if it runs their executor: a caller in a
+      // loop queues its next statement before this connection looks at the queue again.
+      Multiplexer::answer(answered);
       if (lost) {  // the connection broke, or a statement opened a transaction block on it
         impl.close(CloseMode::immediate);
         break;
@@ -630,6 +719,8 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
     // Nothing here should throw; if something does, the connection cannot be trusted: it is
     // closed, and what was in flight on it fails with it (never left waiting).
     spdlog::error("pgrt: a shared connection failed: {}", error.what());
+    for (AnswerWait& wait : answered) end_wait(wait.take(), error_code{}, false);
+    answered.clear();
     {
       std::lock_guard lock(mux->mutex);
       if (in_hand && !in_hand->link.expired() && in_hand->stage != SharedStatement::Stage::queued) {
@@ -845,8 +936,7 @@ void Multiplexer::remember_accepted_locked(const std::string& sql) {
   accepted_texts.insert(sql);
 }
 
-void Multiplexer::enqueue_locked(const std::shared_ptr<SharedStatement>& statement,
-                                 asio::steady_timer& waiter) {
+void Multiplexer::enqueue_locked(const std::shared_ptr<SharedStatement>& statement) {
   if (closed) {
     throw Error(make_error_code(client_errc::pool_closed),
                 Diagnostics{.message = "the pool is closed", .statement = statement->sql});
@@ -858,7 +948,6 @@ void Multiplexer::enqueue_locked(const std::shared_ptr<SharedStatement>& stateme
                             .hint = "raise PoolConfig::max_waiters, or shed load earlier",
                             .statement = statement->sql});
   }
-  statement->waiter = &waiter;
   start_wait_locked(*statement);
   queue.push_back(statement);
   dispatch_locked();
@@ -943,7 +1032,34 @@ void Multiplexer::wake_locked(const std::shared_ptr<SharedLink>& link) {
 
 void Multiplexer::finish_locked(SharedStatement& statement) {
   statement.stage = SharedStatement::Stage::done;
-  if (statement.waiter != nullptr) statement.waiter->cancel();
+  if (statement.wait.waiting()) end_wait(statement.wait.take(), error_code{}, false);
+}
+
+void Multiplexer::finish_locked(SharedStatement& statement, std::vector<AnswerWait>& answered) {
+  statement.stage = SharedStatement::Stage::done;
+  if (statement.wait.waiting()) answered.push_back(statement.wait.take());
+}
+
+void Multiplexer::answer(std::vector<AnswerWait>& answered) {
+  for (AnswerWait& wait : answered) end_wait(wait.take(), error_code{}, true);
+  answered.clear();
+}
+
+void Multiplexer::release_waits_of(asio::execution_context& context) {
+  std::vector<AnswerWait> released;
+  {
+    const std::lock_guard lock(mutex);
+    std::erase(watched_contexts, &context);
+    const auto release = [&](SharedStatement& statement) {
+      if (statement.wait.waiting() && statement.wait.context == &context) {
+        released.push_back(statement.wait.take());
+      }
+    };
+    queue.for_each(release);
+    in_flight.for_each(release);
+  }
+  // Destroyed here, unlocked: each caller's frame, unwound, takes the mutex to leave.
+  released.clear();
 }
 
 void Multiplexer::withdraw_locked(SharedStatement& statement) {
@@ -972,7 +1088,7 @@ asio::awaitable<Result> run_shared(std::shared_ptr<PoolState> pool,
   check_statement_text(statement->sql);
   const auto executor = co_await asio::this_coro::executor;
   std::shared_ptr<Multiplexer> mux = pool->multiplexer_for(executor);
-  asio::steady_timer waiter(executor);
+  asio::execution_context& context = asio::query(executor, asio::execution::context);
   std::shared_ptr<SharedLink> held_up;
   std::unique_lock lock(mux->mutex);
   if (!mux->accepted_before_locked(statement->sql)) {
@@ -981,34 +1097,39 @@ asio::awaitable<Result> run_shared(std::shared_ptr<PoolState> pool,
     lock.lock();
     mux->remember_accepted_locked(statement->sql);
   }
-  mux->enqueue_locked(statement, waiter);
+  if (std::find(mux->watched_contexts.begin(), mux->watched_contexts.end(), &context) ==
+      mux->watched_contexts.end()) {
+    lock.unlock();  // (asio's service registry takes a lock of its own)
+    asio::use_service<CallerContextWatch>(context).watch(mux);
+    lock.lock();
+    mux->watched_contexts.push_back(&context);
+  }
+  mux->enqueue_locked(statement);
   // If this coroutine is destroyed while it waits (its io_context shut down), the statement
   // leaves the queue, or its answer is dropped when it comes.
   async::AbandonGuard abandon([&mux, &statement, &lock] {
     std::unique_lock relock(mux->mutex, std::defer_lock);
     if (!lock.owns_lock()) relock.lock();
-    statement->waiter = nullptr;
     if (statement->stage == SharedStatement::Stage::queued) mux->withdraw_locked(*statement);
     if (statement->stage != SharedStatement::Stage::done) {
       statement->stage = SharedStatement::Stage::abandoned;
     }
   });
-  // The waiter has no expiry: the multiplexer's sweeper fails a statement queued past its
-  // deadline (finish_locked wakes it), and a sent one waits for its answer.
-  waiter.expires_at(Clock::time_point::max());
+  // The wait has no expiry of its own: the multiplexer's sweeper fails a statement queued past
+  // its deadline (finish_locked ends the wait), and a sent one waits for its answer.
   for (;;) {
-    // A cancellation recorded while this coroutine was not waiting (its timer had just fired)
+    // A cancellation recorded while this coroutine was not waiting (its wait had just ended)
     // is taken as one that ended the wait: asio would otherwise throw operation_aborted at the
     // co_await below, bypassing what a cancellation does here.
     error_code error = asio::error::operation_aborted;
     const asio::cancellation_state cancellation = co_await asio::this_coro::cancellation_state;
     if (cancellation.cancelled() == asio::cancellation_type::none) {
-      const auto [waited] = co_await async::wait_then_unlock(lock, waiter);
+      const auto [waited] = co_await wait_for_answer(lock, *mux, *statement, executor, context);
       lock = std::unique_lock(mux->mutex);
       error = waited;
     }
     if (statement->stage == SharedStatement::Stage::done) break;
-    if (error != asio::error::operation_aborted) continue;  // (no expiry: not reached)
+    if (!error) continue;  // (an answer ends it only once the statement is done: not reached)
     // The caller cancelled: a queued statement leaves the queue; a sent one's answer is dropped
     // when it comes, and its connection, held up by it, takes no new statement: it drains and
     // goes back to the pool. No cancel request for it alone (it could hit the statement of
@@ -1023,12 +1144,10 @@ asio::awaitable<Result> run_shared(std::shared_ptr<PoolState> pool,
       }
     }
     statement->stage = SharedStatement::Stage::abandoned;
-    statement->waiter = nullptr;
     abandon.disarm();
     throw Error(make_error_code(client_errc::cancelled),
                 Diagnostics{.message = "the statement was cancelled", .statement = statement->sql});
   }
-  statement->waiter = nullptr;
   abandon.disarm();
   lock.unlock();
   if (statement->error) throw Error(statement->error, std::move(statement->diagnostics));

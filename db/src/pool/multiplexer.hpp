@@ -12,15 +12,21 @@
 // has nothing in flight and nothing is queued, or, draining first, when callers wait for a lease,
 // when it has been held for a while (leak reports, lifetime) and when the pool closes.
 //
-// Threading: callers (any thread) and the connections' coroutines meet under `mutex`; a caller
-// waits on a timer of its own frame, started and cancelled under the mutex (async/timer_condition).
+// Threading: callers (any thread) and the connections' coroutines meet under `mutex`. A caller
+// waits for its answer as an asynchronous operation of its own (AnswerWait), started and ended
+// under the mutex. The connection that reads an answer resumes its caller in place when it runs
+// on the caller's executor's thread (no trip through the io_context's queue, and no look at the
+// reactor before the caller's next statement is queued); otherwise it posts the resumption.
 // Each connection's libpq state is touched only by its coroutine, on the strand.
 
+#include <boost/asio/any_completion_handler.hpp>
+#include <boost/asio/execution_context.hpp>
 #include <limits>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <unordered_set>
+#include <utility>
 #include <vector>
 
 #include "driver.hpp"
@@ -29,6 +35,45 @@
 namespace pgrt::detail {
 
 struct SharedLink;
+
+// A query() caller's wait for its statement's answer (run_shared()): the caller's completion
+// handler, held by its statement while it waits; moved out, under Multiplexer::mutex, by
+// whichever party ends the wait (the answer, the caller's cancellation, its context's shutdown).
+struct AnswerWait {
+  asio::any_completion_handler<void(error_code)> handler;
+  // The caller's executor, tracking work: its io_context does not run out of work while the
+  // caller waits for a connection that runs on another.
+  asio::any_io_executor executor;
+  asio::execution_context* context = nullptr;  // the executor's (CallerContextWatch)
+
+  AnswerWait() = default;
+  AnswerWait(AnswerWait&&) noexcept = default;
+  // Not assignable: Boost 1.81's any_completion_handler move assignment wraps its source in
+  // another any_completion_handler, endlessly. Its move constructor and swap() are sound.
+  AnswerWait& operator=(AnswerWait&&) = delete;
+  AnswerWait(const AnswerWait&) = delete;
+  AnswerWait& operator=(const AnswerWait&) = delete;
+  ~AnswerWait() = default;
+
+  [[nodiscard]] bool waiting() const noexcept { return static_cast<bool>(handler); }
+  // Moves the wait out, leaving this one empty.
+  [[nodiscard]] AnswerWait take() noexcept {
+    AnswerWait taken;
+    taken.handler.swap(handler);
+    taken.executor = std::move(executor);
+    taken.context = std::exchange(context, nullptr);
+    return taken;
+  }
+  // Starts the wait: `new_handler` (the caller's) resumes it on `work_executor`.
+  template <typename Handler>
+  void hold(Handler&& new_handler, asio::any_io_executor work_executor,
+            asio::execution_context& its_context) {
+    asio::any_completion_handler<void(error_code)>(std::forward<Handler>(new_handler))
+        .swap(handler);
+    executor = std::move(work_executor);
+    context = &its_context;
+  }
+};
 
 // One query() call, shared by its caller and the connection that runs it. Every field is
 // changed under Multiplexer::mutex once the statement is queued.
@@ -44,8 +89,8 @@ struct SharedStatement {
   Clock::time_point deadline = Clock::time_point::max();
   enum class Stage { queued, sent, done, abandoned };
   Stage stage = Stage::queued;
-  asio::steady_timer* waiter = nullptr;  // the caller's, while it waits
-  bool sent_again = false;               // queued again once (the server forgot its statement)
+  AnswerWait wait;          // the caller's, while it waits
+  bool sent_again = false;  // queued again once (the server forgot its statement)
   // While queued or in flight (a StatementQueue: Multiplexer::queue, Multiplexer::in_flight):
   // its neighbours, and the queue's reference to it.
   SharedStatement* prev = nullptr;
@@ -170,17 +215,28 @@ struct Multiplexer : std::enable_shared_from_this<Multiplexer> {
   static constexpr std::size_t max_accepted_texts = 1024;
   static constexpr std::size_t max_accepted_text_size = 4096;
 
+  // The execution contexts whose shutdown ends the waits of this multiplexer's callers on them
+  // (CallerContextWatch in multiplexer.cpp), once one of them waited.
+  std::vector<asio::execution_context*> watched_contexts;
+
   // Whether `sql` was found fit for a shared connection before.
   [[nodiscard]] bool accepted_before_locked(const std::string& sql) const;
   // Remembers that `sql` is fit for a shared connection.
   void remember_accepted_locked(const std::string& sql);
 
-  // Queues `statement` for its caller, which waits on `waiter`; throws pool_closed or
-  // pool_queue_full. Wakes a connection with room, or borrows one more.
-  void enqueue_locked(const std::shared_ptr<SharedStatement>& statement,
-                      asio::steady_timer& waiter);
-  // The statement is answered (or failed): its caller is woken, unless it has gone.
+  // Queues `statement` for its caller; throws pool_closed or pool_queue_full. Wakes a connection
+  // with room, or borrows one more.
+  void enqueue_locked(const std::shared_ptr<SharedStatement>& statement);
+  // The statement is answered (or failed): its caller's resumption is posted, unless it has gone.
   static void finish_locked(SharedStatement& statement);
+  // The same, with the caller's wait kept in `answered`, for answer() once the mutex is released.
+  static void finish_locked(SharedStatement& statement, std::vector<AnswerWait>& answered);
+  // Resumes the callers of `answered` (empties it): each in place if this thread runs its
+  // executor, else posted. Not under the mutex: a caller runs on until its next wait, and may
+  // queue its next statement meanwhile.
+  static void answer(std::vector<AnswerWait>& answered);
+  // `context` shuts down: the waits of callers on it are destroyed (CallerContextWatch).
+  void release_waits_of(asio::execution_context& context);
   // Starts (again) the statement's wait for a connection: sets its deadline, arms the sweeper.
   void start_wait_locked(SharedStatement& statement);
   // Arms the sweeper to fire at `at`.
