@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <numeric>
 #include <optional>
+#include <tuple>
 #include <unordered_set>
 
 #include "connection/impl.hpp"
@@ -42,18 +43,28 @@ bool controls_transactions(std::string_view sql) {
 }
 
 // The next result of a pipeline in `raw` (libpq's null between two statements' results is
-// skipped). A result libpq holds already (most of a pipeline's come several to a read) is taken
-// without next_result()'s coroutine frame, so this is a macro-like loop in each caller's frame.
-#define PGRT_NEXT_PIPELINE_RESULT(impl, raw, current)                                    \
-  for (;;) {                                                                             \
-    (raw) = nullptr;                                                                     \
-    if (PQisBusy((impl).conn) == 0) {                                                    \
-      (raw) = PQgetResult((impl).conn);                                                  \
-    } else if (auto read_error = co_await (impl).next_result((raw), (current), false)) { \
-      co_return read_error;                                                              \
-    }                                                                                    \
-    if ((raw) != nullptr) break;                                                         \
-    if (PQstatus((impl).conn) != CONNECTION_OK) co_return (impl).lost(current);          \
+// skipped). A result libpq holds already (most of a pipeline's come several to a read) is taken at
+// once, and the wait for the socket is awaited in place (`asio::deferred`, as exchange() does):
+// no coroutine frame of its own, so this is a macro-like loop in each caller's frame.
+// `cancellation` is the caller's asio::this_coro::cancellation_state.
+#define PGRT_NEXT_PIPELINE_RESULT(impl, raw, current, cancellation)                               \
+  for (;;) {                                                                                      \
+    (raw) = nullptr;                                                                              \
+    if (PQisBusy((impl).conn) != 0) {                                                             \
+      if (!(impl).tls_holds_bytes()) {                                                            \
+        error_code wait_error = asio::error::operation_aborted;                                   \
+        if (!cancellation_requested(cancellation)) {                                              \
+          std::tie(wait_error) =                                                                  \
+              co_await (impl).socket.async_wait(asio::socket_base::wait_read, no_throw_in_frame); \
+        }                                                                                         \
+        if (wait_error) co_return co_await (impl).interrupted(wait_error, (current), false);      \
+      }                                                                                           \
+      if (PQconsumeInput((impl).conn) == 0) co_return (impl).lost(current);                       \
+      continue;                                                                                   \
+    }                                                                                             \
+    (raw) = PQgetResult((impl).conn);                                                             \
+    if ((raw) != nullptr) break;                                                                  \
+    if (PQstatus((impl).conn) != CONNECTION_OK) co_return (impl).lost(current);                   \
   }
 
 // Statements (indices in the pipeline) that run unnamed this time whatever the cache holds.
@@ -121,10 +132,11 @@ asio::awaitable<error_code> prepare_missing(Impl& impl, const Pipeline& pipeline
   if (auto flush_error = co_await impl.flush("pipeline", /*can_drain=*/false)) {
     co_return flush_error;
   }
+  const asio::cancellation_state cancellation = co_await asio::this_coro::cancellation_state;
   for (std::size_t syncs_seen = 0; syncs_seen < to_prepare.size();) {
     const std::string_view current = statements[to_prepare[syncs_seen].statement].sql;
     PGresult* raw = nullptr;
-    PGRT_NEXT_PIPELINE_RESULT(impl, raw, current)
+    PGRT_NEXT_PIPELINE_RESULT(impl, raw, current, cancellation)
     const Result result(raw);
     const auto status = PQresultStatus(raw);
     if (status == PGRES_PIPELINE_SYNC) {
@@ -222,6 +234,7 @@ asio::awaitable<error_code> run_statements(Impl& impl, const Pipeline& pipeline,
     flush_error = co_await impl.flush("pipeline", /*can_drain=*/false);
   }
   if (flush_error) co_return flush_error;
+  const asio::cancellation_state cancellation = co_await asio::this_coro::cancellation_state;
   std::size_t k = 0;
   std::size_t segment_begin = 0;
   for (std::size_t syncs_seen = 0; syncs_seen < segment_ends.size();) {
@@ -230,7 +243,7 @@ asio::awaitable<error_code> run_statements(Impl& impl, const Pipeline& pipeline,
                                          ? std::string_view(statements[order[k]].sql)
                                          : std::string_view(statements[order[segment_end - 1]].sql);
     PGresult* raw = nullptr;
-    PGRT_NEXT_PIPELINE_RESULT(impl, raw, current)
+    PGRT_NEXT_PIPELINE_RESULT(impl, raw, current, cancellation)
     Result result(raw);
     const auto status = PQresultStatus(raw);
     if (status == PGRES_PIPELINE_SYNC) {
