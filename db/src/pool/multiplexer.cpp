@@ -112,7 +112,12 @@ class CallerContextWatch final : public asio::execution_context::service {
 
   void watch(const std::shared_ptr<Multiplexer>& mux) {
     const std::lock_guard lock(mutex_);
-    multiplexers_.push_back(mux);
+    std::erase_if(multiplexers_, [](const auto& watched) { return watched.expired(); });
+    const bool known =
+        std::any_of(multiplexers_.begin(), multiplexers_.end(), [&](const auto& watched) {
+          return !watched.owner_before(mux) && !mux.owner_before(watched);
+        });
+    if (!known) multiplexers_.push_back(mux);
   }
 
  private:
@@ -141,8 +146,11 @@ auto wait_for_answer(std::unique_lock<std::mutex>& lock, Multiplexer& mux,
                      asio::execution_context& context) {
   auto initiation = [&lock, &mux, &statement, &executor, &context](auto handler) {
     const std::unique_lock<std::mutex> released(*lock.release(), std::adopt_lock);
+    const bool beside_connections = &context == &mux.connections_context &&
+                                    executor.target<asio::io_context::executor_type>() != nullptr;
     statement.wait.hold(std::move(handler),
-                        asio::prefer(executor, asio::execution::outstanding_work.tracked), context);
+                        asio::prefer(executor, asio::execution::outstanding_work.tracked), context,
+                        beside_connections);
     // (The type-erased handler forwards the caller's slot to one of its own.)
     auto slot = statement.wait.handler.get_cancellation_slot();
     if (slot.is_connected()) slot.template emplace<CancelAnswerWait>(&mux, &statement);
@@ -719,7 +727,9 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
     // Nothing here should throw; if something does, the connection cannot be trusted: it is
     // closed, and what was in flight on it fails with it (never left waiting).
     spdlog::error("pgrt: a shared connection failed: {}", error.what());
-    for (AnswerWait& wait : answered) end_wait(wait.take(), error_code{}, false);
+    for (AnswerWait& wait : answered) {
+      if (wait.waiting()) end_wait(wait.take(), error_code{}, false);
+    }
     answered.clear();
     {
       std::lock_guard lock(mux->mutex);
@@ -832,6 +842,7 @@ Multiplexer::Multiplexer(const std::shared_ptr<PoolState>& pool_in,
                          const asio::any_io_executor& executor)
     : pool(pool_in),
       strand(make_compact_strand(executor)),
+      connections_context(asio::query(strand, asio::execution::context)),
       depth(default_depth),
       max_queued(pool_in->config.max_waiters),
       max_links(pool_in->config.max_size),
@@ -1037,11 +1048,18 @@ void Multiplexer::finish_locked(SharedStatement& statement) {
 
 void Multiplexer::finish_locked(SharedStatement& statement, std::vector<AnswerWait>& answered) {
   statement.stage = SharedStatement::Stage::done;
-  if (statement.wait.waiting()) answered.push_back(statement.wait.take());
+  if (!statement.wait.waiting()) return;
+  if (statement.wait.beside_connections) {
+    answered.push_back(statement.wait.take());
+  } else {
+    end_wait(statement.wait.take(), error_code{}, false);
+  }
 }
 
 void Multiplexer::answer(std::vector<AnswerWait>& answered) {
-  for (AnswerWait& wait : answered) end_wait(wait.take(), error_code{}, true);
+  for (std::size_t i = 0; i < answered.size(); ++i) {
+    end_wait(answered[i].take(), error_code{}, i == 0);
+  }
   answered.clear();
 }
 
@@ -1058,7 +1076,8 @@ void Multiplexer::release_waits_of(asio::execution_context& context) {
     queue.for_each(release);
     in_flight.for_each(release);
   }
-  // Destroyed here, unlocked: each caller's frame, unwound, takes the mutex to leave.
+  // Destroyed here, unlocked: asio posts the unwinding of each caller's coroutine to its
+  // io_context, whose shutdown then destroys it (run_shared()'s AbandonGuard takes the mutex).
   released.clear();
 }
 

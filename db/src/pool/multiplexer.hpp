@@ -45,6 +45,10 @@ struct AnswerWait {
   // caller waits for a connection that runs on another.
   asio::any_io_executor executor;
   asio::execution_context* context = nullptr;  // the executor's (CallerContextWatch)
+  // The caller runs on the io_context of the pool's connections itself (its plain executor, not
+  // a strand): a connection reading its answer runs on a thread of that io_context, so it may
+  // resume the caller in place.
+  bool beside_connections = false;
 
   AnswerWait() = default;
   AnswerWait(AnswerWait&&) noexcept = default;
@@ -62,16 +66,18 @@ struct AnswerWait {
     taken.handler.swap(handler);
     taken.executor = std::move(executor);
     taken.context = std::exchange(context, nullptr);
+    taken.beside_connections = std::exchange(beside_connections, false);
     return taken;
   }
   // Starts the wait: `new_handler` (the caller's) resumes it on `work_executor`.
   template <typename Handler>
   void hold(Handler&& new_handler, asio::any_io_executor work_executor,
-            asio::execution_context& its_context) {
+            asio::execution_context& its_context, bool on_connections_io_context) {
     asio::any_completion_handler<void(error_code)>(std::forward<Handler>(new_handler))
         .swap(handler);
     executor = std::move(work_executor);
     context = &its_context;
+    beside_connections = on_connections_io_context;
   }
 };
 
@@ -182,10 +188,11 @@ struct Multiplexer : std::enable_shared_from_this<Multiplexer> {
   Multiplexer(const std::shared_ptr<PoolState>& pool_in, const asio::any_io_executor& executor);
 
   std::weak_ptr<PoolState> pool;
-  asio::any_io_executor strand;  // make_compact_strand()
-  const std::size_t depth;       // statements in flight per connection
-  const std::size_t max_queued;  // PoolConfig::max_waiters
-  const std::size_t max_links;   // PoolConfig::max_size
+  asio::any_io_executor strand;                  // make_compact_strand()
+  asio::execution_context& connections_context;  // the strand's: the pool's io_context
+  const std::size_t depth;                       // statements in flight per connection
+  const std::size_t max_queued;                  // PoolConfig::max_waiters
+  const std::size_t max_links;                   // PoolConfig::max_size
   const std::chrono::milliseconds hold_limit;
   const std::chrono::milliseconds max_wait;  // PoolConfig::acquire_timeout (0: no bound)
 
@@ -229,11 +236,16 @@ struct Multiplexer : std::enable_shared_from_this<Multiplexer> {
   void enqueue_locked(const std::shared_ptr<SharedStatement>& statement);
   // The statement is answered (or failed): its caller's resumption is posted, unless it has gone.
   static void finish_locked(SharedStatement& statement);
-  // The same, with the caller's wait kept in `answered`, for answer() once the mutex is released.
+  // The same, from a connection's coroutine: the wait of a caller on the connections' own
+  // io_context is kept in `answered`, for answer() once the mutex is released; any other is
+  // posted now (under the mutex, so that its io_context cannot be shutting down meanwhile:
+  // CallerContextWatch takes the mutex).
   static void finish_locked(SharedStatement& statement, std::vector<AnswerWait>& answered);
-  // Resumes the callers of `answered` (empties it): each in place if this thread runs its
-  // executor, else posted. Not under the mutex: a caller runs on until its next wait, and may
-  // queue its next statement meanwhile.
+  // Resumes the callers of `answered` (empties it), from a connection's coroutine, in the order
+  // they were answered: the first in place, the others posted after it (on an io_context that
+  // several threads run, callers resumed in place would all run one after another on this
+  // connection's strand). Not under the mutex: a caller resumed in place runs on until its next
+  // wait, and may queue its next statement meanwhile.
   static void answer(std::vector<AnswerWait>& answered);
   // `context` shuts down: the waits of callers on it are destroyed (CallerContextWatch).
   void release_waits_of(asio::execution_context& context);
