@@ -14,9 +14,10 @@
 //
 // Threading: callers (any thread) and the connections' coroutines meet under `mutex`. A caller
 // waits for its answer as an asynchronous operation of its own (AnswerWait), started and ended
-// under the mutex. The connection that reads an answer resumes its caller in place when it runs
-// on the caller's executor's thread (no trip through the io_context's queue, and no look at the
-// reactor before the caller's next statement is queued); otherwise it posts the resumption.
+// under the mutex. The connection that reads answers resumes the first of their callers in place
+// when that caller runs on the connections' own io_context (no trip through the io_context's
+// queue, and no look at the reactor before the caller's next statement is queued); it posts the
+// others' resumptions, in order.
 // Each connection's libpq state is touched only by its coroutine, on the strand.
 
 #include <boost/asio/any_completion_handler.hpp>
