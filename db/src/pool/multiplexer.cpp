@@ -714,8 +714,9 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
         Multiplexer::finish_locked(statement, answered);
       }
       in_hand.reset();
-      // The callers answered run now, on this thread if it runs their executor: a caller in a
-      // loop queues its next statement before this connection looks at the queue again.
+      // The callers answered run now: the first in place when it runs on this io_context (a
+      // caller in a loop queues its next statement before this connection looks at the queue
+      // again), the others after it, posted in order.
       Multiplexer::answer(answered);
       if (lost) {  // the connection broke, or a statement opened a transaction block on it
         impl.close(CloseMode::immediate);
