@@ -466,6 +466,51 @@ TEST_F(WatchdogTest, MetricsParseWithAPrometheusParserAndCountWhatHappened) {
   running.wait(pool.close(1s));
 }
 
+// The service components' environment settings: a malformed value is refused with
+// invalid_config, a message that names the variable and its value, and a hint that says what is
+// expected; a well-formed one is taken. (PGRT_START_WAIT_S is read by PoolComponent and
+// StartupHygiene alike.)
+TEST(ServiceEnvironment, MalformedStartWaitAndMetricsPortAreRefusedClearly) {
+  struct ScopedEnv {
+    ScopedEnv(const char* name, const char* value) : name_(name) { ::setenv(name, value, 1); }
+    ScopedEnv(const ScopedEnv&) = delete;
+    ScopedEnv& operator=(const ScopedEnv&) = delete;
+    ~ScopedEnv() { ::unsetenv(name_); }
+    const char* name_;
+  };
+  const auto expect_refused = [](const auto& read, const std::string& message,
+                                 const std::string& hint) {
+    try {
+      (void)read();
+      ADD_FAILURE() << "accepted: " << message;
+    } catch (const Error& error) {
+      EXPECT_EQ(error.code(), make_error_code(client_errc::invalid_config)) << message;
+      EXPECT_THAT(error.diagnostics().message, HasSubstr(message));
+      EXPECT_THAT(error.diagnostics().hint, HasSubstr(hint));
+    }
+  };
+  for (const char* value : {"ten", "-1", "86401", "", "5s"}) {
+    const ScopedEnv start_wait("PGRT_START_WAIT_S", value);
+    const std::string message = std::string("PGRT_START_WAIT_S='") + value + "' is not valid";
+    expect_refused([] { return PoolComponentOptions::from_env(); }, message, "0-86400");
+    expect_refused([] { return StartupHygieneOptions::from_env(); }, message, "0-86400");
+  }
+  {
+    const ScopedEnv start_wait("PGRT_START_WAIT_S", "7");
+    EXPECT_EQ(PoolComponentOptions::from_env().start_wait, 7s);
+  }
+  for (const char* value : {"http", "65536", "-1", "", "80 "}) {
+    const ScopedEnv port("PGRT_METRICS_PORT", value);
+    expect_refused([] { return MetricsEndpointOptions::from_env(); },
+                   std::string("PGRT_METRICS_PORT='") + value + "' is not valid", "0-65535");
+  }
+  const ScopedEnv port("PGRT_METRICS_PORT", "9187");
+  const ScopedEnv address("PGRT_METRICS_ADDRESS", "0.0.0.0");
+  const MetricsEndpointOptions options = MetricsEndpointOptions::from_env();
+  EXPECT_EQ(options.port, 9187);
+  EXPECT_EQ(options.address, "0.0.0.0");
+}
+
 // Two pools with one application name (a primary and a replica) must not give duplicate series:
 // Prometheus would keep one of each pair without a word. Bucket bounds read as client libraries
 // write them (le="0.0001", not "1e-04"), so that series of several exporters group by le.
