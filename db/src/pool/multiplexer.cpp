@@ -6,8 +6,6 @@
 #include <array>
 #include <atomic>
 #include <boost/asio/execution/context.hpp>
-#include <boost/asio/execution/outstanding_work.hpp>
-#include <boost/asio/prefer.hpp>
 #include <boost/asio/query.hpp>
 #include <cctype>
 #include <deque>
@@ -74,7 +72,7 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
 // `may_run_here`, else posted to it. (An exception that escapes the caller's coroutine in place
 // is kept by its io_context, and thrown by its run(), as from any handler.)
 void end_wait(AnswerWait wait, error_code error, bool may_run_here) {
-  const asio::any_io_executor executor = std::move(wait.executor);  // (its work ends after)
+  const asio::any_io_executor executor = std::move(wait.executor);
   auto resume = [handler = std::move(wait.handler), error]() mutable { std::move(handler)(error); };
   if (may_run_here) {
     asio::dispatch(executor, std::move(resume));
@@ -148,9 +146,7 @@ auto wait_for_answer(std::unique_lock<std::mutex>& lock, Multiplexer& mux,
     const std::unique_lock<std::mutex> released(*lock.release(), std::adopt_lock);
     const bool beside_connections = &context == &mux.connections_context &&
                                     executor.target<asio::io_context::executor_type>() != nullptr;
-    statement.wait.hold(std::move(handler),
-                        asio::prefer(executor, asio::execution::outstanding_work.tracked), context,
-                        beside_connections);
+    statement.wait.hold(std::move(handler), executor, context, beside_connections);
     // (The type-erased handler forwards the caller's slot to one of its own.)
     auto slot = statement.wait.handler.get_cancellation_slot();
     if (slot.is_connected()) slot.template emplace<CancelAnswerWait>(&mux, &statement);

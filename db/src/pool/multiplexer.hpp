@@ -42,8 +42,9 @@ struct SharedLink;
 // whichever party ends the wait (the answer, the caller's cancellation, its context's shutdown).
 struct AnswerWait {
   asio::any_completion_handler<void(error_code)> handler;
-  // The caller's executor, tracking work: its io_context does not run out of work while the
-  // caller waits for a connection that runs on another.
+  // The caller's executor (not tracking work: the caller's co_spawn holds work on it for as long
+  // as its coroutine lives, so its io_context does not run out of work while the caller waits for
+  // a connection that runs on another).
   asio::any_io_executor executor;
   asio::execution_context* context = nullptr;  // the executor's (CallerContextWatch)
   // The caller runs on the io_context of the pool's connections itself (its plain executor, not
@@ -70,13 +71,13 @@ struct AnswerWait {
     taken.beside_connections = std::exchange(beside_connections, false);
     return taken;
   }
-  // Starts the wait: `new_handler` (the caller's) resumes it on `work_executor`.
+  // Starts the wait: `new_handler` (the caller's) resumes it on `caller_executor`.
   template <typename Handler>
-  void hold(Handler&& new_handler, asio::any_io_executor work_executor,
+  void hold(Handler&& new_handler, asio::any_io_executor caller_executor,
             asio::execution_context& its_context, bool on_connections_io_context) {
     asio::any_completion_handler<void(error_code)>(std::forward<Handler>(new_handler))
         .swap(handler);
-    executor = std::move(work_executor);
+    executor = std::move(caller_executor);
     context = &its_context;
     beside_connections = on_connections_io_context;
   }
