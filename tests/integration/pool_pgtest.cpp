@@ -3672,6 +3672,62 @@ TEST_F(PoolTest, QueryCallersAreUnwoundWithTheirIoContextWhileTheyWait) {
   pool_thread.join();
 }
 
+// A caller waiting for a lease on an io_context of its own that is destroyed meanwhile: its
+// coroutine is unwound with the io_context (its wait parked in the pool is destroyed at the
+// io_context's shutdown), it leaves the queue, and the connection that comes back goes to the
+// next caller, never to the caller that is gone.
+TEST_F(PoolTest, AcquireWaitersAreUnwoundWithTheirIoContextWhileTheyWait) {
+  asio::io_context pool_io;
+  auto keep_running = asio::make_work_guard(pool_io);
+  std::thread pool_thread([&pool_io] { pool_io.run(); });
+  Pool pool(pool_io.get_executor(), config("waiter-gone", 1));
+  // Runs `body` on an io_context of its own until it returns.
+  const auto run_elsewhere = [](auto body) {
+    asio::io_context io;
+    asio::co_spawn(io, body(), [](const std::exception_ptr& error) {
+      if (error) std::rethrow_exception(error);
+    });
+    io.run();
+  };
+  struct Unwound {
+    std::atomic<bool>& flag;
+    ~Unwound() { flag = true; }
+  };
+  std::optional<Lease> held;
+  run_elsewhere([&]() -> awaitable_void { held.emplace(co_await pool.acquire()); });
+  std::atomic<bool> unwound = false;
+  std::atomic<bool> resumed = false;
+  {
+    asio::io_context caller_io;
+    asio::co_spawn(
+        caller_io,
+        [&]() -> awaitable_void {
+          const Unwound guard{unwound};
+          auto lease = co_await pool.acquire();
+          resumed = true;
+        },
+        asio::detached);
+    const auto give_up_at = std::chrono::steady_clock::now() + 10s;
+    while (pool.stats().waiting_normal == 0 && std::chrono::steady_clock::now() < give_up_at) {
+      caller_io.run_for(10ms);
+    }
+    ASSERT_EQ(pool.stats().waiting_normal, 1U);
+  }  // the caller's io_context is destroyed while its coroutine waits
+  EXPECT_TRUE(unwound) << "the waiter's frame outlived its io_context";
+  EXPECT_EQ(pool.stats().waiting_normal, 0U) << "the gone waiter is still queued";
+  held.reset();
+  EXPECT_TRUE(testing::eventually([&pool] { return pool.stats().idle == 1; }))
+      << "the connection went to the waiter that is gone";
+  run_elsewhere([&]() -> awaitable_void {
+    auto lease = co_await pool.acquire();
+    EXPECT_EQ((co_await lease->query("SELECT 4")).scalar<int>(), 4);
+  });
+  run_elsewhere([&]() -> awaitable_void { (void)co_await pool.close(5s); });
+  EXPECT_FALSE(resumed);
+  keep_running.reset();
+  pool_thread.join();
+}
+
 // close_now() from a thread that does not run the pool's io_context (an exit handler, a signal
 // thread): the pool refuses acquires at once (closed() says so), although the rest of its close
 // waits for an io thread; the idle connection it closed is never handed out.

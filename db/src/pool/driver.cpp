@@ -2,7 +2,11 @@
 // background work (connect, reset, ping, close), and the acquire and release paths.
 #include "driver.hpp"
 
+#include <algorithm>
+#include <boost/asio/execution/context.hpp>
+#include <boost/asio/query.hpp>
 #include <set>
+#include <tuple>
 #include <unordered_set>
 
 #include "budget.hpp"
@@ -76,9 +80,13 @@ void PoolState::spawn_later(asio::awaitable<void> operation) {
 void PoolState::execute_locked(const pool::Actions& actions, Deferred& deferred) {
   for (const pool::Action& action : actions) {
     switch (action.kind) {
-      case pool::Action::Kind::wake:
-        static_cast<PoolWaiter*>(action.waiter)->timer.cancel();
+      case pool::Action::Kind::wake: {
+        // Posted under the mutex: the waiter's io_context cannot be shutting down meanwhile
+        // (ParkedWaitWatch's shutdown takes the mutex to take the waits).
+        async::ParkedWait& parked = static_cast<PoolWaiter*>(action.waiter)->parked;
+        if (parked.waiting()) async::resume(parked.take(), error_code{}, false);
         break;
+      }
       case pool::Action::Kind::open:
         start_connect(*action.node);
         break;
@@ -862,9 +870,9 @@ asio::awaitable<Lease> PoolState::acquire(std::shared_ptr<PoolState> self, Prior
               std::max(std::chrono::milliseconds(0),
                        std::chrono::duration_cast<std::chrono::milliseconds>(*deadline - started));
         }
-        PoolWaiter waiter(co_await asio::this_coro::executor, priority, consumer, site);
-        // The core's upkeep tick times the wait out (one timer for every waiter); the waiter's
-        // own timer never expires, so waiting arms no timer of its own.
+        PoolWaiter waiter(priority, consumer, site);
+        // The core's upkeep tick times the wait out (one timer for every waiter); the waiter arms
+        // no timer of its own: its coroutine parks in it until the core wakes it.
         waiter.deadline = started + wait_limit;
         // If this coroutine is destroyed while it waits (its io_context shut down), the waiter
         // must leave the queue, and a connection already handed to it must go back.
@@ -885,11 +893,18 @@ asio::awaitable<Lease> PoolState::acquire(std::shared_ptr<PoolState> self, Prior
             release(*given, nullptr, false);
           }
         });
-        waiter.timer.expires_at(Clock::time_point::max());
         // The wait starts under the lock, so a handoff cannot slip in before it. (A plain
-        // asynchronous operation: no coroutine frame of its own.)
-        const auto [error] = co_await async::wait_then_unlock(lock, waiter.timer);
-        lock = std::unique_lock(mutex);
+        // asynchronous operation: no coroutine frame of its own.) One the core ended already, as
+        // it queued it, is not waited for.
+        error_code error;
+        if (waiter.outcome == pool::Waiter::Outcome::none) {
+          const auto waiting_on = co_await asio::this_coro::executor;
+          asio::execution_context& context = asio::query(waiting_on, asio::execution::context);
+          watch_waiters_on_locked(context);
+          std::tie(error) =
+              co_await async::park_then_unlock(lock, waiter.parked, waiting_on, context);
+          lock = std::unique_lock(mutex);
+        }
         abandon.disarm();
         if (waiter.outcome != pool::Waiter::Outcome::handed) {
           fail_wait(lock, waiter, error, wait_limit);
@@ -915,6 +930,31 @@ asio::awaitable<Lease> PoolState::acquire(std::shared_ptr<PoolState> self, Prior
   if (!check) co_return lease;
   co_return co_await checked(std::move(lease), std::move(self), priority, consumer, site,
                              check_deadline, validate);
+}
+
+void PoolState::watch_waiters_on_locked(asio::execution_context& context) {
+  if (std::find(watched_contexts.begin(), watched_contexts.end(), &context) !=
+      watched_contexts.end()) {
+    return;
+  }
+  // (asio's service registry takes a lock of its own, never held while it calls into pgrt.)
+  asio::use_service<async::ParkedWaitWatch>(context).watch(shared_from_this());
+  watched_contexts.push_back(&context);
+}
+
+void PoolState::release_waits_of(asio::execution_context& context) {
+  std::vector<async::ParkedWait> released;
+  {
+    const std::lock_guard lock(mutex);
+    std::erase(watched_contexts, &context);
+    core.for_each_waiter([&](pool::Waiter& waiter) {
+      async::ParkedWait& parked = static_cast<PoolWaiter&>(waiter).parked;
+      if (parked.waiting() && parked.context == &context) released.push_back(parked.take());
+    });
+  }
+  // Destroyed here, unlocked: asio posts the unwinding of each waiter's coroutine to its
+  // io_context, whose shutdown then destroys it (acquire()'s AbandonGuard takes the mutex).
+  released.clear();
 }
 
 void PoolState::fail_cancelled_locked(Priority priority, std::source_location site) {

@@ -38,6 +38,7 @@
 #include <unistd.h>
 
 #include "../async/abandon_guard.hpp"
+#include "../async/parked_wait.hpp"
 #include "../async/timer_condition.hpp"
 #include "../connection_access.hpp"
 #include "../timing_clock.hpp"
@@ -230,10 +231,11 @@ inline Connection& connection_of(pool::Node& node) {
 // decision (handed a node, or failed) is made under the pool's lock, and the timer is cancelled
 // under it too, so the waiter is woken exactly once and never after its frame is gone.
 struct PoolWaiter : pool::Waiter {
-  PoolWaiter(const asio::any_io_executor& executor, Priority priority_in,
-             pool::ConsumerIndex consumer_in, std::source_location site_in)
-      : Waiter(priority_in, site_in, consumer_in), timer(executor) {}
-  asio::steady_timer timer;
+  PoolWaiter(Priority priority_in, pool::ConsumerIndex consumer_in, std::source_location site_in)
+      : Waiter(priority_in, site_in, consumer_in) {}
+  // Its coroutine, while it waits: woken (handed a connection, or failed) by taking and resuming
+  // it, under PoolState::mutex.
+  async::ParkedWait parked;
 };
 
 // A discarded connection keeps its capacity until the server has closed its end of the socket; a
@@ -296,10 +298,10 @@ inline pool::ReturnKind classify(const Connection& connection) {
 
 // The asio/libpq driver: it holds the core under one mutex, feeds it events and carries out its
 // actions. One acquire: Pool::acquire() -> PoolState::acquire() -> Core::try_acquire() (an idle
-// connection: leased at once) or Core::enqueue() + a wait on the PoolWaiter's timer, until the
+// connection: leased at once) or Core::enqueue() + a parked wait in the PoolWaiter, until the
 // core hands it a node (a Lease returned: release() -> Core::lease_returned() -> offer) or fails
 // it.
-struct PoolState : std::enable_shared_from_this<PoolState> {
+struct PoolState : std::enable_shared_from_this<PoolState>, async::ParkedWaitOwner {
   explicit PoolState(PoolConfig config_in)
       : config(std::move(config_in)),
         application_name(make_application_name(config)),
@@ -337,6 +339,9 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
   std::uint64_t budget_slot_waits = 0;  // PoolStats::budget_slot_waits
   // close() calls waiting for every connection to be gone; notified once none is left.
   async::TimerCondition drained;
+  // The execution contexts whose shutdown ends the waits of this pool's waiters on them
+  // (async::ParkedWaitWatch), once one of them waited.
+  std::vector<asio::execution_context*> watched_contexts;
   // Pool::query()'s, made on its first call (under `mutex`); let go of at the end of close().
   std::shared_ptr<Multiplexer> multiplexer;
   // Whether the connection `lease` holds is to be closed when it comes back (Pool::evict_all(),
@@ -501,6 +506,12 @@ struct PoolState : std::enable_shared_from_this<PoolState> {
   [[nodiscard]] std::optional<pool::ConsumerIndex> find_consumer(std::string_view name) const;
   // An acquire for a consumer the config does not name: fails at its co_await.
   [[nodiscard]] asio::awaitable<Lease> fail_unknown_consumer(std::string_view name) const;
+
+  // A waiter is about to park on `context`: its shutdown will end the wait (watched once).
+  void watch_waiters_on_locked(asio::execution_context& context);
+  // `context` shuts down: the waits of the waiters on it are destroyed, and with them their
+  // coroutines (whose AbandonGuards take the waiters out of the queue).
+  void release_waits_of(asio::execution_context& context) override;
 
   // A waiter woken without a connection: the pool closed, it was cancelled, or its time ran out.
   [[noreturn]] void fail_wait(std::unique_lock<std::mutex>& lock, pool::Waiter& waiter,

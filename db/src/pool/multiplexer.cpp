@@ -68,93 +68,6 @@ struct FailedPrepare {
 
 asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr<SharedLink> link);
 
-// Ends a caller's wait with `error`: in place when this thread runs the caller's executor and
-// `may_run_here`, else posted to it. (An exception that escapes the caller's coroutine in place
-// is kept by its io_context, and thrown by its run(), as from any handler.)
-void end_wait(AnswerWait wait, error_code error, bool may_run_here) {
-  const asio::any_io_executor executor = std::move(wait.executor);
-  auto resume = [handler = std::move(wait.handler), error]() mutable { std::move(handler)(error); };
-  if (may_run_here) {
-    asio::dispatch(executor, std::move(resume));
-  } else {
-    asio::post(executor, std::move(resume));
-  }
-}
-
-// A caller's per-operation cancellation while it waits for its answer (run_shared() takes the
-// statement out of the queue, or drops its answer, once resumed). Posted, never in place: the
-// resumption clears the slot that holds this handler.
-struct CancelAnswerWait {
-  Multiplexer* mux;
-  SharedStatement* statement;  // (both outlive the wait: the caller's frame holds them)
-  void operator()(asio::cancellation_type type) const {
-    if (type == asio::cancellation_type::none) return;
-    std::optional<AnswerWait> wait;
-    {
-      const std::lock_guard lock(mux->mutex);
-      if (statement->wait.waiting()) wait.emplace(statement->wait.take());
-    }
-    if (wait) end_wait(std::move(*wait), asio::error::operation_aborted, false);
-  }
-};
-
-// Ends, when an execution context shuts down, the waits of the query() callers that run on it:
-// their handlers, and with them the callers' coroutines, are destroyed, as asio destroys those of
-// its own pending operations. (A caller's coroutine would otherwise outlive its io_context, and
-// be resumed into it when its statement ends.) One per context whose callers waited; it knows
-// the multiplexers they waited on.
-class CallerContextWatch final : public asio::execution_context::service {
- public:
-  static inline asio::execution_context::id id;  // NOLINT (asio's service identity)
-  explicit CallerContextWatch(asio::execution_context& context) : service(context) {}
-
-  void watch(const std::shared_ptr<Multiplexer>& mux) {
-    const std::lock_guard lock(mutex_);
-    std::erase_if(multiplexers_, [](const auto& watched) { return watched.expired(); });
-    const bool known =
-        std::any_of(multiplexers_.begin(), multiplexers_.end(), [&](const auto& watched) {
-          return !watched.owner_before(mux) && !mux.owner_before(watched);
-        });
-    if (!known) multiplexers_.push_back(mux);
-  }
-
- private:
-  void shutdown() override {
-    std::vector<std::weak_ptr<Multiplexer>> watched;
-    {
-      const std::lock_guard lock(mutex_);
-      watched.swap(multiplexers_);
-    }
-    for (const auto& weak : watched) {
-      if (const auto mux = weak.lock()) mux->release_waits_of(context());
-    }
-  }
-
-  std::mutex mutex_;
-  std::vector<std::weak_ptr<Multiplexer>> multiplexers_;
-};
-
-// The caller's wait for its statement's answer, as an asynchronous operation: holds `lock` on
-// entry and releases it once the wait is held by the statement (an answer cannot slip in
-// between). Completes with no error when answered, with operation_aborted when the caller's
-// per-operation cancellation ends it. A deferred operation, awaited at once by run_shared(): no
-// coroutine frame of its own.
-auto wait_for_answer(std::unique_lock<std::mutex>& lock, Multiplexer& mux,
-                     SharedStatement& statement, const asio::any_io_executor& executor,
-                     asio::execution_context& context) {
-  auto initiation = [&lock, &mux, &statement, &executor, &context](auto handler) {
-    const std::unique_lock<std::mutex> released(*lock.release(), std::adopt_lock);
-    const bool beside_connections = &context == &mux.connections_context &&
-                                    executor.target<asio::io_context::executor_type>() != nullptr;
-    statement.wait.hold(std::move(handler), executor, context, beside_connections);
-    // (The type-erased handler forwards the caller's slot to one of its own.)
-    auto slot = statement.wait.handler.get_cancellation_slot();
-    if (slot.is_connected()) slot.template emplace<CancelAnswerWait>(&mux, &statement);
-  };
-  return asio::async_initiate<decltype(no_throw_in_frame), void(error_code)>(initiation,
-                                                                             no_throw_in_frame);
-}
-
 // The first statement in flight if every statement in flight was given up by its caller (or
 // timed out behind another, sweep()), else nullptr. Under Multiplexer::mutex (the callers change
 // the stages).
@@ -246,7 +159,7 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
   std::unordered_map<std::string, FailedPrepare> failed;   // name -> its prepare's error
   std::vector<std::shared_ptr<SharedStatement>> batch;
   // The callers answered by the results just read, resumed once the mutex is released.
-  std::vector<AnswerWait> answered;
+  std::vector<async::ParkedWait> answered;
   bool must_wait = false;
   error_code lost;
   // If this coroutine is destroyed mid-wait (its io_context shut down), the link leaves the
@@ -724,8 +637,8 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
     // Nothing here should throw; if something does, the connection cannot be trusted: it is
     // closed, and what was in flight on it fails with it (never left waiting).
     spdlog::error("pgrt: a shared connection failed: {}", error.what());
-    for (AnswerWait& wait : answered) {
-      if (wait.waiting()) end_wait(wait.take(), error_code{}, false);
+    for (async::ParkedWait& wait : answered) {
+      if (wait.waiting()) async::resume(wait.take(), error_code{}, false);
     }
     answered.clear();
     {
@@ -1040,28 +953,29 @@ void Multiplexer::wake_locked(const std::shared_ptr<SharedLink>& link) {
 
 void Multiplexer::finish_locked(SharedStatement& statement) {
   statement.stage = SharedStatement::Stage::done;
-  if (statement.wait.waiting()) end_wait(statement.wait.take(), error_code{}, false);
+  if (statement.wait.waiting()) async::resume(statement.wait.take(), error_code{}, false);
 }
 
-void Multiplexer::finish_locked(SharedStatement& statement, std::vector<AnswerWait>& answered) {
+void Multiplexer::finish_locked(SharedStatement& statement,
+                                std::vector<async::ParkedWait>& answered) {
   statement.stage = SharedStatement::Stage::done;
   if (!statement.wait.waiting()) return;
-  if (statement.wait.beside_connections) {
+  if (statement.wait.resumable_in_place) {
     answered.push_back(statement.wait.take());
   } else {
-    end_wait(statement.wait.take(), error_code{}, false);
+    async::resume(statement.wait.take(), error_code{}, false);
   }
 }
 
-void Multiplexer::answer(std::vector<AnswerWait>& answered) {
+void Multiplexer::answer(std::vector<async::ParkedWait>& answered) {
   for (std::size_t i = 0; i < answered.size(); ++i) {
-    end_wait(answered[i].take(), error_code{}, i == 0);
+    async::resume(answered[i].take(), error_code{}, i == 0);
   }
   answered.clear();
 }
 
 void Multiplexer::release_waits_of(asio::execution_context& context) {
-  std::vector<AnswerWait> released;
+  std::vector<async::ParkedWait> released;
   {
     const std::lock_guard lock(mutex);
     std::erase(watched_contexts, &context);
@@ -1116,7 +1030,7 @@ asio::awaitable<Result> run_shared(std::shared_ptr<PoolState> pool,
   if (std::find(mux->watched_contexts.begin(), mux->watched_contexts.end(), &context) ==
       mux->watched_contexts.end()) {
     lock.unlock();  // (asio's service registry takes a lock of its own)
-    asio::use_service<CallerContextWatch>(context).watch(mux);
+    asio::use_service<async::ParkedWaitWatch>(context).watch(mux);
     lock.lock();
     mux->watched_contexts.push_back(&context);
   }
@@ -1140,7 +1054,12 @@ asio::awaitable<Result> run_shared(std::shared_ptr<PoolState> pool,
     error_code error = asio::error::operation_aborted;
     const asio::cancellation_state cancellation = co_await asio::this_coro::cancellation_state;
     if (cancellation.cancelled() == asio::cancellation_type::none) {
-      const auto [waited] = co_await wait_for_answer(lock, *mux, *statement, executor, context);
+      // Resumed in place by the connection that reads its answer only when it runs on the
+      // connections' own io_context, with its plain executor (not a strand of its own).
+      const bool beside_connections = &context == &mux->connections_context &&
+                                      executor.target<asio::io_context::executor_type>() != nullptr;
+      const auto [waited] = co_await async::park_then_unlock(lock, statement->wait, executor,
+                                                             context, beside_connections);
       lock = std::unique_lock(mux->mutex);
       error = waited;
     }

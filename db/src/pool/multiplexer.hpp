@@ -13,12 +13,12 @@
 // when it has been held for a while (leak reports, lifetime) and when the pool closes.
 //
 // Threading: callers (any thread) and the connections' coroutines meet under `mutex`. A caller
-// waits for its answer as an asynchronous operation of its own (AnswerWait), started and ended
-// under the mutex. The connection that reads answers resumes the first of their callers in place
-// when that caller runs on the connections' own io_context (no trip through the io_context's
-// queue, and no look at the reactor before the caller's next statement is queued); it posts the
-// others' resumptions, in order.
-// Each connection's libpq state is touched only by its coroutine, on the strand.
+// waits for its answer as an asynchronous operation of its own (async::ParkedWait,
+// async/parked_wait.hpp), started and ended under the mutex. The connection that reads answers
+// resumes the first of their callers in place when that caller runs on the connections' own
+// io_context (no trip through the io_context's queue, and no look at the reactor before the
+// caller's next statement is queued); it posts the others' resumptions, in order. Each connection's
+// libpq state is touched only by its coroutine, on the strand.
 
 #include <boost/asio/any_completion_handler.hpp>
 #include <boost/asio/execution_context.hpp>
@@ -30,58 +30,13 @@
 #include <utility>
 #include <vector>
 
+#include "../async/parked_wait.hpp"
 #include "driver.hpp"
 #include "intrusive_list.hpp"
 
 namespace pgrt::detail {
 
 struct SharedLink;
-
-// A query() caller's wait for its statement's answer (run_shared()): the caller's completion
-// handler, held by its statement while it waits; moved out, under Multiplexer::mutex, by
-// whichever party ends the wait (the answer, the caller's cancellation, its context's shutdown).
-struct AnswerWait {
-  asio::any_completion_handler<void(error_code)> handler;
-  // The caller's executor (not tracking work: the caller's co_spawn holds work on it for as long
-  // as its coroutine lives, so its io_context does not run out of work while the caller waits for
-  // a connection that runs on another).
-  asio::any_io_executor executor;
-  asio::execution_context* context = nullptr;  // the executor's (CallerContextWatch)
-  // The caller runs on the io_context of the pool's connections itself (its plain executor, not
-  // a strand): a connection reading its answer runs on a thread of that io_context, so it may
-  // resume the caller in place.
-  bool beside_connections = false;
-
-  AnswerWait() = default;
-  AnswerWait(AnswerWait&&) noexcept = default;
-  // Not assignable: Boost 1.81's any_completion_handler move assignment wraps its source in
-  // another any_completion_handler, endlessly. Its move constructor and swap() are sound.
-  AnswerWait& operator=(AnswerWait&&) = delete;
-  AnswerWait(const AnswerWait&) = delete;
-  AnswerWait& operator=(const AnswerWait&) = delete;
-  ~AnswerWait() = default;
-
-  [[nodiscard]] bool waiting() const noexcept { return static_cast<bool>(handler); }
-  // Moves the wait out, leaving this one empty.
-  [[nodiscard]] AnswerWait take() noexcept {
-    AnswerWait taken;
-    taken.handler.swap(handler);
-    taken.executor = std::move(executor);
-    taken.context = std::exchange(context, nullptr);
-    taken.beside_connections = std::exchange(beside_connections, false);
-    return taken;
-  }
-  // Starts the wait: `new_handler` (the caller's) resumes it on `caller_executor`.
-  template <typename Handler>
-  void hold(Handler&& new_handler, asio::any_io_executor caller_executor,
-            asio::execution_context& its_context, bool on_connections_io_context) {
-    asio::any_completion_handler<void(error_code)>(std::forward<Handler>(new_handler))
-        .swap(handler);
-    executor = std::move(caller_executor);
-    context = &its_context;
-    beside_connections = on_connections_io_context;
-  }
-};
 
 // One query() call, shared by its caller and the connection that runs it. Every field is
 // changed under Multiplexer::mutex once the statement is queued.
@@ -97,7 +52,7 @@ struct SharedStatement {
   Clock::time_point deadline = Clock::time_point::max();
   enum class Stage { queued, sent, done, abandoned };
   Stage stage = Stage::queued;
-  AnswerWait wait;          // the caller's, while it waits
+  async::ParkedWait wait;   // the caller's, while it waits for its answer
   bool sent_again = false;  // queued again once (the server forgot its statement)
   // While queued or in flight (a StatementQueue: Multiplexer::queue, Multiplexer::in_flight):
   // its neighbours, and the queue's reference to it.
@@ -186,7 +141,7 @@ struct SharedLink {
   std::size_t depth = 1;
 };
 
-struct Multiplexer : std::enable_shared_from_this<Multiplexer> {
+struct Multiplexer : std::enable_shared_from_this<Multiplexer>, async::ParkedWaitOwner {
   Multiplexer(const std::shared_ptr<PoolState>& pool_in, const asio::any_io_executor& executor);
 
   std::weak_ptr<PoolState> pool;
@@ -225,7 +180,7 @@ struct Multiplexer : std::enable_shared_from_this<Multiplexer> {
   static constexpr std::size_t max_accepted_text_size = 4096;
 
   // The execution contexts whose shutdown ends the waits of this multiplexer's callers on them
-  // (CallerContextWatch in multiplexer.cpp), once one of them waited.
+  // (async::ParkedWaitWatch), once one of them waited.
   std::vector<asio::execution_context*> watched_contexts;
 
   // Whether `sql` was found fit for a shared connection before.
@@ -241,16 +196,16 @@ struct Multiplexer : std::enable_shared_from_this<Multiplexer> {
   // The same, from a connection's coroutine: the wait of a caller on the connections' own
   // io_context is kept in `answered`, for answer() once the mutex is released; any other is
   // posted now (under the mutex, so that its io_context cannot be shutting down meanwhile:
-  // CallerContextWatch takes the mutex).
-  static void finish_locked(SharedStatement& statement, std::vector<AnswerWait>& answered);
+  // async::ParkedWaitWatch's shutdown takes the mutex).
+  static void finish_locked(SharedStatement& statement, std::vector<async::ParkedWait>& answered);
   // Resumes the callers of `answered` (empties it), from a connection's coroutine, in the order
   // they were answered: the first in place, the others posted after it (on an io_context that
   // several threads run, callers resumed in place would all run one after another on this
   // connection's strand). Not under the mutex: a caller resumed in place runs on until its next
   // wait, and may queue its next statement meanwhile.
-  static void answer(std::vector<AnswerWait>& answered);
-  // `context` shuts down: the waits of callers on it are destroyed (CallerContextWatch).
-  void release_waits_of(asio::execution_context& context);
+  static void answer(std::vector<async::ParkedWait>& answered);
+  // `context` shuts down: the waits of callers on it are destroyed (async::ParkedWaitWatch).
+  void release_waits_of(asio::execution_context& context) override;
   // Starts (again) the statement's wait for a connection: sets its deadline, arms the sweeper.
   void start_wait_locked(SharedStatement& statement);
   // Arms the sweeper to fire at `at`.

@@ -424,6 +424,11 @@ class Core {
     return by_state_[static_cast<std::size_t>(state)];
   }
   [[nodiscard]] const WaitQueues& waiters() const noexcept { return waiters_; }
+  // Calls `visit(Waiter&)` on every queued waiter, of both priorities (it must not remove it).
+  template <typename Visit>
+  void for_each_waiter(Visit&& visit) {
+    for (Priority priority : {Priority::high, Priority::normal}) waiters_.for_each(priority, visit);
+  }
   [[nodiscard]] bool can_lease(Priority priority) const noexcept {
     return priority == Priority::high ||
            leased_normal_ + config_.reserved_for_priority < config_.max_size;

@@ -1,0 +1,198 @@
+#pragma once
+
+// A coroutine's wait that another party ends, without a timer: the awaiting coroutine's
+// completion handler is parked in a record that the waker can reach (a pool's waiter, a query()
+// caller's statement), started and ended under the record's mutex, so no wake-up is lost. Cheaper
+// than the timer used as a condition variable (timer_condition.hpp): no service lookup to make a
+// timer, no timer queue to enter and leave, one post to resume.
+//
+// - ParkedWait: the parked handler and where it runs.
+// - park_then_unlock(): the wait, as an asynchronous operation awaited in place (no coroutine
+//   frame of its own). It ends when the waker takes the handler (ParkedWait::take(), under the
+//   mutex) and resumes it (resume()), or when the coroutine's per-operation cancellation (any
+//   type) takes it first: then with operation_aborted.
+// - ParkedWaitWatch: an io_context that shuts down while coroutines of its wait this way destroys
+//   their handlers, and with them their coroutines, as asio does for its own pending operations
+//   (their frames are unwound; an AbandonGuard in them runs). Each owner of parked waits
+//   registers with the watch of every context whose coroutines it parks (watch()).
+//
+// Thread safety: hold(), take() and the cancellation run under the record's mutex; resume() is
+// called without it or with it (post), never in place under it.
+
+#include <algorithm>
+#include <boost/asio/any_completion_handler.hpp>
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/async_result.hpp>
+#include <boost/asio/cancellation_type.hpp>
+#include <boost/asio/deferred.hpp>
+#include <boost/asio/dispatch.hpp>
+#include <boost/asio/error.hpp>
+#include <boost/asio/execution_context.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/system/error_code.hpp>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <utility>
+#include <vector>
+
+namespace pgrt::detail::async {
+
+namespace asio = boost::asio;
+
+// A coroutine's completion handler, parked while it waits; moved out, under the record's mutex,
+// by whichever party ends the wait (the waker, the coroutine's cancellation, its context's
+// shutdown).
+struct ParkedWait {
+  asio::any_completion_handler<void(boost::system::error_code)> handler;
+  // The coroutine's executor. (Not tracking work: the coroutine's co_spawn holds work on it for
+  // as long as the coroutine lives, so its io_context does not run out of work while it waits
+  // for a party that runs on another.)
+  asio::any_io_executor executor;
+  asio::execution_context* context = nullptr;  // the executor's (ParkedWaitWatch)
+  // The waker may resume it in place (the owner's choice: a query() caller on the io_context of
+  // the connection that answers it).
+  bool resumable_in_place = false;
+
+  ParkedWait() = default;
+  ParkedWait(ParkedWait&&) noexcept = default;
+  // Not assignable: Boost 1.81's any_completion_handler move assignment wraps its source in
+  // another any_completion_handler, endlessly. Its move constructor and swap() are sound.
+  ParkedWait& operator=(ParkedWait&&) = delete;
+  ParkedWait(const ParkedWait&) = delete;
+  ParkedWait& operator=(const ParkedWait&) = delete;
+  ~ParkedWait() = default;
+
+  [[nodiscard]] bool waiting() const noexcept { return static_cast<bool>(handler); }
+  // Moves the wait out, leaving this one empty.
+  [[nodiscard]] ParkedWait take() noexcept {
+    ParkedWait taken;
+    taken.handler.swap(handler);
+    taken.executor = std::move(executor);
+    taken.context = std::exchange(context, nullptr);
+    taken.resumable_in_place = std::exchange(resumable_in_place, false);
+    return taken;
+  }
+  // Starts the wait: `new_handler` (the coroutine's) resumes it on `its_executor`.
+  template <typename Handler>
+  void hold(Handler&& new_handler, asio::any_io_executor its_executor,
+            asio::execution_context& its_context, bool in_place_allowed) {
+    asio::any_completion_handler<void(boost::system::error_code)>(
+        std::forward<Handler>(new_handler))
+        .swap(handler);
+    executor = std::move(its_executor);
+    context = &its_context;
+    resumable_in_place = in_place_allowed;
+  }
+};
+
+// Ends a wait taken out of its record with `error`: in place when this thread runs the waiter's
+// executor and `may_run_here`, else posted to it. (An exception that escapes the coroutine in
+// place is kept by its io_context, and thrown by its run(), as from any handler.)
+inline void resume(ParkedWait wait, boost::system::error_code error, bool may_run_here) {
+  const asio::any_io_executor executor = std::move(wait.executor);
+  auto resumption = [handler = std::move(wait.handler), error]() mutable {
+    std::move(handler)(error);
+  };
+  if (may_run_here) {
+    asio::dispatch(executor, std::move(resumption));
+  } else {
+    asio::post(executor, std::move(resumption));
+  }
+}
+
+// The coroutine's per-operation cancellation while it waits. Posted, never in place: the
+// resumption clears the slot that holds this handler. (The record outlives the wait: the waiting
+// coroutine's frame holds it, and the slot is cleared when the coroutine resumes.)
+template <typename Mutex>
+struct CancelParkedWait {
+  Mutex* mutex;
+  ParkedWait* parked;
+  void operator()(asio::cancellation_type type) const {
+    if (type == asio::cancellation_type::none) return;
+    std::optional<ParkedWait> taken;
+    {
+      const std::lock_guard lock(*mutex);
+      if (parked->waiting()) taken.emplace(parked->take());
+    }
+    if (taken) resume(std::move(*taken), asio::error::operation_aborted, false);
+  }
+};
+
+// The wait, as an asynchronous operation: `lock` holds the record's mutex on entry, and is
+// released once the handler is parked in `parked` (a waker cannot slip in between). Completes
+// (as a tuple: nothing is thrown in the frame) with no error when a waker resumes it, with
+// operation_aborted when the coroutine's per-operation cancellation ends it. A coroutine
+// destroyed mid-wait leaves `lock` released and without its mutex. `executor` and `context` are
+// the awaiting coroutine's; `resumable_in_place`, see ParkedWait.
+template <typename Mutex>
+auto park_then_unlock(std::unique_lock<Mutex>& lock, ParkedWait& parked,
+                      const asio::any_io_executor& executor, asio::execution_context& context,
+                      bool resumable_in_place = false) {
+  auto initiation = [&lock, &parked, &executor, &context, resumable_in_place](auto handler) {
+    const std::unique_lock<Mutex> released(*lock.release(), std::adopt_lock);
+    parked.hold(std::move(handler), executor, context, resumable_in_place);
+    // (The type-erased handler forwards the coroutine's slot to one of its own.)
+    auto slot = parked.handler.get_cancellation_slot();
+    if (slot.is_connected()) {
+      slot.template emplace<CancelParkedWait<Mutex>>(released.mutex(), &parked);
+    }
+  };
+  constexpr auto no_throw_in_frame = asio::as_tuple(asio::deferred);
+  return asio::async_initiate<decltype(no_throw_in_frame), void(boost::system::error_code)>(
+      initiation, no_throw_in_frame);
+}
+
+// What holds parked waits, for ParkedWaitWatch.
+class ParkedWaitOwner {
+ public:
+  // `context` shuts down: every wait parked here that runs on it is taken out (under the
+  // owner's mutex) and destroyed (without it: the coroutines' AbandonGuards take it).
+  virtual void release_waits_of(asio::execution_context& context) = 0;
+
+ protected:
+  ParkedWaitOwner() = default;
+  ParkedWaitOwner(const ParkedWaitOwner&) = default;
+  ParkedWaitOwner& operator=(const ParkedWaitOwner&) = default;
+  ParkedWaitOwner(ParkedWaitOwner&&) = default;
+  ParkedWaitOwner& operator=(ParkedWaitOwner&&) = default;
+  ~ParkedWaitOwner() = default;
+};
+
+// Ends, when an execution context shuts down, the parked waits of the coroutines that run on it:
+// their handlers, and with them the coroutines, are destroyed, as asio destroys those of its own
+// pending operations. (A coroutine would otherwise outlive its io_context, and be resumed into it
+// when its wait ends.) One per context whose coroutines parked; it knows the owners they parked
+// with.
+class ParkedWaitWatch final : public asio::execution_context::service {
+ public:
+  static inline asio::execution_context::id id;  // NOLINT (asio's service identity)
+  explicit ParkedWaitWatch(asio::execution_context& context) : service(context) {}
+
+  void watch(const std::shared_ptr<ParkedWaitOwner>& owner) {
+    const std::lock_guard lock(mutex_);
+    std::erase_if(owners_, [](const auto& watched) { return watched.expired(); });
+    const bool known = std::any_of(owners_.begin(), owners_.end(), [&](const auto& watched) {
+      return !watched.owner_before(owner) && !owner.owner_before(watched);
+    });
+    if (!known) owners_.push_back(owner);
+  }
+
+ private:
+  void shutdown() override {
+    std::vector<std::weak_ptr<ParkedWaitOwner>> watched;
+    {
+      const std::lock_guard lock(mutex_);
+      watched.swap(owners_);
+    }
+    for (const auto& weak : watched) {
+      if (const auto owner = weak.lock()) owner->release_waits_of(context());
+    }
+  }
+
+  std::mutex mutex_;
+  std::vector<std::weak_ptr<ParkedWaitOwner>> owners_;
+};
+
+}  // namespace pgrt::detail::async
