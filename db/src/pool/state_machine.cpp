@@ -251,6 +251,9 @@ void Core::maybe_open(Time now, Actions& actions) {
       capacity_.taken() - list(NodeState::closing).size() >= config_.min_idle) {
     return;
   }
+  // Every connection the max allows is open, opening or closing (callers wait for a lease to come
+  // back, the contended case): nothing could be opened, whatever is wanted.
+  if (capacity_.available() == 0) return;
   const SizingInput input{
       .max_size = cap_,
       .live = capacity_.taken(),
