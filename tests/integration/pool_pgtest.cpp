@@ -3728,6 +3728,102 @@ TEST_F(PoolTest, AcquireWaitersAreUnwoundWithTheirIoContextWhileTheyWait) {
   pool_thread.join();
 }
 
+// Waiters on strands of an io_context that is destroyed while the first has been handed the
+// connection (its resumption queued in its strand) and the second still waits. asio shuts the
+// newest services down first: the strands' service, made after the pool began to watch that
+// io_context, goes before the watch. The first waiter's coroutine is unwound then and gives the
+// connection back, which hands it to the second: that hand-off must not unwind the second on this
+// thread under the pool's lock, which its unwinding takes (it would deadlock here).
+TEST_F(PoolTest, StrandWaitersOfADestroyedIoContextAreUnwoundWithoutDeadlock) {
+  asio::io_context pool_io;
+  auto keep_running = asio::make_work_guard(pool_io);
+  std::thread pool_thread([&pool_io] { pool_io.run(); });
+  Pool pool(pool_io.get_executor(), config("strand-waiters-gone", 1));
+  const auto run_elsewhere = [](auto body) {
+    asio::io_context io;
+    asio::co_spawn(io, body(), [](const std::exception_ptr& error) {
+      if (error) std::rethrow_exception(error);
+    });
+    io.run();
+  };
+  struct Unwound {
+    std::atomic<int>& count;
+    ~Unwound() { ++count; }
+  };
+  std::optional<Lease> held;
+  run_elsewhere([&]() -> awaitable_void { held.emplace(co_await pool.acquire()); });
+  auto caller_io = std::make_unique<asio::io_context>();
+  const auto run_callers_until = [&caller_io](const std::function<bool()>& done) {
+    const auto give_up_at = std::chrono::steady_clock::now() + 10s;
+    while (!done() && std::chrono::steady_clock::now() < give_up_at) {
+      if (caller_io->stopped()) caller_io->restart();  // (it ran out of work before)
+      caller_io->run_for(10ms);
+    }
+    return done();
+  };
+  // 1. A waiter on the io_context's own executor: the pool starts watching the io_context; then
+  // it gives up.
+  asio::cancellation_signal give_up;
+  bool first_done = false;
+  asio::co_spawn(
+      *caller_io,
+      [&]() -> awaitable_void {
+        try {
+          (void)co_await pool.acquire();
+        } catch (const Error& error) {
+          EXPECT_EQ(error.code(), client_errc::cancelled) << error.what();
+        }
+        first_done = true;
+      },
+      asio::bind_cancellation_slot(give_up.slot(), asio::detached));
+  ASSERT_TRUE(run_callers_until([&pool] { return pool.stats().waiting_normal == 1; }));
+  give_up.emit(asio::cancellation_type::terminal);
+  ASSERT_TRUE(run_callers_until([&first_done] { return first_done; }));
+  // 2. Two waiters, each on a strand made after that.
+  std::atomic<int> unwound = 0;
+  std::atomic<int> resumed = 0;
+  for (int i = 0; i < 2; ++i) {
+    asio::co_spawn(
+        asio::make_strand(*caller_io),
+        [&]() -> awaitable_void {
+          const Unwound guard{unwound};
+          auto lease = co_await pool.acquire();
+          ++resumed;
+        },
+        asio::detached);
+  }
+  ASSERT_TRUE(run_callers_until([&pool] { return pool.stats().waiting_normal == 2; }));
+  // 3. The connection comes back and is handed to the first (caller_io does not run).
+  held.reset();
+  ASSERT_TRUE(testing::eventually([&pool] { return pool.stats().waiting_normal == 1; }));
+  // 4. The io_context is destroyed: on a thread of its own, so that a deadlock fails the test.
+  std::atomic<bool> destroyed = false;
+  std::thread destroyer([&] {
+    caller_io.reset();
+    destroyed = true;
+  });
+  if (!testing::eventually([&destroyed] { return destroyed.load(); })) {
+    ADD_FAILURE() << "destroying the callers' io_context deadlocked";
+    std::fflush(stdout);
+    std::_Exit(1);
+  }
+  destroyer.join();
+  EXPECT_EQ(unwound, 2) << "a waiter's frame outlived its io_context";
+  EXPECT_EQ(resumed, 0);
+  EXPECT_EQ(pool.stats().waiting_normal, 0U);
+  EXPECT_TRUE(testing::eventually([&pool] { return pool.stats().idle == 1; }))
+      << "the connection went to a waiter that is gone";
+  run_elsewhere([&]() -> awaitable_void {
+    {
+      auto lease = co_await pool.acquire();
+      EXPECT_EQ((co_await lease->query("SELECT 5")).scalar<int>(), 5);
+    }
+    (void)co_await pool.close(5s);
+  });
+  keep_running.reset();
+  pool_thread.join();
+}
+
 // close_now() from a thread that does not run the pool's io_context (an exit handler, a signal
 // thread): the pool refuses acquires at once (closed() says so), although the rest of its close
 // waits for an io thread; the idle connection it closed is never handed out.

@@ -29,7 +29,9 @@
 #include <boost/asio/dispatch.hpp>
 #include <boost/asio/error.hpp>
 #include <boost/asio/execution_context.hpp>
+#include <boost/asio/io_context.hpp>
 #include <boost/asio/post.hpp>
+#include <boost/asio/strand.hpp>
 #include <boost/system/error_code.hpp>
 #include <memory>
 #include <mutex>
@@ -51,6 +53,9 @@ struct ParkedWait {
   // for a party that runs on another.)
   asio::any_io_executor executor;
   asio::execution_context* context = nullptr;  // the executor's (ParkedWaitWatch)
+  // For an executor of an io_context other than its plain one (a strand of it): that io_context,
+  // whose own queue the resumption goes through first (resume()).
+  asio::io_context* through = nullptr;
   // The waker may resume it in place (the owner's choice: a query() caller on the io_context of
   // the connection that answers it).
   bool resumable_in_place = false;
@@ -71,6 +76,7 @@ struct ParkedWait {
     taken.handler.swap(handler);
     taken.executor = std::move(executor);
     taken.context = std::exchange(context, nullptr);
+    taken.through = std::exchange(through, nullptr);
     taken.resumable_in_place = std::exchange(resumable_in_place, false);
     return taken;
   }
@@ -81,15 +87,41 @@ struct ParkedWait {
     asio::any_completion_handler<void(boost::system::error_code)>(
         std::forward<Handler>(new_handler))
         .swap(handler);
+    through = its_executor.target<asio::io_context::executor_type>() == nullptr
+                  ? io_context_of(its_executor)
+                  : nullptr;
     executor = std::move(its_executor);
     context = &its_context;
     resumable_in_place = in_place_allowed;
+  }
+
+  // The io_context whose own queue runs `executor`'s work: the io_context itself for its plain
+  // executor or a strand of one (asio::make_strand()); null for an executor of another kind.
+  static asio::io_context* io_context_of(const asio::any_io_executor& executor) noexcept {
+    if (const auto* plain = executor.target<asio::io_context::executor_type>()) {
+      return &plain->context();
+    }
+    if (const auto* strand = executor.target<asio::strand<asio::io_context::executor_type>>()) {
+      return &strand->get_inner_executor().context();
+    }
+    if (const auto* strand = executor.target<asio::strand<asio::any_io_executor>>()) {
+      return io_context_of(strand->get_inner_executor());
+    }
+    return nullptr;
   }
 };
 
 // Ends a wait taken out of its record with `error`: in place when this thread runs the waiter's
 // executor and `may_run_here`, else posted to it. (An exception that escapes the coroutine in
 // place is kept by its io_context, and thrown by its run(), as from any handler.)
+//
+// A waiter on a strand of an io_context is resumed through the io_context's own queue, and enters
+// its strand from there. Posted straight to a strand whose service has already shut down (its
+// io_context being destroyed: asio shuts the newest services down first), the resumption would be
+// destroyed in place, and the waiter's coroutine unwound on this thread, under the lock the waker
+// holds, which the coroutine's AbandonGuard takes. The io_context's own queue shuts down after
+// every ParkedWaitWatch of it, whose shutdown takes that lock: a wait still parked then is
+// released by the watch instead. (An executor of another kind is posted to directly.)
 inline void resume(ParkedWait wait, boost::system::error_code error, bool may_run_here) {
   const asio::any_io_executor executor = std::move(wait.executor);
   auto resumption = [handler = std::move(wait.handler), error]() mutable {
@@ -97,9 +129,16 @@ inline void resume(ParkedWait wait, boost::system::error_code error, bool may_ru
   };
   if (may_run_here) {
     asio::dispatch(executor, std::move(resumption));
-  } else {
-    asio::post(executor, std::move(resumption));
+    return;
   }
+  if (wait.through != nullptr) {
+    asio::post(wait.through->get_executor(),
+               [executor, resumption = std::move(resumption)]() mutable {
+                 asio::dispatch(executor, std::move(resumption));
+               });
+    return;
+  }
+  asio::post(executor, std::move(resumption));
 }
 
 // The coroutine's per-operation cancellation while it waits. Posted, never in place: the

@@ -78,15 +78,19 @@ void PoolState::spawn_later(asio::awaitable<void> operation) {
 }
 
 void PoolState::execute_locked(const pool::Actions& actions, Deferred& deferred) {
+  // The wake-ups first: a woken waiter has left the core's queue, so if another action threw
+  // before its wake-up, nothing would ever resume it, nor release it when its io_context shuts
+  // down. (Posted under the mutex: the waiter's io_context cannot be shutting down meanwhile, as
+  // ParkedWaitWatch's shutdown takes the mutex to take the waits; see async::resume().)
+  for (const pool::Action& action : actions) {
+    if (action.kind != pool::Action::Kind::wake) continue;
+    async::ParkedWait& parked = static_cast<PoolWaiter*>(action.waiter)->parked;
+    if (parked.waiting()) async::resume(parked.take(), error_code{}, false);
+  }
   for (const pool::Action& action : actions) {
     switch (action.kind) {
-      case pool::Action::Kind::wake: {
-        // Posted under the mutex: the waiter's io_context cannot be shutting down meanwhile
-        // (ParkedWaitWatch's shutdown takes the mutex to take the waits).
-        async::ParkedWait& parked = static_cast<PoolWaiter*>(action.waiter)->parked;
-        if (parked.waiting()) async::resume(parked.take(), error_code{}, false);
-        break;
-      }
+      case pool::Action::Kind::wake:
+        break;  // (above)
       case pool::Action::Kind::open:
         start_connect(*action.node);
         break;

@@ -227,15 +227,14 @@ inline Connection& connection_of(pool::Node& node) {
   return static_cast<PooledConnection&>(*node.attachment).connection;
 }
 
-// A caller waiting for a connection: the core's Waiter plus the timer it sleeps on. The core's
-// decision (handed a node, or failed) is made under the pool's lock, and the timer is cancelled
-// under it too, so the waiter is woken exactly once and never after its frame is gone.
+// A caller waiting for a connection: the core's Waiter plus its coroutine's parked handler. The
+// core's decision (handed a node, or failed) is made under the pool's lock, and the handler is
+// taken and its resumption posted under it too, so the waiter is woken exactly once and never
+// after its frame is gone.
 struct PoolWaiter : pool::Waiter {
   PoolWaiter(Priority priority_in, pool::ConsumerIndex consumer_in, std::source_location site_in)
       : Waiter(priority_in, site_in, consumer_in) {}
-  // Its coroutine, while it waits: woken (handed a connection, or failed) by taking and resuming
-  // it, under PoolState::mutex.
-  async::ParkedWait parked;
+  async::ParkedWait parked;  // while it waits
 };
 
 // A discarded connection keeps its capacity until the server has closed its end of the socket; a
