@@ -3597,36 +3597,63 @@ TEST_F(PoolTest, AClosedPoolThatRanQueryMayBeDestroyedAfterItsIoContext) {
   pool.reset();
 }
 
+// For the tests whose callers run on io_contexts of their own: the pool's io_context, run by a
+// thread of its own until stop() (or the object's end).
+struct PoolIoThread {
+  asio::io_context io;
+  asio::executor_work_guard<asio::io_context::executor_type> keep_running =
+      asio::make_work_guard(io);
+  std::thread thread{[this] { io.run(); }};
+  PoolIoThread() = default;
+  PoolIoThread(const PoolIoThread&) = delete;
+  PoolIoThread& operator=(const PoolIoThread&) = delete;
+  PoolIoThread(PoolIoThread&&) = delete;
+  PoolIoThread& operator=(PoolIoThread&&) = delete;
+  ~PoolIoThread() { stop(); }
+  // Lets the io_context run out of work, and waits for its thread to end.
+  void stop() {
+    keep_running.reset();
+    if (thread.joinable()) thread.join();
+  }
+};
+
+// Runs the coroutine `make()` returns on an io_context of its own until it returns.
+template <typename MakeCoroutine>
+void run_elsewhere(MakeCoroutine make) {
+  asio::io_context io;
+  asio::co_spawn(io, make(), [](const std::exception_ptr& error) {
+    if (error) std::rethrow_exception(error);
+  });
+  io.run();
+}
+
+// Counts its destruction: the coroutine frame that holds it was unwound.
+struct CountsUnwinding {
+  explicit CountsUnwinding(std::atomic<int>& counter) : count(counter) {}
+  std::atomic<int>& count;
+  CountsUnwinding(const CountsUnwinding&) = delete;
+  CountsUnwinding& operator=(const CountsUnwinding&) = delete;
+  CountsUnwinding(CountsUnwinding&&) = delete;
+  CountsUnwinding& operator=(CountsUnwinding&&) = delete;
+  ~CountsUnwinding() { ++count; }
+};
+
 // A query() caller whose own io_context is destroyed while it waits for its answer (another
 // io_context runs the pool) is unwound with it, as a caller waiting on an asio operation is: its
 // coroutine frame is destroyed then, a queued statement leaves the queue, and a sent one's answer
 // is dropped when it comes; nothing is later resumed into the destroyed io_context. The pool
 // serves on.
 TEST_F(PoolTest, QueryCallersAreUnwoundWithTheirIoContextWhileTheyWait) {
-  asio::io_context pool_io;
-  auto keep_running = asio::make_work_guard(pool_io);
-  std::thread pool_thread([&pool_io] { pool_io.run(); });
-  Pool pool(pool_io.get_executor(), config("shared-caller-gone", 1));
-  // Runs `body` on an io_context of its own until it returns.
-  const auto run_elsewhere = [](auto body) {
-    asio::io_context io;
-    asio::co_spawn(io, body(), [](const std::exception_ptr& error) {
-      if (error) std::rethrow_exception(error);
-    });
-    io.run();
-  };
-  struct Unwound {
-    std::atomic<bool>& flag;
-    ~Unwound() { flag = true; }
-  };
+  PoolIoThread pool_io;
+  Pool pool(pool_io.io.get_executor(), config("shared-caller-gone", 1));
   // Spawns a caller of `sql` on a fresh io_context, runs it until `waiting()` holds, destroys it.
   const auto abandon_caller = [&pool](const char* sql, const std::function<bool()>& waiting,
-                                      std::atomic<bool>& unwound, std::atomic<bool>& resumed) {
+                                      std::atomic<int>& unwound, std::atomic<bool>& resumed) {
     auto caller_io = std::make_unique<asio::io_context>();
     asio::co_spawn(
         *caller_io,
         [&]() -> awaitable_void {
-          const Unwound guard{unwound};
+          const CountsUnwinding guard{unwound};
           (void)co_await pool.query(sql);
           resumed = true;
         },
@@ -3641,24 +3668,24 @@ TEST_F(PoolTest, QueryCallersAreUnwoundWithTheirIoContextWhileTheyWait) {
   run_elsewhere([&]() -> awaitable_void { (void)co_await pool.query("SELECT 1"); });
 
   // 1. Sent: in flight on the shared connection when its caller's io_context goes.
-  std::atomic<bool> sent_unwound = false;
+  std::atomic<int> sent_unwound = 0;
   std::atomic<bool> sent_resumed = false;
   abandon_caller(
       "SELECT pg_sleep(0.3)", [&pool] { return pool.stats().shared_in_flight == 1; }, sent_unwound,
       sent_resumed);
-  EXPECT_TRUE(sent_unwound) << "the caller's frame outlived its io_context";
+  EXPECT_EQ(sent_unwound, 1) << "the caller's frame outlived its io_context";
   EXPECT_TRUE(testing::eventually([&pool] { return pool.stats().shared_in_flight == 0; }));
   EXPECT_FALSE(sent_resumed);
 
   // 2. Queued: the only connection is leased, so the statement waits for one.
   std::optional<Lease> held;
   run_elsewhere([&]() -> awaitable_void { held.emplace(co_await pool.acquire()); });
-  std::atomic<bool> queued_unwound = false;
+  std::atomic<int> queued_unwound = 0;
   std::atomic<bool> queued_resumed = false;
   abandon_caller(
       "SELECT 2", [&pool] { return pool.stats().shared_queued == 1; }, queued_unwound,
       queued_resumed);
-  EXPECT_TRUE(queued_unwound) << "the caller's frame outlived its io_context";
+  EXPECT_EQ(queued_unwound, 1) << "the caller's frame outlived its io_context";
   EXPECT_EQ(pool.stats().shared_queued, 0U) << "the abandoned statement is still queued";
   held.reset();
 
@@ -3668,8 +3695,7 @@ TEST_F(PoolTest, QueryCallersAreUnwoundWithTheirIoContextWhileTheyWait) {
     (void)co_await pool.close(5s);
   });
   EXPECT_FALSE(queued_resumed);
-  keep_running.reset();
-  pool_thread.join();
+  pool_io.stop();
 }
 
 // A caller waiting for a lease on an io_context of its own that is destroyed meanwhile: its
@@ -3677,32 +3703,18 @@ TEST_F(PoolTest, QueryCallersAreUnwoundWithTheirIoContextWhileTheyWait) {
 // io_context's shutdown), it leaves the queue, and the connection that comes back goes to the
 // next caller, never to the caller that is gone.
 TEST_F(PoolTest, AcquireWaitersAreUnwoundWithTheirIoContextWhileTheyWait) {
-  asio::io_context pool_io;
-  auto keep_running = asio::make_work_guard(pool_io);
-  std::thread pool_thread([&pool_io] { pool_io.run(); });
-  Pool pool(pool_io.get_executor(), config("waiter-gone", 1));
-  // Runs `body` on an io_context of its own until it returns.
-  const auto run_elsewhere = [](auto body) {
-    asio::io_context io;
-    asio::co_spawn(io, body(), [](const std::exception_ptr& error) {
-      if (error) std::rethrow_exception(error);
-    });
-    io.run();
-  };
-  struct Unwound {
-    std::atomic<bool>& flag;
-    ~Unwound() { flag = true; }
-  };
+  PoolIoThread pool_io;
+  Pool pool(pool_io.io.get_executor(), config("waiter-gone", 1));
   std::optional<Lease> held;
   run_elsewhere([&]() -> awaitable_void { held.emplace(co_await pool.acquire()); });
-  std::atomic<bool> unwound = false;
+  std::atomic<int> unwound = 0;
   std::atomic<bool> resumed = false;
   {
     asio::io_context caller_io;
     asio::co_spawn(
         caller_io,
         [&]() -> awaitable_void {
-          const Unwound guard{unwound};
+          const CountsUnwinding guard{unwound};
           auto lease = co_await pool.acquire();
           resumed = true;
         },
@@ -3713,7 +3725,7 @@ TEST_F(PoolTest, AcquireWaitersAreUnwoundWithTheirIoContextWhileTheyWait) {
     }
     ASSERT_EQ(pool.stats().waiting_normal, 1U);
   }  // the caller's io_context is destroyed while its coroutine waits
-  EXPECT_TRUE(unwound) << "the waiter's frame outlived its io_context";
+  EXPECT_EQ(unwound, 1) << "the waiter's frame outlived its io_context";
   EXPECT_EQ(pool.stats().waiting_normal, 0U) << "the gone waiter is still queued";
   held.reset();
   EXPECT_TRUE(testing::eventually([&pool] { return pool.stats().idle == 1; }))
@@ -3724,8 +3736,7 @@ TEST_F(PoolTest, AcquireWaitersAreUnwoundWithTheirIoContextWhileTheyWait) {
   });
   run_elsewhere([&]() -> awaitable_void { (void)co_await pool.close(5s); });
   EXPECT_FALSE(resumed);
-  keep_running.reset();
-  pool_thread.join();
+  pool_io.stop();
 }
 
 // Waiters on strands of an io_context that is destroyed while the first has been handed the
@@ -3735,21 +3746,8 @@ TEST_F(PoolTest, AcquireWaitersAreUnwoundWithTheirIoContextWhileTheyWait) {
 // connection back, which hands it to the second: that hand-off must not unwind the second on this
 // thread under the pool's lock, which its unwinding takes (it would deadlock here).
 TEST_F(PoolTest, StrandWaitersOfADestroyedIoContextAreUnwoundWithoutDeadlock) {
-  asio::io_context pool_io;
-  auto keep_running = asio::make_work_guard(pool_io);
-  std::thread pool_thread([&pool_io] { pool_io.run(); });
-  Pool pool(pool_io.get_executor(), config("strand-waiters-gone", 1));
-  const auto run_elsewhere = [](auto body) {
-    asio::io_context io;
-    asio::co_spawn(io, body(), [](const std::exception_ptr& error) {
-      if (error) std::rethrow_exception(error);
-    });
-    io.run();
-  };
-  struct Unwound {
-    std::atomic<int>& count;
-    ~Unwound() { ++count; }
-  };
+  PoolIoThread pool_io;
+  Pool pool(pool_io.io.get_executor(), config("strand-waiters-gone", 1));
   std::optional<Lease> held;
   run_elsewhere([&]() -> awaitable_void { held.emplace(co_await pool.acquire()); });
   auto caller_io = std::make_unique<asio::io_context>();
@@ -3786,7 +3784,7 @@ TEST_F(PoolTest, StrandWaitersOfADestroyedIoContextAreUnwoundWithoutDeadlock) {
     asio::co_spawn(
         asio::make_strand(*caller_io),
         [&]() -> awaitable_void {
-          const Unwound guard{unwound};
+          const CountsUnwinding guard{unwound};
           auto lease = co_await pool.acquire();
           ++resumed;
         },
@@ -3820,8 +3818,7 @@ TEST_F(PoolTest, StrandWaitersOfADestroyedIoContextAreUnwoundWithoutDeadlock) {
     }
     (void)co_await pool.close(5s);
   });
-  keep_running.reset();
-  pool_thread.join();
+  pool_io.stop();
 }
 
 // close_now() from a thread that does not run the pool's io_context (an exit handler, a signal
