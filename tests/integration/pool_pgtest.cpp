@@ -2555,6 +2555,38 @@ TEST_F(PoolTest, QueryStatementsAllGivenUpAreCancelledSoTheirConnectionServesAga
   });
 }
 
+// A cancel request that the server ignores (one that reaches the backend between two
+// statements is dropped; here a function swallows the first) is sent again while the given-up
+// statement is still the head: its connection serves again within moments, not after the
+// statement's own end (30 s, far past acquire_timeout).
+TEST_F(PoolTest, QueryStatementsAllGivenUpAreCancelledAgainWhenACancelMissed) {
+  testing::BlockingConnection admin(cluster().dsn());
+  admin.query(
+      "CREATE OR REPLACE FUNCTION swallows_one_cancel() RETURNS int LANGUAGE plpgsql AS $$ "
+      "BEGIN PERFORM pg_sleep(30); RETURN 1; "
+      "EXCEPTION WHEN query_canceled THEN PERFORM pg_sleep(30); RETURN 2; END $$");
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    PoolConfig pool_config = config("shared-cancel-again", 1);
+    pool_config.acquire_timeout = 3s;
+    Pool pool(executor, pool_config);
+    const int backend = (co_await pool.query("SELECT pg_backend_pid()")).scalar<int>();
+    auto error = co_await testing::expect_error(
+        with_timeout(pool.query("SELECT swallows_one_cancel()"), std::chrono::milliseconds(100)));
+    EXPECT_EQ(error.code(), client_errc::timeout);
+    const auto started = std::chrono::steady_clock::now();
+    for (int i = 0; i < 5; ++i) {
+      const Result row = co_await pool.query("SELECT pg_backend_pid(), $1::int", i);
+      EXPECT_EQ(row[0].get<int>(1), i);
+      EXPECT_EQ(row[0].get<int>(0), backend) << "the connection was closed, not drained";
+    }
+    EXPECT_LT(std::chrono::steady_clock::now() - started, 2s)
+        << "new statements waited for the given-up statement to end by itself";
+    (void)co_await pool.close(5s);
+  });
+  admin.query("DROP FUNCTION swallows_one_cancel()");
+}
+
 // A connection query() still has out when close()'s grace ends is named as query()'s, not by a
 // line of pgrt's own source.
 TEST_F(PoolTest, QueryConnectionsStillOutAtCloseAreNamedAsQuerys) {

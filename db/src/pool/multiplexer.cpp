@@ -81,6 +81,10 @@ const SharedStatement* abandoned_head_locked(const std::deque<SentEntry>& sent) 
   return head;
 }
 
+// How long a cancel request sent for a given-up head statement may take to end it before it is
+// sent again (run_link(), 4.).
+constexpr std::chrono::milliseconds cancel_retry_interval{250};
+
 // The most a batch's statements (their text and parameters) may weigh to be held in libpq's
 // buffer and sent in one write (Connection::Impl::hold_output()): libpq's own threshold for
 // flushing a pipeline.
@@ -206,10 +210,13 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
     std::lock_guard lock(mux->mutex);
     link->depth = impl_pointer != nullptr && impl_pointer->one_segment_in_flight() ? 1 : mux->depth;
   }
-  // The cancel requests sent for statements whose callers all gave up (see 4.), and the head
-  // statement the last one was sent for.
+  // The cancel requests sent for statements whose callers all gave up (see 4.), the head
+  // statement the last one was sent for and when, and the timer that wakes this coroutine to send
+  // it again if that statement is still the head by then.
   std::vector<std::shared_ptr<std::atomic<bool>>> cancels_delivered;
   const SharedStatement* cancelled_head = nullptr;
+  Clock::time_point cancelled_at{};
+  asio::steady_timer cancel_again(mux->strand);
   bool served = false;  // it has sent something: only then may it be given up early
   bool yielded_when_drained = false;
   // Reads the pool (under its lock, never under ours): whether callers wait for a lease beyond
@@ -412,10 +419,24 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
         // Every statement in flight here was given up by its caller, and none will follow (the
         // connection retires): a cancel request can only hit one of them, so it is sent, again
         // for each new head, rather than holding the connection until they end. The connection
-        // goes back to the pool only once the request was delivered (below).
-        if (cancel_for != nullptr && cancel_for != cancelled_head) {
+        // goes back to the pool only once the request was delivered (below). A request that
+        // reaches the backend between two statements (while it reads the next) is ignored by the
+        // server: if the same statement is still the head after cancel_retry_interval, the
+        // request is sent again (the timer wakes this coroutine from its wait for the socket).
+        if (cancel_for != nullptr && (cancel_for != cancelled_head ||
+                                      Clock::now() - cancelled_at >= cancel_retry_interval)) {
           cancelled_head = cancel_for;
+          cancelled_at = Clock::now();
           if (auto delivered = impl.send_cancel_request()) cancels_delivered.push_back(delivered);
+          cancel_again.expires_after(cancel_retry_interval);
+          cancel_again.async_wait([weak_mux = std::weak_ptr<Multiplexer>(mux),
+                                   weak_link = std::weak_ptr<SharedLink>(link)](error_code error) {
+            const auto live_mux = weak_mux.lock();
+            const auto live_link = weak_link.lock();
+            if (error || !live_mux || !live_link) return;
+            const std::lock_guard lock(live_mux->mutex);
+            live_mux->wake_locked(live_link);
+          });
         }
         error_code wait_error;
         if (!impl.tls_holds_bytes()) {
