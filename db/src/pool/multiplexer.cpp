@@ -216,6 +216,7 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
   std::vector<std::shared_ptr<std::atomic<bool>>> cancels_delivered;
   const SharedStatement* cancelled_head = nullptr;
   Clock::time_point cancelled_at{};
+  Clock::duration cancel_retry_after = cancel_retry_interval;
   asio::steady_timer cancel_again(mux->strand);
   bool served = false;  // it has sent something: only then may it be given up early
   bool yielded_when_drained = false;
@@ -422,13 +423,20 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
         // goes back to the pool only once the request was delivered (below). A request that
         // reaches the backend between two statements (while it reads the next) is ignored by the
         // server: if the same statement is still the head after cancel_retry_interval, the
-        // request is sent again (the timer wakes this coroutine from its wait for the socket).
-        if (cancel_for != nullptr && (cancel_for != cancelled_head ||
-                                      Clock::now() - cancelled_at >= cancel_retry_interval)) {
+        // request is sent again (the timer wakes this coroutine from its wait for the socket),
+        // and again after twice as long each time, up to 16 times the interval (a statement that
+        // swallows cancels costs a request every few seconds, not four a second).
+        if (cancel_for != nullptr &&
+            (cancel_for != cancelled_head || Clock::now() >= cancelled_at + cancel_retry_after)) {
+          cancel_retry_after =
+              cancel_for != cancelled_head
+                  ? cancel_retry_interval
+                  : std::min<Clock::duration>(cancel_retry_after * 2, cancel_retry_interval * 16);
           cancelled_head = cancel_for;
           cancelled_at = Clock::now();
+          std::erase_if(cancels_delivered, [](const auto& delivered) { return delivered->load(); });
           if (auto delivered = impl.send_cancel_request()) cancels_delivered.push_back(delivered);
-          cancel_again.expires_after(cancel_retry_interval);
+          cancel_again.expires_after(cancel_retry_after);
           cancel_again.async_wait([weak_mux = std::weak_ptr<Multiplexer>(mux),
                                    weak_link = std::weak_ptr<SharedLink>(link)](error_code error) {
             const auto live_mux = weak_mux.lock();
