@@ -3772,7 +3772,7 @@ TEST_F(PoolTest, AcquireWaitersAreUnwoundWithTheirIoContextWhileTheyWait) {
 }
 
 // Waiters on strands of an io_context that is destroyed while the first has been handed the
-// connection (its resumption queued in its strand) and the second still waits. asio shuts the
+// connection (its resumption queued, not yet run) and the second still waits. asio shuts the
 // newest services down first: the strands' service, made after the pool began to watch that
 // io_context, goes before the watch. The first waiter's coroutine is unwound then and gives the
 // connection back, which hands it to the second: that hand-off must not unwind the second on this

@@ -53,9 +53,6 @@ struct ParkedWait {
   // for a party that runs on another.)
   asio::any_io_executor executor;
   asio::execution_context* context = nullptr;  // the executor's (ParkedWaitWatch)
-  // For an executor of an io_context other than its plain one (a strand of it): that io_context,
-  // whose own queue the resumption goes through first (resume()).
-  asio::io_context* through = nullptr;
   // The waker may resume it in place (the owner's choice: a query() caller on the io_context of
   // the connection that answers it).
   bool resumable_in_place = false;
@@ -76,7 +73,6 @@ struct ParkedWait {
     taken.handler.swap(handler);
     taken.executor = std::move(executor);
     taken.context = std::exchange(context, nullptr);
-    taken.through = std::exchange(through, nullptr);
     taken.resumable_in_place = std::exchange(resumable_in_place, false);
     return taken;
   }
@@ -87,9 +83,6 @@ struct ParkedWait {
     asio::any_completion_handler<void(boost::system::error_code)>(
         std::forward<Handler>(new_handler))
         .swap(handler);
-    through = its_executor.target<asio::io_context::executor_type>() == nullptr
-                  ? io_context_of(its_executor)
-                  : nullptr;
     executor = std::move(its_executor);
     context = &its_context;
     resumable_in_place = in_place_allowed;
@@ -131,11 +124,13 @@ inline void resume(ParkedWait wait, boost::system::error_code error, bool may_ru
     asio::dispatch(executor, std::move(resumption));
     return;
   }
-  if (wait.through != nullptr) {
-    asio::post(wait.through->get_executor(),
-               [executor, resumption = std::move(resumption)]() mutable {
-                 asio::dispatch(executor, std::move(resumption));
-               });
+  asio::io_context* through = executor.target<asio::io_context::executor_type>() == nullptr
+                                  ? ParkedWait::io_context_of(executor)
+                                  : nullptr;
+  if (through != nullptr) {
+    asio::post(through->get_executor(), [executor, resumption = std::move(resumption)]() mutable {
+      asio::dispatch(executor, std::move(resumption));
+    });
     return;
   }
   asio::post(executor, std::move(resumption));
