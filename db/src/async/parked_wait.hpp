@@ -32,6 +32,7 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/strand.hpp>
+#include <boost/asio/thread_pool.hpp>
 #include <boost/system/error_code.hpp>
 #include <memory>
 #include <mutex>
@@ -88,19 +89,21 @@ struct ParkedWait {
     resumable_in_place = in_place_allowed;
   }
 
-  // The io_context whose own queue runs `executor`'s work: the io_context itself for its plain
-  // executor or a strand of one (asio::make_strand()); null for an executor of another kind.
-  static asio::io_context* io_context_of(const asio::any_io_executor& executor) noexcept {
-    if (const auto* plain = executor.target<asio::io_context::executor_type>()) {
-      return &plain->context();
-    }
+  // For a strand, the executor whose own queue runs its work: the io_context's or the
+  // thread_pool's it was made on (asio::make_strand(), directly or through any_io_executor); empty
+  // for any other executor.
+  static std::optional<asio::any_io_executor> queue_beneath(const asio::any_io_executor& executor) {
     if (const auto* strand = executor.target<asio::strand<asio::io_context::executor_type>>()) {
-      return &strand->get_inner_executor().context();
+      return asio::any_io_executor(strand->get_inner_executor());
+    }
+    if (const auto* strand = executor.target<asio::strand<asio::thread_pool::executor_type>>()) {
+      return asio::any_io_executor(strand->get_inner_executor());
     }
     if (const auto* strand = executor.target<asio::strand<asio::any_io_executor>>()) {
-      return io_context_of(strand->get_inner_executor());
+      auto deeper = queue_beneath(strand->get_inner_executor());
+      return deeper ? std::move(deeper) : strand->get_inner_executor();
     }
-    return nullptr;
+    return std::nullopt;
   }
 };
 
@@ -108,13 +111,14 @@ struct ParkedWait {
 // executor and `may_run_here`, else posted to it. (An exception that escapes the coroutine in
 // place is kept by its io_context, and thrown by its run(), as from any handler.)
 //
-// A waiter on a strand of an io_context is resumed through the io_context's own queue, and enters
-// its strand from there. Posted straight to a strand whose service has already shut down (its
-// io_context being destroyed: asio shuts the newest services down first), the resumption would be
-// destroyed in place, and the waiter's coroutine unwound on this thread, under the lock the waker
-// holds, which the coroutine's AbandonGuard takes. The io_context's own queue shuts down after
-// every ParkedWaitWatch of it, whose shutdown takes that lock: a wait still parked then is
-// released by the watch instead. (An executor of another kind is posted to directly.)
+// A waiter on a strand is resumed through the queue of the io_context or thread_pool beneath it,
+// and enters its strand from there. Posted straight to a strand whose service has already shut
+// down (its execution context being destroyed: asio shuts the newest services down first), the
+// resumption would be destroyed in place, and the waiter's coroutine unwound on this thread, under
+// the lock the waker holds, which the coroutine's AbandonGuard takes. The context's own queue
+// shuts down after every ParkedWaitWatch of it, whose shutdown takes that lock: a wait still
+// parked then is released by the watch instead. (An executor of another kind is posted to
+// directly.)
 inline void resume(ParkedWait wait, boost::system::error_code error, bool may_run_here) {
   const asio::any_io_executor executor = std::move(wait.executor);
   auto resumption = [handler = std::move(wait.handler), error]() mutable {
@@ -124,14 +128,13 @@ inline void resume(ParkedWait wait, boost::system::error_code error, bool may_ru
     asio::dispatch(executor, std::move(resumption));
     return;
   }
-  asio::io_context* through = executor.target<asio::io_context::executor_type>() == nullptr
-                                  ? ParkedWait::io_context_of(executor)
-                                  : nullptr;
-  if (through != nullptr) {
-    asio::post(through->get_executor(), [executor, resumption = std::move(resumption)]() mutable {
-      asio::dispatch(executor, std::move(resumption));
-    });
-    return;
+  if (executor.target<asio::io_context::executor_type>() == nullptr) {
+    if (auto beneath = ParkedWait::queue_beneath(executor)) {
+      asio::post(*beneath, [executor, resumption = std::move(resumption)]() mutable {
+        asio::dispatch(executor, std::move(resumption));
+      });
+      return;
+    }
   }
   asio::post(executor, std::move(resumption));
 }
