@@ -36,6 +36,7 @@
 
 #include <pgrt/db.hpp>
 
+#include "connection/impl.hpp"
 #include "pgrt/testing/blocking_sql.hpp"
 #include "pgrt/testing/db_test.hpp"
 #include "pgrt/testing/eventually.hpp"
@@ -2586,6 +2587,36 @@ TEST_F(PoolTest, QueryStatementsAllGivenUpAreCancelledAgainWhenACancelMissed) {
     (void)co_await pool.close(5s);
   });
   admin.query("DROP FUNCTION swallows_one_cancel()");
+}
+
+// Behind a network that takes cancel requests and never answers them, the request for a given-up
+// head statement is not sent again while the last one is still on its way: each would hold one
+// more of the process's cancel threads (32 in all), and in a few minutes none would be left for
+// any other cancel. (Found by review.)
+TEST_F(PoolTest, QueryCancelIsNotSentAgainWhileTheLastIsStillOnItsWay) {
+  testing::FaultProxy proxy("127.0.0.1", static_cast<std::uint16_t>(cluster().port()));
+  auto pool_config = config("shared-cancel-swallowed", 1);
+  pool_config.conninfo = proxy.conninfo_prefix() + " user=postgres dbname=postgres";
+  pool_config.acquire_timeout = 30s;
+  int extra_on_their_way = 0;
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, pool_config);
+    (void)co_await pool.query("SELECT 1");
+    const int before = Connection::Impl::cancel_requests_on_their_way();
+    proxy.pause();  // cancel requests are taken and never answered
+    auto error = co_await testing::expect_error(
+        with_timeout(pool.query("SELECT pg_sleep(5)"), std::chrono::milliseconds(100)));
+    EXPECT_EQ(error.code(), client_errc::timeout);
+    co_await sleep_for(4500ms);  // resends would be due at 0.25, 0.75, 1.75 and 3.75 s
+    extra_on_their_way = Connection::Impl::cancel_requests_on_their_way() - before;
+    proxy.resume();
+    (void)co_await pool.close(10s);
+  });
+  EXPECT_EQ(extra_on_their_way, 1)
+      << extra_on_their_way << " cancel requests on their way for one given-up statement";
+  EXPECT_TRUE(testing::eventually(
+      [] { return Connection::Impl::cancel_requests_on_their_way() == 0; }, 20s));
 }
 
 // A connection query() still has out when close()'s grace ends is named as query()'s, not by a

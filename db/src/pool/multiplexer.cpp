@@ -425,26 +425,38 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
         // server: if the same statement is still the head after cancel_retry_interval, the
         // request is sent again (the timer wakes this coroutine from its wait for the socket),
         // and again after twice as long each time, up to 16 times the interval (a statement that
-        // swallows cancels costs a request every few seconds, not four a second).
-        if (cancel_for != nullptr &&
-            (cancel_for != cancelled_head || Clock::now() >= cancelled_at + cancel_retry_after)) {
-          cancel_retry_after =
-              cancel_for != cancelled_head
-                  ? cancel_retry_interval
-                  : std::min<Clock::duration>(cancel_retry_after * 2, cancel_retry_interval * 16);
-          cancelled_head = cancel_for;
-          cancelled_at = Clock::now();
-          std::erase_if(cancels_delivered, [](const auto& delivered) { return delivered->load(); });
-          if (auto delivered = impl.send_cancel_request()) cancels_delivered.push_back(delivered);
-          cancel_again.expires_after(cancel_retry_after);
-          cancel_again.async_wait([weak_mux = std::weak_ptr<Multiplexer>(mux),
-                                   weak_link = std::weak_ptr<SharedLink>(link)](error_code error) {
-            const auto live_mux = weak_mux.lock();
-            const auto live_link = weak_link.lock();
-            if (error || !live_mux || !live_link) return;
-            const std::lock_guard lock(live_mux->mutex);
-            live_mux->wake_locked(live_link);
-          });
+        // swallows cancels costs a request every few seconds, not four a second). Never while the
+        // last one is still on its way (a network that swallows cancel requests would otherwise
+        // take one more of the process's cancel threads at each resend): the timer looks again
+        // an interval later.
+        if (cancel_for != nullptr) {
+          const bool new_head = cancel_for != cancelled_head;
+          if (new_head || Clock::now() >= cancelled_at + cancel_retry_after) {
+            const bool last_on_its_way =
+                !cancels_delivered.empty() && !cancels_delivered.back()->load();
+            if (new_head || !last_on_its_way) {
+              cancel_retry_after = new_head ? cancel_retry_interval
+                                            : std::min<Clock::duration>(cancel_retry_after * 2,
+                                                                        cancel_retry_interval * 16);
+              std::erase_if(cancels_delivered,
+                            [](const auto& delivered) { return delivered->load(); });
+              if (auto delivered = impl.send_cancel_request()) {
+                cancels_delivered.push_back(delivered);
+              }
+            }
+            cancelled_head = cancel_for;
+            cancelled_at = Clock::now();
+            cancel_again.expires_after(cancel_retry_after);
+            cancel_again.async_wait(
+                [weak_mux = std::weak_ptr<Multiplexer>(mux),
+                 weak_link = std::weak_ptr<SharedLink>(link)](error_code error) {
+                  const auto live_mux = weak_mux.lock();
+                  const auto live_link = weak_link.lock();
+                  if (error || !live_mux || !live_link) return;
+                  const std::lock_guard lock(live_mux->mutex);
+                  live_mux->wake_locked(live_link);
+                });
+          }
         }
         error_code wait_error;
         if (!impl.tls_holds_bytes()) {
