@@ -3888,73 +3888,82 @@ TEST_F(PoolTest, StrandWaitersOfADestroyedIoContextAreUnwoundWithoutDeadlock) {
 // The same on strands of an asio::thread_pool, destroyed while its thread is stopped: the first
 // waiter, handed the connection, is unwound by the thread_pool's shutdown and gives it back, which
 // hands it to the second; the second must not be unwound in place, under the pool's lock.
+// Both with strands of its plain executor and of one that tracks work.
 TEST_F(PoolTest, ThreadPoolStrandWaitersOfADestroyedThreadPoolAreUnwoundWithoutDeadlock) {
-  PoolIoThread pool_io;
-  Pool pool(pool_io.io.get_executor(), config("thread-pool-strands-gone", 1));
-  std::optional<Lease> held;
-  run_elsewhere([&]() -> awaitable_void { held.emplace(co_await pool.acquire()); });
-  auto callers = std::make_unique<asio::thread_pool>(1);
-  // 1. A waiter on the thread_pool's own executor: the pool starts watching the thread_pool; it
-  // is served, and gives the connection back.
-  std::atomic<bool> first_done = false;
-  asio::co_spawn(
-      *callers,
-      [&]() -> awaitable_void {
-        (void)co_await pool.acquire();
-        first_done = true;
-      },
-      asio::detached);
-  ASSERT_TRUE(testing::eventually([&pool] { return pool.stats().waiting_normal == 1; }));
-  held.reset();
-  ASSERT_TRUE(testing::eventually([&first_done] { return first_done.load(); }));
-  run_elsewhere([&]() -> awaitable_void { held.emplace(co_await pool.acquire()); });
-  // 2. Two waiters, each on a strand made after that.
-  std::atomic<int> unwound = 0;
-  std::atomic<int> resumed = 0;
-  for (int i = 0; i < 2; ++i) {
+  const auto run_case = [this](const bool tracking_work) {
+    PoolIoThread pool_io;
+    Pool pool(
+        pool_io.io.get_executor(),
+        config(tracking_work ? "thread-pool-tracked-strands-gone" : "thread-pool-strands-gone", 1));
+    std::optional<Lease> held;
+    run_elsewhere([&]() -> awaitable_void { held.emplace(co_await pool.acquire()); });
+    auto callers = std::make_unique<asio::thread_pool>(1);
+    // 1. A waiter on the thread_pool's own executor: the pool starts watching the thread_pool; it
+    // is served, and gives the connection back.
+    std::atomic<bool> first_done = false;
     asio::co_spawn(
-        asio::make_strand(*callers),
+        *callers,
         [&]() -> awaitable_void {
-          const CountsUnwinding guard{unwound};
-          auto lease = co_await pool.acquire();
-          ++resumed;
+          (void)co_await pool.acquire();
+          first_done = true;
         },
         asio::detached);
-  }
-  ASSERT_TRUE(testing::eventually([&pool] { return pool.stats().waiting_normal == 2; }));
-  // 3. The thread_pool's one thread is kept busy; the connection comes back and is handed to the
-  // first (its resumption is queued behind that).
-  std::promise<void> release_thread;
-  std::atomic<bool> thread_busy = false;
-  asio::post(*callers, [&thread_busy, done = release_thread.get_future()]() mutable {
-    thread_busy = true;
-    done.wait();
-  });
-  ASSERT_TRUE(testing::eventually([&thread_busy] { return thread_busy.load(); }));
-  held.reset();
-  ASSERT_TRUE(testing::eventually([&pool] { return pool.stats().waiting_normal == 1; }));
-  // 4. The thread_pool is stopped (its thread runs nothing more once it is let go) and destroyed,
-  // on a thread of its own, so that a deadlock fails the test.
-  std::atomic<bool> destroyed = false;
-  std::thread destroyer([&] {
-    callers->stop();
-    release_thread.set_value();
-    callers.reset();
-    destroyed = true;
-  });
-  if (!testing::eventually([&destroyed] { return destroyed.load(); })) {
-    ADD_FAILURE() << "destroying the callers' thread_pool deadlocked";
-    std::fflush(stdout);
-    std::_Exit(1);
-  }
-  destroyer.join();
-  EXPECT_EQ(unwound, 2) << "a waiter's frame outlived its thread_pool";
-  EXPECT_EQ(resumed, 0);
-  EXPECT_EQ(pool.stats().waiting_normal, 0U);
-  EXPECT_TRUE(testing::eventually([&pool] { return pool.stats().idle == 1; }))
-      << "the connection went to a waiter that is gone";
-  run_elsewhere([&]() -> awaitable_void { (void)co_await pool.close(5s); });
-  pool_io.stop();
+    ASSERT_TRUE(testing::eventually([&pool] { return pool.stats().waiting_normal == 1; }));
+    held.reset();
+    ASSERT_TRUE(testing::eventually([&first_done] { return first_done.load(); }));
+    run_elsewhere([&]() -> awaitable_void { held.emplace(co_await pool.acquire()); });
+    // 2. Two waiters, each on a strand made after that.
+    std::atomic<int> unwound = 0;
+    std::atomic<int> resumed = 0;
+    for (int i = 0; i < 2; ++i) {
+      asio::co_spawn(
+          tracking_work ? asio::any_io_executor(asio::make_strand(asio::require(
+                              callers->get_executor(), asio::execution::outstanding_work.tracked)))
+                        : asio::any_io_executor(asio::make_strand(*callers)),
+          [&]() -> awaitable_void {
+            const CountsUnwinding guard{unwound};
+            auto lease = co_await pool.acquire();
+            ++resumed;
+          },
+          asio::detached);
+    }
+    ASSERT_TRUE(testing::eventually([&pool] { return pool.stats().waiting_normal == 2; }));
+    // 3. The thread_pool's one thread is kept busy; the connection comes back and is handed to the
+    // first (its resumption is queued behind that).
+    std::promise<void> release_thread;
+    std::atomic<bool> thread_busy = false;
+    asio::post(*callers, [&thread_busy, done = release_thread.get_future()]() mutable {
+      thread_busy = true;
+      done.wait();
+    });
+    ASSERT_TRUE(testing::eventually([&thread_busy] { return thread_busy.load(); }));
+    held.reset();
+    ASSERT_TRUE(testing::eventually([&pool] { return pool.stats().waiting_normal == 1; }));
+    // 4. The thread_pool is stopped (its thread runs nothing more once it is let go) and destroyed,
+    // on a thread of its own, so that a deadlock fails the test.
+    std::atomic<bool> destroyed = false;
+    std::thread destroyer([&] {
+      callers->stop();
+      release_thread.set_value();
+      callers.reset();
+      destroyed = true;
+    });
+    if (!testing::eventually([&destroyed] { return destroyed.load(); })) {
+      ADD_FAILURE() << "destroying the callers' thread_pool deadlocked";
+      std::fflush(stdout);
+      std::_Exit(1);
+    }
+    destroyer.join();
+    EXPECT_EQ(unwound, 2) << "a waiter's frame outlived its thread_pool";
+    EXPECT_EQ(resumed, 0);
+    EXPECT_EQ(pool.stats().waiting_normal, 0U);
+    EXPECT_TRUE(testing::eventually([&pool] { return pool.stats().idle == 1; }))
+        << "the connection went to a waiter that is gone";
+    run_elsewhere([&]() -> awaitable_void { (void)co_await pool.close(5s); });
+    pool_io.stop();
+  };
+  run_case(false);
+  run_case(true);
 }
 
 // close_now() from a thread that does not run the pool's io_context (an exit handler, a signal

@@ -37,6 +37,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -90,20 +91,34 @@ struct ParkedWait {
   }
 
   // For a strand, the executor whose own queue runs its work: the io_context's or the
-  // thread_pool's it was made on (asio::make_strand(), directly or through any_io_executor); empty
-  // for any other executor.
+  // thread_pool's it was made on (asio::make_strand(), of a plain or a work-tracking executor,
+  // directly or through any_io_executor); empty for any other executor.
   static std::optional<asio::any_io_executor> queue_beneath(const asio::any_io_executor& executor) {
-    if (const auto* strand = executor.target<asio::strand<asio::io_context::executor_type>>()) {
-      return asio::any_io_executor(strand->get_inner_executor());
-    }
-    if (const auto* strand = executor.target<asio::strand<asio::thread_pool::executor_type>>()) {
-      return asio::any_io_executor(strand->get_inner_executor());
+    std::optional<asio::any_io_executor> beneath;
+    if (strand_over<asio::io_context::executor_type>(executor, beneath) ||
+        strand_over<tracking_work<asio::io_context::executor_type>>(executor, beneath) ||
+        strand_over<asio::thread_pool::executor_type>(executor, beneath) ||
+        strand_over<tracking_work<asio::thread_pool::executor_type>>(executor, beneath)) {
+      return beneath;
     }
     if (const auto* strand = executor.target<asio::strand<asio::any_io_executor>>()) {
-      auto deeper = queue_beneath(strand->get_inner_executor());
-      return deeper ? std::move(deeper) : strand->get_inner_executor();
+      beneath = queue_beneath(strand->get_inner_executor());
+      return beneath ? std::move(beneath) : strand->get_inner_executor();
     }
     return std::nullopt;
+  }
+
+ private:
+  template <typename Executor>
+  using tracking_work = std::decay_t<decltype(asio::require(
+      std::declval<Executor>(), asio::execution::outstanding_work.tracked))>;
+
+  template <typename Inner>
+  static bool strand_over(const asio::any_io_executor& executor,
+                          std::optional<asio::any_io_executor>& beneath) {
+    const auto* strand = executor.target<asio::strand<Inner>>();
+    if (strand != nullptr) beneath.emplace(strand->get_inner_executor());
+    return strand != nullptr;
   }
 };
 
