@@ -3762,35 +3762,40 @@ TEST_F(PoolTest, QueryCallersAreUnwoundWithTheirIoContextWhileTheyWait) {
   pool_io.stop();
 }
 
-// A caller waiting for a lease on an io_context of its own that is destroyed meanwhile: its
-// coroutine is unwound with the io_context (its wait parked in the pool is destroyed at the
-// io_context's shutdown), it leaves the queue, and the connection that comes back goes to the
-// next caller, never to the caller that is gone.
+// Callers waiting for a lease on an io_context of their own that is destroyed meanwhile (more of
+// them than the watch releases in one batch): their coroutines are unwound with the io_context
+// (their waits parked in the pool are destroyed at the io_context's shutdown), they leave the
+// queue, and the connection that comes back goes to the next caller, never to a caller that is
+// gone.
 TEST_F(PoolTest, AcquireWaitersAreUnwoundWithTheirIoContextWhileTheyWait) {
   PoolIoThread pool_io;
   Pool pool(pool_io.io.get_executor(), config("waiter-gone", 1));
   std::optional<Lease> held;
   run_elsewhere([&]() -> awaitable_void { held.emplace(co_await pool.acquire()); });
+  constexpr int callers = 70;
   std::atomic<int> unwound = 0;
   std::atomic<bool> resumed = false;
   {
     asio::io_context caller_io;
-    asio::co_spawn(
-        caller_io,
-        [&]() -> awaitable_void {
-          const CountsUnwinding guard{unwound};
-          auto lease = co_await pool.acquire();
-          resumed = true;
-        },
-        asio::detached);
+    for (int caller = 0; caller < callers; ++caller) {
+      asio::co_spawn(
+          caller_io,
+          [&]() -> awaitable_void {
+            const CountsUnwinding guard{unwound};
+            auto lease = co_await pool.acquire();
+            resumed = true;
+          },
+          asio::detached);
+    }
     const auto give_up_at = std::chrono::steady_clock::now() + 10s;
-    while (pool.stats().waiting_normal == 0 && std::chrono::steady_clock::now() < give_up_at) {
+    while (pool.stats().waiting_normal < static_cast<std::size_t>(callers) &&
+           std::chrono::steady_clock::now() < give_up_at) {
       caller_io.run_for(10ms);
     }
-    ASSERT_EQ(pool.stats().waiting_normal, 1U);
-  }  // the caller's io_context is destroyed while its coroutine waits
-  EXPECT_EQ(unwound, 1) << "the waiter's frame outlived its io_context";
-  EXPECT_EQ(pool.stats().waiting_normal, 0U) << "the gone waiter is still queued";
+    ASSERT_EQ(pool.stats().waiting_normal, static_cast<std::size_t>(callers));
+  }  // the callers' io_context is destroyed while their coroutines wait
+  EXPECT_EQ(unwound, callers) << "a waiter's frame outlived its io_context";
+  EXPECT_EQ(pool.stats().waiting_normal, 0U) << "a gone waiter is still queued";
   held.reset();
   EXPECT_TRUE(testing::eventually([&pool] { return pool.stats().idle == 1; }))
       << "the connection went to the waiter that is gone";

@@ -20,6 +20,7 @@
 // called without it or with it (post), never in place under it.
 
 #include <algorithm>
+#include <array>
 #include <boost/asio/any_completion_handler.hpp>
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/as_tuple.hpp>
@@ -34,6 +35,7 @@
 #include <boost/asio/strand.hpp>
 #include <boost/asio/thread_pool.hpp>
 #include <boost/system/error_code.hpp>
+#include <cstddef>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -194,6 +196,30 @@ auto park_then_unlock(std::unique_lock<Mutex>& lock, ParkedWait& parked,
   constexpr auto no_throw_in_frame = asio::as_tuple(asio::deferred);
   return asio::async_initiate<decltype(no_throw_in_frame), void(boost::system::error_code)>(
       initiation, no_throw_in_frame);
+}
+
+// For an owner's release_waits_of(): takes every wait that `for_each_wait` visits (under `mutex`)
+// and that runs on `context` out of its record, and destroys it without the mutex (its coroutine's
+// AbandonGuard takes it). In batches on the stack: this runs in the context's shutdown, which must
+// not throw, so nothing is allocated. `each_pass` runs under the mutex at every pass.
+template <typename Mutex, typename ForEachWait, typename EachPass>
+void release_waits_on(asio::execution_context& context, Mutex& mutex, ForEachWait for_each_wait,
+                      EachPass each_pass) {
+  constexpr std::size_t batch = 32;
+  for (;;) {
+    std::array<std::optional<ParkedWait>, batch> released;
+    std::size_t taken = 0;
+    {
+      const std::lock_guard lock(mutex);
+      each_pass();
+      for_each_wait([&](ParkedWait& parked) {
+        if (taken < batch && parked.waiting() && parked.context == &context) {
+          released[taken++].emplace(parked.take());
+        }
+      });
+    }
+    if (taken < batch) return;  // (the last ones are destroyed here, unlocked)
+  }
 }
 
 // What holds parked waits, for ParkedWaitWatch.

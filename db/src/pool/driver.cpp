@@ -947,18 +947,15 @@ void PoolState::watch_waiters_on_locked(asio::execution_context& context) {
 }
 
 void PoolState::release_waits_of(asio::execution_context& context) {
-  std::vector<async::ParkedWait> released;
-  {
-    const std::lock_guard lock(mutex);
-    std::erase(watched_contexts, &context);
-    core.for_each_waiter([&](pool::Waiter& waiter) {
-      async::ParkedWait& parked = static_cast<PoolWaiter&>(waiter).parked;
-      if (parked.waiting() && parked.context == &context) released.push_back(parked.take());
-    });
-  }
-  // Destroyed here, unlocked: asio posts the unwinding of each waiter's coroutine to its
-  // io_context, whose shutdown then destroys it (acquire()'s AbandonGuard takes the mutex).
-  released.clear();
+  // (Each waiter's unwinding is posted by asio to its io_context, whose shutdown destroys it:
+  // acquire()'s AbandonGuard takes the mutex.)
+  async::release_waits_on(
+      context, mutex,
+      [this](const auto& visit) {
+        core.for_each_waiter(
+            [&](pool::Waiter& waiter) { visit(static_cast<PoolWaiter&>(waiter).parked); });
+      },
+      [this, &context] { std::erase(watched_contexts, &context); });
 }
 
 void PoolState::fail_cancelled_locked(Priority priority, std::source_location site) {

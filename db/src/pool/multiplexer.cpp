@@ -1016,21 +1016,16 @@ void Multiplexer::answer(std::vector<async::ParkedWait>& answered) {
 }
 
 void Multiplexer::release_waits_of(asio::execution_context& context) {
-  std::vector<async::ParkedWait> released;
-  {
-    const std::lock_guard lock(mutex);
-    std::erase(watched_contexts, &context);
-    const auto release = [&](SharedStatement& statement) {
-      if (statement.wait.waiting() && statement.wait.context == &context) {
-        released.push_back(statement.wait.take());
-      }
-    };
-    queue.for_each(release);
-    in_flight.for_each(release);
-  }
-  // Destroyed here, unlocked: asio posts the unwinding of each caller's coroutine to its
-  // io_context, whose shutdown then destroys it (run_shared()'s AbandonGuard takes the mutex).
-  released.clear();
+  // (Each caller's unwinding is posted by asio to its io_context, whose shutdown destroys it:
+  // run_shared()'s AbandonGuard takes the mutex.)
+  async::release_waits_on(
+      context, mutex,
+      [this](const auto& visit) {
+        const auto visit_statement = [&](SharedStatement& statement) { visit(statement.wait); };
+        queue.for_each(visit_statement);
+        in_flight.for_each(visit_statement);
+      },
+      [this, &context] { std::erase(watched_contexts, &context); });
 }
 
 void Multiplexer::withdraw_locked(SharedStatement& statement) {
