@@ -3661,6 +3661,38 @@ TEST_F(PoolTest, AClosedPoolThatRanQueryMayBeDestroyedAfterItsIoContext) {
   pool.reset();
 }
 
+// close(grace) interrupts the connection query() holds and returns; the io_context is stopped
+// and destroyed right after, then the Pool (as the docs allow). The connection's coroutine is
+// destroyed in the io_context's shutdown before it saw the cut, and its Lease comes back then:
+// the close started for it never runs, and its connection (an asio socket, a strand) must go with
+// the io_context's shutdown, not with the Pool after it (ASan and valgrind saw ~PoolState close
+// that socket against the freed reactor). (Found by review.)
+TEST_F(PoolTest, AnInterruptedQueryConnectionGoesWithItsIoContextNotWithThePoolAfterIt) {
+  auto io = std::make_unique<asio::io_context>();
+  auto pool = std::make_unique<Pool>(io->get_executor(), config("shared-cut-link", 1));
+  bool closed = false;
+  asio::co_spawn(
+      *io,
+      [&]() -> awaitable_void {
+        auto executor = co_await asio::this_coro::executor;
+        asio::co_spawn(
+            executor,
+            [&]() -> awaitable_void {
+              (void)co_await testing::expect_error(pool->query("SELECT pg_sleep(5)"));
+            },
+            asio::detached);
+        while (pool->stats().shared_in_flight == 0) co_await sleep_for(5ms);
+        (void)co_await pool->close(100ms);
+        closed = true;
+        io->stop();  // (a service's shutdown: close() returned, then the loop ends)
+      },
+      asio::detached);
+  io->run();
+  ASSERT_TRUE(closed);
+  io.reset();
+  pool.reset();
+}
+
 // For the tests whose callers run on io_contexts of their own: the pool's io_context, run by a
 // thread of its own until stop() (or the object's end).
 struct PoolIoThread {

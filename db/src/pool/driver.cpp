@@ -712,23 +712,23 @@ asio::awaitable<void> PoolState::check_budget_slots(std::shared_ptr<PoolState> s
 }
 
 void PoolState::start_close(pool::Node& node) {
+  // The connection (its socket, its strand) leaves the node here, under the lock, and belongs to
+  // the close from then on: to the handler posted below, then to finish_close()'s frame. If the
+  // io_context is destroyed before the close runs (close() returned after its grace period and
+  // interrupted a lease, whose return comes in the io_context's shutdown) or while the server is
+  // slow to end the backend, the connection goes with the handler or the frame, while the
+  // io_context's services still exist, and not with the Pool later (the docs let the Pool
+  // outlive its io_context once closed). Nothing reads a closing node's attachment.
   // On a strand: close_and_wait() races the socket against a timer.
-  asio::post(*executor, [self = shared_from_this(), &node] {
-    asio::co_spawn(asio::make_strand(*self->executor), finish_close(self, &node), asio::detached);
-  });
+  asio::post(*executor,
+             [self = shared_from_this(), &node, attachment = std::move(node.attachment)]() mutable {
+               asio::co_spawn(asio::make_strand(*self->executor),
+                              finish_close(self, &node, std::move(attachment)), asio::detached);
+             });
 }
 
-asio::awaitable<void> PoolState::finish_close(std::shared_ptr<PoolState> self, pool::Node* node) {
-  // The connection (its socket, its strand) belongs to this frame from here on: if the io_context
-  // is destroyed while the server is slow to end the backend (close() returned after its grace
-  // period), it goes with the frame, while the io_context's services still exist, and not with
-  // the Pool later (the docs let the Pool outlive its io_context once closed). Nothing reads a
-  // closing node's attachment meanwhile.
-  std::unique_ptr<pool::NodeAttachment> attachment;
-  {
-    std::lock_guard lock(self->mutex);
-    attachment = std::move(node->attachment);
-  }
+asio::awaitable<void> PoolState::finish_close(std::shared_ptr<PoolState> self, pool::Node* node,
+                                              std::unique_ptr<pool::NodeAttachment> attachment) {
   co_await close_until_backend_ends(self, static_cast<PooledConnection&>(*attachment).connection);
   // The connection goes outside the lock; the node (and its capacity) under it.
   attachment.reset();

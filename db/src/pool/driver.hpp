@@ -429,7 +429,9 @@ struct PoolState : std::enable_shared_from_this<PoolState>, async::ParkedWaitOwn
   // at every instant. A statement still running is cancelled first (close_and_wait() does), so
   // that the backend ends now. A backend that outlives server_close_warning keeps its slot
   // counted (with a warning) until it ends or its socket fails.
-  static asio::awaitable<void> finish_close(std::shared_ptr<PoolState> self, pool::Node* node);
+  // `attachment`: the node's connection, taken from it by start_close().
+  static asio::awaitable<void> finish_close(std::shared_ptr<PoolState> self, pool::Node* node,
+                                            std::unique_ptr<pool::NodeAttachment> attachment);
 
   // Closes `connection` and waits until the server has ended its backend, or backend_end_bound.
   // On a strand (close_and_wait() races the socket against a timer).
