@@ -2619,6 +2619,44 @@ TEST_F(PoolTest, QueryCancelIsNotSentAgainWhileTheLastIsStillOnItsWay) {
       [] { return Connection::Impl::cancel_requests_on_their_way() == 0; }, 20s));
 }
 
+// Every caller of a shared connection's statements gave up, and nothing answers (a proxy holds
+// every byte, cancel requests too): past connect.cancel_timeout from the cancel request, the
+// connection is closed, as a lease's cancelled statement's is, and its slot serves again. (Before,
+// query() kept it for as long as nothing answered, and with max 1 every acquire() timed out.
+// Found by review.)
+TEST_F(PoolTest, QueryConnectionWhoseGivenUpStatementsNobodyEndsIsClosedPastCancelTimeout) {
+  testing::FaultProxy proxy("127.0.0.1", static_cast<std::uint16_t>(cluster().port()));
+  auto pool_config = config("shared-abandoned-drain", 1);
+  pool_config.conninfo = proxy.conninfo_prefix() + " user=postgres dbname=postgres";
+  pool_config.acquire_timeout = 1s;
+  pool_config.connect.cancel_timeout = 1s;
+  std::size_t shared_after = 99;
+  bool acquired = false;
+  run_coroutine(
+      [&]() -> awaitable_void {
+        auto executor = co_await asio::this_coro::executor;
+        Pool pool(executor, pool_config);
+        (void)co_await pool.query("SELECT 1");
+        proxy.pause();
+        auto error = co_await testing::expect_error(
+            with_timeout(pool.query("SELECT 2"), std::chrono::milliseconds(100)));
+        EXPECT_EQ(error.code(), client_errc::timeout);
+        co_await sleep_for(2500ms);  // cancel_timeout (1 s), and then some
+        shared_after = pool.stats().shared_connections;
+        proxy.resume();
+        try {
+          auto lease = co_await pool.acquire();
+          acquired = (co_await lease->query("SELECT 3")).scalar<int>() == 3;
+        } catch (const Error& failure) {
+          ADD_FAILURE() << failure.what();
+        }
+        (void)co_await pool.close(10s);
+      },
+      60s);
+  EXPECT_EQ(shared_after, 0U) << "the abandoned connection is still held by query()";
+  EXPECT_TRUE(acquired) << "the pool's only slot stayed with the abandoned shared connection";
+}
+
 // A connection query() still has out when close()'s grace ends is named as query()'s, not by a
 // line of pgrt's own source.
 TEST_F(PoolTest, QueryConnectionsStillOutAtCloseAreNamedAsQuerys) {

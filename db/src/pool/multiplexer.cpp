@@ -217,6 +217,10 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
   const SharedStatement* cancelled_head = nullptr;
   Clock::time_point cancelled_at{};
   Clock::duration cancel_retry_after = cancel_retry_interval;
+  // When the first cancel request went out for the given-up head statement: it must have ended
+  // within cancel_timeout from then, or the connection is closed (a server or network that
+  // answers nothing would otherwise keep it, and its slot, for good).
+  Clock::time_point head_first_cancelled{};
   asio::steady_timer cancel_again(mux->strand);
   bool served = false;  // it has sent something: only then may it be given up early
   bool yielded_when_drained = false;
@@ -428,10 +432,29 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
         // swallows cancels costs a request every few seconds, not four a second). Never while the
         // last one is still on its way (a network that swallows cancel requests would otherwise
         // take one more of the process's cancel threads at each resend): the timer looks again
-        // an interval later.
+        // an interval later. A head the server has not ended within cancel_timeout of its first
+        // request (a server or network that answers nothing) closes the connection, as a lease's
+        // cancelled statement does.
         if (cancel_for != nullptr) {
+          const auto now = Clock::now();
           const bool new_head = cancel_for != cancelled_head;
-          if (new_head || Clock::now() >= cancelled_at + cancel_retry_after) {
+          if (new_head) head_first_cancelled = now;
+          const auto close_at = head_first_cancelled + impl.options.cancel_timeout;
+          if (now >= close_at) {
+            {
+              std::lock_guard lock(mux->mutex);
+              link->waiting = false;
+            }
+            lost = impl.fail(client_errc::cancelled,
+                             "the callers of the statements in flight on a shared connection all "
+                             "gave up, and the server did not end them within " +
+                                 std::to_string(impl.options.cancel_timeout.count()) +
+                                 " ms of a cancel request, so the connection was closed",
+                             cancel_for->sql, "the network or server may be unresponsive");
+            impl.close(CloseMode::immediate);
+            break;
+          }
+          if (new_head || now >= cancelled_at + cancel_retry_after) {
             const bool last_on_its_way =
                 !cancels_delivered.empty() && !cancels_delivered.back()->load();
             if (new_head || !last_on_its_way) {
@@ -445,8 +468,9 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
               }
             }
             cancelled_head = cancel_for;
-            cancelled_at = Clock::now();
-            cancel_again.expires_after(cancel_retry_after);
+            cancelled_at = now;
+            cancel_again.expires_after(
+                std::min<Clock::duration>(cancel_retry_after, close_at - now));
             cancel_again.async_wait(
                 [weak_mux = std::weak_ptr<Multiplexer>(mux),
                  weak_link = std::weak_ptr<SharedLink>(link)](error_code error) {
