@@ -2657,6 +2657,52 @@ TEST_F(PoolTest, QueryConnectionWhoseGivenUpStatementsNobodyEndsIsClosedPastCanc
   EXPECT_TRUE(acquired) << "the pool's only slot stayed with the abandoned shared connection";
 }
 
+// A statement sent behind another caller's keeps its bound (acquire_timeout from its call) while
+// the pool closes: it fails with timeout then, rather than wait for the statement ahead within
+// close()'s grace. (Before, close() stopped the sweeper that enforces it. Found by review.)
+TEST_F(PoolTest, AStatementBehindAnotherKeepsItsBoundWhileThePoolCloses) {
+  auto pool_config = config("shared-close-sweep", 1);
+  pool_config.acquire_timeout = 500ms;
+  std::optional<std::chrono::milliseconds> behind_took;
+  std::optional<boost::system::error_code> behind_error;
+  run_coroutine(
+      [&]() -> awaitable_void {
+        auto executor = co_await asio::this_coro::executor;
+        Pool pool(executor, pool_config);
+        (void)co_await pool.query("SELECT 1");
+        int done = 0;
+        asio::co_spawn(
+            executor,
+            [&]() -> awaitable_void {
+              (void)co_await pool.query("SELECT pg_sleep(3)");
+              ++done;
+            },
+            asio::detached);
+        asio::co_spawn(
+            executor,
+            [&]() -> awaitable_void {
+              const auto started = std::chrono::steady_clock::now();
+              try {
+                (void)co_await pool.query("SELECT 2");
+                behind_error = boost::system::error_code{};
+              } catch (const Error& error) {
+                behind_error = error.code();
+              }
+              behind_took = std::chrono::duration_cast<std::chrono::milliseconds>(
+                  std::chrono::steady_clock::now() - started);
+              ++done;
+            },
+            asio::detached);
+        while (pool.stats().shared_in_flight < 2) co_await sleep_for(1ms);
+        (void)co_await pool.close(10s);
+        while (done < 2) co_await sleep_for(10ms);
+      },
+      60s);
+  ASSERT_TRUE(behind_took.has_value());
+  EXPECT_EQ(*behind_error, make_error_code(client_errc::timeout));
+  EXPECT_LT(behind_took->count(), 1500) << "waited behind the head past acquire_timeout (500 ms)";
+}
+
 // A connection query() still has out when close()'s grace ends is named as query()'s, not by a
 // line of pgrt's own source.
 TEST_F(PoolTest, QueryConnectionsStillOutAtCloseAreNamedAsQuerys) {
@@ -3771,6 +3817,39 @@ struct CountsUnwinding {
   CountsUnwinding& operator=(CountsUnwinding&&) = delete;
   ~CountsUnwinding() { ++count; }
 };
+
+// A query() caller on an io_context of its own is answered during close(), and resumed only after
+// close() returned and the pool's io_context (then the Pool) is gone, as the docs allow: its frame
+// may hold the last reference to the multiplexer, whose strand and sweeper timer belonged to the
+// pool's io_context; they must be gone by then (ASan and valgrind saw ~Multiplexer destroy them
+// against the freed strand service). (Found by review.)
+TEST_F(PoolTest, AQueryCallerResumedAfterThePoolsIoContextIsGoneTouchesNothingOfIt) {
+  auto pool_io = std::make_unique<PoolIoThread>();
+  auto pool = std::make_unique<Pool>(pool_io->io.get_executor(), config("shared-mux-outlives", 1));
+  asio::io_context caller_io;
+  bool answered = false;
+  asio::co_spawn(
+      caller_io,
+      [&]() -> awaitable_void {
+        answered = (co_await pool->query("SELECT 7 FROM pg_sleep(0.3)")).scalar<int>() == 7;
+      },
+      asio::detached);
+  const auto give_up_at = std::chrono::steady_clock::now() + 10s;
+  while (pool->stats().shared_in_flight == 0 && std::chrono::steady_clock::now() < give_up_at) {
+    if (caller_io.stopped()) caller_io.restart();
+    caller_io.run_for(5ms);
+  }
+  ASSERT_EQ(pool->stats().shared_in_flight, 1U);
+  // The statement is answered within close()'s grace; the caller's resumption waits in
+  // caller_io's queue, which nobody runs yet.
+  run_elsewhere([&]() -> awaitable_void { (void)co_await pool->close(5s); });
+  pool_io->stop();
+  pool_io.reset();  // the pool's io_context is gone, close() having returned
+  pool.reset();
+  if (caller_io.stopped()) caller_io.restart();
+  caller_io.run();  // the caller resumes; its frame's end drops the last Multiplexer reference
+  EXPECT_TRUE(answered);
+}
 
 // A query() caller whose own io_context is destroyed while it waits for its answer (another
 // io_context runs the pool) is unwound with it, as a caller waiting on an asio operation is: its

@@ -166,6 +166,8 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
   std::vector<async::ParkedWait> answered;
   bool must_wait = false;
   error_code lost;
+  // The connection's strand (the multiplexer's, which release_io() may let go of first).
+  const asio::any_io_executor on_strand = co_await asio::this_coro::executor;
   // If this coroutine is destroyed mid-wait (its io_context shut down), the link leaves the
   // multiplexer, so that its lease goes back to the pool with it.
   // (Its in-flight statements fail: callers on other io_contexts would otherwise wait for good.)
@@ -221,7 +223,7 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
   // within cancel_timeout from then, or the connection is closed (a server or network that
   // answers nothing would otherwise keep it, and its slot, for good).
   Clock::time_point head_first_cancelled{};
-  asio::steady_timer cancel_again(mux->strand);
+  asio::steady_timer cancel_again(on_strand);
   bool served = false;  // it has sent something: only then may it be given up early
   bool yielded_when_drained = false;
   // Reads the pool (under its lock, never under ours): whether callers wait for a lease beyond
@@ -404,7 +406,7 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
         }
         if (yielded_when_drained) break;
         yielded_when_drained = true;
-        co_await asio::post(mux->strand, asio::deferred);  // (no coroutine frame of its own)
+        co_await asio::post(on_strand, asio::deferred);  // (no coroutine frame of its own)
         continue;
       }
       yielded_when_drained = false;
@@ -762,7 +764,7 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
     // A cancel request still on its way would hit the next user's statement: wait for them, at
     // most cancel_timeout, or close the connection.
     const auto give_up_at = Clock::now() + impl_pointer->options.cancel_timeout;
-    asio::steady_timer pause(mux->strand);
+    asio::steady_timer pause(on_strand);
     while (!all_delivered() && Clock::now() < give_up_at) {
       pause.expires_after(std::chrono::milliseconds(1));
       co_await pause.async_wait(no_throw);
@@ -826,7 +828,7 @@ Multiplexer::Multiplexer(const std::shared_ptr<PoolState>& pool_in,
                                                            std::chrono::seconds(30))
                      : std::chrono::milliseconds(std::chrono::seconds(30))),
       max_wait(pool_in->config.acquire_timeout),
-      sweeper(strand, Clock::time_point::max()) {}
+      sweeper(std::in_place, strand, Clock::time_point::max()) {}
 
 void Multiplexer::start_wait_locked(SharedStatement& statement) {
   if (max_wait.count() <= 0) return;
@@ -836,10 +838,11 @@ void Multiplexer::start_wait_locked(SharedStatement& statement) {
 }
 
 void Multiplexer::arm_sweeper_locked(Clock::time_point at) {
+  if (!sweeper) return;  // (released: the connections were cut, nothing is held up any more)
   sweeper_armed = true;
-  sweeper.expires_at(at);
-  sweeper.async_wait([weak = weak_from_this()](error_code error) {
-    if (error) return;  // cancelled: the multiplexer is gone or closed
+  sweeper->expires_at(at);
+  sweeper->async_wait([weak = weak_from_this()](error_code error) {
+    if (error) return;  // cancelled: the multiplexer is gone or let go of
     if (const auto self = weak.lock()) self->sweep();
   });
 }
@@ -853,7 +856,8 @@ void Multiplexer::land_locked(SharedLink& link, SharedStatement& statement) {
 void Multiplexer::sweep() {
   std::lock_guard lock(mutex);
   sweeper_armed = false;
-  if (closed) return;
+  // (Closed: what was queued failed, but statements held up behind others on their connections
+  // keep their bound while those drain.)
   const auto now = Clock::now();  // (precise: the timer fired at the deadline by this clock)
   Clock::time_point next = Clock::time_point::max();
   // A statement sent behind another on its connection waits for that one to end: one that runs
@@ -994,13 +998,14 @@ void Multiplexer::grow_locked() {
   if (!all_busy) return;
   ++borrowing;
   // Later, never inline: the acquire takes the pool's lock, which is never taken under ours.
-  asio::post(strand, [self = shared_from_this()] {
-    asio::co_spawn(self->strand, borrow(self), asio::detached);
+  asio::post(strand, [self = shared_from_this(), on = strand] {
+    asio::co_spawn(on, borrow(self), asio::detached);
   });
 }
 
 void Multiplexer::wake_locked(const std::shared_ptr<SharedLink>& link) {
-  if (!link->waiting || link->wake_posted) return;
+  // (Released: the connections were cut, and their waits end with the cut.)
+  if (!link->waiting || link->wake_posted || !strand) return;
   link->wake_posted = true;
   asio::post(strand, [self = shared_from_this(), link] {
     // On the strand, like the connection's coroutine: its wait for the socket is cancelled if it
@@ -1067,9 +1072,19 @@ void Multiplexer::close() {
     finish_locked(statement);
     return true;
   });
-  sweeper.cancel();
-  sweeper_armed = false;
   for (const auto& link : links) wake_locked(link);
+}
+
+void Multiplexer::release_io() {
+  std::optional<asio::steady_timer> timer;
+  asio::any_io_executor on;
+  {
+    std::lock_guard lock(mutex);
+    timer.swap(sweeper);
+    sweeper_armed = false;
+    std::swap(on, strand);
+  }
+  // (Destroyed here, unlocked: the timer's wait ends cancelled, and its handler holds nothing.)
 }
 
 asio::awaitable<Result> run_shared(std::shared_ptr<PoolState> pool,

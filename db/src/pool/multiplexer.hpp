@@ -25,6 +25,7 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <unordered_set>
 #include <utility>
@@ -158,7 +159,8 @@ struct Multiplexer : std::enable_shared_from_this<Multiplexer>, async::ParkedWai
   // expiry: arming one per statement would cost a timerfd_settime each whenever it is the
   // reactor's earliest). Armed at the earliest deadline when a statement is queued and it is not
   // armed yet; fails the statements past their deadline when it fires.
-  asio::steady_timer sweeper;
+  // (Empty, as is `strand`, once release_io() let go of the pool's io_context.)
+  std::optional<asio::steady_timer> sweeper;
   bool sweeper_armed = false;
   StatementQueue queue;
   // Every statement sent and not yet answered (or given up and not yet read back), over all the
@@ -234,6 +236,11 @@ struct Multiplexer : std::enable_shared_from_this<Multiplexer>, async::ParkedWai
   // The pool is closing: queued statements fail with pool_closed, the connections drain and go
   // back. Thread-safe.
   void close();
+  // The pool lets go of the multiplexer, its close done: the strand and the sweeper (objects of
+  // the pool's io_context) go now, so that a caller on another io_context that holds the
+  // multiplexer longer (its answer came during the close, its resumption runs later) never
+  // touches the pool's io_context, which may be gone by then. Thread-safe.
+  void release_io();
 };
 
 // Pool::query(): see pool.hpp.

@@ -108,6 +108,10 @@ asio::awaitable<std::vector<std::string>> PoolState::close(std::shared_ptr<PoolS
   std::shared_ptr<Multiplexer> released;
   std::lock_guard lock(self->mutex);
   released = std::move(self->multiplexer);
+  // Its strand and sweeper go now, on this side: a query() caller on another io_context may hold
+  // the multiplexer past the pool's io_context (its answer came during the close). (Its lock is
+  // taken under ours, never the reverse.)
+  if (released) released->release_io();
   const auto now = coarse_now();
   // What is still out after the grace period is cut: a running statement is cancelled and the
   // socket shut down, so the server ends those backends now and their holders get
