@@ -449,14 +449,16 @@ PoolConfig PoolConfig::from_env(PoolConfig defaults) {
     }
   }
   if (auto value = env("PGRT_POOLER")) {
-    if (*value == "none" || *value == "session") {
+    if (*value == "none") {
       config.connect.pooler = Pooler::none;
+    } else if (*value == "session") {
+      config.connect.pooler = Pooler::session;
     } else if (*value == "transaction") {
       config.connect.pooler = Pooler::transaction;
     } else {
       invalid("PGRT_POOLER='" + *value + "' is not valid",
               "expected 'transaction' (a transaction-mode pooler such as PgBouncer's "
-              "pool_mode=transaction), or 'session' / 'none'");
+              "pool_mode=transaction), 'session' (a session-mode pooler) or 'none'");
     }
   }
   if (auto value = env("PGRT_BUDGET_KEY")) config.budget.key = *value;

@@ -231,9 +231,11 @@ TEST_F(EnvironmentTest, PoolerFromTheEnvironment) {
   EXPECT_TRUE(guarded.keepalives.has_value());
   EXPECT_GT(guarded.tcp_user_timeout.count(), 0);
   ::setenv("PGRT_POOLER", "session", 1);
-  EXPECT_EQ(PoolConfig::from_env().connect.pooler, Pooler::none);
+  EXPECT_EQ(PoolConfig::from_env().connect.pooler, Pooler::session);
   EXPECT_FALSE(with_session_guards(PoolConfig::from_env().connect, SessionGuards{})
                    .session_settings.empty());
+  ::setenv("PGRT_POOLER", "none", 1);
+  EXPECT_EQ(PoolConfig::from_env().connect.pooler, Pooler::none);
   for (const char* bad : {"", "Transaction", "pgbouncer", "statement"}) {
     ::setenv("PGRT_POOLER", bad, 1);
     try {

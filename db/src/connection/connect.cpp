@@ -1,13 +1,16 @@
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <boost/asio/experimental/awaitable_operators.hpp>
 #include <boost/asio/ip/address.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <cctype>
 #include <cerrno>
+#include <charconv>
 #include <cstdlib>
 #include <memory>
+#include <optional>
 #include <spdlog/spdlog.h>
 #include <system_error>
 #include <vector>
@@ -570,12 +573,73 @@ asio::awaitable<error_code> Connection::Impl::connect() {
     co_return fail(client_errc::connect_failed,
                    "cannot watch the connection's socket: " + assign_error.message());
   }
+  if (options.pooler == Pooler::none) {
+    if (auto error = co_await notice_pooler()) co_return error;
+  }
   // Earlier attempts given up on (a host or address that ran out of its share of the time) were
   // sent end-of-file; their backends end once their start-up is done. The pool counts this
   // connection only: until they end, the server may briefly hold one more backend per such
   // attempt (docs/pool.md, "Strict max").
   close_lingering();
   arm_interrupt();
+  co_return error_code{};
+}
+
+// A pooler gives its client a BackendKeyData of its own making (PgBouncer, pgcat, Odyssey and
+// Supavisor a random one: they answer its cancel requests themselves), so the backend pid libpq
+// was given at start-up is not that of the server session the statements run in; a TCP proxy
+// passes the server's own on. Behind a pooler nobody told pgrt about, the connection goes on as
+// behind a transaction pooler from its first statement: PgBouncer before 1.21 mixes up server
+// sessions when a client has more than one sync segment in flight, and an answer can then reach
+// the wrong client with nothing out of step to show it (see one_segment_in_flight()), so noticing
+// later, by the server forgetting named statements or by answers out of step, is too late. A
+// session-mode pooler looks the same from here: it is taken for a transaction pooler too
+// (Pooler::session says otherwise, and skips this). One round trip, after which the session is
+// idle (a transaction pooler has given its server session back).
+asio::awaitable<error_code> Connection::Impl::notice_pooler() {
+  static constexpr const char* sql = "SELECT pg_catalog.pg_backend_pid()";
+  if (PQsendQueryParams(conn, sql, 0, nullptr, nullptr, nullptr, nullptr, 0) == 0) {
+    co_return lost(sql);
+  }
+  // (Not drained when cancelled: try_connect()'s time is up, or its caller's gone.)
+  if (auto error = co_await flush(sql, /*can_drain=*/false)) co_return error;
+  std::optional<int> session_pid;
+  std::string refused;  // the server's error, if it did not answer
+  for (;;) {
+    PGresult* raw = nullptr;
+    if (auto error = co_await next_result(raw, sql, /*can_drain=*/false)) co_return error;
+    if (raw == nullptr) break;
+    const Result result(raw);
+    if (PQresultStatus(raw) == PGRES_TUPLES_OK && PQntuples(raw) == 1 && PQnfields(raw) == 1 &&
+        !session_pid && refused.empty()) {
+      const std::string_view text = PQgetvalue(raw, 0, 0);
+      int pid = 0;
+      const auto [end, parse_error] = std::from_chars(text.data(), text.data() + text.size(), pid);
+      if (parse_error == std::errc{} && end == text.data() + text.size()) session_pid = pid;
+    } else if (refused.empty()) {
+      refused = trimmed(PQresultErrorMessage(raw));
+      if (refused.empty()) refused = PQresStatus(PQresultStatus(raw));
+    }
+  }
+  if (PQstatus(conn) != CONNECTION_OK) co_return lost(sql);
+  const int given = PQbackendPID(conn);
+  if (session_pid && *session_pid == given) co_return error_code{};
+  unnamed_statements = true;  // (nothing was prepared yet)
+  static std::atomic<bool> said{false};
+  if (!said.exchange(true)) {
+    const std::string why = session_pid
+                                ? "the backend pid it gave at connect, " + std::to_string(given) +
+                                      ", is not its session's, " + std::to_string(*session_pid)
+                                : "it did not say which backend its session runs in: " +
+                                      (refused.empty() ? std::string("no answer") : refused);
+    spdlog::warn(
+        "pgrt: {} looks like a pooler, not the server itself ({}). Going on as behind a "
+        "transaction pooler on such connections: unnamed statements, and one sync segment in "
+        "flight per connection. Set PGRT_POOLER=transaction (ConnectOptions::pooler) for a "
+        "transaction-mode pooler, or PGRT_POOLER=session for one that gives each client a server "
+        "session of its own (PgBouncer's session mode)",
+        target(), why);
+  }
   co_return error_code{};
 }
 

@@ -3,7 +3,8 @@
 // Connection::Impl, private to pgrt_db: the state of one libpq connection and the operations on it.
 // Its member functions live in files named by job:
 //   connection/conninfo.cpp         parsing the conninfo (conninfo.hpp), password redaction
-//   connection/connect.cpp          resolving host names, connecting, connect errors
+//   connection/connect.cpp          resolving host names, connecting, connect errors, the check
+//                                   for a pooler nobody told pgrt about
 //   connection/io.cpp               the socket watch, the readiness waits, sending and collecting
 //                                   results (the per-query path, kept in one translation unit)
 //   connection/cancel.cpp           interrupt(), a cancelled operation: cancel request and drain
@@ -126,14 +127,19 @@ struct Connection::Impl {
   // outside pipeline mode, so the first statement of a pipeline run next would be in it: run()
   // sends an empty statement first while this is set (send() keeps it).
   bool single_row_mode_left_on = false;
-  // Behind a transaction pooler (configured, or noticed: see exchange()) query_prepared() sends
-  // unnamed statements; forgotten_statements counts the named ones the server lost.
+  // Behind a transaction pooler (configured, or noticed: at connect, see notice_pooler(), or when
+  // the server forgets named statements, see exchange()) query_prepared() sends unnamed
+  // statements; forgotten_statements counts the named ones the server lost.
   bool unnamed_statements = false;
-  // Behind a transaction pooler (configured or noticed), at most one sync segment is in flight:
+  // Behind a pooler (configured as a transaction pooler, or noticed: at connect, or when the server
+  // forgets named statements), at most one sync segment is in flight:
   // PgBouncer before 1.21 counts a client's Syncs as it reads them and gives the server session
   // back to its pool once those are answered, even when it has passed on the start of the next
-  // segment (pgbouncer#759), which then runs in another client's session (for it, two answers;
-  // for us, none, or the pooler's "server conn crashed?").
+  // segment (pgbouncer#759), which then runs in another client's session: for it, two answers;
+  // for us, none, or the pooler's "server conn crashed?"; or, when our segment's Sync reaches a
+  // session holding another client's stranded statement, that statement's answer in place of
+  // ours, the counts in step (no check of the answers can tell). Only never sending the start of
+  // a segment before the last one is answered rules it out.
   [[nodiscard]] bool one_segment_in_flight() const noexcept { return unnamed_statements; }
   // A pooled connection's: each statement's duration (ConnectionAccess::time_statements).
   std::shared_ptr<detail::StatementTimes> statement_times;
@@ -349,6 +355,11 @@ struct Connection::Impl {
       std::vector<std::string>& addresses);
   // Tries each target in turn, each within its share of connect_timeout (connect.cpp).
   asio::awaitable<error_code> connect();
+  // With ConnectOptions::pooler none, once connected: one round trip that tells a pooler from the
+  // server itself (the backend pid the pooler made up for the client is not its session's). Behind
+  // one, the connection goes on as behind a transaction pooler noticed: unnamed statements, one
+  // sync segment in flight. A failed or cancelled wait closes the connection (no drain).
+  asio::awaitable<error_code> notice_pooler();
   // One libpq connect to `host` (all of the conninfo's hosts when null), given up after
   // `limit` (none: until cancelled).
   asio::awaitable<error_code> connect_once(

@@ -70,8 +70,13 @@ struct TcpKeepalives {
 
 /// What stands between pgrt and the server (see docs/operations.md, "Behind a pooler").
 enum class Pooler {
-  /// The server itself, or a pooler that gives each client a server session of its own for as
-  /// long as it is connected (PgBouncer's session mode, a cloud SQL proxy).
+  /// The server itself, or a TCP proxy in front of it (a cloud SQL proxy), as far as pgrt was
+  /// told. pgrt checks at connect, in one round trip, that the session is the server's own: a
+  /// pooler makes up the backend pid it gives the client (`SELECT pg_backend_pid()` names another).
+  /// Behind a pooler, a session-mode one included (it cannot be told from a transaction-mode one
+  /// there), the connection then goes on as behind `transaction` for its statements (unnamed
+  /// statements, one sync segment in flight), refusing nothing, and pgrt logs a warning once per
+  /// process.
   none,
   /// A transaction-mode pooler (PgBouncer pool_mode=transaction, Supavisor's and Supabase's
   /// transaction port, RDS Proxy's multiplexing): each transaction may run on another server
@@ -81,6 +86,11 @@ enum class Pooler {
   /// checks at connect that the server's DateStyle is ISO, and refuses statements that need a
   /// session (LISTEN, session-level advisory locks) with client_errc::needs_session.
   transaction,
+  /// A pooler that gives each client a server session of its own for as long as it is connected
+  /// (PgBouncer's session mode): everything works as against the server, named statements and
+  /// pipelining included, and pgrt skips `none`'s check at connect (so this also spares that
+  /// round trip in front of the server itself).
+  session,
 };
 
 /// How to connect. An aggregate: use designated initializers.
@@ -111,10 +121,11 @@ struct ConnectOptions {
   /// How many statements query_prepared() keeps prepared (least recently used ones are
   /// deallocated).
   std::size_t statement_cache_size = 32;
-  /// What stands between pgrt and the server (env PGRT_POOLER=transaction, read by
-  /// PoolConfig::from_env()). Without it, pgrt still notices a transaction pooler when the
-  /// server forgets one of its named statements twice on a connection, and goes on with unnamed
-  /// ones on that connection (logged once per process).
+  /// What stands between pgrt and the server (env PGRT_POOLER=transaction or session, read by
+  /// PoolConfig::from_env()). Left `none`, pgrt notices a pooler at connect (see Pooler::none);
+  /// and should one get past that, it notices a transaction pooler when the server forgets one of
+  /// its named statements twice on a connection, and goes on with unnamed ones on that connection
+  /// (each logged once per process).
   Pooler pooler = Pooler::none;
 };
 

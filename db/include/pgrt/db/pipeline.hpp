@@ -40,12 +40,12 @@ struct PipelineOutcome {
 /// outside a transaction block (inside one they run unnamed this time, so that a statement that
 /// fails to prepare cannot abort your transaction early). A statement whose preparation fails runs
 /// unnamed and reports its own error in its place. Behind a transaction pooler
-/// (ConnectOptions::pooler) every statement runs unnamed, and the segments are sent one at a
-/// time (PgBouncer before 1.21 can mix up server sessions under pipelined segments). Answers
-/// that do not match the statements sent (a pooler's mix-up) fail the run with connection_lost
-/// and close the connection. prepare_statements(false) runs this
-/// pipeline's statements unnamed (parsed by the server every time): for one-off SQL that would
-/// only churn the cache.
+/// (ConnectOptions::pooler), or a pooler noticed at connect (Pooler::none), every statement runs
+/// unnamed, and the segments are sent one at a time (PgBouncer before 1.21 can mix up server
+/// sessions under pipelined segments). Answers that do not match the statements sent (a pooler's
+/// mix-up) fail the run with connection_lost and close the connection. prepare_statements(false)
+/// runs this pipeline's statements unnamed (parsed by the server every time): for one-off SQL
+/// that would only churn the cache.
 ///
 /// Not thread-safe; a Pipeline may be run many times, on any connection.
 class Pipeline {

@@ -493,11 +493,12 @@ class Pool {
   ///
   /// A statement the server forgot (26000) or whose result changed shape since it was prepared
   /// (0A000, an ALTER TABLE under a SELECT *) did not run: it is prepared again and sent again,
-  /// once. Behind a transaction pooler (configured, or noticed when the server forgets a
-  /// statement twice on a connection or for one statement) statements run unnamed, one at a time
-  /// per shared connection (PgBouncer before 1.21 mixes up server sessions under pipelined
-  /// segments). Answers that do not match what was sent (such a mix-up) close the connection and
-  /// fail its statements in flight with connection_lost, never with another caller's answer.
+  /// once. Behind a transaction pooler (configured, or noticed: at connect, see Pooler::none, or
+  /// when the server forgets a statement twice on a connection or for one statement) statements
+  /// run unnamed, one at a time per shared connection (PgBouncer before 1.21 mixes up server
+  /// sessions under pipelined segments). Answers that do not match what was sent (such a mix-up)
+  /// close the connection and fail its statements in flight with connection_lost, never with
+  /// another caller's answer.
   ///
   /// Errors (pgrt::Error): the statement's own (SQLSTATE), for its caller only; pool_timeout when
   /// no connection took it within acquire_timeout; pool_queue_full beyond max_waiters queued;
