@@ -454,6 +454,10 @@ bool ConnectionAccess::has_lingering_socket(const Connection& connection) noexce
          !connection.impl_->lingering_fds.empty();
 }
 
+bool ConnectionAccess::behind_pooler(const Connection& connection) noexcept {
+  return connection.impl_ != nullptr && connection.impl_->one_segment_in_flight();
+}
+
 Connection::Impl* ConnectionAccess::impl_of(Connection& connection) noexcept {
   return connection.impl_.get();
 }

@@ -74,6 +74,9 @@ struct ConnectionAccess {
   // Whether a connect given up on left a descriptor to watch its backend end by
   // (Connection::Impl::abandon_connect()).
   static bool has_lingering_socket(const Connection& connection) noexcept;
+  // Whether the connection goes through a pooler, configured as a transaction pooler or noticed
+  // at connect (Connection::Impl::one_segment_in_flight()).
+  static bool behind_pooler(const Connection& connection) noexcept;
   // Forgets the statements query_prepared() cached (the server is about to deallocate them).
   static void forget_statements(Connection& connection) noexcept;
   // Connection::interrupt() on an implementation: thread-safe, as that is.

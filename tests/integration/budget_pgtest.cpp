@@ -34,6 +34,7 @@
 #include "pgrt/testing/expect_error.hpp"
 #include "pgrt/testing/run_coroutine.hpp"
 #include "pgrt/testing/temp_cluster.hpp"
+#include "pgrt/testing/temp_pgbouncer.hpp"
 
 namespace pgrt {
 namespace {
@@ -739,6 +740,41 @@ TEST_F(BudgetTest, ABudgetIsRefusedBehindATransactionPoolerAndWhenHalfSet) {
   EXPECT_THROW(pool_config.validate(), Error);
   pool_config.budget = {.key = "", .slots = 4};
   EXPECT_THROW(pool_config.validate(), Error);
+}
+
+// A budget through a transaction pooler nobody told pgrt about (noticed at connect): a slot's
+// session-level advisory lock would be taken in one of the pooler's server sessions, which
+// outlives the connection (PgBouncer in transaction mode does not reset it), so it would stay
+// held after the pool closed and starve every process sharing the budget. The connects are
+// refused instead, saying why; no slot is ever taken, and a pool straight on the server gets the
+// budget's one slot. (Found by review.)
+TEST_F(BudgetTest, ABudgetThroughAPoolerNoticedAtConnectIsRefusedAndTakesNoSlot) {
+  testing::TempPgBouncer bouncer(
+      cluster(), {.pool_size = 2, .ignored_startup_parameters = {"extra_float_digits", "options"}});
+  const std::string key = "behind-pooler";
+  auto behind = config("behind", key, 1, 1);
+  behind.conninfo = bouncer.dsn();  // Pooler::none: the default
+  behind.acquire_timeout = 2s;
+  std::string last_connect_error;
+  run_coroutine([&]() -> awaitable_void {
+    Pool pool(co_await asio::this_coro::executor, behind);
+    (void)co_await testing::expect_error(pool.acquire());
+    last_connect_error = pool.stats().last_connect_error;
+    (void)co_await pool.close(1s);
+  });
+  EXPECT_THAT(last_connect_error, HasSubstr("cannot be used through a connection pooler"));
+  BlockingConnection observer(cluster().dsn());
+  EXPECT_EQ(observer.scalar(slot_holders_sql(key)), "0") << "a slot was taken through the pooler";
+  auto direct = config("direct", key, 1, 1);
+  direct.acquire_timeout = 3s;
+  run_coroutine([&]() -> awaitable_void {
+    Pool pool(co_await asio::this_coro::executor, direct);
+    {
+      auto lease = co_await pool.acquire();
+      EXPECT_EQ((co_await lease->query("SELECT 1")).scalar<int>(), 1);
+    }
+    (void)co_await pool.close(1s);
+  });
 }
 
 // --- a host that vanishes --------------------------------------------------------------------

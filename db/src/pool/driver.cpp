@@ -312,6 +312,20 @@ asio::awaitable<void> PoolState::open_connection(
     error = make_error_code(client_errc::cancelled);
     failure = "the pool closed while connecting";
     connection.close();
+  } else if (!budget.key.empty() && ConnectionAccess::behind_pooler(connection)) {
+    // A pooler nobody told pgrt about, noticed at connect: an advisory lock taken here would
+    // belong to one of the pooler's server sessions, which outlives this connection (a
+    // transaction pooler does not reset it), so the slot would never come back and the budget
+    // would fill for every process that shares it.
+    error = make_error_code(client_errc::invalid_config);
+    failure =
+        "the connection budget '" + budget.key +
+        "' cannot be used through a connection pooler (this connection goes through one, noticed "
+        "at connect): its slots are session-level advisory locks, which the pooler's server "
+        "sessions would keep after this connection ends (connect to the server itself, or to a "
+        "session-mode pooler with PGRT_POOLER=session; behind a transaction pooler, bound the "
+        "connections in the pooler instead)";
+    connection.close();
   } else if (!budget.key.empty()) {
     probed = true;
     try {
