@@ -291,6 +291,13 @@ void check(const PoolConfig& config, bool warn) {
                 std::to_string(config.max_size) + ")",
             "lower min_idle or raise max_size");
   }
+  if (!config.budget.key.empty() && config.min_idle > config.budget.slots) {
+    invalid("min_idle (" + std::to_string(config.min_idle) + ") exceeds the " +
+                std::to_string(config.budget.slots) + " slots of the connection budget '" +
+                config.budget.key + "'",
+            "lower min_idle: the pool would ask for slots it can never hold, for good, and keep "
+            "every process that shares the budget at its fair share");
+  }
   if (config.reserved_for_priority >= config.max_size) {
     invalid("reserved_for_priority (" + std::to_string(config.reserved_for_priority) +
                 ") must be below max_size (" + std::to_string(config.max_size) + ")",

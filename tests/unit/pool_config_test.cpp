@@ -415,6 +415,19 @@ TEST(PoolConfigTest, PresetsAndValidation) {
   EXPECT_NO_THROW(PoolConfig::micro().validate());
 }
 
+// A min_idle above the budget's slots would ask for slots it can never hold, for good (and keep
+// every sharer at its fair share): refused, naming both. (Found by review.)
+TEST(PoolConfigTest, MinIdleAboveTheBudgetsSlotsIsRefused) {
+  PoolConfig config = PoolConfig::small();
+  config.budget = {.key = "orders-db", .slots = 2};
+  config.min_idle = 3;
+  const std::string why = rejection(config);
+  EXPECT_THAT(why, HasSubstr("min_idle (3)"));
+  EXPECT_THAT(why, HasSubstr("2 slots of the connection budget 'orders-db'"));
+  config.min_idle = 2;
+  EXPECT_EQ(rejection(config), "");
+}
+
 TEST(PoolConfigTest, NegativeDurationsAreRejectedNamingTheFieldAndValue) {
   ASSERT_EQ(rejection(PoolConfig{}), "") << "the defaults are valid";
   for (const auto& field : duration_fields()) {
