@@ -171,6 +171,16 @@ TEST_F(PoolerTest, APoolerNobodyToldPgrtAboutIsNoticedAtConnect) {
       pipeline.add("SELECT $1::int * 2", 21);
       EXPECT_EQ((co_await conn.run(pipeline)).at(0).result.scalar<int>(), 42);
       EXPECT_EQ(co_await named_statements_held(conn), with.noticed ? 0 : 2) << with.what;
+      // What needs a session of its own is refused, as behind a configured transaction pooler,
+      // saying what to set for a session-mode one.
+      bool refused = false;
+      try {
+        (void)co_await conn.query("LISTEN jobs");
+      } catch (const Error& error) {
+        refused = error.code() == client_errc::needs_session;
+        EXPECT_THAT(error.diagnostics().hint, HasSubstr("PGRT_POOLER=session")) << with.what;
+      }
+      EXPECT_EQ(refused, with.noticed) << with.what << ": LISTEN";
     }
   });
   EXPECT_EQ(named_statement_errors(), errors_before) << "no named statement was forgotten";

@@ -491,7 +491,10 @@ bool forgot_statement(const error_code& error, const Diagnostics& diagnostics,
 }
 
 error_code Connection::Impl::refuse_without_session(std::string_view sql) {
-  if (options.pooler != Pooler::transaction) return {};
+  // Configured as behind a transaction pooler, or behind a pooler noticed (at connect, or by the
+  // server forgetting named statements), which is taken for one.
+  const bool configured = options.pooler == Pooler::transaction;
+  if (!configured && !(options.pooler == Pooler::none && unnamed_statements)) return {};
   std::string what;
   if (first_keyword(sql) == "listen") {
     what = "LISTEN";
@@ -500,13 +503,16 @@ error_code Connection::Impl::refuse_without_session(std::string_view sql) {
   }
   if (what.empty()) return {};
   return fail(client_errc::needs_session,
-              what +
-                  " needs a server session of its own, and behind a transaction pooler "
-                  "(ConnectOptions::pooler, PGRT_POOLER=transaction) the next transaction may "
-                  "run in another one",
+              what + " needs a server session of its own, and behind a transaction pooler " +
+                  (configured ? std::string("(ConnectOptions::pooler, PGRT_POOLER=transaction)")
+                              : std::string("(this connection goes through a pooler, noticed "
+                                            "and taken for one)")) +
+                  " the next transaction may run in another one",
               sql,
-              "use a connection straight to the server (or a session-mode pool) for it; "
-              "pg_advisory_xact_lock() holds a lock to the end of the transaction and works here");
+              std::string("use a connection straight to the server (or a session-mode pool) for "
+                          "it; pg_advisory_xact_lock() holds a lock to the end of the "
+                          "transaction and works here") +
+                  (configured ? "" : "; for a session-mode pooler, set PGRT_POOLER=session"));
 }
 
 }  // namespace pgrt

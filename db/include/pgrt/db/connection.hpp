@@ -75,8 +75,8 @@ enum class Pooler {
   /// pooler makes up the backend pid it gives the client (`SELECT pg_backend_pid()` names another).
   /// Behind a pooler, a session-mode one included (it cannot be told from a transaction-mode one
   /// there), the connection then goes on as behind `transaction` for its statements (unnamed
-  /// statements, one sync segment in flight), refusing nothing, and pgrt logs a warning once per
-  /// process.
+  /// statements, one sync segment in flight, client_errc::needs_session for LISTEN and
+  /// session-level advisory locks), and pgrt logs a warning once per process.
   none,
   /// A transaction-mode pooler (PgBouncer pool_mode=transaction, Supavisor's and Supabase's
   /// transaction port, RDS Proxy's multiplexing): each transaction may run on another server
