@@ -3807,6 +3807,22 @@ void run_elsewhere(MakeCoroutine make) {
   io.run();
 }
 
+// Runs `destroy` on a thread of its own: a deadlock in it fails the test, and ends the process
+// (that thread could never be joined).
+void destroy_or_fail_on_deadlock(const std::function<void()>& destroy, const std::string& what) {
+  std::atomic<bool> destroyed = false;
+  std::thread destroyer([&] {
+    destroy();
+    destroyed = true;
+  });
+  if (!testing::eventually([&destroyed] { return destroyed.load(); })) {
+    ADD_FAILURE() << "destroying " << what << " deadlocked";
+    std::fflush(stdout);
+    std::_Exit(1);
+  }
+  destroyer.join();
+}
+
 // Counts its destruction: the coroutine frame that holds it was unwound.
 struct CountsUnwinding {
   explicit CountsUnwinding(std::atomic<int>& counter) : count(counter) {}
@@ -4013,17 +4029,7 @@ TEST_F(PoolTest, StrandWaitersOfADestroyedIoContextAreUnwoundWithoutDeadlock) {
   held.reset();
   ASSERT_TRUE(testing::eventually([&pool] { return pool.stats().waiting_normal == 1; }));
   // 4. The io_context is destroyed: on a thread of its own, so that a deadlock fails the test.
-  std::atomic<bool> destroyed = false;
-  std::thread destroyer([&] {
-    caller_io.reset();
-    destroyed = true;
-  });
-  if (!testing::eventually([&destroyed] { return destroyed.load(); })) {
-    ADD_FAILURE() << "destroying the callers' io_context deadlocked";
-    std::fflush(stdout);
-    std::_Exit(1);
-  }
-  destroyer.join();
+  destroy_or_fail_on_deadlock([&] { caller_io.reset(); }, "the callers' io_context");
   EXPECT_EQ(unwound, 2) << "a waiter's frame outlived its io_context";
   EXPECT_EQ(resumed, 0);
   EXPECT_EQ(pool.stats().waiting_normal, 0U);
@@ -4095,19 +4101,13 @@ TEST_F(PoolTest, ThreadPoolStrandWaitersOfADestroyedThreadPoolAreUnwoundWithoutD
     ASSERT_TRUE(testing::eventually([&pool] { return pool.stats().waiting_normal == 1; }));
     // 4. The thread_pool is stopped (its thread runs nothing more once it is let go) and destroyed,
     // on a thread of its own, so that a deadlock fails the test.
-    std::atomic<bool> destroyed = false;
-    std::thread destroyer([&] {
-      callers->stop();
-      release_thread.set_value();
-      callers.reset();
-      destroyed = true;
-    });
-    if (!testing::eventually([&destroyed] { return destroyed.load(); })) {
-      ADD_FAILURE() << "destroying the callers' thread_pool deadlocked";
-      std::fflush(stdout);
-      std::_Exit(1);
-    }
-    destroyer.join();
+    destroy_or_fail_on_deadlock(
+        [&] {
+          callers->stop();
+          release_thread.set_value();
+          callers.reset();
+        },
+        "the callers' thread_pool");
     EXPECT_EQ(unwound, 2) << "a waiter's frame outlived its thread_pool";
     EXPECT_EQ(resumed, 0);
     EXPECT_EQ(pool.stats().waiting_normal, 0U);
