@@ -246,6 +246,7 @@ asio::awaitable<std::uint64_t> Connection::stream_with(std::string_view sql, Par
 }
 
 asio::awaitable<void> Connection::begin(TransactionOptions options) {
+  detail::refuse_nested_transaction(*this);
   std::string sql = "BEGIN";
   switch (options.isolation) {
     case IsolationLevel::server_default:
@@ -485,6 +486,20 @@ std::shared_future<void> ConnectionAccess::start_interrupt(Connection::Impl& imp
 
 void ConnectionAccess::finish_interrupt(Connection::Impl& impl) noexcept {
   impl.finish_interrupt();
+}
+
+void refuse_nested_transaction(const Connection& connection) {
+  const TransactionStatus status = connection.transaction_status();
+  if (status != TransactionStatus::in_transaction && status != TransactionStatus::in_error) return;
+  throw Error(make_sqlstate_error("25001"),
+              Diagnostics{.sqlstate = "25001",
+                          .severity = "ERROR",
+                          .message = "a transaction is already open on this connection: "
+                                     "transactions do not nest, so BEGIN was not sent (its "
+                                     "COMMIT or ROLLBACK would end the open transaction)",
+                          .hint = "use a SAVEPOINT for a nested step, or end the open "
+                                  "transaction first",
+                          .statement = "BEGIN"});
 }
 
 asio::awaitable<void> rollback_after_failure(Connection& connection) {

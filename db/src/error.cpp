@@ -325,9 +325,19 @@ boost::system::error_condition make_error_condition(condition value) noexcept {
   return {static_cast<int>(value), condition_category()};
 }
 
+namespace {
+// A SQLSTATE error's diagnostics say its SQLSTATE, also when whoever made them left it out.
+Diagnostics with_sqlstate(const boost::system::error_code& code, Diagnostics diagnostics) {
+  if (diagnostics.sqlstate.empty() && code.category() == sqlstate_category()) {
+    diagnostics.sqlstate = sqlstate_of(code);
+  }
+  return diagnostics;
+}
+}  // namespace
+
 Error::Error(boost::system::error_code code, Diagnostics diagnostics)
     : boost::system::system_error(code),
-      diagnostics_(std::move(diagnostics)),
+      diagnostics_(with_sqlstate(code, std::move(diagnostics))),
       what_(describe(code, diagnostics_)) {}
 
 std::string mask_password(std::string_view conninfo) {
@@ -344,7 +354,8 @@ std::string mask_password(std::string_view conninfo) {
     masked += option->keyword;
     masked += '=';
     if (std::string_view(option->keyword) == "password" ||
-        (option->dispchar != nullptr && option->dispchar[0] == '*')) {
+        (option->dispchar != nullptr && option->dispchar[0] == '*') ||
+        (std::string_view(option->keyword) == "host" && host_holds_credentials(option->val))) {
       masked += "****";
       continue;
     }

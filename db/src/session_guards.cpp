@@ -1,8 +1,14 @@
 #include "pgrt/db/session_guards.hpp"
 
 #include <algorithm>
+#include <cctype>
+#include <charconv>
 #include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <optional>
 #include <string>
+#include <string_view>
 
 namespace pgrt {
 
@@ -35,17 +41,77 @@ ConnectOptions with_session_guards(ConnectOptions options, const SessionGuards& 
   return options;
 }
 
-std::chrono::milliseconds backend_end_bound(const ConnectOptions& guarded) {
-  if (!guarded.keepalives) return std::chrono::milliseconds(0);
-  const auto& keepalives = *guarded.keepalives;
-  const std::chrono::milliseconds unreachable =
-      keepalives.idle + keepalives.interval * keepalives.count;
-  std::chrono::milliseconds check{0};
-  for (const auto& [name, value] : guarded.session_settings) {
-    if (name == "client_connection_check_interval")
-      check = std::chrono::milliseconds(std::stoll(value));
+namespace {
+
+using std::chrono::milliseconds;
+
+// A time setting's value as the server reads it: a number, in `base` units or with one of its
+// own (us, ms, s, min, h, d). Nothing for what is not one (the keyword `default`; anything else
+// the server refuses at connect).
+std::optional<milliseconds> setting_duration(std::string_view text, milliseconds base) {
+  const auto blank = [](char c) { return std::isspace(static_cast<unsigned char>(c)) != 0; };
+  while (!text.empty() && blank(text.front())) text.remove_prefix(1);
+  while (!text.empty() && blank(text.back())) text.remove_suffix(1);
+  double number = 0;
+  const auto [end, error] = std::from_chars(text.data(), text.data() + text.size(), number);
+  if (error != std::errc{} || !(number >= 0) || number > 1e15) return std::nullopt;
+  std::string_view unit(end, static_cast<std::size_t>(text.data() + text.size() - end));
+  while (!unit.empty() && blank(unit.front())) unit.remove_prefix(1);
+  double unit_ms = 0;
+  if (unit.empty()) {
+    unit_ms = static_cast<double>(base.count());
+  } else if (unit == "us") {
+    unit_ms = 0.001;
+  } else if (unit == "ms") {
+    unit_ms = 1;
+  } else if (unit == "s") {
+    unit_ms = 1000;
+  } else if (unit == "min") {
+    unit_ms = 60'000;
+  } else if (unit == "h") {
+    unit_ms = 3'600'000;
+  } else if (unit == "d") {
+    unit_ms = 86'400'000;
+  } else {
+    return std::nullopt;
   }
-  return std::max(unreachable, guarded.tcp_user_timeout) + check;
+  return milliseconds(static_cast<std::int64_t>(std::ceil(number * unit_ms)));
+}
+
+}  // namespace
+
+std::chrono::milliseconds backend_end_bound(const ConnectOptions& guarded) {
+  if (!guarded.keepalives) return milliseconds(0);
+  // The server's keepalives and checks as it will run them: the guards' (in session_settings, as
+  // with_session_guards() put them), unless the caller set its own there (the last one given
+  // wins, as at the server). 0, or `default`, is the operating system's keepalive default
+  // (Linux: 7200 s idle, 75 s apart, 9 probes).
+  milliseconds idle = guarded.keepalives->idle;
+  milliseconds interval = guarded.keepalives->interval;
+  std::int64_t count = guarded.keepalives->count;
+  milliseconds user_timeout = guarded.tcp_user_timeout;
+  milliseconds check{0};
+  const auto positive_or = [](std::optional<milliseconds> value, milliseconds otherwise) {
+    return value && value->count() > 0 ? *value : otherwise;
+  };
+  for (const auto& [name, value] : guarded.session_settings) {
+    if (name == "tcp_keepalives_idle") {
+      idle = positive_or(setting_duration(value, std::chrono::seconds(1)), std::chrono::hours(2));
+    } else if (name == "tcp_keepalives_interval") {
+      interval =
+          positive_or(setting_duration(value, std::chrono::seconds(1)), std::chrono::seconds(75));
+    } else if (name == "tcp_keepalives_count") {
+      std::int64_t probes = 0;
+      const auto [end, error] = std::from_chars(value.data(), value.data() + value.size(), probes);
+      count = error == std::errc{} && end == value.data() + value.size() && probes > 0 ? probes : 9;
+    } else if (name == "tcp_user_timeout") {
+      user_timeout = setting_duration(value, milliseconds(1)).value_or(milliseconds(0));
+    } else if (name == "client_connection_check_interval") {
+      check = setting_duration(value, milliseconds(1)).value_or(milliseconds(0));
+    }
+  }
+  const milliseconds unreachable = idle + interval * count;
+  return std::max(unreachable, user_timeout) + check;
 }
 
 }  // namespace pgrt

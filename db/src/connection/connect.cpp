@@ -179,6 +179,26 @@ error_code Connection::Impl::connect_error() {
                     "the server is at max_connections: close idle connections elsewhere, lower "
                     "pool sizes, or raise max_connections; retry with backoff");
   }
+  // The limit of a role or a database (ALTER ROLE / DATABASE ... CONNECTION LIMIT): the same
+  // SQLSTATE, and the same backpressure, as a server that is full.
+  if (said.starts_with("too many connections for role \"") ||
+      said.starts_with("too many connections for database \"")) {
+    return classify("53300",
+                    "the role's or the database's CONNECTION LIMIT is reached: close idle "
+                    "connections elsewhere, lower pool sizes, or raise the limit (ALTER ROLE / "
+                    "ALTER DATABASE ... CONNECTION LIMIT); retry with backoff");
+  }
+  // Refusals of this user that every host would answer alike: mistakes to fix, not outages.
+  if (said.starts_with("role \"") && contains(said, "is not permitted to log in")) {
+    return classify("28000",
+                    "the role may not log in: ALTER ROLE ... LOGIN, or connect as "
+                    "another user");
+  }
+  if (said.starts_with("permission denied for database \"")) {
+    return classify("42501",
+                    "the user lacks the CONNECT privilege on the database: GRANT "
+                    "CONNECT ON DATABASE ... TO the user, or connect to another one");
+  }
   if (contains(message, "the database system is")) {
     return classify("57P03", "the server is starting up or shutting down; retry shortly");
   }
@@ -389,6 +409,15 @@ asio::awaitable<error_code> Connection::Impl::connect() {
                    "use a URL (postgresql://user@host:5432/db) or key=value pairs "
                    "(host=... dbname=...)");
   }
+  if (host_holds_credentials(parsed.get("host", "PGHOST"))) {
+    co_return fail(client_errc::invalid_config,
+                   "the host (conninfo host=, or PGHOST) looks like a connection URL or holds a "
+                   "user's credentials (it has \"://\" or an '@'); not shown, as it may hold a "
+                   "password",
+                   {},
+                   "give the URL as the whole conninfo (DATABASE_URL), or only the host name in "
+                   "host= and PGHOST");
+  }
   std::vector<Target> entries;
   if (auto error = host_entries(parsed, entries)) co_return error;
   std::optional<std::chrono::milliseconds> per_host_limit;
@@ -444,6 +473,10 @@ asio::awaitable<error_code> Connection::Impl::connect() {
     const char* session_attrs;  // nullptr: the conninfo's target_session_attrs
   };
   std::vector<Attempt> attempts;
+  // No host at all: libpq's one default (its socket directory), bounded like a host given.
+  const bool default_host_only = entries.empty() && parsed.get("host", "PGHOST").empty() &&
+                                 parsed.get("hostaddr", "PGHOSTADDR").empty() &&
+                                 parsed.get("service", "PGSERVICE").empty();
   const bool prefer_standby =
       parsed.get("target_session_attrs", "PGTARGETSESSIONATTRS") == "prefer-standby";
   if (entries.size() <= 1) {
@@ -488,6 +521,7 @@ asio::awaitable<error_code> Connection::Impl::connect() {
     if (!failed_hosts.empty()) last_error.message += " (before it: " + failed_hosts + ")";
     return error;
   };
+  unnamed_statements = options.pooler == Pooler::transaction;  // (notice_pooler() may say so too)
   bool connected = false;
   for (std::size_t index = 0; index < attempts.size() && !connected; ++index) {
     const bool last_host = index + 1 == attempts.size();
@@ -535,12 +569,19 @@ asio::awaitable<error_code> Connection::Impl::connect() {
       std::optional<milliseconds> limit;
       if (entry != nullptr && !last_address) {
         limit = ms_until(host_deadline) / static_cast<std::int64_t>(tries - at);
-      } else if (entry != nullptr && bounded) {
+      } else if ((entry != nullptr || default_host_only) && bounded) {
         limit = ms_until(host_deadline);
       }
-      const error_code error =
-          co_await connect_once(params, addresses.empty() ? nullptr : &addresses[at],
-                                attempts[index].session_attrs, limit);
+      const auto attempt_deadline =
+          limit ? std::optional(steady_clock::now() + *limit) : std::nullopt;
+      error_code error = co_await connect_once(params, addresses.empty() ? nullptr : &addresses[at],
+                                               attempts[index].session_attrs, limit);
+      // Started up, the server (or a pooler) takes its first statement within the same time: a
+      // pooler in front of a server that is down completes the start-up itself and then answers
+      // nothing, or gives up on the statement; that host is passed over like a silent one.
+      if (!error && options.pooler == Pooler::none) {
+        error = co_await notice_pooler_within(attempt_deadline);
+      }
       if (!error) {
         connected = true;
         break;
@@ -567,14 +608,10 @@ asio::awaitable<error_code> Connection::Impl::connect() {
                        "reads dates and times in ISO format",
                    {}, "ALTER DATABASE ... SET DateStyle = 'ISO' (or ALTER ROLE)");
   }
-  unnamed_statements = options.pooler == Pooler::transaction;
   if (auto assign_error = watch_socket()) {
     close(CloseMode::immediate, Lingering::keep);
     co_return fail(client_errc::connect_failed,
                    "cannot watch the connection's socket: " + assign_error.message());
-  }
-  if (options.pooler == Pooler::none) {
-    if (auto error = co_await notice_pooler()) co_return error;
   }
   // Earlier attempts given up on (a host or address that ran out of its share of the time) were
   // sent end-of-file; their backends end once their start-up is done. The pool counts this
@@ -583,6 +620,36 @@ asio::awaitable<error_code> Connection::Impl::connect() {
   close_lingering();
   arm_interrupt();
   co_return error_code{};
+}
+
+// notice_pooler() given up at `deadline` (none: only when connect()'s caller gives up), the
+// connection then closed: a host that took the connection and then answers nothing is no better
+// than one that never answered.
+asio::awaitable<error_code> Connection::Impl::notice_pooler_within(
+    std::optional<std::chrono::steady_clock::time_point> deadline) {
+  if (auto assign_error = watch_socket()) {
+    close(CloseMode::immediate, Lingering::keep);
+    co_return fail(client_errc::connect_failed,
+                   "cannot watch the connection's socket: " + assign_error.message());
+  }
+  if (!deadline) co_return co_await notice_pooler();
+  using namespace asio::experimental::awaitable_operators;
+  asio::steady_timer given_up(executor, *deadline);
+  auto outcome = co_await detail::serialized(notice_pooler() || given_up.async_wait(no_throw));
+  if (outcome.index() == 0) {
+    const error_code error = std::get<0>(outcome);
+    if (error && conn != nullptr) close(CloseMode::immediate, Lingering::keep);
+    co_return error;
+  }
+  std::string where = target();
+  close(CloseMode::immediate, Lingering::keep);
+  if (std::get<0>(std::get<1>(outcome))) {
+    co_return fail(client_errc::cancelled, "connecting to " + where + " was cancelled");
+  }
+  co_return fail(client_errc::timeout,
+                 "could not connect to " + where +
+                     ": it completed the start-up but did not answer a first statement in the "
+                     "time left (a pooler whose server is down or unreachable?)");
 }
 
 // A pooler gives its client a BackendKeyData of its own making (PgBouncer, pgcat, Odyssey and

@@ -13,9 +13,13 @@
 namespace pgrt {
 
 std::string escape_option_value(std::string_view value) {
+  // The server splits the `options` start-up parameter at any white space (pg_split_opts():
+  // isspace() in the server's locale, which may take a byte above 0x7f for one), and a backslash
+  // keeps the next byte, whatever it is.
   std::string escaped;
   for (char c : value) {
-    if (c == ' ' || c == '\\') escaped += '\\';
+    const auto byte = static_cast<unsigned char>(c);
+    if (c == '\\' || std::isspace(byte) != 0 || byte > 0x7f) escaped += '\\';
     escaped += c;
   }
   return escaped;
@@ -235,6 +239,14 @@ bool url_credentials_misread(std::string_view conninfo) {
     return !std::all_of(port->second.begin(), port->second.end(), [](char c) {
       return std::isdigit(static_cast<unsigned char>(c)) != 0 || c == ',';
     });
+  }
+  return false;
+}
+
+bool host_holds_credentials(std::string_view hosts) {
+  for (const std::string& host : split_hosts(std::string(hosts))) {
+    if (host.find("://") != std::string::npos) return true;
+    if (!host.starts_with('/') && host.find('@', 1) != std::string::npos) return true;
   }
   return false;
 }

@@ -9,7 +9,8 @@
 
 namespace pgrt {
 
-// libpq's `options` startup parameter separates arguments by spaces; escape them.
+// libpq's `options` startup parameter separates arguments at white space; escapes it (and the
+// backslash, and every byte above 0x7f, which a server's locale may take for white space).
 std::string escape_option_value(std::string_view value);
 
 std::vector<std::string> split_hosts(const std::string& hosts);
@@ -34,6 +35,12 @@ std::string redact_unparsable_conninfo(std::string_view conninfo);
 // A URL whose user name or password holds an unencoded '@', '/' or ':' that libpq parses into the
 // host, port or database name (where a connect error would show it).
 bool url_credentials_misread(std::string_view conninfo);
+
+// Whether a host list (the conninfo's `host`, or PGHOST) looks like a connection URL or a user's
+// credentials pasted where a host belongs ("postgresql://app:secret@db/app", "app:secret@db"):
+// a host name never holds "://", nor an '@' but at the start of an abstract socket ("@name").
+// Such a host is never looked up, nor quoted: it may hold a password.
+bool host_holds_credentials(std::string_view hosts);
 
 // Why `conninfo` cannot be parsed (or, a URL, is misread: url_credentials_misread()), redacted
 // ("the conninfo could not be parsed: host=db PASSWORD=****: \"PASSWORD\" is not a keyword

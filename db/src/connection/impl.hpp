@@ -360,6 +360,10 @@ struct Connection::Impl {
   // one, the connection goes on as behind a transaction pooler noticed: unnamed statements, one
   // sync segment in flight. A failed or cancelled wait closes the connection (no drain).
   asio::awaitable<error_code> notice_pooler();
+  // notice_pooler() within a host's time (connect()): given up at `deadline`, and the connection
+  // closed when it fails.
+  asio::awaitable<error_code> notice_pooler_within(
+      std::optional<std::chrono::steady_clock::time_point> deadline);
   // One libpq connect to `host` (all of the conninfo's hosts when null), given up after
   // `limit` (none: until cancelled).
   asio::awaitable<error_code> connect_once(

@@ -167,11 +167,13 @@ class Connection {
   using executor_type = boost::asio::any_io_executor;
 
   /// Connects on the calling coroutine's executor. Throws pgrt::Error: client_errc::connect_failed
-  /// (refused, unreachable, malformed conninfo), client_errc::name_resolution,
-  /// client_errc::timeout, or a SQLSTATE code (28P01 wrong password, 3D000 unknown database, 53300
-  /// server full, ...). The message says what failed and what to check; it never contains the
-  /// password. Host names are resolved asynchronously (asio's resolver), not by libpq on the event
-  /// loop.
+  /// (refused, unreachable), client_errc::invalid_config (a malformed conninfo, or a host that
+  /// holds a URL or credentials), client_errc::name_resolution, client_errc::timeout, or a
+  /// SQLSTATE code (28P01 wrong password, 28000 unknown role or one that may not log in, 3D000
+  /// unknown database, 42501 no CONNECT privilege, 53300 server full or a role's or database's
+  /// connection limit reached, ...). The message says what failed and what to check; it never
+  /// contains the password. Host names are resolved on a thread of their own (getaddrinfo()), not
+  /// by libpq on the event loop.
   [[nodiscard]] static boost::asio::awaitable<Connection> connect(ConnectOptions options);
 
   /// connect() for any completion token; completes with (error_code, Connection).
@@ -262,6 +264,9 @@ class Connection {
 
   /// BEGIN with the given options; COMMIT; ROLLBACK. See also pgrt::transaction(). commit() of a
   /// transaction that had already failed throws SQLSTATE 25P02: the server rolled it back.
+  /// begin() on a connection whose transaction block is open already throws SQLSTATE 25001 and
+  /// sends nothing (the server would only warn, and the next COMMIT or ROLLBACK would end the
+  /// open transaction): use a SAVEPOINT for a nested step.
   [[nodiscard]] boost::asio::awaitable<void> begin(TransactionOptions options = {});
   [[nodiscard]] boost::asio::awaitable<void> commit();
   [[nodiscard]] boost::asio::awaitable<void> rollback();

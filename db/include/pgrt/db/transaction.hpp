@@ -19,6 +19,10 @@ namespace detail {
 // Rolls back after a failed or cancelled body, also when the calling coroutine was cancelled;
 // never throws (the body's exception matters more).
 boost::asio::awaitable<void> rollback_after_failure(Connection& connection);
+// Throws SQLSTATE 25001 when a transaction block is open on `connection` already: a BEGIN there
+// would only be warned about by the server, and the ROLLBACK or COMMIT meant for it would end the
+// open one.
+void refuse_nested_transaction(const Connection& connection);
 }  // namespace detail
 
 /// BEGIN (with `options`), then `co_await body(connection)`, then COMMIT; returns what the body
@@ -27,6 +31,9 @@ boost::asio::awaitable<void> rollback_after_failure(Connection& connection);
 /// on the server just before the cancellation reached it) and the exception is rethrown.
 /// If COMMIT itself fails (for example a serialization failure at commit), its pgrt::Error is
 /// thrown; compare it with condition::serialization_failure to retry.
+/// Transactions do not nest: on a connection whose transaction block is open already (a
+/// transaction() called from the body of another), it throws SQLSTATE 25001 before sending
+/// anything, and leaves the open transaction as it is (use a SAVEPOINT for a nested step).
 ///
 /// `body` is called as `body(Connection&)` and must return an awaitable.
 template <typename Body>
@@ -34,6 +41,7 @@ requires std::invocable<Body&, Connection&>
 auto transaction(Connection& connection, Body body, TransactionOptions options = {})
     -> std::invoke_result_t<Body&, Connection&> {
   using Value = typename std::invoke_result_t<Body&, Connection&>::value_type;
+  detail::refuse_nested_transaction(connection);  // (before the try: the open one is not ours)
   std::exception_ptr failure;
   try {
     // Inside the try: a BEGIN that completed on the server before a cancellation (or a timeout)

@@ -1,0 +1,470 @@
+// The connection layer at its edges: failover past a host that answers only the start-up, how
+// each refusal at connect is classified, session settings that hold white space, the bound of a
+// closed connection's backend, transactions that would nest, and credentials where a host belongs.
+#include <arpa/inet.h>
+#include <atomic>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <chrono>
+#include <cstring>
+#include <filesystem>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <optional>
+#include <poll.h>
+#include <stdexcept>
+#include <string>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <thread>
+#include <unistd.h>
+#include <vector>
+
+#include <pgrt/db.hpp>
+#include <pgrt/db/session_guards.hpp>
+
+#include "pgrt/testing/blocking_sql.hpp"
+#include "pgrt/testing/db_test.hpp"
+#include "pgrt/testing/expect_error.hpp"
+#include "pgrt/testing/fault_proxy.hpp"
+#include "pgrt/testing/run_coroutine.hpp"
+
+namespace pgrt {
+namespace {
+
+namespace asio = boost::asio;
+using namespace std::chrono_literals;
+using testing::run_coroutine;
+using awaitable_void = asio::awaitable<void>;
+
+// A server that completes the start-up of every connection (AuthenticationOk, the parameters,
+// BackendKeyData, ReadyForQuery) and then never answers a statement: a pooler such as PgBouncer
+// in front of a server that is down or hung (it answers the start-up itself, and queues the
+// client's statements until a server connection comes, which it never does).
+class AnswersOnlyTheStartup {
+ public:
+  // close_on_statement: the pooler gives up on the first statement and closes the connection
+  // (PgBouncer's "no more connections allowed" or "server login failed" when its server is down).
+  explicit AnswersOnlyTheStartup(bool close_on_statement = false)
+      : close_on_statement_(close_on_statement) {
+    listener_ = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in address{};
+    address.sin_family = AF_INET;
+    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (::bind(listener_, reinterpret_cast<sockaddr*>(&address), sizeof address) != 0 ||
+        ::listen(listener_, 16) != 0) {
+      throw std::runtime_error("cannot listen");
+    }
+    socklen_t length = sizeof address;
+    ::getsockname(listener_, reinterpret_cast<sockaddr*>(&address), &length);
+    port_ = ntohs(address.sin_port);
+    thread_ = std::thread([this] { serve(); });
+  }
+  ~AnswersOnlyTheStartup() {
+    stop_ = true;
+    thread_.join();
+    for (const int fd : clients_) ::close(fd);
+    ::close(listener_);
+  }
+  AnswersOnlyTheStartup(const AnswersOnlyTheStartup&) = delete;
+  AnswersOnlyTheStartup& operator=(const AnswersOnlyTheStartup&) = delete;
+  [[nodiscard]] int port() const { return port_; }
+  [[nodiscard]] int started_up() const { return started_up_.load(); }
+
+ private:
+  static bool read_exactly(int fd, char* out, std::size_t size) {
+    while (size > 0) {
+      const ssize_t got = ::recv(fd, out, size, 0);
+      if (got <= 0) return false;
+      out += got;
+      size -= static_cast<std::size_t>(got);
+    }
+    return true;
+  }
+  static void put_int32(std::string& out, std::uint32_t value) {
+    const std::uint32_t net = htonl(value);
+    out.append(reinterpret_cast<const char*>(&net), 4);
+  }
+  static void message(std::string& out, char type, const std::string& body) {
+    out += type;
+    put_int32(out, static_cast<std::uint32_t>(body.size() + 4));
+    out += body;
+  }
+  void start_up(int fd) {
+    for (;;) {
+      char header[4];
+      if (!read_exactly(fd, header, 4)) return;
+      std::uint32_t length = 0;
+      std::memcpy(&length, header, 4);
+      length = ntohl(length);
+      if (length < 8 || length > 10000) return;
+      std::string body(length - 4, '\0');
+      if (!read_exactly(fd, body.data(), body.size())) return;
+      std::uint32_t code = 0;
+      std::memcpy(&code, body.data(), 4);
+      code = ntohl(code);
+      if (code == 80877103 || code == 80877104) {  // SSLRequest, GSSENCRequest: no
+        (void)::send(fd, "N", 1, MSG_NOSIGNAL);
+        continue;
+      }
+      break;
+    }
+    std::string reply;
+    std::string ok;
+    put_int32(ok, 0);
+    message(reply, 'R', ok);
+    for (const auto& [name, value] : std::vector<std::pair<std::string, std::string>>{
+             {"server_version", "15.0"},
+             {"server_encoding", "UTF8"},
+             {"client_encoding", "UTF8"},
+             {"DateStyle", "ISO, MDY"},
+             {"integer_datetimes", "on"},
+             {"standard_conforming_strings", "on"},
+             {"TimeZone", "UTC"},
+             {"in_hot_standby", "off"},
+             {"default_transaction_read_only", "off"}}) {
+      message(reply, 'S', name + '\0' + value + '\0');
+    }
+    std::string key;
+    put_int32(key, 4242);
+    put_int32(key, 1234);
+    message(reply, 'K', key);
+    message(reply, 'Z', "I");
+    (void)::send(fd, reply.data(), reply.size(), MSG_NOSIGNAL);
+    ++started_up_;
+  }
+  void serve() {
+    while (!stop_) {
+      pollfd waiting{.fd = listener_, .events = POLLIN, .revents = 0};
+      if (::poll(&waiting, 1, 50) <= 0) continue;
+      const int fd = ::accept(listener_, nullptr, nullptr);
+      if (fd < 0) continue;
+      clients_.push_back(fd);  // kept open, never answered after the start-up
+      start_up(fd);
+      if (close_on_statement_) {
+        char first[5];
+        (void)read_exactly(fd, first, 5);  // the first statement's message comes: give up
+        std::string error;
+        for (const char* field : {"SFATAL", "VFATAL", "C08P01", "Mno more connections allowed"}) {
+          error += field;
+          error += '\0';
+        }
+        error += '\0';
+        std::string reply;
+        message(reply, 'E', error);
+        (void)::send(fd, reply.data(), reply.size(), MSG_NOSIGNAL);
+        ::shutdown(fd, SHUT_RDWR);
+      }
+    }
+  }
+  bool close_on_statement_ = false;
+  int listener_ = -1;
+  int port_ = 0;
+  std::atomic<bool> stop_{false};
+  std::atomic<int> started_up_{0};
+  std::vector<int> clients_;
+  std::thread thread_;
+};
+
+class ConnectionEdgesTest : public testing::DbTest {
+ protected:
+  static ConnectOptions options() { return ConnectOptions{.conninfo = cluster().dsn()}; }
+};
+
+// A session setting whose value holds a tab or a line break: PostgreSQL splits the `options`
+// startup parameter at any white space (pg_split_opts() uses isspace()), but
+// escape_option_value() escapes the space only. The value is cut in two and the rest is read as
+// further command-line arguments: the connect fails with a FATAL the user cannot explain, or the
+// rest is taken as startup options of its own (another setting slipped in).
+TEST_F(ConnectionEdgesTest, ASessionSettingValueWithATabReachesTheServerWhole) {
+  run_coroutine([]() -> awaitable_void {
+    ConnectOptions with_tab = options();
+    with_tab.session_settings = {{"pgrt_test.note", "first\tsecond"}};
+    try {
+      auto conn = co_await Connection::connect(with_tab);
+      auto shown = co_await conn.query("SELECT current_setting('pgrt_test.note')");
+      EXPECT_EQ(shown.scalar<std::string>(), "first\tsecond");
+    } catch (const Error& error) {
+      ADD_FAILURE() << "connect failed: " << error.what();
+    }
+  });
+}
+
+TEST_F(ConnectionEdgesTest, ASessionSettingValueCannotSlipInAnotherSetting) {
+  run_coroutine([]() -> awaitable_void {
+    ConnectOptions sneaky = options();
+    // One setting, whose value happens to hold line breaks (as text from a config file may).
+    sneaky.session_settings = {{"pgrt_test.note", "x\n-c\ndefault_transaction_read_only=on"}};
+    try {
+      auto conn = co_await Connection::connect(sneaky);
+      auto read_only = co_await conn.query("SHOW default_transaction_read_only");
+      EXPECT_EQ(read_only.scalar<std::string>(), "off")
+          << "a value's line breaks let it set another server setting";
+      auto note = co_await conn.query("SELECT current_setting('pgrt_test.note')");
+      EXPECT_EQ(note.scalar<std::string>(), "x\n-c\ndefault_transaction_read_only=on");
+    } catch (const Error& error) {
+      ADD_FAILURE() << "connect failed: " << error.what();
+    }
+  });
+}
+
+// backend_end_bound() reads the caller's own client_connection_check_interval with std::stoll,
+// as if it were a number of milliseconds. PostgreSQL takes units ("1min", "10s"), and
+// with_session_guards() keeps the caller's value (it wins): the bound then counts 1 ms for a
+// minute, and the pool gives a closed connection's capacity back before its backend can be gone.
+TEST(BackendEndBound, TheBoundReadsACheckIntervalGivenWithUnits) {
+  ConnectOptions own;
+  own.session_settings = {{"client_connection_check_interval", "1min"}};
+  const ConnectOptions guarded = with_session_guards(own, SessionGuards{});
+  // keepalives 30 s + 3 x 10 s, then one check interval (a minute) more.
+  EXPECT_EQ(backend_end_bound(guarded), 120s);
+}
+
+// ... and a value that is not a number at all (PostgreSQL's "default" resets a setting) makes it
+// throw std::invalid_argument ("stoll"), out of the pool's construction.
+TEST(BackendEndBound, TheBoundDoesNotThrowOnAValueThatIsNotANumber) {
+  ConnectOptions own;
+  own.session_settings = {{"client_connection_check_interval", "default"}};
+  const ConnectOptions guarded = with_session_guards(own, SessionGuards{});
+  EXPECT_NO_THROW((void)backend_end_bound(guarded));
+}
+
+// The server-side keepalives the caller set (they win over the guards' in session_settings) are
+// not what the bound counts: a backend whose client is unreachable lives 600 s + 3 x 10 s, the
+// bound says 70 s.
+TEST(BackendEndBound, TheBoundCountsTheServerKeepalivesTheCallerSet) {
+  ConnectOptions own;
+  own.session_settings = {{"tcp_keepalives_idle", "600"}};
+  const ConnectOptions guarded = with_session_guards(own, SessionGuards{});
+  EXPECT_GE(backend_end_bound(guarded), 630s);
+}
+
+// A role's or a database's connection limit (ALTER ROLE ... CONNECTION LIMIT n) refuses a connect
+// with SQLSTATE 53300, "too many connections for role ...". connect_error() recognises 53300 by
+// the words of max_connections' message only ("too many clients", "remaining connection
+// slots"), so this one becomes client_errc::connect_failed (condition::connection_error, "check
+// that the server is running"), not condition::too_many_connections: the pool's backpressure
+// (driver.cpp, "a role's or database's connection limit") never sees it.
+TEST_F(ConnectionEdgesTest, ARolesConnectionLimitIsTooManyConnections) {
+  testing::BlockingConnection admin(cluster().dsn());
+  admin.query("DROP ROLE IF EXISTS edge_capped");
+  admin.query("CREATE ROLE edge_capped LOGIN CONNECTION LIMIT 0");
+  run_coroutine([]() -> awaitable_void {
+    ConnectOptions capped{.conninfo = cluster().dsn() + " user=edge_capped"};
+    const Error error = co_await testing::expect_error(Connection::connect(capped));
+    EXPECT_EQ(error.code(), condition::too_many_connections) << error.what();
+    EXPECT_EQ(error.sqlstate(), "53300") << error.what();
+  });
+  admin.query("DROP ROLE edge_capped");
+}
+
+TEST_F(ConnectionEdgesTest, ADatabasesConnectionLimitIsTooManyConnections) {
+  testing::BlockingConnection admin(cluster().dsn());
+  admin.query("DROP DATABASE IF EXISTS edge_capped_db");
+  admin.query("CREATE DATABASE edge_capped_db CONNECTION LIMIT 0");
+  admin.query("DROP ROLE IF EXISTS edge_plain");
+  admin.query("CREATE ROLE edge_plain LOGIN");  // (a superuser is not held to the limit)
+  run_coroutine([]() -> awaitable_void {
+    ConnectOptions capped{.conninfo = cluster().dsn() + " user=edge_plain dbname=edge_capped_db"};
+    const Error error = co_await testing::expect_error(Connection::connect(capped));
+    EXPECT_EQ(error.code(), condition::too_many_connections) << error.what();
+    EXPECT_EQ(error.sqlstate(), "53300") << error.what();
+  });
+  admin.query("DROP DATABASE edge_capped_db");
+  admin.query("DROP ROLE edge_plain");
+}
+
+// A role that may not log in (NOLOGIN): SQLSTATE 28000, a mistake every host answers alike. It
+// comes out as connect_failed (condition::connection_error, retried as an outage) with the hint
+// "check that the server is running and accepts connections", and a multi-host connect passes
+// it over to try the next host instead of ending as it does for an unknown role.
+TEST_F(ConnectionEdgesTest, ARoleThatMayNotLogInIsAnAuthorizationErrorNotAnOutage) {
+  testing::BlockingConnection admin(cluster().dsn());
+  admin.query("DROP ROLE IF EXISTS edge_nologin");
+  admin.query("CREATE ROLE edge_nologin NOLOGIN");
+  run_coroutine([]() -> awaitable_void {
+    ConnectOptions nologin{.conninfo = cluster().dsn() + " user=edge_nologin"};
+    const Error error = co_await testing::expect_error(Connection::connect(nologin));
+    EXPECT_EQ(error.sqlstate(), "28000") << error.what();
+    EXPECT_NE(error.code(), condition::connection_error) << error.what();
+  });
+  admin.query("DROP ROLE edge_nologin");
+}
+
+TEST_F(ConnectionEdgesTest, AConnectionRefusedItsDatabaseIsAnAuthorizationErrorNotAnOutage) {
+  testing::BlockingConnection admin(cluster().dsn());
+  admin.query("DROP DATABASE IF EXISTS edge_closed_db");
+  admin.query("CREATE DATABASE edge_closed_db");
+  admin.query("REVOKE CONNECT ON DATABASE edge_closed_db FROM PUBLIC");
+  admin.query("DROP ROLE IF EXISTS edge_outsider");
+  admin.query("CREATE ROLE edge_outsider LOGIN");
+  run_coroutine([]() -> awaitable_void {
+    ConnectOptions refused{.conninfo =
+                               cluster().dsn() + " user=edge_outsider dbname=edge_closed_db"};
+    const Error error = co_await testing::expect_error(Connection::connect(refused));
+    EXPECT_EQ(error.sqlstate(), "42501") << error.what();
+    EXPECT_NE(error.code(), condition::connection_error) << error.what();
+  });
+  admin.query("DROP DATABASE edge_closed_db");
+  admin.query("DROP ROLE edge_outsider");
+}
+
+// pgrt::transaction() inside a transaction block that is open already (a helper that uses
+// transaction() called from another transaction()): its BEGIN is only a server WARNING, so it
+// goes on; when its body fails, its ROLLBACK rolls back the *outer* transaction's work, and the
+// outer transaction goes on with no block open (its next statements autocommit) and its COMMIT
+// "succeeds" (a WARNING: no transaction in progress). The outer caller, told of nothing, has lost
+// its first write and committed its later ones one by one.
+TEST_F(ConnectionEdgesTest, ANestedTransactionThatFailsDoesNotSilentlyUndoTheOuterOne) {
+  run_coroutine([]() -> awaitable_void {
+    auto conn = co_await Connection::connect(options());
+    co_await conn.execute("DROP TABLE IF EXISTS edge_nested");
+    co_await conn.execute("CREATE TABLE edge_nested (step text)");
+    auto inner = [](Connection& tx) -> awaitable_void {
+      co_await tx.execute("INSERT INTO edge_nested VALUES ('inner')");
+      throw std::runtime_error("the inner step fails");
+    };
+    auto outer = [&inner](Connection& tx) -> awaitable_void {
+      co_await tx.execute("INSERT INTO edge_nested VALUES ('outer-first')");
+      try {
+        co_await transaction(tx, inner);
+      } catch (const std::exception&) {  // NOLINT(bugprone-empty-catch): the outer goes on
+      }
+      co_await tx.execute("INSERT INTO edge_nested VALUES ('outer-last')");
+    };
+    bool outer_committed = false;
+    try {
+      co_await transaction(conn, outer);
+      outer_committed = true;
+    } catch (const std::exception&) {  // NOLINT(bugprone-empty-catch): a refusal is fine
+    }
+    auto rows = co_await conn.query("SELECT string_agg(step, ',' ORDER BY step) FROM edge_nested");
+    const auto stored = rows.scalar<std::optional<std::string>>().value_or("");
+    if (outer_committed) {
+      // The outer transaction said it committed: its own work must be there, whole.
+      EXPECT_EQ(stored, "outer-first,outer-last");
+    } else {
+      // Refused or failed: none of it may be there.
+      EXPECT_EQ(stored, "");
+    }
+  });
+}
+
+// Failover past a host that completes the start-up and then answers nothing (a pooler in front of
+// a dead server): docs/operations.md, "Failover", says such a host "is passed over once its time
+// is up", each host but the last getting an equal share of connect_timeout. But pgrt's own
+// check for a pooler (notice_pooler(): SELECT pg_backend_pid(), with Pooler::none, the default)
+// runs after connect_once() has returned, outside the host's share: it waits for the whole
+// connect_timeout, the connect fails with `timeout`, and the second host, which is up, is never
+// tried.
+TEST_F(ConnectionEdgesTest, AHostThatAnswersTheStartupAndThenNothingIsPassedOverInItsShare) {
+  AnswersOnlyTheStartup pooler_of_a_dead_server;
+  const std::string conninfo =
+      "host=127.0.0.1,127.0.0.1 port=" + std::to_string(pooler_of_a_dead_server.port()) + "," +
+      std::to_string(cluster().port()) +
+      " user=postgres dbname=postgres sslmode=disable gssencmode=disable";
+  const auto started = std::chrono::steady_clock::now();
+  run_coroutine([&]() -> awaitable_void {
+    ConnectOptions two_hosts{.conninfo = conninfo, .connect_timeout = 4s};
+    try {
+      auto conn = co_await Connection::connect(two_hosts);
+      EXPECT_EQ((co_await conn.query("SELECT inet_server_port()")).scalar<int>(), cluster().port());
+    } catch (const Error& error) {
+      ADD_FAILURE() << "the second host was not reached: " << error.what();
+    }
+  });
+  EXPECT_EQ(pooler_of_a_dead_server.started_up(), 1);
+  // The first host's share is half of the 4 s.
+  EXPECT_LT(std::chrono::steady_clock::now() - started, 3500ms);
+}
+
+// The same pooler in front of a dead server, giving up on the first statement with an error and
+// closing the connection: notice_pooler()'s failure ends the whole connect (connection_lost)
+// instead of passing the host over, and the second host, which is up, is never tried.
+TEST_F(ConnectionEdgesTest, AHostThatClosesOnTheFirstStatementIsPassedOver) {
+  AnswersOnlyTheStartup pooler_of_a_dead_server(/*close_on_statement=*/true);
+  const std::string conninfo =
+      "host=127.0.0.1,127.0.0.1 port=" + std::to_string(pooler_of_a_dead_server.port()) + "," +
+      std::to_string(cluster().port()) +
+      " user=postgres dbname=postgres sslmode=disable gssencmode=disable";
+  run_coroutine([&]() -> awaitable_void {
+    ConnectOptions two_hosts{.conninfo = conninfo, .connect_timeout = 4s};
+    try {
+      auto conn = co_await Connection::connect(two_hosts);
+      EXPECT_EQ((co_await conn.query("SELECT inet_server_port()")).scalar<int>(), cluster().port());
+    } catch (const Error& error) {
+      ADD_FAILURE() << "the second host was not reached: " << error.what();
+    }
+  });
+  EXPECT_EQ(pooler_of_a_dead_server.started_up(), 1);
+}
+
+// An Error whose code is a SQLSTATE but whose Diagnostics do not repeat it (the pool's
+// fail-fast error for a full server builds one so: driver.cpp, `throw Error(full,
+// Diagnostics{.message = ...})`): sqlstate() is empty although the code is 53300, and what()
+// ends in an empty " []" where the SQLSTATE and its name belong. error.hpp documents sqlstate()
+// as "the SQLSTATE, e.g. "23505"; empty for client-side errors".
+TEST(ErrorText, AnErrorWithASqlstateCodeSaysItsSqlstate) {
+  const Error full(make_sqlstate_error("53300"),
+                   Diagnostics{.message = "the server refuses new connections (it is full)"});
+  EXPECT_EQ(full.sqlstate(), "53300");
+  EXPECT_THAT(full.what(), ::testing::Not(::testing::HasSubstr("[]"))) << full.what();
+  EXPECT_THAT(full.what(), ::testing::HasSubstr("53300")) << full.what();
+}
+
+// A connection URL given where a host name belongs (host=..., or PGHOST set to the DATABASE_URL:
+// a common slip). pgrt refuses a URL whose host holds an '@' (url_credentials_misread(): the
+// password would show in the host), but not a key=value host, nor one from PGHOST: it is looked
+// up as a name, and the error quotes it whole, password included, as mask_password() does.
+// usage.md: "The error messages of connect() never contain the password".
+TEST_F(ConnectionEdgesTest, AUrlGivenAsTheHostDoesNotPutItsPasswordInTheError) {
+  run_coroutine([]() -> awaitable_void {
+    const std::string conninfo =
+        "host=postgresql://app:S3cretPw@db.invalid/app user=postgres dbname=postgres";
+    ConnectOptions slipped{.conninfo = conninfo, .connect_timeout = 5s};
+    const Error error = co_await testing::expect_error(Connection::connect(slipped));
+    EXPECT_THAT(error.what(), ::testing::Not(::testing::HasSubstr("S3cretPw"))) << error.what();
+    EXPECT_THAT(mask_password(conninfo), ::testing::Not(::testing::HasSubstr("S3cretPw")))
+        << mask_password(conninfo);
+  });
+}
+
+// The conninfo's connect_timeout with no host at all (libpq's default socket directory): usage.md
+// and operations.md say the conninfo's connect_timeout bounds a single host, and name three forms
+// that libpq tries itself, bounded by the whole ConnectOptions::connect_timeout only (a service,
+// a hostaddr list, an empty host in a list). No host at all is a fourth such form
+// (host_entries() returns none when `hosts` is empty), undocumented: a server on the default
+// socket that takes the connection and never answers holds the connect for the whole
+// ConnectOptions::connect_timeout, not the conninfo's 2 s.
+TEST_F(ConnectionEdgesTest, TheConninfosConnectTimeoutBoundsTheDefaultSocketToo) {
+  const int port = 61000 + static_cast<int>(::getpid() % 3000);
+  // (libpq's default socket directory on Debian; the postgresql-common package makes it.)
+  std::error_code ignored;
+  std::filesystem::create_directories("/var/run/postgresql", ignored);
+  const std::string path = "/var/run/postgresql/.s.PGSQL." + std::to_string(port);
+  ::unlink(path.c_str());
+  const int listener = ::socket(AF_UNIX, SOCK_STREAM, 0);
+  sockaddr_un address{};
+  address.sun_family = AF_UNIX;
+  std::strncpy(address.sun_path, path.c_str(), sizeof address.sun_path - 1);
+  ASSERT_EQ(::bind(listener, reinterpret_cast<sockaddr*>(&address), sizeof address), 0)
+      << std::strerror(errno);
+  ASSERT_EQ(::listen(listener, 16), 0);  // never accepted, never answered
+  ::unsetenv("PGHOST");
+  ::unsetenv("PGHOSTADDR");
+  const auto started = std::chrono::steady_clock::now();
+  run_coroutine([&]() -> awaitable_void {
+    ConnectOptions hung{.conninfo = "port=" + std::to_string(port) +
+                                    " user=postgres dbname=postgres connect_timeout=2",
+                        .connect_timeout = 8s};
+    const Error error = co_await testing::expect_error(Connection::connect(hung));
+    EXPECT_EQ(error.code(), client_errc::timeout) << error.what();
+  });
+  EXPECT_LT(std::chrono::steady_clock::now() - started, 5s) << "the conninfo's 2 s were not kept";
+  ::close(listener);
+  ::unlink(path.c_str());
+}
+
+}  // namespace
+}  // namespace pgrt
