@@ -62,8 +62,11 @@ class AnyComponent {
   struct Model final : Concept {
     explicit Model(std::shared_ptr<C> held) : component(std::move(held)) {}
     [[nodiscard]] std::string name() const override { return std::string(component->name()); }
-    [[nodiscard]] boost::asio::awaitable<void> start() override { return component->start(); }
-    [[nodiscard]] boost::asio::awaitable<void> stop() override { return component->stop(); }
+    // Coroutines of their own: a start() or stop() that throws from the call itself (a plain
+    // function returning an awaitable), not from its co_await, fails like any other start or
+    // stop of this component, instead of escaping into the manager.
+    [[nodiscard]] boost::asio::awaitable<void> start() override { co_await component->start(); }
+    [[nodiscard]] boost::asio::awaitable<void> stop() override { co_await component->stop(); }
     void stop_intake() override {
       if constexpr (StopsIntake<C>) component->stop_intake();
     }
