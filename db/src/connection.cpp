@@ -103,7 +103,18 @@ error_code Connection::Impl::fail(client_errc code, std::string message, std::st
 error_code Connection::Impl::lost(std::string_view statement) {
   std::string libpq_message = conn != nullptr ? trimmed(PQerrorMessage(conn)) : "";
   broken = true;
-  close(CloseMode::immediate);
+  bool server_end_in_sight = false;  // cut gently (cut_writing()): its reading side still open
+  {
+    std::lock_guard lock(interrupt_mutex);
+    server_end_in_sight = cut_by_owner && !read_side_cut && interruptible_fd >= 0;
+  }
+  if (server_end_in_sight) {
+    // The backend may still be running what it was sent: close_and_wait() (the pool's, which
+    // keeps the connection's capacity until then) watches the server end the session.
+    keep_lingering(close_keeping_socket());
+  } else {
+    close(CloseMode::immediate);
+  }
   if (cut_by_owner) {
     return fail(client_errc::connection_lost,
                 "the connection was interrupted by its owner (Connection::interrupt(); a "
@@ -453,6 +464,14 @@ Connection::Impl* ConnectionAccess::bind(Connection& connection, LeaseBinding* b
 bool ConnectionAccess::has_lingering_socket(const Connection& connection) noexcept {
   return connection.impl_ != nullptr && connection.impl_->conn == nullptr &&
          !connection.impl_->lingering_fds.empty();
+}
+
+void ConnectionAccess::cut_writing(Connection& connection) noexcept {
+  if (connection.impl_) connection.impl_->cut_writing();
+}
+
+std::chrono::milliseconds ConnectionAccess::cancel_timeout(const Connection& connection) noexcept {
+  return connection.impl_ ? connection.impl_->options.cancel_timeout : std::chrono::milliseconds(0);
 }
 
 bool ConnectionAccess::behind_pooler(const Connection& connection) noexcept {

@@ -77,6 +77,10 @@ struct ConnectionAccess {
   // Whether the connection goes through a pooler, configured as a transaction pooler or noticed
   // at connect (Connection::Impl::one_segment_in_flight()).
   static bool behind_pooler(const Connection& connection) noexcept;
+  // The gentle first step of a cut (Connection::Impl::cut_writing()): thread-safe.
+  static void cut_writing(Connection& connection) noexcept;
+  // ConnectOptions::cancel_timeout of the connection (0 when empty).
+  static std::chrono::milliseconds cancel_timeout(const Connection& connection) noexcept;
   // Forgets the statements query_prepared() cached (the server is about to deallocate them).
   static void forget_statements(Connection& connection) noexcept;
   // Connection::interrupt() on an implementation: thread-safe, as that is.

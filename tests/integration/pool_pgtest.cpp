@@ -4208,5 +4208,134 @@ TEST_F(PoolTest, QueryStatementsQueuedWhenThePoolClosesFailWithPoolClosed) {
   });
 }
 
+// pool.md, close(grace): "waits up to `grace` for leases ... to finish; then interrupts whatever
+// is still out". A grace of milliseconds::max() (the usual "no limit") must wait for the lease,
+// not cut it at once: Clock::now() + grace overflows (the config's durations are refused above a
+// year for this very reason, but close()'s grace is not checked).
+TEST_F(PoolTest, CloseWithAnUnboundedGraceWaitsForTheLeaseInsteadOfCuttingIt) {
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, config("close-forever", 1));
+    auto lease = co_await pool.acquire();
+    bool closed = false;
+    std::vector<std::string> outstanding;
+    asio::co_spawn(
+        executor,
+        [&]() -> awaitable_void {
+          outstanding = co_await pool.close(std::chrono::milliseconds::max());
+          closed = true;
+        },
+        asio::detached);
+    co_await sleep_for(300ms);
+    EXPECT_FALSE(closed) << "close(milliseconds::max()) returned at once";
+    try {
+      EXPECT_EQ((co_await lease->query("SELECT 1")).scalar<int>(), 1);
+    } catch (const Error& error) {
+      ADD_FAILURE() << "the lease was cut by close(milliseconds::max()): " << error.what();
+    }
+    lease.release();
+    while (!closed) co_await sleep_for(5ms);
+    EXPECT_TRUE(outstanding.empty()) << outstanding.size() << " lease(s) reported cut";
+  });
+}
+
+// pool.md, "Strict max": "the server never sees more than max_size backends of one pool, at any
+// instant"; the one exception is a connection already cut on the client side (lost, or closed by
+// a cancelled statement whose drain exceeded cancel_timeout). A before_handout check still running
+// at the acquire's deadline "is cancelled and its connection closed": its backend, busy with the
+// check's statement (one that outlasts the cancel request), lives on, so its capacity must stay
+// counted until it has ended. Here the pool opens a replacement at once.
+TEST_F(PoolTest, ABeforeHandoutCheckCutAtTheDeadlineKeepsItsCapacityUntilItsBackendEnds) {
+  testing::BlockingConnection admin(cluster().dsn());
+  admin.query(
+      "CREATE OR REPLACE FUNCTION test_outlasts_cancel(seconds float8) RETURNS int "
+      "LANGUAGE plpgsql AS $$ DECLARE until timestamptz := clock_timestamp() + "
+      "make_interval(secs => seconds); BEGIN WHILE clock_timestamp() < until LOOP BEGIN "
+      "PERFORM pg_sleep(0.05); EXCEPTION WHEN query_canceled THEN NULL; END; END LOOP; "
+      "RETURN 1; END $$");
+  auto pool_config = config("check-cut", 1);
+  pool_config.acquire_timeout = 500ms;
+  std::atomic<bool> slow_check{true};
+  std::atomic<int> first_pid{0};
+  pool_config.before_handout = [&](Connection& connection) -> asio::awaitable<bool> {
+    if (slow_check.exchange(false)) {
+      first_pid = connection.backend_pid();
+      (void)co_await connection.query("SELECT test_outlasts_cancel(4)");
+    }
+    co_return true;
+  };
+  std::optional<BackendSampler> sampler;
+  int second_pid = 0;
+  bool first_alive_meanwhile = false;
+  run_coroutine([&]() -> awaitable_void {
+    Pool pool(co_await asio::this_coro::executor, pool_config);
+    sampler.emplace(cluster().dsn(), pool.application_name());
+    auto error = co_await testing::expect_error(pool.acquire());
+    EXPECT_EQ(error.code(), client_errc::pool_timeout) << error.what();
+    // The next acquire: the pool may open a connection only once the cut one's backend is gone.
+    try {
+      auto lease = co_await pool.acquire();
+      second_pid = lease->backend_pid();
+      first_alive_meanwhile = testing::backend_exists(cluster().dsn(), first_pid);
+      co_await sleep_for(500ms);
+    } catch (const Error& late) {
+      // (Waiting for the backend to end is allowed to take the acquire past its timeout.)
+      EXPECT_EQ(late.code(), client_errc::pool_timeout) << late.what();
+    }
+    (void)co_await pool.close(10s);
+  });
+  sampler->stop();
+  EXPECT_FALSE(first_alive_meanwhile)
+      << "a second connection (backend " << second_pid << ") was opened while the cut check's "
+      << "backend " << first_pid << " still ran";
+  EXPECT_LE(sampler->highest(), 1)
+      << "max_size is 1, but the server saw " << sampler->highest()
+      << " backends of the pool at once: the check's cut connection gave its capacity back "
+         "while its backend still ran";
+  admin.query("DROP FUNCTION test_outlasts_cancel(float8)");
+}
+
+// The same through PoolConfig::on_connect (pool.md: "cut at connect.connect_timeout (its
+// connection interrupted and the hook cancelled ...). If it throws, is cut, ... the connection is
+// closed and the connect counts as failed"): every retry after a cut hook opens one more backend
+// while the earlier ones still run, so a pool of max 1 piles them up on the server.
+TEST_F(PoolTest, OnConnectHooksCutAtConnectTimeoutNeverPutMoreThanMaxBackendsOnTheServer) {
+  testing::BlockingConnection admin(cluster().dsn());
+  admin.query(
+      "CREATE OR REPLACE FUNCTION test_outlasts_cancel2(seconds float8) RETURNS int "
+      "LANGUAGE plpgsql AS $$ DECLARE until timestamptz := clock_timestamp() + "
+      "make_interval(secs => seconds); BEGIN WHILE clock_timestamp() < until LOOP BEGIN "
+      "PERFORM pg_sleep(0.05); EXCEPTION WHEN query_canceled THEN NULL; END; END LOOP; "
+      "RETURN 1; END $$");
+  auto pool_config = config("hook-cut", 1);
+  pool_config.connect.connect_timeout = 300ms;
+  pool_config.connect_backoff_initial = 50ms;
+  pool_config.connect_backoff_max = 100ms;
+  pool_config.acquire_timeout = 2s;
+  pool_config.on_connect = [](Connection& connection) -> asio::awaitable<void> {
+    (void)co_await connection.query("SELECT test_outlasts_cancel2(3)");
+  };
+  std::optional<BackendSampler> sampler;
+  run_coroutine([&]() -> awaitable_void {
+    Pool pool(co_await asio::this_coro::executor, pool_config);
+    sampler.emplace(cluster().dsn(), pool.application_name());
+    auto error = co_await testing::expect_error(pool.acquire());
+    EXPECT_EQ(error.code(), client_errc::pool_timeout) << error.what();
+    // The cut hook's connect fails once its statement has ended on the server (the cancel
+    // request it ignores, then its end), or its cancel_timeout after the cut at the latest.
+    const auto waited_from = std::chrono::steady_clock::now();
+    while (pool.stats().connect_errors == 0 &&
+           std::chrono::steady_clock::now() - waited_from < 8s) {
+      co_await sleep_for(20ms);
+    }
+    EXPECT_GE(pool.stats().connect_errors, 1U);
+    (void)co_await pool.close(10s);
+  });
+  sampler->stop();
+  EXPECT_LE(sampler->highest(), 1) << "max_size is 1, but the server saw " << sampler->highest()
+                                   << " backends of the pool at once";
+  admin.query("DROP FUNCTION test_outlasts_cancel2(float8)");
+}
+
 }  // namespace
 }  // namespace pgrt

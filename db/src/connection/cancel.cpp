@@ -92,7 +92,15 @@ std::shared_future<void> Connection::Impl::start_interrupt() noexcept {
 
 void Connection::Impl::finish_interrupt() noexcept {
   std::lock_guard lock(interrupt_mutex);
-  if (interruptible_fd >= 0) ::shutdown(interruptible_fd, SHUT_RDWR);
+  if (interruptible_fd < 0) return;
+  ::shutdown(interruptible_fd, SHUT_RDWR);
+  read_side_cut = true;
+}
+
+void Connection::Impl::cut_writing() noexcept {
+  (void)start_interrupt();
+  std::lock_guard lock(interrupt_mutex);
+  if (interruptible_fd >= 0) ::shutdown(interruptible_fd, SHUT_WR);
 }
 
 // A wait ended early: the operation was cancelled, or the socket was closed under us.

@@ -158,6 +158,9 @@ struct Connection::Impl {
   std::vector<int> lingering_fds;
   std::shared_ptr<PGcancel> interrupt_cancel;
   std::atomic<bool> cut_by_owner{false};
+  // The socket's reading side was shut down (finish_interrupt()): the server's end of the session
+  // can no longer be seen on it. Under interrupt_mutex.
+  bool read_side_cut = false;
   // Set while a Lease holds this connection: close() hands the open connection to it.
   detail::LeaseBinding* lease_binding = nullptr;
 
@@ -242,6 +245,11 @@ struct Connection::Impl {
   // first sends the request (on a thread of its own) and returns what turns ready once it was
   // delivered (invalid when none was sent); the second shuts the socket down.
   std::shared_future<void> start_interrupt() noexcept;
+  // The gentle first step of a cut, from any thread: the cancel request (start_interrupt()) and
+  // end-of-file to the server, the socket left readable, so that an operation waiting on it ends
+  // with the server's answer and the server's end of the session stays in sight for
+  // close_and_wait(). finish_interrupt() is the hard step, for a server that does not answer.
+  void cut_writing() noexcept;
   // Cancel requests sent and not yet delivered, in the process (at most 32: see cancel.cpp).
   static int cancel_requests_on_their_way() noexcept;
   void finish_interrupt() noexcept;

@@ -17,26 +17,45 @@ namespace pgrt::detail {
 
 namespace {
 
-// Runs `operation` on `connection`, and cuts the connection (Connection::interrupt(), which is
-// thread-safe) if it has not finished by `deadline`: the operation then fails with
-// connection_lost. Every wait the pool makes on the server goes through here, so none is
-// unbounded, whatever the network does (a blackholed path never answers and never fails).
+// Runs `operation` on `connection`, and cuts the connection if it has not finished by
+// `deadline`: the operation then fails (the server's cancel error, or connection_lost). Every wait
+// the pool makes on the server goes through here, so none is unbounded, whatever the network
+// does (a blackholed path never answers and never fails). The cut comes in two steps: at
+// `deadline` a cancel request and end-of-file (Connection::Impl::cut_writing()), which a server
+// that answers ends the statement and the session on, in sight of the pool, which keeps the
+// connection's capacity until the session is seen to end (close_and_wait(); strict max); only if
+// the operation has not ended by the connection's cancel_timeout after that is the socket shut
+// down altogether (Connection::interrupt(): thread-safe), as for a server that is gone.
+struct Cutter {
+  std::mutex mutex;
+  bool done = false;
+  Connection* connection = nullptr;
+  asio::steady_timer* timer = nullptr;
+  std::chrono::milliseconds hard_after{0};
+};
+
+void cut_step(const std::shared_ptr<Cutter>& cutter, error_code error, bool gently_cut) {
+  if (error) return;
+  std::lock_guard lock(cutter->mutex);
+  if (cutter->done) return;  // (the timer, in cut_at()'s frame, is alive while not done)
+  if (gently_cut) {
+    cutter->connection->interrupt();
+    return;
+  }
+  ConnectionAccess::cut_writing(*cutter->connection);
+  cutter->timer->expires_after(cutter->hard_after);
+  cutter->timer->async_wait([cutter](error_code later) { cut_step(cutter, later, true); });
+}
+
 template <typename T>
 asio::awaitable<T> cut_at(Connection& connection, Clock::time_point deadline,
                           asio::awaitable<T> operation) {
-  struct Cutter {
-    std::mutex mutex;
-    bool done = false;
-    Connection* connection = nullptr;
-  };
   auto cutter = std::make_shared<Cutter>();
   cutter->connection = &connection;
+  cutter->hard_after = ConnectionAccess::cancel_timeout(connection);
   asio::steady_timer timer(co_await asio::this_coro::executor, deadline);
-  timer.async_wait([cutter](error_code error) {
-    if (error) return;
-    std::lock_guard lock(cutter->mutex);
-    if (!cutter->done) cutter->connection->interrupt();
-  });
+  cutter->timer = &timer;
+  timer.async_wait([cutter](error_code error) { cut_step(cutter, error, false); });
   struct Disarm {
     Cutter& cutter;
     asio::steady_timer& timer;
@@ -46,10 +65,8 @@ asio::awaitable<T> cut_at(Connection& connection, Clock::time_point deadline,
     Disarm(Disarm&&) = delete;
     Disarm& operator=(Disarm&&) = delete;
     ~Disarm() {
-      {
-        std::lock_guard lock(cutter.mutex);
-        cutter.done = true;
-      }
+      std::lock_guard lock(cutter.mutex);  // (held while cancelling: cut_step() re-arms under it)
+      cutter.done = true;
       timer.cancel();
     }
   } disarm(*cutter, timer);

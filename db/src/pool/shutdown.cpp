@@ -92,7 +92,14 @@ asio::awaitable<std::vector<std::string>> PoolState::close(std::shared_ptr<PoolS
                                                            std::chrono::milliseconds grace) {
   self->begin_close();
   {
-    const auto deadline = Clock::now() + grace;
+    // (A grace too long to add, milliseconds::max() for one, waits without a limit: the sum
+    // would overflow into the past, and cut every lease at once.)
+    const auto now = Clock::now();
+    const auto deadline = grace.count() < 0 ? now
+                          : std::chrono::duration_cast<std::chrono::milliseconds>(
+                                Clock::time_point::max() - now) <= grace
+                              ? Clock::time_point::max()
+                              : now + grace;
     std::unique_lock lock(self->mutex);
     // (No co_await inside a `&&`: g++ 12 evaluates it even when the left side is false, and a
     // pool already drained then waited out its whole grace period.)
