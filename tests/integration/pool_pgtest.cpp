@@ -4337,5 +4337,36 @@ TEST_F(PoolTest, OnConnectHooksCutAtConnectTimeoutNeverPutMoreThanMaxBackendsOnT
   admin.query("DROP FUNCTION test_outlasts_cancel2(float8)");
 }
 
+// pool.md, "fail_fast_after": "While the server is down (every connect in a row failed, none of
+// the pool's connections alive), a caller that has waited this long fails with connect_failed";
+// operations.md: "with the server down and nothing alive, a caller fails after that long with the
+// connect error instead of waiting out acquire_timeout". A caller that comes while the pool backs
+// off between two failed connects (the server has been down a while: the backoff has grown to
+// connect_backoff_max, 10 s by default) waits until the next connect fails, not fail_fast_after.
+TEST_F(PoolTest, FailFastEndsAWaitThatStartsWhileThePoolBacksOff) {
+  PoolConfig pool_config = config("fail-fast-backoff", 1);
+  pool_config.conninfo = "host=127.0.0.1 port=1 user=postgres dbname=postgres";  // refused
+  pool_config.connect_backoff_initial = 3s;  // as a backoff grown to its max after a while
+  pool_config.connect_backoff_max = 3s;
+  pool_config.connect_backoff_jitter = 0;
+  pool_config.acquire_timeout = 20s;
+  pool_config.fail_fast_after = 300ms;
+  run_coroutine([&]() -> awaitable_void {
+    Pool pool(co_await asio::this_coro::executor, pool_config);
+    for (int caller = 0; caller < 2; ++caller) {
+      const auto started = std::chrono::steady_clock::now();
+      auto error = co_await testing::expect_error(pool.acquire());
+      const auto waited = std::chrono::duration_cast<std::chrono::milliseconds>(
+          std::chrono::steady_clock::now() - started);
+      EXPECT_EQ(error.code(), client_errc::connect_failed) << error.what();
+      EXPECT_LT(waited, 1500ms) << "caller " << caller << " waited " << waited.count()
+                                << " ms with the server down, fail_fast_after being 300 ms "
+                                   "(connect failures in a row: "
+                                << pool.stats().consecutive_connect_failures << ")";
+    }
+    (void)co_await pool.close(0ms);
+  });
+}
+
 }  // namespace
 }  // namespace pgrt

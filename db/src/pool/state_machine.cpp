@@ -386,12 +386,15 @@ void Core::fail_fast(Time now, Actions& actions) {
   const std::size_t alive = list(NodeState::idle).size() + list(NodeState::leased).size() +
                             list(NodeState::resetting).size() + list(NodeState::pinging).size();
   if (alive > 0) return;
+  // While the pool backs off between failed connects, no connect is in flight: the last failure
+  // is the latest word on the server, for a caller that came since too.
+  const bool backing_off = list(NodeState::connecting).empty();
   Time next = Time::max();
   for (Priority priority : {Priority::high, Priority::normal}) {
     waiters_.for_each(priority, [&](Waiter& waiter) {
-      // Only a connect that failed after the caller came proves the server is down for it (an
-      // old failure, its waiter long gone, proves nothing about a connect now in flight).
-      if (waiter.enqueued_at > last_failure_at_) return;
+      // Otherwise only a connect that failed after the caller came proves the server is down for
+      // it (an old failure, its waiter long gone, proves nothing about a connect now in flight).
+      if (!backing_off && waiter.enqueued_at > last_failure_at_) return;
       const Time due = waiter.enqueued_at + config_.fail_fast_after;
       if (due > now) {
         next = std::min(next, due);
