@@ -4368,5 +4368,44 @@ TEST_F(PoolTest, FailFastEndsAWaitThatStartsWhileThePoolBacksOff) {
   });
 }
 
+// pool.md: on_connect is "run on every new connection before it is used (search_path, prepared
+// statements, type registration)", and reset `discard_all` "also runs DISCARD ALL ... on every
+// return". Together, the session state the hook set up is there for the first lease of a
+// connection only: DISCARD ALL wipes the hook's search_path and prepared statements at the first
+// return, and the hook never runs again, so every later lease of that connection runs without
+// them (queries resolve against the default search_path, EXECUTE of the hook's statement fails).
+TEST_F(PoolTest, OnConnectSessionStateSurvivesADiscardAllReset) {
+  auto pool_config = config("hook-discard-all", 1);
+  pool_config.reset = ResetPolicy::discard_all;
+  std::atomic<int> hooks{0};
+  pool_config.on_connect = [&hooks](Connection& connection) -> asio::awaitable<void> {
+    ++hooks;
+    co_await connection.execute("SET search_path TO test_app, public");
+    co_await connection.execute("PREPARE test_hook_statement AS SELECT 42");
+  };
+  run_coroutine([&]() -> awaitable_void {
+    Pool pool(co_await asio::this_coro::executor, pool_config);
+    int first_pid = 0;
+    {
+      auto lease = co_await pool.acquire();
+      first_pid = lease->backend_pid();
+      EXPECT_EQ((co_await lease->query("SHOW search_path")).scalar<std::string>(),
+                "test_app, public");
+    }
+    auto lease = co_await pool.acquire();
+    EXPECT_EQ(lease->backend_pid(), first_pid) << "(max 1: the same connection)";
+    EXPECT_EQ((co_await lease->query("SHOW search_path")).scalar<std::string>(), "test_app, public")
+        << "the second lease of the connection lost on_connect's search_path (hook ran "
+        << hooks.load() << " time(s))";
+    try {
+      EXPECT_EQ((co_await lease->query("EXECUTE test_hook_statement")).scalar<int>(), 42);
+    } catch (const Error& error) {
+      ADD_FAILURE() << "on_connect's prepared statement is gone: " << error.what();
+    }
+    lease.release();
+    (void)co_await pool.close(1s);
+  });
+}
+
 }  // namespace
 }  // namespace pgrt

@@ -479,6 +479,19 @@ asio::awaitable<void> PoolState::reset(std::shared_ptr<PoolState> self, pool::No
                             connection, self->config.budget,
                             static_cast<PooledConnection&>(*node->attachment).budget_slot));
       }
+      if (self->config.on_connect) {
+        // DISCARD ALL took what the hook set up (search_path, prepared statements): set up again,
+        // as on a new connection, and bounded as there.
+        const auto hook_deadline = Clock::now() + self->config.connect.connect_timeout;
+        co_await with_timeout(
+            cut_at(connection, hook_deadline, self->config.on_connect(connection)),
+            self->config.connect.connect_timeout);
+        if (connection.is_broken() || !connection.is_open() || Clock::now() >= hook_deadline) {
+          throw std::runtime_error(
+              "PoolConfig::on_connect, run again after DISCARD ALL, ran past "
+              "connect.connect_timeout, or returned after its connection was cut");
+        }
+      }
     }
     if (check_slots) {
       try {
