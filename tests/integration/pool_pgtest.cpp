@@ -4407,5 +4407,72 @@ TEST_F(PoolTest, OnConnectSessionStateSurvivesADiscardAllReset) {
   });
 }
 
+// pool.md, "Events": `acquire_timeout` is one of the pool's events, and "Stats" counts the
+// acquires that timed out in `timeouts`. With acquire_timeout 0, an acquire on a pool whose every
+// connection is in use fails at once with pool_timeout and is counted in `timeouts`: a subscriber
+// to acquire_timeout (an alert on timeouts) must hear of it as it hears of a timed-out wait.
+TEST_F(PoolTest, AcquireTimeoutEventFiresForAnAcquireTimeoutZeroTimeout) {
+  auto pool_config = config("timeout-event", 1);
+  pool_config.acquire_timeout = 0ms;
+  int heard = 0;
+  run_coroutine([&]() -> awaitable_void {
+    Pool pool(co_await asio::this_coro::executor, pool_config);
+    boost::signals2::scoped_connection subscription =
+        pool.events().acquire_timeout.connect([&](const std::string&) { ++heard; });
+    auto lease = co_await pool.acquire();
+    auto error = co_await testing::expect_error(pool.acquire());
+    EXPECT_EQ(error.code(), client_errc::pool_timeout);
+    EXPECT_EQ(pool.stats().timeouts, 1U);
+    lease.release();
+    (void)co_await pool.close(1s);
+  });
+  EXPECT_EQ(heard, 1) << "the acquire failed with pool_timeout and was counted in timeouts, but "
+                         "the acquire_timeout event never fired";
+}
+
+// pool.md, "Cancellation": a cancelled acquire "fails with client_errc::cancelled and is counted in
+// cancellations"; "Every wait is bounded": an acquire's wait includes its checks before handout.
+// A caller that gives up (with_timeout) while PoolConfig::before_handout runs is such a cancelled
+// acquire: it must be counted, and the connection, which the check did not refuse, must not be
+// closed as `rejected`.
+TEST_F(PoolTest, AnAcquireCancelledDuringItsCheckBeforeHandoutIsCountedAndRejectsNothing) {
+  auto pool_config = config("check-cancelled", 1);
+  pool_config.acquire_timeout = 5s;
+  std::atomic<int> checks{0};
+  pool_config.before_handout = [&checks](Connection&) -> asio::awaitable<bool> {
+    if (checks++ == 0) co_await sleep_for(1s);  // the first check is slow
+    co_return true;
+  };
+  std::vector<DiscardReason> reasons;
+  run_coroutine([&]() -> awaitable_void {
+    Pool pool(co_await asio::this_coro::executor, pool_config);
+    boost::signals2::scoped_connection subscription =
+        pool.events().discarded.connect([&](DiscardReason reason) { reasons.push_back(reason); });
+    const auto started = std::chrono::steady_clock::now();
+    auto error = co_await testing::expect_error(
+        with_timeout(pool.acquire(), std::chrono::milliseconds(200)));
+    const auto took = std::chrono::duration_cast<std::chrono::milliseconds>(
+        std::chrono::steady_clock::now() - started);
+    EXPECT_TRUE(error.code() == client_errc::timeout || error.code() == client_errc::cancelled)
+        << error.what();
+    co_await sleep_for(100ms);
+    const PoolStats stats = pool.stats();
+    EXPECT_EQ(stats.cancellations, 1U)
+        << "the cancelled acquire was not counted (it failed after " << took.count()
+        << " ms with: " << error.what() << "; acquired " << stats.acquired << ", timeouts "
+        << stats.timeouts << ", checks run " << checks.load() << ", waiting "
+        << stats.waiting_normal << ", in use " << stats.in_use << ")";
+    EXPECT_EQ(stats.discarded, 0U) << "a connection its check did not refuse was closed";
+    auto lease = co_await pool.acquire();  // the connection is still there, and fine
+    EXPECT_EQ((co_await lease->query("SELECT 1")).scalar<int>(), 1);
+    lease.release();
+    (void)co_await pool.close(1s);
+  });
+  for (DiscardReason reason : reasons) {
+    // (pool.close() closes the idle connection: DiscardReason::closing.)
+    if (reason != DiscardReason::closing) ADD_FAILURE() << "discarded: " << to_string(reason);
+  }
+}
+
 }  // namespace
 }  // namespace pgrt

@@ -908,7 +908,7 @@ asio::awaitable<Lease> PoolState::acquire(std::shared_ptr<PoolState> self, Prior
     case pool::AcquireResult::Kind::closed:
     case pool::AcquireResult::Kind::queue_full:
     case pool::AcquireResult::Kind::no_wait:
-      fail_admission_locked(result.kind);
+      fail_admission_locked(result.kind, deferred);
     case pool::AcquireResult::Kind::wait:
       [[unlikely]] {
         const auto started = Clock::now();
@@ -1035,7 +1035,7 @@ asio::awaitable<Lease> PoolState::fail_unknown_consumer(std::string_view name) c
                     : "PoolConfig::consumers (PGRT_POOL_CONSUMERS) lists: " + known);
 }
 
-void PoolState::fail_admission_locked(pool::AcquireResult::Kind kind) {
+void PoolState::fail_admission_locked(pool::AcquireResult::Kind kind, Deferred& deferred) {
   if (kind == pool::AcquireResult::Kind::closed) {
     throw_pool_error(client_errc::pool_closed, "the pool " + application_name + " is closed");
   }
@@ -1046,12 +1046,13 @@ void PoolState::fail_admission_locked(pool::AcquireResult::Kind kind) {
                          describe_load_locked() + ")",
                      "raise PoolConfig::max_waiters, or shed load earlier");
   }
-  throw_pool_error(
-      client_errc::pool_timeout,
+  std::string message =
       "no connection free in the pool " + application_name + " (" + describe_load_locked() +
-          ") and acquire_timeout is 0" +
-          (last_connect_error.empty() ? std::string()
-                                      : "; last connect error: " + last_connect_error));
+      ") and acquire_timeout is 0" +
+      (last_connect_error.empty() ? std::string() : "; last connect error: " + last_connect_error);
+  // A timeout like any other (counted in `timeouts`): its event too.
+  deferred.add([this, message] { emit(events.acquire_timeout, message); });
+  throw_pool_error(client_errc::pool_timeout, std::move(message));
 }
 
 void PoolState::fail_wait(std::unique_lock<std::mutex>& lock, pool::Waiter& waiter,
@@ -1142,7 +1143,9 @@ asio::awaitable<Lease> PoolState::checked(Lease lease, std::shared_ptr<PoolState
                                           Priority priority, pool::ConsumerIndex consumer,
                                           std::source_location site, Clock::time_point deadline,
                                           bool validate) {
+  const asio::cancellation_state caller = co_await asio::this_coro::cancellation_state;
   bool usable = true;
+  bool gave_up = false;
   DiscardReason reason = DiscardReason::broken;
   Connection& connection = *lease;
   try {
@@ -1159,12 +1162,28 @@ asio::awaitable<Lease> PoolState::checked(Lease lease, std::shared_ptr<PoolState
       if (Clock::now() >= deadline) usable = false;
     }
   } catch (const Error& error) {
-    if (error.code() == client_errc::cancelled) throw;  // the caller gave up: so do we
     usable = false;
+    gave_up = error.code() == client_errc::cancelled;  // the caller gave up: so do we
   } catch (const std::exception& error) {
-    spdlog::warn("pgrt pool {}: PoolConfig::before_handout threw: {}", self->application_name,
-                 error.what());
     usable = false;
+    if (caller.cancelled() == asio::cancellation_type::none) {
+      spdlog::warn("pgrt pool {}: PoolConfig::before_handout threw: {}", self->application_name,
+                   error.what());
+    }
+  }
+  if (gave_up || caller.cancelled() != asio::cancellation_type::none) {
+    // The caller gave up while its connection was checked: the connection goes back as it is
+    // (closed if the cancelled check left it broken: the lease's return sees to that), and the
+    // acquire fails as a cancelled one, counted as one.
+    {
+      std::lock_guard lock(self->mutex);
+      pool::Waiter gone(priority, site, consumer);
+      self->core.withdraw(gone, pool::FailReason::cancelled, self->fresh_actions_locked());
+    }
+    lease.release();
+    throw_pool_error(client_errc::cancelled,
+                     "waiting for a pooled connection was cancelled (while its connection was "
+                     "checked before handout)");
   }
   // A check that said yes on a connection that was cut meanwhile (it caught the error) hands out
   // nothing dead.
@@ -1182,10 +1201,11 @@ asio::awaitable<Lease> PoolState::checked(Lease lease, std::shared_ptr<PoolState
       self->core.withdraw(gone, pool::FailReason::timeout,
                           self->fresh_actions_locked());  // counted
     }
-    throw_pool_error(client_errc::pool_timeout,
-                     "no connection of the pool " + self->application_name +
-                         " passed its checks before handout (validate_after_idle, "
-                         "PoolConfig::before_handout) within the acquire's deadline",
+    const std::string message = "no connection of the pool " + self->application_name +
+                                " passed its checks before handout (validate_after_idle, "
+                                "PoolConfig::before_handout) within the acquire's deadline";
+    emit(self->events.acquire_timeout, message);  // (a timeout counted in `timeouts`)
+    throw_pool_error(client_errc::pool_timeout, message,
                      "make the check quicker, or give the acquire more time (acquire_timeout)");
   }
   co_return co_await self->acquire(self, priority, consumer, site, deadline);

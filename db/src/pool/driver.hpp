@@ -501,7 +501,9 @@ struct PoolState : std::enable_shared_from_this<PoolState>, async::ParkedWaitOwn
   // its frame: a frame too large for asio's recycling allocator would cost a malloc per acquire.
   [[noreturn]] void fail_cancelled_locked(Priority priority, std::source_location site);
 
-  [[noreturn]] void fail_admission_locked(pool::AcquireResult::Kind kind);
+  // (`deferred`: the acquire_timeout event of an acquire_timeout 0 refusal, emitted once the
+  // lock is released.)
+  [[noreturn]] void fail_admission_locked(pool::AcquireResult::Kind kind, Deferred& deferred);
 
   // The consumer PoolConfig::consumers names `name` (named consumer i is index i + 1), or none.
   [[nodiscard]] std::optional<pool::ConsumerIndex> find_consumer(std::string_view name) const;
