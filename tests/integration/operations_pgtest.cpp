@@ -3,10 +3,15 @@
 #include <algorithm>
 #include <arpa/inet.h>
 #include <atomic>
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/use_future.hpp>
 #include <chrono>
 #include <cstdio>
@@ -740,6 +745,85 @@ TEST_F(WatchdogTest, HostileClientsNeitherBlockTheEndpointNorSlowThePool) {
       << "calm " << calm.count() << " ns, attacked " << attacked.count() << " ns";
   running.wait(endpoint.stop());
   running.wait(pool.close(1s));
+}
+
+// ------------------------------------------------------------------- the exit handler of add_pool
+
+// A worker of the pool (a component after it) that holds a lease in a long statement, and whose
+// stop() waits for that statement without honouring its cancellation.
+struct LongStatementWorker {
+  std::shared_ptr<std::atomic<bool>> running = std::make_shared<std::atomic<bool>>(false);
+  [[nodiscard]] std::string name() const { return "long_statement_worker"; }
+  asio::awaitable<void> start() {
+    asio::co_spawn(co_await asio::this_coro::executor, hold(running), asio::detached);
+    for (int i = 0; i < 500 && !*running; ++i) co_await sleep_for(10ms);
+  }
+  static asio::awaitable<void> hold(std::shared_ptr<std::atomic<bool>> running) {
+    Lease lease = co_await pgrt::connection();
+    *running = true;
+    try {
+      co_await lease->query("SELECT pg_sleep(20)");
+    } catch (const std::exception&) {  // NOLINT(bugprone-empty-catch): interrupted
+    }
+  }
+  asio::awaitable<void> stop() {  // waits for the statement, whatever the deadline says
+    asio::steady_timer timer(co_await asio::this_coro::executor, 1h);
+    co_await timer.async_wait(
+        asio::bind_cancellation_slot(asio::cancellation_slot(), asio::use_awaitable));
+  }
+};
+
+std::size_t active_sleeps_of(const std::string& dsn, const std::string& application) {
+  testing::BlockingConnection observer(dsn);
+  return std::stoul(
+      observer.scalar("SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE "
+                      "'SELECT pg_sleep(20)%' AND application_name LIKE '" +
+                      application + "/%'"));
+}
+
+class ExitHandlerTest : public testing::DbTest {};
+
+// lifecycle.md: run() runs the exit handlers "when a stop was abandoned (its deadline or the
+// shutdown budget passed) or never ran ...: what that component holds, the pool's sockets for one,
+// may still be open", and add_pool()'s handler, pgrt::pool().close_now(), "interrupts the leased
+// ones: it sends each running statement a cancel request". When the shutdown budget runs out
+// before the pool's own stop is over (a worker's stop took the budget), the pool's stop began
+// (Pool::close() forgets the process-wide pool at once) and is abandoned: the exit handler then
+// finds no pool (pgrt::pool() throws pool_not_configured, which it swallows) and interrupts
+// nothing. The worker's statement runs on in the server after run() has returned (after the
+// process has exited, until client_connection_check_interval notices, or for good on a server
+// before PostgreSQL 14).
+TEST_F(ExitHandlerTest, AnAbandonedPoolStopStillHasItsLeasesInterruptedByTheExitHandler) {
+  const std::string application = "pgrt-exit-review";
+  PoolConfig pool_config;
+  pool_config.conninfo = cluster().dsn();
+  pool_config.max_size = 2;
+  pool_config.application = application;
+  pool_config.instance = "one";
+  int code = -1;
+  {
+    lifecycle::ManagerOptions options;
+    options.handle_signals = false;
+    options.shutdown_logging = false;
+    options.shutdown_budget = 1500ms;
+    lifecycle::Manager app(options);
+    auto& pool =
+        add_pool(app, pool_config, PoolComponentOptions{.close_grace = 500ms, .start_wait = 0ms});
+    app.add(LongStatementWorker{}, lifecycle::after(pool),
+            lifecycle::ComponentLimits{.stop_timeout = 10s});
+    app.on_ready([&] { app.request_stop(); });
+    code = app.run();
+    EXPECT_EQ(code, lifecycle::exit_code::failure);
+    // The exit handlers have run (a stop was abandoned): the statement was sent a cancel.
+    EXPECT_TRUE(eventually([&] { return active_sleeps_of(cluster().dsn(), application) == 0; }, 3s))
+        << active_sleeps_of(cluster().dsn(), application)
+        << " statement(s) still running in the server after run() returned";
+  }
+  testing::BlockingConnection admin(cluster().dsn());
+  (void)admin.query(
+      "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+      "application_name LIKE '" +
+      application + "/%'");
 }
 
 }  // namespace

@@ -154,6 +154,12 @@ void Pool::close_now() noexcept {
   state_->close_now();
 }
 
+std::function<void()> Pool::close_now_handle() const {
+  return [state = std::weak_ptr<detail::PoolState>(state_)] {
+    if (const auto alive = state.lock()) alive->close_now();
+  };
+}
+
 bool Pool::closed() const noexcept {
   std::lock_guard lock(state_->mutex);
   return state_->core.closed();

@@ -557,6 +557,12 @@ class Pool {
   /// thread runs any more is left alone), so that io threads still running are not raced. Best
   /// effort; never throws; thread-safe. Prefer close(). On the process-wide pool, as for close().
   void close_now() noexcept;
+  /// A handle that does close_now() on this pool when called, for an exit handler registered
+  /// now and run later: it still reaches what the pool has out (leases, connects, resets) once
+  /// close() has begun and the Pool object is gone (the process-wide pool is forgotten as close()
+  /// begins), and does nothing once nothing of the pool is left. It keeps nothing alive. Never
+  /// throws; thread-safe.
+  [[nodiscard]] std::function<void()> close_now_handle() const;
   /// True once close() or close_now() has begun (or the Pool object is being destroyed).
   [[nodiscard]] bool closed() const noexcept;
 

@@ -63,8 +63,9 @@ class PoolComponent {
 
 /// Adds the process-wide pool to `app` (a PoolComponent on app.executor()) and registers the
 /// atexit handler that closes its connections if the process exits without a graceful stop
-/// (pgrt::pool().close_now()). It starts after `dependencies` (e.g. the StartupHygiene). Returns
-/// the component: pass it to lifecycle::after().
+/// (Pool::close_now(), through Pool::close_now_handle(): also once the pool's own stop has begun
+/// and was abandoned at the end of the shutdown budget). It starts after `dependencies` (e.g. the
+/// StartupHygiene). Returns the component: pass it to lifecycle::after().
 PoolComponent& add_pool(lifecycle::Manager& app, PoolConfig config,
                         PoolComponentOptions options = PoolComponentOptions::from_env(),
                         lifecycle::After dependencies = {});
