@@ -12,6 +12,7 @@
 #include <boost/asio/strand.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
+#include <cstdlib>
 #include <deque>
 #include <exception>
 #include <mutex>
@@ -20,6 +21,7 @@
 #include <span>
 #include <spdlog/spdlog.h>
 #include <string_view>
+#include <vector>
 
 #include "async/abandon_guard.hpp"
 #include "async/timer_condition.hpp"
@@ -910,13 +912,70 @@ std::string PendingWritesReport::to_json() const {
          field("retries", retries) + "}";
 }
 
+namespace {
+
+// Every PendingWrites alive, for a process that exits without destroying them (std::exit() from a
+// worker: main's stack is not unwound, and their destructors, which would say what was not
+// written, never run): an atexit handler says it for them.
+struct LivePendingWrites {
+  std::mutex mutex;
+  std::vector<detail::PendingWritesState*> states;
+};
+
+LivePendingWrites& live_pending_writes() {
+  static LivePendingWrites live;
+  return live;
+}
+
+void report_unwritten_at_exit() noexcept {
+  try {
+    LivePendingWrites& live = live_pending_writes();
+    std::lock_guard lock(live.mutex);
+    for (detail::PendingWritesState* state : live.states) {
+      // (A thread may hold it as the process exits: then the count is read without it.)
+      std::unique_lock state_lock(state->mutex, std::try_to_lock);
+      const std::size_t unflushed = state->unflushed_locked();
+      if (unflushed == 0 || state->finished) continue;
+      spdlog::error(
+          "pgrt pending writes {}: the process is exiting without stop(): {} accepted writes were "
+          "not written",
+          state->config.name, unflushed);
+    }
+    if (auto logger = spdlog::default_logger()) logger->flush();
+  } catch (...) {  // NOLINT(bugprone-empty-catch): at exit, nothing more can be done
+  }
+}
+
+void watch_at_exit(detail::PendingWritesState* state) {
+  static const bool registered = [] {
+    // (Made first, so that they are destroyed after the handler has run.)
+    (void)live_pending_writes();
+    (void)spdlog::default_logger();
+    return std::atexit(report_unwritten_at_exit) == 0;
+  }();
+  (void)registered;
+  LivePendingWrites& live = live_pending_writes();
+  std::lock_guard lock(live.mutex);
+  live.states.push_back(state);
+}
+
+void unwatch_at_exit(detail::PendingWritesState* state) noexcept {
+  LivePendingWrites& live = live_pending_writes();
+  std::lock_guard lock(live.mutex);
+  std::erase(live.states, state);
+}
+
+}  // namespace
+
 PendingWrites::PendingWrites(Pool& pool, boost::asio::any_io_executor executor,
                              PendingWritesConfig config) {
   config.validate();
   state_ = std::make_shared<detail::PendingWritesState>(pool, executor, std::move(config));
+  watch_at_exit(state_.get());
 }
 
 PendingWrites::~PendingWrites() {
+  unwatch_at_exit(state_.get());
   std::lock_guard lock(state_->mutex);
   const std::size_t unflushed = state_->unflushed_locked();
   if (state_->started && !state_->finished && !state_->abandoned) {

@@ -923,6 +923,23 @@ TEST_F(LifecycleProcessTest, StdExitFromAWorkerRunsTheExitHandlerAndLeavesNoBack
       << backends_of("exit-probe") << " backends left";
 }
 
+// pending_writes.hpp promises "No write is dropped silently: each accepted write ends up
+// flushed, or counted in PendingWritesReport::failed, logged and reported", and lifecycle.md
+// handles an exit without a graceful stop ("std::exit called from a worker") with the atexit
+// handlers and a flush of the logs. A service whose worker calls std::exit(0) with 5 writes
+// accepted by its PendingWrites (a lifecycle component, as the docs wire it) loses them without
+// a line: nothing at exit says that accepted writes were not written, and the exit status is 0.
+TEST_F(LifecycleProcessTest, StdExitWithAcceptedPendingWritesSaysTheyWereNotWritten) {
+  Child probe({PGRT_PROBE_PATH, "exit-with-pending-writes"}, cluster().dsn(), "exit-writes-probe");
+  (void)probe.wait_for_exit(60s);
+  const std::string output = probe.output();
+  ASSERT_THAT(output, HasSubstr("calling std::exit(0) with 5 accepted writes pending")) << output;
+  // Some line of pgrt's about these writes at the exit (their count, that they were not written).
+  EXPECT_THAT(output, HasSubstr("pgrt pending writes probe_writes")) << output;
+  EXPECT_THAT(output, ::testing::ContainsRegex("5 accepted writes.*not written|not written.*5"))
+      << output;
+}
+
 // ------------------------------------------------------------------------------ start-up hygiene
 
 std::set<int> parse_pids(const std::string& output) {

@@ -3,6 +3,8 @@
 //                                      watchdog can end the process (hard deadline 2 s)
 //   lifecycle_probe exit-from-worker   a worker holding leases (one running pg_sleep(30)) calls
 //                                      std::exit(3): the atexit handler must close the pool
+//   lifecycle_probe exit-with-pending-writes  a component accepts 5 pending writes (not flushed
+//                                      before stop()) and calls std::exit(0)
 //   lifecycle_probe hold-connections   opens 3 pooled connections (one idle in a transaction),
 //                                      prints "holding", and waits to be killed: a predecessor
 //                                      whose leftovers a successor must clean up
@@ -77,7 +79,34 @@ struct Quitter {
   asio::awaitable<void> stop() { co_return; }
 };
 
+// Has 5 writes accepted by the pending writes (not flushed before stop(): the interval is an
+// hour), then exits from the middle of the service.
+struct WriterThatQuits {
+  std::shared_ptr<pgrt::PendingWrites> writes;
+  [[nodiscard]] std::string name() const { return "writer_that_quits"; }
+  asio::awaitable<void> start() {
+    for (int i = 0; i < 5; ++i) co_await writes->enqueue("SELECT 1");
+    std::cout << "writer: calling std::exit(0) with " << writes->report().pending
+              << " accepted writes pending" << std::endl;
+    std::exit(0);  // NOLINT(concurrency-mt-unsafe): the point of this program
+  }
+  asio::awaitable<void> stop() { co_return; }
+};
+
 }  // namespace
+
+int exit_with_pending_writes() {
+  pgrt::lifecycle::Manager app({.name = "probe", .threads = 1});
+  pgrt::PoolConfig config = pgrt::PoolConfig::from_env(pgrt::PoolConfig::micro());
+  auto& pool = pgrt::add_pool(app, config);
+  auto writes = std::make_shared<pgrt::PendingWrites>(
+      pgrt::pool(), app.executor(),
+      pgrt::PendingWritesConfig{.name = "probe_writes",
+                                .flush_interval = std::chrono::milliseconds(3'600'000)});
+  app.add(writes, pgrt::lifecycle::after(pool));
+  app.add(WriterThatQuits{writes}, pgrt::lifecycle::after(*writes));
+  return app.run();
+}
 
 int hold_connections() {
   asio::io_context io;
@@ -152,6 +181,7 @@ int main(int argc, char** argv) {
   if (mode == "hold-connections") return hold_connections();
   if (mode == "budget-load") return budget_load();
   if (mode == "singleton") return singleton();
+  if (mode == "exit-with-pending-writes") return exit_with_pending_writes();
   if (mode != "hang-in-stop" && mode != "exit-from-worker") {
     std::cerr << "usage: lifecycle_probe hang-in-stop|exit-from-worker|hold-connections|singleton|"
                  "budget-load\n";
