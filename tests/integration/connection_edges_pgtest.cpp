@@ -173,10 +173,9 @@ class ConnectionEdgesTest : public testing::DbTest {
 };
 
 // A session setting whose value holds a tab or a line break: PostgreSQL splits the `options`
-// startup parameter at any white space (pg_split_opts() uses isspace()), but
-// escape_option_value() escapes the space only. The value is cut in two and the rest is read as
-// further command-line arguments: the connect fails with a FATAL the user cannot explain, or the
-// rest is taken as startup options of its own (another setting slipped in).
+// startup parameter at any white space (pg_split_opts() uses isspace()), so escape_option_value()
+// escapes every white space byte. Unescaped, the value would be cut in two and its rest read as
+// further command-line arguments: a FATAL the user cannot explain, or another setting slipped in.
 TEST_F(ConnectionEdgesTest, ASessionSettingValueWithATabReachesTheServerWhole) {
   run_coroutine([]() -> awaitable_void {
     ConnectOptions with_tab = options();
@@ -209,10 +208,10 @@ TEST_F(ConnectionEdgesTest, ASessionSettingValueCannotSlipInAnotherSetting) {
   });
 }
 
-// backend_end_bound() reads the caller's own client_connection_check_interval with std::stoll,
-// as if it were a number of milliseconds. PostgreSQL takes units ("1min", "10s"), and
-// with_session_guards() keeps the caller's value (it wins): the bound then counts 1 ms for a
-// minute, and the pool gives a closed connection's capacity back before its backend can be gone.
+// backend_end_bound() reads the caller's own client_connection_check_interval as the server
+// does, units included ("1min", "10s"): with_session_guards() keeps the caller's value (it wins),
+// and a bound that counted 1 ms for a minute would give a closed connection's capacity back
+// before its backend can be gone.
 TEST(BackendEndBound, TheBoundReadsACheckIntervalGivenWithUnits) {
   ConnectOptions own;
   own.session_settings = {{"client_connection_check_interval", "1min"}};
@@ -221,8 +220,8 @@ TEST(BackendEndBound, TheBoundReadsACheckIntervalGivenWithUnits) {
   EXPECT_EQ(backend_end_bound(guarded), 120s);
 }
 
-// ... and a value that is not a number at all (PostgreSQL's "default" resets a setting) makes it
-// throw std::invalid_argument ("stoll"), out of the pool's construction.
+// ... and a value that is not a number at all (PostgreSQL's "default" resets a setting) does not
+// throw (it would throw out of the pool's construction).
 TEST(BackendEndBound, TheBoundDoesNotThrowOnAValueThatIsNotANumber) {
   ConnectOptions own;
   own.session_settings = {{"client_connection_check_interval", "default"}};
@@ -231,8 +230,8 @@ TEST(BackendEndBound, TheBoundDoesNotThrowOnAValueThatIsNotANumber) {
 }
 
 // The server-side keepalives the caller set (they win over the guards' in session_settings) are
-// not what the bound counts: a backend whose client is unreachable lives 600 s + 3 x 10 s, the
-// bound says 70 s.
+// what the bound counts: a backend whose client is unreachable lives 600 s + 3 x 10 s, not the
+// guards' 70 s.
 TEST(BackendEndBound, TheBoundCountsTheServerKeepalivesTheCallerSet) {
   ConnectOptions own;
   own.session_settings = {{"tcp_keepalives_idle", "600"}};
@@ -241,11 +240,9 @@ TEST(BackendEndBound, TheBoundCountsTheServerKeepalivesTheCallerSet) {
 }
 
 // A role's or a database's connection limit (ALTER ROLE ... CONNECTION LIMIT n) refuses a connect
-// with SQLSTATE 53300, "too many connections for role ...". connect_error() recognises 53300 by
-// the words of max_connections' message only ("too many clients", "remaining connection
-// slots"), so this one becomes client_errc::connect_failed (condition::connection_error, "check
-// that the server is running"), not condition::too_many_connections: the pool's backpressure
-// (driver.cpp, "a role's or database's connection limit") never sees it.
+// with SQLSTATE 53300, "too many connections for role ...": condition::too_many_connections, the
+// pool's backpressure, as for max_connections ("too many clients"), not connect_failed (an
+// outage: "check that the server is running").
 TEST_F(ConnectionEdgesTest, ARolesConnectionLimitIsTooManyConnections) {
   testing::BlockingConnection admin(cluster().dsn());
   admin.query("DROP ROLE IF EXISTS edge_capped");
@@ -275,10 +272,9 @@ TEST_F(ConnectionEdgesTest, ADatabasesConnectionLimitIsTooManyConnections) {
   admin.query("DROP ROLE edge_plain");
 }
 
-// A role that may not log in (NOLOGIN): SQLSTATE 28000, a mistake every host answers alike. It
-// comes out as connect_failed (condition::connection_error, retried as an outage) with the hint
-// "check that the server is running and accepts connections", and a multi-host connect passes
-// it over to try the next host instead of ending as it does for an unknown role.
+// A role that may not log in (NOLOGIN, SQLSTATE 28000) and a database the user may not connect
+// to (42501): mistakes every host answers alike, which end a multi-host connect as an unknown
+// role does, not outages (condition::connection_error, retried, each host tried in turn).
 TEST_F(ConnectionEdgesTest, ARoleThatMayNotLogInIsAnAuthorizationErrorNotAnOutage) {
   testing::BlockingConnection admin(cluster().dsn());
   admin.query("DROP ROLE IF EXISTS edge_nologin");
@@ -311,11 +307,10 @@ TEST_F(ConnectionEdgesTest, AConnectionRefusedItsDatabaseIsAnAuthorizationErrorN
 }
 
 // pgrt::transaction() inside a transaction block that is open already (a helper that uses
-// transaction() called from another transaction()): its BEGIN is only a server WARNING, so it
-// goes on; when its body fails, its ROLLBACK rolls back the *outer* transaction's work, and the
-// outer transaction goes on with no block open (its next statements autocommit) and its COMMIT
-// "succeeds" (a WARNING: no transaction in progress). The outer caller, told of nothing, has lost
-// its first write and committed its later ones one by one.
+// transaction() called from another transaction()): the server would only warn about its BEGIN,
+// and its ROLLBACK would roll back the *outer* transaction's work, whose later statements would
+// then autocommit and whose COMMIT would "succeed". It is refused (25001) before anything is
+// sent, and the outer transaction goes on whole.
 TEST_F(ConnectionEdgesTest, ANestedTransactionThatFailsDoesNotSilentlyUndoTheOuterOne) {
   run_coroutine([]() -> awaitable_void {
     auto conn = co_await Connection::connect(options());
@@ -352,12 +347,10 @@ TEST_F(ConnectionEdgesTest, ANestedTransactionThatFailsDoesNotSilentlyUndoTheOut
 }
 
 // Failover past a host that completes the start-up and then answers nothing (a pooler in front of
-// a dead server): docs/operations.md, "Failover", says such a host "is passed over once its time
-// is up", each host but the last getting an equal share of connect_timeout. But pgrt's own
-// check for a pooler (notice_pooler(): SELECT pg_backend_pid(), with Pooler::none, the default)
-// runs after connect_once() has returned, outside the host's share: it waits for the whole
-// connect_timeout, the connect fails with `timeout`, and the second host, which is up, is never
-// tried.
+// a dead server): docs/operations.md, "Failover": such a host "is passed over once its time is
+// up", each host but the last getting an equal share of connect_timeout. pgrt's own check for a
+// pooler (notice_pooler(): SELECT pg_backend_pid(), with Pooler::none, the default) runs within
+// the host's share, so the second host, which is up, is reached in time.
 TEST_F(ConnectionEdgesTest, AHostThatAnswersTheStartupAndThenNothingIsPassedOverInItsShare) {
   AnswersOnlyTheStartup pooler_of_a_dead_server;
   const std::string conninfo =
@@ -380,8 +373,7 @@ TEST_F(ConnectionEdgesTest, AHostThatAnswersTheStartupAndThenNothingIsPassedOver
 }
 
 // The same pooler in front of a dead server, giving up on the first statement with an error and
-// closing the connection: notice_pooler()'s failure ends the whole connect (connection_lost)
-// instead of passing the host over, and the second host, which is up, is never tried.
+// closing the connection: the host is passed over, and the second host, which is up, is tried.
 TEST_F(ConnectionEdgesTest, AHostThatClosesOnTheFirstStatementIsPassedOver) {
   AnswersOnlyTheStartup pooler_of_a_dead_server(/*close_on_statement=*/true);
   const std::string conninfo =
@@ -401,10 +393,8 @@ TEST_F(ConnectionEdgesTest, AHostThatClosesOnTheFirstStatementIsPassedOver) {
 }
 
 // An Error whose code is a SQLSTATE but whose Diagnostics do not repeat it (the pool's
-// fail-fast error for a full server builds one so: driver.cpp, `throw Error(full,
-// Diagnostics{.message = ...})`): sqlstate() is empty although the code is 53300, and what()
-// ends in an empty " []" where the SQLSTATE and its name belong. error.hpp documents sqlstate()
-// as "the SQLSTATE, e.g. "23505"; empty for client-side errors".
+// fail-fast error for a full server builds one so): sqlstate() and what() still say the SQLSTATE
+// (error.hpp: sqlstate() is "the SQLSTATE, e.g. "23505"; empty for client-side errors").
 TEST(ErrorText, AnErrorWithASqlstateCodeSaysItsSqlstate) {
   const Error full(make_sqlstate_error("53300"),
                    Diagnostics{.message = "the server refuses new connections (it is full)"});
@@ -414,10 +404,8 @@ TEST(ErrorText, AnErrorWithASqlstateCodeSaysItsSqlstate) {
 }
 
 // A connection URL given where a host name belongs (host=..., or PGHOST set to the DATABASE_URL:
-// a common slip). pgrt refuses a URL whose host holds an '@' (url_credentials_misread(): the
-// password would show in the host), but not a key=value host, nor one from PGHOST: it is looked
-// up as a name, and the error quotes it whole, password included, as mask_password() does.
-// usage.md: "The error messages of connect() never contain the password".
+// a common slip) is refused without being looked up or quoted, and mask_password() masks it
+// (usage.md: "The error messages of connect() never contain the password").
 TEST_F(ConnectionEdgesTest, AUrlGivenAsTheHostDoesNotPutItsPasswordInTheError) {
   run_coroutine([]() -> awaitable_void {
     const std::string conninfo =
@@ -430,13 +418,10 @@ TEST_F(ConnectionEdgesTest, AUrlGivenAsTheHostDoesNotPutItsPasswordInTheError) {
   });
 }
 
-// The conninfo's connect_timeout with no host at all (libpq's default socket directory): usage.md
-// and operations.md say the conninfo's connect_timeout bounds a single host, and name three forms
-// that libpq tries itself, bounded by the whole ConnectOptions::connect_timeout only (a service,
-// a hostaddr list, an empty host in a list). No host at all is a fourth such form
-// (host_entries() returns none when `hosts` is empty), undocumented: a server on the default
-// socket that takes the connection and never answers holds the connect for the whole
-// ConnectOptions::connect_timeout, not the conninfo's 2 s.
+// The conninfo's connect_timeout with no host at all (libpq's default socket directory) bounds
+// that one host as it bounds a host given (operations.md, "Failover"): a server on the default
+// socket that takes the connection and never answers holds the connect for the conninfo's 2 s,
+// not the whole ConnectOptions::connect_timeout.
 TEST_F(ConnectionEdgesTest, TheConninfosConnectTimeoutBoundsTheDefaultSocketToo) {
   const int port = 61000 + static_cast<int>(::getpid() % 3000);
   // (libpq's default socket directory on Debian; the postgresql-common package makes it.)

@@ -927,8 +927,8 @@ TEST_F(LifecycleProcessTest, StdExitFromAWorkerRunsTheExitHandlerAndLeavesNoBack
 // flushed, or counted in PendingWritesReport::failed, logged and reported", and lifecycle.md
 // handles an exit without a graceful stop ("std::exit called from a worker") with the atexit
 // handlers and a flush of the logs. A service whose worker calls std::exit(0) with 5 writes
-// accepted by its PendingWrites (a lifecycle component, as the docs wire it) loses them without
-// a line: nothing at exit says that accepted writes were not written, and the exit status is 0.
+// accepted by its PendingWrites (a lifecycle component, as the docs wire it) loses them, but not
+// without a line: at exit, pgrt says how many accepted writes were not written.
 TEST_F(LifecycleProcessTest, StdExitWithAcceptedPendingWritesSaysTheyWereNotWritten) {
   Child probe({PGRT_PROBE_PATH, "exit-with-pending-writes"}, cluster().dsn(), "exit-writes-probe");
   (void)probe.wait_for_exit(60s);

@@ -785,16 +785,14 @@ class ExitHandlerTest : public testing::DbTest {};
 
 // lifecycle.md: run() runs the exit handlers "when a stop was abandoned (its deadline or the
 // shutdown budget passed) or never ran ...: what that component holds, the pool's sockets for one,
-// may still be open", and add_pool()'s handler, pgrt::pool().close_now(), "interrupts the leased
-// ones: it sends each running statement a cancel request". When the shutdown budget runs out
-// before the pool's own stop is over (a worker's stop took the budget), the pool's stop began
-// (Pool::close() forgets the process-wide pool at once) and is abandoned: the exit handler then
-// finds no pool (pgrt::pool() throws pool_not_configured, which it swallows) and interrupts
-// nothing. The worker's statement runs on in the server after run() has returned (after the
-// process has exited, until client_connection_check_interval notices, or for good on a server
-// before PostgreSQL 14).
+// may still be open", and add_pool()'s handler, Pool::close_now(), "interrupts the leased ones: it
+// sends each running statement a cancel request". When the shutdown budget runs out before the
+// pool's own stop is over (a worker's stop took the budget), the pool's stop began (Pool::close()
+// forgets the process-wide pool at once) and is abandoned: the exit handler still reaches the
+// pool (its close_now_handle()), so the worker's statement does not run on in the server after
+// run() has returned.
 TEST_F(ExitHandlerTest, AnAbandonedPoolStopStillHasItsLeasesInterruptedByTheExitHandler) {
-  const std::string application = "pgrt-exit-review";
+  const std::string application = "pgrt-exit-handler";
   PoolConfig pool_config;
   pool_config.conninfo = cluster().dsn();
   pool_config.max_size = 2;

@@ -4209,9 +4209,8 @@ TEST_F(PoolTest, QueryStatementsQueuedWhenThePoolClosesFailWithPoolClosed) {
 }
 
 // pool.md, close(grace): "waits up to `grace` for leases ... to finish; then interrupts whatever
-// is still out". A grace of milliseconds::max() (the usual "no limit") must wait for the lease,
-// not cut it at once: Clock::now() + grace overflows (the config's durations are refused above a
-// year for this very reason, but close()'s grace is not checked).
+// is still out". A grace of milliseconds::max() (the usual "no limit") waits for the lease, and
+// does not cut it at once (Clock::now() + grace would overflow into the past).
 TEST_F(PoolTest, CloseWithAnUnboundedGraceWaitsForTheLeaseInsteadOfCuttingIt) {
   run_coroutine([&]() -> awaitable_void {
     auto executor = co_await asio::this_coro::executor;
@@ -4240,11 +4239,10 @@ TEST_F(PoolTest, CloseWithAnUnboundedGraceWaitsForTheLeaseInsteadOfCuttingIt) {
 }
 
 // pool.md, "Strict max": "the server never sees more than max_size backends of one pool, at any
-// instant"; the one exception is a connection already cut on the client side (lost, or closed by
-// a cancelled statement whose drain exceeded cancel_timeout). A before_handout check still running
-// at the acquire's deadline "is cancelled and its connection closed": its backend, busy with the
-// check's statement (one that outlasts the cancel request), lives on, so its capacity must stay
-// counted until it has ended. Here the pool opens a replacement at once.
+// instant". A before_handout check still running at the acquire's deadline "is cancelled and its
+// connection closed": its backend, busy with the check's statement (one that outlasts the cancel
+// request), lives on, so its capacity stays counted until it has ended (the pool's two-step cut,
+// which keeps the server's end of the session in sight), and no replacement overlaps it.
 TEST_F(PoolTest, ABeforeHandoutCheckCutAtTheDeadlineKeepsItsCapacityUntilItsBackendEnds) {
   testing::BlockingConnection admin(cluster().dsn());
   admin.query(
@@ -4297,8 +4295,8 @@ TEST_F(PoolTest, ABeforeHandoutCheckCutAtTheDeadlineKeepsItsCapacityUntilItsBack
 
 // The same through PoolConfig::on_connect (pool.md: "cut at connect.connect_timeout (its
 // connection interrupted and the hook cancelled ...). If it throws, is cut, ... the connection is
-// closed and the connect counts as failed"): every retry after a cut hook opens one more backend
-// while the earlier ones still run, so a pool of max 1 piles them up on the server.
+// closed and the connect counts as failed"): a retry after a cut hook must not open one more
+// backend while the earlier one still runs, or a pool of max 1 piles them up on the server.
 TEST_F(PoolTest, OnConnectHooksCutAtConnectTimeoutNeverPutMoreThanMaxBackendsOnTheServer) {
   testing::BlockingConnection admin(cluster().dsn());
   admin.query(
@@ -4340,9 +4338,9 @@ TEST_F(PoolTest, OnConnectHooksCutAtConnectTimeoutNeverPutMoreThanMaxBackendsOnT
 // pool.md, "fail_fast_after": "While the server is down (every connect in a row failed, none of
 // the pool's connections alive), a caller that has waited this long fails with connect_failed";
 // operations.md: "with the server down and nothing alive, a caller fails after that long with the
-// connect error instead of waiting out acquire_timeout". A caller that comes while the pool backs
-// off between two failed connects (the server has been down a while: the backoff has grown to
-// connect_backoff_max, 10 s by default) waits until the next connect fails, not fail_fast_after.
+// connect error instead of waiting out acquire_timeout". So does a caller that comes while the
+// pool backs off between two failed connects (the server has been down a while: the backoff has
+// grown to connect_backoff_max, 10 s by default), not only once the next connect fails.
 TEST_F(PoolTest, FailFastEndsAWaitThatStartsWhileThePoolBacksOff) {
   PoolConfig pool_config = config("fail-fast-backoff", 1);
   pool_config.conninfo = "host=127.0.0.1 port=1 user=postgres dbname=postgres";  // refused
@@ -4370,10 +4368,8 @@ TEST_F(PoolTest, FailFastEndsAWaitThatStartsWhileThePoolBacksOff) {
 
 // pool.md: on_connect is "run on every new connection before it is used (search_path, prepared
 // statements, type registration)", and reset `discard_all` "also runs DISCARD ALL ... on every
-// return". Together, the session state the hook set up is there for the first lease of a
-// connection only: DISCARD ALL wipes the hook's search_path and prepared statements at the first
-// return, and the hook never runs again, so every later lease of that connection runs without
-// them (queries resolve against the default search_path, EXECUTE of the hook's statement fails).
+// return". DISCARD ALL wipes the hook's search_path and prepared statements, so the hook runs
+// again after it: every lease of the connection has them, not only its first.
 TEST_F(PoolTest, OnConnectSessionStateSurvivesADiscardAllReset) {
   auto pool_config = config("hook-discard-all", 1);
   pool_config.reset = ResetPolicy::discard_all;
@@ -4410,7 +4406,7 @@ TEST_F(PoolTest, OnConnectSessionStateSurvivesADiscardAllReset) {
 // pool.md, "Events": `acquire_timeout` is one of the pool's events, and "Stats" counts the
 // acquires that timed out in `timeouts`. With acquire_timeout 0, an acquire on a pool whose every
 // connection is in use fails at once with pool_timeout and is counted in `timeouts`: a subscriber
-// to acquire_timeout (an alert on timeouts) must hear of it as it hears of a timed-out wait.
+// to acquire_timeout (an alert on timeouts) hears of it as it hears of a timed-out wait.
 TEST_F(PoolTest, AcquireTimeoutEventFiresForAnAcquireTimeoutZeroTimeout) {
   auto pool_config = config("timeout-event", 1);
   pool_config.acquire_timeout = 0ms;
@@ -4433,8 +4429,8 @@ TEST_F(PoolTest, AcquireTimeoutEventFiresForAnAcquireTimeoutZeroTimeout) {
 // pool.md, "Cancellation": a cancelled acquire "fails with client_errc::cancelled and is counted in
 // cancellations"; "Every wait is bounded": an acquire's wait includes its checks before handout.
 // A caller that gives up (with_timeout) while PoolConfig::before_handout runs is such a cancelled
-// acquire: it must be counted, and the connection, which the check did not refuse, must not be
-// closed as `rejected`.
+// acquire: it is counted, and the connection, which the check did not refuse, is not closed as
+// `rejected`.
 TEST_F(PoolTest, AnAcquireCancelledDuringItsCheckBeforeHandoutIsCountedAndRejectsNothing) {
   auto pool_config = config("check-cancelled", 1);
   pool_config.acquire_timeout = 5s;

@@ -313,12 +313,11 @@ TEST(LifecycleManager, ThrowingStopIsReportedAndTheOthersStillStop) {
   EXPECT_TRUE(contains(journal, "stop a"));
 }
 
-// Review: stop() (and start()) need not be coroutines: a component may be a thin wrapper that
-// returns another object's awaitable, and such a call can throw before it returns one (a null
-// handle, a closed object). The Component concept allows it, and the docs say "a stop that throws
-// is logged" and "the others still run". Instead the exception escapes the manager's stop loop:
-// "the lifecycle itself failed", and every component after it in the stop order (here 'a', the
-// pending writes of a real service, whose flush is skipped) is never stopped.
+// stop() (and start()) need not be coroutines: a component may be a thin wrapper that returns
+// another object's awaitable, and such a call can throw before it returns one (a null handle, a
+// closed object). The Component concept allows it, and the docs say "a stop that throws is
+// logged" and "the others still run": every component after it in the stop order (here 'a', the
+// pending writes of a real service, whose flush must not be skipped) is still stopped.
 struct StopThrowsFromTheCall {
   std::string id;
   Journal* journal = nullptr;
@@ -346,8 +345,7 @@ TEST(LifecycleManager, AStopThatThrowsFromTheCallIsReportedAndTheOthersStillStop
 }
 
 // The same for start(): a start() that throws from the call is a failed start, whose rollback
-// stops what had started ('a', the pool and pending writes of a real service), in reverse. Instead
-// the exception escapes the manager's start loop, and nothing that started is ever stopped.
+// stops what had started ('a', the pool and pending writes of a real service), in reverse.
 struct StartThrowsFromTheCall {
   std::string id;
   Journal* journal = nullptr;
