@@ -15,6 +15,7 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/signal_set.hpp>
 #include <boost/asio/steady_timer.hpp>
+#include <cctype>
 #include <chrono>
 #include <csignal>
 #include <cstdint>
@@ -114,6 +115,24 @@ std::optional<std::int64_t> parse_number(std::string_view text, std::int64_t low
   return value;
 }
 
+// An argument pgrt-diag does not know, as its error may show it: one that may hold a password (a
+// URL with credentials, a conninfo's password=, a --dsn= misspelt) is named, not shown.
+std::string shown_argument(std::string_view argument) {
+  std::string lowered(argument);
+  std::transform(lowered.begin(), lowered.end(), lowered.begin(),
+                 [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  if (lowered.find("://") == std::string::npos && lowered.find('@') == std::string::npos &&
+      lowered.find("pass") == std::string::npos) {
+    return "'" + pgrt::diag::printable(std::string(argument)) + "'";
+  }
+  const std::size_t equals = argument.find('=');
+  const std::string name =
+      argument.starts_with("--") && equals != std::string_view::npos
+          ? "'" + pgrt::diag::printable(std::string(argument.substr(0, equals + 1))) + "...'"
+          : std::string("an argument");
+  return name + " (not shown: it may hold a password)";
+}
+
 // A --dsn value, taken off the command line: one that holds a password is overwritten in argv
 // (every local user can read /proc/PID/cmdline for as long as the process runs), with a warning
 // naming the safer ways to give it.
@@ -200,7 +219,8 @@ std::optional<Arguments> parse_arguments(int argc, char** argv) {
       std::cout << usage;
       std::exit(exit_clean);  // NOLINT(concurrency-mt-unsafe): single-threaded here
     } else {
-      std::cerr << "pgrt-diag: unknown or incomplete argument '" << argument << "'\n" << usage;
+      std::cerr << "pgrt-diag: unknown or incomplete argument " << shown_argument(argument) << "\n"
+                << usage;
       return std::nullopt;
     }
   }
@@ -519,7 +539,8 @@ int run_budget(int argc, char** argv) {
       std::cout << budget_usage;
       return exit_clean;
     } else {
-      std::cerr << "pgrt-diag budget: unknown or incomplete argument '" << argument << "'\n"
+      std::cerr << "pgrt-diag budget: unknown or incomplete argument " << shown_argument(argument)
+                << "\n"
                 << budget_usage;
       return exit_usage;
     }

@@ -109,8 +109,12 @@ std::vector<std::string> leftover_reasons(const std::vector<AppBackend>& backend
     const auto& tag = *tags[i];
     const auto& backend = backends[i];
     const std::string instance = tag.app + "/" + tag.instance;
+    // (Without own_tag, as pgrt-diag judges: an incarnation whose name another user's socket
+    // holds here may be a live process of this service run as that user, and "superseded" is
+    // only an inference: never counted. The start-up cleanup reports it as unverified itself.)
     if (auto found = live.find(tag.instance);
-        found != live.end() && found->second != tag.incarnation && !backend.running_here) {
+        found != live.end() && found->second != tag.incarnation && !backend.running_here &&
+        (!rule.own_tag.empty() || backend.presence != HostPresence::other_user)) {
       reasons[i] = !rule.own_tag.empty() ? "an earlier incarnation of " + instance
                    : instances_running_here.contains(tag.instance)
                        ? "superseded: " + instance + "/" + found->second +

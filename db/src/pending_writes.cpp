@@ -935,13 +935,15 @@ void report_unwritten_at_exit() noexcept {
       // (A thread may hold it as the process exits: then the count is read without it.)
       std::unique_lock state_lock(state->mutex, std::try_to_lock);
       const std::size_t unflushed = state->unflushed_locked();
-      if (unflushed == 0 || state->finished) continue;
-      spdlog::error(
+      if (unflushed == 0 || state->finished || state->abandoned) continue;  // (reported then)
+      const auto logger = spdlog::default_logger();  // (null after spdlog::shutdown())
+      if (!logger) return;
+      logger->error(
           "pgrt pending writes {}: the process is exiting without stop(): {} accepted writes were "
           "not written",
           state->config.name, unflushed);
+      logger->flush();
     }
-    if (auto logger = spdlog::default_logger()) logger->flush();
   } catch (...) {  // NOLINT(bugprone-empty-catch): at exit, nothing more can be done
   }
 }

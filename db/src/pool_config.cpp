@@ -98,6 +98,13 @@ void check_consumers(const PoolConfig& config) {
               "give each consumer a name of 1-63 printable characters, without spaces, ',' or "
               "':'");
     }
+    if (consumer.name == "default") {
+      // (The acquires that name no consumer are `default` in the stats and the metrics: a
+      // consumer of that name would share their series.)
+      invalid("consumers[" + std::to_string(i) + "] has the name 'default'",
+              "'default' stands for the acquires that name no consumer: give this one another "
+              "name");
+    }
     for (std::size_t j = 0; j < i; ++j) {
       if (config.consumers[j].name == consumer.name) {
         invalid(which + " is listed twice", "give each consumer its own name");

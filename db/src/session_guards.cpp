@@ -45,6 +45,10 @@ namespace {
 
 using std::chrono::milliseconds;
 
+// Far beyond any bound that matters (ten years), and far within milliseconds' range: what the
+// server's settings allow (INT_MAX seconds apart, INT_MAX probes) saturates here.
+constexpr double longest_ms = 10.0 * 366 * 24 * 3600 * 1000;
+
 // A time setting's value as the server reads it: a number, in `base` units or with one of its
 // own (us, ms, s, min, h, d). Nothing for what is not one (the keyword `default`; anything else
 // the server refuses at connect).
@@ -75,7 +79,7 @@ std::optional<milliseconds> setting_duration(std::string_view text, milliseconds
   } else {
     return std::nullopt;
   }
-  return milliseconds(static_cast<std::int64_t>(std::ceil(number * unit_ms)));
+  return milliseconds(static_cast<std::int64_t>(std::min(std::ceil(number * unit_ms), longest_ms)));
 }
 
 }  // namespace
@@ -110,8 +114,11 @@ std::chrono::milliseconds backend_end_bound(const ConnectOptions& guarded) {
       check = setting_duration(value, milliseconds(1)).value_or(milliseconds(0));
     }
   }
-  const milliseconds unreachable = idle + interval * count;
-  return std::max(unreachable, user_timeout) + check;
+  const double unreachable = static_cast<double>(idle.count()) +
+                             static_cast<double>(interval.count()) * static_cast<double>(count);
+  const double bound = std::max(unreachable, static_cast<double>(user_timeout.count())) +
+                       static_cast<double>(check.count());
+  return milliseconds(static_cast<std::int64_t>(std::min(bound, longest_ms)));
 }
 
 }  // namespace pgrt

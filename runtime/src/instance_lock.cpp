@@ -311,6 +311,14 @@ InstanceLock InstanceLock::acquire(const InstanceLockOptions& options) {
         throw InstanceLockError(
             "cannot take over " + who + ": the lock file " + path.string() + " names no pid", 0);
       }
+      if (holder == ::getpid()) {
+        // This process holds the lock already (through an earlier acquire): taking over would
+        // signal itself.
+        throw InstanceLockError("this process already holds the instance lock of " + who +
+                                    " (lock file " + path.string() +
+                                    "): one instance lock per app and instance in a process",
+                                holder);
+      }
       struct stat lock_file {};
       if (::fstat(fd, &lock_file) != 0) {
         throw std::system_error(errno, std::generic_category(), "fstat " + path.string());

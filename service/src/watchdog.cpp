@@ -55,9 +55,12 @@ using detail::invalid;
 namespace {
 
 void validate(const WatchdogOptions& options) {
-  if (options.interval < milliseconds(10)) {
+  // (Above a year a duration would overflow the clock's arithmetic: the watchdog would check in
+  // a tight loop.)
+  constexpr milliseconds a_year = std::chrono::hours(24 * 366);
+  if (options.interval < milliseconds(10) || options.interval > a_year) {
     invalid("WatchdogOptions::interval is " + std::to_string(options.interval.count()) + " ms",
-            "give at least 10 ms (the default is 5000 ms)");
+            "give at least 10 ms and at most a year (the default is 5000 ms)");
   }
   const auto share_ok = [](double share) {
     return std::isfinite(share) && share > 0 && share <= 1;
@@ -70,8 +73,9 @@ void validate(const WatchdogOptions& options) {
     invalid("WatchdogOptions::server_share is " + std::to_string(options.server_share),
             "give a share in (0, 1], e.g. 0.8");
   }
-  if (options.long_wait.count() < 0) {
-    invalid("WatchdogOptions::long_wait is negative", "give a duration of 0 ms or more");
+  if (options.long_wait.count() < 0 || options.long_wait > a_year) {
+    invalid("WatchdogOptions::long_wait is " + std::to_string(options.long_wait.count()) + " ms",
+            "give a duration of 0 ms to a year");
   }
 }
 

@@ -6,16 +6,19 @@
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <chrono>
+#include <csignal>
 #include <cstring>
 #include <filesystem>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <libpq-fe.h>
 #include <netinet/in.h>
 #include <optional>
 #include <poll.h>
 #include <stdexcept>
 #include <string>
 #include <sys/socket.h>
+#include <sys/types.h>
 #include <sys/un.h>
 #include <thread>
 #include <unistd.h>
@@ -449,6 +452,336 @@ TEST_F(ConnectionEdgesTest, TheConninfosConnectTimeoutBoundsTheDefaultSocketToo)
   EXPECT_LT(std::chrono::steady_clock::now() - started, 5s) << "the conninfo's 2 s were not kept";
   ::close(listener);
   ::unlink(path.c_str());
+}
+
+// --- cut connections, passed-over hosts and the bound, at their edges ---
+
+// (Control: passing over a host that answers the start-up and then nothing leaves a healthy
+// connection; this one passes.)
+TEST_F(ConnectionEdgesTest, AConnectionMadeAfterPassingOverASilentPoolerIsNotBroken) {
+  AnswersOnlyTheStartup pooler_of_a_dead_server;
+  const std::string conninfo =
+      "host=127.0.0.1,127.0.0.1 port=" + std::to_string(pooler_of_a_dead_server.port()) + "," +
+      std::to_string(cluster().port()) +
+      " user=postgres dbname=postgres sslmode=disable gssencmode=disable";
+  run_coroutine([&]() -> awaitable_void {
+    ConnectOptions two_hosts{.conninfo = conninfo, .connect_timeout = 4s};
+    try {
+      auto conn = co_await Connection::connect(two_hosts);
+      EXPECT_EQ((co_await conn.query("SELECT inet_server_port()")).scalar<int>(), cluster().port());
+      EXPECT_FALSE(conn.is_broken()) << "a fresh, healthy connection reports itself broken";
+    } catch (const Error& error) {
+      ADD_FAILURE() << "the second host was not reached: " << error.what();
+    }
+  });
+}
+
+// Passing over a pooler that closes the connection on its first statement (notice_pooler() ->
+// Impl::lost(), which sets Impl::broken) leaves nothing of that on the next host's connection:
+// the one connect() returns, on the healthy second host, is not is_broken().
+TEST_F(ConnectionEdgesTest, AConnectionMadeAfterPassingOverAClosingPoolerIsNotBroken) {
+  AnswersOnlyTheStartup pooler_of_a_dead_server(/*close_on_statement=*/true);
+  const std::string conninfo =
+      "host=127.0.0.1,127.0.0.1 port=" + std::to_string(pooler_of_a_dead_server.port()) + "," +
+      std::to_string(cluster().port()) +
+      " user=postgres dbname=postgres sslmode=disable gssencmode=disable";
+  run_coroutine([&]() -> awaitable_void {
+    ConnectOptions two_hosts{.conninfo = conninfo, .connect_timeout = 4s};
+    try {
+      auto conn = co_await Connection::connect(two_hosts);
+      EXPECT_EQ((co_await conn.query("SELECT inet_server_port()")).scalar<int>(), cluster().port());
+      EXPECT_FALSE(conn.is_broken()) << "a fresh, healthy connection reports itself broken";
+    } catch (const Error& error) {
+      ADD_FAILURE() << "the second host was not reached: " << error.what();
+    }
+  });
+}
+
+// The pool's view of it: with an on_connect hook (after which the pool checks is_broken()), a
+// connect that passed over the closing host serves from the healthy second host.
+TEST_F(ConnectionEdgesTest, APoolWithOnConnectServesFromTheSecondHost) {
+  AnswersOnlyTheStartup pooler_of_a_dead_server(/*close_on_statement=*/true);
+  PoolConfig pool_config;
+  pool_config.conninfo =
+      "host=127.0.0.1,127.0.0.1 port=" + std::to_string(pooler_of_a_dead_server.port()) + "," +
+      std::to_string(cluster().port()) +
+      " user=postgres dbname=postgres sslmode=disable gssencmode=disable";
+  pool_config.max_size = 1;
+  pool_config.application = "pgrt-edges";
+  pool_config.instance = "silent-first-host";
+  pool_config.connect.connect_timeout = 2s;
+  pool_config.acquire_timeout = 6s;
+  pool_config.on_connect = [](Connection& connection) -> asio::awaitable<void> {
+    co_await connection.execute("SET search_path TO pg_catalog, public");
+  };
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, pool_config);
+    try {
+      auto lease = co_await pool.acquire();
+      EXPECT_EQ((co_await lease->query("SELECT inet_server_port()")).scalar<int>(),
+                cluster().port());
+    } catch (const Error& error) {
+      ADD_FAILURE() << "no connection from the healthy second host: " << error.what();
+    }
+    (void)co_await pool.close(2s);
+  });
+}
+
+// backend_end_bound(): interval x count must not overflow for server keepalive settings
+// PostgreSQL accepts (both are int GUCs, 0..INT_MAX; interval in seconds): a bound wrapped
+// negative would give a closed connection's capacity back long before the server's keepalives
+// end its backend (strict max). It saturates instead.
+TEST(BackendEndBound, TheBoundDoesNotOverflowForSettingsTheServerAccepts) {
+  ConnectOptions own;
+  own.session_settings = {{"tcp_keepalives_interval", "2000000000"},
+                          {"tcp_keepalives_count", "2000000000"}};
+  const ConnectOptions guarded = with_session_guards(own, SessionGuards{});
+  const auto bound = backend_end_bound(guarded);
+  EXPECT_GE(bound, std::chrono::milliseconds(std::chrono::hours(24)))
+      << "bound " << bound.count() << " ms";
+}
+
+// The pool's gentle cut (driver.cpp cut_at()/cut_step(): cancel request and SHUT_WR at the
+// deadline, the socket left readable) lets an operation that the server answers late complete
+// successfully: cut_at() then fails it all the same, so that the cut connection, whose write side
+// is shut down, never goes back into service (pool.md: a keepalive ping cut at
+// connect.connect_timeout has its connection discarded).
+// Here: the backend is stopped (SIGSTOP) while idle, the keepalive ping is cut at
+// connect_timeout (1 s), the backend resumes before cancel_timeout and answers the ping; the
+// waiter that queued meanwhile gets the cut connection and its first statement fails.
+TEST_F(ConnectionEdgesTest, AKeepalivePingCutAtItsDeadlineNeverHandsOutItsConnection) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs to signal the server's backend";
+  PoolConfig pool_config;
+  pool_config.conninfo = cluster().dsn();
+  pool_config.max_size = 1;
+  pool_config.application = "pgrt-edges";
+  pool_config.instance = "cut-ping";
+  pool_config.keepalive_interval = 200ms;
+  pool_config.connect.connect_timeout = 1s;
+  pool_config.connect.cancel_timeout = 5s;
+  pool_config.acquire_timeout = 10s;
+  int pid = 0;
+  std::thread resumer;
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, pool_config);
+    {
+      auto lease = co_await pool.acquire();
+      (void)co_await lease->query("SELECT 1");
+      pid = lease->backend_pid();
+    }
+    ::kill(pid, SIGSTOP);  // idle: the next keepalive ping gets no answer
+    // Resume it after the ping's deadline (ping starts within ~200 ms, cut 1 s later), well
+    // before cancel_timeout's hard cut.
+    resumer = std::thread([pid] {
+      std::this_thread::sleep_for(1700ms);
+      ::kill(pid, SIGCONT);
+    });
+    asio::steady_timer pause(executor, 600ms);  // the ping is in flight now
+    co_await pause.async_wait(asio::use_awaitable);
+    try {
+      auto lease = co_await pool.acquire();
+      EXPECT_FALSE(lease->is_broken()) << "the pool handed out a connection it had cut";
+      try {
+        EXPECT_EQ((co_await lease->query("SELECT 1")).scalar<int>(), 1);
+      } catch (const Error& error) {
+        ADD_FAILURE() << "the handed-out connection's first statement failed: " << error.what();
+      }
+    } catch (const Error& error) {
+      ADD_FAILURE() << "acquire failed: " << error.what();
+    }
+    (void)co_await pool.close(2s);
+  });
+  if (resumer.joinable()) resumer.join();
+  if (pid != 0) ::kill(pid, SIGCONT);
+}
+
+// The same through reset(): a lease returned inside a transaction gets a background ROLLBACK,
+// cut_at(connect_timeout). The backend is stopped when the lease returns, the ROLLBACK is cut
+// gently at its deadline, the backend resumes and answers it: the cut connection is discarded,
+// not handed to the waiter (pool.md: "The ROLLBACK/DISCARD ALL of a reset ... are cut at
+// connect.connect_timeout, and the connection discarded").
+TEST_F(ConnectionEdgesTest, AResetRollbackCutAtItsDeadlineNeverHandsOutItsConnection) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs to signal the server's backend";
+  PoolConfig pool_config;
+  pool_config.conninfo = cluster().dsn();
+  pool_config.max_size = 1;
+  pool_config.application = "pgrt-edges";
+  pool_config.instance = "cut-rollback";
+  pool_config.connect.connect_timeout = 1s;
+  pool_config.connect.cancel_timeout = 5s;
+  pool_config.acquire_timeout = 10s;
+  int pid = 0;
+  std::thread resumer;
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, pool_config);
+    {
+      auto lease = co_await pool.acquire();
+      co_await lease->begin();
+      (void)co_await lease->query("SELECT 1");
+      pid = lease->backend_pid();
+      ::kill(pid, SIGSTOP);  // the ROLLBACK of the return gets no answer
+    }
+    resumer = std::thread([pid] {
+      std::this_thread::sleep_for(1500ms);
+      ::kill(pid, SIGCONT);
+    });
+    try {
+      auto lease = co_await pool.acquire();  // waits for the reset
+      EXPECT_FALSE(lease->is_broken()) << "the pool handed out a connection it had cut";
+      try {
+        EXPECT_EQ((co_await lease->query("SELECT 1")).scalar<int>(), 1);
+      } catch (const Error& error) {
+        ADD_FAILURE() << "the handed-out connection's first statement failed: " << error.what();
+      }
+    } catch (const Error& error) {
+      ADD_FAILURE() << "acquire failed: " << error.what();
+    }
+    (void)co_await pool.close(2s);
+  });
+  if (resumer.joinable()) resumer.join();
+  if (pid != 0) ::kill(pid, SIGCONT);
+}
+
+// A pooler in front of a dead server that gives up on the first statement with an ERROR and keeps
+// the client's connection (pgcat's and Supavisor's way: "could not get connection from the
+// pool") is passed over while another host is left to try (the last one is taken as it is, as a
+// pooler noticed): the healthy second host is reached.
+TEST_F(ConnectionEdgesTest, AHostThatRefusesTheFirstStatementIsPassedOver) {
+  const int listener = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::bind(listener, reinterpret_cast<sockaddr*>(&address), sizeof address), 0);
+  ASSERT_EQ(::listen(listener, 16), 0);
+  socklen_t length = sizeof address;
+  ::getsockname(listener, reinterpret_cast<sockaddr*>(&address), &length);
+  const int fake_port = ntohs(address.sin_port);
+  std::atomic<bool> stop{false};
+  std::vector<int> clients;
+  std::thread server([&] {
+    const auto read_exactly = [](int fd, char* out, std::size_t size) {
+      while (size > 0) {
+        const ssize_t got = ::recv(fd, out, size, 0);
+        if (got <= 0) return false;
+        out += got;
+        size -= static_cast<std::size_t>(got);
+      }
+      return true;
+    };
+    const auto put_int32 = [](std::string& out, std::uint32_t value) {
+      const std::uint32_t net = htonl(value);
+      out.append(reinterpret_cast<const char*>(&net), 4);
+    };
+    const auto message = [&](std::string& out, char type, const std::string& body) {
+      out += type;
+      put_int32(out, static_cast<std::uint32_t>(body.size() + 4));
+      out += body;
+    };
+    while (!stop) {
+      pollfd waiting{.fd = listener, .events = POLLIN, .revents = 0};
+      if (::poll(&waiting, 1, 50) <= 0) continue;
+      const int fd = ::accept(listener, nullptr, nullptr);
+      if (fd < 0) continue;
+      clients.push_back(fd);
+      // Start-up (refusing SSL/GSS requests).
+      bool ok = true;
+      for (;;) {
+        char header[4];
+        if (!read_exactly(fd, header, 4)) {
+          ok = false;
+          break;
+        }
+        std::uint32_t size = 0;
+        std::memcpy(&size, header, 4);
+        size = ntohl(size);
+        if (size < 8 || size > 10000) {
+          ok = false;
+          break;
+        }
+        std::string body(size - 4, '\0');
+        if (!read_exactly(fd, body.data(), body.size())) {
+          ok = false;
+          break;
+        }
+        std::uint32_t code = 0;
+        std::memcpy(&code, body.data(), 4);
+        code = ntohl(code);
+        if (code == 80877103 || code == 80877104) {
+          (void)::send(fd, "N", 1, MSG_NOSIGNAL);
+          continue;
+        }
+        break;
+      }
+      if (!ok) continue;
+      std::string reply;
+      std::string auth_ok;
+      put_int32(auth_ok, 0);
+      message(reply, 'R', auth_ok);
+      for (const auto& [name, value] : std::vector<std::pair<std::string, std::string>>{
+               {"server_version", "15.0"},
+               {"server_encoding", "UTF8"},
+               {"client_encoding", "UTF8"},
+               {"DateStyle", "ISO, MDY"},
+               {"integer_datetimes", "on"},
+               {"standard_conforming_strings", "on"},
+               {"TimeZone", "UTC"},
+               {"in_hot_standby", "off"},
+               {"default_transaction_read_only", "off"}}) {
+        message(reply, 'S', name + '\0' + value + '\0');
+      }
+      std::string key;
+      put_int32(key, 4242);
+      put_int32(key, 1234);
+      message(reply, 'K', key);
+      message(reply, 'Z', "I");
+      (void)::send(fd, reply.data(), reply.size(), MSG_NOSIGNAL);
+      // The first statement (extended protocol, up to its Sync): an ERROR, and ready for more.
+      for (;;) {
+        char header[5];
+        if (!read_exactly(fd, header, 5)) break;
+        std::uint32_t size = 0;
+        std::memcpy(&size, header + 1, 4);
+        size = ntohl(size);
+        std::string body(size - 4, '\0');
+        if (!read_exactly(fd, body.data(), body.size())) break;
+        if (header[0] != 'S' && header[0] != 'Q') continue;
+        std::string error;
+        for (const char* field :
+             {"SERROR", "VERROR", "C08006", "Mcould not get connection from the pool"}) {
+          error += field;
+          error += '\0';
+        }
+        error += '\0';
+        std::string answer;
+        message(answer, 'E', error);
+        message(answer, 'Z', "I");
+        (void)::send(fd, answer.data(), answer.size(), MSG_NOSIGNAL);
+        break;  // then nothing more: the connection stays open
+      }
+    }
+  });
+  const std::string conninfo = "host=127.0.0.1,127.0.0.1 port=" + std::to_string(fake_port) + "," +
+                               std::to_string(cluster().port()) +
+                               " user=postgres dbname=postgres sslmode=disable gssencmode=disable";
+  run_coroutine([&]() -> awaitable_void {
+    ConnectOptions two_hosts{.conninfo = conninfo, .connect_timeout = 4s};
+    try {
+      auto conn = co_await Connection::connect(two_hosts);
+      const char* port = PQport(conn.native_handle());
+      EXPECT_EQ(std::string(port != nullptr ? port : ""), std::to_string(cluster().port()))
+          << "connected to the pooler whose server is down; the healthy second host was not "
+             "tried";
+    } catch (const Error& error) {
+      ADD_FAILURE() << "the second host was not reached: " << error.what();
+    }
+  });
+  stop = true;
+  server.join();
+  for (const int fd : clients) ::close(fd);
+  ::close(listener);
 }
 
 }  // namespace

@@ -354,6 +354,24 @@ TEST_F(LifecycleProcessTest, DiagMetricsGivesUpOnASilentEndpointAndNeverEchoesCr
   }
 }
 
+// operations.md: pgrt-diag "never prints a password". A DSN given the way other tools take it
+// (GNU-style --dsn=..., or psql's positional conninfo) is an unknown argument, and the refusal
+// names it without its password (stderr goes to a terminal, a CI log, a journal).
+TEST_F(LifecycleProcessTest, DiagNeverEchoesAPasswordOfAMisspelledDsnArgument) {
+  const std::vector<std::vector<std::string>> invocations = {
+      {PGRT_DIAG_PATH, "--dsn=postgresql://admin:s3cret@127.0.0.1:1/db"},
+      {PGRT_DIAG_PATH, "postgresql://admin:s3cret@127.0.0.1:1/db"},
+      {PGRT_DIAG_PATH, "--app", "orders", "host=127.0.0.1 port=1 password=s3cret"},
+      {PGRT_DIAG_PATH, "budget", "--dsn=postgresql://admin:s3cret@127.0.0.1:1/db"},
+  };
+  int run = 0;
+  for (const auto& argv : invocations) {
+    Child diag(argv, cluster().dsn(), "diag-echo-" + std::to_string(run++));
+    EXPECT_EQ(diag.wait_for_exit(30s), 2) << diag.output();
+    EXPECT_THAT(diag.output(), Not(HasSubstr("s3cret"))) << "argv[1]: " << argv[1];
+  }
+}
+
 // pgrt-diag's text report shows a server's names (a database's, which its owner chooses) with
 // their control bytes replaced: an escape sequence does not reach the operator's terminal.
 TEST_F(LifecycleProcessTest, DiagTextReportKeepsControlBytesOfServerNamesOffTheTerminal) {
@@ -1610,6 +1628,48 @@ std::set<int> diag_pids_where(const json::object& report, const char* flag) {
     if (backend.at(flag).as_bool()) pids.insert(pid);
   }
   return pids;
+}
+
+// operations.md, the leftover rule: pgrt-diag "never counts an incarnation that a live process
+// on the checking host has (running_here), whatever lock it holds". The operator runs pgrt-diag
+// as root (sudo) or as themselves, the service runs as its own user: that live process's
+// announced incarnation is another user's socket, so running_here is false; judged by backend
+// starts alone, --kill-leaked would terminate its backends (active statements included). Like
+// the start-up cleanup, pgrt-diag leaves another user's incarnation alone (unverified).
+TEST_F(StartupHygieneTest, DiagNeverKillsTheBackendsOfALiveProcessOnThisHostOfAnotherUser) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root, to run a process as another user";
+  const std::string live = "1a2b3c4d";  // a service process running here as user nobody
+  const pid_t service = test::squat_incarnation_name(live);
+  ASSERT_GT(service, 0);
+  struct Reaper {
+    pid_t pid;
+    ~Reaper() {
+      ::kill(pid, SIGKILL);
+      ::waitpid(pid, nullptr, 0);
+    }
+  } reaper{service};
+  ASSERT_EQ(incarnation_on_this_host(live), HostPresence::other_user);
+  BlockingConnection live_backend(cluster().dsn() + " application_name=diagusr/one/" + live);
+  std::this_thread::sleep_for(100ms);
+  // Another incarnation of the instance whose backend started later (a duplicate elsewhere, or a
+  // crashed one-shot run of the same binary behind a connection-holding proxy).
+  BlockingConnection other(cluster().dsn() + " application_name=diagusr/one/5e6f7a8b");
+  const int live_pid = live_backend.backend_pid();
+  {
+    Child diag({PGRT_DIAG_PATH, "--app", "diagusr", "--json"}, cluster().dsn(), "diagusr");
+    (void)diag.wait_for_exit(30s);
+    const auto backends = diag_backends(parse_diag_json(diag.output()));
+    ASSERT_TRUE(backends.contains(live_pid)) << diag.output();
+    EXPECT_FALSE(backends.at(live_pid).at("leaked").as_bool())
+        << "a live process on this host counted as leaked: " << backends.at(live_pid);
+  }
+  {
+    Child kill({PGRT_DIAG_PATH, "--app", "diagusr", "--kill-leaked", "--json"}, cluster().dsn(),
+               "diagusr");
+    (void)kill.wait_for_exit(30s);
+    EXPECT_EQ(diag_pids_where(parse_diag_json(kill.output()), "terminated").count(live_pid), 0U)
+        << kill.output();
+  }
 }
 
 TEST_F(StartupHygieneTest, DiagReportsLeakedBackendsAsJsonAndKillsOnlyThose) {

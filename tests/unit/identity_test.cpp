@@ -553,6 +553,36 @@ TEST_F(InstanceLockTest, AHolderThatIgnoresSigtermIsKilledWithinTheTakeoverBound
   ::close(ready[1]);
 }
 
+// A process that already holds the lock (a second StartupHygiene of the same app and instance,
+// e.g. one per pool of a primary and a replica) and asks again with force (PGRT_FORCE=1) finds
+// its own pid in the file, which "holds" the file (through its first descriptor): it is refused,
+// saying this process already holds the lock, and never signals itself.
+TEST_F(InstanceLockTest, ForceNeverSignalsItsOwnProcess) {
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    InstanceLockOptions forced = options(/*force=*/true);
+    forced.takeover_grace = 300ms;
+    auto first = InstanceLock::acquire(options());
+    try {
+      auto second = InstanceLock::acquire(forced);
+      ::_exit(1);  // took over from itself
+    } catch (const InstanceLockError&) {
+      ::_exit(0);  // refused
+    } catch (...) {
+      ::_exit(2);
+    }
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  EXPECT_TRUE(WIFEXITED(status)) << "the process was killed by signal "
+                                 << (WIFSIGNALED(status) ? WTERMSIG(status) : 0)
+                                 << " sent by its own second acquire";
+  if (WIFEXITED(status)) {
+    EXPECT_EQ(WEXITSTATUS(status), 0);
+  }
+}
+
 // The component's start deadline covers a takeover: a holder that ignores SIGTERM is killed, and
 // the new instance starts, even though the takeover outlasts the manager's start_timeout.
 TEST_F(InstanceLockTest, AForcedStartOutwaitsAHolderThatIgnoresSigterm) {

@@ -59,6 +59,7 @@ void Connection::Impl::arm_interrupt() noexcept {
   // Our own descriptor for the socket (watch_socket()), never libpq's: libpq may close its own
   // at any time, and its number may then be another socket's by the time interrupt() uses it.
   interruptible_fd = socket.is_open() ? socket.native_handle() : -1;
+  read_side_cut = false;
   interrupt_cancel = std::shared_ptr<PGcancel>(PQgetCancel(conn), PQfreeCancel);
 }
 

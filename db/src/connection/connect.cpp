@@ -345,6 +345,10 @@ asio::awaitable<error_code> Connection::Impl::connect_once(
   values.push_back(nullptr);
 
   close(CloseMode::immediate, Lingering::keep);  // what an earlier attempt left
+  // (What an earlier host's connection was, lost or behind a pooler, is not this one's.)
+  broken = false;
+  unnamed_statements = options.pooler == Pooler::transaction;
+  first_statement_refused = false;
   conn = PQconnectStartParams(keywords.data(), values.data(), 1);
   if (conn != nullptr) PQsetNoticeReceiver(conn, log_server_notice, nullptr);
   if (conn == nullptr || PQstatus(conn) == CONNECTION_BAD) co_return connect_error();
@@ -521,7 +525,6 @@ asio::awaitable<error_code> Connection::Impl::connect() {
     if (!failed_hosts.empty()) last_error.message += " (before it: " + failed_hosts + ")";
     return error;
   };
-  unnamed_statements = options.pooler == Pooler::transaction;  // (notice_pooler() may say so too)
   bool connected = false;
   for (std::size_t index = 0; index < attempts.size() && !connected; ++index) {
     const bool last_host = index + 1 == attempts.size();
@@ -581,6 +584,18 @@ asio::awaitable<error_code> Connection::Impl::connect() {
       // nothing, or gives up on the statement; that host is passed over like a silent one.
       if (!error && options.pooler == Pooler::none) {
         error = co_await notice_pooler_within(attempt_deadline);
+        // A host that refused that statement (a pooler whose server is down, answering with an
+        // error) is passed over while another is left to try; the last one is taken as it is.
+        if (!error && first_statement_refused && !(last_host && last_address)) {
+          std::string where = target();
+          close(CloseMode::immediate, Lingering::keep);
+          error = fail(client_errc::connect_failed,
+                       "could not connect to " + where + ": it refused the first statement (" +
+                           refused_first_statement + ")",
+                       {},
+                       "a pooler whose server is down or refuses this user answers so; the next "
+                       "host is tried");
+        }
       }
       if (!error) {
         connected = true;
@@ -691,6 +706,8 @@ asio::awaitable<error_code> Connection::Impl::notice_pooler() {
   if (PQstatus(conn) != CONNECTION_OK) co_return lost(sql);
   const int given = PQbackendPID(conn);
   if (session_pid && *session_pid == given) co_return error_code{};
+  first_statement_refused = !session_pid;
+  refused_first_statement = refused;
   unnamed_statements = true;  // (nothing was prepared yet)
   static std::atomic<bool> said{false};
   if (!said.exchange(true)) {

@@ -131,6 +131,10 @@ struct Connection::Impl {
   // the server forgets named statements, see exchange()) query_prepared() sends unnamed
   // statements; forgotten_statements counts the named ones the server lost.
   bool unnamed_statements = false;
+  // notice_pooler() got an error, not a pid, for its statement (connect() passes such a host over
+  // while another is left to try), and the error's words.
+  bool first_statement_refused = false;
+  std::string refused_first_statement;
   // Behind a pooler (configured as a transaction pooler, or noticed: at connect, or when the server
   // forgets named statements), at most one sync segment is in flight:
   // PgBouncer before 1.21 counts a client's Syncs as it reads them and gives the server session

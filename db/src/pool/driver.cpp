@@ -7,6 +7,7 @@
 #include <boost/asio/query.hpp>
 #include <set>
 #include <tuple>
+#include <type_traits>
 #include <unordered_set>
 
 #include "budget.hpp"
@@ -29,6 +30,7 @@ namespace {
 struct Cutter {
   std::mutex mutex;
   bool done = false;
+  bool cut = false;  // the deadline came: the connection is cut, whatever the operation says
   Connection* connection = nullptr;
   asio::steady_timer* timer = nullptr;
   std::chrono::milliseconds hard_after{0};
@@ -42,6 +44,7 @@ void cut_step(const std::shared_ptr<Cutter>& cutter, error_code error, bool gent
     cutter->connection->interrupt();
     return;
   }
+  cutter->cut = true;
   ConnectionAccess::cut_writing(*cutter->connection);
   cutter->timer->expires_after(cutter->hard_after);
   cutter->timer->async_wait([cutter](error_code later) { cut_step(cutter, later, true); });
@@ -70,7 +73,24 @@ asio::awaitable<T> cut_at(Connection& connection, Clock::time_point deadline,
       timer.cancel();
     }
   } disarm(*cutter, timer);
-  co_return co_await std::move(operation);
+  // An operation the server answered after the cut completes, but its connection, shut for
+  // writing, is not one to go on with: the caller discards it as for any failure.
+  const auto throw_if_cut = [&cutter] {
+    std::lock_guard lock(cutter->mutex);
+    if (cutter->cut) {
+      throw Error(make_error_code(client_errc::connection_lost),
+                  Diagnostics{.message = "the connection was cut at its deadline (the server "
+                                         "answered only after it)"});
+    }
+  };
+  if constexpr (std::is_void_v<T>) {
+    co_await std::move(operation);
+    throw_if_cut();
+  } else {
+    T value = co_await std::move(operation);
+    throw_if_cut();
+    co_return value;
+  }
 }
 
 }  // namespace
