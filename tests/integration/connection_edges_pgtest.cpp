@@ -47,10 +47,17 @@ using awaitable_void = asio::awaitable<void>;
 // client's statements until a server connection comes, which it never does).
 class AnswersOnlyTheStartup {
  public:
-  // close_on_statement: the pooler gives up on the first statement and closes the connection
-  // (PgBouncer's "no more connections allowed" or "server login failed" when its server is down).
-  explicit AnswersOnlyTheStartup(bool close_on_statement = false)
-      : close_on_statement_(close_on_statement) {
+  enum class OnStatement {
+    silent,  // never answers
+    // gives up on the first statement and closes the connection (PgBouncer's "no more connections
+    // allowed" or "server login failed" when its server is down)
+    close,
+    // answers the first statement (up to its Sync) with an ERROR and stays open (pgcat's and
+    // Supavisor's "could not get connection from the pool")
+    refuse,
+  };
+  explicit AnswersOnlyTheStartup(OnStatement on_statement = OnStatement::silent)
+      : on_statement_(on_statement) {
     listener_ = ::socket(AF_INET, SOCK_STREAM, 0);
     sockaddr_in address{};
     address.sin_family = AF_INET;
@@ -145,7 +152,8 @@ class AnswersOnlyTheStartup {
       if (fd < 0) continue;
       clients_.push_back(fd);  // kept open, never answered after the start-up
       start_up(fd);
-      if (close_on_statement_) {
+      if (on_statement_ == OnStatement::refuse) refuse_first_statement(fd);
+      if (on_statement_ == OnStatement::close) {
         char first[5];
         (void)read_exactly(fd, first, 5);  // the first statement's message comes: give up
         std::string error;
@@ -161,7 +169,32 @@ class AnswersOnlyTheStartup {
       }
     }
   }
-  bool close_on_statement_ = false;
+  void refuse_first_statement(int fd) {
+    for (;;) {
+      char header[5];
+      if (!read_exactly(fd, header, 5)) return;
+      std::uint32_t size = 0;
+      std::memcpy(&size, header + 1, 4);
+      size = ntohl(size);
+      if (size < 4 || size > 100000) return;
+      std::string body(size - 4, '\0');
+      if (!read_exactly(fd, body.data(), body.size())) return;
+      if (header[0] != 'S' && header[0] != 'Q') continue;  // up to the Sync (or a simple query)
+      std::string error;
+      for (const char* field :
+           {"SERROR", "VERROR", "C08006", "Mcould not get connection from the pool"}) {
+        error += field;
+        error += '\0';
+      }
+      error += '\0';
+      std::string answer;
+      message(answer, 'E', error);
+      message(answer, 'Z', "I");
+      (void)::send(fd, answer.data(), answer.size(), MSG_NOSIGNAL);
+      return;  // then nothing more: the connection stays open
+    }
+  }
+  OnStatement on_statement_ = OnStatement::silent;
   int listener_ = -1;
   int port_ = 0;
   std::atomic<bool> stop_{false};
@@ -172,7 +205,85 @@ class AnswersOnlyTheStartup {
 
 class ConnectionEdgesTest : public testing::DbTest {
  protected:
+  // Two hosts: a fake server on 127.0.0.1:`first_port`, then the cluster.
+  static std::string two_hosts_conninfo(int first_port) {
+    return "host=127.0.0.1,127.0.0.1 port=" + std::to_string(first_port) + "," +
+           std::to_string(cluster().port()) +
+           " user=postgres dbname=postgres sslmode=disable gssencmode=disable";
+  }
+
+  // Connects past a fake first host that treats the first statement `on_statement`'s way: the
+  // connection reaches the cluster, and nothing of the host passed over stays on it.
+  static void expect_a_healthy_connection_past(AnswersOnlyTheStartup::OnStatement on_statement) {
+    AnswersOnlyTheStartup pooler_of_a_dead_server(on_statement);
+    const std::string conninfo = two_hosts_conninfo(pooler_of_a_dead_server.port());
+    run_coroutine([&]() -> awaitable_void {
+      ConnectOptions two_hosts{.conninfo = conninfo, .connect_timeout = 4s};
+      try {
+        auto conn = co_await Connection::connect(two_hosts);
+        EXPECT_EQ((co_await conn.query("SELECT inet_server_port()")).scalar<int>(),
+                  cluster().port());
+        EXPECT_FALSE(conn.is_broken()) << "a fresh, healthy connection reports itself broken";
+      } catch (const Error& error) {
+        ADD_FAILURE() << "the second host was not reached: " << error.what();
+      }
+    });
+  }
   static ConnectOptions options() { return ConnectOptions{.conninfo = cluster().dsn()}; }
+
+  // A pool of one connection, whose cuts come at connect_timeout (1 s), the hard step of a cut
+  // cancel_timeout (5 s) later.
+  static PoolConfig one_connection_cut_at_a_second(std::string instance) {
+    PoolConfig pool_config;
+    pool_config.conninfo = cluster().dsn();
+    pool_config.max_size = 1;
+    pool_config.application = "pgrt-edges";
+    pool_config.instance = std::move(instance);
+    pool_config.connect.connect_timeout = 1s;
+    pool_config.connect.cancel_timeout = 5s;
+    pool_config.acquire_timeout = 10s;
+    return pool_config;
+  }
+
+  // The next lease works: it is never a connection the pool cut.
+  static awaitable_void expect_a_working_lease(Pool& pool) {
+    try {
+      auto lease = co_await pool.acquire();
+      EXPECT_FALSE(lease->is_broken()) << "the pool handed out a connection it had cut";
+      try {
+        EXPECT_EQ((co_await lease->query("SELECT 1")).scalar<int>(), 1);
+      } catch (const Error& error) {
+        ADD_FAILURE() << "the handed-out connection's first statement failed: " << error.what();
+      }
+    } catch (const Error& error) {
+      ADD_FAILURE() << "acquire failed: " << error.what();
+    }
+  }
+};
+
+// A backend stopped (SIGSTOP) now, and resumed `after` from now on a thread of its own (and at
+// the latest when this goes): a server that answers late.
+class StoppedBackend {
+ public:
+  StoppedBackend(int pid, std::chrono::milliseconds after) : pid_(pid) {
+    ::kill(pid_, SIGSTOP);
+    resumer_ = std::thread([pid, after] {
+      std::this_thread::sleep_for(after);
+      ::kill(pid, SIGCONT);
+    });
+  }
+  StoppedBackend(const StoppedBackend&) = delete;
+  StoppedBackend& operator=(const StoppedBackend&) = delete;
+  StoppedBackend(StoppedBackend&&) = delete;
+  StoppedBackend& operator=(StoppedBackend&&) = delete;
+  ~StoppedBackend() {
+    resumer_.join();
+    ::kill(pid_, SIGCONT);
+  }
+
+ private:
+  int pid_;
+  std::thread resumer_;
 };
 
 // A session setting whose value holds a tab or a line break: PostgreSQL splits the `options`
@@ -356,10 +467,7 @@ TEST_F(ConnectionEdgesTest, ANestedTransactionThatFailsDoesNotSilentlyUndoTheOut
 // the host's share, so the second host, which is up, is reached in time.
 TEST_F(ConnectionEdgesTest, AHostThatAnswersTheStartupAndThenNothingIsPassedOverInItsShare) {
   AnswersOnlyTheStartup pooler_of_a_dead_server;
-  const std::string conninfo =
-      "host=127.0.0.1,127.0.0.1 port=" + std::to_string(pooler_of_a_dead_server.port()) + "," +
-      std::to_string(cluster().port()) +
-      " user=postgres dbname=postgres sslmode=disable gssencmode=disable";
+  const std::string conninfo = two_hosts_conninfo(pooler_of_a_dead_server.port());
   const auto started = std::chrono::steady_clock::now();
   run_coroutine([&]() -> awaitable_void {
     ConnectOptions two_hosts{.conninfo = conninfo, .connect_timeout = 4s};
@@ -378,11 +486,8 @@ TEST_F(ConnectionEdgesTest, AHostThatAnswersTheStartupAndThenNothingIsPassedOver
 // The same pooler in front of a dead server, giving up on the first statement with an error and
 // closing the connection: the host is passed over, and the second host, which is up, is tried.
 TEST_F(ConnectionEdgesTest, AHostThatClosesOnTheFirstStatementIsPassedOver) {
-  AnswersOnlyTheStartup pooler_of_a_dead_server(/*close_on_statement=*/true);
-  const std::string conninfo =
-      "host=127.0.0.1,127.0.0.1 port=" + std::to_string(pooler_of_a_dead_server.port()) + "," +
-      std::to_string(cluster().port()) +
-      " user=postgres dbname=postgres sslmode=disable gssencmode=disable";
+  AnswersOnlyTheStartup pooler_of_a_dead_server(AnswersOnlyTheStartup::OnStatement::close);
+  const std::string conninfo = two_hosts_conninfo(pooler_of_a_dead_server.port());
   run_coroutine([&]() -> awaitable_void {
     ConnectOptions two_hosts{.conninfo = conninfo, .connect_timeout = 4s};
     try {
@@ -459,53 +564,22 @@ TEST_F(ConnectionEdgesTest, TheConninfosConnectTimeoutBoundsTheDefaultSocketToo)
 // (Control: passing over a host that answers the start-up and then nothing leaves a healthy
 // connection; this one passes.)
 TEST_F(ConnectionEdgesTest, AConnectionMadeAfterPassingOverASilentPoolerIsNotBroken) {
-  AnswersOnlyTheStartup pooler_of_a_dead_server;
-  const std::string conninfo =
-      "host=127.0.0.1,127.0.0.1 port=" + std::to_string(pooler_of_a_dead_server.port()) + "," +
-      std::to_string(cluster().port()) +
-      " user=postgres dbname=postgres sslmode=disable gssencmode=disable";
-  run_coroutine([&]() -> awaitable_void {
-    ConnectOptions two_hosts{.conninfo = conninfo, .connect_timeout = 4s};
-    try {
-      auto conn = co_await Connection::connect(two_hosts);
-      EXPECT_EQ((co_await conn.query("SELECT inet_server_port()")).scalar<int>(), cluster().port());
-      EXPECT_FALSE(conn.is_broken()) << "a fresh, healthy connection reports itself broken";
-    } catch (const Error& error) {
-      ADD_FAILURE() << "the second host was not reached: " << error.what();
-    }
-  });
+  expect_a_healthy_connection_past(AnswersOnlyTheStartup::OnStatement::silent);
 }
 
 // Passing over a pooler that closes the connection on its first statement (notice_pooler() ->
 // Impl::lost(), which sets Impl::broken) leaves nothing of that on the next host's connection:
 // the one connect() returns, on the healthy second host, is not is_broken().
 TEST_F(ConnectionEdgesTest, AConnectionMadeAfterPassingOverAClosingPoolerIsNotBroken) {
-  AnswersOnlyTheStartup pooler_of_a_dead_server(/*close_on_statement=*/true);
-  const std::string conninfo =
-      "host=127.0.0.1,127.0.0.1 port=" + std::to_string(pooler_of_a_dead_server.port()) + "," +
-      std::to_string(cluster().port()) +
-      " user=postgres dbname=postgres sslmode=disable gssencmode=disable";
-  run_coroutine([&]() -> awaitable_void {
-    ConnectOptions two_hosts{.conninfo = conninfo, .connect_timeout = 4s};
-    try {
-      auto conn = co_await Connection::connect(two_hosts);
-      EXPECT_EQ((co_await conn.query("SELECT inet_server_port()")).scalar<int>(), cluster().port());
-      EXPECT_FALSE(conn.is_broken()) << "a fresh, healthy connection reports itself broken";
-    } catch (const Error& error) {
-      ADD_FAILURE() << "the second host was not reached: " << error.what();
-    }
-  });
+  expect_a_healthy_connection_past(AnswersOnlyTheStartup::OnStatement::close);
 }
 
 // The pool's view of it: with an on_connect hook (after which the pool checks is_broken()), a
 // connect that passed over the closing host serves from the healthy second host.
 TEST_F(ConnectionEdgesTest, APoolWithOnConnectServesFromTheSecondHost) {
-  AnswersOnlyTheStartup pooler_of_a_dead_server(/*close_on_statement=*/true);
+  AnswersOnlyTheStartup pooler_of_a_dead_server(AnswersOnlyTheStartup::OnStatement::close);
   PoolConfig pool_config;
-  pool_config.conninfo =
-      "host=127.0.0.1,127.0.0.1 port=" + std::to_string(pooler_of_a_dead_server.port()) + "," +
-      std::to_string(cluster().port()) +
-      " user=postgres dbname=postgres sslmode=disable gssencmode=disable";
+  pool_config.conninfo = two_hosts_conninfo(pooler_of_a_dead_server.port());
   pool_config.max_size = 1;
   pool_config.application = "pgrt-edges";
   pool_config.instance = "silent-first-host";
@@ -552,49 +626,26 @@ TEST(BackendEndBound, TheBoundDoesNotOverflowForSettingsTheServerAccepts) {
 // waiter that queued meanwhile gets the cut connection and its first statement fails.
 TEST_F(ConnectionEdgesTest, AKeepalivePingCutAtItsDeadlineNeverHandsOutItsConnection) {
   if (::geteuid() != 0) GTEST_SKIP() << "needs to signal the server's backend";
-  PoolConfig pool_config;
-  pool_config.conninfo = cluster().dsn();
-  pool_config.max_size = 1;
-  pool_config.application = "pgrt-edges";
-  pool_config.instance = "cut-ping";
+  PoolConfig pool_config = one_connection_cut_at_a_second("cut-ping");
   pool_config.keepalive_interval = 200ms;
-  pool_config.connect.connect_timeout = 1s;
-  pool_config.connect.cancel_timeout = 5s;
-  pool_config.acquire_timeout = 10s;
-  int pid = 0;
-  std::thread resumer;
+  std::optional<StoppedBackend> stopped;
   run_coroutine([&]() -> awaitable_void {
     auto executor = co_await asio::this_coro::executor;
     Pool pool(executor, pool_config);
+    int pid = 0;
     {
       auto lease = co_await pool.acquire();
       (void)co_await lease->query("SELECT 1");
       pid = lease->backend_pid();
     }
-    ::kill(pid, SIGSTOP);  // idle: the next keepalive ping gets no answer
-    // Resume it after the ping's deadline (ping starts within ~200 ms, cut 1 s later), well
-    // before cancel_timeout's hard cut.
-    resumer = std::thread([pid] {
-      std::this_thread::sleep_for(1700ms);
-      ::kill(pid, SIGCONT);
-    });
+    // Idle: the next keepalive ping gets no answer. Resumed after the ping's deadline (the ping
+    // starts within ~200 ms, cut 1 s later), well before cancel_timeout's hard cut.
+    stopped.emplace(pid, 1700ms);
     asio::steady_timer pause(executor, 600ms);  // the ping is in flight now
     co_await pause.async_wait(asio::use_awaitable);
-    try {
-      auto lease = co_await pool.acquire();
-      EXPECT_FALSE(lease->is_broken()) << "the pool handed out a connection it had cut";
-      try {
-        EXPECT_EQ((co_await lease->query("SELECT 1")).scalar<int>(), 1);
-      } catch (const Error& error) {
-        ADD_FAILURE() << "the handed-out connection's first statement failed: " << error.what();
-      }
-    } catch (const Error& error) {
-      ADD_FAILURE() << "acquire failed: " << error.what();
-    }
+    co_await expect_a_working_lease(pool);
     (void)co_await pool.close(2s);
   });
-  if (resumer.joinable()) resumer.join();
-  if (pid != 0) ::kill(pid, SIGCONT);
 }
 
 // The same through reset(): a lease returned inside a transaction gets a background ROLLBACK,
@@ -604,45 +655,19 @@ TEST_F(ConnectionEdgesTest, AKeepalivePingCutAtItsDeadlineNeverHandsOutItsConnec
 // connect.connect_timeout, and the connection discarded").
 TEST_F(ConnectionEdgesTest, AResetRollbackCutAtItsDeadlineNeverHandsOutItsConnection) {
   if (::geteuid() != 0) GTEST_SKIP() << "needs to signal the server's backend";
-  PoolConfig pool_config;
-  pool_config.conninfo = cluster().dsn();
-  pool_config.max_size = 1;
-  pool_config.application = "pgrt-edges";
-  pool_config.instance = "cut-rollback";
-  pool_config.connect.connect_timeout = 1s;
-  pool_config.connect.cancel_timeout = 5s;
-  pool_config.acquire_timeout = 10s;
-  int pid = 0;
-  std::thread resumer;
+  const PoolConfig pool_config = one_connection_cut_at_a_second("cut-rollback");
+  std::optional<StoppedBackend> stopped;
   run_coroutine([&]() -> awaitable_void {
-    auto executor = co_await asio::this_coro::executor;
-    Pool pool(executor, pool_config);
+    Pool pool(co_await asio::this_coro::executor, pool_config);
     {
       auto lease = co_await pool.acquire();
       co_await lease->begin();
       (void)co_await lease->query("SELECT 1");
-      pid = lease->backend_pid();
-      ::kill(pid, SIGSTOP);  // the ROLLBACK of the return gets no answer
+      stopped.emplace(lease->backend_pid(), 1500ms);  // the ROLLBACK of the return: no answer
     }
-    resumer = std::thread([pid] {
-      std::this_thread::sleep_for(1500ms);
-      ::kill(pid, SIGCONT);
-    });
-    try {
-      auto lease = co_await pool.acquire();  // waits for the reset
-      EXPECT_FALSE(lease->is_broken()) << "the pool handed out a connection it had cut";
-      try {
-        EXPECT_EQ((co_await lease->query("SELECT 1")).scalar<int>(), 1);
-      } catch (const Error& error) {
-        ADD_FAILURE() << "the handed-out connection's first statement failed: " << error.what();
-      }
-    } catch (const Error& error) {
-      ADD_FAILURE() << "acquire failed: " << error.what();
-    }
+    co_await expect_a_working_lease(pool);  // (waits for the reset)
     (void)co_await pool.close(2s);
   });
-  if (resumer.joinable()) resumer.join();
-  if (pid != 0) ::kill(pid, SIGCONT);
 }
 
 // A pooler in front of a dead server that gives up on the first statement with an ERROR and keeps
@@ -650,122 +675,9 @@ TEST_F(ConnectionEdgesTest, AResetRollbackCutAtItsDeadlineNeverHandsOutItsConnec
 // pool") is passed over while another host is left to try (the last one is taken as it is, as a
 // pooler noticed): the healthy second host is reached.
 TEST_F(ConnectionEdgesTest, AHostThatRefusesTheFirstStatementIsPassedOver) {
-  const int listener = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ASSERT_EQ(::bind(listener, reinterpret_cast<sockaddr*>(&address), sizeof address), 0);
-  ASSERT_EQ(::listen(listener, 16), 0);
-  socklen_t length = sizeof address;
-  ::getsockname(listener, reinterpret_cast<sockaddr*>(&address), &length);
-  const int fake_port = ntohs(address.sin_port);
-  std::atomic<bool> stop{false};
-  std::vector<int> clients;
-  std::thread server([&] {
-    const auto read_exactly = [](int fd, char* out, std::size_t size) {
-      while (size > 0) {
-        const ssize_t got = ::recv(fd, out, size, 0);
-        if (got <= 0) return false;
-        out += got;
-        size -= static_cast<std::size_t>(got);
-      }
-      return true;
-    };
-    const auto put_int32 = [](std::string& out, std::uint32_t value) {
-      const std::uint32_t net = htonl(value);
-      out.append(reinterpret_cast<const char*>(&net), 4);
-    };
-    const auto message = [&](std::string& out, char type, const std::string& body) {
-      out += type;
-      put_int32(out, static_cast<std::uint32_t>(body.size() + 4));
-      out += body;
-    };
-    while (!stop) {
-      pollfd waiting{.fd = listener, .events = POLLIN, .revents = 0};
-      if (::poll(&waiting, 1, 50) <= 0) continue;
-      const int fd = ::accept(listener, nullptr, nullptr);
-      if (fd < 0) continue;
-      clients.push_back(fd);
-      // Start-up (refusing SSL/GSS requests).
-      bool ok = true;
-      for (;;) {
-        char header[4];
-        if (!read_exactly(fd, header, 4)) {
-          ok = false;
-          break;
-        }
-        std::uint32_t size = 0;
-        std::memcpy(&size, header, 4);
-        size = ntohl(size);
-        if (size < 8 || size > 10000) {
-          ok = false;
-          break;
-        }
-        std::string body(size - 4, '\0');
-        if (!read_exactly(fd, body.data(), body.size())) {
-          ok = false;
-          break;
-        }
-        std::uint32_t code = 0;
-        std::memcpy(&code, body.data(), 4);
-        code = ntohl(code);
-        if (code == 80877103 || code == 80877104) {
-          (void)::send(fd, "N", 1, MSG_NOSIGNAL);
-          continue;
-        }
-        break;
-      }
-      if (!ok) continue;
-      std::string reply;
-      std::string auth_ok;
-      put_int32(auth_ok, 0);
-      message(reply, 'R', auth_ok);
-      for (const auto& [name, value] : std::vector<std::pair<std::string, std::string>>{
-               {"server_version", "15.0"},
-               {"server_encoding", "UTF8"},
-               {"client_encoding", "UTF8"},
-               {"DateStyle", "ISO, MDY"},
-               {"integer_datetimes", "on"},
-               {"standard_conforming_strings", "on"},
-               {"TimeZone", "UTC"},
-               {"in_hot_standby", "off"},
-               {"default_transaction_read_only", "off"}}) {
-        message(reply, 'S', name + '\0' + value + '\0');
-      }
-      std::string key;
-      put_int32(key, 4242);
-      put_int32(key, 1234);
-      message(reply, 'K', key);
-      message(reply, 'Z', "I");
-      (void)::send(fd, reply.data(), reply.size(), MSG_NOSIGNAL);
-      // The first statement (extended protocol, up to its Sync): an ERROR, and ready for more.
-      for (;;) {
-        char header[5];
-        if (!read_exactly(fd, header, 5)) break;
-        std::uint32_t size = 0;
-        std::memcpy(&size, header + 1, 4);
-        size = ntohl(size);
-        std::string body(size - 4, '\0');
-        if (!read_exactly(fd, body.data(), body.size())) break;
-        if (header[0] != 'S' && header[0] != 'Q') continue;
-        std::string error;
-        for (const char* field :
-             {"SERROR", "VERROR", "C08006", "Mcould not get connection from the pool"}) {
-          error += field;
-          error += '\0';
-        }
-        error += '\0';
-        std::string answer;
-        message(answer, 'E', error);
-        message(answer, 'Z', "I");
-        (void)::send(fd, answer.data(), answer.size(), MSG_NOSIGNAL);
-        break;  // then nothing more: the connection stays open
-      }
-    }
-  });
-  const std::string conninfo = "host=127.0.0.1,127.0.0.1 port=" + std::to_string(fake_port) + "," +
-                               std::to_string(cluster().port()) +
-                               " user=postgres dbname=postgres sslmode=disable gssencmode=disable";
+  AnswersOnlyTheStartup refusing_pooler(AnswersOnlyTheStartup::OnStatement::refuse);
+  const int fake_port = refusing_pooler.port();
+  const std::string conninfo = two_hosts_conninfo(fake_port);
   run_coroutine([&]() -> awaitable_void {
     ConnectOptions two_hosts{.conninfo = conninfo, .connect_timeout = 4s};
     try {
@@ -778,10 +690,7 @@ TEST_F(ConnectionEdgesTest, AHostThatRefusesTheFirstStatementIsPassedOver) {
       ADD_FAILURE() << "the second host was not reached: " << error.what();
     }
   });
-  stop = true;
-  server.join();
-  for (const int fd : clients) ::close(fd);
-  ::close(listener);
+  EXPECT_EQ(refusing_pooler.started_up(), 1);
 }
 
 }  // namespace
