@@ -110,6 +110,24 @@ struct LockDirectory {
 
 LockDirectory open_private_subdirectory(int shared_fd, const std::filesystem::path& shared);
 
+// Why the directory open as `fd` (`status`: its fstat) cannot hold the lock file, or "" when it
+// can: it must be this user's. This user's own directory that others may write into (made under a
+// loose umask, or re-moded since) is made private again: what others may have put in it is
+// harmless, as the lock file is opened without following links and checked.
+std::string make_private(int fd, const struct stat& status) {
+  if (status.st_uid != ::geteuid()) {
+    return "it belongs to uid " + std::to_string(status.st_uid) + ", not to this user (uid " +
+           std::to_string(::geteuid()) + ")";
+  }
+  if ((status.st_mode & (S_IWGRP | S_IWOTH)) != 0 && ::fchmod(fd, 0700) != 0) {
+    char mode[8];
+    std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(status.st_mode & 07777));
+    return std::string("other users may write into it (mode ") + mode +
+           ") and it cannot be made private (" + std::strerror(errno) + ")";
+  }
+  return {};
+}
+
 // The lock directory, created with mode 0700 if it is missing, as an O_DIRECTORY descriptor. It
 // must be a directory itself (not a symbolic link), owned by this user and writable by nobody else:
 // a directory under /tmp can have been made in advance by another user. A shared directory (world-
@@ -140,19 +158,7 @@ LockDirectory open_lock_directory(const std::filesystem::path& directory) {
   if ((status.st_mode & S_ISVTX) != 0 && (status.st_mode & (S_IWGRP | S_IWOTH)) != 0) {
     return open_private_subdirectory(fd, directory);
   }
-  std::string why;
-  if (status.st_uid != ::geteuid()) {
-    why = "it belongs to uid " + std::to_string(status.st_uid) + ", not to this user (uid " +
-          std::to_string(::geteuid()) + ")";
-  } else if ((status.st_mode & (S_IWGRP | S_IWOTH)) != 0 && ::fchmod(fd, 0700) != 0) {
-    // This user's own directory, made under a loose umask: made private again (what others may
-    // have put in it is harmless: the lock file is opened without following links and checked).
-    char mode[8];
-    std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(status.st_mode & 07777));
-    why = std::string("other users may write into it (mode ") + mode +
-          ") and it cannot be made private (" + std::strerror(errno) + ")";
-  }
-  if (!why.empty()) {
+  if (const std::string why = make_private(fd, status); !why.empty()) {
     ::close(fd);
     refuse_directory(directory, why);
   }
@@ -180,15 +186,9 @@ LockDirectory open_private_subdirectory(int shared_fd, const std::filesystem::pa
                             "cannot open the instance lock directory " + directory.string());
   }
   struct stat status {};
-  std::string why;
-  if (::fstat(fd, &status) != 0) {
-    why = std::string("fstat failed (") + std::strerror(errno) + ")";
-  } else if (status.st_uid != ::geteuid()) {
-    why = "it belongs to uid " + std::to_string(status.st_uid) + ", not to this user (uid " +
-          std::to_string(::geteuid()) + ")";
-  } else if ((status.st_mode & (S_IWGRP | S_IWOTH)) != 0) {
-    why = "other users may write into it";
-  }
+  const std::string why = ::fstat(fd, &status) != 0
+                              ? std::string("fstat failed (") + std::strerror(errno) + ")"
+                              : make_private(fd, status);
   if (!why.empty()) {
     ::close(fd);
     refuse_directory(directory, why);

@@ -470,6 +470,35 @@ TEST_F(InstanceLockTest, ASharedStickyDirectoryKeepsItsModeAndTheLockGoesIntoAPr
   EXPECT_FALSE(std::filesystem::exists(elsewhere / "app.one.lock"));
 }
 
+// This user's own pgrt-<uid> inside a shared directory, that others may write into (made by hand,
+// or by something under a loose umask): made private again and used, as a lock directory of this
+// user's own is; only another user's is refused.
+TEST_F(InstanceLockTest, ALooseOwnDirectoryInsideASharedOneIsMadePrivateAgainAndUsed) {
+  const auto shared = directory_ / "shared";
+  std::filesystem::create_directories(shared);
+  ASSERT_EQ(::chmod(shared.c_str(), 01777), 0);
+  const auto own = shared / ("pgrt-" + std::to_string(::geteuid()));
+  std::filesystem::create_directory(own);
+  ASSERT_EQ(::chmod(own.c_str(), 0777), 0);
+  InstanceLockOptions in_shared = options();
+  in_shared.directory = shared;
+  EXPECT_NO_THROW((void)InstanceLock::acquire(in_shared));
+  struct stat status {};
+  ASSERT_EQ(::stat(own.c_str(), &status), 0);
+  EXPECT_EQ(status.st_mode & 07777, 0700u);
+  EXPECT_TRUE(std::filesystem::exists(own / "app.one.lock"));
+
+  if (::geteuid() == 0) {  // only root can give a directory away
+    ASSERT_EQ(::chown(own.c_str(), 65534, 65534), 0);
+    try {
+      (void)InstanceLock::acquire(in_shared);
+      ADD_FAILURE() << "used another user's directory";
+    } catch (const std::system_error& error) {
+      EXPECT_THAT(error.what(), HasSubstr("it belongs to uid 65534"));
+    }
+  }
+}
+
 TEST_F(InstanceLockTest, ALockFileThatIsALinkIsNeverWrittenThrough) {
   std::filesystem::create_directory(directory_);
   ::chmod(directory_.c_str(), 0700);
