@@ -1943,6 +1943,46 @@ TEST_F(PoolTest, BeforeHandoutRefusesAConnectionAndTheAcquireGetsAnother) {
   EXPECT_EQ(reasons[0], DiscardReason::rejected);
 }
 
+// Every `acquired` event is followed by one `released` (pool.md: the Lease owns the connection
+// before `acquired` goes out), also for a Lease whose connection a check before handout refused:
+// subscribers that count leases out as acquired - released do not drift, whether the acquire got
+// another connection or failed at its deadline.
+TEST_F(PoolTest, ARefusedCheckBeforeHandoutEndsItsLeaseWithReleased) {
+  auto pool_config = config("refused-released", 2);
+  pool_config.acquire_timeout = 2s;
+  std::atomic<int> refuse{1};  // how many checks say no from now on
+  pool_config.before_handout = [&refuse](Connection&) -> asio::awaitable<bool> {
+    co_return refuse.fetch_sub(1) <= 0;
+  };
+  int acquired = 0;
+  int released = 0;
+  run_coroutine([&]() -> awaitable_void {
+    Pool pool(co_await asio::this_coro::executor, pool_config);
+    boost::signals2::scoped_connection on_acquired =
+        pool.events().acquired.connect([&](const std::source_location&) { ++acquired; });
+    boost::signals2::scoped_connection on_released =
+        pool.events().released.connect([&] { ++released; });
+    {
+      auto lease = co_await pool.acquire();  // the first connection is refused, the next taken
+      EXPECT_EQ((co_await lease->query("SELECT 1")).scalar<int>(), 1);
+      EXPECT_EQ(acquired - released, 1) << acquired << " acquired, " << released << " released";
+    }
+    EXPECT_EQ(acquired, released) << "with the lease given back";
+    refuse = 1000;  // every check says no: the acquire fails at its deadline
+    pool_config.acquire_timeout = 300ms;
+    Pool refusing(co_await asio::this_coro::executor, pool_config);
+    boost::signals2::scoped_connection on_acquired_too =
+        refusing.events().acquired.connect([&](const std::source_location&) { ++acquired; });
+    boost::signals2::scoped_connection on_released_too =
+        refusing.events().released.connect([&] { ++released; });
+    const auto error = co_await testing::expect_error(refusing.acquire());
+    EXPECT_EQ(error.code(), client_errc::pool_timeout) << error.what();
+    EXPECT_EQ(refusing.stats().in_use, 0U);
+    EXPECT_GE(acquired, 3) << "the refusing pool's checks ran";
+    EXPECT_EQ(acquired, released) << "after an acquire whose every connection was refused";
+  });
+}
+
 // The hooks are bounded by their deadlines even when they wait on something other than the
 // connection (a call to another service): before_handout by the acquire's, on_connect by
 // connect_timeout. A hook past its deadline is cancelled; its connection is never handed out; and

@@ -1237,6 +1237,8 @@ void PoolState::refuse(Lease lease, DiscardReason reason) noexcept {
   try {
     Deferred deferred;
     std::lock_guard lock(mutex);
+    // The Lease ends here, as any other does: its `acquired` went out when it took the connection.
+    if (events.released.ever_connected()) deferred.add([this] { emit(events.released); });
     if (node->state != pool::NodeState::leased) {  // before_handout closed it itself
       core.lease_dropped_after_close(*node);
       return;
