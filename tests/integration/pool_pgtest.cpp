@@ -1943,6 +1943,24 @@ TEST_F(PoolTest, BeforeHandoutRefusesAConnectionAndTheAcquireGetsAnother) {
   EXPECT_EQ(reasons[0], DiscardReason::rejected);
 }
 
+// Pool::close() names each lease still out, "held for N ms": never a negative age. A waiter
+// served as its connection comes up has its lease start read off steady_clock, which the coarse
+// clock (a kernel tick behind at most) read by a close right after it put in the future.
+TEST_F(PoolTest, CloseNeverReportsALeaseHeldForANegativeTime) {
+  auto pool_config = config("held-for", 1);
+  run_coroutine([&]() -> awaitable_void {
+    for (int round = 0; round < 20; ++round) {
+      Pool pool(co_await asio::this_coro::executor, pool_config);
+      auto lease = co_await pool.acquire();  // waits for the connect, served as it completes
+      const std::vector<std::string> outstanding = co_await pool.close(0ms);
+      EXPECT_EQ(outstanding.size(), 1U);
+      for (const std::string& held : outstanding) {
+        EXPECT_THAT(held, Not(HasSubstr("held for -"))) << "round " << round;
+      }
+    }
+  });
+}
+
 // Every `acquired` event is followed by one `released` (pool.md: the Lease owns the connection
 // before `acquired` goes out), also for a Lease whose connection a check before handout refused:
 // subscribers that count leases out as acquired - released do not drift, whether the acquire got

@@ -119,7 +119,9 @@ asio::awaitable<std::vector<std::string>> PoolState::close(std::shared_ptr<PoolS
   // the multiplexer past the pool's io_context (its answer came during the close). (Its lock is
   // taken under ours, never the reverse.)
   if (released) released->release_io();
-  const auto now = coarse_now();
+  // The precise clock: a lease's start may be a steady_clock reading (a waiter served as its
+  // connection came up), which the coarse clock, up to a tick behind, would put in the future.
+  const auto now = Clock::now();
   // What is still out after the grace period is cut: a running statement is cancelled and the
   // socket shut down, so the server ends those backends now and their holders get
   // connection_lost. The descriptors are freed when the leases come back.
