@@ -1,4 +1,5 @@
 #include <atomic>
+#include <boost/json/src.hpp>  // header-only Boost.JSON, compiled into this test
 #include <chrono>
 #include <cstdlib>
 #include <functional>
@@ -659,6 +660,97 @@ TEST(PoolStatsTest, JsonHasEveryFieldAndEscapesTheMessage) {
   EXPECT_THAT(json, HasSubstr("\"last_connect_error\":\"FATAL: \\\"x\\\" next\""));
   EXPECT_EQ(json.front(), '{');
   EXPECT_EQ(json.back(), '}');
+}
+
+// to_json() is the snapshot "as one JSON object": every stat of PoolStats is in it (the wait that
+// is going on now, the leases past the leak threshold, min_idle, the discards by reason, the four
+// histograms and the last connect error's code, which budget.md names, were left out), and it
+// parses as JSON whatever bytes the last connect error holds (a server's message in LATIN1 is not
+// UTF-8).
+TEST(PoolStatsTest, JsonHoldsEveryStatAndParsesWhateverTheMessageHolds) {
+  PoolStats stats;
+  stats.longest_wait = std::chrono::microseconds(2500);
+  stats.leases_past_leak_threshold = 2;
+  stats.min_idle = 1;
+  stats.discarded_by_reason[static_cast<std::size_t>(DiscardReason::rejected)] = 3;
+  stats.wait_time.record(std::chrono::microseconds(300));
+  stats.use_time.record(std::chrono::milliseconds(20));
+  stats.create_time.record(std::chrono::milliseconds(4));
+  stats.operation_time.record(std::chrono::seconds(11));
+  stats.last_connect_error =
+      "FATAL:  Passwort-Authentifizierung f\xfcr Benutzer \xc2\xbb"
+      "app\xc2\xab fehlgeschlagen";  // LATIN1 'ü', then UTF-8 quotes
+  stats.last_connect_error_code = make_error_code(client_errc::connect_failed);
+  const std::string json = stats.to_json();
+  boost::system::error_code error;
+  const boost::json::value parsed = boost::json::parse(json, error);
+  ASSERT_FALSE(error) << error.message() << ": " << json;
+  ASSERT_TRUE(parsed.is_object()) << json;
+  const boost::json::object& object = parsed.as_object();
+  for (const char* key : {"max",
+                          "size",
+                          "idle",
+                          "in_use",
+                          "connecting",
+                          "closing",
+                          "resetting",
+                          "pinging",
+                          "shared_queued",
+                          "shared_in_flight",
+                          "shared_connections",
+                          "waiting_normal",
+                          "waiting_high",
+                          "acquired",
+                          "timeouts",
+                          "cancellations",
+                          "connect_attempts",
+                          "connect_errors",
+                          "discarded",
+                          "leaks_suspected",
+                          "wait_p50_us",
+                          "wait_p99_us",
+                          "wait_max_us",
+                          "longest_wait_us",
+                          "leases_past_leak_threshold",
+                          "min_idle",
+                          "discarded_by_reason",
+                          "wait_time",
+                          "use_time",
+                          "create_time",
+                          "operation_time",
+                          "consecutive_connect_failures",
+                          "connect_backoff_ms",
+                          "last_connect_error",
+                          "last_connect_error_code",
+                          "budget_probes",
+                          "budget_probes_without_slot",
+                          "budget_slot_waits",
+                          "consumers"}) {
+    EXPECT_TRUE(object.contains(key)) << key << " is missing from " << json;
+  }
+  if (!object.contains("discarded_by_reason") || !object.contains("operation_time") ||
+      !object.contains("last_connect_error_code")) {
+    return;
+  }
+  EXPECT_EQ(object.at("longest_wait_us").as_int64(), 2500);
+  EXPECT_EQ(object.at("leases_past_leak_threshold").as_int64(), 2);
+  EXPECT_EQ(object.at("min_idle").as_int64(), 1);
+  const auto& by_reason = object.at("discarded_by_reason").as_object();
+  EXPECT_EQ(by_reason.size(), discard_reason_count);
+  EXPECT_EQ(by_reason.at("rejected").as_int64(), 3);
+  EXPECT_EQ(by_reason.at("broken").as_int64(), 0);
+  EXPECT_EQ(object.at("wait_time").at("count").as_int64(), 1);
+  EXPECT_EQ(object.at("wait_time").at("sum_ns").as_int64(), 300'000);
+  const auto& counts = object.at("operation_time").at("counts").as_array();
+  ASSERT_EQ(counts.size(), DurationHistogram{}.counts.size());
+  EXPECT_EQ(counts.back().as_int64(), 1) << "11 s is above the last bound";
+  EXPECT_EQ(object.at("last_connect_error_code").at("category").as_string(), "pgrt.client");
+  EXPECT_EQ(object.at("last_connect_error_code").at("message").as_string(),
+            "could not connect to the server");
+  EXPECT_EQ(object.at("last_connect_error").as_string(),
+            "FATAL:  Passwort-Authentifizierung f\xef\xbf\xbdr Benutzer \xc2\xbb"
+            "app\xc2\xab fehlgeschlagen");
+  EXPECT_TRUE(boost::json::parse(PoolStats{}.to_json()).at("last_connect_error_code").is_null());
 }
 
 // pgrt::query() on one thread while another closes the process-wide pool (whose Pool object goes

@@ -48,22 +48,53 @@ std::string_view to_string(ResetPolicy policy) noexcept {
 }
 
 std::string PoolStats::to_json() const {
-  const auto quoted = [](const std::string& text) {
+  // A string as JSON: quotes and backslashes escaped, control characters as spaces, and bytes
+  // that are not UTF-8 (a server's message in its own encoding, LATIN1 say) as U+FFFD, so that
+  // the object stays valid JSON whatever the message holds.
+  const auto quoted = [](std::string_view text) {
     std::string escaped = "\"";
-    for (char c : text) {
-      if (c == '"' || c == '\\') {
-        escaped += '\\';
-        escaped += c;
-      } else if (static_cast<unsigned char>(c) < 0x20) {
-        escaped += ' ';
+    for (std::size_t at = 0; at < text.size();) {
+      const auto c = static_cast<unsigned char>(text[at]);
+      if (c < 0x80) {
+        if (c == '"' || c == '\\') escaped += '\\';
+        escaped += c < 0x20 ? ' ' : static_cast<char>(c);
+        ++at;
+        continue;
+      }
+      // The length of a well-formed sequence starting here (RFC 3629), 0 for none.
+      const std::size_t length = c >= 0xC2 && c <= 0xDF   ? 2
+                                 : c >= 0xE0 && c <= 0xEF ? 3
+                                 : c >= 0xF0 && c <= 0xF4 ? 4
+                                                          : 0;
+      bool valid = length != 0 && at + length <= text.size();
+      for (std::size_t i = 1; valid && i < length; ++i) {
+        valid = (static_cast<unsigned char>(text[at + i]) & 0xC0U) == 0x80U;
+      }
+      if (valid) {  // no overlong form, surrogate, or code point past U+10FFFF
+        const auto second = static_cast<unsigned char>(text[at + 1]);
+        valid = !(c == 0xE0 && second < 0xA0) && !(c == 0xED && second > 0x9F) &&
+                !(c == 0xF0 && second < 0x90) && !(c == 0xF4 && second > 0x8F);
+      }
+      if (valid) {
+        escaped.append(text.substr(at, length));
+        at += length;
       } else {
-        escaped += c;
+        escaped += "\\ufffd";
+        ++at;
       }
     }
     return escaped + "\"";
   };
   auto field = [](const char* name, auto value) {
     return std::string("\"") + name + "\":" + std::to_string(value);
+  };
+  const auto histogram = [&field](const char* name, const DurationHistogram& times) {
+    std::string counts;
+    for (std::uint64_t count : times.counts) {
+      counts += (counts.empty() ? "" : ",") + std::to_string(count);
+    }
+    return std::string("\"") + name + "\":{" + field("count", times.count) + "," +
+           field("sum_ns", times.sum.count()) + ",\"counts\":[" + counts + "]}";
   };
   std::string consumer_list;
   for (const Consumer& consumer : consumers) {
@@ -72,6 +103,18 @@ std::string PoolStats::to_json() const {
                      "," + field("waiting", consumer.waiting) + "," + field("min", consumer.min) +
                      "," + field("max", consumer.max) + "," + field("share", consumer.share) + "}";
   }
+  std::string by_reason;
+  for (std::size_t reason = 0; reason < discard_reason_count; ++reason) {
+    by_reason += std::string(by_reason.empty() ? "" : ",") +
+                 quoted(to_string(static_cast<DiscardReason>(reason))) + ":" +
+                 std::to_string(discarded_by_reason[reason]);
+  }
+  const std::string error_code =
+      last_connect_error_code
+          ? "{\"category\":" + quoted(last_connect_error_code.category().name()) + "," +
+                field("value", last_connect_error_code.value()) +
+                ",\"message\":" + quoted(last_connect_error_code.message()) + "}"
+          : "null";
   return "{" + field("max", max) + "," + field("size", size) + "," + field("idle", idle) + "," +
          field("in_use", in_use) + "," + field("connecting", connecting) + "," +
          field("closing", closing) + "," + field("resetting", resetting) + "," +
@@ -85,12 +128,18 @@ std::string PoolStats::to_json() const {
          field("leaks_suspected", leaks_suspected) + "," + field("wait_p50_us", wait_p50.count()) +
          "," + field("wait_p99_us", wait_p99.count()) + "," +
          field("wait_max_us", wait_max.count()) + "," +
-         field("consecutive_connect_failures", consecutive_connect_failures) + "," +
+         field("longest_wait_us", longest_wait.count()) + "," +
+         field("leases_past_leak_threshold", leases_past_leak_threshold) + "," +
+         field("min_idle", min_idle) + ",\"discarded_by_reason\":{" + by_reason + "}," +
+         histogram("wait_time", wait_time) + "," + histogram("use_time", use_time) + "," +
+         histogram("create_time", create_time) + "," + histogram("operation_time", operation_time) +
+         "," + field("consecutive_connect_failures", consecutive_connect_failures) + "," +
          field("connect_backoff_ms", connect_backoff.count()) + "," +
          field("budget_probes", budget_probes) + "," +
          field("budget_probes_without_slot", budget_probes_without_slot) + "," +
          field("budget_slot_waits", budget_slot_waits) + ",\"consumers\":[" + consumer_list +
-         "],\"last_connect_error\":" + quoted(last_connect_error) + "}";
+         "],\"last_connect_error\":" + quoted(last_connect_error) +
+         ",\"last_connect_error_code\":" + error_code + "}";
 }
 
 // --- Pool ----------------------------------------------------------------------------------------
