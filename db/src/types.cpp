@@ -4,6 +4,7 @@
 #include <charconv>
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 #include "pgrt/db/error.hpp"
 
@@ -81,6 +82,22 @@ void ParamSink::append(std::string_view bytes, Oid type, int format, bool is_nul
                                             "nothing was sent",
                                  .hint = "send the values as one array parameter ($1::int8[] with "
                                          "unnest()), or in several statements, or by COPY"});
+  }
+  // libpq takes each value's length as an int: a longer value would go out with a length cut
+  // to its low 32 bits (negative, or a few bytes of it, without a word). Refused, and nothing
+  // copied; the parameters keep their count and positions.
+  if (bytes.size() > static_cast<std::size_t>(std::numeric_limits<int>::max())) {
+    if (!failure_) {
+      failure_.emplace(
+          make_error_code(client_errc::conversion),
+          Diagnostics{.message = "parameter $" + std::to_string(types_.size() + 1) + " is " +
+                                 std::to_string(bytes.size()) +
+                                 " bytes, more than libpq can send in one value (2147483647); "
+                                 "nothing was sent",
+                      .hint = "PostgreSQL keeps at most 1 GB in one field: send the data in "
+                              "parts (several rows, COPY, or a large object)"});
+    }
+    bytes = {};
   }
   offsets_.push_back(storage_.size());
   storage_.append(bytes);

@@ -2,6 +2,9 @@
 #include <cmath>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <limits>
+#include <span>
+#include <sys/mman.h>
 
 #include <pgrt/db/copy.hpp>
 #include <pgrt/db/error.hpp>
@@ -70,6 +73,34 @@ TEST(Codec, AStringWithANulByteIsRefusedNotCutShort) {
   pipeline.add("SELECT $1", std::string("a"));
   EXPECT_THROW(pipeline.add("SELECT $1", std::string_view("\0", 1)), Error);
   EXPECT_EQ(pipeline.size(), 1U);
+}
+
+// libpq takes a value's length as an int: a value of 2^31 bytes or more would be sent with its
+// length cut to 32 bits (negative here; 2^32 + 5 bytes would go out as 5 bytes). It is refused
+// before anything is sent, and not copied. (The value is a reserved, untouched mapping: no memory
+// is used unless something reads it.)
+TEST(Codec, AValueLongerThanLibpqCanSendIsRefusedNotCutShort) {
+  const std::size_t too_long = static_cast<std::size_t>(std::numeric_limits<int>::max()) + 1;
+  void* mapped =
+      ::mmap(nullptr, too_long, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  ASSERT_NE(mapped, MAP_FAILED);
+  {
+    ParamSink sink;
+    sink.text("first");
+    sink.binary(std::span(static_cast<const std::byte*>(mapped), too_long), oid::bytea);
+    sink.text("third");
+    EXPECT_TRUE(sink.failed()) << "sent with length " << sink.lengths()[1];
+    EXPECT_EQ(sink.size(), 3U);  // the positions stay
+    try {
+      sink.check();
+      ADD_FAILURE() << "a value of 2^31 bytes was accepted";
+    } catch (const Error& error) {
+      EXPECT_EQ(error.code(), client_errc::conversion);
+      EXPECT_THAT(error.what(), HasSubstr("parameter $2 is 2147483648 bytes, more than libpq "
+                                          "can send in one value"));
+    }
+  }
+  ::munmap(mapped, too_long);
 }
 
 TEST(Codec, IntegersDecodeWithRangeAndTypeChecks) {

@@ -73,8 +73,9 @@ class ParamSink {
   /// can hold one; send binary data as Bytes): the sink is then failed() and check() throws
   /// Error(client_errc::conversion), which the statement's co_await does, sending nothing.
   void text(std::string_view value, Oid type = oid::unspecified);
-  /// Whether a value could not be encoded (see text()), or more than 65535 parameters (the
-  /// protocol's limit) were appended.
+  /// Whether a value could not be encoded (see text()), one was longer than the 2147483647 bytes
+  /// libpq can send (its lengths are ints), or more than 65535 parameters (the protocol's limit)
+  /// were appended.
   [[nodiscard]] bool failed() const noexcept { return failure_.has_value(); }
   /// Throws the first encoding failure, if any: client_errc::conversion, saying which parameter.
   void check() const;
