@@ -613,6 +613,39 @@ TEST_F(ConnectionTest, ConnectOptionsReachTheServerAndTheSocket) {
   });
 }
 
+// A TCP keepalive setting or tcp_user_timeout the conninfo gives itself is the one the socket
+// gets: pgrt's own (ConnectOptions' defaults, or the pool's guards) fill in only those the conninfo
+// leaves out (before, pgrt's were sent after the conninfo, and libpq kept the last given).
+TEST_F(ConnectionTest, KeepalivesAndTcpUserTimeoutInTheConninfoWinOverPgrtsOwn) {
+  run_coroutine([]() -> awaitable_void {
+    ConnectOptions options{
+        .conninfo = "postgresql://postgres@127.0.0.1:" + std::to_string(cluster().port()) +
+                    "/postgres?keepalives_idle=5&tcp_user_timeout=9000",
+        .tcp_user_timeout = 7000ms,
+    };
+    auto conn = co_await Connection::connect(std::move(options));
+    const int fd = PQsocket(conn.native_handle());
+    int value = 0;
+    socklen_t size = sizeof value;
+    EXPECT_EQ(getsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &value, &size), 0);
+    EXPECT_EQ(value, 1);
+    EXPECT_EQ(getsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &value, &size), 0);
+    EXPECT_EQ(value, 5) << "the conninfo's keepalives_idle";
+    EXPECT_EQ(getsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &value, &size), 0);
+    EXPECT_EQ(value, 10) << "pgrt's default, which the conninfo leaves out";
+    EXPECT_EQ(getsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &value, &size), 0);
+    EXPECT_EQ(value, 9000) << "the conninfo's tcp_user_timeout";
+    // keepalives=0 in the conninfo turns them off.
+    ConnectOptions off{.conninfo = "host=127.0.0.1 port=" + std::to_string(cluster().port()) +
+                                   " user=postgres dbname=postgres keepalives=0"};
+    auto plain = co_await Connection::connect(std::move(off));
+    value = 1;
+    EXPECT_EQ(getsockopt(PQsocket(plain.native_handle()), SOL_SOCKET, SO_KEEPALIVE, &value, &size),
+              0);
+    EXPECT_EQ(value, 0) << "the conninfo's keepalives=0";
+  });
+}
+
 TEST_F(ConnectionTest, HostNamesAreResolvedAndEveryAddressAndHostIsTried) {
   run_coroutine([]() -> awaitable_void {
     // "localhost" may resolve to ::1 first, where the cluster does not listen: the next address

@@ -456,15 +456,19 @@ asio::awaitable<error_code> Connection::Impl::connect() {
   if (!options.application_name.empty()) {
     params.emplace_back("application_name", options.application_name);
   }
+  // The TCP settings fill in what the conninfo leaves out: one it gives itself wins (libpq keeps
+  // the last value given for a keyword, and these come after the conninfo).
+  const auto unless_given = [&](const char* keyword, std::string value) {
+    if (!parsed.values.contains(keyword)) params.emplace_back(keyword, std::move(value));
+  };
   if (options.keepalives) {
-    params.emplace_back("keepalives", "1");
-    params.emplace_back("keepalives_idle", std::to_string(options.keepalives->idle.count()));
-    params.emplace_back("keepalives_interval",
-                        std::to_string(options.keepalives->interval.count()));
-    params.emplace_back("keepalives_count", std::to_string(options.keepalives->count));
+    unless_given("keepalives", "1");
+    unless_given("keepalives_idle", std::to_string(options.keepalives->idle.count()));
+    unless_given("keepalives_interval", std::to_string(options.keepalives->interval.count()));
+    unless_given("keepalives_count", std::to_string(options.keepalives->count));
   }
   if (options.tcp_user_timeout.count() > 0) {
-    params.emplace_back("tcp_user_timeout", std::to_string(options.tcp_user_timeout.count()));
+    unless_given("tcp_user_timeout", std::to_string(options.tcp_user_timeout.count()));
   }
 
   // pgrt tries the hosts one by one (and each address of a name), so that each has a deadline of

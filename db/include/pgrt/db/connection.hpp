@@ -110,10 +110,11 @@ struct ConnectOptions {
   /// `-c name=value`, after any options in the conninfo). pgrt adds `DateStyle=ISO` unless one is
   /// given here: timestamptz results are parsed in ISO format.
   std::vector<std::pair<std::string, std::string>> session_settings;
-  /// TCP keepalives; std::nullopt leaves libpq's defaults.
+  /// TCP keepalives; std::nullopt leaves libpq's defaults. A keepalives keyword the conninfo gives
+  /// itself wins (these fill in what it leaves out).
   std::optional<TcpKeepalives> keepalives = TcpKeepalives{};
   /// `tcp_user_timeout`: how long sent data may stay unacknowledged before the kernel drops the
-  /// connection. Zero leaves the system default.
+  /// connection. Zero leaves the system default. A `tcp_user_timeout` in the conninfo wins.
   std::chrono::milliseconds tcp_user_timeout{0};
   /// After a cancellation, how long to wait for the server to end the statement before the
   /// connection is closed and reported broken.
