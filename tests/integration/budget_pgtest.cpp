@@ -331,6 +331,55 @@ TEST_F(BudgetTest, BothResetPoliciesKeepTheSlotAcrossAThousandLeases) {
   }
 }
 
+// A slot check on the way back of a lease, after PoolConfig::on_connect ran again (reset
+// discard_all), has a bound of its own, as in a ping: one counted from before the DISCARD ALL may
+// be used up by then (the hook has connect_timeout of its own), and the check, cut at once, closed
+// a sound connection as a failed reset. Here the DISCARD ALL waits 600 ms (another session holds
+// the budget's class marker exclusively for that long), and the hook takes 1.6 s of its 2 s.
+TEST_F(BudgetTest, ASlotCheckAfterOnConnectRanAgainHasABoundOfItsOwn) {
+  const std::string key = "check-after-hook";
+  auto pool_config = config(key, key, 1, 1);
+  pool_config.budget.classes = {{.name = "api", .slots = 1}};
+  pool_config.budget.class_name = "api";
+  pool_config.budget.check_interval = 100ms;
+  pool_config.reset = ResetPolicy::discard_all;
+  pool_config.connect.connect_timeout = 2s;
+  std::atomic<bool> slow{false};
+  pool_config.on_connect = [&slow](Connection&) -> asio::awaitable<void> {
+    if (slow) co_await sleep_for(1600ms);
+  };
+  const std::string marker = "(" + std::to_string(budget_lock_key(key + "/members")) + ", 1)";
+  std::vector<DiscardReason> reasons;
+  run_coroutine([&]() -> awaitable_void {
+    Pool pool(co_await asio::this_coro::executor, pool_config);
+    boost::signals2::scoped_connection subscription =
+        pool.events().discarded.connect([&](DiscardReason reason) { reasons.push_back(reason); });
+    auto lease = co_await pool.acquire();
+    const int pid = lease->backend_pid();
+    // Waits for the lease's shared hold on the marker, which the DISCARD ALL lets go.
+    std::thread holder([&] {
+      BlockingConnection other(cluster().dsn());
+      other.query("SELECT pg_advisory_lock" + marker);
+      std::this_thread::sleep_for(600ms);
+      other.query("SELECT pg_advisory_unlock" + marker);
+    });
+    co_await sleep_for(300ms);  // the holder queued; a slot check is due
+    slow = true;
+    lease.release();
+    co_await sleep_for(3s);
+    holder.join();
+    slow = false;
+    auto again = co_await pool.acquire();
+    EXPECT_EQ(again->backend_pid(), pid) << "the connection was replaced";
+    EXPECT_EQ(pool.stats().discarded, 0U);
+    again.release();
+    (void)co_await pool.close(1s);
+  });
+  for (DiscardReason reason : reasons) {
+    if (reason != DiscardReason::closing) ADD_FAILURE() << "discarded: " << to_string(reason);
+  }
+}
+
 // A slot released by hand (pg_advisory_unlock_all() in a lease) is noticed by the periodic
 // pg_locks check: an idle connection without its slot is closed within one check interval, and
 // a leased one when it comes back, so the budget counts every connection the pool holds.

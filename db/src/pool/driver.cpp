@@ -515,7 +515,10 @@ asio::awaitable<void> PoolState::reset(std::shared_ptr<PoolState> self, pool::No
     }
     if (check_slots) {
       try {
-        co_await check_budget_slots(self, node, deadline);
+        // Bounded on its own, as in a ping: what is left of `deadline` may have gone to an
+        // on_connect hook run again above (which has connect_timeout of its own).
+        co_await check_budget_slots(self, node,
+                                    Clock::now() + self->config.connect.connect_timeout);
       } catch (const std::exception& error) {
         // The check's own failure is not this connection's, unless it broke it.
         if (!connection.is_open() || connection.is_broken()) throw;
