@@ -615,7 +615,8 @@ TEST_F(ConnectionTest, ConnectOptionsReachTheServerAndTheSocket) {
 
 // A TCP keepalive setting or tcp_user_timeout the conninfo gives itself is the one the socket
 // gets: pgrt's own (ConnectOptions' defaults, or the pool's guards) fill in only those the conninfo
-// leaves out (before, pgrt's were sent after the conninfo, and libpq kept the last given).
+// leaves out (libpq keeps the last value given for a keyword, so pgrt's own never follow the
+// conninfo's).
 TEST_F(ConnectionTest, KeepalivesAndTcpUserTimeoutInTheConninfoWinOverPgrtsOwn) {
   run_coroutine([]() -> awaitable_void {
     ConnectOptions options{
