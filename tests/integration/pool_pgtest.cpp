@@ -4031,6 +4031,54 @@ TEST_F(PoolTest, AcquireWaitersAreUnwoundWithTheirIoContextWhileTheyWait) {
   pool_io.stop();
 }
 
+// A waiter handed the connection whose io_context is destroyed before the waiter ran again: no
+// Lease was ever made for it, so the connection goes back without a `released` event (there was
+// no `acquired` for it) and without a use time, and goes to the next caller.
+TEST_F(PoolTest, AConnectionHandedToAWaiterGoneWithItsIoContextComesBackWithoutReleased) {
+  PoolIoThread pool_io;
+  Pool pool(pool_io.io.get_executor(), config("handed-gone", 1));
+  std::atomic<int> acquired = 0;
+  std::atomic<int> released = 0;
+  boost::signals2::scoped_connection on_acquired =
+      pool.events().acquired.connect([&](const std::source_location&) { ++acquired; });
+  boost::signals2::scoped_connection on_released =
+      pool.events().released.connect([&] { ++released; });
+  std::optional<Lease> held;
+  run_elsewhere([&]() -> awaitable_void { held.emplace(co_await pool.acquire()); });
+  std::atomic<bool> resumed = false;
+  {
+    asio::io_context caller_io;
+    asio::co_spawn(
+        caller_io,
+        [&]() -> awaitable_void {
+          auto lease = co_await pool.acquire();
+          resumed = true;
+        },
+        asio::detached);
+    const auto give_up_at = std::chrono::steady_clock::now() + 10s;
+    while (pool.stats().waiting_normal < 1 && std::chrono::steady_clock::now() < give_up_at) {
+      caller_io.run_for(10ms);
+    }
+    ASSERT_EQ(pool.stats().waiting_normal, 1U);
+    held.reset();  // handed to the waiter; its resumption is queued on caller_io, which never runs
+    EXPECT_EQ(pool.stats().waiting_normal, 0U);
+    EXPECT_EQ(pool.stats().in_use, 1U);
+  }  // the waiter's io_context is destroyed before it ran again
+  EXPECT_FALSE(resumed);
+  EXPECT_TRUE(testing::eventually([&pool] { return pool.stats().idle == 1; }))
+      << "the connection handed to the gone waiter never came back";
+  EXPECT_EQ(acquired.load(), 1);
+  EXPECT_EQ(released.load(), 1) << "a `released` without its `acquired`";
+  EXPECT_EQ(pool.stats().use_time.count, 1U) << "a use time for a lease that was never made";
+  run_elsewhere([&]() -> awaitable_void {
+    auto lease = co_await pool.acquire();
+    EXPECT_EQ((co_await lease->query("SELECT 5")).scalar<int>(), 5);
+  });
+  EXPECT_EQ(acquired.load(), released.load());
+  run_elsewhere([&]() -> awaitable_void { (void)co_await pool.close(5s); });
+  pool_io.stop();
+}
+
 // Waiters on strands of an io_context that is destroyed while the first has been handed the
 // connection (its resumption queued, not yet run) and the second still waits. asio shuts the
 // newest services down first: the strands' service, made after the pool began to watch that

@@ -959,10 +959,7 @@ asio::awaitable<Lease> PoolState::acquire(std::shared_ptr<PoolState> self, Prior
             core.withdraw(waiter, pool::FailReason::cancelled, ignored);
             if (waiter.outcome == pool::Waiter::Outcome::handed) given = waiter.handed;
           }
-          if (given != nullptr && !lock.owns_lock()) {
-            given->lease_started = Clock::now();  // never used: no use time
-            release(*given, nullptr, false);
-          }
+          if (given != nullptr && !lock.owns_lock()) release(*given, nullptr, false);
         });
         // The wait starts under the lock, so a handoff cannot slip in before it. (A plain
         // asynchronous operation: no coroutine frame of its own.) One the core ended already, as

@@ -538,7 +538,8 @@ struct PoolState : std::enable_shared_from_this<PoolState>, async::ParkedWaitOwn
   void refuse(Lease lease, DiscardReason reason) noexcept;
 
   // A lease ended. `leased`: the connection its Lease held (null: the node still has it, as for a
-  // waiter that was handed a node but gone before it took it).
+  // waiter that was handed a node but gone before it took it: no Lease was made, so neither
+  // `released` nor a use time goes with its return, as no `acquired` went with its handout).
   // (Inline: the hot path of every Lease's end.)
   void release(pool::Node& node, Connection* leased, bool discard) noexcept {
     try {
@@ -548,12 +549,15 @@ struct PoolState : std::enable_shared_from_this<PoolState>, async::ParkedWaitOwn
       const auto ended = config.timings ? timing_now() : Clock::time_point{};
       Deferred deferred;
       std::lock_guard lock(mutex);
-      if (events.released.ever_connected()) deferred.add([this] { emit(events.released); });
+      const bool lease_made = leased != nullptr;
+      if (lease_made && events.released.ever_connected()) {
+        deferred.add([this] { emit(events.released); });
+      }
       if (node.state != pool::NodeState::leased) {  // its user closed it: the pool has it already
         core.lease_dropped_after_close(node);
         return;
       }
-      if (config.timings) use_time.record(ended - node.lease_started);
+      if (config.timings && lease_made) use_time.record(ended - node.lease_started);
       if (leased != nullptr && !take_back_locked(node, *leased) && !discard) {
         kind = pool::ReturnKind::broken;
       }
