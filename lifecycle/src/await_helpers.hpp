@@ -17,4 +17,19 @@ inline std::chrono::milliseconds elapsed_ms(std::chrono::steady_clock::time_poin
                                                                since);
 }
 
+// `from` + `duration`, saturated: steady_clock counts nanoseconds (about 292 years in all), and a
+// "forever" such as milliseconds::max() would overflow into a deadline in the past (every stop
+// cut at once, the watchdog firing at the start of a shutdown). Past the clock's range, the
+// deadline is time_point::max(): never. A negative duration gives `from`.
+inline std::chrono::steady_clock::time_point deadline_after(
+    std::chrono::steady_clock::time_point from, std::chrono::milliseconds duration) {
+  using std::chrono::steady_clock;
+  if (duration.count() <= 0) return from;
+  if (std::chrono::duration_cast<std::chrono::milliseconds>(steady_clock::time_point::max() -
+                                                            from) <= duration) {
+    return steady_clock::time_point::max();
+  }
+  return from + duration;
+}
+
 }  // namespace pgrt::lifecycle

@@ -203,7 +203,7 @@ void reap_blocking(pid_t pid) noexcept {
 // exited by then: init reaps it once this process has exited (a zombie until then, if it ends
 // first).
 bool reap_killed(pid_t pid, std::chrono::milliseconds limit) noexcept {
-  const auto give_up_at = std::chrono::steady_clock::now() + limit;
+  const auto give_up_at = deadline_after(std::chrono::steady_clock::now(), limit);
   auto pause = std::chrono::microseconds(100);
   for (;;) {
     siginfo_t info{};
@@ -606,7 +606,10 @@ struct ChildProcess::Impl {
     const auto now = Clock::now();
     if (ran_for >= options.backoff_reset_after) consecutive_restarts = 0;
     if (options.restart_window.count() > 0) {
-      while (!restart_times.empty() && now - restart_times.front() >= options.restart_window) {
+      // (In milliseconds: compared in the clock's nanoseconds, a restart_window of
+      // milliseconds::max() would overflow, and every restart fall out of the window at once.)
+      while (!restart_times.empty() && std::chrono::duration_cast<milliseconds>(
+                                           now - restart_times.front()) >= options.restart_window) {
         restart_times.pop_front();
       }
     }
@@ -762,10 +765,11 @@ asio::awaitable<void> ChildProcess::stop() {
   if (!cancelled_already) {
     if (const pid_t pid = self->child.load(); pid > 0) {
       spdlog::info("child {}: stopping: SIGTERM to process group {}", self->options.name, pid);
-      self->group_grace_until = (began + self->options.stop_grace).time_since_epoch().count();
+      self->group_grace_until =
+          deadline_after(began, self->options.stop_grace).time_since_epoch().count();
       self->signal_group(SIGTERM);
     }
-    ended = co_await self->wait_for_watch(began + self->options.stop_grace, true);
+    ended = co_await self->wait_for_watch(deadline_after(began, self->options.stop_grace), true);
   }
   if (!ended) {
     self->group_grace_until = std::numeric_limits<Clock::rep>::min();  // no more waiting
@@ -779,7 +783,8 @@ asio::awaitable<void> ChildProcess::stop() {
                    pid);
       self->signal_group(SIGKILL);
     }
-    ended = co_await self->wait_for_watch(Clock::now() + self->options.kill_wait, false);
+    ended =
+        co_await self->wait_for_watch(deadline_after(Clock::now(), self->options.kill_wait), false);
     if (!ended) {
       spdlog::error("child {}: pid {} not reaped {} ms after SIGKILL; giving up",
                     self->options.name, self->child.load(), self->options.kill_wait.count());

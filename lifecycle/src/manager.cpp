@@ -361,7 +361,7 @@ struct Manager::Impl {
     node.error = nullptr;
     node.cancel_emitted = false;
     node.began = Clock::now();
-    node.deadline = node.began + limit;
+    node.deadline = deadline_after(node.began, limit);
     asio::co_spawn(strand, std::move(operation),
                    asio::bind_cancellation_slot(node.cancel.slot(),
                                                 [this, &node](const std::exception_ptr& error) {
@@ -409,7 +409,7 @@ struct Manager::Impl {
       if (node->status == Status::starting)
         longest_cancel = std::max(longest_cancel, stop_limit(*node));
     }
-    arm_shutdown_watchdog(Clock::now() + longest_cancel);
+    arm_shutdown_watchdog(deadline_after(Clock::now(), longest_cancel));
   }
 
   // Starts every component along the DAG. True if all started. On a failure or a stop request it
@@ -444,7 +444,7 @@ struct Manager::Impl {
             spdlog::error("{}: component '{}' did not start within {} ms", options.name, node->name,
                           start_limit(*node).count());
             cancel(*node);
-            node->deadline = now + stop_limit(*node);
+            node->deadline = deadline_after(now, stop_limit(*node));
             ++in_flight;
           } else {
             node->status = Status::abandoned;
@@ -460,7 +460,7 @@ struct Manager::Impl {
         for (auto& node : nodes) {
           if (node->status == Status::starting && !node->cancel_emitted) {
             cancel(*node);
-            node->deadline = now + stop_limit(*node);
+            node->deadline = deadline_after(now, stop_limit(*node));
           }
         }
       } else {
@@ -503,7 +503,7 @@ struct Manager::Impl {
 
   // Stops every started component along the reverse DAG. True if all stopped cleanly.
   asio::awaitable<bool> stop_all() {
-    const auto budget_end = Clock::now() + options.shutdown_budget;
+    const auto budget_end = deadline_after(Clock::now(), options.shutdown_budget);
     bool clean = true;
     for (;;) {
       const auto now = Clock::now();
@@ -614,7 +614,8 @@ struct Manager::Impl {
   // The shutdown's hard deadline: hard_deadline after `from`, the start of the stops (or a
   // bound on it).
   void arm_shutdown_watchdog(Clock::time_point from) {
-    arm_watchdog(from + options.hard_deadline, "the shutdown overran its hard deadline");
+    arm_watchdog(deadline_after(from, options.hard_deadline),
+                 "the shutdown overran its hard deadline");
   }
 
   // Replaces the watchdog's deadline (none: disarmed), starting its thread on first use.
@@ -656,7 +657,7 @@ struct Manager::Impl {
     if (options.start_hard_deadline) {
       // Before any start: a start that blocks its thread holds the strand, and then neither its
       // start_timeout nor a signal can end it.
-      arm_watchdog(Clock::now() + *options.start_hard_deadline,
+      arm_watchdog(deadline_after(Clock::now(), *options.start_hard_deadline),
                    "the start-up overran its hard deadline");
     }
     std::optional<int> code;

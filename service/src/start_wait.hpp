@@ -52,7 +52,13 @@ inline boost::asio::awaitable<void> retry_until_the_database_answers(
     const std::function<std::string(const Error&)>& reason_of) {
   using Clock = std::chrono::steady_clock;
   using std::chrono::milliseconds;
-  const auto deadline = Clock::now() + start_wait;
+  // (Saturated: a start_wait too long to add to the clock, milliseconds::max() for one, waits
+  // without a limit; the sum would overflow into the past and give up after the first try.)
+  const auto now = Clock::now();
+  const auto deadline =
+      std::chrono::duration_cast<milliseconds>(Clock::time_point::max() - now) <= start_wait
+          ? Clock::time_point::max()
+          : now + start_wait;
   std::string logged;
   auto pause = milliseconds(100);
   for (int attempts = 1;; ++attempts) {

@@ -272,6 +272,36 @@ TEST(ChildProcessTest, StopEndsAChildThatHonoursSigterm) {
   EXPECT_TRUE(reaped(events.exits[0].pid));
 }
 
+// Durations too long for the clock (steady_clock counts nanoseconds: about 292 years) mean no
+// limit, not a deadline that overflowed into the past: a stop_grace of milliseconds::max() still
+// lets a child that honours SIGTERM end by it (no SIGKILL at once), and a restart_window of
+// milliseconds::max() still counts every restart against max_restarts.
+TEST(ChildProcessTest, DurationsTooLongForTheClockMeanNoLimit) {
+  asio::io_context io;
+  ChildProcess sleeper(
+      {.name = "sleeper", .argv = {"sleep", "60"}, .stop_grace = milliseconds::max()});
+  Recorder sleeper_events(sleeper);
+  ChildProcess failing({.name = "failing",
+                        .argv = {"/bin/sh", "-c", "exit 3"},
+                        .backoff_initial = 1ms,
+                        .backoff_max = 1ms,
+                        .max_restarts = 2,
+                        .restart_window = milliseconds::max()});
+  Recorder failing_events(failing);
+  run_on(io, [&]() -> asio::awaitable<void> {
+    co_await sleeper.start();
+    co_await sleeper.stop();
+    co_await failing.start();
+    EXPECT_TRUE(co_await poll_until([&] { return !failing.supervising(); }, 10s));
+  });
+  ASSERT_THAT(sleeper_events.exits, ::testing::SizeIs(1));
+  EXPECT_EQ(sleeper_events.exits[0].signal, SIGTERM);
+  EXPECT_EQ(failing.restarts(), 2U);
+  EXPECT_THAT(failing_events.exits, ::testing::SizeIs(3));
+  ASSERT_THAT(failing_events.stayed_down, ::testing::SizeIs(1));
+  EXPECT_THAT(failing_events.stayed_down[0], HasSubstr("restart limit reached"));
+}
+
 // 2. A child that ignores SIGTERM gets SIGKILL once the grace period is over.
 TEST(ChildProcessTest, SigtermIgnoredMeansSigkillAfterTheGrace) {
   TempDir dir;

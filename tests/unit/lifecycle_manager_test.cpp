@@ -627,6 +627,36 @@ TEST(LifecycleManagerDeathTest, TheWatchdogLeavesARollbackWithinItsDeadlinesAlon
       ::testing::ExitedWithCode(exit_code::failure + 100), "");
 }
 
+// Durations too long for the clock (steady_clock counts nanoseconds: about 292 years) mean no
+// limit: added to now() they would overflow into the past, and every start and stop would be cut
+// at once, the watchdog _exit()ing at the start of the shutdown.
+TEST(LifecycleManagerDeathTest, DeadlinesTooLongForTheClockMeanNoLimit) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(
+      {
+        Journal journal;
+        ManagerOptions options = test_options();
+        options.start_timeout = std::chrono::milliseconds::max();
+        options.stop_timeout = std::chrono::milliseconds::max();
+        options.shutdown_budget = std::chrono::hours(1'000'000);  // 114 years
+        options.hard_deadline = std::chrono::milliseconds::max();
+        options.start_hard_deadline = std::chrono::milliseconds::max();
+        Manager app(options);
+        Fake slow = fake("slow", journal);
+        slow.start_delay = 50ms;
+        slow.stop_delay = 50ms;
+        app.add(std::move(slow));
+        app.on_ready([&] { app.request_stop(); });
+        const int code = app.run();
+        // NOLINTNEXTLINE(concurrency-mt-unsafe): the child's result
+        std::exit(code == exit_code::ok && contains(journal, "start slow") &&
+                          contains(journal, "stop slow")
+                      ? 0
+                      : 100 + code);
+      },
+      ::testing::ExitedWithCode(0), "");
+}
+
 }  // namespace
 // Before run() nothing has started: Ctrl+C during the program's own set-up must end it as usual,
 // not wait unseen for run(). From run() on the manager owns the signals.

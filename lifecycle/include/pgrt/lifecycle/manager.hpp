@@ -71,6 +71,8 @@ struct ComponentLimits {
 };
 
 /// How the manager runs. An aggregate: `Manager app({.threads = 2});`
+/// A duration too long for the steady clock (about 292 years; milliseconds::max() for one) means
+/// no limit.
 struct ManagerOptions {
   std::string name = "pgrt";                          ///< For logs.
   std::size_t threads = 1;                            ///< Threads running io_context().
