@@ -140,6 +140,7 @@ struct Manager::Impl {
         wakeup(strand),
         stop_request_timer(strand, Clock::time_point::max()) {
     if (options.threads == 0) throw std::invalid_argument("ManagerOptions::threads must be >= 1");
+    check_durations();
     if (options.handle_signals) {
       // A write to a pipe or socket whose reader is gone (a log shipper restarting under stderr)
       // would otherwise kill the process by SIGPIPE: no shutdown, pending writes lost without a
@@ -237,12 +238,41 @@ struct Manager::Impl {
   std::optional<Clock::time_point> watchdog_deadline;  // none: disarmed
   const char* watchdog_reason = "";
 
+  // Options that cannot work together are refused at construction, rather than turning into a
+  // surprise at the first shutdown.
+  void check_durations() const {
+    const auto refuse = [](const std::string& what) {
+      throw std::invalid_argument("ManagerOptions::" + what);
+    };
+    for (auto [duration, label] : {std::pair{options.start_timeout, "start_timeout"},
+                                   {options.stop_timeout, "stop_timeout"},
+                                   {options.shutdown_budget, "shutdown_budget"},
+                                   {options.hard_deadline, "hard_deadline"}}) {
+      if (duration.count() < 0) refuse(std::string(label) + " is negative");
+    }
+    if (options.start_hard_deadline && options.start_hard_deadline->count() < 0) {
+      refuse("start_hard_deadline is negative");
+    }
+    // The watchdog would _exit() in the middle of the stops' budget: a stop within its deadline
+    // cut with exit code 2, the exit handlers skipped, a pending write's loss unreported.
+    if (options.hard_deadline <= options.shutdown_budget) {
+      refuse("hard_deadline (" + std::to_string(options.hard_deadline.count()) +
+             " ms) must be longer than shutdown_budget (" +
+             std::to_string(options.shutdown_budget.count()) +
+             " ms): the watchdog would end the shutdown before the stops' budget is spent");
+    }
+  }
+
   // --- adding ----------------------------------------------------------------------------------
 
   void add(AnyComponent component, std::vector<std::string> dependencies, ComponentLimits limits) {
     if (ran) throw std::logic_error("components must be added before Manager::run()");
     std::string name = component.name();
     if (name.empty()) throw std::invalid_argument("a component's name must not be empty");
+    if ((limits.start_timeout && limits.start_timeout->count() < 0) ||
+        (limits.stop_timeout && limits.stop_timeout->count() < 0)) {
+      throw std::invalid_argument("component '" + name + "': a negative start or stop timeout");
+    }
     if (by_name.contains(name)) {
       throw std::invalid_argument("a component named '" + name + "' was already added");
     }

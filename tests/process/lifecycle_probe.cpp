@@ -190,6 +190,7 @@ int main(int argc, char** argv) {
   pgrt::lifecycle::Manager app({.name = "probe",
                                 .threads = 1,
                                 .stop_timeout = std::chrono::milliseconds(500),
+                                .shutdown_budget = std::chrono::milliseconds(1500),
                                 .hard_deadline = std::chrono::milliseconds(2000)});
   pgrt::PoolConfig config = pgrt::PoolConfig::from_env(pgrt::PoolConfig::micro());
   auto& pool = pgrt::add_pool(app, config);

@@ -495,6 +495,41 @@ TEST(LifecycleManager, ExitHandlersRunWhenTheShutdownBudgetRanOut) {
   EXPECT_EQ(runs, 1);
 }
 
+// Options that cannot work are refused when the manager is made, not discovered at the first
+// shutdown: a hard deadline within the shutdown budget would let the watchdog _exit() (code 2, no
+// exit handlers) while the stops are still within their budget; a negative duration would cut
+// every start or stop at once.
+TEST(LifecycleManager, OptionsThatCannotWorkAreRefusedAtConstruction) {
+  const auto refusal = [](const ManagerOptions& options) -> std::string {
+    try {
+      Manager app(options);
+    } catch (const std::invalid_argument& error) {
+      return error.what();
+    }
+    return "";
+  };
+  ManagerOptions short_hard_deadline = test_options();
+  short_hard_deadline.shutdown_budget = 30s;
+  short_hard_deadline.hard_deadline = 5s;
+  EXPECT_THAT(refusal(short_hard_deadline),
+              HasSubstr("hard_deadline (5000 ms) must be longer than shutdown_budget (30000 ms)"));
+  ManagerOptions equal = test_options();
+  equal.hard_deadline = equal.shutdown_budget;
+  EXPECT_THAT(refusal(equal), HasSubstr("must be longer than shutdown_budget"));
+  ManagerOptions negative_stop = test_options();
+  negative_stop.stop_timeout = -1ms;
+  EXPECT_THAT(refusal(negative_stop), HasSubstr("stop_timeout is negative"));
+  ManagerOptions negative_start_hard = test_options();
+  negative_start_hard.start_hard_deadline = -1ms;
+  EXPECT_THAT(refusal(negative_start_hard), HasSubstr("start_hard_deadline is negative"));
+  EXPECT_EQ(refusal(test_options()), "");
+
+  Journal journal;
+  Manager app(test_options());
+  EXPECT_THROW(app.add(fake("a", journal), {}, ComponentLimits{.stop_timeout = -1ms}),
+               std::invalid_argument);
+}
+
 // A start cancelled by a stop request may not have cleaned up after itself (its clean-up's own
 // waits see the cancellation): the exit handlers run.
 TEST(LifecycleManager, ExitHandlersRunWhenAStartWasCancelled) {
@@ -576,6 +611,7 @@ TEST(LifecycleManagerDeathTest, StartHardDeadlineIsDisarmedOnceEverythingStarted
         Journal journal;
         ManagerOptions options = test_options();
         options.start_hard_deadline = 100ms;
+        options.shutdown_budget = 4s;
         options.hard_deadline = 5s;
         Manager app(options);
         app.add(fake("a", journal));

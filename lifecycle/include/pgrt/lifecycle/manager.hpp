@@ -80,8 +80,9 @@ struct ManagerOptions {
   std::chrono::milliseconds stop_timeout{10'000};     ///< Default per-component stop deadline.
   std::chrono::milliseconds shutdown_budget{30'000};  ///< All stops together.
   /// From the start of a shutdown's stops until the watchdog _exit()s with
-  /// exit_code::hard_deadline. After a failed start, the starts still in flight are cancelled and
-  /// waited for first (each up to its stop deadline): the watchdog gives the rollback that long
+  /// exit_code::hard_deadline. Must be longer than shutdown_budget (leave it the time the exit
+  /// handlers need, a few seconds). After a failed start, the starts still in flight are cancelled
+  /// and waited for first (each up to its stop deadline): the watchdog gives the rollback that long
   /// on top, so that a rollback within its deadlines is never cut.
   std::chrono::milliseconds hard_deadline{35'000};
   /// From run() until every component has started; if it passes first, the watchdog _exit()s
@@ -138,6 +139,8 @@ struct ManagerEvents {
 /// request_stop(), state() and ready() from any thread at any time.
 class Manager {
  public:
+  /// Throws std::invalid_argument for options that cannot work: no thread, a negative duration,
+  /// a hard_deadline not longer than the shutdown_budget.
   explicit Manager(ManagerOptions options = {});
   /// Runs the on_exit() handlers if run() was not called or did not return (and they did not run
   /// yet).
@@ -149,8 +152,8 @@ class Manager {
 
   /// Adds a component that starts after `dependencies` and stops before them. Dependencies may
   /// name components added later; run() rejects a name that was never added. Throws
-  /// std::invalid_argument for a duplicate name or a dependency cycle (naming the cycle, e.g.
-  /// "a -> b -> a"). Returns the component, owned by the manager.
+  /// std::invalid_argument for a duplicate name, a negative timeout in `limits` or a dependency
+  /// cycle (naming the cycle, e.g. "a -> b -> a"). Returns the component, owned by the manager.
   template <Component C>
   C& add(std::shared_ptr<C> component, After dependencies = {}, ComponentLimits limits = {}) {
     C& typed = *component;
