@@ -534,6 +534,8 @@ struct Manager::Impl {
   // Stops every started component along the reverse DAG. True if all stopped cleanly.
   asio::awaitable<bool> stop_all() {
     const auto budget_end = deadline_after(Clock::now(), options.shutdown_budget);
+    // A cancelled stop winds down by then at the latest: the budget's end plus one wind-down.
+    const auto wind_down_end = deadline_after(budget_end, stop_wind_down);
     bool clean = true;
     for (;;) {
       const auto now = Clock::now();
@@ -551,14 +553,16 @@ struct Manager::Impl {
                          elapsed_ms(node->began).count());
           }
         } else if (now >= node->deadline && !node->cancel_emitted &&
-                   budget_end - now > milliseconds(1)) {
-          // Cancelled first, and given a moment to wind down (within the shutdown budget): a
-          // stop that honours its cancellation says what it gave up on (a PendingWrites reports
-          // the writes it could not commit) instead of being dropped mid-way. At the budget's end
-          // (a deadline the budget set is cut to the millisecond), it is abandoned at once.
+                   wind_down_end - now > milliseconds(1)) {
+          // Cancelled first, and given a moment to wind down, at the budget's end too (then past
+          // the budget, by at most stop_wind_down; the hard deadline, longer than the budget,
+          // still bounds it): a stop that honours its cancellation says what it gave up on (a
+          // PendingWrites counts and reports through events().failed the writes it could not
+          // commit) instead of being dropped mid-way. With no time left for that, it is
+          // abandoned at once.
           clean = false;
           cancel(*node);
-          node->deadline = std::min(now + stop_wind_down, budget_end);
+          node->deadline = std::min(now + stop_wind_down, wind_down_end);
           spdlog::error(
               "{}: component '{}' did not stop within {} ms; cancelled (abandoned if "
               "it has not wound down within {} ms)",
@@ -626,10 +630,12 @@ struct Manager::Impl {
     // Whether every component that had started (or whose start was abandoned or cancelled)
     // completed a stop, cleanly or by throwing. If not, what it holds may still be open: run()
     // runs the exit handlers (e.g. the pool's close_now()) once its threads are joined. (A
-    // cancelled start's own clean-up may have been cut short by that cancellation.)
+    // cancelled start's own clean-up may have been cut short by that cancellation, and so may a
+    // stop cancelled at its deadline or the budget's end, though it wound down.)
     every_stop_ran = std::none_of(nodes.begin(), nodes.end(), [](const auto& node) {
       return node->status == Status::abandoned || node->status == Status::started ||
              node->status == Status::stopping ||
+             (node->status == Status::stopped && node->cancel_emitted) ||
              (node->status == Status::start_failed && node->cancel_emitted);
     });
     // start_failed, not "!started && !stop_requested": a stop requested during the rollback of a

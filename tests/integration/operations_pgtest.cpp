@@ -826,6 +826,67 @@ TEST_F(ExitHandlerTest, AnAbandonedPoolStopStillHasItsLeasesInterruptedByTheExit
       application + "/%'");
 }
 
+class ShutdownBudgetTest : public testing::DbTest {};
+
+// pending_writes.hpp: "No write is dropped silently: each accepted write ends up flushed, or
+// counted in PendingWritesReport::failed, logged and reported through PendingWritesEvents::failed".
+// lifecycle.md: a stop still running when the shutdown budget runs out is cancelled and given up
+// to 1 s more to wind down, so that a PendingWrites can say what it gave up on. Here its server is
+// down, its stop() retries, and the budget (shorter than its stop deadline) ends it; nothing
+// stops after it (its pool is the program's own, closed after run()), so nothing else would
+// end the retries: the writes it could not commit are counted as failed and reported through
+// events().failed.
+TEST_F(ShutdownBudgetTest, PendingWritesCutAtTheBudgetsEndAreReportedAsFailed) {
+  auto own = start_own_cluster();
+  testing::BlockingConnection(own->dsn()).query("CREATE TABLE budget_cut (seq bigint)");
+  PoolConfig pool_config;
+  pool_config.conninfo = own->dsn();
+  pool_config.max_size = 2;
+  pool_config.application = "pgrt-budget-cut";
+  pool_config.acquire_timeout = 300ms;
+  pool_config.connect.connect_timeout = 1s;
+  constexpr std::int64_t accepted = 30;
+  std::size_t reported = 0;
+  PendingWritesReport end{};
+  int code = -1;
+  {
+    lifecycle::ManagerOptions options;
+    options.handle_signals = false;
+    options.shutdown_logging = false;
+    options.shutdown_budget = 1s;  // the stop deadline is 10 s: the budget cuts the flush
+    lifecycle::Manager app(options);
+    Pool pool(app.executor(), pool_config);
+    auto writes = std::make_shared<PendingWrites>(
+        pool, app.executor(), PendingWritesConfig{.name = "cut", .flush_interval = 1h});
+    boost::signals2::scoped_connection on_failed = writes->events().failed.connect(
+        [&](const std::vector<std::string>& lost, const Error& error) {
+          reported += lost.size();
+          EXPECT_EQ(error.code(), client_errc::cancelled) << error.what();
+        });
+    app.add(writes);
+    app.on_ready([&] {
+      asio::co_spawn(
+          app.executor(),
+          [&]() -> asio::awaitable<void> {
+            for (std::int64_t seq = 0; seq < accepted; ++seq) {
+              co_await writes->enqueue("INSERT INTO budget_cut VALUES ($1)", seq);
+            }
+            own->stop(testing::StopMode::fast);
+            app.request_stop();
+          },
+          asio::detached);
+    });
+    code = app.run();
+    end = writes->report();
+  }
+  EXPECT_EQ(code, lifecycle::exit_code::failure);
+  EXPECT_EQ(end.accepted, static_cast<std::uint64_t>(accepted));
+  EXPECT_EQ(end.failed, static_cast<std::uint64_t>(accepted));
+  EXPECT_EQ(end.pending, 0U);
+  EXPECT_EQ(reported, static_cast<std::size_t>(accepted))
+      << "writes cut by the shutdown budget were not reported through events().failed";
+}
+
 // A consumer named "default" would share the series of the acquires that name no consumer
 // (rendered consumer="default"): two samples of each pgrt_pool_consumer_* family with the same
 // labels, which the exposition format forbids (Prometheus keeps one of them without a word). The

@@ -74,11 +74,13 @@ struct ComponentLimits {
 /// A duration too long for the steady clock (about 292 years; milliseconds::max() for one) means
 /// no limit.
 struct ManagerOptions {
-  std::string name = "pgrt";                          ///< For logs.
-  std::size_t threads = 1;                            ///< Threads running io_context().
-  std::chrono::milliseconds start_timeout{30'000};    ///< Default per-component start deadline.
-  std::chrono::milliseconds stop_timeout{10'000};     ///< Default per-component stop deadline.
-  std::chrono::milliseconds shutdown_budget{30'000};  ///< All stops together.
+  std::string name = "pgrt";                        ///< For logs.
+  std::size_t threads = 1;                          ///< Threads running io_context().
+  std::chrono::milliseconds start_timeout{30'000};  ///< Default per-component start deadline.
+  std::chrono::milliseconds stop_timeout{10'000};   ///< Default per-component stop deadline.
+  /// All stops together. A stop still running at its end is cancelled and given up to 1 s more
+  /// to wind down (to say what it gave up on), as one past its own deadline is.
+  std::chrono::milliseconds shutdown_budget{30'000};
   /// From the start of a shutdown's stops until the watchdog _exit()s with
   /// exit_code::hard_deadline. Must be longer than shutdown_budget (leave it the time the exit
   /// handlers need, a few seconds). After a failed start, the starts still in flight are cancelled
@@ -132,8 +134,8 @@ struct ManagerEvents {
 /// atexit: if the process exits without a graceful stop (std::exit elsewhere, main returning
 /// early), the handlers given to on_exit() run, synchronously and best effort, then the logs are
 /// flushed. They never run coroutines. run() also runs them, once its threads are joined, when a
-/// stop was abandoned (deadline, budget) or never ran, or a start was cancelled, since what that
-/// component holds may still be open; they run at most once.
+/// stop was cancelled or abandoned (deadline, budget) or never ran, or a start was cancelled,
+/// since what that component holds may still be open; they run at most once.
 ///
 /// Thread safety: add(), the hook setters and on_exit() before run() only, from one thread;
 /// request_stop(), state() and ready() from any thread at any time.
