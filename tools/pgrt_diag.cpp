@@ -135,12 +135,18 @@ std::string shown_argument(std::string_view argument) {
 
 // A --dsn value, taken off the command line: one that holds a password is overwritten in argv
 // (every local user can read /proc/PID/cmdline for as long as the process runs), with a warning
-// naming the safer ways to give it.
+// naming the safer ways to give it. So is one that libpq cannot parse: whether it holds a
+// password cannot be told (an unterminated quote may be in the password itself), and it is
+// refused later anyway (exit 78).
 std::string take_dsn(char* value) {
   std::string dsn = value;
   char* parse_error = nullptr;
   PQconninfoOption* options = PQconninfoParse(dsn.c_str(), &parse_error);
-  PQfreemem(parse_error);
+  PQfreemem(parse_error);  // may quote the password: never shown
+  if (options == nullptr) {
+    std::fill(value, value + dsn.size(), 'x');
+    return dsn;
+  }
   bool has_password = false;
   for (PQconninfoOption* option = options; option != nullptr && option->keyword != nullptr;
        ++option) {

@@ -372,6 +372,49 @@ TEST_F(LifecycleProcessTest, DiagNeverEchoesAPasswordOfAMisspelledDsnArgument) {
   }
 }
 
+// A --dsn that libpq cannot parse may still hold a password (here its unterminated quote is in
+// the password): it is overwritten in pgrt-diag's command line (/proc/PID/cmdline, readable by
+// every local user) as a parsable one with a password is. The refusal (exit 78) is written into a
+// pipe that is already full, so that the process waits, with its command line, for the test to
+// read it.
+TEST_F(LifecycleProcessTest, DiagScrubsAnUnparsableDsnFromItsCommandLine) {
+  int output[2] = {-1, -1};
+  ASSERT_EQ(::pipe2(output, O_CLOEXEC | O_NONBLOCK), 0);
+  const std::string filler(4096, '.');
+  while (::write(output[1], filler.data(), filler.size()) > 0) {
+  }
+  const int flags = ::fcntl(output[1], F_GETFL);
+  ASSERT_EQ(::fcntl(output[1], F_SETFL, flags & ~O_NONBLOCK), 0);  // the child's writes block
+  testing::detail::SpawnOptions options;
+  options.argv = {PGRT_DIAG_PATH, "--dsn", "host=127.0.0.1 port=1 password='s3cret"};
+  options.output_fd = output[1];
+  options.new_session = true;
+  options.parent_death_signal = SIGKILL;
+  const pid_t diag = testing::detail::spawn(options);
+  ::close(output[1]);
+  const std::string proc = "/proc/" + std::to_string(diag);
+  auto read_proc = [&](const std::string& name) {
+    std::ifstream in(proc + "/" + name);
+    std::stringstream text;
+    text << in.rdbuf();
+    return text.str();
+  };
+  // Blocked writing its refusal: past the parsing of its arguments.
+  const auto deadline = Clock::now() + 10s;
+  while (read_proc("wchan").find("pipe_write") == std::string::npos && Clock::now() < deadline) {
+    std::this_thread::sleep_for(20ms);
+  }
+  const std::string cmdline = read_proc("cmdline");
+  EXPECT_TRUE(testing::detail::process_alive(diag)) << "it exited before its command line was read";
+  EXPECT_THAT(cmdline, HasSubstr("--dsn"));
+  EXPECT_THAT(cmdline, Not(HasSubstr("s3cret"))) << "wchan: " << read_proc("wchan");
+  ::close(output[0]);  // its write now fails (EPIPE), and it exits
+  if (!testing::detail::wait_for_exit(diag, Clock::now() + 10s)) {
+    ::kill(diag, SIGKILL);
+    (void)testing::detail::wait_for_exit(diag, Clock::now() + 10s);
+  }
+}
+
 // pgrt-diag's text report shows a server's names (a database's, which its owner chooses) with
 // their control bytes replaced: an escape sequence does not reach the operator's terminal.
 TEST_F(LifecycleProcessTest, DiagTextReportKeepsControlBytesOfServerNamesOffTheTerminal) {
