@@ -278,7 +278,8 @@ pid_t launch(const std::string& child_name, const LaunchPlan& plan) {
 // `text` with what looks like a password replaced by "***": the value of each `password=` (any
 // case, so PGPASSWORD= too; blanks around '=' allowed; quoted with libpq's \' escapes, or up to
 // the next blank, or to the next '&' in a URL's query) and the password of each URL's credentials
-// (`scheme://user:password@host`).
+// (`scheme://user:password@host`; as for libpq, only a '/' ends them before the '@', so a '?' or
+// '#' may be part of the password).
 std::string without_passwords(std::string text) {
   const auto lower = [](char c) {
     return static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
@@ -319,7 +320,7 @@ std::string without_passwords(std::string text) {
   for (std::size_t scheme = text.find("://"); scheme != std::string::npos;
        scheme = text.find("://", scheme + 3)) {
     const std::size_t start = scheme + 3;
-    const std::size_t authority_end = text.find_first_of("/?# \t\n'\"", start);
+    const std::size_t authority_end = text.find_first_of("/ \t\n'\"", start);
     const std::size_t at_sign =
         text.rfind('@', authority_end == std::string::npos ? std::string::npos : authority_end - 1);
     if (at_sign == std::string::npos || at_sign < start) continue;
@@ -330,12 +331,26 @@ std::string without_passwords(std::string text) {
   return text;
 }
 
-// The command line for the log, without passwords.
+// Whether `word` is an option that names a password and takes it as the next argument:
+// `--password s3cret`, `-password`, `--db-password`, `--passwd` (any case; not `--password=...`,
+// whose value without_passwords() hides).
+bool takes_a_password_next(std::string_view word) {
+  if (!word.starts_with('-') || word.find('=') != std::string_view::npos) return false;
+  std::string lowered(word);
+  std::transform(lowered.begin(), lowered.end(), lowered.begin(),
+                 [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  return lowered.ends_with("password") || lowered.ends_with("passwd");
+}
+
+// The command line for the log, without passwords: also the argument after an option that names
+// a password.
 std::string join(const std::vector<std::string>& words) {
   std::string joined;
+  bool secret_next = false;
   for (const auto& word : words) {
     if (!joined.empty()) joined += ' ';
-    joined += without_passwords(word);
+    joined += secret_next ? std::string("***") : without_passwords(word);
+    secret_next = !secret_next && takes_a_password_next(word);
   }
   return joined;
 }

@@ -232,6 +232,34 @@ TEST(ChildProcessTest, TheLoggedCommandLineHidesPasswords) {
   EXPECT_THAT(text, ::testing::HasSubstr("password=***&sslmode=require")) << text;
 }
 
+// Passwords the logged command line used to show: the argument after an option that names a
+// password (`--password s3cret`, as many programs take it), and a URL's password with a '?' or
+// '#' in it (libpq ends a URL's credentials at the '@', and only a '/' before it).
+TEST(ChildProcessTest, TheLoggedCommandLineHidesAPasswordGivenAsTheNextArgument) {
+  std::ostringstream log;
+  auto previous = spdlog::default_logger();
+  spdlog::set_default_logger(std::make_shared<spdlog::logger>(
+      "capture", std::make_shared<spdlog::sinks::ostream_sink_mt>(log)));
+  asio::io_context io;
+  ChildProcess child(
+      {.name = "secretive",
+       .argv = {"/bin/sh", "-c", "exit 0", "--password", "s3cret-next", "--DB-Password",
+                "s3cret-named", "--passwd", "s3cret-short", "postgresql://app:s3c?ret-query@db/x",
+                "postgresql://app:s3c#ret-hash@db/x", "--user", "app"},
+       .restart = RestartPolicy::never});
+  run_on(io, [&]() -> asio::awaitable<void> {
+    co_await child.start();
+    EXPECT_TRUE(co_await poll_until([&] { return !child.supervising(); }, 10s));
+  });
+  spdlog::set_default_logger(previous);
+  const std::string text = log.str();
+  EXPECT_THAT(text, ::testing::HasSubstr("child secretive: started pid"));
+  EXPECT_THAT(text, ::testing::Not(::testing::HasSubstr("s3c"))) << text;
+  EXPECT_THAT(text, ::testing::HasSubstr("--password *** --DB-Password *** --passwd ***")) << text;
+  EXPECT_THAT(text, ::testing::HasSubstr("postgresql://app:***@db/x")) << text;
+  EXPECT_THAT(text, ::testing::HasSubstr("--user app")) << text;
+}
+
 TEST(ChildProcessTest, DeathBySignalIsReported) {
   asio::io_context io;
   ChildProcess child({.name = "suicide",
