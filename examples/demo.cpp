@@ -8,8 +8,9 @@
 //
 // DATABASE_URL: the server; unset, a throwaway local cluster is started (and removed, also when
 // interrupted). PGRT_* variables override the pool (PGRT_POOL_MAX, PGRT_APP, PGRT_INSTANCE, ...).
-// Exit codes: 0 stopped by SIGTERM or --duration, 130 by SIGINT, 1 a failure (a start failed, a
-// write accepted but not written), 2 bad arguments or the shutdown overran its hard deadline.
+// Exit codes: 0 stopped by SIGTERM or --duration, 130 by SIGINT, 129 by SIGHUP, 1 a failure (a
+// start failed, a write accepted but not written), 2 bad arguments or the shutdown overran its hard
+// deadline.
 #include <algorithm>
 #include <atomic>
 #include <boost/asio/co_spawn.hpp>
@@ -540,6 +541,7 @@ class Status {
 std::string exit_reason(const std::string& stop_reason) {
   if (stop_reason == "SIGTERM") return "sigterm";
   if (stop_reason == "SIGINT") return "sigint";
+  if (stop_reason == "SIGHUP") return "sighup";
   if (stop_reason == "duration") return "duration";
   if (stop_reason.empty()) return "unknown";
   return "start_failed";

@@ -199,9 +199,10 @@ struct Manager::Impl {
   asio::steady_timer wakeup;              // an orchestrator waits on it; completions cancel it
   asio::steady_timer stop_request_timer;  // cancelled by a stop request
   std::optional<asio::signal_set> signals;
-  // What SIGINT, SIGTERM and SIGQUIT did before run() took them (restored once it is done).
-  std::array<struct sigaction, 3> signals_before{};
-  static constexpr std::array<int, 3> owned_signals{SIGINT, SIGTERM, SIGQUIT};
+  // What SIGINT, SIGTERM, SIGQUIT and SIGHUP did before run() took them (restored once it is
+  // done; SIGHUP is taken only when it had its default action).
+  std::array<struct sigaction, 4> signals_before{};
+  static constexpr std::array<int, 4> owned_signals{SIGINT, SIGTERM, SIGQUIT, SIGHUP};
 
   std::atomic<State> current_state{State::created};
   std::atomic<bool> is_ready{false};
@@ -368,17 +369,20 @@ struct Manager::Impl {
       if (number == SIGINT && (stop_requested || start_failed || shutting_down)) {
         exit_now(exit_code::interrupted, "a second SIGINT during the shutdown");
       }
-      if (number == SIGTERM && (stop_requested || start_failed || shutting_down)) {
-        spdlog::warn("{}: SIGTERM again: ignored, the graceful shutdown is under way",
-                     options.name);
+      const bool interrupt = number == SIGINT;
+      const bool hangup = number == SIGHUP;
+      const char* name = interrupt ? "SIGINT" : hangup ? "SIGHUP" : "SIGTERM";
+      if (stop_requested || start_failed || shutting_down) {  // (SIGTERM or SIGHUP)
+        spdlog::warn("{}: {}: ignored, the graceful shutdown is under way", options.name,
+                     hangup ? "SIGHUP during the shutdown" : "SIGTERM again");
         continue;
       }
-      const bool interrupt = number == SIGINT;
-      spdlog::info("{}: {}: shutting down gracefully{}", options.name,
-                   interrupt ? "SIGINT" : "SIGTERM",
+      spdlog::info("{}: {}: shutting down gracefully{}", options.name, name,
                    interrupt ? " (Ctrl+C again exits at once)" : "");
-      on_stop_request(interrupt ? exit_code::interrupted : exit_code::ok,
-                      interrupt ? "SIGINT" : "SIGTERM");
+      on_stop_request(interrupt ? exit_code::interrupted
+                      : hangup  ? exit_code::hangup
+                                : exit_code::ok,
+                      name);
     }
   }
 
@@ -707,6 +711,14 @@ struct Manager::Impl {
         (void)::sigaction(owned_signals[i], nullptr, &signals_before[i]);
       }
       signals.emplace(strand, SIGINT, SIGTERM, SIGQUIT);
+      // SIGHUP (the terminal closed, the ssh session ended) would otherwise end the process at
+      // once, accepted writes lost: a graceful shutdown too, but only where it had its default
+      // action. An ignored one (nohup) stays ignored, and a handler of the program's own (a
+      // reload) is left alone.
+      const struct sigaction& hangup_before = signals_before[3];
+      if (hangup_before.sa_handler == SIG_DFL && (hangup_before.sa_flags & SA_SIGINFO) == 0) {
+        signals->add(SIGHUP);
+      }
       asio::co_spawn(strand, handle_signals(), asio::detached);
     }
     asio::co_spawn(strand, live(), [this, &code, &crashed](std::exception_ptr error, int result) {
@@ -738,7 +750,7 @@ struct Manager::Impl {
       // Nothing listens for signals any more: what they did before run() comes back (the
       // default, most often), so that what main() does after run() can still be ended by Ctrl+C
       // or SIGTERM. (Not before the exit handlers: a signal must not cut them short.)
-      // The three are blocked meanwhile (on this thread, where they are sent to the process
+      // The four are blocked meanwhile (on this thread, where they are sent to the process
       // most often from now on): between asio's reset to SIG_DFL and the restore, one would
       // otherwise take the default action. Blocked, it waits, and then does what it did before.
       sigset_t owned{};

@@ -535,6 +535,32 @@ TEST_F(LifecycleProcessTest, TheDemoServesMetricsAndReadinessTurnsFalseOnSigterm
   EXPECT_EQ(curl(base + "/healthz"), "");  // closed with the process
 }
 
+// A terminal that closes (or an ssh session that ends) sends SIGHUP, whose default action ends the
+// process at once, its accepted writes lost. The manager takes it as a graceful stop: exit 129,
+// every accepted write stored, the shutdown phases in order.
+TEST_F(LifecycleProcessTest, SighupUnderWriteLoadStopsGracefullyAndEveryAcceptedWriteIsStored) {
+  Child demo({PGRT_DEMO_PATH, "--json", "--workers", "50"}, cluster().dsn(), "sighup");
+  ASSERT_TRUE(demo.wait_for_output("serving:", 60s)) << demo.output();
+  ASSERT_TRUE(demo.wait_for_output("requests/s", 10s)) << demo.output();  // under load
+  demo.signal(SIGHUP);
+  const auto code = demo.wait_for_exit(60s);
+  const std::string output = demo.output();
+  ASSERT_EQ(code, lifecycle::exit_code::hangup) << demo.status() << "\n" << output;
+  EXPECT_THAT(output, HasSubstr("SIGHUP: shutting down gracefully"));
+  const std::string report = last_json_line(output);
+  ASSERT_FALSE(report.empty()) << output;
+  EXPECT_EQ(json_field(report, "exit_reason"), "sighup") << report;
+  EXPECT_EQ(json_field(report, "writes_failed"), "0") << report;
+  const long long accepted = std::stoll(json_field(report, "writes_accepted"));
+  EXPECT_GT(accepted, 0);
+  EXPECT_EQ(json_field(report, "writes_flushed"), std::to_string(accepted));
+  BlockingConnection check(cluster().dsn());
+  EXPECT_EQ(check.scalar("SELECT count(DISTINCT seq) FROM demo_events WHERE run = '" +
+                         json_field(report, "run") + "'"),
+            std::to_string(accepted));
+  expect_in_order(output, demo_shutdown_phases);
+}
+
 TEST_F(LifecycleProcessTest, SigtermUnderWriteLoadExitsZeroAndEveryAcceptedWriteIsStored) {
   stop_demo_and_check_writes(false, "sigterm-once");
 }

@@ -723,6 +723,62 @@ TEST(ManagerSignals, TheSignalsAreTakenOverByRunNotByTheConstructor) {
   (void)std::signal(SIGTERM, SIG_DFL);
 }
 
+// SIGHUP (the terminal a service was started from closes) would end the process at once by its
+// default action, accepted writes lost: with that default action it starts a graceful shutdown
+// (129) instead, the stops all run, and a second one is ignored. One ignored before run()
+// (nohup) stays ignored, and it is given back as it was.
+TEST(ManagerSignalsDeathTest, SighupWithItsDefaultActionStartsAGracefulShutdown) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(
+      {
+        (void)std::signal(SIGHUP, SIG_DFL);
+        Journal journal;
+        ManagerOptions options = test_options();
+        options.handle_signals = true;
+        Manager app(options);
+        Fake flushing = fake("flushing", journal);
+        flushing.stop_delay = 100ms;
+        flushing.during_stop = [] { (void)::raise(SIGHUP); };  // during the shutdown: ignored
+        app.add(std::move(flushing));
+        app.on_ready([] { (void)::raise(SIGHUP); });
+        const int code = app.run();
+        // NOLINTNEXTLINE(concurrency-mt-unsafe): the child's result
+        std::exit(code == exit_code::hangup && app.stop_reason() == "SIGHUP" &&
+                          contains(journal, "stop flushing")
+                      ? 0
+                      : 100);
+      },
+      ::testing::ExitedWithCode(0), "");
+  EXPECT_EXIT(
+      {
+        (void)std::signal(SIGHUP, SIG_IGN);  // nohup
+        Journal journal;
+        ManagerOptions options = test_options();
+        options.handle_signals = true;
+        Manager app(options);
+        app.add(fake("a", journal));
+        app.on_ready([&] {
+          (void)::raise(SIGHUP);
+          asio::co_spawn(
+              app.executor(),
+              [&]() -> asio::awaitable<void> {
+                co_await sleep_for(100ms);
+                app.request_stop(exit_code::ok, "after the ignored SIGHUP");
+              },
+              asio::detached);
+        });
+        const int code = app.run();
+        struct sigaction after {};
+        (void)::sigaction(SIGHUP, nullptr, &after);
+        // NOLINTNEXTLINE(concurrency-mt-unsafe): the child's result
+        std::exit(code == exit_code::ok && app.stop_reason() == "after the ignored SIGHUP" &&
+                          after.sa_handler == SIG_IGN
+                      ? 0
+                      : 100);
+      },
+      ::testing::ExitedWithCode(0), "");
+}
+
 // A signal_set the program makes of its own while run() runs keeps its signal once run() has
 // returned: giving back what the signal did before run() must not take it from that set.
 TEST(ManagerSignals, ASignalSetTheProgramMadeDuringRunKeepsItsSignalAfterIt) {

@@ -32,6 +32,8 @@ inline constexpr int hard_deadline = 2;  ///< The watchdog ended a shutdown that
 /// help. sysexits.h's EX_CONFIG, so `Restart=on-failure` can be told not to loop on it
 /// (`RestartPreventExitStatus=78`).
 inline constexpr int config = 78;
+/// SIGHUP (the terminal closed): a graceful shutdown, when it had its default action at run().
+inline constexpr int hangup = 129;
 inline constexpr int interrupted = 130;  ///< SIGINT (graceful on the first, at once on the second).
 inline constexpr int quit = 131;         ///< SIGQUIT: exit at once.
 
@@ -93,7 +95,8 @@ struct ManagerOptions {
   /// or interrupted start-up switches to hard_deadline when its shutdown begins.
   std::optional<std::chrono::milliseconds> start_hard_deadline;
   /// Own SIGINT, SIGTERM and SIGQUIT while run() runs (one signal_set, until its threads are
-  /// joined and the exit handlers have run: then they get back what they did before run()), and,
+  /// joined and the exit handlers have run: then they get back what they did before run()), SIGHUP
+  /// too if it had its default action then (not if ignored, as under nohup, or handled), and,
   /// from construction, ignore SIGPIPE unless the
   /// program set a handler of its own: a write to a closed pipe (a log reader gone) then fails with
   /// EPIPE rather than killing the process without a shutdown.
@@ -128,7 +131,9 @@ struct ManagerEvents {
 /// down; run() returns the exit code. A watchdog thread _exit()s if the hard deadline passes.
 ///
 /// Signals (handle_signals): the first SIGINT or SIGTERM starts a graceful shutdown (exit codes
-/// 130 and 0); a repeated SIGTERM is logged and ignored; a SIGINT during a shutdown, or SIGQUIT,
+/// 130 and 0), and so does SIGHUP (129) where it had its default action (which would end the
+/// process at once when its terminal closes, accepted writes lost); a repeated SIGTERM, or a
+/// SIGHUP during a shutdown, is logged and ignored; a SIGINT during a shutdown, or SIGQUIT,
 /// flushes the logs and exits at once (130, 131).
 ///
 /// atexit: if the process exits without a graceful stop (std::exit elsewhere, main returning
