@@ -232,9 +232,9 @@ TEST(ChildProcessTest, TheLoggedCommandLineHidesPasswords) {
   EXPECT_THAT(text, ::testing::HasSubstr("password=***&sslmode=require")) << text;
 }
 
-// Passwords the logged command line used to show: the argument after an option that names a
-// password (`--password s3cret`, as many programs take it), and a URL's password with a '?' or
-// '#' in it (libpq ends a URL's credentials at the '@', and only a '/' before it).
+// Passwords the logged command line hides besides password=: the argument after an option that
+// names a password (`--password s3cret`, as many programs take it), and a URL's password with a
+// '?' or '#' in it (libpq ends a URL's credentials at the '@', and only a '/' before it).
 TEST(ChildProcessTest, TheLoggedCommandLineHidesAPasswordGivenAsTheNextArgument) {
   std::ostringstream log;
   auto previous = spdlog::default_logger();
