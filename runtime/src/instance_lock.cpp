@@ -9,6 +9,7 @@
 #include <fcntl.h>
 #include <limits>
 #include <sstream>
+#include <stdexcept>
 #include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -270,12 +271,20 @@ std::filesystem::path default_lock_directory() {
 
 std::chrono::milliseconds max_takeover_time(const InstanceLockOptions& options) {
   if (!options.force) return std::chrono::milliseconds{0};
+  // (Within the range acquire() takes, so that the sum never overflows.)
+  const auto grace =
+      std::clamp(options.takeover_grace, std::chrono::milliseconds{0}, max_takeover_grace);
   // read_holder_pid() may wait up to 1 s for a holder that has not written its pid yet.
-  return options.takeover_grace + std::min(options.takeover_grace, takeover_kill_wait) +
-         std::chrono::milliseconds(1'000);
+  return grace + std::min(grace, takeover_kill_wait) + std::chrono::milliseconds(1'000);
 }
 
 InstanceLock InstanceLock::acquire(const InstanceLockOptions& options) {
+  if (options.takeover_grace < std::chrono::milliseconds{0} ||
+      options.takeover_grace > max_takeover_grace) {
+    throw std::invalid_argument("InstanceLockOptions::takeover_grace (" +
+                                std::to_string(options.takeover_grace.count()) +
+                                " ms) must be from 0 to 24 hours");
+  }
   const auto requested = options.directory.empty() ? default_lock_directory() : options.directory;
   const std::string instance =
       options.instance.empty() ? default_instance_name() : options.instance;

@@ -344,6 +344,16 @@ void MetricsEndpoint::State::listen() {
                             .hint = "give an IPv4 or IPv6 address (PGRT_METRICS_ADDRESS), e.g. "
                                     "127.0.0.1"});
   }
+  // (A bound of a day at most: one longer would let slow clients hold connections for good, and
+  // past the clock's range it would overflow into a timeout in the past.)
+  if (options.request_timeout <= std::chrono::milliseconds(0) ||
+      options.request_timeout > std::chrono::hours(24)) {
+    throw Error(make_error_code(client_errc::invalid_config),
+                Diagnostics{.message = "the metrics endpoint's request_timeout (" +
+                                       std::to_string(options.request_timeout.count()) +
+                                       " ms) is not valid",
+                            .hint = "give from 1 ms to 24 hours (default 5 s)"});
+  }
   const tcp::endpoint endpoint(address, options.port);
   const auto fail = [&](const char* what) {
     throw std::system_error(error,

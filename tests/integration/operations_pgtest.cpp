@@ -575,6 +575,31 @@ std::string http_get(std::uint16_t port, const std::string& path) {
   return response;
 }
 
+// request_timeout bounds each request: a value that cannot be one (0 or less: every request cut
+// at once; over a day: slow clients held for good; milliseconds::max(): past the clock's range,
+// a timeout in the past) is refused when the endpoint starts, naming the option.
+TEST_F(WatchdogTest, TheEndpointRefusesARequestTimeoutThatCannotBeABound) {
+  Running running(1);
+  auto metrics = std::make_shared<Metrics>();
+  for (const auto timeout : {0ms, -5ms, std::chrono::milliseconds(std::chrono::hours(25)),
+                             std::chrono::milliseconds::max()}) {
+    MetricsEndpoint endpoint(running.io.get_executor(), metrics, [] { return true; },
+                             {.request_timeout = timeout});
+    try {
+      running.wait(endpoint.start());
+      ADD_FAILURE() << "request_timeout " << timeout.count() << " ms was taken";
+    } catch (const Error& error) {
+      EXPECT_EQ(error.code(), make_error_code(client_errc::invalid_config)) << error.what();
+      EXPECT_THAT(error.what(), HasSubstr("request_timeout"));
+    }
+  }
+  MetricsEndpoint endpoint(running.io.get_executor(), metrics, [] { return true; },
+                           {.request_timeout = std::chrono::hours(24)});
+  running.wait(endpoint.start());
+  EXPECT_THAT(http_get(endpoint.port(), "/healthz"), HasSubstr("200 OK"));
+  running.wait(endpoint.stop());
+}
+
 TEST_F(WatchdogTest, TheEndpointServesMetricsAndProbes) {
   Running running(2);
   Pool pool(running.io.get_executor(), config("endpoint", 2));

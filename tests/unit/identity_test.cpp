@@ -499,6 +499,27 @@ TEST_F(InstanceLockTest, ALooseOwnDirectoryInsideASharedOneIsMadePrivateAgainAnd
   }
 }
 
+// takeover_grace bounds waits of acquire(): a negative one, or one past a day (milliseconds::max()
+// would overflow the clock into a wait already over), is refused naming the option, before any
+// holder is signalled; max_takeover_time() stays a sum that does not overflow.
+TEST_F(InstanceLockTest, ATakeoverGraceThatCannotBeABoundIsRefused) {
+  for (const auto grace : {-1ms, max_takeover_grace + 1ms, std::chrono::milliseconds::max()}) {
+    InstanceLockOptions forced = options(/*force=*/true);
+    forced.takeover_grace = grace;
+    try {
+      (void)InstanceLock::acquire(forced);
+      ADD_FAILURE() << "takeover_grace " << grace.count() << " ms was taken";
+    } catch (const std::invalid_argument& error) {
+      EXPECT_THAT(error.what(), HasSubstr("takeover_grace"));
+    }
+    EXPECT_GE(max_takeover_time(forced), 0ms);
+    EXPECT_LE(max_takeover_time(forced), max_takeover_grace + takeover_kill_wait + 1s);
+  }
+  InstanceLockOptions longest = options(/*force=*/true);
+  longest.takeover_grace = max_takeover_grace;
+  EXPECT_NO_THROW((void)InstanceLock::acquire(longest));
+}
+
 TEST_F(InstanceLockTest, ALockFileThatIsALinkIsNeverWrittenThrough) {
   std::filesystem::create_directory(directory_);
   ::chmod(directory_.c_str(), 0700);

@@ -20,8 +20,13 @@ struct InstanceLockOptions {
   /// Take over from a running holder: SIGTERM it, wait up to takeover_grace for the lock, then
   /// SIGKILL it and wait up to min(takeover_grace, takeover_kill_wait) more.
   bool force = false;
+  /// From 0 to max_takeover_grace: InstanceLock::acquire() refuses another value with
+  /// std::invalid_argument.
   std::chrono::milliseconds takeover_grace{10'000};
 };
+
+/// The longest takeover_grace InstanceLock::acquire() takes.
+inline constexpr std::chrono::milliseconds max_takeover_grace{24 * 60 * 60 * 1'000};
 
 /// How long a takeover waits for the lock after SIGKILL (the kernel releases a killed holder's
 /// lock as soon as it is gone; longer means it is stuck in the kernel).

@@ -37,7 +37,8 @@ struct MetricsEndpointOptions {
   /// body; a small one is tolerated and ignored).
   std::size_t max_body_bytes = 1024;
   /// Bounds reading one request (from the connection's first byte or the previous response) and
-  /// writing its response: a slow client (slowloris) is closed when it passes.
+  /// writing its response: a slow client (slowloris) is closed when it passes. From 1 ms to 24 h:
+  /// another value is refused with client_errc::invalid_config when the endpoint starts.
   std::chrono::milliseconds request_timeout{5'000};
   /// Requests on one connection before it is closed (keep-alive is honoured up to this).
   std::size_t max_requests_per_connection = 100;
