@@ -3502,6 +3502,48 @@ TEST_F(PoolTest, QueryWithAcquireTimeoutZeroDoesNotWaitForADrainingConnection) {
   });
 }
 
+// A borrow that times out fails the statements it was borrowing for, not one queued while it
+// waited: that one still has its own acquire_timeout, and runs on the connection given back
+// within it (here, 600 ms into its 1 s, while the borrow made before it timed out after 200 ms).
+TEST_F(PoolTest, QueryQueuedWhileABorrowWaitsKeepsItsOwnAcquireTimeoutWhenThatBorrowFails) {
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    PoolConfig pool_config = config("shared-late-statement", 1);
+    pool_config.acquire_timeout = 1s;
+    Pool pool(executor, pool_config);
+    auto lease = co_await pool.acquire();
+    bool first_done = false;
+    asio::co_spawn(
+        executor,
+        [&]() -> awaitable_void {
+          auto error = co_await testing::expect_error(pool.query("SELECT 1"));
+          EXPECT_EQ(error.code(), client_errc::pool_timeout) << error.what();
+          first_done = true;
+        },
+        asio::detached);
+    co_await sleep_for(800ms);
+    asio::co_spawn(
+        executor,
+        [&]() -> awaitable_void {
+          co_await sleep_for(600ms);
+          lease.release();
+        },
+        asio::detached);
+    const auto started = std::chrono::steady_clock::now();
+    try {
+      EXPECT_EQ((co_await pool.query("SELECT $1::int", 7)).scalar<int>(), 7);
+    } catch (const Error& error) {
+      ADD_FAILURE() << "after "
+                    << std::chrono::duration_cast<std::chrono::milliseconds>(
+                           std::chrono::steady_clock::now() - started)
+                           .count()
+                    << " ms of its 1000: " << error.what();
+    }
+    while (!first_done) co_await sleep_for(10ms);
+    (void)co_await pool.close(5s);
+  });
+}
+
 // A statement waits for its turn at most acquire_timeout. One that no connection takes within it
 // (the one connection has its depth of statements in flight, held up by a slow first one, and
 // the pool may lend no other) fails with pool_timeout; the statements sent behind the slow one

@@ -139,15 +139,18 @@ asio::awaitable<void> borrow(std::shared_ptr<Multiplexer> mux) {
       // The pool could not lend one (its acquire timed out or failed fast, it is closing): with
       // no connection that takes statements (none, or only ones draining to go back), the queued
       // statements fail with the acquire's error, as a caller of acquire() would, and do not wait
-      // on for a draining one (with acquire_timeout 0, without a bound); the next statement tries
-      // again.
+      // on for a draining one (with acquire_timeout 0, without a bound). Only those that waited
+      // since before the acquire began: one queued while it waited has its own acquire_timeout
+      // still to run, and gets a borrow of its own (as would the next statement).
       mux->queue.remove_if([&](SharedStatement& statement) {
+        if (statement.wait_number >= mux->borrow_covers) return false;
         statement.error = failure;
         statement.diagnostics = diagnostics;
         statement.diagnostics.statement = statement.sql;
         Multiplexer::finish_locked(statement);
         return true;
       });
+      mux->grow_locked();
     }
   }
   if (lease && !link) lease->release();  // closed meanwhile
@@ -831,6 +834,7 @@ Multiplexer::Multiplexer(const std::shared_ptr<PoolState>& pool_in,
       sweeper(std::in_place, strand, Clock::time_point::max()) {}
 
 void Multiplexer::start_wait_locked(SharedStatement& statement) {
+  statement.wait_number = waits_started++;
   if (max_wait.count() <= 0) return;
   statement.deadline = coarse_now() + max_wait;
   // Armed already: at an earlier deadline, and it re-arms for this one when it fires.
@@ -997,6 +1001,7 @@ void Multiplexer::grow_locked() {
   });
   if (!all_busy) return;
   ++borrowing;
+  borrow_covers = waits_started;
   // Later, never inline: the acquire takes the pool's lock, which is never taken under ours.
   asio::post(strand, [self = shared_from_this(), on = strand] {
     asio::co_spawn(on, borrow(self), asio::detached);

@@ -22,6 +22,7 @@
 
 #include <boost/asio/any_completion_handler.hpp>
 #include <boost/asio/execution_context.hpp>
+#include <cstdint>
 #include <limits>
 #include <memory>
 #include <mutex>
@@ -51,6 +52,9 @@ struct SharedStatement {
   // a bound, acquire_timeout 0): queued, it fails with pool_timeout; sent, but held up behind
   // another caller's statement on its connection, with timeout (Multiplexer::sweep()).
   Clock::time_point deadline = Clock::time_point::max();
+  // The order its wait for a connection started in (Multiplexer::waits_started, taken again at a
+  // requeue): a borrow that fails fails only the statements that waited since before it began.
+  std::uint64_t wait_number = 0;
   enum class Stage { queued, sent, done, abandoned };
   Stage stage = Stage::queued;
   async::ParkedWait wait;   // the caller's, while it waits for its answer
@@ -169,6 +173,11 @@ struct Multiplexer : std::enable_shared_from_this<Multiplexer>, async::ParkedWai
   StatementQueue in_flight;
   std::vector<std::shared_ptr<SharedLink>> links;
   std::size_t borrowing = 0;  // acquires under way
+  // How many statement waits have started (SharedStatement::wait_number); and how many had when
+  // the borrow under way began: its failure fails those still queued, not the ones queued since,
+  // whose acquire_timeout has not run out (they get a borrow of their own).
+  std::uint64_t waits_started = 0;
+  std::uint64_t borrow_covers = 0;
   // How many more connections the pool could lend now, as its connections last read it
   // (PoolState's Core::lendable()): the even share counts those, not the pool's whole max.
   std::size_t lendable = std::numeric_limits<std::size_t>::max();
