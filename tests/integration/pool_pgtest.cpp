@@ -3502,6 +3502,37 @@ TEST_F(PoolTest, QueryWithAcquireTimeoutZeroDoesNotWaitForADrainingConnection) {
   });
 }
 
+// With acquire_timeout 0 and max_size 1, the one connection query() holds drains to go back
+// (evicted, its slow statement still running): the pool can lend no other, so a new statement
+// fails at once with pool_timeout, as acquire() would, rather than wait for that statement's end.
+TEST_F(PoolTest, QueryWithAcquireTimeoutZeroAtMaxDoesNotWaitForItsOnlyConnectionToDrain) {
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    PoolConfig pool_config = config("shared-no-wait-at-max", 1);
+    pool_config.acquire_timeout = 0ms;
+    Pool pool(executor, pool_config);
+    bool slow_done = false;
+    asio::co_spawn(
+        executor,
+        [&]() -> awaitable_void {
+          EXPECT_EQ((co_await pool.query("SELECT 7 FROM pg_sleep(1.5)")).scalar<int>(), 7);
+          slow_done = true;
+        },
+        asio::detached);
+    while (pool.stats().shared_in_flight == 0) co_await sleep_for(10ms);
+    co_await sleep_for(100ms);
+    pool.evict_all();  // the connection takes no new statement: it drains and goes back
+    const auto started = std::chrono::steady_clock::now();
+    auto error = co_await testing::expect_error(pool.query("SELECT 1"));
+    EXPECT_EQ(error.code(), client_errc::pool_timeout) << error.what();
+    EXPECT_LT(std::chrono::steady_clock::now() - started, 700ms)
+        << "the statement waited for the draining connection's slow statement";
+    while (!slow_done) co_await sleep_for(10ms);
+    EXPECT_EQ((co_await pool.query("SELECT 2")).scalar<int>(), 2);
+    (void)co_await pool.close(5s);
+  });
+}
+
 // A borrow that times out fails the statements it was borrowing for, not one queued while it
 // waited: that one still has its own acquire_timeout, and runs on the connection given back
 // within it (here, 600 ms into its 1 s, while the borrow made before it timed out after 200 ms).

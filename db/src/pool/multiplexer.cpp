@@ -984,8 +984,18 @@ void Multiplexer::dispatch_locked() {
 }
 
 void Multiplexer::grow_locked() {
-  if (closed || queue.empty() || links.size() + borrowing >= max_links) return;
+  if (closed || queue.empty()) return;
   if (borrowing > 0) return;  // one at a time
+  if (links.size() >= max_links) {
+    // Every connection the pool may have is held here: one more cannot be borrowed, and the
+    // statements wait for one of them (at most acquire_timeout). With acquire_timeout 0 they do
+    // not wait for one that drains to go back: when none takes statements any more, a borrow is
+    // made all the same, which the pool refuses at once, as it would refuse acquire() (every
+    // connection in use), and its refusal fails them (borrow()).
+    const bool none_takes =
+        std::all_of(links.begin(), links.end(), [](const auto& link) { return link->retiring; });
+    if (max_wait.count() > 0 || !none_takes) return;
+  }
   // Nothing to lend (the rest leased, as the connections last read the pool) while a connection
   // held has room in its pipeline: a borrow would only wait, counted as a caller waiting and
   // timing out, while the statements can go there (it is woken, and reads the pool again). With
