@@ -200,27 +200,34 @@ TEST(ChildProcessTest, ExitIsReapedAndReported) {
   EXPECT_THAT(events.stayed_down, ElementsAre("restart policy never"));
 }
 
-// The start is logged with its command line, but never a password given in it.
-TEST(ChildProcessTest, TheLoggedCommandLineHidesPasswords) {
+// What a child started with `arguments` after `/bin/sh -c "exit 0"` logs (the default logger's
+// lines, while it runs to its end).
+std::string logged_start(std::vector<std::string> arguments) {
   std::ostringstream log;
   auto previous = spdlog::default_logger();
   spdlog::set_default_logger(std::make_shared<spdlog::logger>(
       "capture", std::make_shared<spdlog::sinks::ostream_sink_mt>(log)));
+  std::vector<std::string> argv{"/bin/sh", "-c", "exit 0"};
+  argv.insert(argv.end(), arguments.begin(), arguments.end());
   asio::io_context io;
   ChildProcess child(
-      {.name = "secretive",
-       .argv = {"/bin/sh", "-c", "exit 0", "postgresql://app:s3cret-url@db:5432/x",
-                "host=db password=s3cret-kv dbname=x", "password='s3cret quoted' user=app",
-                "PGPASSWORD=s3cret-env", "postgres://keep@db/x", "host=db password = s3cret-spaced",
-                "password='it\\'s s3cret-escaped' user=app", "password=ab&s3cret-amp user=app",
-                "postgresql://db/x?user=app&password=s3cret-query&sslmode=require"},
-       .restart = RestartPolicy::never});
+      {.name = "secretive", .argv = std::move(argv), .restart = RestartPolicy::never});
   run_on(io, [&]() -> asio::awaitable<void> {
     co_await child.start();
     EXPECT_TRUE(co_await poll_until([&] { return !child.supervising(); }, 10s));
   });
   spdlog::set_default_logger(previous);
-  const std::string text = log.str();
+  return log.str();
+}
+
+// The start is logged with its command line, but never a password given in it.
+TEST(ChildProcessTest, TheLoggedCommandLineHidesPasswords) {
+  const std::string text =
+      logged_start({"postgresql://app:s3cret-url@db:5432/x", "host=db password=s3cret-kv dbname=x",
+                    "password='s3cret quoted' user=app", "PGPASSWORD=s3cret-env",
+                    "postgres://keep@db/x", "host=db password = s3cret-spaced",
+                    "password='it\\'s s3cret-escaped' user=app", "password=ab&s3cret-amp user=app",
+                    "postgresql://db/x?user=app&password=s3cret-query&sslmode=require"});
   EXPECT_THAT(text, ::testing::HasSubstr("child secretive: started pid"));
   EXPECT_THAT(text, ::testing::Not(::testing::HasSubstr("s3cret"))) << text;
   EXPECT_THAT(text, ::testing::HasSubstr("postgresql://app:***@db:5432/x")) << text;
@@ -236,23 +243,10 @@ TEST(ChildProcessTest, TheLoggedCommandLineHidesPasswords) {
 // names a password (`--password s3cret`, as many programs take it), and a URL's password with a
 // '?' or '#' in it (libpq ends a URL's credentials at the '@', and only a '/' before it).
 TEST(ChildProcessTest, TheLoggedCommandLineHidesAPasswordGivenAsTheNextArgument) {
-  std::ostringstream log;
-  auto previous = spdlog::default_logger();
-  spdlog::set_default_logger(std::make_shared<spdlog::logger>(
-      "capture", std::make_shared<spdlog::sinks::ostream_sink_mt>(log)));
-  asio::io_context io;
-  ChildProcess child(
-      {.name = "secretive",
-       .argv = {"/bin/sh", "-c", "exit 0", "--password", "s3cret-next", "--DB-Password",
-                "s3cret-named", "--passwd", "s3cret-short", "postgresql://app:s3c?ret-query@db/x",
-                "postgresql://app:s3c#ret-hash@db/x", "--user", "app"},
-       .restart = RestartPolicy::never});
-  run_on(io, [&]() -> asio::awaitable<void> {
-    co_await child.start();
-    EXPECT_TRUE(co_await poll_until([&] { return !child.supervising(); }, 10s));
-  });
-  spdlog::set_default_logger(previous);
-  const std::string text = log.str();
+  const std::string text =
+      logged_start({"--password", "s3cret-next", "--DB-Password", "s3cret-named", "--passwd",
+                    "s3cret-short", "postgresql://app:s3c?ret-query@db/x",
+                    "postgresql://app:s3c#ret-hash@db/x", "--user", "app"});
   EXPECT_THAT(text, ::testing::HasSubstr("child secretive: started pid"));
   EXPECT_THAT(text, ::testing::Not(::testing::HasSubstr("s3c"))) << text;
   EXPECT_THAT(text, ::testing::HasSubstr("--password *** --DB-Password *** --passwd ***")) << text;
