@@ -3533,6 +3533,39 @@ TEST_F(PoolTest, QueryWithAcquireTimeoutZeroAtMaxDoesNotWaitForItsOnlyConnection
   });
 }
 
+// With acquire_timeout 0 and max_size 1, the one connection query() holds stops taking statements
+// once held past its hold limit (half of leak_threshold here), with nobody waiting for a lease:
+// it goes back only to be borrowed again. A statement that comes while it drains waits for it
+// and runs, rather than failing with pool_timeout on a pool nobody else uses.
+TEST_F(PoolTest, QueryWithAcquireTimeoutZeroWaitsOutItsOwnConnectionsPeriodicGiveBack) {
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    PoolConfig pool_config = config("shared-zero-give-back", 1);
+    pool_config.acquire_timeout = 0ms;
+    pool_config.leak_threshold = 3s;  // held 1.5 s, the connection is given back
+    Pool pool(executor, pool_config);
+    bool slow_done = false;
+    asio::co_spawn(
+        executor,
+        [&]() -> awaitable_void {
+          EXPECT_EQ((co_await pool.query("SELECT 7 FROM pg_sleep(2)")).scalar<int>(), 7);
+          slow_done = true;
+        },
+        asio::detached);
+    while (pool.stats().shared_in_flight == 0) co_await sleep_for(10ms);
+    co_await sleep_for(1700ms);  // past the hold limit, the slow statement still running
+    try {
+      EXPECT_EQ((co_await pool.query("SELECT 2")).scalar<int>(), 2);
+    } catch (const Error& error) {
+      ADD_FAILURE() << "a statement failed while query()'s own connection went back: "
+                    << error.what();
+    }
+    EXPECT_EQ(pool.stats().timeouts, 0U);
+    while (!slow_done) co_await sleep_for(10ms);
+    (void)co_await pool.close(5s);
+  });
+}
+
 // A borrow that times out fails the statements it was borrowing for, not one queued while it
 // waited: that one still has its own acquire_timeout, and runs on the connection given back
 // within it (here, 600 ms into its 1 s, while the borrow made before it timed out after 200 ms).

@@ -135,13 +135,14 @@ asio::awaitable<void> borrow(std::shared_ptr<Multiplexer> mux) {
       link = std::make_shared<SharedLink>(std::move(*lease));
       mux->links.push_back(link);
     } else if (!lease && std::all_of(mux->links.begin(), mux->links.end(),
-                                     [](const auto& held) { return held->retiring; })) {
+                                     [](const auto& held) { return held->drained_for_good(); })) {
       // The pool could not lend one (its acquire timed out or failed fast, it is closing): with
-      // no connection that takes statements (none, or only ones draining to go back), the queued
-      // statements fail with the acquire's error, as a caller of acquire() would, and do not wait
-      // on for a draining one (with acquire_timeout 0, without a bound). Only those that waited
-      // since before the acquire began: one queued while it waited has its own acquire_timeout
-      // still to run, and gets a borrow of its own (as would the next statement).
+      // no connection that takes statements (none, or only ones draining to go back for good, not
+      // to be borrowed again: SharedLink::drained_for_good()), the queued statements fail with
+      // the acquire's error, as a caller of acquire() would, and do not wait on for a draining one
+      // (with acquire_timeout 0, without a bound). Only those that waited since before the acquire
+      // began: one queued while it waited has its own acquire_timeout still to run, and gets a
+      // borrow of its own (as would the next statement).
       mux->queue.remove_if([&](SharedStatement& statement) {
         if (statement.wait_number >= mux->borrow_covers) return false;
         statement.error = failure;
@@ -266,6 +267,8 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
       if (due_back ||
           (served && (coarse_now() - link->borrowed >= mux->hold_limit || lease_callers_wait))) {
         std::lock_guard lock(mux->mutex);
+        const bool only_held_long = !due_back && !lease_callers_wait;
+        link->rotating = (link->rotating || !link->retiring) && only_held_long;
         link->retiring = true;
       }
       // 1. Take what is queued, up to the depth.
@@ -898,6 +901,7 @@ void Multiplexer::sweep() {
         .statement = statement.sql};
     finish_locked(statement);
     link->retiring = true;
+    link->rotating = false;
     wake_locked(link);
   });
   queue.remove_if([&](SharedStatement& statement) {
@@ -991,9 +995,10 @@ void Multiplexer::grow_locked() {
     // statements wait for one of them (at most acquire_timeout). With acquire_timeout 0 they do
     // not wait for one that drains to go back: when none takes statements any more, a borrow is
     // made all the same, which the pool refuses at once, as it would refuse acquire() (every
-    // connection in use), and its refusal fails them (borrow()).
-    const bool none_takes =
-        std::all_of(links.begin(), links.end(), [](const auto& link) { return link->retiring; });
+    // connection in use), and its refusal fails them (borrow()). One given back only because it
+    // was held long (SharedLink::rotating) is borrowed again once drained: they wait for it.
+    const bool none_takes = std::all_of(links.begin(), links.end(),
+                                        [](const auto& link) { return link->drained_for_good(); });
     if (max_wait.count() > 0 || !none_takes) return;
   }
   // Nothing to lend (the rest leased, as the connections last read the pool) while a connection
@@ -1165,6 +1170,7 @@ asio::awaitable<Result> run_shared(std::shared_ptr<PoolState> pool,
       held_up = statement->link.lock();  // (dropped after the lock: never the last under it)
       if (held_up) {
         held_up->retiring = true;
+        held_up->rotating = false;
         mux->wake_locked(held_up);  // (to cancel, if every statement in flight there is given up)
       }
     }

@@ -141,6 +141,12 @@ struct SharedLink {
   bool waiting = false;       // its coroutine waits for the socket (a wake cancels that wait)
   bool wake_posted = false;
   bool retiring = false;  // takes no new statement; given back once drained
+  // Retiring only because it was held past Multiplexer::hold_limit, with no caller waiting for a
+  // lease and not due back: it goes back to be borrowed again, so the statements wait for it,
+  // also with acquire_timeout 0 (they do not fail as for a connection drained for good).
+  bool rotating = false;
+  // Takes no new statement, and is not given back only to be borrowed again.
+  [[nodiscard]] bool drained_for_good() const noexcept { return retiring && !rotating; }
   // Statements it takes in flight: Multiplexer::depth, or one behind a transaction pooler
   // (Connection::Impl::one_segment_in_flight()).
   std::size_t depth = 1;
