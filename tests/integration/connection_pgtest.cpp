@@ -82,6 +82,14 @@ using ::testing::Not;
 using testing::run_coroutine;
 using awaitable_void = asio::awaitable<void>;
 
+// A socket option of `conn`'s socket (getsockopt), or -1 if it cannot be read.
+int socket_option(const Connection& conn, int level, int name) {
+  int value = -1;
+  socklen_t size = sizeof value;
+  if (getsockopt(PQsocket(conn.native_handle()), level, name, &value, &size) != 0) return -1;
+  return value;
+}
+
 class ConnectionTest : public testing::DbTest {
  protected:
   static ConnectOptions options() { return ConnectOptions{.conninfo = cluster().dsn()}; }
@@ -599,17 +607,10 @@ TEST_F(ConnectionTest, ConnectOptionsReachTheServerAndTheSocket) {
               std::string_view("\"a b\", public"));
     EXPECT_EQ((co_await conn.query("SHOW DateStyle")).scalar<std::string>(),
               std::string_view("ISO, MDY"));
-    const int fd = PQsocket(conn.native_handle());
-    int value = 0;
-    socklen_t size = sizeof value;
-    EXPECT_EQ(getsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &value, &size), 0);
-    EXPECT_EQ(value, 1);
-    EXPECT_EQ(getsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &value, &size), 0);
-    EXPECT_EQ(value, 17);
-    EXPECT_EQ(getsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &value, &size), 0);
-    EXPECT_EQ(value, 4);
-    EXPECT_EQ(getsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &value, &size), 0);
-    EXPECT_EQ(value, 7000);
+    EXPECT_EQ(socket_option(conn, SOL_SOCKET, SO_KEEPALIVE), 1);
+    EXPECT_EQ(socket_option(conn, IPPROTO_TCP, TCP_KEEPIDLE), 17);
+    EXPECT_EQ(socket_option(conn, IPPROTO_TCP, TCP_KEEPCNT), 4);
+    EXPECT_EQ(socket_option(conn, IPPROTO_TCP, TCP_USER_TIMEOUT), 7000);
   });
 }
 
@@ -625,25 +626,18 @@ TEST_F(ConnectionTest, KeepalivesAndTcpUserTimeoutInTheConninfoWinOverPgrtsOwn) 
         .tcp_user_timeout = 7000ms,
     };
     auto conn = co_await Connection::connect(std::move(options));
-    const int fd = PQsocket(conn.native_handle());
-    int value = 0;
-    socklen_t size = sizeof value;
-    EXPECT_EQ(getsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &value, &size), 0);
-    EXPECT_EQ(value, 1);
-    EXPECT_EQ(getsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &value, &size), 0);
-    EXPECT_EQ(value, 5) << "the conninfo's keepalives_idle";
-    EXPECT_EQ(getsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &value, &size), 0);
-    EXPECT_EQ(value, 10) << "pgrt's default, which the conninfo leaves out";
-    EXPECT_EQ(getsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &value, &size), 0);
-    EXPECT_EQ(value, 9000) << "the conninfo's tcp_user_timeout";
+    EXPECT_EQ(socket_option(conn, SOL_SOCKET, SO_KEEPALIVE), 1);
+    EXPECT_EQ(socket_option(conn, IPPROTO_TCP, TCP_KEEPIDLE), 5)
+        << "the conninfo's keepalives_idle";
+    EXPECT_EQ(socket_option(conn, IPPROTO_TCP, TCP_KEEPINTVL), 10)
+        << "pgrt's default, which the conninfo leaves out";
+    EXPECT_EQ(socket_option(conn, IPPROTO_TCP, TCP_USER_TIMEOUT), 9000)
+        << "the conninfo's tcp_user_timeout";
     // keepalives=0 in the conninfo turns them off.
     ConnectOptions off{.conninfo = "host=127.0.0.1 port=" + std::to_string(cluster().port()) +
                                    " user=postgres dbname=postgres keepalives=0"};
     auto plain = co_await Connection::connect(std::move(off));
-    value = 1;
-    EXPECT_EQ(getsockopt(PQsocket(plain.native_handle()), SOL_SOCKET, SO_KEEPALIVE, &value, &size),
-              0);
-    EXPECT_EQ(value, 0) << "the conninfo's keepalives=0";
+    EXPECT_EQ(socket_option(plain, SOL_SOCKET, SO_KEEPALIVE), 0) << "the conninfo's keepalives=0";
   });
 }
 
