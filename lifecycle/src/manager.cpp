@@ -538,8 +538,12 @@ struct Manager::Impl {
   // Stops every started component along the reverse DAG. True if all stopped cleanly.
   asio::awaitable<bool> stop_all() {
     const auto budget_end = deadline_after(Clock::now(), options.shutdown_budget);
-    // A cancelled stop winds down by then at the latest: the budget's end plus one wind-down.
-    const auto wind_down_end = deadline_after(budget_end, stop_wind_down);
+    // A cancelled stop winds down by then at the latest: the budget's end plus one wind-down, but
+    // no more than half the time the hard deadline leaves after the budget (the other half is the
+    // exit handlers'): the watchdog must not _exit() in a wind-down the manager gave.
+    const auto past_budget =
+        std::min(stop_wind_down, (options.hard_deadline - options.shutdown_budget) / 2);
+    const auto wind_down_end = deadline_after(budget_end, past_budget);
     bool clean = true;
     for (;;) {
       const auto now = Clock::now();
@@ -559,8 +563,8 @@ struct Manager::Impl {
         } else if (now >= node->deadline && !node->cancel_emitted &&
                    wind_down_end - now > milliseconds(1)) {
           // Cancelled first, and given a moment to wind down, at the budget's end too (then past
-          // the budget, by at most stop_wind_down; the hard deadline, longer than the budget,
-          // still bounds it): a stop that honours its cancellation says what it gave up on (a
+          // the budget, by at most stop_wind_down and half the hard deadline's margin over the
+          // budget): a stop that honours its cancellation says what it gave up on (a
           // PendingWrites counts and reports through events().failed the writes it could not
           // commit) instead of being dropped mid-way. With no time left for that, it is
           // abandoned at once.

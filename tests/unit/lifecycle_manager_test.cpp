@@ -663,6 +663,32 @@ TEST(LifecycleManagerDeathTest, TheWatchdogLeavesARollbackWithinItsDeadlinesAlon
       ::testing::ExitedWithCode(exit_code::failure + 100), "");
 }
 
+// A stop still running at the budget's end is given a wind-down past the budget, but never into
+// the hard deadline: with a hard_deadline the options accept (longer than the budget, by less than
+// that wind-down), a stop that ignores its cancellation is abandoned in time for run() to return 1
+// and run the exit handlers, not cut by the watchdog's _exit(2) with the handlers skipped.
+TEST(LifecycleManagerDeathTest, TheWindDownPastTheBudgetLeavesTheHardDeadlineAlone) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(
+      {
+        Journal journal;
+        ManagerOptions options = test_options();
+        options.shutdown_budget = 200ms;
+        options.hard_deadline = 700ms;
+        Manager app(options);
+        Fake hanging = fake("hanging", journal);
+        hanging.hang_stop = true;  // ignores its cancellation
+        app.add(std::move(hanging));
+        bool handled = false;
+        app.on_exit([&] { handled = true; });
+        app.on_ready([&] { app.request_stop(); });
+        const int code = app.run();
+        // NOLINTNEXTLINE(concurrency-mt-unsafe): the child's result
+        std::exit(handled ? 100 + code : 50 + code);
+      },
+      ::testing::ExitedWithCode(100 + exit_code::failure), "");
+}
+
 // Durations too long for the clock (steady_clock counts nanoseconds: about 292 years) mean no
 // limit: added to now() they would overflow into the past, and every start and stop would be cut
 // at once, the watchdog _exit()ing at the start of the shutdown.

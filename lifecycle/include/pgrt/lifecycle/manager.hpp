@@ -81,7 +81,8 @@ struct ManagerOptions {
   std::chrono::milliseconds start_timeout{30'000};  ///< Default per-component start deadline.
   std::chrono::milliseconds stop_timeout{10'000};   ///< Default per-component stop deadline.
   /// All stops together. A stop still running at its end is cancelled and given up to 1 s more
-  /// to wind down (to say what it gave up on), as one past its own deadline is.
+  /// to wind down (to say what it gave up on), as one past its own deadline is, but no more than
+  /// half the time hard_deadline leaves after the budget (the other half is the exit handlers').
   std::chrono::milliseconds shutdown_budget{30'000};
   /// From the start of a shutdown's stops until the watchdog _exit()s with
   /// exit_code::hard_deadline. Must be longer than shutdown_budget (leave it the time the exit
