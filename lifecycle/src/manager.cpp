@@ -255,8 +255,11 @@ struct Manager::Impl {
       refuse("start_hard_deadline is negative");
     }
     // The watchdog would _exit() in the middle of the stops' budget: a stop within its deadline
-    // cut with exit code 2, the exit handlers skipped, a pending write's loss unreported.
-    if (options.hard_deadline <= options.shutdown_budget) {
+    // cut with exit code 2, the exit handlers skipped, a pending write's loss unreported. (Not
+    // with no hard deadline, one too long for the clock: then no budget, as long, is fine too.)
+    const bool no_hard_deadline =
+        deadline_after(Clock::now(), options.hard_deadline) == Clock::time_point::max();
+    if (!no_hard_deadline && options.hard_deadline <= options.shutdown_budget) {
       refuse("hard_deadline (" + std::to_string(options.hard_deadline.count()) +
              " ms) must be longer than shutdown_budget (" +
              std::to_string(options.shutdown_budget.count()) +

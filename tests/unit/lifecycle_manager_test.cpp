@@ -530,6 +530,24 @@ TEST(LifecycleManager, OptionsThatCannotWorkAreRefusedAtConstruction) {
                std::invalid_argument);
 }
 
+// A duration too long for the clock means no limit: a shutdown budget without one, and no hard
+// deadline either (the watchdog then never ends the shutdown, so it cannot cut the stops), is a
+// configuration that can work, and is taken.
+TEST(LifecycleManager, NoShutdownBudgetAndNoHardDeadlineAreTaken) {
+  ManagerOptions unlimited = test_options();
+  unlimited.shutdown_budget = std::chrono::milliseconds::max();
+  unlimited.hard_deadline = std::chrono::milliseconds::max();
+  EXPECT_NO_THROW(Manager{unlimited});
+  ManagerOptions forever = test_options();
+  forever.shutdown_budget = std::chrono::hours(24 * 365 * 300);  // past the clock's range
+  forever.hard_deadline = std::chrono::hours(24 * 365 * 300);
+  EXPECT_NO_THROW(Manager{forever});
+  ManagerOptions bounded = test_options();  // a real hard deadline still outlasts the budget
+  bounded.shutdown_budget = std::chrono::milliseconds::max();
+  bounded.hard_deadline = 35s;
+  EXPECT_THROW(Manager{bounded}, std::invalid_argument);
+}
+
 // A start cancelled by a stop request may not have cleaned up after itself (its clean-up's own
 // waits see the cancellation): the exit handlers run.
 TEST(LifecycleManager, ExitHandlersRunWhenAStartWasCancelled) {

@@ -86,9 +86,10 @@ struct ManagerOptions {
   std::chrono::milliseconds shutdown_budget{30'000};
   /// From the start of a shutdown's stops until the watchdog _exit()s with
   /// exit_code::hard_deadline. Must be longer than shutdown_budget (leave it the time the exit
-  /// handlers need, a few seconds). After a failed start, the starts still in flight are cancelled
-  /// and waited for first (each up to its stop deadline): the watchdog gives the rollback that long
-  /// on top, so that a rollback within its deadlines is never cut.
+  /// handlers need, a few seconds), unless it is no limit (too long for the clock). After a failed
+  /// start, the starts still in flight are cancelled and waited for first (each up to its stop
+  /// deadline): the watchdog gives the rollback that long on top, so that a rollback within its
+  /// deadlines is never cut.
   std::chrono::milliseconds hard_deadline{35'000};
   /// From run() until every component has started; if it passes first, the watchdog _exit()s
   /// with exit_code::hard_deadline. It ends a start that blocks its thread, which start_timeout
@@ -148,7 +149,7 @@ struct ManagerEvents {
 class Manager {
  public:
   /// Throws std::invalid_argument for options that cannot work: no thread, a negative duration,
-  /// a hard_deadline not longer than the shutdown_budget.
+  /// a hard_deadline (other than no limit) not longer than the shutdown_budget.
   explicit Manager(ManagerOptions options = {});
   /// Runs the on_exit() handlers if run() was not called or did not return (and they did not run
   /// yet).
