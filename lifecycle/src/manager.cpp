@@ -202,6 +202,9 @@ struct Manager::Impl {
   // What SIGINT, SIGTERM, SIGQUIT and SIGHUP did before run() took them (restored once it is
   // done; SIGHUP is taken only when it had its default action).
   std::array<struct sigaction, 4> signals_before{};
+  // What they did once run() had taken them: one that no longer does that when run() is done was
+  // set by the program meanwhile, and keeps what the program chose.
+  std::array<struct sigaction, 4> signals_taken{};
   static constexpr std::array<int, 4> owned_signals{SIGINT, SIGTERM, SIGQUIT, SIGHUP};
 
   std::atomic<State> current_state{State::created};
@@ -726,6 +729,9 @@ struct Manager::Impl {
       if (hangup_before.sa_handler == SIG_DFL && (hangup_before.sa_flags & SA_SIGINFO) == 0) {
         signals->add(SIGHUP);
       }
+      for (std::size_t i = 0; i < owned_signals.size(); ++i) {
+        (void)::sigaction(owned_signals[i], nullptr, &signals_taken[i]);
+      }
       asio::co_spawn(strand, handle_signals(), asio::detached);
     }
     asio::co_spawn(strand, live(), [this, &code, &crashed](std::exception_ptr error, int result) {
@@ -765,8 +771,23 @@ struct Manager::Impl {
       sigemptyset(&owned);
       for (int number : owned_signals) sigaddset(&owned, number);
       const bool blocked = ::pthread_sigmask(SIG_BLOCK, &owned, &mask_before) == 0;
+      // A disposition the program set during run() (SIGHUP ignored once it has detached, say) is
+      // its own choice: it stays, whatever asio's reset and what the signal did before run().
+      std::array<std::optional<struct sigaction>, owned_signals.size()> set_by_the_program;
+      for (std::size_t i = 0; i < owned_signals.size(); ++i) {
+        struct sigaction now {};
+        if (::sigaction(owned_signals[i], nullptr, &now) == 0 &&
+            (now.sa_handler != signals_taken[i].sa_handler ||
+             (now.sa_flags & SA_SIGINFO) != (signals_taken[i].sa_flags & SA_SIGINFO))) {
+          set_by_the_program[i] = now;
+        }
+      }
       signals.reset();
       for (std::size_t i = 0; i < owned_signals.size(); ++i) {
+        if (set_by_the_program[i]) {
+          (void)::sigaction(owned_signals[i], &*set_by_the_program[i], nullptr);
+          continue;
+        }
         // Only where asio left the default: a signal_set the program made itself during run()
         // still holds the signal (asio keeps its handler while any set has it), and keeps it.
         struct sigaction now {};

@@ -823,6 +823,32 @@ TEST(ManagerSignalsDeathTest, SighupWithItsDefaultActionStartsAGracefulShutdown)
       ::testing::ExitedWithCode(0), "");
 }
 
+// A disposition the program sets while run() runs (SIGHUP ignored once it has detached from its
+// terminal, say) is the program's choice, and stays once run() has returned: giving back what the
+// signal did before run() must not undo it, nor asio's reset to the default.
+TEST(ManagerSignals, ADispositionTheProgramSetDuringRunStaysAfterIt) {
+  auto disposition = [](int number) {
+    struct sigaction current {};
+    EXPECT_EQ(::sigaction(number, nullptr, &current), 0);
+    return current.sa_handler;
+  };
+  (void)std::signal(SIGHUP, SIG_DFL);
+  (void)std::signal(SIGTERM, SIG_DFL);
+  ManagerOptions options = test_options();
+  options.handle_signals = true;
+  Manager app(options);
+  app.on_ready([&] {
+    (void)std::signal(SIGHUP, SIG_IGN);
+    (void)std::signal(SIGTERM, SIG_IGN);
+    app.request_stop();
+  });
+  EXPECT_EQ(app.run(), exit_code::ok);
+  EXPECT_EQ(disposition(SIGHUP), SIG_IGN);
+  EXPECT_EQ(disposition(SIGTERM), SIG_IGN);
+  (void)std::signal(SIGHUP, SIG_DFL);
+  (void)std::signal(SIGTERM, SIG_DFL);
+}
+
 // A signal_set the program makes of its own while run() runs keeps its signal once run() has
 // returned: giving back what the signal did before run() must not take it from that set.
 TEST(ManagerSignals, ASignalSetTheProgramMadeDuringRunKeepsItsSignalAfterIt) {

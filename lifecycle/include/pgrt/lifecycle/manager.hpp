@@ -97,7 +97,8 @@ struct ManagerOptions {
   /// or interrupted start-up switches to hard_deadline when its shutdown begins.
   std::optional<std::chrono::milliseconds> start_hard_deadline;
   /// Own SIGINT, SIGTERM and SIGQUIT while run() runs (one signal_set, until its threads are
-  /// joined and the exit handlers have run: then they get back what they did before run()), SIGHUP
+  /// joined and the exit handlers have run: then they get back what they did before run(), unless
+  /// the program set a disposition of its own meanwhile, which stays), SIGHUP
   /// too if it had its default action then (not if ignored, as under nohup, or handled), and,
   /// from construction, ignore SIGPIPE unless the
   /// program set a handler of its own: a write to a closed pipe (a log reader gone) then fails with
