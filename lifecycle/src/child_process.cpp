@@ -339,6 +339,12 @@ bool takes_a_password_next(std::string_view word) {
   std::string lowered(word);
   std::transform(lowered.begin(), lowered.end(), lowered.begin(),
                  [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  // (--no-password says there is none: it takes no value.)
+  const std::size_t name = lowered.find_first_not_of('-');
+  if (name == std::string::npos || lowered.compare(name, 3, "no-") == 0 ||
+      lowered.compare(name, 3, "no_") == 0) {
+    return false;
+  }
   return lowered.ends_with("password") || lowered.ends_with("passwd");
 }
 

@@ -70,8 +70,9 @@ struct ChildProcessOptions {
   /// PATH of the child's environment (or "/usr/bin:/bin" if it has none), as execvp() does.
   /// Each start logs it (info), with the value of any `password=`, the password of any URL's
   /// credentials and the argument after an option that names a password (`--password s3cret`,
-  /// `--db-password s3cret`) replaced by "***"; still, prefer passing secrets in the environment:
-  /// any user on the host can read a process's arguments (/proc/PID/cmdline).
+  /// `--db-password s3cret`; not after `--no-password`, which takes none) replaced by "***"; still,
+  /// prefer passing secrets in the environment: any user on the host can read a process's arguments
+  /// (/proc/PID/cmdline).
   std::vector<std::string> argv;
   /// Variables set in the child's environment, on top of the parent's when inherit_environment
   /// (replacing a variable of the same name), or alone when not. The parent's environment is read
