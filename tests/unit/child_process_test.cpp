@@ -257,21 +257,8 @@ TEST(ChildProcessTest, TheLoggedCommandLineHidesAPasswordGivenAsTheNextArgument)
 // An option that says there is no password (libpq tools' --no-password, -w) takes no value: the
 // argument after it is not a password, and the log shows it.
 TEST(ChildProcessTest, TheLoggedCommandLineShowsTheArgumentAfterANoPasswordOption) {
-  std::ostringstream log;
-  auto previous = spdlog::default_logger();
-  spdlog::set_default_logger(std::make_shared<spdlog::logger>(
-      "capture", std::make_shared<spdlog::sinks::ostream_sink_mt>(log)));
-  asio::io_context io;
-  ChildProcess child({.name = "passwordless",
-                      .argv = {"/bin/sh", "-c", "exit 0", "--", "--no-password", "--file",
-                               "/backups/app.sql", "--password", "s3cret-next"},
-                      .restart = RestartPolicy::never});
-  run_on(io, [&]() -> asio::awaitable<void> {
-    co_await child.start();
-    EXPECT_TRUE(co_await poll_until([&] { return !child.supervising(); }, 10s));
-  });
-  spdlog::set_default_logger(previous);
-  const std::string text = log.str();
+  const std::string text = logged_start(
+      {"--", "--no-password", "--file", "/backups/app.sql", "--password", "s3cret-next"});
   EXPECT_THAT(text, ::testing::HasSubstr("-- --no-password --file /backups/app.sql --password ***"))
       << text;
   EXPECT_THAT(text, ::testing::Not(::testing::HasSubstr("s3cret"))) << text;
