@@ -516,6 +516,17 @@ TEST(ServiceEnvironment, MalformedStartWaitAndMetricsPortAreRefusedClearly) {
   EXPECT_EQ(options.address, "0.0.0.0");
 }
 
+// Every sample of a rendered metrics page names its series (name and labels) once: the
+// exposition format forbids two samples of one series.
+void expect_each_series_once(const std::string& text) {
+  std::set<std::string> series;
+  std::istringstream lines(text);
+  for (std::string line; std::getline(lines, line);) {
+    if (line.empty() || line.starts_with("#")) continue;
+    EXPECT_TRUE(series.insert(line.substr(0, line.rfind(' '))).second) << "twice: " << line;
+  }
+}
+
 // Two pools with one application name (a primary and a replica) must not give duplicate series:
 // Prometheus would keep one of each pair without a word. Bucket bounds read as client libraries
 // write them (le="0.0001", not "1e-04"), so that series of several exporters group by le.
@@ -524,12 +535,7 @@ TEST(MetricsText, RepeatedPoolNamesGetDistinctSeriesAndBoundsAreWrittenPlainly) 
   metrics.add_pool("orders/vm/1a2b3c4d", [] { return PoolStats{}; });
   metrics.add_pool("orders/vm/1a2b3c4d", [] { return PoolStats{}; });
   const std::string text = metrics.render();
-  std::set<std::string> series;
-  std::istringstream lines(text);
-  for (std::string line; std::getline(lines, line);) {
-    if (line.empty() || line.starts_with("#")) continue;
-    EXPECT_TRUE(series.insert(line.substr(0, line.rfind(' '))).second) << "twice: " << line;
-  }
+  expect_each_series_once(text);
   EXPECT_THAT(text, HasSubstr("db_client_connection_pool_name=\"orders/vm/1a2b3c4d#2\""));
   EXPECT_THAT(text, HasSubstr("le=\"0.0001\""));
   EXPECT_THAT(text, ::testing::Not(HasSubstr("e-0")));
@@ -937,12 +943,7 @@ TEST(MetricsText, AConsumerNamedDefaultDoesNotShareTheUnnamedAcquiresSeries) {
     return stats;
   });
   const std::string text = metrics.render();
-  std::set<std::string> series;
-  std::istringstream lines(text);
-  for (std::string line; std::getline(lines, line);) {
-    if (line.empty() || line.starts_with("#")) continue;
-    EXPECT_TRUE(series.insert(line.substr(0, line.rfind(' '))).second) << "twice: " << line;
-  }
+  expect_each_series_once(text);
   EXPECT_THAT(text, HasSubstr("consumer=\"default\"")) << text;
   EXPECT_THAT(text, HasSubstr("consumer=\"scraper\"")) << text;
 }
