@@ -11,6 +11,7 @@
 #include <variant>
 
 #include "connection/impl.hpp"
+#include "connection/options_check.hpp"
 #include "connection_access.hpp"
 #include "pgrt/db/transaction.hpp"
 
@@ -157,6 +158,12 @@ asio::awaitable<std::pair<error_code, Connection>> Connection::try_connect(execu
                                                                            ConnectOptions options) {
   using namespace asio::experimental::awaitable_operators;
   ImplPtr impl(new Impl(executor, std::move(options)));  // NOLINT: owned by the ImplPtr
+  if (auto problem = detail::connect_options_problem(impl->options, "ConnectOptions::")) {
+    // Before anything is sent: a duration out of range would overflow the deadlines below.
+    const error_code error = impl->fail(client_errc::invalid_config, std::move(problem->message),
+                                        {}, std::move(problem->hint));
+    co_return std::pair{error, Connection(std::move(impl))};
+  }
   asio::steady_timer timer(executor, impl->options.connect_timeout);
   auto outcome = co_await detail::serialized(impl->connect() || timer.async_wait(no_throw));
   error_code error;

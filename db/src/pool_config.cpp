@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "connection/conninfo.hpp"
+#include "connection/options_check.hpp"
 #include "pgrt/db/pool.hpp"
 
 namespace pgrt {
@@ -44,25 +45,15 @@ std::uint64_t parse_number(const char* name, const std::string& text, std::uint6
 
 template <typename Rep, typename Period>
 std::string show(std::chrono::duration<Rep, Period> value) {
-  if constexpr (std::is_same_v<Period, std::ratio<1>>) {
-    return std::to_string(value.count()) + " s";
-  } else {
-    return std::to_string(std::chrono::milliseconds(value).count()) + " ms";
-  }
+  return detail::show_duration(value);
 }
-
-// The longest a duration setting may be. The pool adds them to steady_clock instants, which count
-// nanoseconds (about 292 years in all): a "forever" such as milliseconds::max() would overflow
-// and turn into a deadline in the past (every acquire failing at once, every connection closed at
-// its first return). Where a setting has a "never" or "off", it is 0.
-constexpr std::chrono::hours longest_duration{24 * 365};
 
 template <typename Rep, typename Period>
 void require_within_a_year(std::string_view field, std::chrono::duration<Rep, Period> value,
                            std::string_view instead) {
-  if (value <= longest_duration) return;
-  invalid(std::string(field) + " is " + show(value) + ", longer than a year",
-          "give at most 365 days (8760 h)" + std::string(instead));
+  if (auto problem = detail::longer_than_a_year(field, value, instead)) {
+    invalid(std::move(problem->message), std::move(problem->hint));
+  }
 }
 
 // A duration that may be zero (with the meaning `zero_means`) but never negative, nor longer than
@@ -70,10 +61,9 @@ void require_within_a_year(std::string_view field, std::chrono::duration<Rep, Pe
 template <typename Rep, typename Period>
 void require_not_negative(std::string_view field, std::chrono::duration<Rep, Period> value,
                           std::string_view zero_means) {
-  require_within_a_year(field, value, ", or 0 for " + std::string(zero_means));
-  if (value.count() >= 0) return;
-  invalid(std::string(field) + " is " + show(value) + ", which is negative",
-          "give a positive duration, or 0 for " + std::string(zero_means));
+  if (auto problem = detail::negative_or_too_long(field, value, zero_means)) {
+    invalid(std::move(problem->message), std::move(problem->hint));
+  }
 }
 
 // A name that fits in the PGRT_* lists: 1-63 printable characters, no spaces, ',' or ':'.
@@ -341,28 +331,8 @@ void check(const PoolConfig& config, bool warn) {
             "raise connect_backoff_max or lower connect_backoff_initial");
   }
 
-  const ConnectOptions& connect = config.connect;
-  if (connect.connect_timeout.count() <= 0) {
-    invalid(
-        "connect.connect_timeout is " + show(connect.connect_timeout) + ", which is not positive",
-        "give the longest a connect may take, e.g. 10 s (the default)");
-  }
-  require_within_a_year("connect.connect_timeout", connect.connect_timeout, "");
-  require_not_negative(
-      "connect.tcp_user_timeout", connect.tcp_user_timeout,
-      "the pool's guards.tcp_user_timeout (or the system default when that is 0 too)");
-  require_not_negative("connect.cancel_timeout", connect.cancel_timeout,
-                       "closing a connection at once after a cancel, without waiting for the "
-                       "statement to end");
-  if (connect.keepalives) {
-    require_not_negative("connect.keepalives.idle", connect.keepalives->idle, "the system default");
-    require_not_negative("connect.keepalives.interval", connect.keepalives->interval,
-                         "the system default");
-    if (connect.keepalives->count < 0) {
-      invalid("connect.keepalives.count is " + std::to_string(connect.keepalives->count) +
-                  ", which is negative",
-              "give a positive number of probes, or 0 for the system default");
-    }
+  if (auto problem = detail::connect_options_problem(config.connect, "connect.")) {
+    invalid(std::move(problem->message), std::move(problem->hint));
   }
   require_not_negative("guards.idle_in_transaction_timeout",
                        config.guards.idle_in_transaction_timeout, "turning this guard off");

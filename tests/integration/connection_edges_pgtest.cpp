@@ -693,5 +693,45 @@ TEST_F(ConnectionEdgesTest, AHostThatRefusesTheFirstStatementIsPassedOver) {
   EXPECT_EQ(refusing_pooler.started_up(), 1);
 }
 
+// ConnectOptions' durations and numbers out of range are refused before anything is sent, with
+// the field named, as PoolConfig::validate() refuses them in a pool's config: a "forever" such as
+// milliseconds::max() would overflow the steady_clock deadlines it is added to (turning into a
+// deadline in the past), and a negative one means nothing.
+TEST_F(ConnectionEdgesTest, ConnectOptionsOutOfRangeAreRefusedBeforeConnecting) {
+  struct Case {
+    const char* field;
+    ConnectOptions options;
+  };
+  const auto with = [](auto change) {
+    ConnectOptions options{.conninfo = cluster().dsn()};
+    change(options);
+    return options;
+  };
+  const std::vector<Case> cases = {
+      {"connect_timeout", with([](ConnectOptions& o) { o.connect_timeout = 0ms; })},
+      {"connect_timeout", with([](ConnectOptions& o) { o.connect_timeout = -5ms; })},
+      {"connect_timeout",
+       with([](ConnectOptions& o) { o.connect_timeout = std::chrono::milliseconds::max(); })},
+      {"cancel_timeout", with([](ConnectOptions& o) { o.cancel_timeout = -1ms; })},
+      {"cancel_timeout",
+       with([](ConnectOptions& o) { o.cancel_timeout = std::chrono::milliseconds::max(); })},
+      {"tcp_user_timeout", with([](ConnectOptions& o) { o.tcp_user_timeout = -1ms; })},
+      {"keepalives.idle", with([](ConnectOptions& o) { o.keepalives->idle = -1s; })},
+      {"keepalives.count", with([](ConnectOptions& o) { o.keepalives->count = -1; })},
+  };
+  for (const Case& refused : cases) {
+    SCOPED_TRACE(refused.field);
+    run_coroutine([&]() -> awaitable_void {
+      const auto started = std::chrono::steady_clock::now();
+      const Error error = co_await testing::expect_error(Connection::connect(refused.options));
+      EXPECT_EQ(error.code(), client_errc::invalid_config) << error.what();
+      EXPECT_THAT(error.what(),
+                  ::testing::HasSubstr(std::string("ConnectOptions::") + refused.field))
+          << error.what();
+      EXPECT_LT(std::chrono::steady_clock::now() - started, 1s);
+    });
+  }
+}
+
 }  // namespace
 }  // namespace pgrt
