@@ -355,7 +355,10 @@ std::string mask_password(std::string_view conninfo) {
     masked += '=';
     if (std::string_view(option->keyword) == "password" ||
         (option->dispchar != nullptr && option->dispchar[0] == '*') ||
-        (std::string_view(option->keyword) == "host" && host_holds_credentials(option->val))) {
+        (std::string_view(option->keyword) == "host" && host_holds_credentials(option->val)) ||
+        ((std::string_view(option->keyword) == "dbname" ||
+          std::string_view(option->keyword) == "user") &&
+         std::string_view(option->val).find("://") != std::string_view::npos)) {
       masked += "****";
       continue;
     }

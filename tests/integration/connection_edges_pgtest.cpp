@@ -526,6 +526,42 @@ TEST_F(ConnectionEdgesTest, AUrlGivenAsTheHostDoesNotPutItsPasswordInTheError) {
   });
 }
 
+// The same slip as a URL given as the host, with the database name: the DATABASE_URL given as
+// dbname= (a template's "host=... dbname=$DATABASE_URL"), or PGDATABASE set to it. libpq expands
+// only the conninfo itself, so the URL is sent to the server as the database's name, and the
+// server's "database ... does not exist" and pgrt's own "(database ..., user ...)" quote it, with
+// its password (usage.md: "The error messages of connect() never contain the password"). The user
+// name the same. Both are refused (invalid_config) before anything is sent, and mask_password()
+// masks them.
+TEST_F(ConnectionEdgesTest, AUrlGivenAsTheDatabaseNameDoesNotPutItsPasswordInTheError) {
+  const std::string url = "postgresql://app:S3cretPw@db.invalid/app";
+  const std::string without_dbname =
+      "host=" + cluster().dsn().substr(5, cluster().dsn().find(' ') - 5) +
+      " port=" + std::to_string(cluster().port()) + " user=postgres";
+  run_coroutine([&]() -> awaitable_void {
+    ConnectOptions slipped{.conninfo = without_dbname + " dbname=" + url, .connect_timeout = 5s};
+    const Error error = co_await testing::expect_error(Connection::connect(slipped));
+    EXPECT_EQ(error.code(), client_errc::invalid_config) << error.what();
+    EXPECT_THAT(error.what(), ::testing::Not(::testing::HasSubstr("S3cretPw"))) << error.what();
+    EXPECT_THAT(mask_password(slipped.conninfo), ::testing::Not(::testing::HasSubstr("S3cretPw")))
+        << mask_password(slipped.conninfo);
+    ConnectOptions as_user{.conninfo = without_dbname + " dbname=postgres user=" + url,
+                           .connect_timeout = 5s};
+    const Error user_error = co_await testing::expect_error(Connection::connect(as_user));
+    EXPECT_THAT(user_error.what(), ::testing::Not(::testing::HasSubstr("S3cretPw")))
+        << user_error.what();
+    EXPECT_THAT(mask_password(as_user.conninfo), ::testing::Not(::testing::HasSubstr("S3cretPw")))
+        << mask_password(as_user.conninfo);
+  });
+  ::setenv("PGDATABASE", url.c_str(), 1);
+  run_coroutine([&]() -> awaitable_void {
+    ConnectOptions from_env{.conninfo = without_dbname, .connect_timeout = 5s};
+    const Error error = co_await testing::expect_error(Connection::connect(from_env));
+    EXPECT_THAT(error.what(), ::testing::Not(::testing::HasSubstr("S3cretPw"))) << error.what();
+  });
+  ::unsetenv("PGDATABASE");
+}
+
 // The conninfo's connect_timeout with no host at all (libpq's default socket directory) bounds
 // that one host as it bounds a host given (operations.md, "Failover"): a server on the default
 // socket that takes the connection and never answers holds the connect for the conninfo's 2 s,

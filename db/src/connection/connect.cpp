@@ -12,7 +12,9 @@
 #include <memory>
 #include <optional>
 #include <spdlog/spdlog.h>
+#include <string>
 #include <system_error>
+#include <tuple>
 #include <vector>
 
 #include "conninfo.hpp"
@@ -421,6 +423,19 @@ asio::awaitable<error_code> Connection::Impl::connect() {
                    {},
                    "give the URL as the whole conninfo (DATABASE_URL), or only the host name in "
                    "host= and PGHOST");
+  }
+  // The same slip with the database or user name: libpq expands only the conninfo itself, so a
+  // URL there would go to the server as a name, and its password into every error quoting it.
+  for (const auto& [what, keyword, variable] :
+       {std::tuple{"database name", "dbname", "PGDATABASE"}, {"user name", "user", "PGUSER"}}) {
+    if (parsed.get(keyword, variable).find("://") == std::string::npos) continue;
+    co_return fail(client_errc::invalid_config,
+                   std::string("the ") + what + " (conninfo " + keyword + "=, or " + variable +
+                       ") looks like a connection URL (it has \"://\"); not shown, as it may "
+                       "hold a password",
+                   {},
+                   std::string("give the URL as the whole conninfo (DATABASE_URL), or only the ") +
+                       what + " in " + keyword + "= and " + variable);
   }
   std::vector<Target> entries;
   if (auto error = host_entries(parsed, entries)) co_return error;
