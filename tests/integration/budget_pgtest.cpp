@@ -278,6 +278,71 @@ TEST_F(BudgetTest, AConnectWaitingForAFullBudgetHoldsUpNoOtherBudgetOrClass) {
       60s);
 }
 
+// Advisory locks belong to a database, so the same budget key on two databases is two budgets
+// (docs/budget.md, "Per database"), and a connect waiting for a slot of one holds up "no other
+// budget". A process whose pools all take PGRT_BUDGET_KEY from the environment but connect to two
+// databases (or two servers) has such a pair. Here the budget of database one is full and a
+// connect waits for a slot there (up to connect_timeout); a pool on database two, whose budget is
+// empty, must get its connection at once: the probe gate's lane (ProbeGate::lane_of()) names the
+// server and database besides the key and class.
+TEST_F(BudgetTest, AConnectWaitingForAFullBudgetHoldsUpNoPoolOfTheSameKeyOnAnotherDatabase) {
+  using Clock = std::chrono::steady_clock;
+  {
+    BlockingConnection admin(cluster().dsn());
+    admin.query("DROP DATABASE IF EXISTS budget_other_db WITH (FORCE)");
+    admin.query("CREATE DATABASE budget_other_db");
+  }
+  run_coroutine(
+      [&]() -> awaitable_void {
+        auto executor = co_await asio::this_coro::executor;
+        Pool holder(executor, config("samekey-holder", "samekey", 1));
+        auto lease = co_await holder.acquire();  // database one's only slot
+        auto waiting_config = config("samekey-waiting", "samekey", 1);
+        waiting_config.acquire_timeout = 20s;  // its connect waits for a slot up to 10 s
+        Pool waiting(executor, waiting_config);
+        int finished = 0;
+        auto acquire_and_drop = [&finished](Pool& pool) -> awaitable_void {
+          try {
+            auto unused = co_await pool.acquire();
+          } catch (const Error&) {  // NOLINT(bugprone-empty-catch): closed under it, or timed out
+          }
+          ++finished;
+        };
+        asio::co_spawn(executor, acquire_and_drop(waiting), asio::detached);
+        for (int i = 0; i < 250 && waiting.stats().budget_slot_waits == 0; ++i) {
+          co_await sleep_for(20ms);
+        }
+        EXPECT_GE(waiting.stats().budget_slot_waits, 1U) << "its connect should wait for a slot";
+
+        auto other_config = config("samekey-other-db", "samekey", 1);
+        other_config.conninfo = cluster().dsn() + " dbname=budget_other_db";
+        other_config.acquire_timeout = 3s;
+        Pool other(executor, other_config);
+        const auto started = Clock::now();
+        std::string failure;
+        try {
+          auto got = co_await other.acquire();
+          got.release();
+        } catch (const Error& error) {
+          failure = error.what();
+        }
+        const auto took =
+            std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - started);
+        EXPECT_EQ(failure, "") << "the pool on the other database got no connection";
+        EXPECT_LT(took, 1500ms) << "the pool on the other database (an empty budget of its own) "
+                                   "waited for the turn of a connect waiting on database one: "
+                                << took.count() << " ms";
+        (void)co_await other.close(1s);
+        (void)co_await waiting.close(1s);
+        while (finished < 1) co_await sleep_for(20ms);
+        lease.release();
+        (void)co_await holder.close(1s);
+      },
+      60s);
+  BlockingConnection admin(cluster().dsn());
+  admin.query("DROP DATABASE IF EXISTS budget_other_db WITH (FORCE)");
+}
+
 // DISCARD ALL releases advisory locks: under a budget the discard_all reset leaves them alone.
 TEST_F(BudgetTest, BothResetPoliciesKeepTheSlotAcrossAThousandLeases) {
   for (const ResetPolicy policy : {ResetPolicy::rollback, ResetPolicy::discard_all}) {

@@ -17,7 +17,10 @@
 #include <mutex>
 #include <random>
 #include <set>
+#include <string>
+#include <string_view>
 
+#include "../connection/conninfo.hpp"
 #include "../connection_access.hpp"
 #include "pgrt/db/pipeline.hpp"
 
@@ -268,8 +271,23 @@ ProbeGate& ProbeGate::of(const asio::any_io_executor& executor) {
   return asio::use_service<ProbeGate>(asio::query(executor, asio::execution::context));
 }
 
-std::string ProbeGate::lane_of(const Budget& budget) {
-  return std::to_string(budget.key.size()) + ":" + budget.key + "/" + budget.class_name;
+std::string ProbeGate::lane_of(const Budget& budget, const std::string& conninfo) {
+  // Each part with its length first: no two different lists make the same text.
+  std::string lane;
+  const auto add = [&lane](std::string_view part) {
+    lane += std::to_string(part.size()) + ":" + std::string(part) + "/";
+  };
+  add(budget.key);
+  add(budget.class_name);
+  // Where the advisory locks live: the server (as the conninfo names it) and the database (libpq's
+  // default database is the user's name). A conninfo libpq cannot parse fails its connect anyway.
+  const ParsedConninfo parsed = parse_conninfo(conninfo);
+  add(parsed.get("host", "PGHOST"));
+  add(parsed.get("hostaddr", "PGHOSTADDR"));
+  add(parsed.get("port", "PGPORT"));
+  const std::string database = parsed.get("dbname", "PGDATABASE");
+  add(database.empty() ? parsed.get("user", "PGUSER") : database);
+  return lane;
 }
 
 asio::awaitable<bool> ProbeGate::enter(std::string lane) {

@@ -107,8 +107,9 @@ struct SlotRange {
                                                                   bool may_take = true);
 
 // The turn to have a backend without a slot: enter(lane) waits until no other connect of any
-// pool on the same execution context (io_context) with the same budget key and class (lane_of())
-// is between its connect and its slot. Connects under other budgets or classes never wait on it.
+// pool on the same execution context (io_context) with the same budget key and class, on the same
+// server and database (lane_of()), is between its connect and its slot. Connects under other
+// budgets or classes, or to another database, never wait on it.
 // A service of the context: it goes with it, and with it every turn and waiter (a process that
 // runs one io_context, as the lifecycle manager does, has one gate). A turn is bounded by a
 // connect (connect_timeout), a wait for a slot (connect_timeout), a few statements and
@@ -125,8 +126,9 @@ class ProbeGate : public boost::asio::execution_context::service {
 
   // The gate of the context `executor` runs on.
   static ProbeGate& of(const boost::asio::any_io_executor& executor);
-  // The lane of a budget's pools: its key and class.
-  [[nodiscard]] static std::string lane_of(const Budget& budget);
+  // The lane of a budget's pools: its key and class, and the server and database of `conninfo`
+  // (advisory locks are per database: the same key elsewhere is another budget).
+  [[nodiscard]] static std::string lane_of(const Budget& budget, const std::string& conninfo);
   // True with the turn of `lane` (leave(lane) gives it on); false, without it, when the awaiting
   // coroutine was cancelled while it waited (its cancellation slot: a closing pool).
   [[nodiscard]] boost::asio::awaitable<bool> enter(std::string lane);

@@ -296,7 +296,8 @@ asio::awaitable<void> PoolState::open_connection(
   const Budget& budget = self->config.budget;
   // Under a budget, the io_context's one backend without a slot of this budget and class, from
   // its connect to its slot (or its close): the gate is left when `probe_turn` goes.
-  const std::string probe_lane = budget.key.empty() ? std::string() : ProbeGate::lane_of(budget);
+  const std::string probe_lane =
+      budget.key.empty() ? std::string() : ProbeGate::lane_of(budget, options.conninfo);
   auto leave_lane = [&probe_lane](ProbeGate* gate) { gate->leave(probe_lane); };
   std::unique_ptr<ProbeGate, decltype(leave_lane)> probe_turn(nullptr, leave_lane);
   if (!budget.key.empty() && !cancel->cancelled) {
