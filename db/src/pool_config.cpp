@@ -142,14 +142,15 @@ void check_budget_classes(const Budget& budget) {
     if (slot_class.slots == 0) {
       invalid("the budget class '" + slot_class.name + "' has 0 slots", "give it at least 1");
     }
+    // (Added up without wrapping around: each class within what the ones before it leave.)
+    if (slot_class.slots > budget.slots - classes_slots) {
+      invalid("the budget classes have more slots in all than the budget's " +
+                  std::to_string(budget.slots) + " (the class '" + slot_class.name + "' has " +
+                  std::to_string(slot_class.slots) + ", and the classes before it " +
+                  std::to_string(classes_slots) + ")",
+              "the classes' sizes add up to at most PGRT_BUDGET_SLOTS; the rest is shared");
+    }
     classes_slots += slot_class.slots;
-  }
-  if (classes_slots > budget.slots) {
-    invalid("the budget classes have " + std::to_string(classes_slots) +
-                " slots in all, more than "
-                "the budget's " +
-                std::to_string(budget.slots),
-            "the classes' sizes add up to at most PGRT_BUDGET_SLOTS; the rest is shared");
   }
   if (!budget.class_name.empty()) {
     const bool listed =
@@ -288,12 +289,26 @@ void check(const PoolConfig& config, bool warn) {
                 std::to_string(config.max_size) + ")",
             "lower min_idle or raise max_size");
   }
-  if (!config.budget.key.empty() && config.min_idle > config.budget.slots) {
-    invalid("min_idle (" + std::to_string(config.min_idle) + ") exceeds the " +
-                std::to_string(config.budget.slots) + " slots of the connection budget '" +
-                config.budget.key + "'",
-            "lower min_idle: the pool would ask for slots it can never hold, for good, and keep "
-            "every process that shares the budget at its fair share");
+  if (!config.budget.key.empty()) {
+    // What the pool can hold: its class's slots and the shared ones (those of no class), or the
+    // shared ones alone without a class (check_budget_classes() has checked the classes).
+    const Budget& budget = config.budget;
+    std::size_t holdable = budget.slots;
+    for (const Budget::Class& slot_class : budget.classes) holdable -= slot_class.slots;
+    for (const Budget::Class& slot_class : budget.classes) {
+      if (slot_class.name == budget.class_name) holdable += slot_class.slots;
+    }
+    if (config.min_idle > holdable) {
+      invalid("min_idle (" + std::to_string(config.min_idle) + ") exceeds the " +
+                  std::to_string(holdable) + " slots of the connection budget '" + budget.key +
+                  "' that the pool can hold" +
+                  (budget.classes.empty() ? std::string()
+                   : budget.class_name.empty()
+                       ? std::string(" (the shared ones: the pool has no class)")
+                       : " (its class '" + budget.class_name + "' and the shared ones)"),
+              "lower min_idle: the pool would ask for slots it can never hold, for good, and keep "
+              "every process that shares the budget at its fair share");
+    }
   }
   if (config.reserved_for_priority >= config.max_size) {
     invalid("reserved_for_priority (" + std::to_string(config.reserved_for_priority) +

@@ -856,6 +856,53 @@ TEST_F(BudgetTest, ABudgetIsRefusedBehindATransactionPoolerAndWhenHalfSet) {
   EXPECT_THROW(pool_config.validate(), Error);
 }
 
+// validate() refuses a min_idle above what the pool can hold of the budget, as "the pool would ask
+// for slots it can never hold, for good, and keep every process that shares the budget at its fair
+// share": a pool of a class can hold its class's slots and the shared ones only, and a pool without
+// a class the shared ones only. Here the classes a:4 and b:4 leave 2 of 10 slots shared: min_idle
+// 5 is refused for a pool without a class, and 7 for a pool of class b (at most 4 + 2 = 6 slots).
+TEST_F(BudgetTest, AMinIdleAboveWhatThePoolsClassCanHoldIsRefused) {
+  auto classes = [](PoolConfig pool_config, const char* class_name, std::size_t min_idle) {
+    pool_config.budget.classes = {{.name = "a", .slots = 4}, {.name = "b", .slots = 4}};
+    pool_config.budget.class_name = class_name;
+    pool_config.min_idle = min_idle;
+    return pool_config;
+  };
+  const auto refused = [](const PoolConfig& pool_config) {
+    try {
+      pool_config.validate();
+    } catch (const Error& error) {
+      return error.code() == client_errc::invalid_config;
+    }
+    return false;
+  };
+  EXPECT_FALSE(refused(classes(config("min-idle-ok", "min-idle", 10, 10), "", 2)));
+  EXPECT_FALSE(refused(classes(config("min-idle-ok", "min-idle", 10, 10), "b", 6)));
+  EXPECT_TRUE(refused(classes(config("min-idle-shared", "min-idle", 10, 10), "", 5)))
+      << "a pool without a class can hold the 2 shared slots only, and min_idle 5 was accepted";
+  EXPECT_TRUE(refused(classes(config("min-idle-class", "min-idle", 10, 10), "b", 7)))
+      << "a pool of class b can hold its 4 slots and the 2 shared only, and min_idle 7 was "
+         "accepted";
+}
+
+// validate() refuses classes larger than the budget (docs/budget.md). Their sizes are added up in
+// a std::size_t that wraps: classes of SIZE_MAX and 2 slots add up to 1 and are taken for a
+// budget of 10. A pool of the second class then tries slots SIZE_MAX and SIZE_MAX + 1, which
+// reach the server as the slots -1 and 0 (pg_try_advisory_lock's int4): one outside the budget,
+// so that more backends than `slots` hold one of its slots, and one of the first class's.
+TEST_F(BudgetTest, ClassesWhoseSizesWrapAroundAreRefused) {
+  auto pool_config = config("wrapped", "wrapped", 10);
+  pool_config.budget.classes = {{.name = "a", .slots = SIZE_MAX}, {.name = "b", .slots = 2}};
+  pool_config.budget.class_name = "b";
+  bool refused = false;
+  try {
+    pool_config.validate();
+  } catch (const Error& error) {
+    refused = error.code() == client_errc::invalid_config;
+  }
+  EXPECT_TRUE(refused) << "classes of SIZE_MAX and 2 slots were taken for a budget of 10";
+}
+
 // A budget through a transaction pooler nobody told pgrt about (noticed at connect): a slot's
 // session-level advisory lock would be taken in one of the pooler's server sessions, which
 // outlives the connection (PgBouncer in transaction mode does not reset it), so it would stay
