@@ -343,6 +343,51 @@ TEST_F(BudgetTest, AConnectWaitingForAFullBudgetHoldsUpNoPoolOfTheSameKeyOnAnoth
   admin.query("DROP DATABASE IF EXISTS budget_other_db WITH (FORCE)");
 }
 
+// docs/budget.md: with no slot free, "a caller that waits out acquire_timeout meanwhile fails with
+// client_errc::budget_exhausted", which matches condition::too_many_connections (backpressure).
+// Two pools of one process on one budget (as docs/budget.md allows: they keep to one share
+// together): the budget is full, the first pool's connect waits for a slot and holds the
+// io_context's one turn for a backend without a slot; the second pool's connect queues behind it.
+// A caller of the second pool waits out its acquire_timeout for the same full budget: it fails
+// with budget_exhausted too, though its own connect has no error yet (it waits for the turn).
+TEST_F(BudgetTest, ACallerOfASecondPoolOfAFullBudgetFailsWithBudgetExhausted) {
+  run_coroutine(
+      [&]() -> awaitable_void {
+        auto executor = co_await asio::this_coro::executor;
+        Pool holder(executor, config("second-holder", "second-pool", 1));
+        auto lease = co_await holder.acquire();  // the budget's only slot
+        auto waiting_config = config("second-waiting", "second-pool", 1);
+        waiting_config.acquire_timeout = 20s;  // its connect waits for a slot up to 10 s
+        Pool first(executor, waiting_config);
+        int finished = 0;
+        auto acquire_and_drop = [&finished](Pool& pool) -> awaitable_void {
+          try {
+            auto unused = co_await pool.acquire();
+          } catch (const Error&) {  // NOLINT(bugprone-empty-catch): closed under it, or timed out
+          }
+          ++finished;
+        };
+        asio::co_spawn(executor, acquire_and_drop(first), asio::detached);
+        for (int i = 0; i < 250 && first.stats().budget_slot_waits == 0; ++i) {
+          co_await sleep_for(20ms);
+        }
+        EXPECT_GE(first.stats().budget_slot_waits, 1U) << "its connect should wait for a slot";
+
+        auto second_config = config("second-waiting", "second-pool", 1);
+        second_config.acquire_timeout = 1s;
+        Pool second(executor, second_config);
+        auto error = co_await testing::expect_error(second.acquire());
+        EXPECT_EQ(error.code(), client_errc::budget_exhausted) << error.what();
+        EXPECT_TRUE(error.code() == condition::too_many_connections) << error.what();
+        (void)co_await second.close(1s);
+        (void)co_await first.close(1s);
+        while (finished < 1) co_await sleep_for(20ms);
+        lease.release();
+        (void)co_await holder.close(1s);
+      },
+      60s);
+}
+
 // DISCARD ALL releases advisory locks: under a budget the discard_all reset leaves them alone.
 TEST_F(BudgetTest, BothResetPoliciesKeepTheSlotAcrossAThousandLeases) {
   for (const ResetPolicy policy : {ResetPolicy::rollback, ResetPolicy::discard_all}) {

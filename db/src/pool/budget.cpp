@@ -1,6 +1,7 @@
 #include "budget.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <boost/asio/append.hpp>
 #include <boost/asio/associated_cancellation_slot.hpp>
 #include <boost/asio/associated_executor.hpp>
@@ -248,6 +249,9 @@ struct Lane {
 struct ProbeGate::State {
   std::mutex mutex;
   std::map<std::string, Lane, std::less<>> lanes;  // a lane that is free and empty is erased
+  // Per lane, kept for the context's life (a process has a few lanes): whether the connect with
+  // the turn waits for a slot of a full budget.
+  std::map<std::string, std::shared_ptr<std::atomic<bool>>, std::less<>> holder_waits;
   std::uint64_t next_waiter = 0;
 };
 
@@ -338,9 +342,20 @@ asio::awaitable<bool> ProbeGate::enter(std::string lane) {
       initiation, asio::use_awaitable);
 }
 
+std::shared_ptr<std::atomic<bool>> ProbeGate::holder_waits_for_slot(const std::string& lane) {
+  State& state = *state_;
+  std::lock_guard lock(state.mutex);
+  auto& flag = state.holder_waits[lane];
+  if (!flag) flag = std::make_shared<std::atomic<bool>>(false);
+  return flag;
+}
+
 void ProbeGate::leave(const std::string& lane) noexcept {
   State& state = *state_;
   std::unique_lock lock(state.mutex);
+  if (auto flag = state.holder_waits.find(lane); flag != state.holder_waits.end()) {
+    flag->second->store(false);  // the turn passes (or nobody has it)
+  }
   auto found = state.lanes.find(lane);
   if (found == state.lanes.end()) return;
   Lane& entry = found->second;

@@ -5,6 +5,7 @@
 // it lives. Taking a slot runs right after the connect, before any user statement, and at most one
 // backend per io_context is between its connect and its slot at a time (ProbeGate).
 
+#include <atomic>
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/execution_context.hpp>
@@ -133,6 +134,10 @@ class ProbeGate : public boost::asio::execution_context::service {
   // coroutine was cancelled while it waited (its cancellation slot: a closing pool).
   [[nodiscard]] boost::asio::awaitable<bool> enter(std::string lane);
   void leave(const std::string& lane) noexcept;
+  // Whether the connect with the turn of `lane` waits for a slot of a full budget: set by that
+  // connect, cleared when the turn passes. (Shared: a pool keeps it to name a full budget as the
+  // reason its callers time out while its connect waits for the turn.)
+  [[nodiscard]] std::shared_ptr<std::atomic<bool>> holder_waits_for_slot(const std::string& lane);
 
  private:
   void shutdown() override;

@@ -302,7 +302,18 @@ asio::awaitable<void> PoolState::open_connection(
   std::unique_ptr<ProbeGate, decltype(leave_lane)> probe_turn(nullptr, leave_lane);
   if (!budget.key.empty() && !cancel->cancelled) {
     ProbeGate& gate = ProbeGate::of(co_await asio::this_coro::executor);
-    if (co_await gate.enter(probe_lane)) {
+    auto holder_waits = gate.holder_waits_for_slot(probe_lane);
+    {
+      std::lock_guard lock(self->mutex);
+      ++self->connects_waiting_for_turn;
+      self->turn_holder_waits_for_slot = std::move(holder_waits);
+    }
+    const bool granted = co_await gate.enter(probe_lane);
+    {
+      std::lock_guard lock(self->mutex);
+      --self->connects_waiting_for_turn;
+    }
+    if (granted) {
       probe_turn.reset(&gate);
     } else {
       cancel->cancelled = true;  // cancelled while it waited for its turn: the pool is closing
@@ -371,7 +382,13 @@ asio::awaitable<void> PoolState::open_connection(
           co_await cut_at(connection, Clock::now() + self->config.connect.connect_timeout,
                           take_budget_slot(connection, budget, self->may_take_budget_slot()));
       if (!search.slot && !cancel->cancelled) {
+        const std::shared_ptr<std::atomic<bool>> holder_waits = [&] {
+          std::lock_guard lock(self->mutex);
+          return self->turn_holder_waits_for_slot;
+        }();
+        if (holder_waits) holder_waits->store(true);  // (cleared when the turn passes)
         search = co_await wait_for_budget_slot(self, *node, connection, *cancel, search);
+        if (holder_waits) holder_waits->store(false);
       }
       if (search.slot) {
         // (Under the lock: the slot checks read them, on any connection's coroutine.)
@@ -1130,9 +1147,20 @@ void PoolState::fail_wait(std::unique_lock<std::mutex>& lock, pool::Waiter& wait
                         " ms waiting for a connection from the pool " + application_name + " (" +
                         load + ")";
   if (!last_connect_error.empty()) message += "; last connect error: " + last_connect_error;
-  // Held below what it needs by a full budget: say so, with the budget's own error.
-  const bool budget_full = (failed_connects_in_a_row > 0 || budget_waits > 0) &&
-                           last_connect_error_code == client_errc::budget_exhausted;
+  // Held below what it needs by a full budget: say so, with the budget's own error. Also when
+  // this pool's connect waits for its turn behind one (maybe another pool's) that waits for a
+  // slot: it has no error of its own yet.
+  const bool behind_a_slot_wait = connects_waiting_for_turn > 0 && turn_holder_waits_for_slot &&
+                                  turn_holder_waits_for_slot->load();
+  if (behind_a_slot_wait && last_connect_error_code != client_errc::budget_exhausted) {
+    message +=
+        "; its connect waits for its turn behind another that waits for a slot of the "
+        "full connection budget '" +
+        config.budget.key + "'";
+  }
+  const bool budget_full = ((failed_connects_in_a_row > 0 || budget_waits > 0) &&
+                            last_connect_error_code == client_errc::budget_exhausted) ||
+                           behind_a_slot_wait;
   // Every connect fails with an error that waiting does not cure (a TLS certificate the check
   // refuses, a wrong password, a conninfo value): that error's own code, not a busy pool's.
   const error_code connect_error = last_connect_error_code;

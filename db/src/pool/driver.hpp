@@ -336,6 +336,11 @@ struct PoolState : std::enable_shared_from_this<PoolState>, async::ParkedWaitOwn
   bool warned_foreign_slots = false;  // a sharer held a slot past budget.slots: said once
   std::size_t budget_waits = 0;       // connects waiting for a budget slot (wait_for_budget_slot())
   std::uint64_t budget_slot_waits = 0;  // PoolStats::budget_slot_waits
+  // Connects waiting for their turn at the probe gate, and whether the connect with the turn (of
+  // this pool or another on the io_context) waits for a slot (ProbeGate::holder_waits_for_slot()):
+  // a full budget, then, is why callers time out.
+  std::size_t connects_waiting_for_turn = 0;
+  std::shared_ptr<std::atomic<bool>> turn_holder_waits_for_slot;
   // close() calls waiting for every connection to be gone; notified once none is left.
   async::TimerCondition drained;
   // The execution contexts whose shutdown ends the waits of this pool's waiters on them
