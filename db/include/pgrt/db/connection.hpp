@@ -278,7 +278,9 @@ class Connection {
   /// values, temporary tables dropped, prepared statements deallocated, advisory locks released,
   /// LISTEN ended), and forgets the statements query_prepared() had cached, which the server no
   /// longer knows. Must run outside a transaction block (else SQLSTATE 25001). Errors and
-  /// cancellation as query().
+  /// cancellation as query(). On a pooled connection under a connection budget it releases the
+  /// connection's slot too (an advisory lock): leave it to the pool's reset
+  /// (ResetPolicy::discard_all keeps the slot; docs/budget.md).
   [[nodiscard]] boost::asio::awaitable<void> discard_all();
 
   /// query() for any completion token (as_tuple, deferred, callbacks): completes with
