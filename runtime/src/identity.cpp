@@ -42,10 +42,18 @@ std::string read_host() {
   return name.data();
 }
 
-std::string random_incarnation() {
+// The first digit of an incarnation its process could not announce (announced_incarnation());
+// an announced one never starts with it.
+constexpr char unannounced_marker = 'f';
+
+// Eight random lowercase hex digits: an announced incarnation's, 00000000 to efffffff, or (not
+// `announced`) an unannounced one's, unannounced_marker and seven random digits.
+std::string random_incarnation(bool announced) {
   std::random_device device;
+  const auto drawn = static_cast<std::uint32_t>(device());
+  const std::uint32_t value = announced ? drawn % 0xF0000000U : 0xF0000000U | (drawn & 0x0FFFFFFFU);
   std::array<char, incarnation_bytes + 1> text{};
-  std::snprintf(text.data(), text.size(), "%08x", static_cast<unsigned>(device()));
+  std::snprintf(text.data(), text.size(), "%08x", static_cast<unsigned>(value));
   return text.data();
 }
 
@@ -72,17 +80,16 @@ IncarnationAddress incarnation_address(std::string_view incarnation) {
 // Draws incarnations until one is announced: bound under its name for the life of the process
 // (the descriptor is never closed, and close-on-exec: a program this one executes is another
 // process). A name a live process on this host holds is drawn again. Where no unix socket can be
-// made or bound (a sandbox), the first one drawn, unannounced: incarnation_on_this_host() then
-// answers unknown here too.
+// made or bound (a sandbox: systemd's RestrictAddressFamilies), an unannounced incarnation, marked
+// as such by its first digit: incarnation_on_this_host() answers unknown for it in every process,
+// so that nobody takes this live process for a dead one because no socket has its name.
 // `announcement` receives the bound descriptor (-1 if none).
 std::string announced_incarnation(int& announcement) {
   announcement = -1;
-  std::string first;
   for (int attempt = 0; attempt < 8; ++attempt) {
-    std::string incarnation = random_incarnation();
-    if (first.empty()) first = incarnation;
+    std::string incarnation = random_incarnation(true);
     const int fd = ::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-    if (fd < 0) return first;
+    if (fd < 0) break;
     const auto name = incarnation_address(incarnation);
     if (::bind(fd, reinterpret_cast<const sockaddr*>(&name.address), name.length) == 0) {
       announcement = fd;
@@ -90,9 +97,9 @@ std::string announced_incarnation(int& announcement) {
     }
     const int error = errno;
     ::close(fd);
-    if (error != EADDRINUSE) return first;
+    if (error != EADDRINUSE) break;
   }
-  return first;
+  return random_incarnation(false);
 }
 
 constexpr std::size_t hash_suffix_bytes = 1 + 8;  // "~" and stable_name_hash()
@@ -246,7 +253,10 @@ std::optional<uid_t> abstract_socket_owner(std::string_view path) {
 }  // namespace
 
 HostPresence incarnation_on_this_host(std::string_view incarnation) {
-  if (!lower_hex(incarnation)) return HostPresence::unknown;
+  // An unannounced incarnation's process has no socket to find, alive or not.
+  if (!lower_hex(incarnation) || incarnation.front() == unannounced_marker) {
+    return HostPresence::unknown;
+  }
   const int fd = ::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
   if (fd < 0) return HostPresence::unknown;
   const auto name = incarnation_address(incarnation);

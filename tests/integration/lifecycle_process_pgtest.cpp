@@ -7,10 +7,13 @@
 // takes over with force, a missing permission is a warning, pgrt-diag.
 #include <algorithm>
 #include <arpa/inet.h>
+#include <array>
 #include <atomic>
 #include <boost/json/src.hpp>  // header-only Boost.JSON, compiled into this test
 #include <chrono>
 #include <csignal>
+#include <cstddef>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <fcntl.h>
@@ -18,6 +21,9 @@
 #include <fstream>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <linux/audit.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
 #include <map>
 #include <memory>
 #include <netinet/in.h>
@@ -28,7 +34,9 @@
 #include <spdlog/spdlog.h>
 #include <sstream>
 #include <string>
+#include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <system_error>
 #include <thread>
@@ -1262,6 +1270,136 @@ TEST_F(StartupHygieneTest, ALiveInstanceWhoseLockIsInAnotherDirectoryIsNeitherTe
   const CleanupReport report = run_hygiene(config, options);
   EXPECT_TRUE(report.running_duplicates.empty());
   EXPECT_TRUE(testing::eventually([] { return backend_pids("twin/one/%").empty(); }));
+}
+
+// A child process whose socket(AF_UNIX, ...) fails with EAFNOSUPPORT, as under systemd's
+// RestrictAddressFamilies=AF_INET AF_INET6 (a seccomp filter; the hardening operations.md names):
+// `argv` with `environment` added to this process's, its output in a file, killed at the end.
+class SandboxedChild {
+ public:
+  SandboxedChild(std::vector<std::string> argv, const std::vector<std::string>& environment)
+      : output_(std::filesystem::temp_directory_path() /
+                ("pgrt-process-test-" + std::to_string(::getpid()) + "-sandboxed.out")) {
+    // Everything the child needs is made before the fork.
+    std::vector<char*> arguments;
+    for (auto& argument : argv) arguments.push_back(argument.data());
+    arguments.push_back(nullptr);
+    std::vector<std::string> variables;
+    for (char** variable = environ; *variable != nullptr; ++variable) {
+      variables.emplace_back(*variable);
+    }
+    variables.insert(variables.end(), environment.begin(), environment.end());
+    std::vector<char*> envp;
+    for (auto& variable : variables) envp.push_back(variable.data());
+    envp.push_back(nullptr);
+    // socket(AF_UNIX, ...) -> EAFNOSUPPORT; everything else allowed (x86-64).
+    constexpr auto load = static_cast<std::uint16_t>(BPF_LD | BPF_W | BPF_ABS);
+    constexpr auto equals = static_cast<std::uint16_t>(BPF_JMP | BPF_JEQ | BPF_K);
+    constexpr auto give = static_cast<std::uint16_t>(BPF_RET | BPF_K);
+    std::array<sock_filter, 9> filter{{
+        {load, 0, 0, static_cast<std::uint32_t>(offsetof(seccomp_data, arch))},
+        {equals, 1, 0, AUDIT_ARCH_X86_64},
+        {give, 0, 0, SECCOMP_RET_ALLOW},
+        {load, 0, 0, static_cast<std::uint32_t>(offsetof(seccomp_data, nr))},
+        {equals, 0, 3, static_cast<std::uint32_t>(__NR_socket)},
+        {load, 0, 0, static_cast<std::uint32_t>(offsetof(seccomp_data, args))},
+        {equals, 0, 1, static_cast<std::uint32_t>(AF_UNIX)},
+        {give, 0, 0, SECCOMP_RET_ERRNO | static_cast<std::uint32_t>(EAFNOSUPPORT)},
+        {give, 0, 0, SECCOMP_RET_ALLOW},
+    }};
+    const sock_fprog program{static_cast<unsigned short>(filter.size()), filter.data()};
+    const int fd = ::open(output_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    const pid_t parent = ::getpid();
+    pid_ = ::fork();
+    if (pid_ == 0) {
+      (void)::setsid();
+      (void)::prctl(PR_SET_PDEATHSIG, static_cast<unsigned long>(SIGKILL));
+      if (::getppid() != parent) ::_exit(126);
+      (void)::dup2(fd, STDOUT_FILENO);
+      (void)::dup2(fd, STDERR_FILENO);
+      if (::prctl(PR_SET_NO_NEW_PRIVS, 1UL, 0UL, 0UL, 0UL) != 0 ||
+          ::prctl(PR_SET_SECCOMP, static_cast<unsigned long>(SECCOMP_MODE_FILTER), &program) != 0) {
+        ::_exit(125);
+      }
+      ::execve(arguments[0], arguments.data(), envp.data());
+      ::_exit(127);
+    }
+    ::close(fd);
+  }
+  SandboxedChild(const SandboxedChild&) = delete;
+  SandboxedChild& operator=(const SandboxedChild&) = delete;
+  SandboxedChild(SandboxedChild&&) = delete;
+  SandboxedChild& operator=(SandboxedChild&&) = delete;
+  ~SandboxedChild() {
+    if (pid_ > 0) {
+      ::kill(pid_, SIGKILL);
+      (void)testing::detail::wait_for_exit(pid_, Clock::now() + 10s);
+    }
+    std::filesystem::remove(output_);
+  }
+
+  [[nodiscard]] std::string output() const {
+    std::ifstream in(output_);
+    std::stringstream text;
+    text << in.rdbuf();
+    return text.str();
+  }
+
+  bool wait_for_output(const std::string& text, std::chrono::seconds limit) const {
+    const auto deadline = Clock::now() + limit;
+    while (Clock::now() < deadline) {
+      if (output().find(text) != std::string::npos) return true;
+      std::this_thread::sleep_for(20ms);
+    }
+    return false;
+  }
+
+ private:
+  std::filesystem::path output_;
+  pid_t pid_ = -1;
+};
+
+// operations.md's own example of two lock directories: the service run by a systemd unit and the
+// same service started from an SSH session. When the unit is hardened with
+// RestrictAddressFamilies=AF_INET AF_INET6, its process cannot announce its incarnation (no unix
+// socket) and takes an unannounced one (starting with 'f'); the process started from the shell
+// answers "cannot tell" for it (HostPresence::unknown), so it may refuse to start but never
+// terminates the live service's connections.
+TEST_F(StartupHygieneTest, ALiveInstanceThatCannotAnnounceItselfIsNeverTerminated) {
+  const std::string tcp_dsn =
+      "host=127.0.0.1 port=" + std::to_string(cluster().port()) + " user=postgres dbname=postgres";
+  SandboxedChild live(
+      {PGRT_PROBE_PATH, "hold-connections"},
+      {"DATABASE_URL=" + tcp_dsn, "PGRT_APP=sandbox", "PGRT_INSTANCE=one",
+       "PGRT_RUNTIME_DIR=" + (Child::runtime_directory() / "systemd-unit").string()});
+  ASSERT_TRUE(live.wait_for_output("holding", 60s)) << live.output();
+  const std::set<int> live_pids = parse_pids(live.output());
+  ASSERT_EQ(live_pids.size(), 3U) << live.output();
+
+  PoolConfig config;
+  config.conninfo = cluster().dsn();
+  config.application = "sandbox";
+  config.instance = "one";
+  StartupHygieneOptions options;
+  options.lock_directory = Child::runtime_directory() / "from-a-shell";
+  CleanupReport report;
+  std::string refusal;
+  run_coroutine([&]() -> asio::awaitable<void> {
+    StartupHygiene hygiene(co_await asio::this_coro::executor, config, options);
+    try {
+      co_await hygiene.start();
+    } catch (const Error& error) {
+      refusal = error.what();  // refusing to start beside it is fine; terminating it is not
+    }
+    report = hygiene.cleanup_report();
+    co_await hygiene.stop();
+  });
+  for (const auto& backend : report.backends) {
+    EXPECT_FALSE(backend.terminated) << "terminated the live service's backend " << backend.pid
+                                     << " (" << backend.application_name << ")";
+  }
+  std::this_thread::sleep_for(300ms);
+  EXPECT_EQ(backend_pids("sandbox/one/%"), live_pids) << refusal << "\n" << live.output();
 }
 
 // Another user's socket under an incarnation's name (abstract names have no permissions) is a

@@ -220,6 +220,9 @@ TEST(IncarnationOnThisHost, ThisProcesssOwnRunsAnotherDoesNotAndAMalformedOneIsU
   EXPECT_EQ(incarnation_on_this_host(other), HostPresence::not_running);
   EXPECT_EQ(incarnation_on_this_host("0BADCAFE"), HostPresence::unknown);
   EXPECT_EQ(incarnation_on_this_host("abc"), HostPresence::unknown);
+  // An announced incarnation never starts with 'f'; one that does is unannounced: unknown.
+  EXPECT_NE(own.front(), 'f');
+  EXPECT_EQ(incarnation_on_this_host("f0000000"), HostPresence::unknown);
 }
 
 // A prefork server's workers: each child forked after the parent used its identity is a process

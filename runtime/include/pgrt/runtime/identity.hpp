@@ -18,8 +18,9 @@ struct ProcessIdentity {
   int pid = 0;          ///< getpid() of the process it describes.
   std::string boot_id;  ///< /proc/sys/kernel/random/boot_id; "" where there is none.
   std::chrono::system_clock::time_point started;  ///< When the identity was first used.
-  /// Eight random hex digits, new for every process start: tells this run's connections from an
-  /// earlier run's with the same app and instance.
+  /// Eight random lowercase hex digits, new for every process start: tells this run's connections
+  /// from an earlier run's with the same app and instance. Starts with 'f' exactly when the
+  /// process could not announce it (see incarnation_on_this_host()).
   std::string incarnation;
 };
 
@@ -36,14 +37,17 @@ struct ProcessIdentity {
 /// abstract unix namespace, which the kernel releases when the process (and any child it forked
 /// without exec) ends. An abstract name has no permissions, so the name's owner is checked too
 /// (the kernel's socket diagnostics, Linux 5.3 or later; where they cannot say, a bound name
-/// counts as running). "This host" is the network namespace: a container is a host of its own.
+/// counts as running). A process that cannot bind it (no unix sockets: a sandbox) takes an
+/// incarnation starting with 'f', which an announced one never does, and which every process
+/// answers unknown for. "This host" is the network namespace: a container is a host of its own.
 enum class HostPresence {
   running,      ///< A live process of this user (or root) here has it (this one's own included).
   not_running,  ///< No live process here has it.
   other_user,   ///< Another user's socket has the name: a squatter, or the same service run as
                 ///< another user; neither proves the incarnation dead nor alive.
-  unknown,      ///< Cannot tell: unix sockets are not available (a sandbox), or not a valid
-                ///< incarnation.
+  unknown,      ///< Cannot tell: unix sockets are not available (a sandbox), not a valid
+                ///< incarnation, or one its process could not announce (it starts with 'f':
+                ///< that process, in a sandbox, may be alive).
 };
 
 /// See HostPresence. Thread-safe; a few system calls, no blocking.
