@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <fcntl.h>
 #include <libpq-fe.h>
+#include <optional>
 #include <spdlog/spdlog.h>
 #include <string_view>
 #include <unistd.h>
@@ -51,7 +52,8 @@ constexpr const char* cluster_lock_held_sql =
     "AND objid::bigint = $1::bigint & 4294967295)";
 constexpr const char* cluster_lock_key_sql = "SELECT hashtextextended($1, 0)";
 constexpr const char* cluster_lock_holder_sql =
-    "SELECT a.pid, a.application_name, coalesce(host(a.client_addr), 'local'), "
+    "SELECT a.pid, a.application_name, "
+    "CASE WHEN a.backend_start IS NOT NULL THEN coalesce(host(a.client_addr), 'local') END, "
     "a.backend_start::text FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
     "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
     "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
@@ -217,10 +219,16 @@ asio::awaitable<void> StartupHygiene::ClusterLock::take(std::chrono::millisecond
     } else {
       const Row row = holders[0];
       const int pid = row.get<int>(0);
-      const std::string application_name = row.get<std::string>(1);
+      const std::string application_name = row.get<std::optional<std::string>>(1).value_or("");
+      // Another role's session shows no client and no start to a role without
+      // pg_read_all_stats: still a holder.
+      const auto client = row.get<std::optional<std::string>>(2);
+      const auto backend_start = row.get<std::optional<std::string>>(3);
       holder_is_leftover = leftover_holder(application_name);
-      holder = "backend " + std::to_string(pid) + " (" + application_name + ", client " +
-               row.get<std::string>(2) + ", since " + row.get<std::string>(3) + ")";
+      holder = "backend " + std::to_string(pid) + " (" + application_name + ", " +
+               (client && backend_start ? "client " + *client + ", since " + *backend_start
+                                        : std::string("another role's session")) +
+               ")";
       if (terminated == pid) {
         // Terminated, not gone yet.
       } else if (!terminated && leftover_holder(application_name)) {
@@ -237,7 +245,7 @@ asio::awaitable<void> StartupHygiene::ClusterLock::take(std::chrono::millisecond
         }
         try {
           const bool done = co_await terminate_backend_if_unchanged(
-              connection, pid, application_name, row.get<std::string>(3),
+              connection, pid, application_name, backend_start.value_or(""),
               std::chrono::milliseconds(5000));
           if (done) {
             spdlog::info("pgrt: terminated backend {} ({}): it held the cluster-wide lock", pid,

@@ -1710,6 +1710,73 @@ TEST_F(StartupHygieneTest, AFrozenLockSessionIsRetakenWithoutStoppingAndStopEnds
       << "sessions left after stop()";
 }
 
+// The cluster-wide lock's holder is named from pg_stat_activity, whose backend_start is NULL for
+// another role's session (a role without pg_read_all_stats). The same service run under another
+// role (per-instance credentials: Vault's dynamic database roles, a credential rotation) holding
+// the lock must be refused like any other holder, and must stop this process when it takes the
+// lock while this one runs: the start fails with instance_locked naming the holder, and the
+// retake calls on_cluster_lock_lost() instead of retrying as if the database could not be
+// reached while the service runs on beside the new holder.
+TEST_F(StartupHygieneTest, AClusterLockHolderUnderAnotherRoleIsRefusedAndStopsTheService) {
+  {
+    BlockingConnection admin(cluster().dsn());
+    admin.query("CREATE ROLE hyg_blue LOGIN");
+    admin.query("CREATE ROLE hyg_green LOGIN");
+  }
+  const std::string key_sql = "hashtextextended('pgrt instance rolelock/one/', 0)";
+  const std::string green_dsn =
+      cluster().dsn() + " user=hyg_green application_name=rolelock/one/0badcafe";
+  auto [config, options] = cluster_lock_setup("rolelock");
+  config.conninfo = cluster().dsn() + " user=hyg_blue";
+  options.cluster_lock_check_interval = 300ms;
+
+  // At the start: the instance under the other role holds the lock.
+  std::error_code refusal;
+  std::string refusal_text;
+  {
+    BlockingConnection green(green_dsn);
+    ASSERT_EQ(green.scalar("SELECT pg_try_advisory_lock(" + key_sql + ")"), "t");
+    run_coroutine([&]() -> asio::awaitable<void> {
+      StartupHygiene blue(co_await asio::this_coro::executor, config, options);
+      try {
+        co_await blue.start();
+      } catch (const Error& error) {
+        refusal = error.code();
+        refusal_text = error.what();
+      }
+      co_await blue.stop();
+    });
+  }
+  EXPECT_EQ(refusal, make_error_code(client_errc::instance_locked)) << refusal_text;
+  EXPECT_THAT(refusal_text, HasSubstr("rolelock/one/0badcafe"));
+
+  // While it runs: its lock session ends, and the instance under the other role takes the lock
+  // before it can reconnect (all on the coroutine's thread, which the watch needs to run).
+  std::string lost_reason;
+  bool stolen = false;
+  run_coroutine(
+      [&]() -> asio::awaitable<void> {
+        StartupHygiene blue(co_await asio::this_coro::executor, config, options);
+        blue.on_cluster_lock_lost([&](const std::string& reason) { lost_reason = reason; });
+        co_await blue.start();
+        const std::set<int> sessions = backend_pids("rolelock/one/%");
+        BlockingConnection admin(cluster().dsn());
+        BlockingConnection green(green_dsn);
+        if (sessions.size() == 1) {
+          admin.query("SELECT pg_terminate_backend(" + std::to_string(*sessions.begin()) +
+                      ", 5000)");
+          stolen = green.scalar("SELECT pg_try_advisory_lock(" + key_sql + ")") == "t";
+        }
+        asio::steady_timer pause(co_await asio::this_coro::executor, 8s);
+        co_await pause.async_wait(asio::use_awaitable);
+        co_await blue.stop();
+      },
+      60s);
+  ASSERT_TRUE(stolen);
+  EXPECT_THAT(lost_reason, HasSubstr("rolelock/one/0badcafe"))
+      << "the service ran on beside another holder of its cluster-wide lock";
+}
+
 TEST_F(StartupHygieneTest, ACrashedPredecessorsClusterLockSessionIsTerminatedAndTheLockTaken) {
   testing::FaultProxy proxy("127.0.0.1", static_cast<std::uint16_t>(cluster().port()));
   proxy.keep_upstream(true);
