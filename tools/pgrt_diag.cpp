@@ -307,7 +307,7 @@ asio::awaitable<Snapshot> take_snapshot(pgrt::Connection& connection, const Argu
       "current_setting('superuser_reserved_connections')::int + "
       "coalesce(current_setting('reserved_connections', true)::int, 0), "
       "(SELECT count(*)::int FROM pg_stat_activity WHERE backend_type = 'client backend'), "
-      "current_database()::text, current_user::text");
+      "current_database()::text, session_user::text");
   const pgrt::Row server_row = server[0];
   snapshot.max_connections = server_row.get<int>(0);
   snapshot.reserved = server_row.get<int>(1);
@@ -644,6 +644,15 @@ int run(const Arguments& arguments) {
   options.cancel_timeout = std::chrono::seconds(1);  // a step given up on ends within 1 s more
   pgrt::Connection connection =
       run_bounded(io, signals, pgrt::Connection::connect(std::move(options)), arguments.timeout);
+  if (!arguments.behind_transaction_pooler) {
+    // A login role whose sessions SET role to a group role: back to the login role, which the
+    // app's backends show and which may see and signal them (behind a pooler a SET would stay
+    // on the server connection for others).
+    auto reset_role = [](pgrt::Connection& on) -> asio::awaitable<pgrt::Result> {
+      co_return co_await on.query("SET ROLE NONE");
+    };
+    (void)run_bounded(io, signals, reset_role(connection), arguments.timeout);
+  }
   for (;;) {
     const Snapshot snapshot =
         run_bounded(io, signals, take_snapshot(connection, arguments), arguments.timeout);

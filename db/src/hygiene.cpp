@@ -16,13 +16,15 @@ namespace pgrt {
 namespace {
 
 // The app's backends as the server sees them; parse_connection_tag() then keeps exact tags only.
+// In scope: under the login role (session_user), which pg_stat_activity shows for a session that
+// SET role to a group role too.
 constexpr const char* app_backends_sql =
     "SELECT pid, application_name, coalesce(state, ''), coalesce(backend_start::text, ''), "
     "coalesce((extract(epoch FROM backend_start) * 1000000)::bigint, 0), "
     "coalesce((extract(epoch FROM now() - state_change) * 1000)::bigint, 0), "
     "coalesce(usename::text, ''), coalesce(datname::text, ''), "
     "coalesce(host(client_addr) || ':' || client_port, 'local'), "
-    "coalesce(datname = current_database() AND usename = current_user, false), "
+    "coalesce(datname = current_database() AND usename = session_user, false), "
     "EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = pg_stat_activity.pid "
     "AND l.locktype = 'advisory' AND l.granted) "
     "FROM pg_stat_activity WHERE backend_type = 'client backend' "

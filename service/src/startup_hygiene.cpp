@@ -120,6 +120,10 @@ asio::awaitable<Connection> connect_waiting(asio::any_io_executor executor, Conn
   };
   auto reason_of = [](const Error& error) { return std::string(error.what()); };
   co_await detail::retry_until_the_database_answers(attempt, start_wait, reason_of);
+  // A login role whose sessions SET role to a group role (ALTER ROLE ... SET role): back to the
+  // login role, which the service's backends show in pg_stat_activity and which may see and
+  // signal them.
+  co_await connection.query("SET ROLE NONE");
   co_return connection;
 }
 

@@ -1877,6 +1877,41 @@ TEST_F(StartupHygieneTest, ARoleThatMayNotTerminateGetsAWarningAndStartsAnyway) 
   EXPECT_TRUE(testing::backend_exists(own->dsn(), leftover_pid));
 }
 
+// operations.md: the cleanup terminates the leftovers "in the same database, under the same
+// role". A login role whose sessions run as a group role (ALTER ROLE ... SET role, a common way to
+// have one owner for a schema's objects) has current_user = the group role in every session of
+// the service, while pg_stat_activity.usename is the login role: the cleanup goes back to the
+// login role (SET ROLE NONE) and scopes by session_user, so it finds and terminates the
+// service's own leftover.
+TEST_F(StartupHygieneTest, LeftoversOfALoginRoleWhoseSessionsSetAGroupRoleAreTerminated) {
+  {
+    BlockingConnection admin(cluster().dsn());
+    admin.query("CREATE ROLE hyg_schema_owner NOLOGIN");
+    admin.query("CREATE ROLE hyg_setrole LOGIN IN ROLE hyg_schema_owner");
+    admin.query("ALTER ROLE hyg_setrole SET role = 'hyg_schema_owner'");
+  }
+  const std::string login = cluster().dsn() + " user=hyg_setrole";
+  // A crashed run's connection (its incarnation runs nowhere), under the service's own login.
+  BlockingConnection leftover(login + " application_name=setrole/one/0badcafe");
+  const int leftover_pid = leftover.backend_pid();
+  ASSERT_EQ(leftover.scalar("SELECT current_user"), "hyg_schema_owner");
+
+  PoolConfig config;
+  config.conninfo = login;
+  config.application = "setrole";
+  config.instance = "one";
+  StartupHygieneOptions options;
+  options.lock_directory = Child::runtime_directory();
+  const CleanupReport report = run_hygiene(config, options);
+  EXPECT_FALSE(report.permission_denied) << report.warning;
+  ASSERT_EQ(report.backends.size(), 1U)
+      << "the service's own leftover was not found: " << report.warning;
+  EXPECT_EQ(report.backends[0].pid, leftover_pid);
+  EXPECT_TRUE(report.backends[0].terminated) << report.warning;
+  EXPECT_TRUE(
+      testing::eventually([&] { return !testing::backend_exists(cluster().dsn(), leftover_pid); }));
+}
+
 // pgrt-diag --json's output, parsed; fails the test if it is not one JSON object.
 json::object parse_diag_json(const std::string& output) {
   boost::system::error_code error;

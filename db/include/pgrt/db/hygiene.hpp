@@ -32,8 +32,9 @@ struct AppBackend {
   std::string user;      ///< The role; "" if not shown.
   std::string database;  ///< "" if not shown.
   std::string client;    ///< client_addr:port, or "local" (a unix socket, or not shown).
-  /// In the querying connection's database and under its role: only those are ever classified
-  /// or terminated (a service of the same name elsewhere is not this one).
+  /// In the querying connection's database and under its login role (session_user, also for
+  /// sessions that SET role to a group role): only those are ever classified or terminated (a
+  /// service of the same name elsewhere is not this one).
   bool in_scope = false;
   /// Holds a granted advisory lock (a live instance's cluster-wide lock session, for one).
   bool holds_advisory_lock = false;
@@ -141,7 +142,7 @@ struct CleanupReport {
 
 /// Terminates, over `connection`, the leftovers by leftover_reasons() with
 /// `LeftoverRule{options.application, own_tag, options.idle_threshold}` among
-/// list_app_backends(): in the same database, under the same role, tagged exactly
+/// list_app_backends(): in the same database, under the same login role, tagged exactly
 /// `<app>/<instance>/<incarnation>` with another incarnation than `own_tag`'s (whatever their
 /// state), or (with idle_threshold) tagged as any instance of the app and idle longer than the
 /// threshold. `own_tag` is this process's tag, make_connection_tag(options.application,
