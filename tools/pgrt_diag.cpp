@@ -98,7 +98,7 @@ const char* const usage =
     "  refused.\n"
     "exit codes: 0 nothing leaked or all terminated (or --watch ended), 1 leaked found (with\n"
     "            --kill-leaked or --emergency: backends of the app in this database left\n"
-    "            alone as another role's),\n"
+    "            alone as another role's, or that it could not see),\n"
     "            2 usage, 3 server unreachable or timed out, 4 terminating refused,\n"
     "            78 malformed DSN, 130 Ctrl+C before the report\n";
 
@@ -291,7 +291,10 @@ struct Snapshot {
   };
   std::vector<Group> groups;
   std::vector<Backend> app_backends;  // this app's, leaked ones marked
-  std::string refused;                // a termination refused: the message with the grant
+  // The app's backends in this database whose pg_stat_activity rows this role may not read
+  // (another role's, without pg_read_all_stats): neither listed, classified nor terminated.
+  std::size_t unseen = 0;
+  std::string refused;  // a termination refused: the message with the grant
   [[nodiscard]] int free_slots() const { return std::max(0, max_connections - reserved - used); }
   [[nodiscard]] std::size_t leaked() const {
     return static_cast<std::size_t>(
@@ -330,6 +333,16 @@ asio::awaitable<Snapshot> take_snapshot(pgrt::Connection& connection, const Argu
     for (auto& backend : backends) {
       backend.in_scope = backend.database == snapshot.database && backend.user == *arguments.role;
     }
+  }
+  // Rows of another role that this one may not read show their tag but no backend_type (which
+  // every readable backend has): list_app_backends() cannot tell them client backends.
+  auto hidden = co_await connection.query(
+      "SELECT application_name FROM pg_stat_activity WHERE backend_type IS NULL "
+      "AND datname = current_database() AND application_name LIKE $1 ESCAPE '\\'",
+      pgrt::like_literal(pgrt::tag_app_name(arguments.app) + "/") + "%");
+  for (const pgrt::Row row : hidden) {
+    const auto name = row.get<std::optional<std::string>>(0);
+    if (name && pgrt::parse_connection_tag(arguments.app, *name)) ++snapshot.unseen;
   }
   const std::vector<std::string> reasons = pgrt::leftover_reasons(
       backends, {.application = arguments.app,
@@ -685,10 +698,18 @@ int run(const Arguments& arguments) {
                 << "under another role than " << printable(arguments.role.value_or(snapshot.user))
                 << ", and were left alone: connect as their role, or give it with --role ROLE\n";
     }
-    const int code = !snapshot.refused.empty()                ? exit_refused
-                     : (leaks_count && snapshot.leaked() > 0) ? exit_leaked
-                     : (acted && left_alone > 0)              ? exit_leaked
-                                                              : exit_clean;
+    if (acted && snapshot.unseen > 0) {
+      std::cerr << "pgrt-diag: " << snapshot.unseen << " of the app's backends in this database "
+                << "are another role's that " << printable(snapshot.user)
+                << " may not see (pg_stat_activity hides them without pg_read_all_stats), and "
+                   "were neither classified nor terminated: connect as their role, or GRANT "
+                   "pg_read_all_stats TO "
+                << printable(snapshot.user) << "\n";
+    }
+    const int code = !snapshot.refused.empty()                            ? exit_refused
+                     : (leaks_count && snapshot.leaked() > 0)             ? exit_leaked
+                     : (acted && (left_alone > 0 || snapshot.unseen > 0)) ? exit_leaked
+                                                                          : exit_clean;
     if (!arguments.watch_seconds) return code;
     if (!sleep_unless_signalled(io, signals, std::chrono::seconds(*arguments.watch_seconds))) {
       return exit_clean;

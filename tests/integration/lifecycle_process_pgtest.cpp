@@ -2362,6 +2362,33 @@ TEST_F(StartupHygieneTest, DiagEmergencyAsASuperuserActsOnTheRoleItIsGiven) {
   EXPECT_THROW(first.scalar("SELECT 1"), testing::SqlError);
 }
 
+// operations.md: "0 nothing leaked (or everything asked for was terminated)", and --role names
+// the role whose backends "are the ones classified and terminated". Connected as a role that may
+// terminate them (pg_signal_backend: an operator's role, or one with PostgreSQL 16's
+// pg_use_reserved_connections for a full server) but cannot read their pg_stat_activity rows
+// (no pg_read_all_stats), pgrt-diag sees none of them (their backend_type is hidden, and
+// list_app_backends() keeps client backends only): --emergency must then not exit 0 ("all
+// terminated") while the app's backends are still there; it says so and exits 1.
+TEST_F(StartupHygieneTest, DiagEmergencyForARoleItCannotSeeDoesNotExitZero) {
+  const std::string dsn = cluster().dsn();
+  {
+    BlockingConnection admin(dsn);
+    admin.query("CREATE ROLE diag_blind_app LOGIN");
+    admin.query("CREATE ROLE diag_blind_ops LOGIN IN ROLE pg_signal_backend");
+  }
+  BlockingConnection first(dsn + " user=diag_blind_app application_name=blind/one/00000001");
+  BlockingConnection second(dsn + " user=diag_blind_app application_name=blind/one/ffffffff");
+  Child emergency(
+      {PGRT_DIAG_PATH, "--app", "blind", "--role", "diag_blind_app", "--emergency", "--json"},
+      dsn + " user=diag_blind_ops", "blind");
+  const auto code = emergency.wait_for_exit(30s);
+  const bool all_terminated = !testing::backend_exists(dsn, first.backend_pid()) &&
+                              !testing::backend_exists(dsn, second.backend_pid());
+  EXPECT_TRUE(all_terminated || code != 0)
+      << "exit 0 (all terminated), and the app's backends are all still there:\n"
+      << emergency.output();
+}
+
 TEST_F(StartupHygieneTest, DiagKillLeakedLeavesNamesThatOnlyStartLikeATag) {
   const std::string dsn = cluster().dsn();
   // A live instance, then programs that only share the app's prefix, started after it. None is a
