@@ -147,20 +147,22 @@ std::string take_dsn(char* value) {
     std::fill(value, value + dsn.size(), 'x');
     return dsn;
   }
+  // Every option libpq marks secret (dispchar "*"): password, sslpassword, ...
   bool has_password = false;
   for (PQconninfoOption* option = options; option != nullptr && option->keyword != nullptr;
        ++option) {
-    if (std::string_view(option->keyword) == "password" && option->val != nullptr &&
-        *option->val != '\0') {
+    if (option->dispchar != nullptr && std::string_view(option->dispchar) == "*" &&
+        option->val != nullptr && *option->val != '\0') {
       has_password = true;
     }
   }
   PQconninfoFree(options);
   if (has_password) {
     std::fill(value, value + dsn.size(), 'x');
-    std::cerr << "pgrt-diag: warning: --dsn holds a password, which other local users can read "
-                 "on the command line (/proc/PID/cmdline); give it through DATABASE_URL, "
-                 "PGPASSWORD or ~/.pgpass instead\n";
+    std::cerr << "pgrt-diag: warning: --dsn holds a password (or another secret libpq knows, "
+                 "such as sslpassword), which other local users can read on the command line "
+                 "(/proc/PID/cmdline); give it through DATABASE_URL, PGPASSWORD or ~/.pgpass "
+                 "instead\n";
   }
   return dsn;
 }

@@ -2122,6 +2122,27 @@ TEST_F(StartupHygieneTest, APasswordGivenToPgrtDiagOnItsCommandLineIsWipedFromIt
   EXPECT_EQ(diag.wait_for_exit(20s), 0) << diag.output();
 }
 
+// The same for libpq's other secret: sslpassword, the passphrase of the client's TLS key (libpq
+// marks it secret, dispchar "*", and pgrt's own redaction hides it): a --dsn with sslpassword= is
+// overwritten in /proc/PID/cmdline as one with password= is, and never printed.
+TEST_F(StartupHygieneTest, AnSslPasswordGivenToPgrtDiagOnItsCommandLineIsWipedFromIt) {
+  Child diag({PGRT_DIAG_PATH, "--dsn", cluster().dsn() + " sslpassword=hunter3-sslkey", "--app",
+              "pwssl", "--watch", "1"},
+             "", "pwssl");
+  // (Its report is out: its arguments were taken long before.)
+  ASSERT_TRUE(testing::eventually(
+      [&] { return diag.output().find("max_connections") != std::string::npos; }, 20s))
+      << diag.output();
+  std::ifstream cmdline("/proc/" + std::to_string(diag.pid()) + "/cmdline");
+  const std::string argv_seen((std::istreambuf_iterator<char>(cmdline)),
+                              std::istreambuf_iterator<char>());
+  EXPECT_THAT(argv_seen, Not(HasSubstr("hunter3"))) << argv_seen;
+  EXPECT_THAT(argv_seen, HasSubstr("--watch"));
+  EXPECT_THAT(diag.output(), Not(HasSubstr("hunter3"))) << diag.output();
+  diag.signal(SIGTERM);
+  EXPECT_EQ(diag.wait_for_exit(20s), 0) << diag.output();
+}
+
 // Behind a transaction pooler the server's backends are the pooler's: PgBouncer's server
 // connections carry the tag of whichever client used them last (here another instance of the
 // app, idle past the idle rule's threshold), and neither the start-up cleanup nor pgrt-diag
