@@ -181,10 +181,12 @@ const ProcessIdentity& process_identity() {
 
 namespace {
 
-// Who owns the unix socket bound to the abstract name `path` (its sun_path bytes, the leading
-// NUL included), as the kernel's socket diagnostics (NETLINK_SOCK_DIAG, UNIX_DIAG_UID: Linux 5.3
-// and later) tell: the user that created it. Nullopt when no socket has the name or the kernel
-// cannot tell. Reads every unix socket of this network namespace once.
+// Who owns the datagram unix socket bound to the abstract name `path` (its sun_path bytes, the
+// leading NUL included; abstract names are per socket type, so another user's stream or seqpacket
+// socket may have the same name and is not the one a datagram connect() found), as the kernel's
+// socket diagnostics (NETLINK_SOCK_DIAG, UNIX_DIAG_UID: Linux 5.3 and later) tell: the user that
+// created it. Nullopt when no socket has the name or the kernel cannot tell. Reads every unix
+// socket of this network namespace once.
 std::optional<uid_t> abstract_socket_owner(std::string_view path) {
   const int fd = ::socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
   if (fd < 0) return std::nullopt;
@@ -224,6 +226,11 @@ std::optional<uid_t> abstract_socket_owner(std::string_view path) {
         break;
       }
       const std::size_t end = offset + header.nlmsg_len;
+      unix_diag_msg socket_info{};
+      if (aligned(sizeof header) + sizeof socket_info > header.nlmsg_len) break;
+      std::memcpy(&socket_info, buffer.data() + offset + aligned(sizeof header),
+                  sizeof socket_info);
+      const bool datagram = socket_info.udiag_type == SOCK_DGRAM;
       bool named = false;
       std::optional<uid_t> uid;
       for (std::size_t at = offset + aligned(sizeof header) + aligned(sizeof(unix_diag_msg));
@@ -242,7 +249,7 @@ std::optional<uid_t> abstract_socket_owner(std::string_view path) {
         }
         at += aligned(attribute.length);
       }
-      if (named && uid) owner = uid;
+      if (datagram && named && uid) owner = uid;
       offset += aligned(header.nlmsg_len);
     }
   }

@@ -11,7 +11,9 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <string>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <thread>
 #include <unistd.h>
@@ -272,6 +274,72 @@ TEST(IncarnationOnThisHost, AnotherUsersSocketUnderTheNameIsNotThisServicesProce
   ::kill(squatter, SIGKILL);
   ::waitpid(squatter, nullptr, 0);
   EXPECT_EQ(incarnation_on_this_host(squatted), HostPresence::not_running);
+}
+
+// The abstract unix namespace is per socket type: a stream or seqpacket socket can be bound under
+// the very name a live process's datagram socket holds. Another user doing so must not turn that
+// live process (this user's) into "other_user": that would hide a live duplicate from the start-up
+// cleanup (its start is then not refused) and from pgrt-diag (running_here false). Here this test
+// process plays the live service (root counts as this user) for a few incarnations, and user nobody
+// binds the same names as stream and seqpacket sockets.
+TEST(IncarnationOnThisHost,
+     AnotherUsersSocketOfAnotherTypeUnderALiveNameDoesNotHideTheLiveProcess) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root, to bind the names as another user";
+  const std::vector<std::string> incarnations = {"1c0ffee1", "2c0ffee2", "3c0ffee3", "4c0ffee4",
+                                                 "5c0ffee5", "6c0ffee6", "7c0ffee7", "8c0ffee8"};
+  auto address_of = [](const std::string& incarnation) {
+    sockaddr_un address{};
+    address.sun_family = AF_UNIX;
+    const std::string name = std::string(1, '\0') + "pgrt/incarnation/" + incarnation;
+    std::memcpy(address.sun_path, name.data(), name.size());
+    return std::pair{address,
+                     static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + name.size())};
+  };
+  // The live processes' announcements (datagram sockets of this user), as identity.cpp binds them.
+  std::vector<int> live;
+  for (const auto& incarnation : incarnations) {
+    const int fd = ::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    const auto [address, length] = address_of(incarnation);
+    ASSERT_EQ(::bind(fd, reinterpret_cast<const sockaddr*>(&address), length), 0) << incarnation;
+    live.push_back(fd);
+    ASSERT_EQ(incarnation_on_this_host(incarnation), HostPresence::running) << incarnation;
+  }
+  std::vector<std::pair<sockaddr_un, socklen_t>> addresses;  // (made before the fork)
+  for (const auto& incarnation : incarnations) addresses.push_back(address_of(incarnation));
+  int ready[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  const pid_t squatter = ::fork();
+  ASSERT_GE(squatter, 0);
+  if (squatter == 0) {
+    if (::setuid(65534) != 0) ::_exit(2);
+    for (const auto& [address, length] : addresses) {
+      for (const int type : {SOCK_STREAM, SOCK_SEQPACKET}) {
+        const int fd = ::socket(AF_UNIX, type, 0);
+        if (::bind(fd, reinterpret_cast<const sockaddr*>(&address), length) != 0) ::_exit(3);
+      }
+    }
+    (void)::write(ready[1], "x", 1);
+    for (;;) ::pause();
+  }
+  ::close(ready[1]);
+  char byte = 0;
+  const bool bound = ::read(ready[0], &byte, 1) == 1;
+  ::close(ready[0]);
+  std::string hidden;  // the live incarnations taken for another user's
+  if (bound) {
+    for (const auto& incarnation : incarnations) {
+      const HostPresence presence = incarnation_on_this_host(incarnation);
+      if (presence != HostPresence::running) {
+        hidden += " " + incarnation +
+                  (presence == HostPresence::other_user ? " (other_user)" : " (not running)");
+      }
+    }
+  }
+  ::kill(squatter, SIGKILL);
+  ::waitpid(squatter, nullptr, 0);
+  for (const int fd : live) ::close(fd);
+  ASSERT_TRUE(bound) << "the squatter could not bind a stream and a seqpacket socket";
+  EXPECT_EQ(hidden, "") << "live incarnations of this user taken for another user's";
 }
 
 class InstanceLockTest : public ::testing::Test {
