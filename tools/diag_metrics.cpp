@@ -11,6 +11,7 @@
 #include <boost/beast/http.hpp>
 #include <charconv>
 #include <chrono>
+#include <cmath>
 #include <iostream>
 #include <map>
 #include <optional>
@@ -201,9 +202,19 @@ std::vector<Sample> parse_samples(const std::string& text) {
   return samples;
 }
 
+// A count as a whole number. The exposition format allows NaN, infinities and any double (an
+// endpoint that is not pgrt's): those, and values past long long's range (converting them is
+// undefined behaviour), are shown as they are.
 std::string whole(double value) {
+  if (std::isnan(value)) return "NaN";
+  if (std::isinf(value)) return value > 0 ? "+Inf" : "-Inf";
   std::ostringstream out;
-  out << static_cast<long long>(value);
+  // -2^63 and 2^63, both exact doubles: the range a long long holds (the latter excluded).
+  if (value >= -9223372036854775808.0 && value < 9223372036854775808.0) {
+    out << static_cast<long long>(value);
+  } else {
+    out << value;
+  }
   return out.str();
 }
 

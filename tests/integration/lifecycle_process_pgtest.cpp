@@ -477,6 +477,38 @@ TEST_F(LifecycleProcessTest, DiagMetricsSummarizesAnEndpointWithOtherLabelsWitho
   server.join();
 }
 
+// The exposition format allows NaN and +Inf as values (and any double): pgrt-diag metrics shows
+// NaN, an infinity or a value past long long's range (an endpoint on that port that is not
+// pgrt's, or a squatter on it while the service is down) as it is, never converting it to a
+// whole number (undefined behaviour; x86-64 printed -9223372036854775808 connections).
+TEST_F(LifecycleProcessTest, DiagMetricsSummarizesNonFiniteAndHugeValuesWithoutUndefinedBehaviour) {
+  const LoopbackListener listener;
+  std::thread server([&listener] {
+    const int client = ::accept(listener.fd(), nullptr, nullptr);
+    if (client < 0) return;
+    char request[4096];
+    (void)::read(client, request, sizeof request);  // one read holds a curl-sized GET
+    const std::string body =
+        "db_client_connection_count{db_client_connection_pool_name=\"orders\",state=\"used\"} "
+        "NaN\n"
+        "db_client_connection_count{db_client_connection_pool_name=\"orders\",state=\"idle\"} "
+        "1e300\n"
+        "db_client_connection_max{db_client_connection_pool_name=\"orders\"} +Inf\n"
+        "pgrt_pool_acquires_total{db_client_connection_pool_name=\"orders\"} -Inf\n";
+    const std::string answer = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: " +
+                               std::to_string(body.size()) + "\r\nConnection: close\r\n\r\n" + body;
+    (void)!::write(client, answer.data(), answer.size());
+    ::close(client);
+  });
+  Child diag({PGRT_DIAG_PATH, "metrics",
+              "http://127.0.0.1:" + std::to_string(listener.port()) + "/metrics"},
+             cluster().dsn(), "diag-non-finite");
+  EXPECT_EQ(diag.wait_for_exit(30s), 0) << diag.output();
+  EXPECT_THAT(diag.output(), HasSubstr("pool orders"));
+  EXPECT_THAT(diag.output(), Not(HasSubstr("9223372036854775808"))) << diag.output();
+  server.join();
+}
+
 // pgrt-diag's snapshot against a server that stops answering (a catalog it reads is locked) gives
 // up after --timeout with exit 3; Ctrl+C ends a hanging --watch at once (exit 0, as between
 // refreshes).
