@@ -12,11 +12,14 @@
 #include <charconv>
 #include <chrono>
 #include <cmath>
+#include <future>
 #include <iostream>
 #include <map>
+#include <memory>
 #include <optional>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace pgrt::diag {
@@ -37,7 +40,8 @@ const char* const metrics_usage =
     "  (connections in use, waiting, timeouts, mean wait and use, discards, consumers), the\n"
     "  pending writes, the watchdog's conditions and the lifecycle state.\n"
     "  --raw   print the Prometheus text as it came\n"
-    "  --timeout S   give up on a step (connect, request, answer) after S seconds (default 10)\n"
+    "  --timeout S   give up on a step (lookup, connect, request, answer) after S seconds\n"
+    "                (default 10)\n"
     "exit codes: 0 read, 2 usage, 3 unreachable or not a metrics endpoint\n";
 
 struct Url {
@@ -77,13 +81,35 @@ std::optional<Url> parse_url(std::string_view text) {
   return url;
 }
 
-// The endpoint's answer, each step (connect, request, answer) cut at `limit`: beast's timeouts
-// apply to asynchronous operations only, so a listener that never answers would otherwise hold
-// the command for good. (The name lookup runs on asio's resolver thread; run_for() bounds it
-// too.)
+// The host's addresses, looked up on a thread of its own that is left behind (detached) when it
+// takes longer than `limit`: getaddrinfo() cannot be cancelled, and waiting for it (as asio's
+// resolver does when its io_context ends) would hold the command for the system resolver's own
+// timeouts, whatever --timeout says.
+asio::ip::tcp::resolver::results_type resolve(const Url& url, std::chrono::seconds limit) {
+  using Results = asio::ip::tcp::resolver::results_type;
+  auto answer = std::make_shared<std::promise<Results>>();
+  std::future<Results> found = answer->get_future();
+  std::thread([answer, host = url.host, port = url.port] {
+    try {
+      asio::io_context lookup;
+      asio::ip::tcp::resolver resolver(lookup);
+      answer->set_value(resolver.resolve(host, port));
+    } catch (...) {
+      answer->set_exception(std::current_exception());
+    }
+  }).detach();
+  if (found.wait_for(limit) != std::future_status::ready) {
+    throw boost::system::system_error(asio::error::timed_out);
+  }
+  return found.get();
+}
+
+// The endpoint's answer, each step (lookup, connect, request, answer) cut at `limit`: beast's
+// timeouts apply to asynchronous operations only, so a listener that never answers would
+// otherwise hold the command for good.
 std::string fetch(const Url& url, std::chrono::seconds limit) {
+  const auto addresses = resolve(url, limit);
   asio::io_context io;
-  asio::ip::tcp::resolver resolver(io);
   beast::tcp_stream stream(io);
   http::request<http::empty_body> request{http::verb::get, url.target, 11};
   request.set(http::field::host, url.host);
@@ -92,32 +118,26 @@ std::string fetch(const Url& url, std::chrono::seconds limit) {
   http::response_parser<http::string_body> parser;
   parser.body_limit(64 * 1024 * 1024);
   boost::system::error_code failure = asio::error::timed_out;
-  resolver.async_resolve(url.host, url.port, [&](boost::system::error_code error, auto found) {
-    if (error) {
-      failure = error;
+  stream.expires_after(limit);
+  stream.async_connect(addresses, [&](boost::system::error_code connect_error, const auto&) {
+    if (connect_error) {
+      failure = connect_error;
       return;
     }
     stream.expires_after(limit);
-    stream.async_connect(found, [&](boost::system::error_code connect_error, const auto&) {
-      if (connect_error) {
-        failure = connect_error;
-        return;
-      }
-      stream.expires_after(limit);
-      http::async_write(stream, request,
-                        [&](boost::system::error_code write_error, std::size_t /*written*/) {
-                          if (write_error) {
-                            failure = write_error;
-                            return;
-                          }
-                          stream.expires_after(limit);
-                          http::async_read(stream, buffer, parser,
-                                           [&](boost::system::error_code read_error,
-                                               std::size_t /*read*/) { failure = read_error; });
-                        });
-    });
+    http::async_write(stream, request,
+                      [&](boost::system::error_code write_error, std::size_t /*written*/) {
+                        if (write_error) {
+                          failure = write_error;
+                          return;
+                        }
+                        stream.expires_after(limit);
+                        http::async_read(stream, buffer, parser,
+                                         [&](boost::system::error_code read_error,
+                                             std::size_t /*read*/) { failure = read_error; });
+                      });
   });
-  io.run_for(limit * 4);
+  io.run_for(limit * 3);
   if (failure == beast::error::timeout) failure = asio::error::timed_out;
   if (failure) throw boost::system::system_error(failure);
   auto& response = parser.get();

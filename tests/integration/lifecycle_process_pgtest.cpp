@@ -362,6 +362,44 @@ TEST_F(LifecycleProcessTest, DiagMetricsGivesUpOnASilentEndpointAndNeverEchoesCr
   }
 }
 
+// pgrt-diag metrics with a host name whose lookup hangs (a DNS server that does not answer):
+// --timeout bounds the lookup too (it is left behind on a thread of its own, never joined), so
+// the command gives up after about --timeout with exit 3, not after the resolver's own timeouts
+// (here 20 s). The test runs it in a mount namespace of its own whose /etc/resolv.conf names a
+// silent server on 127.0.0.1:53.
+TEST_F(LifecycleProcessTest, DiagMetricsGivesUpOnAHostNameWhoseLookupHangs) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root, for a mount namespace of its own";
+  const int silent_dns = ::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_port = htons(53);
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (::bind(silent_dns, reinterpret_cast<const sockaddr*>(&address), sizeof address) != 0) {
+    ::close(silent_dns);
+    GTEST_SKIP() << "127.0.0.1:53 is taken";
+  }
+  const auto resolv_conf = std::filesystem::temp_directory_path() /
+                           ("pgrt-process-test-" + std::to_string(::getpid()) + "-resolv.conf");
+  std::ofstream(resolv_conf) << "nameserver 127.0.0.1\noptions timeout:20 attempts:1\n";
+  const auto started = std::chrono::steady_clock::now();
+  Child diag(
+      {"/usr/bin/unshare", "--mount", "/bin/sh", "-c",
+       "mount --bind " + resolv_conf.string() + " /etc/resolv.conf && exec " + PGRT_DIAG_PATH +
+           " metrics http://pgrt-diag-lookup-hangs.invalid:9464/metrics --timeout 1"},
+      cluster().dsn(), "diag-lookup-hangs");
+  const auto code = diag.wait_for_exit(60s);
+  const auto took = std::chrono::steady_clock::now() - started;
+  ::close(silent_dns);
+  std::filesystem::remove(resolv_conf);
+  if (diag.output().find("mount") != std::string::npos && code != 3) {
+    GTEST_SKIP() << "no mount namespace here: " << diag.output();
+  }
+  EXPECT_EQ(code, 3) << diag.output();
+  EXPECT_LT(took, 10s) << "--timeout 1 took "
+                       << std::chrono::duration_cast<std::chrono::seconds>(took).count() << " s\n"
+                       << diag.output();
+}
+
 // operations.md: pgrt-diag "never prints a password". A DSN given the way other tools take it
 // (GNU-style --dsn=..., or psql's positional conninfo) is an unknown argument, and the refusal
 // names it without its password (stderr goes to a terminal, a CI log, a journal).
