@@ -134,7 +134,8 @@ std::string make_private(int fd, const struct stat& status) {
 // a directory under /tmp can have been made in advance by another user. A shared directory (world-
 // or group-writable with the sticky bit: /tmp, /dev/shm, a Kubernetes emptyDir) is never re-moded:
 // the lock goes into a private directory of this user's inside it (pgrt-<uid>), which the sticky
-// bit keeps others from renaming or removing.
+// bit keeps others from renaming or removing: all but the shared directory's owner, so one is only
+// used when root or this user owns it.
 LockDirectory open_lock_directory(const std::filesystem::path& directory) {
   if (directory.has_parent_path()) std::filesystem::create_directories(directory.parent_path());
   if (::mkdir(directory.c_str(), 0700) != 0 && errno != EEXIST) {
@@ -157,6 +158,13 @@ LockDirectory open_lock_directory(const std::filesystem::path& directory) {
     throw std::system_error(error, std::generic_category(), "fstat " + directory.string());
   }
   if ((status.st_mode & S_ISVTX) != 0 && (status.st_mode & (S_IWGRP | S_IWOTH)) != 0) {
+    if (status.st_uid != 0 && status.st_uid != ::geteuid()) {
+      ::close(fd);
+      refuse_directory(directory, "it is shared (sticky, writable by others) and belongs to uid " +
+                                      std::to_string(status.st_uid) +
+                                      ", who may rename or remove what others keep in it (the "
+                                      "sticky bit does not hold against its owner)");
+    }
     return open_private_subdirectory(fd, directory);
   }
   if (const std::string why = make_private(fd, status); !why.empty()) {

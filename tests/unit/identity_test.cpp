@@ -10,6 +10,7 @@
 #include <fstream>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <optional>
 #include <string>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -378,6 +379,47 @@ TEST_F(InstanceLockTest, ASecondHolderIsRefusedWithTheFirstsPidUntilItIsReleased
     EXPECT_NO_THROW((void)InstanceLock::acquire(other));  // another instance is independent
   }
   EXPECT_NO_THROW((void)InstanceLock::acquire(options()));  // released with its holder
+}
+
+// operations.md: in a shared directory (writable by others, sticky) the lock goes into pgrt-<uid>
+// inside it, "which the sticky bit keeps others from renaming or removing". The sticky bit does
+// not hold against the shared directory's owner: when that is another (non-root) user, they can
+// move pgrt-<uid> aside under a live holder, and the next start would make a new one and take a
+// lock of its own beside the holder. Such a directory is refused (the test then skips); the lock
+// is never split.
+TEST_F(InstanceLockTest, ASharedDirectoryOfAnotherUserCannotBeUsedToSplitTheLock) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root, to act as the shared directory's owner";
+  const auto shared = directory_ / "shared";
+  std::filesystem::create_directories(shared);
+  ASSERT_EQ(::chown(shared.c_str(), 65534, 65534), 0);
+  ASSERT_EQ(::chmod(shared.c_str(), 01777), 0);
+  InstanceLockOptions in_shared = options();
+  in_shared.directory = shared;
+  std::optional<InstanceLock> first;
+  try {
+    first.emplace(InstanceLock::acquire(in_shared));
+  } catch (const std::system_error& error) {
+    GTEST_SKIP() << "refused, as it may be: " << error.what();
+  }
+  const std::string private_name = "pgrt-" + std::to_string(::geteuid());
+  const std::string from = (shared / private_name).string();
+  const std::string to = (shared / "moved-aside").string();
+  const pid_t owner = ::fork();
+  ASSERT_GE(owner, 0);
+  if (owner == 0) {
+    if (::setuid(65534) != 0) ::_exit(2);
+    ::_exit(::rename(from.c_str(), to.c_str()) == 0 ? 0 : 3);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(owner, &status, 0), owner);
+  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0)
+      << "the shared directory's owner could not move " << from;
+  try {
+    auto second = InstanceLock::acquire(in_shared);
+    ADD_FAILURE() << "a second holder of app/one (" << second.path() << ") while the first holds "
+                  << first->path();
+  } catch (const std::exception&) {  // InstanceLockError, or the directory refused
+  }
 }
 
 TEST_F(InstanceLockTest, LongInstanceNamesDifferingOnlyAtTheEndGetDifferentLockFiles) {
