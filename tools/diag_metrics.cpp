@@ -32,6 +32,16 @@ namespace http = beast::http;
 
 constexpr int exit_usage = 2;
 constexpr int exit_unreachable = 3;
+constexpr int exit_output = 74;  // sysexits' EX_IOERR: the summary could not be written
+
+// Flushes std::cout: exit_output (said on stderr) when the output could not be written (a full
+// disk, a closed pipe), else 0.
+int written() {
+  std::cout.flush();
+  if (std::cout) return 0;
+  std::cerr << "pgrt-diag metrics: cannot write the output\n";
+  return exit_output;
+}
 
 const char* const metrics_usage =
     "usage: pgrt-diag metrics URL [--raw]\n"
@@ -42,7 +52,8 @@ const char* const metrics_usage =
     "  --raw   print the Prometheus text as it came\n"
     "  --timeout S   give up on a step (lookup, connect, request, answer) after S seconds\n"
     "                (default 10)\n"
-    "exit codes: 0 read, 2 usage, 3 unreachable or not a metrics endpoint\n";
+    "exit codes: 0 read, 2 usage, 3 unreachable or not a metrics endpoint, 74 the output could\n"
+    "  not be written\n";
 
 struct Url {
   std::string host;
@@ -390,7 +401,7 @@ int run_metrics(int argc, char** argv) {
   }
   if (raw) {
     std::cout << text;
-    return 0;
+    return written();
   }
   const auto samples = parse_samples(text);
   if (samples.empty()) {
@@ -413,8 +424,8 @@ int run_metrics(int argc, char** argv) {
   for (char& c : shown) {
     if ((static_cast<unsigned char>(c) < 0x20 && c != '\n') || c == 0x7f) c = '?';
   }
-  std::cout << shown << std::flush;
-  return 0;
+  std::cout << shown;
+  return written();
 }
 
 }  // namespace pgrt::diag

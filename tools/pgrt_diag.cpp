@@ -48,6 +48,7 @@ constexpr int exit_unreachable = 3;
 constexpr int exit_refused = 4;
 constexpr int exit_config =
     78;  // sysexits' EX_CONFIG, as the lifecycle manager's exit_code::config
+constexpr int exit_output = 74;        // sysexits' EX_IOERR: the report could not be written
 constexpr int exit_interrupted = 130;  // Ctrl+C, as a shell reports SIGINT
 
 struct Arguments {
@@ -100,7 +101,8 @@ const char* const usage =
     "            --kill-leaked or --emergency: backends of the app in this database left\n"
     "            alone as another role's, or that it could not see),\n"
     "            2 usage, 3 server unreachable or timed out, 4 terminating refused,\n"
-    "            78 malformed DSN, 130 Ctrl+C before the report\n";
+    "            74 the report could not be written, 78 malformed DSN,\n"
+    "            130 Ctrl+C before the report\n";
 
 std::optional<std::int64_t> parse_number(std::string_view text, std::int64_t low,
                                          std::int64_t high) {
@@ -514,8 +516,8 @@ const char* const budget_usage =
     "  tag (app/instance/incarnation), client address, start and state (pg_locks joined with\n"
     "  pg_stat_activity). --timeout bounds the connect, and the listing (default 10 s each;\n"
     "  a listing given up on takes up to 1 s more to cancel).\n"
-    "  exit codes: 0 listed, 2 usage, 3 server unreachable or timed out, 78 malformed DSN,\n"
-    "  130 Ctrl+C\n";
+    "  exit codes: 0 listed, 2 usage, 3 server unreachable or timed out, 74 the listing could\n"
+    "  not be written, 78 malformed DSN, 130 Ctrl+C\n";
 
 int run_budget(int argc, char** argv) {
   std::string conninfo;
@@ -643,6 +645,10 @@ int run_budget(int argc, char** argv) {
               << *slots << " connections; give every sharer the same value\n";
   }
   std::cout << std::flush;
+  if (!std::cout) {
+    std::cerr << "pgrt-diag budget: cannot write the listing\n";
+    return exit_output;
+  }
   return exit_clean;
 }
 
@@ -685,6 +691,12 @@ int run(const Arguments& arguments) {
       std::cout << "behind a transaction pooler (PGRT_POOLER=transaction) these backends are the "
                    "pooler's, shared by its clients: a 'leaked' one is the pooler's idle server "
                    "connection, and does not set the exit code\n";
+    }
+    // A report that could not be written (a full disk, a closed pipe) is no report.
+    std::cout.flush();
+    if (!std::cout) {
+      std::cerr << "pgrt-diag: cannot write the report\n";
+      return exit_output;
     }
     const bool acted = arguments.kill_leaked || arguments.emergency;
     const bool leaks_count = !acted && !arguments.behind_transaction_pooler;

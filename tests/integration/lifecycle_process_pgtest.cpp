@@ -2287,6 +2287,18 @@ TEST_F(StartupHygieneTest, DiagWatchIntoAFileWritesNoEscapeCodesAndEndsOnSigterm
   EXPECT_EQ(diag.output().find('\033'), std::string::npos) << diag.output();
 }
 
+// A report that could not be written is no report: `pgrt-diag --json > report.json` on a full disk
+// (or any stdout that fails) must not exit 0 as if the report said "nothing leaked": pgrt-diag
+// checks its output after flushing it, for the JSON and the text report alike.
+TEST_F(StartupHygieneTest, DiagDoesNotExitZeroWhenItsReportCannotBeWritten) {
+  for (const char* format : {"--json", "--idle-threshold 900"}) {  // the JSON, the text report
+    const std::string command =
+        std::string("exec ") + PGRT_DIAG_PATH + " --app unwritten " + format + " > /dev/full";
+    Child diag({"/bin/sh", "-c", command}, cluster().dsn(), "unwritten");
+    EXPECT_NE(diag.wait_for_exit(30s), 0) << command << "\n" << diag.output();
+  }
+}
+
 // A start that waits for the database: a server that comes up late is waited for (the reason
 // logged once per change), and one that never does fails the start after start_wait.
 TEST_F(StartupHygieneTest, ThePoolsStartWaitsForTheDatabaseUntilItsDeadline) {
