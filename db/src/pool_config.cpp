@@ -3,6 +3,7 @@
 #include <charconv>
 #include <chrono>
 #include <cstdlib>
+#include <limits>
 #include <optional>
 #include <ratio>
 #include <spdlog/spdlog.h>
@@ -144,10 +145,12 @@ void check_budget_classes(const Budget& budget) {
     }
     // (Added up without wrapping around: each class within what the ones before it leave.)
     if (slot_class.slots > budget.slots - classes_slots) {
-      invalid("the budget classes have more slots in all than the budget's " +
-                  std::to_string(budget.slots) + " (the class '" + slot_class.name + "' has " +
-                  std::to_string(slot_class.slots) + ", and the classes before it " +
-                  std::to_string(classes_slots) + ")",
+      const bool wraps = slot_class.slots > std::numeric_limits<std::size_t>::max() - classes_slots;
+      invalid("the budget classes have " +
+                  (wraps ? std::string("more than ") +
+                               std::to_string(std::numeric_limits<std::size_t>::max())
+                         : std::to_string(classes_slots + slot_class.slots)) +
+                  " slots in all, more than the budget's " + std::to_string(budget.slots),
               "the classes' sizes add up to at most PGRT_BUDGET_SLOTS; the rest is shared");
     }
     classes_slots += slot_class.slots;
