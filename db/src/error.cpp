@@ -358,7 +358,7 @@ std::string mask_password(std::string_view conninfo) {
         (std::string_view(option->keyword) == "host" && host_holds_credentials(option->val)) ||
         ((std::string_view(option->keyword) == "dbname" ||
           std::string_view(option->keyword) == "user") &&
-         std::string_view(option->val).find("://") != std::string_view::npos)) {
+         name_holds_a_conninfo(option->val))) {
       masked += "****";
       continue;
     }

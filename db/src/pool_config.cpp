@@ -9,6 +9,7 @@
 #include <spdlog/spdlog.h>
 #include <string>
 #include <string_view>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -358,6 +359,17 @@ void check(const PoolConfig& config, bool warn) {
                        config.guards.client_connection_check_interval, "turning this guard off");
   require_not_negative("guards.tcp_user_timeout", config.guards.tcp_user_timeout,
                        "turning this guard off");
+  // (Server settings, and libpq's tcp_user_timeout: each an int of milliseconds.)
+  for (const auto& [field, value, reader] :
+       {std::tuple{"guards.idle_in_transaction_timeout", config.guards.idle_in_transaction_timeout,
+                   "the server"},
+        {"guards.client_connection_check_interval", config.guards.client_connection_check_interval,
+         "the server"},
+        {"guards.tcp_user_timeout", config.guards.tcp_user_timeout, "libpq"}}) {
+    if (auto problem = detail::longer_than_int_milliseconds(field, value, reader)) {
+      invalid(std::move(problem->message), std::move(problem->hint));
+    }
+  }
 
   if (config.application.empty()) {
     invalid("application must not be empty",

@@ -11,7 +11,9 @@
 #include <boost/asio/use_awaitable.hpp>
 #include <chrono>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <functional>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -341,6 +343,153 @@ TEST_F(BudgetTest, AConnectWaitingForAFullBudgetHoldsUpNoPoolOfTheSameKeyOnAnoth
       60s);
   BlockingConnection admin(cluster().dsn());
   admin.query("DROP DATABASE IF EXISTS budget_other_db WITH (FORCE)");
+}
+
+// The same as above, with the other database named by a connection service (libpq's service=,
+// or PGSERVICE, read from PGSERVICEFILE / pg_service.conf), which libpq documents as a way to name
+// the server and database outside the program. The pool on database two gives only the host,
+// port, user and service= (dbname=budget_service_db comes from the service file): it connects to
+// database two, an empty budget of its own, and must not wait for the turn of the connect waiting
+// on database one (the lane names the service).
+TEST_F(BudgetTest, AConnectWaitingForAFullBudgetHoldsUpNoPoolOnAnotherDatabaseNamedByAService) {
+  using Clock = std::chrono::steady_clock;
+  {
+    BlockingConnection admin(cluster().dsn());
+    admin.query("DROP DATABASE IF EXISTS budget_service_db WITH (FORCE)");
+    admin.query("CREATE DATABASE budget_service_db");
+  }
+  const std::string service_file =
+      "/tmp/pgrt-budget-service-" + std::to_string(::getpid()) + ".conf";
+  {
+    std::ofstream out(service_file);
+    out << "[budget_other]\ndbname=budget_service_db\n";
+  }
+  ::setenv("PGSERVICEFILE", service_file.c_str(), 1);
+  const std::string dsn = cluster().dsn();
+  const std::string other_conninfo =
+      dsn.substr(0, dsn.find(" dbname=")) + " service=budget_other";  // host, port, user
+  run_coroutine(
+      [&]() -> awaitable_void {
+        auto executor = co_await asio::this_coro::executor;
+        Pool holder(executor, config("service-holder", "servicekey", 1));
+        auto lease = co_await holder.acquire();  // database one's only slot
+        auto waiting_config = config("service-waiting", "servicekey", 1);
+        waiting_config.acquire_timeout = 20s;  // its connect waits for a slot up to 10 s
+        Pool waiting(executor, waiting_config);
+        int finished = 0;
+        auto acquire_and_drop = [&finished](Pool& pool) -> awaitable_void {
+          try {
+            auto unused = co_await pool.acquire();
+          } catch (const Error&) {  // NOLINT(bugprone-empty-catch): closed under it, or timed out
+          }
+          ++finished;
+        };
+        asio::co_spawn(executor, acquire_and_drop(waiting), asio::detached);
+        for (int i = 0; i < 250 && waiting.stats().budget_slot_waits == 0; ++i) {
+          co_await sleep_for(20ms);
+        }
+        EXPECT_GE(waiting.stats().budget_slot_waits, 1U) << "its connect should wait for a slot";
+
+        auto other_config = config("service-other-db", "servicekey", 1);
+        other_config.conninfo = other_conninfo;
+        other_config.acquire_timeout = 3s;
+        Pool other(executor, other_config);
+        const auto started = Clock::now();
+        std::string failure;
+        std::string database;
+        try {
+          auto got = co_await other.acquire();
+          database = (co_await got->query("SELECT current_database()")).scalar<std::string>();
+          got.release();
+        } catch (const Error& error) {
+          failure = error.what();
+        }
+        const auto took =
+            std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - started);
+        EXPECT_EQ(failure, "") << "the pool on the other database got no connection";
+        EXPECT_EQ(database, failure.empty() ? "budget_service_db" : "");
+        EXPECT_LT(took, 1500ms) << "the pool on the other database (named by its service; an "
+                                   "empty budget of its own) waited for the turn of a connect "
+                                   "waiting on database one: "
+                                << took.count() << " ms";
+        (void)co_await other.close(1s);
+        (void)co_await waiting.close(1s);
+        while (finished < 1) co_await sleep_for(20ms);
+        lease.release();
+        (void)co_await holder.close(1s);
+      },
+      60s);
+  ::unsetenv("PGSERVICEFILE");
+  std::remove(service_file.c_str());
+  BlockingConnection admin(cluster().dsn());
+  admin.query("DROP DATABASE IF EXISTS budget_service_db WITH (FORCE)");
+}
+
+// One host list, two servers: a primary and its hot standby, the pools picking theirs with
+// target_session_attrs (docs/operations.md, "Failover"), as a service with a read-write pool and a
+// read-only pool over one DATABASE_URL host list does. Advisory locks are per server, so the
+// standby's budget of the same key is another budget, and an empty one here: the standby pool's
+// connect must not wait for the turn of a connect waiting for a slot of the primary's full budget
+// (the lane names target_session_attrs), nor its caller time out with budget_exhausted.
+TEST_F(BudgetTest, AConnectWaitingForAFullBudgetHoldsUpNoPoolOfTheSameHostListOnItsStandby) {
+  using Clock = std::chrono::steady_clock;
+  testing::TempCluster standby({.standby_of = cluster().dsn()});
+  const std::string hosts = "host=127.0.0.1,127.0.0.1 port=" + std::to_string(cluster().port()) +
+                            "," + std::to_string(standby.port()) +
+                            " user=postgres dbname=postgres target_session_attrs=";
+  run_coroutine(
+      [&]() -> awaitable_void {
+        auto executor = co_await asio::this_coro::executor;
+        auto holder_config = config("tsa-holder", "tsakey", 1);
+        holder_config.conninfo = hosts + "read-write";
+        Pool holder(executor, holder_config);
+        auto lease = co_await holder.acquire();  // the primary's only slot
+        auto waiting_config = config("tsa-waiting", "tsakey", 1);
+        waiting_config.conninfo = hosts + "read-write";
+        waiting_config.acquire_timeout = 20s;  // its connect waits for a slot up to 10 s
+        Pool waiting(executor, waiting_config);
+        int finished = 0;
+        auto acquire_and_drop = [&finished](Pool& pool) -> awaitable_void {
+          try {
+            auto unused = co_await pool.acquire();
+          } catch (const Error&) {  // NOLINT(bugprone-empty-catch): closed under it, or timed out
+          }
+          ++finished;
+        };
+        asio::co_spawn(executor, acquire_and_drop(waiting), asio::detached);
+        for (int i = 0; i < 250 && waiting.stats().budget_slot_waits == 0; ++i) {
+          co_await sleep_for(20ms);
+        }
+        EXPECT_GE(waiting.stats().budget_slot_waits, 1U) << "its connect should wait for a slot";
+
+        auto reader_config = config("tsa-standby", "tsakey", 1);
+        reader_config.conninfo = hosts + "standby";
+        reader_config.acquire_timeout = 3s;
+        Pool reader(executor, reader_config);
+        const auto started = Clock::now();
+        std::string failure;
+        int port = 0;
+        try {
+          auto got = co_await reader.acquire();
+          port = (co_await got->query("SELECT inet_server_port()")).scalar<int>();
+          got.release();
+        } catch (const Error& error) {
+          failure = error.what();
+        }
+        const auto took =
+            std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - started);
+        EXPECT_EQ(failure, "") << "the pool on the standby got no connection";
+        EXPECT_EQ(port, failure.empty() ? standby.port() : 0);
+        EXPECT_LT(took, 1500ms) << "the pool on the standby (an empty budget of its own) waited "
+                                   "for the turn of a connect waiting on the primary: "
+                                << took.count() << " ms";
+        (void)co_await reader.close(1s);
+        (void)co_await waiting.close(1s);
+        while (finished < 1) co_await sleep_for(20ms);
+        lease.release();
+        (void)co_await holder.close(1s);
+      },
+      60s);
 }
 
 // docs/budget.md: with no slot free, "a caller that waits out acquire_timeout meanwhile fails with

@@ -562,6 +562,70 @@ TEST_F(ConnectionEdgesTest, AUrlGivenAsTheDatabaseNameDoesNotPutItsPasswordInThe
   ::unsetenv("PGDATABASE");
 }
 
+// The same slip with libpq's other conninfo form: a key=value string given as the database name
+// ("dbname='host=db password=...'", or PGDATABASE set to one, as `psql -d` and `pg_dump -d` take
+// it). libpq expands neither here (only the conninfo itself), so it reaches the server as the
+// database's name, and the server's "database ... does not exist" and pgrt's own "(database ...)"
+// quote it, password included (usage.md: "The error messages of connect() never contain the
+// password"). connect() refuses it and mask_password() masks it, as a URL there.
+TEST_F(ConnectionEdgesTest, AKeyValueConninfoAsTheDatabaseNameKeepsItsPasswordOutOfTheError) {
+  const std::string pasted = "host=db.invalid user=app password=S3cretPw dbname=app";
+  const std::string dsn = cluster().dsn();
+  const std::string without_dbname = dsn.substr(0, dsn.find(" dbname="));
+  run_coroutine([&]() -> awaitable_void {
+    ConnectOptions slipped{.conninfo = without_dbname + " dbname='" + pasted + "'",
+                           .connect_timeout = 5s};
+    const Error error = co_await testing::expect_error(Connection::connect(slipped));
+    EXPECT_THAT(error.what(), ::testing::Not(::testing::HasSubstr("S3cretPw"))) << error.what();
+    EXPECT_THAT(mask_password(slipped.conninfo), ::testing::Not(::testing::HasSubstr("S3cretPw")))
+        << mask_password(slipped.conninfo);
+  });
+  ::setenv("PGDATABASE", pasted.c_str(), 1);
+  run_coroutine([&]() -> awaitable_void {
+    ConnectOptions from_env{.conninfo = without_dbname, .connect_timeout = 5s};
+    const Error error = co_await testing::expect_error(Connection::connect(from_env));
+    EXPECT_THAT(error.what(), ::testing::Not(::testing::HasSubstr("S3cretPw"))) << error.what();
+  });
+  ::unsetenv("PGDATABASE");
+}
+
+// A database or role name may hold "://": any text is a valid quoted identifier, and some
+// deployments name tenants or services so ("tenant://eu-1"). libpq connects to them given as
+// dbname= and user=: it expands only the conninfo itself, and only a value that starts with
+// "postgresql://" or "postgres://" (or holds '=') would be read as a conninfo, so such a name
+// reaches the server as the name it is. connect() connects as libpq does: only a name that starts
+// with a URL's scheme, or parses as a key=value conninfo, is refused as a slip.
+TEST_F(ConnectionEdgesTest, ADatabaseAndARoleWhoseNamesHoldASchemeSeparatorCanBeConnectedTo) {
+  testing::BlockingConnection admin(cluster().dsn());
+  admin.query("DROP DATABASE IF EXISTS \"tenant://eu-1\" WITH (FORCE)");
+  admin.query("CREATE DATABASE \"tenant://eu-1\"");
+  admin.query("DROP ROLE IF EXISTS \"svc://billing\"");
+  admin.query("CREATE ROLE \"svc://billing\" LOGIN");
+  const std::string conninfo = cluster().dsn() + " dbname='tenant://eu-1' user='svc://billing'";
+  {
+    // libpq itself connects to them.
+    PGconn* plain = PQconnectdb(conninfo.c_str());
+    EXPECT_EQ(PQstatus(plain), CONNECTION_OK) << PQerrorMessage(plain);
+    PQfinish(plain);
+  }
+  run_coroutine([&]() -> awaitable_void {
+    ConnectOptions named{.conninfo = conninfo, .connect_timeout = 5s};
+    std::string failure;
+    std::string where;
+    try {
+      auto conn = co_await Connection::connect(named);
+      where = (co_await conn.query("SELECT current_database() || ' as ' || current_user"))
+                  .scalar<std::string>();
+    } catch (const Error& error) {
+      failure = error.what();
+    }
+    EXPECT_EQ(failure, "") << "pgrt refused a database and role libpq connects to";
+    EXPECT_EQ(where, "tenant://eu-1 as svc://billing");
+  });
+  admin.query("DROP DATABASE IF EXISTS \"tenant://eu-1\" WITH (FORCE)");
+  admin.query("DROP ROLE IF EXISTS \"svc://billing\"");
+}
+
 // The conninfo's connect_timeout with no host at all (libpq's default socket directory) bounds
 // that one host as it bounds a host given (operations.md, "Failover"): a server on the default
 // socket that takes the connection and never answers holds the connect for the conninfo's 2 s,
@@ -767,6 +831,31 @@ TEST_F(ConnectionEdgesTest, ConnectOptionsOutOfRangeAreRefusedBeforeConnecting) 
       EXPECT_LT(std::chrono::steady_clock::now() - started, 1s);
     });
   }
+}
+
+// libpq reads tcp_user_timeout as an int of milliseconds: a value above INT_MAX ms (24.8 days),
+// though within the year the other durations may take, would fail every TCP connect ("invalid
+// integer value") after the socket is made, as if the server were down. Such a value either works
+// or is refused before anything is sent, naming the member, as the rest are (a pool's
+// guards.tcp_user_timeout is refused by validate() the same way).
+TEST_F(ConnectionEdgesTest, ATcpUserTimeoutWithinTheYearEitherWorksOrIsRefusedByName) {
+  run_coroutine([]() -> awaitable_void {
+    ConnectOptions thirty_days{.conninfo = cluster().tcp_dsn(),
+                               .tcp_user_timeout = std::chrono::hours(24 * 30)};
+    std::string failure;
+    bool invalid_config = false;
+    try {
+      auto conn = co_await Connection::connect(thirty_days);
+      (void)co_await conn.query("SELECT 1");
+    } catch (const Error& error) {
+      failure = error.what();
+      invalid_config = error.code() == client_errc::invalid_config;
+    }
+    if (!failure.empty()) {
+      EXPECT_TRUE(invalid_config) << failure;
+      EXPECT_THAT(failure, ::testing::HasSubstr("ConnectOptions::tcp_user_timeout")) << failure;
+    }
+  });
 }
 
 }  // namespace

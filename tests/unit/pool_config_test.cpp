@@ -499,6 +499,32 @@ TEST(PoolConfigTest, DurationsLongerThanAYearAndNanJitterAreRejected) {
   EXPECT_THAT(rejection(nan_backoff), HasSubstr("must be in [0, 1)"));
 }
 
+// libpq reads tcp_user_timeout, and the server its guard settings, as an int of milliseconds: a
+// value above INT_MAX ms, though within a year, would fail every connect (as if the server were
+// down). Refused, naming the field.
+TEST(PoolConfigTest, SettingsReadAsAnIntOfMillisecondsAreRefusedAboveIt) {
+  const milliseconds too_long = std::chrono::hours(24 * 25);  // 2,160,000,000 ms
+  const std::vector<std::pair<std::string, std::function<void(PoolConfig&)>>> fields{
+      {"connect.tcp_user_timeout", [&](PoolConfig& c) { c.connect.tcp_user_timeout = too_long; }},
+      {"guards.tcp_user_timeout", [&](PoolConfig& c) { c.guards.tcp_user_timeout = too_long; }},
+      {"guards.idle_in_transaction_timeout",
+       [&](PoolConfig& c) { c.guards.idle_in_transaction_timeout = too_long; }},
+      {"guards.client_connection_check_interval",
+       [&](PoolConfig& c) { c.guards.client_connection_check_interval = too_long; }},
+  };
+  for (const auto& [name, set] : fields) {
+    SCOPED_TRACE(name);
+    PoolConfig config;
+    set(config);
+    const std::string message = rejection(config);
+    EXPECT_THAT(message, HasSubstr(name + " is 2160000000 ms"));
+    EXPECT_THAT(message, HasSubstr("(2147483647 ms)"));
+  }
+  PoolConfig at_most;
+  at_most.guards.tcp_user_timeout = milliseconds(std::numeric_limits<int>::max());
+  EXPECT_EQ(rejection(at_most), "");
+}
+
 TEST(PoolConfigTest, NegativeKeepaliveCountAndNoKeepalives) {
   PoolConfig config;
   config.connect.keepalives->count = -2;

@@ -425,14 +425,14 @@ asio::awaitable<error_code> Connection::Impl::connect() {
                    "host= and PGHOST");
   }
   // The same slip with the database or user name: libpq expands only the conninfo itself, so a
-  // URL there would go to the server as a name, and its password into every error quoting it.
+  // conninfo there would go to the server as a name, and its password into every error quoting it.
   for (const auto& [what, keyword, variable] :
        {std::tuple{"database name", "dbname", "PGDATABASE"}, {"user name", "user", "PGUSER"}}) {
-    if (parsed.get(keyword, variable).find("://") == std::string::npos) continue;
+    if (!name_holds_a_conninfo(parsed.get(keyword, variable))) continue;
     co_return fail(client_errc::invalid_config,
                    std::string("the ") + what + " (conninfo " + keyword + "=, or " + variable +
-                       ") looks like a connection URL (it has \"://\"); not shown, as it may "
-                       "hold a password",
+                       ") is a connection URL or key=value conninfo; not shown, as it may hold a "
+                       "password",
                    {},
                    std::string("give the URL as the whole conninfo (DATABASE_URL), or only the ") +
                        what + " in " + keyword + "= and " + variable);

@@ -243,6 +243,11 @@ bool url_credentials_misread(std::string_view conninfo) {
   return false;
 }
 
+bool name_holds_a_conninfo(std::string_view name) {
+  if (is_url(name)) return true;
+  return name.find('=') != std::string_view::npos && parse_conninfo(std::string(name)).valid;
+}
+
 bool host_holds_credentials(std::string_view hosts) {
   for (const std::string& host : split_hosts(std::string(hosts))) {
     if (host.find("://") != std::string::npos) return true;

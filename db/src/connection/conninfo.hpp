@@ -42,6 +42,11 @@ bool url_credentials_misread(std::string_view conninfo);
 // Such a host is never looked up, nor quoted: it may hold a password.
 bool host_holds_credentials(std::string_view hosts);
 
+// Whether a database or user name is a whole conninfo pasted there: a URL (it starts with
+// "postgresql://" or "postgres://") or key=value pairs libpq parses. libpq expands neither there:
+// it would reach the server as the name, password and all. (Any other text is a valid name.)
+bool name_holds_a_conninfo(std::string_view name);
+
 // Why `conninfo` cannot be parsed (or, a URL, is misread: url_credentials_misread()), redacted
 // ("the conninfo could not be parsed: host=db PASSWORD=****: \"PASSWORD\" is not a keyword
 // (keywords are lower case: \"password\")"), or "" when libpq parses it. Never quotes libpq's own

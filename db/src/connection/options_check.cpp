@@ -19,6 +19,10 @@ std::optional<Diagnostics> connect_options_problem(const ConnectOptions& options
           "the system default (in a pool: its guards.tcp_user_timeout, when that is set)")) {
     return problem;
   }
+  if (auto problem =
+          longer_than_int_milliseconds(p + "tcp_user_timeout", options.tcp_user_timeout, "libpq")) {
+    return problem;
+  }
   if (auto problem = negative_or_too_long(p + "cancel_timeout", options.cancel_timeout,
                                           "closing a connection at once after a cancel, without "
                                           "waiting for the statement to end")) {

@@ -4,6 +4,7 @@
 // PoolConfig::validate() (which checks the same ConnectOptions inside a pool's config).
 
 #include <chrono>
+#include <limits>
 #include <optional>
 #include <ratio>
 #include <string>
@@ -55,6 +56,19 @@ std::optional<Diagnostics> negative_or_too_long(std::string_view field,
   return Diagnostics{
       .message = std::string(field) + " is " + show_duration(value) + ", which is negative",
       .hint = "give a positive duration, or 0 for " + std::string(zero_means)};
+}
+
+// What is wrong with a setting (`field`) that `reader` ("libpq", "the server") takes as an int of
+// milliseconds (at most about 24.8 days), when `value` is longer; or nothing.
+inline std::optional<Diagnostics> longer_than_int_milliseconds(std::string_view field,
+                                                               std::chrono::milliseconds value,
+                                                               std::string_view reader) {
+  constexpr std::chrono::milliseconds most{std::numeric_limits<int>::max()};
+  if (value <= most) return std::nullopt;
+  return Diagnostics{.message = std::string(field) + " is " + show_duration(value) +
+                                ", longer than " + std::string(reader) + " takes (" +
+                                show_duration(most) + ")",
+                     .hint = "give at most 2147483647 ms (about 24.8 days), or 0"};
 }
 
 // The first of `options`' durations and numbers out of range, as a message and hint naming the

@@ -283,14 +283,31 @@ std::string ProbeGate::lane_of(const Budget& budget, const std::string& conninfo
   };
   add(budget.key);
   add(budget.class_name);
-  // Where the advisory locks live: the server (as the conninfo names it) and the database (libpq's
-  // default database is the user's name). A conninfo libpq cannot parse fails its connect anyway.
+  // Where the advisory locks live, as far as the conninfo names it: each keyword it gives, in
+  // keyword order (a URL and its key=value form name one lane), and the PG* variable of each that
+  // picks the server or database and that it leaves out. A service file's values are not read:
+  // the service's name stands for them. Secrets (a password) stay out. A conninfo libpq cannot
+  // parse fails its connect anyway.
   const ParsedConninfo parsed = parse_conninfo(conninfo);
-  add(parsed.get("host", "PGHOST"));
-  add(parsed.get("hostaddr", "PGHOSTADDR"));
-  add(parsed.get("port", "PGPORT"));
-  const std::string database = parsed.get("dbname", "PGDATABASE");
-  add(database.empty() ? parsed.get("user", "PGUSER") : database);
+  std::map<std::string, std::string, std::less<>> naming(parsed.values.begin(),
+                                                         parsed.values.end());
+  for (const auto& [keyword, variable] : {std::pair{"host", "PGHOST"},
+                                          {"hostaddr", "PGHOSTADDR"},
+                                          {"port", "PGPORT"},
+                                          {"dbname", "PGDATABASE"},
+                                          {"user", "PGUSER"},
+                                          {"service", "PGSERVICE"},
+                                          {"target_session_attrs", "PGTARGETSESSIONATTRS"}}) {
+    naming[keyword] = parsed.get(keyword, variable);
+  }
+  for (const auto& [keyword, value] : naming) {
+    if (keyword.find("password") != std::string::npos || keyword == "application_name" ||
+        keyword == "fallback_application_name") {
+      continue;
+    }
+    add(keyword);
+    add(value);
+  }
   return lane;
 }
 

@@ -127,8 +127,9 @@ class ProbeGate : public boost::asio::execution_context::service {
 
   // The gate of the context `executor` runs on.
   static ProbeGate& of(const boost::asio::any_io_executor& executor);
-  // The lane of a budget's pools: its key and class, and the server and database of `conninfo`
-  // (advisory locks are per database: the same key elsewhere is another budget).
+  // The lane of a budget's pools: its key and class, and how `conninfo` names the server and
+  // database (advisory locks are per database: the same key elsewhere is another budget): every
+  // keyword it gives but secrets and the application name, and the PG* variables it leaves to.
   [[nodiscard]] static std::string lane_of(const Budget& budget, const std::string& conninfo);
   // True with the turn of `lane` (leave(lane) gives it on); false, without it, when the awaiting
   // coroutine was cancelled while it waited (its cancellation slot: a closing pool).

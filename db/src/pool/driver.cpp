@@ -386,9 +386,13 @@ asio::awaitable<void> PoolState::open_connection(
           std::lock_guard lock(self->mutex);
           return self->turn_holder_waits_for_slot;
         }();
-        if (holder_waits) holder_waits->store(true);  // (cleared when the turn passes)
+        if (holder_waits) holder_waits->store(true);
+        // (Cleared however the wait ends; the turn passing clears it too.)
+        const std::unique_ptr<std::atomic<bool>, void (*)(std::atomic<bool>*)> clear_when_done(
+            holder_waits.get(), [](std::atomic<bool>* flag) {
+              if (flag != nullptr) flag->store(false);
+            });
         search = co_await wait_for_budget_slot(self, *node, connection, *cancel, search);
-        if (holder_waits) holder_waits->store(false);
       }
       if (search.slot) {
         // (Under the lock: the slot checks read them, on any connection's coroutine.)

@@ -169,9 +169,10 @@ class Connection {
 
   /// Connects on the calling coroutine's executor. Throws pgrt::Error: client_errc::connect_failed
   /// (refused, unreachable), client_errc::invalid_config (a malformed conninfo, a host that holds
-  /// a URL or credentials, or a ConnectOptions duration or number out of range: connect_timeout
-  /// not positive, any duration negative or longer than a year, a negative keepalives.count;
-  /// refused before anything is sent), client_errc::name_resolution, client_errc::timeout, or a
+  /// a URL or credentials, a database or user name that is a whole conninfo, or a ConnectOptions
+  /// duration or number out of range: connect_timeout not positive, any duration negative or
+  /// longer than a year, tcp_user_timeout above INT_MAX ms, a negative keepalives.count; refused
+  /// before anything is sent), client_errc::name_resolution, client_errc::timeout, or a
   /// SQLSTATE code (28P01 wrong password, 28000 unknown role or one that may not log in, 3D000
   /// unknown database, 42501 no CONNECT privilege, 53300 server full or a role's or database's
   /// connection limit reached, ...). The message says what failed and what to check; it never

@@ -113,7 +113,9 @@ class Error : public boost::system::system_error {
 /// Returns the conninfo (URL or key=value) with any password replaced by "****", for messages and
 /// logs. Never throws. An unparsable conninfo keeps only libpq's non-secret keywords' values:
 /// every other value, every word without '=' and a URL's whole remainder become "****", so a
-/// password under a misspelled keyword (PASSWORD=, passwd=) never shows.
+/// password under a misspelled keyword (PASSWORD=, passwd=) never shows. Masked too: a host that
+/// holds a URL or credentials, and a database or user name that is a whole conninfo (a URL, or
+/// key=value pairs), which connect() refuses.
 [[nodiscard]] std::string mask_password(std::string_view conninfo);
 
 /// Returns the SQL text with the string constant that follows each PASSWORD keyword (CREATE or
