@@ -145,6 +145,13 @@ error_code Connection::Impl::server_error(const PGresult* result, std::string_vi
                            .statement = std::string(statement)};
   if (last_error.message.empty()) last_error.message = trimmed(PQresultErrorMessage(result));
   if (last_error.sqlstate.empty()) return make_error_code(client_errc::protocol_error);
+  // A class 08 error that ends the session (a FATAL 08P01, a pooler's FATAL 08006): the
+  // connection is lost, whatever the statement's result says (its SQLSTATE stays in the
+  // diagnostics). As an ERROR, the connection goes on.
+  if (last_error.sqlstate.starts_with("08") && last_error.severity != "ERROR" &&
+      !last_error.severity.empty()) {
+    return make_error_code(client_errc::connection_lost);
+  }
   return make_sqlstate_error(last_error.sqlstate);
 }
 

@@ -197,7 +197,12 @@ class ConditionCategory final : public boost::system::error_category {
     const std::string_view klass = std::string_view(sqlstate).substr(0, 2);
     switch (wanted) {
       case condition::connection_error:
-        return klass == "08" || sqlstate == "57P01" || sqlstate == "57P02" || sqlstate == "57P03";
+        // 08P01 (protocol_violation) as a code is an ERROR the server answered to a message of
+        // ours on a connection that stays open (a statement given the wrong number of
+        // parameters): the statement's mistake. One that ends the session comes as a FATAL,
+        // which is client_errc::connection_lost (with the 08P01 in its diagnostics).
+        return (klass == "08" && sqlstate != "08P01") || sqlstate == "57P01" ||
+               sqlstate == "57P02" || sqlstate == "57P03";
       case condition::too_many_connections:
         return klass == "53";
       case condition::admin_shutdown:

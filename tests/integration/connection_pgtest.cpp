@@ -1991,6 +1991,20 @@ TEST_F(ConnectionTest, CopyFromRefusesAStatementThatIsNotACopyAndRunsOnlyOneStat
   });
 }
 
+// A statement given fewer parameters than it uses (a common slip) is refused by the server's
+// Bind with SQLSTATE 08P01 (protocol_violation): an ERROR, after which the connection works on.
+// It is a mistake to fix, like the start-up setting below, not condition::connection_error
+// ("the connection is unusable"), which callers take for a lost connection and retry.
+TEST_F(ConnectionTest, AStatementGivenTooFewParametersIsNotAConnectionError) {
+  run_coroutine([]() -> awaitable_void {
+    auto conn = co_await open();
+    const Error missing = co_await expect_error(conn.query("SELECT $1::int + $2::int", 1));
+    EXPECT_FALSE(conn.is_broken());
+    EXPECT_EQ((co_await conn.query("SELECT 1")).scalar<int>(), 1);
+    EXPECT_FALSE(missing.code() == condition::connection_error) << missing.what();
+  });
+}
+
 // A setting the server refuses at start-up is a mistake to fix: its SQLSTATE, and no
 // condition::connection_error (which callers retry).
 TEST_F(ConnectionTest, AStartupSettingTheServerRefusesIsNotAConnectionError) {

@@ -824,6 +824,57 @@ TEST_F(PendingWritesTest, RowsForAColumnThatDoesNotExistAreGivenUpTogetherAndThe
   EXPECT_EQ(key_summary(dsn, "pw_beside"), "60 0 59 1770");
 }
 
+// A statement enqueued with the wrong number of parameters (a common slip: "VALUES ($1, $2)"
+// with one value) is accepted, and the server refuses its Bind with SQLSTATE 08P01
+// (protocol_violation, "bind message supplies 1 parameters, but prepared statement requires
+// 2"): an ERROR, the connection fine, no condition::connection_error. It is the write's own
+// error: the batch is narrowed down, that write fails alone (not retried for ever, holding up
+// every write behind it), and the rest are written.
+TEST_F(PendingWritesTest,
+       AStatementWithTheWrongNumberOfParametersFailsAloneAndIsNotRetriedForEver) {
+  const std::string dsn = cluster().dsn();
+  create_table(dsn, "pw_param_count");
+  std::optional<Error> stop_error;
+  PendingWritesReport end{};
+  std::vector<std::string> given_up;
+  run_coroutine(
+      [&]() -> awaitable_void {
+        auto executor = co_await asio::this_coro::executor;
+        Pool pool(executor, pool_config(dsn, "param-count"));
+        PendingWrites writes(
+            pool, executor,
+            Config{.name = "param-count", .flush_interval = 1h, .retry_max = 100ms});
+        boost::signals2::scoped_connection subscription = writes.events().failed.connect(
+            [&](const std::vector<std::string>& failed, const Error& error) {
+              for (const auto& write : failed) {
+                given_up.push_back(write + " [" + error.sqlstate() + "]");
+              }
+            });
+        co_await writes.enqueue("INSERT INTO pw_param_count (seq, payload) VALUES ($1, 'a')",
+                                std::int64_t{1});
+        co_await writes.enqueue("INSERT INTO pw_param_count (seq, payload) VALUES ($1, $2)",
+                                std::int64_t{2});  // $2 missing
+        co_await writes.enqueue("INSERT INTO pw_param_count (seq, payload) VALUES ($1, 'c')",
+                                std::int64_t{3});
+        co_await writes.start();
+        try {
+          co_await with_timeout(writes.stop(), 5s);
+        } catch (const Error& error) {
+          stop_error = error;
+        }
+        end = writes.report();
+      },
+      30s);
+  ASSERT_TRUE(stop_error.has_value());
+  EXPECT_EQ(stop_error->code(), client_errc::writes_failed)
+      << end.retries << " retries of the same batch in 5 s: " << stop_error->what();
+  EXPECT_EQ(end.flushed, 2U);
+  EXPECT_EQ(end.failed, 1U);
+  ASSERT_EQ(given_up.size(), 1U);
+  EXPECT_THAT(given_up[0], HasSubstr("$1=2 [08P01]"));
+  EXPECT_EQ(scalar(dsn, "SELECT count(*) FROM pw_param_count"), "2");
+}
+
 // One write that always runs out of time (here a trigger cancels it: 57014, as statement_timeout
 // would) is given up on after a few tries, alone: the writes behind it are not held up, and
 // the pool's wait queue full for a moment (pool_queue_full) is waited out, not a lost batch.

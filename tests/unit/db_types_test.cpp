@@ -216,6 +216,9 @@ TEST(Errors, SqlstatesRoundTripAndMapToConditions) {
   EXPECT_TRUE(make_sqlstate_error("57P01") == condition::admin_shutdown);
   EXPECT_TRUE(make_sqlstate_error("57P01") == condition::connection_error);
   EXPECT_TRUE(make_sqlstate_error("08006") == condition::connection_error);
+  // (An ERROR that leaves the connection working: a statement given the wrong number of
+  // parameters.)
+  EXPECT_FALSE(make_sqlstate_error("08P01") == condition::connection_error);
   EXPECT_TRUE(make_sqlstate_error("40001") == condition::serialization_failure);
   EXPECT_TRUE(make_sqlstate_error("40P01") == condition::deadlock);
   EXPECT_TRUE(make_sqlstate_error("57014") == condition::query_canceled);

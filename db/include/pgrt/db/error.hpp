@@ -68,7 +68,10 @@ enum class client_errc {
 /// `if (error.code() == pgrt::condition::serialization_failure) retry();`
 enum class condition {
   connection_error = 1,  ///< The connection is unusable: client connect/lost errors, SQLSTATE class
-                         ///< 08, and 57P01-57P03 (server shutting down or starting).
+                         ///< 08 but 08P01, and 57P01-57P03 (server shutting down or starting).
+                         ///< 08P01 as an ERROR (a statement given the wrong number of parameters)
+                         ///< leaves the connection working: the statement's mistake. A class 08
+                         ///< FATAL ends the session: client_errc::connection_lost.
   too_many_connections,  ///< SQLSTATE 53300 and the rest of class 53 (insufficient resources).
   admin_shutdown,        ///< 57P01: the session was terminated by an administrator or shutdown.
   serialization_failure,  ///< 40001: retry the transaction.
