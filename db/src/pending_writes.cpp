@@ -192,6 +192,9 @@ enum class Failure {
   too_slow,   // cut short (a timeout, a lock): halves while it has several writes, else transient
   too_big,    // the server ran short of a resource for it (memory, locks, a configured limit):
               // as too_slow
+  read_only,  // the server takes no writes for now (25006): a single write retried as transient;
+              // a batch halved, so that a write that made its transaction read-only (in a
+              // function, set_config()) does not hold up the writes after it for ever
   per_write,  // the server rejected something in the batch: narrow it down by halves
   whole,      // nothing to narrow down (the pool is closed, ...): the batch fails for good
 };
@@ -206,13 +209,14 @@ Failure classify(const error_code& code) {
     return Failure::too_big;
   }
   // 25006: the server takes no writes for now (a read-only mode while its disk is full, a
-  // replica that a DNS name still points at): nothing is wrong with the writes.
+  // replica that a DNS name still points at): nothing is wrong with the writes, unless one of
+  // them made the batch's transaction read-only for the writes after it.
+  if (sqlstate_of(code) == "25006") return Failure::read_only;
   // pool_queue_full: the pool's wait queue was full for a moment (a load spike, the very time
   // write-behind is for), as pool_timeout.
   if (code == condition::connection_error || code == condition::serialization_failure ||
       code == condition::deadlock || code == condition::too_many_connections ||
-      code == client_errc::pool_timeout || code == client_errc::pool_queue_full ||
-      sqlstate_of(code) == "25006") {
+      code == client_errc::pool_timeout || code == client_errc::pool_queue_full) {
     return Failure::transient;
   }
   // 57014 from the server (statement_timeout, an administrator's pg_cancel_backend) and 55P03
@@ -531,9 +535,16 @@ asio::awaitable<void> flush(State& self, std::span<Write> writes) {
                                                                           : Failure::whole;
       }
     }
+    if (kind == Failure::read_only) {
+      // Halved down to one write (a few transactions more), which is retried for as long as it
+      // takes: a server in a read-only mode loses no writes, and a write that made its batch's
+      // transaction read-only ends up alone, where it fails nothing.
+      kind = writes.size() > 1 ? Failure::per_write : Failure::transient;
+    }
     switch (kind) {
       case Failure::too_slow:  // (resolved above)
       case Failure::too_big:
+      case Failure::read_only:
       case Failure::transient: {
         std::uniform_int_distribution<std::int64_t> jitter(delay.count() / 2, delay.count());
         const std::chrono::milliseconds wait(jitter(self.random));
@@ -844,6 +855,19 @@ void refuse_as_pending_write(std::string_view sql) {
           .statement = std::string(sql)});
 }
 
+// A read-only transaction setting belongs to the batch's transaction, but makes every write after
+// it in the batch fail (25006): refused.
+void refuse_read_only_setting(std::string_view sql) {
+  if (!sets_transaction_read_only(sql)) return;
+  throw Error(make_error_code(client_errc::needs_session),
+              Diagnostics{.message = "a read-only transaction setting cannot be a pending write: "
+                                     "it would make the flusher's batch transaction read-only, "
+                                     "and every write after it in the batch fail (25006)",
+                          .hint = "take a lease (co_await pgrt::connection()) for a read-only "
+                                  "transaction of your own",
+                          .statement = std::string(sql)});
+}
+
 }  // namespace
 
 namespace detail {
@@ -853,6 +877,7 @@ asio::awaitable<void> accept_statement(std::shared_ptr<PendingWritesState> state
   params.check();  // nothing is accepted that could not be sent
   check_statement_text(sql);
   refuse_as_pending_write(sql);
+  refuse_read_only_setting(sql);
   Write write;
   write.text = std::move(sql);
   write.params = std::move(params);

@@ -339,6 +339,30 @@ bool calls_session_advisory_lock(std::string_view sql) {
   });
 }
 
+bool sets_transaction_read_only(std::string_view sql) {
+  bool read_only = false;
+  std::size_t index = 0;
+  std::string second;    // TRANSACTION or LOCAL
+  std::string previous;  // the word before, in SET TRANSACTION
+  (void)find_word(sql, [&](const SqlWord& word) {
+    const std::string keyword = word.quoted ? std::string() : word.text;
+    const std::size_t at = index++;
+    if (at == 0) return keyword != "set";  // (not a SET: stops at once)
+    if (at == 1) {
+      second = keyword;
+      return second != "transaction" && second != "local";
+    }
+    if (second == "local") {  // SET LOCAL name ...: the name, quoted or not
+      read_only = word.text == "transaction_read_only";
+      return true;
+    }
+    read_only = previous == "read" && keyword == "only";  // SET TRANSACTION ..., READ ONLY
+    previous = keyword;
+    return read_only;
+  });
+  return read_only;
+}
+
 namespace {
 
 // Whether `sql` makes a temporary table, view or sequence, which lives as long as the session

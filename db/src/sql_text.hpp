@@ -61,6 +61,12 @@ bool calls_session_advisory_lock(std::string_view sql);
 // boundary: a function or DO block that calls it inside is not seen.
 bool calls_session_set_config(std::string_view sql);
 
+// Whether `sql` makes its transaction read-only: SET TRANSACTION ... READ ONLY, or SET LOCAL
+// transaction_read_only (whatever the value). In a batch transaction, every write after it would
+// fail with 25006. Strings and comments are skipped. A guard against a mistake, not a boundary:
+// set_config('transaction_read_only', ...) and functions that set it are not seen.
+bool sets_transaction_read_only(std::string_view sql);
+
 // Where a statement runs, for needs_own_session().
 enum class SessionScope {
   batch_transaction,         // in a transaction with other statements (pending writes)

@@ -824,6 +824,92 @@ TEST_F(PendingWritesTest, RowsForAColumnThatDoesNotExistAreGivenUpTogetherAndThe
   EXPECT_EQ(key_summary(dsn, "pw_beside"), "60 0 59 1770");
 }
 
+// SET TRANSACTION belongs to the batch's transaction, but SET TRANSACTION READ ONLY would make
+// every write after it in its batch fail with 25006 ("the server takes no writes for now",
+// retried): it is refused at enqueue() (needs_session), and the writes behind it are written,
+// stop() ending in time.
+TEST_F(PendingWritesTest, AReadOnlySetTransactionWriteDoesNotHoldUpTheWritesBehindItForEver) {
+  const std::string dsn = cluster().dsn();
+  create_table(dsn, "pw_read_only_tx");
+  std::optional<Error> stop_error;
+  PendingWritesReport end{};
+  run_coroutine(
+      [&]() -> awaitable_void {
+        auto executor = co_await asio::this_coro::executor;
+        Pool pool(executor, pool_config(dsn, "read-only-tx"));
+        PendingWrites writes(
+            pool, executor,
+            Config{.name = "read-only-tx", .flush_interval = 1h, .retry_max = 100ms});
+        std::optional<Error> refused;
+        try {
+          co_await writes.enqueue("SET TRANSACTION READ ONLY");
+        } catch (const Error& error) {
+          refused = error;
+        }
+        if (refused) {
+          EXPECT_EQ(refused->code(), client_errc::needs_session) << refused->what();
+        }
+        for (std::int64_t seq = 0; seq < 3; ++seq) {
+          co_await writes.enqueue("INSERT INTO pw_read_only_tx (seq, payload) VALUES ($1, 'w')",
+                                  seq);
+        }
+        co_await writes.start();
+        try {
+          co_await with_timeout(writes.stop(), 5s);
+        } catch (const Error& error) {
+          stop_error = error;
+        }
+        end = writes.report();
+      },
+      30s);
+  if (stop_error) {
+    EXPECT_NE(stop_error->code(), client_errc::timeout)
+        << "stop() was still retrying after 5 s (" << end.retries
+        << " retries of the same batch): " << stop_error->what();
+  }
+  EXPECT_EQ(end.pending, 0U);
+  EXPECT_EQ(scalar(dsn, "SELECT count(*) FROM pw_read_only_tx"), "3")
+      << "the writes behind the SET TRANSACTION were never written";
+}
+
+// SET LOCAL transaction_read_only is refused too; set_config('transaction_read_only', 'on', true)
+// is not seen by the check: the writes after it in its batch fail with 25006, and the batch is
+// halved down until that write is alone (where it fails nothing), not retried unchanged for ever.
+TEST_F(PendingWritesTest, AWriteThatMakesItsBatchReadOnlyUnseenEndsUpAloneAndTheRestAreWritten) {
+  const std::string dsn = cluster().dsn();
+  create_table(dsn, "pw_read_only_unseen");
+  std::optional<Error> stop_error;
+  PendingWritesReport end{};
+  run_coroutine(
+      [&]() -> awaitable_void {
+        auto executor = co_await asio::this_coro::executor;
+        Pool pool(executor, pool_config(dsn, "read-only-unseen"));
+        PendingWrites writes(
+            pool, executor,
+            Config{.name = "read-only-unseen", .flush_interval = 1h, .retry_max = 100ms});
+        const Error refused =
+            co_await expect_error(writes.enqueue("SET LOCAL transaction_read_only = on"));
+        EXPECT_EQ(refused.code(), client_errc::needs_session) << refused.what();
+        const std::string insert =
+            "INSERT INTO pw_read_only_unseen (seq, payload) VALUES ($1, 'w')";
+        co_await writes.enqueue(insert, std::int64_t{0});
+        co_await writes.enqueue("SELECT set_config('transaction_read_only', 'on', true)");
+        for (std::int64_t seq = 1; seq < 4; ++seq) co_await writes.enqueue(insert, seq);
+        co_await writes.start();
+        try {
+          co_await with_timeout(writes.stop(), 5s);
+        } catch (const Error& error) {
+          stop_error = error;
+        }
+        end = writes.report();
+      },
+      30s);
+  EXPECT_FALSE(stop_error.has_value()) << end.retries << " retries: " << stop_error->what();
+  EXPECT_EQ(end.flushed, 5U);
+  EXPECT_EQ(end.failed, 0U);
+  EXPECT_EQ(scalar(dsn, "SELECT count(*) FROM pw_read_only_unseen"), "4");
+}
+
 // A statement enqueued with the wrong number of parameters (a common slip: "VALUES ($1, $2)"
 // with one value) is accepted, and the server refuses its Bind with SQLSTATE 08P01
 // (protocol_violation, "bind message supplies 1 parameters, but prepared statement requires

@@ -167,8 +167,9 @@ class PendingWrites {
   /// SET CONSTRAINTS and SET TRANSACTION; set_config() but set_config(..., true); RESET, LISTEN,
   /// PREPARE, DISCARD, LOAD, cursors, a temporary table, view or sequence, a session-level
   /// advisory lock), which
-  /// would end part of a batch or stay on the pooled connection, and COPY. (Functions and DO blocks
-  /// are not looked into.)
+  /// would end part of a batch or stay on the pooled connection, COPY, and a read-only transaction
+  /// setting (SET TRANSACTION ... READ ONLY, SET LOCAL transaction_read_only: the writes after it
+  /// in the batch would fail). (Functions and DO blocks are not looked into.)
   ///
   /// When `capacity` writes are pending: with WhenFull::wait, waits (FIFO) for room; with
   /// WhenFull::fail, throws.
