@@ -186,6 +186,10 @@ std::string error_code_text(const Error& error) {
 // How many times a single write cut short by a timeout or a lock (57014, 55P03) is tried.
 constexpr int too_slow_write_attempts = 5;
 
+// How many times a batch that failed with 26000 is tried again before the error is taken for a
+// write's own.
+constexpr int forgotten_statement_retries = 2;
+
 // How a failed batch is handled.
 enum class Failure {
   transient,  // retry the whole batch after a delay
@@ -195,6 +199,8 @@ enum class Failure {
   read_only,  // the server takes no writes for now (25006): a single write retried as transient;
               // a batch halved, so that a write that made its transaction read-only (in a
               // function, set_config()) does not hold up the writes after it for ever
+  forgotten,  // 26000: the server forgot a prepared statement pgrt had cached (the cache has
+              // dropped it): retried forgotten_statement_retries times, then per_write
   per_write,  // the server rejected something in the batch: narrow it down by halves
   whole,      // nothing to narrow down (the pool is closed, ...): the batch fails for good
 };
@@ -222,6 +228,12 @@ Failure classify(const error_code& code) {
   // 57014 from the server (statement_timeout, an administrator's pg_cancel_backend) and 55P03
   // (lock_timeout, a lock held elsewhere): the batch ran out of time, not out of validity.
   if (sqlstate_of(code) == "57014" || sqlstate_of(code) == "55P03") return Failure::too_slow;
+  // 26000 inside the batch's transaction: the server no longer had a statement prepared by a name
+  // in the connection's cache (a DEALLOCATE ALL pgrt did not see, a transaction pooler), so it
+  // did not run, and could not be run again inside the transaction block. The cache has dropped
+  // the name: the batch runs again. (A 26000 of the write's own, as from a function's EXECUTE of
+  // a statement that does not exist, comes again every time.)
+  if (sqlstate_of(code) == "26000") return Failure::forgotten;
   if (code.category() == sqlstate_category()) return Failure::per_write;
   return Failure::whole;
 }
@@ -492,6 +504,7 @@ asio::awaitable<void> flush(State& self, std::span<Write> writes) {
             /*abandoned=*/true);
   };
   int too_slow_attempts = 0;  // a single write cut by a timeout or a lock, or short of a resource
+  int forgotten_retries = 0;  // retries after a 26000
   Clock::time_point failing_since{};  // its first such failure
   for (std::uint64_t attempt = 1;; ++attempt) {
     if (is_abandoned(self)) {
@@ -541,9 +554,14 @@ asio::awaitable<void> flush(State& self, std::span<Write> writes) {
       // transaction read-only ends up alone, where it fails nothing.
       kind = writes.size() > 1 ? Failure::per_write : Failure::transient;
     }
+    if (kind == Failure::forgotten) {
+      kind = forgotten_retries++ < forgotten_statement_retries ? Failure::transient
+                                                               : Failure::per_write;
+    }
     switch (kind) {
       case Failure::too_slow:  // (resolved above)
       case Failure::too_big:
+      case Failure::forgotten:
       case Failure::read_only:
       case Failure::transient: {
         std::uniform_int_distribution<std::int64_t> jitter(delay.count() / 2, delay.count());

@@ -910,6 +910,58 @@ TEST_F(PendingWritesTest, AWriteThatMakesItsBatchReadOnlyUnseenEndsUpAloneAndThe
   EXPECT_EQ(scalar(dsn, "SELECT count(*) FROM pw_read_only_unseen"), "4");
 }
 
+// The flusher's statements run, inside the batch's transaction, by the names the connection's
+// statement cache holds (from the application's own query_prepared() on that pooled
+// connection). When the server has forgotten them behind pgrt's back (a DEALLOCATE ALL pgrt did
+// not see; a transaction pooler not noticed), the statement fails with 26000 and did not run:
+// nothing is wrong with the write, and pgrt's cache has dropped the names (a retry runs
+// unnamed and succeeds). The flusher retries the batch (a few times: a 26000 of the write's own
+// comes back every time) and the write is written, not given up for good.
+TEST_F(PendingWritesTest, AWriteWhosePreparedStatementTheServerForgotIsNotGivenUp) {
+  const std::string dsn = cluster().dsn();
+  create_table(dsn, "pw_forgot");
+  {
+    BlockingConnection admin(dsn);
+    admin.query(
+        "CREATE OR REPLACE FUNCTION pw_forget() RETURNS void LANGUAGE plpgsql AS $$ BEGIN "
+        "EXECUTE 'DEALLOCATE ALL'; END $$");
+  }
+  const std::string insert = "INSERT INTO pw_forgot (seq, payload) VALUES ($1, $2)";
+  std::vector<std::string> given_up;
+  PendingWritesReport end{};
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    auto config = pool_config(dsn, "forgot");
+    config.max_size = 1;  // the application's connection is the flusher's
+    Pool pool(executor, config);
+    {
+      // The application runs the same statement prepared (cached by name), then something
+      // makes the server forget it.
+      auto lease = co_await pool.acquire();
+      (void)co_await lease->query_prepared(insert, std::int64_t{-1}, std::string("app"));
+      (void)co_await lease->query("SELECT pw_forget()");
+    }
+    PendingWrites writes(pool, executor, Config{.name = "forgot", .flush_interval = 1h});
+    boost::signals2::scoped_connection subscription = writes.events().failed.connect(
+        [&](const std::vector<std::string>& failed, const Error& error) {
+          for (const auto& write : failed)
+            given_up.push_back(write + " [" + error.sqlstate() + "]");
+        });
+    co_await writes.enqueue(insert, std::int64_t{1}, std::string("pending"));
+    co_await writes.start();
+    try {
+      co_await writes.stop();
+    } catch (const Error& error) {
+      ADD_FAILURE() << error.what();
+    }
+    end = writes.report();
+  });
+  EXPECT_EQ(end.failed, 0U);
+  EXPECT_EQ(end.flushed, 1U);
+  EXPECT_TRUE(given_up.empty()) << given_up.front();
+  EXPECT_EQ(scalar(dsn, "SELECT count(*) FROM pw_forgot WHERE seq = 1"), "1");
+}
+
 // A statement enqueued with the wrong number of parameters (a common slip: "VALUES ($1, $2)"
 // with one value) is accepted, and the server refuses its Bind with SQLSTATE 08P01
 // (protocol_violation, "bind message supplies 1 parameters, but prepared statement requires
