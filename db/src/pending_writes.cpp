@@ -26,6 +26,7 @@
 #include "async/abandon_guard.hpp"
 #include "async/timer_condition.hpp"
 #include "async/wait_group.hpp"
+#include "connection/options_check.hpp"
 #include "pgrt/db/pipeline.hpp"
 #include "sql_text.hpp"
 
@@ -638,7 +639,14 @@ asio::awaitable<void> run_flusher(std::shared_ptr<State> self) {
         if (self->abandoned) co_return;
         auto until = Clock::time_point::max();
         if (!self->queue.empty()) {
-          const auto due = self->queue.front().accepted_at + self->config.flush_interval;
+          // (Saturated: a flush_interval such as milliseconds::max(), which accepted_at +
+          // flush_interval would overflow, means only full batches, and stop().)
+          const auto accepted_at = self->queue.front().accepted_at;
+          const auto headroom = std::chrono::duration_cast<std::chrono::milliseconds>(
+              Clock::time_point::max() - accepted_at);
+          const auto due = self->config.flush_interval >= headroom
+                               ? Clock::time_point::max()
+                               : accepted_at + self->config.flush_interval;
           if (self->closing || self->queue.size() >= self->config.batch_size ||
               Clock::now() >= due) {
             break;
@@ -938,6 +946,15 @@ void PendingWritesConfig::validate() const {
   }
   if (flush_interval.count() < 0) invalid("flush_interval must not be negative");
   if (retry_initial.count() <= 0) invalid("retry_initial must be positive");
+  // The retry delays are doubled and added to steady_clock instants (nanoseconds): one such as
+  // milliseconds::max() would overflow. (flush_interval saturates instead: max() means no limit.)
+  for (const auto& [field, value] :
+       {std::pair{"retry_initial", retry_initial}, std::pair{"retry_max", retry_max}}) {
+    if (auto problem = detail::longer_than_a_year(field, value, "")) {
+      throw_error(client_errc::invalid_config, "PendingWritesConfig::" + problem->message,
+                  problem->hint);
+    }
+  }
   if (retry_max < retry_initial) {
     invalid("retry_max (" + std::to_string(retry_max.count()) +
             " ms) must be at least retry_initial (" + std::to_string(retry_initial.count()) +

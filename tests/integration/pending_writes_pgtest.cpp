@@ -124,6 +124,11 @@ TEST_F(PendingWritesTest, ConfigAndTableNamesAreValidated) {
   invalid(Config{.flush_interval = -1ms}, "flush_interval");
   invalid(Config{.retry_initial = 0ms}, "retry_initial");
   invalid(Config{.retry_initial = 100ms, .retry_max = 50ms}, "retry_max");
+  // (The retry delays are doubled and added to clock instants: more than a year is refused.)
+  invalid(Config{.retry_max = std::chrono::milliseconds::max()}, "retry_max");
+  invalid(Config{.retry_initial = std::chrono::hours(24 * 366),
+                 .retry_max = std::chrono::milliseconds::max()},
+          "retry_initial");
 
   PendingWrites writes(pool, io.get_executor());
   for (const std::string bad : {"t; DROP TABLE x", "", "t t", "\"open", "\"\"", "1t", "a\"b\"c",
@@ -960,6 +965,37 @@ TEST_F(PendingWritesTest, AWriteWhosePreparedStatementTheServerForgotIsNotGivenU
   EXPECT_EQ(end.flushed, 1U);
   EXPECT_TRUE(given_up.empty()) << given_up.front();
   EXPECT_EQ(scalar(dsn, "SELECT count(*) FROM pw_forgot WHERE seq = 1"), "1");
+}
+
+// A flush_interval of milliseconds::max() (validate() takes it; elsewhere in pgrt max() means
+// no limit) means "flush only full batches, and at stop()": the flusher's deadline saturates
+// rather than overflow (accepted_at + flush_interval in nanoseconds), so the writes wait for
+// stop() and go in one batch, not each at once, alone.
+TEST_F(PendingWritesTest, AFlushIntervalOfMaxDoesNotFlushEveryWriteAtOnce) {
+  const std::string dsn = cluster().dsn();
+  create_table(dsn, "pw_max_interval");
+  PendingWritesReport before_stop{};
+  PendingWritesReport end{};
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, pool_config(dsn, "max-interval"));
+    PendingWrites writes(pool, executor,
+                         Config{.name = "max-interval",
+                                .batch_size = 10,
+                                .flush_interval = std::chrono::milliseconds::max()});
+    co_await writes.start();
+    for (std::int64_t seq = 0; seq < 3; ++seq) {
+      co_await writes.enqueue("INSERT INTO pw_max_interval (seq, payload) VALUES ($1, 'x')", seq);
+      co_await testing::sleep_for(100ms);
+    }
+    before_stop = writes.report();
+    co_await writes.stop();
+    end = writes.report();
+  });
+  EXPECT_EQ(before_stop.flushed, 0U)
+      << "flushed before a full batch or stop(), in " << before_stop.batches << " batches";
+  EXPECT_EQ(end.flushed, 3U);
+  EXPECT_EQ(end.batches, 1U);
 }
 
 // A statement enqueued with the wrong number of parameters (a common slip: "VALUES ($1, $2)"

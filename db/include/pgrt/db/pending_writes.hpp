@@ -58,10 +58,11 @@ struct PendingWritesConfig {
   /// A batch is flushed as soon as this many writes are queued; also the most writes per batch.
   /// At most `capacity`.
   std::size_t batch_size = 500;
-  /// ... or once the oldest queued write has waited this long. Zero: flush at once.
+  /// ... or once the oldest queued write has waited this long. Zero: flush at once;
+  /// milliseconds::max(): no time limit (only full batches, and stop()).
   std::chrono::milliseconds flush_interval{100};
   /// Backoff between retries of a batch after a transient error: doubles from retry_initial up to
-  /// retry_max; each delay is randomized down to half of it (jitter).
+  /// retry_max; each delay is randomized down to half of it (jitter). At most a year each.
   std::chrono::milliseconds retry_initial{50};
   std::chrono::milliseconds retry_max{2000};
   /// The priority of the flusher's pool acquires.
