@@ -249,7 +249,8 @@ struct SpaceWaiter {
   bool closed = false;    // stop() began
 };
 
-// Calls a subscriber outside the lock; what it throws is logged, never propagated.
+// Emits an event outside the lock; nothing is propagated. (Each subscriber's exceptions are caught
+// by the signals' combiner, detail::EverySubscriber, so that every subscriber is called.)
 template <typename Call>
 void notify(const std::string& name, Call call) noexcept {
   try {
@@ -265,13 +266,27 @@ void notify(const std::string& name, Call call) noexcept {
 
 namespace detail {
 
+void log_subscriber_exception(const std::string& name, const char* what) noexcept {
+  try {
+    if (what != nullptr) {
+      spdlog::error("pgrt pending writes {}: an event subscriber threw: {}", name, what);
+    } else {
+      spdlog::error("pgrt pending writes {}: an event subscriber threw", name);
+    }
+  } catch (...) {  // NOLINT(bugprone-empty-catch): nothing more can be done for a log line
+  }
+}
+
 struct PendingWritesState {
   PendingWritesState(Pool& pool_in, const asio::any_io_executor& executor,
                      PendingWritesConfig config_in)
       : pool(&pool_in),
         config(std::move(config_in)),
         strand(asio::make_strand(executor)),
-        random(std::random_device{}()) {}
+        random(std::random_device{}()) {
+    events.failed.set_combiner(EverySubscriber{config.name});
+    events.retrying.set_combiner(EverySubscriber{config.name});
+  }
 
   Pool* pool;
   const PendingWritesConfig config;

@@ -998,6 +998,35 @@ TEST_F(PendingWritesTest, AFlushIntervalOfMaxDoesNotFlushEveryWriteAtOnce) {
   EXPECT_EQ(end.batches, 1U);
 }
 
+// "Exceptions they [event callbacks] throw are logged and ignored": a subscriber that throws
+// does not keep the others from hearing of a lost write. Each subscriber is called on its own
+// (the signals' combiner catches per subscriber), so the one connected after it (here the one
+// that alerts on lost writes) hears of the failed write too.
+TEST_F(PendingWritesTest, ASubscriberThatThrowsDoesNotHideAFailedWriteFromTheOthers) {
+  const std::string dsn = cluster().dsn();
+  create_table(dsn, "pw_subscribers");
+  int first_calls = 0;
+  int second_calls = 0;
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, pool_config(dsn, "subscribers"));
+    PendingWrites writes(pool, executor, Config{.name = "subscribers", .flush_interval = 1h});
+    boost::signals2::scoped_connection metrics =
+        writes.events().failed.connect([&](const std::vector<std::string>&, const Error&) {
+          ++first_calls;
+          throw std::runtime_error("metrics backend unavailable");
+        });
+    boost::signals2::scoped_connection alerting = writes.events().failed.connect(
+        [&](const std::vector<std::string>&, const Error&) { ++second_calls; });
+    co_await writes.enqueue("INSERT INTO pw_subscribers (seq, payload) VALUES (1, 'x'");
+    co_await writes.start();
+    const Error stopped = co_await expect_error(writes.stop());
+    EXPECT_EQ(stopped.code(), client_errc::writes_failed);
+  });
+  EXPECT_EQ(first_calls, 1);
+  EXPECT_EQ(second_calls, 1) << "the second subscriber never heard of the failed write";
+}
+
 // A statement enqueued with the wrong number of parameters (a common slip: "VALUES ($1, $2)"
 // with one value) is accepted, and the server refuses its Bind with SQLSTATE 08P01
 // (protocol_violation, "bind message supplies 1 parameters, but prepared statement requires

@@ -30,6 +30,7 @@
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
+#include <exception>
 #include <memory>
 #include <string>
 #include <utility>
@@ -86,19 +87,49 @@ struct PendingWritesReport {
   [[nodiscard]] std::string to_json() const;
 };
 
+namespace detail {
+/// Logs that an event subscriber of the PendingWrites named `name` threw (`what`: its what(), or
+/// null).
+void log_subscriber_exception(const std::string& name, const char* what) noexcept;
+
+/// The combiner of PendingWritesEvents' signals: calls every subscriber, each on its own, and logs
+/// and ignores what one throws, so that a subscriber that throws hides the event from none
+/// connected after it.
+struct EverySubscriber {
+  using result_type = void;
+  std::string name;  ///< The PendingWrites' name, for the log.
+  template <typename Call>
+  void operator()(Call call, Call end) const {
+    for (; call != end; ++call) {
+      try {
+        (void)*call;
+      } catch (const std::exception& error) {
+        log_subscriber_exception(name, error.what());
+      } catch (...) {
+        log_subscriber_exception(name, nullptr);
+      }
+    }
+  }
+};
+}  // namespace detail
+
 /// PendingWrites events, as Boost.Signals2 signals. Connect with a scoped_connection member so the
 /// subscription ends before what its callback uses. Callbacks run on the flusher's strand, outside
-/// the component's lock; they must not block, and exceptions they throw are logged and ignored.
+/// the component's lock; they must not block, and exceptions they throw are logged and ignored
+/// (each subscriber is called, whatever one connected before it throws).
 struct PendingWritesEvents {
   /// Writes that failed for good, each described as text (a statement with its parameters, or a
   /// table row in COPY text format; never a conninfo or password; as one line: a control byte
   /// shows as \n, \t, \r, \xHH or \u00HH, and over 400 bytes is cut), with the error (SQLSTATE and
   /// server message). A permanent error is narrowed down to the writes that cause it, so this
   /// usually carries one write.
-  boost::signals2::signal<void(const std::vector<std::string>& writes, const Error& error)> failed;
+  boost::signals2::signal<void(const std::vector<std::string>& writes, const Error& error),
+                          detail::EverySubscriber>
+      failed;
   /// A batch of `writes` writes hit a transient error and is retried after `delay`.
   boost::signals2::signal<void(std::size_t writes, const Error& error,
-                               std::chrono::milliseconds delay)>
+                               std::chrono::milliseconds delay),
+                          detail::EverySubscriber>
       retrying;
 };
 
