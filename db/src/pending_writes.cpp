@@ -91,12 +91,22 @@ struct Write {
   Clock::time_point accepted_at{};
 };
 
-// `text` as one line of a log or an error: at most `limit` bytes of it, and no control byte (a
-// line break in a row's value must not forge a log line, an escape sequence must not reach a
+// `text` as one line of a log or an error: at most `limit` bytes of it, cut at a character
+// boundary (never inside a UTF-8 sequence, which would leave invalid UTF-8), and no control byte
+// (a line break in a row's value must not forge a log line, an escape sequence must not reach a
 // terminal): C0 and DEL as \n, \t, \r or \xHH, UTF-8's C1 controls (U+0080-U+009F) as \u00HH.
 std::string one_line(std::string_view text, std::size_t limit = 200) {
   const bool cut = text.size() > limit;
-  if (cut) text = text.substr(0, limit);
+  if (cut) {
+    // Back to the start of the character the limit falls in (past at most 3 continuation bytes:
+    // a longer run is not UTF-8, and is cut where it is).
+    std::size_t end = limit;
+    while (end > 0 && limit - end < 3 && (static_cast<unsigned char>(text[end]) & 0xc0U) == 0x80U) {
+      --end;
+    }
+    if ((static_cast<unsigned char>(text[end]) & 0xc0U) == 0x80U) end = limit;
+    text = text.substr(0, end);
+  }
   std::string shown;
   shown.reserve(text.size() + 3);
   static constexpr char hex[] = "0123456789abcdef";

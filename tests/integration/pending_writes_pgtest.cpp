@@ -1027,6 +1027,46 @@ TEST_F(PendingWritesTest, ASubscriberThatThrowsDoesNotHideAFailedWriteFromTheOth
   EXPECT_EQ(second_calls, 1) << "the second subscriber never heard of the failed write";
 }
 
+// A failed write's description is cut at 400 bytes, at a character boundary: never in the middle
+// of a multi-byte UTF-8 character, which would leave invalid UTF-8 in events().failed and in the
+// log line (a JSON log sink or a UTF-8 consumer chokes on it, or mangles it).
+TEST_F(PendingWritesTest, AFailedWriteLongerThanTheLimitIsDescribedAsValidUtf8) {
+  const std::string dsn = cluster().dsn();
+  create_table(dsn, "pw_utf8", "PRIMARY KEY CHECK (seq <> 13)");
+  std::vector<std::string> given_up;
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, pool_config(dsn, "utf8"));
+    PendingWrites writes(pool, executor, Config{.name = "utf8", .flush_interval = 1h});
+    boost::signals2::scoped_connection subscription =
+        writes.events().failed.connect([&](const std::vector<std::string>& failed, const Error&) {
+          given_up.insert(given_up.end(), failed.begin(), failed.end());
+        });
+    auto rows = writes.table<std::int64_t, std::string>("pw_utf8", {"seq", "payload"});
+    std::string payload;
+    for (int i = 0; i < 300; ++i) payload += "\xc3\xa9";  // é
+    co_await rows.append(std::int64_t{13}, payload);
+    co_await writes.start();
+    (void)co_await expect_error(writes.stop());
+  });
+  ASSERT_EQ(given_up.size(), 1U);
+  const std::string& text = given_up[0];
+  // Every lead byte of a two-byte sequence is followed by its continuation byte.
+  bool valid = true;
+  for (std::size_t i = 0; i < text.size(); ++i) {
+    const auto byte = static_cast<unsigned char>(text[i]);
+    if ((byte & 0xe0U) == 0xc0U) {
+      valid = valid && i + 1 < text.size() &&
+              (static_cast<unsigned char>(text[i + 1]) & 0xc0U) == 0x80U;
+      ++i;
+    } else if ((byte & 0xc0U) == 0x80U) {
+      valid = false;  // a continuation byte without its lead
+    }
+  }
+  EXPECT_TRUE(valid) << "invalid UTF-8 at the cut: ..."
+                     << text.substr(text.size() > 12 ? text.size() - 12 : 0);
+}
+
 // A statement enqueued with the wrong number of parameters (a common slip: "VALUES ($1, $2)"
 // with one value) is accepted, and the server refuses its Bind with SQLSTATE 08P01
 // (protocol_violation, "bind message supplies 1 parameters, but prepared statement requires

@@ -120,9 +120,9 @@ struct EverySubscriber {
 struct PendingWritesEvents {
   /// Writes that failed for good, each described as text (a statement with its parameters, or a
   /// table row in COPY text format; never a conninfo or password; as one line: a control byte
-  /// shows as \n, \t, \r, \xHH or \u00HH, and over 400 bytes is cut), with the error (SQLSTATE and
-  /// server message). A permanent error is narrowed down to the writes that cause it, so this
-  /// usually carries one write.
+  /// shows as \n, \t, \r, \xHH or \u00HH, and over 400 bytes is cut, at a character boundary), with
+  /// the error (SQLSTATE and server message). A permanent error is narrowed down to the writes that
+  /// cause it, so this usually carries one write.
   boost::signals2::signal<void(const std::vector<std::string>& writes, const Error& error),
                           detail::EverySubscriber>
       failed;
