@@ -829,6 +829,48 @@ TEST_F(PendingWritesTest, RowsForAColumnThatDoesNotExistAreGivenUpTogetherAndThe
   EXPECT_EQ(key_summary(dsn, "pw_beside"), "60 0 59 1770");
 }
 
+// A COPY naming a generated column (42P10) or a column twice (42701) fails for itself, whatever
+// its rows, as one naming a column that does not exist does: its rows are given up together (one
+// report each), not narrowed down to one transaction and one warning per row.
+TEST_F(PendingWritesTest, RowsOfACopyThatFailsForItselfWithOtherSqlstatesAreGivenUpTogether) {
+  const std::string dsn = cluster().dsn();
+  create_table(dsn, "pw_generated");
+  {
+    BlockingConnection admin(dsn);
+    admin.query(
+        "ALTER TABLE pw_generated ADD COLUMN twice bigint GENERATED ALWAYS AS (seq * 2) "
+        "STORED");
+  }
+  std::vector<std::string> sqlstates;
+  std::size_t given_up = 0;
+  PendingWritesReport end{};
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, pool_config(dsn, "copy-fails"));
+    PendingWrites writes(pool, executor,
+                         Config{.name = "copy-fails", .batch_size = 1000, .flush_interval = 1h});
+    boost::signals2::scoped_connection subscription = writes.events().failed.connect(
+        [&](const std::vector<std::string>& failed, const Error& error) {
+          sqlstates.push_back(error.sqlstate());
+          given_up += failed.size();
+        });
+    co_await writes.start();
+    auto generated = writes.table<std::int64_t, std::string, std::int64_t>(
+        "pw_generated", {"seq", "payload", "twice"});
+    auto doubled = writes.table<std::int64_t, std::int64_t>("pw_generated", {"seq", "seq"});
+    for (std::int64_t i = 0; i < 16; ++i) co_await generated.append(i, std::string("g"), i * 2);
+    for (std::int64_t i = 0; i < 16; ++i) co_await doubled.append(i, i);
+    const Error stopped = co_await expect_error(writes.stop());
+    EXPECT_EQ(stopped.code(), client_errc::writes_failed);
+    end = writes.report();
+  });
+  EXPECT_EQ(end.failed, 32U);
+  EXPECT_EQ(given_up, 32U);
+  // One report per COPY, not one per row after 2 x 31 transactions narrowing the COPYs down.
+  EXPECT_EQ(sqlstates, (std::vector<std::string>{"42P10", "42701"}))
+      << sqlstates.size() << " reports: the rows were narrowed down one by one";
+}
+
 // SET TRANSACTION belongs to the batch's transaction, but SET TRANSACTION READ ONLY would make
 // every write after it in its batch fail with 25006 ("the server takes no writes for now",
 // retried): it is refused at enqueue() (needs_session), and the writes behind it are written,
