@@ -276,17 +276,6 @@ void notify(const std::string& name, Call call) noexcept {
 
 namespace detail {
 
-void log_subscriber_exception(const std::string& name, const char* what) noexcept {
-  try {
-    if (what != nullptr) {
-      spdlog::error("pgrt pending writes {}: an event subscriber threw: {}", name, what);
-    } else {
-      spdlog::error("pgrt pending writes {}: an event subscriber threw", name);
-    }
-  } catch (...) {  // NOLINT(bugprone-empty-catch): nothing more can be done for a log line
-  }
-}
-
 struct PendingWritesState {
   PendingWritesState(Pool& pool_in, const asio::any_io_executor& executor,
                      PendingWritesConfig config_in)
@@ -294,8 +283,8 @@ struct PendingWritesState {
         config(std::move(config_in)),
         strand(asio::make_strand(executor)),
         random(std::random_device{}()) {
-    events.failed.set_combiner(EverySubscriber{config.name});
-    events.retrying.set_combiner(EverySubscriber{config.name});
+    events.failed.set_combiner(EverySubscriber{"pgrt pending writes " + config.name});
+    events.retrying.set_combiner(EverySubscriber{"pgrt pending writes " + config.name});
   }
 
   Pool* pool;

@@ -115,6 +115,66 @@ class BudgetTest : public testing::DbTest {
     pool_config.max_waiters = 1000;
     return pool_config;
   }
+
+  // The budget of `holding`'s conninfo full (its one slot held by a lease of `holding`), a
+  // connect of `waiting` (the same key and conninfo) waiting for a slot, its caller for up to
+  // 20 s: `meanwhile(executor)` runs then. Every pool is closed after.
+  static void while_a_connect_waits_for_a_slot(
+      const PoolConfig& holding, PoolConfig waiting,
+      const std::function<awaitable_void(asio::any_io_executor)>& meanwhile) {
+    run_coroutine(
+        [&]() -> awaitable_void {
+          auto executor = co_await asio::this_coro::executor;
+          Pool holder(executor, holding);
+          auto lease = co_await holder.acquire();  // the budget's only slot
+          waiting.acquire_timeout = 20s;           // its connect waits for a slot up to 10 s
+          Pool first(executor, waiting);
+          bool finished = false;
+          auto acquire_and_drop = [&finished](Pool& pool) -> awaitable_void {
+            try {
+              auto unused = co_await pool.acquire();
+            } catch (const Error&) {  // NOLINT(bugprone-empty-catch): closed under it, or timed out
+            }
+            finished = true;
+          };
+          asio::co_spawn(executor, acquire_and_drop(first), asio::detached);
+          for (int i = 0; i < 250 && first.stats().budget_slot_waits == 0; ++i) {
+            co_await sleep_for(20ms);
+          }
+          EXPECT_GE(first.stats().budget_slot_waits, 1U) << "its connect should wait for a slot";
+          co_await meanwhile(executor);
+          (void)co_await first.close(1s);
+          while (!finished) co_await sleep_for(20ms);
+          lease.release();
+          (void)co_await holder.close(1s);
+        },
+        60s);
+  }
+
+  // What a pool of `pool_config` (with a 3 s acquire_timeout) answers to `sql` on its first
+  // lease, or why it got none, and how long that took.
+  struct FirstAnswer {
+    std::string answer;
+    std::string failure;
+    std::chrono::milliseconds took{0};
+  };
+  static asio::awaitable<FirstAnswer> first_answer(asio::any_io_executor executor,
+                                                   PoolConfig pool_config, std::string sql) {
+    pool_config.acquire_timeout = 3s;
+    Pool pool(executor, pool_config);
+    FirstAnswer first;
+    const auto started = std::chrono::steady_clock::now();
+    try {
+      auto lease = co_await pool.acquire();
+      first.answer = (co_await lease->query(sql)).scalar<std::string>();
+    } catch (const Error& error) {
+      first.failure = error.what();
+    }
+    first.took = std::chrono::duration_cast<std::chrono::milliseconds>(
+        std::chrono::steady_clock::now() - started);
+    (void)co_await pool.close(1s);
+    co_return first;
+  }
 };
 
 // Two pools of max 3 share a budget of 3 under load: sampled every 10 ms, the server never shows
@@ -288,60 +348,23 @@ TEST_F(BudgetTest, AConnectWaitingForAFullBudgetHoldsUpNoOtherBudgetOrClass) {
 // empty, must get its connection at once: the probe gate's lane (ProbeGate::lane_of()) names the
 // server and database besides the key and class.
 TEST_F(BudgetTest, AConnectWaitingForAFullBudgetHoldsUpNoPoolOfTheSameKeyOnAnotherDatabase) {
-  using Clock = std::chrono::steady_clock;
-  {
-    BlockingConnection admin(cluster().dsn());
-    admin.query("DROP DATABASE IF EXISTS budget_other_db WITH (FORCE)");
-    admin.query("CREATE DATABASE budget_other_db");
-  }
-  run_coroutine(
-      [&]() -> awaitable_void {
-        auto executor = co_await asio::this_coro::executor;
-        Pool holder(executor, config("samekey-holder", "samekey", 1));
-        auto lease = co_await holder.acquire();  // database one's only slot
-        auto waiting_config = config("samekey-waiting", "samekey", 1);
-        waiting_config.acquire_timeout = 20s;  // its connect waits for a slot up to 10 s
-        Pool waiting(executor, waiting_config);
-        int finished = 0;
-        auto acquire_and_drop = [&finished](Pool& pool) -> awaitable_void {
-          try {
-            auto unused = co_await pool.acquire();
-          } catch (const Error&) {  // NOLINT(bugprone-empty-catch): closed under it, or timed out
-          }
-          ++finished;
-        };
-        asio::co_spawn(executor, acquire_and_drop(waiting), asio::detached);
-        for (int i = 0; i < 250 && waiting.stats().budget_slot_waits == 0; ++i) {
-          co_await sleep_for(20ms);
-        }
-        EXPECT_GE(waiting.stats().budget_slot_waits, 1U) << "its connect should wait for a slot";
-
-        auto other_config = config("samekey-other-db", "samekey", 1);
-        other_config.conninfo = cluster().dsn() + " dbname=budget_other_db";
-        other_config.acquire_timeout = 3s;
-        Pool other(executor, other_config);
-        const auto started = Clock::now();
-        std::string failure;
-        try {
-          auto got = co_await other.acquire();
-          got.release();
-        } catch (const Error& error) {
-          failure = error.what();
-        }
-        const auto took =
-            std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - started);
-        EXPECT_EQ(failure, "") << "the pool on the other database got no connection";
-        EXPECT_LT(took, 1500ms) << "the pool on the other database (an empty budget of its own) "
-                                   "waited for the turn of a connect waiting on database one: "
-                                << took.count() << " ms";
-        (void)co_await other.close(1s);
-        (void)co_await waiting.close(1s);
-        while (finished < 1) co_await sleep_for(20ms);
-        lease.release();
-        (void)co_await holder.close(1s);
-      },
-      60s);
   BlockingConnection admin(cluster().dsn());
+  admin.query("DROP DATABASE IF EXISTS budget_other_db WITH (FORCE)");
+  admin.query("CREATE DATABASE budget_other_db");
+  auto other_config = config("samekey-other-db", "samekey", 1);
+  other_config.conninfo = cluster().dsn() + " dbname=budget_other_db";
+  while_a_connect_waits_for_a_slot(
+      config("samekey-holder", "samekey", 1), config("samekey-waiting", "samekey", 1),
+      [&](asio::any_io_executor executor) -> awaitable_void {
+        const FirstAnswer other =
+            co_await first_answer(executor, other_config, "SELECT current_database()");
+        EXPECT_EQ(other.failure, "") << "the pool on the other database got no connection";
+        EXPECT_EQ(other.answer, other.failure.empty() ? "budget_other_db" : "");
+        EXPECT_LT(other.took, 1500ms) << "the pool on the other database (an empty budget of its "
+                                         "own) waited for the turn of a connect waiting on "
+                                         "database one: "
+                                      << other.took.count() << " ms";
+      });
   admin.query("DROP DATABASE IF EXISTS budget_other_db WITH (FORCE)");
 }
 
@@ -352,12 +375,9 @@ TEST_F(BudgetTest, AConnectWaitingForAFullBudgetHoldsUpNoPoolOfTheSameKeyOnAnoth
 // database two, an empty budget of its own, and must not wait for the turn of the connect waiting
 // on database one (the lane names the service).
 TEST_F(BudgetTest, AConnectWaitingForAFullBudgetHoldsUpNoPoolOnAnotherDatabaseNamedByAService) {
-  using Clock = std::chrono::steady_clock;
-  {
-    BlockingConnection admin(cluster().dsn());
-    admin.query("DROP DATABASE IF EXISTS budget_service_db WITH (FORCE)");
-    admin.query("CREATE DATABASE budget_service_db");
-  }
+  BlockingConnection admin(cluster().dsn());
+  admin.query("DROP DATABASE IF EXISTS budget_service_db WITH (FORCE)");
+  admin.query("CREATE DATABASE budget_service_db");
   const std::string service_file =
       "/tmp/pgrt-budget-service-" + std::to_string(::getpid()) + ".conf";
   {
@@ -366,62 +386,22 @@ TEST_F(BudgetTest, AConnectWaitingForAFullBudgetHoldsUpNoPoolOnAnotherDatabaseNa
   }
   ::setenv("PGSERVICEFILE", service_file.c_str(), 1);
   const std::string dsn = cluster().dsn();
-  const std::string other_conninfo =
-      dsn.substr(0, dsn.find(" dbname=")) + " service=budget_other";  // host, port, user
-  run_coroutine(
-      [&]() -> awaitable_void {
-        auto executor = co_await asio::this_coro::executor;
-        Pool holder(executor, config("service-holder", "servicekey", 1));
-        auto lease = co_await holder.acquire();  // database one's only slot
-        auto waiting_config = config("service-waiting", "servicekey", 1);
-        waiting_config.acquire_timeout = 20s;  // its connect waits for a slot up to 10 s
-        Pool waiting(executor, waiting_config);
-        int finished = 0;
-        auto acquire_and_drop = [&finished](Pool& pool) -> awaitable_void {
-          try {
-            auto unused = co_await pool.acquire();
-          } catch (const Error&) {  // NOLINT(bugprone-empty-catch): closed under it, or timed out
-          }
-          ++finished;
-        };
-        asio::co_spawn(executor, acquire_and_drop(waiting), asio::detached);
-        for (int i = 0; i < 250 && waiting.stats().budget_slot_waits == 0; ++i) {
-          co_await sleep_for(20ms);
-        }
-        EXPECT_GE(waiting.stats().budget_slot_waits, 1U) << "its connect should wait for a slot";
-
-        auto other_config = config("service-other-db", "servicekey", 1);
-        other_config.conninfo = other_conninfo;
-        other_config.acquire_timeout = 3s;
-        Pool other(executor, other_config);
-        const auto started = Clock::now();
-        std::string failure;
-        std::string database;
-        try {
-          auto got = co_await other.acquire();
-          database = (co_await got->query("SELECT current_database()")).scalar<std::string>();
-          got.release();
-        } catch (const Error& error) {
-          failure = error.what();
-        }
-        const auto took =
-            std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - started);
-        EXPECT_EQ(failure, "") << "the pool on the other database got no connection";
-        EXPECT_EQ(database, failure.empty() ? "budget_service_db" : "");
-        EXPECT_LT(took, 1500ms) << "the pool on the other database (named by its service; an "
-                                   "empty budget of its own) waited for the turn of a connect "
-                                   "waiting on database one: "
-                                << took.count() << " ms";
-        (void)co_await other.close(1s);
-        (void)co_await waiting.close(1s);
-        while (finished < 1) co_await sleep_for(20ms);
-        lease.release();
-        (void)co_await holder.close(1s);
-      },
-      60s);
+  auto other_config = config("service-other-db", "servicekey", 1);
+  other_config.conninfo = dsn.substr(0, dsn.find(" dbname=")) + " service=budget_other";
+  while_a_connect_waits_for_a_slot(
+      config("service-holder", "servicekey", 1), config("service-waiting", "servicekey", 1),
+      [&](asio::any_io_executor executor) -> awaitable_void {
+        const FirstAnswer other =
+            co_await first_answer(executor, other_config, "SELECT current_database()");
+        EXPECT_EQ(other.failure, "") << "the pool on the other database got no connection";
+        EXPECT_EQ(other.answer, other.failure.empty() ? "budget_service_db" : "");
+        EXPECT_LT(other.took, 1500ms) << "the pool on the other database (named by its service; "
+                                         "an empty budget of its own) waited for the turn of a "
+                                         "connect waiting on database one: "
+                                      << other.took.count() << " ms";
+      });
   ::unsetenv("PGSERVICEFILE");
   std::remove(service_file.c_str());
-  BlockingConnection admin(cluster().dsn());
   admin.query("DROP DATABASE IF EXISTS budget_service_db WITH (FORCE)");
 }
 
@@ -432,64 +412,27 @@ TEST_F(BudgetTest, AConnectWaitingForAFullBudgetHoldsUpNoPoolOnAnotherDatabaseNa
 // connect must not wait for the turn of a connect waiting for a slot of the primary's full budget
 // (the lane names target_session_attrs), nor its caller time out with budget_exhausted.
 TEST_F(BudgetTest, AConnectWaitingForAFullBudgetHoldsUpNoPoolOfTheSameHostListOnItsStandby) {
-  using Clock = std::chrono::steady_clock;
   testing::TempCluster standby({.standby_of = cluster().dsn()});
   const std::string hosts = "host=127.0.0.1,127.0.0.1 port=" + std::to_string(cluster().port()) +
                             "," + std::to_string(standby.port()) +
                             " user=postgres dbname=postgres target_session_attrs=";
-  run_coroutine(
-      [&]() -> awaitable_void {
-        auto executor = co_await asio::this_coro::executor;
-        auto holder_config = config("tsa-holder", "tsakey", 1);
-        holder_config.conninfo = hosts + "read-write";
-        Pool holder(executor, holder_config);
-        auto lease = co_await holder.acquire();  // the primary's only slot
-        auto waiting_config = config("tsa-waiting", "tsakey", 1);
-        waiting_config.conninfo = hosts + "read-write";
-        waiting_config.acquire_timeout = 20s;  // its connect waits for a slot up to 10 s
-        Pool waiting(executor, waiting_config);
-        int finished = 0;
-        auto acquire_and_drop = [&finished](Pool& pool) -> awaitable_void {
-          try {
-            auto unused = co_await pool.acquire();
-          } catch (const Error&) {  // NOLINT(bugprone-empty-catch): closed under it, or timed out
-          }
-          ++finished;
-        };
-        asio::co_spawn(executor, acquire_and_drop(waiting), asio::detached);
-        for (int i = 0; i < 250 && waiting.stats().budget_slot_waits == 0; ++i) {
-          co_await sleep_for(20ms);
-        }
-        EXPECT_GE(waiting.stats().budget_slot_waits, 1U) << "its connect should wait for a slot";
-
-        auto reader_config = config("tsa-standby", "tsakey", 1);
-        reader_config.conninfo = hosts + "standby";
-        reader_config.acquire_timeout = 3s;
-        Pool reader(executor, reader_config);
-        const auto started = Clock::now();
-        std::string failure;
-        int port = 0;
-        try {
-          auto got = co_await reader.acquire();
-          port = (co_await got->query("SELECT inet_server_port()")).scalar<int>();
-          got.release();
-        } catch (const Error& error) {
-          failure = error.what();
-        }
-        const auto took =
-            std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - started);
-        EXPECT_EQ(failure, "") << "the pool on the standby got no connection";
-        EXPECT_EQ(port, failure.empty() ? standby.port() : 0);
-        EXPECT_LT(took, 1500ms) << "the pool on the standby (an empty budget of its own) waited "
-                                   "for the turn of a connect waiting on the primary: "
-                                << took.count() << " ms";
-        (void)co_await reader.close(1s);
-        (void)co_await waiting.close(1s);
-        while (finished < 1) co_await sleep_for(20ms);
-        lease.release();
-        (void)co_await holder.close(1s);
-      },
-      60s);
+  auto holder_config = config("tsa-holder", "tsakey", 1);
+  holder_config.conninfo = hosts + "read-write";
+  auto waiting_config = config("tsa-waiting", "tsakey", 1);
+  waiting_config.conninfo = hosts + "read-write";
+  auto reader_config = config("tsa-standby", "tsakey", 1);
+  reader_config.conninfo = hosts + "standby";
+  while_a_connect_waits_for_a_slot(
+      holder_config, waiting_config, [&](asio::any_io_executor executor) -> awaitable_void {
+        const FirstAnswer reader =
+            co_await first_answer(executor, reader_config, "SELECT inet_server_port()::text");
+        EXPECT_EQ(reader.failure, "") << "the pool on the standby got no connection";
+        EXPECT_EQ(reader.answer, reader.failure.empty() ? std::to_string(standby.port()) : "");
+        EXPECT_LT(reader.took, 1500ms) << "the pool on the standby (an empty budget of its own) "
+                                          "waited for the turn of a connect waiting on the "
+                                          "primary: "
+                                       << reader.took.count() << " ms";
+      });
 }
 
 // docs/budget.md: with no slot free, "a caller that waits out acquire_timeout meanwhile fails with
@@ -500,28 +443,9 @@ TEST_F(BudgetTest, AConnectWaitingForAFullBudgetHoldsUpNoPoolOfTheSameHostListOn
 // A caller of the second pool waits out its acquire_timeout for the same full budget: it fails
 // with budget_exhausted too, though its own connect has no error yet (it waits for the turn).
 TEST_F(BudgetTest, ACallerOfASecondPoolOfAFullBudgetFailsWithBudgetExhausted) {
-  run_coroutine(
-      [&]() -> awaitable_void {
-        auto executor = co_await asio::this_coro::executor;
-        Pool holder(executor, config("second-holder", "second-pool", 1));
-        auto lease = co_await holder.acquire();  // the budget's only slot
-        auto waiting_config = config("second-waiting", "second-pool", 1);
-        waiting_config.acquire_timeout = 20s;  // its connect waits for a slot up to 10 s
-        Pool first(executor, waiting_config);
-        int finished = 0;
-        auto acquire_and_drop = [&finished](Pool& pool) -> awaitable_void {
-          try {
-            auto unused = co_await pool.acquire();
-          } catch (const Error&) {  // NOLINT(bugprone-empty-catch): closed under it, or timed out
-          }
-          ++finished;
-        };
-        asio::co_spawn(executor, acquire_and_drop(first), asio::detached);
-        for (int i = 0; i < 250 && first.stats().budget_slot_waits == 0; ++i) {
-          co_await sleep_for(20ms);
-        }
-        EXPECT_GE(first.stats().budget_slot_waits, 1U) << "its connect should wait for a slot";
-
+  while_a_connect_waits_for_a_slot(
+      config("second-holder", "second-pool", 1), config("second-waiting", "second-pool", 1),
+      [&](asio::any_io_executor executor) -> awaitable_void {
         auto second_config = config("second-waiting", "second-pool", 1);
         second_config.acquire_timeout = 1s;
         Pool second(executor, second_config);
@@ -529,12 +453,7 @@ TEST_F(BudgetTest, ACallerOfASecondPoolOfAFullBudgetFailsWithBudgetExhausted) {
         EXPECT_EQ(error.code(), client_errc::budget_exhausted) << error.what();
         EXPECT_TRUE(error.code() == condition::too_many_connections) << error.what();
         (void)co_await second.close(1s);
-        (void)co_await first.close(1s);
-        while (finished < 1) co_await sleep_for(20ms);
-        lease.release();
-        (void)co_await holder.close(1s);
-      },
-      60s);
+      });
 }
 
 // DISCARD ALL releases advisory locks: under a budget the discard_all reset leaves them alone.

@@ -483,23 +483,19 @@ TEST_F(LifecycleProcessTest, DiagTextReportKeepsControlBytesOfServerNamesOffTheT
   BlockingConnection(cluster().dsn()).query("DROP DATABASE IF EXISTS \"" + name + "\"");
 }
 
-// pgrt-diag metrics against an endpoint whose samples carry other label names (an OpenTelemetry
-// exporter's db_client_connection_state) and control bytes: a summary, no crash (it aborted on a
-// missing label), and no escape sequence reaches the terminal.
-TEST_F(LifecycleProcessTest, DiagMetricsSummarizesAnEndpointWithOtherLabelsWithoutCrashing) {
+// pgrt-diag metrics (tagged `name`) against an endpoint on the loopback that answers one request
+// with `body`: its exit status and output.
+struct DiagMetricsRun {
+  std::optional<int> exit;
+  std::string output;
+};
+DiagMetricsRun diag_metrics_against(const std::string& body, const std::string& name) {
   const LoopbackListener listener;
-  std::thread server([&listener] {
+  std::thread server([&listener, &body] {
     const int client = ::accept(listener.fd(), nullptr, nullptr);
     if (client < 0) return;
     char request[4096];
     (void)::read(client, request, sizeof request);  // one read holds a curl-sized GET
-    const std::string body =
-        "db_client_connection_count{db_client_connection_pool_name=\"orders\","
-        "db_client_connection_state=\"idle\"} 3\n"
-        "pgrt_watchdog_condition{cause=\"x\"} 1\n"
-        "pgrt_lifecycle_state{state=\"running\\u001b[2J\"} 1\n"
-        "pgrt_pool_discards_total{db_client_connection_pool_name=\"\x1b[31morders\"} 2\n"
-        "pgrt_pool_waiting{db_client_connection_pool_name=\"x\\nFAKE: all healthy\"} 0\n";
     const std::string answer = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: " +
                                std::to_string(body.size()) + "\r\nConnection: close\r\n\r\n" + body;
     (void)!::write(client, answer.data(), answer.size());
@@ -507,12 +503,28 @@ TEST_F(LifecycleProcessTest, DiagMetricsSummarizesAnEndpointWithOtherLabelsWitho
   });
   Child diag({PGRT_DIAG_PATH, "metrics",
               "http://127.0.0.1:" + std::to_string(listener.port()) + "/metrics"},
-             cluster().dsn(), "diag-other-labels");
-  EXPECT_EQ(diag.wait_for_exit(30s), 0) << diag.output();
-  EXPECT_THAT(diag.output(), HasSubstr("pool orders"));
-  EXPECT_EQ(diag.output().find('\x1b'), std::string::npos) << diag.output();
-  EXPECT_EQ(diag.output().find("\nFAKE"), std::string::npos) << diag.output();
+             testing::DbTest::cluster().dsn(), name);
+  DiagMetricsRun run{.exit = diag.wait_for_exit(30s), .output = diag.output()};
   server.join();
+  return run;
+}
+
+// pgrt-diag metrics against an endpoint whose samples carry other label names (an OpenTelemetry
+// exporter's db_client_connection_state) and control bytes: a summary, no crash (it aborted on a
+// missing label), and no escape sequence reaches the terminal.
+TEST_F(LifecycleProcessTest, DiagMetricsSummarizesAnEndpointWithOtherLabelsWithoutCrashing) {
+  const DiagMetricsRun diag = diag_metrics_against(
+      "db_client_connection_count{db_client_connection_pool_name=\"orders\","
+      "db_client_connection_state=\"idle\"} 3\n"
+      "pgrt_watchdog_condition{cause=\"x\"} 1\n"
+      "pgrt_lifecycle_state{state=\"running\\u001b[2J\"} 1\n"
+      "pgrt_pool_discards_total{db_client_connection_pool_name=\"\x1b[31morders\"} 2\n"
+      "pgrt_pool_waiting{db_client_connection_pool_name=\"x\\nFAKE: all healthy\"} 0\n",
+      "diag-other-labels");
+  EXPECT_EQ(diag.exit, 0) << diag.output;
+  EXPECT_THAT(diag.output, HasSubstr("pool orders"));
+  EXPECT_EQ(diag.output.find('\x1b'), std::string::npos) << diag.output;
+  EXPECT_EQ(diag.output.find("\nFAKE"), std::string::npos) << diag.output;
 }
 
 // The exposition format allows NaN and +Inf as values (and any double): pgrt-diag metrics shows
@@ -520,31 +532,16 @@ TEST_F(LifecycleProcessTest, DiagMetricsSummarizesAnEndpointWithOtherLabelsWitho
 // pgrt's, or a squatter on it while the service is down) as it is, never converting it to a
 // whole number (undefined behaviour; x86-64 printed -9223372036854775808 connections).
 TEST_F(LifecycleProcessTest, DiagMetricsSummarizesNonFiniteAndHugeValuesWithoutUndefinedBehaviour) {
-  const LoopbackListener listener;
-  std::thread server([&listener] {
-    const int client = ::accept(listener.fd(), nullptr, nullptr);
-    if (client < 0) return;
-    char request[4096];
-    (void)::read(client, request, sizeof request);  // one read holds a curl-sized GET
-    const std::string body =
-        "db_client_connection_count{db_client_connection_pool_name=\"orders\",state=\"used\"} "
-        "NaN\n"
-        "db_client_connection_count{db_client_connection_pool_name=\"orders\",state=\"idle\"} "
-        "1e300\n"
-        "db_client_connection_max{db_client_connection_pool_name=\"orders\"} +Inf\n"
-        "pgrt_pool_acquires_total{db_client_connection_pool_name=\"orders\"} -Inf\n";
-    const std::string answer = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: " +
-                               std::to_string(body.size()) + "\r\nConnection: close\r\n\r\n" + body;
-    (void)!::write(client, answer.data(), answer.size());
-    ::close(client);
-  });
-  Child diag({PGRT_DIAG_PATH, "metrics",
-              "http://127.0.0.1:" + std::to_string(listener.port()) + "/metrics"},
-             cluster().dsn(), "diag-non-finite");
-  EXPECT_EQ(diag.wait_for_exit(30s), 0) << diag.output();
-  EXPECT_THAT(diag.output(), HasSubstr("pool orders"));
-  EXPECT_THAT(diag.output(), Not(HasSubstr("9223372036854775808"))) << diag.output();
-  server.join();
+  const DiagMetricsRun diag = diag_metrics_against(
+      "db_client_connection_count{db_client_connection_pool_name=\"orders\",state=\"used\"} NaN\n"
+      "db_client_connection_count{db_client_connection_pool_name=\"orders\",state=\"idle\"} "
+      "1e300\n"
+      "db_client_connection_max{db_client_connection_pool_name=\"orders\"} +Inf\n"
+      "pgrt_pool_acquires_total{db_client_connection_pool_name=\"orders\"} -Inf\n",
+      "diag-non-finite");
+  EXPECT_EQ(diag.exit, 0) << diag.output;
+  EXPECT_THAT(diag.output, HasSubstr("pool orders"));
+  EXPECT_THAT(diag.output, Not(HasSubstr("9223372036854775808"))) << diag.output;
 }
 
 // pgrt-diag's snapshot against a server that stops answering (a catalog it reads is locked) gives

@@ -30,6 +30,7 @@
 #include <spdlog/sinks/ostream_sink.h>
 #include <spdlog/spdlog.h>
 #include <sstream>
+#include <stdexcept>
 #include <sys/socket.h>
 #include <thread>
 #include <vector>
@@ -1965,6 +1966,32 @@ TEST_F(PoolTest, CloseNeverReportsALeaseHeldForANegativeTime) {
 // before `acquired` goes out), also for a Lease whose connection a check before handout refused:
 // subscribers that count leases out as acquired - released do not drift, whether the acquire got
 // another connection or failed at its deadline.
+// PoolEvents: "an exception thrown by a callback is logged and swallowed". Every subscriber hears
+// the event all the same: one that throws (a metrics backend down) hides it from none connected
+// after it (such as one counting leases in use).
+TEST_F(PoolTest, ASubscriberThatThrowsHidesTheEventFromNoneAfterIt) {
+  int acquired = 0;
+  int released = 0;
+  run_coroutine([&]() -> awaitable_void {
+    Pool pool(co_await asio::this_coro::executor, config("throwing-subscriber", 1));
+    boost::signals2::scoped_connection throws_on_acquired = pool.events().acquired.connect(
+        [](const std::source_location&) { throw std::runtime_error("metrics backend down"); });
+    boost::signals2::scoped_connection counts_acquired =
+        pool.events().acquired.connect([&](const std::source_location&) { ++acquired; });
+    boost::signals2::scoped_connection throws_on_released =
+        pool.events().released.connect([] { throw 42; });  // not even a std::exception
+    boost::signals2::scoped_connection counts_released =
+        pool.events().released.connect([&] { ++released; });
+    for (int i = 0; i < 3; ++i) {
+      auto lease = co_await pool.acquire();
+      EXPECT_EQ((co_await lease->query("SELECT 1")).scalar<int>(), 1);
+    }
+    (void)co_await pool.close(1s);
+  });
+  EXPECT_EQ(acquired, 3);
+  EXPECT_EQ(released, 3);
+}
+
 TEST_F(PoolTest, ARefusedCheckBeforeHandoutEndsItsLeaseWithReleased) {
   auto pool_config = config("refused-released", 2);
   pool_config.acquire_timeout = 2s;

@@ -87,32 +87,6 @@ struct PendingWritesReport {
   [[nodiscard]] std::string to_json() const;
 };
 
-namespace detail {
-/// Logs that an event subscriber of the PendingWrites named `name` threw (`what`: its what(), or
-/// null).
-void log_subscriber_exception(const std::string& name, const char* what) noexcept;
-
-/// The combiner of PendingWritesEvents' signals: calls every subscriber, each on its own, and logs
-/// and ignores what one throws, so that a subscriber that throws hides the event from none
-/// connected after it.
-struct EverySubscriber {
-  using result_type = void;
-  std::string name;  ///< The PendingWrites' name, for the log.
-  template <typename Call>
-  void operator()(Call call, Call end) const {
-    for (; call != end; ++call) {
-      try {
-        (void)*call;
-      } catch (const std::exception& error) {
-        log_subscriber_exception(name, error.what());
-      } catch (...) {
-        log_subscriber_exception(name, nullptr);
-      }
-    }
-  }
-};
-}  // namespace detail
-
 /// PendingWrites events, as Boost.Signals2 signals. Connect with a scoped_connection member so the
 /// subscription ends before what its callback uses. Callbacks run on the flusher's strand, outside
 /// the component's lock; they must not block, and exceptions they throw are logged and ignored

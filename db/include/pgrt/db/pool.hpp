@@ -26,6 +26,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <memory>
 #include <source_location>
@@ -333,9 +334,35 @@ struct PoolStats {
 /// connect_extended() (as `pool.events().acquired.connect(...)` does); a connection made through a
 /// reference to the base signal type is not seen. A subscription made while the event is being
 /// emitted on another thread may miss that emission, as with any signal.
+namespace detail {
+/// Logs that an event subscriber threw (`source`: what emitted the event, as "pgrt pool";
+/// `what`: the exception's what(), or null). Never throws.
+void log_subscriber_exception(const std::string& source, const char* what) noexcept;
+
+/// The combiner of pgrt's events (pgrt::Event, PendingWritesEvents): calls every subscriber, each
+/// on its own, and logs and ignores what one throws, so that a subscriber that throws hides the
+/// event from none connected after it.
+struct EverySubscriber {
+  using result_type = void;
+  std::string source = "pgrt pool";  ///< What emits the events, for the log.
+  template <typename Call>
+  void operator()(Call call, Call end) const {
+    for (; call != end; ++call) {
+      try {
+        (void)*call;
+      } catch (const std::exception& error) {
+        log_subscriber_exception(source, error.what());
+      } catch (...) {
+        log_subscriber_exception(source, nullptr);
+      }
+    }
+  }
+};
+}  // namespace detail
+
 template <typename Signature>
-class Event : public boost::signals2::signal<Signature> {
-  using Signal = boost::signals2::signal<Signature>;
+class Event : public boost::signals2::signal<Signature, detail::EverySubscriber> {
+  using Signal = boost::signals2::signal<Signature, detail::EverySubscriber>;
 
  public:
   template <typename... Args>
@@ -360,7 +387,8 @@ class Event : public boost::signals2::signal<Signature> {
 /// Pool events, as Boost.Signals2 signals (pgrt::Event). Connect with a scoped_connection member so
 /// the subscription ends before what its callback uses. Callbacks run on whichever thread caused
 /// the event, outside the pool's lock; they must not block. An exception thrown by a callback is
-/// logged and swallowed: an event is emitted only after the pool's bookkeeping for it is complete
+/// logged and swallowed (every subscriber is called, whatever one connected before it throws): an
+/// event is emitted only after the pool's bookkeeping for it is complete
 /// (`acquired` once the Lease owns the connection), so a subscriber cannot leak a slot or make an
 /// acquire fail.
 struct PoolEvents {
