@@ -7,11 +7,17 @@
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <chrono>
+#include <csignal>
 #include <cstdlib>
+#include <filesystem>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <libpq-fe.h>
 #include <string>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <thread>
+#include <unistd.h>
 #include <vector>
 
 #include <pgrt/db.hpp>
@@ -103,6 +109,83 @@ TEST_F(TlsTest, CertificateProblemsFailAtOnceWithAClearError) {
   EXPECT_FALSE(plain.code() == condition::connection_error);
   EXPECT_THAT(plain.what(), HasSubstr("no encryption"));
   EXPECT_THAT(plain.diagnostics().hint, HasSubstr("sslmode=require"));
+}
+
+// An encrypted client key (sslkey) without sslpassword: left to OpenSSL, the pass phrase would be
+// asked for ("Enter PEM pass phrase:") on the controlling terminal, or without one read from
+// standard input, inside PQconnectPoll() on the io_context's thread, blocking it past
+// connect_timeout. pgrt's key pass phrase hook never prompts: with standard input a pipe left open
+// (docker run -i, a supervisor's pipe) and no terminal, the connect fails as tls_failed within
+// connect_timeout, with a hint to give sslpassword; given, the key loads. Run in a child process,
+// so that a hang is bounded.
+TEST_F(TlsTest, AnEncryptedClientKeyWithoutSslpasswordFailsWithinTheConnectTimeout) {
+  const std::string port = std::to_string(tls_cluster().port());
+  const auto& certificates = *tls_cluster().certificates();
+  const std::filesystem::path encrypted = tls_cluster().directory() / "client-encrypted.key";
+  const std::string make_key = "openssl pkey -in '" + certificates.key.string() +
+                               "' -aes256 -passout pass:secret -out '" + encrypted.string() +
+                               "' 2>/dev/null";
+  ASSERT_EQ(std::system(make_key.c_str()), 0) << make_key;
+  ASSERT_EQ(::chmod(encrypted.c_str(), 0600), 0);
+  const std::string conninfo = "host=localhost hostaddr=127.0.0.1 port=" + port +
+                               " user=postgres dbname=postgres sslmode=verify-full sslrootcert=" +
+                               certificates.ca_certificate.string() +
+                               " sslcert=" + certificates.certificate.string() +
+                               " sslkey=" + encrypted.string();
+  int input[2];
+  ASSERT_EQ(::pipe(input), 0);
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    // No controlling terminal; standard input a pipe whose writer (the parent) stays open.
+    (void)::setsid();
+    (void)::dup2(input[0], 0);
+    ::close(input[1]);
+    int code = 3;
+    try {
+      code = run_coroutine([conninfo]() -> asio::awaitable<int> {
+        int outcome = 0;
+        try {
+          ConnectOptions options{.conninfo = conninfo, .connect_timeout = 2s};
+          auto conn = co_await Connection::connect(std::move(options));
+        } catch (const Error& error) {
+          if (error.code() != client_errc::tls_failed) {
+            outcome = 2;
+          } else {
+            outcome = error.diagnostics().hint.find("sslpassword") != std::string::npos ? 1 : 5;
+          }
+        }
+        co_return outcome;
+      });
+    } catch (...) {
+      code = 4;
+    }
+    ::_exit(code);
+  }
+  ::close(input[0]);
+  int status = 0;
+  bool ended = false;
+  for (int waited = 0; waited < 150 && !ended; ++waited) {  // 15 s: connect_timeout is 2 s
+    ended = ::waitpid(child, &status, WNOHANG) == child;
+    if (!ended) std::this_thread::sleep_for(100ms);
+  }
+  if (!ended) {
+    ::kill(child, SIGKILL);
+    ::waitpid(child, &status, 0);
+  }
+  ::close(input[1]);
+  EXPECT_TRUE(ended) << "the connect still ran 15 s after it began (connect_timeout 2 s): "
+                        "blocked on OpenSSL's pass phrase prompt";
+  if (ended) {
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 1)
+        << "exit status " << status
+        << " (1: tls_failed, 0: connected, 2: another error, 5: no hint to give sslpassword)";
+  }
+  // With its pass phrase the key loads, through the same hook.
+  run_coroutine([&]() -> awaitable_void {
+    auto conn = co_await open(conninfo + " sslpassword=secret");
+    EXPECT_EQ(PQsslInUse(conn.native_handle()), 1);
+  });
 }
 
 // OpenSSL reads a whole record but gives libpq only what its buffer has room for; the rest stays

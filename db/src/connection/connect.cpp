@@ -10,6 +10,7 @@
 #include <charconv>
 #include <cstdlib>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <spdlog/spdlog.h>
 #include <string>
@@ -58,6 +59,22 @@ void log_server_notice(void* /*unused*/, const PGresult* notice) {
   }
 }
 
+// An encrypted client key (sslkey): libpq hands OpenSSL no pass phrase callback unless
+// sslpassword is given or a hook is set, and OpenSSL's own then prompts on the terminal or reads
+// standard input inside PQconnectPoll(), blocking the io_context past connect_timeout. pgrt's
+// hook, installed once for the process before the first connect, answers with the connection's
+// sslpassword, or with none (the key then fails to load: tls_failed), never prompting. A hook the
+// application installed before is kept.
+void install_key_pass_hook() {
+  static std::once_flag installed;
+  std::call_once(installed, [] {
+    if (PQgetSSLKeyPassHook_OpenSSL() == nullptr) {
+      // libpq's default hook copies the connection's sslpassword, or gives an empty one.
+      PQsetSSLKeyPassHook_OpenSSL(PQdefaultSSLKeyPassHook_OpenSSL);
+    }
+  });
+}
+
 // What to do about a failed TLS set-up, from libpq's message; "" when it is not about TLS.
 // (A TLS connection that breaks on the way, "SSL SYSCALL error", is a network failure.)
 std::string tls_hint(std::string_view message) {
@@ -89,6 +106,11 @@ std::string tls_hint(std::string_view message) {
   if (contains(message, "does not support SSL")) {
     return "the server does not offer TLS (ssl=off): turn it on, or use sslmode=prefer only on a "
            "network you trust";
+  }
+  if (contains(message, "could not load private key file")) {
+    return "the client key (sslkey) could not be loaded: if it is encrypted, give its pass phrase "
+           "as sslpassword (pgrt never prompts for one); otherwise check sslkey's path and that "
+           "it matches sslcert";
   }
   if (contains(message, "certificate") || contains(message, "private key")) {
     return "TLS could not be set up: check sslrootcert, sslcert and sslkey, and the server's "
@@ -351,6 +373,7 @@ asio::awaitable<error_code> Connection::Impl::connect_once(
   broken = false;
   unnamed_statements = options.pooler == Pooler::transaction;
   first_statement_refused = false;
+  install_key_pass_hook();
   conn = PQconnectStartParams(keywords.data(), values.data(), 1);
   if (conn != nullptr) PQsetNoticeReceiver(conn, log_server_notice, nullptr);
   if (conn == nullptr || PQstatus(conn) == CONNECTION_BAD) co_return connect_error();
