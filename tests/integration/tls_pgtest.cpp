@@ -13,6 +13,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <libpq-fe.h>
+#include <optional>
 #include <string>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -109,6 +110,47 @@ TEST_F(TlsTest, CertificateProblemsFailAtOnceWithAClearError) {
   EXPECT_FALSE(plain.code() == condition::connection_error);
   EXPECT_THAT(plain.what(), HasSubstr("no encryption"));
   EXPECT_THAT(plain.diagnostics().hint, HasSubstr("sslmode=require"));
+}
+
+// A client certificate the server does not trust (not signed by a CA in its ssl_ca_file): the
+// server ends the handshake with the TLS alert "unknown ca", which libpq reports as "SSL error:
+// tlsv1 alert unknown ca". A certificate problem like the others, which no wait cures: it fails
+// as tls_failed with a hint about the client certificate, not as a connection_error that a start
+// waiting for the database and the pool's backoff would retry as a server outage.
+TEST_F(TlsTest, AClientCertificateTheServerDoesNotTrustIsATlsFailureNotAnOutage) {
+  auto own = start_own_cluster({.tls = true});
+  const std::string ca = own->certificates()->ca_certificate.string();
+  // The server asks for a client certificate, and checks one given, once it has a CA for them.
+  run_coroutine([&]() -> awaitable_void {
+    auto admin = co_await open(own->dsn());
+    co_await admin.query("ALTER SYSTEM SET ssl_ca_file = '" + ca + "'");
+    co_await admin.query("SELECT pg_reload_conf()");
+  });
+  const auto stranger = testing::make_test_certificates(own->directory() / "client-stranger");
+  const std::string conninfo =
+      "host=localhost hostaddr=127.0.0.1 port=" + std::to_string(own->port()) +
+      " user=postgres dbname=postgres sslmode=verify-full sslrootcert=" + ca +
+      " sslcert=" + stranger.certificate.string() + " sslkey=" + stranger.key.string();
+  // Until the reload has taken effect the certificate is not asked for, and the connect works.
+  std::optional<Error> refused;
+  for (int attempt = 0; attempt < 100 && !refused; ++attempt) {
+    refused = run_coroutine([conninfo]() -> asio::awaitable<std::optional<Error>> {
+      std::optional<Error> failure;
+      try {
+        auto conn = co_await open(conninfo);
+      } catch (const Error& error) {
+        failure = error;
+      }
+      co_return failure;
+    });
+    if (!refused) std::this_thread::sleep_for(50ms);
+  }
+  ASSERT_TRUE(refused.has_value()) << "the server never refused the untrusted client certificate";
+  EXPECT_THAT(refused->what(), HasSubstr("unknown ca"));
+  EXPECT_EQ(refused->code(), client_errc::tls_failed) << refused->what();
+  EXPECT_FALSE(refused->code() == condition::connection_error)
+      << "retried as a server outage: " << refused->what();
+  EXPECT_THAT(refused->diagnostics().hint, HasSubstr("ssl_ca_file"));
 }
 
 // An encrypted client key (sslkey) without sslpassword: left to OpenSSL, the pass phrase would be

@@ -75,9 +75,48 @@ void install_key_pass_hook() {
   });
 }
 
+// libpq's words in its connect error, one per line, without the "connection to server at
+// \"host\" (address), port 5432 failed: " (or "on socket \"path\"") that names the server: a
+// host name or socket path may hold any word.
+std::string libpq_words(std::string_view message) {
+  constexpr std::string_view failed = "failed: ";
+  std::string words;
+  while (!message.empty()) {
+    const std::size_t line_end = message.find('\n');
+    std::string_view line = message.substr(0, line_end);
+    message.remove_prefix(line_end == std::string_view::npos ? message.size() : line_end + 1);
+    if (line.starts_with("connection to server")) {
+      const std::size_t at = line.rfind(failed);
+      line.remove_prefix(at == std::string_view::npos ? line.size() : at + failed.size());
+    }
+    words.append(line);
+    words += '\n';
+  }
+  return words;
+}
+
 // What to do about a failed TLS set-up, from libpq's message; "" when it is not about TLS.
 // (A TLS connection that breaks on the way, "SSL SYSCALL error", is a network failure.)
 std::string tls_hint(std::string_view message) {
+  // A fatal alert the server ends the handshake with: it refuses this client's certificate or
+  // TLS settings, which no wait cures.
+  const std::string said = libpq_words(message);
+  for (const std::string_view alert : {"alert unknown ca", "alert bad certificate",
+                                       "alert certificate required", "alert certificate unknown"}) {
+    if (contains(said, alert)) {
+      return "the server refused the client certificate: it must be signed by a CA in the "
+             "server's ssl_ca_file (and be valid now), and given (sslcert and sslkey, default "
+             "~/.postgresql/postgresql.crt and .key) where the server requires one";
+    }
+  }
+  for (const std::string_view alert :
+       {"alert handshake failure", "alert access denied", "alert decrypt error"}) {
+    if (contains(said, alert)) {
+      return "the server refused the TLS handshake: compare the client's TLS settings (sslcert, "
+             "sslkey, ssl_min_protocol_version) with the server's (ssl_ca_file, ssl_ciphers, "
+             "pg_hba.conf's clientcert)";
+    }
+  }
   if (contains(message, "does not match host name")) {
     return "the server's certificate does not name the host connected to: connect by a name the "
            "certificate holds (the host keyword; hostaddr may carry the IP address), or use "
