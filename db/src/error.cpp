@@ -251,7 +251,12 @@ std::string redact_statement(std::string_view sql) {
     const std::string_view word = sql.substr(at, end - at);
     out.append(word);
     at = end;
-    if (word.size() != keyword.size() || !contains_ignoring_case(word, keyword)) continue;
+    // A word ending in PASSWORD: the keyword, or an option named after one (a user mapping's
+    // sslpassword, postgres_fdw's pass phrase of the client key).
+    if (word.size() < keyword.size() ||
+        !contains_ignoring_case(word.substr(word.size() - keyword.size()), keyword)) {
+      continue;
+    }
     // PASSWORD 'secret' (CREATE/ALTER ROLE, a user mapping's options): the constant is masked,
     // and so are the comments before it (they may hide it as well as anything else) and the
     // constants that continue it ('...' followed, across a line break, by '...' is one).

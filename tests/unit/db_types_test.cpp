@@ -286,5 +286,24 @@ TEST(Errors, APasswordInTheStatementNeverShowsInWhat) {
   }
 }
 
+// A user mapping's OPTIONS is a form redact_statement() covers (error.hpp), and postgres_fdw takes
+// two secrets there: password and sslpassword (the pass phrase of the client key, "specify these in
+// a user mapping"). Both constants are masked in what()'s STATEMENT line, as mask_password() masks
+// sslpassword in a conninfo, in CREATE and in ALTER USER MAPPING.
+TEST(Errors, AnSslpasswordInAUserMappingNeverShowsInWhat) {
+  const std::string sql =
+      "CREATE USER MAPPING FOR app SERVER remote OPTIONS (user 'app', password 'hunter2', "
+      "sslpassword 'keyphrase')";
+  const Error error(
+      make_sqlstate_error("42704"),
+      Diagnostics{
+          .sqlstate = "42704", .message = "server \"remote\" does not exist", .statement = sql});
+  EXPECT_THAT(error.what(), Not(HasSubstr("hunter2")));
+  EXPECT_THAT(error.what(), Not(HasSubstr("keyphrase"))) << error.what();
+  EXPECT_THAT(redact_statement("ALTER USER MAPPING FOR app SERVER remote OPTIONS (ADD sslpassword "
+                               "'keyphrase')"),
+              Not(HasSubstr("keyphrase")));
+}
+
 }  // namespace
 }  // namespace pgrt

@@ -102,7 +102,8 @@ class Error : public boost::system::system_error {
  public:
   Error(boost::system::error_code code, Diagnostics diagnostics);
   /// The message, SQLSTATE and name, detail, hint and statement (never a password: the string
-  /// constant after a PASSWORD keyword, as in ALTER ROLE ... PASSWORD '...', shows as '****'; see
+  /// constant after a PASSWORD keyword or an option such as sslpassword, as in ALTER ROLE ...
+  /// PASSWORD '...', shows as '****'; see
   /// redact_statement()). diagnostics().statement keeps the text as it was sent.
   [[nodiscard]] const char* what() const noexcept override { return what_.c_str(); }
   [[nodiscard]] const Diagnostics& diagnostics() const noexcept { return diagnostics_; }
@@ -121,11 +122,12 @@ class Error : public boost::system::system_error {
 /// key=value pairs), which connect() refuses.
 [[nodiscard]] std::string mask_password(std::string_view conninfo);
 
-/// Returns the SQL text with the string constant that follows each PASSWORD keyword (CREATE or
-/// ALTER ROLE ... [ENCRYPTED] PASSWORD '...', a user mapping's OPTIONS (password '...')) replaced
-/// by '****', for messages and logs; comments, quoted identifiers and other string constants are
-/// left as they are. A guard for the common forms, not a parser: a password inside another string
-/// (a conninfo given to dblink) is not seen. Never throws other than std::bad_alloc.
+/// Returns the SQL text with the string constant that follows each PASSWORD keyword, or word ending
+/// in it (CREATE or ALTER ROLE ... [ENCRYPTED] PASSWORD '...', a user mapping's OPTIONS (password
+/// '...', sslpassword '...')) replaced by '****', for messages and logs; comments, quoted
+/// identifiers and other string constants are left as they are. A guard for the common forms, not a
+/// parser: a password inside another string (a conninfo given to dblink) is not seen. Never throws
+/// other than std::bad_alloc.
 [[nodiscard]] std::string redact_statement(std::string_view sql);
 
 }  // namespace pgrt
