@@ -547,7 +547,30 @@ StartupHygiene& add_startup_hygiene(lifecycle::Manager& app, PoolConfig& pool_co
               std::to_string(pool_config.max_size),
           "raise max_size to 2 or more, or turn cluster_lock (PGRT_CLUSTER_LOCK) off");
     }
+    // The pool gets one less: a pool valid as configured may not be with it (min_idle, the
+    // budget's classes), which is the lock's doing, to be said so.
+    bool valid_as_given = true;
+    try {
+      pool_config.validate();
+    } catch (const Error&) {
+      valid_as_given = false;  // (add_pool() says what is wrong with it as given)
+    }
     --pool_config.max_size;
+    if (valid_as_given) {
+      try {
+        pool_config.validate();
+      } catch (const Error& error) {
+        ++pool_config.max_size;
+        invalid("the cluster-wide instance lock (PGRT_CLUSTER_LOCK) takes one of the pool's " +
+                    std::to_string(pool_config.max_size) +
+                    " connections (max_size, PGRT_POOL_MAX) for itself, and the pool left with " +
+                    std::to_string(pool_config.max_size - 1) +
+                    " is not valid: " + error.diagnostics().message,
+                "raise PGRT_POOL_MAX (max_size) by one, to " +
+                    std::to_string(pool_config.max_size + 1) +
+                    ", or turn cluster_lock (PGRT_CLUSTER_LOCK) off");
+      }
+    }
   }
   // A forced takeover blocks the start for up to max_takeover_time(): the start deadline covers
   // it on top of the usual one, so the new instance never gives up on a holder it is still

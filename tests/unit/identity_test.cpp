@@ -786,5 +786,37 @@ TEST_F(InstanceLockTest, AForcedStartOutwaitsAHolderThatIgnoresSigterm) {
   ::close(ready[1]);
 }
 
+// The cluster-wide lock (PGRT_CLUSTER_LOCK=1) takes one connection of max_size for itself:
+// add_startup_hygiene() lowers the pool's max_size by one (operations.md). A pool configured as
+// PGRT_POOL_MAX=5 PGRT_POOL_MIN_IDLE=5, valid as given, is not with max_size 4:
+// add_startup_hygiene() refuses it, naming the cluster lock and saying to raise PGRT_POOL_MAX,
+// rather than leaving add_pool() to refuse a max_size the operator never set.
+TEST(ClusterLockConfig, APoolThatTheLocksConnectionMakesInvalidIsRefusedNamingTheLock) {
+  lifecycle::ManagerOptions manager_options;
+  manager_options.handle_signals = false;
+  manager_options.shutdown_logging = false;
+  lifecycle::Manager app(manager_options);
+  PoolConfig pool_config;
+  pool_config.application = "app";
+  pool_config.instance = "one";
+  pool_config.max_size = 5;
+  pool_config.min_idle = 5;
+  ASSERT_NO_THROW(pool_config.validate());
+  StartupHygieneOptions hygiene_options;
+  hygiene_options.instance_lock = false;
+  hygiene_options.cluster_lock = true;
+  hygiene_options.cleanup = false;
+  std::string refusal;
+  try {
+    (void)add_startup_hygiene(app, pool_config, hygiene_options);
+    pool_config.validate();  // what add_pool(app, pool_config) runs next
+  } catch (const Error& error) {
+    refusal = error.what();
+  }
+  EXPECT_THAT(refusal, HasSubstr("PGRT_CLUSTER_LOCK")) << refusal;
+  EXPECT_THAT(refusal, HasSubstr("PGRT_POOL_MAX")) << refusal;
+  EXPECT_EQ(pool_config.max_size, 5u) << "the refused pool keeps its configured max_size";
+}
+
 }  // namespace
 }  // namespace pgrt
