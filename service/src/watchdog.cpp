@@ -54,10 +54,11 @@ using detail::invalid;
 
 namespace {
 
+constexpr milliseconds a_year = std::chrono::hours(24 * 366);
+
 void validate(const WatchdogOptions& options) {
   // (Above a year a duration would overflow the clock's arithmetic: the watchdog would check in
   // a tight loop.)
-  constexpr milliseconds a_year = std::chrono::hours(24 * 366);
   if (options.interval < milliseconds(10) || options.interval > a_year) {
     invalid("WatchdogOptions::interval is " + std::to_string(options.interval.count()) + " ms",
             "give at least 10 ms and at most a year (the default is 5000 ms)");
@@ -79,13 +80,17 @@ void validate(const WatchdogOptions& options) {
   }
 }
 
-milliseconds env_milliseconds(const char* name, milliseconds fallback) {
+// Whole milliseconds from `min` to a year, or `fallback` when `name` is unset.
+milliseconds env_milliseconds(const char* name, milliseconds fallback, milliseconds min) {
   const auto text = env(name);
   if (!text) return fallback;
   std::int64_t value = 0;
   const auto [end, error] = std::from_chars(text->data(), text->data() + text->size(), value);
-  if (text->empty() || error != std::errc() || end != text->data() + text->size() || value < 0) {
-    invalid(std::string(name) + "='" + *text + "' is not valid", "expected whole milliseconds");
+  if (text->empty() || error != std::errc() || end != text->data() + text->size() ||
+      value < min.count() || value > a_year.count()) {
+    invalid(std::string(name) + "='" + *text + "' is not valid",
+            "expected whole milliseconds from " + std::to_string(min.count()) + " to " +
+                std::to_string(a_year.count()) + " (a year)");
   }
   return milliseconds(value);
 }
@@ -114,9 +119,11 @@ std::string millis(std::chrono::microseconds duration) {
 
 WatchdogOptions WatchdogOptions::from_env() {
   WatchdogOptions options;
-  options.interval = env_milliseconds("PGRT_WATCHDOG_INTERVAL_MS", options.interval);
+  options.interval =
+      env_milliseconds("PGRT_WATCHDOG_INTERVAL_MS", options.interval, milliseconds(10));
   options.in_use_share = env_share("PGRT_WATCHDOG_IN_USE_SHARE", options.in_use_share);
-  options.long_wait = env_milliseconds("PGRT_WATCHDOG_LONG_WAIT_MS", options.long_wait);
+  options.long_wait =
+      env_milliseconds("PGRT_WATCHDOG_LONG_WAIT_MS", options.long_wait, milliseconds(0));
   options.server_share = env_share("PGRT_WATCHDOG_SERVER_SHARE", options.server_share);
   if (const auto check = env("PGRT_WATCHDOG_SERVER_CHECK")) {
     if (*check != "0" && *check != "1") {

@@ -28,6 +28,7 @@
 #include <sys/socket.h>
 #include <thread>
 #include <unistd.h>
+#include <utility>
 #include <vector>
 
 #include <pgrt/db.hpp>
@@ -514,6 +515,24 @@ TEST(ServiceEnvironment, MalformedStartWaitAndMetricsPortAreRefusedClearly) {
   const MetricsEndpointOptions options = MetricsEndpointOptions::from_env();
   EXPECT_EQ(options.port, 9187);
   EXPECT_EQ(options.address, "0.0.0.0");
+}
+
+// docs/operations.md: PGRT_WATCHDOG_INTERVAL_MS takes "10 ms to a year", PGRT_WATCHDOG_LONG_WAIT_MS
+// 0 ms to a year. A value outside is refused naming the environment variable the operator set, as
+// the other PGRT_* variables are ("PGRT_...='5' is not valid"), not a C++ field.
+TEST(ServiceEnvironment, AWatchdogValueOutOfRangeIsRefusedNamingTheVariable) {
+  for (const auto& [name, value] : std::vector<std::pair<const char*, const char*>>{
+           {"PGRT_WATCHDOG_INTERVAL_MS", "5"}, {"PGRT_WATCHDOG_LONG_WAIT_MS", "40000000000"}}) {
+    ::setenv(name, value, 1);
+    try {
+      (void)WatchdogOptions::from_env();
+      ADD_FAILURE() << "accepted " << name << "=" << value;
+    } catch (const Error& error) {
+      EXPECT_EQ(error.code(), make_error_code(client_errc::invalid_config));
+      EXPECT_THAT(error.what(), HasSubstr(name)) << error.what();
+    }
+    ::unsetenv(name);
+  }
 }
 
 // Every sample of a rendered metrics page names its series (name and labels) once: the
