@@ -491,7 +491,6 @@ PoolConfig PoolConfig::from_env(PoolConfig defaults) {
     config.budget.check_interval = std::chrono::milliseconds(
         parse_number("PGRT_BUDGET_CHECK_MS", *value, 0, 24ULL * 3600 * 1000));
   }
-  if (auto value = env("PGRT_APP")) config.application = *value;
   if (auto value = env("PGRT_INSTANCE")) config.instance = *value;
   check(config, false);
   return config;

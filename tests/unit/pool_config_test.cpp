@@ -576,6 +576,20 @@ TEST_F(EnvironmentTest, NegativeDurationsAreRejected) {
   }
 }
 
+// docs/pool.md: "a malformed value is an invalid_config error naming the variable and the
+// accepted form". PGRT_APP= (an empty value: a deployment template whose variable was left blank)
+// is refused naming PGRT_APP.
+TEST_F(EnvironmentTest, AnEmptyPgrtAppIsRefusedNamingTheVariable) {
+  ::setenv("PGRT_APP", "", 1);
+  try {
+    (void)PoolConfig::from_env();
+    ADD_FAILURE() << "accepted PGRT_APP=''";
+  } catch (const Error& error) {
+    EXPECT_EQ(error.code(), client_errc::invalid_config);
+    EXPECT_THAT(error.what(), HasSubstr("PGRT_APP")) << error.what();
+  }
+}
+
 TEST_F(EnvironmentTest, FromEnvLeavesTheIdleTimeoutWarningToThePool) {
   LogCapture log;
   ::setenv("PGRT_MAX_LIFETIME_S", "300", 1);
