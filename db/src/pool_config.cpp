@@ -490,6 +490,21 @@ PoolConfig PoolConfig::from_env(PoolConfig defaults) {
   if (auto value = env("PGRT_BUDGET_CHECK_MS")) {
     config.budget.check_interval = std::chrono::milliseconds(
         parse_number("PGRT_BUDGET_CHECK_MS", *value, 0, 24ULL * 3600 * 1000));
+    if (config.budget.check_interval.count() > 0 &&
+        config.budget.check_interval < std::chrono::milliseconds(100)) {
+      invalid("PGRT_BUDGET_CHECK_MS='" + *value + "' is not valid",
+              "expected 0 (never check) or a whole number of milliseconds from 100 (one pg_locks "
+              "query each time) to " +
+                  std::to_string(24ULL * 3600 * 1000));
+    }
+  }
+  if (auto value = env("PGRT_APP")) {
+    if (value->empty()) {
+      invalid("PGRT_APP='' is not valid",
+              "give the application's name (it tags every connection's application_name), or "
+              "leave PGRT_APP unset for \"pgrt\"");
+    }
+    config.application = *value;
   }
   if (auto value = env("PGRT_INSTANCE")) config.instance = *value;
   check(config, false);

@@ -590,6 +590,21 @@ TEST_F(EnvironmentTest, AnEmptyPgrtAppIsRefusedNamingTheVariable) {
   }
 }
 
+// PGRT_BUDGET_CHECK_MS takes 0 or at least 100 (budget.md); 1-99 is malformed, and refused naming
+// the variable, as docs/pool.md promises for a malformed value.
+TEST_F(EnvironmentTest, ABudgetCheckIntervalBelowItsFloorIsRefusedNamingTheVariable) {
+  ::setenv("PGRT_BUDGET_KEY", "orders-db", 1);
+  ::setenv("PGRT_BUDGET_SLOTS", "40", 1);
+  ::setenv("PGRT_BUDGET_CHECK_MS", "50", 1);
+  try {
+    (void)PoolConfig::from_env();
+    ADD_FAILURE() << "accepted PGRT_BUDGET_CHECK_MS=50";
+  } catch (const Error& error) {
+    EXPECT_EQ(error.code(), client_errc::invalid_config);
+    EXPECT_THAT(error.what(), HasSubstr("PGRT_BUDGET_CHECK_MS")) << error.what();
+  }
+}
+
 TEST_F(EnvironmentTest, FromEnvLeavesTheIdleTimeoutWarningToThePool) {
   LogCapture log;
   ::setenv("PGRT_MAX_LIFETIME_S", "300", 1);
