@@ -3,9 +3,11 @@
 // Reading configuration from the environment and refusing a bad value, the same way in every
 // component of the service library (internal).
 
+#include <charconv>
 #include <cstdlib>
 #include <optional>
 #include <string>
+#include <system_error>
 #include <utility>
 
 #include "pgrt/db/error.hpp"
@@ -24,6 +26,20 @@ inline std::optional<std::string> env(const char* name) {
   const char* value = std::getenv(name);  // NOLINT(concurrency-mt-unsafe): read at start-up
   if (value == nullptr) return std::nullopt;
   return std::string(value);
+}
+
+// `text`, the value of the variable `name`, as a whole number from `min` to `max`: digits only (no
+// white space, no sign), as every numeric PGRT_* variable is read; else invalid_config naming
+// the variable, with `hint`.
+inline long long whole_number(const char* name, const std::string& text, long long min,
+                              long long max, std::string hint) {
+  long long value = 0;
+  const auto [end, error] = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (text.empty() || text.front() == '-' || error != std::errc() ||
+      end != text.data() + text.size() || value < min || value > max) {
+    invalid(std::string(name) + "='" + text + "' is not valid", std::move(hint));
+  }
+  return value;
 }
 
 }  // namespace pgrt::detail

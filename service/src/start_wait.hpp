@@ -33,13 +33,9 @@ inline bool worth_waiting(const boost::system::error_code& code) {
 inline std::chrono::milliseconds start_wait_from_env(std::chrono::milliseconds fallback) {
   const auto text = env("PGRT_START_WAIT_S");
   if (!text) return fallback;
-  char* end = nullptr;
-  const long long seconds = std::strtoll(text->c_str(), &end, 10);
-  if (text->empty() || *end != '\0' || seconds < 0 || seconds > 86'400) {
-    invalid("PGRT_START_WAIT_S='" + *text + "' is not valid",
-            "expected whole seconds, 0-86400 (0: do not wait for the database at start)");
-  }
-  return std::chrono::seconds(seconds);
+  return std::chrono::seconds(
+      whole_number("PGRT_START_WAIT_S", *text, 0, 86'400,
+                   "expected whole seconds, 0-86400 (0: do not wait for the database at start)"));
 }
 
 // Runs `attempt` until it completes. An error worth waiting for is retried after a pause (100 ms

@@ -71,13 +71,9 @@ StartupHygieneOptions StartupHygieneOptions::from_env() {
   if (auto dir = env("PGRT_RUNTIME_DIR"); dir && !dir->empty()) options.lock_directory = *dir;
   options.start_wait = detail::start_wait_from_env(options.start_wait);
   if (auto value = env("PGRT_CLEANUP_IDLE_S")) {
-    char* end = nullptr;
-    const long long seconds = std::strtoll(value->c_str(), &end, 10);
-    if (value->empty() || *end != '\0' || seconds < 0 || seconds > 31'536'000) {
-      invalid("PGRT_CLEANUP_IDLE_S='" + *value + "' is not valid",
-              "expected whole seconds from 0 (off) to 31536000");
-    }
-    options.idle_threshold = std::chrono::seconds(seconds);
+    options.idle_threshold = std::chrono::seconds(
+        detail::whole_number("PGRT_CLEANUP_IDLE_S", *value, 0, 31'536'000,
+                             "expected whole seconds from 0 (off) to 31536000"));
   }
   return options;
 }

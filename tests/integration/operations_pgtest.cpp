@@ -517,6 +517,32 @@ TEST(ServiceEnvironment, MalformedStartWaitAndMetricsPortAreRefusedClearly) {
   EXPECT_EQ(options.address, "0.0.0.0");
 }
 
+// Whole-number PGRT_* variables refuse white space and a sign (PGRT_METRICS_PORT='80 ',
+// PGRT_POOL_MAX=' 5'); PGRT_START_WAIT_S and PGRT_CLEANUP_IDLE_S do too: ' 7', '\n7' and '+7' are
+// refused as invalid_config, not taken as 7.
+TEST(ServiceEnvironment, StartWaitAndCleanupIdleRefuseWhiteSpaceAndASignAsTheOtherNumbersDo) {
+  for (const char* value : {" 7", "\n7", "+7"}) {
+    ::setenv("PGRT_START_WAIT_S", value, 1);
+    try {
+      const auto options = PoolComponentOptions::from_env();
+      ADD_FAILURE() << "accepted PGRT_START_WAIT_S='" << value << "' as "
+                    << options.start_wait.count() << " ms";
+    } catch (const Error& error) {
+      EXPECT_EQ(error.code(), make_error_code(client_errc::invalid_config));
+    }
+    ::unsetenv("PGRT_START_WAIT_S");
+    ::setenv("PGRT_CLEANUP_IDLE_S", value, 1);
+    try {
+      const auto options = StartupHygieneOptions::from_env();
+      ADD_FAILURE() << "accepted PGRT_CLEANUP_IDLE_S='" << value << "' as "
+                    << options.idle_threshold.count() << " s";
+    } catch (const Error& error) {
+      EXPECT_EQ(error.code(), make_error_code(client_errc::invalid_config));
+    }
+    ::unsetenv("PGRT_CLEANUP_IDLE_S");
+  }
+}
+
 // docs/operations.md: PGRT_WATCHDOG_INTERVAL_MS takes "10 ms to a year", PGRT_WATCHDOG_LONG_WAIT_MS
 // 0 ms to a year. A value outside is refused naming the environment variable the operator set, as
 // the other PGRT_* variables are ("PGRT_...='5' is not valid"), not a C++ field.
