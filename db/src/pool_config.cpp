@@ -251,6 +251,15 @@ void check(const PoolConfig& config, bool warn) {
     invalid("budget.check_interval is " + show(config.budget.check_interval),
             "at least 100 ms (one pg_locks query each time), or 0 to never check");
   }
+  if (config.budget.key.empty() && config.budget.slots == 0 &&
+      (!config.budget.classes.empty() || !config.budget.class_name.empty())) {
+    invalid(
+        "budget classes are given (budget.classes, budget.class_name: PGRT_BUDGET_CLASSES, "
+        "PGRT_BUDGET_CLASS) but no budget to split (budget.key and budget.slots: "
+        "PGRT_BUDGET_KEY and PGRT_BUDGET_SLOTS)",
+        "set PGRT_BUDGET_KEY and PGRT_BUDGET_SLOTS as every process sharing the budget does, "
+        "or leave the classes out for no budget");
+  }
   check_budget_classes(config.budget);
   for (const std::string_view marker_suffix :
        {std::string_view("/waiting"), std::string_view("/members")}) {

@@ -605,6 +605,21 @@ TEST_F(EnvironmentTest, ABudgetCheckIntervalBelowItsFloorIsRefusedNamingTheVaria
   }
 }
 
+// Budget classes without a budget (PGRT_BUDGET_CLASSES and PGRT_BUDGET_CLASS set, PGRT_BUDGET_KEY
+// and PGRT_BUDGET_SLOTS forgotten, or set in another container of the pod) are refused saying that
+// the budget is missing (naming PGRT_BUDGET_KEY), not that the classes have too many slots.
+TEST_F(EnvironmentTest, BudgetClassesWithoutABudgetAreRefusedSayingTheBudgetIsMissing) {
+  ::setenv("PGRT_BUDGET_CLASSES", "api:10,batch:30", 1);
+  ::setenv("PGRT_BUDGET_CLASS", "api", 1);
+  try {
+    (void)PoolConfig::from_env();
+    ADD_FAILURE() << "accepted budget classes without a budget";
+  } catch (const Error& error) {
+    EXPECT_EQ(error.code(), client_errc::invalid_config);
+    EXPECT_THAT(error.what(), HasSubstr("PGRT_BUDGET_KEY")) << error.what();
+  }
+}
+
 TEST_F(EnvironmentTest, FromEnvLeavesTheIdleTimeoutWarningToThePool) {
   LogCapture log;
   ::setenv("PGRT_MAX_LIFETIME_S", "300", 1);
