@@ -483,13 +483,14 @@ TEST_F(LifecycleProcessTest, DiagTextReportKeepsControlBytesOfServerNamesOffTheT
   BlockingConnection(cluster().dsn()).query("DROP DATABASE IF EXISTS \"" + name + "\"");
 }
 
-// pgrt-diag metrics (tagged `name`) against an endpoint on the loopback that answers one request
-// with `body`: its exit status and output.
+// pgrt-diag metrics (tagged `name`, its PGRT_* from `dsn`'s cluster) against an endpoint on the
+// loopback that answers one request with `body`: its exit status and output.
 struct DiagMetricsRun {
   std::optional<int> exit;
   std::string output;
 };
-DiagMetricsRun diag_metrics_against(const std::string& body, const std::string& name) {
+DiagMetricsRun diag_metrics_against(const std::string& body, const std::string& name,
+                                    const std::string& dsn) {
   const LoopbackListener listener;
   std::thread server([&listener, &body] {
     const int client = ::accept(listener.fd(), nullptr, nullptr);
@@ -503,7 +504,7 @@ DiagMetricsRun diag_metrics_against(const std::string& body, const std::string& 
   });
   Child diag({PGRT_DIAG_PATH, "metrics",
               "http://127.0.0.1:" + std::to_string(listener.port()) + "/metrics"},
-             testing::DbTest::cluster().dsn(), name);
+             dsn, name);
   DiagMetricsRun run{.exit = diag.wait_for_exit(30s), .output = diag.output()};
   server.join();
   return run;
@@ -520,7 +521,7 @@ TEST_F(LifecycleProcessTest, DiagMetricsSummarizesAnEndpointWithOtherLabelsWitho
       "pgrt_lifecycle_state{state=\"running\\u001b[2J\"} 1\n"
       "pgrt_pool_discards_total{db_client_connection_pool_name=\"\x1b[31morders\"} 2\n"
       "pgrt_pool_waiting{db_client_connection_pool_name=\"x\\nFAKE: all healthy\"} 0\n",
-      "diag-other-labels");
+      "diag-other-labels", cluster().dsn());
   EXPECT_EQ(diag.exit, 0) << diag.output;
   EXPECT_THAT(diag.output, HasSubstr("pool orders"));
   EXPECT_EQ(diag.output.find('\x1b'), std::string::npos) << diag.output;
@@ -538,7 +539,7 @@ TEST_F(LifecycleProcessTest, DiagMetricsSummarizesNonFiniteAndHugeValuesWithoutU
       "1e300\n"
       "db_client_connection_max{db_client_connection_pool_name=\"orders\"} +Inf\n"
       "pgrt_pool_acquires_total{db_client_connection_pool_name=\"orders\"} -Inf\n",
-      "diag-non-finite");
+      "diag-non-finite", cluster().dsn());
   EXPECT_EQ(diag.exit, 0) << diag.output;
   EXPECT_THAT(diag.output, HasSubstr("pool orders"));
   EXPECT_THAT(diag.output, Not(HasSubstr("9223372036854775808"))) << diag.output;
