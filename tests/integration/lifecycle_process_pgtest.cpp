@@ -78,6 +78,25 @@ using testing::run_coroutine;
 namespace asio = boost::asio;
 namespace json = boost::json;
 
+// What a child process wrote to `path` (its stdout and stderr) so far.
+std::string file_text(const std::filesystem::path& path) {
+  std::ifstream in(path);
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+// Whether `text` appears in the file at `path` within `limit` (looked for every 20 ms).
+bool wait_for_text(const std::filesystem::path& path, const std::string& text,
+                   std::chrono::seconds limit) {
+  const auto deadline = Clock::now() + limit;
+  while (Clock::now() < deadline) {
+    if (file_text(path).find(text) != std::string::npos) return true;
+    std::this_thread::sleep_for(20ms);
+  }
+  return false;
+}
+
 // A child process with its output in a file.
 class Child {
  public:
@@ -133,20 +152,10 @@ class Child {
     return status_ ? testing::detail::describe_status(*status_) : "still running";
   }
 
-  [[nodiscard]] std::string output() const {
-    std::ifstream in(output_);
-    std::stringstream text;
-    text << in.rdbuf();
-    return text.str();
-  }
+  [[nodiscard]] std::string output() const { return file_text(output_); }
 
   bool wait_for_output(const std::string& text, std::chrono::seconds limit) const {
-    const auto deadline = Clock::now() + limit;
-    while (Clock::now() < deadline) {
-      if (output().find(text) != std::string::npos) return true;
-      std::this_thread::sleep_for(20ms);
-    }
-    return false;
+    return wait_for_text(output_, text, limit);
   }
 
   // The exit code, or nullopt if it did not exit in time (or died by a signal).
@@ -1407,20 +1416,10 @@ class SandboxedChild {
     std::filesystem::remove(output_);
   }
 
-  [[nodiscard]] std::string output() const {
-    std::ifstream in(output_);
-    std::stringstream text;
-    text << in.rdbuf();
-    return text.str();
-  }
+  [[nodiscard]] std::string output() const { return file_text(output_); }
 
   bool wait_for_output(const std::string& text, std::chrono::seconds limit) const {
-    const auto deadline = Clock::now() + limit;
-    while (Clock::now() < deadline) {
-      if (output().find(text) != std::string::npos) return true;
-      std::this_thread::sleep_for(20ms);
-    }
-    return false;
+    return wait_for_text(output_, text, limit);
   }
 
  private:
