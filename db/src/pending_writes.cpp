@@ -894,16 +894,26 @@ void refuse_as_pending_write(std::string_view sql) {
 }
 
 // A read-only transaction setting belongs to the batch's transaction, but makes every write after
-// it in the batch fail (25006): refused.
+// it in the batch fail (25006): refused. Setting transaction_read_only off is harmless; a value
+// the check cannot read is refused, saying so.
 void refuse_read_only_setting(std::string_view sql) {
-  if (!sets_transaction_read_only(sql)) return;
-  throw Error(make_error_code(client_errc::needs_session),
-              Diagnostics{.message = "a read-only transaction setting cannot be a pending write: "
-                                     "it would make the flusher's batch transaction read-only, "
-                                     "and every write after it in the batch fail (25006)",
-                          .hint = "take a lease (co_await pgrt::connection()) for a read-only "
-                                  "transaction of your own",
-                          .statement = std::string(sql)});
+  const ReadOnlySetting setting = transaction_read_only_setting(sql);
+  if (setting == ReadOnlySetting::none) return;
+  const std::string what =
+      setting == ReadOnlySetting::read_only
+          ? std::string("a read-only transaction setting cannot be a pending write")
+          : std::string(
+                "SET LOCAL transaction_read_only to a value pgrt cannot tell to be off (it reads "
+                "off, false, no and 0, as a word, a quoted name, a plain '...' string or a number, "
+                "and the prefixes PostgreSQL takes of them) is taken for a read-only transaction "
+                "setting, which cannot be a pending write");
+  throw Error(
+      make_error_code(client_errc::needs_session),
+      Diagnostics{.message = what + ": it would make the flusher's batch transaction read-only, "
+                                    "and every write after it in the batch fail (25006)",
+                  .hint = "take a lease (co_await pgrt::connection()) for a read-only "
+                          "transaction of your own",
+                  .statement = std::string(sql)});
 }
 
 }  // namespace

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <array>
 #include <cctype>
+#include <optional>
 
 #include "pgrt/db/error.hpp"
 
@@ -339,8 +340,72 @@ bool calls_session_advisory_lock(std::string_view sql) {
   });
 }
 
-bool sets_transaction_read_only(std::string_view sql) {
-  bool read_only = false;
+namespace {
+
+// PostgreSQL's parse_bool(): true, false, or nullopt for a value it refuses. Case-blind; a
+// non-empty prefix of true, false, yes or no, at least two letters of on or off, 1 or 0.
+std::optional<bool> postgres_boolean(std::string_view value) {
+  std::string lower;
+  for (char c : value) lower += static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  const auto prefix_of = [&lower](std::string_view word, std::size_t shortest) {
+    return lower.size() >= shortest && word.starts_with(lower);
+  };
+  if (prefix_of("true", 1) || prefix_of("yes", 1) || prefix_of("on", 2) || lower == "1") {
+    return true;
+  }
+  if (prefix_of("false", 1) || prefix_of("no", 1) || prefix_of("off", 2) || lower == "0") {
+    return false;
+  }
+  return std::nullopt;
+}
+
+// The value of `SET LOCAL name = value` or `... TO value`, read from `at` (just past the name)
+// to the end of the statement: the boolean PostgreSQL would read from it, nullopt if it is
+// anything else (DEFAULT, a list, a string with escapes or dollar quotes, a signed number, more
+// after it).
+std::optional<bool> set_boolean_value(std::string_view sql, std::size_t at) {
+  at = past_blanks_and_comments(sql, at);
+  if (at < sql.size() && sql[at] == '=') {
+    ++at;
+  } else if (sql.size() - at >= 2 && std::tolower(static_cast<unsigned char>(sql[at])) == 't' &&
+             std::tolower(static_cast<unsigned char>(sql[at + 1])) == 'o' &&
+             (at + 2 == sql.size() || !is_sql_word_char(sql[at + 2]))) {
+    at += 2;
+  } else {
+    return std::nullopt;
+  }
+  at = past_blanks_and_comments(sql, at);
+  if (at >= sql.size()) return std::nullopt;
+  std::string value;
+  if (sql[at] == '\'') {  // a plain string: '' is a quote
+    const std::size_t end = end_of_string_constant(sql, at);
+    if (end == at || end - at < 2 || sql[end - 1] != '\'') return std::nullopt;
+    for (std::size_t i = at + 1; i + 1 < end; ++i) {
+      value += sql[i];
+      if (sql[i] == '\'') ++i;
+    }
+    at = end;
+  } else if (sql[at] == '"') {
+    at = end_of_quoted_identifier(sql, at, &value);
+  } else if (is_sql_word_char(sql[at]) && sql[at] != '$') {
+    // A word or a number; a prefixed string (E'...', U&'...') is not read.
+    for (; at < sql.size() && is_sql_word_char(sql[at]); ++at) value += sql[at];
+    if (at < sql.size() && (sql[at] == '\'' || sql[at] == '&' || sql[at] == '.')) {
+      return std::nullopt;
+    }
+  } else {
+    return std::nullopt;
+  }
+  at = past_blanks_and_comments(sql, at);
+  if (at < sql.size() && sql[at] == ';') at = past_blanks_and_comments(sql, at + 1);
+  if (at != sql.size()) return std::nullopt;
+  return postgres_boolean(value);
+}
+
+}  // namespace
+
+ReadOnlySetting transaction_read_only_setting(std::string_view sql) {
+  ReadOnlySetting setting = ReadOnlySetting::none;
   std::size_t index = 0;
   std::string second;    // TRANSACTION or LOCAL
   std::string previous;  // the word before, in SET TRANSACTION
@@ -352,15 +417,30 @@ bool sets_transaction_read_only(std::string_view sql) {
       second = keyword;
       return second != "transaction" && second != "local";
     }
-    if (second == "local") {  // SET LOCAL name ...: the name, quoted or not
-      read_only = word.text == "transaction_read_only";
+    if (second == "local" && at == 2 && keyword == "transaction") {
+      second = keyword;  // SET LOCAL TRANSACTION ...: as SET TRANSACTION
+      return false;
+    }
+    if (second == "local") {  // SET LOCAL name ...: the name, quoted or not (GUC names are
+                              // case-blind), then its value
+      std::string name;
+      for (char c : word.text) {
+        name += static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+      }
+      if (name == "transaction_read_only") {
+        const std::optional<bool> value = set_boolean_value(sql, word.end);
+        setting = !value   ? ReadOnlySetting::unknown
+                  : *value ? ReadOnlySetting::read_only
+                           : ReadOnlySetting::none;
+      }
       return true;
     }
-    read_only = previous == "read" && keyword == "only";  // SET TRANSACTION ..., READ ONLY
+    // SET TRANSACTION ..., READ ONLY
+    if (previous == "read" && keyword == "only") setting = ReadOnlySetting::read_only;
     previous = keyword;
-    return read_only;
+    return setting != ReadOnlySetting::none;
   });
-  return read_only;
+  return setting;
 }
 
 namespace {

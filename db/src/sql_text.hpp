@@ -61,11 +61,24 @@ bool calls_session_advisory_lock(std::string_view sql);
 // boundary: a function or DO block that calls it inside is not seen.
 bool calls_session_set_config(std::string_view sql);
 
+// What a statement does to its transaction's read-only setting, for
+// transaction_read_only_setting().
+enum class ReadOnlySetting {
+  none,       // nothing that makes it read-only (SET LOCAL transaction_read_only = off included)
+  read_only,  // SET TRANSACTION ... READ ONLY, SET LOCAL transaction_read_only to a true value
+  unknown,    // SET LOCAL transaction_read_only to a value not read here (DEFAULT, a list, ...)
+};
+
 // Whether `sql` makes its transaction read-only: SET TRANSACTION ... READ ONLY, or SET LOCAL
-// transaction_read_only (whatever the value). In a batch transaction, every write after it would
-// fail with 25006. Strings and comments are skipped. A guard against a mistake, not a boundary:
+// transaction_read_only (its name in any case, quoted or not) to a value PostgreSQL's boolean
+// parsing reads as true. Its value is read as the server does (case-blind; a word, a quoted
+// identifier, a plain '...' string or a number: off, false, no, 0 and the prefixes the server
+// takes of them are false; on, true, yes, 1 and theirs are true); any other value (DEFAULT, a
+// list, an E'...' or dollar-quoted string, a signed number, a word the server would refuse) is
+// `unknown`. In a batch transaction, every write after a read-only setting would fail with
+// 25006. Strings and comments are skipped. A guard against a mistake, not a boundary:
 // set_config('transaction_read_only', ...) and functions that set it are not seen.
-bool sets_transaction_read_only(std::string_view sql);
+ReadOnlySetting transaction_read_only_setting(std::string_view sql);
 
 // Where a statement runs, for needs_own_session().
 enum class SessionScope {

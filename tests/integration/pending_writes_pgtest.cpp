@@ -957,6 +957,70 @@ TEST_F(PendingWritesTest, AWriteThatMakesItsBatchReadOnlyUnseenEndsUpAloneAndThe
   EXPECT_EQ(scalar(dsn, "SELECT count(*) FROM pw_read_only_unseen"), "4");
 }
 
+// Only turning the batch's transaction read-only is refused: SET LOCAL transaction_read_only to
+// a value PostgreSQL reads as off (off, false, no, 0, a prefix of them it takes, quoted or not, in
+// any case) is harmless and accepted, and written; one it reads as on, or one the check cannot
+// read (DEFAULT, a list, a string with escapes), stays refused, the message saying which.
+TEST_F(PendingWritesTest, SettingTransactionReadOnlyOffIsAcceptedAndOnlyOnOrUnreadableRefused) {
+  const std::string dsn = cluster().dsn();
+  create_table(dsn, "pw_read_write");
+  const std::vector<std::string> off{
+      "SET LOCAL transaction_read_only = off",
+      "SET LOCAL transaction_read_only TO OFF",
+      "set local transaction_read_only='off';",
+      "SET LOCAL \"transaction_read_only\" = false",
+      "SET LOCAL transaction_read_only = 'False' -- read-write",
+      "SET LOCAL transaction_read_only = 0",
+      "SET LOCAL transaction_read_only = no",
+      "SET LOCAL transaction_read_only = \"Of\"",
+      "SET LOCAL transaction_read_only /* c */ = /* c */ f",
+  };
+  const std::vector<std::string> on{
+      "SET LOCAL transaction_read_only = on",   "SET LOCAL transaction_read_only TO 'ON'",
+      "SET LOCAL transaction_read_only = true", "SET LOCAL transaction_read_only = 1",
+      "SET LOCAL transaction_read_only = yes",  "SET LOCAL \"TRANSACTION_READ_ONLY\" = on",
+      "SET LOCAL TRANSACTION READ ONLY",
+  };
+  const std::vector<std::string> unreadable{
+      "SET LOCAL transaction_read_only = DEFAULT", "SET LOCAL transaction_read_only = E'off'",
+      "SET LOCAL transaction_read_only = off, on", "SET LOCAL transaction_read_only = $$off$$",
+      "SET LOCAL transaction_read_only = o",       "SET LOCAL transaction_read_only = -0",
+  };
+  PendingWritesReport end{};
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, pool_config(dsn, "read-write"));
+    PendingWrites writes(pool, executor, Config{.name = "read-write", .flush_interval = 1h});
+    std::int64_t seq = 0;
+    for (const std::string& sql : off) {
+      try {
+        co_await writes.enqueue(sql);
+      } catch (const Error& error) {
+        ADD_FAILURE() << sql << ": " << error.what();
+      }
+      co_await writes.enqueue("INSERT INTO pw_read_write (seq, payload) VALUES ($1, 'w')", seq++);
+    }
+    for (const std::string& sql : on) {
+      const Error refused = co_await expect_error(writes.enqueue(sql));
+      EXPECT_EQ(refused.code(), client_errc::needs_session) << sql << ": " << refused.what();
+      EXPECT_THAT(refused.what(), HasSubstr("read-only transaction setting")) << sql;
+    }
+    for (const std::string& sql : unreadable) {
+      const Error refused = co_await expect_error(writes.enqueue(sql));
+      EXPECT_EQ(refused.code(), client_errc::needs_session) << sql << ": " << refused.what();
+      EXPECT_THAT(refused.what(), HasSubstr("cannot tell")) << sql;
+    }
+    try {
+      co_await writes.stop();
+    } catch (const Error& error) {
+      ADD_FAILURE() << error.what();
+    }
+    end = writes.report();
+  });
+  EXPECT_EQ(end.failed, 0U);
+  EXPECT_EQ(scalar(dsn, "SELECT count(*) FROM pw_read_write"), std::to_string(off.size()));
+}
+
 // The flusher's statements run, inside the batch's transaction, by the names the connection's
 // statement cache holds (from the application's own query_prepared() on that pooled
 // connection). When the server has forgotten them behind pgrt's back (a DEALLOCATE ALL pgrt did

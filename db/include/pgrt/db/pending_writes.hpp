@@ -174,8 +174,10 @@ class PendingWrites {
   /// PREPARE, DISCARD, LOAD, cursors, a temporary table, view or sequence, a session-level
   /// advisory lock), which
   /// would end part of a batch or stay on the pooled connection, COPY, and a read-only transaction
-  /// setting (SET TRANSACTION ... READ ONLY, SET LOCAL transaction_read_only: the writes after it
-  /// in the batch would fail). (Functions and DO blocks are not looked into.)
+  /// setting (SET [LOCAL] TRANSACTION ... READ ONLY, SET LOCAL transaction_read_only to a value
+  /// PostgreSQL reads as true, or to one the check cannot read, such as DEFAULT: the writes after
+  /// it in the batch would fail; set to off, false, no or 0 it is accepted). (Functions and DO
+  /// blocks are not looked into.)
   ///
   /// When `capacity` writes are pending: with WhenFull::wait, waits (FIFO) for room; with
   /// WhenFull::fail, throws.
