@@ -27,6 +27,7 @@
 #include "async/timer_condition.hpp"
 #include "async/wait_group.hpp"
 #include "connection/options_check.hpp"
+#include "connection/stale_plan.hpp"
 #include "pgrt/db/pipeline.hpp"
 #include "sql_text.hpp"
 
@@ -379,21 +380,9 @@ bool is_abandoned(State& self) {
   return self.abandoned;
 }
 
-// One attempt at a batch: one transaction on one lease. Runs of rows for the same table go as one
+// The batch's writes in one transaction on `lease`. Runs of rows for the same table go as one
 // COPY, runs of statements as one pipeline.
-asio::awaitable<void> write_batch(State& self, std::span<Write> writes) {
-  Lease lease;
-  try {
-    lease = co_await self.pool->acquire(self.config.priority);
-  } catch (const Error& error) {
-    // No connection for the batch (the server down, full, or refusing every connect, whatever
-    // code the pool gives it): nothing is wrong with the writes, which wait it out as a pool
-    // timeout. A closed pool or a cancellation is passed on.
-    if (error.code() == client_errc::pool_closed || error.code() == client_errc::cancelled) {
-      throw;
-    }
-    throw Error(make_error_code(client_errc::pool_timeout), error.diagnostics());
-  }
+asio::awaitable<void> write_transaction(Lease& lease, std::span<Write> writes) {
   co_await lease->begin();
   for (std::size_t first = 0; first < writes.size();) {
     std::size_t end = first + 1;
@@ -426,6 +415,45 @@ asio::awaitable<void> write_batch(State& self, std::span<Write> writes) {
     first = end;
   }
   co_await lease->commit();
+}
+
+// One attempt at a batch: one lease, on which its transaction runs.
+asio::awaitable<void> write_batch(State& self, std::span<Write> writes) {
+  Lease lease;
+  try {
+    lease = co_await self.pool->acquire(self.config.priority);
+  } catch (const Error& error) {
+    // No connection for the batch (the server down, full, or refusing every connect, whatever
+    // code the pool gives it): nothing is wrong with the writes, which wait it out as a pool
+    // timeout. A closed pool or a cancellation is passed on.
+    if (error.code() == client_errc::pool_closed || error.code() == client_errc::cancelled) {
+      throw;
+    }
+    throw Error(make_error_code(client_errc::pool_timeout), error.diagnostics());
+  }
+  // A statement run by a name in the connection's statement cache whose plan went stale (an
+  // ALTER TABLE under an INSERT ... RETURNING *: the server's 0A000, "cached plan must not change
+  // result type") did not run, and the cache has retired it: the transaction runs again on the
+  // same connection, where that statement now runs unnamed. Each time retires another of the
+  // batch's statements, so this ends; past one retry per write the error is passed on. (A
+  // genuine 0A000, feature_not_supported, is the write's own: passed on at once.)
+  for (std::size_t stale_retries = 0;; ++stale_retries) {
+    try {
+      co_await write_transaction(lease, writes);
+      co_return;
+    } catch (const Error& error) {
+      if (stale_retries >= writes.size() ||
+          !detail::not_run_for_a_stale_plan(error.diagnostics())) {
+        throw;
+      }
+    }
+    // (Only a stale plan gets here; no co_await inside the catch.)
+    spdlog::debug(
+        "pgrt pending writes {}: a statement's prepared plan went stale; the batch of {} writes "
+        "runs again",
+        self.config.name, writes.size());
+    co_await lease->rollback();
+  }
 }
 
 // Whether `copy_sql` itself fails with `sqlstate`, whatever rows it is given: run with none (no

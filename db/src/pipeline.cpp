@@ -9,6 +9,7 @@
 #include <unordered_set>
 
 #include "connection/impl.hpp"
+#include "connection/stale_plan.hpp"
 #include "timing_clock.hpp"
 
 namespace pgrt {
@@ -304,14 +305,14 @@ asio::awaitable<error_code> run_statements(Impl& impl, const Pipeline& pipeline,
         not_run.statements.insert(order[k]);
         if (!forgotten) not_run.stale_statements.insert(order[k]);
         // (Cleared when the statement runs again; the hint is for a failure that stands.)
+        // (Pending writes tell a stale plan from a genuine 0A000 by this hint:
+        // not_run_for_a_stale_plan().)
         outcome.diagnostics.hint =
-            std::string(forgotten
-                            ? "the server no longer had pgrt's prepared statement, so it did not "
-                              "run (a DEALLOCATE or DISCARD ALL, or a transaction-mode pooler: "
-                              "then set PGRT_POOLER=transaction)"
-                            : "the statement's result changed shape since it was prepared (an "
-                              "ALTER TABLE under a SELECT *), so it did not run; it is prepared "
-                              "again on its next run") +
+            (forgotten ? std::string("the server no longer had pgrt's prepared statement, so it "
+                                     "did not run (a DEALLOCATE or DISCARD ALL, or a "
+                                     "transaction-mode pooler: then set PGRT_POOLER=transaction)")
+                       : std::string(detail::stale_plan_hint) +
+                             "; it is prepared again on its next run") +
             ". It was not run again: only the statements of a pipeline outside a transaction "
             "block, without transaction control, whose later segments did not commit, run again";
       }

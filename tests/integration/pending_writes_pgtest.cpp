@@ -1073,6 +1073,89 @@ TEST_F(PendingWritesTest, AWriteWhosePreparedStatementTheServerForgotIsNotGivenU
   EXPECT_EQ(scalar(dsn, "SELECT count(*) FROM pw_forgot WHERE seq = 1"), "1");
 }
 
+// The flusher's statements run, inside the batch's transaction, by the names the connection's
+// statement cache holds (from the application's own query_prepared() on those pooled
+// connections). When the table changed under them (an ALTER TABLE under an INSERT ... RETURNING
+// *), the server refuses the old plan with 0A000 ("cached plan must not change result type"): the
+// statement did not run, and the cache has retired it. The batch runs again (unnamed on that
+// connection), and nothing is given up, however many of the pool's connections hold the stale
+// statement (a batch of one write each: nothing to narrow down, it was given up at once).
+TEST_F(PendingWritesTest, AWriteWhosePreparedPlanWentStaleIsNotGivenUp) {
+  const std::string dsn = cluster().dsn();
+  create_table(dsn, "pw_stale");
+  const std::string insert = "INSERT INTO pw_stale (seq, payload) VALUES ($1, $2) RETURNING *";
+  std::vector<std::string> given_up;
+  PendingWritesReport end{};
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, pool_config(dsn, "stale"));  // 3 connections, each with the statement
+    {
+      std::vector<Lease> leases;
+      for (std::int64_t i = 0; i < 3; ++i) {
+        leases.push_back(co_await pool.acquire());
+        (void)co_await leases.back()->query_prepared(insert, -1 - i, std::string("app"));
+      }
+    }
+    {
+      auto lease = co_await pool.acquire();
+      (void)co_await lease->query("ALTER TABLE pw_stale ADD COLUMN extra int");
+    }
+    PendingWrites writes(pool, executor,
+                         Config{.name = "stale", .batch_size = 1, .flush_interval = 1h});
+    boost::signals2::scoped_connection subscription = writes.events().failed.connect(
+        [&](const std::vector<std::string>& failed, const Error& error) {
+          for (const auto& write : failed)
+            given_up.push_back(write + " [" + error.sqlstate() + "]");
+        });
+    co_await writes.start();
+    for (std::int64_t seq = 1; seq <= 6; ++seq) {
+      co_await writes.enqueue(insert, seq, std::string("pending"));
+    }
+    try {
+      co_await writes.stop();
+    } catch (const Error& error) {
+      ADD_FAILURE() << error.what();
+    }
+    end = writes.report();
+  });
+  EXPECT_EQ(end.failed, 0U);
+  EXPECT_EQ(end.flushed, 6U);
+  EXPECT_TRUE(given_up.empty()) << given_up.size() << " given up, the first: " << given_up.front();
+  EXPECT_EQ(scalar(dsn, "SELECT count(*) FROM pw_stale WHERE seq > 0"), "6");
+}
+
+// A genuine 0A000 (feature_not_supported) is the write's own: it is isolated and given up on,
+// not retried for ever as a stale plan, and the writes beside it are written.
+TEST_F(PendingWritesTest, AGenuineFeatureNotSupportedErrorIsGivenUpNotRetried) {
+  const std::string dsn = cluster().dsn();
+  create_table(dsn, "pw_unsupported");
+  std::vector<std::string> sqlstates;
+  PendingWritesReport end{};
+  run_coroutine(
+      [&]() -> awaitable_void {
+        auto executor = co_await asio::this_coro::executor;
+        Pool pool(executor, pool_config(dsn, "unsupported"));
+        PendingWrites writes(pool, executor, Config{.name = "unsupported", .flush_interval = 1h});
+        boost::signals2::scoped_connection subscription = writes.events().failed.connect(
+            [&](const std::vector<std::string>&, const Error& error) {
+              sqlstates.push_back(error.sqlstate());
+            });
+        const std::string insert = "INSERT INTO pw_unsupported (seq, payload) VALUES ($1, 'w')";
+        co_await writes.enqueue(insert, std::int64_t{1});
+        co_await writes.enqueue(
+            "DO $$BEGIN RAISE EXCEPTION 'not supported' USING ERRCODE = '0A000'; END$$");
+        co_await writes.enqueue(insert, std::int64_t{2});
+        co_await writes.start();
+        const Error stopped = co_await expect_error(with_timeout(writes.stop(), 10s));
+        EXPECT_EQ(stopped.code(), client_errc::writes_failed) << stopped.what();
+        end = writes.report();
+      },
+      30s);
+  EXPECT_EQ(end.failed, 1U);
+  EXPECT_EQ(end.flushed, 2U);
+  EXPECT_EQ(sqlstates, std::vector<std::string>{"0A000"});
+}
+
 // A flush_interval of milliseconds::max() (validate() takes it; elsewhere in pgrt max() means
 // no limit) means "flush only full batches, and at stop()": the flusher's deadline saturates
 // rather than overflow (accepted_at + flush_interval in nanoseconds), so the writes wait for
