@@ -91,6 +91,34 @@ class PendingWritesTest : public testing::DbTest {
                 ", payload text NOT NULL, tx bigint NOT NULL DEFAULT txid_current())");
   }
 
+  // Runs `statements` in order on a connection of its own (a test's functions and triggers).
+  static void run_sql(const std::string& dsn, std::initializer_list<std::string> statements) {
+    BlockingConnection admin(dsn);
+    for (const std::string& statement : statements) admin.query(statement);
+  }
+
+  // Collects the writes events().failed reports into `given_up` while the subscription lives,
+  // each followed by " [SQLSTATE]" when `with_sqlstate`.
+  static boost::signals2::scoped_connection collect_given_up(PendingWrites& writes,
+                                                             std::vector<std::string>& given_up,
+                                                             bool with_sqlstate = false) {
+    return boost::signals2::scoped_connection(writes.events().failed.connect(
+        [&given_up, with_sqlstate](const std::vector<std::string>& failed, const Error& error) {
+          for (const auto& write : failed) {
+            given_up.push_back(with_sqlstate ? write + " [" + error.sqlstate() + "]" : write);
+          }
+        }));
+  }
+
+  // stop(), which must find every accepted write written: a writes_failed fails the test.
+  static asio::awaitable<void> stop_writing_all(PendingWrites& writes) {
+    try {
+      co_await writes.stop();
+    } catch (const Error& error) {
+      ADD_FAILURE() << error.what();
+    }
+  }
+
   static std::string scalar(const std::string& dsn, const std::string& sql) {
     BlockingConnection observer(dsn);
     return observer.scalar(sql);
@@ -172,10 +200,7 @@ TEST_F(PendingWritesTest, TransactionControlSessionStateAndNulBytesAreRefusedAnd
     config.max_size = 1;
     Pool pool(executor, config);
     PendingWrites writes(pool, executor, Config{.name = "refusals"});
-    boost::signals2::scoped_connection subscription =
-        writes.events().failed.connect([&](const std::vector<std::string>& failed, const Error&) {
-          given_up.insert(given_up.end(), failed.begin(), failed.end());
-        });
+    const auto subscription = collect_given_up(writes, given_up);
     co_await writes.start();
     for (const std::string sql :
          {"COMMIT", "  begin", "SET search_path TO nowhere", "set session statement_timeout = 1",
@@ -503,15 +528,11 @@ TEST_F(PendingWritesTest, AFullQueueFailsFastAndAStoppedOneRefusesWrites) {
 TEST_F(PendingWritesTest, ATerminatedBackendMidFlushIsRetriedAndLosesNothing) {
   const std::string dsn = cluster().dsn();
   create_table(dsn, "pw_terminated", "NOT NULL");
-  {
-    BlockingConnection admin(dsn);
-    admin.query(
-        "CREATE OR REPLACE FUNCTION pw_slow_row() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-        "IF NEW.seq = 1000 THEN PERFORM pg_sleep(0.5); END IF; RETURN NEW; END $$");
-    admin.query(
-        "CREATE TRIGGER pw_slow BEFORE INSERT ON pw_terminated FOR EACH ROW EXECUTE FUNCTION "
-        "pw_slow_row()");
-  }
+  run_sql(dsn,
+          {"CREATE OR REPLACE FUNCTION pw_slow_row() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+           "IF NEW.seq = 1000 THEN PERFORM pg_sleep(0.5); END IF; RETURN NEW; END $$",
+           "CREATE TRIGGER pw_slow BEFORE INSERT ON pw_terminated FOR EACH ROW EXECUTE FUNCTION "
+           "pw_slow_row()"});
   auto config = pool_config(dsn, "terminated");
   std::atomic<bool> terminated{false};
   std::string application_name;
@@ -675,18 +696,14 @@ TEST_F(PendingWritesTest, APermanentErrorFailsOnlyTheBadWrites) {
 TEST_F(PendingWritesTest, ReadOnlyLockTimeoutAndStatementTimeoutErrorsAreRetriedNotFailed) {
   const std::string dsn = cluster().dsn();
   create_table(dsn, "pw_refused");
-  {
-    BlockingConnection admin(dsn);
-    admin.query("DROP TABLE IF EXISTS pw_refusal; CREATE TABLE pw_refusal (code text)");
-    admin.query(
-        "CREATE OR REPLACE FUNCTION pw_refuse() RETURNS trigger LANGUAGE plpgsql AS $$ "
-        "DECLARE refusal text := (SELECT code FROM pw_refusal LIMIT 1); BEGIN "
-        "IF refusal IS NOT NULL THEN RAISE EXCEPTION 'refused for now' USING ERRCODE = refusal; "
-        "END IF; RETURN NEW; END $$");
-    admin.query(
-        "CREATE TRIGGER pw_refuse BEFORE INSERT ON pw_refused FOR EACH ROW EXECUTE FUNCTION "
-        "pw_refuse()");
-  }
+  run_sql(dsn,
+          {"DROP TABLE IF EXISTS pw_refusal; CREATE TABLE pw_refusal (code text)",
+           "CREATE OR REPLACE FUNCTION pw_refuse() RETURNS trigger LANGUAGE plpgsql AS $$ "
+           "DECLARE refusal text := (SELECT code FROM pw_refusal LIMIT 1); BEGIN "
+           "IF refusal IS NOT NULL THEN RAISE EXCEPTION 'refused for now' USING ERRCODE = refusal; "
+           "END IF; RETURN NEW; END $$",
+           "CREATE TRIGGER pw_refuse BEFORE INSERT ON pw_refused FOR EACH ROW EXECUTE FUNCTION "
+           "pw_refuse()"});
   BlockingConnection admin(dsn);
   std::int64_t next_seq = 0;
   for (const std::string code : {"25006", "55P03", "57014"}) {
@@ -698,10 +715,7 @@ TEST_F(PendingWritesTest, ReadOnlyLockTimeoutAndStatementTimeoutErrorsAreRetried
       auto executor = co_await asio::this_coro::executor;
       Pool pool(executor, pool_config(dsn, "refused"));
       PendingWrites writes(pool, executor, Config{.name = "refused-" + code, .retry_max = 100ms});
-      boost::signals2::scoped_connection subscription =
-          writes.events().failed.connect([&](const std::vector<std::string>& failed, const Error&) {
-            given_up.insert(given_up.end(), failed.begin(), failed.end());
-          });
+      const auto subscription = collect_given_up(writes, given_up);
       co_await writes.start();
       auto rows = writes.table<std::int64_t, std::string>("pw_refused", {"seq", "payload"});
       for (int i = 0; i < 20; ++i) {
@@ -735,17 +749,13 @@ TEST_F(PendingWritesTest, ReadOnlyLockTimeoutAndStatementTimeoutErrorsAreRetried
 TEST_F(PendingWritesTest, ABatchTheServerRunsShortOfAResourceForIsHalvedUntilItFits) {
   const std::string dsn = cluster().dsn();
   create_table(dsn, "pw_resources");
-  {
-    BlockingConnection admin(dsn);
-    admin.query(
-        "CREATE OR REPLACE FUNCTION pw_out_of_locks() RETURNS trigger LANGUAGE plpgsql AS $$ "
-        "BEGIN IF (SELECT count(*) FROM pw_resources WHERE tx = txid_current()) >= 4 THEN "
-        "RAISE EXCEPTION 'out of shared memory' USING ERRCODE = '53200'; END IF; RETURN NEW; "
-        "END $$");
-    admin.query(
-        "CREATE TRIGGER pw_out_of_locks BEFORE INSERT ON pw_resources FOR EACH ROW EXECUTE "
-        "FUNCTION pw_out_of_locks()");
-  }
+  run_sql(dsn,
+          {"CREATE OR REPLACE FUNCTION pw_out_of_locks() RETURNS trigger LANGUAGE plpgsql AS $$ "
+           "BEGIN IF (SELECT count(*) FROM pw_resources WHERE tx = txid_current()) >= 4 THEN "
+           "RAISE EXCEPTION 'out of shared memory' USING ERRCODE = '53200'; END IF; RETURN NEW; "
+           "END $$",
+           "CREATE TRIGGER pw_out_of_locks BEFORE INSERT ON pw_resources FOR EACH ROW EXECUTE "
+           "FUNCTION pw_out_of_locks()"});
   PendingWritesReport end{};
   run_coroutine(
       [&]() -> awaitable_void {
@@ -835,12 +845,8 @@ TEST_F(PendingWritesTest, RowsForAColumnThatDoesNotExistAreGivenUpTogetherAndThe
 TEST_F(PendingWritesTest, RowsOfACopyThatFailsForItselfWithOtherSqlstatesAreGivenUpTogether) {
   const std::string dsn = cluster().dsn();
   create_table(dsn, "pw_generated");
-  {
-    BlockingConnection admin(dsn);
-    admin.query(
-        "ALTER TABLE pw_generated ADD COLUMN twice bigint GENERATED ALWAYS AS (seq * 2) "
-        "STORED");
-  }
+  run_sql(dsn, {"ALTER TABLE pw_generated ADD COLUMN twice bigint GENERATED ALWAYS AS (seq * 2) "
+                "STORED"});
   std::vector<std::string> sqlstates;
   std::size_t given_up = 0;
   PendingWritesReport end{};
@@ -1010,11 +1016,7 @@ TEST_F(PendingWritesTest, SettingTransactionReadOnlyOffIsAcceptedAndOnlyOnOrUnre
       EXPECT_EQ(refused.code(), client_errc::needs_session) << sql << ": " << refused.what();
       EXPECT_THAT(refused.what(), HasSubstr("cannot tell")) << sql;
     }
-    try {
-      co_await writes.stop();
-    } catch (const Error& error) {
-      ADD_FAILURE() << error.what();
-    }
+    co_await stop_writing_all(writes);
     end = writes.report();
   });
   EXPECT_EQ(end.failed, 0U);
@@ -1031,12 +1033,8 @@ TEST_F(PendingWritesTest, SettingTransactionReadOnlyOffIsAcceptedAndOnlyOnOrUnre
 TEST_F(PendingWritesTest, AWriteWhosePreparedStatementTheServerForgotIsNotGivenUp) {
   const std::string dsn = cluster().dsn();
   create_table(dsn, "pw_forgot");
-  {
-    BlockingConnection admin(dsn);
-    admin.query(
-        "CREATE OR REPLACE FUNCTION pw_forget() RETURNS void LANGUAGE plpgsql AS $$ BEGIN "
-        "EXECUTE 'DEALLOCATE ALL'; END $$");
-  }
+  run_sql(dsn, {"CREATE OR REPLACE FUNCTION pw_forget() RETURNS void LANGUAGE plpgsql AS $$ BEGIN "
+                "EXECUTE 'DEALLOCATE ALL'; END $$"});
   const std::string insert = "INSERT INTO pw_forgot (seq, payload) VALUES ($1, $2)";
   std::vector<std::string> given_up;
   PendingWritesReport end{};
@@ -1053,18 +1051,10 @@ TEST_F(PendingWritesTest, AWriteWhosePreparedStatementTheServerForgotIsNotGivenU
       (void)co_await lease->query("SELECT pw_forget()");
     }
     PendingWrites writes(pool, executor, Config{.name = "forgot", .flush_interval = 1h});
-    boost::signals2::scoped_connection subscription = writes.events().failed.connect(
-        [&](const std::vector<std::string>& failed, const Error& error) {
-          for (const auto& write : failed)
-            given_up.push_back(write + " [" + error.sqlstate() + "]");
-        });
+    const auto subscription = collect_given_up(writes, given_up, /*with_sqlstate=*/true);
     co_await writes.enqueue(insert, std::int64_t{1}, std::string("pending"));
     co_await writes.start();
-    try {
-      co_await writes.stop();
-    } catch (const Error& error) {
-      ADD_FAILURE() << error.what();
-    }
+    co_await stop_writing_all(writes);
     end = writes.report();
   });
   EXPECT_EQ(end.failed, 0U);
@@ -1102,20 +1092,12 @@ TEST_F(PendingWritesTest, AWriteWhosePreparedPlanWentStaleIsNotGivenUp) {
     }
     PendingWrites writes(pool, executor,
                          Config{.name = "stale", .batch_size = 1, .flush_interval = 1h});
-    boost::signals2::scoped_connection subscription = writes.events().failed.connect(
-        [&](const std::vector<std::string>& failed, const Error& error) {
-          for (const auto& write : failed)
-            given_up.push_back(write + " [" + error.sqlstate() + "]");
-        });
+    const auto subscription = collect_given_up(writes, given_up, /*with_sqlstate=*/true);
     co_await writes.start();
     for (std::int64_t seq = 1; seq <= 6; ++seq) {
       co_await writes.enqueue(insert, seq, std::string("pending"));
     }
-    try {
-      co_await writes.stop();
-    } catch (const Error& error) {
-      ADD_FAILURE() << error.what();
-    }
+    co_await stop_writing_all(writes);
     end = writes.report();
   });
   EXPECT_EQ(end.failed, 0U);
@@ -1227,10 +1209,7 @@ TEST_F(PendingWritesTest, AFailedWriteLongerThanTheLimitIsDescribedAsValidUtf8) 
     auto executor = co_await asio::this_coro::executor;
     Pool pool(executor, pool_config(dsn, "utf8"));
     PendingWrites writes(pool, executor, Config{.name = "utf8", .flush_interval = 1h});
-    boost::signals2::scoped_connection subscription =
-        writes.events().failed.connect([&](const std::vector<std::string>& failed, const Error&) {
-          given_up.insert(given_up.end(), failed.begin(), failed.end());
-        });
+    const auto subscription = collect_given_up(writes, given_up);
     auto rows = writes.table<std::int64_t, std::string>("pw_utf8", {"seq", "payload"});
     std::string payload;
     for (int i = 0; i < 300; ++i) payload += "\xc3\xa9";  // é
@@ -1276,12 +1255,7 @@ TEST_F(PendingWritesTest,
         PendingWrites writes(
             pool, executor,
             Config{.name = "param-count", .flush_interval = 1h, .retry_max = 100ms});
-        boost::signals2::scoped_connection subscription = writes.events().failed.connect(
-            [&](const std::vector<std::string>& failed, const Error& error) {
-              for (const auto& write : failed) {
-                given_up.push_back(write + " [" + error.sqlstate() + "]");
-              }
-            });
+        const auto subscription = collect_given_up(writes, given_up, /*with_sqlstate=*/true);
         co_await writes.enqueue("INSERT INTO pw_param_count (seq, payload) VALUES ($1, 'a')",
                                 std::int64_t{1});
         co_await writes.enqueue("INSERT INTO pw_param_count (seq, payload) VALUES ($1, $2)",
@@ -1313,16 +1287,12 @@ TEST_F(PendingWritesTest,
 TEST_F(PendingWritesTest, AWriteThatAlwaysTimesOutIsGivenUpAloneAndABusyPoolIsWaitedOut) {
   const std::string dsn = cluster().dsn();
   create_table(dsn, "pw_poison");
-  {
-    BlockingConnection admin(dsn);
-    admin.query(
-        "CREATE OR REPLACE FUNCTION pw_poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-        "IF NEW.seq = 13 THEN RAISE EXCEPTION 'too slow' USING ERRCODE = '57014'; END IF; "
-        "RETURN NEW; END $$");
-    admin.query(
-        "CREATE TRIGGER pw_poison BEFORE INSERT ON pw_poison FOR EACH ROW EXECUTE FUNCTION "
-        "pw_poison()");
-  }
+  run_sql(dsn,
+          {"CREATE OR REPLACE FUNCTION pw_poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+           "IF NEW.seq = 13 THEN RAISE EXCEPTION 'too slow' USING ERRCODE = '57014'; END IF; "
+           "RETURN NEW; END $$",
+           "CREATE TRIGGER pw_poison BEFORE INSERT ON pw_poison FOR EACH ROW EXECUTE FUNCTION "
+           "pw_poison()"});
   std::optional<Error> stop_error;
   PendingWritesReport end{};
   std::vector<std::string> given_up;
@@ -1334,10 +1304,7 @@ TEST_F(PendingWritesTest, AWriteThatAlwaysTimesOutIsGivenUpAloneAndABusyPoolIsWa
     Pool pool(executor, config);
     PendingWrites writes(pool, executor,
                          Config{.name = "poison", .flush_interval = 50ms, .retry_max = 100ms});
-    boost::signals2::scoped_connection subscription =
-        writes.events().failed.connect([&](const std::vector<std::string>& failed, const Error&) {
-          given_up.insert(given_up.end(), failed.begin(), failed.end());
-        });
+    const auto subscription = collect_given_up(writes, given_up);
     // A request handler holds the only connection and another waits: the flusher's acquire
     // finds the wait queue full.
     auto held = co_await pool.acquire();
