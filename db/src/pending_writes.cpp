@@ -29,6 +29,7 @@
 #include "connection/options_check.hpp"
 #include "connection/stale_plan.hpp"
 #include "pgrt/db/pipeline.hpp"
+#include "pool/weak_pool.hpp"
 #include "sql_text.hpp"
 
 namespace pgrt {
@@ -280,7 +281,7 @@ namespace detail {
 struct PendingWritesState {
   PendingWritesState(Pool& pool_in, const asio::any_io_executor& executor,
                      PendingWritesConfig config_in)
-      : pool(&pool_in),
+      : pool(pool_state_of(pool_in)),
         config(std::move(config_in)),
         strand(asio::make_strand(executor)),
         random(std::random_device{}()) {
@@ -288,7 +289,9 @@ struct PendingWritesState {
     events.retrying.set_combiner(EverySubscriber{"pgrt pending writes " + config.name});
   }
 
-  Pool* pool;
+  // Held weakly: a PendingWrites destroyed while running leaves its flusher to end on its own,
+  // after the destructor has returned, and so maybe after the Pool (see acquire_lease()).
+  std::weak_ptr<PoolState> pool;
   const PendingWritesConfig config;
   asio::strand<asio::any_io_executor> strand;  // the flusher runs here
   PendingWritesEvents events;
@@ -380,6 +383,21 @@ bool is_abandoned(State& self) {
   return self.abandoned;
 }
 
+// A lease for the flusher. The Pool must outlive the PendingWrites, but the flusher of one
+// destroyed while running ends on its own, after the destructor has returned, and so maybe after
+// the Pool: it then gets pool_closed (its writes given up and reported), never uses the Pool that
+// is gone.
+asio::awaitable<Lease> acquire_lease(State& self) {
+  const std::shared_ptr<detail::PoolState> pool = self.pool.lock();
+  if (!pool) {
+    throw_error(client_errc::pool_closed,
+                "pending writes " + self.config.name +
+                    ": the pool they write through was destroyed before they were stopped",
+                "stop the pending writes (co_await stop()) before destroying their Pool");
+  }
+  co_return co_await detail::acquire_from(pool, self.config.priority);
+}
+
 // The batch's writes in one transaction on `lease`. Runs of rows for the same table go as one
 // COPY, runs of statements as one pipeline.
 asio::awaitable<void> write_transaction(Lease& lease, std::span<Write> writes) {
@@ -421,7 +439,7 @@ asio::awaitable<void> write_transaction(Lease& lease, std::span<Write> writes) {
 asio::awaitable<void> write_batch(State& self, std::span<Write> writes) {
   Lease lease;
   try {
-    lease = co_await self.pool->acquire(self.config.priority);
+    lease = co_await acquire_lease(self);
   } catch (const Error& error) {
     // No connection for the batch (the server down, full, or refusing every connect, whatever
     // code the pool gives it): nothing is wrong with the writes, which wait it out as a pool
@@ -462,7 +480,7 @@ asio::awaitable<void> write_batch(State& self, std::span<Write> writes) {
 asio::awaitable<bool> copy_statement_fails(State& self, const std::string& copy_sql,
                                            const std::string& sqlstate) {
   try {
-    Lease lease = co_await self.pool->acquire(self.config.priority);
+    Lease lease = co_await acquire_lease(self);
     (void)co_await lease->copy_from(copy_sql, "");
   } catch (const Error& error) {
     co_return error.sqlstate() == sqlstate;

@@ -1138,6 +1138,34 @@ TEST_F(PendingWritesTest, AGenuineFeatureNotSupportedErrorIsGivenUpNotRetried) {
   EXPECT_EQ(sqlstates, std::vector<std::string>{"0A000"});
 }
 
+// The Pool must outlive the PendingWrites, but a PendingWrites destroyed while running leaves its
+// flusher to end on its own, after the destructor has returned, and so maybe after the Pool. The
+// flusher holds the pool weakly: an acquire after the Pool is gone fails with pool_closed (its
+// writes given up, logged, reported, and stop() saying so), never uses the Pool that is gone.
+// (Here the Pool is destroyed first, while the flusher has a batch to write: it used the
+// destroyed Pool.)
+TEST_F(PendingWritesTest, AFlusherWhosePoolIsGoneFailsItsWritesInsteadOfUsingIt) {
+  const std::string dsn = cluster().dsn();
+  create_table(dsn, "pw_pool_gone");
+  std::vector<std::string> given_up;
+  std::optional<Error> stopped;
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    auto pool = std::make_unique<Pool>(executor, pool_config(dsn, "pool-gone"));
+    PendingWrites writes(*pool, executor, Config{.name = "pool-gone", .flush_interval = 1h});
+    const auto subscription = collect_given_up(writes, given_up);
+    co_await writes.start();
+    co_await writes.enqueue("INSERT INTO pw_pool_gone (seq, payload) VALUES ($1, 'w')",
+                            std::int64_t{1});
+    pool.reset();
+    stopped = co_await expect_error(writes.stop());
+  });
+  ASSERT_TRUE(stopped.has_value());
+  EXPECT_EQ(stopped->code(), client_errc::writes_failed) << stopped->what();
+  EXPECT_THAT(stopped->what(), HasSubstr("1 of 1 accepted writes were not written"));
+  EXPECT_EQ(given_up.size(), 1U);
+}
+
 // A flush_interval of milliseconds::max() (validate() takes it; elsewhere in pgrt max() means
 // no limit) means "flush only full batches, and at stop()": the flusher's deadline saturates
 // rather than overflow (accepted_at + flush_interval in nanoseconds), so the writes wait for

@@ -1,6 +1,7 @@
 // Pool: the public pool object, its stats and names. The work is the driver's (driver.hpp).
 #include "driver.hpp"
 #include "multiplexer.hpp"
+#include "weak_pool.hpp"
 
 namespace pgrt {
 
@@ -194,6 +195,16 @@ asio::awaitable<Result> Pool::query_with(std::string sql, ParamSink params) {
 }
 
 namespace detail {
+
+std::weak_ptr<PoolState> pool_state_of(Pool& pool) noexcept {
+  return pool.state_;
+}
+
+asio::awaitable<Lease> acquire_from(const std::shared_ptr<PoolState>& state, Priority priority,
+                                    std::source_location site) {
+  // (As Pool::acquire(): the state's acquire is the one frame, and it keeps the state alive.)
+  return state->acquire(state, priority, pool::default_consumer, site);
+}
 
 std::shared_ptr<Multiplexer> PoolState::multiplexer_for(const asio::any_io_executor& caller) {
   std::lock_guard lock(mutex);

@@ -153,7 +153,9 @@ class TableAppender {
 ///
 /// Lifetime: the Pool must outlive the PendingWrites. Call stop() (and let it finish) before
 /// destroying a started PendingWrites; destroying it while running abandons what is still queued
-/// (logged as an error). Not movable.
+/// (logged as an error), and its flusher ends on its own after the destructor has returned: it
+/// holds the pool weakly, so that once the Pool is gone its acquire fails with pool_closed (the
+/// batch given up and reported) instead of using the destroyed Pool. Not movable.
 class PendingWrites {
  public:
   /// Validates `config` (throws pgrt::Error(client_errc::invalid_config)). Writes may be accepted

@@ -401,6 +401,7 @@ struct PoolEvents {
   Event<void(const boost::system::error_code& code, const std::string& message)> connect_failed;
 };
 
+class Pool;
 namespace detail {
 struct PoolState;
 namespace pool {
@@ -409,6 +410,9 @@ struct Node;
 // pgrt::query(): Pool::query() on the process-wide pool, held by a reference taken under the
 // global lock, so that a close() on another thread cannot destroy it under the call.
 boost::asio::awaitable<Result> query_process_pool(std::string sql, ParamSink params);
+// The state of `pool`, for what may go on after the Pool object is gone and must then not use
+// it (PendingWrites' flusher): held weakly, it keeps nothing alive.
+std::weak_ptr<PoolState> pool_state_of(Pool& pool) noexcept;
 }  // namespace detail
 
 /// A connection borrowed from a pool. Move-only; a default-constructed or moved-from Lease is
@@ -597,6 +601,7 @@ class Pool {
  private:
   friend boost::asio::awaitable<Result> detail::query_process_pool(std::string sql,
                                                                    ParamSink params);
+  friend std::weak_ptr<detail::PoolState> detail::pool_state_of(Pool& pool) noexcept;
   boost::asio::awaitable<Result> query_with(std::string sql, ParamSink params);
 
   std::shared_ptr<detail::PoolState> state_;
