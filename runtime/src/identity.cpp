@@ -22,6 +22,8 @@
 #include <unistd.h>
 #include <utility>
 
+#include "abstract_socket.hpp"
+
 namespace pgrt {
 
 namespace {
@@ -179,15 +181,9 @@ const ProcessIdentity& process_identity() {
   return *made;
 }
 
-namespace {
+namespace detail {
 
-// Who owns the datagram unix socket bound to the abstract name `path` (its sun_path bytes, the
-// leading NUL included; abstract names are per socket type, so another user's stream or seqpacket
-// socket may have the same name and is not the one a datagram connect() found), as the kernel's
-// socket diagnostics (NETLINK_SOCK_DIAG, UNIX_DIAG_UID: Linux 5.3 and later) tell: the user that
-// created it. Nullopt when no socket has the name or the kernel cannot tell. Reads every unix
-// socket of this network namespace once.
-std::optional<uid_t> abstract_socket_owner(std::string_view path) {
+std::optional<uid_t> abstract_socket_owner(std::string_view path, int type) {
   const int fd = ::socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
   if (fd < 0) return std::nullopt;
   struct {
@@ -230,7 +226,7 @@ std::optional<uid_t> abstract_socket_owner(std::string_view path) {
       if (aligned(sizeof header) + sizeof socket_info > header.nlmsg_len) break;
       std::memcpy(&socket_info, buffer.data() + offset + aligned(sizeof header),
                   sizeof socket_info);
-      const bool datagram = socket_info.udiag_type == SOCK_DGRAM;
+      const bool typed = socket_info.udiag_type == type;
       bool named = false;
       std::optional<uid_t> uid;
       for (std::size_t at = offset + aligned(sizeof header) + aligned(sizeof(unix_diag_msg));
@@ -249,7 +245,7 @@ std::optional<uid_t> abstract_socket_owner(std::string_view path) {
         }
         at += aligned(attribute.length);
       }
-      if (datagram && named && uid) owner = uid;
+      if (typed && named && uid) owner = uid;
       offset += aligned(header.nlmsg_len);
     }
   }
@@ -257,7 +253,7 @@ std::optional<uid_t> abstract_socket_owner(std::string_view path) {
   return owner;
 }
 
-}  // namespace
+}  // namespace detail
 
 HostPresence incarnation_on_this_host(std::string_view incarnation) {
   // An unannounced incarnation's process has no socket to find, alive or not.
@@ -280,7 +276,9 @@ HostPresence incarnation_on_this_host(std::string_view incarnation) {
   const std::string_view path(name.address.sun_path, name.length - offsetof(sockaddr_un, sun_path));
   // Where the kernel cannot say (before Linux 5.3, or no AF_NETLINK in a sandbox), the name is
   // taken at its word: a live process is never taken for a dead one.
-  const auto owner = abstract_socket_owner(path);
+  // (Abstract names are per socket type: another user's stream or seqpacket socket may have the
+  // same name and is not the one a datagram connect() found.)
+  const auto owner = detail::abstract_socket_owner(path, SOCK_DGRAM);
   if (!owner) return HostPresence::running;
   return *owner == ::geteuid() || *owner == 0 ? HostPresence::running : HostPresence::other_user;
 }

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cerrno>
 #include <csignal>
+#include <cstddef>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -11,14 +13,17 @@
 #include <sstream>
 #include <stdexcept>
 #include <sys/file.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/un.h>
 #include <system_error>
 #include <thread>
 #include <unistd.h>
 #include <utility>
 #include <vector>
 
+#include "abstract_socket.hpp"
 #include "pgrt/runtime/identity.hpp"
 
 namespace pgrt {
@@ -78,22 +83,118 @@ bool try_lock(int fd) {
   return true;
 }
 
+// The pid on the file's first line, 0 if none.
+int holder_pid_in(int fd) {
+  char text[32] = {};
+  const ssize_t size = ::pread(fd, text, sizeof text - 1, 0);
+  if (size > 0) {
+    char* end = nullptr;
+    const long pid = std::strtol(text, &end, 10);
+    if (end != text && *end == '\n' && pid > 0 && pid <= std::numeric_limits<int>::max()) {
+      return static_cast<int>(pid);
+    }
+  }
+  return 0;
+}
+
 // The holder writes its pid right after locking: read it from the file (briefly retrying an
 // empty one).
 int read_holder_pid(int fd) {
   for (int attempt = 0; attempt < 20; ++attempt) {
-    char text[32] = {};
-    const ssize_t size = ::pread(fd, text, sizeof text - 1, 0);
-    if (size > 0) {
-      char* end = nullptr;
-      const long pid = std::strtol(text, &end, 10);
-      if (end != text && *end == '\n' && pid > 0 && pid <= std::numeric_limits<int>::max()) {
-        return static_cast<int>(pid);
-      }
-    }
+    if (const int pid = holder_pid_in(fd); pid > 0) return pid;
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
   return 0;
+}
+
+// The guard: the lock file alone does not hold once the file is removed under its holder
+// (systemd-tmpfiles cleaning /tmp/pgrt-<uid>, an operator's rm): the next process would create
+// a new file and lock that one. So the holder also binds a unix socket to an abstract name
+// derived from the lock file's path. Such a name is not in the file system (nothing can remove
+// it), is unique per socket type in the network namespace, and the kernel releases it with the
+// socket's last descriptor, so a crash never leaves it behind.
+constexpr std::size_t max_guard_name_bytes = sizeof(sockaddr_un::sun_path) - 1;  // the NUL first
+
+// 64-bit FNV-1a, in hex: the guard names of two long lock file paths differ unless their hashes
+// collide (then one instance refuses to start beside the other: nothing runs twice).
+std::string long_name_hash(std::string_view text) {
+  std::uint64_t hash = 14695981039346656037ULL;
+  for (char c : text) {
+    hash ^= static_cast<unsigned char>(c);
+    hash *= 1099511628211ULL;
+  }
+  char hex[17] = {};
+  std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(hash));
+  return hex;
+}
+
+// The guard's abstract name for the lock file `path`: "pgrt/lock/<uid>" followed by the lock
+// file's absolute path (its directory's symbolic links resolved, so that two spellings of one
+// directory share a guard), or, when that is longer than an abstract name can be (107 bytes),
+// "pgrt/lock/<uid>/~<hash of that path>/" and as much of the file name as fits. A lock file in
+// another directory has another guard, as it is another lock.
+std::string guard_name_of(const std::filesystem::path& path) {
+  std::error_code error;
+  auto directory = std::filesystem::weakly_canonical(path.parent_path(), error);
+  if (error) directory = std::filesystem::absolute(path.parent_path(), error).lexically_normal();
+  if (error) directory = path.parent_path().lexically_normal();
+  const std::string full = (directory / path.filename()).string();
+  std::string name = "pgrt/lock/" + std::to_string(::geteuid());
+  if (name.size() + 1 + full.size() <= max_guard_name_bytes) {
+    return name + (full.front() == '/' ? "" : "/") + full;
+  }
+  name += "/~" + long_name_hash(full) + "/";
+  return name + path.filename().string().substr(0, max_guard_name_bytes - name.size());
+}
+
+struct GuardAttempt {
+  int fd = -1;        // bound: the guard is taken
+  bool held = false;  // another process of this user holds it
+  // Neither: no guard can be taken here, the lock file alone guards.
+};
+
+// Binds a stream socket (close-on-exec; never listening, so nothing can connect or send to it) to
+// the abstract name `name`. No guard (and no error) where no unix socket can be made (a sandbox:
+// systemd's RestrictAddressFamilies without AF_UNIX) or where the name is another user's (an
+// abstract name has no permissions, so any user may bind it: a squatter must not keep this
+// service from starting; a socket named after this uid is never another user's instance). Where
+// the kernel cannot tell whose the socket is, it is taken for a holder's.
+GuardAttempt try_guard(const std::string& name) {
+  sockaddr_un address{};
+  address.sun_family = AF_UNIX;
+  address.sun_path[0] = '\0';
+  std::memcpy(address.sun_path + 1, name.data(), name.size());
+  const auto length = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + 1 + name.size());
+  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) {
+    if (errno == EAFNOSUPPORT || errno == EPERM || errno == EACCES) return {};
+    throw std::system_error(errno, std::generic_category(),
+                            "cannot make the instance lock's guard socket");
+  }
+  if (::bind(fd, reinterpret_cast<const sockaddr*>(&address), length) == 0) return {fd, false};
+  const int error = errno;
+  ::close(fd);
+  if (error == EPERM || error == EACCES) return {};  // refused by a security module
+  if (error != EADDRINUSE) {
+    throw std::system_error(error, std::generic_category(),
+                            "cannot bind the instance lock's guard @" + name);
+  }
+  const auto owner = detail::abstract_socket_owner(
+      std::string_view(address.sun_path, 1 + name.size()), SOCK_STREAM);
+  if (owner && *owner != ::geteuid()) return {};
+  return {-1, true};
+}
+
+// Takes the guard, waiting up to `patience` for a holder that is letting go: a process that dies
+// closes its lock file and its guard one after the other, so a successor can lock the file a
+// moment before the guard is free.
+GuardAttempt take_guard(const std::string& name, std::chrono::milliseconds patience) {
+  const auto deadline = Clock::now() + patience;
+  for (;;) {
+    GuardAttempt attempt = try_guard(name);
+    if (!attempt.held || Clock::now() >= deadline) return attempt;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
 }
 
 [[noreturn]] void refuse_directory(const std::filesystem::path& directory, const std::string& why) {
@@ -282,7 +383,8 @@ std::chrono::milliseconds max_takeover_time(const InstanceLockOptions& options) 
   // (Within the range acquire() takes, so that the sum never overflows.)
   const auto grace =
       std::clamp(options.takeover_grace, std::chrono::milliseconds{0}, max_takeover_grace);
-  // read_holder_pid() may wait up to 1 s for a holder that has not written its pid yet.
+  // read_holder_pid() may wait up to 1 s for a holder that has not written its pid yet, and
+  // take_guard() what is left of that second for a holder that has not let go of its guard yet.
   return grace + std::min(grace, takeover_kill_wait) + std::chrono::milliseconds(1'000);
 }
 
@@ -312,10 +414,18 @@ InstanceLock InstanceLock::acquire(const InstanceLockOptions& options) {
   ::close(directory_fd);
   std::optional<int> took_over_from;
   std::vector<std::string> earlier;
+  const std::string who = options.application + "/" + instance;
+  // max_takeover_time()'s last second: for reading the holder's pid, and what is left of it for
+  // the guard (a holder that dies lets go of its lock file and its guard one after the other).
+  auto slack = std::chrono::milliseconds(1'000);
+  int guard = -1;
+  std::string guard_name;
   try {
     if (!try_lock(fd)) {
+      const auto reading = Clock::now();
       const int holder = read_holder_pid(fd);
-      const std::string who = options.application + "/" + instance;
+      slack -= std::min(
+          slack, std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - reading));
       const std::string holder_text = holder > 0 ? "pid " + std::to_string(holder) : "a process";
       if (!options.force) {
         throw InstanceLockError("another " + who + " is running as " + holder_text +
@@ -401,6 +511,37 @@ InstanceLock InstanceLock::acquire(const InstanceLockOptions& options) {
       }
       took_over_from = holder;
     }
+    // The lock file is this process's now; the guard must be too. Taken after the file, always:
+    // with the file held by this process, the guard can only be held by a holder whose lock file
+    // was removed (or replaced) under it, and by one letting go. Nothing is written into the file
+    // before: a process that gets no guard leaves it as it found it.
+    guard_name = guard_name_of(path);
+    const GuardAttempt attempt = take_guard(guard_name, slack);
+    if (attempt.held) {
+      const int named = holder_pid_in(fd);
+      const bool alive = named > 0 && (::kill(named, 0) == 0 || errno == EPERM);
+      const std::string force_text =
+          options.force ? "; force does not stop a holder it cannot verify through its lock file"
+                        : "";
+      if (alive) {  // (the file was replaced by one naming its holder: a restored copy?)
+        throw InstanceLockError("another " + who + " holds the instance lock's guard @" +
+                                    guard_name + " but not the lock file " + path.string() +
+                                    ", which names pid " + std::to_string(named) +
+                                    " (was the file replaced under it?); stop it first" +
+                                    force_text,
+                                named);
+      }
+      throw InstanceLockError("the lock file " + path.string() + " was removed while another " +
+                                  who +
+                                  " still holds the instance lock (its guard, the abstract unix "
+                                  "socket @" +
+                                  guard_name +
+                                  "): that instance runs on without a lock file; stop it first "
+                                  "(ss -xap | grep " +
+                                  guard_name + " shows its pid)" + force_text,
+                              0);
+    }
+    guard = attempt.fd;
     earlier = read_earlier_incarnations(fd);
     const auto& identity = process_identity();
     std::ostringstream content;
@@ -416,23 +557,29 @@ InstanceLock InstanceLock::acquire(const InstanceLockOptions& options) {
                               "cannot write the instance lock file " + path.string());
     }
   } catch (...) {
+    if (guard >= 0) ::close(guard);
     ::close(fd);
     throw;
   }
-  return InstanceLock(fd, path, took_over_from, std::move(earlier));
+  return InstanceLock(fd, guard, path, guard >= 0 ? std::move(guard_name) : std::string(),
+                      took_over_from, std::move(earlier));
 }
 
 InstanceLock::InstanceLock(InstanceLock&& other) noexcept
     : fd_(std::exchange(other.fd_, -1)),
+      guard_(std::exchange(other.guard_, -1)),
       path_(std::move(other.path_)),
+      guard_name_(std::exchange(other.guard_name_, {})),
       took_over_from_(other.took_over_from_),
       earlier_incarnations_(std::move(other.earlier_incarnations_)) {}
 
 InstanceLock& InstanceLock::operator=(InstanceLock&& other) noexcept {
   if (this != &other) {
-    if (fd_ >= 0) ::close(fd_);
+    release();
     fd_ = std::exchange(other.fd_, -1);
+    guard_ = std::exchange(other.guard_, -1);
     path_ = std::move(other.path_);
+    guard_name_ = std::exchange(other.guard_name_, {});
     took_over_from_ = other.took_over_from_;
     earlier_incarnations_ = std::move(other.earlier_incarnations_);
   }
@@ -440,9 +587,16 @@ InstanceLock& InstanceLock::operator=(InstanceLock&& other) noexcept {
 }
 
 InstanceLock::~InstanceLock() {
-  // Closing the descriptor releases the lock. The file stays: removing it could let a third
-  // process lock a new file while a second still waits on the old one.
-  if (fd_ >= 0) ::close(fd_);
+  release();
+}
+
+void InstanceLock::release() noexcept {
+  // Closing the descriptors releases the lock: the guard first, then the file (the reverse of
+  // taking them), so that whoever locks the file next finds the guard free. The file stays:
+  // removing it could let a third process lock a new file while a second still waits on the old
+  // one.
+  if (guard_ >= 0) ::close(std::exchange(guard_, -1));
+  if (fd_ >= 0) ::close(std::exchange(fd_, -1));
 }
 
 }  // namespace pgrt

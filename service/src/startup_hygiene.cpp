@@ -444,10 +444,15 @@ asio::awaitable<void> StartupHygiene::start() {
     // finishes alone and releases the lock it may still take.
     auto acquire = [lock_options] { return InstanceLock::acquire(lock_options); };
     lock_ = co_await detail::async::run_blocking(std::move(acquire));
+    // (No guard: no unix socket can be made here, or another user's socket has its name.)
+    const std::string guard = lock_->guard_name().empty()
+                                  ? " (no guard: the lock file alone holds it)"
+                                  : " (guard @" + lock_->guard_name() + ")";
     if (auto previous = lock_->took_over_from()) {
-      spdlog::warn("pgrt: took over {} from pid {} (force)", lock_->path().string(), *previous);
+      spdlog::warn("pgrt: took over {}{} from pid {} (force)", lock_->path().string(), guard,
+                   *previous);
     } else {
-      spdlog::info("pgrt: holding the instance lock {}", lock_->path().string());
+      spdlog::info("pgrt: holding the instance lock {}{}", lock_->path().string(), guard);
     }
   }
   if (options_.cluster_lock) {

@@ -2,18 +2,27 @@
 #include "pgrt/runtime/identity.hpp"
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <csignal>
 #include <cstddef>
+#include <cstdint>
 #include <cstring>
+#include <fcntl.h>
 #include <filesystem>
 #include <fstream>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <linux/audit.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
 #include <optional>
 #include <string>
+#include <sys/file.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <thread>
@@ -379,6 +388,192 @@ TEST_F(InstanceLockTest, ASecondHolderIsRefusedWithTheFirstsPidUntilItIsReleased
     EXPECT_NO_THROW((void)InstanceLock::acquire(other));  // another instance is independent
   }
   EXPECT_NO_THROW((void)InstanceLock::acquire(options()));  // released with its holder
+}
+
+// A lock file removed under a live holder (systemd-tmpfiles cleaning /tmp/pgrt-<uid> for a service
+// without XDG_RUNTIME_DIR, an operator's rm, the whole directory or the file) must not let a
+// second instance in: it would create a new file and lock that one, and both would run. The
+// holder's guard (an abstract unix socket: nothing in the file system can remove it) keeps it
+// out, saying what happened, with force as well (the holder cannot be verified through a file it
+// no longer has). A process refused so lets go of the new file and writes nothing into it; the
+// lock moves with its owner and is free once that lets go.
+TEST_F(InstanceLockTest, ALockFileRemovedUnderALiveHolderDoesNotLetASecondOneIn) {
+  const auto path = directory_ / "app.one.lock";
+  std::optional<InstanceLock> holder;
+  holder.emplace(InstanceLock::acquire(options()));
+  for (const bool whole_directory : {false, true}) {
+    SCOPED_TRACE(whole_directory ? "the directory removed" : "the file removed");
+    if (whole_directory) {
+      std::filesystem::remove_all(directory_);
+    } else {
+      std::filesystem::remove(path);
+    }
+    for (const bool force : {false, true}) {
+      try {
+        auto second = InstanceLock::acquire(options(force));
+        ADD_FAILURE() << "a second holder of app/one beside the first" << (force ? " (force)" : "");
+      } catch (const InstanceLockError& error) {
+        EXPECT_EQ(error.holder_pid(), 0);
+        EXPECT_THAT(error.what(),
+                    HasSubstr("the lock file " + path.string() +
+                              " was removed while another app/one still holds the instance lock"));
+        EXPECT_THAT(error.what(), HasSubstr("@" + holder->guard_name()));
+      }
+      const int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
+      ASSERT_GE(fd, 0);
+      EXPECT_EQ(::flock(fd, LOCK_EX | LOCK_NB), 0) << "the refused process kept the new file";
+      struct stat status {};
+      EXPECT_EQ(::fstat(fd, &status), 0);
+      EXPECT_EQ(status.st_size, 0) << "the refused process wrote into the new file";
+      ::close(fd);
+    }
+  }
+  InstanceLock moved = std::move(*holder);
+  holder.reset();
+  EXPECT_THROW((void)InstanceLock::acquire(options()), InstanceLockError);
+  { const InstanceLock last = std::move(moved); }
+  EXPECT_NO_THROW((void)InstanceLock::acquire(options()));
+}
+
+// The guard is close-on-exec, as the lock file is: a program the holder starts (a hook, a helper)
+// is another process and does not keep the lock once the holder lets go.
+TEST_F(InstanceLockTest, AProgramTheHolderStartsDoesNotKeepTheLock) {
+  int started[2];
+  ASSERT_EQ(::pipe2(started, O_CLOEXEC), 0);
+  pid_t program = -1;
+  {
+    auto lock = InstanceLock::acquire(options());
+    ASSERT_FALSE(lock.guard_name().empty());
+    program = ::fork();
+    ASSERT_GE(program, 0);
+    if (program == 0) {
+      ::execl("/bin/sleep", "sleep", "30", static_cast<char*>(nullptr));
+      ::_exit(127);
+    }
+    ::close(started[1]);
+    char byte = 0;
+    EXPECT_EQ(::read(started[0], &byte, 1), 0);  // end of file: executed (close-on-exec)
+  }
+  EXPECT_NO_THROW((void)InstanceLock::acquire(options()));
+  ::kill(program, SIGKILL);
+  int status = 0;
+  ::waitpid(program, &status, 0);
+  EXPECT_TRUE(WIFSIGNALED(status)) << "sleep did not run: exit " << WEXITSTATUS(status);
+  ::close(started[0]);
+}
+
+// An abstract name has no permissions: another user can bind the guard's name first. That must
+// neither keep this user's instance from starting (the lock file alone guards it then) nor be
+// taken for an instance of this user's.
+TEST_F(InstanceLockTest, AnotherUsersSocketUnderTheGuardsNameDoesNotKeepTheInstanceOut) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root, to act as another user";
+  std::string name;
+  {
+    auto lock = InstanceLock::acquire(options());
+    name = lock.guard_name();
+  }
+  ASSERT_FALSE(name.empty());
+  ASSERT_LT(name.size(), sizeof(sockaddr_un::sun_path));
+  int ready[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  const pid_t squatter = ::fork();
+  ASSERT_GE(squatter, 0);
+  if (squatter == 0) {
+    if (::setuid(65534) != 0) ::_exit(2);
+    const int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
+    sockaddr_un address{};
+    address.sun_family = AF_UNIX;
+    std::memcpy(address.sun_path + 1, name.data(), name.size());
+    const auto length = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + 1 + name.size());
+    if (fd < 0 || ::bind(fd, reinterpret_cast<const sockaddr*>(&address), length) != 0) {
+      ::_exit(3);
+    }
+    (void)::write(ready[1], "x", 1);
+    for (;;) ::pause();
+  }
+  ::close(ready[1]);
+  char byte = 0;
+  const bool bound = ::read(ready[0], &byte, 1) == 1;
+  if (bound) {
+    auto lock = InstanceLock::acquire(options());  // not refused
+    EXPECT_EQ(lock.guard_name(), "") << "the squatter's name taken for this lock's guard";
+    EXPECT_THROW((void)InstanceLock::acquire(options()), InstanceLockError);  // the file holds
+  }
+  ::kill(squatter, SIGKILL);
+  int status = 0;
+  ::waitpid(squatter, &status, 0);
+  ::close(ready[0]);
+  EXPECT_TRUE(bound) << "the squatter could not bind @" << name << " (status " << status << ")";
+}
+
+// A sandbox without unix sockets (systemd's RestrictAddressFamilies=AF_INET AF_INET6) has no
+// guard to take: the instance still starts, kept to one at a time by the lock file alone, and is
+// kept out by the lock file of a holder that has a guard.
+TEST_F(InstanceLockTest, ASandboxWithoutUnixSocketsIsGuardedByTheLockFileAlone) {
+#if !defined(__x86_64__)
+  GTEST_SKIP() << "the seccomp filter here is for x86-64";
+#else
+  // socket(AF_UNIX, ...) -> EAFNOSUPPORT; everything else allowed.
+  constexpr auto load = static_cast<std::uint16_t>(BPF_LD | BPF_W | BPF_ABS);
+  constexpr auto equals = static_cast<std::uint16_t>(BPF_JMP | BPF_JEQ | BPF_K);
+  constexpr auto give = static_cast<std::uint16_t>(BPF_RET | BPF_K);
+  std::array<sock_filter, 9> filter{{
+      {load, 0, 0, static_cast<std::uint32_t>(offsetof(seccomp_data, arch))},
+      {equals, 1, 0, AUDIT_ARCH_X86_64},
+      {give, 0, 0, SECCOMP_RET_ALLOW},
+      {load, 0, 0, static_cast<std::uint32_t>(offsetof(seccomp_data, nr))},
+      {equals, 0, 3, static_cast<std::uint32_t>(__NR_socket)},
+      {load, 0, 0, static_cast<std::uint32_t>(offsetof(seccomp_data, args))},
+      {equals, 0, 1, static_cast<std::uint32_t>(AF_UNIX)},
+      {give, 0, 0, SECCOMP_RET_ERRNO | static_cast<std::uint32_t>(EAFNOSUPPORT)},
+      {give, 0, 0, SECCOMP_RET_ALLOW},
+  }};
+  const sock_fprog program{static_cast<unsigned short>(filter.size()), filter.data()};
+  // The exit code of `body` run in a sandboxed child.
+  auto sandboxed = [&](int (*body)(const InstanceLockOptions&)) {
+    const InstanceLockOptions lock_options = options();
+    const pid_t child = ::fork();
+    if (child == 0) {
+      if (::prctl(PR_SET_NO_NEW_PRIVS, 1UL, 0UL, 0UL, 0UL) != 0 ||
+          ::prctl(PR_SET_SECCOMP, static_cast<unsigned long>(SECCOMP_MODE_FILTER), &program) != 0) {
+        ::_exit(125);
+      }
+      if (::socket(AF_UNIX, SOCK_STREAM, 0) >= 0) ::_exit(124);
+      ::_exit(body(lock_options));
+    }
+    int status = 0;
+    if (child < 0 || ::waitpid(child, &status, 0) != child || !WIFEXITED(status)) return -1;
+    return WEXITSTATUS(status);
+  };
+  EXPECT_EQ(sandboxed([](const InstanceLockOptions& lock_options) {
+              try {
+                auto lock = InstanceLock::acquire(lock_options);
+                if (!lock.guard_name().empty()) return 3;
+                try {
+                  (void)InstanceLock::acquire(lock_options);
+                  return 4;  // a second holder
+                } catch (const InstanceLockError&) {
+                  return 0;
+                }
+              } catch (...) {
+                return 5;  // refused
+              }
+            }),
+            0);
+  auto lock = InstanceLock::acquire(options());
+  EXPECT_FALSE(lock.guard_name().empty());
+  EXPECT_EQ(sandboxed([](const InstanceLockOptions& lock_options) {
+              try {
+                (void)InstanceLock::acquire(lock_options);
+                return 4;  // a second holder
+              } catch (const InstanceLockError&) {
+                return 0;
+              } catch (...) {
+                return 5;
+              }
+            }),
+            0);
+#endif
 }
 
 // operations.md: in a shared directory (writable by others, sticky) the lock goes into pgrt-<uid>
