@@ -1284,6 +1284,29 @@ TEST_F(StartupHygieneTest, ASecondInstanceIsRefusedNamingTheFirstAndForceTakesOv
   EXPECT_EQ(third.wait_for_exit(60s), 0) << third.output();
 }
 
+// systemd-tmpfiles (or an operator) removes the lock directory of a running service: a second
+// start is still refused, by the running one's guard (an abstract unix socket: nothing in the
+// file system removes it), with exit code 1 and a message saying the lock file was removed. The
+// first runs on untouched.
+TEST_F(StartupHygieneTest, ALockDirectoryRemovedUnderARunningServiceDoesNotLetASecondOneStart) {
+  const std::string dsn = cluster().dsn();
+  const auto directory = Child::runtime_directory() / "cleaned-by-tmpfiles";
+  const Child::Environment environment{{"PGRT_INSTANCE", "solo"},
+                                       {"PGRT_RUNTIME_DIR", directory.string()}};
+  Child first({PGRT_PROBE_PATH, "singleton"}, dsn, "rmlock", environment);
+  ASSERT_TRUE(first.wait_for_output("probe: ready", 60s)) << first.output();
+  std::filesystem::remove_all(directory);
+
+  Child second({PGRT_PROBE_PATH, "singleton"}, dsn, "rmlock", environment);
+  EXPECT_EQ(second.wait_for_exit(60s), 1) << second.status() << "\n" << second.output();
+  EXPECT_THAT(second.output(),
+              HasSubstr("the lock file " + (directory / "rmlock.solo.lock").string() +
+                        " was removed while another rmlock/solo still holds the instance lock"));
+  EXPECT_EQ(::kill(first.pid(), 0), 0) << "the first did not run on\n" << first.output();
+  first.signal(SIGTERM);
+  EXPECT_EQ(first.wait_for_exit(60s), 0) << first.output();
+}
+
 TEST_F(StartupHygieneTest, TheDemoRestartedAfterACrashTerminatesItsPredecessorsLeftovers) {
   testing::FaultProxy proxy("127.0.0.1", static_cast<std::uint16_t>(cluster().port()));
   proxy.keep_upstream(true);
