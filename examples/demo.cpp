@@ -676,7 +676,8 @@ int main(int argc, char** argv) {
       }
     } removal{cluster};
     std::string conninfo;
-    if (const char* url = std::getenv("DATABASE_URL"); url == nullptr || *url == '\0') {
+    // (Set but empty, it is refused by PoolConfig::from_env(), naming it: not taken as unset.)
+    if (std::getenv("DATABASE_URL") == nullptr) {
       human() << "DATABASE_URL is unset: starting a throwaway PostgreSQL cluster" << std::endl;
       try {
         cluster = std::make_unique<pgrt::testing::TempCluster>(

@@ -65,7 +65,21 @@ struct Arguments {
   std::optional<std::string> role;              // --role: the app's role, when connected as another
   bool behind_transaction_pooler = false;       // PGRT_POOLER=transaction
   std::optional<std::string> malformed_pooler;  // PGRT_POOLER's value when it is none of them
+  bool empty_database_url = false;              // DATABASE_URL= (set but empty), no --dsn
 };
+
+// What the service says of DATABASE_URL= (PoolConfig::from_env()): set but empty, it is refused,
+// not taken as unset.
+const char* const empty_database_url_message =
+    "DATABASE_URL is set but empty: unset it to use libpq's PG* variables (PGHOST, PGDATABASE, "
+    "...), or give a URL (postgresql://user@host:5432/db) or key=value pairs (host=... "
+    "dbname=...)";
+
+// Whether DATABASE_URL is set but empty.
+bool database_url_is_empty() {
+  const char* url = std::getenv("DATABASE_URL");  // NOLINT(concurrency-mt-unsafe): at start-up
+  return url != nullptr && *url == '\0';
+}
 
 const char* const usage =
     "usage: pgrt-diag [--dsn CONNINFO] [--app NAME] [--idle-threshold SECONDS] [--json]\n"
@@ -73,7 +87,7 @@ const char* const usage =
     "                 [--role ROLE]\n"
     "       pgrt-diag budget --help   (the holders of a connection budget's slots)\n"
     "       pgrt-diag metrics --help  (a running process's metrics endpoint, summarized)\n"
-    "  --dsn             the server (default: DATABASE_URL, then libpq's PG* variables);\n"
+    "  --dsn             the server (default: DATABASE_URL; unset: libpq's PG* variables);\n"
     "                    no password here: others can read a command line (use PGPASSWORD)\n"
     "  --app             the app whose backends to check (default: PGRT_APP, then \"pgrt\"),\n"
     "                    as configured: shortened like the tags (pgrt::tag_app_name())\n"
@@ -172,6 +186,7 @@ std::string take_dsn(char* value) {
 std::optional<Arguments> parse_arguments(int argc, char** argv) {
   Arguments arguments;
   if (const char* url = std::getenv("DATABASE_URL")) arguments.conninfo = url;
+  arguments.empty_database_url = database_url_is_empty();
   const char* app = std::getenv("PGRT_APP");
   arguments.app = app != nullptr && *app != '\0' ? app : "pgrt";
   if (const char* pooler = std::getenv("PGRT_POOLER")) {
@@ -186,6 +201,7 @@ std::optional<Arguments> parse_arguments(int argc, char** argv) {
     const bool has_value = i + 1 < argc;
     if (argument == "--dsn" && has_value) {
       arguments.conninfo = take_dsn(argv[++i]);
+      arguments.empty_database_url = false;
     } else if (argument == "--app" && has_value) {
       arguments.app = argv[++i];
     } else if (argument == "--idle-threshold" && has_value) {
@@ -522,6 +538,7 @@ const char* const budget_usage =
 int run_budget(int argc, char** argv) {
   std::string conninfo;
   if (const char* url = std::getenv("DATABASE_URL")) conninfo = url;
+  bool empty_database_url = database_url_is_empty();
   std::string key;
   if (const char* from_env = std::getenv("PGRT_BUDGET_KEY")) key = from_env;
   std::optional<std::int64_t> slots;
@@ -540,6 +557,7 @@ int run_budget(int argc, char** argv) {
     const bool has_value = i + 1 < argc;
     if (argument == "--dsn" && has_value) {
       conninfo = take_dsn(argv[++i]);
+      empty_database_url = false;
     } else if (argument == "--key" && has_value) {
       key = argv[++i];
     } else if (argument == "--slots" && has_value) {
@@ -567,6 +585,10 @@ int run_budget(int argc, char** argv) {
                 << budget_usage;
       return exit_usage;
     }
+  }
+  if (empty_database_url) {
+    std::cerr << "pgrt-diag budget: " << empty_database_url_message << "\n";
+    return exit_config;
   }
   if (key.empty()) {
     std::cerr << "pgrt-diag budget: no budget key: pass --key or set PGRT_BUDGET_KEY\n"
@@ -753,6 +775,10 @@ int main(int argc, char** argv) {
     std::cerr << "pgrt-diag: PGRT_POOLER='" << *arguments->malformed_pooler
               << "' is not valid: expected 'transaction' (a transaction-mode pooler), or "
                  "'session' / 'none'\n";
+    return exit_config;
+  }
+  if (arguments->empty_database_url) {
+    std::cerr << "pgrt-diag: " << empty_database_url_message << "\n";
     return exit_config;
   }
   try {

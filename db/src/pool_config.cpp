@@ -427,7 +427,16 @@ PoolConfig PoolConfig::from_env(PoolConfig defaults) {
       invalid("PGRT_POOL_PRESET='" + *preset + "' is not valid", "expected 'micro' or 'small'");
     }
   }
-  if (auto url = env("DATABASE_URL")) config.conninfo = *url;
+  if (auto url = env("DATABASE_URL")) {
+    if (url->empty()) {
+      // (libpq would read an empty conninfo as "the PG* variables, else the local socket": a
+      // template's unfilled secret would then start as against a server that is down.)
+      invalid("DATABASE_URL is set but empty",
+              "unset it to use libpq's PG* variables (PGHOST, PGDATABASE, ...), or give a URL "
+              "(postgresql://user@host:5432/db) or key=value pairs (host=... dbname=...)");
+    }
+    config.conninfo = *url;
+  }
   if (auto value = env("PGRT_POOL_MAX")) {
     config.max_size = parse_number("PGRT_POOL_MAX", *value, 1, 10'000);
   }

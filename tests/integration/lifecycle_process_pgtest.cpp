@@ -470,6 +470,24 @@ TEST_F(LifecycleProcessTest, DiagScrubsAnUnparsableDsnFromItsCommandLine) {
   }
 }
 
+// DATABASE_URL= (set but empty) is refused naming it, by the service and by pgrt-diag (exit 78,
+// as for a malformed DSN), not taken as unset (libpq's PG* variables and the local socket).
+TEST_F(LifecycleProcessTest, AnEmptyDatabaseUrlIsRefusedByTheServiceAndPgrtDiagAlike) {
+  const std::string message = "DATABASE_URL is set but empty";
+  Child demo({PGRT_DEMO_PATH, "--duration", "1"}, "", "empty-url");
+  EXPECT_EQ(demo.wait_for_exit(120s), lifecycle::exit_code::config) << demo.output();
+  EXPECT_THAT(demo.output(), HasSubstr(message));
+  for (const char* command : {"report", "budget"}) {
+    std::vector<std::string> argv = {PGRT_DIAG_PATH};
+    if (std::string(command) == "budget") argv.emplace_back("budget");
+    Child diag(argv, "", "empty-url");
+    EXPECT_EQ(diag.wait_for_exit(30s), 78) << command << ": " << diag.output();
+    EXPECT_THAT(diag.output(), HasSubstr(message)) << command;
+  }
+  Child given({PGRT_DIAG_PATH, "--dsn", cluster().dsn(), "--app", "empty-url"}, "", "empty-url");
+  EXPECT_EQ(given.wait_for_exit(30s), 0) << "--dsn given: " << given.output();
+}
+
 // pgrt-diag's text report shows a server's names (a database's, which its owner chooses) with
 // their control bytes replaced: an escape sequence does not reach the operator's terminal.
 TEST_F(LifecycleProcessTest, DiagTextReportKeepsControlBytesOfServerNamesOffTheTerminal) {

@@ -620,6 +620,24 @@ TEST_F(EnvironmentTest, BudgetClassesWithoutABudgetAreRefusedSayingTheBudgetIsMi
   }
 }
 
+// DATABASE_URL= (set but empty: a deployment template whose secret was not filled in) is refused
+// naming DATABASE_URL, not taken as unset: libpq would fall back to the PG* variables and the
+// local socket, and the start would wait as for a server that is down.
+TEST_F(EnvironmentTest, AnEmptyDatabaseUrlIsRefusedNamingTheVariable) {
+  ::setenv("DATABASE_URL", "", 1);
+  try {
+    const auto config = PoolConfig::from_env();
+    ADD_FAILURE() << "accepted DATABASE_URL='' as the conninfo '" << config.conninfo << "'";
+  } catch (const Error& error) {
+    EXPECT_EQ(error.code(), client_errc::invalid_config);
+    EXPECT_THAT(error.what(), HasSubstr("DATABASE_URL")) << error.what();
+    EXPECT_THAT(error.what(), HasSubstr("set but empty")) << error.what();
+    EXPECT_THAT(error.diagnostics().hint, HasSubstr("unset it")) << error.diagnostics().hint;
+  }
+  ::unsetenv("DATABASE_URL");
+  EXPECT_EQ(PoolConfig::from_env().conninfo, "") << "unset: libpq's PG* variables";
+}
+
 TEST_F(EnvironmentTest, FromEnvLeavesTheIdleTimeoutWarningToThePool) {
   LogCapture log;
   ::setenv("PGRT_MAX_LIFETIME_S", "300", 1);
