@@ -638,6 +638,29 @@ TEST_F(EnvironmentTest, AnEmptyDatabaseUrlIsRefusedNamingTheVariable) {
   EXPECT_EQ(PoolConfig::from_env().conninfo, "") << "unset: libpq's PG* variables";
 }
 
+// A stray space or a control character in PGRT_BUDGET_KEY (a template's "orders-db ", a CRLF
+// file's "orders-db\r") would silently make another budget, shared with nobody: refused naming
+// the variable. So is such a key given in code (budget.key).
+TEST_F(EnvironmentTest, ABudgetKeyWithStraySpacesOrControlCharactersIsRefused) {
+  ::setenv("PGRT_BUDGET_SLOTS", "40", 1);
+  for (const char* key : {"orders-db ", " orders-db", "orders-db\r", "orders-db\n", "orders\tdb",
+                          "\x1b[2Jorders", "orders\x7f"}) {
+    ::setenv("PGRT_BUDGET_KEY", key, 1);
+    try {
+      (void)PoolConfig::from_env();
+      ADD_FAILURE() << "accepted PGRT_BUDGET_KEY='" << key << "'";
+    } catch (const Error& error) {
+      EXPECT_EQ(error.code(), client_errc::invalid_config);
+      EXPECT_THAT(error.what(), HasSubstr("PGRT_BUDGET_KEY")) << error.what();
+    }
+    PoolConfig config;
+    config.budget = {.key = key, .slots = 40};
+    EXPECT_THROW(config.validate(), Error) << "budget.key '" << key << "'";
+  }
+  ::setenv("PGRT_BUDGET_KEY", "orders db/eu-1", 1);  // (inner spaces are the user's to choose)
+  EXPECT_EQ(PoolConfig::from_env().budget.key, "orders db/eu-1");
+}
+
 TEST_F(EnvironmentTest, FromEnvLeavesTheIdleTimeoutWarningToThePool) {
   LogCapture log;
   ::setenv("PGRT_MAX_LIFETIME_S", "300", 1);
