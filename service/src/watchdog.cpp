@@ -95,16 +95,12 @@ milliseconds env_milliseconds(const char* name, milliseconds fallback, milliseco
   return milliseconds(value);
 }
 
+// A share in (0, 1] ("0.8"), or `fallback` when `name` is unset.
 double env_share(const char* name, double fallback) {
   const auto text = env(name);
   if (!text) return fallback;
-  char* end = nullptr;
-  const double value = std::strtod(text->c_str(), &end);
-  if (text->empty() || *end != '\0' || !std::isfinite(value) || value <= 0 || value > 1) {
-    invalid(std::string(name) + "='" + *text + "' is not valid",
-            "expected a share in (0, 1], e.g. 0.8");
-  }
-  return value;
+  return detail::decimal_number(name, *text, 0, 1, true,
+                                "expected a share in (0, 1]: a decimal such as 0.8 or 1");
 }
 
 std::string percent(double share) {

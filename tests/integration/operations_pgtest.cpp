@@ -561,6 +561,39 @@ TEST(ServiceEnvironment, AWatchdogValueOutOfRangeIsRefusedNamingTheVariable) {
   }
 }
 
+// PGRT_WATCHDOG_IN_USE_SHARE and PGRT_WATCHDOG_SERVER_SHARE take a plain decimal in (0, 1]
+// ("0.8", "1", ".5"), read the same in every locale: white space, a sign, an exponent, a hex
+// float, "nan" and "inf" are refused naming the variable, as out-of-range values are, not taken by
+// strtod.
+TEST(ServiceEnvironment, WatchdogSharesArePlainDecimalsRefusedOtherwiseNamingTheVariable) {
+  for (const char* name : {"PGRT_WATCHDOG_IN_USE_SHARE", "PGRT_WATCHDOG_SERVER_SHARE"}) {
+    for (const char* value :
+         {" 0.5",     "0.5 ", "\n0.5", "+0.5", "0x0.8p0", "0X.8", "8e-1", "nan",   "NAN", "inf",
+          "infinity", "0",    "0.0",   "1.5",  "-0.5",    "",     ".",    "0.5.1", "0,5", "1e0"}) {
+      ::setenv(name, value, 1);
+      try {
+        const WatchdogOptions options = WatchdogOptions::from_env();
+        ADD_FAILURE() << "accepted " << name << "='" << value << "' as " << options.in_use_share
+                      << " / " << options.server_share;
+      } catch (const Error& error) {
+        EXPECT_EQ(error.code(), make_error_code(client_errc::invalid_config));
+        EXPECT_THAT(error.what(), HasSubstr(std::string(name) + "='" + value + "'"))
+            << error.what();
+      }
+    }
+    for (const auto& [value, share] : std::vector<std::pair<const char*, double>>{
+             {"0.8", 0.8}, {"1", 1.0}, {"1.0", 1.0}, {".5", 0.5}, {"0.05", 0.05}}) {
+      ::setenv(name, value, 1);
+      const WatchdogOptions options = WatchdogOptions::from_env();
+      EXPECT_EQ(std::string(name) == "PGRT_WATCHDOG_IN_USE_SHARE" ? options.in_use_share
+                                                                  : options.server_share,
+                share)
+          << name << "='" << value << "'";
+    }
+    ::unsetenv(name);
+  }
+}
+
 // Every sample of a rendered metrics page names its series (name and labels) once: the
 // exposition format forbids two samples of one series.
 void expect_each_series_once(const std::string& text) {
