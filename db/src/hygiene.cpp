@@ -8,6 +8,7 @@
 #include <spdlog/spdlog.h>
 #include <utility>
 
+#include "connection_access.hpp"
 #include "pgrt/runtime/identity.hpp"
 #include "sql_text.hpp"
 
@@ -170,6 +171,20 @@ boost::asio::awaitable<CleanupReport> cleanup_predecessors(Connection& connectio
                           .idle_threshold = options.idle_threshold};
 
   CleanupReport report;
+  if (detail::ConnectionAccess::behind_pooler(connection)) {
+    // Configured as a transaction pooler (StartupHygiene skips before it connects), or noticed at
+    // connect with PGRT_POOLER unset: the backends the server shows are the pooler's, shared by
+    // its clients and tagged with whichever client used them last.
+    report.skipped = true;
+    report.warning =
+        "cleanup skipped: this connection goes through a connection pooler (PGRT_POOLER="
+        "transaction, or one noticed at connect with PGRT_POOLER unset: set it to say so), and "
+        "the server's backends belong to the pooler, whatever application_name they carry: "
+        "ending one would break its other clients. The pooler closes its idle server connections "
+        "itself (PgBouncer: server_idle_timeout)";
+    spdlog::warn("pgrt cleanup: {}", report.warning);
+    co_return report;
+  }
   std::string role;  // the connection's: every leftover is in scope
   const std::vector<AppBackend> backends = co_await list_app_backends(connection, rule.application);
   // Another incarnation of this very instance running on this host: a duplicate whose instance

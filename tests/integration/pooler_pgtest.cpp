@@ -14,6 +14,7 @@
 #include <optional>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <pgrt/db.hpp>
@@ -722,6 +723,31 @@ TEST_F(PoolerTest, AnswersOutOfStepCloseTheConnectionInsteadOfShiftingAnswers) {
         (void)co_await pool.close(5s);
       },
       60s);
+}
+
+// The start-up cleanup over a connection through a pooler noticed at connect (PGRT_POOLER unset):
+// the server's backends are the pooler's, whatever tag they carry (PgBouncer passes each client's
+// application_name on), so cleanup_predecessors() terminates none of them and says why
+// (CleanupReport::skipped, logged), as the start-up cleanup does with PGRT_POOLER=transaction.
+// Here a backend tagged as an idle leftover of the app (straight to the server) is left alone.
+TEST_F(PoolerTest, TheStartupCleanupThroughAPoolerNoticedAtConnectTerminatesNothing) {
+  testing::TempPgBouncer lenient(
+      cluster(), {.pool_size = 1, .ignored_startup_parameters = {"extra_float_digits", "options"}});
+  testing::BlockingConnection leftover(cluster().dsn() +
+                                       " application_name=hygpooler/one/0badcafe");
+  std::this_thread::sleep_for(1500ms);  // idle longer than the cleanup's idle threshold below
+  run_coroutine([&]() -> awaitable_void {
+    ConnectOptions options{.conninfo = lenient.dsn()};
+    auto conn = co_await Connection::connect(std::move(options));
+    const CleanupOptions cleanup{
+        .application = "hygpooler", .instance = "two", .idle_threshold = std::chrono::seconds(1)};
+    const CleanupReport report =
+        co_await cleanup_predecessors(conn, cleanup, make_connection_tag("hygpooler", "two"));
+    EXPECT_TRUE(report.skipped);
+    EXPECT_EQ(report.terminated(), 0U);
+    EXPECT_THAT(report.warning, HasSubstr("pooler")) << report.warning;
+  });
+  EXPECT_EQ(leftover.scalar("SELECT 1"), "1") << "the tagged backend was terminated";
 }
 
 TEST_F(PoolerTest, APoolConfigThatNeedsSessionsIsRefusedBehindAPooler) {

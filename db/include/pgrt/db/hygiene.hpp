@@ -120,8 +120,9 @@ struct CleanupReport {
   std::vector<LeftoverBackend> backends;  ///< Every candidate found, terminated or not.
   /// The role may not terminate backends (SQLSTATE 42501). `warning` says which grant fixes it.
   bool permission_denied = false;
-  /// The cleanup did not run because no singleton lock was held (StartupHygiene); `warning` says
-  /// so.
+  /// The cleanup did not run: the connection goes through a pooler (configured as a transaction
+  /// pooler, or noticed at connect), or no singleton lock was held (StartupHygiene); `warning`
+  /// says why.
   bool skipped = false;
   /// Other incarnations of this very app and instance that a live process on this host runs
   /// (AppBackend::running_here): a duplicate whose instance lock is in another directory (its
@@ -152,7 +153,9 @@ struct CleanupReport {
 /// names that only start like a tag (`<app>/console`,
 /// `<app>/<instance>/report-job`), or other applications. Each terminated backend is logged
 /// (spdlog, info) with its pid, tag, state, start and client. A role that may not terminate gives
-/// a warning naming the grant (in the report and the log), never an exception. Other errors (the
+/// a warning naming the grant (in the report and the log), never an exception. Over a connection
+/// through a pooler (configured as a transaction pooler, or noticed at connect) it terminates
+/// nothing: CleanupReport::skipped, with a warning (logged). Other errors (the
 /// connection lost) throw pgrt::Error. Not thread-safe (uses `connection`); cancellation: as
 /// Connection::query().
 [[nodiscard]] boost::asio::awaitable<CleanupReport> cleanup_predecessors(
