@@ -89,7 +89,7 @@ const char* const usage =
     "       pgrt-diag metrics --help  (a running process's metrics endpoint, summarized)\n"
     "  --dsn             the server (default: DATABASE_URL; unset: libpq's PG* variables);\n"
     "                    no password here: others can read a command line (use PGPASSWORD)\n"
-    "  --app             the app whose backends to check (default: PGRT_APP, then \"pgrt\"),\n"
+    "  --app             the app whose backends to check (default: PGRT_APP; unset: \"pgrt\"),\n"
     "                    as configured: shortened like the tags (pgrt::tag_app_name())\n"
     "  --idle-threshold  idle (not in a transaction) longer than this counts as leaked, as\n"
     "                    PGRT_CLEANUP_IDLE_S does for the start-up cleanup (900; 0: off)\n"
@@ -188,7 +188,9 @@ std::optional<Arguments> parse_arguments(int argc, char** argv) {
   if (const char* url = std::getenv("DATABASE_URL")) arguments.conninfo = url;
   arguments.empty_database_url = database_url_is_empty();
   const char* app = std::getenv("PGRT_APP");
-  arguments.app = app != nullptr && *app != '\0' ? app : "pgrt";
+  // (PGRT_APP= is refused below, as the service refuses it, unless --app is given.)
+  arguments.app = app != nullptr ? app : "pgrt";
+  bool app_given = false;
   if (const char* pooler = std::getenv("PGRT_POOLER")) {
     const std::string_view value = pooler;
     arguments.behind_transaction_pooler = value == "transaction";
@@ -204,6 +206,7 @@ std::optional<Arguments> parse_arguments(int argc, char** argv) {
       arguments.empty_database_url = false;
     } else if (argument == "--app" && has_value) {
       arguments.app = argv[++i];
+      app_given = true;
     } else if (argument == "--idle-threshold" && has_value) {
       auto seconds = parse_number(argv[++i], 0, 31'536'000);
       if (!seconds) {
@@ -259,6 +262,12 @@ std::optional<Arguments> parse_arguments(int argc, char** argv) {
                  "backends are the pooler's, shared by its clients: pgrt-diag terminates none. "
                  "Leave out --kill-leaked and --emergency (the pooler closes idle server "
                  "connections itself), or point --dsn straight at the server\n";
+    return std::nullopt;
+  }
+  if (!app_given && app != nullptr && *app == '\0') {
+    // The service's message (PoolConfig::from_env()).
+    std::cerr << "pgrt-diag: PGRT_APP='' is not valid: give the application's name (it tags "
+                 "every connection's application_name), or leave PGRT_APP unset for \"pgrt\"\n";
     return std::nullopt;
   }
   if (arguments.app.empty()) {
