@@ -35,6 +35,7 @@
 #include <pgrt/runtime/identity.hpp>
 
 #include "diag_metrics.hpp"
+#include "json_text.hpp"
 #include "sql_text.hpp"  // (db/src: the quoting the library itself uses)
 
 namespace {
@@ -277,28 +278,8 @@ std::optional<Arguments> parse_arguments(int argc, char** argv) {
   return arguments;
 }
 
+using pgrt::diag::json_string;
 using pgrt::diag::printable;
-
-std::string json_string(std::string_view text) {
-  std::string out = "\"";
-  for (char c : text) {
-    switch (c) {
-      case '"':
-        out += "\\\"";
-        break;
-      case '\\':
-        out += "\\\\";
-        break;
-      default:
-        if (static_cast<unsigned char>(c) < 0x20) {
-          out += ' ';
-        } else {
-          out += c;
-        }
-    }
-  }
-  return out + "\"";
-}
 
 // One of the app's backends (pgrt::list_app_backends()), judged by the leftover rule.
 struct Backend {

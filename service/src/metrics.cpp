@@ -11,6 +11,7 @@
 #include <utility>
 
 #include "pgrt/service/watchdog.hpp"
+#include "utf8_text.hpp"  // (db/src)
 
 namespace pgrt {
 
@@ -18,11 +19,12 @@ namespace {
 
 using Labels = std::vector<std::pair<std::string_view, std::string>>;
 
-// A label value as the format wants it: backslash, double quote and newline escaped.
+// A label value as the format wants it: valid UTF-8 (an invalid byte becomes U+FFFD: else
+// Prometheus refuses the whole scrape), backslash, double quote and newline escaped.
 std::string escaped(std::string_view value) {
   std::string out;
   out.reserve(value.size());
-  for (const char c : value) {
+  for (const char c : detail::valid_utf8(value)) {
     if (c == '\\') {
       out += "\\\\";
     } else if (c == '"') {

@@ -594,6 +594,22 @@ TEST(ServiceEnvironment, WatchdogSharesArePlainDecimalsRefusedOtherwiseNamingThe
   }
 }
 
+// Label values must be valid UTF-8 (the exposition format; Prometheus refuses the whole scrape
+// otherwise). A name with an invalid byte (PGRT_APP, a pending-writes queue's or a consumer's
+// name) has it replaced with U+FFFD, one per broken sequence; '\\', '"' and a line break are
+// escaped.
+TEST(MetricsText, NamesWithInvalidUtf8GiveValidLabelValues) {
+  Metrics metrics;
+  metrics.add_pool("orders\xff\xfe/\xe2\x82/\"q\"\\\n\xc3\xa9", [] { return PoolStats{}; });
+  const std::string text = metrics.render();
+  EXPECT_THAT(text, HasSubstr("db_client_connection_pool_name=\"orders\xef\xbf\xbd\xef\xbf\xbd/"
+                              "\xef\xbf\xbd/\\\"q\\\"\\\\\\n\xc3\xa9\""))
+      << text;
+  for (const char invalid : {'\xff', '\xfe'}) {
+    EXPECT_EQ(text.find(invalid), std::string::npos) << text;
+  }
+}
+
 // Every sample of a rendered metrics page names its series (name and labels) once: the
 // exposition format forbids two samples of one series.
 void expect_each_series_once(const std::string& text) {
