@@ -456,6 +456,72 @@ TEST_F(BudgetTest, ACallerOfASecondPoolOfAFullBudgetFailsWithBudgetExhausted) {
       });
 }
 
+// Pool::evict_all() (a failover learned of out of band) while a connect waits for a slot of a
+// full budget: the connect is abandoned, as evicted, and the pool opens its replacement at once.
+// It is no failed connect: no connect_failed event, no connect error, no backoff, and
+// budget_probes_without_slot does not count it (it did not give up waiting). It used to count as
+// a failed connect, and the pool backed off before its next one.
+TEST_F(BudgetTest, AnEvictAllWhileAConnectWaitsForASlotIsNoFailedConnect) {
+  const std::string key = "evict-waiting";
+  BlockingConnection slot_holder(cluster().dsn());  // the budget's only slot, held by hand
+  slot_holder.query("SELECT pg_advisory_lock(" + std::to_string(budget_lock_key(key)) + ", 0)");
+  run_coroutine(
+      [&]() -> awaitable_void {
+        auto executor = co_await asio::this_coro::executor;
+        auto pool_config = config("evict-waiting", key, 1, 1);
+        pool_config.acquire_timeout = 20s;
+        // A failed connect would back off 500 ms (a full budget's cap on the backoff).
+        pool_config.connect_backoff_initial = 5s;
+        pool_config.connect_backoff_max = 5s;
+        Pool pool(executor, pool_config);
+        int failed_connects = 0;
+        std::string failure;
+        boost::signals2::scoped_connection on_failure(pool.events().connect_failed.connect(
+            [&](const boost::system::error_code&, const std::string& message) {
+              ++failed_connects;
+              failure = message;
+            }));
+        int backend = 0;
+        bool finished = false;
+        asio::co_spawn(
+            executor,
+            [&]() -> awaitable_void {
+              try {
+                auto lease = co_await pool.acquire();
+                backend = lease->backend_pid();
+              } catch (const Error& error) {
+                failure = error.what();
+              }
+              finished = true;
+            },
+            asio::detached);
+        for (int i = 0; i < 250 && pool.stats().budget_slot_waits == 0; ++i) {
+          co_await sleep_for(20ms);
+        }
+        EXPECT_EQ(pool.stats().budget_slot_waits, 1U) << "its connect should wait for a slot";
+        pool.evict_all();
+        // The waiting connect sees the eviction at its next look (within 300 ms) and is
+        // replaced by one that waits again.
+        for (int i = 0; i < 150 && pool.stats().budget_slot_waits < 2; ++i) {
+          co_await sleep_for(20ms);
+        }
+        const PoolStats stats = pool.stats();
+        EXPECT_EQ(stats.budget_slot_waits, 2U) << "the evicted connect was not replaced";
+        EXPECT_EQ(failed_connects, 0) << "an eviction is no failed connect: " << failure;
+        EXPECT_EQ(stats.connect_errors, 0U);
+        EXPECT_EQ(stats.consecutive_connect_failures, 0U);
+        EXPECT_EQ(stats.connect_backoff, 0ms);
+        EXPECT_EQ(stats.budget_probes_without_slot, 0U);
+        slot_holder.query("SELECT pg_advisory_unlock_all()");
+        for (int i = 0; i < 250 && !finished; ++i) co_await sleep_for(20ms);
+        EXPECT_TRUE(finished);
+        EXPECT_GT(backend, 0) << failure;
+        EXPECT_EQ(failed_connects, 0) << failure;
+        (void)co_await pool.close(1s);
+      },
+      60s);
+}
+
 // DISCARD ALL releases advisory locks: under a budget the discard_all reset leaves them alone.
 TEST_F(BudgetTest, BothResetPoliciesKeepTheSlotAcrossAThousandLeases) {
   for (const ResetPolicy policy : {ResetPolicy::rollback, ResetPolicy::discard_all}) {

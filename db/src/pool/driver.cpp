@@ -335,6 +335,8 @@ asio::awaitable<void> PoolState::open_connection(
   std::string failure_reason;
   bool probed = false;
   bool no_slot = false;
+  // Evicted (Pool::evict_all()) while it waited for a slot: given up on, but no failure.
+  bool abandoned = false;
   bool backend_may_live = false;  // a connect given up on with a backend perhaps starting up
   if (error) {
     if (cancel->cancelled) {
@@ -400,6 +402,10 @@ asio::awaitable<void> PoolState::open_connection(
         auto& pooled = static_cast<PooledConnection&>(*node->attachment);
         pooled.budget_slot = *search.slot;
         pooled.backend_pid = search.backend_pid;
+      } else if (evicted_by_user(self, *node)) {
+        abandoned = true;
+        error = make_error_code(client_errc::cancelled);
+        failure = "evicted (Pool::evict_all()) while it waited for a slot";
       } else {
         no_slot = true;
         error = make_error_code(client_errc::budget_exhausted);
@@ -448,7 +454,11 @@ asio::awaitable<void> PoolState::open_connection(
   self->budget_probes += probed ? 1 : 0;
   self->budget_probes_without_slot += no_slot ? 1 : 0;
   auto& actions = self->fresh_actions_locked();
-  if (error) {
+  if (abandoned) {
+    // Not a failure: no backoff, no event, and its replacement opens now (to the server the
+    // conninfo names now, after a failover).
+    self->core.connect_abandoned(*node, Clock::now(), actions);
+  } else if (error) {
     self->last_connect_error = failure;
     self->last_connect_error_code = error;
     if (!cancel->cancelled) {
@@ -579,6 +589,11 @@ asio::awaitable<void> PoolState::ping(std::shared_ptr<PoolState> self, pool::Nod
   auto& actions = self->fresh_actions_locked();
   self->core.ping_done(*node, ok, Clock::now(), actions);
   self->execute_locked(actions, deferred);
+}
+
+bool PoolState::evicted_by_user(const std::shared_ptr<PoolState>& self, const pool::Node& node) {
+  std::lock_guard lock(self->mutex);
+  return node.evicted && node.evict_reason == DiscardReason::evicted;
 }
 
 asio::awaitable<SlotSearch> PoolState::wait_for_budget_slot(

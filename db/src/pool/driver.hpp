@@ -413,6 +413,8 @@ struct PoolState : std::enable_shared_from_this<PoolState>, async::ParkedWaitOwn
     return core.connection_cap();
   }
 
+  // Whether `node` was evicted by Pool::evict_all() (not retired for the budget's fair share).
+  static bool evicted_by_user(const std::shared_ptr<PoolState>& self, const pool::Node& node);
   // Under a budget, when a new connection found no slot free: waits for one on that connection,
   // holding the budget's waiting marker meanwhile (so the processes holding slots keep to their
   // fair share), retrying every 100-300 ms for at most connect_timeout or until the pool closes.

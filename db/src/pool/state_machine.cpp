@@ -533,6 +533,15 @@ void Core::connect_failed(Node& node, Time now, Actions& actions, bool backpress
   fail_fast(now, actions);
 }
 
+void Core::connect_abandoned(Node& node, Time now, Actions& actions) {
+  if (node.state != NodeState::connecting) {
+    throw std::logic_error("pgrt pool core: a connect was abandoned for a connection that was " +
+                           std::string(to_string(node.state)));
+  }
+  destroy(node);
+  maybe_open(now, actions);
+}
+
 void Core::reset_done(Node& node, bool ok, Time now, Actions& actions) {
   if (!ok) {
     close_node(node, DiscardReason::failed_reset, actions);

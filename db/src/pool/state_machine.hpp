@@ -19,6 +19,8 @@
 //   lease_dropped_after_close              report a lease held past leak_threshold
 //   connection_lost (idle socket closed)
 //   backend_ended
+//   connect_abandoned (evicted while it
+//     waited for a budget slot)
 //   tick (the upkeep timer fired: also
 //     times out waiters past their deadline)
 //   close
@@ -375,6 +377,10 @@ class Core {
   void connect_failed(Node& node, Time now, Actions& actions, bool backpressure = false,
                       bool backend_may_live = false);
   static constexpr milliseconds max_backpressure_backoff{500};
+  // A connect given up on because its node was evicted (evict_all()) while it waited for a budget
+  // slot, its backend already ended: no failure (no backoff, no failure counted); the node goes,
+  // and its replacement may open at once.
+  void connect_abandoned(Node& node, Time now, Actions& actions);
   void reset_done(Node& node, bool ok, Time now, Actions& actions);
   void ping_done(Node& node, bool ok, Time now, Actions& actions);
   // The server (or the network) closed an idle node's socket. Ignored unless it is idle: a leased

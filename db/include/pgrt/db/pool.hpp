@@ -575,7 +575,9 @@ class Pool {
   /// they come back instead of becoming idle again (DiscardReason::evicted; a lease in use is
   /// never interrupted). The connections query() holds take no new statement from then on: they
   /// drain and come back. New connections replace them as usual, to the server the conninfo names
-  /// then. Does not wait; a no-op on a closed pool. Thread-safe.
+  /// then. Under a budget, a connect waiting for a slot stops waiting and is replaced at once; it
+  /// does not count as a failed connect (no backoff, no connect_failed event). Does not wait; a
+  /// no-op on a closed pool. Thread-safe.
   void evict_all();
 
   /// Use only in a process that is exiting without a graceful stop (an atexit handler).
