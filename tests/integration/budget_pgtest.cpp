@@ -575,6 +575,78 @@ TEST_F(BudgetTest, BothResetPoliciesKeepTheSlotAcrossAThousandLeases) {
   }
 }
 
+// The discard_all reset under a budget keeps the slot throughout: another session that asks for
+// the slot's lock while the connection holds it must not get it during the reset. It used to run
+// pg_advisory_unlock_all() and then take the slot again: a session queued on the slot's lock (or
+// a connect of another process that looked in between) took it, the reset failed and the
+// connection was closed, and the budget briefly had a backend holding no slot beside the
+// connect looking for one. Your own advisory locks are still released, however taken (int8 or
+// (int4, int4), shared or not, twice).
+TEST_F(BudgetTest, TheDiscardAllResetNeverLetsTheSlotGo) {
+  const std::string key = "discard-keeps";
+  auto pool_config = config(key, key, 1, 1);
+  pool_config.reset = ResetPolicy::discard_all;
+  std::vector<DiscardReason> reasons;
+  run_coroutine(
+      [&]() -> awaitable_void {
+        Pool pool(co_await asio::this_coro::executor, pool_config);
+        boost::signals2::scoped_connection subscription = pool.events().discarded.connect(
+            [&](DiscardReason reason) { reasons.push_back(reason); });
+        auto lease = co_await pool.acquire();
+        const int pid = lease->backend_pid();
+        co_await lease->execute("SELECT pg_advisory_lock(4343)");
+        co_await lease->execute("SELECT pg_advisory_lock(4343)");
+        co_await lease->execute("SELECT pg_advisory_lock_shared(43, 44)");
+        co_await lease->execute("SELECT pg_advisory_lock(-5, -6)");
+        // Another session queues on the slot's lock (slot 0 of a budget of 1).
+        std::atomic<bool> granted{false};
+        BlockingConnection waiter(cluster().dsn());
+        const int waiter_pid = waiter.backend_pid();
+        std::thread queued([&] {
+          try {
+            waiter.query("SELECT pg_advisory_lock(" + std::to_string(budget_lock_key(key)) +
+                         ", 0)");
+            granted = true;
+          } catch (const std::exception&) {  // NOLINT(bugprone-empty-catch): cancelled below
+          }
+        });
+        BlockingConnection observer(cluster().dsn());
+        const std::string waiting_sql =
+            "SELECT count(*) FROM pg_locks WHERE NOT granted AND pid = " +
+            std::to_string(waiter_pid);
+        for (int i = 0; i < 200 && observer.scalar(waiting_sql) != "1"; ++i) {
+          co_await sleep_for(10ms);
+        }
+        EXPECT_EQ(observer.scalar(waiting_sql), "1") << "the other session should queue";
+        lease.release();  // the reset runs
+        co_await sleep_for(500ms);
+        EXPECT_FALSE(granted) << "the slot went to another session during the reset";
+        if (!granted)
+          observer.query("SELECT pg_cancel_backend(" + std::to_string(waiter_pid) + ")");
+        queued.join();
+        waiter.query("SELECT pg_advisory_unlock_all()");  // (the slot, if it got it)
+        auto again = co_await pool.acquire();
+        EXPECT_EQ(again->backend_pid(), pid) << "the connection was replaced";
+        EXPECT_EQ(observer.scalar(slot_holders_sql(key) + " AND pid = " + std::to_string(pid)), "1")
+            << "the connection lost its slot";
+        // Every lock of the user's own is gone, the slot's only is held.
+        EXPECT_EQ(observer.scalar("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                                  "AND pid = " +
+                                  std::to_string(pid)),
+                  "1");
+        EXPECT_EQ(observer.scalar("SELECT pg_try_advisory_lock(4343)::text || "
+                                  "pg_try_advisory_lock(43, 44)::text || "
+                                  "pg_try_advisory_lock(-5, -6)::text"),
+                  "truetruetrue");
+        again.release();
+        (void)co_await pool.close(1s);
+      },
+      30s);
+  for (DiscardReason reason : reasons) {
+    if (reason != DiscardReason::closing) ADD_FAILURE() << "discarded: " << to_string(reason);
+  }
+}
+
 // A slot check on the way back of a lease, after PoolConfig::on_connect ran again (reset
 // discard_all), has a bound of its own, as in a ping: one counted from before the DISCARD ALL may
 // be used up by then (the hook has connect_timeout of its own), and the check, cut at once, closed

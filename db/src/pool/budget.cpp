@@ -386,19 +386,60 @@ void ProbeGate::leave(const std::string& lane) noexcept {
   next->resume(true);
 }
 
+namespace {
+
+// pg_advisory_unlock_all() but for the connection's own slot, (key, slot) taken exclusively: a
+// loop over what pg_locks shows this session holding, each lock released once per pass (a lock
+// taken twice shows once, and goes in the next pass), until none is left or a pass releases
+// nothing. Literals, not parameters: DO takes none.
+std::string unlock_all_but_slot_sql(std::int32_t key, std::size_t slot) {
+  const std::string int4 = "(CASE WHEN {0} >= 2147483648 THEN {0} - 4294967296 ELSE {0} END)::int4";
+  const auto as_int4 = [&int4](const std::string& column) {
+    std::string text = int4;
+    for (std::size_t at = text.find("{0}"); at != std::string::npos; at = text.find("{0}", at)) {
+      text.replace(at, 3, column);
+    }
+    return text;
+  };
+  const std::string pair = as_int4("held.c") + ", " + as_int4("held.o");
+  const std::string whole = "(held.c << 32) | held.o";
+  return "DO $pgrt$ DECLARE held record; released boolean := true; BEGIN WHILE released LOOP "
+         "released := false; FOR held IN SELECT l.classid::int8 AS c, l.objid::int8 AS o, "
+         "l.objsubid AS sub, l.mode = 'ExclusiveLock' AS exclusive FROM pg_catalog.pg_locks l "
+         "WHERE l.locktype = 'advisory' AND l.granted AND l.pid = pg_catalog.pg_backend_pid() "
+         "AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = "
+         "current_database()) AND NOT (l.objsubid = 2 AND l.mode = 'ExclusiveLock' AND "
+         "l.classid = (" +
+         std::to_string(key) + "::int8 & 4294967295)::oid AND l.objid = " + std::to_string(slot) +
+         "::oid) LOOP IF held.sub = 1 AND held.exclusive THEN released := "
+         "pg_catalog.pg_advisory_unlock(" +
+         whole +
+         ") OR released; ELSIF held.sub = 1 THEN released := "
+         "pg_catalog.pg_advisory_unlock_shared(" +
+         whole +
+         ") OR released; ELSIF held.exclusive THEN released := pg_catalog.pg_advisory_unlock(" +
+         pair + ") OR released; ELSE released := pg_catalog.pg_advisory_unlock_shared(" + pair +
+         ") OR released; END IF; END LOOP; END LOOP; END $pgrt$";
+}
+
+}  // namespace
+
 asio::awaitable<void> discard_all_keeping_slot(Connection& connection, const Budget& budget,
                                                std::size_t slot) {
   ConnectionAccess::forget_statements(connection);
+  const std::int32_t key = budget_lock_key(budget.key);
   // DISCARD ALL is these and pg_advisory_unlock_all() (PostgreSQL's documentation of DISCARD);
-  // each in a segment of its own, outside any transaction block; then the slot again.
+  // each in a segment of its own, outside any transaction block. The advisory locks go but the
+  // slot's: released and taken again, it could go to another process in between.
   Pipeline statements;
   // Unnamed: DEALLOCATE ALL would drop its own prepared statements under it (each later one would
   // fail as forgotten, and, twice on a connection, it would go unnamed for good, as behind a
   // pooler).
   statements.prepare_statements(false);
-  for (const char* sql : {"CLOSE ALL", "SET SESSION AUTHORIZATION DEFAULT", "RESET ALL",
-                          "DEALLOCATE ALL", "UNLISTEN *", "DISCARD PLANS", "DISCARD TEMP",
-                          "DISCARD SEQUENCES", "SELECT pg_advisory_unlock_all()"}) {
+  const std::string unlock = unlock_all_but_slot_sql(key, slot);
+  for (const char* sql :
+       {"CLOSE ALL", "SET SESSION AUTHORIZATION DEFAULT", "RESET ALL", "DEALLOCATE ALL",
+        "UNLISTEN *", "DISCARD PLANS", "DISCARD TEMP", "DISCARD SEQUENCES", unlock.c_str()}) {
     statements.add(sql).sync();
   }
   if (const std::size_t marker = budget_class_marker(budget); marker != 0) {
@@ -407,8 +448,14 @@ asio::awaitable<void> discard_all_keeping_slot(Connection& connection, const Bud
              static_cast<std::int32_t>(marker))
         .sync();
   }
-  statements.add("SELECT pg_try_advisory_lock($1::int4, $2::int4)", budget_lock_key(budget.key),
-                 static_cast<std::int32_t>(slot));
+  // Still held, as a rule; taken again if released by hand in the lease (once: a second hold of
+  // it would outlive the next reset).
+  statements.add(
+      "SELECT CASE WHEN EXISTS (SELECT FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND "
+      "granted AND pid = pg_catalog.pg_backend_pid() AND objsubid = 2 AND mode = 'ExclusiveLock' "
+      "AND classid = ($1::int8 & 4294967295)::oid AND objid = $2::int8::oid) THEN true ELSE "
+      "pg_catalog.pg_try_advisory_lock($1::int4, $2::int4) END",
+      key, static_cast<std::int32_t>(slot));
   const auto outcomes = co_await connection.run(statements);
   for (const auto& outcome : outcomes) {
     if (!outcome.ok()) throw Error(outcome.error, outcome.diagnostics);
@@ -417,8 +464,8 @@ asio::awaitable<void> discard_all_keeping_slot(Connection& connection, const Bud
     throw Error(
         make_error_code(client_errc::budget_exhausted),
         Diagnostics{.message = "the budget slot " + std::to_string(slot) + " of '" + budget.key +
-                               "' was taken by another process during the "
-                               "reset of its connection, which is closed"});
+                               "', released by hand in a lease, was taken by another process "
+                               "before the reset of its connection, which is closed"});
   }
 }
 

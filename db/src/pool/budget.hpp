@@ -146,10 +146,11 @@ class ProbeGate : public boost::asio::execution_context::service {
   std::unique_ptr<State> state_;
 };
 
-// DISCARD ALL for a connection that holds budget slot `slot`: its statements, every advisory
-// lock released (the caller's too), and the slot taken again at once, in one round trip. Throws
-// Error(budget_exhausted) if another process took the slot in between (the reset then fails and
-// the pool closes the connection: the budget is never exceeded). Forgets the prepared statements.
+// DISCARD ALL for a connection that holds budget slot `slot`, in one round trip: its statements,
+// with every advisory lock released (the caller's too) but the slot's own, which never leaves the
+// connection. A slot released by hand in the lease is taken again; throws Error(budget_exhausted)
+// if another process took it meanwhile (the reset then fails and the pool closes the connection:
+// the budget is never exceeded). Forgets the prepared statements.
 [[nodiscard]] boost::asio::awaitable<void> discard_all_keeping_slot(Connection& connection,
                                                                     const Budget& budget,
                                                                     std::size_t slot);
