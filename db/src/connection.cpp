@@ -176,17 +176,24 @@ asio::awaitable<std::pair<error_code, Connection>> Connection::try_connect(execu
   error_code error;
   if (outcome.index() == 0) {
     error = std::get<0>(outcome);
-    // Failed, or cancelled by the caller (connect() leaves that to here): closed at once. What
-    // earlier attempts of this connect left lingering stays for close_and_wait() (a host that ran
-    // out of its share of the time may have a backend in start-up although a later host refused).
+    // Failed: closed at once. Cancelled by the caller (connect() leaves that to here): abandoned,
+    // as a backend in start-up may exist, which lives on until it reads the end of the
+    // connection (its end is watched: a pool under a budget keeps its turn for a backend without
+    // a slot until then). What earlier attempts of this connect left lingering stays for
+    // close_and_wait() (a host that ran out of its share of the time may have a backend in
+    // start-up although a later host refused).
     if (error && impl->conn != nullptr) {
-      impl->close(CloseMode::immediate, Impl::Lingering::keep);
+      if (error == client_errc::cancelled) {
+        impl->abandon_connect();
+      } else {
+        impl->close(CloseMode::immediate, Impl::Lingering::keep);
+      }
     }
   } else if (std::get<0>(std::get<1>(outcome)) == asio::error::operation_aborted) {
     // Cancelled: its caller is going away (a closing pool), and makes no new connection in its
-    // place. Closed at once.
+    // place. Abandoned, as above.
     std::string where = impl->target();
-    impl->close(CloseMode::immediate);
+    impl->abandon_connect();
     error = impl->fail(client_errc::cancelled, "connecting to " + where + " was cancelled");
   } else {
     std::string where = impl->target();

@@ -34,6 +34,7 @@
 #include "pgrt/testing/blocking_sql.hpp"
 #include "pgrt/testing/db_test.hpp"
 #include "pgrt/testing/expect_error.hpp"
+#include "pgrt/testing/fault_proxy.hpp"
 #include "pgrt/testing/run_coroutine.hpp"
 #include "pgrt/testing/temp_cluster.hpp"
 #include "pgrt/testing/temp_pgbouncer.hpp"
@@ -336,6 +337,89 @@ TEST_F(BudgetTest, AConnectWaitingForAFullBudgetHoldsUpNoOtherBudgetOrClass) {
         while (finished < 2) co_await sleep_for(20ms);
         lease.release();
         (void)co_await holder.close(1s);
+      },
+      60s);
+}
+
+// docs/budget.md: at most one backend without a slot per io_context, budget, class and conninfo.
+// A pool that closes while its connect is in start-up (its backend forked, no slot yet) must keep
+// that turn until the backend has ended (or server_close_warning, 2 s, has passed), like a
+// connect that found no slot: here the client's end reaches the server 1 s late (a slow network),
+// so the backend lives on that long, and a second pool of the same budget and conninfo must not
+// open a second backend without a slot meanwhile. A connect cancelled in its start-up used to
+// close its socket at once and leave the turn at once.
+TEST_F(BudgetTest, APoolClosedDuringAConnectKeepsTheTurnUntilItsBackendEnded) {
+  using Clock = std::chrono::steady_clock;
+  testing::FaultProxy proxy("127.0.0.1", static_cast<std::uint16_t>(cluster().port()));
+  proxy.set_end_delay(1s);
+  proxy.set_latency(200ms);  // the start-up takes a few round trips of 400 ms
+  const std::string conninfo = proxy.conninfo_prefix() + " user=postgres dbname=postgres";
+  auto first_config = config("closing-a", "closing-turn", 2);
+  first_config.conninfo = conninfo;
+  auto second_config = config("closing-b", "closing-turn", 2);
+  second_config.conninfo = conninfo;
+  BlockingConnection observer(cluster().dsn());
+  const auto backends = [&observer](const std::string& instance) {
+    return std::stoi(observer.scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'budget-test/" +
+        instance + "/%'"));
+  };
+  run_coroutine(
+      [&]() -> awaitable_void {
+        auto executor = co_await asio::this_coro::executor;
+        auto first = std::make_unique<Pool>(executor, first_config);
+        bool first_done = false;
+        asio::co_spawn(
+            executor,
+            [&]() -> awaitable_void {
+              try {
+                auto unused = co_await first->acquire();
+              } catch (const Error&) {  // NOLINT(bugprone-empty-catch): closed under it
+              }
+              first_done = true;
+            },
+            asio::detached);
+        // Its backend exists (the server has the application name), the client is still in its
+        // start-up (the server's answers are 200 ms on their way).
+        for (int i = 0; i < 500 && backends("closing-a") == 0; ++i) co_await sleep_for(5ms);
+        EXPECT_EQ(backends("closing-a"), 1);
+        bool first_closed = false;
+        asio::co_spawn(
+            executor,
+            [&]() -> awaitable_void {
+              (void)co_await first->close(10s);
+              first_closed = true;
+            },
+            asio::detached);
+        co_await sleep_for(50ms);  // the connect has been cancelled
+        proxy.set_latency(0us);
+        Pool second(executor, second_config);
+        bool second_done = false;
+        asio::co_spawn(
+            executor,
+            [&]() -> awaitable_void {
+              try {
+                auto unused = co_await second.acquire();
+              } catch (const Error&) {  // NOLINT(bugprone-empty-catch): closed under it
+              }
+              second_done = true;
+            },
+            asio::detached);
+        const auto closed_at = Clock::now();
+        // The first backend lives on for 1 s: the second pool's connect must wait for the turn
+        // until it has ended instead of opening a second backend beside it.
+        int both = 0;
+        while (Clock::now() - closed_at < 1500ms) {
+          if (backends("closing-a") > 0 && backends("closing-b") > 0) ++both;
+          co_await sleep_for(5ms);
+        }
+        EXPECT_EQ(both, 0) << "two backends without a slot on one io_context, budget and conninfo";
+        EXPECT_EQ(backends("closing-b"), 1) << "the second pool should have connected by now";
+        for (int i = 0; i < 500 && !(first_closed && first_done); ++i) co_await sleep_for(20ms);
+        EXPECT_TRUE(first_closed);
+        (void)co_await second.close(5s);
+        for (int i = 0; i < 500 && !second_done; ++i) co_await sleep_for(20ms);
+        first.reset();
       },
       60s);
 }

@@ -732,13 +732,14 @@ asio::awaitable<error_code> Connection::Impl::notice_pooler_within(
   using namespace asio::experimental::awaitable_operators;
   asio::steady_timer given_up(executor, *deadline);
   auto outcome = co_await detail::serialized(notice_pooler() || given_up.async_wait(no_throw));
+  // Its start-up done, the backend exists: abandoned (its end is watched), not closed at once.
   if (outcome.index() == 0) {
     const error_code error = std::get<0>(outcome);
-    if (error && conn != nullptr) close(CloseMode::immediate, Lingering::keep);
+    if (error && conn != nullptr) abandon_connect();
     co_return error;
   }
   std::string where = target();
-  close(CloseMode::immediate, Lingering::keep);
+  abandon_connect();
   if (std::get<0>(std::get<1>(outcome))) {
     co_return fail(client_errc::cancelled, "connecting to " + where + " was cancelled");
   }

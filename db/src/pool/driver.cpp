@@ -355,14 +355,29 @@ asio::awaitable<void> PoolState::open_connection(
     // closes like a discarded connection. (Under a budget, here, while the connect still holds
     // the io_context's turn for a backend without a slot, and lets it go if the server is slow.)
     backend_may_live = ConnectionAccess::has_lingering_socket(connection);
-    if (backend_may_live && !budget.key.empty()) {
+    if (backend_may_live && cancel->cancelled) {
+      // The pool closes (close() abandons connects at once): its capacity is given back now.
+      // Under a budget, a backend without a slot: the turn is kept until it has ended, for up to
+      // server_close_warning (another pool of the process may open one of its own then).
+      if (budget.key.empty()) {
+        connection.close();
+      } else {
+        (void)co_await connection.close_and_wait(server_close_warning);
+      }
+      backend_may_live = false;
+    } else if (backend_may_live && !budget.key.empty()) {
       co_await close_until_backend_ends(self, connection, [&probe_turn] { probe_turn.reset(); });
       backend_may_live = false;
     }
   } else if (cancel->cancelled) {  // the pool closed right after the connect
     error = make_error_code(client_errc::cancelled);
     failure = "the pool closed while connecting";
-    connection.close();
+    // Under a budget, a backend without a slot: the turn is kept until it has ended (as above).
+    if (budget.key.empty()) {
+      connection.close();
+    } else {
+      (void)co_await connection.close_and_wait(server_close_warning);
+    }
   } else if (!budget.key.empty() && ConnectionAccess::behind_pooler(connection)) {
     // A pooler nobody told pgrt about, noticed at connect: an advisory lock taken here would
     // belong to one of the pooler's server sessions, which outlives this connection (a

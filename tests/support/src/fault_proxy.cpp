@@ -68,8 +68,9 @@ struct FaultProxy::State {
   // Touched only on the proxy's thread.
   bool paused = false;
   bool keep_upstream = false;
-  std::chrono::microseconds latency{0};  // set_latency()
-  char repeat_type = 0;                  // repeat_next_server_message(): armed while not 0
+  std::chrono::microseconds latency{0};    // set_latency()
+  std::chrono::microseconds end_delay{0};  // set_end_delay()
+  char repeat_type = 0;                    // repeat_next_server_message(): armed while not 0
   asio::steady_timer resumed{io, asio::steady_timer::time_point::max()};
   std::uint64_t next_id = 0;
   std::map<std::uint64_t, std::shared_ptr<Session>> sessions;
@@ -162,6 +163,11 @@ struct FaultProxy::State {
       const auto read_at = std::chrono::steady_clock::now();
       if (read_error) {
         client_side_failed = from_client;
+        if (from_client && end_delay.count() > 0 && !keep_upstream) {
+          // The client's end reaches the server late (set_end_delay()).
+          asio::steady_timer delay(io, read_at + end_delay);
+          co_await delay.async_wait(no_throw);
+        }
         break;
       }
       while (paused && !session->ended) {
@@ -256,6 +262,10 @@ void FaultProxy::resume() {
 
 void FaultProxy::set_latency(std::chrono::microseconds one_way) {
   state_->run([state = state_.get(), one_way] { state->latency = one_way; });
+}
+
+void FaultProxy::set_end_delay(std::chrono::microseconds delay) {
+  state_->run([state = state_.get(), delay] { state->end_delay = delay; });
 }
 
 void FaultProxy::repeat_next_server_message(char type) {

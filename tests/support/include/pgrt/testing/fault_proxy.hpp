@@ -41,6 +41,11 @@ class FaultProxy {
   /// chunk is held, so bytes arriving meanwhile travel with the next chunk: each byte takes
   /// between one_way and twice that. Zero (the default): no delay.
   void set_latency(std::chrono::microseconds one_way);
+  /// A slow end: the end of a client's connection (its FIN, or its close) reaches the server
+  /// `delay` after the proxy read it, so the server's backend lives on that long after the client
+  /// left (and a client still reading sees the server's side close only then). Ignored with
+  /// keep_upstream(true). Zero (the default): at once.
+  void set_end_delay(std::chrono::microseconds delay);
   void pause();
   void resume();
   void drop_all();
