@@ -482,6 +482,11 @@ Connection::Impl* ConnectionAccess::bind(Connection& connection, LeaseBinding* b
   return impl;
 }
 
+std::string ConnectionAccess::server_of(const Connection& connection) {
+  if (connection.impl_ == nullptr || connection.impl_->conn == nullptr) return {};
+  return connection.impl_->target();
+}
+
 bool ConnectionAccess::has_lingering_socket(const Connection& connection) noexcept {
   return connection.impl_ != nullptr && connection.impl_->conn == nullptr &&
          !connection.impl_->lingering_fds.empty();

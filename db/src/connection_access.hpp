@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <future>
 #include <memory>
+#include <string>
 
 #include "pgrt/db/connection.hpp"
 #include "pgrt/db/pool_types.hpp"
@@ -74,6 +75,9 @@ struct ConnectionAccess {
   // Whether a connect given up on left a descriptor to watch its backend end by
   // (Connection::Impl::abandon_connect()).
   static bool has_lingering_socket(const Connection& connection) noexcept;
+  // The server and database the connection reached ("host:port (database ..., user ...)"), as
+  // in its messages; "" when it is not open.
+  static std::string server_of(const Connection& connection);
   // Whether the connection goes through a pooler, configured as a transaction pooler or noticed
   // at connect (Connection::Impl::one_segment_in_flight()).
   static bool behind_pooler(const Connection& connection) noexcept;

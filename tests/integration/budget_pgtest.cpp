@@ -519,6 +519,49 @@ TEST_F(BudgetTest, AConnectWaitingForAFullBudgetHoldsUpNoPoolOfTheSameHostListOn
       });
 }
 
+// A multi-host conninfo (host=a,b) can leave a pool's connections on two servers: the first host
+// did not answer in its share of connect_timeout for one connect, so it went to the second. Each
+// server has its own advisory locks, so each connection holds its slot on its own server. The
+// periodic slot check reads pg_locks on one connection's server: it judges only the connections
+// on that server. It used to judge them all, and closed those on the other server as if their
+// slots had been released by hand (DiscardReason::slot_lost, a warning each time).
+TEST_F(BudgetTest, ASlotCheckJudgesOnlyTheConnectionsOnItsOwnServer) {
+  auto second = start_own_cluster();
+  testing::FaultProxy proxy("127.0.0.1", static_cast<std::uint16_t>(cluster().port()));
+  auto pool_config = config("two-servers", "two-servers", 4, 2);
+  pool_config.conninfo = "host=127.0.0.1,127.0.0.1 port=" + std::to_string(proxy.port()) + "," +
+                         std::to_string(second->port()) + " user=postgres dbname=postgres";
+  pool_config.connect.connect_timeout = 2s;  // the first host has 1 s of it
+  pool_config.budget.check_interval = 100ms;
+  std::vector<DiscardReason> reasons;
+  run_coroutine(
+      [&]() -> awaitable_void {
+        Pool pool(co_await asio::this_coro::executor, pool_config);
+        boost::signals2::scoped_connection subscription = pool.events().discarded.connect(
+            [&](DiscardReason reason) { reasons.push_back(reason); });
+        auto on_first = co_await pool.acquire();
+        proxy.pause();  // the first host answers nothing: the next connect goes to the second
+        auto on_second = co_await pool.acquire();
+        proxy.resume();
+        const auto port = [](Lease& lease) -> asio::awaitable<std::string> {
+          co_return (co_await lease->query("SELECT current_setting('port')")).scalar<std::string>();
+        };
+        EXPECT_EQ(co_await port(on_first), std::to_string(cluster().port()));
+        EXPECT_EQ(co_await port(on_second), std::to_string(second->port()));
+        on_first.release();
+        on_second.release();
+        co_await sleep_for(1s);  // about ten slot checks, on either connection
+        const PoolStats stats = pool.stats();
+        EXPECT_EQ(stats.idle, 2U);
+        EXPECT_EQ(stats.discarded, 0U);
+        (void)co_await pool.close(1s);
+      },
+      30s);
+  for (DiscardReason reason : reasons) {
+    if (reason != DiscardReason::closing) ADD_FAILURE() << "discarded: " << to_string(reason);
+  }
+}
+
 // docs/budget.md: with no slot free, "a caller that waits out acquire_timeout meanwhile fails with
 // client_errc::budget_exhausted", which matches condition::too_many_connections (backpressure).
 // Two pools of one process on one budget (as docs/budget.md allows: they keep to one share

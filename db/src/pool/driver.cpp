@@ -417,6 +417,7 @@ asio::awaitable<void> PoolState::open_connection(
         auto& pooled = static_cast<PooledConnection&>(*node->attachment);
         pooled.budget_slot = *search.slot;
         pooled.backend_pid = search.backend_pid;
+        pooled.server = ConnectionAccess::server_of(connection);
       } else if (evicted_by_user(self, *node)) {
         abandoned = true;
         error = make_error_code(client_errc::cancelled);
@@ -688,6 +689,12 @@ asio::awaitable<void> PoolState::check_budget_slots(std::shared_ptr<PoolState> s
     judged.push_back({checker->id, checker->resets});
   }
   Connection& connection = connection_of(*checker);
+  // What pg_locks shows is this server's (each has its own advisory locks): the connections that
+  // reached another host of a multi-host conninfo hold their slots there, and are not judged.
+  const std::string server = [&] {
+    std::lock_guard lock(self->mutex);
+    return static_cast<const PooledConnection&>(*checker->attachment).server;
+  }();
   std::vector<SlotHolder> members;
   const std::vector<SlotHolder> holders = co_await cut_at(
       connection, deadline, budget_slot_holders(connection, self->config.budget, &members));
@@ -709,7 +716,7 @@ asio::awaitable<void> PoolState::check_budget_slots(std::shared_ptr<PoolState> s
       // (A node retired for the fair share alone may be kept when the cap lifts: checked.)
       if (!unchanged || (node.evicted && node.evict_reason != DiscardReason::budget_share)) return;
       const auto& pooled = static_cast<const PooledConnection&>(*node.attachment);
-      if (holding.count(pooled.backend_pid) != 0) return;
+      if (pooled.server != server || holding.count(pooled.backend_pid) != 0) return;
       deferred.add([self, pid = pooled.backend_pid, slot = pooled.budget_slot,
                     idle = node.state == pool::NodeState::idle] {
         spdlog::warn(
