@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fcntl.h>
+#include <fstream>
 #include <limits>
 #include <sstream>
 #include <stdexcept>
@@ -147,6 +148,66 @@ std::string guard_name_of(const std::filesystem::path& path) {
   return name + path.filename().string().substr(0, max_guard_name_bytes - name.size());
 }
 
+// Where the kernel's socket diagnostics cannot say whose the stream socket bound to the abstract
+// name `name` is (no AF_NETLINK in a sandbox: systemd's RestrictAddressFamilies=AF_UNIX AF_INET
+// AF_INET6; Linux before 5.3), /proc may: the socket's inode from /proc/net/unix (this network
+// namespace's), then the descriptors of the processes whose effective uid is this user's (their
+// status says; another user's are skipped unread). True when one of them has it open, false when
+// none has and every one of them could be read (another user's socket, or one of a process in
+// another pid namespace), nullopt when /proc cannot tell (no /proc/net/unix, the name not listed,
+// a process of this user's whose descriptors cannot be read).
+std::optional<bool> held_by_this_user(const std::string& name) {
+  std::ifstream table("/proc/net/unix");
+  if (!table) return std::nullopt;
+  const std::string listed = "@" + name;  // (an abstract name's leading NUL shows as '@')
+  std::vector<std::string> links;         // "socket:[<inode>]"
+  std::string line;
+  std::getline(table, line);  // Num RefCount Protocol Flags Type St Inode Path
+  while (std::getline(table, line)) {
+    std::istringstream fields(line);
+    std::string number, references, protocol, flags, type, state, inode;
+    if (!(fields >> number >> references >> protocol >> flags >> type >> state >> inode)) continue;
+    std::string path;
+    std::getline(fields, path);
+    if (!path.empty() && path.front() == ' ') path.erase(0, 1);
+    if (type == "0001" && path == listed) links.push_back("socket:[" + inode + "]");
+  }
+  if (links.empty()) return std::nullopt;
+  const auto uid = std::to_string(::geteuid());
+  bool unreadable = false;
+  std::error_code error;
+  for (const auto& process : std::filesystem::directory_iterator("/proc", error)) {
+    const std::string pid = process.path().filename().string();
+    if (pid.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::ifstream status(process.path() / "status");
+    std::string effective;
+    for (std::string field; std::getline(status, field);) {
+      if (field.starts_with("Uid:")) {
+        std::istringstream uids(field.substr(4));
+        std::string real;
+        uids >> real >> effective;
+        break;
+      }
+    }
+    if (effective != uid) continue;  // (gone meanwhile, or another user's)
+    std::error_code listing;
+    std::filesystem::directory_iterator descriptors(process.path() / "fd", listing);
+    if (listing) {
+      unreadable = unreadable || listing != std::errc::no_such_file_or_directory;
+      continue;
+    }
+    for (const auto& descriptor : descriptors) {
+      std::error_code reading;
+      const auto target = std::filesystem::read_symlink(descriptor.path(), reading);
+      if (!reading && std::find(links.begin(), links.end(), target.string()) != links.end()) {
+        return true;
+      }
+    }
+  }
+  if (error || unreadable) return std::nullopt;
+  return false;
+}
+
 struct GuardAttempt {
   int fd = -1;        // bound: the guard is taken
   bool held = false;  // another process of this user holds it
@@ -158,7 +219,8 @@ struct GuardAttempt {
 // systemd's RestrictAddressFamilies without AF_UNIX) or where the name is another user's (an
 // abstract name has no permissions, so any user may bind it: a squatter must not keep this
 // service from starting; a socket named after this uid is never another user's instance). Where
-// the kernel cannot tell whose the socket is, it is taken for a holder's.
+// the kernel cannot tell whose the socket is, /proc is asked (held_by_this_user()); where neither
+// can, it is taken for a holder's.
 GuardAttempt try_guard(const std::string& name) {
   sockaddr_un address{};
   address.sun_family = AF_UNIX;
@@ -182,6 +244,8 @@ GuardAttempt try_guard(const std::string& name) {
   const auto owner = detail::abstract_socket_owner(
       std::string_view(address.sun_path, 1 + name.size()), SOCK_STREAM);
   if (owner && *owner != ::geteuid()) return {};
+  // (The kernel cannot tell: /proc may. A squatter must not keep the service out there either.)
+  if (!owner && held_by_this_user(name) == false) return {};
   return {-1, true};
 }
 

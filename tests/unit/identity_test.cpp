@@ -7,6 +7,7 @@
 #include <csignal>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <fcntl.h>
 #include <filesystem>
@@ -504,6 +505,130 @@ TEST_F(InstanceLockTest, AnotherUsersSocketUnderTheGuardsNameDoesNotKeepTheInsta
   ::waitpid(squatter, &status, 0);
   ::close(ready[0]);
   EXPECT_TRUE(bound) << "the squatter could not bind @" << name << " (status " << status << ")";
+}
+
+#if defined(__x86_64__)
+// The exit code of `body` run in a child where socket(AF_NETLINK, ...) fails with EAFNOSUPPORT
+// (systemd's RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6): the kernel's socket diagnostics
+// cannot say whose a unix socket is. -1 if it did not exit; 125 if the filter could not be set.
+int exit_code_without_netlink(const InstanceLockOptions& lock_options,
+                              int (*body)(const InstanceLockOptions&)) {
+  constexpr auto load = static_cast<std::uint16_t>(BPF_LD | BPF_W | BPF_ABS);
+  constexpr auto equals = static_cast<std::uint16_t>(BPF_JMP | BPF_JEQ | BPF_K);
+  constexpr auto give = static_cast<std::uint16_t>(BPF_RET | BPF_K);
+  std::array<sock_filter, 9> filter{{
+      {load, 0, 0, static_cast<std::uint32_t>(offsetof(seccomp_data, arch))},
+      {equals, 1, 0, AUDIT_ARCH_X86_64},
+      {give, 0, 0, SECCOMP_RET_ALLOW},
+      {load, 0, 0, static_cast<std::uint32_t>(offsetof(seccomp_data, nr))},
+      {equals, 0, 3, static_cast<std::uint32_t>(__NR_socket)},
+      {load, 0, 0, static_cast<std::uint32_t>(offsetof(seccomp_data, args))},
+      {equals, 0, 1, static_cast<std::uint32_t>(AF_NETLINK)},
+      {give, 0, 0, SECCOMP_RET_ERRNO | static_cast<std::uint32_t>(EAFNOSUPPORT)},
+      {give, 0, 0, SECCOMP_RET_ALLOW},
+  }};
+  const sock_fprog program{static_cast<unsigned short>(filter.size()), filter.data()};
+  const pid_t child = ::fork();
+  if (child == 0) {
+    if (::prctl(PR_SET_NO_NEW_PRIVS, 1UL, 0UL, 0UL, 0UL) != 0 ||
+        ::prctl(PR_SET_SECCOMP, static_cast<unsigned long>(SECCOMP_MODE_FILTER), &program) != 0) {
+      ::_exit(125);
+    }
+    if (::socket(AF_NETLINK, SOCK_DGRAM, 0) >= 0) ::_exit(124);
+    ::_exit(body(lock_options));
+  }
+  int status = 0;
+  if (child < 0 || ::waitpid(child, &status, 0) != child || !WIFEXITED(status)) return -1;
+  return WEXITSTATUS(status);
+}
+#endif
+
+// systemd's usual hardening, RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6, leaves out
+// AF_NETLINK, so the kernel cannot say whose socket holds the guard's name (so too before Linux
+// 5.3). operations.md: "another user's socket has taken the guard's name first ... the lock file
+// alone guards". A local user who binds the (predictable) name must not keep the service from
+// starting there either, with force or without; nor be taken for "another app/one" that "still
+// holds the instance lock" (the message sends the operator hunting for an instance that does not
+// exist).
+TEST_F(InstanceLockTest, AnotherUsersSocketUnderTheGuardsNameDoesNotKeepOutASandboxWithoutNetlink) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root, to act as another user";
+#if !defined(__x86_64__)
+  GTEST_SKIP() << "the seccomp filter here is for x86-64";
+#else
+  std::string name;
+  {
+    auto lock = InstanceLock::acquire(options());
+    name = lock.guard_name();
+  }
+  ASSERT_FALSE(name.empty());
+  int ready[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  const pid_t squatter = ::fork();
+  ASSERT_GE(squatter, 0);
+  if (squatter == 0) {
+    if (::setuid(65534) != 0) ::_exit(2);
+    const int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
+    sockaddr_un address{};
+    address.sun_family = AF_UNIX;
+    std::memcpy(address.sun_path + 1, name.data(), name.size());
+    const auto length = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + 1 + name.size());
+    if (fd < 0 || ::bind(fd, reinterpret_cast<const sockaddr*>(&address), length) != 0) {
+      ::_exit(3);
+    }
+    (void)::write(ready[1], "x", 1);
+    for (;;) ::pause();
+  }
+  ::close(ready[1]);
+  char byte = 0;
+  const bool bound = ::read(ready[0], &byte, 1) == 1;
+  ::close(ready[0]);
+  int result = -1;
+  if (bound) {
+    result = exit_code_without_netlink(options(), [](const InstanceLockOptions& lock_options) {
+      try {
+        auto lock = InstanceLock::acquire(lock_options);  // not refused
+        return lock.guard_name().empty() ? 0 : 3;
+      } catch (const InstanceLockError& error) {
+        std::fprintf(stderr, "refused: %s\n", error.what());
+        return 4;
+      } catch (...) {
+        return 5;
+      }
+    });
+  }
+  ::kill(squatter, SIGKILL);
+  int status = 0;
+  ::waitpid(squatter, &status, 0);
+  ASSERT_TRUE(bound) << "the squatter could not bind @" << name << " (status " << status << ")";
+  EXPECT_EQ(result, 0) << "4: refused to start because another user's socket has the guard's name";
+#endif
+}
+
+// ... and where the kernel cannot say whose the guard's socket is, a live holder of this user's
+// whose lock file was removed still keeps a second instance out (/proc tells it is this user's).
+TEST_F(InstanceLockTest, ALockFileRemovedUnderALiveHolderKeepsOutASandboxWithoutNetlink) {
+#if !defined(__x86_64__)
+  GTEST_SKIP() << "the seccomp filter here is for x86-64";
+#else
+  auto holder = InstanceLock::acquire(options());
+  ASSERT_FALSE(holder.guard_name().empty());
+  std::filesystem::remove_all(directory_);
+  EXPECT_EQ(exit_code_without_netlink(options(),
+                                      [](const InstanceLockOptions& lock_options) {
+                                        try {
+                                          (void)InstanceLock::acquire(lock_options);
+                                          return 4;  // a second holder
+                                        } catch (const InstanceLockError& error) {
+                                          return std::string(error.what()).find("was removed") !=
+                                                         std::string::npos
+                                                     ? 0
+                                                     : 3;
+                                        } catch (...) {
+                                          return 5;
+                                        }
+                                      }),
+            0);
+#endif
 }
 
 // A sandbox without unix sockets (systemd's RestrictAddressFamilies=AF_INET AF_INET6) has no
