@@ -1138,6 +1138,40 @@ TEST_F(PendingWritesTest, AGenuineFeatureNotSupportedErrorIsGivenUpNotRetried) {
   EXPECT_EQ(sqlstates, std::vector<std::string>{"0A000"});
 }
 
+// AGenuineFeatureNotSupportedErrorIsGivenUpNotRetried cannot tell a genuine 0A000 retried as a
+// stale plan (up to once per write of its batch, at once, on the same lease) from one given up
+// at once: both end with the same counts. Here the failing write counts its runs in a sequence
+// (not rolled back): isolating it from a batch of three takes three runs (the batch, the half it
+// is in, itself alone); every run more is a retry it should not have had.
+TEST_F(PendingWritesTest, AGenuineFeatureNotSupportedErrorRunsOnlyAsOftenAsIsolatingItTakes) {
+  const std::string dsn = cluster().dsn();
+  create_table(dsn, "pw_unsupported_runs");
+  run_sql(dsn, {"CREATE SEQUENCE pw_unsupported_runs_seq"});
+  PendingWritesReport end{};
+  run_coroutine(
+      [&]() -> awaitable_void {
+        auto executor = co_await asio::this_coro::executor;
+        Pool pool(executor, pool_config(dsn, "unsupported-runs"));
+        PendingWrites writes(pool, executor,
+                             Config{.name = "unsupported-runs", .flush_interval = 1h});
+        const std::string insert =
+            "INSERT INTO pw_unsupported_runs (seq, payload) VALUES ($1, 'w')";
+        co_await writes.enqueue(insert, std::int64_t{1});
+        co_await writes.enqueue(
+            "DO $$BEGIN PERFORM nextval('pw_unsupported_runs_seq'); "
+            "RAISE EXCEPTION 'not supported' USING ERRCODE = '0A000'; END$$");
+        co_await writes.enqueue(insert, std::int64_t{2});
+        co_await writes.start();
+        const Error stopped = co_await expect_error(with_timeout(writes.stop(), 10s));
+        EXPECT_EQ(stopped.code(), client_errc::writes_failed) << stopped.what();
+        end = writes.report();
+      },
+      30s);
+  EXPECT_EQ(end.failed, 1U);
+  EXPECT_EQ(end.flushed, 2U);
+  EXPECT_EQ(scalar(dsn, "SELECT last_value FROM pw_unsupported_runs_seq"), "3");
+}
+
 // The Pool must outlive the PendingWrites, but a PendingWrites destroyed while running leaves its
 // flusher to end on its own, after the destructor has returned, and so maybe after the Pool. The
 // flusher holds the pool weakly: an acquire after the Pool is gone fails with pool_closed (its
