@@ -151,11 +151,12 @@ std::string guard_name_of(const std::filesystem::path& path) {
 // Where the kernel's socket diagnostics cannot say whose the stream socket bound to the abstract
 // name `name` is (no AF_NETLINK in a sandbox: systemd's RestrictAddressFamilies=AF_UNIX AF_INET
 // AF_INET6; Linux before 5.3), /proc may: the socket's inode from /proc/net/unix (this network
-// namespace's), then the descriptors of the processes whose effective uid is this user's (their
-// status says; another user's are skipped unread). True when one of them has it open, false when
-// none has and every one of them could be read (another user's socket, or one of a process in
-// another pid namespace), nullopt when /proc cannot tell (no /proc/net/unix, the name not listed,
-// a process of this user's whose descriptors cannot be read).
+// namespace's), then a descriptor of it among those of the processes that can be read here (this
+// user's; all, for root), whose owner (stat) is the socket's creator. True when that is this
+// user, false when it is another, or when no process of this user's has it and every one of them
+// could be read (another user's socket, or one of a process in another pid namespace), nullopt
+// when /proc cannot tell (no /proc/net/unix, the name not listed, a process of this user's whose
+// descriptors cannot be read).
 std::optional<bool> held_by_this_user(const std::string& name) {
   std::ifstream table("/proc/net/unix");
   if (!table) return std::nullopt;
@@ -173,13 +174,9 @@ std::optional<bool> held_by_this_user(const std::string& name) {
     if (type == "0001" && path == listed) links.push_back("socket:[" + inode + "]");
   }
   if (links.empty()) return std::nullopt;
-  const auto uid = std::to_string(::geteuid());
-  bool unreadable = false;
-  std::error_code error;
-  for (const auto& process : std::filesystem::directory_iterator("/proc", error)) {
-    const std::string pid = process.path().filename().string();
-    if (pid.find_first_not_of("0123456789") != std::string::npos) continue;
-    std::ifstream status(process.path() / "status");
+  // A process's effective uid, as its status says ("" once it is gone).
+  const auto effective_uid_of = [](const std::filesystem::path& process) {
+    std::ifstream status(process / "status");
     std::string effective;
     for (std::string field; std::getline(status, field);) {
       if (field.starts_with("Uid:")) {
@@ -189,19 +186,35 @@ std::optional<bool> held_by_this_user(const std::string& name) {
         break;
       }
     }
-    if (effective != uid) continue;  // (gone meanwhile, or another user's)
+    return effective;
+  };
+  const uid_t uid = ::geteuid();
+  bool unreadable = false;  // a process of this user's whose descriptors cannot be read
+  std::error_code error;
+  for (const auto& process : std::filesystem::directory_iterator("/proc", error)) {
+    if (process.path().filename().string().find_first_not_of("0123456789") != std::string::npos) {
+      continue;
+    }
     std::error_code listing;
     std::filesystem::directory_iterator descriptors(process.path() / "fd", listing);
     if (listing) {
-      unreadable = unreadable || listing != std::errc::no_such_file_or_directory;
+      // (Another user's process cannot be read, and needs not be: an instance of this user's is
+      // a process of this user's, which might be one that cannot be read.)
+      unreadable = unreadable || (listing != std::errc::no_such_file_or_directory &&
+                                  effective_uid_of(process.path()) == std::to_string(uid));
       continue;
     }
     for (const auto& descriptor : descriptors) {
       std::error_code reading;
       const auto target = std::filesystem::read_symlink(descriptor.path(), reading);
-      if (!reading && std::find(links.begin(), links.end(), target.string()) != links.end()) {
-        return true;
+      if (reading || std::find(links.begin(), links.end(), target.string()) == links.end()) {
+        continue;
       }
+      // The socket's owner, who created it (as the kernel's diagnostics would say), whoever the
+      // process is now (one that dropped privileges since, another user's that was handed it).
+      struct stat socket_status {};
+      if (::stat(descriptor.path().c_str(), &socket_status) != 0) continue;
+      return socket_status.st_uid == uid;
     }
   }
   if (error || unreadable) return std::nullopt;
