@@ -148,16 +148,10 @@ std::string guard_name_of(const std::filesystem::path& path) {
   return name + path.filename().string().substr(0, max_guard_name_bytes - name.size());
 }
 
-// Where the kernel's socket diagnostics cannot say whose the stream socket bound to the abstract
-// name `name` is (no AF_NETLINK in a sandbox: systemd's RestrictAddressFamilies=AF_UNIX AF_INET
-// AF_INET6; Linux before 5.3), /proc may: the socket's inode from /proc/net/unix (this network
-// namespace's), then a descriptor of it among those of the processes that can be read here (this
-// user's; all, for root), whose owner (stat) is the socket's creator. True when that is this
-// user, false when it is another, or when no process of this user's has it and every one of them
-// could be read (another user's socket, or one of a process in another pid namespace), nullopt
-// when /proc cannot tell (no /proc/net/unix, the name not listed, a process of this user's whose
-// descriptors cannot be read).
-std::optional<bool> held_by_this_user(const std::string& name) {
+// The links ("socket:[<inode>]") of the stream sockets bound to the abstract name `name`, as
+// /proc/net/unix lists them (this network namespace's); nullopt when it cannot be read or lists
+// none.
+std::optional<std::vector<std::string>> guard_socket_links(const std::string& name) {
   std::ifstream table("/proc/net/unix");
   if (!table) return std::nullopt;
   const std::string listed = "@" + name;  // (an abstract name's leading NUL shows as '@')
@@ -174,6 +168,39 @@ std::optional<bool> held_by_this_user(const std::string& name) {
     if (type == "0001" && path == listed) links.push_back("socket:[" + inode + "]");
   }
   if (links.empty()) return std::nullopt;
+  return links;
+}
+
+// Whether process `pid` has the guard's socket open, as /proc tells (nullopt when it cannot).
+std::optional<bool> process_holds_guard(int pid, const std::string& name) {
+  const auto links = guard_socket_links(name);
+  if (!links) return std::nullopt;
+  std::error_code listing;
+  std::filesystem::directory_iterator descriptors("/proc/" + std::to_string(pid) + "/fd", listing);
+  if (listing) return std::nullopt;
+  for (const auto& descriptor : descriptors) {
+    std::error_code reading;
+    const auto target = std::filesystem::read_symlink(descriptor.path(), reading);
+    if (!reading && std::find(links->begin(), links->end(), target.string()) != links->end()) {
+      return true;
+    }
+  }
+  return false;
+}
+
+// Where the kernel's socket diagnostics cannot say whose the stream socket bound to the abstract
+// name `name` is (no AF_NETLINK in a sandbox: systemd's RestrictAddressFamilies=AF_UNIX AF_INET
+// AF_INET6; Linux before 5.3), /proc may: the socket's inode from /proc/net/unix (this network
+// namespace's), then a descriptor of it among those of the processes that can be read here (this
+// user's; all, for root), whose owner (stat) is the socket's creator. True when that is this
+// user, false when it is another, or when no process of this user's has it and every one of them
+// could be read (another user's socket, or one of a process in another pid namespace), nullopt
+// when /proc cannot tell (no /proc/net/unix, the name not listed, a process of this user's whose
+// descriptors cannot be read).
+std::optional<bool> held_by_this_user(const std::string& name) {
+  const auto found = guard_socket_links(name);
+  if (!found) return std::nullopt;
+  const std::vector<std::string>& links = *found;
   // A process's effective uid, as its status says ("" once it is gone).
   const auto effective_uid_of = [](const std::filesystem::path& process) {
     std::ifstream status(process / "status");
@@ -596,7 +623,11 @@ InstanceLock InstanceLock::acquire(const InstanceLockOptions& options) {
     const GuardAttempt attempt = take_guard(guard_name, slack);
     if (attempt.held) {
       const int named = holder_pid_in(fd);
-      const bool alive = named > 0 && (::kill(named, 0) == 0 || errno == EPERM);
+      // (Named only if it holds the guard, where /proc can tell: the file may name a live process
+      // that holds nothing, a restored copy's or the last holder's, and "stop it first" must not
+      // send the operator after it.)
+      const bool alive = named > 0 && (::kill(named, 0) == 0 || errno == EPERM) &&
+                         process_holds_guard(named, guard_name) != false;
       const std::string force_text =
           options.force ? "; force does not stop a holder it cannot verify through its lock file"
                         : "";

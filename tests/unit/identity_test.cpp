@@ -42,6 +42,7 @@ namespace {
 
 using ::testing::HasSubstr;
 using ::testing::MatchesRegex;
+using ::testing::Not;
 using namespace std::chrono_literals;
 
 TEST(ProcessIdentity, IsStableAndDescribesTheProcess) {
@@ -434,6 +435,63 @@ TEST_F(InstanceLockTest, ALockFileRemovedUnderALiveHolderDoesNotLetASecondOneIn)
   EXPECT_THROW((void)InstanceLock::acquire(options()), InstanceLockError);
   { const InstanceLock last = std::move(moved); }
   EXPECT_NO_THROW((void)InstanceLock::acquire(options()));
+}
+
+// A lock file replaced under its holder (a restored copy, or simply the file the last holder left,
+// put back) names a pid that may be alive and yet not hold the lock: that pid must not be named as
+// the one holding the guard (holder_pid(), "stop it first"): an operator would stop the wrong
+// process.
+TEST_F(InstanceLockTest, AGuardHolderIsNotNamedByAReplacedFilesPidThatDoesNotHoldIt) {
+  const auto path = directory_ / "app.one.lock";
+  int ready[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  const InstanceLockOptions lock_options = options();
+  const pid_t holder = ::fork();
+  ASSERT_GE(holder, 0);
+  if (holder == 0) {
+    try {
+      auto lock = InstanceLock::acquire(lock_options);
+      (void)::write(ready[1], "x", 1);
+      for (;;) ::pause();
+    } catch (...) {
+      ::_exit(2);
+    }
+  }
+  ::close(ready[1]);
+  char byte = 0;
+  const bool held = ::read(ready[0], &byte, 1) == 1;
+  ::close(ready[0]);
+  const pid_t bystander = ::fork();  // alive, and holds nothing
+  if (bystander == 0) {
+    ::execl("/bin/sleep", "sleep", "30", static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  std::optional<int> named;
+  std::string message;
+  if (held && bystander > 0) {
+    std::filesystem::remove(path);
+    {
+      std::ofstream replaced(path);
+      replaced << bystander << "\n";
+    }
+    ::chmod(path.c_str(), 0600);
+    try {
+      (void)InstanceLock::acquire(options());
+      ADD_FAILURE() << "a second holder beside pid " << holder;
+    } catch (const InstanceLockError& error) {
+      named = error.holder_pid();
+      message = error.what();
+    }
+  }
+  ::kill(bystander, SIGKILL);
+  ::kill(holder, SIGKILL);
+  int status = 0;
+  ::waitpid(bystander, &status, 0);
+  ::waitpid(holder, &status, 0);
+  ASSERT_TRUE(held);
+  ASSERT_TRUE(named.has_value());
+  EXPECT_NE(*named, bystander) << message;
+  EXPECT_THAT(message, Not(HasSubstr("names pid " + std::to_string(bystander))));
 }
 
 // The guard is close-on-exec, as the lock file is: a program the holder starts (a hook, a helper)

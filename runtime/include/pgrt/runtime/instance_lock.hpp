@@ -89,10 +89,10 @@ class InstanceLock {
   /// still holds the lock, or it keeps the lock after SIGKILL. Throws InstanceLockError too when
   /// another process holds the guard but not the lock file (the file was removed or replaced under
   /// it: "the lock file ... was removed while another pgrt-demo/eu-1 still holds the instance lock
-  /// ..."; naming its pid if the file does), with force as well: such a holder cannot be verified,
-  /// so it is never signalled. Throws std::system_error when the directory or file cannot be
-  /// created or is refused, or the guard's socket cannot be made for another reason than a sandbox
-  /// (too many open files).
+  /// ..."; naming its pid if the file names one that holds the guard, as far as /proc tells), with
+  /// force as well: such a holder cannot be verified, so it is never signalled. Throws
+  /// std::system_error when the directory or file cannot be created or is refused, or the guard's
+  /// socket cannot be made for another reason than a sandbox (too many open files).
   [[nodiscard]] static InstanceLock acquire(const InstanceLockOptions& options);
 
   InstanceLock(InstanceLock&& other) noexcept;
