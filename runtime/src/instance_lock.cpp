@@ -178,12 +178,16 @@ std::optional<bool> process_holds_guard(int pid, const std::string& name) {
   std::error_code listing;
   std::filesystem::directory_iterator descriptors("/proc/" + std::to_string(pid) + "/fd", listing);
   if (listing) return std::nullopt;
-  for (const auto& descriptor : descriptors) {
-    std::error_code reading;
-    const auto target = std::filesystem::read_symlink(descriptor.path(), reading);
-    if (!reading && std::find(links->begin(), links->end(), target.string()) != links->end()) {
-      return true;
+  try {  // (a process that ends meanwhile can fail the listing)
+    for (const auto& descriptor : descriptors) {
+      std::error_code reading;
+      const auto target = std::filesystem::read_symlink(descriptor.path(), reading);
+      if (!reading && std::find(links->begin(), links->end(), target.string()) != links->end()) {
+        return true;
+      }
     }
+  } catch (const std::filesystem::filesystem_error&) {
+    return std::nullopt;
   }
   return false;
 }
@@ -197,7 +201,17 @@ std::optional<bool> process_holds_guard(int pid, const std::string& name) {
 // could be read (another user's socket, or one of a process in another pid namespace), nullopt
 // when /proc cannot tell (no /proc/net/unix, the name not listed, a process of this user's whose
 // descriptors cannot be read).
+std::optional<bool> scan_for_guard_owner(const std::string& name);
+
 std::optional<bool> held_by_this_user(const std::string& name) {
+  try {  // (a process that ends meanwhile can fail a listing)
+    return scan_for_guard_owner(name);
+  } catch (const std::filesystem::filesystem_error&) {
+    return std::nullopt;
+  }
+}
+
+std::optional<bool> scan_for_guard_owner(const std::string& name) {
   const auto found = guard_socket_links(name);
   if (!found) return std::nullopt;
   const std::vector<std::string>& links = *found;
