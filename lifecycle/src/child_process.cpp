@@ -433,7 +433,13 @@ milliseconds restart_delay(milliseconds backoff_initial, milliseconds backoff_ma
 // -------------------------------------------------------------------------------
 
 struct ChildProcess::Impl {
-  explicit Impl(ChildProcessOptions options_in) : options(std::move(options_in)) {}
+  explicit Impl(ChildProcessOptions options_in) : options(std::move(options_in)) {
+    const pgrt::detail::EverySubscriber combiner{"child " + options.name};
+    events.started.set_combiner(combiner);
+    events.exited.set_combiner(combiner);
+    events.restart_scheduled.set_combiner(combiner);
+    events.stayed_down.set_combiner(combiner);
+  }
 
   // The watch's coroutine frame holds this too: when it goes (the io_context stopped and was
   // destroyed) with a child still running, the child is killed and reaped here.

@@ -141,6 +141,7 @@ struct Manager::Impl {
         stop_request_timer(strand, Clock::time_point::max()) {
     if (options.threads == 0) throw std::invalid_argument("ManagerOptions::threads must be >= 1");
     check_durations();
+    events.state_changed.set_combiner(pgrt::detail::EverySubscriber{options.name});
     if (options.handle_signals) {
       // A write to a pipe or socket whose reader is gone (a log shipper restarting under stderr)
       // would otherwise kill the process by SIGPIPE: no shutdown, pending writes lost without a
@@ -332,7 +333,7 @@ struct Manager::Impl {
     spdlog::info("{}: {}", options.name, to_string(state));
     try {
       events.state_changed(state);
-    } catch (...) {  // whatever it threw, the states after it (the shutdown) must still come
+    } catch (...) {  // (the combiner catches what subscribers throw; this is for bad_alloc)
       spdlog::error("{}: a state_changed callback threw: {}", options.name,
                     describe(std::current_exception()));
     }

@@ -603,6 +603,48 @@ TEST(ChildProcessTest, ALongRunResetsTheBackoff) {
   EXPECT_THAT(events.stayed_down, ElementsAre(HasSubstr("restart limit reached: 3 restarts")));
 }
 
+// A subscriber that throws from any of the events hides it from none of the others and does not
+// unwind the supervision: the start succeeds, the child is restarted, the restarts are counted,
+// and it stays down at the limit. (With plain signals the throw skipped the subscribers after it
+// and escaped into the supervisor: from `started`, start() failed and killed the child; from
+// `exited` or `restart_scheduled`, the watch ended and the crashed child was never restarted.)
+TEST(ChildProcessTest, ASubscriberThatThrowsHidesNoEventAndStopsNoRestart) {
+  const std::vector<std::string> events_thrown_from{"started", "exited", "restart_scheduled",
+                                                    "stayed_down"};
+  for (const std::string& thrown_from : events_thrown_from) {
+    SCOPED_TRACE("a subscriber of " + thrown_from + " throws");
+    asio::io_context io;
+    ChildProcess child({.name = "thrown-at",
+                        .argv = {"/bin/sh", "-c", "exit 1"},
+                        .backoff_initial = 10ms,
+                        .max_restarts = 2,
+                        .restart_window = 0ms});
+    scoped_connection throwing;
+    if (thrown_from == "started") {
+      throwing = child.events().started.connect([](pid_t) { throw std::runtime_error("started"); });
+    } else if (thrown_from == "exited") {
+      throwing = child.events().exited.connect([](const ChildExit&) { throw 7; });
+    } else if (thrown_from == "restart_scheduled") {
+      throwing = child.events().restart_scheduled.connect(
+          [](const ChildRestart&) { throw std::runtime_error("restart_scheduled"); });
+    } else {
+      throwing = child.events().stayed_down.connect(
+          [](const std::string&) { throw std::runtime_error("stayed_down"); });
+    }
+    Recorder events(child);  // connected after the throwing subscriber
+    EXPECT_NO_THROW(run_on(io, [&]() -> asio::awaitable<void> {
+      co_await child.start();
+      EXPECT_TRUE(co_await poll_until([&] { return !child.supervising(); }, 20s));
+    }));
+    EXPECT_THAT(events.started, ::testing::SizeIs(3));  // the start and two restarts
+    EXPECT_THAT(events.exits, ::testing::SizeIs(3));
+    EXPECT_THAT(events.restarts, ::testing::SizeIs(2));
+    EXPECT_EQ(child.restarts(), 2U);
+    EXPECT_THAT(events.stayed_down, ElementsAre(HasSubstr("restart limit reached: 2 restarts")));
+    for (const auto& exit : events.exits) EXPECT_TRUE(reaped(exit.pid));
+  }
+}
+
 TEST(ChildProcessTest, RestartsAfterAFailureWithinTheWindow) {
   TempDir dir;
   const auto runs = dir / "runs";

@@ -427,6 +427,26 @@ TEST(LifecycleManager, AStopIntakeOrStateCallbackThrowingANonStdExceptionStillSt
   EXPECT_TRUE(contains(journal, "stop writes"));
 }
 
+// A state_changed subscriber that throws hides no state from the subscribers connected after it,
+// and the manager still starts, stops and reaches `stopped`. (With a plain signal the throw
+// skipped every subscriber after it.)
+TEST(LifecycleManager, AStateSubscriberThatThrowsHidesNoStateFromTheOthers) {
+  Journal journal;
+  std::vector<State> states;
+  Manager app(test_options());
+  app.add(fake("db", journal));
+  const boost::signals2::scoped_connection throwing =
+      app.events().state_changed.connect([](State) { throw std::runtime_error("subscriber"); });
+  const boost::signals2::scoped_connection recording =
+      app.events().state_changed.connect([&](State state) { states.push_back(state); });
+  app.on_ready([&] { app.request_stop(); });
+  EXPECT_EQ(app.run(), exit_code::ok);
+  EXPECT_EQ(app.state(), State::stopped);
+  EXPECT_TRUE(contains(journal, "stop db"));
+  EXPECT_THAT(states,
+              ElementsAre(State::starting, State::running, State::stopping, State::stopped));
+}
+
 TEST(LifecycleManager, TwoThreadsRunTheComponentsAndStopTheSame) {
   Journal journal;
   ManagerOptions options = test_options();

@@ -39,6 +39,7 @@
 #include "pgrt/db/error.hpp"
 #include "pgrt/db/pool_types.hpp"
 #include "pgrt/db/session_guards.hpp"
+#include "pgrt/runtime/event.hpp"
 
 namespace pgrt {
 
@@ -326,63 +327,6 @@ struct PoolStats {
 };
 
 [[nodiscard]] std::string_view to_string(ResetPolicy policy) noexcept;
-
-/// A Boost.Signals2 signal that remembers whether anything was ever connected to it, so the pool
-/// emits nothing at all for an event nobody subscribed to (calling a signal takes its mutex even
-/// when it has no slots, which would cost the uncontended acquire a good part of its time). It is
-/// a boost::signals2::signal in every other respect. Subscribe through this type's connect() or
-/// connect_extended() (as `pool.events().acquired.connect(...)` does); a connection made through a
-/// reference to the base signal type is not seen. A subscription made while the event is being
-/// emitted on another thread may miss that emission, as with any signal.
-namespace detail {
-/// Logs that an event subscriber threw (`source`: what emitted the event, as "pgrt pool";
-/// `what`: the exception's what(), or null). Never throws.
-void log_subscriber_exception(const std::string& source, const char* what) noexcept;
-
-/// The combiner of pgrt's events (pgrt::Event, PendingWritesEvents): calls every subscriber, each
-/// on its own, and logs and ignores what one throws, so that a subscriber that throws hides the
-/// event from none connected after it.
-struct EverySubscriber {
-  using result_type = void;
-  std::string source = "pgrt pool";  ///< What emits the events, for the log.
-  template <typename Call>
-  void operator()(Call call, Call end) const {
-    for (; call != end; ++call) {
-      try {
-        (void)*call;
-      } catch (const std::exception& error) {
-        log_subscriber_exception(source, error.what());
-      } catch (...) {
-        log_subscriber_exception(source, nullptr);
-      }
-    }
-  }
-};
-}  // namespace detail
-
-template <typename Signature>
-class Event : public boost::signals2::signal<Signature, detail::EverySubscriber> {
-  using Signal = boost::signals2::signal<Signature, detail::EverySubscriber>;
-
- public:
-  template <typename... Args>
-  boost::signals2::connection connect(Args&&... args) {
-    subscribed_.store(true, std::memory_order_release);
-    return Signal::connect(std::forward<Args>(args)...);
-  }
-  template <typename... Args>
-  boost::signals2::connection connect_extended(Args&&... args) {
-    subscribed_.store(true, std::memory_order_release);
-    return Signal::connect_extended(std::forward<Args>(args)...);
-  }
-  /// True once anything was connected (it stays true after a disconnect).
-  [[nodiscard]] bool ever_connected() const noexcept {
-    return subscribed_.load(std::memory_order_acquire);
-  }
-
- private:
-  std::atomic<bool> subscribed_{false};
-};
 
 /// Pool events, as Boost.Signals2 signals (pgrt::Event). Connect with a scoped_connection member so
 /// the subscription ends before what its callback uses. Callbacks run on whichever thread caused

@@ -41,7 +41,6 @@
 /// - A grandchild that leaves the process group (setsid(), a daemon) is beyond reach of stop().
 
 #include <boost/asio/awaitable.hpp>
-#include <boost/signals2/signal.hpp>
 #include <chrono>
 #include <cstddef>
 #include <map>
@@ -50,6 +49,8 @@
 #include <string>
 #include <sys/types.h>
 #include <vector>
+
+#include "pgrt/runtime/event.hpp"
 
 namespace pgrt::lifecycle {
 
@@ -131,18 +132,20 @@ struct ChildRestart {
   std::chrono::milliseconds delay{0};
 };
 
-/// Lifecycle events as Boost.Signals2 signals; connect scoped_connection members. Callbacks run on
-/// the executor start() was awaited on (the manager's strand), never concurrently, and must not
-/// throw.
+/// Lifecycle events as Boost.Signals2 signals (pgrt::Event); connect scoped_connection members.
+/// Callbacks run on the executor start() was awaited on (the manager's strand), never
+/// concurrently. An exception a callback throws is logged ("child <name>: an event subscriber
+/// threw: ...") and ignored: every other subscriber is still called, and the supervision goes on
+/// as if nothing had been thrown (the start, the restarts, the exit reports).
 struct ChildProcessEvents {
   /// A child started: its pid (also its process group id).
-  boost::signals2::signal<void(pid_t)> started;
+  Event<void(pid_t)> started;
   /// A child was reaped, whatever the reason (emitted for every run, stop()'s included).
-  boost::signals2::signal<void(const ChildExit&)> exited;
-  boost::signals2::signal<void(const ChildRestart&)> restart_scheduled;
+  Event<void(const ChildExit&)> exited;
+  Event<void(const ChildRestart&)> restart_scheduled;
   /// The child exited on its own and will not be started again: the reason ("restart policy
   /// never", "exited with code 0", "restart limit reached: ...").
-  boost::signals2::signal<void(const std::string&)> stayed_down;
+  Event<void(const std::string&)> stayed_down;
 };
 
 /// The delay before restart number `restart` (1-based) of a run of consecutive failures:

@@ -6,7 +6,6 @@
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/io_context.hpp>
-#include <boost/signals2/signal.hpp>
 #include <chrono>
 #include <cstddef>
 #include <functional>
@@ -20,6 +19,7 @@
 
 #include "pgrt/lifecycle/component.hpp"
 #include "pgrt/lifecycle/state.hpp"
+#include "pgrt/runtime/event.hpp"
 
 namespace pgrt::lifecycle {
 
@@ -110,10 +110,12 @@ struct ManagerOptions {
   bool shutdown_logging = true;
 };
 
-/// Lifecycle events as Boost.Signals2 signals; connect scoped_connection members. Callbacks run on
-/// the manager's strand.
+/// Lifecycle events as Boost.Signals2 signals (pgrt::Event); connect scoped_connection members.
+/// Callbacks run on the manager's strand. An exception a callback throws is logged ("<name>: an
+/// event subscriber threw: ...") and ignored: every other subscriber still sees the state, and
+/// the start or shutdown goes on.
 struct ManagerEvents {
-  boost::signals2::signal<void(State)> state_changed;
+  Event<void(State)> state_changed;
 };
 
 /// Orders the start and stop of a process's components.
