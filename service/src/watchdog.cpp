@@ -341,11 +341,11 @@ void Watchdog::State::apply(const Seen& seen) {
       spdlog::info("pgrt watchdog: {} cleared ({})", to_string(change.condition), change.detail);
     }
     try {
-      events.changed(change);
+      events.changed(change);  // the combiner catches what subscribers throw
     } catch (const std::exception& error) {
-      spdlog::error("pgrt watchdog: an event subscriber threw: {}", error.what());
+      spdlog::error("pgrt watchdog: emitting a change failed: {}", error.what());
     } catch (...) {
-      spdlog::error("pgrt watchdog: an event subscriber threw");
+      spdlog::error("pgrt watchdog: emitting a change failed");
     }
   }
 }

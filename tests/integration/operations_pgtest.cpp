@@ -24,6 +24,7 @@
 #include <optional>
 #include <set>
 #include <sstream>
+#include <stdexcept>
 #include <string>
 #include <sys/socket.h>
 #include <thread>
@@ -154,6 +155,27 @@ TEST_F(WatchdogTest, PoolBusyWarnsOnceAndClearsOnce) {
     ASSERT_TRUE(eventually([&] { return watchdog.checks() >= checks + 5; }));
     ASSERT_EQ(log.of(WatchdogCondition::pool_busy).size(), 1U);
     EXPECT_THAT(log.of(WatchdogCondition::pool_busy)[0].detail, HasSubstr("2 of max 2"));
+  }
+  ASSERT_TRUE(eventually([&] { return !watchdog.conditions()[0]; }));
+  expect_one_warning_and_one_clear(log, watchdog, WatchdogCondition::pool_busy);
+  running.wait(watchdog.stop());
+  running.wait(pool.close(1s));
+}
+
+// A subscriber of `changed` that throws hides no change from the subscribers connected after it,
+// and the watchdog goes on checking. (With a plain signal the throw skipped every subscriber
+// after it: the log below saw nothing.)
+TEST_F(WatchdogTest, ASubscriberThatThrowsHidesNoChangeFromTheOthers) {
+  Running running;
+  Pool pool(running.io.get_executor(), config("thrown-at", 1));
+  Watchdog watchdog(running.io.get_executor(), pool, fast());
+  const boost::signals2::scoped_connection throwing = watchdog.events().changed.connect(
+      [](const WatchdogChange&) { throw std::runtime_error("subscriber"); });
+  ChangeLog log(watchdog);  // connected after the throwing subscriber
+  running.wait(watchdog.start());
+  {
+    auto only = running.wait(pool.acquire());
+    ASSERT_TRUE(eventually([&] { return watchdog.conditions()[0]; }));
   }
   ASSERT_TRUE(eventually([&] { return !watchdog.conditions()[0]; }));
   expect_one_warning_and_one_clear(log, watchdog, WatchdogCondition::pool_busy);

@@ -7,7 +7,6 @@
 #include <array>
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/awaitable.hpp>
-#include <boost/signals2/signal.hpp>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -18,6 +17,7 @@
 
 #include "pgrt/db/pool.hpp"
 #include "pgrt/lifecycle/manager.hpp"
+#include "pgrt/runtime/event.hpp"
 
 namespace pgrt {
 
@@ -65,9 +65,11 @@ struct WatchdogChange {
   std::string detail;  ///< what was seen, e.g. "3 of max 3 connections in use (100% > 80%)"
 };
 
-/// Events, Boost.Signals2; callbacks run on the watchdog's executor after each check.
+/// Events, Boost.Signals2 signals (pgrt::Event); callbacks run on the watchdog's executor after
+/// each check. An exception a callback throws is logged ("pgrt watchdog: an event subscriber
+/// threw: ...") and ignored: every other subscriber still sees the change, and the checks go on.
 struct WatchdogEvents {
-  boost::signals2::signal<void(const WatchdogChange&)> changed;
+  Event<void(const WatchdogChange&)> changed{"pgrt watchdog"};
 };
 
 /// A lifecycle component (named "watchdog") that checks a pool every interval and, for each
