@@ -34,6 +34,7 @@
 #include <pgrt/db.hpp>
 #include <pgrt/runtime/identity.hpp>
 
+#include "budget_key.hpp"  // (db/src: the check PoolConfig makes of the key)
 #include "diag_metrics.hpp"
 #include "json_text.hpp"
 #include "sql_text.hpp"  // (db/src: the quoting the library itself uses)
@@ -531,6 +532,7 @@ int run_budget(int argc, char** argv) {
   bool empty_database_url = database_url_is_empty();
   std::string key;
   if (const char* from_env = std::getenv("PGRT_BUDGET_KEY")) key = from_env;
+  bool key_given = false;  // by --key (a usage error if bad), else from PGRT_BUDGET_KEY
   std::optional<std::int64_t> slots;
   if (const char* from_env = std::getenv("PGRT_BUDGET_SLOTS")) {
     slots = parse_number(from_env, 1, 100'000);
@@ -550,6 +552,7 @@ int run_budget(int argc, char** argv) {
       empty_database_url = false;
     } else if (argument == "--key" && has_value) {
       key = argv[++i];
+      key_given = true;
     } else if (argument == "--slots" && has_value) {
       slots = parse_number(argv[++i], 1, 100'000);
       if (!slots) {
@@ -584,6 +587,13 @@ int run_budget(int argc, char** argv) {
     std::cerr << "pgrt-diag budget: no budget key: pass --key or set PGRT_BUDGET_KEY\n"
               << budget_usage;
     return exit_usage;
+  }
+  // The key the service would refuse names a budget nobody shares: refused as the service does.
+  if (const std::string problem = pgrt::detail::budget_key_problem(key); !problem.empty()) {
+    std::cerr << "pgrt-diag budget: " << (key_given ? "--key" : "PGRT_BUDGET_KEY") << "='"
+              << pgrt::detail::shown_budget_key(key) << "' is not valid: it " << problem << ": "
+              << pgrt::detail::budget_key_hint << "\n";
+    return key_given ? exit_usage : exit_config;
   }
   asio::io_context io;
   asio::signal_set signals(io, SIGINT);

@@ -14,6 +14,7 @@
 #include <utility>
 #include <vector>
 
+#include "budget_key.hpp"
 #include "connection/conninfo.hpp"
 #include "connection/options_check.hpp"
 #include "pgrt/db/pool.hpp"
@@ -73,40 +74,6 @@ bool is_plain_name(const std::string& name) {
   return !name.empty() && name.size() <= 63 && std::all_of(name.begin(), name.end(), [](char c) {
     return std::isgraph(static_cast<unsigned char>(c)) != 0 && c != ',' && c != ':';
   });
-}
-
-bool is_control(char c) {
-  return static_cast<unsigned char>(c) < 0x20 || c == '\x7f';  // (the same in every locale)
-}
-
-// What is wrong with a budget key, or "": white space at either end or a control character
-// anywhere would silently make another budget than the one the other processes share.
-std::string budget_key_problem(std::string_view key) {
-  if (std::any_of(key.begin(), key.end(), is_control)) return "holds a control character";
-  if (!key.empty() && (key.front() == ' ' || key.back() == ' ')) {
-    return "starts or ends with a space";
-  }
-  return {};
-}
-
-constexpr const char* budget_key_hint =
-    "give the key every process sharing the budget gives, without white space at either end or "
-    "control characters (a stray space, or a CRLF file's \\r, makes another budget)";
-
-// A key as an error message shows it: control characters as \xNN.
-std::string shown_key(std::string_view key) {
-  std::string out;
-  for (const char c : key) {
-    if (is_control(c)) {
-      constexpr std::string_view digits = "0123456789abcdef";
-      out += "\\x";
-      out += digits[static_cast<unsigned char>(c) >> 4];
-      out += digits[static_cast<unsigned char>(c) & 0xf];
-    } else {
-      out += c;
-    }
-  }
-  return out;
 }
 
 void check_consumers(const PoolConfig& config) {
@@ -294,9 +261,10 @@ void check(const PoolConfig& config, bool warn) {
         "set PGRT_BUDGET_KEY and PGRT_BUDGET_SLOTS as every process sharing the budget does, "
         "or leave the classes out for no budget");
   }
-  if (const std::string problem = budget_key_problem(config.budget.key); !problem.empty()) {
-    invalid("budget.key '" + shown_key(config.budget.key) + "' (PGRT_BUDGET_KEY) " + problem,
-            budget_key_hint);
+  if (const std::string problem = detail::budget_key_problem(config.budget.key); !problem.empty()) {
+    invalid("budget.key '" + detail::shown_budget_key(config.budget.key) + "' (PGRT_BUDGET_KEY) " +
+                problem,
+            detail::budget_key_hint);
   }
   check_budget_classes(config.budget);
   for (const std::string_view marker_suffix :
@@ -532,9 +500,10 @@ PoolConfig PoolConfig::from_env(PoolConfig defaults) {
     }
   }
   if (auto value = env("PGRT_BUDGET_KEY")) {
-    if (const std::string problem = budget_key_problem(*value); !problem.empty()) {
-      invalid("PGRT_BUDGET_KEY='" + shown_key(*value) + "' is not valid: it " + problem,
-              budget_key_hint);
+    if (const std::string problem = detail::budget_key_problem(*value); !problem.empty()) {
+      invalid(
+          "PGRT_BUDGET_KEY='" + detail::shown_budget_key(*value) + "' is not valid: it " + problem,
+          detail::budget_key_hint);
     }
     config.budget.key = *value;
   }

@@ -503,6 +503,24 @@ TEST_F(LifecycleProcessTest, AnEmptyDatabaseUrlIsRefusedByTheServiceAndPgrtDiagA
   EXPECT_EQ(given.wait_for_exit(30s), 0) << "--dsn given: " << given.output();
 }
 
+// pgrt-diag budget refuses a key the service refuses (a stray space, a CRLF file's \r), saying
+// which and naming where it came from (--key: exit 2, PGRT_BUDGET_KEY: exit 78), instead of
+// listing an empty budget nobody shares.
+TEST_F(LifecycleProcessTest, DiagBudgetRefusesAKeyTheServiceRefuses) {
+  Child flag({PGRT_DIAG_PATH, "budget", "--key", "orders ", "--slots", "4"}, cluster().dsn(),
+             "diag-key");
+  EXPECT_EQ(flag.wait_for_exit(30s), 2) << flag.output();
+  EXPECT_THAT(flag.output(), HasSubstr("--key='orders ' is not valid: it starts or ends with a"));
+  Child from_env({PGRT_DIAG_PATH, "budget", "--slots", "4"}, cluster().dsn(), "diag-key",
+                 {{"PGRT_BUDGET_KEY", "orders\r"}});
+  EXPECT_EQ(from_env.wait_for_exit(30s), 78) << from_env.output();
+  EXPECT_THAT(from_env.output(),
+              HasSubstr("PGRT_BUDGET_KEY='orders\\x0d' is not valid: it holds a control"));
+  Child good({PGRT_DIAG_PATH, "budget", "--key", "orders", "--slots", "4"}, cluster().dsn(),
+             "diag-key", {{"PGRT_BUDGET_KEY", "orders\r"}});
+  EXPECT_EQ(good.wait_for_exit(30s), 0) << "a good --key over a bad variable: " << good.output();
+}
+
 // pgrt-diag's text report shows a server's names (a database's, which its owner chooses) with
 // their control bytes replaced: an escape sequence does not reach the operator's terminal.
 TEST_F(LifecycleProcessTest, DiagTextReportKeepsControlBytesOfServerNamesOffTheTerminal) {
