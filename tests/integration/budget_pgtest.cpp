@@ -774,6 +774,53 @@ TEST_F(BudgetTest, TheDiscardAllResetNeverLetsTheSlotGo) {
   }
 }
 
+// The discard_all reset under a budget runs as a role that may not use PL/pgSQL (USAGE on the
+// language revoked from PUBLIC, as some hardened databases do): pg_advisory_unlock_all() needed
+// no privilege, and a reset that needs one fails on every lease's way back, closing a sound
+// connection each time (a new backend per lease, and the slot given up and taken again).
+TEST_F(BudgetTest, TheDiscardAllResetNeedsNoPlpgsql) {
+  const std::string key = "discard-no-plpgsql";
+  BlockingConnection admin(cluster().dsn());
+  admin.query("DROP ROLE IF EXISTS budget_no_plpgsql");
+  admin.query("CREATE ROLE budget_no_plpgsql LOGIN");
+  admin.query("REVOKE USAGE ON LANGUAGE plpgsql FROM PUBLIC");
+  auto pool_config = config(key, key, 1, 1);
+  pool_config.conninfo = cluster().dsn() + " user=budget_no_plpgsql";
+  pool_config.reset = ResetPolicy::discard_all;
+  pool_config.budget.classes = {{.name = "api", .slots = 1}};
+  pool_config.budget.class_name = "api";
+  std::vector<DiscardReason> reasons;
+  run_coroutine(
+      [&]() -> awaitable_void {
+        Pool pool(co_await asio::this_coro::executor, pool_config);
+        boost::signals2::scoped_connection subscription = pool.events().discarded.connect(
+            [&](DiscardReason reason) { reasons.push_back(reason); });
+        auto lease = co_await pool.acquire();
+        const int pid = lease->backend_pid();
+        co_await lease->execute("SELECT pg_advisory_lock(4344)");
+        co_await lease->execute("SELECT pg_advisory_lock(4344)");  // (twice: two passes)
+        lease.release();                                           // the reset runs
+        auto again = co_await pool.acquire();
+        EXPECT_EQ(again->backend_pid(), pid) << "the connection was replaced";
+        BlockingConnection observer(cluster().dsn());
+        EXPECT_EQ(observer.scalar("SELECT pg_try_advisory_lock(4344)::text"), "true")
+            << "the user's own lock outlived the reset";
+        // The slot and the class's marker, nothing else.
+        EXPECT_EQ(observer.scalar("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                                  "AND pid = " +
+                                  std::to_string(pid)),
+                  "2");
+        again.release();
+        (void)co_await pool.close(1s);
+      },
+      30s);
+  admin.query("GRANT USAGE ON LANGUAGE plpgsql TO PUBLIC");
+  admin.query("DROP ROLE budget_no_plpgsql");
+  for (DiscardReason reason : reasons) {
+    if (reason != DiscardReason::closing) ADD_FAILURE() << "discarded: " << to_string(reason);
+  }
+}
+
 // A slot check on the way back of a lease, after PoolConfig::on_connect ran again (reset
 // discard_all), has a bound of its own, as in a ping: one counted from before the DISCARD ALL may
 // be used up by then (the hook has connect_timeout of its own), and the check, cut at once, closed

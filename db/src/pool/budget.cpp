@@ -388,39 +388,29 @@ void ProbeGate::leave(const std::string& lane) noexcept {
 
 namespace {
 
-// pg_advisory_unlock_all() but for the connection's own slot, (key, slot) taken exclusively: a
-// loop over what pg_locks shows this session holding, each lock released once per pass (a lock
-// taken twice shows once, and goes in the next pass), until none is left or a pass releases
-// nothing. Literals, not parameters: DO takes none.
-std::string unlock_all_but_slot_sql(std::int32_t key, std::size_t slot) {
-  const std::string int4 = "(CASE WHEN {0} >= 2147483648 THEN {0} - 4294967296 ELSE {0} END)::int4";
-  const auto as_int4 = [&int4](const std::string& column) {
-    std::string text = int4;
-    for (std::size_t at = text.find("{0}"); at != std::string::npos; at = text.find("{0}", at)) {
-      text.replace(at, 3, column);
-    }
-    return text;
-  };
-  const std::string pair = as_int4("held.c") + ", " + as_int4("held.o");
-  const std::string whole = "(held.c << 32) | held.o";
-  return "DO $pgrt$ DECLARE held record; released boolean := true; BEGIN WHILE released LOOP "
-         "released := false; FOR held IN SELECT l.classid::int8 AS c, l.objid::int8 AS o, "
-         "l.objsubid AS sub, l.mode = 'ExclusiveLock' AS exclusive FROM pg_catalog.pg_locks l "
-         "WHERE l.locktype = 'advisory' AND l.granted AND l.pid = pg_catalog.pg_backend_pid() "
-         "AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = "
-         "current_database()) AND NOT (l.objsubid = 2 AND l.mode = 'ExclusiveLock' AND "
-         "l.classid = (" +
-         std::to_string(key) + "::int8 & 4294967295)::oid AND l.objid = " + std::to_string(slot) +
-         "::oid) LOOP IF held.sub = 1 AND held.exclusive THEN released := "
-         "pg_catalog.pg_advisory_unlock(" +
-         whole +
-         ") OR released; ELSIF held.sub = 1 THEN released := "
-         "pg_catalog.pg_advisory_unlock_shared(" +
-         whole +
-         ") OR released; ELSIF held.exclusive THEN released := pg_catalog.pg_advisory_unlock(" +
-         pair + ") OR released; ELSE released := pg_catalog.pg_advisory_unlock_shared(" + pair +
-         ") OR released; END IF; END LOOP; END LOOP; END $pgrt$";
-}
+// pg_advisory_unlock_all() but for the connection's own slot, (key, slot) taken exclusively: one
+// pass over what pg_locks shows this session holding, each lock released once (a lock taken twice
+// shows once, and goes in the next pass); it answers how many it released. Plain SQL, not a DO
+// block: a role may be refused USAGE on PL/pgSQL (pg_advisory_unlock_all() needs no privilege).
+// $1, $2: the slot's (key, slot); with $5, (key $3, marker $4) taken shared is kept as well.
+constexpr const char* unlock_all_but_slot_sql =
+    "SELECT coalesce(pg_catalog.sum(CASE WHEN l.objsubid = 1 AND l.mode = "
+    "'ExclusiveLock' THEN CASE WHEN pg_catalog.pg_advisory_unlock((l.classid::int8 << 32) | "
+    "l.objid::int8) THEN 1 ELSE 0 END WHEN l.objsubid = 1 THEN CASE WHEN "
+    "pg_catalog.pg_advisory_unlock_shared((l.classid::int8 << 32) | l.objid::int8) THEN 1 ELSE 0 "
+    "END WHEN l.mode = 'ExclusiveLock' THEN CASE WHEN pg_catalog.pg_advisory_unlock((CASE WHEN "
+    "l.classid::int8 >= 2147483648 THEN l.classid::int8 - 4294967296 ELSE l.classid::int8 "
+    "END)::int4, (CASE WHEN l.objid::int8 >= 2147483648 THEN l.objid::int8 - 4294967296 ELSE "
+    "l.objid::int8 END)::int4) THEN 1 ELSE 0 END ELSE CASE WHEN "
+    "pg_catalog.pg_advisory_unlock_shared((CASE WHEN l.classid::int8 >= 2147483648 THEN "
+    "l.classid::int8 - 4294967296 ELSE l.classid::int8 END)::int4, (CASE WHEN l.objid::int8 >= "
+    "2147483648 THEN l.objid::int8 - 4294967296 ELSE l.objid::int8 END)::int4) THEN 1 ELSE 0 END "
+    "END), 0)::int8 FROM pg_catalog.pg_locks l WHERE l.locktype = 'advisory' AND l.granted AND "
+    "l.pid = pg_catalog.pg_backend_pid() AND l.database = (SELECT d.oid FROM "
+    "pg_catalog.pg_database d WHERE d.datname = pg_catalog.current_database()) AND NOT (l.objsubid "
+    "= 2 AND l.mode = 'ExclusiveLock' AND l.classid = ($1::int8 & 4294967295)::oid AND l.objid = "
+    "$2::int8::oid) AND NOT ($5::bool AND l.objsubid = 2 AND l.mode = 'ShareLock' AND l.classid = "
+    "($3::int8 & 4294967295)::oid AND l.objid = $4::int8::oid)";
 
 }  // namespace
 
@@ -436,13 +426,19 @@ asio::awaitable<void> discard_all_keeping_slot(Connection& connection, const Bud
   // fail as forgotten, and, twice on a connection, it would go unnamed for good, as behind a
   // pooler).
   statements.prepare_statements(false);
-  const std::string unlock = unlock_all_but_slot_sql(key, slot);
   for (const char* sql :
        {"CLOSE ALL", "SET SESSION AUTHORIZATION DEFAULT", "RESET ALL", "DEALLOCATE ALL",
-        "UNLISTEN *", "DISCARD PLANS", "DISCARD TEMP", "DISCARD SEQUENCES", unlock.c_str()}) {
+        "UNLISTEN *", "DISCARD PLANS", "DISCARD TEMP", "DISCARD SEQUENCES"}) {
     statements.add(sql).sync();
   }
-  if (const std::size_t marker = budget_class_marker(budget); marker != 0) {
+  const std::size_t marker = budget_class_marker(budget);
+  const std::int32_t member_key = budget_member_key(budget);
+  const std::size_t unlock_pass = statements.size();
+  statements
+      .add(unlock_all_but_slot_sql, key, static_cast<std::int32_t>(slot), member_key,
+           static_cast<std::int32_t>(marker), false)
+      .sync();
+  if (marker != 0) {
     statements
         .add("SELECT pg_advisory_lock_shared($1::int4, $2::int4)", budget_member_key(budget),
              static_cast<std::int32_t>(marker))
@@ -459,6 +455,23 @@ asio::awaitable<void> discard_all_keeping_slot(Connection& connection, const Bud
   const auto outcomes = co_await connection.run(statements);
   for (const auto& outcome : outcomes) {
     if (!outcome.ok()) throw Error(outcome.error, outcome.diagnostics);
+  }
+  // A lock of the lease's taken more than once is held still: a pass more, until one releases
+  // nothing (keeping the class marker, taken again above).
+  for (bool released =
+           outcomes.size() > unlock_pass && outcomes[unlock_pass].result.scalar<std::int64_t>() > 0;
+       released;) {
+    Pipeline pass;
+    pass.prepare_statements(false);
+    pass.add(unlock_all_but_slot_sql, key, static_cast<std::int32_t>(slot), member_key,
+             static_cast<std::int32_t>(marker), marker != 0);
+    const auto passed = co_await connection.run(pass);
+    if (passed.empty() || !passed.front().ok()) {
+      if (!passed.empty()) throw Error(passed.front().error, passed.front().diagnostics);
+      throw Error(make_error_code(client_errc::connection_lost),
+                  Diagnostics{.message = "releasing the advisory locks of a reset failed"});
+    }
+    released = passed.front().result.scalar<std::int64_t>() > 0;
   }
   if (outcomes.empty() || !outcomes.back().result.scalar<bool>()) {
     throw Error(

@@ -146,7 +146,8 @@ class ProbeGate : public boost::asio::execution_context::service {
   std::unique_ptr<State> state_;
 };
 
-// DISCARD ALL for a connection that holds budget slot `slot`, in one round trip: its statements,
+// DISCARD ALL for a connection that holds budget slot `slot`, in one round trip (one more per
+// pass while a lock taken twice in the lease is held still): its statements,
 // with every advisory lock released (the caller's too) but the slot's own, which never leaves the
 // connection. A slot released by hand in the lease is taken again; throws Error(budget_exhausted)
 // if another process took it meanwhile (the reset then fails and the pool closes the connection:
