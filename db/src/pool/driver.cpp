@@ -338,6 +338,9 @@ asio::awaitable<void> PoolState::open_connection(
   // Evicted (Pool::evict_all()) while it waited for a slot: given up on, but no failure.
   bool abandoned = false;
   bool backend_may_live = false;  // a connect given up on with a backend perhaps starting up
+  // Cancelled by the pool's close under a budget, its backend perhaps alive: closed once the core
+  // has its capacity back (Pool::close() does not wait for it), keeping the turn till it ended.
+  bool close_after = false;
   if (error) {
     if (cancel->cancelled) {
       failure = "the pool closed while connecting";
@@ -358,11 +361,12 @@ asio::awaitable<void> PoolState::open_connection(
     if (backend_may_live && cancel->cancelled) {
       // The pool closes (close() abandons connects at once): its capacity is given back now.
       // Under a budget, a backend without a slot: the turn is kept until it has ended, for up to
-      // server_close_warning (another pool of the process may open one of its own then).
+      // server_close_warning (another pool of the process may open one of its own then), past
+      // the pool's close, which does not wait for it (below).
       if (budget.key.empty()) {
         connection.close();
       } else {
-        (void)co_await connection.close_and_wait(server_close_warning);
+        close_after = true;
       }
       backend_may_live = false;
     } else if (backend_may_live && !budget.key.empty()) {
@@ -376,7 +380,7 @@ asio::awaitable<void> PoolState::open_connection(
     if (budget.key.empty()) {
       connection.close();
     } else {
-      (void)co_await connection.close_and_wait(server_close_warning);
+      close_after = true;
     }
   } else if (!budget.key.empty() && ConnectionAccess::behind_pooler(connection)) {
     // A pooler nobody told pgrt about, noticed at connect: an advisory lock taken here would
@@ -441,7 +445,7 @@ asio::awaitable<void> PoolState::open_connection(
       co_await close_until_backend_ends(self, connection, [&probe_turn] { probe_turn.reset(); });
     }
   }
-  probe_turn.reset();
+  if (!close_after) probe_turn.reset();
   if (!error && self->config.on_connect) {
     try {
       // Cut at connect_timeout twice over: the connection (a statement the hook runs ends), and
@@ -465,63 +469,66 @@ asio::awaitable<void> PoolState::open_connection(
     if (error) co_await close_until_backend_ends(self, connection);
   }
   cancel->finished = true;  // on the strand: a cancel that comes later does nothing
-  Deferred deferred;
-  std::lock_guard lock(self->mutex);
-  self->budget_probes += probed ? 1 : 0;
-  self->budget_probes_without_slot += no_slot ? 1 : 0;
-  auto& actions = self->fresh_actions_locked();
-  if (abandoned) {
-    // Not a failure: no backoff, no event, and its replacement opens now (to the server the
-    // conninfo names now, after a failover).
-    self->core.connect_abandoned(*node, Clock::now(), actions);
-  } else if (error) {
-    self->last_connect_error = failure;
-    self->last_connect_error_code = error;
-    if (!cancel->cancelled) {
-      ++self->failed_connects_in_a_row;
-      if (const std::string& reason = failure_reason.empty() ? failure : failure_reason;
-          reason != self->logged_connect_failure) {
-        self->logged_connect_failure = reason;
-        std::string one_line = failure;  // libpq's messages have "\n\t" inside: one log line
-        for (std::size_t at = one_line.find('\n'); at != std::string::npos;
-             at = one_line.find('\n', at)) {
-          const std::size_t end = one_line.find_first_not_of("\n\t ", at);
-          one_line.replace(at, (end == std::string::npos ? one_line.size() : end) - at, " ");
+  {
+    Deferred deferred;
+    std::lock_guard lock(self->mutex);
+    self->budget_probes += probed ? 1 : 0;
+    self->budget_probes_without_slot += no_slot ? 1 : 0;
+    auto& actions = self->fresh_actions_locked();
+    if (abandoned) {
+      // Not a failure: no backoff, no event, and its replacement opens now (to the server the
+      // conninfo names now, after a failover).
+      self->core.connect_abandoned(*node, Clock::now(), actions);
+    } else if (error) {
+      self->last_connect_error = failure;
+      self->last_connect_error_code = error;
+      if (!cancel->cancelled) {
+        ++self->failed_connects_in_a_row;
+        if (const std::string& reason = failure_reason.empty() ? failure : failure_reason;
+            reason != self->logged_connect_failure) {
+          self->logged_connect_failure = reason;
+          std::string one_line = failure;  // libpq's messages have "\n\t" inside: one log line
+          for (std::size_t at = one_line.find('\n'); at != std::string::npos;
+               at = one_line.find('\n', at)) {
+            const std::size_t end = one_line.find_first_not_of("\n\t ", at);
+            one_line.replace(at, (end == std::string::npos ? one_line.size() : end) - at, " ");
+          }
+          deferred.add(
+              [self, failure = std::move(one_line), in_a_row = self->failed_connects_in_a_row] {
+                spdlog::warn(
+                    "pgrt pool {}: cannot open a connection ({} failed in a row): {}; retrying "
+                    "with backoff (logged again when the reason changes or a connect succeeds)",
+                    self->application_name, in_a_row, failure);
+              });
         }
-        deferred.add(
-            [self, failure = std::move(one_line), in_a_row = self->failed_connects_in_a_row] {
-              spdlog::warn(
-                  "pgrt pool {}: cannot open a connection ({} failed in a row): {}; retrying "
-                  "with backoff (logged again when the reason changes or a connect succeeds)",
-                  self->application_name, in_a_row, failure);
-            });
       }
+      deferred.add(
+          [self, error = error, failure] { emit(self->events.connect_failed, error, failure); });
+      if (backend_may_live) connection_of(*node) = std::move(connection);  // for its close
+      // (Destroys the node, or closes it when its backend may live.)
+      self->core.connect_failed(*node, Clock::now(), actions, no_slot, backend_may_live);
+    } else {
+      if (!self->logged_connect_failure.empty()) {
+        deferred.add([self, failures = self->failed_connects_in_a_row] {
+          spdlog::info("pgrt pool {}: connected again, after {} failed attempt(s)",
+                       self->application_name, failures);
+        });
+        self->logged_connect_failure.clear();
+      }
+      self->failed_connects_in_a_row = 0;
+      connection_of(*node) = std::move(connection);
+      if (self->config.timings) {
+        ConnectionAccess::time_statements(connection_of(*node), self->statement_times);
+      }
+      const int pid = connection_of(*node).backend_pid();
+      deferred.add([self, pid] { emit(self->events.connected, pid); });
+      const auto connected_at = Clock::now();
+      self->create_time.record(connected_at - connect_started);
+      self->core.connect_succeeded(*node, connected_at, actions);
     }
-    deferred.add(
-        [self, error = error, failure] { emit(self->events.connect_failed, error, failure); });
-    if (backend_may_live) connection_of(*node) = std::move(connection);  // for its close
-    // (Destroys the node, or closes it when its backend may live.)
-    self->core.connect_failed(*node, Clock::now(), actions, no_slot, backend_may_live);
-  } else {
-    if (!self->logged_connect_failure.empty()) {
-      deferred.add([self, failures = self->failed_connects_in_a_row] {
-        spdlog::info("pgrt pool {}: connected again, after {} failed attempt(s)",
-                     self->application_name, failures);
-      });
-      self->logged_connect_failure.clear();
-    }
-    self->failed_connects_in_a_row = 0;
-    connection_of(*node) = std::move(connection);
-    if (self->config.timings) {
-      ConnectionAccess::time_statements(connection_of(*node), self->statement_times);
-    }
-    const int pid = connection_of(*node).backend_pid();
-    deferred.add([self, pid] { emit(self->events.connected, pid); });
-    const auto connected_at = Clock::now();
-    self->create_time.record(connected_at - connect_started);
-    self->core.connect_succeeded(*node, connected_at, actions);
+    self->execute_locked(actions, deferred);
   }
-  self->execute_locked(actions, deferred);
+  if (close_after) (void)co_await connection.close_and_wait(server_close_warning);
 }
 
 asio::awaitable<void> PoolState::reset(std::shared_ptr<PoolState> self, pool::Node* node,
