@@ -6,6 +6,7 @@
 #include <atomic>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
+#include <boost/asio/io_context.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
@@ -387,6 +388,62 @@ TEST_F(BudgetTest, APoolsCloseDoesNotWaitForTheBackendOfACancelledConnect) {
         co_await sleep_for(2s);  // (the turn, kept for the backend, passes)
       },
       60s);
+}
+
+// The io_context destroyed while a connect that a closed pool cancelled still waits for its
+// backend's end (keeping the probe gate's turn): nothing crashes, the turn is not waited on by a
+// later io_context, and the backend ends.
+TEST_F(BudgetTest, AnIoContextDestroyedWhileACancelledConnectWaitsForItsBackendIsSound) {
+  testing::FaultProxy proxy("127.0.0.1", static_cast<std::uint16_t>(cluster().port()));
+  proxy.set_end_delay(1500ms);
+  proxy.set_latency(200ms);
+  auto pool_config = config("closing-gone", "closing-gone", 2);
+  pool_config.conninfo = proxy.conninfo_prefix() + " user=postgres dbname=postgres";
+  BlockingConnection observer(cluster().dsn());
+  const auto backends = [&observer] {
+    return std::stoi(
+        observer.scalar("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE "
+                        "'budget-test/closing-gone/%'"));
+  };
+  {
+    asio::io_context io;
+    auto pool = std::make_unique<Pool>(io.get_executor(), pool_config);
+    asio::co_spawn(
+        io,
+        [&]() -> awaitable_void {
+          try {
+            auto unused = co_await pool->acquire();
+          } catch (const Error&) {  // NOLINT(bugprone-empty-catch): closed under it
+          }
+        },
+        asio::detached);
+    for (int i = 0; i < 500 && backends() == 0; ++i) io.run_for(5ms);
+    EXPECT_EQ(backends(), 1);
+    bool closed = false;
+    asio::co_spawn(
+        io,
+        [&]() -> awaitable_void {
+          (void)co_await pool->close(0ms);
+          closed = true;
+        },
+        asio::detached);
+    for (int i = 0; i < 200 && !closed; ++i) io.run_for(5ms);
+    EXPECT_TRUE(closed);
+    pool.reset();
+  }  // the io_context goes, the cancelled connect's wait with it
+  proxy.set_latency(0us);
+  proxy.set_end_delay(0us);
+  run_coroutine(
+      [&]() -> awaitable_void {
+        Pool again(co_await asio::this_coro::executor, pool_config);
+        auto lease = co_await again.acquire();
+        EXPECT_TRUE(lease->is_open());
+        lease.release();
+        (void)co_await again.close(1s);
+      },
+      20s);
+  for (int i = 0; i < 300 && backends() != 0; ++i) std::this_thread::sleep_for(10ms);
+  EXPECT_EQ(backends(), 0) << "a backend outlived its io_context and pool";
 }
 
 // docs/budget.md: at most one backend without a slot per io_context, budget, class and conninfo.
