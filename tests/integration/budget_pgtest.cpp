@@ -667,6 +667,42 @@ TEST_F(BudgetTest, ASlotCheckJudgesOnlyTheConnectionsOnItsOwnServer) {
   }
 }
 
+// The other side of ASlotCheckJudgesOnlyTheConnectionsOnItsOwnServer: two entries of a
+// multi-host conninfo may name one server (a name and its address, a proxy and the server, the
+// two addresses of localhost, load_balance_hosts=random over them). Its connections share one
+// pg_locks, so a slot check on one of them must judge them all; the check compares the
+// connections' target strings ("host:port (address)"), which differ, and a slot released by hand
+// on the other entry's connection goes unnoticed for as long as the checker is on this one.
+TEST_F(BudgetTest, ASlotCheckJudgesTheConnectionsOnItsServerReachedThroughAnotherHostEntry) {
+  testing::FaultProxy proxy("127.0.0.1", static_cast<std::uint16_t>(cluster().port()));
+  const std::string key = "one-server-two-entries";
+  auto pool_config = config(key, key, 4, 2);
+  pool_config.conninfo = "host=127.0.0.1,127.0.0.1 port=" + std::to_string(proxy.port()) + "," +
+                         std::to_string(cluster().port()) + " user=postgres dbname=postgres";
+  pool_config.connect.connect_timeout = 2s;  // the first host has 1 s of it
+  pool_config.budget.check_interval = 300ms;
+  std::vector<DiscardReason> reasons;
+  run_coroutine(
+      [&]() -> awaitable_void {
+        Pool pool(co_await asio::this_coro::executor, pool_config);
+        boost::signals2::scoped_connection subscription = pool.events().discarded.connect(
+            [&](DiscardReason reason) { reasons.push_back(reason); });
+        auto on_proxy = co_await pool.acquire();
+        proxy.pause();  // the first entry answers nothing: the next connect takes the second
+        auto direct = co_await pool.acquire();
+        proxy.resume();
+        direct.release();  // the only idle connection: the slot checks run on it
+        co_await on_proxy->execute("SELECT pg_advisory_unlock_all()");  // its slot, by hand
+        co_await sleep_for(1500ms);                                     // about five slot checks
+        on_proxy.release();  // closed now if a check noticed its slot gone
+        co_await sleep_for(30ms);
+        EXPECT_EQ(std::count(reasons.begin(), reasons.end(), DiscardReason::slot_lost), 1)
+            << "a slot released by hand on one server went unnoticed by its checks";
+        (void)co_await pool.close(1s);
+      },
+      30s);
+}
+
 // docs/budget.md: with no slot free, "a caller that waits out acquire_timeout meanwhile fails with
 // client_errc::budget_exhausted", which matches condition::too_many_connections (backpressure).
 // Two pools of one process on one budget (as docs/budget.md allows: they keep to one share

@@ -416,12 +416,20 @@ asio::awaitable<void> PoolState::open_connection(
         search = co_await wait_for_budget_slot(self, *node, connection, *cancel, search);
       }
       if (search.slot) {
+        // Which server holds the slot, as the server tells (two entries of a multi-host conninfo
+        // may name one server, under names or addresses that differ): when its postmaster started,
+        // and its port.
+        const Result identity = co_await cut_at(
+            connection, Clock::now() + self->config.connect.connect_timeout,
+            connection.query("SELECT pg_catalog.date_part('epoch', "
+                             "pg_catalog.pg_postmaster_start_time())::text || ' ' || "
+                             "pg_catalog.current_setting('port')"));
         // (Under the lock: the slot checks read them, on any connection's coroutine.)
         std::lock_guard lock(self->mutex);
         auto& pooled = static_cast<PooledConnection&>(*node->attachment);
         pooled.budget_slot = *search.slot;
         pooled.backend_pid = search.backend_pid;
-        pooled.server = ConnectionAccess::server_of(connection);
+        pooled.server = identity.scalar<std::string>();
       } else if (evicted_by_user(self, *node)) {
         abandoned = true;
         error = make_error_code(client_errc::cancelled);
@@ -697,7 +705,8 @@ asio::awaitable<void> PoolState::check_budget_slots(std::shared_ptr<PoolState> s
   }
   Connection& connection = connection_of(*checker);
   // What pg_locks shows is this server's (each has its own advisory locks): the connections that
-  // reached another host of a multi-host conninfo hold their slots there, and are not judged.
+  // reached another server of a multi-host conninfo hold their slots there, and are not judged
+  // (those that reached this one through another of its entries are).
   const std::string server = [&] {
     std::lock_guard lock(self->mutex);
     return static_cast<const PooledConnection&>(*checker->attachment).server;

@@ -202,8 +202,9 @@ struct PooledConnection : pool::NodeAttachment, LeaseBinding {
   pool::Node& node;
   std::size_t budget_slot = 0;  // under a budget: the slot this connection holds
   int backend_pid = 0;          // under a budget: its backend, as pg_locks shows it
-  // Under a budget: the server and database it reached (ConnectionAccess::server_of()), where
-  // its slot is: a multi-host conninfo may leave a pool's connections on several servers.
+  // Under a budget: the server that holds its slot, as the server tells (its postmaster's start
+  // and its port): a multi-host conninfo may leave a pool's connections on several servers, or
+  // reach one server through several of its entries.
   std::string server;
   // While leased (under the pool's lock): the implementation of the connection the Lease holds,
   // which the pool may cut (Pool::close() after its grace period).
