@@ -657,7 +657,8 @@ TEST_F(BudgetTest, ASlotCheckJudgesOnlyTheConnectionsOnItsOwnServer) {
         on_second.release();
         co_await sleep_for(1s);  // about ten slot checks, on either connection
         const PoolStats stats = pool.stats();
-        EXPECT_EQ(stats.idle, 2U);
+        // (One of them may be checking the slots as we look, every 100 ms: not idle then.)
+        EXPECT_EQ(stats.idle + stats.pinging + stats.resetting, 2U);
         EXPECT_EQ(stats.discarded, 0U);
         (void)co_await pool.close(1s);
       },
