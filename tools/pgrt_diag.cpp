@@ -77,10 +77,11 @@ const char* const empty_database_url_message =
     "...), or give a URL (postgresql://user@host:5432/db) or key=value pairs (host=... "
     "dbname=...)";
 
-// Whether DATABASE_URL is set but empty.
+// Whether DATABASE_URL is set but empty (or blanks only, as empty to libpq).
 bool database_url_is_empty() {
   const char* url = std::getenv("DATABASE_URL");  // NOLINT(concurrency-mt-unsafe): at start-up
-  return url != nullptr && *url == '\0';
+  return url != nullptr &&
+         std::string_view(url).find_first_not_of(" \t\r\n\f\v") == std::string_view::npos;
 }
 
 const char* const usage =

@@ -434,7 +434,8 @@ PoolConfig PoolConfig::from_env(PoolConfig defaults) {
     }
   }
   if (auto url = env("DATABASE_URL")) {
-    if (url->empty()) {
+    // (Blanks only are as empty to libpq: " ", a secret file's lone newline.)
+    if (url->find_first_not_of(" \t\r\n\f\v") == std::string::npos) {
       // (libpq would read an empty conninfo as "the PG* variables, else the local socket": a
       // template's unfilled secret would then start as against a server that is down.)
       invalid("DATABASE_URL is set but empty",

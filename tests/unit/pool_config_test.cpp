@@ -638,6 +638,23 @@ TEST_F(EnvironmentTest, AnEmptyDatabaseUrlIsRefusedNamingTheVariable) {
   EXPECT_EQ(PoolConfig::from_env().conninfo, "") << "unset: libpq's PG* variables";
 }
 
+// DATABASE_URL of blanks only (a template's " ", a secret file's "\n" or "\r\n") is as empty to
+// libpq, which falls back to the PG* variables and the local socket just the same: refused too.
+TEST_F(EnvironmentTest, ADatabaseUrlOfBlanksOnlyIsRefusedAsAnEmptyOne) {
+  for (const char* blank : {" ", "\n", "\r\n", " \t "}) {
+    ::setenv("DATABASE_URL", blank, 1);
+    try {
+      const auto config = PoolConfig::from_env();
+      ADD_FAILURE() << "accepted DATABASE_URL of blanks as the conninfo '" << config.conninfo
+                    << "'";
+    } catch (const Error& error) {
+      EXPECT_EQ(error.code(), client_errc::invalid_config);
+      EXPECT_THAT(error.what(), HasSubstr("DATABASE_URL")) << error.what();
+    }
+  }
+  ::unsetenv("DATABASE_URL");
+}
+
 // A stray space or a control character in PGRT_BUDGET_KEY (a template's "orders-db ", a CRLF
 // file's "orders-db\r") would silently make another budget, shared with nobody: refused naming
 // the variable. So is such a key given in code (budget.key).
