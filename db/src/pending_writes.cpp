@@ -454,8 +454,11 @@ asio::awaitable<void> write_batch(State& self, std::span<Write> writes) {
   // result type") did not run, and the cache has retired it: the transaction runs again on the
   // same connection, where that statement now runs unnamed. Each time retires another of the
   // batch's statements, so this ends; past one retry per write the error is passed on. (A
-  // genuine 0A000, feature_not_supported, is the write's own: passed on at once.)
+  // genuine 0A000, feature_not_supported, is the write's own: passed on at once.) Each time is a
+  // retry of the batch, as any other: counted in `retries` and announced by events().retrying,
+  // with the 0A000 error and no delay.
   for (std::size_t stale_retries = 0;; ++stale_retries) {
+    std::optional<Error> stale;
     try {
       co_await write_transaction(lease, writes);
       co_return;
@@ -464,12 +467,19 @@ asio::awaitable<void> write_batch(State& self, std::span<Write> writes) {
           !detail::not_run_for_a_stale_plan(error.diagnostics())) {
         throw;
       }
+      stale = error;
     }
     // (Only a stale plan gets here; no co_await inside the catch.)
     spdlog::debug(
         "pgrt pending writes {}: a statement's prepared plan went stale; the batch of {} writes "
         "runs again",
         self.config.name, writes.size());
+    {
+      std::lock_guard lock(self.mutex);
+      ++self.retries;
+    }
+    notify(self.config.name,
+           [&] { self.events.retrying(writes.size(), *stale, std::chrono::milliseconds(0)); });
     co_await lease->rollback();
   }
 }

@@ -1106,6 +1106,54 @@ TEST_F(PendingWritesTest, AWriteWhosePreparedPlanWentStaleIsNotGivenUp) {
   EXPECT_EQ(scalar(dsn, "SELECT count(*) FROM pw_stale WHERE seq > 0"), "6");
 }
 
+// A batch run again because a statement's prepared plan went stale is a retry of that batch like
+// any other: counted in report().retries and announced by events().retrying (its writes, the
+// 0A000 error, and no delay: it runs again at once on the same connection). It was neither: a
+// user watching retries saw none, though the batch ran twice.
+TEST_F(PendingWritesTest, ABatchRunAgainForAStalePlanIsCountedAndAnnouncedAsARetry) {
+  const std::string dsn = cluster().dsn();
+  create_table(dsn, "pw_stale_retry");
+  const std::string insert =
+      "INSERT INTO pw_stale_retry (seq, payload) VALUES ($1, $2) RETURNING *";
+  struct Retry {
+    std::size_t writes;
+    std::string sqlstate;
+    std::chrono::milliseconds delay;
+  };
+  std::vector<Retry> retries;
+  PendingWritesReport end{};
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    auto config = pool_config(dsn, "stale-retry");
+    config.max_size = 1;  // the application's connection is the flusher's
+    Pool pool(executor, config);
+    {
+      auto lease = co_await pool.acquire();
+      (void)co_await lease->query_prepared(insert, std::int64_t{-1}, std::string("app"));
+      (void)co_await lease->query("ALTER TABLE pw_stale_retry ADD COLUMN extra int");
+    }
+    PendingWrites writes(pool, executor,
+                         Config{.name = "stale-retry", .batch_size = 2, .flush_interval = 1h});
+    boost::signals2::scoped_connection subscription = writes.events().retrying.connect(
+        [&](std::size_t count, const Error& error, std::chrono::milliseconds delay) {
+          retries.push_back(Retry{count, error.sqlstate(), delay});
+        });
+    co_await writes.start();
+    co_await writes.enqueue(insert, std::int64_t{1}, std::string("pending"));
+    co_await writes.enqueue(insert, std::int64_t{2}, std::string("pending"));
+    co_await stop_writing_all(writes);
+    end = writes.report();
+  });
+  EXPECT_EQ(end.flushed, 2U);
+  EXPECT_EQ(end.batches, 1U);
+  EXPECT_EQ(end.retries, 1U) << "the batch ran again, but no retry was counted";
+  ASSERT_EQ(retries.size(), 1U) << "the batch ran again, but no retry was announced";
+  EXPECT_EQ(retries[0].writes, 2U);
+  EXPECT_EQ(retries[0].sqlstate, "0A000");
+  EXPECT_EQ(retries[0].delay, 0ms);
+  EXPECT_EQ(scalar(dsn, "SELECT count(*) FROM pw_stale_retry WHERE seq > 0"), "2");
+}
+
 // A genuine 0A000 (feature_not_supported) is the write's own: it is isolated and given up on,
 // not retried for ever as a stale plan, and the writes beside it are written.
 TEST_F(PendingWritesTest, AGenuineFeatureNotSupportedErrorIsGivenUpNotRetried) {

@@ -81,7 +81,8 @@ struct PendingWritesReport {
   std::size_t pending = 0;     ///< Accepted, neither flushed nor failed yet.
   std::size_t waiting = 0;     ///< enqueue() calls waiting for room (not accepted yet).
   std::uint64_t batches = 0;   ///< Committed transactions.
-  std::uint64_t retries = 0;   ///< Batch attempts repeated after a transient error.
+  /// Batch attempts repeated after a transient error, a stale prepared plan's included.
+  std::uint64_t retries = 0;
 
   /// The snapshot as one JSON object.
   [[nodiscard]] std::string to_json() const;
@@ -100,7 +101,9 @@ struct PendingWritesEvents {
   boost::signals2::signal<void(const std::vector<std::string>& writes, const Error& error),
                           detail::EverySubscriber>
       failed;
-  /// A batch of `writes` writes hit a transient error and is retried after `delay`.
+  /// A batch of `writes` writes hit a transient error and is retried after `delay`: 0 when a
+  /// statement's prepared plan went stale (SQLSTATE 0A000, "cached plan must not change result
+  /// type": the batch runs again at once, on the same connection).
   boost::signals2::signal<void(std::size_t writes, const Error& error,
                                std::chrono::milliseconds delay),
                           detail::EverySubscriber>
