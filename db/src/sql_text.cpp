@@ -362,7 +362,7 @@ std::optional<bool> postgres_boolean(std::string_view value) {
 // The value of `SET LOCAL name = value` or `... TO value`, read from `at` (just past the name)
 // to the end of the statement: the boolean PostgreSQL would read from it, nullopt if it is
 // anything else (DEFAULT, a list, a string with escapes or dollar quotes, a signed number, more
-// after it).
+// after it than empty statements, blanks and comments).
 std::optional<bool> set_boolean_value(std::string_view sql, std::size_t at) {
   at = past_blanks_and_comments(sql, at);
   if (at < sql.size() && sql[at] == '=') {
@@ -396,8 +396,10 @@ std::optional<bool> set_boolean_value(std::string_view sql, std::size_t at) {
   } else {
     return std::nullopt;
   }
+  // Then only empty statements, blanks and comments, which the server's parser drops (`off;;` is
+  // the one statement `off` is); another statement after it is not read (nullopt).
   at = past_blanks_and_comments(sql, at);
-  if (at < sql.size() && sql[at] == ';') at = past_blanks_and_comments(sql, at + 1);
+  while (at < sql.size() && sql[at] == ';') at = past_blanks_and_comments(sql, at + 1);
   if (at != sql.size()) return std::nullopt;
   return postgres_boolean(value);
 }

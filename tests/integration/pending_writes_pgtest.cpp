@@ -980,6 +980,8 @@ TEST_F(PendingWritesTest, SettingTransactionReadOnlyOffIsAcceptedAndOnlyOnOrUnre
       "SET LOCAL transaction_read_only = no",
       "SET LOCAL transaction_read_only = \"Of\"",
       "SET LOCAL transaction_read_only /* c */ = /* c */ f",
+      "SET LOCAL transaction_read_only = off;;",
+      "SET LOCAL transaction_read_only = off ; -- read-write\n ;",
   };
   const std::vector<std::string> on{
       "SET LOCAL transaction_read_only = on",   "SET LOCAL transaction_read_only TO 'ON'",

@@ -75,6 +75,43 @@ TEST(SqlText, WhatNeedsASessionOfItsOwnDependsOnWhereTheStatementRuns) {
   EXPECT_EQ(batch("INSERT INTO t VALUES (1)"), "");
 }
 
+// SET LOCAL transaction_read_only = off is harmless however many empty statements, blanks and
+// comments follow it (the server's parser drops empty statements: it runs the same one
+// statement); `off;;` was read as a value the check cannot tell, and refused. Anything after it
+// that is a statement of its own (which could make the transaction read-only) is not read past:
+// still refused.
+TEST(SqlText, TransactionReadOnlyOffIsHarmlessWhateverEmptyStatementsFollowIt) {
+  for (const char* sql : {
+           "SET LOCAL transaction_read_only = off",
+           "SET LOCAL transaction_read_only = off;",
+           "SET LOCAL transaction_read_only = off;;",
+           "SET LOCAL transaction_read_only = off ; ; ",
+           "SET LOCAL transaction_read_only = 'off';;",
+           "SET LOCAL transaction_read_only = \"off\";;",
+           "SET LOCAL transaction_read_only TO false;\n-- done\n;\n",
+           "SET LOCAL transaction_read_only = 0; /* c */ ;",
+           ";; SET LOCAL transaction_read_only = off;;",
+           "SET TRANSACTION READ WRITE;;",
+       }) {
+    EXPECT_EQ(transaction_read_only_setting(sql), ReadOnlySetting::none) << sql;
+  }
+  for (const char* sql : {
+           "SET LOCAL transaction_read_only = on;;",
+           "SET TRANSACTION READ ONLY;;",
+           ";; SET LOCAL transaction_read_only = on",
+       }) {
+    EXPECT_EQ(transaction_read_only_setting(sql), ReadOnlySetting::read_only) << sql;
+  }
+  for (const char* sql : {
+           "SET LOCAL transaction_read_only = off; SET TRANSACTION READ ONLY",
+           "SET LOCAL transaction_read_only = off;; SET LOCAL transaction_read_only = on",
+           "SET LOCAL transaction_read_only = off; SELECT 1",
+           "SET LOCAL transaction_read_only = off;;x",
+       }) {
+    EXPECT_NE(transaction_read_only_setting(sql), ReadOnlySetting::none) << sql;
+  }
+}
+
 TEST(FirstKeyword, SkipsWhitespaceEmptyStatementsAndCommentsTheWayTheServerDoes) {
   EXPECT_EQ(first_keyword("  SELECT 1"), "select");
   EXPECT_EQ(first_keyword(";BEGIN"), "begin");
