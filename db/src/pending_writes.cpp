@@ -261,19 +261,6 @@ struct SpaceWaiter {
   bool closed = false;    // stop() began
 };
 
-// Emits an event outside the lock; nothing is propagated. (Each subscriber's exceptions are caught
-// by the signals' combiner, detail::EverySubscriber, so that every subscriber is called.)
-template <typename Call>
-void notify(const std::string& name, Call call) noexcept {
-  try {
-    call();
-  } catch (const std::exception& error) {
-    spdlog::error("pgrt pending writes {}: an event subscriber threw: {}", name, error.what());
-  } catch (...) {
-    spdlog::error("pgrt pending writes {}: an event subscriber threw", name);
-  }
-}
-
 }  // namespace
 
 namespace detail {
@@ -285,6 +272,8 @@ struct PendingWritesState {
         config(std::move(config_in)),
         strand(asio::make_strand(executor)),
         random(std::random_device{}()) {
+    // (Events are emitted outside the lock: the combiner calls each subscriber on its own and
+    // logs and ignores what one throws, naming this component.)
     events.failed.set_combiner(EverySubscriber{"pgrt pending writes " + config.name});
     events.retrying.set_combiner(EverySubscriber{"pgrt pending writes " + config.name});
   }
@@ -478,8 +467,7 @@ asio::awaitable<void> write_batch(State& self, std::span<Write> writes) {
       std::lock_guard lock(self.mutex);
       ++self.retries;
     }
-    notify(self.config.name,
-           [&] { self.events.retrying(writes.size(), *stale, std::chrono::milliseconds(0)); });
+    self.events.retrying(writes.size(), *stale, std::chrono::milliseconds(0));
     co_await lease->rollback();
   }
 }
@@ -553,7 +541,7 @@ void give_up(State& self, std::span<const Write> writes, const Error& error,
     self.in_flight -= writes.size();
     self.make_room_locked();
   }
-  notify(name, [&] { self.events.failed(descriptions, error); });
+  self.events.failed(descriptions, error);
 }
 
 // Flushes `writes` (taken from the queue, counted in in_flight): retries transient errors with
@@ -646,7 +634,7 @@ asio::awaitable<void> flush(State& self, std::span<Write> writes) {
               self.config.name, writes.size(), attempt, one_line(failure->what(), error_log_limit),
               wait.count());
         }
-        notify(self.config.name, [&] { self.events.retrying(writes.size(), *failure, wait); });
+        self.events.retrying(writes.size(), *failure, wait);
         const bool waited = co_await back_off(self, wait);
         if (!waited) {
           abandon();
@@ -788,7 +776,7 @@ void flusher_ended(const std::shared_ptr<State>& self, const std::exception_ptr&
     const Error error(make_error_code(client_errc::cancelled),
                       Diagnostics{.message = "the flushing was abandoned (stop() was cancelled or "
                                              "ran out of time) before these writes were sent"});
-    notify(name, [&] { self->events.failed(descriptions, error); });
+    self->events.failed(descriptions, error);
   }
 }
 

@@ -22,6 +22,7 @@
 #include <spdlog/spdlog.h>
 #include <sstream>
 #include <thread>
+#include <type_traits>
 
 #include <pgrt/db.hpp>
 
@@ -1308,6 +1309,59 @@ TEST_F(PendingWritesTest, ASubscriberThatThrowsDoesNotHideAFailedWriteFromTheOth
   });
   EXPECT_EQ(first_calls, 1);
   EXPECT_EQ(second_calls, 1) << "the second subscriber never heard of the failed write";
+}
+
+// The same for events().retrying: a subscriber that throws hides the retry from none connected
+// after it, and disturbs neither the retry nor the counts, and is logged under the component's
+// name. (A DO block that fails with a serialization failure on its first run only, a sequence
+// counting its runs.) The events are pgrt::Events, as the pool's: ever_connected() included.
+TEST_F(PendingWritesTest, ASubscriberThatThrowsDoesNotHideARetryFromTheOthers) {
+  static_assert(std::is_base_of_v<Event<void(std::size_t, const Error&, std::chrono::milliseconds)>,
+                                  decltype(PendingWritesEvents::retrying)>);
+  static_assert(std::is_base_of_v<Event<void(const std::vector<std::string>&, const Error&)>,
+                                  decltype(PendingWritesEvents::failed)>);
+  const std::string dsn = cluster().dsn();
+  create_table(dsn, "pw_retry_subscribers");
+  run_sql(dsn, {"DROP SEQUENCE IF EXISTS pw_retry_subscribers_runs",
+                "CREATE SEQUENCE pw_retry_subscribers_runs"});
+  int first_calls = 0;
+  int second_calls = 0;
+  PendingWritesReport end{};
+  LogCapture log;
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, pool_config(dsn, "retry-subscribers"));
+    PendingWrites writes(
+        pool, executor,
+        Config{.name = "retry-subscribers", .flush_interval = 1h, .retry_initial = 1ms});
+    EXPECT_FALSE(writes.events().retrying.ever_connected());
+    boost::signals2::scoped_connection metrics =
+        writes.events().retrying.connect([&](std::size_t, const Error&, std::chrono::milliseconds) {
+          ++first_calls;
+          throw std::runtime_error("metrics backend unavailable");
+        });
+    boost::signals2::scoped_connection alerting = writes.events().retrying.connect(
+        [&](std::size_t, const Error& error, std::chrono::milliseconds) {
+          ++second_calls;
+          EXPECT_EQ(error.code(), condition::serialization_failure) << error.what();
+        });
+    EXPECT_TRUE(writes.events().retrying.ever_connected());
+    EXPECT_FALSE(writes.events().failed.ever_connected());
+    co_await writes.enqueue(
+        "DO $$BEGIN IF nextval('pw_retry_subscribers_runs') = 1 THEN RAISE EXCEPTION 'first run' "
+        "USING ERRCODE = '40001'; END IF; END$$");
+    co_await writes.enqueue("INSERT INTO pw_retry_subscribers (seq, payload) VALUES (1, 'x')");
+    co_await writes.start();
+    co_await stop_writing_all(writes);
+    end = writes.report();
+  });
+  EXPECT_EQ(first_calls, 1);
+  EXPECT_EQ(second_calls, 1) << "the second subscriber never heard of the retry";
+  EXPECT_THAT(log.text(), HasSubstr("pgrt pending writes retry-subscribers: an event subscriber "
+                                    "threw: metrics backend unavailable"));
+  EXPECT_EQ(end.retries, 1U);
+  EXPECT_EQ(end.flushed, 2U);
+  EXPECT_EQ(scalar(dsn, "SELECT count(*) FROM pw_retry_subscribers"), "1");
 }
 
 // A failed write's description is cut at 400 bytes, at a character boundary: never in the middle

@@ -25,7 +25,6 @@
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/awaitable.hpp>
-#include <boost/signals2/signal.hpp>
 #include <chrono>
 #include <concepts>
 #include <cstddef>
@@ -40,6 +39,7 @@
 #include "pgrt/db/error.hpp"
 #include "pgrt/db/pool.hpp"
 #include "pgrt/db/types.hpp"
+#include "pgrt/runtime/event.hpp"
 
 namespace pgrt {
 
@@ -88,26 +88,21 @@ struct PendingWritesReport {
   [[nodiscard]] std::string to_json() const;
 };
 
-/// PendingWrites events, as Boost.Signals2 signals. Connect with a scoped_connection member so the
-/// subscription ends before what its callback uses. Callbacks run on the flusher's strand, outside
-/// the component's lock; they must not block, and exceptions they throw are logged and ignored
-/// (each subscriber is called, whatever one connected before it throws).
+/// PendingWrites events, as Boost.Signals2 signals (pgrt::Event). Connect with a scoped_connection
+/// member so the subscription ends before what its callback uses. Callbacks run on the flusher's
+/// strand, outside the component's lock; they must not block, and exceptions they throw are logged
+/// and ignored (each subscriber is called, whatever one connected before it throws).
 struct PendingWritesEvents {
   /// Writes that failed for good, each described as text (a statement with its parameters, or a
   /// table row in COPY text format; never a conninfo or password; as one line: a control byte
   /// shows as \n, \t, \r, \xHH or \u00HH, and over 400 bytes is cut, at a character boundary), with
   /// the error (SQLSTATE and server message). A permanent error is narrowed down to the writes that
   /// cause it, so this usually carries one write.
-  boost::signals2::signal<void(const std::vector<std::string>& writes, const Error& error),
-                          detail::EverySubscriber>
-      failed;
+  Event<void(const std::vector<std::string>& writes, const Error& error)> failed;
   /// A batch of `writes` writes hit a transient error and is retried after `delay`: 0 when a
   /// statement's prepared plan went stale (SQLSTATE 0A000, "cached plan must not change result
   /// type": the batch runs again at once, on the same connection).
-  boost::signals2::signal<void(std::size_t writes, const Error& error,
-                               std::chrono::milliseconds delay),
-                          detail::EverySubscriber>
-      retrying;
+  Event<void(std::size_t writes, const Error& error, std::chrono::milliseconds delay)> retrying;
 };
 
 /// A type a TableAppender column can hold: one with an append_copy_field() overload
