@@ -1503,6 +1503,59 @@ TEST_F(PendingWritesTest, AWriteThatAlwaysTimesOutIsGivenUpAloneAndABusyPoolIsWa
   EXPECT_EQ(scalar(dsn, "SELECT count(*) FROM pw_poison"), "29");
 }
 
+// The pool closed (no grace) under a flusher in the middle of its batches, against the documented
+// order: stop() still ends, promptly; every accepted write is flushed or failed (none left
+// pending, none counted twice), every failed one reported through events().failed, and every
+// flushed one is in the table.
+TEST_F(PendingWritesTest, APoolClosedUnderAFlushingStopLosesNoWriteSilently) {
+  const std::string dsn = cluster().dsn();
+  create_table(dsn, "pw_pool_close");
+  run_sql(dsn,
+          {"CREATE OR REPLACE FUNCTION pw_pool_close_slow() RETURNS trigger LANGUAGE plpgsql AS $$ "
+           "BEGIN PERFORM pg_sleep(0.002); RETURN NEW; END $$",
+           "CREATE TRIGGER pw_pool_close_slow BEFORE INSERT ON pw_pool_close FOR EACH ROW "
+           "EXECUTE FUNCTION pw_pool_close_slow()"});
+  std::size_t reported_failed = 0;
+  std::optional<Error> stop_error;
+  PendingWritesReport end{};
+  std::chrono::steady_clock::duration took{};
+  run_coroutine(
+      [&]() -> awaitable_void {
+        auto executor = co_await asio::this_coro::executor;
+        Pool pool(executor, pool_config(dsn, "pool-close"));
+        PendingWrites writes(pool, executor,
+                             Config{.name = "pool-close", .batch_size = 50, .flush_interval = 0ms});
+        boost::signals2::scoped_connection on_failed =
+            writes.events().failed.connect([&](const std::vector<std::string>& lost, const Error&) {
+              reported_failed += lost.size();
+            });
+        co_await writes.start();
+        for (std::int64_t seq = 0; seq < 400; ++seq) {
+          co_await writes.enqueue("INSERT INTO pw_pool_close (seq, payload) VALUES ($1, 'w')", seq);
+        }
+        co_await sleep_for(150ms);
+        const auto started = std::chrono::steady_clock::now();
+        (void)co_await pool.close(0ms);
+        try {
+          co_await with_timeout(writes.stop(), 10s);
+        } catch (const Error& error) {
+          stop_error = error;
+        }
+        took = std::chrono::steady_clock::now() - started;
+        end = writes.report();
+      },
+      60s);
+  EXPECT_LT(took, 5s);
+  ASSERT_TRUE(stop_error.has_value()) << "the pool was closed with writes pending";
+  EXPECT_EQ(stop_error->code(), client_errc::writes_failed) << stop_error->what();
+  EXPECT_EQ(end.accepted, 400U);
+  EXPECT_EQ(end.pending, 0U);
+  EXPECT_EQ(end.flushed + end.failed, 400U);
+  EXPECT_GT(end.failed, 0U);
+  EXPECT_EQ(reported_failed, end.failed);
+  EXPECT_GE(std::stoull(scalar(dsn, "SELECT count(DISTINCT seq) FROM pw_pool_close")), end.flushed);
+}
+
 // with_timeout() around enqueue(): a write is either accepted (and written) or the caller is
 // told it was not (and it never is), even when the timeout and the acceptance race.
 TEST_F(PendingWritesTest, AnEnqueueCutByATimeoutIsEitherAcceptedOrNeverWritten) {
