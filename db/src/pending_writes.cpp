@@ -739,6 +739,24 @@ void flusher_ended(const std::shared_ptr<State>& self, const std::exception_ptr&
       spdlog::error("pgrt pending writes {}: the flusher failed", self->config.name);
     }
   }
+  // The flusher counts as ended (stop() calls wake up and return) only once what it gave up on
+  // has been logged and reported, however that ends: a stop() that returned first (on another
+  // thread) had its caller tear down what the subscribers use while they were still called.
+  struct Ended {
+    explicit Ended(const std::shared_ptr<State>& state) : self(state) {}
+    const std::shared_ptr<State>& self;
+    Ended(const Ended&) = delete;
+    Ended& operator=(const Ended&) = delete;
+    Ended(Ended&&) = delete;
+    Ended& operator=(Ended&&) = delete;
+    ~Ended() {
+      {
+        const std::lock_guard lock(self->mutex);
+        self->finished = true;
+      }
+      self->flushing.done();
+    }
+  } const ended(self);
   std::size_t lost = 0;
   std::size_t were_in_flight = 0;
   std::deque<Write> never_sent;
@@ -749,10 +767,8 @@ void flusher_ended(const std::shared_ptr<State>& self, const std::exception_ptr&
     self->failed += lost;
     never_sent.swap(self->queue);
     self->in_flight = 0;
-    self->finished = true;
     self->close_locked();  // in case it ended for another reason than stop()
   }
-  self->flushing.done();
   if (lost == 0) return;
   // Every write given up on is logged and reported, as a permanent error's are (give_up()): the
   // queued ones by what they were; those of a batch being written when the flushing was

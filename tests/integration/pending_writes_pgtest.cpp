@@ -1556,6 +1556,66 @@ TEST_F(PendingWritesTest, APoolClosedUnderAFlushingStopLosesNoWriteSilently) {
   EXPECT_GE(std::stoull(scalar(dsn, "SELECT count(DISTINCT seq) FROM pw_pool_close")), end.flushed);
 }
 
+// stop() returns only once every write given up on has been reported through events().failed, on
+// an io_context run by several threads too: the writes still queued when the flushing is
+// abandoned were reported after the flusher had counted itself ended, so stop() could return (on
+// another thread) while a subscriber was still being called, or not yet called, for them: a
+// subscriber's state, often destroyed right after stop(), was then used by a callback still
+// running. (The first write waits for a lock, the others are queued behind it; stop() is cut.)
+TEST_F(PendingWritesTest, StopReturnsOnlyOnceEveryWriteGivenUpOnHasBeenReported) {
+  const std::string dsn = cluster().dsn();
+  create_table(dsn, "pw_late_report");
+  BlockingConnection locker(dsn);
+  locker.query("BEGIN");
+  locker.query("LOCK TABLE pw_late_report IN ACCESS EXCLUSIVE MODE");
+  asio::io_context io;
+  std::atomic<std::size_t> reported{0};
+  std::atomic<std::size_t> reported_when_stopped{0};
+  PendingWritesReport end{};
+  std::exception_ptr failure;
+  bool finished = false;
+  asio::co_spawn(
+      io,
+      [&]() -> awaitable_void {
+        auto executor = co_await asio::this_coro::executor;
+        Pool pool(executor, pool_config(dsn, "late-report"));
+        PendingWrites writes(pool, executor,
+                             Config{.name = "late-report", .batch_size = 1, .flush_interval = 0ms});
+        boost::signals2::scoped_connection on_failed =
+            writes.events().failed.connect([&](const std::vector<std::string>& lost, const Error&) {
+              std::this_thread::sleep_for(300ms);  // a subscriber that takes its time
+              reported += lost.size();
+            });
+        co_await writes.start();
+        for (std::int64_t seq = 0; seq < 6; ++seq) {
+          co_await writes.enqueue("INSERT INTO pw_late_report (seq, payload) VALUES ($1, 'w')",
+                                  seq);
+        }
+        co_await sleep_for(200ms);  // the first write waits for the lock
+        try {
+          co_await with_timeout(writes.stop(), 300ms);
+        } catch (const Error&) {  // (the timeout, or writes_failed)
+        }
+        reported_when_stopped = reported.load();
+        end = writes.report();
+        (void)co_await pool.close(1s);
+      },
+      [&](std::exception_ptr error) {
+        failure = error;
+        finished = true;
+      });
+  std::thread other([&io] { io.run_for(30s); });
+  io.run_for(30s);
+  other.join();
+  locker.query("ROLLBACK");
+  ASSERT_TRUE(finished);
+  if (failure) std::rethrow_exception(failure);
+  EXPECT_EQ(end.failed, 6U);
+  EXPECT_EQ(reported_when_stopped.load(), 6U)
+      << "stop() returned before the writes it gave up on were reported";
+  EXPECT_EQ(reported.load(), 6U);
+}
+
 // with_timeout() around enqueue(): a write is either accepted (and written) or the caller is
 // told it was not (and it never is), even when the timeout and the acceptance race.
 TEST_F(PendingWritesTest, AnEnqueueCutByATimeoutIsEitherAcceptedOrNeverWritten) {

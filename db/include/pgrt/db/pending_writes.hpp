@@ -235,7 +235,8 @@ class PendingWrites {
   /// "accepted N, flushed N, failed N", and returns. If any accepted write was not written (failed
   /// for good, now or earlier), throws pgrt::Error(client_errc::writes_failed) saying how many.
   /// Starts the flusher if start() was not called. May be called more than once, concurrently;
-  /// every call waits for the same end.
+  /// every call waits for the same end, which comes once every write given up on has been
+  /// reported through events().failed (no callback for them runs after stop() returns).
   ///
   /// Cancellation: per-operation cancellation (as for enqueue()) stops the flushing: the flusher
   /// gives up (a running statement is cancelled; at most ConnectOptions::cancel_timeout), every
