@@ -3593,6 +3593,60 @@ TEST_F(PoolTest, QueryWithAcquireTimeoutZeroWaitsOutItsOwnConnectionsPeriodicGiv
   });
 }
 
+// The same connection, given back only to be borrowed again, is evicted while it drains
+// (Pool::evict_all()): it now goes back for good, so with acquire_timeout 0 the statements that
+// wait for it (one queued before the eviction, one after) fail at once with pool_timeout, as for
+// any connection draining for good, rather than wait for its slow statement's end (before, the
+// connection learned of the eviction only once that statement ended, and they waited for it).
+TEST_F(PoolTest, QueryWaitingForItsOwnConnectionsPeriodicGiveBackStopsWaitingWhenItIsEvicted) {
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    PoolConfig pool_config = config("shared-zero-give-back-evicted", 1);
+    pool_config.acquire_timeout = 0ms;
+    pool_config.leak_threshold = 3s;  // held 1.5 s, the connection is given back
+    Pool pool(executor, pool_config);
+    bool slow_done = false;
+    asio::co_spawn(
+        executor,
+        [&]() -> awaitable_void {
+          EXPECT_EQ((co_await pool.query("SELECT 7 FROM pg_sleep(4)")).scalar<int>(), 7);
+          slow_done = true;
+        },
+        asio::detached);
+    while (pool.stats().shared_in_flight == 0) co_await sleep_for(10ms);
+    co_await sleep_for(1700ms);  // past the hold limit, the slow statement still running
+    std::optional<boost::system::error_code> queued_before;
+    asio::co_spawn(
+        executor,
+        [&]() -> awaitable_void {
+          boost::system::error_code code;
+          try {
+            (void)co_await pool.query("SELECT 2");
+          } catch (const Error& error) {
+            code = error.code();
+          }
+          queued_before = code;
+        },
+        asio::detached);
+    co_await sleep_for(200ms);
+    EXPECT_FALSE(queued_before) << "the statement did not wait for the connection's give-back";
+    pool.evict_all();
+    const auto started = std::chrono::steady_clock::now();
+    auto error = co_await testing::expect_error(pool.query("SELECT 3"));
+    EXPECT_EQ(error.code(), client_errc::pool_timeout) << error.what();
+    while (!queued_before && std::chrono::steady_clock::now() - started < 5s) {
+      co_await sleep_for(10ms);
+    }
+    EXPECT_LT(std::chrono::steady_clock::now() - started, 700ms)
+        << "the statements waited for the evicted connection's slow statement";
+    EXPECT_EQ(queued_before.value_or(boost::system::error_code{}), client_errc::pool_timeout);
+    EXPECT_FALSE(slow_done);
+    while (!slow_done) co_await sleep_for(10ms);
+    EXPECT_EQ((co_await pool.query("SELECT 4")).scalar<int>(), 4);
+    (void)co_await pool.close(5s);
+  });
+}
+
 // A borrow that times out fails the statements it was borrowing for, not one queued while it
 // waited: that one still has its own acquire_timeout, and runs on the connection given back
 // within it (here, 600 ms into its 1 s, while the borrow made before it timed out after 200 ms).

@@ -266,6 +266,10 @@ void PoolState::evict_all() {
   auto& actions = fresh_actions_locked();
   core.evict_all(Clock::now(), actions);
   execute_locked(actions, deferred);
+  // The connections query() holds were evicted with the other leased ones: they take no new
+  // statement from now on, even one a link would otherwise send before it next reads the pool
+  // (its lock is taken under ours, never the reverse).
+  if (multiplexer) multiplexer->evict_links();
 }
 
 void PoolState::start_connect(pool::Node& node) {

@@ -1081,6 +1081,17 @@ void Multiplexer::withdraw_locked(SharedStatement& statement) {
   queue.remove(statement);
 }
 
+void Multiplexer::evict_links() {
+  std::lock_guard lock(mutex);
+  if (closed) return;
+  for (const auto& link : links) {
+    link->retiring = true;
+    link->rotating = false;
+    wake_locked(link);
+  }
+  if (!queue.empty()) dispatch_locked();
+}
+
 void Multiplexer::close() {
   std::lock_guard lock(mutex);
   if (closed) return;

@@ -248,6 +248,11 @@ struct Multiplexer : std::enable_shared_from_this<Multiplexer>, async::ParkedWai
   void grow_locked();
   // Cancels a connection's wait for its socket, so that it takes the newly queued statements.
   void wake_locked(const std::shared_ptr<SharedLink>& link);
+  // Pool::evict_all(): every connection held now takes no new statement from here on (also one
+  // given back only to be borrowed again: it goes for good), and is woken, so that what is queued
+  // goes to a new connection, or fails as the pool's acquire would, at once rather than when the
+  // connection next looks at the pool. Thread-safe (under the pool's lock: ours is taken under it).
+  void evict_links();
   // The pool is closing: queued statements fail with pool_closed, the connections drain and go
   // back. Thread-safe.
   void close();
