@@ -5,12 +5,16 @@
 // cache. That holds only while every frame stays small enough for the cache (a frame that grows
 // past it costs a malloc and a free per statement, and no test fails). This binary replaces the
 // global operator new and aligned_alloc (asio's frames) and counts their calls over a run of
-// statements. libpq's own allocations go through malloc and are not counted: they are the same
+// statements; it also makes them fail on demand, to test a path that must survive running out of
+// memory. libpq's own allocations go through malloc and are not counted: they are the same
 // with or without pgrt. Pool::query() (no lease) allocates by design (the statement shared with the
 // connection's coroutine); its guard runs in optimized builds only, since in a Debug build (CI's)
 // its larger frames outgrow asio's cache; scripts/query-cost.sh counts it in a release build.
 #include <atomic>
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <chrono>
@@ -18,16 +22,25 @@
 #include <cstdlib>
 #include <gtest/gtest.h>
 #include <malloc.h>
+#include <memory>
+#include <mutex>
 #include <new>
+#include <string>
+#include <vector>
 
 #include <pgrt/db.hpp>
 
 #include "pgrt/testing/db_test.hpp"
 #include "pgrt/testing/run_coroutine.hpp"
+#include "pool/driver.hpp"
+#include "pool/multiplexer.hpp"
 
 namespace {
 std::atomic<bool> counting{false};
 std::atomic<std::size_t> allocations{0};
+// While set, every allocation of this thread fails (operator new throws std::bad_alloc; the
+// others return null), as when memory runs out.
+thread_local bool out_of_memory = false;
 
 void count_one() {
   if (!counting.load(std::memory_order_relaxed)) return;
@@ -35,12 +48,14 @@ void count_one() {
 }
 
 void* allocate(std::size_t size) {
+  if (out_of_memory) throw std::bad_alloc();
   count_one();
   if (void* block = std::malloc(size == 0 ? 1 : size)) return block;
   throw std::bad_alloc();
 }
 
 void* allocate_aligned(std::size_t size, std::align_val_t alignment) {
+  if (out_of_memory) throw std::bad_alloc();
   count_one();
   // memalign, not aligned_alloc: the latter is replaced below (and counted once).
   if (void* block = ::memalign(static_cast<std::size_t>(alignment), size == 0 ? 1 : size)) {
@@ -53,6 +68,7 @@ void* allocate_aligned(std::size_t size, std::align_val_t alignment) {
 // asio allocates coroutine frames its cache cannot hold with std::aligned_alloc. A definition in
 // the executable takes the place of glibc's (and of a sanitizer's) for every caller.
 extern "C" void* aligned_alloc(std::size_t alignment, std::size_t size) {
+  if (out_of_memory) return nullptr;
   count_one();
   return ::memalign(alignment, size);
 }
@@ -70,10 +86,12 @@ void* operator new[](std::size_t size, std::align_val_t alignment) {
   return allocate_aligned(size, alignment);
 }
 void* operator new(std::size_t size, const std::nothrow_t&) noexcept {
+  if (out_of_memory) return nullptr;
   count_one();
   return std::malloc(size == 0 ? 1 : size);
 }
 void* operator new[](std::size_t size, const std::nothrow_t&) noexcept {
+  if (out_of_memory) return nullptr;
   count_one();
   return std::malloc(size == 0 ? 1 : size);
 }
@@ -224,6 +242,145 @@ TEST_F(AllocationTest, AQueryByALoneCallerAllocatesNoMoreThanItsShare) {
          "recycling cache?): docs/performance.md, scripts/query-cost.sh";
   // Its own statement and name at least: fewer means the count missed the counted loop.
   EXPECT_GE(per_statement, 2.0);
+}
+
+// Pool::query()'s multiplexer closed while memory runs out (every allocation of the closing
+// thread fails): its close() throws nothing and fails every queued statement with pool_closed,
+// each caller told so once it runs (its message built on its side). Before, close() built each
+// statement's message itself: the first allocation that failed threw out of close() (out of
+// Pool::close(), or of close_now(), from an io_context's handler), leaving the pool marked closed
+// with the rest of the queue unfailed: those statements waited on for their acquire_timeout.
+TEST_F(AllocationTest, AQueryMultiplexerClosingWhileMemoryRunsOutFailsEveryQueuedStatement) {
+  run_coroutine([]() -> asio::awaitable<void> {
+    auto executor = co_await asio::this_coro::executor;
+    PoolConfig config = pool_of_one();
+    config.acquire_timeout = 20s;
+    Pool pool(executor, config);
+    auto lease = co_await pool.acquire();  // the statements' borrow waits for it
+    constexpr int callers = 3;
+    std::vector<boost::system::error_code> codes;
+    std::vector<std::string> messages;
+    for (int caller = 0; caller < callers; ++caller) {
+      asio::co_spawn(
+          executor,
+          [&]() -> asio::awaitable<void> {
+            boost::system::error_code code;
+            std::string message;
+            try {
+              (void)co_await pool.query("SELECT 1");
+            } catch (const Error& error) {
+              code = error.code();
+              message = error.what();
+            }
+            codes.push_back(code);
+            messages.push_back(message);
+          },
+          asio::detached);
+    }
+    while (pool.stats().shared_queued < callers) co_await testing::sleep_for(10ms);
+    std::shared_ptr<detail::Multiplexer> multiplexer;
+    {
+      const auto state = detail::pool_state_of(pool).lock();
+      const std::lock_guard lock(state->mutex);
+      multiplexer = state->multiplexer;
+    }
+    bool threw = false;
+    out_of_memory = true;
+    try {
+      multiplexer->close();
+    } catch (...) {
+      threw = true;
+    }
+    out_of_memory = false;
+    EXPECT_FALSE(threw) << "the multiplexer's close() threw when out of memory";
+    lease.release();
+    const auto started = std::chrono::steady_clock::now();
+    (void)co_await pool.close(5s);
+    while (codes.size() < callers && std::chrono::steady_clock::now() - started < 5s) {
+      co_await testing::sleep_for(10ms);
+    }
+    EXPECT_LT(std::chrono::steady_clock::now() - started, 2s)
+        << "the queued statements waited on after the close";
+    EXPECT_EQ(codes.size(), std::size_t{callers});
+    for (std::size_t caller = 0; caller < codes.size(); ++caller) {
+      EXPECT_EQ(codes[caller], client_errc::pool_closed) << messages[caller];
+      EXPECT_NE(messages[caller].find("the pool closed before the statement was sent"),
+                std::string::npos)
+          << messages[caller];
+      EXPECT_NE(messages[caller].find("SELECT 1"), std::string::npos) << messages[caller];
+    }
+  });
+}
+
+// The same, with one caller cancelled while its statement, failed by the close, still waits for
+// the resumption the close could not post: that caller is answered by its cancellation (with
+// pool_closed: its statement was done), leaves the multiplexer's list of callers to answer, and
+// is not answered twice when the others are.
+TEST_F(AllocationTest,
+       AQueryCallerCancelledWhileItsClosedStatementWaitsToBeAnsweredIsAnsweredOnce) {
+  run_coroutine([]() -> asio::awaitable<void> {
+    auto executor = co_await asio::this_coro::executor;
+    PoolConfig config = pool_of_one();
+    config.acquire_timeout = 20s;
+    Pool pool(executor, config);
+    auto lease = co_await pool.acquire();
+    constexpr int callers = 3;
+    std::vector<asio::cancellation_signal> signals(callers);
+    std::vector<int> answers(callers, 0);
+    std::vector<boost::system::error_code> codes(callers);
+    for (int caller = 0; caller < callers; ++caller) {
+      asio::co_spawn(
+          executor,
+          [&, caller]() -> asio::awaitable<void> {
+            try {
+              (void)co_await pool.query("SELECT 1");
+            } catch (const Error& error) {
+              codes[static_cast<std::size_t>(caller)] = error.code();
+            }
+            ++answers[static_cast<std::size_t>(caller)];
+          },
+          asio::bind_cancellation_slot(signals[static_cast<std::size_t>(caller)].slot(),
+                                       asio::detached));
+    }
+    while (pool.stats().shared_queued < callers) co_await testing::sleep_for(10ms);
+    std::shared_ptr<detail::Multiplexer> multiplexer;
+    {
+      const auto state = detail::pool_state_of(pool).lock();
+      const std::lock_guard lock(state->mutex);
+      multiplexer = state->multiplexer;
+    }
+    out_of_memory = true;
+    try {
+      multiplexer->close();
+    } catch (...) {
+      ADD_FAILURE() << "the multiplexer's close() threw when out of memory";
+    }
+    out_of_memory = false;
+    signals[1].emit(asio::cancellation_type::terminal);
+    const auto started = std::chrono::steady_clock::now();
+    while (answers[1] == 0 && std::chrono::steady_clock::now() - started < 2s) {
+      co_await testing::sleep_for(10ms);
+    }
+    EXPECT_EQ(answers[1], 1) << "the cancelled caller was not answered";
+    EXPECT_EQ(codes[1], client_errc::pool_closed);
+    {
+      const std::lock_guard lock(multiplexer->mutex);
+      EXPECT_LE(multiplexer->unanswered.size(), std::size_t{callers - 1});
+    }
+    lease.release();
+    (void)co_await pool.close(5s);
+    while ((answers[0] == 0 || answers[2] == 0) &&
+           std::chrono::steady_clock::now() - started < 5s) {
+      co_await testing::sleep_for(10ms);
+    }
+    co_await testing::sleep_for(50ms);  // (an answer twice would come by now)
+    for (std::size_t caller = 0; caller < callers; ++caller) {
+      EXPECT_EQ(answers[caller], 1) << "caller " << caller;
+      EXPECT_EQ(codes[caller], client_errc::pool_closed) << "caller " << caller;
+    }
+    const std::lock_guard lock(multiplexer->mutex);
+    EXPECT_TRUE(multiplexer->unanswered.empty());
+  });
 }
 
 }  // namespace

@@ -808,6 +808,7 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
     }
     std::erase(mux->links, link);
     if (!mux->closed) mux->dispatch_locked();
+    mux->answer_unanswered_locked();  // (those close() could not post for want of memory)
   }
   abandon.disarm();
   // A connection lost or closed here goes back as broken (the pool counts it so); one still open
@@ -1073,6 +1074,7 @@ void Multiplexer::release_waits_of(asio::execution_context& context) {
         const auto visit_statement = [&](SharedStatement& statement) { visit(statement.wait); };
         queue.for_each(visit_statement);
         in_flight.for_each(visit_statement);
+        unanswered.for_each(visit_statement);
       },
       [this, &context] { std::erase(watched_contexts, &context); });
 }
@@ -1092,18 +1094,58 @@ void Multiplexer::evict_links() {
   if (!queue.empty()) dispatch_locked();
 }
 
+void Multiplexer::answer_unanswered_locked() noexcept {
+  bool out_of_memory = false;
+  unanswered.for_each([&](SharedStatement& statement) {
+    if (out_of_memory || statement.resumption_posted) return;
+    if (!statement.wait.waiting()) return;  // (its caller was cancelled: it leaves on its own)
+    try {
+      // Only references: if the post fails, or the notice is destroyed unrun (its executor gone),
+      // the caller's handler is still in its wait, for a later notice or its context's shutdown.
+      asio::post(statement.wait.executor,
+                 [self = shared_from_this(), held = statement.held_by_queue] {
+                   std::optional<async::ParkedWait> taken;
+                   {
+                     const std::lock_guard relock(self->mutex);
+                     if (held->unanswered) {
+                       held->unanswered = false;
+                       (void)self->unanswered.remove(*held);
+                     }
+                     if (held->wait.waiting()) taken.emplace(held->wait.take());
+                   }
+                   // (On the caller's own executor: resumed in place, nothing posted.)
+                   if (taken) async::resume(std::move(*taken), error_code{}, true);
+                 });
+      statement.resumption_posted = true;
+    } catch (const std::exception&) {
+      out_of_memory = true;  // (tried again by the next call)
+    }
+  });
+}
+
 void Multiplexer::close() {
   std::lock_guard lock(mutex);
   if (closed) return;
   closed = true;
-  queue.remove_if([](SharedStatement& statement) {
-    statement.error = make_error_code(client_errc::pool_closed);
-    statement.diagnostics = Diagnostics{.message = "the pool closed before the statement was sent",
-                                        .statement = statement.sql};
-    finish_locked(statement);
-    return true;
-  });
-  for (const auto& link : links) wake_locked(link);
+  // Each queued statement fails with pool_closed: its caller builds the message (run_shared()),
+  // not this close, which must not fail midway (the statements after it would wait on).
+  while (!queue.empty()) {
+    std::shared_ptr<SharedStatement> statement = queue.pop_front();
+    statement->error = make_error_code(client_errc::pool_closed);
+    statement->stage = SharedStatement::Stage::done;
+    statement->unanswered = true;
+    unanswered.push_back(std::move(statement));
+  }
+  answer_unanswered_locked();
+  for (const auto& link : links) {
+    try {
+      wake_locked(link);
+    } catch (const std::exception&) {
+      // (No memory for the wake: the connection sees the close once its statements in flight
+      // are answered, as it drains anyway.)
+      link->wake_posted = false;
+    }
+  }
 }
 
 void Multiplexer::release_io() {
@@ -1114,6 +1156,7 @@ void Multiplexer::release_io() {
     timer.swap(sweeper);
     sweeper_armed = false;
     std::swap(on, strand);
+    answer_unanswered_locked();  // (those close() could not post for want of memory)
   }
   // (Destroyed here, unlocked: the timer's wait ends cancelled, and its handler holds nothing.)
 }
@@ -1149,6 +1192,10 @@ asio::awaitable<Result> run_shared(std::shared_ptr<PoolState> pool,
     if (statement->stage == SharedStatement::Stage::queued) mux->withdraw_locked(*statement);
     if (statement->stage != SharedStatement::Stage::done) {
       statement->stage = SharedStatement::Stage::abandoned;
+    }
+    if (statement->unanswered) {
+      statement->unanswered = false;
+      (void)mux->unanswered.remove(*statement);
     }
   });
   // The wait has no expiry of its own: the multiplexer's sweeper fails a statement queued past
@@ -1191,7 +1238,16 @@ asio::awaitable<Result> run_shared(std::shared_ptr<PoolState> pool,
                 Diagnostics{.message = "the statement was cancelled", .statement = statement->sql});
   }
   abandon.disarm();
+  if (statement->unanswered) {  // (failed by close(), and resumed otherwise: cancelled)
+    statement->unanswered = false;
+    (void)mux->unanswered.remove(*statement);
+  }
   lock.unlock();
+  if (statement->error == client_errc::pool_closed && statement->diagnostics.message.empty()) {
+    // (Failed by close(), which builds no message: see Multiplexer::unanswered.)
+    statement->diagnostics.message = "the pool closed before the statement was sent";
+    statement->diagnostics.statement = statement->sql;
+  }
   if (statement->error) throw Error(statement->error, std::move(statement->diagnostics));
   co_return std::move(statement->result);
 }

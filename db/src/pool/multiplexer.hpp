@@ -59,6 +59,10 @@ struct SharedStatement {
   Stage stage = Stage::queued;
   async::ParkedWait wait;   // the caller's, while it waits for its answer
   bool sent_again = false;  // queued again once (the server forgot its statement)
+  // Failed by close() and in Multiplexer::unanswered, its caller's resumption still to run; and
+  // whether that resumption is posted (not yet: its post failed for want of memory).
+  bool unanswered = false;
+  bool resumption_posted = false;
   // While queued or in flight (a StatementQueue: Multiplexer::queue, Multiplexer::in_flight):
   // its neighbours, and the queue's reference to it.
   SharedStatement* prev = nullptr;
@@ -177,6 +181,12 @@ struct Multiplexer : std::enable_shared_from_this<Multiplexer>, async::ParkedWai
   // connections, in the order sent: the first of a connection's is its head, which runs; those
   // behind it wait for it (sweep()).
   StatementQueue in_flight;
+  // The statements close() failed, until their callers' resumptions have run: close() builds
+  // nothing for them (no message, no handler that could fail to allocate and take the caller's
+  // wait with it); it posts for each a notice that holds only references, which resumes the
+  // caller in place on its own executor. A notice that cannot be posted (no memory) is posted
+  // again later (answer_unanswered_locked()): the caller's wait stays parked meanwhile, never lost.
+  StatementQueue unanswered;
   std::vector<std::shared_ptr<SharedLink>> links;
   std::size_t borrowing = 0;  // acquires under way
   // How many statement waits have started (SharedStatement::wait_number); and how many had when
@@ -253,8 +263,13 @@ struct Multiplexer : std::enable_shared_from_this<Multiplexer>, async::ParkedWai
   // goes to a new connection, or fails as the pool's acquire would, at once rather than when the
   // connection next looks at the pool. Thread-safe (under the pool's lock: ours is taken under it).
   void evict_links();
+  // Posts the notice of each statement in `unanswered` not posted yet; stops at the first that
+  // cannot be (no memory), to be tried again by the next call (close(), each connection's end,
+  // release_io()). Never throws.
+  void answer_unanswered_locked() noexcept;
   // The pool is closing: queued statements fail with pool_closed, the connections drain and go
-  // back. Thread-safe.
+  // back. Thread-safe. Allocates nothing that could leave it half done: it never throws
+  // (std::system_error from the mutex aside).
   void close();
   // The pool lets go of the multiplexer, its close done: the strand and the sweeper (objects of
   // the pool's io_context) go now, so that a caller on another io_context that holds the
