@@ -3970,6 +3970,96 @@ TEST_F(PoolTest, EvictAllReachesTheConnectionsQueryHolds) {
   });
 }
 
+// Pool::evict_all() while callers on two threads keep query() busy: no statement whose call began
+// after evict_all() returned runs on a connection that had answered before evict_all() began
+// (evicted). The connections query() holds are told by evict_all() itself, under the
+// multiplexer's lock, so one that had just read the pool (and found its connection fine) takes no
+// statement queued after the eviction.
+TEST_F(PoolTest, EvictAllFromAnotherThreadReachesTheConnectionsQueryHoldsBeforeItReturns) {
+  asio::thread_pool threads(2);
+  PoolConfig pool_config = config("shared-evict-threads", 3);
+  pool_config.max_waiters = 10'000;
+  auto pool = std::make_shared<Pool>(threads.get_executor(), pool_config);
+  constexpr int callers = 16;
+  constexpr int evictions = 6;
+  // evict_all() calls begun and returned; each answer, with the counts when its call began and
+  // when it ended.
+  std::atomic<int> begun{0};
+  std::atomic<int> returned{0};
+  struct Answer {
+    int returned_at_call;
+    int begun_at_answer;
+    int backend;
+  };
+  std::mutex answers_mutex;
+  std::vector<Answer> answers;
+  std::atomic<bool> stop{false};
+  std::atomic<int> finished{0};
+  std::atomic<int> failed{0};
+  for (int caller = 0; caller < callers; ++caller) {
+    asio::co_spawn(
+        asio::make_strand(threads.get_executor()),
+        [&, pool]() -> awaitable_void {
+          while (!stop) {
+            const int returned_at_call = returned.load();
+            try {
+              const int backend = (co_await pool->query("SELECT pg_backend_pid()")).scalar<int>();
+              const int begun_at_answer = begun.load();
+              const std::lock_guard lock(answers_mutex);
+              answers.push_back({returned_at_call, begun_at_answer, backend});
+            } catch (const Error&) {
+              ++failed;
+            }
+          }
+          ++finished;
+        },
+        asio::detached);
+  }
+  for (int eviction = 1; eviction <= evictions; ++eviction) {
+    std::this_thread::sleep_for(150ms);
+    ++begun;
+    pool->evict_all();
+    ++returned;
+  }
+  std::this_thread::sleep_for(150ms);
+  stop = true;
+  const auto give_up_at = std::chrono::steady_clock::now() + 30s;
+  while (finished < callers && std::chrono::steady_clock::now() < give_up_at) {
+    std::this_thread::sleep_for(10ms);
+  }
+  EXPECT_EQ(finished.load(), callers);
+  std::promise<void> closed;
+  asio::co_spawn(
+      threads.get_executor(),
+      [&, pool]() -> awaitable_void {
+        (void)co_await pool->close(5s);
+        closed.set_value();
+      },
+      asio::detached);
+  const bool closed_in_time = closed.get_future().wait_for(30s) == std::future_status::ready;
+  EXPECT_TRUE(closed_in_time);
+  if (finished < callers || !closed_in_time) threads.stop();  // (a hang fails, not blocks)
+  threads.join();
+  EXPECT_EQ(failed.load(), 0);
+  // The backends evicted by eviction e: those that answered a call before it began.
+  std::size_t later = 0;
+  std::size_t on_evicted = 0;
+  for (int eviction = 1; eviction <= evictions; ++eviction) {
+    std::set<int> evicted;
+    for (const Answer& answer : answers) {
+      if (answer.begun_at_answer < eviction) evicted.insert(answer.backend);
+    }
+    for (const Answer& answer : answers) {
+      if (answer.returned_at_call < eviction) continue;
+      ++later;
+      if (evicted.contains(answer.backend)) ++on_evicted;
+    }
+  }
+  EXPECT_GT(later, 0U);
+  EXPECT_EQ(on_evicted, 0U) << "statements called after evict_all() returned ran on connections "
+                               "it evicted";
+}
+
 // A closed pool that ran query() may be destroyed after its io_context (a member declared before
 // the io_context, a pointer reset later): it holds nothing of the io_context's any more. (Before,
 // its multiplexer's strand touched the io_context's freed strand service: ASan, in CI.)
