@@ -22,6 +22,7 @@
 #include <map>
 #include <memory>
 #include <numeric>
+#include <set>
 #include <spdlog/sinks/ostream_sink.h>
 #include <spdlog/spdlog.h>
 #include <sstream>
@@ -958,6 +959,166 @@ TEST_F(BudgetTest, TheDiscardAllResetNeedsNoPlpgsql) {
       30s);
   admin.query("GRANT USAGE ON LANGUAGE plpgsql TO PUBLIC");
   admin.query("DROP ROLE budget_no_plpgsql");
+  for (DiscardReason reason : reasons) {
+    if (reason != DiscardReason::closing) ADD_FAILURE() << "discarded: " << to_string(reason);
+  }
+}
+
+// A schema of the role's own put ahead of pg_catalog in its search_path (here by the conninfo's
+// options; ALTER ROLE ... SET search_path does the same) holds an object for each operator,
+// function, relation and type name the budget's SQL used unqualified, each of which raises (a
+// hostile one would answer wrongly instead: an `=` that is always true, a pg_locks that shows
+// nothing, a pg_try_advisory_lock() that takes nothing). An exact match in an earlier schema wins
+// over pg_catalog's, so every connect failed taking its slot. With every name in the budget's
+// SQL schema-qualified, operators as OPERATOR(pg_catalog.=), the budget works as ever: the slots
+// are taken, a full budget fails with budget_exhausted (the waiting path ran), the discard_all
+// reset keeps the slot and the class marker, and the slot checks close nothing.
+void create_hijacking_schema(BlockingConnection& admin, const std::string& schema) {
+  admin.query("SET client_min_messages = warning");  // (no notices of the drops)
+  admin.query("DROP SCHEMA IF EXISTS " + schema + " CASCADE");
+  admin.query("CREATE SCHEMA " + schema);
+  const auto raising = [&](const std::string& name, const std::string& args,
+                           const std::string& returns) {
+    admin.query("CREATE FUNCTION " + schema + "." + name + "(" + args + ") RETURNS " + returns +
+                " LANGUAGE plpgsql AS $$BEGIN RAISE EXCEPTION 'hijacked: " + name + "(" + args +
+                ")'; END$$");
+  };
+  struct Operator {
+    const char* name;
+    const char* left;
+    const char* right;
+    const char* returns;
+  };
+  int n = 0;
+  for (const Operator& op : {Operator{"=", "oid", "oid", "bool"},
+                             {"=", "int2", "int4", "bool"},
+                             {"=", "int4", "int4", "bool"},
+                             {"=", "int8", "int8", "bool"},
+                             {"=", "text", "text", "bool"},
+                             {"=", "name", "name", "bool"},
+                             {"<>", "int4", "int4", "bool"},
+                             {">=", "int8", "int8", "bool"},
+                             {"&", "int8", "int8", "int8"},
+                             {"|", "int8", "int8", "int8"},
+                             {"<<", "int8", "int4", "int8"},
+                             {"-", "int8", "int8", "int8"},
+                             {"||", "text", "text", "text"}}) {
+    const std::string function = "op_" + std::to_string(n++);
+    raising(function, std::string("pg_catalog.") + op.left + ", pg_catalog." + op.right,
+            std::string("pg_catalog.") + op.returns);
+    admin.query("CREATE OPERATOR " + schema + "." + op.name + " (LEFTARG = pg_catalog." + op.left +
+                ", RIGHTARG = pg_catalog." + op.right + ", FUNCTION = " + schema + "." + function +
+                ")");
+  }
+  raising("pg_try_advisory_lock", "pg_catalog.int4, pg_catalog.int4", "pg_catalog.bool");
+  raising("pg_try_advisory_lock_shared", "pg_catalog.int4, pg_catalog.int4", "pg_catalog.bool");
+  raising("pg_advisory_lock_shared", "pg_catalog.int4, pg_catalog.int4", "void");
+  raising("pg_advisory_unlock_shared", "pg_catalog.int4, pg_catalog.int4", "pg_catalog.bool");
+  raising("pg_backend_pid", "", "pg_catalog.int4");
+  raising("current_database", "", "pg_catalog.name");
+  for (const char* relation : {"pg_locks", "pg_stat_activity", "pg_database"}) {
+    admin.query("CREATE VIEW " + schema + "." + relation + " AS SELECT * FROM pg_catalog." +
+                relation + " WHERE false");
+  }
+  for (const char* type : {"int4", "int8", "oid", "text", "bool"}) {
+    admin.query("CREATE DOMAIN " + schema + ".\"" + type + "\" AS pg_catalog." + type +
+                " CHECK (VALUE IS NULL)");
+  }
+  admin.query("GRANT USAGE ON SCHEMA " + schema + " TO PUBLIC");
+}
+
+TEST_F(BudgetTest, TheBudgetIgnoresTheObjectsOfASchemaAheadOfPgCatalogInTheSearchPath) {
+  const std::string key = "hijacked-search-path";
+  BlockingConnection admin(cluster().dsn());
+  create_hijacking_schema(admin, "budget_hijack");
+  auto pool_config = config(key, key, 2, 2);
+  pool_config.conninfo = cluster().dsn() + " options='-c search_path=budget_hijack,pg_catalog'";
+  pool_config.reset = ResetPolicy::discard_all;
+  pool_config.budget.classes = {{.name = "api", .slots = 1}};
+  pool_config.budget.class_name = "api";
+  pool_config.budget.check_interval = 100ms;
+  pool_config.acquire_timeout = 5s;
+  std::vector<DiscardReason> reasons;
+  run_coroutine(
+      [&]() -> awaitable_void {
+        auto executor = co_await asio::this_coro::executor;
+        Pool pool(executor, pool_config);
+        boost::signals2::scoped_connection subscription = pool.events().discarded.connect(
+            [&](DiscardReason reason) { reasons.push_back(reason); });
+        auto first = co_await pool.acquire();
+        auto second = co_await pool.acquire();
+        const int first_pid = first->backend_pid();
+        const int second_pid = second->backend_pid();
+        EXPECT_EQ((co_await first->query("SHOW search_path")).scalar<std::string>(),
+                  "budget_hijack,pg_catalog");
+        co_await first->execute("SELECT pg_catalog.pg_advisory_lock(4346)");
+        first.release();  // the discard_all reset runs
+        second.release();
+        co_await sleep_for(600ms);  // slot checks, on either connection
+        auto again = co_await pool.acquire();
+        auto again_second = co_await pool.acquire();
+        EXPECT_EQ(std::set<int>({again->backend_pid(), again_second->backend_pid()}),
+                  std::set<int>({first_pid, second_pid}))
+            << "a connection was replaced";
+        BlockingConnection observer(cluster().dsn());
+        EXPECT_EQ(observer.scalar(slot_holders_sql(key)), "2");
+        EXPECT_EQ(observer.scalar("SELECT pg_try_advisory_lock(4346)::text"), "true")
+            << "the user's own lock outlived the reset";
+        // The slot and the class's marker, nothing else.
+        EXPECT_EQ(observer.scalar("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                                  "AND pid = " +
+                                  std::to_string(first_pid)),
+                  "2");
+        // The budget full, another process's connect waits for a slot, and gives up.
+        auto waiting_config = pool_config;
+        waiting_config.instance = key + "-waiting";
+        waiting_config.acquire_timeout = 700ms;
+        Pool waiting(executor, waiting_config);
+        auto error = co_await testing::expect_error(waiting.acquire());
+        EXPECT_EQ(error.code(), client_errc::budget_exhausted) << error.what();
+        EXPECT_GE(waiting.stats().budget_slot_waits, 1U);
+        (void)co_await waiting.close(1s);
+        again.release();
+        again_second.release();
+        (void)co_await pool.close(1s);
+      },
+      30s);
+  admin.query("DROP SCHEMA budget_hijack CASCADE");
+  for (DiscardReason reason : reasons) {
+    // (Given back while the other process waited: its fair share.)
+    if (reason != DiscardReason::closing && reason != DiscardReason::budget_share) {
+      ADD_FAILURE() << "discarded: " << to_string(reason);
+    }
+  }
+}
+
+// Relations (and types) are looked up in the session's temporary schema before pg_catalog, even
+// with the default search_path: a temporary view named pg_locks, made in a lease and kept by the
+// rollback reset, showed the slot checks run on that connection no slot held, and they closed
+// every connection of the pool as slot_lost.
+TEST_F(BudgetTest, ATemporaryViewNamedPgLocksDoesNotFoolTheSlotCheck) {
+  const std::string key = "temporary-pg-locks";
+  auto pool_config = config(key, key, 1, 1);
+  pool_config.reset = ResetPolicy::rollback;
+  pool_config.budget.check_interval = 100ms;
+  std::vector<DiscardReason> reasons;
+  run_coroutine(
+      [&]() -> awaitable_void {
+        Pool pool(co_await asio::this_coro::executor, pool_config);
+        boost::signals2::scoped_connection subscription = pool.events().discarded.connect(
+            [&](DiscardReason reason) { reasons.push_back(reason); });
+        auto lease = co_await pool.acquire();
+        const int pid = lease->backend_pid();
+        co_await lease->execute(
+            "CREATE TEMPORARY VIEW pg_locks AS SELECT * FROM pg_catalog.pg_locks WHERE false");
+        lease.release();
+        co_await sleep_for(600ms);  // about six slot checks, on that connection
+        auto again = co_await pool.acquire();
+        EXPECT_EQ(again->backend_pid(), pid) << "the connection was replaced";
+        again.release();
+        (void)co_await pool.close(1s);
+      },
+      30s);
   for (DiscardReason reason : reasons) {
     if (reason != DiscardReason::closing) ADD_FAILURE() << "discarded: " << to_string(reason);
   }

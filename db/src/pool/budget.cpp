@@ -148,16 +148,20 @@ asio::awaitable<std::vector<SlotHolder>> budget_slot_holders(Connection& connect
   // Advisory locks are per database; pg_locks shows the (int4, int4) form's keys as classid and
   // objid (unsigned), with objsubid 2. The last column: 0 a slot, 1 a waiting marker, 2 a class
   // membership marker.
+  // Every name schema-qualified, operators too (OPERATOR(pg_catalog.=)): a role whose search_path
+  // puts a schema of its own before pg_catalog (or a temporary view named pg_locks) must not
+  // change what the budget reads. The keys compare as int4 (an oid cast to int4 keeps its bits).
   const Result rows = co_await connection.query(
-      "SELECT l.objid::int8, l.pid, coalesce(a.application_name, ''), CASE l.classid WHEN "
-      "($2::int8 & 4294967295)::oid THEN 1 WHEN ($3::int8 & 4294967295)::oid THEN 2 ELSE 0 END "
-      "FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = "
-      "'advisory' AND l.granted AND l.objsubid = 2 AND l.classid IN (($1::int8 & "
-      "4294967295)::oid, ($2::int8 & 4294967295)::oid, ($3::int8 & 4294967295)::oid) AND "
-      "l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-      static_cast<std::int64_t>(budget_lock_key(budget.key)),
-      static_cast<std::int64_t>(budget_waiting_key(budget)),
-      static_cast<std::int64_t>(budget_member_key(budget)));
+      "SELECT l.objid::pg_catalog.int8, l.pid, coalesce(a.application_name, ''), CASE WHEN "
+      "l.classid::pg_catalog.int4 OPERATOR(pg_catalog.=) $2 THEN 1 WHEN "
+      "l.classid::pg_catalog.int4 OPERATOR(pg_catalog.=) $3 THEN 2 ELSE 0 END FROM "
+      "pg_catalog.pg_locks l LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid "
+      "OPERATOR(pg_catalog.=) l.pid WHERE l.locktype OPERATOR(pg_catalog.=) 'advisory' AND "
+      "l.granted AND l.objsubid OPERATOR(pg_catalog.=) 2 AND l.classid::pg_catalog.int4 "
+      "OPERATOR(pg_catalog.=) ANY (ARRAY[$1, $2, $3]::pg_catalog.int4[]) AND l.database "
+      "OPERATOR(pg_catalog.=) (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname "
+      "OPERATOR(pg_catalog.=) pg_catalog.current_database())",
+      budget_lock_key(budget.key), budget_waiting_key(budget), budget_member_key(budget));
   std::vector<SlotHolder> holders;
   for (const Row& row : rows) {
     const auto kind = row.get<std::int32_t>(3);
@@ -179,8 +183,9 @@ asio::awaitable<void> mark_class_member(Connection& connection, const Budget& bu
   if (marker == 0) co_return;
   // Shared: never waits (nobody takes the key exclusively), and every connection of the class
   // holds it alike.
-  (void)co_await connection.query("SELECT pg_advisory_lock_shared($1::int4, $2::int4)",
-                                  budget_member_key(budget), static_cast<std::int32_t>(marker));
+  (void)co_await connection.query(
+      "SELECT pg_catalog.pg_advisory_lock_shared($1::pg_catalog.int4, $2::pg_catalog.int4)",
+      budget_member_key(budget), static_cast<std::int32_t>(marker));
 }
 
 asio::awaitable<SlotSearch> take_budget_slot(Connection& connection, const Budget& budget,
@@ -200,8 +205,9 @@ asio::awaitable<SlotSearch> take_budget_slot(Connection& connection, const Budge
       const std::size_t slot = range.begin + (start + step) % size;
       if (held.count(slot) != 0) continue;
       const Result taken = co_await connection.query(
-          "SELECT pg_try_advisory_lock($1::int4, $2::int4), pg_backend_pid()", key,
-          static_cast<std::int32_t>(slot));
+          "SELECT pg_catalog.pg_try_advisory_lock($1::pg_catalog.int4, $2::pg_catalog.int4), "
+          "pg_catalog.pg_backend_pid()",
+          key, static_cast<std::int32_t>(slot));
       if (taken[0].get<bool>(0)) {
         search.slot = slot;
         search.backend_pid = taken[0].get<std::int32_t>(1);
@@ -394,23 +400,26 @@ namespace {
 // block: a role may be refused USAGE on PL/pgSQL (pg_advisory_unlock_all() needs no privilege).
 // $1, $2: the slot's (key, slot); with $5, (key $3, marker $4) taken shared is kept as well.
 constexpr const char* unlock_all_but_slot_sql =
-    "SELECT coalesce(pg_catalog.sum(CASE WHEN l.objsubid = 1 AND l.mode = "
-    "'ExclusiveLock' THEN CASE WHEN pg_catalog.pg_advisory_unlock((l.classid::int8 << 32) | "
-    "l.objid::int8) THEN 1 ELSE 0 END WHEN l.objsubid = 1 THEN CASE WHEN "
-    "pg_catalog.pg_advisory_unlock_shared((l.classid::int8 << 32) | l.objid::int8) THEN 1 ELSE 0 "
-    "END WHEN l.mode = 'ExclusiveLock' THEN CASE WHEN pg_catalog.pg_advisory_unlock((CASE WHEN "
-    "l.classid::int8 >= 2147483648 THEN l.classid::int8 - 4294967296 ELSE l.classid::int8 "
-    "END)::int4, (CASE WHEN l.objid::int8 >= 2147483648 THEN l.objid::int8 - 4294967296 ELSE "
-    "l.objid::int8 END)::int4) THEN 1 ELSE 0 END ELSE CASE WHEN "
-    "pg_catalog.pg_advisory_unlock_shared((CASE WHEN l.classid::int8 >= 2147483648 THEN "
-    "l.classid::int8 - 4294967296 ELSE l.classid::int8 END)::int4, (CASE WHEN l.objid::int8 >= "
-    "2147483648 THEN l.objid::int8 - 4294967296 ELSE l.objid::int8 END)::int4) THEN 1 ELSE 0 END "
-    "END), 0)::int8 FROM pg_catalog.pg_locks l WHERE l.locktype = 'advisory' AND l.granted AND "
-    "l.pid = pg_catalog.pg_backend_pid() AND l.database = (SELECT d.oid FROM "
-    "pg_catalog.pg_database d WHERE d.datname = pg_catalog.current_database()) AND NOT (l.objsubid "
-    "= 2 AND l.mode = 'ExclusiveLock' AND l.classid = ($1::int8 & 4294967295)::oid AND l.objid = "
-    "$2::int8::oid) AND NOT ($5::bool AND l.objsubid = 2 AND l.mode = 'ShareLock' AND l.classid = "
-    "($3::int8 & 4294967295)::oid AND l.objid = $4::int8::oid)";
+    "SELECT coalesce(pg_catalog.sum(CASE WHEN l.objsubid OPERATOR(pg_catalog.=) 1 AND l.mode "
+    "OPERATOR(pg_catalog.=) 'ExclusiveLock' THEN CASE WHEN "
+    "pg_catalog.pg_advisory_unlock((l.classid::pg_catalog.int8 OPERATOR(pg_catalog.<<) 32) "
+    "OPERATOR(pg_catalog.|) l.objid::pg_catalog.int8) THEN 1 ELSE 0 END WHEN l.objsubid "
+    "OPERATOR(pg_catalog.=) 1 THEN CASE WHEN "
+    "pg_catalog.pg_advisory_unlock_shared((l.classid::pg_catalog.int8 OPERATOR(pg_catalog.<<) "
+    "32) OPERATOR(pg_catalog.|) l.objid::pg_catalog.int8) THEN 1 ELSE 0 END WHEN l.mode "
+    "OPERATOR(pg_catalog.=) 'ExclusiveLock' THEN CASE WHEN "
+    "pg_catalog.pg_advisory_unlock(l.classid::pg_catalog.int4, l.objid::pg_catalog.int4) THEN 1 "
+    "ELSE 0 END ELSE CASE WHEN pg_catalog.pg_advisory_unlock_shared(l.classid::pg_catalog.int4, "
+    "l.objid::pg_catalog.int4) THEN 1 ELSE 0 END END), 0)::pg_catalog.int8 FROM "
+    "pg_catalog.pg_locks l WHERE l.locktype OPERATOR(pg_catalog.=) 'advisory' AND l.granted AND "
+    "l.pid OPERATOR(pg_catalog.=) pg_catalog.pg_backend_pid() AND l.database "
+    "OPERATOR(pg_catalog.=) (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname "
+    "OPERATOR(pg_catalog.=) pg_catalog.current_database()) AND NOT (l.objsubid "
+    "OPERATOR(pg_catalog.=) 2 AND l.mode OPERATOR(pg_catalog.=) 'ExclusiveLock' AND "
+    "l.classid::pg_catalog.int4 OPERATOR(pg_catalog.=) $1 AND l.objid::pg_catalog.int4 "
+    "OPERATOR(pg_catalog.=) $2) AND NOT ($5 AND l.objsubid OPERATOR(pg_catalog.=) 2 AND l.mode "
+    "OPERATOR(pg_catalog.=) 'ShareLock' AND l.classid::pg_catalog.int4 OPERATOR(pg_catalog.=) $3 "
+    "AND l.objid::pg_catalog.int4 OPERATOR(pg_catalog.=) $4)";
 
 }  // namespace
 
@@ -440,17 +449,19 @@ asio::awaitable<void> discard_all_keeping_slot(Connection& connection, const Bud
       .sync();
   if (marker != 0) {
     statements
-        .add("SELECT pg_advisory_lock_shared($1::int4, $2::int4)", budget_member_key(budget),
-             static_cast<std::int32_t>(marker))
+        .add("SELECT pg_catalog.pg_advisory_lock_shared($1::pg_catalog.int4, $2::pg_catalog.int4)",
+             budget_member_key(budget), static_cast<std::int32_t>(marker))
         .sync();
   }
   // Still held, as a rule; taken again if released by hand in the lease (once: a second hold of
   // it would outlive the next reset).
   statements.add(
-      "SELECT CASE WHEN EXISTS (SELECT FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND "
-      "granted AND pid = pg_catalog.pg_backend_pid() AND objsubid = 2 AND mode = 'ExclusiveLock' "
-      "AND classid = ($1::int8 & 4294967295)::oid AND objid = $2::int8::oid) THEN true ELSE "
-      "pg_catalog.pg_try_advisory_lock($1::int4, $2::int4) END",
+      "SELECT CASE WHEN EXISTS (SELECT FROM pg_catalog.pg_locks l WHERE l.locktype "
+      "OPERATOR(pg_catalog.=) 'advisory' AND l.granted AND l.pid OPERATOR(pg_catalog.=) "
+      "pg_catalog.pg_backend_pid() AND l.objsubid OPERATOR(pg_catalog.=) 2 AND l.mode "
+      "OPERATOR(pg_catalog.=) 'ExclusiveLock' AND l.classid::pg_catalog.int4 "
+      "OPERATOR(pg_catalog.=) $1 AND l.objid::pg_catalog.int4 OPERATOR(pg_catalog.=) $2) THEN "
+      "true ELSE pg_catalog.pg_try_advisory_lock($1, $2) END",
       key, static_cast<std::int32_t>(slot));
   const auto outcomes = co_await connection.run(statements);
   for (const auto& outcome : outcomes) {

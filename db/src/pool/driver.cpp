@@ -426,7 +426,8 @@ asio::awaitable<void> PoolState::open_connection(
         const Result identity = co_await cut_at(
             connection, Clock::now() + self->config.connect.connect_timeout,
             connection.query("SELECT pg_catalog.date_part('epoch', "
-                             "pg_catalog.pg_postmaster_start_time())::text || ' ' || "
+                             "pg_catalog.pg_postmaster_start_time())::pg_catalog.text "
+                             "OPERATOR(pg_catalog.||) ' ' OPERATOR(pg_catalog.||) "
                              "pg_catalog.current_setting('port')"));
         // (Under the lock: the slot checks read them, on any connection's coroutine.)
         std::lock_guard lock(self->mutex);
@@ -657,8 +658,8 @@ asio::awaitable<SlotSearch> PoolState::wait_for_budget_slot(
   std::exception_ptr failed;
   try {
     marked = (co_await cut_at(connection, Clock::now() + timeout,
-                              connection.query("SELECT pg_try_advisory_lock_shared($1::int4, "
-                                               "$2::int4)",
+                              connection.query("SELECT pg_catalog.pg_try_advisory_lock_shared("
+                                               "$1::pg_catalog.int4, $2::pg_catalog.int4)",
                                                marker, marker_class)))
                  .scalar<bool>();
     asio::steady_timer timer(co_await asio::this_coro::executor);
@@ -676,7 +677,8 @@ asio::awaitable<SlotSearch> PoolState::wait_for_budget_slot(
     }
     if (marked && search.slot) {
       (void)co_await cut_at(connection, Clock::now() + timeout,
-                            connection.query("SELECT pg_advisory_unlock_shared($1::int4, $2::int4)",
+                            connection.query("SELECT pg_catalog.pg_advisory_unlock_shared("
+                                             "$1::pg_catalog.int4, $2::pg_catalog.int4)",
                                              marker, marker_class));
     }
   } catch (...) {
