@@ -19,18 +19,23 @@ namespace {
 // The app's backends as the server sees them; parse_connection_tag() then keeps exact tags only.
 // In scope: under the login role (session_user), which pg_stat_activity shows for a session that
 // SET role to a group role too.
+// Every name schema-qualified, operators too (LIKE is the operator ~~): a schema put before
+// pg_catalog in the role's search_path must not change whom it lists (nor, below, whom it ends).
 constexpr const char* app_backends_sql =
-    "SELECT pid, application_name, coalesce(state, ''), coalesce(backend_start::text, ''), "
-    "coalesce((extract(epoch FROM backend_start) * 1000000)::bigint, 0), "
-    "coalesce((extract(epoch FROM now() - state_change) * 1000)::bigint, 0), "
-    "coalesce(usename::text, ''), coalesce(datname::text, ''), "
-    "coalesce(host(client_addr) || ':' || client_port, 'local'), "
-    "coalesce(datname = current_database() AND usename = session_user, false), "
-    "EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = pg_stat_activity.pid "
-    "AND l.locktype = 'advisory' AND l.granted) "
-    "FROM pg_stat_activity WHERE backend_type = 'client backend' "
-    "AND application_name LIKE $1 ESCAPE '\\' AND pid <> pg_backend_pid() "
-    "ORDER BY backend_start, pid";
+    "SELECT a.pid, a.application_name, coalesce(a.state, ''), "
+    "coalesce(a.backend_start::pg_catalog.text, ''), coalesce((EXTRACT(epoch FROM "
+    "a.backend_start) OPERATOR(pg_catalog.*) 1000000)::pg_catalog.int8, 0), "
+    "coalesce((EXTRACT(epoch FROM pg_catalog.now() OPERATOR(pg_catalog.-) a.state_change) "
+    "OPERATOR(pg_catalog.*) 1000)::pg_catalog.int8, 0), coalesce(a.usename::pg_catalog.text, ''), "
+    "coalesce(a.datname::pg_catalog.text, ''), coalesce((pg_catalog.host(a.client_addr) "
+    "OPERATOR(pg_catalog.||) ':') OPERATOR(pg_catalog.||) a.client_port::pg_catalog.text, "
+    "'local'), coalesce(a.datname OPERATOR(pg_catalog.=) pg_catalog.current_database() AND "
+    "a.usename OPERATOR(pg_catalog.=) session_user, false), EXISTS (SELECT 1 FROM "
+    "pg_catalog.pg_locks l WHERE l.pid OPERATOR(pg_catalog.=) a.pid AND l.locktype "
+    "OPERATOR(pg_catalog.=) 'advisory' AND l.granted) FROM pg_catalog.pg_stat_activity a WHERE "
+    "a.backend_type OPERATOR(pg_catalog.=) 'client backend' AND a.application_name "
+    "OPERATOR(pg_catalog.~~) pg_catalog.like_escape($1, '\\') AND a.pid "
+    "OPERATOR(pg_catalog.<>) pg_catalog.pg_backend_pid() ORDER BY a.backend_start, a.pid";
 
 }  // namespace
 
@@ -142,8 +147,9 @@ boost::asio::awaitable<bool> terminate_backend_if_unchanged(Connection& connecti
                                                             std::string backend_start,
                                                             std::chrono::milliseconds wait) {
   auto rows = co_await connection.query(
-      "SELECT pg_terminate_backend(pid, $4) FROM pg_stat_activity WHERE pid = $1 "
-      "AND application_name = $2 AND coalesce(backend_start::text, '') = $3",
+      "SELECT pg_catalog.pg_terminate_backend(a.pid, $4) FROM pg_catalog.pg_stat_activity a "
+      "WHERE a.pid OPERATOR(pg_catalog.=) $1 AND a.application_name OPERATOR(pg_catalog.=) $2 AND "
+      "coalesce(a.backend_start::pg_catalog.text, '') OPERATOR(pg_catalog.=) $3",
       pid, application_name, backend_start, static_cast<std::int64_t>(wait.count()));
   co_return !rows.empty() && rows.scalar<bool>();
 }

@@ -1092,6 +1092,51 @@ TEST_F(BudgetTest, TheBudgetIgnoresTheObjectsOfASchemaAheadOfPgCatalogInTheSearc
   }
 }
 
+// The start-up hygiene's SQL (list_app_backends(), terminate_backend_if_unchanged()) on a
+// connection whose search_path puts a schema ahead of pg_catalog with objects of its own for the
+// names it used unqualified (create_hijacking_schema(): each raises; a hostile `=` on int4 and
+// text that is always true would have had the cleanup end every backend it may signal): it
+// lists the app's backends and ends only the one named, as it listed it.
+TEST_F(BudgetTest, TheHygieneSqlIgnoresTheObjectsOfASchemaAheadOfPgCatalogInTheSearchPath) {
+  BlockingConnection admin(cluster().dsn());
+  create_hijacking_schema(admin, "hygiene_hijack");
+  run_coroutine(
+      [&]() -> awaitable_void {
+        auto pool_config = config("hygiene-hijack", "hygiene-hijack", 1, 1);
+        Pool pool(co_await asio::this_coro::executor, pool_config);
+        auto lease = co_await pool.acquire();
+        const int pid = lease->backend_pid();
+        ConnectOptions options;
+        options.conninfo = cluster().dsn() + " options='-c search_path=hygiene_hijack,pg_catalog'";
+        auto connection = co_await Connection::connect(options);
+        const std::vector<AppBackend> backends =
+            co_await list_app_backends(connection, pool_config.application);
+        const auto listed = std::find_if(backends.begin(), backends.end(),
+                                         [pid](const AppBackend& b) { return b.pid == pid; });
+        EXPECT_NE(listed, backends.end()) << "the pool's backend was not listed";
+        if (listed != backends.end()) {
+          EXPECT_TRUE(listed->in_scope);
+          EXPECT_TRUE(listed->holds_advisory_lock);  // its slot
+          EXPECT_FALSE(co_await terminate_backend_if_unchanged(
+              connection, pid, listed->application_name + "x", listed->backend_start));
+          EXPECT_FALSE(co_await terminate_backend_if_unchanged(
+              connection, pid, listed->application_name, listed->backend_start + "x"));
+          BlockingConnection observer(cluster().dsn());
+          EXPECT_EQ(observer.scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = " +
+                                    std::to_string(pid)),
+                    "1")
+              << "a backend not as listed was ended";
+          EXPECT_TRUE(co_await terminate_backend_if_unchanged(
+              connection, pid, listed->application_name, listed->backend_start, 5s));
+        }
+        connection.close();
+        lease.release();
+        (void)co_await pool.close(1s);
+      },
+      30s);
+  admin.query("DROP SCHEMA hygiene_hijack CASCADE");
+}
+
 // Relations (and types) are looked up in the session's temporary schema before pg_catalog, even
 // with the default search_path: a temporary view named pg_locks, made in a lease and kept by the
 // rollback reset, showed the slot checks run on that connection no slot held, and they closed
