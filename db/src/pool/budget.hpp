@@ -28,6 +28,10 @@ struct SlotSearch {
   // With a slot: the backend that holds it, from the server (pg_backend_pid(): behind a pooler
   // the connection's own BackendKeyData pid is the pooler's).
   int backend_pid = 0;
+  // With a slot: the server that holds it, as it tells in the same statement (two entries of a
+  // multi-host conninfo may name one server, under names or addresses that differ): when its
+  // postmaster started, and its port ("<epoch seconds> <port>").
+  std::string server;
   // No slot taken, as the pool held its fair share (take_budget_slot()'s may_take false).
   bool held_back = false;
 };
@@ -100,7 +104,9 @@ struct SlotRange {
 
 // Takes a free slot on `connection`: reads which slots the server shows held (pg_locks), then
 // tries the others one by one, from a random start, with pg_try_advisory_lock (one lock per
-// statement: never a set-returning query that could take several). Errors as Connection::query().
+// statement: never a set-returning query that could take several; the statement that takes it
+// also reads the backend's pid and the server's identity: SlotSearch). Errors as
+// Connection::query().
 // With `may_take` false (the pool holds its fair share: Core::at_connection_cap()) it only counts
 // the holders.
 [[nodiscard]] boost::asio::awaitable<SlotSearch> take_budget_slot(Connection& connection,

@@ -420,21 +420,12 @@ asio::awaitable<void> PoolState::open_connection(
         search = co_await wait_for_budget_slot(self, *node, connection, *cancel, search);
       }
       if (search.slot) {
-        // Which server holds the slot, as the server tells (two entries of a multi-host conninfo
-        // may name one server, under names or addresses that differ): when its postmaster started,
-        // and its port.
-        const Result identity = co_await cut_at(
-            connection, Clock::now() + self->config.connect.connect_timeout,
-            connection.query("SELECT pg_catalog.date_part('epoch', "
-                             "pg_catalog.pg_postmaster_start_time())::pg_catalog.text "
-                             "OPERATOR(pg_catalog.||) ' ' OPERATOR(pg_catalog.||) "
-                             "pg_catalog.current_setting('port')"));
         // (Under the lock: the slot checks read them, on any connection's coroutine.)
         std::lock_guard lock(self->mutex);
         auto& pooled = static_cast<PooledConnection&>(*node->attachment);
         pooled.budget_slot = *search.slot;
         pooled.backend_pid = search.backend_pid;
-        pooled.server = identity.scalar<std::string>();
+        pooled.server = std::move(search.server);
       } else if (evicted_by_user(self, *node)) {
         abandoned = true;
         error = make_error_code(client_errc::cancelled);
