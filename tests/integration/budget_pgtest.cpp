@@ -22,6 +22,7 @@
 #include <map>
 #include <memory>
 #include <numeric>
+#include <optional>
 #include <set>
 #include <spdlog/sinks/ostream_sink.h>
 #include <spdlog/spdlog.h>
@@ -915,6 +916,72 @@ TEST_F(BudgetTest, TheDiscardAllResetNeverLetsTheSlotGo) {
   for (DiscardReason reason : reasons) {
     if (reason != DiscardReason::closing) ADD_FAILURE() << "discarded: " << to_string(reason);
   }
+}
+
+// A slot released by hand in a lease (pg_advisory_unlock_all(), which DISCARD ALL sent as a
+// query runs too) is taken again by the discard_all reset, and held once (a second hold would
+// outlive the next reset); if another session took it meanwhile, the reset fails and the
+// connection is closed, so the budget never counts one backend more than its slots.
+TEST_F(BudgetTest, TheDiscardAllResetTakesBackASlotReleasedByHandOnceOrClosesTheConnection) {
+  const std::string key = "discard-takes-back";
+  auto pool_config = config(key, key, 1, 1);
+  pool_config.reset = ResetPolicy::discard_all;
+  pool_config.acquire_timeout = 700ms;
+  const std::string slot_lock = "(" + std::to_string(budget_lock_key(key)) + ", 0)";
+  std::vector<DiscardReason> reasons;
+  run_coroutine(
+      [&]() -> awaitable_void {
+        Pool pool(co_await asio::this_coro::executor, pool_config);
+        boost::signals2::scoped_connection subscription = pool.events().discarded.connect(
+            [&](DiscardReason reason) { reasons.push_back(reason); });
+        BlockingConnection observer(cluster().dsn());
+        int pid = 0;
+        {
+          auto lease = co_await pool.acquire();
+          pid = lease->backend_pid();
+          co_await lease->execute("SELECT pg_advisory_unlock_all()");
+        }
+        {
+          auto lease = co_await pool.acquire();
+          EXPECT_EQ(lease->backend_pid(), pid) << "the connection was replaced";
+          // Held once: one unlock releases it.
+          EXPECT_TRUE(
+              (co_await lease->query("SELECT pg_advisory_unlock" + slot_lock)).scalar<bool>());
+          EXPECT_EQ(observer.scalar(slot_holders_sql(key)), "0");
+          // Taken by another session before the reset: the connection goes.
+          EXPECT_EQ(observer.scalar("SELECT pg_try_advisory_lock" + slot_lock + "::text"), "true");
+        }
+        for (int i = 0; i < 200 && observer.scalar("SELECT count(*) FROM pg_stat_activity WHERE "
+                                                   "pid = " +
+                                                   std::to_string(pid)) != "0";
+             ++i) {
+          co_await sleep_for(10ms);
+        }
+        EXPECT_EQ(observer.scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = " +
+                                  std::to_string(pid)),
+                  "0")
+            << "the connection whose slot another session took was kept";
+        auto error = co_await testing::expect_error(pool.acquire());
+        EXPECT_EQ(error.code(), client_errc::budget_exhausted) << error.what();
+        observer.query("SELECT pg_advisory_unlock" + slot_lock);
+        std::optional<Lease> again;  // (the pool may be backing off: each acquire waits 700 ms)
+        for (int i = 0; i < 10 && !again; ++i) {
+          try {
+            again.emplace(co_await pool.acquire());
+          } catch (const Error&) {  // NOLINT(bugprone-empty-catch): tried again
+          }
+        }
+        EXPECT_TRUE(again.has_value()) << "the slot given back was not taken";
+        if (again) {
+          EXPECT_EQ(observer.scalar(slot_holders_sql(key) +
+                                    " AND pid = " + std::to_string((*again)->backend_pid())),
+                    "1");
+          again->release();
+        }
+        (void)co_await pool.close(1s);
+      },
+      30s);
+  EXPECT_EQ(std::count(reasons.begin(), reasons.end(), DiscardReason::failed_reset), 1);
 }
 
 // The discard_all reset under a budget runs as a role that may not use PL/pgSQL (USAGE on the

@@ -399,12 +399,22 @@ namespace {
 
 // pg_advisory_unlock_all() but for the connection's own slot, (key, slot) taken exclusively: one
 // pass over what pg_locks shows this session holding, each lock released once (a lock taken twice
-// shows once, and goes in the next pass); it answers how many it released. Plain SQL, not a DO
-// block: a role may be refused USAGE on PL/pgSQL (pg_advisory_unlock_all() needs no privilege).
+// shows once, and goes in the next pass); it answers how many it released and whether the slot
+// is held, taken again if it was not (released by hand in the lease; once: a second hold of it
+// would outlive the next reset). One read of pg_locks: the slot is never released here, and no
+// other session can release it, so what the read shows of it holds to the end of the statement;
+// the slot is taken again after every release (the aggregate's result is computed once its
+// input has been read). Plain SQL, not a DO block: a role may be refused USAGE on PL/pgSQL
+// (pg_advisory_unlock_all() needs no privilege).
 // $1, $2: the slot's (key, slot); with $5, (key $3, marker $4) taken shared is kept as well.
 constexpr const char* unlock_all_but_slot_sql =
-    "SELECT coalesce(pg_catalog.sum(CASE WHEN l.objsubid OPERATOR(pg_catalog.=) 1 AND l.mode "
-    "OPERATOR(pg_catalog.=) 'ExclusiveLock' THEN CASE WHEN "
+    "SELECT coalesce(pg_catalog.sum(CASE WHEN l.objsubid OPERATOR(pg_catalog.=) 2 AND l.mode "
+    "OPERATOR(pg_catalog.=) 'ExclusiveLock' AND l.classid::pg_catalog.int4 "
+    "OPERATOR(pg_catalog.=) $1 AND l.objid::pg_catalog.int4 OPERATOR(pg_catalog.=) $2 THEN 0 "
+    "WHEN $5 AND l.objsubid OPERATOR(pg_catalog.=) 2 AND l.mode OPERATOR(pg_catalog.=) "
+    "'ShareLock' AND l.classid::pg_catalog.int4 OPERATOR(pg_catalog.=) $3 AND "
+    "l.objid::pg_catalog.int4 OPERATOR(pg_catalog.=) $4 THEN 0 WHEN l.objsubid "
+    "OPERATOR(pg_catalog.=) 1 AND l.mode OPERATOR(pg_catalog.=) 'ExclusiveLock' THEN CASE WHEN "
     "pg_catalog.pg_advisory_unlock((l.classid::pg_catalog.int8 OPERATOR(pg_catalog.<<) 32) "
     "OPERATOR(pg_catalog.|) l.objid::pg_catalog.int8) THEN 1 ELSE 0 END WHEN l.objsubid "
     "OPERATOR(pg_catalog.=) 1 THEN CASE WHEN "
@@ -413,16 +423,15 @@ constexpr const char* unlock_all_but_slot_sql =
     "OPERATOR(pg_catalog.=) 'ExclusiveLock' THEN CASE WHEN "
     "pg_catalog.pg_advisory_unlock(l.classid::pg_catalog.int4, l.objid::pg_catalog.int4) THEN 1 "
     "ELSE 0 END ELSE CASE WHEN pg_catalog.pg_advisory_unlock_shared(l.classid::pg_catalog.int4, "
-    "l.objid::pg_catalog.int4) THEN 1 ELSE 0 END END), 0)::pg_catalog.int8 FROM "
-    "pg_catalog.pg_locks l WHERE l.locktype OPERATOR(pg_catalog.=) 'advisory' AND l.granted AND "
-    "l.pid OPERATOR(pg_catalog.=) pg_catalog.pg_backend_pid() AND l.database "
-    "OPERATOR(pg_catalog.=) (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname "
-    "OPERATOR(pg_catalog.=) pg_catalog.current_database()) AND NOT (l.objsubid "
-    "OPERATOR(pg_catalog.=) 2 AND l.mode OPERATOR(pg_catalog.=) 'ExclusiveLock' AND "
-    "l.classid::pg_catalog.int4 OPERATOR(pg_catalog.=) $1 AND l.objid::pg_catalog.int4 "
-    "OPERATOR(pg_catalog.=) $2) AND NOT ($5 AND l.objsubid OPERATOR(pg_catalog.=) 2 AND l.mode "
-    "OPERATOR(pg_catalog.=) 'ShareLock' AND l.classid::pg_catalog.int4 OPERATOR(pg_catalog.=) $3 "
-    "AND l.objid::pg_catalog.int4 OPERATOR(pg_catalog.=) $4)";
+    "l.objid::pg_catalog.int4) THEN 1 ELSE 0 END END), 0)::pg_catalog.int8, CASE WHEN "
+    "coalesce(pg_catalog.bool_or(l.objsubid OPERATOR(pg_catalog.=) 2 AND l.mode "
+    "OPERATOR(pg_catalog.=) 'ExclusiveLock' AND l.classid::pg_catalog.int4 "
+    "OPERATOR(pg_catalog.=) $1 AND l.objid::pg_catalog.int4 OPERATOR(pg_catalog.=) $2), false) "
+    "THEN true ELSE pg_catalog.pg_try_advisory_lock($1, $2) END FROM pg_catalog.pg_locks l WHERE "
+    "l.locktype OPERATOR(pg_catalog.=) 'advisory' AND l.granted AND l.pid OPERATOR(pg_catalog.=) "
+    "pg_catalog.pg_backend_pid() AND l.database OPERATOR(pg_catalog.=) (SELECT d.oid FROM "
+    "pg_catalog.pg_database d WHERE d.datname OPERATOR(pg_catalog.=) "
+    "pg_catalog.current_database())";
 
 }  // namespace
 
@@ -456,25 +465,24 @@ asio::awaitable<void> discard_all_keeping_slot(Connection& connection, const Bud
              budget_member_key(budget), static_cast<std::int32_t>(marker))
         .sync();
   }
-  // Still held, as a rule; taken again if released by hand in the lease (once: a second hold of
-  // it would outlive the next reset).
-  statements.add(
-      "SELECT CASE WHEN EXISTS (SELECT FROM pg_catalog.pg_locks l WHERE l.locktype "
-      "OPERATOR(pg_catalog.=) 'advisory' AND l.granted AND l.pid OPERATOR(pg_catalog.=) "
-      "pg_catalog.pg_backend_pid() AND l.objsubid OPERATOR(pg_catalog.=) 2 AND l.mode "
-      "OPERATOR(pg_catalog.=) 'ExclusiveLock' AND l.classid::pg_catalog.int4 "
-      "OPERATOR(pg_catalog.=) $1 AND l.objid::pg_catalog.int4 OPERATOR(pg_catalog.=) $2) THEN "
-      "true ELSE pg_catalog.pg_try_advisory_lock($1, $2) END",
-      key, static_cast<std::int32_t>(slot));
   const auto outcomes = co_await connection.run(statements);
   for (const auto& outcome : outcomes) {
     if (!outcome.ok()) throw Error(outcome.error, outcome.diagnostics);
   }
+  if (outcomes.size() <= unlock_pass || outcomes[unlock_pass].result.empty()) {
+    throw Error(make_error_code(client_errc::connection_lost),
+                Diagnostics{.message = "releasing the advisory locks of a reset failed"});
+  }
+  if (!outcomes[unlock_pass].result[0].get<bool>(1)) {
+    throw Error(
+        make_error_code(client_errc::budget_exhausted),
+        Diagnostics{.message = "the budget slot " + std::to_string(slot) + " of '" + budget.key +
+                               "', released by hand in a lease, was taken by another process "
+                               "before the reset of its connection, which is closed"});
+  }
   // A lock of the lease's taken more than once is held still: a pass more, until one releases
   // nothing (keeping the class marker, taken again above).
-  for (bool released =
-           outcomes.size() > unlock_pass && outcomes[unlock_pass].result.scalar<std::int64_t>() > 0;
-       released;) {
+  for (bool released = outcomes[unlock_pass].result[0].get<std::int64_t>(0) > 0; released;) {
     Pipeline pass;
     pass.prepare_statements(false);
     pass.add(unlock_all_but_slot_sql, key, static_cast<std::int32_t>(slot), member_key,
@@ -485,14 +493,7 @@ asio::awaitable<void> discard_all_keeping_slot(Connection& connection, const Bud
       throw Error(make_error_code(client_errc::connection_lost),
                   Diagnostics{.message = "releasing the advisory locks of a reset failed"});
     }
-    released = passed.front().result.scalar<std::int64_t>() > 0;
-  }
-  if (outcomes.empty() || !outcomes.back().result.scalar<bool>()) {
-    throw Error(
-        make_error_code(client_errc::budget_exhausted),
-        Diagnostics{.message = "the budget slot " + std::to_string(slot) + " of '" + budget.key +
-                               "', released by hand in a lease, was taken by another process "
-                               "before the reset of its connection, which is closed"});
+    released = !passed.front().result.empty() && passed.front().result[0].get<std::int64_t>(0) > 0;
   }
 }
 
