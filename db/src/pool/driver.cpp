@@ -729,6 +729,14 @@ asio::awaitable<void> PoolState::check_budget_slots(std::shared_ptr<PoolState> s
       // (A node retired for the fair share alone may be kept when the cap lifts: checked.)
       if (!unchanged || (node.evicted && node.evict_reason != DiscardReason::budget_share)) return;
       const auto& pooled = static_cast<const PooledConnection&>(*node.attachment);
+      // Matched by pid alone, soundly: a pid names one live backend of the server, and is given
+      // again only once its backend has ended. So a healthy connection is never judged to have
+      // lost its slot. A connection whose backend ended unnoticed (terminated, crashed), its pid
+      // since given to a backend that holds a slot, is taken for one that holds its own: that is
+      // harmless, as an ended backend holds nothing and the connection fails at its next use or
+      // ping like any broken one. (pg_stat_activity's backend_start would tell them apart, but
+      // only the backends' own role and pg_read_all_stats see it: a checker left under another
+      // role by a SET ROLE in a lease, kept by the rollback reset, would read it as null.)
       if (pooled.server != server || holding.count(pooled.backend_pid) != 0) return;
       deferred.add([self, pid = pooled.backend_pid, slot = pooled.budget_slot,
                     idle = node.state == pool::NodeState::idle] {
