@@ -45,20 +45,30 @@ bool env_flag(const char* name, bool fallback) {
   invalid(std::string(name) + "='" + *value + "' is not valid", "expected 1 or 0 (or true/false)");
 }
 
+// Every name schema-qualified, operators too (OPERATOR(pg_catalog.=)): a schema put before
+// pg_catalog in the role's search_path (a pg_try_advisory_lock() of its own that answers true, a
+// hashtextextended() that gives every instance another key) must not let two instances both hold
+// the lock.
 constexpr const char* cluster_lock_held_sql =
-    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = pg_backend_pid() "
-    "AND locktype = 'advisory' AND granted AND objsubid = 1 "
-    "AND classid::bigint = ($1::bigint >> 32) & 4294967295 "
-    "AND objid::bigint = $1::bigint & 4294967295)";
-constexpr const char* cluster_lock_key_sql = "SELECT hashtextextended($1, 0)";
+    "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_locks l WHERE l.pid OPERATOR(pg_catalog.=) "
+    "pg_catalog.pg_backend_pid() AND l.locktype OPERATOR(pg_catalog.=) 'advisory' AND l.granted "
+    "AND l.objsubid OPERATOR(pg_catalog.=) 1 AND l.classid::pg_catalog.int8 "
+    "OPERATOR(pg_catalog.=) (($1::pg_catalog.int8 OPERATOR(pg_catalog.>>) 32) "
+    "OPERATOR(pg_catalog.&) 4294967295) AND l.objid::pg_catalog.int8 OPERATOR(pg_catalog.=) "
+    "($1::pg_catalog.int8 OPERATOR(pg_catalog.&) 4294967295))";
+constexpr const char* cluster_lock_key_sql = "SELECT pg_catalog.hashtextextended($1, 0)";
+constexpr const char* cluster_lock_try_sql = "SELECT pg_catalog.pg_try_advisory_lock($1)";
 constexpr const char* cluster_lock_holder_sql =
-    "SELECT a.pid, a.application_name, "
-    "CASE WHEN a.backend_start IS NOT NULL THEN coalesce(host(a.client_addr), 'local') END, "
-    "a.backend_start::text FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-    "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
-    "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
-    "AND l.classid::bigint = ($1::bigint >> 32) & 4294967295 "
-    "AND l.objid::bigint = $1::bigint & 4294967295";
+    "SELECT a.pid, a.application_name, CASE WHEN a.backend_start IS NOT NULL THEN "
+    "coalesce(pg_catalog.host(a.client_addr), 'local') END, a.backend_start::pg_catalog.text "
+    "FROM pg_catalog.pg_locks l JOIN pg_catalog.pg_stat_activity a ON a.pid "
+    "OPERATOR(pg_catalog.=) l.pid WHERE l.locktype OPERATOR(pg_catalog.=) 'advisory' AND "
+    "l.granted AND l.objsubid OPERATOR(pg_catalog.=) 1 AND l.database OPERATOR(pg_catalog.=) "
+    "(SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname OPERATOR(pg_catalog.=) "
+    "pg_catalog.current_database()) AND l.classid::pg_catalog.int8 OPERATOR(pg_catalog.=) "
+    "(($1::pg_catalog.int8 OPERATOR(pg_catalog.>>) 32) OPERATOR(pg_catalog.&) 4294967295) AND "
+    "l.objid::pg_catalog.int8 OPERATOR(pg_catalog.=) ($1::pg_catalog.int8 OPERATOR(pg_catalog.&) "
+    "4294967295)";
 
 }  // namespace
 
@@ -206,8 +216,7 @@ asio::awaitable<void> StartupHygiene::ClusterLock::take(std::chrono::millisecond
   bool holder_is_leftover = false;
   refused_by_leftover = false;
   for (int attempt = 0; attempt < 50; ++attempt) {
-    const bool locked =
-        (co_await connection.query("SELECT pg_try_advisory_lock($1)", key)).scalar<bool>();
+    const bool locked = (co_await connection.query(cluster_lock_try_sql, key)).scalar<bool>();
     if (locked) {
       spdlog::info("pgrt: holding the cluster-wide lock of {} (advisory lock {}, backend {})",
                    prefix, key, connection.backend_pid());

@@ -494,6 +494,55 @@ TEST_F(WatchdogTest, MetricsParseWithAPrometheusParserAndCountWhatHappened) {
   running.wait(pool.close(1s));
 }
 
+// The cluster-wide instance lock's SQL (StartupHygiene) names every function, relation, type and
+// operator schema-qualified: with a schema put ahead of pg_catalog in the role's search_path (here
+// by the conninfo's options) holding a pg_try_advisory_lock(bigint) that answers true and takes
+// nothing, every instance believed it held the lock, and a second one ran beside the first.
+class ClusterLockSearchPathTest : public testing::DbTest {};
+
+TEST_F(ClusterLockSearchPathTest, ASchemaAheadOfPgCatalogCannotLetASecondInstanceTakeTheLock) {
+  testing::BlockingConnection admin(cluster().dsn());
+  admin.query("SET client_min_messages = warning");
+  admin.query("DROP SCHEMA IF EXISTS lock_hijack CASCADE");
+  admin.query("CREATE SCHEMA lock_hijack");
+  admin.query(
+      "CREATE FUNCTION lock_hijack.pg_try_advisory_lock(pg_catalog.int8) RETURNS pg_catalog.bool "
+      "LANGUAGE sql AS 'SELECT true'");
+  admin.query(
+      "CREATE FUNCTION lock_hijack.hashtextextended(pg_catalog.text, pg_catalog.int8) RETURNS "
+      "pg_catalog.int8 LANGUAGE sql AS 'SELECT 42::pg_catalog.int8'");
+  admin.query("CREATE VIEW lock_hijack.pg_locks AS SELECT * FROM pg_catalog.pg_locks WHERE false");
+  admin.query("GRANT USAGE ON SCHEMA lock_hijack TO PUBLIC");
+  PoolConfig config;
+  config.conninfo = cluster().dsn() + " options='-c search_path=lock_hijack,pg_catalog'";
+  config.application = "hijacked-lock";
+  config.instance = "one";
+  config.max_size = 3;
+  StartupHygieneOptions options;
+  options.instance_lock = false;  // (as if each instance ran on a host of its own)
+  options.cluster_lock = true;
+  testing::run_coroutine([&]() -> asio::awaitable<void> {
+    StartupHygiene first(co_await asio::this_coro::executor, config, options);
+    co_await first.start();
+    EXPECT_EQ(admin.scalar("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND "
+                           "objsubid = 1 AND granted AND (classid::int8 << 32 | objid::int8) = "
+                           "hashtextextended('pgrt instance hijacked-lock/one/', 0)"),
+              "1")
+        << "the first instance holds no cluster-wide lock";
+    StartupHygiene second(co_await asio::this_coro::executor, config, options);
+    bool refused = false;
+    try {
+      co_await second.start();
+    } catch (const Error& error) {
+      refused = error.code() == client_errc::instance_locked;
+    }
+    EXPECT_TRUE(refused) << "a second holder of the cluster-wide lock";
+    if (!refused) co_await second.stop();
+    co_await first.stop();
+  });
+  admin.query("DROP SCHEMA lock_hijack CASCADE");
+}
+
 // The service components' environment settings: a malformed value is refused with
 // invalid_config, a message that names the variable and its value, and a hint that says what is
 // expected; a well-formed one is taken. (PGRT_START_WAIT_S is read by PoolComponent and
