@@ -281,14 +281,19 @@ asio::awaitable<void> Watchdog::State::check_server(Seen& seen, const PoolStats&
     const Result result = co_await with_timeout(
         // (A role without pg_read_all_stats sees other roles' rows with backend_type null:
         // those in a database count too, with the few background workers that sit in one.)
-        lease->query("SELECT (SELECT count(*) FROM pg_stat_activity"
-                     " WHERE backend_type = 'client backend'"
-                     " OR (backend_type IS NULL AND datid IS NOT NULL))::int8,"
-                     " current_setting('max_connections')::int8"
-                     " - current_setting('superuser_reserved_connections')::int8"
+        // Every name schema-qualified, operators too: a schema put before pg_catalog in the
+        // pool's search_path (a pg_stat_activity of its own) must not change what it counts.
+        lease->query("SELECT (SELECT pg_catalog.count(*) FROM pg_catalog.pg_stat_activity a"
+                     " WHERE a.backend_type OPERATOR(pg_catalog.=) 'client backend'"
+                     " OR (a.backend_type IS NULL AND a.datid IS NOT NULL))::pg_catalog.int8,"
+                     " (pg_catalog.current_setting('max_connections')::pg_catalog.int8"
+                     " OPERATOR(pg_catalog.-)"
+                     " pg_catalog.current_setting('superuser_reserved_connections')"
+                     "::pg_catalog.int8) OPERATOR(pg_catalog.-)"
                      // (PostgreSQL 16 reserves reserved_connections more, for pg_use_reserved_
                      // connections: no setting before it)
-                     " - coalesce(current_setting('reserved_connections', true)::int8, 0)"),
+                     " coalesce(pg_catalog.current_setting('reserved_connections', true)"
+                     "::pg_catalog.int8, 0)"),
         std::max(bound, milliseconds(5)));
     server_check_failing = false;
     const auto backends = result[0].get<std::int64_t>(0);

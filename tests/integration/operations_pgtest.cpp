@@ -274,6 +274,38 @@ TEST_F(WatchdogTest, ServerBusyWarnsOnceAndClearsOnce) {
   running.wait(pool.close(1s));
 }
 
+// The server check's SQL names every function, relation, type and operator schema-qualified: with
+// a schema put ahead of pg_catalog in the pool's search_path (here by the conninfo's options)
+// holding a pg_stat_activity of its own that shows 100000 client backends, the check counted
+// those, and warned that the server was busy.
+TEST_F(WatchdogTest, TheServerCheckIgnoresASchemaAheadOfPgCatalogInTheSearchPath) {
+  Running running;
+  testing::BlockingConnection admin(cluster().dsn());
+  admin.query("SET client_min_messages = warning");
+  admin.query("DROP SCHEMA IF EXISTS watchdog_hijack CASCADE");
+  admin.query("CREATE SCHEMA watchdog_hijack");
+  admin.query(
+      "CREATE VIEW watchdog_hijack.pg_stat_activity AS SELECT 'client backend'::pg_catalog.text "
+      "AS backend_type, NULL::pg_catalog.oid AS datid FROM pg_catalog.generate_series(1, 100000)");
+  admin.query("GRANT USAGE ON SCHEMA watchdog_hijack TO PUBLIC");
+  auto pool_config = config("hijacked-search-path", 2);
+  pool_config.conninfo = cluster().dsn() + " options='-c search_path=watchdog_hijack,pg_catalog'";
+  Pool pool(running.io.get_executor(), pool_config);
+  auto options = fast(true);
+  options.server_share = 0.9;
+  Watchdog watchdog(running.io.get_executor(), pool, options);
+  ChangeLog log(watchdog);
+  running.wait(watchdog.start());
+  const auto checks = watchdog.checks();
+  EXPECT_TRUE(eventually([&] { return watchdog.checks() >= checks + 4; }));
+  EXPECT_TRUE(log.of(WatchdogCondition::server_busy).empty())
+      << log.of(WatchdogCondition::server_busy).front().detail;
+  EXPECT_TRUE(log.of(WatchdogCondition::server_unreachable).empty());
+  running.wait(watchdog.stop());
+  running.wait(pool.close(1s));
+  admin.query("DROP SCHEMA watchdog_hijack CASCADE");
+}
+
 // A full connection budget (another pool holds its one slot): the server answers, so it is not
 // unreachable, and the server check's own failed acquire is no caller's timeout; connect_backoff
 // says why connects fail.
