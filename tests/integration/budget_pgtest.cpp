@@ -706,6 +706,44 @@ TEST_F(BudgetTest, ASlotCheckJudgesTheConnectionsOnItsServerReachedThroughAnothe
       30s);
 }
 
+// The server identity the slot check compares (its postmaster's start time and its port) is the
+// same text on every connection to one server, whatever its session's settings: it was the start
+// time as a float8 printed as text, which extra_float_digits changes, so connections of one pool
+// made before and after an ALTER ROLE ... SET extra_float_digits were taken for connections to
+// two servers, and a check on the ones made after never judged the ones made before (a slot
+// released by hand there went unnoticed).
+TEST_F(BudgetTest, ASlotCheckJudgesTheConnectionsOfItsServerWhateverTheirExtraFloatDigits) {
+  const std::string key = "identity-float-digits";
+  BlockingConnection admin(cluster().dsn());
+  admin.query("DROP ROLE IF EXISTS budget_float_digits");
+  admin.query("CREATE ROLE budget_float_digits LOGIN");
+  auto pool_config = config(key, key, 4, 2);
+  pool_config.conninfo = cluster().dsn() + " user=budget_float_digits";
+  pool_config.budget.check_interval = 300ms;
+  std::vector<DiscardReason> reasons;
+  run_coroutine(
+      [&]() -> awaitable_void {
+        Pool pool(co_await asio::this_coro::executor, pool_config);
+        boost::signals2::scoped_connection subscription = pool.events().discarded.connect(
+            [&](DiscardReason reason) { reasons.push_back(reason); });
+        auto before = co_await pool.acquire();
+        admin.query("ALTER ROLE budget_float_digits SET extra_float_digits = -15");
+        auto after = co_await pool.acquire();
+        EXPECT_EQ((co_await after->query("SHOW extra_float_digits")).scalar<std::string>(), "-15");
+        after.release();  // the only idle connection: the slot checks run on it
+        co_await before->execute("SELECT pg_advisory_unlock_all()");  // its slot, by hand
+        co_await sleep_for(1500ms);                                   // about five slot checks
+        before.release();  // closed now if a check noticed its slot gone
+        co_await sleep_for(30ms);
+        EXPECT_EQ(std::count(reasons.begin(), reasons.end(), DiscardReason::slot_lost), 1)
+            << "a slot released by hand went unnoticed by the checks of a connection whose "
+               "extra_float_digits differ";
+        (void)co_await pool.close(1s);
+      },
+      30s);
+  admin.query("DROP ROLE budget_float_digits");
+}
+
 // docs/budget.md: with no slot free, "a caller that waits out acquire_timeout meanwhile fails with
 // client_errc::budget_exhausted", which matches condition::too_many_connections (backpressure).
 // Two pools of one process on one budget (as docs/budget.md allows: they keep to one share

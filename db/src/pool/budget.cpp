@@ -206,14 +206,16 @@ asio::awaitable<SlotSearch> take_budget_slot(Connection& connection, const Budge
       if (held.count(slot) != 0) continue;
       const Result taken = co_await connection.query(
           "SELECT pg_catalog.pg_try_advisory_lock($1::pg_catalog.int4, $2::pg_catalog.int4), "
-          "pg_catalog.pg_backend_pid(), pg_catalog.date_part('epoch', "
-          "pg_catalog.pg_postmaster_start_time())::pg_catalog.text OPERATOR(pg_catalog.||) ' ' "
-          "OPERATOR(pg_catalog.||) pg_catalog.current_setting('port')",
+          "pg_catalog.pg_backend_pid(), (EXTRACT(epoch FROM "
+          "pg_catalog.pg_postmaster_start_time()) OPERATOR(pg_catalog.*) "
+          "1000000)::pg_catalog.int8, pg_catalog.current_setting('port')",
           key, static_cast<std::int32_t>(slot));
       if (taken[0].get<bool>(0)) {
         search.slot = slot;
         search.backend_pid = taken[0].get<std::int32_t>(1);
-        search.server = taken[0].get<std::string>(2);
+        // (Whole microseconds: a float8 as text would change with extra_float_digits.)
+        search.server =
+            std::to_string(taken[0].get<std::int64_t>(2)) + " " + taken[0].get<std::string>(3);
         co_await mark_class_member(connection, budget);
         co_return search;
       }

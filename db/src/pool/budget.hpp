@@ -30,7 +30,8 @@ struct SlotSearch {
   int backend_pid = 0;
   // With a slot: the server that holds it, as it tells in the same statement (two entries of a
   // multi-host conninfo may name one server, under names or addresses that differ): when its
-  // postmaster started, and its port ("<epoch seconds> <port>").
+  // postmaster started, and its port ("<epoch microseconds> <port>": the same text whatever the
+  // session's settings).
   std::string server;
   // No slot taken, as the pool held its fair share (take_budget_slot()'s may_take false).
   bool held_back = false;
