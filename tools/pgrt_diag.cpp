@@ -318,11 +318,15 @@ struct Snapshot {
 asio::awaitable<Snapshot> take_snapshot(pgrt::Connection& connection, const Arguments& arguments) {
   Snapshot snapshot;
   auto server = co_await connection.query(
-      "SELECT current_setting('max_connections')::int, "
-      "current_setting('superuser_reserved_connections')::int + "
-      "coalesce(current_setting('reserved_connections', true)::int, 0), "
-      "(SELECT count(*)::int FROM pg_stat_activity WHERE backend_type = 'client backend'), "
-      "current_database()::text, session_user::text");
+      // (Every name schema-qualified, operators too: a schema put before pg_catalog in the role's
+      // search_path must not change what it reports.)
+      "SELECT pg_catalog.current_setting('max_connections')::pg_catalog.int4, "
+      "pg_catalog.current_setting('superuser_reserved_connections')::pg_catalog.int4 "
+      "OPERATOR(pg_catalog.+) coalesce(pg_catalog.current_setting('reserved_connections', "
+      "true)::pg_catalog.int4, 0), (SELECT pg_catalog.count(*)::pg_catalog.int4 FROM "
+      "pg_catalog.pg_stat_activity a WHERE a.backend_type OPERATOR(pg_catalog.=) 'client "
+      "backend'), pg_catalog.current_database()::pg_catalog.text, "
+      "session_user::pg_catalog.text");
   const pgrt::Row server_row = server[0];
   snapshot.max_connections = server_row.get<int>(0);
   snapshot.reserved = server_row.get<int>(1);
@@ -330,9 +334,10 @@ asio::awaitable<Snapshot> take_snapshot(pgrt::Connection& connection, const Argu
   snapshot.database = server_row.get<std::string>(3);
   snapshot.user = server_row.get<std::string>(4);
   auto groups = co_await connection.query(
-      "SELECT coalesce(nullif(application_name, ''), '(none)'), coalesce(state, '(none)'), "
-      "count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
-      "GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2");
+      "SELECT coalesce(CASE WHEN a.application_name OPERATOR(pg_catalog.<>) '' THEN "
+      "a.application_name END, '(none)'), coalesce(a.state, '(none)'), pg_catalog.count(*) FROM "
+      "pg_catalog.pg_stat_activity a WHERE a.backend_type OPERATOR(pg_catalog.=) 'client "
+      "backend' GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2");
   for (const pgrt::Row row : groups) {
     snapshot.groups.push_back(
         {row.get<std::string>(0), row.get<std::string>(1), row.get<std::int64_t>(2)});
@@ -349,8 +354,9 @@ asio::awaitable<Snapshot> take_snapshot(pgrt::Connection& connection, const Argu
   // Rows of another role that this one may not read show their tag but no backend_type (which
   // every readable backend has): list_app_backends() cannot tell them client backends.
   auto hidden = co_await connection.query(
-      "SELECT application_name FROM pg_stat_activity WHERE backend_type IS NULL "
-      "AND datname = current_database() AND application_name LIKE $1 ESCAPE '\\'",
+      "SELECT a.application_name FROM pg_catalog.pg_stat_activity a WHERE a.backend_type IS "
+      "NULL AND a.datname OPERATOR(pg_catalog.=) pg_catalog.current_database() AND "
+      "a.application_name OPERATOR(pg_catalog.~~) pg_catalog.like_escape($1, '\\')",
       pgrt::like_literal(pgrt::tag_app_name(arguments.app) + "/") + "%");
   for (const pgrt::Row row : hidden) {
     const auto name = row.get<std::optional<std::string>>(0);
@@ -608,17 +614,18 @@ int run_budget(int argc, char** argv) {
   auto list_holders = [](pgrt::Connection& on,
                          std::string budget_key) -> asio::awaitable<pgrt::Result> {
     co_return co_await on.query(
-        "SELECT l.objid::int8, a.pid, coalesce(a.application_name, ''), "
-        "coalesce(host(a.client_addr), 'local'), "
-        "coalesce(to_char(a.backend_start AT TIME ZONE 'UTC', "
-        "'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), '?'), "
-        "coalesce(a.state, ''), current_database() "
-        "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-        "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 "
-        "AND l.classid = ($1::int8 & 4294967295)::oid "
-        "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
-        "ORDER BY 1",
-        static_cast<std::int64_t>(pgrt::budget_lock_key(budget_key)));
+        // (Every name schema-qualified, operators too, as the pool's own slot queries.)
+        "SELECT l.objid::pg_catalog.int8, a.pid, coalesce(a.application_name, ''), "
+        "coalesce(pg_catalog.host(a.client_addr), 'local'), "
+        "coalesce(pg_catalog.to_char(pg_catalog.timezone('UTC', a.backend_start), "
+        "'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), '?'), coalesce(a.state, ''), "
+        "pg_catalog.current_database() FROM pg_catalog.pg_locks l JOIN "
+        "pg_catalog.pg_stat_activity a ON a.pid OPERATOR(pg_catalog.=) l.pid WHERE l.locktype "
+        "OPERATOR(pg_catalog.=) 'advisory' AND l.granted AND l.objsubid OPERATOR(pg_catalog.=) 2 "
+        "AND l.classid::pg_catalog.int4 OPERATOR(pg_catalog.=) $1 AND l.database "
+        "OPERATOR(pg_catalog.=) (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname "
+        "OPERATOR(pg_catalog.=) pg_catalog.current_database()) ORDER BY 1",
+        pgrt::budget_lock_key(budget_key));
   };
   const pgrt::Result holders = run_bounded(io, signals, list_holders(connection, key), timeout);
   // Slots at or past --slots are held by a sharer given a larger PGRT_BUDGET_SLOTS: together

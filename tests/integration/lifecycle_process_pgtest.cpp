@@ -521,6 +521,37 @@ TEST_F(LifecycleProcessTest, DiagBudgetRefusesAKeyTheServiceRefuses) {
   EXPECT_EQ(good.wait_for_exit(30s), 0) << "a good --key over a bad variable: " << good.output();
 }
 
+// pgrt-diag's SQL (its report and `budget`) names every function, relation, type and operator
+// schema-qualified: with a schema put ahead of pg_catalog in its role's search_path (here by the
+// DSN's options) holding a pg_locks and a pg_stat_activity of its own that show nothing, it
+// reported an empty budget and no backends while a slot and a tagged backend were there.
+TEST_F(LifecycleProcessTest, DiagIgnoresASchemaAheadOfPgCatalogInTheSearchPath) {
+  BlockingConnection admin(cluster().dsn());
+  admin.query("SET client_min_messages = warning");
+  admin.query("DROP SCHEMA IF EXISTS diag_hijack CASCADE");
+  admin.query("CREATE SCHEMA diag_hijack");
+  for (const char* relation : {"pg_locks", "pg_stat_activity"}) {
+    admin.query(std::string("CREATE VIEW diag_hijack.") + relation +
+                " AS SELECT * FROM pg_catalog." + relation + " WHERE false");
+  }
+  admin.query("GRANT USAGE ON SCHEMA diag_hijack TO PUBLIC");
+  const std::string key = "diag-hijack";
+  {
+    BlockingConnection holder(cluster().dsn() + " application_name=diaghijack/one/0badcafe");
+    holder.query("SELECT pg_advisory_lock(" + std::to_string(budget_lock_key(key)) + ", 1)");
+    const std::string hijacked =
+        cluster().dsn() + " options='-c search_path=diag_hijack,pg_catalog'";
+    Child budget({PGRT_DIAG_PATH, "budget", "--key", key, "--slots", "4"}, hijacked, "diag-hijack");
+    EXPECT_EQ(budget.wait_for_exit(30s), 0) << budget.output();
+    EXPECT_THAT(budget.output(), HasSubstr("1 slot(s) held of 4, 3 free"));
+    EXPECT_THAT(budget.output(), HasSubstr("diaghijack/one/0badcafe"));
+    Child report({PGRT_DIAG_PATH, "--app", "diaghijack"}, hijacked, "diag-hijack");
+    (void)report.wait_for_exit(30s);
+    EXPECT_THAT(report.output(), HasSubstr("diaghijack/one/0badcafe"));
+  }
+  admin.query("DROP SCHEMA diag_hijack CASCADE");
+}
+
 // pgrt-diag's text report shows a server's names (a database's, which its owner chooses) with
 // their control bytes replaced: an escape sequence does not reach the operator's terminal.
 TEST_F(LifecycleProcessTest, DiagTextReportKeepsControlBytesOfServerNamesOffTheTerminal) {
