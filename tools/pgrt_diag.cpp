@@ -461,63 +461,93 @@ void print_text(const Snapshot& snapshot, const Arguments& arguments) {
 // Ctrl+C (or, with --watch, SIGTERM) while a step ran: it was given up on.
 struct Interrupted {};
 
+// The signals that end pgrt-diag (Ctrl+C; with --watch, SIGTERM too), installed from before the
+// first step to the end, and whether one came. One that comes as a step completes (its handler
+// queued, or run when no step waits for it) is kept here: the step's result stands, and the next
+// step or wait ends at once.
+struct StopSignals {
+  StopSignals(asio::io_context& io, bool with_sigterm) : set(io, SIGINT) {
+    if (with_sigterm) set.add(SIGTERM);
+  }
+  asio::signal_set set;
+  bool received = false;
+};
+
+// A step as run_bounded() spawns it: one that a signal came before ends at once, and `started`
+// tells that a cancellation may now reach it. (asio 1.81's co_spawn lets a cancellation that
+// reaches its coroutine before it first runs escape from io_context::run() as a system_error,
+// "co_await: Operation canceled", instead of ending the coroutine.)
+template <typename T>
+asio::awaitable<T> stoppable_step(asio::awaitable<T> operation, const StopSignals& signals,
+                                  bool& started) {
+  if (signals.received) throw Interrupted{};
+  started = true;
+  co_return co_await std::move(operation);
+}
+
 // Runs `operation` on `io` until it completes, `timeout` passes (pgrt::Error, client_errc::timeout)
 // or one of `signals` arrives (Interrupted): a server that stops answering never hangs pgrt-diag,
 // and Ctrl+C always ends it. `signals` stays installed between steps.
 template <typename T>
-T run_bounded(asio::io_context& io, asio::signal_set& signals, asio::awaitable<T> operation,
+T run_bounded(asio::io_context& io, StopSignals& signals, asio::awaitable<T> operation,
               std::chrono::milliseconds timeout) {
+  if (signals.received) throw Interrupted{};
   io.restart();
   asio::cancellation_signal stop;
-  bool signalled = false;
+  bool started = false;
   bool finished = false;
+  bool cut_short = false;  // a signal came while the step ran
   // The first signal cancels the step (a statement's cancel request is waited for up to the
   // connection's cancel_timeout, 1 s here); a second one ends the process at once.
   std::function<void(const boost::system::error_code&, int)> on_signal =
       [&](const boost::system::error_code& error, int) {
-        if (error || finished) return;
-        if (signalled) {
+        if (error) return;
+        if (signals.received) {
           std::cerr << "pgrt-diag: interrupted again: exiting at once" << std::endl;
           std::_Exit(exit_interrupted);
         }
-        signalled = true;
-        signals.async_wait(on_signal);
-        stop.emit(asio::cancellation_type::terminal);
+        signals.received = true;
+        if (finished) return;  // (kept for the next step: this one's result stands)
+        cut_short = true;
+        signals.set.async_wait(on_signal);
+        // Not yet started: it ends as it starts (stoppable_step()).
+        if (started) stop.emit(asio::cancellation_type::terminal);
       };
-  signals.async_wait(on_signal);
+  signals.set.async_wait(on_signal);
   std::optional<T> result;
   std::exception_ptr failure;
-  asio::co_spawn(io, pgrt::with_timeout(std::move(operation), timeout),
-                 asio::bind_cancellation_slot(stop.slot(), [&](std::exception_ptr error, T value) {
-                   finished = true;
-                   failure = error;
-                   if (!error) result.emplace(std::move(value));
-                   boost::system::error_code ignored;
-                   signals.cancel(ignored);
-                 }));
+  asio::co_spawn(
+      io, stoppable_step(pgrt::with_timeout(std::move(operation), timeout), signals, started),
+      asio::bind_cancellation_slot(stop.slot(), [&](std::exception_ptr error, T value) {
+        finished = true;
+        failure = error;
+        if (!error) result.emplace(std::move(value));
+        boost::system::error_code ignored;
+        signals.set.cancel(ignored);
+      }));
   io.run();
-  if (signalled) throw Interrupted{};
+  if (cut_short) throw Interrupted{};
   if (failure) std::rethrow_exception(failure);
   return std::move(*result);
 }
 
-// Sleeps `duration`, or until one of `signals` arrives: then false.
-bool sleep_unless_signalled(asio::io_context& io, asio::signal_set& signals,
+// Sleeps `duration`, or until one of `signals` arrives (or one came already): then false.
+bool sleep_unless_signalled(asio::io_context& io, StopSignals& signals,
                             std::chrono::seconds duration) {
+  if (signals.received) return false;
   io.restart();
-  bool signalled = false;
   asio::steady_timer timer(io, duration);
-  signals.async_wait([&](const boost::system::error_code& error, int) {
+  signals.set.async_wait([&](const boost::system::error_code& error, int) {
     if (error) return;
-    signalled = true;
+    signals.received = true;
     timer.cancel();
   });
   timer.async_wait([&](const boost::system::error_code&) {
     boost::system::error_code ignored;
-    signals.cancel(ignored);
+    signals.set.cancel(ignored);
   });
   io.run();
-  return !signalled;
+  return !signals.received;
 }
 
 // --- pgrt-diag budget: who holds the slots of a connection budget ------------------------------
@@ -603,7 +633,7 @@ int run_budget(int argc, char** argv) {
     return key_given ? exit_usage : exit_config;
   }
   asio::io_context io;
-  asio::signal_set signals(io, SIGINT);
+  StopSignals signals(io, /*with_sigterm=*/false);
   pgrt::ConnectOptions options;
   options.conninfo = conninfo;
   options.application_name = "pgrt-diag";
@@ -685,8 +715,7 @@ int run_budget(int argc, char** argv) {
 int run(const Arguments& arguments) {
   asio::io_context io;
   // --watch ends cleanly (exit 0, output flushed) on Ctrl+C or SIGTERM.
-  asio::signal_set signals(io, SIGINT);
-  if (arguments.watch_seconds) signals.add(SIGTERM);
+  StopSignals signals(io, arguments.watch_seconds.has_value());
   pgrt::ConnectOptions options;
   options.conninfo = arguments.conninfo;
   options.application_name = "pgrt-diag";

@@ -659,6 +659,63 @@ TEST_F(LifecycleProcessTest, DiagGivesUpOnAHangingSnapshotAndCtrlCEndsItAtOnce) 
   }
 }
 
+// Whether process `pid` has a handler installed for signal `number` (/proc/PID/status, SigCgt).
+bool catches_signal(pid_t pid, int number) {
+  std::ifstream status("/proc/" + std::to_string(pid) + "/status");
+  std::string line;
+  while (std::getline(status, line)) {
+    if (!line.starts_with("SigCgt:")) continue;
+    const std::uint64_t caught = std::stoull(line.substr(7), nullptr, 16);
+    return ((caught >> (number - 1)) & 1U) != 0;
+  }
+  return false;
+}
+
+// pgrt-diag --watch ends cleanly (exit 0) on a SIGTERM at any moment once it listens for it:
+// during the connect, the SET ROLE, a snapshot, between two of them, or between refreshes.
+// Without --watch, Ctrl+C ends it as interrupted (130), or after its report. A signal that came
+// as one step completed, before the next one's coroutine first ran, escaped as "co_await:
+// Operation canceled" (exit 3); one whose handler ran just after a step completed was dropped,
+// and --watch went on refreshing. Each moment is hit only now and then: many runs, each with its
+// signal a millisecond later than the one before.
+TEST_F(LifecycleProcessTest, DiagEndsCleanlyOnASignalAtAnyMomentOfItsRun) {
+  for (const bool watch : {true, false}) {
+    const int number = watch ? SIGTERM : SIGINT;
+    for (int run = 0; run < (watch ? 60 : 40); ++run) {
+      std::vector<std::string> argv = {PGRT_DIAG_PATH, "--app", "diag-signal"};
+      if (watch) argv.insert(argv.end(), {"--watch", "1"});
+      Child diag(argv, cluster().dsn(), "diag-signal");
+      const auto deadline = Clock::now() + 20s;
+      while (!catches_signal(diag.pid(), number) && testing::detail::process_alive(diag.pid()) &&
+             Clock::now() < deadline) {
+        std::this_thread::sleep_for(200us);
+      }
+      ASSERT_TRUE(catches_signal(diag.pid(), number) || !watch) << diag.output();
+      std::this_thread::sleep_for(std::chrono::milliseconds(run));
+      diag.signal(number);
+      const auto code = diag.wait_for_exit(5s);
+      const std::string output = diag.output();
+      const std::string moment = (watch ? "--watch, SIGTERM " : "SIGINT ") + std::to_string(run) +
+                                 " ms after its handler was in: " + diag.status() + "\n" + output;
+      EXPECT_THAT(output, Not(HasSubstr("Operation canceled"))) << moment;
+      if (watch) {
+        EXPECT_EQ(code, 0) << moment;
+      } else if (code == 130) {
+        EXPECT_THAT(output, HasSubstr("pgrt-diag: interrupted")) << moment;
+      } else if (code) {
+        // Its report was out before the signal came.
+        EXPECT_EQ(code, 0) << moment;
+        EXPECT_THAT(output, HasSubstr("max_connections")) << moment;
+      } else {
+        // The signal came as it exited, its handler gone.
+        EXPECT_THAT(diag.status(), HasSubstr("killed by signal " + std::to_string(SIGINT) + " "))
+            << moment;
+      }
+      if (HasFailure()) return;
+    }
+  }
+}
+
 // The demo with --metrics-port: curl reads /metrics, /healthz and /readyz; on SIGTERM /readyz
 // turns 503 while the drain still runs (held up by a lock on the table it flushes to), and
 // /metrics still answers, saying the process is stopping; pgrt-diag metrics reads the endpoint.
