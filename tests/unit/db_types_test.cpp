@@ -205,6 +205,27 @@ TEST(Copy, TextRowsEscapeSpecialCharactersAndNulls) {
   EXPECT_EQ(far, "2262-04-09 23:59:59.999999+00 1678-01-01 23:59:59.999999+00");
 }
 
+template <typename T>
+concept CopyField = requires(std::string& out, const T& value) {
+  append_copy_field(out, value);
+};
+
+// A character given to copy_text_row() was written as its code: 'x' stored as "120" in a text
+// column, without a word (char has no Codec, so as a parameter it does not compile). A null
+// const char* (NULL as a parameter) was read through as a string: undefined behaviour.
+TEST(Copy, ACharacterIsNoFieldAndANullCStringIsNull) {
+  static_assert(!CopyField<char>, "'x' would be written as 120");
+  static_assert(!CopyField<wchar_t> && !CopyField<char8_t> && !CopyField<char16_t> &&
+                !CopyField<char32_t>);
+  static_assert(!Encodable<char> && !Encodable<char8_t> && !Encodable<char32_t>);
+  static_assert(CopyField<signed char> && CopyField<unsigned char> && CopyField<std::int8_t>);
+  static_assert(CopyField<std::optional<int>>);
+  std::string out;
+  const char* none = nullptr;
+  copy_text_row(out, none, "x", std::int8_t{-3});
+  EXPECT_EQ(out, "\\N\tx\t-3\n");
+}
+
 TEST(Errors, SqlstatesRoundTripAndMapToConditions) {
   const auto unique = make_sqlstate_error("23505");
   EXPECT_EQ(sqlstate_of(unique), "23505");

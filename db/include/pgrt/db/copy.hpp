@@ -25,9 +25,21 @@ void append_copy_field(std::string& out, std::uint64_t value);
 void append_copy_field(std::string& out, double value);
 void append_copy_field(std::string& out, std::span<const std::byte> value);
 void append_copy_field(std::string& out, std::chrono::system_clock::time_point value);
+/// A null `const char*` is NULL (\N), as it is as a parameter.
 inline void append_copy_field(std::string& out, const char* value) {
-  append_copy_field(out, std::string_view(value));
+  if (value == nullptr) {
+    out += "\\N";
+  } else {
+    append_copy_field(out, std::string_view(value));
+  }
 }
+/// A character is no field: as a number it would store its code ('x' as 120), and it has no
+/// Codec either. Pass a string (std::string(1, c)) or an integer.
+void append_copy_field(std::string& out, char value) = delete;
+void append_copy_field(std::string& out, wchar_t value) = delete;
+void append_copy_field(std::string& out, char8_t value) = delete;
+void append_copy_field(std::string& out, char16_t value) = delete;
+void append_copy_field(std::string& out, char32_t value) = delete;
 inline void append_copy_field(std::string& out, const std::string& value) {
   append_copy_field(out, std::string_view(value));
 }
@@ -35,7 +47,8 @@ inline void append_copy_field(std::string& out, const Bytes& value) {
   append_copy_field(out, std::span<const std::byte>(value));
 }
 template <std::integral Int>
-requires(!std::same_as<Int, bool>) void append_copy_field(std::string& out, Int value) {
+requires(!std::same_as<Int, bool> &&
+         !detail::is_character<Int>) void append_copy_field(std::string& out, Int value) {
   if constexpr (std::is_signed_v<Int>) {
     append_copy_field(out, static_cast<std::int64_t>(value));
   } else {

@@ -165,6 +165,11 @@ struct Codec<bool> {
 };
 
 namespace detail {
+// The character types: none is a number to PostgreSQL ('x' sent as int4 would be 120).
+template <typename T>
+inline constexpr bool is_character =
+    std::same_as<T, char> || std::same_as<T, wchar_t> || std::same_as<T, char8_t> ||
+    std::same_as<T, char16_t> || std::same_as<T, char32_t>;
 std::int64_t decode_integer(const Field& field, std::int64_t min, std::int64_t max,
                             std::string_view cpp_type);
 std::uint64_t decode_unsigned(const Field& field, std::uint64_t max, std::string_view cpp_type);
@@ -184,7 +189,7 @@ constexpr std::string_view integer_name(std::size_t size, bool is_signed) {
 }  // namespace detail
 
 template <std::integral Int>
-requires(!std::same_as<Int, bool> && !std::same_as<Int, char>) struct Codec<Int> {
+requires(!std::same_as<Int, bool> && !detail::is_character<Int>) struct Codec<Int> {
   static constexpr std::string_view name = detail::integer_name(sizeof(Int), std::is_signed_v<Int>);
   static void encode(Int value, ParamSink& sink) {
     if constexpr (std::is_signed_v<Int> && sizeof(Int) <= 2) {
