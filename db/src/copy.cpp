@@ -81,7 +81,8 @@ void append_copy_field(std::string& out, std::chrono::system_clock::time_point v
     out += "-infinity";
     return;
   }
-  const auto micros = duration_cast<microseconds>(value.time_since_epoch()).count();
+  // As a parameter is sent: the microsecond that holds the instant.
+  const auto micros = detail::timestamp_microseconds(value);
   // Epoch seconds with fraction, read by PostgreSQL as a timestamptz via to_timestamp-free
   // ISO text: format as UTC "YYYY-MM-DD HH:MM:SS.ffffff+00".
   // Floor division in integers: a double loses the last microseconds beyond 2^53 us (after

@@ -1,5 +1,6 @@
 #include "pgrt/db/types.hpp"
 
+#include <algorithm>
 #include <array>
 #include <charconv>
 #include <cmath>
@@ -173,6 +174,15 @@ bool Codec<bool>::decode(const Field& field) {
 
 namespace detail {
 
+std::int64_t timestamp_microseconds(std::chrono::system_clock::time_point value) {
+  using namespace std::chrono;
+  // Floored: the microsecond that holds the instant, before 1970 too (cut toward the epoch,
+  // 1969-12-31 23:59:59.9999995 would be stored as 1970-01-01 00:00:00). But never below the
+  // first whole microsecond a time_point holds, or the value could not be read back.
+  constexpr auto lowest = ceil<microseconds>(system_clock::duration::min());
+  return std::max(floor<microseconds>(value.time_since_epoch()), lowest).count();
+}
+
 std::int64_t decode_integer(const Field& field, std::int64_t min, std::int64_t max,
                             std::string_view cpp_type) {
   field.require_type({oid::int2, oid::int4, oid::int8, oid::numeric}, cpp_type);
@@ -245,7 +255,7 @@ void Codec<std::chrono::system_clock::time_point>::encode(
   } else if (value == system_clock::time_point::min()) {
     sink.text("-infinity", oid::timestamptz);
   } else {
-    const auto micros = duration_cast<microseconds>(value.time_since_epoch()).count();
+    const auto micros = detail::timestamp_microseconds(value);
     sink.binary_integer(static_cast<std::int64_t>(micros - postgres_epoch_offset_us),
                         oid::timestamptz);
   }

@@ -226,6 +226,41 @@ TEST(Copy, ACharacterIsNoFieldAndANullCStringIsNull) {
   EXPECT_EQ(out, "\\N\tx\t-3\n");
 }
 
+// The int8 of microseconds since 2000-01-01 that a timestamptz parameter carries.
+std::int64_t sent_microseconds(system_clock::time_point at) {
+  ParamSink sink;
+  encode_params(sink, at);
+  std::uint64_t bits = 0;
+  for (int i = 0; i < 8; ++i) bits = bits << 8U | static_cast<unsigned char>(sink.values()[0][i]);
+  return static_cast<std::int64_t>(bits);
+}
+
+// A time_point finer than a microsecond was cut toward the epoch: after 1970 to the microsecond
+// before it, but before 1970 to the one after it, so 1969-12-31 23:59:59.9999995 was stored as
+// 1970-01-01 00:00:00 (a later second, day and year). Both as a parameter and in COPY it is now
+// the microsecond that holds the instant, on either side of 1970.
+TEST(Codec, ATimestampFinerThanAMicrosecondKeepsItsMicrosecondBefore1970Too) {
+  using std::chrono::nanoseconds;
+  constexpr std::int64_t epoch_in_2000 = -946'684'800'000'000;  // 1970-01-01, in PG's count
+  const system_clock::time_point just_before(nanoseconds(-500));
+  const system_clock::time_point just_after(nanoseconds(1500));
+  EXPECT_EQ(sent_microseconds(just_before), epoch_in_2000 - 1);
+  EXPECT_EQ(sent_microseconds(just_after), epoch_in_2000 + 1);
+  EXPECT_EQ(sent_microseconds(system_clock::time_point(nanoseconds(-1500))), epoch_in_2000 - 2);
+  std::string copied;
+  copy_text_row(copied, just_before, just_after);
+  EXPECT_EQ(copied, "1969-12-31 23:59:59.999999+00\t1970-01-01 00:00:00.000001+00\n");
+  // Within a microsecond of time_point::min(), floored would be below what a time_point holds
+  // (and could not be read back): the first whole microsecond it holds.
+  const system_clock::time_point lowest = system_clock::time_point::min() + nanoseconds(1);
+  std::string edge;
+  append_copy_field(edge, lowest);
+  EXPECT_EQ(edge, "1677-09-21 00:12:43.145225+00");
+  EXPECT_EQ(Codec<system_clock::time_point>::decode(field(edge, oid::timestamptz)),
+            system_clock::time_point(nanoseconds(-9'223'372'036'854'775'000)));
+  EXPECT_EQ(sent_microseconds(lowest), -9'223'372'036'854'775 + epoch_in_2000);
+}
+
 TEST(Errors, SqlstatesRoundTripAndMapToConditions) {
   const auto unique = make_sqlstate_error("23505");
   EXPECT_EQ(sqlstate_of(unique), "23505");

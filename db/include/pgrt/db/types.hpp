@@ -172,6 +172,8 @@ inline constexpr bool is_character =
     std::same_as<T, char16_t> || std::same_as<T, char32_t>;
 std::int64_t decode_integer(const Field& field, std::int64_t min, std::int64_t max,
                             std::string_view cpp_type);
+// A timestamptz's microseconds since 1970, as parameters and COPY send them.
+std::int64_t timestamp_microseconds(std::chrono::system_clock::time_point value);
 std::uint64_t decode_unsigned(const Field& field, std::uint64_t max, std::string_view cpp_type);
 double decode_floating(const Field& field, std::string_view cpp_type);
 constexpr std::string_view integer_name(std::size_t size, bool is_signed) {
@@ -289,7 +291,8 @@ struct Codec<std::span<const std::byte>> {
   }
 };
 
-/// timestamptz, with microsecond precision. A value outside what system_clock::time_point holds
+/// timestamptz, with microsecond precision (a finer time_point is sent as the microsecond that
+/// holds it, before 1970 too, as in COPY). A value outside what system_clock::time_point holds
 /// (libstdc++: nanoseconds, about 1677-09-21 to 2262-04-11) is an error (client_errc::conversion);
 /// 'infinity' and '-infinity' read as time_point::max() and time_point::min().
 template <>
