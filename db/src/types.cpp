@@ -269,6 +269,11 @@ std::chrono::system_clock::time_point Codec<std::chrono::system_clock::time_poin
   if (field.text == "infinity") return system_clock::time_point::max();
   if (field.text == "-infinity") return system_clock::time_point::min();
   const auto text = field.text;
+  const auto out_of_range = [&] {
+    field.fail(name, "outside the range std::chrono::system_clock::time_point holds (" +
+                         std::string(text) +
+                         "); read it as std::string, or clamp it in SQL (LEAST/GREATEST)");
+  };
   std::size_t at = 0;
   int year = 0, month = 0, day = 0, hour = 0, minute = 0, second = 0;
   auto expect = [&](char c) {
@@ -277,8 +282,11 @@ std::chrono::system_clock::time_point Codec<std::chrono::system_clock::time_poin
     }
     ++at;
   };
-  if (!read_digits(text, at, 4, year))
-    field.fail(name, "bad year (BC and 5-digit years unsupported)");
+  // A year of five digits or more, or one BC, is far outside what a time_point holds: said as
+  // such, not as a value in another format.
+  const std::size_t year_digits = std::min(text.find_first_not_of("0123456789"), text.size());
+  if (year_digits > 4 || (text.size() > 3 && text.substr(text.size() - 3) == " BC")) out_of_range();
+  if (!read_digits(text, at, 4, year)) field.fail(name, "bad year");
   expect('-');
   if (!read_digits(text, at, 2, month)) field.fail(name, "bad month");
   expect('-');
@@ -326,11 +334,7 @@ std::chrono::system_clock::time_point Codec<std::chrono::system_clock::time_poin
   constexpr auto per_micro = duration_cast<system_clock::duration>(microseconds(1)).count();
   constexpr std::int64_t largest = system_clock::duration::max().count() / per_micro;
   constexpr std::int64_t smallest = system_clock::duration::min().count() / per_micro;
-  if (utc_micros > largest || utc_micros < smallest) {
-    field.fail(name, "outside the range std::chrono::system_clock::time_point holds (" +
-                         std::string(text) +
-                         "); read it as std::string, or clamp it in SQL (LEAST/GREATEST)");
-  }
+  if (utc_micros > largest || utc_micros < smallest) out_of_range();
   return system_clock::time_point(duration_cast<system_clock::duration>(microseconds(utc_micros)));
 }
 

@@ -176,6 +176,23 @@ TEST(Codec, TimestamptzParsesIsoWithAnyOffset) {
       Codec<system_clock::time_point>::decode(field("2024-01-01 00:00:00", oid::timestamp)), Error);
 }
 
+// A timestamptz of year 10000 or later, or BC, was refused as "expected ISO format (DateStyle
+// ISO)" or "trailing characters", as if the session's DateStyle were wrong: it is a value out of
+// the time_point's range, and is said to be.
+TEST(Codec, ATimestampOfAFiveDigitYearOrBcIsSaidToBeOutOfRange) {
+  for (const char* text : {"10000-01-01 00:00:00+00", "294276-12-31 23:59:59.999999+00",
+                           "0044-03-15 11:50:39-00:09:21 BC", "4713-01-01 00:00:00+00 BC"}) {
+    try {
+      (void)Codec<system_clock::time_point>::decode(field(text, oid::timestamptz));
+      ADD_FAILURE() << text << " was read";
+    } catch (const Error& error) {
+      EXPECT_EQ(error.code(), client_errc::conversion);
+      EXPECT_THAT(error.what(), HasSubstr("outside the range")) << text;
+      EXPECT_THAT(error.what(), Not(HasSubstr("DateStyle"))) << text;
+    }
+  }
+}
+
 TEST(Copy, TextRowsEscapeSpecialCharactersAndNulls) {
   std::string out;
   copy_text_row(out, 1, "tab\there\\back\nline", std::optional<int>{}, true, 2.5,
