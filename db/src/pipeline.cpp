@@ -43,6 +43,14 @@ bool controls_transactions(std::string_view sql) {
   return false;
 }
 
+// COMMIT (or END) of a failed transaction block: the server answers it with the tag ROLLBACK and no
+// error. As Connection::commit() says, that is a failure: the block's work is gone.
+bool commit_rolled_back(std::string_view sql, PGresult* raw) {
+  if (std::string_view(PQcmdStatus(raw)) != "ROLLBACK") return false;
+  const std::string keyword = first_keyword(sql);
+  return keyword == "commit" || keyword == "end";
+}
+
 // The next result of a pipeline in `raw` (libpq's null between two statements' results is
 // skipped). A result libpq holds already (most of a pipeline's come several to a read) is taken at
 // once, and the wait for the socket is awaited in place (`asio::deferred`, as exchange() does):
@@ -283,6 +291,17 @@ asio::awaitable<error_code> run_statements(Impl& impl, const Pipeline& pipeline,
     } else if (status == PGRES_TUPLES_OK || status == PGRES_COMMAND_OK ||
                status == PGRES_EMPTY_QUERY) {  // (an empty or comment-only statement ran)
       impl.note_statements_dropped(result.native_handle());
+      if (status == PGRES_COMMAND_OK && commit_rolled_back(current, raw)) {
+        outcome.error = make_sqlstate_error("25P02");
+        outcome.diagnostics = Diagnostics{
+            .sqlstate = "25P02",
+            .severity = "ERROR",
+            .message = "the transaction had failed, so COMMIT rolled it back",
+            .hint =
+                "an earlier statement of the transaction block failed; none of the block's "
+                "work was committed",
+            .statement = std::string(current)};
+      }
       outcome.result = std::move(result);
     } else if (status == PGRES_COPY_IN || status == PGRES_COPY_OUT || status == PGRES_COPY_BOTH) {
       // A COPY hidden from the check in run(): libpq is in copy mode and would hand out this

@@ -858,5 +858,55 @@ TEST_F(ConnectionEdgesTest, ATcpUserTimeoutWithinTheYearEitherWorksOrIsRefusedBy
   });
 }
 
+// In a pipeline inside a transaction block, a COMMIT after a failed statement was answered by the
+// server with the tag ROLLBACK and no error, and its outcome was ok(): the block's work was gone,
+// yet the COMMIT said it succeeded. It fails now with 25P02, as Connection::commit() does.
+TEST_F(ConnectionEdgesTest, APipelinedCommitOfAFailedTransactionIsNotReportedAsASuccess) {
+  run_coroutine([]() -> awaitable_void {
+    auto conn = co_await Connection::connect(options());
+    co_await conn.execute("DROP TABLE IF EXISTS edge_pipelined_commit");
+    co_await conn.execute("CREATE TABLE edge_pipelined_commit (v int)");
+    Pipeline batch;
+    batch.add("BEGIN")
+        .add("INSERT INTO edge_pipelined_commit VALUES (1)")
+        .sync()
+        .add("SELECT 1 / 0")
+        .sync()
+        .add("COMMIT")
+        .sync()
+        .add("SELECT count(*) FROM edge_pipelined_commit");
+    const std::vector<PipelineOutcome> outcomes = co_await conn.run(batch);
+    EXPECT_EQ(outcomes.size(), 5U);
+    if (outcomes.size() != 5U) co_return;
+    EXPECT_TRUE(outcomes[1].ok());
+    EXPECT_EQ(outcomes[2].diagnostics.sqlstate, "22012");
+    const PipelineOutcome& commit = outcomes[3];
+    EXPECT_FALSE(commit.ok()) << "COMMIT rolled back (" << commit.result.command_tag()
+                              << "), and said it succeeded";
+    EXPECT_EQ(commit.error, make_sqlstate_error("25P02"));
+    EXPECT_EQ(commit.diagnostics.sqlstate, "25P02");
+    EXPECT_EQ(commit.diagnostics.statement, "COMMIT");
+    EXPECT_TRUE(outcomes[4].ok()) << "the block ended: the next segment runs";
+    EXPECT_EQ(conn.transaction_status(), TransactionStatus::idle);
+    EXPECT_EQ((co_await conn.query("SELECT count(*) FROM edge_pipelined_commit")).scalar<int>(), 0);
+
+    // A COMMIT that commits, and a ROLLBACK asked for, are no failures.
+    Pipeline fine;
+    fine.add("BEGIN")
+        .add("INSERT INTO edge_pipelined_commit VALUES (2)")
+        .add("END")
+        .sync()
+        .add("BEGIN")
+        .add("ROLLBACK")
+        .sync();
+    const std::vector<PipelineOutcome> good = co_await conn.run(fine);
+    for (const PipelineOutcome& outcome : good) {
+      EXPECT_TRUE(outcome.ok()) << outcome.diagnostics.statement << ": "
+                                << outcome.diagnostics.message;
+    }
+    EXPECT_EQ((co_await conn.query("SELECT count(*) FROM edge_pipelined_commit")).scalar<int>(), 1);
+  });
+}
+
 }  // namespace
 }  // namespace pgrt
