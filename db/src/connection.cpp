@@ -10,6 +10,7 @@
 #include <unistd.h>
 #include <variant>
 
+#include "connection/commit_rolled_back.hpp"
 #include "connection/impl.hpp"
 #include "connection/options_check.hpp"
 #include "connection_access.hpp"
@@ -299,16 +300,9 @@ asio::awaitable<void> Connection::begin(TransactionOptions options) {
 }
 
 asio::awaitable<void> Connection::commit() {
-  Result result = co_await query_with("COMMIT", {});
-  // COMMIT of a failed transaction "succeeds" with the tag ROLLBACK: that is a failure to the
-  // caller.
-  if (result.command_tag() == "ROLLBACK") {
-    throw Error(make_sqlstate_error("25P02"),
-                Diagnostics{.sqlstate = "25P02",
-                            .severity = "ERROR",
-                            .message = "the transaction had failed, so COMMIT rolled it back",
-                            .statement = "COMMIT"});
-  }
+  // (COMMIT of a failed transaction "succeeds" with the tag ROLLBACK: every statement that does
+  // so fails with 25P02: detail::commit_rolled_back().)
+  co_await query_with("COMMIT", {});
 }
 
 asio::awaitable<void> Connection::rollback() {

@@ -8,6 +8,7 @@
 #include <tuple>
 #include <unordered_set>
 
+#include "connection/commit_rolled_back.hpp"
 #include "connection/impl.hpp"
 #include "connection/stale_plan.hpp"
 #include "timing_clock.hpp"
@@ -41,14 +42,6 @@ bool controls_transactions(std::string_view sql) {
     if (keyword == control) return true;
   }
   return false;
-}
-
-// COMMIT (or END) of a failed transaction block: the server answers it with the tag ROLLBACK and no
-// error. As Connection::commit() says, that is a failure: the block's work is gone.
-bool commit_rolled_back(std::string_view sql, PGresult* raw) {
-  if (std::string_view(PQcmdStatus(raw)) != "ROLLBACK") return false;
-  const std::string keyword = first_keyword(sql);
-  return keyword == "commit" || keyword == "end";
 }
 
 // The next result of a pipeline in `raw` (libpq's null between two statements' results is
@@ -291,16 +284,11 @@ asio::awaitable<error_code> run_statements(Impl& impl, const Pipeline& pipeline,
     } else if (status == PGRES_TUPLES_OK || status == PGRES_COMMAND_OK ||
                status == PGRES_EMPTY_QUERY) {  // (an empty or comment-only statement ran)
       impl.note_statements_dropped(result.native_handle());
-      if (status == PGRES_COMMAND_OK && commit_rolled_back(current, raw)) {
-        outcome.error = make_sqlstate_error("25P02");
-        outcome.diagnostics = Diagnostics{
-            .sqlstate = "25P02",
-            .severity = "ERROR",
-            .message = "the transaction had failed, so COMMIT rolled it back",
-            .hint =
-                "an earlier statement of the transaction block failed; none of the block's "
-                "work was committed",
-            .statement = std::string(current)};
+      // (A COMMIT of a failed transaction block "succeeds" with the tag ROLLBACK: 25P02.)
+      if (const error_code rolled_back =
+              detail::commit_rolled_back(raw, current, impl.last_error)) {
+        outcome.error = rolled_back;
+        outcome.diagnostics = impl.last_error;
       }
       outcome.result = std::move(result);
     } else if (status == PGRES_COPY_IN || status == PGRES_COPY_OUT || status == PGRES_COPY_BOTH) {

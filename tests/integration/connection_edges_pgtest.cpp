@@ -38,6 +38,7 @@ namespace {
 
 namespace asio = boost::asio;
 using namespace std::chrono_literals;
+using testing::expect_error;
 using testing::run_coroutine;
 using awaitable_void = asio::awaitable<void>;
 
@@ -855,6 +856,39 @@ TEST_F(ConnectionEdgesTest, ATcpUserTimeoutWithinTheYearEitherWorksOrIsRefusedBy
       EXPECT_TRUE(invalid_config) << failure;
       EXPECT_THAT(failure, ::testing::HasSubstr("ConnectOptions::tcp_user_timeout")) << failure;
     }
+  });
+}
+
+// A COMMIT sent as a statement (execute(), query()) in a failed transaction block was answered
+// with the tag ROLLBACK and no error, and returned as a success: the block's work was gone. It
+// fails with 25P02 now, as Connection::commit() does.
+TEST_F(ConnectionEdgesTest, ACommitStatementOfAFailedTransactionIsNotASuccess) {
+  run_coroutine([]() -> awaitable_void {
+    auto conn = co_await Connection::connect(options());
+    co_await conn.execute("DROP TABLE IF EXISTS edge_commit_statement");
+    co_await conn.execute("CREATE TABLE edge_commit_statement (v int)");
+    for (const char* commit : {"COMMIT", "end work"}) {
+      co_await conn.execute("BEGIN");
+      co_await conn.execute("INSERT INTO edge_commit_statement VALUES (1)");
+      auto failed = co_await expect_error(conn.execute("SELECT 1 / 0"));
+      EXPECT_EQ(failed.sqlstate(), "22012");
+      auto rolled_back = co_await expect_error(conn.execute(commit));
+      EXPECT_EQ(rolled_back.sqlstate(), "25P02") << commit << ": " << rolled_back.what();
+      EXPECT_EQ(rolled_back.diagnostics().statement, commit);
+      EXPECT_EQ(conn.transaction_status(), TransactionStatus::idle);
+    }
+    // Through commit() as before; and a COMMIT that commits, or a ROLLBACK, is no failure.
+    co_await conn.begin();
+    (void)co_await expect_error(conn.execute("SELECT 1 / 0"));
+    auto by_commit = co_await expect_error(conn.commit());
+    EXPECT_EQ(by_commit.sqlstate(), "25P02");
+    co_await conn.execute("BEGIN");
+    co_await conn.execute("INSERT INTO edge_commit_statement VALUES (2)");
+    EXPECT_EQ((co_await conn.query("COMMIT")).command_tag(), "COMMIT");
+    co_await conn.execute("BEGIN");
+    (void)co_await expect_error(conn.execute("SELECT 1 / 0"));
+    co_await conn.execute("ROLLBACK");
+    EXPECT_EQ((co_await conn.query("SELECT sum(v) FROM edge_commit_statement")).scalar<int>(), 2);
   });
 }
 

@@ -15,6 +15,7 @@
 #include <variant>
 
 #include "../timing_clock.hpp"
+#include "commit_rolled_back.hpp"
 #include "impl.hpp"
 
 namespace pgrt {
@@ -356,6 +357,9 @@ asio::awaitable<error_code> Connection::Impl::exchange(Request request, Result& 
               break;
             }
             note_statements_dropped(raw);
+            if (!first_error && request.kind != Request::Kind::results_only) {
+              first_error = detail::commit_rolled_back(raw, request.sql, last_error);
+            }
             out = std::move(result);
             completed = true;
             answered = true;
