@@ -3647,6 +3647,64 @@ TEST_F(PoolTest, QueryWaitingForItsOwnConnectionsPeriodicGiveBackStopsWaitingWhe
   });
 }
 
+// The same with acquire_timeout > 0: evict_all() while the connection query() holds runs a slow
+// statement fails nothing: a statement called before it (sent behind the slow one) and one called
+// after it are both answered, the latter on a new connection once the slow statement has ended
+// (within its acquire_timeout), never on the evicted backend.
+// (Second-round review of da3fefd: the eviction must not turn a wait into a spurious failure.)
+TEST_F(PoolTest, QueryStatementsQueuedAroundAnEvictAllRunOnANewConnectionWithinAcquireTimeout) {
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    PoolConfig pool_config = config("shared-evicted-busy", 1);
+    pool_config.acquire_timeout = 10s;
+    Pool pool(executor, pool_config);
+    int slow_backend = 0;
+    bool slow_done = false;
+    asio::co_spawn(
+        executor,
+        [&]() -> awaitable_void {
+          const Result row = co_await pool.query("SELECT pg_backend_pid() FROM pg_sleep(1)");
+          slow_backend = row.scalar<int>();
+          slow_done = true;
+        },
+        asio::detached);
+    while (pool.stats().shared_in_flight == 0) co_await sleep_for(10ms);
+    std::optional<int> queued_before;
+    std::optional<boost::system::error_code> queued_before_error;
+    asio::co_spawn(
+        executor,
+        [&]() -> awaitable_void {
+          try {
+            queued_before = (co_await pool.query("SELECT pg_backend_pid()")).scalar<int>();
+          } catch (const Error& error) {
+            queued_before_error = error.code();
+          }
+        },
+        asio::detached);
+    co_await sleep_for(50ms);
+    pool.evict_all();
+    std::optional<int> queued_after;
+    std::optional<boost::system::error_code> queued_after_error;
+    try {
+      queued_after = (co_await pool.query("SELECT pg_backend_pid()")).scalar<int>();
+    } catch (const Error& error) {
+      queued_after_error = error.code();
+    }
+    const auto started = std::chrono::steady_clock::now();
+    while (!(queued_before || queued_before_error) &&
+           std::chrono::steady_clock::now() - started < 15s) {
+      co_await sleep_for(10ms);
+    }
+    EXPECT_TRUE(slow_done);
+    EXPECT_FALSE(queued_after_error) << queued_after_error->message();
+    EXPECT_FALSE(queued_before_error) << queued_before_error->message();
+    EXPECT_NE(queued_after.value_or(slow_backend), slow_backend)
+        << "a statement called after evict_all() ran on the evicted backend";
+    EXPECT_EQ(pool.stats().timeouts, 0U);
+    (void)co_await pool.close(5s);
+  });
+}
+
 // A borrow that times out fails the statements it was borrowing for, not one queued while it
 // waited: that one still has its own acquire_timeout, and runs on the connection given back
 // within it (here, 600 ms into its 1 s, while the borrow made before it timed out after 200 ms).
