@@ -1616,6 +1616,83 @@ TEST_F(PendingWritesTest, StopReturnsOnlyOnceEveryWriteGivenUpOnHasBeenReported)
   EXPECT_EQ(reported.load(), 6U);
 }
 
+// A failed subscriber called for the writes a cut stop() gave up on may use the component from
+// inside its callback: report() (final counts: nothing pending, the failed ones counted), and,
+// spawned from it, enqueue() (refused, writes_closed) and a second stop() (returns, here with
+// writes_failed): nothing deadlocks now that stop() waits for the report (second-round review of
+// d664a95), and the first stop() still returns.
+TEST_F(PendingWritesTest, AFailedSubscriberMayUseTheComponentWhileACutStopReportsTheWritesGivenUp) {
+  const std::string dsn = cluster().dsn();
+  create_table(dsn, "pw_reentrant_report");
+  BlockingConnection locker(dsn);
+  locker.query("BEGIN");
+  locker.query("LOCK TABLE pw_reentrant_report IN ACCESS EXCLUSIVE MODE");
+  std::size_t reported = 0;
+  PendingWritesReport seen_inside{};
+  std::vector<boost::system::error_code> late_enqueues;
+  std::vector<boost::system::error_code> second_stops;
+  std::size_t callbacks = 0;
+  bool first_stop_returned = false;
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, pool_config(dsn, "reentrant-report"));
+    PendingWrites writes(
+        pool, executor, Config{.name = "reentrant-report", .batch_size = 1, .flush_interval = 0ms});
+    boost::signals2::scoped_connection on_failed =
+        writes.events().failed.connect([&](const std::vector<std::string>& lost, const Error&) {
+          reported += lost.size();
+          ++callbacks;
+          seen_inside = writes.report();
+          asio::co_spawn(
+              executor,
+              [&]() -> awaitable_void {
+                boost::system::error_code code;
+                try {
+                  co_await writes.enqueue(
+                      "INSERT INTO pw_reentrant_report (seq, payload) VALUES (99, 'late')");
+                } catch (const Error& error) {
+                  code = error.code();
+                }
+                late_enqueues.push_back(code);
+                code = {};
+                try {
+                  co_await writes.stop();
+                } catch (const Error& error) {
+                  code = error.code();
+                }
+                second_stops.push_back(code);
+              },
+              asio::detached);
+        });
+    co_await writes.start();
+    for (std::int64_t seq = 0; seq < 4; ++seq) {
+      co_await writes.enqueue("INSERT INTO pw_reentrant_report (seq, payload) VALUES ($1, 'w')",
+                              seq);
+    }
+    co_await sleep_for(200ms);  // the first write waits for the lock
+    try {
+      co_await with_timeout(writes.stop(), 300ms);
+    } catch (const Error&) {  // (the timeout, or writes_failed)
+    }
+    first_stop_returned = true;
+    const auto started = std::chrono::steady_clock::now();
+    while (second_stops.size() < callbacks && std::chrono::steady_clock::now() - started < 10s) {
+      co_await sleep_for(10ms);
+    }
+    (void)co_await pool.close(1s);
+  });
+  locker.query("ROLLBACK");
+  EXPECT_TRUE(first_stop_returned);
+  EXPECT_EQ(reported, 4U);
+  // (The last call: the writes still queued, reported as the flusher ends.)
+  EXPECT_EQ(seen_inside.pending, 0U);
+  EXPECT_EQ(seen_inside.failed, 4U);
+  EXPECT_GT(callbacks, 0U);
+  EXPECT_EQ(second_stops.size(), callbacks);
+  for (const auto& code : late_enqueues) EXPECT_EQ(code, client_errc::writes_closed);
+  for (const auto& code : second_stops) EXPECT_EQ(code, client_errc::writes_failed);
+}
+
 // with_timeout() around enqueue(): a write is either accepted (and written) or the caller is
 // told it was not (and it never is), even when the timeout and the acceptance race.
 TEST_F(PendingWritesTest, AnEnqueueCutByATimeoutIsEitherAcceptedOrNeverWritten) {
