@@ -4118,6 +4118,87 @@ TEST_F(PoolTest, EvictAllFromAnotherThreadReachesTheConnectionsQueryHoldsBeforeI
                                "it evicted";
 }
 
+// Callers on strands of a two-thread pool, their statements queued, some cancelled at the moment
+// the pool closes (close()'s notices racing their cancellations): each caller is answered exactly
+// once, with pool_closed or cancelled, and none is left waiting. (Second-round review of d9febab.)
+TEST_F(PoolTest, QueryCallersCancelledAsThePoolClosesAreEachAnsweredOnce) {
+  asio::thread_pool threads(2);
+  PoolConfig pool_config = config("shared-close-cancel-race", 1);
+  pool_config.acquire_timeout = 30s;
+  pool_config.max_waiters = 10'000;
+  auto pool = std::make_shared<Pool>(threads.get_executor(), pool_config);
+  std::promise<void> leased;
+  std::promise<void> release;
+  std::shared_future<void> released = release.get_future().share();
+  asio::co_spawn(
+      threads.get_executor(),
+      [&, pool]() -> awaitable_void {
+        auto lease = co_await pool->acquire();  // the statements' borrow waits for it
+        leased.set_value();
+        while (released.wait_for(0s) != std::future_status::ready) co_await sleep_for(5ms);
+      },
+      asio::detached);
+  leased.get_future().wait();
+  constexpr int callers = 200;
+  std::vector<asio::strand<asio::thread_pool::executor_type>> strands;
+  std::vector<std::unique_ptr<asio::cancellation_signal>> signals;
+  for (int caller = 0; caller < callers; ++caller) {
+    strands.push_back(asio::make_strand(threads.get_executor()));
+    signals.push_back(std::make_unique<asio::cancellation_signal>());
+  }
+  std::atomic<int> answers{0};
+  std::atomic<int> closed_answers{0};
+  std::atomic<int> cancelled_answers{0};
+  std::atomic<int> other_answers{0};
+  for (int caller = 0; caller < callers; ++caller) {
+    asio::co_spawn(
+        strands[caller],
+        [&, pool]() -> awaitable_void {
+          try {
+            (void)co_await pool->query("SELECT 1");
+            ++other_answers;
+          } catch (const Error& error) {
+            if (error.code() == client_errc::pool_closed) {
+              ++closed_answers;
+            } else if (error.code() == client_errc::cancelled) {
+              ++cancelled_answers;
+            } else {
+              ++other_answers;
+            }
+          }
+          ++answers;
+        },
+        asio::bind_cancellation_slot(signals[caller]->slot(), asio::detached));
+  }
+  const auto queued_by = std::chrono::steady_clock::now() + 10s;
+  while (pool->stats().shared_queued < callers && std::chrono::steady_clock::now() < queued_by) {
+    std::this_thread::sleep_for(5ms);
+  }
+  EXPECT_EQ(pool->stats().shared_queued, std::size_t{callers});
+  // Every other caller cancelled on its strand while the close runs on the pool's threads.
+  for (int caller = 0; caller < callers; caller += 2) {
+    asio::post(strands[caller],
+               [&signals, caller] { signals[caller]->emit(asio::cancellation_type::terminal); });
+    if (caller == callers / 2) {
+      asio::co_spawn(
+          threads.get_executor(), [pool]() -> awaitable_void { (void)co_await pool->close(0ms); },
+          asio::detached);
+    }
+  }
+  const auto answered_by = std::chrono::steady_clock::now() + 10s;
+  while (answers < callers && std::chrono::steady_clock::now() < answered_by) {
+    std::this_thread::sleep_for(5ms);
+  }
+  release.set_value();
+  std::this_thread::sleep_for(200ms);  // (answers counted twice would show by now)
+  EXPECT_EQ(answers.load(), callers);
+  EXPECT_EQ(closed_answers.load() + cancelled_answers.load(), callers);
+  EXPECT_EQ(other_answers.load(), 0);
+  EXPECT_GE(closed_answers.load(), callers / 2);
+  if (answers < callers) threads.stop();  // (a hang fails, not blocks)
+  threads.join();
+}
+
 // A closed pool that ran query() may be destroyed after its io_context (a member declared before
 // the io_context, a pointer reset later): it holds nothing of the io_context's any more. (Before,
 // its multiplexer's strand touched the io_context's freed strand service: ASan, in CI.)
