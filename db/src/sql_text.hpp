@@ -75,9 +75,11 @@ enum class ReadOnlySetting {
 // identifier, a plain '...' string or a number: off, false, no, 0 and the prefixes the server
 // takes of them are false; on, true, yes, 1 and theirs are true); any other value (DEFAULT, a
 // list, an E'...' or dollar-quoted string, a signed number, a word the server would refuse) is
-// `unknown`. In a batch transaction, every write after a read-only setting would fail with
-// 25006. Strings and comments are skipped. A guard against a mistake, not a boundary:
-// set_config('transaction_read_only', ...) and functions that set it are not seen.
+// `unknown`. Empty statements, blanks and comments after the value are harmless (the server
+// drops them); a statement of its own after it is `unknown`. In a batch transaction, every write
+// after a read-only setting would fail with 25006. Strings and comments are skipped. A guard
+// against a mistake, not a boundary: set_config('transaction_read_only', ...) and functions that
+// set it are not seen.
 ReadOnlySetting transaction_read_only_setting(std::string_view sql);
 
 // Where a statement runs, for needs_own_session().

@@ -1197,7 +1197,8 @@ TEST_F(PendingWritesTest, AGenuineFeatureNotSupportedErrorIsGivenUpNotRetried) {
 TEST_F(PendingWritesTest, AGenuineFeatureNotSupportedErrorRunsOnlyAsOftenAsIsolatingItTakes) {
   const std::string dsn = cluster().dsn();
   create_table(dsn, "pw_unsupported_runs");
-  run_sql(dsn, {"CREATE SEQUENCE pw_unsupported_runs_seq"});
+  run_sql(dsn, {"DROP SEQUENCE IF EXISTS pw_unsupported_runs_seq",
+                "CREATE SEQUENCE pw_unsupported_runs_seq"});
   PendingWritesReport end{};
   run_coroutine(
       [&]() -> awaitable_void {
