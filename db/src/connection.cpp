@@ -541,6 +541,21 @@ void refuse_nested_transaction(const Connection& connection) {
                           .statement = "BEGIN"});
 }
 
+void refuse_transaction_ended_by_body(const Connection& connection) {
+  if (connection.transaction_status() != TransactionStatus::idle) return;
+  throw Error(make_sqlstate_error("25P01"),
+              Diagnostics{.sqlstate = "25P01",
+                          .severity = "ERROR",
+                          .message = "the body of transaction() ended the transaction block "
+                                     "itself (a COMMIT, ROLLBACK or END it ran): the statements "
+                                     "it ran after that ran outside the transaction, each "
+                                     "committed on its own, and COMMIT was not sent",
+                          .hint = "return from the body to commit and throw to roll back; for a "
+                                  "step that may fail on its own, use SAVEPOINT and ROLLBACK TO "
+                                  "SAVEPOINT",
+                          .statement = "COMMIT"});
+}
+
 asio::awaitable<void> rollback_after_failure(Connection& connection) {
   co_await asio::this_coro::reset_cancellation_state();
   const auto status = connection.transaction_status();

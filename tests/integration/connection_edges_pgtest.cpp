@@ -461,6 +461,44 @@ TEST_F(ConnectionEdgesTest, ANestedTransactionThatFailsDoesNotSilentlyUndoTheOut
   });
 }
 
+// A body that ends the transaction block itself (ROLLBACK, COMMIT or END): what it runs after
+// that runs outside the transaction, each statement committed on its own. transaction() used to
+// send its COMMIT anyway (the server only warns that no transaction is in progress) and return as
+// if the whole body had been one transaction; it throws 25P01 now, and sends no COMMIT.
+TEST_F(ConnectionEdgesTest, ABodyThatEndsItsTransactionItselfMakesTransactionThrow) {
+  run_coroutine([]() -> awaitable_void {
+    auto conn = co_await Connection::connect(options());
+    co_await conn.execute("DROP TABLE IF EXISTS edge_body_ends");
+    co_await conn.execute("CREATE TABLE edge_body_ends (step text)");
+    for (const char* ending : {"ROLLBACK", "COMMIT", "END"}) {
+      auto body = [ending](Connection& tx) -> asio::awaitable<int> {
+        co_await tx.execute("INSERT INTO edge_body_ends VALUES ('before')");
+        co_await tx.execute(ending);
+        co_await tx.execute("INSERT INTO edge_body_ends VALUES ('after')");
+        co_return 1;
+      };
+      auto error = co_await expect_error(transaction(conn, body));
+      EXPECT_EQ(error.code(), make_sqlstate_error("25P01")) << ending;
+      EXPECT_NE(error.diagnostics().message.find("ended the transaction block itself"),
+                std::string::npos)
+          << ending << ": " << error.diagnostics().message;
+      EXPECT_EQ(conn.transaction_status(), TransactionStatus::idle) << ending;
+    }
+    // A body that leaves its block open commits as before.
+    co_await transaction(conn, [](Connection& tx) -> awaitable_void {
+      co_await tx.execute("INSERT INTO edge_body_ends VALUES ('whole')");
+    });
+    auto rows = co_await conn.query(
+        "SELECT step, count(*)::int FROM edge_body_ends GROUP BY step ORDER BY step");
+    std::vector<std::pair<std::string, int>> counts;
+    for (const Row row : rows) counts.emplace_back(row.get<std::string>(0), row.get<int>(1));
+    // ROLLBACK undid its 'before'; COMMIT and END committed theirs; every 'after' ran on its own.
+    const std::vector<std::pair<std::string, int>> expected{
+        {"after", 3}, {"before", 2}, {"whole", 1}};
+    EXPECT_EQ(counts, expected);
+  });
+}
+
 // Failover past a host that completes the start-up and then answers nothing (a pooler in front of
 // a dead server): docs/operations.md, "Failover": such a host "is passed over once its time is
 // up", each host but the last getting an equal share of connect_timeout. pgrt's own check for a

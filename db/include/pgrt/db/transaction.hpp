@@ -23,6 +23,10 @@ boost::asio::awaitable<void> rollback_after_failure(Connection& connection);
 // would only be warned about by the server, and the ROLLBACK or COMMIT meant for it would end the
 // open one.
 void refuse_nested_transaction(const Connection& connection);
+// Throws SQLSTATE 25P01 when no transaction block is open on `connection` as its body returns:
+// the body ended it itself (a COMMIT, ROLLBACK or END it ran), and the statements after that ran
+// outside it, each committed on its own; a COMMIT then would only be warned about by the server.
+void refuse_transaction_ended_by_body(const Connection& connection);
 }  // namespace detail
 
 /// BEGIN (with `options`), then `co_await body(connection)`, then COMMIT; returns what the body
@@ -34,6 +38,9 @@ void refuse_nested_transaction(const Connection& connection);
 /// Transactions do not nest: on a connection whose transaction block is open already (a
 /// transaction() called from the body of another), it throws SQLSTATE 25001 before sending
 /// anything, and leaves the open transaction as it is (use a SAVEPOINT for a nested step).
+/// A body that ends the transaction block itself (runs COMMIT, ROLLBACK or END) makes it throw
+/// SQLSTATE 25P01 instead of sending COMMIT: what the body ran after that ran outside the
+/// transaction (each statement committed on its own), which the caller must be told.
 ///
 /// `body` is called as `body(Connection&)` and must return an awaitable.
 template <typename Body>
@@ -49,10 +56,12 @@ auto transaction(Connection& connection, Body body, TransactionOptions options =
     co_await connection.begin(options);
     if constexpr (std::is_void_v<Value>) {
       co_await body(connection);
+      detail::refuse_transaction_ended_by_body(connection);
       co_await connection.commit();
       co_return;
     } else {
       Value value = co_await body(connection);
+      detail::refuse_transaction_ended_by_body(connection);
       co_await connection.commit();
       co_return value;
     }
