@@ -3192,6 +3192,41 @@ void expect_query_right_from_many_threads(
   EXPECT_LE(most_shared.load(), pool_config.max_size);
 }
 
+// Once the pool is closed and its query() statements are answered, nothing of the pool keeps its
+// io_context running: run() returns, whichever way it was closed. (The multiplexer's one timer
+// for the statements' deadlines stayed armed up to acquire_timeout after the last statement: an
+// io_context whose pool close_now() had closed ran on for 30 s, doing nothing.)
+TEST_F(PoolTest, AClosedPoolLeavesNothingThatKeepsItsIoContextRunning) {
+  for (const bool graceful : {false, true}) {
+    asio::io_context io;
+    auto pool_config = config(graceful ? "closed-io-graceful" : "closed-io-now");
+    pool_config.acquire_timeout = std::chrono::minutes(5);
+    Pool pool(io.get_executor(), pool_config);
+    int answered = 0;
+    asio::co_spawn(
+        io,
+        [&]() -> awaitable_void {
+          for (int i = 0; i < 20; ++i) {
+            EXPECT_EQ((co_await pool.query("SELECT $1::int", i)).scalar<int>(), i);
+            ++answered;
+          }
+          if (graceful) {
+            (void)co_await pool.close(5s);
+          } else {
+            pool.close_now();
+          }
+        },
+        asio::detached);
+    const auto started = std::chrono::steady_clock::now();
+    io.run_for(std::chrono::minutes(1));
+    const auto ran_for = std::chrono::steady_clock::now() - started;
+    EXPECT_EQ(answered, 20);
+    EXPECT_TRUE(pool.closed());
+    EXPECT_LT(ran_for, 20s) << (graceful ? "close(5s)" : "close_now()")
+                            << ": the io_context ran on after the pool had closed";
+  }
+}
+
 TEST_F(PoolTest, QueryFromCallersOnTwoThreadsOfOneIoContextAnswersEachRight) {
   asio::io_context io;
   expect_query_right_from_many_threads(io.get_executor(), config("shared-threads"),

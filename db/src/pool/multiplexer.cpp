@@ -859,6 +859,13 @@ void Multiplexer::land_locked(SharedLink& link, SharedStatement& statement) {
   --link.in_flight;
   (void)in_flight.remove(statement);  // (its connection still holds it)
   statement.link.reset();             // (landed: see run_link()'s catch)
+  disarm_sweeper_if_done_locked();
+}
+
+void Multiplexer::disarm_sweeper_if_done_locked() {
+  if (!closed || !sweeper_armed || !queue.empty() || !in_flight.empty()) return;
+  sweeper_armed = false;
+  if (sweeper) sweeper->cancel();  // (its handler sees operation_aborted: does nothing)
 }
 
 void Multiplexer::sweep() {
@@ -1137,6 +1144,7 @@ void Multiplexer::close() {
     unanswered.push_back(std::move(statement));
   }
   answer_unanswered_locked();
+  disarm_sweeper_if_done_locked();
   for (const auto& link : links) {
     try {
       wake_locked(link);

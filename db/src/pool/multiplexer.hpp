@@ -243,6 +243,9 @@ struct Multiplexer : std::enable_shared_from_this<Multiplexer>, async::ParkedWai
   void sweep();
   // `statement`, sent on `link`, is answered or failed there: no longer in flight.
   void land_locked(SharedLink& link, SharedStatement& statement);
+  // Closed, with nothing queued or in flight: the sweeper's wait (up to acquire_timeout away) is
+  // cancelled, so that it does not keep the pool's io_context running after the close.
+  void disarm_sweeper_if_done_locked();
   // Takes `statement` out of the queue (its caller gave up).
   void withdraw_locked(SharedStatement& statement);
   // How many statements `link` may have in flight now: what is queued and in flight, split evenly
