@@ -145,13 +145,17 @@ inline void resume(ParkedWait wait, boost::system::error_code error, bool may_ru
     asio::dispatch(executor, std::move(resumption));
     return;
   }
-  if (executor.target<asio::io_context::executor_type>() == nullptr) {
-    if (auto beneath = ParkedWait::queue_beneath(executor)) {
-      asio::post(*beneath, [executor, resumption = std::move(resumption)]() mutable {
-        asio::dispatch(executor, std::move(resumption));
-      });
-      return;
-    }
+  // The common case, a coroutine on an io_context: posted through the io_context's own executor,
+  // without any_io_executor's type-erased dispatch (and its copy of the executor).
+  if (const auto* on_io = executor.target<asio::io_context::executor_type>()) {
+    asio::post(*on_io, std::move(resumption));
+    return;
+  }
+  if (auto beneath = ParkedWait::queue_beneath(executor)) {
+    asio::post(*beneath, [executor, resumption = std::move(resumption)]() mutable {
+      asio::dispatch(executor, std::move(resumption));
+    });
+    return;
   }
   asio::post(executor, std::move(resumption));
 }
