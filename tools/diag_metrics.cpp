@@ -22,6 +22,8 @@
 #include <thread>
 #include <vector>
 
+#include "utf8_text.hpp"  // (db/src)
+
 namespace pgrt::diag {
 
 namespace {
@@ -163,18 +165,21 @@ std::string fetch(const Url& url, std::chrono::seconds limit) {
 }  // namespace
 
 std::string printable(std::string_view text, bool keep_line_breaks) {
+  // (Valid UTF-8 first: a byte that starts no sequence, such as a lone 0x9b, is CSI to a terminal
+  // that takes C1 controls as bytes.)
+  const std::string valid = pgrt::detail::valid_utf8(text);
   std::string out;
-  out.reserve(text.size());
-  for (std::size_t i = 0; i < text.size(); ++i) {
-    const auto byte = static_cast<unsigned char>(text[i]);
-    if (byte == 0xc2 && i + 1 < text.size() && static_cast<unsigned char>(text[i + 1]) >= 0x80 &&
-        static_cast<unsigned char>(text[i + 1]) <= 0x9f) {
+  out.reserve(valid.size());
+  for (std::size_t i = 0; i < valid.size(); ++i) {
+    const auto byte = static_cast<unsigned char>(valid[i]);
+    if (byte == 0xc2 && i + 1 < valid.size() && static_cast<unsigned char>(valid[i + 1]) >= 0x80 &&
+        static_cast<unsigned char>(valid[i + 1]) <= 0x9f) {
       out += '?';  // U+0080-U+009F
       ++i;
     } else if ((byte < 0x20 && !(keep_line_breaks && byte == '\n')) || byte == 0x7f) {
       out += '?';
     } else {
-      out += text[i];
+      out += valid[i];
     }
   }
   return out;

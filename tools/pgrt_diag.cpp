@@ -439,7 +439,7 @@ void print_text(const Snapshot& snapshot, const Arguments& arguments) {
     std::cout << "  " << group.count << "\t" << printable(group.application) << " ("
               << printable(group.state) << ")\n";
   }
-  std::cout << "\nbackends of " << arguments.app << ": " << snapshot.app_backends.size()
+  std::cout << "\nbackends of " << printable(arguments.app) << ": " << snapshot.app_backends.size()
             << ", leaked: " << snapshot.leaked() << " (checked: those of "
             << printable(snapshot.user) << "@" << printable(snapshot.database) << ")\n";
   for (const auto& backend : snapshot.app_backends) {
@@ -450,7 +450,7 @@ void print_text(const Snapshot& snapshot, const Arguments& arguments) {
               << printable(activity.database) << " from " << printable(activity.client);
     if (!activity.in_scope) std::cout << "\n      another database or role: not checked";
     if (activity.running_here) std::cout << "\n      its process runs on this host";
-    if (!backend.reason.empty()) std::cout << "\n      LEAKED: " << backend.reason;
+    if (!backend.reason.empty()) std::cout << "\n      LEAKED: " << printable(backend.reason);
     if (backend.terminated) std::cout << "\n      terminated";
     std::cout << "\n";
   }

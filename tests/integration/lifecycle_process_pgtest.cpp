@@ -574,6 +574,51 @@ TEST_F(LifecycleProcessTest, DiagTextReportKeepsControlBytesOfServerNamesOffTheT
   BlockingConnection(cluster().dsn()).query("DROP DATABASE IF EXISTS \"" + name + "\"");
 }
 
+// A name that is not UTF-8 at all (made from a SQL_ASCII database, which takes any bytes: a lone
+// 0x9b is CSI to a terminal that reads C1 controls as bytes) reaches pgrt-diag as it is, from a
+// UTF8 database too: its text report shows it as valid UTF-8, each invalid sequence as U+FFFD (it
+// passed the bytes to the terminal unchanged), and --json stays valid JSON with the same text.
+TEST_F(LifecycleProcessTest, DiagReportsShowANameOfInvalidUtf8AsValidUtf8) {
+  const std::string name =
+      "diag\xff\x9b"
+      "31mraw\xe2\x82";  // 0xff, a lone 0x9b, a sequence cut short
+  const std::string shown =
+      "diag\xef\xbf\xbd\xef\xbf\xbd"
+      "31mraw\xef\xbf\xbd";
+  const std::string sql_ascii = "diag_sql_ascii";
+  const std::string sql_ascii_dsn = cluster().dsn() + " dbname=" + sql_ascii;
+  BlockingConnection admin(cluster().dsn());
+  admin.query("DROP DATABASE IF EXISTS " + sql_ascii);
+  admin.query("CREATE DATABASE " + sql_ascii +
+              " ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0");
+  {
+    BlockingConnection maker(sql_ascii_dsn);
+    maker.query("DROP DATABASE IF EXISTS \"" + name + "\"");
+    maker.query("CREATE DATABASE \"" + name + "\"");
+    {
+      BlockingConnection inside(cluster().dsn() + " dbname='" + name +
+                                "' application_name=diagutf/one/0badcafe");
+      Child text({PGRT_DIAG_PATH, "--app", "diagutf"}, cluster().dsn(), "diag-utf8");
+      (void)text.wait_for_exit(30s);
+      EXPECT_THAT(text.output(), HasSubstr("@" + shown + " from")) << text.output();
+      EXPECT_EQ(text.output().find('\x9b'), std::string::npos) << text.output();
+      Child as_json({PGRT_DIAG_PATH, "--app", "diagutf", "--json"}, cluster().dsn(), "diag-utf8");
+      (void)as_json.wait_for_exit(30s);
+      const std::size_t start = as_json.output().find('{');
+      ASSERT_NE(start, std::string::npos) << as_json.output();
+      boost::system::error_code error;
+      const std::string line = as_json.output().substr(start);
+      const json::value report = json::parse(line, error);
+      ASSERT_FALSE(error) << as_json.output();
+      const auto& backends = report.at("backends").as_array();
+      ASSERT_EQ(backends.size(), 1U) << as_json.output();
+      EXPECT_EQ(json::value_to<std::string>(backends[0].at("database")), shown) << as_json.output();
+    }
+    maker.query("DROP DATABASE \"" + name + "\"");
+  }
+  admin.query("DROP DATABASE " + sql_ascii);
+}
+
 // pgrt-diag metrics (tagged `name`, its PGRT_* from `dsn`'s cluster) against an endpoint on the
 // loopback that answers one request with `body`: its exit status and output.
 struct DiagMetricsRun {
