@@ -5,6 +5,7 @@
 #include <boost/asio/connect.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/signal_set.hpp>
 #include <boost/beast/core/error.hpp>
 #include <boost/beast/core/flat_buffer.hpp>
 #include <boost/beast/core/tcp_stream.hpp>
@@ -12,6 +13,7 @@
 #include <charconv>
 #include <chrono>
 #include <cmath>
+#include <csignal>
 #include <future>
 #include <iostream>
 #include <map>
@@ -35,6 +37,9 @@ namespace http = beast::http;
 constexpr int exit_usage = 2;
 constexpr int exit_unreachable = 3;
 constexpr int exit_output = 74;  // sysexits' EX_IOERR: the summary could not be written
+// Ctrl+C or SIGTERM while the endpoint was read: 128 + the signal's number, as a shell reports a
+// process it ended (130 for SIGINT, as the other pgrt-diag commands; 143 for SIGTERM).
+constexpr int exit_signalled_base = 128;
 
 // Flushes std::cout: exit_output (said on stderr) when the output could not be written (a full
 // disk, a closed pipe), else 0.
@@ -54,8 +59,10 @@ const char* const metrics_usage =
     "  --raw   print the Prometheus text as it came\n"
     "  --timeout S   give up on a step (lookup, connect, request, answer) after S seconds\n"
     "                (default 10)\n"
+    "  Ctrl+C or SIGTERM ends it at once while it reads the endpoint (\"interrupted\"); once\n"
+    "  the answer is in, the output is written whole\n"
     "exit codes: 0 read, 2 usage, 3 unreachable or not a metrics endpoint, 74 the output could\n"
-    "  not be written\n";
+    "  not be written, 130 Ctrl+C (143 SIGTERM) before the output\n";
 
 struct Url {
   std::string host;
@@ -94,12 +101,27 @@ std::optional<Url> parse_url(std::string_view text) {
   return url;
 }
 
+// SIGINT and SIGTERM, caught from before the lookup until the exit (a signal_set alive: no
+// default action). One that comes while the endpoint is read ends the read at once (Interrupted);
+// one that comes once the answer is in is left alone, and the output is written whole.
+struct StopSignals {
+  explicit StopSignals(asio::io_context& io) : set(io, SIGINT, SIGTERM) {}
+  asio::signal_set set;
+  int received = 0;  // the first signal's number
+};
+
+// A signal came while the endpoint was read.
+struct Interrupted {};
+
 // The host's addresses, looked up on a thread of its own that is left behind (detached) when it
-// takes longer than `limit`: getaddrinfo() cannot be cancelled, and waiting for it (as asio's
-// resolver does when its io_context ends) would hold the command for the system resolver's own
-// timeouts, whatever --timeout says.
-asio::ip::tcp::resolver::results_type resolve(const Url& url, std::chrono::seconds limit) {
+// takes longer than `limit` or a signal comes: getaddrinfo() cannot be cancelled, and waiting for
+// it (as asio's resolver does when its io_context ends) would hold the command for the system
+// resolver's own timeouts, whatever --timeout says. `io` runs meanwhile (in slices of 10 ms), so
+// that `signals` are seen.
+asio::ip::tcp::resolver::results_type resolve(const Url& url, std::chrono::seconds limit,
+                                              asio::io_context& io, const StopSignals& signals) {
   using Results = asio::ip::tcp::resolver::results_type;
+  using Clock = std::chrono::steady_clock;
   auto answer = std::make_shared<std::promise<Results>>();
   std::future<Results> found = answer->get_future();
   std::thread([answer, host = url.host, port = url.port] {
@@ -111,18 +133,31 @@ asio::ip::tcp::resolver::results_type resolve(const Url& url, std::chrono::secon
       answer->set_exception(std::current_exception());
     }
   }).detach();
-  if (found.wait_for(limit) != std::future_status::ready) {
-    throw boost::system::system_error(asio::error::timed_out);
+  const auto until = Clock::now() + limit;
+  while (found.wait_for(std::chrono::seconds(0)) != std::future_status::ready) {
+    if (signals.received != 0) throw Interrupted{};
+    const auto now = Clock::now();
+    if (now >= until) throw boost::system::system_error(asio::error::timed_out);
+    io.restart();
+    io.run_for(std::min<Clock::duration>(std::chrono::milliseconds(10), until - now));
   }
   return found.get();
 }
 
 // The endpoint's answer, each step (lookup, connect, request, answer) cut at `limit`: beast's
 // timeouts apply to asynchronous operations only, so a listener that never answers would
-// otherwise hold the command for good.
-std::string fetch(const Url& url, std::chrono::seconds limit) {
-  const auto addresses = resolve(url, limit);
-  asio::io_context io;
+// otherwise hold the command for good. One of `signals` ends it at once (Interrupted).
+std::string fetch(const Url& url, std::chrono::seconds limit, asio::io_context& io,
+                  StopSignals& signals) {
+  // (Stopping `io` leaves whatever step was under way, which goes with `io`.)
+  signals.set.async_wait([&](const boost::system::error_code& error, int number) {
+    if (error) return;
+    signals.received = number;
+    io.stop();
+  });
+  const auto addresses = resolve(url, limit, io, signals);
+  // (One that came as the lookup ended: its handler has run, and will not run again.)
+  if (signals.received != 0) throw Interrupted{};
   beast::tcp_stream stream(io);
   http::request<http::empty_body> request{http::verb::get, url.target, 11};
   request.set(http::field::host, url.host);
@@ -131,26 +166,34 @@ std::string fetch(const Url& url, std::chrono::seconds limit) {
   http::response_parser<http::string_body> parser;
   parser.body_limit(64 * 1024 * 1024);
   boost::system::error_code failure = asio::error::timed_out;
+  // The chain's end: the signal wait goes, so that `io` runs out of work.
+  const auto end = [&](boost::system::error_code error) {
+    failure = error;
+    boost::system::error_code ignored;
+    signals.set.cancel(ignored);
+  };
   stream.expires_after(limit);
   stream.async_connect(addresses, [&](boost::system::error_code connect_error, const auto&) {
     if (connect_error) {
-      failure = connect_error;
+      end(connect_error);
       return;
     }
     stream.expires_after(limit);
-    http::async_write(stream, request,
-                      [&](boost::system::error_code write_error, std::size_t /*written*/) {
-                        if (write_error) {
-                          failure = write_error;
-                          return;
-                        }
-                        stream.expires_after(limit);
-                        http::async_read(stream, buffer, parser,
-                                         [&](boost::system::error_code read_error,
-                                             std::size_t /*read*/) { failure = read_error; });
-                      });
+    http::async_write(
+        stream, request, [&](boost::system::error_code write_error, std::size_t /*written*/) {
+          if (write_error) {
+            end(write_error);
+            return;
+          }
+          stream.expires_after(limit);
+          http::async_read(
+              stream, buffer, parser,
+              [&](boost::system::error_code read_error, std::size_t /*read*/) { end(read_error); });
+        });
   });
+  io.restart();
   io.run_for(limit * 3);
+  if (signals.received != 0) throw Interrupted{};
   if (failure == beast::error::timeout) failure = asio::error::timed_out;
   if (failure) throw boost::system::system_error(failure);
   auto& response = parser.get();
@@ -392,9 +435,15 @@ int run_metrics(int argc, char** argv) {
     std::cerr << "pgrt-diag metrics: give the endpoint's URL\n" << metrics_usage;
     return exit_usage;
   }
+  // (From here to the exit: a signal never takes its default action, which cut the output short.)
+  asio::io_context io;
+  StopSignals signals(io);
   std::string text;
   try {
-    text = fetch(*url, limit);
+    text = fetch(*url, limit, io, signals);
+  } catch (const Interrupted&) {
+    std::cerr << "pgrt-diag metrics: interrupted\n";
+    return exit_signalled_base + signals.received;
   } catch (const std::exception& error) {
     // A system error's own message, without Boost's source location.
     const auto* system = dynamic_cast<const boost::system::system_error*>(&error);

@@ -28,6 +28,7 @@
 #include <memory>
 #include <netinet/in.h>
 #include <optional>
+#include <poll.h>
 #include <regex>
 #include <set>
 #include <spdlog/sinks/ostream_sink.h>
@@ -757,6 +758,78 @@ TEST_F(LifecycleProcessTest, DiagEndsCleanlyOnASignalAtAnyMomentOfItsRun) {
             << moment;
       }
       if (HasFailure()) return;
+    }
+  }
+}
+
+// pgrt-diag metrics ends cleanly on Ctrl+C or SIGTERM at any moment once it listens for them
+// (it never did: the signal's default action killed it, mid-output too). While it waits for an
+// endpoint that accepts and never answers, at once: 130 (SIGINT) or 143 (SIGTERM),
+// "interrupted". Against one that answers at once, the signal comes during the read or the
+// output: "interrupted" with nothing on stdout, or the whole summary and exit 0.
+TEST_F(LifecycleProcessTest, DiagMetricsEndsCleanlyOnASignalAtAnyMomentOfItsRun) {
+  const std::string body =
+      "db_client_connection_count{db_client_connection_pool_name=\"orders\",state=\"used\"} 1\n"
+      "pgrt_lifecycle_state{state=\"running\"} 1\n";
+  for (const bool answering : {false, true}) {
+    for (const int number : {SIGINT, SIGTERM}) {
+      for (int run = 0; run < 20; ++run) {
+        const LoopbackListener listener;  // (its own: a backlog of 4 is soon full)
+        std::atomic<bool> done{false};
+        std::thread server([&] {
+          // Answers each request at once, or (not answering) leaves it in the backlog.
+          while (answering && !done) {
+            pollfd ready{.fd = listener.fd(), .events = POLLIN, .revents = 0};
+            if (::poll(&ready, 1, 50) <= 0) continue;
+            const int client = ::accept(listener.fd(), nullptr, nullptr);
+            if (client < 0) continue;
+            char request[4096];
+            (void)::read(client, request, sizeof request);
+            const std::string answer =
+                "HTTP/1.1 200 OK\r\nContent-Length: " + std::to_string(body.size()) +
+                "\r\nConnection: close\r\n\r\n" + body;
+            (void)!::write(client, answer.data(), answer.size());
+            ::close(client);
+          }
+        });
+        Child diag(
+            {PGRT_DIAG_PATH, "metrics",
+             "http://127.0.0.1:" + std::to_string(listener.port()) + "/metrics", "--timeout", "30"},
+            cluster().dsn(), "diag-metrics-signal");
+        const auto deadline = Clock::now() + 10s;
+        while (!catches_signal(diag.pid(), number) && testing::detail::process_alive(diag.pid()) &&
+               Clock::now() < deadline) {
+          std::this_thread::sleep_for(200us);
+        }
+        const bool caught = catches_signal(diag.pid(), number);
+        std::this_thread::sleep_for(std::chrono::milliseconds(answering ? run / 4 : run));
+        diag.signal(number);
+        const auto code = diag.wait_for_exit(5s);
+        done = true;
+        server.join();
+        const std::string output = diag.output();
+        const std::string moment = std::string(answering ? "answering, " : "silent, ") +
+                                   (number == SIGINT ? "SIGINT " : "SIGTERM ") +
+                                   std::to_string(run) + ": " + diag.status() + "\n" + output;
+        if (!answering) {
+          EXPECT_TRUE(caught) << moment;
+          EXPECT_EQ(code, 128 + number) << moment;
+          EXPECT_THAT(output, HasSubstr("pgrt-diag metrics: interrupted")) << moment;
+        } else if (code == 128 + number) {
+          EXPECT_THAT(output, HasSubstr("pgrt-diag metrics: interrupted")) << moment;
+          EXPECT_THAT(output, Not(HasSubstr("pool orders"))) << moment;
+        } else if (code == 0) {
+          // Its output was out before the signal came (or it exited before), whole.
+          EXPECT_THAT(output, HasSubstr("lifecycle: running")) << moment;
+        } else if (!code && caught) {
+          // The signal came as it exited, its handler gone.
+          EXPECT_THAT(diag.status(), HasSubstr("killed by signal " + std::to_string(number) + " "))
+              << moment;
+        } else {
+          ADD_FAILURE() << moment;
+        }
+        if (HasFailure()) return;
+      }
     }
   }
 }
