@@ -137,6 +137,12 @@ std::optional<std::int64_t> parse_number(std::string_view text, std::int64_t low
 // An argument pgrt-diag does not know, as its error may show it: one that may hold a password (a
 // URL with credentials, a conninfo's password=, a --dsn= misspelt) is named, not shown.
 std::string shown_argument(std::string_view argument) {
+  // (psql's flags, which take no value: they hold no password.)
+  if (argument == "--password" || argument == "--no-password") {
+    return "'" + std::string(argument) +
+           "' (pgrt-diag takes no password on its command line: give it through PGPASSWORD, "
+           "~/.pgpass or DATABASE_URL)";
+  }
   std::string lowered(argument);
   std::transform(lowered.begin(), lowered.end(), lowered.begin(),
                  [](unsigned char c) { return static_cast<char>(std::tolower(c)); });

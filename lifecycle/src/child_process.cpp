@@ -1,6 +1,7 @@
 #include "pgrt/lifecycle/child_process.hpp"
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/as_tuple.hpp>
@@ -348,15 +349,30 @@ bool takes_a_password_next(std::string_view word) {
   return lowered.ends_with("password") || lowered.ends_with("passwd");
 }
 
+// Whether `program` (argv[0]) is one of libpq's client programs, whose -W / --password takes no
+// value (it makes them prompt for the password): the argument after it is no password.
+bool password_flag_takes_no_value(std::string_view program) {
+  static constexpr std::array<std::string_view, 16> tools = {
+      "psql",           "pg_dump",    "pg_dumpall", "pg_restore", "pg_basebackup", "pg_receivewal",
+      "pg_recvlogical", "pg_amcheck", "createdb",   "dropdb",     "createuser",    "dropuser",
+      "clusterdb",      "reindexdb",  "vacuumdb",   "vacuumlo"};
+  const std::size_t slash = program.find_last_of('/');
+  const std::string_view name =
+      slash == std::string_view::npos ? program : program.substr(slash + 1);
+  return std::find(tools.begin(), tools.end(), name) != tools.end();
+}
+
 // The command line for the log, without passwords: also the argument after an option that names
-// a password.
+// a password, but for a libpq client program's --password, which takes none.
 std::string join(const std::vector<std::string>& words) {
+  const bool libpq_tool = !words.empty() && password_flag_takes_no_value(words.front());
   std::string joined;
   bool secret_next = false;
   for (const auto& word : words) {
     if (!joined.empty()) joined += ' ';
     joined += secret_next ? std::string("***") : without_passwords(word);
-    secret_next = !secret_next && takes_a_password_next(word);
+    secret_next =
+        !secret_next && takes_a_password_next(word) && !(libpq_tool && word == "--password");
   }
   return joined;
 }

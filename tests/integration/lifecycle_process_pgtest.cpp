@@ -426,6 +426,14 @@ TEST_F(LifecycleProcessTest, DiagNeverEchoesAPasswordOfAMisspelledDsnArgument) {
     EXPECT_EQ(diag.wait_for_exit(30s), 2) << diag.output();
     EXPECT_THAT(diag.output(), Not(HasSubstr("s3cret"))) << "argv[1]: " << argv[1];
   }
+  // psql's --password takes no value and holds none: it is named as it is, with the ways to give
+  // a password (it was "an argument (not shown: it may hold a password)").
+  Child flag({PGRT_DIAG_PATH, "--app", "orders", "--password"}, cluster().dsn(), "diag-echo-flag");
+  EXPECT_EQ(flag.wait_for_exit(30s), 2) << flag.output();
+  EXPECT_THAT(flag.output(), HasSubstr("unknown or incomplete argument '--password' (pgrt-diag "
+                                       "takes no password on its command line: give it through "
+                                       "PGPASSWORD"))
+      << flag.output();
 }
 
 // A --dsn that libpq cannot parse may still hold a password (here its unterminated quote is in

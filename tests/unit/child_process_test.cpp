@@ -200,15 +200,12 @@ TEST(ChildProcessTest, ExitIsReapedAndReported) {
   EXPECT_THAT(events.stayed_down, ElementsAre("restart policy never"));
 }
 
-// What a child started with `arguments` after `/bin/sh -c "exit 0"` logs (the default logger's
-// lines, while it runs to its end).
-std::string logged_start(std::vector<std::string> arguments) {
+// What a child started with `argv` logs (the default logger's lines, while it runs to its end).
+std::string logged_run(std::vector<std::string> argv) {
   std::ostringstream log;
   auto previous = spdlog::default_logger();
   spdlog::set_default_logger(std::make_shared<spdlog::logger>(
       "capture", std::make_shared<spdlog::sinks::ostream_sink_mt>(log)));
-  std::vector<std::string> argv{"/bin/sh", "-c", "exit 0"};
-  argv.insert(argv.end(), arguments.begin(), arguments.end());
   asio::io_context io;
   ChildProcess child(
       {.name = "secretive", .argv = std::move(argv), .restart = RestartPolicy::never});
@@ -218,6 +215,13 @@ std::string logged_start(std::vector<std::string> arguments) {
   });
   spdlog::set_default_logger(previous);
   return log.str();
+}
+
+// What a child started with `arguments` after `/bin/sh -c "exit 0"` logs.
+std::string logged_start(const std::vector<std::string>& arguments) {
+  std::vector<std::string> argv{"/bin/sh", "-c", "exit 0"};
+  argv.insert(argv.end(), arguments.begin(), arguments.end());
+  return logged_run(std::move(argv));
 }
 
 // The start is logged with its command line, but never a password given in it.
@@ -262,6 +266,35 @@ TEST(ChildProcessTest, TheLoggedCommandLineShowsTheArgumentAfterANoPasswordOptio
   EXPECT_THAT(text, ::testing::HasSubstr("-- --no-password --file /backups/app.sql --password ***"))
       << text;
   EXPECT_THAT(text, ::testing::Not(::testing::HasSubstr("s3cret"))) << text;
+}
+
+// psql's --password (-W), as that of pg_dump and libpq's other client programs, takes no value: it
+// makes the program prompt for the password. The argument after it is shown (`psql --password
+// --dbname orders` was logged as `--password *** orders`); a password given as --password=, in
+// a conninfo or in a URL is still hidden, and so is the argument after another program's
+// --password (TheLoggedCommandLineHidesAPasswordGivenAsTheNextArgument).
+TEST(ChildProcessTest, TheLoggedCommandLineShowsTheArgumentAfterALibpqToolsPasswordFlag) {
+  const auto directory =
+      std::filesystem::temp_directory_path() / ("pgrt-child-tools-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(directory);
+  for (const char* tool : {"psql", "pg_dump"}) {
+    std::filesystem::remove(directory / tool);
+    std::filesystem::create_symlink("/bin/true", directory / tool);
+  }
+  const std::string psql =
+      logged_run({(directory / "psql").string(), "--password", "--dbname",
+                  "host=db password=s3cret-kv dbname=orders", "-W", "--command", "SELECT 1",
+                  "--password=s3cret-eq", "postgresql://app:s3cret-url@db/orders"});
+  const std::string pg_dump = logged_run(
+      {(directory / "pg_dump").string(), "--password", "orders", "--file", "/backups/o.sql"});
+  std::filesystem::remove_all(directory);
+  EXPECT_THAT(psql, ::testing::HasSubstr("psql --password --dbname host=db password=*** "
+                                         "dbname=orders -W --command SELECT 1 --password=*** "
+                                         "postgresql://app:***@db/orders"))
+      << psql;
+  EXPECT_THAT(psql, ::testing::Not(::testing::HasSubstr("s3cret"))) << psql;
+  EXPECT_THAT(pg_dump, ::testing::HasSubstr("pg_dump --password orders --file /backups/o.sql"))
+      << pg_dump;
 }
 
 TEST(ChildProcessTest, DeathBySignalIsReported) {
