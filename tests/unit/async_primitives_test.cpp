@@ -1,16 +1,20 @@
 // The internal async primitives (db/src/async/): the abandon guard, the timer used as a condition
-// variable, the wait group and run_blocking. The coroutines are free functions: a capturing
-// lambda coroutine would outlive its captures.
+// variable, the wait group and run_blocking; and what co_spawn does with an early cancellation. The
+// coroutines are free functions: a capturing lambda coroutine would outlive its captures.
 #include <atomic>
 #include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
+#include <boost/asio/dispatch.hpp>
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
+#include <boost/asio/strand.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/system/system_error.hpp>
+#include <boost/version.hpp>
 #include <chrono>
 #include <condition_variable>
 #include <functional>
@@ -544,6 +548,63 @@ TEST(RunBlockingTest, AFrameDestroyedWhileTheWorkerRunsIsNeverTouched) {
   }  // the frame goes with the io_context while the worker still blocks
   EXPECT_LT(Clock::now() - started, 500ms) << "destroying the frame waited for the worker";
   EXPECT_EQ(destroyed_future.wait_for(10s), std::future_status::ready);
+}
+
+// --- co_spawn and a cancellation that comes at once (Boost 1.81)
+// ----------------------------------
+
+asio::awaitable<void> start_and_wait(bool& started, asio::steady_timer& timer) {
+  started = true;
+  co_await timer.async_wait(asio::use_awaitable);
+}
+
+// What the places that cancel a coroutine they co_spawn rely on (the lifecycle manager's launch(),
+// Watchdog::start(), the start-up hygiene's lock watch, the pending writes' flusher): co_spawn on
+// a strand, called from a handler running on that strand, runs the coroutine up to its first wait
+// before it returns, so that a cancellation emitted right after it, on the strand, reaches a
+// coroutine that has started and ends it as cancelled.
+TEST(CoSpawnCancellationTest, SpawnedFromItsOwnStrandTheCoroutineHasStartedWhenCoSpawnReturns) {
+  asio::io_context io;
+  auto strand = asio::make_strand(io.get_executor());
+  asio::steady_timer timer(strand, 1h);
+  asio::cancellation_signal cancel;
+  bool started = false;
+  bool started_when_spawned = false;
+  std::optional<std::exception_ptr> ended;
+  asio::dispatch(strand, [&] {
+    asio::co_spawn(
+        strand, start_and_wait(started, timer),
+        asio::bind_cancellation_slot(cancel.slot(), [&](std::exception_ptr e) { ended = e; }));
+    started_when_spawned = started;
+    cancel.emit(asio::cancellation_type::terminal);
+  });
+  EXPECT_NO_THROW(io.run_for(10s));
+  EXPECT_TRUE(started_when_spawned);
+  ASSERT_TRUE(ended.has_value()) << "the cancelled coroutine did not end";
+  EXPECT_TRUE(*ended) << "the timer's wait was not cancelled";
+}
+
+// The hazard: spawned from outside the strand, the coroutine waits in the strand's queue, and a
+// cancellation emitted on the strand before it first ran escapes from io_context::run() (outside
+// the coroutine, and outside its completion handler). The places that spawn so (the pool's
+// connect, pgrt-diag's steps) emit only once the coroutine has said it started.
+TEST(CoSpawnCancellationTest, SpawnedFromOutsideACancellationBeforeTheFirstRunEscapesFromRun) {
+#if BOOST_VERSION != 108100
+  GTEST_SKIP() << "shown for Boost 1.81's co_spawn";
+#endif
+  asio::io_context io;
+  auto strand = asio::make_strand(io.get_executor());
+  asio::steady_timer timer(strand, 1h);
+  asio::cancellation_signal cancel;
+  bool started = false;
+  bool ended = false;
+  asio::post(strand, [&] { cancel.emit(asio::cancellation_type::terminal); });
+  asio::co_spawn(strand, start_and_wait(started, timer),
+                 asio::bind_cancellation_slot(cancel.slot(),
+                                              [&](const std::exception_ptr&) { ended = true; }));
+  EXPECT_THROW(io.run_for(10s), boost::system::system_error);
+  EXPECT_FALSE(started);
+  EXPECT_FALSE(ended);
 }
 
 }  // namespace
