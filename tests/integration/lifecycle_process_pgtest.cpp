@@ -2124,8 +2124,11 @@ TEST_F(StartupHygieneTest, AClusterLockHolderUnderAnotherRoleIsRefusedAndStopsTh
                       ", 5000)");
           stolen = green.scalar("SELECT pg_try_advisory_lock(" + key_sql + ")") == "t";
         }
-        asio::steady_timer pause(co_await asio::this_coro::executor, 8s);
-        co_await pause.async_wait(asio::use_awaitable);
+        // The watch sees its session end, cannot retake the lock from green and calls
+        // on_cluster_lock_lost() within a check or two: waited for (at most 8 s).
+        for (const auto until = Clock::now() + 8s; lost_reason.empty() && Clock::now() < until;) {
+          co_await testing::sleep_for(20ms);
+        }
         co_await blue.stop();
       },
       60s);
