@@ -2041,6 +2041,16 @@ TEST_F(StartupHygieneTest, AFrozenLockSessionIsRetakenWithoutStoppingAndStopEnds
     }
   } thaw(frozen);
   Clock::duration stop_took{};
+  // The watch logs on this thread (the coroutine's io_context has no other).
+  std::ostringstream log;
+  const struct RestoreLogger {  // (before `log` goes, whatever happens)
+    std::shared_ptr<spdlog::logger> previous = spdlog::default_logger();
+    ~RestoreLogger() { spdlog::set_default_logger(previous); }
+  } restore_logger;
+  spdlog::set_default_logger(std::make_shared<spdlog::logger>(
+      "capture", std::make_shared<spdlog::sinks::ostream_sink_mt>(log)));
+  const std::string terminating = "this process's own earlier lock session: terminating it";
+  std::size_t retakes_seen = 0;
   run_coroutine(
       [&]() -> asio::awaitable<void> {
         StartupHygiene hygiene(co_await asio::this_coro::executor, config, options);
@@ -2049,17 +2059,24 @@ TEST_F(StartupHygieneTest, AFrozenLockSessionIsRetakenWithoutStoppingAndStopEnds
         const std::set<int> sessions = backend_pids("frozenlock/one/%");
         if (sessions.size() == 1 && ::kill(*sessions.begin(), SIGSTOP) == 0) {
           frozen = *sessions.begin();
-          // The check times out, the retake's terminate waits 5 s, then the retake retries
-          // every 100 ms for 5 s, and again: stop() comes at some point of that.
-          asio::steady_timer pause(co_await asio::this_coro::executor, 18s);
-          co_await pause.async_wait(asio::use_awaitable);
+          // The check times out (5 s), the retake's terminate waits 5 s, then the retake retries
+          // every 100 ms for 5 s and gives up on that take; as the holder is its own leftover,
+          // it takes again (no on_cluster_lock_lost()), terminating it again. stop() comes in
+          // that second take's terminate: waited for (at most 60 s) by its log line.
+          for (const auto until = Clock::now() + 60s; Clock::now() < until;) {
+            retakes_seen = occurrences(log.str(), terminating);
+            if (retakes_seen >= 2 || !lost_reason.empty()) break;
+            co_await testing::sleep_for(50ms);
+          }
+          co_await testing::sleep_for(500ms);  // (its terminate is on the server)
         }
         const auto stopping = Clock::now();
         co_await hygiene.stop();
         stop_took = Clock::now() - stopping;
       },
-      90s);
+      120s);
   ASSERT_NE(frozen, 0) << "could not freeze the lock's backend (not root?)";
+  EXPECT_GE(retakes_seen, 2U) << "the retake did not go on past its first take\n" << log.str();
   ::kill(frozen, SIGCONT);  // (it ends then: the retake's terminate is pending)
   EXPECT_LT(stop_took, 4s) << "stop() waited for the retake";
   EXPECT_EQ(lost_reason, "") << "its own frozen session was taken for another instance";
