@@ -128,6 +128,8 @@ class ClientCategory final : public boost::system::error_category {
                "connection (query()) nor a transaction pooler gives";
       case client_errc::budget_exhausted:
         return "every slot of the connection budget is held";
+      case client_errc::commit_unconfirmed:
+        return "the outcome is unknown: the COMMIT was sent, and its answer lost";
     }
     return "unknown pgrt client error " + std::to_string(value);
   }

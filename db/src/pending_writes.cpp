@@ -91,6 +91,7 @@ struct Write {
   std::string text;                                   // the SQL, or the row (newline-terminated)
   ParamSink params;
   Clock::time_point accepted_at{};
+  bool settled = false;  // flushed or given up on (the flusher's only)
 };
 
 // `text` as one line of a log or an error: at most `limit` bytes of it, cut at a character
@@ -298,8 +299,10 @@ struct PendingWritesState {
   async::WaitGroup flushing;  // the flusher, from launch_locked() to its end: stop() waits
   asio::cancellation_signal flusher_cancel;  // emitted on the strand only
 
-  std::uint64_t accepted = 0, flushed = 0, failed = 0, failed_by_error = 0, batches = 0,
-                retries = 0;
+  // (failed_by_error and unconfirmed: of failed, those given up for an error, and those whose
+  // outcome is unknown; the rest were given up when the flushing was abandoned.)
+  std::uint64_t accepted = 0, flushed = 0, failed = 0, failed_by_error = 0, unconfirmed = 0,
+                batches = 0, retries = 0;
   std::mt19937_64 random;  // the flusher's only
 
   // --- all *_locked functions need `mutex` held ---------------------------------------------
@@ -353,6 +356,7 @@ struct PendingWritesState {
     report.accepted = accepted;
     report.flushed = flushed;
     report.failed = failed;
+    report.unconfirmed = unconfirmed;
     report.pending = unflushed_locked();
     report.waiting = waiters.size();
     report.batches = batches;
@@ -388,8 +392,8 @@ asio::awaitable<Lease> acquire_lease(State& self) {
 }
 
 // The batch's writes in one transaction on `lease`. Runs of rows for the same table go as one
-// COPY, runs of statements as one pipeline.
-asio::awaitable<void> write_transaction(Lease& lease, std::span<Write> writes) {
+// COPY, runs of statements as one pipeline. `commit_sent` is set as the COMMIT goes out.
+asio::awaitable<void> write_transaction(Lease& lease, std::span<Write> writes, bool& commit_sent) {
   co_await lease->begin();
   for (std::size_t first = 0; first < writes.size();) {
     std::size_t end = first + 1;
@@ -421,11 +425,13 @@ asio::awaitable<void> write_transaction(Lease& lease, std::span<Write> writes) {
     }
     first = end;
   }
+  commit_sent = true;
   co_await lease->commit();
 }
 
-// One attempt at a batch: one lease, on which its transaction runs.
-asio::awaitable<void> write_batch(State& self, std::span<Write> writes) {
+// One attempt at a batch: one lease, on which its transaction runs. `commit_sent` is set as its
+// COMMIT goes out.
+asio::awaitable<void> write_batch(State& self, std::span<Write> writes, bool& commit_sent) {
   Lease lease;
   try {
     lease = co_await acquire_lease(self);
@@ -449,7 +455,7 @@ asio::awaitable<void> write_batch(State& self, std::span<Write> writes) {
   for (std::size_t stale_retries = 0;; ++stale_retries) {
     std::optional<Error> stale;
     try {
-      co_await write_transaction(lease, writes);
+      co_await write_transaction(lease, writes, commit_sent);
       co_return;
     } catch (const Error& error) {
       if (stale_retries >= writes.size() ||
@@ -505,7 +511,9 @@ asio::awaitable<bool> back_off(State& self, std::chrono::milliseconds delay) {
   co_return !self.abandoned;
 }
 
-void settle_flushed(State& self, std::size_t count) {
+void settle_flushed(State& self, std::span<Write> writes) {
+  for (Write& write : writes) write.settled = true;
+  const std::size_t count = writes.size();
   std::lock_guard lock(self.mutex);
   self.flushed += count;
   self.in_flight -= count;
@@ -513,31 +521,68 @@ void settle_flushed(State& self, std::size_t count) {
   self.make_room_locked();
 }
 
-// `abandoned`: given up on because the flushing was abandoned, not for an error of their own.
-void give_up(State& self, std::span<const Write> writes, const Error& error,
-             bool abandoned = false) {
+// Why writes are given up on.
+enum class GivenUp {
+  by_error,     // for an error (their own, or one that fails their batch as a whole)
+  abandoned,    // the flushing was abandoned (stop() cancelled), not for an error of their own
+  unconfirmed,  // their batch's COMMIT was sent and its answer lost, and no retry settled it: they
+                // may have been written
+};
+
+// Whether a batch whose COMMIT was sent and that failed with `error` may have been written: the
+// server did not answer the COMMIT (the connection was lost, the wait for the answer cut short),
+// so it may have committed. An error the server answered with (a deferred constraint, a
+// serialization failure at commit) rolled the transaction back.
+bool commit_outcome_unknown(const Error& error) {
+  return error.code() == condition::connection_error ||
+         error.code().category() != sqlstate_category();
+}
+
+// The error of writes whose batch's COMMIT was sent and its answer lost (`lost`), and that could
+// then not be retried, which would have settled it (`then`: the pool closed, stop() cancelled).
+Error unconfirmed_error(const Error& lost, const Error& then) {
+  return Error(
+      make_error_code(client_errc::commit_unconfirmed),
+      Diagnostics{.message = "these writes may have been written, or not: their batch's COMMIT was "
+                             "sent, and its answer lost (" +
+                             one_line(lost.what(), 1000) +
+                             "); no retry could settle it, for: " + one_line(then.what(), 1000),
+                  .hint = "look the writes up, or write them again idempotently (a unique key "
+                          "and ON CONFLICT DO NOTHING)"});
+}
+
+// Counts `writes` as failed (`why`: see GivenUp), logs them and reports them through
+// events().failed with `error`.
+void give_up(State& self, std::span<Write> writes, const Error& error,
+             GivenUp why = GivenUp::by_error) {
   std::vector<std::string> descriptions;
   descriptions.reserve(writes.size());
-  for (const Write& write : writes) descriptions.push_back(describe(write));
+  for (Write& write : writes) {
+    descriptions.push_back(describe(write));
+    write.settled = true;
+  }
   const std::string& name = self.config.name;
+  const bool unconfirmed = why == GivenUp::unconfirmed;
   if (descriptions.size() <= 10) {
     for (const auto& description : descriptions) {
-      spdlog::warn(
-          "pgrt pending writes {}: a write failed for good and was not written [{}]: {}; "
-          "error: {}",
-          name, error_code_text(error), description, one_line(error.what(), error_log_limit));
+      spdlog::warn("pgrt pending writes {}: {} [{}]: {}; error: {}", name,
+                   unconfirmed ? "a write's outcome is unknown: it may have been written, or not"
+                               : "a write failed for good and was not written",
+                   error_code_text(error), description, one_line(error.what(), error_log_limit));
     }
   } else {
-    spdlog::warn(
-        "pgrt pending writes {}: {} writes failed for good and were not written [{}], the first: "
-        "{}; error: {}",
-        name, descriptions.size(), error_code_text(error), descriptions.front(),
-        one_line(error.what(), error_log_limit));
+    spdlog::warn("pgrt pending writes {}: {} writes {} [{}], the first: {}; error: {}", name,
+                 descriptions.size(),
+                 unconfirmed ? "of unknown outcome: they may have been written, or not"
+                             : "failed for good and were not written",
+                 error_code_text(error), descriptions.front(),
+                 one_line(error.what(), error_log_limit));
   }
   {
     std::lock_guard lock(self.mutex);
     self.failed += writes.size();
-    if (!abandoned) self.failed_by_error += writes.size();
+    if (why == GivenUp::by_error) self.failed_by_error += writes.size();
+    if (unconfirmed) self.unconfirmed += writes.size();
     self.in_flight -= writes.size();
     self.make_room_locked();
   }
@@ -549,16 +594,27 @@ void give_up(State& self, std::span<const Write> writes, const Error& error,
 // isolated; a batch cut short by a timeout or a lock is halved, and a single write tried
 // too_slow_write_attempts times; so is a batch the server ran short of a resource for. Returns
 // early, leaving the rest in in_flight, when the flushing is abandoned.
-asio::awaitable<void> flush(State& self, std::span<Write> writes) {
+asio::awaitable<void> flush(State& self, std::span<Write> writes,
+                            std::optional<Error> commit_lost = std::nullopt) {
   auto delay = self.config.retry_initial;
+  // The error of an attempt whose COMMIT was sent and not answered (the connection lost, the
+  // wait cut short): the server may have committed it. A retry that commits settles it (the
+  // writes are then written, maybe twice: at-least-once); given up on without one (the pool
+  // closed, stop() cancelled), the writes' outcome is unknown, and they are reported so
+  // (GivenUp::unconfirmed), not as not written. (A part of such a batch, narrowed down, is flushed
+  // with the error: its writes too may have been written.)
   // Abandoned before the batch's commit was confirmed: its writes are given up on, and reported
   // (logged, events().failed) like those of a permanent error.
-  const auto abandon = [&self, writes] {
-    give_up(self, writes,
-            Error(make_error_code(client_errc::cancelled),
-                  Diagnostics{.message = "the flushing was abandoned (stop() was cancelled or ran "
-                                         "out of time) before the batch's commit was confirmed"}),
-            /*abandoned=*/true);
+  const auto abandon = [&self, writes, &commit_lost] {
+    const Error abandoned(
+        make_error_code(client_errc::cancelled),
+        Diagnostics{.message = "the flushing was abandoned (stop() was cancelled or ran out of "
+                               "time) before the batch's commit was confirmed"});
+    if (commit_lost) {
+      give_up(self, writes, unconfirmed_error(*commit_lost, abandoned), GivenUp::unconfirmed);
+    } else {
+      give_up(self, writes, abandoned, GivenUp::abandoned);
+    }
   };
   int too_slow_attempts = 0;  // a single write cut by a timeout or a lock, or short of a resource
   int forgotten_retries = 0;  // retries after a 26000
@@ -569,8 +625,9 @@ asio::awaitable<void> flush(State& self, std::span<Write> writes) {
       co_return;
     }
     std::optional<Error> failure;
+    bool commit_sent = false;
     try {
-      co_await write_batch(self, writes);
+      co_await write_batch(self, writes, commit_sent);
     } catch (const Error& error) {
       failure = error;
     } catch (const std::exception& error) {
@@ -578,11 +635,12 @@ asio::awaitable<void> flush(State& self, std::span<Write> writes) {
           Error(make_error_code(client_errc::protocol_error), Diagnostics{.message = error.what()});
     }
     if (!failure) {
-      settle_flushed(self, writes.size());
+      settle_flushed(self, writes);
       spdlog::debug("pgrt pending writes {}: flushed {} writes in one transaction",
                     self.config.name, writes.size());
       co_return;
     }
+    if (commit_sent && !commit_lost && commit_outcome_unknown(*failure)) commit_lost = failure;
     if (is_abandoned(self)) {
       abandon();
       co_return;
@@ -662,7 +720,7 @@ asio::awaitable<void> flush(State& self, std::span<Write> writes) {
             if (of_failed(writes[first])) {
               give_up(self, writes.subspan(first, end - first), *failure);
             } else {
-              co_await flush(self, writes.subspan(first, end - first));
+              co_await flush(self, writes.subspan(first, end - first), commit_lost);
             }
             first = end;
           }
@@ -670,15 +728,19 @@ asio::awaitable<void> flush(State& self, std::span<Write> writes) {
         }
         if (writes.size() > 1) {
           const std::size_t half = writes.size() / 2;
-          co_await flush(self, writes.first(half));
-          co_await flush(self, writes.subspan(half));
+          co_await flush(self, writes.first(half), commit_lost);
+          co_await flush(self, writes.subspan(half), commit_lost);
           co_return;
         }
         give_up(self, writes, *failure);
         co_return;
       }
       case Failure::whole:
-        give_up(self, writes, *failure);
+        if (commit_lost) {
+          give_up(self, writes, unconfirmed_error(*commit_lost, *failure), GivenUp::unconfirmed);
+        } else {
+          give_up(self, writes, *failure);
+        }
         co_return;
     }
   }
@@ -1049,9 +1111,9 @@ std::string PendingWritesReport::to_json() const {
     return std::string("\"") + name + "\":" + std::to_string(value);
   };
   return "{" + field("accepted", accepted) + "," + field("flushed", flushed) + "," +
-         field("failed", failed) + "," + field("pending", pending) + "," +
-         field("waiting", waiting) + "," + field("batches", batches) + "," +
-         field("retries", retries) + "}";
+         field("failed", failed) + "," + field("unconfirmed", unconfirmed) + "," +
+         field("pending", pending) + "," + field("waiting", waiting) + "," +
+         field("batches", batches) + "," + field("retries", retries) + "}";
 }
 
 namespace {
@@ -1203,23 +1265,34 @@ asio::awaitable<void> PendingWrites::stop() {
                  report.accepted, report.flushed);
     co_return;
   }
-  spdlog::warn("pgrt pending writes {}: stopped: accepted {}, flushed {}, failed {}", name,
-               report.accepted, report.flushed, report.failed);
+  spdlog::warn("pgrt pending writes {}: stopped: accepted {}, flushed {}, failed {}{}", name,
+               report.accepted, report.flushed, report.failed,
+               report.unconfirmed == 0
+                   ? std::string()
+                   : " (" + std::to_string(report.unconfirmed) + " of unknown outcome)");
   std::string why;
   if (by_error > 0) {
     why = std::to_string(by_error) +
           " failed with errors (logged and reported through "
           "events().failed)";
   }
-  if (report.failed > by_error) {
+  if (report.unconfirmed > 0) {
     if (!why.empty()) why += "; ";
-    why += std::to_string(report.failed - by_error) +
+    why += std::to_string(report.unconfirmed) +
+           " may have been written, or not: their batch's COMMIT was sent and its answer lost, "
+           "and no retry could settle it (logged, and reported through events().failed as "
+           "commit_unconfirmed)";
+  }
+  if (report.failed > by_error + report.unconfirmed) {
+    if (!why.empty()) why += "; ";
+    why += std::to_string(report.failed - by_error - report.unconfirmed) +
            " were still pending when the flushing was abandoned (stop() cancelled; logged, and "
            "reported through events().failed)";
   }
   throw_error(client_errc::writes_failed,
               "pending writes " + name + ": " + std::to_string(report.failed) + " of " +
-                  std::to_string(report.accepted) + " accepted writes were not written: " + why);
+                  std::to_string(report.accepted) + " accepted writes were not " +
+                  (report.unconfirmed == 0 ? "written: " : "confirmed written: ") + why);
 }
 
 PendingWritesReport PendingWrites::report() const {

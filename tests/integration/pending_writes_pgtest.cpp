@@ -30,6 +30,7 @@
 #include "pgrt/testing/db_test.hpp"
 #include "pgrt/testing/eventually.hpp"
 #include "pgrt/testing/expect_error.hpp"
+#include "pgrt/testing/fault_proxy.hpp"
 #include "pgrt/testing/run_coroutine.hpp"
 
 namespace pgrt {
@@ -181,8 +182,8 @@ TEST_F(PendingWritesTest, ConfigAndTableNamesAreValidated) {
   }
   EXPECT_EQ(writes.name(), "pending_writes");
   EXPECT_EQ(writes.report().to_json(),
-            "{\"accepted\":0,\"flushed\":0,\"failed\":0,\"pending\":0,\"waiting\":0,\"batches\":0,"
-            "\"retries\":0}");
+            "{\"accepted\":0,\"flushed\":0,\"failed\":0,\"unconfirmed\":0,\"pending\":0,"
+            "\"waiting\":0,\"batches\":0,\"retries\":0}");
 }
 
 // What could not be written as a pending write is refused at the call: transaction control and
@@ -1250,6 +1251,85 @@ TEST_F(PendingWritesTest, AFlusherWhosePoolIsGoneFailsItsWritesInsteadOfUsingIt)
   EXPECT_EQ(stopped->code(), client_errc::writes_failed) << stopped->what();
   EXPECT_THAT(stopped->what(), HasSubstr("1 of 1 accepted writes were not written"));
   EXPECT_EQ(given_up.size(), 1U);
+}
+
+// A batch whose COMMIT was sent as the connection was lost may have been written (the server
+// commits it all the same: here a deferred trigger holds the COMMIT while the connection is cut).
+// Its retry is what makes it written either way (at-least-once); a retry kept off by the pool
+// closing under stop() cannot resolve it, and the batch was reported "failed, not written" (a
+// pool_closed error, stop() saying "1 of 1 accepted writes were not written") while its row was
+// in the table. It is reported as of unknown outcome: report().unconfirmed, commit_unconfirmed
+// through events().failed, and stop()'s message saying it may have been written.
+TEST_F(PendingWritesTest, ABatchWhoseLostCommitAClosedPoolKeptFromItsRetryIsReportedUnconfirmed) {
+  const std::string dsn = cluster().dsn();
+  create_table(dsn, "pw_lost_commit");
+  run_sql(dsn,
+          {"CREATE OR REPLACE FUNCTION pw_lost_commit_slow() RETURNS trigger LANGUAGE plpgsql "
+           "AS $$ BEGIN PERFORM pg_sleep(1); RETURN NULL; END $$",
+           "CREATE CONSTRAINT TRIGGER pw_lost_commit_slow AFTER INSERT ON pw_lost_commit "
+           "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION pw_lost_commit_slow()"});
+  testing::FaultProxy proxy("127.0.0.1", static_cast<std::uint16_t>(cluster().port()));
+  auto config = pool_config(dsn, "lost-commit");
+  config.conninfo = proxy.conninfo_prefix() + " user=postgres dbname=postgres";
+  bool commit_held = false;
+  bool retrying = false;
+  std::vector<boost::system::error_code> failed_codes;
+  std::vector<std::string> failed_messages;
+  std::size_t reported = 0;
+  std::optional<Error> stopped;
+  PendingWritesReport end{};
+  run_coroutine(
+      [&]() -> awaitable_void {
+        auto executor = co_await asio::this_coro::executor;
+        Pool pool(executor, config);
+        PendingWrites writes(pool, executor,
+                             Config{.name = "lost-commit",
+                                    .flush_interval = 0ms,
+                                    .retry_initial = 1000ms,
+                                    .retry_max = 1000ms});
+        boost::signals2::scoped_connection on_failed = writes.events().failed.connect(
+            [&](const std::vector<std::string>& lost, const Error& error) {
+              reported += lost.size();
+              failed_codes.push_back(error.code());
+              failed_messages.emplace_back(error.what());
+            });
+        boost::signals2::scoped_connection on_retrying = writes.events().retrying.connect(
+            [&](std::size_t, const Error&, std::chrono::milliseconds) { retrying = true; });
+        co_await writes.start();
+        co_await writes.enqueue("INSERT INTO pw_lost_commit (seq, payload) VALUES (1, 'w')");
+        BlockingConnection observer(dsn);
+        const std::string held =
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep' AND "
+            "application_name = '" +
+            pool.application_name() + "'";
+        for (int i = 0; i < 500 && !commit_held; ++i) {
+          commit_held = observer.scalar(held) == "1";
+          if (!commit_held) co_await sleep_for(20ms);
+        }
+        proxy.drop_all();  // the COMMIT's answer is lost; the server commits
+        for (int i = 0; i < 500 && !retrying; ++i) co_await sleep_for(10ms);
+        (void)co_await pool.close(0ms);  // the retry (after 0.5-1 s) finds the pool closed
+        stopped = co_await expect_error(with_timeout(writes.stop(), 10s));
+        end = writes.report();
+      },
+      60s);
+  ASSERT_TRUE(commit_held) << "the batch's COMMIT was never seen held by the trigger";
+  ASSERT_TRUE(retrying) << "the lost COMMIT was not retried";
+  EXPECT_TRUE(testing::eventually(
+      [&] { return scalar(dsn, "SELECT count(*) FROM pw_lost_commit") == "1"; }, 10s))
+      << "the server was expected to commit the batch whose answer was lost";
+  EXPECT_EQ(end.accepted, 1U);
+  EXPECT_EQ(end.failed, 1U);
+  EXPECT_EQ(end.unconfirmed, 1U);
+  EXPECT_EQ(reported, 1U);
+  ASSERT_EQ(failed_codes.size(), 1U);
+  EXPECT_EQ(failed_codes[0], client_errc::commit_unconfirmed) << failed_messages[0];
+  EXPECT_THAT(failed_messages[0], HasSubstr("may have been written"));
+  ASSERT_TRUE(stopped.has_value());
+  EXPECT_EQ(stopped->code(), client_errc::writes_failed) << stopped->what();
+  EXPECT_THAT(stopped->what(), HasSubstr("1 may have been written")) << stopped->what();
+  EXPECT_THAT(stopped->what(), Not(HasSubstr("accepted writes were not written")))
+      << stopped->what();
 }
 
 // A flush_interval of milliseconds::max() (validate() takes it; elsewhere in pgrt max() means

@@ -49,6 +49,9 @@ enum class client_errc {
   budget_exhausted,     ///< Every slot of the connection budget (PoolConfig::budget) is held:
                         ///< the message names the budget, its size and its holders. Equivalent
                         ///< to condition::too_many_connections (backpressure, like 53300).
+  commit_unconfirmed,   ///< PendingWrites (events().failed): the writes' batch sent its COMMIT and
+                        ///< lost the connection before the answer, and could not be retried (the
+                        ///< pool closed, stop() cancelled): they may have been written, or not.
 };
 
 /// The category of client_errc.

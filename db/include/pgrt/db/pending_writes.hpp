@@ -14,7 +14,9 @@
 /// At-least-once: a batch whose COMMIT was sent but not confirmed (the connection was lost) is
 /// retried, so its writes may be made twice. Make writes idempotent when that matters: give the
 /// rows a unique key and write them with `INSERT ... ON CONFLICT DO NOTHING` (see
-/// docs/pending_writes.md).
+/// docs/pending_writes.md). When no retry can follow (the pool closed, stop() cancelled), such a
+/// batch's writes are of unknown outcome: counted failed and in PendingWritesReport::unconfirmed,
+/// and reported with client_errc::commit_unconfirmed.
 ///
 /// Threading: enqueue(), TableAppender::append(), report() and events() may be used from any
 /// thread, on an io_context run by one or several threads. The flusher runs on a strand of the
@@ -78,9 +80,13 @@ struct PendingWritesReport {
   std::uint64_t accepted = 0;  ///< Writes enqueue()/append() returned for.
   std::uint64_t flushed = 0;   ///< Writes in a committed batch.
   std::uint64_t failed = 0;    ///< Writes given up on (permanent error, or stop() cancelled).
-  std::size_t pending = 0;     ///< Accepted, neither flushed nor failed yet.
-  std::size_t waiting = 0;     ///< enqueue() calls waiting for room (not accepted yet).
-  std::uint64_t batches = 0;   ///< Committed transactions.
+  /// Of `failed`, the writes whose outcome is unknown: their batch sent its COMMIT and lost the
+  /// connection before the answer came, and could not then be retried (the pool closed, stop()
+  /// cancelled). They may have been written, or not. The rest of `failed` were not written.
+  std::uint64_t unconfirmed = 0;
+  std::size_t pending = 0;    ///< Accepted, neither flushed nor failed yet.
+  std::size_t waiting = 0;    ///< enqueue() calls waiting for room (not accepted yet).
+  std::uint64_t batches = 0;  ///< Committed transactions.
   /// Batch attempts repeated after a transient error, a stale prepared plan's included.
   std::uint64_t retries = 0;
 
@@ -97,7 +103,9 @@ struct PendingWritesEvents {
   /// table row in COPY text format; never a conninfo or password; as one line: a control byte
   /// shows as \n, \t, \r, \xHH or \u00HH, and over 400 bytes is cut, at a character boundary), with
   /// the error (SQLSTATE and server message). A permanent error is narrowed down to the writes that
-  /// cause it, so this usually carries one write.
+  /// cause it, so this usually carries one write. With client_errc::commit_unconfirmed, the writes
+  /// are of unknown outcome (their batch's COMMIT was sent, its answer lost, and no retry could
+  /// follow): they may have been written.
   Event<void(const std::vector<std::string>& writes, const Error& error)> failed;
   /// A batch of `writes` writes hit a transient error and is retried after `delay`: 0 when a
   /// statement's prepared plan went stale (SQLSTATE 0A000, "cached plan must not change result
@@ -241,7 +249,8 @@ class PendingWrites {
   /// Cancellation: per-operation cancellation (as for enqueue()) stops the flushing: the flusher
   /// gives up (a running statement is cancelled; at most ConnectOptions::cancel_timeout), every
   /// write not yet committed is counted as failed, and stop() throws writes_failed. A batch whose
-  /// COMMIT was under way may still have been written.
+  /// COMMIT was under way may still have been written: its writes are counted in
+  /// PendingWritesReport::unconfirmed too, and reported with client_errc::commit_unconfirmed.
   [[nodiscard]] boost::asio::awaitable<void> stop();
 
   /// A snapshot of the counters. Thread-safe.
