@@ -289,6 +289,9 @@ struct PendingWritesState {
   mutable std::mutex mutex;
   std::deque<Write> queue;    // accepted, not yet taken by the flusher
   std::size_t in_flight = 0;  // taken by the flusher, neither flushed nor failed yet
+  // Of in_flight, the writes of the batch the flusher had when it failed (an exception out of
+  // flush()): flusher_ended() reports them.
+  std::vector<Write> orphaned;
   std::deque<SpaceWaiter*> waiters;
   // The flusher waits on it for writes, and during a backoff: woken by new writes, close, abandon.
   async::TimerCondition flusher_wake;
@@ -557,10 +560,7 @@ void give_up(State& self, std::span<Write> writes, const Error& error,
              GivenUp why = GivenUp::by_error) {
   std::vector<std::string> descriptions;
   descriptions.reserve(writes.size());
-  for (Write& write : writes) {
-    descriptions.push_back(describe(write));
-    write.settled = true;
-  }
+  for (const Write& write : writes) descriptions.push_back(describe(write));
   const std::string& name = self.config.name;
   const bool unconfirmed = why == GivenUp::unconfirmed;
   if (descriptions.size() <= 10) {
@@ -584,6 +584,7 @@ void give_up(State& self, std::span<Write> writes, const Error& error,
     if (why == GivenUp::by_error) self.failed_by_error += writes.size();
     if (unconfirmed) self.unconfirmed += writes.size();
     self.in_flight -= writes.size();
+    for (Write& write : writes) write.settled = true;
     self.make_room_locked();
   }
   self.events.failed(descriptions, error);
@@ -785,21 +786,38 @@ asio::awaitable<void> run_flusher(std::shared_ptr<State> self) {
       }
       self->in_flight += count;
     }
-    co_await flush(*self, batch);
+    // (An exception out of flush() ends the flusher: flusher_ended() reports the batch's writes
+    // it had not settled yet, which only this frame knows.)
+    std::exception_ptr failure;
+    try {
+      co_await flush(*self, batch);
+    } catch (...) {
+      failure = std::current_exception();
+    }
+    if (failure) {
+      {
+        std::lock_guard lock(self->mutex);
+        for (Write& write : batch) {
+          if (!write.settled) self->orphaned.push_back(std::move(write));
+        }
+      }
+      std::rethrow_exception(failure);
+    }
   }
 }
 
 // The flusher has ended: what was not written is counted as failed; stop() calls wake up.
 void flusher_ended(const std::shared_ptr<State>& self, const std::exception_ptr& failure) {
+  std::string failed_for;  // what the flusher failed with, if it did
   if (failure) {
     try {
       std::rethrow_exception(failure);
     } catch (const std::exception& error) {
-      spdlog::error("pgrt pending writes {}: the flusher failed: {}", self->config.name,
-                    error.what());
+      failed_for = error.what();
     } catch (...) {
-      spdlog::error("pgrt pending writes {}: the flusher failed", self->config.name);
+      failed_for = "an exception of an unknown type";
     }
+    spdlog::error("pgrt pending writes {}: the flusher failed: {}", self->config.name, failed_for);
   }
   // The flusher counts as ended (stop() calls wake up and return) only once what it gave up on
   // has been logged and reported, however that ends: a stop() that returned first (on another
@@ -822,39 +840,57 @@ void flusher_ended(const std::shared_ptr<State>& self, const std::exception_ptr&
   std::size_t lost = 0;
   std::size_t were_in_flight = 0;
   std::deque<Write> never_sent;
+  std::vector<Write> in_flight;
   {
     std::lock_guard lock(self->mutex);
     lost = self->unflushed_locked();
     were_in_flight = self->in_flight;
     self->failed += lost;
+    // Given up on for the flusher's failure, not for a cancelled stop().
+    if (failure) self->failed_by_error += lost;
     never_sent.swap(self->queue);
+    in_flight.swap(self->orphaned);
     self->in_flight = 0;
     self->close_locked();  // in case it ended for another reason than stop()
   }
   if (lost == 0) return;
   // Every write given up on is logged and reported, as a permanent error's are (give_up()): the
-  // queued ones by what they were; those of a batch being written when the flushing was
-  // abandoned only by their count (the batch went with the flusher, and may have committed).
+  // queued ones, and those of the batch the flusher had when it failed (left for here by
+  // run_flusher()), by what they were.
   const std::string& name = self->config.name;
   spdlog::warn(
       "pgrt pending writes {}: gave up on {} accepted writes that were not committed ({} never "
       "sent, {} in a batch whose commit was not confirmed)",
       name, lost, never_sent.size(), were_in_flight);
-  std::vector<std::string> descriptions;
-  descriptions.reserve(never_sent.size());
-  for (const Write& write : never_sent) descriptions.push_back(describe(write));
-  for (std::size_t i = 0; i < descriptions.size() && i < 10; ++i) {
-    spdlog::warn("pgrt pending writes {}: not written: {}", name, descriptions[i]);
-  }
-  if (descriptions.size() > 10) {
-    spdlog::warn("pgrt pending writes {}: ... and {} more not written", name,
-                 descriptions.size() - 10);
-  }
-  if (!descriptions.empty()) {
-    const Error error(make_error_code(client_errc::cancelled),
-                      Diagnostics{.message = "the flushing was abandoned (stop() was cancelled or "
-                                             "ran out of time) before these writes were sent"});
+  const auto report = [&](const auto& writes, const Error& error) {
+    if (writes.empty()) return;
+    std::vector<std::string> descriptions;
+    descriptions.reserve(writes.size());
+    for (const Write& write : writes) descriptions.push_back(describe(write));
+    for (std::size_t i = 0; i < descriptions.size() && i < 10; ++i) {
+      spdlog::warn("pgrt pending writes {}: not written: {}", name, descriptions[i]);
+    }
+    if (descriptions.size() > 10) {
+      spdlog::warn("pgrt pending writes {}: ... and {} more not written", name,
+                   descriptions.size() - 10);
+    }
     self->events.failed(descriptions, error);
+  };
+  if (failure) {
+    report(in_flight, Error(make_error_code(client_errc::protocol_error),
+                            Diagnostics{.message = "the pending writes' flusher failed (" +
+                                                   one_line(failed_for, 1000) +
+                                                   ") before the commit of these writes' batch was "
+                                                   "confirmed"}));
+    report(never_sent, Error(make_error_code(client_errc::protocol_error),
+                             Diagnostics{.message = "the pending writes' flusher failed (" +
+                                                    one_line(failed_for, 1000) +
+                                                    ") before these writes were sent"}));
+  } else {
+    report(never_sent,
+           Error(make_error_code(client_errc::cancelled),
+                 Diagnostics{.message = "the flushing was abandoned (stop() was cancelled or ran "
+                                        "out of time) before these writes were sent"}));
   }
 }
 

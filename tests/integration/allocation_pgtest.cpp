@@ -25,6 +25,10 @@
 #include <memory>
 #include <mutex>
 #include <new>
+#include <optional>
+#include <spdlog/sinks/ostream_sink.h>
+#include <spdlog/spdlog.h>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -41,6 +45,15 @@ std::atomic<std::size_t> allocations{0};
 // While set, every allocation of this thread fails (operator new throws std::bad_alloc; the
 // others return null), as when memory runs out.
 thread_local bool out_of_memory = false;
+// The next this many allocations of this thread fail, as above.
+thread_local int failing_allocations = 0;
+
+bool runs_out() {
+  if (out_of_memory) return true;
+  if (failing_allocations == 0) return false;
+  --failing_allocations;
+  return true;
+}
 
 void count_one() {
   if (!counting.load(std::memory_order_relaxed)) return;
@@ -48,14 +61,14 @@ void count_one() {
 }
 
 void* allocate(std::size_t size) {
-  if (out_of_memory) throw std::bad_alloc();
+  if (runs_out()) throw std::bad_alloc();
   count_one();
   if (void* block = std::malloc(size == 0 ? 1 : size)) return block;
   throw std::bad_alloc();
 }
 
 void* allocate_aligned(std::size_t size, std::align_val_t alignment) {
-  if (out_of_memory) throw std::bad_alloc();
+  if (runs_out()) throw std::bad_alloc();
   count_one();
   // memalign, not aligned_alloc: the latter is replaced below (and counted once).
   if (void* block = ::memalign(static_cast<std::size_t>(alignment), size == 0 ? 1 : size)) {
@@ -68,7 +81,7 @@ void* allocate_aligned(std::size_t size, std::align_val_t alignment) {
 // asio allocates coroutine frames its cache cannot hold with std::aligned_alloc. A definition in
 // the executable takes the place of glibc's (and of a sanitizer's) for every caller.
 extern "C" void* aligned_alloc(std::size_t alignment, std::size_t size) {
-  if (out_of_memory) return nullptr;
+  if (runs_out()) return nullptr;
   count_one();
   return ::memalign(alignment, size);
 }
@@ -86,12 +99,12 @@ void* operator new[](std::size_t size, std::align_val_t alignment) {
   return allocate_aligned(size, alignment);
 }
 void* operator new(std::size_t size, const std::nothrow_t&) noexcept {
-  if (out_of_memory) return nullptr;
+  if (runs_out()) return nullptr;
   count_one();
   return std::malloc(size == 0 ? 1 : size);
 }
 void* operator new[](std::size_t size, const std::nothrow_t&) noexcept {
-  if (out_of_memory) return nullptr;
+  if (runs_out()) return nullptr;
   count_one();
   return std::malloc(size == 0 ? 1 : size);
 }
@@ -381,6 +394,61 @@ TEST_F(AllocationTest,
     const std::lock_guard lock(multiplexer->mutex);
     EXPECT_TRUE(multiplexer->unanswered.empty());
   });
+}
+
+// Writes in flight when the pending writes' flusher fails (here: it runs out of memory as it
+// backs off from a transient error, the pool's connects all failing) are counted as failed, and
+// were logged by their count only: events().failed never announced them, and a subscriber missed
+// them. Every write given up on is announced, those in flight as the others.
+TEST_F(AllocationTest, WritesInFlightWhenTheFlusherFailsAreAnnouncedThroughEventsFailed) {
+  std::size_t announced = 0;
+  std::vector<std::string> announced_writes;
+  bool armed = false;
+  PendingWritesReport end{};
+  run_coroutine([&]() -> asio::awaitable<void> {
+    auto executor = co_await asio::this_coro::executor;
+    PoolConfig config = pool_of_one();
+    config.connect.session_settings = {{"statement_timeout", "soon"}};  // every connect fails
+    config.acquire_timeout = 100ms;
+    Pool pool(executor, config);
+    PendingWrites writes(
+        pool, executor,
+        PendingWritesConfig{.name = "flusher-fails", .batch_size = 2, .flush_interval = 0ms});
+    boost::signals2::scoped_connection on_failed =
+        writes.events().failed.connect([&](const std::vector<std::string>& lost, const Error&) {
+          announced += lost.size();
+          announced_writes.insert(announced_writes.end(), lost.begin(), lost.end());
+        });
+    boost::signals2::scoped_connection on_retrying =
+        writes.events().retrying.connect([&](std::size_t, const Error&, std::chrono::milliseconds) {
+          if (armed) return;
+          armed = true;
+          failing_allocations = 1;  // the flusher's next allocation, as it backs off
+        });
+    for (std::int64_t seq = 0; seq < 3; ++seq) {  // a batch of 2 in flight, 1 queued
+      co_await writes.enqueue("INSERT INTO nowhere (seq) VALUES ($1)", seq);
+    }
+    co_await writes.start();
+    const auto started = std::chrono::steady_clock::now();
+    while (writes.report().failed < 3 && std::chrono::steady_clock::now() - started < 5s) {
+      co_await testing::sleep_for(10ms);
+    }
+    try {
+      co_await with_timeout(writes.stop(), 5s);
+    } catch (const Error&) {  // (writes_failed)
+    }
+    end = writes.report();
+    (void)co_await pool.close(1s);
+  });
+  failing_allocations = 0;
+  ASSERT_TRUE(armed) << "the batch was never retried";
+  EXPECT_EQ(end.failed, 3U) << "the flusher did not fail when out of memory";
+  EXPECT_EQ(end.pending, 0U);
+  EXPECT_EQ(announced, end.failed)
+      << "writes the flusher had in flight when it failed were not announced";
+  for (const auto& write : announced_writes) {
+    EXPECT_NE(write.find("INSERT INTO nowhere"), std::string::npos) << write;
+  }
 }
 
 }  // namespace
