@@ -296,9 +296,12 @@ struct PendingWritesState {
   // The flusher waits on it for writes, and during a backoff: woken by new writes, close, abandon.
   async::TimerCondition flusher_wake;
   bool started = false;
-  bool closing = false;       // stop() began: no more writes accepted
-  bool abandoned = false;     // stop() was cancelled (or the object destroyed): give up
-  bool finished = false;      // the flusher has ended
+  bool closing = false;    // stop() began: no more writes accepted
+  bool abandoned = false;  // stop() was cancelled (or the object destroyed): give up
+  // The flusher has done its work (its counts are final) and is reporting what it gave up on:
+  // stopped for enqueue(), start() and the destructor, while stop() still waits for `finished`.
+  bool ending = false;
+  bool finished = false;      // the flusher has ended, and reported what it gave up on
   async::WaitGroup flushing;  // the flusher, from launch_locked() to its end: stop() waits
   asio::cancellation_signal flusher_cancel;  // emitted on the strand only
 
@@ -350,7 +353,7 @@ struct PendingWritesState {
 
   [[noreturn]] void throw_closed_locked() const {
     throw_error(client_errc::writes_closed, "pending writes " + config.name + " are " +
-                                                (finished ? "stopped" : "stopping") +
+                                                (finished || ending ? "stopped" : "stopping") +
                                                 "; the write was not accepted");
   }
 
@@ -852,6 +855,7 @@ void flusher_ended(const std::shared_ptr<State>& self, const std::exception_ptr&
     in_flight.swap(self->orphaned);
     self->in_flight = 0;
     self->close_locked();  // in case it ended for another reason than stop()
+    self->ending = true;
   }
   if (lost == 0) return;
   // Every write given up on is logged and reported, as a permanent error's are (give_up()): the
@@ -1220,7 +1224,9 @@ PendingWrites::~PendingWrites() {
   unwatch_at_exit(state_.get());
   std::lock_guard lock(state_->mutex);
   const std::size_t unflushed = state_->unflushed_locked();
-  if (state_->started && !state_->finished && !state_->abandoned) {
+  // (Once `ending`, nothing is left to abandon: a failed subscriber called for what the flusher
+  // gave up on may destroy the PendingWrites.)
+  if (state_->started && !state_->finished && !state_->ending && !state_->abandoned) {
     spdlog::error(
         "pgrt pending writes {}: destroyed while running, without stop(): {} accepted "
         "writes may not be written",

@@ -451,5 +451,55 @@ TEST_F(AllocationTest, WritesInFlightWhenTheFlusherFailsAreAnnouncedThroughEvent
   }
 }
 
+// A PendingWrites may be destroyed by a failed subscriber called for the writes its flusher gave
+// up on as it ended (here: it failed, running out of memory): nothing is left running then. It
+// logged "destroyed while running, without stop()" and abandoned a flushing that was over.
+TEST_F(AllocationTest, APendingWritesDestroyedByASubscriberOfItsEndReportLogsNothingSpurious) {
+  std::ostringstream log;
+  const auto previous = spdlog::default_logger();
+  spdlog::set_default_logger(std::make_shared<spdlog::logger>(
+      "capture", std::make_shared<spdlog::sinks::ostream_sink_mt>(log)));
+  bool armed = false;
+  bool destroyed = false;
+  run_coroutine([&]() -> asio::awaitable<void> {
+    auto executor = co_await asio::this_coro::executor;
+    PoolConfig config = pool_of_one();
+    config.connect.session_settings = {{"statement_timeout", "soon"}};  // every connect fails
+    config.acquire_timeout = 100ms;
+    Pool pool(executor, config);
+    auto writes = std::make_unique<PendingWrites>(
+        pool, executor,
+        PendingWritesConfig{.name = "destroyed-at-end", .batch_size = 2, .flush_interval = 0ms});
+    boost::signals2::scoped_connection on_failed =
+        writes->events().failed.connect([&](const std::vector<std::string>&, const Error&) {
+          writes.reset();
+          destroyed = true;
+        });
+    boost::signals2::scoped_connection on_retrying = writes->events().retrying.connect(
+        [&](std::size_t, const Error&, std::chrono::milliseconds) {
+          if (armed) return;
+          armed = true;
+          failing_allocations = 1;  // the flusher's next allocation, as it backs off
+        });
+    for (std::int64_t seq = 0; seq < 3; ++seq) {
+      co_await writes->enqueue("INSERT INTO nowhere (seq) VALUES ($1)", seq);
+    }
+    co_await writes->start();
+    const auto started = std::chrono::steady_clock::now();
+    while (!destroyed && std::chrono::steady_clock::now() - started < 5s) {
+      co_await testing::sleep_for(10ms);
+    }
+    co_await testing::sleep_for(50ms);
+    (void)co_await pool.close(1s);
+  });
+  failing_allocations = 0;
+  spdlog::default_logger()->flush();
+  spdlog::set_default_logger(previous);
+  ASSERT_TRUE(armed) << "the batch was never retried";
+  ASSERT_TRUE(destroyed) << log.str();
+  EXPECT_EQ(log.str().find("destroyed while running"), std::string::npos) << log.str();
+  EXPECT_NE(log.str().find("the flusher failed"), std::string::npos) << log.str();
+}
+
 }  // namespace
 }  // namespace pgrt

@@ -1774,6 +1774,59 @@ TEST_F(PendingWritesTest, AFailedSubscriberMayUseTheComponentWhileACutStopReport
   for (const auto& code : second_stops) EXPECT_EQ(code, client_errc::writes_failed);
 }
 
+// While events().failed subscribers are called for the writes the flusher gave up on as it ended
+// (here those still queued when a cut stop() abandoned the flushing), the component is stopped:
+// an enqueue() from the callback said "are stopping", as if the flushing went on. (stop() still
+// returns only once the callbacks have returned.)
+TEST_F(PendingWritesTest, AnEnqueueFromTheFailedCallbackForTheWritesGivenUpAtTheEndSaysStopped) {
+  const std::string dsn = cluster().dsn();
+  create_table(dsn, "pw_end_callback");
+  BlockingConnection locker(dsn);
+  locker.query("BEGIN");
+  locker.query("LOCK TABLE pw_end_callback IN ACCESS EXCLUSIVE MODE");
+  std::vector<std::string> refusals;  // the enqueue() of each callback for never-sent writes
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, pool_config(dsn, "end-callback"));
+    PendingWrites writes(pool, executor,
+                         Config{.name = "end-callback", .batch_size = 1, .flush_interval = 0ms});
+    boost::signals2::scoped_connection on_failed =
+        writes.events().failed.connect([&](const std::vector<std::string>&, const Error& error) {
+          if (std::string(error.what()).find("before these writes were sent") ==
+              std::string::npos) {
+            return;  // (the batch in flight, given up on while the flusher still runs)
+          }
+          // enqueue() run to its end here, inside the callback: it is refused at once.
+          asio::io_context inner;
+          asio::co_spawn(
+              inner, writes.enqueue("INSERT INTO pw_end_callback (seq, payload) VALUES (9, 'l')"),
+              [&](std::exception_ptr failure) {
+                try {
+                  if (failure) std::rethrow_exception(failure);
+                  refusals.emplace_back("accepted");
+                } catch (const Error& refused) {
+                  refusals.emplace_back(refused.what());
+                }
+              });
+          inner.run();
+        });
+    co_await writes.start();
+    for (std::int64_t seq = 0; seq < 3; ++seq) {
+      co_await writes.enqueue("INSERT INTO pw_end_callback (seq, payload) VALUES ($1, 'w')", seq);
+    }
+    co_await sleep_for(200ms);  // the first write waits for the lock
+    try {
+      co_await with_timeout(writes.stop(), 300ms);
+    } catch (const Error&) {  // (the timeout, or writes_failed)
+    }
+    (void)co_await pool.close(1s);
+  });
+  locker.query("ROLLBACK");
+  ASSERT_EQ(refusals.size(), 1U);
+  EXPECT_THAT(refusals[0], HasSubstr("pending writes end-callback are stopped; the write was not "
+                                     "accepted"));
+}
+
 // with_timeout() around enqueue(): a write is either accepted (and written) or the caller is
 // told it was not (and it never is), even when the timeout and the acceptance race.
 TEST_F(PendingWritesTest, AnEnqueueCutByATimeoutIsEitherAcceptedOrNeverWritten) {

@@ -161,7 +161,10 @@ class TableAppender {
 /// destroying a started PendingWrites; destroying it while running abandons what is still queued
 /// (logged as an error), and its flusher ends on its own after the destructor has returned: it
 /// holds the pool weakly, so that once the Pool is gone its acquire fails with pool_closed (the
-/// batch given up and reported) instead of using the destroyed Pool. Not movable.
+/// batch given up and reported) instead of using the destroyed Pool. Not movable. While
+/// events().failed subscribers are called for what the flusher gave up on as it ends, the
+/// component is stopped: enqueue() throws writes_closed ("... are stopped ..."), and the
+/// PendingWrites may be destroyed from the callback (nothing is left running).
 class PendingWrites {
  public:
   /// Validates `config` (throws pgrt::Error(client_errc::invalid_config)). Writes may be accepted
