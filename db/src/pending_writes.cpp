@@ -12,6 +12,7 @@
 #include <boost/asio/strand.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
+#include <cctype>
 #include <cstdlib>
 #include <deque>
 #include <exception>
@@ -1055,12 +1056,74 @@ void refuse_as_pending_write(std::string_view sql) {
           .statement = std::string(sql)});
 }
 
+// What refuse_as_pending_write() and refuse_read_only_setting() refuse in one statement alone
+// (its read-only setting read up to its own end): "" for nothing.
+std::string refused_statement(std::string_view statement) {
+  std::string what = needs_own_session(statement, SessionScope::batch_transaction);
+  if (!what.empty()) return what;
+  switch (transaction_read_only_setting(statement)) {
+    case ReadOnlySetting::none:
+      return {};
+    case ReadOnlySetting::read_only:
+      return "a read-only transaction setting";
+    case ReadOnlySetting::unknown:
+      return "SET LOCAL transaction_read_only to a value pgrt cannot tell to be off";
+  }
+  return {};
+}
+
+// The statements of a text after its first are each checked as the first is (below), and the
+// message names the one refused: `INSERT ...; COMMIT` was accepted (only its first keyword was
+// read) and refused by the server at the flush (42601: one statement per write), and `SET LOCAL
+// transaction_read_only = off; SET TRANSACTION READ ONLY` was refused for a value it could not
+// read.
+void refuse_later_statements(std::string_view sql) {
+  std::size_t number = 1;
+  for (std::string_view rest = after_first_statement(sql); !rest.empty();) {
+    ++number;
+    const std::string_view next = after_first_statement(rest);
+    std::string_view statement = rest.substr(0, rest.size() - next.size());
+    while (!statement.empty() && (statement.back() == ';' ||
+                                  std::isspace(static_cast<unsigned char>(statement.back())))) {
+      statement.remove_suffix(1);
+    }
+    const std::string what = refused_statement(statement);
+    if (!what.empty()) {
+      throw Error(
+          make_error_code(client_errc::needs_session),
+          Diagnostics{.message = what + ", the text's statement " + std::to_string(number) + " (" +
+                                 one_line(redact_statement(statement), 200) +
+                                 "), cannot be a pending write: pending writes run in the "
+                                 "flusher's batch transaction, on a pooled connection that later "
+                                 "users share; and a write is one statement (the server refuses a "
+                                 "text of several at the flush, 42601)",
+                      .hint = "enqueue each statement on its own; take a lease (co_await "
+                              "pgrt::connection()) for a transaction or session state of your own",
+                      .statement = std::string(sql)});
+    }
+    rest = next;
+  }
+}
+
 // A read-only transaction setting belongs to the batch's transaction, but makes every write after
 // it in the batch fail (25006): refused. Setting transaction_read_only off is harmless; a value
 // the check cannot read is refused, saying so.
 void refuse_read_only_setting(std::string_view sql) {
   const ReadOnlySetting setting = transaction_read_only_setting(sql);
   if (setting == ReadOnlySetting::none) return;
+  // (Set off, and followed by a statement refuse_later_statements() found harmless: the server
+  // would refuse the text at the flush, 42601, a write being one statement.)
+  if (const std::string_view rest = after_first_statement(sql);
+      !rest.empty() && transaction_read_only_setting(sql.substr(0, sql.size() - rest.size())) ==
+                           ReadOnlySetting::none) {
+    throw Error(make_error_code(client_errc::needs_session),
+                Diagnostics{.message = "SET LOCAL transaction_read_only followed by another "
+                                       "statement in the same text cannot be a pending write: a "
+                                       "write is one statement (the server refuses a text of "
+                                       "several at the flush, 42601)",
+                            .hint = "enqueue each statement on its own",
+                            .statement = std::string(sql)});
+  }
   const std::string what =
       setting == ReadOnlySetting::read_only
           ? std::string("a read-only transaction setting cannot be a pending write")
@@ -1087,6 +1150,7 @@ asio::awaitable<void> accept_statement(std::shared_ptr<PendingWritesState> state
   params.check();  // nothing is accepted that could not be sent
   check_statement_text(sql);
   refuse_as_pending_write(sql);
+  refuse_later_statements(sql);
   refuse_read_only_setting(sql);
   Write write;
   write.text = std::move(sql);

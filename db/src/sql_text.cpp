@@ -152,6 +152,45 @@ std::string first_keyword(std::string_view sql, std::size_t* end) {
   return keyword;
 }
 
+std::string_view after_first_statement(std::string_view sql) noexcept {
+  const std::size_t size = sql.size();
+  std::size_t at = past_blanks_and_comments(sql, 0);
+  while (at < size && sql[at] == ';') at = past_blanks_and_comments(sql, at + 1);
+  int depth = 0;             // parentheses (a rule's actions: (INSERT ...; INSERT ...))
+  bool after_begin = false;  // the word before was BEGIN
+  while (at < size) {
+    const char c = sql[at];
+    if (const std::size_t after = end_of_comment(sql, at); after != at) {
+      at = after;
+    } else if (const std::size_t end = end_of_string_constant(sql, at); end != at) {
+      at = end;
+      after_begin = false;
+    } else if (c == '"') {
+      at = end_of_quoted_identifier(sql, at);
+      after_begin = false;
+    } else if (is_sql_word_char(c)) {
+      const std::size_t start = at;
+      while (at < size && is_sql_word_char(sql[at])) ++at;
+      const std::string_view word = sql.substr(start, at - start);
+      const auto is = [word](std::string_view lower) {
+        return word.size() == lower.size() && contains_ignoring_case(word, lower);
+      };
+      if (after_begin && is("atomic")) return {};  // (a BEGIN ATOMIC body: not looked into)
+      after_begin = is("begin");
+    } else if (c == ';' && depth == 0) {
+      at = past_blanks_and_comments(sql, at + 1);
+      while (at < size && sql[at] == ';') at = past_blanks_and_comments(sql, at + 1);
+      return sql.substr(at);
+    } else {
+      if (c == '(') ++depth;
+      if (c == ')' && depth > 0) --depth;
+      if (std::isspace(static_cast<unsigned char>(c)) == 0) after_begin = false;
+      ++at;
+    }
+  }
+  return {};
+}
+
 void check_statement_text(std::string_view sql) {
   const std::size_t nul = sql.find('\0');
   if (nul == std::string_view::npos) return;

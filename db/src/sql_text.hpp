@@ -97,6 +97,14 @@ enum class SessionScope {
 // mistake, not a boundary: what functions and DO blocks do inside is not seen.
 std::string needs_own_session(std::string_view sql, SessionScope scope);
 
+// The rest of `sql` from its second statement on: past the first statement's ';' at the top
+// level (not in a comment, a string constant, a quoted identifier or parentheses) and the empty
+// statements, blanks and comments after it; "" for a text of one statement (empty statements
+// before or after it included). The body of a BEGIN ATOMIC function, whose statements end with
+// ';' inside the one CREATE statement, is not looked into: "" from there on. A guard against a
+// mistake, not a boundary. The first statement is sql.substr(0, sql.size() - rest.size()).
+std::string_view after_first_statement(std::string_view sql) noexcept;
+
 // The statement's first keyword, lower case, after white space, empty statements (`;`) and
 // comments ("" if none); `end`, if given, gets the offset just past it (for the next keyword:
 // first_keyword(sql.substr(end))).

@@ -1027,6 +1027,50 @@ TEST_F(PendingWritesTest, SettingTransactionReadOnlyOffIsAcceptedAndOnlyOnOrUnre
   EXPECT_EQ(scalar(dsn, "SELECT count(*) FROM pw_read_write"), std::to_string(off.size()));
 }
 
+// A statement after the first in one text is checked as the first is, and the message names it:
+// `INSERT ...; COMMIT` was accepted (only the first keyword was read) and refused by the server at
+// the flush (42601), the write given up; `SET LOCAL transaction_read_only = off; SET TRANSACTION
+// READ ONLY` was refused for a value the check could not read, not for its second statement.
+TEST_F(PendingWritesTest, AStatementAfterTheFirstInOneTextIsRefusedByName) {
+  const std::string dsn = cluster().dsn();
+  create_table(dsn, "pw_second_statement");
+  std::vector<Error> refused;
+  PendingWritesReport end{};
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, pool_config(dsn, "second-statement"));
+    PendingWrites writes(pool, executor, Config{.name = "second-statement"});
+    for (const char* sql : {
+             "INSERT INTO pw_second_statement (seq, payload) VALUES (1, 'a;b'); COMMIT",
+             "INSERT INTO pw_second_statement (seq, payload) VALUES (2, 'w');\n-- c;\n commit;",
+             "SET LOCAL transaction_read_only = off; SET TRANSACTION READ ONLY",
+             "SET LOCAL transaction_read_only = off; SELECT 1",
+         }) {
+      refused.push_back(co_await expect_error(writes.enqueue(sql)));
+    }
+    // One statement, its ';' inside a string, a quoted name, a comment or parentheses: accepted.
+    co_await writes.enqueue(
+        "INSERT INTO pw_second_statement (seq, payload) VALUES (3, 'x; COMMIT') /* ; COMMIT */;");
+    co_await stop_writing_all(writes);
+    end = writes.report();
+  });
+  ASSERT_EQ(refused.size(), 4U);
+  for (const Error& error : refused) {
+    EXPECT_EQ(error.code(), client_errc::needs_session) << error.what();
+  }
+  EXPECT_THAT(refused[0].what(), HasSubstr("'commit', the text's statement 2 (COMMIT)"));
+  EXPECT_THAT(refused[1].what(), HasSubstr("'commit', the text's statement 2 (commit)"));
+  EXPECT_THAT(refused[2].what(),
+              HasSubstr("a read-only transaction setting, the text's statement 2 (SET "
+                        "TRANSACTION READ ONLY)"));
+  EXPECT_THAT(refused[2].what(), Not(HasSubstr("cannot tell")));
+  EXPECT_THAT(refused[3].what(), HasSubstr("followed by another statement"));
+  EXPECT_THAT(refused[3].what(), Not(HasSubstr("cannot tell")));
+  EXPECT_EQ(end.accepted, 1U);
+  EXPECT_EQ(end.failed, 0U);
+  EXPECT_EQ(scalar(dsn, "SELECT string_agg(payload, ',') FROM pw_second_statement"), "x; COMMIT");
+}
+
 // The flusher's statements run, inside the batch's transaction, by the names the connection's
 // statement cache holds (from the application's own query_prepared() on that pooled
 // connection). When the server has forgotten them behind pgrt's back (a DEALLOCATE ALL pgrt did
