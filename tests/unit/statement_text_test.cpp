@@ -112,6 +112,34 @@ TEST(SqlText, TransactionReadOnlyOffIsHarmlessWhateverEmptyStatementsFollowIt) {
   }
 }
 
+// The rest of a text from its second statement: past a ';' at the top level only (a ';' in a
+// string, a quoted name, a comment or parentheses is no end), and past the empty statements after
+// it. Pending writes check each statement of a text (`INSERT ...; COMMIT` was accepted).
+TEST(SqlText, AfterFirstStatementFindsTheSecondStatementOnlyAtTheTopLevel) {
+  EXPECT_EQ(after_first_statement("INSERT INTO t VALUES (1); COMMIT"), "COMMIT");
+  EXPECT_EQ(after_first_statement(";; insert into t values (1) ;;\n-- c\n ; commit ; x"),
+            "commit ; x");
+  EXPECT_EQ(after_first_statement("SELECT 1;/* ; */SELECT 2"), "SELECT 2");
+  EXPECT_EQ(after_first_statement(after_first_statement("a; b; c")), "c");
+  for (const char* one : {
+           "INSERT INTO t VALUES (1)",
+           "INSERT INTO t VALUES (1);",
+           "INSERT INTO t VALUES (1) ;; -- done\n ;",
+           "INSERT INTO t VALUES ('a; COMMIT')",
+           "INSERT INTO t VALUES (E'a\\'; COMMIT')",
+           "INSERT INTO \"a;b\" VALUES ($$;$$, $tag$ ; $tag$, $1)",
+           "INSERT INTO t VALUES (1) -- ; COMMIT",
+           "INSERT INTO t VALUES (1) /* ; /* ; */ COMMIT */",
+           "CREATE RULE r AS ON INSERT TO t DO ALSO (INSERT INTO u VALUES (1); DELETE FROM v)",
+           "CREATE FUNCTION f() RETURNS void LANGUAGE sql BEGIN ATOMIC INSERT INTO t VALUES (1); "
+           "END",
+           "",
+           ";;",
+       }) {
+    EXPECT_EQ(after_first_statement(one), "") << one;
+  }
+}
+
 TEST(FirstKeyword, SkipsWhitespaceEmptyStatementsAndCommentsTheWayTheServerDoes) {
   EXPECT_EQ(first_keyword("  SELECT 1"), "select");
   EXPECT_EQ(first_keyword(";BEGIN"), "begin");
