@@ -60,6 +60,20 @@ void append_copy_field(std::string& out, double value) {
   }
 }
 
+void append_copy_field(std::string& out, float value) {
+  if (std::isnan(value)) {
+    out += "NaN";
+  } else if (std::isinf(value)) {
+    out += value > 0 ? "Infinity" : "-Infinity";
+  } else {
+    // The float's own shortest text, not the double's it widens to: a parameter's float4 is
+    // cast by the server from this text (to text, and to numeric as far as its 6 digits go).
+    char buffer[32];
+    auto [end, error] = std::to_chars(buffer, buffer + sizeof buffer, value);
+    out.append(buffer, end);
+  }
+}
+
 void append_copy_field(std::string& out, std::span<const std::byte> value) {
   constexpr std::string_view digits = "0123456789abcdef";
   out += "\\\\x";  // the bytea hex prefix \x, with its backslash escaped for COPY

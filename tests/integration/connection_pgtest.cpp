@@ -241,6 +241,37 @@ TEST_F(ConnectionTest, ATextParameterHoldingANulFailsAtItsCoAwaitAndSendsNothing
   });
 }
 
+// A float stands for the shortest decimal text that reads back as that float (the text
+// PostgreSQL's own float4 output gives): COPY writes that text, so a float stores in a real,
+// numeric or text column what it stores as a parameter (0.1F is 0.1, not 0.10000000149011612).
+TEST_F(ConnectionTest, AFloatStoresTheSameThroughCopyAsAsAParameter) {
+  run_coroutine([]() -> awaitable_void {
+    auto conn = co_await open();
+    co_await conn.execute("CREATE TEMP TABLE floats (id int4, n numeric, t text, r real)");
+    const std::vector<float> values{0.1F, 1.5F, -2.75F, 3.3F, 1e-7F, 123456.0F, 0.0F};
+    std::string data;
+    for (std::size_t i = 0; i < values.size(); ++i) {
+      const auto id = static_cast<std::int32_t>(i);
+      co_await conn.execute("INSERT INTO floats VALUES ($1, $2, $2, $2)", id, values[i]);
+      copy_text_row(data, id + 100, values[i], values[i], values[i]);
+    }
+    EXPECT_EQ(co_await conn.copy_from("COPY floats FROM STDIN", data), values.size());
+    auto compared = co_await conn.query(
+        "SELECT a.id, a.n::text, b.n::text, a.t, b.t, a.r = b.r FROM floats a JOIN floats b "
+        "ON b.id = a.id + 100 ORDER BY a.id");
+    EXPECT_EQ(compared.size(), values.size());
+    for (const Row row : compared) {
+      const auto id = row.get<int>(0);
+      EXPECT_EQ(row.get<std::string>(1), row.get<std::string>(2)) << "numeric, value " << id;
+      EXPECT_EQ(row.get<std::string>(3), row.get<std::string>(4)) << "text, value " << id;
+      EXPECT_TRUE(row.get<bool>(5)) << "real, value " << id;
+    }
+    auto tenth = co_await conn.query("SELECT n::text, t FROM floats WHERE id = 100");
+    EXPECT_EQ(tenth[0].get<std::string>(0), "0.1");
+    EXPECT_EQ(tenth[0].get<std::string>(1), "0.1");
+  });
+}
+
 TEST_F(ConnectionTest, ResultsExposeRowsColumnsAndCounts) {
   run_coroutine([]() -> awaitable_void {
     auto conn = co_await open();

@@ -55,9 +55,12 @@ requires(!std::same_as<Int, bool> &&
     append_copy_field(out, static_cast<std::uint64_t>(value));
   }
 }
-inline void append_copy_field(std::string& out, float value) {
-  append_copy_field(out, static_cast<double>(value));
-}
+/// A float is written as the shortest text that reads back as the same float, as PostgreSQL's
+/// own float4 output writes it (0.1F as 0.1, not as the double it widens to, 0.10000000149011612):
+/// in a real, numeric or text column it stores what it stores as a parameter. In a double
+/// precision column that text is read as the double nearest it (0.1), while a float parameter is
+/// widened by the server (0.10000000149011612): pass static_cast<double>(value) to store that.
+void append_copy_field(std::string& out, float value);
 template <typename T>
 void append_copy_field(std::string& out, const std::optional<T>& value) {
   if (value) {
