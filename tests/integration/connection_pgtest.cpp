@@ -272,6 +272,34 @@ TEST_F(ConnectionTest, AFloatStoresTheSameThroughCopyAsAsAParameter) {
   });
 }
 
+// A time_point is an instant (a timestamptz). Into a timestamp (without time zone) column, a
+// parameter is converted by the server to the session's TimeZone wall time, while COPY stores
+// the UTC wall time (timestamp input ignores the +00 COPY writes): docs/usage.md says so, and
+// how to make them agree.
+TEST_F(ConnectionTest, ATimePointInATimestampColumnIsTheSessionWallTimeAsAParameterUtcInCopy) {
+  run_coroutine([]() -> awaitable_void {
+    auto conn = co_await open();
+    co_await conn.execute("CREATE TEMP TABLE stamps (id int4, plain timestamp, zoned timestamptz)");
+    const auto at = std::chrono::system_clock::time_point(
+        std::chrono::sys_days(std::chrono::year(2024) / 1 / 1) + 12h);
+    co_await conn.execute("SET TIME ZONE 'Asia/Kolkata'");
+    co_await conn.execute("INSERT INTO stamps VALUES (1, $1, $1)", at);
+    co_await conn.execute("INSERT INTO stamps VALUES (2, $1 AT TIME ZONE 'UTC', $1)", at);
+    std::string data;
+    copy_text_row(data, 3, at, at);
+    co_await conn.copy_from("COPY stamps FROM STDIN", data);
+    auto rows = co_await conn.query("SELECT plain::text, zoned = $1 FROM stamps ORDER BY id", at);
+    EXPECT_EQ(rows[0].get<std::string>(0), "2024-01-01 17:30:00");  // Kolkata is UTC+05:30
+    EXPECT_EQ(rows[1].get<std::string>(0), "2024-01-01 12:00:00");
+    EXPECT_EQ(rows[2].get<std::string>(0), "2024-01-01 12:00:00");
+    for (const Row row : rows) EXPECT_TRUE(row.get<bool>(1));  // the same instant everywhere
+    co_await conn.execute("SET TIME ZONE 'UTC'");
+    co_await conn.execute("INSERT INTO stamps VALUES (4, $1, $1)", at);
+    auto utc = co_await conn.query("SELECT plain::text FROM stamps WHERE id = 4");
+    EXPECT_EQ(utc.scalar<std::string>(), "2024-01-01 12:00:00");
+  });
+}
+
 TEST_F(ConnectionTest, ResultsExposeRowsColumnsAndCounts) {
   run_coroutine([]() -> awaitable_void {
     auto conn = co_await open();

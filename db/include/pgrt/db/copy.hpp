@@ -24,6 +24,9 @@ void append_copy_field(std::string& out, std::int64_t value);
 void append_copy_field(std::string& out, std::uint64_t value);
 void append_copy_field(std::string& out, double value);
 void append_copy_field(std::string& out, std::span<const std::byte> value);
+/// A time_point as its UTC timestamptz text ("2024-01-01 12:00:00.000000+00"). In a timestamp
+/// (without time zone) column that is its UTC wall time, where a parameter stores the wall time
+/// of the session's TimeZone (docs/usage.md, "Types").
 void append_copy_field(std::string& out, std::chrono::system_clock::time_point value);
 /// A null `const char*` is NULL (\N), as it is as a parameter.
 inline void append_copy_field(std::string& out, const char* value) {

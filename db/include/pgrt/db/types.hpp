@@ -294,7 +294,10 @@ struct Codec<std::span<const std::byte>> {
 /// timestamptz, with microsecond precision (a finer time_point is sent as the microsecond that
 /// holds it, before 1970 too, as in COPY). A value outside what system_clock::time_point holds
 /// (libstdc++: nanoseconds, about 1677-09-21 to 2262-04-11) is an error (client_errc::conversion);
-/// 'infinity' and '-infinity' read as time_point::max() and time_point::min().
+/// 'infinity' and '-infinity' read as time_point::max() and time_point::min(). In a timestamp
+/// (without time zone) column, the server stores a parameter's wall time in the session's
+/// TimeZone, while COPY (append_copy_field()) stores its UTC wall time: they agree when TimeZone
+/// is UTC, or with `$1 AT TIME ZONE 'UTC'` (docs/usage.md, "Types").
 template <>
 struct Codec<std::chrono::system_clock::time_point> {
   static constexpr std::string_view name = "std::chrono::system_clock::time_point";
