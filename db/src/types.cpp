@@ -217,6 +217,18 @@ double decode_floating(const Field& field, std::string_view cpp_type) {
   if (field.text == "NaN") return std::nan("");
   if (field.text == "Infinity") return HUGE_VAL;
   if (field.text == "-Infinity") return -HUGE_VAL;
+  if (field.type == oid::float4) {
+    // A real is a float: parsed as one (its text is the float's shortest), then widened exactly,
+    // as C++ widens a float and as the server's ::float8 cast does; not the double nearest its
+    // text (0.1 and not 0.100000001490116...).
+    float narrow = 0;
+    auto [end, error] =
+        std::from_chars(field.text.data(), field.text.data() + field.text.size(), narrow);
+    if (error != std::errc() || end != field.text.data() + field.text.size()) {
+      field.fail(cpp_type, "not a number");
+    }
+    return narrow;
+  }
   double value = 0;
   auto [end, error] =
       std::from_chars(field.text.data(), field.text.data() + field.text.size(), value);

@@ -300,6 +300,25 @@ TEST_F(ConnectionTest, ATimePointInATimestampColumnIsTheSessionWallTimeAsAParame
   });
 }
 
+// A real is a float: read as double it is that float widened exactly, as C++ widens a float and
+// as the server's own ::float8 cast does, not the double nearest its shortest text.
+TEST_F(ConnectionTest, ARealReadAsDoubleIsTheFloatWidenedExactly) {
+  run_coroutine([]() -> awaitable_void {
+    auto conn = co_await open();
+    auto rows = co_await conn.query(
+        "SELECT 0.1::real, 0.1::real::float8, 16777217::real, 3.4028235e38::real, "
+        "'-Infinity'::real");
+    const Row row = rows[0];
+    EXPECT_EQ(row.get<double>(0), static_cast<double>(0.1F));
+    EXPECT_EQ(row.get<double>(0), row.get<double>(1));
+    EXPECT_EQ(row.get<float>(0), 0.1F);
+    EXPECT_EQ(row.get<double>(2), 16777216.0);
+    EXPECT_EQ(row.get<double>(3), static_cast<double>(std::numeric_limits<float>::max()));
+    EXPECT_EQ(row.get<float>(3), std::numeric_limits<float>::max());
+    EXPECT_EQ(row.get<double>(4), -std::numeric_limits<double>::infinity());
+  });
+}
+
 TEST_F(ConnectionTest, ResultsExposeRowsColumnsAndCounts) {
   run_coroutine([]() -> awaitable_void {
     auto conn = co_await open();

@@ -230,7 +230,9 @@ requires(sizeof(Float) <= 8) struct Codec<Float> {
     }
   }
   /// A float8 value beyond float's largest finite value (about 3.4e38) is an error, not a
-  /// silent infinity: read it as double.
+  /// silent infinity: read it as double. A float4 (real) read as double is its float widened
+  /// exactly, as C++ widens a float and as the server's ::float8 cast does (0.1::real reads as
+  /// 0.100000001490116..., the double of 0.1F), not the double nearest its text.
   static Float decode(const Field& field) {
     const double value = detail::decode_floating(field, name);
     if constexpr (sizeof(Float) == 4) {
