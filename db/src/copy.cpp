@@ -13,6 +13,32 @@ namespace {
 
 constexpr std::size_t copy_chunk_size = 64 * 1024;
 
+// COPY's binary format starts with this signature; its data holds NUL bytes of its own.
+constexpr std::string_view binary_copy_signature("PGCOPY\n\377\r\n\0", 11);
+
+// Text and CSV input cannot hold a NUL byte: the server refuses it (22021) and fails the whole
+// COPY. Refused before anything is sent, saying where it is.
+void refuse_nul_in_text(std::string_view data, std::string_view statement) {
+  if (data.starts_with(binary_copy_signature)) return;
+  const std::size_t nul = data.find('\0');
+  if (nul == std::string_view::npos) return;
+  const std::string_view before = data.substr(0, nul);
+  const std::size_t line_start =
+      before.rfind('\n') == std::string_view::npos ? 0 : before.rfind('\n') + 1;
+  const auto row = std::count(before.begin(), before.end(), '\n') + 1;
+  const auto column =
+      std::count(before.begin() + static_cast<std::ptrdiff_t>(line_start), before.end(), '\t') + 1;
+  throw Error(make_error_code(client_errc::conversion),
+              Diagnostics{.message = "COPY data holds a NUL byte at row " + std::to_string(row) +
+                                     ", column " + std::to_string(column) + " (line " +
+                                     std::to_string(row) + ", tab-separated field " +
+                                     std::to_string(column) + "; byte " + std::to_string(nul) +
+                                     " of the data), which no PostgreSQL text value can hold "
+                                     "(the server would refuse the whole COPY); nothing was sent",
+                          .hint = "strip it, or copy the value as pgrt::Bytes into a bytea column",
+                          .statement = std::string(statement)});
+}
+
 }  // namespace
 
 void append_copy_field(std::string& out, std::string_view value) {
@@ -144,6 +170,7 @@ asio::awaitable<std::uint64_t> Connection::copy_from(std::string_view copy_state
                             .hint = "run other statements with query() or execute()",
                             .statement = std::string(copy_statement)});
   }
+  refuse_nul_in_text(data, copy_statement);
   if (!impl_) throw_not_connected();
   Impl& impl = *impl_;
   Result result;

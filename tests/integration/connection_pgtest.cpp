@@ -319,6 +319,30 @@ TEST_F(ConnectionTest, ARealReadAsDoubleIsTheFloatWidenedExactly) {
   });
 }
 
+// The server refuses a NUL byte in COPY text input (22021) and fails the whole COPY: refused
+// before anything is sent, naming the row and column, as a text parameter holding one is.
+TEST_F(ConnectionTest, CopyDataHoldingANulIsRefusedBeforeAnythingIsSentNamingRowAndColumn) {
+  run_coroutine([]() -> awaitable_void {
+    auto conn = co_await open();
+    co_await conn.execute("CREATE TEMP TABLE nuls (id int4, a text, b text)");
+    std::string data;
+    copy_text_row(data, 1, "x", "y");
+    copy_text_row(data, 2, "x", std::string("a\0b", 3));
+    const Error error = co_await expect_error(conn.copy_from("COPY nuls FROM STDIN", data));
+    EXPECT_EQ(error.code(), client_errc::conversion);
+    EXPECT_THAT(error.what(), HasSubstr("row 2, column 3"));
+    EXPECT_THAT(error.what(), HasSubstr("NUL"));
+    // Not sent at all: a COPY into a table that does not exist fails the same way, not 42P01.
+    const Error unsent =
+        co_await expect_error(conn.copy_from("COPY no_such_table FROM STDIN", data));
+    EXPECT_EQ(unsent.code(), client_errc::conversion);
+    EXPECT_EQ((co_await conn.query("SELECT count(*) FROM nuls")).scalar<int>(), 0);
+    data.clear();
+    copy_text_row(data, 1, "x", "y");
+    EXPECT_EQ(co_await conn.copy_from("COPY nuls FROM STDIN", data), 1U);
+  });
+}
+
 TEST_F(ConnectionTest, ResultsExposeRowsColumnsAndCounts) {
   run_coroutine([]() -> awaitable_void {
     auto conn = co_await open();

@@ -262,7 +262,10 @@ class Connection {
   /// One statement only, sent by the extended protocol: a second one after a `;` fails the call
   /// (SQLSTATE 42601) and nothing runs. A statement that is not a COPY is refused before it is
   /// sent (client_errc::protocol_error); a COPY of another direction (TO STDOUT, FROM a server
-  /// file) is run by the server, then reported as client_errc::protocol_error.
+  /// file) is run by the server, then reported as client_errc::protocol_error. Text or CSV
+  /// `data` holding a NUL byte is refused before anything is sent (client_errc::conversion, naming
+  /// its row and column), as a text parameter holding one is; binary data (starting with the
+  /// PGCOPY signature) is sent as it is.
   [[nodiscard]] boost::asio::awaitable<std::uint64_t> copy_from(std::string_view copy_statement,
                                                                 std::string_view data);
 
