@@ -161,8 +161,10 @@ void Field::require_type(std::initializer_list<Oid> accepted, std::string_view c
 void Field::fail(std::string_view cpp_type, std::string_view why) const {
   throw_conversion("column '" + std::string(column_name) + "' (index " +
                    std::to_string(column_index) + ", " + type_name(type) + ") value '" +
-                   std::string(text.substr(0, 64)) + "' cannot be read as " +
-                   std::string(cpp_type) + ": " + std::string(why));
+                   std::string(text.substr(0, 64)) +
+                   (text.size() > 64 ? "...' (" + std::to_string(text.size()) + " characters)"
+                                     : std::string("'")) +
+                   " cannot be read as " + std::string(cpp_type) + ": " + std::string(why));
 }
 
 bool Codec<bool>::decode(const Field& field) {
@@ -232,6 +234,20 @@ double decode_floating(const Field& field, std::string_view cpp_type) {
   double value = 0;
   auto [end, error] =
       std::from_chars(field.text.data(), field.text.data() + field.text.size(), value);
+  if (error == std::errc::result_out_of_range && end == field.text.data() + field.text.size()) {
+    // Only a numeric can be: beyond double's largest finite value, or so close to zero that a
+    // double holds only 0 (numeric's text has no exponent: a tiny one starts with 0).
+    const std::string_view digits = field.text.starts_with('-') ? field.text.substr(1) : field.text;
+    const bool tiny = digits.starts_with('0') || digits.find("e-") != std::string_view::npos ||
+                      digits.find("E-") != std::string_view::npos;
+    field.fail(cpp_type,
+               tiny ? "out of range for double: not zero, but closer to zero than a double can "
+                      "hold (its smallest is about 4.9e-324); read it as std::string, or round "
+                      "it in SQL (round(x, 300))"
+                    : "out of range for double: its magnitude is beyond double's largest finite "
+                      "value (about 1.8e308); read it as std::string (or a decimal type of your "
+                      "own through pgrt::Codec), or scale it down in SQL");
+  }
   if (error != std::errc() || end != field.text.data() + field.text.size()) {
     field.fail(cpp_type, "not a number");
   }

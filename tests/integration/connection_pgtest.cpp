@@ -343,6 +343,32 @@ TEST_F(ConnectionTest, CopyDataHoldingANulIsRefusedBeforeAnythingIsSentNamingRow
   });
 }
 
+// A numeric beyond double's range is said to be out of range for double, with what to do, not
+// "not a number".
+TEST_F(ConnectionTest, ANumericBeyondDoublesRangeIsSaidToBeOutOfRange) {
+  run_coroutine([]() -> awaitable_void {
+    auto conn = co_await open();
+    auto rows = co_await conn.query(
+        "SELECT ('1' || repeat('0', 400))::numeric AS huge, -('1' || repeat('0', 400))::numeric, "
+        "('0.' || repeat('0', 400) || '1')::numeric AS tiny");
+    for (int column = 0; column < 3; ++column) {
+      try {
+        (void)rows[0].get<double>(column);
+        ADD_FAILURE() << "column " << column << " read as double";
+      } catch (const Error& error) {
+        EXPECT_EQ(error.code(), client_errc::conversion);
+        EXPECT_THAT(error.what(), HasSubstr("out of range for double"));
+        EXPECT_THAT(error.what(), Not(HasSubstr("not a number")));
+        EXPECT_THAT(error.what(), HasSubstr("std::string"));
+        // A value cut short in the message says how long it is.
+        if (column == 0) {
+          EXPECT_THAT(error.what(), HasSubstr("...' (401 characters)"));
+        }
+      }
+    }
+  });
+}
+
 TEST_F(ConnectionTest, ResultsExposeRowsColumnsAndCounts) {
   run_coroutine([]() -> awaitable_void {
     auto conn = co_await open();
