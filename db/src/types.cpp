@@ -63,6 +63,22 @@ bool read_digits(std::string_view text, std::size_t& position, std::size_t digit
   return true;
 }
 
+// What follows a value's integer digits, `rest`, when it is read as the integer `cpp_type`:
+// nothing, or, for a numeric, a fraction of zeros ("5.00" of a numeric(10,2)), which makes it
+// exactly that integer. A fraction that is not zero, and anything else, fails.
+void check_integer_rest(const Field& field, std::string_view rest, std::string_view cpp_type) {
+  if (rest.empty()) return;
+  if (field.type == oid::numeric && rest.front() == '.' &&
+      rest.find_first_not_of("0123456789", 1) == std::string_view::npos) {
+    if (rest.find_first_not_of('0', 1) == std::string_view::npos) return;
+    field.fail(cpp_type, "it has a fractional part (" + std::string(rest.substr(0, 32)) +
+                             "), which " + std::string(cpp_type) +
+                             " cannot hold; read it as double or std::string, or round it in "
+                             "SQL (round(x) or trunc(x))");
+  }
+  field.fail(cpp_type, "not an integer");
+}
+
 }  // namespace
 
 std::string type_name(Oid type) {
@@ -192,9 +208,8 @@ std::int64_t decode_integer(const Field& field, std::int64_t min, std::int64_t m
   auto [end, error] =
       std::from_chars(field.text.data(), field.text.data() + field.text.size(), value);
   if (error == std::errc::result_out_of_range) field.fail(cpp_type, "out of range");
-  if (error != std::errc() || end != field.text.data() + field.text.size()) {
-    field.fail(cpp_type, "not an integer");
-  }
+  if (error != std::errc()) field.fail(cpp_type, "not an integer");
+  check_integer_rest(field, std::string_view(end, field.text.data() + field.text.size()), cpp_type);
   if (value < min || value > max) field.fail(cpp_type, "out of range");
   return value;
 }
@@ -206,9 +221,8 @@ std::uint64_t decode_unsigned(const Field& field, std::uint64_t max, std::string
   auto [end, error] =
       std::from_chars(field.text.data(), field.text.data() + field.text.size(), value);
   if (error == std::errc::result_out_of_range) field.fail(cpp_type, "out of range");
-  if (error != std::errc() || end != field.text.data() + field.text.size()) {
-    field.fail(cpp_type, "not an integer");
-  }
+  if (error != std::errc()) field.fail(cpp_type, "not an integer");
+  check_integer_rest(field, std::string_view(end, field.text.data() + field.text.size()), cpp_type);
   if (value > max) field.fail(cpp_type, "out of range");
   return value;
 }

@@ -369,6 +369,38 @@ TEST_F(ConnectionTest, ANumericBeyondDoublesRangeIsSaidToBeOutOfRange) {
   });
 }
 
+// A numeric with a zero fraction (numeric(10,2) 5.00) is exactly an integer: it reads as one;
+// a fraction (5.50) is still refused, saying so.
+TEST_F(ConnectionTest, ANumericWithAZeroFractionReadsAsAnInteger) {
+  run_coroutine([]() -> awaitable_void {
+    auto conn = co_await open();
+    auto rows = co_await conn.query(
+        "SELECT 5.00::numeric(10,2), -7.000::numeric, 5.50::numeric(10,2), "
+        "99999999999999999999.00::numeric, 0.00::numeric(10,2), 5.::numeric");
+    const Row row = rows[0];
+    EXPECT_EQ(row.get<int>(0), 5);
+    EXPECT_EQ(row.get<std::int64_t>(0), 5);
+    EXPECT_EQ(row.get<std::uint32_t>(0), 5U);
+    EXPECT_EQ(row.get<std::int16_t>(1), -7);
+    EXPECT_EQ(row.get<int>(4), 0);
+    EXPECT_EQ(row.get<int>(5), 5);
+    try {
+      (void)row.get<int>(2);
+      ADD_FAILURE() << "5.50 read as int";
+    } catch (const Error& error) {
+      EXPECT_EQ(error.code(), client_errc::conversion);
+      EXPECT_THAT(error.what(), HasSubstr("fraction"));
+    }
+    EXPECT_THROW((void)row.get<std::uint64_t>(2), Error);
+    try {
+      (void)row.get<std::int64_t>(3);
+      ADD_FAILURE() << "1e20 read as int64";
+    } catch (const Error& error) {
+      EXPECT_THAT(error.what(), HasSubstr("out of range"));
+    }
+  });
+}
+
 TEST_F(ConnectionTest, ResultsExposeRowsColumnsAndCounts) {
   run_coroutine([]() -> awaitable_void {
     auto conn = co_await open();

@@ -170,6 +170,7 @@ template <typename T>
 inline constexpr bool is_character =
     std::same_as<T, char> || std::same_as<T, wchar_t> || std::same_as<T, char8_t> ||
     std::same_as<T, char16_t> || std::same_as<T, char32_t>;
+// An integer column, or a numeric with no fraction or a fraction of zeros ("5.00"), in range.
 std::int64_t decode_integer(const Field& field, std::int64_t min, std::int64_t max,
                             std::string_view cpp_type);
 // A timestamptz's microseconds since 1970, as parameters and COPY send them.
