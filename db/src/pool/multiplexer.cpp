@@ -8,7 +8,6 @@
 #include <boost/asio/execution/context.hpp>
 #include <boost/asio/query.hpp>
 #include <cctype>
-#include <deque>
 #include <optional>
 #include <string_view>
 #include <unordered_map>
@@ -47,6 +46,37 @@ void refuse_if_it_needs_a_session(std::string_view sql) {
 
 constexpr std::size_t default_depth = 64;
 
+// A prepared statement's name as a sent entry keeps it: inline, so that a statement's entry
+// allocates nothing for it (new_statement_name() makes "pgrt_", 16 hex digits, "_" and a counter:
+// at most 42 characters). A longer name (none is made) is kept on the heap.
+class EntryName {
+ public:
+  EntryName() = default;
+  explicit EntryName(std::string_view name) {
+    if (name.size() <= inline_.size()) {
+      std::copy(name.begin(), name.end(), inline_.begin());
+      size_ = static_cast<std::uint8_t>(name.size());
+    } else {
+      long_ = name;
+      size_ = long_marker;
+    }
+  }
+  [[nodiscard]] std::string_view view() const noexcept {
+    return size_ == long_marker ? std::string_view(long_) : std::string_view(inline_.data(), size_);
+  }
+  [[nodiscard]] std::string str() const { return std::string(view()); }
+  [[nodiscard]] bool empty() const noexcept { return size_ == 0; }
+  friend bool operator==(const EntryName& a, const EntryName& b) noexcept {
+    return a.view() == b.view();
+  }
+
+ private:
+  static constexpr std::uint8_t long_marker = 255;
+  std::array<char, 63> inline_{};
+  std::uint8_t size_ = 0;
+  std::string long_;
+};
+
 // What one shared connection has sent and not yet had answered, in order: each entry ends with
 // its own sync.
 struct SentEntry {
@@ -54,10 +84,56 @@ struct SentEntry {
   Kind kind = Kind::statement;
   std::shared_ptr<SharedStatement> statement;  // Kind::statement
   std::string key;                             // Kind::prepare: the statement cache's key
-  std::string name;                            // the prepared name ("" when unnamed)
+  EntryName name;                              // the prepared name (empty when unnamed)
   Result result;                               // its result, once in
   int results = 0;                             // how many came (one; two with a commit error)
   Clock::time_point sent_at{};                 // its batch's send, when statements are timed
+};
+
+// The entries a shared connection has sent and not yet had answered, oldest first: a queue over
+// a vector that keeps its capacity, so that a connection in steady use allocates nothing for it
+// (a std::deque allocated a block every few entries and freed it once they were read). An entry
+// read is reset at once (its statement released); the slots before the first live one are
+// reused when the vector is full, or when none is live.
+class SentQueue {
+ public:
+  using iterator = std::vector<SentEntry>::iterator;
+  using const_iterator = std::vector<SentEntry>::const_iterator;
+
+  [[nodiscard]] bool empty() const noexcept { return head_ == entries_.size(); }
+  [[nodiscard]] SentEntry& front() noexcept { return entries_[head_]; }
+  [[nodiscard]] iterator begin() noexcept {
+    return entries_.begin() + static_cast<std::ptrdiff_t>(head_);
+  }
+  [[nodiscard]] iterator end() noexcept { return entries_.end(); }
+  [[nodiscard]] const_iterator begin() const noexcept {
+    return entries_.begin() + static_cast<std::ptrdiff_t>(head_);
+  }
+  [[nodiscard]] const_iterator end() const noexcept { return entries_.end(); }
+  [[nodiscard]] std::size_t capacity() const noexcept { return entries_.capacity(); }
+
+  // Allocates only when every slot holds an entry not yet read (std::bad_alloc then).
+  void push_back(SentEntry entry) {
+    if (head_ > 0 && entries_.size() == entries_.capacity()) {
+      entries_.erase(entries_.begin(), begin());  // (moves the live ones down: no allocation)
+      head_ = 0;
+    }
+    entries_.push_back(std::move(entry));
+  }
+  // The oldest entry, taken out; the queue must not be empty.
+  [[nodiscard]] SentEntry take_front() noexcept {
+    SentEntry entry = std::move(entries_[head_]);
+    entries_[head_] = SentEntry{};
+    if (++head_ == entries_.size()) {
+      entries_.clear();  // (keeps the capacity)
+      head_ = 0;
+    }
+    return entry;
+  }
+
+ private:
+  std::vector<SentEntry> entries_;
+  std::size_t head_ = 0;  // the first entry not yet read
 };
 
 struct FailedPrepare {
@@ -71,7 +147,7 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
 // The first statement in flight if every statement in flight was given up by its caller (or
 // timed out behind another, sweep()), else nullptr. Under Multiplexer::mutex (the callers change
 // the stages).
-const SharedStatement* abandoned_head_locked(const std::deque<SentEntry>& sent) {
+const SharedStatement* abandoned_head_locked(const SentQueue& sent) {
   const SharedStatement* head = nullptr;
   for (const SentEntry& entry : sent) {
     if (entry.kind != SentEntry::Kind::statement) continue;
@@ -162,10 +238,13 @@ asio::awaitable<void> borrow(std::shared_ptr<Multiplexer> mux) {
 // back when it is done with it.
 asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr<SharedLink> link) {
   Connection::Impl* impl_pointer = ConnectionAccess::impl_of(*link->lease);
-  std::deque<SentEntry> sent;
+  SentQueue sent;
   std::unordered_map<std::string, std::string> preparing;  // key -> name, sent, not answered
   std::unordered_map<std::string, FailedPrepare> failed;   // name -> its prepare's error
   std::vector<std::shared_ptr<SharedStatement>> batch;
+  // The name of the statement being sent, kept from one to the next (it keeps its capacity: a
+  // statement sent allocates nothing for it).
+  std::string name;
   // The callers answered by the results just read, resumed once the mutex is released.
   std::vector<async::ParkedWait> answered;
   bool must_wait = false;
@@ -303,8 +382,8 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
           batch.size() + (deallocating ? impl.evicted_statements.size() : 0) > 1 &&
           batch_bytes(batch) <= held_batch_limit && impl.hold_output();
       if (deallocating) {
-        for (std::string& name : impl.evicted_statements) {
-          const std::string deallocate = "DEALLOCATE " + name;
+        for (std::string& evicted : impl.evicted_statements) {
+          const std::string deallocate = "DEALLOCATE " + evicted;
           if (PQsendQueryParams(conn, deallocate.c_str(), 0, nullptr, nullptr, nullptr, nullptr,
                                 0) == 0 ||
               PQpipelineSync(conn) == 0) {
@@ -314,21 +393,21 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
           sent.push_back(SentEntry{.kind = SentEntry::Kind::deallocate,
                                    .statement = nullptr,
                                    .key = {},
-                                   .name = std::move(name),
+                                   .name = EntryName(evicted),
                                    .result = {}});
         }
         impl.evicted_statements.clear();
       }
       for (const auto& statement : batch) {
         if (lost) break;
-        std::string name;
+        name.clear();
         if (!impl.unnamed_statements) {
           if (const std::string* cached =
                   impl.cached_statement(statement->sql, statement->params)) {
-            name = *cached;
+            name.assign(*cached);
           } else if (auto pending = preparing.find(impl.statement_key);
                      pending != preparing.end()) {
-            name = pending->second;
+            name.assign(pending->second);
           } else {
             name = impl.new_statement_name();
             if (PQsendPrepare(conn, name.c_str(), statement->sql.c_str(),
@@ -342,7 +421,7 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
             sent.push_back(SentEntry{.kind = SentEntry::Kind::prepare,
                                      .statement = nullptr,
                                      .key = impl.statement_key,
-                                     .name = name,
+                                     .name = EntryName(name),
                                      .result = {}});
           }
         }
@@ -363,7 +442,7 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
         sent.push_back(SentEntry{.kind = SentEntry::Kind::statement,
                                  .statement = statement,
                                  .key = {},
-                                 .name = std::move(name),
+                                 .name = EntryName(name),
                                  .result = {},
                                  .sent_at = sent_at});
       }
@@ -565,8 +644,7 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
           break;
         }
         // The entry's sync: it is complete.
-        SentEntry entry = std::move(sent.front());
-        sent.pop_front();
+        SentEntry entry = sent.take_front();
         const PGresult* answer = entry.result.native_handle();
         const ExecStatusType status =
             answer != nullptr ? PQresultStatus(answer) : PGRES_FATAL_ERROR;
@@ -576,7 +654,7 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
         if (entry.kind == SentEntry::Kind::prepare) {
           preparing.erase(entry.key);
           if (ok) {
-            impl.remember_statement(std::move(entry.key), entry.name);
+            impl.remember_statement(std::move(entry.key), entry.name.str());
           } else {
             // Kept for the statements already sent by its name (no later one uses it): each
             // answer of theirs gives this error instead of the server's 26000.
@@ -585,7 +663,7 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
                   return waiting.kind == SentEntry::Kind::statement && waiting.name == entry.name;
                 }));
             if (users > 0) {
-              FailedPrepare& failure = failed[entry.name];
+              FailedPrepare& failure = failed[entry.name.str()];
               failure.error = answer != nullptr ? impl.server_error(answer, "query()")
                                                 : make_error_code(client_errc::protocol_error);
               failure.diagnostics = impl.last_error;
@@ -628,8 +706,8 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
             error = impl.server_error(answer, statement.sql);
           }
           diagnostics = impl.last_error;
-          if (forgot_statement(error, diagnostics, entry.name)) {
-            if (auto prepare = failed.find(entry.name); prepare != failed.end()) {
+          if (forgot_statement(error, diagnostics, entry.name.str())) {
+            if (auto prepare = failed.find(entry.name.str()); prepare != failed.end()) {
               error = prepare->second.error;  // its preparation failed: that is its error
               diagnostics = prepare->second.diagnostics;
               diagnostics.statement = statement.sql;
@@ -639,8 +717,8 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
               // twice for one statement (its second send was forgotten too, here or on another
               // connection): a transaction pooler, unnamed from now on (see below). (sent_again
               // is this connection's to change while the statement is sent on it.)
-              const bool counted =
-                  impl.server_forgot_statement(entry.name) && ++impl.forgotten_statements >= 2;
+              const bool counted = impl.server_forgot_statement(entry.name.str()) &&
+                                   ++impl.forgotten_statements >= 2;
               if (counted || statement.sent_again) {
                 impl.use_unnamed_statements("forgot its prepared statements");
               }
@@ -650,12 +728,12 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
             // Its result changed shape since it was prepared (an ALTER TABLE under a SELECT *):
             // it did not run. Prepared again (the old one deallocated before the connection
             // goes back), it is sent again, once.
-            impl.retire_stale_statement(entry.name);
+            impl.retire_stale_statement(entry.name.str());
             again = true;
           }
         }
         if (!failed.empty()) {
-          if (auto prepare = failed.find(entry.name);
+          if (auto prepare = failed.find(entry.name.str());
               prepare != failed.end() && --prepare->second.users == 0) {
             failed.erase(prepare);
           }
