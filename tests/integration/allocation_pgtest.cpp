@@ -31,6 +31,7 @@
 #include <spdlog/spdlog.h>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <pgrt/db.hpp>
@@ -577,6 +578,76 @@ TEST_F(AllocationTest, APendingWritesDestroyedByASubscriberOfItsEndReportLogsNot
   ASSERT_TRUE(destroyed) << log.str();
   EXPECT_EQ(log.str().find("destroyed while running"), std::string::npos) << log.str();
   EXPECT_NE(log.str().find("the flusher failed"), std::string::npos) << log.str();
+}
+
+// Pool::evict_all() while memory runs out, with a query() connection waiting for its statement's
+// answer: the multiplexer's part (evict_links(), called here from a thread of its own, where
+// asio has no cache of recycled blocks and every allocation fails) marks the connection as
+// taking no new statement, and throws nothing, although it cannot post the wake-up of that
+// connection. The connection sees the eviction once its statement is answered, and goes back.
+// Before, the failed post threw std::bad_alloc out of evict_all(), after the pool's eviction was
+// done.
+TEST_F(AllocationTest, AnEvictionOfQueryConnectionsWhileMemoryRunsOutThrowsNothing) {
+  run_coroutine([]() -> asio::awaitable<void> {
+    auto executor = co_await asio::this_coro::executor;
+    PoolConfig config = pool_of_one();
+    config.max_size = 2;
+    Pool pool(executor, config);
+    bool answered = false;
+    asio::co_spawn(
+        executor,
+        [&]() -> asio::awaitable<void> {
+          const Result result = co_await pool.query("SELECT 1 FROM pg_sleep(0.3)");
+          answered = result.size() == 1;
+        },
+        asio::detached);
+    std::shared_ptr<detail::Multiplexer> multiplexer;
+    {
+      const auto state = detail::pool_state_of(pool).lock();
+      const std::lock_guard lock(state->mutex);
+      multiplexer = state->multiplexer;
+    }
+    const auto waiting = [&multiplexer] {
+      if (!multiplexer) return false;
+      const std::lock_guard lock(multiplexer->mutex);
+      return multiplexer->links.size() == 1 && multiplexer->links.front()->waiting;
+    };
+    const auto started = std::chrono::steady_clock::now();
+    while (!waiting() && std::chrono::steady_clock::now() - started < 5s) {
+      co_await testing::sleep_for(5ms);
+      if (!multiplexer) {
+        const auto state = detail::pool_state_of(pool).lock();
+        const std::lock_guard lock(state->mutex);
+        multiplexer = state->multiplexer;
+      }
+    }
+    EXPECT_TRUE(waiting()) << "no query() connection waited for its statement's answer";
+    std::string thrown;
+    std::thread evicting([&] {
+      out_of_memory = true;
+      try {
+        multiplexer->evict_links();
+      } catch (const std::exception& error) {
+        thrown = error.what();
+      }
+      out_of_memory = false;
+    });
+    evicting.join();
+    EXPECT_EQ(thrown, "") << "the multiplexer's evict_links() threw when out of memory";
+    {
+      const std::lock_guard lock(multiplexer->mutex);
+      for (const auto& link : multiplexer->links) EXPECT_TRUE(link->drained_for_good());
+    }
+    while (!answered && std::chrono::steady_clock::now() - started < 5s) {
+      co_await testing::sleep_for(10ms);
+    }
+    EXPECT_TRUE(answered) << "the statement in flight on the evicted connection was not answered";
+    while (pool.stats().shared_connections > 0 && std::chrono::steady_clock::now() - started < 5s) {
+      co_await testing::sleep_for(10ms);
+    }
+    EXPECT_EQ(pool.stats().shared_connections, 0u) << "the evicted connection was not given back";
+    (void)co_await pool.close(1s);
+  });
 }
 
 }  // namespace

@@ -1101,12 +1101,14 @@ void Multiplexer::grow_locked() {
     return link->in_flight > 0 || link->retiring;
   });
   if (!all_busy) return;
-  ++borrowing;
-  borrow_covers = waits_started;
   // Later, never inline: the acquire takes the pool's lock, which is never taken under ours.
+  // (Counted once posted: a post that fails for want of memory leaves no borrow counted that
+  // never comes. The borrow takes our mutex before it counts itself done.)
   asio::post(strand, [self = shared_from_this(), on = strand] {
     asio::co_spawn(on, borrow(self), asio::detached);
   });
+  ++borrowing;
+  borrow_covers = waits_started;
 }
 
 void Multiplexer::wake_locked(const std::shared_ptr<SharedLink>& link) {
@@ -1174,9 +1176,22 @@ void Multiplexer::evict_links() {
   for (const auto& link : links) {
     link->retiring = true;
     link->rotating = false;
-    wake_locked(link);
   }
-  if (!queue.empty()) dispatch_locked();
+  // The eviction is done: what follows only hastens it, and may fail for want of memory without
+  // undoing it (a connection not woken sees it once its statements in flight are answered; what
+  // is queued goes once a connection next dispatches, or fails at its deadline).
+  try {
+    for (const auto& link : links) {
+      try {
+        wake_locked(link);
+      } catch (const std::exception&) {
+        link->wake_posted = false;
+      }
+    }
+    if (!queue.empty()) dispatch_locked();
+  } catch (const std::exception&) {
+    // (No memory for a borrow: see above.)
+  }
 }
 
 void Multiplexer::answer_unanswered_locked() noexcept {

@@ -265,6 +265,9 @@ struct Multiplexer : std::enable_shared_from_this<Multiplexer>, async::ParkedWai
   // given back only to be borrowed again: it goes for good), and is woken, so that what is queued
   // goes to a new connection, or fails as the pool's acquire would, at once rather than when the
   // connection next looks at the pool. Thread-safe (under the pool's lock: ours is taken under it).
+  // Never throws (std::system_error from the mutex aside): the connections are marked first; a
+  // wake or a borrow that cannot be posted for want of memory is left out (the connection sees
+  // the eviction once its statements in flight are answered).
   void evict_links();
   // Posts the notice of each statement in `unanswered` not posted yet; stops at the first that
   // cannot be (no memory), to be tried again by the next call (close(), each connection's end,
