@@ -14,10 +14,11 @@ bool is_sql_word_char(char c) noexcept {
          static_cast<unsigned char>(c) >= 0x80;
 }
 
-std::size_t end_of_string_constant(std::string_view sql, std::size_t at) noexcept {
+std::size_t end_of_string_constant(std::string_view sql, std::size_t at,
+                                   bool backslash_escapes) noexcept {
   const std::size_t size = sql.size();
   if (at >= size) return at;
-  bool escapes = false;
+  bool escapes = backslash_escapes;
   std::size_t quote = at;
   const char prefix = static_cast<char>(std::tolower(static_cast<unsigned char>(sql[at])));
   if (prefix == 'e' && at + 1 < size && sql[at + 1] == '\'') {
@@ -152,7 +153,10 @@ std::string first_keyword(std::string_view sql, std::size_t* end) {
   return keyword;
 }
 
-std::string_view after_first_statement(std::string_view sql) noexcept {
+namespace {
+
+// after_first_statement(), with a backslash escaping in every '...' or only in E'...'.
+std::string_view after_first_statement(std::string_view sql, bool backslash_escapes) noexcept {
   const std::size_t size = sql.size();
   std::size_t at = past_blanks_and_comments(sql, 0);
   while (at < size && sql[at] == ';') at = past_blanks_and_comments(sql, at + 1);
@@ -162,7 +166,8 @@ std::string_view after_first_statement(std::string_view sql) noexcept {
     const char c = sql[at];
     if (const std::size_t after = end_of_comment(sql, at); after != at) {
       at = after;
-    } else if (const std::size_t end = end_of_string_constant(sql, at); end != at) {
+    } else if (const std::size_t end = end_of_string_constant(sql, at, backslash_escapes);
+               end != at) {
       at = end;
       after_begin = false;
     } else if (c == '"') {
@@ -189,6 +194,17 @@ std::string_view after_first_statement(std::string_view sql) noexcept {
     }
   }
   return {};
+}
+
+}  // namespace
+
+std::string_view after_first_statement(std::string_view sql) noexcept {
+  // Where a '...' with a backslash in it ends depends on the server (standard_conforming_strings,
+  // and a '...' continuing an E'...' is an escape string): a second statement is one only if both
+  // readings find it at the same place. (Otherwise the text is one statement to one of them, and
+  // to the other several, which the server refuses at the flush: 42601.)
+  const std::string_view rest = after_first_statement(sql, false);
+  return after_first_statement(sql, true).size() == rest.size() ? rest : std::string_view{};
 }
 
 void check_statement_text(std::string_view sql) {

@@ -27,8 +27,10 @@ std::size_t past_blanks_and_comments(std::string_view sql, std::size_t at) noexc
 // backslash escapes, U&'...', N'...', B'...', X'...', $$...$$ or $tag$...$tag$): the index after
 // it (sql.size() for one left open); `at` itself when none starts there (a parameter such as $1
 // is none). `at` must not be in the middle of a word: the E of E'...' is its prefix only as a
-// word of its own.
-std::size_t end_of_string_constant(std::string_view sql, std::size_t at) noexcept;
+// word of its own. With `backslash_escapes`, a backslash escapes in every '...' (as with
+// standard_conforming_strings off, and in a '...' continuing an E'...' across a newline).
+std::size_t end_of_string_constant(std::string_view sql, std::size_t at,
+                                   bool backslash_escapes = false) noexcept;
 
 // Where the quoted identifier ("...", with "" inside it) that starts at `at` ends: the index after
 // it (sql.size() for one left open); `at` itself when none starts there. Its text, unquoted, goes
@@ -101,7 +103,9 @@ std::string needs_own_session(std::string_view sql, SessionScope scope);
 // level (not in a comment, a string constant, a quoted identifier or parentheses) and the empty
 // statements, blanks and comments after it; "" for a text of one statement (empty statements
 // before or after it included). The body of a BEGIN ATOMIC function, whose statements end with
-// ';' inside the one CREATE statement, is not looked into: "" from there on. A guard against a
+// ';' inside the one CREATE statement, is not looked into: "" from there on. Nor is a text whose
+// first ';' at the top level depends on the server (a backslash in a '...': it escapes with
+// standard_conforming_strings off, or in a '...' continuing an E'...'): "". A guard against a
 // mistake, not a boundary. The first statement is sql.substr(0, sql.size() - rest.size()).
 std::string_view after_first_statement(std::string_view sql) noexcept;
 

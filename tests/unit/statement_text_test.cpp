@@ -140,6 +140,27 @@ TEST(SqlText, AfterFirstStatementFindsTheSecondStatementOnlyAtTheTopLevel) {
   }
 }
 
+// Where a string constant ends depends on the server: with standard_conforming_strings off, a
+// backslash escapes in '...' too (`'it\'s; commit'` is one string), and a '...' continuing an
+// E'...' across a newline is an escape string under any setting. A ';' that one reading finds at
+// the top level and the other inside a string is no second statement to refuse a write for (an
+// UPDATE of a legacy server's text was refused as a COMMIT); the server refuses a text of several
+// statements at the flush anyway (42601).
+TEST(SqlText, AfterFirstStatementSeesNoSecondStatementWhereAStringsEndDependsOnTheServer) {
+  for (const char* one : {
+           "UPDATE t SET note = 'it\\'s; commit later'",
+           "UPDATE t SET note = E'a'\n'\\'; COMMIT; '",
+           "UPDATE t SET note = N'x\\'; SET SESSION ROLE r -- '",
+       }) {
+    EXPECT_EQ(after_first_statement(one), "") << one;
+  }
+  // (Where both readings agree, the second statement is found.)
+  EXPECT_EQ(after_first_statement("UPDATE t SET note = 'C:\\dir'; COMMIT"), "COMMIT");
+  EXPECT_EQ(after_first_statement("UPDATE t SET note = 'plain'; COMMIT"), "COMMIT");
+  EXPECT_EQ(after_first_statement("UPDATE t SET note = E'it\\'s'; COMMIT"), "COMMIT");
+  EXPECT_EQ(after_first_statement("UPDATE t SET note = 'a\\\\b'; COMMIT"), "COMMIT");
+}
+
 TEST(FirstKeyword, SkipsWhitespaceEmptyStatementsAndCommentsTheWayTheServerDoes) {
   EXPECT_EQ(first_keyword("  SELECT 1"), "select");
   EXPECT_EQ(first_keyword(";BEGIN"), "begin");
