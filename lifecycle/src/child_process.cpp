@@ -279,8 +279,8 @@ pid_t launch(const std::string& child_name, const LaunchPlan& plan) {
 // `text` with what looks like a password replaced by "***": the value of each `password=` (any
 // case, so PGPASSWORD= too; blanks around '=' allowed; quoted with libpq's \' escapes, or up to
 // the next blank, or to the next '&' in a URL's query) and the password of each URL's credentials
-// (`scheme://user:password@host`; as for libpq, only a '/' ends them before the '@', so a '?' or
-// '#' may be part of the password).
+// (`scheme://user:password@host`; as for libpq, only a '/' ends them before the '@', so a '?', a
+// '#', a blank or a quote may be part of the password).
 std::string without_passwords(std::string text) {
   const auto lower = [](char c) {
     return static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
@@ -321,7 +321,8 @@ std::string without_passwords(std::string text) {
   for (std::size_t scheme = text.find("://"); scheme != std::string::npos;
        scheme = text.find("://", scheme + 3)) {
     const std::size_t start = scheme + 3;
-    const std::size_t authority_end = text.find_first_of("/ \t\n'\"", start);
+    // (Only a '/' ends them: a blank or a quote before the '@' is part of the password.)
+    const std::size_t authority_end = text.find('/', start);
     const std::size_t at_sign =
         text.rfind('@', authority_end == std::string::npos ? std::string::npos : authority_end - 1);
     if (at_sign == std::string::npos || at_sign < start) continue;

@@ -258,6 +258,22 @@ TEST(ChildProcessTest, TheLoggedCommandLineHidesAPasswordGivenAsTheNextArgument)
   EXPECT_THAT(text, ::testing::HasSubstr("--user app")) << text;
 }
 
+// libpq ends a URL's password only at the '@' (or a '/' before it): a blank or a quote in it is
+// part of it, and the log hid none of a password with one (`postgresql://app:s3cret with
+// blanks@db/x` was logged whole, as the hiding stopped at the blank and found no '@' before it).
+TEST(ChildProcessTest, TheLoggedCommandLineHidesAUrlsPasswordWithABlankOrAQuoteInIt) {
+  const std::string text =
+      logged_start({"postgresql://app:s3c ret-blank@db/x", "postgresql://app:s3c\"ret-dq@db/x",
+                    "postgres://app:s3c'ret-sq@db", "--dsn=postgresql://app:s3c\tret-tab@db/x",
+                    "postgresql://keep@db/x"});
+  EXPECT_THAT(text, ::testing::HasSubstr("child secretive: started pid"));
+  EXPECT_THAT(text, ::testing::Not(::testing::HasSubstr("ret-"))) << text;
+  EXPECT_THAT(text, ::testing::HasSubstr("postgresql://app:***@db/x postgresql://app:***@db/x "
+                                         "postgres://app:***@db --dsn=postgresql://app:***@db/x "
+                                         "postgresql://keep@db/x"))
+      << text;
+}
+
 // An option that says there is no password (libpq tools' --no-password, -w) takes no value: the
 // argument after it is not a password, and the log shows it.
 TEST(ChildProcessTest, TheLoggedCommandLineShowsTheArgumentAfterANoPasswordOption) {
