@@ -278,9 +278,10 @@ pid_t launch(const std::string& child_name, const LaunchPlan& plan) {
 
 // `text` with what looks like a password replaced by "***": the value of each `password=` (any
 // case, so PGPASSWORD= too; blanks around '=' allowed; quoted with libpq's \' escapes, or up to
-// the next blank, or to the next '&' in a URL's query) and the password of each URL's credentials
-// (`scheme://user:password@host`; as for libpq, only a '/' ends them before the '@', so a '?', a
-// '#', a blank or a quote may be part of the password).
+// the next blank that no backslash escapes, as libpq reads `s3c\ ret`, or to the next '&' in a
+// URL's query) and the password of each URL's credentials (`scheme://user:password@host`; as for
+// libpq, only a '/' ends them before the '@', so a '?', a '#', a blank or a quote may be part of
+// the password).
 std::string without_passwords(std::string text) {
   const auto lower = [](char c) {
     return static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
@@ -313,7 +314,11 @@ std::string without_passwords(std::string text) {
       const std::size_t query = text.rfind('?', value);
       const bool in_url_query =
           query != std::string::npos && text.rfind("://", query) != std::string::npos;
-      while (end < text.size() && !blank(text[end]) && !(in_url_query && text[end] == '&')) ++end;
+      // (libpq's backslash escapes: `password=s3c\ ret` is "s3c ret".)
+      while (end < text.size() && !blank(text[end]) && !(in_url_query && text[end] == '&')) {
+        end += text[end] == '\\' && !in_url_query ? 2 : 1;
+      }
+      end = std::min(end, text.size());
     }
     text.replace(value, end - value, "***");
     value += 3;

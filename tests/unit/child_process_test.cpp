@@ -274,6 +274,17 @@ TEST(ChildProcessTest, TheLoggedCommandLineHidesAUrlsPasswordWithABlankOrAQuoteI
       << text;
 }
 
+// An unquoted conninfo value takes libpq's backslash escapes (`password=s3c\ ret` is "s3c ret"):
+// the log hid the value only up to the escaped blank, and showed the rest of the password.
+TEST(ChildProcessTest, TheLoggedCommandLineHidesAnUnquotedConninfoPasswordWithAnEscapedBlank) {
+  const std::string text =
+      logged_start({"host=db password=s3c\\ ret-escaped user=app", "password=s3c\\\\ user=app2"});
+  EXPECT_THAT(text, ::testing::HasSubstr("child secretive: started pid"));
+  EXPECT_THAT(text, ::testing::Not(::testing::HasSubstr("ret-"))) << text;
+  EXPECT_THAT(text, ::testing::HasSubstr("host=db password=*** user=app password=*** user=app2"))
+      << text;
+}
+
 // An option that says there is no password (libpq tools' --no-password, -w) takes no value: the
 // argument after it is not a password, and the log shows it.
 TEST(ChildProcessTest, TheLoggedCommandLineShowsTheArgumentAfterANoPasswordOption) {
