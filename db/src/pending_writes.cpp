@@ -621,6 +621,16 @@ asio::awaitable<void> flush(State& self, std::span<Write> writes,
       give_up(self, writes, abandoned, GivenUp::abandoned);
     }
   };
+  // Writes given up on for `error`: of unknown outcome once an attempt's COMMIT was lost, as that
+  // attempt ran them (a write failing the retry, such as on a unique key, may be failing for being
+  // there already).
+  const auto give_up_for = [&self, &commit_lost](std::span<Write> given_up, const Error& error) {
+    if (commit_lost) {
+      give_up(self, given_up, unconfirmed_error(*commit_lost, error), GivenUp::unconfirmed);
+    } else {
+      give_up(self, given_up, error);
+    }
+  };
   int too_slow_attempts = 0;  // a single write cut by a timeout or a lock, or short of a resource
   int forgotten_retries = 0;  // retries after a 26000
   Clock::time_point failing_since{};  // its first such failure
@@ -723,7 +733,7 @@ asio::awaitable<void> flush(State& self, std::span<Write> writes,
             std::size_t end = first + 1;
             while (end < writes.size() && of_failed(writes[end]) == of_failed(writes[first])) ++end;
             if (of_failed(writes[first])) {
-              give_up(self, writes.subspan(first, end - first), *failure);
+              give_up_for(writes.subspan(first, end - first), *failure);
             } else {
               co_await flush(self, writes.subspan(first, end - first), commit_lost);
             }
@@ -737,15 +747,11 @@ asio::awaitable<void> flush(State& self, std::span<Write> writes,
           co_await flush(self, writes.subspan(half), commit_lost);
           co_return;
         }
-        give_up(self, writes, *failure);
+        give_up_for(writes, *failure);
         co_return;
       }
       case Failure::whole:
-        if (commit_lost) {
-          give_up(self, writes, unconfirmed_error(*commit_lost, *failure), GivenUp::unconfirmed);
-        } else {
-          give_up(self, writes, *failure);
-        }
+        give_up_for(writes, *failure);
         co_return;
     }
   }

@@ -1376,6 +1376,73 @@ TEST_F(PendingWritesTest, ABatchWhoseLostCommitAClosedPoolKeptFromItsRetryIsRepo
       << stopped->what();
 }
 
+// The retry of a batch whose COMMIT was sent as the connection was lost may fail for one of its
+// writes (a unique key: the server had committed the batch, and the write is there already).
+// That write was given up on as "failed for good and was not written", with the server's error
+// (23505), though its row was in the table: the lost COMMIT's unknown outcome was forgotten for a
+// write narrowed down for an error of its own. It is reported as of unknown outcome.
+TEST_F(PendingWritesTest, AWriteThatFailsTheRetryOfItsLostCommitIsReportedUnconfirmed) {
+  const std::string dsn = cluster().dsn();
+  create_table(dsn, "pw_lost_commit_dup");
+  run_sql(dsn,
+          {"CREATE OR REPLACE FUNCTION pw_lost_commit_dup_slow() RETURNS trigger LANGUAGE plpgsql "
+           "AS $$ BEGIN PERFORM pg_sleep(1); RETURN NULL; END $$",
+           "CREATE CONSTRAINT TRIGGER pw_lost_commit_dup_slow AFTER INSERT ON pw_lost_commit_dup "
+           "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION "
+           "pw_lost_commit_dup_slow()"});
+  testing::FaultProxy proxy("127.0.0.1", static_cast<std::uint16_t>(cluster().port()));
+  auto config = pool_config(dsn, "lost-commit-dup");
+  config.conninfo = proxy.conninfo_prefix() + " user=postgres dbname=postgres";
+  bool commit_held = false;
+  std::vector<boost::system::error_code> failed_codes;
+  std::vector<std::string> failed_messages;
+  std::optional<Error> stopped;
+  PendingWritesReport end{};
+  run_coroutine(
+      [&]() -> awaitable_void {
+        auto executor = co_await asio::this_coro::executor;
+        Pool pool(executor, config);
+        PendingWrites writes(pool, executor,
+                             Config{.name = "lost-commit-dup",
+                                    .flush_interval = 0ms,
+                                    .retry_initial = 200ms,
+                                    .retry_max = 200ms});
+        boost::signals2::scoped_connection on_failed = writes.events().failed.connect(
+            [&](const std::vector<std::string>&, const Error& error) {
+              failed_codes.push_back(error.code());
+              failed_messages.emplace_back(error.what());
+            });
+        co_await writes.start();
+        co_await writes.enqueue("INSERT INTO pw_lost_commit_dup (seq, payload) VALUES (1, 'w')");
+        BlockingConnection observer(dsn);
+        const std::string held =
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep' AND "
+            "application_name = '" +
+            pool.application_name() + "'";
+        for (int i = 0; i < 500 && !commit_held; ++i) {
+          commit_held = observer.scalar(held) == "1";
+          if (!commit_held) co_await sleep_for(20ms);
+        }
+        proxy.drop_all();  // the COMMIT's answer is lost; the server commits
+        // (The retry runs on a new connection, and its INSERT fails: 23505.)
+        for (int i = 0; i < 1000 && failed_codes.empty(); ++i) co_await sleep_for(10ms);
+        stopped = co_await expect_error(with_timeout(writes.stop(), 10s));
+        end = writes.report();
+      },
+      60s);
+  ASSERT_TRUE(commit_held) << "the batch's COMMIT was never seen held by the trigger";
+  EXPECT_EQ(scalar(dsn, "SELECT count(*) FROM pw_lost_commit_dup"), "1");
+  EXPECT_EQ(end.accepted, 1U);
+  EXPECT_EQ(end.failed, 1U);
+  EXPECT_EQ(end.unconfirmed, 1U);
+  ASSERT_EQ(failed_codes.size(), 1U);
+  EXPECT_EQ(failed_codes[0], client_errc::commit_unconfirmed) << failed_messages[0];
+  EXPECT_THAT(failed_messages[0], HasSubstr("may have been written")) << failed_messages[0];
+  EXPECT_THAT(failed_messages[0], HasSubstr("duplicate key")) << failed_messages[0];
+  ASSERT_TRUE(stopped.has_value());
+  EXPECT_THAT(stopped->what(), HasSubstr("1 may have been written")) << stopped->what();
+}
+
 // A flush_interval of milliseconds::max() (validate() takes it; elsewhere in pgrt max() means
 // no limit) means "flush only full batches, and at stop()": the flusher's deadline saturates
 // rather than overflow (accepted_at + flush_interval in nanoseconds), so the writes wait for
