@@ -39,6 +39,22 @@ void refuse_nul_in_text(std::string_view data, std::string_view statement) {
                           .statement = std::string(statement)});
 }
 
+// NaN and the infinities as PostgreSQL spells them; any other value as its type's own shortest
+// text that reads back as the same value (a float's, not the double's it widens to: a parameter's
+// float4 is cast by the server from this text, to text, and to numeric as far as its 6 digits go).
+template <typename Floating>
+void append_floating(std::string& out, Floating value) {
+  if (std::isnan(value)) {
+    out += "NaN";
+  } else if (std::isinf(value)) {
+    out += value > 0 ? "Infinity" : "-Infinity";
+  } else {
+    char buffer[32];
+    auto [end, error] = std::to_chars(buffer, buffer + sizeof buffer, value);
+    out.append(buffer, end);
+  }
+}
+
 }  // namespace
 
 void append_copy_field(std::string& out, std::string_view value) {
@@ -75,29 +91,11 @@ void append_copy_field(std::string& out, std::uint64_t value) {
 }
 
 void append_copy_field(std::string& out, double value) {
-  if (std::isnan(value)) {
-    out += "NaN";
-  } else if (std::isinf(value)) {
-    out += value > 0 ? "Infinity" : "-Infinity";
-  } else {
-    char buffer[32];
-    auto [end, error] = std::to_chars(buffer, buffer + sizeof buffer, value);
-    out.append(buffer, end);
-  }
+  append_floating(out, value);
 }
 
 void append_copy_field(std::string& out, float value) {
-  if (std::isnan(value)) {
-    out += "NaN";
-  } else if (std::isinf(value)) {
-    out += value > 0 ? "Infinity" : "-Infinity";
-  } else {
-    // The float's own shortest text, not the double's it widens to: a parameter's float4 is
-    // cast by the server from this text (to text, and to numeric as far as its 6 digits go).
-    char buffer[32];
-    auto [end, error] = std::to_chars(buffer, buffer + sizeof buffer, value);
-    out.append(buffer, end);
-  }
+  append_floating(out, value);
 }
 
 void append_copy_field(std::string& out, std::span<const std::byte> value) {
