@@ -122,8 +122,8 @@ class SentQueue {
   }
   // The oldest entry, taken out; the queue must not be empty.
   [[nodiscard]] SentEntry take_front() noexcept {
+    // (The slot is left moved from: its statement and result released, its strings empty.)
     SentEntry entry = std::move(entries_[head_]);
-    entries_[head_] = SentEntry{};
     if (++head_ == entries_.size()) {
       entries_.clear();  // (keeps the capacity)
       head_ = 0;
