@@ -369,16 +369,21 @@ bool password_flag_takes_no_value(std::string_view program) {
 }
 
 // The command line for the log, without passwords: also the argument after an option that names
-// a password, but for a libpq client program's --password, which takes none.
+// a password. After a libpq client program's --password, which takes none, an option (a word
+// starting with '-') is shown; any other word is still hidden, as a password given there by
+// mistake would be one.
 std::string join(const std::vector<std::string>& words) {
   const bool libpq_tool = !words.empty() && password_flag_takes_no_value(words.front());
   std::string joined;
   bool secret_next = false;
+  bool option_may_follow = false;  // the word before was a libpq tool's value-less --password
   for (const auto& word : words) {
     if (!joined.empty()) joined += ' ';
-    joined += secret_next ? std::string("***") : without_passwords(word);
-    secret_next =
-        !secret_next && takes_a_password_next(word) && !(libpq_tool && word == "--password");
+    const bool shown = !secret_next || (option_may_follow && word.starts_with('-'));
+    joined += shown ? without_passwords(word) : std::string("***");
+    const bool was_secret = secret_next && !shown;
+    secret_next = !was_secret && takes_a_password_next(word);
+    option_may_follow = secret_next && libpq_tool && word == "--password";
   }
   return joined;
 }

@@ -296,8 +296,9 @@ TEST(ChildProcessTest, TheLoggedCommandLineShowsTheArgumentAfterANoPasswordOptio
 }
 
 // psql's --password (-W), as that of pg_dump and libpq's other client programs, takes no value: it
-// makes the program prompt for the password. The argument after it is shown (`psql --password
-// --dbname orders` was logged as `--password *** orders`); a password given as --password=, in
+// makes the program prompt for the password. An option after it is shown (`psql --password
+// --dbname orders` was logged as `--password *** orders`); any other word after it is still
+// hidden (a password given there by mistake would be one); a password given as --password=, in
 // a conninfo or in a URL is still hidden, and so is the argument after another program's
 // --password (TheLoggedCommandLineHidesAPasswordGivenAsTheNextArgument).
 TEST(ChildProcessTest, TheLoggedCommandLineShowsTheArgumentAfterALibpqToolsPasswordFlag) {
@@ -314,14 +315,19 @@ TEST(ChildProcessTest, TheLoggedCommandLineShowsTheArgumentAfterALibpqToolsPassw
                   "--password=s3cret-eq", "postgresql://app:s3cret-url@db/orders"});
   const std::string pg_dump = logged_run(
       {(directory / "pg_dump").string(), "--password", "orders", "--file", "/backups/o.sql"});
+  // A value given to it by mistake may be a password: still hidden (as is any word but an option).
+  const std::string mistaken =
+      logged_run({(directory / "psql").string(), "--password", "s3cret-given", "--dbname", "x"});
   std::filesystem::remove_all(directory);
   EXPECT_THAT(psql, ::testing::HasSubstr("psql --password --dbname host=db password=*** "
                                          "dbname=orders -W --command SELECT 1 --password=*** "
                                          "postgresql://app:***@db/orders"))
       << psql;
   EXPECT_THAT(psql, ::testing::Not(::testing::HasSubstr("s3cret"))) << psql;
-  EXPECT_THAT(pg_dump, ::testing::HasSubstr("pg_dump --password orders --file /backups/o.sql"))
+  EXPECT_THAT(pg_dump, ::testing::HasSubstr("pg_dump --password *** --file /backups/o.sql"))
       << pg_dump;
+  EXPECT_THAT(mistaken, ::testing::HasSubstr("psql --password *** --dbname x")) << mistaken;
+  EXPECT_THAT(mistaken, ::testing::Not(::testing::HasSubstr("s3cret"))) << mistaken;
 }
 
 TEST(ChildProcessTest, DeathBySignalIsReported) {
