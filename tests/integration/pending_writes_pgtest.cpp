@@ -99,6 +99,19 @@ class PendingWritesTest : public testing::DbTest {
     for (const std::string& statement : statements) admin.query(statement);
   }
 
+  // `table` (create_table()) with a deferred trigger that holds each COMMIT of an insert into it
+  // for a second: long enough to cut the connection while the COMMIT is on the server.
+  static void create_table_whose_commits_take_a_second(const std::string& dsn,
+                                                       const std::string& table) {
+    create_table(dsn, table);
+    run_sql(dsn, {"CREATE OR REPLACE FUNCTION " + table +
+                      "_slow() RETURNS trigger LANGUAGE plpgsql "
+                      "AS $$ BEGIN PERFORM pg_sleep(1); RETURN NULL; END $$",
+                  "CREATE CONSTRAINT TRIGGER " + table + "_slow AFTER INSERT ON " + table +
+                      " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION " + table +
+                      "_slow()"});
+  }
+
   // Collects the writes events().failed reports into `given_up` while the subscription lives,
   // each followed by " [SQLSTATE]" when `with_sqlstate`.
   static boost::signals2::scoped_connection collect_given_up(PendingWrites& writes,
@@ -1306,12 +1319,7 @@ TEST_F(PendingWritesTest, AFlusherWhosePoolIsGoneFailsItsWritesInsteadOfUsingIt)
 // through events().failed, and stop()'s message saying it may have been written.
 TEST_F(PendingWritesTest, ABatchWhoseLostCommitAClosedPoolKeptFromItsRetryIsReportedUnconfirmed) {
   const std::string dsn = cluster().dsn();
-  create_table(dsn, "pw_lost_commit");
-  run_sql(dsn,
-          {"CREATE OR REPLACE FUNCTION pw_lost_commit_slow() RETURNS trigger LANGUAGE plpgsql "
-           "AS $$ BEGIN PERFORM pg_sleep(1); RETURN NULL; END $$",
-           "CREATE CONSTRAINT TRIGGER pw_lost_commit_slow AFTER INSERT ON pw_lost_commit "
-           "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION pw_lost_commit_slow()"});
+  create_table_whose_commits_take_a_second(dsn, "pw_lost_commit");
   testing::FaultProxy proxy("127.0.0.1", static_cast<std::uint16_t>(cluster().port()));
   auto config = pool_config(dsn, "lost-commit");
   config.conninfo = proxy.conninfo_prefix() + " user=postgres dbname=postgres";
@@ -1383,13 +1391,7 @@ TEST_F(PendingWritesTest, ABatchWhoseLostCommitAClosedPoolKeptFromItsRetryIsRepo
 // write narrowed down for an error of its own. It is reported as of unknown outcome.
 TEST_F(PendingWritesTest, AWriteThatFailsTheRetryOfItsLostCommitIsReportedUnconfirmed) {
   const std::string dsn = cluster().dsn();
-  create_table(dsn, "pw_lost_commit_dup");
-  run_sql(dsn,
-          {"CREATE OR REPLACE FUNCTION pw_lost_commit_dup_slow() RETURNS trigger LANGUAGE plpgsql "
-           "AS $$ BEGIN PERFORM pg_sleep(1); RETURN NULL; END $$",
-           "CREATE CONSTRAINT TRIGGER pw_lost_commit_dup_slow AFTER INSERT ON pw_lost_commit_dup "
-           "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION "
-           "pw_lost_commit_dup_slow()"});
+  create_table_whose_commits_take_a_second(dsn, "pw_lost_commit_dup");
   testing::FaultProxy proxy("127.0.0.1", static_cast<std::uint16_t>(cluster().port()));
   auto config = pool_config(dsn, "lost-commit-dup");
   config.conninfo = proxy.conninfo_prefix() + " user=postgres dbname=postgres";
