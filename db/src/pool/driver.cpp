@@ -114,7 +114,7 @@ void PoolState::spawn_later(asio::awaitable<void> operation) {
   });
 }
 
-void PoolState::execute_locked(const pool::Actions& actions, Deferred& deferred) {
+void PoolState::execute_actions_locked(const pool::Actions& actions, Deferred& deferred) {
   // The wake-ups first: a woken waiter has left the core's queue, so if another action threw
   // before its wake-up, nothing would ever resume it, nor release it when its io_context shuts
   // down. (Posted under the mutex: the waiter's io_context cannot be shutting down meanwhile, as

@@ -378,7 +378,12 @@ struct PoolState : std::enable_shared_from_this<PoolState>, async::ParkedWaitOwn
     return actions_scratch;
   }
 
-  void execute_locked(const pool::Actions& actions, Deferred& deferred);
+  // Carries out the core's actions (inline: most events of a busy pool, a clean return or an
+  // idle connection leased, bring none, and then cost no call).
+  void execute_locked(const pool::Actions& actions, Deferred& deferred) {
+    if (!actions.empty()) execute_actions_locked(actions, deferred);
+  }
+  void execute_actions_locked(const pool::Actions& actions, Deferred& deferred);
 
   // --- watching idle sockets (under `mutex`) ----------------------------------------------------
 
