@@ -41,6 +41,15 @@ HERE = Path(__file__).resolve().parent
 PYTHON = "/usr/bin/python3"  # Debian's, which sees python3-asyncpg and python3-psycopg-pool
 
 
+def precise_timers():
+    """In a child before it runs its program: its sleeps end on time (a timer slack of 1 ns,
+    prctl(PR_SET_TIMERSLACK), kept across exec), rather than up to the default 50 us late."""
+    import ctypes
+    PR_SET_TIMERSLACK = 29
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_TIMERSLACK, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_TIMERSLACK) failed")
+
+
 def fail(message):
     print(f"bench.py: {message}", file=sys.stderr)
     sys.exit(1)
@@ -112,8 +121,12 @@ class Bench:
             log_prefix = str(self.workdir / f"pgbench_log_{time.monotonic_ns()}")
             command += ["-R", str(int(rate)), "-l", f"--log-prefix={log_prefix}"]
         children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        # Under -R, pgbench's sleeps until its next scheduled transaction end on time, as the
+        # posted open loop's arrival thread's do (both set a timer slack of 1 ns): the kernel's
+        # default 50 us slack would make the arrivals of either late by up to that much.
         completed = subprocess.run(command, capture_output=True, text=True, timeout=120,
-                                   cwd=self.workdir, env=env)
+                                   cwd=self.workdir, env=env,
+                                   preexec_fn=precise_timers if rate is not None else None)
         children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
         if completed.returncode != 0:
             fail(f"pgbench failed ({completed.returncode}): {' '.join(command)}\n{completed.stderr}")
@@ -640,7 +653,10 @@ def write_report(results, raw, args, bench, elapsed, plot):
                 "pacer on the io_context's own thread (it yields to the requests between arrivals), and "
                 "once with the arrivals posted into the io_context from a thread of their own, as a "
                 "network delivers them; the same arrivals (same seed) in both (the thread wakes at the "
-                "next arrival and posts it with every later one already due by then). Where both fall "
+                "next arrival and posts it with every later one already due by then). The arrival "
+                "thread and pgbench -R both sleep with a timer slack of 1 ns (`PR_SET_TIMERSLACK`), so "
+                "that neither's arrivals come up to 50 us late, the kernel's default, as a network's "
+                "do not. Where both fall "
                 "behind, the collapse is the pool's and not the load generator's. `client_cpu_us`: the "
                 "client process's CPU time per request over the window, user and kernel (pgrt: the "
                 "pool, the requests and, when posted, the arrival thread; pgbench: its own process), "
@@ -826,7 +842,7 @@ def main():
     parser.add_argument("--docs-dir", required=True)
     parser.add_argument("--repetitions", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=1.0)
-    parser.add_argument("--only", default="", help="run only the sections starting with this")
+    parser.add_argument("--only", default="", help="run only the sections starting with this (or with one of several, comma-separated)")
     parser.add_argument("--baseline-build-dir",
                         help="compare the pool microbenchmarks with this build's instead")
     parser.add_argument("--baseline-name", default="baseline", help="the baseline, for the report")
@@ -856,7 +872,8 @@ def main():
                 return
             bench.open_loop_rates = {}
             bench.capacity = 0.0
-            items = [c for c in contestants(bench) if c[0].startswith(args.only)]
+            prefixes = tuple(args.only.split(","))
+            items = [c for c in contestants(bench) if c[0].startswith(prefixes)]
             samples = {(section, name): [] for section, name, _, _ in items}
             for repetition in range(1, args.repetitions + 1):
                 print(f"bench.py: repetition {repetition}/{args.repetitions} "
