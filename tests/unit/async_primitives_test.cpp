@@ -1,6 +1,7 @@
 // The internal async primitives (db/src/async/): the abandon guard, the timer used as a condition
 // variable, the wait group and run_blocking; and what co_spawn does with an early cancellation. The
 // coroutines are free functions: a capturing lambda coroutine would outlive its captures.
+#include <array>
 #include <atomic>
 #include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/cancellation_signal.hpp>
@@ -28,6 +29,7 @@
 #include <vector>
 
 #include "async/abandon_guard.hpp"
+#include "async/parked_wait.hpp"
 #include "async/run_blocking.hpp"
 #include "async/timer_condition.hpp"
 #include "async/wait_group.hpp"
@@ -285,6 +287,122 @@ TEST(TimerConditionTest, NoWakeUpIsLostAcrossThreads) {
   notifier.join();
   const std::lock_guard lock(game.mutex);
   EXPECT_EQ(game.received, PingPong::rounds) << "a wake-up was lost";
+}
+
+// --- ParkedWait ----------------------------------------------------------------------------------
+
+// A coroutine parked in `parked` (through park_then_unlock(), as the pool's waiters and query()'s
+// callers park); records the error it was resumed with. `guard_runs` counts its unwinding.
+asio::awaitable<void> park_in(std::mutex& mutex, ParkedWait& parked,
+                              std::optional<error_code>& resumed_with, int& guard_runs) {
+  AbandonGuard guard([&guard_runs] { ++guard_runs; });
+  std::unique_lock lock(mutex);
+  const auto executor = co_await asio::this_coro::executor;
+  const auto [error] = co_await park_then_unlock(lock, parked, executor);
+  guard.disarm();
+  resumed_with = error;
+}
+
+TEST(ParkedWaitTest, ACoroutinesWaitIsHeldInPlaceAndEndsWhenResumed) {
+  asio::io_context io;
+  std::mutex mutex;
+  ParkedWait parked;
+  std::optional<error_code> resumed_with;
+  int guard_runs = 0;
+  asio::co_spawn(io, park_in(mutex, parked, resumed_with, guard_runs), asio::detached);
+  io.poll();
+  {
+    std::lock_guard lock(mutex);
+    ASSERT_TRUE(parked.waiting());
+    // A coroutine's handler (a pointer to its frames) needs no allocation of its own: with many
+    // coroutines parked at once, one per wait was a malloc and a free.
+    EXPECT_TRUE(parked.handler.held_in_place());
+  }
+  std::optional<ParkedWait> taken;
+  {
+    std::lock_guard lock(mutex);
+    taken.emplace(parked.take());
+  }
+  EXPECT_FALSE(parked.waiting());
+  ASSERT_TRUE(taken->waiting());
+  resume(std::move(*taken), error_code{}, false);
+  io.poll();
+  ASSERT_TRUE(resumed_with.has_value());
+  EXPECT_FALSE(*resumed_with);
+  EXPECT_EQ(guard_runs, 0);
+}
+
+TEST(ParkedWaitTest, TheCoroutinesCancellationEndsItsWaitWithOperationAborted) {
+  asio::io_context io;
+  std::mutex mutex;
+  ParkedWait parked;
+  std::optional<error_code> resumed_with;
+  int guard_runs = 0;
+  asio::cancellation_signal cancel;
+  asio::co_spawn(io, park_in(mutex, parked, resumed_with, guard_runs),
+                 asio::bind_cancellation_slot(cancel.slot(), asio::detached));
+  io.poll();
+  ASSERT_TRUE(parked.waiting());
+  cancel.emit(asio::cancellation_type::terminal);
+  io.poll();
+  ASSERT_TRUE(resumed_with.has_value());
+  EXPECT_EQ(*resumed_with, asio::error::operation_aborted);
+  EXPECT_FALSE(parked.waiting());
+  EXPECT_EQ(guard_runs, 0);
+}
+
+TEST(ParkedWaitTest, DestroyingAParkedWaitDestroysItsCoroutine) {
+  asio::io_context io;
+  std::mutex mutex;
+  ParkedWait parked;
+  std::optional<error_code> resumed_with;
+  int guard_runs = 0;
+  asio::co_spawn(io, park_in(mutex, parked, resumed_with, guard_runs), asio::detached);
+  io.poll();
+  ASSERT_TRUE(parked.waiting());
+  {
+    std::optional<ParkedWait> taken;
+    {
+      std::lock_guard lock(mutex);
+      taken.emplace(parked.take());
+    }
+  }  // destroyed unlocked, as release_waits_on() does: the coroutine unwinds, through its
+     // executor (asio posts a coroutine's unwinding)
+  io.poll();
+  EXPECT_EQ(guard_runs, 1);
+  EXPECT_FALSE(resumed_with.has_value());
+}
+
+TEST(ParkedWaitTest, AHandlerTooLargeToHoldInPlaceStillRunsOnceAndIsDestroyedOnce) {
+  auto counter = std::make_shared<int>(0);
+  std::array<char, 256> padding{};
+  padding[0] = 'x';
+  auto large = [counter, padding](error_code error) {
+    EXPECT_EQ(padding[0], 'x');
+    *counter += error ? 100 : 1;
+  };
+  static_assert(!ParkedHandler::fits_in_place<decltype(large)>);
+  asio::io_context io;
+  {
+    ParkedWait parked;
+    (void)parked.hold(std::move(large), io.get_executor(), false);
+    EXPECT_TRUE(parked.waiting());
+    EXPECT_FALSE(parked.handler.held_in_place());
+    EXPECT_EQ(counter.use_count(), 2);
+    ParkedWait moved(parked.take());
+    resume(std::move(moved), asio::error::operation_aborted, false);
+  }
+  io.poll();
+  EXPECT_EQ(*counter, 100);
+  EXPECT_EQ(counter.use_count(), 1) << "the handler's copy was not destroyed";
+  {
+    ParkedWait dropped;
+    (void)dropped.hold([counter](error_code) { ++*counter; }, io.get_executor(), false);
+    EXPECT_TRUE(dropped.handler.held_in_place());
+    EXPECT_EQ(counter.use_count(), 2);
+  }
+  EXPECT_EQ(counter.use_count(), 1) << "a handler destroyed unrun must release what it holds";
+  EXPECT_EQ(*counter, 100);
 }
 
 // --- WaitGroup -----------------------------------------------------------------------------------

@@ -21,9 +21,9 @@
 
 #include <algorithm>
 #include <array>
-#include <boost/asio/any_completion_handler.hpp>
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/as_tuple.hpp>
+#include <boost/asio/associated_cancellation_slot.hpp>
 #include <boost/asio/async_result.hpp>
 #include <boost/asio/cancellation_type.hpp>
 #include <boost/asio/deferred.hpp>
@@ -35,9 +35,11 @@
 #include <boost/asio/strand.hpp>
 #include <boost/asio/thread_pool.hpp>
 #include <boost/system/error_code.hpp>
+#include <cassert>
 #include <cstddef>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <optional>
 #include <type_traits>
 #include <utility>
@@ -47,49 +49,158 @@ namespace pgrt::detail::async {
 
 namespace asio = boost::asio;
 
+// A parked completion handler of signature void(error_code), type-erased. A handler of at most two
+// pointers that moves without throwing, as a coroutine's is (asio's awaitable handler), is kept
+// in place; another is moved to the heap. (ParkedWait, which holds it in the waiting coroutine's
+// frame, is no larger than before: a frame that grows past asio's recycling allocator's blocks,
+// or only so that frames of different sizes stop taking turns in its two cached blocks, costs a
+// malloc per call.) (Every handler went into an
+// any_completion_handler before, which allocates: with more coroutines parked at once than asio's
+// per-thread cache holds, two blocks, that was one malloc and one free per wait.) Destroying a
+// held handler destroys it, and with a coroutine's, the coroutine. Not thread-safe: its owner's
+// mutex guards it.
+class ParkedHandler {
+ public:
+  template <typename Held>
+  static constexpr bool fits_in_place =
+      sizeof(Held) <= 2 * sizeof(void*) &&
+      alignof(Held) <= alignof(void*) && std::is_nothrow_move_constructible_v<Held>;
+
+  ParkedHandler() noexcept = default;
+  // `its_slot` is set to the handler's cancellation slot (unconnected when it has none).
+  template <typename Handler,
+            typename = std::enable_if_t<!std::is_same_v<std::decay_t<Handler>, ParkedHandler>>>
+  ParkedHandler(Handler&& handler, asio::cancellation_slot& its_slot) {
+    using Held = std::decay_t<Handler>;
+    its_slot = asio::get_associated_cancellation_slot(handler);
+    if constexpr (fits_in_place<Held>) {
+      new (storage_) Held(std::forward<Handler>(handler));
+      operations_ = &in_place<Held>;
+    } else {
+      new (storage_) Held*(new Held(std::forward<Handler>(handler)));
+      operations_ = &on_heap<Held>;
+    }
+  }
+  ParkedHandler(ParkedHandler&& other) noexcept { take_from(other); }
+  ParkedHandler& operator=(ParkedHandler&& other) noexcept {
+    if (this != &other) {
+      reset();
+      take_from(other);
+    }
+    return *this;
+  }
+  ParkedHandler(const ParkedHandler&) = delete;
+  ParkedHandler& operator=(const ParkedHandler&) = delete;
+  ~ParkedHandler() { reset(); }
+
+  explicit operator bool() const noexcept { return operations_ != nullptr; }
+  // Whether the handler is kept in place (no allocation held), for tests.
+  [[nodiscard]] bool held_in_place() const noexcept {
+    return operations_ != nullptr && operations_->in_place;
+  }
+
+  // Calls the handler (moved out first: this one is empty when it runs).
+  void operator()(boost::system::error_code error) && {
+    std::exchange(operations_, nullptr)->invoke(storage_, error);
+  }
+
+ private:
+  struct Operations {
+    void (*invoke)(void* storage, boost::system::error_code error);
+    void (*move_to)(void* from, void* to) noexcept;  // and destroys `from`'s
+    void (*destroy)(void* storage) noexcept;
+    bool in_place;
+  };
+
+  template <typename Held>
+  static constexpr Operations in_place{
+      .invoke =
+          [](void* storage, boost::system::error_code error) {
+            Held& stored = *static_cast<Held*>(storage);
+            Held handler(std::move(stored));
+            stored.~Held();
+            std::move(handler)(error);
+          },
+      .move_to =
+          [](void* from, void* to) noexcept {
+            Held& source = *static_cast<Held*>(from);
+            new (to) Held(std::move(source));
+            source.~Held();
+          },
+      .destroy = [](void* storage) noexcept { static_cast<Held*>(storage)->~Held(); },
+      .in_place = true,
+  };
+  template <typename Held>
+  static constexpr Operations on_heap{
+      .invoke =
+          [](void* storage, boost::system::error_code error) {
+            const std::unique_ptr<Held> boxed(*static_cast<Held**>(storage));
+            Held handler(std::move(*boxed));
+            std::move(handler)(error);
+          },
+      .move_to = [](void* from, void* to) noexcept { new (to) Held*(*static_cast<Held**>(from)); },
+      .destroy = [](void* storage) noexcept { delete *static_cast<Held**>(storage); },
+      .in_place = false,
+  };
+
+  void take_from(ParkedHandler& other) noexcept {
+    if (other.operations_ == nullptr) return;
+    other.operations_->move_to(other.storage_, storage_);
+    operations_ = std::exchange(other.operations_, nullptr);
+  }
+  void reset() noexcept {
+    if (operations_ == nullptr) return;
+    std::exchange(operations_, nullptr)->destroy(storage_);
+  }
+
+  alignas(void*) unsigned char storage_[2 * sizeof(void*)];
+  const Operations* operations_ = nullptr;
+};
+
 // A coroutine's completion handler, parked while it waits; moved out, under the record's mutex,
 // by whichever party ends the wait (the waker, the coroutine's cancellation, its context's
 // shutdown).
 struct ParkedWait {
-  asio::any_completion_handler<void(boost::system::error_code)> handler;
+  ParkedHandler handler;
   // The coroutine's executor. (Not tracking work: the coroutine's co_spawn holds work on it for
   // as long as the coroutine lives, so its io_context does not run out of work while it waits
   // for a party that runs on another.)
   asio::any_io_executor executor;
-  asio::execution_context* context = nullptr;  // the executor's (ParkedWaitWatch)
   // The waker may resume it in place (the owner's choice: a query() caller on the io_context of
   // the connection that answers it).
   bool resumable_in_place = false;
 
   ParkedWait() = default;
   ParkedWait(ParkedWait&&) noexcept = default;
-  // Not assignable: Boost 1.81's any_completion_handler move assignment wraps its source in
-  // another any_completion_handler, endlessly. Its move constructor and swap() are sound.
+  // Not assignable (nothing needs it: a wait is taken out with take()).
   ParkedWait& operator=(ParkedWait&&) = delete;
   ParkedWait(const ParkedWait&) = delete;
   ParkedWait& operator=(const ParkedWait&) = delete;
   ~ParkedWait() = default;
 
   [[nodiscard]] bool waiting() const noexcept { return static_cast<bool>(handler); }
+  // Whether it waits to run on `context` (ParkedWaitWatch).
+  [[nodiscard]] bool runs_on(const asio::execution_context& context) const noexcept {
+    return waiting() && &asio::query(executor, asio::execution::context) == &context;
+  }
   // Moves the wait out, leaving this one empty.
   [[nodiscard]] ParkedWait take() noexcept {
     ParkedWait taken;
-    taken.handler.swap(handler);
+    taken.handler = std::move(handler);
     taken.executor = std::move(executor);
-    taken.context = std::exchange(context, nullptr);
     taken.resumable_in_place = std::exchange(resumable_in_place, false);
     return taken;
   }
-  // Starts the wait: `new_handler` (the coroutine's) resumes it on `its_executor`.
+  // Starts the wait: `new_handler` (the coroutine's) resumes it on `its_executor`. Returns the
+  // slot through which the handler's cancellation goes (unconnected when it has none).
   template <typename Handler>
-  void hold(Handler&& new_handler, asio::any_io_executor its_executor,
-            asio::execution_context& its_context, bool in_place_allowed) {
-    asio::any_completion_handler<void(boost::system::error_code)>(
-        std::forward<Handler>(new_handler))
-        .swap(handler);
+  asio::cancellation_slot hold(Handler&& new_handler, asio::any_io_executor its_executor,
+                               bool in_place_allowed) {
+    asio::cancellation_slot slot;
+    handler = ParkedHandler(std::forward<Handler>(new_handler), slot);
     executor = std::move(its_executor);
-    context = &its_context;
     resumable_in_place = in_place_allowed;
+    return slot;
   }
 
   // For a strand, the executor whose own queue runs its work: the io_context's or the
@@ -136,10 +247,15 @@ struct ParkedWait {
 // shuts down after every ParkedWaitWatch of it, whose shutdown takes that lock: a wait still
 // parked then is released by the watch instead. (An executor of another kind is posted to
 // directly.)
+// (The resumption carries whether the wait was cancelled, not the error_code: it then takes no
+// more room than before ParkedHandler, so that it fits the blocks asio's cache holds for posts.)
 inline void resume(ParkedWait wait, boost::system::error_code error, bool may_run_here) {
+  assert(!error || error == asio::error::operation_aborted);
   const asio::any_io_executor executor = std::move(wait.executor);
-  auto resumption = [handler = std::move(wait.handler), error]() mutable {
-    std::move(handler)(error);
+  auto resumption = [handler = std::move(wait.handler),
+                     aborted = static_cast<bool>(error)]() mutable {
+    std::move(handler)(aborted ? boost::system::error_code(asio::error::operation_aborted)
+                               : boost::system::error_code());
   };
   if (may_run_here) {
     asio::dispatch(executor, std::move(resumption));
@@ -182,17 +298,14 @@ struct CancelParkedWait {
 // released once the handler is parked in `parked` (a waker cannot slip in between). Completes
 // (as a tuple: nothing is thrown in the frame) with no error when a waker resumes it, with
 // operation_aborted when the coroutine's per-operation cancellation ends it. A coroutine
-// destroyed mid-wait leaves `lock` released and without its mutex. `executor` and `context` are
-// the awaiting coroutine's; `resumable_in_place`, see ParkedWait.
+// destroyed mid-wait leaves `lock` released and without its mutex. `executor` is the awaiting
+// coroutine's; `resumable_in_place`, see ParkedWait.
 template <typename Mutex>
 auto park_then_unlock(std::unique_lock<Mutex>& lock, ParkedWait& parked,
-                      const asio::any_io_executor& executor, asio::execution_context& context,
-                      bool resumable_in_place = false) {
-  auto initiation = [&lock, &parked, &executor, &context, resumable_in_place](auto handler) {
+                      const asio::any_io_executor& executor, bool resumable_in_place = false) {
+  auto initiation = [&lock, &parked, &executor, resumable_in_place](auto handler) {
     const std::unique_lock<Mutex> released(*lock.release(), std::adopt_lock);
-    parked.hold(std::move(handler), executor, context, resumable_in_place);
-    // (The type-erased handler forwards the coroutine's slot to one of its own.)
-    auto slot = parked.handler.get_cancellation_slot();
+    auto slot = parked.hold(std::move(handler), executor, resumable_in_place);
     if (slot.is_connected()) {
       slot.template emplace<CancelParkedWait<Mutex>>(released.mutex(), &parked);
     }
@@ -217,7 +330,7 @@ void release_waits_on(asio::execution_context& context, Mutex& mutex, ForEachWai
       const std::lock_guard lock(mutex);
       each_pass();
       for_each_wait([&](ParkedWait& parked) {
-        if (taken < batch && parked.waiting() && parked.context == &context) {
+        if (taken < batch && parked.waiting() && parked.runs_on(context)) {
           released[taken++].emplace(parked.take());
         }
       });

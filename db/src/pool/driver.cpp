@@ -1049,8 +1049,7 @@ asio::awaitable<Lease> PoolState::acquire(std::shared_ptr<PoolState> self, Prior
           const auto waiting_on = co_await asio::this_coro::executor;
           asio::execution_context& context = asio::query(waiting_on, asio::execution::context);
           watch_waiters_on_locked(context);
-          std::tie(error) =
-              co_await async::park_then_unlock(lock, waiter.parked, waiting_on, context);
+          std::tie(error) = co_await async::park_then_unlock(lock, waiter.parked, waiting_on);
           lock = std::unique_lock(mutex);
         }
         abandon.disarm();

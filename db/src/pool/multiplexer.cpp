@@ -1312,8 +1312,8 @@ asio::awaitable<Result> run_shared(std::shared_ptr<PoolState> pool,
       // connections' own io_context, with its plain executor (not a strand of its own).
       const bool beside_connections = &context == &mux->connections_context &&
                                       executor.target<asio::io_context::executor_type>() != nullptr;
-      const auto [waited] = co_await async::park_then_unlock(lock, statement->wait, executor,
-                                                             context, beside_connections);
+      const auto [waited] =
+          co_await async::park_then_unlock(lock, statement->wait, executor, beside_connections);
       lock = std::unique_lock(mux->mutex);
       error = waited;
     }
