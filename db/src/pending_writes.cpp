@@ -1078,21 +1078,32 @@ std::string refused_statement(std::string_view statement) {
   return {};
 }
 
-// The statements of a text after its first are each checked as the first is (below), and the
-// message names the one refused: `INSERT ...; COMMIT` was accepted (only its first keyword was
-// read) and refused by the server at the flush (42601: one statement per write), and `SET LOCAL
-// transaction_read_only = off; SET TRANSACTION READ ONLY` was refused for a value it could not
-// read.
+// The statement at the start of `rest` (a text's rest from a statement on), up to the next
+// (`next`: after_first_statement(rest)), its ';' and the blanks before them dropped.
+std::string_view statement_before(std::string_view rest, std::string_view next) {
+  std::string_view statement = rest.substr(0, rest.size() - next.size());
+  while (!statement.empty() &&
+         (statement.back() == ';' || std::isspace(static_cast<unsigned char>(statement.back())))) {
+    statement.remove_suffix(1);
+  }
+  return statement;
+}
+
+// A write is one statement: it is sent as one extended-protocol statement, which holds one command,
+// and the server refused a text of several at the flush (42601), after enqueue() had accepted it.
+// A text of several is refused at the call. The statements after the first are each checked as the
+// first is (below), and the message names the first one refused: `INSERT ...; COMMIT` is refused
+// for its COMMIT, `SET LOCAL transaction_read_only = off; SET TRANSACTION READ ONLY` for its
+// read-only setting, not for a value the check could not read; a text of harmless statements for
+// its statement 2.
 void refuse_later_statements(std::string_view sql) {
+  const std::string_view second = after_first_statement(sql);
+  if (second.empty()) return;
   std::size_t number = 1;
-  for (std::string_view rest = after_first_statement(sql); !rest.empty();) {
+  for (std::string_view rest = second; !rest.empty();) {
     ++number;
     const std::string_view next = after_first_statement(rest);
-    std::string_view statement = rest.substr(0, rest.size() - next.size());
-    while (!statement.empty() && (statement.back() == ';' ||
-                                  std::isspace(static_cast<unsigned char>(statement.back())))) {
-      statement.remove_suffix(1);
-    }
+    const std::string_view statement = statement_before(rest, next);
     const std::string what = refused_statement(statement);
     if (!what.empty()) {
       throw Error(
@@ -1109,6 +1120,19 @@ void refuse_later_statements(std::string_view sql) {
     }
     rest = next;
   }
+  const std::string_view statement = statement_before(second, after_first_statement(second));
+  throw Error(
+      make_error_code(client_errc::needs_session),
+      Diagnostics{
+          .message = "a text of several statements cannot be a pending write: its statement "
+                     "2 (" +
+                     one_line(redact_statement(statement), 200) +
+                     ") would be sent with the first as one write, which the server "
+                     "refuses at the flush (42601: a write is sent as one extended-protocol "
+                     "statement, which holds one command), and the write would be given up",
+          .hint = "enqueue each statement on its own (the writes of a batch run in the "
+                  "order they were accepted, in one transaction)",
+          .statement = std::string(sql)});
 }
 
 // A read-only transaction setting belongs to the batch's transaction, but makes every write after
@@ -1117,19 +1141,6 @@ void refuse_later_statements(std::string_view sql) {
 void refuse_read_only_setting(std::string_view sql) {
   const ReadOnlySetting setting = transaction_read_only_setting(sql);
   if (setting == ReadOnlySetting::none) return;
-  // (Set off, and followed by a statement refuse_later_statements() found harmless: the server
-  // would refuse the text at the flush, 42601, a write being one statement.)
-  if (const std::string_view rest = after_first_statement(sql);
-      !rest.empty() && transaction_read_only_setting(sql.substr(0, sql.size() - rest.size())) ==
-                           ReadOnlySetting::none) {
-    throw Error(make_error_code(client_errc::needs_session),
-                Diagnostics{.message = "SET LOCAL transaction_read_only followed by another "
-                                       "statement in the same text cannot be a pending write: a "
-                                       "write is one statement (the server refuses a text of "
-                                       "several at the flush, 42601)",
-                            .hint = "enqueue each statement on its own",
-                            .statement = std::string(sql)});
-  }
   const std::string what =
       setting == ReadOnlySetting::read_only
           ? std::string("a read-only transaction setting cannot be a pending write")

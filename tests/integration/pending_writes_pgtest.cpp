@@ -1077,11 +1077,76 @@ TEST_F(PendingWritesTest, AStatementAfterTheFirstInOneTextIsRefusedByName) {
               HasSubstr("a read-only transaction setting, the text's statement 2 (SET "
                         "TRANSACTION READ ONLY)"));
   EXPECT_THAT(refused[2].what(), Not(HasSubstr("cannot tell")));
-  EXPECT_THAT(refused[3].what(), HasSubstr("followed by another statement"));
+  EXPECT_THAT(refused[3].what(), HasSubstr("a text of several statements"));
+  EXPECT_THAT(refused[3].what(), HasSubstr("statement 2 (SELECT 1)"));
   EXPECT_THAT(refused[3].what(), Not(HasSubstr("cannot tell")));
   EXPECT_EQ(end.accepted, 1U);
   EXPECT_EQ(end.failed, 0U);
   EXPECT_EQ(scalar(dsn, "SELECT string_agg(payload, ',') FROM pw_second_statement"), "x; COMMIT");
+}
+
+// A text of several statements, each harmless, is one write that can never succeed: a write is
+// sent as one extended-protocol statement, which holds one command, so the server refuses it at
+// the flush (42601), the write given up (events().failed, report().failed, stop() throwing
+// writes_failed) after enqueue() had accepted it. It is refused at the call, the message naming
+// its second statement. A text of one statement stays accepted: a trailing ';' with blanks and
+// comments after it, a ';' in a string, a quoted name, a comment or a dollar quote, and a text
+// whose ';' only one reading of its backslashes finds at the top level (the server decides).
+TEST_F(PendingWritesTest, ATextOfSeveralHarmlessStatementsIsRefusedAtTheCall) {
+  const std::string dsn = cluster().dsn();
+  create_table(dsn, "pw_several");
+  const std::vector<std::string> several{
+      "INSERT INTO pw_several (seq, payload) VALUES (1, 'a'); INSERT INTO pw_several (seq, "
+      "payload) VALUES (2, 'b')",
+      "INSERT INTO pw_several (seq, payload) VALUES (3, 'c');\n-- then\n;; UPDATE pw_several SET "
+      "payload = 'd'",
+      "SELECT 1; SELECT 2",
+  };
+  std::vector<Error> refused;
+  std::vector<std::string> given_up;
+  std::optional<Error> stopped;
+  PendingWritesReport end{};
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, pool_config(dsn, "several"));
+    PendingWrites writes(pool, executor, Config{.name = "several"});
+    const auto subscription = collect_given_up(writes, given_up, true);
+    for (const std::string& sql : several) {
+      refused.push_back(co_await expect_error(writes.enqueue(sql)));
+    }
+    for (const char* one : {
+             "INSERT INTO pw_several (seq, payload) VALUES (4, 'e'); -- done\n ;",
+             "INSERT INTO pw_several (seq, payload) VALUES (5, 'f; g') /* ; h */;",
+             "INSERT INTO \"pw_several\" (seq, payload) VALUES (6, $x$i; j$x$)",
+             // (One statement with standard_conforming_strings on, two with it off: the server
+             // reads it, on.)
+             "INSERT INTO pw_several (seq, payload) SELECT 7, 'k\\' || 'l; m'",
+         }) {
+      co_await writes.enqueue(one);
+    }
+    try {
+      co_await writes.stop();
+    } catch (const Error& error) {
+      stopped = error;
+    }
+    end = writes.report();
+  });
+  ASSERT_EQ(refused.size(), several.size());
+  for (const Error& error : refused) {
+    EXPECT_EQ(error.code(), client_errc::needs_session) << error.what();
+    EXPECT_THAT(error.what(), HasSubstr("enqueue each statement on its own")) << error.what();
+  }
+  EXPECT_THAT(refused[0].what(),
+              HasSubstr("statement 2 (INSERT INTO pw_several (seq, payload) VALUES (2, 'b'))"));
+  EXPECT_THAT(refused[1].what(), HasSubstr("statement 2 (UPDATE pw_several SET payload = 'd')"));
+  EXPECT_THAT(refused[2].what(), HasSubstr("statement 2 (SELECT 2)"));
+  EXPECT_FALSE(stopped.has_value()) << stopped->what();
+  EXPECT_TRUE(given_up.empty()) << "given up at the flush: " << ::testing::PrintToString(given_up);
+  EXPECT_EQ(end.accepted, 4U);
+  EXPECT_EQ(end.failed, 0U);
+  EXPECT_EQ(
+      scalar(dsn, "SELECT string_agg(seq || '=' || payload, ',' ORDER BY seq) FROM pw_several"),
+      "4=e,5=f; g,6=i; j,7=k\\l; m");
 }
 
 // The flusher's statements run, inside the batch's transaction, by the names the connection's

@@ -187,9 +187,11 @@ class PendingWrites {
   /// would end part of a batch or stay on the pooled connection, COPY, and a read-only transaction
   /// setting (SET [LOCAL] TRANSACTION ... READ ONLY, SET LOCAL transaction_read_only to a value
   /// PostgreSQL reads as true, or to one the check cannot read, such as DEFAULT: the writes after
-  /// it in the batch would fail; set to off, false, no or 0 it is accepted). Each statement of a
-  /// text of several is checked, and the message names the one refused (`INSERT ...; COMMIT`).
-  /// (Functions, DO blocks and BEGIN ATOMIC bodies are not looked into.)
+  /// it in the batch would fail; set to off, false, no or 0 it is accepted), and a text of several
+  /// statements: a write is one statement (the server would refuse the text at the flush, 42601);
+  /// the message names the statement refused (`INSERT ...; COMMIT`), or else the text's statement
+  /// 2. A trailing `;` ends the one statement, and a BEGIN ATOMIC body's `;` end none. (Functions
+  /// and DO blocks are not looked into.)
   ///
   /// When `capacity` writes are pending: with WhenFull::wait, waits (FIFO) for room; with
   /// WhenFull::fail, throws.
