@@ -160,8 +160,14 @@ std::string_view after_first_statement(std::string_view sql, bool backslash_esca
   const std::size_t size = sql.size();
   std::size_t at = past_blanks_and_comments(sql, 0);
   while (at < size && sql[at] == ';') at = past_blanks_and_comments(sql, at + 1);
-  int depth = 0;             // parentheses (a rule's actions: (INSERT ...; INSERT ...))
-  bool after_begin = false;  // the word before was BEGIN
+  int depth = 0;  // parentheses (a rule's actions: (INSERT ...; INSERT ...))
+  // A routine's SQL-standard body (BEGIN ATOMIC ...; ... END) holds ';' too. As psql's lexer does:
+  // in a statement that starts CREATE [OR REPLACE] FUNCTION or PROCEDURE, BEGIN and END at the top
+  // level open and close a body, and a CASE in a body ends with END as well.
+  int words = 0;               // the statement's words, while they may start a routine's
+  bool may_be_routine = true;  // its words so far start CREATE [OR REPLACE]
+  bool routine = false;        // it starts CREATE [OR REPLACE] FUNCTION or PROCEDURE
+  int begin_depth = 0;         // BEGIN (and CASE inside it) not yet closed by END
   while (at < size) {
     const char c = sql[at];
     if (const std::size_t after = end_of_comment(sql, at); after != at) {
@@ -169,10 +175,10 @@ std::string_view after_first_statement(std::string_view sql, bool backslash_esca
     } else if (const std::size_t end = end_of_string_constant(sql, at, backslash_escapes);
                end != at) {
       at = end;
-      after_begin = false;
+      may_be_routine = routine;
     } else if (c == '"') {
       at = end_of_quoted_identifier(sql, at);
-      after_begin = false;
+      may_be_routine = routine;
     } else if (is_sql_word_char(c)) {
       const std::size_t start = at;
       while (at < size && is_sql_word_char(sql[at])) ++at;
@@ -180,16 +186,37 @@ std::string_view after_first_statement(std::string_view sql, bool backslash_esca
       const auto is = [word](std::string_view lower) {
         return word.size() == lower.size() && contains_ignoring_case(word, lower);
       };
-      if (after_begin && is("atomic")) return {};  // (a BEGIN ATOMIC body: not looked into)
-      after_begin = is("begin");
-    } else if (c == ';' && depth == 0) {
+      if (may_be_routine && !routine) {
+        const bool routine_word = is("function") || is("procedure");
+        switch (words++) {
+          case 0:
+            may_be_routine = is("create");
+            break;
+          case 1:
+            routine = routine_word;
+            may_be_routine = routine_word || is("or");
+            break;
+          case 2:
+            may_be_routine = is("replace");
+            break;
+          default:
+            routine = may_be_routine = routine_word;
+            break;
+        }
+      } else if (routine && depth == 0) {
+        if (is("begin") || (is("case") && begin_depth > 0)) {
+          ++begin_depth;
+        } else if (is("end") && begin_depth > 0) {
+          --begin_depth;
+        }
+      }
+    } else if (c == ';' && depth == 0 && begin_depth == 0) {
       at = past_blanks_and_comments(sql, at + 1);
       while (at < size && sql[at] == ';') at = past_blanks_and_comments(sql, at + 1);
       return sql.substr(at);
     } else {
       if (c == '(') ++depth;
       if (c == ')' && depth > 0) --depth;
-      if (std::isspace(static_cast<unsigned char>(c)) == 0) after_begin = false;
       ++at;
     }
   }

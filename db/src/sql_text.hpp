@@ -102,8 +102,10 @@ std::string needs_own_session(std::string_view sql, SessionScope scope);
 // The rest of `sql` from its second statement on: past the first statement's ';' at the top
 // level (not in a comment, a string constant, a quoted identifier or parentheses) and the empty
 // statements, blanks and comments after it; "" for a text of one statement (empty statements
-// before or after it included). The body of a BEGIN ATOMIC function, whose statements end with
-// ';' inside the one CREATE statement, is not looked into: "" from there on. Nor is a text whose
+// before or after it included). A routine's SQL-standard body (BEGIN ATOMIC ...; ... END), whose
+// statements end with ';' inside the one CREATE statement, is no end either: as psql's lexer does,
+// BEGIN ... END (and CASE ... END inside it) is tracked outside parentheses in a statement that
+// starts CREATE [OR REPLACE] FUNCTION or PROCEDURE. A text whose
 // first ';' at the top level depends on the server (a backslash in a '...': it escapes with
 // standard_conforming_strings off, or in a '...' continuing an E'...'): "". A guard against a
 // mistake, not a boundary. The first statement is sql.substr(0, sql.size() - rest.size()).

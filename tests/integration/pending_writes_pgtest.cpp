@@ -1149,6 +1149,45 @@ TEST_F(PendingWritesTest, ATextOfSeveralHarmlessStatementsIsRefusedAtTheCall) {
       "4=e,5=f; g,6=i; j,7=k\\l; m");
 }
 
+// A function with an SQL-standard body (BEGIN ATOMIC ... END) is one statement, its body's ';'
+// and a CASE's END included: accepted and flushed, and the function runs. A statement after its
+// END is a second statement, refused by name: it was not seen (the body and everything after it
+// were not looked into), and the text failed at the flush (42601).
+TEST_F(PendingWritesTest, AFunctionWithABeginAtomicBodyIsOneWriteAndAStatementAfterItIsRefused) {
+  const std::string dsn = cluster().dsn();
+  run_sql(dsn, {"DROP FUNCTION IF EXISTS pw_atomic_add(bigint)"});  // (it depends on the table)
+  create_table(dsn, "pw_atomic");
+  const std::string create =
+      "CREATE OR REPLACE FUNCTION pw_atomic_add(n bigint) RETURNS void LANGUAGE sql\n"
+      "BEGIN ATOMIC\n"
+      "  INSERT INTO pw_atomic (seq, payload) VALUES (n, 'a; b');\n"
+      "  INSERT INTO pw_atomic (seq, payload)\n"
+      "    VALUES (n + 1, CASE WHEN n > 0 THEN 'positive' ELSE 'not' END);\n"
+      "END";
+  std::optional<Error> refused;
+  PendingWritesReport end{};
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, pool_config(dsn, "atomic"));
+    PendingWrites writes(pool, executor, Config{.name = "atomic"});
+    refused = co_await expect_error(
+        writes.enqueue(create + ";\nINSERT INTO pw_atomic (seq, payload) VALUES (9, 'after')"));
+    co_await writes.enqueue(create + "; -- one statement\n");
+    co_await writes.enqueue("SELECT pw_atomic_add($1)", std::int64_t{1});
+    co_await stop_writing_all(writes);
+    end = writes.report();
+  });
+  ASSERT_TRUE(refused.has_value());
+  EXPECT_EQ(refused->code(), client_errc::needs_session) << refused->what();
+  EXPECT_THAT(refused->what(),
+              HasSubstr("statement 2 (INSERT INTO pw_atomic (seq, payload) VALUES (9, 'after'))"));
+  EXPECT_EQ(end.accepted, 2U);
+  EXPECT_EQ(end.failed, 0U);
+  EXPECT_EQ(
+      scalar(dsn, "SELECT string_agg(seq || '=' || payload, ',' ORDER BY seq) FROM pw_atomic"),
+      "1=a; b,2=positive");
+}
+
 // The flusher's statements run, inside the batch's transaction, by the names the connection's
 // statement cache holds (from the application's own query_prepared() on that pooled
 // connection). When the server has forgotten them behind pgrt's back (a DEALLOCATE ALL pgrt did

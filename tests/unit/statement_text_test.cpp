@@ -1,6 +1,8 @@
 // What pgrt reads out of SQL text and server messages without a server: the first keyword that
 // query() and the pooler checks refuse by, and the prepared-statement name in a 26000 message.
 #include <gtest/gtest.h>
+#include <string>
+#include <vector>
 
 #include "connection/impl.hpp"
 
@@ -138,6 +140,42 @@ TEST(SqlText, AfterFirstStatementFindsTheSecondStatementOnlyAtTheTopLevel) {
        }) {
     EXPECT_EQ(after_first_statement(one), "") << one;
   }
+}
+
+// A function or procedure with an SQL-standard body (BEGIN ATOMIC ... END, PostgreSQL 14+) holds
+// its statements' ';' inside the one CREATE statement, and a CASE in it ends with END too. The
+// body was not looked into, nor anything after it: a statement after its END was not seen. As
+// psql's lexer does, BEGIN ... END (and CASE ... END inside it) is tracked at the top level of a
+// statement that starts CREATE [OR REPLACE] FUNCTION or PROCEDURE, and only there.
+TEST(SqlText, AfterFirstStatementFindsTheStatementAfterABeginAtomicBody) {
+  const std::string body =
+      "CREATE OR REPLACE FUNCTION f(x int) RETURNS int LANGUAGE sql\n"
+      "BEGIN ATOMIC\n"
+      "  INSERT INTO t VALUES (x);\n"
+      "  SELECT CASE WHEN x > 0 THEN 1 ELSE 0 END;\n"
+      "END";
+  for (const std::string& one : std::vector<std::string>{
+           body,
+           body + ";",
+           body + " ; -- done\n;",
+           "create procedure p() language sql begin atomic insert into t values (1); end",
+           "CREATE /* c */ FUNCTION f() RETURNS void LANGUAGE sql BEGIN /* ; */ ATOMIC "
+           "INSERT INTO t VALUES ('end; commit'); END",
+       }) {
+    EXPECT_EQ(after_first_statement(one), "") << one;
+  }
+  EXPECT_EQ(after_first_statement(body + "; INSERT INTO t VALUES (2)"), "INSERT INTO t VALUES (2)");
+  EXPECT_EQ(after_first_statement(body + ";\nCOMMIT"), "COMMIT");
+  EXPECT_EQ(after_first_statement("CREATE PROCEDURE p() LANGUAGE sql BEGIN ATOMIC SELECT 1; END; "
+                                  "CREATE FUNCTION g() RETURNS int LANGUAGE sql BEGIN ATOMIC "
+                                  "SELECT 2; END"),
+            "CREATE FUNCTION g() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 2; END");
+  // A CASE ... END outside a BEGIN, a BEGIN in parentheses or in another statement: no body.
+  EXPECT_EQ(after_first_statement("CREATE FUNCTION f() RETURNS int LANGUAGE sql RETURN CASE WHEN "
+                                  "true THEN 1 END; COMMIT"),
+            "COMMIT");
+  EXPECT_EQ(after_first_statement("UPDATE t SET x = 'begin'; BEGIN"), "BEGIN");
+  EXPECT_EQ(after_first_statement("SELECT begin FROM t; COMMIT"), "COMMIT");
 }
 
 // Where a string constant ends depends on the server: with standard_conforming_strings off, a
