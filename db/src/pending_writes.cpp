@@ -22,6 +22,7 @@
 #include <span>
 #include <spdlog/spdlog.h>
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 #include "async/abandon_guard.hpp"
@@ -94,6 +95,9 @@ struct Write {
   Clock::time_point accepted_at{};
   bool settled = false;  // flushed or given up on (the flusher's only)
 };
+// (The flusher hands its batch back as it fails without allocating: memory may be what ran out.)
+static_assert(std::is_nothrow_move_constructible_v<Write> &&
+              std::is_nothrow_move_assignable_v<Write>);
 
 // `text` as one line of a log or an error: at most `limit` bytes of it, cut at a character
 // boundary (never inside a UTF-8 sequence, which would leave invalid UTF-8), and no control byte
@@ -293,6 +297,9 @@ struct PendingWritesState {
   // Of in_flight, the writes of the batch the flusher had when it failed (an exception out of
   // flush()): flusher_ended() reports them.
   std::vector<Write> orphaned;
+  // The writes still queued when the flusher ended, for flusher_ended() to report: a member, so
+  // that taking them from `queue` is a swap, with no allocation (a deque allocates as it is made).
+  std::deque<Write> never_sent;
   std::deque<SpaceWaiter*> waiters;
   // The flusher waits on it for writes, and during a backoff: woken by new writes, close, abandon.
   async::TimerCondition flusher_wake;
@@ -805,11 +812,12 @@ asio::awaitable<void> run_flusher(std::shared_ptr<State> self) {
       failure = std::current_exception();
     }
     if (failure) {
+      // Handed back without an allocation (memory may be what ran out: a push_back failing here
+      // destroyed the batch's writes unannounced): its writes not settled, then the vector itself.
+      std::erase_if(batch, [](const Write& write) { return write.settled; });
       {
         std::lock_guard lock(self->mutex);
-        for (Write& write : batch) {
-          if (!write.settled) self->orphaned.push_back(std::move(write));
-        }
+        self->orphaned.swap(batch);  // (empty before: the flusher runs once)
       }
       std::rethrow_exception(failure);
     }
@@ -818,20 +826,11 @@ asio::awaitable<void> run_flusher(std::shared_ptr<State> self) {
 
 // The flusher has ended: what was not written is counted as failed; stop() calls wake up.
 void flusher_ended(const std::shared_ptr<State>& self, const std::exception_ptr& failure) {
-  std::string failed_for;  // what the flusher failed with, if it did
-  if (failure) {
-    try {
-      std::rethrow_exception(failure);
-    } catch (const std::exception& error) {
-      failed_for = error.what();
-    } catch (...) {
-      failed_for = "an exception of an unknown type";
-    }
-    spdlog::error("pgrt pending writes {}: the flusher failed: {}", self->config.name, failed_for);
-  }
   // The flusher counts as ended (stop() calls wake up and return) only once what it gave up on
   // has been logged and reported, however that ends: a stop() that returned first (on another
   // thread) had its caller tear down what the subscribers use while they were still called.
+  // (Made first: an allocation failing before it, memory being what the flusher may have run out
+  // of, threw out of io_context::run() and left stop() waiting for ever.)
   struct Ended {
     explicit Ended(const std::shared_ptr<State>& state) : self(state) {}
     const std::shared_ptr<State>& self;
@@ -847,10 +846,10 @@ void flusher_ended(const std::shared_ptr<State>& self, const std::exception_ptr&
       self->flushing.done();
     }
   } const ended(self);
+  // Counted before anything that allocates: no write left uncounted, whatever fails below.
   std::size_t lost = 0;
   std::size_t were_in_flight = 0;
-  std::deque<Write> never_sent;
-  std::vector<Write> in_flight;
+  std::vector<Write> in_flight;  // (made empty, a vector allocates nothing)
   {
     std::lock_guard lock(self->mutex);
     lost = self->unflushed_locked();
@@ -858,50 +857,70 @@ void flusher_ended(const std::shared_ptr<State>& self, const std::exception_ptr&
     self->failed += lost;
     // Given up on for the flusher's failure, not for a cancelled stop().
     if (failure) self->failed_by_error += lost;
-    never_sent.swap(self->queue);
+    self->never_sent.swap(self->queue);
     in_flight.swap(self->orphaned);
     self->in_flight = 0;
     self->close_locked();  // in case it ended for another reason than stop()
     self->ending = true;
   }
+  const char* failed_for = nullptr;  // what the flusher failed with, if it did (`failure` holds it)
+  if (failure) {
+    try {
+      std::rethrow_exception(failure);
+    } catch (const std::exception& error) {
+      failed_for = error.what();
+    } catch (...) {
+      failed_for = "an exception of an unknown type";
+    }
+    spdlog::error("pgrt pending writes {}: the flusher failed: {}", self->config.name, failed_for);
+  }
   if (lost == 0) return;
   // Every write given up on is logged and reported, as a permanent error's are (give_up()): the
   // queued ones, and those of the batch the flusher had when it failed (left for here by
-  // run_flusher()), by what they were.
+  // run_flusher()), by what they were. Memory running out as they are (the flusher's failure may
+  // be that) leaves them counted, and says so.
   const std::string& name = self->config.name;
-  spdlog::warn(
-      "pgrt pending writes {}: gave up on {} accepted writes that were not committed ({} never "
-      "sent, {} in a batch whose commit was not confirmed)",
-      name, lost, never_sent.size(), were_in_flight);
-  const auto report = [&](const auto& writes, const Error& error) {
-    if (writes.empty()) return;
-    std::vector<std::string> descriptions;
-    descriptions.reserve(writes.size());
-    for (const Write& write : writes) descriptions.push_back(describe(write));
-    for (std::size_t i = 0; i < descriptions.size() && i < 10; ++i) {
-      spdlog::warn("pgrt pending writes {}: not written: {}", name, descriptions[i]);
+  const std::deque<Write>& never_sent = self->never_sent;
+  try {
+    spdlog::warn(
+        "pgrt pending writes {}: gave up on {} accepted writes that were not committed ({} never "
+        "sent, {} in a batch whose commit was not confirmed)",
+        name, lost, never_sent.size(), were_in_flight);
+    const auto report = [&](const auto& writes, const Error& error) {
+      if (writes.empty()) return;
+      std::vector<std::string> descriptions;
+      descriptions.reserve(writes.size());
+      for (const Write& write : writes) descriptions.push_back(describe(write));
+      for (std::size_t i = 0; i < descriptions.size() && i < 10; ++i) {
+        spdlog::warn("pgrt pending writes {}: not written: {}", name, descriptions[i]);
+      }
+      if (descriptions.size() > 10) {
+        spdlog::warn("pgrt pending writes {}: ... and {} more not written", name,
+                     descriptions.size() - 10);
+      }
+      self->events.failed(descriptions, error);
+    };
+    if (failure) {
+      report(in_flight, Error(make_error_code(client_errc::protocol_error),
+                              Diagnostics{.message = "the pending writes' flusher failed (" +
+                                                     one_line(failed_for, 1000) +
+                                                     ") before the commit of these writes' batch "
+                                                     "was confirmed"}));
+      report(never_sent, Error(make_error_code(client_errc::protocol_error),
+                               Diagnostics{.message = "the pending writes' flusher failed (" +
+                                                      one_line(failed_for, 1000) +
+                                                      ") before these writes were sent"}));
+    } else {
+      report(never_sent,
+             Error(make_error_code(client_errc::cancelled),
+                   Diagnostics{.message = "the flushing was abandoned (stop() was cancelled or ran "
+                                          "out of time) before these writes were sent"}));
     }
-    if (descriptions.size() > 10) {
-      spdlog::warn("pgrt pending writes {}: ... and {} more not written", name,
-                   descriptions.size() - 10);
-    }
-    self->events.failed(descriptions, error);
-  };
-  if (failure) {
-    report(in_flight, Error(make_error_code(client_errc::protocol_error),
-                            Diagnostics{.message = "the pending writes' flusher failed (" +
-                                                   one_line(failed_for, 1000) +
-                                                   ") before the commit of these writes' batch was "
-                                                   "confirmed"}));
-    report(never_sent, Error(make_error_code(client_errc::protocol_error),
-                             Diagnostics{.message = "the pending writes' flusher failed (" +
-                                                    one_line(failed_for, 1000) +
-                                                    ") before these writes were sent"}));
-  } else {
-    report(never_sent,
-           Error(make_error_code(client_errc::cancelled),
-                 Diagnostics{.message = "the flushing was abandoned (stop() was cancelled or ran "
-                                        "out of time) before these writes were sent"}));
+  } catch (const std::exception& error) {
+    spdlog::error(
+        "pgrt pending writes {}: of the {} accepted writes given up on (counted failed), not all "
+        "could be logged and reported through events().failed: {}",
+        name, lost, error.what());
   }
 }
 

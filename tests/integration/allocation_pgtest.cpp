@@ -49,9 +49,17 @@ std::atomic<std::size_t> allocations{0};
 thread_local bool out_of_memory = false;
 // The next this many allocations of this thread fail, as above.
 thread_local int failing_allocations = 0;
+// The next allocations of this thread, one per bit from the lowest, until no bit is left: those of
+// a set bit fail, as above (0b101: the next fails, the one after succeeds, the third fails).
+thread_local unsigned failing_pattern = 0;
 
 bool runs_out() {
   if (out_of_memory) return true;
+  if (failing_pattern != 0) {
+    const bool fails = (failing_pattern & 1U) != 0;
+    failing_pattern >>= 1U;
+    return fails;
+  }
   if (failing_allocations == 0) return false;
   --failing_allocations;
   return true;
@@ -528,6 +536,69 @@ TEST_F(AllocationTest, WritesInFlightWhenTheFlusherFailsAreAnnouncedThroughEvent
   for (const auto& write : announced_writes) {
     EXPECT_NE(write.find("INSERT INTO nowhere"), std::string::npos) << write;
   }
+}
+
+// The writes the flusher had in flight when it failed are handed to its end report with no
+// allocation of their own, and its end counts every write before it allocates: memory may still be
+// short. Here the flusher's next allocation fails as it backs off, and the third from it too.
+// That third was the hand-back's, which pushed the batch's writes one by one into a vector: its
+// growth failing, a write of the batch was destroyed unannounced (announced 2 of 3). With the
+// hand-back allocating nothing, it came in the flusher's end, before it counted anything: the
+// std::bad_alloc left io_context::run() with no write counted and stop() not woken. Now the
+// writes are counted failed, stop() ends, and they are announced, or the log says that not all
+// could be.
+TEST_F(AllocationTest, WritesInFlightAreAnnouncedWhenMemoryStaysShortAsTheFlusherFails) {
+  std::ostringstream log;
+  const auto previous = spdlog::default_logger();
+  spdlog::set_default_logger(std::make_shared<spdlog::logger>(
+      "capture", std::make_shared<spdlog::sinks::ostream_sink_mt>(log)));
+  std::size_t announced = 0;
+  bool armed = false;
+  bool stopped = false;
+  PendingWritesReport end{};
+  run_coroutine([&]() -> asio::awaitable<void> {
+    auto executor = co_await asio::this_coro::executor;
+    PoolConfig config = pool_of_one();
+    config.connect.session_settings = {{"statement_timeout", "soon"}};  // every connect fails
+    config.acquire_timeout = 100ms;
+    Pool pool(executor, config);
+    PendingWrites writes(
+        pool, executor,
+        PendingWritesConfig{.name = "short-of-memory", .batch_size = 2, .flush_interval = 0ms});
+    boost::signals2::scoped_connection on_failed = writes.events().failed.connect(
+        [&](const std::vector<std::string>& lost, const Error&) { announced += lost.size(); });
+    boost::signals2::scoped_connection on_retrying =
+        writes.events().retrying.connect([&](std::size_t, const Error&, std::chrono::milliseconds) {
+          if (armed) return;
+          armed = true;
+          failing_pattern = 0b101U;
+        });
+    for (std::int64_t seq = 0; seq < 3; ++seq) {  // a batch of 2 in flight, 1 queued
+      co_await writes.enqueue("INSERT INTO nowhere (seq) VALUES ($1)", seq);
+    }
+    co_await writes.start();
+    try {
+      co_await with_timeout(writes.stop(), 5s);
+      stopped = true;
+    } catch (const Error& error) {
+      stopped = error.code() == client_errc::writes_failed;
+    }
+    end = writes.report();
+    (void)co_await pool.close(1s);
+  });
+  const unsigned unused = failing_pattern;
+  failing_pattern = 0;
+  spdlog::default_logger()->flush();
+  spdlog::set_default_logger(previous);
+  ASSERT_TRUE(armed) << "the batch was never retried";
+  EXPECT_EQ(unused, 0U) << "the flusher made fewer allocations than expected after its failure";
+  EXPECT_TRUE(stopped) << "stop() did not end";
+  EXPECT_EQ(end.failed, 3U) << log.str();
+  EXPECT_EQ(end.pending, 0U);
+  EXPECT_TRUE(announced == end.failed ||
+              log.str().find("not all could be logged and reported") != std::string::npos)
+      << "announced " << announced << " of " << end.failed << "\n"
+      << log.str();
 }
 
 // A PendingWrites may be destroyed by a failed subscriber called for the writes its flusher gave
