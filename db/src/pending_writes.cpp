@@ -94,6 +94,9 @@ struct Write {
   ParamSink params;
   Clock::time_point accepted_at{};
   bool settled = false;  // flushed or given up on (the flusher's only)
+  // An attempt of its batch sent the COMMIT and lost the answer: it may have been written, until a
+  // retry settles it (the flusher's only).
+  bool commit_lost = false;
 };
 // (The flusher hands its batch back as it fails without allocating: memory may be what ran out.)
 static_assert(std::is_nothrow_move_constructible_v<Write> &&
@@ -300,6 +303,9 @@ struct PendingWritesState {
   // The writes still queued when the flusher ended, for flusher_ended() to report: a member, so
   // that taking them from `queue` is a swap, with no allocation (a deque allocates as it is made).
   std::deque<Write> never_sent;
+  // The error of the attempt of the flusher's batch whose COMMIT was sent and its answer lost, for
+  // the writes flusher_ended() reports of unknown outcome (the flusher's only, then its end's).
+  std::optional<Error> commit_lost;
   std::deque<SpaceWaiter*> waiters;
   // The flusher waits on it for writes, and during a backoff: woken by new writes, close, abandon.
   async::TimerCondition flusher_wake;
@@ -662,7 +668,13 @@ asio::awaitable<void> flush(State& self, std::span<Write> writes,
                     self.config.name, writes.size());
       co_return;
     }
-    if (commit_sent && !commit_lost && commit_outcome_unknown(*failure)) commit_lost = failure;
+    if (commit_sent && !commit_lost && commit_outcome_unknown(*failure)) {
+      commit_lost = failure;
+      // (Should the flusher fail before a retry settles them, flusher_ended() reports them of
+      // unknown outcome, not as not written.)
+      self.commit_lost = failure;
+      for (Write& write : writes) write.commit_lost = true;
+    }
     if (is_abandoned(self)) {
       abandon();
       co_return;
@@ -850,15 +862,22 @@ void flusher_ended(const std::shared_ptr<State>& self, const std::exception_ptr&
   std::size_t lost = 0;
   std::size_t were_in_flight = 0;
   std::vector<Write> in_flight;  // (made empty, a vector allocates nothing)
+  std::size_t unconfirmed = 0;   // of in_flight, the first: an attempt's COMMIT was lost
   {
     std::lock_guard lock(self->mutex);
     lost = self->unflushed_locked();
     were_in_flight = self->in_flight;
-    self->failed += lost;
-    // Given up on for the flusher's failure, not for a cancelled stop().
-    if (failure) self->failed_by_error += lost;
-    self->never_sent.swap(self->queue);
     in_flight.swap(self->orphaned);
+    unconfirmed = static_cast<std::size_t>(
+        std::partition(in_flight.begin(), in_flight.end(),
+                       [](const Write& write) { return write.commit_lost; }) -
+        in_flight.begin());
+    self->failed += lost;
+    // Of unknown outcome (they may have been written), or given up on for the flusher's failure,
+    // not for a cancelled stop().
+    self->unconfirmed += unconfirmed;
+    if (failure) self->failed_by_error += lost - unconfirmed;
+    self->never_sent.swap(self->queue);
     self->in_flight = 0;
     self->close_locked();  // in case it ended for another reason than stop()
     self->ending = true;
@@ -886,26 +905,35 @@ void flusher_ended(const std::shared_ptr<State>& self, const std::exception_ptr&
         "pgrt pending writes {}: gave up on {} accepted writes that were not committed ({} never "
         "sent, {} in a batch whose commit was not confirmed)",
         name, lost, never_sent.size(), were_in_flight);
-    const auto report = [&](const auto& writes, const Error& error) {
+    const auto report = [&](const auto& writes, const Error& error,
+                            std::string_view outcome = "not written") {
       if (writes.empty()) return;
       std::vector<std::string> descriptions;
       descriptions.reserve(writes.size());
       for (const Write& write : writes) descriptions.push_back(describe(write));
       for (std::size_t i = 0; i < descriptions.size() && i < 10; ++i) {
-        spdlog::warn("pgrt pending writes {}: not written: {}", name, descriptions[i]);
+        spdlog::warn("pgrt pending writes {}: {}: {}", name, outcome, descriptions[i]);
       }
       if (descriptions.size() > 10) {
-        spdlog::warn("pgrt pending writes {}: ... and {} more not written", name,
-                     descriptions.size() - 10);
+        spdlog::warn("pgrt pending writes {}: ... and {} more {}", name, descriptions.size() - 10,
+                     outcome);
       }
       self->events.failed(descriptions, error);
     };
     if (failure) {
-      report(in_flight, Error(make_error_code(client_errc::protocol_error),
-                              Diagnostics{.message = "the pending writes' flusher failed (" +
-                                                     one_line(failed_for, 1000) +
-                                                     ") before the commit of these writes' batch "
-                                                     "was confirmed"}));
+      const Error flusher_failed(make_error_code(client_errc::protocol_error),
+                                 Diagnostics{.message = "the pending writes' flusher failed (" +
+                                                        one_line(failed_for, 1000) + ")"});
+      report(std::span<const Write>(in_flight).first(unconfirmed),
+             self->commit_lost ? unconfirmed_error(*self->commit_lost, flusher_failed)
+                               : flusher_failed,
+             "of unknown outcome (may have been written, or not)");
+      report(std::span<const Write>(in_flight).subspan(unconfirmed),
+             Error(make_error_code(client_errc::protocol_error),
+                   Diagnostics{.message = "the pending writes' flusher failed (" +
+                                          one_line(failed_for, 1000) +
+                                          ") before the commit of these writes' batch "
+                                          "was confirmed"}));
       report(never_sent, Error(make_error_code(client_errc::protocol_error),
                                Diagnostics{.message = "the pending writes' flusher failed (" +
                                                       one_line(failed_for, 1000) +

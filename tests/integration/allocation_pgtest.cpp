@@ -20,6 +20,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdlib>
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <iostream>
 #include <malloc.h>
@@ -36,7 +37,10 @@
 
 #include <pgrt/db.hpp>
 
+#include "pgrt/testing/blocking_sql.hpp"
 #include "pgrt/testing/db_test.hpp"
+#include "pgrt/testing/eventually.hpp"
+#include "pgrt/testing/fault_proxy.hpp"
 #include "pgrt/testing/run_coroutine.hpp"
 #include "pool/driver.hpp"
 #include "pool/multiplexer.hpp"
@@ -599,6 +603,103 @@ TEST_F(AllocationTest, WritesInFlightAreAnnouncedWhenMemoryStaysShortAsTheFlushe
               log.str().find("not all could be logged and reported") != std::string::npos)
       << "announced " << announced << " of " << end.failed << "\n"
       << log.str();
+}
+
+// A batch whose COMMIT was sent as the connection was lost may have been written (the server
+// commits it all the same: here a deferred trigger holds the COMMIT while the connection is cut),
+// and its retry is what settles it. When the flusher fails before that retry (here: it runs out of
+// memory as it backs off), its writes are of unknown outcome, as when a closed pool keeps the retry
+// off: report().unconfirmed, commit_unconfirmed through events().failed, stop() saying they may
+// have been written. They were reported as not written (protocol_error, "the flusher failed
+// before the commit of these writes' batch was confirmed"), while the row was in the table.
+TEST_F(AllocationTest, WritesOfALostCommitAreUnconfirmedWhenTheFlusherFailsBeforeTheirRetry) {
+  const std::string dsn = cluster().dsn();
+  {
+    testing::BlockingConnection admin(dsn);
+    admin.query("DROP TABLE IF EXISTS alloc_lost_commit");
+    admin.query("CREATE TABLE alloc_lost_commit (seq bigint PRIMARY KEY)");
+    admin.query(
+        "CREATE OR REPLACE FUNCTION alloc_lost_commit_slow() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN PERFORM pg_sleep(1); RETURN NULL; END $$");
+    admin.query(
+        "CREATE CONSTRAINT TRIGGER alloc_lost_commit_slow AFTER INSERT ON alloc_lost_commit "
+        "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION alloc_lost_commit_slow()");
+  }
+  testing::FaultProxy proxy("127.0.0.1", static_cast<std::uint16_t>(cluster().port()));
+  PoolConfig config = pool_of_one();
+  config.conninfo = proxy.conninfo_prefix() + " user=postgres dbname=postgres";
+  bool commit_held = false;
+  bool armed = false;
+  std::vector<boost::system::error_code> failed_codes;
+  std::vector<std::string> failed_messages;
+  std::size_t announced = 0;
+  std::optional<Error> stopped;
+  PendingWritesReport end{};
+  run_coroutine(
+      [&]() -> asio::awaitable<void> {
+        auto executor = co_await asio::this_coro::executor;
+        Pool pool(executor, config);
+        PendingWrites writes(pool, executor,
+                             PendingWritesConfig{.name = "lost-commit-then-oom",
+                                                 .flush_interval = 0ms,
+                                                 .retry_initial = 1000ms,
+                                                 .retry_max = 1000ms});
+        boost::signals2::scoped_connection on_failed = writes.events().failed.connect(
+            [&](const std::vector<std::string>& lost, const Error& error) {
+              announced += lost.size();
+              failed_codes.push_back(error.code());
+              failed_messages.emplace_back(error.what());
+            });
+        boost::signals2::scoped_connection on_retrying = writes.events().retrying.connect(
+            [&](std::size_t, const Error&, std::chrono::milliseconds) {
+              if (armed) return;
+              armed = true;
+              failing_allocations = 1;  // the flusher's next allocation, as it backs off
+            });
+        co_await writes.start();
+        co_await writes.enqueue("INSERT INTO alloc_lost_commit (seq) VALUES (1)");
+        testing::BlockingConnection observer(dsn);
+        const std::string held =
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep' AND "
+            "application_name = '" +
+            pool.application_name() + "'";
+        for (int i = 0; i < 500 && !commit_held; ++i) {
+          commit_held = observer.scalar(held) == "1";
+          if (!commit_held) co_await testing::sleep_for(20ms);
+        }
+        proxy.drop_all();  // the COMMIT's answer is lost; the server commits
+        const auto started = std::chrono::steady_clock::now();
+        while (writes.report().failed < 1 && std::chrono::steady_clock::now() - started < 10s) {
+          co_await testing::sleep_for(10ms);
+        }
+        try {
+          co_await with_timeout(writes.stop(), 10s);
+        } catch (const Error& error) {
+          stopped = error;
+        }
+        end = writes.report();
+        (void)co_await pool.close(1s);
+      },
+      60s);
+  failing_allocations = 0;
+  ASSERT_TRUE(commit_held) << "the batch's COMMIT was never seen held by the trigger";
+  ASSERT_TRUE(armed) << "the lost COMMIT was not retried";
+  EXPECT_TRUE(testing::eventually(
+      [&] {
+        testing::BlockingConnection observer(dsn);
+        return observer.scalar("SELECT count(*) FROM alloc_lost_commit") == "1";
+      },
+      10s))
+      << "the server was expected to commit the batch whose answer was lost";
+  EXPECT_EQ(end.failed, 1U) << "the flusher did not fail when out of memory";
+  EXPECT_EQ(end.unconfirmed, 1U);
+  EXPECT_EQ(announced, 1U);
+  ASSERT_EQ(failed_codes.size(), 1U);
+  EXPECT_EQ(failed_codes[0], client_errc::commit_unconfirmed) << failed_messages[0];
+  EXPECT_THAT(failed_messages[0], ::testing::HasSubstr("may have been written"));
+  ASSERT_TRUE(stopped.has_value());
+  EXPECT_EQ(stopped->code(), client_errc::writes_failed) << stopped->what();
+  EXPECT_THAT(stopped->what(), ::testing::HasSubstr("1 may have been written")) << stopped->what();
 }
 
 // A PendingWrites may be destroyed by a failed subscriber called for the writes its flusher gave

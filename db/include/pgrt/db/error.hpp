@@ -51,7 +51,8 @@ enum class client_errc {
                         ///< to condition::too_many_connections (backpressure, like 53300).
   commit_unconfirmed,   ///< PendingWrites (events().failed): the writes' batch sent its COMMIT and
                         ///< lost the connection before the answer, and could not be retried (the
-                        ///< pool closed, stop() cancelled): they may have been written, or not.
+                        ///< pool closed, stop() cancelled, the flusher failed): they may have been
+                        ///< written, or not.
 };
 
 /// The category of client_errc.

@@ -14,9 +14,9 @@
 /// At-least-once: a batch whose COMMIT was sent but not confirmed (the connection was lost) is
 /// retried, so its writes may be made twice. Make writes idempotent when that matters: give the
 /// rows a unique key and write them with `INSERT ... ON CONFLICT DO NOTHING` (see
-/// docs/pending_writes.md). When no retry can follow (the pool closed, stop() cancelled), such a
-/// batch's writes are of unknown outcome: counted failed and in PendingWritesReport::unconfirmed,
-/// and reported with client_errc::commit_unconfirmed.
+/// docs/pending_writes.md). When no retry can follow (the pool closed, stop() cancelled, the
+/// flusher failed), such a batch's writes are of unknown outcome: counted failed and in
+/// PendingWritesReport::unconfirmed, and reported with client_errc::commit_unconfirmed.
 ///
 /// Threading: enqueue(), TableAppender::append(), report() and events() may be used from any
 /// thread, on an io_context run by one or several threads. The flusher runs on a strand of the
@@ -82,7 +82,8 @@ struct PendingWritesReport {
   std::uint64_t failed = 0;    ///< Writes given up on (permanent error, or stop() cancelled).
   /// Of `failed`, the writes whose outcome is unknown: their batch sent its COMMIT and lost the
   /// connection before the answer came, and could not then be retried (the pool closed, stop()
-  /// cancelled). They may have been written, or not. The rest of `failed` were not written.
+  /// cancelled, the flusher failed). They may have been written, or not. The rest of `failed`
+  /// were not written.
   std::uint64_t unconfirmed = 0;
   std::size_t pending = 0;    ///< Accepted, neither flushed nor failed yet.
   std::size_t waiting = 0;    ///< enqueue() calls waiting for room (not accepted yet).
