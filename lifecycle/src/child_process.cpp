@@ -276,52 +276,76 @@ pid_t launch(const std::string& child_name, const LaunchPlan& plan) {
   throw_errno(failure.error, what);
 }
 
-// `text` with what looks like a password replaced by "***": the value of each `password=` (any
-// case, so PGPASSWORD= too; blanks around '=' allowed; quoted with libpq's \' escapes, or up to
-// the next blank that no backslash escapes, as libpq reads `s3c\ ret`, or to the next '&' in a
-// URL's query) and the password of each URL's credentials (`scheme://user:password@host`; as for
-// libpq, only a '/' ends them before the '@', so a '?', a '#', a blank or a quote may be part of
-// the password).
+bool is_blank(char c) {
+  return std::isspace(static_cast<unsigned char>(c)) != 0;
+}
+
+bool is_quote(char c) {
+  return c == '\'' || c == '"';
+}
+
+// A character of a key before '=' or ':' (`PGPASSWORD`, `--db-password`, `"password"`'s inside).
+bool is_key_char(char c) {
+  return std::isalnum(static_cast<unsigned char>(c)) != 0 || c == '_' || c == '-' || c == '.';
+}
+
+// Whether `key` (lower case) names a password.
+bool names_a_password(std::string_view key) {
+  return key.ends_with("password");
+}
+
+// Where a quoted value that starts at `at` (its opening quote) ends: past its closing quote (a
+// backslash escapes the next character), or the end of `text`.
+std::size_t end_of_quoted(std::string_view text, std::size_t at) {
+  const char quote = text[at];
+  std::size_t end = at + 1;
+  while (end < text.size() && text[end] != quote) end += text[end] == '\\' ? 2 : 1;
+  return std::min(end + 1, text.size());
+}
+
+// `text` with what looks like a password replaced by "***": the value after each key that names
+// a password (any case, so PGPASSWORD= too) and '=', or ':' after a quoted key or before a blank
+// (JSON's `"password": "s3cret"`, YAML's `password: s3cret`); blanks around either allowed. The
+// value is quoted (with backslash escapes), or runs up to the next blank that no backslash
+// escapes, as libpq reads `s3c\ ret`, or to the next '&' in a URL's query. Also the password of
+// each URL's credentials (`scheme://user:password@host`; as for libpq, only a '/' ends them before
+// the '@', so a '?', a '#', a blank or a quote may be part of the password).
 std::string without_passwords(std::string text) {
-  const auto lower = [](char c) {
-    return static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  };
-  const auto blank = [](char c) { return std::isspace(static_cast<unsigned char>(c)) != 0; };
-  // Where the value of the next `password =` at or after `from` starts; npos if none.
-  const auto find_value = [&](std::size_t from) {
-    static constexpr std::string_view key = "password";
-    for (std::size_t at = from; at + key.size() <= text.size(); ++at) {
-      bool match = true;
-      for (std::size_t i = 0; i < key.size() && match; ++i) match = lower(text[at + i]) == key[i];
-      if (!match) continue;
-      std::size_t next = at + key.size();
-      while (next < text.size() && blank(text[next])) ++next;
-      if (next >= text.size() || text[next] != '=') continue;
-      ++next;
-      while (next < text.size() && blank(text[next])) ++next;
-      return next;
+  for (std::size_t separator = 0; separator < text.size(); ++separator) {
+    const char kind = text[separator];
+    if (kind != '=' && kind != ':') continue;
+    std::size_t key_end = separator;
+    while (key_end > 0 && is_blank(text[key_end - 1])) --key_end;
+    const bool quoted_key = key_end > 0 && is_quote(text[key_end - 1]);
+    if (quoted_key) --key_end;
+    std::size_t key_start = key_end;
+    while (key_start > 0 && is_key_char(text[key_start - 1])) --key_start;
+    if (key_start == key_end) continue;
+    if (kind == ':' && !quoted_key &&
+        (separator + 1 >= text.size() || !is_blank(text[separator + 1]))) {
+      continue;
     }
-    return std::string::npos;
-  };
-  for (std::size_t value = find_value(0); value != std::string::npos; value = find_value(value)) {
+    std::string key = text.substr(key_start, key_end - key_start);
+    for (char& c : key) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    if (!names_a_password(key)) continue;
+    std::size_t value = separator + 1;
+    if (kind == '=' && value < text.size() && text[value] == '>') ++value;  // (`password => ...`)
+    while (value < text.size() && is_blank(text[value])) ++value;
     std::size_t end = value;
-    if (value < text.size() && (text[value] == '\'' || text[value] == '"')) {
-      const char quote = text[value];
-      ++end;
-      while (end < text.size() && text[end] != quote) end += text[end] == '\\' ? 2 : 1;
-      end = std::min(end + 1, text.size());
+    if (value < text.size() && is_quote(text[value])) {
+      end = end_of_quoted(text, value);
     } else {
       const std::size_t query = text.rfind('?', value);
       const bool in_url_query =
           query != std::string::npos && text.rfind("://", query) != std::string::npos;
       // (libpq's backslash escapes: `password=s3c\ ret` is "s3c ret".)
-      while (end < text.size() && !blank(text[end]) && !(in_url_query && text[end] == '&')) {
+      while (end < text.size() && !is_blank(text[end]) && !(in_url_query && text[end] == '&')) {
         end += text[end] == '\\' && !in_url_query ? 2 : 1;
       }
       end = std::min(end, text.size());
     }
     text.replace(value, end - value, "***");
-    value += 3;
+    separator = value + 2;
   }
   for (std::size_t scheme = text.find("://"); scheme != std::string::npos;
        scheme = text.find("://", scheme + 3)) {

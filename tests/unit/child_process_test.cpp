@@ -330,6 +330,23 @@ TEST(ChildProcessTest, TheLoggedCommandLineShowsTheArgumentAfterALibpqToolsPassw
   EXPECT_THAT(mistaken, ::testing::Not(::testing::HasSubstr("s3cret"))) << mistaken;
 }
 
+// A password in JSON (`{"password": "s3cret"}`, as a sidecar may take its configuration in an
+// argument) has a ':' after its quoted key, not a '=': the log showed it.
+TEST(ChildProcessTest, TheLoggedCommandLineHidesAPasswordInJson) {
+  const std::string text = logged_start(
+      {R"({"user": "app", "password": "s3cret-spaced", "db": "x"})",
+       R"({"password":"s3c\"ret-escaped","db":"y"})", R"('password' : 's3cret-sq')",
+       R"({"DB_Password": 12345678})", "password: s3cret-yaml", R"({:password => "s3cret-ruby"})"});
+  EXPECT_THAT(text, ::testing::HasSubstr("child secretive: started pid"));
+  EXPECT_THAT(text, ::testing::Not(::testing::HasSubstr("s3c"))) << text;
+  EXPECT_THAT(text, ::testing::Not(::testing::HasSubstr("12345678"))) << text;
+  EXPECT_THAT(text, ::testing::HasSubstr(R"({"user": "app", "password": ***, "db": "x"})")) << text;
+  EXPECT_THAT(text, ::testing::HasSubstr(R"({"password":***,"db":"y"})")) << text;
+  EXPECT_THAT(text, ::testing::HasSubstr(R"('password' : ***)")) << text;
+  EXPECT_THAT(text, ::testing::HasSubstr("password: ***")) << text;
+  EXPECT_THAT(text, ::testing::HasSubstr("{:password => ***}")) << text;
+}
+
 TEST(ChildProcessTest, DeathBySignalIsReported) {
   asio::io_context io;
   ChildProcess child({.name = "suicide",

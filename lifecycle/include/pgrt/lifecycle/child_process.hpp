@@ -69,12 +69,13 @@ struct ChildProcessOptions {
   /// The program and its arguments; argv[0] is the program. With a '/' it is a path (relative
   /// ones to working_directory if set, else to the parent's); without, it is looked up in the
   /// PATH of the child's environment (or "/usr/bin:/bin" if it has none), as execvp() does.
-  /// Each start logs it (info), with the value of any `password=`, the password of any URL's
-  /// credentials and the argument after an option that names a password (`--password s3cret`,
-  /// `--db-password s3cret`; not after `--no-password`, nor an option after the `--password` of
-  /// psql, pg_dump and libpq's other client programs, which takes none: it makes them prompt for
-  /// one) replaced by "***"; still, prefer passing secrets in the environment: any user on the host
-  /// can read a process's arguments (/proc/PID/cmdline).
+  /// Each start logs it (info), with the value of any `password=` (or JSON's `"password":
+  /// "s3cret"`, YAML's `password: s3cret`), the password of any URL's credentials and the argument
+  /// after an option that names a password (`--password s3cret`, `--db-password s3cret`; not after
+  /// `--no-password`, nor an option after the `--password` of psql, pg_dump and libpq's other
+  /// client programs, which takes none: it makes them prompt for one) replaced by "***"; still,
+  /// prefer passing secrets in the environment: any user on the host can read a process's
+  /// arguments (/proc/PID/cmdline).
   std::vector<std::string> argv;
   /// Variables set in the child's environment, on top of the parent's when inherit_environment
   /// (replacing a variable of the same name), or alone when not. The parent's environment is read
