@@ -284,9 +284,31 @@ bool is_quote(char c) {
   return c == '\'' || c == '"';
 }
 
-// A character of a key before '=' or ':' (`PGPASSWORD`, `--db-password`, `"password"`'s inside).
+// A character of a key before '=' or ':' (`PGPASSWORD`, `--db-password`, `"password"`'s inside,
+// a URL's `pass%77ord`).
 bool is_key_char(char c) {
-  return std::isalnum(static_cast<unsigned char>(c)) != 0 || c == '_' || c == '-' || c == '.';
+  return std::isalnum(static_cast<unsigned char>(c)) != 0 || c == '_' || c == '-' || c == '.' ||
+         c == '%';
+}
+
+// `key` in lower case, with its %XX escapes decoded (libpq decodes a URL query parameter's name
+// as well as its value: `?pass%77ord=...` is the password).
+std::string decoded_lower(std::string_view key) {
+  const auto hex = [](char c) -> int {
+    if (c >= '0' && c <= '9') return c - '0';
+    c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    return c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+  };
+  std::string decoded;
+  for (std::size_t i = 0; i < key.size(); ++i) {
+    char c = key[i];
+    if (c == '%' && i + 2 < key.size() && hex(key[i + 1]) >= 0 && hex(key[i + 2]) >= 0) {
+      c = static_cast<char>(hex(key[i + 1]) * 16 + hex(key[i + 2]));
+      i += 2;
+    }
+    decoded += static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  }
+  return decoded;
 }
 
 // Whether `key` (lower case) names a password.
@@ -307,9 +329,10 @@ std::size_t end_of_quoted(std::string_view text, std::size_t at) {
 // a password (any case, so PGPASSWORD= too) and '=', or ':' after a quoted key or before a blank
 // (JSON's `"password": "s3cret"`, YAML's `password: s3cret`); blanks around either allowed. The
 // value is quoted (with backslash escapes), or runs up to the next blank that no backslash
-// escapes, as libpq reads `s3c\ ret`, or to the next '&' in a URL's query. Also the password of
-// each URL's credentials (`scheme://user:password@host`; as for libpq, only a '/' ends them before
-// the '@', so a '?', a '#', a blank or a quote may be part of the password).
+// escapes, as libpq reads `s3c\ ret`, or, in a URL's query, whose parameter names libpq decodes
+// (`pass%77ord=`), to the next '&'. Also the password of each URL's credentials
+// (`scheme://user:password@host`; as for libpq, only a '/' ends them before the '@', so a '?', a
+// '#', a blank or a quote may be part of the password).
 std::string without_passwords(std::string text) {
   for (std::size_t separator = 0; separator < text.size(); ++separator) {
     const char kind = text[separator];
@@ -325,23 +348,26 @@ std::string without_passwords(std::string text) {
         (separator + 1 >= text.size() || !is_blank(text[separator + 1]))) {
       continue;
     }
-    std::string key = text.substr(key_start, key_end - key_start);
-    for (char& c : key) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-    if (!names_a_password(key)) continue;
+    if (!names_a_password(
+            decoded_lower(std::string_view(text).substr(key_start, key_end - key_start)))) {
+      continue;
+    }
     std::size_t value = separator + 1;
     if (kind == '=' && value < text.size() && text[value] == '>') ++value;  // (`password => ...`)
     while (value < text.size() && is_blank(text[value])) ++value;
+    const std::size_t query = text.rfind('?', value);
+    const bool in_url_query =
+        query != std::string::npos && text.rfind("://", query) != std::string::npos;
     std::size_t end = value;
-    if (value < text.size() && is_quote(text[value])) {
+    if (in_url_query) {
+      // (In a URL's query only the next '&' ends it: libpq takes a blank or a quote as part of
+      // it.)
+      end = std::min(text.find('&', value), text.size());
+    } else if (value < text.size() && is_quote(text[value])) {
       end = end_of_quoted(text, value);
     } else {
-      const std::size_t query = text.rfind('?', value);
-      const bool in_url_query =
-          query != std::string::npos && text.rfind("://", query) != std::string::npos;
       // (libpq's backslash escapes: `password=s3c\ ret` is "s3c ret".)
-      while (end < text.size() && !is_blank(text[end]) && !(in_url_query && text[end] == '&')) {
-        end += text[end] == '\\' && !in_url_query ? 2 : 1;
-      }
+      while (end < text.size() && !is_blank(text[end])) end += text[end] == '\\' ? 2 : 1;
       end = std::min(end, text.size());
     }
     text.replace(value, end - value, "***");
@@ -352,9 +378,16 @@ std::string without_passwords(std::string text) {
     const std::size_t start = scheme + 3;
     // (Only a '/' ends them: a blank or a quote before the '@' is part of the password.)
     const std::size_t authority_end = text.find('/', start);
-    const std::size_t at_sign =
+    std::size_t at_sign =
         text.rfind('@', authority_end == std::string::npos ? std::string::npos : authority_end - 1);
-    if (at_sign == std::string::npos || at_sign < start) continue;
+    // A '/' in the password (unencoded: libpq reads the rest as the database name) moves the '@'
+    // after it: up to the last '@' of the word then.
+    if (at_sign == std::string::npos || at_sign < start) {
+      std::size_t word_end = start;
+      while (word_end < text.size() && !is_blank(text[word_end])) ++word_end;
+      at_sign = word_end > start ? text.rfind('@', word_end - 1) : std::string::npos;
+      if (at_sign == std::string::npos || at_sign < start) continue;
+    }
     const std::size_t colon = text.find(':', start);
     if (colon == std::string::npos || colon > at_sign) continue;
     text.replace(colon + 1, at_sign - colon - 1, "***");

@@ -347,6 +347,30 @@ TEST(ChildProcessTest, TheLoggedCommandLineHidesAPasswordInJson) {
   EXPECT_THAT(text, ::testing::HasSubstr("{:password => ***}")) << text;
 }
 
+// libpq decodes a URL query parameter's name as well as its value (`?pass%77ord=s3cret` is the
+// password) and ends the value only at the next '&' (a blank is part of it): the log showed a
+// password under a %-encoded name, and the rest of one after a blank or a quote. A %-encoded
+// password in the credentials, and sslpassword, are hidden whole; so is a password with an
+// unencoded '/' (which libpq misreads: the '@' is after the '/'), which the log showed.
+TEST(ChildProcessTest, TheLoggedCommandLineHidesAUrlsPasswordUnderAPercentEncodedName) {
+  const std::string text = logged_start(
+      {"postgresql://app:s3%63ret-userinfo@db/x", "postgresql://db/x?pass%77ord=s3cret-key&a=1",
+       "postgresql://db/x?%70%61%73%73%77%6F%72%64=s3cret-all&b=2",
+       "postgresql://db/x?sslpassword=s3cret-ssl&c=3", "postgresql://db/x?PASSWORD=s3cret-case",
+       "postgresql://db/x?password=s3c ret-blank&d=4", "postgres://db?ssl%70assword=s3%63ret&e=5",
+       "postgresql://db/x?password='s3c'ret-quote&f=6", "postgresql://app:s3/cret-slash@db/x"});
+  EXPECT_THAT(text, ::testing::HasSubstr("child secretive: started pid"));
+  EXPECT_THAT(text, ::testing::Not(::testing::HasSubstr("s3c"))) << text;
+  EXPECT_THAT(text, ::testing::Not(::testing::HasSubstr("ret-"))) << text;
+  EXPECT_THAT(text, ::testing::HasSubstr(
+                        "postgresql://app:***@db/x postgresql://db/x?pass%77ord=***&a=1 "
+                        "postgresql://db/x?%70%61%73%73%77%6F%72%64=***&b=2 "
+                        "postgresql://db/x?sslpassword=***&c=3 postgresql://db/x?PASSWORD=*** "
+                        "postgresql://db/x?password=***&d=4 postgres://db?ssl%70assword=***&e=5 "
+                        "postgresql://db/x?password=***&f=6 postgresql://app:***@db/x"))
+      << text;
+}
+
 TEST(ChildProcessTest, DeathBySignalIsReported) {
   asio::io_context io;
   ChildProcess child({.name = "suicide",

@@ -69,12 +69,13 @@ struct ChildProcessOptions {
   /// The program and its arguments; argv[0] is the program. With a '/' it is a path (relative
   /// ones to working_directory if set, else to the parent's); without, it is looked up in the
   /// PATH of the child's environment (or "/usr/bin:/bin" if it has none), as execvp() does.
-  /// Each start logs it (info), with the value of any `password=` (or JSON's `"password":
-  /// "s3cret"`, YAML's `password: s3cret`), the password of any URL's credentials and the argument
-  /// after an option that names a password (`--password s3cret`, `--db-password s3cret`; not after
-  /// `--no-password`, nor an option after the `--password` of psql, pg_dump and libpq's other
-  /// client programs, which takes none: it makes them prompt for one) replaced by "***"; still,
-  /// prefer passing secrets in the environment: any user on the host can read a process's
+  /// Each start logs it (info), with the value of any `password=` (a URL's query parameter under a
+  /// %-encoded name too, `?pass%77ord=`; or JSON's `"password": "s3cret"`, YAML's `password:
+  /// s3cret`), the password of any URL's credentials (with an unencoded '/' in it too) and the
+  /// argument after an option that names a password (`--password s3cret`, `--db-password s3cret`;
+  /// not after `--no-password`, nor an option after the `--password` of psql, pg_dump and libpq's
+  /// other client programs, which takes none: it makes them prompt for one) replaced by "***";
+  /// still, prefer passing secrets in the environment: any user on the host can read a process's
   /// arguments (/proc/PID/cmdline).
   std::vector<std::string> argv;
   /// Variables set in the child's environment, on top of the parent's when inherit_environment
