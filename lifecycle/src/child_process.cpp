@@ -24,6 +24,7 @@
 #include <fstream>
 #include <iterator>
 #include <limits>
+#include <optional>
 #include <spdlog/spdlog.h>
 #include <sstream>
 #include <stdexcept>
@@ -311,9 +312,16 @@ std::string decoded_lower(std::string_view key) {
   return decoded;
 }
 
-// Whether `key` (lower case) names a password.
+// Whether `key` (lower case) names a password: it ends with "password", "passwd", an
+// abbreviation of "password" down to "pass" (getopt_long takes `--passw=` for `--password=`),
+// "pwd" (MYSQL_PWD) or "secret" (libpq 18's oauth_client_secret).
 bool names_a_password(std::string_view key) {
-  return key.ends_with("password");
+  static constexpr std::string_view password = "password";
+  if (key.ends_with("passwd") || key.ends_with("pwd") || key.ends_with("secret")) return true;
+  for (std::size_t length = 4; length <= password.size(); ++length) {
+    if (key.ends_with(password.substr(0, length))) return true;
+  }
+  return false;
 }
 
 // Where a quoted value that starts at `at` (its opening quote) ends: past its closing quote (a
@@ -325,15 +333,19 @@ std::size_t end_of_quoted(std::string_view text, std::size_t at) {
   return std::min(end + 1, text.size());
 }
 
-// `text` with what looks like a password replaced by "***": the value after each key that names
-// a password (any case, so PGPASSWORD= too) and '=', or ':' after a quoted key or before a blank
-// (JSON's `"password": "s3cret"`, YAML's `password: s3cret`); blanks around either allowed. The
-// value is quoted (with backslash escapes), or runs up to the next blank that no backslash
-// escapes, as libpq reads `s3c\ ret`, or, in a URL's query, whose parameter names libpq decodes
-// (`pass%77ord=`), to the next '&'. Also the password of each URL's credentials
-// (`scheme://user:password@host`; as for libpq, only a '/' ends them before the '@', so a '?', a
-// '#', a blank or a quote may be part of the password).
-std::string without_passwords(std::string text) {
+// A part of a text to hide: [first, second).
+using Ranges = std::vector<std::pair<std::size_t, std::size_t>>;
+
+// What looks like a password in `text`: the value after each key that names a password (any case,
+// so PGPASSWORD= too) and '=', or ':' after a quoted key or before a blank (JSON's `"password":
+// "s3cret"`, YAML's `password: s3cret`); blanks around either allowed. The value is quoted (with
+// backslash escapes), or runs up to the next blank that no backslash escapes, as libpq reads
+// `s3c\ ret`, or, in a URL's query, whose parameter names libpq decodes (`pass%77ord=`), to the
+// next '&'. Also the password of each URL's credentials (`scheme://user:password@host`; as for
+// libpq, only a '/' ends them before the '@', so a '?', a '#', a blank or a quote may be part of
+// the password).
+Ranges password_ranges(std::string_view text) {
+  Ranges ranges;
   for (std::size_t separator = 0; separator < text.size(); ++separator) {
     const char kind = text[separator];
     if (kind != '=' && kind != ':') continue;
@@ -344,20 +356,18 @@ std::string without_passwords(std::string text) {
     std::size_t key_start = key_end;
     while (key_start > 0 && is_key_char(text[key_start - 1])) --key_start;
     if (key_start == key_end) continue;
-    if (kind == ':' && !quoted_key &&
+    // (An option's ':' too: `--password:s3cret`.)
+    if (kind == ':' && !quoted_key && text[key_start] != '-' &&
         (separator + 1 >= text.size() || !is_blank(text[separator + 1]))) {
       continue;
     }
-    if (!names_a_password(
-            decoded_lower(std::string_view(text).substr(key_start, key_end - key_start)))) {
-      continue;
-    }
+    if (!names_a_password(decoded_lower(text.substr(key_start, key_end - key_start)))) continue;
     std::size_t value = separator + 1;
     if (kind == '=' && value < text.size() && text[value] == '>') ++value;  // (`password => ...`)
     while (value < text.size() && is_blank(text[value])) ++value;
     const std::size_t query = text.rfind('?', value);
     const bool in_url_query =
-        query != std::string::npos && text.rfind("://", query) != std::string::npos;
+        query != std::string_view::npos && text.rfind("://", query) != std::string_view::npos;
     std::size_t end = value;
     if (in_url_query) {
       // (In a URL's query only the next '&' ends it: libpq takes a blank or a quote as part of
@@ -370,34 +380,55 @@ std::string without_passwords(std::string text) {
       while (end < text.size() && !is_blank(text[end])) end += text[end] == '\\' ? 2 : 1;
       end = std::min(end, text.size());
     }
-    text.replace(value, end - value, "***");
-    separator = value + 2;
+    ranges.emplace_back(value, end);
   }
-  for (std::size_t scheme = text.find("://"); scheme != std::string::npos;
+  for (std::size_t scheme = text.find("://"); scheme != std::string_view::npos;
        scheme = text.find("://", scheme + 3)) {
     const std::size_t start = scheme + 3;
     // (Only a '/' ends them: a blank or a quote before the '@' is part of the password.)
     const std::size_t authority_end = text.find('/', start);
-    std::size_t at_sign =
-        text.rfind('@', authority_end == std::string::npos ? std::string::npos : authority_end - 1);
+    std::size_t at_sign = text.rfind(
+        '@', authority_end == std::string_view::npos ? std::string_view::npos : authority_end - 1);
     // A '/' in the password (unencoded: libpq reads the rest as the database name) moves the '@'
     // after it: up to the last '@' of the word then.
-    if (at_sign == std::string::npos || at_sign < start) {
+    if (at_sign == std::string_view::npos || at_sign < start) {
       std::size_t word_end = start;
       while (word_end < text.size() && !is_blank(text[word_end])) ++word_end;
-      at_sign = word_end > start ? text.rfind('@', word_end - 1) : std::string::npos;
-      if (at_sign == std::string::npos || at_sign < start) continue;
+      at_sign = word_end > start ? text.rfind('@', word_end - 1) : std::string_view::npos;
+      if (at_sign == std::string_view::npos || at_sign < start) continue;
     }
     const std::size_t colon = text.find(':', start);
-    if (colon == std::string::npos || colon > at_sign) continue;
-    text.replace(colon + 1, at_sign - colon - 1, "***");
+    if (colon == std::string_view::npos || colon > at_sign) continue;
+    ranges.emplace_back(colon + 1, at_sign);
   }
-  return text;
+  return ranges;
+}
+
+// `text` with each of `ranges` (merged where they overlap or touch) replaced by "***".
+std::string hide(std::string_view text, Ranges ranges) {
+  std::sort(ranges.begin(), ranges.end());
+  std::string shown;
+  std::size_t at = 0;
+  for (std::size_t i = 0; i < ranges.size();) {
+    const std::size_t begin = std::max(ranges[i].first, at);
+    std::size_t end = ranges[i].second;
+    for (++i; i < ranges.size() && ranges[i].first <= end; ++i) {
+      end = std::max(end, ranges[i].second);
+    }
+    if (end <= begin) continue;
+    shown.append(text.substr(at, begin - at));
+    shown += "***";
+    at = end;
+  }
+  shown.append(text.substr(std::min(at, text.size())));
+  return shown;
 }
 
 // Whether `word` is an option that names a password and takes it as the next argument:
-// `--password s3cret`, `-password`, `--db-password`, `--passwd` (any case; not `--password=...`,
-// whose value without_passwords() hides).
+// `--password s3cret`, `-password`, `--db-password`, `--passwd`, and an abbreviation that
+// getopt_long would take for --password, down to `--pass` (any case; not `--password=...`, whose
+// value password_ranges() hides). `--passfile` and shorter abbreviations (`--pa`: --path?)
+// name no password.
 bool takes_a_password_next(std::string_view word) {
   if (!word.starts_with('-') || word.find('=') != std::string_view::npos) return false;
   std::string lowered(word);
@@ -409,38 +440,296 @@ bool takes_a_password_next(std::string_view word) {
       lowered.compare(name, 3, "no_") == 0) {
     return false;
   }
-  return lowered.ends_with("password") || lowered.ends_with("passwd");
+  return names_a_password(lowered);
 }
 
-// Whether `program` (argv[0]) is one of libpq's client programs, whose -W / --password takes no
-// value (it makes them prompt for the password): the argument after it is no password.
+std::string_view file_name(std::string_view program) {
+  const std::size_t slash = program.find_last_of('/');
+  return slash == std::string_view::npos ? program : program.substr(slash + 1);
+}
+
+// Whether `program` (its file name) is one of libpq's client programs, whose -W / --password
+// takes no value (it makes them prompt for the password): the argument after it is no password.
 bool password_flag_takes_no_value(std::string_view program) {
   static constexpr std::array<std::string_view, 16> tools = {
       "psql",           "pg_dump",    "pg_dumpall", "pg_restore", "pg_basebackup", "pg_receivewal",
       "pg_recvlogical", "pg_amcheck", "createdb",   "dropdb",     "createuser",    "dropuser",
       "clusterdb",      "reindexdb",  "vacuumdb",   "vacuumlo"};
-  const std::size_t slash = program.find_last_of('/');
-  const std::string_view name =
-      slash == std::string_view::npos ? program : program.substr(slash + 1);
-  return std::find(tools.begin(), tools.end(), name) != tools.end();
+  return std::find(tools.begin(), tools.end(), program) != tools.end();
 }
 
-// The command line for the log, without passwords: also the argument after an option that names
-// a password. After a libpq client program's --password, which takes none, an option (a word
-// starting with '-') is shown; any other word is still hidden, as a password given there by
-// mistake would be one.
-std::string join(const std::vector<std::string>& words) {
-  const bool libpq_tool = !words.empty() && password_flag_takes_no_value(words.front());
-  std::string joined;
-  bool secret_next = false;
-  bool option_may_follow = false;  // the word before was a libpq tool's value-less --password
+// A program's one-letter option that is a password (or, libpq's -W, asks for one).
+struct ShortPasswordOption {
+  char letter = 0;
+  bool value_may_follow = false;  // `-p s3cret` as well as `-ps3cret`
+  // The program's one-letter options that take a value, which is the rest of their word: the
+  // letter after one of them is part of that value (mysql's `-uapp` is no -p).
+  std::string_view taking_values;
+};
+
+// The programs whose short options hold a password, and that letter. Any other program's -p is
+// not hidden: for psql, pg_dump, ssh, pgbouncer and most others it is a port.
+std::optional<ShortPasswordOption> short_password_option(std::string_view program) {
+  static constexpr std::array<std::string_view, 20> mysql_tools = {
+      "mysql",        "mysqldump",    "mysqladmin",     "mysqlcheck",    "mysqlimport",
+      "mysqlshow",    "mysqlslap",    "mysqlpump",      "mysqlbinlog",   "mysqlsh",
+      "mariadb",      "mariadb-dump", "mariadb-admin",  "mariadb-check", "mariadb-import",
+      "mariadb-show", "mariadb-slap", "mariadb-binlog", "mysql_upgrade", "mariadb-upgrade"};
+  static constexpr std::array<std::string_view, 9> mongo_tools = {
+      "mongo",       "mongosh",   "mongodump", "mongorestore", "mongoexport",
+      "mongoimport", "mongostat", "mongotop",  "mongofiles"};
+  static constexpr std::array<std::string_view, 3> redis_tools = {"redis-cli", "valkey-cli",
+                                                                  "keydb-cli"};
+  const auto among = [&](const auto& names) {
+    return std::find(names.begin(), names.end(), program) != names.end();
+  };
+  // (mysql's -p takes its value only in the same word: `-p orders` asks for the password, and
+  // orders is the database; hidden all the same unless an option, as for libpq's -W.)
+  if (among(mysql_tools)) return ShortPasswordOption{'p', false, "DehPSuT#OFcr"};
+  if (program == "sshpass") return ShortPasswordOption{'p', true, "fdP"};
+  if (among(redis_tools)) return ShortPasswordOption{'a', true, "hpsurindD"};
+  if (among(mongo_tools)) return ShortPasswordOption{'p', true, "uhd"};
+  if (password_flag_takes_no_value(program)) {
+    return ShortPasswordOption{'W', false, "cdfhLoPpRTUvFjnNtSEZ"};
+  }
+  return std::nullopt;
+}
+
+// How the log shows one word of a command: as it is (but what secret_ranges() finds), as "***", or
+// as its first `kept` characters then "***".
+struct Shown {
+  enum Kind { as_is, hidden, hidden_after } kind = as_is;
+  std::size_t kept = 0;
+};
+
+bool is_assignment(std::string_view word) {
+  const std::size_t equals = word.find('=');
+  return equals != std::string_view::npos && equals > 0 &&
+         std::all_of(word.begin(), word.begin() + static_cast<std::ptrdiff_t>(equals), [](char c) {
+           return std::isalnum(static_cast<unsigned char>(c)) != 0 || c == '_';
+         });
+}
+
+// Which words of one command (a program and its arguments) hold a password: the argument after
+// an option that names a password (after a value-less one, libpq's --password and -W, mysql's
+// -p, an option is shown; any other word is still hidden, as a password given there by mistake
+// would be one), the value in the same word of a program's one-letter password option (`-ps3cret`,
+// also after other letters: `-vps3cret`) and of `--passw=` or `PGPASSWORD=` (however quoted in a
+// script: `shell_words`, each word as the shell reads it). The program is the first word that is no
+// variable assignment and no `env`, `exec`, `sudo`, ... before the program.
+std::vector<Shown> password_words(const std::vector<std::string>& words, bool shell_words) {
+  static constexpr std::array<std::string_view, 9> wrappers = {
+      "env", "exec", "command", "nohup", "sudo", "nice", "setsid", "time", "xargs"};
+  std::string_view program;
   for (const auto& word : words) {
-    if (!joined.empty()) joined += ' ';
-    const bool shown = !secret_next || (option_may_follow && word.starts_with('-'));
-    joined += shown ? without_passwords(word) : std::string("***");
-    const bool was_secret = secret_next && !shown;
-    secret_next = !was_secret && takes_a_password_next(word);
-    option_may_follow = secret_next && libpq_tool && word == "--password";
+    const std::string_view name = file_name(word);
+    if (is_assignment(word) || word.starts_with('-') ||
+        std::find(wrappers.begin(), wrappers.end(), name) != wrappers.end()) {
+      continue;
+    }
+    program = name;
+    break;
+  }
+  const bool libpq_tool = password_flag_takes_no_value(program);
+  const auto short_option = short_password_option(program);
+  std::vector<Shown> shown(words.size());
+  bool secret_next = false;
+  bool option_may_follow = false;  // the word before was a value-less password flag
+  bool credentials_next = false;   // the word before was curl's -u: user:password
+  for (std::size_t i = 0; i < words.size(); ++i) {
+    const std::string& word = words[i];
+    if (secret_next && !(option_may_follow && word.starts_with('-'))) {
+      shown[i].kind = Shown::hidden;
+    }
+    const bool credentials = credentials_next && !secret_next;
+    secret_next = false;
+    option_may_follow = false;
+    credentials_next = false;
+    if (credentials) {
+      if (const std::size_t colon = word.find(':'); colon != std::string::npos) {
+        shown[i] = {Shown::hidden_after, colon + 1};
+        continue;
+      }
+    }
+    if (takes_a_password_next(word)) {
+      secret_next = true;
+      const std::string_view name(word);
+      // (getopt_long takes `--passw` for --password: value-less too.)
+      option_may_follow = libpq_tool && name.starts_with("--") && name.size() >= 6 &&
+                          std::string_view("password").starts_with(name.substr(2));
+      continue;
+    }
+    if (shown[i].kind == Shown::hidden) continue;
+    if (const std::size_t equals = word.find('='); equals != std::string::npos) {
+      std::string key = word.substr(0, equals);
+      std::transform(key.begin(), key.end(), key.begin(),
+                     [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+      // (An argument with a blank after libpq's own keyword is a conninfo, and after -c a
+      // script, which secret_ranges() reads as libpq and the shell do: `password=s3cret
+      // user=app`, `PGPASSWORD=s3cret psql`. A shell word, or `env`'s `PGPASSWORD=s3 cret`, is
+      // one value.)
+      const bool read_as_text =
+          !shell_words && word.find_first_of(" \t\n") != std::string::npos &&
+          (word.starts_with("password=") || word.starts_with("sslpassword=") ||
+           (i > 0 && words[i - 1] == "-c"));
+      if (!read_as_text && std::all_of(key.begin(), key.end(), is_key_char) &&
+          names_a_password(key)) {
+        shown[i] = {Shown::hidden_after, equals + 1};
+        continue;
+      }
+    }
+    if (program == "curl") {
+      // curl's credentials, `-u user:password` (without the password it asks for one).
+      for (const std::string_view option : {"-u", "--user", "-U", "--proxy-user"}) {
+        if (word == option) {
+          credentials_next = true;
+          break;
+        }
+        if (word.starts_with(option) && word.size() > option.size() &&
+            (option.size() == 2 || word[option.size()] == '=')) {
+          if (const std::size_t colon = word.find(':'); colon != std::string::npos) {
+            shown[i] = {Shown::hidden_after, colon + 1};
+          }
+          break;
+        }
+      }
+      continue;
+    }
+    if (short_option && word.size() >= 2 && word[0] == '-' && word[1] != '-') {
+      for (std::size_t at = 1; at < word.size(); ++at) {
+        if (short_option->taking_values.find(word[at]) != std::string_view::npos) break;
+        if (word[at] != short_option->letter) continue;
+        if (at + 1 < word.size()) {
+          shown[i] = {Shown::hidden_after, at + 1};
+        } else {
+          secret_next = true;
+          option_may_follow = !short_option->value_may_follow;
+        }
+        break;
+      }
+    }
+  }
+  return shown;
+}
+
+// A word of a shell script: where it is in the script, its text without quotes and escapes, and
+// where each character of that text is in the script.
+struct ShellWord {
+  std::size_t begin = 0;
+  std::size_t end = 0;
+  std::string value;
+  std::vector<std::size_t> places;
+
+  void add(char c, std::size_t place) {
+    value += c;
+    places.push_back(place);
+  }
+  // Where the character at `index` of `value` is in the script; past its last character (not
+  // past a closing quote) for the end of `value`.
+  [[nodiscard]] std::size_t place(std::size_t index) const {
+    if (index < places.size()) return places[index];
+    return places.empty() ? end : places.back() + 1;
+  }
+};
+
+bool ends_a_command(char c) {
+  return c == '\n' || c == ';' || c == '&' || c == '|' || c == '(' || c == ')' || c == '`';
+}
+
+// The simple commands of a shell script (as `sh -c` takes it), each a list of words, split at
+// ; & | ( ) ` and line breaks; quotes and backslashes are read as the shell reads them.
+std::vector<std::vector<ShellWord>> shell_commands(std::string_view script) {
+  std::vector<std::vector<ShellWord>> commands(1);
+  std::size_t at = 0;
+  while (at < script.size()) {
+    if (ends_a_command(script[at])) {
+      if (!commands.back().empty()) commands.emplace_back();
+      ++at;
+      continue;
+    }
+    if (is_blank(script[at])) {
+      ++at;
+      continue;
+    }
+    ShellWord word;
+    word.begin = at;
+    while (at < script.size() && !is_blank(script[at]) && !ends_a_command(script[at])) {
+      const char c = script[at];
+      if (c == '\'') {
+        for (++at; at < script.size() && script[at] != '\''; ++at) word.add(script[at], at);
+        at = std::min(at + 1, script.size());
+      } else if (c == '"') {
+        for (++at; at < script.size() && script[at] != '"'; ++at) {
+          if (script[at] == '\\' && at + 1 < script.size()) ++at;
+          word.add(script[at], at);
+        }
+        at = std::min(at + 1, script.size());
+      } else if (c == '\\' && at + 1 < script.size()) {
+        word.add(script[at + 1], at + 1);
+        at += 2;
+      } else {
+        word.add(c, at);
+        ++at;
+      }
+    }
+    word.end = at;
+    commands.back().push_back(std::move(word));
+  }
+  return commands;
+}
+
+// What to hide in `text`: password_ranges(), and, when it is a shell script or a command line in
+// one argument (`sh -c "exec mysql -ps3cret"`), the words password_words() finds in each of its
+// commands, and what is to hide in each word's text (a script or a conninfo quoted in it, a few
+// levels deep). Shell and libpq quote differently (`password='it\'s a b'` is one value for libpq,
+// not for the shell): both readings are hidden.
+Ranges secret_ranges(std::string_view text, int depth) {
+  Ranges ranges = password_ranges(text);
+  const bool script = std::any_of(text.begin(), text.end(),
+                                  [](char c) { return is_blank(c) || ends_a_command(c); });
+  if (!script || depth >= 4) return ranges;
+  for (const auto& command : shell_commands(text)) {
+    std::vector<std::string> values;
+    values.reserve(command.size());
+    for (const auto& word : command) values.push_back(word.value);
+    const std::vector<Shown> shown = password_words(values, true);
+    for (std::size_t i = 0; i < command.size(); ++i) {
+      const ShellWord& word = command[i];
+      if (shown[i].kind == Shown::hidden) {
+        ranges.emplace_back(word.begin, word.end);
+      } else if (shown[i].kind == Shown::hidden_after) {
+        ranges.emplace_back(word.place(shown[i].kept), word.end);  // (a closing quote too)
+      }
+      for (const auto& [begin, end] : secret_ranges(word.value, depth + 1)) {
+        ranges.emplace_back(word.place(begin), word.place(end));
+      }
+    }
+  }
+  return ranges;
+}
+
+std::string without_secrets(std::string_view text) {
+  return hide(text, secret_ranges(text, 0));
+}
+
+// The command line for the log, without passwords: password_words() of the whole command, and
+// without_secrets() of each word it shows.
+std::string join(const std::vector<std::string>& words) {
+  const std::vector<Shown> shown = password_words(words, false);
+  std::string joined;
+  for (std::size_t i = 0; i < words.size(); ++i) {
+    if (i > 0) joined += ' ';
+    switch (shown[i].kind) {
+      case Shown::hidden:
+        joined += "***";
+        break;
+      case Shown::hidden_after:  // (what is kept is a key and '=', or '-' and letters)
+        joined += words[i].substr(0, shown[i].kept) + "***";
+        break;
+      case Shown::as_is:
+        joined += without_secrets(words[i]);
+        break;
+    }
   }
   return joined;
 }

@@ -371,6 +371,66 @@ TEST(ChildProcessTest, TheLoggedCommandLineHidesAUrlsPasswordUnderAPercentEncode
       << text;
 }
 
+// getopt_long takes any unambiguous abbreviation of a long option (`--passw=s3cret`, `--passwo
+// s3cret`), mysql's and sshpass's -p and redis-cli's -a are a password (`-ps3cret` or, for the
+// last two, `-p s3cret`), curl's -u holds user:password, and a `sh -c` script holds whole command
+// lines: the log showed all of these, and MYSQL_PWD=, libpq 18's oauth_client_secret= and
+// `--password:s3cret`. psql's -p (and any other program's) is a port, and stays shown.
+TEST(ChildProcessTest, TheLoggedCommandLineHidesAbbreviatedAndShortPasswordOptions) {
+  const auto directory =
+      std::filesystem::temp_directory_path() / ("pgrt-child-short-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(directory);
+  for (const char* tool : {"psql", "mysql", "sshpass", "redis-cli", "curl"}) {
+    std::filesystem::remove(directory / tool);
+    std::filesystem::create_symlink("/bin/true", directory / tool);
+  }
+  const std::string generic =
+      logged_start({"--passw=s3cret-eq", "--passwo", "s3cret-next", "--Pass", "s3cret-pass",
+                    "--db-pass=s3cret-db", "-p", "5433", "--passfile", "/run/pgpass",
+                    "MYSQL_PWD=s3cret-pwd", "oauth_client_secret=s3cret-oauth", "--client-secret",
+                    "s3cret-next-secret", "--password:s3cret-colon"});
+  const std::string psql = logged_run({(directory / "psql").string(), "-p", "5433", "-W",
+                                       "s3cret-w", "--passw", "--dbname", "orders", "-p5434"});
+  const std::string mysql =
+      logged_run({(directory / "mysql").string(), "-uapp", "-ps3cret-attached", "-vps3cret-cluster",
+                  "-p", "s3cret-mistaken", "-p", "--host", "db", "--port", "3306"});
+  const std::string sshpass = logged_run(
+      {(directory / "sshpass").string(), "-p", "s3cret-next", "-ps3cret-attached", "ssh", "db"});
+  const std::string redis = logged_run(
+      {(directory / "redis-cli").string(), "-h", "db", "-a", "s3cret-next", "-as3cret-attached"});
+  const std::string curl = logged_run({(directory / "curl").string(), "-u", "admin:s3cret-next",
+                                       "-uadmin:s3cret-attached", "--user=admin:s3cret-eq",
+                                       "--user-agent", "x", "-u", "admin", "https://h/"});
+  const std::string script = logged_run(
+      {"/bin/sh", "-c",
+       "exit 0; PGPASSWORD=s3'cr et-quoted' psql -p 5433; exec mysql -uapp -ps3cret-mysql "
+       "orders && psql --password s3cret-psql\nredis-cli -a \"s3cret redis\" ping | env "
+       "sshpass -p s3cret-sshpass ssh db; sh -c 'mysql -ps3cret-nested'; psql -p 5434"});
+  std::filesystem::remove_all(directory);
+  for (const std::string* text : {&generic, &psql, &mysql, &sshpass, &redis, &curl, &script}) {
+    EXPECT_THAT(*text, ::testing::HasSubstr("child secretive: started pid"));
+    EXPECT_THAT(*text, ::testing::Not(::testing::HasSubstr("s3c"))) << *text;
+    EXPECT_THAT(*text, ::testing::Not(::testing::HasSubstr("redis\""))) << *text;
+  }
+  EXPECT_THAT(generic, ::testing::HasSubstr("--passw=*** --passwo *** --Pass *** --db-pass=*** "
+                                            "-p 5433 --passfile /run/pgpass MYSQL_PWD=*** "
+                                            "oauth_client_secret=*** --client-secret *** "
+                                            "--password:***"))
+      << generic;
+  EXPECT_THAT(psql, ::testing::HasSubstr("psql -p 5433 -W *** --passw --dbname orders -p5434"))
+      << psql;
+  EXPECT_THAT(mysql,
+              ::testing::HasSubstr("mysql -uapp -p*** -vp*** -p *** -p --host db --port 3306"))
+      << mysql;
+  EXPECT_THAT(sshpass, ::testing::HasSubstr("sshpass -p *** -p*** ssh db")) << sshpass;
+  EXPECT_THAT(redis, ::testing::HasSubstr("redis-cli -h db -a *** -a***")) << redis;
+  EXPECT_THAT(curl, ::testing::HasSubstr("curl -u admin:*** -uadmin:*** --user=admin:*** "
+                                         "--user-agent x -u admin https://h/"))
+      << curl;
+  EXPECT_THAT(script, ::testing::HasSubstr("psql -p 5433;")) << script;
+  EXPECT_THAT(script, ::testing::HasSubstr("psql -p 5434")) << script;
+}
+
 TEST(ChildProcessTest, DeathBySignalIsReported) {
   asio::io_context io;
   ChildProcess child({.name = "suicide",

@@ -69,14 +69,18 @@ struct ChildProcessOptions {
   /// The program and its arguments; argv[0] is the program. With a '/' it is a path (relative
   /// ones to working_directory if set, else to the parent's); without, it is looked up in the
   /// PATH of the child's environment (or "/usr/bin:/bin" if it has none), as execvp() does.
-  /// Each start logs it (info), with the value of any `password=` (a URL's query parameter under a
-  /// %-encoded name too, `?pass%77ord=`; or JSON's `"password": "s3cret"`, YAML's `password:
-  /// s3cret`), the password of any URL's credentials (with an unencoded '/' in it too) and the
-  /// argument after an option that names a password (`--password s3cret`, `--db-password s3cret`;
-  /// not after `--no-password`, nor an option after the `--password` of psql, pg_dump and libpq's
-  /// other client programs, which takes none: it makes them prompt for one) replaced by "***";
-  /// still, prefer passing secrets in the environment: any user on the host can read a process's
-  /// arguments (/proc/PID/cmdline).
+  /// Each start logs it (info), with what may be a password replaced by "***": the value after a
+  /// key that names one (`password=`, `sslpassword=`, `PGPASSWORD=`, `MYSQL_PWD=`, `--passw=`,
+  /// `oauth_client_secret=`, JSON's `"password": "s3cret"`, YAML's `password: s3cret`, a URL's
+  /// `?pass%77ord=`), the password of any URL's credentials, the argument after an option that
+  /// names one (`--password s3cret`, `--db-password`, an abbreviation down to `--pass`; not after
+  /// `--no-password`, nor an option after the value-less `--password` or `-W` of psql, pg_dump and
+  /// libpq's other client programs, which make them prompt for one), and the password option of
+  /// mysql's and MariaDB's tools, sshpass and the mongo tools (`-p`) and redis-cli (`-a`), as
+  /// `-ps3cret` or `-p s3cret`, and curl's `-u user:s3cret`; all of it within a `sh -c` script too.
+  /// Any other program's `-p` is shown: psql's, pg_dump's, ssh's is a port. Still, prefer passing
+  /// secrets in the environment: any user on the host can read a process's arguments
+  /// (/proc/PID/cmdline).
   std::vector<std::string> argv;
   /// Variables set in the child's environment, on top of the parent's when inherit_environment
   /// (replacing a variable of the same name), or alone when not. The parent's environment is read
