@@ -336,6 +336,63 @@ std::size_t end_of_quoted(std::string_view text, std::size_t at) {
 // A part of a text to hide: [first, second).
 using Ranges = std::vector<std::pair<std::size_t, std::size_t>>;
 
+// Where a SQL string constant that starts at `at` ends: '...' (a quote doubled within), E'...'
+// (backslash escapes too) or $tag$...$tag$; `at` itself when none starts there.
+std::size_t end_of_sql_string(std::string_view text, std::size_t at) {
+  if (at >= text.size()) return at;
+  if (text[at] == '$') {
+    const std::size_t tag_end = text.find('$', at + 1);
+    if (tag_end == std::string_view::npos ||
+        !std::all_of(text.begin() + static_cast<std::ptrdiff_t>(at + 1),
+                     text.begin() + static_cast<std::ptrdiff_t>(tag_end), [](char c) {
+                       return std::isalnum(static_cast<unsigned char>(c)) != 0 || c == '_';
+                     })) {
+      return at;
+    }
+    const std::string_view tag = text.substr(at, tag_end + 1 - at);
+    const std::size_t close = text.find(tag, tag_end + 1);
+    return close == std::string_view::npos ? text.size() : close + tag.size();
+  }
+  const bool escapes = text[at] == 'E' || text[at] == 'e';
+  std::size_t end = at + (escapes ? 1 : 0);
+  if (end >= text.size() || text[end] != '\'') return at;
+  for (++end; end < text.size(); ++end) {
+    if (escapes && text[end] == '\\') {
+      ++end;
+    } else if (text[end] == '\'') {
+      if (end + 1 < text.size() && text[end + 1] == '\'') {
+        ++end;
+      } else {
+        return end + 1;
+      }
+    }
+  }
+  return text.size();
+}
+
+// The string constant after each word PASSWORD (any case, or a word ending in it) and blanks: a
+// password in SQL (`ALTER ROLE app PASSWORD 's3cret'`, E'...', $$...$$).
+Ranges sql_password_ranges(std::string_view text) {
+  Ranges ranges;
+  const auto word_char = [](char c) {
+    return std::isalnum(static_cast<unsigned char>(c)) != 0 || c == '_';
+  };
+  for (std::size_t at = 0; at < text.size(); ++at) {
+    if (!word_char(text[at]) || (at > 0 && word_char(text[at - 1]))) continue;
+    std::size_t end = at;
+    while (end < text.size() && word_char(text[end])) ++end;
+    const std::string word = decoded_lower(text.substr(at, end - at));
+    at = end - 1;
+    if (!word.ends_with("password")) continue;
+    std::size_t constant = end;
+    while (constant < text.size() && is_blank(text[constant])) ++constant;
+    if (constant == end) continue;
+    const std::size_t constant_end = end_of_sql_string(text, constant);
+    if (constant_end != constant) ranges.emplace_back(constant, constant_end);
+  }
+  return ranges;
+}
+
 // What looks like a password in `text`: the value after each key that names a password (any case,
 // so PGPASSWORD= too) and '=', or ':' after a quoted key or before a blank (JSON's `"password":
 // "s3cret"`, YAML's `password: s3cret`); blanks around either allowed. The value is quoted (with
@@ -343,7 +400,7 @@ using Ranges = std::vector<std::pair<std::size_t, std::size_t>>;
 // `s3c\ ret`, or, in a URL's query, whose parameter names libpq decodes (`pass%77ord=`), to the
 // next '&'. Also the password of each URL's credentials (`scheme://user:password@host`; as for
 // libpq, only a '/' ends them before the '@', so a '?', a '#', a blank or a quote may be part of
-// the password).
+// the password). And a password in SQL (sql_password_ranges()).
 Ranges password_ranges(std::string_view text) {
   Ranges ranges;
   for (std::size_t separator = 0; separator < text.size(); ++separator) {
@@ -401,6 +458,8 @@ Ranges password_ranges(std::string_view text) {
     if (colon == std::string_view::npos || colon > at_sign) continue;
     ranges.emplace_back(colon + 1, at_sign);
   }
+  const Ranges sql = sql_password_ranges(text);
+  ranges.insert(ranges.end(), sql.begin(), sql.end());
   return ranges;
 }
 

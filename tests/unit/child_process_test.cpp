@@ -431,6 +431,24 @@ TEST(ChildProcessTest, TheLoggedCommandLineHidesAbbreviatedAndShortPasswordOptio
   EXPECT_THAT(script, ::testing::HasSubstr("psql -p 5434")) << script;
 }
 
+// SQL in an argument (`psql --command "ALTER ROLE app PASSWORD 's3cret'"`) gives the password as
+// a string constant after the word PASSWORD, with no '=' or ':': the log showed it.
+TEST(ChildProcessTest, TheLoggedCommandLineHidesAPasswordInSql) {
+  const std::string text =
+      logged_start({"ALTER ROLE app PASSWORD 's3cret-plain' LOGIN",
+                    "CREATE ROLE b ENCRYPTED password 's3c''ret-doubled'; SELECT 1",
+                    "ALTER USER c WITH PASSWORD E's3c\\'ret-escaped' VALID UNTIL 'infinity'",
+                    "ALTER ROLE d PASSWORD $pw$s3c'ret-dollar$pw$", "ALTER ROLE e PASSWORD NULL"});
+  EXPECT_THAT(text, ::testing::HasSubstr("child secretive: started pid"));
+  EXPECT_THAT(text, ::testing::Not(::testing::HasSubstr("ret-"))) << text;
+  EXPECT_THAT(text, ::testing::HasSubstr("ALTER ROLE app PASSWORD *** LOGIN")) << text;
+  EXPECT_THAT(text, ::testing::HasSubstr("CREATE ROLE b ENCRYPTED password ***; SELECT 1")) << text;
+  EXPECT_THAT(text, ::testing::HasSubstr("ALTER USER c WITH PASSWORD *** VALID UNTIL 'infinity'"))
+      << text;
+  EXPECT_THAT(text, ::testing::HasSubstr("ALTER ROLE d PASSWORD ***")) << text;
+  EXPECT_THAT(text, ::testing::HasSubstr("ALTER ROLE e PASSWORD NULL")) << text;
+}
+
 TEST(ChildProcessTest, DeathBySignalIsReported) {
   asio::io_context io;
   ChildProcess child({.name = "suicide",
