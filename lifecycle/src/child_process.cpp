@@ -400,7 +400,8 @@ Ranges sql_password_ranges(std::string_view text) {
 // `s3c\ ret`, or, in a URL's query, whose parameter names libpq decodes (`pass%77ord=`), to the
 // next '&'. Also the password of each URL's credentials (`scheme://user:password@host`; as for
 // libpq, only a '/' ends them before the '@', so a '?', a '#', a blank or a quote may be part of
-// the password). And a password in SQL (sql_password_ranges()).
+// the password), and of credentials without a scheme (`app:s3cret@db`). And a password in SQL
+// (sql_password_ranges()).
 Ranges password_ranges(std::string_view text) {
   Ranges ranges;
   for (std::size_t separator = 0; separator < text.size(); ++separator) {
@@ -457,6 +458,19 @@ Ranges password_ranges(std::string_view text) {
     const std::size_t colon = text.find(':', start);
     if (colon == std::string_view::npos || colon > at_sign) continue;
     ranges.emplace_back(colon + 1, at_sign);
+  }
+  // Credentials without a scheme, user:password@host (a Go MySQL DSN `app:s3cret@tcp(db)/x`, a
+  // URL with its scheme left out): from the word's first ':' to the '@' (not `user@host:path`).
+  for (std::size_t at_sign = text.find('@'); at_sign != std::string_view::npos;
+       at_sign = text.find('@', at_sign + 1)) {
+    std::size_t word_start = at_sign;
+    while (word_start > 0 && !is_blank(text[word_start - 1]) && !is_quote(text[word_start - 1])) {
+      --word_start;
+    }
+    const std::string_view before = text.substr(word_start, at_sign - word_start);
+    const std::size_t colon = before.find(':');
+    if (colon == std::string_view::npos || before.find("://") != std::string_view::npos) continue;
+    ranges.emplace_back(word_start + colon + 1, at_sign);
   }
   const Ranges sql = sql_password_ranges(text);
   ranges.insert(ranges.end(), sql.begin(), sql.end());

@@ -449,6 +449,22 @@ TEST(ChildProcessTest, TheLoggedCommandLineHidesAPasswordInSql) {
   EXPECT_THAT(text, ::testing::HasSubstr("ALTER ROLE e PASSWORD NULL")) << text;
 }
 
+// Credentials without a scheme (a Go MySQL DSN, `app:s3cret@tcp(db:3306)/x`, or a URL whose
+// scheme was left out) were shown whole: only a URL's were hidden. `user@host:path` (scp, git)
+// holds no password and is shown.
+TEST(ChildProcessTest, TheLoggedCommandLineHidesCredentialsWithoutAScheme) {
+  const std::string text =
+      logged_start({"app:s3cret-go@tcp(db:3306)/x", "--dsn=app:s3/cret-slash@db/x",
+                    R"({"dsn": "app:s3cret-json@db"})", "user@host:/path",
+                    "git@github.com:org/repo.git", "--dsn=postgres://keep@db/x"});
+  EXPECT_THAT(text, ::testing::HasSubstr("child secretive: started pid"));
+  EXPECT_THAT(text, ::testing::Not(::testing::HasSubstr("s3c"))) << text;
+  EXPECT_THAT(text, ::testing::HasSubstr(R"(app:***@tcp(db:3306)/x --dsn=app:***@db/x )"
+                                         R"({"dsn": "app:***@db"} user@host:/path )"
+                                         "git@github.com:org/repo.git --dsn=postgres://keep@db/x"))
+      << text;
+}
+
 TEST(ChildProcessTest, DeathBySignalIsReported) {
   asio::io_context io;
   ChildProcess child({.name = "suicide",

@@ -72,9 +72,10 @@ struct ChildProcessOptions {
   /// Each start logs it (info), with what may be a password replaced by "***": the value after a
   /// key that names one (`password=`, `sslpassword=`, `PGPASSWORD=`, `MYSQL_PWD=`, `--passw=`,
   /// `oauth_client_secret=`, JSON's `"password": "s3cret"`, YAML's `password: s3cret`, a URL's
-  /// `?pass%77ord=`), the password of any URL's credentials, SQL's `PASSWORD 's3cret'`, the
-  /// argument after an option that names one (`--password s3cret`, `--db-password`, an
-  /// abbreviation down to `--pass`; not after `--no-password`, nor an option after the value-less
+  /// `?pass%77ord=`), the password of any URL's credentials (or of `app:s3cret@db` without a
+  /// scheme), SQL's `PASSWORD 's3cret'`, the argument after an option that names one (`--password
+  /// s3cret`, `--db-password`, an abbreviation down to `--pass`; not after `--no-password`, nor an
+  /// option after the value-less
   /// `--password` or `-W` of psql, pg_dump and libpq's other client programs, which make them
   /// prompt for one), and the password option of mysql's and MariaDB's tools, sshpass and the
   /// mongo tools (`-p`) and redis-cli (`-a`), as `-ps3cret` or `-p s3cret`, and curl's `-u
