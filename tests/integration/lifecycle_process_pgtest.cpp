@@ -436,6 +436,29 @@ TEST_F(LifecycleProcessTest, DiagNeverEchoesAPasswordOfAMisspelledDsnArgument) {
       << flag.output();
 }
 
+// A password given the way mysql takes it (-ps3cret), or under the name of another secret than a
+// password (libpq 18's oauth_client_secret=, MYSQL_PWD=), was echoed in the refusal of the
+// unknown argument: only "pass", "://" and '@' were looked for.
+TEST_F(LifecycleProcessTest, DiagNeverEchoesAPasswordGivenAsAShortOptionOrAnotherSecret) {
+  const std::vector<std::vector<std::string>> invocations = {
+      {PGRT_DIAG_PATH, "-ps3cret"},
+      {PGRT_DIAG_PATH, "--app", "orders", "oauth_client_secret=s3cret"},
+      {PGRT_DIAG_PATH, "MYSQL_PWD=s3cret"},
+      {PGRT_DIAG_PATH, "budget", "-ps3cret"},
+  };
+  int run = 0;
+  for (const auto& argv : invocations) {
+    Child diag(argv, cluster().dsn(), "diag-echo-short-" + std::to_string(run++));
+    EXPECT_EQ(diag.wait_for_exit(30s), 2) << diag.output();
+    EXPECT_THAT(diag.output(), Not(HasSubstr("s3cret"))) << "argv: " << argv.back();
+    EXPECT_THAT(diag.output(), HasSubstr("not shown: it may hold a password")) << diag.output();
+  }
+  // An unknown option without a value is still named as it is.
+  Child plain({PGRT_DIAG_PATH, "-x"}, cluster().dsn(), "diag-echo-plain");
+  EXPECT_EQ(plain.wait_for_exit(30s), 2) << plain.output();
+  EXPECT_THAT(plain.output(), HasSubstr("unknown or incomplete argument '-x'")) << plain.output();
+}
+
 // A --dsn that libpq cannot parse may still hold a password (here its unterminated quote is in
 // the password): it is overwritten in pgrt-diag's command line (/proc/PID/cmdline, readable by
 // every local user) as a parsable one with a password is. The refusal (exit 78) is written into a
