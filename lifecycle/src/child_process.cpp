@@ -314,10 +314,14 @@ std::string decoded_lower(std::string_view key) {
 
 // Whether `key` (lower case) names a password: it ends with "password", "passwd", an
 // abbreviation of "password" down to "pass" (getopt_long takes `--passw=` for `--password=`),
-// "pwd" (MYSQL_PWD) or "secret" (libpq 18's oauth_client_secret).
+// "pwd" (MYSQL_PWD), "secret" (libpq 18's oauth_client_secret), "passin" or "passout" (openssl's
+// `-passin pass:s3cret`).
 bool names_a_password(std::string_view key) {
   static constexpr std::string_view password = "password";
-  if (key.ends_with("passwd") || key.ends_with("pwd") || key.ends_with("secret")) return true;
+  if (key.ends_with("passwd") || key.ends_with("pwd") || key.ends_with("secret") ||
+      key.ends_with("passin") || key.ends_with("passout")) {
+    return true;
+  }
   for (std::size_t length = 4; length <= password.size(); ++length) {
     if (key.ends_with(password.substr(0, length))) return true;
   }
@@ -650,6 +654,11 @@ std::vector<Shown> password_words(const std::vector<std::string>& words, bool sh
         shown[i] = {Shown::hidden_after, equals + 1};
         continue;
       }
+    }
+    // (mysqladmin's `password` command takes the new password as its next word.)
+    if ((program == "mysqladmin" || program == "mariadb-admin") && word == "password") {
+      secret_next = true;
+      continue;
     }
     if (program == "curl") {
       // curl's credentials, `-u user:password` (without the password it asks for one).

@@ -465,6 +465,39 @@ TEST(ChildProcessTest, TheLoggedCommandLineHidesCredentialsWithoutAScheme) {
       << text;
 }
 
+// openssl takes a password as `-passin pass:s3cret` (and -passout), mysqladmin takes a new one
+// as the word after its `password` command: the log showed both.
+TEST(ChildProcessTest, TheLoggedCommandLineHidesOpensslsAndMysqladminsPasswords) {
+  const auto directory =
+      std::filesystem::temp_directory_path() / ("pgrt-child-openssl-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(directory);
+  for (const char* tool : {"openssl", "mysqladmin"}) {
+    std::filesystem::remove(directory / tool);
+    std::filesystem::create_symlink("/bin/true", directory / tool);
+  }
+  const std::string openssl =
+      logged_run({(directory / "openssl").string(), "pkcs12", "-export", "-passin",
+                  "pass:s3cret-in", "-passout", "pass:s3cret-out", "-in", "cert.pem"});
+  const std::string mysqladmin = logged_run({(directory / "mysqladmin").string(), "-uroot",
+                                             "-ps3cret-old", "password", "s3cret-new", "status"});
+  const std::string script = logged_run(
+      {"/bin/sh", "-c",
+       "exit 0; openssl rsa -passin pass:s3cret-script -in k; mysqladmin password 's3c ret'"});
+  std::filesystem::remove_all(directory);
+  for (const std::string* text : {&openssl, &mysqladmin, &script}) {
+    EXPECT_THAT(*text, ::testing::HasSubstr("child secretive: started pid"));
+    EXPECT_THAT(*text, ::testing::Not(::testing::HasSubstr("s3c"))) << *text;
+  }
+  EXPECT_THAT(openssl,
+              ::testing::HasSubstr("openssl pkcs12 -export -passin *** -passout *** -in cert.pem"))
+      << openssl;
+  EXPECT_THAT(mysqladmin, ::testing::HasSubstr("mysqladmin -uroot -p*** password *** status"))
+      << mysqladmin;
+  EXPECT_THAT(script,
+              ::testing::HasSubstr("openssl rsa -passin *** -in k; mysqladmin password ***"))
+      << script;
+}
+
 TEST(ChildProcessTest, DeathBySignalIsReported) {
   asio::io_context io;
   ChildProcess child({.name = "suicide",
