@@ -410,11 +410,15 @@ Ranges password_ranges(std::string_view text) {
   Ranges ranges;
   for (std::size_t separator = 0; separator < text.size(); ++separator) {
     const char kind = text[separator];
-    if (kind != '=' && kind != ':') continue;
+    if (kind != '=' && kind != ':' && kind != ',') continue;
     std::size_t key_end = separator;
     while (key_end > 0 && is_blank(text[key_end - 1])) --key_end;
+    // (An index, os.environ['PGPASSWORD'] = ..., and a call, setenv("PGPASSWORD", ...).)
+    const bool indexed = key_end > 1 && text[key_end - 1] == ']' && is_quote(text[key_end - 2]);
+    if (indexed) --key_end;
     const bool quoted_key = key_end > 0 && is_quote(text[key_end - 1]);
     if (quoted_key) --key_end;
+    if (kind == ',' && (!quoted_key || indexed)) continue;
     std::size_t key_start = key_end;
     while (key_start > 0 && is_key_char(text[key_start - 1])) --key_start;
     if (key_start == key_end) continue;
@@ -652,6 +656,8 @@ std::vector<Shown> password_words(const std::vector<std::string>& words, bool sh
       if (!read_as_text && std::all_of(key.begin(), key.end(), is_key_char) &&
           names_a_password(key)) {
         shown[i] = {Shown::hidden_after, equals + 1};
+        // (`--password= s3cret`: an empty value, and the password given as the next word.)
+        secret_next = equals + 1 == word.size();
         continue;
       }
     }

@@ -498,6 +498,24 @@ TEST(ChildProcessTest, TheLoggedCommandLineHidesOpensslsAndMysqladminsPasswords)
       << script;
 }
 
+// A password assigned by index or given to a call in a script (python -c "os.environ['PGPASSWORD']
+// = 's3cret'", setenv("PGPASSWORD", "s3cret", 1)), and one given as the word after an empty
+// `--password=`, were shown: the log looked for a key right before '=' or ':' only.
+TEST(ChildProcessTest, TheLoggedCommandLineHidesAPasswordAssignedByIndexOrAfterAnEmptyValue) {
+  const std::string text = logged_start(
+      {"os.environ['PGPASSWORD']='s3cret-index'; os.environ[\"PGPASSWORD\"] = \"s3cret-dq\"",
+       R"(os.environ.setdefault('PGPASSWORD', 's3cret-call'); setenv("PGPASSWORD", "s3c ret", 1))",
+       "--password=", "s3cret-next", "--user", "app"});
+  EXPECT_THAT(text, ::testing::HasSubstr("child secretive: started pid"));
+  EXPECT_THAT(text, ::testing::Not(::testing::HasSubstr("s3c"))) << text;
+  EXPECT_THAT(text, ::testing::HasSubstr(R"(os.environ['PGPASSWORD']=***; )"
+                                         R"(os.environ["PGPASSWORD"] = *** )"
+                                         R"(os.environ.setdefault('PGPASSWORD', ***); )"
+                                         R"(setenv("PGPASSWORD", ***, 1) --password=*** *** )"
+                                         "--user app"))
+      << text;
+}
+
 TEST(ChildProcessTest, DeathBySignalIsReported) {
   asio::io_context io;
   ChildProcess child({.name = "suicide",
