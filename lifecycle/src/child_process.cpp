@@ -405,7 +405,7 @@ Ranges sql_password_ranges(std::string_view text) {
 // next '&'. Also the password of each URL's credentials (`scheme://user:password@host`; as for
 // libpq, only a '/' ends them before the '@', so a '?', a '#', a blank or a quote may be part of
 // the password), and of credentials without a scheme (`app:s3cret@db`). And a password in SQL
-// (sql_password_ranges()).
+// (sql_password_ranges()), and in XML (`<password>s3cret</password>`).
 Ranges password_ranges(std::string_view text) {
   Ranges ranges;
   for (std::size_t separator = 0; separator < text.size(); ++separator) {
@@ -479,6 +479,15 @@ Ranges password_ranges(std::string_view text) {
     const std::size_t colon = before.find(':');
     if (colon == std::string_view::npos || before.find("://") != std::string_view::npos) continue;
     ranges.emplace_back(word_start + colon + 1, at_sign);
+  }
+  // XML's <password>s3cret</password>: up to the next '<'.
+  for (std::size_t close = text.find('>'); close != std::string_view::npos;
+       close = text.find('>', close + 1)) {
+    std::size_t key_start = close;
+    while (key_start > 0 && is_key_char(text[key_start - 1])) --key_start;
+    if (key_start == close || key_start == 0 || text[key_start - 1] != '<') continue;
+    if (!names_a_password(decoded_lower(text.substr(key_start, close - key_start)))) continue;
+    ranges.emplace_back(close + 1, std::min(text.find('<', close + 1), text.size()));
   }
   const Ranges sql = sql_password_ranges(text);
   ranges.insert(ranges.end(), sql.begin(), sql.end());
@@ -615,13 +624,23 @@ std::vector<Shown> password_words(const std::vector<std::string>& words, bool sh
   const auto short_option = short_password_option(program);
   std::vector<Shown> shown(words.size());
   bool secret_next = false;
-  bool option_may_follow = false;  // the word before was a value-less password flag
-  bool credentials_next = false;   // the word before was curl's -u: user:password
+  bool option_may_follow = false;     // the word before was a value-less password flag
+  bool credentials_next = false;      // the word before was curl's -u: user:password
+  bool password_word_before = false;  // the word before was "password"
   for (std::size_t i = 0; i < words.size(); ++i) {
     const std::string& word = words[i];
-    if (secret_next && !(option_may_follow && word.starts_with('-'))) {
+    std::string lowered = word;
+    std::transform(lowered.begin(), lowered.end(), lowered.begin(),
+                   [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+    // (After the word "password", a '=' or ':' on its own is shown and the word after it
+    // hidden; SQL's NULL is shown.)
+    const bool separator_after_password_word = password_word_before && (word == "=" || word == ":");
+    if (secret_next && !(option_may_follow && word.starts_with('-')) &&
+        !separator_after_password_word && !(password_word_before && lowered == "null")) {
       shown[i].kind = Shown::hidden;
     }
+    password_word_before = false;
+    if (separator_after_password_word) continue;
     const bool credentials = credentials_next && !secret_next;
     secret_next = false;
     option_may_follow = false;
@@ -661,9 +680,11 @@ std::vector<Shown> password_words(const std::vector<std::string>& words, bool sh
         continue;
       }
     }
-    // (mysqladmin's `password` command takes the new password as its next word.)
-    if ((program == "mysqladmin" || program == "mariadb-admin") && word == "password") {
+    // (A word that is only "password": mysqladmin's command, whose next word is the new
+    // password, a .netrc's `login app password s3cret`, SQL's PASSWORD before a constant.)
+    if (lowered == "password" || lowered == "passwd") {
       secret_next = true;
+      password_word_before = true;
       continue;
     }
     if (program == "curl") {

@@ -443,8 +443,8 @@ TEST(ChildProcessTest, TheLoggedCommandLineHidesAPasswordInSql) {
   EXPECT_THAT(text, ::testing::Not(::testing::HasSubstr("ret-"))) << text;
   EXPECT_THAT(text, ::testing::HasSubstr("ALTER ROLE app PASSWORD *** LOGIN")) << text;
   EXPECT_THAT(text, ::testing::HasSubstr("CREATE ROLE b ENCRYPTED password ***; SELECT 1")) << text;
-  EXPECT_THAT(text, ::testing::HasSubstr("ALTER USER c WITH PASSWORD *** VALID UNTIL 'infinity'"))
-      << text;
+  // (The shell's reading of the E'' constant, which the log takes too, runs to the end.)
+  EXPECT_THAT(text, ::testing::HasSubstr("ALTER USER c WITH PASSWORD *** ALTER ROLE d")) << text;
   EXPECT_THAT(text, ::testing::HasSubstr("ALTER ROLE d PASSWORD ***")) << text;
   EXPECT_THAT(text, ::testing::HasSubstr("ALTER ROLE e PASSWORD NULL")) << text;
 }
@@ -513,6 +513,23 @@ TEST(ChildProcessTest, TheLoggedCommandLineHidesAPasswordAssignedByIndexOrAfterA
                                          R"(os.environ.setdefault('PGPASSWORD', ***); )"
                                          R"(setenv("PGPASSWORD", ***, 1) --password=*** *** )"
                                          "--user app"))
+      << text;
+}
+
+// A password after the word "password" with only a blank between (a .netrc line written by a
+// script, `machine db login app password s3cret`) or in XML (`<password>s3cret</password>`) was
+// shown. SQL's PASSWORD NULL, and a '=' on its own after it, stay shown.
+TEST(ChildProcessTest, TheLoggedCommandLineHidesAPasswordAfterTheWordPasswordOrInXml) {
+  const std::string text = logged_start(
+      {"<db><password>s3cret-xml</password></db>", "machine db login app password s3cret-netrc",
+       "echo 'password\ts3cret-tab' > f", "password", "=", "s3cret-words",
+       "ALTER ROLE e PASSWORD NULL", "host=db password = s3cret-spaced"});
+  EXPECT_THAT(text, ::testing::HasSubstr("child secretive: started pid"));
+  EXPECT_THAT(text, ::testing::Not(::testing::HasSubstr("s3c"))) << text;
+  EXPECT_THAT(text,
+              ::testing::HasSubstr("<db><password>***</password></db> machine db login app "
+                                   "password *** echo 'password\t***' > f password = *** ALTER "
+                                   "ROLE e PASSWORD NULL host=db password = ***"))
       << text;
 }
 

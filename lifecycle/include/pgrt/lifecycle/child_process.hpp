@@ -74,15 +74,17 @@ struct ChildProcessOptions {
   /// `oauth_client_secret=`, JSON's `"password": "s3cret"`, YAML's `password: s3cret`, a URL's
   /// `?pass%77ord=`, `os.environ['PGPASSWORD'] = ...`, `setenv("PGPASSWORD", ...)`; after an empty
   /// `--password=`, the next word), the password of any URL's credentials (or of `app:s3cret@db`
-  /// without a scheme), SQL's `PASSWORD 's3cret'`, the argument after an option that names one
-  /// (`--password s3cret`, `--db-password`, an abbreviation down to `--pass`; not after
-  /// `--no-password`, nor an option after the value-less `--password` or `-W` of psql, pg_dump and
-  /// libpq's other client programs, which make them prompt for one), and the password option of
-  /// mysql's and MariaDB's tools, sshpass and the mongo tools (`-p`) and redis-cli (`-a`), as
-  /// `-ps3cret` or `-p s3cret`, openssl's `-passin pass:s3cret`, mysqladmin's `password s3cret`,
-  /// and curl's `-u user:s3cret`; all of it within a `sh -c` script too. Any other program's `-p`
-  /// is shown: psql's, pg_dump's, ssh's is a port. Still, prefer passing secrets in the
-  /// environment: any user on the host can read a process's arguments (/proc/PID/cmdline).
+  /// without a scheme), SQL's `PASSWORD 's3cret'`, XML's `<password>s3cret</password>`, the word
+  /// after a word that is only "password" (a .netrc's `password s3cret`, mysqladmin's `password
+  /// s3cret`; not SQL's NULL), the argument after an option that names one (`--password s3cret`,
+  /// `--db-password`, an abbreviation down to `--pass`; not after `--no-password`, nor an option
+  /// after the value-less `--password` or `-W` of psql, pg_dump and libpq's other client programs,
+  /// which make them prompt for one), and the password option of mysql's and MariaDB's tools,
+  /// sshpass and the mongo tools (`-p`) and redis-cli (`-a`), as `-ps3cret` or `-p s3cret`,
+  /// openssl's `-passin pass:s3cret`, and curl's `-u user:s3cret`; all of it within a `sh -c`
+  /// script too. Any other program's `-p` is shown: psql's, pg_dump's, ssh's is a port. Still,
+  /// prefer passing secrets in the environment: any user on the host can read a process's arguments
+  /// (/proc/PID/cmdline).
   std::vector<std::string> argv;
   /// Variables set in the child's environment, on top of the parent's when inherit_environment
   /// (replacing a variable of the same name), or alone when not. The parent's environment is read
