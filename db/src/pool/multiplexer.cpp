@@ -697,6 +697,15 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
           diagnostics.hint =
               "take a lease for transactions (co_await pool.acquire() or pgrt::connection())";
           lost = error;
+        } else if (!ok && impl.cut_by_owner) {
+          // Interrupted by the pool (close() past its grace, close_now()): interrupt() sends a
+          // cancel request, then cuts the socket, and the server's 57014 for that request may be
+          // read before the cut shows. The statement did not fail by itself or by its caller's
+          // doing: the connection was interrupted (as exchange() and Pipeline report it), and
+          // what is in flight behind it fails with it.
+          error = impl.lost(statement.sql);
+          diagnostics = impl.last_error;
+          lost = error;
         } else if (!ok) {
           if (status == PGRES_PIPELINE_ABORTED) {
             error =
@@ -779,7 +788,9 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
       // again), the others after it, posted in order.
       Multiplexer::answer(answered);
       if (lost) {  // the connection broke, or a statement opened a transaction block on it
-        impl.close(CloseMode::immediate);
+        // (Not one lost() closed already: it may keep a descriptor of the socket, for the pool
+        // to see the server end the session, which a second close would close.)
+        if (impl.conn != nullptr) impl.close(CloseMode::immediate);
         break;
       }
       if (sent.empty()) failed.clear();  // (each entry goes with its last user; this is a guard)

@@ -479,7 +479,8 @@ class Pool {
   /// Errors (pgrt::Error): the statement's own (SQLSTATE), for its caller only; pool_timeout when
   /// no connection took it within acquire_timeout; pool_queue_full beyond max_waiters queued;
   /// pool_closed; connection_lost when its connection was lost while it was in flight (it may or
-  /// may not have run: retry only what is idempotent); cancelled.
+  /// may not have run: retry only what is idempotent), also when close() past its grace or
+  /// close_now() cut it (saying the connection was interrupted); cancelled.
   ///
   /// Cancellation: per-operation cancellation of a queued statement takes it out of the queue; of
   /// a sent one fails the caller at once, and its answer is read and dropped when it comes. No
