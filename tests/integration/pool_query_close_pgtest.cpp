@@ -599,5 +599,49 @@ TEST_F(PoolQueryCloseTest, ProcessWideQueryAcrossACloseAndAConfigureAgain) {
   });
 }
 
+// Two query() callers on an io_context that two threads run, each computing for a while after
+// each answer (no I/O: CPU work a handler may do): their computations run side by side on the
+// two threads, as any two coroutines' would. (Before, every shared connection ran on the
+// multiplexer's one strand, and a caller resumed in place by its connection's answer computed on
+// that strand: the computations never overlapped, and every shared connection stood still
+// meanwhile.)
+TEST_F(PoolQueryCloseTest, CallersComputingAfterTheirAnswersRunSideBySideOnTwoThreads) {
+  asio::io_context io(2);
+  auto work = asio::make_work_guard(io);
+  std::vector<std::thread> threads;
+  Pool pool(io.get_executor(), config("query-two-threads-compute", 2));
+  std::atomic<int> computing{0};
+  std::atomic<int> most_at_once{0};
+  std::atomic<int> finished{0};
+  for (int caller = 0; caller < 2; ++caller) {
+    asio::co_spawn(
+        io,
+        [&]() -> awaitable_void {
+          const auto until = std::chrono::steady_clock::now() + 1500ms;
+          while (std::chrono::steady_clock::now() < until) {
+            (void)co_await pool.query("SELECT 1");
+            const int now_computing = ++computing;
+            int seen = most_at_once.load();
+            while (now_computing > seen &&
+                   !most_at_once.compare_exchange_weak(seen, now_computing)) {
+            }
+            const auto computed_by = std::chrono::steady_clock::now() + 50ms;
+            while (std::chrono::steady_clock::now() < computed_by) {
+            }
+            --computing;
+          }
+          ++finished;
+        },
+        asio::detached);
+  }
+  for (int thread = 0; thread < 2; ++thread) threads.emplace_back([&] { io.run_for(20s); });
+  while (finished < 2) std::this_thread::sleep_for(10ms);
+  asio::co_spawn(io, pool.close(5s), asio::detached);
+  work.reset();
+  for (auto& thread : threads) thread.join();
+  EXPECT_EQ(most_at_once.load(), 2)
+      << "the callers' computations never overlapped: each ran on the shared connections' strand";
+}
+
 }  // namespace
 }  // namespace pgrt

@@ -180,6 +180,8 @@ std::size_t batch_bytes(const std::vector<std::shared_ptr<SharedStatement>>& bat
 
 // Borrows a connection for the multiplexer, then runs it.
 asio::awaitable<void> borrow(std::shared_ptr<Multiplexer> mux) {
+  // The connection's own strand (grow_locked()), which its coroutine keeps.
+  const asio::any_io_executor own_strand = co_await asio::this_coro::executor;
   // (If this coroutine is destroyed mid-acquire, its io_context shut down, the count goes too.)
   async::AbandonGuard uncount([&mux] {
     std::lock_guard lock(mux->mutex);
@@ -209,6 +211,7 @@ asio::awaitable<void> borrow(std::shared_ptr<Multiplexer> mux) {
     --mux->borrowing;
     if (lease && !mux->closed) {
       link = std::make_shared<SharedLink>(std::move(*lease));
+      link->strand = own_strand;
       mux->links.push_back(link);
     } else if (!lease && std::all_of(mux->links.begin(), mux->links.end(),
                                      [](const auto& held) { return held->drained_for_good(); })) {
@@ -915,6 +918,7 @@ Multiplexer::Multiplexer(const std::shared_ptr<PoolState>& pool_in,
                          const asio::any_io_executor& executor)
     : pool(pool_in),
       strand(make_compact_strand(executor)),
+      connections_executor(executor),
       connections_context(asio::query(strand, asio::execution::context)),
       depth(default_depth),
       max_queued(pool_in->config.max_waiters),
@@ -1114,8 +1118,12 @@ void Multiplexer::grow_locked() {
   if (!all_busy) return;
   // Later, never inline: the acquire takes the pool's lock, which is never taken under ours.
   // (Counted once posted: a post that fails for want of memory leaves no borrow counted that
-  // never comes. The borrow takes our mutex before it counts itself done.)
-  asio::post(strand, [self = shared_from_this(), on = strand] {
+  // never comes. The borrow takes our mutex before it counts itself done.) On a strand of its
+  // own, which the connection keeps: a caller that its answer resumes in place (Multiplexer::
+  // answer()) runs on that strand until its next wait, and must not hold up the other
+  // connections, and their callers, on an io_context that several threads run.
+  const asio::any_io_executor own_strand = make_compact_strand(connections_executor);
+  asio::post(own_strand, [self = shared_from_this(), on = own_strand] {
     asio::co_spawn(on, borrow(self), asio::detached);
   });
   ++borrowing;
@@ -1124,9 +1132,9 @@ void Multiplexer::grow_locked() {
 
 void Multiplexer::wake_locked(const std::shared_ptr<SharedLink>& link) {
   // (Released: the connections were cut, and their waits end with the cut.)
-  if (!link->waiting || link->wake_posted || !strand) return;
+  if (!link->waiting || link->wake_posted || !strand || !link->strand) return;
   link->wake_posted = true;
-  asio::post(strand, [self = shared_from_this(), link] {
+  asio::post(link->strand, [self = shared_from_this(), link] {
     // On the strand, like the connection's coroutine: its wait for the socket is cancelled if it
     // still waits for it (not a later wait of another kind, such as a flush's).
     const std::lock_guard lock(self->mutex);
@@ -1263,11 +1271,13 @@ void Multiplexer::close() {
 void Multiplexer::release_io() {
   std::optional<asio::steady_timer> timer;
   asio::any_io_executor on;
+  asio::any_io_executor beneath;
   {
     std::lock_guard lock(mutex);
     timer.swap(sweeper);
     sweeper_armed = false;
     std::swap(on, strand);
+    std::swap(beneath, connections_executor);
     answer_unanswered_locked();  // (those close() could not post for want of memory)
   }
   // (Destroyed here, unlocked: the timer's wait ends cancelled, and its handler holds nothing.)

@@ -3,8 +3,8 @@
 // Statements without an exclusive lease (Pool::query(), pgrt::query()). The multiplexer borrows
 // connections from its pool through ordinary leases (so the pool's strict max, FIFO and
 // accounting hold for both paths), and on each runs the statements of many callers at once in
-// libpq's pipeline mode: one writer and reader per connection (a coroutine on the multiplexer's
-// strand), each statement in a sync segment of its own (an error fails only its caller), prepared
+// libpq's pipeline mode: one writer and reader per connection (a coroutine on a strand of its
+// own), each statement in a sync segment of its own (an error fails only its caller), prepared
 // once per connection from the connection's statement cache. Statements wait in one queue; a
 // connection takes what is queued when it has room (its even share of what is queued and in
 // flight over the connections it holds or may still borrow, at most `depth`), and a new one is
@@ -17,8 +17,10 @@
 // async/parked_wait.hpp), started and ended under the mutex. The connection that reads answers
 // resumes the first of their callers in place when that caller runs on the connections' own
 // io_context (no trip through the io_context's queue, and no look at the reactor before the
-// caller's next statement is queued); it posts the others' resumptions, in order. Each connection's
-// libpq state is touched only by its coroutine, on the strand.
+// caller's next statement is queued); it posts the others' resumptions, in order. The caller
+// resumed in place runs on that connection's strand until its next wait: it holds up that
+// connection alone, each connection having a strand of its own. Each connection's libpq state is
+// touched only by its coroutine, on its strand.
 
 #include <boost/asio/any_completion_handler.hpp>
 #include <boost/asio/execution_context.hpp>
@@ -154,13 +156,20 @@ struct SharedLink {
   // Statements it takes in flight: Multiplexer::depth, or one behind a transaction pooler
   // (Connection::Impl::one_segment_in_flight()).
   std::size_t depth = 1;
+  // The strand its coroutine runs on, a strand of its own (wakes are posted there); set once, as
+  // it is borrowed.
+  asio::any_io_executor strand;
 };
 
 struct Multiplexer : std::enable_shared_from_this<Multiplexer>, async::ParkedWaitOwner {
   Multiplexer(const std::shared_ptr<PoolState>& pool_in, const asio::any_io_executor& executor);
 
   std::weak_ptr<PoolState> pool;
-  asio::any_io_executor strand;                  // make_compact_strand()
+  // The sweeper's and the borrows' (make_compact_strand()). Each connection borrowed runs on a
+  // strand of its own (SharedLink::strand), so that a caller resumed in place by one connection
+  // holds up that connection only, not every other one with it.
+  asio::any_io_executor strand;
+  asio::any_io_executor connections_executor;    // the pool's: what the strands are made over
   asio::execution_context& connections_context;  // the strand's: the pool's io_context
   const std::size_t depth;                       // statements in flight per connection
   const std::size_t max_queued;                  // PoolConfig::max_waiters
