@@ -379,9 +379,15 @@ struct PoolState : std::enable_shared_from_this<PoolState>, async::ParkedWaitOwn
   }
 
   // Carries out the core's actions (inline: most events of a busy pool, a clean return or an
-  // idle connection leased, bring none, and then cost no call).
+  // idle connection leased, bring none, and then cost no call), then wakes close() once every
+  // backend has ended (an event with no action can be the last: 7bed09e skipped that, and close()
+  // waited out its grace).
   void execute_locked(const pool::Actions& actions, Deferred& deferred) {
-    if (!actions.empty()) execute_actions_locked(actions, deferred);
+    if (!actions.empty()) {
+      execute_actions_locked(actions, deferred);
+    } else if (core.drained()) {
+      drained.notify_all_locked();
+    }
   }
   void execute_actions_locked(const pool::Actions& actions, Deferred& deferred);
 
