@@ -5,6 +5,7 @@
 #include <cctype>
 #include <libpq-fe.h>
 #include <memory>
+#include <optional>
 #include <utility>
 
 #include "connection/conninfo.hpp"
@@ -352,7 +353,11 @@ Error::Error(boost::system::error_code code, Diagnostics diagnostics)
       diagnostics_(with_sqlstate(code, std::move(diagnostics))),
       what_(describe(code, diagnostics_)) {}
 
-std::string mask_password(std::string_view conninfo) {
+std::string mask_password(std::string_view original) {
+  // load_balance_hosts (pgrt's to apply, whatever its libpq knows) is parsed apart, and shown last.
+  std::string without_balance(original);
+  const std::optional<std::string> balance = take_load_balance_hosts(without_balance);
+  const std::string_view conninfo = without_balance;
   char* parse_error = nullptr;
   std::unique_ptr<PQconninfoOption, void (*)(PQconninfoOption*)> options(
       PQconninfoParse(std::string(conninfo).c_str(), &parse_error), PQconninfoFree);
@@ -386,6 +391,10 @@ std::string mask_password(std::string_view conninfo) {
       masked += c;
     }
     masked += '\'';
+  }
+  if (balance) {
+    masked += std::string(masked.empty() ? "" : " ") + "load_balance_hosts=" +
+              (load_balance_hosts_problem(*balance).empty() ? *balance : "****");
   }
   return masked;
 }

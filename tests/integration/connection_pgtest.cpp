@@ -27,6 +27,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <optional>
+#include <set>
 #include <spdlog/sinks/ostream_sink.h>
 #include <spdlog/spdlog.h>
 #include <sstream>
@@ -1171,6 +1172,49 @@ TEST_F(ConnectionTest, TargetSessionAttrsPickTheRightServerOfAPrimaryAndItsStand
   });
   ::unsetenv("PGSERVICEFILE");
   EXPECT_EQ(by_service, standby.port());
+}
+
+// load_balance_hosts, libpq 16's keyword, which pgrt applies itself (it tries the hosts one by one,
+// and its libpq may be older): random shuffles the host list on every connect, so 40 connects over
+// two servers reach both (all on one by chance: 2^-39); disable, and no keyword, keep the order
+// written. Any other value is a configuration error, as libpq 16 makes it.
+TEST_F(ConnectionTest, LoadBalanceHostsRandomSpreadsTheConnectsOverTheHosts) {
+  testing::TempCluster second;
+  const std::string first_port = std::to_string(cluster().port());
+  const std::string second_port = std::to_string(second.port());
+  const std::string hosts = "host=127.0.0.1,127.0.0.1 port=" + first_port + "," + second_port +
+                            " user=postgres dbname=postgres";
+  auto ports_reached = [&](const std::string& conninfo, int connects) {
+    return run_coroutine([&]() -> asio::awaitable<std::set<int>> {
+      std::set<int> ports;
+      for (int round = 0; round < connects; ++round) {
+        ConnectOptions options{.conninfo = conninfo, .connect_timeout = 10s};
+        auto conn = co_await Connection::connect(std::move(options));
+        ports.insert(std::stoi(
+            (co_await conn.query("SELECT current_setting('port')")).scalar<std::string>()));
+        conn.close(CloseMode::immediate);
+      }
+      co_return ports;
+    });
+  };
+  const std::set<int> both{cluster().port(), second.port()};
+  const std::set<int> first_only{cluster().port()};
+  EXPECT_EQ(ports_reached(hosts + " load_balance_hosts=random", 40), both);
+  EXPECT_EQ(ports_reached("postgresql://postgres@127.0.0.1:" + first_port +
+                              ",127.0.0.1:" + second_port + "/postgres?load_balance_hosts=random",
+                          40),
+            both);
+  EXPECT_EQ(ports_reached(hosts + " load_balance_hosts=disable", 10), first_only);
+  EXPECT_EQ(ports_reached(hosts, 10), first_only);
+  auto wrong = run_coroutine([&]() -> asio::awaitable<Error> {
+    ConnectOptions options{.conninfo = hosts + " load_balance_hosts=sometimes password=hunter2",
+                           .connect_timeout = 10s};
+    co_return co_await expect_error(Connection::connect(std::move(options)));
+  });
+  EXPECT_EQ(wrong.code(), client_errc::invalid_config) << wrong.what();
+  EXPECT_THAT(wrong.what(), HasSubstr("load_balance_hosts"));
+  EXPECT_THAT(wrong.what(), HasSubstr("random"));
+  EXPECT_THAT(wrong.what(), ::testing::Not(HasSubstr("hunter2")));
 }
 
 TEST_F(ConnectionTest, CloseGracefullyOrImmediatelyEndsTheBackend) {

@@ -748,15 +748,35 @@ TEST(PoolConfigTest, AMalformedConninfoIsRefusedWithoutShowingAnySecret) {
   EXPECT_THAT(mask_password("host=db sslpassword=hunter2"), Not(HasSubstr("hunter2")));
   // A keyword only a later libpq knows is named as such, in both forms (its value never shown).
   if (PQlibVersion() < 160000) {
-    for (const char* newer : {"host=db.internal load_balance_hosts=random password=hunter2",
-                              "postgresql://app:hunter2@db.internal/x?load_balance_hosts=random"}) {
+    for (const char* newer :
+         {"host=db.internal require_auth=scram-sha-256 password=hunter2",
+          "postgresql://app:hunter2@db.internal/x?require_auth=scram-sha-256"}) {
       config.conninfo = newer;
       const std::string error = rejection(config);
-      EXPECT_THAT(error, HasSubstr("\"load_balance_hosts\" is a keyword of libpq 16 and later"))
-          << newer;
+      EXPECT_THAT(error, HasSubstr("\"require_auth\" is a keyword of libpq 16 and later")) << newer;
       EXPECT_THAT(error, Not(HasSubstr("hunter2"))) << newer;
       EXPECT_THAT(error, Not(HasSubstr("percent-encode"))) << newer;
     }
+  }
+  // load_balance_hosts is pgrt's to apply (connect()), whatever its libpq's version: taken in both
+  // forms, with disable or random only, and kept in a masked conninfo.
+  for (const char* balanced :
+       {"host=a.internal,b.internal load_balance_hosts=random password=hunter2",
+        "host=a.internal,b.internal load_balance_hosts = 'disable' password=hunter2",
+        "postgresql://app:hunter2@a.internal,b.internal/x?load_balance_hosts=random",
+        "postgresql://app:hunter2@a.internal,b.internal/"
+        "x?sslmode=disable&load_balance_hosts=random"}) {
+    config.conninfo = balanced;
+    EXPECT_EQ(rejection(config), "") << balanced;
+    EXPECT_THAT(mask_password(balanced), HasSubstr("load_balance_hosts=")) << balanced;
+    EXPECT_THAT(mask_password(balanced), Not(HasSubstr("hunter2"))) << balanced;
+  }
+  for (const char* wrong : {"host=a.internal,b.internal load_balance_hosts=sometimes password=x",
+                            "postgresql://a.internal,b.internal/x?load_balance_hosts=Random"}) {
+    config.conninfo = wrong;
+    const std::string error = rejection(config);
+    EXPECT_THAT(error, HasSubstr("load_balance_hosts")) << wrong;
+    EXPECT_THAT(error, HasSubstr("disable (the default) or random")) << wrong;
   }
   // The error is a configuration error for the lifecycle manager too (exit code 78).
   EXPECT_TRUE(make_error_code(client_errc::invalid_config) ==

@@ -12,6 +12,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <random>
 #include <spdlog/spdlog.h>
 #include <string>
 #include <system_error>
@@ -183,6 +184,13 @@ error_code read_connect_timeout(const ParsedConninfo& parsed,
   }
   if (seconds > 0) per_host = std::chrono::seconds(std::max<long>(seconds, 2));
   return {};
+}
+
+// load_balance_hosts=random's order: one engine per thread (each pool's connects run on its
+// executor's threads), seeded from the system's entropy.
+std::mt19937& shuffler() {
+  thread_local std::mt19937 engine{std::random_device{}()};
+  return engine;
 }
 
 }  // namespace
@@ -499,13 +507,24 @@ asio::awaitable<error_code> Connection::Impl::connect() {
                    std::string("give the URL as the whole conninfo (DATABASE_URL), or only the ") +
                        what + " in " + keyword + "= and " + variable);
   }
+  // load_balance_hosts (libpq 16's keyword) is pgrt's to apply: it tries the hosts itself, one at a
+  // time, and its libpq may not know the keyword (take_load_balance_hosts()).
+  const std::string balance = parsed.get("load_balance_hosts", "PGLOADBALANCEHOSTS");
+  if (auto problem = load_balance_hosts_problem(balance); !problem.empty()) {
+    co_return fail(client_errc::invalid_config, problem, {},
+                   "set load_balance_hosts (or PGLOADBALANCEHOSTS) to random to spread the "
+                   "connects over the hosts, or leave it out to try them in order");
+  }
+  const bool shuffle = balance == "random";
   std::vector<Target> entries;
   if (auto error = host_entries(parsed, entries)) co_return error;
   std::optional<std::chrono::milliseconds> per_host_limit;
   if (auto error = read_connect_timeout(parsed, per_host_limit, last_error)) co_return error;
 
   std::vector<std::pair<std::string, std::string>> params;
-  if (!options.conninfo.empty()) params.emplace_back("dbname", options.conninfo);
+  std::string conninfo = options.conninfo;
+  (void)take_load_balance_hosts(conninfo);  // (applied here, below)
+  if (!conninfo.empty()) params.emplace_back("dbname", conninfo);
   std::string startup_options = parsed.get("options", "PGOPTIONS");
   bool datestyle_given = false;
   for (const auto& [name, value] : options.session_settings) {
@@ -562,6 +581,25 @@ asio::awaitable<error_code> Connection::Impl::connect() {
   const bool default_host_only = entries.empty() && parsed.get("host", "PGHOST").empty() &&
                                  parsed.get("hostaddr", "PGHOSTADDR").empty() &&
                                  parsed.get("service", "PGSERVICE").empty();
+  if (shuffle && entries.empty() && !default_host_only) {
+    // The hosts are libpq's to try (hostaddr, a service file, an empty host in the list): its own
+    // load_balance_hosts, from libpq 16 on.
+    if (PQlibVersion() < 160000) {
+      co_return fail(client_errc::invalid_config,
+                     "load_balance_hosts=random with hostaddr, a service file or an empty host in "
+                     "the list needs libpq 16 or later (this program's libpq is " +
+                         std::to_string(PQlibVersion() / 10000) +
+                         "): pgrt spreads the connects itself only over a host list of names, "
+                         "addresses and socket directories",
+                     {},
+                     "give the hosts in host= (names or addresses) without hostaddr or service, "
+                     "or build against a newer libpq");
+    }
+    params.emplace_back("load_balance_hosts", "random");
+  }
+  // load_balance_hosts=random: the hosts in a new random order on every connect (as libpq 16
+  // orders them), and below, the addresses of each name.
+  if (shuffle) std::shuffle(entries.begin(), entries.end(), shuffler());
   const bool prefer_standby =
       parsed.get("target_session_attrs", "PGTARGETSESSIONATTRS") == "prefer-standby";
   if (entries.size() <= 1) {
@@ -637,6 +675,7 @@ asio::awaitable<error_code> Connection::Impl::connect() {
           passed_over();
           continue;
         }
+        if (shuffle) std::shuffle(resolved.begin(), resolved.end(), shuffler());
         for (std::string& address : resolved) {
           addresses.push_back(
               Target{.host = entry->host, .hostaddr = std::move(address), .port = entry->port});

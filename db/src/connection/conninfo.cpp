@@ -7,6 +7,7 @@
 #include <libpq-fe.h>
 #include <map>
 #include <memory>
+#include <optional>
 
 #include "impl.hpp"
 
@@ -36,10 +37,118 @@ std::vector<std::string> split_hosts(const std::string& hosts) {
   }
 }
 
+namespace {
+
+bool is_space(char c) {
+  return std::isspace(static_cast<unsigned char>(c)) != 0;
+}
+
+int hex_digit(char c) {
+  if (c >= '0' && c <= '9') return c - '0';
+  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+  return -1;
+}
+
+std::string percent_decoded(std::string_view text) {
+  std::string decoded;
+  for (std::size_t at = 0; at < text.size(); ++at) {
+    if (text[at] == '%' && at + 2 < text.size() && hex_digit(text[at + 1]) >= 0 &&
+        hex_digit(text[at + 2]) >= 0) {
+      decoded += static_cast<char>(hex_digit(text[at + 1]) * 16 + hex_digit(text[at + 2]));
+      at += 2;
+    } else {
+      decoded += text[at];
+    }
+  }
+  return decoded;
+}
+
+}  // namespace
+
+std::optional<std::string> take_load_balance_hosts(std::string& conninfo) {
+  static constexpr std::string_view keyword = "load_balance_hosts";
+  std::optional<std::string> value;
+  if (conninfo.starts_with("postgresql://") || conninfo.starts_with("postgres://")) {
+    const std::size_t query = conninfo.find('?');
+    if (query == std::string::npos) return value;
+    std::string kept;
+    std::string_view rest = std::string_view(conninfo).substr(query + 1);
+    while (!rest.empty()) {
+      const std::string_view parameter = rest.substr(0, rest.find('&'));
+      rest.remove_prefix(std::min(rest.size(), parameter.size() + 1));
+      const std::size_t equals = parameter.find('=');
+      if (equals != std::string_view::npos &&
+          percent_decoded(parameter.substr(0, equals)) == keyword) {
+        value = percent_decoded(parameter.substr(equals + 1));
+        continue;
+      }
+      kept += (kept.empty() ? "" : "&") + std::string(parameter);
+    }
+    if (value) conninfo = conninfo.substr(0, kept.empty() ? query : query + 1) + kept;
+    return value;
+  }
+  // key=value pairs, read as libpq reads them; a text it would refuse is left as it is.
+  std::vector<std::pair<std::size_t, std::size_t>> cuts;  // [start, end) of each pair taken out
+  std::size_t at = 0;
+  const auto skip_spaces = [&] {
+    while (at < conninfo.size() && is_space(conninfo[at])) ++at;
+  };
+  for (;;) {
+    skip_spaces();
+    if (at >= conninfo.size()) break;
+    const std::size_t start = at;
+    while (at < conninfo.size() && conninfo[at] != '=' && !is_space(conninfo[at])) ++at;
+    const std::string name = conninfo.substr(start, at - start);
+    skip_spaces();
+    if (at >= conninfo.size() || conninfo[at] != '=') return std::nullopt;
+    ++at;
+    skip_spaces();
+    std::string pair_value;
+    if (at < conninfo.size() && conninfo[at] == '\'') {
+      bool closed = false;
+      for (++at; at < conninfo.size() && !closed; ++at) {
+        if (conninfo[at] == '\\' && at + 1 < conninfo.size()) {
+          pair_value += conninfo[++at];
+        } else if (conninfo[at] == '\'') {
+          closed = true;
+        } else {
+          pair_value += conninfo[at];
+        }
+      }
+      if (!closed) return std::nullopt;
+    } else {
+      for (; at < conninfo.size() && !is_space(conninfo[at]); ++at) {
+        if (conninfo[at] == '\\' && at + 1 < conninfo.size()) ++at;
+        pair_value += conninfo[at];
+      }
+    }
+    if (name == keyword) {
+      value = std::move(pair_value);
+      cuts.emplace_back(start, at);
+    }
+  }
+  for (auto cut = cuts.rbegin(); cut != cuts.rend(); ++cut) {
+    conninfo.erase(cut->first, cut->second - cut->first);
+  }
+  return value;
+}
+
+std::string load_balance_hosts_problem(std::string_view value) {
+  if (value.empty() || value == "disable" || value == "random") return "";
+  const bool plain = value.size() <= 20 && std::all_of(value.begin(), value.end(), [](char c) {
+                       return std::isalnum(static_cast<unsigned char>(c)) != 0 || c == '_';
+                     });
+  return "load_balance_hosts is " + (plain ? "\"" + std::string(value) + "\"" : "****") +
+         ": it is disable (the default) or random";
+}
+
 ParsedConninfo parse_conninfo(const std::string& conninfo) {
   ParsedConninfo parsed;
+  std::string text = conninfo;
+  const std::optional<std::string> balance = take_load_balance_hosts(text);
   char* error = nullptr;
-  PQconninfoOption* options = PQconninfoParse(conninfo.c_str(), &error);
+  PQconninfoOption* options = PQconninfoParse(text.c_str(), &error);
   PQfreemem(error);  // may quote the password: never shown
   if (options == nullptr) return parsed;
   parsed.valid = true;
@@ -47,6 +156,7 @@ ParsedConninfo parse_conninfo(const std::string& conninfo) {
     if (option->val != nullptr) parsed.values.emplace(option->keyword, option->val);
   }
   PQconninfoFree(options);
+  if (balance) parsed.values["load_balance_hosts"] = *balance;
   return parsed;
 }
 
@@ -71,8 +181,7 @@ const std::map<std::string, bool, std::less<>>& known_keywords() {
 // Keywords of later libpq versions, with the version that added them: named as such (their
 // values never shown: some are secrets) rather than hidden as a word that may be part of a value.
 std::string_view newer_libpq_keyword(std::string_view keyword) {
-  static constexpr std::array<std::pair<std::string_view, std::string_view>, 14> newer{{
-      {"load_balance_hosts", "16"},
+  static constexpr std::array<std::pair<std::string_view, std::string_view>, 13> newer{{
       {"require_auth", "16"},
       {"sslcertmode", "16"},
       {"gssdelegation", "16"},
@@ -262,7 +371,13 @@ std::string redact_unparsable_conninfo(std::string_view conninfo) {
   return redact_pairs(conninfo, problems);
 }
 
-std::string conninfo_problem(std::string_view conninfo) {
+std::string conninfo_problem(std::string_view original) {
+  // load_balance_hosts is pgrt's own (connect()): its value checked here, the rest by libpq.
+  std::string without_balance(original);
+  if (auto balance = take_load_balance_hosts(without_balance)) {
+    if (auto problem = load_balance_hosts_problem(*balance); !problem.empty()) return problem;
+  }
+  const std::string_view conninfo = without_balance;
   char* error = nullptr;
   PQconninfoOption* options = PQconninfoParse(std::string(conninfo).c_str(), &error);
   PQfreemem(error);  // may quote the password: never shown

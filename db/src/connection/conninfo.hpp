@@ -2,6 +2,7 @@
 
 // The conninfo, as libpq parses it: for Connection::Impl::connect() (connect.cpp).
 
+#include <optional>
 #include <string>
 #include <string_view>
 #include <unordered_map>
@@ -25,7 +26,19 @@ struct ParsedConninfo {
   }
 };
 
+// libpq's keywords and values; valid is false when libpq cannot parse it. load_balance_hosts is
+// among them whatever the libpq (take_load_balance_hosts()).
 ParsedConninfo parse_conninfo(const std::string& conninfo);
+
+// Takes libpq 16's load_balance_hosts out of `conninfo` (key=value or URL) and returns its value
+// (the last one given), or nullopt when it gives none. pgrt applies it itself (connect(): it
+// hands libpq one host at a time, so libpq's own shuffle would change nothing), and libpq 15
+// refuses the keyword. A key=value text libpq would refuse for another reason is left as it is.
+std::optional<std::string> take_load_balance_hosts(std::string& conninfo);
+
+// Why a load_balance_hosts value is refused (libpq 16 takes "disable" and "random" only), or ""
+// when it is one of those (or empty: the default). Quotes the value only if it is a plain word.
+std::string load_balance_hosts_problem(std::string_view value);
 
 // A conninfo that libpq cannot parse, in a form safe for any message or log: libpq's non-secret
 // keywords keep their values; every other value, every unknown keyword that is not a plain word,
