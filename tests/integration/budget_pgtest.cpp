@@ -1069,6 +1069,47 @@ TEST_F(BudgetTest, TheDiscardAllResetNeedsNoPlpgsql) {
   }
 }
 
+// A role the server refuses the budget's SQL (EXECUTE on pg_try_advisory_lock(int, int) revoked
+// from PUBLIC, as a hardened database may do; a server without advisory locks answers 42883 alike)
+// can never take a slot. That was taken for a passing failure (connect_failed): the pool retried
+// with backoff, acquire() failed with a bare pool_timeout after all of acquire_timeout, and a
+// service's start waited out its whole start wait. Now acquire() fails soon, with the server's
+// SQLSTATE and a hint naming the grant; and so does the next one.
+TEST_F(BudgetTest, ARoleRefusedTheAdvisoryLockFunctionFailsAcquireFastWithTheServersError) {
+  testing::TempCluster own;  // (the revoke is not the shared cluster's to keep)
+  BlockingConnection admin(own.dsn());
+  admin.query("CREATE ROLE budget_no_lock LOGIN");
+  admin.query(
+      "REVOKE EXECUTE ON FUNCTION pg_catalog.pg_try_advisory_lock(integer, integer) FROM PUBLIC");
+  auto pool_config = config("no-lock", "no-lock", 2, 1);
+  pool_config.conninfo = own.dsn() + " user=budget_no_lock";
+  pool_config.acquire_timeout = 20s;
+  std::vector<std::chrono::milliseconds> took;
+  std::vector<Error> errors;
+  run_coroutine(
+      [&]() -> awaitable_void {
+        Pool pool(co_await asio::this_coro::executor, pool_config);
+        for (int round = 0; round < 2; ++round) {
+          const auto started = std::chrono::steady_clock::now();
+          errors.push_back(co_await testing::expect_error(pool.acquire()));
+          took.push_back(std::chrono::duration_cast<std::chrono::milliseconds>(
+              std::chrono::steady_clock::now() - started));
+        }
+        (void)co_await pool.close(1s);
+      },
+      60s);
+  ASSERT_EQ(errors.size(), 2U);
+  for (std::size_t round = 0; round < 2; ++round) {
+    const Error& error = errors[round];
+    EXPECT_EQ(error.code(), make_sqlstate_error("42501")) << error.what();
+    EXPECT_EQ(error.sqlstate(), "42501") << error.what();
+    EXPECT_THAT(error.what(), HasSubstr("pg_try_advisory_lock")) << error.what();
+    EXPECT_THAT(error.diagnostics().hint, HasSubstr("GRANT EXECUTE")) << error.what();
+    EXPECT_THAT(error.diagnostics().hint, HasSubstr("budget")) << error.what();
+    EXPECT_LT(took[round], 5s) << "acquire " << round << " waited: " << error.what();
+  }
+}
+
 // A schema of the role's own put ahead of pg_catalog in its search_path (here by the conninfo's
 // options; ALTER ROLE ... SET search_path does the same) holds an object for each operator,
 // function, relation and type name the budget's SQL used unqualified, each of which raises (a

@@ -18,6 +18,31 @@ namespace pgrt::detail {
 
 namespace {
 
+// Whether the server refused the budget's SQL in a way that every connect would meet: an error of
+// class 42 (the role refused EXECUTE on an advisory-lock function, 42501; a server without
+// them, 42883) or a feature it does not have (0A000). A connection lost during the slot search,
+// a statement cut at connect_timeout, a server shutting down: passing, retried as before.
+bool budget_sql_refused(const error_code& code) {
+  const std::string sqlstate = sqlstate_of(code);
+  return sqlstate.starts_with("42") || sqlstate == "0A000";
+}
+
+std::string budget_refused_hint(const error_code& code) {
+  if (sqlstate_of(code) == "42501") {
+    return "the role may not run the connection budget's advisory-lock functions (PUBLIC may, "
+           "unless revoked): GRANT EXECUTE ON FUNCTION pg_catalog.pg_try_advisory_lock(integer, "
+           "integer), pg_catalog.pg_try_advisory_lock_shared(integer, integer), "
+           "pg_catalog.pg_advisory_lock_shared(integer, integer), "
+           "pg_catalog.pg_advisory_unlock(bigint), pg_catalog.pg_advisory_unlock(integer, "
+           "integer), pg_catalog.pg_advisory_unlock_shared(bigint), "
+           "pg_catalog.pg_advisory_unlock_shared(integer, integer) TO the role; or run the pool "
+           "without a budget (unset PGRT_BUDGET_KEY and PGRT_BUDGET_SLOTS)";
+  }
+  return "the server does not run the connection budget's SQL (session-level advisory locks and "
+         "pg_locks, as PostgreSQL has them): run the pool without a budget (unset "
+         "PGRT_BUDGET_KEY and PGRT_BUDGET_SLOTS) and bound its connections another way";
+}
+
 // Runs `operation` on `connection`, and cuts the connection if it has not finished by
 // `deadline`: the operation then fails (the server's cancel error, or connection_lost). Every wait
 // the pool makes on the server goes through here, so none is unbounded, whatever the network
@@ -345,6 +370,8 @@ asio::awaitable<void> PoolState::open_connection(
   // Cancelled by the pool's close under a budget, its backend perhaps alive: closed once the core
   // has its capacity back (Pool::close() does not wait for it), keeping the turn till it ended.
   bool close_after = false;
+  // The server refused the budget's SQL (budget_sql_refused()): every connect would meet it.
+  bool budget_refused = false;
   if (error) {
     if (cancel->cancelled) {
       failure = "the pool closed while connecting";
@@ -438,6 +465,17 @@ asio::awaitable<void> PoolState::open_connection(
                                                       : "no slot free in the budget '") +
                          budget.key + "'";
       }
+    } catch (const Error& slot_error) {
+      if (budget_sql_refused(slot_error.code())) {
+        budget_refused = true;
+        error = slot_error.code();
+        failure = "the server refused the SQL of the connection budget '" + budget.key +
+                  "' (its advisory locks): " + slot_error.what();
+      } else {
+        error = make_error_code(client_errc::connect_failed);
+        failure =
+            std::string("taking a slot of the connection budget failed: ") + slot_error.what();
+      }
     } catch (const std::exception& slot_error) {
       error = make_error_code(client_errc::connect_failed);
       failure = std::string("taking a slot of the connection budget failed: ") + slot_error.what();
@@ -511,6 +549,9 @@ asio::awaitable<void> PoolState::open_connection(
       if (backend_may_live) connection_of(*node) = std::move(connection);  // for its close
       // (Destroys the node, or closes it when its backend may live.)
       self->core.connect_failed(*node, Clock::now(), actions, no_slot, backend_may_live);
+      // No retry cures it: the callers waiting hear it now (and the pool goes on retrying, for
+      // a grant that comes later).
+      if (budget_refused && !cancel->cancelled) self->core.fail_waiting(actions);
     } else {
       if (!self->logged_connect_failure.empty()) {
         deferred.add([self, failures = self->failed_connects_in_a_row] {
@@ -1200,6 +1241,13 @@ void PoolState::fail_wait(std::unique_lock<std::mutex>& lock, pool::Waiter& wait
       throw_pool_error(client_errc::connect_failed, message,
                        "PoolConfig::fail_fast_after (PGRT_FAIL_FAST_MS) ended this wait early; "
                        "the pool keeps retrying with backoff");
+    }
+    case pool::FailReason::refused: {
+      const std::string message =
+          "no connection for the pool " + application_name + ": " + last_connect_error;
+      const error_code refused = last_connect_error_code;
+      lock.unlock();
+      throw Error(refused, Diagnostics{.message = message, .hint = budget_refused_hint(refused)});
     }
     case pool::FailReason::timeout:
       break;

@@ -369,8 +369,17 @@ void Core::fail_queued(Waiter& waiter, FailReason why, Actions& actions) {
   waiter.queued = false;
   waiter.outcome = Waiter::Outcome::failed;
   waiter.failed = why;
-  if (why == FailReason::timeout || why == FailReason::server_down) ++timeouts_;
+  if (why == FailReason::timeout || why == FailReason::server_down || why == FailReason::refused) {
+    ++timeouts_;
+  }
   actions.push_back({.kind = Action::Kind::wake, .waiter = &waiter});
+}
+
+void Core::fail_waiting(Actions& actions) {
+  for (Priority priority : {Priority::high, Priority::normal}) {
+    waiters_.for_each(priority,
+                      [&](Waiter& waiter) { fail_queued(waiter, FailReason::refused, actions); });
+  }
 }
 
 void Core::time_out_waiters(Time now, Time& next, Actions& actions) {

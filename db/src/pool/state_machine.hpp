@@ -83,7 +83,9 @@ struct CoreConfig {
   std::vector<ConsumerLimits> consumers;
 };
 
-enum class FailReason : std::uint8_t { pool_closed, timeout, cancelled, server_down };
+// server_down: fail_fast_after passed with every connect failing; refused: a connect failed with
+// an error that every later one would meet too (fail_waiting()).
+enum class FailReason : std::uint8_t { pool_closed, timeout, cancelled, server_down, refused };
 
 // One caller waiting for a connection. The driver owns it (on the waiting coroutine's frame) and
 // derives from it to add its wake-up; the core queues it and decides its outcome exactly once.
@@ -358,6 +360,10 @@ class Core {
   // being Time::max(), passed). False when it already has an outcome (a node was handed to it,
   // tick() timed it out, or the pool failed it): that outcome stands.
   bool withdraw(Waiter& waiter, FailReason why, Actions& actions);
+  // Fails every waiting caller (FailReason::refused, counted as a timeout): the connect that just
+  // failed (connect_failed()) met an error that no retry cures. The pool goes on retrying with
+  // backoff, and a caller that comes later waits for the next connect.
+  void fail_waiting(Actions& actions);
   // A lease ended.
   void lease_returned(Node& node, ReturnKind kind, Time now, Actions& actions);
   // The user closed a leased node's connection inside its lease: it is closed now (its capacity
