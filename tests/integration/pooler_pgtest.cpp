@@ -411,6 +411,32 @@ TEST_F(PoolerTest, AnUnconfiguredConnectThroughPgBouncerSaysToSetThePoolerMode) 
   EXPECT_THAT(error.diagnostics().hint, HasSubstr("ALTER ROLE"));
 }
 
+// A stock PgBouncer in session mode refuses the `options` that carry pgrt's start-up settings
+// (DateStyle, the session guards) as well: told it is a session-mode pooler (PGRT_POOLER=session),
+// pgrt's hint says how to let the connection in (PgBouncer's ignore_startup_parameters, those
+// settings then not applied) instead of setting PGRT_POOLER=transaction, which would run a
+// session-mode pooler as a transaction one. Unset, the hint names both modes.
+TEST_F(PoolerTest, ASessionModePgBouncerRefusingTheOptionsGetsAHintForSessionMode) {
+  testing::TempPgBouncer session_mode(cluster(), {.pool_mode = "session", .pool_size = 1});
+  for (const Pooler pooler : {Pooler::session, Pooler::none}) {
+    auto error = run_coroutine([&]() -> asio::awaitable<Error> {
+      ConnectOptions options{.conninfo = session_mode.dsn(), .pooler = pooler};
+      co_return co_await expect_error(Connection::connect(std::move(options)));
+    });
+    EXPECT_EQ(error.code(), client_errc::invalid_config) << error.what();
+    EXPECT_THAT(error.what(), HasSubstr("unsupported startup parameter"));
+    const std::string& hint = error.diagnostics().hint;
+    EXPECT_THAT(hint, HasSubstr("ignore_startup_parameters")) << hint;
+    EXPECT_THAT(hint, HasSubstr("not applied")) << hint;
+    if (pooler == Pooler::session) {
+      EXPECT_THAT(hint, ::testing::Not(HasSubstr("PGRT_POOLER=transaction"))) << hint;
+    } else {
+      EXPECT_THAT(hint, HasSubstr("PGRT_POOLER=transaction")) << hint;
+      EXPECT_THAT(hint, HasSubstr("PGRT_POOLER=session")) << hint;
+    }
+  }
+}
+
 // The pool through PgBouncer: 300 coroutines on max 3 for 3 s, each in a transaction of two
 // prepared statements, with the session guards' TCP side on and its server side left out.
 TEST_F(PoolerTest, ThePoolUnderLoadWorksThroughPgBouncer) {

@@ -304,9 +304,18 @@ error_code Connection::Impl::connect_error() {
                     ? "a pooler (PgBouncer) refuses the `options` the conninfo or PGOPTIONS "
                       "carries: remove them, and set what they set on the role instead (ALTER "
                       "ROLE ... SET)"
+                : options.pooler == Pooler::session
+                    ? "a session-mode pooler (PgBouncer) refuses the `options` start-up parameter "
+                      "that carries pgrt's session settings (DateStyle, the session guards' "
+                      "server side, ConnectOptions::session_settings): add options to its "
+                      "ignore_startup_parameters, and set what they set on the role (ALTER ROLE "
+                      "... SET), as PgBouncer then drops them and they are not applied; or "
+                      "connect to the server directly"
                     : "this is a pooler (PgBouncer) that refuses the startup options pgrt sends: "
                       "set PGRT_POOLER=transaction (ConnectOptions::pooler) for a transaction-mode "
-                      "pooler");
+                      "pooler; for a session-mode one, PGRT_POOLER=session and options in its "
+                      "ignore_startup_parameters (pgrt's start-up settings are then not applied: "
+                      "set them on the role, ALTER ROLE ... SET)");
   }
   if (contains(message, "could not translate host name")) {
     return fail(client_errc::name_resolution, "could not connect to " + where + ": " + message, {},
