@@ -168,6 +168,8 @@ std::string_view after_first_statement(std::string_view sql, bool backslash_esca
   bool may_be_routine = true;  // its words so far start CREATE [OR REPLACE]
   bool routine = false;        // it starts CREATE [OR REPLACE] FUNCTION or PROCEDURE
   int begin_depth = 0;         // BEGIN (and CASE inside it) not yet closed by END
+  // The next word is a label, not a keyword: after a '.' (spans.end) or AS (SELECT 1 AS end).
+  bool label_next = false;
   while (at < size) {
     const char c = sql[at];
     if (const std::size_t after = end_of_comment(sql, at); after != at) {
@@ -203,13 +205,14 @@ std::string_view after_first_statement(std::string_view sql, bool backslash_esca
             routine = may_be_routine = routine_word;
             break;
         }
-      } else if (routine && depth == 0) {
+      } else if (routine && depth == 0 && !label_next) {
         if (is("begin") || (is("case") && begin_depth > 0)) {
           ++begin_depth;
         } else if (is("end") && begin_depth > 0) {
           --begin_depth;
         }
       }
+      label_next = is("as");
     } else if (c == ';' && depth == 0 && begin_depth == 0) {
       at = past_blanks_and_comments(sql, at + 1);
       while (at < size && sql[at] == ';') at = past_blanks_and_comments(sql, at + 1);
@@ -217,6 +220,11 @@ std::string_view after_first_statement(std::string_view sql, bool backslash_esca
     } else {
       if (c == '(') ++depth;
       if (c == ')' && depth > 0) --depth;
+      if (c == '.') {
+        label_next = true;
+      } else if (std::isspace(static_cast<unsigned char>(c)) == 0) {
+        label_next = false;
+      }
       ++at;
     }
   }

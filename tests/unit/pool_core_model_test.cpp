@@ -1036,6 +1036,38 @@ std::vector<Waiter*> still_waiting(const std::vector<Waiter*>& waiters) {
   return waiting;
 }
 
+// fail_waiting() (a connect refused for good, e.g. the budget's SQL refused with 42501) fails the
+// waiters only while no connection is alive: a pool that cannot grow still serves its waiters
+// with the leases that come back (it failed them all, every time a growth connect was refused).
+TEST(PoolCoreRefusal, WaitersAreFailedOnlyWhenNoConnectionIsAlive) {
+  SharedPool pool(CoreConfig{.max_size = 1});
+  auto first = pool.acquire(0);  // (a waiter, handed the connection opened for it)
+  Node* leased = std::holds_alternative<Node*>(first) ? std::get<Node*>(first)
+                                                      : std::get<Waiter*>(first)->handed;
+  ASSERT_NE(leased, nullptr);
+  auto second = pool.acquire(0);
+  ASSERT_TRUE(std::holds_alternative<Waiter*>(second));
+  Waiter* waiter = std::get<Waiter*>(second);
+  Actions actions;
+  pool.core().fail_waiting(actions);
+  EXPECT_EQ(waiter->outcome, Waiter::Outcome::none) << "failed while a lease may come back";
+  pool.give_back(*leased);
+  EXPECT_EQ(waiter->outcome, Waiter::Outcome::handed);
+
+  Core empty(CoreConfig{.max_size = 1}, 7);
+  const Time now = Time{} + std::chrono::hours(1);
+  Actions opened;
+  const auto result =
+      empty.try_acquire(Priority::normal, std::source_location::current(), now, opened, 0);
+  ASSERT_EQ(result.kind, AcquireResult::Kind::wait);
+  Waiter alone(Priority::normal, std::source_location::current(), 0);
+  empty.enqueue(alone, now, opened);
+  Actions failed;
+  empty.fail_waiting(failed);
+  EXPECT_EQ(alone.outcome, Waiter::Outcome::failed);
+  EXPECT_EQ(alone.failed, FailReason::refused);
+}
+
 TEST(PoolCoreConsumers, ABusyConsumerUsesAnIdleOnesShareButNeverItsMinimum) {
   SharedPool pool(two_consumers(2));
   std::vector<Waiter*> busy_waiting;

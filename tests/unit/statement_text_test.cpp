@@ -178,6 +178,20 @@ TEST(SqlText, AfterFirstStatementFindsTheStatementAfterABeginAtomicBody) {
   EXPECT_EQ(after_first_statement("SELECT begin FROM t; COMMIT"), "COMMIT");
 }
 
+// END (and BEGIN) after a '.' or AS is a column label, not the end of a body: a body that reads
+// spans.end was cut there, and its next statement refused as a second one (a valid function
+// refused by enqueue()).
+TEST(SqlText, AColumnLabeledEndInABeginAtomicBodyDoesNotEndIt) {
+  const std::string function =
+      "CREATE FUNCTION f() RETURNS bigint LANGUAGE sql BEGIN ATOMIC\n"
+      "  UPDATE spans SET closed = true WHERE spans.end < now();\n"
+      "  SELECT count(*) AS end FROM spans WHERE \"spans\".END IS NOT NULL;\n"
+      "  SELECT (s).end FROM spans s;\n"
+      "END";
+  EXPECT_EQ(after_first_statement(function), "");
+  EXPECT_EQ(after_first_statement(function + "; COMMIT"), "COMMIT");
+}
+
 // Where a string constant ends depends on the server: with standard_conforming_strings off, a
 // backslash escapes in '...' too (`'it\'s; commit'` is one string), and a '...' continuing an
 // E'...' across a newline is an escape string under any setting. A ';' that one reading finds at

@@ -376,6 +376,8 @@ void Core::fail_queued(Waiter& waiter, FailReason why, Actions& actions) {
 }
 
 void Core::fail_waiting(Actions& actions) {
+  // A connection alive may come back to them: a pool that cannot grow still serves its waiters.
+  if (live_connections() > 0) return;
   for (Priority priority : {Priority::high, Priority::normal}) {
     waiters_.for_each(priority,
                       [&](Waiter& waiter) { fail_queued(waiter, FailReason::refused, actions); });
@@ -392,9 +394,7 @@ void Core::time_out_waiters(Time now, Time& next, Actions& actions) {
 
 void Core::fail_fast(Time now, Actions& actions) {
   if (config_.fail_fast_after.count() == 0 || consecutive_failures_ == 0 || closed_) return;
-  const std::size_t alive = list(NodeState::idle).size() + list(NodeState::leased).size() +
-                            list(NodeState::resetting).size() + list(NodeState::pinging).size();
-  if (alive > 0) return;
+  if (live_connections() > 0) return;
   // While the pool backs off between failed connects, no connect is in flight: the last failure
   // is the latest word on the server, for a caller that came since too.
   const bool backing_off = list(NodeState::connecting).empty();

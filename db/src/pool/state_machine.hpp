@@ -361,8 +361,9 @@ class Core {
   // tick() timed it out, or the pool failed it): that outcome stands.
   bool withdraw(Waiter& waiter, FailReason why, Actions& actions);
   // Fails every waiting caller (FailReason::refused, counted as a timeout): the connect that just
-  // failed (connect_failed()) met an error that no retry cures. The pool goes on retrying with
-  // backoff, and a caller that comes later waits for the next connect.
+  // failed (connect_failed()) met an error that no retry cures. Not while a connection is alive
+  // (idle, leased, resetting or pinging): one may come back to them. The pool goes on retrying
+  // with backoff, and a caller that comes later waits for the next connect.
   void fail_waiting(Actions& actions);
   // A lease ended.
   void lease_returned(Node& node, ReturnKind kind, Time now, Actions& actions);
@@ -500,6 +501,13 @@ class Core {
   void time_out_waiters(Time now, Time& next, Actions& actions);
   void want_tick(Time at, Actions& actions);
   [[nodiscard]] Time deadline_of(const Node& node) const noexcept;
+  // Connections open and not closing: idle, leased, resetting or pinging.
+  [[nodiscard]] std::size_t live_connections() const noexcept {
+    return by_state_[static_cast<std::size_t>(NodeState::idle)].size() +
+           by_state_[static_cast<std::size_t>(NodeState::leased)].size() +
+           by_state_[static_cast<std::size_t>(NodeState::resetting)].size() +
+           by_state_[static_cast<std::size_t>(NodeState::pinging)].size();
+  }
   [[nodiscard]] Time lifetime_deadline(Time now);
   [[nodiscard]] milliseconds next_backoff();
   // Idle for validate_after_idle or longer: pinged before it is handed out.
