@@ -605,20 +605,26 @@ bool is_assignment(std::string_view word) {
 // -p, an option is shown; any other word is still hidden, as a password given there by mistake
 // would be one), the value in the same word of a program's one-letter password option (`-ps3cret`,
 // also after other letters: `-vps3cret`) and of `--passw=` or `PGPASSWORD=` (however quoted in a
-// script: `shell_words`, each word as the shell reads it). The program is the first word that is no
-// variable assignment and no `env`, `exec`, `sudo`, ... before the program.
+// script: `shell_words`, each word as the shell reads it). The program is the first word that names
+// a program whose options pgrt knows to take a password (mysql, sshpass, psql, ...), wherever it
+// stands: behind a wrapper and the wrapper's own options and values (`sudo -u app mysql -ps3cret`,
+// `docker exec db mysql ...`, `timeout 30 redis-cli -a ...`), which are not told apart from a
+// program's; else the first word that is no variable assignment, no option and no `env`, `exec`,
+// `sudo`, ...
 std::vector<Shown> password_words(const std::vector<std::string>& words, bool shell_words) {
   static constexpr std::array<std::string_view, 9> wrappers = {
       "env", "exec", "command", "nohup", "sudo", "nice", "setsid", "time", "xargs"};
   std::string_view program;
   for (const auto& word : words) {
     const std::string_view name = file_name(word);
-    if (is_assignment(word) || word.starts_with('-') ||
-        std::find(wrappers.begin(), wrappers.end(), name) != wrappers.end()) {
-      continue;
+    if (short_password_option(name) || password_flag_takes_no_value(name)) {
+      program = name;
+      break;
     }
-    program = name;
-    break;
+    if (program.empty() && !is_assignment(word) && !word.starts_with('-') &&
+        std::find(wrappers.begin(), wrappers.end(), name) == wrappers.end()) {
+      program = name;  // (unless a known one comes later)
+    }
   }
   const bool libpq_tool = password_flag_takes_no_value(program);
   const auto short_option = short_password_option(program);

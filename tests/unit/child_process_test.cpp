@@ -431,6 +431,20 @@ TEST(ChildProcessTest, TheLoggedCommandLineHidesAbbreviatedAndShortPasswordOptio
   EXPECT_THAT(script, ::testing::HasSubstr("psql -p 5434")) << script;
 }
 
+// A program behind a wrapper and the wrapper's own options and values (`sudo -u app mysql
+// -ps3cret`, `nice -n 10 redis-cli -a ...`, `docker exec db mysql ...`): the wrapper's value was
+// taken for the program, whose password options were then not known, and the log showed them.
+TEST(ChildProcessTest, TheLoggedCommandLineHidesAPasswordOptionBehindAWrapper) {
+  const std::string script = logged_run(
+      {"/bin/sh", "-c",
+       "exit 0; sudo -u app mysql -ps3cret-sudo; nice -n 10 redis-cli -a s3cret-nice; docker exec "
+       "db mysql -ps3cret-docker; timeout 30 sshpass -p s3cret-timeout ssh db; kubectl exec pod "
+       "-- mysql -p s3cret-kube; sudo -u app psql -p 5433"});
+  EXPECT_THAT(script, ::testing::HasSubstr("child secretive: started pid"));
+  EXPECT_THAT(script, ::testing::Not(::testing::HasSubstr("s3c"))) << script;
+  EXPECT_THAT(script, ::testing::HasSubstr("sudo -u app psql -p 5433")) << script;
+}
+
 // SQL in an argument (`psql --command "ALTER ROLE app PASSWORD 's3cret'"`) gives the password as
 // a string constant after the word PASSWORD, with no '=' or ':': the log showed it.
 TEST(ChildProcessTest, TheLoggedCommandLineHidesAPasswordInSql) {
