@@ -3,6 +3,7 @@
 // answer or an error that says what happened), nothing waits without a bound.
 #include <algorithm>
 #include <atomic>
+#include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/co_spawn.hpp>
@@ -57,6 +58,43 @@ struct Outcome {
   std::optional<Error> error;
 };
 
+// Runs `sql` (a statement whose rows are not read) through `pool`'s query() on a coroutine of its
+// own, on `executor`; its outcome goes to `outcome`.
+void spawn_query(const asio::any_io_executor& executor, Pool& pool, std::string sql,
+                 Outcome& outcome) {
+  asio::co_spawn(
+      executor,
+      [&pool, sql = std::move(sql), &outcome]() -> awaitable_void {
+        try {
+          (void)co_await pool.query(sql);
+        } catch (const Error& error) {
+          outcome.error = error;
+        }
+        outcome.done = true;
+      },
+      asio::detached);
+}
+
+// `callers` query() callers on `executor`, each on a coroutine of its own: caller i runs `sql`
+// with i as $1 and keeps the int it gets back (or its error) in outcomes[i].
+void spawn_numbered_callers(const asio::any_io_executor& executor, Pool& pool,
+                            const std::string& sql, std::vector<Outcome>& outcomes, int callers) {
+  for (int caller = 0; caller < callers; ++caller) {
+    asio::co_spawn(
+        executor,
+        [&pool, sql, &outcome = outcomes[static_cast<std::size_t>(caller)],
+         caller]() -> awaitable_void {
+          try {
+            outcome.value = (co_await pool.query(sql, caller)).scalar<int>();
+          } catch (const Error& error) {
+            outcome.error = error;
+          }
+          outcome.done = true;
+        },
+        asio::detached);
+  }
+}
+
 // Waits (polling the caller's io_context) until `done()`, at most `limit`.
 template <typename Done>
 asio::awaitable<bool> wait_until(Done done, std::chrono::milliseconds limit) {
@@ -90,32 +128,9 @@ TEST_F(PoolQueryCloseTest, StatementsSentBehindASlowOneAreAllAnsweredWhenCloseRu
     Pool pool(executor, pool_config);
     constexpr int callers = 10;
     std::vector<Outcome> outcomes(callers + 1);
-    asio::co_spawn(
-        executor,
-        [&]() -> awaitable_void {
-          try {
-            (void)co_await pool.query("SELECT pg_sleep(60)");
-          } catch (const Error& error) {
-            outcomes[callers].error = error;
-          }
-          outcomes[callers].done = true;
-        },
-        asio::detached);
+    spawn_query(executor, pool, "SELECT pg_sleep(60)", outcomes[callers]);
     EXPECT_TRUE(co_await wait_until_running(observer, "SELECT pg_sleep(60)"));
-    for (int caller = 0; caller < callers; ++caller) {
-      asio::co_spawn(
-          executor,
-          [&, caller]() -> awaitable_void {
-            try {
-              outcomes[caller].value =
-                  (co_await pool.query("SELECT $1::int", caller)).scalar<int>();
-            } catch (const Error& error) {
-              outcomes[caller].error = error;
-            }
-            outcomes[caller].done = true;
-          },
-          asio::detached);
-    }
+    spawn_numbered_callers(executor, pool, "SELECT $1::int", outcomes, callers);
     EXPECT_TRUE(
         co_await wait_until([&] { return pool.stats().shared_in_flight == callers + 1; }, 5000ms))
         << pool.stats().shared_in_flight << " in flight";
@@ -161,20 +176,7 @@ TEST_F(PoolQueryCloseTest, CloseWaitsForTheStatementsInFlightAndFailsOnlyTheQueu
     Pool pool(executor, pool_config);
     constexpr int callers = 100;
     std::vector<Outcome> outcomes(callers);
-    for (int caller = 0; caller < callers; ++caller) {
-      asio::co_spawn(
-          executor,
-          [&, caller]() -> awaitable_void {
-            try {
-              outcomes[caller].value =
-                  (co_await pool.query("SELECT $1::int FROM pg_sleep(0.05)", caller)).scalar<int>();
-            } catch (const Error& error) {
-              outcomes[caller].error = error;
-            }
-            outcomes[caller].done = true;
-          },
-          asio::detached);
-    }
+    spawn_numbered_callers(executor, pool, "SELECT $1::int FROM pg_sleep(0.05)", outcomes, callers);
     EXPECT_TRUE(co_await wait_until([&] { return pool.stats().shared_in_flight > 0; }, 5000ms));
     const auto in_flight = pool.stats().shared_in_flight;
     const auto outstanding = co_await pool.close(30s);
@@ -211,32 +213,9 @@ TEST_F(PoolQueryCloseTest, StatementsInFlightWhenTheServerEndsTheConnectionFailT
     Pool pool(executor, pool_config);
     constexpr int callers = 100;
     std::vector<Outcome> outcomes(callers + 1);
-    asio::co_spawn(
-        executor,
-        [&]() -> awaitable_void {
-          try {
-            (void)co_await pool.query("SELECT pg_sleep(30)");
-          } catch (const Error& error) {
-            outcomes[callers].error = error;
-          }
-          outcomes[callers].done = true;
-        },
-        asio::detached);
+    spawn_query(executor, pool, "SELECT pg_sleep(30)", outcomes[callers]);
     EXPECT_TRUE(co_await wait_until_running(observer, "SELECT pg_sleep(30)"));
-    for (int caller = 0; caller < callers; ++caller) {
-      asio::co_spawn(
-          executor,
-          [&, caller]() -> awaitable_void {
-            try {
-              outcomes[caller].value =
-                  (co_await pool.query("SELECT $1::int", caller)).scalar<int>();
-            } catch (const Error& error) {
-              outcomes[caller].error = error;
-            }
-            outcomes[caller].done = true;
-          },
-          asio::detached);
-    }
+    spawn_numbered_callers(executor, pool, "SELECT $1::int", outcomes, callers);
     co_await sleep_for(100ms);
     const auto before = pool.stats();
     EXPECT_GT(before.shared_queued, 0U);
@@ -283,20 +262,8 @@ TEST_F(PoolQueryCloseTest, APoolDestroyedWithStatementsInFlightAnswersThemAndLea
     pool_config.max_waiters = 1000;
     return pool_config;
   }());
-  for (int caller = 0; caller < callers; ++caller) {
-    asio::co_spawn(
-        io,
-        [&, caller]() -> awaitable_void {
-          try {
-            outcomes[caller].value =
-                (co_await pool->query("SELECT $1::int FROM pg_sleep(0.05)", caller)).scalar<int>();
-          } catch (const Error& error) {
-            outcomes[caller].error = error;
-          }
-          outcomes[caller].done = true;
-        },
-        asio::detached);
-  }
+  spawn_numbered_callers(io.get_executor(), *pool, "SELECT $1::int FROM pg_sleep(0.05)", outcomes,
+                         callers);
   asio::co_spawn(
       io,
       [&]() -> awaitable_void {
@@ -405,20 +372,8 @@ TEST_F(PoolQueryCloseTest, CloseNowFromAnotherThreadAnswersEveryCaller) {
   Pool pool(io.get_executor(), pool_config);
   constexpr int callers = 200;
   std::vector<Outcome> outcomes(callers);
-  for (int caller = 0; caller < callers; ++caller) {
-    asio::co_spawn(
-        io,
-        [&, caller]() -> awaitable_void {
-          try {
-            outcomes[caller].value =
-                (co_await pool.query("SELECT $1::int FROM pg_sleep(0.02)", caller)).scalar<int>();
-          } catch (const Error& error) {
-            outcomes[caller].error = error;
-          }
-          outcomes[caller].done = true;
-        },
-        asio::detached);
-  }
+  spawn_numbered_callers(io.get_executor(), pool, "SELECT $1::int FROM pg_sleep(0.02)", outcomes,
+                         callers);
   std::thread io_thread([&] { io.run_for(20s); });
   for (int i = 0; i < 500 && pool.stats().shared_in_flight == 0; ++i) {
     std::this_thread::sleep_for(10ms);
