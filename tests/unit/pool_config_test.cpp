@@ -771,6 +771,12 @@ TEST(PoolConfigTest, AMalformedConninfoIsRefusedWithoutShowingAnySecret) {
     EXPECT_THAT(mask_password(balanced), HasSubstr("load_balance_hosts=")) << balanced;
     EXPECT_THAT(mask_password(balanced), Not(HasSubstr("hunter2"))) << balanced;
   }
+  // A '?' in a URL's password is the password's (libpq ends the credentials at '@' or '/'): the
+  // query starts after the hosts. Taken for the query's start, the keyword was left for libpq 15,
+  // which refused it as a keyword of libpq 16.
+  config.conninfo = "postgresql://app:hun?ter2@a.internal,b.internal/x?load_balance_hosts=random";
+  EXPECT_EQ(rejection(config), "");
+  EXPECT_THAT(mask_password(config.conninfo), Not(HasSubstr("ter2")));
   for (const char* wrong : {"host=a.internal,b.internal load_balance_hosts=sometimes password=x",
                             "postgresql://a.internal,b.internal/x?load_balance_hosts=Random"}) {
     config.conninfo = wrong;

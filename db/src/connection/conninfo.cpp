@@ -70,7 +70,15 @@ std::optional<std::string> take_load_balance_hosts(std::string& conninfo) {
   static constexpr std::string_view keyword = "load_balance_hosts";
   std::optional<std::string> value;
   if (conninfo.starts_with("postgresql://") || conninfo.starts_with("postgres://")) {
-    const std::size_t query = conninfo.find('?');
+    // (The query starts after the hosts: libpq ends the credentials at the first '@' or '/', so a
+    // '?' before that '@' is the password's.)
+    const std::size_t scheme_end = conninfo.find("://") + 3;
+    const std::size_t credentials_end = conninfo.find_first_of("@/", scheme_end);
+    const std::size_t hosts =
+        credentials_end != std::string::npos && conninfo[credentials_end] == '@'
+            ? credentials_end + 1
+            : scheme_end;
+    const std::size_t query = conninfo.find('?', hosts);
     if (query == std::string::npos) return value;
     std::string kept;
     std::string_view rest = std::string_view(conninfo).substr(query + 1);
