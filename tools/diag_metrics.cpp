@@ -19,6 +19,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <pthread.h>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -124,6 +125,13 @@ asio::ip::tcp::resolver::results_type resolve(const Url& url, std::chrono::secon
   using Clock = std::chrono::steady_clock;
   auto answer = std::make_shared<std::promise<Results>>();
   std::future<Results> found = answer->get_future();
+  // The lookup's thread blocks every signal (it starts with the mask of the thread that makes
+  // it): Ctrl+C and SIGTERM go to this thread, whose io_context sees them. (Delivered to the
+  // lookup's thread as it ended, one could be lost: under TSan, now and then.)
+  sigset_t every_signal;
+  sigset_t previous;
+  sigfillset(&every_signal);
+  pthread_sigmask(SIG_BLOCK, &every_signal, &previous);
   std::thread([answer, host = url.host, port = url.port] {
     try {
       asio::io_context lookup;
@@ -133,6 +141,7 @@ asio::ip::tcp::resolver::results_type resolve(const Url& url, std::chrono::secon
       answer->set_exception(std::current_exception());
     }
   }).detach();
+  pthread_sigmask(SIG_SETMASK, &previous, nullptr);
   const auto until = Clock::now() + limit;
   while (found.wait_for(std::chrono::seconds(0)) != std::future_status::ready) {
     if (signals.received != 0) throw Interrupted{};
