@@ -5,7 +5,7 @@
 #include <boost/asio/connect.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
-#include <boost/asio/signal_set.hpp>
+#include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/beast/core/error.hpp>
 #include <boost/beast/core/flat_buffer.hpp>
 #include <boost/beast/core/tcp_stream.hpp>
@@ -22,7 +22,9 @@
 #include <pthread.h>
 #include <sstream>
 #include <string>
+#include <sys/signalfd.h>
 #include <thread>
+#include <unistd.h>
 #include <vector>
 
 #include "utf8_text.hpp"  // (db/src)
@@ -102,13 +104,61 @@ std::optional<Url> parse_url(std::string_view text) {
   return url;
 }
 
-// SIGINT and SIGTERM, caught from before the lookup until the exit (a signal_set alive: no
-// default action). One that comes while the endpoint is read ends the read at once (Interrupted);
-// one that comes once the answer is in is left alone, and the output is written whole.
-struct StopSignals {
-  explicit StopSignals(asio::io_context& io) : set(io, SIGINT, SIGTERM) {}
-  asio::signal_set set;
-  int received = 0;  // the first signal's number
+// SIGINT and SIGTERM, blocked from before the lookup until the exit and read from a signalfd: no
+// handler runs, so a signal never takes its default action and is never lost, whichever thread
+// the kernel would have picked (the lookup's thread is made later and inherits the block). One that
+// comes while the endpoint is read ends the read at once (Interrupted); one that comes once the
+// answer is in is left pending, and the output is written whole. (A signal_set's handler, run by
+// ThreadSanitizer at a deferred moment, now and then never ran: the command then waited out its
+// whole timeout.)
+class StopSignals {
+ public:
+  explicit StopSignals(asio::io_context& io) : descriptor_(io) {
+    sigset_t stop;
+    sigemptyset(&stop);
+    sigaddset(&stop, SIGINT);
+    sigaddset(&stop, SIGTERM);
+    if (const int error = pthread_sigmask(SIG_BLOCK, &stop, nullptr); error != 0) {
+      throw boost::system::system_error(error, boost::system::system_category(),
+                                        "cannot block SIGINT and SIGTERM");
+    }
+    const int fd = ::signalfd(-1, &stop, SFD_NONBLOCK | SFD_CLOEXEC);
+    if (fd < 0) {
+      throw boost::system::system_error(errno, boost::system::system_category(),
+                                        "cannot watch SIGINT and SIGTERM (signalfd)");
+    }
+    descriptor_.assign(fd);
+  }
+
+  // Calls `on_signal` once, with the first signal's number (also kept in received()), unless
+  // stop_watching() comes first.
+  template <typename OnSignal>
+  void watch(OnSignal on_signal) {
+    descriptor_.async_wait(asio::posix::stream_descriptor::wait_read,
+                           [this, on_signal](const boost::system::error_code& error) mutable {
+                             if (error) return;
+                             signalfd_siginfo info{};
+                             if (::read(descriptor_.native_handle(), &info, sizeof info) !=
+                                 static_cast<ssize_t>(sizeof info)) {
+                               watch(std::move(on_signal));  // (nothing there after all)
+                               return;
+                             }
+                             received_ = static_cast<int>(info.ssi_signo);
+                             on_signal(received_);
+                           });
+  }
+
+  void stop_watching() {
+    boost::system::error_code ignored;
+    descriptor_.cancel(ignored);
+  }
+
+  // The first signal's number, 0 before one came.
+  int received() const { return received_; }
+
+ private:
+  asio::posix::stream_descriptor descriptor_;
+  int received_ = 0;
 };
 
 // A signal came while the endpoint was read.
@@ -126,8 +176,7 @@ asio::ip::tcp::resolver::results_type resolve(const Url& url, std::chrono::secon
   auto answer = std::make_shared<std::promise<Results>>();
   std::future<Results> found = answer->get_future();
   // The lookup's thread blocks every signal (it starts with the mask of the thread that makes
-  // it): Ctrl+C and SIGTERM go to this thread, whose io_context sees them. (Delivered to the
-  // lookup's thread as it ended, one could be lost: under TSan, now and then.)
+  // it): nothing meant for the command is handled on a thread that is left behind.
   sigset_t every_signal;
   sigset_t previous;
   sigfillset(&every_signal);
@@ -144,7 +193,7 @@ asio::ip::tcp::resolver::results_type resolve(const Url& url, std::chrono::secon
   pthread_sigmask(SIG_SETMASK, &previous, nullptr);
   const auto until = Clock::now() + limit;
   while (found.wait_for(std::chrono::seconds(0)) != std::future_status::ready) {
-    if (signals.received != 0) throw Interrupted{};
+    if (signals.received() != 0) throw Interrupted{};
     const auto now = Clock::now();
     if (now >= until) throw boost::system::system_error(asio::error::timed_out);
     io.restart();
@@ -159,14 +208,10 @@ asio::ip::tcp::resolver::results_type resolve(const Url& url, std::chrono::secon
 std::string fetch(const Url& url, std::chrono::seconds limit, asio::io_context& io,
                   StopSignals& signals) {
   // (Stopping `io` leaves whatever step was under way, which goes with `io`.)
-  signals.set.async_wait([&](const boost::system::error_code& error, int number) {
-    if (error) return;
-    signals.received = number;
-    io.stop();
-  });
+  signals.watch([&](int /*number*/) { io.stop(); });
   const auto addresses = resolve(url, limit, io, signals);
   // (One that came as the lookup ended: its handler has run, and will not run again.)
-  if (signals.received != 0) throw Interrupted{};
+  if (signals.received() != 0) throw Interrupted{};
   beast::tcp_stream stream(io);
   http::request<http::empty_body> request{http::verb::get, url.target, 11};
   request.set(http::field::host, url.host);
@@ -178,8 +223,7 @@ std::string fetch(const Url& url, std::chrono::seconds limit, asio::io_context& 
   // The chain's end: the signal wait goes, so that `io` runs out of work.
   const auto end = [&](boost::system::error_code error) {
     failure = error;
-    boost::system::error_code ignored;
-    signals.set.cancel(ignored);
+    signals.stop_watching();
   };
   stream.expires_after(limit);
   stream.async_connect(addresses, [&](boost::system::error_code connect_error, const auto&) {
@@ -202,7 +246,7 @@ std::string fetch(const Url& url, std::chrono::seconds limit, asio::io_context& 
   });
   io.restart();
   io.run_for(limit * 3);
-  if (signals.received != 0) throw Interrupted{};
+  if (signals.received() != 0) throw Interrupted{};
   if (failure == beast::error::timeout) failure = asio::error::timed_out;
   if (failure) throw boost::system::system_error(failure);
   auto& response = parser.get();
@@ -446,13 +490,19 @@ int run_metrics(int argc, char** argv) {
   }
   // (From here to the exit: a signal never takes its default action, which cut the output short.)
   asio::io_context io;
-  StopSignals signals(io);
+  std::optional<StopSignals> signals;
+  try {
+    signals.emplace(io);
+  } catch (const boost::system::system_error& error) {
+    std::cerr << "pgrt-diag metrics: " << error.what() << "\n";
+    return exit_unreachable;
+  }
   std::string text;
   try {
-    text = fetch(*url, limit, io, signals);
+    text = fetch(*url, limit, io, *signals);
   } catch (const Interrupted&) {
     std::cerr << "pgrt-diag metrics: interrupted\n";
-    return exit_signalled_base + signals.received;
+    return exit_signalled_base + signals->received();
   } catch (const std::exception& error) {
     // A system error's own message, without Boost's source location.
     const auto* system = dynamic_cast<const boost::system::system_error*>(&error);

@@ -736,16 +736,18 @@ TEST_F(LifecycleProcessTest, DiagGivesUpOnAHangingSnapshotAndCtrlCEndsItAtOnce) 
   }
 }
 
-// Whether process `pid` has a handler installed for signal `number` (/proc/PID/status, SigCgt).
-bool catches_signal(pid_t pid, int number) {
+// Whether process `pid` listens for signal `number`: a handler installed (/proc/PID/status,
+// SigCgt), or the signal blocked in its main thread (SigBlk: read from a signalfd).
+bool listens_for_signal(pid_t pid, int number) {
   std::ifstream status("/proc/" + std::to_string(pid) + "/status");
   std::string line;
+  bool listens = false;
   while (std::getline(status, line)) {
-    if (!line.starts_with("SigCgt:")) continue;
-    const std::uint64_t caught = std::stoull(line.substr(7), nullptr, 16);
-    return ((caught >> (number - 1)) & 1U) != 0;
+    if (!line.starts_with("SigCgt:") && !line.starts_with("SigBlk:")) continue;
+    const std::uint64_t mask = std::stoull(line.substr(7), nullptr, 16);
+    listens = listens || ((mask >> (number - 1)) & 1U) != 0;
   }
-  return false;
+  return listens;
 }
 
 // pgrt-diag --watch ends cleanly (exit 0) on a SIGTERM at any moment once it listens for it:
@@ -763,11 +765,11 @@ TEST_F(LifecycleProcessTest, DiagEndsCleanlyOnASignalAtAnyMomentOfItsRun) {
       if (watch) argv.insert(argv.end(), {"--watch", "1"});
       Child diag(argv, cluster().dsn(), "diag-signal");
       const auto deadline = Clock::now() + 20s;
-      while (!catches_signal(diag.pid(), number) && testing::detail::process_alive(diag.pid()) &&
-             Clock::now() < deadline) {
+      while (!listens_for_signal(diag.pid(), number) &&
+             testing::detail::process_alive(diag.pid()) && Clock::now() < deadline) {
         std::this_thread::sleep_for(200us);
       }
-      ASSERT_TRUE(catches_signal(diag.pid(), number) || !watch) << diag.output();
+      ASSERT_TRUE(listens_for_signal(diag.pid(), number) || !watch) << diag.output();
       std::this_thread::sleep_for(std::chrono::milliseconds(run));
       diag.signal(number);
       const auto code = diag.wait_for_exit(5s);
@@ -828,11 +830,11 @@ TEST_F(LifecycleProcessTest, DiagMetricsEndsCleanlyOnASignalAtAnyMomentOfItsRun)
              "http://127.0.0.1:" + std::to_string(listener.port()) + "/metrics", "--timeout", "30"},
             cluster().dsn(), "diag-metrics-signal");
         const auto deadline = Clock::now() + 10s;
-        while (!catches_signal(diag.pid(), number) && testing::detail::process_alive(diag.pid()) &&
-               Clock::now() < deadline) {
+        while (!listens_for_signal(diag.pid(), number) &&
+               testing::detail::process_alive(diag.pid()) && Clock::now() < deadline) {
           std::this_thread::sleep_for(200us);
         }
-        const bool caught = catches_signal(diag.pid(), number);
+        const bool caught = listens_for_signal(diag.pid(), number);
         std::this_thread::sleep_for(std::chrono::milliseconds(answering ? run / 4 : run));
         diag.signal(number);
         const auto code = diag.wait_for_exit(5s);
@@ -2810,6 +2812,8 @@ TEST_F(StartupHygieneTest, DiagEmergencyForARoleItCannotSeeDoesNotExitZero) {
   const std::string dsn = cluster().dsn();
   {
     BlockingConnection admin(dsn);
+    admin.query("DROP ROLE IF EXISTS diag_blind_app");
+    admin.query("DROP ROLE IF EXISTS diag_blind_ops");
     admin.query("CREATE ROLE diag_blind_app LOGIN");
     admin.query("CREATE ROLE diag_blind_ops LOGIN IN ROLE pg_signal_backend");
   }
