@@ -1013,6 +1013,134 @@ TEST_F(PoolTest, WithTheServerDownFailFastEndsTheWaitWithTheConnectError) {
   }
 }
 
+// The throwaway cluster read-only (default_transaction_read_only, as a managed service sets it
+// when its disk fills) for as long as it lives: ALTER SYSTEM and a reload, undone at its end.
+class ReadOnlyServer {
+ public:
+  explicit ReadOnlyServer(const std::string& dsn) : admin_(dsn) { set("on"); }
+  ReadOnlyServer(const ReadOnlyServer&) = delete;
+  ReadOnlyServer& operator=(const ReadOnlyServer&) = delete;
+  ~ReadOnlyServer() {
+    try {
+      set("off");
+    } catch (const std::exception& error) {
+      ADD_FAILURE() << "could not make the server writable again: " << error.what();
+    }
+  }
+  // Writable again now (and still at the end).
+  void writable() { set("off"); }
+
+ private:
+  void set(const std::string& value) {
+    admin_.query("ALTER SYSTEM SET default_transaction_read_only = " + value);
+    (void)admin_.scalar("SELECT pg_reload_conf()");
+  }
+  BlockingConnection admin_;
+};
+
+// libpq checks target_session_attrs at connect only. Under read-write, a connection whose server
+// turns read-only (reported with the next statement's answer, PostgreSQL 14+) is closed when it
+// comes back instead of going idle (DiscardReason::server_role): it would be handed out again,
+// and every write on it would fail with 25006.
+TEST_F(PoolTest, UnderReadWriteAConnectionWhoseServerTurnedReadOnlyIsClosedOnReturn) {
+  auto pool_config = config("role-read-write", 1);
+  pool_config.conninfo += " target_session_attrs=read-write";
+  pool_config.connect_backoff_initial = 20ms;
+  pool_config.connect_backoff_max = 100ms;
+  run_coroutine([&]() -> awaitable_void {
+    Pool pool(co_await asio::this_coro::executor, pool_config);
+    int first_pid = 0;
+    {
+      auto lease = co_await pool.acquire();
+      first_pid = lease->backend_pid();
+    }
+    std::optional<ReadOnlyServer> read_only(std::in_place, cluster().dsn());
+    {
+      auto lease = co_await pool.acquire();
+      EXPECT_EQ(lease->backend_pid(), first_pid);  // idle meanwhile: nothing told the pool yet
+      // (Its backend reads the new setting once it has the reload's signal.)
+      std::string seen;
+      for (int i = 0; i < 300 && seen != "on"; ++i) {
+        seen = (co_await lease->query("SHOW default_transaction_read_only")).scalar<std::string>();
+        if (seen != "on") co_await sleep_for(10ms);
+      }
+      EXPECT_EQ(seen, "on");
+    }
+    const auto stats = pool.stats();
+    EXPECT_EQ(stats.discarded_by_reason[static_cast<std::size_t>(DiscardReason::server_role)], 1U);
+    EXPECT_EQ(stats.idle, 0U) << "the read-only server's connection went back to the pool";
+    read_only->writable();
+    auto fresh = co_await pool.acquire();
+    EXPECT_NE(fresh->backend_pid(), first_pid);
+    (void)co_await fresh->query("CREATE TEMP TABLE written (x int)");  // (throws if read-only)
+    fresh = Lease{};
+    read_only.reset();
+    (void)co_await pool.close(5s);
+  });
+}
+
+// An idle connection's keepalive ping (keepalive_interval) brings the server's new role too: under
+// read-write, the idle connection of a server turned read-only is closed without being used.
+TEST_F(PoolTest, UnderReadWriteAKeepalivePingClosesTheIdleConnectionOfAServerTurnedReadOnly) {
+  auto pool_config = config("role-keepalive", 1);
+  pool_config.conninfo += " target_session_attrs=read-write";
+  pool_config.keepalive_interval = 100ms;
+  pool_config.connect_backoff_initial = 20ms;
+  pool_config.connect_backoff_max = 100ms;
+  run_coroutine([&]() -> awaitable_void {
+    Pool pool(co_await asio::this_coro::executor, pool_config);
+    { auto lease = co_await pool.acquire(); }
+    std::optional<ReadOnlyServer> read_only(std::in_place, cluster().dsn());
+    const auto discarded = [&] {
+      return pool.stats().discarded_by_reason[static_cast<std::size_t>(DiscardReason::server_role)];
+    };
+    for (int i = 0; i < 500 && discarded() == 0; ++i) co_await sleep_for(10ms);
+    EXPECT_EQ(discarded(), 1U);
+    read_only.reset();
+    (void)co_await pool.close(5s);
+  });
+}
+
+// The other way, and at the check before handout: under read-only, a connection idle longer than
+// validate_after_idle whose server became writable while it sat idle is refused after its ping
+// (whose answer brings the change), never handed out; with no read-only server left, the acquire
+// fails instead.
+TEST_F(PoolTest, UnderReadOnlyAnIdleConnectionWhoseServerBecameWritableIsRefusedAfterItsPing) {
+  auto pool_config = config("role-read-only", 1);
+  pool_config.conninfo += " target_session_attrs=read-only";
+  pool_config.validate_after_idle = 1ms;
+  pool_config.acquire_timeout = 1500ms;
+  pool_config.connect_backoff_initial = 20ms;
+  pool_config.connect_backoff_max = 100ms;
+  std::optional<ReadOnlyServer> read_only(std::in_place, cluster().dsn());
+  run_coroutine([&]() -> awaitable_void {
+    Pool pool(co_await asio::this_coro::executor, pool_config);
+    int first_pid = 0;
+    {
+      auto lease = co_await pool.acquire();
+      first_pid = lease->backend_pid();
+      EXPECT_EQ((co_await lease->query("SHOW default_transaction_read_only")).scalar<std::string>(),
+                "on");
+    }
+    read_only->writable();
+    co_await sleep_for(300ms);  // (the reload's signal reaches the idle backend)
+    int handed_pid = 0;
+    std::string failure;
+    try {
+      auto lease = co_await pool.acquire();
+      handed_pid = lease->backend_pid();
+    } catch (const Error& error) {
+      failure = error.what();
+    }
+    EXPECT_NE(handed_pid, first_pid) << "the writable server's connection was handed out";
+    EXPECT_THAT(failure, HasSubstr("read-only")) << "no read-only server is left to connect to";
+    EXPECT_THAT(failure, HasSubstr("not of the kind target_session_attrs asks for")) << failure;
+    const auto stats = pool.stats();
+    EXPECT_EQ(stats.discarded_by_reason[static_cast<std::size_t>(DiscardReason::server_role)], 1U);
+    (void)co_await pool.close(5s);
+  });
+}
+
 // A multi-host DSN (host=a,b target_session_attrs=read-write): when the first server stops, the
 // pool's new connections go to the second, within its backoff.
 TEST_F(PoolTest, AMultiHostDsnFailsOverToTheSecondServerWhenTheFirstStops) {

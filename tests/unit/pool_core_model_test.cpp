@@ -288,6 +288,8 @@ struct Model {
       close(id, DiscardReason::mid_query);
     } else if (kind == ReturnKind::discard) {
       close(id, DiscardReason::by_user);
+    } else if (kind == ReturnKind::wrong_role) {
+      close(id, DiscardReason::server_role);
     } else if (kind == ReturnKind::needs_reset ||
                (config.reset_discard_all && nodes.at(id).session_used)) {
       nodes.at(id).state = NodeState::resetting;
@@ -432,6 +434,9 @@ struct Model {
 
 // Abstract events: `pick` chooses among the candidates when the event runs (modulo their number),
 // so that any subsequence of a failing run is still a valid run (for shrinking).
+// How many ReturnKind values there are (wrong_role the last).
+constexpr int return_kinds = static_cast<int>(ReturnKind::wrong_role) + 1;
+
 struct Event {
   enum class Kind : std::uint8_t {
     acquire,
@@ -454,7 +459,7 @@ struct Event {
   };
   Kind kind;
   std::uint32_t pick = 0;
-  std::uint8_t variant = 0;  // priority for acquire; ReturnKind for give_back
+  std::uint8_t variant = 0;  // priority for acquire; ReturnKind for give_back (of return_kinds)
   std::uint16_t advance_ms = 0;
 };
 
@@ -533,7 +538,7 @@ std::vector<Event> random_events(std::mt19937_64& random, std::size_t count) {
                  : roll < 99 ? K::drop_closed_lease
                              : K::close;
     event.pick = static_cast<std::uint32_t>(random());
-    event.variant = static_cast<std::uint8_t>(random() % 5);
+    event.variant = static_cast<std::uint8_t>(random() % return_kinds);
     event.advance_ms = static_cast<std::uint16_t>(random() % 4 == 0 ? random() % 60 : 0);
     events.push_back(event);
   }
@@ -678,7 +683,7 @@ class Run {
           core_.checkout_failed(*node, DiscardReason::failed_reset, now_, actions);
           model_.checkout_failed(id, now_);
         } else {
-          const auto kind = static_cast<ReturnKind>(event.variant % 5);
+          const auto kind = static_cast<ReturnKind>(event.variant % return_kinds);
           core_.lease_returned(*node, kind, now_, actions);
           model_.returned(id, kind, now_);
         }

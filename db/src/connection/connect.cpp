@@ -317,6 +317,15 @@ error_code Connection::Impl::connect_error() {
                       "ignore_startup_parameters (pgrt's start-up settings are then not applied: "
                       "set them on the role, ALTER ROLE ... SET)");
   }
+  // libpq's target_session_attrs at work: a server of the wrong kind. Passing (a failover may be
+  // under way), retried like an unreachable one, but the reachability hint would mislead.
+  if (contains(said, "hot standby mode") || contains(said, "session is read-only") ||
+      contains(said, "session is not read-only")) {
+    return fail(client_errc::connect_failed, "could not connect to " + where + ": " + message, {},
+                "this server is not of the kind target_session_attrs asks for (read-write and "
+                "primary want a primary that takes writes, read-only and standby a standby or a "
+                "read-only server): list every server in host=, or wait for the failover to end");
+  }
   if (contains(message, "could not translate host name")) {
     return fail(client_errc::name_resolution, "could not connect to " + where + ": " + message, {},
                 "check the host name and DNS");

@@ -5,16 +5,50 @@
 #include <algorithm>
 #include <boost/asio/execution/context.hpp>
 #include <boost/asio/query.hpp>
+#include <cstring>
 #include <set>
 #include <tuple>
 #include <type_traits>
 #include <unordered_set>
 
+#include "../connection/conninfo.hpp"
 #include "budget.hpp"
 #include "multiplexer.hpp"
 #include "pgrt/db/deadline.hpp"
 
 namespace pgrt::detail {
+
+RequiredRole required_role(const PoolConfig& config) {
+  const std::string attrs =
+      parse_conninfo(config.conninfo).get("target_session_attrs", "PGTARGETSESSIONATTRS");
+  if (attrs == "read-write") return RequiredRole::read_write;
+  if (attrs == "read-only") return RequiredRole::read_only;
+  if (attrs == "primary") return RequiredRole::primary;
+  if (attrs == "standby") return RequiredRole::standby;
+  return RequiredRole::any;  // any, prefer-standby, none (libpq refuses any other value)
+}
+
+bool serves_role(const Connection& connection, RequiredRole role) noexcept {
+  PGconn* conn = connection.native_handle();
+  const char* hot_standby = PQparameterStatus(conn, "in_hot_standby");
+  const char* read_only = PQparameterStatus(conn, "default_transaction_read_only");
+  const bool standby = hot_standby != nullptr && std::strcmp(hot_standby, "on") == 0;
+  const bool writes_refused =
+      standby || (read_only != nullptr && std::strcmp(read_only, "on") == 0);
+  switch (role) {
+    case RequiredRole::any:
+      return true;
+    case RequiredRole::read_write:
+      return !writes_refused;
+    case RequiredRole::read_only:
+      return writes_refused || (hot_standby == nullptr && read_only == nullptr);
+    case RequiredRole::primary:
+      return !standby;
+    case RequiredRole::standby:
+      return standby || hot_standby == nullptr;
+  }
+  return true;
+}
 
 namespace {
 
@@ -641,6 +675,7 @@ asio::awaitable<void> PoolState::reset(std::shared_ptr<PoolState> self, pool::No
 asio::awaitable<void> PoolState::ping(std::shared_ptr<PoolState> self, pool::Node* node,
                                       bool check_slots) {
   bool ok = true;
+  DiscardReason failure = DiscardReason::broken;
   try {
     Connection& connection = connection_of(*node);
     const auto deadline = Clock::now() + self->config.connect.connect_timeout;
@@ -649,13 +684,18 @@ asio::awaitable<void> PoolState::ping(std::shared_ptr<PoolState> self, pool::Nod
     } else {
       (void)co_await cut_at(connection, deadline, connection.query(""));
     }
+    // (The answer brings what the server reports of a role changed while it was idle.)
+    if (self->role != RequiredRole::any && !serves_role(connection, self->role)) {
+      ok = false;
+      failure = DiscardReason::server_role;
+    }
   } catch (...) {  // NOLINT(bugprone-empty-catch): the core closes a connection that failed
     ok = false;
   }
   Deferred deferred;
   std::lock_guard lock(self->mutex);
   auto& actions = self->fresh_actions_locked();
-  self->core.ping_done(*node, ok, Clock::now(), actions);
+  self->core.ping_done(*node, ok, Clock::now(), actions, failure);
   self->execute_locked(actions, deferred);
 }
 
@@ -1307,8 +1347,15 @@ asio::awaitable<Lease> PoolState::checked(Lease lease, std::shared_ptr<PoolState
   DiscardReason reason = DiscardReason::broken;
   Connection& connection = *lease;
   try {
-    if (validate) (void)co_await cut_at(connection, deadline, connection.query(""));
-    if (self->config.before_handout) {
+    if (validate) {
+      (void)co_await cut_at(connection, deadline, connection.query(""));
+      // (The ping's answer brings what the server reports of a role changed while it was idle.)
+      if (self->role != RequiredRole::any && !serves_role(connection, self->role)) {
+        usable = false;
+        reason = DiscardReason::server_role;
+      }
+    }
+    if (usable && self->config.before_handout) {
       reason = DiscardReason::rejected;
       // Cut at the deadline twice over: the connection (a statement the check runs ends), and
       // the check itself (cancelled, for one that waits on something else).

@@ -283,21 +283,40 @@ inline pool::CoreConfig core_config(const PoolConfig& config) {
   };
 }
 
+// What target_session_attrs asks of every connection's server (prefer-standby and any: nothing).
+// libpq checks it at connect only; a server's role can change under a live connection (a primary
+// set read-only, a standby promoted), which the server reports with the next statement's answer
+// (ParameterStatus in_hot_standby and default_transaction_read_only, PostgreSQL 14 and later).
+enum class RequiredRole : std::uint8_t { any, read_write, read_only, primary, standby };
+
+// Read off the pool's conninfo (or PGTARGETSESSIONATTRS); a service file's is not read.
+RequiredRole required_role(const PoolConfig& config);
+
+// Whether `connection`'s server, as it last reported, still serves `role`. A server that reports
+// neither parameter (before PostgreSQL 14, or a pooler that hides them) is taken to.
+bool serves_role(const Connection& connection, RequiredRole role) noexcept;
+
 // How a lease came back, read off its connection.
-inline pool::ReturnKind classify(const Connection& connection) {
+inline pool::ReturnKind classify(const Connection& connection, RequiredRole role) {
   if (!connection.is_open() || connection.is_broken()) return pool::ReturnKind::broken;
+  auto kind = pool::ReturnKind::broken;
   switch (connection.transaction_status()) {
     case TransactionStatus::idle:
-      return pool::ReturnKind::clean;
+      kind = pool::ReturnKind::clean;
+      break;
     case TransactionStatus::in_transaction:
     case TransactionStatus::in_error:
-      return pool::ReturnKind::needs_reset;
+      kind = pool::ReturnKind::needs_reset;
+      break;
     case TransactionStatus::active:
       return pool::ReturnKind::mid_query;  // its coroutine was destroyed mid-operation
     case TransactionStatus::unknown:
       return pool::ReturnKind::broken;
   }
-  return pool::ReturnKind::broken;
+  if (role != RequiredRole::any && !serves_role(connection, role)) {
+    return pool::ReturnKind::wrong_role;
+  }
+  return kind;
 }
 
 // The asio/libpq driver: it holds the core under one mutex, feeds it events and carries out its
@@ -310,6 +329,7 @@ struct PoolState : std::enable_shared_from_this<PoolState>, async::ParkedWaitOwn
       : config(std::move(config_in)),
         application_name(make_application_name(config)),
         backend_end_bound(pgrt::backend_end_bound(connect_options(config))),
+        role(required_role(config)),
         core(core_config(config), std::random_device{}()) {}
 
   mutable std::mutex mutex;
@@ -318,6 +338,9 @@ struct PoolState : std::enable_shared_from_this<PoolState>, async::ParkedWaitOwn
   // A closed connection's capacity comes back when the server has ended its backend, or at this
   // bound (session_guards.hpp), by which the session guards have made the server end it.
   const std::chrono::milliseconds backend_end_bound;
+  // What target_session_attrs asks of the server, checked at every return and after a ping
+  // (DiscardReason::server_role).
+  const RequiredRole role;
   PoolEvents events;
   std::optional<asio::any_io_executor> executor;
   // The upkeep timer, armed by the core (Action::arm_timer); used under `mutex` only.
@@ -567,7 +590,7 @@ struct PoolState : std::enable_shared_from_this<PoolState>, async::ParkedWaitOwn
   void release(pool::Node& node, Connection* leased, bool discard) noexcept {
     try {
       auto kind = discard ? pool::ReturnKind::discard
-                          : classify(leased != nullptr ? *leased : connection_of(node));
+                          : classify(leased != nullptr ? *leased : connection_of(node), role);
       const auto now = coarse_now();
       const auto ended = config.timings ? timing_now() : Clock::time_point{};
       Deferred deferred;

@@ -34,6 +34,8 @@ std::string_view to_string(DiscardReason reason) noexcept {
       return "slot_lost";
     case DiscardReason::budget_share:
       return "budget_share";
+    case DiscardReason::server_role:
+      return "server_role";
   }
   return "unknown";
 }

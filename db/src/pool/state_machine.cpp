@@ -455,6 +455,8 @@ void Core::lease_returned(Node& node, ReturnKind kind, Time now, Actions& action
     close_node(node, DiscardReason::mid_query, actions);
   } else if (kind == ReturnKind::discard) {
     close_node(node, DiscardReason::by_user, actions);
+  } else if (kind == ReturnKind::wrong_role) {
+    close_node(node, DiscardReason::server_role, actions);
   } else if (kind == ReturnKind::needs_reset || (config_.reset_discard_all && node.session_used) ||
              (slot_check_due(now) && !expired(node, now))) {
     // A slot check due while no connection is idle runs on the way back of one.
@@ -567,9 +569,9 @@ void Core::reset_done(Node& node, bool ok, Time now, Actions& actions) {
   maybe_open(now, actions);
 }
 
-void Core::ping_done(Node& node, bool ok, Time now, Actions& actions) {
+void Core::ping_done(Node& node, bool ok, Time now, Actions& actions, DiscardReason failure) {
   if (!ok) {
-    close_node(node, DiscardReason::broken, actions);
+    close_node(node, failure, actions);
   } else {
     node.last_ping = now;
     if (closed_) {

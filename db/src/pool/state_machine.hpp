@@ -259,6 +259,7 @@ enum class ReturnKind : std::uint8_t {
   broken,       // the socket is gone or failed
   mid_query,    // a statement still running
   discard,      // Lease::discard()
+  wrong_role,   // its server no longer serves the role target_session_attrs asks for
 };
 
 struct AcquireResult {
@@ -389,7 +390,10 @@ class Core {
   // and its replacement may open at once.
   void connect_abandoned(Node& node, Time now, Actions& actions);
   void reset_done(Node& node, bool ok, Time now, Actions& actions);
-  void ping_done(Node& node, bool ok, Time now, Actions& actions);
+  // A ping that failed (!ok) closes its node for `failure` (broken, or server_role: the server
+  // answered but no longer serves what target_session_attrs asks).
+  void ping_done(Node& node, bool ok, Time now, Actions& actions,
+                 DiscardReason failure = DiscardReason::broken);
   // The server (or the network) closed an idle node's socket. Ignored unless it is idle: a leased
   // one fails its user, who returns it broken.
   void connection_lost(Node& node, Actions& actions);

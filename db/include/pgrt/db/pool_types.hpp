@@ -30,12 +30,15 @@ enum class DiscardReason {
   slot_lost,     ///< under a budget, its slot's advisory lock was released (by hand)
   budget_share,  ///< under a budget, another process waited for a slot and this pool held more
                  ///< than its fair share
+  server_role,   ///< its server no longer serves what target_session_attrs asks (read-write,
+                 ///< read-only, primary, standby): a primary turned read-only, a standby
+                 ///< promoted (seen on return, from what the server reports: PostgreSQL 14+)
 };
 /// "broken", "lifetime", ...
 [[nodiscard]] std::string_view to_string(DiscardReason reason) noexcept;
 /// How many DiscardReason values there are (PoolStats::discarded_by_reason is indexed by them).
 inline constexpr std::size_t discard_reason_count =
-    static_cast<std::size_t>(DiscardReason::budget_share) + 1;
+    static_cast<std::size_t>(DiscardReason::server_role) + 1;
 
 /// Durations counted into fixed buckets, as a Prometheus histogram exposes them: the pool keeps
 /// one each for waits, uses and connects (PoolStats), cheap enough for every acquire (a few
