@@ -638,14 +638,19 @@ int run_service(const Arguments& arguments, const std::string& conninfo,
   if (arguments.json) {
     std::cout << R"({"writes_accepted":)" << report.accepted << R"(,"writes_flushed":)"
               << report.flushed << R"(,"writes_failed":)" << report.failed
-              << R"(,"max_backends_observed":)" << counters.max_backends << R"(,"exit_reason":")"
-              << reason << R"(","exit_code":)" << code << R"(,"requests":)" << counters.requests
-              << R"(,"run":")" << run << "\"}" << std::endl;
+              << R"(,"writes_unconfirmed":)" << report.unconfirmed << R"(,"max_backends_observed":)"
+              << counters.max_backends << R"(,"exit_reason":")" << reason << R"(","exit_code":)"
+              << code << R"(,"requests":)" << counters.requests << R"(,"run":")" << run << "\"}"
+              << std::endl;
   } else {
     human() << "stopped (" << reason << ", exit code " << code << "): " << counters.requests
             << " requests; writes accepted " << report.accepted << ", flushed " << report.flushed
-            << ", failed " << report.failed << "; at most " << counters.max_backends
-            << " backends of the pool seen on the server" << std::endl;
+            << ", failed " << report.failed
+            << (report.unconfirmed > 0
+                    ? " (" + std::to_string(report.unconfirmed) + " of them may be stored)"
+                    : std::string())
+            << "; at most " << counters.max_backends << " backends of the pool seen on the server"
+            << std::endl;
   }
   return code;
 }

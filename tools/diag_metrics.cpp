@@ -427,8 +427,12 @@ void summarize(const std::vector<Sample>& samples, std::ostream& out) {
     out << "pending writes " << name << ": accepted "
         << whole(v["pgrt_pending_writes_accepted_total"]) << ", flushed "
         << whole(v["pgrt_pending_writes_flushed_total"]) << ", failed "
-        << whole(v["pgrt_pending_writes_failed_total"]) << ", queued "
-        << whole(v["pgrt_pending_writes_queued"]) << "\n";
+        << whole(v["pgrt_pending_writes_failed_total"])
+        << (v.contains("pgrt_pending_writes_unconfirmed_total") &&
+                    v["pgrt_pending_writes_unconfirmed_total"] > 0
+                ? " (" + whole(v["pgrt_pending_writes_unconfirmed_total"]) + " may be stored)"
+                : std::string())
+        << ", queued " << whole(v["pgrt_pending_writes_queued"]) << "\n";
   }
   if (samples.end() != std::find_if(samples.begin(), samples.end(), [](const Sample& s) {
         return s.name == "pgrt_watchdog_condition";

@@ -338,7 +338,7 @@ std::string Metrics::render() const {
     for (const PendingSource& source : pending_) reports.push_back(source.writes->report());
     const std::array<std::tuple<std::string_view, std::string_view, std::string_view,
                                 std::uint64_t (*)(const PendingWritesReport&)>,
-                     5>
+                     6>
         families{{
             {"pgrt_pending_writes_accepted_total", "counter", "Writes accepted.",
              [](const PendingWritesReport& r) { return r.accepted; }},
@@ -346,6 +346,10 @@ std::string Metrics::render() const {
              [](const PendingWritesReport& r) { return r.flushed; }},
             {"pgrt_pending_writes_failed_total", "counter", "Writes given up on.",
              [](const PendingWritesReport& r) { return r.failed; }},
+            {"pgrt_pending_writes_unconfirmed_total", "counter",
+             "Writes given up on whose batch's COMMIT went out unanswered: they may be stored "
+             "(counted in failed too).",
+             [](const PendingWritesReport& r) { return r.unconfirmed; }},
             {"pgrt_pending_writes_queued", "gauge", "Writes accepted and not flushed yet.",
              [](const PendingWritesReport& r) { return std::uint64_t{r.pending}; }},
             {"pgrt_pending_writes_waiting", "gauge", "Callers waiting for room in the queue.",

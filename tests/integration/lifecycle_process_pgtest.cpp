@@ -261,6 +261,7 @@ class LifecycleProcessTest : public testing::DbTest {
     ASSERT_FALSE(report.empty()) << output;
     EXPECT_EQ(json_field(report, "exit_reason"), "sigterm") << report;
     EXPECT_EQ(json_field(report, "writes_failed"), "0") << report;
+    EXPECT_EQ(json_field(report, "writes_unconfirmed"), "0") << report;
     const long long accepted = std::stoll(json_field(report, "writes_accepted"));
     EXPECT_GT(accepted, 0);
     EXPECT_EQ(json_field(report, "writes_flushed"), std::to_string(accepted));
@@ -696,6 +697,29 @@ TEST_F(LifecycleProcessTest, DiagMetricsSummarizesAnEndpointWithOtherLabelsWitho
   EXPECT_EQ(diag.output.find("\nFAKE"), std::string::npos) << diag.output;
 }
 
+// Writes given up on after a COMMIT that went out unanswered may be stored: pgrt-diag metrics
+// says how many of the failed ones (pgrt_pending_writes_unconfirmed_total), and only when some are.
+TEST_F(LifecycleProcessTest, DiagMetricsSaysHowManyFailedWritesMayBeStored) {
+  for (const int unconfirmed : {0, 2}) {
+    const DiagMetricsRun diag = diag_metrics_against(
+        "pgrt_pending_writes_accepted_total{pending_writes=\"audit\"} 10\n"
+        "pgrt_pending_writes_flushed_total{pending_writes=\"audit\"} 5\n"
+        "pgrt_pending_writes_failed_total{pending_writes=\"audit\"} 5\n"
+        "pgrt_pending_writes_unconfirmed_total{pending_writes=\"audit\"} " +
+            std::to_string(unconfirmed) +
+            "\n"
+            "pgrt_pending_writes_queued{pending_writes=\"audit\"} 0\n",
+        "diag-unconfirmed", cluster().dsn());
+    EXPECT_EQ(diag.exit, 0) << diag.output;
+    EXPECT_THAT(diag.output, HasSubstr("pending writes audit: accepted 10, flushed 5, failed 5"));
+    if (unconfirmed > 0) {
+      EXPECT_THAT(diag.output, HasSubstr("failed 5 (2 may be stored)")) << diag.output;
+    } else {
+      EXPECT_THAT(diag.output, Not(HasSubstr("may be stored"))) << diag.output;
+    }
+  }
+}
+
 // The exposition format allows NaN and +Inf as values (and any double): pgrt-diag metrics shows
 // NaN, an infinity or a value past long long's range (an endpoint on that port that is not
 // pgrt's, or a squatter on it while the service is down) as it is, never converting it to a
@@ -883,6 +907,8 @@ TEST_F(LifecycleProcessTest, TheDemoServesMetricsAndReadinessTurnsFalseOnSigterm
                                  "metrics-demo/"));
   EXPECT_THAT(metrics, HasSubstr("db_client_connection_wait_time_seconds_bucket{"));
   EXPECT_THAT(metrics, HasSubstr("pgrt_pending_writes_accepted_total{pending_writes=\"demo\"}"));
+  EXPECT_THAT(metrics,
+              HasSubstr("pgrt_pending_writes_unconfirmed_total{pending_writes=\"demo\"} 0"));
   EXPECT_THAT(metrics, HasSubstr("pgrt_lifecycle_state{state=\"running\"} 1"));
   EXPECT_THAT(curl(base + "/healthz"), HasSubstr("HTTP/1.1 200"));
   EXPECT_THAT(curl(base + "/readyz"), HasSubstr("HTTP/1.1 200"));
