@@ -477,6 +477,14 @@ PoolConfig PoolConfig::from_env(PoolConfig defaults) {
     }
     config.timings = *value == "1";
   }
+  if (auto value = env("PGRT_RECHECK_SESSION_ATTRS")) {
+    if (*value != "0" && *value != "1") {
+      invalid("PGRT_RECHECK_SESSION_ATTRS='" + *value + "' is not valid",
+              "expected 1 (close connections whose server no longer serves target_session_attrs) "
+              "or 0");
+    }
+    config.recheck_session_attrs = *value == "1";
+  }
   if (auto value = env("PGRT_POOL_RESET")) {
     if (*value == "rollback") {
       config.reset = ResetPolicy::rollback;

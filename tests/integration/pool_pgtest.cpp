@@ -1013,8 +1013,8 @@ TEST_F(PoolTest, WithTheServerDownFailFastEndsTheWaitWithTheConnectError) {
   }
 }
 
-// The throwaway cluster read-only (default_transaction_read_only, as a managed service sets it
-// when its disk fills) for as long as it lives: ALTER SYSTEM and a reload, undone at its end.
+// A server read-only (default_transaction_read_only, as a managed service sets it when its disk
+// fills) for as long as this lives: ALTER SYSTEM and a reload, undone at its end.
 class ReadOnlyServer {
  public:
   explicit ReadOnlyServer(const std::string& dsn) : admin_(dsn) { set("on"); }
@@ -1022,12 +1022,13 @@ class ReadOnlyServer {
   ReadOnlyServer& operator=(const ReadOnlyServer&) = delete;
   ~ReadOnlyServer() {
     try {
-      set("off");
+      admin_.query("ALTER SYSTEM RESET default_transaction_read_only");
+      (void)admin_.scalar("SELECT pg_reload_conf()");
     } catch (const std::exception& error) {
       ADD_FAILURE() << "could not make the server writable again: " << error.what();
     }
   }
-  // Writable again now (and still at the end).
+  // Writable again now.
   void writable() { set("off"); }
 
  private:
@@ -1038,59 +1039,77 @@ class ReadOnlyServer {
   BlockingConnection admin_;
 };
 
-// libpq checks target_session_attrs at connect only. Under read-write, a connection whose server
-// turns read-only (reported with the next statement's answer, PostgreSQL 14+) is closed when it
-// comes back instead of going idle (DiscardReason::server_role): it would be handed out again,
-// and every write on it would fail with 25006.
+// libpq checks target_session_attrs at connect only. Under read-write with recheck_session_attrs,
+// a connection whose server turns read-only (reported with the next statement's answer,
+// PostgreSQL 14+) is closed when it comes back instead of going idle (DiscardReason::server_role):
+// it would be handed out again, and every write on it would fail with 25006. Without it (the
+// default), the pool keeps it, as libpq would. A transaction's SET LOCAL is not the server's
+// role: that connection is kept (its ROLLBACK undid it).
 TEST_F(PoolTest, UnderReadWriteAConnectionWhoseServerTurnedReadOnlyIsClosedOnReturn) {
-  auto pool_config = config("role-read-write", 1);
-  pool_config.conninfo += " target_session_attrs=read-write";
-  pool_config.connect_backoff_initial = 20ms;
-  pool_config.connect_backoff_max = 100ms;
-  run_coroutine([&]() -> awaitable_void {
-    Pool pool(co_await asio::this_coro::executor, pool_config);
-    int first_pid = 0;
-    {
-      auto lease = co_await pool.acquire();
-      first_pid = lease->backend_pid();
-    }
-    std::optional<ReadOnlyServer> read_only(std::in_place, cluster().dsn());
-    {
-      auto lease = co_await pool.acquire();
-      EXPECT_EQ(lease->backend_pid(), first_pid);  // idle meanwhile: nothing told the pool yet
-      // (Its backend reads the new setting once it has the reload's signal.)
-      std::string seen;
-      for (int i = 0; i < 300 && seen != "on"; ++i) {
-        seen = (co_await lease->query("SHOW default_transaction_read_only")).scalar<std::string>();
-        if (seen != "on") co_await sleep_for(10ms);
+  auto own = start_own_cluster();
+  for (const bool recheck : {true, false}) {
+    PoolConfig pool_config = config(recheck ? "role-read-write" : "role-unchecked", 1);
+    pool_config.conninfo = own->dsn() + " target_session_attrs=read-write";
+    pool_config.recheck_session_attrs = recheck;
+    pool_config.connect_backoff_initial = 20ms;
+    pool_config.connect_backoff_max = 100ms;
+    run_coroutine([&]() -> awaitable_void {
+      Pool pool(co_await asio::this_coro::executor, pool_config);
+      int first_pid = 0;
+      {
+        auto lease = co_await pool.acquire();
+        first_pid = lease->backend_pid();
+        (void)co_await lease->query("BEGIN");
+        (void)co_await lease->query("SET LOCAL default_transaction_read_only = on");
+      }  // (returned in its transaction: rolled back in the background, and kept)
+      for (int i = 0; i < 300 && pool.stats().idle != 1; ++i) co_await sleep_for(10ms);
+      EXPECT_EQ(pool.stats().idle, 1U) << "the SET LOCAL closed it";
+      std::optional<ReadOnlyServer> read_only(std::in_place, own->dsn());
+      {
+        auto lease = co_await pool.acquire();
+        EXPECT_EQ(lease->backend_pid(), first_pid);
+        // (Its backend reads the new setting once it has the reload's signal.)
+        std::string seen;
+        for (int i = 0; i < 300 && seen != "on"; ++i) {
+          seen =
+              (co_await lease->query("SHOW default_transaction_read_only")).scalar<std::string>();
+          if (seen != "on") co_await sleep_for(10ms);
+        }
+        EXPECT_EQ(seen, "on");
       }
-      EXPECT_EQ(seen, "on");
-    }
-    const auto stats = pool.stats();
-    EXPECT_EQ(stats.discarded_by_reason[static_cast<std::size_t>(DiscardReason::server_role)], 1U);
-    EXPECT_EQ(stats.idle, 0U) << "the read-only server's connection went back to the pool";
-    read_only->writable();
-    auto fresh = co_await pool.acquire();
-    EXPECT_NE(fresh->backend_pid(), first_pid);
-    (void)co_await fresh->query("CREATE TEMP TABLE written (x int)");  // (throws if read-only)
-    fresh = Lease{};
-    read_only.reset();
-    (void)co_await pool.close(5s);
-  });
+      const auto stats = pool.stats();
+      EXPECT_EQ(stats.discarded_by_reason[static_cast<std::size_t>(DiscardReason::server_role)],
+                recheck ? 1U : 0U);
+      EXPECT_EQ(stats.idle, recheck ? 0U : 1U) << "recheck " << recheck;
+      read_only->writable();
+      auto fresh = co_await pool.acquire();
+      if (recheck) {
+        EXPECT_NE(fresh->backend_pid(), first_pid);
+        (void)co_await fresh->query("CREATE TEMP TABLE written (x int)");  // (throws if read-only)
+      } else {
+        EXPECT_EQ(fresh->backend_pid(), first_pid) << "closed without recheck_session_attrs";
+      }
+      fresh = Lease{};
+      read_only.reset();
+      (void)co_await pool.close(5s);
+    });
+  }
 }
 
 // An idle connection's keepalive ping (keepalive_interval) brings the server's new role too: under
 // read-write, the idle connection of a server turned read-only is closed without being used.
 TEST_F(PoolTest, UnderReadWriteAKeepalivePingClosesTheIdleConnectionOfAServerTurnedReadOnly) {
+  auto own = start_own_cluster();
   auto pool_config = config("role-keepalive", 1);
-  pool_config.conninfo += " target_session_attrs=read-write";
+  pool_config.conninfo = own->dsn() + " target_session_attrs=read-write";
+  pool_config.recheck_session_attrs = true;
   pool_config.keepalive_interval = 100ms;
   pool_config.connect_backoff_initial = 20ms;
   pool_config.connect_backoff_max = 100ms;
   run_coroutine([&]() -> awaitable_void {
     Pool pool(co_await asio::this_coro::executor, pool_config);
     { auto lease = co_await pool.acquire(); }
-    std::optional<ReadOnlyServer> read_only(std::in_place, cluster().dsn());
+    std::optional<ReadOnlyServer> read_only(std::in_place, own->dsn());
     const auto discarded = [&] {
       return pool.stats().discarded_by_reason[static_cast<std::size_t>(DiscardReason::server_role)];
     };
@@ -1104,15 +1123,17 @@ TEST_F(PoolTest, UnderReadWriteAKeepalivePingClosesTheIdleConnectionOfAServerTur
 // The other way, and at the check before handout: under read-only, a connection idle longer than
 // validate_after_idle whose server became writable while it sat idle is refused after its ping
 // (whose answer brings the change), never handed out; with no read-only server left, the acquire
-// fails instead.
+// fails instead, saying why.
 TEST_F(PoolTest, UnderReadOnlyAnIdleConnectionWhoseServerBecameWritableIsRefusedAfterItsPing) {
+  auto own = start_own_cluster();
   auto pool_config = config("role-read-only", 1);
-  pool_config.conninfo += " target_session_attrs=read-only";
+  pool_config.conninfo = own->dsn() + " target_session_attrs=read-only";
+  pool_config.recheck_session_attrs = true;
   pool_config.validate_after_idle = 1ms;
   pool_config.acquire_timeout = 1500ms;
   pool_config.connect_backoff_initial = 20ms;
   pool_config.connect_backoff_max = 100ms;
-  std::optional<ReadOnlyServer> read_only(std::in_place, cluster().dsn());
+  std::optional<ReadOnlyServer> read_only(std::in_place, own->dsn());
   run_coroutine([&]() -> awaitable_void {
     Pool pool(co_await asio::this_coro::executor, pool_config);
     int first_pid = 0;

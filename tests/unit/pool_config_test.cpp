@@ -117,12 +117,16 @@ std::vector<DurationField> duration_fields() {
 class EnvironmentTest : public ::testing::Test {
  protected:
   void TearDown() override {
-    for (const char* name :
-         {"DATABASE_URL", "PGRT_POOL_MAX", "PGRT_POOL_MIN_IDLE", "PGRT_ACQUIRE_TIMEOUT_MS",
-          "PGRT_MAX_LIFETIME_S", "PGRT_IDLE_TIMEOUT_S", "PGRT_LEAK_THRESHOLD_MS",
-          "PGRT_POOL_PRESET", "PGRT_POOL_RESET", "PGRT_APP", "PGRT_INSTANCE", "PGRT_POOLER",
-          "PGRT_BUDGET_KEY", "PGRT_BUDGET_SLOTS", "PGRT_POOL_CONSUMERS", "PGRT_BUDGET_CHECK_MS",
-          "PGRT_BUDGET_CLASSES", "PGRT_BUDGET_CLASS", "PGRT_POOL_TIMINGS"}) {
+    for (const char* name : {"DATABASE_URL",           "PGRT_POOL_MAX",
+                             "PGRT_POOL_MIN_IDLE",     "PGRT_ACQUIRE_TIMEOUT_MS",
+                             "PGRT_MAX_LIFETIME_S",    "PGRT_IDLE_TIMEOUT_S",
+                             "PGRT_LEAK_THRESHOLD_MS", "PGRT_POOL_PRESET",
+                             "PGRT_POOL_RESET",        "PGRT_APP",
+                             "PGRT_INSTANCE",          "PGRT_POOLER",
+                             "PGRT_BUDGET_KEY",        "PGRT_BUDGET_SLOTS",
+                             "PGRT_POOL_CONSUMERS",    "PGRT_BUDGET_CHECK_MS",
+                             "PGRT_BUDGET_CLASSES",    "PGRT_BUDGET_CLASS",
+                             "PGRT_POOL_TIMINGS",      "PGRT_RECHECK_SESSION_ATTRS"}) {
       ::unsetenv(name);
     }
   }
@@ -171,6 +175,22 @@ TEST_F(EnvironmentTest, TimingsAreOnUnlessTurnedOff) {
   } catch (const Error& error) {
     EXPECT_EQ(error.code(), client_errc::invalid_config);
     EXPECT_THAT(error.what(), HasSubstr("PGRT_POOL_TIMINGS='off'"));
+  }
+}
+
+TEST_F(EnvironmentTest, SessionAttrsAreRecheckedOnlyWhenTurnedOn) {
+  EXPECT_FALSE(PoolConfig::from_env().recheck_session_attrs);
+  ::setenv("PGRT_RECHECK_SESSION_ATTRS", "1", 1);
+  EXPECT_TRUE(PoolConfig::from_env().recheck_session_attrs);
+  ::setenv("PGRT_RECHECK_SESSION_ATTRS", "0", 1);
+  EXPECT_FALSE(PoolConfig::from_env().recheck_session_attrs);
+  ::setenv("PGRT_RECHECK_SESSION_ATTRS", "yes", 1);
+  try {
+    (void)PoolConfig::from_env();
+    ADD_FAILURE() << "accepted PGRT_RECHECK_SESSION_ATTRS=yes";
+  } catch (const Error& error) {
+    EXPECT_EQ(error.code(), client_errc::invalid_config);
+    EXPECT_THAT(error.what(), HasSubstr("PGRT_RECHECK_SESSION_ATTRS='yes'"));
   }
 }
 

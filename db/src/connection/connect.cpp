@@ -322,9 +322,11 @@ error_code Connection::Impl::connect_error() {
   if (contains(said, "hot standby mode") || contains(said, "session is read-only") ||
       contains(said, "session is not read-only")) {
     return fail(client_errc::connect_failed, "could not connect to " + where + ": " + message, {},
-                "this server is not of the kind target_session_attrs asks for (read-write and "
-                "primary want a primary that takes writes, read-only and standby a standby or a "
-                "read-only server): list every server in host=, or wait for the failover to end");
+                "this server is not of the kind target_session_attrs asks for (read-write: one "
+                "that takes writes, neither a standby nor default_transaction_read_only on; "
+                "primary: not a standby; read-only and standby: the reverse): list a server of "
+                "that kind in host=, wait for the failover to end, or check the server's "
+                "default_transaction_read_only");
   }
   if (contains(message, "could not translate host name")) {
     return fail(client_errc::name_resolution, "could not connect to " + where + ": " + message, {},

@@ -19,13 +19,23 @@
 namespace pgrt::detail {
 
 RequiredRole required_role(const PoolConfig& config) {
-  const std::string attrs =
-      parse_conninfo(config.conninfo).get("target_session_attrs", "PGTARGETSESSIONATTRS");
+  if (!config.recheck_session_attrs) return RequiredRole::any;
+  const ParsedConninfo parsed = parse_conninfo(config.conninfo);
+  std::string attrs;
+  if (const auto given = parsed.values.find("target_session_attrs"); given != parsed.values.end()) {
+    attrs = given->second;
+  } else if (parsed.values.contains("service") || std::getenv("PGSERVICE") != nullptr) {
+    // A service file may set it, and libpq ranks it above PGTARGETSESSIONATTRS: pgrt does not
+    // read service files, so it does not guess.
+    return RequiredRole::any;
+  } else if (const char* from_env = std::getenv("PGTARGETSESSIONATTRS"); from_env != nullptr) {
+    attrs = from_env;
+  }
   if (attrs == "read-write") return RequiredRole::read_write;
   if (attrs == "read-only") return RequiredRole::read_only;
   if (attrs == "primary") return RequiredRole::primary;
   if (attrs == "standby") return RequiredRole::standby;
-  return RequiredRole::any;  // any, prefer-standby, none (libpq refuses any other value)
+  return RequiredRole::any;  // any, prefer-standby, or not given (libpq refuses other values)
 }
 
 bool serves_role(const Connection& connection, RequiredRole role) noexcept {
@@ -33,19 +43,22 @@ bool serves_role(const Connection& connection, RequiredRole role) noexcept {
   const char* hot_standby = PQparameterStatus(conn, "in_hot_standby");
   const char* read_only = PQparameterStatus(conn, "default_transaction_read_only");
   const bool standby = hot_standby != nullptr && std::strcmp(hot_standby, "on") == 0;
+  // As libpq: what the server does not report is not held against it (libpq would ask it at
+  // connect, and took its answer).
+  const bool both_known = hot_standby != nullptr && read_only != nullptr;
   const bool writes_refused =
       standby || (read_only != nullptr && std::strcmp(read_only, "on") == 0);
   switch (role) {
     case RequiredRole::any:
       return true;
     case RequiredRole::read_write:
-      return !writes_refused;
+      return !both_known || !writes_refused;
     case RequiredRole::read_only:
-      return writes_refused || (hot_standby == nullptr && read_only == nullptr);
+      return !both_known || writes_refused;
     case RequiredRole::primary:
-      return !standby;
+      return hot_standby == nullptr || !standby;
     case RequiredRole::standby:
-      return standby || hot_standby == nullptr;
+      return hot_standby == nullptr || standby;
   }
   return true;
 }
@@ -665,10 +678,16 @@ asio::awaitable<void> PoolState::reset(std::shared_ptr<PoolState> self, pool::No
     spdlog::warn("pgrt pool: resetting a returned connection ({}) failed: {}",
                  to_string(self->config.reset), error.what());
   }
+  // (The reset's answers bring what the server reports now; a SET LOCAL of the lease is gone.)
+  DiscardReason failure = DiscardReason::failed_reset;
+  if (ok && self->role != RequiredRole::any && !serves_role(connection, self->role)) {
+    ok = false;
+    failure = DiscardReason::server_role;
+  }
   Deferred deferred;
   std::lock_guard lock(self->mutex);
   auto& actions = self->fresh_actions_locked();
-  self->core.reset_done(*node, ok, Clock::now(), actions);
+  self->core.reset_done(*node, ok, Clock::now(), actions, failure);
   self->execute_locked(actions, deferred);
 }
 

@@ -283,20 +283,23 @@ inline pool::CoreConfig core_config(const PoolConfig& config) {
   };
 }
 
-// What target_session_attrs asks of every connection's server (prefer-standby and any: nothing).
-// libpq checks it at connect only; a server's role can change under a live connection (a primary
-// set read-only, a standby promoted), which the server reports with the next statement's answer
+// What target_session_attrs asks of every connection's server, under
+// PoolConfig::recheck_session_attrs (else, and for prefer-standby and any: nothing). libpq checks
+// it at connect only; a server's role can change under a live connection (a primary set
+// read-only, a standby promoted), which the server reports with the next statement's answer
 // (ParameterStatus in_hot_standby and default_transaction_read_only, PostgreSQL 14 and later).
 enum class RequiredRole : std::uint8_t { any, read_write, read_only, primary, standby };
 
-// Read off the pool's conninfo (or PGTARGETSESSIONATTRS); a service file's is not read.
+// Read off the pool's conninfo (or PGTARGETSESSIONATTRS); none with a service (whose file may
+// set it, and is not read here).
 RequiredRole required_role(const PoolConfig& config);
 
 // Whether `connection`'s server, as it last reported, still serves `role`. A server that reports
 // neither parameter (before PostgreSQL 14, or a pooler that hides them) is taken to.
 bool serves_role(const Connection& connection, RequiredRole role) noexcept;
 
-// How a lease came back, read off its connection.
+// How a lease came back, read off its connection. (A connection returned in a transaction has its
+// role checked after its reset, which undoes the transaction's SET LOCALs.)
 inline pool::ReturnKind classify(const Connection& connection, RequiredRole role) {
   if (!connection.is_open() || connection.is_broken()) return pool::ReturnKind::broken;
   auto kind = pool::ReturnKind::broken;
@@ -313,7 +316,8 @@ inline pool::ReturnKind classify(const Connection& connection, RequiredRole role
     case TransactionStatus::unknown:
       return pool::ReturnKind::broken;
   }
-  if (role != RequiredRole::any && !serves_role(connection, role)) {
+  if (kind == pool::ReturnKind::clean && role != RequiredRole::any &&
+      !serves_role(connection, role)) {
     return pool::ReturnKind::wrong_role;
   }
   return kind;
@@ -338,8 +342,8 @@ struct PoolState : std::enable_shared_from_this<PoolState>, async::ParkedWaitOwn
   // A closed connection's capacity comes back when the server has ended its backend, or at this
   // bound (session_guards.hpp), by which the session guards have made the server end it.
   const std::chrono::milliseconds backend_end_bound;
-  // What target_session_attrs asks of the server, checked at every return and after a ping
-  // (DiscardReason::server_role).
+  // What target_session_attrs asks of the server (any unless PoolConfig::recheck_session_attrs),
+  // checked at every clean return and after every reset and ping (DiscardReason::server_role).
   const RequiredRole role;
   PoolEvents events;
   std::optional<asio::any_io_executor> executor;

@@ -553,9 +553,9 @@ void Core::connect_abandoned(Node& node, Time now, Actions& actions) {
   maybe_open(now, actions);
 }
 
-void Core::reset_done(Node& node, bool ok, Time now, Actions& actions) {
+void Core::reset_done(Node& node, bool ok, Time now, Actions& actions, DiscardReason failure) {
   if (!ok) {
-    close_node(node, DiscardReason::failed_reset, actions);
+    close_node(node, failure, actions);
   } else {
     if (config_.reset_discard_all) node.session_used = false;
     if (closed_) {

@@ -389,7 +389,9 @@ class Core {
   // slot, its backend already ended: no failure (no backoff, no failure counted); the node goes,
   // and its replacement may open at once.
   void connect_abandoned(Node& node, Time now, Actions& actions);
-  void reset_done(Node& node, bool ok, Time now, Actions& actions);
+  // A reset that failed (!ok) closes its node for `failure` (failed_reset, or server_role).
+  void reset_done(Node& node, bool ok, Time now, Actions& actions,
+                  DiscardReason failure = DiscardReason::failed_reset);
   // A ping that failed (!ok) closes its node for `failure` (broken, or server_role: the server
   // answered but no longer serves what target_session_attrs asks).
   void ping_done(Node& node, bool ok, Time now, Actions& actions,

@@ -159,6 +159,15 @@ struct PoolConfig {
   /// ns per acquire and release, nothing next to a statement's round trip (benchmark 1 shows
   /// both). Off: those histograms stay empty (env PGRT_POOL_TIMINGS=0 or 1).
   bool timings = true;
+  /// Check target_session_attrs (read-write, read-only, primary, standby) again on every clean
+  /// return, after every reset, validate_after_idle ping and keepalive ping, from what the server
+  /// reports (PostgreSQL 14+): a connection whose server no longer serves that role (a primary set
+  /// read-only, a standby promoted) is closed (DiscardReason::server_role) and replaced by one to
+  /// a server that does. Off by default: libpq checks at connect only, and with no server of the
+  /// right kind left, the pool then has no connection at all (reads fail too). Costs two lookups
+  /// in libpq's parameter list per return when on and a role is asked for; nothing otherwise
+  /// (env PGRT_RECHECK_SESSION_ATTRS=0 or 1). docs/operations.md, "Failover".
+  bool recheck_session_attrs = false;
   /// Connections of max_size that only high-priority acquires may use.
   std::size_t reserved_for_priority = 0;
   /// Backoff between failed connect attempts: doubles from initial to max, with up to `jitter`
