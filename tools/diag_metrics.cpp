@@ -118,25 +118,36 @@ class StopSignals {
     sigemptyset(&stop);
     sigaddset(&stop, SIGINT);
     sigaddset(&stop, SIGTERM);
-    if (const int error = pthread_sigmask(SIG_BLOCK, &stop, nullptr); error != 0) {
+    sigset_t before;
+    if (const int error = pthread_sigmask(SIG_BLOCK, &stop, &before); error != 0) {
       throw boost::system::system_error(error, boost::system::system_category(),
                                         "cannot block SIGINT and SIGTERM");
     }
     const int fd = ::signalfd(-1, &stop, SFD_NONBLOCK | SFD_CLOEXEC);
+    boost::system::error_code error;
     if (fd < 0) {
-      throw boost::system::system_error(errno, boost::system::system_category(),
-                                        "cannot watch SIGINT and SIGTERM (signalfd)");
+      error.assign(errno, boost::system::system_category());
+    } else if (descriptor_.assign(fd, error)) {
+      ::close(fd);
     }
-    descriptor_.assign(fd);
+    if (error) {
+      // Unblocked again: a signal that came meanwhile takes its default action now, rather than
+      // waiting unseen.
+      pthread_sigmask(SIG_SETMASK, &before, nullptr);
+      throw boost::system::system_error(error, "cannot watch SIGINT and SIGTERM (signalfd)");
+    }
   }
 
   // Calls `on_signal` once, with the first signal's number (also kept in received()), unless
   // stop_watching() comes first.
   template <typename OnSignal>
   void watch(OnSignal on_signal) {
+    watching_ = true;
     descriptor_.async_wait(asio::posix::stream_descriptor::wait_read,
                            [this, on_signal](const boost::system::error_code& error) mutable {
-                             if (error) return;
+                             // (A completion already queued when stop_watching() came is not
+                             // waited on again: that would keep its io_context running.)
+                             if (error || !watching_) return;
                              signalfd_siginfo info{};
                              if (::read(descriptor_.native_handle(), &info, sizeof info) !=
                                  static_cast<ssize_t>(sizeof info)) {
@@ -149,6 +160,7 @@ class StopSignals {
   }
 
   void stop_watching() {
+    watching_ = false;
     boost::system::error_code ignored;
     descriptor_.cancel(ignored);
   }
@@ -158,6 +170,7 @@ class StopSignals {
 
  private:
   asio::posix::stream_descriptor descriptor_;
+  bool watching_ = false;
   int received_ = 0;
 };
 
@@ -210,7 +223,7 @@ std::string fetch(const Url& url, std::chrono::seconds limit, asio::io_context& 
   // (Stopping `io` leaves whatever step was under way, which goes with `io`.)
   signals.watch([&](int /*number*/) { io.stop(); });
   const auto addresses = resolve(url, limit, io, signals);
-  // (One that came as the lookup ended: its handler has run, and will not run again.)
+  // (One read as the lookup ended. One not read yet ends the run_for() below at once.)
   if (signals.received() != 0) throw Interrupted{};
   beast::tcp_stream stream(io);
   http::request<http::empty_body> request{http::verb::get, url.target, 11};

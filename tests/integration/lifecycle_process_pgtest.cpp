@@ -761,17 +761,34 @@ TEST_F(LifecycleProcessTest, DiagGivesUpOnAHangingSnapshotAndCtrlCEndsItAtOnce) 
 }
 
 // Whether process `pid` listens for signal `number`: a handler installed (/proc/PID/status,
-// SigCgt), or the signal blocked in its main thread (SigBlk: read from a signalfd).
+// SigCgt), or the signal blocked (SigBlk) and read from a signalfd of the process
+// (/proc/PID/fdinfo: its sigmask holds the signal). A block alone is not listening (glibc blocks
+// every signal for a moment as it starts a thread).
 bool listens_for_signal(pid_t pid, int number) {
-  std::ifstream status("/proc/" + std::to_string(pid) + "/status");
-  std::string line;
-  bool listens = false;
-  while (std::getline(status, line)) {
-    if (!line.starts_with("SigCgt:") && !line.starts_with("SigBlk:")) continue;
-    const std::uint64_t mask = std::stoull(line.substr(7), nullptr, 16);
-    listens = listens || ((mask >> (number - 1)) & 1U) != 0;
+  const std::string proc = "/proc/" + std::to_string(pid);
+  const auto holds = [number](const std::string& hex) {
+    return ((std::stoull(hex, nullptr, 16) >> (number - 1)) & 1U) != 0;
+  };
+  std::ifstream status(proc + "/status");
+  bool caught = false;
+  bool blocked = false;
+  for (std::string line; std::getline(status, line);) {
+    if (line.starts_with("SigCgt:")) caught = holds(line.substr(7));
+    if (line.starts_with("SigBlk:")) blocked = holds(line.substr(7));
   }
-  return listens;
+  if (caught || !blocked) return caught;
+  std::error_code error;
+  for (const auto& entry : std::filesystem::directory_iterator(proc + "/fd", error)) {
+    std::error_code unreadable;
+    if (std::filesystem::read_symlink(entry.path(), unreadable) != "anon_inode:[signalfd]") {
+      continue;
+    }
+    std::ifstream info(proc + "/fdinfo/" + entry.path().filename().string());
+    for (std::string line; std::getline(info, line);) {
+      if (line.starts_with("sigmask:") && holds(line.substr(8))) return true;
+    }
+  }
+  return false;
 }
 
 // pgrt-diag --watch ends cleanly (exit 0) on a SIGTERM at any moment once it listens for it:
