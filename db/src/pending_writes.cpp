@@ -268,6 +268,8 @@ struct SpaceWaiter {
   Write write;
   bool accepted = false;  // handed into the queue
   bool closed = false;    // stop() began
+  // Its write could not be queued when room came (std::bad_alloc): the enqueue() throws it.
+  std::exception_ptr failure;
 };
 
 }  // namespace
@@ -331,7 +333,8 @@ struct PendingWritesState {
 
   void wake_flusher_locked() { flusher_wake.notify_all_locked(); }
 
-  void push_locked(Write write) {
+  // Strong guarantee: if the push throws (std::bad_alloc), `write` is left as it was.
+  void push_locked(Write&& write) {
     write.accepted_at = Clock::now();
     queue.push_back(std::move(write));
     ++accepted;
@@ -339,14 +342,23 @@ struct PendingWritesState {
     if (queue.size() == 1 || queue.size() >= config.batch_size) wake_flusher_locked();
   }
 
-  // Hands the room there is to waiters, oldest first.
-  void make_room_locked() {
+  // Hands the room there is to waiters, oldest first. Never throws: a waiter whose write cannot
+  // be queued (the push ran out of memory) is woken with that failure, which its enqueue() throws
+  // (the write not accepted, as for an enqueue() that did not wait), and the next is tried. (It
+  // left the list before its push, and the write was moved out of it, before: a push that threw
+  // lost the write, and the waiter, listed nowhere, was never woken.)
+  void make_room_locked() noexcept {
     while (!waiters.empty() && unflushed_locked() < config.capacity) {
       SpaceWaiter* waiter = waiters.front();
+      try {
+        push_locked(std::move(waiter->write));
+        waiter->accepted = true;
+      } catch (...) {
+        waiter->failure = std::current_exception();
+      }
       waiters.pop_front();
-      push_locked(std::move(waiter->write));
-      waiter->accepted = true;
-      waiter->timer.cancel();  // wakes it: it finds `accepted` set
+      // Wakes it: it finds `accepted` or `failure` set. (A timer's cancel() reports no error.)
+      waiter->timer.cancel();
     }
   }
 
@@ -1084,6 +1096,7 @@ asio::awaitable<void> accept(std::shared_ptr<State> self, Write write) {
   co_await async::wait_locked(lock, waiter.timer, Clock::time_point::max());
   leave_queue.disarm();
   if (waiter.accepted) co_return;
+  if (waiter.failure) std::rethrow_exception(waiter.failure);  // (no longer listed)
   std::erase(self->waiters, &waiter);
   if (waiter.closed) self->throw_closed_locked();
   throw_error(client_errc::cancelled, "waiting for room in pending writes " + self->config.name +

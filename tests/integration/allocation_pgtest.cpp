@@ -542,6 +542,81 @@ TEST_F(AllocationTest, WritesInFlightWhenTheFlusherFailsAreAnnouncedThroughEvent
   }
 }
 
+// An enqueue() waiting for room, whose write cannot be queued when room comes (the queue's
+// push_back runs out of memory as the flusher settles the batch before it): its caller gets the
+// std::bad_alloc, as one that did not wait would, and the flusher goes on. Before, the waiter
+// left the wait list before the push, and the write was moved out of it: the push's throw lost
+// the write and ended the flusher, whose end woke only the waiters still listed, so the
+// enqueue() never returned (the test cancels it after 5 s).
+TEST_F(AllocationTest, AWaitingEnqueueWhoseWriteCannotBeQueuedGetsTheAllocationFailure) {
+  bool armed = false;
+  bool answered = false;
+  bool bad_alloc = false;
+  std::string other;  // any other outcome of the waiting enqueue()
+  PendingWritesReport end{};
+  std::optional<Error> stopped;
+  run_coroutine([&]() -> asio::awaitable<void> {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, pool_of_one());
+    PendingWrites writes(pool, executor,
+                         PendingWritesConfig{.name = "no-room-for-the-waiter",
+                                             .capacity = 1,
+                                             .batch_size = 1,
+                                             .flush_interval = 0ms});
+    co_await writes.enqueue("SELECT $1::bigint", std::int64_t{1});  // the queue is full
+    asio::cancellation_signal unstick;
+    asio::co_spawn(
+        executor,
+        [&]() -> asio::awaitable<void> {
+          try {
+            co_await writes.enqueue("SELECT $1::bigint", std::int64_t{2});
+            other = "accepted";
+          } catch (const std::bad_alloc&) {
+            bad_alloc = true;
+          } catch (const std::exception& error) {
+            other = error.what();
+          }
+          answered = true;
+        },
+        asio::bind_cancellation_slot(unstick.slot(), asio::detached));
+    const auto started = std::chrono::steady_clock::now();
+    while (writes.report().waiting < 1 && std::chrono::steady_clock::now() - started < 5s) {
+      co_await testing::sleep_for(5ms);
+    }
+    EXPECT_EQ(writes.report().waiting, 1U) << "the second enqueue() did not wait for room";
+    // The first batch's lease goes back; the next allocation of this thread is then the push of
+    // the waiting write, as its batch is settled.
+    boost::signals2::scoped_connection on_released = pool.events().released.connect([&] {
+      if (armed) return;
+      armed = true;
+      failing_allocations = 1;
+    });
+    co_await writes.start();
+    while (!answered && std::chrono::steady_clock::now() - started < 5s) {
+      co_await testing::sleep_for(10ms);
+    }
+    EXPECT_TRUE(answered) << "the waiting enqueue() was never answered";
+    if (!answered) unstick.emit(asio::cancellation_type::terminal);
+    // The flusher goes on: a later write is flushed.
+    if (answered) co_await writes.enqueue("SELECT $1::bigint", std::int64_t{3});
+    try {
+      co_await with_timeout(writes.stop(), 5s);
+    } catch (const Error& error) {
+      stopped = error;
+    }
+    end = writes.report();
+    (void)co_await pool.close(1s);
+  });
+  failing_allocations = 0;
+  ASSERT_TRUE(armed) << "the first batch's lease never went back";
+  EXPECT_TRUE(bad_alloc) << "the waiting enqueue() ended otherwise: " << other;
+  EXPECT_FALSE(stopped.has_value()) << stopped->what();
+  EXPECT_EQ(end.accepted, 2U);
+  EXPECT_EQ(end.flushed, 2U);
+  EXPECT_EQ(end.failed, 0U);
+  EXPECT_EQ(end.waiting, 0U);
+}
+
 // The writes the flusher had in flight when it failed are handed to its end report with no
 // allocation of their own, and its end counts every write before it allocates: memory may still be
 // short. Here the flusher's next allocation fails as it backs off, and the third from it too.

@@ -200,7 +200,9 @@ class PendingWrites {
   /// Errors (pgrt::Error): client_errc::writes_closed once stop() has begun (also to a caller
   /// waiting for room when it begins); client_errc::writes_queue_full (WhenFull::fail);
   /// client_errc::cancelled; client_errc::needs_session (above); client_errc::conversion (a
-  /// parameter that cannot be sent). In each case the write was not accepted.
+  /// parameter that cannot be sent). std::bad_alloc when memory runs out as the write is queued,
+  /// also for a caller that waited for room (its write then not queued when the room came; the
+  /// flusher goes on). In each case the write was not accepted.
   ///
   /// Cancellation: per-operation cancellation of a wait for room leaves no trace: the write is not
   /// accepted. Any type that reaches the operation counts (a coroutine passes on terminal only,
