@@ -487,6 +487,82 @@ TEST_F(AllocationTest,
   });
 }
 
+// The multiplexer's handle on a query() caller's statement: the first statement the test's pool
+// queued (it has one connection, leased by the test, so the statement stays queued).
+std::shared_ptr<detail::Multiplexer> multiplexer_of(Pool& pool) {
+  const auto state = detail::pool_state_of(pool).lock();
+  const std::lock_guard lock(state->mutex);
+  return state->multiplexer;
+}
+
+// A query() caller answered by a connection (resumed in place: it runs on the connections' own
+// io_context) while memory runs out: the connection keeps it among those it resumes once the
+// mutex is released (Multiplexer::finish_locked() with `answered`), and the push there fails. The
+// caller is answered all the same. Before, its wait was taken out of the statement before the
+// push, and destroyed with the push's throw: the caller's coroutine was unwound, never resumed
+// (a co_await pool.query() that never returned, with no error), and the connection's coroutine
+// got the std::bad_alloc. Here the test does the connection's part on a statement it takes from
+// the queue, as the connection does once the statement is answered.
+TEST_F(AllocationTest, AQueryCallerAnsweredWhileMemoryRunsOutIsResumed) {
+  run_coroutine([]() -> asio::awaitable<void> {
+    auto executor = co_await asio::this_coro::executor;
+    PoolConfig config = pool_of_one();
+    config.acquire_timeout = 20s;
+    Pool pool(executor, config);
+    auto lease = co_await pool.acquire();  // the statement stays queued
+    bool answered = false;
+    boost::system::error_code code;
+    std::string message;
+    asio::co_spawn(
+        executor,
+        [&]() -> asio::awaitable<void> {
+          try {
+            (void)co_await pool.query("SELECT 1");
+          } catch (const Error& error) {
+            code = error.code();
+            message = error.what();
+          }
+          answered = true;
+        },
+        asio::detached);
+    const auto started = std::chrono::steady_clock::now();
+    while (pool.stats().shared_queued < 1 && std::chrono::steady_clock::now() - started < 5s) {
+      co_await testing::sleep_for(5ms);
+    }
+    const std::shared_ptr<detail::Multiplexer> multiplexer = multiplexer_of(pool);
+    EXPECT_TRUE(multiplexer) << "the statement was never queued";
+    if (!multiplexer) co_return;
+    std::string thrown;
+    std::vector<detail::async::ParkedWait> to_resume;
+    {
+      const std::lock_guard lock(multiplexer->mutex);
+      EXPECT_FALSE(multiplexer->queue.empty());
+      if (multiplexer->queue.empty()) co_return;
+      const std::shared_ptr<detail::SharedStatement> statement = multiplexer->queue.pop_front();
+      EXPECT_TRUE(statement->wait.resumable_in_place);
+      statement->error = make_error_code(client_errc::timeout);
+      statement->diagnostics = Diagnostics{.message = "answered by the test"};
+      failing_allocations = 1;
+      try {
+        multiplexer->finish_locked(*statement, to_resume);
+      } catch (const std::exception& error) {
+        thrown = error.what();
+      }
+      failing_allocations = 0;
+    }
+    multiplexer->answer(to_resume);
+    EXPECT_EQ(thrown, "") << "finish_locked() threw when out of memory";
+    while (!answered && std::chrono::steady_clock::now() - started < 5s) {
+      co_await testing::sleep_for(10ms);
+    }
+    EXPECT_TRUE(answered) << "the caller was never resumed";
+    EXPECT_EQ(code, client_errc::timeout) << message;
+    EXPECT_THAT(message, ::testing::HasSubstr("answered by the test"));
+    lease.release();
+    (void)co_await pool.close(1s);
+  });
+}
+
 // Writes in flight when the pending writes' flusher fails (here: it runs out of memory as it
 // backs off from a transient error, the pool's connects all failing) are counted as failed, and
 // were logged by their count only: events().failed never announced them, and a subscriber missed

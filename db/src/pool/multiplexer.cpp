@@ -783,7 +783,7 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
         statement.error = error;
         statement.diagnostics = std::move(diagnostics);
         if (ok && !error) statement.result = std::move(entry.result);
-        Multiplexer::finish_locked(statement, answered);
+        mux->finish_locked(statement, answered);
       }
       in_hand.reset();
       // The callers answered run now: the first in place when it runs on this io_context (a
@@ -1157,11 +1157,26 @@ void Multiplexer::finish_locked(SharedStatement& statement,
                                 std::vector<async::ParkedWait>& answered) {
   statement.stage = SharedStatement::Stage::done;
   if (!statement.wait.waiting()) return;
-  if (statement.wait.resumable_in_place) {
-    answered.push_back(statement.wait.take());
-  } else {
+  if (!statement.wait.resumable_in_place) {
     async::resume(statement.wait.take(), error_code{}, false);
+    return;
   }
+  // Room in `answered` first, the wait still in the statement: a push that failed for want of
+  // memory destroyed the wait it had taken, and with it the caller's coroutine, never resumed.
+  if (answered.size() == answered.capacity()) {
+    try {
+      answered.reserve(std::max<std::size_t>(2 * answered.size(), 4));
+    } catch (const std::exception&) {
+      // Answered by a notice instead, as a closed pool's statements are (answer_unanswered_
+      // locked()): the wait stays parked until the notice runs, posted again later if it
+      // cannot be posted now.
+      statement.unanswered = true;
+      unanswered.push_back(statement.shared_from_this());
+      answer_unanswered_locked();
+      return;
+    }
+  }
+  answered.push_back(statement.wait.take());  // (room reserved: no allocation)
 }
 
 void Multiplexer::answer(std::vector<async::ParkedWait>& answered) {

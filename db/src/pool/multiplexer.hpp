@@ -44,7 +44,7 @@ struct SharedLink;
 
 // One query() call, shared by its caller and the connection that runs it. Every field is
 // changed under Multiplexer::mutex once the statement is queued.
-struct SharedStatement {
+struct SharedStatement : std::enable_shared_from_this<SharedStatement> {
   SharedStatement(std::string sql_in, ParamSink params_in)
       : sql(std::move(sql_in)), params(std::move(params_in)) {}
   std::string sql;
@@ -61,8 +61,9 @@ struct SharedStatement {
   Stage stage = Stage::queued;
   async::ParkedWait wait;   // the caller's, while it waits for its answer
   bool sent_again = false;  // queued again once (the server forgot its statement)
-  // Failed by close() and in Multiplexer::unanswered, its caller's resumption still to run; and
-  // whether that resumption is posted (not yet: its post failed for want of memory).
+  // Done (failed by close(), or answered while memory ran out) and in Multiplexer::unanswered,
+  // its caller's resumption still to run; and whether that resumption is posted (not yet: its
+  // post failed for want of memory).
   bool unanswered = false;
   bool resumption_posted = false;
   // While queued or in flight (a StatementQueue: Multiplexer::queue, Multiplexer::in_flight):
@@ -195,6 +196,7 @@ struct Multiplexer : std::enable_shared_from_this<Multiplexer>, async::ParkedWai
   // wait with it); it posts for each a notice that holds only references, which resumes the
   // caller in place on its own executor. A notice that cannot be posted (no memory) is posted
   // again later (answer_unanswered_locked()): the caller's wait stays parked meanwhile, never lost.
+  // So are the statements a connection answered while memory ran out (finish_locked()).
   StatementQueue unanswered;
   std::vector<std::shared_ptr<SharedLink>> links;
   std::size_t borrowing = 0;  // acquires under way
@@ -232,8 +234,9 @@ struct Multiplexer : std::enable_shared_from_this<Multiplexer>, async::ParkedWai
   // The same, from a connection's coroutine: the wait of a caller on the connections' own
   // io_context is kept in `answered`, for answer() once the mutex is released; any other is
   // posted now (under the mutex, so that its io_context cannot be shutting down meanwhile:
-  // async::ParkedWaitWatch's shutdown takes the mutex).
-  static void finish_locked(SharedStatement& statement, std::vector<async::ParkedWait>& answered);
+  // async::ParkedWaitWatch's shutdown takes the mutex). With no memory to keep it in `answered`,
+  // it goes to `unanswered` (its wait parked, never lost). `statement` is held by a shared_ptr.
+  void finish_locked(SharedStatement& statement, std::vector<async::ParkedWait>& answered);
   // Resumes the callers of `answered` (empties it), from a connection's coroutine, in the order
   // they were answered: the first in place, the others posted after it (on an io_context that
   // several threads run, callers resumed in place would all run one after another on this
