@@ -563,6 +563,78 @@ TEST_F(AllocationTest, AQueryCallerAnsweredWhileMemoryRunsOutIsResumed) {
   });
 }
 
+// The multiplexer's sweeper (it fails a statement sent behind another caller's on its connection
+// that has not ended within acquire_timeout, and a statement queued that long) could not be armed
+// for want of memory: it is not believed armed, and the next statement's wait arms it. Before,
+// it was marked armed before its wait began: with the wait's allocation failed, it was believed
+// armed for good and never armed again, and no deadline was enforced: here the statement sent
+// behind a slow one waited for it (answered when that one ended, 1.1 s later, not failed with
+// timeout after 300 ms).
+TEST_F(AllocationTest, AQuerySweeperThatCouldNotBeArmedIsArmedByTheNextStatement) {
+  run_coroutine([]() -> asio::awaitable<void> {
+    auto executor = co_await asio::this_coro::executor;
+    PoolConfig config = pool_of_one();
+    config.acquire_timeout = 300ms;
+    Pool pool(executor, config);
+    std::vector<boost::system::error_code> codes(2);
+    std::vector<bool> answered(2, false);
+    const auto spawn_query = [&](std::size_t caller, std::string sql) {
+      asio::co_spawn(
+          executor,
+          [&, caller, sql]() -> asio::awaitable<void> {
+            try {
+              (void)co_await pool.query(sql);
+            } catch (const Error& error) {
+              codes[caller] = error.code();
+            }
+            answered[caller] = true;
+          },
+          asio::detached);
+    };
+    spawn_query(0, "SELECT pg_sleep(1.5)");
+    const auto started = std::chrono::steady_clock::now();
+    // Sent, and past its own deadline: the sweeper fired for it (a head runs: it is not failed).
+    while (
+        (pool.stats().shared_in_flight < 1 || std::chrono::steady_clock::now() - started < 400ms) &&
+        std::chrono::steady_clock::now() - started < 5s) {
+      co_await testing::sleep_for(10ms);
+    }
+    const std::shared_ptr<detail::Multiplexer> multiplexer = multiplexer_of(pool);
+    EXPECT_TRUE(multiplexer) << "the statement was never queued";
+    if (!multiplexer) co_return;
+    // Armed (as sweep() and a statement's wait do) from a thread of its own, where asio has no
+    // cache of recycled blocks and every allocation fails: the wait cannot begin.
+    bool threw = false;
+    bool believed_armed = false;
+    std::thread arming([&] {
+      const std::lock_guard lock(multiplexer->mutex);
+      out_of_memory = true;
+      try {
+        multiplexer->arm_sweeper_locked(std::chrono::steady_clock::now() + 50ms);
+      } catch (const std::bad_alloc&) {
+        threw = true;
+      }
+      out_of_memory = false;
+      believed_armed = multiplexer->sweeper_armed;
+    });
+    arming.join();
+    EXPECT_TRUE(threw) << "the sweeper's wait did not run out of memory";
+    EXPECT_FALSE(believed_armed) << "the sweeper is believed armed, with no wait under way";
+    const auto second = std::chrono::steady_clock::now();
+    spawn_query(1, "SELECT 1");  // sent behind the slow one
+    while (!answered[1] && std::chrono::steady_clock::now() - started < 5s) {
+      co_await testing::sleep_for(10ms);
+    }
+    EXPECT_EQ(codes[1], client_errc::timeout) << "the statement held up was not failed in time";
+    EXPECT_LT(std::chrono::steady_clock::now() - second, 1s);
+    while (!answered[0] && std::chrono::steady_clock::now() - started < 5s) {
+      co_await testing::sleep_for(10ms);
+    }
+    EXPECT_TRUE(answered[0]);
+    (void)co_await pool.close(5s);
+  });
+}
+
 // Writes in flight when the pending writes' flusher fails (here: it runs out of memory as it
 // backs off from a transient error, the pool's connects all failing) are counted as failed, and
 // were logged by their count only: events().failed never announced them, and a subscriber missed

@@ -940,12 +940,15 @@ void Multiplexer::start_wait_locked(SharedStatement& statement) {
 
 void Multiplexer::arm_sweeper_locked(Clock::time_point at) {
   if (!sweeper) return;  // (released: the connections were cut, nothing is held up any more)
-  sweeper_armed = true;
   sweeper->expires_at(at);
   sweeper->async_wait([weak = weak_from_this()](error_code error) {
     if (error) return;  // cancelled: the multiplexer is gone or let go of
     if (const auto self = weak.lock()) self->sweep();
   });
+  // (Only once its wait is under way: a wait that could not begin, for want of memory, leaves
+  // it unarmed, for the next statement's wait to arm. Marked first, it was believed armed for
+  // good, and no deadline was enforced again.)
+  sweeper_armed = true;
 }
 
 void Multiplexer::land_locked(SharedLink& link, SharedStatement& statement) {
@@ -1022,7 +1025,13 @@ void Multiplexer::sweep() {
     finish_locked(statement);
     return true;
   });
-  if (next != Clock::time_point::max()) arm_sweeper_locked(next);
+  if (next == Clock::time_point::max()) return;
+  try {
+    arm_sweeper_locked(next);
+  } catch (const std::exception&) {
+    // (No memory for the wait, in the timer's handler, which must not throw: left unarmed, the
+    // next statement whose wait starts arms it, and its sweep fails these too once past due.)
+  }
 }
 
 bool Multiplexer::accepted_before_locked(const std::string& sql) const {

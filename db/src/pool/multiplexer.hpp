@@ -247,7 +247,8 @@ struct Multiplexer : std::enable_shared_from_this<Multiplexer>, async::ParkedWai
   void release_waits_of(asio::execution_context& context) override;
   // Starts (again) the statement's wait for a connection: sets its deadline, arms the sweeper.
   void start_wait_locked(SharedStatement& statement);
-  // Arms the sweeper to fire at `at`.
+  // Arms the sweeper to fire at `at`. Marks it armed only once its wait is under way: on a throw
+  // (std::bad_alloc), it is left unarmed.
   void arm_sweeper_locked(Clock::time_point at);
   // Fails the queued statements past their deadline with pool_timeout, and the sent ones that
   // are still held up behind another statement of their connection with timeout (their
