@@ -635,6 +635,75 @@ TEST_F(AllocationTest, AQuerySweeperThatCouldNotBeArmedIsArmedByTheNextStatement
   });
 }
 
+// A query() statement queued while memory runs out, as a connection waits for its socket with a
+// statement in flight: the wake that would make the connection take the new statement cannot be
+// posted. The statement leaves the queue, and its caller gets the std::bad_alloc. Before, it stayed
+// queued, its caller told it had failed (run_shared() passed the throw on), and ran later all the
+// same (a caller that retried ran it twice); the connection was also marked woken, with no wake
+// under way, so no other wake reached it until its socket's next answer. Here the test does the
+// caller's part (Multiplexer::enqueue_locked(), as run_shared() calls it) from a thread of its
+// own, where asio has no cache of recycled blocks and every allocation fails.
+// With max_size 2, the connection has no room under its even share (the pool may lend one more):
+// the borrow of one more is what cannot be posted, with the same outcome.
+TEST_F(AllocationTest, AQueryStatementWhoseWakeCannotBePostedIsNotLeftQueued) {
+  for (const std::size_t max_size : {1, 2}) {
+    SCOPED_TRACE("max_size " + std::to_string(max_size));
+    run_coroutine([max_size]() -> asio::awaitable<void> {
+      auto executor = co_await asio::this_coro::executor;
+      PoolConfig config = pool_of_one();
+      config.max_size = max_size;
+      config.acquire_timeout = 0ms;  // (no deadline: the sweeper is not armed for the statement)
+      Pool pool(executor, config);
+      bool answered = false;
+      asio::co_spawn(
+          executor,
+          [&]() -> asio::awaitable<void> {
+            const Result result = co_await pool.query("SELECT 1 FROM pg_sleep(0.3)");
+            answered = result.size() == 1;
+          },
+          asio::detached);
+      std::shared_ptr<detail::Multiplexer> multiplexer;
+      const auto waiting = [&multiplexer] {
+        if (!multiplexer) return false;
+        const std::lock_guard lock(multiplexer->mutex);
+        return multiplexer->links.size() == 1 && multiplexer->links.front()->waiting;
+      };
+      const auto started = std::chrono::steady_clock::now();
+      while (!waiting() && std::chrono::steady_clock::now() - started < 5s) {
+        co_await testing::sleep_for(5ms);
+        if (!multiplexer) multiplexer = multiplexer_of(pool);
+      }
+      EXPECT_TRUE(waiting()) << "no query() connection waited for its statement's answer";
+      if (!waiting()) co_return;
+      auto statement = std::make_shared<detail::SharedStatement>("SELECT 2", ParamSink{});
+      std::string thrown;
+      bool queued = false;
+      bool marked_woken = false;
+      std::thread caller([&] {
+        const std::lock_guard lock(multiplexer->mutex);
+        out_of_memory = true;
+        try {
+          multiplexer->enqueue_locked(statement);
+        } catch (const std::bad_alloc& error) {
+          thrown = error.what();
+        }
+        out_of_memory = false;
+        queued = !multiplexer->queue.empty();
+        marked_woken = multiplexer->links.front()->wake_posted;
+      });
+      caller.join();
+      EXPECT_NE(thrown, "") << "the wake was posted (memory did not run out)";
+      EXPECT_FALSE(queued) << "the statement stayed queued, its caller told it had failed";
+      EXPECT_FALSE(marked_woken) << "the connection is marked woken, with no wake under way";
+      while (!answered && std::chrono::steady_clock::now() - started < 5s) {
+        co_await testing::sleep_for(10ms);
+      }
+      EXPECT_TRUE(answered) << "the statement in flight was not answered";
+      (void)co_await pool.close(1s);
+    });
+  }
+}
+
 // Writes in flight when the pending writes' flusher fails (here: it runs out of memory as it
 // backs off from a transient error, the pool's connects all failing) are counted as failed, and
 // were logged by their count only: events().failed never announced them, and a subscriber missed

@@ -1058,7 +1058,15 @@ void Multiplexer::enqueue_locked(const std::shared_ptr<SharedStatement>& stateme
   }
   start_wait_locked(*statement);
   queue.push_back(statement);
-  dispatch_locked();
+  try {
+    dispatch_locked();
+  } catch (...) {
+    // (A wake or a borrow that could not be posted, for want of memory: the statement leaves the
+    // queue, and its caller gets the failure. Left queued, it ran later for a caller told it
+    // had failed.)
+    (void)queue.remove(*statement);
+    throw;
+  }
 }
 
 std::size_t Multiplexer::even_share_locked() const {
@@ -1142,7 +1150,8 @@ void Multiplexer::grow_locked() {
 void Multiplexer::wake_locked(const std::shared_ptr<SharedLink>& link) {
   // (Released: the connections were cut, and their waits end with the cut.)
   if (!link->waiting || link->wake_posted || !strand || !link->strand) return;
-  link->wake_posted = true;
+  // (Marked once posted, which the handler cannot see before: it takes the mutex, held here. A
+  // post that fails for want of memory leaves it unmarked, for the next wake to post.)
   asio::post(link->strand, [self = shared_from_this(), link] {
     // On the strand, like the connection's coroutine: its wait for the socket is cancelled if it
     // still waits for it (not a later wait of another kind, such as a flush's).
@@ -1155,6 +1164,7 @@ void Multiplexer::wake_locked(const std::shared_ptr<SharedLink>& link) {
       }
     }
   });
+  link->wake_posted = true;
 }
 
 void Multiplexer::finish_locked(SharedStatement& statement) {

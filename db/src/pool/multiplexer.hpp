@@ -227,7 +227,7 @@ struct Multiplexer : std::enable_shared_from_this<Multiplexer>, async::ParkedWai
   void remember_accepted_locked(const std::string& sql);
 
   // Queues `statement` for its caller; throws pool_closed or pool_queue_full. Wakes a connection
-  // with room, or borrows one more.
+  // with room, or borrows one more. On a throw (std::bad_alloc included), it is not queued.
   void enqueue_locked(const std::shared_ptr<SharedStatement>& statement);
   // The statement is answered (or failed): its caller's resumption is posted, unless it has gone.
   static void finish_locked(SharedStatement& statement);

@@ -489,7 +489,8 @@ class Pool {
   /// no connection took it within acquire_timeout; pool_queue_full beyond max_waiters queued;
   /// pool_closed; connection_lost when its connection was lost while it was in flight (it may or
   /// may not have run: retry only what is idempotent), also when close() past its grace or
-  /// close_now() cut it (saying the connection was interrupted); cancelled.
+  /// close_now() cut it (saying the connection was interrupted); cancelled. std::bad_alloc when
+  /// memory runs out as the statement is queued: it is then not queued, and never runs.
   ///
   /// Cancellation: per-operation cancellation of a queued statement takes it out of the queue; of
   /// a sent one fails the caller at once, and its answer is read and dropped when it comes. No
