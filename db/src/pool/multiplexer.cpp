@@ -472,9 +472,11 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
             Multiplexer::finish_locked(**it);
             continue;
           }
+          // (Queued before its wait starts: a sweeper that cannot be armed, for want of memory,
+          // throws with the statement queued, not marked queued and in no queue, never answered.)
           (*it)->stage = SharedStatement::Stage::queued;
-          mux->start_wait_locked(**it);
           mux->queue.push_front(*it);
+          mux->start_wait_locked(**it);
         }
         break;
       }
@@ -760,8 +762,9 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
         if (again && (!statement.sent_again || impl.one_segment_in_flight()) && !mux->closed) {
           statement.sent_again = true;
           statement.stage = SharedStatement::Stage::queued;
-          mux->start_wait_locked(statement);
+          // (Queued before its wait starts: see the requeue of a lost batch.)
           mux->queue.push_front(entry.statement);
+          mux->start_wait_locked(statement);
           mux->dispatch_locked();
           continue;
         }
