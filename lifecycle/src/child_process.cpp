@@ -25,6 +25,7 @@
 #include <iterator>
 #include <limits>
 #include <optional>
+#include <span>
 #include <spdlog/spdlog.h>
 #include <sstream>
 #include <stdexcept>
@@ -39,6 +40,7 @@
 #include <utility>
 
 #include "await_helpers.hpp"
+#include "command_line_log.hpp"
 
 extern char** environ;  // NOLINT(readability-redundant-declaration): POSIX declares it nowhere
 
@@ -286,28 +288,70 @@ bool is_quote(char c) {
 }
 
 // A character of a key before '=' or ':' (`PGPASSWORD`, `--db-password`, `"password"`'s inside,
-// a URL's `pass%77ord`).
+// a URL's `pass%77ord`, a JSON key's `pass\u0077ord`).
 bool is_key_char(char c) {
   return std::isalnum(static_cast<unsigned char>(c)) != 0 || c == '_' || c == '-' || c == '.' ||
-         c == '%';
+         c == '%' || c == '\\';
 }
 
-// `key` in lower case, with its %XX escapes decoded (libpq decodes a URL query parameter's name
-// as well as its value: `?pass%77ord=...` is the password).
+// `key` in lower case, its escapes decoded, as whoever reads the key reads it: a URL's %XX (libpq
+// decodes a URL query parameter's name as well as its value: `?pass%77ord=...` is the password),
+// JSON's \uXXXX (`"pass\u0077ord"` is "password" to any JSON reader), Python's and YAML's \xXX,
+// \UXXXXXXXX and \ooo, a backslash before any other character (`\/`), and XML's &#NNN; and
+// &#xXX; (`key="pass&#119;ord"`). A character beyond ASCII is read as '?'.
 std::string decoded_lower(std::string_view key) {
   const auto hex = [](char c) -> int {
     if (c >= '0' && c <= '9') return c - '0';
     c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
     return c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
   };
+  // The number in `digits` hexadecimal (or octal) digits at `at`, if all are; it moves `at` past.
+  const auto number = [&](std::size_t& at, std::size_t digits, int base) -> std::optional<long> {
+    if (at + digits > key.size()) return std::nullopt;
+    long value = 0;
+    for (std::size_t i = 0; i < digits; ++i) {
+      const int digit = hex(key[at + i]);
+      if (digit < 0 || digit >= base) return std::nullopt;
+      value = value * base + digit;
+    }
+    at += digits;
+    return value;
+  };
+  const auto ascii = [](long value) {
+    return value > 0 && value < 0x80 ? static_cast<char>(value) : '?';
+  };
   std::string decoded;
   for (std::size_t i = 0; i < key.size(); ++i) {
     char c = key[i];
-    if (c == '%' && i + 2 < key.size() && hex(key[i + 1]) >= 0 && hex(key[i + 2]) >= 0) {
-      c = static_cast<char>(hex(key[i + 1]) * 16 + hex(key[i + 2]));
-      i += 2;
+    std::size_t next = i + 1;
+    if (c == '%') {
+      if (const auto value = number(next, 2, 16)) c = static_cast<char>(*value);
+    } else if (c == '\\' && next < key.size()) {
+      const char kind = key[next++];
+      std::optional<long> value;
+      if (kind == 'u') value = number(next, 4, 16);
+      if (kind == 'U') value = number(next, 8, 16);
+      if (kind == 'x') value = number(next, 2, 16);
+      if (kind >= '0' && kind <= '7') {
+        --next;
+        for (std::size_t digits = 3; digits > 0 && !value; --digits)
+          value = number(next, digits, 8);
+      }
+      c = value ? ascii(*value) : kind;
+      if (!value && (kind == 'u' || kind == 'U' || kind == 'x')) next = i + 2;
+    } else if (c == '&' && next < key.size() && key[next] == '#') {
+      const bool hexadecimal =
+          next + 1 < key.size() && (key[next + 1] == 'x' || key[next + 1] == 'X');
+      std::size_t digits_end = next + (hexadecimal ? 2 : 1);
+      std::size_t end = digits_end;
+      while (end < key.size() && hex(key[end]) >= 0 && (hexadecimal || key[end] <= '9')) ++end;
+      if (end > digits_end && end - digits_end <= 8 && end < key.size() && key[end] == ';') {
+        c = ascii(*number(digits_end, end - digits_end, hexadecimal ? 16 : 10));
+        next = end + 1;
+      }
     }
     decoded += static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    i = next - 1;
   }
   return decoded;
 }
@@ -392,7 +436,68 @@ Ranges sql_password_ranges(std::string_view text) {
     while (constant < text.size() && is_blank(text[constant])) ++constant;
     if (constant == end) continue;
     const std::size_t constant_end = end_of_sql_string(text, constant);
-    if (constant_end != constant) ranges.emplace_back(constant, constant_end);
+    if (constant_end == constant) continue;
+    ranges.emplace_back(constant, constant_end);
+    at = constant_end - 1;  // (what is in the constant is hidden: not read again)
+  }
+  return ranges;
+}
+
+// A password in an XML element's attributes beside a key that names it: the `value` attribute of
+// .NET's `<add key="password" value="s3cret"/>` and of Spring's `<property name="db.password"
+// value="s3cret"/>` (the value with its quotes; in any order, any case), else the element's text,
+// up to the next '<', as in Java's `<entry key="password">s3cret</entry>`. The key's entities are
+// decoded (`pass&#119;ord`). Each tag is read once, from its '<' on.
+Ranges xml_key_value_ranges(std::string_view text) {
+  Ranges ranges;
+  const auto lowered = [](std::string_view name) {
+    std::string lower(name);
+    std::transform(lower.begin(), lower.end(), lower.begin(),
+                   [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+    return lower;
+  };
+  const auto is_name_char = [](char c) { return (is_key_char(c) && c != '\\') || c == ':'; };
+  const auto skip_blanks = [&](std::size_t at) {
+    while (at < text.size() && is_blank(text[at])) ++at;
+    return at;
+  };
+  std::size_t at = text.find('<');
+  while (at < text.size()) {
+    // (The tag's name, then its attributes: name, '=', a quoted value.)
+    at = skip_blanks(at + 1);
+    while (at < text.size() && is_name_char(text[at])) ++at;
+    bool names_a_password_key = false;
+    std::optional<std::pair<std::size_t, std::size_t>> value;
+    for (;;) {
+      at = skip_blanks(at);
+      const std::size_t name_start = at;
+      while (at < text.size() && is_name_char(text[at])) ++at;
+      if (at == name_start) break;
+      const std::string name = lowered(text.substr(name_start, at - name_start));
+      at = skip_blanks(at);
+      if (at >= text.size() || text[at] != '=') break;
+      at = skip_blanks(at + 1);
+      if (at >= text.size() || !is_quote(text[at])) break;
+      const std::size_t close = text.find(text[at], at + 1);
+      if (close == std::string_view::npos) {
+        at = text.size();
+        break;
+      }
+      if ((name == "key" || name == "name") &&
+          names_a_password(decoded_lower(text.substr(at + 1, close - at - 1)))) {
+        names_a_password_key = true;
+      }
+      if (name == "value") value.emplace(at, close + 1);
+      at = close + 1;
+    }
+    if (names_a_password_key) {
+      if (value) {
+        ranges.push_back(*value);
+      } else if (at < text.size() && text[at] == '>') {
+        ranges.emplace_back(at + 1, std::min(text.find('<', at + 1), text.size()));
+      }
+    }
+    at = std::min(text.find('<', at), text.size());
   }
   return ranges;
 }
@@ -405,9 +510,18 @@ Ranges sql_password_ranges(std::string_view text) {
 // next '&'. Also the password of each URL's credentials (`scheme://user:password@host`; as for
 // libpq, only a '/' ends them before the '@', so a '?', a '#', a blank or a quote may be part of
 // the password), and of credentials without a scheme (`app:s3cret@db`). And a password in SQL
-// (sql_password_ranges()), and in XML (`<password>s3cret</password>`).
+// (sql_password_ranges()), and in XML (`<password>s3cret</password>`, xml_key_value_ranges()).
 Ranges password_ranges(std::string_view text) {
+  constexpr std::size_t npos = std::string_view::npos;
   Ranges ranges;
+  // Each scan below remembers what it has seen (the last '?', the end of the value or word it
+  // read last) instead of looking back to the start, or on to the end, at each candidate: the
+  // time stays linear in `text` (a long argument full of '=', '@' or "://" took seconds).
+  const std::size_t first_scheme = text.find("://");
+  std::size_t last_query = npos;  // the last '?' up to `scanned`
+  std::size_t scanned = 0;
+  std::size_t next_ampersand = 0;  // the first '&' at or after the last value read in a query
+  std::size_t last_value_end = 0;  // where the last unquoted value ended
   for (std::size_t separator = 0; separator < text.size(); ++separator) {
     const char kind = text[separator];
     if (kind != '=' && kind != ':' && kind != ',') continue;
@@ -431,54 +545,75 @@ Ranges password_ranges(std::string_view text) {
     std::size_t value = separator + 1;
     if (kind == '=' && value < text.size() && text[value] == '>') ++value;  // (`password => ...`)
     while (value < text.size() && is_blank(text[value])) ++value;
-    const std::size_t query = text.rfind('?', value);
+    // (`value` only grows from one separator to the next: what lies between is a '>' or blanks.)
+    for (; scanned <= value && scanned < text.size(); ++scanned) {
+      if (text[scanned] == '?') last_query = scanned;
+    }
     const bool in_url_query =
-        query != std::string_view::npos && text.rfind("://", query) != std::string_view::npos;
+        last_query != npos && first_scheme != npos && first_scheme < last_query;
     std::size_t end = value;
     if (in_url_query) {
       // (In a URL's query only the next '&' ends it: libpq takes a blank or a quote as part of
       // it.)
-      end = std::min(text.find('&', value), text.size());
+      if (next_ampersand < value) next_ampersand = std::min(text.find('&', value), text.size());
+      end = next_ampersand;
     } else if (value < text.size() && is_quote(text[value])) {
       end = end_of_quoted(text, value);
+    } else if (value < last_value_end) {
+      // (Within the value read last, whose reading passed `value` itself (a separator, a '>' or
+      // a blank is before it, and a backslash can only have skipped the separator): it ends
+      // where that one did.)
+      end = last_value_end;
     } else {
       // (libpq's backslash escapes: `password=s3c\ ret` is "s3c ret".)
       while (end < text.size() && !is_blank(text[end])) end += text[end] == '\\' ? 2 : 1;
       end = std::min(end, text.size());
+      last_value_end = end;
     }
     ranges.emplace_back(value, end);
   }
-  for (std::size_t scheme = text.find("://"); scheme != std::string_view::npos;
-       scheme = text.find("://", scheme + 3)) {
+  // (The word the last scheme's credentials were looked for in: its end and its last '@'.)
+  std::size_t word_end = 0;
+  std::size_t word_last_at = npos;
+  for (std::size_t scheme = first_scheme; scheme != npos; scheme = text.find("://", scheme + 3)) {
     const std::size_t start = scheme + 3;
-    // (Only a '/' ends them: a blank or a quote before the '@' is part of the password.)
-    const std::size_t authority_end = text.find('/', start);
-    std::size_t at_sign = text.rfind(
-        '@', authority_end == std::string_view::npos ? std::string_view::npos : authority_end - 1);
+    // (Only a '/' ends them: a blank or a quote before the '@' is part of the password. The
+    // next "://" has a '/': the searches up to the '/' cover the text once in all.)
+    const std::size_t authority_end = std::min(text.find('/', start), text.size());
+    std::size_t at_sign = text.substr(start, authority_end - start).rfind('@');
+    if (at_sign != npos) at_sign += start;
     // A '/' in the password (unencoded: libpq reads the rest as the database name) moves the '@'
     // after it: up to the last '@' of the word then.
-    if (at_sign == std::string_view::npos || at_sign < start) {
-      std::size_t word_end = start;
-      while (word_end < text.size() && !is_blank(text[word_end])) ++word_end;
-      at_sign = word_end > start ? text.rfind('@', word_end - 1) : std::string_view::npos;
-      if (at_sign == std::string_view::npos || at_sign < start) continue;
+    if (at_sign == npos) {
+      if (start >= word_end) {
+        word_end = start;
+        while (word_end < text.size() && !is_blank(text[word_end])) ++word_end;
+        word_last_at = text.substr(start, word_end - start).rfind('@');
+        if (word_last_at != npos) word_last_at += start;
+      }
+      if (word_last_at == npos || word_last_at < start) continue;
+      at_sign = word_last_at;
     }
-    const std::size_t colon = text.find(':', start);
-    if (colon == std::string_view::npos || colon > at_sign) continue;
-    ranges.emplace_back(colon + 1, at_sign);
+    const std::size_t colon = text.substr(start, at_sign - start).find(':');
+    if (colon == npos) continue;
+    ranges.emplace_back(start + colon + 1, at_sign);
   }
   // Credentials without a scheme, user:password@host (a Go MySQL DSN `app:s3cret@tcp(db)/x`, a
   // URL with its scheme left out): from the word's first ':' to the '@' (not `user@host:path`).
-  for (std::size_t at_sign = text.find('@'); at_sign != std::string_view::npos;
-       at_sign = text.find('@', at_sign + 1)) {
-    std::size_t word_start = at_sign;
-    while (word_start > 0 && !is_blank(text[word_start - 1]) && !is_quote(text[word_start - 1])) {
-      --word_start;
+  // (A word ends at a blank or a quote; its first ':' and first "://" are remembered.)
+  std::size_t word_colon = npos;
+  std::size_t word_scheme = npos;
+  for (std::size_t at = 0; at < text.size(); ++at) {
+    const char c = text[at];
+    if (is_blank(c) || is_quote(c)) {
+      word_colon = npos;
+      word_scheme = npos;
+    } else if (c == ':') {
+      if (word_colon == npos) word_colon = at;
+      if (word_scheme == npos && text.compare(at, 3, "://") == 0) word_scheme = at;
+    } else if (c == '@' && word_colon != npos && (word_scheme == npos || word_scheme + 3 > at)) {
+      ranges.emplace_back(word_colon + 1, at);
     }
-    const std::string_view before = text.substr(word_start, at_sign - word_start);
-    const std::size_t colon = before.find(':');
-    if (colon == std::string_view::npos || before.find("://") != std::string_view::npos) continue;
-    ranges.emplace_back(word_start + colon + 1, at_sign);
   }
   // XML's <password>s3cret</password>: up to the next '<'.
   for (std::size_t close = text.find('>'); close != std::string_view::npos;
@@ -491,6 +626,8 @@ Ranges password_ranges(std::string_view text) {
   }
   const Ranges sql = sql_password_ranges(text);
   ranges.insert(ranges.end(), sql.begin(), sql.end());
+  const Ranges xml = xml_key_value_ranges(text);
+  ranges.insert(ranges.end(), xml.begin(), xml.end());
   return ranges;
 }
 
@@ -514,13 +651,39 @@ std::string hide(std::string_view text, Ranges ranges) {
   return shown;
 }
 
-// Whether `word` is an option that names a password and takes it as the next argument:
-// `--password s3cret`, `-password`, `--db-password`, `--passwd`, and an abbreviation that
-// getopt_long would take for --password, down to `--pass` (any case; not `--password=...`, whose
-// value password_ranges() hides). `--passfile` and shorter abbreviations (`--pa`: --path?)
-// name no password.
-bool takes_a_password_next(std::string_view word) {
+// Whether `option` (lower case, its dashes included) of `program` names a secret by a name that
+// names one only as an option: `--pw` or `-pw` (`--db-pw`), `--token` or `-token` (`--api-token`,
+// `--auth-token`), `--auth` (not initdb's: a method, `--auth=trust`).
+bool option_names_a_secret(std::string_view option, std::string_view program) {
+  const std::size_t dashes = std::min(option.find_first_not_of('-'), option.size());
+  if (dashes == 0 || dashes > 2) return false;
+  const std::string_view name = option.substr(dashes);
+  for (const std::string_view secret : {std::string_view("pw"), std::string_view("token")}) {
+    if (name == secret) return true;
+    if (name.size() > secret.size() && name.ends_with(secret) &&
+        (name[name.size() - secret.size() - 1] == '-' ||
+         name[name.size() - secret.size() - 1] == '_')) {
+      return true;
+    }
+  }
+  return option == "--auth" && program != "initdb";
+}
+
+// The options of `program` whose next argument is a secret though their names do not say so:
+// openssl's `-k s3cret` (enc's password) and `-K` (its key, in hexadecimal).
+bool takes_a_secret_next(std::string_view option, std::string_view program) {
+  return program == "openssl" && (option == "-k" || option == "-K");
+}
+
+// Whether `word` is an option of `program` that names a password and takes it as the next
+// argument: `--password s3cret`, `-password`, `--db-password`, `--passwd`, and an abbreviation
+// that getopt_long would take for --password, down to `--pass` (any case; not `--password=...`,
+// whose value password_ranges() hides); `--pw`, `--token`, `--auth` (option_names_a_secret()),
+// and openssl's -k and -K. `--passfile` and shorter abbreviations (`--pa`: --path?) name no
+// password.
+bool takes_a_password_next(std::string_view word, std::string_view program) {
   if (!word.starts_with('-') || word.find('=') != std::string_view::npos) return false;
+  if (takes_a_secret_next(word, program)) return true;
   std::string lowered(word);
   std::transform(lowered.begin(), lowered.end(), lowered.begin(),
                  [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
@@ -530,7 +693,7 @@ bool takes_a_password_next(std::string_view word) {
       lowered.compare(name, 3, "no_") == 0) {
     return false;
   }
-  return names_a_password(lowered);
+  return names_a_password(lowered) || option_names_a_secret(lowered, program);
 }
 
 std::string_view file_name(std::string_view program) {
@@ -570,6 +733,12 @@ std::optional<ShortPasswordOption> short_password_option(std::string_view progra
       "mongoimport", "mongostat", "mongotop",  "mongofiles"};
   static constexpr std::array<std::string_view, 3> redis_tools = {"redis-cli", "valkey-cli",
                                                                   "keydb-cli"};
+  static constexpr std::array<std::string_view, 3> sql_server_tools = {"sqlcmd", "bcp", "osql"};
+  static constexpr std::array<std::string_view, 3> mosquitto_tools = {
+      "mosquitto_pub", "mosquitto_sub", "mosquitto_rr"};
+  static constexpr std::array<std::string_view, 9> ldap_tools = {
+      "ldapsearch",  "ldapadd",    "ldapmodify", "ldapdelete", "ldapmodrdn",
+      "ldapcompare", "ldapwhoami", "ldappasswd", "ldapexop"};
   const auto among = [&](const auto& names) {
     return std::find(names.begin(), names.end(), program) != names.end();
   };
@@ -579,10 +748,57 @@ std::optional<ShortPasswordOption> short_password_option(std::string_view progra
   if (program == "sshpass") return ShortPasswordOption{'p', true, "fdP"};
   if (among(redis_tools)) return ShortPasswordOption{'a', true, "hpsurindD"};
   if (among(mongo_tools)) return ShortPasswordOption{'p', true, "uhd"};
+  // (-P: SQL Server's tools, mosquitto's clients, ipmitool; -w: the LDAP tools. mysql's -P is a
+  // port.)
+  if (among(sql_server_tools)) return ShortPasswordOption{'P', true, "SUHdltshwaioqQcvfYyKMFeLbr"};
+  if (among(mosquitto_tools)) return ShortPasswordOption{'P', true, "hpuitmfqAkLMIVDTeCWRNo"};
+  if (program == "ipmitool") return ShortPasswordOption{'P', true, "IHUpLfoOtbBmTeCNRzlkKyY"};
+  if (among(ldap_tools)) return ShortPasswordOption{'w', true, "bDHhpfysSlzaeEoORUXYTPcA"};
   if (password_flag_takes_no_value(program)) {
     return ShortPasswordOption{'W', false, "cdfhLoPpRTUvFjnNtSEZ"};
   }
   return std::nullopt;
+}
+
+// A program's options that take credentials, `user` then a separator then the password: curl's
+// `-u user:password`, Samba's `-U user%password`.
+struct CredentialsOption {
+  std::span<const std::string_view> options;
+  char separator = ':';
+};
+
+std::optional<CredentialsOption> credentials_option(std::string_view program) {
+  static constexpr std::array<std::string_view, 4> curl = {"-u", "--user", "-U", "--proxy-user"};
+  static constexpr std::array<std::string_view, 2> samba = {"-U", "--user"};
+  static constexpr std::array<std::string_view, 8> samba_tools = {
+      "smbclient", "rpcclient", "smbcacls", "smbcquotas", "smbtree", "smbget", "smbspool", "net"};
+  if (program == "curl") return CredentialsOption{curl, ':'};
+  if (std::find(samba_tools.begin(), samba_tools.end(), program) != samba_tools.end()) {
+    return CredentialsOption{samba, '%'};
+  }
+  return std::nullopt;
+}
+
+// Whether the command `words` runs htpasswd (its file name is `program`, at `words[first]`) with
+// -b, which takes the password as the last argument (`htpasswd -b file user s3cret`, `htpasswd
+// -nb user s3cret`); then where that argument is. Options come first, as htpasswd reads them,
+// one letter each or together (`-bcB`); -C and -r take a value (in the same word or the next).
+std::optional<std::size_t> htpasswd_password(const std::vector<std::string>& words,
+                                             std::size_t first) {
+  bool batch = false;
+  std::size_t at = first + 1;
+  for (; at < words.size() && words[at].size() > 1 && words[at][0] == '-'; ++at) {
+    const std::string& word = words[at];
+    for (std::size_t letter = 1; letter < word.size(); ++letter) {
+      if (word[letter] == 'b') batch = true;
+      if (word[letter] == 'C' || word[letter] == 'r') {
+        if (letter + 1 == word.size()) ++at;  // (its value is the next word)
+        break;
+      }
+    }
+  }
+  if (!batch || at >= words.size()) return std::nullopt;
+  return words.size() - 1;
 }
 
 // How the log shows one word of a command: as it is (but what secret_ranges() finds), as "***", or
@@ -615,20 +831,30 @@ std::vector<Shown> password_words(const std::vector<std::string>& words, bool sh
   static constexpr std::array<std::string_view, 9> wrappers = {
       "env", "exec", "command", "nohup", "sudo", "nice", "setsid", "time", "xargs"};
   std::string_view program;
-  for (const auto& word : words) {
-    const std::string_view name = file_name(word);
-    if (short_password_option(name) || password_flag_takes_no_value(name)) {
+  std::size_t program_at = 0;
+  for (std::size_t i = 0; i < words.size(); ++i) {
+    const std::string_view name = file_name(words[i]);
+    if (short_password_option(name) || password_flag_takes_no_value(name) ||
+        credentials_option(name) || name == "htpasswd" || name == "openssl" || name == "initdb") {
       program = name;
+      program_at = i;
       break;
     }
+    const std::string& word = words[i];
     if (program.empty() && !is_assignment(word) && !word.starts_with('-') &&
         std::find(wrappers.begin(), wrappers.end(), name) == wrappers.end()) {
       program = name;  // (unless a known one comes later)
+      program_at = i;
     }
   }
   const bool libpq_tool = password_flag_takes_no_value(program);
   const auto short_option = short_password_option(program);
+  const auto credentials_options = credentials_option(program);
   std::vector<Shown> shown(words.size());
+  if (program == "htpasswd") {
+    if (const auto password = htpasswd_password(words, program_at))
+      shown[*password].kind = Shown::hidden;
+  }
   bool secret_next = false;
   bool option_may_follow = false;     // the word before was a value-less password flag
   bool credentials_next = false;      // the word before was curl's -u: user:password
@@ -652,12 +878,13 @@ std::vector<Shown> password_words(const std::vector<std::string>& words, bool sh
     option_may_follow = false;
     credentials_next = false;
     if (credentials) {
-      if (const std::size_t colon = word.find(':'); colon != std::string::npos) {
-        shown[i] = {Shown::hidden_after, colon + 1};
+      if (const std::size_t separator = word.find(credentials_options->separator);
+          separator != std::string::npos) {
+        shown[i] = {Shown::hidden_after, separator + 1};
         continue;
       }
     }
-    if (takes_a_password_next(word)) {
+    if (takes_a_password_next(word, program)) {
       secret_next = true;
       const std::string_view name(word);
       // (getopt_long takes `--passw` for --password: value-less too.)
@@ -679,7 +906,7 @@ std::vector<Shown> password_words(const std::vector<std::string>& words, bool sh
           (word.starts_with("password=") || word.starts_with("sslpassword=") ||
            (i > 0 && words[i - 1] == "-c"));
       if (!read_as_text && std::all_of(key.begin(), key.end(), is_key_char) &&
-          names_a_password(key)) {
+          (names_a_password(key) || option_names_a_secret(key, program))) {
         shown[i] = {Shown::hidden_after, equals + 1};
         // (`--password= s3cret`: an empty value, and the password given as the next word.)
         secret_next = equals + 1 == word.size();
@@ -693,17 +920,19 @@ std::vector<Shown> password_words(const std::vector<std::string>& words, bool sh
       password_word_before = true;
       continue;
     }
-    if (program == "curl") {
-      // curl's credentials, `-u user:password` (without the password it asks for one).
-      for (const std::string_view option : {"-u", "--user", "-U", "--proxy-user"}) {
+    if (credentials_options) {
+      // curl's and Samba's credentials, `-u user:password`, `-U user%password` (without the
+      // password they ask for one).
+      for (const std::string_view option : credentials_options->options) {
         if (word == option) {
           credentials_next = true;
           break;
         }
         if (word.starts_with(option) && word.size() > option.size() &&
             (option.size() == 2 || word[option.size()] == '=')) {
-          if (const std::size_t colon = word.find(':'); colon != std::string::npos) {
-            shown[i] = {Shown::hidden_after, colon + 1};
+          if (const std::size_t separator = word.find(credentials_options->separator);
+              separator != std::string::npos) {
+            shown[i] = {Shown::hidden_after, separator + 1};
           }
           break;
         }
@@ -893,6 +1122,10 @@ void validate(ChildProcessOptions& options) {
 
 }  // namespace
 
+std::string detail::logged_command_line(const std::vector<std::string>& argv) {
+  return join(argv);
+}
+
 // --- public helpers ----------------------------------------------------------------------------
 
 std::string ChildExit::describe() const {
@@ -998,7 +1231,8 @@ struct ChildProcess::Impl {
         spdlog::debug("child {}: no pidfd to watch; polling pid {} every {} ms", options.name, pid,
                       poll_interval.count());
       }
-      spdlog::info("child {}: started pid {}: {}", options.name, pid, join(options.argv));
+      spdlog::info("child {}: started pid {}: {}", options.name, pid,
+                   detail::logged_command_line(options.argv));
       events.started(pid);
     } catch (...) {
       // Nobody would watch it: it goes, and is reaped, before the failure is reported.

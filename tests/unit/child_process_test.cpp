@@ -31,6 +31,7 @@
 #include <unistd.h>
 #include <vector>
 
+#include "command_line_log.hpp"
 #include "pgrt/lifecycle.hpp"
 #include "pgrt/testing/run_coroutine.hpp"
 
@@ -47,6 +48,7 @@ using boost::signals2::scoped_connection;
 using std::chrono::milliseconds;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
+using ::testing::Not;
 
 constexpr const char* helper_env = "PGRT_CHILD_PROCESS_HELPER_PID_FILE";
 
@@ -545,6 +547,185 @@ TEST(ChildProcessTest, TheLoggedCommandLineHidesAPasswordAfterTheWordPasswordOrI
                                    "password *** echo 'password\t***' > f password = *** ALTER "
                                    "ROLE e PASSWORD NULL host=db password = ***"))
       << text;
+}
+
+// A JSON (or Python, YAML) key may spell its name with escapes: `{"pass\u0077ord": "s3cret"}` is
+// the key "password" to any JSON reader. The log read the key as "u0077ord" and showed the value.
+TEST(ChildProcessTest, TheLoggedCommandLineHidesAPasswordUnderAnEscapedKey) {
+  const std::string text =
+      logged_start({R"({"pass\u0077ord": "s3cret-u"})",
+                    R"({"\u0070\u0061\u0073\u0073\u0077\u006F\u0072\u0064":"s3cret-all","db":"x"})",
+                    R"({"client_s\u0065cret": "s3cret-cs", "user": "app"})",
+                    R"({"db_pa\u0073\u0073wd": 12345678})", R"({'pass\x77ord': 's3cret-x'})",
+                    R"({"user": "app\u0077", "note": "a\\b"})"});
+  EXPECT_THAT(text, HasSubstr("child secretive: started pid"));
+  EXPECT_THAT(text, Not(HasSubstr("s3c"))) << text;
+  EXPECT_THAT(text, Not(HasSubstr("12345678"))) << text;
+  EXPECT_THAT(text,
+              HasSubstr(R"({"pass\u0077ord": ***} )"
+                        R"({"\u0070\u0061\u0073\u0073\u0077\u006F\u0072\u0064":***,"db":"x"} )"
+                        R"({"client_s\u0065cret": ***, "user": "app"} )"
+                        R"({"db_pa\u0073\u0073wd": *** {'pass\x77ord': ***} )"
+                        R"({"user": "app\u0077", "note": "a\\b"})"))
+      << text;
+}
+
+// .NET's and Java's configuration give a password as an element's value beside a key that names
+// it: `<add key="password" value="s3cret"/>`, `<property name="db.password" value="s3cret"/>`,
+// `<entry key="password">s3cret</entry>`. The log showed them (it knew only
+// `<password>s3cret</password>`). Another key's value stays shown.
+TEST(ChildProcessTest, TheLoggedCommandLineHidesAPasswordInAnXmlKeyAndValue) {
+  const std::string text = logged_start(
+      {R"(<appSettings><add key="password" value="s3cret-add"/><add key="user" value="app"/></appSettings>)",
+       R"(<property name="db.password" value='s3cret-spring' />)",
+       R"(<add value="s3cret-before" key="DbPassword"/>)",
+       R"(<entry key="password">s3cret-entry</entry><entry key="user">app</entry>)",
+       R"(<add key="pass&#119;ord" value="s3cret-entity"/>)",
+       R"(<add Key = "ClientSecret" Value = "s3cret-spaced"/>)"});
+  EXPECT_THAT(text, HasSubstr("child secretive: started pid"));
+  EXPECT_THAT(text, Not(HasSubstr("s3c"))) << text;
+  EXPECT_THAT(text, HasSubstr(R"(<appSettings><add key="password" value=***/>)"
+                              R"(<add key="user" value="app"/></appSettings> )"
+                              R"(<property name="db.password" value=*** /> )"
+                              R"(<add value=*** key="DbPassword"/> )"
+                              R"(<entry key="password">***</entry><entry key="user">app</entry> )"
+                              R"(<add key="pass&#119;ord" value=***/> )"
+                              R"(<add Key = "ClientSecret" Value = ***/>)"))
+      << text;
+}
+
+// Samba's tools take `-U user%password`, and htpasswd with -b takes the password as its last
+// argument (`htpasswd -b file user s3cret`): the log showed both. htpasswd without -b prompts
+// for the password: its arguments stay shown, and so does a '%' after another option.
+TEST(ChildProcessTest, TheLoggedCommandLineHidesSambaAndHtpasswdPasswords) {
+  const auto directory =
+      std::filesystem::temp_directory_path() / ("pgrt-child-smb-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(directory);
+  for (const char* tool : {"smbclient", "rpcclient", "htpasswd"}) {
+    std::filesystem::remove(directory / tool);
+    std::filesystem::create_symlink("/bin/true", directory / tool);
+  }
+  const std::string smbclient =
+      logged_run({(directory / "smbclient").string(), "//srv/share", "-U", "user%s3cret-next",
+                  "-Uuser%s3cret-attached", "--user=DOM\\user%s3cret-eq", "--user",
+                  "app%s3cret-long", "-W", "dom", "-D", "50%"});
+  const std::string rpcclient =
+      logged_run({(directory / "rpcclient").string(), "-U", "admin%s3cret-rpc", "srv"});
+  const std::string htpasswd = logged_run(
+      {(directory / "htpasswd").string(), "-b", "/etc/nginx/htpasswd", "app", "s3cret-b"});
+  const std::string combined =
+      logged_run({(directory / "htpasswd").string(), "-nbB", "-C", "10", "app", "-s3cret-dash"});
+  const std::string prompting =
+      logged_run({(directory / "htpasswd").string(), "-c", "/etc/nginx/htpasswd", "app"});
+  const std::string script = logged_run(
+      {"/bin/sh", "-c",
+       "exit 0; htpasswd -bc f app s3cret-script; smbclient -U app%s3cret-smb //s/x; echo 50%"});
+  std::filesystem::remove_all(directory);
+  for (const std::string* text : {&smbclient, &rpcclient, &htpasswd, &combined, &script}) {
+    EXPECT_THAT(*text, HasSubstr("child secretive: started pid"));
+    EXPECT_THAT(*text, Not(HasSubstr("s3c"))) << *text;
+  }
+  EXPECT_THAT(smbclient, HasSubstr("smbclient //srv/share -U user%*** -Uuser%*** "
+                                   "--user=DOM\\user%*** --user app%*** -W dom -D 50%"))
+      << smbclient;
+  EXPECT_THAT(rpcclient, HasSubstr("rpcclient -U admin%*** srv")) << rpcclient;
+  EXPECT_THAT(htpasswd, HasSubstr("htpasswd -b /etc/nginx/htpasswd app ***")) << htpasswd;
+  EXPECT_THAT(combined, HasSubstr("htpasswd -nbB -C 10 app ***")) << combined;
+  EXPECT_THAT(prompting, HasSubstr("htpasswd -c /etc/nginx/htpasswd app")) << prompting;
+  EXPECT_THAT(script, HasSubstr("htpasswd -bc f app ***; smbclient -U app%*** //s/x; echo 50%"))
+      << script;
+}
+
+// openssl enc takes a password as `-k s3cret` (and -K a key), SQL Server's sqlcmd and bcp,
+// mosquitto's clients and ipmitool as `-P s3cret`, the LDAP tools as `-w s3cret`; many programs
+// take a secret as `--pw`, `--auth` or `--token` (also `--api-token`, and with '='). The log showed
+// all of these. Another program's -P (mysql's is a port), initdb's --auth (a method), and options
+// that only begin or end alike (--tokenizer, --author, --passfile) stay shown.
+TEST(ChildProcessTest, TheLoggedCommandLineHidesOtherToolsAndGenericSecretOptions) {
+  const auto directory =
+      std::filesystem::temp_directory_path() / ("pgrt-child-tools2-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(directory);
+  for (const char* tool :
+       {"openssl", "sqlcmd", "mosquitto_pub", "ipmitool", "ldapsearch", "mysql", "initdb"}) {
+    std::filesystem::remove(directory / tool);
+    std::filesystem::create_symlink("/bin/true", directory / tool);
+  }
+  const auto run = [&](const char* tool, std::vector<std::string> arguments) {
+    arguments.insert(arguments.begin(), (directory / tool).string());
+    return logged_run(std::move(arguments));
+  };
+  const std::string openssl =
+      run("openssl", {"enc", "-aes-256-cbc", "-k", "s3cret-k", "-pass", "pass:s3cret-pass", "-K",
+                      "5a3c7e", "-in", "f", "-kfile", "/run/key"});
+  const std::string sqlcmd = run(
+      "sqlcmd", {"-S", "db", "-U", "sa", "-P", "s3cret-P", "-Ps3cret-attached", "-Q", "SELECT 1"});
+  const std::string mosquitto =
+      run("mosquitto_pub", {"-h", "broker", "-u", "app", "-P", "s3cret-mq", "-t", "t", "-m", "hi"});
+  const std::string ipmitool = run("ipmitool", {"-I", "lanplus", "-H", "bmc", "-U", "admin", "-P",
+                                                "s3cret-ipmi", "chassis", "status"});
+  const std::string ldapsearch =
+      run("ldapsearch", {"-x", "-D", "cn=admin", "-w", "s3cret-ldap", "-b", "dc=x"});
+  const std::string mysql = run("mysql", {"-h", "db", "-P", "3306", "-uapp"});
+  const std::string initdb = run("initdb", {"--auth", "scram-sha-256", "-A", "trust", "--auth=md5",
+                                            "--auth-local=peer", "-D", "/data"});
+  const std::string generic = logged_start(
+      {"--pw", "s3cret-pw", "--pw=s3cret-pw-eq", "--auth", "s3cret-auth", "--token", "s3cret-token",
+       "--token=s3cret-token-eq", "--api-token", "s3cret-api", "--auth-token=s3cret-at",
+       "--tokenizer", "bert", "--author", "me", "-P", "5432", "--passfile", "/run/pgpass"});
+  const std::string script = logged_run(
+      {"/bin/sh", "-c",
+       "exit 0; openssl enc -d -k s3cret-script -in f; tool --token=s3cret-st --pw s3cret-spw"});
+  std::filesystem::remove_all(directory);
+  for (const std::string* text :
+       {&openssl, &sqlcmd, &mosquitto, &ipmitool, &ldapsearch, &generic, &script}) {
+    EXPECT_THAT(*text, HasSubstr("child secretive: started pid"));
+    EXPECT_THAT(*text, Not(HasSubstr("s3c"))) << *text;
+  }
+  EXPECT_THAT(openssl, HasSubstr("openssl enc -aes-256-cbc -k *** -pass *** -K *** -in f "
+                                 "-kfile /run/key"))
+      << openssl;
+  EXPECT_THAT(sqlcmd, HasSubstr("sqlcmd -S db -U sa -P *** -P*** -Q SELECT 1")) << sqlcmd;
+  EXPECT_THAT(mosquitto, HasSubstr("mosquitto_pub -h broker -u app -P *** -t t -m hi"))
+      << mosquitto;
+  EXPECT_THAT(ipmitool, HasSubstr("ipmitool -I lanplus -H bmc -U admin -P *** chassis status"))
+      << ipmitool;
+  EXPECT_THAT(ldapsearch, HasSubstr("ldapsearch -x -D cn=admin -w *** -b dc=x")) << ldapsearch;
+  EXPECT_THAT(mysql, HasSubstr("mysql -h db -P 3306 -uapp")) << mysql;
+  EXPECT_THAT(initdb, HasSubstr("initdb --auth scram-sha-256 -A trust --auth=md5 "
+                                "--auth-local=peer -D /data"))
+      << initdb;
+  EXPECT_THAT(generic, HasSubstr("--pw *** --pw=*** --auth *** --token *** --token=*** "
+                                 "--api-token *** --auth-token=*** --tokenizer bert --author me "
+                                 "-P 5432 --passfile /run/pgpass"))
+      << generic;
+  EXPECT_THAT(script, HasSubstr("openssl enc -d -k *** -in f; tool --token=*** --pw ***"))
+      << script;
+}
+
+// The log hides passwords at each start, on the io thread, in time linear in the command line: on
+// a long argument full of '@' or "x://" (each a possible end or start of credentials) it looked
+// back to the word's start, or on to its end, at each one, and a 128 KB argument (the most the
+// kernel takes in one) held the io thread for seconds. Each of these 1 MB arguments (a script may
+// build one; the log is built the same way from every argument) now takes well under a second, a
+// debug build included.
+TEST(ChildProcessRedaction, ALongArgumentIsRedactedInLinearTime) {
+  constexpr std::size_t size = 1 << 20;
+  const auto repeated = [](std::string_view unit, std::string_view tail = {}) {
+    std::string text;
+    while (text.size() + unit.size() <= size) text += unit;
+    return text += tail;
+  };
+  for (const std::string& argument : {repeated("@"), repeated("x://"), repeated("x://", "@h"),
+                                      repeated("password="), repeated("<")}) {
+    const auto started = Clock::now();
+    const std::string logged = detail::logged_command_line({"/usr/bin/tool", argument});
+    const auto took = std::chrono::duration_cast<milliseconds>(Clock::now() - started);
+    EXPECT_LT(took, 1000ms) << argument.substr(0, 16) << "...: " << took.count() << " ms";
+    EXPECT_THAT(logged, ::testing::StartsWith("/usr/bin/tool "));
+  }
+  // (Nothing hidden where there is nothing to hide.)
+  EXPECT_EQ(detail::logged_command_line({"tool", repeated("@")}), "tool " + repeated("@"));
+  EXPECT_EQ(detail::logged_command_line({"tool", repeated("x://")}), "tool " + repeated("x://"));
 }
 
 TEST(ChildProcessTest, DeathBySignalIsReported) {

@@ -81,9 +81,14 @@ struct ChildProcessOptions {
   /// after the value-less `--password` or `-W` of psql, pg_dump and libpq's other client programs,
   /// which make them prompt for one), and the password option of mysql's and MariaDB's tools,
   /// sshpass and the mongo tools (`-p`) and redis-cli (`-a`), as `-ps3cret` or `-p s3cret`,
-  /// openssl's `-passin pass:s3cret`, and curl's `-u user:s3cret`; all of it within a `sh -c`
-  /// script too. Any other program's `-p` is shown: psql's, pg_dump's, ssh's is a port. Still,
-  /// prefer passing secrets in the environment: any user on the host can read a process's arguments
+  /// openssl's `-passin pass:s3cret`, `-k` and `-K`, the `-P` of sqlcmd, bcp, mosquitto's clients
+  /// and ipmitool, the LDAP tools' `-w`, curl's `-u user:s3cret`, Samba's `-U user%s3cret` and
+  /// htpasswd's last argument after `-b`; `--pw`, `--token` (`--api-token`) and `--auth` (not
+  /// initdb's); a key spelled with escapes (JSON's `"pass\u0077ord"`, XML's `&#119;`); XML's
+  /// `<add key="password" value="s3cret"/>` and `<entry key="password">s3cret</entry>`; all of it
+  /// within a `sh -c` script too, in time linear in the command line's length. Any other program's
+  /// `-p` is shown: psql's, pg_dump's, ssh's is a port. Still, prefer passing secrets in the
+  /// environment: any user on the host can read a process's arguments
   /// (/proc/PID/cmdline).
   std::vector<std::string> argv;
   /// Variables set in the child's environment, on top of the parent's when inherit_environment
