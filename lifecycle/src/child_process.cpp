@@ -670,9 +670,11 @@ bool option_names_a_secret(std::string_view option, std::string_view program) {
 }
 
 // The options of `program` whose next argument is a secret though their names do not say so:
-// openssl's `-k s3cret` (enc's password) and `-K` (its key, in hexadecimal).
+// openssl's `-k s3cret` (enc's password) and `-K` (its key, in hexadecimal), ldappasswd's `-s`
+// (the new password) and `-a` (the old one).
 bool takes_a_secret_next(std::string_view option, std::string_view program) {
-  return program == "openssl" && (option == "-k" || option == "-K");
+  return (program == "openssl" && (option == "-k" || option == "-K")) ||
+         (program == "ldappasswd" && (option == "-s" || option == "-a"));
 }
 
 // Whether `word` is an option of `program` that names a password and takes it as the next
@@ -770,8 +772,10 @@ struct CredentialsOption {
 std::optional<CredentialsOption> credentials_option(std::string_view program) {
   static constexpr std::array<std::string_view, 4> curl = {"-u", "--user", "-U", "--proxy-user"};
   static constexpr std::array<std::string_view, 2> samba = {"-U", "--user"};
-  static constexpr std::array<std::string_view, 8> samba_tools = {
-      "smbclient", "rpcclient", "smbcacls", "smbcquotas", "smbtree", "smbget", "smbspool", "net"};
+  // (Not Samba's `net`: too common a word, a docker network's or a path's, to take for the
+  // program.)
+  static constexpr std::array<std::string_view, 7> samba_tools = {
+      "smbclient", "rpcclient", "smbcacls", "smbcquotas", "smbtree", "smbget", "smbspool"};
   if (program == "curl") return CredentialsOption{curl, ':'};
   if (std::find(samba_tools.begin(), samba_tools.end(), program) != samba_tools.end()) {
     return CredentialsOption{samba, '%'};
@@ -780,17 +784,21 @@ std::optional<CredentialsOption> credentials_option(std::string_view program) {
 }
 
 // Whether the command `words` runs htpasswd (its file name is `program`, at `words[first]`) with
-// -b, which takes the password as the last argument (`htpasswd -b file user s3cret`, `htpasswd
-// -nb user s3cret`); then where that argument is. Options come first, as htpasswd reads them,
-// one letter each or together (`-bcB`); -C and -r take a value (in the same word or the next).
+// -b, which takes the password as an argument (`htpasswd -b file user s3cret`, `htpasswd -nb user
+// s3cret`); then where that argument is: the third after the options, the second with -n (no
+// file), a shell's redirections left out (`> file`, `2>/dev/null`). Options come first, as htpasswd
+// reads them, one letter each or together (`-bcB`); -C and -r take a value (in the same word or
+// the next). With fewer arguments than that, the last one.
 std::optional<std::size_t> htpasswd_password(const std::vector<std::string>& words,
                                              std::size_t first) {
   bool batch = false;
+  bool no_file = false;
   std::size_t at = first + 1;
   for (; at < words.size() && words[at].size() > 1 && words[at][0] == '-'; ++at) {
     const std::string& word = words[at];
     for (std::size_t letter = 1; letter < word.size(); ++letter) {
       if (word[letter] == 'b') batch = true;
+      if (word[letter] == 'n') no_file = true;
       if (word[letter] == 'C' || word[letter] == 'r') {
         if (letter + 1 == word.size()) ++at;  // (its value is the next word)
         break;
@@ -798,7 +806,19 @@ std::optional<std::size_t> htpasswd_password(const std::vector<std::string>& wor
     }
   }
   if (!batch || at >= words.size()) return std::nullopt;
-  return words.size() - 1;
+  std::vector<std::size_t> arguments;
+  for (; at < words.size(); ++at) {
+    const std::string_view word = words[at];
+    const std::string_view rest =
+        word.substr(std::min(word.find_first_not_of("0123456789"), word.size()));
+    if (rest.starts_with('>') || rest.starts_with('<') || rest.starts_with("&>")) {
+      if (rest.find_first_not_of("<>|&") == std::string_view::npos) ++at;  // (`>`: its file next)
+      continue;
+    }
+    arguments.push_back(at);
+  }
+  const std::size_t wanted = no_file ? 2 : 3;
+  return arguments.size() >= wanted ? arguments[wanted - 1] : words.size() - 1;
 }
 
 // How the log shows one word of a command: as it is (but what secret_ranges() finds), as "***", or
@@ -833,14 +853,19 @@ std::vector<Shown> password_words(const std::vector<std::string>& words, bool sh
   std::string_view program;
   std::size_t program_at = 0;
   for (std::size_t i = 0; i < words.size(); ++i) {
-    const std::string_view name = file_name(words[i]);
-    if (short_password_option(name) || password_flag_takes_no_value(name) ||
-        credentials_option(name) || name == "htpasswd" || name == "openssl" || name == "initdb") {
+    const std::string& word = words[i];
+    const std::string_view name = file_name(word);
+    // (A tool's name in an option or a value with ':' or '=', `-v /sys/class/net:/sys/class/net`,
+    // names no program.)
+    const bool may_name_a_program =
+        !word.starts_with('-') && word.find_first_of(":=") == std::string::npos;
+    if (may_name_a_program &&
+        (short_password_option(name) || password_flag_takes_no_value(name) ||
+         credentials_option(name) || name == "htpasswd" || name == "openssl" || name == "initdb")) {
       program = name;
       program_at = i;
       break;
     }
-    const std::string& word = words[i];
     if (program.empty() && !is_assignment(word) && !word.starts_with('-') &&
         std::find(wrappers.begin(), wrappers.end(), name) == wrappers.end()) {
       program = name;  // (unless a known one comes later)
@@ -887,9 +912,12 @@ std::vector<Shown> password_words(const std::vector<std::string>& words, bool sh
     if (takes_a_password_next(word, program)) {
       secret_next = true;
       const std::string_view name(word);
-      // (getopt_long takes `--passw` for --password: value-less too.)
-      option_may_follow = libpq_tool && name.starts_with("--") && name.size() >= 6 &&
-                          std::string_view("password").starts_with(name.substr(2));
+      // (getopt_long takes `--passw` for --password: value-less too. An option that names a
+      // secret only as an option, `--auth`, `--token`, may be a flag of its program's: `mongod
+      // --auth --bind_ip_all`.)
+      option_may_follow = (libpq_tool && name.starts_with("--") && name.size() >= 6 &&
+                           std::string_view("password").starts_with(name.substr(2))) ||
+                          !names_a_password(lowered);
       continue;
     }
     if (shown[i].kind == Shown::hidden) continue;
