@@ -84,7 +84,8 @@ struct ChildProcessOptions {
   /// openssl's `-passin pass:s3cret`, `-k` and `-K`, the `-P` of sqlcmd, bcp, mosquitto's clients
   /// and ipmitool, the LDAP tools' `-w`, ldappasswd's `-s` and `-a`, curl's `-u user:s3cret`,
   /// Samba's `-U user%s3cret` and htpasswd's password argument after `-b`; `--pw`, `--token`
-  /// (`--api-token`) and `--auth` (not initdb's; an option after them is shown); a key spelled with escapes (JSON's `"pass\u0077ord"`, XML's `&#119;`); XML's
+  /// (`--api-token`) and `--auth` (not initdb's; an option after them is shown); a key spelled with
+  /// escapes (JSON's `"pass\u0077ord"`, XML's `&#119;`); XML's
   /// `<add key="password" value="s3cret"/>` and `<entry key="password">s3cret</entry>`; all of it
   /// within a `sh -c` script too, in time linear in the command line's length. Any other program's
   /// `-p` is shown: psql's, pg_dump's, ssh's is a port. Still, prefer passing secrets in the
