@@ -1120,6 +1120,54 @@ TEST_F(PoolTest, UnderReadWriteAKeepalivePingClosesTheIdleConnectionOfAServerTur
   });
 }
 
+// Pool::query()'s connections under steady load (the multiplexer gives one back when no statement
+// is left for it, or after 30 s): with recheck_session_attrs, one whose server turned read-only is
+// given back and closed after the statement that brought the news, not 30 s later.
+TEST_F(PoolTest, UnderReadWriteAQueryConnectionUnderSteadyLoadIsClosedWhenItsServerTurnsReadOnly) {
+  auto own = start_own_cluster();
+  auto pool_config = config("role-query", 1);
+  pool_config.conninfo = own->dsn() + " target_session_attrs=read-write";
+  pool_config.recheck_session_attrs = true;
+  pool_config.acquire_timeout = 500ms;
+  pool_config.connect_backoff_initial = 20ms;
+  pool_config.connect_backoff_max = 100ms;
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    Pool pool(executor, pool_config);
+    bool stop = false;
+    int running = 0;
+    for (int caller = 0; caller < 4; ++caller) {
+      ++running;
+      asio::co_spawn(
+          executor,
+          [&]() -> awaitable_void {
+            while (!stop) {
+              bool failed = false;
+              try {
+                (void)co_await pool.query("SELECT 1");
+              } catch (const Error&) {
+                failed = true;  // (no read-write server once it is read-only: timeouts)
+              }
+              if (failed) co_await sleep_for(10ms);
+            }
+            --running;
+          },
+          asio::detached);
+    }
+    co_await sleep_for(200ms);
+    std::optional<ReadOnlyServer> read_only(std::in_place, own->dsn());
+    const auto discarded = [&] {
+      return pool.stats().discarded_by_reason[static_cast<std::size_t>(DiscardReason::server_role)];
+    };
+    for (int i = 0; i < 300 && discarded() == 0; ++i) co_await sleep_for(10ms);
+    EXPECT_EQ(discarded(), 1U) << "the read-only server's connection stayed with query()";
+    stop = true;
+    for (int i = 0; i < 300 && running > 0; ++i) co_await sleep_for(10ms);
+    read_only.reset();
+    (void)co_await pool.close(5s);
+  });
+}
+
 // The other way, and at the check before handout: under read-only, a connection idle longer than
 // validate_after_idle whose server became writable while it sat idle is refused after its ping
 // (whose answer brings the change), never handed out; with no read-only server left, the acquire

@@ -328,6 +328,13 @@ asio::awaitable<void> run_link(std::shared_ptr<Multiplexer> mux, std::shared_ptr
       lendable = pool->core.lendable();
       due_back = PoolState::due_back_locked(link->lease, coarse_now());
     }
+    // A server that no longer serves target_session_attrs (PoolConfig::recheck_session_attrs):
+    // given back now, where it is closed (DiscardReason::server_role), rather than after
+    // hold_limit under steady load. (Read on the connection's own strand.)
+    if (!due_back && pool->role != RequiredRole::any && link->lease &&
+        !serves_role(*link->lease, pool->role)) {
+      due_back = true;
+    }
     std::lock_guard lock(mux->mutex);
     mux->lendable = lendable;
     return waiting > mux->borrowing;

@@ -160,7 +160,8 @@ struct PoolConfig {
   /// both). Off: those histograms stay empty (env PGRT_POOL_TIMINGS=0 or 1).
   bool timings = true;
   /// Check target_session_attrs (read-write, read-only, primary, standby) again on every clean
-  /// return, after every reset, validate_after_idle ping and keepalive ping, from what the server
+  /// return, after every reset, validate_after_idle ping and keepalive ping (and, on the
+  /// connections Pool::query() holds, after each batch of statements), from what the server
   /// reports (PostgreSQL 14+): a connection whose server no longer serves that role (a primary set
   /// read-only, a standby promoted) is closed (DiscardReason::server_role) and replaced by one to
   /// a server that does. Off by default: libpq checks at connect only, and with no server of the
