@@ -1039,6 +1039,26 @@ class ReadOnlyServer {
   BlockingConnection admin_;
 };
 
+// A pool of one on `dsn` asking for `attrs` (target_session_attrs), re-checked as the server
+// changes (recheck_session_attrs, unless `recheck` is false), reconnecting quickly.
+PoolConfig role_checked_config(const std::string& instance, const std::string& dsn,
+                               const std::string& attrs, bool recheck = true) {
+  PoolConfig pool_config;
+  pool_config.conninfo = dsn + " target_session_attrs=" + attrs;
+  pool_config.max_size = 1;
+  pool_config.application = "pgrt-test";
+  pool_config.instance = instance;
+  pool_config.recheck_session_attrs = recheck;
+  pool_config.connect_backoff_initial = 20ms;
+  pool_config.connect_backoff_max = 100ms;
+  return pool_config;
+}
+
+// How many of `pool`'s connections were closed for their server's role.
+std::uint64_t server_role_discards(const Pool& pool) {
+  return pool.stats().discarded_by_reason[static_cast<std::size_t>(DiscardReason::server_role)];
+}
+
 // libpq checks target_session_attrs at connect only. Under read-write with recheck_session_attrs,
 // a connection whose server turns read-only (reported with the next statement's answer,
 // PostgreSQL 14+) is closed when it comes back instead of going idle (DiscardReason::server_role):
@@ -1048,11 +1068,8 @@ class ReadOnlyServer {
 TEST_F(PoolTest, UnderReadWriteAConnectionWhoseServerTurnedReadOnlyIsClosedOnReturn) {
   auto own = start_own_cluster();
   for (const bool recheck : {true, false}) {
-    PoolConfig pool_config = config(recheck ? "role-read-write" : "role-unchecked", 1);
-    pool_config.conninfo = own->dsn() + " target_session_attrs=read-write";
-    pool_config.recheck_session_attrs = recheck;
-    pool_config.connect_backoff_initial = 20ms;
-    pool_config.connect_backoff_max = 100ms;
+    auto pool_config = role_checked_config(recheck ? "role-read-write" : "role-unchecked",
+                                           own->dsn(), "read-write", recheck);
     run_coroutine([&]() -> awaitable_void {
       Pool pool(co_await asio::this_coro::executor, pool_config);
       int first_pid = 0;
@@ -1078,8 +1095,7 @@ TEST_F(PoolTest, UnderReadWriteAConnectionWhoseServerTurnedReadOnlyIsClosedOnRet
         EXPECT_EQ(seen, "on");
       }
       const auto stats = pool.stats();
-      EXPECT_EQ(stats.discarded_by_reason[static_cast<std::size_t>(DiscardReason::server_role)],
-                recheck ? 1U : 0U);
+      EXPECT_EQ(server_role_discards(pool), recheck ? 1U : 0U);
       EXPECT_EQ(stats.idle, recheck ? 0U : 1U) << "recheck " << recheck;
       read_only->writable();
       auto fresh = co_await pool.acquire();
@@ -1100,19 +1116,13 @@ TEST_F(PoolTest, UnderReadWriteAConnectionWhoseServerTurnedReadOnlyIsClosedOnRet
 // read-write, the idle connection of a server turned read-only is closed without being used.
 TEST_F(PoolTest, UnderReadWriteAKeepalivePingClosesTheIdleConnectionOfAServerTurnedReadOnly) {
   auto own = start_own_cluster();
-  auto pool_config = config("role-keepalive", 1);
-  pool_config.conninfo = own->dsn() + " target_session_attrs=read-write";
-  pool_config.recheck_session_attrs = true;
+  auto pool_config = role_checked_config("role-keepalive", own->dsn(), "read-write");
   pool_config.keepalive_interval = 100ms;
-  pool_config.connect_backoff_initial = 20ms;
-  pool_config.connect_backoff_max = 100ms;
   run_coroutine([&]() -> awaitable_void {
     Pool pool(co_await asio::this_coro::executor, pool_config);
     { auto lease = co_await pool.acquire(); }
     std::optional<ReadOnlyServer> read_only(std::in_place, own->dsn());
-    const auto discarded = [&] {
-      return pool.stats().discarded_by_reason[static_cast<std::size_t>(DiscardReason::server_role)];
-    };
+    const auto discarded = [&] { return server_role_discards(pool); };
     for (int i = 0; i < 500 && discarded() == 0; ++i) co_await sleep_for(10ms);
     EXPECT_EQ(discarded(), 1U);
     read_only.reset();
@@ -1125,12 +1135,8 @@ TEST_F(PoolTest, UnderReadWriteAKeepalivePingClosesTheIdleConnectionOfAServerTur
 // given back and closed after the statement that brought the news, not 30 s later.
 TEST_F(PoolTest, UnderReadWriteAQueryConnectionUnderSteadyLoadIsClosedWhenItsServerTurnsReadOnly) {
   auto own = start_own_cluster();
-  auto pool_config = config("role-query", 1);
-  pool_config.conninfo = own->dsn() + " target_session_attrs=read-write";
-  pool_config.recheck_session_attrs = true;
+  auto pool_config = role_checked_config("role-query", own->dsn(), "read-write");
   pool_config.acquire_timeout = 500ms;
-  pool_config.connect_backoff_initial = 20ms;
-  pool_config.connect_backoff_max = 100ms;
   run_coroutine([&]() -> awaitable_void {
     auto executor = co_await asio::this_coro::executor;
     Pool pool(executor, pool_config);
@@ -1156,9 +1162,7 @@ TEST_F(PoolTest, UnderReadWriteAQueryConnectionUnderSteadyLoadIsClosedWhenItsSer
     }
     co_await sleep_for(200ms);
     std::optional<ReadOnlyServer> read_only(std::in_place, own->dsn());
-    const auto discarded = [&] {
-      return pool.stats().discarded_by_reason[static_cast<std::size_t>(DiscardReason::server_role)];
-    };
+    const auto discarded = [&] { return server_role_discards(pool); };
     for (int i = 0; i < 300 && discarded() == 0; ++i) co_await sleep_for(10ms);
     EXPECT_EQ(discarded(), 1U) << "the read-only server's connection stayed with query()";
     stop = true;
@@ -1174,13 +1178,9 @@ TEST_F(PoolTest, UnderReadWriteAQueryConnectionUnderSteadyLoadIsClosedWhenItsSer
 // fails instead, saying why.
 TEST_F(PoolTest, UnderReadOnlyAnIdleConnectionWhoseServerBecameWritableIsRefusedAfterItsPing) {
   auto own = start_own_cluster();
-  auto pool_config = config("role-read-only", 1);
-  pool_config.conninfo = own->dsn() + " target_session_attrs=read-only";
-  pool_config.recheck_session_attrs = true;
+  auto pool_config = role_checked_config("role-read-only", own->dsn(), "read-only");
   pool_config.validate_after_idle = 1ms;
   pool_config.acquire_timeout = 1500ms;
-  pool_config.connect_backoff_initial = 20ms;
-  pool_config.connect_backoff_max = 100ms;
   std::optional<ReadOnlyServer> read_only(std::in_place, own->dsn());
   run_coroutine([&]() -> awaitable_void {
     Pool pool(co_await asio::this_coro::executor, pool_config);
@@ -1204,8 +1204,7 @@ TEST_F(PoolTest, UnderReadOnlyAnIdleConnectionWhoseServerBecameWritableIsRefused
     EXPECT_NE(handed_pid, first_pid) << "the writable server's connection was handed out";
     EXPECT_THAT(failure, HasSubstr("read-only")) << "no read-only server is left to connect to";
     EXPECT_THAT(failure, HasSubstr("not of the kind target_session_attrs asks for")) << failure;
-    const auto stats = pool.stats();
-    EXPECT_EQ(stats.discarded_by_reason[static_cast<std::size_t>(DiscardReason::server_role)], 1U);
+    EXPECT_EQ(server_role_discards(pool), 1U);
     (void)co_await pool.close(5s);
   });
 }
