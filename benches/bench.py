@@ -661,10 +661,19 @@ def write_report(results, raw, args, bench, elapsed, plot):
                 "client process's CPU time per request over the window, user and kernel (pgrt: the "
                 "pool, the requests and, when posted, the arrival thread; pgbench: its own process), "
                 "`generator_cpu_us` the arrival thread's part of it: client and server share the "
-                "machine's cores, so what the client spends the server cannot.")
+                "machine's cores, so what the client spends the server cannot. `delivery_p50_us` and "
+                "`delivery_p99_us` (posted arrivals only): how late an arrival reached the io_context's "
+                "thread, from its intended start to the moment that thread ran the post bringing it "
+                "(the arrival thread's own wake-up, then the io thread's): time spent before the pool "
+                "saw the request, and counted in its latency. A network delivers a request with one "
+                "wake-up, the io thread's; this generator takes two in series, and its own competes "
+                "with the server for the machine's cores. `served_p99_us`: the rest, from that "
+                "delivery to the request's end (the wait for a connection, the query, the release): "
+                "what the pool and the server took.")
     for percent in OPEN_LOOP_PERCENTS:
         report.text(f"### {percent}% of capacity")
         report.table(f"overload/open/{percent}", ["offered_per_s", "latency_p50_us", "latency_p99_us", "latency_p999_us",
+                                                   "delivery_p50_us", "delivery_p99_us", "served_p99_us",
                                                    "client_cpu_us", "generator_cpu_us"],
                      "latency_p99_us", higher_is_better=False, ratio_title="this / pgrt")
     if plot:
