@@ -235,30 +235,36 @@ std::string redact_statement(std::string_view sql) {
   out.reserve(sql.size());
   std::size_t at = 0;
   const std::size_t size = sql.size();
+  // A word ending in PASSWORD: the keyword, or an option named after one (a user mapping's
+  // sslpassword, postgres_fdw's pass phrase of the client key), bare or as a quoted identifier.
+  const auto names_a_password = [&](std::string_view word) {
+    return word.size() >= keyword.size() &&
+           contains_ignoring_case(word.substr(word.size() - keyword.size()), keyword);
+  };
   while (at < size) {
     // A comment, quoted identifier or string constant (not after PASSWORD) stays as it is.
     std::size_t skipped = end_of_comment(sql, at);
-    if (skipped == at) skipped = end_of_quoted_identifier(sql, at);
+    bool quoted_password = false;
+    if (skipped == at) {
+      std::string identifier;  // ("password" 'secret': the option's name quoted)
+      skipped = end_of_quoted_identifier(sql, at, &identifier);
+      quoted_password = skipped != at && names_a_password(identifier);
+    }
     if (skipped == at) skipped = end_of_string_constant(sql, at);
     if (skipped != at) {
       out.append(sql.substr(at, skipped - at));
       at = skipped;
-      continue;
-    }
-    if (!is_sql_word_char(sql[at])) {
+      if (!quoted_password) continue;
+    } else if (!is_sql_word_char(sql[at])) {
       out += sql[at++];
       continue;
-    }
-    std::size_t end = at;
-    while (end < size && is_sql_word_char(sql[end])) ++end;
-    const std::string_view word = sql.substr(at, end - at);
-    out.append(word);
-    at = end;
-    // A word ending in PASSWORD: the keyword, or an option named after one (a user mapping's
-    // sslpassword, postgres_fdw's pass phrase of the client key).
-    if (word.size() < keyword.size() ||
-        !contains_ignoring_case(word.substr(word.size() - keyword.size()), keyword)) {
-      continue;
+    } else {
+      std::size_t end = at;
+      while (end < size && is_sql_word_char(sql[end])) ++end;
+      const std::string_view word = sql.substr(at, end - at);
+      out.append(word);
+      at = end;
+      if (!names_a_password(word)) continue;
     }
     // PASSWORD 'secret' (CREATE/ALTER ROLE, a user mapping's options): the constant is masked,
     // and so are the comments before it (they may hide it as well as anything else) and the
@@ -372,10 +378,7 @@ std::string mask_password(std::string_view original) {
     masked += '=';
     if (std::string_view(option->keyword) == "password" ||
         (option->dispchar != nullptr && option->dispchar[0] == '*') ||
-        (std::string_view(option->keyword) == "host" && host_holds_credentials(option->val)) ||
-        ((std::string_view(option->keyword) == "dbname" ||
-          std::string_view(option->keyword) == "user") &&
-         name_holds_a_conninfo(option->val))) {
+        value_holds_credentials(option->keyword, option->val)) {
       masked += "****";
       continue;
     }

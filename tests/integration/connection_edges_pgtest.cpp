@@ -565,18 +565,8 @@ TEST_F(ConnectionEdgesTest, AUrlGivenAsTheHostDoesNotPutItsPasswordInTheError) {
   });
 }
 
-// The same slip as a URL given as the host, with the database name: the DATABASE_URL given as
-// dbname= (a template's "host=... dbname=$DATABASE_URL"), or PGDATABASE set to it. libpq expands
-// only the conninfo itself, so the URL is sent to the server as the database's name, and the
-// server's "database ... does not exist" and pgrt's own "(database ..., user ...)" quote it, with
-// its password (usage.md: "The error messages of connect() never contain the password"). The user
-// name the same. Both are refused (invalid_config) before anything is sent, and mask_password()
-// masks them.
-TEST_F(ConnectionEdgesTest, AUrlGivenAsTheDatabaseNameDoesNotPutItsPasswordInTheError) {
-  const std::string url = "postgresql://app:S3cretPw@db.invalid/app";
-  const std::string without_dbname =
-      "host=" + cluster().dsn().substr(5, cluster().dsn().find(' ') - 5) +
-      " port=" + std::to_string(cluster().port()) + " user=postgres";
+// AUrlGivenAsTheDatabaseNameDoesNotPutItsPasswordInTheError's checks for one URL.
+void expect_a_url_as_a_name_refused(const std::string& without_dbname, const std::string& url) {
   run_coroutine([&]() -> awaitable_void {
     ConnectOptions slipped{.conninfo = without_dbname + " dbname=" + url, .connect_timeout = 5s};
     const Error error = co_await testing::expect_error(Connection::connect(slipped));
@@ -599,6 +589,25 @@ TEST_F(ConnectionEdgesTest, AUrlGivenAsTheDatabaseNameDoesNotPutItsPasswordInThe
     EXPECT_THAT(error.what(), ::testing::Not(::testing::HasSubstr("S3cretPw"))) << error.what();
   });
   ::unsetenv("PGDATABASE");
+}
+
+// The same slip as a URL given as the host, with the database name: the DATABASE_URL given as
+// dbname= (a template's "host=... dbname=$DATABASE_URL"), or PGDATABASE set to it. libpq expands
+// only the conninfo itself, so the URL is sent to the server as the database's name, and the
+// server's "database ... does not exist" and pgrt's own "(database ..., user ...)" quote it, with
+// its password (usage.md: "The error messages of connect() never contain the password"). The user
+// name the same. Both are refused (invalid_config) before anything is sent, and mask_password()
+// masks them. The same for a URL of another scheme or case (a JDBC URL, POSTGRESQL://).
+TEST_F(ConnectionEdgesTest, AUrlGivenAsTheDatabaseNameDoesNotPutItsPasswordInTheError) {
+  const std::string without_dbname =
+      "host=" + cluster().dsn().substr(5, cluster().dsn().find(' ') - 5) +
+      " port=" + std::to_string(cluster().port()) + " user=postgres";
+  for (const std::string url :
+       {"postgresql://app:S3cretPw@db.invalid/app", "POSTGRESQL://app:S3cretPw@db.invalid/app",
+        "jdbc:postgresql://db.invalid/app?user=app&password=S3cretPw"}) {
+    SCOPED_TRACE(url);
+    expect_a_url_as_a_name_refused(without_dbname, url);
+  }
 }
 
 // The same slip with libpq's other conninfo form: a key=value string given as the database name

@@ -378,5 +378,22 @@ TEST(Errors, AnSslpasswordInAUserMappingNeverShowsInWhat) {
               Not(HasSubstr("keyphrase")));
 }
 
+// An option name may be written as a quoted identifier ("password", "sslpassword": the same
+// options to postgres_fdw): its constant is masked as after the bare word. A quoted identifier
+// that is not followed by a constant (a column named "password") stays as it is.
+TEST(Errors, AQuotedPasswordOptionInAUserMappingNeverShowsInWhat) {
+  EXPECT_EQ(
+      redact_statement(
+          R"(CREATE USER MAPPING FOR app SERVER s OPTIONS ("user" 'app', "password" 'hunter2'))"),
+      R"(CREATE USER MAPPING FOR app SERVER s OPTIONS ("user" 'app', "password" '****'))");
+  EXPECT_THAT(redact_statement(
+                  R"(ALTER USER MAPPING FOR app SERVER s OPTIONS (SET "SslPassword" 'keyphrase'))"),
+              Not(HasSubstr("keyphrase")));
+  for (const char* kept :
+       {R"(SELECT "password" FROM users WHERE name = 'x')", R"(UPDATE t SET "password" = $1)"}) {
+    EXPECT_EQ(redact_statement(kept), kept);
+  }
+}
+
 }  // namespace
 }  // namespace pgrt

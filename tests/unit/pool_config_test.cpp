@@ -708,6 +708,46 @@ TEST_F(EnvironmentTest, FromEnvLeavesTheIdleTimeoutWarningToThePool) {
   EXPECT_THAT(log.text(), HasSubstr("idle_timeout"));
 }
 
+// A whole conninfo pasted where a name belongs (a connection URL in any case or behind another
+// prefix: an upper-case POSTGRESQL://, a JDBC URL; a password's parameter; a key=value string;
+// credentials in the host) is never shown, whether
+// the rest of the conninfo parses or not: libpq would send it to the server as the name, so every
+// error that names the database, the user or the host would carry its password. mask_password()
+// and the refusal of a malformed conninfo hide it as they hide password=.
+TEST(PoolConfigTest, AConninfoPastedAsANameNeverShowsItsPassword) {
+  const std::vector<std::string> pasted_names = {
+      "dbname=postgresql://app:hunter2@db/app",
+      "dbname=jdbc:postgresql://db/app?user=app&password=hunter2",
+      "dbname=POSTGRESQL://app:hunter2@db/app",
+      "user=Postgres://app:hunter2@db/app",
+      "dbname='user=x password=hunter2'",
+      "dbname=app?password=hunter2",
+      "host=postgresql://app:hunter2@db",
+      "host=app:hunter2@db",
+  };
+  for (const std::string& name : pasted_names) {
+    const std::string parsable = "port=5432 " + name;
+    EXPECT_THAT(mask_password(parsable), Not(HasSubstr("hunter2"))) << parsable;
+    // The same with a keyword libpq refuses after it: the conninfo cannot be parsed.
+    const std::string unparsable = parsable + " Port=5";
+    EXPECT_THAT(mask_password(unparsable), Not(HasSubstr("hunter2"))) << unparsable;
+    PoolConfig config;
+    config.conninfo = unparsable;
+    const std::string refused = rejection(config);
+    EXPECT_THAT(refused, HasSubstr("\"Port\" is not a keyword")) << unparsable;
+    EXPECT_THAT(refused, Not(HasSubstr("hunter2"))) << refused;
+  }
+  // A plain name is still shown: the message says which database and user are meant. (So is a
+  // name with another "://" in it, which a database or role may have: "tenant://eu-1".)
+  EXPECT_THAT(mask_password("dbname='tenant://eu-1' user=password_reset port=5432 Port=5"),
+              HasSubstr("dbname=tenant://eu-1 user=password_reset"));
+  EXPECT_THAT(mask_password("dbname=orders user=app host=db.internal port=5432 Port=5"),
+              HasSubstr("dbname=orders user=app host=db.internal port=5432"));
+  for (const char* shown : {"dbname=orders", "user=app", "host=db.internal"}) {
+    EXPECT_THAT(mask_password("dbname=orders user=app host=db.internal"), HasSubstr(shown));
+  }
+}
+
 // A conninfo libpq cannot parse is refused at configuration time, and no error text ever shows a
 // value that might be a password: not under a misspelled keyword, not a word split off by a space.
 TEST(PoolConfigTest, AMalformedConninfoIsRefusedWithoutShowingAnySecret) {

@@ -309,8 +309,10 @@ std::string redact_pairs(std::string_view text, std::vector<std::string>& proble
     const std::string_view newer = known == keywords.end() ? newer_libpq_keyword(keyword) : "";
     const std::string shown_keyword =
         known != keywords.end() || near_miss || !newer.empty() ? std::string(keyword) : "****";
-    // An unclosed quote swallows the rest of the string, other keywords' values included.
-    const bool show_value = known != keywords.end() && !known->second && !unclosed;
+    // An unclosed quote swallows the rest of the string, other keywords' values included; a name
+    // or host that holds a pasted conninfo is a password's place (value_holds_credentials()).
+    const bool show_value = known != keywords.end() && !known->second && !unclosed &&
+                            !value_holds_credentials(keyword, value);
     add(shown_keyword + "=" + (show_value ? quoted_if_needed(value) : "****"));
     if (known != keywords.end()) continue;
     if (!newer.empty()) {
@@ -361,7 +363,12 @@ bool url_credentials_misread(std::string_view conninfo) {
 }
 
 bool name_holds_a_conninfo(std::string_view name) {
-  if (is_url(name)) return true;
+  // A connection URL in any case and behind any prefix (POSTGRESQL://, jdbc:postgresql://), or a
+  // password's parameter ("app?password=..."). (Another "://" is a name's: "tenant://eu-1".)
+  const std::string lowered = lower(name);
+  for (const char* part : {"postgresql://", "postgres://", "password="}) {
+    if (lowered.find(part) != std::string::npos) return true;
+  }
   return name.find('=') != std::string_view::npos && parse_conninfo(std::string(name)).valid;
 }
 
@@ -370,6 +377,12 @@ bool host_holds_credentials(std::string_view hosts) {
     if (host.find("://") != std::string::npos) return true;
     if (!host.starts_with('/') && host.find('@', 1) != std::string::npos) return true;
   }
+  return false;
+}
+
+bool value_holds_credentials(std::string_view keyword, std::string_view value) {
+  if (keyword == "host") return host_holds_credentials(value);
+  if (keyword == "dbname" || keyword == "user") return name_holds_a_conninfo(value);
   return false;
 }
 

@@ -55,10 +55,15 @@ bool url_credentials_misread(std::string_view conninfo);
 // Such a host is never looked up, nor quoted: it may hold a password.
 bool host_holds_credentials(std::string_view hosts);
 
-// Whether a database or user name is a whole conninfo pasted there: a URL (it starts with
-// "postgresql://" or "postgres://") or key=value pairs libpq parses. libpq expands neither there:
-// it would reach the server as the name, password and all. (Any other text is a valid name.)
+// Whether a database or user name is a whole conninfo pasted there: a connection URL (it holds
+// "postgresql://" or "postgres://" in any case: a JDBC URL too), a password's "password=" in any
+// case, or key=value pairs libpq parses. libpq expands none of them there: it would reach the
+// server as the name, password and all. (Any other text is a valid name.)
 bool name_holds_a_conninfo(std::string_view name);
+
+// Whether the value of conninfo keyword `keyword` may hold a password where none belongs: a host
+// (host_holds_credentials()), a database or user name (name_holds_a_conninfo()). Never shown.
+bool value_holds_credentials(std::string_view keyword, std::string_view value);
 
 // Why `conninfo` cannot be parsed (or, a URL, is misread: url_credentials_misread()), redacted
 // ("the conninfo could not be parsed: host=db PASSWORD=****: \"PASSWORD\" is not a keyword

@@ -122,14 +122,16 @@ class Error : public boost::system::system_error {
 /// logs. Never throws. An unparsable conninfo keeps only libpq's non-secret keywords' values:
 /// every other value, every word without '=' and a URL's whole remainder become "****", so a
 /// password under a misspelled keyword (PASSWORD=, passwd=) never shows. Masked too: a host that
-/// holds a URL or credentials, and a database or user name that is a whole conninfo (a URL, or
-/// key=value pairs), which connect() refuses.
+/// holds a URL or credentials, and a database or user name that is a whole conninfo (a connection
+/// URL in any case, a JDBC URL, a "password=", or key=value pairs), which connect() refuses, in
+/// a conninfo that parses or not.
 [[nodiscard]] std::string mask_password(std::string_view conninfo);
 
 /// Returns the SQL text with the string constant that follows each PASSWORD keyword, or word ending
 /// in it (CREATE or ALTER ROLE ... [ENCRYPTED] PASSWORD '...', a user mapping's OPTIONS (password
-/// '...', sslpassword '...')) replaced by '****', for messages and logs; comments, quoted
-/// identifiers and other string constants are left as they are. A guard for the common forms, not a
+/// '...', sslpassword '...', the option's name quoted too: "password" '...') replaced by '****',
+/// for messages and logs; comments, other quoted identifiers and other string constants are left
+/// as they are. A guard for the common forms, not a
 /// parser: a password inside another string (a conninfo given to dblink) is not seen. Never throws
 /// other than std::bad_alloc.
 [[nodiscard]] std::string redact_statement(std::string_view sql);
