@@ -288,10 +288,11 @@ struct Manager::Impl {
     for (const auto& dependency : dependencies) {
       std::vector<std::string> path{name};
       if (reaches(dependency, name, path)) {
-        std::string cycle;
-        for (const auto& step : path) cycle += step + " -> ";
+        // (The path ends where it began: at the new component.)
+        std::string cycle = path.front();
+        for (auto step = path.begin() + 1; step != path.end(); ++step) cycle += " -> " + *step;
         throw std::invalid_argument("adding component '" + name +
-                                    "' would create a dependency cycle: " + cycle + name);
+                                    "' would create a dependency cycle: " + cycle);
       }
     }
     auto node = std::make_unique<Node>(std::move(component), name, std::move(dependencies), limits);

@@ -188,9 +188,14 @@ TEST(LifecycleManager, RejectsACycleNamingItAndAnUnknownDependency) {
     app.add(fake("c", journal), after("b"));
     FAIL() << "a cycle was accepted";
   } catch (const std::invalid_argument& error) {
-    EXPECT_THAT(error.what(), HasSubstr("cycle: c -> b -> a -> c"));
+    EXPECT_THAT(error.what(), ::testing::EndsWith("cycle: c -> b -> a -> c"));
   }
-  EXPECT_THROW(app.add(fake("self", journal), after("self")), std::invalid_argument);
+  try {
+    app.add(fake("self", journal), after("self"));
+    FAIL() << "a component that depends on itself was accepted";
+  } catch (const std::invalid_argument& error) {
+    EXPECT_THAT(error.what(), ::testing::EndsWith("cycle: self -> self"));
+  }
   EXPECT_THROW(app.add(fake("a", journal)), std::invalid_argument);  // duplicate name
 
   Manager unknown(test_options());
