@@ -68,6 +68,7 @@ struct Arguments {
   bool behind_transaction_pooler = false;       // PGRT_POOLER=transaction
   std::optional<std::string> malformed_pooler;  // PGRT_POOLER's value when it is none of them
   bool empty_database_url = false;              // DATABASE_URL= (set but empty), no --dsn
+  bool empty_app = false;                       // PGRT_APP= (set but empty), no --app
 };
 
 // What the service says of DATABASE_URL= (PoolConfig::from_env()): set but empty, it is refused,
@@ -282,10 +283,8 @@ std::optional<Arguments> parse_arguments(int argc, char** argv) {
     return std::nullopt;
   }
   if (!app_given && app != nullptr && *app == '\0') {
-    // The service's message (PoolConfig::from_env()).
-    std::cerr << "pgrt-diag: PGRT_APP='' is not valid: give the application's name (it tags "
-                 "every connection's application_name), or leave PGRT_APP unset for \"pgrt\"\n";
-    return std::nullopt;
+    arguments.empty_app = true;  // a malformed PGRT_* variable: exit_config, as the service's
+    return arguments;
   }
   if (arguments.app.empty()) {
     std::cerr << "pgrt-diag: --app takes the app's name (PoolConfig::application), got ''\n";
@@ -830,6 +829,12 @@ int main(int argc, char** argv) {
   }
   if (arguments->empty_database_url) {
     std::cerr << "pgrt-diag: " << empty_database_url_message << "\n";
+    return exit_config;
+  }
+  if (arguments->empty_app) {
+    // The service's message (PoolConfig::from_env()).
+    std::cerr << "pgrt-diag: PGRT_APP='' is not valid: give the application's name (it tags "
+                 "every connection's application_name), or leave PGRT_APP unset for \"pgrt\"\n";
     return exit_config;
   }
   try {

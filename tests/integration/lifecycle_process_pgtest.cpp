@@ -504,15 +504,17 @@ TEST_F(LifecycleProcessTest, DiagScrubsAnUnparsableDsnFromItsCommandLine) {
 }
 
 // PGRT_APP= (set but empty) is refused by the service (invalid_config, exit 78) and by pgrt-diag
-// alike, with the same message (pgrt-diag's exit code for a usage error, 2), not taken as "pgrt"
-// by one of them; --app given, pgrt-diag does not read PGRT_APP.
+// alike, with the same message and exit code (78: a malformed PGRT_* variable, as
+// docs/operations.md's table says), not taken as "pgrt" by one of them; --app given, pgrt-diag
+// does not read PGRT_APP.
 TEST_F(LifecycleProcessTest, AnEmptyPgrtAppIsRefusedByTheServiceAndPgrtDiagAlike) {
   const std::string message = "PGRT_APP='' is not valid";
   Child demo({PGRT_DEMO_PATH, "--duration", "1"}, cluster().dsn(), "");
   EXPECT_EQ(demo.wait_for_exit(60s), lifecycle::exit_code::config) << demo.output();
   EXPECT_THAT(demo.output(), HasSubstr(message));
   Child diag({PGRT_DIAG_PATH}, cluster().dsn(), "");
-  EXPECT_EQ(diag.wait_for_exit(30s), 2) << diag.output();
+  EXPECT_EQ(diag.wait_for_exit(30s), lifecycle::exit_code::config)
+      << diag.output() << " (a malformed PGRT_* variable: 78, docs/operations.md)";
   EXPECT_THAT(diag.output(), HasSubstr(message));
   Child given({PGRT_DIAG_PATH, "--app", "given"}, cluster().dsn(), "");
   EXPECT_EQ(given.wait_for_exit(30s), 0) << given.output();
