@@ -5,7 +5,6 @@
 #include <boost/asio/connect.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
-#include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/beast/core/error.hpp>
 #include <boost/beast/core/flat_buffer.hpp>
 #include <boost/beast/core/tcp_stream.hpp>
@@ -22,11 +21,10 @@
 #include <pthread.h>
 #include <sstream>
 #include <string>
-#include <sys/signalfd.h>
 #include <thread>
-#include <unistd.h>
 #include <vector>
 
+#include "stop_signals.hpp"
 #include "utf8_text.hpp"  // (db/src)
 
 namespace pgrt::diag {
@@ -103,76 +101,6 @@ std::optional<Url> parse_url(std::string_view text) {
   }
   return url;
 }
-
-// SIGINT and SIGTERM, blocked from before the lookup until the exit and read from a signalfd: no
-// handler runs, so a signal never takes its default action and is never lost, whichever thread
-// the kernel would have picked (the lookup's thread is made later and inherits the block). One that
-// comes while the endpoint is read ends the read at once (Interrupted); one that comes once the
-// answer is in is left pending, and the output is written whole. (A signal_set's handler, run by
-// ThreadSanitizer at a deferred moment, now and then never ran: the command then waited out its
-// whole timeout.)
-class StopSignals {
- public:
-  explicit StopSignals(asio::io_context& io) : descriptor_(io) {
-    sigset_t stop;
-    sigemptyset(&stop);
-    sigaddset(&stop, SIGINT);
-    sigaddset(&stop, SIGTERM);
-    sigset_t before;
-    if (const int error = pthread_sigmask(SIG_BLOCK, &stop, &before); error != 0) {
-      throw boost::system::system_error(error, boost::system::system_category(),
-                                        "cannot block SIGINT and SIGTERM");
-    }
-    const int fd = ::signalfd(-1, &stop, SFD_NONBLOCK | SFD_CLOEXEC);
-    boost::system::error_code error;
-    if (fd < 0) {
-      error.assign(errno, boost::system::system_category());
-    } else if (descriptor_.assign(fd, error)) {
-      ::close(fd);
-    }
-    if (error) {
-      // Unblocked again: a signal that came meanwhile takes its default action now, rather than
-      // waiting unseen.
-      pthread_sigmask(SIG_SETMASK, &before, nullptr);
-      throw boost::system::system_error(error, "cannot watch SIGINT and SIGTERM (signalfd)");
-    }
-  }
-
-  // Calls `on_signal` once, with the first signal's number (also kept in received()), unless
-  // stop_watching() comes first.
-  template <typename OnSignal>
-  void watch(OnSignal on_signal) {
-    watching_ = true;
-    descriptor_.async_wait(asio::posix::stream_descriptor::wait_read,
-                           [this, on_signal](const boost::system::error_code& error) mutable {
-                             // (A completion already queued when stop_watching() came is not
-                             // waited on again: that would keep its io_context running.)
-                             if (error || !watching_) return;
-                             signalfd_siginfo info{};
-                             if (::read(descriptor_.native_handle(), &info, sizeof info) !=
-                                 static_cast<ssize_t>(sizeof info)) {
-                               watch(std::move(on_signal));  // (nothing there after all)
-                               return;
-                             }
-                             received_ = static_cast<int>(info.ssi_signo);
-                             on_signal(received_);
-                           });
-  }
-
-  void stop_watching() {
-    watching_ = false;
-    boost::system::error_code ignored;
-    descriptor_.cancel(ignored);
-  }
-
-  // The first signal's number, 0 before one came.
-  int received() const { return received_; }
-
- private:
-  asio::posix::stream_descriptor descriptor_;
-  bool watching_ = false;
-  int received_ = 0;
-};
 
 // A signal came while the endpoint was read.
 struct Interrupted {};
@@ -509,7 +437,10 @@ int run_metrics(int argc, char** argv) {
   asio::io_context io;
   std::optional<StopSignals> signals;
   try {
-    signals.emplace(io);
+    // SIGINT and SIGTERM, from before the lookup until the exit: one that comes while the
+    // endpoint is read ends the read at once (Interrupted); one that comes once the answer is in
+    // is left pending, and the output is written whole.
+    signals.emplace(io, std::vector<int>{SIGINT, SIGTERM});
   } catch (const boost::system::system_error& error) {
     std::cerr << "pgrt-diag metrics: " << error.what() << "\n";
     return exit_unreachable;

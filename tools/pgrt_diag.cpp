@@ -13,7 +13,6 @@
 #include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/io_context.hpp>
-#include <boost/asio/signal_set.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <cctype>
 #include <chrono>
@@ -38,6 +37,7 @@
 #include "diag_metrics.hpp"
 #include "json_text.hpp"
 #include "sql_text.hpp"  // (db/src: the quoting the library itself uses)
+#include "stop_signals.hpp"
 
 namespace {
 
@@ -474,17 +474,10 @@ void print_text(const Snapshot& snapshot, const Arguments& arguments) {
 // Ctrl+C (or, with --watch, SIGTERM) while a step ran: it was given up on.
 struct Interrupted {};
 
-// The signals that end pgrt-diag (Ctrl+C; with --watch, SIGTERM too), installed from before the
-// first step to the end, and whether one came. One that comes as a step completes (its handler
-// queued, or run when no step waits for it) is kept here: the step's result stands, and the next
-// step or wait ends at once.
-struct StopSignals {
-  StopSignals(asio::io_context& io, bool with_sigterm) : set(io, SIGINT) {
-    if (with_sigterm) set.add(SIGTERM);
-  }
-  asio::signal_set set;
-  bool received = false;
-};
+// The signals that end pgrt-diag (Ctrl+C; with --watch, SIGTERM too): a StopSignals, made before
+// the first step and kept to the end. One that comes while no step or wait watches (as a step
+// completes) stays pending: the step's result stands, and the next step or wait ends at once.
+using pgrt::diag::StopSignals;
 
 // A step as run_bounded() spawns it: one that a signal came before ends at once, and `started`
 // tells that a cancellation may now reach it. (asio 1.81's co_spawn lets a cancellation that
@@ -493,7 +486,7 @@ struct StopSignals {
 template <typename T>
 asio::awaitable<T> stoppable_step(asio::awaitable<T> operation, const StopSignals& signals,
                                   bool& started) {
-  if (signals.received) throw Interrupted{};
+  if (signals.received() != 0) throw Interrupted{};
   started = true;
   co_return co_await std::move(operation);
 }
@@ -504,7 +497,7 @@ asio::awaitable<T> stoppable_step(asio::awaitable<T> operation, const StopSignal
 template <typename T>
 T run_bounded(asio::io_context& io, StopSignals& signals, asio::awaitable<T> operation,
               std::chrono::milliseconds timeout) {
-  if (signals.received) throw Interrupted{};
+  if (signals.received() != 0) throw Interrupted{};
   io.restart();
   asio::cancellation_signal stop;
   bool started = false;
@@ -512,21 +505,18 @@ T run_bounded(asio::io_context& io, StopSignals& signals, asio::awaitable<T> ope
   bool cut_short = false;  // a signal came while the step ran
   // The first signal cancels the step (a statement's cancel request is waited for up to the
   // connection's cancel_timeout, 1 s here); a second one ends the process at once.
-  std::function<void(const boost::system::error_code&, int)> on_signal =
-      [&](const boost::system::error_code& error, int) {
-        if (error) return;
-        if (signals.received) {
-          std::cerr << "pgrt-diag: interrupted again: exiting at once" << std::endl;
-          std::_Exit(exit_interrupted);
-        }
-        signals.received = true;
-        if (finished) return;  // (kept for the next step: this one's result stands)
-        cut_short = true;
-        signals.set.async_wait(on_signal);
-        // Not yet started: it ends as it starts (stoppable_step()).
-        if (started) stop.emit(asio::cancellation_type::terminal);
-      };
-  signals.set.async_wait(on_signal);
+  std::function<void(int)> on_signal = [&](int /*number*/) {
+    if (cut_short) {
+      std::cerr << "pgrt-diag: interrupted again: exiting at once" << std::endl;
+      std::_Exit(exit_interrupted);
+    }
+    if (finished) return;  // (kept for the next step: this one's result stands)
+    cut_short = true;
+    signals.watch(on_signal);
+    // Not yet started: it ends as it starts (stoppable_step()).
+    if (started) stop.emit(asio::cancellation_type::terminal);
+  };
+  signals.watch(on_signal);
   std::optional<T> result;
   std::exception_ptr failure;
   asio::co_spawn(
@@ -535,8 +525,7 @@ T run_bounded(asio::io_context& io, StopSignals& signals, asio::awaitable<T> ope
         finished = true;
         failure = error;
         if (!error) result.emplace(std::move(value));
-        boost::system::error_code ignored;
-        signals.set.cancel(ignored);
+        signals.stop_watching();
       }));
   io.run();
   if (cut_short) throw Interrupted{};
@@ -547,20 +536,13 @@ T run_bounded(asio::io_context& io, StopSignals& signals, asio::awaitable<T> ope
 // Sleeps `duration`, or until one of `signals` arrives (or one came already): then false.
 bool sleep_unless_signalled(asio::io_context& io, StopSignals& signals,
                             std::chrono::seconds duration) {
-  if (signals.received) return false;
+  if (signals.received() != 0) return false;
   io.restart();
   asio::steady_timer timer(io, duration);
-  signals.set.async_wait([&](const boost::system::error_code& error, int) {
-    if (error) return;
-    signals.received = true;
-    timer.cancel();
-  });
-  timer.async_wait([&](const boost::system::error_code&) {
-    boost::system::error_code ignored;
-    signals.set.cancel(ignored);
-  });
+  signals.watch([&](int /*number*/) { timer.cancel(); });
+  timer.async_wait([&](const boost::system::error_code&) { signals.stop_watching(); });
   io.run();
-  return !signals.received;
+  return signals.received() == 0;
 }
 
 // --- pgrt-diag budget: who holds the slots of a connection budget ------------------------------
@@ -646,7 +628,7 @@ int run_budget(int argc, char** argv) {
     return key_given ? exit_usage : exit_config;
   }
   asio::io_context io;
-  StopSignals signals(io, /*with_sigterm=*/false);
+  StopSignals signals(io, {SIGINT});  // (SIGTERM keeps its default action)
   pgrt::ConnectOptions options;
   options.conninfo = conninfo;
   options.application_name = "pgrt-diag";
@@ -727,8 +709,10 @@ int run_budget(int argc, char** argv) {
 
 int run(const Arguments& arguments) {
   asio::io_context io;
-  // --watch ends cleanly (exit 0, output flushed) on Ctrl+C or SIGTERM.
-  StopSignals signals(io, arguments.watch_seconds.has_value());
+  // --watch ends cleanly (exit 0, output flushed) on Ctrl+C or SIGTERM; without it SIGTERM keeps
+  // its default action.
+  StopSignals signals(
+      io, arguments.watch_seconds ? std::vector<int>{SIGINT, SIGTERM} : std::vector<int>{SIGINT});
   pgrt::ConnectOptions options;
   options.conninfo = arguments.conninfo;
   options.application_name = "pgrt-diag";
@@ -817,6 +801,10 @@ int main(int argc, char** argv) {
     } catch (const pgrt::Error& error) {
       std::cerr << "pgrt-diag budget: " << printable(error.what(), true) << std::endl;
       return error.code() == pgrt::client_errc::invalid_config ? exit_config : exit_unreachable;
+    } catch (const std::exception& error) {
+      // (Such as its stop signals that could not be watched: StopSignals.)
+      std::cerr << "pgrt-diag budget: " << printable(error.what(), true) << std::endl;
+      return exit_unreachable;
     }
   }
   auto arguments = parse_arguments(argc, argv);
