@@ -228,7 +228,8 @@ struct PoolConfig {
   /// Empty: no check, and no cost.
   std::function<boost::asio::awaitable<bool>(Connection&)> before_handout;
 
-  /// max 3: for a db-f1-micro (about 25 connections) shared with other services.
+  /// max 3, min_idle 0, max_waiters 1,000: for a db-f1-micro (about 25 connections) shared with
+  /// other services.
   [[nodiscard]] static PoolConfig micro();
   /// max 10.
   [[nodiscard]] static PoolConfig small();
