@@ -308,6 +308,9 @@ struct PendingWritesState {
   // The error of the attempt of the flusher's batch whose COMMIT was sent and its answer lost, for
   // the writes flusher_ended() reports of unknown outcome (the flusher's only, then its end's).
   std::optional<Error> commit_lost;
+  // The last error of the flusher's batch while it is being retried (cleared by a flush): why a
+  // writer waiting for room got none.
+  std::string failing_with;
   std::deque<SpaceWaiter*> waiters;
   // The flusher waits on it for writes, and during a backoff: woken by new writes, close, abandon.
   async::TimerCondition flusher_wake;
@@ -548,6 +551,7 @@ void settle_flushed(State& self, std::span<Write> writes) {
   const std::size_t count = writes.size();
   std::lock_guard lock(self.mutex);
   self.flushed += count;
+  self.failing_with.clear();
   self.in_flight -= count;
   ++self.batches;
   self.make_room_locked();
@@ -730,6 +734,7 @@ asio::awaitable<void> flush(State& self, std::span<Write> writes,
         {
           std::lock_guard lock(self.mutex);
           ++self.retries;
+          self.failing_with = one_line(failure->what(), error_log_limit);
         }
         if (attempt == 1 || attempt % 10 == 0) {
           spdlog::warn(
@@ -1092,13 +1097,30 @@ asio::awaitable<void> accept(std::shared_ptr<State> self, Write write) {
     if (!lock.owns_lock()) relock.lock();
     std::erase(self->waiters, &waiter);
   });
-  // make_room_locked() and close_locked() cancel the timer, under the lock.
-  co_await async::wait_locked(lock, waiter.timer, Clock::time_point::max());
+  // make_room_locked() and close_locked() cancel the timer, under the lock; its expiry is the
+  // end of enqueue_timeout (validate(): at most a year, or max() for no limit).
+  const bool bounded = self->config.enqueue_timeout != std::chrono::milliseconds::max();
+  const boost::system::error_code woken = co_await async::wait_locked(
+      lock, waiter.timer,
+      bounded ? Clock::now() + self->config.enqueue_timeout : Clock::time_point::max());
   leave_queue.disarm();
   if (waiter.accepted) co_return;
   if (waiter.failure) std::rethrow_exception(waiter.failure);  // (no longer listed)
   std::erase(self->waiters, &waiter);
   if (waiter.closed) self->throw_closed_locked();
+  if (!woken) {  // (the timer ran out: nobody woke the writer)
+    throw_error(client_errc::writes_queue_full,
+                "pending writes " + self->config.name + " had no room within enqueue_timeout (" +
+                    std::to_string(self->config.enqueue_timeout.count()) + " ms; " +
+                    std::to_string(self->unflushed_locked()) + " unflushed writes, capacity " +
+                    std::to_string(self->config.capacity) + ")" +
+                    (self->failing_with.empty()
+                         ? std::string()
+                         : "; the flusher's batch keeps failing: " + self->failing_with) +
+                    "; the write was not accepted",
+                "the database is slower than the writes come in, or unreachable; raise "
+                "PendingWritesConfig::capacity or enqueue_timeout, or shed load");
+  }
   throw_error(client_errc::cancelled, "waiting for room in pending writes " + self->config.name +
                                           " was cancelled; the write was not accepted");
 }
@@ -1270,6 +1292,16 @@ void PendingWritesConfig::validate() const {
     invalid("when_full must be WhenFull::wait or WhenFull::fail");
   }
   if (flush_interval.count() < 0) invalid("flush_interval must not be negative");
+  if (enqueue_timeout.count() <= 0) {
+    invalid("enqueue_timeout must be positive (milliseconds::max() for no limit), got " +
+            std::to_string(enqueue_timeout.count()) + " ms");
+  }
+  if (enqueue_timeout != std::chrono::milliseconds::max()) {
+    if (auto problem = detail::longer_than_a_year("enqueue_timeout", enqueue_timeout, "")) {
+      throw_error(client_errc::invalid_config, "PendingWritesConfig::" + problem->message,
+                  problem->hint);
+    }
+  }
   if (retry_initial.count() <= 0) invalid("retry_initial must be positive");
   // The retry delays are doubled and added to steady_clock instants (nanoseconds): one such as
   // milliseconds::max() would overflow. (flush_interval saturates instead: max() means no limit.)

@@ -369,6 +369,54 @@ TEST_F(PendingWritesTest, WritesWaitOutAPoolWhoseConnectsAllFailAndNoneIsGivenUp
   });
 }
 
+// A writer waiting for room waits at most enqueue_timeout (every wait bounded, and by default): a
+// flusher that cannot write (here every connect is refused) never makes room, and the write is
+// then refused with writes_queue_full, saying how long it waited and why the flusher is behind
+// (its batch's last error), not left waiting for good.
+TEST_F(PendingWritesTest, AWriterWaitsForRoomAtMostEnqueueTimeoutAndIsToldWhyThereIsNone) {
+  EXPECT_THROW(Config{.enqueue_timeout = 0ms}.validate(), Error);
+  EXPECT_THROW(Config{.enqueue_timeout = -5ms}.validate(), Error);
+  EXPECT_NO_THROW(Config{.enqueue_timeout = std::chrono::milliseconds::max()}.validate());
+  EXPECT_NO_THROW(Config{}.validate());
+  const std::string dsn = cluster().dsn();
+  create_table(dsn, "pw_bounded");
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    auto refused = pool_config(dsn, "bounded");
+    refused.connect.session_settings = {{"statement_timeout", "soon"}};
+    refused.acquire_timeout = 100ms;
+    Pool pool(executor, refused);
+    PendingWrites writes(pool, executor,
+                         Config{.capacity = 2,
+                                .when_full = Config::WhenFull::wait,
+                                .enqueue_timeout = 400ms,
+                                .batch_size = 1,
+                                .flush_interval = 0ms});
+    co_await writes.start();
+    auto rows = writes.table<std::int64_t, std::string>("pw_bounded", {"seq", "payload"});
+    co_await rows.append(1, "accepted");
+    co_await rows.append(2, "accepted");
+    const auto started = std::chrono::steady_clock::now();
+    while (writes.report().retries < 1 && std::chrono::steady_clock::now() - started < 20s) {
+      co_await sleep_for(20ms);
+    }
+    const auto asked = std::chrono::steady_clock::now();
+    const Error full = co_await expect_error(with_timeout(rows.append(3, "refused"), 10s));
+    const auto waited = std::chrono::steady_clock::now() - asked;
+    EXPECT_EQ(full.code(), client_errc::writes_queue_full) << full.what();
+    EXPECT_GE(waited, 350ms);
+    EXPECT_LT(waited, 5s);
+    EXPECT_THAT(full.what(), HasSubstr("400 ms")) << full.what();
+    EXPECT_THAT(full.what(), HasSubstr("the write was not accepted")) << full.what();
+    EXPECT_THAT(full.what(), HasSubstr("statement_timeout")) << "no word of why: " << full.what();
+    const auto report = writes.report();
+    EXPECT_EQ(report.accepted, 2U);
+    EXPECT_EQ(report.waiting, 0U) << "the refused writer is still queued for room";
+    (void)co_await expect_error(with_timeout(writes.stop(), 300ms));
+    (void)co_await pool.close(1s);
+  });
+}
+
 TEST_F(PendingWritesTest, AWriteIsFlushedAfterTheIntervalWithoutAFullBatch) {
   const std::string dsn = cluster().dsn();
   create_table(dsn, "pw_interval");

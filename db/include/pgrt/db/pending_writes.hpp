@@ -58,6 +58,11 @@ struct PendingWritesConfig {
   /// The most writes accepted but not yet flushed (queued plus being flushed).
   std::size_t capacity = 10'000;
   WhenFull when_full = WhenFull::wait;
+  /// With WhenFull::wait, the longest an enqueue() waits for room: past it, the write is refused
+  /// with client_errc::writes_queue_full, which says how long it waited and, when the flusher's
+  /// batch is failing, its last error. Positive; at most a year, or milliseconds::max() for no
+  /// limit.
+  std::chrono::milliseconds enqueue_timeout{30'000};
   /// A batch is flushed as soon as this many writes are queued; also the most writes per batch.
   /// At most `capacity`.
   std::size_t batch_size = 500;
@@ -194,11 +199,12 @@ class PendingWrites {
   /// 2. A trailing `;` ends the one statement, and a BEGIN ATOMIC body's `;` end none. (Functions
   /// and DO blocks are not looked into.)
   ///
-  /// When `capacity` writes are pending: with WhenFull::wait, waits (FIFO) for room; with
-  /// WhenFull::fail, throws.
+  /// When `capacity` writes are pending: with WhenFull::wait, waits (FIFO) for room, at most
+  /// `enqueue_timeout`; with WhenFull::fail, throws.
   ///
   /// Errors (pgrt::Error): client_errc::writes_closed once stop() has begun (also to a caller
-  /// waiting for room when it begins); client_errc::writes_queue_full (WhenFull::fail);
+  /// waiting for room when it begins); client_errc::writes_queue_full (WhenFull::fail, or no room
+  /// within enqueue_timeout);
   /// client_errc::cancelled; client_errc::needs_session (above); client_errc::conversion (a
   /// parameter that cannot be sent). std::bad_alloc when memory runs out as the write is queued,
   /// also for a caller that waited for room (its write then not queued when the room came; the
