@@ -2800,6 +2800,35 @@ TEST_F(PoolTest, QueryStatementsAvoidAConnectionHeldUpByAnAbandonedStatement) {
   });
 }
 
+// A query() caller that gives up is told whether its statement was sent, as Connection's
+// operations tell theirs: one cancelled while it was queued did not run (it can be run again as
+// it is), one cancelled after it was sent may have run (a write must be checked first).
+TEST_F(PoolTest, AQueryCancelledSaysWhetherItsStatementWasSent) {
+  run_coroutine([&]() -> awaitable_void {
+    auto executor = co_await asio::this_coro::executor;
+    {
+      Pool pool(executor, config("cancel-sent", 1));
+      (void)co_await pool.query("SELECT 1");
+      const Error sent = co_await testing::expect_error(
+          with_timeout(pool.query("SELECT pg_sleep(2)"), std::chrono::milliseconds(100)));
+      EXPECT_EQ(sent.code(), client_errc::timeout) << sent.what();
+      EXPECT_THAT(sent.what(), HasSubstr("after it was sent: it may have run")) << sent.what();
+      (void)co_await pool.close(5s);
+    }
+    {
+      PoolConfig down = config("cancel-queued", 1);
+      down.conninfo = "host=127.0.0.1 port=1 user=postgres dbname=postgres";  // refused
+      down.acquire_timeout = 10s;
+      Pool pool(executor, down);
+      const Error queued = co_await testing::expect_error(
+          with_timeout(pool.query("SELECT 1"), std::chrono::milliseconds(200)));
+      EXPECT_EQ(queued.code(), client_errc::timeout) << queued.what();
+      EXPECT_THAT(queued.what(), HasSubstr("before it was sent: it did not run")) << queued.what();
+      (void)co_await pool.close(1s);
+    }
+  });
+}
+
 // When every statement in flight on a connection was given up by its caller, nothing else can be
 // hit by a cancel request: it is sent, so that the connection does not stay held up until they
 // end (with max 1, every new statement would time out meanwhile). Statements after it, on the

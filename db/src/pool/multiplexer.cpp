@@ -1389,8 +1389,11 @@ asio::awaitable<Result> run_shared(std::shared_ptr<PoolState> pool,
     // goes back to the pool. No cancel request for it alone (it could hit the statement of
     // another caller): the connection sends one once every statement in flight there is given
     // up.
+    // (Whether it was sent is the caller's to know: a write sent may have run, one not sent did
+    // not, and only the one not sent can be run again without a check.)
+    const bool was_sent = statement->stage == SharedStatement::Stage::sent;
     if (statement->stage == SharedStatement::Stage::queued) mux->withdraw_locked(*statement);
-    if (statement->stage == SharedStatement::Stage::sent) {
+    if (was_sent) {
       held_up = statement->link.lock();  // (dropped after the lock: never the last under it)
       if (held_up) {
         held_up->retiring = true;
@@ -1400,8 +1403,16 @@ asio::awaitable<Result> run_shared(std::shared_ptr<PoolState> pool,
     }
     statement->stage = SharedStatement::Stage::abandoned;
     abandon.disarm();
-    throw Error(make_error_code(client_errc::cancelled),
-                Diagnostics{.message = "the statement was cancelled", .statement = statement->sql});
+    throw Error(
+        make_error_code(client_errc::cancelled),
+        was_sent
+            ? Diagnostics{.message = "the statement was cancelled after it was sent: it may have "
+                                     "run on the server, and its answer is dropped",
+                          .hint = "check whether it ran before you run it again",
+                          .statement = statement->sql}
+            : Diagnostics{.message = "the statement was cancelled before it was sent: it did not "
+                                     "run",
+                          .statement = statement->sql});
   }
   abandon.disarm();
   if (statement->unanswered) {  // (failed by close(), and resumed otherwise: cancelled)
