@@ -608,6 +608,26 @@ TEST_F(ConnectionEdgesTest, AUrlGivenAsTheDatabaseNameDoesNotPutItsPasswordInThe
     SCOPED_TRACE(url);
     expect_a_url_as_a_name_refused(without_dbname, url);
   }
+  // The same slip into the host address or the service name (libpq's own errors quote them), and
+  // credentials without a scheme given as the user name.
+  run_coroutine([&]() -> awaitable_void {
+    for (const std::string slip :
+         {" dbname=postgres hostaddr=postgresql://app:S3cretPw@db.invalid",
+          " dbname=postgres service=postgresql://app:S3cretPw@db.invalid/x",
+          " dbname=postgres user=app:S3cretPw@db.invalid"}) {
+      ConnectOptions slipped{.conninfo = without_dbname + slip, .connect_timeout = 5s};
+      const Error error = co_await testing::expect_error(Connection::connect(slipped));
+      EXPECT_EQ(error.code(), client_errc::invalid_config) << error.what();
+      EXPECT_THAT(error.what(), ::testing::Not(::testing::HasSubstr("S3cretPw"))) << error.what();
+    }
+  });
+  ::setenv("PGSERVICE", "postgresql://app:S3cretPw@db.invalid/x", 1);
+  run_coroutine([&]() -> awaitable_void {
+    ConnectOptions from_env{.conninfo = without_dbname + " dbname=postgres", .connect_timeout = 5s};
+    const Error error = co_await testing::expect_error(Connection::connect(from_env));
+    EXPECT_THAT(error.what(), ::testing::Not(::testing::HasSubstr("S3cretPw"))) << error.what();
+  });
+  ::unsetenv("PGSERVICE");
 }
 
 // The same slip with libpq's other conninfo form: a key=value string given as the database name

@@ -724,6 +724,9 @@ TEST(PoolConfigTest, AConninfoPastedAsANameNeverShowsItsPassword) {
       "dbname=app?password=hunter2",
       "host=postgresql://app:hunter2@db",
       "host=app:hunter2@db",
+      "hostaddr=postgresql://app:hunter2@db",
+      "service=postgresql://app:hunter2@db/app",
+      "user=app:hunter2@db",
   };
   for (const std::string& name : pasted_names) {
     const std::string parsable = "port=5432 " + name;
@@ -741,6 +744,10 @@ TEST(PoolConfigTest, AConninfoPastedAsANameNeverShowsItsPassword) {
   // name with another "://" in it, which a database or role may have: "tenant://eu-1".)
   EXPECT_THAT(mask_password("dbname='tenant://eu-1' user=password_reset port=5432 Port=5"),
               HasSubstr("dbname=tenant://eu-1 user=password_reset"));
+  EXPECT_THAT(mask_password("user=app:eu service=orders hostaddr=10.0.0.7 port=5432"),
+              HasSubstr("user=app:eu"));
+  EXPECT_THAT(mask_password("user=app:eu service=orders hostaddr=10.0.0.7 port=5432"),
+              HasSubstr("service=orders"));
   EXPECT_THAT(mask_password("dbname=orders user=app host=db.internal port=5432 Port=5"),
               HasSubstr("dbname=orders user=app host=db.internal port=5432"));
   for (const char* shown : {"dbname=orders", "user=app", "host=db.internal"}) {

@@ -514,15 +514,19 @@ asio::awaitable<error_code> Connection::Impl::connect() {
                    "give the URL as the whole conninfo (DATABASE_URL), or only the host name in "
                    "host= and PGHOST");
   }
-  // The same slip with the database or user name: libpq expands only the conninfo itself, so a
-  // conninfo there would go to the server as a name, and its password into every error quoting it.
-  for (const auto& [what, keyword, variable] :
-       {std::tuple{"database name", "dbname", "PGDATABASE"}, {"user name", "user", "PGUSER"}}) {
-    if (!name_holds_a_conninfo(parsed.get(keyword, variable))) continue;
+  // The same slip with the database or user name, the host address or the service name: libpq
+  // expands only the conninfo itself, so a conninfo there would go to the server as a name (or to
+  // libpq's own errors, which quote a host address or service they cannot use), and its password
+  // into every error quoting it.
+  for (const auto& [what, keyword, variable] : {std::tuple{"database name", "dbname", "PGDATABASE"},
+                                                {"user name", "user", "PGUSER"},
+                                                {"host address", "hostaddr", "PGHOSTADDR"},
+                                                {"service name", "service", "PGSERVICE"}}) {
+    if (!value_holds_credentials(keyword, parsed.get(keyword, variable))) continue;
     co_return fail(client_errc::invalid_config,
                    std::string("the ") + what + " (conninfo " + keyword + "=, or " + variable +
-                       ") is a connection URL or key=value conninfo; not shown, as it may hold a "
-                       "password",
+                       ") looks like a connection URL, a key=value conninfo or a user's "
+                       "credentials; not shown, as it may hold a password",
                    {},
                    std::string("give the URL as the whole conninfo (DATABASE_URL), or only the ") +
                        what + " in " + keyword + "= and " + variable);

@@ -381,8 +381,17 @@ bool host_holds_credentials(std::string_view hosts) {
 }
 
 bool value_holds_credentials(std::string_view keyword, std::string_view value) {
-  if (keyword == "host") return host_holds_credentials(value);
-  if (keyword == "dbname" || keyword == "user") return name_holds_a_conninfo(value);
+  // (A host address is an IP address, a service a plain name: neither has "://" or an '@'.)
+  if (keyword == "host" || keyword == "hostaddr" || keyword == "service") {
+    return host_holds_credentials(value);
+  }
+  if (keyword == "dbname") return name_holds_a_conninfo(value);
+  if (keyword == "user") {
+    // Also credentials without a scheme, "app:s3cret@db" (a ':' before an '@').
+    const std::size_t colon = value.find(':');
+    return name_holds_a_conninfo(value) ||
+           (colon != std::string_view::npos && value.find('@', colon) != std::string_view::npos);
+  }
   return false;
 }
 

@@ -61,8 +61,9 @@ bool host_holds_credentials(std::string_view hosts);
 // server as the name, password and all. (Any other text is a valid name.)
 bool name_holds_a_conninfo(std::string_view name);
 
-// Whether the value of conninfo keyword `keyword` may hold a password where none belongs: a host
-// (host_holds_credentials()), a database or user name (name_holds_a_conninfo()). Never shown.
+// Whether the value of conninfo keyword `keyword` may hold a password where none belongs: a host,
+// a host address or a service name (host_holds_credentials()), a database name
+// (name_holds_a_conninfo()), a user name (the same, or "app:s3cret@db"). Never shown.
 bool value_holds_credentials(std::string_view keyword, std::string_view value);
 
 // Why `conninfo` cannot be parsed (or, a URL, is misread: url_credentials_misread()), redacted
