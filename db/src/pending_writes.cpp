@@ -618,6 +618,7 @@ void give_up(State& self, std::span<Write> writes, const Error& error,
     if (unconfirmed) self.unconfirmed += writes.size();
     self.in_flight -= writes.size();
     for (Write& write : writes) write.settled = true;
+    self.failing_with.clear();  // (settled: the next attempt says what fails now)
     self.make_room_locked();
   }
   self.events.failed(descriptions, error);
@@ -734,7 +735,13 @@ asio::awaitable<void> flush(State& self, std::span<Write> writes,
         {
           std::lock_guard lock(self.mutex);
           ++self.retries;
-          self.failing_with = one_line(failure->what(), error_log_limit);
+          // (The first line of its message and its error code only, no DETAIL or STATEMENT: the
+          // refusal goes to callers whose writes are not in this batch.)
+          const std::string& message = failure->diagnostics().message;
+          const std::string first_line = message.substr(0, message.find('\n'));
+          self.failing_with =
+              (first_line.empty() ? std::string() : one_line(first_line, 600) + " ") + "[" +
+              failure->code().message() + "]";
         }
         if (attempt == 1 || attempt % 10 == 0) {
           spdlog::warn(

@@ -36,7 +36,8 @@ enum class client_errc {
                         ///< is malformed. Equivalent to boost::system::errc::invalid_argument,
                         ///< which the lifecycle manager maps to exit_code::config.
   writes_closed,        ///< PendingWrites is stopping or stopped: the write was not accepted.
-  writes_queue_full,    ///< PendingWrites is full (WhenFull::fail): the write was not accepted.
+  writes_queue_full,    ///< PendingWrites is full (WhenFull::fail, or no room within
+                        ///< PendingWritesConfig::enqueue_timeout): the write was not accepted.
   writes_failed,        ///< PendingWrites::stop(): some accepted writes were not written.
   instance_locked,      ///< Another instance of the same app/instance holds the instance lock.
   tls_failed,           ///< TLS could not be set up: the server's certificate failed the check
