@@ -628,7 +628,9 @@ TEST_F(PoolTest, FullServerBacksOffWithoutAConnectStorm) {
                   auto lease = co_await pool.acquire();
                   ADD_FAILURE() << "got a connection from a full server";
                 } catch (const Error& error) {
-                  EXPECT_EQ(error.code(), client_errc::pool_timeout);
+                  // Refused by a full server, none of its connections alive: the server's own
+                  // code once acquire_timeout has passed, not a busy pool's.
+                  EXPECT_EQ(error.code(), condition::too_many_connections) << error.what();
                   EXPECT_THAT(error.what(), HasSubstr("last connect error"));
                   EXPECT_THAT(error.what(), HasSubstr("max_connections"));
                 }
@@ -664,7 +666,9 @@ TEST_F(PoolTest, FullServerBacksOffWithoutAConnectStorm) {
           try {
             lease.emplace(co_await pool.acquire());
           } catch (const Error& error) {
-            EXPECT_EQ(error.code(), client_errc::pool_timeout) << error.what();
+            EXPECT_TRUE(error.code() == condition::too_many_connections ||
+                        error.code() == client_errc::pool_timeout)
+                << error.what();
           }
         }
         if (!lease) {
@@ -689,6 +693,57 @@ TEST_F(PoolTest, FullServerBacksOffWithoutAConnectStorm) {
   EXPECT_EQ(during.connect_errors + during.connecting, during.connect_attempts);
   EXPECT_EQ(during.timeouts, 5U);
   EXPECT_THAT(during.last_connect_error, HasSubstr("max_connections"));
+}
+
+// A full server (53300) and none of the pool's connections alive: an acquire still waits out its
+// acquire_timeout (the server may have room in a moment), then fails with the server's own code
+// (condition::too_many_connections, as with fail_fast_after) and the backpressure hint of a full
+// server, not with a busy pool's pool_timeout and its "raise max_size" (which would make it
+// worse). With a connection of the pool alive, which may come back to the caller, it stays a busy
+// pool's pool_timeout.
+TEST_F(PoolTest, AnAcquireTimedOutByAFullServerGetsTheServersCode) {
+  auto own = start_own_cluster(
+      {.max_connections = 3, .settings = {{"superuser_reserved_connections", "0"}}});
+  std::vector<std::unique_ptr<BlockingConnection>> hogs;
+  for (int i = 0; i < 3; ++i) hogs.push_back(std::make_unique<BlockingConnection>(own->dsn()));
+  PoolConfig pool_config = config("full-timeout", 2);
+  pool_config.conninfo = own->dsn();
+  pool_config.acquire_timeout = 1500ms;
+  pool_config.connect_backoff_max = 200ms;
+  run_coroutine(
+      [&]() -> awaitable_void {
+        Pool pool(co_await asio::this_coro::executor, pool_config);
+        const auto asked = std::chrono::steady_clock::now();
+        const Error full = co_await testing::expect_error(pool.acquire());
+        EXPECT_GE(std::chrono::steady_clock::now() - asked, 1400ms)
+            << "a full server ended the wait before acquire_timeout: " << full.what();
+        EXPECT_EQ(full.code(), condition::too_many_connections) << full.what();
+        EXPECT_EQ(full.code().category(), sqlstate_category()) << full.what();
+        EXPECT_EQ(full.code(), make_sqlstate_error("53300")) << full.what();
+        EXPECT_THAT(full.what(), HasSubstr("last connect error"));
+        EXPECT_THAT(full.diagnostics().hint, HasSubstr("max_connections")) << full.what();
+        EXPECT_THAT(full.diagnostics().hint, Not(HasSubstr("max_size"))) << full.what();
+        // One slot free: the pool gets it (once the hog's backend has ended), and a second
+        // acquire waits for that connection, alive, while the connects of another are refused.
+        hogs.pop_back();
+        std::optional<Lease> held;
+        for (int attempt = 0; attempt < 5 && !held; ++attempt) {
+          try {
+            held.emplace(co_await pool.acquire());
+          } catch (const Error&) {
+          }
+        }
+        if (!held) {
+          ADD_FAILURE() << "no connection after a slot was freed";
+          co_return;
+        }
+        const Error busy = co_await testing::expect_error(pool.acquire());
+        EXPECT_EQ(busy.code(), client_errc::pool_timeout) << busy.what();
+        EXPECT_THAT(busy.what(), HasSubstr("max_connections")) << "the last connect error";
+        held.reset();
+        (void)co_await pool.close(1s);
+      },
+      60s);
 }
 
 TEST_F(PoolTest, ReservedConnectionsKeepHighPriorityFromStarving) {

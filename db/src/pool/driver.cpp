@@ -406,6 +406,7 @@ asio::awaitable<void> PoolState::open_connection(
                                            asio::as_tuple(asio::use_awaitable));
   }
   std::string failure;
+  std::string failure_hint;  // the connect's own (PoolState::last_connect_hint)
   // What went wrong without the counts that may change between attempts (a budget's holders and
   // share): the warning below is logged again only when it changes. Empty: the failure itself.
   std::string failure_reason;
@@ -424,9 +425,8 @@ asio::awaitable<void> PoolState::open_connection(
       failure = "the pool closed while connecting";
     } else {
       failure = connection.last_error().message;
-      if (!connection.last_error().hint.empty()) {
-        failure += " (" + connection.last_error().hint + ")";
-      }
+      failure_hint = connection.last_error().hint;
+      if (!failure_hint.empty()) failure += " (" + failure_hint + ")";
     }
     // A connect that ran out of time once its socket was connected may have a backend in
     // start-up on the server (a slow server says nothing until it is done), which lives on until
@@ -571,6 +571,7 @@ asio::awaitable<void> PoolState::open_connection(
     } else if (error) {
       self->last_connect_error = failure;
       self->last_connect_error_code = error;
+      self->last_connect_hint = failure_hint;
       if (!cancel->cancelled) {
         ++self->failed_connects_in_a_row;
         if (const std::string& reason = failure_reason.empty() ? failure : failure_reason;
@@ -740,6 +741,7 @@ asio::awaitable<SlotSearch> PoolState::wait_for_budget_slot(
     ++self->budget_slot_waits;
     self->last_connect_error = full + "; a connection waits for one";
     self->last_connect_error_code = make_error_code(client_errc::budget_exhausted);
+    self->last_connect_hint.clear();
   }
   const auto timeout = self->config.connect.connect_timeout;
   const auto give_up_at = Clock::now() + timeout;
@@ -1311,6 +1313,14 @@ void PoolState::fail_wait(std::unique_lock<std::mutex>& lock, pool::Waiter& wait
     case pool::FailReason::timeout:
       break;
   }
+  Error timed_out = timeout_error_locked(wait_limit, load);
+  lock.unlock();
+  emit(events.acquire_timeout, timed_out.diagnostics().message);
+  throw timed_out;
+}
+
+Error PoolState::timeout_error_locked(std::chrono::milliseconds wait_limit,
+                                      const std::string& load) const {
   std::string message = "timed out after " + std::to_string(wait_limit.count()) +
                         " ms waiting for a connection from the pool " + application_name + " (" +
                         load + ")";
@@ -1338,22 +1348,40 @@ void PoolState::fail_wait(std::unique_lock<std::mutex>& lock, pool::Waiter& wait
        (connect_error.category() == sqlstate_category() &&
         connect_error != condition::connection_error &&
         connect_error != condition::too_many_connections));
-  lock.unlock();
-  emit(events.acquire_timeout, message);
+  // Every connect refused by a full server (53300, or a role's or database's connection limit),
+  // and none of the pool's connections alive to come back to the caller: backpressure, with the
+  // server's own code and the connect's hint (what relieves the server), as fail_fast_after's
+  // error has, not a busy pool's "raise max_size". A full server may have room in a moment:
+  // which is why waiting does cure it, and why the caller waited out its acquire_timeout.
+  const bool nothing_alive = failed_connects_in_a_row > 0 && core.live_connections() == 0;
+  const bool server_full = nothing_alive && connect_error == condition::too_many_connections;
   if (connects_cannot_succeed) {
-    throw Error(connect_error,
-                Diagnostics{.message = message,
-                            .hint = "every connect fails with an error that waiting does not cure: "
-                                    "fix what it says (the pool keeps retrying with backoff)"});
+    return Error(
+        connect_error,
+        Diagnostics{.message = std::move(message),
+                    .hint = "every connect fails with an error that waiting does not cure: "
+                            "fix what it says (the pool keeps retrying with backoff)"});
   }
   if (budget_full) {
-    throw_pool_error(client_errc::budget_exhausted, message,
-                     "every process sharing the budget (PGRT_BUDGET_KEY) together holds at most "
-                     "PGRT_BUDGET_SLOTS connections: hold leases for shorter, or raise the "
-                     "budget where the server allows it (pgrt-diag budget shows the holders)");
+    return Error(make_error_code(client_errc::budget_exhausted),
+                 Diagnostics{.message = std::move(message),
+                             .hint = "every process sharing the budget (PGRT_BUDGET_KEY) together "
+                                     "holds at most PGRT_BUDGET_SLOTS connections: hold leases for "
+                                     "shorter, or raise the budget where the server allows it "
+                                     "(pgrt-diag budget shows the holders)"});
   }
-  throw_pool_error(client_errc::pool_timeout, message,
-                   "hold leases for shorter, raise max_size, or check the server");
+  if (server_full) {
+    return Error(connect_error,
+                 Diagnostics{.message = std::move(message),
+                             .hint = last_connect_hint.empty()
+                                         ? "the server refuses new connections (it is full): "
+                                           "close idle connections elsewhere, lower pool sizes, "
+                                           "or raise max_connections; retry with backoff"
+                                         : last_connect_hint});
+  }
+  return Error(make_error_code(client_errc::pool_timeout),
+               Diagnostics{.message = std::move(message),
+                           .hint = "hold leases for shorter, raise max_size, or check the server"});
 }
 
 asio::awaitable<Lease> PoolState::checked(Lease lease, std::shared_ptr<PoolState> self,

@@ -358,6 +358,9 @@ struct PoolState : std::enable_shared_from_this<PoolState>, async::ParkedWaitOwn
   std::shared_ptr<StatementTimes> statement_times = std::make_shared<StatementTimes>();
   std::string last_connect_error;
   error_code last_connect_error_code;
+  // The last failed connect's own hint (Connection::last_error(): for 53300, what relieves a full
+  // server), "" when it had none.
+  std::string last_connect_hint;
   // The reason of the connect failure last logged, "" while connects succeed: failed connects
   // are logged once per change of reason (a budget's changing holders and share are not one),
   // and a success after failures once.
@@ -569,6 +572,12 @@ struct PoolState : std::enable_shared_from_this<PoolState>, async::ParkedWaitOwn
   // A waiter woken without a connection: the pool closed, it was cancelled, or its time ran out.
   [[noreturn]] void fail_wait(std::unique_lock<std::mutex>& lock, pool::Waiter& waiter,
                               error_code error, std::chrono::milliseconds wait_limit);
+
+  // The error of an acquire that waited `wait_limit` in vain (fail_wait()): pool_timeout, or the
+  // code of what kept the pool from opening one (connects that cannot succeed, a full budget, a
+  // full server with none of the pool's connections alive). `load`: describe_load_locked().
+  [[nodiscard]] Error timeout_error_locked(std::chrono::milliseconds wait_limit,
+                                           const std::string& load) const;
 
   // How long an acquire may take in all, checks before handout included.
   [[nodiscard]] std::chrono::milliseconds checkout_limit() const {

@@ -337,6 +337,14 @@ class Core {
   ~Core();
 
   [[nodiscard]] const CoreConfig& config() const noexcept { return config_; }
+  // Connections open and not closing: idle, leased, resetting or pinging (one may come back to
+  // a waiter).
+  [[nodiscard]] std::size_t live_connections() const noexcept {
+    return by_state_[static_cast<std::size_t>(NodeState::idle)].size() +
+           by_state_[static_cast<std::size_t>(NodeState::leased)].size() +
+           by_state_[static_cast<std::size_t>(NodeState::resetting)].size() +
+           by_state_[static_cast<std::size_t>(NodeState::pinging)].size();
+  }
   // Refusing acquires: close() has run, or refuse_acquires() (close_now() on a thread that cannot
   // carry out close()'s actions: it refuses at once, and close() follows on the io_context).
   [[nodiscard]] bool closed() const noexcept { return closed_ || refusing_; }
@@ -507,13 +515,6 @@ class Core {
   void time_out_waiters(Time now, Time& next, Actions& actions);
   void want_tick(Time at, Actions& actions);
   [[nodiscard]] Time deadline_of(const Node& node) const noexcept;
-  // Connections open and not closing: idle, leased, resetting or pinging.
-  [[nodiscard]] std::size_t live_connections() const noexcept {
-    return by_state_[static_cast<std::size_t>(NodeState::idle)].size() +
-           by_state_[static_cast<std::size_t>(NodeState::leased)].size() +
-           by_state_[static_cast<std::size_t>(NodeState::resetting)].size() +
-           by_state_[static_cast<std::size_t>(NodeState::pinging)].size();
-  }
   [[nodiscard]] Time lifetime_deadline(Time now);
   [[nodiscard]] milliseconds next_backoff();
   // Idle for validate_after_idle or longer: pinged before it is handed out.

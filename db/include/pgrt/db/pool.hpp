@@ -441,7 +441,9 @@ class Pool {
   /// Errors (pgrt::Error): pool_timeout after PoolConfig::acquire_timeout, saying how many
   /// connections were in use, how many callers waited, and the last connect error
   /// (budget_exhausted instead while a full budget, PoolConfig::budget, keeps the pool from
-  /// connecting); pool_queue_full; pool_closed; cancelled.
+  /// connecting; the connect error's own code when every connect fails with an error that waiting
+  /// does not cure, or is refused by a full server, 53300 (condition::too_many_connections), while
+  /// none of the pool's connections is alive); pool_queue_full; pool_closed; cancelled.
   ///
   /// Cancellation: per-operation cancellation of a waiting acquire leaves no trace; a connection
   /// that was opened for it goes to the next waiter or the idle set.
