@@ -746,6 +746,57 @@ TEST_F(PoolTest, AnAcquireTimedOutByAFullServerGetsTheServersCode) {
       60s);
 }
 
+// query() on a pool whose every connect fails, none of its connections alive (the server down, a
+// conninfo value libpq refuses, a full server): its statement waits out acquire_timeout as before,
+// then fails with what acquire() says (the last connect error, and the code acquire() gives:
+// invalid_config, 53300), not with a busy pool's "raise acquire_timeout or max_size, or shed load"
+// (the statement's own deadline comes before its borrow's acquire gives up, and used to speak
+// first).
+TEST_F(PoolTest, AQueryTimedOutWhileEveryConnectFailsGetsTheConnectError) {
+  auto own = start_own_cluster(
+      {.max_connections = 2, .settings = {{"superuser_reserved_connections", "0"}}});
+  std::vector<std::unique_ptr<BlockingConnection>> hogs;
+  for (int i = 0; i < 2; ++i) hogs.push_back(std::make_unique<BlockingConnection>(own->dsn()));
+  auto down = config("query-server-down", 2);
+  down.conninfo = "host=127.0.0.1 port=1 user=postgres dbname=postgres";  // refused
+  auto bad_value = config("query-bad-conninfo", 2);
+  bad_value.conninfo += " channel_binding=bogus";
+  auto full = config("query-server-full", 2);
+  full.conninfo = own->dsn();
+  for (PoolConfig pool_config : {down, bad_value, full}) {
+    pool_config.acquire_timeout = 1500ms;
+    pool_config.connect_backoff_max = 200ms;
+    run_coroutine(
+        [&]() -> awaitable_void {
+          Pool pool(co_await asio::this_coro::executor, pool_config);
+          const auto asked = std::chrono::steady_clock::now();
+          const Error from_query = co_await testing::expect_error(pool.query("SELECT 1"));
+          EXPECT_GE(std::chrono::steady_clock::now() - asked, 1400ms) << from_query.what();
+          const Error from_acquire = co_await testing::expect_error(pool.acquire());
+          const std::string what = from_query.what();
+          EXPECT_EQ(from_query.code(), from_acquire.code())
+              << what << "\nacquire(): " << from_acquire.what();
+          EXPECT_THAT(what, HasSubstr("last connect error"));
+          EXPECT_THAT(what, Not(HasSubstr("no connection could run the statement")));
+          EXPECT_THAT(from_query.diagnostics().hint, Not(HasSubstr("max_size"))) << what;
+          EXPECT_THAT(from_acquire.diagnostics().hint, Not(HasSubstr("max_size")))
+              << from_acquire.what();
+          EXPECT_EQ(from_query.diagnostics().statement, "SELECT 1");
+          if (pool_config.instance == "query-server-down") {
+            EXPECT_THAT(what, HasSubstr("refused"));
+          } else if (pool_config.instance == "query-bad-conninfo") {
+            EXPECT_EQ(from_query.code(), client_errc::invalid_config) << what;
+            EXPECT_THAT(what, HasSubstr("channel_binding"));
+          } else {
+            EXPECT_EQ(from_query.code(), condition::too_many_connections) << what;
+            EXPECT_THAT(from_query.diagnostics().hint, HasSubstr("max_connections")) << what;
+          }
+          (void)co_await pool.close(1s);
+        },
+        60s);
+  }
+}
+
 TEST_F(PoolTest, ReservedConnectionsKeepHighPriorityFromStarving) {
   auto pool_config = config("reserved");
   pool_config.reserved_for_priority = 1;

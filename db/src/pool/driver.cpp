@@ -1379,9 +1379,23 @@ Error PoolState::timeout_error_locked(std::chrono::milliseconds wait_limit,
                                            "or raise max_connections; retry with backoff"
                                          : last_connect_hint});
   }
-  return Error(make_error_code(client_errc::pool_timeout),
-               Diagnostics{.message = std::move(message),
-                           .hint = "hold leases for shorter, raise max_size, or check the server"});
+  // Every connect fails (the server down or unreachable) and nothing is alive: no lease to hold
+  // for shorter, no size to raise.
+  return Error(
+      make_error_code(client_errc::pool_timeout),
+      Diagnostics{.message = std::move(message),
+                  .hint = nothing_alive ? "none of the pool's connections is alive and every "
+                                          "connect fails: check the server and the conninfo (the "
+                                          "last connect error says why); the pool keeps retrying "
+                                          "with backoff"
+                                        : "hold leases for shorter, raise max_size, or check the "
+                                          "server"});
+}
+
+std::optional<Error> PoolState::connects_failing_error(std::chrono::milliseconds wait_limit) const {
+  std::lock_guard lock(mutex);
+  if (failed_connects_in_a_row == 0 || core.live_connections() > 0) return std::nullopt;
+  return timeout_error_locked(wait_limit, describe_load_locked());
 }
 
 asio::awaitable<Lease> PoolState::checked(Lease lease, std::shared_ptr<PoolState> self,

@@ -578,6 +578,11 @@ struct PoolState : std::enable_shared_from_this<PoolState>, async::ParkedWaitOwn
   // full server with none of the pool's connections alive). `load`: describe_load_locked().
   [[nodiscard]] Error timeout_error_locked(std::chrono::milliseconds wait_limit,
                                            const std::string& load) const;
+  // While every connect fails and none of the pool's connections is alive: the error an acquire
+  // that waited `wait_limit` in vain gets now, for a statement of query() that no connection took
+  // (Multiplexer::sweep()); none otherwise. Takes the mutex (never under the multiplexer's).
+  [[nodiscard]] std::optional<Error> connects_failing_error(
+      std::chrono::milliseconds wait_limit) const;
 
   // How long an acquire may take in all, checks before handout included.
   [[nodiscard]] std::chrono::milliseconds checkout_limit() const {

@@ -975,8 +975,22 @@ void Multiplexer::disarm_sweeper_if_done_locked() {
 }
 
 void Multiplexer::sweep() {
+  // While every connect of the pool fails and none of its connections is alive, a statement that
+  // no connection took fails as an acquire() would (PoolState::timeout_error_locked()): with the
+  // last connect error, and its code where acquire() gives it, not a busy pool's advice. Its own
+  // deadline comes before its borrow's acquire gives up (that one began later), so the borrow's
+  // error (borrow()) does not reach it. (Read first: the pool's lock is never taken under ours.)
+  std::optional<Error> connects_fail;
+  if (const std::shared_ptr<PoolState> owner = pool.lock()) {
+    connects_fail = owner->connects_failing_error(max_wait);
+  }
   std::lock_guard lock(mutex);
   sweeper_armed = false;
+  // (A connection borrowed meanwhile that takes statements: they wait no longer for a connect.)
+  if (connects_fail && !std::all_of(links.begin(), links.end(),
+                                    [](const auto& held) { return held->drained_for_good(); })) {
+    connects_fail.reset();
+  }
   // (Closed: what was queued failed, but statements held up behind others on their connections
   // keep their bound while those drain.)
   const auto now = Clock::now();  // (precise: the timer fired at the deadline by this clock)
@@ -1022,6 +1036,13 @@ void Multiplexer::sweep() {
     if (statement.deadline > now) {
       next = std::min(next, statement.deadline);
       return false;
+    }
+    if (connects_fail) {
+      statement.error = connects_fail->code();
+      statement.diagnostics = connects_fail->diagnostics();
+      statement.diagnostics.statement = statement.sql;
+      finish_locked(statement);
+      return true;
     }
     statement.error = make_error_code(client_errc::pool_timeout);
     statement.diagnostics = Diagnostics{.message =

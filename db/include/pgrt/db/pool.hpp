@@ -490,7 +490,10 @@ class Pool {
   /// another caller's answer.
   ///
   /// Errors (pgrt::Error): the statement's own (SQLSTATE), for its caller only; pool_timeout when
-  /// no connection took it within acquire_timeout; pool_queue_full beyond max_waiters queued;
+  /// no connection took it within acquire_timeout (while every connect fails and none of the
+  /// pool's connections is alive: acquire()'s error instead, with the last connect error and its
+  /// code where acquire() gives it, such as invalid_config or 53300); pool_queue_full beyond
+  /// max_waiters queued;
   /// pool_closed; connection_lost when its connection was lost while it was in flight (it may or
   /// may not have run: retry only what is idempotent), also when close() past its grace or
   /// close_now() cut it (saying the connection was interrupted); cancelled. std::bad_alloc when
