@@ -9,6 +9,7 @@
 #include <csignal>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <libpq-fe.h>
@@ -923,6 +924,58 @@ TEST_F(ConnectionEdgesTest, ATcpUserTimeoutWithinTheYearEitherWorksOrIsRefusedBy
       EXPECT_TRUE(invalid_config) << failure;
       EXPECT_THAT(failure, ::testing::HasSubstr("ConnectOptions::tcp_user_timeout")) << failure;
     }
+  });
+}
+
+// A conninfo value libpq refuses before it connects (a port out of range, a hostaddr that is no
+// address, a keepalives that is no number, a service no service file defines) was taken for a
+// server that is down (connect_failed, "check that the server is running"): a pool waited for it
+// as for an outage, and pgrt-diag exited 3 (unreachable) instead of 78 (config). Each is refused
+// as invalid_config, naming the setting, with a hint to fix the conninfo. A server that is really
+// unreachable (a closed port) stays connect_failed.
+TEST_F(ConnectionEdgesTest, ASettingLibpqRefusesIsAConfigurationErrorNamingIt) {
+  const std::filesystem::path services = std::filesystem::temp_directory_path() /
+                                         ("pgrt_edges_services_" + std::to_string(::getpid()));
+  {
+    std::ofstream file(services);
+    file << "[other]\nhost=127.0.0.1\n";
+  }
+  ::setenv("PGSERVICEFILE", services.c_str(), 1);
+  const std::string tcp = cluster().tcp_dsn();
+  struct Case {
+    std::string conninfo;
+    std::string named;  // what the message must name
+  };
+  const std::vector<Case> cases = {
+      {"postgresql://app@127.0.0.1:99999/db", "port"},
+      {"host=127.0.0.1 port=-1 user=app dbname=db", "port"},
+      {"hostaddr=abc user=app dbname=db", "hostaddr"},
+      {tcp + " keepalives=abc", "keepalives"},
+      {tcp + " keepalives_idle=x", "keepalives_idle"},
+      {"service=nosuch", "service"},
+  };
+  for (const Case& refused : cases) {
+    SCOPED_TRACE(refused.conninfo);
+    run_coroutine([&]() -> awaitable_void {
+      const auto started = std::chrono::steady_clock::now();
+      ConnectOptions options{.conninfo = refused.conninfo, .connect_timeout = 5s};
+      const Error error = co_await testing::expect_error(Connection::connect(options));
+      EXPECT_EQ(error.code(), client_errc::invalid_config) << error.what();
+      EXPECT_THAT(error.diagnostics().message,
+                  ::testing::HasSubstr("the setting " + refused.named + " is not valid"))
+          << error.what();
+      EXPECT_THAT(error.diagnostics().hint, ::testing::HasSubstr("conninfo")) << error.what();
+      EXPECT_LT(std::chrono::steady_clock::now() - started, 2s);
+    });
+  }
+  ::unsetenv("PGSERVICEFILE");
+  std::filesystem::remove(services);
+  // A server that does not answer is not a configuration error.
+  run_coroutine([&]() -> awaitable_void {
+    ConnectOptions closed{.conninfo = "host=127.0.0.1 port=1 user=app dbname=db keepalives=1",
+                          .connect_timeout = 5s};
+    const Error error = co_await testing::expect_error(Connection::connect(closed));
+    EXPECT_EQ(error.code(), client_errc::connect_failed) << error.what();
   });
 }
 

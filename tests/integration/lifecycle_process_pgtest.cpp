@@ -538,6 +538,22 @@ TEST_F(LifecycleProcessTest, AnEmptyDatabaseUrlIsRefusedByTheServiceAndPgrtDiagA
   EXPECT_EQ(given.wait_for_exit(30s), 0) << "--dsn given: " << given.output();
 }
 
+// A DATABASE_URL whose port libpq refuses (99999) was taken for a server that is down: the demo
+// waited its whole start wait and exited 1, pgrt-diag exited 3 (unreachable). Both exit 78
+// (config) at once, naming the setting.
+TEST_F(LifecycleProcessTest, ASettingLibpqRefusesEndsTheServiceAndPgrtDiagAsAConfigError) {
+  const std::string url = "postgresql://app@127.0.0.1:99999/db";
+  const std::string message = "the setting port is not valid";
+  const auto started = Clock::now();
+  Child demo({PGRT_DEMO_PATH, "--duration", "1"}, url, "bad-port");
+  EXPECT_EQ(demo.wait_for_exit(60s), lifecycle::exit_code::config) << demo.output();
+  EXPECT_THAT(demo.output(), HasSubstr(message)) << demo.output();
+  EXPECT_LT(Clock::now() - started, 20s);
+  Child diag({PGRT_DIAG_PATH, "--app", "bad-port"}, url, "bad-port");
+  EXPECT_EQ(diag.wait_for_exit(30s), 78) << diag.output();
+  EXPECT_THAT(diag.output(), HasSubstr(message)) << diag.output();
+}
+
 // pgrt-diag budget refuses a key the service refuses (a stray space, a CRLF file's \r), saying
 // which and naming where it came from (--key: exit 2, PGRT_BUDGET_KEY: exit 78), instead of
 // listing an empty budget nobody shares.

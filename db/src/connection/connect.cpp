@@ -159,6 +159,103 @@ std::string tls_hint(std::string_view message) {
   return {};
 }
 
+// A connection setting libpq refuses before it connects (libpq 15's messages, fe-connect.c), as
+// the setting it names and a hint: a mistake to fix, which retrying does not cure. Empty: none.
+// libpq's own words are the message itself, or follow "connection to server ... failed: " when
+// the socket was already made (the keepalives_* and tcp_user_timeout values are read then); a
+// server's words (after "FATAL:") are never taken for them.
+struct RefusedSetting {
+  std::string setting;
+  std::string hint;
+};
+std::optional<RefusedSetting> refused_setting(std::string_view message) {
+  const std::string_view ours = message.substr(0, message.find("FATAL:"));
+  const auto reason = [&](std::string_view prefix) -> std::optional<std::string_view> {
+    if (ours.starts_with(prefix)) return ours;
+    const std::string after_failed = "failed: " + std::string(prefix);
+    if (const std::size_t at = ours.find(after_failed); at != std::string_view::npos) {
+      return ours.substr(at + 8);
+    }
+    return std::nullopt;
+  };
+  // The text between the quotes after `after` in `text` ("" when there are none).
+  const auto quoted_after = [](std::string_view text, std::string_view after) {
+    const std::size_t at = text.find(after);
+    if (at == std::string_view::npos) return std::string();
+    const std::size_t start = at + after.size();
+    const std::size_t end = text.find('"', start);
+    return std::string(text.substr(start, end == std::string_view::npos ? 0 : end - start));
+  };
+  if (reason("invalid port number: \"")) {
+    return RefusedSetting{"port",
+                          "port takes a number from 1 to 65535 (in a URL: host:port, "
+                          "postgresql://user@host:5432/db)"};
+  }
+  if (auto text = reason("invalid integer value \"")) {
+    const std::string name = quoted_after(*text, "for connection option \"");
+    return RefusedSetting{name.empty() ? "an integer setting" : name,
+                          (name.empty() ? std::string("it") : name) +
+                              " takes a whole number (keepalives: 0 or 1; keepalives_idle, "
+                              "keepalives_interval: seconds; tcp_user_timeout: milliseconds)"};
+  }
+  if (reason("could not parse network address \"")) {
+    return RefusedSetting{"hostaddr",
+                          "hostaddr takes numeric IP addresses (192.0.2.10, 2001:db8::1), one "
+                          "for each host; give a host name as host= instead"};
+  }
+  if (reason("Unix-domain socket path \"")) {
+    return RefusedSetting{"host",
+                          "the socket directory's path is too long for a Unix-domain socket: "
+                          "use a shorter directory (or a symbolic link to it) as host="};
+  }
+  if (reason("definition of service \"")) {
+    return RefusedSetting{"service",
+                          "no service file defines this service: check its name, and the file "
+                          "(PGSERVICEFILE, else ~/.pg_service.conf, then pg_service.conf in "
+                          "PGSYSCONFDIR), or give host=, port=, dbname= instead of service="};
+  }
+  if (reason("service file \"")) {
+    return RefusedSetting{"PGSERVICEFILE",
+                          "the service file PGSERVICEFILE names does not exist: correct the path, "
+                          "or unset PGSERVICEFILE"};
+  }
+  if (reason("syntax error in service file \"") || reason("nested service specifications ") ||
+      (reason("line ") && contains(ours, " too long in service file \""))) {
+    return RefusedSetting{"service",
+                          "the service file named in the message cannot be read as one: fix the "
+                          "line it names (lines are [name] or keyword=value)"};
+  }
+  if (reason("invalid SSL protocol version range")) {
+    return RefusedSetting{"ssl_min_protocol_version",
+                          "ssl_min_protocol_version is above ssl_max_protocol_version: give a "
+                          "range such as TLSv1.2 to TLSv1.3"};
+  }
+  if (reason("invalid value \"") && contains(ours, "SSL protocol version")) {
+    return RefusedSetting{
+        contains(ours, "maximum") ? "ssl_max_protocol_version" : "ssl_min_protocol_version",
+        "it takes TLSv1, TLSv1.1, TLSv1.2 or TLSv1.3"};
+  }
+  if (reason("could not match ")) {
+    return RefusedSetting{contains(ours, "hostaddr") ? "hostaddr" : "port",
+                          "give one value for every host, or a single one for all of them"};
+  }
+  // "invalid sslmode value: \"x\"" and the like (sslmode, gssencmode, channel_binding,
+  // target_session_attrs): the setting is the word between "invalid " and " value".
+  if (auto text = reason("invalid ")) {
+    const std::size_t value = text->find(" value: \"");
+    if (value != std::string_view::npos && value > 8 &&
+        text->substr(8, value - 8).find(' ') == std::string_view::npos) {
+      return RefusedSetting{std::string(text->substr(8, value - 8)),
+                            "see libpq's connection parameters for the values it takes"};
+    }
+  }
+  if (auto text = reason("invalid connection option \"")) {
+    return RefusedSetting{quoted_after(*text, "option \""),
+                          "libpq knows no such keyword: check its spelling, or remove it"};
+  }
+  return std::nullopt;
+}
+
 // libpq's connect_timeout keyword (seconds, per host; 0, negative or absent: none; 1 counts as
 // 2), which its asynchronous API leaves to the caller. Read as libpq reads it (strtol, blanks
 // around it allowed).
@@ -206,12 +303,17 @@ error_code Connection::Impl::connect_error() {
                              .hint = std::move(hint)};
     return make_sqlstate_error(sqlstate);
   };
-  // A conninfo value libpq cannot accept (caught before any connect): a mistake to fix.
-  if ((message.starts_with("invalid ") && contains(message, " value")) ||
-      message.starts_with("could not match ")) {
-    return fail(client_errc::invalid_config, "could not connect to " + where + ": " + message, {},
-                "fix the conninfo (DATABASE_URL): see libpq's connection parameters for the "
-                "values each keyword takes");
+  // A conninfo value libpq cannot accept (caught before any connect, or as the socket is set
+  // up): a mistake to fix, not a server that is down.
+  if (auto refused = refused_setting(message)) {
+    // (Refused before a host was taken up, the target names none: ":" and empty names.)
+    return fail(client_errc::invalid_config,
+                "could not connect" + (where.starts_with(':') ? "" : " to " + where) +
+                    ": the setting " + refused->setting + " is not valid (libpq: " + message + ")",
+                {},
+                refused->hint +
+                    "; fix it in the conninfo (DATABASE_URL) or in the PG* "
+                    "environment variable it came from");
   }
   if (contains(message, "password authentication failed")) {
     return classify("28P01", "check the user name and password (conninfo or PGPASSWORD)");
