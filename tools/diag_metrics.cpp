@@ -9,6 +9,7 @@
 #include <boost/beast/core/flat_buffer.hpp>
 #include <boost/beast/core/tcp_stream.hpp>
 #include <boost/beast/http.hpp>
+#include <cctype>
 #include <charconv>
 #include <chrono>
 #include <cmath>
@@ -222,6 +223,36 @@ std::string printable(std::string_view text, bool keep_line_breaks) {
   return out;
 }
 
+// (Shared by pgrt-diag's commands.) One that may hold a password (a URL with credentials, a
+// conninfo's password=, a --dsn= misspelt, another secret's name such as oauth_client_secret= or
+// MYSQL_PWD=, a one-letter option with a value, mysql's -ps3cret) is named, not shown.
+std::string shown_argument(std::string_view argument) {
+  // (psql's flags, which take no value: they hold no password.)
+  if (argument == "--password" || argument == "--no-password") {
+    return "'" + std::string(argument) +
+           "' (pgrt-diag takes no password on its command line: give it through PGPASSWORD, "
+           "~/.pgpass or DATABASE_URL)";
+  }
+  std::string lowered(argument);
+  std::transform(lowered.begin(), lowered.end(), lowered.begin(),
+                 [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  // (pgrt-diag's only one-letter option is -h, which takes no value.)
+  const bool short_option_with_value =
+      argument.size() > 2 && argument[0] == '-' && argument[1] != '-';
+  if (lowered.find("://") == std::string::npos && lowered.find('@') == std::string::npos &&
+      lowered.find("pass") == std::string::npos && lowered.find("pwd") == std::string::npos &&
+      lowered.find("secret") == std::string::npos && !short_option_with_value) {
+    return "'" + printable(std::string(argument)) + "'";
+  }
+  const std::size_t equals = argument.find('=');
+  const std::string name =
+      short_option_with_value ? "'" + printable(std::string(argument.substr(0, 2))) + "...'"
+      : argument.starts_with("--") && equals != std::string_view::npos
+          ? "'" + printable(std::string(argument.substr(0, equals + 1))) + "...'"
+          : std::string("an argument");
+  return name + " (not shown: it may hold a password)";
+}
+
 namespace {
 
 struct Sample {
@@ -423,8 +454,8 @@ int run_metrics(int argc, char** argv) {
                    "metrics endpoint does not take: give http://HOST:PORT/metrics\n";
       return exit_usage;
     } else {
-      std::cerr << "pgrt-diag metrics: unexpected argument '" << argument
-                << "' (the URL is http://HOST:PORT/metrics)\n"
+      std::cerr << "pgrt-diag metrics: unexpected argument " << shown_argument(argument)
+                << " (the URL is http://HOST:PORT/metrics)\n"
                 << metrics_usage;
       return exit_usage;
     }

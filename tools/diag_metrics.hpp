@@ -16,6 +16,12 @@ namespace pgrt::diag {
 // text in them).
 std::string printable(std::string_view text, bool keep_line_breaks = false);
 
+// An argument pgrt-diag (or one of its commands) does not know, as its refusal may show it:
+// quoted and printable(); one that may hold a password (a URL with credentials, a conninfo's
+// password=, another secret's name, a one-letter option with a value such as mysql's -ps3cret)
+// is named, not shown: "an argument (not shown: it may hold a password)".
+std::string shown_argument(std::string_view argument);
+
 // argv[1] is "metrics". Returns the exit code.
 int run_metrics(int argc, char** argv);
 

@@ -135,37 +135,7 @@ std::optional<std::int64_t> parse_number(std::string_view text, std::int64_t low
   return value;
 }
 
-// An argument pgrt-diag does not know, as its error may show it: one that may hold a password (a
-// URL with credentials, a conninfo's password=, a --dsn= misspelt, another secret's name such as
-// oauth_client_secret= or MYSQL_PWD=, a one-letter option with a value, mysql's -ps3cret) is
-// named, not shown.
-std::string shown_argument(std::string_view argument) {
-  // (psql's flags, which take no value: they hold no password.)
-  if (argument == "--password" || argument == "--no-password") {
-    return "'" + std::string(argument) +
-           "' (pgrt-diag takes no password on its command line: give it through PGPASSWORD, "
-           "~/.pgpass or DATABASE_URL)";
-  }
-  std::string lowered(argument);
-  std::transform(lowered.begin(), lowered.end(), lowered.begin(),
-                 [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
-  // (pgrt-diag's only one-letter option is -h, which takes no value.)
-  const bool short_option_with_value =
-      argument.size() > 2 && argument[0] == '-' && argument[1] != '-';
-  if (lowered.find("://") == std::string::npos && lowered.find('@') == std::string::npos &&
-      lowered.find("pass") == std::string::npos && lowered.find("pwd") == std::string::npos &&
-      lowered.find("secret") == std::string::npos && !short_option_with_value) {
-    return "'" + pgrt::diag::printable(std::string(argument)) + "'";
-  }
-  const std::size_t equals = argument.find('=');
-  const std::string name =
-      short_option_with_value
-          ? "'" + pgrt::diag::printable(std::string(argument.substr(0, 2))) + "...'"
-      : argument.starts_with("--") && equals != std::string_view::npos
-          ? "'" + pgrt::diag::printable(std::string(argument.substr(0, equals + 1))) + "...'"
-          : std::string("an argument");
-  return name + " (not shown: it may hold a password)";
-}
+using pgrt::diag::shown_argument;
 
 // A --dsn value, taken off the command line: one that holds a password is overwritten in argv
 // (every local user can read /proc/PID/cmdline for as long as the process runs), with a warning

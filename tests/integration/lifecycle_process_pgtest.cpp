@@ -439,13 +439,16 @@ TEST_F(LifecycleProcessTest, DiagNeverEchoesAPasswordOfAMisspelledDsnArgument) {
 
 // A password given the way mysql takes it (-ps3cret), or under the name of another secret than a
 // password (libpq 18's oauth_client_secret=, MYSQL_PWD=), was echoed in the refusal of the
-// unknown argument: only "pass", "://" and '@' were looked for.
+// unknown argument: only "pass", "://" and '@' were looked for. pgrt-diag metrics echoed every
+// argument it did not recognise, a conninfo with its password included.
 TEST_F(LifecycleProcessTest, DiagNeverEchoesAPasswordGivenAsAShortOptionOrAnotherSecret) {
   const std::vector<std::vector<std::string>> invocations = {
       {PGRT_DIAG_PATH, "-ps3cret"},
       {PGRT_DIAG_PATH, "--app", "orders", "oauth_client_secret=s3cret"},
       {PGRT_DIAG_PATH, "MYSQL_PWD=s3cret"},
       {PGRT_DIAG_PATH, "budget", "-ps3cret"},
+      {PGRT_DIAG_PATH, "metrics", "host=db password=s3cret"},
+      {PGRT_DIAG_PATH, "metrics", "-ps3cret"},
   };
   int run = 0;
   for (const auto& argv : invocations) {
