@@ -755,6 +755,34 @@ TEST(PoolConfigTest, AConninfoPastedAsANameNeverShowsItsPassword) {
   }
 }
 
+// A connection URL slipped into a form libpq does not read as one (the quotes an env file kept, a
+// blank before it, a JDBC or SQLAlchemy URL) was parsed as key=value words and refused with "a
+// word without \"=\"", which says nothing of the slip. The refusal names the slip and the URL to
+// give instead, never showing the password.
+TEST(PoolConfigTest, AConnectionUrlInTheWrongFormIsNamedAsSuch) {
+  struct Case {
+    std::string conninfo;
+    std::string says;
+  };
+  const std::vector<Case> cases = {
+      {R"("postgresql://app:hunter2@db/app")", "a connection URL in quotes"},
+      {"'postgres://app:hunter2@db/app'", "a connection URL in quotes"},
+      {" postgresql://app:hunter2@db/app", "a connection URL with a blank before it"},
+      {"\tpostgresql://app:hunter2@db/app", "a connection URL with a blank before it"},
+      {"jdbc:postgresql://db:5432/app?user=app&password=hunter2", "a JDBC URL"},
+      {"postgresql+psycopg2://app:hunter2@db/app", "a SQLAlchemy URL"},
+  };
+  for (const auto& [conninfo, says] : cases) {
+    PoolConfig config;
+    config.conninfo = conninfo;
+    const std::string error = rejection(config);
+    EXPECT_THAT(error, HasSubstr(says)) << conninfo;
+    EXPECT_THAT(error, HasSubstr("postgresql://user:password@host:port/dbname")) << conninfo;
+    EXPECT_THAT(error, Not(HasSubstr("hunter2"))) << conninfo;
+    EXPECT_THAT(error, Not(HasSubstr("a word without"))) << conninfo;
+  }
+}
+
 // A conninfo libpq cannot parse is refused at configuration time, and no error text ever shows a
 // value that might be a password: not under a misspelled keyword, not a word split off by a space.
 TEST(PoolConfigTest, AMalformedConninfoIsRefusedWithoutShowingAnySecret) {

@@ -401,6 +401,48 @@ std::string redact_unparsable_conninfo(std::string_view conninfo) {
   return redact_pairs(conninfo, problems);
 }
 
+namespace {
+
+// A connection URL slipped into a form libpq does not read as one, which it would parse as
+// key=value words ("a word without \"=\"", which says nothing of the slip): what it looks like and
+// what to give instead. Never quotes it (it may hold a password). Empty: none of these.
+std::string url_slip_problem(std::string_view conninfo) {
+  constexpr std::string_view url_form = "postgresql://user:password@host:port/dbname";
+  std::string_view rest = conninfo;
+  while (!rest.empty() && std::isspace(static_cast<unsigned char>(rest.front())) != 0) {
+    rest.remove_prefix(1);
+  }
+  const bool blank_before = rest.size() != conninfo.size();
+  std::string lowered(rest.substr(0, std::min<std::size_t>(rest.size(), 32)));
+  std::transform(lowered.begin(), lowered.end(), lowered.begin(),
+                 [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  if (!rest.empty() && (rest.front() == '"' || rest.front() == '\'') && is_url(rest.substr(1))) {
+    return "the conninfo is a connection URL in quotes (an env file or a YAML value that kept "
+           "them: they are part of the value): remove the quotes, giving " +
+           std::string(url_form);
+  }
+  if (blank_before && is_url(rest)) {
+    return "the conninfo is a connection URL with a blank before it (libpq reads a URL only from "
+           "the first character): remove the blank, giving " +
+           std::string(url_form);
+  }
+  if (lowered.starts_with("jdbc:postgresql:")) {
+    return "the conninfo is a JDBC URL, which libpq does not take: drop the \"jdbc:\" prefix, "
+           "giving " +
+           std::string(url_form) +
+           " (JDBC's own parameters are not libpq's: ssl=true is sslmode=require)";
+  }
+  if ((lowered.starts_with("postgresql+") || lowered.starts_with("postgres+")) &&
+      lowered.find("://") != std::string::npos) {
+    return "the conninfo is a SQLAlchemy URL (with its driver after \"+\"), which libpq does not "
+           "take: drop the \"+driver\", giving " +
+           std::string(url_form);
+  }
+  return "";
+}
+
+}  // namespace
+
 std::string conninfo_problem(std::string_view original) {
   // load_balance_hosts is pgrt's own (connect()): its value checked here, the rest by libpq.
   std::string without_balance(original);
@@ -442,6 +484,7 @@ std::string conninfo_problem(std::string_view original) {
            "): check its form, postgresql://user:password@host:port/dbname?keyword=value, with "
            "reserved characters in the user name and password percent-encoded (@ is %40)";
   }
+  if (auto slip = url_slip_problem(conninfo); !slip.empty()) return slip;
   std::vector<std::string> problems;
   std::string message = "the conninfo could not be parsed: " + redact_pairs(conninfo, problems);
   if (problems.empty()) problems.emplace_back("libpq refuses its form");
