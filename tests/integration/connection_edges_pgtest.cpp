@@ -979,6 +979,26 @@ TEST_F(ConnectionEdgesTest, ASettingLibpqRefusesIsAConfigurationErrorNamingIt) {
   });
 }
 
+// A keepalives_* value in the conninfo that libpq takes as a number but the kernel refuses
+// (keepalives_idle=-5: "setsockopt(TCP_KEEPIDLE) failed: Invalid argument") failed every TCP
+// connect as if the server were down (connect_failed). It is a configuration error naming the
+// setting, as the other settings libpq refuses are.
+TEST_F(ConnectionEdgesTest, AKeepaliveValueTheKernelRefusesIsAConfigurationErrorNamingIt) {
+  const std::string tcp = cluster().tcp_dsn();
+  for (const char* setting : {"keepalives_idle", "keepalives_interval", "keepalives_count"}) {
+    SCOPED_TRACE(setting);
+    run_coroutine([&]() -> awaitable_void {
+      ConnectOptions options{.conninfo = tcp + " " + setting + "=-5", .connect_timeout = 5s};
+      const Error error = co_await testing::expect_error(Connection::connect(options));
+      EXPECT_EQ(error.code(), client_errc::invalid_config) << error.what();
+      EXPECT_THAT(error.diagnostics().message,
+                  ::testing::HasSubstr(std::string("the setting ") + setting + " is not valid"))
+          << error.what();
+      EXPECT_THAT(error.diagnostics().hint, ::testing::HasSubstr("conninfo")) << error.what();
+    });
+  }
+}
+
 // A COMMIT sent as a statement (execute(), query()) in a failed transaction block was answered
 // with the tag ROLLBACK and no error, and returned as a success: the block's work was gone. It
 // fails with 25P02 now, as Connection::commit() does.

@@ -198,6 +198,22 @@ std::optional<RefusedSetting> refused_setting(std::string_view message) {
                               " takes a whole number (keepalives: 0 or 1; keepalives_idle, "
                               "keepalives_interval: seconds; tcp_user_timeout: milliseconds)"};
   }
+  // A value libpq takes as a number, which the kernel refuses (keepalives_idle=-5). Only
+  // EINVAL: another errno (no memory, a closed socket) is no setting's fault.
+  if (auto text = reason("setsockopt("); text && contains(*text, ") failed: Invalid argument")) {
+    const std::string option = std::string(text->substr(11, text->find(')') - 11));
+    const std::string name = option == "TCP_KEEPIDLE"       ? "keepalives_idle"
+                             : option == "TCP_KEEPINTVL"    ? "keepalives_interval"
+                             : option == "TCP_KEEPCNT"      ? "keepalives_count"
+                             : option == "TCP_USER_TIMEOUT" ? "tcp_user_timeout"
+                             : option == "SO_KEEPALIVE"     ? "keepalives"
+                                                            : "";
+    if (!name.empty()) {
+      return RefusedSetting{name,
+                            "the system refuses its value: give a positive whole number (or "
+                            "leave it out for the system's default)"};
+    }
+  }
   if (reason("could not parse network address \"")) {
     return RefusedSetting{"hostaddr",
                           "hostaddr takes numeric IP addresses (192.0.2.10, 2001:db8::1), one "
