@@ -84,6 +84,15 @@ class PendingWritesTest : public testing::DbTest {
     return config;
   }
 
+  // A pool whose every connect fails with an error waiting does not cure (a start-up setting the
+  // server refuses, as after a bad deploy), its acquires given up after 100 ms.
+  static PoolConfig refused_pool_config(const std::string& dsn, std::string instance) {
+    PoolConfig config = pool_config(dsn, std::move(instance));
+    config.connect.session_settings = {{"statement_timeout", "soon"}};
+    config.acquire_timeout = std::chrono::milliseconds(100);
+    return config;
+  }
+
   // A fresh table (seq, payload, tx): tx is the writing transaction, to count batches.
   static void create_table(const std::string& dsn, const std::string& table,
                            const std::string& seq_constraints = "PRIMARY KEY") {
@@ -344,10 +353,7 @@ TEST_F(PendingWritesTest, WritesWaitOutAPoolWhoseConnectsAllFailAndNoneIsGivenUp
   create_table(dsn, "pw_refused");
   run_coroutine([&]() -> awaitable_void {
     auto executor = co_await asio::this_coro::executor;
-    auto refused = pool_config(dsn, "refused");
-    refused.connect.session_settings = {{"statement_timeout", "soon"}};
-    refused.acquire_timeout = 100ms;
-    Pool pool(executor, refused);
+    Pool pool(executor, refused_pool_config(dsn, "refused"));
     PendingWrites writes(pool, executor, Config{.batch_size = 10, .flush_interval = 10ms});
     co_await writes.start();
     auto rows = writes.table<std::int64_t, std::string>("pw_refused", {"seq", "payload"});
@@ -382,10 +388,7 @@ TEST_F(PendingWritesTest, AWriterWaitsForRoomAtMostEnqueueTimeoutAndIsToldWhyThe
   create_table(dsn, "pw_bounded");
   run_coroutine([&]() -> awaitable_void {
     auto executor = co_await asio::this_coro::executor;
-    auto refused = pool_config(dsn, "bounded");
-    refused.connect.session_settings = {{"statement_timeout", "soon"}};
-    refused.acquire_timeout = 100ms;
-    Pool pool(executor, refused);
+    Pool pool(executor, refused_pool_config(dsn, "bounded"));
     PendingWrites writes(pool, executor,
                          Config{.capacity = 2,
                                 .when_full = Config::WhenFull::wait,

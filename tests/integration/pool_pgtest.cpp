@@ -104,6 +104,18 @@ class PoolTest : public testing::DbTest {
   // Every test also checks that the pool only made transitions its state machine allows.
   void TearDown() override { EXPECT_EQ(detail::pool::illegal_node_transitions(), 0U); }
 
+  // A cluster of its own whose every connection slot (`slots`, none reserved for superusers) is
+  // held by one of `hogs`: a full server (53300) for every other connect.
+  static std::unique_ptr<testing::TempCluster> start_full_cluster(
+      int slots, std::vector<std::unique_ptr<BlockingConnection>>& hogs) {
+    auto own = start_own_cluster(
+        {.max_connections = slots, .settings = {{"superuser_reserved_connections", "0"}}});
+    for (int i = 0; i < slots; ++i) {
+      hogs.push_back(std::make_unique<BlockingConnection>(own->dsn()));
+    }
+    return own;
+  }
+
   static PoolConfig config(std::string instance, std::size_t max_size = 3) {
     PoolConfig pool_config;
     pool_config.conninfo = cluster().dsn();
@@ -605,10 +617,8 @@ TEST_F(PoolTest, AWaiterTimedOutByConnectsThatCannotSucceedGetsTheirError) {
 }
 
 TEST_F(PoolTest, FullServerBacksOffWithoutAConnectStorm) {
-  auto own = start_own_cluster(
-      {.max_connections = 4, .settings = {{"superuser_reserved_connections", "0"}}});
   std::vector<std::unique_ptr<BlockingConnection>> hogs;
-  for (int i = 0; i < 4; ++i) hogs.push_back(std::make_unique<BlockingConnection>(own->dsn()));
+  auto own = start_full_cluster(4, hogs);
   PoolConfig pool_config = config("full");
   pool_config.conninfo = own->dsn();
   pool_config.acquire_timeout = 2s;
@@ -702,10 +712,8 @@ TEST_F(PoolTest, FullServerBacksOffWithoutAConnectStorm) {
 // worse). With a connection of the pool alive, which may come back to the caller, it stays a busy
 // pool's pool_timeout.
 TEST_F(PoolTest, AnAcquireTimedOutByAFullServerGetsTheServersCode) {
-  auto own = start_own_cluster(
-      {.max_connections = 3, .settings = {{"superuser_reserved_connections", "0"}}});
   std::vector<std::unique_ptr<BlockingConnection>> hogs;
-  for (int i = 0; i < 3; ++i) hogs.push_back(std::make_unique<BlockingConnection>(own->dsn()));
+  auto own = start_full_cluster(3, hogs);
   PoolConfig pool_config = config("full-timeout", 2);
   pool_config.conninfo = own->dsn();
   pool_config.acquire_timeout = 1500ms;
@@ -753,10 +761,8 @@ TEST_F(PoolTest, AnAcquireTimedOutByAFullServerGetsTheServersCode) {
 // (the statement's own deadline comes before its borrow's acquire gives up, and used to speak
 // first).
 TEST_F(PoolTest, AQueryTimedOutWhileEveryConnectFailsGetsTheConnectError) {
-  auto own = start_own_cluster(
-      {.max_connections = 2, .settings = {{"superuser_reserved_connections", "0"}}});
   std::vector<std::unique_ptr<BlockingConnection>> hogs;
-  for (int i = 0; i < 2; ++i) hogs.push_back(std::make_unique<BlockingConnection>(own->dsn()));
+  auto own = start_full_cluster(2, hogs);
   auto down = config("query-server-down", 2);
   down.conninfo = "host=127.0.0.1 port=1 user=postgres dbname=postgres";  // refused
   auto bad_value = config("query-bad-conninfo", 2);
