@@ -249,8 +249,9 @@ std::string shown_argument(std::string_view argument) {
       short_option_with_value ? "'" + printable(std::string(argument.substr(0, 2))) + "...'"
       : argument.starts_with("--") && equals != std::string_view::npos
           ? "'" + printable(std::string(argument.substr(0, equals + 1))) + "...'"
-          : std::string("an argument");
-  return name + " (not shown: it may hold a password)";
+          : std::string();
+  // ("unexpected argument (not shown: ...)" when nothing of it can be shown.)
+  return (name.empty() ? std::string() : name + " ") + "(not shown: it may hold a password)";
 }
 
 namespace {

@@ -19,7 +19,7 @@ std::string printable(std::string_view text, bool keep_line_breaks = false);
 // An argument pgrt-diag (or one of its commands) does not know, as its refusal may show it:
 // quoted and printable(); one that may hold a password (a URL with credentials, a conninfo's
 // password=, another secret's name, a one-letter option with a value such as mysql's -ps3cret)
-// is named, not shown: "an argument (not shown: it may hold a password)".
+// is named, not shown: "(not shown: it may hold a password)", after its option name if it has one.
 std::string shown_argument(std::string_view argument);
 
 // argv[1] is "metrics". Returns the exit code.
